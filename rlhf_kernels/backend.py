@@ -1,0 +1,46 @@
+"""Which implementation an op runs: the Triton kernel or the plain-PyTorch reference.
+
+Order of precedence:
+1. the ``backend=`` argument of the op call ("triton", "reference" or "auto");
+2. the environment variable ``RLHF_KERNELS_BACKEND`` (same values), read at call time;
+3. "auto": Triton for CUDA tensors; for CPU tensors Triton only when the Triton interpreter is on
+   (``TRITON_INTERPRET=1``, how the test suite runs the kernels without a GPU), else the reference.
+
+Nothing here touches a GPU or imports Triton: importing the package is free on a CPU machine.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = ["BACKENDS", "resolve_backend", "triton_interpreter_enabled"]
+
+BACKENDS = ("auto", "triton", "reference")
+ENV_VAR = "RLHF_KERNELS_BACKEND"
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def resolve_backend(tensor: torch.Tensor, backend: str | None = None) -> str:
+    """Return "triton" or "reference" for an op whose main input is ``tensor``."""
+    choice = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
+    choice = choice.lower()
+    if choice not in BACKENDS:
+        source = "backend=" if backend is not None else f"{ENV_VAR}="
+        raise ValueError(f"{source}{choice!r} is not a backend; expected one of {BACKENDS}")
+    if choice == "reference":
+        return "reference"
+    on_cuda = tensor.is_cuda
+    if choice == "triton":
+        if not on_cuda and not triton_interpreter_enabled():
+            raise ValueError(
+                f"backend 'triton' was requested for a tensor on {tensor.device}; Triton kernels "
+                "run on CUDA tensors, or on CPU tensors under the Triton interpreter "
+                "(set TRITON_INTERPRET=1 before importing rlhf_kernels)"
+            )
+        return "triton"
+    return "triton" if on_cuda or triton_interpreter_enabled() else "reference"

@@ -1,0 +1,5 @@
+"""PLACEHOLDER: dispatches to the reference until the Triton kernel lands (helper-owned file)."""
+
+from rlhf_kernels import reference
+
+kl_penalty = reference.kl_penalty

@@ -1,0 +1,500 @@
+"""The spec: every rlhf_kernels op in plain PyTorch.
+
+No Triton import; everything runs on the CPU and in float64. Tests and benchmarks compare the
+kernels with these functions, so they are written for clarity, not speed. Conventions (DESIGN.md
+section 1):
+
+* per-token outputs are float32 (float64 when the inputs are float64);
+* masks are bool/int/float, 1 = this token counts; masked positions output 0 and get 0 gradient;
+* "sequences" are all leading dims, the last dim is time (``T``) for the sequence reductions;
+* an empty mask (no valid token) gives a loss of 0, never NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rlhf_kernels._checks import REDUCTIONS, as_mask, check_reduction
+
+__all__ = [
+    "logprobs",
+    "linear_logprobs",
+    "kl_penalty",
+    "shape_rewards",
+    "gae",
+    "masked_whiten",
+    "masked_mean",
+    "reduce_loss",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "bradley_terry_loss",
+    "ppo_loss_from_logits",
+    "linear_ppo_loss",
+    "KL_ESTIMATORS",
+    "REDUCTIONS",
+]
+
+KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# log-probabilities of chosen tokens
+# --------------------------------------------------------------------------------------------
+def logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+):
+    """logits (..., V), labels (...) int64 -> logp (...) [, entropy (...)] in fp32 (fp64 in).
+
+    logp = log_softmax(logits / temperature)[label]; entropy = -sum p log p of the same tempered
+    distribution. Positions with label == ignore_index give 0 for both (and zero gradient).
+    """
+    dtype = _compute_dtype(logits)
+    z = logits.to(dtype) / temperature
+    log_p = torch.log_softmax(z, dim=-1)
+    valid = labels != ignore_index
+    safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
+    logp = log_p.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(valid, logp, torch.zeros_like(logp))
+    if not return_entropy:
+        return logp
+    p = log_p.exp()
+    # 0 * log 0 is 0 (masked-out vocabulary entries at -inf)
+    plogp = torch.where(p > 0, p * log_p, torch.zeros_like(p))
+    entropy = -plogp.sum(-1)
+    entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
+    return logp, entropy
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    lora_a: torch.Tensor | None = None,
+    lora_b: torch.Tensor | None = None,
+    lora_scale: float = 1.0,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+):
+    """hidden (..., H), weight (V, H), lora_a (r, H), lora_b (V, r), bias (V,) -> as ``logprobs``
+    of ``hidden @ (weight + lora_scale * lora_b @ lora_a).T + bias``."""
+    dtype = _compute_dtype(hidden, weight)
+    h = hidden.to(dtype)
+    logits = h @ weight.to(dtype).t()
+    if lora_a is not None or lora_b is not None:
+        if lora_a is None or lora_b is None:
+            raise ValueError("lora_a and lora_b must be given together")
+        logits = logits + lora_scale * ((h @ lora_a.to(dtype).t()) @ lora_b.to(dtype).t())
+    if bias is not None:
+        logits = logits + bias.to(dtype)
+    return logprobs(logits, labels, temperature, ignore_index, return_entropy)
+
+
+# --------------------------------------------------------------------------------------------
+# KL estimators and reward shaping
+# --------------------------------------------------------------------------------------------
+def kl_penalty(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    estimator: str = "k1",
+    clamp: float | None = None,
+    log_ratio_clamp: float | None = None,
+) -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from the sampled token, d = logp - ref_logp.
+
+    k1 = d; k2 = d^2 / 2; k3 = exp(-d) + d - 1; abs = |d|. ``log_ratio_clamp`` clamps d before
+    the estimator (veRL clamps d to +-20 inside k3); ``clamp`` clamps the result (OpenRLHF and
+    veRL use +-10). Clamped elements get zero gradient, as with ``torch.clamp``.
+    """
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"estimator={estimator!r} is not supported; expected one of {KL_ESTIMATORS}")
+    dtype = _compute_dtype(logp, ref_logp)
+    d = logp.to(dtype) - ref_logp.to(dtype)
+    if log_ratio_clamp is not None:
+        d = d.clamp(-log_ratio_clamp, log_ratio_clamp)
+    if estimator == "k1":
+        kl = d
+    elif estimator == "k2":
+        kl = 0.5 * d * d
+    elif estimator == "k3":
+        kl = torch.exp(-d) + d - 1.0
+    else:
+        kl = d.abs()
+    if clamp is not None:
+        kl = kl.clamp(-clamp, clamp)
+    return kl
+
+
+def _last_valid_index(mask: torch.Tensor) -> torch.Tensor:
+    """(…, T) 0/1 mask -> (…) index of the last valid position (-1 when the row has none)."""
+    T = mask.shape[-1]
+    positions = torch.arange(T, device=mask.device).expand(mask.shape)
+    return torch.where(mask > 0, positions, torch.full_like(positions, -1)).amax(-1)
+
+
+def shape_rewards(
+    scores: torch.Tensor,
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    estimator: str = "k1",
+    score_index: torch.Tensor | None = None,
+    score_clip: float | None = None,
+    kl_clamp: float | None = None,
+) -> torch.Tensor:
+    """scores (B,), logp/ref_logp/mask (B, T) -> per-token rewards (B, T) fp32.
+
+    rewards = -kl_coef * kl on valid tokens; the (optionally clipped) sequence score is added at
+    ``score_index[b]`` (default: the last valid token of row b). A row with no valid token gets
+    all-zero rewards (its score has nowhere to go). Not differentiable: rewards are data in PPO.
+    """
+    m = as_mask(mask, logp)
+    dtype = _compute_dtype(logp, ref_logp, scores)
+    kl = kl_penalty(logp, ref_logp, estimator, clamp=kl_clamp)
+    rewards = (-kl_coef * kl.to(dtype)) * m.to(dtype)
+    s = scores.to(dtype)
+    if score_clip is not None:
+        s = s.clamp(-score_clip, score_clip)
+    if score_index is None:
+        index = _last_valid_index(m)
+        has_valid = index >= 0
+        index = index.clamp_min(0)
+    else:
+        index = score_index.to(torch.int64)
+        has_valid = torch.ones_like(index, dtype=torch.bool)
+    rewards = rewards.scatter_add(
+        -1, index.unsqueeze(-1), torch.where(has_valid, s, torch.zeros_like(s)).unsqueeze(-1)
+    )
+    return rewards.detach()
+
+
+# --------------------------------------------------------------------------------------------
+# GAE and whitening
+# --------------------------------------------------------------------------------------------
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+):
+    """rewards, values, mask (..., T) -> (advantages, returns) (..., T) fp32, no gradient.
+
+    The textbook backward loop, with masked positions skipped (veRL semantics): "next" means the
+    next *valid* position; a masked position outputs advantage 0 and return 0 and carries the
+    running next-value and advantage through unchanged. The value after the last valid token is 0.
+    """
+    dtype = _compute_dtype(rewards, values)
+    r = rewards.to(dtype)
+    v = values.to(dtype)
+    m = as_mask(mask, r).to(dtype)
+    T = r.shape[-1]
+    next_value = torch.zeros(r.shape[:-1], dtype=dtype, device=r.device)
+    next_adv = torch.zeros_like(next_value)
+    advantages = torch.zeros_like(r)
+    for t in reversed(range(T)):
+        valid = m[..., t] > 0
+        delta = r[..., t] + gamma * next_value - v[..., t]
+        adv = delta + gamma * lam * next_adv
+        advantages[..., t] = torch.where(valid, adv, torch.zeros_like(adv))
+        next_value = torch.where(valid, v[..., t], next_value)
+        next_adv = torch.where(valid, adv, next_adv)
+    returns = (advantages + v) * m
+    return advantages.detach(), returns.detach()
+
+
+def masked_whiten(
+    x: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    shift_mean: bool = True,
+    unbiased: bool = True,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Normalise x over its valid tokens (one mean/variance over the whole tensor, as TRL/veRL).
+
+    whitened = (x - mean) / sqrt(var + eps), plus mean back when ``shift_mean`` is False.
+    var is unbiased (n - 1) when ``unbiased`` and n > 1. Masked positions output 0; no valid token
+    at all gives all zeros.
+    """
+    dtype = _compute_dtype(x)
+    xv = x.to(dtype)
+    m = as_mask(mask, xv).to(dtype)
+    n = m.sum()
+    mean = (xv * m).sum() / n.clamp_min(1)
+    centered = (xv - mean) * m
+    denom = (n - 1).clamp_min(1) if unbiased else n.clamp_min(1)
+    var = (centered * centered).sum() / denom
+    out = (xv - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * m
+
+
+# --------------------------------------------------------------------------------------------
+# Loss reductions
+# --------------------------------------------------------------------------------------------
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x over valid tokens; 0 when there is none."""
+    return (x * mask).sum() / mask.sum().clamp_min(1)
+
+
+def reduce_loss(per_token: torch.Tensor, mask: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Aggregate a (..., T) per-token loss (veRL's loss_agg_mode names).
+
+    token-mean:              sum(l * m) / sum(m)
+    seq-mean-token-mean:     mean over rows with a valid token of sum_t(l * m) / sum_t(m)
+    seq-mean-token-sum:      mean over rows with a valid token of sum_t(l * m)
+    seq-mean-token-sum-norm: sum(l * m) / T  (Dr. GRPO: a constant normaliser, T = last dim)
+    """
+    check_reduction(reduction)
+    lm = per_token * mask
+    if reduction == "token-mean":
+        return lm.sum() / mask.sum().clamp_min(1)
+    if reduction == "seq-mean-token-sum-norm":
+        return lm.sum() / per_token.shape[-1]
+    tokens_per_row = mask.sum(-1)
+    row_has_tokens = (tokens_per_row > 0).to(per_token.dtype)
+    n_rows = row_has_tokens.sum().clamp_min(1)
+    if reduction == "seq-mean-token-mean":
+        row_loss = lm.sum(-1) / tokens_per_row.clamp_min(1)
+    else:
+        row_loss = lm.sum(-1)
+    return (row_loss * row_has_tokens).sum() / n_rows
+
+
+# --------------------------------------------------------------------------------------------
+# PPO losses
+# --------------------------------------------------------------------------------------------
+def ppo_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+    log_ratio_clamp: float | None = 20.0,
+    reduction: str = "token-mean",
+):
+    """Clipped surrogate loss. logp, old_logp, advantages, mask (..., T) -> (loss (), stats).
+
+    d = logp - old_logp (clamped to +-log_ratio_clamp), r = exp(d);
+    per-token loss = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high));
+    with dual_clip = c > 1, tokens with A < 0 take min(that, -A c).
+    stats (detached, over valid tokens): clipfrac (fraction where the clipped term is the larger),
+    approx_kl = mean(d^2) / 2, ppo_kl = mean(-d), ratio_mean, ratio_max (over valid tokens; 0
+    when none), and dual_clipfrac when dual_clip is set.
+    """
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1 (veRL uses 3.0), got {dual_clip}")
+    dtype = _compute_dtype(logp, old_logp, advantages)
+    m = as_mask(mask, logp).to(dtype)
+    d = logp.to(dtype) - old_logp.to(dtype)
+    if log_ratio_clamp is not None:
+        d = d.clamp(-log_ratio_clamp, log_ratio_clamp)
+    ratio = torch.exp(d)
+    A = advantages.to(dtype)
+    loss1 = -A * ratio
+    loss2 = -A * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    per_token = torch.maximum(loss1, loss2)
+    clipped = (loss2 > loss1).to(dtype)
+    stats = {}
+    if dual_clip is not None:
+        loss3 = -A * dual_clip
+        dual = (A < 0) & (loss3 < per_token)
+        per_token = torch.where(A < 0, torch.minimum(per_token, loss3), per_token)
+        stats["dual_clipfrac"] = masked_mean(dual.to(dtype), m).detach()
+    loss = reduce_loss(per_token, m, reduction)
+    with torch.no_grad():
+        stats["clipfrac"] = masked_mean(clipped, m)
+        stats["approx_kl"] = masked_mean(0.5 * d * d, m)
+        stats["ppo_kl"] = masked_mean(-d, m)
+        stats["ratio_mean"] = masked_mean(ratio, m)
+        masked_ratio = torch.where(m > 0, ratio, torch.zeros_like(ratio))
+        stats["ratio_max"] = masked_ratio.amax() if m.numel() else ratio.new_zeros(())
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    clip: float | None = 0.2,
+    reduction: str = "token-mean",
+):
+    """Clipped value loss. values, old_values, returns, mask (..., T) -> (loss (), stats).
+
+    per-token loss = 1/2 max((v - R)^2, (old + clip(v - old, -clip, clip) - R)^2); no clipping
+    when ``clip`` is None. stats: clipfrac, explained_variance = 1 - Var(R - v) / Var(R) over
+    valid tokens (biased variances; 0 when Var(R) == 0), value_mean, return_mean.
+    """
+    dtype = _compute_dtype(values, old_values, returns)
+    m = as_mask(mask, values).to(dtype)
+    v = values.to(dtype)
+    R = returns.to(dtype)
+    loss1 = (v - R) ** 2
+    if clip is not None:
+        old = old_values.to(dtype)
+        v_clipped = old + (v - old).clamp(-clip, clip)
+        loss2 = (v_clipped - R) ** 2
+        per_token = 0.5 * torch.maximum(loss1, loss2)
+        clipped = (loss2 > loss1).to(dtype)
+    else:
+        per_token = 0.5 * loss1
+        clipped = torch.zeros_like(loss1)
+    loss = reduce_loss(per_token, m, reduction)
+    with torch.no_grad():
+        n = m.sum().clamp_min(1)
+        err = (R - v) * m
+        err_mean = err.sum() / n
+        var_err = (((R - v) - err_mean) ** 2 * m).sum() / n
+        ret_mean = (R * m).sum() / n
+        var_ret = (((R - ret_mean) ** 2) * m).sum() / n
+        ev = torch.where(
+            var_ret > 0, 1.0 - var_err / var_ret.clamp_min(1e-30), torch.zeros_like(var_ret)
+        )
+        stats = {
+            "clipfrac": masked_mean(clipped, m),
+            "explained_variance": ev,
+            "value_mean": masked_mean(v, m),
+            "return_mean": ret_mean,
+        }
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def bradley_terry_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    margin: torch.Tensor | float | None = None,
+    center_coef: float = 0.0,
+):
+    """Reward-model loss over pairs. chosen/rejected (...,) -> (loss (), stats).
+
+    loss = mean(-log sigmoid(r_c - r_r - margin)) + center_coef * mean((r_c + r_r)^2);
+    stats: accuracy = mean(r_c > r_r) (margin not subtracted), reward_margin = mean(r_c - r_r),
+    chosen_mean, rejected_mean.
+    """
+    dtype = _compute_dtype(chosen_rewards, rejected_rewards)
+    c = chosen_rewards.to(dtype)
+    r = rejected_rewards.to(dtype)
+    diff = c - r
+    logits = diff if margin is None else diff - torch.as_tensor(margin, dtype=dtype, device=c.device)
+    loss = -F.logsigmoid(logits).mean()
+    if center_coef:
+        loss = loss + center_coef * ((c + r) ** 2).mean()
+    with torch.no_grad():
+        stats = {
+            "accuracy": (diff > 0).to(dtype).mean(),
+            "reward_margin": diff.mean(),
+            "chosen_mean": c.mean(),
+            "rejected_mean": r.mean(),
+        }
+    return loss, stats
+
+
+# --------------------------------------------------------------------------------------------
+# The fused PPO step (one call from logits / hidden states to the loss)
+# --------------------------------------------------------------------------------------------
+def ppo_loss_from_logits(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy_coef: float = 0.0,
+    temperature: float = 1.0,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+    log_ratio_clamp: float | None = 20.0,
+    reduction: str = "token-mean",
+    ignore_index: int = -100,
+):
+    """logits (..., T, V) and rollout tensors (..., T) -> (loss (), stats).
+
+    loss = reduce(policy_loss + kl_coef * kl(logp, ref_logp) - entropy_coef * entropy).
+    Tokens whose label is ignore_index are masked out as well.
+    """
+    logp, entropy = logprobs(logits, labels, temperature, ignore_index, return_entropy=True)
+    m = as_mask(mask, logp).to(logp.dtype) * (labels != ignore_index).to(logp.dtype)
+    return _ppo_total(logp, entropy, old_logp, advantages, m, ref_logp, kl_coef, kl_estimator,
+                      entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp, reduction)
+
+
+def linear_ppo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    lora_a: torch.Tensor | None = None,
+    lora_b: torch.Tensor | None = None,
+    lora_scale: float = 1.0,
+    ref_logp: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy_coef: float = 0.0,
+    temperature: float = 1.0,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+    log_ratio_clamp: float | None = 20.0,
+    reduction: str = "token-mean",
+    ignore_index: int = -100,
+):
+    """hidden (..., T, H), weight (V, H) and rollout tensors (..., T) -> (loss (), stats)."""
+    logp, entropy = linear_logprobs(hidden, weight, labels, bias, lora_a, lora_b, lora_scale,
+                                    temperature, ignore_index, return_entropy=True)
+    m = as_mask(mask, logp).to(logp.dtype) * (labels != ignore_index).to(logp.dtype)
+    return _ppo_total(logp, entropy, old_logp, advantages, m, ref_logp, kl_coef, kl_estimator,
+                      entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp, reduction)
+
+
+def _ppo_total(logp, entropy, old_logp, advantages, m, ref_logp, kl_coef, kl_estimator,
+               entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp, reduction):
+    dtype = logp.dtype
+    d = logp - old_logp.to(dtype)
+    if log_ratio_clamp is not None:
+        d = d.clamp(-log_ratio_clamp, log_ratio_clamp)
+    ratio = torch.exp(d)
+    A = advantages.to(dtype)
+    loss1 = -A * ratio
+    loss2 = -A * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    per_token = torch.maximum(loss1, loss2)
+    if dual_clip is not None:
+        per_token = torch.where(A < 0, torch.minimum(per_token, -A * dual_clip), per_token)
+    pg_loss = reduce_loss(per_token, m, reduction)
+    total = pg_loss
+    stats = {"pg_loss": pg_loss.detach()}
+    if ref_logp is not None and kl_coef:
+        kl = kl_penalty(logp, ref_logp, kl_estimator)
+        kl_loss = reduce_loss(kl, m, reduction)
+        total = total + kl_coef * kl_loss
+        stats["kl"] = kl_loss.detach()
+    ent = reduce_loss(entropy, m, reduction)
+    if entropy_coef:
+        total = total - entropy_coef * ent
+    with torch.no_grad():
+        stats["entropy"] = masked_mean(entropy, m)
+        stats["clipfrac"] = masked_mean((loss2 > loss1).to(dtype), m)
+        stats["approx_kl"] = masked_mean(0.5 * d * d, m)
+        stats["ratio_mean"] = masked_mean(ratio, m)
+    return total, {k: v.detach() for k, v in stats.items()}
+

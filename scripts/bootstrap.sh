@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# One-step set-up used by both README commands. Idempotent: a second run changes nothing.
+#
+# torch: kept if already installed (e.g. a CUDA build on a GPU machine); otherwise torch 2.13.0 is
+# installed (on a CPU-only machine pip's find-links provide the CPU build, so no multi-GB CUDA
+# download). Then this repository in editable mode with the trainer and test extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+    echo "[bootstrap] installing torch==2.13.0"
+    "$PY" -m pip install --quiet "torch==2.13.0"
+fi
+echo "[bootstrap] installing rlhf-kernels[dev] (editable)"
+"$PY" -m pip install --quiet --disable-pip-version-check -e ".[dev]"

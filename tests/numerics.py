@@ -1,0 +1,49 @@
+"""Shared numerics for the tests: the device under test and the 2x tolerance rule (DESIGN.md §3).
+
+error(kernel) <= 2 * error(same-dtype PyTorch) + atol[dtype], errors measured against the
+float64 reference as the max absolute difference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+ATOL = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.float16: 1e-3,
+    torch.bfloat16: 1e-2,
+}
+
+
+def max_abs_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    if x.shape != ref.shape:
+        raise AssertionError(f"shape {tuple(x.shape)} != reference shape {tuple(ref.shape)}")
+    diff = (x.double() - ref.double()).abs()
+    # NaN anywhere (e.g. a poisoned, unwritten output) must fail.
+    if torch.isnan(diff).any():
+        return float("inf")
+    return diff.max().item() if diff.numel() else 0.0
+
+
+def assert_close_2x(kernel, torch_same_dtype, ref64, dtype, atol_scale: float = 1.0, name=""):
+    """Check the 2x rule; ``torch_same_dtype`` is the eager PyTorch result in the input dtype."""
+    err_kernel = max_abs_err(kernel, ref64)
+    err_torch = max_abs_err(torch_same_dtype, ref64)
+    bound = 2 * err_torch + ATOL[dtype] * atol_scale
+    assert err_kernel <= bound, (
+        f"{name}: kernel error {err_kernel:.3e} > 2 x torch error {err_torch:.3e} "
+        f"+ atol {ATOL[dtype] * atol_scale:.1e} (dtype {dtype})"
+    )
+
+
+def assert_close(x, ref, atol, rtol=0.0, name=""):
+    err = (x.double() - ref.double()).abs()
+    tol = atol + rtol * ref.double().abs()
+    bad = ~(err <= tol)
+    assert not bad.any(), (
+        f"{name}: {int(bad.sum())} of {err.numel()} elements off; max error "
+        f"{err.max().item() if err.numel() else 0:.3e} (atol {atol}, rtol {rtol})"
+    )
