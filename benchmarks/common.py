@@ -1,0 +1,174 @@
+"""Shared benchmark harness: timing, memory, the bandwidth floor, and result files.
+
+Every figure is reported three ways (DESIGN.md section 4): milliseconds (median of
+``triton.testing.do_bench``), GB/s of the bytes the op must move, and that as a percentage of the
+measured device-copy bandwidth (the floor: every input read once, every output written once).
+Peak extra memory is the allocator's peak above what was allocated before the call.
+
+Results go to ``benchmarks/results/<name>-<gpu>-<date>.json`` with the GPU name, torch / triton /
+CUDA versions, the date and the git SHA, so a figure can always be traced to the run that made it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+__all__ = [
+    "RESULTS_DIR",
+    "copy_bandwidth_gbps",
+    "environment",
+    "peak_extra_mib",
+    "print_table",
+    "result_row",
+    "save_results",
+    "time_ms",
+]
+
+
+def time_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> float:
+    """Median wall time of ``fn`` in ms. CUDA: triton.testing.do_bench (flushes L2 between runs).
+
+    On the CPU (smoke mode only) a plain perf_counter median over a few calls.
+    """
+    if torch.cuda.is_available():
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    import time
+
+    fn()
+    samples = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    samples.sort()
+    return samples[len(samples) // 2]
+
+
+def peak_extra_mib(fn: Callable[[], object]) -> float | None:
+    """Peak CUDA memory allocated during ``fn`` above what was allocated before, in MiB.
+
+    None on the CPU (no allocator statistics there).
+    """
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del out
+    return (peak - before) / 2**20
+
+
+_BANDWIDTH_CACHE: dict[str, float] = {}
+
+
+def copy_bandwidth_gbps(nbytes: int = 2**30) -> float | None:
+    """Measured device-to-device copy bandwidth in GB/s, counting read + write (the floor)."""
+    if not torch.cuda.is_available():
+        return None
+    key = f"{torch.cuda.current_device()}:{nbytes}"
+    if key not in _BANDWIDTH_CACHE:
+        src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+        dst = torch.empty_like(src)
+        ms = time_ms(lambda: dst.copy_(src))
+        _BANDWIDTH_CACHE[key] = 2 * nbytes / (ms * 1e-3) / 1e9
+        del src, dst
+    return _BANDWIDTH_CACHE[key]
+
+
+def result_row(
+    op: str,
+    case: str,
+    impl: str,
+    ms: float | None,
+    bytes_moved: float | None = None,
+    peak_mib: float | None = None,
+    **extra,
+) -> dict:
+    """One table row; GB/s and % of the copy-bandwidth floor are derived from ``bytes_moved``."""
+    row = {"op": op, "case": case, "impl": impl, "ms": ms, "peak_extra_mib": peak_mib}
+    if ms is not None and bytes_moved:
+        gbps = bytes_moved / (ms * 1e-3) / 1e9
+        row["gb_per_s"] = gbps
+        bw = copy_bandwidth_gbps()
+        if bw:
+            row["floor_ms"] = bytes_moved / (bw * 1e9) * 1e3
+            row["pct_of_floor"] = 100.0 * row["floor_ms"] / ms
+    row.update(extra)
+    return row
+
+
+def _git_sha() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment() -> dict:
+    import triton
+
+    env = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_sha": _git_sha(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "cuda": torch.version.cuda,
+    }
+    bw = copy_bandwidth_gbps()
+    if bw:
+        env["copy_bandwidth_gbps"] = bw
+    return env
+
+
+def save_results(name: str, rows: list[dict], directory: Path | None = None) -> Path:
+    """Write rows plus the environment to JSON; returns the path (atomic write)."""
+    env = environment()
+    directory = Path(directory or RESULTS_DIR)
+    directory.mkdir(parents=True, exist_ok=True)
+    device = env["device"].replace(" ", "_").replace("/", "_")
+    stamp = env["date"][:10]
+    path = directory / f"{name}-{device}-{stamp}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def print_table(rows: list[dict], columns: tuple[str, ...] = (
+    "op", "case", "impl", "ms", "gb_per_s", "pct_of_floor", "peak_extra_mib",
+)) -> None:
+    if not rows:
+        return
+    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
