@@ -1,5 +1,510 @@
-"""PLACEHOLDER: dispatches to the reference until the Triton kernel lands (helper-owned file)."""
+"""Log-probabilities (and entropy) of the chosen tokens, one sweep over the vocabulary.
+
+Math (per row, z = logits / T, T the temperature, y the label)::
+
+    lse     = log sum_j exp(z_j)                      (online: running max m, running sum s)
+    logp    = z_y - lse
+    entropy = -sum_j p_j log p_j = lse - E_p[z]       (p = softmax(z))
+
+The forward keeps, per row, ``m`` (the running max), ``s = sum exp(z - m)`` and
+``a = sum exp(z - m) * (z - m)``; when the max moves from m to m', both are rescaled by
+exp(m - m') (and ``a`` gains ``(m - m') * s``). At the end ``lse = m + log s`` and
+``entropy = log s - a / s``: two non-negative terms, so there is no cancellation.
+
+The backward writes the logits gradient directly, again in one sweep, from the saved lse and
+entropy (no softmax is kept between the passes)::
+
+    dz_j      = g_logp * (onehot_j - p_j) - g_H * p_j * (log p_j + H)
+    d logit_j = dz_j / T                   (in the logits' dtype; optionally into the logits buffer)
+
+Rows whose label is ``ignore_index`` give logp = entropy = 0 and a zero gradient; the forward skips
+their vocabulary sweep entirely and the backward only writes their zeros.
+
+Bytes: the forward reads the logits once (N * V * elem) and writes 4-12 bytes per row; the backward
+reads them once more and writes the gradient once (2 * N * V * elem). For bf16 8x1024x151936 that
+is 2.49 GB forward and 7.47 GB forward + backward: the copy-bandwidth floor of the op.
+
+Non-finite logits (the Triton path; the reference gives the same values):
+
+* ``-inf`` entries are masked vocabulary entries: probability 0, zero gradient; the result is the
+  same as with those entries removed from the vocabulary (a label pointing at one gives -inf).
+* a NaN (or +inf) anywhere in a row gives NaN logp / entropy / gradient for that row only.
+* a row whose logits are all ``-inf`` gives logp NaN (as ``torch.log_softmax``), entropy 0 (the
+  reference's ``0 log 0 = 0``) and a NaN gradient; give such rows ``ignore_index`` instead.
+
+fp64 logits are accepted by the Triton path but computed in fp32 (outputs fp32, gradient fp64);
+``backend="reference"`` computes in fp64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
 
 from rlhf_kernels import reference
+from rlhf_kernels._alloc import empty
+from rlhf_kernels._checks import check_float, check_same_device
+from rlhf_kernels.backend import resolve_backend
 
-logprobs = reference.logprobs
+__all__ = ["logprobs", "logprobs_fwd", "logprobs_bwd"]
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels. Rows are addressed as (outer, inner) = divmod(row, n_inner) so that a (B, T, V) slice
+# such as logits[:, :-1, :] (row stride V, batch stride (T+1) V) is read in place, without a copy.
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _logprobs_fwd_kernel(
+    logits_ptr,
+    labels_ptr,
+    logp_ptr,
+    entropy_ptr,
+    lse_ptr,
+    stride_outer,
+    stride_inner,
+    n_inner,
+    V,
+    inv_temperature,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+    RETURN_ENTROPY: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + (row // n_inner) * stride_outer + (row % n_inner) * stride_inner
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    valid = label != ignore_index
+    # Ignored rows skip the sweep: zero trip count, no bytes read.
+    v_end = tl.where(valid, V, 0)
+    offsets = tl.arange(0, BLOCK_V)
+
+    m = -float("inf")  # running max of z
+    s = 0.0  # sum exp(z - m)
+    a = 0.0  # sum exp(z - m) * (z - m)   (entropy only)
+    for start in range(0, v_end, BLOCK_V):
+        cols = start + offsets
+        x = tl.load(row_ptr + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
+        z = x * inv_temperature
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        # While every z so far is -inf, shift by 0 instead: -inf - -inf would be NaN.
+        m_shift = tl.where(m_new == -float("inf"), 0.0, m_new)
+        scale = tl.exp(m - m_shift)
+        e = tl.exp(z - m_shift)
+        if RETURN_ENTROPY:
+            # While s == 0, m - m_shift may be -inf: take 0 (not -inf * 0 = NaN).
+            moved = tl.where(s > 0.0, m - m_shift, 0.0) * s
+            # -inf entries: e == 0 and (z - m) == -inf; their term is 0 (0 log 0 = 0).
+            ez = e * tl.where(e > 0.0, z - m_shift, 0.0)
+            a = (a + moved) * scale + tl.sum(ez, axis=0)
+        s = s * scale + tl.sum(e, axis=0)
+        m = m_shift
+
+    # s == 0 only for ignored rows (lse unused, log(1) = 0 keeps it finite) and all -inf rows.
+    lse = m + tl.log(tl.where(valid, s, 1.0))
+    # Out-of-range labels (only possible with check_labels=False) read nothing and give NaN.
+    label_ok = (label >= 0) & (label < V)
+    z_label = tl.load(row_ptr + label, mask=valid & label_ok, other=float("nan"))
+    logp = z_label.to(tl.float32) * inv_temperature - lse
+    tl.store(logp_ptr + row, tl.where(valid, logp, 0.0))
+    tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
+    if RETURN_ENTROPY:
+        s_pos = tl.where(s > 0.0, s, 1.0)
+        entropy = tl.where(s > 0.0, tl.log(s_pos) - a / s_pos, 0.0)
+        tl.store(entropy_ptr + row, tl.where(valid, entropy, 0.0))
+
+
+@triton.jit
+def _logprobs_bwd_kernel(
+    logits_ptr,
+    labels_ptr,
+    lse_ptr,
+    entropy_ptr,
+    grad_logp_ptr,
+    grad_entropy_ptr,
+    out_ptr,
+    stride_outer,
+    stride_inner,
+    out_stride_outer,
+    out_stride_inner,
+    n_inner,
+    V,
+    inv_temperature,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+    HAS_GRAD_LOGP: tl.constexpr,
+    HAS_GRAD_ENTROPY: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    outer = row // n_inner
+    inner = row % n_inner
+    row_ptr = logits_ptr + outer * stride_outer + inner * stride_inner
+    out_row_ptr = out_ptr + outer * out_stride_outer + inner * out_stride_inner
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    valid = label != ignore_index
+    lse = tl.load(lse_ptr + row)
+    g_logp = 0.0
+    if HAS_GRAD_LOGP:
+        g_logp = tl.load(grad_logp_ptr + row)
+    g_entropy = 0.0
+    entropy = 0.0
+    if HAS_GRAD_ENTROPY:
+        g_entropy = tl.load(grad_entropy_ptr + row)
+        entropy = tl.load(entropy_ptr + row)
+    # Ignored rows: the loads are predicated off (no bytes read) and zeros are written.
+    read_end = tl.where(valid, V, 0)
+    offsets = tl.arange(0, BLOCK_V)
+    # Each block is read and then written by this program alone, so out may be the logits buffer.
+    for start in range(0, V, BLOCK_V):
+        cols = start + offsets
+        x = tl.load(row_ptr + cols, mask=cols < read_end, other=0.0).to(tl.float32)
+        log_p = x * inv_temperature - lse
+        p = tl.exp(log_p)
+        dz = tl.zeros([BLOCK_V], dtype=tl.float32)
+        if HAS_GRAD_LOGP:
+            dz = tl.where(cols == label, g_logp, 0.0) - g_logp * p
+        if HAS_GRAD_ENTROPY:
+            # -inf entries: p == 0 and log p == -inf; the term is 0.
+            dz -= g_entropy * p * tl.where(p > 0.0, log_p + entropy, 0.0)
+        grad = tl.where(valid, dz * inv_temperature, 0.0)
+        tl.store(out_row_ptr + cols, grad.to(out_ptr.dtype.element_ty), mask=cols < V)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+def _launch_config(V: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for a row of V entries.
+
+    Small vocabularies take the whole row in one block; large ones stream 8192-entry blocks
+    (16 KB of bf16 per program per step, 32 entries per thread at 8 warps: several 16-byte loads
+    in flight per thread, which is what a bandwidth-bound row sweep needs).
+    """
+    block_v = max(16, min(triton.next_power_of_2(V), 8192))
+    num_warps = max(1, min(8, block_v // 1024))
+    return block_v, num_warps
+
+
+def _rows3d_view(x: torch.Tensor) -> torch.Tensor | None:
+    """(..., V) with stride(-1) == 1 -> a (B, T, V) view of the same memory, or None when the
+    leading dims cannot be described by two strides."""
+    V = x.shape[-1]
+    if x.dim() == 1:
+        return x.view(1, 1, V)
+    try:
+        return x.view(1, -1, V)  # all leading dims collapse onto one row stride
+    except RuntimeError:
+        pass
+    try:
+        return x.view(-1, x.shape[-2], V)  # e.g. logits[:, :-1, :]
+    except RuntimeError:
+        return None
+
+
+def _rows3d(x: torch.Tensor) -> torch.Tensor:
+    """(..., V) -> (B, T, V) with stride(-1) == 1; a copy only when no view exists."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    rows = _rows3d_view(x)
+    return rows if rows is not None else x.contiguous().view(1, -1, x.shape[-1])
+
+
+def _rows_disjoint(x3d: torch.Tensor) -> bool:
+    """True when no two rows of the (B, T, V) view overlap in memory (safe to write in place)."""
+    B, T, V = x3d.shape
+    s_outer, s_inner, _ = x3d.stride()
+    inner_ok = T == 1 or s_inner >= V
+    outer_ok = B == 1 or s_outer >= (T - 1) * s_inner + V
+    return inner_ok and outer_ok
+
+
+def _fwd3d(logits3d, labels1d, temperature, ignore_index, return_entropy):
+    B, T, V = logits3d.shape
+    N = B * T
+    device = logits3d.device
+    logp = empty((N,), torch.float32, device)
+    lse = empty((N,), torch.float32, device)
+    entropy = empty((N,), torch.float32, device) if return_entropy else None
+    if N == 0:
+        return logp, entropy, lse
+    block_v, num_warps = _launch_config(V)
+    _logprobs_fwd_kernel[(N,)](
+        logits3d, labels1d, logp, entropy if return_entropy else logp, lse,
+        logits3d.stride(0), logits3d.stride(1), T, V,
+        1.0 / temperature, ignore_index,
+        BLOCK_V=block_v, RETURN_ENTROPY=return_entropy, num_warps=num_warps,
+    )
+    return logp, entropy, lse
+
+
+def _bwd3d(logits3d, labels1d, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index,
+           out3d):
+    B, T, V = logits3d.shape
+    N = B * T
+    if N == 0:
+        return out3d
+    has_grad_entropy = grad_entropy is not None
+    if has_grad_entropy and entropy is None:
+        raise ValueError("grad_entropy was given but entropy is None; run the forward with "
+                         "return_entropy=True")
+    block_v, num_warps = _launch_config(V)
+    _logprobs_bwd_kernel[(N,)](
+        logits3d, labels1d, lse,
+        entropy if has_grad_entropy else lse,
+        grad_logp if grad_logp is not None else lse,
+        grad_entropy if has_grad_entropy else lse,
+        out3d,
+        logits3d.stride(0), logits3d.stride(1), out3d.stride(0), out3d.stride(1), T, V,
+        1.0 / temperature, ignore_index,
+        BLOCK_V=block_v, HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=has_grad_entropy,
+        num_warps=num_warps,
+    )
+    return out3d
+
+
+def _flat_fp32(t: torch.Tensor | None) -> torch.Tensor | None:
+    # Upstream gradients may be expanded (stride 0) or bf16; the kernel wants (N,) contiguous fp32.
+    return None if t is None else t.reshape(-1).to(torch.float32).contiguous()
+
+
+def logprobs_fwd(
+    logits2d: torch.Tensor,
+    labels1d: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    return_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Forward launcher on a (N, V) block of logits (used by the fused linear / PPO ops).
+
+    logits2d: (N, V) fp16/bf16/fp32/fp64, stride(1) == 1, any stride(0) (a chunk of a bigger
+    buffer is fine). labels1d: (N,) int64/int32, contiguous. No validation and no host sync:
+    labels outside [0, V) that are not ``ignore_index`` give NaN logp (never an out-of-bounds
+    read). Returns ``(logp (N,) fp32, entropy (N,) fp32 or None, lse (N,) fp32)``, where
+    lse = logsumexp(logits / temperature) per row (0 for ignored rows), which ``logprobs_bwd``
+    takes back.
+    """
+    if logits2d.dim() != 2 or logits2d.stride(1) != 1:
+        raise ValueError(f"logits2d must be (N, V) with stride(1) == 1, got shape "
+                         f"{tuple(logits2d.shape)} strides {logits2d.stride()}")
+    return _fwd3d(logits2d.unsqueeze(0), labels1d.contiguous(), float(temperature),
+                  int(ignore_index), bool(return_entropy))
+
+
+def logprobs_bwd(
+    logits2d: torch.Tensor,
+    labels1d: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor | None,
+    grad_logp: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Backward launcher: writes d loss / d logits2d into ``out`` (N, V) and returns ``out``.
+
+    logits2d, labels1d, temperature, ignore_index: as given to ``logprobs_fwd``; lse and entropy:
+    what it returned (entropy may be None when grad_entropy is None). grad_logp / grad_entropy:
+    (N,) fp32 upstream gradients, either may be None (treated as zero). out: (N, V) of any float
+    dtype with stride(1) == 1; it may be ``logits2d`` itself (each block is read before it is
+    overwritten by the same program), which saves the (N, V) allocation. Ignored rows get 0.
+    """
+    if out.shape != logits2d.shape or out.stride(1) != 1:
+        raise ValueError(f"out must have the shape of logits2d {tuple(logits2d.shape)} and "
+                         f"stride(1) == 1, got shape {tuple(out.shape)} strides {out.stride()}")
+    if logits2d.stride(1) != 1:
+        raise ValueError(f"logits2d must have stride(1) == 1, got strides {logits2d.stride()}")
+    _bwd3d(logits2d.unsqueeze(0), labels1d.contiguous(), lse, entropy, _flat_fp32(grad_logp),
+           _flat_fp32(grad_entropy), float(temperature), int(ignore_index), out.unsqueeze(0))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library registration (so torch.compile(fullgraph=True) traces through the op)
+# --------------------------------------------------------------------------------------------
+def _check_labels_in_range(labels: torch.Tensor, V: int, ignore_index: int) -> None:
+    """One min/max reduction (and one host sync) over the labels that are not ignore_index."""
+    if labels.numel() == 0:
+        return
+    counted = labels != ignore_index
+    lo, hi = torch.aminmax(torch.where(counted, labels, torch.zeros_like(labels)))
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= V:
+        bad = lo if lo < 0 else hi
+        raise ValueError(
+            f"labels must be in [0, {V}) (the vocabulary size) or equal ignore_index="
+            f"{ignore_index}; found label {bad}. Set padding labels to ignore_index."
+        )
+
+
+def _prepare(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rows3d(logits), labels.reshape(-1).contiguous()
+
+
+@torch.library.custom_op("rlhf_kernels::logprobs_fwd", mutates_args=())
+def _logprobs_fwd_op(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    return_entropy: bool,
+    inplace_backward: bool,
+    check_labels: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if check_labels:
+        _check_labels_in_range(labels, logits.shape[-1], ignore_index)
+    logits3d, labels1d = _prepare(logits, labels)
+    logp, entropy, lse = _fwd3d(logits3d, labels1d, temperature, ignore_index, return_entropy)
+    if entropy is None:
+        entropy = logp.new_empty((0,))
+    return logp.view(labels.shape), entropy.view(labels.shape if return_entropy else (0,)), lse
+
+
+@_logprobs_fwd_op.register_fake
+def _(logits, labels, temperature, ignore_index, return_entropy, inplace_backward, check_labels):
+    out = logits.new_empty(labels.shape, dtype=torch.float32)
+    entropy = logits.new_empty(labels.shape if return_entropy else (0,), dtype=torch.float32)
+    return out, entropy, logits.new_empty((labels.numel(),), dtype=torch.float32)
+
+
+@torch.library.custom_op("rlhf_kernels::logprobs_bwd", mutates_args=())
+def _logprobs_bwd_op(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logp: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int,
+) -> torch.Tensor:
+    logits3d, labels1d = _prepare(logits, labels)
+    out = empty(logits.shape, logits.dtype, logits.device)
+    _bwd3d(logits3d, labels1d, lse, _flat_fp32(entropy), _flat_fp32(grad_logp),
+           _flat_fp32(grad_entropy), temperature, ignore_index, out.view(logits3d.shape))
+    return out
+
+
+@_logprobs_bwd_op.register_fake
+def _(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("rlhf_kernels::logprobs_bwd_inplace_", mutates_args=("logits",))
+def _logprobs_bwd_inplace_op(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logp: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int,
+) -> None:
+    logits3d, labels1d = _prepare(logits, labels)
+    _bwd3d(logits3d, labels1d, lse, _flat_fp32(entropy), _flat_fp32(grad_logp),
+           _flat_fp32(grad_entropy), temperature, ignore_index, logits3d)
+
+
+@_logprobs_bwd_inplace_op.register_fake
+def _(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index):
+    return None
+
+
+def _can_write_in_place(logits: torch.Tensor) -> bool:
+    # A copy (stride(-1) != 1, or leading dims no two strides describe) or overlapping rows
+    # (an expanded tensor) cannot take the gradient in place: fall back to a fresh buffer.
+    if logits.stride(-1) != 1:
+        return False
+    rows = _rows3d_view(logits)
+    return rows is not None and _rows_disjoint(rows)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, temperature, ignore_index, return_entropy, inplace_backward, _ = inputs
+    _, entropy, lse = output
+    ctx.inplace_backward = inplace_backward
+    ctx.temperature = temperature
+    ctx.ignore_index = ignore_index
+    ctx.save_for_backward(logits, labels, lse, entropy)
+
+
+def _backward(ctx, grad_logp, grad_entropy, grad_lse):
+    logits, labels, lse, entropy = ctx.saved_tensors
+    if entropy.numel() == 0:
+        grad_entropy = None
+    args = (labels, lse, entropy, grad_logp, grad_entropy, ctx.temperature, ctx.ignore_index)
+    if ctx.inplace_backward and _can_write_in_place(logits):
+        torch.ops.rlhf_kernels.logprobs_bwd_inplace_(logits, *args)
+        grad_logits = logits
+    else:
+        grad_logits = torch.ops.rlhf_kernels.logprobs_bwd(logits, *args)
+    return grad_logits, None, None, None, None, None, None
+
+
+_logprobs_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Public function
+# --------------------------------------------------------------------------------------------
+def logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    inplace_backward: bool = False,
+    *,
+    check_labels: bool = True,
+    backend: str | None = None,
+):
+    """Log-probability (and entropy) of the chosen tokens under softmax(logits / temperature).
+
+    logits: (..., V) fp16/bf16/fp32 (fp64 too; see the module docstring). Leading dims may have
+        any strides (e.g. ``logits[:, :-1, :]`` is read in place); stride(-1) != 1 costs a copy.
+    labels: (...) int64 or int32, the shape of ``logits.shape[:-1]``; ``ignore_index`` marks
+        positions that give logp = entropy = 0 and no gradient.
+    Returns logp (...) fp32, and entropy (...) fp32 when ``return_entropy``.
+
+    inplace_backward: the backward writes d logits into the logits buffer itself instead of a new
+        (..., V) tensor (saves one logits-sized allocation, e.g. 2.3 GiB for bf16 8x1024x151936).
+        After backward the logits tensor holds its own gradient, so: use it only when the logits
+        are an intermediate activation (e.g. the lm_head output) that nothing reads afterwards.
+        Autograd catches another op that saved the same logits for its backward (it raises "modified
+        by an inplace operation"), as it does ``retain_graph`` double backward. Do not use it on a
+        leaf tensor: its ``.grad`` would share memory with the tensor. When the buffer cannot take
+        the gradient in place (stride(-1) != 1, overlapping rows of an expanded tensor, or leading
+        dims that need a copy) the backward silently uses a fresh buffer instead.
+    check_labels: verify on the host that every label is in [0, V) or ignore_index (one min/max
+        reduction and one device sync per call). Pass False in hot loops once the data is known to
+        be clean; a bad label then gives NaN logp for its row (never an out-of-bounds read).
+    backend: "triton", "reference" or "auto"/None (see ``rlhf_kernels.backend``).
+    """
+    check_float("logits", logits)
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"labels must be int64 or int32 token ids, got {labels.dtype}")
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits must be (..., V) with V >= 1, got shape {tuple(logits.shape)}")
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"labels has shape {tuple(labels.shape)} but logits has shape {tuple(logits.shape)}; "
+            f"labels must have the logits' leading shape {tuple(logits.shape[:-1])}"
+        )
+    check_same_device(("logits", logits), ("labels", labels))
+    temperature = float(temperature)
+    if not (temperature > 0.0 and temperature < float("inf")):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+
+    if resolve_backend(logits, backend) == "reference":
+        if check_labels:
+            _check_labels_in_range(labels, logits.shape[-1], ignore_index)
+        return reference.logprobs(logits, labels, temperature, ignore_index, return_entropy)
+    logp, entropy, _ = torch.ops.rlhf_kernels.logprobs_fwd(
+        logits, labels, temperature, ignore_index, bool(return_entropy), bool(inplace_backward),
+        bool(check_labels),
+    )
+    return (logp, entropy) if return_entropy else logp
