@@ -192,11 +192,11 @@ def _rows3d_view(x: torch.Tensor) -> torch.Tensor | None:
         return x.view(1, 1, V)
     try:
         return x.view(1, -1, V)  # all leading dims collapse onto one row stride
-    except RuntimeError:
+    except (RuntimeError, ValueError):  # fake tensors raise ValueError
         pass
     try:
         return x.view(-1, x.shape[-2], V)  # e.g. logits[:, :-1, :]
-    except RuntimeError:
+    except (RuntimeError, ValueError):  # fake tensors raise ValueError
         return None
 
 
