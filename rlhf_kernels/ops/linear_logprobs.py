@@ -1,0 +1,481 @@
+"""Log-probabilities of chosen tokens straight from hidden states, never holding the (N, V) logits.
+
+Math (per token row ``h`` of ``hidden (N, H)``, ``W (V, H)``, optional ``b (V,)`` and LoRA factors
+``A (r, H)``, ``B (V, r)`` with scale ``s``)::
+
+    z      = h @ W.T + s * (h @ A.T) @ B.T + b              # one row of logits, (V,)
+    logp   = z[label] / T - lse,   lse = logsumexp(z / T)   # T = temperature
+    entropy = lse - sum_j p_j z_j / T,   p = softmax(z / T)
+
+Rows whose label is ``ignore_index`` give logp = entropy = 0 and no gradient.
+
+How: the rows are cut into chunks of ``C`` tokens. For each chunk the logits ``(C, V)`` are made
+with cuBLAS matmuls in the inputs' dtype (bf16 on a GPU), the logprobs kernels of
+``rlhf_kernels.ops.logprobs`` (fp32 math, one pass over the vocabulary) turn them into
+logp / entropy / lse, and the chunk is dropped. Forward keeps only lse and entropy (N floats each).
+Backward recomputes each chunk's logits, the logprobs backward kernel overwrites them in place
+with ``d logits``, and the chunk's gradients are accumulated::
+
+    d h_c  = dz @ W + s * (dz @ B) @ A        (written, one chunk of rows at a time)
+    d W   += dz.T @ h_c        d b += sum_rows dz
+    d B   += s * dz.T @ (h_c @ A.T)           d A += s * (dz @ B).T @ h_c
+
+so the largest temporary is one chunk of logits, ``C x V`` elements. Only the gradients whose
+input requires grad are computed.
+
+Bytes: the op is matmul-bound (2·N·V·H flops forward, 6·N·V·H forward + backward with the
+recomputation); besides the matmul operands, each chunk of logits is written once by the matmul
+and read once by the forward kernel (forward), and written by the matmul, read and rewritten by
+the backward kernel and read by the two gradient matmuls (backward).
+
+Chunk size: ``chunk_size`` rows when given; otherwise ``memory_budget_bytes // (V * itemsize)``
+rows, where the budget defaults to min(512 MiB, free CUDA memory / 4) on a GPU and 64 MiB on the
+CPU, rounded down to a multiple of 64 rows when that large.
+
+Dtypes: hidden / weight / bias / LoRA factors fp16, bf16, fp32 or fp64. The matmuls run in the
+promoted dtype of hidden and weight (cast the others to it; matching dtypes avoid a copy of the
+weight); the logprobs kernels compute in fp32; logp / entropy are fp32. Gradients come back in
+each input's own dtype. The weight gradient is accumulated over chunks in the compute dtype (as
+cuBLAS ``beta = 1`` GEMMs: one rounding per chunk in bf16), the bias and LoRA gradients in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_kernels import reference
+from rlhf_kernels._alloc import empty
+from rlhf_kernels._checks import check_float, check_same_device
+from rlhf_kernels.backend import resolve_backend
+
+__all__ = ["linear_logprobs", "choose_chunk_rows"]
+
+DEFAULT_CUDA_BUDGET_BYTES = 512 * 2**20
+DEFAULT_CPU_BUDGET_BYTES = 64 * 2**20
+_EMPTY = (0,)
+
+
+# --------------------------------------------------------------------------------------------
+# the per-chunk logprobs kernels (rlhf_kernels.ops.logprobs)
+# --------------------------------------------------------------------------------------------
+def _logprob_kernels():
+    from rlhf_kernels.ops import logprobs as logprobs_module
+
+    if hasattr(logprobs_module, "logprobs_fwd"):
+        return logprobs_module.logprobs_fwd, logprobs_module.logprobs_bwd
+    return _fallback_fwd, _fallback_bwd
+
+
+def _fallback_fwd(logits, labels, temperature, ignore_index, return_entropy):  # TEMPORARY
+    z = logits.float() / temperature
+    lse = torch.logsumexp(z, -1)
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, 0)
+    logp = torch.where(valid, z.gather(-1, safe[:, None])[:, 0] - lse, 0.0)
+    ent = None
+    if return_entropy:
+        p = torch.exp(z - lse[:, None])
+        ent = torch.where(valid, lse - (p * z).sum(-1), 0.0)
+    return logp, ent, lse
+
+
+def _fallback_bwd(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature,
+                  ignore_index, out):  # TEMPORARY
+    z = logits.float() / temperature
+    logp_all = z - lse[:, None]
+    p = torch.exp(logp_all)
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, 0)
+    dz = torch.zeros_like(z)
+    if grad_logp is not None:
+        dz = -p * grad_logp[:, None]
+        dz.scatter_add_(1, safe[:, None], grad_logp[:, None])
+    if grad_entropy is not None:
+        dz = dz - grad_entropy[:, None] * p * (logp_all + entropy[:, None])
+    dz = torch.where(valid[:, None], dz / temperature, 0.0)
+    out.copy_(dz)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# chunking and the per-chunk matmuls (shared with ops/ppo_fused.py)
+# --------------------------------------------------------------------------------------------
+def choose_chunk_rows(
+    n_rows: int,
+    vocab: int,
+    itemsize: int,
+    device: torch.device,
+    chunk_size: int = 0,
+    memory_budget_bytes: int = 0,
+) -> int:
+    """Rows per chunk: ``chunk_size`` if > 0, else what fits one ``(rows, V)`` logits chunk in
+    the budget (``memory_budget_bytes`` if > 0, else the device default; see module docstring)."""
+    if n_rows == 0:
+        return 1
+    if chunk_size > 0:
+        return min(chunk_size, n_rows)
+    budget = memory_budget_bytes
+    if budget <= 0:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = min(DEFAULT_CUDA_BUDGET_BYTES, free // 4)
+        else:
+            budget = DEFAULT_CPU_BUDGET_BYTES
+    rows = max(1, budget // max(1, vocab * itemsize))
+    if rows >= 64:
+        rows -= rows % 64  # whole tensor-core tiles for the matmuls
+    return min(rows, n_rows)
+
+
+def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def cast_head(dtype, weight, bias, lora_a, lora_b):
+    """The lm_head pieces in the matmul dtype (a copy only where the dtype differs)."""
+    cast = lambda t: None if t is None else t.to(dtype)
+    return cast(weight), cast(bias), cast(lora_a), cast(lora_b)
+
+
+def chunk_logits(h_c, weight, bias, lora_a, lora_b, lora_scale):
+    """(C, H) rows -> ((C, V) logits in the matmul dtype, (C, r) LoRA activations or None)."""
+    if bias is not None:
+        logits = torch.addmm(bias, h_c, weight.t())
+    else:
+        logits = h_c @ weight.t()
+    u = None
+    if lora_a is not None:
+        u = h_c @ lora_a.t()
+        logits.addmm_(u, lora_b.t(), alpha=lora_scale)
+    return logits, u
+
+
+class HeadGrads:
+    """Gradient accumulators of the lm_head inputs; None where no gradient is wanted."""
+
+    def __init__(self, n_rows, hidden, weight, bias, lora_a, lora_b, needs, dtype):
+        need_h, need_w, need_b, need_a, need_lb = needs
+        device = hidden.device
+        h_dim = hidden.shape[-1]
+        # d hidden: every row is written exactly once (one chunk each), so no zero fill.
+        self.hidden = empty((n_rows, h_dim), dtype, device) if need_h else None
+        self.weight = torch.zeros(weight.shape, dtype=dtype, device=device) if need_w else None
+        self.bias = (torch.zeros(bias.shape, dtype=torch.float32, device=device)
+                     if need_b and bias is not None else None)
+        has_lora = lora_a is not None
+        self.lora_a = (torch.zeros(lora_a.shape, dtype=torch.float32, device=device)
+                       if need_a and has_lora else None)
+        self.lora_b = (torch.zeros(lora_b.shape, dtype=torch.float32, device=device)
+                       if need_lb and has_lora else None)
+
+    def any(self) -> bool:
+        return any(t is not None for t in (self.hidden, self.weight, self.bias, self.lora_a,
+                                           self.lora_b))
+
+    def accumulate(self, start, dlogits, h_c, u, weight, lora_a, lora_b, lora_scale):
+        """Add one chunk's contribution; ``dlogits`` (C, V) is d loss / d logits of rows
+        ``start : start + C`` in the matmul dtype."""
+        rows = dlogits.shape[0]
+        du = None
+        if lora_a is not None and (self.hidden is not None or self.lora_a is not None):
+            du = (dlogits @ lora_b) * lora_scale  # (C, r)
+        if self.hidden is not None:
+            dh = self.hidden[start:start + rows]
+            torch.matmul(dlogits, weight, out=dh)
+            if du is not None:
+                dh.addmm_(du, lora_a)
+        if self.weight is not None:
+            self.weight.addmm_(dlogits.t(), h_c)
+        if self.bias is not None:
+            self.bias += dlogits.sum(0, dtype=torch.float32)
+        if self.lora_a is not None:
+            self.lora_a += du.t() @ h_c
+        if self.lora_b is not None:
+            self.lora_b += (dlogits.t() @ u) * lora_scale
+
+    def outputs(self, hidden, weight, bias, lora_a, lora_b):
+        """The five gradients in their inputs' dtypes (an empty tensor where none is wanted)."""
+        def out(acc, like):
+            if acc is None:
+                return hidden.new_empty(_EMPTY)
+            return acc.to(like.dtype)
+
+        return (out(self.hidden, hidden), out(self.weight, weight), out(self.bias, bias),
+                out(self.lora_a, lora_a), out(self.lora_b, lora_b))
+
+
+def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """One host check per call (a sync on CUDA) so a bad label never reads out of bounds."""
+    if labels.numel() == 0:
+        return
+    bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+    if bool(bad.any()):
+        first = labels[bad][0].item()
+        raise ValueError(
+            f"labels must lie in [0, {vocab}) (the vocabulary size) or equal ignore_index="
+            f"{ignore_index}; found {first}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# forward / backward sweeps
+# --------------------------------------------------------------------------------------------
+def _forward_sweep(hidden, weight, labels, bias, lora_a, lora_b, lora_scale, temperature,
+                   ignore_index, return_entropy, chunk_size, memory_budget_bytes):
+    logprobs_fwd, _ = _logprob_kernels()
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    device = hidden.device
+    check_label_range(labels, vocab, ignore_index)
+    dtype = compute_dtype(hidden, weight)
+    w, b, a, lb = cast_head(dtype, weight, bias, lora_a, lora_b)
+    h = hidden.to(dtype)
+    logp = empty((n_rows,), torch.float32, device)
+    entropy = empty((n_rows,) if return_entropy else _EMPTY, torch.float32, device)
+    lse = empty((n_rows,), torch.float32, device)
+    rows = choose_chunk_rows(n_rows, vocab, h.element_size(), device, chunk_size,
+                             memory_budget_bytes)
+    for start in range(0, n_rows, rows):
+        stop = min(start + rows, n_rows)
+        logits, _ = chunk_logits(h[start:stop], w, b, a, lb, lora_scale)
+        lp_c, ent_c, lse_c = logprobs_fwd(logits, labels[start:stop], temperature, ignore_index,
+                                          return_entropy)
+        logp[start:stop] = lp_c
+        lse[start:stop] = lse_c
+        if return_entropy:
+            entropy[start:stop] = ent_c
+        del logits
+    return logp, entropy, lse
+
+
+def _backward_sweep(grad_logp, grad_entropy, hidden, weight, labels, bias, lora_a, lora_b, lse,
+                    entropy, lora_scale, temperature, ignore_index, chunk_size,
+                    memory_budget_bytes, needs):
+    _, logprobs_bwd = _logprob_kernels()
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    device = hidden.device
+    dtype = compute_dtype(hidden, weight)
+    w, b, a, lb = cast_head(dtype, weight, bias, lora_a, lora_b)
+    h = hidden.to(dtype)
+    grads = HeadGrads(n_rows, hidden, weight, bias, lora_a, lora_b, needs, dtype)
+    if grads.any():
+        rows = choose_chunk_rows(n_rows, vocab, h.element_size(), device, chunk_size,
+                                 memory_budget_bytes)
+        for start in range(0, n_rows, rows):
+            stop = min(start + rows, n_rows)
+            h_c = h[start:stop]
+            logits, u = chunk_logits(h_c, w, b, a, lb, lora_scale)
+            sl = slice(start, stop)
+            logprobs_bwd(
+                logits, labels[sl], lse[sl],
+                entropy[sl] if grad_entropy is not None else None,
+                grad_logp[sl].float() if grad_logp is not None else None,
+                grad_entropy[sl].float() if grad_entropy is not None else None,
+                temperature, ignore_index, logits,
+            )
+            grads.accumulate(start, logits, h_c, u, w, a, lb, lora_scale)
+            del logits, u
+    return grads.outputs(hidden, weight, bias, lora_a, lora_b)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library registration (custom ops + fake impls + autograd)
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("rlhf_kernels::linear_logprobs_fwd", mutates_args=())
+def _linear_logprobs_fwd_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    lora_scale: float,
+    temperature: float,
+    ignore_index: int,
+    return_entropy: bool,
+    chunk_size: int,
+    memory_budget_bytes: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden (N, H) -> (logp (N,), entropy (N,) or (0,), lse (N,)), all fp32."""
+    return _forward_sweep(hidden, weight, labels, bias, lora_a, lora_b, lora_scale, temperature,
+                          ignore_index, return_entropy, chunk_size, memory_budget_bytes)
+
+
+@_linear_logprobs_fwd_op.register_fake
+def _(hidden, weight, labels, bias, lora_a, lora_b, lora_scale, temperature, ignore_index,
+      return_entropy, chunk_size, memory_budget_bytes):
+    n = hidden.shape[0]
+    f32 = torch.float32
+    return (hidden.new_empty((n,), dtype=f32),
+            hidden.new_empty((n,) if return_entropy else _EMPTY, dtype=f32),
+            hidden.new_empty((n,), dtype=f32))
+
+
+@torch.library.custom_op("rlhf_kernels::linear_logprobs_bwd", mutates_args=())
+def _linear_logprobs_bwd_op(
+    grad_logp: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    lse: torch.Tensor,
+    entropy: torch.Tensor | None,
+    lora_scale: float,
+    temperature: float,
+    ignore_index: int,
+    chunk_size: int,
+    memory_budget_bytes: int,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+    need_lora_a: bool,
+    need_lora_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (d hidden, d weight, d bias, d lora_a, d lora_b); empty (0,) where not wanted."""
+    needs = (need_hidden, need_weight, need_bias, need_lora_a, need_lora_b)
+    return _backward_sweep(grad_logp, grad_entropy, hidden, weight, labels, bias, lora_a, lora_b,
+                           lse, entropy, lora_scale, temperature, ignore_index, chunk_size,
+                           memory_budget_bytes, needs)
+
+
+def fake_head_grads(hidden, weight, bias, lora_a, lora_b, needs):
+    """Fake (shape-only) gradients of the five lm_head inputs, for register_fake."""
+    def like(t, need):
+        return t.new_empty(t.shape) if need and t is not None else hidden.new_empty(_EMPTY)
+
+    return tuple(like(t, need) for t, need in zip((hidden, weight, bias, lora_a, lora_b), needs))
+
+
+@_linear_logprobs_bwd_op.register_fake
+def _(grad_logp, grad_entropy, hidden, weight, labels, bias, lora_a, lora_b, lse, entropy,
+      lora_scale, temperature, ignore_index, chunk_size, memory_budget_bytes, need_hidden,
+      need_weight, need_bias, need_lora_a, need_lora_b):
+    needs = (need_hidden, need_weight, need_bias, need_lora_a, need_lora_b)
+    return fake_head_grads(hidden, weight, bias, lora_a, lora_b, needs)
+
+
+def _setup_context(ctx, inputs, output):
+    (hidden, weight, labels, bias, lora_a, lora_b, lora_scale, temperature, ignore_index,
+     return_entropy, chunk_size, memory_budget_bytes) = inputs
+    _, entropy, lse = output
+    ctx.save_for_backward(hidden, weight, labels, bias, lora_a, lora_b, lse, entropy)
+    ctx.options = (lora_scale, temperature, ignore_index, return_entropy, chunk_size,
+                   memory_budget_bytes)
+
+
+def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
+    hidden, weight, labels, bias, lora_a, lora_b, lse, entropy = ctx.saved_tensors
+    lora_scale, temperature, ignore_index, return_entropy, chunk_size, budget = ctx.options
+    need = ctx.needs_input_grad
+    needs = (need[0], need[1], need[3] and bias is not None,
+             need[4] and lora_a is not None, need[5] and lora_b is not None)
+    if not return_entropy:
+        grad_entropy = None
+    d_hidden, d_weight, d_bias, d_a, d_b = _linear_logprobs_bwd_op(
+        grad_logp, grad_entropy, hidden, weight, labels, bias, lora_a, lora_b, lse,
+        entropy if return_entropy else None, lora_scale, temperature, ignore_index, chunk_size,
+        budget, *needs)
+    pick = lambda g, wanted: g if wanted else None
+    return (pick(d_hidden, needs[0]), pick(d_weight, needs[1]), None, pick(d_bias, needs[2]),
+            pick(d_a, needs[3]), pick(d_b, needs[4]), None, None, None, None, None, None)
+
+
+_linear_logprobs_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# public function
+# --------------------------------------------------------------------------------------------
+def check_head_inputs(hidden, weight, labels, bias, lora_a, lora_b, temperature, chunk_size,
+                      memory_budget_bytes) -> None:
+    """Shapes, dtypes and options shared by linear_logprobs and linear_ppo_loss."""
+    check_float("hidden", hidden)
+    check_float("weight", weight)
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have shape (..., H); got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape (V, H), got {tuple(weight.shape)}")
+    vocab, h_dim = weight.shape
+    if hidden.shape[-1] != h_dim:
+        raise ValueError(
+            f"hidden has H={hidden.shape[-1]} (shape {tuple(hidden.shape)}) but weight has "
+            f"H={h_dim} (shape {tuple(weight.shape)}); the last dims must match"
+        )
+    if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
+        got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be an int64 (or int32) tensor, got {got}")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"labels has shape {tuple(labels.shape)} but hidden has leading shape "
+            f"{tuple(hidden.shape[:-1])}; they must match"
+        )
+    if bias is not None:
+        check_float("bias", bias)
+        if bias.shape != (vocab,):
+            raise ValueError(f"bias must have shape (V,) = ({vocab},), got {tuple(bias.shape)}")
+    if (lora_a is None) != (lora_b is None):
+        raise ValueError("lora_a and lora_b must be given together (or neither)")
+    if lora_a is not None:
+        check_float("lora_a", lora_a)
+        check_float("lora_b", lora_b)
+        if lora_a.dim() != 2 or lora_a.shape[1] != h_dim:
+            raise ValueError(f"lora_a must have shape (r, H) with H={h_dim}, got "
+                             f"{tuple(lora_a.shape)}")
+        rank = lora_a.shape[0]
+        if lora_b.shape != (vocab, rank):
+            raise ValueError(f"lora_b must have shape (V, r) = ({vocab}, {rank}), got "
+                             f"{tuple(lora_b.shape)}")
+    check_same_device(("hidden", hidden), ("weight", weight), ("labels", labels), ("bias", bias),
+                      ("lora_a", lora_a), ("lora_b", lora_b))
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int (rows per chunk) or None, got "
+                         f"{chunk_size!r}")
+    if memory_budget_bytes is not None and (not isinstance(memory_budget_bytes, int)
+                                            or memory_budget_bytes < 1):
+        raise ValueError(f"memory_budget_bytes must be a positive int or None, got "
+                         f"{memory_budget_bytes!r}")
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    lora_a: torch.Tensor | None = None,
+    lora_b: torch.Tensor | None = None,
+    lora_scale: float = 1.0,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+    memory_budget_bytes: int | None = None,
+    *,
+    backend: str | None = None,
+):
+    """Per-token log-probabilities (and entropy) of ``labels`` under the lm_head, chunked.
+
+    hidden (..., H) fp16/bf16/fp32/fp64, weight (V, H), labels (...) int64, bias (V,),
+    lora_a (r, H), lora_b (V, r) -> logp (...) fp32 [, entropy (...) fp32]: the same as
+    ``logprobs(hidden @ (weight + lora_scale * lora_b @ lora_a).T + bias, labels, temperature,
+    ignore_index, return_entropy)`` while holding at most ``chunk_size x V`` logits at a time
+    (forward and backward). ``chunk_size`` (rows) or ``memory_budget_bytes`` set the chunk; by
+    default it is chosen from the free memory (module docstring). Differentiable in hidden,
+    weight, bias, lora_a and lora_b (only those requiring grad are computed).
+    """
+    check_head_inputs(hidden, weight, labels, bias, lora_a, lora_b, temperature, chunk_size,
+                      memory_budget_bytes)
+    if resolve_backend(hidden, backend) == "reference":
+        return reference.linear_logprobs(hidden, weight, labels, bias, lora_a, lora_b, lora_scale,
+                                         temperature, ignore_index, return_entropy)
+    lead = hidden.shape[:-1]
+    logp, entropy, _ = _linear_logprobs_fwd_op(
+        hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1).long(), bias, lora_a,
+        lora_b, float(lora_scale), float(temperature), int(ignore_index), bool(return_entropy),
+        chunk_size or 0, memory_budget_bytes or 0)
+    if return_entropy:
+        return logp.view(lead), entropy.view(lead)
+    return logp.view(lead)
