@@ -1,0 +1,176 @@
+"""Shared pieces of the fused loss kernels (PPO policy / value loss, Bradley-Terry).
+
+The losses use a "gradient in the forward" design. Every reduction of ``rlhf_kernels.reference.
+reduce_loss`` is a weighted sum of per-token losses whose weights depend on the mask only:
+
+    loss = scale * sum_{b,t} w[b] * m[b,t] * l[b,t]
+
+    reduction                 w[b]            scale
+    token-mean                1               1 / max(sum(m), 1)
+    seq-mean-token-mean       1 / max(n_b, 1) 1 / max(#rows with a token, 1)
+    seq-mean-token-sum        1               1 / max(#rows with a token, 1)
+    seq-mean-token-sum-norm   1               1 / T
+
+(n_b = valid tokens of row b.) A forward kernel whose programs own whole rows knows w[b] (one
+extra pass over that row's mask for seq-mean-token-mean), so it stores the per-token gradient
+``w[b] * m * dl/dx`` while it computes the loss; a single-program "finish" kernel sums the
+per-program partials into the loss, the stats and ``scale``, on the device (no host sync). The
+backward is then ``grad_x = saved * (grad_loss * scale)``: one elementwise kernel,
+``_saved_grad_bwd_kernel`` here, shared by the three losses (``rlhf_kernels::saved_grad_scale``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from rlhf_kernels._alloc import empty
+from rlhf_kernels._checks import check_reduction, check_same_shape
+
+__all__ = [
+    "REDUCTION_CODES",
+    "reduction_code",
+    "row_tiles",
+    "as_rows",
+    "check_mask",
+    "mask_for_kernel",
+    "row_token_count",
+    "reduction_denominator",
+    "saved_grad_scale",
+]
+
+# The reduction is a compile-time flag of the kernels (four variants at most).
+REDUCTION_CODES = {
+    "token-mean": 0,
+    "seq-mean-token-mean": 1,
+    "seq-mean-token-sum": 2,
+    "seq-mean-token-sum-norm": 3,
+}
+
+# Elements per program tile of the row kernels: rows x time block. Larger tiles mean fewer
+# programs and fewer partials; 2048 fp32 lanes over 8 warps is 8 elements per thread per array.
+_TILE = 2048
+_BLOCK_T_MAX = 1024
+_BWD_BLOCK = 2048
+
+
+def reduction_code(reduction: str) -> int:
+    check_reduction(reduction)
+    return REDUCTION_CODES[reduction]
+
+
+def row_tiles(n_rows: int, T: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_T, number of programs) for a kernel whose programs own whole rows."""
+    block_t = min(triton.next_power_of_2(max(T, 1)), _BLOCK_T_MAX)
+    block_r = min(triton.next_power_of_2(max(n_rows, 1)), max(1, _TILE // block_t))
+    return block_r, block_t, max(1, triton.cdiv(n_rows, block_r))
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """(..., T) -> (rows, T): a view when the leading dims merge into one stride, else a copy.
+
+    The kernels take both strides, so neither a non-unit time stride nor a non-unit row stride
+    forces a copy; only leading dims that cannot be merged do (``reshape``).
+    """
+    return x.reshape(-1, x.shape[-1])
+
+
+_MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+                torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_mask(mask: torch.Tensor | None, like_name: str, like: torch.Tensor) -> None:
+    """ValueError unless mask is None or a bool / integer / floating tensor shaped like ``like``."""
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    check_same_shape("mask", mask, like_name, like)
+    if mask.dtype not in _MASK_DTYPES:
+        raise ValueError(
+            f"mask must be bool, integer or floating (nonzero = the token counts), "
+            f"got {mask.dtype}"
+        )
+
+
+def mask_for_kernel(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Bool masks are read as bytes (same storage, no copy); other dtypes as they are.
+
+    The kernels treat any nonzero element as valid, like ``rlhf_kernels._checks.as_mask``.
+    """
+    if mask is not None and mask.dtype == torch.bool:
+        return mask.view(torch.uint8)
+    return mask
+
+
+@triton.jit
+def row_token_count(
+    mask_ptr, mask_row_off, stride_mt, row_ok, T,
+    HAS_MASK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Valid tokens of each of a program's rows (fp32, 0 for rows past the end)."""
+    if HAS_MASK:
+        acc = tl.zeros([BLOCK_R, BLOCK_T], dtype=tl.float32)
+        cols = tl.arange(0, BLOCK_T)
+        for t0 in range(0, T, BLOCK_T):
+            t = (t0 + cols).to(tl.int64)
+            inb = row_ok[:, None] & (t < T)[None, :]
+            m = tl.load(mask_ptr + mask_row_off[:, None] + t[None, :] * stride_mt, mask=inb,
+                        other=0)
+            acc += tl.where(m != 0, 1.0, 0.0)
+        count = tl.sum(acc, axis=1)
+    else:
+        # T may arrive as a compile-time 1 (Triton specialises ints equal to 1): add, don't cast.
+        count = tl.where(row_ok, tl.zeros([BLOCK_R], dtype=tl.float32) + T, 0.0)
+    return count
+
+
+@triton.jit
+def reduction_denominator(n_tokens, n_rows, T, REDUCTION: tl.constexpr):
+    """1 / scale of the table in the module docstring (never 0, so an empty mask gives 0)."""
+    if REDUCTION == 0:
+        denom = tl.maximum(n_tokens, 1.0)
+    elif REDUCTION == 3:
+        denom = tl.maximum(n_tokens * 0.0 + T, 1.0)
+    else:
+        denom = tl.maximum(n_rows, 1.0)
+    return denom
+
+
+@triton.jit
+def _saved_grad_bwd_kernel(
+    saved_ptr, grad_loss_ptr, scale_ptr, out_ptr,
+    numel,
+    BLOCK: tl.constexpr,
+):
+    # out = saved * (dL/dloss * scale), cast by the store to the input's dtype.
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < numel
+    g = tl.load(grad_loss_ptr).to(tl.float32) * tl.load(scale_ptr)
+    saved = tl.load(saved_ptr + offs, mask=inb, other=0.0)
+    tl.store(out_ptr + offs, saved * g, mask=inb)
+
+
+@torch.library.custom_op("rlhf_kernels::saved_grad_scale", mutates_args=())
+def saved_grad_scale(
+    saved: torch.Tensor, grad_loss: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """saved (...) fp32 contiguous, grad_loss () , scale (1,) fp32 -> saved * grad * scale.
+
+    The output has ``saved``'s shape and the given dtype (the differentiated input's dtype).
+    """
+    out = empty(saved.shape, dtype, saved.device)
+    numel = saved.numel()
+    if numel == 0:
+        return out
+    _saved_grad_bwd_kernel[(triton.cdiv(numel, _BWD_BLOCK),)](
+        saved, grad_loss, scale, out, numel, BLOCK=_BWD_BLOCK, num_warps=4,
+    )
+    return out
+
+
+@saved_grad_scale.register_fake
+def _(saved, grad_loss, scale, dtype):
+    return torch.empty(saved.shape, dtype=dtype, device=saved.device)
