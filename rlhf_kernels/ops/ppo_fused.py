@@ -1,0 +1,483 @@
+"""The fused PPO step: from the policy's logits or hidden states to the scalar loss, with the
+gradient produced in the same sweep as the forward.
+
+Math (``rlhf_kernels.reference.ppo_loss_from_logits`` / ``linear_ppo_loss`` are the spec). Per
+token i with logp_i, entropy_i (tempered distribution, see ops/logprobs.py) and the rollout's
+old_logp, advantage A, optional ref_logp::
+
+    d = clamp(logp - old_logp, +-log_ratio_clamp),  r = exp(d)
+    pg_i  = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))   [min(., -A c) for A < 0 with
+                                                                  dual_clip = c]
+    kl_i  = estimator(logp - ref_logp)                            (k1, k2, k3, abs)
+    loss  = reduce(pg) + kl_coef * reduce(kl) - entropy_coef * reduce(entropy)
+
+Every reduction is linear in the per-token values: ``reduce(x) = sum_i w_i x_i`` with weights w
+fixed by the mask alone (``reduction_weights``), e.g. w = m / sum(m) for token-mean. So once a
+token's logp and entropy are known, ``d loss / d logp_i`` and ``d loss / d entropy_i`` are known
+locally, and the backward of the logits can run right after the forward on the same chunk:
+
+    per chunk: logits (matmul) -> fwd kernel (logp, entropy, lse) -> per-token derivatives ->
+               bwd kernel writes d logits in place -> d hidden, d weight, ... accumulated
+
+The autograd backward only multiplies the saved gradients by the incoming scalar (in place), so
+no matmul is recomputed: linear_ppo_loss costs the unfused "forward + backward" matmuls (3 per
+chunk) plus two passes of the logprobs kernels over each chunk. From logits, the op reads the
+(N, V) logits twice (forward and backward kernel) and writes d logits once: 3 N V elements.
+
+Memory: one chunk of logits (see ops/linear_logprobs.py for the chunk size) plus the gradients.
+A consequence of the saved, pre-scaled gradients: backward through the same graph twice
+(``retain_graph=True``) raises autograd's "modified by an inplace operation" error.
+
+Stats are those of the reference (pg_loss, kl, entropy, clipfrac, approx_kl, ratio_mean),
+computed from the per-token logp / entropy with the reference's own formulas (N floats, cheap).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_kernels import reference
+from rlhf_kernels._alloc import empty, empty_like
+from rlhf_kernels._checks import as_mask, check_float, check_reduction, check_same_shape
+from rlhf_kernels.backend import resolve_backend
+from rlhf_kernels.ops import linear_logprobs as head
+
+__all__ = ["linear_ppo_loss", "ppo_loss_from_logits", "reduction_weights"]
+
+_EMPTY = (0,)
+
+
+# --------------------------------------------------------------------------------------------
+# the loss as a weighted sum of per-token terms, and its derivative per token
+# --------------------------------------------------------------------------------------------
+def reduction_weights(mask: torch.Tensor, reduction: str) -> torch.Tensor:
+    """(..., T) 0/1 float mask -> (..., T) fp32 weights w with reduce_loss(x, mask) = sum(w x).
+
+    Computed on the device (no host sync); rows and tensors without a valid token weigh 0.
+    """
+    check_reduction(reduction)
+    m = mask.to(torch.float32)
+    if reduction == "token-mean":
+        return m / m.sum().clamp_min(1)
+    if reduction == "seq-mean-token-sum-norm":
+        return m / m.shape[-1]
+    tokens_per_row = m.sum(-1, keepdim=True)
+    n_rows = (tokens_per_row > 0).to(torch.float32).sum().clamp_min(1)
+    if reduction == "seq-mean-token-mean":
+        return m / (tokens_per_row.clamp_min(1) * n_rows)
+    return m / n_rows  # seq-mean-token-sum
+
+
+def _max_grads(a, b):
+    """d max(a, b) / d (a, b) as torch.maximum's backward: ties split the gradient in half."""
+    ga = torch.where(a > b, 1.0, torch.where(a < b, 0.0, 0.5))
+    return ga, 1.0 - ga
+
+
+def per_token_terms(logp, entropy, old_logp, advantages, weights, ref_logp, kl_coef,
+                    kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp):
+    """(C,) fp32 logp / entropy of one chunk -> (w * per-token loss, d loss/d logp,
+    d loss/d entropy or None), all (C,) fp32, following torch autograd through the reference."""
+    f32 = torch.float32
+    w = weights.to(f32)
+    counts = w != 0
+    A = advantages.to(f32)
+    d = logp - old_logp.to(f32)
+    d_grad = torch.ones_like(d)
+    if log_ratio_clamp is not None:
+        d_grad = ((d >= -log_ratio_clamp) & (d <= log_ratio_clamp)).to(f32)
+        d = d.clamp(-log_ratio_clamp, log_ratio_clamp)
+    ratio = torch.exp(d)
+    low, high = 1.0 - clip_low, 1.0 + clip_high
+    loss1 = -A * ratio
+    loss2 = -A * ratio.clamp(low, high)
+    clip_grad = ((ratio >= low) & (ratio <= high)).to(f32)
+    g1, g2 = _max_grads(loss1, loss2)
+    per_token = torch.maximum(loss1, loss2)
+    d_per_token = -A * (g1 + g2 * clip_grad)  # d per_token / d ratio
+    if dual_clip is not None:
+        loss3 = -A * dual_clip
+        keep, _ = _max_grads(loss3, per_token)  # minimum(per, loss3) = -max(-per, -loss3)
+        d_per_token = torch.where(A < 0, d_per_token * keep, d_per_token)
+        per_token = torch.where(A < 0, torch.minimum(per_token, loss3), per_token)
+    total = per_token
+    d_logp = d_per_token * ratio * d_grad
+    if ref_logp is not None and kl_coef:
+        dk = logp - ref_logp.to(f32)
+        if kl_estimator == "k1":
+            kl, dkl = dk, torch.ones_like(dk)
+        elif kl_estimator == "k2":
+            kl, dkl = 0.5 * dk * dk, dk
+        elif kl_estimator == "k3":
+            e = torch.exp(-dk)
+            kl, dkl = e + dk - 1.0, 1.0 - e
+        else:
+            kl, dkl = dk.abs(), torch.sign(dk)
+        total = total + kl_coef * kl
+        d_logp = d_logp + kl_coef * dkl
+    d_entropy = None
+    if entropy_coef:
+        total = total - entropy_coef * entropy
+        d_entropy = torch.where(counts, -entropy_coef * w, 0.0)
+    # where, not multiply: masked tokens may hold anything (inf ratios), they must add exactly 0
+    contribution = torch.where(counts, w * total, 0.0)
+    d_logp = torch.where(counts, w * d_logp, 0.0)
+    return contribution, d_logp, d_entropy
+
+
+# --------------------------------------------------------------------------------------------
+# the sweeps
+# --------------------------------------------------------------------------------------------
+def _linear_sweep(hidden, weight, labels, bias, lora_a, lora_b, old_logp, advantages, weights,
+                  ref_logp, lora_scale, kl_coef, kl_estimator, entropy_coef, temperature,
+                  clip_low, clip_high, dual_clip, log_ratio_clamp, ignore_index, chunk_size,
+                  memory_budget_bytes, needs):
+    logprobs_fwd, logprobs_bwd = head._logprob_kernels()
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    device = hidden.device
+    head.check_label_range(labels, vocab, ignore_index)
+    dtype = head.compute_dtype(hidden, weight)
+    w, b, a, lb = head.cast_head(dtype, weight, bias, lora_a, lora_b)
+    h = hidden.to(dtype)
+    grads = head.HeadGrads(n_rows, hidden, weight, bias, lora_a, lora_b, needs, dtype)
+    logp = empty((n_rows,), torch.float32, device)
+    entropy = empty((n_rows,), torch.float32, device)
+    contribution = empty((n_rows,), torch.float32, device)
+    rows = head.choose_chunk_rows(n_rows, vocab, h.element_size(), device, chunk_size,
+                                  memory_budget_bytes)
+    for start in range(0, n_rows, rows):
+        sl = slice(start, min(start + rows, n_rows))
+        h_c = h[sl]
+        logits, u = head.chunk_logits(h_c, w, b, a, lb, lora_scale)
+        lp_c, ent_c, lse_c = logprobs_fwd(logits, labels[sl], temperature, ignore_index, True)
+        contribution[sl], d_logp, d_entropy = per_token_terms(
+            lp_c, ent_c, old_logp[sl], advantages[sl], weights[sl],
+            None if ref_logp is None else ref_logp[sl], kl_coef, kl_estimator, entropy_coef,
+            clip_low, clip_high, dual_clip, log_ratio_clamp)
+        logp[sl] = lp_c
+        entropy[sl] = ent_c
+        if grads.any():
+            logprobs_bwd(logits, labels[sl], lse_c, ent_c if d_entropy is not None else None,
+                         d_logp, d_entropy, temperature, ignore_index, logits)
+            grads.accumulate(start, logits, h_c, u, w, a, lb, lora_scale)
+        del logits, u
+    loss = contribution.sum()
+    return (loss, logp, entropy) + grads.outputs(hidden, weight, bias, lora_a, lora_b)
+
+
+def _logits_sweep(logits, labels, old_logp, advantages, weights, ref_logp, kl_coef,
+                  kl_estimator, entropy_coef, temperature, clip_low, clip_high, dual_clip,
+                  log_ratio_clamp, ignore_index, need_grad):
+    # Rows are independent and the kernels hold no (N, V) temporary, so no chunking is needed.
+    logprobs_fwd, logprobs_bwd = head._logprob_kernels()
+    head.check_label_range(labels, logits.shape[-1], ignore_index)
+    logp, entropy, lse = logprobs_fwd(logits, labels, temperature, ignore_index, True)
+    contribution, d_logp, d_entropy = per_token_terms(
+        logp, entropy, old_logp, advantages, weights, ref_logp, kl_coef, kl_estimator,
+        entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp)
+    if need_grad:
+        d_logits = empty_like(logits)
+        logprobs_bwd(logits, labels, lse, entropy if d_entropy is not None else None, d_logp,
+                     d_entropy, temperature, ignore_index, d_logits)
+    else:
+        d_logits = logits.new_empty(_EMPTY)
+    return contribution.sum(), logp, entropy, d_logits
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library registration
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("rlhf_kernels::linear_ppo_loss", mutates_args=())
+def _linear_ppo_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    weights: torch.Tensor,
+    ref_logp: torch.Tensor | None,
+    lora_scale: float,
+    kl_coef: float,
+    kl_estimator: str,
+    entropy_coef: float,
+    temperature: float,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: float | None,
+    log_ratio_clamp: float | None,
+    ignore_index: int,
+    chunk_size: int,
+    memory_budget_bytes: int,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+    need_lora_a: bool,
+    need_lora_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor]:
+    """-> (loss (), logp (N,), entropy (N,), d hidden, d weight, d bias, d lora_a, d lora_b)."""
+    needs = (need_hidden, need_weight, need_bias, need_lora_a, need_lora_b)
+    return _linear_sweep(hidden, weight, labels, bias, lora_a, lora_b, old_logp, advantages,
+                         weights, ref_logp, lora_scale, kl_coef, kl_estimator, entropy_coef,
+                         temperature, clip_low, clip_high, dual_clip, log_ratio_clamp,
+                         ignore_index, chunk_size, memory_budget_bytes, needs)
+
+
+@_linear_ppo_op.register_fake
+def _(hidden, weight, labels, bias, lora_a, lora_b, old_logp, advantages, weights, ref_logp,
+      lora_scale, kl_coef, kl_estimator, entropy_coef, temperature, clip_low, clip_high,
+      dual_clip, log_ratio_clamp, ignore_index, chunk_size, memory_budget_bytes, need_hidden,
+      need_weight, need_bias, need_lora_a, need_lora_b):
+    n = hidden.shape[0]
+    f32 = torch.float32
+    needs = (need_hidden, need_weight, need_bias, need_lora_a, need_lora_b)
+    return (hidden.new_empty((), dtype=f32), hidden.new_empty((n,), dtype=f32),
+            hidden.new_empty((n,), dtype=f32)) + head.fake_head_grads(
+                hidden, weight, bias, lora_a, lora_b, needs)
+
+
+def _linear_setup_context(ctx, inputs, output):
+    ctx.needs = inputs[22:27]
+    ctx.save_for_backward(*output[3:])
+
+
+def _linear_backward(ctx, grad_loss, *_unused):
+    # The gradients were computed in the forward sweep for a unit upstream gradient; scale them
+    # in place (the version bump makes a second backward through this graph fail loudly).
+    grads = ctx.saved_tensors
+    out = []
+    for g, needed in zip(grads, ctx.needs):
+        out.append(g.mul_(grad_loss) if needed else None)
+    d_hidden, d_weight, d_bias, d_a, d_b = out
+    return (d_hidden, d_weight, None, d_bias, d_a, d_b) + (None,) * 21
+
+
+_linear_ppo_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
+@torch.library.custom_op("rlhf_kernels::ppo_loss_from_logits", mutates_args=())
+def _logits_ppo_op(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    weights: torch.Tensor,
+    ref_logp: torch.Tensor | None,
+    kl_coef: float,
+    kl_estimator: str,
+    entropy_coef: float,
+    temperature: float,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: float | None,
+    log_ratio_clamp: float | None,
+    ignore_index: int,
+    need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits (N, V) -> (loss (), logp (N,), entropy (N,), d logits (N, V) or (0,))."""
+    return _logits_sweep(logits, labels, old_logp, advantages, weights, ref_logp, kl_coef,
+                         kl_estimator, entropy_coef, temperature, clip_low, clip_high, dual_clip,
+                         log_ratio_clamp, ignore_index, need_grad)
+
+
+@_logits_ppo_op.register_fake
+def _(logits, labels, old_logp, advantages, weights, ref_logp, kl_coef, kl_estimator,
+      entropy_coef, temperature, clip_low, clip_high, dual_clip, log_ratio_clamp, ignore_index,
+      need_grad):
+    n = logits.shape[0]
+    f32 = torch.float32
+    return (logits.new_empty((), dtype=f32), logits.new_empty((n,), dtype=f32),
+            logits.new_empty((n,), dtype=f32),
+            logits.new_empty(logits.shape if need_grad else _EMPTY))
+
+
+def _logits_setup_context(ctx, inputs, output):
+    ctx.need_grad = inputs[15]
+    ctx.save_for_backward(output[3])
+
+
+def _logits_backward(ctx, grad_loss, *_unused):
+    (d_logits,) = ctx.saved_tensors
+    return (d_logits.mul_(grad_loss) if ctx.need_grad else None,) + (None,) * 15
+
+
+_logits_ppo_op.register_autograd(_logits_backward, setup_context=_logits_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# public functions
+# --------------------------------------------------------------------------------------------
+def _check_rollout(labels, old_logp, advantages, mask, ref_logp, kl_estimator, clip_low,
+                   clip_high, dual_clip, log_ratio_clamp, reduction):
+    check_float("old_logp", old_logp)
+    check_float("advantages", advantages)
+    check_same_shape("old_logp", old_logp, "labels", labels)
+    check_same_shape("advantages", advantages, "labels", labels)
+    if labels.dim() < 1:
+        raise ValueError("labels must have at least one (time) dimension, got a 0-d tensor")
+    if ref_logp is not None:
+        check_float("ref_logp", ref_logp)
+        check_same_shape("ref_logp", ref_logp, "labels", labels)
+    if kl_estimator not in reference.KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator={kl_estimator!r} is not supported; expected one of "
+                         f"{reference.KL_ESTIMATORS}")
+    if clip_low < 0 or clip_high < 0:
+        raise ValueError(f"clip_low and clip_high must be >= 0, got {clip_low}, {clip_high}")
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1 (veRL uses 3.0), got {dual_clip}")
+    if log_ratio_clamp is not None and log_ratio_clamp <= 0:
+        raise ValueError(f"log_ratio_clamp must be > 0 or None, got {log_ratio_clamp}")
+    check_reduction(reduction)
+    devices = {t.device for t in (labels, old_logp, advantages, mask, ref_logp)
+               if isinstance(t, torch.Tensor)}
+    if len(devices) > 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+
+
+def _mask_and_weights(labels, old_logp, mask, ignore_index, reduction):
+    m = as_mask(mask, old_logp) * (labels != ignore_index).to(torch.float32)
+    return m, reduction_weights(m, reduction).reshape(-1)
+
+
+def _stats(logp, entropy, labels, old_logp, advantages, m, ref_logp, kl_coef, kl_estimator,
+           entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp, reduction):
+    lead = labels.shape
+    with torch.no_grad():
+        _, stats = reference._ppo_total(
+            logp.detach().view(lead), entropy.detach().view(lead), old_logp, advantages, m,
+            ref_logp, kl_coef, kl_estimator, entropy_coef, clip_low, clip_high, dual_clip,
+            log_ratio_clamp, reduction)
+    return stats
+
+
+def _flat(t):
+    return None if t is None else t.reshape(-1)
+
+
+def ppo_loss_from_logits(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy_coef: float = 0.0,
+    temperature: float = 1.0,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+    log_ratio_clamp: float | None = 20.0,
+    reduction: str = "token-mean",
+    ignore_index: int = -100,
+    *,
+    backend: str | None = None,
+):
+    """The PPO loss from the policy's logits, d logits computed in the forward sweep.
+
+    logits (..., T, V) fp16/bf16/fp32, labels (..., T) int64, old_logp / advantages / mask /
+    ref_logp (..., T) -> (loss () fp32, stats dict of detached fp32 scalars). Same math, options
+    and stats as ``reference.ppo_loss_from_logits``; tokens whose label is ignore_index are
+    masked out. The gradient w.r.t. logits (allocated like logits) is made in the forward call.
+    """
+    check_float("logits", logits)
+    if logits.dim() < 2:
+        raise ValueError(f"logits must have shape (..., T, V), got {tuple(logits.shape)}")
+    if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"labels must be an int64 (or int32) tensor, got "
+                         f"{getattr(labels, 'dtype', type(labels).__name__)}")
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(f"labels has shape {tuple(labels.shape)} but logits has leading shape "
+                         f"{tuple(logits.shape[:-1])}; they must match")
+    _check_rollout(labels, old_logp, advantages, mask, ref_logp, kl_estimator, clip_low,
+                   clip_high, dual_clip, log_ratio_clamp, reduction)
+    if logits.device != labels.device:
+        raise ValueError(f"logits on {logits.device} but labels on {labels.device}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if resolve_backend(logits, backend) == "reference":
+        return reference.ppo_loss_from_logits(
+            logits, labels, old_logp, advantages, mask, ref_logp, kl_coef, kl_estimator,
+            entropy_coef, temperature, clip_low, clip_high, dual_clip, log_ratio_clamp,
+            reduction, ignore_index)
+    m, weights = _mask_and_weights(labels, old_logp, mask, ignore_index, reduction)
+    use_kl = ref_logp is not None and bool(kl_coef)
+    need_grad = torch.is_grad_enabled() and logits.requires_grad
+    loss, logp, entropy, _ = _logits_ppo_op(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).long(), _flat(old_logp),
+        _flat(advantages), weights, _flat(ref_logp) if use_kl else None, float(kl_coef),
+        kl_estimator, float(entropy_coef), float(temperature), float(clip_low), float(clip_high),
+        None if dual_clip is None else float(dual_clip),
+        None if log_ratio_clamp is None else float(log_ratio_clamp), int(ignore_index), need_grad)
+    stats = _stats(logp, entropy, labels, old_logp, advantages, m, ref_logp, kl_coef,
+                   kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp,
+                   reduction)
+    return loss, stats
+
+
+def linear_ppo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    lora_a: torch.Tensor | None = None,
+    lora_b: torch.Tensor | None = None,
+    lora_scale: float = 1.0,
+    ref_logp: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy_coef: float = 0.0,
+    temperature: float = 1.0,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+    log_ratio_clamp: float | None = 20.0,
+    reduction: str = "token-mean",
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    memory_budget_bytes: int | None = None,
+    *,
+    backend: str | None = None,
+):
+    """The PPO loss straight from the policy's hidden states, never holding the (N, V) logits.
+
+    hidden (..., T, H), weight (V, H), bias (V,), lora_a (r, H), lora_b (V, r), labels (..., T)
+    int64, old_logp / advantages / mask / ref_logp (..., T) -> (loss () fp32, stats dict).
+    Same math, options and stats as ``reference.linear_ppo_loss``; the chunking options are those
+    of ``linear_logprobs``. All gradients (hidden, weight, bias, lora_a, lora_b: those that
+    require grad) are made during the forward call, chunk by chunk; backward only scales them.
+    """
+    head.check_head_inputs(hidden, weight, labels, bias, lora_a, lora_b, temperature, chunk_size,
+                           memory_budget_bytes)
+    _check_rollout(labels, old_logp, advantages, mask, ref_logp, kl_estimator, clip_low,
+                   clip_high, dual_clip, log_ratio_clamp, reduction)
+    if old_logp.device != hidden.device:
+        raise ValueError(f"hidden on {hidden.device} but old_logp on {old_logp.device}")
+    if resolve_backend(hidden, backend) == "reference":
+        return reference.linear_ppo_loss(
+            hidden, weight, labels, old_logp, advantages, mask, bias, lora_a, lora_b, lora_scale,
+            ref_logp, kl_coef, kl_estimator, entropy_coef, temperature, clip_low, clip_high,
+            dual_clip, log_ratio_clamp, reduction, ignore_index)
+    m, weights = _mask_and_weights(labels, old_logp, mask, ignore_index, reduction)
+    use_kl = ref_logp is not None and bool(kl_coef)
+    grad_on = torch.is_grad_enabled()
+    wants = lambda t: grad_on and t is not None and t.requires_grad
+    loss, logp, entropy, *_ = _linear_ppo_op(
+        hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1).long(), bias, lora_a,
+        lora_b, _flat(old_logp), _flat(advantages), weights, _flat(ref_logp) if use_kl else None,
+        float(lora_scale), float(kl_coef), kl_estimator, float(entropy_coef), float(temperature),
+        float(clip_low), float(clip_high), None if dual_clip is None else float(dual_clip),
+        None if log_ratio_clamp is None else float(log_ratio_clamp), int(ignore_index),
+        chunk_size or 0, memory_budget_bytes or 0, wants(hidden), wants(weight), wants(bias),
+        wants(lora_a), wants(lora_b))
+    stats = _stats(logp, entropy, labels, old_logp, advantages, m, ref_logp, kl_coef,
+                   kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp,
+                   reduction)
+    return loss, stats
