@@ -1,5 +1,262 @@
-"""PLACEHOLDER: dispatches to the reference until the Triton kernel lands (helper-owned file)."""
+"""Bradley-Terry reward-model loss, forward and backward fused into one sweep over the pairs.
+
+Over N pairs with z = r_c - r_r - margin and s = r_c + r_r:
+
+    loss = (1/N) sum softplus(-z) + center_coef (1/N) sum s^2
+    d loss / d r_c = (-sigmoid(-z) + 2 center_coef s) / N
+    d loss / d r_r = (+sigmoid(-z) + 2 center_coef s) / N
+
+softplus(-z) = -log sigmoid(z) is evaluated as max(-z, 0) + log1p(e^-|z|), so it neither
+overflows for large |z| nor loses the small tail. The forward kernel stores the two per-pair
+gradients (without the 1/N, applied with the upstream gradient by the backward kernel
+``_reduce._saved_grad_bwd_kernel``) and per-program partial sums of the loss and of the stats
+(accuracy = mean(r_c > r_r), reward_margin = mean(r_c - r_r), chosen_mean, rejected_mean);
+a one-program kernel finishes them on the device. The margin (a float, or a tensor per pair
+broadcastable to the rewards) gets no gradient.
+
+Bytes per pair: forward reads r_c, r_r (and the margin) and writes two fp32 gradients (8 B);
+backward reads those and writes the gradients in the inputs' dtypes. Reward batches are small,
+so this op is launch-bound; it is fused for the launch count, not the bandwidth.
+
+Precision: the Triton path loads fp16/bf16/fp32 and computes in fp32 (loss and stats fp32);
+float64 inputs go to the float64 reference.
+"""
+
+import torch
+import triton
+import triton.language as tl
 
 from rlhf_kernels import reference
+from rlhf_kernels._alloc import empty
+from rlhf_kernels._checks import check_float, check_same_device, check_same_shape
+from rlhf_kernels.backend import resolve_backend
+from rlhf_kernels.ops._reduce import saved_grad_scale
 
-bradley_terry_loss = reference.bradley_terry_loss
+__all__ = ["bradley_terry_loss"]
+
+# Per-program partials: softplus sum, centering sum, correct pairs, margin, chosen, rejected.
+_N_PARTIALS = 6
+_STAT_NAMES = ("accuracy", "reward_margin", "chosen_mean", "rejected_mean")
+_S_SCALE = len(_STAT_NAMES)
+_N_STATS = _S_SCALE + 1
+_BLOCK_MAX = 2048
+_FINISH_BLOCK_MAX = 1024
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _bradley_terry_fwd_kernel(
+    chosen_ptr, rejected_ptr, margin_ptr, grad_chosen_ptr, grad_rejected_ptr, partial_ptr,
+    stride_c, stride_r, stride_m,
+    n_pairs, n_programs,
+    margin, center_coef,
+    HAS_MARGIN_TENSOR: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs = (pid * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    ok = offs < n_pairs
+    chosen = tl.load(chosen_ptr + offs * stride_c, mask=ok, other=0.0).to(tl.float32)
+    rejected = tl.load(rejected_ptr + offs * stride_r, mask=ok, other=0.0).to(tl.float32)
+    diff = chosen - rejected
+    z = diff - margin
+    if HAS_MARGIN_TENSOR:
+        z = z - tl.load(margin_ptr + offs * stride_m, mask=ok, other=0.0).to(tl.float32)
+
+    # e = exp(-|z|) in (0, 1]: softplus(-z) = max(-z, 0) + log1p(e), sigmoid(-z) from e too.
+    e = tl.exp(-tl.abs(z))
+    # log1p(e) without a log1p builtin: log(1 + e) loses e below fp32 epsilon, so use the
+    # series there (its error is below e^3 / 3 < 1e-12 for e < 1e-4).
+    log1p_e = tl.where(e < 1e-4, e * (1.0 - 0.5 * e), tl.log(1.0 + e))
+    softplus = tl.maximum(-z, 0.0) + log1p_e
+    sigmoid_neg_z = tl.where(z >= 0.0, e / (1.0 + e), 1.0 / (1.0 + e))
+    total = chosen + rejected
+    center_grad = 2.0 * center_coef * total
+    tl.store(grad_chosen_ptr + offs, center_grad - sigmoid_neg_z, mask=ok)
+    tl.store(grad_rejected_ptr + offs, center_grad + sigmoid_neg_z, mask=ok)
+
+    out = partial_ptr + pid
+    tl.store(out + 0 * n_programs, tl.sum(tl.where(ok, softplus, 0.0), axis=0))
+    tl.store(out + 1 * n_programs, tl.sum(tl.where(ok, total * total, 0.0), axis=0))
+    tl.store(out + 2 * n_programs, tl.sum(tl.where(ok & (diff > 0.0), 1.0, 0.0), axis=0))
+    tl.store(out + 3 * n_programs, tl.sum(tl.where(ok, diff, 0.0), axis=0))
+    tl.store(out + 4 * n_programs, tl.sum(tl.where(ok, chosen, 0.0), axis=0))
+    tl.store(out + 5 * n_programs, tl.sum(tl.where(ok, rejected, 0.0), axis=0))
+
+
+@triton.jit
+def _bradley_terry_finish_kernel(
+    partial_ptr, loss_ptr, stats_ptr,
+    n_programs,
+    n_pairs_f, center_coef,
+    HAS_CENTER: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    offs = tl.arange(0, BLOCK_P)
+    s_softplus = tl.zeros([BLOCK_P], dtype=tl.float32)
+    s_center = tl.zeros([BLOCK_P], dtype=tl.float32)
+    s_correct = tl.zeros([BLOCK_P], dtype=tl.float32)
+    s_diff = tl.zeros([BLOCK_P], dtype=tl.float32)
+    s_chosen = tl.zeros([BLOCK_P], dtype=tl.float32)
+    s_rejected = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for p0 in range(0, n_programs, BLOCK_P):
+        p = p0 + offs
+        ok = p < n_programs
+        s_softplus += tl.load(partial_ptr + 0 * n_programs + p, mask=ok, other=0.0)
+        s_center += tl.load(partial_ptr + 1 * n_programs + p, mask=ok, other=0.0)
+        s_correct += tl.load(partial_ptr + 2 * n_programs + p, mask=ok, other=0.0)
+        s_diff += tl.load(partial_ptr + 3 * n_programs + p, mask=ok, other=0.0)
+        s_chosen += tl.load(partial_ptr + 4 * n_programs + p, mask=ok, other=0.0)
+        s_rejected += tl.load(partial_ptr + 5 * n_programs + p, mask=ok, other=0.0)
+    n = n_pairs_f
+    loss = tl.sum(s_softplus, axis=0) / n
+    if HAS_CENTER:
+        # As the reference: the centering term only exists when center_coef is nonzero.
+        loss += center_coef * (tl.sum(s_center, axis=0) / n)
+    tl.store(loss_ptr, loss)
+    tl.store(stats_ptr + 0, tl.sum(s_correct, axis=0) / n)
+    tl.store(stats_ptr + 1, tl.sum(s_diff, axis=0) / n)
+    tl.store(stats_ptr + 2, tl.sum(s_chosen, axis=0) / n)
+    tl.store(stats_ptr + 3, tl.sum(s_rejected, axis=0) / n)
+    tl.store(stats_ptr + 4, 1.0 / n)
+
+
+# --------------------------------------------------------------------------------------------
+# launchers and autograd
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("rlhf_kernels::bradley_terry_loss", mutates_args=())
+def _bradley_terry_op(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    margin_tensor: torch.Tensor | None,
+    margin: float,
+    center_coef: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> loss () fp32, stats (_N_STATS,) fp32, saved gradients of chosen and rejected
+    (chosen.shape, fp32 contiguous, without the 1/N)."""
+    device = chosen.device
+    n_pairs = chosen.numel()
+    chosen1, rejected1 = chosen.reshape(-1), rejected.reshape(-1)
+    margin1 = (margin_tensor.expand(chosen.shape).reshape(-1) if margin_tensor is not None
+               else chosen1)
+    block = min(triton.next_power_of_2(max(n_pairs, 1)), _BLOCK_MAX)
+    n_programs = max(1, triton.cdiv(n_pairs, block))
+
+    loss = empty((), torch.float32, device)
+    stats = empty((_N_STATS,), torch.float32, device)
+    grad_chosen = empty(chosen.shape, torch.float32, device)
+    grad_rejected = empty(chosen.shape, torch.float32, device)
+    partials = empty((_N_PARTIALS, n_programs), torch.float32, device)
+    _bradley_terry_fwd_kernel[(n_programs,)](
+        chosen1, rejected1, margin1, grad_chosen, grad_rejected, partials,
+        chosen1.stride(0), rejected1.stride(0), margin1.stride(0),
+        n_pairs, n_programs,
+        margin, center_coef,
+        HAS_MARGIN_TENSOR=margin_tensor is not None, BLOCK=block,
+        num_warps=8 if block >= 2048 else 4,
+    )
+    _bradley_terry_finish_kernel[(1,)](
+        partials, loss, stats, n_programs, float(n_pairs), center_coef,
+        HAS_CENTER=center_coef != 0.0,
+        BLOCK_P=min(triton.next_power_of_2(n_programs), _FINISH_BLOCK_MAX), num_warps=4,
+    )
+    return loss, stats, grad_chosen, grad_rejected
+
+
+@_bradley_terry_op.register_fake
+def _(chosen, rejected, margin_tensor, margin, center_coef):
+    return (
+        chosen.new_empty((), dtype=torch.float32),
+        chosen.new_empty((_N_STATS,), dtype=torch.float32),
+        chosen.new_empty(chosen.shape, dtype=torch.float32),
+        chosen.new_empty(chosen.shape, dtype=torch.float32),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    chosen, rejected = inputs[0], inputs[1]
+    _, stats, grad_chosen, grad_rejected = output
+    ctx.mark_non_differentiable(stats, grad_chosen, grad_rejected)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(grad_chosen, grad_rejected, stats)
+    ctx.dtypes = (chosen.dtype, rejected.dtype)
+
+
+def _backward(ctx, grad_loss, grad_stats, grad_gc, grad_gr):
+    saved_chosen, saved_rejected, stats = ctx.saved_tensors
+    grad_chosen = grad_rejected = None
+    if grad_loss is not None:
+        scale = stats[_S_SCALE:]
+        if ctx.needs_input_grad[0]:
+            grad_chosen = saved_grad_scale(saved_chosen, grad_loss, scale, ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            grad_rejected = saved_grad_scale(saved_rejected, grad_loss, scale, ctx.dtypes[1])
+    return grad_chosen, grad_rejected, None, None, None
+
+
+_bradley_terry_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# public function
+# --------------------------------------------------------------------------------------------
+def bradley_terry_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    margin: torch.Tensor | float | None = None,
+    center_coef: float = 0.0,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Bradley-Terry loss of a reward model over (chosen, rejected) pairs.
+
+    chosen_rewards, rejected_rewards: (...) fp16/bf16/fp32/fp64, same shape, at least one pair.
+    margin: None, a float, or a tensor broadcastable to the rewards' shape (per-pair margin, no
+    gradient). center_coef: weight of the centering term mean((r_c + r_r)^2) (0: none).
+
+    Returns ``(loss, stats)``: loss () fp32 (fp64 for fp64 input), differentiable with respect to
+    both rewards; stats (detached () tensors): accuracy = mean(r_c > r_r) (margin not
+    subtracted), reward_margin = mean(r_c - r_r), chosen_mean, rejected_mean.
+    backend: "triton", "reference" or "auto".
+    """
+    check_float("chosen_rewards", chosen_rewards)
+    check_float("rejected_rewards", rejected_rewards)
+    check_same_shape("rejected_rewards", rejected_rewards, "chosen_rewards", chosen_rewards)
+    margin_tensor = margin if isinstance(margin, torch.Tensor) else None
+    if margin_tensor is not None:
+        check_float("margin", margin_tensor)
+        try:
+            broadcast = torch.broadcast_shapes(margin_tensor.shape, chosen_rewards.shape)
+        except RuntimeError:
+            broadcast = None
+        if broadcast != chosen_rewards.shape:
+            raise ValueError(
+                f"margin has shape {tuple(margin_tensor.shape)}, which does not broadcast to the "
+                f"rewards' shape {tuple(chosen_rewards.shape)}; pass one margin per pair, or a "
+                "float"
+            )
+    elif margin is not None and not isinstance(margin, (int, float)):
+        raise TypeError(f"margin must be None, a float or a tensor, got {type(margin).__name__}")
+    check_same_device(("chosen_rewards", chosen_rewards), ("rejected_rewards", rejected_rewards),
+                      ("margin", margin_tensor))
+    if chosen_rewards.numel() == 0:
+        raise ValueError(
+            "bradley_terry_loss needs at least one (chosen, rejected) pair; got empty tensors "
+            f"of shape {tuple(chosen_rewards.shape)}"
+        )
+
+    dtypes = (chosen_rewards.dtype, rejected_rewards.dtype,
+              margin_tensor.dtype if margin_tensor is not None else None)
+    if resolve_backend(chosen_rewards, backend) == "reference" or torch.float64 in dtypes:
+        return reference.bradley_terry_loss(chosen_rewards, rejected_rewards, margin, center_coef)
+    if margin_tensor is not None and margin_tensor.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "margin requires grad, but the fused kernel treats the margin as data; pass "
+            "margin.detach(), or backend='reference' if you really need that gradient"
+        )
+    loss, stats, _, _ = _bradley_terry_op(
+        chosen_rewards, rejected_rewards, margin_tensor,
+        0.0 if margin is None or margin_tensor is not None else float(margin),
+        float(center_coef),
+    )
+    return loss, {name: stats[i] for i, name in enumerate(_STAT_NAMES)}
