@@ -1,0 +1,1003 @@
+"""One Hugging Face backbone, four roles: policy, critic, reward model and reference.
+
+PPO classically holds four models (policy, reference, reward, critic). Here the base weights of
+one ``AutoModelForCausalLM`` are held once and the roles are PEFT LoRA adapters on top of them:
+
+* reference = the base with every adapter disabled (after SFT the SFT weights *are* the base);
+* policy    = base + ``policy`` adapter + the LM head;
+* critic    = base + ``critic`` adapter + ``value_head`` (fp32 ``Linear(H, 1)``, every position);
+* reward    = base + ``reward`` adapter + ``reward_head`` (fp32 ``Linear(H, 1)``, last real token),
+  or a separately trained reward model plugged in with ``use_reward_model``.
+
+Running a role means activating its adapter on every LoRA layer. PEFT's own switches
+(``set_adapter``, ``disable_adapter``) also flip ``requires_grad`` of the adapter weights, and
+autograd silently drops the gradient of a leaf whose ``requires_grad`` was turned off between the
+forward and the backward. So this module switches adapters layer by layer and immediately
+re-applies its own, explicit trainable set (``set_trainable``; default: every role's adapter and
+head, never the base). Any mix of roles may be run before one backward.
+
+Gradient checkpointing is adapter-aware: each decoder layer records the role it ran with, and the
+backward-time recomputation reruns the layer with that role, whatever is active at backward time.
+So ``(policy_loss + value_loss).backward()`` after a policy forward, a critic forward and a
+reference forward gives the same gradients with checkpointing as without (tested).
+
+Memory: pass ``torch_dtype=torch.bfloat16`` for bf16 base weights; adapters and heads stay fp32
+(PEFT's adapter autocast), the base is frozen, ``gradient_checkpointing=True`` recomputes layer
+activations. ``token_logprobs`` goes from hidden states straight to per-token log-probabilities
+with ``rlhf_kernels.linear_logprobs``, so no ``(B, T, V)`` tensor is made. ``estimate_memory``
+and ``memory_table_markdown`` compute the table in ``docs/memory.md``.
+
+Checkpoint layout written by ``save`` (atomically: a temporary directory, then a rename)::
+
+    directory/
+      roles.json                 roles, LoRA spec, base model name and config, format version
+      adapters/<role>/           PEFT ``save_pretrained`` layout (adapter_config.json +
+                                 adapter_model.safetensors), loadable by ``PeftModel.from_pretrained``
+      heads.safetensors          value_head.* and reward_head.*
+      base/                      the base model (``save_pretrained``), only when it cannot be
+                                 re-loaded from its name: changed by ``merge_into_base`` or built
+                                 in memory (e.g. a model trained from scratch)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import uuid
+import weakref
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ROLES",
+    "LoraSpec",
+    "SharedBackbone",
+    "check_tokenizer",
+    "ModelShape",
+    "QWEN2_5_1_5B",
+    "LLAMA_3_8B",
+    "estimate_memory",
+    "memory_table_markdown",
+]
+
+ROLES = ("policy", "critic", "reward")
+IGNORE_INDEX = -100
+CHECKPOINT_FORMAT = 1
+_ROLES_FILE = "roles.json"
+_HEADS_FILE = "heads.safetensors"
+
+
+@dataclass
+class LoraSpec:
+    """LoRA hyper-parameters shared by every role's adapter.
+
+    ``target_modules=None`` targets every attention and MLP linear of the backbone (PEFT's
+    ``"all-linear"``, which leaves the lm_head out; the lm_head must stay a plain weight for
+    ``linear_logprobs``).
+    """
+
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"LoraSpec.rank must be a positive int, got {self.rank!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"LoraSpec.alpha must be > 0, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraSpec.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.target_modules is not None:
+            self.target_modules = list(self.target_modules)
+            if any(name in ("lm_head", "embed_out", "output") for name in self.target_modules):
+                raise ValueError(
+                    f"LoraSpec.target_modules={self.target_modules} includes the lm_head; the "
+                    "lm_head must stay a plain weight (token_logprobs reads it for "
+                    "linear_logprobs). Target attention/MLP linears only, or None for all of them."
+                )
+
+    def peft_config(self, causal_lm: nn.Module):
+        """The ``peft.LoraConfig`` for ``causal_lm`` (GPT-2 style Conv1D layers need fan_in_fan_out)."""
+        from peft import LoraConfig
+        from transformers.pytorch_utils import Conv1D
+
+        uses_conv1d = any(isinstance(m, Conv1D) for m in causal_lm.modules())
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=self.target_modules if self.target_modules else "all-linear",
+            fan_in_fan_out=uses_conv1d,
+            bias="none",
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# input checks
+# --------------------------------------------------------------------------------------------
+def _check_roles(roles: Iterable[str]) -> tuple[str, ...]:
+    roles = tuple(roles)
+    if not roles:
+        raise ValueError(f"roles must name at least one of {ROLES}, got an empty list")
+    unknown = [r for r in roles if r not in ROLES]
+    if unknown:
+        raise ValueError(f"unknown role(s) {unknown}; the roles are {ROLES}")
+    if len(set(roles)) != len(roles):
+        raise ValueError(f"roles must not repeat, got {roles}")
+    return roles
+
+
+def _check_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)
+        raise ValueError(f"input_ids must be a (B, T) tensor, got {got}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must be int64 (or int32), got {input_ids.dtype}")
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        got = (tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor)
+               else type(attention_mask).__name__)
+        raise ValueError(
+            f"attention_mask must be a tensor of the shape of input_ids {tuple(input_ids.shape)} "
+            f"(1 = real token, 0 = padding), got {got}"
+        )
+
+
+def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) 0/1 mask -> (B, T) int64 positions counting real tokens only.
+
+    With left padding the first real token must sit at position 0, as in the unpadded sequence;
+    Hugging Face models default to ``arange(T)`` and would shift it.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+
+
+def _last_real_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) mask -> (B,) int64 index of the last real token, left or right padding."""
+    real = attention_mask != 0
+    if not bool(real.any(-1).all()):
+        empty = (~real.any(-1)).nonzero().flatten().tolist()
+        raise ValueError(f"rows {empty} of attention_mask have no real token; nothing to score")
+    positions = torch.arange(real.shape[-1], device=real.device)
+    return torch.where(real, positions, -1).amax(-1)
+
+
+def _inner_model(causal_lm: nn.Module) -> nn.Module:
+    """The transformer under the LM head (``model`` for Llama/Qwen2, ``transformer`` for GPT-2)."""
+    prefix = getattr(causal_lm, "base_model_prefix", "")
+    inner = getattr(causal_lm, prefix, None) if prefix else None
+    if inner is None and hasattr(causal_lm, "get_decoder"):
+        inner = causal_lm.get_decoder()
+    if inner is None:
+        raise ValueError(
+            f"{type(causal_lm).__name__} exposes no inner transformer (base_model_prefix="
+            f"{prefix!r}, no get_decoder()); expected a Hugging Face *ForCausalLM model"
+        )
+    return inner
+
+
+def _check_causal_lm(causal_lm: nn.Module) -> None:
+    from peft import PeftModel
+
+    if isinstance(causal_lm, PeftModel):
+        raise ValueError(
+            "from_model expects the plain base model, got a PeftModel; pass "
+            "peft_model.merge_and_unload() (or the base model) instead"
+        )
+    if not hasattr(causal_lm, "get_output_embeddings") or not hasattr(causal_lm, "config"):
+        raise ValueError(
+            f"expected a Hugging Face AutoModelForCausalLM, got {type(causal_lm).__name__}"
+        )
+    head = causal_lm.get_output_embeddings()
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise ValueError(
+            f"{type(causal_lm).__name__} has no lm_head (get_output_embeddings() is None): the "
+            "policy needs one. Load the checkpoint with AutoModelForCausalLM, not AutoModel."
+        )
+    config = causal_lm.config
+    # linear_logprobs computes hidden @ W.T (+ b); a model that post-processes its logits would
+    # get different numbers from token_logprobs than from its own forward.
+    if getattr(config, "final_logit_softcapping", None) is not None:
+        raise ValueError("models with final_logit_softcapping (e.g. Gemma 2) are not supported: "
+                         "token_logprobs reads plain hidden @ lm_head logits")
+    if getattr(config, "logit_scale", 1.0) not in (None, 1.0):
+        raise ValueError(f"models with logit_scale={config.logit_scale} are not supported: "
+                         "token_logprobs reads plain hidden @ lm_head logits")
+
+
+def check_tokenizer(model, tokenizer) -> None:
+    """Raise a clear ValueError if ``tokenizer`` does not fit ``model``.
+
+    ``model`` is a SharedBackbone or a Hugging Face model. Checks: the tokenizer has a pad token
+    (batches are padded), and every id it can produce has a row in the input embeddings and the
+    lm_head.
+    """
+    causal_lm = model.causal_lm if isinstance(model, SharedBackbone) else model
+    n_embed = causal_lm.get_input_embeddings().weight.shape[0]
+    head = causal_lm.get_output_embeddings() if hasattr(causal_lm, "get_output_embeddings") else None
+    n_rows = min(n_embed, head.weight.shape[0]) if head is not None else n_embed
+    if getattr(tokenizer, "pad_token_id", None) is None:
+        raise ValueError(
+            "the tokenizer has no pad token (pad_token_id is None); batches need one. Set "
+            "tokenizer.pad_token = tokenizer.eos_token, or add a pad token and resize the "
+            "model's embeddings (model.resize_token_embeddings(len(tokenizer)))"
+        )
+    n_tokens = len(tokenizer)
+    if n_tokens > n_rows:
+        raise ValueError(
+            f"the tokenizer has {n_tokens} tokens but the model has only {n_rows} embedding/"
+            "lm_head rows: ids past the end would be out of range. Use the model's own tokenizer "
+            "or resize the model's embeddings (model.resize_token_embeddings(len(tokenizer)))"
+        )
+    if not 0 <= tokenizer.pad_token_id < n_rows:
+        raise ValueError(
+            f"pad_token_id={tokenizer.pad_token_id} is outside the model's {n_rows} embedding rows"
+        )
+
+
+def _resolve_dtype(torch_dtype) -> torch.dtype | None:
+    if torch_dtype is None or isinstance(torch_dtype, torch.dtype):
+        return torch_dtype
+    if isinstance(torch_dtype, str) and isinstance(getattr(torch, torch_dtype, None), torch.dtype):
+        return getattr(torch, torch_dtype)
+    raise ValueError(f"torch_dtype must be a torch.dtype or its name (e.g. 'bfloat16'), got "
+                     f"{torch_dtype!r}")
+
+
+def _load_causal_lm(name_or_path: str, torch_dtype=None, attn_implementation=None,
+                    trust_remote_code: bool = False):
+    """``AutoModelForCausalLM.from_pretrained`` (safetensors, or torch.load with weights_only)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"trust_remote_code": trust_remote_code}
+    dtype = _resolve_dtype(torch_dtype)
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    return AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# the shared backbone
+# --------------------------------------------------------------------------------------------
+class SharedBackbone(nn.Module):
+    """A causal LM whose base weights serve policy, critic, reward model and reference.
+
+    Build it with ``from_pretrained`` (a hub name or a local directory), ``from_model`` (a model
+    in memory, e.g. after full-weight SFT) or ``load`` (a directory written by ``save``).
+    Every forward method takes ``input_ids (B, T) int64`` and ``attention_mask (B, T)``
+    (1 = real token) with any padding side; positions count real tokens only.
+    """
+
+    def __init__(self, peft_model, *, lora: LoraSpec, roles: tuple[str, ...],
+                 name_or_path: str | None, base_modified: bool = False) -> None:
+        super().__init__()
+        self.peft_model = peft_model
+        self.lora = lora
+        self.roles = roles
+        self.name_or_path = name_or_path
+        # True once the base weights differ from what name_or_path loads (save writes them).
+        self.base_modified = base_modified
+        self.reward_model: nn.Module | None = None
+        self._external_reward_fn: Callable | None = None
+        hidden = self.hidden_size
+        device = self.causal_lm.get_input_embeddings().weight.device
+        # fp32 heads: a scalar read from bf16 hidden states loses little, a bf16 head would lose
+        # the small updates of a slowly moving value function.
+        self.value_head = nn.Linear(hidden, 1, dtype=torch.float32, device=device)
+        self.reward_head = nn.Linear(hidden, 1, dtype=torch.float32, device=device)
+        for head in (self.value_head, self.reward_head):
+            nn.init.normal_(head.weight, std=1.0 / math.sqrt(hidden + 1))
+            nn.init.zeros_(head.bias)
+        self._lora_layers = self._find_lora_layers(self.peft_model)
+        self._trainable_roles = set(roles)
+        self._active_role: str | None = roles[0]
+        self._switch(self._lora_layers, self._active_role)
+        self._apply_requires_grad()
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, *, lora: LoraSpec | None = None,
+                        roles: Iterable[str] = ROLES, torch_dtype=None,
+                        gradient_checkpointing: bool = False, attn_implementation=None,
+                        trust_remote_code: bool = False) -> SharedBackbone:
+        """Load ``AutoModelForCausalLM`` from a hub name or local directory and add the adapters.
+
+        ``torch_dtype`` (e.g. ``torch.bfloat16``) sets the base weights' dtype; adapters and heads
+        stay fp32. ``trust_remote_code`` is off unless asked for.
+        """
+        causal_lm = _load_causal_lm(name_or_path, torch_dtype, attn_implementation,
+                                    trust_remote_code)
+        return cls.from_model(causal_lm, lora=lora, roles=roles,
+                              gradient_checkpointing=gradient_checkpointing,
+                              name_or_path=str(name_or_path))
+
+    @classmethod
+    def from_model(cls, causal_lm, *, lora: LoraSpec | None = None, roles: Iterable[str] = ROLES,
+                   gradient_checkpointing: bool = False,
+                   name_or_path: str | None = None) -> SharedBackbone:
+        """Wrap a Hugging Face causal LM held in memory (it is modified in place: LoRA layers are
+        injected and its weights frozen). ``name_or_path`` says where the same base weights can be
+        re-loaded from; without one, ``save`` writes the base weights too."""
+        from peft import get_peft_model
+
+        _check_causal_lm(causal_lm)
+        roles = _check_roles(roles)
+        lora = lora if lora is not None else LoraSpec()
+        causal_lm.requires_grad_(False)
+        config = lora.peft_config(causal_lm)
+        peft_model = get_peft_model(causal_lm, config, adapter_name=roles[0])
+        for role in roles[1:]:
+            peft_model.add_adapter(role, lora.peft_config(causal_lm))
+        backbone = cls(peft_model, lora=lora, roles=roles, name_or_path=name_or_path,
+                       base_modified=name_or_path is None)
+        if gradient_checkpointing:
+            backbone.enable_gradient_checkpointing()
+        return backbone
+
+    # ---------------------------------------------------------------- attributes
+    @property
+    def causal_lm(self) -> nn.Module:
+        """The Hugging Face model (with the LoRA layers injected into it)."""
+        return self.peft_model.get_base_model()
+
+    @property
+    def config(self):
+        return self.causal_lm.config
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.causal_lm.get_input_embeddings().weight.shape[1])
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the lm_head (may exceed the tokenizer's size when embeddings are padded)."""
+        return int(self.lm_head_weight().shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.causal_lm.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the base weights (adapters and heads are fp32)."""
+        return self.causal_lm.get_input_embeddings().weight.dtype
+
+    def lm_head_weight(self) -> torch.Tensor:
+        """(V, H) lm_head weight in the base dtype (the input embeddings when they are tied)."""
+        return self.causal_lm.get_output_embeddings().weight
+
+    def lm_head_bias(self) -> torch.Tensor | None:
+        """(V,) lm_head bias, or None (most decoder LMs have none)."""
+        return getattr(self.causal_lm.get_output_embeddings(), "bias", None)
+
+    # ---------------------------------------------------------------- roles and adapters
+    @staticmethod
+    def _find_lora_layers(module: nn.Module) -> list[nn.Module]:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+    def _check_role(self, role: str | None, allow_none: bool = False) -> str | None:
+        if role is None and allow_none:
+            return None
+        if role not in ROLES:
+            allowed = ROLES + ((None,) if allow_none else ())
+            raise ValueError(f"unknown role {role!r}; expected one of {allowed}")
+        if role not in self.roles:
+            raise ValueError(
+                f"role {role!r} has no adapter in this backbone (roles: {self.roles}); build it "
+                f"with roles including {role!r}"
+            )
+        return role
+
+    def _adapter_parameters(self, role: str, layers: Iterable[nn.Module] | None = None):
+        for layer in self._lora_layers if layers is None else layers:
+            for attr in layer.adapter_layer_names:
+                per_adapter = getattr(layer, attr)
+                if role in per_adapter:
+                    entry = per_adapter[role]
+                    yield from (entry.parameters() if isinstance(entry, nn.Module) else (entry,))
+
+    def _switch(self, layers: Iterable[nn.Module], role: str | None) -> None:
+        """Activate ``role``'s adapter (None: disable all) on ``layers``, keeping requires_grad."""
+        layers = list(layers)
+        for layer in layers:
+            if role is None:
+                layer.enable_adapters(False)
+            else:
+                layer.set_adapter(role)
+                if layer.disable_adapters:
+                    layer.enable_adapters(True)
+        # PEFT just flipped requires_grad of these layers' adapters; put the explicit set back.
+        self._apply_requires_grad(layers)
+
+    def _activate(self, role: str | None) -> None:
+        if role != self._active_role:
+            self._switch(self._lora_layers, role)
+            self._active_role = role
+
+    @property
+    def active_role(self) -> str | None:
+        """The role whose adapter is active now (None: adapters disabled, the reference)."""
+        return self._active_role
+
+    def _apply_requires_grad(self, layers: Iterable[nn.Module] | None = None) -> None:
+        layers = self._lora_layers if layers is None else list(layers)
+        for role in self.roles:
+            wanted = role in self._trainable_roles
+            for param in self._adapter_parameters(role, layers):
+                param.requires_grad_(wanted)
+        self.value_head.requires_grad_("critic" in self._trainable_roles)
+        self.reward_head.requires_grad_("reward" in self._trainable_roles)
+
+    def set_trainable(self, roles: Iterable[str]) -> None:
+        """Make exactly these roles' adapters and heads trainable (e.g. ``("policy", "critic")``
+        in PPO, where the reward model is frozen). The base weights are never trainable."""
+        roles = tuple(roles)
+        for role in roles:
+            self._check_role(role)
+        self._trainable_roles = set(roles)
+        self._apply_requires_grad()
+
+    def trainable_parameters(self, role: str) -> list[nn.Parameter]:
+        """That role's adapter parameters (+ ``value_head`` for critic, ``reward_head`` for
+        reward). Hand these to the role's optimizer; re-fetch after ``merge_into_base`` is not
+        needed (parameters are re-initialised in place)."""
+        role = self._check_role(role)
+        params = list(self._adapter_parameters(role))
+        if role == "critic":
+            params += list(self.value_head.parameters())
+        elif role == "reward":
+            params += list(self.reward_head.parameters())
+        return params
+
+    # ---------------------------------------------------------------- gradient checkpointing
+    def enable_gradient_checkpointing(self) -> None:
+        """Checkpoint every decoder layer (non-reentrant), recomputing with the forward's role.
+
+        Only active in training mode (``self.train()``), as in Hugging Face models.
+        """
+        causal_lm = self.causal_lm
+        if not getattr(causal_lm, "supports_gradient_checkpointing", False):
+            raise ValueError(f"{type(causal_lm).__name__} does not support gradient checkpointing")
+        if hasattr(causal_lm, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            causal_lm.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            causal_lm.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        causal_lm.config.use_cache = False
+        wrapped = 0
+        for module in causal_lm.modules():
+            func = getattr(module, "_gradient_checkpointing_func", None)
+            if not getattr(module, "gradient_checkpointing", False) or func is None:
+                continue
+            if getattr(func, "_role_aware", False):
+                func = func._inner
+            layer_loras = self._find_lora_layers(module)
+            if layer_loras:
+                module._gradient_checkpointing_func = _role_aware_checkpoint(self, layer_loras, func)
+                wrapped += 1
+        if not wrapped:
+            raise ValueError(f"no checkpointable decoder layer with LoRA layers found in "
+                             f"{type(causal_lm).__name__}")
+
+    # ---------------------------------------------------------------- forward passes
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      role: str | None) -> torch.Tensor:
+        """(B, T) ids and mask -> (B, T, H) final-norm hidden states in the base dtype, computed
+        with ``role``'s adapter active (None: adapters disabled = the reference model)."""
+        _check_batch(input_ids, attention_mask)
+        self._activate(self._check_role(role, allow_none=True))
+        out = _inner_model(self.causal_lm)(
+            input_ids=input_ids, attention_mask=attention_mask,
+            position_ids=_position_ids(attention_mask), use_cache=False)
+        return out[0]
+
+    def policy_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) hidden states of the policy (feed them to linear_logprobs with
+        ``lm_head_weight()``)."""
+        return self.hidden_states(input_ids, attention_mask, "policy")
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               role: str | None = "policy") -> torch.Tensor:
+        """(B, T, V) logits in the base dtype. Materialises (B, T, V): small models and tests."""
+        hidden = self.hidden_states(input_ids, attention_mask, role)
+        return self.causal_lm.get_output_embeddings()(hidden)
+
+    def policy_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, V) policy logits; small models and tests only (see ``token_logprobs``)."""
+        return self.logits(input_ids, attention_mask, "policy")
+
+    def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       role: str | None = "policy", temperature: float = 1.0,
+                       return_entropy: bool = False):
+        """logp (B, T-1) fp32 of ``input_ids[:, 1:]`` given the prefix, under ``role`` (None: the
+        reference) at ``temperature`` [, entropy (B, T-1) fp32 of the same distribution].
+
+        Positions where ``attention_mask[:, 1:] == 0`` give 0. Uses the fused
+        ``rlhf_kernels.linear_logprobs`` when the library has it (no (B, T, V) logits), else
+        ``rlhf_kernels.logprobs`` on the logits.
+        """
+        import rlhf_kernels
+
+        hidden = self.hidden_states(input_ids, attention_mask, role)
+        # Labels over the full length with the last column ignored, so the hidden states are
+        # used as they are (no sliced copy); the last column is dropped afterwards.
+        labels = torch.full_like(input_ids, IGNORE_INDEX, dtype=torch.int64)
+        labels[:, :-1] = torch.where(attention_mask[:, 1:] != 0, input_ids[:, 1:].long(),
+                                     IGNORE_INDEX)
+        weight, bias = self.lm_head_weight(), self.lm_head_bias()
+        if hasattr(rlhf_kernels, "linear_logprobs"):
+            out = rlhf_kernels.linear_logprobs(hidden, weight, labels, bias=bias,
+                                               temperature=temperature, ignore_index=IGNORE_INDEX,
+                                               return_entropy=return_entropy)
+        else:
+            logits = nn.functional.linear(hidden, weight, bias)
+            out = rlhf_kernels.logprobs(logits, labels, temperature=temperature,
+                                        ignore_index=IGNORE_INDEX, return_entropy=return_entropy)
+        if return_entropy:
+            return out[0][:, :-1], out[1][:, :-1]
+        return out[:, :-1]
+
+    def reference_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           temperature: float = 1.0) -> torch.Tensor:
+        """(B, T-1) fp32 log-probs under the reference (adapters off), without autograd."""
+        with torch.no_grad():
+            return self.token_logprobs(input_ids, attention_mask, None, temperature)
+
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) fp32 value estimates: critic adapter + ``value_head`` at every position
+        (0 where ``attention_mask`` is 0). ``values[:, t]`` is the value of the state after
+        token t."""
+        hidden = self.hidden_states(input_ids, attention_mask, "critic")
+        values = self.value_head(hidden.float()).squeeze(-1)
+        return torch.where(attention_mask != 0, values, torch.zeros_like(values))
+
+    def rewards(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B,) fp32 sequence scores at the last real token (left or right padding): the plugged
+        reward model if ``use_reward_model`` was called, else reward adapter + ``reward_head``."""
+        _check_batch(input_ids, attention_mask)
+        if self._external_reward_fn is not None:
+            return self._external_reward_fn(input_ids, attention_mask).float()
+        hidden = self.hidden_states(input_ids, attention_mask, "reward")
+        last = _last_real_index(attention_mask)
+        hidden_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return self.reward_head(hidden_last.float()).squeeze(-1)
+
+    # ---------------------------------------------------------------- stage transitions
+    @torch.no_grad()
+    def merge_into_base(self, role: str = "policy") -> None:
+        """base := base + ``role``'s adapter, then re-initialise that adapter (B = 0).
+
+        After SFT through the policy adapter this makes the base the SFT model, i.e. the
+        reference, and the policy starts equal to it. With bf16 base weights the merge is
+        rounded to bf16. Parameters are re-initialised in place, so optimizers keep valid
+        references, but their state (Adam moments) belongs to the old adapter: make a new one.
+        """
+        role = self._check_role(role)
+        config = self.peft_model.peft_config[role]
+        for layer in self._lora_layers:
+            if role not in layer.lora_A:
+                continue
+            base = layer.get_base_layer()
+            delta = layer.get_delta_weight(role)
+            base.weight.add_(delta.to(base.weight.dtype))
+            layer.reset_lora_parameters(role, config.init_lora_weights)
+        self.base_modified = True
+
+    @torch.no_grad()
+    def init_critic_from_reward(self) -> None:
+        """Copy the reward adapter and ``reward_head`` into the critic adapter and ``value_head``
+        (the usual critic initialisation: the value function starts as the reward model)."""
+        self._check_role("critic")
+        self._check_role("reward")
+        if self._external_reward_fn is not None:
+            raise ValueError(
+                "a separate reward model is plugged in (use_reward_model): the critic can only be "
+                "initialised from the reward adapter; call use_reward_model(None) first or train "
+                "the critic from its fresh initialisation"
+            )
+        for layer in self._lora_layers:
+            for attr in layer.adapter_layer_names:
+                per_adapter = getattr(layer, attr)
+                if "reward" in per_adapter and "critic" in per_adapter:
+                    source, target = per_adapter["reward"], per_adapter["critic"]
+                    if isinstance(source, nn.Module):
+                        target.load_state_dict(source.state_dict())
+                    else:
+                        target.copy_(source)
+        self.value_head.load_state_dict(self.reward_head.state_dict())
+
+    def use_reward_model(self, model) -> None:
+        """Score with a separately trained reward model instead of the reward adapter.
+
+        ``model`` is one of: a ``SharedBackbone`` (its ``rewards``, e.g. a causal LM + reward head
+        saved by ``save``); a Hugging Face sequence-classification model with one label and a
+        ``score`` head (Llama/Qwen2/GPT-2 ``*ForSequenceClassification``), read at the last real
+        token with the same position handling as here; any callable ``(input_ids,
+        attention_mask) -> (B,)``; or None to go back to the reward adapter. It must use the same
+        tokenizer. It is frozen and kept as the ``reward_model`` submodule.
+        """
+        if model is None:
+            self.reward_model, self._external_reward_fn = None, None
+            return
+        if isinstance(model, SharedBackbone):
+            model._check_role("reward")
+            if model.vocab_size < self.vocab_size:
+                raise ValueError(f"the reward model has {model.vocab_size} vocabulary rows, fewer "
+                                 f"than this backbone's {self.vocab_size}: tokenizers differ")
+            fn = model.rewards
+        elif hasattr(model, "config") and hasattr(model, "get_input_embeddings"):
+            fn = _sequence_classifier_scorer(model, self.vocab_size)
+        elif callable(model):
+            fn = model
+        else:
+            raise ValueError(
+                f"use_reward_model expects a SharedBackbone, a Hugging Face sequence-"
+                f"classification model, a callable (input_ids, attention_mask) -> (B,) or None; "
+                f"got {type(model).__name__}"
+            )
+        if isinstance(model, nn.Module):
+            model.requires_grad_(False)
+            model.eval()
+            self.reward_model = model
+        else:
+            self.reward_model = None
+        self._external_reward_fn = fn
+
+    # ---------------------------------------------------------------- save / load
+    def save(self, directory, *, save_base: bool | None = None) -> None:
+        """Write the checkpoint layout of the module docstring atomically.
+
+        ``save_base=None`` writes ``base/`` only when the base cannot be re-loaded from
+        ``name_or_path`` (merged into, or built in memory). A plugged reward model is not saved.
+        """
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        write_base = self.base_modified if save_base is None else save_base
+        try:
+            tmp.mkdir()
+            # PEFT writes adapters other than "default" to <dir>/<adapter name>/.
+            self.peft_model.save_pretrained(str(tmp / "adapters"), selected_adapters=list(self.roles))
+            heads = {f"value_head.{k}": v.detach().contiguous().cpu()
+                     for k, v in self.value_head.state_dict().items()}
+            heads.update({f"reward_head.{k}": v.detach().contiguous().cpu()
+                          for k, v in self.reward_head.state_dict().items()})
+            save_file(heads, str(tmp / _HEADS_FILE))
+            if write_base:
+                self._save_base(tmp / "base")
+            info = {
+                "format": CHECKPOINT_FORMAT,
+                "roles": list(self.roles),
+                "base_model": self.name_or_path,
+                "base_saved": bool(write_base),
+                "base_dtype": str(self.dtype).removeprefix("torch."),
+                "base_config": self.config.to_dict(),
+                "lora": asdict(self.lora),
+                "trainable_roles": sorted(self._trainable_roles),
+            }
+            (tmp / _ROLES_FILE).write_text(json.dumps(info, indent=2, default=str))
+            _replace_directory(tmp, directory)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def _save_base(self, path: Path) -> None:
+        """The base weights without the LoRA layers, as a plain ``save_pretrained`` directory."""
+        state = {}
+        for name, tensor in self.causal_lm.state_dict().items():
+            if "lora_" in name:
+                continue
+            state[name.replace(".base_layer.", ".")] = tensor
+        self.causal_lm.save_pretrained(str(path), state_dict=state)
+
+    @classmethod
+    def load(cls, directory, *, base_model=None, torch_dtype=None,
+             gradient_checkpointing: bool = False, attn_implementation=None,
+             trust_remote_code: bool = False) -> SharedBackbone:
+        """Rebuild a backbone from ``save``'s directory (safetensors only).
+
+        The base comes from ``base_model`` (a model in memory) if given, else ``directory/base``
+        if it was saved, else ``from_pretrained(roles.json's base_model)``.
+        """
+        from peft import PeftModel
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        info_path = directory / _ROLES_FILE
+        if not info_path.is_file():
+            raise ValueError(f"{directory} is not a SharedBackbone checkpoint (no {_ROLES_FILE})")
+        info = json.loads(info_path.read_text())
+        if info.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{info_path}: checkpoint format {info.get('format')!r}, expected "
+                             f"{CHECKPOINT_FORMAT}")
+        roles = _check_roles(info["roles"])
+        lora = LoraSpec(**info["lora"])
+        name_or_path = info.get("base_model")
+        base_modified = bool(info.get("base_saved"))
+        if base_model is None:
+            source = directory / "base" if info.get("base_saved") else name_or_path
+            if source is None:
+                raise ValueError(f"{info_path} names no base model and none was saved; pass "
+                                 "base_model=")
+            base_model = _load_causal_lm(source, torch_dtype or info.get("base_dtype"),
+                                         attn_implementation, trust_remote_code)
+        else:
+            _check_same_shape_config(base_model.config.to_dict(), info["base_config"])
+        _check_causal_lm(base_model)
+        base_model.requires_grad_(False)
+        adapters = directory / "adapters"
+        peft_model = PeftModel.from_pretrained(base_model, str(adapters / roles[0]),
+                                               adapter_name=roles[0], is_trainable=True)
+        for role in roles[1:]:
+            peft_model.load_adapter(str(adapters / role), adapter_name=role, is_trainable=True)
+        backbone = cls(peft_model, lora=lora, roles=roles, name_or_path=name_or_path,
+                       base_modified=base_modified)
+        heads = load_file(str(directory / _HEADS_FILE), device=str(backbone.device))
+        with torch.no_grad():
+            for name, head in (("value_head", backbone.value_head),
+                               ("reward_head", backbone.reward_head)):
+                head.load_state_dict({k.split(".", 1)[1]: v for k, v in heads.items()
+                                      if k.startswith(name + ".")})
+        if "trainable_roles" in info:
+            backbone.set_trainable(info["trainable_roles"])
+        if gradient_checkpointing:
+            backbone.enable_gradient_checkpointing()
+        return backbone
+
+    # ---------------------------------------------------------------- memory
+    def memory_report(self) -> dict:
+        """Bytes held per role, for the parameters as they are now.
+
+        ``{"base": {"params"}, "<role>": {"params", "grads", "optimizer"}, ..., "total": {...}}``:
+        ``params`` = that role's adapter (+ head) bytes, ``grads`` = same size in the parameter
+        dtype if the role is trainable, ``optimizer`` = Adam's two moments in the parameter dtype
+        (fp32 for the adapters), 0 for a frozen role. ``base`` is the shared frozen weights
+        (tied weights counted once); a plugged reward model is listed as ``reward_model``.
+        Activations depend on the batch: see ``estimate_memory``.
+        """
+        def nbytes(params) -> int:
+            return sum(p.numel() * p.element_size() for p in params)
+
+        adapter_ids = {id(p) for role in self.roles for p in self._adapter_parameters(role)}
+        base = [p for p in self.causal_lm.parameters() if id(p) not in adapter_ids]
+        report: dict = {"base": {"params": nbytes(base), "grads": 0, "optimizer": 0}}
+        for role in self.roles:
+            params = self.trainable_parameters(role)
+            trainable = role in self._trainable_roles
+            report[role] = {"params": nbytes(params),
+                            "grads": nbytes(params) if trainable else 0,
+                            "optimizer": 2 * nbytes(params) if trainable else 0}
+        if self.reward_model is not None:
+            report["reward_model"] = {"params": nbytes(self.reward_model.parameters()),
+                                      "grads": 0, "optimizer": 0}
+        report["total"] = {key: sum(entry[key] for entry in report.values())
+                           for key in ("params", "grads", "optimizer")}
+        return report
+
+
+def _role_aware_checkpoint(backbone: SharedBackbone, layer_loras: list[nn.Module],
+                           checkpoint_func: Callable) -> Callable:
+    """Wrap a decoder layer's checkpoint function so that its backward-time recomputation runs
+    with the role that was active during its forward, not the one active at backward time."""
+    backbone_ref = weakref.ref(backbone)  # the layer must not keep the backbone alive
+
+    def checkpoint_with_role(function, *args, **kwargs):
+        owner = backbone_ref()
+        forward_role = owner._active_role
+
+        def run_with_forward_role(*inner_args, **inner_kwargs):
+            if owner._active_role == forward_role:
+                return function(*inner_args, **inner_kwargs)
+            owner._switch(layer_loras, forward_role)
+            try:
+                return function(*inner_args, **inner_kwargs)
+            finally:
+                owner._switch(layer_loras, owner._active_role)
+
+        return checkpoint_func(run_with_forward_role, *args, **kwargs)
+
+    checkpoint_with_role._role_aware = True
+    checkpoint_with_role._inner = checkpoint_func
+    return checkpoint_with_role
+
+
+def _sequence_classifier_scorer(model, vocab_size: int) -> Callable:
+    """(input_ids, attention_mask) -> (B,) fp32 scores of a HF ``*ForSequenceClassification``."""
+    n_labels = getattr(model.config, "num_labels", None)
+    head = getattr(model, "score", None)
+    if not isinstance(head, nn.Linear) or head.out_features != 1 or n_labels != 1:
+        raise ValueError(
+            f"a reward model must be a sequence-classification model with one label and a "
+            f"`score` Linear head (e.g. LlamaForSequenceClassification, num_labels=1); got "
+            f"{type(model).__name__} with num_labels={n_labels}"
+        )
+    n_rows = model.get_input_embeddings().weight.shape[0]
+    if n_rows < vocab_size:
+        raise ValueError(f"the reward model has {n_rows} embedding rows, fewer than the policy's "
+                         f"{vocab_size}: it must use the same tokenizer")
+    inner = _inner_model(model)
+
+    def score(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = inner(input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=_position_ids(attention_mask), use_cache=False)[0]
+        last = _last_real_index(attention_mask)
+        hidden_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return head(hidden_last).squeeze(-1).float()
+
+    return score
+
+
+def _check_same_shape_config(given: dict, saved: dict) -> None:
+    keys = ("model_type", "hidden_size", "n_embd", "num_hidden_layers", "n_layer", "vocab_size",
+            "intermediate_size", "num_attention_heads", "num_key_value_heads")
+    diffs = {k: (given.get(k), saved.get(k)) for k in keys
+             if k in saved and given.get(k) != saved.get(k)}
+    if diffs:
+        listing = ", ".join(f"{k}: given {a!r}, saved {b!r}" for k, (a, b) in diffs.items())
+        raise ValueError(f"base_model does not match the checkpoint's base config ({listing})")
+
+
+def _replace_directory(new: Path, target: Path) -> None:
+    """Move ``new`` to ``target``; an existing ``target`` is swapped out, then removed, so a
+    reader sees the old or the new checkpoint, never a half-written one."""
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
+
+
+# --------------------------------------------------------------------------------------------
+# memory estimate (computed, not measured): docs/memory.md
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelShape:
+    """The shape numbers of a Llama/Qwen2-style decoder that decide its memory."""
+
+    name: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    tie_word_embeddings: bool
+    qkv_bias: bool = False
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_config(cls, config, name: str = "") -> ModelShape:
+        """From a Llama/Qwen2-style Hugging Face config."""
+        return cls(name or config.model_type, config.vocab_size, config.hidden_size,
+                   config.intermediate_size, config.num_hidden_layers,
+                   config.num_attention_heads,
+                   getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+                   bool(getattr(config, "tie_word_embeddings", False)),
+                   config.model_type == "qwen2")
+
+    @property
+    def kv_dim(self) -> int:
+        return self.hidden_size // self.num_heads * self.num_kv_heads
+
+    def linear_shapes(self) -> list[tuple[int, int]]:
+        """(in, out) of the seven linears of one decoder layer (q, k, v, o, gate, up, down)."""
+        h, kv, i = self.hidden_size, self.kv_dim, self.intermediate_size
+        return [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
+
+    def backbone_params(self) -> int:
+        """Parameters without the lm_head: embeddings, layers, final norm."""
+        h = self.hidden_size
+        per_layer = sum(a * b for a, b in self.linear_shapes()) + 2 * h
+        if self.qkv_bias:
+            per_layer += h + 2 * self.kv_dim
+        return self.vocab_size * h + self.num_layers * per_layer + h
+
+    def lm_head_params(self) -> int:
+        """Extra parameters of the lm_head (0 when tied to the embeddings)."""
+        return 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+
+    def params(self) -> int:
+        return self.backbone_params() + self.lm_head_params()
+
+    def lora_params(self, rank: int) -> int:
+        """Parameters of one LoRA adapter of rank ``rank`` on every attention and MLP linear."""
+        return self.num_layers * sum(rank * (a + b) for a, b in self.linear_shapes())
+
+
+# Shapes from the public configs of Qwen/Qwen2.5-1.5B and meta-llama/Meta-Llama-3-8B.
+QWEN2_5_1_5B = ModelShape("Qwen2.5-1.5B", 151936, 1536, 8960, 28, 12, 2, True, qkv_bias=True)
+LLAMA_3_8B = ModelShape("Llama-3-8B", 128256, 4096, 14336, 32, 32, 8, False)
+
+SETUPS = ("shared-lora", "separate-lora", "separate-full")
+
+
+def estimate_memory(shape: ModelShape, setup: str = "shared-lora", *, batch: int = 16,
+                    seq_len: int = 384, lora_rank: int = 16, gradient_checkpointing: bool = True,
+                    fused_logprobs: bool | None = None, logprob_chunk_tokens: int = 1024) -> dict:
+    """Computed bytes of one PPO training step's resident state (no measurement).
+
+    Setups:
+      ``shared-lora``   one bf16 backbone; policy/critic/reward LoRA adapters (fp32) + fp32 heads;
+                        reference = adapters off. Policy and critic adapters train.
+      ``separate-lora`` four bf16 backbones (policy, reference, reward, critic; reward and critic
+                        without lm_head), LoRA adapters on policy and critic.
+      ``separate-full`` four bf16 backbones, policy and critic fully trained.
+    Assumptions: bf16 weights and (full fine-tuning) bf16 grads without an fp32 master copy; fp32
+    adapters, adapter grads and Adam moments (2 x 4 bytes per trained parameter); activations of
+    one backward at a time (policy or critic) for ``batch`` sequences of ``seq_len`` tokens, with
+    flash/SDPA attention (no T x T scores); with gradient checkpointing one bf16 (B, T, H) per
+    layer plus one layer's working set ``B T (6 H + 2 kv + 4 I)`` bf16, without it every layer's
+    working set. Logits: ``fused_logprobs`` (default: shared-lora only) holds
+    ``logprob_chunk_tokens x V`` fp32 at a time, the eager path (B, T, V) bf16 logits + fp32
+    log-softmax + fp32 gradient. KV cache for generation and allocator overhead are left out.
+    Returns bytes: ``weights``, ``grads``, ``optimizer``, ``activations``, ``total``.
+    """
+    if setup not in SETUPS:
+        raise ValueError(f"setup={setup!r} is not one of {SETUPS}")
+    bf16, fp32 = 2, 4
+    lora = shape.lora_params(lora_rank)
+    head = shape.hidden_size + 1
+    full, no_lm_head = shape.params(), shape.backbone_params()
+    if setup == "shared-lora":
+        weights = bf16 * full + fp32 * (3 * lora + 2 * head)
+        trained = [(fp32, lora), (fp32, lora + head)]  # policy adapter; critic adapter + head
+    elif setup == "separate-lora":
+        weights = bf16 * (2 * full + 2 * no_lm_head) + fp32 * (2 * lora + 2 * head)
+        trained = [(fp32, lora), (fp32, lora + head)]
+    else:
+        weights = bf16 * (2 * full + 2 * no_lm_head) + fp32 * 2 * head
+        trained = [(bf16, full), (bf16, no_lm_head + head)]
+    grads = sum(size * n for size, n in trained)
+    optimizer = sum(2 * fp32 * n for _, n in trained)
+
+    tokens = batch * seq_len
+    h, i, kv = shape.hidden_size, shape.intermediate_size, shape.kv_dim
+    layer_working_set = bf16 * tokens * (6 * h + 2 * kv + 4 * i)
+    if gradient_checkpointing:
+        layers = shape.num_layers * bf16 * tokens * h + layer_working_set
+    else:
+        layers = shape.num_layers * layer_working_set
+    fused = setup == "shared-lora" if fused_logprobs is None else fused_logprobs
+    if fused:
+        logits = fp32 * min(tokens, logprob_chunk_tokens) * shape.vocab_size
+    else:
+        logits = (bf16 + fp32 + fp32) * tokens * shape.vocab_size
+    activations = layers + logits
+    return {"weights": weights, "grads": grads, "optimizer": optimizer,
+            "activations": activations,
+            "total": weights + grads + optimizer + activations}
+
+
+def memory_table_markdown(shapes: Iterable[ModelShape] = (QWEN2_5_1_5B, LLAMA_3_8B), *,
+                          batch: int = 16, seq_len: int = 384, lora_rank: int = 16) -> str:
+    """The markdown table of docs/memory.md (GiB, computed by ``estimate_memory``)."""
+    gib = 1024 ** 3
+    lines = ["| model | setup | weights | grads | Adam states | activations | total |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for shape in shapes:
+        for setup in SETUPS:
+            m = estimate_memory(shape, setup, batch=batch, seq_len=seq_len, lora_rank=lora_rank)
+            cells = " | ".join(f"{m[k] / gib:.2f}" for k in
+                               ("weights", "grads", "optimizer", "activations", "total"))
+            lines.append(f"| {shape.name} ({shape.params() / 1e9:.2f} B) | {setup} | {cells} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m rlhf.models: regenerate the table of docs/memory.md
+    print(memory_table_markdown())
