@@ -1,0 +1,305 @@
+"""Configs are dataclasses with defaults; a YAML file overrides them; `key=value` overrides that.
+
+    cfg = load_config(PipelineConfig, "configs/pipeline.yaml", ["ppo.kl_coef=0.1", "sft.lr=1e-3"])
+
+- Nested dataclasses are addressed with dotted keys (`ppo.kl_coef`) on the command line and with
+  nested mappings in YAML (`ppo: {kl_coef: 0.1}`). A nested config keeps the values its parent's
+  default gave it (e.g. a pipeline's `sft.output_dir`) unless they are overridden.
+- Values are coerced to the field's annotated type: bool, int, float, str, Path, Literal,
+  Enum, X | None, list[X], tuple[X, ...], dict[K, V], nested dataclasses. On the command line,
+  `null`/`none` sets an optional field to None; lists are written `[1, 2]` or `1,2`.
+  YAML's `1e-4` (a string to YAML 1.1) becomes the float 1e-4 for a float field.
+- An unknown key is an error that lists the valid keys (and the closest match). The dataclass's
+  own `__post_init__` checks run on the final values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+__all__ = ["config_to_dict", "load_config", "parse_overrides", "save_config"]
+
+T = TypeVar("T")
+_NULL_WORDS = {"null", "none", "~", ""}
+_TRUE_WORDS = {"true", "yes", "on", "1"}
+_FALSE_WORDS = {"false", "no", "off", "0"}
+
+
+class _CommandLineValue(str):
+    """A value typed on the command line: parsed by YAML rules unless the field is a string."""
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """["a.b=1", "c=x"] -> {"a": {"b": "1"}, "c": "x"} (values stay unparsed strings)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ValueError(f"override {item!r} must look like key=value (nested keys with dots, "
+                             f"e.g. ppo.kl_coef=0.1)")
+        *parents, leaf = key.split(".")
+        node = tree
+        for depth, part in enumerate(parents):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"override {item!r}: {'.'.join(parents[:depth + 1])!r} was "
+                                 f"already set to a value, it cannot also hold nested keys")
+            node = child
+        if isinstance(node.get(leaf), dict):
+            raise ValueError(f"override {item!r}: {key!r} already has nested overrides")
+        node[leaf] = _CommandLineValue(value)
+    return tree
+
+
+def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    with path.open() as handle:
+        loaded = yaml.safe_load(handle)
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping of keys to values at the "
+                         f"top level, got {type(loaded).__name__}")
+    return loaded
+
+
+def load_config(cls: type[T], yaml_path: str | Path | None = None,
+                overrides: Sequence[str] = ()) -> T:
+    """An instance of dataclass `cls`: defaults, then the YAML file, then `key=value` overrides."""
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise TypeError(f"load_config needs a dataclass type, got {cls!r}")
+    values = _read_yaml(yaml_path) if yaml_path is not None else {}
+    values = _merge(values, parse_overrides(overrides))
+    return _build(cls, values, prefix="", base=_default_instance(cls))
+
+
+def _default_instance(cls: type) -> Any | None:
+    """cls() when every field has a default, else None (then the values must supply them)."""
+    try:
+        return cls()
+    except TypeError:
+        return None
+
+
+def _init_fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls) if f.init}
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str, base: Any | None) -> Any:
+    fields = _init_fields(cls)
+    hints = typing.get_type_hints(cls)  # resolves `from __future__ import annotations` strings
+    kwargs: dict[str, Any] = {}
+    for name, raw in values.items():
+        if name not in fields:
+            _unknown_key(cls, prefix, name, fields)
+        field_type = hints.get(name, Any)
+        nested_cls = _dataclass_in(field_type)
+        if (nested_cls is not None and isinstance(raw, _CommandLineValue)
+                and raw.strip().lower() not in _NULL_WORDS):
+            raw = _parse_command_line(raw, prefix + name)  # e.g. sft="{lr: 0.1}"
+        if nested_cls is not None and isinstance(raw, Mapping):
+            current = getattr(base, name, None) if base is not None else None
+            if not dataclasses.is_dataclass(current):
+                current = _default_instance(nested_cls)
+            kwargs[name] = _build(nested_cls, raw, prefix + name + ".", current)
+        else:
+            kwargs[name] = _coerce(raw, field_type, prefix + name)
+    if base is not None:
+        return dataclasses.replace(base, **kwargs)
+    missing = [name for name, f in fields.items() if name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        where = f" (in {prefix.rstrip('.')})" if prefix else ""
+        raise ValueError(f"{cls.__name__} needs values for {missing}{where}; set them in the "
+                         f"YAML file or as key=value")
+    return cls(**kwargs)
+
+
+def _unknown_key(cls: type, prefix: str, name: str, fields: Mapping[str, Any]) -> typing.NoReturn:
+    valid = sorted(fields)
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" Did you mean {prefix + close[0]!r}?" if close else ""
+    raise ValueError(f"unknown config key {prefix + name!r} for {cls.__name__}.{hint} Valid keys"
+                     f"{' under ' + repr(prefix.rstrip('.')) if prefix else ''}: "
+                     f"{', '.join(valid)}")
+
+
+def _dataclass_in(field_type: Any) -> type | None:
+    """The dataclass type of a field annotated `C` or `C | None`, else None."""
+    if isinstance(field_type, type) and dataclasses.is_dataclass(field_type):
+        return field_type
+    if _is_union(field_type):
+        for arg in typing.get_args(field_type):
+            if isinstance(arg, type) and dataclasses.is_dataclass(arg):
+                return arg
+    return None
+
+
+def _is_union(field_type: Any) -> bool:
+    return typing.get_origin(field_type) in (typing.Union, types.UnionType)
+
+
+def _parse_command_line(raw: str, key: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        raise ValueError(f"cannot parse the value {raw!r} of {key!r}: {error}") from None
+
+
+def _type_name(field_type: Any) -> str:
+    return getattr(field_type, "__name__", None) or str(field_type).replace("typing.", "")
+
+
+def _coerce(value: Any, field_type: Any, key: str) -> Any:
+    """`value` converted to `field_type`, or a ValueError naming the key, value and type."""
+    if field_type is Any or field_type is object:
+        return _parse_command_line(value, key) if isinstance(value, _CommandLineValue) else value
+    origin, args = typing.get_origin(field_type), typing.get_args(field_type)
+
+    if _is_union(field_type):
+        if type(None) in args and (value is None or (isinstance(value, _CommandLineValue)
+                                                    and value.strip().lower() in _NULL_WORDS)):
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ValueError as error:
+                errors.append(str(error))
+        raise ValueError(f"config key {key!r}: {value!r} fits none of {_type_name(field_type)}")
+
+    if origin is typing.Literal:
+        for choice in args:
+            try:
+                candidate = _coerce(value, type(choice), key)
+            except ValueError:
+                continue
+            if candidate == choice:
+                return choice
+        raise ValueError(f"config key {key!r} must be one of {list(args)}, got {value!r}")
+
+    if field_type is str:
+        if isinstance(value, str):
+            return str(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # YAML reads `name: 2024` as an int
+        raise ValueError(f"config key {key!r} must be a string, got {value!r}")
+    if field_type is Path or (isinstance(field_type, type) and issubclass(field_type, Path)):
+        return Path(_coerce(value, str, key))
+
+    # Everything below reads a command-line string by YAML rules first: 3 -> int, [1, 2] -> list.
+    if isinstance(value, _CommandLineValue):
+        value = _parse_command_line(value, key)
+
+    if field_type is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS | _FALSE_WORDS:
+            return value.strip().lower() in _TRUE_WORDS
+        raise ValueError(f"config key {key!r} must be true or false, got {value!r}")
+    if field_type is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        number = _as_float(value)
+        if number is not None and number.is_integer():
+            return int(number)
+        raise ValueError(f"config key {key!r} must be an integer, got {value!r}")
+    if field_type is float:
+        number = _as_float(value)
+        if number is None:
+            raise ValueError(f"config key {key!r} must be a number, got {value!r}")
+        return number
+    if isinstance(field_type, type) and issubclass(field_type, enum.Enum):
+        for member in field_type:
+            if value == member.value or value == member.name:
+                return member
+        raise ValueError(f"config key {key!r} must be one of "
+                         f"{[member.name for member in field_type]}, got {value!r}")
+
+    if origin in (list, tuple, Sequence, typing.Sequence) or field_type in (list, tuple):
+        if isinstance(value, str):  # "a,b" on the command line or in YAML
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config key {key!r} must be a list, got {value!r}")
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(args) != len(value):
+                raise ValueError(f"config key {key!r} must have {len(args)} items, got {value!r}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item_type = args[0] if args else Any
+        items = [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if (origin is tuple or field_type is tuple) else items
+    if origin in (dict, Mapping, typing.Mapping) or field_type is dict:
+        if not isinstance(value, Mapping):
+            raise ValueError(f"config key {key!r} must be a mapping, got {value!r}")
+        key_type, value_type = args if len(args) == 2 else (Any, Any)
+        return {_coerce(k, key_type, f"{key}.{k}"): _coerce(v, value_type, f"{key}.{k}")
+                for k, v in value.items()}
+    if dataclasses.is_dataclass(field_type):
+        raise ValueError(f"config key {key!r} is a nested config; give a mapping or set its "
+                         f"fields as {key}.<name>=value, got {value!r}")
+    if isinstance(field_type, type) and isinstance(value, field_type):
+        return value
+    raise ValueError(f"config key {key!r}: cannot convert {value!r} to {_type_name(field_type)}")
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain, YAML-writable dict of a (nested) config dataclass."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, enum.Enum):
+            return value.value
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        return value
+
+    return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically); `load_config(type(cfg), path)` reads it."""
+    from rlhf.checkpoint import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
