@@ -1,0 +1,323 @@
+"""The built-in task end to end: corpus, tokenizer, SFT, pairs, RM, PPO, held-out eval.
+
+``rlhf pipeline`` (no arguments) calls ``run(PipelineConfig())``. Everything lands under
+``cfg.output_dir`` (default ``runs/pipeline``)::
+
+    tokenizer/            the BPE tokenizer trained on the corpus
+    sft/                  SFT metrics.jsonl, checkpoints/, model/ (the tiny Llama = the reference)
+    pairs.jsonl           preference pairs sampled from the SFT model, labelled by VADER + noise
+    rm/                   reward-model metrics.jsonl, checkpoints/, backbone/ (reward adapter)
+    ppo/                  PPO metrics.jsonl, checkpoints/, backbone/ (policy, critic, reward)
+    metrics.jsonl         the PPO curves (a copy of ppo/metrics.jsonl)
+    curves.png            proxy reward, gold reward, KL, entropy, losses per PPO iteration
+    samples.md            held-out samples of the SFT model and of the PPO policy, with scores
+    summary.json          the numbers below, plus timings
+
+Evaluation on held-out prompts (prompt combinations PPO never saw): ``eval_samples`` responses
+from the SFT model (the backbone with adapters off) and from the PPO policy, each scored by the
+gold judge (VADER). Reported: mean +- standard error of each, the difference and its size in
+standard errors of the difference, sqrt(se_sft^2 + se_ppo^2) (two independent samples), and the
+mean summed KL(policy || SFT) of the policy's samples (k1 estimate, nats per response) next to
+the bound ``kl_bound`` (default: the PPO ``kl_target``).
+
+``resume=True`` skips every stage whose outputs are complete (its ``summary.json`` exists) and
+resumes the interrupted stage from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from rlhf import ppo, reward, sft
+from rlhf.rollout import SamplingConfig, generate_with_role
+
+__all__ = ["PipelineConfig", "run"]
+
+
+def _sft_defaults() -> sft.SFTConfig:
+    return sft.SFTConfig()
+
+
+def _reward_defaults() -> reward.RewardConfig:
+    return reward.RewardConfig()
+
+
+def _ppo_defaults() -> ppo.PPOConfig:
+    return ppo.PPOConfig()
+
+
+@dataclass
+class PipelineConfig:
+    """The built-in task end to end. Stage settings nest (``ppo.kl_target=4`` on the CLI); their
+    ``output_dir``, ``seed``, ``device`` and ``resume`` are set by the pipeline from the fields
+    here."""
+
+    output_dir: str = "runs/pipeline"
+    seed: int = 0
+    resume: bool = False
+    device: str = "auto"
+    corpus_size: int = 4000
+    vocab_size: int = 1024
+    hidden_size: int = 64
+    num_layers: int = 2
+    pair_prompts: int = 2400  # each gets two SFT samples -> one labelled pair (ties dropped)
+    heldout_pair_fraction: float = 0.2
+    label_beta: float = 5.0  # Bradley-Terry inverse temperature of the simulated annotator
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    sample_batch_size: int = 256
+    eval_samples: int = 400  # responses per policy on held-out prompts (cycling over the 40)
+    kl_bound: float | None = None  # None: ppo.kl_target
+    n_show_samples: int = 8
+    sft: sft.SFTConfig = field(default_factory=_sft_defaults)
+    reward: reward.RewardConfig = field(default_factory=_reward_defaults)
+    ppo: ppo.PPOConfig = field(default_factory=_ppo_defaults)
+
+
+@torch.no_grad()
+def sample_texts(backbone, tokenizer, prompts: list[str], role: str | None,
+                 sampling: SamplingConfig, seed: int, batch_size: int, max_prompt_length: int):
+    """Sample one response per prompt with ``role`` (None = the reference/SFT model).
+
+    Returns (texts, kl) where kl (N,) is the summed k1 KL(role || reference) of each response.
+    """
+    ids, mask = ppo.encode_prompts(prompts, tokenizer, max_prompt_length)
+    device = backbone.device
+    generator = torch.Generator().manual_seed(seed)
+    texts: list[str] = []
+    kls: list[torch.Tensor] = []
+    backbone.eval()
+    for start in range(0, len(prompts), batch_size):
+        b_ids, b_mask = ids[start:start + batch_size], mask[start:start + batch_size]
+        keep = int(b_mask.sum(-1).max())
+        gen = generate_with_role(backbone, role, b_ids[:, -keep:].to(device),
+                                 b_mask[:, -keep:].to(device), sampling,
+                                 tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                 generator=generator)
+        texts += ppo.decode_responses(tokenizer, gen)
+        if role is None:
+            kls.append(torch.zeros(len(b_ids)))
+        else:
+            action = torch.zeros(gen.sequences.shape[0], gen.sequences.shape[1] - 1,
+                                 device=device)
+            action[:, gen.prompt_length - 1:] = gen.response_mask.float()
+            logp = backbone.token_logprobs(gen.sequences, gen.attention_mask, role=role,
+                                           temperature=sampling.temperature)
+            ref = backbone.reference_logprobs(gen.sequences, gen.attention_mask,
+                                              temperature=sampling.temperature)
+            kls.append(((logp - ref) * action).sum(-1).cpu())
+    return texts, torch.cat(kls)
+
+
+def _mean_stderr(values) -> tuple[float, float]:
+    x = torch.as_tensor(values, dtype=torch.float64)
+    n = x.numel()
+    return float(x.mean()), float(x.std(unbiased=True) / math.sqrt(n)) if n > 1 else 0.0
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def _stage_done(directory: Path, resume: bool) -> dict | None:
+    summary = directory / "summary.json"
+    if resume and summary.exists():
+        return json.loads(summary.read_text())
+    return None
+
+
+def _plain(summary: dict) -> dict:
+    """A stage summary without the live objects (model, tokenizer) it also returns."""
+    return {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool, dict,
+                                                                list, type(None)))}
+
+
+def run(cfg: PipelineConfig) -> dict:
+    """Run the built-in task end to end; returns (and writes) the summary."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    from rlhf import task
+    from rlhf.metrics import plot_curves
+    from rlhf.models import LoraSpec, SharedBackbone
+
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, stage_cfg in (("sft", cfg.sft), ("rm", cfg.reward), ("ppo", cfg.ppo)):
+        stage_cfg.output_dir = str(out / name)
+        stage_cfg.seed = cfg.seed
+        stage_cfg.device = cfg.device
+        stage_cfg.resume = cfg.resume
+    torch.manual_seed(cfg.seed)
+
+    # ---- 1. corpus and tokenizer ----
+    corpus = task.make_corpus(cfg.corpus_size, seed=cfg.seed)
+    tokenizer_dir = out / "tokenizer"
+    if cfg.resume and (tokenizer_dir / "tokenizer.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    else:
+        tokenizer = task.train_tokenizer([ex["prompt"] + ex["completion"] for ex in corpus],
+                                         vocab_size=cfg.vocab_size)
+        tokenizer.save_pretrained(tokenizer_dir)
+
+    # ---- 2. SFT: a tiny Llama from scratch ----
+    t0 = time.perf_counter()
+    sft_summary = _stage_done(out / "sft", cfg.resume)
+    if sft_summary is not None:
+        model = AutoModelForCausalLM.from_pretrained(sft_summary["model_dir"])
+    else:
+        torch.manual_seed(cfg.seed)
+        model = LlamaForCausalLM(task.tiny_llama_config(
+            tokenizer, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+            intermediate_size=3 * cfg.hidden_size))
+        sft_summary = _plain(sft.train(cfg.sft, model=model, tokenizer=tokenizer,
+                                       examples=corpus))
+        _write_json(out / "sft" / "summary.json", sft_summary)
+    timings["sft_s"] = time.perf_counter() - t0
+
+    # ---- 3. preference pairs sampled from the SFT model, labelled by VADER + BT noise ----
+    t0 = time.perf_counter()
+    rm_summary = _stage_done(out / "rm", cfg.resume)
+    ppo_summary = _stage_done(out / "ppo", cfg.resume)
+    if ppo_summary is not None:  # resuming after PPO: its backbone holds every adapter
+        backbone = SharedBackbone.load(ppo_summary["backbone_dir"])
+    elif rm_summary is not None:
+        backbone = SharedBackbone.load(rm_summary["backbone_dir"])
+    else:
+        backbone = SharedBackbone.from_model(
+            model, lora=LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha))
+    backbone.to(sft.resolve_device(cfg.device))
+    pairs_path = out / "pairs.jsonl"
+    sampling = cfg.ppo.sampling
+    if cfg.resume and pairs_path.exists():
+        records = [json.loads(line) for line in pairs_path.read_text().splitlines()]
+        pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in records]
+        split = [r["split"] for r in records]
+        ceiling_all = records[0]["noise_ceiling"] if records else float("nan")
+    else:
+        prompts = task.ppo_prompts(cfg.pair_prompts, seed=cfg.seed, split="train")
+        texts_a, _ = sample_texts(backbone, tokenizer, prompts, None, sampling, cfg.seed + 11,
+                                  cfg.sample_batch_size, cfg.ppo.max_prompt_length)
+        texts_b, _ = sample_texts(backbone, tokenizer, prompts, None, sampling, cfg.seed + 12,
+                                  cfg.sample_batch_size, cfg.ppo.max_prompt_length)
+        pairs, ceiling_all = task.label_pairs(prompts, texts_a, texts_b, beta=cfg.label_beta,
+                                              seed=cfg.seed)
+        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed))
+        n_eval = int(round(len(pairs) * cfg.heldout_pair_fraction))
+        eval_rows = set(order[:n_eval].tolist())
+        split = ["eval" if i in eval_rows else "train" for i in range(len(pairs))]
+        tmp = pairs_path.with_suffix(".jsonl.tmp")
+        with tmp.open("w") as f:
+            for pair, which in zip(pairs, split):
+                f.write(json.dumps({**pair, "split": which, "noise_ceiling": ceiling_all}) + "\n")
+        tmp.replace(pairs_path)
+    train_pairs = [p for p, s in zip(pairs, split) if s == "train"]
+    eval_pairs = [p for p, s in zip(pairs, split) if s == "eval"]
+    # the ceiling of the held-out pairs alone: the bar the held-out accuracy is compared with
+    gold_c = task.gold_scores([p["chosen"] for p in eval_pairs])
+    gold_r = task.gold_scores([p["rejected"] for p in eval_pairs])
+    eval_ceiling = sum(
+        max(q, 1 - q) for q in (1 / (1 + math.exp(-cfg.label_beta * (c - r)))
+                                for c, r in zip(gold_c, gold_r))
+    ) / max(1, len(eval_pairs))
+    timings["pairs_s"] = time.perf_counter() - t0
+
+    # ---- 4. reward model ----
+    t0 = time.perf_counter()
+    if rm_summary is None:
+        rm_summary = _plain(reward.train(cfg.reward, backbone=backbone, tokenizer=tokenizer,
+                                         train_pairs=train_pairs, eval_pairs=eval_pairs))
+        _write_json(out / "rm" / "summary.json", rm_summary)
+    timings["rm_s"] = time.perf_counter() - t0
+
+    # ---- 5. PPO ----
+    t0 = time.perf_counter()
+    if ppo_summary is None:
+        ppo_summary = _plain(ppo.train(cfg.ppo, backbone=backbone, tokenizer=tokenizer,
+                                       prompts=task.all_prompts("train"),
+                                       gold_fn=task.gold_scores))
+        _write_json(out / "ppo" / "summary.json", ppo_summary)
+    timings["ppo_s"] = time.perf_counter() - t0
+
+    # ---- 6. held-out evaluation: SFT vs PPO samples by the gold judge ----
+    t0 = time.perf_counter()
+    heldout = task.ppo_prompts(cfg.eval_samples, seed=cfg.seed + 1, split="heldout")
+    sft_texts, _ = sample_texts(backbone, tokenizer, heldout, None, sampling, cfg.seed + 21,
+                                cfg.sample_batch_size, cfg.ppo.max_prompt_length)
+    ppo_texts, kl = sample_texts(backbone, tokenizer, heldout, "policy", sampling,
+                                 cfg.seed + 22, cfg.sample_batch_size,
+                                 cfg.ppo.max_prompt_length)
+    sft_gold, ppo_gold = task.gold_scores(sft_texts), task.gold_scores(ppo_texts)
+    sft_mean, sft_se = _mean_stderr(sft_gold)
+    ppo_mean, ppo_se = _mean_stderr(ppo_gold)
+    diff_se = math.sqrt(sft_se ** 2 + ppo_se ** 2)
+    kl_mean, kl_se = _mean_stderr(kl)
+    kl_bound = cfg.kl_bound if cfg.kl_bound is not None else cfg.ppo.kl_target
+    timings["eval_s"] = time.perf_counter() - t0
+
+    # ---- 7. write the results ----
+    shutil.copyfile(out / "ppo" / "metrics.jsonl", out / "metrics.jsonl")
+    plot_curves(out / "metrics.jsonl", out / "curves.png")
+    _write_samples(out / "samples.md", heldout, sft_texts, sft_gold, ppo_texts, ppo_gold,
+                   cfg.n_show_samples)
+    timings["total_s"] = time.perf_counter() - started
+    summary = {
+        "reward_model": {
+            "heldout_accuracy": rm_summary.get("eval_accuracy"),
+            "noise_ceiling_heldout": eval_ceiling,
+            "noise_ceiling_all_pairs": ceiling_all,
+            "train_pairs": len(train_pairs),
+            "heldout_pairs": len(eval_pairs),
+        },
+        "gold_heldout": {
+            "n_samples_each": len(heldout),
+            "sft_mean": sft_mean, "sft_stderr": sft_se,
+            "ppo_mean": ppo_mean, "ppo_stderr": ppo_se,
+            "difference": ppo_mean - sft_mean,
+            "difference_stderr": diff_se,
+            "difference_in_stderr": (ppo_mean - sft_mean) / diff_se if diff_se > 0 else 0.0,
+        },
+        "kl_to_reference": {"mean": kl_mean, "stderr": kl_se, "bound": kl_bound,
+                            "within_bound": kl_bound is None or kl_mean <= kl_bound},
+        "ppo_last_iteration": ppo_summary.get("last_metrics", {}),
+        "sft_final_loss": sft_summary.get("final_loss"),
+        "timings_s": timings,
+        "config": asdict(cfg),
+    }
+    _write_json(out / "summary.json", summary)
+    _print_summary(summary, out)
+    return summary
+
+
+def _write_samples(path: Path, prompts, sft_texts, sft_gold, ppo_texts, ppo_gold, n: int):
+    lines = ["# Held-out samples: SFT model (before PPO) vs PPO policy (after)", "",
+             "Gold score = VADER compound sentiment in [-1, 1].", ""]
+    for i in range(min(n, len(prompts))):
+        lines += [f"## {prompts[i]}", "",
+                  f"- before (gold {sft_gold[i]:+.3f}): {sft_texts[i].strip()}",
+                  f"- after  (gold {ppo_gold[i]:+.3f}): {ppo_texts[i].strip()}", ""]
+    path.write_text("\n".join(lines))
+
+
+def _print_summary(summary: dict, out: Path) -> None:
+    rm, gold, kl = summary["reward_model"], summary["gold_heldout"], summary["kl_to_reference"]
+    print(
+        f"\nreward model held-out accuracy {rm['heldout_accuracy']:.3f} "
+        f"(label-noise ceiling {rm['noise_ceiling_heldout']:.3f})\n"
+        f"gold (VADER) on held-out prompts: SFT {gold['sft_mean']:+.3f} +- {gold['sft_stderr']:.3f}"
+        f", PPO {gold['ppo_mean']:+.3f} +- {gold['ppo_stderr']:.3f}; difference "
+        f"{gold['difference']:+.3f} = {gold['difference_in_stderr']:.1f} standard errors\n"
+        f"KL(policy || SFT) {kl['mean']:.2f} +- {kl['stderr']:.2f} nats per response "
+        f"(bound {kl['bound']})\n"
+        f"total {summary['timings_s']['total_s']:.0f} s; outputs in {out}"
+    )

@@ -1,0 +1,459 @@
+"""Stage 3, PPO: one loop, setup -> train -> save.
+
+One iteration::
+
+    prompts --policy adapter, KV cache--> responses                       (rlhf.rollout)
+      -> scores        reward adapter + head at the last real token      SharedBackbone.rewards
+      -> ref_logprobs  adapters off (the SFT model)                       reference_logprobs
+      -> old_logprobs  policy adapter;  old_values  critic adapter + value head
+      -> rewards       -kl_coef * KL per token + score at the last token  rlhf_kernels.shape_rewards
+      -> advantages, returns                                              rlhf_kernels.gae
+      -> whitened advantages                                              rlhf_kernels.masked_whiten
+      -> ppo_epochs x minibatches: clipped policy loss (fused from the hidden states when
+         rlhf_kernels.linear_ppo_loss exists) and clipped value loss      rlhf_kernels
+      -> adaptive KL coefficient update (when kl_target is set)
+
+The critic starts as a copy of the reward adapter and head (``init_critic_from_reward``): its
+first value estimates are the reward model's opinion of the partial text, a much better start than
+a random head. The policy and the critic each get their own backward while their adapter is
+active (what gradient checkpointing needs, see rlhf/models.py), their own gradient clipping and
+learning rate, and share one AdamW and one warm-up + cosine schedule.
+
+Token frame. A rollout of S = P + R columns gives per-token tensors over S - 1 positions: position
+t scores token t + 1 given tokens 0..t. ``Rollout.action_mask`` marks positions whose next token
+is a response token (EOS included); every PPO quantity lives in that frame.
+
+KL. ``kl`` in the metrics is the mean over sequences of the summed per-token k1 estimate
+(logp - ref_logp) of the sampled responses: an unbiased estimate of KL(policy || reference) per
+sequence, in nats. The adaptive controller (Ziegler et al. 2019) nudges ``kl_coef`` so that this
+stays near ``kl_target``: kl_coef *= 1 + clip(kl / kl_target - 1, -0.2, 0.2) * B / kl_horizon.
+
+Non-finite losses: ``nonfinite="error"`` (default) raises with the iteration and the numbers;
+``"skip"`` drops that optimizer step, counts it in the metrics (``skipped_steps``) and warns,
+and still raises after ``max_skipped_steps``.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import rlhf_kernels
+from rlhf.rollout import Generation, SamplingConfig, generate_with_role
+from rlhf.sft import _check_common, resolve_device, warmup_cosine_schedule
+
+__all__ = ["AdaptiveKLController", "PPOConfig", "Rollout", "make_rollout", "train"]
+
+
+@dataclass
+class PPOConfig:
+    """PPO settings (defaults: the built-in task on a CPU in about three minutes)."""
+
+    output_dir: str = "runs/ppo"
+    model: str | None = None  # SharedBackbone directory written by the reward stage
+    dataset: str | None = None  # prompts file (a "prompt" column) or hub name; None: built-in
+    num_iterations: int = 40
+    rollout_batch_size: int = 64
+    minibatch_size: int = 32
+    ppo_epochs: int = 2
+    grad_accum_steps: int = 1
+    max_prompt_length: int = 24
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    lr: float = 2e-3
+    critic_lr: float = 2e-3
+    warmup_steps: int = 5
+    min_lr_ratio: float = 0.5
+    grad_clip: float = 1.0
+    kl_coef: float = 0.05
+    kl_target: float | None = 6.0  # nats per sequence; None: fixed kl_coef
+    kl_horizon: int = 2000  # samples; larger = slower kl_coef adaptation
+    kl_estimator: str = "k1"  # per-token estimator in the shaped reward
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_ratio: float = 0.2
+    value_clip: float = 0.2
+    entropy_coef: float = 0.0
+    score_clip: float | None = 5.0
+    loss_reduction: str = "token-mean"
+    whiten_advantages: bool = True
+    save_every: int = 10  # iterations; 0: only at the end and on Ctrl-C
+    seed: int = 0
+    resume: bool = False
+    device: str = "auto"
+    bf16: bool = True
+    nonfinite: str = "error"
+    max_skipped_steps: int = 10
+    lora_rank: int = 16  # used when the backbone is loaded from ``model``
+    lora_alpha: int = 32
+
+    def __post_init__(self) -> None:
+        _check_common(self.nonfinite, self.grad_accum_steps, self.minibatch_size,
+                      self.num_iterations)
+        if self.rollout_batch_size % (self.minibatch_size * self.grad_accum_steps):
+            raise ValueError(
+                f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
+                f"minibatch_size x grad_accum_steps ({self.minibatch_size} x "
+                f"{self.grad_accum_steps})"
+            )
+        if self.kl_target is not None and not self.kl_target > 0:
+            raise ValueError(f"kl_target must be > 0 nats or None (fixed kl_coef), got "
+                             f"{self.kl_target}")
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(self.max_new_tokens, self.temperature, self.top_k, self.top_p)
+
+
+class AdaptiveKLController:
+    """Proportional controller of the KL coefficient (fixed when ``target`` is None)."""
+
+    def __init__(self, init_coef: float, target: float | None, horizon: int):
+        self.value = init_coef
+        self.target = target
+        self.horizon = horizon
+
+    def update(self, kl: float, n_samples: int) -> float:
+        if self.target is not None:
+            error = max(-0.2, min(0.2, kl / self.target - 1.0))
+            self.value *= 1.0 + error * n_samples / self.horizon
+        return self.value
+
+
+@dataclass
+class Rollout:
+    """Everything one PPO iteration learns from. B rows, S = P + R columns, N = S - 1 positions.
+
+    sequences, attention_mask: (B, S) int64; action_mask: (B, N) float32 (1 where the next token
+    is a response token); old_logprobs, ref_logprobs, old_values, rewards, advantages, returns:
+    (B, N) float32 (0 off the action mask); scores: (B,) float32 reward-model scores.
+    """
+
+    sequences: torch.Tensor
+    attention_mask: torch.Tensor
+    action_mask: torch.Tensor
+    old_logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    old_values: torch.Tensor
+    scores: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+    def rows(self, index: torch.Tensor) -> Rollout:
+        return Rollout(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
+
+
+@torch.no_grad()
+def make_rollout(backbone, generation: Generation, kl_coef: float, cfg: PPOConfig) -> Rollout:
+    """Score a generation and turn it into PPO targets (everything under no_grad)."""
+    seq, mask = generation.sequences, generation.attention_mask
+    batch, width = seq.shape
+    action_mask = torch.zeros(batch, width - 1, dtype=torch.float32, device=seq.device)
+    action_mask[:, generation.prompt_length - 1:] = generation.response_mask.float()
+    scores = backbone.rewards(seq, mask).float()
+    ref_logprobs = backbone.reference_logprobs(seq, mask, temperature=cfg.temperature)
+    old_logprobs = backbone.token_logprobs(seq, mask, role="policy", temperature=cfg.temperature)
+    # value at position t estimates the return from emitting token t + 1 onwards
+    old_values = backbone.values(seq, mask)[:, :-1].float() * action_mask
+    ref_logprobs = ref_logprobs.float() * action_mask
+    old_logprobs = old_logprobs.float() * action_mask
+    rewards = rlhf_kernels.shape_rewards(
+        scores, old_logprobs, ref_logprobs, action_mask, kl_coef,
+        estimator=cfg.kl_estimator, score_clip=cfg.score_clip,
+    )
+    advantages, returns = rlhf_kernels.gae(rewards, old_values, action_mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        advantages = rlhf_kernels.masked_whiten(advantages, action_mask)
+    return Rollout(seq, mask, action_mask, old_logprobs, ref_logprobs, old_values, scores,
+                   rewards, advantages, returns)
+
+
+def policy_loss(backbone, batch: Rollout, cfg: PPOConfig):
+    """Clipped PPO policy loss of a minibatch -> (loss (), stats dict of detached tensors).
+
+    Fused path: hidden states of the policy x lm_head straight into ``linear_ppo_loss`` (no
+    (B, N, V) logits); otherwise token log-probs (``linear_logprobs`` inside the backbone) and
+    ``ppo_policy_loss``. Both return the mean entropy of the policy over response tokens.
+    """
+    labels = torch.where(batch.action_mask > 0, batch.sequences[:, 1:],
+                         torch.full_like(batch.sequences[:, 1:], -100))
+    fused = getattr(rlhf_kernels, "linear_ppo_loss", None)
+    common = dict(clip_low=cfg.clip_ratio, clip_high=cfg.clip_ratio, reduction=cfg.loss_reduction)
+    if fused is not None:
+        hidden = backbone.hidden_states(batch.sequences, batch.attention_mask, "policy")[:, :-1]
+        loss, stats = fused(
+            hidden, backbone.lm_head_weight(), labels, batch.old_logprobs, batch.advantages,
+            batch.action_mask, bias=backbone.lm_head_bias(), entropy_coef=cfg.entropy_coef,
+            temperature=cfg.temperature, **common,
+        )
+        return loss, stats
+    logp, entropy = backbone.token_logprobs(batch.sequences, batch.attention_mask, role="policy",
+                                            temperature=cfg.temperature, return_entropy=True)
+    loss, stats = rlhf_kernels.ppo_policy_loss(logp, batch.old_logprobs, batch.advantages,
+                                               batch.action_mask, **common)
+    mask = batch.action_mask
+    mean_entropy = (entropy * mask).sum() / mask.sum().clamp_min(1)
+    if cfg.entropy_coef:
+        loss = loss - cfg.entropy_coef * mean_entropy
+    stats = dict(stats)
+    stats["entropy"] = mean_entropy.detach()
+    return loss, stats
+
+
+def value_loss(backbone, batch: Rollout, cfg: PPOConfig):
+    """Clipped value loss of a minibatch -> (loss (), stats)."""
+    values = backbone.values(batch.sequences, batch.attention_mask)[:, :-1].float()
+    return rlhf_kernels.ppo_value_loss(values, batch.old_values, batch.returns, batch.action_mask,
+                                       clip=cfg.value_clip, reduction=cfg.loss_reduction)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # CPU: peak resident set size of the process (Linux reports KiB)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _named_trainable(backbone):
+    wanted = {id(p) for role in ("policy", "critic") for p in backbone.trainable_parameters(role)}
+    return [(name, p) for name, p in backbone.named_parameters() if id(p) in wanted]
+
+
+def _save(directory: Path, backbone, optimizer, scheduler, iteration: int, kl_coef: float,
+          cfg: PPOConfig) -> None:
+    from rlhf.checkpoint import save_state
+
+    params = {name: p.detach().cpu() for name, p in _named_trainable(backbone)}
+    save_state(directory, iteration=iteration, kl_coef=kl_coef, params=params,
+               optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+               config=asdict(cfg))
+
+
+def encode_prompts(prompts: Sequence[str], tokenizer, max_length: int):
+    """Prompts -> (ids, mask) (N, P) int64, LEFT-padded for generation (rlhf.data)."""
+    from rlhf import data
+
+    enc = data.tokenize_prompts(prompts, tokenizer, max_length=max_length)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def train(
+    cfg: PPOConfig,
+    *,
+    backbone=None,
+    tokenizer=None,
+    prompts: Sequence[str] | None = None,
+    gold_fn: Callable[[list[str]], list[float]] | None = None,
+    on_iteration: Callable[[int, dict], None] | None = None,
+) -> dict:
+    """Run PPO; returns a summary (last metrics, output paths).
+
+    ``backbone`` (a SharedBackbone with trained reward adapter), ``tokenizer`` and ``prompts``
+    replace what ``cfg`` would load. ``gold_fn(response_texts) -> scores`` is a judge that PPO
+    does not optimise (VADER on the built-in task), logged beside the proxy reward.
+    ``on_iteration(iteration, metrics)`` runs after every iteration (tests interrupt with it).
+    """
+    from rlhf import checkpoint, data
+    from rlhf.metrics import MetricsLogger
+    from rlhf.models import LoraSpec, SharedBackbone
+
+    # ---- setup ----
+    if backbone is None:
+        if cfg.model is None:
+            raise ValueError("PPOConfig.model is required: the backbone directory of the reward "
+                             "stage (it holds the trained reward adapter)")
+        from transformers import AutoTokenizer
+
+        backbone = SharedBackbone.load(cfg.model,
+                                       lora=LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha))
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(cfg.model)
+    if prompts is None:
+        if cfg.dataset is None:
+            from rlhf import task
+
+            prompts = task.all_prompts("train")
+        else:
+            prompts = [row["prompt"] for row in data.load_prompt_dataset(cfg.dataset)]
+    if len(prompts) == 0:
+        raise ValueError("PPO needs at least one prompt; the prompt dataset is empty")
+    prompt_ids, prompt_mask = encode_prompts(prompts, tokenizer, cfg.max_prompt_length)
+    device = resolve_device(cfg.device)
+    backbone.to(device)
+    backbone.init_critic_from_reward()
+    policy_params = backbone.trainable_parameters("policy")
+    critic_params = backbone.trainable_parameters("critic")
+    optimizer = torch.optim.AdamW(
+        [{"params": policy_params, "lr": cfg.lr}, {"params": critic_params, "lr": cfg.critic_lr}],
+        weight_decay=0.0, eps=1e-6,
+    )
+    minibatches = cfg.rollout_batch_size // cfg.minibatch_size
+    steps_per_iteration = cfg.ppo_epochs * minibatches // cfg.grad_accum_steps
+    scheduler = warmup_cosine_schedule(optimizer, cfg.warmup_steps,
+                                       cfg.num_iterations * steps_per_iteration, cfg.min_lr_ratio)
+    kl_controller = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    autocast_dtype = torch.bfloat16 if (device.type == "cuda" and cfg.bf16) else None
+    out_dir = Path(cfg.output_dir)
+    ckpt_root = out_dir / "checkpoints"
+    iteration = 0
+    if cfg.resume:
+        last = checkpoint.latest_checkpoint(ckpt_root)
+        if last is not None:
+            state = checkpoint.load_state(last)
+            named = dict(_named_trainable(backbone))
+            with torch.no_grad():
+                for name, value in state["params"].items():
+                    named[name].copy_(value)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            kl_controller.value = float(state["kl_coef"])
+            iteration = int(state["iteration"])
+            print(f"[ppo] resumed from {last} at iteration {iteration}")
+    logger = MetricsLogger(out_dir / "metrics.jsonl", append=cfg.resume and iteration > 0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    # ---- train ----
+    skipped = 0
+    metrics: dict = {}
+    progress = tqdm(total=cfg.num_iterations, initial=iteration, desc="ppo", dynamic_ncols=True)
+    try:
+        while iteration < cfg.num_iterations:
+            started = time.perf_counter()
+            # every random draw of an iteration comes from its own generator: resuming replays
+            # exactly the prompts, samples and minibatches of an uninterrupted run
+            rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration)
+            rows = torch.randint(len(prompts), (cfg.rollout_batch_size,), generator=rng)
+            ids, mask = prompt_ids[rows], prompt_mask[rows]
+            keep = int(mask.sum(-1).max())  # left padding: drop all-pad columns on the left
+            ids, mask = ids[:, -keep:].to(device), mask[:, -keep:].to(device)
+            backbone.eval()
+            generation = generate_with_role(
+                backbone, "policy", ids, mask, cfg.sampling, tokenizer.eos_token_id,
+                tokenizer.pad_token_id, generator=rng, autocast_dtype=autocast_dtype)
+            rollout_time = time.perf_counter() - started
+            with torch.autocast(device.type, dtype=autocast_dtype,
+                                enabled=autocast_dtype is not None):
+                rollout = make_rollout(backbone, generation, kl_controller.value, cfg)
+            backbone.train()
+
+            sums: dict[str, float] = {}
+            n_stats = 0
+            for _epoch in range(cfg.ppo_epochs):
+                order = torch.randperm(cfg.rollout_batch_size, generator=rng).to(device)
+                for first in range(0, cfg.rollout_batch_size,
+                                   cfg.minibatch_size * cfg.grad_accum_steps):
+                    step_losses = []
+                    for k in range(cfg.grad_accum_steps):
+                        start = first + k * cfg.minibatch_size
+                        batch = rollout.rows(order[start:start + cfg.minibatch_size])
+                        with torch.autocast(device.type, dtype=autocast_dtype,
+                                            enabled=autocast_dtype is not None):
+                            p_loss, p_stats = policy_loss(backbone, batch, cfg)
+                        (p_loss / cfg.grad_accum_steps).backward()  # policy adapter active
+                        with torch.autocast(device.type, dtype=autocast_dtype,
+                                            enabled=autocast_dtype is not None):
+                            v_loss, v_stats = value_loss(backbone, batch, cfg)
+                        (v_loss / cfg.grad_accum_steps).backward()  # critic adapter active
+                        step_losses += [float(p_loss.detach()), float(v_loss.detach())]
+                        for key, value in p_stats.items():
+                            sums[f"policy/{key}"] = sums.get(f"policy/{key}", 0.0) + float(value)
+                        for key, value in v_stats.items():
+                            sums[f"value/{key}"] = sums.get(f"value/{key}", 0.0) + float(value)
+                        sums["policy/loss"] = sums.get("policy/loss", 0.0) + step_losses[-2]
+                        sums["value/loss"] = sums.get("value/loss", 0.0) + step_losses[-1]
+                        n_stats += 1
+                    policy_norm = float(torch.nn.utils.clip_grad_norm_(policy_params,
+                                                                       cfg.grad_clip))
+                    critic_norm = float(torch.nn.utils.clip_grad_norm_(critic_params,
+                                                                       cfg.grad_clip))
+                    finite = all(math.isfinite(x) for x in step_losses + [policy_norm,
+                                                                          critic_norm])
+                    if not finite:
+                        optimizer.zero_grad(set_to_none=True)
+                        if cfg.nonfinite == "error" or skipped >= cfg.max_skipped_steps:
+                            raise FloatingPointError(
+                                f"[ppo] non-finite loss or gradient at iteration {iteration} "
+                                f"(losses {step_losses}, grad norms {policy_norm}, "
+                                f"{critic_norm}); lower lr or set nonfinite=skip"
+                            )
+                        skipped += 1
+                        warnings.warn(f"[ppo] skipped an optimizer step at iteration "
+                                      f"{iteration}: non-finite loss ({skipped} so far)",
+                                      stacklevel=1)
+                    else:
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
+
+            # ---- per-iteration metrics ----
+            am = rollout.action_mask
+            kl_per_seq = ((rollout.old_logprobs - rollout.ref_logprobs) * am).sum(-1)
+            mean_kl = float(kl_per_seq.mean())
+            n_response_tokens = int(am.sum())
+            elapsed = time.perf_counter() - started
+            metrics = {
+                "iteration": iteration + 1,
+                "proxy_reward": float(rollout.scores.mean()),
+                "kl": mean_kl,
+                "kl_coef": kl_controller.value,
+                "non_score_reward": float(
+                    (-kl_controller.value * kl_per_seq).mean()),
+                "response_length": float(am.sum(-1).mean()),
+                **{key: value / max(1, n_stats) for key, value in sums.items()},
+                "lr": scheduler.get_last_lr()[0],
+                "skipped_steps": skipped,
+                "rollout_s": rollout_time,
+                "iteration_s": elapsed,
+                "tokens_per_s": n_response_tokens / max(elapsed, 1e-9),
+                "peak_memory_mb": _peak_memory_mb(device),
+            }
+            if gold_fn is not None:
+                texts = decode_responses(tokenizer, generation)
+                metrics["gold_reward"] = float(sum(gold_fn(texts)) / len(texts))
+            kl_controller.update(mean_kl, cfg.rollout_batch_size)
+            iteration += 1
+            logger.log(metrics, step=iteration)
+            progress.update(1)
+            progress.set_postfix(reward=f"{metrics['proxy_reward']:.2f}", kl=f"{mean_kl:.2f}",
+                                 gold=f"{metrics.get('gold_reward', float('nan')):.2f}")
+            if on_iteration is not None:
+                on_iteration(iteration, metrics)
+            if cfg.save_every and iteration % cfg.save_every == 0 \
+                    and iteration < cfg.num_iterations:
+                _save(ckpt_root / f"step-{iteration:07d}", backbone, optimizer, scheduler,
+                      iteration, kl_controller.value, cfg)
+    except KeyboardInterrupt:
+        _save(ckpt_root / f"step-{iteration:07d}", backbone, optimizer, scheduler, iteration,
+              kl_controller.value, cfg)
+        print(f"\n[ppo] interrupted at iteration {iteration}; checkpoint saved, continue with "
+              "resume=True")
+        raise
+    finally:
+        progress.close()
+        logger.close()
+
+    # ---- save ----
+    _save(ckpt_root / f"step-{iteration:07d}", backbone, optimizer, scheduler, iteration,
+          kl_controller.value, cfg)
+    backbone.save(out_dir / "backbone")
+    return {"stage": "ppo", "iterations": iteration, "skipped_steps": skipped,
+            "final_kl_coef": kl_controller.value, "last_metrics": metrics,
+            "backbone_dir": str(out_dir / "backbone")}
+
+
+def decode_responses(tokenizer, generation: Generation) -> list[str]:
+    """Response texts of a generation (special tokens and padding dropped)."""
+    ids = generation.response_ids.masked_fill(~generation.response_mask,
+                                              tokenizer.pad_token_id)
+    return tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)

@@ -1,0 +1,302 @@
+"""Stage 2, the reward model: one loop, setup -> train -> save.
+
+The reward model is the shared backbone with its ``reward`` LoRA adapter and a scalar reward head
+read at the last real token (``SharedBackbone.rewards``). Loss: Bradley-Terry,
+``rlhf_kernels.bradley_terry_loss``: -log sigmoid(r_chosen - r_rejected), plus a small centring
+term coef * mean((r_c + r_r)^2) that pins the reward's free offset near 0 (PPO then sees scores
+of a stable scale). Chosen and rejected texts go through the backbone in one forward of 2B rows.
+
+Held-out accuracy (fraction of held-out pairs where r_chosen > r_rejected) is measured every
+``eval_every`` steps and at the end. On the built-in task the labels are noisy, so the best any
+reward model can reach is the noise ceiling the pipeline reports beside it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import rlhf_kernels
+from rlhf.sft import _check_common, resolve_device, warmup_cosine_schedule
+
+__all__ = ["PairBatch", "RewardConfig", "evaluate", "pair_loss", "train"]
+
+
+@dataclass
+class RewardConfig:
+    """Reward-model settings (defaults: the built-in task on a CPU in well under a minute)."""
+
+    output_dir: str = "runs/rm"
+    model: str | None = None  # SFT model dir / hub name; the backbone gets the reward adapter
+    dataset: str | None = None  # preference pairs file (prompt/chosen/rejected) or hub name
+    eval_fraction: float = 0.2  # held-out share of the pairs when no eval set is given
+    max_length: int = 80
+    batch_size: int = 32
+    grad_accum_steps: int = 1
+    epochs: float = 2.0
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    center_coef: float = 0.01
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the end
+    save_every: int = 0  # 0: only at the end (and on Ctrl-C)
+    resume: bool = False
+    device: str = "auto"
+    bf16: bool = True
+    nonfinite: str = "error"
+    max_skipped_steps: int = 10
+
+    def __post_init__(self) -> None:
+        _check_common(self.nonfinite, self.grad_accum_steps, self.batch_size, 1)
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if not self.epochs > 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+
+
+@dataclass
+class PairBatch:
+    """Tokenised preference pairs, each side right-padded to its own length.
+
+    chosen_ids, chosen_mask: (N, Tc) int64; rejected_ids, rejected_mask: (N, Tr) int64.
+    """
+
+    chosen_ids: torch.Tensor
+    chosen_mask: torch.Tensor
+    rejected_ids: torch.Tensor
+    rejected_mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.chosen_ids.shape[0]
+
+    def select(self, index: torch.Tensor, device: torch.device) -> PairBatch:
+        """Rows ``index``, trimmed to the longest row of the selection, moved to ``device``."""
+
+        def take(ids, mask):
+            ids, mask = ids[index], mask[index]
+            width = int(mask.sum(-1).max()) if len(index) else 0
+            # right padding: the real tokens are the first ``width`` columns
+            return ids[:, :width].to(device), mask[:, :width].to(device)
+
+        c_ids, c_mask = take(self.chosen_ids, self.chosen_mask)
+        r_ids, r_mask = take(self.rejected_ids, self.rejected_mask)
+        return PairBatch(c_ids, c_mask, r_ids, r_mask)
+
+
+def encode_pairs(pairs: Sequence[dict], tokenizer, max_length: int) -> PairBatch:
+    """Preference records -> PairBatch, through ``rlhf.data.tokenize_preferences``."""
+    from rlhf import data
+
+    enc = data.tokenize_preferences(pairs, tokenizer, max_length=max_length)
+    return PairBatch(enc["chosen_input_ids"], enc["chosen_attention_mask"],
+                     enc["rejected_input_ids"], enc["rejected_attention_mask"])
+
+
+def _pad_cat(a: torch.Tensor, b: torch.Tensor, value: int) -> torch.Tensor:
+    """Stack two right-padded (N, Ta) and (N, Tb) tensors into (2N, max(Ta, Tb))."""
+    width = max(a.shape[1], b.shape[1])
+    a = torch.nn.functional.pad(a, (0, width - a.shape[1]), value=value)
+    b = torch.nn.functional.pad(b, (0, width - b.shape[1]), value=value)
+    return torch.cat([a, b], dim=0)
+
+
+def pair_rewards(backbone, batch: PairBatch, pad_token_id: int):
+    """Rewards of both sides in one forward: -> (chosen (N,), rejected (N,)) fp32."""
+    ids = _pad_cat(batch.chosen_ids, batch.rejected_ids, pad_token_id)
+    mask = _pad_cat(batch.chosen_mask, batch.rejected_mask, 0)
+    rewards = backbone.rewards(ids, mask)
+    n = len(batch)
+    return rewards[:n], rewards[n:]
+
+
+def pair_loss(backbone, batch: PairBatch, pad_token_id: int, center_coef: float):
+    """Bradley-Terry loss of a batch of pairs -> (loss (), stats of detached floats)."""
+    chosen, rejected = pair_rewards(backbone, batch, pad_token_id)
+    loss, stats = rlhf_kernels.bradley_terry_loss(chosen, rejected, center_coef=center_coef)
+    return loss, {k: float(v) for k, v in stats.items()}
+
+
+@torch.no_grad()
+def evaluate(backbone, pairs: PairBatch, pad_token_id: int, batch_size: int = 128) -> dict:
+    """Held-out Bradley-Terry loss and accuracy over every pair (no centring term)."""
+    device = backbone.device
+    losses, correct, n = 0.0, 0.0, len(pairs)
+    for start in range(0, n, batch_size):
+        index = torch.arange(start, min(n, start + batch_size))
+        chosen, rejected = pair_rewards(backbone, pairs.select(index, device), pad_token_id)
+        loss, stats = rlhf_kernels.bradley_terry_loss(chosen, rejected)
+        losses += float(loss) * len(index)
+        correct += float(stats["accuracy"]) * len(index)
+    return {"eval_loss": losses / max(1, n), "eval_accuracy": correct / max(1, n),
+            "eval_pairs": n}
+
+
+def _split(pairs: PairBatch, eval_fraction: float, seed: int) -> tuple[PairBatch, PairBatch]:
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed))
+    n_eval = int(round(len(pairs) * eval_fraction))
+    return pairs.select(order[n_eval:], torch.device("cpu")), \
+        pairs.select(order[:n_eval], torch.device("cpu"))
+
+
+def _save(directory: Path, backbone, optimizer, scheduler, step: int, cfg) -> None:
+    from rlhf.checkpoint import save_state
+
+    params = {name: p.detach().cpu() for name, p in _named_trainable(backbone)}
+    save_state(directory, step=step, params=params, optimizer=optimizer.state_dict(),
+               scheduler=scheduler.state_dict(), config=asdict(cfg))
+
+
+def _named_trainable(backbone):
+    wanted = {id(p) for p in backbone.trainable_parameters("reward")}
+    return [(name, p) for name, p in backbone.named_parameters() if id(p) in wanted]
+
+
+def train(
+    cfg: RewardConfig,
+    *,
+    backbone=None,
+    tokenizer=None,
+    train_pairs: Sequence[dict] | None = None,
+    eval_pairs: Sequence[dict] | None = None,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> dict:
+    """Train the reward adapter + head; returns a summary with the held-out accuracy.
+
+    ``backbone`` (a SharedBackbone), ``tokenizer`` and the pair lists replace what ``cfg`` would
+    load. Without ``eval_pairs``, ``eval_fraction`` of the pairs is held out.
+    """
+    from rlhf import checkpoint, data
+    from rlhf.metrics import MetricsLogger
+    from rlhf.models import LoraSpec, SharedBackbone
+
+    # ---- setup ----
+    if backbone is None:
+        if cfg.model is None:
+            raise ValueError("RewardConfig.model is required: the SFT model directory or hub name")
+        from transformers import AutoTokenizer
+
+        backbone = SharedBackbone.from_pretrained(
+            cfg.model, lora=LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha))
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(cfg.model)
+    if train_pairs is None:
+        if cfg.dataset is None:
+            raise ValueError("RewardConfig.dataset is required: a prompt/chosen/rejected file")
+        train_pairs = data.load_preference_dataset(cfg.dataset)
+    pad_id = tokenizer.pad_token_id
+    train_set = encode_pairs(train_pairs, tokenizer, cfg.max_length)
+    if eval_pairs is not None:
+        eval_set = encode_pairs(eval_pairs, tokenizer, cfg.max_length)
+    else:
+        train_set, eval_set = _split(train_set, cfg.eval_fraction, cfg.seed)
+    if len(train_set) == 0:
+        raise ValueError("no training pairs left for the reward model (empty dataset?)")
+    device = resolve_device(cfg.device)
+    backbone.to(device)
+    backbone.train()
+    params = backbone.trainable_parameters("reward")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, len(train_set) // (cfg.batch_size * cfg.grad_accum_steps))
+    max_steps = max(1, int(round(cfg.epochs * steps_per_epoch)))
+    scheduler = warmup_cosine_schedule(optimizer, cfg.warmup_steps, max_steps, cfg.min_lr_ratio)
+    autocast_dtype = torch.bfloat16 if (device.type == "cuda" and cfg.bf16) else None
+    out_dir = Path(cfg.output_dir)
+    ckpt_root = out_dir / "checkpoints"
+    step = 0
+    if cfg.resume:
+        last = checkpoint.latest_checkpoint(ckpt_root)
+        if last is not None:
+            state = checkpoint.load_state(last)
+            named = dict(_named_trainable(backbone))
+            with torch.no_grad():
+                for name, value in state["params"].items():
+                    named[name].copy_(value)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            step = int(state["step"])
+            print(f"[rm] resumed from {last} at step {step}")
+    logger = MetricsLogger(out_dir / "metrics.jsonl", append=cfg.resume and step > 0)
+
+    # ---- train ----
+    skipped = 0
+    metrics: dict = {}
+    progress = tqdm(total=max_steps, initial=step, desc="reward model", dynamic_ncols=True)
+    try:
+        while step < max_steps:
+            started = time.perf_counter()
+            stats_sum: dict[str, float] = {}
+            total_loss = 0.0
+            for k in range(cfg.grad_accum_steps):
+                micro_step = step * cfg.grad_accum_steps + k
+                epoch, index = divmod(micro_step, steps_per_epoch * cfg.grad_accum_steps)
+                order = torch.randperm(
+                    len(train_set), generator=torch.Generator().manual_seed(cfg.seed * 31 + epoch))
+                rows = order[index * cfg.batch_size:(index + 1) * cfg.batch_size]
+                batch = train_set.select(rows, device)
+                with torch.autocast(device.type, dtype=autocast_dtype,
+                                    enabled=autocast_dtype is not None):
+                    loss, stats = pair_loss(backbone, batch, pad_id, cfg.center_coef)
+                (loss / cfg.grad_accum_steps).backward()
+                total_loss += float(loss.detach()) / cfg.grad_accum_steps
+                for key, value in stats.items():
+                    stats_sum[key] = stats_sum.get(key, 0.0) + value / cfg.grad_accum_steps
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+            if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
+                if cfg.nonfinite == "error" or skipped >= cfg.max_skipped_steps:
+                    raise FloatingPointError(
+                        f"[rm] non-finite loss {total_loss} or grad norm {grad_norm} at step "
+                        f"{step}; lower lr or set nonfinite=skip to drop such steps"
+                    )
+                skipped += 1
+                warnings.warn(f"[rm] skipped step {step}: non-finite loss ({skipped} so far)",
+                              stacklevel=1)
+            else:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            progress.update(1)
+            metrics = {"step": step, "loss": total_loss, "grad_norm": grad_norm,
+                       "lr": scheduler.get_last_lr()[0], "skipped_steps": skipped,
+                       "pairs_per_s": cfg.batch_size * cfg.grad_accum_steps
+                       / max(time.perf_counter() - started, 1e-9),
+                       **{f"train_{k}": v for k, v in stats_sum.items()}}
+            if cfg.eval_every and step % cfg.eval_every == 0 and len(eval_set):
+                metrics.update(evaluate(backbone, eval_set, pad_id))
+            if step % cfg.log_every == 0 or step == max_steps or "eval_accuracy" in metrics:
+                logger.log(metrics, step=step)
+                progress.set_postfix(loss=f"{total_loss:.3f}",
+                                     acc=f"{stats_sum.get('accuracy', 0):.2f}")
+            if on_step is not None:
+                on_step(step, metrics)
+            if cfg.save_every and step % cfg.save_every == 0 and step < max_steps:
+                _save(ckpt_root / f"step-{step:07d}", backbone, optimizer, scheduler, step, cfg)
+    except KeyboardInterrupt:
+        _save(ckpt_root / f"step-{step:07d}", backbone, optimizer, scheduler, step, cfg)
+        print(f"\n[rm] interrupted at step {step}; checkpoint saved, continue with resume=True")
+        raise
+    finally:
+        progress.close()
+
+    # ---- save ----
+    final = evaluate(backbone, eval_set, pad_id) if len(eval_set) else {}
+    logger.log({"step": step, **final}, step=step)
+    logger.close()
+    _save(ckpt_root / f"step-{step:07d}", backbone, optimizer, scheduler, step, cfg)
+    backbone.save(out_dir / "backbone")
+    return {"stage": "reward", "steps": step, "final_loss": metrics.get("loss"),
+            "skipped_steps": skipped, "train_pairs": len(train_set), **final,
+            "backbone_dir": str(out_dir / "backbone")}

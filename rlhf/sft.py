@@ -1,0 +1,326 @@
+"""Stage 1, supervised fine-tuning: one loop, setup -> train -> save.
+
+Loss: the causal-LM negative log-likelihood of the *response* tokens only (prompt tokens and
+padding carry label -100), averaged over the response tokens of the whole optimizer step (all
+gradient-accumulation micro-batches together). The token log-likelihoods come from
+``rlhf_kernels.linear_logprobs`` (hidden states x lm_head, no (B, T, V) logits) when the kernel
+library has it, else from ``rlhf_kernels.logprobs`` on the logits.
+
+On the built-in task (``model=None``, ``dataset=None``) the stage builds the review corpus, trains
+a tokenizer on it and trains a tiny Llama from scratch with full weights; the pipeline then wraps
+the result in ``SharedBackbone`` (adapters are added after SFT). With ``model`` set, any local or
+hub causal LM is fine-tuned with full weights.
+
+Checkpoints (atomic, every ``save_every`` steps, on Ctrl-C and at the end) hold the model weights,
+the optimizer and scheduler states and the step. The data order is a pure function of
+(seed, epoch), so a resumed run sees exactly the batches an uninterrupted run would have seen
+and logs the same metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import rlhf_kernels
+
+__all__ = [
+    "SFTConfig",
+    "lm_loss",
+    "resolve_device",
+    "train",
+    "warmup_cosine_schedule",
+]
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning settings (defaults: the built-in task on a CPU in about a minute)."""
+
+    output_dir: str = "runs/sft"
+    model: str | None = None  # local dir or hub name of a causal LM; None: tiny Llama from scratch
+    tokenizer: str | None = None  # defaults to ``model``; built-in task: trained on the corpus
+    dataset: str | None = None  # local JSON/JSONL/Parquet or hub name; None: the built-in corpus
+    corpus_size: int = 4000  # built-in task only
+    vocab_size: int = 1024  # built-in task only
+    max_length: int = 64
+    batch_size: int = 32
+    grad_accum_steps: int = 1
+    max_steps: int = 450
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 200
+    resume: bool = False
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    nonfinite: str = "error"  # "error": raise; "skip": drop that optimizer step (counted, warned)
+    max_skipped_steps: int = 10
+
+    def __post_init__(self) -> None:
+        _check_common(self.nonfinite, self.grad_accum_steps, self.batch_size, self.max_steps)
+
+
+def _check_common(nonfinite: str, grad_accum_steps: int, batch_size: int, steps: int) -> None:
+    if nonfinite not in ("error", "skip"):
+        raise ValueError(f"nonfinite must be 'error' or 'skip', got {nonfinite!r}")
+    for name, value in (("grad_accum_steps", grad_accum_steps), ("batch_size", batch_size),
+                        ("steps", steps)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" -> cuda when available else cpu; anything else is passed to torch.device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def warmup_cosine_schedule(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.1
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from 0 over ``warmup_steps``, then cosine decay to ``min_ratio`` x lr."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def token_logprobs_of(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      labels: torch.Tensor) -> torch.Tensor:
+    """Log-likelihood of each next token under a Hugging Face causal LM.
+
+    input_ids, attention_mask, labels: (B, T). Returns (B, T - 1) fp32: the log-probability of
+    labels[:, 1:] given the prefix; positions with label -100 give 0. Uses the fused
+    hidden x lm_head op when rlhf_kernels has it, so no (B, T, V) logits tensor is built.
+    """
+    targets = labels[:, 1:]
+    linear_logprobs = getattr(rlhf_kernels, "linear_logprobs", None)
+    lm_head = model.get_output_embeddings()
+    if linear_logprobs is not None and isinstance(lm_head, torch.nn.Linear):
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)[0]
+        return linear_logprobs(hidden[:, :-1], lm_head.weight, targets, bias=lm_head.bias)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return rlhf_kernels.logprobs(logits[:, :-1], targets)
+
+
+def lm_loss(logp: torch.Tensor, labels: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """Sum of the response-token NLL of this micro-batch divided by the tokens of the whole step.
+
+    logp (B, T - 1) from ``token_logprobs_of``; labels (B, T) with -100 off the response.
+    Dividing by the step's token count (not the micro-batch's) makes accumulation exact.
+    """
+    mask = (labels[:, 1:] != -100).to(logp.dtype)
+    return -(logp * mask).sum() / max(1, n_tokens)
+
+
+# ----------------------------------------------------------------------------------------------
+# setup helpers
+# ----------------------------------------------------------------------------------------------
+def _builtin_setup(cfg: SFTConfig):
+    """The built-in task: corpus, tokenizer trained on it, tiny Llama from scratch."""
+    from transformers import LlamaForCausalLM
+
+    from rlhf import task
+
+    corpus = task.make_corpus(cfg.corpus_size, seed=cfg.seed)
+    tokenizer = task.train_tokenizer(
+        [ex["prompt"] + ex["completion"] for ex in corpus], vocab_size=cfg.vocab_size
+    )
+    torch.manual_seed(cfg.seed)
+    model = LlamaForCausalLM(task.tiny_llama_config(tokenizer))
+    return model, tokenizer, corpus
+
+
+def _load_model_and_data(cfg: SFTConfig):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf import data
+
+    if cfg.model is None and cfg.dataset is None:
+        return _builtin_setup(cfg)
+    if cfg.model is None or cfg.dataset is None:
+        raise ValueError(
+            "SFT needs both `model` and `dataset`, or neither (the built-in task); got "
+            f"model={cfg.model!r}, dataset={cfg.dataset!r}"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model)
+    examples = data.load_sft_dataset(cfg.dataset)
+    return model, tokenizer, examples
+
+
+def _batch_indices(n_examples: int, batch_size: int, micro_step: int, seed: int) -> torch.Tensor:
+    """Example indices of global micro-batch ``micro_step``: a fresh permutation each epoch,
+    determined by (seed, epoch) alone so that resuming replays the same order."""
+    per_epoch = max(1, n_examples // batch_size)
+    epoch, index = divmod(micro_step, per_epoch)
+    order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    return order[index * batch_size:(index + 1) * batch_size]
+
+
+def _save(directory: Path, model, optimizer, scheduler, step: int, cfg) -> None:
+    from rlhf.checkpoint import save_state
+
+    params = {name: t.detach().cpu() for name, t in model.state_dict().items()}
+    save_state(directory, step=step, params=params, optimizer=optimizer.state_dict(),
+               scheduler=scheduler.state_dict(), config=asdict(cfg))
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop
+# ----------------------------------------------------------------------------------------------
+def train(
+    cfg: SFTConfig,
+    *,
+    model=None,
+    tokenizer=None,
+    examples: Sequence[dict] | None = None,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> dict:
+    """Run SFT; returns a summary dict (final loss, steps, output paths, the trained model).
+
+    ``model``/``tokenizer``/``examples`` (SFT records with prompt/completion or messages) replace
+    what ``cfg`` would load; the pipeline passes them. ``on_step(step, metrics)`` is called after
+    every optimizer step (tests use it to interrupt a run).
+    """
+    from rlhf import checkpoint, data
+    from rlhf.metrics import MetricsLogger
+
+    # ---- setup ----
+    if model is None or tokenizer is None or examples is None:
+        loaded = _load_model_and_data(cfg)
+        model = model if model is not None else loaded[0]
+        tokenizer = tokenizer if tokenizer is not None else loaded[1]
+        examples = examples if examples is not None else loaded[2]
+    device = resolve_device(cfg.device)
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    encoded = data.tokenize_sft(examples, tokenizer, max_length=cfg.max_length)
+    input_ids, attention_mask, labels = (
+        encoded["input_ids"], encoded["attention_mask"], encoded["labels"]
+    )
+    n_examples = input_ids.shape[0]
+    if n_examples == 0:
+        raise ValueError("the SFT dataset is empty after tokenisation; nothing to train on")
+    model.to(device)
+    model.train()
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.95),
+    )
+    scheduler = warmup_cosine_schedule(optimizer, cfg.warmup_steps, cfg.max_steps,
+                                       cfg.min_lr_ratio)
+    autocast_dtype = torch.bfloat16 if (device.type == "cuda" and cfg.bf16) else None
+    step = 0
+    ckpt_root = out_dir / "checkpoints"
+    if cfg.resume:
+        last = checkpoint.latest_checkpoint(ckpt_root)
+        if last is not None:
+            state = checkpoint.load_state(last)
+            model.load_state_dict(state["params"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            step = int(state["step"])
+            print(f"[sft] resumed from {last} at step {step}")
+    logger = MetricsLogger(out_dir / "metrics.jsonl", append=cfg.resume and step > 0)
+
+    # ---- train ----
+    skipped = 0
+    last_metrics: dict = {}
+    progress = tqdm(total=cfg.max_steps, initial=step, desc="sft", dynamic_ncols=True)
+    try:
+        while step < cfg.max_steps:
+            started = time.perf_counter()
+            micro = [
+                _batch_indices(n_examples, cfg.batch_size, step * cfg.grad_accum_steps + k,
+                               cfg.seed)
+                for k in range(cfg.grad_accum_steps)
+            ]
+            n_tokens = int(sum((labels[idx, 1:] != -100).sum() for idx in micro))
+            total_loss = 0.0
+            for idx in micro:
+                ids = input_ids[idx].to(device)
+                mask = attention_mask[idx].to(device)
+                lab = labels[idx].to(device)
+                with torch.autocast(device.type, dtype=autocast_dtype,
+                                    enabled=autocast_dtype is not None):
+                    logp = token_logprobs_of(model, ids, mask, lab)
+                loss = lm_loss(logp, lab, n_tokens)
+                loss.backward()
+                total_loss += float(loss.detach())
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
+                if cfg.nonfinite == "error" or skipped >= cfg.max_skipped_steps:
+                    raise FloatingPointError(
+                        f"[sft] non-finite loss {total_loss} or grad norm {grad_norm} at step "
+                        f"{step}; lower lr (now {scheduler.get_last_lr()[0]:.2e}) or set "
+                        "nonfinite=skip to drop such steps"
+                    )
+                skipped += 1
+                warnings.warn(f"[sft] skipped step {step}: non-finite loss ({skipped} so far)",
+                              stacklevel=1)
+                scheduler.step()
+                step += 1
+                progress.update(1)
+                continue
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            progress.update(1)
+            elapsed = time.perf_counter() - started
+            last_metrics = {
+                "step": step, "loss": total_loss, "grad_norm": grad_norm,
+                "lr": scheduler.get_last_lr()[0], "tokens_per_s": n_tokens / max(elapsed, 1e-9),
+                "skipped_steps": skipped,
+            }
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                logger.log(last_metrics, step=step)
+                progress.set_postfix(loss=f"{total_loss:.3f}")
+            if on_step is not None:
+                on_step(step, last_metrics)
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+                _save(ckpt_root / f"step-{step:07d}", model, optimizer, scheduler,
+                      step, cfg)
+    except KeyboardInterrupt:
+        _save(ckpt_root / f"step-{step:07d}", model, optimizer, scheduler, step, cfg)
+        print(f"\n[sft] interrupted at step {step}; checkpoint saved, continue with resume=True")
+        raise
+    finally:
+        progress.close()
+        logger.close()
+
+    # ---- save ----
+    _save(ckpt_root / f"step-{step:07d}", model, optimizer, scheduler, step, cfg)
+    final_dir = out_dir / "model"
+    checkpoint.save_pretrained_atomic(final_dir, model, tokenizer)
+    return {
+        "stage": "sft",
+        "steps": step,
+        "final_loss": last_metrics.get("loss"),
+        "skipped_steps": skipped,
+        "model_dir": str(final_dir),
+        "model": model,
+        "tokenizer": tokenizer,
+    }
