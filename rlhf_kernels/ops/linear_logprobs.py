@@ -59,42 +59,10 @@ _EMPTY = (0,)
 # the per-chunk logprobs kernels (rlhf_kernels.ops.logprobs)
 # --------------------------------------------------------------------------------------------
 def _logprob_kernels():
-    from rlhf_kernels.ops import logprobs as logprobs_module
+    # Imported on first use: ops/logprobs.py defines @triton.jit kernels.
+    from rlhf_kernels.ops.logprobs import logprobs_bwd, logprobs_fwd
 
-    if hasattr(logprobs_module, "logprobs_fwd"):
-        return logprobs_module.logprobs_fwd, logprobs_module.logprobs_bwd
-    return _fallback_fwd, _fallback_bwd
-
-
-def _fallback_fwd(logits, labels, temperature, ignore_index, return_entropy):  # TEMPORARY
-    z = logits.float() / temperature
-    lse = torch.logsumexp(z, -1)
-    valid = labels != ignore_index
-    safe = torch.where(valid, labels, 0)
-    logp = torch.where(valid, z.gather(-1, safe[:, None])[:, 0] - lse, 0.0)
-    ent = None
-    if return_entropy:
-        p = torch.exp(z - lse[:, None])
-        ent = torch.where(valid, lse - (p * z).sum(-1), 0.0)
-    return logp, ent, lse
-
-
-def _fallback_bwd(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature,
-                  ignore_index, out):  # TEMPORARY
-    z = logits.float() / temperature
-    logp_all = z - lse[:, None]
-    p = torch.exp(logp_all)
-    valid = labels != ignore_index
-    safe = torch.where(valid, labels, 0)
-    dz = torch.zeros_like(z)
-    if grad_logp is not None:
-        dz = -p * grad_logp[:, None]
-        dz.scatter_add_(1, safe[:, None], grad_logp[:, None])
-    if grad_entropy is not None:
-        dz = dz - grad_entropy[:, None] * p * (logp_all + entropy[:, None])
-    dz = torch.where(valid[:, None], dz / temperature, 0.0)
-    out.copy_(dz)
-    return out
+    return logprobs_fwd, logprobs_bwd
 
 
 # --------------------------------------------------------------------------------------------
