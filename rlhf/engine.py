@@ -117,7 +117,7 @@ class StaticKVCache(Cache):
         self.layers: list = []
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None, *args, **kwargs):
-        """key/value_states (B, kv_heads, q, head_dim) -> the full (B, kv_heads, L, head_dim) buffers."""
+        """key/value_states (B, kv_heads, q, head_dim) -> (B, kv_heads, L, head_dim) buffers."""
         if self.write_positions is None:
             raise RuntimeError("StaticKVCache.write_positions must be set before a forward")
         keys = self.keys[layer_idx]
@@ -216,16 +216,10 @@ def _is_shared_backbone(model) -> bool:
 
 def _causal_lm_of(model) -> torch.nn.Module:
     """The module whose forward takes input_ids / attention_mask / position_ids / past_key_values
-    and returns logits: a Hugging Face causal LM or a PEFT model around one."""
+    and returns logits: a SharedBackbone's Hugging Face model (LoRA layers injected), or the
+    given Hugging Face causal LM / PEFT model itself."""
     if _is_shared_backbone(model):
-        for name in ("peft_model", "model", "lm", "backbone"):
-            inner = getattr(model, name, None)
-            if isinstance(inner, torch.nn.Module) and not _is_shared_backbone(inner):
-                return inner
-        raise TypeError(
-            f"{type(model).__name__} looks like a SharedBackbone but holds no causal LM under "
-            "peft_model / model / lm / backbone"
-        )
+        return model.causal_lm
     return model
 
 
@@ -240,22 +234,21 @@ def _config_of(lm: torch.nn.Module):
 
 @contextlib.contextmanager
 def _role_active(model, role: str | None):
-    """Activate ``role``'s adapter on a SharedBackbone for the duration (None: adapters off).
-
-    For a plain HF / PEFT model nothing changes: whatever adapter is active samples.
-    """
+    """Activate ``role``'s adapter on a SharedBackbone for the duration (None: adapters off);
+    the role active before comes back afterwards. A plain HF / PEFT model is left as it is:
+    whatever adapter is active samples."""
     if not _is_shared_backbone(model):
         yield
         return
-    for name in ("role", "use_role", "active_role"):
-        switch = getattr(model, name, None)
-        if callable(switch):
-            ctx = switch(role)
-            if hasattr(ctx, "__enter__"):
-                with ctx:
-                    yield
-                return
-    raise TypeError(f"{type(model).__name__} offers no way to activate role {role!r}")
+    if role is not None and role not in model.roles:
+        raise ValueError(f"role {role!r} has no adapter in this backbone (roles: {model.roles})")
+    previous = model.active_role
+    # SharedBackbone switches adapters layer by layer and keeps its trainable set (models.py)
+    model._activate(role)
+    try:
+        yield
+    finally:
+        model._activate(previous)
 
 
 @contextlib.contextmanager
