@@ -1,0 +1,320 @@
+"""ppo_policy_loss: the fused Triton kernel against the float64 reference.
+
+Values, stats and gradients (random upstream gradient) over reductions x dtypes x shapes /
+padding, a table of clip options, closed-form cases, empty masks, strided inputs, bad input and
+torch.compile. Under the interpreter the shapes stay small but keep the awkward sizes (T = 1,
+257, 1025, several rows, left / right padding, all-masked rows).
+"""
+
+import pytest
+import torch
+
+from rlhf_kernels import reference
+from rlhf_kernels.ops.policy_loss import ppo_policy_loss
+from tests.numerics import DEVICE, assert_close, assert_close_2x
+
+REDUCTIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def make_mask(shape, padding: str) -> torch.Tensor | None:
+    """(..., T) bool mask. right / left: per-row lengths 0..T (row 0 always empty when there are
+    several rows, so an all-masked row is in every padded case); random: i.i.d. tokens."""
+    if padding == "none":
+        return None
+    T = shape[-1]
+    rows = int(torch.tensor(shape[:-1]).prod()) if len(shape) > 1 else 1
+    if padding == "random":
+        return (torch.rand(shape, device=DEVICE) > 0.3)
+    lengths = torch.randint(0, T + 1, (rows,), device=DEVICE)
+    lengths[-1] = T  # at least one full row
+    if rows > 1:
+        lengths[0] = 0
+    positions = torch.arange(T, device=DEVICE)
+    if padding == "right":
+        mask = positions[None, :] < lengths[:, None]
+    else:
+        mask = positions[None, :] >= (T - lengths)[:, None]
+    return mask.reshape(shape)
+
+
+def make_inputs(shape, dtype, spread=0.3):
+    logp = (-torch.rand(shape, device=DEVICE) * 3).to(dtype)
+    old_logp = (logp.float() + spread * torch.randn(shape, device=DEVICE)).to(dtype)
+    advantages = torch.randn(shape, device=DEVICE).to(dtype)
+    return logp, old_logp, advantages
+
+
+def check_against_reference(logp, old_logp, advantages, mask, name="", **options):
+    """Kernel vs float64 reference with the 2x rule (the same-dtype eager reference sets the
+    budget); the loss tolerance scales with its magnitude (sums over 1025 tokens)."""
+    dtype = logp.dtype
+    upstream = torch.randn((), device=DEVICE)
+
+    x = logp.clone().requires_grad_()
+    loss, stats = ppo_policy_loss(x, old_logp, advantages, mask, backend="triton", **options)
+    (loss * upstream).backward()
+
+    x64 = logp.double().requires_grad_()
+    loss64, stats64 = reference.ppo_policy_loss(x64, old_logp.double(), advantages.double(),
+                                                mask, **options)
+    (loss64 * upstream.double()).backward()
+
+    xt = logp.clone().requires_grad_()
+    loss_t, stats_t = reference.ppo_policy_loss(xt, old_logp, advantages, mask, **options)
+    (loss_t * upstream).backward()
+
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    scale = max(1.0, abs(loss64.item()))
+    assert_close_2x(loss, loss_t, loss64, dtype, atol_scale=scale, name=f"{name} loss")
+    assert x.grad.dtype == dtype
+    assert_close_2x(x.grad, xt.grad, x64.grad, dtype, name=f"{name} grad")
+    assert set(stats) == set(stats64)
+    for key in stats64:
+        assert not stats[key].requires_grad
+        assert_close_2x(stats[key], stats_t[key], stats64[key], dtype, name=f"{name} {key}")
+
+
+# (shape, padding, dual_clip): every shape with and without a mask somewhere in the table.
+CASES = [
+    ((7,), "none", None),
+    ((6, 1), "random", 3.0),
+    ((4, 257), "right", None),
+    ((3, 1025), "left", 3.0),
+    ((2, 3, 40), "random", None),
+]
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,padding,dual_clip", CASES, ids=str)
+def test_matches_reference(reduction, dtype, shape, padding, dual_clip):
+    logp, old_logp, advantages = make_inputs(shape, dtype)
+    mask = make_mask(shape, padding)
+    check_against_reference(logp, old_logp, advantages, mask, reduction=reduction,
+                            dual_clip=dual_clip, name=f"{reduction} {shape} {padding}")
+
+
+OPTIONS = [
+    dict(clip_low=0.2, clip_high=0.28),  # DAPO's clip-higher
+    dict(clip_low=0.0, clip_high=0.0),
+    dict(dual_clip=3.0),
+    dict(dual_clip=1.2, clip_high=0.5),  # the dual clip binds for many A < 0 tokens
+    dict(log_ratio_clamp=None),
+    dict(log_ratio_clamp=0.25, dual_clip=2.0),  # the log-ratio clamp bites
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("options", OPTIONS, ids=str)
+def test_clip_options(dtype, options):
+    shape = (5, 257)
+    logp, old_logp, advantages = make_inputs(shape, dtype, spread=0.6)
+    mask = make_mask(shape, "right")
+    for reduction in ("token-mean", "seq-mean-token-mean"):
+        check_against_reference(logp, old_logp, advantages, mask, reduction=reduction,
+                                name=f"{options} {reduction}", **options)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_all_masked_batch_gives_zero_loss_and_grad(reduction):
+    logp, old_logp, advantages = make_inputs((3, 33), torch.float32)
+    mask = torch.zeros(3, 33, dtype=torch.bool, device=DEVICE)
+    x = logp.clone().requires_grad_()
+    loss, stats = ppo_policy_loss(x, old_logp, advantages, mask, dual_clip=3.0,
+                                  reduction=reduction, backend="triton")
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    for key, value in stats.items():
+        assert value.item() == 0.0, key
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_padding_garbage_does_not_leak():
+    """inf / NaN under the mask (uninitialised padding) changes neither loss nor gradient."""
+    shape = (4, 64)
+    logp, old_logp, advantages = make_inputs(shape, torch.float32)
+    mask = make_mask(shape, "right")
+    clean = ppo_policy_loss(logp.clone().requires_grad_(), old_logp, advantages, mask,
+                            backend="triton")[0]
+    dirty_logp = torch.where(mask, logp, torch.full_like(logp, float("nan")))
+    dirty_adv = torch.where(mask, advantages, torch.full_like(advantages, float("inf")))
+    x = dirty_logp.clone().requires_grad_()
+    loss, stats = ppo_policy_loss(x, old_logp, dirty_adv, mask, backend="triton")
+    loss.backward()
+    assert loss.item() == clean.item()
+    assert torch.isfinite(x.grad).all() and (x.grad[~mask] == 0).all()
+    assert all(torch.isfinite(v) for v in stats.values())
+
+
+# --------------------------------------------------------------------------------------------
+# closed-form cases
+# --------------------------------------------------------------------------------------------
+def test_ratio_one_gives_minus_mean_advantage():
+    shape = (3, 20)
+    logp = -torch.rand(shape, device=DEVICE)
+    advantages = torch.randn(shape, device=DEVICE)
+    mask = make_mask(shape, "right")
+    m = mask.float()
+    n = m.sum()
+    for reduction, expected, grad in (
+        ("token-mean", -(advantages * m).sum() / n, -advantages * m / n),
+        ("seq-mean-token-sum-norm", -(advantages * m).sum() / 20, -advantages * m / 20),
+    ):
+        x = logp.clone().requires_grad_()
+        loss, stats = ppo_policy_loss(x, logp, advantages, mask, reduction=reduction,
+                                      backend="triton")
+        loss.backward()
+        assert_close(loss, expected, atol=1e-6, name=reduction)
+        # d/dlogp of -A r at r = 1 is -A, times the reduction weight.
+        assert_close(x.grad, grad, atol=1e-7, name=f"{reduction} grad")
+        assert stats["clipfrac"].item() == 0.0
+        assert stats["approx_kl"].item() == 0.0 and stats["ppo_kl"].item() == 0.0
+        assert stats["ratio_mean"].item() == 1.0 and stats["ratio_max"].item() == 1.0
+
+
+def test_hand_worked_tokens():
+    """Four tokens, eps = 0.2, dual clip c = 3, token-mean over 4:
+
+    A = +1, d = +1   -> r = e > 1.2: clipped, loss -1.2, gradient 0
+    A = +1, d = -1   -> r = 1/e < 0.8: unclipped side wins, loss -1/e, gradient -1/e / 4
+    A = -1, d = +0.1 -> inside the range: loss r, gradient r / 4
+    A = -2, d = +3   -> loss1 = 2 e^3 > dual 2 * 3 = 6: dual clip, loss 6, gradient 0
+    """
+    e = torch.e
+    logp = torch.tensor([[1.0, -1.0, 0.1, 3.0]], device=DEVICE)
+    old = torch.zeros_like(logp)
+    adv = torch.tensor([[1.0, 1.0, -1.0, -2.0]], device=DEVICE)
+    x = logp.clone().requires_grad_()
+    loss, stats = ppo_policy_loss(x, old, adv, dual_clip=3.0, backend="triton")
+    loss.backward()
+    r3 = torch.exp(torch.tensor(0.1)).item()
+    assert_close(loss, torch.tensor((-1.2 - 1 / e + r3 + 6.0) / 4), atol=1e-6)
+    expected_grad = torch.tensor([[0.0, -1 / e / 4, r3 / 4, 0.0]], device=DEVICE)
+    assert_close(x.grad, expected_grad, atol=1e-7, name="grad")
+    assert stats["clipfrac"].item() == 0.25  # only the first token: loss2 > loss1 there
+    assert stats["dual_clipfrac"].item() == 0.25
+    assert_close(stats["ratio_max"], torch.tensor(e**3), atol=1e-4)
+    assert_close(stats["approx_kl"], torch.tensor((1 + 1 + 0.01 + 9) / 8), atol=1e-6)
+
+
+def test_log_ratio_clamp_zeroes_gradient():
+    # d = 30 is clamped to 20; with A < 0 the unclipped term wins (loss = -A e^20) but the
+    # clamp has cut the gradient.
+    logp = torch.tensor([[30.0, 0.0]], device=DEVICE)
+    old = torch.zeros_like(logp)
+    adv = torch.tensor([[-1.0, -1.0]], device=DEVICE)
+    x = logp.clone().requires_grad_()
+    loss, stats = ppo_policy_loss(x, old, adv, backend="triton")
+    loss.backward()
+    assert_close(loss, torch.tensor((torch.e**20 + 1) / 2), atol=0, rtol=1e-6)
+    assert x.grad[0, 0].item() == 0.0 and x.grad[0, 1].item() == pytest.approx(0.5)
+    assert_close(stats["ratio_max"], torch.tensor(torch.e**20), atol=0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_row_weights(reduction):
+    """Ratio 1 and A = 1: dloss/dlogp is -(the reduction's weight of each token)."""
+    mask = torch.tensor([[1, 1, 1, 0], [0, 0, 0, 0], [1, 0, 0, 0]], device=DEVICE)
+    logp = torch.zeros(3, 4, device=DEVICE)
+    x = logp.clone().requires_grad_()
+    loss, _ = ppo_policy_loss(x, logp, torch.ones_like(logp), mask, reduction=reduction,
+                              backend="triton")
+    loss.backward()
+    weights = {
+        "token-mean": [[0.25] * 3 + [0], [0] * 4, [0.25, 0, 0, 0]],
+        "seq-mean-token-mean": [[1 / 6] * 3 + [0], [0] * 4, [0.5, 0, 0, 0]],
+        "seq-mean-token-sum": [[0.5] * 3 + [0], [0] * 4, [0.5, 0, 0, 0]],
+        "seq-mean-token-sum-norm": [[0.25] * 3 + [0], [0] * 4, [0.25, 0, 0, 0]],
+    }[reduction]
+    expected = -torch.tensor(weights, device=DEVICE)
+    assert_close(x.grad, expected, atol=1e-7, name=reduction)
+    assert_close(loss, expected.sum(), atol=1e-6, name=f"{reduction} loss")
+
+
+# --------------------------------------------------------------------------------------------
+# layouts and mask dtypes
+# --------------------------------------------------------------------------------------------
+def test_strided_inputs_and_mask_dtypes():
+    B, T = 4, 37
+    base = -torch.rand(B, 2 * T, device=DEVICE)
+    logp = base[:, ::2]  # time stride 2
+    old_logp = (base + 0.3 * torch.randn_like(base)).t().contiguous().t()[:, 1::2]
+    advantages = torch.randn(3, B, 2, T, device=DEVICE)[1, :, 0]  # row stride 2T
+    mask = make_mask((B, T), "left")
+    check_against_reference(logp, old_logp, advantages, mask, name="strided",
+                            reduction="seq-mean-token-mean")
+    # A 3-D tensor whose leading dims cannot merge into one stride (reshape copies).
+    x = torch.randn(5, 3, T, device=DEVICE).transpose(0, 1)
+    check_against_reference(-x.abs(), torch.zeros_like(x), x, None, name="transposed")
+    expected = ppo_policy_loss(logp, old_logp, advantages, mask, backend="triton")[0]
+    for as_dtype in (torch.float32, torch.int64, torch.uint8):
+        got = ppo_policy_loss(logp, old_logp, advantages, mask.to(as_dtype), backend="triton")[0]
+        assert got.item() == expected.item(), as_dtype
+
+
+def test_float64_and_reference_backend_use_the_reference():
+    logp, old_logp, advantages = make_inputs((2, 9), torch.float64)
+    loss, _ = ppo_policy_loss(logp, old_logp, advantages, backend="triton")
+    assert loss.dtype == torch.float64
+    expected, _ = reference.ppo_policy_loss(logp, old_logp, advantages)
+    assert loss.item() == expected.item()
+    loss_ref, _ = ppo_policy_loss(logp.float(), old_logp.float(), advantages.float(),
+                                  backend="reference")
+    assert_close(loss_ref, expected, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# bad input
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(old_logp=torch.zeros(2, 4)), r"old_logp has shape \(2, 4\) but logp has shape \(2, 3\)"),
+    (dict(advantages=torch.zeros(3)), r"advantages has shape \(3,\)"),
+    (dict(mask=torch.ones(2, 4, dtype=torch.bool)), r"mask has shape \(2, 4\)"),
+    (dict(dual_clip=1.0), r"dual_clip must be > 1 .* got 1.0"),
+    (dict(dual_clip=0.5), r"dual_clip must be > 1"),
+    (dict(reduction="mean"), r"reduction='mean' is not supported; expected one of"),
+    (dict(clip_low=-0.1), r"clip_low=-0.1 must be >= 0"),
+    (dict(log_ratio_clamp=0.0), r"log_ratio_clamp=0.0 must be > 0"),
+    (dict(logp=torch.zeros(2, 3, dtype=torch.int64)), r"logp must be a floating tensor"),
+    (dict(mask=torch.ones(2, 3, dtype=torch.complex64)), r"mask must be bool, integer or float"),
+])
+def test_bad_input_raises(kwargs, match):
+    args = dict(logp=torch.zeros(2, 3), old_logp=torch.zeros(2, 3), advantages=torch.zeros(2, 3))
+    args.update(kwargs)
+    args = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    with pytest.raises(ValueError, match=match):
+        ppo_policy_loss(**args, backend="triton")
+
+
+def test_gradient_wanted_for_rollout_data_raises():
+    logp, old_logp, advantages = make_inputs((2, 5), torch.float32)
+    with pytest.raises(ValueError, match="advantages requires grad.*logp only"):
+        ppo_policy_loss(logp.requires_grad_(), old_logp, advantages.requires_grad_(),
+                        backend="triton")
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile
+# --------------------------------------------------------------------------------------------
+def test_torch_compile_fullgraph():
+    shape = (3, 50)
+    logp, old_logp, advantages = make_inputs(shape, torch.float32)
+    mask = make_mask(shape, "right")
+
+    def step(x, old, adv, m):
+        loss, stats = ppo_policy_loss(x, old, adv, m, dual_clip=3.0,
+                                      reduction="seq-mean-token-mean", backend="triton")
+        return loss * 2.0, stats["clipfrac"]
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    x_eager = logp.clone().requires_grad_()
+    x_comp = logp.clone().requires_grad_()
+    loss_eager, clip_eager = step(x_eager, old_logp, advantages, mask)
+    loss_comp, clip_comp = compiled(x_comp, old_logp, advantages, mask)
+    loss_eager.backward()
+    loss_comp.backward()
+    assert_close(loss_comp, loss_eager, atol=1e-6)
+    assert_close(clip_comp, clip_eager, atol=0)
+    assert_close(x_comp.grad, x_eager.grad, atol=1e-7)
