@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 
 from rlhf_kernels import reference
-from rlhf_kernels._alloc import empty, empty_like
+from rlhf_kernels._alloc import empty
 from rlhf_kernels._checks import as_mask, check_float, check_reduction, check_same_shape
 from rlhf_kernels.backend import resolve_backend
 from rlhf_kernels.ops import linear_logprobs as head
@@ -165,22 +165,47 @@ def _linear_sweep(hidden, weight, labels, bias, lora_a, lora_b, old_logp, advant
     return (loss, logp, entropy) + grads.outputs(hidden, weight, bias, lora_a, lora_b)
 
 
-def _logits_sweep(logits, labels, old_logp, advantages, weights, ref_logp, kl_coef,
+def _row_blocks(logits3d):
+    """(B, T, V) logits -> [(row offset, (rows, V) view)]: one block when the rows are evenly
+    spaced (contiguous or a token-range slice of a contiguous (B, T', V) buffer: no copy)."""
+    if logits3d.stride(-1) != 1:
+        logits3d = logits3d.contiguous()
+    B, T, V = logits3d.shape
+    if B == 1 or logits3d.stride(0) == T * logits3d.stride(1):
+        return [(0, logits3d.as_strided((B * T, V), (logits3d.stride(1), 1)))]
+    return [(b * T, logits3d[b]) for b in range(B)]
+
+
+def _logits_sweep(logits3d, labels, old_logp, advantages, weights, ref_logp, kl_coef,
                   kl_estimator, entropy_coef, temperature, clip_low, clip_high, dual_clip,
                   log_ratio_clamp, ignore_index, need_grad):
     # Rows are independent and the kernels hold no (N, V) temporary, so no chunking is needed.
     logprobs_fwd, logprobs_bwd = head._logprob_kernels()
-    head.check_label_range(labels, logits.shape[-1], ignore_index)
-    logp, entropy, lse = logprobs_fwd(logits, labels, temperature, ignore_index, True)
+    B, T, V = logits3d.shape
+    n_rows = B * T
+    head.check_label_range(labels, V, ignore_index)
+    device = logits3d.device
+    blocks = _row_blocks(logits3d)
+    logp = empty((n_rows,), torch.float32, device)
+    entropy = empty((n_rows,), torch.float32, device)
+    lse = empty((n_rows,), torch.float32, device)
+    for start, block in blocks:
+        sl = slice(start, start + block.shape[0])
+        logp[sl], entropy[sl], lse[sl] = logprobs_fwd(block, labels[sl], temperature,
+                                                       ignore_index, True)
     contribution, d_logp, d_entropy = per_token_terms(
         logp, entropy, old_logp, advantages, weights, ref_logp, kl_coef, kl_estimator,
         entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp)
-    if need_grad:
-        d_logits = empty_like(logits)
-        logprobs_bwd(logits, labels, lse, entropy if d_entropy is not None else None, d_logp,
-                     d_entropy, temperature, ignore_index, d_logits)
-    else:
-        d_logits = logits.new_empty(_EMPTY)
+    if not need_grad:
+        return contribution.sum(), logp, entropy, logits3d.new_empty(_EMPTY)
+    d_logits = empty((B, T, V), logits3d.dtype, device)
+    d_flat = d_logits.view(n_rows, V)
+    for start, block in blocks:
+        sl = slice(start, start + block.shape[0])
+        logprobs_bwd(block, labels[sl], lse[sl],
+                     entropy[sl] if d_entropy is not None else None, d_logp[sl],
+                     None if d_entropy is None else d_entropy[sl], temperature, ignore_index,
+                     d_flat[sl])
     return contribution.sum(), logp, entropy, d_logits
 
 
@@ -260,7 +285,7 @@ _linear_ppo_op.register_autograd(_linear_backward, setup_context=_linear_setup_c
 
 @torch.library.custom_op("rlhf_kernels::ppo_loss_from_logits", mutates_args=())
 def _logits_ppo_op(
-    logits: torch.Tensor,
+    logits3d: torch.Tensor,
     labels: torch.Tensor,
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
@@ -277,21 +302,21 @@ def _logits_ppo_op(
     ignore_index: int,
     need_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits (N, V) -> (loss (), logp (N,), entropy (N,), d logits (N, V) or (0,))."""
-    return _logits_sweep(logits, labels, old_logp, advantages, weights, ref_logp, kl_coef,
+    """logits (B, T, V) -> (loss (), logp (N,), entropy (N,), d logits (B, T, V) or (0,))."""
+    return _logits_sweep(logits3d, labels, old_logp, advantages, weights, ref_logp, kl_coef,
                          kl_estimator, entropy_coef, temperature, clip_low, clip_high, dual_clip,
                          log_ratio_clamp, ignore_index, need_grad)
 
 
 @_logits_ppo_op.register_fake
-def _(logits, labels, old_logp, advantages, weights, ref_logp, kl_coef, kl_estimator,
+def _(logits3d, labels, old_logp, advantages, weights, ref_logp, kl_coef, kl_estimator,
       entropy_coef, temperature, clip_low, clip_high, dual_clip, log_ratio_clamp, ignore_index,
       need_grad):
-    n = logits.shape[0]
+    n = logits3d.shape[0] * logits3d.shape[1]
     f32 = torch.float32
-    return (logits.new_empty((), dtype=f32), logits.new_empty((n,), dtype=f32),
-            logits.new_empty((n,), dtype=f32),
-            logits.new_empty(logits.shape if need_grad else _EMPTY))
+    return (logits3d.new_empty((), dtype=f32), logits3d.new_empty((n,), dtype=f32),
+            logits3d.new_empty((n,), dtype=f32),
+            logits3d.new_empty(logits3d.shape if need_grad else _EMPTY))
 
 
 def _logits_setup_context(ctx, inputs, output):
@@ -408,7 +433,7 @@ def ppo_loss_from_logits(
     use_kl = ref_logp is not None and bool(kl_coef)
     need_grad = torch.is_grad_enabled() and logits.requires_grad
     loss, logp, entropy, _ = _logits_ppo_op(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).long(), _flat(old_logp),
+        logits.reshape(-1, *logits.shape[-2:]), labels.reshape(-1).long(), _flat(old_logp),
         _flat(advantages), weights, _flat(ref_logp) if use_kl else None, float(kl_coef),
         kl_estimator, float(entropy_coef), float(temperature), float(clip_low), float(clip_high),
         None if dual_clip is None else float(dual_clip),
