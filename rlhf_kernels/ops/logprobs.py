@@ -28,7 +28,8 @@ Non-finite logits (the Triton path; the reference gives the same values):
 
 * ``-inf`` entries are masked vocabulary entries: probability 0, zero gradient; the result is the
   same as with those entries removed from the vocabulary (a label pointing at one gives -inf).
-* a NaN (or +inf) anywhere in a row gives NaN logp / entropy / gradient for that row only.
+* a NaN (or +inf) anywhere in a row gives NaN logp / entropy / gradient for that row only (the
+  reference's entropy reads 0 there, an artefact of its ``p > 0`` test; NaN is the honest answer).
 * a row whose logits are all ``-inf`` gives logp NaN (as ``torch.log_softmax``), entropy 0 (the
   reference's ``0 log 0 = 0``) and a NaN gradient; give such rows ``ignore_index`` instead.
 
@@ -108,8 +109,9 @@ def _logprobs_fwd_kernel(
     tl.store(logp_ptr + row, tl.where(valid, logp, 0.0))
     tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
     if RETURN_ENTROPY:
-        s_pos = tl.where(s > 0.0, s, 1.0)
-        entropy = tl.where(s > 0.0, tl.log(s_pos) - a / s_pos, 0.0)
+        # s == 0: all -inf (0 log 0 = 0, as the reference); a NaN s stays NaN.
+        s_pos = tl.where(s == 0.0, 1.0, s)
+        entropy = tl.where(s == 0.0, 0.0, tl.log(s_pos) - a / s_pos)
         tl.store(entropy_ptr + row, tl.where(valid, entropy, 0.0))
 
 
