@@ -32,7 +32,7 @@ Checkpoint layout written by ``save`` (atomically: a temporary directory, then a
     directory/
       roles.json                 roles, LoRA spec, base model name and config, format version
       adapters/<role>/           PEFT ``save_pretrained`` layout (adapter_config.json +
-                                 adapter_model.safetensors), loadable by ``PeftModel.from_pretrained``
+                                 adapter_model.safetensors); ``PeftModel.from_pretrained`` reads it
       heads.safetensors          value_head.* and reward_head.*
       base/                      the base model (``save_pretrained``), only when it cannot be
                                  re-loaded from its name: changed by ``merge_into_base`` or built
@@ -46,6 +46,7 @@ import math
 import os
 import shutil
 import uuid
+import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
@@ -105,7 +106,7 @@ class LoraSpec:
                 )
 
     def peft_config(self, causal_lm: nn.Module):
-        """The ``peft.LoraConfig`` for ``causal_lm`` (GPT-2 style Conv1D layers need fan_in_fan_out)."""
+        """The ``peft.LoraConfig`` for ``causal_lm`` (GPT-2's Conv1D layers need fan_in_fan_out)."""
         from peft import LoraConfig
         from transformers.pytorch_utils import Conv1D
 
@@ -221,7 +222,8 @@ def check_tokenizer(model, tokenizer) -> None:
     """
     causal_lm = model.causal_lm if isinstance(model, SharedBackbone) else model
     n_embed = causal_lm.get_input_embeddings().weight.shape[0]
-    head = causal_lm.get_output_embeddings() if hasattr(causal_lm, "get_output_embeddings") else None
+    get_head = getattr(causal_lm, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
     n_rows = min(n_embed, head.weight.shape[0]) if head is not None else n_embed
     if getattr(tokenizer, "pad_token_id", None) is None:
         raise ValueError(
@@ -333,10 +335,11 @@ class SharedBackbone(nn.Module):
         roles = _check_roles(roles)
         lora = lora if lora is not None else LoraSpec()
         causal_lm.requires_grad_(False)
-        config = lora.peft_config(causal_lm)
-        peft_model = get_peft_model(causal_lm, config, adapter_name=roles[0])
-        for role in roles[1:]:
-            peft_model.add_adapter(role, lora.peft_config(causal_lm))
+        with _quiet_peft():
+            peft_model = get_peft_model(causal_lm, lora.peft_config(causal_lm),
+                                        adapter_name=roles[0])
+            for role in roles[1:]:
+                peft_model.add_adapter(role, lora.peft_config(causal_lm))
         backbone = cls(peft_model, lora=lora, roles=roles, name_or_path=name_or_path,
                        base_modified=name_or_path is None)
         if gradient_checkpointing:
@@ -485,7 +488,8 @@ class SharedBackbone(nn.Module):
                 func = func._inner
             layer_loras = self._find_lora_layers(module)
             if layer_loras:
-                module._gradient_checkpointing_func = _role_aware_checkpoint(self, layer_loras, func)
+                module._gradient_checkpointing_func = _role_aware_checkpoint(self, layer_loras,
+                                                                             func)
                 wrapped += 1
         if not wrapped:
             raise ValueError(f"no checkpointable decoder layer with LoRA layers found in "
@@ -671,7 +675,8 @@ class SharedBackbone(nn.Module):
         try:
             tmp.mkdir()
             # PEFT writes adapters other than "default" to <dir>/<adapter name>/.
-            self.peft_model.save_pretrained(str(tmp / "adapters"), selected_adapters=list(self.roles))
+            self.peft_model.save_pretrained(str(tmp / "adapters"),
+                                            selected_adapters=list(self.roles))
             heads = {f"value_head.{k}": v.detach().contiguous().cpu()
                      for k, v in self.value_head.state_dict().items()}
             heads.update({f"reward_head.{k}": v.detach().contiguous().cpu()
@@ -740,10 +745,12 @@ class SharedBackbone(nn.Module):
         _check_causal_lm(base_model)
         base_model.requires_grad_(False)
         adapters = directory / "adapters"
-        peft_model = PeftModel.from_pretrained(base_model, str(adapters / roles[0]),
-                                               adapter_name=roles[0], is_trainable=True)
-        for role in roles[1:]:
-            peft_model.load_adapter(str(adapters / role), adapter_name=role, is_trainable=True)
+        with _quiet_peft():
+            peft_model = PeftModel.from_pretrained(base_model, str(adapters / roles[0]),
+                                                   adapter_name=roles[0], is_trainable=True)
+            for role in roles[1:]:
+                peft_model.load_adapter(str(adapters / role), adapter_name=role,
+                                        is_trainable=True)
         backbone = cls(peft_model, lora=lora, roles=roles, name_or_path=name_or_path,
                        base_modified=base_modified)
         heads = load_file(str(directory / _HEADS_FILE), device=str(backbone.device))
@@ -787,6 +794,15 @@ class SharedBackbone(nn.Module):
         report["total"] = {key: sum(entry[key] for entry in report.values())
                            for key in ("params", "grads", "optimizer")}
         return report
+
+
+@contextmanager
+def _quiet_peft():
+    """PEFT asks transformers ``is_gradient_checkpointing``, deprecated in transformers 5.2x."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                                category=FutureWarning)
+        yield
 
 
 def _role_aware_checkpoint(backbone: SharedBackbone, layer_loras: list[nn.Module],
