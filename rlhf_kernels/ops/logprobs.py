@@ -174,16 +174,21 @@ def _logprobs_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
-def _launch_config(V: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) for a row of V entries.
+def _launch_config(V: int) -> tuple[int, int, int]:
+    """(BLOCK_V, num_warps, num_stages) for a row of V entries.
 
-    Small vocabularies take the whole row in one block; large ones stream 8192-entry blocks
-    (16 KB of bf16 per program per step, 32 entries per thread at 8 warps: several 16-byte loads
-    in flight per thread, which is what a bandwidth-bound row sweep needs).
+    A row is a streaming reduction, so what matters is bytes in flight per SM, not threads per
+    row. Large vocabularies stream 2048-entry blocks with one warp per row (the reductions stay
+    inside the warp: shuffles, no shared-memory barrier) and a 4-stage software pipeline on the
+    loads, so many rows per SM each keep several blocks in flight: the configuration Liger's
+    selective log-softmax uses, measured at 98% of the copy floor in DESIGN.md section 4. Small
+    vocabularies take the whole row in one block. ``benchmarks/bench_logprobs.py --sweep`` times
+    the alternatives on a GPU.
     """
-    block_v = max(16, min(triton.next_power_of_2(V), 8192))
-    num_warps = max(1, min(8, block_v // 1024))
-    return block_v, num_warps
+    if V > 2048:
+        return 2048, 1, 4
+    block_v = max(16, triton.next_power_of_2(V))
+    return block_v, max(1, min(4, block_v // 512)), 1
 
 
 def _rows3d_view(x: torch.Tensor) -> torch.Tensor | None:
@@ -228,12 +233,13 @@ def _fwd3d(logits3d, labels1d, temperature, ignore_index, return_entropy):
     entropy = empty((N,), torch.float32, device) if return_entropy else None
     if N == 0:
         return logp, entropy, lse
-    block_v, num_warps = _launch_config(V)
+    block_v, num_warps, num_stages = _launch_config(V)
     _logprobs_fwd_kernel[(N,)](
         logits3d, labels1d, logp, entropy if return_entropy else logp, lse,
         logits3d.stride(0), logits3d.stride(1), T, V,
         1.0 / temperature, ignore_index,
         BLOCK_V=block_v, RETURN_ENTROPY=return_entropy, num_warps=num_warps,
+        num_stages=num_stages,
     )
     return logp, entropy, lse
 
@@ -248,7 +254,7 @@ def _bwd3d(logits3d, labels1d, lse, entropy, grad_logp, grad_entropy, temperatur
     if has_grad_entropy and entropy is None:
         raise ValueError("grad_entropy was given but entropy is None; run the forward with "
                          "return_entropy=True")
-    block_v, num_warps = _launch_config(V)
+    block_v, num_warps, num_stages = _launch_config(V)
     _logprobs_bwd_kernel[(N,)](
         logits3d, labels1d, lse,
         entropy if has_grad_entropy else lse,
@@ -258,7 +264,7 @@ def _bwd3d(logits3d, labels1d, lse, entropy, grad_logp, grad_entropy, temperatur
         logits3d.stride(0), logits3d.stride(1), out3d.stride(0), out3d.stride(1), T, V,
         1.0 / temperature, ignore_index,
         BLOCK_V=block_v, HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=has_grad_entropy,
-        num_warps=num_warps,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out3d
 
