@@ -1,0 +1,552 @@
+"""Datasets in the formats TRL users already have, tokenised into padded tensors with masks.
+
+Loading (`load_sft_dataset`, `load_preference_dataset`, `load_prompt_dataset`): a local
+.json / .jsonl / .parquet file (or a directory of them) through Hugging Face `datasets`, or a
+hub dataset name where there is a network. Accepted columns:
+
+    SFT          prompt + completion    strings, or lists of chat messages (conversational)
+                 messages               a chat; every assistant turn is trained on
+                 text                   plain language modelling; every token is trained on
+    preferences  prompt + chosen + rejected   strings or message lists (prompt may be left out:
+                                              then chosen/rejected are the whole texts)
+    PPO          prompt                 a string or a list of messages
+
+Chat templates: conversational rows (message lists) are rendered with
+`tokenizer.apply_chat_template`; string rows are used as they are (as TRL does). A
+conversational row with a tokenizer that has no chat template is an error.
+
+Token layout (`tokenize_sft`, `tokenize_preferences`, `tokenize_prompts`):
+
+    string rows:  [bos if the tokenizer adds one] + prompt tokens + completion tokens + [eos]
+    chat rows:    the rendered template (its own special tokens) + [eos if it does not end so]
+
+Prompt and completion are tokenised separately and concatenated, so the prompt's tokens are
+exactly those a policy sees before it generates. SFT `labels` equal `input_ids` on completion
+(assistant) tokens and -100 on prompt tokens and padding. Training tensors are RIGHT-padded;
+prompts for generation are LEFT-padded. Padding is marked by `attention_mask`, never by token id,
+so a tokenizer whose pad token is its eos token is handled correctly.
+
+Documented handling of bad input:
+- missing columns: ValueError naming the columns found and the accepted formats;
+- empty dataset (or nothing left after dropping): ValueError;
+- sequences longer than `max_length`: `overlong="truncate"` (default for SFT and preferences:
+  the response is cut at its end, the prompt is kept; a row whose prompt alone leaves no room
+  for a response token is dropped), `"drop"` (default for PPO prompts: a cut prompt would be a
+  different task) or `"error"`; truncated and dropped rows are counted in the result
+  (`n_truncated`, `n_dropped`, `kept_indices`) and a warning says how many;
+- a tokenizer without a pad token: its eos token is used for padding, with a warning
+  (`ensure_pad_token`); without an eos token either it is an error.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+__all__ = [
+    "IGNORE_INDEX",
+    "collate_preferences",
+    "collate_prompts",
+    "collate_sft",
+    "encode_preference_example",
+    "encode_prompt",
+    "encode_sft_example",
+    "ensure_pad_token",
+    "load_preference_dataset",
+    "load_prompt_dataset",
+    "load_records",
+    "load_sft_dataset",
+    "pad_sequences",
+    "sft_format",
+    "tokenize_preferences",
+    "tokenize_prompts",
+    "tokenize_sft",
+]
+
+IGNORE_INDEX = -100
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+SFT_FORMATS = "prompt + completion, messages, or text"
+PREFERENCE_FORMATS = "prompt + chosen + rejected (or chosen + rejected)"
+PROMPT_FORMATS = "prompt"
+OVERLONG_POLICIES = ("truncate", "drop", "error")
+# Progress bars only where tokenising takes a noticeable time.
+PROGRESS_MIN_ROWS = 2000
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+# ----------------------------------------------------------------------------------------------
+
+
+def load_records(source: str | Path, split: str = "train", **load_kwargs: Any):
+    """A `datasets.Dataset` from a local JSON/JSONL/Parquet file or directory, or a hub name.
+
+    `load_kwargs` go to `datasets.load_dataset` (e.g. `field="data"` for a JSON file whose rows
+    sit under one key). Raises FileNotFoundError for a missing local path and ValueError for
+    an unsupported file type or an empty dataset.
+    """
+    import datasets
+
+    path = Path(source)
+    looks_local = path.exists() or path.suffix.lower() in LOCAL_FORMATS or str(source).startswith(
+        (".", "/", "~"))
+    if looks_local:
+        path = path.expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"dataset file {str(source)!r} does not exist")
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in LOCAL_FORMATS) \
+            if path.is_dir() else [path]
+        kinds = {LOCAL_FORMATS.get(p.suffix.lower()) for p in files}
+        if not files or None in kinds:
+            raise ValueError(f"dataset {str(source)!r}: expected .json, .jsonl or .parquet "
+                             f"file(s), got {[p.name for p in files] or 'an empty directory'}")
+        if len(kinds) > 1:
+            raise ValueError(f"dataset directory {str(source)!r} mixes JSON and Parquet files; "
+                             f"keep one format per directory")
+        if all(p.stat().st_size == 0 for p in files):
+            raise ValueError(f"dataset {str(source)!r} is empty (0 bytes)")
+        try:
+            dataset = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files],
+                                            split="train", **load_kwargs)
+        except Exception as error:
+            if isinstance(error, StopIteration) or "corresponds to no data" in str(error):
+                raise ValueError(f"dataset {str(source)!r} has no rows") from error
+            raise ValueError(f"could not read dataset {str(source)!r}: "
+                             f"{type(error).__name__}: {error}") from error
+    else:
+        try:
+            dataset = datasets.load_dataset(str(source), split=split, **load_kwargs)
+        except Exception as error:  # offline, unknown name, private: say what was tried
+            raise ValueError(f"could not load dataset {str(source)!r}: it is not a local file "
+                             f"and loading it from the Hugging Face hub failed "
+                             f"({type(error).__name__}: {error})") from error
+    if len(dataset) == 0:
+        raise ValueError(f"dataset {str(source)!r} has no rows")
+    return dataset
+
+
+def _require_columns(columns: Iterable[str], source: str, accepted: str,
+                     *alternatives: tuple[str, ...]) -> tuple[str, ...]:
+    present = set(columns)
+    for alternative in alternatives:
+        if set(alternative) <= present:
+            return alternative
+    raise ValueError(f"dataset {source}: no columns for the accepted formats ({accepted}); its "
+                     f"columns are {sorted(present)}. Rename the columns (e.g. with "
+                     f"datasets' rename_column) to one of the accepted formats.")
+
+
+def sft_format(columns: Iterable[str], source: str = "") -> str:
+    """"prompt_completion", "messages" or "text" for a set of SFT columns (ValueError if none)."""
+    found = _require_columns(columns, source or "(in memory)", SFT_FORMATS,
+                             ("prompt", "completion"), ("messages",), ("text",))
+    return {("prompt", "completion"): "prompt_completion", ("messages",): "messages",
+            ("text",): "text"}[found]
+
+
+def load_sft_dataset(source: str | Path, split: str = "train", **load_kwargs: Any):
+    """SFT rows (a `datasets.Dataset`): prompt/completion, messages, or text columns."""
+    dataset = load_records(source, split, **load_kwargs)
+    sft_format(dataset.column_names, repr(str(source)))
+    return dataset
+
+
+def load_preference_dataset(source: str | Path, split: str = "train", **load_kwargs: Any):
+    """Preference rows (a `datasets.Dataset`) with prompt/chosen/rejected (prompt optional)."""
+    dataset = load_records(source, split, **load_kwargs)
+    _require_columns(dataset.column_names, repr(str(source)), PREFERENCE_FORMATS,
+                     ("chosen", "rejected"))
+    return dataset
+
+
+def load_prompt_dataset(source: str | Path, split: str = "train", **load_kwargs: Any):
+    """PPO prompt rows (a `datasets.Dataset`) with a prompt column."""
+    dataset = load_records(source, split, **load_kwargs)
+    _require_columns(dataset.column_names, repr(str(source)), PROMPT_FORMATS, ("prompt",))
+    return dataset
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenizer set-up and text -> ids
+# ----------------------------------------------------------------------------------------------
+
+
+def ensure_pad_token(tokenizer) -> int:
+    """The pad token id; a tokenizer without one gets its eos token as pad (with a warning).
+
+    Safe because padding is always marked by attention_mask (never by token id): a real eos
+    at the end of a response is still trained on and still ends generation.
+    """
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has neither a pad token nor an eos token; set one, e.g. "
+                         "tokenizer.add_special_tokens({'pad_token': '<pad>'}) and resize the "
+                         "model's embeddings")
+    warnings.warn(f"the tokenizer has no pad token; using its eos token "
+                  f"{tokenizer.eos_token!r} (id {tokenizer.eos_token_id}) for padding",
+                  stacklevel=2)
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer.pad_token_id
+
+
+def _bos_prefix(tokenizer) -> list[int]:
+    # The tokenizer's own rule: Llama-style tokenizers add <bos> to every text, GPT-2 and Qwen
+    # add nothing. Read it off an empty encoding rather than guessing from the class.
+    specials = tokenizer("", add_special_tokens=True)["input_ids"]
+    bos = tokenizer.bos_token_id
+    return [bos] if bos is not None and specials[:1] == [bos] else []
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(
+        isinstance(m, Mapping) and "role" in m and "content" in m for m in value) and len(value) > 0
+
+
+def _check_text(value: Any, column: str, row: int) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"row {row}: column {column!r} must be a string (or, for chat data, a "
+                         f"list of {{'role', 'content'}} messages), got {type(value).__name__} "
+                         f"{value!r:.80}")
+    return value
+
+
+def _render_chat(tokenizer, messages: Sequence[Mapping], add_generation_prompt: bool) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this row is a chat (a list of messages) but the tokenizer has no chat "
+                         "template; set tokenizer.chat_template or give prompt/completion as "
+                         "strings")
+    return tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+
+
+def _chat_segments(tokenizer, messages: Sequence[Mapping], n_context: int = 0
+                   ) -> list[tuple[str, bool]]:
+    """(text, is_trained) pieces of a rendered chat; assistant turns after `n_context` messages
+    are trained on. Each piece is the difference between renders of successive prefixes, so
+    the pieces join to exactly the full render."""
+    segments: list[tuple[str, bool]] = []
+    rendered = ""
+    for index, message in enumerate(messages):
+        trained = message["role"] == "assistant" and index >= n_context
+        if trained:
+            # The assistant header (e.g. "<|assistant|>\n") belongs to the prompt side.
+            before = _render_chat(tokenizer, messages[:index], add_generation_prompt=True)
+            if not before.startswith(rendered):
+                raise _not_prefix_error()
+            segments.append((before[len(rendered):], False))
+            rendered = before
+        upto = _render_chat(tokenizer, messages[: index + 1], add_generation_prompt=False)
+        if not upto.startswith(rendered):
+            raise _not_prefix_error()
+        segments.append((upto[len(rendered):], trained))
+        rendered = upto
+    return [(text, trained) for text, trained in segments if text]
+
+
+def _not_prefix_error() -> ValueError:
+    return ValueError("the tokenizer's chat template renders a conversation so that a shorter "
+                      "conversation is not a prefix of a longer one, so the assistant turns "
+                      "cannot be located; use prompt/completion strings instead")
+
+
+def _encode_segments(tokenizer, segments: Sequence[tuple[str, bool]], chat: bool
+                     ) -> tuple[list[int], list[int]]:
+    """Token ids and a 0/1 trained flag per token; eos appended (trained) if missing."""
+    ids: list[int] = [] if chat else _bos_prefix(tokenizer)  # a chat template adds its own
+    trained: list[int] = [0] * len(ids)
+    for text, is_trained in segments:
+        piece = _ids(tokenizer, text)
+        ids += piece
+        trained += [int(is_trained)] * len(piece)
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        # The eos ends the last piece: trained on when that piece is a response.
+        ids.append(eos)
+        trained.append(int(bool(segments) and segments[-1][1]))
+    return ids, trained
+
+
+# ----------------------------------------------------------------------------------------------
+# per-example encoding
+# ----------------------------------------------------------------------------------------------
+
+
+def encode_sft_example(example: Mapping[str, Any], tokenizer, row: int = 0
+                       ) -> dict[str, list[int]]:
+    """One SFT row -> {"input_ids", "labels"} (lists; labels -100 where not trained on) and
+    "prompt_length" (number of leading untrained tokens)."""
+    fmt = sft_format(example.keys(), f"row {row}")
+    if fmt == "messages":
+        messages = example["messages"]
+        if not _is_messages(messages):
+            raise ValueError(f"row {row}: 'messages' must be a non-empty list of "
+                             f"{{'role', 'content'}} dicts, got {messages!r:.80}")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise ValueError(f"row {row}: 'messages' has no assistant turn to train on")
+        ids, trained = _encode_segments(tokenizer, _chat_segments(tokenizer, messages), chat=True)
+    elif fmt == "text":
+        text = _check_text(example["text"], "text", row)
+        ids, trained = _encode_segments(tokenizer, [(text, True)], chat=False)
+    else:
+        prompt, completion = example["prompt"], example["completion"]
+        if _is_messages(prompt) or _is_messages(completion):
+            prompt_msgs = list(prompt) if _is_messages(prompt) else [
+                {"role": "user", "content": _check_text(prompt, "prompt", row)}]
+            completion_msgs = list(completion) if _is_messages(completion) else [
+                {"role": "assistant", "content": _check_text(completion, "completion", row)}]
+            segments = _chat_segments(tokenizer, prompt_msgs + completion_msgs,
+                                      n_context=len(prompt_msgs))
+            ids, trained = _encode_segments(tokenizer, segments, chat=True)
+        else:
+            segments = [(_check_text(prompt, "prompt", row), False),
+                        (_check_text(completion, "completion", row), True)]
+            ids, trained = _encode_segments(tokenizer, segments, chat=False)
+    labels = [token if flag else IGNORE_INDEX for token, flag in zip(ids, trained)]
+    prompt_length = next((i for i, flag in enumerate(trained) if flag), len(ids))
+    return {"input_ids": ids, "labels": labels, "prompt_length": prompt_length}
+
+
+def encode_prompt(prompt: str | Sequence[Mapping], tokenizer, row: int = 0) -> list[int]:
+    """A prompt's token ids as the policy sees them before generating (chat: with the
+    generation prompt of the template)."""
+    if _is_messages(prompt):
+        return _ids(tokenizer, _render_chat(tokenizer, prompt, add_generation_prompt=True))
+    return _bos_prefix(tokenizer) + _ids(tokenizer, _check_text(prompt, "prompt", row))
+
+
+def encode_preference_example(example: Mapping[str, Any], tokenizer, row: int = 0
+                              ) -> dict[str, Any]:
+    """One preference row -> {"chosen_input_ids", "rejected_input_ids", "prompt_length"}."""
+    _require_columns(example.keys(), f"row {row}", PREFERENCE_FORMATS, ("chosen", "rejected"))
+    prompt = example.get("prompt")
+    if prompt is None:
+        prompt = "" if not _is_messages(example["chosen"]) else []
+    out: dict[str, Any] = {}
+    for key in ("chosen", "rejected"):
+        response = example[key]
+        if _is_messages(response) or _is_messages(prompt):
+            prompt_msgs = list(prompt) if _is_messages(prompt) else (
+                [{"role": "user", "content": _check_text(prompt, "prompt", row)}] if prompt
+                else [])
+            response_msgs = list(response) if _is_messages(response) else [
+                {"role": "assistant", "content": _check_text(response, key, row)}]
+            segments = _chat_segments(tokenizer, prompt_msgs + response_msgs,
+                                      n_context=len(prompt_msgs))
+            ids, trained = _encode_segments(tokenizer, segments, chat=True)
+        else:
+            segments = [(_check_text(prompt, "prompt", row), False),
+                        (_check_text(response, key, row), True)]
+            ids, trained = _encode_segments(tokenizer, segments, chat=False)
+        out[f"{key}_input_ids"] = ids
+        out[f"{key}_prompt_length"] = next((i for i, f in enumerate(trained) if f), len(ids))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# padding and collators
+# ----------------------------------------------------------------------------------------------
+
+
+def pad_sequences(sequences: Sequence[Sequence[int]], pad_value: int, side: str = "right"
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lists of ids -> (ids (N, T) int64, attention_mask (N, T) int64), padded on `side`."""
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    width = max((len(s) for s in sequences), default=0)
+    ids = torch.full((len(sequences), width), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        if not len(sequence):
+            continue
+        columns = slice(0, len(sequence)) if side == "right" else slice(width - len(sequence),
+                                                                         width)
+        ids[row, columns] = torch.as_tensor(list(sequence), dtype=torch.long)
+        mask[row, columns] = 1
+    return ids, mask
+
+
+def collate_sft(features: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int
+                ) -> dict[str, torch.Tensor]:
+    """encode_sft_example outputs -> right-padded input_ids, attention_mask, labels (N, T)."""
+    input_ids, attention_mask = pad_sequences([f["input_ids"] for f in features], pad_token_id)
+    labels, _ = pad_sequences([f["labels"] for f in features], IGNORE_INDEX)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_preferences(features: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int
+                        ) -> dict[str, torch.Tensor]:
+    """encode_preference_example outputs -> right-padded chosen_/rejected_ ids and masks."""
+    batch = {}
+    for key in ("chosen", "rejected"):
+        ids, mask = pad_sequences([f[f"{key}_input_ids"] for f in features], pad_token_id)
+        batch[f"{key}_input_ids"], batch[f"{key}_attention_mask"] = ids, mask
+    return batch
+
+
+def collate_prompts(prompts: Sequence[Sequence[int]], pad_token_id: int
+                    ) -> dict[str, torch.Tensor]:
+    """Prompt ids -> LEFT-padded input_ids, attention_mask (N, P): generation appends on the
+    right, so every row's last column is a real token."""
+    input_ids, attention_mask = pad_sequences(prompts, pad_token_id, side="left")
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+# ----------------------------------------------------------------------------------------------
+# whole datasets -> tensors
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_policy(overlong: str, max_length: int) -> None:
+    if overlong not in OVERLONG_POLICIES:
+        raise ValueError(f"overlong must be one of {OVERLONG_POLICIES}, got {overlong!r}")
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2 tokens, got {max_length}")
+
+
+def _rows(examples: Iterable[Mapping[str, Any]], what: str) -> list[Mapping[str, Any]]:
+    rows = examples if isinstance(examples, Sequence) else list(examples)
+    if len(rows) == 0:
+        raise ValueError(f"no {what} given: the dataset is empty")
+    return rows  # type: ignore[return-value]
+
+
+def _progress(rows: Sequence[Any], what: str):
+    return tqdm(rows, desc=f"tokenising {what}", disable=len(rows) < PROGRESS_MIN_ROWS,
+                dynamic_ncols=True)
+
+
+def _report(what: str, total: int, truncated: int, dropped: int, max_length: int) -> None:
+    if truncated or dropped:
+        warnings.warn(f"{truncated + dropped} of {total} {what} were longer than max_length="
+                      f"{max_length} tokens: {truncated} truncated, {dropped} dropped",
+                      stacklevel=3)
+
+
+def _fit(ids: list[int], prompt_length: int, max_length: int, overlong: str, what: str,
+         row: int) -> tuple[str, int]:
+    """"keep", "truncate" or "drop" for one sequence, and the length to keep."""
+    if len(ids) <= max_length:
+        return "keep", len(ids)
+    if overlong == "error":
+        raise ValueError(f"{what} row {row} has {len(ids)} tokens, more than max_length="
+                         f"{max_length}; raise max_length or set overlong='truncate' or 'drop'")
+    if overlong == "drop" or prompt_length >= max_length:
+        return "drop", 0  # a response cut to nothing teaches nothing
+    return "truncate", max_length
+
+
+def tokenize_sft(examples: Iterable[Mapping[str, Any]], tokenizer, max_length: int,
+                 overlong: str = "truncate") -> dict[str, Any]:
+    """SFT rows -> {"input_ids", "attention_mask", "labels"} (N, T) int64, right-padded, plus
+    "n_truncated", "n_dropped" (ints) and "kept_indices" (N,) int64 (rows that survived).
+
+    labels[i, t] == input_ids[i, t] on trained (completion / assistant) tokens, -100 elsewhere;
+    a model predicts labels[:, 1:] from input_ids[:, :-1]. See the module docstring for the
+    overlong policies.
+    """
+    _check_policy(overlong, max_length)
+    rows = _rows(examples, "SFT examples")
+    pad_id = ensure_pad_token(tokenizer)
+    features, kept, truncated = [], [], 0
+    for index, example in enumerate(_progress(rows, "SFT examples")):
+        feature = encode_sft_example(example, tokenizer, row=index)
+        action, length = _fit(feature["input_ids"], feature["prompt_length"], max_length,
+                              overlong, "SFT", index)
+        if action == "drop":
+            continue
+        truncated += action == "truncate"
+        features.append({"input_ids": feature["input_ids"][:length],
+                         "labels": feature["labels"][:length]})
+        kept.append(index)
+    dropped = len(rows) - len(kept)
+    _report("SFT examples", len(rows), truncated, dropped, max_length)
+    if not features:
+        raise ValueError(f"all {len(rows)} SFT examples were dropped as longer than max_length="
+                         f"{max_length} (their prompts alone fill it); raise max_length")
+    batch: dict[str, Any] = collate_sft(features, pad_id)
+    batch.update(n_truncated=truncated, n_dropped=dropped,
+                 kept_indices=torch.tensor(kept, dtype=torch.long))
+    return batch
+
+
+def tokenize_preferences(pairs: Iterable[Mapping[str, Any]], tokenizer, max_length: int,
+                         overlong: str = "truncate") -> dict[str, Any]:
+    """Preference rows -> chosen_input_ids, chosen_attention_mask, rejected_input_ids,
+    rejected_attention_mask (N, Tc) / (N, Tr) int64, right-padded, plus "n_truncated",
+    "n_dropped", "kept_indices". A pair is dropped if either side must be."""
+    _check_policy(overlong, max_length)
+    rows = _rows(pairs, "preference pairs")
+    pad_id = ensure_pad_token(tokenizer)
+    features, kept, truncated = [], [], 0
+    for index, example in enumerate(_progress(rows, "preference pairs")):
+        feature = encode_preference_example(example, tokenizer, row=index)
+        fits = {key: _fit(feature[f"{key}_input_ids"], feature[f"{key}_prompt_length"],
+                          max_length, overlong, "preference", index)
+                for key in ("chosen", "rejected")}
+        if any(action == "drop" for action, _ in fits.values()):
+            continue
+        truncated += any(action == "truncate" for action, _ in fits.values())
+        features.append({f"{key}_input_ids": feature[f"{key}_input_ids"][:length]
+                         for key, (_, length) in fits.items()})
+        kept.append(index)
+    dropped = len(rows) - len(kept)
+    _report("preference pairs", len(rows), truncated, dropped, max_length)
+    if not features:
+        raise ValueError(f"all {len(rows)} preference pairs were dropped as longer than "
+                         f"max_length={max_length}; raise max_length")
+    batch: dict[str, Any] = collate_preferences(features, pad_id)
+    batch.update(n_truncated=truncated, n_dropped=dropped,
+                 kept_indices=torch.tensor(kept, dtype=torch.long))
+    return batch
+
+
+def tokenize_prompts(prompts: Iterable[str | Sequence[Mapping] | Mapping[str, Any]], tokenizer,
+                     max_length: int, overlong: str = "drop") -> dict[str, Any]:
+    """Prompts (strings, message lists, or rows with a "prompt" column) -> LEFT-padded
+    input_ids, attention_mask (N, P) int64 for generation, plus "n_truncated", "n_dropped",
+    "kept_indices" (which prompts survived, to align texts with rows).
+
+    Overlong prompts: "drop" (default), "truncate" (keep bos + the LAST tokens: the end of a
+    prompt is what the response continues), or "error".
+    """
+    _check_policy(overlong, max_length)
+    rows = _rows(prompts, "prompts")
+    pad_id = ensure_pad_token(tokenizer)
+    bos = _bos_prefix(tokenizer)
+    encoded, kept, truncated = [], [], 0
+    for index, prompt in enumerate(_progress(rows, "prompts")):
+        if isinstance(prompt, Mapping):
+            _require_columns(prompt.keys(), f"row {index}", PROMPT_FORMATS, ("prompt",))
+            prompt = prompt["prompt"]
+        ids = encode_prompt(prompt, tokenizer, row=index)
+        if len(ids) > max_length:
+            if overlong == "error":
+                raise ValueError(f"prompt {index} has {len(ids)} tokens, more than max_length="
+                                 f"{max_length}; raise max_length or set overlong='truncate' "
+                                 f"or 'drop'")
+            if overlong == "drop":
+                continue
+            head = bos if ids[: len(bos)] == bos else []
+            ids = head + ids[len(ids) - (max_length - len(head)):]
+            truncated += 1
+        encoded.append(ids)
+        kept.append(index)
+    dropped = len(rows) - len(kept)
+    _report("prompts", len(rows), truncated, dropped, max_length)
+    if not encoded:
+        raise ValueError(f"all {len(rows)} prompts are longer than max_length={max_length} "
+                         f"tokens; raise max_length or set overlong='truncate'")
+    batch: dict[str, Any] = collate_prompts(encoded, pad_id)
+    batch.update(n_truncated=truncated, n_dropped=dropped,
+                 kept_indices=torch.tensor(kept, dtype=torch.long))
+    return batch
