@@ -1,0 +1,189 @@
+"""logprobs: log-probabilities of the chosen tokens, against its peers (DESIGN.md section 4).
+
+Cases: bf16 logits 8x1024x151936 (Qwen2.5 vocabulary) and 4x512x32000 (Llama-2), read as the
+causal-LM shift ``logits[:, :-1, :]`` of a (B, T+1, V) buffer, as a trainer does. Forward alone and
+forward + backward (a random upstream gradient on logp). Peers:
+
+* eager: ``logits.float().log_softmax(-1).gather(...)`` (what most RLHF code writes);
+* TRL's per-row recipe: a Python loop over the batch rows, each ``logsumexp`` + ``gather``;
+* torch.compile of the eager function;
+* Liger's ``fused_selective_log_softmax`` (forward only, no gradient) when liger_kernel imports;
+* ours, with and without entropy, and with ``inplace_backward``.
+
+The floor: the logits read once for the forward; read, written (the gradient) and read again for
+forward + backward, i.e. three passes (``bytes_moved`` below; labels and outputs are noise).
+
+``python -m benchmarks.bench_logprobs [--smoke] [--sweep]``; ``--sweep`` times our kernels over
+(BLOCK_V, num_warps, num_stages) on the large case to re-tune ``_launch_config`` on a new GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Smoke mode on a CPU machine runs our kernels under the Triton interpreter; this must be set
+    # before rlhf_kernels' op modules define their @triton.jit functions.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from benchmarks.common import (  # noqa: E402
+    peak_extra_mib,
+    print_table,
+    result_row,
+    save_results,
+    time_ms,
+)
+from rlhf_kernels.ops.logprobs import logprobs  # noqa: E402
+
+logprobs_module = importlib.import_module("rlhf_kernels.ops.logprobs")
+
+CASES = [(8, 1024, 151936), (4, 512, 32000)]
+SMOKE_CASES = [(2, 8, 257)]
+
+
+# ------------------------------------------------------------------------------------------
+# peers
+# ------------------------------------------------------------------------------------------
+def eager_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return logits.float().log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def trl_per_row_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """TRL's recipe, re-implemented from its description: one batch row at a time, logsumexp of
+    the row and the gathered logit, so only one row's worth of temporaries is alive."""
+    rows = []
+    for row_logits, row_labels in zip(logits, labels):
+        chosen = row_logits.gather(-1, row_labels.unsqueeze(-1)).squeeze(-1).float()
+        rows.append(chosen - torch.logsumexp(row_logits.float(), dim=-1))
+    return torch.stack(rows)
+
+
+def ours(logits: torch.Tensor, labels: torch.Tensor, **kwargs) -> torch.Tensor:
+    return logprobs(logits, labels, check_labels=False, **kwargs)
+
+
+def ours_with_entropy(logits: torch.Tensor, labels: torch.Tensor):
+    return logprobs(logits, labels, return_entropy=True, check_labels=False)
+
+
+def _liger_peer():
+    for module_name in ("liger_kernel.ops.grpo_loss", "liger_kernel.ops"):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        fn = getattr(module, "fused_selective_log_softmax", None)
+        if fn is not None:
+            return fn
+    return None
+
+
+# ------------------------------------------------------------------------------------------
+# timing
+# ------------------------------------------------------------------------------------------
+def _fwd_bwd(fn, logits, labels, grad):
+    def step():
+        logp = fn(logits, labels)
+        return torch.autograd.grad(logp, logits, grad)[0]
+
+    return step
+
+
+def _case_rows(B: int, T: int, V: int, dtype: torch.dtype, device, smoke: bool) -> list[dict]:
+    full = torch.randn(B, T + 1, V, device=device).to(dtype)
+    logits = full[:, :-1, :]  # the causal shift: read in place by ours
+    labels = torch.randint(0, V, (B, T), device=device)
+    grad = torch.randn(B, T, device=device)
+    element = full.element_size()
+    fwd_bytes = B * T * V * element + B * T * (8 + 4)
+    fwd_bwd_bytes = 3 * B * T * V * element + B * T * (8 + 4 + 4)
+    case = f"{'x'.join(map(str, (B, T, V)))} {str(dtype).removeprefix('torch.')}"
+    rows = []
+
+    def add(mode, impl, fn, nbytes):
+        ms = time_ms(fn)
+        rows.append(result_row("logprobs", f"{case} {mode}", impl, ms, nbytes, peak_extra_mib(fn)))
+
+    fwd_peers = [("eager", eager_logprobs), ("TRL per-row", trl_per_row_logprobs)]
+    if not smoke:
+        fwd_peers.append(("torch.compile", torch.compile(eager_logprobs)))
+        liger = _liger_peer()
+        if liger is not None:
+            # Liger takes the (B, T+1, V) buffer and the labels aligned to its last T positions.
+            fwd_peers.append(("Liger (no grad)", lambda _x, y: liger(full, y, temperature=1.0)))
+    fwd_peers += [("ours", ours), ("ours + entropy", ours_with_entropy)]
+    with torch.no_grad():
+        for impl, fn in fwd_peers:
+            add("fwd", impl, lambda fn=fn: fn(logits, labels), fwd_bytes)
+
+    full.requires_grad_(True)
+    logits = full[:, :-1, :]
+    bwd_peers = [("eager", eager_logprobs), ("TRL per-row", trl_per_row_logprobs)]
+    if not smoke:
+        bwd_peers.append(("torch.compile", torch.compile(eager_logprobs)))
+    bwd_peers.append(("ours", ours))
+    for impl, fn in bwd_peers:
+        add("fwd+bwd", impl, _fwd_bwd(fn, logits, labels, grad), fwd_bwd_bytes)
+    # In place: the gradient lands in the logits buffer (a benchmark may overwrite its input; a
+    # trainer would pass the lm_head output, see the op's docstring).
+    inplace = lambda x, y: ours(x, y, inplace_backward=True)  # noqa: E731
+    add("fwd+bwd", "ours inplace_backward", _fwd_bwd(inplace, logits, labels, grad), fwd_bwd_bytes)
+    return rows
+
+
+def run(smoke: bool = False) -> list[dict]:
+    """Rows for the result table; ``smoke`` runs tiny fp32 shapes on the CPU in seconds."""
+    if smoke:
+        return [row for B, T, V in SMOKE_CASES
+                for row in _case_rows(B, T, V, torch.float32, torch.device("cpu"), smoke=True)]
+    if not torch.cuda.is_available():
+        raise RuntimeError("bench_logprobs needs a CUDA device (use smoke=True on the CPU)")
+    rows = []
+    for B, T, V in CASES:
+        rows += _case_rows(B, T, V, torch.bfloat16, torch.device("cuda"), smoke=False)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def sweep(B: int = 8, T: int = 1024, V: int = 151936) -> list[dict]:
+    """Time our forward and forward + backward over launch configurations (CUDA only)."""
+    full = torch.randn(B, T + 1, V, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    logits = full[:, :-1, :]
+    labels = torch.randint(0, V, (B, T), device="cuda")
+    grad = torch.randn(B, T, device="cuda")
+    fwd_bytes = B * T * V * 2
+    default = logprobs_module._launch_config
+    rows = []
+    try:
+        for block_v in (1024, 2048, 4096, 8192):
+            for num_warps in (1, 2, 4, 8, 16):
+                if block_v // num_warps < 128:
+                    continue
+                for num_stages in (1, 2, 3, 4):
+                    config = (block_v, num_warps, num_stages)
+                    logprobs_module._launch_config = lambda _V, c=config: c
+                    name = f"BLOCK_V={block_v} warps={num_warps} stages={num_stages}"
+                    with torch.no_grad():
+                        ms = time_ms(lambda: ours(logits, labels))
+                    rows.append(result_row("logprobs", f"sweep {V} fwd", name, ms, fwd_bytes))
+                    ms = time_ms(_fwd_bwd(ours, logits, labels, grad))
+                    rows.append(result_row("logprobs", f"sweep {V} fwd+bwd", name, ms,
+                                           3 * fwd_bytes))
+    finally:
+        logprobs_module._launch_config = default
+    return sorted(rows, key=lambda r: (r["case"], r["ms"]))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU shapes, no result file")
+    parser.add_argument("--sweep", action="store_true", help="tune the launch configuration")
+    args = parser.parse_args()
+    result = sweep() if args.sweep else run(smoke=args.smoke)
+    print_table(result)
+    if not args.smoke:
+        print(f"wrote {save_results('logprobs_sweep' if args.sweep else 'logprobs', result)}")
