@@ -180,7 +180,7 @@ def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> No
     if bool(bad.any()):
         first = labels[bad][0].item()
         raise ValueError(
-            f"labels must lie in [0, {vocab}) (the vocabulary size) or equal ignore_index="
+            f"labels must be in [0, {vocab}) (the vocabulary size) or equal ignore_index="
             f"{ignore_index}; found {first}"
         )
 

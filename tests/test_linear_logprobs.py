@@ -1,0 +1,181 @@
+"""linear_logprobs (chunked lm_head + logprobs kernels) against the float64 reference.
+
+Values and every gradient (hidden, weight, bias, lora_a, lora_b) with a random upstream gradient,
+under the 2x rule: the same-dtype eager path is ``hidden @ W.T (+ LoRA, + bias)`` in the input
+dtype followed by the reference log-softmax, i.e. what a user would write without the fused op.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf_kernels import reference
+from rlhf_kernels.ops.linear_logprobs import choose_chunk_rows, linear_logprobs
+from tests.numerics import DEVICE, assert_close, assert_close_2x
+
+NAMES = ("hidden", "weight", "bias", "lora_a", "lora_b")
+
+
+def _make(lead, H, V, dtype, bias, rank, ignore_frac=0.2):
+    scale = H ** -0.5 * 3  # logits of a few units: peaked but not one-hot distributions
+    hidden = torch.randn(*lead, H, device=DEVICE).to(dtype)
+    weight = (torch.randn(V, H, device=DEVICE) * scale).to(dtype)
+    b = torch.randn(V, device=DEVICE).to(dtype) if bias else None
+    a = (torch.randn(rank, H, device=DEVICE) * H ** -0.5).to(dtype) if rank else None
+    lb = torch.randn(V, rank, device=DEVICE).to(dtype) if rank else None
+    labels = torch.randint(0, V, lead, device=DEVICE)
+    labels[torch.rand(lead, device=DEVICE) < ignore_frac] = -100
+    return hidden, weight, b, a, lb, labels
+
+
+def _eager_same_dtype(hidden, weight, labels, bias, a, lb, lora_scale, temperature,
+                      return_entropy):
+    """The unfused path in the input dtype (logits materialised), for the 2x rule."""
+    logits = hidden @ weight.t()
+    if a is not None:
+        logits = logits + lora_scale * ((hidden @ a.t()) @ lb.t())
+    if bias is not None:
+        logits = logits + bias
+    return reference.logprobs(logits, labels, temperature, -100, return_entropy)
+
+
+def _outputs_and_grads(fn, inputs, labels, upstream, **kw):
+    params = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
+    out = fn(params[0], params[1], labels, params[2], params[3], params[4], **kw)
+    outs = out if isinstance(out, tuple) else (out,)
+    total = sum((o.double() * g).sum() for o, g in zip(outs, upstream))
+    wanted = [p for p in params if p is not None]
+    grads = iter(torch.autograd.grad(total, wanted))
+    return outs, [next(grads) if p is not None else None for p in params]
+
+
+# (lead shape, H, V, bias, lora rank, entropy, temperature, chunk_size)
+CASES = [
+    ((2, 7), 19, 131, False, 0, False, 1.0, 4),
+    ((3, 5), 17, 97, True, 0, True, 0.7, 6),
+    ((13,), 23, 61, False, 3, True, 1.3, 5),
+    ((2, 6), 16, 129, True, 4, True, 0.5, 8),
+    ((1, 1), 5, 3, True, 2, True, 1.0, None),  # one token, tiny vocabulary, automatic chunk
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lead,H,V,bias,rank,entropy,temperature,chunk", CASES)
+def test_values_and_gradients(dtype, lead, H, V, bias, rank, entropy, temperature, chunk):
+    hidden, weight, b, a, lb, labels = _make(lead, H, V, dtype, bias, rank)
+    inputs = (hidden, weight, b, a, lb)
+    lora_scale = 0.5
+    kw = dict(lora_scale=lora_scale, temperature=temperature, return_entropy=entropy)
+    upstream = [torch.randn(lead, device=DEVICE, dtype=torch.float64) for _ in range(2)]
+
+    outs, grads = _outputs_and_grads(linear_logprobs, inputs, labels, upstream, chunk_size=chunk,
+                                     backend="triton", **kw)
+    inputs64 = tuple(t.double() if t is not None else None for t in inputs)
+    outs64, grads64 = _outputs_and_grads(reference.linear_logprobs, inputs64, labels, upstream,
+                                         **kw)
+    outs_eager, grads_eager = _outputs_and_grads(_eager_same_dtype, inputs, labels, upstream,
+                                                 **kw)
+    for name, o, o64, oe in zip(("logp", "entropy"), outs, outs64, outs_eager):
+        assert o.dtype == torch.float32 and o.shape == lead
+        assert_close_2x(o, oe, o64, dtype, name=name)
+    for name, g, g64, ge, t in zip(NAMES, grads, grads64, grads_eager, inputs):
+        if t is None:
+            continue
+        assert g.dtype == t.dtype and g.shape == t.shape, name
+        # gradients sum over tokens / vocabulary: scale atol with the gradient's size
+        assert_close_2x(g, ge, g64, dtype, atol_scale=max(1.0, g64.abs().max().item()),
+                        name=f"d {name}")
+    ignored = labels == -100
+    assert (outs[0][ignored] == 0).all()
+
+
+def test_frozen_weight_lora_only():
+    """The trainer's case: base lm_head frozen, gradients for the LoRA factors and hidden only."""
+    hidden, weight, _, a, lb, labels = _make((3, 5), 12, 67, torch.float32, False, 4)
+    hidden.requires_grad_()
+    a.requires_grad_()
+    lb.requires_grad_()
+    logp = linear_logprobs(hidden, weight, labels, lora_a=a, lora_b=lb, chunk_size=4,
+                           backend="triton")
+    logp.sum().backward()
+    assert weight.grad is None
+    h64, a64, b64 = (t.detach().double().requires_grad_() for t in (hidden, a, lb))
+    reference.linear_logprobs(h64, weight.double(), labels, lora_a=a64, lora_b=b64).sum().backward()
+    for t, t64, name in ((hidden, h64, "hidden"), (a, a64, "lora_a"), (lb, b64, "lora_b")):
+        assert_close(t.grad, t64.grad, atol=1e-5, rtol=1e-4, name=name)
+
+
+def test_no_grad_and_chunk_sizes_agree():
+    hidden, weight, b, _, _, labels = _make((4, 9), 10, 53, torch.float32, True, 0)
+    with torch.no_grad():
+        results = [linear_logprobs(hidden, weight, labels, b, return_entropy=True, chunk_size=c,
+                                   backend="triton") for c in (1, 7, 36, None)]
+    for logp, ent in results[1:]:
+        assert_close(logp, results[0][0], atol=1e-5, rtol=1e-6, name="logp across chunk sizes")
+        assert_close(ent, results[0][1], atol=1e-5, rtol=1e-6, name="entropy across chunk sizes")
+
+
+def test_strided_hidden():
+    """A token-range slice (hidden[:, :-1], the usual shift) works without the caller copying."""
+    hidden, weight, _, _, _, labels = _make((3, 8), 11, 41, torch.float32, False, 0)
+    sliced = hidden[:, :-1]
+    logp = linear_logprobs(sliced, weight, labels[:, :-1], chunk_size=5, backend="triton")
+    ref = reference.linear_logprobs(sliced.double(), weight.double(), labels[:, :-1])
+    assert_close(logp, ref, atol=1e-5, name="logp")
+
+
+def test_torch_compile_fullgraph():
+    hidden, weight, b, a, lb, labels = _make((2, 5), 9, 37, torch.float32, True, 2)
+    params = [t.requires_grad_() for t in (hidden, weight, b, a, lb)]
+
+    def fn(h, w, bb, aa, bl):
+        logp, ent = linear_logprobs(h, w, labels, bb, aa, bl, 0.5, 0.9, return_entropy=True,
+                                    chunk_size=3, backend="triton")
+        return (logp * 2).sum() + ent.sum()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    grads_c = torch.autograd.grad(compiled(*params), params)
+    grads_e = torch.autograd.grad(fn(*params), params)
+    for gc, ge, name in zip(grads_c, grads_e, NAMES):
+        assert_close(gc, ge, atol=1e-6, name=name)
+
+
+def test_reference_backend_matches_reference():
+    hidden, weight, b, _, _, labels = _make((2, 3), 6, 11, torch.float64, True, 0)
+    out = linear_logprobs(hidden, weight, labels, b, backend="reference")
+    assert torch.equal(out, reference.linear_logprobs(hidden, weight, labels, b))
+
+
+def test_choose_chunk_rows():
+    cpu = torch.device("cpu")
+    assert choose_chunk_rows(1000, 50, 4, cpu, chunk_size=7) == 7
+    assert choose_chunk_rows(5, 50, 4, cpu, chunk_size=7) == 5
+    # budget / (V * itemsize) rows, rounded down to a multiple of 64 when that large
+    assert choose_chunk_rows(10**6, 1000, 2, cpu, memory_budget_bytes=200 * 2000) == 192
+    assert choose_chunk_rows(10**6, 1000, 2, cpu, memory_budget_bytes=50 * 2000) == 50
+    assert choose_chunk_rows(10**6, 10**6, 4, cpu, memory_budget_bytes=1) == 1
+    assert choose_chunk_rows(0, 10, 4, cpu) == 1
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(hidden=torch.randn(2, 3, 5)), "hidden has H=5"),
+    (dict(labels=torch.zeros(2, 4, dtype=torch.long)), "labels has shape"),
+    (dict(labels=torch.zeros(2, 3)), "labels must be an int64"),
+    (dict(weight=torch.randn(7)), "weight must have shape"),
+    (dict(bias=torch.randn(6)), "bias must have shape"),
+    (dict(lora_a=torch.randn(2, 4)), "lora_a and lora_b must be given together"),
+    (dict(lora_a=torch.randn(2, 5), lora_b=torch.randn(7, 2)), "lora_a must have shape"),
+    (dict(lora_a=torch.randn(2, 4), lora_b=torch.randn(7, 3)), "lora_b must have shape"),
+    (dict(temperature=0.0), "temperature must be > 0"),
+    (dict(chunk_size=0), "chunk_size must be a positive int"),
+    (dict(memory_budget_bytes=-1), "memory_budget_bytes must be a positive int"),
+    (dict(labels=torch.tensor([[0, 1, 7], [0, 0, 0]])), r"labels must be in \[0, 7\)"),
+    (dict(hidden=torch.zeros(2, 3, 4, dtype=torch.long)), "hidden must be a floating tensor"),
+])
+def test_bad_input(change, message):
+    kw = dict(hidden=torch.randn(2, 3, 4), weight=torch.randn(7, 4),
+              labels=torch.zeros(2, 3, dtype=torch.long))
+    kw.update(change)
+    with pytest.raises(ValueError, match=message):
+        linear_logprobs(**kw, backend="triton")
