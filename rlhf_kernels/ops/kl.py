@@ -1,5 +1,272 @@
-"""PLACEHOLDER: dispatches to the reference until the Triton kernel lands (helper-owned file)."""
+"""Per-token KL estimators of KL(pi || pi_ref) from the sampled token, fused forward and backward.
+
+With d = logp - ref_logp (optionally clamped to +-log_ratio_clamp first):
+
+    k1 = d            dk1/dd = 1
+    k2 = d^2 / 2      dk2/dd = d
+    k3 = e^-d + d - 1 dk3/dd = 1 - e^-d
+    abs = |d|         dabs/dd = sign(d)      (0 at d = 0, as torch.abs)
+
+and the result optionally clamped to +-clamp. A clamp (of d or of the result) that bites gives a
+zero gradient, exactly like ``torch.clamp`` (the bounds themselves still pass the gradient).
+d logp = g * dkl/dd and d ref_logp = -g * dkl/dd.
+
+Bytes per token: forward reads logp and ref_logp (2 x itemsize) and writes fp32 kl (4 B);
+backward reads the upstream gradient (4 B) and both inputs, and writes both gradients in the
+inputs' dtypes. Both are single elementwise passes, so the floor is the memory traffic.
+
+Precision: the Triton path loads any of fp16/bf16/fp32 and computes in fp32; float64 inputs go to
+the float64 reference (there is no reason to run them through an fp32 kernel).
+"""
+
+
+import torch
+import triton
+import triton.language as tl
 
 from rlhf_kernels import reference
+from rlhf_kernels._alloc import empty
+from rlhf_kernels._checks import check_float, check_same_device, check_same_shape
+from rlhf_kernels.backend import resolve_backend
 
-kl_penalty = reference.kl_penalty
+__all__ = ["kl_penalty", "KL_ESTIMATOR_CODES", "kl_estimate", "check_kl_options"]
+
+# The estimator is a compile-time flag of the kernels (four variants at most).
+KL_ESTIMATOR_CODES = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
+
+_BLOCK = 1024
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def kl_estimate(d, ESTIMATOR: tl.constexpr):
+    """The estimator of an fp32 log-ratio d (shared with the reward-shaping kernel)."""
+    if ESTIMATOR == 0:
+        kl = d
+    elif ESTIMATOR == 1:
+        kl = 0.5 * d * d
+    elif ESTIMATOR == 2:
+        kl = tl.exp(-d) + d - 1.0
+    else:
+        kl = tl.abs(d)
+    return kl
+
+
+@triton.jit
+def _kl_fwd_kernel(
+    logp_ptr, ref_ptr, out_ptr,
+    stride_logp_row, stride_logp_col, stride_ref_row, stride_ref_col, stride_out_row,
+    n_cols, n_col_blocks,
+    clamp, log_ratio_clamp,
+    ESTIMATOR: tl.constexpr, HAS_CLAMP: tl.constexpr, HAS_LOG_RATIO_CLAMP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # A 1-D grid over (row, column block) pairs: no grid-dimension limit on either count.
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // n_col_blocks
+    cols = (pid % n_col_blocks) * BLOCK + tl.arange(0, BLOCK)
+    in_row = cols < n_cols
+    logp = tl.load(logp_ptr + row * stride_logp_row + cols * stride_logp_col, mask=in_row,
+                   other=0.0).to(tl.float32)
+    ref = tl.load(ref_ptr + row * stride_ref_row + cols * stride_ref_col, mask=in_row,
+                  other=0.0).to(tl.float32)
+    d = logp - ref
+    if HAS_LOG_RATIO_CLAMP:
+        d = tl.minimum(tl.maximum(d, -log_ratio_clamp), log_ratio_clamp)
+    kl = kl_estimate(d, ESTIMATOR)
+    if HAS_CLAMP:
+        kl = tl.minimum(tl.maximum(kl, -clamp), clamp)
+    tl.store(out_ptr + row * stride_out_row + cols, kl, mask=in_row)
+
+
+@triton.jit
+def _kl_bwd_kernel(
+    grad_ptr, logp_ptr, ref_ptr, grad_logp_ptr, grad_ref_ptr,
+    stride_grad_row, stride_grad_col, stride_logp_row, stride_logp_col,
+    stride_ref_row, stride_ref_col, stride_gout_row,
+    n_cols, n_col_blocks,
+    clamp, log_ratio_clamp,
+    ESTIMATOR: tl.constexpr, HAS_CLAMP: tl.constexpr, HAS_LOG_RATIO_CLAMP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // n_col_blocks
+    cols = (pid % n_col_blocks) * BLOCK + tl.arange(0, BLOCK)
+    in_row = cols < n_cols
+    grad = tl.load(grad_ptr + row * stride_grad_row + cols * stride_grad_col, mask=in_row,
+                   other=0.0).to(tl.float32)
+    logp = tl.load(logp_ptr + row * stride_logp_row + cols * stride_logp_col, mask=in_row,
+                   other=0.0).to(tl.float32)
+    ref = tl.load(ref_ptr + row * stride_ref_row + cols * stride_ref_col, mask=in_row,
+                  other=0.0).to(tl.float32)
+    d = logp - ref
+    # torch.clamp passes the gradient where lo <= x <= hi (bounds included).
+    if HAS_LOG_RATIO_CLAMP:
+        grad = tl.where((d >= -log_ratio_clamp) & (d <= log_ratio_clamp), grad, 0.0)
+        d = tl.minimum(tl.maximum(d, -log_ratio_clamp), log_ratio_clamp)
+    if HAS_CLAMP:
+        kl = kl_estimate(d, ESTIMATOR)
+        grad = tl.where((kl >= -clamp) & (kl <= clamp), grad, 0.0)
+    if ESTIMATOR == 0:
+        dkl = grad
+    elif ESTIMATOR == 1:
+        dkl = grad * d
+    elif ESTIMATOR == 2:
+        dkl = grad * (1.0 - tl.exp(-d))
+    else:
+        dkl = tl.where(d > 0, grad, tl.where(d < 0, -grad, 0.0))
+    # Both gradients come out of one contiguous row layout; the store casts to the input dtype.
+    tl.store(grad_logp_ptr + row * stride_gout_row + cols, dkl, mask=in_row)
+    tl.store(grad_ref_ptr + row * stride_gout_row + cols, -dkl, mask=in_row)
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
+def _as_rows(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Same-shape tensors as (rows, cols) views; one row when all are contiguous.
+
+    Strides are passed to the kernels, so only leading dims that cannot be merged into one
+    row stride are copied (by ``reshape``).
+    """
+    if all(t.is_contiguous() for t in tensors):
+        return [t.reshape(1, -1) for t in tensors]
+    cols = tensors[0].shape[-1]
+    return [t.reshape(-1, cols) for t in tensors]
+
+
+def _options(clamp: float | None, log_ratio_clamp: float | None) -> dict:
+    return dict(
+        clamp=0.0 if clamp is None else float(clamp),
+        log_ratio_clamp=0.0 if log_ratio_clamp is None else float(log_ratio_clamp),
+        HAS_CLAMP=clamp is not None,
+        HAS_LOG_RATIO_CLAMP=log_ratio_clamp is not None,
+    )
+
+
+@torch.library.custom_op("rlhf_kernels::kl_penalty", mutates_args=())
+def _kl_penalty_op(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    estimator: int,
+    clamp: float | None,
+    log_ratio_clamp: float | None,
+) -> torch.Tensor:
+    out = empty(logp.shape, torch.float32, logp.device)
+    if logp.numel() == 0:
+        return out
+    logp2, ref2, out2 = _as_rows(logp, ref_logp, out)
+    n_rows, n_cols = logp2.shape
+    n_col_blocks = triton.cdiv(n_cols, _BLOCK)
+    _kl_fwd_kernel[(n_rows * n_col_blocks,)](
+        logp2, ref2, out2,
+        logp2.stride(0), logp2.stride(1), ref2.stride(0), ref2.stride(1), out2.stride(0),
+        n_cols, n_col_blocks,
+        ESTIMATOR=estimator, BLOCK=_BLOCK, num_warps=4, **_options(clamp, log_ratio_clamp),
+    )
+    return out
+
+
+@_kl_penalty_op.register_fake
+def _(logp, ref_logp, estimator, clamp, log_ratio_clamp):
+    return torch.empty(logp.shape, dtype=torch.float32, device=logp.device)
+
+
+@torch.library.custom_op("rlhf_kernels::kl_penalty_backward", mutates_args=())
+def _kl_penalty_backward_op(
+    grad: torch.Tensor,
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    estimator: int,
+    clamp: float | None,
+    log_ratio_clamp: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    grad_logp = empty(logp.shape, logp.dtype, logp.device)
+    grad_ref = empty(ref_logp.shape, ref_logp.dtype, ref_logp.device)
+    if logp.numel() == 0:
+        return grad_logp, grad_ref
+    # grad may be an expanded (stride-0) tensor, e.g. from .sum(); the strides handle it.
+    grad2, logp2, ref2, gl2, gr2 = _as_rows(grad, logp, ref_logp, grad_logp, grad_ref)
+    n_rows, n_cols = logp2.shape
+    n_col_blocks = triton.cdiv(n_cols, _BLOCK)
+    _kl_bwd_kernel[(n_rows * n_col_blocks,)](
+        grad2, logp2, ref2, gl2, gr2,
+        grad2.stride(0), grad2.stride(1), logp2.stride(0), logp2.stride(1),
+        ref2.stride(0), ref2.stride(1), gl2.stride(0),
+        n_cols, n_col_blocks,
+        ESTIMATOR=estimator, BLOCK=_BLOCK, num_warps=4, **_options(clamp, log_ratio_clamp),
+    )
+    return grad_logp, grad_ref
+
+
+@_kl_penalty_backward_op.register_fake
+def _(grad, logp, ref_logp, estimator, clamp, log_ratio_clamp):
+    return torch.empty_like(logp, memory_format=torch.contiguous_format), torch.empty_like(
+        ref_logp, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    logp, ref_logp, estimator, clamp, log_ratio_clamp = inputs
+    ctx.save_for_backward(logp, ref_logp)
+    ctx.options = (estimator, clamp, log_ratio_clamp)
+
+
+def _backward(ctx, grad):
+    logp, ref_logp = ctx.saved_tensors
+    grad_logp, grad_ref = _kl_penalty_backward_op(grad, logp, ref_logp, *ctx.options)
+    return grad_logp, grad_ref, None, None, None
+
+
+_kl_penalty_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# public function
+# --------------------------------------------------------------------------------------------
+def check_kl_options(estimator: str, **clamps: float | None) -> None:
+    """ValueError for an unknown estimator or a negative / NaN clamp bound."""
+    if estimator not in KL_ESTIMATOR_CODES:
+        raise ValueError(
+            f"estimator={estimator!r} is not supported; expected one of "
+            f"{tuple(KL_ESTIMATOR_CODES)}"
+        )
+    for name, value in clamps.items():
+        if value is not None and not (float(value) >= 0.0):
+            raise ValueError(
+                f"{name}={value} must be a non-negative bound (the clamp is to [-{name}, "
+                f"+{name}]), or None for no clamp"
+            )
+
+
+def kl_penalty(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    estimator: str = "k1",
+    clamp: float | None = None,
+    log_ratio_clamp: float | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Per-token KL estimate from the sampled token's log-probabilities.
+
+    logp, ref_logp: (...) fp16/bf16/fp32/fp64, same shape -> kl (...) fp32 (fp64 for fp64 input),
+    differentiable with respect to both inputs.
+
+    estimator: "k1" (d), "k2" (d^2/2), "k3" (e^-d + d - 1) or "abs" (|d|), d = logp - ref_logp.
+    log_ratio_clamp clamps d before the estimator (veRL: 20 inside k3); clamp clamps the result
+    (OpenRLHF / veRL: 10). Clamped elements get zero gradient, as with torch.clamp.
+    backend: "triton", "reference" or "auto" (see rlhf_kernels.backend).
+    """
+    check_float("logp", logp)
+    check_float("ref_logp", ref_logp)
+    check_same_shape("ref_logp", ref_logp, "logp", logp)
+    check_same_device(("logp", logp), ("ref_logp", ref_logp))
+    check_kl_options(estimator, clamp=clamp, log_ratio_clamp=log_ratio_clamp)
+    use_reference = torch.float64 in (logp.dtype, ref_logp.dtype)
+    if resolve_backend(logp, backend) == "reference" or use_reference:
+        return reference.kl_penalty(logp, ref_logp, estimator, clamp, log_ratio_clamp)
+    return _kl_penalty_op(logp, ref_logp, KL_ESTIMATOR_CODES[estimator],
+                          None if clamp is None else float(clamp),
+                          None if log_ratio_clamp is None else float(log_ratio_clamp))
