@@ -1,0 +1,290 @@
+"""The fused PPO step (linear_ppo_loss, ppo_loss_from_logits) against the float64 reference.
+
+Loss, stats and gradients (through autograd of the reference, with a random upstream scalar) for
+every reduction, the clip options, each KL estimator and the entropy term; the gradient is made
+in the forward sweep and only scaled in backward, so scaling and double backward are checked too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf_kernels import reference
+from rlhf_kernels.ops.ppo_fused import linear_ppo_loss, ppo_loss_from_logits, reduction_weights
+from tests.numerics import DEVICE, assert_close, assert_close_2x
+
+HEAD = ("hidden", "weight", "bias", "lora_a", "lora_b")
+
+
+def _rollout(B, T, V, logp_of, ignore=True):
+    """labels, mask (row 1 fully masked, some right padding), and old / ref logp near the current
+    policy's so that ratios land on both sides of the clip range."""
+    labels = torch.randint(0, V, (B, T), device=DEVICE)
+    if ignore:
+        labels[0, 1] = -100
+    mask = torch.ones(B, T, device=DEVICE, dtype=torch.bool)
+    mask[1] = False
+    mask[-1, T // 2:] = False
+    with torch.no_grad():
+        logp = logp_of(labels).float()
+    old_logp = logp + 0.3 * torch.randn(B, T, device=DEVICE)
+    ref_logp = logp + 0.2 * torch.randn(B, T, device=DEVICE)
+    advantages = torch.randn(B, T, device=DEVICE)
+    return labels, mask, old_logp, advantages, ref_logp
+
+
+def _head(B, T, H, V, dtype=torch.float32, rank=3):
+    hidden = torch.randn(B, T, H, device=DEVICE).to(dtype)
+    weight = (torch.randn(V, H, device=DEVICE) * 2 * H ** -0.5).to(dtype)
+    bias = torch.randn(V, device=DEVICE).to(dtype)
+    lora_a = (torch.randn(rank, H, device=DEVICE) * H ** -0.5).to(dtype)
+    lora_b = torch.randn(V, rank, device=DEVICE).to(dtype)
+    return [hidden, weight, bias, lora_a, lora_b]
+
+
+def _loss_and_grads(fn, params, upstream, **kw):
+    leaves = [p.detach().clone().requires_grad_() for p in params]
+    loss, stats = fn(*leaves, **kw)
+    grads = torch.autograd.grad(loss * upstream, leaves)
+    return loss, stats, grads
+
+
+def _check_stats(stats, stats64, n_valid):
+    assert set(stats) == set(stats64)
+    for key in stats64:
+        # one token flipping sides of a clip boundary moves clipfrac by 1 / n
+        atol = 1.5 / max(n_valid, 1) if key == "clipfrac" else 2e-5
+        assert_close(stats[key], stats64[key], atol=atol, rtol=1e-4, name=key)
+
+
+OPTIONS = dict(kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01, temperature=0.8, dual_clip=3.0)
+
+
+@pytest.mark.parametrize("reduction", reference.REDUCTIONS)
+def test_linear_ppo_loss_reductions(reduction):
+    B, T, H, V = 3, 7, 13, 67
+    params = _head(B, T, H, V)
+    labels, mask, old_logp, advantages, ref_logp = _rollout(
+        B, T, V, lambda lab: reference.linear_logprobs(*params[:2], lab, *params[2:], 0.5, 0.8))
+    upstream = torch.randn((), device=DEVICE)
+
+    def kernel(h, w, b, a, lb):
+        return linear_ppo_loss(h, w, labels, old_logp, advantages, mask, b, a, lb, 0.5,
+                               ref_logp, reduction=reduction, chunk_size=4, backend="triton",
+                               **OPTIONS)
+
+    def ref(h, w, b, a, lb):
+        return reference.linear_ppo_loss(h, w, labels, old_logp, advantages, mask, b, a, lb, 0.5,
+                                         ref_logp, reduction=reduction, **OPTIONS)
+
+    loss, stats, grads = _loss_and_grads(kernel, params, upstream)
+    loss32, _, grads32 = _loss_and_grads(ref, params, upstream)
+    loss64, stats64, grads64 = _loss_and_grads(ref, [p.double() for p in params], upstream)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert_close_2x(loss, loss32, loss64, torch.float32, name="loss")
+    for g, g32, g64, name in zip(grads, grads32, grads64, HEAD):
+        assert_close_2x(g, g32, g64, torch.float32, name=f"d {name}")
+    n_valid = int((mask & (labels != -100)).sum())
+    _check_stats(stats, stats64, n_valid)
+
+
+def _logits_case(B, T, V, dtype):
+    logits = (torch.randn(B, T, V, device=DEVICE) * 2).to(dtype)
+    rollout = _rollout(B, T, V, lambda lab: reference.logprobs(logits, lab, 0.8))
+    return logits, rollout
+
+
+@pytest.mark.parametrize("reduction", reference.REDUCTIONS)
+@pytest.mark.parametrize("kl_estimator", reference.KL_ESTIMATORS)
+def test_logits_reductions_and_estimators(reduction, kl_estimator):
+    B, T, V = 3, 6, 131
+    logits, (labels, mask, old_logp, advantages, ref_logp) = _logits_case(B, T, V, torch.float32)
+    upstream = torch.randn((), device=DEVICE)
+    options = dict(OPTIONS, kl_estimator=kl_estimator, reduction=reduction)
+
+    def kernel(z):
+        return ppo_loss_from_logits(z, labels, old_logp, advantages, mask, ref_logp,
+                                    backend="triton", **options)
+
+    def ref(z):
+        return reference.ppo_loss_from_logits(z, labels, old_logp, advantages, mask, ref_logp,
+                                              **options)
+
+    loss, stats, (grad,) = _loss_and_grads(kernel, [logits], upstream)
+    loss32, _, (grad32,) = _loss_and_grads(ref, [logits], upstream)
+    loss64, stats64, (grad64,) = _loss_and_grads(ref, [logits.double()], upstream)
+    assert_close_2x(loss, loss32, loss64, torch.float32, name="loss")
+    assert_close_2x(grad, grad32, grad64, torch.float32, name="d logits")
+    assert grad.dtype == logits.dtype
+    _check_stats(stats, stats64, int((mask & (labels != -100)).sum()))
+
+
+# (dtype, options): the clip options one at a time, the entropy term alone, bf16 / fp16 logits
+OPTION_CASES = [
+    (torch.float32, dict()),  # plain clipped surrogate, no KL, no entropy
+    (torch.float32, dict(entropy_coef=0.05)),
+    (torch.float32, dict(clip_low=0.1, clip_high=0.28, log_ratio_clamp=0.25)),
+    (torch.float32, dict(dual_clip=1.5, log_ratio_clamp=None, temperature=1.7)),
+    (torch.bfloat16, dict(OPTIONS)),
+    (torch.float16, dict(OPTIONS, reduction="seq-mean-token-mean")),
+]
+
+
+@pytest.mark.parametrize("dtype,options", OPTION_CASES)
+def test_logits_options_and_dtypes(dtype, options):
+    B, T, V = 2, 9, 77
+    logits, (labels, mask, old_logp, advantages, ref_logp) = _logits_case(B, T, V, dtype)
+    kernel = lambda z: ppo_loss_from_logits(z, labels, old_logp, advantages, mask, ref_logp,
+                                            backend="triton", **options)
+    ref = lambda z: reference.ppo_loss_from_logits(z, labels, old_logp, advantages, mask,
+                                                   ref_logp, **options)
+    upstream = torch.randn((), device=DEVICE)
+    loss, stats, (grad,) = _loss_and_grads(kernel, [logits], upstream)
+    # same-dtype eager: the reference on the low-precision logits, its gradient rounded to dtype
+    loss_e, _, (grad_e,) = _loss_and_grads(ref, [logits], upstream)
+    loss64, stats64, (grad64,) = _loss_and_grads(ref, [logits.double()], upstream)
+    assert_close_2x(loss, loss_e, loss64, dtype, name="loss")
+    assert_close_2x(grad, grad_e, grad64, dtype, name="d logits")
+    _check_stats(stats, stats64, int((mask & (labels != -100)).sum()))
+
+
+def test_reduction_weights_closed_form():
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    x = torch.randn(3, 4, dtype=torch.float64)
+    for reduction in reference.REDUCTIONS:
+        w = reduction_weights(mask, reduction).double()
+        assert_close((w * x).sum(), reference.reduce_loss(x, mask.double(), reduction), atol=1e-6,
+                     name=reduction)
+    w = reduction_weights(mask, "seq-mean-token-mean")
+    assert torch.equal(w[0], torch.tensor([0.25, 0.25, 0.0, 0.0]))  # 1 / (2 tokens * 2 rows)
+    assert torch.equal(w[2], torch.full((4,), 0.125))
+
+
+def test_gradient_scaled_in_backward_and_single_use():
+    B, T, V = 2, 5, 23
+    logits, (labels, mask, old_logp, advantages, _) = _logits_case(B, T, V, torch.float32)
+    z = logits.requires_grad_()
+    loss, _ = ppo_loss_from_logits(z, labels, old_logp, advantages, mask, backend="triton")
+    (g1,) = torch.autograd.grad(loss, z)
+    loss, _ = ppo_loss_from_logits(z, labels, old_logp, advantages, mask, backend="triton")
+    (g3,) = torch.autograd.grad(-3.0 * loss, z, retain_graph=True)
+    assert_close(g3, -3.0 * g1, atol=1e-7, rtol=1e-6, name="scaled gradient")
+    # the saved gradient was scaled in place: a second backward must fail, not silently double
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss, z)
+
+
+def test_all_masked_is_zero_not_nan():
+    B, T, H, V = 2, 4, 6, 19
+    params = [p.requires_grad_() for p in _head(B, T, H, V)]
+    labels = torch.randint(0, V, (B, T), device=DEVICE)
+    zeros = torch.zeros(B, T, device=DEVICE)
+    # garbage old_logp on masked tokens (ratio overflows) must not leak NaN into the loss
+    old_logp = torch.full((B, T), -1e4, device=DEVICE)
+    for reduction in reference.REDUCTIONS:
+        loss, stats = linear_ppo_loss(params[0], params[1], labels, old_logp, zeros, zeros,
+                                      *params[2:], log_ratio_clamp=None, reduction=reduction,
+                                      entropy_coef=0.1, backend="triton")
+        grads = torch.autograd.grad(loss, params)
+        assert loss.item() == 0.0
+        assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
+def test_no_grad_and_frozen_weight():
+    B, T, H, V = 2, 5, 8, 29
+    hidden, weight, bias, lora_a, lora_b = _head(B, T, H, V)
+    labels, mask, old_logp, advantages, ref_logp = _rollout(
+        B, T, V, lambda lab: reference.linear_logprobs(hidden, weight, lab))
+    with torch.no_grad():
+        loss_ng, stats_ng = linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask,
+                                            backend="triton")
+    loss64, stats64 = reference.linear_ppo_loss(hidden.double(), weight.double(), labels,
+                                                old_logp, advantages, mask)
+    assert_close(loss_ng, loss64, atol=1e-5, name="no-grad loss")
+    # LoRA-only training: the frozen weight gets no gradient, the factors do
+    lora_a.requires_grad_()
+    lora_b.requires_grad_()
+    loss, _ = linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask, lora_a=lora_a,
+                              lora_b=lora_b, chunk_size=3, backend="triton")
+    loss.backward()
+    assert weight.grad is None and hidden.grad is None
+    a64, b64 = (t.detach().double().requires_grad_() for t in (lora_a, lora_b))
+    reference.linear_ppo_loss(hidden.double(), weight.double(), labels, old_logp, advantages,
+                              mask, lora_a=a64, lora_b=b64)[0].backward()
+    assert_close(lora_a.grad, a64.grad, atol=1e-5, rtol=1e-4, name="d lora_a")
+    assert_close(lora_b.grad, b64.grad, atol=1e-5, rtol=1e-4, name="d lora_b")
+
+
+def test_strided_logits_slice():
+    """logits[:, :-1] (the usual shift) is read in place, per sequence."""
+    B, T, V = 3, 6, 41
+    logits = torch.randn(B, T + 1, V, device=DEVICE, requires_grad=True)
+    labels, mask, old_logp, advantages, _ = _rollout(
+        B, T, V, lambda lab: reference.logprobs(logits[:, :-1], lab))
+    loss, _ = ppo_loss_from_logits(logits[:, :-1], labels, old_logp, advantages, mask,
+                                   backend="triton")
+    (grad,) = torch.autograd.grad(loss, logits)
+    z64 = logits.detach().double().requires_grad_()
+    loss64, _ = reference.ppo_loss_from_logits(z64[:, :-1], labels, old_logp, advantages, mask)
+    (grad64,) = torch.autograd.grad(loss64, z64)
+    assert_close(loss, loss64, atol=1e-5, name="loss")
+    assert_close(grad, grad64, atol=1e-6, name="d logits")
+    assert (grad[:, -1] == 0).all()
+
+
+def test_torch_compile_fullgraph():
+    B, T, H, V = 2, 4, 7, 31
+    params = [p.requires_grad_() for p in _head(B, T, H, V)]
+    labels, mask, old_logp, advantages, ref_logp = _rollout(
+        B, T, V, lambda lab: reference.linear_logprobs(*params[:2], lab, *params[2:]))
+
+    def fn(h, w, b, a, lb):
+        loss, stats = linear_ppo_loss(h, w, labels, old_logp, advantages, mask, b, a, lb, 1.0,
+                                      ref_logp, kl_coef=0.1, entropy_coef=0.01, chunk_size=3,
+                                      backend="triton")
+        # the logits twin, fed by an ordinary matmul so its gradient flows on to h and w
+        loss2, _ = ppo_loss_from_logits(h @ w.t(), labels, old_logp, advantages, mask,
+                                        backend="triton")
+        return loss + loss2 + stats["clipfrac"]
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    grads_c = torch.autograd.grad(compiled(*params), params)
+    grads_e = torch.autograd.grad(fn(*params), params)
+    for gc, ge, name in zip(grads_c, grads_e, HEAD):
+        assert_close(gc, ge, atol=1e-6, rtol=1e-5, name=name)
+
+
+def test_reference_backend():
+    B, T, V = 2, 3, 11
+    logits, (labels, mask, old_logp, advantages, _) = _logits_case(B, T, V, torch.float64)
+    loss, _ = ppo_loss_from_logits(logits, labels, old_logp, advantages, mask,
+                                   backend="reference")
+    loss64, _ = reference.ppo_loss_from_logits(logits, labels, old_logp, advantages, mask)
+    assert torch.equal(loss, loss64)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(old_logp=torch.zeros(2, 4)), "old_logp has shape"),
+    (dict(advantages=torch.zeros(3)), "advantages has shape"),
+    (dict(mask=torch.ones(2, 2)), "mask has shape"),
+    (dict(ref_logp=torch.zeros(2, 4), kl_coef=0.1), "ref_logp has shape"),
+    (dict(kl_estimator="k4"), "kl_estimator='k4' is not supported"),
+    (dict(reduction="mean"), "reduction='mean' is not supported"),
+    (dict(dual_clip=0.5), "dual_clip must be > 1"),
+    (dict(clip_low=-0.1), "clip_low and clip_high must be >= 0"),
+    (dict(log_ratio_clamp=0.0), "log_ratio_clamp must be > 0"),
+    (dict(temperature=-1.0), "temperature must be > 0"),
+    (dict(labels=torch.full((2, 3), 11)), r"labels must be in \[0, 11\)"),
+])
+@pytest.mark.parametrize("path", ["logits", "linear"])
+def test_bad_input(change, message, path):
+    kw = dict(labels=torch.zeros(2, 3, dtype=torch.long), old_logp=torch.zeros(2, 3),
+              advantages=torch.zeros(2, 3))
+    kw.update(change)
+    if path == "logits":
+        with pytest.raises(ValueError, match=message):
+            ppo_loss_from_logits(torch.randn(2, 3, 11), **kw, backend="triton")
+    else:
+        with pytest.raises(ValueError, match=message):
+            linear_ppo_loss(torch.randn(2, 3, 5), torch.randn(11, 5), **kw, backend="triton")
