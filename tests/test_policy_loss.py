@@ -130,6 +130,19 @@ def test_all_masked_batch_gives_zero_loss_and_grad(reduction):
         assert value.item() == 0.0, key
 
 
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0), (0,)], ids=str)
+def test_empty_tensors(shape):
+    # No token at all: loss 0 for every reduction (also seq-mean-token-sum-norm with T = 0,
+    # where the reference divides 0 by 0), gradient of the input's shape.
+    for reduction in REDUCTIONS:
+        x = torch.zeros(shape, device=DEVICE, requires_grad=True)
+        zeros = torch.zeros(shape, device=DEVICE)
+        loss, stats = ppo_policy_loss(x, zeros, zeros, reduction=reduction, backend="triton")
+        loss.backward()
+        assert loss.item() == 0.0 and x.grad.shape == shape
+        assert all(value.item() == 0.0 for value in stats.values())
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 def test_padding_garbage_does_not_leak():
     """inf / NaN under the mask (uninitialised padding) changes neither loss nor gradient."""

@@ -21,6 +21,8 @@ backward is then ``grad_x = saved * (grad_loss * scale)``: one elementwise kerne
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -73,7 +75,8 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     The kernels take both strides, so neither a non-unit time stride nor a non-unit row stride
     forces a copy; only leading dims that cannot be merged do (``reshape``).
     """
-    return x.reshape(-1, x.shape[-1])
+    # Explicit row count: reshape(-1, 0) is ambiguous for T = 0.
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
 _MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
