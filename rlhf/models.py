@@ -304,6 +304,11 @@ class SharedBackbone(nn.Module):
         self._active_role: str | None = roles[0]
         self._switch(self._lora_layers, self._active_role)
         self._apply_requires_grad()
+        # Checkpointing switched on before wrapping (e.g. during full-weight SFT) must become
+        # adapter-aware too, or recomputation would silently use the wrong adapter.
+        if any(getattr(m, "gradient_checkpointing", False) is True
+               for m in self.causal_lm.modules()):
+            self.enable_gradient_checkpointing()
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -427,6 +432,19 @@ class SharedBackbone(nn.Module):
         if role != self._active_role:
             self._switch(self._lora_layers, role)
             self._active_role = role
+
+    @contextmanager
+    def as_role(self, role: str | None):
+        """Run the Hugging Face model directly as ``role`` (None: the reference), e.g.
+        ``with backbone.as_role("policy") as lm: lm.generate(...)``; the previous role is restored
+        on exit. Inside, pass ``position_ids`` yourself for left-padded batches (``generate``
+        does)."""
+        previous = self._active_role
+        self._activate(self._check_role(role, allow_none=True))
+        try:
+            yield self.causal_lm
+        finally:
+            self._activate(previous)
 
     @property
     def active_role(self) -> str | None:
@@ -813,6 +831,8 @@ def _role_aware_checkpoint(backbone: SharedBackbone, layer_loras: list[nn.Module
 
     def checkpoint_with_role(function, *args, **kwargs):
         owner = backbone_ref()
+        if owner is None:  # the backbone is gone; the bare model checkpoints as usual
+            return checkpoint_func(function, *args, **kwargs)
         forward_role = owner._active_role
 
         def run_with_forward_role(*inner_args, **inner_kwargs):
