@@ -208,6 +208,12 @@ def test_inplace_backward_detects_another_saved_user():
         (lp.sum() + other).backward()
 
 
+def test_inplace_backward_refuses_a_leaf():
+    leaf = torch.randn(2, 3, 17, device=DEVICE, requires_grad=True)
+    with pytest.raises(ValueError, match="inplace_backward=True needs logits that are an "):
+        logprobs(leaf, _make_labels((2, 3), 17), inplace_backward=True, backend="triton")
+
+
 @pytest.mark.parametrize("bad", [1271, 5000, -1, -101])
 def test_out_of_range_labels_raise(bad):
     V = 1271

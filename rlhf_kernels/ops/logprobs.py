@@ -478,11 +478,11 @@ def logprobs(
         (..., V) tensor (saves one logits-sized allocation, e.g. 2.3 GiB for bf16 8x1024x151936).
         After backward the logits tensor holds its own gradient, so: use it only when the logits
         are an intermediate activation (e.g. the lm_head output) that nothing reads afterwards.
-        Autograd catches another op that saved the same logits for its backward (it raises "modified
-        by an inplace operation"), as it does ``retain_graph`` double backward. Do not use it on a
-        leaf tensor: its ``.grad`` would share memory with the tensor. When the buffer cannot take
-        the gradient in place (stride(-1) != 1, overlapping rows of an expanded tensor, or leading
-        dims that need a copy) the backward silently uses a fresh buffer instead.
+        Autograd catches another op that saved the same logits for its backward (it raises
+        "modified by an inplace operation"), as it does a ``retain_graph`` double backward. A leaf
+        tensor that requires grad is refused (its ``.grad`` would share memory with it). When the
+        buffer cannot take the gradient in place (stride(-1) != 1, overlapping rows of an expanded
+        tensor, leading dims that need a copy) the backward quietly uses a fresh buffer instead.
     check_labels: verify on the host that every label is in [0, V) or ignore_index (one min/max
         reduction and one device sync per call). Pass False in hot loops once the data is known to
         be clean; a bad label then gives NaN logp for its row (never an out-of-bounds read).
@@ -507,6 +507,12 @@ def logprobs(
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
 
+    if inplace_backward and logits.is_leaf and logits.requires_grad:
+        raise ValueError(
+            "inplace_backward=True needs logits that are an intermediate result (e.g. the lm_head "
+            "output), but got a leaf tensor that requires grad: its .grad would share memory with "
+            "the tensor itself. Pass inplace_backward=False, or compute the logits in the graph."
+        )
     if resolve_backend(logits, backend) == "reference":
         if check_labels:
             _check_labels_in_range(labels, logits.shape[-1], ignore_index)
