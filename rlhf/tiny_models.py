@@ -54,8 +54,10 @@ def _build(model_class, config, seed: int, dtype: torch.dtype):
     # A private RNG stream: building a model must not move the caller's global seed.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = model_class.from_config(config)
-    return model.to(dtype).eval()
+        # dtype at construction, not model.to(dtype): that would also round the fp32 rotary
+        # buffers (inv_freq) to bf16, unlike from_pretrained(dtype=...).
+        model = model_class.from_config(config, dtype=dtype)
+    return model.eval()
 
 
 def tiny_causal_lm(arch: str, vocab_size: int = 128, seed: int = 0,
@@ -70,7 +72,8 @@ def tiny_causal_lm(arch: str, vocab_size: int = 128, seed: int = 0,
 
 def tiny_reward_model(arch: str, vocab_size: int = 128, seed: int = 0,
                       dtype: torch.dtype = torch.float32, **config_kwargs):
-    """A random-initialised ``AutoModelForSequenceClassification`` with one label (a reward model)."""
+    """A random-initialised ``AutoModelForSequenceClassification`` with one label (a reward
+    model)."""
     from transformers import AutoModelForSequenceClassification
 
     config = tiny_config(arch, vocab_size, num_labels=1, **config_kwargs)

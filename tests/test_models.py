@@ -523,6 +523,27 @@ def test_bf16_base_keeps_fp32_adapters_heads_and_outputs(arch, batch, tmp_path):
     assert report["base"]["params"] == 2 * n_base  # bf16, tied weights counted once
 
 
+def test_bf16_sft_adapter_merge_then_round_trip(tmp_path, batch):
+    """SFT through a policy-only adapter on a bf16 base, merged, saved and re-loaded."""
+    backbone = SharedBackbone.from_model(
+        tiny_causal_lm("qwen2", vocab_size=VOCAB, seed=97, dtype=torch.bfloat16), lora=SPEC,
+        roles=("policy",))
+    perturb(backbone, 97)
+    ids, mask = batch
+    with torch.no_grad():
+        sft = backbone.policy_logits(ids, mask).float()
+    backbone.merge_into_base("policy")
+    with torch.no_grad():
+        merged = backbone.logits(ids, mask, role=None)
+    torch.testing.assert_close(merged.float(), sft, atol=5e-2, rtol=0)  # rounded to bf16
+    backbone.save(tmp_path / "sft")
+    loaded = SharedBackbone.load(tmp_path / "sft")
+    assert loaded.roles == ("policy",) and loaded.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(loaded.logits(ids, mask, role=None), merged)
+        assert torch.equal(loaded.policy_logits(ids, mask), merged)
+
+
 def test_memory_report_counts_the_trainable_bytes():
     backbone = make_backbone("llama", seed=73)
     report = backbone.memory_report()
