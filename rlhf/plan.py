@@ -1,0 +1,453 @@
+"""Memory planner: the expected peak memory of each PPO stage, and the largest batch that fits.
+
+``plan(config, batch=..., prompt_length=..., response_length=...)`` counts, for the iteration of
+``benchmarks/e2e_ppo.py`` (the same steps as rlhf/ppo.py, one SharedBackbone for four roles)::
+
+    resident   base weights (dtype) + 3 LoRA adapters and 2 heads (fp32, PEFT's adapter dtype)
+               + AdamW moments of the trained policy and critic adapters and the value head
+               + the rollout engine's static KV cache (kept between iterations)
+    rollout    + the prefill's largest layer working set (B x P tokens, no grad)
+               or one decode step's logits and sampling buffers (B x V), whichever is larger
+    scoring    + one no-grad forward of ``forward_chunk`` rows (a layer's working set, the
+               final hidden states) + one ``linear_logprobs`` logits chunk or the fp32 copy the
+               value head reads
+    update     + adapter gradients + one minibatch: with gradient checkpointing the input of
+               every layer plus one layer's saved activations and backward temporaries, without
+               it every layer's saved activations; + the loss head (``linear_ppo_loss``'s d hidden
+               and one logits chunk, or the value head's fp32 copy)
+
+Per-token byte counts of a layer follow what PyTorch and PEFT allocate for a Llama/Qwen2 decoder
+layer: HF RMSNorm upcasts to fp32, every LoRA'd linear casts its input to the adapter dtype
+(fp32; a new tensor when the base is bf16) and forms ``base + B(A(x)) * s`` in fp32 before the
+cast back. Attention is assumed to be SDPA flash/efficient (no S x S scores; on the CPU the S x S
+boolean mask of the model is added). Allocator slack, CUDA context and cuBLAS workspaces are not
+counted (``overhead_gib`` adds a constant for them; 0 by default).
+
+``main(argv)`` is the ``rlhf plan`` command: a preset name (``PRESETS``) or a local config.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["PRESETS", "LiveTensorTracker", "ModelDims", "hf_config", "largest_batch", "main",
+           "plan"]
+
+GIB = 2**30
+STAGES = ("rollout", "scoring", "update")
+
+# Public configs (config.json on the Hugging Face hub), written here: nothing is downloaded.
+PRESETS: dict[str, dict] = {
+    "qwen2.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896,
+                         intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1000000.0,
+                         max_position_embeddings=32768, rms_norm_eps=1e-6),
+    "qwen2.5-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536,
+                         intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1000000.0,
+                         max_position_embeddings=32768, rms_norm_eps=1e-6),
+    "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584,
+                       intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, tie_word_embeddings=False, rope_theta=1000000.0,
+                       max_position_embeddings=32768, rms_norm_eps=1e-6),
+    "llama-3-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096,
+                       intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, tie_word_embeddings=False, rope_theta=500000.0,
+                       max_position_embeddings=8192, rms_norm_eps=1e-5),
+    # a few-second CPU shape for --smoke runs and tests
+    "tiny": dict(model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 tie_word_embeddings=True, max_position_embeddings=512),
+}
+
+_DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+# linear_logprobs / linear_ppo_loss: one (rows, V) logits chunk of at most this many bytes
+_LOGITS_BUDGET = {"cuda": 512 * 2**20, "cpu": 64 * 2**20}
+
+
+def hf_config(name: str, **overrides):
+    """A ``transformers`` config for preset ``name`` (random-init benchmarks; no download)."""
+    from transformers import AutoConfig
+
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
+    values = dict(PRESETS[name])
+    values.update(overrides)
+    model_type = values.pop("model_type")
+    return AutoConfig.for_model(model_type, **values)
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The numbers of a Llama/Qwen2-style decoder that decide its memory."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+
+    @classmethod
+    def from_dict(cls, config: dict) -> ModelDims:
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size",
+                               "num_hidden_layers", "num_attention_heads") if k not in config]
+        if missing:
+            raise ValueError(f"the model config lacks {missing}: the planner needs a "
+                             "Llama/Qwen2-style decoder config")
+        heads = config["num_attention_heads"]
+        return cls(
+            vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
+            intermediate_size=config["intermediate_size"],
+            num_layers=config["num_hidden_layers"], num_heads=heads,
+            num_kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            qkv_bias=config.get("model_type") == "qwen2" or bool(config.get("attention_bias")),
+        )
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def linears(self) -> list[tuple[int, int]]:
+        """(in, out) of q, k, v, o, gate, up, down."""
+        h, q, kv, i = self.hidden_size, self.q_dim, self.kv_dim, self.intermediate_size
+        return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+
+    def params(self) -> int:
+        h = self.hidden_size
+        layer = sum(a * b for a, b in self.linears()) + 2 * h
+        if self.qkv_bias:
+            layer += self.q_dim + 2 * self.kv_dim
+        head = 0 if self.tie_word_embeddings else self.vocab_size * h
+        return self.vocab_size * h + self.num_layers * layer + h + head
+
+    def lora_params(self, rank: int) -> int:
+        return self.num_layers * sum(rank * (a + b) for a, b in self.linears())
+
+
+def _load_config(config) -> dict:
+    if isinstance(config, dict):
+        return config
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    if isinstance(config, str) and config in PRESETS:
+        return PRESETS[config]
+    path = Path(config)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{config!r} is neither a preset ({sorted(PRESETS)}) nor a config.json "
+                         "file or a directory holding one")
+    return json.loads(path.read_text())
+
+
+# --------------------------------------------------------------------------------------------
+# per-token byte counts of one decoder layer
+# --------------------------------------------------------------------------------------------
+def _layer_forward_peak(d: ModelDims, w: int, lora: bool) -> int:
+    """Bytes per token live at the peak of one layer's no-grad forward (its MLP): the residual
+    and normed input, act(gate), and inside up_proj its output plus, with LoRA, the fp32
+    ``B(A(x)) * s`` and the fp32 sum (and the fp32 copy of the input when the base is not fp32).
+    """
+    h, i = d.hidden_size, d.intermediate_size
+    cast = 4 * h if (lora and w != 4) else 0
+    lora_terms = 8 * i if lora else 0
+    return 2 * w * h + 2 * w * i + lora_terms + cast
+
+
+def _layer_saved(d: ModelDims, w: int) -> int:
+    """Bytes per token one LoRA'd layer keeps for its backward (training forward).
+
+    RMSNorm (HF) keeps its normalised fp32 product (bf16 base: the fp32 copy of its input and the
+    bf16 cast instead) and its output; attention keeps the rotated queries, the keys and values
+    repeated to the query heads (SDPA with a padding mask takes the repeat_kv path) and its
+    output; the MLP keeps gate, act(gate), up and their product; LoRA keeps an fp32 copy of each
+    adapted linear's input when the base is not fp32 (one per linear: PEFT casts per call).
+    """
+    h, i, q = d.hidden_size, d.intermediate_size, d.q_dim
+    upcast = 0 if w == 4 else 4
+    norms = 2 * (2 * w * h + upcast * h)
+    attention = 4 * w * q
+    mlp = 4 * w * i
+    lora_inputs = upcast * (3 * h + q + 2 * h + i)  # q k v, o, gate up, down
+    return norms + attention + mlp + lora_inputs + w * h  # + the residual sum
+
+
+def _layer_backward_extra(d: ModelDims, w: int) -> int:
+    """Bytes per token of gradient temporaries while one layer's backward runs (its MLP): the
+    gradients of the product and of act(gate), of the residual stream, and with a bf16 base the
+    fp32 gradient flowing through the LoRA branch."""
+    h, i = d.hidden_size, d.intermediate_size
+    return 2 * w * i + 2 * w * h + (4 * i if w != 4 else 0)
+
+
+def _logits_chunk(tokens: int, vocab: int, itemsize: int, device: str) -> int:
+    """Bytes of one (rows, V) logits chunk of linear_logprobs / linear_ppo_loss."""
+    budget = _LOGITS_BUDGET["cuda" if device == "cuda" else "cpu"]
+    rows = max(1, budget // (vocab * itemsize))
+    if rows >= 64:
+        rows -= rows % 64
+    return min(rows, tokens) * vocab * itemsize
+
+
+# --------------------------------------------------------------------------------------------
+# the plan
+# --------------------------------------------------------------------------------------------
+def plan(config="qwen2.5-1.5b", *, batch: int = 16, prompt_length: int = 128,
+         response_length: int = 256, lora_rank: int = 16, dtype: str = "bfloat16",
+         gradient_checkpointing: bool = True, minibatch: int | None = None,
+         forward_chunk: int | None = None, device: str = "cuda", top_p: float = 1.0,
+         overhead_gib: float = 0.0, config_overrides: dict | None = None) -> dict:
+    """Expected peak bytes per stage of one PPO iteration (module docstring).
+
+    config: a preset name, a config.json path (or its directory), a dict or an HF config.
+    minibatch / forward_chunk: rows per update step / per scoring forward (default: batch).
+    Returns ``{"peak_bytes", "peak_stage", "resident": {...}, "stages": {stage: {part: bytes,
+    "total": bytes}}, "inputs": {...}}``.
+    """
+    values = dict(_load_config(config))
+    values.update(config_overrides or {})
+    d = ModelDims.from_dict(values)
+    if dtype not in _DTYPE_BYTES:
+        raise ValueError(f"dtype={dtype!r} is not one of {sorted(_DTYPE_BYTES)}")
+    for name, value in (("batch", batch), ("prompt_length", prompt_length),
+                        ("response_length", response_length), ("lora_rank", lora_rank)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    minibatch = minibatch or batch
+    forward_chunk = min(forward_chunk or batch, batch)
+    w = _DTYPE_BYTES[dtype]
+    h, v, L = d.hidden_size, d.vocab_size, d.num_layers
+    S = prompt_length + response_length
+    lora = d.lora_params(lora_rank)
+    head = h + 1
+    trained = 2 * lora + head  # policy adapter, critic adapter + value head
+
+    resident = {
+        "weights": d.params() * w,
+        "adapters_and_heads": 4 * (3 * lora + 2 * head),
+        "adam_states": 2 * 4 * trained,
+        "kv_cache": 2 * L * batch * d.kv_dim * S * w,
+        "rollout_tensors": batch * S * (8 + 8) + batch * response_length * (4 * 8),
+    }
+    base = sum(resident.values())
+
+    # rollout: the prefill's layer working set, or one decode step's (B, V) sampling buffers
+    prefill_tokens = batch * prompt_length
+    prefill = (prefill_tokens * (_layer_forward_peak(d, w, lora=True) + w * h)
+               + batch * prompt_length * S * w  # the 4-D additive prefill mask
+               + 2 * prefill_tokens * d.head_dim * max(w, 4))  # rotary cos / sin
+    sampling = batch * v * (w + 4 * 5 + (4 * 3 + 8 if top_p < 1.0 else 0))
+    rollout = {"prefill_or_decode": max(prefill, sampling)}
+
+    # scoring: one no-grad forward of forward_chunk rows, then the head read
+    n = forward_chunk * S
+    forward = n * (_layer_forward_peak(d, w, lora=True) + w * h) + forward_chunk * S * S
+    head_read = max(_logits_chunk(n, v, w, device) + n * (4 * 3),  # logp, lse, entropy
+                    n * 4 * h + n * 4)  # value head reads an fp32 copy of the hidden states
+    scoring = {"forward": max(forward, n * w * h + head_read)}
+
+    # update: one minibatch, policy then critic
+    n = minibatch * S
+    n_resp = minibatch * response_length
+    grads = 4 * trained
+    saved_layers = L * n * (w * h if gradient_checkpointing else _layer_saved(d, w))
+    # the peak is either in the last layer's backward (its saved activations, recomputed under
+    # checkpointing, and gradient temporaries) or at the loss head, after the forward
+    layer_backward = n * (_layer_backward_extra(d, w)
+                          + (_layer_saved(d, w) if gradient_checkpointing else 0))
+    final = n * w * h * 3  # final norm input / output and the returned hidden states
+    policy_head = (n_resp * w * h * 2  # the response slice and its gradient
+                   + _logits_chunk(n_resp, v, w, device) * 2)  # logits chunk and d logits
+    value_head = n * 4 * h * 2  # fp32 copy of the hidden states and its gradient
+    update = {
+        "grads": grads,
+        "saved_activations": saved_layers + minibatch * S * S,
+        "backward_or_head": max(layer_backward, final + max(policy_head, value_head)),
+    }
+    stages = {}
+    for name, parts in (("rollout", rollout), ("scoring", scoring), ("update", update)):
+        parts = dict(parts)
+        parts["resident"] = base
+        parts["overhead"] = int(overhead_gib * GIB)
+        parts["total"] = sum(parts.values())
+        stages[name] = parts
+    peak_stage = max(STAGES, key=lambda s: stages[s]["total"])
+    return {
+        "peak_bytes": stages[peak_stage]["total"],
+        "peak_stage": peak_stage,
+        "resident": resident,
+        "stages": stages,
+        "inputs": dict(batch=batch, prompt_length=prompt_length,
+                       response_length=response_length, lora_rank=lora_rank, dtype=dtype,
+                       gradient_checkpointing=gradient_checkpointing, minibatch=minibatch,
+                       forward_chunk=forward_chunk, device=device, params=d.params(),
+                       lora_params_per_adapter=lora),
+    }
+
+
+class LiveTensorTracker:
+    """CPU-side accounting of live tensor bytes: the measurement the plan is checked against.
+
+    A ``TorchDispatchMode`` sees every ATen op (forward and autograd backward); each op output's
+    storage is recorded with a weak reference and its bytes, and storages whose last reference is
+    gone are dropped before every op. ``peak`` is the largest sum of live storage bytes seen right
+    after an op (when its outputs and inputs coexist); ``stage_peaks`` the same per stage
+    (``mark(name)`` starts a stage). Tensors made before the mode (weights, optimizer state) are
+    counted with ``add``. Not seen: memory inside a kernel that is not a tensor (e.g. Triton
+    interpreter copies, BLAS workspaces) and allocator slack, which is why on a GPU the plan is
+    checked against ``torch.cuda.max_memory_allocated`` instead.
+    """
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                # tensors freed since the last op go first: an op's peak is its inputs (alive,
+                # referenced by args) plus its outputs, not the temporaries that died before it
+                tracker._sweep()
+                out = func(*args, **(kwargs or {}))
+                tracker._after_op(out)
+                return out
+
+        self._mode = _Mode()
+        self.live: dict[int, tuple] = {}
+        self.current = 0
+        self.peak = 0
+        self.stage: str | None = None
+        self.stage_peaks: dict[str, int] = {}
+
+    def add(self, *tensors) -> None:
+        """Count tensors made outside the mode (parameters, buffers, optimizer state)."""
+        import torch
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        for t in tensors:
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            key = storage._cdata
+            if key not in self.live:
+                self.live[key] = (StorageWeakRef(storage), storage.nbytes())
+                self.current += storage.nbytes()
+
+    def _sweep(self) -> None:
+        dead = [key for key, (ref, _) in self.live.items() if ref.expired()]
+        for key in dead:
+            self.current -= self.live.pop(key)[1]
+
+    def _after_op(self, out) -> None:
+        from torch.utils._pytree import tree_leaves
+
+        self.add(*tree_leaves(out))
+        self.peak = max(self.peak, self.current)
+        if self.stage is not None:
+            self.stage_peaks[self.stage] = max(self.stage_peaks[self.stage], self.current)
+
+    def mark(self, stage: str) -> None:
+        """Start a stage: its peak starts at what is live now."""
+        self._sweep()
+        self.stage = stage
+        self.stage_peaks[stage] = max(self.stage_peaks.get(stage, 0), self.current)
+
+    def __enter__(self):
+        self._sweep()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+
+def largest_batch(config, card_gib: float, *, limit: int = 4096, **kwargs) -> int:
+    """The largest batch (minibatch and forward chunk = batch unless given) whose planned peak
+    fits in ``card_gib``; 0 when not even batch 1 fits."""
+    def fits(b: int) -> bool:
+        return plan(config, batch=b, **kwargs)["peak_bytes"] <= card_gib * GIB
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def format_plan(result: dict, card_gib: float | None = None, best_batch: int | None = None) -> str:
+    """The table ``rlhf plan`` prints (GiB)."""
+    inputs = result["inputs"]
+    lines = [f"model: {inputs['params'] / 1e9:.2f} B parameters, LoRA "
+             f"{inputs['lora_params_per_adapter'] / 1e6:.1f} M per adapter x 3; batch "
+             f"{inputs['batch']}, prompt {inputs['prompt_length']}, response "
+             f"{inputs['response_length']}, {inputs['dtype']}, gradient checkpointing "
+             f"{'on' if inputs['gradient_checkpointing'] else 'off'}",
+             "resident: " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in result["resident"].items()
+                                      if k != "rollout_tensors") + " GiB"]
+    lines.append(f"{'stage':<8} {'peak GiB':>9}  parts (GiB, besides the resident state)")
+    for stage in STAGES:
+        parts = result["stages"][stage]
+        detail = ", ".join(f"{k} {v / GIB:.2f}" for k, v in parts.items()
+                           if k not in ("total", "resident", "overhead"))
+        lines.append(f"{stage:<8} {parts['total'] / GIB:>9.2f}  {detail}")
+    lines.append(f"peak: {result['peak_bytes'] / GIB:.2f} GiB ({result['peak_stage']})")
+    if card_gib is not None:
+        lines.append(f"largest batch on a {card_gib:g} GiB card: {best_batch}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``rlhf plan [MODEL] [--batch ...]``: print the plan; MODEL is a preset or a config.json."""
+    parser = argparse.ArgumentParser(prog="rlhf plan", description=__doc__.split("\n")[0])
+    parser.add_argument("model", nargs="?", default="qwen2.5-1.5b",
+                        help=f"preset ({', '.join(sorted(PRESETS))}) or a local config.json")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--prompt-length", type=int, default=128)
+    parser.add_argument("--response-length", type=int, default=256)
+    parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(_DTYPE_BYTES))
+    parser.add_argument("--no-gradient-checkpointing", action="store_true")
+    parser.add_argument("--minibatch", type=int, default=None)
+    parser.add_argument("--forward-chunk", type=int, default=None)
+    parser.add_argument("--card", type=float, default=24.0, metavar="GiB",
+                        help="report the largest batch that fits this much memory")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    args = parser.parse_args(argv)
+    kwargs = dict(prompt_length=args.prompt_length, response_length=args.response_length,
+                  lora_rank=args.lora_rank, dtype=args.dtype,
+                  gradient_checkpointing=not args.no_gradient_checkpointing)
+    try:
+        result = plan(args.model, batch=args.batch, minibatch=args.minibatch,
+                      forward_chunk=args.forward_chunk, **kwargs)
+        best = largest_batch(args.model, args.card, **kwargs)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.json:
+        result["largest_batch"] = {"card_gib": args.card, "batch": best}
+        print(json.dumps(result, indent=1))
+    else:
+        print(format_plan(result, args.card, best))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
