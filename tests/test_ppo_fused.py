@@ -288,3 +288,18 @@ def test_bad_input(change, message, path):
     else:
         with pytest.raises(ValueError, match=message):
             linear_ppo_loss(torch.randn(2, 3, 5), torch.randn(11, 5), **kw, backend="triton")
+
+
+def test_empty_sequences():
+    """T = 0: loss 0 and empty / zero gradients, no reshape error."""
+    hidden = torch.randn(2, 0, 4, device=DEVICE, requires_grad=True)
+    weight = torch.randn(7, 4, device=DEVICE, requires_grad=True)
+    labels = torch.zeros(2, 0, dtype=torch.long, device=DEVICE)
+    zeros = torch.zeros(2, 0, device=DEVICE)
+    loss, _ = linear_ppo_loss(hidden, weight, labels, zeros, zeros, backend="triton")
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(weight.grad, torch.zeros_like(weight))
+    logits = torch.randn(2, 0, 7, device=DEVICE, requires_grad=True)
+    loss, _ = ppo_loss_from_logits(logits, labels, zeros, zeros, backend="triton")
+    loss.backward()
+    assert loss.item() == 0.0 and logits.grad.shape == logits.shape

@@ -34,6 +34,8 @@ computed from the per-token logp / entropy with the reference's own formulas (N 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from rlhf_kernels import reference
@@ -433,7 +435,8 @@ def ppo_loss_from_logits(
     use_kl = ref_logp is not None and bool(kl_coef)
     need_grad = torch.is_grad_enabled() and logits.requires_grad
     loss, logp, entropy, _ = _logits_ppo_op(
-        logits.reshape(-1, *logits.shape[-2:]), labels.reshape(-1).long(), _flat(old_logp),
+        logits.reshape(math.prod(logits.shape[:-2]), *logits.shape[-2:]),
+        labels.reshape(-1).long(), _flat(old_logp),
         _flat(advantages), weights, _flat(ref_logp) if use_kl else None, float(kl_coef),
         kl_estimator, float(entropy_coef), float(temperature), float(clip_low), float(clip_high),
         None if dual_clip is None else float(dual_clip),
