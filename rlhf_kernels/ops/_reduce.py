@@ -144,36 +144,49 @@ def reduction_denominator(n_tokens, n_rows, T, REDUCTION: tl.constexpr):
 @triton.jit
 def _saved_grad_bwd_kernel(
     saved_ptr, grad_loss_ptr, scale_ptr, out_ptr,
-    numel,
+    numel, scale_index,
     BLOCK: tl.constexpr,
 ):
     # out = saved * (dL/dloss * scale), cast by the store to the input's dtype.
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     inb = offs < numel
-    g = tl.load(grad_loss_ptr).to(tl.float32) * tl.load(scale_ptr)
+    g = tl.load(grad_loss_ptr).to(tl.float32) * tl.load(scale_ptr + scale_index)
     saved = tl.load(saved_ptr + offs, mask=inb, other=0.0)
-    tl.store(out_ptr + offs, saved * g, mask=inb)
+    grad = saved * g
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        # Round to nearest even by hand: the Triton interpreter (the CPU test suite) truncates
+        # fp32 -> bf16, which costs a whole bf16 ulp; the GPU cast rounds, so there this only
+        # hands it a value that is already representable.
+        bits = grad.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        grad = bits.to(tl.float32, bitcast=True)
+    tl.store(out_ptr + offs, grad, mask=inb)
 
 
 @torch.library.custom_op("rlhf_kernels::saved_grad_scale", mutates_args=())
 def saved_grad_scale(
-    saved: torch.Tensor, grad_loss: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
+    saved: torch.Tensor,
+    grad_loss: torch.Tensor,
+    stats: torch.Tensor,
+    scale_index: int,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
-    """saved (...) fp32 contiguous, grad_loss () , scale (1,) fp32 -> saved * grad * scale.
+    """saved (...) fp32 contiguous, grad_loss (), stats (S,) fp32 -> saved * grad * stats[i].
 
     The output has ``saved``'s shape and the given dtype (the differentiated input's dtype).
+    The scale is read from the loss's stats buffer by index (no slicing on the host).
     """
     out = empty(saved.shape, dtype, saved.device)
     numel = saved.numel()
     if numel == 0:
         return out
     _saved_grad_bwd_kernel[(triton.cdiv(numel, _BWD_BLOCK),)](
-        saved, grad_loss, scale, out, numel, BLOCK=_BWD_BLOCK, num_warps=4,
+        saved, grad_loss, stats, out, numel, scale_index, BLOCK=_BWD_BLOCK, num_warps=4,
     )
     return out
 
 
 @saved_grad_scale.register_fake
-def _(saved, grad_loss, scale, dtype):
+def _(saved, grad_loss, stats, scale_index, dtype):
     return torch.empty(saved.shape, dtype=dtype, device=saved.device)

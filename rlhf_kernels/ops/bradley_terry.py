@@ -186,11 +186,12 @@ def _backward(ctx, grad_loss, grad_stats, grad_gc, grad_gr):
     saved_chosen, saved_rejected, stats = ctx.saved_tensors
     grad_chosen = grad_rejected = None
     if grad_loss is not None:
-        scale = stats[_S_SCALE:]
         if ctx.needs_input_grad[0]:
-            grad_chosen = saved_grad_scale(saved_chosen, grad_loss, scale, ctx.dtypes[0])
+            grad_chosen = saved_grad_scale(saved_chosen, grad_loss, stats, _S_SCALE,
+                                           ctx.dtypes[0])
         if ctx.needs_input_grad[1]:
-            grad_rejected = saved_grad_scale(saved_rejected, grad_loss, scale, ctx.dtypes[1])
+            grad_rejected = saved_grad_scale(saved_rejected, grad_loss, stats, _S_SCALE,
+                                             ctx.dtypes[1])
     return grad_chosen, grad_rejected, None, None, None
 
 
@@ -259,4 +260,4 @@ def bradley_terry_loss(
         0.0 if margin is None or margin_tensor is not None else float(margin),
         float(center_coef),
     )
-    return loss, {name: stats[i] for i, name in enumerate(_STAT_NAMES)}
+    return loss, dict(zip(_STAT_NAMES, stats.unbind(0)))

@@ -284,7 +284,7 @@ def _backward(ctx, grad_loss, grad_stats, grad_saved):
     saved_grad, stats = ctx.saved_tensors
     grad_values = None
     if grad_loss is not None and ctx.needs_input_grad[0]:
-        grad_values = saved_grad_scale(saved_grad, grad_loss, stats[_S_SCALE:], ctx.values_dtype)
+        grad_values = saved_grad_scale(saved_grad, grad_loss, stats, _S_SCALE, ctx.values_dtype)
     return grad_values, None, None, None, None, None
 
 
@@ -346,4 +346,4 @@ def ppo_value_loss(
                 )
     loss, stats, _ = _ppo_value_loss_op(
         values, old_values, returns, mask, None if clip is None else float(clip), code)
-    return loss, {name: stats[i] for i, name in enumerate(_STAT_NAMES)}
+    return loss, dict(zip(_STAT_NAMES, stats.unbind(0)))
