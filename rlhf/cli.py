@@ -1,4 +1,4 @@
-"""`rlhf sft | rm | ppo | pipeline [config.yaml] [key=value ...] [--resume]`.
+"""`rlhf sft | rm | ppo | pipeline [config.yaml] [key=value ...] [--resume]` and `rlhf plan ...`.
 
 Each command builds its stage's config dataclass (defaults, then the YAML file, then the
 overrides; see rlhf/config.py) and calls the stage's entry point:
@@ -11,6 +11,8 @@ overrides; see rlhf/config.py) and calls the stage's entry point:
 `rlhf pipeline` with no arguments runs all three stages on the built-in review task.
 `--resume` sets `resume=true` (the stage continues from its last checkpoint);
 `--print-config` prints the resolved config as YAML and exits without training.
+`rlhf plan MODEL [options]` prints the expected peak memory of a PPO iteration per stage and the
+largest batch that fits a card (rlhf/plan.py; `rlhf plan --help`).
 """
 
 from __future__ import annotations
@@ -53,7 +55,9 @@ def _parser() -> argparse.ArgumentParser:
         description="A lean one-GPU RLHF trainer: SFT -> reward model -> PPO.",
         epilog="Example: rlhf pipeline ppo.kl_coef=0.05 sft.max_steps=200",
     )
-    commands = parser.add_subparsers(dest="command", metavar="{sft,rm,ppo,pipeline}")
+    commands = parser.add_subparsers(dest="command", metavar="{sft,rm,ppo,pipeline,plan}")
+    commands.add_parser("plan", add_help=False,
+                        help="expected peak memory per PPO stage and the largest batch that fits")
     for name, stage in STAGES.items():
         sub = commands.add_parser(name, help=stage.help, description=stage.help)
         sub.add_argument("args", nargs="*", metavar="[config.yaml] [key=value]",
@@ -112,6 +116,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `rlhf` command; returns the process exit code."""
     from rlhf.config import config_to_dict, load_config
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["plan"]:
+        from rlhf.plan import main as plan_main
+
+        return plan_main(argv[1:])
     parser = _parser()
     ns = parser.parse_args(argv)
     if ns.command is None:

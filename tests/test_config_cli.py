@@ -230,3 +230,16 @@ def test_example_configs_load():
         except ModuleNotFoundError:
             continue
         load_config(getattr(module, stage.config_class), path)
+
+
+def test_cli_plan_prints_peak_and_largest_batch(capsys):
+    from rlhf.cli import main
+
+    assert main(["plan", "qwen2.5-0.5b", "--batch", "4", "--card", "24", "--json"]) == 0
+    import json
+
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["inputs"]["batch"] == 4
+    assert plan["peak_stage"] in plan["stages"]
+    assert 0 < plan["peak_bytes"] < 24 * 2**30
+    assert plan["largest_batch"]["card_gib"] == 24 and plan["largest_batch"]["batch"] >= 4
