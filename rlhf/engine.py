@@ -242,13 +242,10 @@ def _role_active(model, role: str | None):
         return
     if role is not None and role not in model.roles:
         raise ValueError(f"role {role!r} has no adapter in this backbone (roles: {model.roles})")
-    previous = model.active_role
-    # SharedBackbone switches adapters layer by layer and keeps its trainable set (models.py)
-    model._activate(role)
-    try:
+    # SharedBackbone switches adapters layer by layer, keeps its trainable set and restores the
+    # previous role on exit (models.py).
+    with model.as_role(role):
         yield
-    finally:
-        model._activate(previous)
 
 
 @contextlib.contextmanager
