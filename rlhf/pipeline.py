@@ -267,7 +267,11 @@ def run(cfg: PipelineConfig) -> dict:
 
     # ---- 7. write the results ----
     shutil.copyfile(out / "ppo" / "metrics.jsonl", out / "metrics.jsonl")
-    plot_curves(out / "metrics.jsonl", out / "curves.png")
+    shown = [{"prompt": heldout[i], "before": sft_texts[i], "after": ppo_texts[i],
+              "gold_before": sft_gold[i], "gold_after": ppo_gold[i]}
+             for i in range(min(cfg.n_show_samples, len(heldout)))]
+    plot_curves(out / "metrics.jsonl", out / "curves.png", samples=shown[:4],
+                title="PPO on the built-in review task")
     _write_samples(out / "samples.md", heldout, sft_texts, sft_gold, ppo_texts, ppo_gold,
                    cfg.n_show_samples)
     timings["total_s"] = time.perf_counter() - started

@@ -245,6 +245,11 @@ def encode_prompts(prompts: Sequence[str], tokenizer, max_length: int):
     from rlhf import data
 
     enc = data.tokenize_prompts(prompts, tokenizer, max_length=max_length)
+    if enc["n_dropped"]:
+        raise ValueError(
+            f"{enc['n_dropped']} of {len(prompts)} prompts are longer than max_prompt_length="
+            f"{max_length} tokens; raise max_prompt_length or shorten them"
+        )
     return enc["input_ids"], enc["attention_mask"]
 
 
@@ -319,7 +324,8 @@ def train(
             kl_controller.value = float(state["kl_coef"])
             iteration = int(state["iteration"])
             print(f"[ppo] resumed from {last} at iteration {iteration}")
-    logger = MetricsLogger(out_dir / "metrics.jsonl", append=cfg.resume and iteration > 0)
+    logger = MetricsLogger(out_dir / "metrics.jsonl", append=cfg.resume and iteration > 0,
+                           resume_step=iteration)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 

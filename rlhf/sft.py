@@ -242,7 +242,8 @@ def train(
             scheduler.load_state_dict(state["scheduler"])
             step = int(state["step"])
             print(f"[sft] resumed from {last} at step {step}")
-    logger = MetricsLogger(out_dir / "metrics.jsonl", append=cfg.resume and step > 0)
+    logger = MetricsLogger(out_dir / "metrics.jsonl", append=cfg.resume and step > 0,
+                           resume_step=step)
 
     # ---- train ----
     skipped = 0

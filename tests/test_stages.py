@@ -1,0 +1,329 @@
+"""The three training stages on a tiny model: a few steps each, finite and decreasing losses,
+shapes and masks of what flows between steps, resume == uninterrupted, non-finite handling.
+
+Everything runs on the CPU in seconds (a 2-layer, 32-wide Llama; a 300-token BPE).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import rlhf_kernels
+from rlhf import ppo, reward, sft, task
+from rlhf.models import LoraSpec, SharedBackbone
+from rlhf.rollout import SamplingConfig, generate, generate_with_role, sample_next_token
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(autouse=True)
+def _reference_kernels(monkeypatch):
+    # These tests are about the training loops; the kernels are tested against the reference in
+    # their own files. Under the Triton interpreter (how the suite runs without a GPU) a loop of
+    # kernel calls would take minutes, so the ops run their plain-PyTorch reference here.
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return task.make_corpus(96, seed=1)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(corpus):
+    return task.train_tokenizer([ex["prompt"] + ex["completion"] for ex in corpus],
+                                vocab_size=300)
+
+
+def tiny_model(tokenizer, seed: int = 0):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(task.tiny_llama_config(
+        tokenizer, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1))
+
+
+def tiny_backbone(tokenizer, seed: int = 0) -> SharedBackbone:
+    backbone = SharedBackbone.from_model(tiny_model(tokenizer, seed),
+                                         lora=LoraSpec(rank=4, alpha=8))
+    torch.manual_seed(seed + 1)
+    for head in (backbone.value_head, backbone.reward_head):
+        torch.nn.init.normal_(head.weight, std=0.2)
+    return backbone
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def sft_config(tmp_path, **overrides) -> sft.SFTConfig:
+    settings = dict(output_dir=str(tmp_path / "sft"), max_steps=12, batch_size=8, lr=1e-2,
+                    warmup_steps=2, log_every=1, save_every=0, max_length=48, device="cpu")
+    settings.update(overrides)
+    return sft.SFTConfig(**settings)
+
+
+# ---------------------------------------------------------------------------------------------
+# SFT
+# ---------------------------------------------------------------------------------------------
+def test_lm_loss_counts_response_tokens_only(tokenizer):
+    """The SFT loss equals the float64 reference NLL averaged over completion tokens only."""
+    from rlhf import data
+
+    model = tiny_model(tokenizer)
+    examples = [{"prompt": "Review of the blender:", "completion": " The price is good."},
+                {"prompt": "Glass City review:", "completion": " I was bored the whole time."}]
+    enc = data.tokenize_sft(examples, tokenizer, max_length=48)
+    ids, mask, labels = enc["input_ids"], enc["attention_mask"], enc["labels"]
+    assert bool((labels[:, 1:] != -100).any()) and bool((labels[:, :4] == -100).all())
+    n_tokens = int((labels[:, 1:] != -100).sum())
+    logp = sft.token_logprobs_of(model, ids, mask, labels)
+    assert logp.shape == (2, ids.shape[1] - 1) and logp.dtype == torch.float32
+    loss = sft.lm_loss(logp, labels, n_tokens)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits.double()
+    expected = -rlhf_kernels.reference.logprobs(logits[:, :-1], labels[:, 1:]).sum() / n_tokens
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_sft_trains_and_resume_matches_uninterrupted(tmp_path, tokenizer, corpus):
+    full = sft.train(sft_config(tmp_path / "a"), model=tiny_model(tokenizer),
+                     tokenizer=tokenizer, examples=corpus)
+    records = read_jsonl(tmp_path / "a" / "sft" / "metrics.jsonl")
+    losses = [r["loss"] for r in records]
+    assert len(losses) == 12 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses
+    assert (tmp_path / "a" / "sft" / "model" / "config.json").exists()
+    assert full["steps"] == 12
+
+    def interrupt(step, metrics):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    cfg = sft_config(tmp_path / "b")
+    with pytest.raises(KeyboardInterrupt):
+        sft.train(cfg, model=tiny_model(tokenizer), tokenizer=tokenizer, examples=corpus,
+                  on_step=interrupt)
+    assert (tmp_path / "b" / "sft" / "checkpoints" / "step-0000005").is_dir()
+    cfg.resume = True
+    # a fresh model: everything must come back from the checkpoint
+    sft.train(cfg, model=tiny_model(tokenizer, seed=123), tokenizer=tokenizer, examples=corpus)
+    resumed = read_jsonl(tmp_path / "b" / "sft" / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == list(range(1, 13))
+    for a, b in zip(records, resumed):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (a, b)
+
+
+def test_sft_nonfinite_loss_is_an_error_or_counted_skip(tmp_path, tokenizer, corpus):
+    model = tiny_model(tokenizer)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        sft.train(sft_config(tmp_path / "err", max_steps=3), model=model, tokenizer=tokenizer,
+                  examples=corpus)
+    with pytest.warns(UserWarning, match="skipped step"), \
+            pytest.raises(FloatingPointError, match="non-finite"):
+        sft.train(sft_config(tmp_path / "skip", max_steps=6, nonfinite="skip",
+                             max_skipped_steps=2),
+                  model=model, tokenizer=tokenizer, examples=corpus)
+
+
+# ---------------------------------------------------------------------------------------------
+# rollout
+# ---------------------------------------------------------------------------------------------
+def test_sample_next_token_filters():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0], [5.0, 4.9, -1.0, 0.0]])
+    torch.testing.assert_close(sample_next_token(logits, top_k=1), torch.tensor([1, 0]))
+    torch.testing.assert_close(sample_next_token(logits, top_p=1e-3), torch.tensor([1, 0]))
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_next_token(logits, top_k=2, generator=gen) for _ in range(200)])
+    assert set(draws[:, 0].tolist()) == {1, 3} and set(draws[:, 1].tolist()) == {0, 1}
+
+
+def test_generate_matches_greedy_hf_and_masks_after_eos(tokenizer):
+    """Near-zero temperature sampling with the KV cache and left padding reproduces Hugging
+    Face's greedy generate; the masks stop at each row's first EOS."""
+    from rlhf import data
+
+    model = tiny_model(tokenizer).eval()
+    prompts = ["Review of the blender:", "What I think of Glass City:", "Tent review:"]
+    enc = data.tokenize_prompts(prompts, tokenizer, max_length=24)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    eos = tokenizer.eos_token_id
+    # make EOS likely for some rows so the stopping logic is exercised
+    with torch.no_grad():
+        model.lm_head.weight[eos] += 0.2 * model.model.embed_tokens.weight[eos].sign()
+    out = generate(model, ids, mask, SamplingConfig(max_new_tokens=12, temperature=1e-5),
+                   eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    hf = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12,
+                        eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    width = out.sequences.shape[1]
+    torch.testing.assert_close(out.sequences, hf[:, :width])
+    assert out.prompt_length == ids.shape[1]
+    assert out.response_mask.shape == out.response_ids.shape
+    for row in range(len(prompts)):
+        response = out.response_ids[row].tolist()
+        kept = out.response_mask[row].tolist()
+        if eos in response:
+            first = response.index(eos)
+            assert kept == [True] * (first + 1) + [False] * (len(kept) - first - 1)
+            assert all(t == tokenizer.pad_token_id for t in response[first + 1:])
+        else:
+            assert all(kept)
+    torch.testing.assert_close(out.attention_mask[:, ids.shape[1]:], out.response_mask.long())
+
+
+# ---------------------------------------------------------------------------------------------
+# reward model
+# ---------------------------------------------------------------------------------------------
+def sentiment_pairs(n: int, seed: int):
+    """Clean pairs: a positive review preferred over a negative one."""
+    pos = task.make_corpus(n, seed=seed, sentiment_mix={"positive": 1.0})
+    neg = task.make_corpus(n, seed=seed + 1, sentiment_mix={"negative": 1.0})
+    return [{"prompt": p["prompt"], "chosen": p["completion"], "rejected": q["completion"]}
+            for p, q in zip(pos, neg)]
+
+
+def test_reward_model_learns_and_reports_heldout_accuracy(tmp_path, tokenizer):
+    backbone = tiny_backbone(tokenizer)
+    cfg = reward.RewardConfig(output_dir=str(tmp_path / "rm"), batch_size=16, epochs=4.0,
+                              lr=2e-2, warmup_steps=1, log_every=1, device="cpu", max_length=48)
+    summary = reward.train(cfg, backbone=backbone, tokenizer=tokenizer,
+                           train_pairs=sentiment_pairs(64, 0), eval_pairs=sentiment_pairs(32, 7))
+    records = [r for r in read_jsonl(tmp_path / "rm" / "metrics.jsonl") if "loss" in r]
+    losses = [r["loss"] for r in records]
+    assert len(losses) == 16 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, losses
+    assert 0.0 <= summary["eval_accuracy"] <= 1.0 and summary["eval_pairs"] == 32
+    assert summary["eval_accuracy"] > 0.6
+    # the saved backbone scores the held-out pairs exactly as the trained one does
+    loaded = SharedBackbone.load(tmp_path / "rm" / "backbone")
+    pairs = reward.encode_pairs(sentiment_pairs(8, 3), tokenizer, 48)
+    with torch.no_grad():
+        a = reward.pair_rewards(backbone, pairs, tokenizer.pad_token_id)
+        b = reward.pair_rewards(loaded, pairs, tokenizer.pad_token_id)
+    torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# PPO
+# ---------------------------------------------------------------------------------------------
+def ppo_config(tmp_path, **overrides) -> ppo.PPOConfig:
+    settings = dict(output_dir=str(tmp_path / "ppo") if tmp_path else "unused",
+                    num_iterations=4, rollout_batch_size=8,
+                    minibatch_size=4, ppo_epochs=2, max_new_tokens=10, lr=1e-2, critic_lr=1e-2,
+                    warmup_steps=1, save_every=0, device="cpu", kl_target=2.0, kl_horizon=50,
+                    max_prompt_length=40)
+    settings.update(overrides)
+    return ppo.PPOConfig(**settings)
+
+
+def test_rollout_shapes_masks_and_targets(tokenizer):
+    backbone = tiny_backbone(tokenizer)
+    cfg = ppo_config(None)
+    ids, mask = ppo.encode_prompts(task.all_prompts("train")[:6], tokenizer, 40)
+    gen = generate_with_role(backbone, "policy", ids, mask, cfg.sampling,
+                             tokenizer.eos_token_id, tokenizer.pad_token_id,
+                             generator=torch.Generator().manual_seed(0))
+    rollout = ppo.make_rollout(backbone, gen, kl_coef=0.1, cfg=cfg)
+    batch, width = gen.sequences.shape
+    for name in ("old_logprobs", "ref_logprobs", "old_values", "rewards", "advantages",
+                 "returns", "action_mask"):
+        tensor = getattr(rollout, name)
+        assert tensor.shape == (batch, width - 1) and tensor.dtype == torch.float32, name
+        assert torch.isfinite(tensor).all(), name
+        assert bool((tensor[rollout.action_mask == 0] == 0).all()), name
+    assert rollout.scores.shape == (batch,)
+    # position t scores token t + 1: the action mask is the response mask shifted by one
+    torch.testing.assert_close(rollout.action_mask[:, gen.prompt_length - 1:],
+                               gen.response_mask.float())
+    assert rollout.action_mask[:, :gen.prompt_length - 1].sum() == 0
+    # fresh adapters (LoRA B = 0): policy == reference, so the KL penalty is exactly 0 and the
+    # whole sequence reward sits on the last response token
+    torch.testing.assert_close(rollout.old_logprobs, rollout.ref_logprobs)
+    last = gen.prompt_length - 2 + gen.response_mask.sum(-1)
+    torch.testing.assert_close(rollout.rewards.sum(-1), rollout.scores)
+    torch.testing.assert_close(rollout.rewards[torch.arange(batch), last], rollout.scores)
+    # the advantages are whitened over the response tokens
+    valid = rollout.advantages[rollout.action_mask > 0]
+    assert abs(float(valid.mean())) < 1e-5 and abs(float(valid.std()) - 1) < 1e-3
+
+
+def test_ppo_losses_decrease_on_a_fixed_rollout(tokenizer):
+    """A few optimizer steps on one rollout lower the policy and the value loss."""
+    backbone = tiny_backbone(tokenizer)
+    backbone.init_critic_from_reward()
+    cfg = ppo_config(None)
+    ids, mask = ppo.encode_prompts(task.all_prompts("train")[:8], tokenizer, 40)
+    gen = generate_with_role(backbone, "policy", ids, mask, cfg.sampling,
+                             tokenizer.eos_token_id, tokenizer.pad_token_id,
+                             generator=torch.Generator().manual_seed(0))
+    rollout = ppo.make_rollout(backbone, gen, kl_coef=0.1, cfg=cfg)
+    params = backbone.trainable_parameters("policy") + backbone.trainable_parameters("critic")
+    optimizer = torch.optim.Adam(params, lr=5e-3)
+    p_losses, v_losses = [], []
+    for _ in range(6):
+        p_loss, p_stats = ppo.policy_loss(backbone, rollout, cfg)
+        p_loss.backward()
+        v_loss, v_stats = ppo.value_loss(backbone, rollout, cfg)
+        v_loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        p_losses.append(float(p_loss))
+        v_losses.append(float(v_loss))
+        assert math.isfinite(float(p_stats["entropy"])) and float(p_stats["entropy"]) > 0
+    assert all(math.isfinite(x) for x in p_losses + v_losses)
+    assert p_losses[-1] < p_losses[0] and v_losses[-1] < v_losses[0], (p_losses, v_losses)
+
+
+def test_ppo_trains_logs_and_resume_matches_uninterrupted(tmp_path, tokenizer):
+    prompts = task.all_prompts("train")[:16]
+
+    def gold(texts):
+        return task.gold_scores(texts)
+
+    full = ppo.train(ppo_config(tmp_path / "a"), backbone=tiny_backbone(tokenizer),
+                     tokenizer=tokenizer, prompts=prompts, gold_fn=gold)
+    records = read_jsonl(tmp_path / "a" / "ppo" / "metrics.jsonl")
+    assert [r["iteration"] for r in records] == [1, 2, 3, 4]
+    keys = ("proxy_reward", "gold_reward", "kl", "kl_coef", "policy/entropy", "policy/clipfrac",
+            "value/clipfrac", "value/loss", "value/explained_variance", "response_length",
+            "tokens_per_s", "peak_memory_mb")
+    for record in records:
+        for key in keys:
+            assert key in record and math.isfinite(record[key]), (key, record)
+    assert full["iterations"] == 4 and (tmp_path / "a" / "ppo" / "backbone").is_dir()
+    # the adaptive controller moved kl_coef after the first iteration
+    assert records[1]["kl_coef"] != records[0]["kl_coef"]
+
+    def interrupt(iteration, metrics):
+        if iteration == 2:
+            raise KeyboardInterrupt
+
+    cfg = ppo_config(tmp_path / "b")
+    with pytest.raises(KeyboardInterrupt):
+        ppo.train(cfg, backbone=tiny_backbone(tokenizer), tokenizer=tokenizer, prompts=prompts,
+                  gold_fn=gold, on_iteration=interrupt)
+    cfg.resume = True
+    ppo.train(cfg, backbone=tiny_backbone(tokenizer), tokenizer=tokenizer, prompts=prompts,
+              gold_fn=gold)
+    resumed = read_jsonl(tmp_path / "b" / "ppo" / "metrics.jsonl")
+    assert [r["iteration"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(records, resumed):
+        for key in ("proxy_reward", "gold_reward", "kl", "kl_coef", "policy/loss",
+                    "value/loss", "response_length"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (key, a, b)
+
+
+def test_config_validation_errors():
+    with pytest.raises(ValueError, match="multiple of"):
+        ppo.PPOConfig(rollout_batch_size=10, minibatch_size=4)
+    with pytest.raises(ValueError, match="nonfinite"):
+        sft.SFTConfig(nonfinite="ignore")
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingConfig(temperature=0.0)
