@@ -7,9 +7,10 @@
 Two launches and no host synchronisation:
 
 1. ``_whiten_partials_kernel``: P programs (P <= 1024), each over a contiguous range of the
-   flattened tensor, write (count, mean, M2) of their valid tokens. Within a block the mean comes
-   first and M2 is a centred sum (no E[x^2] - E[x]^2 cancellation); blocks are merged with Chan's
-   parallel formula.
+   flattened tensor, write (count, mean, M2) of their valid tokens. Within a block the sums are
+   taken relative to the block's first valid value and M2 is a centred sum (no E[x^2] - E[x]^2
+   cancellation, no large offset swamping the spread); blocks merge with Chan's parallel formula,
+   in fp64 (scalar work only), so the global mean is not limited to fp32 resolution.
 2. ``_whiten_fwd_kernel``: every program first merges the P partials itself (a fixed-order
    ``tl.reduce`` over at most 1024 triples, served from L2), then normalises its block.
 
@@ -20,8 +21,8 @@ Bytes: x and the mask are read twice (statistics, then normalisation) and the fp
 written once: 2 x (itemsize + mask itemsize) + 4 B per token.
 
 Not differentiable (it normalises advantages, which are data in PPO; inputs are detached).
-Float64 inputs go to the float64 reference; the Triton path computes in fp32. Non-contiguous
-inputs are copied once into a contiguous buffer.
+Float64 inputs go to the float64 reference; the Triton path computes in fp32 (fp64 for the few
+scalars of the statistics). Non-contiguous inputs are copied once into a contiguous buffer.
 """
 
 
@@ -59,9 +60,11 @@ def _whiten_partials_kernel(
     HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    count = tl.zeros((), tl.float32)
-    mean = tl.zeros((), tl.float32)
-    m2 = tl.zeros((), tl.float32)
+    # The running summary is fp64: it costs nothing (a few scalars per block) and keeps the
+    # global mean exact enough that whitening is limited by fp32 rounding of the output only.
+    count = tl.zeros((), tl.float64)
+    mean = tl.zeros((), tl.float64)
+    m2 = tl.zeros((), tl.float64)
     for i in range(0, blocks_per_program):
         offsets = (pid.to(tl.int64) * blocks_per_program + i) * BLOCK + tl.arange(0, BLOCK)
         in_range = offsets < n_elements
@@ -70,11 +73,19 @@ def _whiten_partials_kernel(
             valid = in_range & (tl.load(mask_ptr + offsets, mask=in_range, other=0) != 0)
         else:
             valid = in_range
+        # Sums are taken relative to a pivot (the block's first valid value) so that a large
+        # common offset (e.g. returns around 1000) does not swamp the spread in fp32.
+        lane = tl.arange(0, BLOCK)
+        first = tl.min(tl.where(valid, lane, BLOCK), axis=0)
+        pivot = tl.sum(tl.where(lane == first, x, 0.0), axis=0)
+        shifted = tl.where(valid, x - pivot, 0.0)
         block_count = tl.sum(valid.to(tl.float32), axis=0)
-        block_mean = tl.sum(tl.where(valid, x, 0.0), axis=0) / tl.maximum(block_count, 1.0)
-        centred = tl.where(valid, x - block_mean, 0.0)
+        shifted_mean = tl.sum(shifted, axis=0) / tl.maximum(block_count, 1.0)
+        centred = tl.where(valid, shifted - shifted_mean, 0.0)
         block_m2 = tl.sum(centred * centred, axis=0)
-        count, mean, m2 = _chan_combine(count, mean, m2, block_count, block_mean, block_m2)
+        block_mean = pivot.to(tl.float64) + shifted_mean.to(tl.float64)
+        count, mean, m2 = _chan_combine(count, mean, m2, block_count.to(tl.float64), block_mean,
+                                        block_m2.to(tl.float64))
     tl.store(partials_ptr + pid, count)
     tl.store(partials_ptr + n_partials + pid, mean)
     tl.store(partials_ptr + 2 * n_partials + pid, m2)
@@ -98,7 +109,10 @@ def _whiten_fwd_kernel(
         var = m2 / tl.maximum(count - 1.0, 1.0)
     else:
         var = m2 / tl.maximum(count, 1.0)
-    rstd = 1.0 / tl.sqrt(var + eps)
+    rstd = (1.0 / tl.sqrt(var + eps)).to(tl.float32)
+    # x - mean as (x - mean_hi) - mean_lo: the fp64 mean split into two fp32 parts.
+    mean_hi = mean.to(tl.float32)
+    mean_lo = (mean - mean_hi.to(tl.float64)).to(tl.float32)
 
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_range = offsets < n_elements
@@ -107,9 +121,9 @@ def _whiten_fwd_kernel(
         valid = tl.load(mask_ptr + offsets, mask=in_range, other=0) != 0
     else:
         valid = in_range
-    out = (x - mean) * rstd
+    out = ((x - mean_hi) - mean_lo) * rstd
     if not SHIFT_MEAN:
-        out = out + mean
+        out = out + mean_hi
     tl.store(out_ptr + offsets, tl.where(valid, out, 0.0), mask=in_range)
 
 
@@ -120,6 +134,7 @@ def _masked_whiten_op(
     shift_mean: bool,
     unbiased: bool,
     eps: float,
+    max_partials: int = 0,
 ) -> torch.Tensor:
     out = empty(x.shape, torch.float32, x.device)
     n_elements = x.numel()
@@ -130,11 +145,12 @@ def _masked_whiten_op(
         mask = mask.view(torch.uint8)  # same bytes; Triton loads it as 0/1
     mask1 = x1 if mask is None else mask.reshape(-1).contiguous()  # placeholder when None
     n_blocks = triton.cdiv(n_elements, _PARTIAL_BLOCK)
-    n_partials = min(n_blocks, _MAX_PARTIALS)
+    # Tests pass a small max_partials to make each program of pass 1 loop over several blocks.
+    n_partials = min(n_blocks, max_partials or _MAX_PARTIALS)
     blocks_per_program = triton.cdiv(n_blocks, n_partials)
     n_partials = triton.cdiv(n_blocks, blocks_per_program)  # no program without work
     # Every slot is written by pass 1, so no poisoning is needed.
-    partials = torch.empty(3 * n_partials, dtype=torch.float32, device=x.device)
+    partials = torch.empty(3 * n_partials, dtype=torch.float64, device=x.device)
     _whiten_partials_kernel[(n_partials,)](
         x1, mask1, partials,
         n_elements, blocks_per_program, n_partials,
@@ -151,7 +167,7 @@ def _masked_whiten_op(
 
 
 @_masked_whiten_op.register_fake
-def _(x, mask, shift_mean, unbiased, eps):
+def _(x, mask, shift_mean, unbiased, eps, max_partials=0):
     return torch.empty(x.shape, dtype=torch.float32, device=x.device)
 
 
