@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from rlhf import ppo, reward, sft
 from rlhf.rollout import SamplingConfig, generate_with_role
@@ -94,7 +95,8 @@ def sample_texts(backbone, tokenizer, prompts: list[str], role: str | None,
     texts: list[str] = []
     kls: list[torch.Tensor] = []
     backbone.eval()
-    for start in range(0, len(prompts), batch_size):
+    desc = f"sampling ({role or 'SFT model'})"
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, dynamic_ncols=True):
         b_ids, b_mask = ids[start:start + batch_size], mask[start:start + batch_size]
         keep = int(b_mask.sum(-1).max())
         gen = generate_with_role(backbone, role, b_ids[:, -keep:].to(device),
@@ -212,6 +214,12 @@ def run(cfg: PipelineConfig) -> dict:
                                   cfg.sample_batch_size, cfg.ppo.max_prompt_length)
         pairs, ceiling_all = task.label_pairs(prompts, texts_a, texts_b, beta=cfg.label_beta,
                                               seed=cfg.seed)
+        if len(pairs) < 10:
+            raise ValueError(
+                f"only {len(pairs)} of {len(prompts)} sampled pairs have different gold scores "
+                "(ties carry no preference and are dropped): the SFT model is too weak to write "
+                "reviews; train it longer (sft.max_steps) or raise pair_prompts"
+            )
         order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed))
         n_eval = int(round(len(pairs) * cfg.heldout_pair_fraction))
         eval_rows = set(order[:n_eval].tolist())

@@ -186,27 +186,6 @@ def generate_with_role(
 ) -> Generation:
     """``generate`` with one role of a ``SharedBackbone``: "policy" samples from the policy
     adapter, None from the reference (all adapters off, i.e. the SFT model)."""
-    with _role_active(backbone, role):
-        return generate(backbone.causal_lm, prompt_ids, prompt_mask, sampling, eos_token_id,
+    with backbone.as_role(role) as causal_lm:
+        return generate(causal_lm, prompt_ids, prompt_mask, sampling, eos_token_id,
                         pad_token_id, generator=generator, autocast_dtype=autocast_dtype)
-
-
-@contextlib.contextmanager
-def _role_active(backbone, role: str | None):
-    """Activate ``role``'s adapter on every LoRA layer for the duration (None: adapters off).
-
-    SharedBackbone switches adapters inside each forward method; a decode loop calls the inner
-    causal LM directly, so the switch is made here (through its public ``use_role`` context when
-    it has one) and the previous role comes back afterwards.
-    """
-    use_role = getattr(backbone, "use_role", None)
-    if callable(use_role):
-        with use_role(role):
-            yield
-        return
-    previous = backbone.active_role
-    backbone._activate(backbone._check_role(role, allow_none=True))
-    try:
-        yield
-    finally:
-        backbone._activate(previous)
