@@ -127,7 +127,7 @@ def test_gae_carries_across_many_chunks():
 
 
 def test_gae_long_rows_use_several_chunks():
-    # T = 2100 > the 1024-wide chunk: three chunks through the public function.
+    # T = 2100 > the 2048-wide chunk: two chunks through the public function.
     rewards = torch.randn(2, 2100, device=DEVICE)
     values = torch.randn(2, 2100, device=DEVICE)
     mask = padded_mask(3, 2100)[1:]

@@ -38,9 +38,10 @@ from rlhf_kernels.backend import resolve_backend
 
 __all__ = ["gae"]
 
-_MAX_BLOCK_T = 1024
+# One chunk covers T = 2048 (the main PPO shape) in a single sweep.
+_MAX_BLOCK_T = 2048
 # Elements per program when several short rows share one.
-_ROW_PACK = 1024
+_ROW_PACK = 2048
 
 
 @triton.jit
@@ -111,13 +112,11 @@ def _gae_fwd_kernel(
         tl.store(adv_ptr + out_offsets, tl.where(valid, adv, 0.0), mask=ok)
         tl.store(ret_ptr + out_offsets, tl.where(valid, adv + v, 0.0), mask=ok)
 
-        # Next chunk to the left: A at the chunk's first position (masked ones carry A through)
-        # and the value of the chunk's left-most valid position, if any.
+        # Next chunk to the left, read off the chunk's first position: A there (a masked one
+        # carries A through) and the nearest valid value at or right of it.
         first = lane[None, :] == 0
         carry_adv = tl.sum(tl.where(first, adv, 0.0), axis=1)
-        leftmost = tl.min(tl.where(valid, cols, n_cols), axis=1)
-        leftmost_value = tl.sum(tl.where(cols == leftmost[:, None], v, 0.0), axis=1)
-        carry_value = tl.where(leftmost < n_cols, leftmost_value, carry_value)
+        carry_value = tl.sum(tl.where(first, tl.where(valid, v, next_value), 0.0), axis=1)
 
 
 def _rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
