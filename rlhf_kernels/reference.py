@@ -262,7 +262,7 @@ def reduce_loss(per_token: torch.Tensor, mask: torch.Tensor, reduction: str) -> 
     if reduction == "token-mean":
         return lm.sum() / mask.sum().clamp_min(1)
     if reduction == "seq-mean-token-sum-norm":
-        return lm.sum() / per_token.shape[-1]
+        return lm.sum() / max(per_token.shape[-1], 1)
     tokens_per_row = mask.sum(-1)
     row_has_tokens = (tokens_per_row > 0).to(per_token.dtype)
     n_rows = row_has_tokens.sum().clamp_min(1)
