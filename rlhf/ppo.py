@@ -60,7 +60,7 @@ class PPOConfig:
     output_dir: str = "runs/ppo"
     model: str | None = None  # SharedBackbone directory written by the reward stage
     dataset: str | None = None  # prompts file (a "prompt" column) or hub name; None: built-in
-    num_iterations: int = 40
+    num_iterations: int = 15
     rollout_batch_size: int = 64
     minibatch_size: int = 32
     ppo_epochs: int = 2
@@ -75,9 +75,9 @@ class PPOConfig:
     warmup_steps: int = 5
     min_lr_ratio: float = 0.5
     grad_clip: float = 1.0
-    kl_coef: float = 0.05
+    kl_coef: float = 0.1
     kl_target: float | None = 6.0  # nats per sequence; None: fixed kl_coef
-    kl_horizon: int = 2000  # samples; larger = slower kl_coef adaptation
+    kl_horizon: int = 500  # samples; larger = slower kl_coef adaptation
     kl_estimator: str = "k1"  # per-token estimator in the shaped reward
     gamma: float = 1.0
     lam: float = 0.95
@@ -87,7 +87,7 @@ class PPOConfig:
     score_clip: float | None = 5.0
     loss_reduction: str = "token-mean"
     whiten_advantages: bool = True
-    save_every: int = 10  # iterations; 0: only at the end and on Ctrl-C
+    save_every: int = 5  # iterations; 0: only at the end and on Ctrl-C
     seed: int = 0
     resume: bool = False
     device: str = "auto"
