@@ -68,13 +68,13 @@ class PipelineConfig:
     vocab_size: int = 1024
     hidden_size: int = 64
     num_layers: int = 2
-    pair_prompts: int = 1200  # each gets two SFT samples -> one labelled pair (ties dropped)
+    pair_prompts: int = 2000  # each gets two SFT samples -> one labelled pair (ties dropped)
     heldout_pair_fraction: float = 0.2
     label_beta: float = 5.0  # Bradley-Terry inverse temperature of the simulated annotator
     lora_rank: int = 16
     lora_alpha: int = 32
     sample_batch_size: int = 256
-    eval_samples: int = 320  # responses per policy on held-out prompts (cycling over the 40)
+    eval_samples: int = 400  # responses per policy on held-out prompts (cycling over the 40)
     kl_bound: float | None = None  # None: ppo.kl_target
     # torch intra-op threads when running on the CPU (None: torch's default, OMP_NUM_THREADS).
     # The tiny model's matrices are too small to gain much from more threads, and when other

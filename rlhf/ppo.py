@@ -60,7 +60,7 @@ class PPOConfig:
     output_dir: str = "runs/ppo"
     model: str | None = None  # SharedBackbone directory written by the reward stage
     dataset: str | None = None  # prompts file (a "prompt" column) or hub name; None: built-in
-    num_iterations: int = 15
+    num_iterations: int = 20
     rollout_batch_size: int = 64
     minibatch_size: int = 32
     ppo_epochs: int = 2

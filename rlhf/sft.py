@@ -53,7 +53,7 @@ class SFTConfig:
     max_length: int = 64
     batch_size: int = 32
     grad_accum_steps: int = 1
-    max_steps: int = 250
+    max_steps: int = 400
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
