@@ -59,6 +59,7 @@ class PPOConfig:
 
     output_dir: str = "runs/ppo"
     model: str | None = None  # SharedBackbone directory written by the reward stage
+    tokenizer: str | None = None  # defaults to ``model`` (the stages save the tokenizer there)
     dataset: str | None = None  # prompts file (a "prompt" column) or hub name; None: built-in
     num_iterations: int = 20
     rollout_batch_size: int = 64
@@ -94,8 +95,6 @@ class PPOConfig:
     bf16: bool = True
     nonfinite: str = "error"
     max_skipped_steps: int = 10
-    lora_rank: int = 16  # used when the backbone is loaded from ``model``
-    lora_alpha: int = 32
 
     def __post_init__(self) -> None:
         _check_common(self.nonfinite, self.grad_accum_steps, self.minibatch_size,
@@ -271,7 +270,7 @@ def train(
     """
     from rlhf import checkpoint, data
     from rlhf.metrics import MetricsLogger
-    from rlhf.models import LoraSpec, SharedBackbone
+    from rlhf.models import SharedBackbone
 
     # ---- setup ----
     if backbone is None:
@@ -280,9 +279,8 @@ def train(
                              "stage (it holds the trained reward adapter)")
         from transformers import AutoTokenizer
 
-        backbone = SharedBackbone.load(cfg.model,
-                                       lora=LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha))
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(cfg.model)
+        backbone = SharedBackbone.load(cfg.model)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
     if prompts is None:
         if cfg.dataset is None:
             from rlhf import task
@@ -453,6 +451,7 @@ def train(
     _save(ckpt_root / f"step-{iteration:07d}", backbone, optimizer, scheduler, iteration,
           kl_controller.value, cfg)
     backbone.save(out_dir / "backbone")
+    tokenizer.save_pretrained(out_dir / "backbone")  # so that the directory stands alone
     return {"stage": "ppo", "iterations": iteration, "skipped_steps": skipped,
             "final_kl_coef": kl_controller.value, "last_metrics": metrics,
             "backbone_dir": str(out_dir / "backbone")}

@@ -298,6 +298,7 @@ def train(
     logger.close()
     _save(ckpt_root / f"step-{step:07d}", backbone, optimizer, scheduler, step, cfg)
     backbone.save(out_dir / "backbone")
+    tokenizer.save_pretrained(out_dir / "backbone")  # so that `rlhf ppo model=...` stands alone
     return {"stage": "reward", "steps": step, "final_loss": metrics.get("loss"),
             "skipped_steps": skipped, "train_pairs": len(train_set), **final,
             "backbone_dir": str(out_dir / "backbone")}
