@@ -31,9 +31,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from benchmarks.common import (  # noqa: E402
-    peak_extra_mib,
+    Case,
     print_table,
     result_row,
+    run_cases,
     save_results,
     time_ms,
 )
@@ -83,7 +84,7 @@ def _liger_peer():
 
 
 # ------------------------------------------------------------------------------------------
-# timing
+# cases
 # ------------------------------------------------------------------------------------------
 def _fwd_bwd(fn, logits, labels, grad):
     def step():
@@ -93,60 +94,90 @@ def _fwd_bwd(fn, logits, labels, grad):
     return step
 
 
-def _case_rows(B: int, T: int, V: int, dtype: torch.dtype, device, smoke: bool) -> list[dict]:
-    full = torch.randn(B, T + 1, V, device=device).to(dtype)
-    logits = full[:, :-1, :]  # the causal shift: read in place by ours
+def _inputs(B: int, T: int, V: int, dtype: torch.dtype, device, requires_grad: bool):
+    """A (B, T+1, V) logits buffer, its causal shift (a view, read in place by ours), labels and
+    an upstream gradient for logp."""
+    full = torch.randn(B, T + 1, V, device=device).to(dtype).requires_grad_(requires_grad)
     labels = torch.randint(0, V, (B, T), device=device)
     grad = torch.randn(B, T, device=device)
-    element = full.element_size()
+    return full, full[:, :-1, :], labels, grad
+
+
+def _inplace(logits, labels):
+    # The gradient lands in the logits buffer (a benchmark may overwrite its input; a trainer
+    # would pass the lm_head output, see the op's docstring).
+    return ours(logits, labels, inplace_backward=True)
+
+
+def _compiled_eager():
+    return torch.compile(eager_logprobs)
+
+
+def _shape_cases(B: int, T: int, V: int, dtype: torch.dtype, device, smoke: bool) -> list[Case]:
+    element = torch.finfo(dtype).bits // 8
     fwd_bytes = B * T * V * element + B * T * (8 + 4)
     fwd_bwd_bytes = 3 * B * T * V * element + B * T * (8 + 4 + 4)
-    case = f"{'x'.join(map(str, (B, T, V)))} {str(dtype).removeprefix('torch.')}"
-    rows = []
+    name = f"{'x'.join(map(str, (B, T, V)))} {str(dtype).removeprefix('torch.')}"
 
-    def add(mode, impl, fn, nbytes):
-        ms = time_ms(fn)
-        rows.append(result_row("logprobs", f"{case} {mode}", impl, ms, nbytes, peak_extra_mib(fn)))
+    def forward(get_fn, on_buffer: bool = False):
+        """``get_fn()`` is called in ``make`` (torch.compile happens there, not at listing)."""
+        def make():
+            fn = get_fn()
+            full, logits, labels, _ = _inputs(B, T, V, dtype, device, requires_grad=False)
+            source = full if on_buffer else logits
 
-    fwd_peers = [("eager", eager_logprobs), ("TRL per-row", trl_per_row_logprobs)]
+            def step():
+                with torch.no_grad():
+                    return fn(source, labels)
+
+            return step
+
+        return make
+
+    def forward_backward(get_fn):
+        def make():
+            fn = get_fn()
+            _, logits, labels, grad = _inputs(B, T, V, dtype, device, requires_grad=True)
+            return _fwd_bwd(fn, logits, labels, grad)
+
+        return make
+
+    fwd_peers = [("eager", lambda: eager_logprobs), ("TRL per-row", lambda: trl_per_row_logprobs)]
     if not smoke:
-        fwd_peers.append(("torch.compile", torch.compile(eager_logprobs)))
-        liger = _liger_peer()
-        if liger is not None:
-            # Liger takes the (B, T+1, V) buffer and the labels aligned to its last T positions.
-            fwd_peers.append(("Liger (no grad)", lambda _x, y: liger(full, y, temperature=1.0)))
-    fwd_peers += [("ours", ours), ("ours + entropy", ours_with_entropy)]
-    with torch.no_grad():
-        for impl, fn in fwd_peers:
-            add("fwd", impl, lambda fn=fn: fn(logits, labels), fwd_bytes)
+        fwd_peers.append(("torch.compile", _compiled_eager))
+    fwd_peers += [("ours", lambda: ours), ("ours + entropy", lambda: ours_with_entropy)]
+    cases = [Case("logprobs", f"{name} fwd", impl, forward(get_fn), fwd_bytes)
+             for impl, get_fn in fwd_peers]
+    liger = None if smoke else _liger_peer()
+    if liger is not None:
+        # Liger takes the (B, T+1, V) buffer and the labels aligned to its last T positions.
+        liger_fn = lambda full, y: liger(full, y, temperature=1.0)  # noqa: E731
+        cases.append(Case("logprobs", f"{name} fwd", "Liger (no grad)",
+                          forward(lambda: liger_fn, on_buffer=True), fwd_bytes, optional=True))
 
-    full.requires_grad_(True)
-    logits = full[:, :-1, :]
-    bwd_peers = [("eager", eager_logprobs), ("TRL per-row", trl_per_row_logprobs)]
+    bwd_peers = [("eager", lambda: eager_logprobs), ("TRL per-row", lambda: trl_per_row_logprobs)]
     if not smoke:
-        bwd_peers.append(("torch.compile", torch.compile(eager_logprobs)))
-    bwd_peers.append(("ours", ours))
-    for impl, fn in bwd_peers:
-        add("fwd+bwd", impl, _fwd_bwd(fn, logits, labels, grad), fwd_bwd_bytes)
-    # In place: the gradient lands in the logits buffer (a benchmark may overwrite its input; a
-    # trainer would pass the lm_head output, see the op's docstring).
-    inplace = lambda x, y: ours(x, y, inplace_backward=True)  # noqa: E731
-    add("fwd+bwd", "ours inplace_backward", _fwd_bwd(inplace, logits, labels, grad), fwd_bwd_bytes)
-    return rows
+        bwd_peers.append(("torch.compile", _compiled_eager))
+    bwd_peers += [("ours", lambda: ours), ("ours inplace_backward", lambda: _inplace)]
+    cases += [Case("logprobs", f"{name} fwd+bwd", impl, forward_backward(get_fn), fwd_bwd_bytes)
+              for impl, get_fn in bwd_peers]
+    return cases
+
+
+def cases(smoke: bool = False) -> list[Case]:
+    """Every (case, implementation) to time: bf16 GPU shapes, or tiny fp32 CPU shapes (smoke)."""
+    if smoke:
+        return [c for B, T, V in SMOKE_CASES
+                for c in _shape_cases(B, T, V, torch.float32, torch.device("cpu"), smoke=True)]
+    return [c for B, T, V in CASES
+            for c in _shape_cases(B, T, V, torch.bfloat16, torch.device("cuda"), smoke=False)]
 
 
 def run(smoke: bool = False) -> list[dict]:
     """Rows for the result table; ``smoke`` runs tiny fp32 shapes on the CPU in seconds."""
-    if smoke:
-        return [row for B, T, V in SMOKE_CASES
-                for row in _case_rows(B, T, V, torch.float32, torch.device("cpu"), smoke=True)]
-    if not torch.cuda.is_available():
+    if not smoke and not torch.cuda.is_available():
         raise RuntimeError("bench_logprobs needs a CUDA device (use smoke=True on the CPU)")
-    rows = []
-    for B, T, V in CASES:
-        rows += _case_rows(B, T, V, torch.bfloat16, torch.device("cuda"), smoke=False)
-        torch.cuda.empty_cache()
-    return rows
+    return run_cases(cases(smoke))
 
 
 def sweep(B: int = 8, T: int = 1024, V: int = 151936) -> list[dict]:

@@ -16,7 +16,9 @@ import json
 import os
 import platform
 import subprocess
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,11 +27,13 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 __all__ = [
     "RESULTS_DIR",
+    "Case",
     "copy_bandwidth_gbps",
     "environment",
     "peak_extra_mib",
     "print_table",
     "result_row",
+    "run_cases",
     "save_results",
     "time_ms",
 ]
@@ -172,3 +176,67 @@ def print_table(rows: list[dict], columns: tuple[str, ...] = (
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     for row in cells:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+@dataclass
+class Case:
+    """One (case, implementation) pair of a benchmark script: the unit that is timed.
+
+    ``make`` allocates the inputs on the device and returns the step to time. Nothing is
+    allocated, compiled or imported from a peer library until it is called, so listing a script's
+    cases is free on a CPU machine: ``python -m benchmarks`` (through :func:`run_cases`) and
+    ``pytest benchmarks --benchmark-only`` (one test per case) walk the same list.
+    ``optional`` marks a third-party peer whose API may differ from what we call: its failure is
+    reported in the row instead of ending the run.
+    """
+
+    op: str
+    case: str
+    impl: str
+    make: Callable[[], Callable[[], object]]
+    bytes_moved: float | None = None
+    flops: float | None = None
+    extra: dict = field(default_factory=dict)
+    optional: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.op} | {self.case} | {self.impl}"
+
+
+def run_cases(cases: Iterable[Case]) -> list[dict]:
+    """Time every case (ms, peak extra memory, GB/s and % of floor, TFLOP/s); one row each.
+
+    ``setup_s`` is the wall time of ``make`` (input allocation, and the compilation for peers
+    whose ``make`` runs a first call). A case that runs out of CUDA memory, or an optional peer
+    that fails, gives a row with ``ms`` None and an ``error``; the inputs of each case are freed
+    before the next one is made.
+    """
+    rows = []
+    for case in cases:
+        started = time.perf_counter()
+        ms = peak = setup_s = None
+        error = None
+        try:
+            step = case.make()
+            setup_s = time.perf_counter() - started
+            ms = time_ms(step)
+            peak = peak_extra_mib(step)
+        except torch.cuda.OutOfMemoryError as err:
+            error = f"out of memory: {str(err).splitlines()[0]}"
+        except Exception as err:  # noqa: BLE001 - only optional peers are allowed to fail
+            if not case.optional:
+                raise
+            error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            print(f"[{case.op}] {case.impl} skipped: {error}")
+        step = None  # drop the inputs the step holds before the next case allocates its own
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        extra = dict(case.extra)
+        if case.flops is not None:
+            extra["tflops"] = case.flops / (ms * 1e-3) / 1e12 if ms else None
+        if error is not None:
+            extra["error"] = error
+        rows.append(result_row(case.op, case.case, case.impl, ms, case.bytes_moved, peak,
+                               setup_s=setup_s, **extra))
+    return rows
