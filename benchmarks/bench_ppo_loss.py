@@ -30,13 +30,7 @@ if not torch.cuda.is_available():
     # before rlhf_kernels' op modules define their @triton.jit functions.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from benchmarks.common import (  # noqa: E402
-    peak_extra_mib,
-    print_table,
-    result_row,
-    save_results,
-    time_ms,
-)
+from benchmarks.common import Case, print_table, run_cases, save_results  # noqa: E402
 from rlhf_kernels import reference  # noqa: E402
 from rlhf_kernels.ops.bradley_terry import bradley_terry_loss  # noqa: E402
 from rlhf_kernels.ops.policy_loss import ppo_policy_loss  # noqa: E402
@@ -69,25 +63,37 @@ def _fwd(loss_fn, inputs):
 
 
 def _peers(eager, ours, smoke: bool, extra_ours=()) -> list[tuple[str, object]]:
-    peers = [("eager", eager)]
+    """(impl, get_fn) pairs; ``get_fn()`` runs in ``make``, so torch.compile happens there."""
+    peers = [("eager", lambda: eager)]
     if not smoke:
-        peers.append(("torch.compile", torch.compile(eager)))
-    peers.append(("ours", ours))
-    peers.extend(extra_ours)
+        peers.append(("torch.compile", lambda: torch.compile(eager)))
+    peers.append(("ours", lambda: ours))
+    peers.extend((impl, lambda fn=fn: fn) for impl, fn in extra_ours)
     return peers
 
 
-def _policy_rows(B: int, T: int, device, smoke: bool) -> list[dict]:
+def _make(get_fn, build_inputs, wrt: tuple[int, ...] | None):
+    """``make`` for one case: fresh inputs, then the fwd+bwd step (``wrt`` given) or fwd alone."""
+    def make():
+        fn = get_fn()
+        inputs, grad = build_inputs()
+        return _fwd(fn, inputs) if wrt is None else _fwd_bwd(fn, inputs, wrt, grad)
+
+    return make
+
+
+def _policy_cases(B: int, T: int, device, smoke: bool) -> list[Case]:
     n = B * T
-    logp = (-3 * torch.rand(B, T, device=device)).requires_grad_()
-    old_logp = logp.detach() + 0.3 * torch.randn(B, T, device=device)
-    advantages = torch.randn(B, T, device=device)
-    mask = _right_padded_mask(B, T, device)
-    grad = torch.randn((), device=device)
-    inputs = (logp, old_logp, advantages, mask)
+
+    def build():
+        logp = (-3 * torch.rand(B, T, device=device)).requires_grad_()
+        old_logp = logp.detach() + 0.3 * torch.randn(B, T, device=device)
+        advantages = torch.randn(B, T, device=device)
+        mask = _right_padded_mask(B, T, device)
+        return (logp, old_logp, advantages, mask), torch.randn((), device=device)
+
     case = f"{B}x{T} fp32"
     target = POLICY_TARGET_MS.get((B, T)) if not smoke else None
-
     eager = lambda *a: reference.ppo_policy_loss(*a)  # noqa: E731
     ours = lambda *a: ppo_policy_loss(*a, backend="triton")  # noqa: E731
     extra = [
@@ -95,68 +101,59 @@ def _policy_rows(B: int, T: int, device, smoke: bool) -> list[dict]:
             *a, reduction="seq-mean-token-mean", backend="triton")),
         ("ours dual_clip=3", lambda *a: ppo_policy_loss(*a, dual_clip=3.0, backend="triton")),
     ]
-    rows = []
-    for impl, fn in _peers(eager, ours, smoke, extra):
-        step = _fwd_bwd(fn, inputs, (0,), grad)
-        rows.append(result_row("ppo_policy_loss", f"{case} fwd+bwd", impl, time_ms(step),
-                               n * (3 * 4 + 1 + 4), peak_extra_mib(step),
-                               target_ms=target if impl == "ours" else None))
-    for impl, fn in _peers(eager, ours, smoke):
-        step = _fwd(fn, inputs)
-        rows.append(result_row("ppo_policy_loss", f"{case} fwd", impl, time_ms(step),
-                               n * (3 * 4 + 1), peak_extra_mib(step)))
-    return rows
+    cases = [Case("ppo_policy_loss", f"{case} fwd+bwd", impl, _make(get_fn, build, (0,)),
+                  n * (3 * 4 + 1 + 4), extra={"target_ms": target if impl == "ours" else None})
+             for impl, get_fn in _peers(eager, ours, smoke, extra)]
+    cases += [Case("ppo_policy_loss", f"{case} fwd", impl, _make(get_fn, build, None),
+                   n * (3 * 4 + 1))
+              for impl, get_fn in _peers(eager, ours, smoke)]
+    return cases
 
 
-def _value_rows(B: int, T: int, device, smoke: bool) -> list[dict]:
-    n = B * T
-    values = torch.randn(B, T, device=device).requires_grad_()
-    old_values = values.detach() + 0.3 * torch.randn(B, T, device=device)
-    returns = torch.randn(B, T, device=device)
-    mask = _right_padded_mask(B, T, device)
-    grad = torch.randn((), device=device)
-    inputs = (values, old_values, returns, mask)
+def _value_cases(B: int, T: int, device, smoke: bool) -> list[Case]:
+    def build():
+        values = torch.randn(B, T, device=device).requires_grad_()
+        old_values = values.detach() + 0.3 * torch.randn(B, T, device=device)
+        returns = torch.randn(B, T, device=device)
+        mask = _right_padded_mask(B, T, device)
+        return (values, old_values, returns, mask), torch.randn((), device=device)
+
     eager = lambda *a: reference.ppo_value_loss(*a)  # noqa: E731
     ours = lambda *a: ppo_value_loss(*a, backend="triton")  # noqa: E731
-    rows = []
-    for impl, fn in _peers(eager, ours, smoke):
-        step = _fwd_bwd(fn, inputs, (0,), grad)
-        rows.append(result_row("ppo_value_loss", f"{B}x{T} fp32 fwd+bwd", impl, time_ms(step),
-                               n * (3 * 4 + 1 + 4), peak_extra_mib(step)))
-    return rows
+    return [Case("ppo_value_loss", f"{B}x{T} fp32 fwd+bwd", impl, _make(get_fn, build, (0,)),
+                 B * T * (3 * 4 + 1 + 4))
+            for impl, get_fn in _peers(eager, ours, smoke)]
 
 
-def _bradley_terry_rows(n: int, device, smoke: bool) -> list[dict]:
-    chosen = torch.randn(n, device=device).requires_grad_()
-    rejected = torch.randn(n, device=device).requires_grad_()
-    grad = torch.randn((), device=device)
-    inputs = (chosen, rejected)
+def _bradley_terry_cases(n: int, device, smoke: bool) -> list[Case]:
+    def build():
+        chosen = torch.randn(n, device=device).requires_grad_()
+        rejected = torch.randn(n, device=device).requires_grad_()
+        return (chosen, rejected), torch.randn((), device=device)
+
     eager = lambda *a: reference.bradley_terry_loss(*a, center_coef=0.01)  # noqa: E731
     ours = lambda *a: bradley_terry_loss(*a, center_coef=0.01, backend="triton")  # noqa: E731
-    rows = []
-    for impl, fn in _peers(eager, ours, smoke):
-        step = _fwd_bwd(fn, inputs, (0, 1), grad)
-        rows.append(result_row("bradley_terry_loss", f"{n} pairs fp32 fwd+bwd", impl,
-                               time_ms(step), n * (2 * 4 + 2 * 4), peak_extra_mib(step)))
-    return rows
+    return [Case("bradley_terry_loss", f"{n} pairs fp32 fwd+bwd", impl,
+                 _make(get_fn, build, (0, 1)), n * (2 * 4 + 2 * 4))
+            for impl, get_fn in _peers(eager, ours, smoke)]
+
+
+def cases(smoke: bool = False) -> list[Case]:
+    """Every (case, implementation) to time: the GPU shapes, or tiny CPU shapes (smoke)."""
+    device = torch.device("cpu" if smoke else "cuda")
+    result = []
+    for B, T in SMOKE_CASES if smoke else CASES:
+        result += _policy_cases(B, T, device, smoke)
+        result += _value_cases(B, T, device, smoke)
+        result += _bradley_terry_cases(B * T, device, smoke)
+    return result
 
 
 def run(smoke: bool = False) -> list[dict]:
     """Rows for the result table; ``smoke`` runs tiny shapes on the CPU in seconds."""
-    if smoke:
-        device = torch.device("cpu")
-        cases = SMOKE_CASES
-    else:
-        if not torch.cuda.is_available():
-            raise RuntimeError("bench_ppo_loss needs a CUDA device (use smoke=True on the CPU)")
-        device = torch.device("cuda")
-        cases = CASES
-    rows = []
-    for B, T in cases:
-        rows += _policy_rows(B, T, device, smoke)
-        rows += _value_rows(B, T, device, smoke)
-        rows += _bradley_terry_rows(B * T, device, smoke)
-    return rows
+    if not smoke and not torch.cuda.is_available():
+        raise RuntimeError("bench_ppo_loss needs a CUDA device (use smoke=True on the CPU)")
+    return run_cases(cases(smoke))
 
 
 if __name__ == "__main__":
