@@ -8,7 +8,8 @@ right-padded mask with a few interior holes. Peers:
   positions, stack the columns at the end;
 * eager: ``rlhf_kernels.reference.gae`` (the same recurrence, written into preallocated outputs);
 * torch.compile of the eager reference (dynamo unrolls the T-step loop, so compilation takes a
-  while; the compile time is reported, and only T <= COMPILE_MAX_T is compiled);
+  while; the compile time is reported as the case's ``setup_s``, and only T <= COMPILE_MAX_T is
+  compiled);
 * ours (``backend="triton"``): one launch, batch-parallel reverse scans.
 
 masked_whiten over the same advantages: eager reference, torch.compile of it, ours.
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
 
@@ -34,13 +34,7 @@ if not torch.cuda.is_available():
     # before rlhf_kernels' op modules define their @triton.jit functions.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from benchmarks.common import (  # noqa: E402
-    peak_extra_mib,
-    print_table,
-    result_row,
-    save_results,
-    time_ms,
-)
+from benchmarks.common import Case, print_table, run_cases, save_results  # noqa: E402
 from rlhf_kernels import reference  # noqa: E402
 from rlhf_kernels.ops.gae import gae  # noqa: E402
 from rlhf_kernels.ops.whiten import masked_whiten  # noqa: E402
@@ -77,73 +71,75 @@ def _mask(B: int, T: int, device) -> torch.Tensor:
 
 
 def _compiled(fn, args):
-    """torch.compile(fn) with its first call (the compilation) done here; (fn, seconds)."""
+    """torch.compile(fn) with its first call (the compilation) done here, so that the case's
+    ``setup_s`` is the compile time and the timed calls are warm."""
     compiled = torch.compile(fn)
-    t0 = time.perf_counter()
     compiled(*args)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return compiled, time.perf_counter() - t0
+    return compiled
 
 
-def _gae_rows(B: int, T: int, device, smoke: bool) -> list[dict]:
-    n = B * T
-    rewards = torch.randn(B, T, device=device)
-    values = torch.randn(B, T, device=device)
-    mask = _mask(B, T, device)
-    args = (rewards, values, mask)
-    case = f"{B}x{T} fp32"
-    floor_bytes = n * (4 + 4 + 1 + 4 + 4)
+def _make(fn, build_args, compile_first: bool = False):
+    def make():
+        args = build_args()
+        call = _compiled(fn, args) if compile_first else fn
+        return lambda: call(*args)
+
+    return make
+
+
+def _eager_gae(r, v, m):
+    return reference.gae(r, v, m, GAMMA, LAM)
+
+
+def _gae_cases(B: int, T: int, device, smoke: bool) -> list[Case]:
+    def build():
+        return torch.randn(B, T, device=device), torch.randn(B, T, device=device), \
+            _mask(B, T, device)
+
+    floor_bytes = B * T * (4 + 4 + 1 + 4 + 4)
     peers = [
-        ("python loop", lambda r, v, m: python_loop_gae(r, v, m, GAMMA, LAM), {}),
-        ("eager", lambda r, v, m: reference.gae(r, v, m, GAMMA, LAM), {}),
+        ("python loop", _make(lambda r, v, m: python_loop_gae(r, v, m, GAMMA, LAM), build), {}),
+        ("eager", _make(_eager_gae, build), {}),
     ]
     if not smoke and T <= COMPILE_MAX_T:
-        fn, seconds = _compiled(lambda r, v, m: reference.gae(r, v, m, GAMMA, LAM), args)
-        peers.append(("torch.compile", fn, {"compile_s": round(seconds, 1)}))
+        peers.append(("torch.compile", _make(_eager_gae, build, compile_first=True), {}))
     target = None if smoke else GAE_TARGET_MS.get((B, T))
-    peers.append(("ours", lambda r, v, m: gae(r, v, m, GAMMA, LAM, backend="triton"),
-                  {"target_ms": target}))
-    rows = []
-    for impl, fn, extra in peers:
-        step = lambda fn=fn: fn(*args)  # noqa: E731
-        rows.append(result_row("gae", case, impl, time_ms(step), floor_bytes,
-                               peak_extra_mib(step), **extra))
-    return rows
+    peers.append(("ours", _make(lambda r, v, m: gae(r, v, m, GAMMA, LAM, backend="triton"),
+                                build), {"target_ms": target}))
+    return [Case("gae", f"{B}x{T} fp32", impl, make, floor_bytes, extra=extra)
+            for impl, make, extra in peers]
 
 
-def _whiten_rows(B: int, T: int, device, smoke: bool) -> list[dict]:
-    x = torch.randn(B, T, device=device)
-    mask = _mask(B, T, device)
-    args = (x, mask)
-    peers = [("eager", lambda x, m: reference.masked_whiten(x, m), {})]
+def _whiten_cases(B: int, T: int, device, smoke: bool) -> list[Case]:
+    def build():
+        return torch.randn(B, T, device=device), _mask(B, T, device)
+
+    eager = lambda x, m: reference.masked_whiten(x, m)  # noqa: E731
+    peers = [("eager", _make(eager, build))]
     if not smoke:
-        fn, seconds = _compiled(lambda x, m: reference.masked_whiten(x, m), args)
-        peers.append(("torch.compile", fn, {"compile_s": round(seconds, 1)}))
-    peers.append(("ours", lambda x, m: masked_whiten(x, m, backend="triton"), {}))
-    rows = []
-    for impl, fn, extra in peers:
-        step = lambda fn=fn: fn(*args)  # noqa: E731
-        rows.append(result_row("masked_whiten", f"{B}x{T} fp32", impl, time_ms(step),
-                               B * T * (4 + 1 + 4), peak_extra_mib(step), **extra))
-    return rows
+        peers.append(("torch.compile", _make(eager, build, compile_first=True)))
+    peers.append(("ours", _make(lambda x, m: masked_whiten(x, m, backend="triton"), build)))
+    return [Case("masked_whiten", f"{B}x{T} fp32", impl, make, B * T * (4 + 1 + 4))
+            for impl, make in peers]
+
+
+def cases(smoke: bool = False) -> list[Case]:
+    """Every (case, implementation) to time: the GPU shapes, or tiny CPU shapes (smoke)."""
+    device = torch.device("cpu" if smoke else "cuda")
+    result = []
+    for B, T in SMOKE_CASES if smoke else CASES:
+        result += _gae_cases(B, T, device, smoke)
+        result += _whiten_cases(B, T, device, smoke)
+    return result
 
 
 def run(smoke: bool = False) -> list[dict]:
     """Rows for the result table; ``smoke`` runs tiny shapes on the CPU in seconds."""
-    if smoke:
-        device = torch.device("cpu")
-        cases = SMOKE_CASES
-    else:
-        if not torch.cuda.is_available():
-            raise RuntimeError("bench_gae needs a CUDA device (use smoke=True on the CPU)")
-        device = torch.device("cuda")
-        cases = CASES
-    rows = []
-    for B, T in cases:
-        rows += _gae_rows(B, T, device, smoke)
-        rows += _whiten_rows(B, T, device, smoke)
-    return rows
+    if not smoke and not torch.cuda.is_available():
+        raise RuntimeError("bench_gae needs a CUDA device (use smoke=True on the CPU)")
+    return run_cases(cases(smoke))
 
 
 if __name__ == "__main__":
@@ -152,6 +148,6 @@ if __name__ == "__main__":
     cli = parser.parse_args()
     result = run(smoke=cli.smoke)
     print_table(result, columns=("op", "case", "impl", "ms", "gb_per_s", "pct_of_floor",
-                                 "peak_extra_mib", "target_ms", "compile_s"))
+                                 "peak_extra_mib", "target_ms", "setup_s"))
     if not cli.smoke:
         print(f"wrote {save_results('gae', result)}")
