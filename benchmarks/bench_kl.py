@@ -26,13 +26,7 @@ if not torch.cuda.is_available():
     # before rlhf_kernels' op modules define their @triton.jit functions.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from benchmarks.common import (  # noqa: E402
-    peak_extra_mib,
-    print_table,
-    result_row,
-    save_results,
-    time_ms,
-)
+from benchmarks.common import Case, print_table, run_cases, save_results  # noqa: E402
 from rlhf_kernels import reference  # noqa: E402
 from rlhf_kernels.ops.kl import kl_penalty  # noqa: E402
 from rlhf_kernels.ops.rewards import shape_rewards  # noqa: E402
@@ -43,74 +37,93 @@ KL_OPTIONS = dict(estimator="k3", clamp=10.0, log_ratio_clamp=20.0)
 
 
 def _peers(eager, ours, smoke: bool) -> list[tuple[str, object]]:
-    peers = [("eager", eager)]
+    """(impl, get_fn) pairs; ``get_fn()`` runs in ``make``, so torch.compile happens there."""
+    peers = [("eager", lambda: eager)]
     if not smoke:
-        peers.append(("torch.compile", torch.compile(eager)))
-    peers.append(("ours", ours))
+        peers.append(("torch.compile", lambda: torch.compile(eager)))
+    peers.append(("ours", lambda: ours))
     return peers
 
 
-def _kl_rows(B: int, T: int, dtype: torch.dtype, device, smoke: bool) -> list[dict]:
+def _kl_cases(B: int, T: int, dtype: torch.dtype, device, smoke: bool) -> list[Case]:
     n = B * T
     size = torch.finfo(dtype).bits // 8
-    logp = (-3 * torch.rand(B, T, device=device)).to(dtype).requires_grad_()
-    ref_logp = (logp.detach().float() + 0.3 * torch.randn(B, T, device=device)).to(dtype)
-    ref_logp.requires_grad_()
-    grad = torch.randn(B, T, device=device)
+
+    def build():
+        logp = (-3 * torch.rand(B, T, device=device)).to(dtype).requires_grad_()
+        ref_logp = (logp.detach().float() + 0.3 * torch.randn(B, T, device=device)).to(dtype)
+        return logp, ref_logp.requires_grad_(), torch.randn(B, T, device=device)
+
+    def forward(get_fn):
+        def make():
+            fn = get_fn()
+            logp, ref_logp, _ = build()
+
+            def step():
+                with torch.no_grad():
+                    return fn(logp, ref_logp)
+
+            return step
+
+        return make
+
+    def forward_backward(get_fn):
+        def make():
+            fn = get_fn()
+            logp, ref_logp, grad = build()
+            return lambda: torch.autograd.grad(fn(logp, ref_logp), (logp, ref_logp), grad)
+
+        return make
+
     case = f"{B}x{T} {str(dtype).removeprefix('torch.')}"
     eager = lambda a, b: reference.kl_penalty(a, b, **KL_OPTIONS)  # noqa: E731
     ours = lambda a, b: kl_penalty(a, b, **KL_OPTIONS, backend="triton")  # noqa: E731
-    rows = []
-    for impl, fn in _peers(eager, ours, smoke):
-        def forward(fn=fn):
-            with torch.no_grad():
-                return fn(logp, ref_logp)
-
-        def forward_backward(fn=fn):
-            return torch.autograd.grad(fn(logp, ref_logp), (logp, ref_logp), grad)
-
-        rows.append(result_row("kl_penalty", f"{case} fwd", impl, time_ms(forward),
-                               n * (2 * size + 4), peak_extra_mib(forward)))
-        rows.append(result_row("kl_penalty", f"{case} fwd+bwd", impl, time_ms(forward_backward),
-                               n * (2 * size + 4) + n * (4 + 2 * size + 2 * size),
-                               peak_extra_mib(forward_backward)))
-    return rows
+    peers = _peers(eager, ours, smoke)
+    return (
+        [Case("kl_penalty", f"{case} fwd", impl, forward(get_fn), n * (2 * size + 4))
+         for impl, get_fn in peers]
+        + [Case("kl_penalty", f"{case} fwd+bwd", impl, forward_backward(get_fn),
+                n * (2 * size + 4) + n * (4 + 2 * size + 2 * size))
+           for impl, get_fn in peers]
+    )
 
 
-def _reward_rows(B: int, T: int, device, smoke: bool) -> list[dict]:
-    n = B * T
-    logp = -3 * torch.rand(B, T, device=device)
-    ref_logp = logp + 0.3 * torch.randn(B, T, device=device)
-    lengths = torch.randint(T // 2, T + 1, (B,), device=device)
-    mask = torch.arange(T, device=device)[None, :] < lengths[:, None]
-    scores = torch.randn(B, device=device)
-    args = (scores, logp, ref_logp, mask, 0.05)
+def _reward_cases(B: int, T: int, device, smoke: bool) -> list[Case]:
+    def make_with(get_fn):
+        def make():
+            fn = get_fn()
+            logp = -3 * torch.rand(B, T, device=device)
+            ref_logp = logp + 0.3 * torch.randn(B, T, device=device)
+            lengths = torch.randint(T // 2, T + 1, (B,), device=device)
+            mask = torch.arange(T, device=device)[None, :] < lengths[:, None]
+            scores = torch.randn(B, device=device)
+            return lambda: fn(scores, logp, ref_logp, mask, 0.05)
+
+        return make
+
     eager = lambda *a: reference.shape_rewards(*a)  # noqa: E731
     ours = lambda *a: shape_rewards(*a, backend="triton")  # noqa: E731
-    rows = []
-    for impl, fn in _peers(eager, ours, smoke):
-        step = lambda fn=fn: fn(*args)  # noqa: E731
-        rows.append(result_row("shape_rewards", f"{B}x{T} fp32 k1", impl, time_ms(step),
-                               n * (4 + 4 + 1 + 4) + B * 4, peak_extra_mib(step)))
-    return rows
+    return [Case("shape_rewards", f"{B}x{T} fp32 k1", impl, make_with(get_fn),
+                 B * T * (4 + 4 + 1 + 4) + B * 4)
+            for impl, get_fn in _peers(eager, ours, smoke)]
+
+
+def cases(smoke: bool = False) -> list[Case]:
+    """Every (case, implementation) to time: the GPU shapes, or tiny CPU shapes (smoke)."""
+    device = torch.device("cpu" if smoke else "cuda")
+    result = []
+    for B, T in SMOKE_CASES if smoke else CASES:
+        for dtype in (torch.float32, torch.bfloat16):
+            result += _kl_cases(B, T, dtype, device, smoke)
+        result += _reward_cases(B, T, device, smoke)
+    return result
 
 
 def run(smoke: bool = False) -> list[dict]:
     """Rows for the result table; ``smoke`` runs tiny shapes on the CPU in seconds."""
-    if smoke:
-        device = torch.device("cpu")
-        cases = SMOKE_CASES
-    else:
-        if not torch.cuda.is_available():
-            raise RuntimeError("bench_kl needs a CUDA device (use smoke=True on the CPU)")
-        device = torch.device("cuda")
-        cases = CASES
-    rows = []
-    for B, T in cases:
-        for dtype in (torch.float32, torch.bfloat16):
-            rows += _kl_rows(B, T, dtype, device, smoke)
-        rows += _reward_rows(B, T, device, smoke)
-    return rows
+    if not smoke and not torch.cuda.is_available():
+        raise RuntimeError("bench_kl needs a CUDA device (use smoke=True on the CPU)")
+    return run_cases(cases(smoke))
 
 
 if __name__ == "__main__":
