@@ -15,19 +15,27 @@ tokens N in {4096, 16384}. Implementations, all forward + backward:
 
 The op is matmul-bound, so next to ms the rows give TFLOP/s of the 6 N V H useful flops and the
 time relative to the unfused path; ``peak_extra_mib`` is the allocator peak above the inputs.
-``python -m benchmarks.bench_linear_logprobs`` (CUDA) writes benchmarks/results/.
+``python -m benchmarks.bench_linear_logprobs [--smoke]`` (CUDA) writes benchmarks/results/.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
+import os
 
 import torch
 
-from benchmarks.common import peak_extra_mib, print_table, result_row, save_results, time_ms
-from rlhf_kernels.ops.linear_logprobs import linear_logprobs
-from rlhf_kernels.ops.logprobs import logprobs
-from rlhf_kernels.ops.ppo_fused import linear_ppo_loss, ppo_loss_from_logits
+if not torch.cuda.is_available():
+    # Smoke mode on a CPU machine runs our kernels under the Triton interpreter (without it the
+    # "auto" backend would time the PyTorch reference instead); this must be set before
+    # rlhf_kernels' op modules define their @triton.jit functions.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from benchmarks.common import Case, print_table, run_cases, save_results  # noqa: E402
+from rlhf_kernels.ops.linear_logprobs import linear_logprobs  # noqa: E402
+from rlhf_kernels.ops.logprobs import logprobs  # noqa: E402
+from rlhf_kernels.ops.ppo_fused import linear_ppo_loss, ppo_loss_from_logits  # noqa: E402
 
 OP = "linear_logprobs"
 SHAPES = [(v, h, n) for v in (32000, 151936) for h in (2048, 4096) for n in (4096, 16384)]
@@ -93,72 +101,84 @@ def _fwd_bwd(fn, hidden, weight):
     return step
 
 
-def _case(V, H, N, device, dtype, cuda) -> list[dict]:
-    backend = "triton" if cuda else None  # CPU smoke: auto (the interpreter when it is on)
-    hidden, weight, labels, old_logp, advantages = _inputs(V, H, N, device, dtype)
-    case = f"V={V} H={H} N={N} {str(dtype).removeprefix('torch.')}"
-    flops = 6.0 * N * V * H
-    logp_impls = {
-        "eager": lambda: _eager(hidden, weight, labels),
-        "unfused": lambda: logprobs(hidden @ weight.t(), labels, backend=backend),
-        "linear_logprobs": lambda: linear_logprobs(hidden, weight, labels, backend=backend),
-    }
-    if cuda:
-        logp_impls["compile-chunked"] = lambda: _compile_chunked(hidden, weight, labels)
-        liger = _liger()
-        if liger is not None:
-            logp_impls["liger-flce"] = lambda: liger(hidden, weight, labels)
-    ppo_impls = {
-        "ppo-unfused": lambda: ppo_loss_from_logits(
-            (hidden @ weight.t())[None], labels[None], old_logp[None], advantages[None],
-            backend=backend)[0],
-        "linear_ppo_loss": lambda: linear_ppo_loss(
-            hidden, weight, labels, old_logp, advantages, backend=backend)[0],
-    }
-    rows, timings = [], {}
-    for name, fn in {**logp_impls, **ppo_impls}.items():
-        step = _fwd_bwd(fn, hidden, weight)
-        try:
-            ms = time_ms(step)
-            peak = peak_extra_mib(step)
-        except torch.cuda.OutOfMemoryError:
-            ms = peak = None
-            torch.cuda.empty_cache()
-        except (TypeError, RuntimeError) as err:  # a peer whose API differs from what we call
-            if name not in ("liger-flce", "compile-chunked"):
-                raise
-            print(f"[{OP}] {name} skipped: {err}")
-            ms = peak = None
-        timings[name] = ms
-        base = timings.get("ppo-unfused" if name in ppo_impls else "unfused")
-        rows.append(result_row(
-            OP, case, name, ms, peak_mib=peak, mode="fwd+bwd",
-            tflops=(flops / (ms * 1e-3) / 1e12) if ms else None,
-            vs_unfused=(ms / base) if ms and base else None,
-        ))
-    with torch.no_grad():
-        for name in ("eager", "unfused", "linear_logprobs"):
-            fn = logp_impls[name]
-            rows.append(result_row(OP, case, name, time_ms(fn), peak_mib=peak_extra_mib(fn),
-                                   mode="fwd"))
-    return rows
+def _fwd(fn):
+    def step():
+        with torch.no_grad():
+            return fn()
+    return step
+
+
+# Each implementation: (name, fn(hidden, weight, labels, old_logp, advantages, backend) -> logp or
+# loss). ``backend`` is "triton" on the GPU, None (auto: the interpreter when it is on) on the CPU.
+_LOGP_IMPLS = {
+    "eager": lambda h, w, y, _o, _a, _b: _eager(h, w, y),
+    "unfused": lambda h, w, y, _o, _a, b: logprobs(h @ w.t(), y, backend=b),
+    "linear_logprobs": lambda h, w, y, _o, _a, b: linear_logprobs(h, w, y, backend=b),
+}
+_PPO_IMPLS = {
+    "ppo-unfused": lambda h, w, y, o, a, b: ppo_loss_from_logits(
+        (h @ w.t())[None], y[None], o[None], a[None], backend=b)[0],
+    "linear_ppo_loss": lambda h, w, y, o, a, b: linear_ppo_loss(h, w, y, o, a, backend=b)[0],
+}
+
+
+def _optional_impls() -> dict:
+    """The GPU-only peers: torch.compile (chunked) and Liger's FLCE when it imports."""
+    impls = {"compile-chunked": lambda h, w, y, _o, _a, _b: _compile_chunked(h, w, y)}
+    liger = _liger()
+    if liger is not None:
+        impls["liger-flce"] = lambda h, w, y, _o, _a, _b: liger(h, w, y)
+    return impls
+
+
+def _shape_cases(V, H, N, device, dtype, cuda) -> list[Case]:
+    backend = "triton" if cuda else None
+
+    def make_with(fn, backward: bool):
+        def make():
+            hidden, weight, labels, old_logp, advantages = _inputs(V, H, N, device, dtype)
+            call = lambda: fn(hidden, weight, labels, old_logp, advantages, backend)  # noqa: E731
+            return _fwd_bwd(call, hidden, weight) if backward else _fwd(call)
+        return make
+
+    name = f"V={V} H={H} N={N} {str(dtype).removeprefix('torch.')}"
+    flops = 6.0 * N * V * H  # forward 2NVH, backward 4NVH (d hidden and d weight)
+    optional = _optional_impls() if cuda else {}
+    backward_impls = {**_LOGP_IMPLS, **optional, **_PPO_IMPLS}
+    result = [Case(OP, f"{name} fwd+bwd", impl, make_with(fn, True), flops=flops,
+                   optional=impl in optional)
+              for impl, fn in backward_impls.items()]
+    result += [Case(OP, f"{name} fwd", impl, make_with(fn, False), flops=flops / 3)
+               for impl, fn in _LOGP_IMPLS.items()]
+    return result
+
+
+def cases(smoke: bool = False) -> list[Case]:
+    """Every (case, implementation) to time: bf16 GPU shapes, or one tiny fp32 CPU shape."""
+    if smoke:
+        return [c for V, H, N in SMOKE_SHAPES
+                for c in _shape_cases(V, H, N, torch.device("cpu"), torch.float32, cuda=False)]
+    return [c for V, H, N in SHAPES
+            for c in _shape_cases(V, H, N, torch.device("cuda"), torch.bfloat16, cuda=True)]
 
 
 def run(smoke: bool = False) -> list[dict]:
-    cuda = torch.cuda.is_available() and not smoke
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
-    rows = []
-    for V, H, N in (SHAPES if cuda else SMOKE_SHAPES):
-        rows += _case(V, H, N, device, dtype, cuda)
-        if cuda:
-            torch.cuda.empty_cache()
+    """Rows for the result table, each with ``vs_unfused``: its time over the unfused path's."""
+    if not smoke and not torch.cuda.is_available():
+        raise RuntimeError("bench_linear_logprobs needs a CUDA device (use smoke=True on the CPU)")
+    rows = run_cases(cases(smoke))
+    base = {(r["case"], r["impl"]): r["ms"] for r in rows}
+    for row in rows:
+        unfused = base.get((row["case"], "ppo-unfused" if row["impl"] in _PPO_IMPLS else "unfused"))
+        row["vs_unfused"] = row["ms"] / unfused if row["ms"] and unfused else None
     return rows
 
 
 if __name__ == "__main__":
-    results = run()
-    if torch.cuda.is_available():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU shape, no result file")
+    cli = parser.parse_args()
+    results = run(smoke=cli.smoke)
+    print_table(results, columns=("case", "impl", "ms", "tflops", "vs_unfused", "peak_extra_mib"))
+    if not cli.smoke:
         print(f"wrote {save_results(OP, results)}")
-    print_table(results, columns=("case", "impl", "mode", "ms", "tflops", "vs_unfused",
-                                  "peak_extra_mib"))
