@@ -143,17 +143,24 @@ def _series(records: Sequence[Mapping[str, Any]], x_key: str, key: str
     return xs, ys
 
 
+def _printable(text: Any) -> str:
+    """Generated text may hold control characters (a byte-level tokenizer can emit any byte);
+    the figure's font has no glyph for them, so show them as U+FFFD."""
+    return "".join(ch if ch.isprintable() else "\ufffd" for ch in str(text))
+
+
 def _sample_lines(samples: Sequence[Mapping[str, Any]], width: int) -> list[str]:
     lines = []
     for number, sample in enumerate(samples, start=1):
-        lines.append(f"{number}. {sample.get('prompt', '')}")
+        lines.append(f"{number}. {_printable(sample.get('prompt', ''))}")
         for side in ("before", "after"):
             if side not in sample:
                 continue
             gold = sample.get(f"gold_{side}")
             label = f"   {side}" + (f" (gold {gold:+.2f})" if isinstance(gold, (int, float))
                                     else "") + ": "
-            wrapped = textwrap.wrap(str(sample[side]).strip(), width=width - len(label)) or [""]
+            wrapped = textwrap.wrap(_printable(sample[side]).strip(),
+                                    width=width - len(label)) or [""]
             lines.append(label + wrapped[0])
             lines += [" " * len(label) + more for more in wrapped[1:]]
     return lines
