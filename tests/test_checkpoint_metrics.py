@@ -277,3 +277,19 @@ def test_plot_curves_writes_a_png(tmp_path):
         metrics.plot_curves(sft_only, tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
 
+
+
+def test_plot_curves_shows_control_characters_without_font_warnings(tmp_path):
+    import json
+    import warnings
+
+    from rlhf.metrics import plot_curves
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join(json.dumps({"iteration": i, "proxy_reward": 0.1 * i})
+                                 for i in range(1, 4)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Glyph ... missing from font" would raise here
+        plot_curves(metrics, tmp_path / "curves.png",
+                    samples=[{"prompt": "p", "before": "bad\x1cbyte", "after": "fine"}])
+    assert (tmp_path / "curves.png").stat().st_size > 0
