@@ -25,8 +25,7 @@ What it does, for B prompts left-padded to P tokens and at most R new tokens:
    columns of that row are ``pad_token_id`` with mask 0 and log-prob 0. The loop ends early when
    every row has stopped (checked every ``check_every`` steps, one host sync each).
 
-Layout of the result (``Generation``; the same fields as ``rlhf.rollout.Generation`` plus
-``logprobs``)::
+Layout of the result (``Generation``)::
 
     sequences       (B, P + R) int64   [pad.. prompt | response .. eos pad..]
     attention_mask  (B, P + R) int64   prompt mask, then the response mask
@@ -85,6 +84,25 @@ class Generation:
     def response_lengths(self) -> torch.Tensor:
         """(B,) int64: response tokens per row, EOS included."""
         return self.response_mask.sum(-1)
+
+    def without_prompt_padding(self) -> Generation:
+        """The same generation without the prompt columns that are padding in every row.
+
+        Generating from prompts padded to a fixed width keeps the engine's cache and captured
+        graph; scoring the sequences afterwards need not pay for the all-pad columns. Positions
+        come from the attention mask, so dropping them changes no number. One host sync.
+        """
+        longest_prompt = int(self.attention_mask[:, :self.prompt_length].sum(-1).max().item())
+        drop = self.prompt_length - longest_prompt
+        if drop == 0:
+            return self
+        return Generation(
+            sequences=self.sequences[:, drop:],
+            attention_mask=self.attention_mask[:, drop:],
+            response_mask=self.response_mask,
+            logprobs=self.logprobs,
+            prompt_length=longest_prompt,
+        )
 
 
 # --------------------------------------------------------------------------------------------
