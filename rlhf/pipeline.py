@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf import ppo, reward, sft
-from rlhf.rollout import SamplingConfig, generate_with_role
+from rlhf.engine import RolloutEngine
 
 __all__ = ["PipelineConfig", "run"]
 
@@ -89,37 +89,39 @@ class PipelineConfig:
 
 @torch.no_grad()
 def sample_texts(backbone, tokenizer, prompts: list[str], role: str | None,
-                 sampling: SamplingConfig, seed: int, batch_size: int, max_prompt_length: int):
-    """Sample one response per prompt with ``role`` (None = the reference/SFT model).
+                 ppo_cfg: ppo.PPOConfig, seed: int, batch_size: int):
+    """Sample one response per prompt with ``role`` (None = the reference/SFT model) through the
+    rollout engine, with the sampling settings of ``ppo_cfg`` (max_prompt_length,
+    max_new_tokens, temperature, top_k, top_p).
 
-    Returns (texts, kl) where kl (N,) is the summed k1 KL(role || reference) of each response.
+    Returns (texts, kl) where kl (N,) is the summed k1 KL(role || reference) of each response:
+    the engine's recorded log-probs (those of the distribution that drew the tokens) minus the
+    reference's, over the response tokens.
     """
-    ids, mask = ppo.encode_prompts(prompts, tokenizer, max_prompt_length)
+    ids, mask = ppo.encode_prompts(prompts, tokenizer, ppo_cfg.max_prompt_length)
     device = backbone.device
-    generator = torch.Generator().manual_seed(seed)
+    engine = RolloutEngine(backbone, role=role)
+    generator = torch.Generator(device=device).manual_seed(seed)
     texts: list[str] = []
     kls: list[torch.Tensor] = []
     backbone.eval()
     desc = f"sampling ({role or 'SFT model'})"
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, dynamic_ncols=True):
-        b_ids, b_mask = ids[start:start + batch_size], mask[start:start + batch_size]
-        keep = int(b_mask.sum(-1).max())
-        gen = generate_with_role(backbone, role, b_ids[:, -keep:].to(device),
-                                 b_mask[:, -keep:].to(device), sampling,
-                                 tokenizer.eos_token_id, tokenizer.pad_token_id,
-                                 generator=generator)
+        gen = engine.generate(
+            ids[start:start + batch_size].to(device), mask[start:start + batch_size].to(device),
+            ppo_cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, temperature=ppo_cfg.temperature,
+            top_k=ppo_cfg.top_k, top_p=ppo_cfg.top_p, generator=generator,
+        ).without_prompt_padding()
         texts += ppo.decode_responses(tokenizer, gen)
         if role is None:
-            kls.append(torch.zeros(len(b_ids)))
+            kls.append(torch.zeros(gen.sequences.shape[0]))
         else:
-            action = torch.zeros(gen.sequences.shape[0], gen.sequences.shape[1] - 1,
-                                 device=device)
-            action[:, gen.prompt_length - 1:] = gen.response_mask.float()
-            logp = backbone.token_logprobs(gen.sequences, gen.attention_mask, role=role,
-                                           temperature=sampling.temperature)
             ref = backbone.reference_logprobs(gen.sequences, gen.attention_mask,
-                                              temperature=sampling.temperature)
-            kls.append(((logp - ref) * action).sum(-1).cpu())
+                                              temperature=ppo_cfg.temperature)
+            ref = ref[:, gen.prompt_length - 1:] * gen.response_mask
+            kls.append((gen.logprobs - ref).sum(-1).cpu())
+    engine.release()
     return texts, torch.cat(kls)
 
 
@@ -215,7 +217,6 @@ def _run(cfg: PipelineConfig) -> dict:
             model, lora=LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha))
     backbone.to(sft.resolve_device(cfg.device))
     pairs_path = out / "pairs.jsonl"
-    sampling = cfg.ppo.sampling
     if cfg.resume and pairs_path.exists():
         records = [json.loads(line) for line in pairs_path.read_text().splitlines()]
         pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in records]
@@ -223,10 +224,10 @@ def _run(cfg: PipelineConfig) -> dict:
         ceiling_all = records[0]["noise_ceiling"] if records else float("nan")
     else:
         prompts = task.ppo_prompts(cfg.pair_prompts, seed=cfg.seed, split="train")
-        texts_a, _ = sample_texts(backbone, tokenizer, prompts, None, sampling, cfg.seed + 11,
-                                  cfg.sample_batch_size, cfg.ppo.max_prompt_length)
-        texts_b, _ = sample_texts(backbone, tokenizer, prompts, None, sampling, cfg.seed + 12,
-                                  cfg.sample_batch_size, cfg.ppo.max_prompt_length)
+        texts_a, _ = sample_texts(backbone, tokenizer, prompts, None, cfg.ppo, cfg.seed + 11,
+                                  cfg.sample_batch_size)
+        texts_b, _ = sample_texts(backbone, tokenizer, prompts, None, cfg.ppo, cfg.seed + 12,
+                                  cfg.sample_batch_size)
         pairs, ceiling_all = task.label_pairs(prompts, texts_a, texts_b, beta=cfg.label_beta,
                                               seed=cfg.seed)
         if len(pairs) < 10:
@@ -275,11 +276,10 @@ def _run(cfg: PipelineConfig) -> dict:
     # ---- 6. held-out evaluation: SFT vs PPO samples by the gold judge ----
     t0 = time.perf_counter()
     heldout = task.ppo_prompts(cfg.eval_samples, seed=cfg.seed + 1, split="heldout")
-    sft_texts, _ = sample_texts(backbone, tokenizer, heldout, None, sampling, cfg.seed + 21,
-                                cfg.sample_batch_size, cfg.ppo.max_prompt_length)
-    ppo_texts, kl = sample_texts(backbone, tokenizer, heldout, "policy", sampling,
-                                 cfg.seed + 22, cfg.sample_batch_size,
-                                 cfg.ppo.max_prompt_length)
+    sft_texts, _ = sample_texts(backbone, tokenizer, heldout, None, cfg.ppo, cfg.seed + 21,
+                                cfg.sample_batch_size)
+    ppo_texts, kl = sample_texts(backbone, tokenizer, heldout, "policy", cfg.ppo,
+                                 cfg.seed + 22, cfg.sample_batch_size)
     sft_gold, ppo_gold = task.gold_scores(sft_texts), task.gold_scores(ppo_texts)
     sft_mean, sft_se = _mean_stderr(sft_gold)
     ppo_mean, ppo_se = _mean_stderr(ppo_gold)

@@ -2,16 +2,34 @@
 
 One iteration::
 
-    prompts --policy adapter, KV cache--> responses                       (rlhf.rollout)
+    prompts --policy adapter, static KV cache--> responses + their logp  rlhf.engine
       -> scores        reward adapter + head at the last real token      SharedBackbone.rewards
       -> ref_logprobs  adapters off (the SFT model)                       reference_logprobs
-      -> old_logprobs  policy adapter;  old_values  critic adapter + value head
+      -> old_logprobs  recorded while sampling, or a policy forward (below)
+         old_values    critic adapter + value head
       -> rewards       -kl_coef * KL per token + score at the last token  rlhf_kernels.shape_rewards
       -> advantages, returns                                              rlhf_kernels.gae
       -> whitened advantages                                              rlhf_kernels.masked_whiten
       -> ppo_epochs x minibatches: clipped policy loss (fused from the hidden states when
          rlhf_kernels.linear_ppo_loss exists) and clipped value loss      rlhf_kernels
       -> adaptive KL coefficient update (when kl_target is set)
+
+Rollout. One ``RolloutEngine`` per ``train()`` call samples every iteration's responses; prompts
+are left-padded to ``max_prompt_length`` so that its static KV cache (and on a GPU its captured
+decode step) is built once and replayed. The all-pad prompt columns are dropped again before
+scoring (``Generation.without_prompt_padding``), so the update pays only for real tokens.
+
+Old log-probs. The engine records log_softmax(logits / temperature)[token] of every sampled token
+under the policy adapter, in eval mode (no dropout), from the tempered *unfiltered* distribution.
+That is the quantity the update scores (``linear_ppo_loss`` at the same temperature, no top-k /
+top-p: the filters only decide which token is drawn, so they do not make the recorded values
+differ from a forward), so with ``old_logprobs="auto"`` (default) they are the old log-probs and
+the policy forward of the rollout phase is skipped. The exception is precision: under bf16
+autocast or with non-fp32 base weights the engine's one-token-at-a-time logits round differently
+from the update's teacher-forced chunks (a few 1e-2 nats per token in bf16), which would move
+every ratio away from 1 before any update; there, and with ``old_logprobs="forward"``, a forward
+over the sequences gives the old log-probs, as the update will compute them. In fp32 the two agree
+to about 1e-5 nats (the same math in a different order; tests/test_engine.py).
 
 The critic starts as a copy of the reward adapter and head (``init_critic_from_reward``): its
 first value estimates are the reward model's opinion of the partial text, a much better start than
@@ -47,10 +65,13 @@ import torch
 from tqdm.auto import tqdm
 
 import rlhf_kernels
-from rlhf.rollout import Generation, SamplingConfig, generate_with_role
+from rlhf.engine import Generation, RolloutEngine
 from rlhf.sft import _check_common, resolve_device, warmup_cosine_schedule
 
-__all__ = ["AdaptiveKLController", "PPOConfig", "Rollout", "make_rollout", "train"]
+__all__ = ["AdaptiveKLController", "OLD_LOGPROBS_MODES", "PPOConfig", "Rollout",
+           "make_rollout", "recorded_logprobs_match", "train"]
+
+OLD_LOGPROBS_MODES = ("auto", "forward")
 
 
 @dataclass
@@ -66,11 +87,12 @@ class PPOConfig:
     minibatch_size: int = 32
     ppo_epochs: int = 2
     grad_accum_steps: int = 1
-    max_prompt_length: int = 24
+    max_prompt_length: int = 24  # prompts are left-padded to this width for the rollout engine
     max_new_tokens: int = 32
     temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    old_logprobs: str = "auto"  # "auto": recorded while sampling when exact; "forward": recompute
     lr: float = 2e-3
     critic_lr: float = 2e-3
     warmup_steps: int = 5
@@ -108,10 +130,20 @@ class PPOConfig:
         if self.kl_target is not None and not self.kl_target > 0:
             raise ValueError(f"kl_target must be > 0 nats or None (fixed kl_coef), got "
                              f"{self.kl_target}")
-
-    @property
-    def sampling(self) -> SamplingConfig:
-        return SamplingConfig(self.max_new_tokens, self.temperature, self.top_k, self.top_p)
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.max_prompt_length < 1:
+            raise ValueError(f"max_prompt_length must be >= 1, got {self.max_prompt_length}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature} (use a small "
+                             "value such as 1e-4 for near-greedy sampling)")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if self.old_logprobs not in OLD_LOGPROBS_MODES:
+            raise ValueError(f"old_logprobs={self.old_logprobs!r} is not a mode; expected one of "
+                             f"{OLD_LOGPROBS_MODES}")
 
 
 class AdaptiveKLController:
@@ -153,16 +185,40 @@ class Rollout:
         return Rollout(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
 
 
+def recorded_logprobs_match(backbone, autocast_dtype: torch.dtype | None) -> bool:
+    """Whether the log-probs the rollout engine records are the old log-probs the update would
+    compute (module docstring): fp32 all the way, i.e. no autocast and fp32 base weights.
+
+    Temperature and adapter match by construction (the engine samples with the policy adapter
+    at ``cfg.temperature``), dropout is off in both (eval mode), and top-k / top-p do not enter
+    the recorded values.
+    """
+    return autocast_dtype is None and backbone.dtype == torch.float32
+
+
 @torch.no_grad()
-def make_rollout(backbone, generation: Generation, kl_coef: float, cfg: PPOConfig) -> Rollout:
-    """Score a generation and turn it into PPO targets (everything under no_grad)."""
+def make_rollout(backbone, generation: Generation, kl_coef: float, cfg: PPOConfig, *,
+                 use_recorded_logprobs: bool = False) -> Rollout:
+    """Score a generation and turn it into PPO targets (everything under no_grad).
+
+    ``use_recorded_logprobs``: the old log-probs are ``generation.logprobs`` (recorded by the
+    engine while sampling) instead of a policy forward over the sequences; only correct when
+    ``recorded_logprobs_match`` says so.
+    """
     seq, mask = generation.sequences, generation.attention_mask
     batch, width = seq.shape
+    prompt_length = generation.prompt_length
     action_mask = torch.zeros(batch, width - 1, dtype=torch.float32, device=seq.device)
-    action_mask[:, generation.prompt_length - 1:] = generation.response_mask.float()
+    action_mask[:, prompt_length - 1:] = generation.response_mask.float()
     scores = backbone.rewards(seq, mask).float()
     ref_logprobs = backbone.reference_logprobs(seq, mask, temperature=cfg.temperature)
-    old_logprobs = backbone.token_logprobs(seq, mask, role="policy", temperature=cfg.temperature)
+    if use_recorded_logprobs:
+        # response column j of the generation is token P + j, scored at position P - 1 + j
+        old_logprobs = torch.zeros_like(action_mask)
+        old_logprobs[:, prompt_length - 1:] = generation.logprobs
+    else:
+        old_logprobs = backbone.token_logprobs(seq, mask, role="policy",
+                                               temperature=cfg.temperature)
     # value at position t estimates the return from emitting token t + 1 onwards
     old_values = backbone.values(seq, mask)[:, :-1].float() * action_mask
     ref_logprobs = ref_logprobs.float() * action_mask
@@ -240,7 +296,9 @@ def _save(directory: Path, backbone, optimizer, scheduler, iteration: int, kl_co
 
 
 def encode_prompts(prompts: Sequence[str], tokenizer, max_length: int):
-    """Prompts -> (ids, mask) (N, P) int64, LEFT-padded for generation (rlhf.data)."""
+    """Prompts -> (ids, mask) (N, max_length) int64, LEFT-padded to exactly ``max_length``
+    columns, so that every rollout batch has the same width (the engine's cache and captured
+    decode step are reused)."""
     from rlhf import data
 
     enc = data.tokenize_prompts(prompts, tokenizer, max_length=max_length)
@@ -249,7 +307,12 @@ def encode_prompts(prompts: Sequence[str], tokenizer, max_length: int):
             f"{enc['n_dropped']} of {len(prompts)} prompts are longer than max_prompt_length="
             f"{max_length} tokens; raise max_prompt_length or shorten them"
         )
-    return enc["input_ids"], enc["attention_mask"]
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    missing = max_length - ids.shape[1]
+    if missing > 0:
+        ids = torch.cat([ids.new_full((ids.shape[0], missing), tokenizer.pad_token_id), ids], 1)
+        mask = torch.cat([mask.new_zeros((mask.shape[0], missing)), mask], 1)
+    return ids, mask
 
 
 def train(
@@ -306,6 +369,11 @@ def train(
                                        cfg.num_iterations * steps_per_iteration, cfg.min_lr_ratio)
     kl_controller = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
     autocast_dtype = torch.bfloat16 if (device.type == "cuda" and cfg.bf16) else None
+    # one engine for the whole run: the same (batch, max_prompt_length, max_new_tokens) every
+    # iteration, so its cache and captured decode step are built once
+    engine = RolloutEngine(backbone, role="policy", autocast_dtype=autocast_dtype)
+    use_recorded = cfg.old_logprobs == "auto" and recorded_logprobs_match(backbone,
+                                                                          autocast_dtype)
     out_dir = Path(cfg.output_dir)
     ckpt_root = out_dir / "checkpoints"
     iteration = 0
@@ -338,17 +406,20 @@ def train(
             # exactly the prompts, samples and minibatches of an uninterrupted run
             rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration)
             rows = torch.randint(len(prompts), (cfg.rollout_batch_size,), generator=rng)
-            ids, mask = prompt_ids[rows], prompt_mask[rows]
-            keep = int(mask.sum(-1).max())  # left padding: drop all-pad columns on the left
-            ids, mask = ids[:, -keep:].to(device), mask[:, -keep:].to(device)
+            ids, mask = prompt_ids[rows].to(device), prompt_mask[rows].to(device)
+            # the engine draws on the device with its own generator, seeded from this one
+            sample_seed = int(torch.randint(2**62, (1,), generator=rng))
             backbone.eval()
-            generation = generate_with_role(
-                backbone, "policy", ids, mask, cfg.sampling, tokenizer.eos_token_id,
-                tokenizer.pad_token_id, generator=rng, autocast_dtype=autocast_dtype)
+            generation = engine.generate(
+                ids, mask, cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, temperature=cfg.temperature,
+                top_k=cfg.top_k, top_p=cfg.top_p, seed=sample_seed,
+            ).without_prompt_padding()
             rollout_time = time.perf_counter() - started
             with torch.autocast(device.type, dtype=autocast_dtype,
                                 enabled=autocast_dtype is not None):
-                rollout = make_rollout(backbone, generation, kl_controller.value, cfg)
+                rollout = make_rollout(backbone, generation, kl_controller.value, cfg,
+                                       use_recorded_logprobs=use_recorded)
             backbone.train()
 
             sums: dict[str, float] = {}
@@ -446,6 +517,7 @@ def train(
     finally:
         progress.close()
         logger.close()
+        engine.release()
 
     # ---- save ----
     _save(ckpt_root / f"step-{iteration:07d}", backbone, optimizer, scheduler, iteration,
@@ -454,6 +526,7 @@ def train(
     tokenizer.save_pretrained(out_dir / "backbone")  # so that the directory stands alone
     return {"stage": "ppo", "iterations": iteration, "skipped_steps": skipped,
             "final_kl_coef": kl_controller.value, "last_metrics": metrics,
+            "old_logprobs": "recorded" if use_recorded else "forward",
             "backbone_dir": str(out_dir / "backbone")}
 
 

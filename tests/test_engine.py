@@ -173,6 +173,28 @@ def test_eos_stops_each_row():
     assert gen.response_mask.shape[1] == int(gen.response_lengths.max())  # trimmed
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_greedy_matches_hugging_face_generate(arch):
+    """An independent oracle: greedy decoding with the static cache, the 4-D masks and left
+    padding reproduces Hugging Face's own greedy ``generate``, EOS stopping and padding
+    included."""
+    model = tiny_causal_lm(arch, VOCAB, seed=2).to(DEVICE)
+    prompt_ids, prompt_mask = _prompts(batch=4)
+    free = generate(model, prompt_ids, prompt_mask, 10, eos_token_id=None, pad_token_id=PAD,
+                    greedy=True)
+    eos = int(free.response_ids[0, 2])  # row 0 stops by its third token, others maybe never
+    gen = generate(model, prompt_ids, prompt_mask, 10, eos_token_id=eos, pad_token_id=PAD,
+                   greedy=True)
+    with torch.no_grad():
+        hf = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=False,
+                            max_new_tokens=10, eos_token_id=eos, pad_token_id=PAD)
+    width = gen.sequences.shape[1]
+    assert hf.shape[1] >= width
+    assert torch.equal(gen.sequences, hf[:, :width])
+    assert bool((hf[:, width:] == PAD).all())
+    assert int(gen.response_lengths[0]) == free.response_ids[0].tolist().index(eos) + 1 <= 3
+
+
 def test_seeded_and_engine_reuse():
     backbone = _backbone("llama")
     prompt_ids, prompt_mask = _prompts()

@@ -14,8 +14,8 @@ import torch
 
 import rlhf_kernels
 from rlhf import ppo, reward, sft, task
+from rlhf.engine import RolloutEngine
 from rlhf.models import LoraSpec, SharedBackbone
-from rlhf.rollout import SamplingConfig, generate, generate_with_role, sample_next_token
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -134,51 +134,6 @@ def test_sft_nonfinite_loss_is_an_error_or_counted_skip(tmp_path, tokenizer, cor
 
 
 # ---------------------------------------------------------------------------------------------
-# rollout
-# ---------------------------------------------------------------------------------------------
-def test_sample_next_token_filters():
-    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0], [5.0, 4.9, -1.0, 0.0]])
-    torch.testing.assert_close(sample_next_token(logits, top_k=1), torch.tensor([1, 0]))
-    torch.testing.assert_close(sample_next_token(logits, top_p=1e-3), torch.tensor([1, 0]))
-    gen = torch.Generator().manual_seed(0)
-    draws = torch.stack([sample_next_token(logits, top_k=2, generator=gen) for _ in range(200)])
-    assert set(draws[:, 0].tolist()) == {1, 3} and set(draws[:, 1].tolist()) == {0, 1}
-
-
-def test_generate_matches_greedy_hf_and_masks_after_eos(tokenizer):
-    """Near-zero temperature sampling with the KV cache and left padding reproduces Hugging
-    Face's greedy generate; the masks stop at each row's first EOS."""
-    from rlhf import data
-
-    model = tiny_model(tokenizer).eval()
-    prompts = ["Review of the blender:", "What I think of Glass City:", "Tent review:"]
-    enc = data.tokenize_prompts(prompts, tokenizer, max_length=24)
-    ids, mask = enc["input_ids"], enc["attention_mask"]
-    eos = tokenizer.eos_token_id
-    # make EOS likely for some rows so the stopping logic is exercised
-    with torch.no_grad():
-        model.lm_head.weight[eos] += 0.2 * model.model.embed_tokens.weight[eos].sign()
-    out = generate(model, ids, mask, SamplingConfig(max_new_tokens=12, temperature=1e-5),
-                   eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
-    hf = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12,
-                        eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
-    width = out.sequences.shape[1]
-    torch.testing.assert_close(out.sequences, hf[:, :width])
-    assert out.prompt_length == ids.shape[1]
-    assert out.response_mask.shape == out.response_ids.shape
-    for row in range(len(prompts)):
-        response = out.response_ids[row].tolist()
-        kept = out.response_mask[row].tolist()
-        if eos in response:
-            first = response.index(eos)
-            assert kept == [True] * (first + 1) + [False] * (len(kept) - first - 1)
-            assert all(t == tokenizer.pad_token_id for t in response[first + 1:])
-        else:
-            assert all(kept)
-    torch.testing.assert_close(out.attention_mask[:, ids.shape[1]:], out.response_mask.long())
-
-
-# ---------------------------------------------------------------------------------------------
 # reward model
 # ---------------------------------------------------------------------------------------------
 def sentiment_pairs(n: int, seed: int):
@@ -223,13 +178,28 @@ def ppo_config(tmp_path, **overrides) -> ppo.PPOConfig:
     return ppo.PPOConfig(**settings)
 
 
+def policy_generation(backbone, tokenizer, cfg: ppo.PPOConfig, n_prompts: int, seed: int = 0):
+    """A rollout batch as ppo.train makes it: prompts padded to max_prompt_length, the engine,
+    the all-pad prompt columns dropped."""
+    ids, mask = ppo.encode_prompts(task.all_prompts("train")[:n_prompts], tokenizer,
+                                   cfg.max_prompt_length)
+    assert ids.shape == (n_prompts, cfg.max_prompt_length)  # fixed width for the engine
+    gen = RolloutEngine(backbone).generate(
+        ids, mask, cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, temperature=cfg.temperature, top_k=cfg.top_k,
+        top_p=cfg.top_p, seed=seed)
+    trimmed = gen.without_prompt_padding()
+    drop = gen.prompt_length - trimmed.prompt_length
+    assert drop > 0 and bool((gen.attention_mask[:, :drop] == 0).all())
+    assert torch.equal(trimmed.sequences, gen.sequences[:, drop:])
+    assert torch.equal(trimmed.response_ids, gen.response_ids)
+    return trimmed
+
+
 def test_rollout_shapes_masks_and_targets(tokenizer):
     backbone = tiny_backbone(tokenizer)
     cfg = ppo_config(None)
-    ids, mask = ppo.encode_prompts(task.all_prompts("train")[:6], tokenizer, 40)
-    gen = generate_with_role(backbone, "policy", ids, mask, cfg.sampling,
-                             tokenizer.eos_token_id, tokenizer.pad_token_id,
-                             generator=torch.Generator().manual_seed(0))
+    gen = policy_generation(backbone, tokenizer, cfg, 6)
     rollout = ppo.make_rollout(backbone, gen, kl_coef=0.1, cfg=cfg)
     batch, width = gen.sequences.shape
     for name in ("old_logprobs", "ref_logprobs", "old_values", "rewards", "advantages",
@@ -245,7 +215,7 @@ def test_rollout_shapes_masks_and_targets(tokenizer):
     assert rollout.action_mask[:, :gen.prompt_length - 1].sum() == 0
     # fresh adapters (LoRA B = 0): policy == reference, so the KL penalty is exactly 0 and the
     # whole sequence reward sits on the last response token
-    torch.testing.assert_close(rollout.old_logprobs, rollout.ref_logprobs)
+    torch.testing.assert_close(rollout.old_logprobs, rollout.ref_logprobs, rtol=0, atol=0)
     last = gen.prompt_length - 2 + gen.response_mask.sum(-1)
     torch.testing.assert_close(rollout.rewards.sum(-1), rollout.scores)
     torch.testing.assert_close(rollout.rewards[torch.arange(batch), last], rollout.scores)
@@ -254,16 +224,44 @@ def test_rollout_shapes_masks_and_targets(tokenizer):
     assert abs(float(valid.mean())) < 1e-5 and abs(float(valid.std()) - 1) < 1e-3
 
 
+def test_recorded_old_logprobs_equal_the_forward_with_filters(tokenizer):
+    """The engine's recorded log-probs are the old log-probs the update computes: the tempered,
+    unfiltered distribution of the policy adapter, also when top-k / top-p pick the tokens."""
+    backbone = tiny_backbone(tokenizer)
+    with torch.no_grad():  # a policy that differs from the reference
+        for name, param in backbone.named_parameters():
+            if "lora_B" in name and ".policy." in name:
+                param.normal_(0.0, 0.2)
+    cfg = ppo_config(None, temperature=0.8, top_k=20, top_p=0.9)
+    gen = policy_generation(backbone, tokenizer, cfg, 6, seed=4)
+    recorded = ppo.make_rollout(backbone, gen, kl_coef=0.1, cfg=cfg, use_recorded_logprobs=True)
+    forward = ppo.make_rollout(backbone, gen, kl_coef=0.1, cfg=cfg)
+    mask = forward.action_mask
+    assert float((forward.old_logprobs - forward.ref_logprobs).abs().max()) > 1e-2
+    # fp32: the same math in another order (KV cache, one query at a time)
+    torch.testing.assert_close(recorded.old_logprobs, forward.old_logprobs, rtol=0, atol=1e-4)
+    assert bool((recorded.old_logprobs[mask == 0] == 0).all())
+    for name in ("rewards", "advantages", "returns"):
+        torch.testing.assert_close(getattr(recorded, name), getattr(forward, name),
+                                   rtol=0, atol=1e-3)
+    # so the first update starts at ratio 1: the policy loss's log-ratio is ~0 on every token
+    _loss, stats = ppo.policy_loss(backbone, recorded, cfg)
+    assert abs(float(stats["approx_kl"])) < 1e-8
+    # the decision: fp32 without autocast only
+    assert ppo.recorded_logprobs_match(backbone, None)
+    assert not ppo.recorded_logprobs_match(backbone, torch.bfloat16)
+    bf16 = SharedBackbone.from_model(tiny_model(tokenizer).to(torch.bfloat16),
+                                     lora=LoraSpec(rank=4))
+    assert not ppo.recorded_logprobs_match(bf16, None)
+
+
 def test_ppo_losses_decrease_on_a_fixed_rollout(tokenizer):
     """A few optimizer steps on one rollout lower the policy and the value loss."""
     backbone = tiny_backbone(tokenizer)
     backbone.init_critic_from_reward()
     cfg = ppo_config(None)
-    ids, mask = ppo.encode_prompts(task.all_prompts("train")[:8], tokenizer, 40)
-    gen = generate_with_role(backbone, "policy", ids, mask, cfg.sampling,
-                             tokenizer.eos_token_id, tokenizer.pad_token_id,
-                             generator=torch.Generator().manual_seed(0))
-    rollout = ppo.make_rollout(backbone, gen, kl_coef=0.1, cfg=cfg)
+    gen = policy_generation(backbone, tokenizer, cfg, 8)
+    rollout = ppo.make_rollout(backbone, gen, kl_coef=0.1, cfg=cfg, use_recorded_logprobs=True)
     params = backbone.trainable_parameters("policy") + backbone.trainable_parameters("critic")
     optimizer = torch.optim.Adam(params, lr=5e-3)
     p_losses, v_losses = [], []
@@ -298,6 +296,7 @@ def test_ppo_trains_logs_and_resume_matches_uninterrupted(tmp_path, tokenizer):
         for key in keys:
             assert key in record and math.isfinite(record[key]), (key, record)
     assert full["iterations"] == 4 and (tmp_path / "a" / "ppo" / "backbone").is_dir()
+    assert full["old_logprobs"] == "recorded"  # fp32 on the CPU: no policy forward in rollouts
     # the adaptive controller moved kl_coef after the first iteration
     assert records[1]["kl_coef"] != records[0]["kl_coef"]
 
@@ -326,4 +325,8 @@ def test_config_validation_errors():
     with pytest.raises(ValueError, match="nonfinite"):
         sft.SFTConfig(nonfinite="ignore")
     with pytest.raises(ValueError, match="temperature"):
-        SamplingConfig(temperature=0.0)
+        ppo.PPOConfig(temperature=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        ppo.PPOConfig(top_p=1.5)
+    with pytest.raises(ValueError, match="old_logprobs"):
+        ppo.PPOConfig(old_logprobs="rollout")
