@@ -1,0 +1,238 @@
+"""Drop-in replacements for other RLHF frameworks' helpers, and explicit patch functions.
+
+Each framework module (``trl``, ``verl``, ``openrlhf``) holds functions with the framework's own
+signature and semantics, computed with rlhf_kernels' ops, plus one ``patch_<framework>()`` that
+swaps them into the framework's modules. Nothing is patched at import, and importing this
+package imports no framework::
+
+    from rlhf_kernels.integrations import patch_verl
+
+    with patch_verl():              # or: patch = patch_verl(); ...; patch.undo()
+        trainer.fit()
+
+A patch replaces each function in the module that defines it and, in the framework's already
+imported modules, every other reference to that same function object: names imported with
+``from ... import name`` and entries of module-level registries (veRL's policy-loss and
+advantage-estimator tables). Modules imported while the patch is active pick the drop-in up
+through their own ``from ... import``; ``undo()`` finds those references too and restores them.
+
+Where a call uses an option the kernels do not cover, the drop-in calls the framework's original
+function for that call (``original()``). Every difference that remains is listed in
+docs/integrations.md.
+
+Processes: a patch changes the current Python process only. Frameworks that run their training
+in Ray workers (veRL, OpenRLHF) need the patch applied inside each worker process.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Patch", "dropin", "original", "patch_openrlhf", "patch_trl", "patch_verl"]
+
+# The framework's own function for each patched target, keyed by (module name, attribute path),
+# kept from the first patch so fallbacks reach it even while the module holds the drop-in.
+_ORIGINALS: dict[tuple[str, str], Callable] = {}
+_DROPIN_FLAG = "_rlhf_kernels_dropin"
+
+
+def dropin(fn: Callable) -> Callable:
+    """Mark ``fn`` as one of our drop-ins (so a second patch never records it as an original)."""
+    setattr(fn, _DROPIN_FLAG, True)
+    return fn
+
+
+def _is_dropin(obj: Any) -> bool:
+    return bool(getattr(obj, _DROPIN_FLAG, False))
+
+
+def _owner_and_name(module: Any, path: str) -> tuple[Any, str]:
+    """'PolicyLoss.forward' in a module -> (the PolicyLoss class, 'forward')."""
+    *owners, name = path.split(".")
+    owner = module
+    for part in owners:
+        owner = getattr(owner, part)
+    return owner, name
+
+
+def original(module_name: str, path: str) -> Callable:
+    """The framework's own function behind a target, patched or not.
+
+    module_name: the module that defines it (e.g. "verl.trainer.ppo.core_algos"); path: the
+    attribute, dotted for class members (e.g. "PolicyLoss.forward"). Imports the framework.
+    """
+    key = (module_name, path)
+    if key in _ORIGINALS:
+        return _ORIGINALS[key]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ImportError(
+            f"this call needs the framework's own {module_name}.{path} (an option the kernels do "
+            f"not cover), but {module_name} cannot be imported: {err}"
+        ) from err
+    owner, name = _owner_and_name(module, path)
+    fn = getattr(owner, name)
+    if _is_dropin(fn):
+        raise RuntimeError(f"{module_name}.{path} holds our drop-in but its original was not kept")
+    return fn
+
+
+@dataclass
+class _Change:
+    container: Any  # a module, a class or a dict
+    key: str
+    previous: Any
+    replacement: Any
+
+    def current(self) -> Any:
+        if isinstance(self.container, dict):
+            return self.container.get(self.key)
+        return getattr(self.container, self.key, None)
+
+    def set(self, value: Any) -> None:
+        _assign(self.container, self.key, value)
+
+
+def _assign(container: Any, key: str, value: Any) -> None:
+    if isinstance(container, dict):
+        container[key] = value
+    else:
+        setattr(container, key, value)
+
+
+@dataclass
+class Patch:
+    """What a ``patch_<framework>()`` call replaced; ``undo()`` (or leaving ``with``) restores it.
+
+    ``patched``: "module.attribute" of every function replaced at its definition;
+    ``skipped``: targets left alone, with the reason (module not importable, attribute absent in
+    this version of the framework); ``active``: False once undone.
+    """
+
+    framework: str
+    package: str
+    patched: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    active: bool = True
+    _changes: list[_Change] = field(default_factory=list, repr=False)
+
+    def undo(self) -> None:
+        """Put the framework's functions back (idempotent)."""
+        if not self.active:
+            return
+        for change in reversed(self._changes):
+            # Leave alone a reference someone else has replaced since.
+            if change.current() is change.replacement:
+                change.set(change.previous)
+        restore = {id(c.replacement): c.previous for c in self._changes}
+        # Modules imported while the patch was active copied the drop-in with `from ... import`.
+        for container, key, value in _references(self.package, set(restore)):
+            _assign(container, key, restore[id(value)])
+        self.active = False
+
+    def __enter__(self) -> Patch:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.undo()
+
+
+def _package_modules(package: str) -> list[Any]:
+    prefix = package + "."
+    return [
+        module
+        for name, module in list(sys.modules.items())
+        if module is not None and (name == package or name.startswith(prefix))
+    ]
+
+
+def _references(package: str, ids: set[int]) -> list[tuple[Any, str, Any]]:
+    """(container, key, value) for every module attribute or module-level dict entry of the
+    package's loaded modules whose value is one of the objects in ``ids``."""
+    found = []
+    for module in _package_modules(package):
+        try:
+            namespace = vars(module)
+        except TypeError:
+            continue
+        for name, value in list(namespace.items()):
+            if id(value) in ids:
+                found.append((module, name, value))
+            elif isinstance(value, dict) and not name.startswith("__"):
+                for key, entry in list(value.items()):
+                    if id(entry) in ids and isinstance(key, str):
+                        found.append((value, key, entry))
+    return found
+
+
+def apply_patch(
+    framework: str, package: str, targets: list[tuple[str, str, Callable]]
+) -> Patch:
+    """Replace each ``(module name, attribute path, drop-in)`` target; returns the ``Patch``.
+
+    A module that cannot be imported (an optional heavy dependency of the framework is missing)
+    or an attribute this version of the framework does not have is skipped with a warning; if
+    no target at all can be patched, ImportError.
+    """
+    patch = Patch(framework=framework, package=package)
+    replaced: dict[int, tuple[Any, Callable]] = {}
+    for module_name, path, replacement in targets:
+        try:
+            module = importlib.import_module(module_name)
+            owner, name = _owner_and_name(module, path)
+            current = getattr(owner, name)
+        except (ImportError, AttributeError) as err:
+            patch.skipped.append(f"{module_name}.{path}: {type(err).__name__}: {err}")
+            continue
+        if not _is_dropin(current):
+            _ORIGINALS.setdefault((module_name, path), current)
+        change = _Change(owner, name, current, replacement)
+        change.set(replacement)
+        patch._changes.append(change)
+        patch.patched.append(f"{module_name}.{path}")
+        if "." not in path:  # module-level functions may be referenced elsewhere
+            replaced[id(current)] = (current, replacement)
+    for container, key, value in _references(package, set(replaced)):
+        previous, replacement = replaced[id(value)]
+        change = _Change(container, key, previous, replacement)
+        change.set(replacement)
+        patch._changes.append(change)
+    if not patch.patched:
+        raise ImportError(
+            f"nothing of {framework} could be patched; is it installed? " + "; ".join(patch.skipped)
+        )
+    if patch.skipped:
+        warnings.warn(
+            f"patch_{framework.lower()}: left unpatched: " + "; ".join(patch.skipped),
+            stacklevel=3,
+        )
+    return patch
+
+
+def patch_trl() -> Patch:
+    """Patch TRL's log-prob / entropy helpers; see ``rlhf_kernels.integrations.trl``."""
+    from rlhf_kernels.integrations import trl
+
+    return trl.patch_trl()
+
+
+def patch_verl() -> Patch:
+    """Patch veRL's core_algos / torch_functional helpers; see
+    ``rlhf_kernels.integrations.verl``."""
+    from rlhf_kernels.integrations import verl
+
+    return verl.patch_verl()
+
+
+def patch_openrlhf() -> Patch:
+    """Patch OpenRLHF's loss / log-prob / KL / GAE helpers; see
+    ``rlhf_kernels.integrations.openrlhf``."""
+    from rlhf_kernels.integrations import openrlhf
+
+    return openrlhf.patch_openrlhf()

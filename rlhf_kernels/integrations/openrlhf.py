@@ -1,0 +1,300 @@
+"""OpenRLHF drop-ins: KL estimate, log-probs, entropy, PPO / value / reward-model losses, GAE.
+
+Checked against OpenRLHF 0.11.2. Functions of ``openrlhf.models.utils`` with its signatures:
+
+    compute_approx_kl(log_probs, log_probs_base, log_probs_old=None, kl_estimator="k1",
+                      unbiased_gradient=False) -> kl                (rlhf_kernels.kl_penalty)
+    log_probs_from_logits(logits, labels, temperature=1.0) -> logp   (rlhf_kernels.logprobs)
+    compute_entropy(logits) -> entropy                               (rlhf_kernels.logprobs)
+
+and methods, patched on their classes (so every instance, old or new, uses them):
+
+    PolicyLoss.forward(self, log_probs, old_log_probs, advantages, action_mask=None,
+                       rollout_log_probs=None, dp_size=1, batch_num_tokens=None,
+                       global_batch_size=None) -> (loss, clip_ratio, ppo_kl, None, None)
+    ValueLoss.forward(self, values, old_values, returns, action_mask=None, dp_size=1,
+                      batch_num_tokens=None, global_batch_size=None) -> loss
+    PairWiseLoss.forward / LogExpLoss.forward(self, chosen_reward, reject_reward, margin=None)
+    RemoteExperienceMaker.get_advantages_and_returns(self, values, rewards, action_mask, gamma,
+                                                     lambd) -> (advantages, returns)
+    RemoteExperienceMaker.get_cumulative_returns(self, rewards, action_mask, gamma) -> returns
+
+Conversions (OpenRLHF's semantics are kept; full list in docs/integrations.md):
+
+* GAE: OpenRLHF zeroes rewards and values on masked positions and then runs the plain loop over
+  every position (no skipping). That is our kernel with ``mask=None`` on the masked inputs, so
+  the drop-in calls it that way; the REINFORCE returns are the same scan with values 0, lam 1.
+* k3 bounds the log-ratio from below at -10 only, then clamps the result to +-10. Since the
+  result clamp bites for every |log-ratio| >= 11 anyway, a symmetric log-ratio clamp at 11 gives
+  the same values and gradients everywhere.
+* Loss aggregation: ``token_level_loss`` True is our "token-mean", False our
+  "seq-mean-token-mean"; the global normalisers (batch_num_tokens / global_batch_size with
+  dp_size) are a factor on our loss that depends on the mask only.
+* ``log_probs_from_logits`` divides the caller's logits by the temperature in place, as
+  OpenRLHF's does (its caller relies on the scaled logits).
+* Outputs are fp32 (OpenRLHF's keep the inputs' dtype for bf16 logits); masks are read as 0/1;
+  an all-masked batch gives 0 where OpenRLHF divides 0 by 0; PPO's ``ppo_kl`` uses the unclamped
+  log-ratio, as OpenRLHF's (computed with torch, it is a detached statistic).
+
+Falls back to OpenRLHF's own method for policy_loss_type other than "ppo", the train/rollout
+importance-sampling correction (is_correction_level != "off"), KL estimators other than
+k1/k2/k3, and calls OpenRLHF itself cannot evaluate (no action_mask with a sequence-level or
+global normalisation). ``compute_reward`` is not replaced: its input is the already computed
+KL, so there is nothing left to fuse (``rlhf_kernels.shape_rewards`` fuses the estimate itself).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_kernels.integrations import Patch, apply_patch, dropin, original
+from rlhf_kernels.ops.bradley_terry import bradley_terry_loss
+from rlhf_kernels.ops.gae import gae
+from rlhf_kernels.ops.kl import kl_penalty as kl_estimate
+from rlhf_kernels.ops.logprobs import logprobs
+from rlhf_kernels.ops.policy_loss import ppo_policy_loss
+from rlhf_kernels.ops.value_loss import ppo_value_loss
+
+__all__ = [
+    "compute_approx_kl",
+    "compute_entropy",
+    "get_advantages_and_returns",
+    "get_cumulative_returns",
+    "log_exp_loss_forward",
+    "log_probs_from_logits",
+    "pairwise_loss_forward",
+    "patch_openrlhf",
+    "policy_loss_forward",
+    "value_loss_forward",
+]
+
+_UTILS = "openrlhf.models.utils"
+_LOSS = "openrlhf.models.loss"
+_EXPERIENCE = "openrlhf.trainer.ppo_utils.experience_maker"
+
+_KL_CLAMP = 10.0  # OpenRLHF clamps every estimator's value to +-10
+_K3_LOG_RATIO_BOUND = 11.0  # see the module docstring: equivalent to OpenRLHF's min=-10 bound
+_IS_WEIGHT_CLIP = 10.0  # OpenRLHF's KL_IS_WEIGHT_CLIP for the unbiased-gradient correction
+
+
+# --------------------------------------------------------------------------------------------
+# openrlhf.models.utils
+# --------------------------------------------------------------------------------------------
+@dropin
+def compute_approx_kl(
+    log_probs: torch.Tensor,
+    log_probs_base: torch.Tensor,
+    log_probs_old: torch.Tensor | None = None,
+    kl_estimator: str = "k1",
+    unbiased_gradient: bool = False,
+) -> torch.Tensor:
+    """OpenRLHF's KL estimate (k1 / k2 / k3, clamped to +-10): (...) -> (...) fp32.
+
+    unbiased_gradient: forward value of the estimator, gradient of w * k2 (straight-through)
+    with w = exp(log_probs - log_probs_old) clamped to <= 10 and detached (w = 1 without
+    log_probs_old): OpenRLHF's importance-weighted reverse-KL gradient.
+    """
+    if kl_estimator not in ("k1", "k2", "k3"):
+        return original(_UTILS, "compute_approx_kl")(
+            log_probs, log_probs_base, log_probs_old, kl_estimator, unbiased_gradient
+        )
+    log_ratio_clamp = _K3_LOG_RATIO_BOUND if kl_estimator == "k3" else None
+    value = kl_estimate(log_probs, log_probs_base, kl_estimator, _KL_CLAMP, log_ratio_clamp)
+    if not unbiased_gradient:
+        return value
+    if log_probs_old is None:
+        weight = 1.0
+    else:
+        log_w = log_probs.detach().float() - log_probs_old.detach().float()
+        weight = log_w.exp().clamp(max=_IS_WEIGHT_CLIP)
+    surrogate = weight * kl_estimate(log_probs, log_probs_base, "k2")
+    return value.detach() + surrogate - surrogate.detach()
+
+
+@dropin
+def log_probs_from_logits(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """logits (..., V), labels (...) -> logp (...) fp32 of softmax(logits / temperature).
+    Like OpenRLHF's, a temperature != 1 divides ``logits`` in place first. Labels equal to
+    -100 give 0 (as OpenRLHF's flash-attn path)."""
+    if temperature != 1.0:
+        logits.div_(temperature)
+    return logprobs(logits, labels)
+
+
+@dropin
+def compute_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits): (..., V) -> (...) fp32, differentiable."""
+    labels = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
+    _, entropy = logprobs(logits, labels, return_entropy=True, check_labels=False)
+    return entropy
+
+
+# --------------------------------------------------------------------------------------------
+# openrlhf.models.loss
+# --------------------------------------------------------------------------------------------
+def _aggregation(action_mask, token_level_loss, dp_size, batch_num_tokens, global_batch_size):
+    """(our reduction, factor or None, covered) for OpenRLHF's aggregate_loss options."""
+    reduction = "token-mean" if token_level_loss else "seq-mean-token-mean"
+    global_count = batch_num_tokens if token_level_loss else global_batch_size
+    if action_mask is None:
+        # OpenRLHF: a plain mean when token-level and local; anything else fails there.
+        return reduction, None, token_level_loss and global_count is None
+    if global_count is None:
+        return reduction, None, True  # OpenRLHF ignores dp_size here
+    valid = (action_mask != 0).to(torch.float32)
+    local = valid.sum() if token_level_loss else (valid.sum(-1) > 0).to(torch.float32).sum()
+    return reduction, local.clamp_min(1) * dp_size / global_count, True
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return x.mean()
+    return (x * mask).sum() / mask.sum()
+
+
+@dropin
+def policy_loss_forward(
+    self,
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    action_mask: torch.Tensor | None = None,
+    rollout_log_probs: torch.Tensor | None = None,
+    dp_size: int = 1,
+    batch_num_tokens: float | None = None,
+    global_batch_size: float | None = None,
+):
+    """OpenRLHF ``PolicyLoss.forward`` for policy_loss_type "ppo" without the train/rollout
+    correction: (B, T) tensors -> (loss () fp32, clip_ratio, ppo_kl, None, None)."""
+    reduction, factor, covered = _aggregation(
+        action_mask, self.token_level_loss, dp_size, batch_num_tokens, global_batch_size
+    )
+    correction = getattr(self, "is_correction_level", "off")
+    if self.policy_loss_type != "ppo" or correction != "off" or not covered:
+        return original(_LOSS, "PolicyLoss.forward")(
+            self, log_probs, old_log_probs, advantages, action_mask, rollout_log_probs, dp_size,
+            batch_num_tokens, global_batch_size,
+        )
+    loss, stats = ppo_policy_loss(
+        log_probs, old_log_probs, advantages, action_mask,
+        clip_low=self.clip_eps_low, clip_high=self.clip_eps_high, dual_clip=self.dual_clip,
+        log_ratio_clamp=20.0, reduction=reduction,
+    )
+    if factor is not None:
+        loss = loss * factor
+    with torch.no_grad():  # OpenRLHF reports ppo_kl from the unclamped log-ratio
+        ppo_kl = _masked_mean(old_log_probs.float() - log_probs.float(), action_mask)
+    return loss, stats["clipfrac"], ppo_kl, None, None
+
+
+@dropin
+def value_loss_forward(
+    self,
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    action_mask: torch.Tensor | None = None,
+    dp_size: int = 1,
+    batch_num_tokens: float | None = None,
+    global_batch_size: float | None = None,
+) -> torch.Tensor:
+    """OpenRLHF ``ValueLoss.forward``: (B, T) tensors -> loss () fp32 (gradient to values)."""
+    reduction, factor, covered = _aggregation(
+        action_mask, self.token_level_loss, dp_size, batch_num_tokens, global_batch_size
+    )
+    if not covered:
+        return original(_LOSS, "ValueLoss.forward")(
+            self, values, old_values, returns, action_mask, dp_size, batch_num_tokens,
+            global_batch_size,
+        )
+    loss, _ = ppo_value_loss(values, old_values, returns, action_mask, clip=self.clip_eps,
+                             reduction=reduction)
+    return loss if factor is None else loss * factor
+
+
+@dropin
+def pairwise_loss_forward(
+    self,
+    chosen_reward: torch.Tensor,
+    reject_reward: torch.Tensor,
+    margin: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """OpenRLHF ``PairWiseLoss.forward``: mean(-log sigmoid(r_c - r_r - margin)), () fp32."""
+    loss, _ = bradley_terry_loss(chosen_reward, reject_reward, margin)
+    return loss
+
+
+@dropin
+def log_exp_loss_forward(
+    self,
+    chosen_reward: torch.Tensor,
+    reject_reward: torch.Tensor,
+    margin: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """OpenRLHF ``LogExpLoss.forward``: mean(log(1 + exp(r_r - r_c))), () fp32. The margin is
+    ignored, as OpenRLHF's; unlike its exp, the kernel does not overflow for large gaps."""
+    del margin
+    loss, _ = bradley_terry_loss(chosen_reward, reject_reward)
+    return loss
+
+
+# --------------------------------------------------------------------------------------------
+# openrlhf.trainer.ppo_utils.experience_maker.RemoteExperienceMaker
+# --------------------------------------------------------------------------------------------
+@dropin
+@torch.no_grad()
+def get_advantages_and_returns(
+    self,
+    values: torch.Tensor,
+    rewards: torch.Tensor,
+    action_mask: torch.Tensor | None,
+    gamma: float,
+    lambd: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """OpenRLHF's GAE: values, rewards, action_mask (B, T) -> (advantages, returns) (B, T) fp32.
+    Masked rewards and values are zeroed and every position takes part (no skipping)."""
+    if action_mask is not None:
+        values = action_mask * values
+        rewards = action_mask * rewards
+    return gae(rewards, values, None, float(gamma), float(lambd))
+
+
+@dropin
+@torch.no_grad()
+def get_cumulative_returns(
+    self, rewards: torch.Tensor, action_mask: torch.Tensor | None, gamma: float
+) -> torch.Tensor:
+    """OpenRLHF's REINFORCE returns: sum_k gamma^k r_{t+k} of the masked rewards, (B, T) fp32."""
+    if action_mask is not None:
+        rewards = action_mask * rewards
+    returns, _ = gae(rewards, torch.zeros_like(rewards), None, float(gamma), 1.0)
+    return returns
+
+
+def patch_openrlhf() -> Patch:
+    """Swap the drop-ins into ``openrlhf.models.utils`` (and every loaded ``openrlhf`` module
+    that imported them by name), the loss classes' ``forward`` and ``RemoteExperienceMaker``'s
+    GAE methods. Returns a ``Patch`` (``undo()`` or context manager). A module that cannot be
+    imported (e.g. the experience maker without Ray) is skipped with a warning.
+
+    Run it in every process that computes losses: OpenRLHF's actors and critics are Ray
+    workers, so call it from their setup, not only in the driver.
+    """
+    return apply_patch(
+        "OpenRLHF",
+        "openrlhf",
+        [
+            (_UTILS, "compute_approx_kl", compute_approx_kl),
+            (_UTILS, "log_probs_from_logits", log_probs_from_logits),
+            (_UTILS, "compute_entropy", compute_entropy),
+            (_LOSS, "PolicyLoss.forward", policy_loss_forward),
+            (_LOSS, "ValueLoss.forward", value_loss_forward),
+            (_LOSS, "PairWiseLoss.forward", pairwise_loss_forward),
+            (_LOSS, "LogExpLoss.forward", log_exp_loss_forward),
+            (_EXPERIENCE, "RemoteExperienceMaker.get_advantages_and_returns",
+             get_advantages_and_returns),
+            (_EXPERIENCE, "RemoteExperienceMaker.get_cumulative_returns", get_cumulative_returns),
+        ],
+    )
