@@ -87,42 +87,6 @@ SMOKE = dict(shape="tiny", batch=4, prompt_length=8, response_length=8, lora_ran
 
 
 # --------------------------------------------------------------------------------------------
-# the fused ops (top-level names once rlhf_kernels exports them, the op modules before that)
-# --------------------------------------------------------------------------------------------
-def _fused_policy_loss():
-    fn = getattr(rlhf_kernels, "linear_ppo_loss", None)
-    if fn is None:
-        try:
-            from rlhf_kernels.ops.ppo_fused import linear_ppo_loss as fn
-        except ImportError:
-            fn = None
-    return fn
-
-
-def _linear_logprobs():
-    fn = getattr(rlhf_kernels, "linear_logprobs", None)
-    if fn is None:
-        try:
-            from rlhf_kernels.ops.linear_logprobs import linear_logprobs as fn
-        except ImportError:
-            from rlhf_kernels.reference import linear_logprobs as fn
-    return fn
-
-
-def token_logprobs(backbone: SharedBackbone, sequences, attention_mask, role, temperature):
-    """(B, S) -> (B, S - 1) fp32 log-probs of sequences[:, 1:] under ``role`` from the hidden
-    states through the fused lm_head op (no (B, S, V) logits, whatever the backbone falls back
-    to); 0 where the next token is padding."""
-    hidden = backbone.hidden_states(sequences, attention_mask, role)
-    labels = torch.full_like(sequences, IGNORE_INDEX)
-    labels[:, :-1] = torch.where(attention_mask[:, 1:] != 0, sequences[:, 1:], IGNORE_INDEX)
-    logp = _linear_logprobs()(hidden, backbone.lm_head_weight(), labels,
-                              bias=backbone.lm_head_bias(), temperature=temperature,
-                              ignore_index=IGNORE_INDEX)
-    return logp[:, :-1]
-
-
-# --------------------------------------------------------------------------------------------
 # setup
 # --------------------------------------------------------------------------------------------
 def build_backbone(cfg: E2EConfig) -> SharedBackbone:
@@ -199,7 +163,6 @@ def _chunked(fn, sequences, attention_mask, rows: int) -> torch.Tensor:
 def ppo_iteration(backbone: SharedBackbone, engine: RolloutEngine, optimizer, prompt_ids,
                   prompt_mask, cfg: E2EConfig, clock: StageClock, eos_token_id=None) -> dict:
     """Rollout -> scoring -> GAE -> PPO update; returns stats (floats)."""
-    fused_loss = _fused_policy_loss()
     with clock.stage("rollout"):
         backbone.eval()
         gen = engine.generate(prompt_ids, prompt_mask, cfg.response_length,
@@ -210,12 +173,13 @@ def ppo_iteration(backbone: SharedBackbone, engine: RolloutEngine, optimizer, pr
     mask = gen.response_mask.float()  # (B, R): the response frame, position t scores token P + t
     with clock.stage("scoring"), torch.no_grad():
         scores = _chunked(backbone.rewards, seq, attn, cfg.forward_chunk)
-        ref_logp = _chunked(lambda s, a: token_logprobs(backbone, s, a, None, cfg.temperature),
+        # SharedBackbone.token_logprobs: hidden states x lm_head through linear_logprobs
+        ref_logp = _chunked(lambda s, a: backbone.token_logprobs(s, a, None, cfg.temperature),
                             seq, attn, cfg.forward_chunk)[:, P - 1:] * mask
         values = _chunked(backbone.values, seq, attn, cfg.forward_chunk)[:, P - 1:-1] * mask
         if cfg.recompute_old_logprobs:
             old_logp = _chunked(
-                lambda s, a: token_logprobs(backbone, s, a, "policy", cfg.temperature),
+                lambda s, a: backbone.token_logprobs(s, a, "policy", cfg.temperature),
                 seq, attn, cfg.forward_chunk)[:, P - 1:] * mask
         else:
             old_logp = gen.logprobs
@@ -234,17 +198,10 @@ def ppo_iteration(backbone: SharedBackbone, engine: RolloutEngine, optimizer, pr
                 s, a, m = seq[rows], attn[rows], mask[rows]
                 # policy: hidden states -> fused loss; backward while the policy adapter is on
                 hidden = backbone.hidden_states(s, a, "policy")[:, P - 1:-1]
-                if fused_loss is not None:
-                    pg_loss, pg_stats = fused_loss(
-                        hidden, backbone.lm_head_weight(), labels[rows], old_logp[rows],
-                        advantages[rows], m, bias=backbone.lm_head_bias(),
-                        temperature=cfg.temperature)
-                else:
-                    logp = rlhf_kernels.logprobs(
-                        torch.nn.functional.linear(hidden, backbone.lm_head_weight()),
-                        labels[rows], temperature=cfg.temperature)
-                    pg_loss, pg_stats = rlhf_kernels.ppo_policy_loss(
-                        logp, old_logp[rows], advantages[rows], m)
+                pg_loss, pg_stats = rlhf_kernels.linear_ppo_loss(
+                    hidden, backbone.lm_head_weight(), labels[rows], old_logp[rows],
+                    advantages[rows], m, bias=backbone.lm_head_bias(),
+                    temperature=cfg.temperature)
                 pg_loss.backward()
                 del hidden
                 new_values = backbone.values(s, a)[:, P - 1:-1]

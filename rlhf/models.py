@@ -547,8 +547,7 @@ class SharedBackbone(nn.Module):
         reference) at ``temperature`` [, entropy (B, T-1) fp32 of the same distribution].
 
         Positions where ``attention_mask[:, 1:] == 0`` give 0. Uses the fused
-        ``rlhf_kernels.linear_logprobs`` when the library has it (no (B, T, V) logits), else
-        ``rlhf_kernels.logprobs`` on the logits.
+        ``rlhf_kernels.linear_logprobs``: no (B, T, V) logits tensor is built.
         """
         import rlhf_kernels
 
@@ -559,14 +558,9 @@ class SharedBackbone(nn.Module):
         labels[:, :-1] = torch.where(attention_mask[:, 1:] != 0, input_ids[:, 1:].long(),
                                      IGNORE_INDEX)
         weight, bias = self.lm_head_weight(), self.lm_head_bias()
-        if hasattr(rlhf_kernels, "linear_logprobs"):
-            out = rlhf_kernels.linear_logprobs(hidden, weight, labels, bias=bias,
-                                               temperature=temperature, ignore_index=IGNORE_INDEX,
-                                               return_entropy=return_entropy)
-        else:
-            logits = nn.functional.linear(hidden, weight, bias)
-            out = rlhf_kernels.logprobs(logits, labels, temperature=temperature,
-                                        ignore_index=IGNORE_INDEX, return_entropy=return_entropy)
+        out = rlhf_kernels.linear_logprobs(hidden, weight, labels, bias=bias,
+                                           temperature=temperature, ignore_index=IGNORE_INDEX,
+                                           return_entropy=return_entropy)
         if return_entropy:
             return out[0][:, :-1], out[1][:, :-1]
         return out[:, :-1]

@@ -10,8 +10,8 @@ One iteration::
       -> rewards       -kl_coef * KL per token + score at the last token  rlhf_kernels.shape_rewards
       -> advantages, returns                                              rlhf_kernels.gae
       -> whitened advantages                                              rlhf_kernels.masked_whiten
-      -> ppo_epochs x minibatches: clipped policy loss (fused from the hidden states when
-         rlhf_kernels.linear_ppo_loss exists) and clipped value loss      rlhf_kernels
+      -> ppo_epochs x minibatches: clipped policy loss, fused from the hidden states
+         (rlhf_kernels.linear_ppo_loss), and clipped value loss    rlhf_kernels
       -> adaptive KL coefficient update (when kl_target is set)
 
 Rollout. One ``RolloutEngine`` per ``train()`` call samples every iteration's responses; prompts
@@ -237,33 +237,19 @@ def make_rollout(backbone, generation: Generation, kl_coef: float, cfg: PPOConfi
 def policy_loss(backbone, batch: Rollout, cfg: PPOConfig):
     """Clipped PPO policy loss of a minibatch -> (loss (), stats dict of detached tensors).
 
-    Fused path: hidden states of the policy x lm_head straight into ``linear_ppo_loss`` (no
-    (B, N, V) logits); otherwise token log-probs (``linear_logprobs`` inside the backbone) and
-    ``ppo_policy_loss``. Both return the mean entropy of the policy over response tokens.
+    The policy's hidden states x lm_head go straight into ``linear_ppo_loss``: no (B, N, V)
+    logits, and the gradient is made in the same sweep. Stats include the mean entropy of the
+    policy over response tokens.
     """
     labels = torch.where(batch.action_mask > 0, batch.sequences[:, 1:],
                          torch.full_like(batch.sequences[:, 1:], -100))
-    fused = getattr(rlhf_kernels, "linear_ppo_loss", None)
-    common = dict(clip_low=cfg.clip_ratio, clip_high=cfg.clip_ratio, reduction=cfg.loss_reduction)
-    if fused is not None:
-        hidden = backbone.hidden_states(batch.sequences, batch.attention_mask, "policy")[:, :-1]
-        loss, stats = fused(
-            hidden, backbone.lm_head_weight(), labels, batch.old_logprobs, batch.advantages,
-            batch.action_mask, bias=backbone.lm_head_bias(), entropy_coef=cfg.entropy_coef,
-            temperature=cfg.temperature, **common,
-        )
-        return loss, stats
-    logp, entropy = backbone.token_logprobs(batch.sequences, batch.attention_mask, role="policy",
-                                            temperature=cfg.temperature, return_entropy=True)
-    loss, stats = rlhf_kernels.ppo_policy_loss(logp, batch.old_logprobs, batch.advantages,
-                                               batch.action_mask, **common)
-    mask = batch.action_mask
-    mean_entropy = (entropy * mask).sum() / mask.sum().clamp_min(1)
-    if cfg.entropy_coef:
-        loss = loss - cfg.entropy_coef * mean_entropy
-    stats = dict(stats)
-    stats["entropy"] = mean_entropy.detach()
-    return loss, stats
+    hidden = backbone.hidden_states(batch.sequences, batch.attention_mask, "policy")[:, :-1]
+    return rlhf_kernels.linear_ppo_loss(
+        hidden, backbone.lm_head_weight(), labels, batch.old_logprobs, batch.advantages,
+        batch.action_mask, bias=backbone.lm_head_bias(), entropy_coef=cfg.entropy_coef,
+        temperature=cfg.temperature, clip_low=cfg.clip_ratio, clip_high=cfg.clip_ratio,
+        reduction=cfg.loss_reduction,
+    )
 
 
 def value_loss(backbone, batch: Rollout, cfg: PPOConfig):

@@ -108,14 +108,14 @@ def token_logprobs_of(model, input_ids: torch.Tensor, attention_mask: torch.Tens
 
     input_ids, attention_mask, labels: (B, T). Returns (B, T - 1) fp32: the log-probability of
     labels[:, 1:] given the prefix; positions with label -100 give 0. Uses the fused
-    hidden x lm_head op when rlhf_kernels has it, so no (B, T, V) logits tensor is built.
+    hidden x lm_head op (no (B, T, V) logits tensor is built) when the lm_head is a plain Linear.
     """
     targets = labels[:, 1:]
-    linear_logprobs = getattr(rlhf_kernels, "linear_logprobs", None)
     lm_head = model.get_output_embeddings()
-    if linear_logprobs is not None and isinstance(lm_head, torch.nn.Linear):
+    if isinstance(lm_head, torch.nn.Linear):
         hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)[0]
-        return linear_logprobs(hidden[:, :-1], lm_head.weight, targets, bias=lm_head.bias)
+        return rlhf_kernels.linear_logprobs(hidden[:, :-1], lm_head.weight, targets,
+                                            bias=lm_head.bias)
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     return rlhf_kernels.logprobs(logits[:, :-1], targets)
 

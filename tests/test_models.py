@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import rlhf_kernels
 from rlhf.models import (
     LLAMA_3_8B,
     QWEN2_5_1_5B,
@@ -129,15 +128,10 @@ def test_adapters_off_equals_plain_base_model_bitwise(arch, side):
 
 
 # --------------------------------------------------------------------------------------------
-# token_logprobs: fused path and fallback against the float64 reference
+# token_logprobs (through linear_logprobs) against the float64 reference
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-@pytest.mark.parametrize("fused", [True, False])
-def test_token_logprobs_match_float64_reference(arch, fused, monkeypatch):
-    if not fused:
-        monkeypatch.delattr(rlhf_kernels, "linear_logprobs", raising=False)
-    elif not hasattr(rlhf_kernels, "linear_logprobs"):
-        pytest.skip("rlhf_kernels.linear_logprobs is not there yet")
+def test_token_logprobs_match_float64_reference(arch):
     backbone = make_backbone(arch, seed=2)
     ids, mask = pad_batch(random_rows([5, 1, 7], seed=4), "left")
     temperature = 0.7
