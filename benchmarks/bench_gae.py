@@ -25,19 +25,13 @@ x and mask read once, output written once (9 B per token). Target: gae at 512 x 
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 
-if not torch.cuda.is_available():
-    # Smoke mode on a CPU machine runs our kernels under the Triton interpreter; this must be set
-    # before rlhf_kernels' op modules define their @triton.jit functions.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from benchmarks.common import Case, print_table, run_cases, save_results  # noqa: E402
-from rlhf_kernels import reference  # noqa: E402
-from rlhf_kernels.ops.gae import gae  # noqa: E402
-from rlhf_kernels.ops.whiten import masked_whiten  # noqa: E402
+from benchmarks.common import Case, print_table, run_cases, save_results
+from rlhf_kernels import reference
+from rlhf_kernels.ops.gae import gae
+from rlhf_kernels.ops.whiten import masked_whiten
 
 CASES = [(64, 1024), (512, 2048)]
 SMOKE_CASES = [(3, 33)]

@@ -17,19 +17,13 @@ in and both gradients out; shape_rewards: 2 x 4 B + 1 B mask in, 4 B out (plus 4
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 
-if not torch.cuda.is_available():
-    # Smoke mode on a CPU machine runs our kernels under the Triton interpreter; this must be set
-    # before rlhf_kernels' op modules define their @triton.jit functions.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from benchmarks.common import Case, print_table, run_cases, save_results  # noqa: E402
-from rlhf_kernels import reference  # noqa: E402
-from rlhf_kernels.ops.kl import kl_penalty  # noqa: E402
-from rlhf_kernels.ops.rewards import shape_rewards  # noqa: E402
+from benchmarks.common import Case, print_table, run_cases, save_results
+from rlhf_kernels import reference
+from rlhf_kernels.ops.kl import kl_penalty
+from rlhf_kernels.ops.rewards import shape_rewards
 
 CASES = [(64, 1024), (128, 2048), (512, 2048)]
 SMOKE_CASES = [(3, 33)]

@@ -22,20 +22,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 
 import torch
 
-if not torch.cuda.is_available():
-    # Smoke mode on a CPU machine runs our kernels under the Triton interpreter (without it the
-    # "auto" backend would time the PyTorch reference instead); this must be set before
-    # rlhf_kernels' op modules define their @triton.jit functions.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from benchmarks.common import Case, print_table, run_cases, save_results  # noqa: E402
-from rlhf_kernels.ops.linear_logprobs import linear_logprobs  # noqa: E402
-from rlhf_kernels.ops.logprobs import logprobs  # noqa: E402
-from rlhf_kernels.ops.ppo_fused import linear_ppo_loss, ppo_loss_from_logits  # noqa: E402
+from benchmarks.common import Case, print_table, run_cases, save_results
+from rlhf_kernels.ops.linear_logprobs import linear_logprobs
+from rlhf_kernels.ops.logprobs import logprobs
+from rlhf_kernels.ops.ppo_fused import linear_ppo_loss, ppo_loss_from_logits
 
 OP = "linear_logprobs"
 SHAPES = [(v, h, n) for v in (32000, 151936) for h in (2048, 4096) for n in (4096, 16384)]

@@ -21,16 +21,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 
 import torch
 
-if not torch.cuda.is_available():
-    # Smoke mode on a CPU machine runs our kernels under the Triton interpreter; this must be set
-    # before rlhf_kernels' op modules define their @triton.jit functions.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     Case,
     print_table,
     result_row,
@@ -38,7 +32,7 @@ from benchmarks.common import (  # noqa: E402
     save_results,
     time_ms,
 )
-from rlhf_kernels.ops.logprobs import logprobs  # noqa: E402
+from rlhf_kernels.ops.logprobs import logprobs
 
 logprobs_module = importlib.import_module("rlhf_kernels.ops.logprobs")
 

@@ -21,20 +21,14 @@ the 0.05 ms target for the policy loss fwd+bwd on 64K tokens (eager: 0.70 ms on 
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 
-if not torch.cuda.is_available():
-    # Smoke mode on a CPU machine runs our kernels under the Triton interpreter; this must be set
-    # before rlhf_kernels' op modules define their @triton.jit functions.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from benchmarks.common import Case, print_table, run_cases, save_results  # noqa: E402
-from rlhf_kernels import reference  # noqa: E402
-from rlhf_kernels.ops.bradley_terry import bradley_terry_loss  # noqa: E402
-from rlhf_kernels.ops.policy_loss import ppo_policy_loss  # noqa: E402
-from rlhf_kernels.ops.value_loss import ppo_value_loss  # noqa: E402
+from benchmarks.common import Case, print_table, run_cases, save_results
+from rlhf_kernels import reference
+from rlhf_kernels.ops.bradley_terry import bradley_terry_loss
+from rlhf_kernels.ops.policy_loss import ppo_policy_loss
+from rlhf_kernels.ops.value_loss import ppo_value_loss
 
 CASES = [(64, 1024), (512, 2048)]
 SMOKE_CASES = [(3, 33)]
