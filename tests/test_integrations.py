@@ -1,0 +1,587 @@
+"""Framework drop-ins (rlhf_kernels.integrations) against the frameworks' own functions.
+
+Each drop-in is compared with the function it replaces on random inputs: values, and gradients
+where the framework's function is differentiable. The kernels' Triton path is forced (under the
+interpreter on a CPU). A framework that is not importable skips its tests; the patch machinery
+is tested on a small fake package that is always there.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+import warnings
+
+import pytest
+import torch
+
+from rlhf_kernels import integrations
+from tests.numerics import DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend(monkeypatch):
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "triton")
+
+
+def _close(ours, theirs, atol=1e-5, rtol=1e-4, name=""):
+    assert torch.is_tensor(ours), f"{name}: got {type(ours).__name__}"
+    theirs = torch.as_tensor(theirs)
+    assert ours.shape == theirs.shape, f"{name}: shape {ours.shape} != {theirs.shape}"
+    torch.testing.assert_close(ours.double(), theirs.double().to(ours.device), atol=atol,
+                               rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+def _grads(fn, *inputs, weight=None):
+    """d(sum(weight * fn(inputs))) / d inputs for every input that is a float tensor."""
+    leaves = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in inputs]
+    out = fn(*leaves)
+    out = out[0] if isinstance(out, tuple) else out
+    scalar = out.sum() if weight is None else (out * weight).sum()
+    params = [x for x in leaves if x.requires_grad]
+    return out.detach(), torch.autograd.grad(scalar, params, allow_unused=True)
+
+
+def _assert_same_grads(ours, theirs, atol=1e-5, rtol=1e-4, name=""):
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        if b is None:
+            assert a is None or not a.any(), f"{name}: input {i} has a gradient only in ours"
+            continue
+        _close(a, b, atol, rtol, f"{name} grad[{i}]")
+
+
+def _mask(B, T, kind):
+    """(B, T) float 0/1 masks: right padding, left padding, holes (each row >= 1 valid)."""
+    lengths = torch.randint(1, T + 1, (B,))
+    positions = torch.arange(T)
+    if kind == "right":
+        m = positions < lengths[:, None]
+    elif kind == "left":
+        m = positions >= (T - lengths)[:, None]
+    else:
+        m = torch.rand(B, T) < 0.7
+        m[:, 0] = True
+    return m.to(torch.float32).to(DEVICE)
+
+
+def _rollout(B=3, T=11, spread=0.4):
+    """old_logp, logp, advantages with log-ratios inside and outside the clip range."""
+    old = -torch.rand(B, T, device=DEVICE) * 3
+    logp = old + spread * torch.randn(B, T, device=DEVICE)
+    advantages = torch.randn(B, T, device=DEVICE)
+    return old, logp, advantages
+
+
+# --------------------------------------------------------------------------------------------
+# the patch machinery, on a fake framework
+# --------------------------------------------------------------------------------------------
+@pytest.fixture
+def fake_framework(monkeypatch):
+    """fakefw.core defines helper() and Loss.forward; fakefw.user imports helper by name;
+    fakefw.core.REGISTRY holds it too. Removed from sys.modules afterwards."""
+    core = types.ModuleType("fakefw.core")
+
+    def helper(x):
+        return x + 1
+
+    class Loss:
+        def forward(self, x):
+            return x * 2
+
+    core.helper, core.Loss, core.REGISTRY = helper, Loss, {"h": helper}
+    package = types.ModuleType("fakefw")
+    user = types.ModuleType("fakefw.user")
+    user.helper = helper
+    for name, module in (("fakefw", package), ("fakefw.core", core), ("fakefw.user", user)):
+        monkeypatch.setitem(sys.modules, name, module)
+    yield types.SimpleNamespace(core=core, user=user, helper=helper, forward=Loss.forward)
+    for name in [m for m in sys.modules if m == "fakefw" or m.startswith("fakefw.")]:
+        sys.modules.pop(name, None)
+    integrations._ORIGINALS.pop(("fakefw.core", "helper"), None)
+    integrations._ORIGINALS.pop(("fakefw.core", "Loss.forward"), None)
+
+
+def _fake_targets():
+    @integrations.dropin
+    def helper(x):
+        return x + 100 if x >= 0 else integrations.original("fakefw.core", "helper")(x)
+
+    @integrations.dropin
+    def forward(self, x):
+        return x * 200
+
+    return helper, forward, [("fakefw.core", "helper", helper),
+                             ("fakefw.core", "Loss.forward", forward)]
+
+
+def test_patch_replaces_every_reference_and_undo_restores(fake_framework):
+    fw = fake_framework
+    helper, forward, targets = _fake_targets()
+    patch = integrations.apply_patch("Fake", "fakefw", targets)
+    assert patch.patched == ["fakefw.core.helper", "fakefw.core.Loss.forward"]
+    assert fw.core.helper is helper and fw.user.helper is helper
+    assert fw.core.REGISTRY["h"] is helper
+    assert fw.core.Loss().forward(1) == 200
+    # an option the drop-in does not cover reaches the framework's own function
+    assert fw.core.helper(-5) == -4
+    # a module imported while patched takes the drop-in by name; undo finds it too
+    late = types.ModuleType("fakefw.late")
+    late.helper = fw.core.helper
+    sys.modules["fakefw.late"] = late
+    patch.undo()
+    assert not patch.active
+    assert fw.core.helper is fw.helper and fw.user.helper is fw.helper
+    assert late.helper is fw.helper and fw.core.REGISTRY["h"] is fw.helper
+    assert fw.core.Loss().forward(1) == 2
+    patch.undo()  # idempotent
+    assert fw.core.helper is fw.helper
+
+
+def test_patch_is_a_context_manager_and_nests(fake_framework):
+    fw = fake_framework
+    helper, _, targets = _fake_targets()
+    with integrations.apply_patch("Fake", "fakefw", targets) as outer:
+        with integrations.apply_patch("Fake", "fakefw", targets):
+            assert fw.core.helper is helper
+            assert fw.core.helper(-5) == -4  # the original is still the framework's
+        assert fw.core.helper is helper and outer.active
+    assert fw.core.helper is fw.helper and fw.user.helper is fw.helper
+
+
+def test_patch_skips_missing_targets_with_a_warning(fake_framework):
+    helper, _, targets = _fake_targets()
+    targets = targets + [("fakefw.core", "absent_in_this_version", helper),
+                         ("fakefw_not_installed.mod", "fn", helper)]
+    with pytest.warns(UserWarning, match="absent_in_this_version"):
+        patch = integrations.apply_patch("Fake", "fakefw", targets)
+    assert len(patch.skipped) == 2 and len(patch.patched) == 2
+    patch.undo()
+    with pytest.raises(ImportError, match="nothing of Fake could be patched"):
+        integrations.apply_patch("Fake", "fakefw_not_installed", targets[-1:])
+
+
+def test_importing_integrations_imports_no_framework():
+    code = ("import sys, rlhf_kernels.integrations, rlhf_kernels.integrations.trl, "
+            "rlhf_kernels.integrations.verl, rlhf_kernels.integrations.openrlhf; "
+            "print([m for m in sys.modules if m.split('.')[0] in ('trl', 'verl', 'openrlhf')])")
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------------------------
+# TRL
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trl_utils():
+    return pytest.importorskip("trl.trainer.utils")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature, with_row_mask", [(1.0, False), (0.7, True)])
+def test_trl_selective_log_softmax(trl_utils, dtype, temperature, with_row_mask):
+    from rlhf_kernels.integrations import trl as ours
+
+    logits = (3 * torch.randn(2, 5, 37, device=DEVICE)).to(dtype)
+    index = torch.randint(0, 37, (2, 5), device=DEVICE)
+    row_mask = (torch.rand(2, 5, device=DEVICE) < 0.7) if with_row_mask else None
+    weight = torch.randn(2, 5, device=DEVICE)
+    # TRL's eager path computes in the logits' dtype; ours reads bf16 and computes in fp32, so
+    # the framework's function is evaluated on the same values in float64.
+    logp, grad = _grads(lambda x: ours.selective_log_softmax(x, index, temperature, row_mask),
+                        logits, weight=weight)
+    ref, ref_grad = _grads(
+        lambda x: trl_utils.selective_log_softmax(x.double(), index, temperature, row_mask),
+        logits, weight=weight,
+    )
+    assert logp.dtype == torch.float32
+    _close(logp, ref, name="logp")
+    _assert_same_grads(grad, ref_grad, atol=1e-5 if dtype == torch.float32 else 1e-2,
+                       name="d logits")
+
+
+def test_trl_entropy_and_fused_pair(trl_utils):
+    from rlhf_kernels.integrations import trl as ours
+
+    logits = 2 * torch.randn(3, 4, 29, device=DEVICE)
+    index = torch.randint(0, 29, (3, 4), device=DEVICE)
+    row_mask = torch.rand(3, 4, device=DEVICE) < 0.6
+    weight = torch.randn(3, 4, device=DEVICE)
+    entropy, grad = _grads(ours.entropy_from_logits, logits, weight=weight)
+    ref, ref_grad = _grads(trl_utils.entropy_from_logits, logits, weight=weight)
+    _close(entropy, ref, name="entropy")
+    _assert_same_grads(grad, ref_grad, name="d logits (entropy)")
+
+    def both(fn):
+        def loss(x):
+            logp, ent = fn(x, index, True, 1.3, row_mask)
+            return logp * weight + 0.5 * ent
+
+        return loss
+
+    out, grad = _grads(both(ours.selective_log_softmax_and_entropy), logits)
+    ref, ref_grad = _grads(both(trl_utils.selective_log_softmax_and_entropy), logits)
+    _close(out, ref, name="logp*w + H/2")
+    _assert_same_grads(grad, ref_grad, name="d logits (pair)")
+    _, ent = ours.selective_log_softmax_and_entropy(logits.requires_grad_(), index, False)
+    assert not ent.requires_grad
+
+
+def test_trl_top_k_index_falls_back_to_trl(trl_utils):
+    from rlhf_kernels.integrations import trl as ours
+
+    logits = torch.randn(2, 3, 17, device=DEVICE)
+    index = torch.randint(0, 17, (2, 3, 4), device=DEVICE)
+    _close(ours.selective_log_softmax(logits, index),
+           trl_utils.selective_log_softmax(logits, index))
+
+
+def test_patch_trl_reaches_modules_that_imported_by_name(trl_utils):
+    from rlhf_kernels.integrations import patch_trl
+    from rlhf_kernels.integrations import trl as ours
+
+    own = trl_utils.selective_log_softmax
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TRL warns that experimental APIs are unstable
+        try:
+            user = importlib.import_module("trl.experimental.sdft.loss_utils")
+        except ImportError:
+            user = None
+    with patch_trl() as patch:
+        assert trl_utils.selective_log_softmax is ours.selective_log_softmax
+        assert trl_utils.entropy_from_logits is ours.entropy_from_logits
+        if user is not None:
+            assert user.selective_log_softmax is ours.selective_log_softmax
+        logits = torch.randn(2, 9, device=DEVICE)
+        index = torch.randint(0, 9, (2,), device=DEVICE)
+        _close(trl_utils.selective_log_softmax(logits, index), own(logits, index))
+    assert not patch.active and trl_utils.selective_log_softmax is own
+    if user is not None:
+        assert user.selective_log_softmax is own
+
+
+# --------------------------------------------------------------------------------------------
+# veRL
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def verl_core():
+    return pytest.importorskip("verl.trainer.ppo.core_algos")
+
+
+@pytest.fixture(scope="module")
+def verl_f():
+    return pytest.importorskip("verl.utils.torch_functional")
+
+
+class _ActorConfig(dict):
+    """The few fields veRL's policy loss reads, by attribute and by .get, as its configs do."""
+
+    __getattr__ = dict.get
+
+
+@pytest.mark.parametrize("kind", ["right", "left", "holes"])
+def test_verl_gae(verl_core, kind):
+    from rlhf_kernels.integrations import verl as ours
+
+    B, T = 3, 13
+    rewards = torch.randn(B, T, device=DEVICE)
+    values = torch.randn(B, T, device=DEVICE)
+    mask = _mask(B, T, kind)
+    adv, ret = ours.compute_gae_advantage_return(rewards, values, mask, 0.97, 0.9)
+    ref_adv, ref_ret = verl_core.compute_gae_advantage_return(rewards, values, mask, 0.97, 0.9)
+    _close(adv, ref_adv, name="advantages")  # every position, masked ones included
+    _close(ret, ref_ret, name="returns")
+
+
+@pytest.mark.parametrize("mode", ["k1", "abs", "mse", "low_var_kl", "k3+", "k1+", "kl"])
+def test_verl_kl_penalty(verl_core, mode):
+    from rlhf_kernels.integrations import verl as ours
+
+    ref_logp = -torch.rand(3, 9, device=DEVICE) * 4
+    logp = ref_logp + 3 * torch.randn(3, 9, device=DEVICE)
+    logp[0, :3] = ref_logp[0, :3] + torch.tensor([-25.0, 25.0, -12.0])  # both clamps bite
+    weight = torch.randn(3, 9, device=DEVICE)
+    kl, grad = _grads(lambda a, b: ours.kl_penalty(a, b, mode), logp, ref_logp, weight=weight)
+    ref, ref_grad = _grads(lambda a, b: verl_core.kl_penalty(a, b, mode), logp, ref_logp,
+                           weight=weight)
+    _close(kl, ref, name=mode)
+    _assert_same_grads(grad, ref_grad, name=mode)
+
+
+@pytest.mark.parametrize(
+    "mode, batch_info",
+    [
+        ("token-mean", {}),
+        ("seq-mean-token-mean", {}),
+        ("seq-mean-token-sum", {}),
+        ("seq-mean-token-sum-norm", {}),
+        ("token-mean", {"dp_size": 2, "batch_num_tokens": 57}),
+        ("seq-mean-token-mean", {"dp_size": 4, "global_batch_size": 9}),
+        ("seq-mean-token-sum-norm", {"dp_size": 2, "global_batch_size": 7,
+                                     "loss_scale_factor": 32}),
+        ("token-sum", {}),  # not ours: veRL's own function runs
+    ],
+)
+def test_verl_policy_loss_vanilla(verl_core, mode, batch_info):
+    from rlhf_kernels.integrations import verl as ours
+
+    old, logp, advantages = _rollout()
+    mask = _mask(3, 11, "holes")
+    mask[1] = 0  # a fully masked row is excluded from the sequence means
+    config = _ActorConfig(clip_ratio=0.2, clip_ratio_low=0.15, clip_ratio_high=0.28,
+                          clip_ratio_c=3.0, global_batch_info=batch_info)
+
+    def loss_fn(fn):
+        return lambda lp: fn(old, lp, advantages, mask, mode, config)[0]
+
+    loss, grad = _grads(loss_fn(ours.compute_policy_loss_vanilla), logp)
+    ref, ref_grad = _grads(loss_fn(verl_core.compute_policy_loss_vanilla), logp)
+    _close(loss, ref, name=f"{mode} loss")
+    _assert_same_grads(grad, ref_grad, name=f"{mode} d logp")
+    _, metrics = ours.compute_policy_loss_vanilla(old, logp, advantages, mask, mode, config)
+    _, ref_metrics = verl_core.compute_policy_loss_vanilla(old, logp, advantages, mask, mode,
+                                                           config)
+    assert metrics.keys() == ref_metrics.keys()
+    for key in metrics:
+        assert metrics[key] == pytest.approx(ref_metrics[key], abs=1e-6), key
+
+
+def test_verl_policy_loss_deprecated_form(verl_core):
+    from rlhf_kernels.integrations import verl as ours
+
+    old, logp, advantages = _rollout(spread=0.6)
+    mask = _mask(3, 11, "right")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # veRL marks this entry point deprecated
+        args = (0.2, None, 0.3, 2.5, "seq-mean-token-mean")
+        out, grad = _grads(lambda lp: ours.compute_policy_loss(old, lp, advantages, mask, *args),
+                           logp)
+        ref, ref_grad = _grads(
+            lambda lp: verl_core.compute_policy_loss(old, lp, advantages, mask, *args), logp
+        )
+        stats = ours.compute_policy_loss(old, logp, advantages, mask, *args)[1:]
+        ref_stats = verl_core.compute_policy_loss(old, logp, advantages, mask, *args)[1:]
+    _close(out, ref, name="loss")
+    _assert_same_grads(grad, ref_grad, name="d logp")
+    for name, a, b in zip(("clipfrac", "ppo_kl", "clipfrac_lower"), stats, ref_stats):
+        _close(a, b, atol=1e-6, name=name)
+
+
+@pytest.mark.parametrize(
+    "mode, options",
+    [("token-mean", {}), ("seq-mean-token-sum", {}), ("seq-mean-token-sum-norm", {}),
+     ("token-mean", {"dp_size": 2, "batch_num_tokens": 40}),
+     ("seq-mean-token-mean", {"dp_size": 2, "global_batch_size": 8})],
+)
+def test_verl_value_loss(verl_core, mode, options):
+    from rlhf_kernels.integrations import verl as ours
+
+    B, T = 3, 10
+    returns = torch.randn(B, T, device=DEVICE)
+    old_values = returns + 0.5 * torch.randn(B, T, device=DEVICE)
+    vpreds = old_values + 0.4 * torch.randn(B, T, device=DEVICE)
+    mask = _mask(B, T, "right")
+
+    def loss_fn(fn):
+        return lambda v: fn(v, returns, old_values, mask, 0.2, mode, **options)[0]
+
+    loss, grad = _grads(loss_fn(ours.compute_value_loss), vpreds)
+    ref, ref_grad = _grads(loss_fn(verl_core.compute_value_loss), vpreds)
+    _close(loss, ref, name="vf_loss")
+    _assert_same_grads(grad, ref_grad, name="d vpreds")
+    clipfrac = ours.compute_value_loss(vpreds, returns, old_values, mask, 0.2, mode, **options)[1]
+    ref_clipfrac = verl_core.compute_value_loss(vpreds, returns, old_values, mask, 0.2, mode,
+                                                **options)[1]
+    _close(clipfrac, ref_clipfrac, atol=1e-6, name="vf_clipfrac")
+
+
+def test_verl_logprobs_and_entropy(verl_f):
+    from rlhf_kernels.integrations import verl as ours
+
+    logits = 2 * torch.randn(2, 6, 41, device=DEVICE)
+    labels = torch.randint(0, 41, (2, 6), device=DEVICE)
+    weight = torch.randn(2, 6, device=DEVICE)
+    for name, fn, ref_fn in [
+        ("logprobs", lambda x: ours.logprobs_from_logits(x, labels, inplace_backward=False),
+         lambda x: verl_f.logprobs_from_logits(x, labels, inplace_backward=False)),
+        ("entropy", ours.entropy_from_logits, verl_f.entropy_from_logits),
+        ("entropy_chunked",
+         lambda x: ours.entropy_from_logits_with_chunking(x.reshape(-1, 41), 5).view(2, 6),
+         lambda x: verl_f.entropy_from_logits_with_chunking(x.reshape(-1, 41), 5).view(2, 6)),
+    ]:
+        out, grad = _grads(fn, logits, weight=weight)
+        ref, ref_grad = _grads(ref_fn, logits, weight=weight)
+        _close(out, ref, name=name)
+        _assert_same_grads(grad, ref_grad, name=name)
+
+
+def test_patch_verl_swaps_registries(verl_core, verl_f):
+    from rlhf_kernels.integrations import patch_verl
+    from rlhf_kernels.integrations import verl as ours
+
+    own_gae = verl_core.compute_gae_advantage_return
+    own_vanilla = verl_core.get_policy_loss_fn("vanilla")
+    with patch_verl():
+        assert verl_core.get_adv_estimator_fn("gae") is ours.compute_gae_advantage_return
+        assert verl_core.get_policy_loss_fn("vanilla") is ours.compute_policy_loss_vanilla
+        assert verl_f.logprobs_from_logits is ours.logprobs_from_logits
+        # veRL's own callers go through the module attribute
+        logits = torch.randn(2, 3, 7, device=DEVICE)
+        _close(verl_core.compute_entropy_loss(logits, torch.ones(2, 3, device=DEVICE)),
+               ours.entropy_from_logits(logits).mean(), name="compute_entropy_loss")
+    assert verl_core.compute_gae_advantage_return is own_gae
+    assert verl_core.get_adv_estimator_fn("gae") is own_gae
+    assert verl_core.get_policy_loss_fn("vanilla") is own_vanilla
+
+
+# --------------------------------------------------------------------------------------------
+# OpenRLHF
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def openrlhf_utils():
+    return pytest.importorskip("openrlhf.models.utils")
+
+
+@pytest.fixture(scope="module")
+def openrlhf_loss():
+    return pytest.importorskip("openrlhf.models.loss")
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_openrlhf_approx_kl(openrlhf_utils, estimator, unbiased):
+    from rlhf_kernels.integrations import openrlhf as ours
+
+    base = -torch.rand(3, 16, device=DEVICE) * 4
+    logp = base + 2 * torch.randn(3, 16, device=DEVICE)
+    # the k3 bounds: below -10, between 10 and 11, beyond 11 (and the clamp of every estimator)
+    logp[0, :6] = base[0, :6] + torch.tensor([-30.0, -10.5, -9.0, 10.5, 10.99, 14.0])
+    old = logp + 0.3 * torch.randn(3, 16, device=DEVICE)
+    weight = torch.randn(3, 16, device=DEVICE)
+
+    def kl(fn):
+        return lambda a, b: fn(a, b, old if unbiased else None, estimator, unbiased)
+
+    out, grad = _grads(kl(ours.compute_approx_kl), logp, base, weight=weight)
+    ref, ref_grad = _grads(kl(openrlhf_utils.compute_approx_kl), logp, base, weight=weight)
+    _close(out, ref, name=estimator)
+    _assert_same_grads(grad, ref_grad, name=estimator)
+
+
+def test_openrlhf_logprobs_and_entropy(openrlhf_utils):
+    from rlhf_kernels.integrations import openrlhf as ours
+
+    logits = 2 * torch.randn(2, 7, 31, device=DEVICE)
+    labels = torch.randint(0, 31, (2, 7), device=DEVICE)
+    weight = torch.randn(2, 7, device=DEVICE)
+    # OpenRLHF divides the caller's logits in place, so each side gets its own copy
+    out, grad = _grads(lambda x: ours.log_probs_from_logits(x * 1, labels, 0.8), logits,
+                       weight=weight)
+    ref, ref_grad = _grads(lambda x: openrlhf_utils.log_probs_from_logits(x * 1, labels, 0.8),
+                           logits, weight=weight)
+    _close(out, ref, name="logp")
+    _assert_same_grads(grad, ref_grad, name="d logits")
+    scaled = logits.clone()
+    ours.log_probs_from_logits(scaled, labels, 0.8)
+    _close(scaled, logits / 0.8, name="logits scaled in place")
+
+    compute_entropy = openrlhf_utils.compute_entropy
+    # the framework's function is torch.compile'd; compare with the function it wraps
+    compute_entropy = getattr(compute_entropy, "_torchdynamo_orig_callable", compute_entropy)
+    out, grad = _grads(ours.compute_entropy, logits, weight=weight)
+    ref, ref_grad = _grads(compute_entropy, logits, weight=weight)
+    _close(out, ref, name="entropy")
+    _assert_same_grads(grad, ref_grad, name="d logits (entropy)")
+
+
+@pytest.mark.parametrize(
+    "dual_clip, token_level, options",
+    [(None, True, {}), (3.0, True, {}), (None, False, {}),
+     (3.0, True, {"dp_size": 2, "batch_num_tokens": 50.0}),
+     (None, False, {"dp_size": 4, "global_batch_size": 10.0})],
+)
+def test_openrlhf_policy_loss(openrlhf_loss, dual_clip, token_level, options):
+    from rlhf_kernels.integrations import openrlhf as ours
+
+    module = openrlhf_loss.PolicyLoss(0.2, 0.28, dual_clip=dual_clip, token_level_loss=token_level)
+    old, logp, advantages = _rollout(spread=0.5)
+    logp[0, 0] = old[0, 0] + 25.0  # ratio clamp; ppo_kl takes the raw log-ratio
+    mask = _mask(3, 11, "holes")
+
+    def loss_fn(fn):
+        return lambda lp: fn(module, lp, old, advantages, mask, None, **options)[0]
+
+    loss, grad = _grads(loss_fn(ours.policy_loss_forward), logp)
+    ref, ref_grad = _grads(loss_fn(openrlhf_loss.PolicyLoss.forward), logp)
+    _close(loss, ref, name="loss")
+    _assert_same_grads(grad, ref_grad, name="d logp")
+    stats = ours.policy_loss_forward(module, logp, old, advantages, mask, None, **options)
+    ref_stats = module(logp, old, advantages, mask, None, **options)
+    for name, a, b in zip(("clip_ratio", "ppo_kl"), stats[1:3], ref_stats[1:3]):
+        _close(a, b, atol=1e-6, name=name)
+    assert stats[3:] == (None, None) == tuple(ref_stats[3:])
+
+
+@pytest.mark.parametrize("clip_eps, token_level", [(0.2, True), (None, True), (0.3, False)])
+def test_openrlhf_value_and_reward_losses(openrlhf_loss, clip_eps, token_level):
+    from rlhf_kernels.integrations import openrlhf as ours
+
+    module = openrlhf_loss.ValueLoss(clip_eps, token_level_loss=token_level)
+    returns = torch.randn(3, 9, device=DEVICE)
+    old_values = returns + 0.5 * torch.randn(3, 9, device=DEVICE)
+    values = old_values + 0.4 * torch.randn(3, 9, device=DEVICE)
+    mask = _mask(3, 9, "left")
+    loss, grad = _grads(lambda v: ours.value_loss_forward(module, v, old_values, returns, mask),
+                        values)
+    ref, ref_grad = _grads(lambda v: module(v, old_values, returns, mask), values)
+    _close(loss, ref, name="value loss")
+    _assert_same_grads(grad, ref_grad, name="d values")
+
+    chosen, rejected = torch.randn(6, device=DEVICE), torch.randn(6, device=DEVICE)
+    margin = torch.rand(6, device=DEVICE)
+    # LogExpLoss takes a margin and ignores it; so must the drop-in
+    for ours_fn, cls in [(ours.pairwise_loss_forward, openrlhf_loss.PairWiseLoss),
+                         (ours.log_exp_loss_forward, openrlhf_loss.LogExpLoss)]:
+        out, grad = _grads(lambda c, r, f=ours_fn: f(None, c, r, margin), chosen, rejected)
+        ref, ref_grad = _grads(lambda c, r, k=cls: k()(c, r, margin), chosen, rejected)
+        _close(out, ref, name=cls.__name__)
+        _assert_same_grads(grad, ref_grad, name=cls.__name__)
+
+
+@pytest.mark.parametrize("kind", ["right", "left", "holes"])
+def test_openrlhf_gae_and_returns(kind):
+    experience = pytest.importorskip("openrlhf.trainer.ppo_utils.experience_maker")
+    from rlhf_kernels.integrations import openrlhf as ours
+
+    maker = experience.RemoteExperienceMaker
+    B, T = 3, 12
+    values, rewards = torch.randn(B, T, device=DEVICE), torch.randn(B, T, device=DEVICE)
+    mask = _mask(B, T, kind)
+    adv, ret = ours.get_advantages_and_returns(None, values, rewards, mask, 0.99, 0.95)
+    ref_adv, ref_ret = maker.get_advantages_and_returns(None, values, rewards, mask, 0.99, 0.95)
+    _close(adv, ref_adv, name="advantages")
+    _close(ret, ref_ret, name="returns")
+    _close(ours.get_cumulative_returns(None, rewards, mask, 0.9),
+           maker.get_cumulative_returns(None, rewards, mask, 0.9), name="cumulative returns")
+
+
+def test_patch_openrlhf(openrlhf_utils, openrlhf_loss):
+    from rlhf_kernels.integrations import openrlhf as ours
+    from rlhf_kernels.integrations import patch_openrlhf
+
+    own_forward = openrlhf_loss.PolicyLoss.forward
+    own_kl = openrlhf_utils.compute_approx_kl
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the experience maker needs Ray; skipped without it
+        patch = patch_openrlhf()
+    with patch:
+        module = openrlhf_loss.PolicyLoss()
+        assert openrlhf_loss.PolicyLoss.forward is ours.policy_loss_forward
+        assert openrlhf_utils.compute_approx_kl is ours.compute_approx_kl
+        old, logp, advantages = _rollout()
+        _close(module(logp, old, advantages)[0], own_forward(module, logp, old, advantages)[0],
+               name="patched PolicyLoss")
+    assert openrlhf_loss.PolicyLoss.forward is own_forward
+    assert openrlhf_utils.compute_approx_kl is own_kl
