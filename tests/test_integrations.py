@@ -161,6 +161,20 @@ def test_patch_skips_missing_targets_with_a_warning(fake_framework):
         integrations.apply_patch("Fake", "fakefw_not_installed", targets[-1:])
 
 
+def test_patch_failing_midway_leaves_nothing_patched(fake_framework):
+    class Broken:
+        def __getattr__(self, name):
+            raise RuntimeError("a framework module that fails in an unexpected way")
+
+    fake_framework.core.Broken = Broken()
+    helper, _, targets = _fake_targets()
+    with pytest.raises(RuntimeError, match="unexpected way"):
+        integrations.apply_patch("Fake", "fakefw", targets + [("fakefw.core", "Broken.x", helper)])
+    assert fake_framework.core.helper is fake_framework.helper
+    assert fake_framework.user.helper is fake_framework.helper
+    assert fake_framework.core.Loss().forward(1) == 2
+
+
 def test_importing_integrations_imports_no_framework():
     code = ("import sys, rlhf_kernels.integrations, rlhf_kernels.integrations.trl, "
             "rlhf_kernels.integrations.verl, rlhf_kernels.integrations.openrlhf; "

@@ -181,6 +181,24 @@ def apply_patch(
     no target at all can be patched, ImportError.
     """
     patch = Patch(framework=framework, package=package)
+    try:
+        _apply(patch, targets)
+    except BaseException:
+        patch.undo()  # an import that failed in another way: leave nothing half-patched
+        raise
+    if not patch.patched:
+        raise ImportError(
+            f"nothing of {framework} could be patched; is it installed? " + "; ".join(patch.skipped)
+        )
+    if patch.skipped:
+        warnings.warn(
+            f"patch_{framework.lower()}: left unpatched: " + "; ".join(patch.skipped),
+            stacklevel=3,
+        )
+    return patch
+
+
+def _apply(patch: Patch, targets: list[tuple[str, str, Callable]]) -> None:
     replaced: dict[int, tuple[Any, Callable]] = {}
     for module_name, path, replacement in targets:
         try:
@@ -198,21 +216,11 @@ def apply_patch(
         patch.patched.append(f"{module_name}.{path}")
         if "." not in path:  # module-level functions may be referenced elsewhere
             replaced[id(current)] = (current, replacement)
-    for container, key, value in _references(package, set(replaced)):
+    for container, key, value in _references(patch.package, set(replaced)):
         previous, replacement = replaced[id(value)]
         change = _Change(container, key, previous, replacement)
         change.set(replacement)
         patch._changes.append(change)
-    if not patch.patched:
-        raise ImportError(
-            f"nothing of {framework} could be patched; is it installed? " + "; ".join(patch.skipped)
-        )
-    if patch.skipped:
-        warnings.warn(
-            f"patch_{framework.lower()}: left unpatched: " + "; ".join(patch.skipped),
-            stacklevel=3,
-        )
-    return patch
 
 
 def patch_trl() -> Patch:
