@@ -315,7 +315,8 @@ def test_verl_kl_penalty(verl_core, mode):
 
     ref_logp = -torch.rand(3, 9, device=DEVICE) * 4
     logp = ref_logp + 3 * torch.randn(3, 9, device=DEVICE)
-    logp[0, :3] = ref_logp[0, :3] + torch.tensor([-25.0, 25.0, -12.0])  # both clamps bite
+    # both clamps bite: the log-ratio's (+-20) and the result's (+-10)
+    logp[0, :3] = ref_logp[0, :3] + torch.tensor([-25.0, 25.0, -12.0], device=DEVICE)
     weight = torch.randn(3, 9, device=DEVICE)
     kl, grad = _grads(lambda a, b: ours.kl_penalty(a, b, mode), logp, ref_logp, weight=weight)
     ref, ref_grad = _grads(lambda a, b: verl_core.kl_penalty(a, b, mode), logp, ref_logp,
@@ -471,7 +472,8 @@ def test_openrlhf_approx_kl(openrlhf_utils, estimator, unbiased):
     base = -torch.rand(3, 16, device=DEVICE) * 4
     logp = base + 2 * torch.randn(3, 16, device=DEVICE)
     # the k3 bounds: below -10, between 10 and 11, beyond 11 (and the clamp of every estimator)
-    logp[0, :6] = base[0, :6] + torch.tensor([-30.0, -10.5, -9.0, 10.5, 10.99, 14.0])
+    logp[0, :6] = base[0, :6] + torch.tensor([-30.0, -10.5, -9.0, 10.5, 10.99, 14.0],
+                                              device=DEVICE)
     old = logp + 0.3 * torch.randn(3, 16, device=DEVICE)
     weight = torch.randn(3, 16, device=DEVICE)
 
