@@ -117,7 +117,9 @@ def kl_penalty(
     veRL use +-10). Clamped elements get zero gradient, as with ``torch.clamp``.
     """
     if estimator not in KL_ESTIMATORS:
-        raise ValueError(f"estimator={estimator!r} is not supported; expected one of {KL_ESTIMATORS}")
+        raise ValueError(
+            f"estimator={estimator!r} is not supported; expected one of {KL_ESTIMATORS}"
+        )
     dtype = _compute_dtype(logp, ref_logp)
     d = logp.to(dtype) - ref_logp.to(dtype)
     if log_ratio_clamp is not None:
@@ -390,7 +392,9 @@ def bradley_terry_loss(
     c = chosen_rewards.to(dtype)
     r = rejected_rewards.to(dtype)
     diff = c - r
-    logits = diff if margin is None else diff - torch.as_tensor(margin, dtype=dtype, device=c.device)
+    if margin is not None:
+        diff_minus_margin = diff - torch.as_tensor(margin, dtype=dtype, device=c.device)
+    logits = diff if margin is None else diff_minus_margin
     loss = -F.logsigmoid(logits).mean()
     if center_coef:
         loss = loss + center_coef * ((c + r) ** 2).mean()
