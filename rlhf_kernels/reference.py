@@ -392,9 +392,9 @@ def bradley_terry_loss(
     c = chosen_rewards.to(dtype)
     r = rejected_rewards.to(dtype)
     diff = c - r
+    logits = diff
     if margin is not None:
-        diff_minus_margin = diff - torch.as_tensor(margin, dtype=dtype, device=c.device)
-    logits = diff if margin is None else diff_minus_margin
+        logits = diff - torch.as_tensor(margin, dtype=dtype, device=c.device)
     loss = -F.logsigmoid(logits).mean()
     if center_coef:
         loss = loss + center_coef * ((c + r) ** 2).mean()
