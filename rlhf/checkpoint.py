@@ -149,6 +149,23 @@ def _loadable(value: Any, key: str) -> Any:
                      f"enums can be saved (convert it, e.g. to a dict)")
 
 
+def _unshared(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous copies safetensors can write: a tensor whose storage an earlier one
+    already uses is cloned. Tied weights (a Qwen2/GPT-2 lm_head that is the input embedding)
+    share storage in a CPU model's state_dict, and safetensors refuses shared tensors; loading
+    both names back into the model restores the tie's one value."""
+    seen: set[int] = set()
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().cpu().contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in seen:
+            tensor = tensor.clone()
+        seen.add(storage)
+        out[name] = tensor
+    return out
+
+
 def _write_state(directory: Path, state: Mapping[str, Any]) -> None:
     from safetensors.torch import save_file
 
@@ -156,8 +173,7 @@ def _write_state(directory: Path, state: Mapping[str, Any]) -> None:
     for key in tensor_keys:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", key):
             raise ValueError(f"state key {key!r} must be a plain name (letters, digits, _ . -)")
-        save_file({name: t.detach().cpu().contiguous() for name, t in state[key].items()},
-                  str(directory / f"{key}.safetensors"))
+        save_file(_unshared(state[key]), str(directory / f"{key}.safetensors"))
     rest = {key: _loadable(value, key) for key, value in state.items() if key not in tensor_keys}
     torch.save(rest, directory / STATE_FILE)
     meta = {"state_keys": sorted(rest), "tensor_dicts": sorted(tensor_keys),

@@ -112,6 +112,23 @@ def test_save_state_round_trip(tmp_path):
     assert fresh_scheduler.get_last_lr() == scheduler.get_last_lr()
 
 
+def test_save_state_of_a_tied_cpu_model_round_trips(tmp_path):
+    # A CPU state_dict of tied embeddings holds one tensor under two names; safetensors
+    # refuses shared tensors, so SFT of a Qwen2/GPT-2-shaped model failed at its checkpoint.
+    model = torch.nn.Sequential(torch.nn.Embedding(7, 3), torch.nn.Linear(3, 7, bias=False))
+    model[1].weight = model[0].weight
+    params = model.state_dict()
+    assert params["0.weight"].data_ptr() == params["1.weight"].data_ptr()
+    path = checkpoint.save_state(tmp_path / "step-0000001", step=1, params=params)
+    state = checkpoint.load_state(path)
+    assert torch.equal(state["params"]["0.weight"], params["0.weight"])
+    assert torch.equal(state["params"]["1.weight"], params["1.weight"])
+    fresh = torch.nn.Sequential(torch.nn.Embedding(7, 3), torch.nn.Linear(3, 7, bias=False))
+    fresh[1].weight = fresh[0].weight
+    fresh.load_state_dict(state["params"])
+    assert fresh[0].weight is fresh[1].weight and torch.equal(fresh[0].weight, model[0].weight)
+
+
 def test_rng_state_round_trip(tmp_path):
     checkpoint.save_state(tmp_path / "step-0000001", rng=checkpoint.capture_rng_state())
     expected = (random.random(), torch.rand(3))
