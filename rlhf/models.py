@@ -323,9 +323,15 @@ class SharedBackbone(nn.Module):
         """
         causal_lm = _load_causal_lm(name_or_path, torch_dtype, attn_implementation,
                                     trust_remote_code)
+        # A local directory is recorded as an absolute path: save() writes it to roles.json and
+        # load() must find the base from any working directory (`rlhf ppo model=runs/rm/backbone`
+        # run elsewhere).
+        source = str(name_or_path)
+        if Path(source).expanduser().is_dir():
+            source = os.path.abspath(Path(source).expanduser())
         return cls.from_model(causal_lm, lora=lora, roles=roles,
                               gradient_checkpointing=gradient_checkpointing,
-                              name_or_path=str(name_or_path))
+                              name_or_path=source)
 
     @classmethod
     def from_model(cls, causal_lm, *, lora: LoraSpec | None = None, roles: Iterable[str] = ROLES,

@@ -361,6 +361,23 @@ def test_from_pretrained_local_directory_is_the_saved_model(arch, tmp_path, batc
     assert backbone.name_or_path == str(tmp_path / "hub") and not backbone.base_modified
 
 
+def test_checkpoint_of_a_relative_local_base_loads_from_another_directory(tmp_path,
+                                                                            monkeypatch):
+    # roles.json used to keep "hub" as given, so loading from another working directory
+    # looked "hub" up on the Hugging Face hub and failed.
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    _save_tiny_base("llama", Path("hub"), seed=5)
+    backbone = SharedBackbone.from_pretrained("hub", lora=SPEC)
+    assert backbone.name_or_path == str(tmp_path / "a" / "hub")
+    backbone.save("ckpt")
+    monkeypatch.chdir(tmp_path / "b")
+    loaded = SharedBackbone.load(tmp_path / "a" / "ckpt")
+    for want, got in zip(backbone.causal_lm.parameters(), loaded.causal_lm.parameters()):
+        assert torch.equal(want, got)
+
+
 @pytest.mark.parametrize("arch, source", [("llama", "hub"), ("qwen2", "hub"), ("gpt2", "memory"),
                                           ("llama", "merged"), ("qwen2", "merged"),
                                           ("gpt2", "merged")])
