@@ -122,8 +122,11 @@ def test_main_with_config_json_and_errors(tmp_path, capsys):
     assert planner.main([str(tmp_path), "--json"]) == 0  # a directory holding config.json
     result = json.loads(capsys.readouterr().out)
     assert result["peak_stage"] in planner.STAGES and result["largest_batch"]["batch"] > 0
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         planner.main(["no-such-model"])
+    assert exit_info.value.code == 2  # argparse's usage error, not a crash or a clean exit
+    error = capsys.readouterr().err
+    assert "'no-such-model' is neither a preset" in error and "qwen2.5-1.5b" in error
     with pytest.raises(ValueError, match="lacks"):
         planner.plan({"hidden_size": 8})
     with pytest.raises(ValueError, match="batch"):
