@@ -44,10 +44,16 @@ def test_pipeline_writes_everything_and_resume_skips_done_stages(tmp_path):
     for key in ("sft_mean", "ppo_mean"):
         assert -1.0 <= gold[key] <= 1.0
     assert gold["difference"] == pytest.approx(gold["ppo_mean"] - gold["sft_mean"])
+    # independent standard errors of two means add in quadrature
+    assert gold["sft_stderr"] > 0 and gold["ppo_stderr"] > 0
+    assert gold["difference_stderr"] == pytest.approx(
+        (gold["sft_stderr"] ** 2 + gold["ppo_stderr"] ** 2) ** 0.5)
     assert gold["difference_in_stderr"] == pytest.approx(
         gold["difference"] / gold["difference_stderr"])
     assert kl["bound"] == written["config"]["ppo"]["kl_target"]
-    assert isinstance(kl["within_bound"], bool)
+    assert kl["mean"] == kl["mean"] and kl["stderr"] >= 0  # measured (not NaN)
+    # the verdict is the comparison of the measured KL with the bound (only a bool before)
+    assert kl["within_bound"] is (kl["mean"] <= kl["bound"])
     assert "before" in (out / "samples.md").read_text()
     assert summary["reward_model"] == rm
     ppo_lines = (out / "metrics.jsonl").read_text().splitlines()
