@@ -21,6 +21,7 @@ import argparse
 import importlib
 import json
 import math
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -160,6 +161,14 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{getattr(cfg, 'output_dir', 'the output directory')}. Continue with "
               f"`rlhf {' '.join([ns.command, *ns.args])} --resume`.", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except (ValueError, FileNotFoundError) as error:
+        # Bad input (data without the needed columns, an empty dataset, a model directory that
+        # is not one, ...): the message says what is wrong; the traceback would only bury it.
+        # RLHF_TRACEBACK=1 shows it anyway.
+        if os.environ.get("RLHF_TRACEBACK") == "1":
+            raise
+        print(f"rlhf {ns.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     if isinstance(summary, dict):
         print(json.dumps(_printable(summary), indent=2, default=str))
     return 0

@@ -244,3 +244,15 @@ def test_cli_plan_prints_peak_and_largest_batch(capsys):
     assert plan["peak_stage"] in plan["stages"]
     assert 0 < plan["peak_bytes"] < 24 * 2**30
     assert plan["largest_batch"]["card_gib"] == 24 and plan["largest_batch"]["batch"] >= 4
+
+
+def test_cli_reports_bad_input_as_one_line_error(tmp_path, capsys):
+    # A dataset without a model is bad input the stage rejects with a ValueError: the CLI prints
+    # its message on one line (no traceback) and exits 2.
+    data = tmp_path / "sft.jsonl"
+    data.write_text('{"prompt": "hi", "completion": "there"}\n')
+    code = cli.main(["sft", f"dataset={data}", f"output_dir={tmp_path / 'out'}", "max_steps=1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("rlhf sft: error:") and "Traceback" not in err
+    assert "model" in err and err.count("\n") == 1
