@@ -188,6 +188,93 @@ def test_importing_integrations_imports_no_framework():
 # --------------------------------------------------------------------------------------------
 # TRL
 # --------------------------------------------------------------------------------------------
+# Without the frameworks installed (as in CI) every comparison with a framework's function below
+# skips, so these framework-free checks hold the drop-ins to closed forms written here in
+# float64: the drop-in code itself always runs.
+def _log_softmax64(logits, temperature):
+    return torch.log_softmax(logits.double() / temperature, dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_trl_dropins_against_closed_forms(dtype):
+    from rlhf_kernels.integrations import trl as ours
+
+    logits = (3 * torch.randn(2, 5, 37, device=DEVICE)).to(dtype)
+    index = torch.randint(0, 37, (2, 5), device=DEVICE)
+    row_mask = torch.rand(2, 5, device=DEVICE) < 0.7
+    row_mask[0, 0], row_mask[0, 1] = False, True
+    weight = torch.randn(2, 5, device=DEVICE)
+
+    def logp64(x):  # TRL: log_softmax(x / T)[index], 0 where row_mask == 0
+        gathered = _log_softmax64(x, 0.7).gather(-1, index.unsqueeze(-1)).squeeze(-1)
+        return gathered * row_mask
+
+    def entropy64(x, temperature=1.0):
+        log_p = _log_softmax64(x, temperature)
+        return -(log_p.exp() * log_p).sum(-1)
+
+    # the gradient is stored in the logits' dtype: one rounding, relative to its size
+    grad_tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    out, grad = _grads(lambda x: ours.selective_log_softmax(x, index, 0.7, row_mask), logits,
+                       weight=weight)
+    ref, ref_grad = _grads(logp64, logits, weight=weight)
+    assert out.dtype == torch.float32
+    _close(out, ref, name="selective_log_softmax")
+    assert bool((out[~row_mask] == 0).all())
+    _assert_same_grads(grad, ref_grad, name="d logits (logp)", **grad_tol)
+
+    out, grad = _grads(ours.entropy_from_logits, logits, weight=weight)
+    ref, ref_grad = _grads(entropy64, logits, weight=weight)
+    _close(out, ref, name="entropy_from_logits")
+    _assert_same_grads(grad, ref_grad, name="d logits (entropy)", **grad_tol)
+
+    def pair(fn):
+        def loss(x):
+            logp, ent = fn(x)
+            return logp * weight + 0.5 * ent
+        return loss
+
+    out, grad = _grads(pair(lambda x: ours.selective_log_softmax_and_entropy(
+        x, index, True, 0.7, row_mask)), logits)
+    ref, ref_grad = _grads(pair(lambda x: (logp64(x), entropy64(x, 0.7) * row_mask)), logits)
+    _close(out, ref, name="logp*w + H/2")
+    _assert_same_grads(grad, ref_grad, name="d logits (pair)", **grad_tol)
+
+
+@pytest.mark.parametrize("mode", ["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3", "k3+",
+                                  "k1+"])
+def test_verl_kl_penalty_against_closed_forms(mode):
+    from rlhf_kernels.integrations import verl as ours
+
+    ref_logp = -torch.rand(3, 9, device=DEVICE) * 4
+    logp = ref_logp + 3 * torch.randn(3, 9, device=DEVICE)
+    # both of low_var_kl's clamps bite: the log-ratio's (+-20) and the result's (+-10)
+    logp[0, :3] = ref_logp[0, :3] + torch.tensor([-25.0, 25.0, -12.0], device=DEVICE)
+    weight = torch.randn(3, 9, device=DEVICE)
+    base = mode.rstrip("+")
+
+    def closed_form(a, b):  # veRL's definitions, in float64
+        d = a.double() - b.double()
+        if base in ("kl", "k1"):
+            value = d
+        elif base == "abs":
+            value = d.abs()
+        elif base in ("mse", "k2"):
+            value = 0.5 * d * d
+        else:  # low_var_kl: r = ref - logp clamped to +-20, exp(r) - r - 1 clamped to +-10
+            r = (-d).clamp(-20.0, 20.0)
+            value = (r.exp() - r - 1.0).clamp(-10.0, 10.0)
+        if mode.endswith("+"):  # straight-through: this value, the gradient of k2
+            k2 = 0.5 * d * d
+            value = k2 - k2.detach() + value.detach()
+        return value
+
+    kl, grad = _grads(lambda a, b: ours.kl_penalty(a, b, mode), logp, ref_logp, weight=weight)
+    ref, ref_grad = _grads(closed_form, logp, ref_logp, weight=weight)
+    _close(kl, ref, name=mode)
+    _assert_same_grads(grad, ref_grad, name=mode)
+
+
 @pytest.fixture(scope="module")
 def trl_utils():
     return pytest.importorskip("trl.trainer.utils")
