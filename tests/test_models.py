@@ -146,9 +146,24 @@ def test_token_logprobs_match_float64_reference(arch):
     torch.testing.assert_close(logp.double(), want_logp, atol=2e-5, rtol=0)
     torch.testing.assert_close(entropy.double(), want_entropy, atol=2e-5, rtol=0)
     assert (logp[mask[:, 1:] == 0] == 0).all() and (entropy[mask[:, 1:] == 0] == 0).all()
-    # differentiable into the policy adapter
-    (logp.sum() + entropy.sum()).backward()
-    assert all(p.grad is not None for p in backbone.trainable_parameters("policy"))
+    # Gradients into the policy adapter equal float64 autograd through the full logits.
+    params = backbone.trainable_parameters("policy")
+    g_logp, g_entropy = torch.randn_like(logp), torch.randn_like(entropy)
+    got = torch.autograd.grad((logp * g_logp).sum() + (entropy * g_entropy).sum(), params,
+                              allow_unused=True)
+    logits = backbone.policy_logits(ids, mask).double()
+    ref_logp, ref_entropy = reference.logprobs(logits[:, :-1], labels, temperature,
+                                               return_entropy=True)
+    want = torch.autograd.grad((ref_logp * g_logp.double()).sum()
+                               + (ref_entropy * g_entropy.double()).sum(), params,
+                               allow_unused=True)
+    assert any(w is not None and w.abs().max() > 0 for w in want)
+    for param, g, w in zip(params, got, want):
+        if w is None:
+            assert g is None or not g.any()
+            continue
+        assert g is not None, f"no gradient for a policy parameter of shape {tuple(param.shape)}"
+        torch.testing.assert_close(g.double(), w.double(), atol=1e-5, rtol=1e-3)
 
 
 # --------------------------------------------------------------------------------------------
