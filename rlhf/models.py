@@ -487,6 +487,12 @@ class SharedBackbone(nn.Module):
             params += list(self.reward_head.parameters())
         return params
 
+    def named_trainable_parameters(self, *roles: str) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of these roles' adapters and heads, in ``named_parameters`` order:
+        what a stage checkpoint saves and restores."""
+        wanted = {id(p) for role in roles for p in self.trainable_parameters(role)}
+        return [(name, p) for name, p in self.named_parameters() if id(p) in wanted]
+
     # ---------------------------------------------------------------- gradient checkpointing
     def enable_gradient_checkpointing(self) -> None:
         """Checkpoint every decoder layer (non-reentrant), recomputing with the forward's role.

@@ -266,16 +266,12 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _named_trainable(backbone):
-    wanted = {id(p) for role in ("policy", "critic") for p in backbone.trainable_parameters(role)}
-    return [(name, p) for name, p in backbone.named_parameters() if id(p) in wanted]
-
-
 def _save(directory: Path, backbone, optimizer, scheduler, iteration: int, kl_coef: float,
           cfg: PPOConfig) -> None:
     from rlhf.checkpoint import save_state
 
-    params = {name: p.detach().cpu() for name, p in _named_trainable(backbone)}
+    params = {name: p.detach().cpu()
+              for name, p in backbone.named_trainable_parameters("policy", "critic")}
     save_state(directory, iteration=iteration, kl_coef=kl_coef, params=params,
                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                config=asdict(cfg))
@@ -367,7 +363,7 @@ def train(
         last = checkpoint.latest_checkpoint(ckpt_root)
         if last is not None:
             state = checkpoint.load_state(last)
-            named = dict(_named_trainable(backbone))
+            named = dict(backbone.named_trainable_parameters("policy", "critic"))
             with torch.no_grad():
                 for name, value in state["params"].items():
                     named[name].copy_(value)

@@ -154,14 +154,9 @@ def _split(pairs: PairBatch, eval_fraction: float, seed: int) -> tuple[PairBatch
 def _save(directory: Path, backbone, optimizer, scheduler, step: int, cfg) -> None:
     from rlhf.checkpoint import save_state
 
-    params = {name: p.detach().cpu() for name, p in _named_trainable(backbone)}
+    params = {name: p.detach().cpu() for name, p in backbone.named_trainable_parameters("reward")}
     save_state(directory, step=step, params=params, optimizer=optimizer.state_dict(),
                scheduler=scheduler.state_dict(), config=asdict(cfg))
-
-
-def _named_trainable(backbone):
-    wanted = {id(p) for p in backbone.trainable_parameters("reward")}
-    return [(name, p) for name, p in backbone.named_parameters() if id(p) in wanted]
 
 
 def train(
@@ -219,7 +214,7 @@ def train(
         last = checkpoint.latest_checkpoint(ckpt_root)
         if last is not None:
             state = checkpoint.load_state(last)
-            named = dict(_named_trainable(backbone))
+            named = dict(backbone.named_trainable_parameters("reward"))
             with torch.no_grad():
                 for name, value in state["params"].items():
                     named[name].copy_(value)
