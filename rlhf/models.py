@@ -554,21 +554,29 @@ class SharedBackbone(nn.Module):
 
     def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        role: str | None = "policy", temperature: float = 1.0,
-                       return_entropy: bool = False):
-        """logp (B, T-1) fp32 of ``input_ids[:, 1:]`` given the prefix, under ``role`` (None: the
-        reference) at ``temperature`` [, entropy (B, T-1) fp32 of the same distribution].
+                       return_entropy: bool = False, start: int = 0):
+        """logp (B, T-1-start) fp32 of ``input_ids[:, start+1:]`` given the prefix, under ``role``
+        (None: the reference) at ``temperature`` [, entropy of the same distribution, same shape].
 
-        Positions where ``attention_mask[:, 1:] == 0`` give 0. Uses the fused
-        ``rlhf_kernels.linear_logprobs``: no (B, T, V) logits tensor is built.
+        Column j scores token ``start + 1 + j``; positions where ``attention_mask[:, 1:] == 0``
+        give 0. ``start`` skips the vocabulary projection of positions nobody reads (PPO scores
+        only the response: ``start = prompt_length - 1``); the transformer still runs over the
+        whole sequence. Uses the fused ``rlhf_kernels.linear_logprobs``: no (B, T, V) logits.
         """
         import rlhf_kernels
 
+        length = input_ids.shape[1]
+        if not 0 <= start < length - 1:
+            raise ValueError(f"start must be in [0, {length - 1}) for sequences of {length} "
+                             f"tokens, got {start}")
         hidden = self.hidden_states(input_ids, attention_mask, role)
-        # Labels over the full length with the last column ignored, so the hidden states are
-        # used as they are (no sliced copy); the last column is dropped afterwards.
-        labels = torch.full_like(input_ids, IGNORE_INDEX, dtype=torch.int64)
-        labels[:, :-1] = torch.where(attention_mask[:, 1:] != 0, input_ids[:, 1:].long(),
-                                     IGNORE_INDEX)
+        if start:
+            hidden = hidden[:, start:]
+        # Labels over the kept length with the last column ignored, so the hidden states are
+        # used as they are (no sliced copy when start = 0); the last column is dropped afterwards.
+        labels = torch.full_like(input_ids[:, start:], IGNORE_INDEX, dtype=torch.int64)
+        labels[:, :-1] = torch.where(attention_mask[:, start + 1:] != 0,
+                                     input_ids[:, start + 1:].long(), IGNORE_INDEX)
         weight, bias = self.lm_head_weight(), self.lm_head_bias()
         out = rlhf_kernels.linear_logprobs(hidden, weight, labels, bias=bias,
                                            temperature=temperature, ignore_index=IGNORE_INDEX,
@@ -578,10 +586,10 @@ class SharedBackbone(nn.Module):
         return out[:, :-1]
 
     def reference_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                           temperature: float = 1.0) -> torch.Tensor:
-        """(B, T-1) fp32 log-probs under the reference (adapters off), without autograd."""
+                           temperature: float = 1.0, start: int = 0) -> torch.Tensor:
+        """(B, T-1-start) fp32 log-probs under the reference (adapters off), without autograd."""
         with torch.no_grad():
-            return self.token_logprobs(input_ids, attention_mask, None, temperature)
+            return self.token_logprobs(input_ids, attention_mask, None, temperature, start=start)
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) fp32 value estimates: critic adapter + ``value_head`` at every position

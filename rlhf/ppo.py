@@ -37,9 +37,15 @@ a random head. The policy and the critic each get their own backward while their
 active (what gradient checkpointing needs, see rlhf/models.py), their own gradient clipping and
 learning rate, and share one AdamW and one warm-up + cosine schedule.
 
-Token frame. A rollout of S = P + R columns gives per-token tensors over S - 1 positions: position
-t scores token t + 1 given tokens 0..t. ``Rollout.action_mask`` marks positions whose next token
-is a response token (EOS included); every PPO quantity lives in that frame.
+Token frame. A rollout of S = P + R columns (P prompt, R response) gives per-token tensors over
+the R response positions: column j scores response token j (sequence column P + j) given the
+tokens before it, i.e. the hidden state at sequence position P - 1 + j. ``Rollout.action_mask``
+is the response mask (EOS included, padding after it excluded); every PPO quantity lives in that
+frame. Prompt positions are never projected onto the vocabulary: the reference, old and new
+log-probs cost B x R rows of lm_head work, not B x (S - 1).
+
+Scoring runs ``forward_batch_size`` rows at a time (0: the whole rollout batch in one forward),
+which bounds the no-grad forward's activations for large models.
 
 KL. ``kl`` in the metrics is the mean over sequences of the summed per-token k1 estimate
 (logp - ref_logp) of the sampled responses: an unbiased estimate of KL(policy || reference) per
@@ -93,6 +99,7 @@ class PPOConfig:
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1.0: off
     old_logprobs: str = "auto"  # "auto": recorded while sampling when exact; "forward": recompute
+    forward_batch_size: int = 0  # rows per no-grad scoring forward; 0: the whole rollout batch
     lr: float = 2e-3
     critic_lr: float = 2e-3
     warmup_steps: int = 5
@@ -141,6 +148,9 @@ class PPOConfig:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if self.forward_batch_size < 0:
+            raise ValueError(f"forward_batch_size must be >= 0 (0 = the whole rollout batch), "
+                             f"got {self.forward_batch_size}")
         if self.old_logprobs not in OLD_LOGPROBS_MODES:
             raise ValueError(f"old_logprobs={self.old_logprobs!r} is not a mode; expected one of "
                              f"{OLD_LOGPROBS_MODES}")
@@ -163,11 +173,12 @@ class AdaptiveKLController:
 
 @dataclass
 class Rollout:
-    """Everything one PPO iteration learns from. B rows, S = P + R columns, N = S - 1 positions.
+    """Everything one PPO iteration learns from: B rows, S = P + R columns, R response positions.
 
-    sequences, attention_mask: (B, S) int64; action_mask: (B, N) float32 (1 where the next token
-    is a response token); old_logprobs, ref_logprobs, old_values, rewards, advantages, returns:
-    (B, N) float32 (0 off the action mask); scores: (B,) float32 reward-model scores.
+    sequences, attention_mask: (B, S) int64; prompt_length: P (the first response column);
+    action_mask: (B, R) float32 (1 on response tokens, EOS included); old_logprobs, ref_logprobs,
+    old_values, rewards, advantages, returns: (B, R) float32 (0 off the action mask), column j
+    about response token j; scores: (B,) float32 reward-model scores.
     """
 
     sequences: torch.Tensor
@@ -180,9 +191,12 @@ class Rollout:
     rewards: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
+    prompt_length: int
 
     def rows(self, index: torch.Tensor) -> Rollout:
-        return Rollout(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
+        fields = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        return Rollout(**{f: v[index] if isinstance(v, torch.Tensor) else v
+                          for f, v in fields.items()})
 
 
 def recorded_logprobs_match(backbone, autocast_dtype: torch.dtype | None) -> bool:
@@ -196,6 +210,14 @@ def recorded_logprobs_match(backbone, autocast_dtype: torch.dtype | None) -> boo
     return autocast_dtype is None and backbone.dtype == torch.float32
 
 
+def _by_rows(fn, rows: int, *tensors: torch.Tensor) -> torch.Tensor:
+    """fn(*tensors) computed ``rows`` rows at a time (0 or >= B: at once), concatenated."""
+    batch = tensors[0].shape[0]
+    if rows <= 0 or rows >= batch:
+        return fn(*tensors)
+    return torch.cat([fn(*(t[i:i + rows] for t in tensors)) for i in range(0, batch, rows)])
+
+
 @torch.no_grad()
 def make_rollout(backbone, generation: Generation, kl_coef: float, cfg: PPOConfig, *,
                  use_recorded_logprobs: bool = False) -> Rollout:
@@ -203,24 +225,26 @@ def make_rollout(backbone, generation: Generation, kl_coef: float, cfg: PPOConfi
 
     ``use_recorded_logprobs``: the old log-probs are ``generation.logprobs`` (recorded by the
     engine while sampling) instead of a policy forward over the sequences; only correct when
-    ``recorded_logprobs_match`` says so.
+    ``recorded_logprobs_match`` says so. Forwards run ``cfg.forward_batch_size`` rows at a time.
     """
     seq, mask = generation.sequences, generation.attention_mask
-    batch, width = seq.shape
     prompt_length = generation.prompt_length
-    action_mask = torch.zeros(batch, width - 1, dtype=torch.float32, device=seq.device)
-    action_mask[:, prompt_length - 1:] = generation.response_mask.float()
-    scores = backbone.rewards(seq, mask).float()
-    ref_logprobs = backbone.reference_logprobs(seq, mask, temperature=cfg.temperature)
+    start = prompt_length - 1  # the hidden state at position P - 1 + j scores response token j
+    action_mask = generation.response_mask.float()
+    chunk = cfg.forward_batch_size
+    scores = _by_rows(backbone.rewards, chunk, seq, mask).float()
+    ref_logprobs = _by_rows(
+        lambda s, m: backbone.reference_logprobs(s, m, temperature=cfg.temperature, start=start),
+        chunk, seq, mask)
     if use_recorded_logprobs:
-        # response column j of the generation is token P + j, scored at position P - 1 + j
-        old_logprobs = torch.zeros_like(action_mask)
-        old_logprobs[:, prompt_length - 1:] = generation.logprobs
+        old_logprobs = generation.logprobs
     else:
-        old_logprobs = backbone.token_logprobs(seq, mask, role="policy",
-                                               temperature=cfg.temperature)
-    # value at position t estimates the return from emitting token t + 1 onwards
-    old_values = backbone.values(seq, mask)[:, :-1].float() * action_mask
+        old_logprobs = _by_rows(
+            lambda s, m: backbone.token_logprobs(s, m, role="policy",
+                                                 temperature=cfg.temperature, start=start),
+            chunk, seq, mask)
+    # the value at position t estimates the return from emitting token t + 1 onwards
+    old_values = _by_rows(backbone.values, chunk, seq, mask)[:, start:-1].float() * action_mask
     ref_logprobs = ref_logprobs.float() * action_mask
     old_logprobs = old_logprobs.float() * action_mask
     rewards = rlhf_kernels.shape_rewards(
@@ -231,7 +255,7 @@ def make_rollout(backbone, generation: Generation, kl_coef: float, cfg: PPOConfi
     if cfg.whiten_advantages:
         advantages = rlhf_kernels.masked_whiten(advantages, action_mask)
     return Rollout(seq, mask, action_mask, old_logprobs, ref_logprobs, old_values, scores,
-                   rewards, advantages, returns)
+                   rewards, advantages, returns, prompt_length)
 
 
 def policy_loss(backbone, batch: Rollout, cfg: PPOConfig):
@@ -241,9 +265,12 @@ def policy_loss(backbone, batch: Rollout, cfg: PPOConfig):
     logits, and the gradient is made in the same sweep. Stats include the mean entropy of the
     policy over response tokens.
     """
-    labels = torch.where(batch.action_mask > 0, batch.sequences[:, 1:],
-                         torch.full_like(batch.sequences[:, 1:], -100))
-    hidden = backbone.hidden_states(batch.sequences, batch.attention_mask, "policy")[:, :-1]
+    prompt_length = batch.prompt_length
+    response = batch.sequences[:, prompt_length:]
+    labels = torch.where(batch.action_mask > 0, response, torch.full_like(response, -100))
+    # only the response positions reach the vocabulary projection
+    hidden = backbone.hidden_states(batch.sequences, batch.attention_mask,
+                                    "policy")[:, prompt_length - 1:-1]
     return rlhf_kernels.linear_ppo_loss(
         hidden, backbone.lm_head_weight(), labels, batch.old_logprobs, batch.advantages,
         batch.action_mask, bias=backbone.lm_head_bias(), entropy_coef=cfg.entropy_coef,
@@ -254,7 +281,8 @@ def policy_loss(backbone, batch: Rollout, cfg: PPOConfig):
 
 def value_loss(backbone, batch: Rollout, cfg: PPOConfig):
     """Clipped value loss of a minibatch -> (loss (), stats)."""
-    values = backbone.values(batch.sequences, batch.attention_mask)[:, :-1].float()
+    values = backbone.values(batch.sequences, batch.attention_mask)
+    values = values[:, batch.prompt_length - 1:-1].float()
     return rlhf_kernels.ppo_value_loss(values, batch.old_values, batch.returns, batch.action_mask,
                                        clip=cfg.value_clip, reduction=cfg.loss_reduction)
 

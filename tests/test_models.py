@@ -165,6 +165,36 @@ def test_token_logprobs_match_float64_reference(arch):
         assert g is not None, f"no gradient for a policy parameter of shape {tuple(param.shape)}"
         torch.testing.assert_close(g.double(), w.double(), atol=1e-5, rtol=1e-3)
 
+def test_token_logprobs_from_a_start_position():
+    """``start`` scores only tokens start+1.. (PPO's response frame): the same values as the
+    full call's columns from ``start`` on, and their gradient; bad ``start`` is refused."""
+    backbone = make_backbone("llama", seed=3)
+    ids, mask = pad_batch(random_rows([7, 3, 8], seed=5), "left")
+    full, full_entropy = backbone.token_logprobs(ids, mask, "policy", temperature=0.9,
+                                                 return_entropy=True)
+    for start in (1, 4, ids.shape[1] - 2):
+        part, entropy = backbone.token_logprobs(ids, mask, "policy", temperature=0.9,
+                                                return_entropy=True, start=start)
+        assert part.shape == (3, ids.shape[1] - 1 - start)
+        torch.testing.assert_close(part, full[:, start:], atol=1e-6, rtol=0)
+        torch.testing.assert_close(entropy, full_entropy[:, start:], atol=1e-6, rtol=0)
+    ref = backbone.reference_logprobs(ids, mask, start=4)
+    torch.testing.assert_close(ref, backbone.reference_logprobs(ids, mask)[:, 4:], atol=1e-6,
+                               rtol=0)
+    params = backbone.trainable_parameters("policy")
+    weights = torch.randn_like(full[:, 4:])
+    got = torch.autograd.grad((backbone.token_logprobs(ids, mask, start=4) * weights).sum(),
+                              params, allow_unused=True)
+    want = torch.autograd.grad((backbone.token_logprobs(ids, mask)[:, 4:] * weights).sum(),
+                               params, allow_unused=True)
+    for g, w in zip(got, want):
+        if w is not None:
+            torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-4)
+    for bad in (-1, ids.shape[1] - 1):
+        with pytest.raises(ValueError, match="start must be in"):
+            backbone.token_logprobs(ids, mask, start=bad)
+
+
 
 # --------------------------------------------------------------------------------------------
 # rewards / values under left and right padding

@@ -202,26 +202,43 @@ def test_rollout_shapes_masks_and_targets(tokenizer):
     gen = policy_generation(backbone, tokenizer, cfg, 6)
     rollout = ppo.make_rollout(backbone, gen, kl_coef=0.1, cfg=cfg)
     batch, width = gen.sequences.shape
+    response = width - gen.prompt_length
+    assert rollout.prompt_length == gen.prompt_length
     for name in ("old_logprobs", "ref_logprobs", "old_values", "rewards", "advantages",
                  "returns", "action_mask"):
         tensor = getattr(rollout, name)
-        assert tensor.shape == (batch, width - 1) and tensor.dtype == torch.float32, name
+        # the response frame: column j is about response token j
+        assert tensor.shape == (batch, response) and tensor.dtype == torch.float32, name
         assert torch.isfinite(tensor).all(), name
         assert bool((tensor[rollout.action_mask == 0] == 0).all()), name
     assert rollout.scores.shape == (batch,)
-    # position t scores token t + 1: the action mask is the response mask shifted by one
-    torch.testing.assert_close(rollout.action_mask[:, gen.prompt_length - 1:],
-                               gen.response_mask.float())
-    assert rollout.action_mask[:, :gen.prompt_length - 1].sum() == 0
+    torch.testing.assert_close(rollout.action_mask, gen.response_mask.float())
+    # column j is log p(response token j | everything before it): float64 log_softmax of the
+    # full logits at sequence position P - 1 + j
+    with torch.no_grad():
+        logits = backbone.logits(gen.sequences, gen.attention_mask, "policy").double()
+    logp = torch.log_softmax(logits / cfg.temperature, -1)[:, gen.prompt_length - 1:-1]
+    expected = logp.gather(-1, gen.response_ids[..., None]).squeeze(-1) * rollout.action_mask
+    torch.testing.assert_close(rollout.old_logprobs.double(), expected, rtol=0, atol=1e-4)
     # fresh adapters (LoRA B = 0): policy == reference, so the KL penalty is exactly 0 and the
     # whole sequence reward sits on the last response token
     torch.testing.assert_close(rollout.old_logprobs, rollout.ref_logprobs, rtol=0, atol=0)
-    last = gen.prompt_length - 2 + gen.response_mask.sum(-1)
+    last = gen.response_mask.sum(-1) - 1
     torch.testing.assert_close(rollout.rewards.sum(-1), rollout.scores)
     torch.testing.assert_close(rollout.rewards[torch.arange(batch), last], rollout.scores)
     # the advantages are whitened over the response tokens
     valid = rollout.advantages[rollout.action_mask > 0]
     assert abs(float(valid.mean())) < 1e-5 and abs(float(valid.std()) - 1) < 1e-3
+    # scoring a few rows at a time changes no number
+    chunked = ppo.make_rollout(backbone, gen, kl_coef=0.1,
+                               cfg=ppo_config(None, forward_batch_size=4))
+    for name in ("old_logprobs", "ref_logprobs", "old_values", "scores", "advantages"):
+        torch.testing.assert_close(getattr(chunked, name), getattr(rollout, name),
+                                   rtol=1e-6, atol=1e-6)
+    # a minibatch keeps the frame
+    part = rollout.rows(torch.tensor([4, 1]))
+    assert part.prompt_length == rollout.prompt_length
+    assert torch.equal(part.advantages, rollout.advantages[[4, 1]])
 
 
 def test_recorded_old_logprobs_equal_the_forward_with_filters(tokenizer):
