@@ -1,12 +1,15 @@
 """End-to-end PPO iteration at published model shapes: peak memory, seconds per batch, tokens/s.
 
-One iteration (the same steps as rlhf/ppo.py, one SharedBackbone for the four roles)::
+One iteration, with the trainer's own functions (rlhf/ppo.py: make_rollout, policy_loss,
+value_loss; one SharedBackbone for the four roles)::
 
     rollout     RolloutEngine: static KV cache, CUDA-graph decode, policy LoRA unmerged,
-                log-probs of the sampled tokens recorded while sampling (the old log-probs)
+                log-probs of the sampled tokens recorded while sampling
     scoring     reward adapter + head (the reward model), reference log-probs (adapters off),
-                critic values; chunks of ``forward_chunk`` rows, no (B, T, V) logits
-    GAE         rlhf_kernels.shape_rewards, gae, masked_whiten
+                old log-probs (a policy forward in bf16, as `rlhf ppo` does; the recorded ones
+                with --old-logprobs recorded), critic values; ``forward_chunk`` rows per
+                forward, lm_head over the response positions only, no (B, T, V) logits;
+                shape_rewards, gae, masked_whiten
     update      ppo_epochs x minibatches: linear_ppo_loss from the policy's hidden states
                 (backward while the policy adapter is active), ppo_value_loss for the critic;
                 AdamW over the policy and critic adapters (+ value head) only; gradient
@@ -38,13 +41,14 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-import rlhf_kernels
 from benchmarks.common import print_table, save_results
 from rlhf import plan as planner
 from rlhf.engine import RolloutEngine
 from rlhf.models import LoraSpec, SharedBackbone
+from rlhf.ppo import PPOConfig, make_rollout, policy_loss, recorded_logprobs_match, value_loss
+from rlhf.ppo import make_optimizer as ppo_make_optimizer
 
-IGNORE_INDEX = -100
+OLD_LOGPROBS = ("auto", "forward", "recorded")
 
 
 @dataclass
@@ -64,7 +68,7 @@ class E2EConfig:
     device: str = "cuda"
     decode_graph: str = "auto"
     stop_at_eos: bool = False
-    recompute_old_logprobs: bool = False  # True: one more policy forward instead of the engine's
+    old_logprobs: str = "auto"  # "auto" as rlhf ppo decides; "forward"; "recorded" (the engine's)
     warmup: int = 1  # untimed iterations (CUDA-graph capture, Triton compilation)
     iterations: int = 2
     max_memory_gib: float | None = None
@@ -77,6 +81,9 @@ class E2EConfig:
         if self.batch % self.minibatch:
             raise ValueError(f"batch ({self.batch}) must be a multiple of minibatch "
                              f"({self.minibatch})")
+        if self.old_logprobs not in OLD_LOGPROBS:
+            raise ValueError(f"old_logprobs={self.old_logprobs!r}; expected one of "
+                             f"{OLD_LOGPROBS}")
         if self.forward_chunk < 1 or self.iterations < 1 or self.warmup < 0:
             raise ValueError("forward_chunk and iterations must be >= 1, warmup >= 0")
 
@@ -155,77 +162,71 @@ class StageClock:
             self.peak_bytes[name] = max(self.peak_bytes.get(name, 0), peak)
 
 
-def _chunked(fn, sequences, attention_mask, rows: int) -> torch.Tensor:
-    return torch.cat([fn(sequences[i:i + rows], attention_mask[i:i + rows])
-                      for i in range(0, sequences.shape[0], rows)])
+def ppo_settings(cfg: E2EConfig) -> PPOConfig:
+    """The trainer's settings for this case (rlhf/ppo.py's defaults otherwise: clip 0.2,
+    token-mean, gamma 1, lambda 0.95, k1 KL in the reward, whitened advantages)."""
+    return PPOConfig(rollout_batch_size=cfg.batch, minibatch_size=cfg.minibatch,
+                     ppo_epochs=cfg.ppo_epochs, max_prompt_length=cfg.prompt_length,
+                     max_new_tokens=cfg.response_length, temperature=cfg.temperature,
+                     kl_coef=0.05, kl_target=None, forward_batch_size=cfg.forward_chunk,
+                     lr=cfg.lr, critic_lr=cfg.lr, device=cfg.device)
+
+
+def uses_recorded_logprobs(backbone: SharedBackbone, cfg: E2EConfig) -> bool:
+    """``auto`` decides as ``rlhf ppo`` does (recorded only when exact: fp32 weights, no
+    autocast; so bf16 runs a policy forward, as TRL does); ``recorded`` skips that forward."""
+    if cfg.old_logprobs == "auto":
+        return recorded_logprobs_match(backbone, None)
+    return cfg.old_logprobs == "recorded"
 
 
 def ppo_iteration(backbone: SharedBackbone, engine: RolloutEngine, optimizer, prompt_ids,
                   prompt_mask, cfg: E2EConfig, clock: StageClock, eos_token_id=None) -> dict:
-    """Rollout -> scoring -> GAE -> PPO update; returns stats (floats)."""
+    """Rollout -> scoring -> GAE -> PPO update with the trainer's own functions
+    (``rlhf.ppo.make_rollout``, ``policy_loss``, ``value_loss``); returns stats (floats)."""
+    settings = ppo_settings(cfg)
     with clock.stage("rollout"):
         backbone.eval()
         gen = engine.generate(prompt_ids, prompt_mask, cfg.response_length,
                               eos_token_id=eos_token_id, pad_token_id=0,
-                              temperature=cfg.temperature, seed=cfg.seed)
-    P = gen.prompt_length
-    seq, attn = gen.sequences, gen.attention_mask
-    mask = gen.response_mask.float()  # (B, R): the response frame, position t scores token P + t
-    with clock.stage("scoring"), torch.no_grad():
-        scores = _chunked(backbone.rewards, seq, attn, cfg.forward_chunk)
-        # SharedBackbone.token_logprobs: hidden states x lm_head through linear_logprobs
-        ref_logp = _chunked(lambda s, a: backbone.token_logprobs(s, a, None, cfg.temperature),
-                            seq, attn, cfg.forward_chunk)[:, P - 1:] * mask
-        values = _chunked(backbone.values, seq, attn, cfg.forward_chunk)[:, P - 1:-1] * mask
-        if cfg.recompute_old_logprobs:
-            old_logp = _chunked(
-                lambda s, a: backbone.token_logprobs(s, a, "policy", cfg.temperature),
-                seq, attn, cfg.forward_chunk)[:, P - 1:] * mask
-        else:
-            old_logp = gen.logprobs
-        rewards = rlhf_kernels.shape_rewards(scores, old_logp, ref_logp, mask, kl_coef=0.05)
-        advantages, returns = rlhf_kernels.gae(rewards, values, mask, 1.0, 0.95)
-        advantages = rlhf_kernels.masked_whiten(advantages, mask)
-    labels = torch.where(gen.response_mask, gen.response_ids, IGNORE_INDEX)
-    stats: dict[str, float] = {}
+                              temperature=cfg.temperature, seed=cfg.seed).without_prompt_padding()
+    with clock.stage("scoring"):
+        # reward adapter + head, reference (adapters off) and, unless recorded, old log-probs
+        # through linear_logprobs over the response positions, critic values, shaped rewards,
+        # GAE and whitening; forward_chunk rows per forward
+        rollout = make_rollout(backbone, gen, settings.kl_coef, settings,
+                               use_recorded_logprobs=uses_recorded_logprobs(backbone, cfg))
+    policy_params = backbone.trainable_parameters("policy")
+    critic_params = backbone.trainable_parameters("critic")
     with clock.stage("update"):
         backbone.train()
         generator = torch.Generator().manual_seed(cfg.seed)
         for _epoch in range(cfg.ppo_epochs):
-            order = torch.randperm(cfg.batch, generator=generator).to(seq.device)
+            order = torch.randperm(cfg.batch, generator=generator).to(gen.sequences.device)
             for first in range(0, cfg.batch, cfg.minibatch):
-                rows = order[first:first + cfg.minibatch]
-                s, a, m = seq[rows], attn[rows], mask[rows]
-                # policy: hidden states -> fused loss; backward while the policy adapter is on
-                hidden = backbone.hidden_states(s, a, "policy")[:, P - 1:-1]
-                pg_loss, pg_stats = rlhf_kernels.linear_ppo_loss(
-                    hidden, backbone.lm_head_weight(), labels[rows], old_logp[rows],
-                    advantages[rows], m, bias=backbone.lm_head_bias(),
-                    temperature=cfg.temperature)
+                batch = rollout.rows(order[first:first + cfg.minibatch])
+                # each loss gets its backward while its adapter is active (rlhf/models.py)
+                pg_loss, pg_stats = policy_loss(backbone, batch, settings)
                 pg_loss.backward()
-                del hidden
-                new_values = backbone.values(s, a)[:, P - 1:-1]
-                v_loss, v_stats = rlhf_kernels.ppo_value_loss(
-                    new_values, values[rows], returns[rows], m)
+                v_loss, v_stats = value_loss(backbone, batch, settings)
                 v_loss.backward()
-                del new_values
-                torch.nn.utils.clip_grad_norm_(
-                    [p for group in optimizer.param_groups for p in group["params"]], 1.0)
+                torch.nn.utils.clip_grad_norm_(policy_params, settings.grad_clip)
+                torch.nn.utils.clip_grad_norm_(critic_params, settings.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         backbone.eval()
-    stats.update(policy_loss=pg_loss.item(), value_loss=v_loss.item(),
-                 clipfrac=float(pg_stats["clipfrac"]), score=float(scores.mean()),
-                 response_tokens=int(gen.response_mask.sum()),
-                 response_width=int(gen.response_mask.shape[1]),
-                 explained_variance=float(v_stats["explained_variance"]))
-    return stats
+    return dict(policy_loss=pg_loss.item(), value_loss=v_loss.item(),
+                clipfrac=float(pg_stats["clipfrac"]), score=float(rollout.scores.mean()),
+                response_tokens=int(gen.response_mask.sum()),
+                response_width=int(gen.response_mask.shape[1]),
+                explained_variance=float(v_stats["explained_variance"]))
 
 
 def make_optimizer(backbone: SharedBackbone, cfg: E2EConfig):
-    params = backbone.trainable_parameters("policy") + backbone.trainable_parameters("critic")
-    fused = torch.device(cfg.device).type == "cuda"
-    return torch.optim.AdamW(params, lr=cfg.lr, fused=fused)
+    """The trainer's optimizer (rlhf.ppo.make_optimizer): adapters and value head only."""
+    return ppo_make_optimizer(backbone.trainable_parameters("policy"),
+                              backbone.trainable_parameters("critic"), ppo_settings(cfg),
+                              torch.device(cfg.device))
 
 
 def run_case(cfg: E2EConfig, marker=None) -> dict:
@@ -271,6 +272,7 @@ def run_case(cfg: E2EConfig, marker=None) -> dict:
         "scoring_s": clock.seconds["scoring"] / n,
         "update_s": clock.seconds["update"] / n,
         "predicted_peak_gib": predicted["peak_bytes"] / 2**30,
+        "old_logprobs": "recorded" if uses_recorded_logprobs(backbone, cfg) else "forward",
         "config": asdict(cfg),
         "last_stats": stats,
         "plan": {k: v for k, v in predicted.items() if k != "config"},
@@ -315,7 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-graph", default="auto", choices=("auto", "cuda_graph",
                                                                    "compile", "none"))
     parser.add_argument("--stop-at-eos", action="store_true")
-    parser.add_argument("--recompute-old-logprobs", action="store_true")
+    parser.add_argument("--old-logprobs", default="auto", choices=OLD_LOGPROBS,
+                        help="auto: as rlhf ppo (a policy forward in bf16); recorded: the "
+                             "engine's values (skips that forward)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iterations", type=int, default=2)
     parser.add_argument("--max-memory", type=float, default=None, metavar="GiB",
@@ -339,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             forward_chunk=args.forward_chunk or args.batch,
             gradient_checkpointing=not args.no_gradient_checkpointing,
             decode_graph=args.decode_graph, stop_at_eos=args.stop_at_eos,
-            recompute_old_logprobs=args.recompute_old_logprobs, warmup=args.warmup,
+            old_logprobs=args.old_logprobs, warmup=args.warmup,
             iterations=args.iterations, max_memory_gib=args.max_memory)
         try:
             rows.append(run_case(cfg))
