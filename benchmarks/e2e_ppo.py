@@ -28,6 +28,7 @@ Each row also carries the planner's prediction (rlhf.plan) and measured / predic
 
     python -m benchmarks.e2e_ppo --shape qwen2.5-1.5b
     python -m benchmarks.e2e_ppo --shape llama-3-8b --max-memory 24 --minibatch 4
+    python -m benchmarks.e2e_ppo --shape qwen2.5-1.5b --peer-script ../shared/peers/trl_ppo.py
     python -m benchmarks.e2e_ppo --smoke
 """
 
@@ -38,6 +39,7 @@ import contextlib
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -299,6 +301,54 @@ def run(smoke: bool = False, **overrides) -> list[dict]:
 
 COLUMNS = ("case", "device", "peak_gib", "predicted_peak_gib", "s_per_batch",
            "response_tok_per_s", "generation_s", "scoring_s", "update_s")
+PEER_COLUMNS = ("case", "impl", "peak_gib", "s_per_batch", "response_tok_per_s",
+                "memory_ratio", "speed_ratio")
+
+# The peer script's shape names (TRL's PPOTrainer runs Qwen2.5 shapes only)
+PEER_SHAPES = {"qwen2.5-0.5b": "0.5b", "qwen2.5-1.5b": "1.5b", "qwen2.5-7b": "7b"}
+
+
+def run_peer(script: str, cfg: E2EConfig, peft: bool = True, steps: int = 3,
+             timeout_s: float | None = None) -> dict:
+    """Run a peer PPO script (``../shared/peers/trl_ppo.py``: TRL's PPOTrainer) in a subprocess
+    at ``cfg``'s shape and sizes; its ``RESULT {json}`` line as a row. The peer's usage is
+    ``script SHAPE PEFT BATCH PROMPT RESPONSE STEPS``; a failure becomes a row with ``error``."""
+    import json
+    import subprocess
+
+    impl = f"peer {Path(script).name} {'LoRA' if peft else 'full'}"
+    row = {"op": "e2e_ppo", "case": cfg.shape, "impl": impl}
+    if cfg.shape not in PEER_SHAPES:
+        return {**row, "error": f"the peer runs {sorted(PEER_SHAPES)} only"}
+    command = [sys.executable, script, PEER_SHAPES[cfg.shape], "1" if peft else "0",
+               str(cfg.batch), str(cfg.prompt_length), str(cfg.response_length), str(steps)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {**row, "error": f"timed out after {timeout_s} s", "command": command}
+    results = [line[len("RESULT "):] for line in done.stdout.splitlines()
+               if line.startswith("RESULT ")]
+    if done.returncode != 0 or not results:
+        tail = (done.stdout + done.stderr)[-2000:]
+        return {**row, "error": f"exit code {done.returncode}, no RESULT line", "output": tail,
+                "command": command}
+    peer = json.loads(results[-1])
+    row.update(peer=peer, peak_gib=peer.get("peak_GiB"), s_per_batch=peer.get("sec_per_batch"),
+               response_tok_per_s=peer.get("response_tokens_per_s"))
+    if peer.get("oom"):
+        row["error"] = "out of memory"
+    return row
+
+
+def compare(ours: dict, peer: dict) -> dict:
+    """The peer row with our advantage: memory_ratio = peer peak / our peak, speed_ratio = our
+    tokens/s / the peer's (> 1: we are leaner / faster)."""
+    out = dict(peer)
+    if ours.get("peak_gib") and peer.get("peak_gib"):
+        out["memory_ratio"] = peer["peak_gib"] / ours["peak_gib"]
+    if ours.get("response_tok_per_s") and peer.get("response_tok_per_s"):
+        out["speed_ratio"] = ours["response_tok_per_s"] / peer["response_tok_per_s"]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -324,6 +374,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=2)
     parser.add_argument("--max-memory", type=float, default=None, metavar="GiB",
                         help="cap with torch.cuda.set_per_process_memory_fraction")
+    parser.add_argument("--peer-script", metavar="PATH",
+                        help="also run this peer (../shared/peers/trl_ppo.py: TRL's PPOTrainer) "
+                             "at each Qwen2.5 shape, same sizes, in a subprocess, and report "
+                             "memory_ratio / speed_ratio against it")
+    parser.add_argument("--peer-full", action="store_true",
+                        help="run the peer in full fine-tuning mode too (4 models)")
+    parser.add_argument("--peer-steps", type=int, default=3)
+    parser.add_argument("--peer-timeout", type=float, default=None, metavar="s")
     parser.add_argument("--smoke", action="store_true", help="tiny shape on the CPU, no files")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -346,15 +404,24 @@ def main(argv: list[str] | None = None) -> int:
             old_logprobs=args.old_logprobs, warmup=args.warmup,
             iterations=args.iterations, max_memory_gib=args.max_memory)
         try:
-            rows.append(run_case(cfg))
+            ours = run_case(cfg)
         except torch.OutOfMemoryError as error:
-            rows.append({"op": "e2e_ppo", "case": shape, "error": f"out of memory: {error}",
-                         "config": asdict(cfg)})
+            ours = {"op": "e2e_ppo", "case": shape, "error": f"out of memory: {error}",
+                    "config": asdict(cfg)}
             torch.cuda.empty_cache()
-        print_table(rows[-1:], COLUMNS)
+        rows.append(ours)
+        print_table([ours], COLUMNS)
+        if args.peer_script:
+            for peft in (True, False) if args.peer_full else (True,):
+                peer = compare(ours, run_peer(args.peer_script, cfg, peft, args.peer_steps,
+                                              args.peer_timeout))
+                rows.append(peer)
+                print_table([peer], PEER_COLUMNS)
     path = save_results("e2e_ppo", rows)
     print(f"wrote {path}")
-    print_table(rows, COLUMNS)
+    print_table([r for r in rows if not r.get("impl", "").startswith("peer")], COLUMNS)
+    if args.peer_script:
+        print_table([r for r in rows if r.get("impl", "").startswith("peer")], PEER_COLUMNS)
     return 0
 
 
