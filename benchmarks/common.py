@@ -94,6 +94,24 @@ def copy_bandwidth_gbps(nbytes: int = 2**30) -> float | None:
     return _BANDWIDTH_CACHE[key]
 
 
+_MATMUL_CACHE: dict[str, float] = {}
+
+
+def matmul_tflops(dtype: torch.dtype = torch.bfloat16, n: int = 8192) -> float | None:
+    """Measured dense matmul rate in TFLOP/s (an n x n x n cuBLAS GEMM in ``dtype``): the
+    compute floor's denominator."""
+    if not torch.cuda.is_available():
+        return None
+    key = f"{torch.cuda.current_device()}:{dtype}:{n}"
+    if key not in _MATMUL_CACHE:
+        a = torch.randn(n, n, device="cuda", dtype=dtype)
+        b = torch.randn(n, n, device="cuda", dtype=dtype)
+        ms = time_ms(lambda: a @ b)
+        _MATMUL_CACHE[key] = 2 * n**3 / (ms * 1e-3) / 1e12
+        del a, b
+    return _MATMUL_CACHE[key]
+
+
 def result_row(
     op: str,
     case: str,
@@ -141,6 +159,7 @@ def environment() -> dict:
     bw = copy_bandwidth_gbps()
     if bw:
         env["copy_bandwidth_gbps"] = bw
+        env["bf16_matmul_tflops"] = matmul_tflops(torch.bfloat16)
     return env
 
 

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import print_table, save_results
+from benchmarks.common import copy_bandwidth_gbps, matmul_tflops, print_table, save_results
 from rlhf import plan as planner
 from rlhf.engine import RolloutEngine
 from rlhf.models import LoraSpec, SharedBackbone
@@ -231,6 +231,42 @@ def make_optimizer(backbone: SharedBackbone, cfg: E2EConfig):
                               torch.device(cfg.device))
 
 
+def iteration_floor(cfg: E2EConfig, uses_recorded: bool, copy_gbps: float | None = None,
+                    matmul_tflops: float | None = None) -> dict:
+    """A lower bound on one PPO iteration's time, from the model's numbers (rlhf.plan).
+
+    Generation is memory-bound: each of the R decode steps reads the base weights (decoder
+    layers + lm_head) at least once, at the measured copy bandwidth. Everything else is
+    compute-bound: 2 flops per weight per token for each forward over the B x S tokens (reward,
+    reference, old log-probs unless recorded, values), and for the update per epoch, for each of
+    policy and critic, forward + checkpoint recomputation + the backward's activation gradient
+    (the base is frozen: no weight-gradient GEMMs) = 3 forwards; lm_head only over the B x R
+    response positions, and in the update twice (logits, then their gradient into the hidden
+    states; it sits outside the checkpointed layers, so nothing recomputes it). Attention's S^2 terms and LoRA's rank-r
+    GEMMs are left out (small at these lengths), so the bound is optimistic, never pessimistic.
+    """
+    dims = planner.ModelDims.from_dict(planner.PRESETS[cfg.shape] | cfg.config_overrides)
+    itemsize = torch.empty((), dtype=getattr(torch, cfg.dtype)).element_size()
+    head = dims.vocab_size * dims.hidden_size
+    embeddings = head if dims.tie_word_embeddings else 2 * head
+    body = dims.params() - embeddings  # decoder layers and norms
+    B, R, S = cfg.batch, cfg.response_length, cfg.prompt_length + cfg.response_length
+    forward_body, forward_head = 2 * body * B * S, 2 * head * B * R
+    scoring = 2 * forward_body + forward_head  # reward + values, reference
+    if not uses_recorded:
+        scoring += forward_body + forward_head  # old log-probs
+    update = cfg.ppo_epochs * (3 * forward_body + 2 * forward_head + 3 * forward_body)
+    floor = {"decode_bytes": R * (body + head) * itemsize, "scoring_flops": scoring,
+             "update_flops": update}
+    if copy_gbps and matmul_tflops:
+        floor["generation_s"] = floor["decode_bytes"] / (copy_gbps * 1e9)
+        floor["scoring_s"] = scoring / (matmul_tflops * 1e12)
+        floor["update_s"] = update / (matmul_tflops * 1e12)
+        floor["total_s"] = floor["generation_s"] + floor["scoring_s"] + floor["update_s"]
+        floor["copy_gbps"], floor["matmul_tflops"] = copy_gbps, matmul_tflops
+    return floor
+
+
 def run_case(cfg: E2EConfig, marker=None) -> dict:
     """Build, warm up, time ``cfg.iterations`` iterations; one result row."""
     device = torch.device(cfg.device)
@@ -260,6 +296,7 @@ def run_case(cfg: E2EConfig, marker=None) -> dict:
         total_tokens += stats["response_tokens"]
     elapsed = time.perf_counter() - started
     n = cfg.iterations
+    recorded = uses_recorded_logprobs(backbone, cfg)
     predicted = planner.plan(cfg.shape, batch=cfg.batch, prompt_length=cfg.prompt_length,
                              response_length=cfg.response_length, lora_rank=cfg.lora_rank,
                              dtype=cfg.dtype, gradient_checkpointing=cfg.gradient_checkpointing,
@@ -274,12 +311,17 @@ def run_case(cfg: E2EConfig, marker=None) -> dict:
         "scoring_s": clock.seconds["scoring"] / n,
         "update_s": clock.seconds["update"] / n,
         "predicted_peak_gib": predicted["peak_bytes"] / 2**30,
-        "old_logprobs": "recorded" if uses_recorded_logprobs(backbone, cfg) else "forward",
+        "old_logprobs": "recorded" if recorded else "forward",
         "config": asdict(cfg),
         "last_stats": stats,
         "plan": {k: v for k, v in predicted.items() if k != "config"},
     }
     if device.type == "cuda":
+        floor = iteration_floor(cfg, recorded, copy_bandwidth_gbps(),
+                                matmul_tflops(getattr(torch, cfg.dtype)))
+        row["floor"] = floor
+        row["floor_s"] = floor["total_s"]
+        row["pct_of_floor"] = 100 * floor["total_s"] / row["s_per_batch"]
         peak = max(clock.peak_bytes.values())
         row["peak_gib"] = peak / 2**30
         row["stage_peak_gib"] = {k: v / 2**30 for k, v in clock.peak_bytes.items()}
@@ -300,7 +342,8 @@ def run(smoke: bool = False, **overrides) -> list[dict]:
 
 
 COLUMNS = ("case", "device", "peak_gib", "predicted_peak_gib", "s_per_batch",
-           "response_tok_per_s", "generation_s", "scoring_s", "update_s")
+           "response_tok_per_s", "generation_s", "scoring_s", "update_s", "floor_s",
+           "pct_of_floor")
 PEER_COLUMNS = ("case", "impl", "peak_gib", "s_per_batch", "response_tok_per_s",
                 "memory_ratio", "speed_ratio")
 

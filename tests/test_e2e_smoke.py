@@ -51,3 +51,32 @@ def test_peer_side_by_side_parses_the_peer_and_computes_ratios(tmp_path):
     assert "no RESULT" in e2e_ppo.run_peer(str(silent), cfg)["error"]
     llama = e2e_ppo.run_peer(str(peer), e2e_ppo.E2EConfig(shape="llama-3-8b"))
     assert "runs" in llama["error"]
+
+
+def test_iteration_floor_counts_the_models_weights():
+    """The floor's weight counts agree with the Hugging Face model built from the same config
+    (on the meta device), and the old-log-probs forward is counted only when it runs."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlhf import plan as planner
+
+    for shape in ("qwen2.5-1.5b", "llama-3-8b"):  # tied and untied lm_head
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(planner.hf_config(shape))
+        named = dict(model.named_parameters())  # a tied lm_head appears once
+        head = model.get_output_embeddings().weight.numel()
+        body = sum(p.numel() for n, p in named.items()
+                   if "embed_tokens" not in n and "lm_head" not in n)
+        cfg = e2e_ppo.E2EConfig(shape=shape, batch=4, minibatch=4, prompt_length=10,
+                                response_length=6)
+        forward = e2e_ppo.iteration_floor(cfg, uses_recorded=False)
+        recorded = e2e_ppo.iteration_floor(cfg, uses_recorded=True, copy_gbps=2000.0,
+                                           matmul_tflops=500.0)
+        assert forward["decode_bytes"] == 6 * (body + head) * 2  # bf16
+        one_forward = 2 * body * 4 * 16 + 2 * head * 4 * 6
+        assert forward["scoring_flops"] - recorded["scoring_flops"] == one_forward
+        assert forward["update_flops"] == 6 * 2 * body * 4 * 16 + 2 * 2 * head * 4 * 6
+        assert "total_s" not in forward
+        assert math.isclose(recorded["total_s"], recorded["decode_bytes"] / 2000e9
+                            + (recorded["scoring_flops"] + recorded["update_flops"]) / 500e12)
