@@ -16,13 +16,13 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 LOG_DIR=${LOG_DIR:-benchmarks/results/logs}
-mkdir -p "$LOG_DIR"
 PY=${PYTHON:-python3}
 
 if ! $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     echo "gpu_check: no CUDA device visible to $PY; nothing to do" >&2
     exit 2
 fi
+mkdir -p "$LOG_DIR"
 $PY - <<'EOF' | tee "$LOG_DIR/environment.txt"
 import torch, triton, transformers, peft
 print(torch.cuda.get_device_name(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
