@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -242,8 +243,9 @@ def iteration_floor(cfg: E2EConfig, uses_recorded: bool, copy_gbps: float | None
     policy and critic, forward + checkpoint recomputation + the backward's activation gradient
     (the base is frozen: no weight-gradient GEMMs) = 3 forwards; lm_head only over the B x R
     response positions, and in the update twice (logits, then their gradient into the hidden
-    states; it sits outside the checkpointed layers, so nothing recomputes it). Attention's S^2 terms and LoRA's rank-r
-    GEMMs are left out (small at these lengths), so the bound is optimistic, never pessimistic.
+    states; it sits outside the checkpointed layers, so nothing recomputes it). Attention's S^2
+    terms and LoRA's rank-r GEMMs are left out (small at these lengths), so the bound is
+    optimistic, never pessimistic.
     """
     dims = planner.ModelDims.from_dict(planner.PRESETS[cfg.shape] | cfg.config_overrides)
     itemsize = torch.empty((), dtype=getattr(torch, cfg.dtype)).element_size()
@@ -267,6 +269,23 @@ def iteration_floor(cfg: E2EConfig, uses_recorded: bool, copy_gbps: float | None
     return floor
 
 
+def _rss_bytes() -> int:
+    """Resident set size of this process now (Linux /proc; 0 elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
 def run_case(cfg: E2EConfig, marker=None) -> dict:
     """Build, warm up, time ``cfg.iterations`` iterations; one result row."""
     device = torch.device(cfg.device)
@@ -277,6 +296,8 @@ def run_case(cfg: E2EConfig, marker=None) -> dict:
                 min(1.0, cfg.max_memory_gib * 2**30 / total), device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    else:
+        rss_start = _rss_bytes()
     backbone = build_backbone(cfg)
     optimizer = make_optimizer(backbone, cfg)
     engine = RolloutEngine(backbone, decode_graph=cfg.decode_graph)
@@ -328,6 +349,12 @@ def run_case(cfg: E2EConfig, marker=None) -> dict:
         row["measured_over_predicted"] = {
             k: clock.peak_bytes[k] / predicted["stages"][k]["total"] for k in clock.peak_bytes}
         row["max_memory_gib"] = cfg.max_memory_gib
+    else:
+        # the process's peak resident set above its size before the model was built (weights,
+        # activations, optimizer state, and also allocator slack and BLAS buffers); the peak is
+        # the process's lifetime peak, so it is this case's only for the first case run
+        row["peak_gib"] = (_peak_rss_bytes() - rss_start) / 2**30
+        row["memory"] = "peak RSS above the start of the case"
     del engine, optimizer, backbone
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -352,10 +379,12 @@ PEER_SHAPES = {"qwen2.5-0.5b": "0.5b", "qwen2.5-1.5b": "1.5b", "qwen2.5-7b": "7b
 
 
 def run_peer(script: str, cfg: E2EConfig, peft: bool = True, steps: int = 3,
-             timeout_s: float | None = None) -> dict:
+             timeout_s: float | None = None, python: str | None = None) -> dict:
     """Run a peer PPO script (``../shared/peers/trl_ppo.py``: TRL's PPOTrainer) in a subprocess
     at ``cfg``'s shape and sizes; its ``RESULT {json}`` line as a row. The peer's usage is
-    ``script SHAPE PEFT BATCH PROMPT RESPONSE STEPS``; a failure becomes a row with ``error``."""
+    ``script SHAPE PEFT BATCH PROMPT RESPONSE STEPS``, run by ``python`` (default: this
+    interpreter; another one when TRL 1.12 lives in its own environment). A failure becomes a
+    row with ``error``."""
     import json
     import subprocess
 
@@ -363,7 +392,7 @@ def run_peer(script: str, cfg: E2EConfig, peft: bool = True, steps: int = 3,
     row = {"op": "e2e_ppo", "case": cfg.shape, "impl": impl}
     if cfg.shape not in PEER_SHAPES:
         return {**row, "error": f"the peer runs {sorted(PEER_SHAPES)} only"}
-    command = [sys.executable, script, PEER_SHAPES[cfg.shape], "1" if peft else "0",
+    command = [python or sys.executable, script, PEER_SHAPES[cfg.shape], "1" if peft else "0",
                str(cfg.batch), str(cfg.prompt_length), str(cfg.response_length), str(steps)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
@@ -425,16 +454,32 @@ def main(argv: list[str] | None = None) -> int:
                         help="run the peer in full fine-tuning mode too (4 models)")
     parser.add_argument("--peer-steps", type=int, default=3)
     parser.add_argument("--peer-timeout", type=float, default=None, metavar="s")
+    parser.add_argument("--peer-python", metavar="PATH",
+                        help="the interpreter that has the peer's packages (default: this one)")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                        help="cpu: a real shape on the CPU (one --shape; memory is the peak "
+                             "RSS, our ops run the PyTorch reference); says nothing of GPU speed")
+    parser.add_argument("--results-dir", metavar="DIR", default=None,
+                        help="where the JSON goes (default: benchmarks/results)")
     parser.add_argument("--smoke", action="store_true", help="tiny shape on the CPU, no files")
     args = parser.parse_args(argv)
     if args.smoke:
         rows = run(smoke=True)
         print_table(rows, COLUMNS)
         return 0
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("No CUDA device: this benchmark measures GPU memory and speed. Use --smoke to "
-              "check the script on the CPU.", file=sys.stderr)
+              "check the script on the CPU, or --device cpu for a real shape on the CPU.",
+              file=sys.stderr)
         return 2
+    if args.device == "cpu":
+        if len(args.shape or []) > 1:
+            parser.error("--device cpu measures the process's peak RSS: one --shape per run")
+        if args.max_memory is not None:
+            parser.error("--max-memory caps CUDA memory; it has no meaning with --device cpu")
+        # the PyTorch reference of our ops, not the Triton interpreter (minutes per call at a
+        # 152K vocabulary); benchmarks/__init__ turned the interpreter on for the CPU
+        os.environ.setdefault("RLHF_KERNELS_BACKEND", "reference")
     rows = []
     for shape in args.shape or ["qwen2.5-1.5b"]:
         cfg = E2EConfig(
@@ -445,22 +490,23 @@ def main(argv: list[str] | None = None) -> int:
             gradient_checkpointing=not args.no_gradient_checkpointing,
             decode_graph=args.decode_graph, stop_at_eos=args.stop_at_eos,
             old_logprobs=args.old_logprobs, warmup=args.warmup,
-            iterations=args.iterations, max_memory_gib=args.max_memory)
+            iterations=args.iterations, max_memory_gib=args.max_memory, device=args.device)
         try:
             ours = run_case(cfg)
         except torch.OutOfMemoryError as error:
             ours = {"op": "e2e_ppo", "case": shape, "error": f"out of memory: {error}",
                     "config": asdict(cfg)}
-            torch.cuda.empty_cache()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         rows.append(ours)
         print_table([ours], COLUMNS)
         if args.peer_script:
             for peft in (True, False) if args.peer_full else (True,):
                 peer = compare(ours, run_peer(args.peer_script, cfg, peft, args.peer_steps,
-                                              args.peer_timeout))
+                                              args.peer_timeout, args.peer_python))
                 rows.append(peer)
                 print_table([peer], PEER_COLUMNS)
-    path = save_results("e2e_ppo", rows)
+    path = save_results("e2e_ppo", rows, args.results_dir)
     print(f"wrote {path}")
     print_table([r for r in rows if not r.get("impl", "").startswith("peer")], COLUMNS)
     if args.peer_script:

@@ -80,3 +80,25 @@ def test_iteration_floor_counts_the_models_weights():
         assert "total_s" not in forward
         assert math.isclose(recorded["total_s"], recorded["decode_bytes"] / 2000e9
                             + (recorded["scoring_flops"] + recorded["update_flops"]) / 500e12)
+
+
+def test_cpu_device_run_writes_a_row_with_peak_rss(tmp_path, monkeypatch):
+    """--device cpu: a real run (here the tiny shape) with the reference ops, memory as peak
+    RSS, the JSON in --results-dir; one shape only, no --max-memory."""
+    import json
+
+    import pytest
+
+    # main() sets this itself for --device cpu; setting it here makes monkeypatch undo it
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
+    args = ["--device", "cpu", "--shape", "tiny", "--batch", "2", "--prompt-length", "6",
+            "--response-length", "4", "--warmup", "0", "--iterations", "1",
+            "--results-dir", str(tmp_path)]
+    assert e2e_ppo.main(args) == 0
+    (path,) = tmp_path.glob("e2e_ppo-cpu-*.json")
+    (row,) = json.loads(path.read_text())["rows"]
+    assert row["device"] == "cpu" and row["peak_gib"] > 0 and "RSS" in row["memory"]
+    assert row["last_stats"]["response_tokens"] == 2 * 4
+    for bad in (["--shape", "tiny", "--shape", "qwen2.5-0.5b"], ["--max-memory", "4"]):
+        with pytest.raises(SystemExit):
+            e2e_ppo.main(["--device", "cpu", *bad])
