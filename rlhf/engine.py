@@ -13,7 +13,9 @@ What it does, for B prompts left-padded to P tokens and at most R new tokens:
    ``torch.compile(mode="reduce-overhead")``; every step replays it after updating static input
    buffers in place (token, position, cache slot, mask column), so a step costs one graph launch
    instead of hundreds of kernel launches through PEFT-wrapped layers. On the CPU the step runs
-   eagerly (tests).
+   eagerly by default; ``decode_graph="compile"`` compiles it there too (Inductor's C++ code),
+   which is how the CPU tests show that the step reads no per-step Python state: one compiled
+   graph serves every step and every call, with the eager tokens.
 4. **LoRA unmerged**: the policy adapter runs through PEFT's unmerged forward
    (``base(x) + B(A(x)) * scale``); the shared base weights are never written, so they stay the
    bit-exact reference model.
@@ -314,9 +316,9 @@ class RolloutEngine:
     adapters are seen by the next rollout; anything that *reallocates* parameters (``.to()``,
     loading a checkpoint) needs ``release()`` first.
 
-    decode_graph: "auto" (CUDA graph on CUDA, eager on CPU), "cuda_graph", "compile"
-    (``torch.compile(mode="reduce-overhead")`` of the step), "none" (eager). If capturing fails
-    the engine warns once and runs eagerly.
+    decode_graph: "auto" (CUDA graph on CUDA, eager on CPU), "cuda_graph" (CUDA only; eager on
+    the CPU), "compile" (``torch.compile(mode="reduce-overhead")`` of the step, on CUDA or CPU),
+    "none" (eager). If capturing fails the engine warns once and runs eagerly.
     """
 
     def __init__(
@@ -362,8 +364,8 @@ class RolloutEngine:
     def _mode_for(self, device: torch.device) -> str:
         if self.decode_graph == "auto":
             return "cuda_graph" if device.type == "cuda" else "none"
-        if self.decode_graph in ("cuda_graph", "compile") and device.type != "cuda":
-            return "none"  # graphs only exist on CUDA; the CPU path is the eager one
+        if self.decode_graph == "cuda_graph" and device.type != "cuda":
+            return "none"  # CUDA graphs only exist on CUDA; the CPU path is the eager one
         return self.decode_graph
 
     def _autocast(self, device: torch.device):

@@ -256,6 +256,35 @@ def test_bad_inputs_raise():
                  pad_token_id=PAD, role="judge")
 
 
+def test_compiled_decode_step_reads_no_per_step_python_state():
+    """decode_graph="compile" (on the CPU: Inductor). The compiled step is traced once and then
+    serves every step of every call: dynamo would guard on, and recompile for, any Python value
+    the step reads that changes from step to step (cache length, position, slot), and a CUDA
+    graph would bake such a value in. One compiled frame, the eager tokens, and log-probs equal
+    to a teacher-forced forward show the step reads only its static buffers."""
+    from torch._dynamo.utils import counters
+
+    backbone = _backbone("qwen2")
+    prompt_ids, prompt_mask = _prompts(batch=3, length=6)
+    kw = dict(eos_token_id=None, pad_token_id=PAD, seed=3)
+    eager = RolloutEngine(backbone, decode_graph="none").generate(prompt_ids, prompt_mask, 9, **kw)
+    engine = RolloutEngine(backbone, decode_graph="compile")
+    frames_before = counters["frames"]["total"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a failed compile warns and goes eager
+        runs = [engine.generate(prompt_ids, prompt_mask, 9, **kw) for _ in range(2)]
+    assert engine._compiled is not None
+    assert counters["frames"]["total"] - frames_before == 1, dict(counters["frames"])
+    for gen in runs:
+        assert torch.equal(gen.sequences, eager.sequences)
+        torch.testing.assert_close(gen.logprobs, eager.logprobs, rtol=0, atol=1e-5)
+        with torch.no_grad():
+            teacher = backbone.token_logprobs(gen.sequences, gen.attention_mask, "policy",
+                                              start=gen.prompt_length - 1)
+        assert_close(gen.logprobs, teacher * gen.response_mask,
+                     atol=LOGP_ATOL[torch.float32], name="compiled decode")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("mode", ["cuda_graph", "compile"])
 def test_captured_decode_matches_teacher_forced(mode):
