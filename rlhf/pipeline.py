@@ -57,13 +57,14 @@ def _ppo_defaults() -> ppo.PPOConfig:
 @dataclass
 class PipelineConfig:
     """The built-in task end to end. Stage settings nest (``ppo.kl_target=4`` on the CLI); their
-    ``output_dir``, ``seed``, ``device`` and ``resume`` are set by the pipeline from the fields
-    here."""
+    ``output_dir``, ``seed``, ``device``, ``max_memory`` and ``resume`` are set by the pipeline
+    from the fields here."""
 
     output_dir: str = "runs/pipeline"
     seed: int = 0
     resume: bool = False
     device: str = "auto"
+    max_memory: float | None = None  # GiB: cap CUDA memory (emulates a smaller card)
     corpus_size: int = 4000
     vocab_size: int = 1024
     hidden_size: int = 64
@@ -176,6 +177,7 @@ def _run(cfg: PipelineConfig) -> dict:
         stage_cfg.output_dir = str(out / name)
         stage_cfg.seed = cfg.seed
         stage_cfg.device = cfg.device
+        stage_cfg.max_memory = cfg.max_memory
         stage_cfg.resume = cfg.resume
     torch.manual_seed(cfg.seed)
 
@@ -215,7 +217,7 @@ def _run(cfg: PipelineConfig) -> dict:
     else:
         backbone = SharedBackbone.from_model(
             model, lora=LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha))
-    backbone.to(sft.resolve_device(cfg.device))
+    backbone.to(sft.resolve_device(cfg.device, cfg.max_memory))
     pairs_path = out / "pairs.jsonl"
     if cfg.resume and pairs_path.exists():
         records = [json.loads(line) for line in pairs_path.read_text().splitlines()]

@@ -72,7 +72,7 @@ from tqdm.auto import tqdm
 
 import rlhf_kernels
 from rlhf.engine import Generation, RolloutEngine
-from rlhf.sft import _check_common, resolve_device, warmup_cosine_schedule
+from rlhf.sft import _check_common, check_max_memory, resolve_device, warmup_cosine_schedule
 
 __all__ = ["AdaptiveKLController", "OLD_LOGPROBS_MODES", "PPOConfig", "Rollout",
            "make_optimizer", "make_rollout", "recorded_logprobs_match", "train"]
@@ -121,6 +121,7 @@ class PPOConfig:
     seed: int = 0
     resume: bool = False
     device: str = "auto"
+    max_memory: float | None = None  # GiB: cap CUDA memory (emulates a smaller card)
     bf16: bool = True
     nonfinite: str = "error"
     max_skipped_steps: int = 10
@@ -128,6 +129,7 @@ class PPOConfig:
     def __post_init__(self) -> None:
         _check_common(self.nonfinite, self.grad_accum_steps, self.minibatch_size,
                       self.num_iterations)
+        check_max_memory(self.max_memory)
         if self.rollout_batch_size % (self.minibatch_size * self.grad_accum_steps):
             raise ValueError(
                 f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
@@ -373,7 +375,7 @@ def train(
     if len(prompts) == 0:
         raise ValueError("PPO needs at least one prompt; the prompt dataset is empty")
     prompt_ids, prompt_mask = encode_prompts(prompts, tokenizer, cfg.max_prompt_length)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, cfg.max_memory)
     backbone.to(device)
     backbone.init_critic_from_reward()
     policy_params = backbone.trainable_parameters("policy")

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 import rlhf_kernels
-from rlhf.sft import _check_common, resolve_device, warmup_cosine_schedule
+from rlhf.sft import _check_common, check_max_memory, resolve_device, warmup_cosine_schedule
 
 __all__ = ["PairBatch", "RewardConfig", "evaluate", "pair_loss", "train"]
 
@@ -55,12 +55,14 @@ class RewardConfig:
     save_every: int = 0  # 0: only at the end (and on Ctrl-C)
     resume: bool = False
     device: str = "auto"
+    max_memory: float | None = None  # GiB: cap CUDA memory (emulates a smaller card)
     bf16: bool = True
     nonfinite: str = "error"
     max_skipped_steps: int = 10
 
     def __post_init__(self) -> None:
         _check_common(self.nonfinite, self.grad_accum_steps, self.batch_size, 1)
+        check_max_memory(self.max_memory)
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if not self.epochs > 0:
@@ -198,7 +200,7 @@ def train(
         train_set, eval_set = _split(train_set, cfg.eval_fraction, cfg.seed)
     if len(train_set) == 0:
         raise ValueError("no training pairs left for the reward model (empty dataset?)")
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, cfg.max_memory)
     backbone.to(device)
     backbone.train()
     params = backbone.trainable_parameters("reward")

@@ -34,6 +34,7 @@ import rlhf_kernels
 __all__ = [
     "SFTConfig",
     "lm_loss",
+    "check_max_memory",
     "resolve_device",
     "train",
     "warmup_cosine_schedule",
@@ -64,12 +65,14 @@ class SFTConfig:
     save_every: int = 100
     resume: bool = False
     device: str = "auto"  # "auto": cuda when available, else cpu
+    max_memory: float | None = None  # GiB: cap CUDA memory (emulates a smaller card)
     bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     nonfinite: str = "error"  # "error": raise; "skip": drop that optimizer step (counted, warned)
     max_skipped_steps: int = 10
 
     def __post_init__(self) -> None:
         _check_common(self.nonfinite, self.grad_accum_steps, self.batch_size, self.max_steps)
+        check_max_memory(self.max_memory)
 
 
 def _check_common(nonfinite: str, grad_accum_steps: int, batch_size: int, steps: int) -> None:
@@ -81,11 +84,34 @@ def _check_common(nonfinite: str, grad_accum_steps: int, batch_size: int, steps:
             raise ValueError(f"{name} must be >= 1, got {value}")
 
 
-def resolve_device(device: str) -> torch.device:
-    """"auto" -> cuda when available else cpu; anything else is passed to torch.device."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+def check_max_memory(max_memory: float | None) -> None:
+    if max_memory is not None and not max_memory > 0:
+        raise ValueError(f"max_memory must be > 0 GiB or None (no cap), got {max_memory}")
+
+
+def resolve_device(device: str, max_memory: float | None = None) -> torch.device:
+    """"auto" -> cuda when available else cpu; anything else is passed to torch.device.
+
+    ``max_memory`` (GiB) caps this process's CUDA memory with
+    ``torch.cuda.set_per_process_memory_fraction``, which emulates a smaller card: allocations
+    beyond it raise ``torch.OutOfMemoryError`` as they would there. Ignored (with a warning)
+    on the CPU, and when it exceeds the card.
+    """
+    check_max_memory(max_memory)
+    resolved = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" \
+        else torch.device(device)
+    if max_memory is not None:
+        if resolved.type != "cuda":
+            warnings.warn(f"max_memory={max_memory} GiB caps CUDA memory; ignored on "
+                          f"{resolved.type}", stacklevel=2)
+        else:
+            total = torch.cuda.get_device_properties(resolved).total_memory
+            if max_memory * 2**30 >= total:
+                warnings.warn(f"max_memory={max_memory} GiB is not below the card's "
+                              f"{total / 2**30:.1f} GiB: no cap", stacklevel=2)
+            torch.cuda.set_per_process_memory_fraction(min(1.0, max_memory * 2**30 / total),
+                                                       resolved)
+    return resolved
 
 
 def warmup_cosine_schedule(
@@ -209,7 +235,7 @@ def train(
         model = model if model is not None else loaded[0]
         tokenizer = tokenizer if tokenizer is not None else loaded[1]
         examples = examples if examples is not None else loaded[2]
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, cfg.max_memory)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     encoded = data.tokenize_sft(examples, tokenizer, max_length=cfg.max_length)

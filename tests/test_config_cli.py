@@ -256,3 +256,34 @@ def test_cli_reports_bad_input_as_one_line_error(tmp_path, capsys):
     assert code == 2
     assert err.startswith("rlhf sft: error:") and "Traceback" not in err
     assert "model" in err and err.count("\n") == 1
+
+
+def test_max_memory_caps_cuda_and_is_checked(monkeypatch):
+    """max_memory (GiB; every stage, and the pipeline passes it on) -> the card's fraction for
+    set_per_process_memory_fraction; validated; ignored with a warning on the CPU and when not
+    below the card."""
+    import warnings
+
+    import torch
+
+    from rlhf import ppo, reward, sft
+
+    for config in (sft.SFTConfig, reward.RewardConfig, ppo.PPOConfig):
+        with pytest.raises(ValueError, match="max_memory must be > 0"):
+            config(max_memory=0)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: types.SimpleNamespace(total_memory=80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
+                        lambda fraction, device: calls.append((fraction, device)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sft.resolve_device("cuda:0", 24.0) == torch.device("cuda:0")
+        assert sft.resolve_device("cuda:0") == torch.device("cuda:0")  # no cap asked: no call
+    assert calls == [(0.3, torch.device("cuda:0"))]
+    with pytest.warns(UserWarning, match="no cap"):
+        sft.resolve_device("cuda:0", 96.0)
+    assert calls[-1][0] == 1.0
+    with pytest.warns(UserWarning, match="ignored on cpu"):
+        assert sft.resolve_device("cpu", 8.0) == torch.device("cpu")
+    assert len(calls) == 2
