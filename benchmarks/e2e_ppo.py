@@ -50,6 +50,7 @@ from rlhf.engine import RolloutEngine
 from rlhf.models import LoraSpec, SharedBackbone
 from rlhf.ppo import PPOConfig, make_rollout, policy_loss, recorded_logprobs_match, value_loss
 from rlhf.ppo import make_optimizer as ppo_make_optimizer
+from rlhf.sft import resolve_device
 
 OLD_LOGPROBS = ("auto", "forward", "recorded")
 
@@ -288,12 +289,8 @@ def _peak_rss_bytes() -> int:
 
 def run_case(cfg: E2EConfig, marker=None) -> dict:
     """Build, warm up, time ``cfg.iterations`` iterations; one result row."""
-    device = torch.device(cfg.device)
+    device = resolve_device(cfg.device, cfg.max_memory_gib)  # the trainer's max_memory cap
     if device.type == "cuda":
-        if cfg.max_memory_gib is not None:
-            total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(
-                min(1.0, cfg.max_memory_gib * 2**30 / total), device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     else:
