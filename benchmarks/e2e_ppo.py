@@ -376,21 +376,24 @@ PEER_SHAPES = {"qwen2.5-0.5b": "0.5b", "qwen2.5-1.5b": "1.5b", "qwen2.5-7b": "7b
 
 
 def run_peer(script: str, cfg: E2EConfig, peft: bool = True, steps: int = 3,
-             timeout_s: float | None = None, python: str | None = None) -> dict:
+             timeout_s: float | None = None, python: str | None = None,
+             extra_args: tuple[str, ...] = ()) -> dict:
     """Run a peer PPO script (``../shared/peers/trl_ppo.py``: TRL's PPOTrainer) in a subprocess
     at ``cfg``'s shape and sizes; its ``RESULT {json}`` line as a row. The peer's usage is
     ``script SHAPE PEFT BATCH PROMPT RESPONSE STEPS``, run by ``python`` (default: this
-    interpreter; another one when TRL 1.12 lives in its own environment). A failure becomes a
+    interpreter; another one when TRL 1.12 lives in its own environment), with ``extra_args``
+    after the six (``--enable-gc`` for benchmarks/peers/trl_ppo_peer.py). A failure becomes a
     row with ``error``."""
     import json
     import subprocess
 
-    impl = f"peer {Path(script).name} {'LoRA' if peft else 'full'}"
+    impl = " ".join(["peer", Path(script).name, "LoRA" if peft else "full", *extra_args])
     row = {"op": "e2e_ppo", "case": cfg.shape, "impl": impl}
     if cfg.shape not in PEER_SHAPES:
         return {**row, "error": f"the peer runs {sorted(PEER_SHAPES)} only"}
     command = [python or sys.executable, script, PEER_SHAPES[cfg.shape], "1" if peft else "0",
-               str(cfg.batch), str(cfg.prompt_length), str(cfg.response_length), str(steps)]
+               str(cfg.batch), str(cfg.prompt_length), str(cfg.response_length), str(steps),
+               *extra_args]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -451,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="run the peer in full fine-tuning mode too (4 models)")
     parser.add_argument("--peer-steps", type=int, default=3)
     parser.add_argument("--peer-timeout", type=float, default=None, metavar="s")
+    parser.add_argument("--peer-arg", action="append", default=[], metavar="ARG",
+                        help="passed to the peer after its six arguments (repeatable), e.g. "
+                             "--peer-arg=--enable-gc for benchmarks/peers/trl_ppo_peer.py")
     parser.add_argument("--peer-python", metavar="PATH",
                         help="the interpreter that has the peer's packages (default: this one)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
@@ -500,7 +506,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.peer_script:
             for peft in (True, False) if args.peer_full else (True,):
                 peer = compare(ours, run_peer(args.peer_script, cfg, peft, args.peer_steps,
-                                              args.peer_timeout, args.peer_python))
+                                              args.peer_timeout, args.peer_python,
+                                              tuple(args.peer_arg)))
                 rows.append(peer)
                 print_table([peer], PEER_COLUMNS)
     path = save_results("e2e_ppo", rows, args.results_dir)

@@ -51,6 +51,13 @@ def test_peer_side_by_side_parses_the_peer_and_computes_ratios(tmp_path):
     assert "no RESULT" in e2e_ppo.run_peer(str(silent), cfg)["error"]
     llama = e2e_ppo.run_peer(str(peer), e2e_ppo.E2EConfig(shape="llama-3-8b"))
     assert "runs" in llama["error"]
+    # extra arguments follow the six, and name the row
+    echo = tmp_path / "echo.py"
+    echo.write_text("import json, sys\n"
+                    "print('RESULT ' + json.dumps({'argv': sys.argv[1:], 'peak_GiB': 1.0}))\n")
+    row = e2e_ppo.run_peer(str(echo), cfg, extra_args=("--enable-gc",))
+    assert row["peer"]["argv"] == ["1.5b", "1", "16", "128", "256", "3", "--enable-gc"]
+    assert row["impl"] == "peer echo.py LoRA --enable-gc"
 
 
 def test_iteration_floor_counts_the_models_weights():

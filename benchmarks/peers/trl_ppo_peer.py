@@ -1,11 +1,13 @@
-"""TRL PPOTrainer (trl 1.12, `trl.experimental.ppo`) on the CPU: one side of a CPU side-by-side.
+"""TRL PPOTrainer (trl 1.12, `trl.experimental.ppo`): the peer of benchmarks/e2e_ppo.py, CPU or GPU.
 
 Same construction as the project's GPU anchor (shared/peers/trl_ppo.py): random-initialised
 Qwen2.5-shaped policy (CausalLM), value and reward models (SequenceClassification, 1 label),
 bf16 weights, LoRA r=16 / alpha 32 on all linear layers with the reference = adapters off
 (PEFT=1) or a separate reference model (PEFT=0), gradient checkpointing, one PPO epoch, one
-minibatch, a fixed response length (no stop token). Only the device differs: "cpu"
-(PPOConfig use_cpu=True; bf16=True is accepted there).
+minibatch, a fixed response length (no stop token). It runs on CUDA when there is a GPU (memory:
+``torch.cuda.max_memory_allocated`` from just before training, the weights included, as the
+anchor measures it) and otherwise on the CPU (PPOConfig use_cpu=True; bf16=True is accepted
+there; memory: peak RSS above the size after the imports).
 
 Caveat found with trl 1.12.0 + transformers 5.23: PPOTrainer overrides Trainer.train() and never
 calls gradient_checkpointing_enable, so ``gradient_checkpointing=True`` in PPOConfig (what the
@@ -15,19 +17,22 @@ policy and value models before the trainer is built (non-reentrant, transformers
 
 Run in a venv holding trl==1.12.0:
 
-    python benchmarks/peers/trl_ppo_cpu.py SHAPE PEFT BATCH PROMPT RESPONSE STEPS [--enable-gc]
-    python benchmarks/peers/trl_ppo_cpu.py 0.5b 1 4 32 32 3
+    python benchmarks/peers/trl_ppo_peer.py SHAPE PEFT BATCH PROMPT RESPONSE STEPS [--enable-gc]
+    python benchmarks/peers/trl_ppo_peer.py 0.5b 1 4 32 32 3
 
 or beside ours, in one call (our e2e with the same shape and sizes, then this script)::
 
     python -m benchmarks.e2e_ppo --device cpu --shape qwen2.5-0.5b --batch 4 \
-        --prompt-length 32 --response-length 32 --peer-script benchmarks/peers/trl_ppo_cpu.py \
+        --prompt-length 32 --response-length 32 --peer-script benchmarks/peers/trl_ppo_peer.py \
         --peer-python /path/to/venv-with-trl-1.12/bin/python
+    python -m benchmarks.e2e_ppo --shape qwen2.5-1.5b \
+        --peer-script benchmarks/peers/trl_ppo_peer.py --peer-arg=--enable-gc     # on a GPU
 
 Prints one ``RESULT {json}`` line: seconds per PPO batch (median of the step-to-step times,
 so the first step, which carries the start-up, is not counted), response tokens/s = B * R / that,
-and memory as the process's peak RSS (getrusage ru_maxrss) above the RSS measured after the
-imports and before any model is built.
+and memory (``peak_GiB``): on a GPU the allocator's peak during training; on the CPU the
+process's peak RSS (getrusage ru_maxrss) above the RSS measured after the imports and before any
+model is built. Out of memory on a GPU gives a RESULT line with ``"oom": true``.
 """
 from __future__ import annotations
 
@@ -78,7 +83,7 @@ SHAPES = {
                num_attention_heads=28, num_key_value_heads=4),
 }
 VOCAB = 151936
-DEVICE = "cpu"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def main(argv: list[str]) -> int:
@@ -134,8 +139,8 @@ def main(argv: list[str]) -> int:
                                  task_type="CAUSAL_LM")
 
     args = PPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="trl_ppo_cpu_"),
-        use_cpu=True, bf16=True,
+        output_dir=tempfile.mkdtemp(prefix="trl_ppo_peer_"),
+        use_cpu=DEVICE == "cpu", bf16=True,
         per_device_train_batch_size=batch, gradient_accumulation_steps=1,
         num_mini_batches=1, num_ppo_epochs=1, local_rollout_forward_batch_size=batch,
         response_length=response, total_episodes=batch * steps, num_sample_generations=0,
@@ -158,13 +163,27 @@ def main(argv: list[str]) -> int:
 
     class StepClock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
             stamps.append(time.perf_counter())
             gc_active.update(policy=backbone_gc(trainer.model.policy),
                              value=backbone_gc(trainer.model.value_model))
 
     trainer.add_callback(StepClock())
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # the peak from here: weights included
     started = time.perf_counter()
-    trainer.train()
+    try:
+        trainer.train()
+    except torch.OutOfMemoryError:
+        print("RESULT " + json.dumps(dict(
+            system=f"trl-{trl.__version__} PPOTrainer", shape=f"qwen2.5-{shape}", peft=use_peft,
+            batch=batch, prompt=prompt, response=response, oom=True, device=DEVICE,
+            enable_gc_flag=enable_gc, peak_GiB=torch.cuda.max_memory_allocated() / 2**30,
+            gpu=torch.cuda.get_device_name())), flush=True)
+        return 0
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
     finished = time.perf_counter()
 
     intervals = [b - a for a, b in zip(stamps, stamps[1:])]
@@ -178,8 +197,12 @@ def main(argv: list[str]) -> int:
         first_step_s=(stamps[0] - started) if stamps else None, total_train_s=finished - started,
         baseline_rss_gib=baseline_kib / 2**20, peak_rss_gib=peak_kib / 2**20,
         peak_rss_above_baseline_gib=(peak_kib - baseline_kib) / 2**20,
-        # what `python -m benchmarks.e2e_ppo --device cpu --peer-script` compares with ours
-        peak_GiB=(peak_kib - baseline_kib) / 2**20,
+        # what `python -m benchmarks.e2e_ppo --peer-script` compares with ours
+        peak_GiB=(torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda"
+                  else (peak_kib - baseline_kib) / 2**20),
+        memory=("torch.cuda.max_memory_allocated during training" if DEVICE == "cuda"
+                else "peak RSS above the size after the imports"),
+        gpu=torch.cuda.get_device_name() if DEVICE == "cuda" else None,
         gradient_checkpointing_arg=args.gradient_checkpointing, enable_gc_flag=enable_gc,
         gc_active=gc_active, dtype="bfloat16", device=DEVICE, threads=torch.get_num_threads(),
         torch=torch.__version__, transformers=transformers.__version__,
