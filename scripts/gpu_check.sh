@@ -10,8 +10,9 @@
 #
 # Results go to benchmarks/results/ (JSON with GPU, versions, date and git SHA) and logs to
 # $LOG_DIR (default benchmarks/results/logs). TRL's PPOTrainer runs beside ours when
-# PEER_SCRIPT names its runner (default ../shared/peers/trl_ppo.py when it exists) and
-# trl==1.12.0 + datasets import.
+# PEER_SCRIPT names its runner (default ../shared/peers/trl_ppo.py, the anchor, when it exists)
+# and trl==1.12.0 + datasets import. trl 1.12 ignores gradient_checkpointing=True; for TRL with
+# checkpointing really on: PEER_SCRIPT=benchmarks/peers/trl_ppo_peer.py PEER_ARGS=--enable-gc.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -34,6 +35,7 @@ peer_args=()
 PEER_SCRIPT=${PEER_SCRIPT:-../shared/peers/trl_ppo.py}
 if [ -f "$PEER_SCRIPT" ] && $PY -c 'import trl, datasets' 2>/dev/null; then
     peer_args=(--peer-script "$PEER_SCRIPT" --peer-full)
+    for arg in ${PEER_ARGS:-}; do peer_args+=("--peer-arg=$arg"); done
 else
     echo "gpu_check: TRL peer not run (needs $PEER_SCRIPT and trl==1.12.0 + datasets)" >&2
 fi
