@@ -291,6 +291,8 @@ def run_case(cfg: E2EConfig, marker=None) -> dict:
     """Build, warm up, time ``cfg.iterations`` iterations; one result row."""
     device = resolve_device(cfg.device, cfg.max_memory_gib)  # the trainer's max_memory cap
     if device.type == "cuda":
+        # the floor's rates, measured (and cached) before the model takes the memory
+        rates = copy_bandwidth_gbps(), matmul_tflops(getattr(torch, cfg.dtype))
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     else:
@@ -335,8 +337,7 @@ def run_case(cfg: E2EConfig, marker=None) -> dict:
         "plan": {k: v for k, v in predicted.items() if k != "config"},
     }
     if device.type == "cuda":
-        floor = iteration_floor(cfg, recorded, copy_bandwidth_gbps(),
-                                matmul_tflops(getattr(torch, cfg.dtype)))
+        floor = iteration_floor(cfg, recorded, *rates)
         row["floor"] = floor
         row["floor_s"] = floor["total_s"]
         row["pct_of_floor"] = 100 * floor["total_s"] / row["s_per_batch"]
