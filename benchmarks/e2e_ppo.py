@@ -219,7 +219,14 @@ def ppo_iteration(backbone: SharedBackbone, engine: RolloutEngine, optimizer, pr
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         backbone.eval()
-    return dict(policy_loss=pg_loss.item(), value_loss=v_loss.item(),
+    stats = {}
+    if not uses_recorded_logprobs(backbone, cfg):
+        # issue item 5 at the real shape: the engine's recorded log-probs against the
+        # teacher-forced forward the update uses (bf16: a few 1e-2 nats expected)
+        diff = (gen.logprobs - rollout.old_logprobs).abs()[gen.response_mask]
+        stats.update(recorded_vs_forward_logp_max=float(diff.max()),
+                     recorded_vs_forward_logp_mean=float(diff.mean()))
+    return dict(**stats, policy_loss=pg_loss.item(), value_loss=v_loss.item(),
                 clipfrac=float(pg_stats["clipfrac"]), score=float(rollout.scores.mean()),
                 response_tokens=int(gen.response_mask.sum()),
                 response_width=int(gen.response_mask.shape[1]),

@@ -106,6 +106,9 @@ def test_cpu_device_run_writes_a_row_with_peak_rss(tmp_path, monkeypatch):
     (row,) = json.loads(path.read_text())["rows"]
     assert row["device"] == "cpu" and row["peak_gib"] > 0 and "RSS" in row["memory"]
     assert row["last_stats"]["response_tokens"] == 2 * 4
+    # bf16 weights: the old log-probs come from a forward, checked against the recorded ones
+    assert row["old_logprobs"] == "forward"
+    assert 0 <= row["last_stats"]["recorded_vs_forward_logp_max"] < 6e-2
     for bad in (["--shape", "tiny", "--shape", "qwen2.5-0.5b"], ["--max-memory", "4"]):
         with pytest.raises(SystemExit):
             e2e_ppo.main(["--device", "cpu", *bad])
