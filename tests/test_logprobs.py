@@ -100,6 +100,19 @@ def test_single_token_vocabulary_is_certain():
     assert torch.all(lp == 0) and torch.all(ent == 0) and torch.all(grad == 0)
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_lanes_past_the_vocabulary_compute_zero_in_fp16():
+    """V = 1 in fp16 with a very negative logit (lse = -28.6 at T = 0.7): the lanes of the
+    block past V must not compute exp(-lse) ~ 3e12 (an fp16 overflow, harmless on the GPU since
+    never stored, but a cast warning in the interpreter). Closed form: logp 0, zero gradient."""
+    logits = torch.full((2, 1), -20.0, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    labels = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    lp, ent = logprobs(logits, labels, 0.7, return_entropy=True, backend="triton")
+    (grad,) = torch.autograd.grad((lp * torch.tensor([1.5, -2.0], device=DEVICE)).sum()
+                                  + ent.sum(), logits)
+    assert torch.all(lp == 0) and torch.all(ent == 0) and torch.all(grad == 0)
+
+
 def test_uniform_logits_closed_form():
     # All-equal logits: logp = -log V and entropy = log V exactly (up to fp32 rounding).
     V = 1271

@@ -158,7 +158,9 @@ def _logprobs_bwd_kernel(
     # Each block is read and then written by this program alone, so out may be the logits buffer.
     for start in range(0, V, BLOCK_V):
         cols = start + offsets
-        x = tl.load(row_ptr + cols, mask=cols < read_end, other=0.0).to(tl.float32)
+        # lanes past V (and ignored rows) read -inf: p = 0 there, so they compute an exact 0
+        # rather than exp(-lse), which overflows fp16 when lse is very negative (never stored)
+        x = tl.load(row_ptr + cols, mask=cols < read_end, other=float("-inf")).to(tl.float32)
         log_p = x * inv_temperature - lse
         p = tl.exp(log_p)
         dz = tl.zeros([BLOCK_V], dtype=tl.float32)
