@@ -1,7 +1,7 @@
 """End-to-end PPO iteration at published model shapes: peak memory, seconds per batch, tokens/s.
 
-One iteration, with the trainer's own functions (rlhf/ppo.py: make_rollout, policy_loss,
-value_loss; one SharedBackbone for the four roles)::
+One iteration, with the trainer's own functions (rlhf/ppo.py: make_rollout, backward_losses,
+make_optimizer; one SharedBackbone for the four roles)::
 
     rollout     RolloutEngine: static KV cache, CUDA-graph decode, policy LoRA unmerged,
                 log-probs of the sampled tokens recorded while sampling
@@ -48,7 +48,7 @@ from benchmarks.common import copy_bandwidth_gbps, matmul_tflops, print_table, s
 from rlhf import plan as planner
 from rlhf.engine import RolloutEngine
 from rlhf.models import LoraSpec, SharedBackbone
-from rlhf.ppo import PPOConfig, make_rollout, policy_loss, recorded_logprobs_match, value_loss
+from rlhf.ppo import PPOConfig, backward_losses, make_rollout, recorded_logprobs_match
 from rlhf.ppo import make_optimizer as ppo_make_optimizer
 from rlhf.sft import resolve_device
 
@@ -187,8 +187,9 @@ def uses_recorded_logprobs(backbone: SharedBackbone, cfg: E2EConfig) -> bool:
 def ppo_iteration(backbone: SharedBackbone, engine: RolloutEngine, optimizer, prompt_ids,
                   prompt_mask, cfg: E2EConfig, clock: StageClock, eos_token_id=None) -> dict:
     """Rollout -> scoring -> GAE -> PPO update with the trainer's own functions
-    (``rlhf.ppo.make_rollout``, ``policy_loss``, ``value_loss``); returns stats (floats)."""
+    (``rlhf.ppo.make_rollout``, ``backward_losses``); returns stats (floats)."""
     settings = ppo_settings(cfg)
+    recorded = uses_recorded_logprobs(backbone, cfg)
     with clock.stage("rollout"):
         backbone.eval()
         gen = engine.generate(prompt_ids, prompt_mask, cfg.response_length,
@@ -199,7 +200,7 @@ def ppo_iteration(backbone: SharedBackbone, engine: RolloutEngine, optimizer, pr
         # through linear_logprobs over the response positions, critic values, shaped rewards,
         # GAE and whitening; forward_chunk rows per forward
         rollout = make_rollout(backbone, gen, settings.kl_coef, settings,
-                               use_recorded_logprobs=uses_recorded_logprobs(backbone, cfg))
+                               use_recorded_logprobs=recorded)
     policy_params = backbone.trainable_parameters("policy")
     critic_params = backbone.trainable_parameters("critic")
     with clock.stage("update"):
@@ -209,18 +210,14 @@ def ppo_iteration(backbone: SharedBackbone, engine: RolloutEngine, optimizer, pr
             order = torch.randperm(cfg.batch, generator=generator).to(gen.sequences.device)
             for first in range(0, cfg.batch, cfg.minibatch):
                 batch = rollout.rows(order[first:first + cfg.minibatch])
-                # each loss gets its backward while its adapter is active (rlhf/models.py)
-                pg_loss, pg_stats = policy_loss(backbone, batch, settings)
-                pg_loss.backward()
-                v_loss, v_stats = value_loss(backbone, batch, settings)
-                v_loss.backward()
+                pg_loss, pg_stats, v_loss, v_stats = backward_losses(backbone, batch, settings)
                 torch.nn.utils.clip_grad_norm_(policy_params, settings.grad_clip)
                 torch.nn.utils.clip_grad_norm_(critic_params, settings.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         backbone.eval()
     stats = {}
-    if not uses_recorded_logprobs(backbone, cfg):
+    if not recorded:
         # issue item 5 at the real shape: the engine's recorded log-probs against the
         # teacher-forced forward the update uses (bf16: a few 1e-2 nats expected)
         diff = (gen.logprobs - rollout.old_logprobs).abs()[gen.response_mask]
@@ -520,9 +517,10 @@ def main(argv: list[str] | None = None) -> int:
                 print_table([peer], PEER_COLUMNS)
     path = save_results("e2e_ppo", rows, args.results_dir)
     print(f"wrote {path}")
-    print_table([r for r in rows if not r.get("impl", "").startswith("peer")], COLUMNS)
-    if args.peer_script:
-        print_table([r for r in rows if r.get("impl", "").startswith("peer")], PEER_COLUMNS)
+    peer_rows = [r for r in rows if r.get("impl", "").startswith("peer")]
+    print_table([r for r in rows if r not in peer_rows], COLUMNS)
+    if peer_rows:
+        print_table(peer_rows, PEER_COLUMNS)
     return 0
 
 

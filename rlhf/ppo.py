@@ -75,7 +75,7 @@ from rlhf.engine import Generation, RolloutEngine
 from rlhf.sft import _check_common, check_max_memory, resolve_device, warmup_cosine_schedule
 
 __all__ = ["AdaptiveKLController", "OLD_LOGPROBS_MODES", "PPOConfig", "Rollout",
-           "make_optimizer", "make_rollout", "recorded_logprobs_match", "train"]
+           "backward_losses", "make_optimizer", "make_rollout", "recorded_logprobs_match", "train"]
 
 OLD_LOGPROBS_MODES = ("auto", "forward")
 
@@ -298,6 +298,24 @@ def make_optimizer(policy_params, critic_params, cfg: PPOConfig, device: torch.d
     )
 
 
+def backward_losses(backbone, batch: Rollout, cfg: PPOConfig,
+                    autocast_dtype: torch.dtype | None = None, accumulation: int = 1):
+    """Policy loss, its backward, then value loss, its backward (each while its own adapter
+    is active, which gradient checkpointing needs: rlhf/models.py); the losses are divided by
+    ``accumulation`` (grad_accum_steps) for the backward. Returns (policy loss, stats, value
+    loss, stats)."""
+    device_type = batch.sequences.device.type
+    autocast = dict(device_type=device_type, dtype=autocast_dtype,
+                    enabled=autocast_dtype is not None)
+    with torch.autocast(**autocast):
+        p_loss, p_stats = policy_loss(backbone, batch, cfg)
+    (p_loss / accumulation).backward()  # policy adapter active
+    with torch.autocast(**autocast):
+        v_loss, v_stats = value_loss(backbone, batch, cfg)
+    (v_loss / accumulation).backward()  # critic adapter active
+    return p_loss, p_stats, v_loss, v_stats
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -450,14 +468,8 @@ def train(
                     for k in range(cfg.grad_accum_steps):
                         start = first + k * cfg.minibatch_size
                         batch = rollout.rows(order[start:start + cfg.minibatch_size])
-                        with torch.autocast(device.type, dtype=autocast_dtype,
-                                            enabled=autocast_dtype is not None):
-                            p_loss, p_stats = policy_loss(backbone, batch, cfg)
-                        (p_loss / cfg.grad_accum_steps).backward()  # policy adapter active
-                        with torch.autocast(device.type, dtype=autocast_dtype,
-                                            enabled=autocast_dtype is not None):
-                            v_loss, v_stats = value_loss(backbone, batch, cfg)
-                        (v_loss / cfg.grad_accum_steps).backward()  # critic adapter active
+                        p_loss, p_stats, v_loss, v_stats = backward_losses(
+                            backbone, batch, cfg, autocast_dtype, cfg.grad_accum_steps)
                         step_losses += [float(p_loss.detach()), float(v_loss.detach())]
                         for key, value in p_stats.items():
                             sums[f"policy/{key}"] = sums.get(f"policy/{key}", 0.0) + float(value)

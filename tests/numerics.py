@@ -47,3 +47,20 @@ def assert_close(x, ref, atol, rtol=0.0, name=""):
         f"{name}: {int(bad.sum())} of {err.numel()} elements off; max error "
         f"{err.max().item() if err.numel() else 0:.3e} (atol {atol}, rtol {rtol})"
     )
+
+
+def padded_mask(n_rows: int, T: int) -> torch.Tensor:
+    """Rows cycle through right padding, left padding, interior holes, all-masked, all-valid."""
+    mask = torch.ones(n_rows, T, dtype=torch.bool, device=DEVICE)
+    for row in range(n_rows):
+        kind = row % 5
+        cut = int(torch.randint(0, T, ()).item()) if T > 1 else 0
+        if kind == 0:
+            mask[row, cut + 1:] = False
+        elif kind == 1:
+            mask[row, :cut] = False
+        elif kind == 2:
+            mask[row] = torch.rand(T, device=DEVICE) > 0.4
+        elif kind == 3:
+            mask[row] = False
+    return mask

@@ -15,24 +15,7 @@ import torch
 from rlhf_kernels import reference
 from rlhf_kernels.ops.gae import _gae_op, gae
 from rlhf_kernels.ops.whiten import _masked_whiten_op, masked_whiten
-from tests.numerics import DEVICE, assert_close, assert_close_2x
-
-
-def padded_mask(n_rows: int, T: int) -> torch.Tensor:
-    """Rows cycle through right padding, left padding, interior holes, all-masked, all-valid."""
-    mask = torch.ones(n_rows, T, dtype=torch.bool, device=DEVICE)
-    for row in range(n_rows):
-        kind = row % 5
-        cut = int(torch.randint(0, T, ()).item()) if T > 1 else 0
-        if kind == 0:
-            mask[row, cut + 1:] = False
-        elif kind == 1:
-            mask[row, :cut] = False
-        elif kind == 2:
-            mask[row] = torch.rand(T, device=DEVICE) > 0.4
-        elif kind == 3:
-            mask[row] = False
-    return mask
+from tests.numerics import DEVICE, assert_close, assert_close_2x, padded_mask
 
 
 # --------------------------------------------------------------------------------------------

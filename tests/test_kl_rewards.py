@@ -15,7 +15,7 @@ import torch
 from rlhf_kernels import reference
 from rlhf_kernels.ops.kl import kl_penalty
 from rlhf_kernels.ops.rewards import shape_rewards
-from tests.numerics import ATOL, DEVICE, assert_close, assert_close_2x
+from tests.numerics import ATOL, DEVICE, assert_close, assert_close_2x, padded_mask
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ESTIMATORS = ("k1", "k2", "k3", "abs")
@@ -166,23 +166,6 @@ def test_kl_bad_input():
 # --------------------------------------------------------------------------------------------
 # shape_rewards
 # --------------------------------------------------------------------------------------------
-def padded_mask(n_rows: int, T: int) -> torch.Tensor:
-    """Rows cycle through right padding, left padding, interior holes, all-masked, all-valid."""
-    mask = torch.ones(n_rows, T, dtype=torch.bool, device=DEVICE)
-    for row in range(n_rows):
-        kind = row % 5
-        cut = int(torch.randint(0, T, ()).item()) if T > 1 else 0
-        if kind == 0:
-            mask[row, cut + 1:] = False
-        elif kind == 1:
-            mask[row, :cut] = False
-        elif kind == 2:
-            mask[row] = torch.rand(T, device=DEVICE) > 0.4
-        elif kind == 3:
-            mask[row] = False
-    return mask
-
-
 def check_rewards(scores, logp, ref_logp, mask, kl_coef, estimator, score_index, score_clip,
                   kl_clamp, name=""):
     args = (kl_coef, estimator, score_index, score_clip, kl_clamp)
