@@ -56,13 +56,17 @@ def logprobs(
 
     logp = log_softmax(logits / temperature)[label]; entropy = -sum p log p of the same tempered
     distribution. Positions with label == ignore_index give 0 for both (and zero gradient).
+    A label outside [0, V) that is not ignore_index gives NaN logp (no read out of bounds, no
+    host sync).
     """
     dtype = _compute_dtype(logits)
     z = logits.to(dtype) / temperature
     log_p = torch.log_softmax(z, dim=-1)
     valid = labels != ignore_index
-    safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
+    in_range = (labels >= 0) & (labels < logits.shape[-1])
+    safe_labels = torch.where(valid & in_range, labels, torch.zeros_like(labels))
     logp = log_p.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(in_range, logp, torch.full_like(logp, float("nan")))
     logp = torch.where(valid, logp, torch.zeros_like(logp))
     if not return_entropy:
         return logp
