@@ -6,6 +6,10 @@ section 1):
 
 * per-token outputs are float32 (float64 when the inputs are float64);
 * masks are bool/int/float, 1 = this token counts; masked positions output 0 and get 0 gradient;
+* masked positions never contaminate anything: padding may hold NaN or inf, so values there are
+  replaced by 0 with ``torch.where`` *before* any arithmetic (``_zero_masked``). Multiplying by
+  the mask would not do (0 * NaN is NaN), nor would selecting only the result, because autograd
+  multiplies the zero gradient of the unselected branch by that branch's NaN local derivative;
 * "sequences" are all leading dims, the last dim is time (``T``) for the sequence reductions;
 * an empty mask (no valid token) gives a loss of 0, never NaN.
 """
@@ -42,6 +46,15 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def _zero_masked(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """x where ``valid`` (bool, broadcastable to x), 0 elsewhere, whatever x holds there.
+
+    Applied to inputs before any arithmetic, so that NaN / inf padding reaches neither the
+    forward nor autograd's backward (the gradient at a masked position is exactly 0).
+    """
+    return torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 # --------------------------------------------------------------------------------------------
 # log-probabilities of chosen tokens
 # --------------------------------------------------------------------------------------------
@@ -60,9 +73,10 @@ def logprobs(
     host sync).
     """
     dtype = _compute_dtype(logits)
-    z = logits.to(dtype) / temperature
-    log_p = torch.log_softmax(z, dim=-1)
     valid = labels != ignore_index
+    # An ignored row's logits may be anything (padding): they never enter the math.
+    z = _zero_masked(logits.to(dtype), valid.unsqueeze(-1)) / temperature
+    log_p = torch.log_softmax(z, dim=-1)
     in_range = (labels >= 0) & (labels < logits.shape[-1])
     safe_labels = torch.where(valid & in_range, labels, torch.zeros_like(labels))
     logp = log_p.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
@@ -71,9 +85,9 @@ def logprobs(
     if not return_entropy:
         return logp
     p = log_p.exp()
-    # 0 * log 0 is 0 (masked-out vocabulary entries at -inf)
-    plogp = torch.where(p > 0, p * log_p, torch.zeros_like(p))
-    entropy = -plogp.sum(-1)
+    # 0 * log 0 is 0 (banned vocabulary entries at -inf). log p is replaced by 0 there before
+    # the product: p * (-inf) would be NaN, and so would its gradient even behind a where.
+    entropy = -(p * _zero_masked(log_p, p > 0)).sum(-1)
     entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
     return logp, entropy
 
@@ -93,7 +107,9 @@ def linear_logprobs(
     """hidden (..., H), weight (V, H), lora_a (r, H), lora_b (V, r), bias (V,) -> as ``logprobs``
     of ``hidden @ (weight + lora_scale * lora_b @ lora_a).T + bias``."""
     dtype = _compute_dtype(hidden, weight)
-    h = hidden.to(dtype)
+    # An ignored row's hidden state may be anything (padding): it must not reach the weight's
+    # gradient (that sums over rows, so one NaN row would poison all of it).
+    h = _zero_masked(hidden.to(dtype), (labels != ignore_index).unsqueeze(-1))
     logits = h @ weight.to(dtype).t()
     if lora_a is not None or lora_b is not None:
         if lora_a is None or lora_b is None:
