@@ -1,6 +1,6 @@
 """GAE (and the advantage whitening that follows it), the scan kernel against its peers.
 
-Cases (DESIGN.md section 4): B=64 T=1024 and B=512 T=2048, fp32 rewards / values, a bool
+Cases (docs/design.md §4): B=64 T=1024 and B=512 T=2048, fp32 rewards / values, a bool
 right-padded mask with a few interior holes. Peers:
 
 * python loop: the per-token loop PPO frameworks run (TRL / veRL style, written here): walk t from

@@ -1,4 +1,4 @@
-"""logprobs: log-probabilities of the chosen tokens, against its peers (DESIGN.md section 4).
+"""logprobs: log-probabilities of the chosen tokens, against its peers (docs/design.md §4).
 
 Cases: bf16 logits 8x1024x151936 (Qwen2.5 vocabulary) and 4x512x32000 (Llama-2), read as the
 causal-LM shift ``logits[:, :-1, :]`` of a (B, T+1, V) buffer, as a trainer does. Forward alone and

@@ -1,6 +1,6 @@
 """PPO policy / value losses and the Bradley-Terry loss, fused kernels against their peers.
 
-Cases (DESIGN.md section 4): 64K tokens (64 x 1024) and 1M tokens (512 x 2048), fp32 log-probs /
+Cases (docs/design.md §4): 64K tokens (64 x 1024) and 1M tokens (512 x 2048), fp32 log-probs /
 values (what the logprob op and the value head produce), fp32 advantages / returns, a bool
 right-padded mask; forward + backward (the gradient of the loss with respect to logp / values,
 a random upstream gradient) and the forward alone. Bradley-Terry on 64K and 1M pairs. Peers:

@@ -1,6 +1,6 @@
 """Shared benchmark harness: timing, memory, the bandwidth floor, and result files.
 
-Every figure is reported three ways (DESIGN.md section 4): milliseconds (median of
+Every figure is reported three ways (docs/design.md §4): milliseconds (median of
 ``triton.testing.do_bench``), GB/s of the bytes the op must move, and that as a percentage of the
 measured device-copy bandwidth (the floor: every input read once, every output written once).
 Peak extra memory is the allocator's peak above what was allocated before the call.

@@ -18,17 +18,17 @@ make_optimizer; one SharedBackbone for the four roles)::
 Models are random-initialised from configs written in rlhf/plan.py (Qwen2.5 0.5B/1.5B/7B,
 Llama-3 8B: the public shapes, nothing downloaded), bf16 on the GPU; prompts are random tokens of
 random lengths, left-padded. By default rows never stop at an EOS (random models rarely emit one;
-a fixed 256-token response is what TRL's numbers in DESIGN.md were measured with), so response
-tokens/s = B x R / seconds per batch.
+a fixed 256-token response is what TRL's anchor figures in docs/design.md §4 were measured
+with), so response tokens/s = B x R / seconds per batch.
 
-Defaults: batch 16, prompt 128, response 256, LoRA r=16, one epoch, one minibatch (DESIGN.md's
-TRL table). ``--max-memory GiB`` caps the process with torch.cuda.set_per_process_memory_fraction
-(emulates a smaller card). ``--smoke`` runs a tiny shape on the CPU in seconds (tests use it).
+Defaults: batch 16, prompt 128, response 256, LoRA r=16, one epoch, one minibatch (the TRL
+table of docs/design.md §4). ``--max-memory GiB`` caps the process with
+torch.cuda.set_per_process_memory_fraction (emulates a smaller card). ``--smoke`` runs a tiny shape on the CPU in seconds (tests use it).
 Each row also carries the planner's prediction (rlhf.plan) and measured / predicted per stage.
 
     python -m benchmarks.e2e_ppo --shape qwen2.5-1.5b
     python -m benchmarks.e2e_ppo --shape llama-3-8b --max-memory 24 --minibatch 4
-    python -m benchmarks.e2e_ppo --shape qwen2.5-1.5b --peer-script ../shared/peers/trl_ppo.py
+    python -m benchmarks.e2e_ppo --shape qwen2.5-1.5b --peer-script benchmarks/peers/trl_ppo_peer.py
     python -m benchmarks.e2e_ppo --smoke
 """
 
@@ -383,9 +383,9 @@ PEER_SHAPES = {"qwen2.5-0.5b": "0.5b", "qwen2.5-1.5b": "1.5b", "qwen2.5-7b": "7b
 def run_peer(script: str, cfg: E2EConfig, peft: bool = True, steps: int = 3,
              timeout_s: float | None = None, python: str | None = None,
              extra_args: tuple[str, ...] = ()) -> dict:
-    """Run a peer PPO script (``../shared/peers/trl_ppo.py``: TRL's PPOTrainer) in a subprocess
-    at ``cfg``'s shape and sizes; its ``RESULT {json}`` line as a row. The peer's usage is
-    ``script SHAPE PEFT BATCH PROMPT RESPONSE STEPS``, run by ``python`` (default: this
+    """Run a peer PPO script (``benchmarks/peers/trl_ppo_peer.py``: TRL's PPOTrainer) in a
+    subprocess at ``cfg``'s shape and sizes; its ``RESULT {json}`` line as a row. The peer's
+    usage is ``script SHAPE PEFT BATCH PROMPT RESPONSE STEPS``, run by ``python`` (default: this
     interpreter; another one when TRL 1.12 lives in its own environment), with ``extra_args``
     after the six (``--enable-gc`` for benchmarks/peers/trl_ppo_peer.py). A failure becomes a
     row with ``error``."""
@@ -452,9 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-memory", type=float, default=None, metavar="GiB",
                         help="cap with torch.cuda.set_per_process_memory_fraction")
     parser.add_argument("--peer-script", metavar="PATH",
-                        help="also run this peer (../shared/peers/trl_ppo.py: TRL's PPOTrainer) "
-                             "at each Qwen2.5 shape, same sizes, in a subprocess, and report "
-                             "memory_ratio / speed_ratio against it")
+                        help="also run this peer (benchmarks/peers/trl_ppo_peer.py: TRL's "
+                             "PPOTrainer) at each Qwen2.5 shape, same sizes, in a "
+                             "subprocess, and report memory_ratio / speed_ratio against it")
     parser.add_argument("--peer-full", action="store_true",
                         help="run the peer in full fine-tuning mode too (4 models)")
     parser.add_argument("--peer-steps", type=int, default=3)

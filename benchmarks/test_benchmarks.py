@@ -1,4 +1,4 @@
-"""The benchmark scripts' GPU cases as pytest-benchmark tests (DESIGN.md section 4).
+"""The benchmark scripts' GPU cases as pytest-benchmark tests (docs/design.md §4).
 
     pytest benchmarks --benchmark-only                       # time every case
     pytest benchmarks --benchmark-only -k "gae and ours"     # a subset

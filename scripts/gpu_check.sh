@@ -10,7 +10,7 @@
 #
 # Results go to benchmarks/results/ (JSON with GPU, versions, date and git SHA) and logs to
 # $LOG_DIR (default benchmarks/results/logs). TRL's PPOTrainer runs beside ours when
-# PEER_SCRIPT names its runner (default ../shared/peers/trl_ppo.py, the anchor, when it exists)
+# PEER_SCRIPT names its runner (default benchmarks/peers/trl_ppo_peer.py, our TRL 1.12 runner)
 # and trl==1.12.0 + datasets import. trl 1.12 ignores gradient_checkpointing=True; for TRL with
 # checkpointing really on: PEER_SCRIPT=benchmarks/peers/trl_ppo_peer.py PEER_ARGS=--enable-gc.
 set -uo pipefail
@@ -32,7 +32,7 @@ print(torch.cuda.get_device_name(), "| torch", torch.__version__, "| cuda", torc
 EOF
 
 peer_args=()
-PEER_SCRIPT=${PEER_SCRIPT:-../shared/peers/trl_ppo.py}
+PEER_SCRIPT=${PEER_SCRIPT:-benchmarks/peers/trl_ppo_peer.py}
 if [ -f "$PEER_SCRIPT" ] && $PY -c 'import trl, datasets' 2>/dev/null; then
     peer_args=(--peer-script "$PEER_SCRIPT" --peer-full)
     for arg in ${PEER_ARGS:-}; do peer_args+=("--peer-arg=$arg"); done

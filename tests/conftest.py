@@ -52,7 +52,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
-    # Fresh random inputs every run (DESIGN.md §3), but reproducible from the printed seed.
+    # Fresh random inputs every run (docs/design.md §3), but reproducible from the printed seed.
     seed = int(os.environ.get("RLHF_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
     torch.manual_seed(seed)
     request.node.user_properties.append(("seed", seed))

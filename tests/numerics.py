@@ -1,4 +1,5 @@
-"""Shared numerics for the tests: the device under test and the 2x tolerance rule (DESIGN.md §3).
+"""Shared numerics for the tests: the device under test and the 2x tolerance rule
+(docs/design.md §3).
 
 error(kernel) <= 2 * error(same-dtype PyTorch) + atol[dtype], errors measured against the
 float64 reference as the max absolute difference.

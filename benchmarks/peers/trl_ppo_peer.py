@@ -1,13 +1,13 @@
 """TRL PPOTrainer (trl 1.12, `trl.experimental.ppo`): the peer of benchmarks/e2e_ppo.py, CPU or GPU.
 
-Same construction as the project's GPU anchor (shared/peers/trl_ppo.py): random-initialised
-Qwen2.5-shaped policy (CausalLM), value and reward models (SequenceClassification, 1 label),
-bf16 weights, LoRA r=16 / alpha 32 on all linear layers with the reference = adapters off
+Same construction as the runner behind the GPU anchor figures of docs/design.md §4: random-
+initialised Qwen2.5-shaped policy (CausalLM), value and reward models (SequenceClassification, 1
+label), bf16 weights, LoRA r=16 / alpha 32 on all linear layers with the reference = adapters off
 (PEFT=1) or a separate reference model (PEFT=0), gradient checkpointing, one PPO epoch, one
 minibatch, a fixed response length (no stop token). It runs on CUDA when there is a GPU (memory:
-``torch.cuda.max_memory_allocated`` from just before training, the weights included, as the
-anchor measures it) and otherwise on the CPU (PPOConfig use_cpu=True; bf16=True is accepted
-there; memory: peak RSS above the size after the imports).
+``torch.cuda.max_memory_allocated`` from just before training, the weights included, as the anchor
+measures it) and otherwise on the CPU (PPOConfig use_cpu=True; bf16=True is accepted there; memory:
+peak RSS above the size after the imports).
 
 Caveat found with trl 1.12.0 + transformers 5.23: PPOTrainer overrides Trainer.train() and never
 calls gradient_checkpointing_enable, so ``gradient_checkpointing=True`` in PPOConfig (what the
