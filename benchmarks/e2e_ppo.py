@@ -23,8 +23,8 @@ with), so response tokens/s = B x R / seconds per batch.
 
 Defaults: batch 16, prompt 128, response 256, LoRA r=16, one epoch, one minibatch (the TRL
 table of docs/design.md §4). ``--max-memory GiB`` caps the process with
-torch.cuda.set_per_process_memory_fraction (emulates a smaller card). ``--smoke`` runs a tiny shape on the CPU in seconds (tests use it).
-Each row also carries the planner's prediction (rlhf.plan) and measured / predicted per stage.
+torch.cuda.set_per_process_memory_fraction (emulates a smaller card). ``--smoke`` runs a tiny
+shape on the CPU in seconds (tests use it). Each row also carries the planner's prediction (rlhf.plan) and measured / predicted per stage.
 
     python -m benchmarks.e2e_ppo --shape qwen2.5-1.5b
     python -m benchmarks.e2e_ppo --shape llama-3-8b --max-memory 24 --minibatch 4
