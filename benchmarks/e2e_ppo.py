@@ -21,10 +21,11 @@ random lengths, left-padded. By default rows never stop at an EOS (random models
 a fixed 256-token response is what TRL's anchor figures in docs/design.md §4 were measured
 with), so response tokens/s = B x R / seconds per batch.
 
-Defaults: batch 16, prompt 128, response 256, LoRA r=16, one epoch, one minibatch (the TRL
-table of docs/design.md §4). ``--max-memory GiB`` caps the process with
-torch.cuda.set_per_process_memory_fraction (emulates a smaller card). ``--smoke`` runs a tiny
-shape on the CPU in seconds (tests use it). Each row also carries the planner's prediction (rlhf.plan) and measured / predicted per stage.
+Defaults: batch 16, prompt 128, response 256, LoRA r=16, one epoch, one minibatch (the TRL table of
+docs/design.md §4). ``--max-memory GiB`` caps the process with
+torch.cuda.set_per_process_memory_fraction (emulates a smaller card). ``--smoke`` runs a tiny shape
+on the CPU in seconds (tests use it). Each row also carries the planner's prediction (rlhf.plan) and
+measured / predicted per stage.
 
     python -m benchmarks.e2e_ppo --shape qwen2.5-1.5b
     python -m benchmarks.e2e_ppo --shape llama-3-8b --max-memory 24 --minibatch 4
