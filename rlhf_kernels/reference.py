@@ -179,25 +179,33 @@ def shape_rewards(
 
     rewards = -kl_coef * kl on valid tokens; the (optionally clipped) sequence score is added at
     ``score_index[b]`` (default: the last valid token of row b). A row with no valid token gets
-    all-zero rewards (its score has nowhere to go). Not differentiable: rewards are data in PPO.
+    all-zero rewards (its score has nowhere to go). A ``score_index[b]`` outside [0, T) makes the
+    whole row b NaN (the score must not be lost silently; checking on the host would cost a
+    sync). Not differentiable: rewards are data in PPO.
     """
     m = as_mask(mask, logp)
+    valid = m > 0
     dtype = _compute_dtype(logp, ref_logp, scores)
-    kl = kl_penalty(logp, ref_logp, estimator, clamp=kl_clamp)
-    rewards = (-kl_coef * kl.to(dtype)) * m.to(dtype)
+    kl = kl_penalty(_zero_masked(logp, valid), _zero_masked(ref_logp, valid), estimator,
+                    clamp=kl_clamp)
+    rewards = _zero_masked(-kl_coef * kl.to(dtype), valid)
     s = scores.to(dtype)
     if score_clip is not None:
         s = s.clamp(-score_clip, score_clip)
+    T = logp.shape[-1]
     if score_index is None:
         index = _last_valid_index(m)
-        has_valid = index >= 0
-        index = index.clamp_min(0)
+        has_target = index >= 0
+        out_of_range = torch.zeros_like(has_target)
     else:
         index = score_index.to(torch.int64)
-        has_valid = torch.ones_like(index, dtype=torch.bool)
+        out_of_range = (index < 0) | (index >= T)
+        has_target = ~out_of_range
     rewards = rewards.scatter_add(
-        -1, index.unsqueeze(-1), torch.where(has_valid, s, torch.zeros_like(s)).unsqueeze(-1)
+        -1, _zero_masked(index, has_target).unsqueeze(-1), _zero_masked(s, has_target).unsqueeze(-1)
     )
+    rewards = torch.where(out_of_range.unsqueeze(-1), torch.full_like(rewards, float("nan")),
+                          rewards)
     return rewards.detach()
 
 
@@ -218,21 +226,21 @@ def gae(
     running next-value and advantage through unchanged. The value after the last valid token is 0.
     """
     dtype = _compute_dtype(rewards, values)
-    r = rewards.to(dtype)
-    v = values.to(dtype)
-    m = as_mask(mask, r).to(dtype)
+    valid_mask = as_mask(mask, rewards) > 0
+    r = _zero_masked(rewards.to(dtype), valid_mask)
+    v = _zero_masked(values.to(dtype), valid_mask)
     T = r.shape[-1]
     next_value = torch.zeros(r.shape[:-1], dtype=dtype, device=r.device)
     next_adv = torch.zeros_like(next_value)
     advantages = torch.zeros_like(r)
     for t in reversed(range(T)):
-        valid = m[..., t] > 0
+        valid = valid_mask[..., t]
         delta = r[..., t] + gamma * next_value - v[..., t]
         adv = delta + gamma * lam * next_adv
         advantages[..., t] = torch.where(valid, adv, torch.zeros_like(adv))
         next_value = torch.where(valid, v[..., t], next_value)
         next_adv = torch.where(valid, adv, next_adv)
-    returns = (advantages + v) * m
+    returns = _zero_masked(advantages + v, valid_mask)
     return advantages.detach(), returns.detach()
 
 
@@ -250,25 +258,25 @@ def masked_whiten(
     at all gives all zeros.
     """
     dtype = _compute_dtype(x)
-    xv = x.to(dtype)
-    m = as_mask(mask, xv).to(dtype)
-    n = m.sum()
-    mean = (xv * m).sum() / n.clamp_min(1)
-    centered = (xv - mean) * m
+    valid = as_mask(mask, x) > 0
+    xv = _zero_masked(x.to(dtype), valid)
+    n = valid.sum().to(dtype)
+    mean = xv.sum() / n.clamp_min(1)
+    centered = _zero_masked(xv - mean, valid)
     denom = (n - 1).clamp_min(1) if unbiased else n.clamp_min(1)
     var = (centered * centered).sum() / denom
     out = (xv - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
-    return out * m
+    return _zero_masked(out, valid)
 
 
 # --------------------------------------------------------------------------------------------
 # Loss reductions
 # --------------------------------------------------------------------------------------------
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of x over valid tokens; 0 when there is none."""
-    return (x * mask).sum() / mask.sum().clamp_min(1)
+    """Mean of x over valid tokens (mask: 0/1); 0 when there is none."""
+    return _zero_masked(x, mask > 0).sum() / mask.sum().clamp_min(1)
 
 
 def reduce_loss(per_token: torch.Tensor, mask: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -280,7 +288,7 @@ def reduce_loss(per_token: torch.Tensor, mask: torch.Tensor, reduction: str) -> 
     seq-mean-token-sum-norm: sum(l * m) / T  (Dr. GRPO: a constant normaliser, T = last dim)
     """
     check_reduction(reduction)
-    lm = per_token * mask
+    lm = _zero_masked(per_token, mask > 0)
     if reduction == "token-mean":
         return lm.sum() / mask.sum().clamp_min(1)
     if reduction == "seq-mean-token-sum-norm":
@@ -322,11 +330,11 @@ def ppo_policy_loss(
         raise ValueError(f"dual_clip must be > 1 (veRL uses 3.0), got {dual_clip}")
     dtype = _compute_dtype(logp, old_logp, advantages)
     m = as_mask(mask, logp).to(dtype)
-    d = logp.to(dtype) - old_logp.to(dtype)
+    logp, old_logp, A = (_zero_masked(t.to(dtype), m > 0) for t in (logp, old_logp, advantages))
+    d = logp - old_logp
     if log_ratio_clamp is not None:
         d = d.clamp(-log_ratio_clamp, log_ratio_clamp)
     ratio = torch.exp(d)
-    A = advantages.to(dtype)
     loss1 = -A * ratio
     loss2 = -A * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     per_token = torch.maximum(loss1, loss2)
@@ -364,11 +372,9 @@ def ppo_value_loss(
     """
     dtype = _compute_dtype(values, old_values, returns)
     m = as_mask(mask, values).to(dtype)
-    v = values.to(dtype)
-    R = returns.to(dtype)
+    v, old, R = (_zero_masked(t.to(dtype), m > 0) for t in (values, old_values, returns))
     loss1 = (v - R) ** 2
     if clip is not None:
-        old = old_values.to(dtype)
         v_clipped = old + (v - old).clamp(-clip, clip)
         loss2 = (v_clipped - R) ** 2
         per_token = 0.5 * torch.maximum(loss1, loss2)
@@ -378,12 +384,11 @@ def ppo_value_loss(
         clipped = torch.zeros_like(loss1)
     loss = reduce_loss(per_token, m, reduction)
     with torch.no_grad():
-        n = m.sum().clamp_min(1)
-        err = (R - v) * m
-        err_mean = err.sum() / n
-        var_err = (((R - v) - err_mean) ** 2 * m).sum() / n
-        ret_mean = (R * m).sum() / n
-        var_ret = (((R - ret_mean) ** 2) * m).sum() / n
+        err = R - v
+        err_mean = masked_mean(err, m)
+        var_err = masked_mean((err - err_mean) ** 2, m)
+        ret_mean = masked_mean(R, m)
+        var_ret = masked_mean((R - ret_mean) ** 2, m)
         ev = torch.where(
             var_ret > 0, 1.0 - var_err / var_ret.clamp_min(1e-30), torch.zeros_like(var_ret)
         )
@@ -452,10 +457,11 @@ def ppo_loss_from_logits(
     """logits (..., T, V) and rollout tensors (..., T) -> (loss (), stats).
 
     loss = reduce(policy_loss + kl_coef * kl(logp, ref_logp) - entropy_coef * entropy).
-    Tokens whose label is ignore_index are masked out as well.
+    Tokens whose label is ignore_index are masked out as well. The logits of a token that does
+    not count (masked or ignored) never enter the math, whatever they hold.
     """
+    labels, m = _counted_labels(labels, mask, ignore_index)
     logp, entropy = logprobs(logits, labels, temperature, ignore_index, return_entropy=True)
-    m = as_mask(mask, logp).to(logp.dtype) * (labels != ignore_index).to(logp.dtype)
     return _ppo_total(logp, entropy, old_logp, advantages, m, ref_logp, kl_coef, kl_estimator,
                       entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp, reduction)
 
@@ -484,21 +490,32 @@ def linear_ppo_loss(
     ignore_index: int = -100,
 ):
     """hidden (..., T, H), weight (V, H) and rollout tensors (..., T) -> (loss (), stats)."""
+    labels, m = _counted_labels(labels, mask, ignore_index)
     logp, entropy = linear_logprobs(hidden, weight, labels, bias, lora_a, lora_b, lora_scale,
                                     temperature, ignore_index, return_entropy=True)
-    m = as_mask(mask, logp).to(logp.dtype) * (labels != ignore_index).to(logp.dtype)
     return _ppo_total(logp, entropy, old_logp, advantages, m, ref_logp, kl_coef, kl_estimator,
                       entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp, reduction)
 
 
+def _counted_labels(labels, mask, ignore_index):
+    """-> (labels with every token that does not count set to ignore_index, 0/1 float mask)."""
+    counted = (as_mask(mask, labels) > 0) & (labels != ignore_index)
+    labels = torch.where(counted, labels, torch.full_like(labels, ignore_index))
+    return labels, counted.to(torch.float32)
+
+
 def _ppo_total(logp, entropy, old_logp, advantages, m, ref_logp, kl_coef, kl_estimator,
                entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp, reduction):
+    """The loss and stats of the fused ops from per-token logp / entropy; m: 0/1 float mask."""
     dtype = logp.dtype
-    d = logp - old_logp.to(dtype)
+    valid = m > 0
+    m = m.to(dtype)
+    logp, entropy, old_logp, A = (_zero_masked(t.to(dtype), valid)
+                                  for t in (logp, entropy, old_logp, advantages))
+    d = logp - old_logp
     if log_ratio_clamp is not None:
         d = d.clamp(-log_ratio_clamp, log_ratio_clamp)
     ratio = torch.exp(d)
-    A = advantages.to(dtype)
     loss1 = -A * ratio
     loss2 = -A * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     per_token = torch.maximum(loss1, loss2)
@@ -508,7 +525,7 @@ def _ppo_total(logp, entropy, old_logp, advantages, m, ref_logp, kl_coef, kl_est
     total = pg_loss
     stats = {"pg_loss": pg_loss.detach()}
     if ref_logp is not None and kl_coef:
-        kl = kl_penalty(logp, ref_logp, kl_estimator)
+        kl = kl_penalty(logp, _zero_masked(ref_logp.to(dtype), valid), kl_estimator)
         kl_loss = reduce_loss(kl, m, reduction)
         total = total + kl_coef * kl_loss
         stats["kl"] = kl_loss.detach()
