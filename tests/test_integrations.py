@@ -215,15 +215,22 @@ def test_trl_dropins_against_closed_forms(dtype):
 
     # the gradient is stored in the logits' dtype: one rounding, relative to its size
     grad_tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
-    out, grad = _grads(lambda x: ours.selective_log_softmax(x, index, 0.7, row_mask), logits,
-                       weight=weight)
+    # keep_fp32: the kernels' fp32 result, held to the float64 closed form
+    out, grad = _grads(
+        lambda x: ours.selective_log_softmax(x, index, 0.7, row_mask, keep_fp32=True), logits,
+        weight=weight)
     ref, ref_grad = _grads(logp64, logits, weight=weight)
     assert out.dtype == torch.float32
     _close(out, ref, name="selective_log_softmax")
     assert bool((out[~row_mask] == 0).all())
     _assert_same_grads(grad, ref_grad, name="d logits (logp)", **grad_tol)
+    # by default: TRL's dtype for the call (the logits' on a CPU), that fp32 result rounded once
+    default = ours.selective_log_softmax(logits, index, 0.7, row_mask)
+    assert default.dtype == dtype
+    assert torch.equal(default, out.to(dtype))
 
-    out, grad = _grads(ours.entropy_from_logits, logits, weight=weight)
+    out, grad = _grads(lambda x: ours.entropy_from_logits(x, keep_fp32=True), logits,
+                       weight=weight)
     ref, ref_grad = _grads(entropy64, logits, weight=weight)
     _close(out, ref, name="entropy_from_logits")
     _assert_same_grads(grad, ref_grad, name="d logits (entropy)", **grad_tol)
@@ -235,7 +242,7 @@ def test_trl_dropins_against_closed_forms(dtype):
         return loss
 
     out, grad = _grads(pair(lambda x: ours.selective_log_softmax_and_entropy(
-        x, index, True, 0.7, row_mask)), logits)
+        x, index, True, 0.7, row_mask, keep_fp32=True)), logits)
     ref, ref_grad = _grads(pair(lambda x: (logp64(x), entropy64(x, 0.7) * row_mask)), logits)
     _close(out, ref, name="logp*w + H/2")
     _assert_same_grads(grad, ref_grad, name="d logits (pair)", **grad_tol)
@@ -290,9 +297,11 @@ def test_trl_selective_log_softmax(trl_utils, dtype, temperature, with_row_mask)
     row_mask = (torch.rand(2, 5, device=DEVICE) < 0.7) if with_row_mask else None
     weight = torch.randn(2, 5, device=DEVICE)
     # TRL's eager path computes in the logits' dtype; ours reads bf16 and computes in fp32, so
-    # the framework's function is evaluated on the same values in float64.
-    logp, grad = _grads(lambda x: ours.selective_log_softmax(x, index, temperature, row_mask),
-                        logits, weight=weight)
+    # the framework's function is evaluated on the same values in float64 and ours keeps fp32
+    # (the dtype contract itself: tests/test_framework_contracts.py).
+    logp, grad = _grads(
+        lambda x: ours.selective_log_softmax(x, index, temperature, row_mask, keep_fp32=True),
+        logits, weight=weight)
     ref, ref_grad = _grads(
         lambda x: trl_utils.selective_log_softmax(x.double(), index, temperature, row_mask),
         logits, weight=weight,

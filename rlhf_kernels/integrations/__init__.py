@@ -20,6 +20,11 @@ Where a call uses an option the kernels do not cover, the drop-in calls the fram
 function for that call (``original()``). Every difference that remains is listed in
 docs/integrations.md.
 
+Outputs keep the framework's contract: the kernels compute in fp32 (fp64 for fp64 inputs) and
+each drop-in rounds the result once to the dtype (and gives it the shape) that the framework's
+own function returns for the same call. ``keep_fp32=True``, a keyword of every drop-in and of
+every ``patch_<framework>()``, returns the kernels' fp32 result unrounded instead.
+
 Processes: a patch changes the current Python process only. Frameworks that run their training
 in Ray workers (veRL, OpenRLHF) need the patch applied inside each worker process.
 """
@@ -223,24 +228,27 @@ def _apply(patch: Patch, targets: list[tuple[str, str, Callable]]) -> None:
         patch._changes.append(change)
 
 
-def patch_trl() -> Patch:
-    """Patch TRL's log-prob / entropy helpers; see ``rlhf_kernels.integrations.trl``."""
+def patch_trl(keep_fp32: bool = False) -> Patch:
+    """Patch TRL's log-prob / entropy helpers; see ``rlhf_kernels.integrations.trl``.
+    ``keep_fp32``: return the kernels' fp32 results instead of TRL's dtype."""
     from rlhf_kernels.integrations import trl
 
-    return trl.patch_trl()
+    return trl.patch_trl(keep_fp32)
 
 
-def patch_verl() -> Patch:
+def patch_verl(keep_fp32: bool = False) -> Patch:
     """Patch veRL's core_algos / torch_functional helpers; see
-    ``rlhf_kernels.integrations.verl``."""
+    ``rlhf_kernels.integrations.verl``. ``keep_fp32``: return the kernels' fp32 results instead
+    of veRL's dtype."""
     from rlhf_kernels.integrations import verl
 
-    return verl.patch_verl()
+    return verl.patch_verl(keep_fp32)
 
 
-def patch_openrlhf() -> Patch:
+def patch_openrlhf(keep_fp32: bool = False) -> Patch:
     """Patch OpenRLHF's loss / log-prob / KL / GAE helpers; see
-    ``rlhf_kernels.integrations.openrlhf``."""
+    ``rlhf_kernels.integrations.openrlhf``. ``keep_fp32``: return the kernels' fp32 results
+    instead of OpenRLHF's dtype."""
     from rlhf_kernels.integrations import openrlhf
 
-    return openrlhf.patch_openrlhf()
+    return openrlhf.patch_openrlhf(keep_fp32)

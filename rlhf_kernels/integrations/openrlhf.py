@@ -1,6 +1,7 @@
 """OpenRLHF drop-ins: KL estimate, log-probs, entropy, PPO / value / reward-model losses, GAE.
 
-Checked against OpenRLHF 0.11.2. Functions of ``openrlhf.models.utils`` with its signatures:
+Checked against OpenRLHF 0.11.2. Functions of ``openrlhf.models.utils`` with its signatures (every
+drop-in also takes a keyword-only ``keep_fp32``):
 
     compute_approx_kl(log_probs, log_probs_base, log_probs_old=None, kl_estimator="k1",
                       unbiased_gradient=False) -> kl                (rlhf_kernels.kl_penalty)
@@ -32,9 +33,17 @@ Conversions (OpenRLHF's semantics are kept; full list in docs/integrations.md):
   dp_size) are a factor on our loss that depends on the mask only.
 * ``log_probs_from_logits`` divides the caller's logits by the temperature in place, as
   OpenRLHF's does (its caller relies on the scaled logits).
-* Outputs are fp32 (OpenRLHF's keep the inputs' dtype for bf16 logits); masks are read as 0/1;
-  an all-masked batch gives 0 where OpenRLHF divides 0 by 0; PPO's ``ppo_kl`` uses the unclamped
-  log-ratio, as OpenRLHF's (computed with torch, it is a detached statistic).
+* Output dtype and shape: those of OpenRLHF's own function for the same call. The kernels
+  compute in fp32 (fp64 for fp64 inputs) and the drop-in rounds once to OpenRLHF's dtype:
+  ``compute_approx_kl`` fp32 (OpenRLHF computes on ``.float()`` inputs); ``log_probs_from_logits``
+  the logits' dtype, except fp32 for fp64 logits where flash-attn is installed (OpenRLHF then
+  uses its cross entropy), with shape ``logits.shape[:-1]``; ``compute_entropy`` the logits'
+  dtype; the losses and GAE the type promotion of the inputs OpenRLHF computes with (at least
+  fp32 for the sequence-level loss and the clip ratio, which OpenRLHF builds with ``.float()``).
+  ``keep_fp32=True`` returns the kernels' fp32 (fp64) result unrounded.
+* Masks are read as 0/1; an all-masked batch gives 0 where OpenRLHF divides 0 by 0; PPO's
+  ``ppo_kl`` uses the unclamped log-ratio, as OpenRLHF's (computed with torch, it is a detached
+  statistic).
 
 Falls back to OpenRLHF's own method for policy_loss_type other than "ppo", the train/rollout
 importance-sampling correction (is_correction_level != "off"), KL estimators other than
@@ -45,9 +54,12 @@ KL, so there is nothing left to fuse (``rlhf_kernels.shape_rewards`` fuses the e
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from rlhf_kernels.integrations import Patch, apply_patch, dropin, original
+from rlhf_kernels.integrations._contract import bind_keep_fp32, finish, promoted
 from rlhf_kernels.ops.bradley_terry import bradley_terry_loss
 from rlhf_kernels.ops.gae import gae
 from rlhf_kernels.ops.kl import kl_penalty as kl_estimate
@@ -75,6 +87,9 @@ _EXPERIENCE = "openrlhf.trainer.ppo_utils.experience_maker"
 _KL_CLAMP = 10.0  # OpenRLHF clamps every estimator's value to +-10
 _K3_LOG_RATIO_BOUND = 11.0  # see the module docstring: equivalent to OpenRLHF's min=-10 bound
 _IS_WEIGHT_CLIP = 10.0  # OpenRLHF's KL_IS_WEIGHT_CLIP for the unbiased-gradient correction
+# OpenRLHF's log_probs_from_logits takes flash-attn's cross entropy (fp32 output) for fp32 / fp64
+# logits when it imports; read once, at import (a plain flag for torch.compile to trace).
+_FLASH_ATTN_INSTALLED = importlib.util.find_spec("flash_attn") is not None
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,8 +102,11 @@ def compute_approx_kl(
     log_probs_old: torch.Tensor | None = None,
     kl_estimator: str = "k1",
     unbiased_gradient: bool = False,
+    *,
+    keep_fp32: bool = False,
 ) -> torch.Tensor:
-    """OpenRLHF's KL estimate (k1 / k2 / k3, clamped to +-10): (...) -> (...) fp32.
+    """OpenRLHF's KL estimate (k1 / k2 / k3, clamped to +-10): (...) -> (...) fp32 for every
+    input dtype, as OpenRLHF (fp64 inputs: fp64 with ``keep_fp32``).
 
     unbiased_gradient: forward value of the estimator, gradient of w * k2 (straight-through)
     with w = exp(log_probs - log_probs_old) clamped to <= 10 and detached (w = 1 without
@@ -101,34 +119,51 @@ def compute_approx_kl(
     log_ratio_clamp = _K3_LOG_RATIO_BOUND if kl_estimator == "k3" else None
     value = kl_estimate(log_probs, log_probs_base, kl_estimator, _KL_CLAMP, log_ratio_clamp)
     if not unbiased_gradient:
-        return value
+        return finish(value, torch.float32, keep_fp32)
     if log_probs_old is None:
         weight = 1.0
     else:
         log_w = log_probs.detach().float() - log_probs_old.detach().float()
         weight = log_w.exp().clamp(max=_IS_WEIGHT_CLIP)
     surrogate = weight * kl_estimate(log_probs, log_probs_base, "k2")
-    return value.detach() + surrogate - surrogate.detach()
+    return finish(value.detach() + surrogate - surrogate.detach(), torch.float32, keep_fp32)
 
 
 @dropin
 def log_probs_from_logits(
-    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    *,
+    keep_fp32: bool = False,
 ) -> torch.Tensor:
-    """logits (..., V), labels (...) -> logp (...) fp32 of softmax(logits / temperature).
-    Like OpenRLHF's, a temperature != 1 divides ``logits`` in place first. Labels equal to
-    -100 give 0 (as OpenRLHF's flash-attn path)."""
+    """logits (..., V), labels with one label per row (any shape, as OpenRLHF's flash-attn path
+    reshapes them) -> logp ``logits.shape[:-1]`` of softmax(logits / temperature), in the logits'
+    dtype (fp32 for fp64 logits where flash-attn is installed), as OpenRLHF; fp32 with
+    ``keep_fp32``. Like OpenRLHF's, a temperature != 1 divides ``logits`` in place first. Labels
+    equal to -100 give 0 (as OpenRLHF's flash-attn path)."""
+    rows = logits.shape[:-1]
+    if labels.shape != rows:
+        if labels.numel() != rows.numel():
+            raise ValueError(
+                f"labels has shape {tuple(labels.shape)} ({labels.numel()} labels) but logits has "
+                f"shape {tuple(logits.shape)} ({rows.numel()} rows of {logits.shape[-1]} logits); "
+                f"log_probs_from_logits needs one label per row of logits"
+            )
+        labels = labels.reshape(rows)
     if temperature != 1.0:
         logits.div_(temperature)
-    return logprobs(logits, labels)
+    flash = _FLASH_ATTN_INSTALLED and logits.dtype in (torch.float32, torch.float64)
+    return finish(logprobs(logits, labels), torch.float32 if flash else logits.dtype, keep_fp32)
 
 
 @dropin
-def compute_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits): (..., V) -> (...) fp32, differentiable."""
+def compute_entropy(logits: torch.Tensor, *, keep_fp32: bool = False) -> torch.Tensor:
+    """Entropy of softmax(logits): (..., V) -> (...) in the logits' dtype, as OpenRLHF (fp32
+    with ``keep_fp32``), differentiable."""
     labels = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
     _, entropy = logprobs(logits, labels, return_entropy=True, check_labels=False)
-    return entropy
+    return finish(entropy, logits.dtype, keep_fp32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,6 +189,12 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return (x * mask).sum() / mask.sum()
 
 
+def _loss_dtype(token_level_loss: bool, *tensors: torch.Tensor | None) -> torch.dtype:
+    """OpenRLHF's loss dtype: its inputs' promotion, at least fp32 for the sequence-level loss
+    (aggregate_loss builds the sequence mask with ``.float()``)."""
+    return promoted(*tensors) if token_level_loss else promoted(torch.float32, *tensors)
+
+
 @dropin
 def policy_loss_forward(
     self,
@@ -165,9 +206,12 @@ def policy_loss_forward(
     dp_size: int = 1,
     batch_num_tokens: float | None = None,
     global_batch_size: float | None = None,
+    *,
+    keep_fp32: bool = False,
 ):
     """OpenRLHF ``PolicyLoss.forward`` for policy_loss_type "ppo" without the train/rollout
-    correction: (B, T) tensors -> (loss () fp32, clip_ratio, ppo_kl, None, None)."""
+    correction: (B, T) tensors -> (loss, clip_ratio, ppo_kl, None, None), () tensors in
+    OpenRLHF's dtypes (fp32 with ``keep_fp32``)."""
     reduction, factor, covered = _aggregation(
         action_mask, self.token_level_loss, dp_size, batch_num_tokens, global_batch_size
     )
@@ -184,9 +228,15 @@ def policy_loss_forward(
     )
     if factor is not None:
         loss = loss * factor
+    kl_dtype = promoted(log_probs, old_log_probs, action_mask)
     with torch.no_grad():  # OpenRLHF reports ppo_kl from the unclamped log-ratio
-        ppo_kl = _masked_mean(old_log_probs.float() - log_probs.float(), action_mask)
-    return loss, stats["clipfrac"], ppo_kl, None, None
+        work = torch.promote_types(kl_dtype, torch.float32)
+        ppo_kl = _masked_mean(old_log_probs.to(work) - log_probs.to(work), action_mask)
+    loss_dtype = _loss_dtype(self.token_level_loss, log_probs, old_log_probs, advantages,
+                             action_mask)
+    return (finish(loss, loss_dtype, keep_fp32),
+            finish(stats["clipfrac"], promoted(torch.float32, action_mask), keep_fp32),
+            finish(ppo_kl, kl_dtype, keep_fp32), None, None)
 
 
 @dropin
@@ -199,8 +249,11 @@ def value_loss_forward(
     dp_size: int = 1,
     batch_num_tokens: float | None = None,
     global_batch_size: float | None = None,
+    *,
+    keep_fp32: bool = False,
 ) -> torch.Tensor:
-    """OpenRLHF ``ValueLoss.forward``: (B, T) tensors -> loss () fp32 (gradient to values)."""
+    """OpenRLHF ``ValueLoss.forward``: (B, T) tensors -> loss () in OpenRLHF's dtype (fp32 with
+    ``keep_fp32``); gradient to values."""
     reduction, factor, covered = _aggregation(
         action_mask, self.token_level_loss, dp_size, batch_num_tokens, global_batch_size
     )
@@ -211,7 +264,9 @@ def value_loss_forward(
         )
     loss, _ = ppo_value_loss(values, old_values, returns, action_mask, clip=self.clip_eps,
                              reduction=reduction)
-    return loss if factor is None else loss * factor
+    loss = loss if factor is None else loss * factor
+    dtype = _loss_dtype(self.token_level_loss, values, old_values, returns, action_mask)
+    return finish(loss, dtype, keep_fp32)
 
 
 @dropin
@@ -220,10 +275,13 @@ def pairwise_loss_forward(
     chosen_reward: torch.Tensor,
     reject_reward: torch.Tensor,
     margin: torch.Tensor | None = None,
+    *,
+    keep_fp32: bool = False,
 ) -> torch.Tensor:
-    """OpenRLHF ``PairWiseLoss.forward``: mean(-log sigmoid(r_c - r_r - margin)), () fp32."""
+    """OpenRLHF ``PairWiseLoss.forward``: mean(-log sigmoid(r_c - r_r - margin)), () in the
+    promotion of the inputs' dtypes (fp32 with ``keep_fp32``)."""
     loss, _ = bradley_terry_loss(chosen_reward, reject_reward, margin)
-    return loss
+    return finish(loss, promoted(chosen_reward, reject_reward, margin), keep_fp32)
 
 
 @dropin
@@ -232,12 +290,15 @@ def log_exp_loss_forward(
     chosen_reward: torch.Tensor,
     reject_reward: torch.Tensor,
     margin: torch.Tensor | None = None,
+    *,
+    keep_fp32: bool = False,
 ) -> torch.Tensor:
-    """OpenRLHF ``LogExpLoss.forward``: mean(log(1 + exp(r_r - r_c))), () fp32. The margin is
-    ignored, as OpenRLHF's; unlike its exp, the kernel does not overflow for large gaps."""
+    """OpenRLHF ``LogExpLoss.forward``: mean(log(1 + exp(r_r - r_c))), () in the promotion of
+    the two rewards' dtypes (fp32 with ``keep_fp32``). The margin is ignored, as OpenRLHF's;
+    unlike its exp, the kernel does not overflow for large gaps."""
     del margin
     loss, _ = bradley_terry_loss(chosen_reward, reject_reward)
-    return loss
+    return finish(loss, promoted(chosen_reward, reject_reward), keep_fp32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,49 +313,65 @@ def get_advantages_and_returns(
     action_mask: torch.Tensor | None,
     gamma: float,
     lambd: float,
+    *,
+    keep_fp32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """OpenRLHF's GAE: values, rewards, action_mask (B, T) -> (advantages, returns) (B, T) fp32.
-    Masked rewards and values are zeroed and every position takes part (no skipping)."""
+    """OpenRLHF's GAE: values, rewards, action_mask (B, T) -> (advantages, returns) (B, T) in
+    the promotion of the inputs' dtypes (fp32 with ``keep_fp32``). Masked rewards and values are
+    zeroed and every position takes part (no skipping)."""
+    dtype = promoted(values, rewards, action_mask)
     if action_mask is not None:
         values = action_mask * values
         rewards = action_mask * rewards
-    return gae(rewards, values, None, float(gamma), float(lambd))
+    advantages, returns = gae(rewards, values, None, float(gamma), float(lambd))
+    return finish(advantages, dtype, keep_fp32), finish(returns, dtype, keep_fp32)
 
 
 @dropin
 @torch.no_grad()
 def get_cumulative_returns(
-    self, rewards: torch.Tensor, action_mask: torch.Tensor | None, gamma: float
+    self,
+    rewards: torch.Tensor,
+    action_mask: torch.Tensor | None,
+    gamma: float,
+    *,
+    keep_fp32: bool = False,
 ) -> torch.Tensor:
-    """OpenRLHF's REINFORCE returns: sum_k gamma^k r_{t+k} of the masked rewards, (B, T) fp32."""
+    """OpenRLHF's REINFORCE returns: sum_k gamma^k r_{t+k} of the masked rewards, (B, T) in the
+    rewards' dtype, as OpenRLHF's buffer (fp32 with ``keep_fp32``)."""
+    dtype = rewards.dtype
     if action_mask is not None:
         rewards = action_mask * rewards
     returns, _ = gae(rewards, torch.zeros_like(rewards), None, float(gamma), 1.0)
-    return returns
+    return finish(returns, dtype, keep_fp32)
 
 
-def patch_openrlhf() -> Patch:
+def patch_openrlhf(keep_fp32: bool = False) -> Patch:
     """Swap the drop-ins into ``openrlhf.models.utils`` (and every loaded ``openrlhf`` module
     that imported them by name), the loss classes' ``forward`` and ``RemoteExperienceMaker``'s
     GAE methods. Returns a ``Patch`` (``undo()`` or context manager). A module that cannot be
     imported (e.g. the experience maker without Ray) is skipped with a warning.
 
+    keep_fp32: the patched functions return the kernels' fp32 results (fp64 for fp64 inputs)
+    instead of OpenRLHF's dtype for the call.
+
     Run it in every process that computes losses: OpenRLHF's actors and critics are Ray
     workers, so call it from their setup, not only in the driver.
     """
+    targets = [
+        (_UTILS, "compute_approx_kl", compute_approx_kl),
+        (_UTILS, "log_probs_from_logits", log_probs_from_logits),
+        (_UTILS, "compute_entropy", compute_entropy),
+        (_LOSS, "PolicyLoss.forward", policy_loss_forward),
+        (_LOSS, "ValueLoss.forward", value_loss_forward),
+        (_LOSS, "PairWiseLoss.forward", pairwise_loss_forward),
+        (_LOSS, "LogExpLoss.forward", log_exp_loss_forward),
+        (_EXPERIENCE, "RemoteExperienceMaker.get_advantages_and_returns",
+         get_advantages_and_returns),
+        (_EXPERIENCE, "RemoteExperienceMaker.get_cumulative_returns", get_cumulative_returns),
+    ]
     return apply_patch(
         "OpenRLHF",
         "openrlhf",
-        [
-            (_UTILS, "compute_approx_kl", compute_approx_kl),
-            (_UTILS, "log_probs_from_logits", log_probs_from_logits),
-            (_UTILS, "compute_entropy", compute_entropy),
-            (_LOSS, "PolicyLoss.forward", policy_loss_forward),
-            (_LOSS, "ValueLoss.forward", value_loss_forward),
-            (_LOSS, "PairWiseLoss.forward", pairwise_loss_forward),
-            (_LOSS, "LogExpLoss.forward", log_exp_loss_forward),
-            (_EXPERIENCE, "RemoteExperienceMaker.get_advantages_and_returns",
-             get_advantages_and_returns),
-            (_EXPERIENCE, "RemoteExperienceMaker.get_cumulative_returns", get_cumulative_returns),
-        ],
+        [(module, path, bind_keep_fp32(fn) if keep_fp32 else fn) for module, path, fn in targets],
     )

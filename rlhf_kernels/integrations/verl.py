@@ -1,7 +1,7 @@
 """veRL drop-ins: GAE, KL penalty, clipped policy / value losses, log-probs and entropy.
 
 Checked against veRL 0.9.1 (``verl.trainer.ppo.core_algos`` and ``verl.utils.torch_functional``);
-same signatures and return values as veRL's:
+same signatures and return values as veRL's, plus a keyword-only ``keep_fp32``:
 
     compute_gae_advantage_return(token_level_rewards, values, response_mask, gamma, lam)
         -> (advantages, returns)               GAE by the parallel scan (rlhf_kernels.gae)
@@ -31,8 +31,17 @@ Conversions (veRL's semantics are kept; see docs/integrations.md for the full li
   well as by the horizon. Each is a factor that depends on the mask only, applied to our loss.
 * k3 ("low_var_kl"): log-ratio clamped to +-20 and the result to +-10, as veRL; the "+" variants
   (straight-through k2 gradient) are built from two kernel calls.
-* Outputs are fp32 (veRL's keep the inputs' dtype); masks are read as 0/1 (nonzero counts),
-  where veRL multiplies by the mask's value; an all-masked micro-batch gives loss 0 (veRL: NaN).
+* Output dtype and shape: those of veRL's own function for the same call. The kernels compute
+  in fp32 (fp64 for fp64 inputs) and the drop-in rounds once to veRL's dtype: for the losses,
+  KL and GAE the type promotion of the inputs veRL computes with (fp32 for the seq-mean modes'
+  loss and for the clip fractions, which veRL builds with ``.float()``); for
+  ``logprobs_from_logits`` fp32 where veRL would use flash-attn's cross entropy (CUDA logits,
+  flash-attn installed, VERL_DISABLE_FLASH_ATTN_CE unset) and the logits' dtype otherwise, with
+  shape ``logits.shape[:-1]`` and labels of any shape with one label per row (as veRL's
+  flash-attn path); ``entropy_from_logits`` the logits' dtype; ``..._with_chunking`` fp32.
+  ``keep_fp32=True`` returns the kernels' fp32 (fp64) result unrounded.
+* Masks are read as 0/1 (nonzero counts), where veRL multiplies by the mask's value; an
+  all-masked micro-batch gives loss 0 (veRL: NaN).
 
 Falls back to veRL's own function for: ``loss_agg_mode="token-sum"``, ``rollout_is_weights``,
 a distributed call without the global counts veRL requires, KL modes other than
@@ -41,12 +50,15 @@ k1/k2/k3/abs (and their aliases / "+" forms), and arguments veRL itself rejects.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import Any
 
 import torch
 
 from rlhf_kernels._checks import REDUCTIONS
 from rlhf_kernels.integrations import Patch, apply_patch, dropin, original
+from rlhf_kernels.integrations._contract import bind_keep_fp32, finish, promoted
 from rlhf_kernels.ops.gae import gae
 from rlhf_kernels.ops.kl import kl_penalty as kl_estimate
 from rlhf_kernels.ops.logprobs import logprobs
@@ -79,6 +91,9 @@ _KL_MODES = {
     "k3": ("k3", 10.0, 20.0),
 }
 _WHITEN_EPS = 1e-8  # veRL's masked_whiten: (x - mean) * rsqrt(var + 1e-8)
+# veRL's logprobs_from_logits uses flash-attn's cross entropy (fp32 output) when it imports;
+# read once, at import, so the per-call dtype decision traces cleanly under torch.compile.
+_FLASH_ATTN_INSTALLED = importlib.util.find_spec("flash_attn") is not None
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,10 +167,13 @@ def compute_gae_advantage_return(
     response_mask: torch.Tensor,
     gamma: float | torch.Tensor,
     lam: float | torch.Tensor,
+    *,
+    keep_fp32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """veRL's GAE: rewards, values, response_mask (B, T) -> (whitened advantages, returns)
-    (B, T) fp32, no gradient. Masked positions are skipped; they hold the running advantage
-    (veRL's convention) in both outputs. Fewer than 2 valid tokens: veRL's own (it raises)."""
+    (B, T) in veRL's dtype (the promotion of the three inputs; fp32 with ``keep_fp32``), no
+    gradient. Masked positions are skipped; they hold the running advantage (veRL's convention)
+    in both outputs. Fewer than 2 valid tokens: veRL's own (it raises)."""
     with torch.no_grad():
         valid = response_mask != 0
         n_valid = valid.sum()
@@ -172,7 +190,8 @@ def compute_gae_advantage_return(
         mean = (advantages * weights).sum() / (n + 1e-8)
         var = ((advantages - mean) ** 2 * weights).sum() / (n + 1e-8) * (n / (n - 1))
         advantages = (advantages - mean) * torch.rsqrt(var + _WHITEN_EPS)
-    return advantages, returns
+    dtype = promoted(token_level_rewards, values, response_mask)
+    return finish(advantages, dtype, keep_fp32), finish(returns, dtype, keep_fp32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,9 +199,10 @@ def compute_gae_advantage_return(
 # --------------------------------------------------------------------------------------------
 @dropin
 def kl_penalty(
-    logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty: str
+    logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty: str, *, keep_fp32: bool = False
 ) -> torch.Tensor:
-    """veRL's per-token KL estimate: logprob, ref_logprob (...) -> (...) fp32, differentiable.
+    """veRL's per-token KL estimate: logprob, ref_logprob (...) -> (...) in the promotion of the
+    two dtypes, as veRL (fp32 with ``keep_fp32``), differentiable.
 
     kl_penalty: "kl"/"k1", "abs", "mse"/"k2", "low_var_kl"/"k3", optionally with a "+" suffix
     (value of that estimator, gradient of k2: straight-through). Other modes: veRL's own.
@@ -193,11 +213,11 @@ def kl_penalty(
         return original(_CORE, "kl_penalty")(logprob, ref_logprob, mode)
     estimator, clamp, log_ratio_clamp = _KL_MODES[base]
     value = kl_estimate(logprob, ref_logprob, estimator, clamp, log_ratio_clamp)
-    if not mode.endswith("+") or mode in ("mse", "k2"):
-        return value
-    # Straight-through: the forward value of the chosen estimator, the gradient of k2.
-    k2 = kl_estimate(logprob, ref_logprob, "k2")
-    return k2 - k2.detach() + value.detach()
+    if mode.endswith("+") and mode not in ("mse", "k2"):
+        # Straight-through: the forward value of the chosen estimator, the gradient of k2.
+        k2 = kl_estimate(logprob, ref_logprob, "k2")
+        value = k2 - k2.detach() + value.detach()
+    return finish(value, promoted(logprob, ref_logprob), keep_fp32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,14 +230,23 @@ def _config_value(config: Any, name: str, default: Any) -> Any:
     return getattr(config, name, default)
 
 
+def _loss_dtype(loss_agg_mode: str, *tensors: torch.Tensor) -> torch.dtype:
+    """veRL's loss dtype: its inputs' promotion, and fp32 at least in the seq-mean modes (agg_loss
+    builds the sequence mask with ``.float()``)."""
+    dtype = promoted(*tensors)
+    return dtype if loss_agg_mode == "token-mean" else torch.promote_types(dtype, torch.float32)
+
+
 def _policy_loss(old_log_prob, log_prob, advantages, response_mask, clip_low, clip_high,
-                 clip_ratio_c, loss_agg_mode, global_batch_info):
+                 clip_ratio_c, loss_agg_mode, global_batch_info, keep_fp32):
     loss, stats = ppo_policy_loss(
         log_prob, old_log_prob, advantages, response_mask,
         clip_low=clip_low, clip_high=clip_high, dual_clip=clip_ratio_c,
         log_ratio_clamp=20.0, reduction=loss_agg_mode,
     )
-    return _scaled(loss, _agg_factor(response_mask, loss_agg_mode, **global_batch_info)), stats
+    loss = _scaled(loss, _agg_factor(response_mask, loss_agg_mode, **global_batch_info))
+    dtype = _loss_dtype(loss_agg_mode, log_prob, old_log_prob, advantages, response_mask)
+    return finish(loss, dtype, keep_fp32), stats
 
 
 @dropin
@@ -229,10 +258,12 @@ def compute_policy_loss_vanilla(
     loss_agg_mode: str = "token-mean",
     config: Any = None,
     rollout_is_weights: torch.Tensor | None = None,
+    *,
+    keep_fp32: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """veRL's "vanilla" clipped PPO loss (dual clip with config.clip_ratio_c, default 3).
 
-    (B, T) tensors -> (pg_loss () fp32, {"actor/pg_clipfrac", "actor/ppo_kl",
+    (B, T) tensors -> (pg_loss () in veRL's dtype, {"actor/pg_clipfrac", "actor/ppo_kl",
     "actor/pg_clipfrac_lower"} floats). Reads clip_ratio, clip_ratio_low / _high,
     clip_ratio_c and global_batch_info from ``config``, as veRL does.
     """
@@ -261,7 +292,8 @@ def compute_policy_loss_vanilla(
             rollout_is_weights,
         )
     loss, stats = _policy_loss(old_log_prob, log_prob, advantages, response_mask, clip_low,
-                               clip_high, clip_ratio_c, loss_agg_mode, global_batch_info)
+                               clip_high, clip_ratio_c, loss_agg_mode, global_batch_info,
+                               keep_fp32)
     metrics = {
         "actor/pg_clipfrac": stats["clipfrac"].item(),
         "actor/ppo_kl": stats["ppo_kl"].item(),
@@ -281,9 +313,12 @@ def compute_policy_loss(
     cliprange_high: float | None = None,
     clip_ratio_c: float = 3.0,
     loss_agg_mode: str = "token-mean",
+    *,
+    keep_fp32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """veRL's older (deprecated) policy-loss entry point: (B, T) tensors -> (pg_loss,
-    pg_clipfrac, ppo_kl, pg_clipfrac_lower), all () fp32 tensors."""
+    pg_clipfrac, ppo_kl, pg_clipfrac_lower), () tensors in veRL's dtypes (the clip fractions at
+    least fp32; fp32 with ``keep_fp32``)."""
     clip_low = cliprange if cliprange_low is None else cliprange_low
     clip_high = cliprange if cliprange_high is None else cliprange_high
     if (clip_low is None or clip_high is None or not clip_ratio_c > 1.0
@@ -293,8 +328,12 @@ def compute_policy_loss(
             cliprange_high, clip_ratio_c, loss_agg_mode,
         )
     loss, stats = _policy_loss(old_log_prob, log_prob, advantages, response_mask, clip_low,
-                               clip_high, clip_ratio_c, loss_agg_mode, {})
-    return loss, stats["clipfrac"], stats["ppo_kl"], stats["dual_clipfrac"]
+                               clip_high, clip_ratio_c, loss_agg_mode, {}, keep_fp32)
+    frac_dtype = promoted(torch.float32, response_mask)
+    kl_dtype = promoted(log_prob, old_log_prob, response_mask)
+    return (loss, finish(stats["clipfrac"], frac_dtype, keep_fp32),
+            finish(stats["ppo_kl"], kl_dtype, keep_fp32),
+            finish(stats["dual_clipfrac"], frac_dtype, keep_fp32))
 
 
 @dropin
@@ -309,9 +348,12 @@ def compute_value_loss(
     batch_num_tokens: int | None = None,
     global_batch_size: int | None = None,
     loss_scale_factor: int | None = None,
+    *,
+    keep_fp32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """veRL's clipped value loss: vpreds, returns, values (old), response_mask (B, T)
-    -> (vf_loss () fp32, vf_clipfrac () fp32); gradient to ``vpreds``."""
+    -> (vf_loss (), vf_clipfrac ()) in veRL's dtypes (fp32 with ``keep_fp32``); gradient to
+    ``vpreds``."""
     if cliprange_value is None or not _kernel_aggregates(
         loss_agg_mode, dp_size, batch_num_tokens, global_batch_size
     ):
@@ -323,21 +365,52 @@ def compute_value_loss(
                                  reduction=loss_agg_mode)
     factor = _agg_factor(response_mask, loss_agg_mode, dp_size, batch_num_tokens,
                          global_batch_size, loss_scale_factor)
-    return _scaled(loss, factor), stats["clipfrac"]
+    dtype = _loss_dtype(loss_agg_mode, vpreds, returns, values, response_mask)
+    frac_dtype = promoted(torch.float32, response_mask)
+    return (finish(_scaled(loss, factor), dtype, keep_fp32),
+            finish(stats["clipfrac"], frac_dtype, keep_fp32))
 
 
 # --------------------------------------------------------------------------------------------
 # log-probabilities and entropy (verl.utils.torch_functional)
 # --------------------------------------------------------------------------------------------
+def _verl_uses_flash_ce(logits: torch.Tensor) -> bool:
+    """Whether veRL 0.9.1's logprobs_from_logits would take flash-attn's cross entropy (which
+    returns fp32) for these logits; its PyTorch path returns the logits' dtype."""
+    return (
+        _FLASH_ATTN_INSTALLED
+        and logits.device.type == "cuda"
+        and os.environ.get("VERL_DISABLE_FLASH_ATTN_CE", "0") != "1"
+    )
+
+
 @dropin
 def logprobs_from_logits(
-    logits: torch.Tensor, labels: torch.Tensor, inplace_backward: bool = True
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    inplace_backward: bool = True,
+    *,
+    keep_fp32: bool = False,
 ) -> torch.Tensor:
-    """logits (..., V), labels (...) -> logp (...) fp32. Labels equal to -100 give 0 (as veRL's
-    flash-attn path). ``inplace_backward`` writes d logits into the logits buffer, as
-    flash-attn's; it is turned off for a leaf tensor that requires grad (its .grad would alias)."""
+    """logits (..., V), labels with one label per row of logits (any shape, e.g. (1, N) for
+    (N, V) logits, as veRL's flash-attn path reshapes both) -> logp ``logits.shape[:-1]``, fp32
+    where veRL would use flash-attn's cross entropy and the logits' dtype otherwise (fp32 with
+    ``keep_fp32``). Labels equal to -100 give 0 (as flash-attn). ``inplace_backward`` writes d
+    logits into the logits buffer, as flash-attn's; it is turned off for a leaf tensor that
+    requires grad (its .grad would alias)."""
+    rows = logits.shape[:-1]
+    if labels.shape != rows:
+        if labels.numel() != rows.numel():
+            raise ValueError(
+                f"labels has shape {tuple(labels.shape)} ({labels.numel()} labels) but logits has "
+                f"shape {tuple(logits.shape)} ({rows.numel()} rows of {logits.shape[-1]} logits); "
+                f"logprobs_from_logits needs one label per row of logits"
+            )
+        labels = labels.reshape(rows)
     inplace = bool(inplace_backward) and not (logits.is_leaf and logits.requires_grad)
-    return logprobs(logits, labels, inplace_backward=inplace)
+    logp = logprobs(logits, labels, inplace_backward=inplace)
+    dtype = torch.float32 if _verl_uses_flash_ce(logits) else logits.dtype
+    return finish(logp, dtype, keep_fp32)
 
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -347,38 +420,47 @@ def _entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 @dropin
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits): (..., V) -> (...) fp32, differentiable."""
-    return _entropy(logits)
+def entropy_from_logits(logits: torch.Tensor, *, keep_fp32: bool = False) -> torch.Tensor:
+    """Entropy of softmax(logits): (..., V) -> (...) in the logits' dtype, as veRL (fp32 with
+    ``keep_fp32``), differentiable."""
+    return finish(_entropy(logits), logits.dtype, keep_fp32)
 
 
 @dropin
-def entropy_from_logits_with_chunking(logits: torch.Tensor, chunk_size: int = 2048) -> torch.Tensor:
-    """As ``entropy_from_logits``; ``chunk_size`` is accepted and unused (no chunking needed)."""
+def entropy_from_logits_with_chunking(
+    logits: torch.Tensor, chunk_size: int = 2048, *, keep_fp32: bool = False
+) -> torch.Tensor:
+    """As ``entropy_from_logits`` but fp32 for every logits dtype, as veRL's (which accumulates
+    into an fp32 buffer); ``chunk_size`` is accepted and unused (no chunking needed)."""
     del chunk_size
-    return _entropy(logits)
+    return finish(_entropy(logits), torch.float32, keep_fp32)
 
 
-def patch_verl() -> Patch:
+def patch_verl(keep_fp32: bool = False) -> Patch:
     """Swap the drop-ins into ``verl.trainer.ppo.core_algos`` / ``verl.utils.torch_functional``,
     into veRL's policy-loss and advantage-estimator registries, and into every loaded ``verl``
     module that imported them by name. Returns a ``Patch`` (``undo()`` or context manager).
+
+    keep_fp32: the patched functions return the kernels' fp32 results (fp64 for fp64 inputs)
+    instead of veRL's dtype for the call.
 
     Run it in every process that computes losses: veRL's actor / critic workers are Ray
     processes, so call it from their setup (e.g. a worker_process_setup_hook), not only in
     the driver.
     """
+    targets = [
+        (_CORE, compute_gae_advantage_return),
+        (_CORE, kl_penalty),
+        (_CORE, compute_policy_loss_vanilla),
+        (_CORE, compute_policy_loss),
+        (_CORE, compute_value_loss),
+        (_TORCH_F, logprobs_from_logits),
+        (_TORCH_F, entropy_from_logits),
+        (_TORCH_F, entropy_from_logits_with_chunking),
+    ]
     return apply_patch(
         "veRL",
         "verl",
-        [
-            (_CORE, "compute_gae_advantage_return", compute_gae_advantage_return),
-            (_CORE, "kl_penalty", kl_penalty),
-            (_CORE, "compute_policy_loss_vanilla", compute_policy_loss_vanilla),
-            (_CORE, "compute_policy_loss", compute_policy_loss),
-            (_CORE, "compute_value_loss", compute_value_loss),
-            (_TORCH_F, "logprobs_from_logits", logprobs_from_logits),
-            (_TORCH_F, "entropy_from_logits", entropy_from_logits),
-            (_TORCH_F, "entropy_from_logits_with_chunking", entropy_from_logits_with_chunking),
-        ],
+        [(module, fn.__name__, bind_keep_fp32(fn) if keep_fp32 else fn)
+         for module, fn in targets],
     )

@@ -1,0 +1,53 @@
+"""The output contract shared by the drop-ins: the framework's dtype, or the kernels' precision.
+
+The kernels compute in fp32 (fp64 for fp64 inputs). By default a drop-in rounds that result once,
+at the end, to the dtype the framework's own function returns for the same call, so code written
+against the framework (and the framework's own tests) sees the dtype it expects. With
+``keep_fp32=True`` (a keyword of every drop-in and of ``patch_trl`` / ``patch_verl`` /
+``patch_openrlhf``) the result is returned as computed: fp32, or fp64 for fp64 inputs.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+
+
+def promoted(*tensors: torch.Tensor | torch.dtype | None) -> torch.dtype:
+    """The dtype torch's own arithmetic gives for an expression of these tensors (type promotion;
+    a dtype stands for a tensor of that dtype, e.g. a framework's ``.float()``; ``None`` skipped).
+    What a framework's eager code returns when it computes in its inputs' dtypes, e.g.
+    ``logprob - ref_logprob`` or ``(loss * mask).sum() / mask.sum()``."""
+    dtype = None
+    for t in tensors:
+        if t is None:
+            continue
+        this = t if isinstance(t, torch.dtype) else t.dtype
+        dtype = this if dtype is None else torch.promote_types(dtype, this)
+    if dtype is None or not dtype.is_floating_point:
+        return torch.float32
+    return dtype
+
+
+def finish(out: torch.Tensor, dtype: torch.dtype, keep_fp32: bool) -> torch.Tensor:
+    """``out`` (the kernels' fp32 / fp64 result) rounded once to ``dtype``, unless ``keep_fp32``.
+
+    ``.to`` returns ``out`` itself when the dtype already matches, and an ordinary new tensor
+    otherwise: no view, no host sync, nothing that breaks a torch.compile graph."""
+    if keep_fp32 or out.dtype == dtype:
+        return out
+    return out.to(dtype)
+
+
+def bind_keep_fp32(fn: Callable) -> Callable:
+    """``fn`` with ``keep_fp32=True`` fixed, marked as a drop-in (what a patch installs when asked
+    for fp32 outputs). The caller's arguments pass through unchanged."""
+
+    @functools.wraps(fn)
+    def keep_fp32_variant(*args, **kwargs):
+        kwargs.setdefault("keep_fp32", True)
+        return fn(*args, **kwargs)
+
+    return keep_fp32_variant
