@@ -227,24 +227,55 @@ def test_inplace_backward_refuses_a_leaf():
         logprobs(leaf, _make_labels((2, 3), 17), inplace_backward=True, backend="triton")
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("bad", [1271, 5000, -1, -101])
-def test_out_of_range_labels_raise(bad):
+def test_out_of_range_labels(bad, backend):
     V = 1271
     logits = torch.randn(2, 3, V, device=DEVICE)
     labels = _make_labels((2, 3), V)
     labels[1, 2] = bad
+    # Opt-in check (one host sync): a clear error naming the label.
     with pytest.raises(ValueError, match=rf"labels must be in \[0, {V}\).*found label {bad}"):
-        logprobs(logits, labels, backend="triton")
-    with pytest.raises(ValueError, match="found label"):
-        logprobs(logits, labels, backend="reference")
-    # Unchecked (hot loops): the bad row gives NaN, never an out-of-bounds read; others are exact.
-    lp = logprobs(logits, labels, check_labels=False, backend="triton")
+        logprobs(logits, labels, check_labels=True, backend=backend)
+    # Default (no sync): the bad row gives NaN, never an out-of-bounds read nor a finite wrong
+    # number; the other rows are exact.
+    lp, ent = logprobs(logits, labels, return_entropy=True, backend=backend)
     assert torch.isnan(lp[1, 2])
     good = torch.ones_like(labels, dtype=torch.bool)
     good[1, 2] = False
     fixed = labels.masked_fill(~good, 0)
-    assert_close(lp[good], reference.logprobs(logits.double(), fixed)[good], atol=1e-5,
-                 name="other rows")
+    ref_lp, ref_ent = reference.logprobs(logits.double(), fixed, return_entropy=True)
+    assert_close(lp[good], ref_lp[good], atol=1e-5, name="other rows")
+    assert_close(ent, ref_ent, atol=1e-5, name="entropy (does not depend on the label)")
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("entropy", [False, True])
+def test_outputs_can_be_edited_in_place(entropy, backend):
+    """As TRL's own tests do: the returned tensors are ordinary (not views of an op's internal
+    buffer), and editing them after the loss is built leaves the backward unchanged (the op does
+    not save the tensors it returns)."""
+    V = 29
+    logits = torch.randn(2, 3, V, device=DEVICE)
+    labels = _make_labels((2, 3), V)
+    g_logp, g_ent = torch.randn(2, 3, device=DEVICE), torch.randn(2, 3, device=DEVICE)
+    x = logits.clone().requires_grad_(True)
+    out = logprobs(x, labels, 0.8, return_entropy=entropy, backend=backend)
+    lp, ent = out if entropy else (out, None)
+    loss = (lp * g_logp).sum() + ((ent * g_ent).sum() if entropy else 0.0)
+    lp[0, 1] = 0.0
+    lp.mul_(3.0)
+    assert lp[0, 1] == 0.0
+    if entropy:
+        ent[1, 2] = 7.0
+        ent.add_(1.0)
+        assert ent[1, 2] == 8.0
+    (grad,) = torch.autograd.grad(loss, x)
+    x64 = logits.double().requires_grad_(True)
+    lp64, ent64 = reference.logprobs(x64, labels, 0.8, return_entropy=True)
+    loss64 = (lp64 * g_logp).sum() + ((ent64 * g_ent).sum() if entropy else 0.0)
+    (grad64,) = torch.autograd.grad(loss64, x64)
+    assert_close(grad, grad64, atol=1e-5, name="d logits after editing the outputs")
 
 
 @pytest.fixture(params=["default-blocks", "small-blocks"])
@@ -305,7 +336,7 @@ def test_non_finite_rows():
     lp, ent = logprobs(logits, labels, return_entropy=True, backend="triton")
     ref_lp, ref_ent = reference.logprobs(logits.double(), labels, return_entropy=True)
     assert torch.isnan(lp[1]) and torch.isnan(ent[1])  # NaN row -> NaN for that row only
-    assert torch.isnan(lp[2]) and ent[2] == 0 and ref_ent[2] == 0  # all -inf: as the reference
+    assert torch.isnan(lp[2]) and ent[2] == 0  # all -inf: logp NaN, entropy 0 (0 log 0 = 0)
     assert_close(lp[[0, 3]], ref_lp[[0, 3]], atol=1e-5, name="finite rows")
     assert_close(ent[[0, 3]], ref_ent[[0, 3]], atol=1e-5, name="finite rows")
 
@@ -313,13 +344,21 @@ def test_non_finite_rows():
 # ------------------------------------------------------------------------------------------
 # dtypes of the inputs, validation, backends
 # ------------------------------------------------------------------------------------------
-def test_int32_labels_and_fp64_logits():
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_int32_labels_and_fp64_logits(backend):
     V = 300
-    logits = torch.randn(2, 5, V, device=DEVICE, dtype=torch.float64)
+    logits = torch.randn(2, 5, V, device=DEVICE, dtype=torch.float64, requires_grad=True)
     labels = _make_labels((2, 5), V)
-    lp = logprobs(logits, labels.to(torch.int32), backend="triton")
-    assert lp.dtype == torch.float32  # the Triton path computes in fp32, also for fp64 inputs
-    assert_close(lp, reference.logprobs(logits, labels), atol=1e-5, name="int32 labels")
+    lp, ent = logprobs(logits, labels.to(torch.int32), return_entropy=True, backend=backend)
+    # fp64 in, fp64 out on both backends (the Triton path computes in fp32 and casts)
+    assert lp.dtype == ent.dtype == torch.float64
+    ref_lp, ref_ent = reference.logprobs(logits, labels, return_entropy=True)
+    assert_close(lp, ref_lp, atol=1e-5, name="int32 labels")
+    assert_close(ent, ref_ent, atol=1e-5, name="entropy")
+    (grad,) = torch.autograd.grad(lp.sum() + ent.sum(), logits)
+    (grad64,) = torch.autograd.grad(ref_lp.sum() + ref_ent.sum(), logits)
+    assert grad.dtype == torch.float64
+    assert_close(grad, grad64, atol=1e-5, name="d logits")
 
 
 @pytest.mark.parametrize(
@@ -354,8 +393,10 @@ def test_reference_backend_matches():
 # ------------------------------------------------------------------------------------------
 # torch.compile and the internal launchers used by the fused ops
 # ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("inplace", [False, True])
-def test_torch_compile_fullgraph(inplace):
+@pytest.mark.parametrize("backend, inplace", [("triton", False), ("triton", True),
+                                              ("reference", False)])
+def test_torch_compile_fullgraph(backend, inplace):
+    # fullgraph: no graph break, so no host sync either (the label check is opt-in)
     B, T, V = 2, 3, 97
     weight = torch.randn(B, T + 1, V, device=DEVICE)
     labels = _make_labels((B, T), V)
@@ -363,7 +404,7 @@ def test_torch_compile_fullgraph(inplace):
     def step(w, labels):
         logits = w * 1.0
         lp, ent = logprobs(logits[:, :-1], labels, 0.9, return_entropy=True,
-                           inplace_backward=inplace, backend="triton")
+                           inplace_backward=inplace, backend=backend)
         return (lp * 2).sum() - 0.1 * ent.sum()
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")

@@ -33,8 +33,12 @@ Non-finite logits (the Triton path; the reference gives the same values):
 * a row whose logits are all ``-inf`` gives logp NaN (as ``torch.log_softmax``), entropy 0 (the
   reference's ``0 log 0 = 0``) and a NaN gradient; give such rows ``ignore_index`` instead.
 
-fp64 logits are accepted by the Triton path but computed in fp32 (outputs fp32, gradient fp64);
-``backend="reference"`` computes in fp64.
+fp64 logits are accepted by the Triton path but computed in fp32 (outputs cast to fp64, as the
+reference's dtype; gradient fp64); ``backend="reference"`` computes in fp64.
+
+The returned logp / entropy are not saved for the backward: the forward kernel also writes lse
+and a private copy of entropy into a (2, N) fp32 buffer that the backward reads, so editing the
+outputs in place leaves the gradient unchanged.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ from rlhf_kernels.backend import resolve_backend
 
 __all__ = ["logprobs", "logprobs_fwd", "logprobs_bwd"]
 
+_EMPTY = (0,)
+
 
 # --------------------------------------------------------------------------------------------
 # Kernels. Rows are addressed as (outer, inner) = divmod(row, n_inner) so that a (B, T, V) slice
@@ -61,6 +67,7 @@ def _logprobs_fwd_kernel(
     labels_ptr,
     logp_ptr,
     entropy_ptr,
+    saved_entropy_ptr,
     lse_ptr,
     stride_outer,
     stride_inner,
@@ -70,6 +77,7 @@ def _logprobs_fwd_kernel(
     ignore_index,
     BLOCK_V: tl.constexpr,
     RETURN_ENTROPY: tl.constexpr,
+    SAVE_ENTROPY: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + (row // n_inner) * stride_outer + (row % n_inner) * stride_inner
@@ -106,13 +114,17 @@ def _logprobs_fwd_kernel(
     label_ok = (label >= 0) & (label < V)
     z_label = tl.load(row_ptr + label, mask=valid & label_ok, other=float("nan"))
     logp = z_label.to(tl.float32) * inv_temperature - lse
-    tl.store(logp_ptr + row, tl.where(valid, logp, 0.0))
+    # fp32 math; the outputs may be fp64 (fp64 logits), the cast happens in the store
+    tl.store(logp_ptr + row, tl.where(valid, logp, 0.0).to(logp_ptr.dtype.element_ty))
     tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
     if RETURN_ENTROPY:
         # s == 0: all -inf (0 log 0 = 0, as the reference); a NaN s stays NaN.
         s_pos = tl.where(s == 0.0, 1.0, s)
-        entropy = tl.where(s == 0.0, 0.0, tl.log(s_pos) - a / s_pos)
-        tl.store(entropy_ptr + row, tl.where(valid, entropy, 0.0))
+        entropy = tl.where(valid, tl.where(s == 0.0, 0.0, tl.log(s_pos) - a / s_pos), 0.0)
+        tl.store(entropy_ptr + row, entropy.to(entropy_ptr.dtype.element_ty))
+        if SAVE_ENTROPY:
+            # a private fp32 copy for the backward: the caller may edit the returned entropy
+            tl.store(saved_entropy_ptr + row, entropy)
 
 
 @triton.jit
@@ -226,24 +238,34 @@ def _rows_disjoint(x3d: torch.Tensor) -> bool:
     return inner_ok and outer_ok
 
 
-def _fwd3d(logits3d, labels1d, temperature, ignore_index, return_entropy):
+def _out_dtype(logits_dtype: torch.dtype) -> torch.dtype:
+    """logp / entropy dtype: fp64 for fp64 logits (as the reference), fp32 otherwise."""
+    return torch.float64 if logits_dtype == torch.float64 else torch.float32
+
+
+def _fwd3d(logits3d, labels1d, temperature, ignore_index, logp, entropy, lse, saved_entropy):
+    """One forward launch over the B * T rows of (B, T, V) logits, written into the given buffers.
+
+    logp: (N,) elements of any float dtype, contiguous (any shape: the kernel indexes row-major);
+    entropy: the same, or None (not computed); lse: (N,) fp32 contiguous; saved_entropy: (N,) fp32
+    contiguous or None: a private copy of entropy for the backward (so that the caller may edit
+    the entropy it was returned).
+    """
     B, T, V = logits3d.shape
     N = B * T
-    device = logits3d.device
-    logp = empty((N,), torch.float32, device)
-    lse = empty((N,), torch.float32, device)
-    entropy = empty((N,), torch.float32, device) if return_entropy else None
     if N == 0:
-        return logp, entropy, lse
+        return
+    return_entropy = entropy is not None
+    save_entropy = return_entropy and saved_entropy is not None
     block_v, num_warps, num_stages = _launch_config(V)
     _logprobs_fwd_kernel[(N,)](
-        logits3d, labels1d, logp, entropy if return_entropy else logp, lse,
+        logits3d, labels1d, logp, entropy if return_entropy else logp,
+        saved_entropy if save_entropy else lse, lse,
         logits3d.stride(0), logits3d.stride(1), T, V,
         1.0 / temperature, ignore_index,
-        BLOCK_V=block_v, RETURN_ENTROPY=return_entropy, num_warps=num_warps,
-        num_stages=num_stages,
+        BLOCK_V=block_v, RETURN_ENTROPY=return_entropy, SAVE_ENTROPY=save_entropy,
+        num_warps=num_warps, num_stages=num_stages,
     )
-    return logp, entropy, lse
 
 
 def _bwd3d(logits3d, labels1d, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index,
@@ -282,21 +304,37 @@ def logprobs_fwd(
     temperature: float,
     ignore_index: int,
     return_entropy: bool,
+    out: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None,
+    saved_entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Forward launcher on a (N, V) block of logits (used by the fused linear / PPO ops).
 
     logits2d: (N, V) fp16/bf16/fp32/fp64, stride(1) == 1, any stride(0) (a chunk of a bigger
     buffer is fine). labels1d: (N,) int64/int32, contiguous. No validation and no host sync:
     labels outside [0, V) that are not ``ignore_index`` give NaN logp (never an out-of-bounds
-    read). Returns ``(logp (N,) fp32, entropy (N,) fp32 or None, lse (N,) fp32)``, where
+    read). Returns ``(logp (N,), entropy (N,) or None, lse (N,) fp32)``, where
     lse = logsumexp(logits / temperature) per row (0 for ignored rows), which ``logprobs_bwd``
-    takes back.
+    takes back. The math is fp32.
+
+    out: optional ``(logp, entropy or None, lse)`` buffers to write into instead of new fp32
+    ones, each with N contiguous elements (e.g. row slices of the caller's whole-batch outputs:
+    no copy per chunk); logp / entropy may be any float dtype, lse is fp32. saved_entropy:
+    optional (N,) fp32 contiguous buffer that receives a second copy of entropy (in the same
+    launch), for a backward that must not depend on the returned entropy.
     """
     if logits2d.dim() != 2 or logits2d.stride(1) != 1:
         raise ValueError(f"logits2d must be (N, V) with stride(1) == 1, got shape "
                          f"{tuple(logits2d.shape)} strides {logits2d.stride()}")
-    return _fwd3d(logits2d.unsqueeze(0), labels1d.contiguous(), float(temperature),
-                  int(ignore_index), bool(return_entropy))
+    if out is None:
+        n, device = logits2d.shape[0], logits2d.device
+        out = (empty((n,), torch.float32, device),
+               empty((n,), torch.float32, device) if return_entropy else None,
+               empty((n,), torch.float32, device))
+    logp, entropy, lse = out
+    entropy = entropy if return_entropy else None
+    _fwd3d(logits2d.unsqueeze(0), labels1d.contiguous(), float(temperature), int(ignore_index),
+           logp, entropy, lse, saved_entropy)
+    return logp, entropy, lse
 
 
 def logprobs_bwd(
@@ -332,7 +370,8 @@ def logprobs_bwd(
 # torch.library registration (so torch.compile(fullgraph=True) traces through the op)
 # --------------------------------------------------------------------------------------------
 def _check_labels_in_range(labels: torch.Tensor, V: int, ignore_index: int) -> None:
-    """One min/max reduction (and one host sync) over the labels that are not ignore_index."""
+    """check_labels=True: one min/max reduction and one host sync over the labels that are not
+    ignore_index; raises on a label outside [0, V)."""
     if labels.numel() == 0:
         return
     counted = labels != ignore_index
@@ -360,28 +399,42 @@ def _logprobs_fwd_op(
     inplace_backward: bool,
     check_labels: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (logp (labels.shape), entropy (labels.shape, or (0,) without return_entropy), saved).
+
+    logp / entropy are fp32 (fp64 for fp64 logits), freshly allocated in their final shape (not
+    views, so the caller may edit them in place). saved: (1 or 2, N) fp32, the backward's own
+    state: row 0 lse, row 1 (with entropy) a private copy of entropy.
+    """
     if check_labels:
         _check_labels_in_range(labels, logits.shape[-1], ignore_index)
     logits3d, labels1d = _prepare(logits, labels)
-    logp, entropy, lse = _fwd3d(logits3d, labels1d, temperature, ignore_index, return_entropy)
-    if entropy is None:
-        entropy = logp.new_empty((0,))
-    return logp.view(labels.shape), entropy.view(labels.shape if return_entropy else (0,)), lse
+    device, dtype = logits.device, _out_dtype(logits.dtype)
+    logp = empty(labels.shape, dtype, device)
+    entropy = empty(labels.shape if return_entropy else _EMPTY, dtype, device)
+    saved = empty((2 if return_entropy else 1, labels.numel()), torch.float32, device)
+    _fwd3d(logits3d, labels1d, temperature, ignore_index, logp,
+           entropy if return_entropy else None, saved[0], saved[1] if return_entropy else None)
+    return logp, entropy, saved
 
 
 @_logprobs_fwd_op.register_fake
 def _(logits, labels, temperature, ignore_index, return_entropy, inplace_backward, check_labels):
-    out = logits.new_empty(labels.shape, dtype=torch.float32)
-    entropy = logits.new_empty(labels.shape if return_entropy else (0,), dtype=torch.float32)
-    return out, entropy, logits.new_empty((labels.numel(),), dtype=torch.float32)
+    dtype = _out_dtype(logits.dtype)
+    logp = logits.new_empty(labels.shape, dtype=dtype)
+    entropy = logits.new_empty(labels.shape if return_entropy else _EMPTY, dtype=dtype)
+    saved = logits.new_empty((2 if return_entropy else 1, labels.numel()), dtype=torch.float32)
+    return logp, entropy, saved
+
+
+def _split_saved(saved: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return saved[0], saved[1] if saved.shape[0] > 1 else None
 
 
 @torch.library.custom_op("rlhf_kernels::logprobs_bwd", mutates_args=())
 def _logprobs_bwd_op(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    lse: torch.Tensor,
-    entropy: torch.Tensor,
+    saved: torch.Tensor,
     grad_logp: torch.Tensor | None,
     grad_entropy: torch.Tensor | None,
     temperature: float,
@@ -389,13 +442,13 @@ def _logprobs_bwd_op(
 ) -> torch.Tensor:
     logits3d, labels1d = _prepare(logits, labels)
     out = empty(logits.shape, logits.dtype, logits.device)
-    _bwd3d(logits3d, labels1d, lse, _flat_fp32(entropy), _flat_fp32(grad_logp),
+    _bwd3d(logits3d, labels1d, *_split_saved(saved), _flat_fp32(grad_logp),
            _flat_fp32(grad_entropy), temperature, ignore_index, out.view(logits3d.shape))
     return out
 
 
 @_logprobs_bwd_op.register_fake
-def _(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index):
+def _(logits, labels, saved, grad_logp, grad_entropy, temperature, ignore_index):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -403,20 +456,19 @@ def _(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore
 def _logprobs_bwd_inplace_op(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    lse: torch.Tensor,
-    entropy: torch.Tensor,
+    saved: torch.Tensor,
     grad_logp: torch.Tensor | None,
     grad_entropy: torch.Tensor | None,
     temperature: float,
     ignore_index: int,
 ) -> None:
     logits3d, labels1d = _prepare(logits, labels)
-    _bwd3d(logits3d, labels1d, lse, _flat_fp32(entropy), _flat_fp32(grad_logp),
+    _bwd3d(logits3d, labels1d, *_split_saved(saved), _flat_fp32(grad_logp),
            _flat_fp32(grad_entropy), temperature, ignore_index, logits3d)
 
 
 @_logprobs_bwd_inplace_op.register_fake
-def _(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index):
+def _(logits, labels, saved, grad_logp, grad_entropy, temperature, ignore_index):
     return None
 
 
@@ -431,18 +483,20 @@ def _can_write_in_place(logits: torch.Tensor) -> bool:
 
 def _setup_context(ctx, inputs, output):
     logits, labels, temperature, ignore_index, return_entropy, inplace_backward, _ = inputs
-    _, entropy, lse = output
+    # Not the returned logp / entropy: the caller may edit those in place.
+    _, _, saved = output
     ctx.inplace_backward = inplace_backward
     ctx.temperature = temperature
     ctx.ignore_index = ignore_index
-    ctx.save_for_backward(logits, labels, lse, entropy)
+    ctx.mark_non_differentiable(saved)
+    ctx.save_for_backward(logits, labels, saved)
 
 
-def _backward(ctx, grad_logp, grad_entropy, grad_lse):
-    logits, labels, lse, entropy = ctx.saved_tensors
-    if entropy.numel() == 0:
+def _backward(ctx, grad_logp, grad_entropy, _grad_saved):
+    logits, labels, saved = ctx.saved_tensors
+    if saved.shape[0] == 1:
         grad_entropy = None
-    args = (labels, lse, entropy, grad_logp, grad_entropy, ctx.temperature, ctx.ignore_index)
+    args = (labels, saved, grad_logp, grad_entropy, ctx.temperature, ctx.ignore_index)
     if ctx.inplace_backward and _can_write_in_place(logits):
         torch.ops.rlhf_kernels.logprobs_bwd_inplace_(logits, *args)
         grad_logits = logits
@@ -465,16 +519,19 @@ def logprobs(
     return_entropy: bool = False,
     inplace_backward: bool = False,
     *,
-    check_labels: bool = True,
+    check_labels: bool = False,
     backend: str | None = None,
 ):
     """Log-probability (and entropy) of the chosen tokens under softmax(logits / temperature).
 
-    logits: (..., V) fp16/bf16/fp32 (fp64 too; see the module docstring). Leading dims may have
-        any strides (e.g. ``logits[:, :-1, :]`` is read in place); stride(-1) != 1 costs a copy.
+    logits: (..., V) fp16/bf16/fp32/fp64. Leading dims may have any strides (e.g.
+        ``logits[:, :-1, :]`` is read in place); stride(-1) != 1 costs a copy.
     labels: (...) int64 or int32, the shape of ``logits.shape[:-1]``; ``ignore_index`` marks
         positions that give logp = entropy = 0 and no gradient.
-    Returns logp (...) fp32, and entropy (...) fp32 when ``return_entropy``.
+    Returns logp (...), and entropy (...) when ``return_entropy``: fp32, or fp64 for fp64 logits
+        on both backends (the Triton path computes in fp32 and casts; the reference in fp64).
+        They are ordinary tensors: editing them in place is fine and does not change the
+        backward.
 
     inplace_backward: the backward writes d logits into the logits buffer itself instead of a new
         (..., V) tensor (saves one logits-sized allocation, e.g. 2.3 GiB for bf16 8x1024x151936).
@@ -485,9 +542,11 @@ def logprobs(
         tensor that requires grad is refused (its ``.grad`` would share memory with it). When the
         buffer cannot take the gradient in place (stride(-1) != 1, overlapping rows of an expanded
         tensor, leading dims that need a copy) the backward quietly uses a fresh buffer instead.
-    check_labels: verify on the host that every label is in [0, V) or ignore_index (one min/max
-        reduction and one device sync per call). Pass False in hot loops once the data is known to
-        be clean; a bad label then gives NaN logp for its row (never an out-of-bounds read).
+    check_labels: False (the default): no validation and no host sync; a label outside [0, V)
+        that is not ignore_index gives NaN logp (and entropy as usual) for its row on both
+        backends, never an out-of-bounds read nor a finite wrong number. True: raise a ValueError
+        naming the bad label instead, at the cost of one min/max reduction and one host sync per
+        call (use it while debugging a data pipeline).
     backend: "triton", "reference" or "auto"/None (see ``rlhf_kernels.backend``).
     """
     check_float("logits", logits)
