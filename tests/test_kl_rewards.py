@@ -239,9 +239,11 @@ def test_rewards_bad_input():
     mask = torch.ones(2, 5, dtype=torch.bool, device=DEVICE)
     scores = torch.zeros(2, device=DEVICE)
     with pytest.raises(ValueError, match=r"score_index holds 5, outside \[0, 5\)"):
-        shape_rewards(scores, logp, logp, mask, 0.1, score_index=torch.tensor([0, 5]))
+        shape_rewards(scores, logp, logp, mask, 0.1, score_index=torch.tensor([0, 5]),
+                      check_index=True)
     with pytest.raises(ValueError, match=r"score_index holds -1, outside \[0, 5\)"):
-        shape_rewards(scores, logp, logp, mask, 0.1, score_index=torch.tensor([-1, 2]))
+        shape_rewards(scores, logp, logp, mask, 0.1, score_index=torch.tensor([-1, 2]),
+                      check_index=True)
     with pytest.raises(ValueError, match="score_index must be an integer tensor"):
         shape_rewards(scores, logp, logp, mask, 0.1, score_index=torch.tensor([0.0, 1.0]))
     with pytest.raises(ValueError, match=r"scores has shape \(3,\) but logp has shape \(2, 5\)"):
@@ -254,6 +256,22 @@ def test_rewards_bad_input():
         shape_rewards(scores, logp, logp, mask, 0.1, score_clip=-1.0)
     with pytest.raises(ValueError, match="logp must have a time dimension"):
         shape_rewards(torch.zeros(()), logp[0, 0], logp[0, 0], mask[0, 0], 0.1)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_rewards_out_of_range_score_index_gives_a_nan_row_without_a_host_check(backend):
+    # By default nothing is checked on the host (no sync); the score must not vanish silently,
+    # so the row whose index is outside [0, T) is NaN and the other rows are untouched.
+    logp, ref_logp = random_logps((4, 5), torch.float32)
+    mask = torch.ones(4, 5, dtype=torch.bool, device=DEVICE)
+    scores = torch.randn(4, device=DEVICE)
+    index = torch.tensor([0, 5, -1, 4], device=DEVICE)
+    out = shape_rewards(scores, logp, ref_logp, mask, 0.1, score_index=index, backend=backend)
+    assert torch.isnan(out[1:3]).all()
+    good = torch.tensor([0, 3])
+    want = reference.shape_rewards(scores[good], logp[good], ref_logp[good], mask[good], 0.1,
+                                   score_index=index[good])
+    assert_close(out[good], want, atol=1e-6, name="rows with a valid index")
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@
 
 ``score_index[b]`` defaults to the last valid token of row b; a row with no valid token then gets
 all-zero rewards (its score has nowhere to go). When ``score_index`` is given the score is added
-there whatever the mask says, as the reference does.
+there whatever the mask says, as the reference does; an index outside [0, T) makes the whole row
+NaN (checked on the device: the score is never lost silently and nothing syncs with the host).
 
 One program per row walks the row in blocks from right to left, so the last valid token is known
 by the time the block that holds it is written: a single pass, reading logp, ref_logp and the mask
@@ -71,6 +72,8 @@ def _shape_rewards_fwd_kernel(
             last_here = tl.max(tl.where(valid, cols, -1), axis=0)
             target = tl.where(target < 0, last_here, target)
         rewards += tl.where(cols == target, score, 0.0)
+        if HAS_INDEX:
+            rewards = tl.where((target < 0) | (target >= n_cols), float("nan"), rewards)
         tl.store(out_ptr + row * stride_out_row + cols, rewards, mask=in_row)
 
 
@@ -123,7 +126,7 @@ def _(scores, logp, ref_logp, mask, kl_coef, estimator, score_index, score_clip,
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
-def _check_inputs(scores, logp, ref_logp, mask, score_index, score_clip) -> None:
+def _check_inputs(scores, logp, ref_logp, mask, score_index, score_clip, check_index) -> None:
     check_float("scores", scores)
     check_float("logp", logp)
     check_float("ref_logp", ref_logp)
@@ -153,9 +156,9 @@ def _check_inputs(scores, logp, ref_logp, mask, score_index, score_clip) -> None
             f"score_index has shape {tuple(score_index.shape)} but scores has shape "
             f"{tuple(scores.shape)}; they must match (one position per sequence)"
         )
-    # A range check needs the values on the host; skip it while torch.compile traces (the kernel
-    # never reads out of bounds anyway: an out-of-range index matches no column).
-    if score_index.numel() and not torch.compiler.is_compiling():
+    # A range check needs the values on the host (one sync), so it is opt-in; without it an
+    # out-of-range index gives a NaN row on the device (never a read out of bounds).
+    if check_index and score_index.numel():
         T = logp.shape[-1]
         lo, hi = int(score_index.min()), int(score_index.max())
         if lo < 0 or hi >= T:
@@ -177,6 +180,7 @@ def shape_rewards(
     score_clip: float | None = None,
     kl_clamp: float | None = None,
     *,
+    check_index: bool = False,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Per-token PPO rewards: KL penalty on valid tokens plus the sequence score.
@@ -188,8 +192,13 @@ def shape_rewards(
     estimator: KL estimator as in ``kl_penalty``; kl_clamp clamps the per-token KL to +-kl_clamp;
     score_clip clamps the score to +-score_clip. Works with left or right padding and with masked
     holes inside a row; an all-masked row gets all-zero rewards (unless score_index is given).
+    Masked positions may hold anything (NaN, inf): they output 0 and affect nothing else.
+
+    A ``score_index`` outside [0, T) makes its whole row NaN (no host sync by default);
+    ``check_index=True`` instead raises a ValueError naming the bad index, at the cost of one
+    host sync (one min/max reduction) per call.
     """
-    _check_inputs(scores, logp, ref_logp, mask, score_index, score_clip)
+    _check_inputs(scores, logp, ref_logp, mask, score_index, score_clip, check_index)
     check_kl_options(estimator, kl_clamp=kl_clamp)
     use_reference = torch.float64 in (scores.dtype, logp.dtype, ref_logp.dtype)
     if resolve_backend(logp, backend) == "reference" or use_reference:
