@@ -10,9 +10,20 @@ against the framework (and the framework's own tests) sees the dtype it expects.
 from __future__ import annotations
 
 import functools
+import importlib.util
 from collections.abc import Callable
 
 import torch
+
+
+def installed(package: str) -> bool:
+    """Whether a top-level package can be imported, without importing it (the frameworks choose
+    a fused path, and with it their output dtype, by what is installed). Called once per module,
+    at import, so the per-call decisions are plain flag reads for torch.compile."""
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # ValueError: a module in sys.modules without a spec
+        return False
 
 
 def promoted(*tensors: torch.Tensor | torch.dtype | None) -> torch.dtype:

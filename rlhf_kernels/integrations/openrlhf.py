@@ -54,12 +54,10 @@ KL, so there is nothing left to fuse (``rlhf_kernels.shape_rewards`` fuses the e
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
 from rlhf_kernels.integrations import Patch, apply_patch, dropin, original
-from rlhf_kernels.integrations._contract import bind_keep_fp32, finish, promoted
+from rlhf_kernels.integrations._contract import bind_keep_fp32, finish, installed, promoted
 from rlhf_kernels.ops.bradley_terry import bradley_terry_loss
 from rlhf_kernels.ops.gae import gae
 from rlhf_kernels.ops.kl import kl_penalty as kl_estimate
@@ -89,7 +87,7 @@ _K3_LOG_RATIO_BOUND = 11.0  # see the module docstring: equivalent to OpenRLHF's
 _IS_WEIGHT_CLIP = 10.0  # OpenRLHF's KL_IS_WEIGHT_CLIP for the unbiased-gradient correction
 # OpenRLHF's log_probs_from_logits takes flash-attn's cross entropy (fp32 output) for fp32 / fp64
 # logits when it imports; read once, at import (a plain flag for torch.compile to trace).
-_FLASH_ATTN_INSTALLED = importlib.util.find_spec("flash_attn") is not None
+_FLASH_ATTN_INSTALLED = installed("flash_attn")
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,12 +35,10 @@ does not broadcast to ``index``.
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
 from rlhf_kernels.integrations import Patch, apply_patch, dropin, original
-from rlhf_kernels.integrations._contract import bind_keep_fp32, finish
+from rlhf_kernels.integrations._contract import bind_keep_fp32, finish, installed
 from rlhf_kernels.ops.logprobs import logprobs
 
 __all__ = [
@@ -54,7 +52,7 @@ _UTILS = "trl.trainer.utils"
 _IGNORE_INDEX = -100
 # TRL uses its Triton kernel only where triton is installed; read once, at import, so that the
 # per-call dtype decision is plain attribute reads (nothing for torch.compile to trip on).
-_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+_TRITON_INSTALLED = installed("triton")
 _TRL_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TRL_MASK_DTYPES = (torch.bool, torch.int32, torch.int64)
 

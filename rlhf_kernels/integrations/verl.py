@@ -50,7 +50,6 @@ k1/k2/k3/abs (and their aliases / "+" forms), and arguments veRL itself rejects.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import Any
 
@@ -58,7 +57,7 @@ import torch
 
 from rlhf_kernels._checks import REDUCTIONS
 from rlhf_kernels.integrations import Patch, apply_patch, dropin, original
-from rlhf_kernels.integrations._contract import bind_keep_fp32, finish, promoted
+from rlhf_kernels.integrations._contract import bind_keep_fp32, finish, installed, promoted
 from rlhf_kernels.ops.gae import gae
 from rlhf_kernels.ops.kl import kl_penalty as kl_estimate
 from rlhf_kernels.ops.logprobs import logprobs
@@ -93,7 +92,7 @@ _KL_MODES = {
 _WHITEN_EPS = 1e-8  # veRL's masked_whiten: (x - mean) * rsqrt(var + 1e-8)
 # veRL's logprobs_from_logits uses flash-attn's cross entropy (fp32 output) when it imports;
 # read once, at import, so the per-call dtype decision traces cleanly under torch.compile.
-_FLASH_ATTN_INSTALLED = importlib.util.find_spec("flash_attn") is not None
+_FLASH_ATTN_INSTALLED = installed("flash_attn")
 
 
 # --------------------------------------------------------------------------------------------
