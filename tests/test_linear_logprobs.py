@@ -136,13 +136,15 @@ def test_strided_hidden():
     assert_close(logp, ref, atol=1e-5, name="logp")
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_torch_compile_fullgraph(backend):
+    # fullgraph: no graph break, so no host sync either (the label check is opt-in)
     hidden, weight, b, a, lb, labels = _make((2, 5), 9, 37, torch.float32, True, 2)
     params = [t.requires_grad_() for t in (hidden, weight, b, a, lb)]
 
     def fn(h, w, bb, aa, bl):
         logp, ent = linear_logprobs(h, w, labels, bb, aa, bl, 0.5, 0.9, return_entropy=True,
-                                    chunk_size=3, backend="triton")
+                                    chunk_size=3, backend=backend)
         return (logp * 2).sum() + ent.sum()
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
@@ -178,10 +180,13 @@ def test_choose_chunk_rows():
     (dict(lora_a=torch.randn(2, 4)), "lora_a and lora_b must be given together"),
     (dict(lora_a=torch.randn(2, 5), lora_b=torch.randn(7, 2)), "lora_a must have shape"),
     (dict(lora_a=torch.randn(2, 4), lora_b=torch.randn(7, 3)), "lora_b must have shape"),
-    (dict(temperature=0.0), "temperature must be > 0"),
+    (dict(temperature=0.0), "temperature must be a positive finite number, got 0.0"),
+    (dict(temperature=float("inf")), "temperature must be a positive finite number, got inf"),
+    (dict(temperature=float("nan")), "temperature must be a positive finite number, got nan"),
     (dict(chunk_size=0), "chunk_size must be a positive int"),
     (dict(memory_budget_bytes=-1), "memory_budget_bytes must be a positive int"),
-    (dict(labels=torch.tensor([[0, 1, 7], [0, 0, 0]])), r"labels must be in \[0, 7\)"),
+    (dict(labels=torch.tensor([[0, 1, 7], [0, 0, 0]]), check_labels=True),
+     r"labels must be in \[0, 7\) .*found label 7"),
     (dict(hidden=torch.zeros(2, 3, 4, dtype=torch.long)), "hidden must be a floating tensor"),
 ])
 def test_bad_input(change, message):
@@ -190,3 +195,80 @@ def test_bad_input(change, message):
     kw.update(change)
     with pytest.raises(ValueError, match=message):
         linear_logprobs(**kw, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_out_of_range_labels_give_nan(backend):
+    """No host sync by default: a bad label gives NaN logp for its row (no out-of-bounds read,
+    no finite wrong number); check_labels=True raises instead."""
+    hidden, weight, b, _, _, labels = _make((2, 4), 6, 13, torch.float32, True, 0, 0.0)
+    labels[0, 2] = 13
+    labels[1, 1] = -1
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 13\) .*found label"):
+        linear_logprobs(hidden, weight, labels, b, check_labels=True, backend=backend)
+    logp = linear_logprobs(hidden, weight, labels, b, chunk_size=3, backend=backend)
+    bad = torch.zeros_like(labels, dtype=torch.bool)
+    bad[0, 2] = bad[1, 1] = True
+    assert torch.isnan(logp[bad]).all()
+    ref = reference.linear_logprobs(hidden.double(), weight.double(), labels.clamp(0, 12),
+                                    b.double())
+    assert_close(logp[~bad], ref[~bad], atol=1e-5, name="other rows")
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_fp64_in_fp64_out(backend):
+    hidden, weight, b, a, lb, labels = _make((2, 3), 5, 17, torch.float64, True, 2)
+    logp, ent = linear_logprobs(hidden, weight, labels, b, a, lb, return_entropy=True,
+                                backend=backend)
+    assert logp.dtype == ent.dtype == torch.float64
+    ref_lp, ref_ent = reference.linear_logprobs(hidden, weight, labels, b, a, lb,
+                                                return_entropy=True)
+    assert_close(logp, ref_lp, atol=1e-5, name="logp")
+    assert_close(ent, ref_ent, atol=1e-5, name="entropy")
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_outputs_can_be_edited_in_place(backend):
+    """The returned tensors are ordinary; editing them after the loss is built leaves the
+    gradients those of the unedited outputs (the op saves private copies, not its outputs)."""
+    hidden, weight, b, a, lb, labels = _make((2, 5), 7, 23, torch.float32, True, 2)
+    upstream = [torch.randn(2, 5, device=DEVICE, dtype=torch.float64) for _ in range(2)]
+    params = [t.clone().requires_grad_() for t in (hidden, weight, b, a, lb)]
+    logp, ent = linear_logprobs(*params[:2], labels, *params[2:], 0.5, 0.9, return_entropy=True,
+                                chunk_size=4, backend=backend)
+    total = (logp.double() * upstream[0]).sum() + (ent.double() * upstream[1]).sum()
+    logp[0, 1] = 0.0
+    ent[1, 2] = 5.0
+    ent.mul_(2.0)
+    assert logp[0, 1] == 0.0 and ent[1, 2] == 10.0
+    grads = torch.autograd.grad(total, params)
+    _, grads64 = _outputs_and_grads(
+        reference.linear_logprobs, [t.double() for t in (hidden, weight, b, a, lb)], labels,
+        upstream, lora_scale=0.5, temperature=0.9, return_entropy=True)
+    for g, g64, name in zip(grads, grads64, NAMES):
+        assert_close(g, g64, atol=1e-5, rtol=1e-4, name=f"d {name}")
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_non_finite_hidden_at_ignored_rows_adds_nothing(poison):
+    """A NaN / inf hidden state where the label is ignore_index (padding) must not reach any
+    gradient: the result equals the reference with those rows replaced by finite values."""
+    hidden, weight, b, a, lb, labels = _make((2, 6), 8, 29, torch.float32, True, 3, 0.0)
+    labels[0, 4:] = -100
+    labels[1, 0] = -100
+    ignored = labels == -100
+    poisoned = hidden.clone()
+    poisoned[ignored] = poison
+    poisoned[0, 5, 3] = 1.0  # a row partly non-finite
+    upstream = [torch.randn(2, 6, device=DEVICE, dtype=torch.float64) for _ in range(2)]
+    kw = dict(lora_scale=0.5, temperature=0.9, return_entropy=True)
+    outs, grads = _outputs_and_grads(linear_logprobs, (poisoned, weight, b, a, lb), labels,
+                                     upstream, chunk_size=5, backend="triton", **kw)
+    clean = [t.double() for t in (hidden, weight, b, a, lb)]
+    outs64, grads64 = _outputs_and_grads(reference.linear_logprobs, clean, labels, upstream, **kw)
+    for o, o64, name in zip(outs, outs64, ("logp", "entropy")):
+        assert_close(o, o64, atol=1e-5, name=name)
+    for g, g64, name in zip(grads, grads64, NAMES):
+        assert torch.isfinite(g).all(), name
+        assert_close(g, g64, atol=1e-5, rtol=1e-4, name=f"d {name}")
+    assert (grads[0][ignored] == 0).all()

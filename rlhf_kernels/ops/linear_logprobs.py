@@ -7,7 +7,9 @@ Math (per token row ``h`` of ``hidden (N, H)``, ``W (V, H)``, optional ``b (V,)`
     logp   = z[label] / T - lse,   lse = logsumexp(z / T)   # T = temperature
     entropy = lse - sum_j p_j z_j / T,   p = softmax(z / T)
 
-Rows whose label is ``ignore_index`` give logp = entropy = 0 and no gradient.
+Rows whose label is ``ignore_index`` give logp = entropy = 0 and no gradient: their d logits
+are written as 0 by the kernel and their hidden rows are zeroed before the d weight / d LoRA
+matmuls, so a NaN or inf hidden state there contributes exactly 0 (not 0 * NaN).
 
 How: the rows are cut into chunks of ``C`` tokens. For each chunk the logits ``(C, V)`` are made
 with cuBLAS matmuls in the inputs' dtype (bf16 on a GPU), the logprobs kernels of
@@ -34,7 +36,8 @@ CPU, rounded down to a multiple of 64 rows when that large.
 
 Dtypes: hidden / weight / bias / LoRA factors fp16, bf16, fp32 or fp64. The matmuls run in the
 promoted dtype of hidden and weight (cast the others to it; matching dtypes avoid a copy of the
-weight); the logprobs kernels compute in fp32; logp / entropy are fp32. Gradients come back in
+weight); the logprobs kernels compute in fp32; logp / entropy are fp32 (fp64 when the matmuls
+are fp64, as the reference's). Gradients come back in
 each input's own dtype. The weight gradient is accumulated over chunks in the compute dtype (as
 cuBLAS ``beta = 1`` GEMMs: one rounding per chunk in bf16), the bias and LoRA gradients in fp32.
 """
@@ -173,7 +176,9 @@ class HeadGrads:
 
 
 def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """One host check per call (a sync on CUDA) so a bad label never reads out of bounds."""
+    """check_labels=True: one host sync; raises on a label outside [0, vocab) that is not
+    ignore_index. (Without it such a label gives NaN logp: the kernels never read out of
+    bounds.)"""
     if labels.numel() == 0:
         return
     bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
@@ -181,38 +186,53 @@ def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> No
         first = labels[bad][0].item()
         raise ValueError(
             f"labels must be in [0, {vocab}) (the vocabulary size) or equal ignore_index="
-            f"{ignore_index}; found {first}"
+            f"{ignore_index}; found label {first}. Set padding labels to ignore_index."
         )
+
+
+def out_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Per-token outputs: fp64 when the matmuls run in fp64 (as the reference), else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def zero_rows(h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(N, H) rows with keep == False set to 0 (a copy): rows whose d logits are 0 must add
+    exactly 0 to d weight / d lora, and 0 * NaN = NaN for a NaN or inf hidden state there."""
+    return torch.where(keep.unsqueeze(-1), h, 0)
 
 
 # --------------------------------------------------------------------------------------------
 # forward / backward sweeps
 # --------------------------------------------------------------------------------------------
 def _forward_sweep(hidden, weight, labels, bias, lora_a, lora_b, lora_scale, temperature,
-                   ignore_index, return_entropy, chunk_size, memory_budget_bytes):
+                   ignore_index, return_entropy, chunk_size, memory_budget_bytes, check_labels):
+    """-> (logp (labels.shape), entropy (labels.shape) or (0,), saved (1 or 2, N) fp32: row 0
+    lse, row 1 a private copy of entropy for the backward)."""
     logprobs_fwd, _ = _logprob_kernels()
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     device = hidden.device
-    check_label_range(labels, vocab, ignore_index)
+    if check_labels:
+        check_label_range(labels, vocab, ignore_index)
+    labels1d = labels.reshape(-1)
     dtype = compute_dtype(hidden, weight)
     w, b, a, lb = cast_head(dtype, weight, bias, lora_a, lora_b)
     h = hidden.to(dtype)
-    logp = empty((n_rows,), torch.float32, device)
-    entropy = empty((n_rows,) if return_entropy else _EMPTY, torch.float32, device)
-    lse = empty((n_rows,), torch.float32, device)
+    # Allocated in their final shape (the caller gets ordinary tensors); the kernels write each
+    # chunk's rows straight into them through flat views.
+    logp = empty(labels.shape, out_dtype(dtype), device)
+    entropy = empty(labels.shape if return_entropy else _EMPTY, out_dtype(dtype), device)
+    saved = empty((2 if return_entropy else 1, n_rows), torch.float32, device)
+    logp_flat, ent_flat = logp.view(-1), entropy.view(-1)
     rows = choose_chunk_rows(n_rows, vocab, h.element_size(), device, chunk_size,
                              memory_budget_bytes)
     for start in range(0, n_rows, rows):
-        stop = min(start + rows, n_rows)
-        logits, _ = chunk_logits(h[start:stop], w, b, a, lb, lora_scale)
-        lp_c, ent_c, lse_c = logprobs_fwd(logits, labels[start:stop], temperature, ignore_index,
-                                          return_entropy)
-        logp[start:stop] = lp_c
-        lse[start:stop] = lse_c
-        if return_entropy:
-            entropy[start:stop] = ent_c
+        sl = slice(start, min(start + rows, n_rows))
+        logits, _ = chunk_logits(h[sl], w, b, a, lb, lora_scale)
+        logprobs_fwd(logits, labels1d[sl], temperature, ignore_index, return_entropy,
+                     out=(logp_flat[sl], ent_flat[sl] if return_entropy else None, saved[0, sl]),
+                     saved_entropy=saved[1, sl] if return_entropy else None)
         del logits
-    return logp, entropy, lse
+    return logp, entropy, saved
 
 
 def _backward_sweep(grad_logp, grad_entropy, hidden, weight, labels, bias, lora_a, lora_b, lse,
@@ -224,7 +244,12 @@ def _backward_sweep(grad_logp, grad_entropy, hidden, weight, labels, bias, lora_
     dtype = compute_dtype(hidden, weight)
     w, b, a, lb = cast_head(dtype, weight, bias, lora_a, lora_b)
     h = hidden.to(dtype)
+    labels = labels.reshape(-1)
+    grad_logp = None if grad_logp is None else grad_logp.reshape(-1)
+    grad_entropy = None if grad_entropy is None else grad_entropy.reshape(-1)
     grads = HeadGrads(n_rows, hidden, weight, bias, lora_a, lora_b, needs, dtype)
+    if any(g is not None for g in (grads.weight, grads.lora_a, grads.lora_b)):
+        h = zero_rows(h, labels != ignore_index)  # ignored rows: exactly 0, even for NaN h
     if grads.any():
         rows = choose_chunk_rows(n_rows, vocab, h.element_size(), device, chunk_size,
                                  memory_budget_bytes)
@@ -262,20 +287,22 @@ def _linear_logprobs_fwd_op(
     return_entropy: bool,
     chunk_size: int,
     memory_budget_bytes: int,
+    check_labels: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """hidden (N, H) -> (logp (N,), entropy (N,) or (0,), lse (N,)), all fp32."""
+    """hidden (N, H), labels (...) with N elements -> (logp (...), entropy (...) or (0,), saved
+    (1 or 2, N) fp32); see ``_forward_sweep``."""
     return _forward_sweep(hidden, weight, labels, bias, lora_a, lora_b, lora_scale, temperature,
-                          ignore_index, return_entropy, chunk_size, memory_budget_bytes)
+                          ignore_index, return_entropy, chunk_size, memory_budget_bytes,
+                          check_labels)
 
 
 @_linear_logprobs_fwd_op.register_fake
 def _(hidden, weight, labels, bias, lora_a, lora_b, lora_scale, temperature, ignore_index,
-      return_entropy, chunk_size, memory_budget_bytes):
-    n = hidden.shape[0]
-    f32 = torch.float32
-    return (hidden.new_empty((n,), dtype=f32),
-            hidden.new_empty((n,) if return_entropy else _EMPTY, dtype=f32),
-            hidden.new_empty((n,), dtype=f32))
+      return_entropy, chunk_size, memory_budget_bytes, check_labels):
+    dtype = out_dtype(compute_dtype(hidden, weight))
+    return (hidden.new_empty(labels.shape, dtype=dtype),
+            hidden.new_empty(labels.shape if return_entropy else _EMPTY, dtype=dtype),
+            hidden.new_empty((2 if return_entropy else 1, hidden.shape[0]), dtype=torch.float32))
 
 
 @torch.library.custom_op("rlhf_kernels::linear_logprobs_bwd", mutates_args=())
@@ -326,15 +353,18 @@ def _(grad_logp, grad_entropy, hidden, weight, labels, bias, lora_a, lora_b, lse
 
 def _setup_context(ctx, inputs, output):
     (hidden, weight, labels, bias, lora_a, lora_b, lora_scale, temperature, ignore_index,
-     return_entropy, chunk_size, memory_budget_bytes) = inputs
-    _, entropy, lse = output
-    ctx.save_for_backward(hidden, weight, labels, bias, lora_a, lora_b, lse, entropy)
+     return_entropy, chunk_size, memory_budget_bytes, _) = inputs
+    # The private saved state, not the returned logp / entropy (the caller may edit those).
+    _, _, saved = output
+    ctx.mark_non_differentiable(saved)
+    ctx.save_for_backward(hidden, weight, labels, bias, lora_a, lora_b, saved)
     ctx.options = (lora_scale, temperature, ignore_index, return_entropy, chunk_size,
                    memory_budget_bytes)
 
 
-def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
-    hidden, weight, labels, bias, lora_a, lora_b, lse, entropy = ctx.saved_tensors
+def _backward(ctx, grad_logp, grad_entropy, _grad_saved):
+    hidden, weight, labels, bias, lora_a, lora_b, saved = ctx.saved_tensors
+    lse, entropy = saved[0], saved[1] if saved.shape[0] > 1 else None
     lora_scale, temperature, ignore_index, return_entropy, chunk_size, budget = ctx.options
     need = ctx.needs_input_grad
     needs = (need[0], need[1], need[3] and bias is not None,
@@ -347,7 +377,7 @@ def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
         budget, *needs)
     pick = lambda g, wanted: g if wanted else None
     return (pick(d_hidden, needs[0]), pick(d_weight, needs[1]), None, pick(d_bias, needs[2]),
-            pick(d_a, needs[3]), pick(d_b, needs[4]), None, None, None, None, None, None)
+            pick(d_a, needs[3]), pick(d_b, needs[4]), None, None, None, None, None, None, None)
 
 
 _linear_logprobs_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -356,6 +386,14 @@ _linear_logprobs_fwd_op.register_autograd(_backward, setup_context=_setup_contex
 # --------------------------------------------------------------------------------------------
 # public function
 # --------------------------------------------------------------------------------------------
+def check_temperature(temperature) -> None:
+    """The same rule as ``logprobs``: logits are divided by it, so 0, inf and NaN are refused."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    if not 0.0 < float(temperature) < float("inf"):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+
+
 def check_head_inputs(hidden, weight, labels, bias, lora_a, lora_b, temperature, chunk_size,
                       memory_budget_bytes) -> None:
     """Shapes, dtypes and options shared by linear_logprobs and linear_ppo_loss."""
@@ -397,8 +435,7 @@ def check_head_inputs(hidden, weight, labels, bias, lora_a, lora_b, temperature,
                              f"{tuple(lora_b.shape)}")
     check_same_device(("hidden", hidden), ("weight", weight), ("labels", labels), ("bias", bias),
                       ("lora_a", lora_a), ("lora_b", lora_b))
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_temperature(temperature)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int (rows per chunk) or None, got "
                          f"{chunk_size!r}")
@@ -422,28 +459,37 @@ def linear_logprobs(
     chunk_size: int | None = None,
     memory_budget_bytes: int | None = None,
     *,
+    check_labels: bool = False,
     backend: str | None = None,
 ):
     """Per-token log-probabilities (and entropy) of ``labels`` under the lm_head, chunked.
 
     hidden (..., H) fp16/bf16/fp32/fp64, weight (V, H), labels (...) int64, bias (V,),
-    lora_a (r, H), lora_b (V, r) -> logp (...) fp32 [, entropy (...) fp32]: the same as
+    lora_a (r, H), lora_b (V, r) -> logp (...) [, entropy (...)]: the same as
     ``logprobs(hidden @ (weight + lora_scale * lora_b @ lora_a).T + bias, labels, temperature,
     ignore_index, return_entropy)`` while holding at most ``chunk_size x V`` logits at a time
     (forward and backward). ``chunk_size`` (rows) or ``memory_budget_bytes`` set the chunk; by
     default it is chosen from the free memory (module docstring). Differentiable in hidden,
     weight, bias, lora_a and lora_b (only those requiring grad are computed).
+
+    Outputs are fp32, or fp64 when hidden or weight is fp64 (on both backends; the Triton path's
+    softmax math is fp32 and cast). They are ordinary tensors: editing them in place does not
+    change the backward. A row whose label is ignore_index adds exactly 0 to every gradient,
+    even when its hidden state is NaN or inf.
+
+    check_labels: False (default): no host sync; a label outside [0, V) that is not ignore_index
+    gives NaN logp for its row (never an out-of-bounds read). True: raise a ValueError naming it
+    instead, at the cost of one host sync per call.
     """
     check_head_inputs(hidden, weight, labels, bias, lora_a, lora_b, temperature, chunk_size,
                       memory_budget_bytes)
     if resolve_backend(hidden, backend) == "reference":
+        if check_labels:
+            check_label_range(labels, weight.shape[0], ignore_index)
         return reference.linear_logprobs(hidden, weight, labels, bias, lora_a, lora_b, lora_scale,
                                          temperature, ignore_index, return_entropy)
-    lead = hidden.shape[:-1]
     logp, entropy, _ = _linear_logprobs_fwd_op(
-        hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1).long(), bias, lora_a,
-        lora_b, float(lora_scale), float(temperature), int(ignore_index), bool(return_entropy),
-        chunk_size or 0, memory_budget_bytes or 0)
-    if return_entropy:
-        return logp.view(lead), entropy.view(lead)
-    return logp.view(lead)
+        hidden.reshape(-1, hidden.shape[-1]), weight, labels.long(), bias, lora_a, lora_b,
+        float(lora_scale), float(temperature), int(ignore_index), bool(return_entropy),
+        chunk_size or 0, memory_budget_bytes or 0, bool(check_labels))
+    return (logp, entropy) if return_entropy else logp
