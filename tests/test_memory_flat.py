@@ -26,7 +26,7 @@ _IMPLEMENTATIONS = {
     torch.ops.rlhf_kernels.linear_logprobs_bwd.default:
         lambda *a: head._backward_sweep(*a[:15], a[15:]),
     torch.ops.rlhf_kernels.linear_ppo_loss.default:
-        lambda *a: ppo_fused._linear_sweep(*a[:22], a[22:]),
+        lambda *a: ppo_fused._linear_sweep(*a[:22], a[22:27], *a[27:]),
 }
 
 

@@ -233,7 +233,9 @@ def test_strided_logits_slice():
     assert (grad[:, -1] == 0).all()
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_torch_compile_fullgraph(backend):
+    # fullgraph: no graph break, so no host sync either (the label check is opt-in)
     B, T, H, V = 2, 4, 7, 31
     params = [p.requires_grad_() for p in _head(B, T, H, V)]
     labels, mask, old_logp, advantages, ref_logp = _rollout(
@@ -242,10 +244,10 @@ def test_torch_compile_fullgraph():
     def fn(h, w, b, a, lb):
         loss, stats = linear_ppo_loss(h, w, labels, old_logp, advantages, mask, b, a, lb, 1.0,
                                       ref_logp, kl_coef=0.1, entropy_coef=0.01, chunk_size=3,
-                                      backend="triton")
+                                      backend=backend)
         # the logits twin, fed by an ordinary matmul so its gradient flows on to h and w
         loss2, _ = ppo_loss_from_logits(h @ w.t(), labels, old_logp, advantages, mask,
-                                        backend="triton")
+                                        backend=backend)
         return loss + loss2 + stats["clipfrac"]
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
@@ -274,8 +276,14 @@ def test_reference_backend():
     (dict(dual_clip=0.5), "dual_clip must be > 1"),
     (dict(clip_low=-0.1), "clip_low and clip_high must be >= 0"),
     (dict(log_ratio_clamp=0.0), "log_ratio_clamp must be > 0"),
-    (dict(temperature=-1.0), "temperature must be > 0"),
-    (dict(labels=torch.full((2, 3), 11)), r"labels must be in \[0, 11\)"),
+    (dict(temperature=-1.0), "temperature must be a positive finite number, got -1.0"),
+    (dict(temperature=float("inf")), "temperature must be a positive finite number, got inf"),
+    (dict(temperature=float("nan")), "temperature must be a positive finite number, got nan"),
+    (dict(labels=torch.full((2, 3), 11), check_labels=True), r"labels must be in \[0, 11\)"),
+    (dict(old_logp=torch.zeros(2, 3, requires_grad=True)), "old_logp requires grad"),
+    (dict(advantages=torch.zeros(2, 3, requires_grad=True)), "advantages requires grad"),
+    (dict(ref_logp=torch.zeros(2, 3, requires_grad=True), kl_coef=0.1),
+     "ref_logp requires grad"),
 ])
 @pytest.mark.parametrize("path", ["logits", "linear"])
 def test_bad_input(change, message, path):
@@ -303,3 +311,138 @@ def test_empty_sequences():
     loss, _ = ppo_loss_from_logits(logits, labels, zeros, zeros, backend="triton")
     loss.backward()
     assert loss.item() == 0.0 and logits.grad.shape == logits.shape
+
+
+@pytest.mark.parametrize("path", ["logits", "linear"])
+def test_rollout_tensors_that_require_grad(path):
+    """The Triton path differentiates w.r.t. the policy only: a rollout tensor that requires
+    grad is refused (it would silently get no gradient); the reference backend differentiates
+    it, and under no_grad nothing is refused."""
+    B, T, H, V = 2, 3, 5, 13
+    head = _head(B, T, H, V)
+    logits = head[0] @ head[1].t()
+    labels, mask, old_logp, advantages, ref_logp = _rollout(
+        B, T, V, lambda lab: reference.logprobs(logits, lab))
+
+    def run(backend, old, adv, ref):
+        if path == "logits":
+            return ppo_loss_from_logits(logits, labels, old, adv, mask, ref, kl_coef=0.1,
+                                        backend=backend)
+        return linear_ppo_loss(head[0], head[1], labels, old, adv, mask, ref_logp=ref,
+                               kl_coef=0.1, backend=backend)
+
+    for i, name in enumerate(("old_logp", "advantages", "ref_logp")):
+        tensors = [old_logp, advantages, ref_logp]
+        tensors[i] = tensors[i].clone().requires_grad_()
+        with pytest.raises(ValueError, match=f"{name} requires grad.*backend='reference'"):
+            run("triton", *tensors)
+        with torch.no_grad():
+            run("triton", *tensors)
+        loss, _ = run("reference", *tensors)
+        (grad,) = torch.autograd.grad(loss, tensors[i])
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_out_of_range_labels(backend):
+    """No host sync by default: a counted token with a label outside [0, V) gives a NaN loss
+    (never an out-of-bounds read, never a finite wrong number); check_labels=True raises."""
+    B, T, H, V = 2, 4, 5, 13
+    hidden, weight = _head(B, T, H, V)[:2]
+    logits = hidden @ weight.t()
+    labels, mask, old_logp, advantages, _ = _rollout(B, T, V,
+                                                     lambda lab: reference.logprobs(logits, lab))
+    labels[0, 2] = V
+    assert mask[0, 2]
+    with pytest.raises(ValueError, match=rf"labels must be in \[0, {V}\).*found label {V}"):
+        ppo_loss_from_logits(logits, labels, old_logp, advantages, mask, check_labels=True,
+                             backend=backend)
+    with pytest.raises(ValueError, match=rf"labels must be in \[0, {V}\).*found label {V}"):
+        linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask, check_labels=True,
+                        backend=backend)
+    loss, _ = ppo_loss_from_logits(logits, labels, old_logp, advantages, mask, backend=backend)
+    assert torch.isnan(loss)
+    loss, _ = linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask,
+                              backend=backend)
+    assert torch.isnan(loss)
+
+
+def test_out_of_range_label_at_a_masked_token_is_ignored():
+    B, T, V = 2, 4, 13
+    logits, (labels, mask, old_logp, advantages, _) = _logits_case(B, T, V, torch.float32)
+    assert not mask[1, 0]
+    loss_ok, _ = ppo_loss_from_logits(logits, labels, old_logp, advantages, mask,
+                                      backend="triton")
+    labels[1, 0] = -7
+    loss, _ = ppo_loss_from_logits(logits, labels, old_logp, advantages, mask, backend="triton")
+    assert torch.equal(loss, loss_ok)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_fp64_in_fp64_out(backend):
+    B, T, H, V = 2, 3, 5, 17
+    params = [p.double() for p in _head(B, T, H, V)]
+    logits = params[0] @ params[1].t()
+    labels, mask, old_logp, advantages, ref_logp = _rollout(
+        B, T, V, lambda lab: reference.logprobs(logits, lab))
+    loss, stats = ppo_loss_from_logits(logits, labels, old_logp, advantages, mask, ref_logp,
+                                       backend=backend, **OPTIONS)
+    loss64, _ = reference.ppo_loss_from_logits(logits, labels, old_logp, advantages, mask,
+                                               ref_logp, **OPTIONS)
+    assert loss.dtype == stats["entropy"].dtype == torch.float64
+    assert_close(loss, loss64, atol=1e-5, name="loss from logits")
+    loss, stats = linear_ppo_loss(*params[:2], labels, old_logp, advantages, mask, *params[2:],
+                                  0.5, ref_logp, backend=backend, **OPTIONS)
+    loss64, _ = reference.linear_ppo_loss(*params[:2], labels, old_logp, advantages, mask,
+                                          *params[2:], 0.5, ref_logp, **OPTIONS)
+    assert loss.dtype == stats["entropy"].dtype == torch.float64
+    assert_close(loss, loss64, atol=1e-5, name="linear loss")
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_at_masked_tokens_adds_nothing(poison):
+    """NaN / inf hidden states or logits (and rollout values) at masked or ignored tokens: the
+    loss and every gradient are finite and equal to the reference with those positions
+    replaced by finite values."""
+    B, T, H, V = 3, 5, 7, 19
+    params = _head(B, T, H, V)
+    labels, mask, old_logp, advantages, ref_logp = _rollout(
+        B, T, V, lambda lab: reference.linear_logprobs(*params[:2], lab, *params[2:], 0.5, 0.8))
+    dead = ~mask | (labels == -100)
+    assert dead.any() and not dead.all()
+    poisoned = [t.clone() for t in params]
+    poisoned[0][dead] = poison
+    rollout_p = [t.masked_fill(dead, poison) for t in (old_logp, advantages, ref_logp)]
+    upstream = torch.randn((), device=DEVICE)
+
+    def kernel(h, w, b, a, lb):
+        return linear_ppo_loss(h, w, labels, rollout_p[0], rollout_p[1], mask, b, a, lb, 0.5,
+                               rollout_p[2], chunk_size=4, backend="triton", **OPTIONS)
+
+    def ref(h, w, b, a, lb):
+        return reference.linear_ppo_loss(h, w, labels, old_logp, advantages, mask, b, a, lb,
+                                         0.5, ref_logp, **OPTIONS)
+
+    loss, _, grads = _loss_and_grads(kernel, poisoned, upstream)
+    loss64, _, grads64 = _loss_and_grads(ref, [p.double() for p in params], upstream)
+    assert torch.isfinite(loss)
+    assert_close(loss, loss64, atol=1e-5, name="linear loss")
+    for g, g64, name in zip(grads, grads64, HEAD):
+        assert torch.isfinite(g).all(), name
+        assert_close(g, g64, atol=1e-5, rtol=1e-4, name=f"d {name}")
+
+    logits = (params[0] @ params[1].t()).detach()
+    poisoned_logits = logits.clone()
+    poisoned_logits[dead] = poison
+    loss, _, (grad,) = _loss_and_grads(
+        lambda z: ppo_loss_from_logits(z, labels, rollout_p[0], rollout_p[1], mask,
+                                       rollout_p[2], backend="triton", **OPTIONS),
+        [poisoned_logits], upstream)
+    loss64, _, (grad64,) = _loss_and_grads(
+        lambda z: reference.ppo_loss_from_logits(z, labels, old_logp, advantages, mask,
+                                                 ref_logp, **OPTIONS),
+        [logits.double()], upstream)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert_close(loss, loss64, atol=1e-5, name="loss from logits")
+    assert_close(grad, grad64, atol=1e-6, name="d logits")
+    assert (grad[dead] == 0).all()

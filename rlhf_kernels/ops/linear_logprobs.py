@@ -388,9 +388,12 @@ _linear_logprobs_fwd_op.register_autograd(_backward, setup_context=_setup_contex
 # --------------------------------------------------------------------------------------------
 def check_temperature(temperature) -> None:
     """The same rule as ``logprobs``: logits are divided by it, so 0, inf and NaN are refused."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
-    if not 0.0 < float(temperature) < float("inf"):
+    try:
+        value = float(temperature)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"temperature must be a positive finite number, got {temperature!r}") from None
+    if not 0.0 < value < float("inf"):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
 
 

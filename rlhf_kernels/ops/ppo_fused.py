@@ -24,6 +24,11 @@ no matmul is recomputed: linear_ppo_loss costs the unfused "forward + backward" 
 chunk) plus two passes of the logprobs kernels over each chunk. From logits, the op reads the
 (N, V) logits twice (forward and backward kernel) and writes d logits once: 3 N V elements.
 
+Masked tokens (mask 0 or label == ignore_index, i.e. weight 0) are handed to the kernels as
+ignored rows: their logits are never read, their d logits are written as exactly 0, and (for the
+lm_head) their hidden rows are zeroed before the d weight / d LoRA matmuls, so NaN or inf there
+contributes 0 rather than 0 * NaN.
+
 Memory: one chunk of logits (see ops/linear_logprobs.py for the chunk size) plus the gradients.
 A consequence of the saved, pre-scaled gradients: backward through the same graph twice
 (``retain_graph=True``) raises autograd's "modified by an inplace operation" error.
@@ -130,34 +135,46 @@ def per_token_terms(logp, entropy, old_logp, advantages, weights, ref_logp, kl_c
 # --------------------------------------------------------------------------------------------
 # the sweeps
 # --------------------------------------------------------------------------------------------
+def _masked_as_ignored(labels, weights, ignore_index, check_labels, vocab):
+    """Labels with every token that does not count (weight 0: masked or ignored) set to
+    ignore_index: the kernels then skip those rows (no bytes read) and write exactly 0 as their
+    d logits, whatever the logits hold there (0 * NaN would be NaN)."""
+    if check_labels:
+        head.check_label_range(labels, vocab, ignore_index)
+    return torch.where(weights != 0, labels, ignore_index)
+
+
 def _linear_sweep(hidden, weight, labels, bias, lora_a, lora_b, old_logp, advantages, weights,
                   ref_logp, lora_scale, kl_coef, kl_estimator, entropy_coef, temperature,
                   clip_low, clip_high, dual_clip, log_ratio_clamp, ignore_index, chunk_size,
-                  memory_budget_bytes, needs):
+                  memory_budget_bytes, needs, check_labels=False):
     logprobs_fwd, logprobs_bwd = head._logprob_kernels()
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     device = hidden.device
-    head.check_label_range(labels, vocab, ignore_index)
+    labels = _masked_as_ignored(labels, weights, ignore_index, check_labels, vocab)
     dtype = head.compute_dtype(hidden, weight)
     w, b, a, lb = head.cast_head(dtype, weight, bias, lora_a, lora_b)
     h = hidden.to(dtype)
     grads = head.HeadGrads(n_rows, hidden, weight, bias, lora_a, lora_b, needs, dtype)
-    logp = empty((n_rows,), torch.float32, device)
-    entropy = empty((n_rows,), torch.float32, device)
-    contribution = empty((n_rows,), torch.float32, device)
+    if any(g is not None for g in (grads.weight, grads.lora_a, grads.lora_b)):
+        h = head.zero_rows(h, weights != 0)  # masked rows add exactly 0, even for NaN h
+    out = head.out_dtype(dtype)
+    logp = empty((n_rows,), out, device)
+    entropy = empty((n_rows,), out, device)
+    lse = empty((n_rows,), torch.float32, device)
+    contribution = empty((n_rows,), out, device)
     rows = head.choose_chunk_rows(n_rows, vocab, h.element_size(), device, chunk_size,
                                   memory_budget_bytes)
     for start in range(0, n_rows, rows):
         sl = slice(start, min(start + rows, n_rows))
         h_c = h[sl]
         logits, u = head.chunk_logits(h_c, w, b, a, lb, lora_scale)
-        lp_c, ent_c, lse_c = logprobs_fwd(logits, labels[sl], temperature, ignore_index, True)
+        lp_c, ent_c, lse_c = logprobs_fwd(logits, labels[sl], temperature, ignore_index, True,
+                                          out=(logp[sl], entropy[sl], lse[sl]))
         contribution[sl], d_logp, d_entropy = per_token_terms(
             lp_c, ent_c, old_logp[sl], advantages[sl], weights[sl],
             None if ref_logp is None else ref_logp[sl], kl_coef, kl_estimator, entropy_coef,
             clip_low, clip_high, dual_clip, log_ratio_clamp)
-        logp[sl] = lp_c
-        entropy[sl] = ent_c
         if grads.any():
             logprobs_bwd(logits, labels[sl], lse_c, ent_c if d_entropy is not None else None,
                          d_logp, d_entropy, temperature, ignore_index, logits)
@@ -180,21 +197,22 @@ def _row_blocks(logits3d):
 
 def _logits_sweep(logits3d, labels, old_logp, advantages, weights, ref_logp, kl_coef,
                   kl_estimator, entropy_coef, temperature, clip_low, clip_high, dual_clip,
-                  log_ratio_clamp, ignore_index, need_grad):
+                  log_ratio_clamp, ignore_index, need_grad, check_labels=False):
     # Rows are independent and the kernels hold no (N, V) temporary, so no chunking is needed.
     logprobs_fwd, logprobs_bwd = head._logprob_kernels()
     B, T, V = logits3d.shape
     n_rows = B * T
-    head.check_label_range(labels, V, ignore_index)
+    labels = _masked_as_ignored(labels, weights, ignore_index, check_labels, V)
     device = logits3d.device
     blocks = _row_blocks(logits3d)
-    logp = empty((n_rows,), torch.float32, device)
-    entropy = empty((n_rows,), torch.float32, device)
+    out = head.out_dtype(logits3d.dtype)
+    logp = empty((n_rows,), out, device)
+    entropy = empty((n_rows,), out, device)
     lse = empty((n_rows,), torch.float32, device)
     for start, block in blocks:
         sl = slice(start, start + block.shape[0])
-        logp[sl], entropy[sl], lse[sl] = logprobs_fwd(block, labels[sl], temperature,
-                                                       ignore_index, True)
+        logprobs_fwd(block, labels[sl], temperature, ignore_index, True,
+                     out=(logp[sl], entropy[sl], lse[sl]))
     contribution, d_logp, d_entropy = per_token_terms(
         logp, entropy, old_logp, advantages, weights, ref_logp, kl_coef, kl_estimator,
         entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp)
@@ -243,26 +261,28 @@ def _linear_ppo_op(
     need_bias: bool,
     need_lora_a: bool,
     need_lora_b: bool,
+    check_labels: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor]:
-    """-> (loss (), logp (N,), entropy (N,), d hidden, d weight, d bias, d lora_a, d lora_b)."""
+    """-> (loss (), logp (N,), entropy (N,), d hidden, d weight, d bias, d lora_a, d lora_b);
+    loss / logp / entropy fp32 (fp64 when the matmuls are fp64)."""
     needs = (need_hidden, need_weight, need_bias, need_lora_a, need_lora_b)
     return _linear_sweep(hidden, weight, labels, bias, lora_a, lora_b, old_logp, advantages,
                          weights, ref_logp, lora_scale, kl_coef, kl_estimator, entropy_coef,
                          temperature, clip_low, clip_high, dual_clip, log_ratio_clamp,
-                         ignore_index, chunk_size, memory_budget_bytes, needs)
+                         ignore_index, chunk_size, memory_budget_bytes, needs, check_labels)
 
 
 @_linear_ppo_op.register_fake
 def _(hidden, weight, labels, bias, lora_a, lora_b, old_logp, advantages, weights, ref_logp,
       lora_scale, kl_coef, kl_estimator, entropy_coef, temperature, clip_low, clip_high,
       dual_clip, log_ratio_clamp, ignore_index, chunk_size, memory_budget_bytes, need_hidden,
-      need_weight, need_bias, need_lora_a, need_lora_b):
+      need_weight, need_bias, need_lora_a, need_lora_b, check_labels):
     n = hidden.shape[0]
-    f32 = torch.float32
+    out = head.out_dtype(head.compute_dtype(hidden, weight))
     needs = (need_hidden, need_weight, need_bias, need_lora_a, need_lora_b)
-    return (hidden.new_empty((), dtype=f32), hidden.new_empty((n,), dtype=f32),
-            hidden.new_empty((n,), dtype=f32)) + head.fake_head_grads(
+    return (hidden.new_empty((), dtype=out), hidden.new_empty((n,), dtype=out),
+            hidden.new_empty((n,), dtype=out)) + head.fake_head_grads(
                 hidden, weight, bias, lora_a, lora_b, needs)
 
 
@@ -279,7 +299,7 @@ def _linear_backward(ctx, grad_loss, *_unused):
     for g, needed in zip(grads, ctx.needs):
         out.append(g.mul_(grad_loss) if needed else None)
     d_hidden, d_weight, d_bias, d_a, d_b = out
-    return (d_hidden, d_weight, None, d_bias, d_a, d_b) + (None,) * 21
+    return (d_hidden, d_weight, None, d_bias, d_a, d_b) + (None,) * 22
 
 
 _linear_ppo_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
@@ -303,21 +323,23 @@ def _logits_ppo_op(
     log_ratio_clamp: float | None,
     ignore_index: int,
     need_grad: bool,
+    check_labels: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits (B, T, V) -> (loss (), logp (N,), entropy (N,), d logits (B, T, V) or (0,))."""
+    """logits (B, T, V) -> (loss (), logp (N,), entropy (N,), d logits (B, T, V) or (0,));
+    loss / logp / entropy fp32 (fp64 for fp64 logits)."""
     return _logits_sweep(logits3d, labels, old_logp, advantages, weights, ref_logp, kl_coef,
                          kl_estimator, entropy_coef, temperature, clip_low, clip_high, dual_clip,
-                         log_ratio_clamp, ignore_index, need_grad)
+                         log_ratio_clamp, ignore_index, need_grad, check_labels)
 
 
 @_logits_ppo_op.register_fake
 def _(logits3d, labels, old_logp, advantages, weights, ref_logp, kl_coef, kl_estimator,
       entropy_coef, temperature, clip_low, clip_high, dual_clip, log_ratio_clamp, ignore_index,
-      need_grad):
+      need_grad, check_labels):
     n = logits3d.shape[0] * logits3d.shape[1]
-    f32 = torch.float32
-    return (logits3d.new_empty((), dtype=f32), logits3d.new_empty((n,), dtype=f32),
-            logits3d.new_empty((n,), dtype=f32),
+    out = head.out_dtype(logits3d.dtype)
+    return (logits3d.new_empty((), dtype=out), logits3d.new_empty((n,), dtype=out),
+            logits3d.new_empty((n,), dtype=out),
             logits3d.new_empty(logits3d.shape if need_grad else _EMPTY))
 
 
@@ -328,7 +350,7 @@ def _logits_setup_context(ctx, inputs, output):
 
 def _logits_backward(ctx, grad_loss, *_unused):
     (d_logits,) = ctx.saved_tensors
-    return (d_logits.mul_(grad_loss) if ctx.need_grad else None,) + (None,) * 15
+    return (d_logits.mul_(grad_loss) if ctx.need_grad else None,) + (None,) * 16
 
 
 _logits_ppo_op.register_autograd(_logits_backward, setup_context=_logits_setup_context)
@@ -362,6 +384,21 @@ def _check_rollout(labels, old_logp, advantages, mask, ref_logp, kl_estimator, c
                if isinstance(t, torch.Tensor)}
     if len(devices) > 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+
+
+def _refuse_rollout_grads(old_logp, advantages, ref_logp) -> None:
+    """The fused ops differentiate with respect to the policy only (as ppo_policy_loss): a
+    rollout tensor that requires grad would silently get none, so it is refused."""
+    if not torch.is_grad_enabled():
+        return
+    for name, tensor in (("old_logp", old_logp), ("advantages", advantages),
+                         ("ref_logp", ref_logp)):
+        if tensor is not None and tensor.requires_grad:
+            raise ValueError(
+                f"{name} requires grad, but the fused kernel differentiates with respect to the "
+                f"policy's logits / lm_head only (rollout data are constants in PPO); pass "
+                f"{name}.detach(), or backend='reference' if you really need that gradient"
+            )
 
 
 def _mask_and_weights(labels, old_logp, mask, ignore_index, reduction):
@@ -402,14 +439,23 @@ def ppo_loss_from_logits(
     reduction: str = "token-mean",
     ignore_index: int = -100,
     *,
+    check_labels: bool = False,
     backend: str | None = None,
 ):
     """The PPO loss from the policy's logits, d logits computed in the forward sweep.
 
-    logits (..., T, V) fp16/bf16/fp32, labels (..., T) int64, old_logp / advantages / mask /
-    ref_logp (..., T) -> (loss () fp32, stats dict of detached fp32 scalars). Same math, options
-    and stats as ``reference.ppo_loss_from_logits``; tokens whose label is ignore_index are
-    masked out. The gradient w.r.t. logits (allocated like logits) is made in the forward call.
+    logits (..., T, V) fp16/bf16/fp32/fp64, labels (..., T) int64, old_logp / advantages / mask /
+    ref_logp (..., T) -> (loss (), stats dict of detached scalars), fp32 (fp64 for fp64 logits,
+    on both backends; the Triton path's math is fp32). Same math, options and stats as
+    ``reference.ppo_loss_from_logits``; tokens whose label is ignore_index are masked out, and a
+    masked token contributes exactly 0 to the loss and the gradient whatever its logits hold
+    (NaN / inf included). The gradient w.r.t. logits (allocated like logits) is made in the
+    forward call. Differentiable w.r.t. logits only on the Triton path: old_logp / advantages /
+    ref_logp that require grad are refused there (use backend="reference" for those gradients).
+
+    check_labels: False (default): no host sync; a counted token whose label is outside [0, V)
+    gives a NaN loss (never an out-of-bounds read). True: raise a ValueError naming the label,
+    at the cost of one host sync.
     """
     check_float("logits", logits)
     if logits.dim() < 2:
@@ -424,15 +470,17 @@ def ppo_loss_from_logits(
                    clip_high, dual_clip, log_ratio_clamp, reduction)
     if logits.device != labels.device:
         raise ValueError(f"logits on {logits.device} but labels on {labels.device}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    head.check_temperature(temperature)
     if resolve_backend(logits, backend) == "reference":
+        if check_labels:
+            head.check_label_range(labels, logits.shape[-1], ignore_index)
         return reference.ppo_loss_from_logits(
             logits, labels, old_logp, advantages, mask, ref_logp, kl_coef, kl_estimator,
             entropy_coef, temperature, clip_low, clip_high, dual_clip, log_ratio_clamp,
             reduction, ignore_index)
-    m, weights = _mask_and_weights(labels, old_logp, mask, ignore_index, reduction)
     use_kl = ref_logp is not None and bool(kl_coef)
+    _refuse_rollout_grads(old_logp, advantages, ref_logp if use_kl else None)
+    m, weights = _mask_and_weights(labels, old_logp, mask, ignore_index, reduction)
     need_grad = torch.is_grad_enabled() and logits.requires_grad
     loss, logp, entropy, _ = _logits_ppo_op(
         logits.reshape(math.prod(logits.shape[:-2]), *logits.shape[-2:]),
@@ -440,7 +488,8 @@ def ppo_loss_from_logits(
         _flat(advantages), weights, _flat(ref_logp) if use_kl else None, float(kl_coef),
         kl_estimator, float(entropy_coef), float(temperature), float(clip_low), float(clip_high),
         None if dual_clip is None else float(dual_clip),
-        None if log_ratio_clamp is None else float(log_ratio_clamp), int(ignore_index), need_grad)
+        None if log_ratio_clamp is None else float(log_ratio_clamp), int(ignore_index), need_grad,
+        bool(check_labels))
     stats = _stats(logp, entropy, labels, old_logp, advantages, m, ref_logp, kl_coef,
                    kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp,
                    reduction)
@@ -472,15 +521,21 @@ def linear_ppo_loss(
     chunk_size: int | None = None,
     memory_budget_bytes: int | None = None,
     *,
+    check_labels: bool = False,
     backend: str | None = None,
 ):
     """The PPO loss straight from the policy's hidden states, never holding the (N, V) logits.
 
     hidden (..., T, H), weight (V, H), bias (V,), lora_a (r, H), lora_b (V, r), labels (..., T)
-    int64, old_logp / advantages / mask / ref_logp (..., T) -> (loss () fp32, stats dict).
-    Same math, options and stats as ``reference.linear_ppo_loss``; the chunking options are those
-    of ``linear_logprobs``. All gradients (hidden, weight, bias, lora_a, lora_b: those that
-    require grad) are made during the forward call, chunk by chunk; backward only scales them.
+    int64, old_logp / advantages / mask / ref_logp (..., T) -> (loss (), stats dict), fp32 (fp64
+    when hidden or weight is fp64, on both backends). Same math, options and stats as
+    ``reference.linear_ppo_loss``; the chunking options are those of ``linear_logprobs``. All
+    gradients (hidden, weight, bias, lora_a, lora_b: those that require grad) are made during
+    the forward call, chunk by chunk; backward only scales them. A masked or ignored token adds
+    exactly 0 to the loss and every gradient, even with a NaN / inf hidden state. On the Triton
+    path old_logp / advantages / ref_logp that require grad are refused (they would get no
+    gradient); backend="reference" differentiates them. check_labels: as in
+    ``ppo_loss_from_logits``.
     """
     head.check_head_inputs(hidden, weight, labels, bias, lora_a, lora_b, temperature, chunk_size,
                            memory_budget_bytes)
@@ -489,12 +544,15 @@ def linear_ppo_loss(
     if old_logp.device != hidden.device:
         raise ValueError(f"hidden on {hidden.device} but old_logp on {old_logp.device}")
     if resolve_backend(hidden, backend) == "reference":
+        if check_labels:
+            head.check_label_range(labels, weight.shape[0], ignore_index)
         return reference.linear_ppo_loss(
             hidden, weight, labels, old_logp, advantages, mask, bias, lora_a, lora_b, lora_scale,
             ref_logp, kl_coef, kl_estimator, entropy_coef, temperature, clip_low, clip_high,
             dual_clip, log_ratio_clamp, reduction, ignore_index)
-    m, weights = _mask_and_weights(labels, old_logp, mask, ignore_index, reduction)
     use_kl = ref_logp is not None and bool(kl_coef)
+    _refuse_rollout_grads(old_logp, advantages, ref_logp if use_kl else None)
+    m, weights = _mask_and_weights(labels, old_logp, mask, ignore_index, reduction)
     grad_on = torch.is_grad_enabled()
     wants = lambda t: grad_on and t is not None and t.requires_grad
     loss, logp, entropy, *_ = _linear_ppo_op(
@@ -504,7 +562,7 @@ def linear_ppo_loss(
         float(clip_low), float(clip_high), None if dual_clip is None else float(dual_clip),
         None if log_ratio_clamp is None else float(log_ratio_clamp), int(ignore_index),
         chunk_size or 0, memory_budget_bytes or 0, wants(hidden), wants(weight), wants(bias),
-        wants(lora_a), wants(lora_b))
+        wants(lora_a), wants(lora_b), bool(check_labels))
     stats = _stats(logp, entropy, labels, old_logp, advantages, m, ref_logp, kl_coef,
                    kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp,
                    reduction)
