@@ -15,35 +15,70 @@ Atomicity: a checkpoint is written into a hidden temp directory next to its targ
 (`.step-0000123.tmp-<pid>-<random>`) and renamed into place only once complete, so an
 interruption (Ctrl-C, crash, full disk) leaves either the previous checkpoint or the new one,
 never a partial one; `latest_checkpoint` ignores hidden entries. Replacing an existing directory
-moves the old one aside first and deletes it after the new one is in place.
+moves the old one aside first (`.step-0000123.old-<pid>-<random>`) and deletes it after the new
+one is in place. Temp files and directories are created with the process's umask (a finished
+file is 0644 under the usual umask 022, not mkstemp's 0600), and a kill that leaves one behind
+is cleaned up by the next run on that output_dir (`remove_stale_temps`, under the run lock).
+
+Run directories (`open_run`): every stage and the pipeline own their output_dir for the
+duration of a run:
+
+- a lock (`<output_dir>/.lock`, `fcntl.flock`): a second run on the same directory stops at
+  once with a message naming the first (pid, host, start time, command). The kernel releases
+  the lock when its process dies, so a killed run never blocks the next one.
+- a manifest (`<output_dir>/run.json`): the kind of run, a run id and the resolved config,
+  written when a run starts afresh. `--resume` compares the new config with it and refuses
+  any changed setting (listing each, old -> new), except those that cannot change what the
+  run computes (`RESUME_SAFE_KEYS`: where the run lives and how it is resumed, checkpointed and
+  capped in memory). Checkpoints carry the run id, and resuming refuses a checkpoint of another
+  run, so a resumed run only ever uses the files of the run it resumes.
+- a fresh run (no --resume) into a directory that holds a run's files refuses to start (it
+  would mix with them) unless `overwrite=true`, which deletes exactly those files first.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import enum
 import json
 import os
 import random
 import re
+import secrets
 import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
+import socket
+import sys
+import uuid
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from rlhf.errors import write_error
+
 __all__ = [
+    "MANIFEST_FILE",
+    "PIPELINE_RUN_FILES",
+    "RESUME_SAFE_KEYS",
+    "STAGE_RUN_FILES",
+    "RunDirectory",
+    "RunDirectoryError",
     "atomic_directory",
     "atomic_write_bytes",
     "atomic_write_text",
     "capture_rng_state",
+    "config_changes",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
     "load_state",
+    "open_run",
     "prune_checkpoints",
+    "remove_stale_temps",
     "restore_rng_state",
     "save_checkpoint",
     "save_pretrained_atomic",
@@ -59,13 +94,41 @@ STATE_FILE, META_FILE, MODELS_DIR, TOKENIZER_DIR = "state.pt", "meta.json", "mod
 # ----------------------------------------------------------------------------------------------
 
 
+# Our temp names: `.<target name>.tmp-<pid>-<random>` while being written and
+# `.<target name>.old-<pid>-<random>` for a replaced directory on its way out (SharedBackbone.save
+# uses the same forms). Only names of this form are ever removed as leftovers.
+# (Older versions made `.<name>.tmp-<8 chars>` with tempfile and `.<name>.old-<8 chars>`.)
+TEMP_NAME_PATTERN = re.compile(r"^\..+\.(?:tmp|old)-(?:[0-9]+-)?[0-9a-z_]{8}$")
+
+
+def _temp_name(path: Path, kind: str = "tmp") -> Path:
+    return path.parent / f".{path.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _create_temp(path: Path, directory: bool) -> Path:
+    """A new temp file/dir next to `path`, created with mode 0666/0777 minus the umask (what
+    open()/mkdir() give any file), not tempfile's 0600/0700: the renamed result must be as
+    readable as a file written in place."""
+    for _ in range(100):
+        temp = _temp_name(path)
+        try:
+            if directory:
+                os.mkdir(temp, 0o777)
+            else:
+                os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return temp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temp name next to {str(path)!r}")
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` via a temp file in the same directory + fsync + os.replace."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    temp_name = _create_temp(path, directory=False)
     try:
-        with os.fdopen(handle, "wb") as temp_file:
+        with open(temp_name, "wb") as temp_file:
             temp_file.write(data)
             temp_file.flush()
             os.fsync(temp_file.fileno())
@@ -90,22 +153,44 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+    temp = _create_temp(path, directory=True)
     try:
         yield temp
         _fsync_tree(temp)
         if path.exists():
             # os.replace cannot replace a non-empty directory: move the old one aside first;
             # hidden names are ignored by latest_checkpoint, so readers never see a partial one.
-            aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, aside / path.name)
+            aside = _temp_name(path, "old")
+            os.replace(path, aside)
             os.replace(temp, path)
             shutil.rmtree(aside, ignore_errors=True)
         else:
             os.replace(temp, path)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(temp, ignore_errors=True)
+        failed_write = write_error(error, path)  # a full disk: OSError(ENOSPC, ..., path)
+        if failed_write is not None:
+            raise failed_write from error
         raise
+
+
+def remove_stale_temps(directory: str | Path) -> list[Path]:
+    """Delete the temp files/dirs (TEMP_NAME_PATTERN) a killed writer left under `directory`
+    (recursively); returns what was removed. Call it only while holding the directory's run
+    lock (`open_run` does), so that no live writer's temp is touched."""
+    removed = []
+    for root, dirs, files in os.walk(directory):
+        for name in [*dirs, *files]:
+            if TEMP_NAME_PATTERN.match(name):
+                target = Path(root) / name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target, ignore_errors=True)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        target.unlink()
+                removed.append(target)
+        dirs[:] = [name for name in dirs if not TEMP_NAME_PATTERN.match(name)]
+    return sorted(removed)
 
 
 def _fsync_tree(directory: Path) -> None:
@@ -175,7 +260,10 @@ def _write_state(directory: Path, state: Mapping[str, Any]) -> None:
             raise ValueError(f"state key {key!r} must be a plain name (letters, digits, _ . -)")
         save_file(_unshared(state[key]), str(directory / f"{key}.safetensors"))
     rest = {key: _loadable(value, key) for key, value in state.items() if key not in tensor_keys}
-    torch.save(rest, directory / STATE_FILE)
+    # through a Python file: a failed write (a full disk) then surfaces as the OSError behind
+    # torch's RuntimeError ("basic_ios::clear: iostream error" when torch opens the file itself)
+    with open(directory / STATE_FILE, "wb") as handle:
+        torch.save(rest, handle)
     meta = {"state_keys": sorted(rest), "tensor_dicts": sorted(tensor_keys),
             "torch": torch.__version__}
     for counter in ("step", "iteration", "epoch"):
@@ -311,3 +399,280 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+
+# ----------------------------------------------------------------------------------------------
+# run directories: lock, manifest, fresh vs resumed runs
+# ----------------------------------------------------------------------------------------------
+
+MANIFEST_FILE, LOCK_FILE = "run.json", ".lock"
+# What a stage writes into its output_dir; a fresh run refuses a directory holding any of them,
+# and overwrite=true deletes exactly these (other files there are left alone).
+STAGE_RUN_FILES = (MANIFEST_FILE, "checkpoints", "metrics.jsonl", "summary.json", "model",
+                   "backbone", "tensorboard")
+PIPELINE_RUN_FILES = (MANIFEST_FILE, "summary.json", "metrics.jsonl", "curves.png", "samples.md",
+                      "pairs.jsonl", "tokenizer",
+                      *(f"{stage}/{name}" for stage in ("sft", "rm", "ppo")
+                        for name in STAGE_RUN_FILES))
+# Settings (matched by their last dotted component) that may differ on --resume: they cannot
+# change a number the run computes. `output_dir`: the run may have been moved or copied;
+# `resume`/`overwrite`: how this start treats the directory; `keep_last`/`save_every`: which
+# checkpoints exist (resuming from any of them is exact); `max_memory`: a CUDA allocation cap
+# (too low fails with out-of-memory, it never changes a result); `n_show_samples`: how many
+# samples the pipeline prints. Everything else, thread counts and devices included (they can
+# change floating-point rounding), must equal the run's.
+RESUME_SAFE_KEYS = frozenset({"output_dir", "resume", "overwrite", "keep_last", "save_every",
+                              "max_memory", "n_show_samples"})
+_MISSING = object()
+
+
+class RunDirectoryError(ValueError):
+    """An output_dir that cannot be used as asked (in use, holds another run, settings changed).
+    A ValueError, so the CLI prints it as one `rlhf <stage>: error:` line."""
+
+
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _json_plain(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config as it reads back from run.json (tuples -> lists, Paths/enums -> strings)."""
+    def default(value: Any) -> Any:
+        return value.value if isinstance(value, enum.Enum) else str(value)
+
+    return json.loads(json.dumps(dict(config), default=default))
+
+
+def config_changes(old: Mapping[str, Any], new: Mapping[str, Any],
+                   ignore: Iterable[str] = RESUME_SAFE_KEYS) -> list[str]:
+    """`key: old -> new` for each setting (dotted keys for nested configs) that differs between
+    two configs, skipping keys whose last component is in `ignore`."""
+    ignore = set(ignore)
+    flat_old, flat_new = _flatten(_json_plain(old)), _flatten(_json_plain(new))
+    changes = []
+    for key in [*flat_new, *(k for k in flat_old if k not in flat_new)]:
+        if key.rsplit(".", 1)[-1] in ignore:
+            continue
+        before, after = flat_old.get(key, _MISSING), flat_new.get(key, _MISSING)
+        if before != after:
+            shown = ["(not set)" if v is _MISSING else json.dumps(v) for v in (before, after)]
+            changes.append(f"{key}: {shown[0]} -> {shown[1]}")
+    return changes
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+class _RunLock:
+    """An exclusive, non-blocking flock on `<directory>/.lock`, which records its holder."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system: no lock (documented limitation)
+            warnings.warn("no fcntl on this platform: the output_dir is not locked against "
+                          "a second run", stacklevel=3)
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _describe_holder(fd)
+            os.close(fd)
+            raise RunDirectoryError(
+                f"output_dir {str(self.path.parent)!r} is in use by another run ({holder}); "
+                f"two runs in one directory would mix their checkpoints and metrics. Wait for "
+                f"it to finish (or stop it), or use another output_dir=...") from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now(),
+                "command": " ".join(sys.argv)}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+
+def _describe_holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (OSError, ValueError):
+        info = {}
+    if not info:
+        return "its details are not written yet"
+    return (f"pid {info.get('pid')} on {info.get('host')}, started {info.get('started')}: "
+            f"{info.get('command')}")
+
+
+@dataclass
+class RunDirectory:
+    """An output_dir opened by `open_run`: locked, its manifest checked or written.
+
+    directory: the output_dir; kind: "sft", "rm", "ppo" or "pipeline"; run_id: the id in
+    run.json that the run's checkpoints (and the pipeline's stage summaries) carry; resumed:
+    True when this start continues a run that run.json describes.
+    """
+
+    directory: Path
+    kind: str
+    run_id: str
+    resumed: bool
+
+    def resume_checkpoint(self, root: str | Path) -> tuple[Path | None, dict[str, Any] | None]:
+        """The latest checkpoint under `root` and its state, or (None, None) when there is none.
+        RunDirectoryError when it belongs to another run (another run id, or none)."""
+        last = latest_checkpoint(root)
+        if last is None:
+            return None, None
+        state = load_state(last)
+        self.check_run_id(state.get("run_id"), str(last))
+        return last, state
+
+    def check_run_id(self, run_id: Any, what: str) -> None:
+        if run_id != self.run_id:
+            raise RunDirectoryError(
+                f"{what} was written by another run (run id {run_id!r}, this run is "
+                f"{self.run_id!r} per {self.directory / MANIFEST_FILE}); resuming must not mix "
+                f"runs. Start a new run: a new output_dir=..., or overwrite=true to replace "
+                f"{str(self.directory)!r}")
+
+
+def _read_manifest(directory: Path) -> dict[str, Any] | None:
+    path = directory / MANIFEST_FILE
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise RunDirectoryError(f"{str(path)!r} is not a readable run manifest ({error}); "
+                                f"start a new run: a new output_dir=..., or overwrite=true to "
+                                f"replace this one") from None
+    if not (isinstance(manifest, dict) and isinstance(manifest.get("config"), dict)
+            and isinstance(manifest.get("run_id"), str)):
+        raise RunDirectoryError(f"{str(path)!r} is not a run manifest of this trainer (no "
+                                f"run_id/config); start a new run: a new output_dir=..., or "
+                                f"overwrite=true to replace this one")
+    return manifest
+
+
+def _holds_something(path: Path) -> bool:
+    """A file, or a non-empty directory (an empty one has nothing to mix with or lose)."""
+    if path.is_dir() and not path.is_symlink():
+        return any(path.iterdir())
+    return path.exists() or path.is_symlink()
+
+
+def _clear(directory: Path, names: Sequence[str]) -> None:
+    for name in names:
+        target = directory / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+    # the stage folders of a pipeline, when nothing else is in them
+    for parent in sorted({(directory / name).parent for name in names}, reverse=True):
+        if parent != directory and parent.is_dir():
+            with contextlib.suppress(OSError):
+                leftovers = [p for p in parent.iterdir() if p.name != LOCK_FILE]
+                if not leftovers:
+                    (parent / LOCK_FILE).unlink(missing_ok=True)
+                    parent.rmdir()
+
+
+@contextlib.contextmanager
+def open_run(directory: str | Path, kind: str, config: Mapping[str, Any], *, resume: bool,
+             overwrite: bool = False, run_files: Sequence[str] = STAGE_RUN_FILES,
+             resume_safe: Iterable[str] = RESUME_SAFE_KEYS) -> Iterator[RunDirectory]:
+    """Own `directory` for one run (see the module docstring); yields a RunDirectory.
+
+    Takes the lock (RunDirectoryError when another run holds it), removes temp files of killed
+    writers, then:
+    - resume=True: with run.json, the run's kind and every setting but `resume_safe` must match
+      (else RunDirectoryError listing each change); without run.json, an empty directory starts
+      afresh and one holding `run_files` is refused (nothing ties them to a run or settings).
+    - resume=False: a directory holding any of `run_files` is refused unless overwrite=True,
+      which deletes exactly those first; then a new run.json is written.
+    The lock is released when the block exits (also on errors and Ctrl-C).
+    """
+    directory = Path(directory)
+    if resume and overwrite:
+        raise RunDirectoryError("resume=true and overwrite=true contradict each other: resume "
+                                "continues the run in output_dir, overwrite deletes it")
+    lock = _RunLock(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except RunDirectoryError:
+        raise
+    except OSError as error:  # read-only, a file in the way, no permission, ...
+        raise RunDirectoryError(
+            f"cannot use output_dir {str(directory)!r}: {error.strerror or error} "
+            f"({error.filename or directory}); choose a writable directory with "
+            f"output_dir=...") from None
+    try:
+        removed = remove_stale_temps(directory)
+        if removed:
+            print(f"[{kind}] removed {len(removed)} temp file(s) left by an interrupted run in "
+                  f"{directory}")
+        manifest = _read_manifest(directory)
+        present = [name for name in run_files if _holds_something(directory / name)]
+        shown = ", ".join(present[:6]) + (", ..." if len(present) > 6 else "")
+        if not [name for name in present if Path(name).name != MANIFEST_FILE]:
+            # a run that stopped before it wrote anything (e.g. a typo in the model path):
+            # nothing to continue, mix with or lose, so it is simply started afresh
+            manifest, present = None, []
+        if resume and manifest is not None:
+            if manifest.get("kind") != kind:
+                raise RunDirectoryError(
+                    f"output_dir {str(directory)!r} holds a {manifest.get('kind')!r} run, not "
+                    f"a {kind!r} one; give the {kind} run its own output_dir=...")
+            changes = config_changes(manifest["config"], config, resume_safe)
+            if changes:
+                raise RunDirectoryError(
+                    f"--resume of {str(directory)!r} with settings that differ from the run's "
+                    f"(run.json): {'; '.join(changes)}. A resumed run must keep its settings, "
+                    f"or its results would mix both. Resume with the run's settings, or start "
+                    f"a new run with the new ones: a new output_dir=..., or overwrite=true to "
+                    f"replace this run")
+            manifest.setdefault("resumed", []).append(_now())
+            atomic_write_text(directory / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+            run = RunDirectory(directory, kind, manifest["run_id"], resumed=True)
+        else:
+            if present and resume:
+                raise RunDirectoryError(
+                    f"--resume: output_dir {str(directory)!r} holds run files ({shown}) but no "
+                    f"{MANIFEST_FILE}, so nothing says which run or settings made them (an "
+                    f"older version's run?). Start a new run: a new output_dir=..., or "
+                    f"overwrite=true to delete them")
+            if present and not overwrite:
+                raise RunDirectoryError(
+                    f"output_dir {str(directory)!r} already holds a run ({shown}); a new run "
+                    f"there would mix with it. Continue that run with --resume, choose a new "
+                    f"output_dir=..., or replace it with overwrite=true (deletes those files "
+                    f"first)")
+            if present:
+                _clear(directory, present)
+            manifest = {"format": 1, "kind": kind, "run_id": uuid.uuid4().hex,
+                        "created": _now(), "host": socket.gethostname(),
+                        "command": " ".join(sys.argv), "config": _json_plain(config)}
+            atomic_write_text(directory / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+            run = RunDirectory(directory, kind, manifest["run_id"], resumed=False)
+        yield run
+    finally:
+        lock.release()

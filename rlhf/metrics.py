@@ -17,6 +17,7 @@ import json
 import math
 import numbers
 import textwrap
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,16 +55,34 @@ def _plain(value: Any, key: str) -> Any:
                      f"written as JSON: {value!r:.80}")
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a metrics JSONL file, in order (blank lines skipped)."""
+def read_metrics(path: str | Path, torn_tail: str = "error") -> list[dict[str, Any]]:
+    """All records of a metrics JSONL file, in order (blank lines skipped).
+
+    A line that is not JSON is a ValueError naming it, except, with torn_tail="drop", when it
+    is the last line: a run killed (or out of disk space) while writing leaves its last record
+    cut off. That line is then dropped with a warning; what came before it is intact.
+    """
+    if torn_tail not in ("error", "drop"):
+        raise ValueError(f"torn_tail must be 'error' or 'drop', got {torn_tail!r}")
+    # bytes, not text: a cut-off multi-byte character must not stop the read before the check
+    lines = Path(path).read_bytes().split(b"\n")
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
     records = []
-    with Path(path).open() as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}: line {number} is not JSON ({error})") from None
+    for index, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        try:
+            records.append(json.loads(raw.decode("utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            if index == last and torn_tail == "drop":
+                warnings.warn(f"{path}: dropped its last line {index + 1}, which is cut off "
+                              f"({raw[:60]!r}...); a run that was killed or ran out of disk "
+                              f"space while writing it leaves this", stacklevel=2)
+                break
+            where = ("its last line, which is cut off" if index == last else
+                     "a line in the middle of the file, so the file is damaged (not just cut "
+                     "off by a crash); remove or repair that line")
+            raise ValueError(f"{path}: line {index + 1} is not JSON ({error}): {where}") from None
     return records
 
 
@@ -81,20 +100,25 @@ class MetricsLogger:
     crash both see every logged line). Also writes TensorBoard scalars to
     `<path's folder>/tensorboard` when `tensorboard=True` and the package is installed.
 
-    append=False starts a fresh file. append=True continues one (resume); with `resume_step`,
-    records with a step beyond it are removed first: they were logged after the checkpoint the
-    run resumes from and will be logged again, so a resumed run's file equals an
-    uninterrupted run's.
+    append=False starts a fresh file. append=True continues one (resume): a cut-off last line
+    is dropped with a warning (see read_metrics) and, with `resume_step`, records with a step
+    beyond it are removed: they were logged after the checkpoint the run resumes from and will
+    be logged again, so a resumed run's file equals an uninterrupted run's.
     """
 
     def __init__(self, path: str | Path, append: bool = False, resume_step: int | None = None,
                  tensorboard: bool = True) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if append and resume_step is not None and self.path.exists():
-            kept = [r for r in read_metrics(self.path)
-                    if not (isinstance(r.get("step"), numbers.Real) and r["step"] > resume_step)]
-            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        if append and self.path.exists():
+            # A torn last line (the previous run was killed mid-write) is dropped, else the next
+            # record would be glued to it and the file damaged in the middle.
+            records = read_metrics(self.path, torn_tail="drop")
+            kept = [r for r in records if resume_step is None
+                    or not (isinstance(r.get("step"), numbers.Real) and r["step"] > resume_step)]
+            text = "".join(json.dumps(r) + "\n" for r in kept)
+            if text.encode() != self.path.read_bytes():
+                atomic_write_text(self.path, text)
         self._file = self.path.open("a" if append else "w")
         writer_class = _summary_writer_class() if tensorboard else None
         self._tensorboard = (writer_class(log_dir=str(self.path.parent / "tensorboard"))

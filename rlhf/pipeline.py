@@ -21,7 +21,10 @@ mean summed KL(policy || SFT) of the policy's samples (k1 estimate, nats per res
 the bound ``kl_bound`` (default: the PPO ``kl_target``).
 
 ``resume=True`` skips every stage whose outputs are complete (its ``summary.json`` exists) and
-resumes the interrupted stage from its last checkpoint.
+resumes the interrupted stage from its last checkpoint. ``output_dir`` is locked for the run and
+its ``run.json`` ties every file there to it (rlhf/checkpoint.py, ``open_run``): resuming with a
+changed setting is refused (a finished stage must not be reused under settings it was not run
+with), and a fresh run into a directory holding a run is refused unless ``overwrite=true``.
 """
 
 from __future__ import annotations
@@ -37,6 +40,13 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf import ppo, reward, sft
+from rlhf.checkpoint import (
+    PIPELINE_RUN_FILES,
+    RunDirectory,
+    atomic_directory,
+    atomic_write_text,
+    open_run,
+)
 from rlhf.engine import RolloutEngine
 
 __all__ = ["PipelineConfig", "run"]
@@ -63,6 +73,7 @@ class PipelineConfig:
     output_dir: str = "runs/pipeline"
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False  # a fresh run deletes an earlier run's files in output_dir first
     device: str = "auto"
     max_memory: float | None = None  # GiB: cap CUDA memory (emulates a smaller card)
     corpus_size: int = 4000
@@ -133,15 +144,16 @@ def _mean_stderr(values) -> tuple[float, float]:
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
 
 
-def _stage_done(directory: Path, resume: bool) -> dict | None:
+def _stage_done(directory: Path, resume: bool, run_dir: RunDirectory) -> dict | None:
+    """The summary of a finished stage of this run (resume only), else None."""
     summary = directory / "summary.json"
     if resume and summary.exists():
-        return json.loads(summary.read_text())
+        loaded = json.loads(summary.read_text())
+        run_dir.check_run_id(loaded.get("run_id"), str(summary))
+        return loaded
     return None
 
 
@@ -157,12 +169,14 @@ def run(cfg: PipelineConfig) -> dict:
     if cfg.cpu_threads is not None and sft.resolve_device(cfg.device).type == "cpu":
         torch.set_num_threads(cfg.cpu_threads)
     try:
-        return _run(cfg)
+        with open_run(cfg.output_dir, "pipeline", asdict(cfg), resume=cfg.resume,
+                      overwrite=cfg.overwrite, run_files=PIPELINE_RUN_FILES) as run_dir:
+            return _run(cfg, run_dir)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _run(cfg: PipelineConfig) -> dict:
+def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     from rlhf import task
@@ -189,13 +203,14 @@ def _run(cfg: PipelineConfig) -> dict:
     else:
         tokenizer = task.train_tokenizer([ex["prompt"] + ex["completion"] for ex in corpus],
                                          vocab_size=cfg.vocab_size)
-        tokenizer.save_pretrained(tokenizer_dir)
+        with atomic_directory(tokenizer_dir) as temp:
+            tokenizer.save_pretrained(temp)
 
     # ---- 2. SFT: a tiny Llama from scratch ----
     t0 = time.perf_counter()
-    sft_summary = _stage_done(out / "sft", cfg.resume)
-    if sft_summary is not None:
-        model = AutoModelForCausalLM.from_pretrained(sft_summary["model_dir"])
+    sft_summary = _stage_done(out / "sft", cfg.resume, run_dir)
+    if sft_summary is not None:  # this run's own files (not a path the summary names)
+        model = AutoModelForCausalLM.from_pretrained(out / "sft" / "model")
     else:
         torch.manual_seed(cfg.seed)
         model = LlamaForCausalLM(task.tiny_llama_config(
@@ -203,17 +218,17 @@ def _run(cfg: PipelineConfig) -> dict:
             intermediate_size=3 * cfg.hidden_size))
         sft_summary = _plain(sft.train(cfg.sft, model=model, tokenizer=tokenizer,
                                        examples=corpus))
-        _write_json(out / "sft" / "summary.json", sft_summary)
+        _write_json(out / "sft" / "summary.json", {**sft_summary, "run_id": run_dir.run_id})
     timings["sft_s"] = time.perf_counter() - t0
 
     # ---- 3. preference pairs sampled from the SFT model, labelled by VADER + BT noise ----
     t0 = time.perf_counter()
-    rm_summary = _stage_done(out / "rm", cfg.resume)
-    ppo_summary = _stage_done(out / "ppo", cfg.resume)
+    rm_summary = _stage_done(out / "rm", cfg.resume, run_dir)
+    ppo_summary = _stage_done(out / "ppo", cfg.resume, run_dir)
     if ppo_summary is not None:  # resuming after PPO: its backbone holds every adapter
-        backbone = SharedBackbone.load(ppo_summary["backbone_dir"])
+        backbone = SharedBackbone.load(out / "ppo" / "backbone")
     elif rm_summary is not None:
-        backbone = SharedBackbone.load(rm_summary["backbone_dir"])
+        backbone = SharedBackbone.load(out / "rm" / "backbone")
     else:
         backbone = SharedBackbone.from_model(
             model, lora=LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha))
@@ -242,11 +257,9 @@ def _run(cfg: PipelineConfig) -> dict:
         n_eval = int(round(len(pairs) * cfg.heldout_pair_fraction))
         eval_rows = set(order[:n_eval].tolist())
         split = ["eval" if i in eval_rows else "train" for i in range(len(pairs))]
-        tmp = pairs_path.with_suffix(".jsonl.tmp")
-        with tmp.open("w") as f:
-            for pair, which in zip(pairs, split):
-                f.write(json.dumps({**pair, "split": which, "noise_ceiling": ceiling_all}) + "\n")
-        tmp.replace(pairs_path)
+        atomic_write_text(pairs_path, "".join(
+            json.dumps({**pair, "split": which, "noise_ceiling": ceiling_all}) + "\n"
+            for pair, which in zip(pairs, split)))
     train_pairs = [p for p, s in zip(pairs, split) if s == "train"]
     eval_pairs = [p for p, s in zip(pairs, split) if s == "eval"]
     # the ceiling of the held-out pairs alone: the bar the held-out accuracy is compared with
@@ -263,7 +276,7 @@ def _run(cfg: PipelineConfig) -> dict:
     if rm_summary is None:
         rm_summary = _plain(reward.train(cfg.reward, backbone=backbone, tokenizer=tokenizer,
                                          train_pairs=train_pairs, eval_pairs=eval_pairs))
-        _write_json(out / "rm" / "summary.json", rm_summary)
+        _write_json(out / "rm" / "summary.json", {**rm_summary, "run_id": run_dir.run_id})
     timings["rm_s"] = time.perf_counter() - t0
 
     # ---- 5. PPO ----
@@ -272,7 +285,7 @@ def _run(cfg: PipelineConfig) -> dict:
         ppo_summary = _plain(ppo.train(cfg.ppo, backbone=backbone, tokenizer=tokenizer,
                                        prompts=task.all_prompts("train"),
                                        gold_fn=task.gold_scores))
-        _write_json(out / "ppo" / "summary.json", ppo_summary)
+        _write_json(out / "ppo" / "summary.json", {**ppo_summary, "run_id": run_dir.run_id})
     timings["ppo_s"] = time.perf_counter() - t0
 
     # ---- 6. held-out evaluation: SFT vs PPO samples by the gold judge ----

@@ -72,7 +72,13 @@ from tqdm.auto import tqdm
 
 import rlhf_kernels
 from rlhf.engine import Generation, RolloutEngine
-from rlhf.sft import _check_common, check_max_memory, resolve_device, warmup_cosine_schedule
+from rlhf.sft import (
+    _check_common,
+    check_keep_last,
+    check_max_memory,
+    resolve_device,
+    warmup_cosine_schedule,
+)
 
 __all__ = ["AdaptiveKLController", "OLD_LOGPROBS_MODES", "PPOConfig", "Rollout",
            "backward_losses", "make_optimizer", "make_rollout", "recorded_logprobs_match", "train"]
@@ -118,8 +124,10 @@ class PPOConfig:
     loss_reduction: str = "token-mean"
     whiten_advantages: bool = True
     save_every: int = 5  # iterations; 0: only at the end and on Ctrl-C
+    keep_last: int | None = 2  # checkpoints kept (the newest); None: keep every one
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False  # a fresh run deletes an earlier run's files in output_dir first
     device: str = "auto"
     max_memory: float | None = None  # GiB: cap CUDA memory (emulates a smaller card)
     bf16: bool = True
@@ -130,6 +138,7 @@ class PPOConfig:
         _check_common(self.nonfinite, self.grad_accum_steps, self.minibatch_size,
                       self.num_iterations)
         check_max_memory(self.max_memory)
+        check_keep_last(self.keep_last)
         if self.rollout_batch_size % (self.minibatch_size * self.grad_accum_steps):
             raise ValueError(
                 f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
@@ -324,14 +333,17 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def _save(directory: Path, backbone, optimizer, scheduler, iteration: int, kl_coef: float,
-          cfg: PPOConfig) -> None:
-    from rlhf.checkpoint import save_state
+          cfg: PPOConfig, **extra) -> None:
+    """A checkpoint (+ `extra`, see rlhf.sft._save), then prune to ``cfg.keep_last``."""
+    from rlhf.checkpoint import prune_checkpoints, save_state
 
     params = {name: p.detach().cpu()
               for name, p in backbone.named_trainable_parameters("policy", "critic")}
     save_state(directory, iteration=iteration, kl_coef=kl_coef, params=params,
                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-               config=asdict(cfg))
+               config=asdict(cfg), **extra)
+    if cfg.keep_last is not None:
+        prune_checkpoints(directory.parent, cfg.keep_last)
 
 
 def encode_prompts(prompts: Sequence[str], tokenizer, max_length: int):
@@ -369,8 +381,18 @@ def train(
     replace what ``cfg`` would load. ``gold_fn(response_texts) -> scores`` is a judge that PPO
     does not optimise (VADER on the built-in task), logged beside the proxy reward.
     ``on_iteration(iteration, metrics)`` runs after every iteration (tests interrupt with it).
+    ``output_dir`` is locked and tied to the run by its run.json, as in ``rlhf.sft.train``.
     """
-    from rlhf import checkpoint, data
+    from rlhf import checkpoint
+
+    with checkpoint.open_run(cfg.output_dir, "ppo", asdict(cfg), resume=cfg.resume,
+                             overwrite=cfg.overwrite) as run:
+        return _train(cfg, run, backbone=backbone, tokenizer=tokenizer, prompts=prompts,
+                      gold_fn=gold_fn, on_iteration=on_iteration)
+
+
+def _train(cfg: PPOConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iteration) -> dict:
+    from rlhf import data
     from rlhf.metrics import MetricsLogger
     from rlhf.models import SharedBackbone
 
@@ -413,10 +435,11 @@ def train(
     out_dir = Path(cfg.output_dir)
     ckpt_root = out_dir / "checkpoints"
     iteration = 0
+    resumed: dict = {}
     if cfg.resume:
-        last = checkpoint.latest_checkpoint(ckpt_root)
+        last, state = run.resume_checkpoint(ckpt_root)
         if last is not None:
-            state = checkpoint.load_state(last)
+            resumed = state
             named = dict(backbone.named_trainable_parameters("policy", "critic"))
             with torch.no_grad():
                 for name, value in state["params"].items():
@@ -432,8 +455,15 @@ def train(
         torch.cuda.reset_peak_memory_stats(device)
 
     # ---- train ----
-    skipped = 0
-    metrics: dict = {}
+    # a run resumed from its final checkpoint trains no iteration: its summary comes from there
+    skipped = int(resumed.get("skipped_steps", 0))
+    metrics: dict = dict(resumed.get("last_metrics", {}))
+
+    def save(at: int) -> None:
+        _save(ckpt_root / f"step-{at:07d}", backbone, optimizer, scheduler, at,
+              kl_controller.value, cfg, run_id=run.run_id, last_metrics=metrics,
+              skipped_steps=skipped)
+
     progress = tqdm(total=cfg.num_iterations, initial=iteration, desc="ppo", dynamic_ncols=True)
     try:
         while iteration < cfg.num_iterations:
@@ -536,11 +566,9 @@ def train(
                 on_iteration(iteration, metrics)
             if cfg.save_every and iteration % cfg.save_every == 0 \
                     and iteration < cfg.num_iterations:
-                _save(ckpt_root / f"step-{iteration:07d}", backbone, optimizer, scheduler,
-                      iteration, kl_controller.value, cfg)
+                save(iteration)
     except KeyboardInterrupt:
-        _save(ckpt_root / f"step-{iteration:07d}", backbone, optimizer, scheduler, iteration,
-              kl_controller.value, cfg)
+        save(iteration)
         print(f"\n[ppo] interrupted at iteration {iteration}; checkpoint saved, continue with "
               "resume=True")
         raise
@@ -550,8 +578,7 @@ def train(
         engine.release()
 
     # ---- save ----
-    _save(ckpt_root / f"step-{iteration:07d}", backbone, optimizer, scheduler, iteration,
-          kl_controller.value, cfg)
+    save(iteration)
     backbone.save(out_dir / "backbone")
     tokenizer.save_pretrained(out_dir / "backbone")  # so that the directory stands alone
     return {"stage": "ppo", "iterations": iteration, "skipped_steps": skipped,

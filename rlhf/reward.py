@@ -24,7 +24,13 @@ import torch
 from tqdm.auto import tqdm
 
 import rlhf_kernels
-from rlhf.sft import _check_common, check_max_memory, resolve_device, warmup_cosine_schedule
+from rlhf.sft import (
+    _check_common,
+    check_keep_last,
+    check_max_memory,
+    resolve_device,
+    warmup_cosine_schedule,
+)
 
 __all__ = ["PairBatch", "RewardConfig", "evaluate", "pair_loss", "train"]
 
@@ -53,7 +59,9 @@ class RewardConfig:
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
     save_every: int = 0  # 0: only at the end (and on Ctrl-C)
+    keep_last: int | None = 2  # checkpoints kept (the newest); None: keep every one
     resume: bool = False
+    overwrite: bool = False  # a fresh run deletes an earlier run's files in output_dir first
     device: str = "auto"
     max_memory: float | None = None  # GiB: cap CUDA memory (emulates a smaller card)
     bf16: bool = True
@@ -63,6 +71,7 @@ class RewardConfig:
     def __post_init__(self) -> None:
         _check_common(self.nonfinite, self.grad_accum_steps, self.batch_size, 1)
         check_max_memory(self.max_memory)
+        check_keep_last(self.keep_last)
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if not self.epochs > 0:
@@ -153,12 +162,15 @@ def _split(pairs: PairBatch, eval_fraction: float, seed: int) -> tuple[PairBatch
         pairs.select(order[:n_eval], torch.device("cpu"))
 
 
-def _save(directory: Path, backbone, optimizer, scheduler, step: int, cfg) -> None:
-    from rlhf.checkpoint import save_state
+def _save(directory: Path, backbone, optimizer, scheduler, step: int, cfg, **extra) -> None:
+    """A checkpoint (+ `extra`, see rlhf.sft._save), then prune to ``cfg.keep_last``."""
+    from rlhf.checkpoint import prune_checkpoints, save_state
 
     params = {name: p.detach().cpu() for name, p in backbone.named_trainable_parameters("reward")}
     save_state(directory, step=step, params=params, optimizer=optimizer.state_dict(),
-               scheduler=scheduler.state_dict(), config=asdict(cfg))
+               scheduler=scheduler.state_dict(), config=asdict(cfg), **extra)
+    if cfg.keep_last is not None:
+        prune_checkpoints(directory.parent, cfg.keep_last)
 
 
 def train(
@@ -173,9 +185,20 @@ def train(
     """Train the reward adapter + head; returns a summary with the held-out accuracy.
 
     ``backbone`` (a SharedBackbone), ``tokenizer`` and the pair lists replace what ``cfg`` would
-    load. Without ``eval_pairs``, ``eval_fraction`` of the pairs is held out.
+    load. Without ``eval_pairs``, ``eval_fraction`` of the pairs is held out. ``output_dir`` is
+    locked and tied to the run by its run.json, as in ``rlhf.sft.train``.
     """
-    from rlhf import checkpoint, data
+    from rlhf import checkpoint
+
+    with checkpoint.open_run(cfg.output_dir, "rm", asdict(cfg), resume=cfg.resume,
+                             overwrite=cfg.overwrite) as run:
+        return _train(cfg, run, backbone=backbone, tokenizer=tokenizer, train_pairs=train_pairs,
+                      eval_pairs=eval_pairs, on_step=on_step)
+
+
+def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pairs,
+           on_step) -> dict:
+    from rlhf import data
     from rlhf.metrics import MetricsLogger
     from rlhf.models import LoraSpec, SharedBackbone
 
@@ -212,10 +235,11 @@ def train(
     out_dir = Path(cfg.output_dir)
     ckpt_root = out_dir / "checkpoints"
     step = 0
+    resumed: dict = {}
     if cfg.resume:
-        last = checkpoint.latest_checkpoint(ckpt_root)
+        last, state = run.resume_checkpoint(ckpt_root)
         if last is not None:
-            state = checkpoint.load_state(last)
+            resumed = state
             named = dict(backbone.named_trainable_parameters("reward"))
             with torch.no_grad():
                 for name, value in state["params"].items():
@@ -228,8 +252,14 @@ def train(
                            resume_step=step)
 
     # ---- train ----
-    skipped = 0
-    metrics: dict = {}
+    # a run resumed from its final checkpoint trains no step: its summary comes from there
+    skipped = int(resumed.get("skipped_steps", 0))
+    metrics: dict = dict(resumed.get("last_metrics", {}))
+
+    def save(at: int, **final) -> None:
+        _save(ckpt_root / f"step-{at:07d}", backbone, optimizer, scheduler, at, cfg,
+              run_id=run.run_id, last_metrics=metrics, skipped_steps=skipped, **final)
+
     progress = tqdm(total=max_steps, initial=step, desc="reward model", dynamic_ncols=True)
     try:
         while step < max_steps:
@@ -281,19 +311,22 @@ def train(
             if on_step is not None:
                 on_step(step, metrics)
             if cfg.save_every and step % cfg.save_every == 0 and step < max_steps:
-                _save(ckpt_root / f"step-{step:07d}", backbone, optimizer, scheduler, step, cfg)
+                save(step)
     except KeyboardInterrupt:
-        _save(ckpt_root / f"step-{step:07d}", backbone, optimizer, scheduler, step, cfg)
+        save(step)
         print(f"\n[rm] interrupted at step {step}; checkpoint saved, continue with resume=True")
         raise
     finally:
         progress.close()
 
     # ---- save ----
-    final = evaluate(backbone, eval_set, pad_id) if len(eval_set) else {}
-    logger.log({"step": step, **final}, step=step)
+    if "final_eval" in resumed:  # the final checkpoint: evaluated and logged before the kill
+        final = dict(resumed["final_eval"])
+    else:
+        final = evaluate(backbone, eval_set, pad_id) if len(eval_set) else {}
+        logger.log({"step": step, **final}, step=step)
     logger.close()
-    _save(ckpt_root / f"step-{step:07d}", backbone, optimizer, scheduler, step, cfg)
+    save(step, final_eval=final)
     backbone.save(out_dir / "backbone")
     tokenizer.save_pretrained(out_dir / "backbone")  # so that `rlhf ppo model=...` stands alone
     return {"stage": "reward", "steps": step, "final_loss": metrics.get("loss"),

@@ -63,7 +63,9 @@ class SFTConfig:
     seed: int = 0
     log_every: int = 10
     save_every: int = 100
+    keep_last: int | None = 2  # checkpoints kept (the newest); None: keep every one
     resume: bool = False
+    overwrite: bool = False  # a fresh run deletes an earlier run's files in output_dir first
     device: str = "auto"  # "auto": cuda when available, else cpu
     max_memory: float | None = None  # GiB: cap CUDA memory (emulates a smaller card)
     bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
@@ -73,6 +75,7 @@ class SFTConfig:
     def __post_init__(self) -> None:
         _check_common(self.nonfinite, self.grad_accum_steps, self.batch_size, self.max_steps)
         check_max_memory(self.max_memory)
+        check_keep_last(self.keep_last)
 
 
 def _check_common(nonfinite: str, grad_accum_steps: int, batch_size: int, steps: int) -> None:
@@ -201,12 +204,23 @@ def _batch_indices(n_examples: int, batch_size: int, micro_step: int, seed: int)
     return order[index * batch_size:(index + 1) * batch_size]
 
 
-def _save(directory: Path, model, optimizer, scheduler, step: int, cfg) -> None:
-    from rlhf.checkpoint import save_state
+def check_keep_last(keep_last: int | None) -> None:
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1 (the newest checkpoint is what resume and the "
+                         f"summary need) or None to keep every checkpoint, got {keep_last}")
+
+
+def _save(directory: Path, model, optimizer, scheduler, step: int, cfg, **extra) -> None:
+    """A checkpoint; `extra`: run_id (ties it to run.json), and what the summary needs when a
+    resumed run has no step left to train (last_metrics, skipped_steps). Then all but the
+    newest ``cfg.keep_last`` checkpoints are deleted."""
+    from rlhf.checkpoint import prune_checkpoints, save_state
 
     params = {name: t.detach().cpu() for name, t in model.state_dict().items()}
     save_state(directory, step=step, params=params, optimizer=optimizer.state_dict(),
-               scheduler=scheduler.state_dict(), config=asdict(cfg))
+               scheduler=scheduler.state_dict(), config=asdict(cfg), **extra)
+    if cfg.keep_last is not None:
+        prune_checkpoints(directory.parent, cfg.keep_last)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,7 +239,20 @@ def train(
     ``model``/``tokenizer``/``examples`` (SFT records with prompt/completion or messages) replace
     what ``cfg`` would load; the pipeline passes them. ``on_step(step, metrics)`` is called after
     every optimizer step (tests use it to interrupt a run).
+
+    ``output_dir`` is locked for the run and tied to it by its run.json (rlhf/checkpoint.py,
+    ``open_run``): a fresh run refuses a directory holding another run unless
+    ``overwrite=True``; ``resume=True`` refuses changed settings.
     """
+    from rlhf import checkpoint
+
+    with checkpoint.open_run(cfg.output_dir, "sft", asdict(cfg), resume=cfg.resume,
+                             overwrite=cfg.overwrite) as run:
+        return _train(cfg, run, model=model, tokenizer=tokenizer, examples=examples,
+                      on_step=on_step)
+
+
+def _train(cfg: SFTConfig, run, *, model, tokenizer, examples, on_step) -> dict:
     from rlhf import checkpoint, data
     from rlhf.metrics import MetricsLogger
 
@@ -259,10 +286,11 @@ def train(
     autocast_dtype = torch.bfloat16 if (device.type == "cuda" and cfg.bf16) else None
     step = 0
     ckpt_root = out_dir / "checkpoints"
+    resumed: dict = {}
     if cfg.resume:
-        last = checkpoint.latest_checkpoint(ckpt_root)
+        last, state = run.resume_checkpoint(ckpt_root)
         if last is not None:
-            state = checkpoint.load_state(last)
+            resumed = state
             model.load_state_dict(state["params"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
@@ -272,8 +300,14 @@ def train(
                            resume_step=step)
 
     # ---- train ----
-    skipped = 0
-    last_metrics: dict = {}
+    # a run resumed from its final checkpoint trains no step: its summary comes from there
+    skipped = int(resumed.get("skipped_steps", 0))
+    last_metrics: dict = dict(resumed.get("last_metrics", {}))
+
+    def save(at: int) -> None:
+        _save(ckpt_root / f"step-{at:07d}", model, optimizer, scheduler, at, cfg,
+              run_id=run.run_id, last_metrics=last_metrics, skipped_steps=skipped)
+
     progress = tqdm(total=cfg.max_steps, initial=step, desc="sft", dynamic_ncols=True)
     try:
         while step < cfg.max_steps:
@@ -328,10 +362,9 @@ def train(
             if on_step is not None:
                 on_step(step, last_metrics)
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-                _save(ckpt_root / f"step-{step:07d}", model, optimizer, scheduler,
-                      step, cfg)
+                save(step)
     except KeyboardInterrupt:
-        _save(ckpt_root / f"step-{step:07d}", model, optimizer, scheduler, step, cfg)
+        save(step)
         print(f"\n[sft] interrupted at step {step}; checkpoint saved, continue with resume=True")
         raise
     finally:
@@ -339,7 +372,7 @@ def train(
         logger.close()
 
     # ---- save ----
-    _save(ckpt_root / f"step-{step:07d}", model, optimizer, scheduler, step, cfg)
+    save(step)
     final_dir = out_dir / "model"
     checkpoint.save_pretrained_atomic(final_dir, model, tokenizer)
     return {

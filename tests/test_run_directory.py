@@ -1,0 +1,355 @@
+"""A run owns its output_dir: one run at a time (lock), resume only with the run's own settings
+and files (run.json), no silent mixing with or deleting of an earlier run, torn metrics lines,
+temp leftovers, checkpoint pruning, file modes, and a summary that survives a kill after the
+final checkpoint. The stages run a 1-layer, 16-wide Llama for a few steps (about a second)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from rlhf import checkpoint, metrics, pipeline, ppo, reward, sft, task
+from rlhf.checkpoint import RunDirectoryError
+from rlhf.models import LoraSpec, SharedBackbone
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(autouse=True)
+def _reference_kernels(monkeypatch):
+    # The run-directory plumbing is under test, not the kernels (see tests/test_stages.py).
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return task.make_corpus(48, seed=3)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(corpus):
+    return task.train_tokenizer([ex["prompt"] + ex["completion"] for ex in corpus],
+                                vocab_size=260)
+
+
+def tiny_model(tokenizer):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(task.tiny_llama_config(
+        tokenizer, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1))
+
+
+def sft_cfg(out, **overrides) -> sft.SFTConfig:
+    settings = dict(output_dir=str(out), max_steps=6, batch_size=8, lr=1e-2, warmup_steps=1,
+                    log_every=1, save_every=2, max_length=40, device="cpu")
+    settings.update(overrides)
+    return sft.SFTConfig(**settings)
+
+
+def run_sft(cfg, tokenizer, corpus, **kwargs):
+    return sft.train(cfg, model=tiny_model(tokenizer), tokenizer=tokenizer, examples=corpus,
+                     **kwargs)
+
+
+def steps_of(directory) -> list[int]:
+    return [int(p.name.split("-")[1]) for p in checkpoint.list_checkpoints(directory)]
+
+
+def interrupt_at(stop):
+    def callback(step, _metrics):
+        if step == stop:
+            raise KeyboardInterrupt
+    return callback
+
+
+# ---------------------------------------------------------------- item 13: fresh vs existing
+
+
+def test_fresh_run_refuses_a_directory_holding_a_run_and_overwrite_replaces_it(
+        tmp_path, tokenizer, corpus):
+    out = tmp_path / "sft"
+    first = run_sft(sft_cfg(out, keep_last=None), tokenizer, corpus)
+    assert steps_of(out / "checkpoints") == [2, 4, 6]
+    old_metrics = (out / "metrics.jsonl").read_text()
+
+    # Before, a second fresh run wrote into the same files; an interrupted shorter run then
+    # resumed from the *old* run's step-6 checkpoint and reported its numbers.
+    with pytest.raises(RunDirectoryError) as refused:
+        run_sft(sft_cfg(out, max_steps=3), tokenizer, corpus)
+    message = str(refused.value)
+    for needed in (str(out), "already holds a run", "--resume", "output_dir=", "overwrite=true"):
+        assert needed in message, (needed, message)
+    assert (out / "metrics.jsonl").read_text() == old_metrics  # nothing touched
+
+    # overwrite=true: the old run's files go first; then this run is interrupted and resumed
+    (out / "notes.txt").write_text("mine")  # not a run file: left alone
+    with pytest.raises(KeyboardInterrupt):
+        run_sft(sft_cfg(out, max_steps=3, save_every=0, overwrite=True), tokenizer, corpus,
+                on_step=interrupt_at(2))
+    assert steps_of(out / "checkpoints") == [2] and (out / "notes.txt").read_text() == "mine"
+    assert not (out / "model").exists()
+    resumed = run_sft(sft_cfg(out, max_steps=3, save_every=0, resume=True), tokenizer, corpus)
+    assert resumed["steps"] == 3 and resumed["final_loss"] != first["final_loss"]
+    assert [r["step"] for r in metrics.read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_resume_uses_only_the_files_of_its_own_run(tmp_path, tokenizer, corpus):
+    out = tmp_path / "sft"
+    with pytest.raises(KeyboardInterrupt):
+        run_sft(sft_cfg(out), tokenizer, corpus, on_step=interrupt_at(3))
+    # a checkpoint of another run dropped into the directory (copied in by hand)
+    other = tmp_path / "other"
+    run_sft(sft_cfg(other, max_steps=4), tokenizer, corpus)
+    os.replace(other / "checkpoints" / "step-0000004", out / "checkpoints" / "step-0000004")
+    with pytest.raises(RunDirectoryError, match=r"step-0000004 was written by another run"):
+        run_sft(sft_cfg(out, resume=True), tokenizer, corpus)
+
+    # a directory with run files but no run.json (an older version's run): nothing ties them
+    (other / "run.json").unlink()
+    with pytest.raises(RunDirectoryError, match=r"holds run files .* but no run.json"):
+        run_sft(sft_cfg(other, resume=True), tokenizer, corpus)
+    with pytest.raises(RunDirectoryError, match="contradict"):
+        run_sft(sft_cfg(other, resume=True, overwrite=True), tokenizer, corpus)
+
+
+def test_a_run_that_wrote_nothing_does_not_block_a_fresh_start(tmp_path, tokenizer, corpus):
+    out = tmp_path / "sft"
+    with pytest.raises(ValueError, match="empty"):
+        sft.train(sft_cfg(out), model=tiny_model(tokenizer), tokenizer=tokenizer, examples=[])
+    assert (out / "run.json").exists()
+    assert run_sft(sft_cfg(out, max_steps=2), tokenizer, corpus)["steps"] == 2
+
+
+# ---------------------------------------------------------------- item 9: changed settings
+
+
+def test_resume_refuses_changed_settings_and_names_each(tmp_path, tokenizer, corpus):
+    out = tmp_path / "sft"
+    with pytest.raises(KeyboardInterrupt):
+        run_sft(sft_cfg(out), tokenizer, corpus, on_step=interrupt_at(3))
+    # Before, the new values were used for the remaining steps (or ignored for a finished
+    # stage) while the summary recorded them as the run's settings.
+    with pytest.raises(RunDirectoryError) as refused:
+        run_sft(sft_cfg(out, resume=True, lr=2e-2, max_steps=8), tokenizer, corpus)
+    message = str(refused.value)
+    assert "lr: 0.01 -> 0.02" in message and "max_steps: 6 -> 8" in message, message
+    assert "warmup_steps" not in message and str(out) in message
+    # settings that cannot change a result may differ: checkpoint cadence, retention, a memory
+    # cap, and where the run lives
+    moved = tmp_path / "moved"
+    os.replace(out, moved)
+    done = run_sft(sft_cfg(moved, resume=True, save_every=1, keep_last=1, max_memory=4.0),
+                   tokenizer, corpus)
+    assert done["steps"] == 6 and steps_of(moved / "checkpoints") == [6]
+
+
+def test_pipeline_resume_refuses_a_changed_stage_setting(tmp_path, monkeypatch):
+    out = tmp_path / "pipe"
+    stage_runs = []
+
+    def fake_run(cfg, run_dir):  # the stages themselves are tested above and in test_pipeline
+        stage_runs.append(cfg.resume)
+        (out / "sft").mkdir(exist_ok=True)
+        (out / "sft" / "summary.json").write_text(json.dumps({"run_id": run_dir.run_id}))
+        return {}
+
+    monkeypatch.setattr(pipeline, "_run", fake_run)
+    cfg = pipeline.PipelineConfig(output_dir=str(out), device="cpu")
+    pipeline.run(cfg)
+    changed = pipeline.PipelineConfig(output_dir=str(out), device="cpu", resume=True)
+    changed.sft.lr, changed.ppo.kl_coef = 0.5, 0.2
+    with pytest.raises(RunDirectoryError) as refused:
+        pipeline.run(changed)
+    assert "sft.lr: 0.003 -> 0.5" in str(refused.value)
+    assert "ppo.kl_coef: 0.1 -> 0.2" in str(refused.value)
+    same = pipeline.PipelineConfig(output_dir=str(out), device="cpu", resume=True)
+    same.sft.keep_last = 5  # retention only
+    pipeline.run(same)
+    with pytest.raises(RunDirectoryError, match="already holds a run"):
+        pipeline.run(pipeline.PipelineConfig(output_dir=str(out), device="cpu"))
+    pipeline.run(pipeline.PipelineConfig(output_dir=str(out), device="cpu", overwrite=True))
+    assert stage_runs == [False, True, False]
+    # a finished stage's summary from another run is never reused
+    run_dir = checkpoint.RunDirectory(out, "pipeline", "another-run", resumed=True)
+    with pytest.raises(RunDirectoryError, match="written by another run"):
+        pipeline._stage_done(out / "sft", True, run_dir)
+
+
+# ---------------------------------------------------------------- item 10: one run per directory
+
+
+def test_a_second_run_on_the_same_directory_stops_at_once(tmp_path, tokenizer, corpus):
+    out = tmp_path / "sft"
+    refusals = []
+
+    def second_run(step, _metrics):
+        if step == 2:  # the first run is mid-way: a second one starts on the same directory
+            with pytest.raises(RunDirectoryError) as refused:
+                run_sft(sft_cfg(out, resume=True), tokenizer, corpus)
+            refusals.append(str(refused.value))
+
+    first = run_sft(sft_cfg(out), tokenizer, corpus, on_step=second_run)
+    assert first["steps"] == 6
+    assert "in use by another run" in refusals[0] and f"pid {os.getpid()}" in refusals[0]
+    # the first run's metrics are whole: one record per step, none from the second
+    assert [r["step"] for r in metrics.read_metrics(out / "metrics.jsonl")] == list(range(1, 7))
+
+
+def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from rlhf.checkpoint import open_run
+            with open_run({str(tmp_path)!r}, "sft", {{}}, resume=False):
+                print("locked", flush=True)
+                time.sleep(60)
+        """), "--holder-marker"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunDirectoryError) as refused:
+            with checkpoint.open_run(tmp_path, "sft", {}, resume=True):
+                pass
+        assert f"pid {holder.pid}" in str(refused.value)
+        assert "--holder-marker" in str(refused.value)  # its command line
+    finally:
+        holder.send_signal(signal.SIGKILL)  # a kill -9: no cleanup code runs
+        holder.wait()
+    with checkpoint.open_run(tmp_path, "sft", {}, resume=True) as run:
+        assert run.directory == tmp_path
+    assert (tmp_path / ".lock").read_text() == ""  # released
+
+
+def test_unwritable_output_dir_is_a_clear_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunDirectoryError, match=r"cannot use output_dir .*file.*writable"):
+        with checkpoint.open_run(tmp_path / "file" / "run", "sft", {}, resume=False):
+            pass
+
+
+# ---------------------------------------------------------------- item 11: torn metrics line
+
+
+def test_a_torn_last_metrics_line_does_not_block_resume(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    with metrics.MetricsLogger(path, tensorboard=False) as logger:
+        for step in range(1, 4):
+            logger.log({"loss": 1.0 / step}, step=step)
+    with path.open("a") as handle:
+        handle.write('{"step": 4, "loss": 0.2')  # the disk filled up mid-record
+    with pytest.warns(UserWarning, match="dropped its last line 4, which is cut off"):
+        with metrics.MetricsLogger(path, append=True, resume_step=3, tensorboard=False) as log:
+            log.log({"loss": 0.25}, step=4)
+    assert metrics.read_metrics(path) == [
+        {"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}, {"step": 3, "loss": 1.0 / 3},
+        {"step": 4, "loss": 0.25}]
+    # also when appending without a resume step: the next record must not glue onto it
+    path.write_text('{"step": 1}\n{"st')
+    with pytest.warns(UserWarning, match="cut off"):
+        with metrics.MetricsLogger(path, append=True, tensorboard=False) as log:
+            log.log({}, step=2)
+    assert metrics.read_metrics(path) == [{"step": 1}, {"step": 2}]
+    # a damaged line in the middle is not a crash's doing: still a clear error
+    path.write_text('{"step": 1}\n{"st\n{"step": 3}\n')
+    with pytest.raises(ValueError, match="line 2 is not JSON .* in the middle of the file"):
+        metrics.MetricsLogger(path, append=True, tensorboard=False)
+    path.write_text('{"step": 1}\n{"st\n')
+    with pytest.raises(ValueError, match="line 2 is not JSON .* its last line"):
+        metrics.read_metrics(path)  # plain reading (e.g. a plot) still says what is wrong
+
+
+# ---------------------------------------------------------------- item 12: leftovers, modes
+
+
+def test_atomic_writes_give_normal_file_modes(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        checkpoint.atomic_write_text(tmp_path / "a.json", "{}")
+        with checkpoint.atomic_directory(tmp_path / "step-0000001") as temp:
+            (temp / "x").write_text("x")
+        checkpoint.save_state(tmp_path / "step-0000002", step=2, params={"w": torch.ones(2)})
+    finally:
+        os.umask(previous)
+
+    def mode(path):
+        return stat.S_IMODE(path.stat().st_mode)
+
+    # before: mkstemp's 0600 and mkdtemp's 0700, so another user (a server reading the
+    # metrics or the model) could not read what the run wrote
+    assert mode(tmp_path / "a.json") == 0o644
+    assert mode(tmp_path / "step-0000001") == 0o755 and mode(tmp_path / "step-0000002") == 0o755
+    assert mode(tmp_path / "step-0000002" / "meta.json") == 0o644
+
+
+def test_temp_leftovers_of_a_killed_run_are_removed_at_the_next_start(tmp_path):
+    ours = [tmp_path / "checkpoints" / ".step-0000004.tmp-4242-0a1b2c3d",  # checkpoint dir
+            tmp_path / ".model.tmp-17-deadbeef",  # save_pretrained_atomic / backbone
+            tmp_path / ".backbone.old-12ab34cd",  # a replaced directory on its way out
+            tmp_path / ".metrics.jsonl.tmp-u8_x9k2q"]  # an older version's temp file
+    for path in ours[:3]:
+        path.mkdir(parents=True)
+        (path / "half.bin").write_bytes(b"x" * 10)
+    ours[3].write_text("partial")
+    theirs = [tmp_path / ".hidden", tmp_path / "notes.tmp", tmp_path / ".x.tmp-notours"]
+    for path in theirs:
+        path.write_text("keep")
+    with checkpoint.open_run(tmp_path, "sft", {}, resume=True):
+        pass
+    assert not any(path.exists() for path in ours)
+    assert all(path.read_text() == "keep" for path in theirs)
+
+
+def test_keep_last_prunes_old_checkpoints(tmp_path, tokenizer, corpus):
+    # before: every checkpoint was kept (one per save_every steps, each a full copy)
+    run_sft(sft_cfg(tmp_path / "a", save_every=1), tokenizer, corpus)
+    assert steps_of(tmp_path / "a" / "checkpoints") == [5, 6]  # default keep_last=2
+    run_sft(sft_cfg(tmp_path / "b", save_every=1, keep_last=None), tokenizer, corpus)
+    assert steps_of(tmp_path / "b" / "checkpoints") == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(ValueError, match="keep_last must be >= 1"):
+        sft_cfg(tmp_path / "c", keep_last=0)
+
+
+def test_a_kill_after_the_final_checkpoint_keeps_the_summary(tmp_path, tokenizer, corpus):
+    """The pipeline writes a stage's summary.json after the stage returns; a kill before that
+    resumes the stage from its final checkpoint, with no step left to train. Before, that run
+    returned final_loss None (the pipeline's sft_final_loss), skipped_steps 0 and, for PPO, no
+    last_metrics; the reward model logged its final evaluation twice."""
+    out = tmp_path / "sft"
+    full = run_sft(sft_cfg(out), tokenizer, corpus)
+    again = run_sft(sft_cfg(out, resume=True), tokenizer, corpus)
+    for key in ("steps", "final_loss", "skipped_steps"):
+        assert again[key] == full[key], key
+    assert isinstance(full["final_loss"], float)
+
+    backbone = SharedBackbone.from_model(tiny_model(tokenizer), lora=LoraSpec(rank=2, alpha=4))
+    pairs = [{"prompt": a["prompt"], "chosen": a["completion"], "rejected": b["completion"]}
+             for a, b in zip(corpus[:24], corpus[24:48])]
+    rm_cfg = dict(output_dir=str(tmp_path / "rm"), batch_size=8, epochs=1.0, device="cpu",
+                  max_length=40)
+    rm_full = reward.train(reward.RewardConfig(**rm_cfg), backbone=backbone,
+                           tokenizer=tokenizer, train_pairs=pairs[:16], eval_pairs=pairs[16:])
+    rm_metrics = (tmp_path / "rm" / "metrics.jsonl").read_text()
+    rm_again = reward.train(reward.RewardConfig(**rm_cfg, resume=True), backbone=backbone,
+                            tokenizer=tokenizer, train_pairs=pairs[:16], eval_pairs=pairs[16:])
+    assert rm_again == rm_full and isinstance(rm_full["final_loss"], float)
+    assert (tmp_path / "rm" / "metrics.jsonl").read_text() == rm_metrics
+
+    ppo_cfg = dict(output_dir=str(tmp_path / "ppo"), num_iterations=1, rollout_batch_size=4,
+                   minibatch_size=4, ppo_epochs=1, max_new_tokens=4, max_prompt_length=64,
+                   device="cpu")
+    prompts = task.all_prompts("train")[:4]
+    ppo_full = ppo.train(ppo.PPOConfig(**ppo_cfg), backbone=backbone, tokenizer=tokenizer,
+                         prompts=prompts)
+    ppo_again = ppo.train(ppo.PPOConfig(**ppo_cfg, resume=True), backbone=backbone,
+                          tokenizer=tokenizer, prompts=prompts)
+    assert ppo_full["last_metrics"] and ppo_again["last_metrics"] == ppo_full["last_metrics"]
