@@ -145,19 +145,23 @@ def _fused_linear():
     return inputs, poison, mask, labels
 
 
+REDUCTIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 FUSED = dict(kl_coef=0.1, entropy_coef=0.01, dual_clip=3.0, reduction="seq-mean-token-mean")
 
 CASES = {
     "ppo_policy_loss": (
         _policy,
-        lambda x, m, lab, b: rk.ppo_policy_loss(x["logp"], x["old_logp"], x["advantages"], m,
-                                                dual_clip=3.0, reduction="seq-mean-token-mean",
-                                                backend=b),
+        lambda x, m, lab, b: [
+            rk.ppo_policy_loss(x["logp"], x["old_logp"], x["advantages"], m, dual_clip=dual,
+                               reduction=reduction, backend=b)
+            for reduction, dual in zip(REDUCTIONS, (3.0, None, 3.0, None))],
         lambda b: ("logp",) if b == "triton" else ("logp", "old_logp", "advantages")),
     "ppo_value_loss": (
         _value,
-        lambda x, m, lab, b: rk.ppo_value_loss(x["values"], x["old_values"], x["returns"], m,
-                                               clip=0.2, backend=b),
+        lambda x, m, lab, b: [
+            rk.ppo_value_loss(x["values"], x["old_values"], x["returns"], m, clip=clip,
+                              reduction=reduction, backend=b)
+            for reduction, clip in zip(REDUCTIONS, (0.2, None, 0.2, None))],
         lambda b: ("values",) if b == "triton" else ("values", "old_values", "returns")),
     "gae": (
         _gae,
