@@ -239,10 +239,14 @@ def test_out_of_range_labels(bad, backend):
         logprobs(logits, labels, check_labels=True, backend=backend)
     # Default (no sync): the bad row gives NaN, never an out-of-bounds read nor a finite wrong
     # number; the other rows are exact.
-    lp, ent = logprobs(logits, labels, return_entropy=True, backend=backend)
+    x = logits.clone().requires_grad_(True)
+    lp, ent = logprobs(x, labels, return_entropy=True, backend=backend)
     assert torch.isnan(lp[1, 2])
     good = torch.ones_like(labels, dtype=torch.bool)
     good[1, 2] = False
+    if backend == "triton":  # the bad row's gradient is NaN too, the others are untouched
+        (grad,) = torch.autograd.grad(lp.sum(), x)
+        assert torch.isnan(grad[1, 2]).all() and torch.isfinite(grad[good]).all()
     fixed = labels.masked_fill(~good, 0)
     ref_lp, ref_ent = reference.logprobs(logits.double(), fixed, return_entropy=True)
     assert_close(lp[good], ref_lp[good], atol=1e-5, name="other rows")

@@ -30,6 +30,9 @@ Non-finite logits (the Triton path; the reference gives the same values):
   same as with those entries removed from the vocabulary (a label pointing at one gives -inf).
 * a NaN (or +inf) anywhere in a row gives NaN logp / entropy / gradient for that row only (the
   reference's entropy reads 0 there, an artefact of its ``p > 0`` test; NaN is the honest answer).
+* a label outside [0, V) that is not ``ignore_index`` (nothing checks on the host by default)
+  reads nothing and gives NaN logp and a NaN d logits row when logp has a gradient (the
+  entropy is unaffected); ``check_labels=True`` raises instead.
 * a row whose logits are all ``-inf`` gives logp NaN (as ``torch.log_softmax``), entropy 0 (the
   reference's ``0 log 0 = 0``) and a NaN gradient; give such rows ``ignore_index`` instead.
 
@@ -155,6 +158,7 @@ def _logprobs_bwd_kernel(
     out_row_ptr = out_ptr + outer * out_stride_outer + inner * out_stride_inner
     label = tl.load(labels_ptr + row).to(tl.int64)
     valid = label != ignore_index
+    label_ok = (label >= 0) & (label < V)
     lse = tl.load(lse_ptr + row)
     g_logp = 0.0
     if HAS_GRAD_LOGP:
@@ -178,6 +182,8 @@ def _logprobs_bwd_kernel(
         dz = tl.zeros([BLOCK_V], dtype=tl.float32)
         if HAS_GRAD_LOGP:
             dz = tl.where(cols == label, g_logp, 0.0) - g_logp * p
+            # an out-of-range label (its logp is NaN): a NaN gradient, not a plausible number
+            dz = tl.where(label_ok, dz, float("nan"))
         if HAS_GRAD_ENTROPY:
             # -inf entries: p == 0 and log p == -inf; the term is 0.
             dz -= g_entropy * p * tl.where(p > 0.0, log_p + entropy, 0.0)
