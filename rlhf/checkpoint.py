@@ -509,6 +509,30 @@ class _RunLock:
             self._fd = None
 
 
+def _busy_subdirectories(directory: Path) -> list[str]:
+    """Holders of the run locks below `directory` that are held now (a stage running in a
+    subfolder of the directory a pipeline is about to clean or clear)."""
+    try:
+        import fcntl
+    except ImportError:
+        return []
+    busy = []
+    for root, _dirs, files in os.walk(directory):
+        if LOCK_FILE not in files or Path(root) == directory:
+            continue
+        try:
+            fd = os.open(Path(root) / LOCK_FILE, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            busy.append(f"{root} ({_describe_holder(fd)})")
+        finally:
+            os.close(fd)  # also releases the shared lock just taken
+    return busy
+
+
 def _describe_holder(fd: int) -> str:
     try:
         info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
@@ -626,6 +650,12 @@ def open_run(directory: str | Path, kind: str, config: Mapping[str, Any], *, res
             f"({error.filename or directory}); choose a writable directory with "
             f"output_dir=...") from None
     try:
+        busy = _busy_subdirectories(directory)
+        if busy:
+            raise RunDirectoryError(
+                f"output_dir {str(directory)!r} holds a folder another run is using: "
+                f"{'; '.join(busy)}. Wait for it to finish (or stop it), or use another "
+                f"output_dir=...")
         removed = remove_stale_temps(directory)
         if removed:
             print(f"[{kind}] removed {len(removed)} temp file(s) left by an interrupted run in "

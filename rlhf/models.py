@@ -56,6 +56,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rlhf.seeding import derived_seed, seeded
+
 __all__ = [
     "ROLES",
     "LoraSpec",
@@ -280,7 +282,7 @@ class SharedBackbone(nn.Module):
     """
 
     def __init__(self, peft_model, *, lora: LoraSpec, roles: tuple[str, ...],
-                 name_or_path: str | None, base_modified: bool = False) -> None:
+                 name_or_path: str | None, base_modified: bool = False, seed: int = 0) -> None:
         super().__init__()
         self.peft_model = peft_model
         self.lora = lora
@@ -294,11 +296,19 @@ class SharedBackbone(nn.Module):
         device = self.causal_lm.get_input_embeddings().weight.device
         # fp32 heads: a scalar read from bf16 hidden states loses little, a bf16 head would lose
         # the small updates of a slowly moving value function.
-        self.value_head = nn.Linear(hidden, 1, dtype=torch.float32, device=device)
-        self.reward_head = nn.Linear(hidden, 1, dtype=torch.float32, device=device)
-        for head in (self.value_head, self.reward_head):
-            nn.init.normal_(head.weight, std=1.0 / math.sqrt(hidden + 1))
-            nn.init.zeros_(head.bias)
+        # Initialised from a generator seeded by (seed, head) on the CPU, never from the global
+        # RNG, whose state depends on what ran before (rlhf/seeding.py): the same heads on every
+        # device and whether the model was trained or loaded in this process.
+        self.value_head = nn.utils.skip_init(nn.Linear, hidden, 1, dtype=torch.float32,
+                                             device=device)
+        self.reward_head = nn.utils.skip_init(nn.Linear, hidden, 1, dtype=torch.float32,
+                                              device=device)
+        with torch.no_grad():
+            for name, head in (("value_head", self.value_head), ("reward_head", self.reward_head)):
+                generator = torch.Generator().manual_seed(derived_seed(seed, name))
+                weight = torch.randn(head.weight.shape, generator=generator) / math.sqrt(hidden + 1)
+                head.weight.copy_(weight)
+                head.bias.zero_()
         self._lora_layers = self._find_lora_layers(self.peft_model)
         self._trainable_roles = set(roles)
         self._active_role: str | None = roles[0]
@@ -315,11 +325,12 @@ class SharedBackbone(nn.Module):
     def from_pretrained(cls, name_or_path: str, *, lora: LoraSpec | None = None,
                         roles: Iterable[str] = ROLES, torch_dtype=None,
                         gradient_checkpointing: bool = False, attn_implementation=None,
-                        trust_remote_code: bool = False) -> SharedBackbone:
+                        trust_remote_code: bool = False, seed: int = 0) -> SharedBackbone:
         """Load ``AutoModelForCausalLM`` from a hub name or local directory and add the adapters.
 
         ``torch_dtype`` (e.g. ``torch.bfloat16``) sets the base weights' dtype; adapters and heads
-        stay fp32. ``trust_remote_code`` is off unless asked for.
+        stay fp32 and are initialised from ``seed`` (``from_model``). ``trust_remote_code`` is off
+        unless asked for.
         """
         causal_lm = _load_causal_lm(name_or_path, torch_dtype, attn_implementation,
                                     trust_remote_code)
@@ -331,28 +342,33 @@ class SharedBackbone(nn.Module):
             source = os.path.abspath(Path(source).expanduser())
         return cls.from_model(causal_lm, lora=lora, roles=roles,
                               gradient_checkpointing=gradient_checkpointing,
-                              name_or_path=source)
+                              name_or_path=source, seed=seed)
 
     @classmethod
     def from_model(cls, causal_lm, *, lora: LoraSpec | None = None, roles: Iterable[str] = ROLES,
                    gradient_checkpointing: bool = False,
-                   name_or_path: str | None = None) -> SharedBackbone:
+                   name_or_path: str | None = None, seed: int = 0) -> SharedBackbone:
         """Wrap a Hugging Face causal LM held in memory (it is modified in place: LoRA layers are
         injected and its weights frozen). ``name_or_path`` says where the same base weights can be
-        re-loaded from; without one, ``save`` writes the base weights too."""
+        re-loaded from; without one, ``save`` writes the base weights too.
+
+        The adapters and heads are initialised from ``seed`` alone (rlhf/seeding.py), not from
+        the global RNG: the same seed gives the same backbone whatever ran before."""
         from peft import get_peft_model
 
         _check_causal_lm(causal_lm)
         roles = _check_roles(roles)
         lora = lora if lora is not None else LoraSpec()
         causal_lm.requires_grad_(False)
-        with _quiet_peft():
+        _own_aligned_storage(causal_lm)
+        # PEFT initialises lora_A from the global RNG: seed it for this purpose, then restore it.
+        with _quiet_peft(), seeded(derived_seed(seed, "adapters")):
             peft_model = get_peft_model(causal_lm, lora.peft_config(causal_lm),
                                         adapter_name=roles[0])
             for role in roles[1:]:
                 peft_model.add_adapter(role, lora.peft_config(causal_lm))
         backbone = cls(peft_model, lora=lora, roles=roles, name_or_path=name_or_path,
-                       base_modified=name_or_path is None)
+                       base_modified=name_or_path is None, seed=seed)
         if gradient_checkpointing:
             backbone.enable_gradient_checkpointing()
         return backbone
@@ -777,7 +793,9 @@ class SharedBackbone(nn.Module):
         _check_causal_lm(base_model)
         base_model.requires_grad_(False)
         adapters = directory / "adapters"
-        with _quiet_peft():
+        # the adapters' random initialisation is overwritten by the saved weights; seeded() keeps
+        # it from advancing the caller's global RNG
+        with _quiet_peft(), seeded(0):
             peft_model = PeftModel.from_pretrained(base_model, str(adapters / roles[0]),
                                                    adapter_name=roles[0], is_trainable=True)
             for role in roles[1:]:
@@ -793,6 +811,7 @@ class SharedBackbone(nn.Module):
                                       if k.startswith(name + ".")})
         if "trainable_roles" in info:
             backbone.set_trainable(info["trainable_roles"])
+        _own_aligned_storage(backbone)
         if gradient_checkpointing:
             backbone.enable_gradient_checkpointing()
         return backbone
@@ -889,6 +908,20 @@ def _sequence_classifier_scorer(model, vocab_size: int) -> Callable:
         return head(hidden_last).squeeze(-1).float()
 
     return score
+
+
+def _own_aligned_storage(module: nn.Module) -> None:
+    """Give every parameter and buffer of ``module`` whose data is not 64-byte aligned (tensors
+    loaded from a safetensors file can point into it at any offset) its own allocation.
+
+    CPU matmul kernels pick their code path by alignment, so a loaded model and the same weights
+    trained in memory round differently (1e-6 in a log-prob): a resumed run would not reproduce
+    the uninterrupted one bit for bit. The copy is made once, only for misaligned tensors.
+    """
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            if tensor.numel() and tensor.data_ptr() % 64:
+                tensor.data = tensor.data.clone()
 
 
 def _check_same_shape_config(given: dict, saved: dict) -> None:

@@ -48,6 +48,7 @@ from rlhf.checkpoint import (
     open_run,
 )
 from rlhf.engine import RolloutEngine
+from rlhf.seeding import seeded
 
 __all__ = ["PipelineConfig", "run"]
 
@@ -193,7 +194,6 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
         stage_cfg.device = cfg.device
         stage_cfg.max_memory = cfg.max_memory
         stage_cfg.resume = cfg.resume
-    torch.manual_seed(cfg.seed)
 
     # ---- 1. corpus and tokenizer ----
     corpus = task.make_corpus(cfg.corpus_size, seed=cfg.seed)
@@ -212,10 +212,10 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
     if sft_summary is not None:  # this run's own files (not a path the summary names)
         model = AutoModelForCausalLM.from_pretrained(out / "sft" / "model")
     else:
-        torch.manual_seed(cfg.seed)
-        model = LlamaForCausalLM(task.tiny_llama_config(
-            tokenizer, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-            intermediate_size=3 * cfg.hidden_size))
+        with seeded(cfg.seed):  # the initial weights depend on the seed alone
+            model = LlamaForCausalLM(task.tiny_llama_config(
+                tokenizer, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+                intermediate_size=3 * cfg.hidden_size))
         sft_summary = _plain(sft.train(cfg.sft, model=model, tokenizer=tokenizer,
                                        examples=corpus))
         _write_json(out / "sft" / "summary.json", {**sft_summary, "run_id": run_dir.run_id})
@@ -231,7 +231,7 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
         backbone = SharedBackbone.load(out / "rm" / "backbone")
     else:
         backbone = SharedBackbone.from_model(
-            model, lora=LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha))
+            model, lora=LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha), seed=cfg.seed)
     backbone.to(sft.resolve_device(cfg.device, cfg.max_memory))
     pairs_path = out / "pairs.jsonl"
     if cfg.resume and pairs_path.exists():

@@ -72,6 +72,7 @@ from tqdm.auto import tqdm
 
 import rlhf_kernels
 from rlhf.engine import Generation, RolloutEngine
+from rlhf.seeding import derived_seed
 from rlhf.sft import (
     _check_common,
     check_keep_last,
@@ -468,6 +469,8 @@ def _train(cfg: PPOConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_ite
     try:
         while iteration < cfg.num_iterations:
             started = time.perf_counter()
+            # dropout draws from the global RNG: seeded per iteration, so resuming replays it
+            torch.manual_seed(derived_seed(cfg.seed, "ppo", iteration))
             # every random draw of an iteration comes from its own generator: resuming replays
             # exactly the prompts, samples and minibatches of an uninterrupted run
             rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration)

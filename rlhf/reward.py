@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 import rlhf_kernels
+from rlhf.seeding import derived_seed
 from rlhf.sft import (
     _check_common,
     check_keep_last,
@@ -209,7 +210,7 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
         from transformers import AutoTokenizer
 
         backbone = SharedBackbone.from_pretrained(
-            cfg.model, lora=LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha))
+            cfg.model, lora=LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha), seed=cfg.seed)
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(cfg.model)
     if train_pairs is None:
         if cfg.dataset is None:
@@ -264,6 +265,8 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
     try:
         while step < max_steps:
             started = time.perf_counter()
+            # dropout draws from the global RNG: seeded per step, so resuming replays it
+            torch.manual_seed(derived_seed(cfg.seed, "reward", step))
             stats_sum: dict[str, float] = {}
             total_loss = 0.0
             for k in range(cfg.grad_accum_steps):

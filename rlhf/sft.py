@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 import rlhf_kernels
+from rlhf.seeding import derived_seed
 
 __all__ = [
     "SFTConfig",
@@ -312,6 +313,9 @@ def _train(cfg: SFTConfig, run, *, model, tokenizer, examples, on_step) -> dict:
     try:
         while step < cfg.max_steps:
             started = time.perf_counter()
+            # dropout draws from the global RNG: seed it per step, so that a resumed run draws
+            # what the uninterrupted one did (rlhf/seeding.py)
+            torch.manual_seed(derived_seed(cfg.seed, "sft", step))
             micro = [
                 _batch_indices(n_examples, cfg.batch_size, step * cfg.grad_accum_steps + k,
                                cfg.seed)

@@ -230,6 +230,18 @@ def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
     assert (tmp_path / ".lock").read_text() == ""  # released
 
 
+def test_a_run_never_cleans_or_clears_a_folder_another_run_is_using(tmp_path):
+    live_temp = tmp_path / "sft" / "checkpoints" / ".step-0000002.tmp-99-0a0b0c0d"
+    with checkpoint.open_run(tmp_path / "sft", "sft", {}, resume=False):
+        live_temp.mkdir(parents=True)  # the stage is writing a checkpoint right now
+        with pytest.raises(RunDirectoryError, match=r"holds a folder another run is using: "
+                                                    rf".*sft \(pid {os.getpid()}"):
+            with checkpoint.open_run(tmp_path, "pipeline", {}, resume=False, overwrite=True,
+                                     run_files=checkpoint.PIPELINE_RUN_FILES):
+                pass
+        assert live_temp.is_dir()
+
+
 def test_unwritable_output_dir_is_a_clear_error(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(RunDirectoryError, match=r"cannot use output_dir .*file.*writable"):
