@@ -148,9 +148,13 @@ def test_resume_refuses_changed_settings_and_names_each(tmp_path, tokenizer, cor
     # cap, and where the run lives
     moved = tmp_path / "moved"
     os.replace(out, moved)
-    done = run_sft(sft_cfg(moved, resume=True, save_every=1, keep_last=1, max_memory=4.0),
-                   tokenizer, corpus)
+    with (moved / "metrics.jsonl").open("a") as handle:
+        handle.write('{"step": 4, "loss": 4.9')  # item 11: the kill cut the last record off
+    with pytest.warns(UserWarning, match="cut off"):
+        done = run_sft(sft_cfg(moved, resume=True, save_every=1, keep_last=1, max_memory=4.0),
+                       tokenizer, corpus)
     assert done["steps"] == 6 and steps_of(moved / "checkpoints") == [6]
+    assert [r["step"] for r in metrics.read_metrics(moved / "metrics.jsonl")] == list(range(1, 7))
 
 
 def test_pipeline_resume_refuses_a_changed_stage_setting(tmp_path, monkeypatch):
@@ -240,6 +244,16 @@ def test_a_run_never_cleans_or_clears_a_folder_another_run_is_using(tmp_path):
                                      run_files=checkpoint.PIPELINE_RUN_FILES):
                 pass
         assert live_temp.is_dir()
+
+
+def test_the_cli_says_it_in_one_line(tmp_path, capsys):
+    from rlhf import cli
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')  # an earlier run's file
+    assert cli.main(["sft", f"output_dir={tmp_path}"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("rlhf sft: error: output_dir") and err.count("\n") == 1, err
+    assert "overwrite=true" in err and "Traceback" not in err
 
 
 def test_unwritable_output_dir_is_a_clear_error(tmp_path):
