@@ -321,8 +321,11 @@ def test_rollout_tensors_that_require_grad(path):
     B, T, H, V = 2, 3, 5, 13
     head = _head(B, T, H, V)
     logits = head[0] @ head[1].t()
-    labels, mask, old_logp, advantages, ref_logp = _rollout(
+    labels, mask, _, advantages, ref_logp = _rollout(
         B, T, V, lambda lab: reference.logprobs(logits, lab))
+    # old = current policy: ratio 1, never clipped, so d loss / d old_logp cannot be 0 by chance
+    # (with random old_logp both counted tokens may sit outside the clip range)
+    old_logp = reference.logprobs(logits, labels).detach()
 
     def run(backend, old, adv, ref):
         if path == "logits":
