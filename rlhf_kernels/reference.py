@@ -88,7 +88,10 @@ def logprobs(
     # 0 * log 0 is 0 (banned vocabulary entries at -inf). log p is replaced by 0 there before
     # the product: p * (-inf) would be NaN, and so would its gradient even behind a where.
     entropy = -(p * _zero_masked(log_p, p > 0)).sum(-1)
-    entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
+    # A row whose logits are all -inf has no distribution: log_softmax gives NaN, and 0 log 0 = 0
+    # makes its entropy 0 (as the kernels write); ignored rows give 0 as well.
+    counted = valid & ~torch.isneginf(z).all(-1)
+    entropy = torch.where(counted, entropy, torch.zeros_like(entropy))
     return logp, entropy
 
 

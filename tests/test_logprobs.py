@@ -341,6 +341,8 @@ def test_non_finite_rows():
     ref_lp, ref_ent = reference.logprobs(logits.double(), labels, return_entropy=True)
     assert torch.isnan(lp[1]) and torch.isnan(ent[1])  # NaN row -> NaN for that row only
     assert torch.isnan(lp[2]) and ent[2] == 0  # all -inf: logp NaN, entropy 0 (0 log 0 = 0)
+    # the reference (the spec) says the same for the all -inf row
+    assert torch.isnan(ref_lp[2]) and ref_ent[2] == 0
     assert_close(lp[[0, 3]], ref_lp[[0, 3]], atol=1e-5, name="finite rows")
     assert_close(ent[[0, 3]], ref_ent[[0, 3]], atol=1e-5, name="finite rows")
 
