@@ -1,0 +1,656 @@
+"""The frameworks' own contracts, kept by the drop-ins of rlhf_kernels.integrations.
+
+What TRL's, veRL's and OpenRLHF's tests ask of the functions the drop-ins replace: the output
+dtype and shape for fp16 / bf16 / fp32 / fp64 logits, the values, editing the returned tensors in
+place and then running the backward, torch.compile(fullgraph=True), strided and expanded
+(stride-0) ids and masks, the temperature. Each is checked with the framework patched, against the
+framework's own unpatched function, on both backends (the Triton kernels under the interpreter on
+a CPU, and the PyTorch reference).
+
+TRL is in the [dev] extra, so CI runs its checks. veRL and OpenRLHF are not (Ray, DeepSpeed,
+vLLM): their checks against the framework run where it is installed and skip elsewhere, and the
+framework-free checks at the end hold their drop-ins to the same contracts with float64 closed
+forms and the dtype each framework's code gives, so CI exercises those drop-ins too.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+
+import pytest
+import torch
+
+from rlhf_kernels import integrations
+from rlhf_kernels.integrations import openrlhf as our_openrlhf
+from rlhf_kernels.integrations import trl as our_trl
+from rlhf_kernels.integrations import verl as our_verl
+from tests.numerics import DEVICE
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+# Two results rounded to the output dtype from nearly equal values differ by at most an ulp or
+# two; fp64 outputs of the Triton path carry fp32 arithmetic.
+TOL = {
+    torch.float16: dict(atol=4e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=3e-2, rtol=1.6e-2),
+    torch.float32: dict(atol=2e-5, rtol=1e-5),
+    torch.float64: dict(atol=2e-5, rtol=1e-5),
+}
+V = 37
+
+
+@pytest.fixture(params=["triton", "reference"])
+def backend(request, monkeypatch):
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", request.param)
+    return request.param
+
+
+def _kernel_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the kernels compute in, and what keep_fp32 returns."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _same(ours, theirs, dtype, name, exact=None):
+    """The framework's dtype and shape; values within an ulp or two of the output dtype from
+    ``exact`` (the framework's function on float64 inputs; its result itself when not given).
+    In fp16 / bf16 a framework's own values may be further off than that (veRL's entropy
+    subtracts two rounded terms), so low-precision outputs are held to the exact value."""
+    assert ours.dtype == theirs.dtype, f"{name}: dtype {ours.dtype}, the framework's {theirs.dtype}"
+    assert ours.shape == theirs.shape, f"{name}: shape {ours.shape} != {theirs.shape}"
+    target = theirs if exact is None else exact
+    torch.testing.assert_close(ours.double(), target.double(), **TOL[dtype],
+                               msg=lambda m: f"{name}: {m}")
+
+
+def _logits(shape, dtype, scale=3.0):
+    return (scale * torch.randn(*shape, device=DEVICE)).to(dtype)
+
+
+# float64 closed forms of the log-probability and the entropy
+def _log_softmax64(logits, temperature=1.0):
+    return torch.log_softmax(logits.double() / temperature, dim=-1)
+
+
+def _logp64(logits, labels, temperature=1.0):
+    return _log_softmax64(logits, temperature).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def _entropy64(logits, temperature=1.0):
+    log_p = _log_softmax64(logits, temperature)
+    return -(log_p.exp() * log_p).sum(-1)
+
+
+# ============================================================================================
+# TRL (trl.trainer.utils), patched with patch_trl()
+# ============================================================================================
+_TRL_NAMES = ("selective_log_softmax", "entropy_from_logits", "selective_log_softmax_and_entropy")
+
+
+@pytest.fixture(scope="module")
+def trl_utils():
+    return pytest.importorskip("trl.trainer.utils")
+
+
+@pytest.fixture
+def trl(trl_utils):
+    """(the patched trl.trainer.utils, TRL's own functions by name)."""
+    own = {name: integrations.original("trl.trainer.utils", name) for name in _TRL_NAMES}
+    with integrations.patch_trl():
+        yield trl_utils, own
+
+
+def _trl_calls(index, row_mask, temperature):
+    """name -> f(module or dict of functions, logits) returning a tuple of outputs."""
+
+    def get(where, name):
+        return where[name] if isinstance(where, dict) else getattr(where, name)
+
+    return {
+        "selective_log_softmax": lambda m, x: (
+            get(m, "selective_log_softmax")(x, index, temperature, row_mask),),
+        "entropy_from_logits": lambda m, x: (get(m, "entropy_from_logits")(x),),
+        "selective_log_softmax_and_entropy": lambda m, x: tuple(
+            get(m, "selective_log_softmax_and_entropy")(x, index, True, temperature, row_mask)),
+    }
+
+
+def _keeping_fp32(fn):
+    return lambda *args: fn(*args, keep_fp32=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", _TRL_NAMES)
+def test_trl_dtype_shape_and_values(trl, backend, dtype, name):
+    utils, own = trl
+    logits = _logits((2, 5, V), dtype)
+    index = torch.randint(0, V, (2, 5), device=DEVICE)
+    row_mask = torch.rand(2, 5, device=DEVICE) < 0.7
+    call = _trl_calls(index, row_mask, 0.8)[name]
+    ours, theirs = call(utils, logits), call(own, logits)
+    # TRL's eager path (a CPU) returns the logits' dtype; the drop-in returns the same.
+    for a, b, exact in zip(ours, theirs, call(own, logits.double())):
+        _same(a, b, dtype, name, exact)
+    # ... and that is the kernels' result rounded once, which keep_fp32 returns unrounded
+    keep_fp32 = {n: _keeping_fp32(getattr(our_trl, n)) for n in _TRL_NAMES}
+    for a, b in zip(ours, call(keep_fp32, logits)):
+        assert b.dtype == _kernel_dtype(dtype)
+        assert torch.equal(a, b.to(dtype)), f"{name}: not the fp32 result rounded once"
+
+
+def test_patch_trl_keep_fp32(trl_utils):
+    logits = _logits((3, V), torch.bfloat16)
+    index = torch.randint(0, V, (3,), device=DEVICE)
+    with integrations.patch_trl(keep_fp32=True) as patch:
+        assert len(patch.patched) == 3
+        logp, entropy = trl_utils.selective_log_softmax_and_entropy(logits, index)
+        assert logp.dtype == entropy.dtype == torch.float32
+        assert trl_utils.entropy_from_logits(logits.double()).dtype == torch.float64
+        torch.testing.assert_close(logp.double(), _logp64(logits, index), atol=1e-5, rtol=1e-5)
+    assert trl_utils.selective_log_softmax(logits, index).dtype == torch.bfloat16  # undone
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("use_mask", [True, False])
+def test_trl_outputs_edited_in_place_then_backward(trl, backend, dtype, use_mask):
+    """TRL slices its logits, ids and mask without copying and edits the returned log-probs in
+    place (masking prompt and padding) before the backward: the gradient must be that of the
+    edited outputs."""
+    utils, own = trl
+    base = _logits((2, 5, V), dtype).requires_grad_()
+    logits = base[:, 1:4]
+    index = torch.randint(0, V, (2, 5), device=DEVICE)[:, 1:4]
+    mask = torch.tensor([[1, 1, 0, 1, 1], [1, 0, 1, 1, 1]], device=DEVICE).bool()[:, 1:4]
+    row_mask = mask if use_mask else None
+    completion = torch.tensor([[True, False, True], [False, True, True]], device=DEVICE)
+
+    def loss(fns, x):
+        logp, entropy = fns["selective_log_softmax_and_entropy"](x, index, True, 0.7, row_mask)
+        logp[0, 2] = 0.0
+        entropy[1, 0] = 0.0
+        alone = fns["selective_log_softmax"](x, index, 0.7, row_mask)
+        alone[~completion] = 0.0
+        entropy_only = fns["entropy_from_logits"](x)
+        entropy_only.mul_(0.25)
+        return (2 * logp.sum() + 0.5 * entropy.sum() + alone.sum() + entropy_only.sum()).float()
+
+    patched = {name: getattr(utils, name) for name in _TRL_NAMES}
+    loss(patched, logits).backward()
+    # TRL's own functions on a float64 copy: the exact gradient of the same edited outputs
+    exact = base.detach().double().requires_grad_()
+    loss(own, exact[:, 1:4]).backward()
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(base.grad.double(), exact.grad, **tol)
+    assert not base.grad[:, 0].any() and not base.grad[:, 4].any()
+
+
+def test_trl_compile_fullgraph(trl, backend):
+    utils, _ = trl
+    torch._dynamo.reset()  # the backend is read from the environment at trace time
+    logits = _logits((2, 3, 257), torch.bfloat16).requires_grad_()
+    index = torch.randint(0, 257, (2, 3), device=DEVICE)
+    row_mask = torch.tensor([[1, 0, 1], [0, 1, 1]], device=DEVICE).bool()
+
+    def loss(x, index, row_mask):
+        logp, entropy = utils.selective_log_softmax_and_entropy(
+            x, index, temperature=0.8, row_mask=row_mask)
+        alone = utils.selective_log_softmax(x, index, 0.8, row_mask)
+        return (logp + 0.1 * entropy + alone).float().sum() + utils.entropy_from_logits(x).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    value = compiled(logits, index, row_mask)
+    value.backward()
+    grad, logits.grad = logits.grad.clone(), None
+    eager = loss(logits, index, row_mask)
+    eager.backward()
+    torch.testing.assert_close(value, eager)
+    torch.testing.assert_close(grad, logits.grad)
+    assert torch.isfinite(grad.float()).all()
+
+
+def test_trl_strided_and_expanded_inputs(trl, backend):
+    """Non-contiguous logits (leading dims transposed, stride(-1) != 1), ids expanded from one
+    row (stride 0), a row_mask that broadcasts, an expanded row_mask: as TRL's own."""
+    utils, own = trl
+    index_row = torch.randint(0, V, (1, 4), device=DEVICE)
+    index = index_row.expand(3, 4)
+    cases = [
+        (_logits((4, 3, V), torch.float32).transpose(0, 1), index),
+        (_logits((3, 4, 2 * V), torch.float32)[..., ::2], index),
+    ]
+    masks = [None, (torch.rand(3, 1, device=DEVICE) < 0.5),
+             (torch.rand(1, 4, device=DEVICE) < 0.5).expand(3, 4)]
+    for logits, ids in cases:
+        for row_mask in masks:
+            for name, call in _trl_calls(ids, row_mask, 1.3).items():
+                if name == "entropy_from_logits" and row_mask is not None:
+                    continue
+                shape = None if row_mask is None else tuple(row_mask.shape)
+                for a, b in zip(call(utils, logits), call(own, logits)):
+                    _same(a, b, torch.float32, f"{name}, row_mask {shape}")
+    # int32 ids (TRL's kernel takes them; its eager gather does not): same as int64 ids
+    logits = cases[0][0]
+    torch.testing.assert_close(utils.selective_log_softmax(logits, index.int()),
+                               own["selective_log_softmax"](logits, index))
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 1.7])
+def test_trl_temperature(trl, backend, temperature):
+    utils, own = trl
+    logits = _logits((2, 4, V), torch.float32)
+    index = torch.randint(0, V, (2, 4), device=DEVICE)
+    for name, call in _trl_calls(index, None, temperature).items():
+        for a, b in zip(call(utils, logits), call(own, logits)):
+            _same(a, b, torch.float32, name)
+    for bad in (0.0, -1.0):
+        for fn in (utils.selective_log_softmax, own["selective_log_softmax"]):
+            with pytest.raises(ValueError, match="temperature"):
+                fn(logits, index, bad)
+
+
+def test_trl_top_k_ids_go_to_trl(trl, backend):
+    utils, own = trl
+    logits = _logits((2, 3, V), torch.bfloat16)
+    index = torch.randint(0, V, (2, 3, 4), device=DEVICE)
+    ours, theirs = utils.selective_log_softmax(logits, index), own["selective_log_softmax"](
+        logits, index)
+    assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
+
+
+def test_trl_kernel_dispatch_mirrors_trl(trl_utils):
+    """The drop-in returns fp32 exactly where TRL would run its own Triton kernel (which returns
+    fp32): our predicate against TRL's, on tensor stand-ins that claim a CUDA device."""
+    theirs = getattr(trl_utils, "_supports_trl_loss_kernel", None)
+    if theirs is None:
+        pytest.skip("this TRL version has no _supports_trl_loss_kernel")
+
+    class Fake:
+        def __init__(self, shape, dtype, device="cuda", last_stride=1):
+            self.shape, self.dtype, self.device = torch.Size(shape), dtype, torch.device(device)
+            self.ndim, self._last = len(shape), last_stride
+
+        def stride(self, dim):
+            return self._last
+
+    cases = 0
+    for device in ("cuda", "cpu", "xpu"):
+        for dtype in DTYPES:
+            for shape in [(7,), (3, 7), (2, 3, 7), (2, 2, 3, 7), (3, 0)]:
+                for last in (1, 2):
+                    logits = Fake(shape, dtype, device, last)
+                    lead = shape[:-1]
+                    for index in (None, Fake(lead, torch.int64, device),
+                                  Fake(lead, torch.int32, device), Fake(lead, torch.int16, device),
+                                  Fake(lead + (2,), torch.int64, device)):
+                        masks = [None] if index is None else [
+                            None, Fake(lead, torch.bool, device), Fake(lead, torch.float32, device),
+                            Fake(lead + (1,), torch.bool, device)]
+                        for row_mask in masks:
+                            expected = theirs(logits, index, row_mask) and our_trl._TRITON_INSTALLED
+                            assert our_trl.trl_uses_its_kernel(logits, index, row_mask) == expected
+                            cases += 1
+    assert cases > 500
+
+
+# ============================================================================================
+# veRL and OpenRLHF against the frameworks themselves (where installed)
+# ============================================================================================
+@pytest.fixture(scope="module")
+def verl_f():
+    return pytest.importorskip("verl.utils.torch_functional")
+
+
+@pytest.fixture(scope="module")
+def verl_core():
+    return pytest.importorskip("verl.trainer.ppo.core_algos")
+
+
+@pytest.fixture(scope="module")
+def openrlhf_utils():
+    return pytest.importorskip("openrlhf.models.utils")
+
+
+@pytest.fixture(scope="module")
+def openrlhf_loss():
+    return pytest.importorskip("openrlhf.models.loss")
+
+
+def _unwrap(fn):
+    """OpenRLHF's compute_entropy is torch.compile'd; compare with the function it wraps."""
+    return getattr(fn, "_torchdynamo_orig_callable", fn)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_verl_logprobs_and_entropy_contract(verl_f, backend, dtype):
+    names = ("logprobs_from_logits", "entropy_from_logits", "entropy_from_logits_with_chunking")
+    own = {n: integrations.original("verl.utils.torch_functional", n) for n in names}
+    logits = _logits((6, V), dtype)
+    labels = torch.randint(0, V, (6,), device=DEVICE)
+    calls = {
+        "logprobs_from_logits": lambda f, x: f(x, labels, inplace_backward=False),
+        "entropy_from_logits": lambda f, x: f(x),
+        "entropy_from_logits_with_chunking": lambda f, x: f(x, 4),
+    }
+    with integrations.patch_verl():
+        for name, call in calls.items():
+            out_dtype = torch.float32 if name.endswith("chunking") else dtype
+            _same(call(getattr(verl_f, name), logits), call(own[name], logits), out_dtype, name,
+                  call(own[name], logits.double()))
+        # veRL's flash-attn path reshapes labels: (1, N) labels for (N, V) logits
+        wide = verl_f.logprobs_from_logits(logits, labels.view(1, -1), inplace_backward=False)
+        _same(wide, own["logprobs_from_logits"](logits, labels), dtype, "labels (1, N)",
+              own["logprobs_from_logits"](logits.double(), labels))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_openrlhf_logprobs_entropy_kl_contract(openrlhf_utils, backend, dtype):
+    names = ("log_probs_from_logits", "compute_entropy", "compute_approx_kl")
+    own = {n: _unwrap(integrations.original("openrlhf.models.utils", n)) for n in names}
+    logits = _logits((2, 5, V), dtype)
+    labels = torch.randint(0, V, (2, 5), device=DEVICE)
+    logp, base = -3 * torch.rand(2, 2, 5, device=DEVICE).to(dtype)
+    with integrations.patch_openrlhf():
+        # the temperature divides the caller's logits in place: each call gets its own copy
+        _same(openrlhf_utils.log_probs_from_logits(logits.clone(), labels, 0.9),
+              own["log_probs_from_logits"](logits.clone(), labels, 0.9), dtype, "logp",
+              own["log_probs_from_logits"](logits.double(), labels, 0.9))
+        _same(openrlhf_utils.compute_entropy(logits), own["compute_entropy"](logits), dtype,
+              "entropy", own["compute_entropy"](logits.double()))
+        for estimator in ("k1", "k2", "k3"):
+            _same(openrlhf_utils.compute_approx_kl(logp, base, kl_estimator=estimator),
+                  own["compute_approx_kl"](logp, base, kl_estimator=estimator),
+                  torch.float32, estimator)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_verl_losses_kl_gae_dtypes(verl_core, dtype):
+    """Every veRL drop-in gives veRL's dtype for half and double inputs (not only fp32)."""
+    B, T = 3, 8
+    old = (-3 * torch.rand(B, T, device=DEVICE)).to(dtype)
+    logp = (old.double() + 0.3 * torch.randn(B, T, device=DEVICE)).to(dtype)
+    adv, values, returns = (torch.randn(B, T, device=DEVICE).to(dtype) for _ in range(3))
+    mask = torch.ones(B, T, device=DEVICE)
+    mask[0, 5:] = 0
+
+    class Config(dict):
+        __getattr__ = dict.get
+
+    config = Config(clip_ratio=0.2, clip_ratio_c=3.0, global_batch_info={})
+    calls = {
+        "kl_penalty": lambda f: f(logp, old, "low_var_kl"),
+        "compute_gae_advantage_return": lambda f: f(adv, values, mask, 0.99, 0.95),
+        "compute_policy_loss_vanilla": lambda f: f(old, logp, adv, mask, "token-mean", config)[0],
+        "compute_policy_loss(seq-mean)": lambda f: f(old, logp, adv, mask, 0.2,
+                                                     loss_agg_mode="seq-mean-token-mean"),
+        "compute_value_loss": lambda f: f(values, returns, adv, mask, 0.2),
+    }
+    for name, call in calls.items():
+        fn_name = name.split("(")[0]
+        ours = call(getattr(our_verl, fn_name))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # veRL's deprecated compute_policy_loss
+            theirs = call(integrations.original("verl.trainer.ppo.core_algos", fn_name))
+        ours = ours if isinstance(ours, tuple) else (ours,)
+        theirs = theirs if isinstance(theirs, tuple) else (theirs,)
+        for a, b in zip(ours, theirs):
+            assert a.dtype == b.dtype, f"{name}: {a.dtype}, veRL's {b.dtype}"
+            torch.testing.assert_close(a.double(), b.double(), atol=5e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_openrlhf_losses_and_gae_dtypes(openrlhf_loss, dtype):
+    B, T = 3, 8
+    old = (-3 * torch.rand(B, T, device=DEVICE)).to(dtype)
+    logp = (old.double() + 0.3 * torch.randn(B, T, device=DEVICE)).to(dtype)
+    adv, values, returns = (torch.randn(B, T, device=DEVICE).to(dtype) for _ in range(3))
+    mask = torch.ones(B, T, device=DEVICE)
+    mask[0, 5:] = 0
+    chosen, rejected = torch.randn(2, 6, device=DEVICE).to(dtype)
+    for token_level in (True, False):
+        module = openrlhf_loss.PolicyLoss(token_level_loss=token_level)
+        for a, b in zip(our_openrlhf.policy_loss_forward(module, logp, old, adv, mask)[:3],
+                        integrations.original("openrlhf.models.loss", "PolicyLoss.forward")(
+                            module, logp, old, adv, mask)[:3]):
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a.double(), b.double(), atol=5e-2, rtol=2e-2)
+        value_module = openrlhf_loss.ValueLoss(0.2, token_level_loss=token_level)
+        a = our_openrlhf.value_loss_forward(value_module, values, adv, returns, mask)
+        b = integrations.original("openrlhf.models.loss", "ValueLoss.forward")(
+            value_module, values, adv, returns, mask)
+        assert a.dtype == b.dtype
+    for ours, cls in ((our_openrlhf.pairwise_loss_forward, openrlhf_loss.PairWiseLoss),
+                      (our_openrlhf.log_exp_loss_forward, openrlhf_loss.LogExpLoss)):
+        a, b = ours(None, chosen, rejected), cls()(chosen, rejected)
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a.double(), b.double(), atol=5e-2, rtol=2e-2)
+    experience = pytest.importorskip("openrlhf.trainer.ppo_utils.experience_maker")
+    maker = experience.RemoteExperienceMaker
+    for a, b in zip(our_openrlhf.get_advantages_and_returns(None, values, returns, mask, 0.9, 0.9),
+                    maker.get_advantages_and_returns(None, values, returns, mask, 0.9, 0.9)):
+        assert a.dtype == b.dtype
+    assert (our_openrlhf.get_cumulative_returns(None, returns, mask, 0.9).dtype
+            == maker.get_cumulative_returns(None, returns, mask, 0.9).dtype)
+
+
+# ============================================================================================
+# veRL and OpenRLHF drop-ins without the frameworks (these run in CI): the same contracts,
+# against float64 closed forms and the dtypes the frameworks' code gives (read from veRL 0.9.1
+# and OpenRLHF 0.11.2; the checks above hold them to the frameworks where installed)
+# ============================================================================================
+def _verl_logp_dtype(logits):
+    """veRL: fp32 from flash-attn's cross entropy (CUDA, installed), else the logits' dtype."""
+    return torch.float32 if our_verl._verl_uses_flash_ce(logits) else logits.dtype
+
+
+def _openrlhf_logp_dtype(logits):
+    """OpenRLHF: flash-attn's cross entropy (fp32) for fp32 / fp64 logits when installed."""
+    flash = our_openrlhf._FLASH_ATTN_INSTALLED and logits.dtype in (torch.float32, torch.float64)
+    return torch.float32 if flash else logits.dtype
+
+
+def _logp64_ignoring(logits, labels, temperature=1.0):
+    """The closed form with flash-attn's ignore index (-100 gives 0)."""
+    logp = _logp64(logits, labels.clamp_min(0), temperature)
+    return torch.where(labels == -100, torch.zeros_like(logp), logp)
+
+
+def _logprob_dropins(labels, temperature):
+    """name -> (f(logits, **kw), the framework's output dtype for the logits, float64 closed
+    form). OpenRLHF's log_probs_from_logits divides its logits in place: it gets a copy."""
+    return {
+        "verl.logprobs_from_logits": (
+            lambda x, **kw: our_verl.logprobs_from_logits(x, labels, False, **kw),
+            _verl_logp_dtype, lambda x: _logp64_ignoring(x, labels)),
+        "verl.entropy_from_logits": (
+            our_verl.entropy_from_logits, lambda x: x.dtype, _entropy64),
+        "verl.entropy_from_logits_with_chunking": (
+            our_verl.entropy_from_logits_with_chunking, lambda x: torch.float32, _entropy64),
+        "openrlhf.log_probs_from_logits": (
+            lambda x, **kw: our_openrlhf.log_probs_from_logits(x.clone(), labels, temperature,
+                                                               **kw),
+            # OpenRLHF divides the logits in their own dtype first (one rounding of its own)
+            _openrlhf_logp_dtype,
+            lambda x: _logp64_ignoring((x.double() / temperature).to(x.dtype), labels)),
+        "openrlhf.compute_entropy": (
+            our_openrlhf.compute_entropy, lambda x: x.dtype, _entropy64),
+    }
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_verl_openrlhf_logprob_dropins_dtype_and_values(backend, dtype):
+    logits = _logits((6, V), dtype)
+    labels = torch.randint(0, V, (6,), device=DEVICE)
+    labels[2] = -100  # flash-attn's ignore index: 0
+    for name, (fn, framework_dtype, exact) in _logprob_dropins(labels, 0.9).items():
+        out, kept = fn(logits), fn(logits, keep_fp32=True)
+        assert out.dtype == framework_dtype(logits), f"{name}: {out.dtype}"
+        assert out.shape == logits.shape[:-1], name
+        assert kept.dtype == _kernel_dtype(dtype), name
+        assert torch.equal(out, kept.to(out.dtype)), f"{name}: not the fp32 result rounded once"
+        torch.testing.assert_close(kept.double(), exact(logits), atol=2e-5, rtol=1e-5,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+    base = -3 * torch.rand(2, 7, device=DEVICE)
+    logp = base + torch.randn(2, 7, device=DEVICE)
+    # OpenRLHF computes its KL estimate on .float() inputs: fp32 for every input dtype
+    kl = our_openrlhf.compute_approx_kl(logp.to(dtype), base.to(dtype), kl_estimator="k3")
+    assert kl.dtype == torch.float32
+
+
+def test_labels_with_one_label_per_row_in_any_shape(backend):
+    """veRL (issue 10, item 4) and OpenRLHF reshape the labels on their flash-attn path: labels
+    (1, N) for (N, V) logits are accepted, as is any shape with one label per row."""
+    logits = _logits((5, V), torch.float32)
+    labels = torch.randint(0, V, (5,), device=DEVICE)
+    for fn in (lambda x, y: our_verl.logprobs_from_logits(x, y, False),
+               our_openrlhf.log_probs_from_logits):
+        expected = fn(logits, labels)
+        torch.testing.assert_close(expected.double(), _logp64(logits, labels), atol=2e-5,
+                                   rtol=1e-5)
+        for shaped in (labels.view(1, 5), labels.view(5, 1),
+                       torch.stack([labels, labels], -1)[:, 0]):  # strided (stride 2)
+            out = fn(logits, shaped)
+            assert out.shape == (5,) and torch.equal(out, expected)
+        with pytest.raises(ValueError, match="one label per row"):
+            fn(logits, labels[:4].view(1, 4))
+    # (B, T, V) logits with ids expanded from one row (stride 0)
+    logits3 = _logits((3, 4, V), torch.float32)
+    ids = torch.randint(0, V, (1, 4), device=DEVICE).expand(3, 4)
+    torch.testing.assert_close(our_verl.logprobs_from_logits(logits3, ids, False).double(),
+                               _logp64(logits3, ids), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_verl_openrlhf_outputs_edited_in_place_then_backward(backend, dtype):
+    base = _logits((4, V), dtype).requires_grad_()
+    labels = torch.randint(0, V, (4,), device=DEVICE)
+    weight = torch.randn(4, device=DEVICE)
+
+    def loss(x, logp_fns, entropy_fns):
+        total = 0.0
+        for fn in logp_fns:
+            logp = fn(x * 1.0)  # an intermediate, as the lm_head output (inplace_backward)
+            logp[1] = 0.0
+            total = total + (logp.double() * weight).sum()
+        for fn in entropy_fns:
+            entropy = fn(x)
+            entropy[2] = 0.0
+            entropy.mul_(0.5)
+            total = total + entropy.double().sum()
+        return total
+
+    ours = loss(base,
+                [lambda x: our_verl.logprobs_from_logits(x, labels.view(1, -1)),
+                 lambda x: our_openrlhf.log_probs_from_logits(x, labels, 0.8)],
+                [our_verl.entropy_from_logits, our_verl.entropy_from_logits_with_chunking,
+                 our_openrlhf.compute_entropy])
+    ours.backward()
+    exact = base.detach().double().requires_grad_()
+    ref = loss(exact,
+               [lambda x: _logp64(x, labels), lambda x: _logp64(x, labels, 0.8)],
+               [_entropy64, _entropy64, _entropy64])
+    ref.backward()
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2)
+    torch.testing.assert_close(base.grad.double(), exact.grad, **tol)
+
+
+def test_verl_openrlhf_compile_fullgraph(backend):
+    torch._dynamo.reset()  # the backend is read from the environment at trace time
+    logits = _logits((2, 3, 41), torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, 41, (2, 3), device=DEVICE)
+    logp, ref_logp = -3 * torch.rand(2, 2, 3, device=DEVICE)
+
+    def loss(x, labels, logp, ref_logp):
+        a = our_verl.logprobs_from_logits(x * 1.0, labels.view(1, -1))
+        b = our_openrlhf.log_probs_from_logits(x * 1.0, labels, 0.9)
+        c = our_verl.entropy_from_logits(x) + our_openrlhf.compute_entropy(x)
+        kl = our_verl.kl_penalty(logp, ref_logp, "k3+") + our_openrlhf.compute_approx_kl(
+            logp, ref_logp, kl_estimator="k3")
+        return (a.view(2, 3) + b + c).float().sum() + kl.sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    value = compiled(logits, labels, logp, ref_logp)
+    value.backward()
+    grad, logits.grad = logits.grad.clone(), None
+    eager = loss(logits, labels, logp, ref_logp)
+    eager.backward()
+    torch.testing.assert_close(value, eager)
+    torch.testing.assert_close(grad, logits.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+def test_loss_kl_gae_dropins_return_the_frameworks_dtypes(backend, dtype, mask_dtype):
+    """The dtype each framework's own arithmetic gives (type promotion of its inputs, fp32 where
+    it calls .float()), and that is the kernels' result rounded once."""
+    B, T = 3, 8
+    old = -3 * torch.rand(B, T, device=DEVICE)
+    logp = old + 0.3 * torch.randn(B, T, device=DEVICE)
+    adv, values, returns = torch.randn(3, B, T, device=DEVICE)
+    old, logp, adv, values, returns = (t.to(dtype) for t in (old, logp, adv, values, returns))
+    mask = torch.ones(B, T, device=DEVICE)
+    mask[0, 5:] = 0
+    mask = mask.to(mask_dtype)
+    same = torch.promote_types(dtype, mask_dtype)  # x * mask, masked means
+    at_least_fp32 = torch.promote_types(same, torch.float32)  # after a .float()
+    frac = torch.promote_types(torch.float32, mask_dtype)  # clip fractions: .float() first
+
+    class Config(dict):
+        __getattr__ = dict.get
+
+    config = Config(clip_ratio=0.2, clip_ratio_c=3.0, global_batch_info={})
+    policy = types.SimpleNamespace(token_level_loss=True, policy_loss_type="ppo", clip_eps_low=0.2,
+                                   clip_eps_high=0.2, dual_clip=None)
+    seq_policy = types.SimpleNamespace(**{**vars(policy), "token_level_loss": False})
+    value = types.SimpleNamespace(clip_eps=0.2, token_level_loss=True)
+    cases = {
+        "verl.kl_penalty": (lambda **kw: our_verl.kl_penalty(logp, old, "low_var_kl", **kw),
+                            [dtype]),
+        "verl.kl_penalty k3+": (lambda **kw: our_verl.kl_penalty(logp, old, "k3+", **kw),
+                                [dtype]),
+        "verl.gae": (lambda **kw: our_verl.compute_gae_advantage_return(
+            adv, values, mask, 0.99, 0.95, **kw), [same, same]),
+        "verl.policy_loss token-mean": (lambda **kw: our_verl.compute_policy_loss_vanilla(
+            old, logp, adv, mask, "token-mean", config, **kw)[0], [same]),
+        "verl.policy_loss seq-mean": (lambda **kw: our_verl.compute_policy_loss_vanilla(
+            old, logp, adv, mask, "seq-mean-token-mean", config, **kw)[0], [at_least_fp32]),
+        "verl.compute_policy_loss": (lambda **kw: our_verl.compute_policy_loss(
+            old, logp, adv, mask, 0.2, **kw), [same, frac, same, frac]),
+        "verl.value_loss": (lambda **kw: our_verl.compute_value_loss(
+            values, returns, adv, mask, 0.2, **kw), [same, frac]),
+        "openrlhf.compute_approx_kl": (lambda **kw: our_openrlhf.compute_approx_kl(
+            logp, old, kl_estimator="k2", **kw), [torch.float32]),
+        "openrlhf.PolicyLoss": (lambda **kw: our_openrlhf.policy_loss_forward(
+            policy, logp, old, adv, mask, **kw)[:3], [same, frac, same]),
+        "openrlhf.PolicyLoss sequence-level": (lambda **kw: our_openrlhf.policy_loss_forward(
+            seq_policy, logp, old, adv, mask, **kw)[:1], [at_least_fp32]),
+        "openrlhf.ValueLoss": (lambda **kw: our_openrlhf.value_loss_forward(
+            value, values, adv, returns, mask, **kw), [same]),
+        "openrlhf.PairWiseLoss": (lambda **kw: our_openrlhf.pairwise_loss_forward(
+            None, values[0], returns[0], **kw), [dtype]),
+        "openrlhf.LogExpLoss": (lambda **kw: our_openrlhf.log_exp_loss_forward(
+            None, values[0], returns[0], **kw), [dtype]),
+        "openrlhf.gae": (lambda **kw: our_openrlhf.get_advantages_and_returns(
+            None, values, returns, mask, 0.99, 0.95, **kw), [same, same]),
+        "openrlhf.cumulative_returns": (lambda **kw: our_openrlhf.get_cumulative_returns(
+            None, returns, mask, 0.9, **kw), [dtype]),
+    }
+    for name, (call, expected) in cases.items():
+        outs, kept = call(), call(keep_fp32=True)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        kept = kept if isinstance(kept, tuple) else (kept,)
+        assert [o.dtype for o in outs] == expected, name
+        for o, k in zip(outs, kept):
+            assert k.dtype == _kernel_dtype(dtype), f"{name}: keep_fp32 gave {k.dtype}"
+            assert torch.equal(o, k.to(o.dtype)), f"{name}: not the fp32 result rounded once"
+
+
+def test_patch_functions_bind_keep_fp32():
+    """patch_<framework>(keep_fp32=True) installs variants that keep the kernels' precision;
+    they are drop-ins (a second patch keeps the framework's original) with the same names."""
+    for fn in (our_verl.entropy_from_logits, our_openrlhf.policy_loss_forward,
+               our_trl.selective_log_softmax):
+        bound = integrations._contract.bind_keep_fp32(fn)
+        assert bound.__name__ == fn.__name__ and integrations._is_dropin(bound)
+    logits = _logits((3, V), torch.bfloat16)
+    bound = integrations._contract.bind_keep_fp32(our_verl.entropy_from_logits)
+    assert bound(logits).dtype == torch.float32
+    assert bound(logits, keep_fp32=False).dtype == torch.bfloat16
