@@ -25,8 +25,11 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from pathlib import Path
 
-__all__ = ["STAGES", "Stage", "main"]
+from rlhf.errors import describe_os_error
+
+__all__ = ["STAGES", "Stage", "check_output_dir", "main"]
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,37 @@ def _printable(summary: dict) -> dict:
     return kept
 
 
+def check_output_dir(output_dir: str | os.PathLike) -> None:
+    """Stop before anything loads when ``output_dir`` cannot be written: a file is in its place
+    (or in the place of one of its parents), or the nearest existing parent is read-only."""
+    path = Path(output_dir).expanduser()
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "" if probe == path else f" (its parent {str(probe)!r} is a file)"
+        raise ValueError(f"output_dir={str(output_dir)!r} is a file, not a directory{where}; "
+                         f"choose another output_dir or move the file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"output_dir={str(output_dir)!r} cannot be written: {str(probe)!r} is "
+                         f"read-only for this user; choose an output_dir you can write to")
+
+
+def _one_line(error: BaseException, where: str | None = None) -> str:
+    """The user's line for an error the CLI reports without a traceback."""
+    if isinstance(error, OSError) and error.errno is not None:
+        message = describe_os_error(error, where)
+    else:
+        message = str(error) or type(error).__name__
+    return " ".join(message.split())  # one line, whatever the library put in the message
+
+
+# Errors that are about the user's input or machine, not about our code: the message says what
+# to do, the traceback would only bury it (RLHF_TRACEBACK=1 shows it anyway). FloatingPointError
+# is the stages' non-finite loss guard; OSError a full disk, a read-only directory, a missing file.
+USER_ERRORS = (ValueError, FloatingPointError, OSError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `rlhf` command; returns the process exit code."""
     from rlhf.config import config_to_dict, load_config
@@ -136,6 +170,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     config_class = getattr(module, stage.config_class)
     entry_point = getattr(module, stage.entry_point)
 
+    def fail(error: BaseException, where: str | None = None) -> int:
+        if os.environ.get("RLHF_TRACEBACK") == "1":
+            raise error
+        print(f"rlhf {ns.command}: error: {_one_line(error, where)}", file=sys.stderr)
+        return EXIT_USAGE
+
     try:
         config_path, overrides = _split_args(ns.args)
         if ns.resume:
@@ -144,31 +184,30 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  f"apply to `rlhf {ns.command}`")
             overrides.append("resume=true")
         cfg = load_config(config_class, config_path, overrides)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"rlhf {ns.command}: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+    except USER_ERRORS as error:
+        return fail(error)
 
     if ns.print_config:
         import yaml
 
-        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        shown = getattr(module, "resolved_config", lambda c: c)(cfg)
+        print(yaml.safe_dump(config_to_dict(shown), sort_keys=False), end="")
         return 0
+    output_dir = getattr(cfg, "output_dir", None)
     try:
+        if output_dir is not None:
+            check_output_dir(output_dir)
         summary = entry_point(cfg)
     except KeyboardInterrupt:
         # The stages save a checkpoint before re-raising Ctrl-C.
         print(f"\nrlhf {ns.command}: interrupted; a checkpoint was saved under "
-              f"{getattr(cfg, 'output_dir', 'the output directory')}. Continue with "
+              f"{output_dir or 'the output directory'}. Continue with "
               f"`rlhf {' '.join([ns.command, *ns.args])} --resume`.", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ValueError, FileNotFoundError) as error:
-        # Bad input (data without the needed columns, an empty dataset, a model directory that
-        # is not one, ...): the message says what is wrong; the traceback would only bury it.
-        # RLHF_TRACEBACK=1 shows it anyway.
-        if os.environ.get("RLHF_TRACEBACK") == "1":
-            raise
-        print(f"rlhf {ns.command}: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+    except USER_ERRORS as error:
+        # Bad input (data without the needed columns, an unknown model path, a diverged run, a
+        # full disk, ...): one line that says what is wrong and what to do.
+        return fail(error, None if output_dir is None else str(output_dir))
     if isinstance(summary, dict):
         print(json.dumps(_printable(summary), indent=2, default=str))
     return 0

@@ -75,8 +75,15 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-    with path.open() as handle:
-        loaded = yaml.safe_load(handle)
+    try:
+        with path.open() as handle:
+            loaded = yaml.safe_load(handle)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(f"config file {str(path)!r} is not valid YAML{where}: {problem}; fix "
+                         f"the file (each line `key: value`, nested keys indented)") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):

@@ -116,8 +116,8 @@ def load_records(source: str | Path, split: str = "train", **load_kwargs: Any):
         except Exception as error:
             if isinstance(error, StopIteration) or "corresponds to no data" in str(error):
                 raise ValueError(f"dataset {str(source)!r} has no rows") from error
-            raise ValueError(f"could not read dataset {str(source)!r}: "
-                             f"{type(error).__name__}: {error}") from error
+            problem = _json_problem(files) or _root_cause(error)
+            raise ValueError(f"could not read dataset {str(source)!r}: {problem}") from error
     else:
         try:
             dataset = datasets.load_dataset(str(source), split=split, **load_kwargs)
@@ -128,6 +128,49 @@ def load_records(source: str | Path, split: str = "train", **load_kwargs: Any):
     if len(dataset) == 0:
         raise ValueError(f"dataset {str(source)!r} has no rows")
     return dataset
+
+
+def _json_problem(files: Sequence[Path]) -> str | None:
+    """Where the first JSON/JSONL file that does not parse goes wrong ("file line 3, column 17:
+    Unterminated string"), or None. Run only after `datasets` failed (it says no more than
+    "An error occurred while generating the dataset")."""
+    import json
+
+    for file in files:
+        if LOCAL_FORMATS.get(file.suffix.lower()) != "json":
+            continue
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            return (f"{file} is not UTF-8 text (byte {error.start}: {error.reason}); save it "
+                    f"as UTF-8")
+        try:
+            json.loads(text)  # one JSON document (a list of rows, or rows under a key)
+            continue
+        except json.JSONDecodeError as whole:
+            document_error = whole
+        if text.lstrip().startswith("["):
+            return (f"{file} line {document_error.lineno}, column {document_error.colno}: "
+                    f"{document_error.msg} (the file must be valid JSON)")
+        for number, line in enumerate(text.splitlines(), 1):  # JSON lines: one row per line
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                return (f"{file} line {number}, column {error.colno}: {error.msg} (each line "
+                        f"must be one JSON object); fix or remove that line")
+            if not isinstance(row, dict):
+                return (f"{file} line {number} is a JSON {type(row).__name__}, not an object "
+                        f"(each line must be one row, e.g. {{\"prompt\": ..., ...}})")
+    return None
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost error of a chain (the library's own reason), as "Type: message"."""
+    while (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
+    return f"{type(error).__name__}: {error}"
 
 
 def _require_columns(columns: Iterable[str], source: str, accepted: str,

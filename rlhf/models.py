@@ -56,6 +56,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rlhf.errors import write_error
 from rlhf.seeding import derived_seed, seeded
 
 __all__ = [
@@ -63,6 +64,10 @@ __all__ = [
     "LoraSpec",
     "SharedBackbone",
     "check_tokenizer",
+    "hub_offline_reason",
+    "load_causal_lm",
+    "load_tokenizer",
+    "resolve_pretrained",
     "ModelShape",
     "QWEN2_5_1_5B",
     "LLAMA_3_8B",
@@ -255,18 +260,151 @@ def _resolve_dtype(torch_dtype) -> torch.dtype | None:
                      f"{torch_dtype!r}")
 
 
-def _load_causal_lm(name_or_path: str, torch_dtype=None, attn_implementation=None,
-                    trust_remote_code: bool = False):
-    """``AutoModelForCausalLM.from_pretrained`` (safetensors, or torch.load with weights_only)."""
+# --------------------------------------------------------------------------------------------
+# loading a model or tokenizer by path or hub name, with errors that say what was wrong
+# --------------------------------------------------------------------------------------------
+# Seconds to wait for a TCP connection to the hub before calling it unreachable. Without the
+# probe, a hub name on a machine with no network costs ~50 s of HTTP retries and ends in a
+# page of traceback.
+HUB_PROBE_TIMEOUT_S = 3.0
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                    "spiece.model")
+
+
+def _looks_like_path(text: str) -> bool:
+    """A hub repo id is `name` or `org/name` of letters, digits, `-`, `_`, `.`; anything else
+    (a leading / . ~, more than one /) can only be meant as a local path."""
+    import re
+
+    return text.startswith(("/", ".", "~")) or not re.fullmatch(
+        r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", text)
+
+
+def hub_offline_reason() -> str | None:
+    """Why the Hugging Face hub cannot be used from here (offline mode, no connection), or None
+    when a TCP connection to it (or to the HTTPS proxy) opens within HUB_PROBE_TIMEOUT_S."""
+    import socket
+    from urllib.parse import urlparse
+
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(variable, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"offline mode is on ({variable}={os.environ[variable]})"
+    try:
+        from huggingface_hub import constants
+
+        endpoint = constants.ENDPOINT
+    except Exception:  # noqa: BLE001 - an old or broken huggingface_hub: use the default
+        endpoint = "https://huggingface.co"
+    proxy = next((os.environ[v] for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+                  if os.environ.get(v)), None)
+    target = urlparse(proxy if proxy else endpoint)
+    host, port = target.hostname, target.port or (443 if target.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError as error:
+        via = f" through the proxy {proxy}" if proxy else ""
+        return f"{endpoint} cannot be reached{via} ({error.strerror or error})"
+    return None
+
+
+def _in_hub_cache(repo_id: str, filenames: Iterable[str]) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    for filename in filenames:
+        try:
+            if isinstance(try_to_load_from_cache(repo_id, filename), str):
+                return True
+        except Exception:  # noqa: BLE001 - an invalid repo id is simply not cached
+            return False
+    return False
+
+
+def resolve_pretrained(name_or_path, *, what: str = "model", setting: str = "model"
+                       ) -> tuple[str, dict]:
+    """Check where ``from_pretrained`` would read ``name_or_path`` before anything loads.
+
+    Returns ``(source, extra from_pretrained kwargs)``; raises a ValueError naming ``setting``
+    (the config key, e.g. "model") and the value when it is a path that does not exist, a
+    directory without the files ``what`` ("model" or "tokenizer") needs, or a hub name that is
+    neither cached nor reachable. A cached hub name loads from the cache alone when the hub is
+    unreachable (``local_files_only``), without a minute of retries.
+    """
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        names = {entry.name for entry in path.iterdir()}
+        has_config = "config.json" in names
+        if what == "tokenizer" and not names.intersection(_TOKENIZER_FILES):
+            detail = ("it has no config.json and no tokenizer files: it is not a Hugging Face "
+                      "model directory" if not has_config else
+                      f"it has no tokenizer files ({', '.join(_TOKENIZER_FILES[:2])})")
+            raise ValueError(f"{setting}={text!r}: {detail}; point {setting}= at a directory "
+                             f"written by save_pretrained (or set tokenizer= separately)")
+        if what == "model" and not has_config:
+            raise ValueError(f"{setting}={text!r} is not a Hugging Face model directory: it has "
+                             f"no config.json (save_pretrained writes config.json and "
+                             f"model.safetensors); check the path")
+        return str(path), {}
+    if path.exists():
+        raise ValueError(f"{setting}={text!r} is a file; expected a model directory "
+                         f"(config.json + weights, as save_pretrained writes) or a hub name")
+    if _looks_like_path(text):
+        raise ValueError(f"{setting}={text!r} does not exist (no such directory); check the "
+                         f"path (a hub name looks like org/name)")
+    offline = hub_offline_reason()
+    if offline is None:
+        return text, {}
+    if _in_hub_cache(text, ("config.json",) if what == "model" else _TOKENIZER_FILES[:2]):
+        return text, {"local_files_only": True}
+    raise ValueError(f"{setting}={text!r} is not a local directory, not in the Hugging Face "
+                     f"cache, and the hub cannot be used: {offline}; give the path of a local "
+                     f"model directory, or download the model where there is a network")
+
+
+def _loading_error(error: Exception, what: str, setting: str, text: str) -> ValueError:
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()),
+                 type(error).__name__)
+    return ValueError(f"could not load the {what} of {setting}={text!r}: {first}")
+
+
+def load_tokenizer(name_or_path, *, setting: str = "tokenizer", trust_remote_code: bool = False):
+    """``AutoTokenizer.from_pretrained`` after ``resolve_pretrained``; a failure is one
+    ValueError that names the setting, the value and the library's reason."""
+    from transformers import AutoTokenizer
+
+    source, extra = resolve_pretrained(name_or_path, what="tokenizer", setting=setting)
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+    except (OSError, ValueError, KeyError, ImportError) as error:
+        raise _loading_error(error, "tokenizer", setting, str(name_or_path)) from error
+
+
+def load_causal_lm(name_or_path, *, setting: str = "model", torch_dtype=None,
+                   attn_implementation=None, trust_remote_code: bool = False):
+    """``AutoModelForCausalLM.from_pretrained`` (safetensors, or torch.load with weights_only)
+    after ``resolve_pretrained``; a failure is one ValueError naming the setting and value."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"trust_remote_code": trust_remote_code}
+    source, kwargs = resolve_pretrained(name_or_path, what="model", setting=setting)
+    kwargs["trust_remote_code"] = trust_remote_code
     dtype = _resolve_dtype(torch_dtype)
     if dtype is not None:
         kwargs["dtype"] = dtype
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    return AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, KeyError, ImportError) as error:
+        raise _loading_error(error, "model", setting, str(name_or_path)) from error
+
+
+def _load_causal_lm(name_or_path: str, torch_dtype=None, attn_implementation=None,
+                    trust_remote_code: bool = False):
+    return load_causal_lm(name_or_path, torch_dtype=torch_dtype,
+                          attn_implementation=attn_implementation,
+                          trust_remote_code=trust_remote_code)
 
 
 # --------------------------------------------------------------------------------------------
@@ -744,6 +882,11 @@ class SharedBackbone(nn.Module):
             }
             (tmp / _ROLES_FILE).write_text(json.dumps(info, indent=2, default=str))
             _replace_directory(tmp, directory)
+        except Exception as error:
+            failed_write = write_error(error, directory)  # a full disk: OSError naming the dir
+            if failed_write is not None:
+                raise failed_write from error
+            raise
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -760,19 +903,26 @@ class SharedBackbone(nn.Module):
     @classmethod
     def load(cls, directory, *, base_model=None, torch_dtype=None,
              gradient_checkpointing: bool = False, attn_implementation=None,
-             trust_remote_code: bool = False) -> SharedBackbone:
+             trust_remote_code: bool = False, setting: str = "directory") -> SharedBackbone:
         """Rebuild a backbone from ``save``'s directory (safetensors only).
 
         The base comes from ``base_model`` (a model in memory) if given, else ``directory/base``
-        if it was saved, else ``from_pretrained(roles.json's base_model)``.
+        if it was saved, else ``from_pretrained(roles.json's base_model)``. ``setting`` names
+        the directory in error messages (the config key it came from, e.g. "model").
         """
         from peft import PeftModel
         from safetensors.torch import load_file
 
-        directory = Path(directory)
+        given = str(directory)
+        directory = Path(directory).expanduser()
         info_path = directory / _ROLES_FILE
+        written_by = ("the backbone directory the reward or PPO stage writes (e.g. "
+                      "runs/rm/backbone)")
+        if not directory.exists():
+            raise ValueError(f"{setting}={given!r} does not exist; expected {written_by}")
         if not info_path.is_file():
-            raise ValueError(f"{directory} is not a SharedBackbone checkpoint (no {_ROLES_FILE})")
+            raise ValueError(f"{setting}={given!r} is not a SharedBackbone checkpoint (it has no "
+                             f"{_ROLES_FILE}); expected {written_by}")
         info = json.loads(info_path.read_text())
         if info.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{info_path}: checkpoint format {info.get('format')!r}, expected "

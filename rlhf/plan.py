@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -226,6 +227,10 @@ def plan(config="qwen2.5-1.5b", *, batch: int = 16, prompt_length: int = 128,
                         ("response_length", response_length), ("lora_rank", lora_rank)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+    for name, value in (("minibatch", minibatch), ("forward_chunk", forward_chunk)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1 (rows), or None for the whole batch; got "
+                             f"{value}")
     minibatch = minibatch or batch
     forward_chunk = min(forward_chunk or batch, batch)
     w = _DTYPE_BYTES[dtype]
@@ -377,6 +382,9 @@ class LiveTensorTracker:
 def largest_batch(config, card_gib: float, *, limit: int = 4096, **kwargs) -> int:
     """The largest batch (minibatch and forward chunk = batch unless given) whose planned peak
     fits in ``card_gib``; 0 when not even batch 1 fits."""
+    if not (isinstance(card_gib, (int, float)) and math.isfinite(card_gib) and card_gib > 0):
+        raise ValueError(f"the card's memory must be a number of GiB > 0 (e.g. --card 24), got "
+                         f"{card_gib}")
     def fits(b: int) -> bool:
         return plan(config, batch=b, **kwargs)["peak_bytes"] <= card_gib * GIB
 
@@ -438,8 +446,8 @@ def main(argv: list[str] | None = None) -> int:
         result = plan(args.model, batch=args.batch, minibatch=args.minibatch,
                       forward_chunk=args.forward_chunk, **kwargs)
         best = largest_batch(args.model, args.card, **kwargs)
-    except ValueError as error:
-        parser.error(str(error))
+    except ValueError as error:  # a bad value: one line, no usage block (exit status 2)
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     if args.json:
         result["largest_batch"] = {"card_gib": args.card, "batch": best}
         print(json.dumps(result, indent=1))

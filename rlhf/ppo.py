@@ -75,8 +75,12 @@ from rlhf.engine import Generation, RolloutEngine
 from rlhf.seeding import derived_seed
 from rlhf.sft import (
     _check_common,
+    check_device,
     check_keep_last,
     check_max_memory,
+    check_settings,
+    limits_cpu_threads,
+    nonfinite_error,
     resolve_device,
     warmup_cosine_schedule,
 )
@@ -131,6 +135,7 @@ class PPOConfig:
     overwrite: bool = False  # a fresh run deletes an earlier run's files in output_dir first
     device: str = "auto"
     max_memory: float | None = None  # GiB: cap CUDA memory (emulates a smaller card)
+    cpu_threads: int | None = 1  # torch threads on the CPU (None: torch's default); see SFTConfig
     bf16: bool = True
     nonfinite: str = "error"
     max_skipped_steps: int = 10
@@ -140,6 +145,19 @@ class PPOConfig:
                       self.num_iterations)
         check_max_memory(self.max_memory)
         check_keep_last(self.keep_last)
+        check_device(self.device)
+        check_settings(self, positive=("lr", "critic_lr", "grad_clip", "clip_ratio", "value_clip",
+                                       "score_clip", "kl_horizon"),
+                       non_negative=("kl_coef", "entropy_coef"),
+                       fractions=("gamma", "lam", "min_lr_ratio"),
+                       counts=("rollout_batch_size", "ppo_epochs", "cpu_threads"),
+                       zero_or_more=("warmup_steps", "save_every", "max_skipped_steps"))
+        if self.kl_estimator not in rlhf_kernels.reference.KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator={self.kl_estimator!r} is not an estimator; expected "
+                             f"one of {rlhf_kernels.reference.KL_ESTIMATORS}")
+        if self.loss_reduction not in rlhf_kernels.reference.REDUCTIONS:
+            raise ValueError(f"loss_reduction={self.loss_reduction!r} is not a reduction; "
+                             f"expected one of {rlhf_kernels.reference.REDUCTIONS}")
         if self.rollout_batch_size % (self.minibatch_size * self.grad_accum_steps):
             raise ValueError(
                 f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
@@ -326,6 +344,11 @@ def backward_losses(backbone, batch: Rollout, cfg: PPOConfig,
     return p_loss, p_stats, v_loss, v_stats
 
 
+def _worst(values: list[float]) -> float:
+    """The first non-finite value (the one the non-finite guard reports), else the first."""
+    return next((value for value in values if not math.isfinite(value)), values[0])
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -367,6 +390,7 @@ def encode_prompts(prompts: Sequence[str], tokenizer, max_length: int):
     return ids, mask
 
 
+@limits_cpu_threads
 def train(
     cfg: PPOConfig,
     *,
@@ -402,10 +426,11 @@ def _train(cfg: PPOConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_ite
         if cfg.model is None:
             raise ValueError("PPOConfig.model is required: the backbone directory of the reward "
                              "stage (it holds the trained reward adapter)")
-        from transformers import AutoTokenizer
+        from rlhf.models import load_tokenizer
 
-        backbone = SharedBackbone.load(cfg.model)
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
+        backbone = SharedBackbone.load(cfg.model, setting="model")
+        tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model,
+                                                setting="tokenizer" if cfg.tokenizer else "model")
     if prompts is None:
         if cfg.dataset is None:
             from rlhf import task
@@ -520,11 +545,13 @@ def _train(cfg: PPOConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_ite
                     if not finite:
                         optimizer.zero_grad(set_to_none=True)
                         if cfg.nonfinite == "error" or skipped >= cfg.max_skipped_steps:
-                            raise FloatingPointError(
-                                f"[ppo] non-finite loss or gradient at iteration {iteration} "
-                                f"(losses {step_losses}, grad norms {policy_norm}, "
-                                f"{critic_norm}); lower lr or set nonfinite=skip"
-                            )
+                            raise nonfinite_error(
+                                "ppo", f"iteration {iteration + 1}",
+                                {"policy loss": _worst(step_losses[0::2]),
+                                 "value loss": _worst(step_losses[1::2]),
+                                 "policy grad norm": policy_norm,
+                                 "critic grad norm": critic_norm},
+                                {"lr": cfg.lr, "critic_lr": cfg.critic_lr}, skipped, cfg)
                         skipped += 1
                         warnings.warn(f"[ppo] skipped an optimizer step at iteration "
                                       f"{iteration}: non-finite loss ({skipped} so far)",

@@ -27,8 +27,12 @@ import rlhf_kernels
 from rlhf.seeding import derived_seed
 from rlhf.sft import (
     _check_common,
+    check_device,
     check_keep_last,
     check_max_memory,
+    check_settings,
+    limits_cpu_threads,
+    nonfinite_error,
     resolve_device,
     warmup_cosine_schedule,
 )
@@ -65,6 +69,7 @@ class RewardConfig:
     overwrite: bool = False  # a fresh run deletes an earlier run's files in output_dir first
     device: str = "auto"
     max_memory: float | None = None  # GiB: cap CUDA memory (emulates a smaller card)
+    cpu_threads: int | None = 1  # torch threads on the CPU (None: torch's default); see SFTConfig
     bf16: bool = True
     nonfinite: str = "error"
     max_skipped_steps: int = 10
@@ -73,6 +78,12 @@ class RewardConfig:
         _check_common(self.nonfinite, self.grad_accum_steps, self.batch_size, 1)
         check_max_memory(self.max_memory)
         check_keep_last(self.keep_last)
+        check_device(self.device)
+        check_settings(self, positive=("lr", "grad_clip", "lora_alpha"),
+                       non_negative=("weight_decay", "center_coef"), fractions=("min_lr_ratio",),
+                       counts=("max_length", "lora_rank", "log_every", "cpu_threads"),
+                       zero_or_more=("warmup_steps", "eval_every", "save_every",
+                                     "max_skipped_steps"))
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if not self.epochs > 0:
@@ -174,6 +185,7 @@ def _save(directory: Path, backbone, optimizer, scheduler, step: int, cfg, **ext
         prune_checkpoints(directory.parent, cfg.keep_last)
 
 
+@limits_cpu_threads
 def train(
     cfg: RewardConfig,
     *,
@@ -207,11 +219,11 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
     if backbone is None:
         if cfg.model is None:
             raise ValueError("RewardConfig.model is required: the SFT model directory or hub name")
-        from transformers import AutoTokenizer
+        from rlhf.models import load_tokenizer
 
+        tokenizer = tokenizer or load_tokenizer(cfg.model, setting="model")
         backbone = SharedBackbone.from_pretrained(
             cfg.model, lora=LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha), seed=cfg.seed)
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(cfg.model)
     if train_pairs is None:
         if cfg.dataset is None:
             raise ValueError("RewardConfig.dataset is required: a prompt/chosen/rejected file")
@@ -287,10 +299,9 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
             if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
                 if cfg.nonfinite == "error" or skipped >= cfg.max_skipped_steps:
-                    raise FloatingPointError(
-                        f"[rm] non-finite loss {total_loss} or grad norm {grad_norm} at step "
-                        f"{step}; lower lr or set nonfinite=skip to drop such steps"
-                    )
+                    raise nonfinite_error("rm", f"step {step + 1}",
+                                          {"loss": total_loss, "grad norm": grad_norm},
+                                          {"lr": cfg.lr}, skipped, cfg)
                 skipped += 1
                 warnings.warn(f"[rm] skipped step {step}: non-finite loss ({skipped} so far)",
                               stacklevel=1)

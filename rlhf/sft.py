@@ -19,10 +19,14 @@ and logs the same metrics.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import os
+import re
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,7 +39,12 @@ from rlhf.seeding import derived_seed
 __all__ = [
     "SFTConfig",
     "lm_loss",
+    "check_device",
     "check_max_memory",
+    "check_settings",
+    "limited_cpu_threads",
+    "limits_cpu_threads",
+    "nonfinite_error",
     "resolve_device",
     "train",
     "warmup_cosine_schedule",
@@ -69,6 +78,11 @@ class SFTConfig:
     overwrite: bool = False  # a fresh run deletes an earlier run's files in output_dir first
     device: str = "auto"  # "auto": cuda when available, else cpu
     max_memory: float | None = None  # GiB: cap CUDA memory (emulates a smaller card)
+    # torch intra-op threads while the stage runs on the CPU (None: torch's default). As in the
+    # pipeline (rlhf/pipeline.py, cpu_threads): small matrices gain little from more threads,
+    # and on cores shared with other processes thread barriers make every op several times
+    # slower. Restored when the stage returns.
+    cpu_threads: int | None = 1
     bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     nonfinite: str = "error"  # "error": raise; "skip": drop that optimizer step (counted, warned)
     max_skipped_steps: int = 10
@@ -77,6 +91,12 @@ class SFTConfig:
         _check_common(self.nonfinite, self.grad_accum_steps, self.batch_size, self.max_steps)
         check_max_memory(self.max_memory)
         check_keep_last(self.keep_last)
+        check_device(self.device)
+        check_settings(self, positive=("lr", "grad_clip"), non_negative=("weight_decay",),
+                       fractions=("min_lr_ratio",),
+                       counts=("max_length", "corpus_size", "vocab_size", "log_every",
+                               "cpu_threads"),
+                       zero_or_more=("warmup_steps", "save_every", "max_skipped_steps"))
 
 
 def _check_common(nonfinite: str, grad_accum_steps: int, batch_size: int, steps: int) -> None:
@@ -93,8 +113,57 @@ def check_max_memory(max_memory: float | None) -> None:
         raise ValueError(f"max_memory must be > 0 GiB or None (no cap), got {max_memory}")
 
 
+def check_settings(cfg, *, positive: Sequence[str] = (), non_negative: Sequence[str] = (),
+                   fractions: Sequence[str] = (), counts: Sequence[str] = (),
+                   zero_or_more: Sequence[str] = ()) -> None:
+    """One clear ValueError for the first numeric setting of ``cfg`` out of its range.
+
+    positive: finite floats > 0 (learning rates, clips); non_negative: finite floats >= 0
+    (coefficients, weight decay); fractions: finite floats in [0, 1]; counts: ints >= 1 (sizes,
+    intervals); zero_or_more: ints >= 0 (warm-up steps, "0 = off" intervals). A field whose
+    value is None is not checked (None means "derived" or "off" where a field allows it).
+    """
+    name = type(cfg).__name__
+    rules = [(positive, lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+             (non_negative, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+             (fractions, lambda v: math.isfinite(v) and 0 <= v <= 1, "a number in [0, 1]"),
+             (counts, lambda v: v >= 1, "an integer >= 1"),
+             (zero_or_more, lambda v: v >= 0, "an integer >= 0")]
+    for fields, ok, expected in rules:
+        for field in fields:
+            value = getattr(cfg, field)
+            if value is None or ok(value):
+                continue
+            hint = _SETTING_HINTS.get(field, "")
+            raise ValueError(f"{field}={value!r} is out of range: {name}.{field} must be "
+                             f"{expected}{hint}")
+
+
+_SETTING_HINTS = {
+    "lr": " (a learning rate such as 1e-5 for full weights or 1e-4 for LoRA)",
+    "critic_lr": " (the critic's learning rate, e.g. the policy's lr)",
+    "kl_coef": " (0 turns the KL penalty off; 0.01 to 0.2 is usual)",
+    "entropy_coef": " (0 turns the entropy bonus off)",
+    "grad_clip": " (the gradient norm it clips to; 1.0 is usual)",
+}
+
+DEVICE_CHOICES = "auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N"
+
+
+def check_device(device: str) -> None:
+    """The form of a ``device`` setting: auto, cpu, cuda or cuda:N (whether a GPU is there is
+    ``resolve_device``'s business, at run time)."""
+    if isinstance(device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        return
+    hint = ""
+    if isinstance(device, str) and device.strip().lower().startswith(("gpu", "nvidia", "cuda")):
+        hint = "; for an NVIDIA GPU write cuda (or cuda:N)"
+    raise ValueError(f"device={device!r} is not a device this trainer runs on; use "
+                     f"{DEVICE_CHOICES}{hint}")
+
+
 def resolve_device(device: str, max_memory: float | None = None) -> torch.device:
-    """"auto" -> cuda when available else cpu; anything else is passed to torch.device.
+    """"auto" -> cuda when available else cpu; "cpu", "cuda", "cuda:N" as given.
 
     ``max_memory`` (GiB) caps this process's CUDA memory with
     ``torch.cuda.set_per_process_memory_fraction``, which emulates a smaller card: allocations
@@ -102,8 +171,21 @@ def resolve_device(device: str, max_memory: float | None = None) -> torch.device
     on the CPU, and when it exceeds the card.
     """
     check_max_memory(max_memory)
+    check_device(device)
     resolved = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" \
         else torch.device(device)
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            reason = (f"this PyTorch build ({torch.__version__}) has no CUDA support"
+                      if torch.version.cuda is None else
+                      f"no CUDA GPU is visible (CUDA_VISIBLE_DEVICES="
+                      f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')!r})")
+            raise ValueError(f"device={device!r} but {reason}; use device=cpu, or device=auto "
+                             f"(the GPU when there is one)")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r} but only {torch.cuda.device_count()} CUDA "
+                             f"GPU(s) are visible (cuda:0 .. cuda:"
+                             f"{torch.cuda.device_count() - 1})")
     if max_memory is not None:
         if resolved.type != "cuda":
             warnings.warn(f"max_memory={max_memory} GiB caps CUDA memory; ignored on "
@@ -116,6 +198,54 @@ def resolve_device(device: str, max_memory: float | None = None) -> torch.device
             torch.cuda.set_per_process_memory_fraction(min(1.0, max_memory * 2**30 / total),
                                                        resolved)
     return resolved
+
+
+def nonfinite_error(stage: str, at: str, numbers: dict[str, float], lrs: dict[str, float],
+                    skipped: int, cfg) -> FloatingPointError:
+    """The non-finite loss guard's one-line error: where, which numbers, what to do.
+
+    at: "step 12" / "iteration 3" (1-based, as in metrics.jsonl); numbers: the loss(es) and
+    gradient norm(s) of that step; lrs: the configured learning rate(s) by setting name.
+    """
+    bad = [name for name, value in numbers.items() if not math.isfinite(value)]
+    shown = ", ".join(f"{name} {value:.4g}" for name, value in numbers.items())
+    lower = " and ".join(f"{name}={value:g}" for name, value in lrs.items())
+    if cfg.nonfinite == "skip":
+        what = (f"a non-finite {' and '.join(bad)} at {at} ({shown}) after {skipped} skipped "
+                f"steps, more than max_skipped_steps={cfg.max_skipped_steps}")
+    else:
+        what = f"non-finite {' and '.join(bad)} at {at} ({shown})"
+    return FloatingPointError(f"[{stage}] the run diverged: {what}; lower the learning rate "
+                              f"({lower}; try 10x lower) and start again, or set "
+                              f"nonfinite=skip to drop such steps")
+
+
+@contextlib.contextmanager
+def limited_cpu_threads(device: str, threads: int | None) -> Iterator[None]:
+    """``torch.set_num_threads(threads)`` for the block when ``device`` is (or "auto" resolves
+    to) the CPU; the previous count is restored after it. ``threads=None``: no change."""
+    on_cpu = resolve_device(device).type == "cpu"  # also: a missing GPU stops the run here
+    if threads is None or not on_cpu:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def limits_cpu_threads(train_fn: Callable) -> Callable:
+    """Decorator of a stage's ``train(cfg, ...)``: runs it under
+    ``limited_cpu_threads(cfg.device, cfg.cpu_threads)``."""
+
+    @functools.wraps(train_fn)
+    def train(cfg, *args, **kwargs):
+        with limited_cpu_threads(cfg.device, cfg.cpu_threads):
+            return train_fn(cfg, *args, **kwargs)
+
+    return train
 
 
 def warmup_cosine_schedule(
@@ -179,9 +309,8 @@ def _builtin_setup(cfg: SFTConfig):
 
 
 def _load_model_and_data(cfg: SFTConfig):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from rlhf import data
+    from rlhf.models import load_causal_lm, load_tokenizer
 
     if cfg.model is None and cfg.dataset is None:
         return _builtin_setup(cfg)
@@ -190,9 +319,11 @@ def _load_model_and_data(cfg: SFTConfig):
             "SFT needs both `model` and `dataset`, or neither (the built-in task); got "
             f"model={cfg.model!r}, dataset={cfg.dataset!r}"
         )
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model)
+    # the quick checks first: a bad tokenizer or dataset stops the run before the model loads
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model,
+                               setting="tokenizer" if cfg.tokenizer else "model")
     examples = data.load_sft_dataset(cfg.dataset)
+    model = load_causal_lm(cfg.model)
     return model, tokenizer, examples
 
 
@@ -227,6 +358,7 @@ def _save(directory: Path, model, optimizer, scheduler, step: int, cfg, **extra)
 # ----------------------------------------------------------------------------------------------
 # the loop
 # ----------------------------------------------------------------------------------------------
+@limits_cpu_threads
 def train(
     cfg: SFTConfig,
     *,
@@ -337,11 +469,9 @@ def _train(cfg: SFTConfig, run, *, model, tokenizer, examples, on_step) -> dict:
             if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
                 if cfg.nonfinite == "error" or skipped >= cfg.max_skipped_steps:
-                    raise FloatingPointError(
-                        f"[sft] non-finite loss {total_loss} or grad norm {grad_norm} at step "
-                        f"{step}; lower lr (now {scheduler.get_last_lr()[0]:.2e}) or set "
-                        "nonfinite=skip to drop such steps"
-                    )
+                    raise nonfinite_error("sft", f"step {step + 1}",
+                                          {"loss": total_loss, "grad norm": grad_norm},
+                                          {"lr": cfg.lr}, skipped, cfg)
                 skipped += 1
                 warnings.warn(f"[sft] skipped step {step}: non-finite loss ({skipped} so far)",
                               stacklevel=1)

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import enum
+import errno
+import io
+import os
 import sys
+import time
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import pytest
+import torch
 import yaml
 
-from rlhf import cli
+from rlhf import cli, ppo, reward, sft
 from rlhf.config import config_to_dict, load_config, parse_overrides, save_config
 
 
@@ -272,6 +277,8 @@ def test_max_memory_caps_cuda_and_is_checked(monkeypatch):
         with pytest.raises(ValueError, match="max_memory must be > 0"):
             config(max_memory=0)
     calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a card, on any machine
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device: types.SimpleNamespace(total_memory=80 * 2**30))
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
@@ -287,3 +294,303 @@ def test_max_memory_caps_cuda_and_is_checked(monkeypatch):
     with pytest.warns(UserWarning, match="ignored on cpu"):
         assert sft.resolve_device("cpu", 8.0) == torch.device("cpu")
     assert len(calls) == 2
+
+
+# ---------------------------------------------------------------- one line per user error
+# Every case below is an error the README promises as one `rlhf <stage>: error: ...` line
+# (exit status 2, no traceback unless RLHF_TRACEBACK=1): what was wrong, the value seen, what
+# to do. They run the real stages on a tiny saved model; each fails before or within a step.
+
+
+@pytest.fixture(scope="module")
+def tiny_run_inputs(tmp_path_factory):
+    """A saved tiny Llama + BPE tokenizer, an SFT file, a preference file and a prompts file."""
+    import json
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from rlhf import task
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    corpus = task.make_corpus(48, seed=3)
+    tokenizer = task.train_tokenizer([ex["prompt"] + ex["completion"] for ex in corpus],
+                                     vocab_size=260)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(task.tiny_llama_config(
+        tokenizer, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1))
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    with open(root / "sft.jsonl", "w") as handle:
+        for example in corpus[:16]:
+            handle.write(json.dumps(example) + "\n")
+    with open(root / "pairs.jsonl", "w") as handle:
+        for example in corpus[:16]:
+            handle.write(json.dumps({"prompt": example["prompt"], "chosen": " good.",
+                                     "rejected": " bad."}) + "\n")
+    (root / "empty_dir").mkdir()
+    (root / "a_file").write_text("not a directory\n")
+    return root
+
+
+def _sft_args(inputs, tmp_path, *extra):
+    return ["sft", f"model={inputs / 'model'}", f"dataset={inputs / 'sft.jsonl'}",
+            f"output_dir={tmp_path / 'out'}", "max_steps=2", "batch_size=4", "device=cpu",
+            "save_every=0", "log_every=1", "warmup_steps=0", *extra]
+
+
+def _one_error_line(capsys, command: str = "sft") -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith(f"rlhf {command}: error:")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+@pytest.fixture
+def reference_kernels(monkeypatch):
+    # the stages' loops, not the kernels, are under test: the plain-PyTorch reference keeps the
+    # runs at a second (the Triton interpreter would take minutes)
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["device=tpu"], r"device='tpu' is not a device .* use auto .*cpu, cuda or cuda:N"),
+    (["device=gpu"], r"device='gpu' is not a device .*write cuda"),
+    (["lr=-1"], r"lr=-1.0 is out of range: SFTConfig.lr must be a finite number > 0"),
+    (["lr=nan"], r"lr=nan is out of range"),
+    (["model={root}/no_such_model"], r"model='.*/no_such_model' does not exist"),
+    (["model={root}/empty_dir"], r"model='.*/empty_dir'.*not a Hugging Face model directory"),
+    (["output_dir={root}/a_file"], r"output_dir='.*/a_file' is a file, not a directory"),
+    (["output_dir={root}/a_file/run"], r"its parent '.*/a_file' is a file"),
+    (["dataset={root}/broken.jsonl"], r"broken.jsonl line 2, column \d+: .*fix or remove"),
+])
+def test_cli_user_errors_are_one_line(tiny_run_inputs, tmp_path, capsys, reference_kernels,
+                                      extra, expected):
+    import re
+
+    (tiny_run_inputs / "broken.jsonl").write_text(
+        '{"prompt": "a", "completion": "b"}\n{"prompt": "a", "compl\n')
+    extra = [arg.replace("{root}", str(tiny_run_inputs)) for arg in extra]
+    assert cli.main(_sft_args(tiny_run_inputs, tmp_path, *extra)) == cli.EXIT_USAGE
+    line = _one_error_line(capsys)
+    assert re.search(expected, line), line
+
+
+def test_cli_malformed_yaml_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: [1, 2\nmax_steps: : 3\n")
+    assert cli.main(["sft", str(bad)]) == cli.EXIT_USAGE
+    line = _one_error_line(capsys)
+    assert "bad.yaml' is not valid YAML at line 2, column" in line and "fix the file" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a CPU-only build")
+def test_cli_cuda_on_a_cpu_build_is_one_line(tiny_run_inputs, tmp_path, capsys):
+    started = time.perf_counter()
+    assert cli.main(_sft_args(tiny_run_inputs, tmp_path, "device=cuda")) == cli.EXIT_USAGE
+    line = _one_error_line(capsys)
+    assert "device='cuda' but this PyTorch build" in line and "no CUDA support" in line
+    assert "device=cpu" in line
+    assert time.perf_counter() - started < 5  # said before the model loads
+    # the other stages and a missing index say the same
+    for config in (sft.SFTConfig, reward.RewardConfig, ppo.PPOConfig):
+        with pytest.raises(ValueError, match="no CUDA support"):
+            sft.resolve_device(config(device="cuda:1").device)
+
+
+def test_cli_model_typos_in_rm_and_ppo_are_one_line(tiny_run_inputs, tmp_path, capsys):
+    missing = tiny_run_inputs / "runs" / "sft" / "modle"
+    assert cli.main(["rm", f"model={missing}", f"dataset={tiny_run_inputs / 'pairs.jsonl'}",
+                     f"output_dir={tmp_path / 'rm'}", "device=cpu"]) == cli.EXIT_USAGE
+    assert "model='" + str(missing) + "' does not exist" in _one_error_line(capsys, "rm")
+    assert cli.main(["ppo", f"model={missing}", f"output_dir={tmp_path / 'ppo'}",
+                     "device=cpu"]) == cli.EXIT_USAGE
+    line = _one_error_line(capsys, "ppo")
+    assert "does not exist" in line and "runs/rm/backbone" in line
+    # a model directory where the reward stage's backbone directory is expected
+    assert cli.main(["ppo", f"model={tiny_run_inputs / 'model'}", f"output_dir={tmp_path / 'p'}",
+                     "device=cpu"]) == cli.EXIT_USAGE
+    assert "is not a SharedBackbone checkpoint" in _one_error_line(capsys, "ppo")
+
+
+def test_cli_hub_name_without_network_fails_fast(tiny_run_inputs, tmp_path, capsys,
+                                                 monkeypatch):
+    """No network (every connection refused): one line within seconds, not a minute of HTTP
+    retries and a page of traceback."""
+    import errno
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise OSError(errno.ENETUNREACH, "Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # an empty cache
+    started = time.perf_counter()
+    code = cli.main(_sft_args(tiny_run_inputs, tmp_path, "model=no-such-org/no-such-model"))
+    elapsed = time.perf_counter() - started
+    assert code == cli.EXIT_USAGE
+    line = _one_error_line(capsys)
+    assert "model='no-such-org/no-such-model' is not a local directory" in line
+    assert "not in the Hugging Face cache" in line and "cannot be reached" in line
+    assert elapsed < 15, f"{elapsed:.0f} s"
+
+
+def test_cli_diverging_run_names_the_step_and_lr(tiny_run_inputs, tmp_path, capsys,
+                                                  reference_kernels):
+    code = cli.main(_sft_args(tiny_run_inputs, tmp_path, "lr=1e9", "max_steps=6"))
+    assert code == cli.EXIT_USAGE
+    line = _one_error_line(capsys)
+    assert "[sft] the run diverged: non-finite" in line
+    assert " at step " in line and "lower the learning rate (lr=1e+09" in line
+
+
+def test_nonfinite_error_names_what_and_where():
+    cfg = types.SimpleNamespace(nonfinite="error", max_skipped_steps=10)
+    message = str(sft.nonfinite_error("ppo", "iteration 3", {"policy loss": float("nan"),
+                                                             "grad norm": 1.5},
+                                      {"lr": 1e-3, "critic_lr": 2e-3}, 0, cfg))
+    assert message.startswith("[ppo] the run diverged: non-finite policy loss at iteration 3")
+    assert "(policy loss nan, grad norm 1.5)" in message
+    assert "lr=0.001 and critic_lr=0.002" in message and "nonfinite=skip" in message
+    cfg.nonfinite = "skip"
+    message = str(sft.nonfinite_error("rm", "step 9", {"loss": float("inf")}, {"lr": 1.0}, 10,
+                                      cfg))
+    assert "after 10 skipped steps, more than max_skipped_steps=10" in message
+
+
+class _FullDisk(io.RawIOBase):
+    """A file that takes `room` bytes, then fails every write with ENOSPC (a full disk)."""
+
+    def __init__(self, room: int):
+        self.room = room
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return len(data)
+
+
+def test_cli_full_disk_is_one_line(tiny_run_inputs, tmp_path, capsys, monkeypatch,
+                                   reference_kernels):
+    """torch.save on a full disk raises RuntimeError('... iostream error' / 'unexpected pos');
+    the checkpoint writer makes it OSError(ENOSPC, path) and the CLI says what to do."""
+    real_save = torch.save
+
+    def save_to_full_disk(obj, f, *args, **kwargs):
+        return real_save(obj, _FullDisk(room=64), *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_to_full_disk)
+    assert cli.main(_sft_args(tiny_run_inputs, tmp_path)) == cli.EXIT_USAGE
+    line = _one_error_line(capsys)
+    assert "no space left on the disk while writing '" + str(tmp_path / "out") in line
+    assert "checkpoints/step-0000002" in line and "--resume" in line
+    # and nothing half-written is left where resume would look for it
+    assert not list((tmp_path / "out" / "checkpoints").glob("step-*"))
+
+
+def test_write_errors_become_os_errors_naming_the_path(tmp_path):
+    from safetensors import SafetensorError
+
+    from rlhf.errors import describe_os_error, write_error
+
+    rust = SafetensorError("Error while serializing: I/O error: No space left on device "
+                           "(os error 28)")
+    error = write_error(rust, tmp_path / "model")
+    assert isinstance(error, OSError) and error.errno == errno.ENOSPC
+    assert error.filename == str(tmp_path / "model")
+    try:
+        try:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        except OSError:
+            raise RuntimeError("basic_ios::clear: iostream error")  # noqa: B904 - as torch does
+    except RuntimeError as torch_error:
+        error = write_error(torch_error, "/x/state.pt")
+    assert error.errno == errno.EROFS and "choose an output_dir you can write to" in \
+        describe_os_error(error)
+    assert write_error(RuntimeError("a bug, not the disk"), "/x") is None
+    assert write_error(KeyboardInterrupt(), "/x") is None
+
+
+def test_cli_read_only_output_dir_is_one_line(tiny_run_inputs, tmp_path, capsys, monkeypatch):
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    real_access = os.access
+    # root may write anywhere, so the read-only directory is what os.access reports for it
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False
+                        if Path(path) == read_only and mode & os.W_OK
+                        else real_access(path, mode, **kw))
+    args = _sft_args(tiny_run_inputs, tmp_path, f"output_dir={read_only / 'run'}")
+    assert cli.main(args) == cli.EXIT_USAGE
+    line = _one_error_line(capsys)
+    assert f"output_dir='{read_only / 'run'}' cannot be written: '{read_only}' is read-only" \
+        in line
+
+
+def test_cli_os_errors_during_a_run_are_one_line(fake_stage, monkeypatch, capsys, tmp_path):
+    target = tmp_path / "out" / "metrics.jsonl"
+
+    def train(cfg):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(target))
+
+    monkeypatch.setattr(fake_stage, "train", train)
+    assert cli.main(["sft"]) == cli.EXIT_USAGE
+    line = _one_error_line(capsys)
+    assert f"cannot write '{target}': Permission denied; choose an output_dir" in line
+    monkeypatch.setenv("RLHF_TRACEBACK", "1")
+    with pytest.raises(PermissionError):
+        cli.main(["sft"])
+
+
+def test_cli_traceback_on_request(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RLHF_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="device='tpu'"):
+        cli.main(["sft", "device=tpu"])
+
+
+def test_plan_rejects_a_card_of_no_memory(capsys):
+    for card in ("-1", "0", "nan"):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["plan", "tiny", "--card", card])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("rlhf plan: error: the card's memory")
+    with pytest.raises(SystemExit):
+        cli.main(["plan", "tiny", "--minibatch", "-2"])
+    assert "minibatch must be >= 1" in capsys.readouterr().err
+
+
+def test_stages_limit_cpu_threads_like_the_pipeline(tiny_run_inputs, tmp_path, monkeypatch,
+                                                    reference_kernels):
+    """A standalone stage on the CPU runs with cpu_threads (default 1, as the pipeline) torch
+    threads, and gives the caller's count back afterwards."""
+    seen = []
+    real_loss = sft.lm_loss
+
+    def recording_loss(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(sft, "lm_loss", recording_loss)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        assert cli.main(_sft_args(tiny_run_inputs, tmp_path)) == 0
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 3
+        seen.clear()
+        assert cli.main(_sft_args(tiny_run_inputs, tmp_path / "b", "cpu_threads=2")) == 0
+        assert set(seen) == {2} and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    for config in (sft.SFTConfig, reward.RewardConfig, ppo.PPOConfig):
+        assert config().cpu_threads == 1
+        with pytest.raises(ValueError, match="cpu_threads"):
+            config(cpu_threads=0)

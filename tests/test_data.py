@@ -211,6 +211,25 @@ def test_empty_and_missing_files(tmp_path, tokenizer):
             tokenize([], tokenizer, max_length=16)
 
 
+@pytest.mark.parametrize("name, text, message", [
+    ("cut.jsonl", '{"prompt": "a", "completion": "b"}\n{"prompt": "a", "compl\n',
+     r"cut.jsonl line 2, column 17: Unterminated string .*each line must be one JSON object"),
+    ("list.jsonl", '{"prompt": "a", "completion": "b"}\n[1, 2]\n',
+     r"list.jsonl line 2 is a JSON list, not an object"),
+    ("doc.json", '[{"prompt": "a", "completion": "b"},\n {"prompt": "a" "completion": "b"}]',
+     r"doc.json line 2, column 17: Expecting ',' delimiter \(the file must be valid JSON\)"),
+])
+def test_broken_json_names_the_line(tmp_path, name, text, message):
+    """`datasets` says only "An error occurred while generating the dataset": the error must
+    say which line of which file is wrong and how."""
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message) as info:
+        data.load_sft_dataset(path)
+    assert "An error occurred while generating" not in str(info.value)
+    assert str(path) in str(info.value)
+
+
 def test_bad_rows_are_clear_errors(tokenizer):
     with pytest.raises(ValueError, match=r"row 1: column 'completion' must be a string"):
         data.tokenize_sft([{"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": 3}],

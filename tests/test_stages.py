@@ -336,6 +336,42 @@ def test_ppo_trains_logs_and_resume_matches_uninterrupted(tmp_path, tokenizer):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (key, a, b)
 
 
+@pytest.mark.parametrize("config, setting, value, message", [
+    (ppo.PPOConfig, "lr", -1, r"lr=-1 is out of range: PPOConfig.lr must be a finite number > 0"),
+    (ppo.PPOConfig, "critic_lr", -1, r"critic_lr=-1 .*must be a finite number > 0"),
+    (ppo.PPOConfig, "kl_coef", -1, r"kl_coef=-1 .*must be a finite number >= 0"),
+    (ppo.PPOConfig, "lr", float("inf"), r"lr=inf is out of range"),
+    (ppo.PPOConfig, "critic_lr", float("nan"), r"critic_lr=nan is out of range"),
+    (ppo.PPOConfig, "entropy_coef", -0.1, r"entropy_coef=-0.1"),
+    (ppo.PPOConfig, "gamma", 1.5, r"gamma=1.5 .*in \[0, 1\]"),
+    (ppo.PPOConfig, "lam", -0.5, r"lam=-0.5"),
+    (ppo.PPOConfig, "clip_ratio", 0.0, r"clip_ratio=0.0"),
+    (ppo.PPOConfig, "value_clip", -1.0, r"value_clip=-1.0"),
+    (ppo.PPOConfig, "score_clip", 0.0, r"score_clip=0.0"),
+    (ppo.PPOConfig, "kl_horizon", 0, r"kl_horizon=0"),
+    (ppo.PPOConfig, "ppo_epochs", 0, r"ppo_epochs=0 .*an integer >= 1"),
+    (ppo.PPOConfig, "warmup_steps", -1, r"warmup_steps=-1 .*an integer >= 0"),
+    (ppo.PPOConfig, "kl_estimator", "k4", r"kl_estimator='k4' is not an estimator"),
+    (ppo.PPOConfig, "loss_reduction", "sum", r"loss_reduction='sum' is not a reduction"),
+    (ppo.PPOConfig, "device", "tpu", r"device='tpu' is not a device"),
+    (reward.RewardConfig, "lr", 0.0, r"RewardConfig.lr must be a finite number > 0"),
+    (reward.RewardConfig, "center_coef", -1.0, r"center_coef=-1.0"),
+    (reward.RewardConfig, "lora_rank", 0, r"lora_rank=0"),
+    (reward.RewardConfig, "grad_clip", 0.0, r"grad_clip=0.0"),
+    (reward.RewardConfig, "device", "gpu", r"for an NVIDIA GPU write cuda"),
+    (sft.SFTConfig, "lr", -3e-3, r"SFTConfig.lr must be a finite number > 0"),
+    (sft.SFTConfig, "weight_decay", -0.1, r"weight_decay=-0.1"),
+    (sft.SFTConfig, "min_lr_ratio", 2.0, r"min_lr_ratio=2.0"),
+    (sft.SFTConfig, "max_length", 0, r"max_length=0"),
+    (sft.SFTConfig, "device", "cuda:x", r"device='cuda:x' is not a device"),
+])
+def test_numeric_settings_are_validated(config, setting, value, message):
+    """Every stage setting out of its range is refused when the config is built, with one line
+    naming the setting, the value and the range."""
+    with pytest.raises(ValueError, match=message):
+        config(**{setting: value})
+
+
 def test_config_validation_errors():
     with pytest.raises(ValueError, match="multiple of"):
         ppo.PPOConfig(rollout_batch_size=10, minibatch_size=4)
