@@ -171,7 +171,12 @@ def test_trl_outputs_edited_in_place_then_backward(trl, backend, dtype, use_mask
         alone[~completion] = 0.0
         entropy_only = fns["entropy_from_logits"](x)
         entropy_only.mul_(0.25)
-        return (2 * logp.sum() + 0.5 * entropy.sum() + alone.sum() + entropy_only.sum()).float()
+        # entropy without a gradient (TRL's DPO trainer): a plain tensor, editable too
+        logp_too, frozen = fns["selective_log_softmax_and_entropy"](x, index, False, 0.7, row_mask)
+        frozen[0, 0] = 1.0
+        assert not frozen.requires_grad
+        return (2 * logp.sum() + 0.5 * entropy.sum() + alone.sum() + entropy_only.sum()
+                + logp_too.sum()).float()
 
     patched = {name: getattr(utils, name) for name in _TRL_NAMES}
     loss(patched, logits).backward()
