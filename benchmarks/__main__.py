@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             path = save_results(name.removeprefix("bench_"), rows)
             print(f"[{name}] wrote {path}")
         all_rows.extend(rows)
-    print_table(all_rows)
+    print_table(all_rows, smoke=args.smoke)
     return 0
 
 

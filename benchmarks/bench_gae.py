@@ -142,6 +142,6 @@ if __name__ == "__main__":
     cli = parser.parse_args()
     result = run(smoke=cli.smoke)
     print_table(result, columns=("op", "case", "impl", "ms", "gb_per_s", "pct_of_floor",
-                                 "peak_extra_mib", "target_ms", "setup_s"))
+                                 "peak_extra_mib", "target_ms", "setup_s"), smoke=cli.smoke)
     if not cli.smoke:
         print(f"wrote {save_results('gae', result)}")

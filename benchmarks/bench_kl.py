@@ -125,6 +125,6 @@ if __name__ == "__main__":
     parser.add_argument("--smoke", action="store_true", help="tiny CPU shapes, no result file")
     cli = parser.parse_args()
     result = run(smoke=cli.smoke)
-    print_table(result)
+    print_table(result, smoke=cli.smoke)
     if not cli.smoke:
         print(f"wrote {save_results('kl', result)}")

@@ -172,6 +172,7 @@ if __name__ == "__main__":
     parser.add_argument("--smoke", action="store_true", help="tiny CPU shape, no result file")
     cli = parser.parse_args()
     results = run(smoke=cli.smoke)
-    print_table(results, columns=("case", "impl", "ms", "tflops", "vs_unfused", "peak_extra_mib"))
+    print_table(results, columns=("case", "impl", "ms", "tflops", "vs_unfused", "peak_extra_mib"),
+                smoke=cli.smoke)
     if not cli.smoke:
         print(f"wrote {save_results(OP, results)}")

@@ -209,6 +209,6 @@ if __name__ == "__main__":
     parser.add_argument("--sweep", action="store_true", help="tune the launch configuration")
     args = parser.parse_args()
     result = sweep() if args.sweep else run(smoke=args.smoke)
-    print_table(result)
+    print_table(result, smoke=args.smoke)
     if not args.smoke:
         print(f"wrote {save_results('logprobs_sweep' if args.sweep else 'logprobs', result)}")

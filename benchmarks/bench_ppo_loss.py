@@ -156,6 +156,6 @@ if __name__ == "__main__":
     args = parser.parse_args()
     result = run(smoke=args.smoke)
     print_table(result, columns=("op", "case", "impl", "ms", "gb_per_s", "pct_of_floor",
-                                 "peak_extra_mib", "target_ms"))
+                                 "peak_extra_mib", "target_ms"), smoke=args.smoke)
     if not args.smoke:
         print(f"wrote {save_results('ppo_loss', result)}")

@@ -27,6 +27,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 __all__ = [
     "RESULTS_DIR",
+    "SMOKE_NOTE",
     "Case",
     "copy_bandwidth_gbps",
     "environment",
@@ -185,11 +186,25 @@ def _fmt(value) -> str:
     return str(value)
 
 
+# What a smoke run prints above its table instead of any time or rate.
+SMOKE_NOTE = ("smoke run: tiny shapes on the CPU (the Triton interpreter or the PyTorch "
+              "reference), to check that every case runs. No times, rates or memory are shown: "
+              "at these shapes and on this path they are not performance figures.")
+# The columns that name a case (everything else a table shows is a measurement).
+_NAME_COLUMNS = ("op", "case", "impl", "device", "shape")
+
+
 def print_table(rows: list[dict], columns: tuple[str, ...] = (
     "op", "case", "impl", "ms", "gb_per_s", "pct_of_floor", "peak_extra_mib",
-)) -> None:
+), smoke: bool = False) -> None:
+    """The result table; ``smoke=True`` prints SMOKE_NOTE and, per case, only its name columns
+    and ``result`` ("ran", or the error of an optional peer that failed)."""
     if not rows:
         return
+    if smoke:
+        print(SMOKE_NOTE)
+        columns = (*(c for c in columns if c in _NAME_COLUMNS), "result")
+        rows = [{**row, "result": row.get("error") or "ran"} for row in rows]
     cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))

@@ -474,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.smoke:
         rows = run(smoke=True)
-        print_table(rows, COLUMNS)
+        print_table(rows, COLUMNS, smoke=True)
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         print("No CUDA device: this benchmark measures GPU memory and speed. Use --smoke to "
