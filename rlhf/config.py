@@ -11,6 +11,10 @@
   YAML's `1e-4` (a string to YAML 1.1) becomes the float 1e-4 for a float field.
 - An unknown key is an error that lists the valid keys (and the closest match). The dataclass's
   own `__post_init__` checks run on the final values.
+- Defaults that depend on the given values: a dataclass with a classmethod
+  `config_defaults(values)` is built from the instance it returns instead of `cls()` (the values
+  are the raw YAML + override tree; `is_set(values, "sft.model")` reads it). The trainer uses it
+  to start from the built-in task's settings when no model is given (rlhf/task.py).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-__all__ = ["config_to_dict", "load_config", "parse_overrides", "save_config"]
+__all__ = ["config_to_dict", "is_set", "load_config", "parse_overrides", "save_config"]
 
 T = TypeVar("T")
 _NULL_WORDS = {"null", "none", "~", ""}
@@ -99,7 +103,24 @@ def load_config(cls: type[T], yaml_path: str | Path | None = None,
         raise TypeError(f"load_config needs a dataclass type, got {cls!r}")
     values = _read_yaml(yaml_path) if yaml_path is not None else {}
     values = _merge(values, parse_overrides(overrides))
-    return _build(cls, values, prefix="", base=_default_instance(cls))
+    defaults = getattr(cls, "config_defaults", None)
+    base = defaults(values) if callable(defaults) else _default_instance(cls)
+    return _build(cls, values, prefix="", base=base)
+
+
+def is_set(values: Mapping[str, Any], key: str) -> bool:
+    """Whether the raw config tree `values` (YAML + overrides, before building) gives the dotted
+    `key` a value other than null."""
+    node: Any = values
+    for part in key.split("."):
+        if isinstance(node, _CommandLineValue):  # e.g. sft="{model: x}" on the command line
+            node = _parse_command_line(node, part)
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    if isinstance(node, _CommandLineValue):
+        return node.strip().lower() not in _NULL_WORDS
+    return node is not None
 
 
 def _default_instance(cls: type) -> Any | None:

@@ -1,4 +1,4 @@
-"""The built-in task end to end: corpus, tokenizer, SFT, pairs, RM, PPO, held-out eval.
+"""SFT -> pairs -> reward model -> PPO -> evaluation, on the built-in task or on your data.
 
 ``rlhf pipeline`` (no arguments) calls ``run(PipelineConfig())``. Everything lands under
 ``cfg.output_dir`` (default ``runs/pipeline``)::
@@ -20,6 +20,16 @@ standard errors of the difference, sqrt(se_sft^2 + se_ppo^2) (two independent sa
 mean summed KL(policy || SFT) of the policy's samples (k1 estimate, nats per response) next to
 the bound ``kl_bound`` (default: the PPO ``kl_target``).
 
+Your model and data: ``sft.model`` alone runs the built-in task on your model (its tokenizer,
+the built-in corpus, pairs, prompts and gold judge). ``sft.model`` with ``sft.dataset``,
+``reward.dataset`` (prompt/chosen/rejected pairs, ``heldout_pair_fraction`` of them held out) and
+``ppo.dataset`` (prompts) runs every stage on your data; there is no gold judge then, so the
+summary has the reward model's held-out accuracy and the PPO curves but no gold figures, and
+``samples.md`` shows a few of your prompts before and after PPO, unscored. The stage settings
+start from the built-in task's (``task.SFT_SETTINGS`` etc.) for the tiny model and from the
+stages' defaults for a pretrained one. A setting the pipeline cannot honour is refused, never
+ignored (``check_settings``), and ``summary.json`` records only the settings the run used.
+
 ``resume=True`` skips every stage whose outputs are complete (its ``summary.json`` exists) and
 resumes the interrupted stage from its last checkpoint. ``output_dir`` is locked for the run and
 its ``run.json`` ties every file there to it (rlhf/checkpoint.py, ``open_run``): resuming with a
@@ -31,15 +41,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from rlhf import ppo, reward, sft
+from rlhf import ppo, reward, sft, task
 from rlhf.checkpoint import (
     PIPELINE_RUN_FILES,
     RunDirectory,
@@ -50,26 +61,32 @@ from rlhf.checkpoint import (
 from rlhf.engine import RolloutEngine
 from rlhf.seeding import seeded
 
-__all__ = ["PipelineConfig", "run"]
+__all__ = ["PipelineConfig", "check_settings", "run"]
 
 
 def _sft_defaults() -> sft.SFTConfig:
-    return sft.SFTConfig()
+    return sft.SFTConfig(**task.SFT_SETTINGS)
 
 
 def _reward_defaults() -> reward.RewardConfig:
-    return reward.RewardConfig()
+    return reward.RewardConfig(**task.REWARD_SETTINGS)
 
 
 def _ppo_defaults() -> ppo.PPOConfig:
-    return ppo.PPOConfig()
+    return ppo.PPOConfig(**task.PPO_SETTINGS)
 
 
 @dataclass
 class PipelineConfig:
-    """The built-in task end to end. Stage settings nest (``ppo.kl_target=4`` on the CLI); their
-    ``output_dir``, ``seed``, ``device``, ``max_memory`` and ``resume`` are set by the pipeline
-    from the fields here."""
+    """SFT -> reward model -> PPO. Stage settings nest (``ppo.kl_target=4`` on the CLI).
+
+    Without datasets it runs the built-in review task, on a tiny Llama trained from scratch
+    (the stages start from ``task.SFT_SETTINGS`` etc.) or on your model (``sft.model``; the
+    stages then start from their defaults for pretrained models). With ``sft.model``,
+    ``sft.dataset``, ``reward.dataset`` and ``ppo.dataset`` it runs on your model and data.
+    Every stage's ``output_dir``, ``seed``, ``device``, ``max_memory``, ``resume``,
+    ``overwrite`` and ``cpu_threads`` come from the fields here; setting them per stage (or a
+    setting that has no effect in the chosen mode) is refused (``check_settings``)."""
 
     output_dir: str = "runs/pipeline"
     seed: int = 0
@@ -77,18 +94,18 @@ class PipelineConfig:
     overwrite: bool = False  # a fresh run deletes an earlier run's files in output_dir first
     device: str = "auto"
     max_memory: float | None = None  # GiB: cap CUDA memory (emulates a smaller card)
-    corpus_size: int = 4000
-    vocab_size: int = 1024
-    hidden_size: int = 64
-    num_layers: int = 2
-    pair_prompts: int = 2000  # each gets two SFT samples -> one labelled pair (ties dropped)
-    heldout_pair_fraction: float = 0.2
-    label_beta: float = 5.0  # Bradley-Terry inverse temperature of the simulated annotator
+    corpus_size: int = 4000  # built-in task: SFT examples
+    vocab_size: int = 1024  # built-in task, tiny model: its tokenizer
+    hidden_size: int = 64  # built-in task, tiny model
+    num_layers: int = 2  # built-in task, tiny model
+    pair_prompts: int = 2000  # built-in task: each gets two SFT samples -> one labelled pair
+    heldout_pair_fraction: float = 0.2  # preference pairs held out to measure the reward model
+    label_beta: float = 5.0  # built-in task: Bradley-Terry inverse temperature of the annotator
     lora_rank: int = 16
     lora_alpha: int = 32
     sample_batch_size: int = 256
-    eval_samples: int = 400  # responses per policy on held-out prompts (cycling over the 40)
-    kl_bound: float | None = None  # None: ppo.kl_target
+    eval_samples: int = 400  # built-in task: responses per policy on held-out prompts
+    kl_bound: float | None = None  # built-in task; None: ppo.kl_target
     # torch intra-op threads when running on the CPU (None: torch's default, OMP_NUM_THREADS).
     # The tiny model's matrices are too small to gain much from more threads, and when other
     # processes share the cores, multi-thread barriers make every op many times slower
@@ -98,6 +115,112 @@ class PipelineConfig:
     sft: sft.SFTConfig = field(default_factory=_sft_defaults)
     reward: reward.RewardConfig = field(default_factory=_reward_defaults)
     ppo: ppo.PPOConfig = field(default_factory=_ppo_defaults)
+
+    @classmethod
+    def config_defaults(cls, values) -> PipelineConfig:
+        """What ``load_config`` starts from: the built-in task's stage settings, or with
+        ``sft.model`` given, the stages' defaults for a pretrained model."""
+        from rlhf.config import is_set
+
+        if is_set(values, "sft.model"):
+            return cls(sft=sft.SFTConfig(), reward=reward.RewardConfig(), ppo=ppo.PPOConfig())
+        return cls()
+
+
+# Stage settings the pipeline sets for every stage from its own field of the same name.
+_SET_BY_PIPELINE = ("output_dir", "seed", "device", "max_memory", "resume", "overwrite",
+                    "cpu_threads")
+# Stage settings that mean nothing inside the pipeline, and why.
+_NOT_IN_PIPELINE = {
+    ("sft", "corpus_size"): "the built-in corpus has the pipeline's corpus_size",
+    ("sft", "vocab_size"): "the built-in tokenizer has the pipeline's vocab_size",
+    ("reward", "model"): "the reward model is the SFT model with a reward adapter",
+    ("reward", "lora_rank"): "the adapters have the pipeline's lora_rank",
+    ("reward", "lora_alpha"): "the adapters have the pipeline's lora_alpha",
+    ("reward", "eval_fraction"): "the pipeline holds out heldout_pair_fraction of the pairs",
+    ("ppo", "model"): "PPO trains the backbone of the reward stage",
+    ("ppo", "tokenizer"): "every stage uses the SFT stage's tokenizer (sft.tokenizer)",
+}
+# Top-level settings of the built-in task, and the modes that do not use them.
+_TINY_MODEL_ONLY = ("vocab_size", "hidden_size", "num_layers")
+_BUILTIN_TASK_ONLY = ("corpus_size", "pair_prompts", "label_beta", "eval_samples", "kl_bound")
+_STAGE_FOLDERS = {"sft": "sft", "reward": "rm", "ppo": "ppo"}
+
+
+def _field_default(config, name: str):
+    return next(f.default for f in fields(config) if f.name == name)
+
+
+def check_settings(cfg: PipelineConfig) -> tuple[bool, tuple[str, ...]]:
+    """Refuse, with one clear ValueError, a setting the pipeline cannot honour. Returns
+    (own_data: the run uses your datasets, the top-level settings it does not use)."""
+    out = Path(cfg.output_dir)
+    for stage_name, folder in _STAGE_FOLDERS.items():
+        stage_cfg = getattr(cfg, stage_name)
+        for name in _SET_BY_PIPELINE:
+            if not hasattr(stage_cfg, name):
+                continue
+            value = getattr(stage_cfg, name)
+            own = str(out / folder) if name == "output_dir" else getattr(cfg, name)
+            if value != _field_default(stage_cfg, name) and value != own:
+                where = (f"writes each stage to output_dir/{folder}" if name == "output_dir"
+                         else f"sets it for every stage from its own {name}")
+                raise ValueError(f"{stage_name}.{name}={value!r} cannot be set in rlhf pipeline: "
+                                 f"the pipeline {where}; set {name}= instead")
+    for (stage_name, name), why in _NOT_IN_PIPELINE.items():
+        stage_cfg = getattr(cfg, stage_name)
+        value = getattr(stage_cfg, name)
+        if value != _field_default(stage_cfg, name):
+            raise ValueError(f"{stage_name}.{name}={value!r} has no effect in rlhf pipeline "
+                             f"({why}); remove it")
+    datasets = {"sft.dataset": cfg.sft.dataset, "reward.dataset": cfg.reward.dataset,
+                "ppo.dataset": cfg.ppo.dataset}
+    given = [key for key, value in datasets.items() if value is not None]
+    missing = [key for key, value in {"sft.model": cfg.sft.model, **datasets}.items()
+               if value is None]
+    if given and missing:
+        raise ValueError(
+            f"rlhf pipeline on your own data needs sft.model, sft.dataset, reward.dataset and "
+            f"ppo.dataset; {', '.join(given)} given, {', '.join(missing)} missing (it cannot "
+            f"make preference pairs or prompts for your task; with no dataset it runs the "
+            f"built-in review task, on your model with sft.model= alone)")
+    if cfg.sft.tokenizer is not None and cfg.sft.model is None:
+        raise ValueError(f"sft.tokenizer={cfg.sft.tokenizer!r} needs sft.model: the built-in "
+                         f"tiny model uses a tokenizer trained on its corpus")
+    own_data = bool(given)
+    unused = (_TINY_MODEL_ONLY if cfg.sft.model is not None else ()) + \
+        (_BUILTIN_TASK_ONLY if own_data else ())
+    for name in unused:
+        value = getattr(cfg, name)
+        if value != _field_default(cfg, name):
+            what = "tiny model" if name in _TINY_MODEL_ONLY else "review task"
+            raise ValueError(f"{name}={value!r} has no effect here: it is a setting of the "
+                             f"built-in {what}, which this run does not use; remove it")
+    return own_data, tuple(unused)
+
+
+def _stage_configs(cfg: PipelineConfig) -> dict:
+    """Copies of the stage configs with the settings the pipeline sets (cfg stays as given)."""
+    out = Path(cfg.output_dir)
+    stages = {}
+    for name, folder in _STAGE_FOLDERS.items():
+        stage_cfg = getattr(cfg, name)
+        settings = {"output_dir": str(out / folder), "seed": cfg.seed, "device": cfg.device,
+                    "max_memory": cfg.max_memory, "resume": cfg.resume,
+                    "cpu_threads": cfg.cpu_threads}
+        stages[name] = replace(stage_cfg, **{key: value for key, value in settings.items()
+                                             if hasattr(stage_cfg, key)})
+    return stages
+
+
+def _used_config(cfg: PipelineConfig, stages: dict, unused: tuple[str, ...]) -> dict:
+    """The settings this run used, for summary.json: no setting it ignored."""
+    used = {name: value for name, value in asdict(cfg).items()
+            if name not in unused and name not in _STAGE_FOLDERS}
+    for name, stage_cfg in stages.items():
+        used[name] = {key: value for key, value in asdict(stage_cfg).items()
+                      if (name, key) not in _NOT_IN_PIPELINE and key != "overwrite"}
+    return used
 
 
 @torch.no_grad()
@@ -165,7 +288,10 @@ def _plain(summary: dict) -> dict:
 
 
 def run(cfg: PipelineConfig) -> dict:
-    """Run the built-in task end to end; returns (and writes) the summary."""
+    """Run SFT -> reward model -> PPO (and, on the built-in task, the held-out evaluation);
+    returns (and writes) the summary. Settings it cannot honour are refused before anything
+    runs (``check_settings``)."""
+    check_settings(cfg)
     previous_threads = torch.get_num_threads()
     if cfg.cpu_threads is not None and sft.resolve_device(cfg.device).type == "cpu":
         torch.set_num_threads(cfg.cpu_threads)
@@ -177,73 +303,100 @@ def run(cfg: PipelineConfig) -> dict:
         torch.set_num_threads(previous_threads)
 
 
+def _load_pairs(path: Path) -> tuple[list[dict], list[str], float | None]:
+    """pairs.jsonl -> (pairs, their split, the noise ceiling of all pairs or None)."""
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    pairs = [{k: v for k, v in r.items() if k not in ("split", "noise_ceiling")} for r in records]
+    ceiling = records[0].get("noise_ceiling") if records else None
+    return pairs, [r["split"] for r in records], ceiling
+
+
+def _split_pairs(pairs: list[dict], fraction: float, seed: int) -> list[str]:
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed))
+    eval_rows = set(order[:int(round(len(pairs) * fraction))].tolist())
+    return ["eval" if i in eval_rows else "train" for i in range(len(pairs))]
+
+
 def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    from rlhf import task
+    from rlhf import data
     from rlhf.metrics import plot_curves
-    from rlhf.models import LoraSpec, SharedBackbone
+    from rlhf.models import LoraSpec, SharedBackbone, load_causal_lm, load_tokenizer
 
+    own_data, unused = check_settings(cfg)
+    stages = _stage_configs(cfg)
+    sft_cfg, rm_cfg, ppo_cfg = stages["sft"], stages["reward"], stages["ppo"]
     started = time.perf_counter()
     timings: dict[str, float] = {}
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for name, stage_cfg in (("sft", cfg.sft), ("rm", cfg.reward), ("ppo", cfg.ppo)):
-        stage_cfg.output_dir = str(out / name)
-        stage_cfg.seed = cfg.seed
-        stage_cfg.device = cfg.device
-        stage_cfg.max_memory = cfg.max_memory
-        stage_cfg.resume = cfg.resume
 
-    # ---- 1. corpus and tokenizer ----
-    corpus = task.make_corpus(cfg.corpus_size, seed=cfg.seed)
+    # ---- 1. SFT data and tokenizer ----
+    if own_data:
+        examples = data.load_sft_dataset(sft_cfg.dataset)
+    else:
+        examples = task.make_corpus(cfg.corpus_size, seed=cfg.seed)
     tokenizer_dir = out / "tokenizer"
-    if cfg.resume and (tokenizer_dir / "tokenizer.json").exists():
+    if cfg.resume and (tokenizer_dir / "tokenizer_config.json").exists():
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     else:
-        tokenizer = task.train_tokenizer([ex["prompt"] + ex["completion"] for ex in corpus],
-                                         vocab_size=cfg.vocab_size)
+        if sft_cfg.model is None:
+            tokenizer = task.train_tokenizer(
+                [ex["prompt"] + ex["completion"] for ex in examples], vocab_size=cfg.vocab_size)
+        elif sft_cfg.tokenizer is not None:
+            tokenizer = load_tokenizer(sft_cfg.tokenizer, setting="sft.tokenizer")
+        else:
+            tokenizer = load_tokenizer(sft_cfg.model, setting="sft.model")
         with atomic_directory(tokenizer_dir) as temp:
             tokenizer.save_pretrained(temp)
 
-    # ---- 2. SFT: a tiny Llama from scratch ----
+    # ---- 2. SFT: a tiny Llama from scratch, or your model ----
     t0 = time.perf_counter()
     sft_summary = _stage_done(out / "sft", cfg.resume, run_dir)
     if sft_summary is not None:  # this run's own files (not a path the summary names)
         model = AutoModelForCausalLM.from_pretrained(out / "sft" / "model")
     else:
-        with seeded(cfg.seed):  # the initial weights depend on the seed alone
-            model = LlamaForCausalLM(task.tiny_llama_config(
-                tokenizer, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-                intermediate_size=3 * cfg.hidden_size))
-        sft_summary = _plain(sft.train(cfg.sft, model=model, tokenizer=tokenizer,
-                                       examples=corpus))
+        if sft_cfg.model is not None:
+            model = load_causal_lm(sft_cfg.model, setting="sft.model")
+        else:
+            with seeded(cfg.seed):  # the initial weights depend on the seed alone
+                model = LlamaForCausalLM(task.tiny_llama_config(
+                    tokenizer, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+                    intermediate_size=3 * cfg.hidden_size))
+        trained = sft.train(sft_cfg, model=model, tokenizer=tokenizer, examples=examples)
+        model = trained["model"]  # with LoRA SFT, the adapters merged in
+        sft_summary = _plain(trained)
         _write_json(out / "sft" / "summary.json", {**sft_summary, "run_id": run_dir.run_id})
     timings["sft_s"] = time.perf_counter() - t0
 
-    # ---- 3. preference pairs sampled from the SFT model, labelled by VADER + BT noise ----
+    # ---- 3. preference pairs: yours, or sampled from the SFT model and labelled by VADER ----
     t0 = time.perf_counter()
     rm_summary = _stage_done(out / "rm", cfg.resume, run_dir)
     ppo_summary = _stage_done(out / "ppo", cfg.resume, run_dir)
+    # the base weights are the SFT model's (the backbones name its directory, not a copy)
     if ppo_summary is not None:  # resuming after PPO: its backbone holds every adapter
-        backbone = SharedBackbone.load(out / "ppo" / "backbone")
+        backbone = SharedBackbone.load(out / "ppo" / "backbone", base_model=model)
     elif rm_summary is not None:
-        backbone = SharedBackbone.load(out / "rm" / "backbone")
+        backbone = SharedBackbone.load(out / "rm" / "backbone", base_model=model)
     else:
         backbone = SharedBackbone.from_model(
-            model, lora=LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha), seed=cfg.seed)
+            model, lora=LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha), seed=cfg.seed,
+            name_or_path=os.path.abspath(out / "sft" / "model"))
     backbone.to(sft.resolve_device(cfg.device, cfg.max_memory))
     pairs_path = out / "pairs.jsonl"
     if cfg.resume and pairs_path.exists():
-        records = [json.loads(line) for line in pairs_path.read_text().splitlines()]
-        pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in records]
-        split = [r["split"] for r in records]
-        ceiling_all = records[0]["noise_ceiling"] if records else float("nan")
+        pairs, split, ceiling_all = _load_pairs(pairs_path)
+    elif own_data:
+        pairs = [dict(row) for row in data.load_preference_dataset(rm_cfg.dataset)]
+        split, ceiling_all = _split_pairs(pairs, cfg.heldout_pair_fraction, cfg.seed), None
+        atomic_write_text(pairs_path, "".join(
+            json.dumps({**pair, "split": which}) + "\n" for pair, which in zip(pairs, split)))
     else:
         prompts = task.ppo_prompts(cfg.pair_prompts, seed=cfg.seed, split="train")
-        texts_a, _ = sample_texts(backbone, tokenizer, prompts, None, cfg.ppo, cfg.seed + 11,
+        texts_a, _ = sample_texts(backbone, tokenizer, prompts, None, ppo_cfg, cfg.seed + 11,
                                   cfg.sample_batch_size)
-        texts_b, _ = sample_texts(backbone, tokenizer, prompts, None, cfg.ppo, cfg.seed + 12,
+        texts_b, _ = sample_texts(backbone, tokenizer, prompts, None, ppo_cfg, cfg.seed + 12,
                                   cfg.sample_batch_size)
         pairs, ceiling_all = task.label_pairs(prompts, texts_a, texts_b, beta=cfg.label_beta,
                                               seed=cfg.seed)
@@ -253,76 +406,98 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
                 "(ties carry no preference and are dropped): the SFT model is too weak to write "
                 "reviews; train it longer (sft.max_steps) or raise pair_prompts"
             )
-        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed))
-        n_eval = int(round(len(pairs) * cfg.heldout_pair_fraction))
-        eval_rows = set(order[:n_eval].tolist())
-        split = ["eval" if i in eval_rows else "train" for i in range(len(pairs))]
+        split = _split_pairs(pairs, cfg.heldout_pair_fraction, cfg.seed)
         atomic_write_text(pairs_path, "".join(
             json.dumps({**pair, "split": which, "noise_ceiling": ceiling_all}) + "\n"
             for pair, which in zip(pairs, split)))
     train_pairs = [p for p, s in zip(pairs, split) if s == "train"]
     eval_pairs = [p for p, s in zip(pairs, split) if s == "eval"]
-    # the ceiling of the held-out pairs alone: the bar the held-out accuracy is compared with
-    gold_c = task.gold_scores([p["chosen"] for p in eval_pairs])
-    gold_r = task.gold_scores([p["rejected"] for p in eval_pairs])
-    eval_ceiling = sum(
-        max(q, 1 - q) for q in (1 / (1 + math.exp(-cfg.label_beta * (c - r)))
-                                for c, r in zip(gold_c, gold_r))
-    ) / max(1, len(eval_pairs))
     timings["pairs_s"] = time.perf_counter() - t0
 
     # ---- 4. reward model ----
     t0 = time.perf_counter()
     if rm_summary is None:
-        rm_summary = _plain(reward.train(cfg.reward, backbone=backbone, tokenizer=tokenizer,
+        rm_summary = _plain(reward.train(rm_cfg, backbone=backbone, tokenizer=tokenizer,
                                          train_pairs=train_pairs, eval_pairs=eval_pairs))
         _write_json(out / "rm" / "summary.json", {**rm_summary, "run_id": run_dir.run_id})
     timings["rm_s"] = time.perf_counter() - t0
 
-    # ---- 5. PPO ----
+    # ---- 5. PPO (the gold judge only exists for the built-in task) ----
     t0 = time.perf_counter()
+    if own_data:
+        ppo_prompts = [row["prompt"] for row in data.load_prompt_dataset(ppo_cfg.dataset)]
+    else:
+        ppo_prompts = task.all_prompts("train")
     if ppo_summary is None:
-        ppo_summary = _plain(ppo.train(cfg.ppo, backbone=backbone, tokenizer=tokenizer,
-                                       prompts=task.all_prompts("train"),
-                                       gold_fn=task.gold_scores))
+        ppo_summary = _plain(ppo.train(ppo_cfg, backbone=backbone, tokenizer=tokenizer,
+                                       prompts=ppo_prompts,
+                                       gold_fn=None if own_data else task.gold_scores))
         _write_json(out / "ppo" / "summary.json", {**ppo_summary, "run_id": run_dir.run_id})
     timings["ppo_s"] = time.perf_counter() - t0
 
-    # ---- 6. held-out evaluation: SFT vs PPO samples by the gold judge ----
+    # ---- 6. samples of the SFT model and the policy: on the built-in task, the held-out
+    # evaluation by the gold judge; on your data, a few of your prompts, unscored ----
     t0 = time.perf_counter()
-    heldout = task.ppo_prompts(cfg.eval_samples, seed=cfg.seed + 1, split="heldout")
-    sft_texts, _ = sample_texts(backbone, tokenizer, heldout, None, cfg.ppo, cfg.seed + 21,
-                                cfg.sample_batch_size)
-    ppo_texts, kl = sample_texts(backbone, tokenizer, heldout, "policy", cfg.ppo,
+    shown_prompts = (ppo_prompts[:cfg.n_show_samples] if own_data else
+                     task.ppo_prompts(cfg.eval_samples, seed=cfg.seed + 1, split="heldout"))
+    sft_texts, _ = sample_texts(backbone, tokenizer, shown_prompts, None, ppo_cfg,
+                                cfg.seed + 21, cfg.sample_batch_size)
+    ppo_texts, kl = sample_texts(backbone, tokenizer, shown_prompts, "policy", ppo_cfg,
                                  cfg.seed + 22, cfg.sample_batch_size)
-    sft_gold, ppo_gold = task.gold_scores(sft_texts), task.gold_scores(ppo_texts)
-    sft_mean, sft_se = _mean_stderr(sft_gold)
-    ppo_mean, ppo_se = _mean_stderr(ppo_gold)
-    diff_se = math.sqrt(sft_se ** 2 + ppo_se ** 2)
-    kl_mean, kl_se = _mean_stderr(kl)
-    kl_bound = cfg.kl_bound if cfg.kl_bound is not None else cfg.ppo.kl_target
+    sft_gold = None if own_data else task.gold_scores(sft_texts)
+    ppo_gold = None if own_data else task.gold_scores(ppo_texts)
     timings["eval_s"] = time.perf_counter() - t0
 
     # ---- 7. write the results ----
     shutil.copyfile(out / "ppo" / "metrics.jsonl", out / "metrics.jsonl")
-    shown = [{"prompt": heldout[i], "before": sft_texts[i], "after": ppo_texts[i],
-              "gold_before": sft_gold[i], "gold_after": ppo_gold[i]}
-             for i in range(min(cfg.n_show_samples, len(heldout)))]
+    shown = [{"prompt": shown_prompts[i], "before": sft_texts[i], "after": ppo_texts[i],
+              **({} if own_data else {"gold_before": sft_gold[i], "gold_after": ppo_gold[i]})}
+             for i in range(min(cfg.n_show_samples, len(shown_prompts)))]
     plot_curves(out / "metrics.jsonl", out / "curves.png", samples=shown[:4],
-                title="PPO on the built-in review task")
-    _write_samples(out / "samples.md", heldout, sft_texts, sft_gold, ppo_texts, ppo_gold,
-                   cfg.n_show_samples)
+                title="PPO on your data" if own_data else "PPO on the built-in review task")
+    _write_samples(out / "samples.md", shown, own_data)
     timings["total_s"] = time.perf_counter() - started
     summary = {
+        "task": "own data" if own_data else "built-in review task",
         "reward_model": {
             "heldout_accuracy": rm_summary.get("eval_accuracy"),
-            "noise_ceiling_heldout": eval_ceiling,
-            "noise_ceiling_all_pairs": ceiling_all,
             "train_pairs": len(train_pairs),
             "heldout_pairs": len(eval_pairs),
         },
+        "ppo_last_iteration": ppo_summary.get("last_metrics", {}),
+        "sft_final_loss": sft_summary.get("final_loss"),
+        "timings_s": timings,
+        "torch_threads": torch.get_num_threads(),
+        "config": _used_config(cfg, stages, unused),
+    }
+    if not own_data:  # the figures only the gold judge can give
+        summary["reward_model"].update(_noise_ceilings(eval_pairs, ceiling_all, cfg.label_beta))
+        summary.update(_heldout_figures(sft_gold, ppo_gold, kl, cfg.kl_bound
+                                        if cfg.kl_bound is not None else ppo_cfg.kl_target))
+    _write_json(out / "summary.json", summary)
+    _print_summary(summary, out)
+    return summary
+
+
+def _noise_ceilings(eval_pairs: list[dict], ceiling_all: float, beta: float) -> dict:
+    """The label-noise ceiling of the held-out pairs (the bar the held-out accuracy is compared
+    with) and of all pairs: the accuracy of a perfect judge on the simulated annotator's labels."""
+    gold_c = task.gold_scores([p["chosen"] for p in eval_pairs])
+    gold_r = task.gold_scores([p["rejected"] for p in eval_pairs])
+    heldout = sum(max(q, 1 - q) for q in (1 / (1 + math.exp(-beta * (c - r)))
+                                         for c, r in zip(gold_c, gold_r)))
+    return {"noise_ceiling_heldout": heldout / max(1, len(eval_pairs)),
+            "noise_ceiling_all_pairs": ceiling_all}
+
+
+def _heldout_figures(sft_gold, ppo_gold, kl, kl_bound) -> dict:
+    sft_mean, sft_se = _mean_stderr(sft_gold)
+    ppo_mean, ppo_se = _mean_stderr(ppo_gold)
+    diff_se = math.sqrt(sft_se ** 2 + ppo_se ** 2)
+    kl_mean, kl_se = _mean_stderr(kl)
+    return {
         "gold_heldout": {
-            "n_samples_each": len(heldout),
+            "n_samples_each": len(sft_gold),
             "sft_mean": sft_mean, "sft_stderr": sft_se,
             "ppo_mean": ppo_mean, "ppo_stderr": ppo_se,
             "difference": ppo_mean - sft_mean,
@@ -331,36 +506,45 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
         },
         "kl_to_reference": {"mean": kl_mean, "stderr": kl_se, "bound": kl_bound,
                             "within_bound": kl_bound is None or kl_mean <= kl_bound},
-        "ppo_last_iteration": ppo_summary.get("last_metrics", {}),
-        "sft_final_loss": sft_summary.get("final_loss"),
-        "timings_s": timings,
-        "torch_threads": torch.get_num_threads(),
-        "config": asdict(cfg),
     }
-    _write_json(out / "summary.json", summary)
-    _print_summary(summary, out)
-    return summary
 
 
-def _write_samples(path: Path, prompts, sft_texts, sft_gold, ppo_texts, ppo_gold, n: int):
-    lines = ["# Held-out samples: SFT model (before PPO) vs PPO policy (after)", "",
-             "Gold score = VADER compound sentiment in [-1, 1].", ""]
-    for i in range(min(n, len(prompts))):
-        lines += [f"## {prompts[i]}", "",
-                  f"- before (gold {sft_gold[i]:+.3f}): {sft_texts[i].strip()}",
-                  f"- after  (gold {ppo_gold[i]:+.3f}): {ppo_texts[i].strip()}", ""]
+def _write_samples(path: Path, shown: list[dict], own_data: bool) -> None:
+    if own_data:
+        lines = ["# Samples on your PPO prompts: SFT model (before PPO) vs PPO policy (after)",
+                 "", "No gold judge exists for your task: read them.", ""]
+    else:
+        lines = ["# Held-out samples: SFT model (before PPO) vs PPO policy (after)", "",
+                 "Gold score = VADER compound sentiment in [-1, 1].", ""]
+    for row in shown:
+        before = f" (gold {row['gold_before']:+.3f})" if "gold_before" in row else ""
+        after = f" (gold {row['gold_after']:+.3f})" if "gold_after" in row else ""
+        lines += [f"## {row['prompt']}", "",
+                  f"- before{before}: {row['before'].strip()}",
+                  f"- after {after}: {row['after'].strip()}", ""]
     path.write_text("\n".join(lines))
 
 
 def _print_summary(summary: dict, out: Path) -> None:
-    rm, gold, kl = summary["reward_model"], summary["gold_heldout"], summary["kl_to_reference"]
-    print(
-        f"\nreward model held-out accuracy {rm['heldout_accuracy']:.3f} "
-        f"(label-noise ceiling {rm['noise_ceiling_heldout']:.3f})\n"
-        f"gold (VADER) on held-out prompts: SFT {gold['sft_mean']:+.3f} +- {gold['sft_stderr']:.3f}"
-        f", PPO {gold['ppo_mean']:+.3f} +- {gold['ppo_stderr']:.3f}; difference "
-        f"{gold['difference']:+.3f} = {gold['difference_in_stderr']:.1f} standard errors\n"
-        f"KL(policy || SFT) {kl['mean']:.2f} +- {kl['stderr']:.2f} nats per response "
-        f"(bound {kl['bound']})\n"
-        f"total {summary['timings_s']['total_s']:.0f} s; outputs in {out}"
-    )
+    rm = summary["reward_model"]
+    accuracy = rm["heldout_accuracy"]
+    lines = [f"\nreward model held-out accuracy "
+             f"{'n/a' if accuracy is None else format(accuracy, '.3f')}"
+             + (f" (label-noise ceiling {rm['noise_ceiling_heldout']:.3f})"
+                if "noise_ceiling_heldout" in rm else "")]
+    if "gold_heldout" in summary:
+        gold, kl = summary["gold_heldout"], summary["kl_to_reference"]
+        lines += [
+            f"gold (VADER) on held-out prompts: SFT {gold['sft_mean']:+.3f} +- "
+            f"{gold['sft_stderr']:.3f}, PPO {gold['ppo_mean']:+.3f} +- {gold['ppo_stderr']:.3f}; "
+            f"difference {gold['difference']:+.3f} = {gold['difference_in_stderr']:.1f} "
+            f"standard errors",
+            f"KL(policy || SFT) {kl['mean']:.2f} +- {kl['stderr']:.2f} nats per response "
+            f"(bound {kl['bound']})"]
+    else:
+        last = summary["ppo_last_iteration"]
+        nan = float("nan")
+        lines.append(f"last PPO iteration: proxy reward {last.get('proxy_reward', nan):+.3f}, "
+                     f"KL {last.get('kl', nan):.2f} nats; samples in samples.md")
+    lines.append(f"total {summary['timings_s']['total_s']:.0f} s; outputs in {out}")
+    print("\n".join(lines))

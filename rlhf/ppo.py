@@ -93,26 +93,27 @@ OLD_LOGPROBS_MODES = ("auto", "forward")
 
 @dataclass
 class PPOConfig:
-    """PPO settings (defaults: the built-in task on a CPU in about three minutes)."""
+    """PPO settings. The defaults are for a pretrained model on one GPU; the built-in task has
+    its own, ``task.PPO_SETTINGS``, which ``rlhf pipeline`` starts from."""
 
     output_dir: str = "runs/ppo"
     model: str | None = None  # SharedBackbone directory written by the reward stage
     tokenizer: str | None = None  # defaults to ``model`` (the stages save the tokenizer there)
     dataset: str | None = None  # prompts file (a "prompt" column) or hub name; None: built-in
-    num_iterations: int = 20
+    num_iterations: int = 100
     rollout_batch_size: int = 64
-    minibatch_size: int = 32
+    minibatch_size: int = 8
     ppo_epochs: int = 2
     grad_accum_steps: int = 1
-    max_prompt_length: int = 24  # prompts are left-padded to this width for the rollout engine
-    max_new_tokens: int = 32
+    max_prompt_length: int = 512  # prompts are left-padded to this width for the rollout engine
+    max_new_tokens: int = 128
     temperature: float = 1.0
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1.0: off
     old_logprobs: str = "auto"  # "auto": recorded while sampling when exact; "forward": recompute
-    forward_batch_size: int = 0  # rows per no-grad scoring forward; 0: the whole rollout batch
-    lr: float = 2e-3
-    critic_lr: float = 2e-3
+    forward_batch_size: int = 16  # rows per no-grad scoring forward; 0: the whole rollout batch
+    lr: float = 2e-5  # the policy adapter (LoRA)
+    critic_lr: float = 5e-5  # the critic adapter and value head
     warmup_steps: int = 5
     min_lr_ratio: float = 0.5
     grad_clip: float = 1.0
@@ -128,7 +129,7 @@ class PPOConfig:
     score_clip: float | None = 5.0
     loss_reduction: str = "token-mean"
     whiten_advantages: bool = True
-    save_every: int = 5  # iterations; 0: only at the end and on Ctrl-C
+    save_every: int = 10  # iterations; 0: only at the end and on Ctrl-C
     keep_last: int | None = 2  # checkpoints kept (the newest); None: keep every one
     seed: int = 0
     resume: bool = False
@@ -376,12 +377,17 @@ def encode_prompts(prompts: Sequence[str], tokenizer, max_length: int):
     decode step are reused)."""
     from rlhf import data
 
-    enc = data.tokenize_prompts(prompts, tokenizer, max_length=max_length)
-    if enc["n_dropped"]:
+    data.ensure_pad_token(tokenizer)
+    too_long = [n for n in (len(data.encode_prompt(prompt, tokenizer, row=row))
+                            for row, prompt in enumerate(prompts)) if n > max_length]
+    if too_long:  # a cut prompt would be another task, a dropped one silently missing
         raise ValueError(
-            f"{enc['n_dropped']} of {len(prompts)} prompts are longer than max_prompt_length="
-            f"{max_length} tokens; raise max_prompt_length or shorten them"
+            f"{len(too_long)} of {len(prompts)} prompts are longer than max_prompt_length="
+            f"{max_length} tokens (the longest has {max(too_long)}); raise max_prompt_length "
+            f"(ppo.max_prompt_length in rlhf pipeline) to at least {max(too_long)}, or shorten "
+            f"or remove those prompts"
         )
+    enc = data.tokenize_prompts(prompts, tokenizer, max_length=max_length)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     missing = max_length - ids.shape[1]
     if missing > 0:

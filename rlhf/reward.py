@@ -42,17 +42,18 @@ __all__ = ["PairBatch", "RewardConfig", "evaluate", "pair_loss", "train"]
 
 @dataclass
 class RewardConfig:
-    """Reward-model settings (defaults: the built-in task on a CPU in well under a minute)."""
+    """Reward-model settings. The defaults are for a pretrained model on one GPU; the built-in
+    task has its own, ``task.REWARD_SETTINGS``, which ``rlhf pipeline`` starts from."""
 
     output_dir: str = "runs/rm"
     model: str | None = None  # SFT model dir / hub name; the backbone gets the reward adapter
     dataset: str | None = None  # preference pairs file (prompt/chosen/rejected) or hub name
     eval_fraction: float = 0.2  # held-out share of the pairs when no eval set is given
-    max_length: int = 80
-    batch_size: int = 32
-    grad_accum_steps: int = 1
-    epochs: float = 2.0
-    lr: float = 3e-3
+    max_length: int = 1024
+    batch_size: int = 8
+    grad_accum_steps: int = 4
+    epochs: float = 1.0
+    lr: float = 1e-4  # the reward adapter (LoRA) and the fresh reward head
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
     weight_decay: float = 0.0
@@ -63,7 +64,7 @@ class RewardConfig:
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
-    save_every: int = 0  # 0: only at the end (and on Ctrl-C)
+    save_every: int = 500  # 0: only at the end (and on Ctrl-C)
     keep_last: int | None = 2  # checkpoints kept (the newest); None: keep every one
     resume: bool = False
     overwrite: bool = False  # a fresh run deletes an earlier run's files in output_dir first
@@ -241,7 +242,10 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
     backbone.train()
     params = backbone.trainable_parameters("reward")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(1, len(train_set) // (cfg.batch_size * cfg.grad_accum_steps))
+    # micro-batches of batch_size pairs per epoch (at least one, of all pairs when there are
+    # fewer); a step takes grad_accum_steps of them, running into the next epoch if need be
+    micro_per_epoch = max(1, len(train_set) // cfg.batch_size)
+    steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum_steps)
     max_steps = max(1, int(round(cfg.epochs * steps_per_epoch)))
     scheduler = warmup_cosine_schedule(optimizer, cfg.warmup_steps, max_steps, cfg.min_lr_ratio)
     autocast_dtype = torch.bfloat16 if (device.type == "cuda" and cfg.bf16) else None
@@ -283,7 +287,7 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
             total_loss = 0.0
             for k in range(cfg.grad_accum_steps):
                 micro_step = step * cfg.grad_accum_steps + k
-                epoch, index = divmod(micro_step, steps_per_epoch * cfg.grad_accum_steps)
+                epoch, index = divmod(micro_step, micro_per_epoch)
                 order = torch.randperm(
                     len(train_set), generator=torch.Generator().manual_seed(cfg.seed * 31 + epoch))
                 rows = order[index * cfg.batch_size:(index + 1) * cfg.batch_size]

@@ -53,7 +53,9 @@ __all__ = [
 
 @dataclass
 class SFTConfig:
-    """Supervised fine-tuning settings (defaults: the built-in task on a CPU in about a minute)."""
+    """Supervised fine-tuning settings. The defaults are for a pretrained model on one GPU; the
+    built-in task (no ``model``: a tiny Llama from scratch) has its own, ``task.SFT_SETTINGS``,
+    which ``rlhf sft`` and ``rlhf pipeline`` start from when no model is given."""
 
     output_dir: str = "runs/sft"
     model: str | None = None  # local dir or hub name of a causal LM; None: tiny Llama from scratch
@@ -61,18 +63,21 @@ class SFTConfig:
     dataset: str | None = None  # local JSON/JSONL/Parquet or hub name; None: the built-in corpus
     corpus_size: int = 4000  # built-in task only
     vocab_size: int = 1024  # built-in task only
-    max_length: int = 64
-    batch_size: int = 32
-    grad_accum_steps: int = 1
-    max_steps: int = 400
-    lr: float = 3e-3
+    max_length: int = 1024  # tokens per example (prompt + completion); longer ones are cut
+    batch_size: int = 8
+    grad_accum_steps: int = 4
+    epochs: float = 1.0  # passes over the data, rounded to whole optimizer steps
+    max_steps: int | None = None  # optimizer steps; when set, it replaces ``epochs``
+    lora_rank: int = 0  # 0: full-weight fine-tuning; > 0: LoRA adapters, merged in at the end
+    lora_alpha: int = 32
+    lr: float | None = None  # None: 2e-5 for full-weight fine-tuning, 2e-4 with LoRA
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     seed: int = 0
     log_every: int = 10
-    save_every: int = 100
+    save_every: int = 500
     keep_last: int | None = 2  # checkpoints kept (the newest); None: keep every one
     resume: bool = False
     overwrite: bool = False  # a fresh run deletes an earlier run's files in output_dir first
@@ -88,7 +93,14 @@ class SFTConfig:
     max_skipped_steps: int = 10
 
     def __post_init__(self) -> None:
-        _check_common(self.nonfinite, self.grad_accum_steps, self.batch_size, self.max_steps)
+        _check_common(self.nonfinite, self.grad_accum_steps, self.batch_size,
+                      1 if self.max_steps is None else self.max_steps)
+        if not self.epochs > 0:
+            raise ValueError(f"epochs={self.epochs!r} is out of range: SFTConfig.epochs must be "
+                             f"> 0 (or set max_steps)")
+        if self.lora_rank < 0 or self.lora_alpha < 1:
+            raise ValueError(f"lora_rank={self.lora_rank}, lora_alpha={self.lora_alpha}: lora_rank "
+                             f"must be >= 0 (0: full-weight fine-tuning) and lora_alpha >= 1")
         check_max_memory(self.max_memory)
         check_keep_last(self.keep_last)
         check_device(self.device)
@@ -97,6 +109,27 @@ class SFTConfig:
                        counts=("max_length", "corpus_size", "vocab_size", "log_every",
                                "cpu_threads"),
                        zero_or_more=("warmup_steps", "save_every", "max_skipped_steps"))
+
+    @classmethod
+    def config_defaults(cls, values) -> SFTConfig:
+        """What ``load_config`` starts from: without ``model`` (the built-in task: a tiny Llama
+        from scratch), the task's own settings (``task.SFT_SETTINGS``); with one, the defaults
+        for a pretrained model."""
+        from rlhf import task
+        from rlhf.config import is_set
+
+        return cls() if is_set(values, "model") else cls(**task.SFT_SETTINGS)
+
+    def resolved(self, n_examples: int) -> SFTConfig:
+        """A copy with the data-dependent defaults filled in: ``lr`` (2e-5 full-weight, 2e-4
+        LoRA) and ``max_steps`` (``epochs`` over ``n_examples`` examples)."""
+        import dataclasses
+
+        lr = self.lr if self.lr is not None else (2e-4 if self.lora_rank else 2e-5)
+        per_epoch = max(1, n_examples // self.batch_size // self.grad_accum_steps)
+        steps = self.max_steps if self.max_steps is not None else \
+            max(1, round(self.epochs * per_epoch))
+        return dataclasses.replace(self, lr=lr, max_steps=steps)
 
 
 def _check_common(nonfinite: str, grad_accum_steps: int, batch_size: int, steps: int) -> None:
@@ -303,8 +336,10 @@ def _builtin_setup(cfg: SFTConfig):
     tokenizer = task.train_tokenizer(
         [ex["prompt"] + ex["completion"] for ex in corpus], vocab_size=cfg.vocab_size
     )
-    torch.manual_seed(cfg.seed)
-    model = LlamaForCausalLM(task.tiny_llama_config(tokenizer))
+    from rlhf.seeding import seeded
+
+    with seeded(cfg.seed):  # the initial weights depend on the seed alone
+        model = LlamaForCausalLM(task.tiny_llama_config(tokenizer))
     return model, tokenizer, corpus
 
 
@@ -325,6 +360,19 @@ def _load_model_and_data(cfg: SFTConfig):
     examples = data.load_sft_dataset(cfg.dataset)
     model = load_causal_lm(cfg.model)
     return model, tokenizer, examples
+
+
+def _with_lora(model, cfg: SFTConfig):
+    """``model`` with LoRA adapters of ``cfg.lora_rank`` on its linear layers (the base frozen),
+    initialised from the run's seed (rlhf/seeding.py)."""
+    from peft import get_peft_model
+
+    from rlhf.models import LoraSpec
+    from rlhf.seeding import seeded
+
+    spec = LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha)
+    with seeded(derived_seed(cfg.seed, "sft", "adapters")):
+        return get_peft_model(model, spec.peft_config(model))
 
 
 def _batch_indices(n_examples: int, batch_size: int, micro_step: int, seed: int) -> torch.Tensor:
@@ -405,6 +453,9 @@ def _train(cfg: SFTConfig, run, *, model, tokenizer, examples, on_step) -> dict:
     n_examples = input_ids.shape[0]
     if n_examples == 0:
         raise ValueError("the SFT dataset is empty after tokenisation; nothing to train on")
+    cfg = cfg.resolved(n_examples)  # lr and max_steps when left to their defaults
+    if cfg.lora_rank:
+        model = _with_lora(model, cfg)
     model.to(device)
     model.train()
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -507,6 +558,8 @@ def _train(cfg: SFTConfig, run, *, model, tokenizer, examples, on_step) -> dict:
 
     # ---- save ----
     save(step)
+    if cfg.lora_rank:  # the stages after SFT load a plain model: fold the adapters in
+        model = model.merge_and_unload()
     final_dir = out_dir / "model"
     checkpoint.save_pretrained_atomic(final_dir, model, tokenizer)
     return {

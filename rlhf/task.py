@@ -31,6 +31,9 @@ from functools import cache, lru_cache
 __all__ = [
     "DEFAULT_BETA",
     "DEFAULT_SENTIMENT_MIX",
+    "PPO_SETTINGS",
+    "REWARD_SETTINGS",
+    "SFT_SETTINGS",
     "SENTIMENT_KINDS",
     "all_prompts",
     "gold_scores",
@@ -53,6 +56,21 @@ TIE_TOLERANCE = 1e-6
 
 MIN_WORDS, MAX_WORDS = 10, 30
 HELDOUT_EVERY = 5  # one prompt combination in five is held out
+
+# ----------------------------------------------------------------------------------------------
+# Training settings of the built-in task: a tiny Llama trained from scratch on a CPU in about a
+# minute (a high learning rate, short sequences, a fixed number of steps). They are this task's
+# own; the stage configs' defaults (rlhf/sft.py, reward.py, ppo.py) are for real pretrained
+# models. `rlhf pipeline` and `rlhf sft` without a model start from these; a value set in the
+# config still wins. With `sft.model` set, the pipeline starts from the stage defaults instead.
+# ----------------------------------------------------------------------------------------------
+SFT_SETTINGS = {"max_length": 64, "batch_size": 32, "grad_accum_steps": 1, "max_steps": 400,
+                "lr": 3e-3, "warmup_steps": 20, "save_every": 100, "lora_rank": 0}
+REWARD_SETTINGS = {"max_length": 80, "batch_size": 32, "grad_accum_steps": 1, "epochs": 2.0,
+                   "lr": 3e-3, "warmup_steps": 10, "save_every": 0}
+PPO_SETTINGS = {"num_iterations": 20, "rollout_batch_size": 64, "minibatch_size": 32,
+                "max_prompt_length": 24, "max_new_tokens": 32, "lr": 2e-3, "critic_lr": 2e-3,
+                "forward_batch_size": 0, "save_every": 5}
 
 # ----------------------------------------------------------------------------------------------
 # The grammar. Words were checked against VADER's lexicon: the adjectives and verbs below carry

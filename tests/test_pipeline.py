@@ -184,3 +184,189 @@ def test_a_stage_with_dropout_resumes_exactly(tmp_path):
     cfg.resume = True
     sft.train(cfg, model=model(), tokenizer=tokenizer, examples=corpus)
     assert losses("cut") == losses("full")
+
+
+# ---------------------------------------------------------------------------------------------
+# your model and data (item 14): honoured, or refused in one line; never silently ignored
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("override, message", [
+    ("sft.output_dir=elsewhere", "sft.output_dir='elsewhere' cannot be set in rlhf pipeline"),
+    ("ppo.seed=3", "ppo.seed=3 cannot be set in rlhf pipeline"),
+    ("reward.device=cpu", "reward.device='cpu' cannot be set"),
+    ("sft.resume=true", "sft.resume=True cannot be set"),
+    ("reward.lora_rank=4", "reward.lora_rank=4 has no effect in rlhf pipeline"),
+    ("ppo.model=runs/rm/backbone", "ppo.model='runs/rm/backbone' has no effect"),
+    ("reward.eval_fraction=0.3", "heldout_pair_fraction"),
+    ("sft.corpus_size=10", "sft.corpus_size=10 has no effect"),
+    ("reward.dataset=pairs.jsonl", "sft.model, sft.dataset, ppo.dataset missing"),
+    ("sft.tokenizer=some/tok", "needs sft.model"),
+])
+def test_pipeline_refuses_settings_it_cannot_honour(tmp_path, capsys, override, message):
+    """Before, the pipeline overwrote or ignored these and still wrote them to summary.json."""
+    from rlhf import cli
+
+    out = tmp_path / "run"
+    assert cli.main(["pipeline", f"output_dir={out}", override]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("rlhf pipeline: error:") and message in err, err
+    assert err.count("\n") == 1 and not out.exists()  # refused before anything ran
+
+
+def test_pipeline_refuses_tiny_model_settings_with_your_model():
+    from rlhf.pipeline import check_settings
+
+    cfg = PipelineConfig(hidden_size=128)
+    cfg.sft.model = "my/model"
+    with pytest.raises(ValueError, match="hidden_size=128 has no effect here"):
+        check_settings(cfg)
+    cfg = PipelineConfig(pair_prompts=10)
+    cfg.sft.model, cfg.sft.dataset = "my/model", "sft.jsonl"
+    cfg.reward.dataset, cfg.ppo.dataset = "pairs.jsonl", "prompts.jsonl"
+    with pytest.raises(ValueError, match="pair_prompts=10 has no effect here"):
+        check_settings(cfg)
+
+
+def _write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def test_pipeline_runs_on_your_model_and_data(tmp_path):
+    """sft.model + sft.dataset -> SFT on them; reward.dataset -> the RM on those pairs (not
+    sampled ones); ppo.dataset -> PPO on those prompts. No gold judge: no gold figures."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from rlhf import reward, sft, task
+
+    corpus = task.make_corpus(40, seed=5)
+    tokenizer = task.train_tokenizer([ex["prompt"] + ex["completion"] for ex in corpus],
+                                     vocab_size=300)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(task.tiny_llama_config(
+        tokenizer, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1))
+    model_dir = tmp_path / "my-model"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    sft_rows = [{"prompt": "Note:", "completion": " the battery is good."}] * 24
+    pos = task.make_corpus(15, seed=1, sentiment_mix={"positive": 1.0})
+    neg = task.make_corpus(15, seed=2, sentiment_mix={"negative": 1.0})
+    pair_rows = [{"prompt": p["prompt"], "chosen": p["completion"], "rejected": q["completion"]}
+                 for p, q in zip(pos, neg)]
+    prompt_rows = [{"prompt": f"My own prompt number {i}:"} for i in range(6)]
+
+    cfg = PipelineConfig(
+        output_dir=str(tmp_path / "run"), device="cpu", heldout_pair_fraction=0.2,
+        lora_rank=4, lora_alpha=8, sample_batch_size=8, n_show_samples=3,
+        sft=sft.SFTConfig(model=str(model_dir), dataset=_write_jsonl(tmp_path / "s.jsonl",
+                                                                      sft_rows),
+                          max_steps=3, batch_size=8, grad_accum_steps=1, max_length=48,
+                          log_every=1),
+        reward=reward.RewardConfig(dataset=_write_jsonl(tmp_path / "p.jsonl", pair_rows),
+                                   batch_size=4, grad_accum_steps=1, max_length=64,
+                                   save_every=0),
+    )
+    cfg.ppo.dataset = _write_jsonl(tmp_path / "q.jsonl", prompt_rows)
+    cfg.ppo.num_iterations, cfg.ppo.rollout_batch_size, cfg.ppo.minibatch_size = 1, 8, 4
+    cfg.ppo.max_new_tokens, cfg.ppo.max_prompt_length, cfg.ppo.save_every = 6, 32, 0
+    summary = run(cfg)
+
+    out = tmp_path / "run"
+    assert summary["task"] == "own data"
+    # the RM trained and was measured on the given pairs: 15 pairs, 3 held out
+    assert summary["reward_model"]["train_pairs"] == 12
+    assert summary["reward_model"]["heldout_pairs"] == 3
+    assert 0.0 <= summary["reward_model"]["heldout_accuracy"] <= 1.0
+    pairs = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    assert sorted(p["chosen"] for p in pairs) == sorted(r["chosen"] for r in pair_rows)
+    # no gold judge exists for this data: no gold figures, no noise ceiling
+    assert "gold_heldout" not in summary and "kl_to_reference" not in summary
+    assert "noise_ceiling_heldout" not in summary["reward_model"]
+    assert "gold_reward" not in json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    # SFT ran on the given data with the given model's tokenizer (3 logged steps)
+    assert len((out / "sft" / "metrics.jsonl").read_text().splitlines()) >= 3
+    assert (out / "tokenizer" / "tokenizer_config.json").exists()
+    # PPO and the samples used the given prompts
+    assert "My own prompt number 0:" in (out / "samples.md").read_text()
+    # only the settings the run used are recorded
+    recorded = json.loads((out / "summary.json").read_text())["config"]
+    for unused in ("pair_prompts", "label_beta", "eval_samples", "hidden_size", "corpus_size"):
+        assert unused not in recorded, unused
+    assert "model" not in recorded["ppo"] and "eval_fraction" not in recorded["reward"]
+    assert recorded["sft"]["model"] == str(model_dir)
+    assert recorded["ppo"]["output_dir"] == str(out / "ppo")
+
+
+# ---------------------------------------------------------------------------------------------
+# defaults for real models; the built-in task keeps its own settings (item 15)
+# ---------------------------------------------------------------------------------------------
+def test_stage_defaults_are_for_pretrained_models_and_the_task_keeps_its_own():
+    from dataclasses import replace
+
+    from rlhf import ppo, reward, sft, task
+    from rlhf.config import load_config
+
+    real = sft.SFTConfig()
+    assert real.max_length == 1024 and real.lora_rank == 0
+    assert real.lr is None and real.max_steps is None and real.epochs == 1.0
+    assert real.resolved(100).lr == 2e-5  # full-weight
+    assert replace(real, lora_rank=8).resolved(100).lr == 2e-4  # LoRA
+    # the length follows the data: 100 examples / (8 x 4) per optimizer step = 3 steps an epoch
+    assert real.resolved(100).max_steps == 3
+    assert replace(real, epochs=2.0).resolved(100).max_steps == 6
+    assert replace(real, max_steps=7).resolved(100).max_steps == 7
+    assert reward.RewardConfig().max_length == 1024 and reward.RewardConfig().lr == 1e-4
+    assert ppo.PPOConfig().max_prompt_length == 512 and ppo.PPOConfig().lr == 2e-5
+    # without a model (the built-in tiny Llama) the task's own settings apply; a set value wins
+    assert load_config(sft.SFTConfig).lr == task.SFT_SETTINGS["lr"] == 3e-3
+    assert load_config(sft.SFTConfig, overrides=["lr=1e-3"]).lr == 1e-3
+    mine = load_config(sft.SFTConfig, overrides=["model=/my/model", "dataset=d.jsonl"])
+    assert mine.lr is None and mine.max_length == 1024
+    built_in = load_config(PipelineConfig, overrides=["sft.max_steps=200"])
+    assert built_in.sft.max_steps == 200 and built_in.sft.lr == 3e-3
+    assert built_in.ppo.max_prompt_length == 24 and built_in.reward.lr == 3e-3
+    yours = load_config(PipelineConfig, overrides=["sft.model=/my/model", "ppo.lr=1e-6"])
+    assert yours.sft.lr is None and yours.sft.max_steps is None and yours.ppo.lr == 1e-6
+    assert yours.ppo.max_prompt_length == 512 and yours.reward.lr == 1e-4
+
+
+def test_a_long_prompt_error_names_the_real_setting():
+    from rlhf import ppo, task
+
+    tokenizer = task.train_tokenizer(["Review of the blender: fine."] * 4, vocab_size=280)
+    with pytest.raises(ValueError) as error:
+        ppo.encode_prompts(["Review of the blender:", "Iron Valley review:"], tokenizer, 3)
+    message = str(error.value)
+    # before: "raise max_length or set overlong='truncate'", keys PPOConfig does not have
+    assert "max_prompt_length=3" in message and "ppo.max_prompt_length" in message
+    assert "overlong" not in message and "the longest has" in message
+
+
+def test_lora_sft_merges_its_adapters_into_the_saved_model(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    from rlhf import sft, task
+
+    corpus = task.make_corpus(24, seed=2)
+    tokenizer = task.train_tokenizer([ex["prompt"] + ex["completion"] for ex in corpus],
+                                     vocab_size=280)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(task.tiny_llama_config(
+        tokenizer, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = sft.SFTConfig(output_dir=str(tmp_path / "sft"), lora_rank=4, lr=1e-2, max_steps=3,
+                        batch_size=8, grad_accum_steps=1, max_length=48, warmup_steps=1,
+                        device="cpu")
+    summary = sft.train(cfg, model=model, tokenizer=tokenizer, examples=corpus)
+    assert summary["steps"] == 3 and isinstance(summary["model"], LlamaForCausalLM)
+    saved = load_file(str(tmp_path / "sft" / "model" / "model.safetensors"))
+    assert set(saved) == set(before)  # a plain model: no adapter weights
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(saved[q], before[q])  # the trained adapters were merged in
+    assert torch.equal(saved["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "sft" / "model")
+    torch.testing.assert_close(reloaded.state_dict()[q], summary["model"].state_dict()[q])

@@ -147,7 +147,8 @@ def sentiment_pairs(n: int, seed: int):
 def test_reward_model_learns_and_reports_heldout_accuracy(tmp_path, tokenizer):
     backbone = tiny_backbone(tokenizer)
     cfg = reward.RewardConfig(output_dir=str(tmp_path / "rm"), batch_size=16, epochs=4.0,
-                              lr=2e-2, warmup_steps=1, log_every=1, device="cpu", max_length=48)
+                              grad_accum_steps=1, lr=2e-2, warmup_steps=1, log_every=1,
+                              device="cpu", max_length=48)
     summary = reward.train(cfg, backbone=backbone, tokenizer=tokenizer,
                            train_pairs=sentiment_pairs(64, 0), eval_pairs=sentiment_pairs(32, 7))
     records = [r for r in read_jsonl(tmp_path / "rm" / "metrics.jsonl") if "loss" in r]
