@@ -40,8 +40,10 @@ Documented handling of bad input:
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,8 +113,9 @@ def load_records(source: str | Path, split: str = "train", **load_kwargs: Any):
         if all(p.stat().st_size == 0 for p in files):
             raise ValueError(f"dataset {str(source)!r} is empty (0 bytes)")
         try:
-            dataset = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files],
-                                            split="train", **load_kwargs)
+            with _quiet_json_loader():
+                dataset = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files],
+                                                split="train", **load_kwargs)
         except Exception as error:
             if isinstance(error, StopIteration) or "corresponds to no data" in str(error):
                 raise ValueError(f"dataset {str(source)!r} has no rows") from error
@@ -128,6 +131,20 @@ def load_records(source: str | Path, split: str = "train", **load_kwargs: Any):
     if len(dataset) == 0:
         raise ValueError(f"dataset {str(source)!r} has no rows")
     return dataset
+
+
+@contextlib.contextmanager
+def _quiet_json_loader() -> Iterator[None]:
+    """Hold back the `datasets` JSON loader's own error log ("Failed to load JSON from file
+    ...", with a traceback) while it reads a local file: a file that does not parse gets one
+    error from us, naming its line (`_json_problem`)."""
+    json_logger = logging.getLogger("datasets.packaged_modules.json.json")
+    previous = json_logger.level
+    json_logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        json_logger.setLevel(previous)
 
 
 def _json_problem(files: Sequence[Path]) -> str | None:

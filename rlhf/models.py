@@ -337,11 +337,13 @@ def resolve_pretrained(name_or_path, *, what: str = "model", setting: str = "mod
         names = {entry.name for entry in path.iterdir()}
         has_config = "config.json" in names
         if what == "tokenizer" and not names.intersection(_TOKENIZER_FILES):
-            detail = ("it has no config.json and no tokenizer files: it is not a Hugging Face "
-                      "model directory" if not has_config else
-                      f"it has no tokenizer files ({', '.join(_TOKENIZER_FILES[:2])})")
-            raise ValueError(f"{setting}={text!r}: {detail}; point {setting}= at a directory "
-                             f"written by save_pretrained (or set tokenizer= separately)")
+            if not has_config:
+                raise ValueError(f"{setting}={text!r} is not a Hugging Face model directory: it "
+                                 f"has no config.json and no tokenizer files; point {setting}= "
+                                 f"at a directory written by save_pretrained")
+            raise ValueError(f"{setting}={text!r} holds no tokenizer (no "
+                             f"{' or '.join(_TOKENIZER_FILES[:2])}); save the model's tokenizer "
+                             f"there too (tokenizer.save_pretrained)")
         if what == "model" and not has_config:
             raise ValueError(f"{setting}={text!r} is not a Hugging Face model directory: it has "
                              f"no config.json (save_pretrained writes config.json and "

@@ -330,6 +330,11 @@ def tiny_run_inputs(tmp_path_factory):
             handle.write(json.dumps({"prompt": example["prompt"], "chosen": " good.",
                                      "rejected": " bad."}) + "\n")
     (root / "empty_dir").mkdir()
+    (root / "config_only").mkdir()
+    model.config.to_json_file(root / "config_only" / "config.json")
+    (root / "no_weights").mkdir()
+    model.config.to_json_file(root / "no_weights" / "config.json")
+    tokenizer.save_pretrained(root / "no_weights")
     (root / "a_file").write_text("not a directory\n")
     return root
 
@@ -362,6 +367,9 @@ def reference_kernels(monkeypatch):
     (["lr=nan"], r"lr=nan is out of range"),
     (["model={root}/no_such_model"], r"model='.*/no_such_model' does not exist"),
     (["model={root}/empty_dir"], r"model='.*/empty_dir'.*not a Hugging Face model directory"),
+    (["model={root}/config_only"], r"model='.*/config_only' holds no tokenizer"),
+    (["model={root}/no_weights"],
+     r"could not load the model of model='.*/no_weights': .*no file named model.safetensors"),
     (["output_dir={root}/a_file"], r"output_dir='.*/a_file' is a file, not a directory"),
     (["output_dir={root}/a_file/run"], r"its parent '.*/a_file' is a file"),
     (["dataset={root}/broken.jsonl"], r"broken.jsonl line 2, column \d+: .*fix or remove"),
@@ -594,3 +602,4 @@ def test_stages_limit_cpu_threads_like_the_pipeline(tiny_run_inputs, tmp_path, m
         assert config().cpu_threads == 1
         with pytest.raises(ValueError, match="cpu_threads"):
             config(cpu_threads=0)
+
