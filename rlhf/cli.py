@@ -10,7 +10,8 @@ overrides; see rlhf/config.py) and calls the stage's entry point:
 
 `rlhf pipeline` with no arguments runs all three stages on the built-in review task.
 `--resume` sets `resume=true` (the stage continues from its last checkpoint);
-`--print-config` prints the resolved config as YAML and exits without training.
+`--print-config` prints the resolved config as YAML (for the pipeline: the settings each stage
+will really use) and exits without training.
 `rlhf plan MODEL [options]` prints the expected peak memory of a PPO iteration per stage and the
 largest batch that fits a card (rlhf/plan.py; `rlhf plan --help`).
 """
@@ -190,8 +191,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.print_config:
         import yaml
 
-        shown = getattr(module, "resolved_config", lambda c: c)(cfg)
-        print(yaml.safe_dump(config_to_dict(shown), sort_keys=False), end="")
+        # What the run would really use: a module may resolve settings its config only holds
+        # (the pipeline sets each stage's output_dir, seed, device, ... from its own fields).
+        printable = getattr(module, "printable_config", config_to_dict)
+        try:
+            shown = printable(cfg)
+        except USER_ERRORS as error:
+            return fail(error)
+        print(yaml.safe_dump(shown, sort_keys=False), end="")
         return 0
     output_dir = getattr(cfg, "output_dir", None)
     try:

@@ -223,6 +223,14 @@ def _used_config(cfg: PipelineConfig, stages: dict, unused: tuple[str, ...]) -> 
     return used
 
 
+def printable_config(cfg: PipelineConfig) -> dict:
+    """What ``rlhf pipeline --print-config`` shows: the settings a run with ``cfg`` uses, with
+    the stage values the pipeline sets (each stage's folder under output_dir, seed, device, ...)
+    and without those it ignores (the same dict summary.json records)."""
+    _, unused = check_settings(cfg)
+    return _used_config(cfg, _stage_configs(cfg), unused)
+
+
 @torch.no_grad()
 def sample_texts(backbone, tokenizer, prompts: list[str], role: str | None,
                  ppo_cfg: ppo.PPOConfig, seed: int, batch_size: int):

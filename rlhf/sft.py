@@ -198,6 +198,9 @@ def check_device(device: str) -> None:
 def resolve_device(device: str, max_memory: float | None = None) -> torch.device:
     """"auto" -> cuda when available else cpu; "cpu", "cuda", "cuda:N" as given.
 
+    A device that is not there (cuda on a CPU-only build or machine, cuda:3 with two GPUs) is a
+    ValueError that says so.
+
     ``max_memory`` (GiB) caps this process's CUDA memory with
     ``torch.cuda.set_per_process_memory_fraction``, which emulates a smaller card: allocations
     beyond it raise ``torch.OutOfMemoryError`` as they would there. Ignored (with a warning)

@@ -603,3 +603,19 @@ def test_stages_limit_cpu_threads_like_the_pipeline(tiny_run_inputs, tmp_path, m
         with pytest.raises(ValueError, match="cpu_threads"):
             config(cpu_threads=0)
 
+
+def test_pipeline_print_config_shows_what_the_stages_use(tmp_path, capsys):
+    """The stage folders, seed, device and threads the pipeline really gives each stage, not
+    the standalone stages' defaults (runs/sft, ...) that it overrides."""
+    out = tmp_path / "run"
+    assert cli.main(["pipeline", "--print-config", f"output_dir={out}", "seed=7",
+                     "device=cpu", "cpu_threads=2"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    for stage, folder in (("sft", "sft"), ("reward", "rm"), ("ppo", "ppo")):
+        assert shown[stage]["output_dir"] == str(out / folder)
+        assert shown[stage]["seed"] == 7 and shown[stage]["device"] == "cpu"
+        assert shown[stage]["cpu_threads"] == 2
+    assert shown["output_dir"] == str(out)
+    # a setting the pipeline would refuse is refused here too, in one line
+    assert cli.main(["pipeline", "--print-config", "sft.output_dir=elsewhere"]) == 2
+    assert "cannot be set in rlhf pipeline" in _one_error_line(capsys, "pipeline")
