@@ -82,7 +82,9 @@ class PipelineConfig:
 
     Without datasets it runs the built-in review task, on a tiny Llama trained from scratch
     (the stages start from ``task.SFT_SETTINGS`` etc.) or on your model (``sft.model``; the
-    stages then start from their defaults for pretrained models). With ``sft.model``,
+    stages then start from their defaults for pretrained models: ``load_config`` does this
+    through ``config_defaults``; in Python pass ``sft=SFTConfig(model=...)``, whose defaults
+    they are, rather than setting ``cfg.sft.model`` on the built-in defaults). With ``sft.model``,
     ``sft.dataset``, ``reward.dataset`` and ``ppo.dataset`` it runs on your model and data.
     Every stage's ``output_dir``, ``seed``, ``device``, ``max_memory``, ``resume``,
     ``overwrite`` and ``cpu_threads`` come from the fields here; setting them per stage (or a

@@ -370,3 +370,33 @@ def test_lora_sft_merges_its_adapters_into_the_saved_model(tmp_path):
     assert torch.equal(saved["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "sft" / "model")
     torch.testing.assert_close(reloaded.state_dict()[q], summary["model"].state_dict()[q])
+
+
+def test_pipeline_runs_the_built_in_task_on_your_model(tmp_path):
+    """sft.model alone: your model and its tokenizer on the built-in corpus, pairs, prompts and
+    gold judge (the gold figures are real then); the tiny model's settings are not recorded."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from rlhf import task
+
+    texts = [ex["prompt"] + ex["completion"] for ex in task.make_corpus(60, seed=9)]
+    tokenizer = task.train_tokenizer(texts, vocab_size=320)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(task.tiny_llama_config(
+        tokenizer, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1))
+    model.save_pretrained(tmp_path / "my-model")
+    tokenizer.save_pretrained(tmp_path / "my-model")
+    cfg = micro_config(tmp_path / "run")
+    cfg.vocab_size, cfg.hidden_size, cfg.num_layers = 1024, 64, 2  # the defaults: unused here
+    cfg.sft.model = str(tmp_path / "my-model")
+    summary = run(cfg)
+    assert summary["task"] == "built-in review task"
+    assert summary["gold_heldout"]["n_samples_each"] == 16 and "kl_to_reference" in summary
+    saved = json.loads((tmp_path / "run" / "tokenizer" / "tokenizer.json").read_text())
+    assert len(saved["model"]["vocab"]) == len(json.loads(
+        (tmp_path / "my-model" / "tokenizer.json").read_text())["model"]["vocab"])
+    for unused in ("vocab_size", "hidden_size", "num_layers"):
+        assert unused not in summary["config"], unused
+    assert summary["config"]["corpus_size"] == 160  # used: the built-in corpus
