@@ -45,6 +45,7 @@ shape stays the same; ``release()`` frees them before a memory-hungry phase).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -243,6 +244,18 @@ def _causal_lm_of(model) -> torch.nn.Module:
     return model
 
 
+def _cache_keyword(lm: torch.nn.Module) -> str:
+    """The forward keyword that takes the KV cache: ``cache`` in recent transformers (where
+    ``past_key_values`` is deprecated), ``past_key_values`` before. A PEFT wrapper's forward takes
+    **kwargs, so its base model's signature decides."""
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    try:
+        parameters = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
 def _config_of(lm: torch.nn.Module):
     config = getattr(lm, "config", None)
     if config is None and hasattr(lm, "get_base_model"):
@@ -340,6 +353,7 @@ class RolloutEngine:
         self.role = role
         self.lm = _causal_lm_of(model)
         self.config = _config_of(self.lm)
+        self._cache_keyword = _cache_keyword(self.lm)
         self.decode_graph = decode_graph
         self.autocast_dtype = autocast_dtype
         self.check_every = check_every
@@ -395,9 +409,9 @@ class RolloutEngine:
             input_ids=input_ids,
             attention_mask=mask4d,
             position_ids=position_ids,
-            past_key_values=self.cache,
             use_cache=True,
             logits_to_keep=1,
+            **{self._cache_keyword: self.cache},
         )
         return out.logits[:, -1, :]
 
