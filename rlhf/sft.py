@@ -370,11 +370,11 @@ def _with_lora(model, cfg: SFTConfig):
     initialised from the run's seed (rlhf/seeding.py)."""
     from peft import get_peft_model
 
-    from rlhf.models import LoraSpec
+    from rlhf.models import LoraSpec, _quiet_peft
     from rlhf.seeding import seeded
 
     spec = LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha)
-    with seeded(derived_seed(cfg.seed, "sft", "adapters")):
+    with _quiet_peft(), seeded(derived_seed(cfg.seed, "sft", "adapters")):
         return get_peft_model(model, spec.peft_config(model))
 
 
