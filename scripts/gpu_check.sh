@@ -1,72 +1,346 @@
 #!/usr/bin/env bash
-# Everything that needs a CUDA GPU, in the order to run it, each part on its own so that a
-# time-limited session can run them in separate calls:
+# Everything that needs a CUDA GPU. The first command to run when a GPU is at hand:
 #
-#   bash scripts/gpu_check.sh tests     # the test suite on CUDA (kernels compiled, CUDA graphs)
-#   bash scripts/gpu_check.sh kernels   # python -m benchmarks + the logprobs launch sweep
-#   bash scripts/gpu_check.sh e2e       # PPO at Qwen2.5 0.5B/1.5B (+ TRL beside it, see below)
+#   bash scripts/gpu_check.sh proof     # what proves the README's claims, <= 9 min from a bare machine
+#
+# Other parts (no time limit; each one on its own, for a longer session):
+#   bash scripts/gpu_check.sh tests     # the whole test suite on CUDA (kernels compiled, CUDA graphs)
+#   bash scripts/gpu_check.sh kernels   # python -m benchmarks (every case) + the logprobs launch sweep
+#   bash scripts/gpu_check.sh e2e       # PPO at Qwen2.5 0.5B/1.5B, TRL beside it (LoRA and full)
 #   bash scripts/gpu_check.sh e2e-8b    # Llama-3-8B shape under a 24 GiB cap
-#   bash scripts/gpu_check.sh all
+#   bash scripts/gpu_check.sh all       # tests kernels e2e e2e-8b (well over 30 min)
+#   bash scripts/gpu_check.sh wheels    # on a machine WITH pip access: the TRL peer's wheels -> .whl/
 #
-# Results go to benchmarks/results/ (JSON with GPU, versions, date and git SHA) and logs to
-# $LOG_DIR (default benchmarks/results/logs). TRL's PPOTrainer runs beside ours when
-# PEER_SCRIPT names its runner (default benchmarks/peers/trl_ppo_peer.py, our TRL 1.12 runner)
-# and trl==1.12.0 + datasets import. trl 1.12 ignores gradient_checkpointing=True; for TRL with
-# checkpointing really on: PEER_SCRIPT=benchmarks/peers/trl_ppo_peer.py PEER_ARGS=--enable-gc.
+# GPU_CHECK_DRY_RUN=1 bash scripts/gpu_check.sh proof   prints the plan (every command with its time
+# budget) and runs nothing; it needs no GPU.
+#
+# `proof`, in priority order: a run cut off at any point keeps every part before it. Each part has a
+# hard timeout (its budget, or less when the 540 s total would be passed) and writes its JSON to
+# benchmarks/results/ (GPU name, torch/triton/CUDA versions, date, git SHA) as soon as it ends; the
+# benchmark parts save after every case and start no new case near their budget. Budgets are the
+# expected durations (estimates: no GPU has run this yet; the final summary prints the real ones):
+#
+#   part       budget  what
+#   setup        20 s  peer wheels from .whl/ into /tmp/peer-site, import checks, environment.txt
+#   tests        70 s  kernel test files on CUDA (pytest -n 8 when xdist is there; no interpreter)
+#   logprobs     45 s  bench_logprobs at 8x1024x151936 and 4x512x32000 bf16 (ours first)
+#   ppo_loss     25 s  bench_ppo_loss (policy/value loss, Bradley-Terry) at 64K and 1M tokens
+#   gae          20 s  bench_gae (gae, masked_whiten) at 64x1024 and 512x2048
+#   kl           20 s  bench_kl at 64x1024, 128x2048, 512x2048 (fp32, bf16)
+#   linear       40 s  linear_logprobs / linear_ppo_loss at V=151936 H=4096 N=16384 bf16
+#   e2e-1.5b    115 s  one PPO iteration, Qwen2.5-1.5B shape, + TRL 1.12 PPOTrainer LoRA (<= 70 s)
+#   e2e-0.5b     85 s  the same at the Qwen2.5-0.5B shape (TRL <= 50 s)
+#   e2e-8b       80 s  Llama-3-8B shape under --max-memory 24 (GiB)
+#   report       10 s  proof_summary JSON, python -m benchmarks.report (+ --write into README.md)
+#   total       530 s  (8 min 50 s; PROOF_TOTAL_S=540 caps it whatever the parts do)
+#
+# torch.compile peers run last within each benchmark part, so they are the first to be cut ("not
+# run: the part's time budget ... was spent" in their rows). The TRL peer runs 2 steps (one timed
+# step-to-step interval) in `proof`, 3 in `e2e`.
+#
+# The TRL peer needs trl==1.12.0 and datasets, which the GPU machine's image lacks and cannot
+# download. Here, once, with pip access: `bash scripts/gpu_check.sh wheels` (pure-Python wheels
+# into .whl/, git-ignored, a few MB); then name .whl in the device call's carry:
+#   run(command="bash scripts/gpu_check.sh proof", carry=[".whl"], timeout_s=600)
+# proof installs them with pip --no-index --no-deps --target /tmp/peer-site and runs the peer
+# through a wrapper interpreter that puts that folder first (our own run never imports them).
+# PEER_PYTHON=/path/to/venv/bin/python uses an interpreter that already has trl 1.12.0 instead.
+# Without either, or if TRL fails to import, the peer is skipped and the summary says why.
+#
+# When $OUT is set (the device machine), benchmarks/results/ is packed into
+# $OUT/gpu_check_results.tgz after every part (one file: a device call brings back 8 at most).
+# Here: tar -xzf <files_at>/gpu_check_results.tgz -C benchmarks, then
+# `python -m benchmarks.report --write`, and commit the results with the README.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-LOG_DIR=${LOG_DIR:-benchmarks/results/logs}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET  # compiled kernels, never the interpreter
 PY=${PYTHON:-python3}
-
-if ! $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-    echo "gpu_check: no CUDA device visible to $PY; nothing to do" >&2
-    exit 2
-fi
-mkdir -p "$LOG_DIR"
-$PY - <<'EOF' | tee "$LOG_DIR/environment.txt"
-import torch, triton, transformers, peft
-print(torch.cuda.get_device_name(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
-      "| triton", triton.__version__, "| transformers", transformers.__version__,
-      "| peft", peft.__version__)
-EOF
-
-peer_args=()
+RESULTS=${GPU_CHECK_RESULTS:-benchmarks/results}  # (tests point these two elsewhere)
+README=${GPU_CHECK_README:-README.md}
+LOG_DIR=${LOG_DIR:-$RESULTS/logs}
+WHEELHOUSE=${WHEELHOUSE:-.whl}
 PEER_SCRIPT=${PEER_SCRIPT:-benchmarks/peers/trl_ppo_peer.py}
-if [ -f "$PEER_SCRIPT" ] && $PY -c 'import trl, datasets' 2>/dev/null; then
-    peer_args=(--peer-script "$PEER_SCRIPT" --peer-full)
-    for arg in ${PEER_ARGS:-}; do peer_args+=("--peer-arg=$arg"); done
-else
-    echo "gpu_check: TRL peer not run (needs $PEER_SCRIPT and trl==1.12.0 + datasets)" >&2
-fi
+PEER_TRL_VERSION=1.12.0
+# the peer's wheels (pure Python) that the GPU image lacks; datasets 5.2.0 is the version that ran
+# beside trl 1.12.0 here
+PEER_WHEELS=${PEER_WHEELS:-"trl==1.12.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19"}
+PROOF_TOTAL_S=${PROOF_TOTAL_S:-540}
+REPORT_RESERVE_S=10
+TEST_WORKERS=${TEST_WORKERS:-8}
+DRY_RUN=${GPU_CHECK_DRY_RUN:-0}
+# The kernel test files (their op's kernels compiled on the GPU and checked against the float64
+# reference), most important first.
+KERNEL_TESTS=(tests/test_logprobs.py tests/test_ppo_fused.py tests/test_linear_logprobs.py
+              tests/test_policy_loss.py tests/test_value_loss.py tests/test_gae_whiten.py
+              tests/test_kl_rewards.py tests/test_bradley_terry.py tests/test_compile_no_sync.py)
+LINEAR_SHAPE="V=151936 H=4096 N=16384"
 
+START=$SECONDS
+PARTS_TSV=$LOG_DIR/proof_parts.tsv
 status=0
+
+say() { echo "gpu_check: $*" >&2; }
+
+# Pack the results for the trip back from the device machine (only where $OUT exists).
+pack() {
+    if [ "$DRY_RUN" != 1 ] && [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
+        tar -czf "$OUT/gpu_check_results.tgz" -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")" \
+            2>/dev/null || true
+    fi
+}
+
+# step NAME BUDGET_S COMMAND...: run COMMAND under a hard timeout of min(BUDGET_S, time left),
+# log it to $LOG_DIR/NAME.log, record "NAME status seconds budget" in $PARTS_TSV.
+step() {
+    local name=$1 budget=$2
+    shift 2
+    local left=$((START + PROOF_TOTAL_S - REPORT_RESERVE_S - SECONDS))
+    local limit=$budget
+    [ "$left" -lt "$limit" ] && limit=$left
+    if [ "$DRY_RUN" = 1 ]; then
+        printf '[plan] %-9s budget %3d s: %s\n' "$name" "$budget" "$(printf '%q ' "$@")"
+        return 0
+    fi
+    if [ "$limit" -lt 5 ]; then
+        say "$name: skipped, the ${PROOF_TOTAL_S} s total is spent"
+        printf '%s\tskipped: no time left\t0\t%s\n' "$name" "$budget" >>"$PARTS_TSV"
+        return 0
+    fi
+    echo "=== $name (timeout ${limit} s): $*"
+    local began=$SECONDS rc
+    timeout -s INT -k 10 "$limit" "$@" 2>&1 | tee "$LOG_DIR/$name.log"
+    rc=${PIPESTATUS[0]}
+    local took=$((SECONDS - began)) what=ok
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        what="timed out at ${limit} s"; status=1
+    elif [ "$rc" -ne 0 ]; then
+        what="failed (exit $rc)"; status=1
+    fi
+    printf '%s\t%s\t%d\t%s\n' "$name" "$what" "$took" "$budget" >>"$PARTS_TSV"
+    say "$name: $what after ${took} s (budget ${budget} s)"
+    pack
+}
+
+# e2e_part NAME BUDGET TAG PEER_TIMEOUT E2E_ARGS...: one e2e_ppo call; its file is renamed
+# e2e_ppo_TAG-<device>-<date>.json so that the next shape's run (same day) does not replace it.
+e2e_part() {
+    local name=$1 budget=$2 tag=$3 peer_timeout=$4
+    shift 4
+    local stage=$RESULTS/.stage-$tag peer=()
+    if [ "$peer_timeout" != 0 ] && [ ${#PEER_ARGS[@]} -gt 0 ]; then
+        peer=("${PEER_ARGS[@]}" --peer-steps 2 --peer-timeout "$peer_timeout")
+    fi
+    [ "$DRY_RUN" = 1 ] || { rm -rf "$stage"; mkdir -p "$stage"; }
+    step "$name" "$budget" "$PY" -m benchmarks.e2e_ppo "$@" "${peer[@]}" --results-dir "$stage"
+    if [ "$DRY_RUN" != 1 ]; then
+        for f in "$stage"/e2e_ppo-*.json; do
+            [ -e "$f" ] && mv "$f" "$RESULTS/$(basename "$f" | sed "s/^e2e_ppo-/e2e_ppo_$tag-/")"
+        done
+        rm -rf "$stage"
+        pack
+    fi
+}
+
+# Peer interpreter: the carried wheelhouse, else $PEER_PYTHON, else this interpreter; it must
+# import trl 1.12.0 and datasets. Sets PEER_ARGS (empty: the peer is not run, PEER_WHY says why).
+PEER_ARGS=()
+PEER_WHY=""
+setup_peer() {
+    local peer_py=${PEER_PYTHON:-$PY}
+    if compgen -G "$WHEELHOUSE/*.whl" >/dev/null; then
+        if [ "$DRY_RUN" = 1 ]; then
+            echo "[plan] setup     install $WHEELHOUSE/*.whl --target /tmp/peer-site (the peer's only)"
+        elif timeout 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+                --upgrade --target /tmp/peer-site "$WHEELHOUSE"/*.whl; then
+            printf '#!/bin/sh\nPYTHONPATH=/tmp/peer-site${PYTHONPATH:+:$PYTHONPATH} exec %s "$@"\n' \
+                "$(command -v "$PY")" >/tmp/gpu_check_peer_python
+            chmod +x /tmp/gpu_check_peer_python
+            peer_py=/tmp/gpu_check_peer_python
+        else
+            PEER_WHY="pip could not install $WHEELHOUSE/*.whl"
+        fi
+    fi
+    if [ ! -f "$PEER_SCRIPT" ]; then
+        PEER_WHY="no $PEER_SCRIPT"
+    elif [ "$DRY_RUN" = 1 ]; then
+        echo "[plan] setup     peer: $peer_py must import trl==$PEER_TRL_VERSION and datasets"
+    elif [ -z "$PEER_WHY" ]; then
+        local found
+        if found=$(timeout 60 "$peer_py" -c \
+                'import trl, datasets; print(trl.__version__)' 2>"$LOG_DIR/peer_import.log"); then
+            [ "$found" = "$PEER_TRL_VERSION" ] \
+                || PEER_WHY="$peer_py has trl $found, the peer needs $PEER_TRL_VERSION"
+        else
+            PEER_WHY="$peer_py cannot import trl and datasets ($(tail -n 1 "$LOG_DIR/peer_import.log"))"
+        fi
+    fi
+    if [ -z "$PEER_WHY" ]; then
+        PEER_ARGS=(--peer-script "$PEER_SCRIPT" --peer-python "$peer_py")
+        for arg in ${PEER_EXTRA_ARGS:-}; do PEER_ARGS+=("--peer-arg=$arg"); done
+    else
+        say "TRL peer not run: $PEER_WHY (bash scripts/gpu_check.sh wheels, then carry .whl;" \
+            "or PEER_PYTHON=<interpreter with trl==$PEER_TRL_VERSION>)"
+        if [ "$DRY_RUN" != 1 ] && [ "${IN_PROOF:-0}" = 1 ]; then
+            printf 'trl-peer\tnot run: %s\t0\t0\n' "$PEER_WHY" >>"$PARTS_TSV"
+        fi
+    fi
+}
+
+environment() {
+    [ "$DRY_RUN" = 1 ] && { echo "[plan] setup     environment -> $LOG_DIR/environment.txt"; return; }
+    {
+        nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
+        "$PY" - <<'EOF'
+import importlib, platform
+import torch
+names = ("triton", "transformers", "peft", "accelerate")
+versions = {n: getattr(importlib.import_module(n), "__version__", "?") for n in names}
+print(torch.cuda.get_device_name(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
+      "|", " | ".join(f"{k} {v}" for k, v in versions.items()), "| python",
+      platform.python_version())
+EOF
+    } 2>&1 | tee "$LOG_DIR/environment.txt"
+}
+
+proof() {
+    IN_PROOF=1
+    [ "$DRY_RUN" = 1 ] || : >"$PARTS_TSV"
+    local t0=$SECONDS
+    environment
+    setup_peer
+    [ "$DRY_RUN" = 1 ] || printf 'setup\tok\t%d\t20\n' $((SECONDS - t0)) >>"$PARTS_TSV"
+    local xdist=() per_test=()
+    if [ "$DRY_RUN" = 1 ] || "$PY" -c 'import xdist' 2>/dev/null; then
+        xdist=(-n "$TEST_WORKERS")
+    fi
+    if [ "$DRY_RUN" = 1 ] || "$PY" -c 'import pytest_timeout' 2>/dev/null; then
+        per_test=(--timeout 60)
+    fi
+    # (a) the kernels compiled on the GPU against the float64 reference
+    step tests 70 "$PY" -m pytest -q -rfE -p no:cacheprovider "${xdist[@]}" "${per_test[@]}" \
+        --junitxml="$LOG_DIR/cuda_tests.xml" "${KERNEL_TESTS[@]}"
+    if [ "$DRY_RUN" = 1 ]; then
+        echo "[plan] tests     then: $PY -m benchmarks.proof tests $LOG_DIR/cuda_tests.xml" \
+            "(-> cuda_tests JSON)"
+    else
+        "$PY" -m benchmarks.proof --results-dir "$RESULTS" tests "$LOG_DIR/cuda_tests.xml" \
+            || status=1
+        pack
+    fi
+    # (b) the kernel benchmarks at the design shapes; --budget-s leaves 10 s for the case in flight
+    local bench=("$PY" -m benchmarks.proof --results-dir "$RESULTS" bench)
+    step logprobs 45 "${bench[@]}" bench_logprobs --budget-s 35
+    step ppo_loss 25 "${bench[@]}" bench_ppo_loss --budget-s 15
+    step gae 20 "${bench[@]}" bench_gae --budget-s 10
+    step kl 20 "${bench[@]}" bench_kl --budget-s 10
+    # (c) the fused linear ops at one large shape
+    step linear 40 "${bench[@]}" bench_linear_logprobs \
+        --match "$LINEAR_SHAPE" --save-as linear_logprobs_large --budget-s 28
+    # (d) end to end, TRL's PPOTrainer beside ours in the same call; the design bar's shape first
+    e2e_part e2e-1.5b 115 qwen2.5-1.5b 70 --shape qwen2.5-1.5b
+    e2e_part e2e-0.5b 85 qwen2.5-0.5b 50 --shape qwen2.5-0.5b
+    # (e) the 8B shape under a 24 GiB cap
+    e2e_part e2e-8b 80 llama-3-8b 0 --shape llama-3-8b --max-memory 24 --minibatch 4 \
+        --forward-chunk 4
+    # summary and the README table from the files just written
+    if [ "$DRY_RUN" = 1 ]; then
+        echo "[plan] report    budget  10 s: $PY -m benchmarks.proof summary $PARTS_TSV;" \
+            "$PY -m benchmarks.report; $PY -m benchmarks.report --write (into $README)"
+        echo "[plan] where \$OUT is set: $RESULTS packed into \$OUT/gpu_check_results.tgz after" \
+            "every part"
+        return
+    fi
+    "$PY" -m benchmarks.proof --results-dir "$RESULTS" summary "$PARTS_TSV" || status=1
+    pack
+    "$PY" -m benchmarks.report --results-dir "$RESULTS" || status=1
+    "$PY" -m benchmarks.report --results-dir "$RESULTS" --write --readme "$README" || status=1
+    echo
+    echo "=== proof: $((SECONDS - START)) s in all (limit ${PROOF_TOTAL_S} s); per part:"
+    column -t -s $'\t' "$PARTS_TSV" 2>/dev/null || cat "$PARTS_TSV"
+}
+
+wheels() {
+    # Run where pip reaches an index (not on the device machine): CPython 3.12 x86-64, the GPU
+    # image's interpreter. Pure-Python wheels, so the platform flags only satisfy pip.
+    local cmd=("$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12
+               --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
+               --platform manylinux2014_x86_64 -d "$WHEELHOUSE")
+    # shellcheck disable=SC2206
+    local names=($PEER_WHEELS)
+    if [ "$DRY_RUN" = 1 ]; then
+        echo "[plan] wheels: ${cmd[*]} ${names[*]}"
+        return
+    fi
+    mkdir -p "$WHEELHOUSE"
+    "${cmd[@]}" "${names[@]}" || { say "pip download failed"; exit 1; }
+    ls -l "$WHEELHOUSE"
+    echo "carry \"$WHEELHOUSE\" in the device call: run(command=\"bash scripts/gpu_check.sh proof\"," \
+        "carry=[\"$WHEELHOUSE\"])"
+}
+
+# The parts with no time limit (for a longer session), as before.
 run_part() {
     case "$1" in
         tests)
-            $PY -m pytest -q -rs 2>&1 | tee "$LOG_DIR/tests.log" || status=1 ;;
+            run_unbounded tests "$PY" -m pytest -q -rs ;;
         kernels)
-            { $PY -m benchmarks && $PY -m benchmarks.bench_logprobs --sweep; } 2>&1 \
-                | tee "$LOG_DIR/kernels.log" || status=1 ;;
+            run_unbounded kernels "$PY" -m benchmarks
+            run_unbounded kernels-sweep "$PY" -m benchmarks.bench_logprobs --sweep ;;
         e2e)
-            $PY -m benchmarks.e2e_ppo --shape qwen2.5-0.5b --shape qwen2.5-1.5b \
-                "${peer_args[@]}" 2>&1 | tee "$LOG_DIR/e2e.log" || status=1 ;;
+            local full=()
+            [ ${#PEER_ARGS[@]} -gt 0 ] && full=("${PEER_ARGS[@]}" --peer-full)
+            run_unbounded e2e "$PY" -m benchmarks.e2e_ppo --shape qwen2.5-0.5b \
+                --shape qwen2.5-1.5b "${full[@]}" ;;
         e2e-8b)
-            $PY -m benchmarks.e2e_ppo --shape llama-3-8b --max-memory 24 --minibatch 4 \
-                --forward-chunk 4 2>&1 | tee "$LOG_DIR/e2e-8b.log" || status=1 ;;
+            run_unbounded e2e-8b "$PY" -m benchmarks.e2e_ppo --shape llama-3-8b --max-memory 24 \
+                --minibatch 4 --forward-chunk 4 ;;
         *)
-            echo "gpu_check: unknown part '$1' (tests, kernels, e2e, e2e-8b, all)" >&2
+            say "unknown part '$1' (proof, tests, kernels, e2e, e2e-8b, all, wheels)"
             exit 2 ;;
     esac
 }
 
+run_unbounded() {
+    local name=$1
+    shift
+    if [ "$DRY_RUN" = 1 ]; then
+        printf '[plan] %-9s no time limit: %s\n' "$name" "$(printf '%q ' "$@")"
+        return
+    fi
+    "$@" 2>&1 | tee "$LOG_DIR/$name.log" || status=1
+    pack
+}
+
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(all)
-for part in "${parts[@]}"; do
-    if [ "$part" = all ]; then
-        for p in tests kernels e2e e2e-8b; do run_part "$p"; done
-    else
-        run_part "$part"
+if [ "${parts[*]}" = wheels ]; then
+    wheels
+    exit 0
+fi
+if [ "$DRY_RUN" = 1 ]; then
+    echo "gpu_check dry run: nothing is run; the plan for: ${parts[*]}"
+else
+    if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+        say "no CUDA device visible to $PY; nothing to do (GPU_CHECK_DRY_RUN=1 shows the plan)"
+        exit 2
     fi
+    mkdir -p "$LOG_DIR"
+fi
+for part in "${parts[@]}"; do
+    case "$part" in
+        proof) proof ;;
+        all)
+            [ "$DRY_RUN" = 1 ] || environment
+            setup_peer
+            for p in tests kernels e2e e2e-8b; do run_part "$p"; done ;;
+        wheels) say "'wheels' runs on its own (on a machine with pip access)"; exit 2 ;;
+        *)
+            if [ "$part" = e2e ] && [ ${#PEER_ARGS[@]} -eq 0 ] && [ -z "$PEER_WHY" ]; then
+                setup_peer
+            fi
+            run_part "$part" ;;
+    esac
 done
 exit $status

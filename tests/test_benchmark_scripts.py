@@ -227,3 +227,355 @@ def test_host_overhead_refuses_interpreted_kernels():
     with pytest.raises(RuntimeError, match="fresh process"):
         with host_overhead.host_only_launches():
             pass
+
+
+# ------------------------------------------------------------------------------------------
+# scripts/gpu_check.sh proof, benchmarks.proof and benchmarks.report (no GPU needed)
+# ------------------------------------------------------------------------------------------
+GPU_CHECK = REPO / "scripts" / "gpu_check.sh"
+PROOF_PARTS = ["tests", "logprobs", "ppo_loss", "gae", "kl", "linear", "e2e-1.5b", "e2e-0.5b",
+               "e2e-8b"]
+
+
+def test_gpu_check_is_valid_bash():
+    done = subprocess.run(["bash", "-n", str(GPU_CHECK)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def _plan(*parts: str, **env) -> list[str]:
+    done = subprocess.run(["bash", str(GPU_CHECK), *parts], cwd=REPO, capture_output=True,
+                          text=True, timeout=60,
+                          env={**os.environ, "GPU_CHECK_DRY_RUN": "1", **env})
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def test_gpu_check_proof_dry_run_plans_every_part_within_nine_minutes():
+    import shlex
+
+    lines = _plan("proof", WHEELHOUSE="/nonexistent")
+    steps = {}
+    for line in lines:
+        found = re.match(r"\[plan\] (\S+)\s+budget\s+(\d+) s: (.*)$", line)
+        if found:
+            steps[found[1]] = (int(found[2]), found[3])
+    # priority order: a run cut off anywhere keeps the most important results
+    assert list(steps) == [*PROOF_PARTS, "report"]
+    setup_s = 20
+    assert setup_s + sum(budget for budget, _ in steps.values()) <= 9 * 60
+    # the budgets in the script header are the ones the plan uses
+    header = GPU_CHECK.read_text().split("set -uo pipefail")[0]
+    for part, (budget, _) in steps.items():
+        assert re.search(rf"#\s+{re.escape(part)}\s+{budget} s\s", header), part
+    argv = {part: shlex.split(command) for part, (_, command) in steps.items() if part != "report"}
+    tests = argv["tests"]
+    assert tests[1:3] == ["-m", "pytest"] and any(a.startswith("--junitxml=") for a in tests)
+    test_files = [a for a in tests if a.startswith("tests/")]
+    assert test_files[0] == "tests/test_logprobs.py"
+    assert all((REPO / f).is_file() for f in test_files)
+    for part in ("logprobs", "ppo_loss", "gae", "kl", "linear"):
+        assert argv[part][1:3] == ["-m", "benchmarks.proof"] and "--budget-s" in argv[part]
+        soft = float(argv[part][argv[part].index("--budget-s") + 1])
+        assert soft < steps[part][0], part  # the case in flight ends before the hard timeout
+        module = argv[part][argv[part].index("bench") + 1]
+        assert importlib.import_module(f"benchmarks.{module}").cases(smoke=False)
+    # the one large linear shape is a case the script really lists
+    linear = argv["linear"]
+    match = linear[linear.index("--match") + 1]
+    from benchmarks import bench_linear_logprobs
+
+    impls = {c.impl for c in bench_linear_logprobs.cases(smoke=False) if match in c.name}
+    assert {"linear_logprobs", "linear_ppo_loss", "unfused", "ppo-unfused"} <= impls
+    for part, shape in (("e2e-1.5b", "qwen2.5-1.5b"), ("e2e-0.5b", "qwen2.5-0.5b")):
+        cmd = argv[part]
+        assert cmd[1:3] == ["-m", "benchmarks.e2e_ppo"] and cmd[cmd.index("--shape") + 1] == shape
+        assert cmd[cmd.index("--peer-script") + 1] == "benchmarks/peers/trl_ppo_peer.py"
+        assert (REPO / "benchmarks/peers/trl_ppo_peer.py").is_file()
+        assert float(cmd[cmd.index("--peer-timeout") + 1]) < steps[part][0]
+    big = argv["e2e-8b"]
+    assert big[big.index("--shape") + 1] == "llama-3-8b"
+    assert big[big.index("--max-memory") + 1] == "24" and "--peer-script" not in big
+    assert any("benchmarks.report" in line and "--write" in line for line in lines)
+
+
+def test_gpu_check_dry_run_keeps_the_other_parts():
+    lines = _plan("tests", "kernels", "e2e", "e2e-8b")
+    text = "\n".join(lines)
+    assert "-m pytest -q -rs" in text and "-m benchmarks " in text and "--sweep" in text
+    assert "--shape qwen2.5-0.5b --shape qwen2.5-1.5b" in text and "--peer-full" in text
+    assert "--shape llama-3-8b --max-memory 24" in text
+    wheels = _plan("wheels")
+    assert "pip download --no-deps --only-binary=:all: --python-version 3.12" in wheels[0]
+    assert "trl==1.12.0" in wheels[0]
+
+
+def test_gpu_check_refuses_without_a_gpu_or_an_unknown_part():
+    if not torch.cuda.is_available():
+        done = subprocess.run(["bash", str(GPU_CHECK), "proof"], cwd=REPO, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 2 and "no CUDA device" in done.stderr
+    done = subprocess.run(["bash", str(GPU_CHECK), "speed"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "GPU_CHECK_DRY_RUN": "1"})
+    assert done.returncode == 2 and "unknown part 'speed'" in done.stderr
+
+
+# A stand-in for python3 that says there is a GPU and fakes the GPU work: pytest writes a JUnit
+# file, bench_kl fails, e2e_ppo writes a result file; the summary and the report are real.
+_STUB = r"""#!/usr/bin/env bash
+echo "$*" >>"$STUB_CALLS"
+case "$1" in
+-c) case "$2" in *cuda.is_available*) exit 0 ;; *"import trl"*) echo "No module named trl" >&2 ;;
+    esac; exit 1 ;;
+-) cat >/dev/null; echo "FAKE GPU | torch 0"; exit 0 ;;
+esac
+case "$2" in
+pytest)
+    for a in "$@"; do case "$a" in --junitxml=*) xml=${a#--junitxml=} ;; esac; done
+    sleep "${STUB_TEST_SLEEP:-0}"
+    printf '%s' "$STUB_JUNIT" >"$xml"
+    exit 0 ;;
+benchmarks.proof)
+    case " $* " in *" bench "*) case " $* " in *" bench_kl "*) exit 3 ;; esac; exit 0 ;; esac
+    exec "$REAL_PY" "$@" ;;
+benchmarks.report) exec "$REAL_PY" "$@" ;;
+benchmarks.e2e_ppo)
+    prev=""; for a in "$@"; do
+        [ "$prev" = --results-dir ] && dir=$a; [ "$prev" = --shape ] && shape=$a; prev=$a; done
+    echo "${STUB_E2E//SHAPE/$shape}" >"$dir/e2e_ppo-FAKE_GPU-2030-01-01.json"
+    exit 0 ;;
+esac
+exit 0
+"""
+_STUB_JUNIT = (
+    '<testsuites><testsuite><testcase classname="tests.test_logprobs" name="a" time="1.5"/>'
+    '<testcase classname="tests.test_gae_whiten" name="b" time="0.5">'
+    '<failure message="off by 1e-3"/></testcase></testsuite></testsuites>')
+_STUB_E2E = json.dumps({
+    "environment": {"device": "FAKE GPU", "date": "2030-01-01T00:00:00+00:00",
+                    "git_sha": "7" * 40},
+    "rows": [{"op": "e2e_ppo", "case": "SHAPE", "impl": "rlhf shared-LoRA r=16", "peak_gib": 1.5,
+              "s_per_batch": 2.0, "response_tok_per_s": 2048.0}]})
+
+
+def _stub_proof(tmp_path, **env):
+    stub = tmp_path / "python3"
+    stub.write_text(_STUB)
+    stub.chmod(0o755)
+    results, out = tmp_path / "results", tmp_path / "out"
+    results.mkdir()
+    out.mkdir()
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{report.BEGIN}\nold\n{report.END}\n\nafter\n")
+    done = subprocess.run(
+        ["bash", str(GPU_CHECK), "proof"], cwd=REPO, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHON": str(stub), "REAL_PY": sys.executable,
+             "STUB_CALLS": str(tmp_path / "calls"), "GPU_CHECK_RESULTS": str(results),
+             "GPU_CHECK_README": str(readme), "OUT": str(out), "WHEELHOUSE": "/nonexistent",
+             "PEER_PYTHON": str(stub), "STUB_JUNIT": _STUB_JUNIT, "STUB_E2E": _STUB_E2E,
+             **env})
+    parts = [line.split("\t") for line in (results / "logs" / "proof_parts.tsv").read_text()
+             .splitlines()]
+    return done, {p[0]: p[1] for p in parts}, results, out, readme
+
+
+def test_gpu_check_proof_runs_every_part_records_and_reports(tmp_path):
+    """The whole proof on a stand-in interpreter: parts in order, a failing part does not stop
+    the rest, the missing TRL peer is said, e2e files get their shape in the name, the summary
+    and the CUDA test results become result files, the README block and $OUT are written."""
+    import tarfile
+
+    done, parts, results, out, readme = _stub_proof(tmp_path)
+    assert done.returncode == 1, done.stdout + done.stderr  # bench_kl failed
+    assert list(parts) == ["trl-peer", "setup", *PROOF_PARTS]
+    assert parts["kl"] == "failed (exit 3)" and parts["trl-peer"].startswith("not run: ")
+    assert all(parts[p] == "ok" for p in PROOF_PARTS if p != "kl")
+    assert "TRL peer not run" in done.stderr and "No module named trl" in done.stderr
+    calls = (tmp_path / "calls").read_text()
+    assert "--peer-script" not in calls
+    names = sorted(p.name.rsplit("-", 4)[0] for p in results.glob("*.json"))
+    assert names == ["cuda_tests", "e2e_ppo_llama-3-8b", "e2e_ppo_qwen2.5-0.5b",
+                     "e2e_ppo_qwen2.5-1.5b", "proof_summary"]
+    tests = json.loads(next(results.glob("cuda_tests-*.json")).read_text())["rows"]
+    assert [(r["case"], r["passed"], r["failed"]) for r in tests] == [
+        ("tests/test_gae_whiten.py", 0, 1), ("tests/test_logprobs.py", 1, 0)]
+    assert tests[0]["failures"] == ["b: off by 1e-3"]
+    text = readme.read_text()
+    assert text.startswith("# x\n\n") and text.endswith("\n\nafter\n") and "old" not in text
+    assert "#### FAKE GPU" in text and "| qwen2.5-1.5b | rlhf shared-LoRA r=16 |" in text
+    assert "failed (exit 3)" in text  # the parts table
+    with tarfile.open(out / "gpu_check_results.tgz") as packed:
+        assert any(n.startswith("results/e2e_ppo_llama-3-8b-") for n in packed.getnames())
+
+
+def test_gpu_check_proof_timeout_cuts_a_part_and_skips_the_rest(tmp_path):
+    done, parts, results, _, _ = _stub_proof(tmp_path, PROOF_TOTAL_S="17",
+                                             STUB_TEST_SLEEP="60")
+    assert done.returncode == 1
+    assert re.fullmatch(r"timed out at [5-7] s", parts["tests"]), parts  # 17 s - 10 s reserve
+    assert all(parts[p] == "skipped: no time left" for p in PROOF_PARTS[1:]), parts
+    assert "skipped: no time left" in next(results.glob("proof_summary-*.json")).read_text()
+
+
+# ------------------------------------------------------------------------------------------
+# benchmarks.proof: case selection, priority, per-case saving, the budget
+# ------------------------------------------------------------------------------------------
+def test_proof_bench_runs_ours_first_saves_each_case_and_honours_the_budget(tmp_path, monkeypatch):
+    from benchmarks import bench_kl, proof
+
+    saved = []
+    real_save = common.save_results
+
+    def recording_save(name, rows, directory=None):
+        saved.append((name, [r["impl"] for r in rows]))
+        return real_save(name, rows, directory)
+
+    monkeypatch.setattr(common, "save_results", recording_save)
+    rows = proof.run_bench("bench_kl", match=("3x33 float32 fwd |",), smoke=True,
+                           directory=tmp_path, save_as="kl_proof")
+    listed = [c.impl for c in bench_kl.cases(smoke=True) if "3x33 float32 fwd |" in c.name]
+    assert sorted(listed) == sorted(r["impl"] for r in rows) and len(rows) == 2
+    assert [r["impl"] for r in rows] == ["ours", "eager"]  # ours first, whatever the listing
+    # a file after every case, then the final one
+    assert saved == [("kl_proof", ["ours"]), ("kl_proof", ["ours", "eager"]),
+                     ("kl_proof", ["ours", "eager"])]
+    assert bench_kl.cases is not None and bench_kl.run_cases is common.run_cases  # restored
+    stored = json.loads(next(tmp_path.glob("kl_proof-*.json")).read_text())
+    assert [r["impl"] for r in stored["rows"]] == ["ours", "eager"]
+    # a spent budget: the cases not started are rows that say so, none is timed
+    rows = proof.run_bench("bench_kl", match=("3x33",), smoke=True, directory=tmp_path,
+                           budget_s=0.0)
+    assert rows and all(r["ms"] is None and r["error"].startswith("not run: the part's time "
+                                                                  "budget") for r in rows)
+    with pytest.raises(SystemExit, match="no case matches"):
+        proof.run_bench("bench_kl", match=("no such case",), smoke=True, directory=tmp_path)
+
+
+def test_proof_bench_records_a_failing_case_and_goes_on(tmp_path, monkeypatch):
+    from benchmarks import bench_gae, proof
+
+    def broken():
+        raise RuntimeError("CUDA error: an illegal memory access\nmore")
+
+    real_cases = bench_gae.cases
+
+    def cases(smoke=False):
+        listed = real_cases(smoke)[:2]
+        return [Case(listed[0].op, listed[0].case, "ours", broken), listed[1]]
+
+    monkeypatch.setattr(bench_gae, "cases", cases)
+    rows = proof.run_bench("bench_gae", smoke=True, directory=tmp_path)
+    assert rows[0]["impl"] == "ours" and rows[0]["ms"] is None
+    assert rows[0]["error"] == "RuntimeError: CUDA error: an illegal memory access"
+    assert rows[1]["ms"] is not None
+
+
+# ------------------------------------------------------------------------------------------
+# benchmarks.report
+# ------------------------------------------------------------------------------------------
+from benchmarks import report  # noqa: E402
+
+
+def _result(directory: Path, name: str, device: str, date: str, sha: str, rows: list[dict]):
+    env = {"device": device, "date": date, "git_sha": sha, "torch": "2.99", "triton": "9.9",
+           "cuda": "13.0" if device != "cpu" else None}
+    path = directory / f"{name}-{device.replace(' ', '_')}-{date[:10]}.json"
+    path.write_text(json.dumps({"environment": env, "rows": rows}))
+    return path
+
+
+def _row(op, case, impl, ms, **extra):
+    return {"op": op, "case": case, "impl": impl, "ms": ms, **extra}
+
+
+def test_report_without_a_gpu_file_says_so_and_labels_cpu_rows(tmp_path):
+    _result(tmp_path, "e2e_ppo", "cpu", "2026-11-22T10:00:00+00:00", "a" * 40, [
+        {"op": "e2e_ppo", "case": "qwen2.5-0.5b", "impl": "rlhf shared-LoRA r=16",
+         "peak_gib": 2.9, "s_per_batch": 29.7, "response_tok_per_s": 4.31,
+         "config": {"batch": 4, "prompt_length": 32, "response_length": 32,
+                    "dtype": "bfloat16"}}])
+    (tmp_path / "broken.json").write_text("{not json")
+    text = report.render(tmp_path)
+    assert "**No GPU run yet.**" in text and "####" not in text
+    assert "**CPU only (not GPU figures):**" in text
+    assert "| qwen2.5-0.5b | rlhf shared-LoRA r=16 | 4×(32+32) | bfloat16 | — | 2.9 | 29.7 |" \
+        in text
+    assert "2026-11-22 | `aaaaaaa` |" in text
+    assert "`broken.json`: not a result file" in text  # never silently dropped
+
+
+def test_report_newest_row_per_case_and_device(tmp_path):
+    case = "8x1024x151936 bfloat16 fwd"
+    _result(tmp_path, "logprobs", "NVIDIA H200", "2030-01-01T00:00:00+00:00", "1" * 40, [
+        _row("logprobs", case, "ours", 2.0, pct_of_floor=40.0, peak_extra_mib=1.0),
+        _row("logprobs", case, "eager", 10.0),
+        _row("logprobs", case, "torch.compile", 1.5)])
+    # a later partial rerun: only ours and eager again, ours faster
+    _result(tmp_path, "logprobs_rerun", "NVIDIA H200", "2030-01-02T00:00:00+00:00", "2" * 40, [
+        _row("logprobs", case, "ours", 1.0, pct_of_floor=80.0, peak_extra_mib=1.0,
+             target_ms=0.92),
+        _row("logprobs", case, "eager", 9.0)])
+    # an older file of the same case on another GPU stays its own
+    _result(tmp_path, "logprobs", "NVIDIA H100 80GB HBM3", "2029-01-01T00:00:00+00:00",
+            "3" * 40, [_row("logprobs", case, "ours", 3.0, error="out of memory: x")])
+    text = report.render(tmp_path)
+    assert "No GPU run yet" not in text
+    h100, h200 = text.index("#### NVIDIA H100 80GB HBM3"), text.index("#### NVIDIA H200")
+    assert "torch 2.99, triton 9.9, cuda 13.0" in text
+    lines = [line for line in text.splitlines() if line.startswith(f"| logprobs | {case} |")]
+    assert len(lines) == 2  # ours only, once per device (peers in the 'fastest peer' column)
+    h200_line = next(line for line in lines if "`2222222`" in line)
+    # newest ours (1.0 ms, 2030-01-02) against the fastest newest peer: torch.compile 1.5 ms
+    # from the older run, which is said
+    assert "| ours | 1 | 80% |" in h200_line
+    assert "torch.compile 1.5 ms (1.5×) [peer run 2030-01-01 `1111111`]" in h200_line
+    assert "| 0.92 ✗ |" in h200_line  # 1.0 ms against the 0.92 ms target
+    h100_line = next(line for line in lines if "`3333333`" in line)
+    assert "out of memory: x" in h100_line and h100 < h200
+    full = report.render(tmp_path, full=True)
+    assert sum(line.startswith(f"| logprobs | {case} |") for line in full.splitlines()) == 4
+
+
+def test_report_target_mark(tmp_path):
+    _result(tmp_path, "gae", "NVIDIA H200", "2030-01-01T00:00:00+00:00", "1" * 40, [
+        _row("gae", "512x2048 fp32", "ours", 0.02, target_ms=0.025),
+        _row("gae", "512x2048 fp32", "eager", 1.0),
+        _row("ppo_policy_loss", "64x1024 fp32 fwd+bwd", "ours", 0.06, target_ms=0.05),
+        _row("ppo_policy_loss", "64x1024 fp32 fwd+bwd", "eager", 0.7)])
+    text = report.render(tmp_path)
+    assert "| 0.025 ✓ |" in text and "| 0.05 ✗ |" in text
+
+
+def test_report_write_replaces_the_block_and_is_idempotent(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    _result(results, "gae", "NVIDIA H200", "2030-01-01T00:00:00+00:00", "1" * 40,
+            [_row("gae", "512x2048 fp32", "ours", 0.02)])
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n\n{report.BEGIN}\nhand-typed 0.01 ms\n{report.END}\n\noutro\n")
+    args = ["--results-dir", str(results), "--readme", str(readme), "--write"]
+    assert report.main(args) == 0
+    first = readme.read_text()
+    assert "hand-typed" not in first and "#### NVIDIA H200" in first
+    assert first.startswith(f"intro\n\n{report.BEGIN}\n") and first.endswith(
+        f"{report.END}\n\noutro\n")
+    assert report.main(args) == 0 and readme.read_text() == first  # idempotent
+    # a newer result changes the block, and only the block
+    _result(results, "gae", "NVIDIA H200", "2030-01-02T00:00:00+00:00", "2" * 40,
+            [_row("gae", "512x2048 fp32", "ours", 0.015)])
+    assert report.main(args) == 0
+    second = readme.read_text()
+    rows = [line for line in second.splitlines() if line.startswith("| gae |")]
+    assert len(rows) == 1 and "`2222222`" in rows[0] and "| 0.015 |" in rows[0]
+    assert second.split(report.BEGIN)[0] == first.split(report.BEGIN)[0]
+    assert second.split(report.END)[1] == first.split(report.END)[1]
+    readme.write_text("no markers\n")
+    assert report.main(args) == 1 and readme.read_text() == "no markers\n"
+
+
+def test_readme_results_block_is_the_rendered_one():
+    """README.md's block is what `python -m benchmarks.report --write` makes of the committed
+    results: no figure in it typed by hand."""
+    text = (REPO / "README.md").read_text()
+    assert text.count(report.BEGIN) == 1 and text.count(report.END) == 1
+    assert report.replace_block(text, report.render()) == text, \
+        "README results block is stale: run python -m benchmarks.report --write"
