@@ -61,6 +61,7 @@ RESULTS=${GPU_CHECK_RESULTS:-benchmarks/results}  # (tests point these two elsew
 README=${GPU_CHECK_README:-README.md}
 LOG_DIR=${LOG_DIR:-$RESULTS/logs}
 WHEELHOUSE=${WHEELHOUSE:-.whl}
+PEER_SITE=${PEER_SITE:-/tmp/peer-site}  # where proof installs the wheels; $PEER_SITE-python runs them
 PEER_SCRIPT=${PEER_SCRIPT:-benchmarks/peers/trl_ppo_peer.py}
 PEER_TRL_VERSION=1.12.0
 # the peer's wheels (pure Python) that the GPU image lacks; datasets 5.2.0 is the version that ran
@@ -151,13 +152,13 @@ setup_peer() {
     local peer_py=${PEER_PYTHON:-$PY}
     if compgen -G "$WHEELHOUSE/*.whl" >/dev/null; then
         if [ "$DRY_RUN" = 1 ]; then
-            echo "[plan] setup     install $WHEELHOUSE/*.whl --target /tmp/peer-site (the peer's only)"
+            echo "[plan] setup     install $WHEELHOUSE/*.whl --target $PEER_SITE (the peer's only)"
         elif timeout 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-                --upgrade --target /tmp/peer-site "$WHEELHOUSE"/*.whl; then
-            printf '#!/bin/sh\nPYTHONPATH=/tmp/peer-site${PYTHONPATH:+:$PYTHONPATH} exec %s "$@"\n' \
-                "$(command -v "$PY")" >/tmp/gpu_check_peer_python
-            chmod +x /tmp/gpu_check_peer_python
-            peer_py=/tmp/gpu_check_peer_python
+                --upgrade --target "$PEER_SITE" "$WHEELHOUSE"/*.whl; then
+            printf '#!/bin/sh\nPYTHONPATH=%q${PYTHONPATH:+:$PYTHONPATH} exec %q "$@"\n' \
+                "$PEER_SITE" "$(command -v "$PY")" >"$PEER_SITE-python"
+            chmod +x "$PEER_SITE-python"
+            peer_py=$PEER_SITE-python
         else
             PEER_WHY="pip could not install $WHEELHOUSE/*.whl"
         fi

@@ -324,7 +324,9 @@ def test_gpu_check_refuses_without_a_gpu_or_an_unknown_part():
 _STUB = r"""#!/usr/bin/env bash
 echo "$*" >>"$STUB_CALLS"
 case "$1" in
--c) case "$2" in *cuda.is_available*) exit 0 ;; *"import trl"*) echo "No module named trl" >&2 ;;
+-c) case "$2" in *cuda.is_available*) exit 0 ;; *PYTHONPATH*) echo "$PYTHONPATH"; exit 0 ;;
+    *"import trl"*) [ -n "${STUB_TRL:-}" ] && { echo "$STUB_TRL"; exit 0; }
+                    echo "No module named trl" >&2 ;;
     esac; exit 1 ;;
 -) cat >/dev/null; echo "FAKE GPU | torch 0"; exit 0 ;;
 esac
@@ -405,6 +407,30 @@ def test_gpu_check_proof_runs_every_part_records_and_reports(tmp_path):
     assert "failed (exit 3)" in text  # the parts table
     with tarfile.open(out / "gpu_check_results.tgz") as packed:
         assert any(n.startswith("results/e2e_ppo_llama-3-8b-") for n in packed.getnames())
+
+
+def test_gpu_check_proof_installs_the_carried_wheels_for_the_peer_alone(tmp_path):
+    wheels = tmp_path / "whl"
+    wheels.mkdir()
+    (wheels / "trl-1.12.0-py3-none-any.whl").write_bytes(b"")
+    site = tmp_path / "peer site"
+    done, parts, _, _, _ = _stub_proof(tmp_path, WHEELHOUSE=str(wheels), PEER_SITE=str(site),
+                                       STUB_TRL="1.12.0")
+    assert "trl-peer" not in parts and parts["e2e-1.5b"] == "ok", done.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert any(c.startswith("-m pip install -q --no-index --no-deps") and f"--target {site} "
+               in c and c.endswith("trl-1.12.0-py3-none-any.whl") for c in calls)
+    wrapper = Path(f"{site}-python")
+    e2e = [c for c in calls if c.startswith("-m benchmarks.e2e_ppo")]
+    assert [c.split("--shape ")[1].split()[0] for c in e2e] == [
+        "qwen2.5-1.5b", "qwen2.5-0.5b", "llama-3-8b"]
+    peer = "--peer-script benchmarks/peers/trl_ppo_peer.py --peer-python " + str(wrapper)
+    assert f"{peer} --peer-steps 2 --peer-timeout 70" in e2e[0]
+    assert f"{peer} --peer-steps 2 --peer-timeout 50" in e2e[1] and "--peer" not in e2e[2]
+    # the wrapper runs the same interpreter with the wheels' folder first on its path
+    probe = subprocess.run([str(wrapper), "-c", "show PYTHONPATH"], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": "/x", "STUB_CALLS": os.devnull})
+    assert probe.returncode == 0 and probe.stdout == f"{site}:/x\n", probe.stderr
 
 
 def test_gpu_check_proof_timeout_cuts_a_part_and_skips_the_rest(tmp_path):
