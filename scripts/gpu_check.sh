@@ -153,7 +153,7 @@ setup_peer() {
     if compgen -G "$WHEELHOUSE/*.whl" >/dev/null; then
         if [ "$DRY_RUN" = 1 ]; then
             echo "[plan] setup     install $WHEELHOUSE/*.whl --target $PEER_SITE (the peer's only)"
-        elif timeout 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        elif timeout 30 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
                 --upgrade --target "$PEER_SITE" "$WHEELHOUSE"/*.whl; then
             printf '#!/bin/sh\nPYTHONPATH=%q${PYTHONPATH:+:$PYTHONPATH} exec %q "$@"\n' \
                 "$PEER_SITE" "$(command -v "$PY")" >"$PEER_SITE-python"
@@ -169,7 +169,7 @@ setup_peer() {
         echo "[plan] setup     peer: $peer_py must import trl==$PEER_TRL_VERSION and datasets"
     elif [ -z "$PEER_WHY" ]; then
         local found
-        if found=$(timeout 60 "$peer_py" -c \
+        if found=$(timeout 30 "$peer_py" -c \
                 'import trl, datasets; print(trl.__version__)' 2>"$LOG_DIR/peer_import.log"); then
             [ "$found" = "$PEER_TRL_VERSION" ] \
                 || PEER_WHY="$peer_py has trl $found, the peer needs $PEER_TRL_VERSION"
