@@ -68,6 +68,8 @@ from triton.runtime import driver as triton_driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 import rlhf_kernels as rk  # noqa: E402
+from rlhf_kernels import _alloc as rk_alloc  # noqa: E402
+from rlhf_kernels import backend as rk_backend  # noqa: E402
 from rlhf_kernels import reference  # noqa: E402
 
 __all__ = ["OPS", "host_only_launches", "measure", "run", "main"]
@@ -139,24 +141,20 @@ def host_only_launches():
     backend picks the Triton path for CPU tensors (as under the interpreter)."""
     _check_compiled_mode()
     previous_compile = JITFunction._do_compile
-    previous_env = {name: os.environ.get(name)
-                    for name in ("TRITON_INTERPRET", "RLHF_KERNELS_POISON")}
     triton_driver.set_active(_StubDriver())
     JITFunction._do_compile = _stub_compile
-    # resolve_backend sends CPU tensors to Triton when this is set; the kernels were defined
-    # before, in compiled mode, so nothing is interpreted.
-    os.environ["TRITON_INTERPRET"] = "1"
-    os.environ.pop("RLHF_KERNELS_POISON", None)
+    # resolve_backend sends CPU tensors to Triton when it believes the interpreter is on (read
+    # once, at import); the kernels were defined in compiled mode, so nothing is interpreted.
+    previous_interpreter, rk_backend._INTERPRETER = rk_backend._INTERPRETER, True
+    # No NaN fill of new buffers (the test suite's RLHF_KERNELS_POISON, read at import).
+    previous_poison, rk_alloc._POISON = rk_alloc._POISON, False
     try:
         yield
     finally:
+        rk_alloc._POISON = previous_poison
+        rk_backend._INTERPRETER = previous_interpreter
         JITFunction._do_compile = previous_compile
         triton_driver._active = None  # the next use creates the real driver again
-        for name, value in previous_env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,15 +387,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="a few repeats, no result file (checks that every op runs)")
     parser.add_argument("--markdown", action="store_true", help="also print the README table")
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
+    parser.add_argument("--ops", nargs="+", metavar="OP", choices=[op.name for op in OPS],
+                        help="only these ops (default: all)")
     args = parser.parse_args(argv)
     repeats, warmup = (5, 1) if args.smoke else (args.repeats, args.warmup)
-    rows = run(repeats=repeats, warmup=warmup)
+    rows = run(repeats=repeats, warmup=warmup,
+               ops=[op for op in OPS if not args.ops or op.name in args.ops])
     print_table(rows, columns=_COLUMNS + ("case",))
     if args.markdown:
         print(markdown_table(rows))
     if args.json is not None:
         args.json.write_text(json.dumps({"rows": rows}, indent=1))
-    if not args.smoke:
+    if not args.smoke and not args.ops:
         print(f"wrote {save_results('host_overhead', rows)}")
     return 0
 

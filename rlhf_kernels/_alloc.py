@@ -3,6 +3,10 @@
 ``empty`` is torch.empty, except that with RLHF_KERNELS_POISON=1 (the test suite sets it) the
 buffer is filled with NaN (or the dtype's minimum for integers), so an element a kernel forgets
 to write fails the comparison with the reference instead of passing by luck.
+
+The variable is read once, when rlhf_kernels is imported (set it before, as TRITON_INTERPRET):
+reading the environment on every allocation cost about 1 us of host time each, several times
+per op call.
 """
 
 from __future__ import annotations
@@ -11,14 +15,16 @@ import os
 
 import torch
 
+_POISON = os.environ.get("RLHF_KERNELS_POISON", "0") == "1"
+
 
 def poison_enabled() -> bool:
-    return os.environ.get("RLHF_KERNELS_POISON", "0") == "1"
+    return _POISON
 
 
 def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     out = torch.empty(shape, dtype=dtype, device=device)
-    if poison_enabled():
+    if _POISON:
         if dtype.is_floating_point:
             out.fill_(float("nan"))
         else:

@@ -16,16 +16,21 @@ extra pass over that row's mask for seq-mean-token-mean), so it stores the per-t
 ``w[b] * m * dl/dx`` while it computes the loss; a single-program "finish" kernel sums the
 per-program partials into the loss, the stats and ``scale``, on the device (no host sync). The
 backward is then ``grad_x = saved * (grad_loss * scale)``: one elementwise kernel,
-``_saved_grad_bwd_kernel`` here, shared by the three losses (``rlhf_kernels::saved_grad_scale``).
+``_saved_grad_bwd_kernel`` here, shared by the three losses (``scale_saved_grad``; the custom op
+``rlhf_kernels::saved_grad_scale`` wraps it for torch.compile). In plain eager mode the losses
+skip their custom ops (``rlhf_kernels.backend.launch_directly``) and the backward is the same
+product as two torch multiplies (``scale_saved_grad_eager``), which costs less host time.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from rlhf_kernels._alloc import empty
 from rlhf_kernels._checks import check_reduction, check_same_shape
@@ -40,6 +45,11 @@ __all__ = [
     "row_token_count",
     "reduction_denominator",
     "saved_grad_scale",
+    "scale_saved_grad",
+    "scale_saved_grad_eager",
+    "next_power_of_2",
+    "cdiv",
+    "not_twice_differentiable",
 ]
 
 # The reduction is a compile-time flag of the kernels (four variants at most).
@@ -62,11 +72,26 @@ def reduction_code(reduction: str) -> int:
     return REDUCTION_CODES[reduction]
 
 
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= n (1 for n <= 1): ``triton.next_power_of_2`` for n >= 1,
+    without its constexpr-function wrapper (about 2 us of host time per call)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints, as ``triton.cdiv`` (without its wrapper)."""
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=1024)
 def row_tiles(n_rows: int, T: int) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_T, number of programs) for a kernel whose programs own whole rows."""
-    block_t = min(triton.next_power_of_2(max(T, 1)), _BLOCK_T_MAX)
-    block_r = min(triton.next_power_of_2(max(n_rows, 1)), max(1, _TILE // block_t))
-    return block_r, block_t, max(1, triton.cdiv(n_rows, block_r))
+    """(BLOCK_R, BLOCK_T, number of programs) for a kernel whose programs own whole rows.
+
+    Cached per shape: a training loop calls the losses with a handful of shapes.
+    """
+    block_t = min(next_power_of_2(max(T, 1)), _BLOCK_T_MAX)
+    block_r = min(next_power_of_2(max(n_rows, 1)), max(1, _TILE // block_t))
+    return block_r, block_t, max(1, cdiv(n_rows, block_r))
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -75,6 +100,8 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     The kernels take both strides, so neither a non-unit time stride nor a non-unit row stride
     forces a copy; only leading dims that cannot be merged do (``reshape``).
     """
+    if x.dim() == 2:
+        return x  # already (rows, T): no view to make
     # Explicit row count: reshape(-1, 0) is ambiguous for T = 0.
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
@@ -159,8 +186,7 @@ def _saved_grad_bwd_kernel(
     tl.store(out_ptr + offs, grad, mask=inb)
 
 
-@torch.library.custom_op("rlhf_kernels::saved_grad_scale", mutates_args=())
-def saved_grad_scale(
+def scale_saved_grad(
     saved: torch.Tensor,
     grad_loss: torch.Tensor,
     stats: torch.Tensor,
@@ -176,10 +202,56 @@ def saved_grad_scale(
     numel = saved.numel()
     if numel == 0:
         return out
-    _saved_grad_bwd_kernel[(triton.cdiv(numel, _BWD_BLOCK),)](
+    _saved_grad_bwd_kernel[(cdiv(numel, _BWD_BLOCK),)](
         saved, grad_loss, stats, out, numel, scale_index, BLOCK=_BWD_BLOCK, num_warps=4,
     )
     return out
+
+
+def scale_saved_grad_eager(
+    saved: torch.Tensor,
+    grad_loss: torch.Tensor,
+    stats: torch.Tensor,
+    scale_index: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``scale_saved_grad`` as two torch multiplies, for the eager backward of the losses.
+
+    Same arithmetic in the same order (fp32 ``grad_loss * scale``, then ``saved *`` that,
+    rounded to ``dtype`` to nearest even), so the same bits; on the host two small torch ops
+    cost less than an allocation plus a Triton launch.
+    """
+    grad = saved * (grad_loss * stats[scale_index])
+    return grad if grad.dtype == dtype else grad.to(dtype)
+
+
+def not_twice_differentiable(backward):
+    """``backward`` of an autograd.Function whose gradient is not differentiable again.
+
+    ``once_differentiable`` (an error if a double backward reaches it) costs a ``no_grad``
+    context per call, so it only wraps the call when grad mode is on in the backward, i.e.
+    under ``create_graph=True``; a plain backward runs with grad mode off and calls straight
+    through.
+    """
+    guarded = once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        return (guarded if torch.is_grad_enabled() else backward)(ctx, *grads)
+
+    return wrapper
+
+
+@torch.library.custom_op("rlhf_kernels::saved_grad_scale", mutates_args=())
+def saved_grad_scale(
+    saved: torch.Tensor,
+    grad_loss: torch.Tensor,
+    stats: torch.Tensor,
+    scale_index: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``scale_saved_grad`` as a custom op (the losses' backward under torch.compile)."""
+    return scale_saved_grad(saved, grad_loss, stats, scale_index, dtype)
 
 
 @saved_grad_scale.register_fake

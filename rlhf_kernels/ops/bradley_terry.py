@@ -8,11 +8,14 @@ Over N pairs with z = r_c - r_r - margin and s = r_c + r_r:
 
 softplus(-z) = -log sigmoid(z) is evaluated as max(-z, 0) + log1p(e^-|z|), so it neither
 overflows for large |z| nor loses the small tail. The forward kernel stores the two per-pair
-gradients (without the 1/N, applied with the upstream gradient by the backward kernel
-``_reduce._saved_grad_bwd_kernel``) and per-program partial sums of the loss and of the stats
-(accuracy = mean(r_c > r_r), reward_margin = mean(r_c - r_r), chosen_mean, rejected_mean);
-a one-program kernel finishes them on the device. The margin (a float, or a tensor per pair
-broadcastable to the rewards) gets no gradient.
+gradients, in one (2, ...) fp32 buffer (without the 1/N, applied with the upstream gradient by
+the backward: ``_reduce.scale_saved_grad_eager`` in eager mode, one multiply for both rewards
+when they share a dtype; the ``_saved_grad_bwd_kernel`` custom op under torch.compile) and
+per-program partial sums of the loss and of the stats (accuracy = mean(r_c > r_r),
+reward_margin = mean(r_c - r_r), chosen_mean, rejected_mean); a one-program kernel finishes
+them on the device. When one program covers every pair (up to 2048 pairs, the usual
+reward-model batch) it writes the loss and stats itself: one launch in all. The margin (a
+float, or a tensor per pair broadcastable to the rewards) gets no gradient.
 
 Bytes per pair: forward reads r_c, r_r (and the margin) and writes two fp32 gradients (8 B);
 backward reads those and writes the gradients in the inputs' dtypes. Reward batches are small,
@@ -29,8 +32,14 @@ import triton.language as tl
 from rlhf_kernels import reference
 from rlhf_kernels._alloc import empty
 from rlhf_kernels._checks import check_float, check_same_device, check_same_shape
-from rlhf_kernels.backend import resolve_backend
-from rlhf_kernels.ops._reduce import saved_grad_scale
+from rlhf_kernels.backend import launch_directly, resolve_backend
+from rlhf_kernels.ops._reduce import (
+    cdiv,
+    next_power_of_2,
+    not_twice_differentiable,
+    saved_grad_scale,
+    scale_saved_grad_eager,
+)
 
 __all__ = ["bradley_terry_loss"]
 
@@ -47,13 +56,32 @@ _FINISH_BLOCK_MAX = 1024
 # kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _store_results(loss_ptr, stats_ptr, s_softplus, s_center, s_correct, s_diff, s_chosen,
+                   s_rejected, n, center_coef, HAS_CENTER: tl.constexpr):
+    """Loss and stats from the sums over all pairs (n: the pair count as a float)."""
+    loss = s_softplus / n
+    if HAS_CENTER:
+        # As the reference: the centering term only exists when center_coef is nonzero.
+        loss += center_coef * (s_center / n)
+    tl.store(loss_ptr, loss)
+    tl.store(stats_ptr + 0, s_correct / n)
+    tl.store(stats_ptr + 1, s_diff / n)
+    tl.store(stats_ptr + 2, s_chosen / n)
+    tl.store(stats_ptr + 3, s_rejected / n)
+    tl.store(stats_ptr + 4, 1.0 / n)
+
+
+@triton.jit
 def _bradley_terry_fwd_kernel(
-    chosen_ptr, rejected_ptr, margin_ptr, grad_chosen_ptr, grad_rejected_ptr, partial_ptr,
+    chosen_ptr, rejected_ptr, margin_ptr, saved_grad_ptr, partial_ptr, loss_ptr, stats_ptr,
     stride_c, stride_r, stride_m,
     n_pairs, n_programs,
-    margin, center_coef,
-    HAS_MARGIN_TENSOR: tl.constexpr, BLOCK: tl.constexpr,
+    margin, center_coef, n_pairs_f,
+    HAS_MARGIN_TENSOR: tl.constexpr, HAS_CENTER: tl.constexpr, FINISH: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
+    # FINISH: this is the only program; it writes the loss and stats (no partials, no finish
+    # kernel).
     pid = tl.program_id(0)
     offs = (pid * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     ok = offs < n_pairs
@@ -73,16 +101,27 @@ def _bradley_terry_fwd_kernel(
     sigmoid_neg_z = tl.where(z >= 0.0, e / (1.0 + e), 1.0 / (1.0 + e))
     total = chosen + rejected
     center_grad = 2.0 * center_coef * total
-    tl.store(grad_chosen_ptr + offs, center_grad - sigmoid_neg_z, mask=ok)
-    tl.store(grad_rejected_ptr + offs, center_grad + sigmoid_neg_z, mask=ok)
+    # saved_grad is (2, n_pairs): d/d chosen, then d/d rejected.
+    tl.store(saved_grad_ptr + offs, center_grad - sigmoid_neg_z, mask=ok)
+    tl.store(saved_grad_ptr + n_pairs + offs, center_grad + sigmoid_neg_z, mask=ok)
 
-    out = partial_ptr + pid
-    tl.store(out + 0 * n_programs, tl.sum(tl.where(ok, softplus, 0.0), axis=0))
-    tl.store(out + 1 * n_programs, tl.sum(tl.where(ok, total * total, 0.0), axis=0))
-    tl.store(out + 2 * n_programs, tl.sum(tl.where(ok & (diff > 0.0), 1.0, 0.0), axis=0))
-    tl.store(out + 3 * n_programs, tl.sum(tl.where(ok, diff, 0.0), axis=0))
-    tl.store(out + 4 * n_programs, tl.sum(tl.where(ok, chosen, 0.0), axis=0))
-    tl.store(out + 5 * n_programs, tl.sum(tl.where(ok, rejected, 0.0), axis=0))
+    s_softplus = tl.sum(tl.where(ok, softplus, 0.0), axis=0)
+    s_center = tl.sum(tl.where(ok, total * total, 0.0), axis=0)
+    s_correct = tl.sum(tl.where(ok & (diff > 0.0), 1.0, 0.0), axis=0)
+    s_diff = tl.sum(tl.where(ok, diff, 0.0), axis=0)
+    s_chosen = tl.sum(tl.where(ok, chosen, 0.0), axis=0)
+    s_rejected = tl.sum(tl.where(ok, rejected, 0.0), axis=0)
+    if FINISH:
+        _store_results(loss_ptr, stats_ptr, s_softplus, s_center, s_correct, s_diff, s_chosen,
+                       s_rejected, n_pairs_f, center_coef, HAS_CENTER)
+    else:
+        out = partial_ptr + pid
+        tl.store(out + 0 * n_programs, s_softplus)
+        tl.store(out + 1 * n_programs, s_center)
+        tl.store(out + 2 * n_programs, s_correct)
+        tl.store(out + 3 * n_programs, s_diff)
+        tl.store(out + 4 * n_programs, s_chosen)
+        tl.store(out + 5 * n_programs, s_rejected)
 
 
 @triton.jit
@@ -108,22 +147,58 @@ def _bradley_terry_finish_kernel(
         s_diff += tl.load(partial_ptr + 3 * n_programs + p, mask=ok, other=0.0)
         s_chosen += tl.load(partial_ptr + 4 * n_programs + p, mask=ok, other=0.0)
         s_rejected += tl.load(partial_ptr + 5 * n_programs + p, mask=ok, other=0.0)
-    n = n_pairs_f
-    loss = tl.sum(s_softplus, axis=0) / n
-    if HAS_CENTER:
-        # As the reference: the centering term only exists when center_coef is nonzero.
-        loss += center_coef * (tl.sum(s_center, axis=0) / n)
-    tl.store(loss_ptr, loss)
-    tl.store(stats_ptr + 0, tl.sum(s_correct, axis=0) / n)
-    tl.store(stats_ptr + 1, tl.sum(s_diff, axis=0) / n)
-    tl.store(stats_ptr + 2, tl.sum(s_chosen, axis=0) / n)
-    tl.store(stats_ptr + 3, tl.sum(s_rejected, axis=0) / n)
-    tl.store(stats_ptr + 4, 1.0 / n)
+    _store_results(loss_ptr, stats_ptr, tl.sum(s_softplus, axis=0), tl.sum(s_center, axis=0),
+                   tl.sum(s_correct, axis=0), tl.sum(s_diff, axis=0), tl.sum(s_chosen, axis=0),
+                   tl.sum(s_rejected, axis=0), n_pairs_f, center_coef, HAS_CENTER)
 
 
 # --------------------------------------------------------------------------------------------
 # launchers and autograd
 # --------------------------------------------------------------------------------------------
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dim() == 1 else x.reshape(-1)
+
+
+def _launch(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    margin_tensor: torch.Tensor | None,
+    margin: float,
+    center_coef: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> loss () fp32, stats (_N_STATS,) fp32, saved gradients (2, *chosen.shape) fp32
+    contiguous: of chosen, then of rejected, without the 1/N."""
+    device = chosen.device
+    n_pairs = chosen.numel()
+    chosen1, rejected1 = _flat(chosen), _flat(rejected)
+    margin1 = (margin_tensor.expand(chosen.shape).reshape(-1) if margin_tensor is not None
+               else chosen1)
+    block = min(next_power_of_2(max(n_pairs, 1)), _BLOCK_MAX)
+    n_programs = max(1, cdiv(n_pairs, block))
+
+    loss = empty((), torch.float32, device)
+    stats = empty((_N_STATS,), torch.float32, device)
+    saved_grad = empty((2, *chosen.shape), torch.float32, device)
+    finish = n_programs == 1  # one program: it writes the results itself
+    # (no partials then: the loss buffer stands in for the unused pointer)
+    partials = loss if finish else empty((_N_PARTIALS, n_programs), torch.float32, device)
+    _bradley_terry_fwd_kernel[(n_programs,)](
+        chosen1, rejected1, margin1, saved_grad, partials, loss, stats,
+        chosen1.stride(0), rejected1.stride(0), margin1.stride(0),
+        n_pairs, n_programs,
+        margin, center_coef, float(n_pairs),
+        HAS_MARGIN_TENSOR=margin_tensor is not None, HAS_CENTER=center_coef != 0.0,
+        FINISH=finish, BLOCK=block, num_warps=8 if block >= 2048 else 4,
+    )
+    if not finish:
+        _bradley_terry_finish_kernel[(1,)](
+            partials, loss, stats, n_programs, float(n_pairs), center_coef,
+            HAS_CENTER=center_coef != 0.0,
+            BLOCK_P=min(next_power_of_2(n_programs), _FINISH_BLOCK_MAX), num_warps=4,
+        )
+    return loss, stats, saved_grad
+
+
 @torch.library.custom_op("rlhf_kernels::bradley_terry_loss", mutates_args=())
 def _bradley_terry_op(
     chosen: torch.Tensor,
@@ -131,36 +206,9 @@ def _bradley_terry_op(
     margin_tensor: torch.Tensor | None,
     margin: float,
     center_coef: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> loss () fp32, stats (_N_STATS,) fp32, saved gradients of chosen and rejected
-    (chosen.shape, fp32 contiguous, without the 1/N)."""
-    device = chosen.device
-    n_pairs = chosen.numel()
-    chosen1, rejected1 = chosen.reshape(-1), rejected.reshape(-1)
-    margin1 = (margin_tensor.expand(chosen.shape).reshape(-1) if margin_tensor is not None
-               else chosen1)
-    block = min(triton.next_power_of_2(max(n_pairs, 1)), _BLOCK_MAX)
-    n_programs = max(1, triton.cdiv(n_pairs, block))
-
-    loss = empty((), torch.float32, device)
-    stats = empty((_N_STATS,), torch.float32, device)
-    grad_chosen = empty(chosen.shape, torch.float32, device)
-    grad_rejected = empty(chosen.shape, torch.float32, device)
-    partials = empty((_N_PARTIALS, n_programs), torch.float32, device)
-    _bradley_terry_fwd_kernel[(n_programs,)](
-        chosen1, rejected1, margin1, grad_chosen, grad_rejected, partials,
-        chosen1.stride(0), rejected1.stride(0), margin1.stride(0),
-        n_pairs, n_programs,
-        margin, center_coef,
-        HAS_MARGIN_TENSOR=margin_tensor is not None, BLOCK=block,
-        num_warps=8 if block >= 2048 else 4,
-    )
-    _bradley_terry_finish_kernel[(1,)](
-        partials, loss, stats, n_programs, float(n_pairs), center_coef,
-        HAS_CENTER=center_coef != 0.0,
-        BLOCK_P=min(triton.next_power_of_2(n_programs), _FINISH_BLOCK_MAX), num_warps=4,
-    )
-    return loss, stats, grad_chosen, grad_rejected
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_launch`` as a custom op: what torch.compile / export / torch.func see."""
+    return _launch(chosen, rejected, margin_tensor, margin, center_coef)
 
 
 @_bradley_terry_op.register_fake
@@ -168,34 +216,67 @@ def _(chosen, rejected, margin_tensor, margin, center_coef):
     return (
         chosen.new_empty((), dtype=torch.float32),
         chosen.new_empty((_N_STATS,), dtype=torch.float32),
-        chosen.new_empty(chosen.shape, dtype=torch.float32),
-        chosen.new_empty(chosen.shape, dtype=torch.float32),
+        chosen.new_empty((2, *chosen.shape), dtype=torch.float32),
     )
 
 
 def _setup_context(ctx, inputs, output):
     chosen, rejected = inputs[0], inputs[1]
-    _, stats, grad_chosen, grad_rejected = output
-    ctx.mark_non_differentiable(stats, grad_chosen, grad_rejected)
+    _, stats, saved_grad = output
+    ctx.mark_non_differentiable(stats, saved_grad)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(grad_chosen, grad_rejected, stats)
+    ctx.save_for_backward(saved_grad, stats)
     ctx.dtypes = (chosen.dtype, rejected.dtype)
 
 
-def _backward(ctx, grad_loss, grad_stats, grad_gc, grad_gr):
-    saved_chosen, saved_rejected, stats = ctx.saved_tensors
+def _backward(ctx, grad_loss, grad_stats, grad_saved):
+    saved_grad, stats = ctx.saved_tensors
     grad_chosen = grad_rejected = None
     if grad_loss is not None:
         if ctx.needs_input_grad[0]:
-            grad_chosen = saved_grad_scale(saved_chosen, grad_loss, stats, _S_SCALE,
+            grad_chosen = saved_grad_scale(saved_grad[0], grad_loss, stats, _S_SCALE,
                                            ctx.dtypes[0])
         if ctx.needs_input_grad[1]:
-            grad_rejected = saved_grad_scale(saved_rejected, grad_loss, stats, _S_SCALE,
+            grad_rejected = saved_grad_scale(saved_grad[1], grad_loss, stats, _S_SCALE,
                                              ctx.dtypes[1])
     return grad_chosen, grad_rejected, None, None, None
 
 
 _bradley_terry_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _BradleyTerryFunction(torch.autograd.Function):
+    """The eager path (``launch_directly``): the same launches as the custom op, and one
+    backward launch for both rewards when they share a dtype."""
+
+    @staticmethod
+    def forward(ctx, chosen, rejected, margin_tensor, margin, center_coef):
+        loss, stats, saved_grad = _launch(chosen, rejected, margin_tensor, margin, center_coef)
+        ctx.mark_non_differentiable(stats)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(saved_grad, stats)
+        ctx.dtypes = (chosen.dtype, rejected.dtype)
+        return loss, stats
+
+    @staticmethod
+    @not_twice_differentiable
+    def backward(ctx, grad_loss, grad_stats):
+        if grad_loss is None:
+            return None, None, None, None, None
+        saved_grad, stats = ctx.saved_tensors
+        need_chosen, need_rejected = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if need_chosen and need_rejected and ctx.dtypes[0] == ctx.dtypes[1]:
+            grads = scale_saved_grad_eager(saved_grad, grad_loss, stats, _S_SCALE,
+                                           ctx.dtypes[0])
+            return grads[0], grads[1], None, None, None
+        grad_chosen = grad_rejected = None
+        if need_chosen:
+            grad_chosen = scale_saved_grad_eager(saved_grad[0], grad_loss, stats, _S_SCALE,
+                                                 ctx.dtypes[0])
+        if need_rejected:
+            grad_rejected = scale_saved_grad_eager(saved_grad[1], grad_loss, stats, _S_SCALE,
+                                                   ctx.dtypes[1])
+        return grad_chosen, grad_rejected, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,9 +336,14 @@ def bradley_terry_loss(
             "margin requires grad, but the fused kernel treats the margin as data; pass "
             "margin.detach(), or backend='reference' if you really need that gradient"
         )
-    loss, stats, _, _ = _bradley_terry_op(
-        chosen_rewards, rejected_rewards, margin_tensor,
-        0.0 if margin is None or margin_tensor is not None else float(margin),
-        float(center_coef),
-    )
+    args = (chosen_rewards, rejected_rewards, margin_tensor,
+            0.0 if margin is None or margin_tensor is not None else float(margin),
+            float(center_coef))
+    if not launch_directly(chosen_rewards, rejected_rewards, margin_tensor):
+        loss, stats, _ = _bradley_terry_op(*args)
+    elif torch.is_grad_enabled() and (chosen_rewards.requires_grad
+                                      or rejected_rewards.requires_grad):
+        loss, stats = _BradleyTerryFunction.apply(*args)
+    else:
+        loss, stats, _ = _launch(*args)
     return loss, dict(zip(_STAT_NAMES, stats.unbind(0)))

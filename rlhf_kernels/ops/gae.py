@@ -26,6 +26,7 @@ returns (8 B). The values/mask are read a second time at offset +1, which the ca
 Float64 inputs go to the float64 reference; the Triton path computes in fp32.
 """
 
+import functools
 
 import torch
 import triton
@@ -34,7 +35,8 @@ import triton.language as tl
 from rlhf_kernels import reference
 from rlhf_kernels._alloc import empty
 from rlhf_kernels._checks import check_float, check_same_device, check_same_shape
-from rlhf_kernels.backend import resolve_backend
+from rlhf_kernels.backend import launch_directly, resolve_backend
+from rlhf_kernels.ops._reduce import cdiv, next_power_of_2
 
 __all__ = ["gae"]
 
@@ -121,18 +123,19 @@ def _gae_fwd_kernel(
 
 def _rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
     """(..., T) -> (rows, T) view (a copy only when the leading dims cannot be merged)."""
-    return t.reshape(-1, n_cols)
+    return t if t.dim() == 2 else t.reshape(-1, n_cols)
 
 
+@functools.lru_cache(maxsize=1024)
 def _block_sizes(n_rows: int, n_cols: int) -> tuple[int, int, int]:
-    block_t = min(triton.next_power_of_2(n_cols), _MAX_BLOCK_T)
-    block_r = max(1, min(_ROW_PACK // block_t, triton.next_power_of_2(n_rows)))
+    """(BLOCK_R, BLOCK_T, num_warps), cached per shape (a training loop has a handful)."""
+    block_t = min(next_power_of_2(n_cols), _MAX_BLOCK_T)
+    block_r = max(1, min(_ROW_PACK // block_t, next_power_of_2(n_rows)))
     num_warps = 8 if block_r * block_t >= 2048 else 4
     return block_r, block_t, num_warps
 
 
-@torch.library.custom_op("rlhf_kernels::gae", mutates_args=())
-def _gae_op(
+def _launch(
     rewards: torch.Tensor,
     values: torch.Tensor,
     mask: torch.Tensor | None,
@@ -153,7 +156,7 @@ def _gae_op(
     block_r, auto_block_t, num_warps = _block_sizes(n_rows, n_cols)
     if block_t:  # tests force small chunks to exercise the carry across chunks
         block_r, auto_block_t = 1, block_t
-    _gae_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
+    _gae_fwd_kernel[(cdiv(n_rows, block_r),)](
         r2, v2, m2, adv2, ret2,
         r2.stride(0), r2.stride(1), v2.stride(0), v2.stride(1), m2.stride(0), m2.stride(1),
         adv2.stride(0),
@@ -162,6 +165,19 @@ def _gae_op(
         HAS_MASK=mask is not None, BLOCK_R=block_r, BLOCK_T=auto_block_t, num_warps=num_warps,
     )
     return advantages, returns
+
+
+@torch.library.custom_op("rlhf_kernels::gae", mutates_args=())
+def _gae_op(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None,
+    gamma: float,
+    lam: float,
+    block_t: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_launch`` as a custom op: what torch.compile / export / torch.func see."""
+    return _launch(rewards, values, mask, gamma, lam, block_t)
 
 
 @_gae_op.register_fake
@@ -205,4 +221,7 @@ def gae(
     use_reference = torch.float64 in (rewards.dtype, values.dtype)
     if resolve_backend(rewards, backend) == "reference" or use_reference:
         return reference.gae(rewards, values, mask, gamma, lam)
+    if launch_directly(rewards, values, mask):
+        # Fresh outputs with no autograd history: nothing to detach.
+        return _launch(rewards, values, mask, float(gamma), float(lam))
     return _gae_op(rewards.detach(), values.detach(), mask, float(gamma), float(lam))

@@ -27,7 +27,8 @@ import triton.language as tl
 from rlhf_kernels import reference
 from rlhf_kernels._alloc import empty
 from rlhf_kernels._checks import check_float, check_same_device, check_same_shape
-from rlhf_kernels.backend import resolve_backend
+from rlhf_kernels.backend import launch_directly, resolve_backend
+from rlhf_kernels.ops._reduce import cdiv, not_twice_differentiable
 
 __all__ = ["kl_penalty", "KL_ESTIMATOR_CODES", "kl_estimate", "check_kl_options"]
 
@@ -89,8 +90,9 @@ def _kl_bwd_kernel(
     n_cols, n_col_blocks,
     clamp, log_ratio_clamp,
     ESTIMATOR: tl.constexpr, HAS_CLAMP: tl.constexpr, HAS_LOG_RATIO_CLAMP: tl.constexpr,
-    BLOCK: tl.constexpr,
+    GRAD_LOGP: tl.constexpr, GRAD_REF: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    # GRAD_LOGP / GRAD_REF: which of the two gradients to write (the other pointer is unused).
     pid = tl.program_id(0).to(tl.int64)
     row = pid // n_col_blocks
     cols = (pid % n_col_blocks) * BLOCK + tl.arange(0, BLOCK)
@@ -118,23 +120,29 @@ def _kl_bwd_kernel(
     else:
         dkl = tl.where(d > 0, grad, tl.where(d < 0, -grad, 0.0))
     # Both gradients come out of one contiguous row layout; the store casts to the input dtype.
-    tl.store(grad_logp_ptr + row * stride_gout_row + cols, dkl, mask=in_row)
-    tl.store(grad_ref_ptr + row * stride_gout_row + cols, -dkl, mask=in_row)
+    if GRAD_LOGP:
+        tl.store(grad_logp_ptr + row * stride_gout_row + cols, dkl, mask=in_row)
+    if GRAD_REF:
+        tl.store(grad_ref_ptr + row * stride_gout_row + cols, -dkl, mask=in_row)
 
 
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
-def _as_rows(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """Same-shape tensors as (rows, cols) views; one row when all are contiguous.
+def _as_rows(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], int, int, list[int]]:
+    """Same-shape tensors as (rows, cols) -> (tensors, n_rows, n_cols, [row, col stride each]).
 
-    Strides are passed to the kernels, so only leading dims that cannot be merged into one
-    row stride are copied (by ``reshape``).
+    When all are contiguous they are one row of numel columns and are passed as they are (the
+    kernel only needs their pointers; no view to make). Otherwise strides are passed to the
+    kernels, so only leading dims that cannot be merged into one row stride are copied (by
+    ``reshape``).
     """
     if all(t.is_contiguous() for t in tensors):
-        return [t.reshape(1, -1) for t in tensors]
+        n = tensors[0].numel()
+        return list(tensors), 1, n, [n, 1] * len(tensors)
     cols = tensors[0].shape[-1]
-    return [t.reshape(-1, cols) for t in tensors]
+    rows = [t.reshape(-1, cols) for t in tensors]
+    return rows, rows[0].shape[0], cols, [s for t in rows for s in t.stride()]
 
 
 def _options(clamp: float | None, log_ratio_clamp: float | None) -> dict:
@@ -146,8 +154,7 @@ def _options(clamp: float | None, log_ratio_clamp: float | None) -> dict:
     )
 
 
-@torch.library.custom_op("rlhf_kernels::kl_penalty", mutates_args=())
-def _kl_penalty_op(
+def _launch_fwd(
     logp: torch.Tensor,
     ref_logp: torch.Tensor,
     estimator: int,
@@ -157,21 +164,64 @@ def _kl_penalty_op(
     out = empty(logp.shape, torch.float32, logp.device)
     if logp.numel() == 0:
         return out
-    logp2, ref2, out2 = _as_rows(logp, ref_logp, out)
-    n_rows, n_cols = logp2.shape
-    n_col_blocks = triton.cdiv(n_cols, _BLOCK)
+    (logp2, ref2, out2), n_rows, n_cols, strides = _as_rows(logp, ref_logp, out)
+    n_col_blocks = cdiv(n_cols, _BLOCK)
     _kl_fwd_kernel[(n_rows * n_col_blocks,)](
         logp2, ref2, out2,
-        logp2.stride(0), logp2.stride(1), ref2.stride(0), ref2.stride(1), out2.stride(0),
+        *strides[:4], strides[4],
         n_cols, n_col_blocks,
         ESTIMATOR=estimator, BLOCK=_BLOCK, num_warps=4, **_options(clamp, log_ratio_clamp),
     )
     return out
 
 
+@torch.library.custom_op("rlhf_kernels::kl_penalty", mutates_args=())
+def _kl_penalty_op(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    estimator: int,
+    clamp: float | None,
+    log_ratio_clamp: float | None,
+) -> torch.Tensor:
+    return _launch_fwd(logp, ref_logp, estimator, clamp, log_ratio_clamp)
+
+
 @_kl_penalty_op.register_fake
 def _(logp, ref_logp, estimator, clamp, log_ratio_clamp):
     return torch.empty(logp.shape, dtype=torch.float32, device=logp.device)
+
+
+def _launch_bwd(
+    grad: torch.Tensor,
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    estimator: int,
+    clamp: float | None,
+    log_ratio_clamp: float | None,
+    need_logp: bool = True,
+    need_ref: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """-> (d logp, d ref_logp), each contiguous in its input's dtype, or None where not needed
+    (at least one is)."""
+    grad_logp = empty(logp.shape, logp.dtype, logp.device) if need_logp else None
+    grad_ref = empty(ref_logp.shape, ref_logp.dtype, ref_logp.device) if need_ref else None
+    if logp.numel() == 0:
+        return grad_logp, grad_ref
+    # A gradient that is not needed is not written: the other's buffer stands in for it.
+    out_logp = grad_logp if need_logp else grad_ref
+    out_ref = grad_ref if need_ref else grad_logp
+    # grad may be an expanded (stride-0) tensor, e.g. from .sum(); the strides handle it.
+    (grad2, logp2, ref2, gl2, gr2), n_rows, n_cols, strides = _as_rows(
+        grad, logp, ref_logp, out_logp, out_ref)
+    n_col_blocks = cdiv(n_cols, _BLOCK)
+    _kl_bwd_kernel[(n_rows * n_col_blocks,)](
+        grad2, logp2, ref2, gl2, gr2,
+        *strides[:6], strides[6],
+        n_cols, n_col_blocks,
+        ESTIMATOR=estimator, GRAD_LOGP=need_logp, GRAD_REF=need_ref, BLOCK=_BLOCK,
+        num_warps=4, **_options(clamp, log_ratio_clamp),
+    )
+    return grad_logp, grad_ref
 
 
 @torch.library.custom_op("rlhf_kernels::kl_penalty_backward", mutates_args=())
@@ -183,22 +233,7 @@ def _kl_penalty_backward_op(
     clamp: float | None,
     log_ratio_clamp: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    grad_logp = empty(logp.shape, logp.dtype, logp.device)
-    grad_ref = empty(ref_logp.shape, ref_logp.dtype, ref_logp.device)
-    if logp.numel() == 0:
-        return grad_logp, grad_ref
-    # grad may be an expanded (stride-0) tensor, e.g. from .sum(); the strides handle it.
-    grad2, logp2, ref2, gl2, gr2 = _as_rows(grad, logp, ref_logp, grad_logp, grad_ref)
-    n_rows, n_cols = logp2.shape
-    n_col_blocks = triton.cdiv(n_cols, _BLOCK)
-    _kl_bwd_kernel[(n_rows * n_col_blocks,)](
-        grad2, logp2, ref2, gl2, gr2,
-        grad2.stride(0), grad2.stride(1), logp2.stride(0), logp2.stride(1),
-        ref2.stride(0), ref2.stride(1), gl2.stride(0),
-        n_cols, n_col_blocks,
-        ESTIMATOR=estimator, BLOCK=_BLOCK, num_warps=4, **_options(clamp, log_ratio_clamp),
-    )
-    return grad_logp, grad_ref
+    return _launch_bwd(grad, logp, ref_logp, estimator, clamp, log_ratio_clamp)
 
 
 @_kl_penalty_backward_op.register_fake
@@ -220,6 +255,29 @@ def _backward(ctx, grad):
 
 
 _kl_penalty_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _KLFunction(torch.autograd.Function):
+    """The eager path (``launch_directly``): the same kernels as the custom ops, without their
+    host time."""
+
+    @staticmethod
+    def forward(ctx, logp, ref_logp, estimator, clamp, log_ratio_clamp):
+        ctx.save_for_backward(logp, ref_logp)
+        ctx.options = (estimator, clamp, log_ratio_clamp)
+        return _launch_fwd(logp, ref_logp, estimator, clamp, log_ratio_clamp)
+
+    @staticmethod
+    @not_twice_differentiable
+    def backward(ctx, grad):
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            return None, None, None, None, None
+        logp, ref_logp = ctx.saved_tensors
+        # Only the gradients autograd asks for (the reference model's log-probs usually need
+        # none): one buffer less to allocate and write.
+        grad_logp, grad_ref = _launch_bwd(grad, logp, ref_logp, *ctx.options,
+                                          ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return grad_logp, grad_ref, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,6 +325,11 @@ def kl_penalty(
     use_reference = torch.float64 in (logp.dtype, ref_logp.dtype)
     if resolve_backend(logp, backend) == "reference" or use_reference:
         return reference.kl_penalty(logp, ref_logp, estimator, clamp, log_ratio_clamp)
-    return _kl_penalty_op(logp, ref_logp, KL_ESTIMATOR_CODES[estimator],
-                          None if clamp is None else float(clamp),
-                          None if log_ratio_clamp is None else float(log_ratio_clamp))
+    args = (logp, ref_logp, KL_ESTIMATOR_CODES[estimator],
+            None if clamp is None else float(clamp),
+            None if log_ratio_clamp is None else float(log_ratio_clamp))
+    if not launch_directly(logp, ref_logp):
+        return _kl_penalty_op(*args)
+    if torch.is_grad_enabled() and (logp.requires_grad or ref_logp.requires_grad):
+        return _KLFunction.apply(*args)
+    return _launch_fwd(*args)

@@ -24,7 +24,8 @@ import triton.language as tl
 from rlhf_kernels import reference
 from rlhf_kernels._alloc import empty
 from rlhf_kernels._checks import check_float, check_same_device, check_same_shape
-from rlhf_kernels.backend import resolve_backend
+from rlhf_kernels.backend import launch_directly, resolve_backend
+from rlhf_kernels.ops._reduce import next_power_of_2
 from rlhf_kernels.ops.kl import KL_ESTIMATOR_CODES, check_kl_options, kl_estimate
 
 __all__ = ["shape_rewards"]
@@ -79,11 +80,10 @@ def _shape_rewards_fwd_kernel(
 
 def _rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
     """(..., T) -> (rows, T) view (a copy only when the leading dims cannot be merged)."""
-    return t.reshape(-1, n_cols)
+    return t if t.dim() == 2 else t.reshape(-1, n_cols)
 
 
-@torch.library.custom_op("rlhf_kernels::shape_rewards", mutates_args=())
-def _shape_rewards_op(
+def _launch(
     scores: torch.Tensor,
     logp: torch.Tensor,
     ref_logp: torch.Tensor,
@@ -113,9 +113,26 @@ def _shape_rewards_op(
         0.0 if kl_clamp is None else float(kl_clamp),
         ESTIMATOR=estimator, HAS_INDEX=score_index is not None,
         HAS_SCORE_CLIP=score_clip is not None, HAS_KL_CLAMP=kl_clamp is not None,
-        BLOCK=min(triton.next_power_of_2(n_cols), _MAX_BLOCK), num_warps=4,
+        BLOCK=min(next_power_of_2(n_cols), _MAX_BLOCK), num_warps=4,
     )
     return out
+
+
+@torch.library.custom_op("rlhf_kernels::shape_rewards", mutates_args=())
+def _shape_rewards_op(
+    scores: torch.Tensor,
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    estimator: int,
+    score_index: torch.Tensor | None,
+    score_clip: float | None,
+    kl_clamp: float | None,
+) -> torch.Tensor:
+    """``_launch`` as a custom op: what torch.compile / export / torch.func see."""
+    return _launch(scores, logp, ref_logp, mask, kl_coef, estimator, score_index, score_clip,
+                   kl_clamp)
 
 
 @_shape_rewards_op.register_fake
@@ -204,9 +221,10 @@ def shape_rewards(
     if resolve_backend(logp, backend) == "reference" or use_reference:
         return reference.shape_rewards(scores, logp, ref_logp, mask, kl_coef, estimator,
                                        score_index, score_clip, kl_clamp)
-    return _shape_rewards_op(
-        scores.detach(), logp.detach(), ref_logp.detach(), mask, float(kl_coef),
-        KL_ESTIMATOR_CODES[estimator], score_index,
-        None if score_clip is None else float(score_clip),
-        None if kl_clamp is None else float(kl_clamp),
-    )
+    options = (float(kl_coef), KL_ESTIMATOR_CODES[estimator], score_index,
+               None if score_clip is None else float(score_clip),
+               None if kl_clamp is None else float(kl_clamp))
+    if launch_directly(scores, logp, ref_logp, mask, score_index):
+        # Fresh output with no autograd history: nothing to detach.
+        return _launch(scores, logp, ref_logp, mask, *options)
+    return _shape_rewards_op(scores.detach(), logp.detach(), ref_logp.detach(), mask, *options)

@@ -34,16 +34,19 @@ import triton.language as tl
 from rlhf_kernels import reference
 from rlhf_kernels._alloc import empty
 from rlhf_kernels._checks import check_float, check_same_device, check_same_shape
-from rlhf_kernels.backend import resolve_backend
+from rlhf_kernels.backend import launch_directly, resolve_backend
 from rlhf_kernels.ops._reduce import (
     as_rows,
     check_mask,
     mask_for_kernel,
+    next_power_of_2,
+    not_twice_differentiable,
     reduction_code,
     reduction_denominator,
     row_tiles,
     row_token_count,
     saved_grad_scale,
+    scale_saved_grad_eager,
 )
 
 __all__ = ["ppo_value_loss"]
@@ -224,8 +227,7 @@ def _ppo_value_loss_finish_kernel(
 # --------------------------------------------------------------------------------------------
 # launchers and autograd
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("rlhf_kernels::ppo_value_loss", mutates_args=())
-def _ppo_value_loss_op(
+def _launch(
     values: torch.Tensor,
     old_values: torch.Tensor,
     returns: torch.Tensor,
@@ -258,9 +260,22 @@ def _ppo_value_loss_op(
     _ppo_value_loss_finish_kernel[(1,)](
         partials, loss, stats, n_programs, T,
         REDUCTION=reduction,
-        BLOCK_P=min(triton.next_power_of_2(n_programs), _FINISH_BLOCK_MAX), num_warps=4,
+        BLOCK_P=min(next_power_of_2(n_programs), _FINISH_BLOCK_MAX), num_warps=4,
     )
     return loss, stats, saved_grad
+
+
+@torch.library.custom_op("rlhf_kernels::ppo_value_loss", mutates_args=())
+def _ppo_value_loss_op(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor | None,
+    clip: float | None,
+    reduction: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_launch`` as a custom op: what torch.compile / export / torch.func see."""
+    return _launch(values, old_values, returns, mask, clip, reduction)
 
 
 @_ppo_value_loss_op.register_fake
@@ -289,6 +304,30 @@ def _backward(ctx, grad_loss, grad_stats, grad_saved):
 
 
 _ppo_value_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _ValueLossFunction(torch.autograd.Function):
+    """The eager path (``launch_directly``): the same launches and backward as the custom op,
+    at a fraction of its host time."""
+
+    @staticmethod
+    def forward(ctx, values, old_values, returns, mask, clip, reduction):
+        loss, stats, saved_grad = _launch(values, old_values, returns, mask, clip, reduction)
+        ctx.mark_non_differentiable(stats)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(saved_grad, stats)
+        ctx.values_dtype = values.dtype
+        return loss, stats
+
+    @staticmethod
+    @not_twice_differentiable
+    def backward(ctx, grad_loss, grad_stats):
+        grad_values = None
+        if grad_loss is not None:
+            saved_grad, stats = ctx.saved_tensors
+            grad_values = scale_saved_grad_eager(saved_grad, grad_loss, stats, _S_SCALE,
+                                           ctx.values_dtype)
+        return grad_values, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,6 +383,11 @@ def ppo_value_loss(
                     f"values only (rollout data are constants in PPO); pass {name}.detach(), or "
                     "backend='reference' if you really need that gradient"
                 )
-    loss, stats, _ = _ppo_value_loss_op(
-        values, old_values, returns, mask, None if clip is None else float(clip), code)
+    args = (values, old_values, returns, mask, None if clip is None else float(clip), code)
+    if not launch_directly(values, old_values, returns, mask):
+        loss, stats, _ = _ppo_value_loss_op(*args)
+    elif torch.is_grad_enabled() and values.requires_grad:
+        loss, stats = _ValueLossFunction.apply(*args)
+    else:
+        loss, stats, _ = _launch(*args)
     return loss, dict(zip(_STAT_NAMES, stats.unbind(0)))

@@ -33,7 +33,8 @@ import triton.language as tl
 from rlhf_kernels import reference
 from rlhf_kernels._alloc import empty
 from rlhf_kernels._checks import check_float, check_same_device, check_same_shape
-from rlhf_kernels.backend import resolve_backend
+from rlhf_kernels.backend import launch_directly, resolve_backend
+from rlhf_kernels.ops._reduce import cdiv, next_power_of_2
 
 __all__ = ["masked_whiten"]
 
@@ -127,8 +128,7 @@ def _whiten_fwd_kernel(
     tl.store(out_ptr + offsets, tl.where(valid, out, 0.0), mask=in_range)
 
 
-@torch.library.custom_op("rlhf_kernels::masked_whiten", mutates_args=())
-def _masked_whiten_op(
+def _launch(
     x: torch.Tensor,
     mask: torch.Tensor | None,
     shift_mean: bool,
@@ -140,15 +140,20 @@ def _masked_whiten_op(
     n_elements = x.numel()
     if n_elements == 0:
         return out
-    x1 = x.reshape(-1).contiguous()
+    # The kernels index the flattened tensor: a contiguous one is passed as it is (only its
+    # pointer matters), anything else is copied once.
+    x1 = x if x.is_contiguous() else x.reshape(-1).contiguous()
     if mask is not None and mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)  # same bytes; Triton loads it as 0/1
-    mask1 = x1 if mask is None else mask.reshape(-1).contiguous()  # placeholder when None
-    n_blocks = triton.cdiv(n_elements, _PARTIAL_BLOCK)
+    if mask is None:
+        mask1 = x1  # placeholder pointer
+    else:
+        mask1 = mask if mask.is_contiguous() else mask.reshape(-1).contiguous()
+    n_blocks = cdiv(n_elements, _PARTIAL_BLOCK)
     # Tests pass a small max_partials to make each program of pass 1 loop over several blocks.
     n_partials = min(n_blocks, max_partials or _MAX_PARTIALS)
-    blocks_per_program = triton.cdiv(n_blocks, n_partials)
-    n_partials = triton.cdiv(n_blocks, blocks_per_program)  # no program without work
+    blocks_per_program = cdiv(n_blocks, n_partials)
+    n_partials = cdiv(n_blocks, blocks_per_program)  # no program without work
     # Every slot is written by pass 1, so no poisoning is needed.
     partials = torch.empty(3 * n_partials, dtype=torch.float64, device=x.device)
     _whiten_partials_kernel[(n_partials,)](
@@ -156,14 +161,27 @@ def _masked_whiten_op(
         n_elements, blocks_per_program, n_partials,
         HAS_MASK=mask is not None, BLOCK=_PARTIAL_BLOCK, num_warps=4,
     )
-    _whiten_fwd_kernel[(triton.cdiv(n_elements, _BLOCK),)](
+    _whiten_fwd_kernel[(cdiv(n_elements, _BLOCK),)](
         x1, mask1, partials, out,
         n_elements, n_partials,
         float(eps),
         SHIFT_MEAN=shift_mean, UNBIASED=unbiased, HAS_MASK=mask is not None,
-        BLOCK=_BLOCK, PARTIALS_BLOCK=triton.next_power_of_2(n_partials), num_warps=8,
+        BLOCK=_BLOCK, PARTIALS_BLOCK=next_power_of_2(n_partials), num_warps=8,
     )
     return out
+
+
+@torch.library.custom_op("rlhf_kernels::masked_whiten", mutates_args=())
+def _masked_whiten_op(
+    x: torch.Tensor,
+    mask: torch.Tensor | None,
+    shift_mean: bool,
+    unbiased: bool,
+    eps: float,
+    max_partials: int = 0,
+) -> torch.Tensor:
+    """``_launch`` as a custom op: what torch.compile / export / torch.func see."""
+    return _launch(x, mask, shift_mean, unbiased, eps, max_partials)
 
 
 @_masked_whiten_op.register_fake
@@ -202,4 +220,7 @@ def masked_whiten(
         raise ValueError(f"eps={eps} must be >= 0 (it is added to the variance)")
     if resolve_backend(x, backend) == "reference" or x.dtype == torch.float64:
         return reference.masked_whiten(x, mask, shift_mean, unbiased, eps)
+    if launch_directly(x, mask):
+        # A fresh output with no autograd history: nothing to detach.
+        return _launch(x, mask, bool(shift_mean), bool(unbiased), float(eps))
     return _masked_whiten_op(x.detach(), mask, bool(shift_mean), bool(unbiased), float(eps))

@@ -1,0 +1,129 @@
+"""The ops' eager fast path (``rlhf_kernels.backend.launch_directly``) is the custom op, minus
+its host time.
+
+In plain eager mode the losses, KL, GAE, whitening and reward shaping call their Triton
+launchers directly (under a ``torch.autograd.Function`` when a gradient is needed) instead of
+through their ``torch.library`` custom ops, which torch.compile, export and torch.func still get.
+Checked here: an eager call and its backward dispatch no ``rlhf_kernels::`` op; outputs and
+gradients equal the custom-op path's bit for bit; fake tensors (what torch.compile and export
+trace with) still go through the custom op and its fake impl. Host timings are not tested (see
+``benchmarks/host_overhead.py``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import rlhf_kernels as rk
+from rlhf_kernels.ops import bradley_terry, gae, kl, policy_loss, rewards, value_loss, whiten
+from tests.numerics import DEVICE, padded_mask
+
+B, T = 3, 37
+MODULES = (bradley_terry, gae, kl, policy_loss, rewards, value_loss, whiten)
+
+
+def _inputs(dtype=torch.float32):
+    logp = (-torch.rand(B, T, device=DEVICE) * 2).to(dtype)
+    return {
+        "logp": logp, "old_logp": (logp + 0.2 * torch.randn(B, T, device=DEVICE)).to(dtype),
+        "ref_logp": (logp + 0.3 * torch.randn(B, T, device=DEVICE)).to(dtype),
+        "advantages": torch.randn(B, T, device=DEVICE), "mask": padded_mask(B, T),
+        "values": torch.randn(B, T, device=DEVICE).to(dtype),
+        "returns": torch.randn(B, T, device=DEVICE), "scores": torch.randn(B, device=DEVICE),
+        "chosen": torch.randn(B * T, device=DEVICE).to(dtype),
+        "rejected": torch.randn(B * T, device=DEVICE).to(dtype),
+    }
+
+
+# name -> (fn(inputs) -> outputs, names that get a gradient)
+CASES = {
+    "ppo_policy_loss": (lambda x: rk.ppo_policy_loss(
+        x["logp"], x["old_logp"], x["advantages"], x["mask"], dual_clip=3.0,
+        reduction="seq-mean-token-mean"), ("logp",)),
+    "ppo_value_loss": (lambda x: rk.ppo_value_loss(
+        x["values"], x["old_logp"], x["returns"], x["mask"]), ("values",)),
+    "bradley_terry_loss": (lambda x: rk.bradley_terry_loss(
+        x["chosen"], x["rejected"], 0.1, center_coef=0.01), ("chosen", "rejected")),
+    "bradley_terry_loss(chosen only)": (lambda x: rk.bradley_terry_loss(
+        x["chosen"], x["rejected"]), ("chosen",)),
+    "kl_penalty": (lambda x: rk.kl_penalty(x["logp"], x["ref_logp"], "k3", clamp=1.0),
+                   ("logp", "ref_logp")),
+    "kl_penalty(logp only)": (lambda x: rk.kl_penalty(x["logp"], x["ref_logp"], "k2"),
+                              ("logp",)),
+    "kl_penalty(ref only)": (lambda x: rk.kl_penalty(x["logp"], x["ref_logp"], "abs"),
+                             ("ref_logp",)),
+    "gae": (lambda x: rk.gae(x["advantages"], x["values"], x["mask"], 0.9, 0.8), ()),
+    "masked_whiten": (lambda x: rk.masked_whiten(x["advantages"], x["mask"]), ()),
+    "shape_rewards": (lambda x: rk.shape_rewards(x["scores"], x["logp"], x["ref_logp"],
+                                                 x["mask"], 0.1, "k3"), ()),
+}
+
+
+def _flat(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [out[k] for k in sorted(out)]
+    return [t for item in out for t in _flat(item)]
+
+
+def _run(fn, inputs, grad_names, upstream=None):
+    leaves = {k: v.detach().clone().requires_grad_(k in grad_names) for k, v in inputs.items()}
+    outs = _flat(fn(leaves))
+    grads = []
+    if grad_names:
+        differentiable = [o for o in outs if o.requires_grad]
+        if upstream is None:
+            upstream = [torch.randn_like(o) for o in differentiable]
+        grads = torch.autograd.grad(differentiable, [leaves[k] for k in grad_names], upstream)
+    return [o.detach() for o in outs], list(grads), upstream
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("op", list(CASES))
+def test_eager_path_skips_the_custom_op_and_equals_it(op, dtype, monkeypatch):
+    fn, grad_names = CASES[op]
+    inputs = _inputs(dtype)
+    with _RecordOps() as record:
+        fast, fast_grads, upstream = _run(fn, inputs, grad_names)
+    custom = [name for name in record.names if name.startswith("rlhf_kernels::")]
+    assert not custom, f"{op}: the eager call dispatched {custom}"
+
+    for module in MODULES:
+        monkeypatch.setattr(module, "launch_directly", lambda *tensors: False)
+    with _RecordOps() as record:
+        slow, slow_grads, _ = _run(fn, inputs, grad_names, upstream)
+    assert any(name.startswith("rlhf_kernels::") for name in record.names), \
+        f"{op}: the forced custom-op path did not run a custom op"
+
+    assert len(fast) == len(slow) and len(fast_grads) == len(slow_grads) == len(grad_names)
+    for i, (got, want) in enumerate(zip(fast + fast_grads, slow + slow_grads)):
+        assert got.dtype == want.dtype and got.shape == want.shape, (op, i)
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True,
+                                   msg=lambda m, i=i: f"{op} output/grad {i}: {m}")
+
+
+@pytest.mark.parametrize("op", list(CASES))
+def test_fake_tensors_take_the_custom_op(op):
+    """torch.compile and export trace with fake tensors: they must reach the custom op's fake
+    impl (a direct launch would hand Triton a tensor without storage)."""
+    fn, _ = CASES[op]
+    inputs = _inputs()
+    want = _flat(fn(inputs))
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+        fake = {k: mode.from_tensor(v) for k, v in inputs.items()}
+        got = _flat(fn(fake))
+    assert [(t.shape, t.dtype) for t in got] == [(t.shape, t.dtype) for t in want]
