@@ -136,13 +136,15 @@ def result_row(
 
 
 def _git_sha() -> str:
+    """HEAD's SHA; where there is no git repository (a copy of the working tree sent to a GPU
+    machine) the one the caller passed as RLHF_GIT_SHA, else "unknown"."""
     try:
         return subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
             cwd=Path(__file__).resolve().parent,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("RLHF_GIT_SHA") or "unknown"
 
 
 def environment() -> dict:

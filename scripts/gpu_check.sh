@@ -41,7 +41,12 @@
 # The TRL peer needs trl==1.12.0 and datasets, which the GPU machine's image lacks and cannot
 # download. Here, once, with pip access: `bash scripts/gpu_check.sh wheels` (pure-Python wheels
 # into .whl/, git-ignored, a few MB); then name .whl in the device call's carry:
-#   run(command="bash scripts/gpu_check.sh proof", carry=[".whl"], timeout_s=600)
+#   run(command="RLHF_GIT_SHA=<git rev-parse HEAD here> bash scripts/gpu_check.sh proof",
+#       carry=[".whl"], timeout_s=600)
+# (the device machine gets a copy of the working tree without .git: RLHF_GIT_SHA is the SHA the
+# result files record there). The code runs from the checkout (PYTHONPATH), not from
+# `pip install -e` as bootstrap.sh does: that needs an index the machine cannot reach, and the
+# image already has torch, triton, transformers, peft, pytest, pytest-xdist and pytest-timeout.
 # proof installs them with pip --no-index --no-deps --target /tmp/peer-site and runs the peer
 # through a wrapper interpreter that puts that folder first (our own run never imports them).
 # PEER_PYTHON=/path/to/venv/bin/python uses an interpreter that already has trl 1.12.0 instead.
@@ -207,6 +212,10 @@ EOF
 
 proof() {
     IN_PROOF=1
+    if ! git rev-parse HEAD >/dev/null 2>&1 && [ -z "${RLHF_GIT_SHA:-}" ]; then
+        say "no git repository here: the result files will say git_sha 'unknown'; start" \
+            "this as RLHF_GIT_SHA=<the checkout's HEAD> bash scripts/gpu_check.sh proof"
+    fi
     [ "$DRY_RUN" = 1 ] || : >"$PARTS_TSV"
     local t0=$SECONDS
     environment
@@ -277,8 +286,10 @@ wheels() {
     mkdir -p "$WHEELHOUSE"
     "${cmd[@]}" "${names[@]}" || { say "pip download failed"; exit 1; }
     ls -l "$WHEELHOUSE"
-    echo "carry \"$WHEELHOUSE\" in the device call: run(command=\"bash scripts/gpu_check.sh proof\"," \
-        "carry=[\"$WHEELHOUSE\"])"
+    local sha
+    sha=$(git rev-parse HEAD 2>/dev/null || echo "<HEAD's SHA>")
+    echo "carry \"$WHEELHOUSE\" in the device call: run(command=\"RLHF_GIT_SHA=$sha bash" \
+        "scripts/gpu_check.sh proof\", carry=[\"$WHEELHOUSE\"], timeout_s=600)"
 }
 
 # The parts with no time limit (for a longer session), as before.

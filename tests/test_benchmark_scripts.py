@@ -605,3 +605,16 @@ def test_readme_results_block_is_the_rendered_one():
     assert text.count(report.BEGIN) == 1 and text.count(report.END) == 1
     assert report.replace_block(text, report.render()) == text, \
         "README results block is stale: run python -m benchmarks.report --write"
+
+
+def test_git_sha_without_a_repository_comes_from_the_caller(monkeypatch):
+    """A GPU machine gets a copy of the working tree without .git: gpu_check.sh's caller passes
+    the SHA (RLHF_GIT_SHA), and the result files record it instead of "unknown"."""
+    def no_git(*args, **kwargs):
+        raise subprocess.CalledProcessError(128, args[0])
+
+    monkeypatch.setattr(common.subprocess, "run", no_git)
+    monkeypatch.delenv("RLHF_GIT_SHA", raising=False)
+    assert common._git_sha() == "unknown"
+    monkeypatch.setenv("RLHF_GIT_SHA", "ab" * 20)
+    assert common._git_sha() == "ab" * 20
