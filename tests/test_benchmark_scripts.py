@@ -265,8 +265,10 @@ def test_gpu_check_proof_dry_run_plans_every_part_within_nine_minutes():
     assert setup_s + sum(budget for budget, _ in steps.values()) <= 9 * 60
     # the budgets in the script header are the ones the plan uses
     header = GPU_CHECK.read_text().split("set -uo pipefail")[0]
+    documented = (REPO / "benchmarks" / "README.md").read_text()
     for part, (budget, _) in steps.items():
         assert re.search(rf"#\s+{re.escape(part)}\s+{budget} s\s", header), part
+        assert f"| {part} | {budget} s |" in documented, part  # benchmarks/README's table
     argv = {part: shlex.split(command) for part, (_, command) in steps.items() if part != "report"}
     tests = argv["tests"]
     assert tests[1:3] == ["-m", "pytest"] and any(a.startswith("--junitxml=") for a in tests)
