@@ -135,7 +135,13 @@ e2e_part() {
     local name=$1 budget=$2 tag=$3 peer_timeout=$4
     shift 4
     local stage=$RESULTS/.stage-$tag peer=()
-    if [ "$peer_timeout" != 0 ] && [ ${#PEER_ARGS[@]} -gt 0 ]; then
+    # a part cut short by the total loses the difference from the peer's time, not from ours
+    local left=$((START + PROOF_TOTAL_S - REPORT_RESERVE_S - SECONDS))
+    if [ "$DRY_RUN" != 1 ] && [ "$left" -lt "$budget" ]; then
+        peer_timeout=$((peer_timeout - (budget - left)))
+        [ "$peer_timeout" -lt 10 ] && peer_timeout=0
+    fi
+    if [ "$peer_timeout" -gt 0 ] && [ ${#PEER_ARGS[@]} -gt 0 ]; then
         peer=("${PEER_ARGS[@]}" --peer-steps 2 --peer-timeout "$peer_timeout")
     fi
     [ "$DRY_RUN" = 1 ] || { rm -rf "$stage"; mkdir -p "$stage"; }
