@@ -127,3 +127,17 @@ def test_fake_tensors_take_the_custom_op(op):
         fake = {k: mode.from_tensor(v) for k, v in inputs.items()}
         got = _flat(fn(fake))
     assert [(t.shape, t.dtype) for t in got] == [(t.shape, t.dtype) for t in want]
+
+
+def test_launch_config_arithmetic_matches_triton():
+    """The launchers' plain-int next_power_of_2 / cdiv (no constexpr wrapper) agree with
+    Triton's own on every value they can meet."""
+    import triton
+
+    from rlhf_kernels.ops._reduce import cdiv, next_power_of_2
+
+    for n in range(1, 5000):
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 2, 3, 1024, 2048):
+            assert cdiv(n, d) == triton.cdiv(n, d), (n, d)
+    assert next_power_of_2(2**40 + 1) == 2**41

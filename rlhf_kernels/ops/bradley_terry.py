@@ -246,8 +246,8 @@ _bradley_terry_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _BradleyTerryFunction(torch.autograd.Function):
-    """The eager path (``launch_directly``): the same launches as the custom op, and one
-    backward launch for both rewards when they share a dtype."""
+    """The eager path (``launch_directly``): the custom op's forward launches, and its backward
+    product as torch multiplies (one for both rewards when they share a dtype)."""
 
     @staticmethod
     def forward(ctx, chosen, rejected, margin_tensor, margin, center_coef):

@@ -307,8 +307,8 @@ _ppo_value_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _ValueLossFunction(torch.autograd.Function):
-    """The eager path (``launch_directly``): the same launches and backward as the custom op,
-    at a fraction of its host time."""
+    """The eager path (``launch_directly``): the custom op's forward launches, and its backward
+    product as two torch multiplies, at a fraction of its host time."""
 
     @staticmethod
     def forward(ctx, values, old_values, returns, mask, clip, reduction):
