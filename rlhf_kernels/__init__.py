@@ -1,7 +1,7 @@
 """rlhf_kernels: fused Triton kernels for RLHF, each with a plain-PyTorch reference.
 
 Every op takes plain tensors, works for any leading shape, computes in fp32 and returns fp32
-per-token quantities. See DESIGN.md section 1 for the math; ``rlhf_kernels.reference`` is the spec.
+per-token quantities. See docs/design.md §1 for the math; ``rlhf_kernels.reference`` is the spec.
 Importing this package touches no GPU and compiles nothing.
 """
 
