@@ -1,8 +1,8 @@
 """The spec: every rlhf_kernels op in plain PyTorch.
 
 No Triton import; everything runs on the CPU and in float64. Tests and benchmarks compare the
-kernels with these functions, so they are written for clarity, not speed. Conventions (docs/design.md
-§1):
+kernels with these functions, so they are written for clarity, not speed. Conventions
+(docs/design.md §1):
 
 * per-token outputs are float32 (float64 when the inputs are float64);
 * masks are bool/int/float, 1 = this token counts; masked positions output 0 and get 0 gradient;
