@@ -1,7 +1,8 @@
 """The ops' eager fast path (``rlhf_kernels.backend.launch_directly``) is the custom op, minus
 its host time.
 
-In plain eager mode the losses, KL, GAE, whitening and reward shaping call their Triton
+In plain eager mode the losses, KL, GAE, whitening, reward shaping and the logprob family
+(logprobs, linear_logprobs, ppo_loss_from_logits, linear_ppo_loss) call their Triton
 launchers directly (under a ``torch.autograd.Function`` when a gradient is needed) instead of
 through their ``torch.library`` custom ops, which torch.compile, export and torch.func still get.
 Checked here: an eager call and its backward dispatch no ``rlhf_kernels::`` op; outputs and
@@ -18,7 +19,18 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import rlhf_kernels as rk
-from rlhf_kernels.ops import bradley_terry, gae, kl, policy_loss, rewards, value_loss, whiten
+from rlhf_kernels.ops import (
+    bradley_terry,
+    gae,
+    kl,
+    policy_loss,
+    ppo_fused,
+    rewards,
+    value_loss,
+    whiten,
+)
+from rlhf_kernels.ops import linear_logprobs as linear_logprobs_mod
+from rlhf_kernels.ops import logprobs as logprobs_mod
 from tests.numerics import DEVICE, padded_mask
 
 B, T = 3, 37
@@ -141,3 +153,117 @@ def test_launch_config_arithmetic_matches_triton():
         for d in (1, 2, 3, 1024, 2048):
             assert cdiv(n, d) == triton.cdiv(n, d), (n, d)
     assert next_power_of_2(2**40 + 1) == 2**41
+
+
+# --------------------------------------------------------------------------------------------
+# the logprob family: logprobs, linear_logprobs, ppo_loss_from_logits, linear_ppo_loss
+# --------------------------------------------------------------------------------------------
+LP_B, LP_T, LP_V, LP_H, LP_R = 2, 5, 37, 8, 3
+LP_MODULES = (logprobs_mod, linear_logprobs_mod, ppo_fused)
+
+
+def _lp_inputs(dtype=torch.float32):
+    labels = torch.randint(0, LP_V, (LP_B, LP_T), device=DEVICE)
+    labels[0, -2:] = -100  # ignored tokens
+    logp = -torch.rand(LP_B, LP_T, device=DEVICE) * 2
+    return {
+        "logits": torch.randn(LP_B, LP_T + 1, LP_V, device=DEVICE).to(dtype), "labels": labels,
+        "hidden": torch.randn(LP_B, LP_T, LP_H, device=DEVICE).to(dtype),
+        "weight": (torch.randn(LP_V, LP_H, device=DEVICE) * LP_H ** -0.5).to(dtype),
+        "bias": (0.1 * torch.randn(LP_V, device=DEVICE)).to(dtype),
+        "lora_a": (0.3 * torch.randn(LP_R, LP_H, device=DEVICE)).to(dtype),
+        "lora_b": (0.3 * torch.randn(LP_V, LP_R, device=DEVICE)).to(dtype),
+        "old_logp": logp + 0.2 * torch.randn(LP_B, LP_T, device=DEVICE),
+        "ref_logp": logp + 0.3 * torch.randn(LP_B, LP_T, device=DEVICE),
+        "advantages": torch.randn(LP_B, LP_T, device=DEVICE), "mask": padded_mask(LP_B, LP_T),
+    }
+
+
+def _rollout(x):
+    return dict(old_logp=x["old_logp"], advantages=x["advantages"], mask=x["mask"])
+
+
+LP_CASES = {
+    "logprobs(entropy, sliced)": (lambda x: rk.logprobs(
+        x["logits"][:, :-1, :], x["labels"], 0.8, return_entropy=True), ("logits",)),
+    "logprobs(logp only)": (lambda x: rk.logprobs(x["logits"][:, 1:, :].contiguous(),
+                                                  x["labels"]), ("logits",)),
+    "logprobs(inplace_backward)": (lambda x: rk.logprobs(
+        x["logits"][:, :-1, :] * 1.0, x["labels"], return_entropy=True, inplace_backward=True),
+        ("logits",)),
+    "linear_logprobs(bias, lora, entropy)": (lambda x: rk.linear_logprobs(
+        x["hidden"], x["weight"], x["labels"], x["bias"], x["lora_a"], x["lora_b"], 0.5,
+        temperature=0.9, return_entropy=True, chunk_size=4),
+        ("hidden", "weight", "bias", "lora_a", "lora_b")),
+    "linear_logprobs(hidden only)": (lambda x: rk.linear_logprobs(
+        x["hidden"], x["weight"], x["labels"]), ("hidden",)),
+    "ppo_loss_from_logits": (lambda x: rk.ppo_loss_from_logits(
+        x["logits"][:, :-1, :], x["labels"], **_rollout(x), ref_logp=x["ref_logp"],
+        kl_coef=0.1, entropy_coef=0.01, dual_clip=3.0, reduction="seq-mean-token-mean"),
+        ("logits",)),
+    "linear_ppo_loss": (lambda x: rk.linear_ppo_loss(
+        x["hidden"], x["weight"], x["labels"], **_rollout(x), lora_a=x["lora_a"],
+        lora_b=x["lora_b"], lora_scale=2.0, ref_logp=x["ref_logp"], kl_coef=0.1,
+        entropy_coef=0.01, chunk_size=3), ("hidden", "weight", "lora_a", "lora_b")),
+}
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("op", list(LP_CASES))
+def test_logprob_ops_eager_path_skips_the_custom_op_and_equals_it(op, dtype, monkeypatch):
+    fn, grad_names = LP_CASES[op]
+    inputs = _lp_inputs(dtype)
+    outputs = []
+    for grad in (True, False):
+        with _RecordOps() as record:
+            fast, fast_grads, upstream = _run(fn, inputs, grad_names if grad else ())
+        custom = [name for name in record.names if name.startswith("rlhf_kernels::")]
+        assert not custom, f"{op}: the eager call dispatched {custom}"
+        with monkeypatch.context() as patch:
+            for module in LP_MODULES:
+                patch.setattr(module, "launch_directly", lambda *tensors: False)
+            with _RecordOps() as record:
+                slow, slow_grads, _ = _run(fn, inputs, grad_names if grad else (), upstream)
+        assert any(name.startswith("rlhf_kernels::") for name in record.names), \
+            f"{op}: the forced custom-op path did not run a custom op"
+        assert len(fast) == len(slow) and len(fast_grads) == len(slow_grads)
+        for i, (got, want) in enumerate(zip(fast + fast_grads, slow + slow_grads)):
+            assert got.dtype == want.dtype and got.shape == want.shape, (op, i)
+            torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True,
+                                       msg=lambda m, i=i: f"{op} output/grad {i}: {m}")
+        outputs.append(fast)
+    # Without a gradient the fused PPO sweeps skip the per-token derivatives: same values.
+    for got, want in zip(*outputs):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("op", list(LP_CASES))
+def test_logprob_ops_fake_tensors_take_the_custom_op(op):
+    fn, _ = LP_CASES[op]
+    inputs = _lp_inputs()
+    want = _flat(fn(inputs))
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+        got = _flat(fn({k: mode.from_tensor(v) for k, v in inputs.items()}))
+    assert [(t.shape, t.dtype) for t in got] == [(t.shape, t.dtype) for t in want]
+
+
+def test_logprobs_eager_outputs_are_editable_and_inplace_backward_bumps_the_version():
+    """The eager Function returns fresh tensors (editing them leaves the gradient alone), and
+    an in-place backward marks the logits as modified, as the mutating custom op does."""
+    x = _lp_inputs()
+    leaf = x["logits"].requires_grad_(True)
+    lp, ent = rk.logprobs(leaf[:, :-1, :], x["labels"], return_entropy=True)
+    (want,) = torch.autograd.grad(lp.sum() + ent.sum(), leaf)
+    lp, ent = rk.logprobs(leaf[:, :-1, :], x["labels"], return_entropy=True)
+    total = lp.sum() + ent.sum()
+    lp.mul_(0).add_(5.0)
+    ent.fill_(float("nan"))
+    (got,) = torch.autograd.grad(total, leaf)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+    logits = leaf * 1.0
+    other = (logits * logits).sum()  # saves logits for its own backward
+    lp = rk.logprobs(logits, torch.zeros(LP_B, LP_T + 1, dtype=torch.long, device=DEVICE),
+                     inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (lp.sum() + other).backward()

@@ -40,6 +40,11 @@ weight); the logprobs kernels compute in fp32; logp / entropy are fp32 (fp64 whe
 are fp64, as the reference's). Gradients come back in
 each input's own dtype. The weight gradient is accumulated over chunks in the compute dtype (as
 cuBLAS ``beta = 1`` GEMMs: one rounding per chunk in bf16), the bias and LoRA gradients in fp32.
+
+Dispatch: the forward and backward sweeps are ``torch.library`` custom ops for torch.compile,
+export, torch.func and fake tensors; in plain eager mode (``rlhf_kernels.backend.
+launch_directly``) they run directly, under a ``torch.autograd.Function`` when a gradient is
+wanted (same sweeps, same bits, less host time).
 """
 
 from __future__ import annotations
@@ -49,7 +54,8 @@ import torch
 from rlhf_kernels import reference
 from rlhf_kernels._alloc import empty
 from rlhf_kernels._checks import check_float, check_same_device
-from rlhf_kernels.backend import resolve_backend
+from rlhf_kernels.backend import launch_directly, resolve_backend
+from rlhf_kernels.ops._reduce import not_twice_differentiable
 
 __all__ = ["linear_logprobs", "choose_chunk_rows"]
 
@@ -61,11 +67,18 @@ _EMPTY = (0,)
 # --------------------------------------------------------------------------------------------
 # the per-chunk logprobs kernels (rlhf_kernels.ops.logprobs)
 # --------------------------------------------------------------------------------------------
-def _logprob_kernels():
-    # Imported on first use: ops/logprobs.py defines @triton.jit kernels.
-    from rlhf_kernels.ops.logprobs import logprobs_bwd, logprobs_fwd
+_KERNELS = None
 
-    return logprobs_fwd, logprobs_bwd
+
+def _logprob_kernels():
+    # Imported on first use (ops/logprobs.py defines @triton.jit kernels), then kept: an import
+    # statement per call costs host time.
+    global _KERNELS
+    if _KERNELS is None:
+        from rlhf_kernels.ops.logprobs import logprobs_bwd, logprobs_fwd
+
+        _KERNELS = logprobs_fwd, logprobs_bwd
+    return _KERNELS
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,10 +115,16 @@ def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
+def cast_to(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``t.to(dtype)``; None stays None. Same dtype: ``t`` itself, without the microsecond a
+    no-op ``.to()`` costs."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 def cast_head(dtype, weight, bias, lora_a, lora_b):
     """The lm_head pieces in the matmul dtype (a copy only where the dtype differs)."""
-    cast = lambda t: None if t is None else t.to(dtype)
-    return cast(weight), cast(bias), cast(lora_a), cast(lora_b)
+    return (cast_to(weight, dtype), cast_to(bias, dtype), cast_to(lora_a, dtype),
+            cast_to(lora_b, dtype))
 
 
 def chunk_logits(h_c, weight, bias, lora_a, lora_b, lora_scale):
@@ -151,7 +170,7 @@ class HeadGrads:
         if lora_a is not None and (self.hidden is not None or self.lora_a is not None):
             du = (dlogits @ lora_b) * lora_scale  # (C, r)
         if self.hidden is not None:
-            dh = self.hidden[start:start + rows]
+            dh = self.hidden if rows == self.hidden.shape[0] else self.hidden[start:start + rows]
             torch.matmul(dlogits, weight, out=dh)
             if du is not None:
                 dh.addmm_(du, lora_a)
@@ -164,12 +183,13 @@ class HeadGrads:
         if self.lora_b is not None:
             self.lora_b += (dlogits.t() @ u) * lora_scale
 
-    def outputs(self, hidden, weight, bias, lora_a, lora_b):
-        """The five gradients in their inputs' dtypes (an empty tensor where none is wanted)."""
+    def outputs(self, hidden, weight, bias, lora_a, lora_b, placeholder=True):
+        """The five gradients in their inputs' dtypes; where none is wanted, an empty tensor
+        (what a custom op must return), or None with ``placeholder=False``."""
         def out(acc, like):
             if acc is None:
-                return hidden.new_empty(_EMPTY)
-            return acc.to(like.dtype)
+                return hidden.new_empty(_EMPTY) if placeholder else None
+            return acc if acc.dtype == like.dtype else acc.to(like.dtype)
 
         return (out(self.hidden, hidden), out(self.weight, weight), out(self.bias, bias),
                 out(self.lora_a, lora_a), out(self.lora_b, lora_b))
@@ -216,7 +236,7 @@ def _forward_sweep(hidden, weight, labels, bias, lora_a, lora_b, lora_scale, tem
     labels1d = labels.reshape(-1)
     dtype = compute_dtype(hidden, weight)
     w, b, a, lb = cast_head(dtype, weight, bias, lora_a, lora_b)
-    h = hidden.to(dtype)
+    h = cast_to(hidden, dtype)
     # Allocated in their final shape (the caller gets ordinary tensors); the kernels write each
     # chunk's rows straight into them through flat views.
     logp = empty(labels.shape, out_dtype(dtype), device)
@@ -225,6 +245,13 @@ def _forward_sweep(hidden, weight, labels, bias, lora_a, lora_b, lora_scale, tem
     logp_flat, ent_flat = logp.view(-1), entropy.view(-1)
     rows = choose_chunk_rows(n_rows, vocab, h.element_size(), device, chunk_size,
                              memory_budget_bytes)
+    if rows >= n_rows and n_rows > 0:  # one chunk: the whole tensors, no per-chunk slicing
+        logits, _ = chunk_logits(h, w, b, a, lb, lora_scale)
+        lse, saved_entropy = saved.unbind(0) if return_entropy else (saved.view(-1), None)
+        logprobs_fwd(logits, labels1d, temperature, ignore_index, return_entropy,
+                     out=(logp_flat, ent_flat if return_entropy else None, lse),
+                     saved_entropy=saved_entropy)
+        return logp, entropy, saved
     for start in range(0, n_rows, rows):
         sl = slice(start, min(start + rows, n_rows))
         logits, _ = chunk_logits(h[sl], w, b, a, lb, lora_scale)
@@ -237,13 +264,13 @@ def _forward_sweep(hidden, weight, labels, bias, lora_a, lora_b, lora_scale, tem
 
 def _backward_sweep(grad_logp, grad_entropy, hidden, weight, labels, bias, lora_a, lora_b, lse,
                     entropy, lora_scale, temperature, ignore_index, chunk_size,
-                    memory_budget_bytes, needs):
+                    memory_budget_bytes, needs, placeholder=True):
     _, logprobs_bwd = _logprob_kernels()
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     device = hidden.device
     dtype = compute_dtype(hidden, weight)
     w, b, a, lb = cast_head(dtype, weight, bias, lora_a, lora_b)
-    h = hidden.to(dtype)
+    h = cast_to(hidden, dtype)
     labels = labels.reshape(-1)
     grad_logp = None if grad_logp is None else grad_logp.reshape(-1)
     grad_entropy = None if grad_entropy is None else grad_entropy.reshape(-1)
@@ -253,21 +280,22 @@ def _backward_sweep(grad_logp, grad_entropy, hidden, weight, labels, bias, lora_
     if grads.any():
         rows = choose_chunk_rows(n_rows, vocab, h.element_size(), device, chunk_size,
                                  memory_budget_bytes)
+        single = rows >= n_rows  # one chunk: the whole tensors, no per-chunk slicing
         for start in range(0, n_rows, rows):
             stop = min(start + rows, n_rows)
-            h_c = h[start:stop]
-            logits, u = chunk_logits(h_c, w, b, a, lb, lora_scale)
             sl = slice(start, stop)
+            rows_of = (lambda t: t) if single else (lambda t, sl=sl: None if t is None else t[sl])
+            h_c = rows_of(h)
+            logits, u = chunk_logits(h_c, w, b, a, lb, lora_scale)
+            # (logprobs_bwd makes the upstream gradients fp32 and contiguous)
             logprobs_bwd(
-                logits, labels[sl], lse[sl],
-                entropy[sl] if grad_entropy is not None else None,
-                grad_logp[sl].float() if grad_logp is not None else None,
-                grad_entropy[sl].float() if grad_entropy is not None else None,
-                temperature, ignore_index, logits,
+                logits, rows_of(labels), rows_of(lse),
+                rows_of(entropy) if grad_entropy is not None else None,
+                rows_of(grad_logp), rows_of(grad_entropy), temperature, ignore_index, logits,
             )
             grads.accumulate(start, logits, h_c, u, w, a, lb, lora_scale)
             del logits, u
-    return grads.outputs(hidden, weight, bias, lora_a, lora_b)
+    return grads.outputs(hidden, weight, bias, lora_a, lora_b, placeholder)
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,6 +411,53 @@ def _backward(ctx, grad_logp, grad_entropy, _grad_saved):
 _linear_logprobs_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _LinearLogprobsFunction(torch.autograd.Function):
+    """The eager path (``launch_directly``): the custom ops' sweeps under one autograd Function,
+    without their dispatch and autograd host time (same kernels and matmuls, same bits). The
+    returned logp / entropy are fresh tensors; the backward reads only the private saved state.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, bias, lora_a, lora_b, lora_scale, temperature,
+                ignore_index, return_entropy, chunk_size, memory_budget_bytes, check_labels):
+        # hidden (..., H) is flattened here, not by the caller: no view node in the graph.
+        ctx.hidden_shape = hidden.shape
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        logp, entropy, saved = _forward_sweep(
+            hidden, weight, labels, bias, lora_a, lora_b, lora_scale, temperature, ignore_index,
+            return_entropy, chunk_size, memory_budget_bytes, check_labels)
+        ctx.save_for_backward(hidden, weight, labels, bias, lora_a, lora_b, saved)
+        ctx.options = (lora_scale, temperature, ignore_index, return_entropy, chunk_size,
+                       memory_budget_bytes)
+        return logp, entropy
+
+    @staticmethod
+    @not_twice_differentiable
+    def backward(ctx, grad_logp, grad_entropy):
+        # ``_backward`` with the sweep called directly instead of through the backward op.
+        return _eager_backward(ctx, grad_logp, grad_entropy)
+
+
+def _eager_backward(ctx, grad_logp, grad_entropy):
+    hidden, weight, labels, bias, lora_a, lora_b, saved = ctx.saved_tensors
+    lse, entropy = saved[0], saved[1] if saved.shape[0] > 1 else None
+    lora_scale, temperature, ignore_index, return_entropy, chunk_size, budget = ctx.options
+    need = ctx.needs_input_grad
+    needs = (need[0], need[1], need[3] and bias is not None,
+             need[4] and lora_a is not None, need[5] and lora_b is not None)
+    if not return_entropy:
+        grad_entropy = None
+    d_hidden, d_weight, d_bias, d_a, d_b = _backward_sweep(
+        grad_logp, grad_entropy, hidden, weight, labels, bias, lora_a, lora_b, lse,
+        entropy if return_entropy else None, lora_scale, temperature, ignore_index, chunk_size,
+        budget, needs, placeholder=False)
+    if d_hidden is not None:
+        d_hidden = d_hidden.view(ctx.hidden_shape)
+    pick = lambda g, wanted: g if wanted else None
+    return (pick(d_hidden, needs[0]), pick(d_weight, needs[1]), None, pick(d_bias, needs[2]),
+            pick(d_a, needs[3]), pick(d_b, needs[4]), None, None, None, None, None, None, None)
+
+
 # --------------------------------------------------------------------------------------------
 # public function
 # --------------------------------------------------------------------------------------------
@@ -491,8 +566,15 @@ def linear_logprobs(
             check_label_range(labels, weight.shape[0], ignore_index)
         return reference.linear_logprobs(hidden, weight, labels, bias, lora_a, lora_b, lora_scale,
                                          temperature, ignore_index, return_entropy)
-    logp, entropy, _ = _linear_logprobs_fwd_op(
-        hidden.reshape(-1, hidden.shape[-1]), weight, labels.long(), bias, lora_a, lora_b,
-        float(lora_scale), float(temperature), int(ignore_index), bool(return_entropy),
-        chunk_size or 0, memory_budget_bytes or 0, bool(check_labels))
+    rest = (labels.long(), bias, lora_a, lora_b, float(lora_scale), float(temperature),
+            int(ignore_index), bool(return_entropy), chunk_size or 0, memory_budget_bytes or 0,
+            bool(check_labels))
+    if not launch_directly(hidden, weight, labels, bias, lora_a, lora_b):
+        logp, entropy, _ = _linear_logprobs_fwd_op(hidden.reshape(-1, hidden.shape[-1]), weight,
+                                                   *rest)
+    elif torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (hidden, weight, bias, lora_a, lora_b)):
+        logp, entropy = _LinearLogprobsFunction.apply(hidden, weight, *rest)
+    else:
+        logp, entropy, _ = _forward_sweep(hidden.reshape(-1, hidden.shape[-1]), weight, *rest)
     return (logp, entropy) if return_entropy else logp

@@ -42,9 +42,18 @@ reference's dtype; gradient fp64); ``backend="reference"`` computes in fp64.
 The returned logp / entropy are not saved for the backward: the forward kernel also writes lse
 and a private copy of entropy into a (2, N) fp32 buffer that the backward reads, so editing the
 outputs in place leaves the gradient unchanged.
+
+Dispatch: torch.compile, export, torch.func and fake tensors go through the ``torch.library``
+custom ops below (``rlhf_kernels::logprobs_fwd`` with its registered autograd and the
+``logprobs_bwd`` / ``logprobs_bwd_inplace_`` ops). In plain eager mode
+(``rlhf_kernels.backend.launch_directly``) the same launchers run directly, under a
+``torch.autograd.Function`` when the logits need a gradient: the same kernels with the same
+arguments (the same bits), without the custom ops' dispatch and autograd host time.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -53,7 +62,8 @@ import triton.language as tl
 from rlhf_kernels import reference
 from rlhf_kernels._alloc import empty
 from rlhf_kernels._checks import check_float, check_same_device
-from rlhf_kernels.backend import resolve_backend
+from rlhf_kernels.backend import launch_directly, resolve_backend
+from rlhf_kernels.ops._reduce import next_power_of_2, not_twice_differentiable
 
 __all__ = ["logprobs", "logprobs_fwd", "logprobs_bwd"]
 
@@ -194,6 +204,7 @@ def _logprobs_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=256)
 def _launch_config(V: int) -> tuple[int, int, int]:
     """(BLOCK_V, num_warps, num_stages) for a row of V entries.
 
@@ -203,11 +214,12 @@ def _launch_config(V: int) -> tuple[int, int, int]:
     loads, so many rows per SM each keep several blocks in flight: the configuration Liger's
     selective log-softmax uses, measured at 98% of the copy floor in DESIGN.md section 4. Small
     vocabularies take the whole row in one block. ``benchmarks/bench_logprobs.py --sweep`` times
-    the alternatives on a GPU.
+    the alternatives on a GPU. Cached per V: it runs twice per forward + backward, and
+    ``triton.next_power_of_2`` alone costs microseconds of host time.
     """
     if V > 2048:
         return 2048, 1, 4
-    block_v = max(16, triton.next_power_of_2(V))
+    block_v = max(16, next_power_of_2(V))
     return block_v, max(1, min(4, block_v // 512)), 1
 
 
@@ -301,7 +313,14 @@ def _bwd3d(logits3d, labels1d, lse, entropy, grad_logp, grad_entropy, temperatur
 
 def _flat_fp32(t: torch.Tensor | None) -> torch.Tensor | None:
     # Upstream gradients may be expanded (stride 0) or bf16; the kernel wants (N,) contiguous fp32.
-    return None if t is None else t.reshape(-1).to(torch.float32).contiguous()
+    # (Each step only when needed: a no-op reshape / .to() / .contiguous() still costs host time.)
+    if t is None:
+        return None
+    if t.dim() != 1:
+        t = t.reshape(-1)
+    if t.dtype != torch.float32:
+        t = t.to(torch.float32)
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def logprobs_fwd(
@@ -411,15 +430,26 @@ def _logprobs_fwd_op(
     views, so the caller may edit them in place). saved: (1 or 2, N) fp32, the backward's own
     state: row 0 lse, row 1 (with entropy) a private copy of entropy.
     """
+    return _forward(logits, labels, temperature, ignore_index, return_entropy, check_labels)
+
+
+def _forward(logits, labels, temperature, ignore_index, return_entropy, check_labels):
+    """The forward op's body, also run directly in plain eager mode (``launch_directly``)."""
     if check_labels:
         _check_labels_in_range(labels, logits.shape[-1], ignore_index)
     logits3d, labels1d = _prepare(logits, labels)
     device, dtype = logits.device, _out_dtype(logits.dtype)
     logp = empty(labels.shape, dtype, device)
-    entropy = empty(labels.shape if return_entropy else _EMPTY, dtype, device)
-    saved = empty((2 if return_entropy else 1, labels.numel()), torch.float32, device)
+    if return_entropy:
+        entropy = empty(labels.shape, dtype, device)
+        saved = empty((2, labels1d.shape[0]), torch.float32, device)
+        lse, saved_entropy = saved.unbind(0)  # one call for both rows
+    else:
+        entropy = empty(_EMPTY, dtype, device)
+        saved = empty((1, labels1d.shape[0]), torch.float32, device)
+        lse, saved_entropy = saved.view(-1), None
     _fwd3d(logits3d, labels1d, temperature, ignore_index, logp,
-           entropy if return_entropy else None, saved[0], saved[1] if return_entropy else None)
+           entropy if return_entropy else None, lse, saved_entropy)
     return logp, entropy, saved
 
 
@@ -446,11 +476,26 @@ def _logprobs_bwd_op(
     temperature: float,
     ignore_index: int,
 ) -> torch.Tensor:
+    return _backward_out_of_place(logits, labels, saved, grad_logp, grad_entropy, temperature,
+                                  ignore_index)
+
+
+def _backward_out_of_place(logits, labels, saved, grad_logp, grad_entropy, temperature,
+                           ignore_index):
+    """The backward op's body (also run directly in eager mode): d logits in a new buffer."""
     logits3d, labels1d = _prepare(logits, labels)
     out = empty(logits.shape, logits.dtype, logits.device)
     _bwd3d(logits3d, labels1d, *_split_saved(saved), _flat_fp32(grad_logp),
            _flat_fp32(grad_entropy), temperature, ignore_index, out.view(logits3d.shape))
     return out
+
+
+def _backward_in_place(logits, labels, saved, grad_logp, grad_entropy, temperature,
+                       ignore_index):
+    """The in-place backward op's body: d logits written into the logits buffer."""
+    logits3d, labels1d = _prepare(logits, labels)
+    _bwd3d(logits3d, labels1d, *_split_saved(saved), _flat_fp32(grad_logp),
+           _flat_fp32(grad_entropy), temperature, ignore_index, logits3d)
 
 
 @_logprobs_bwd_op.register_fake
@@ -468,9 +513,7 @@ def _logprobs_bwd_inplace_op(
     temperature: float,
     ignore_index: int,
 ) -> None:
-    logits3d, labels1d = _prepare(logits, labels)
-    _bwd3d(logits3d, labels1d, *_split_saved(saved), _flat_fp32(grad_logp),
-           _flat_fp32(grad_entropy), temperature, ignore_index, logits3d)
+    _backward_in_place(logits, labels, saved, grad_logp, grad_entropy, temperature, ignore_index)
 
 
 @_logprobs_bwd_inplace_op.register_fake
@@ -512,6 +555,40 @@ def _backward(ctx, grad_logp, grad_entropy, _grad_saved):
 
 
 _logprobs_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _LogprobsFunction(torch.autograd.Function):
+    """The eager path (``launch_directly``): the custom ops' bodies under one autograd Function,
+    without their dispatch and autograd host time. Same kernels, same arguments, same bits; the
+    returned logp / entropy are fresh tensors, the backward reads only its private saved state.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, temperature, ignore_index, return_entropy,
+                inplace_backward, check_labels):
+        logp, entropy, saved = _forward(logits, labels, temperature, ignore_index,
+                                        return_entropy, check_labels)
+        ctx.inplace_backward = inplace_backward
+        ctx.temperature = temperature
+        ctx.ignore_index = ignore_index
+        ctx.save_for_backward(logits, labels, saved)
+        return logp, entropy
+
+    @staticmethod
+    @not_twice_differentiable
+    def backward(ctx, grad_logp, grad_entropy):
+        # Gradients are materialised (zeros for an unused output), as for the custom op.
+        logits, labels, saved = ctx.saved_tensors
+        if saved.shape[0] == 1:
+            grad_entropy = None
+        args = (labels, saved, grad_logp, grad_entropy, ctx.temperature, ctx.ignore_index)
+        if ctx.inplace_backward and _can_write_in_place(logits):
+            _backward_in_place(logits, *args)
+            # What the mutating custom op does: a later reader of the logits saved for another
+            # backward (or a second backward through this graph) fails loudly.
+            torch.autograd.graph.increment_version(logits)
+            return logits, None, None, None, None, None, None
+        return _backward_out_of_place(logits, *args), None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -584,8 +661,13 @@ def logprobs(
         if check_labels:
             _check_labels_in_range(labels, logits.shape[-1], ignore_index)
         return reference.logprobs(logits, labels, temperature, ignore_index, return_entropy)
-    logp, entropy, _ = torch.ops.rlhf_kernels.logprobs_fwd(
-        logits, labels, temperature, ignore_index, bool(return_entropy), bool(inplace_backward),
-        bool(check_labels),
-    )
+    args = (logits, labels, temperature, ignore_index, bool(return_entropy),
+            bool(inplace_backward), bool(check_labels))
+    if not launch_directly(logits, labels):
+        logp, entropy, _ = _logprobs_fwd_op(*args)
+    elif torch.is_grad_enabled() and logits.requires_grad:
+        logp, entropy = _LogprobsFunction.apply(*args)
+    else:
+        logp, entropy, _ = _forward(logits, labels, temperature, ignore_index,
+                                    bool(return_entropy), bool(check_labels))
     return (logp, entropy) if return_entropy else logp

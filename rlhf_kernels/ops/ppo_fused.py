@@ -35,6 +35,11 @@ A consequence of the saved, pre-scaled gradients: backward through the same grap
 
 Stats are those of the reference (pg_loss, kl, entropy, clipfrac, approx_kl, ratio_mean),
 computed from the per-token logp / entropy with the reference's own formulas (N floats, cheap).
+
+Dispatch: each op is a ``torch.library`` custom op for torch.compile, export, torch.func and
+fake tensors; in plain eager mode (``rlhf_kernels.backend.launch_directly``) the same sweep runs
+directly, under a ``torch.autograd.Function`` when a gradient is wanted (same bits, less host
+time). Without a gradient the sweep skips the per-token derivatives (``per_token_terms``).
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ import torch
 from rlhf_kernels import reference
 from rlhf_kernels._alloc import empty
 from rlhf_kernels._checks import as_mask, check_float, check_reduction, check_same_shape
-from rlhf_kernels.backend import resolve_backend
+from rlhf_kernels.backend import launch_directly, resolve_backend
 from rlhf_kernels.ops import linear_logprobs as head
 
 __all__ = ["linear_ppo_loss", "ppo_loss_from_logits", "reduction_weights"]
@@ -81,53 +86,71 @@ def _max_grads(a, b):
     return ga, 1.0 - ga
 
 
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    # .to() of a tensor already in fp32 returns it, but after a microsecond of dispatch.
+    return t if t.dtype == torch.float32 else t.to(torch.float32)
+
+
 def per_token_terms(logp, entropy, old_logp, advantages, weights, ref_logp, kl_coef,
-                    kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp):
+                    kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp,
+                    derivatives=True):
     """(C,) fp32 logp / entropy of one chunk -> (w * per-token loss, d loss/d logp,
-    d loss/d entropy or None), all (C,) fp32, following torch autograd through the reference."""
+    d loss/d entropy or None), all (C,) fp32, following torch autograd through the reference.
+
+    derivatives=False (no gradient wanted): the same per-token loss, and None for both
+    derivatives (they are not computed).
+    """
     f32 = torch.float32
-    w = weights.to(f32)
+    w = _fp32(weights)
     counts = w != 0
-    A = advantages.to(f32)
-    d = logp - old_logp.to(f32)
-    d_grad = torch.ones_like(d)
+    A = _fp32(advantages)
+    d = logp - _fp32(old_logp)
+    d_grad = torch.ones_like(d) if derivatives else None
     if log_ratio_clamp is not None:
-        d_grad = ((d >= -log_ratio_clamp) & (d <= log_ratio_clamp)).to(f32)
+        if derivatives:
+            d_grad = ((d >= -log_ratio_clamp) & (d <= log_ratio_clamp)).to(f32)
         d = d.clamp(-log_ratio_clamp, log_ratio_clamp)
     ratio = torch.exp(d)
     low, high = 1.0 - clip_low, 1.0 + clip_high
     loss1 = -A * ratio
     loss2 = -A * ratio.clamp(low, high)
-    clip_grad = ((ratio >= low) & (ratio <= high)).to(f32)
-    g1, g2 = _max_grads(loss1, loss2)
     per_token = torch.maximum(loss1, loss2)
-    d_per_token = -A * (g1 + g2 * clip_grad)  # d per_token / d ratio
+    if derivatives:
+        clip_grad = ((ratio >= low) & (ratio <= high)).to(f32)
+        g1, g2 = _max_grads(loss1, loss2)
+        d_per_token = -A * (g1 + g2 * clip_grad)  # d per_token / d ratio
     if dual_clip is not None:
         loss3 = -A * dual_clip
-        keep, _ = _max_grads(loss3, per_token)  # minimum(per, loss3) = -max(-per, -loss3)
-        d_per_token = torch.where(A < 0, d_per_token * keep, d_per_token)
+        if derivatives:
+            keep, _ = _max_grads(loss3, per_token)  # minimum(per, loss3) = -max(-per, -loss3)
+            d_per_token = torch.where(A < 0, d_per_token * keep, d_per_token)
         per_token = torch.where(A < 0, torch.minimum(per_token, loss3), per_token)
     total = per_token
-    d_logp = d_per_token * ratio * d_grad
+    if derivatives:
+        d_logp = d_per_token * ratio * d_grad
     if ref_logp is not None and kl_coef:
-        dk = logp - ref_logp.to(f32)
+        dk = logp - _fp32(ref_logp)
         if kl_estimator == "k1":
-            kl, dkl = dk, torch.ones_like(dk)
+            kl, dkl = dk, (torch.ones_like(dk) if derivatives else None)
         elif kl_estimator == "k2":
             kl, dkl = 0.5 * dk * dk, dk
         elif kl_estimator == "k3":
             e = torch.exp(-dk)
-            kl, dkl = e + dk - 1.0, 1.0 - e
+            kl, dkl = e + dk - 1.0, (1.0 - e if derivatives else None)
         else:
-            kl, dkl = dk.abs(), torch.sign(dk)
+            kl, dkl = dk.abs(), (torch.sign(dk) if derivatives else None)
         total = total + kl_coef * kl
-        d_logp = d_logp + kl_coef * dkl
+        if derivatives:
+            d_logp = d_logp + kl_coef * dkl
     d_entropy = None
     if entropy_coef:
         total = total - entropy_coef * entropy
-        d_entropy = torch.where(counts, -entropy_coef * w, 0.0)
+        if derivatives:
+            d_entropy = torch.where(counts, -entropy_coef * w, 0.0)
     # where, not multiply: masked tokens may hold anything (inf ratios), they must add exactly 0
     contribution = torch.where(counts, w * total, 0.0)
+    if not derivatives:
+        return contribution, None, None
     d_logp = torch.where(counts, w * d_logp, 0.0)
     return contribution, d_logp, d_entropy
 
@@ -135,13 +158,13 @@ def per_token_terms(logp, entropy, old_logp, advantages, weights, ref_logp, kl_c
 # --------------------------------------------------------------------------------------------
 # the sweeps
 # --------------------------------------------------------------------------------------------
-def _masked_as_ignored(labels, weights, ignore_index, check_labels, vocab):
-    """Labels with every token that does not count (weight 0: masked or ignored) set to
-    ignore_index: the kernels then skip those rows (no bytes read) and write exactly 0 as their
-    d logits, whatever the logits hold there (0 * NaN would be NaN)."""
+def _masked_as_ignored(labels, counted, ignore_index, check_labels, vocab):
+    """Labels with every token that does not count (``counted``: weight != 0; masked or ignored
+    tokens weigh 0) set to ignore_index: the kernels then skip those rows (no bytes read) and
+    write exactly 0 as their d logits, whatever the logits hold there (0 * NaN would be NaN)."""
     if check_labels:
         head.check_label_range(labels, vocab, ignore_index)
-    return torch.where(weights != 0, labels, ignore_index)
+    return torch.where(counted, labels, ignore_index)
 
 
 def _linear_sweep(hidden, weight, labels, bias, lora_a, lora_b, old_logp, advantages, weights,
@@ -151,13 +174,15 @@ def _linear_sweep(hidden, weight, labels, bias, lora_a, lora_b, old_logp, advant
     logprobs_fwd, logprobs_bwd = head._logprob_kernels()
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     device = hidden.device
-    labels = _masked_as_ignored(labels, weights, ignore_index, check_labels, vocab)
+    counted = weights != 0
+    labels = _masked_as_ignored(labels, counted, ignore_index, check_labels, vocab)
     dtype = head.compute_dtype(hidden, weight)
     w, b, a, lb = head.cast_head(dtype, weight, bias, lora_a, lora_b)
-    h = hidden.to(dtype)
+    h = head.cast_to(hidden, dtype)
     grads = head.HeadGrads(n_rows, hidden, weight, bias, lora_a, lora_b, needs, dtype)
+    need_grads = grads.any()
     if any(g is not None for g in (grads.weight, grads.lora_a, grads.lora_b)):
-        h = head.zero_rows(h, weights != 0)  # masked rows add exactly 0, even for NaN h
+        h = head.zero_rows(h, counted)  # masked rows add exactly 0, even for NaN h
     out = head.out_dtype(dtype)
     logp = empty((n_rows,), out, device)
     entropy = empty((n_rows,), out, device)
@@ -165,18 +190,25 @@ def _linear_sweep(hidden, weight, labels, bias, lora_a, lora_b, old_logp, advant
     contribution = empty((n_rows,), out, device)
     rows = head.choose_chunk_rows(n_rows, vocab, h.element_size(), device, chunk_size,
                                   memory_budget_bytes)
+    # One chunk (the common case at small N) takes the whole tensors: no per-chunk slicing.
+    single = rows >= n_rows
     for start in range(0, n_rows, rows):
         sl = slice(start, min(start + rows, n_rows))
-        h_c = h[sl]
+        rows_of = (lambda t: t) if single else (lambda t, sl=sl: None if t is None else t[sl])
+        h_c, labels_c = rows_of(h), rows_of(labels)
         logits, u = head.chunk_logits(h_c, w, b, a, lb, lora_scale)
-        lp_c, ent_c, lse_c = logprobs_fwd(logits, labels[sl], temperature, ignore_index, True,
-                                          out=(logp[sl], entropy[sl], lse[sl]))
-        contribution[sl], d_logp, d_entropy = per_token_terms(
-            lp_c, ent_c, old_logp[sl], advantages[sl], weights[sl],
-            None if ref_logp is None else ref_logp[sl], kl_coef, kl_estimator, entropy_coef,
-            clip_low, clip_high, dual_clip, log_ratio_clamp)
-        if grads.any():
-            logprobs_bwd(logits, labels[sl], lse_c, ent_c if d_entropy is not None else None,
+        lp_c, ent_c, lse_c = logprobs_fwd(logits, labels_c, temperature, ignore_index, True,
+                                          out=(rows_of(logp), rows_of(entropy), rows_of(lse)))
+        contribution_c, d_logp, d_entropy = per_token_terms(
+            lp_c, ent_c, rows_of(old_logp), rows_of(advantages), rows_of(weights),
+            rows_of(ref_logp), kl_coef, kl_estimator, entropy_coef, clip_low, clip_high,
+            dual_clip, log_ratio_clamp, need_grads)
+        if single and contribution_c.dtype == out:
+            contribution = contribution_c
+        else:
+            contribution[sl] = contribution_c
+        if need_grads:
+            logprobs_bwd(logits, labels_c, lse_c, ent_c if d_entropy is not None else None,
                          d_logp, d_entropy, temperature, ignore_index, logits)
             grads.accumulate(start, logits, h_c, u, w, a, lb, lora_scale)
         del logits, u
@@ -202,24 +234,32 @@ def _logits_sweep(logits3d, labels, old_logp, advantages, weights, ref_logp, kl_
     logprobs_fwd, logprobs_bwd = head._logprob_kernels()
     B, T, V = logits3d.shape
     n_rows = B * T
-    labels = _masked_as_ignored(labels, weights, ignore_index, check_labels, V)
+    labels = _masked_as_ignored(labels, weights != 0, ignore_index, check_labels, V)
     device = logits3d.device
     blocks = _row_blocks(logits3d)
     out = head.out_dtype(logits3d.dtype)
     logp = empty((n_rows,), out, device)
     entropy = empty((n_rows,), out, device)
     lse = empty((n_rows,), torch.float32, device)
-    for start, block in blocks:
-        sl = slice(start, start + block.shape[0])
-        logprobs_fwd(block, labels[sl], temperature, ignore_index, True,
-                     out=(logp[sl], entropy[sl], lse[sl]))
+    if len(blocks) == 1:  # the whole batch in one launch: no per-block slicing
+        logprobs_fwd(blocks[0][1], labels, temperature, ignore_index, True,
+                     out=(logp, entropy, lse))
+    else:
+        for start, block in blocks:
+            sl = slice(start, start + block.shape[0])
+            logprobs_fwd(block, labels[sl], temperature, ignore_index, True,
+                         out=(logp[sl], entropy[sl], lse[sl]))
     contribution, d_logp, d_entropy = per_token_terms(
         logp, entropy, old_logp, advantages, weights, ref_logp, kl_coef, kl_estimator,
-        entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp)
+        entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp, need_grad)
     if not need_grad:
         return contribution.sum(), logp, entropy, logits3d.new_empty(_EMPTY)
     d_logits = empty((B, T, V), logits3d.dtype, device)
     d_flat = d_logits.view(n_rows, V)
+    if len(blocks) == 1:
+        logprobs_bwd(blocks[0][1], labels, lse, entropy if d_entropy is not None else None,
+                     d_logp, d_entropy, temperature, ignore_index, d_flat)
+        return contribution.sum(), logp, entropy, d_logits
     for start, block in blocks:
         sl = slice(start, start + block.shape[0])
         logprobs_bwd(block, labels[sl], lse[sl],
@@ -357,6 +397,53 @@ _logits_ppo_op.register_autograd(_logits_backward, setup_context=_logits_setup_c
 
 
 # --------------------------------------------------------------------------------------------
+# the eager path (``launch_directly``): the sweeps under an autograd Function, without the
+# custom ops' dispatch and autograd host time; same kernels, same matmuls, same bits
+# --------------------------------------------------------------------------------------------
+class _LinearPPOFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, bias, lora_a, lora_b, *rest):
+        (old_logp, advantages, weights, ref_logp, lora_scale, kl_coef, kl_estimator,
+         entropy_coef, temperature, clip_low, clip_high, dual_clip, log_ratio_clamp,
+         ignore_index, chunk_size, memory_budget_bytes, need_hidden, need_weight, need_bias,
+         need_lora_a, need_lora_b, check_labels) = rest
+        needs = (need_hidden, need_weight, need_bias, need_lora_a, need_lora_b)
+        # hidden (..., H) is flattened here, not by the caller: no view node in the graph.
+        hidden_shape = hidden.shape
+        hidden = hidden.reshape(-1, hidden_shape[-1])
+        loss, logp, entropy, *grads = _linear_sweep(
+            hidden, weight, labels, bias, lora_a, lora_b, old_logp, advantages, weights,
+            ref_logp, lora_scale, kl_coef, kl_estimator, entropy_coef, temperature, clip_low,
+            clip_high, dual_clip, log_ratio_clamp, ignore_index, chunk_size,
+            memory_budget_bytes, needs, check_labels)
+        if need_hidden:
+            grads[0] = grads[0].view(hidden_shape)
+        ctx.mark_non_differentiable(logp, entropy)
+        ctx.needs = needs
+        ctx.save_for_backward(*grads)
+        return loss, logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_unused):
+        return _linear_backward(ctx, grad_loss)
+
+
+class _LogitsPPOFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, *rest):
+        # logits (..., T, V) are made (B, T, V) here, not by the caller: no view node.
+        loss, logp, entropy, d_logits = _logits_sweep(_as_3d(logits), *rest)
+        ctx.mark_non_differentiable(logp, entropy)
+        ctx.need_grad = rest[14]
+        ctx.save_for_backward(d_logits.view(logits.shape) if ctx.need_grad else d_logits)
+        return loss, logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_unused):
+        return _logits_backward(ctx, grad_loss)
+
+
+# --------------------------------------------------------------------------------------------
 # public functions
 # --------------------------------------------------------------------------------------------
 def _check_rollout(labels, old_logp, advantages, mask, ref_logp, kl_estimator, clip_low,
@@ -415,6 +502,11 @@ def _stats(logp, entropy, labels, old_logp, advantages, m, ref_logp, kl_coef, kl
             ref_logp, kl_coef, kl_estimator, entropy_coef, clip_low, clip_high, dual_clip,
             log_ratio_clamp, reduction)
     return stats
+
+
+def _as_3d(logits):
+    """(..., T, V) -> (B, T, V), B the product of the leading dims (a view where possible)."""
+    return logits.reshape(math.prod(logits.shape[:-2]), *logits.shape[-2:])
 
 
 def _flat(t):
@@ -482,14 +574,19 @@ def ppo_loss_from_logits(
     _refuse_rollout_grads(old_logp, advantages, ref_logp if use_kl else None)
     m, weights = _mask_and_weights(labels, old_logp, mask, ignore_index, reduction)
     need_grad = torch.is_grad_enabled() and logits.requires_grad
-    loss, logp, entropy, _ = _logits_ppo_op(
-        logits.reshape(math.prod(logits.shape[:-2]), *logits.shape[-2:]),
+    rest = (
         labels.reshape(-1).long(), _flat(old_logp),
         _flat(advantages), weights, _flat(ref_logp) if use_kl else None, float(kl_coef),
         kl_estimator, float(entropy_coef), float(temperature), float(clip_low), float(clip_high),
         None if dual_clip is None else float(dual_clip),
         None if log_ratio_clamp is None else float(log_ratio_clamp), int(ignore_index), need_grad,
         bool(check_labels))
+    if not launch_directly(logits, labels, old_logp, advantages, mask, ref_logp):
+        loss, logp, entropy, _ = _logits_ppo_op(_as_3d(logits), *rest)
+    elif need_grad:
+        loss, logp, entropy = _LogitsPPOFunction.apply(logits, *rest)
+    else:
+        loss, logp, entropy, _ = _logits_sweep(_as_3d(logits), *rest)
     stats = _stats(logp, entropy, labels, old_logp, advantages, m, ref_logp, kl_coef,
                    kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp,
                    reduction)
@@ -555,14 +652,22 @@ def linear_ppo_loss(
     m, weights = _mask_and_weights(labels, old_logp, mask, ignore_index, reduction)
     grad_on = torch.is_grad_enabled()
     wants = lambda t: grad_on and t is not None and t.requires_grad
-    loss, logp, entropy, *_ = _linear_ppo_op(
-        hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1).long(), bias, lora_a,
+    needs = (wants(hidden), wants(weight), wants(bias), wants(lora_a), wants(lora_b))
+    args = (
+        hidden, weight, labels.reshape(-1).long(), bias, lora_a,
         lora_b, _flat(old_logp), _flat(advantages), weights, _flat(ref_logp) if use_kl else None,
         float(lora_scale), float(kl_coef), kl_estimator, float(entropy_coef), float(temperature),
         float(clip_low), float(clip_high), None if dual_clip is None else float(dual_clip),
         None if log_ratio_clamp is None else float(log_ratio_clamp), int(ignore_index),
-        chunk_size or 0, memory_budget_bytes or 0, wants(hidden), wants(weight), wants(bias),
-        wants(lora_a), wants(lora_b), bool(check_labels))
+        chunk_size or 0, memory_budget_bytes or 0, *needs, bool(check_labels))
+    if not launch_directly(hidden, weight, labels, bias, lora_a, lora_b, old_logp, advantages,
+                           mask, ref_logp):
+        loss, logp, entropy, *_ = _linear_ppo_op(hidden.reshape(-1, hidden.shape[-1]), *args[1:])
+    elif any(needs):
+        loss, logp, entropy = _LinearPPOFunction.apply(*args)  # it flattens hidden itself
+    else:
+        loss, logp, entropy, *_ = _linear_sweep(hidden.reshape(-1, hidden.shape[-1]),
+                                                *args[1:22], needs, args[27])
     stats = _stats(logp, entropy, labels, old_logp, advantages, m, ref_logp, kl_coef,
                    kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp,
                    reduction)
