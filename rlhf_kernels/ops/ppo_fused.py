@@ -170,7 +170,10 @@ def _masked_as_ignored(labels, counted, ignore_index, check_labels, vocab):
 def _linear_sweep(hidden, weight, labels, bias, lora_a, lora_b, old_logp, advantages, weights,
                   ref_logp, lora_scale, kl_coef, kl_estimator, entropy_coef, temperature,
                   clip_low, clip_high, dual_clip, log_ratio_clamp, ignore_index, chunk_size,
-                  memory_budget_bytes, needs, check_labels=False):
+                  memory_budget_bytes, needs, check_labels=False, placeholder=True):
+    """-> (loss, logp, entropy, d hidden, d weight, d bias, d lora_a, d lora_b); a gradient
+    that is not wanted is an empty tensor (what the custom op returns), or None with
+    ``placeholder=False``."""
     logprobs_fwd, logprobs_bwd = head._logprob_kernels()
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     device = hidden.device
@@ -187,11 +190,11 @@ def _linear_sweep(hidden, weight, labels, bias, lora_a, lora_b, old_logp, advant
     logp = empty((n_rows,), out, device)
     entropy = empty((n_rows,), out, device)
     lse = empty((n_rows,), torch.float32, device)
-    contribution = empty((n_rows,), out, device)
     rows = head.choose_chunk_rows(n_rows, vocab, h.element_size(), device, chunk_size,
                                   memory_budget_bytes)
     # One chunk (the common case at small N) takes the whole tensors: no per-chunk slicing.
     single = rows >= n_rows
+    contribution = None if single and n_rows > 0 else empty((n_rows,), out, device)
     for start in range(0, n_rows, rows):
         sl = slice(start, min(start + rows, n_rows))
         rows_of = (lambda t: t) if single else (lambda t, sl=sl: None if t is None else t[sl])
@@ -203,8 +206,9 @@ def _linear_sweep(hidden, weight, labels, bias, lora_a, lora_b, old_logp, advant
             lp_c, ent_c, rows_of(old_logp), rows_of(advantages), rows_of(weights),
             rows_of(ref_logp), kl_coef, kl_estimator, entropy_coef, clip_low, clip_high,
             dual_clip, log_ratio_clamp, need_grads)
-        if single and contribution_c.dtype == out:
-            contribution = contribution_c
+        if contribution is None:  # one chunk: its result is the whole
+            contribution = (contribution_c if contribution_c.dtype == out
+                            else contribution_c.to(out))
         else:
             contribution[sl] = contribution_c
         if need_grads:
@@ -213,7 +217,8 @@ def _linear_sweep(hidden, weight, labels, bias, lora_a, lora_b, old_logp, advant
             grads.accumulate(start, logits, h_c, u, w, a, lb, lora_scale)
         del logits, u
     loss = contribution.sum()
-    return (loss, logp, entropy) + grads.outputs(hidden, weight, bias, lora_a, lora_b)
+    return (loss, logp, entropy) + grads.outputs(hidden, weight, bias, lora_a, lora_b,
+                                                 placeholder)
 
 
 def _row_blocks(logits3d):
@@ -415,7 +420,7 @@ class _LinearPPOFunction(torch.autograd.Function):
             hidden, weight, labels, bias, lora_a, lora_b, old_logp, advantages, weights,
             ref_logp, lora_scale, kl_coef, kl_estimator, entropy_coef, temperature, clip_low,
             clip_high, dual_clip, log_ratio_clamp, ignore_index, chunk_size,
-            memory_budget_bytes, needs, check_labels)
+            memory_budget_bytes, needs, check_labels, placeholder=False)
         if need_hidden:
             grads[0] = grads[0].view(hidden_shape)
         ctx.mark_non_differentiable(logp, entropy)
@@ -667,7 +672,8 @@ def linear_ppo_loss(
         loss, logp, entropy = _LinearPPOFunction.apply(*args)  # it flattens hidden itself
     else:
         loss, logp, entropy, *_ = _linear_sweep(hidden.reshape(-1, hidden.shape[-1]),
-                                                *args[1:22], needs, args[27])
+                                                *args[1:22], needs, args[27],
+                                                placeholder=False)
     stats = _stats(logp, entropy, labels, old_logp, advantages, m, ref_logp, kl_coef,
                    kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp,
                    reduction)
