@@ -267,3 +267,26 @@ def test_logprobs_eager_outputs_are_editable_and_inplace_backward_bumps_the_vers
                      inplace_backward=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         (lp.sum() + other).backward()
+
+
+@pytest.mark.parametrize("op", ["logprobs", "linear_logprobs"])
+def test_logprob_gradients_refuse_a_double_backward(op):
+    """Under create_graph=True the eager gradient must not pass for a constant: the second-order
+    term would silently be 0. It raises when differentiated, as the custom-op path's does, even
+    when the incoming gradient is a constant (the saved inputs carry the dependence)."""
+    x = _lp_inputs()
+    if op == "logprobs":
+        leaf = x["logits"][:, 1:, :].contiguous().requires_grad_(True)
+        out = rk.logprobs(leaf, x["labels"])
+    else:
+        leaf = x["hidden"].requires_grad_(True)
+        out = rk.linear_logprobs(leaf, x["weight"], x["labels"])
+    (grad,) = torch.autograd.grad(out.sum(), leaf, create_graph=True)
+    with pytest.raises(RuntimeError, match=f"rlhf_kernels.{op}: its gradient is not "
+                                           "differentiable again"):
+        (grad.square().sum() + leaf.sum()).backward()
+    # a plain backward is unaffected
+    (plain,) = torch.autograd.grad(rk.logprobs(leaf, x["labels"]).sum() if op == "logprobs"
+                                   else rk.linear_logprobs(leaf, x["weight"], x["labels"]).sum(),
+                                   leaf)
+    torch.testing.assert_close(plain, grad.detach(), rtol=0, atol=0)

@@ -55,7 +55,7 @@ from rlhf_kernels import reference
 from rlhf_kernels._alloc import empty
 from rlhf_kernels._checks import check_float, check_same_device
 from rlhf_kernels.backend import launch_directly, resolve_backend
-from rlhf_kernels.ops._reduce import not_twice_differentiable
+from rlhf_kernels.ops.logprobs import no_double_backward
 
 __all__ = ["linear_logprobs", "choose_chunk_rows"]
 
@@ -432,7 +432,7 @@ class _LinearLogprobsFunction(torch.autograd.Function):
         return logp, entropy
 
     @staticmethod
-    @not_twice_differentiable
+    @no_double_backward("linear_logprobs")
     def backward(ctx, grad_logp, grad_entropy):
         # ``_backward`` with the sweep called directly instead of through the backward op.
         return _eager_backward(ctx, grad_logp, grad_entropy)

@@ -63,7 +63,7 @@ from rlhf_kernels import reference
 from rlhf_kernels._alloc import empty
 from rlhf_kernels._checks import check_float, check_same_device
 from rlhf_kernels.backend import launch_directly, resolve_backend
-from rlhf_kernels.ops._reduce import next_power_of_2, not_twice_differentiable
+from rlhf_kernels.ops._reduce import next_power_of_2
 
 __all__ = ["logprobs", "logprobs_fwd", "logprobs_bwd"]
 
@@ -557,6 +557,43 @@ def _backward(ctx, grad_logp, grad_entropy, _grad_saved):
 _logprobs_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def no_double_backward(op_name: str):
+    """Decorator for the ``backward`` of an eager autograd Function whose gradient cannot be
+    differentiated again.
+
+    A plain backward (grad mode off) calls straight through. Under ``create_graph=True`` the
+    gradients come back as tensors that raise when differentiated, as the custom-op path's do
+    (its backward op has no autograd formula): always, not only when the incoming gradient
+    requires grad (``once_differentiable``'s test), because the gradient depends on the saved
+    inputs too and a silently constant second-order term would be wrong.
+    """
+    message = (f"rlhf_kernels.{op_name}: its gradient is not differentiable again (double "
+               "backward / create_graph=True); use backend='reference' for higher-order "
+               "gradients").encode()
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            if not torch.is_grad_enabled():
+                return backward(ctx, *grads)
+            with torch.no_grad():
+                outputs = backward(ctx, *grads)
+
+            def fake_requires_grad(t):
+                if t is None:
+                    return None
+                t = t.detach()
+                t.requires_grad = True
+                return t
+
+            error = torch._C._functions.DelayedError(message, len(outputs))
+            return error(*[fake_requires_grad(t) for t in outputs])
+
+        return wrapper
+
+    return decorate
+
+
 class _LogprobsFunction(torch.autograd.Function):
     """The eager path (``launch_directly``): the custom ops' bodies under one autograd Function,
     without their dispatch and autograd host time. Same kernels, same arguments, same bits; the
@@ -575,7 +612,7 @@ class _LogprobsFunction(torch.autograd.Function):
         return logp, entropy
 
     @staticmethod
-    @not_twice_differentiable
+    @no_double_backward("logprobs")
     def backward(ctx, grad_logp, grad_entropy):
         # Gradients are materialised (zeros for an unused output), as for the custom op.
         logits, labels, saved = ctx.saved_tensors
