@@ -291,6 +291,7 @@ def test_minus_inf_vocabulary_entries_give_finite_entropy_gradients(backend):
     assert torch.isfinite(logp).all() and torch.isfinite(ent).all()
     assert torch.isfinite(x.grad).all(), f"[{backend}] NaN gradient with -inf logits"
     assert (x.grad[:, banned] == 0).all()
-    torch.testing.assert_close(logp, logp_k, rtol=0, atol=1e-6)
-    torch.testing.assert_close(ent, ent_k, rtol=0, atol=1e-6)
-    torch.testing.assert_close(x.grad[:, kept], y.grad, rtol=0, atol=1e-6)
+    # the same fp32 math over two vocabulary layouts: equal up to a few ulps of the values
+    torch.testing.assert_close(logp, logp_k, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(ent, ent_k, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad[:, kept], y.grad, rtol=2e-6, atol=1e-6)
