@@ -212,7 +212,7 @@ def _launch_config(V: int) -> tuple[int, int, int]:
     row. Large vocabularies stream 2048-entry blocks with one warp per row (the reductions stay
     inside the warp: shuffles, no shared-memory barrier) and a 4-stage software pipeline on the
     loads, so many rows per SM each keep several blocks in flight: the configuration Liger's
-    selective log-softmax uses, measured at 98% of the copy floor in DESIGN.md section 4. Small
+    selective log-softmax uses, measured at 98% of the copy floor (docs/design.md §4). Small
     vocabularies take the whole row in one block. ``benchmarks/bench_logprobs.py --sweep`` times
     the alternatives on a GPU. Cached per V: it runs twice per forward + backward, and
     ``triton.next_power_of_2`` alone costs microseconds of host time.
