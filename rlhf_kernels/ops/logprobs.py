@@ -210,9 +210,11 @@ def _launch_config(V: int) -> tuple[int, int, int]:
 
     A row is a streaming reduction, so what matters is bytes in flight per SM, not threads per
     row. Large vocabularies stream 2048-entry blocks with one warp per row (the reductions stay
-    inside the warp: shuffles, no shared-memory barrier) and a 4-stage software pipeline on the
-    loads, so many rows per SM each keep several blocks in flight: the configuration Liger's
-    selective log-softmax uses, measured at 98% of the copy floor (docs/design.md §4). Small
+    inside the warp: shuffles, no shared-memory barrier), so many rows per SM keep loads in
+    flight: the configuration Liger's selective log-softmax uses, measured at 98% of the copy
+    floor (docs/design.md §4). ``num_stages`` is passed but does not pipeline these loops: an
+    offline sm_90 compile (Triton 3.9) emits no ``cp.async`` for them, with plain ``range`` or
+    with ``tl.range(..., num_stages=k)``; whether real pipelining helps is a GPU question. Small
     vocabularies take the whole row in one block. ``benchmarks/bench_logprobs.py --sweep`` times
     the alternatives on a GPU. Cached per V: it runs twice per forward + backward, and
     ``triton.next_power_of_2`` alone costs microseconds of host time.
