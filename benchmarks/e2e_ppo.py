@@ -51,7 +51,7 @@ from rlhf.engine import RolloutEngine
 from rlhf.models import LoraSpec, SharedBackbone
 from rlhf.ppo import PPOConfig, backward_losses, make_rollout, recorded_logprobs_match
 from rlhf.ppo import make_optimizer as ppo_make_optimizer
-from rlhf.sft import resolve_device
+from rlhf.stage import resolve_device
 
 OLD_LOGPROBS = ("auto", "forward", "recorded")
 

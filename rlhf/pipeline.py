@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rlhf import ppo, reward, sft, task
+from rlhf import ppo, reward, sft, stage, task
 from rlhf.checkpoint import (
     PIPELINE_RUN_FILES,
     RunDirectory,
@@ -303,7 +303,7 @@ def run(cfg: PipelineConfig) -> dict:
     runs (``check_settings``)."""
     check_settings(cfg)
     previous_threads = torch.get_num_threads()
-    if cfg.cpu_threads is not None and sft.resolve_device(cfg.device).type == "cpu":
+    if cfg.cpu_threads is not None and stage.resolve_device(cfg.device).type == "cpu":
         torch.set_num_threads(cfg.cpu_threads)
     try:
         with open_run(cfg.output_dir, "pipeline", asdict(cfg), resume=cfg.resume,
@@ -393,7 +393,7 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
         backbone = SharedBackbone.from_model(
             model, lora=LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha), seed=cfg.seed,
             name_or_path=os.path.abspath(out / "sft" / "model"))
-    backbone.to(sft.resolve_device(cfg.device, cfg.max_memory))
+    backbone.to(stage.resolve_device(cfg.device, cfg.max_memory))
     pairs_path = out / "pairs.jsonl"
     if cfg.resume and pairs_path.exists():
         pairs, split, ceiling_all = _load_pairs(pairs_path)

@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 
 import rlhf_kernels
 from rlhf.seeding import derived_seed
-from rlhf.sft import (
-    _check_common,
+from rlhf.stage import (
+    check_common_settings,
     check_device,
     check_keep_last,
     check_max_memory,
@@ -76,7 +76,7 @@ class RewardConfig:
     max_skipped_steps: int = 10
 
     def __post_init__(self) -> None:
-        _check_common(self.nonfinite, self.grad_accum_steps, self.batch_size, 1)
+        check_common_settings(self.nonfinite, self.grad_accum_steps, self.batch_size, 1)
         check_max_memory(self.max_memory)
         check_keep_last(self.keep_last)
         check_device(self.device)

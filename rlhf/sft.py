@@ -19,14 +19,10 @@ and logs the same metrics.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
-import os
-import re
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,20 +31,19 @@ from tqdm.auto import tqdm
 
 import rlhf_kernels
 from rlhf.seeding import derived_seed
+from rlhf.stage import (
+    check_common_settings,
+    check_device,
+    check_keep_last,
+    check_max_memory,
+    check_settings,
+    limits_cpu_threads,
+    nonfinite_error,
+    resolve_device,
+    warmup_cosine_schedule,
+)
 
-__all__ = [
-    "SFTConfig",
-    "lm_loss",
-    "check_device",
-    "check_max_memory",
-    "check_settings",
-    "limited_cpu_threads",
-    "limits_cpu_threads",
-    "nonfinite_error",
-    "resolve_device",
-    "train",
-    "warmup_cosine_schedule",
-]
+__all__ = ["SFTConfig", "lm_loss", "train"]
 
 
 @dataclass
@@ -93,8 +88,8 @@ class SFTConfig:
     max_skipped_steps: int = 10
 
     def __post_init__(self) -> None:
-        _check_common(self.nonfinite, self.grad_accum_steps, self.batch_size,
-                      1 if self.max_steps is None else self.max_steps)
+        check_common_settings(self.nonfinite, self.grad_accum_steps, self.batch_size,
+                              1 if self.max_steps is None else self.max_steps)
         if not self.epochs > 0:
             raise ValueError(f"epochs={self.epochs!r} is out of range: SFTConfig.epochs must be "
                              f"> 0 (or set max_steps)")
@@ -130,172 +125,6 @@ class SFTConfig:
         steps = self.max_steps if self.max_steps is not None else \
             max(1, round(self.epochs * per_epoch))
         return dataclasses.replace(self, lr=lr, max_steps=steps)
-
-
-def _check_common(nonfinite: str, grad_accum_steps: int, batch_size: int, steps: int) -> None:
-    if nonfinite not in ("error", "skip"):
-        raise ValueError(f"nonfinite must be 'error' or 'skip', got {nonfinite!r}")
-    for name, value in (("grad_accum_steps", grad_accum_steps), ("batch_size", batch_size),
-                        ("steps", steps)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-
-
-def check_max_memory(max_memory: float | None) -> None:
-    if max_memory is not None and not max_memory > 0:
-        raise ValueError(f"max_memory must be > 0 GiB or None (no cap), got {max_memory}")
-
-
-def check_settings(cfg, *, positive: Sequence[str] = (), non_negative: Sequence[str] = (),
-                   fractions: Sequence[str] = (), counts: Sequence[str] = (),
-                   zero_or_more: Sequence[str] = ()) -> None:
-    """One clear ValueError for the first numeric setting of ``cfg`` out of its range.
-
-    positive: finite floats > 0 (learning rates, clips); non_negative: finite floats >= 0
-    (coefficients, weight decay); fractions: finite floats in [0, 1]; counts: ints >= 1 (sizes,
-    intervals); zero_or_more: ints >= 0 (warm-up steps, "0 = off" intervals). A field whose
-    value is None is not checked (None means "derived" or "off" where a field allows it).
-    """
-    name = type(cfg).__name__
-    rules = [(positive, lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
-             (non_negative, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
-             (fractions, lambda v: math.isfinite(v) and 0 <= v <= 1, "a number in [0, 1]"),
-             (counts, lambda v: v >= 1, "an integer >= 1"),
-             (zero_or_more, lambda v: v >= 0, "an integer >= 0")]
-    for fields, ok, expected in rules:
-        for field in fields:
-            value = getattr(cfg, field)
-            if value is None or ok(value):
-                continue
-            hint = _SETTING_HINTS.get(field, "")
-            raise ValueError(f"{field}={value!r} is out of range: {name}.{field} must be "
-                             f"{expected}{hint}")
-
-
-_SETTING_HINTS = {
-    "lr": " (a learning rate such as 1e-5 for full weights or 1e-4 for LoRA)",
-    "critic_lr": " (the critic's learning rate, e.g. the policy's lr)",
-    "kl_coef": " (0 turns the KL penalty off; 0.01 to 0.2 is usual)",
-    "entropy_coef": " (0 turns the entropy bonus off)",
-    "grad_clip": " (the gradient norm it clips to; 1.0 is usual)",
-}
-
-DEVICE_CHOICES = "auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N"
-
-
-def check_device(device: str) -> None:
-    """The form of a ``device`` setting: auto, cpu, cuda or cuda:N (whether a GPU is there is
-    ``resolve_device``'s business, at run time)."""
-    if isinstance(device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
-        return
-    hint = ""
-    if isinstance(device, str) and device.strip().lower().startswith(("gpu", "nvidia", "cuda")):
-        hint = "; for an NVIDIA GPU write cuda (or cuda:N)"
-    raise ValueError(f"device={device!r} is not a device this trainer runs on; use "
-                     f"{DEVICE_CHOICES}{hint}")
-
-
-def resolve_device(device: str, max_memory: float | None = None) -> torch.device:
-    """"auto" -> cuda when available else cpu; "cpu", "cuda", "cuda:N" as given.
-
-    A device that is not there (cuda on a CPU-only build or machine, cuda:3 with two GPUs) is a
-    ValueError that says so.
-
-    ``max_memory`` (GiB) caps this process's CUDA memory with
-    ``torch.cuda.set_per_process_memory_fraction``, which emulates a smaller card: allocations
-    beyond it raise ``torch.OutOfMemoryError`` as they would there. Ignored (with a warning)
-    on the CPU, and when it exceeds the card.
-    """
-    check_max_memory(max_memory)
-    check_device(device)
-    resolved = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" \
-        else torch.device(device)
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            reason = (f"this PyTorch build ({torch.__version__}) has no CUDA support"
-                      if torch.version.cuda is None else
-                      f"no CUDA GPU is visible (CUDA_VISIBLE_DEVICES="
-                      f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')!r})")
-            raise ValueError(f"device={device!r} but {reason}; use device=cpu, or device=auto "
-                             f"(the GPU when there is one)")
-        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise ValueError(f"device={device!r} but only {torch.cuda.device_count()} CUDA "
-                             f"GPU(s) are visible (cuda:0 .. cuda:"
-                             f"{torch.cuda.device_count() - 1})")
-    if max_memory is not None:
-        if resolved.type != "cuda":
-            warnings.warn(f"max_memory={max_memory} GiB caps CUDA memory; ignored on "
-                          f"{resolved.type}", stacklevel=2)
-        else:
-            total = torch.cuda.get_device_properties(resolved).total_memory
-            if max_memory * 2**30 >= total:
-                warnings.warn(f"max_memory={max_memory} GiB is not below the card's "
-                              f"{total / 2**30:.1f} GiB: no cap", stacklevel=2)
-            torch.cuda.set_per_process_memory_fraction(min(1.0, max_memory * 2**30 / total),
-                                                       resolved)
-    return resolved
-
-
-def nonfinite_error(stage: str, at: str, numbers: dict[str, float], lrs: dict[str, float],
-                    skipped: int, cfg) -> FloatingPointError:
-    """The non-finite loss guard's one-line error: where, which numbers, what to do.
-
-    at: "step 12" / "iteration 3" (1-based, as in metrics.jsonl); numbers: the loss(es) and
-    gradient norm(s) of that step; lrs: the configured learning rate(s) by setting name.
-    """
-    bad = [name for name, value in numbers.items() if not math.isfinite(value)]
-    shown = ", ".join(f"{name} {value:.4g}" for name, value in numbers.items())
-    lower = " and ".join(f"{name}={value:g}" for name, value in lrs.items())
-    if cfg.nonfinite == "skip":
-        what = (f"a non-finite {' and '.join(bad)} at {at} ({shown}) after {skipped} skipped "
-                f"steps, more than max_skipped_steps={cfg.max_skipped_steps}")
-    else:
-        what = f"non-finite {' and '.join(bad)} at {at} ({shown})"
-    return FloatingPointError(f"[{stage}] the run diverged: {what}; lower the learning rate "
-                              f"({lower}; try 10x lower) and start again, or set "
-                              f"nonfinite=skip to drop such steps")
-
-
-@contextlib.contextmanager
-def limited_cpu_threads(device: str, threads: int | None) -> Iterator[None]:
-    """``torch.set_num_threads(threads)`` for the block when ``device`` is (or "auto" resolves
-    to) the CPU; the previous count is restored after it. ``threads=None``: no change."""
-    on_cpu = resolve_device(device).type == "cpu"  # also: a missing GPU stops the run here
-    if threads is None or not on_cpu:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def limits_cpu_threads(train_fn: Callable) -> Callable:
-    """Decorator of a stage's ``train(cfg, ...)``: runs it under
-    ``limited_cpu_threads(cfg.device, cfg.cpu_threads)``."""
-
-    @functools.wraps(train_fn)
-    def train(cfg, *args, **kwargs):
-        with limited_cpu_threads(cfg.device, cfg.cpu_threads):
-            return train_fn(cfg, *args, **kwargs)
-
-    return train
-
-
-def warmup_cosine_schedule(
-    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.1
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up from 0 over ``warmup_steps``, then cosine decay to ``min_ratio`` x lr."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def token_logprobs_of(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -385,12 +214,6 @@ def _batch_indices(n_examples: int, batch_size: int, micro_step: int, seed: int)
     epoch, index = divmod(micro_step, per_epoch)
     order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
     return order[index * batch_size:(index + 1) * batch_size]
-
-
-def check_keep_last(keep_last: int | None) -> None:
-    if keep_last is not None and keep_last < 1:
-        raise ValueError(f"keep_last must be >= 1 (the newest checkpoint is what resume and the "
-                         f"summary need) or None to keep every checkpoint, got {keep_last}")
 
 
 def _save(directory: Path, model, optimizer, scheduler, step: int, cfg, **extra) -> None:

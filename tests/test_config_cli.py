@@ -19,6 +19,7 @@ import yaml
 
 from rlhf import cli, ppo, reward, sft
 from rlhf.config import config_to_dict, load_config, parse_overrides, save_config
+from rlhf.stage import nonfinite_error, resolve_device
 
 
 class Color(enum.Enum):
@@ -285,14 +286,14 @@ def test_max_memory_caps_cuda_and_is_checked(monkeypatch):
                         lambda fraction, device: calls.append((fraction, device)))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert sft.resolve_device("cuda:0", 24.0) == torch.device("cuda:0")
-        assert sft.resolve_device("cuda:0") == torch.device("cuda:0")  # no cap asked: no call
+        assert resolve_device("cuda:0", 24.0) == torch.device("cuda:0")
+        assert resolve_device("cuda:0") == torch.device("cuda:0")  # no cap asked: no call
     assert calls == [(0.3, torch.device("cuda:0"))]
     with pytest.warns(UserWarning, match="no cap"):
-        sft.resolve_device("cuda:0", 96.0)
+        resolve_device("cuda:0", 96.0)
     assert calls[-1][0] == 1.0
     with pytest.warns(UserWarning, match="ignored on cpu"):
-        assert sft.resolve_device("cpu", 8.0) == torch.device("cpu")
+        assert resolve_device("cpu", 8.0) == torch.device("cpu")
     assert len(calls) == 2
 
 
@@ -405,7 +406,7 @@ def test_cli_cuda_on_a_cpu_build_is_one_line(tiny_run_inputs, tmp_path, capsys):
     # the other stages and a missing index say the same
     for config in (sft.SFTConfig, reward.RewardConfig, ppo.PPOConfig):
         with pytest.raises(ValueError, match="no CUDA support"):
-            sft.resolve_device(config(device="cuda:1").device)
+            resolve_device(config(device="cuda:1").device)
 
 
 def test_cli_model_typos_in_rm_and_ppo_are_one_line(tiny_run_inputs, tmp_path, capsys):
@@ -458,15 +459,14 @@ def test_cli_diverging_run_names_the_step_and_lr(tiny_run_inputs, tmp_path, caps
 
 def test_nonfinite_error_names_what_and_where():
     cfg = types.SimpleNamespace(nonfinite="error", max_skipped_steps=10)
-    message = str(sft.nonfinite_error("ppo", "iteration 3", {"policy loss": float("nan"),
-                                                             "grad norm": 1.5},
-                                      {"lr": 1e-3, "critic_lr": 2e-3}, 0, cfg))
+    message = str(nonfinite_error("ppo", "iteration 3", {"policy loss": float("nan"),
+                                                       "grad norm": 1.5},
+                                  {"lr": 1e-3, "critic_lr": 2e-3}, 0, cfg))
     assert message.startswith("[ppo] the run diverged: non-finite policy loss at iteration 3")
     assert "(policy loss nan, grad norm 1.5)" in message
     assert "lr=0.001 and critic_lr=0.002" in message and "nonfinite=skip" in message
     cfg.nonfinite = "skip"
-    message = str(sft.nonfinite_error("rm", "step 9", {"loss": float("inf")}, {"lr": 1.0}, 10,
-                                      cfg))
+    message = str(nonfinite_error("rm", "step 9", {"loss": float("inf")}, {"lr": 1.0}, 10, cfg))
     assert "after 10 skipped steps, more than max_skipped_steps=10" in message
 
 
