@@ -390,7 +390,9 @@ def _setup_context(ctx, inputs, output):
                    memory_budget_bytes)
 
 
-def _backward(ctx, grad_logp, grad_entropy, _grad_saved):
+def _head_backward(ctx, grad_logp, grad_entropy, sweep):
+    """The gradients of both autograd paths from the saved state; ``sweep(*args, needs)`` runs
+    the backward sweep (through the backward custom op, or directly on the eager path)."""
     hidden, weight, labels, bias, lora_a, lora_b, saved = ctx.saved_tensors
     lse, entropy = saved[0], saved[1] if saved.shape[0] > 1 else None
     lora_scale, temperature, ignore_index, return_entropy, chunk_size, budget = ctx.options
@@ -399,13 +401,21 @@ def _backward(ctx, grad_logp, grad_entropy, _grad_saved):
              need[4] and lora_a is not None, need[5] and lora_b is not None)
     if not return_entropy:
         grad_entropy = None
-    d_hidden, d_weight, d_bias, d_a, d_b = _linear_logprobs_bwd_op(
+    d_hidden, d_weight, d_bias, d_a, d_b = sweep(
         grad_logp, grad_entropy, hidden, weight, labels, bias, lora_a, lora_b, lse,
         entropy if return_entropy else None, lora_scale, temperature, ignore_index, chunk_size,
-        budget, *needs)
+        budget, needs=needs)
+    hidden_shape = getattr(ctx, "hidden_shape", None)  # the eager path flattens (..., H) itself
+    if d_hidden is not None and hidden_shape is not None:
+        d_hidden = d_hidden.view(hidden_shape)
     pick = lambda g, wanted: g if wanted else None
     return (pick(d_hidden, needs[0]), pick(d_weight, needs[1]), None, pick(d_bias, needs[2]),
             pick(d_a, needs[3]), pick(d_b, needs[4]), None, None, None, None, None, None, None)
+
+
+def _backward(ctx, grad_logp, grad_entropy, _grad_saved):
+    return _head_backward(ctx, grad_logp, grad_entropy,
+                          lambda *args, needs: _linear_logprobs_bwd_op(*args, *needs))
 
 
 _linear_logprobs_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -439,23 +449,8 @@ class _LinearLogprobsFunction(torch.autograd.Function):
 
 
 def _eager_backward(ctx, grad_logp, grad_entropy):
-    hidden, weight, labels, bias, lora_a, lora_b, saved = ctx.saved_tensors
-    lse, entropy = saved[0], saved[1] if saved.shape[0] > 1 else None
-    lora_scale, temperature, ignore_index, return_entropy, chunk_size, budget = ctx.options
-    need = ctx.needs_input_grad
-    needs = (need[0], need[1], need[3] and bias is not None,
-             need[4] and lora_a is not None, need[5] and lora_b is not None)
-    if not return_entropy:
-        grad_entropy = None
-    d_hidden, d_weight, d_bias, d_a, d_b = _backward_sweep(
-        grad_logp, grad_entropy, hidden, weight, labels, bias, lora_a, lora_b, lse,
-        entropy if return_entropy else None, lora_scale, temperature, ignore_index, chunk_size,
-        budget, needs, placeholder=False)
-    if d_hidden is not None:
-        d_hidden = d_hidden.view(ctx.hidden_shape)
-    pick = lambda g, wanted: g if wanted else None
-    return (pick(d_hidden, needs[0]), pick(d_weight, needs[1]), None, pick(d_bias, needs[2]),
-            pick(d_a, needs[3]), pick(d_b, needs[4]), None, None, None, None, None, None, None)
+    return _head_backward(ctx, grad_logp, grad_entropy,
+                          lambda *args, needs: _backward_sweep(*args, needs, placeholder=False))
 
 
 # --------------------------------------------------------------------------------------------
