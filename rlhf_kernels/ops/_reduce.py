@@ -37,6 +37,7 @@ from rlhf_kernels._checks import check_reduction, check_same_shape
 
 __all__ = [
     "REDUCTION_CODES",
+    "SavedGradLoss",
     "reduction_code",
     "row_tiles",
     "as_rows",
@@ -240,6 +241,37 @@ def not_twice_differentiable(backward):
         return (guarded if torch.is_grad_enabled() else backward)(ctx, *grads)
 
     return wrapper
+
+
+class SavedGradLoss(torch.autograd.Function):
+    """The eager path (``launch_directly``) of a loss whose forward launch also writes
+    d loss / d input for its first argument: ``launch(*args) -> (loss, stats, saved_grad)``. The
+    backward is the custom op's product ``saved_grad * (grad_loss * stats[scale_index])`` as two
+    torch multiplies (``scale_saved_grad_eager``), at a fraction of its host time.
+
+    ``SavedGradLoss.apply(launch, scale_index, *args) -> (loss, stats)``.
+    """
+
+    @staticmethod
+    def forward(ctx, launch, scale_index, *args):
+        loss, stats, saved_grad = launch(*args)
+        ctx.mark_non_differentiable(stats)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(saved_grad, stats)
+        ctx.scale_index = scale_index
+        ctx.input_dtype = args[0].dtype
+        ctx.n_args = len(args)
+        return loss, stats
+
+    @staticmethod
+    @not_twice_differentiable
+    def backward(ctx, grad_loss, grad_stats):
+        grad = None
+        if grad_loss is not None:
+            saved_grad, stats = ctx.saved_tensors
+            grad = scale_saved_grad_eager(saved_grad, grad_loss, stats, ctx.scale_index,
+                                          ctx.input_dtype)
+        return (None, None, grad) + (None,) * (ctx.n_args - 1)
 
 
 @torch.library.custom_op("rlhf_kernels::saved_grad_scale", mutates_args=())

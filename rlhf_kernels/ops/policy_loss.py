@@ -38,17 +38,16 @@ from rlhf_kernels._alloc import empty
 from rlhf_kernels._checks import check_float, check_same_device, check_same_shape
 from rlhf_kernels.backend import launch_directly, resolve_backend
 from rlhf_kernels.ops._reduce import (
+    SavedGradLoss,
     as_rows,
     check_mask,
     mask_for_kernel,
     next_power_of_2,
-    not_twice_differentiable,
     reduction_code,
     reduction_denominator,
     row_tiles,
     row_token_count,
     saved_grad_scale,
-    scale_saved_grad_eager,
 )
 
 __all__ = ["ppo_policy_loss"]
@@ -297,32 +296,6 @@ def _backward(ctx, grad_loss, grad_stats, grad_saved):
 _ppo_policy_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _PolicyLossFunction(torch.autograd.Function):
-    """The eager path (``launch_directly``): the custom op's forward launches, and its backward
-    product as two torch multiplies, at a fraction of its host time."""
-
-    @staticmethod
-    def forward(ctx, logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip,
-                log_ratio_clamp, reduction):
-        loss, stats, saved_grad = _launch(logp, old_logp, advantages, mask, clip_low,
-                                          clip_high, dual_clip, log_ratio_clamp, reduction)
-        ctx.mark_non_differentiable(stats)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(saved_grad, stats)
-        ctx.logp_dtype = logp.dtype
-        return loss, stats
-
-    @staticmethod
-    @not_twice_differentiable
-    def backward(ctx, grad_loss, grad_stats):
-        grad_logp = None
-        if grad_loss is not None:
-            saved_grad, stats = ctx.saved_tensors
-            grad_logp = scale_saved_grad_eager(saved_grad, grad_loss, stats, _S_SCALE,
-                                               ctx.logp_dtype)
-        return grad_logp, None, None, None, None, None, None, None, None
-
-
 # --------------------------------------------------------------------------------------------
 # public function
 # --------------------------------------------------------------------------------------------
@@ -405,7 +378,7 @@ def ppo_policy_loss(
     if not launch_directly(logp, old_logp, advantages, mask):
         loss, stats, _ = _ppo_policy_loss_op(*args)
     elif torch.is_grad_enabled() and logp.requires_grad:
-        loss, stats = _PolicyLossFunction.apply(*args)
+        loss, stats = SavedGradLoss.apply(_launch, _S_SCALE, *args)
     else:
         loss, stats, _ = _launch(*args)
     names = _STAT_NAMES if dual_clip is not None else _STAT_NAMES[:-1]

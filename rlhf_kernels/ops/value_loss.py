@@ -36,17 +36,16 @@ from rlhf_kernels._alloc import empty
 from rlhf_kernels._checks import check_float, check_same_device, check_same_shape
 from rlhf_kernels.backend import launch_directly, resolve_backend
 from rlhf_kernels.ops._reduce import (
+    SavedGradLoss,
     as_rows,
     check_mask,
     mask_for_kernel,
     next_power_of_2,
-    not_twice_differentiable,
     reduction_code,
     reduction_denominator,
     row_tiles,
     row_token_count,
     saved_grad_scale,
-    scale_saved_grad_eager,
 )
 
 __all__ = ["ppo_value_loss"]
@@ -306,30 +305,6 @@ def _backward(ctx, grad_loss, grad_stats, grad_saved):
 _ppo_value_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _ValueLossFunction(torch.autograd.Function):
-    """The eager path (``launch_directly``): the custom op's forward launches, and its backward
-    product as two torch multiplies, at a fraction of its host time."""
-
-    @staticmethod
-    def forward(ctx, values, old_values, returns, mask, clip, reduction):
-        loss, stats, saved_grad = _launch(values, old_values, returns, mask, clip, reduction)
-        ctx.mark_non_differentiable(stats)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(saved_grad, stats)
-        ctx.values_dtype = values.dtype
-        return loss, stats
-
-    @staticmethod
-    @not_twice_differentiable
-    def backward(ctx, grad_loss, grad_stats):
-        grad_values = None
-        if grad_loss is not None:
-            saved_grad, stats = ctx.saved_tensors
-            grad_values = scale_saved_grad_eager(saved_grad, grad_loss, stats, _S_SCALE,
-                                           ctx.values_dtype)
-        return grad_values, None, None, None, None, None
-
-
 # --------------------------------------------------------------------------------------------
 # public function
 # --------------------------------------------------------------------------------------------
@@ -387,7 +362,7 @@ def ppo_value_loss(
     if not launch_directly(values, old_values, returns, mask):
         loss, stats, _ = _ppo_value_loss_op(*args)
     elif torch.is_grad_enabled() and values.requires_grad:
-        loss, stats = _ValueLossFunction.apply(*args)
+        loss, stats = SavedGradLoss.apply(_launch, _S_SCALE, *args)
     else:
         loss, stats, _ = _launch(*args)
     return loss, dict(zip(_STAT_NAMES, stats.unbind(0)))
