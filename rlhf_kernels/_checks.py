@@ -46,9 +46,58 @@ def as_mask(mask: torch.Tensor | None, like: torch.Tensor, name: str = "mask") -
     raise ValueError(f"{name} must be bool, integer or floating, got {mask.dtype}")
 
 
-REDUCTIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+REDUCTIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm",
+              "token-sum")
+RATIO_LEVELS = ("token", "sequence")
+LOSS_TYPES = ("ppo", "cispo")
 
 
 def check_reduction(reduction: str) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r} is not supported; expected one of {REDUCTIONS}")
+
+
+def check_normalizer(normalizer) -> None:
+    """None, a number > 0, or a 0-d floating/integer tensor (used as is: checking its value
+    would cost a host sync, and it may be an all-reduced count still on the device)."""
+    if normalizer is None:
+        return
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.dim() != 0 or normalizer.dtype == torch.bool or normalizer.is_complex():
+            raise ValueError(
+                "normalizer must be a number > 0 or a 0-d real tensor, got a tensor of shape "
+                f"{tuple(normalizer.shape)} and dtype {normalizer.dtype}"
+            )
+        return
+    if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)):
+        raise TypeError(
+            f"normalizer must be a number > 0 or a 0-d tensor, got {type(normalizer).__name__}"
+        )
+    if not normalizer > 0:  # also refuses NaN
+        raise ValueError(f"normalizer must be > 0 (the loss is divided by it), got {normalizer}")
+
+
+def check_policy_options(ratio_level: str, loss_type: str, dual_clip) -> None:
+    if ratio_level not in RATIO_LEVELS:
+        raise ValueError(
+            f"ratio_level={ratio_level!r} is not supported; expected one of {RATIO_LEVELS}"
+        )
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r} is not supported; expected one of {LOSS_TYPES}")
+    if loss_type == "cispo" and dual_clip is not None:
+        raise ValueError(
+            "dual_clip applies to loss_type='ppo' only; CISPO already bounds its weight by "
+            "clip_high (pass dual_clip=None)"
+        )
+
+
+def check_advantages_shape(advantages: torch.Tensor, like: torch.Tensor,
+                           like_name: str = "logp") -> None:
+    """Advantages are per token (the shape of ``like``) or per sequence (``like`` without its
+    last, time dim)."""
+    if advantages.shape != like.shape and advantages.shape != like.shape[:-1]:
+        raise ValueError(
+            f"advantages has shape {tuple(advantages.shape)}; expected one per token "
+            f"{tuple(like.shape)} (the shape of {like_name}) or one per sequence "
+            f"{tuple(like.shape[:-1])}"
+        )

@@ -19,7 +19,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rlhf_kernels._checks import REDUCTIONS, as_mask, check_reduction
+from rlhf_kernels._checks import (
+    REDUCTIONS,
+    as_mask,
+    check_advantages_shape,
+    check_normalizer,
+    check_policy_options,
+    check_reduction,
+)
 
 __all__ = [
     "logprobs",
@@ -282,33 +289,105 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return _zero_masked(x, mask > 0).sum() / mask.sum().clamp_min(1)
 
 
-def reduce_loss(per_token: torch.Tensor, mask: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Aggregate a (..., T) per-token loss (veRL's loss_agg_mode names).
+def reduce_loss(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    reduction: str,
+    normalizer: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Aggregate a (..., T) per-token loss (veRL's loss_agg_mode names, plus token-sum).
 
     token-mean:              sum(l * m) / sum(m)
     seq-mean-token-mean:     mean over rows with a valid token of sum_t(l * m) / sum_t(m)
     seq-mean-token-sum:      mean over rows with a valid token of sum_t(l * m)
     seq-mean-token-sum-norm: sum(l * m) / T  (Dr. GRPO: a constant normaliser, T = last dim)
+    token-sum:               sum(l * m)
+
+    ``normalizer`` (a number > 0 or a 0-d tensor, no gradient through it) replaces the outer
+    denominator: sum(m) for token-mean, the number of rows with a token for the seq-mean
+    reductions, T for seq-mean-token-sum-norm, and 1 for token-sum. That is how a loss is
+    normalised by a count over more than this batch: DAPO's token count over every micro-batch
+    and rank of the step, Dr. GRPO's constant (rows x max length).
     """
     check_reduction(reduction)
+    check_normalizer(normalizer)
     lm = _zero_masked(per_token, mask > 0)
-    if reduction == "token-mean":
-        return lm.sum() / mask.sum().clamp_min(1)
-    if reduction == "seq-mean-token-sum-norm":
-        return lm.sum() / max(per_token.shape[-1], 1)
+    if reduction in ("token-mean", "seq-mean-token-sum-norm", "token-sum"):
+        total = lm.sum()
+        if normalizer is not None:
+            return total / _as_normalizer(normalizer, total)
+        if reduction == "token-mean":
+            return total / mask.sum().clamp_min(1)
+        if reduction == "seq-mean-token-sum-norm":
+            return total / max(per_token.shape[-1], 1)
+        return total
     tokens_per_row = mask.sum(-1)
     row_has_tokens = (tokens_per_row > 0).to(per_token.dtype)
-    n_rows = row_has_tokens.sum().clamp_min(1)
     if reduction == "seq-mean-token-mean":
         row_loss = lm.sum(-1) / tokens_per_row.clamp_min(1)
     else:
         row_loss = lm.sum(-1)
-    return (row_loss * row_has_tokens).sum() / n_rows
+    total = (row_loss * row_has_tokens).sum()
+    if normalizer is not None:
+        return total / _as_normalizer(normalizer, total)
+    return total / row_has_tokens.sum().clamp_min(1)
+
+
+def _as_normalizer(normalizer, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(normalizer, torch.Tensor):
+        return normalizer.detach().to(dtype=like.dtype, device=like.device)
+    return torch.tensor(float(normalizer), dtype=like.dtype, device=like.device)
+
+
+def _per_token_advantages(advantages: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(..., T) per-token advantages, or (...) per-sequence ones broadcast over T (a view)."""
+    check_advantages_shape(advantages, like)
+    if advantages.shape == like.shape:
+        return advantages
+    return advantages.unsqueeze(-1).expand(like.shape)
 
 
 # --------------------------------------------------------------------------------------------
 # PPO losses
 # --------------------------------------------------------------------------------------------
+def _policy_terms(logp, old_logp, A, m, clip_low, clip_high, dual_clip, log_ratio_clamp,
+                  ratio_level, loss_type):
+    """The clipped policy objective per token, shared by every policy-loss op.
+
+    logp, old_logp, A: (..., T) with masked positions already 0; m: 0/1 mask in their dtype.
+    -> (per-token loss, ratio used, per-token clamped log-ratio d, clipped (bool), dual (bool or
+    None)). The gradient flows to logp only (through the ratio, and through logp itself for
+    CISPO).
+    """
+    d = logp - old_logp
+    d_token = d if log_ratio_clamp is None else d.clamp(-log_ratio_clamp, log_ratio_clamp)
+    if ratio_level == "sequence":
+        # GSPO: the geometric mean of the token ratios of the row, for every token of the row.
+        n = m.sum(-1, keepdim=True).clamp_min(1)
+        d_seq = d.sum(-1, keepdim=True) / n
+        if log_ratio_clamp is not None:
+            d_seq = d_seq.clamp(-log_ratio_clamp, log_ratio_clamp)
+        ratio = torch.exp(d_seq).expand(d.shape)
+    else:
+        ratio = torch.exp(d_token)
+    low, high = 1.0 - clip_low, 1.0 + clip_high
+    dual = None
+    if loss_type == "cispo":
+        # CISPO: the clipped ratio is a weight without gradient on the REINFORCE term.
+        clipped = (ratio < low) | (ratio > high)
+        per_token = -ratio.clamp(low, high).detach() * A * logp
+        return per_token, ratio, d_token, clipped, dual
+    loss1 = -A * ratio
+    loss2 = -A * ratio.clamp(low, high)
+    per_token = torch.maximum(loss1, loss2)
+    clipped = loss2 > loss1
+    if dual_clip is not None:
+        loss3 = -A * dual_clip
+        dual = (A < 0) & (loss3 < per_token)
+        per_token = torch.where(A < 0, torch.minimum(per_token, loss3), per_token)
+    return per_token, ratio, d_token, clipped, dual
+
+
 def ppo_policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -319,38 +398,54 @@ def ppo_policy_loss(
     dual_clip: float | None = None,
     log_ratio_clamp: float | None = 20.0,
     reduction: str = "token-mean",
+    ratio_level: str = "token",
+    loss_type: str = "ppo",
+    normalizer: float | torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
 ):
-    """Clipped surrogate loss. logp, old_logp, advantages, mask (..., T) -> (loss (), stats).
+    """Clipped surrogate loss. logp, old_logp, mask (..., T); advantages (..., T) per token or
+    (...) per sequence -> (loss (), stats).
 
-    d = logp - old_logp (clamped to +-log_ratio_clamp), r = exp(d);
-    per-token loss = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high));
-    with dual_clip = c > 1, tokens with A < 0 take min(that, -A c).
-    stats (detached, over valid tokens): clipfrac (fraction where the clipped term is the larger),
-    approx_kl = mean(d^2) / 2, ppo_kl = mean(-d), ratio_mean, ratio_max (over valid tokens; 0
-    when none), and dual_clipfrac when dual_clip is set.
+    ratio_level="token": d = clamp(logp - old_logp, +-log_ratio_clamp), r = exp(d) per token.
+    ratio_level="sequence" (GSPO): every valid token of a row takes the row's geometric-mean
+    ratio r = exp(clamp(mean over the row's valid tokens of (logp - old_logp))), the gradient
+    flowing through that mean to every token of the row.
+    loss_type="ppo": per-token loss = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)); with
+    dual_clip = c > 1, tokens with A < 0 take min(that, -A c).
+    loss_type="cispo": per-token loss = -sg(clip(r, 1 - clip_low, 1 + clip_high)) A logp
+    (sg: no gradient through the weight).
+    With ref_logp and kl_coef, kl_coef * reduce(kl_estimator(logp - ref_logp)) is added (per
+    token, the same reduction).
+    stats (detached, over valid tokens): clipfrac (fraction where the clip bites), approx_kl =
+    mean(d^2) / 2 and ppo_kl = mean(-d) of the per-token d, ratio_mean, ratio_max (of the ratio
+    used; 0 when no token), dual_clipfrac when dual_clip is set, pg_loss and kl when the KL term
+    is on.
     """
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1 (veRL uses 3.0), got {dual_clip}")
+    check_policy_options(ratio_level, loss_type, dual_clip)
     dtype = _compute_dtype(logp, old_logp, advantages)
     m = as_mask(mask, logp).to(dtype)
-    logp, old_logp, A = (_zero_masked(t.to(dtype), m > 0) for t in (logp, old_logp, advantages))
-    d = logp - old_logp
-    if log_ratio_clamp is not None:
-        d = d.clamp(-log_ratio_clamp, log_ratio_clamp)
-    ratio = torch.exp(d)
-    loss1 = -A * ratio
-    loss2 = -A * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    per_token = torch.maximum(loss1, loss2)
-    clipped = (loss2 > loss1).to(dtype)
+    valid = m > 0
+    A = _per_token_advantages(advantages, logp)
+    logp, old_logp, A = (_zero_masked(t.to(dtype), valid) for t in (logp, old_logp, A))
+    per_token, ratio, d, clipped, dual = _policy_terms(
+        logp, old_logp, A, m, clip_low, clip_high, dual_clip, log_ratio_clamp, ratio_level,
+        loss_type)
     stats = {}
-    if dual_clip is not None:
-        loss3 = -A * dual_clip
-        dual = (A < 0) & (loss3 < per_token)
-        per_token = torch.where(A < 0, torch.minimum(per_token, loss3), per_token)
+    if dual is not None:
         stats["dual_clipfrac"] = masked_mean(dual.to(dtype), m).detach()
-    loss = reduce_loss(per_token, m, reduction)
+    loss = reduce_loss(per_token, m, reduction, normalizer)
+    if ref_logp is not None and kl_coef:
+        stats["pg_loss"] = loss.detach()
+        kl = kl_penalty(logp, _zero_masked(ref_logp.to(dtype), valid), kl_estimator)
+        kl_loss = reduce_loss(kl, m, reduction, normalizer)
+        loss = loss + kl_coef * kl_loss
+        stats["kl"] = kl_loss.detach()
     with torch.no_grad():
-        stats["clipfrac"] = masked_mean(clipped, m)
+        stats["clipfrac"] = masked_mean(clipped.to(dtype), m)
         stats["approx_kl"] = masked_mean(0.5 * d * d, m)
         stats["ppo_kl"] = masked_mean(-d, m)
         stats["ratio_mean"] = masked_mean(ratio, m)
@@ -456,17 +551,24 @@ def ppo_loss_from_logits(
     log_ratio_clamp: float | None = 20.0,
     reduction: str = "token-mean",
     ignore_index: int = -100,
+    ratio_level: str = "token",
+    loss_type: str = "ppo",
+    normalizer: float | torch.Tensor | None = None,
 ):
-    """logits (..., T, V) and rollout tensors (..., T) -> (loss (), stats).
+    """logits (..., T, V) and rollout tensors (..., T) (advantages (..., T) or (...)) ->
+    (loss (), stats).
 
-    loss = reduce(policy_loss + kl_coef * kl(logp, ref_logp) - entropy_coef * entropy).
-    Tokens whose label is ignore_index are masked out as well. The logits of a token that does
-    not count (masked or ignored) never enter the math, whatever they hold.
+    loss = reduce(policy_loss + kl_coef * kl(logp, ref_logp) - entropy_coef * entropy), the
+    policy loss as ``ppo_policy_loss`` (ratio_level, loss_type, dual_clip), every term with the
+    same reduction and normalizer. Tokens whose label is ignore_index are masked out as well.
+    The logits of a token that does not count (masked or ignored) never enter the math,
+    whatever they hold.
     """
     labels, m = _counted_labels(labels, mask, ignore_index)
     logp, entropy = logprobs(logits, labels, temperature, ignore_index, return_entropy=True)
     return _ppo_total(logp, entropy, old_logp, advantages, m, ref_logp, kl_coef, kl_estimator,
-                      entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp, reduction)
+                      entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp, reduction,
+                      ratio_level, loss_type, normalizer)
 
 
 def linear_ppo_loss(
@@ -491,13 +593,18 @@ def linear_ppo_loss(
     log_ratio_clamp: float | None = 20.0,
     reduction: str = "token-mean",
     ignore_index: int = -100,
+    ratio_level: str = "token",
+    loss_type: str = "ppo",
+    normalizer: float | torch.Tensor | None = None,
 ):
-    """hidden (..., T, H), weight (V, H) and rollout tensors (..., T) -> (loss (), stats)."""
+    """hidden (..., T, H), weight (V, H) and rollout tensors (..., T) (advantages (..., T) or
+    (...)) -> (loss (), stats), as ``ppo_loss_from_logits`` of the lm_head's logits."""
     labels, m = _counted_labels(labels, mask, ignore_index)
     logp, entropy = linear_logprobs(hidden, weight, labels, bias, lora_a, lora_b, lora_scale,
                                     temperature, ignore_index, return_entropy=True)
     return _ppo_total(logp, entropy, old_logp, advantages, m, ref_logp, kl_coef, kl_estimator,
-                      entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp, reduction)
+                      entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp, reduction,
+                      ratio_level, loss_type, normalizer)
 
 
 def _counted_labels(labels, mask, ignore_index):
@@ -508,37 +615,34 @@ def _counted_labels(labels, mask, ignore_index):
 
 
 def _ppo_total(logp, entropy, old_logp, advantages, m, ref_logp, kl_coef, kl_estimator,
-               entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp, reduction):
+               entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp, reduction,
+               ratio_level="token", loss_type="ppo", normalizer=None):
     """The loss and stats of the fused ops from per-token logp / entropy; m: 0/1 float mask."""
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1 (veRL uses 3.0), got {dual_clip}")
+    check_policy_options(ratio_level, loss_type, dual_clip)
     dtype = logp.dtype
     valid = m > 0
     m = m.to(dtype)
+    A = _per_token_advantages(advantages, logp)
     logp, entropy, old_logp, A = (_zero_masked(t.to(dtype), valid)
-                                  for t in (logp, entropy, old_logp, advantages))
-    d = logp - old_logp
-    if log_ratio_clamp is not None:
-        d = d.clamp(-log_ratio_clamp, log_ratio_clamp)
-    ratio = torch.exp(d)
-    loss1 = -A * ratio
-    loss2 = -A * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    per_token = torch.maximum(loss1, loss2)
-    if dual_clip is not None:
-        per_token = torch.where(A < 0, torch.minimum(per_token, -A * dual_clip), per_token)
-    pg_loss = reduce_loss(per_token, m, reduction)
+                                  for t in (logp, entropy, old_logp, A))
+    per_token, ratio, d, clipped, _ = _policy_terms(
+        logp, old_logp, A, m, clip_low, clip_high, dual_clip, log_ratio_clamp, ratio_level,
+        loss_type)
+    pg_loss = reduce_loss(per_token, m, reduction, normalizer)
     total = pg_loss
     stats = {"pg_loss": pg_loss.detach()}
     if ref_logp is not None and kl_coef:
         kl = kl_penalty(logp, _zero_masked(ref_logp.to(dtype), valid), kl_estimator)
-        kl_loss = reduce_loss(kl, m, reduction)
+        kl_loss = reduce_loss(kl, m, reduction, normalizer)
         total = total + kl_coef * kl_loss
         stats["kl"] = kl_loss.detach()
-    ent = reduce_loss(entropy, m, reduction)
     if entropy_coef:
-        total = total - entropy_coef * ent
+        total = total - entropy_coef * reduce_loss(entropy, m, reduction, normalizer)
     with torch.no_grad():
         stats["entropy"] = masked_mean(entropy, m)
-        stats["clipfrac"] = masked_mean((loss2 > loss1).to(dtype), m)
+        stats["clipfrac"] = masked_mean(clipped.to(dtype), m)
         stats["approx_kl"] = masked_mean(0.5 * d * d, m)
         stats["ratio_mean"] = masked_mean(ratio, m)
     return total, {k: v.detach() for k, v in stats.items()}
-
