@@ -42,6 +42,7 @@ __all__ = [
     "bradley_terry_loss",
     "ppo_loss_from_logits",
     "linear_ppo_loss",
+    "group_advantages",
     "KL_ESTIMATORS",
     "REDUCTIONS",
 ]
@@ -646,3 +647,147 @@ def _ppo_total(logp, entropy, old_logp, advantages, m, ref_logp, kl_coef, kl_est
         stats["approx_kl"] = masked_mean(0.5 * d * d, m)
         stats["ratio_mean"] = masked_mean(ratio, m)
     return total, {k: v.detach() for k, v in stats.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Group-relative advantages (critic-free RL: GRPO, Dr. GRPO, RLOO)
+# --------------------------------------------------------------------------------------------
+ADVANTAGE_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+ADVANTAGE_NORMS = ("group", "batch", "none")
+# norm=None: the estimator's own scaling (GRPO divides by the group's std, the others do not).
+DEFAULT_ADVANTAGE_NORM = {"grpo": "group", "dr_grpo": "none", "rloo": "none"}
+GROUP_ID_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def check_group_advantages(
+    scores: torch.Tensor,
+    group_size: int | None,
+    group_ids: torch.Tensor | None,
+    estimator: str,
+    norm: str | None,
+    eps: float,
+) -> str:
+    """Validate group_advantages' arguments (shapes and dtypes only: no host sync); return the
+    scaling actually used ("group", "batch" or "none")."""
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
+    if scores.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(
+            f"scores must be a floating tensor (fp16, bf16, fp32 or fp64), got {scores.dtype}")
+    if scores.dim() != 1:
+        raise ValueError(f"scores must be 1-D, one score per sequence: expected (B,), got shape "
+                         f"{tuple(scores.shape)}")
+    n = scores.shape[0]
+    if (group_size is None) == (group_ids is None):
+        given = "both" if group_size is not None else "neither"
+        raise ValueError(f"pass exactly one of group_size (consecutive groups of that many "
+                         f"scores) or group_ids (a (B,) integer tensor, equal id = same group); "
+                         f"got {given}")
+    if group_ids is None:
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
+        if n % group_size:
+            raise ValueError(f"B={n} scores do not split into groups of group_size={group_size} "
+                             f"({n} % {group_size} = {n % group_size}); B must be a multiple "
+                             "of group_size, or pass group_ids")
+    else:
+        if not isinstance(group_ids, torch.Tensor):
+            raise ValueError(f"group_ids must be a (B,) integer torch.Tensor, got "
+                             f"{type(group_ids).__name__}")
+        if group_ids.dtype not in GROUP_ID_DTYPES:
+            raise ValueError(f"group_ids must be an integer tensor (int8, int16, int32, int64 or "
+                             f"uint8), got {group_ids.dtype}")
+        if group_ids.shape != scores.shape:
+            raise ValueError(f"group_ids has shape {tuple(group_ids.shape)} but scores has shape "
+                             f"{tuple(scores.shape)}; expected one id per score, (B,)")
+        if group_ids.device != scores.device:
+            raise ValueError(f"all inputs must be on one device, got scores on {scores.device}, "
+                             f"group_ids on {group_ids.device}")
+    if estimator not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"estimator={estimator!r} is not supported; expected one of "
+                         f"{ADVANTAGE_ESTIMATORS}")
+    if norm is not None and norm not in ADVANTAGE_NORMS:
+        raise ValueError(f"norm={norm!r} is not supported; expected None (the estimator's "
+                         f"default: {DEFAULT_ADVANTAGE_NORM}) or one of {ADVANTAGE_NORMS}")
+    if not (float(eps) >= 0.0):
+        raise ValueError(f"eps={eps} must be >= 0 (it is added to the std)")
+    return DEFAULT_ADVANTAGE_NORM[estimator] if norm is None else norm
+
+
+def _group_index(n: int, group_size: int | None, group_ids: torch.Tensor | None,
+                 device: torch.device) -> torch.Tensor:
+    """(B,) int64 index in [0, B) of each score's group: equal index <=> same group."""
+    if group_ids is None:
+        return torch.arange(n, device=device) // group_size
+    # Renumber arbitrary ids densely without a host sync (no torch.unique): sort them and start
+    # a new index wherever the sorted id changes, then put the indices back in input order.
+    sorted_ids, order = torch.sort(group_ids)
+    starts = torch.ones(n, dtype=torch.int64, device=device)
+    starts[1:] = (sorted_ids[1:] != sorted_ids[:-1]).to(torch.int64)
+    index_in_sorted_order = starts.cumsum(0) - 1
+    return torch.empty_like(index_in_sorted_order).scatter_(0, order, index_in_sorted_order)
+
+
+def _group_total(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """For each element, the sum of x over its group ((B,) -> (B,))."""
+    return torch.zeros_like(x).index_add_(0, index, x)[index]
+
+
+def group_advantages(
+    scores: torch.Tensor,
+    group_size: int | None = None,
+    group_ids: torch.Tensor | None = None,
+    estimator: str = "grpo",
+    norm: str | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Group-relative advantages of critic-free RL: scores (B,) -> advantages (B,) fp32 (fp64
+    for fp64 input), no gradient (rollout data: the result is detached).
+
+    Groups: exactly one of ``group_size`` (consecutive groups of that many scores; B must be a
+    multiple) or ``group_ids`` ((B,) integer tensor, any values in any order; equal id = same
+    group). For score r_i in a group g of n = n_g scores with mean mean_g:
+
+        baseline  b_i = mean_g                              grpo, dr_grpo
+                  b_i = (sum_g - r_i) / (n - 1)             rloo (mean of the other members)
+        centred   c_i = r_i - b_i                           (rloo: c_i = n / (n - 1) (r_i - mean_g))
+        scale     "group": unbiased std of the group's scores;  "batch": unbiased std of all B
+                  scores (TRL's scale_rewards="batch");  "none": no scaling
+        A_i       = c_i / (scale + eps), or c_i for "none"
+
+    ``norm=None`` is the estimator's default: "group" for grpo, "none" for dr_grpo and rloo.
+    Groups of one: grpo takes mean 0 and std 1 for them (veRL's compute_grpo_outcome_advantage:
+    A = r / (1 + eps) with "group"; the mean stays 0 under "batch" too); dr_grpo and rloo give
+    A = 0. The batch std of a single score (B = 1) is 1. A group whose scores are all equal has
+    std 0: A = 0 / eps = 0 (NaN when eps = 0).
+    """
+    norm = check_group_advantages(scores, group_size, group_ids, estimator, norm, eps)
+    dtype = _compute_dtype(scores)
+    r = scores.detach().to(dtype)
+    n = r.shape[0]
+    index = _group_index(n, group_size, group_ids, r.device)
+    count = _group_total(torch.ones_like(r), index)
+    total = _group_total(r, index)
+    mean = total / count
+    alone = count == 1
+    zero = torch.zeros((), dtype=dtype, device=r.device)
+    if estimator == "grpo":
+        centred = torch.where(alone, r, r - mean)  # a lone score's mean is taken as 0
+    elif estimator == "dr_grpo":
+        centred = torch.where(alone, zero, r - mean)
+    else:  # rloo: leave-one-out baseline, the mean of the n - 1 others
+        others_mean = (total - r) / (count - 1).clamp_min(1)
+        centred = torch.where(alone, zero, r - others_mean)
+    if norm == "none":
+        return centred
+    if norm == "group":
+        deviation = r - mean  # two-pass: the variance sums squares of deviations from the mean
+        var = _group_total(deviation * deviation, index) / (count - 1).clamp_min(1)
+        std = torch.where(alone, torch.ones((), dtype=dtype, device=r.device), var.sqrt())
+    else:  # batch
+        if n > 1:
+            deviation = r - r.mean()
+            std = ((deviation * deviation).sum() / (n - 1)).sqrt()
+        else:
+            std = torch.ones((), dtype=dtype, device=r.device)
+    return centred / (std + eps)
