@@ -9,9 +9,12 @@ reduce_loss`` is a weighted sum of per-token losses whose weights depend on the 
     token-mean                1               1 / max(sum(m), 1)
     seq-mean-token-mean       1 / max(n_b, 1) 1 / max(#rows with a token, 1)
     seq-mean-token-sum        1               1 / max(#rows with a token, 1)
-    seq-mean-token-sum-norm   1               1 / T
+    seq-mean-token-sum-norm   1               1 / max(T, 1)
+    token-sum                 1               1
 
-(n_b = valid tokens of row b.) A forward kernel whose programs own whole rows knows w[b] (one
+(n_b = valid tokens of row b.) A ``normalizer`` N (a number, or a 0-d tensor read on the device)
+replaces the outer denominator: scale = 1 / N whatever the reduction, w[b] unchanged
+(``loss_denominator``). A forward kernel whose programs own whole rows knows w[b] (one
 extra pass over that row's mask for seq-mean-token-mean), so it stores the per-token gradient
 ``w[b] * m * dl/dx`` while it computes the loss; a single-program "finish" kernel sums the
 per-program partials into the loss, the stats and ``scale``, on the device (no host sync). The
@@ -45,6 +48,11 @@ __all__ = [
     "mask_for_kernel",
     "row_token_count",
     "reduction_denominator",
+    "loss_denominator",
+    "NORMALIZER_NONE",
+    "NORMALIZER_VALUE",
+    "NORMALIZER_TENSOR",
+    "normalizer_args",
     "saved_grad_scale",
     "scale_saved_grad",
     "scale_saved_grad_eager",
@@ -53,13 +61,17 @@ __all__ = [
     "not_twice_differentiable",
 ]
 
-# The reduction is a compile-time flag of the kernels (four variants at most).
+# The reduction is a compile-time flag of the kernels (five variants at most).
 REDUCTION_CODES = {
     "token-mean": 0,
     "seq-mean-token-mean": 1,
     "seq-mean-token-sum": 2,
     "seq-mean-token-sum-norm": 3,
+    "token-sum": 4,
 }
+# Where the finish kernels take the outer denominator from (compile-time flag NORMALIZER of
+# ``loss_denominator``): the reduction's count, a float argument, or a 0-d tensor on the device.
+NORMALIZER_NONE, NORMALIZER_VALUE, NORMALIZER_TENSOR = 0, 1, 2
 
 # Elements per program tile of the row kernels: rows x time block. Larger tiles mean fewer
 # programs and fewer partials; 2048 fp32 lanes over 8 warps is 8 elements per thread per array.
@@ -82,6 +94,24 @@ def next_power_of_2(n: int) -> int:
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for ints, as ``triton.cdiv`` (without its wrapper)."""
     return -(-a // b)
+
+
+def normalizer_args(normalizer, device: torch.device):
+    """A checked ``normalizer=`` (None, a number > 0 or a 0-d tensor; ``_checks.check_normalizer``)
+    -> (NORMALIZER flag, float value, 0-d tensor or None): the arguments of ``loss_denominator``.
+
+    A tensor is used as it is, detached (no gradient flows into a count) and moved to ``device``
+    if it lives elsewhere (a CPU count for a GPU loss: a copy, not a sync); its value is never
+    read on the host.
+    """
+    if normalizer is None:
+        return NORMALIZER_NONE, 0.0, None
+    if isinstance(normalizer, torch.Tensor):
+        tensor = normalizer.detach()
+        if tensor.device != device:
+            tensor = tensor.to(device)
+        return NORMALIZER_TENSOR, 0.0, tensor
+    return NORMALIZER_VALUE, float(normalizer), None
 
 
 @functools.lru_cache(maxsize=1024)
@@ -164,8 +194,26 @@ def reduction_denominator(n_tokens, n_rows, T, REDUCTION: tl.constexpr):
         denom = tl.maximum(n_tokens, 1.0)
     elif REDUCTION == 3:
         denom = tl.maximum(n_tokens * 0.0 + T, 1.0)
+    elif REDUCTION == 4:
+        denom = n_tokens * 0.0 + 1.0
     else:
         denom = tl.maximum(n_rows, 1.0)
+    return denom
+
+
+@triton.jit
+def loss_denominator(n_tokens, n_rows, T, norm_value, norm_ptr,
+                     REDUCTION: tl.constexpr, NORMALIZER: tl.constexpr):
+    """The outer denominator of the loss: the user's normalizer when one is given (a float
+    argument, or a 0-d tensor of any real dtype loaded here, on the device: no host sync), else
+    ``reduction_denominator``. A normalizer is used as it is (0 gives inf / NaN, as dividing by
+    it in PyTorch would)."""
+    if NORMALIZER == 1:
+        denom = n_tokens * 0.0 + norm_value
+    elif NORMALIZER == 2:
+        denom = n_tokens * 0.0 + tl.load(norm_ptr).to(tl.float32)
+    else:
+        denom = reduction_denominator(n_tokens, n_rows, T, REDUCTION)
     return denom
 
 

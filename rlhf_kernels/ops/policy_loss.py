@@ -35,16 +35,27 @@ import triton.language as tl
 
 from rlhf_kernels import reference
 from rlhf_kernels._alloc import empty
-from rlhf_kernels._checks import check_float, check_same_device, check_same_shape
+from rlhf_kernels._checks import (
+    check_advantages_shape,
+    check_float,
+    check_normalizer,
+    check_policy_options,
+    check_same_device,
+    check_same_shape,
+)
 from rlhf_kernels.backend import launch_directly, resolve_backend
 from rlhf_kernels.ops._reduce import (
+    NORMALIZER_NONE,
+    NORMALIZER_TENSOR,
+    NORMALIZER_VALUE,
     SavedGradLoss,
     as_rows,
     check_mask,
+    loss_denominator,
     mask_for_kernel,
     next_power_of_2,
+    normalizer_args,
     reduction_code,
-    reduction_denominator,
     row_tiles,
     row_token_count,
     saved_grad_scale,
@@ -53,38 +64,100 @@ from rlhf_kernels.ops._reduce import (
 __all__ = ["ppo_policy_loss"]
 
 # Per-program partial sums, one column each (partials buffer is (_N_PARTIALS, programs)).
-_P_LOSS, _P_TOKENS, _P_ROWS, _P_CLIP, _P_HALF_D2, _P_NEG_D, _P_RATIO, _P_RATIO_MAX, _P_DUAL = (
-    range(9))
-_N_PARTIALS = 9
-# Layout of the stats output: the public stats, then the backward's scale.
-_STAT_NAMES = ("clipfrac", "approx_kl", "ppo_kl", "ratio_mean", "ratio_max", "dual_clipfrac")
+_P_LOSS, _P_TOKENS, _P_ROWS, _P_CLIP, _P_HALF_D2, _P_NEG_D, _P_RATIO, _P_RATIO_MAX, _P_DUAL, \
+    _P_KL = range(10)
+_N_PARTIALS = 10
+# Layout of the stats output: the public stats, then the backward's scale. dual_clipfrac is
+# returned with dual_clip, pg_loss and kl with the KL term.
+_STAT_NAMES = ("clipfrac", "approx_kl", "ppo_kl", "ratio_mean", "ratio_max", "dual_clipfrac",
+               "pg_loss", "kl")
 _S_SCALE = len(_STAT_NAMES)
 _N_STATS = _S_SCALE + 1
+# The names zipped with the unbound stats, by (dual clip, KL term); None marks a slot to drop.
+_NAMES = {
+    (False, False): _STAT_NAMES[:5],
+    (True, False): _STAT_NAMES[:6],
+    (False, True): _STAT_NAMES[:5] + (None,) + _STAT_NAMES[6:],
+    (True, True): _STAT_NAMES,
+}
 _FINISH_BLOCK_MAX = 1024
+# Compile-time codes of the KL estimators (0: no KL term).
+_KL_CODES = {"k1": 1, "k2": 2, "k3": 3, "abs": 4}
 
 
 # --------------------------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def kl_estimator_and_grad(dk, KL: tl.constexpr):
+    """Per-token KL estimate of dk = logp - ref_logp and its derivative in dk, as torch autograd
+    of ``reference.kl_penalty``: k1 = dk (1), k2 = dk^2 / 2 (dk), k3 = e^-dk + dk - 1 (1 - e^-dk),
+    abs = |dk| (sign(dk), 0 at 0). KL: 1, 2, 3, 4 for k1, k2, k3, abs."""
+    if KL == 1:
+        kl = dk
+        dkl = dk * 0.0 + 1.0
+    elif KL == 2:
+        kl = 0.5 * dk * dk
+        dkl = dk
+    elif KL == 3:
+        e = tl.exp(-dk)
+        kl = e + dk - 1.0
+        dkl = 1.0 - e
+    else:
+        kl = tl.abs(dk)
+        dkl = tl.where(dk > 0.0, 1.0, tl.where(dk < 0.0, -1.0, 0.0))
+    return kl, dkl
+
+
+@triton.jit
 def _ppo_policy_loss_fwd_kernel(
-    logp_ptr, old_ptr, adv_ptr, mask_ptr, saved_grad_ptr, partial_ptr,
+    logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, saved_grad_ptr, partial_ptr,
     stride_lr, stride_lt, stride_or, stride_ot, stride_ar, stride_at, stride_mr, stride_mt,
+    stride_rr, stride_rt,
     n_rows, T, n_programs,
-    ratio_low, ratio_high, dual_clip, log_ratio_clamp,
+    ratio_low, ratio_high, dual_clip, log_ratio_clamp, kl_coef,
     REDUCTION: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DUAL: tl.constexpr,
+    SEQUENCE: tl.constexpr, CISPO: tl.constexpr, KL: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
+    # Per-sequence advantages arrive with stride_at == 0 (one value per row, never expanded).
     pid = tl.program_id(0)
     rows = (pid * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     row_ok = rows < n_rows
     cols = tl.arange(0, BLOCK_T)
 
+    if SEQUENCE:
+        # Pass 1 (GSPO): the row's mean log-ratio over its valid tokens, needed by every token.
+        acc_n = tl.zeros([BLOCK_R, BLOCK_T], dtype=tl.float32)
+        acc_d = tl.zeros([BLOCK_R, BLOCK_T], dtype=tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            t = (t0 + cols).to(tl.int64)
+            inb = row_ok[:, None] & (t < T)[None, :]
+            logp = tl.load(logp_ptr + rows[:, None] * stride_lr + t[None, :] * stride_lt,
+                           mask=inb, other=0.0).to(tl.float32)
+            old = tl.load(old_ptr + rows[:, None] * stride_or + t[None, :] * stride_ot,
+                          mask=inb, other=0.0).to(tl.float32)
+            if HAS_MASK:
+                m = tl.load(mask_ptr + rows[:, None] * stride_mr + t[None, :] * stride_mt,
+                            mask=inb, other=0)
+                valid = inb & (m != 0)
+            else:
+                valid = inb
+            acc_n += tl.where(valid, 1.0, 0.0)
+            acc_d += tl.where(valid, logp - old, 0.0)
+        n_row = tl.sum(acc_n, axis=1)
+        seq_d_raw = tl.sum(acc_d, axis=1) / tl.maximum(n_row, 1.0)
+        seq_ratio = tl.exp(tl.minimum(tl.maximum(seq_d_raw, -log_ratio_clamp), log_ratio_clamp))
+        # d mean / d logp_t = 1 / n inside the clamp (bounds included, as torch.clamp), else 0.
+        seq_grad_scale = tl.where(
+            (seq_d_raw >= -log_ratio_clamp) & (seq_d_raw <= log_ratio_clamp),
+            1.0 / tl.maximum(n_row, 1.0), 0.0)
+    elif REDUCTION == 1:
+        n_row = row_token_count(mask_ptr, rows * stride_mr, stride_mt, row_ok, T,
+                                HAS_MASK, BLOCK_R, BLOCK_T)
     # Per-row weight of the reduction: only seq-mean-token-mean needs the row's token count
     # before the first gradient can be written, hence one pass over the row's mask first.
     if REDUCTION == 1:
-        n_row = row_token_count(mask_ptr, rows * stride_mr, stride_mt, row_ok, T,
-                                HAS_MASK, BLOCK_R, BLOCK_T)
         row_w = 1.0 / tl.maximum(n_row, 1.0)
     else:
         row_w = tl.full([BLOCK_R], 1.0, dtype=tl.float32)
@@ -98,6 +171,9 @@ def _ppo_policy_loss_fwd_kernel(
     acc_ratio = tl.zeros([BLOCK_R, BLOCK_T], dtype=tl.float32)
     acc_ratio_max = tl.zeros([BLOCK_R, BLOCK_T], dtype=tl.float32)
     acc_dual = tl.zeros([BLOCK_R, BLOCK_T], dtype=tl.float32)
+    acc_kl = tl.zeros([BLOCK_R, BLOCK_T], dtype=tl.float32)
+    # GSPO: sum over the row of w * d loss_u / d s * s, the gradient every token shares.
+    acc_seq_grad = tl.zeros([BLOCK_R, BLOCK_T], dtype=tl.float32)
     for t0 in range(0, T, BLOCK_T):
         t = (t0 + cols).to(tl.int64)
         inb = row_ok[:, None] & (t < T)[None, :]
@@ -113,28 +189,57 @@ def _ppo_policy_loss_fwd_kernel(
             valid = inb & (m != 0)
         else:
             valid = inb
+        w = tl.where(valid, row_w[:, None], 0.0)
 
         d_raw = logp - old
         d = tl.minimum(tl.maximum(d_raw, -log_ratio_clamp), log_ratio_clamp)
-        ratio = tl.exp(d)
-        loss1 = -adv * ratio
-        loss2 = -adv * tl.minimum(tl.maximum(ratio, ratio_low), ratio_high)
-        clipped = loss2 > loss1
-        loss = tl.maximum(loss1, loss2)
-        # Inside the clip range l1 == l2 with equal gradients, so a tie needs no halving here.
-        dloss = tl.where(clipped, 0.0, loss1)
-        if HAS_DUAL:
-            loss3 = -adv * dual_clip
-            negative = adv < 0.0
-            dual = negative & (loss3 < loss)
-            tie = negative & (loss3 == loss)
-            loss = tl.where(dual, loss3, loss)
-            dloss = tl.where(dual, 0.0, tl.where(tie, 0.5 * dloss, dloss))
-            acc_dual += tl.where(valid & dual, 1.0, 0.0)
-        in_clamp = (d_raw >= -log_ratio_clamp) & (d_raw <= log_ratio_clamp)
-        w = tl.where(valid, row_w[:, None], 0.0)
-        grad = tl.where(valid & in_clamp, dloss * w, 0.0)
-        tl.store(saved_grad_ptr + rows[:, None] * T + t[None, :], grad, mask=inb)
+        if SEQUENCE:
+            ratio = tl.zeros([BLOCK_R, BLOCK_T], dtype=tl.float32) + seq_ratio[:, None]
+        else:
+            ratio = tl.exp(d)
+        clipped_ratio = tl.minimum(tl.maximum(ratio, ratio_low), ratio_high)
+        if CISPO:
+            # The clipped ratio is a constant weight: d loss / d logp = -weight * A, whatever
+            # the log-ratio clamp (no gradient flows through the ratio).
+            clipped = (ratio < ratio_low) | (ratio > ratio_high)
+            dlogp = -clipped_ratio * adv
+            loss = dlogp * logp
+        else:
+            loss1 = -adv * ratio
+            loss2 = -adv * clipped_ratio
+            clipped = loss2 > loss1
+            loss = tl.maximum(loss1, loss2)
+            # dloss = d loss / d log(ratio). Inside the clip range l1 == l2 with equal
+            # gradients, so a tie needs no halving here.
+            dloss = tl.where(clipped, 0.0, loss1)
+            if HAS_DUAL:
+                loss3 = -adv * dual_clip
+                negative = adv < 0.0
+                dual = negative & (loss3 < loss)
+                tie = negative & (loss3 == loss)
+                loss = tl.where(dual, loss3, loss)
+                dloss = tl.where(dual, 0.0, tl.where(tie, 0.5 * dloss, dloss))
+                acc_dual += tl.where(valid & dual, 1.0, 0.0)
+            if SEQUENCE:
+                # Written in pass 3, once the whole row's sum is known.
+                acc_seq_grad += tl.where(valid, dloss * w, 0.0)
+                dlogp = tl.zeros([BLOCK_R, BLOCK_T], dtype=tl.float32)
+            else:
+                in_clamp = (d_raw >= -log_ratio_clamp) & (d_raw <= log_ratio_clamp)
+                dlogp = tl.where(in_clamp, dloss, 0.0)
+        if KL != 0:
+            ref = tl.load(ref_ptr + rows[:, None] * stride_rr + t[None, :] * stride_rt,
+                          mask=inb, other=0.0).to(tl.float32)
+            kl, dkl = kl_estimator_and_grad(logp - ref, KL)
+            acc_kl += tl.where(valid, kl * w, 0.0)
+            dlogp = dlogp + kl_coef * dkl
+        if SEQUENCE:
+            if CISPO:
+                tl.store(saved_grad_ptr + rows[:, None] * T + t[None, :],
+                         tl.where(valid, dlogp * w, 0.0), mask=inb)
+        else:
+            tl.store(saved_grad_ptr + rows[:, None] * T + t[None, :],
+                     tl.where(valid, dlogp * w, 0.0), mask=inb)
 
         # tl.where, not a multiply by the mask: padding may hold inf / NaN.
         acc_loss += tl.where(valid, loss * w, 0.0)
@@ -144,6 +249,31 @@ def _ppo_policy_loss_fwd_kernel(
         acc_neg_d += tl.where(valid, -d, 0.0)
         acc_ratio += tl.where(valid, ratio, 0.0)
         acc_ratio_max = tl.maximum(acc_ratio_max, tl.where(valid, ratio, 0.0))
+
+    if SEQUENCE:
+        if not CISPO:
+            # Pass 3 (GSPO): every valid token of the row gets sum_u(w dloss_u) / n_row
+            # (0 where the clamp of the mean bites), plus its own KL term.
+            row_grad = tl.sum(acc_seq_grad, axis=1) * seq_grad_scale
+            for t0 in range(0, T, BLOCK_T):
+                t = (t0 + cols).to(tl.int64)
+                inb = row_ok[:, None] & (t < T)[None, :]
+                if HAS_MASK:
+                    m = tl.load(mask_ptr + rows[:, None] * stride_mr + t[None, :] * stride_mt,
+                                mask=inb, other=0)
+                    valid = inb & (m != 0)
+                else:
+                    valid = inb
+                grad = tl.zeros([BLOCK_R, BLOCK_T], dtype=tl.float32) + row_grad[:, None]
+                if KL != 0:
+                    logp = tl.load(logp_ptr + rows[:, None] * stride_lr + t[None, :] * stride_lt,
+                                   mask=inb, other=0.0).to(tl.float32)
+                    ref = tl.load(ref_ptr + rows[:, None] * stride_rr + t[None, :] * stride_rt,
+                                  mask=inb, other=0.0).to(tl.float32)
+                    kl, dkl = kl_estimator_and_grad(logp - ref, KL)
+                    grad = grad + (kl_coef * dkl) * row_w[:, None]
+                tl.store(saved_grad_ptr + rows[:, None] * T + t[None, :],
+                         tl.where(valid, grad, 0.0), mask=inb)
 
     row_tokens = tl.sum(acc_tokens, axis=1)
     out = partial_ptr + pid
@@ -156,15 +286,18 @@ def _ppo_policy_loss_fwd_kernel(
     tl.store(out + 6 * n_programs, tl.sum(tl.sum(acc_ratio, axis=1), axis=0))
     tl.store(out + 7 * n_programs, tl.max(tl.max(acc_ratio_max, axis=1), axis=0))
     tl.store(out + 8 * n_programs, tl.sum(tl.sum(acc_dual, axis=1), axis=0))
+    if KL != 0:
+        tl.store(out + 9 * n_programs, tl.sum(tl.sum(acc_kl, axis=1), axis=0))
 
 
 @triton.jit
 def _ppo_policy_loss_finish_kernel(
-    partial_ptr, loss_ptr, stats_ptr,
-    n_programs, T,
-    REDUCTION: tl.constexpr, BLOCK_P: tl.constexpr,
+    partial_ptr, loss_ptr, stats_ptr, norm_ptr,
+    n_programs, T, norm_value, kl_coef,
+    REDUCTION: tl.constexpr, NORMALIZER: tl.constexpr, HAS_KL: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
-    # One program: column sums of the (9, n_programs) partials, then the scalar formulas.
+    # One program: column sums of the (_N_PARTIALS, n_programs) partials, then the scalars.
     offs = tl.arange(0, BLOCK_P)
     s_loss = tl.zeros([BLOCK_P], dtype=tl.float32)
     s_tokens = tl.zeros([BLOCK_P], dtype=tl.float32)
@@ -175,6 +308,7 @@ def _ppo_policy_loss_finish_kernel(
     s_ratio = tl.zeros([BLOCK_P], dtype=tl.float32)
     s_ratio_max = tl.zeros([BLOCK_P], dtype=tl.float32)
     s_dual = tl.zeros([BLOCK_P], dtype=tl.float32)
+    s_kl = tl.zeros([BLOCK_P], dtype=tl.float32)
     for p0 in range(0, n_programs, BLOCK_P):
         p = p0 + offs
         ok = p < n_programs
@@ -188,18 +322,28 @@ def _ppo_policy_loss_finish_kernel(
         s_ratio_max = tl.maximum(
             s_ratio_max, tl.load(partial_ptr + 7 * n_programs + p, mask=ok, other=0.0))
         s_dual += tl.load(partial_ptr + 8 * n_programs + p, mask=ok, other=0.0)
+        if HAS_KL:
+            s_kl += tl.load(partial_ptr + 9 * n_programs + p, mask=ok, other=0.0)
     n_tokens = tl.sum(s_tokens, axis=0)
-    denom = reduction_denominator(n_tokens, tl.sum(s_rows, axis=0), T, REDUCTION)
+    denom = loss_denominator(n_tokens, tl.sum(s_rows, axis=0), T, norm_value, norm_ptr,
+                             REDUCTION, NORMALIZER)
     # Stats are means over valid tokens, 0 when there is none (numerators are 0 then too).
     n_safe = tl.maximum(n_tokens, 1.0)
-    tl.store(loss_ptr, tl.sum(s_loss, axis=0) / denom)
+    pg_loss = tl.sum(s_loss, axis=0) / denom
+    if HAS_KL:
+        kl = tl.sum(s_kl, axis=0) / denom
+        tl.store(loss_ptr, pg_loss + kl_coef * kl)
+        tl.store(stats_ptr + 6, pg_loss)
+        tl.store(stats_ptr + 7, kl)
+    else:
+        tl.store(loss_ptr, pg_loss)
     tl.store(stats_ptr + 0, tl.sum(s_clip, axis=0) / n_safe)
     tl.store(stats_ptr + 1, tl.sum(s_half_d2, axis=0) / n_safe)
     tl.store(stats_ptr + 2, tl.sum(s_neg_d, axis=0) / n_safe)
     tl.store(stats_ptr + 3, tl.sum(s_ratio, axis=0) / n_safe)
     tl.store(stats_ptr + 4, tl.max(s_ratio_max, axis=0))
     tl.store(stats_ptr + 5, tl.sum(s_dual, axis=0) / n_safe)
-    tl.store(stats_ptr + 6, 1.0 / denom)
+    tl.store(stats_ptr + 8, 1.0 / denom)
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,19 +354,45 @@ def _launch(
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    normalizer: torch.Tensor | None,
     clip_low: float,
     clip_high: float,
     dual_clip: float | None,
     log_ratio_clamp: float | None,
     reduction: int,
+    sequence: bool,
+    cispo: bool,
+    kl_coef: float,
+    kl_estimator: int,
+    normalizer_value: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> loss () fp32, stats (_N_STATS,) fp32, saved gradient (logp.shape) fp32 contiguous."""
+    """-> loss () fp32, stats (_N_STATS,) fp32, saved gradient (logp.shape) fp32 contiguous.
+
+    ref_logp is given only with the KL term on (kl_estimator its code, nonzero); normalizer (a
+    0-d tensor on logp's device) or normalizer_value replaces the reduction's denominator.
+    """
     device = logp.device
     T = logp.shape[-1]
-    logp2, old2, adv2 = as_rows(logp), as_rows(old_logp), as_rows(advantages)
+    logp2, old2 = as_rows(logp), as_rows(old_logp)
+    n_rows = logp2.shape[0]
+    if advantages.dim() == logp.dim():
+        adv2 = as_rows(advantages)
+        stride_ar, stride_at = adv2.stride(0), adv2.stride(1)
+    else:  # one per sequence: stride 0 along T, never expanded in memory
+        adv2 = advantages.reshape(n_rows)
+        stride_ar, stride_at = adv2.stride(0), 0
     mask = mask_for_kernel(mask)
     mask2 = as_rows(mask) if mask is not None else logp2
-    n_rows = logp2.shape[0]
+    if ref_logp is not None:
+        ref2 = as_rows(ref_logp)
+        stride_rr, stride_rt = ref2.stride(0), ref2.stride(1)
+    else:
+        ref2, stride_rr, stride_rt = None, 0, 0
+    if normalizer is not None:
+        norm_flag = NORMALIZER_TENSOR
+    else:
+        norm_flag = NORMALIZER_NONE if normalizer_value is None else NORMALIZER_VALUE
     block_r, block_t, n_programs = row_tiles(n_rows, T)
 
     loss = empty((), torch.float32, device)
@@ -230,19 +400,22 @@ def _launch(
     saved_grad = empty(logp.shape, torch.float32, device)
     partials = empty((_N_PARTIALS, n_programs), torch.float32, device)
     _ppo_policy_loss_fwd_kernel[(n_programs,)](
-        logp2, old2, adv2, mask2, saved_grad, partials,
+        logp2, old2, adv2, mask2, ref2, saved_grad, partials,
         logp2.stride(0), logp2.stride(1), old2.stride(0), old2.stride(1),
-        adv2.stride(0), adv2.stride(1), mask2.stride(0), mask2.stride(1),
+        stride_ar, stride_at, mask2.stride(0), mask2.stride(1), stride_rr, stride_rt,
         n_rows, T, n_programs,
         1.0 - clip_low, 1.0 + clip_high,
         0.0 if dual_clip is None else dual_clip,
         float("inf") if log_ratio_clamp is None else log_ratio_clamp,
+        kl_coef,
         REDUCTION=reduction, HAS_MASK=mask is not None, HAS_DUAL=dual_clip is not None,
+        SEQUENCE=sequence, CISPO=cispo, KL=kl_estimator,
         BLOCK_R=block_r, BLOCK_T=block_t, num_warps=8 if block_r * block_t >= 2048 else 4,
     )
     _ppo_policy_loss_finish_kernel[(1,)](
-        partials, loss, stats, n_programs, T,
-        REDUCTION=reduction,
+        partials, loss, stats, normalizer, n_programs, T,
+        0.0 if normalizer_value is None else normalizer_value, kl_coef,
+        REDUCTION=reduction, NORMALIZER=norm_flag, HAS_KL=kl_estimator != 0,
         BLOCK_P=min(next_power_of_2(n_programs), _FINISH_BLOCK_MAX), num_warps=4,
     )
     return loss, stats, saved_grad
@@ -254,20 +427,28 @@ def _ppo_policy_loss_op(
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    normalizer: torch.Tensor | None,
     clip_low: float,
     clip_high: float,
     dual_clip: float | None,
     log_ratio_clamp: float | None,
     reduction: int,
+    sequence: bool,
+    cispo: bool,
+    kl_coef: float,
+    kl_estimator: int,
+    normalizer_value: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``_launch`` as a custom op: what torch.compile / export / torch.func see."""
-    return _launch(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip,
-                   log_ratio_clamp, reduction)
+    return _launch(logp, old_logp, advantages, mask, ref_logp, normalizer, clip_low, clip_high,
+                   dual_clip, log_ratio_clamp, reduction, sequence, cispo, kl_coef, kl_estimator,
+                   normalizer_value)
 
 
 @_ppo_policy_loss_op.register_fake
-def _(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, log_ratio_clamp,
-      reduction):
+def _(logp, old_logp, advantages, mask, ref_logp, normalizer, clip_low, clip_high, dual_clip,
+      log_ratio_clamp, reduction, sequence, cispo, kl_coef, kl_estimator, normalizer_value):
     return (
         logp.new_empty((), dtype=torch.float32),
         logp.new_empty((_N_STATS,), dtype=torch.float32),
@@ -285,12 +466,15 @@ def _setup_context(ctx, inputs, output):
     ctx.logp_dtype = logp.dtype
 
 
+_N_OP_ARGS = 16
+
+
 def _backward(ctx, grad_loss, grad_stats, grad_saved):
     saved_grad, stats = ctx.saved_tensors
     grad_logp = None
     if grad_loss is not None and ctx.needs_input_grad[0]:
         grad_logp = saved_grad_scale(saved_grad, grad_loss, stats, _S_SCALE, ctx.logp_dtype)
-    return grad_logp, None, None, None, None, None, None, None, None
+    return (grad_logp,) + (None,) * (_N_OP_ARGS - 1)
 
 
 _ppo_policy_loss_op.register_autograd(_backward, setup_context=_setup_context)
@@ -327,60 +511,102 @@ def ppo_policy_loss(
     dual_clip: float | None = None,
     log_ratio_clamp: float | None = 20.0,
     reduction: str = "token-mean",
+    ratio_level: str = "token",
+    loss_type: str = "ppo",
+    normalizer: float | torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
     *,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped PPO surrogate loss and its stats, from per-token log-probabilities.
+    """Clipped policy-gradient loss (PPO, GRPO family, GSPO, CISPO) and its stats, from
+    per-token log-probabilities.
 
-    logp, old_logp, advantages: (..., T) fp16/bf16/fp32/fp64, same shape; mask: (..., T) bool /
-    integer / float (nonzero = the token counts) or None (all count). Sequences are all leading
-    dims, T the last one (for the seq-mean reductions).
+    logp, old_logp: (..., T) fp16/bf16/fp32/fp64, same shape; advantages: (..., T) one per token,
+    or (...) one per sequence (broadcast over T, never expanded in memory); mask: (..., T) bool /
+    integer / float (nonzero = the token counts) or None (all count); ref_logp: (..., T) or None.
+    Sequences are all leading dims, T the last one.
 
     Returns ``(loss, stats)``: loss () fp32 (fp64 for fp64 input), differentiable with respect to
     ``logp`` only; stats (detached () tensors over valid tokens, 0 when there is none):
-    clipfrac, approx_kl (mean d^2 / 2), ppo_kl (mean -d), ratio_mean, ratio_max, and
-    dual_clipfrac when ``dual_clip`` is set.
+    clipfrac (where the clip bites), approx_kl (mean d^2 / 2) and ppo_kl (mean -d) of the
+    per-token clamped log-ratio d, ratio_mean and ratio_max of the ratio used, dual_clipfrac
+    when ``dual_clip`` is set, pg_loss and kl (the reduced KL term) when the KL term is on.
 
     clip_low / clip_high: the ratio is clipped to [1 - clip_low, 1 + clip_high].
-    dual_clip: c > 1; tokens with A < 0 take min(loss, -A c) (veRL: 3.0). log_ratio_clamp: d is
-    clamped to +-this before exp (None: no clamp). reduction: "token-mean",
-    "seq-mean-token-mean", "seq-mean-token-sum" or "seq-mean-token-sum-norm" (veRL names, see
-    ``rlhf_kernels.reference.reduce_loss``). backend: "triton", "reference" or "auto".
-    A fully masked row contributes 0 and an all-masked batch gives loss 0 with zero gradients.
+    dual_clip: c > 1; tokens with A < 0 take min(loss, -A c) (veRL: 3.0; loss_type "ppo" only).
+    log_ratio_clamp: log-ratios are clamped to +-this before exp (None: no clamp).
+    reduction: "token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+    "seq-mean-token-sum-norm" or "token-sum" (see ``rlhf_kernels.reference.reduce_loss``).
+    ratio_level: "token" (PPO) or "sequence" (GSPO: every token of a row takes the row's
+    geometric-mean ratio exp(mean over its valid tokens of logp - old_logp), the gradient
+    flowing through that mean). loss_type: "ppo" (clipped surrogate) or "cispo" (the clipped
+    ratio as a stop-gradient weight on -A logp). normalizer: None, a number > 0 or a 0-d tensor
+    (e.g. a token count all-reduced over ranks, read on the device, no host sync, no gradient)
+    that replaces the reduction's outer denominator. ref_logp, kl_coef, kl_estimator ("k1",
+    "k2", "k3", "abs"): adds kl_coef * reduce(estimator(logp - ref_logp)), same reduction and
+    normalizer, when ref_logp is given and kl_coef != 0. backend: "triton", "reference" or
+    "auto". A fully masked row contributes 0 and an all-masked batch gives loss 0 with zero
+    gradients.
     """
     for name, tensor in (("logp", logp), ("old_logp", old_logp), ("advantages", advantages)):
         check_float(name, tensor)
     check_same_shape("old_logp", old_logp, "logp", logp)
-    check_same_shape("advantages", advantages, "logp", logp)
+    check_advantages_shape(advantages, logp)
     check_mask(mask, "logp", logp)
+    if ref_logp is not None:
+        check_float("ref_logp", ref_logp)
+        check_same_shape("ref_logp", ref_logp, "logp", logp)
     check_same_device(("logp", logp), ("old_logp", old_logp), ("advantages", advantages),
-                      ("mask", mask))
+                      ("mask", mask), ("ref_logp", ref_logp))
     if logp.dim() == 0:
         raise ValueError("logp must have at least one dim (..., T); got a 0-d tensor")
     code = reduction_code(reduction)
     _check_options(clip_low, clip_high, dual_clip, log_ratio_clamp)
+    check_policy_options(ratio_level, loss_type, dual_clip)
+    check_normalizer(normalizer)
+    kl_code = _KL_CODES.get(kl_estimator)
+    if kl_code is None:
+        raise ValueError(
+            f"kl_estimator={kl_estimator!r} is not supported; expected one of "
+            f"{tuple(_KL_CODES)}"
+        )
+    kl_coef = float(kl_coef)
+    with_kl = ref_logp is not None and kl_coef != 0.0
 
-    use_reference = torch.float64 in (logp.dtype, old_logp.dtype, advantages.dtype)
+    use_reference = torch.float64 in (logp.dtype, old_logp.dtype, advantages.dtype) or (
+        with_kl and ref_logp.dtype == torch.float64)
     if resolve_backend(logp, backend) == "reference" or use_reference:
         return reference.ppo_policy_loss(logp, old_logp, advantages, mask, clip_low, clip_high,
-                                         dual_clip, log_ratio_clamp, reduction)
+                                         dual_clip, log_ratio_clamp, reduction, ratio_level,
+                                         loss_type, normalizer, ref_logp, kl_coef, kl_estimator)
     if torch.is_grad_enabled():
-        for name, tensor in (("old_logp", old_logp), ("advantages", advantages)):
-            if tensor.requires_grad:
+        for name, tensor in (("old_logp", old_logp), ("advantages", advantages),
+                             ("ref_logp", ref_logp if with_kl else None)):
+            if tensor is not None and tensor.requires_grad:
                 raise ValueError(
                     f"{name} requires grad, but the fused kernel differentiates with respect to "
                     f"logp only (rollout data are constants in PPO); pass {name}.detach(), or "
                     "backend='reference' if you really need that gradient"
                 )
-    args = (logp, old_logp, advantages, mask, float(clip_low), float(clip_high),
+    norm_flag, norm_value, norm_tensor = normalizer_args(normalizer, logp.device)
+    if norm_flag != NORMALIZER_VALUE:
+        norm_value = None
+    args = (logp, old_logp, advantages, mask, ref_logp if with_kl else None, norm_tensor,
+            float(clip_low), float(clip_high),
             None if dual_clip is None else float(dual_clip),
-            None if log_ratio_clamp is None else float(log_ratio_clamp), code)
-    if not launch_directly(logp, old_logp, advantages, mask):
+            None if log_ratio_clamp is None else float(log_ratio_clamp), code,
+            ratio_level == "sequence", loss_type == "cispo", kl_coef,
+            kl_code if with_kl else 0, norm_value)
+    if not launch_directly(logp, old_logp, advantages, mask, ref_logp, norm_tensor):
         loss, stats, _ = _ppo_policy_loss_op(*args)
     elif torch.is_grad_enabled() and logp.requires_grad:
         loss, stats = SavedGradLoss.apply(_launch, _S_SCALE, *args)
     else:
         loss, stats, _ = _launch(*args)
-    names = _STAT_NAMES if dual_clip is not None else _STAT_NAMES[:-1]
     # One unbind (not one indexing call per stat): host overhead matters at 64K tokens.
-    return loss, dict(zip(names, stats.unbind(0)))
+    out = dict(zip(_NAMES[dual_clip is not None, with_kl], stats.unbind(0)))
+    if with_kl and dual_clip is None:
+        del out[None]
+    return loss, out
