@@ -50,7 +50,15 @@ import torch
 
 from rlhf_kernels import reference
 from rlhf_kernels._alloc import empty
-from rlhf_kernels._checks import as_mask, check_float, check_reduction, check_same_shape
+from rlhf_kernels._checks import (
+    as_mask,
+    check_advantages_shape,
+    check_float,
+    check_normalizer,
+    check_policy_options,
+    check_reduction,
+    check_same_shape,
+)
 from rlhf_kernels.backend import launch_directly, resolve_backend
 from rlhf_kernels.ops import linear_logprobs as head
 
@@ -62,13 +70,25 @@ _EMPTY = (0,)
 # --------------------------------------------------------------------------------------------
 # the loss as a weighted sum of per-token terms, and its derivative per token
 # --------------------------------------------------------------------------------------------
-def reduction_weights(mask: torch.Tensor, reduction: str) -> torch.Tensor:
-    """(..., T) 0/1 float mask -> (..., T) fp32 weights w with reduce_loss(x, mask) = sum(w x).
+def reduction_weights(mask: torch.Tensor, reduction: str,
+                      normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+    """(..., T) 0/1 float mask -> (..., T) fp32 weights w with
+    reduce_loss(x, mask, reduction, normalizer) = sum(w x).
 
-    Computed on the device (no host sync); rows and tensors without a valid token weigh 0.
+    ``normalizer`` replaces the outer denominator (see ``reference.reduce_loss``); a tensor
+    normalizer is used where it lives, without a gradient. Computed on the device (no host
+    sync); rows and tensors without a valid token weigh 0.
     """
     check_reduction(reduction)
     m = mask.to(torch.float32)
+    if normalizer is not None:
+        if isinstance(normalizer, torch.Tensor):
+            normalizer = normalizer.detach().to(dtype=torch.float32, device=m.device)
+        if reduction == "seq-mean-token-mean":
+            return m / (m.sum(-1, keepdim=True).clamp_min(1) * normalizer)
+        return m / normalizer
+    if reduction == "token-sum":
+        return m
     if reduction == "token-mean":
         return m / m.sum().clamp_min(1)
     if reduction == "seq-mean-token-sum-norm":
@@ -93,9 +113,17 @@ def _fp32(t: torch.Tensor) -> torch.Tensor:
 
 def per_token_terms(logp, entropy, old_logp, advantages, weights, ref_logp, kl_coef,
                     kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp,
-                    derivatives=True):
-    """(C,) fp32 logp / entropy of one chunk -> (w * per-token loss, d loss/d logp,
-    d loss/d entropy or None), all (C,) fp32, following torch autograd through the reference.
+                    derivatives=True, ratio_level="token", loss_type="ppo"):
+    """Per-token logp / entropy -> (w * per-token loss, d loss/d logp, d loss/d entropy or None),
+    following torch autograd through the reference (torch.maximum / minimum ties split the
+    gradient in half, clamp bounds are inclusive).
+
+    logp, entropy, old_logp, weights, ref_logp: one shape S, logp / entropy fp32 (fp64 for fp64
+    matmuls); advantages: S or broadcastable to it (a (rows, 1) column of per-sequence
+    advantages against (rows, T) tokens: broadcast, never copied). ratio_level="token": any S
+    (a chunk of tokens). ratio_level="sequence": S = (rows, T), every row a whole sequence (the
+    row's ratio and its derivative need all its tokens). Tokens with weight 0 do not count: they
+    may hold anything (NaN, inf) and add exactly 0. The outputs have shape S.
 
     derivatives=False (no gradient wanted): the same per-token loss, and None for both
     derivatives (they are not computed).
@@ -105,29 +133,50 @@ def per_token_terms(logp, entropy, old_logp, advantages, weights, ref_logp, kl_c
     counts = w != 0
     A = _fp32(advantages)
     d = logp - _fp32(old_logp)
-    d_grad = torch.ones_like(d) if derivatives else None
+    sequence = ratio_level == "sequence"
+    if sequence:
+        # GSPO: one log-ratio per row, the mean over its counted tokens (where, not multiply:
+        # a token that does not count may hold NaN); (rows, 1), broadcast over the row below.
+        n = counts.sum(-1, keepdim=True).clamp_min(1).to(f32)
+        d = torch.where(counts, d, 0.0).sum(-1, keepdim=True) / n
+    d_grad = None  # d clamp(d) / d d, where the clamp is on
     if log_ratio_clamp is not None:
         if derivatives:
             d_grad = ((d >= -log_ratio_clamp) & (d <= log_ratio_clamp)).to(f32)
         d = d.clamp(-log_ratio_clamp, log_ratio_clamp)
     ratio = torch.exp(d)
     low, high = 1.0 - clip_low, 1.0 + clip_high
-    loss1 = -A * ratio
-    loss2 = -A * ratio.clamp(low, high)
-    per_token = torch.maximum(loss1, loss2)
-    if derivatives:
-        clip_grad = ((ratio >= low) & (ratio <= high)).to(f32)
-        g1, g2 = _max_grads(loss1, loss2)
-        d_per_token = -A * (g1 + g2 * clip_grad)  # d per_token / d ratio
-    if dual_clip is not None:
-        loss3 = -A * dual_clip
+    local = None  # d per-token loss / d logp_t through this token alone (unweighted)
+    row = None  # sequence level: the weighted d loss / d logp_t through the row's ratio
+    if loss_type == "cispo":
+        # the clipped ratio is a weight without gradient: d/d logp = -weight * A, whatever the
+        # ratio level (the ratio's own dependence on logp is cut)
+        weight = ratio.clamp(low, high)
+        per_token = -weight * A * logp
         if derivatives:
-            keep, _ = _max_grads(loss3, per_token)  # minimum(per, loss3) = -max(-per, -loss3)
-            d_per_token = torch.where(A < 0, d_per_token * keep, d_per_token)
-        per_token = torch.where(A < 0, torch.minimum(per_token, loss3), per_token)
+            local = -weight * A
+    else:
+        loss1 = -A * ratio
+        loss2 = -A * ratio.clamp(low, high)
+        per_token = torch.maximum(loss1, loss2)
+        if derivatives:
+            clip_grad = ((ratio >= low) & (ratio <= high)).to(f32)
+            g1, g2 = _max_grads(loss1, loss2)
+            d_ratio = -A * (g1 + g2 * clip_grad)  # d per_token / d ratio
+        if dual_clip is not None:
+            loss3 = -A * dual_clip
+            if derivatives:
+                keep, _ = _max_grads(loss3, per_token)  # minimum(per, loss3) = -max(-per, -loss3)
+                d_ratio = torch.where(A < 0, d_ratio * keep, d_ratio)
+            per_token = torch.where(A < 0, torch.minimum(per_token, loss3), per_token)
+        if derivatives:
+            through_ratio = d_ratio * ratio if d_grad is None else d_ratio * ratio * d_grad
+            if sequence:
+                # every counted token of the row moves the row's ratio: d dbar / d logp_t = 1 / n
+                row = torch.where(counts, w * through_ratio, 0.0).sum(-1, keepdim=True) / n
+            else:
+                local = through_ratio
     total = per_token
-    if derivatives:
-        d_logp = d_per_token * ratio * d_grad
     if ref_logp is not None and kl_coef:
         dk = logp - _fp32(ref_logp)
         if kl_estimator == "k1":
@@ -141,7 +190,7 @@ def per_token_terms(logp, entropy, old_logp, advantages, weights, ref_logp, kl_c
             kl, dkl = dk.abs(), (torch.sign(dk) if derivatives else None)
         total = total + kl_coef * kl
         if derivatives:
-            d_logp = d_logp + kl_coef * dkl
+            local = kl_coef * dkl if local is None else local + kl_coef * dkl
     d_entropy = None
     if entropy_coef:
         total = total - entropy_coef * entropy
@@ -151,8 +200,11 @@ def per_token_terms(logp, entropy, old_logp, advantages, weights, ref_logp, kl_c
     contribution = torch.where(counts, w * total, 0.0)
     if not derivatives:
         return contribution, None, None
-    d_logp = torch.where(counts, w * d_logp, 0.0)
-    return contribution, d_logp, d_entropy
+    if row is None:
+        d_logp = w * local
+    else:  # sequence-level PPO: the row's part, plus the KL term's own where it is on
+        d_logp = row if local is None else w * local + row
+    return contribution, torch.where(counts, d_logp, 0.0), d_entropy
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,13 +219,41 @@ def _masked_as_ignored(labels, counted, ignore_index, check_labels, vocab):
     return torch.where(counted, labels, ignore_index)
 
 
+def _any_head_grad(needs, bias, lora_a) -> bool:
+    """Whether ``HeadGrads(..., needs, ...)`` would compute anything (without allocating it)."""
+    need_h, need_w, need_b, need_a, need_lb = needs
+    return bool(need_h or need_w or (need_b and bias is not None)
+                or ((need_a or need_lb) and lora_a is not None))
+
+
+def _chunk_advantages(advantages, seq_len, start, stop):
+    """(B, T) per-token or (B, 1) per-sequence advantages -> those of flat tokens start:stop.
+
+    Per sequence, the chunk's tokens gather their row's advantage: a temporary of the chunk's
+    size, like the chunk's other per-token temporaries, and never a (B, T) copy.
+    """
+    if advantages.shape[1] == seq_len:  # per token (T == 1: both forms are the same)
+        return advantages.reshape(-1)[start:stop]
+    tokens = torch.arange(start, stop, device=advantages.device)
+    return advantages.reshape(-1)[tokens // seq_len]
+
+
 def _linear_sweep(hidden, weight, labels, bias, lora_a, lora_b, old_logp, advantages, weights,
                   ref_logp, lora_scale, kl_coef, kl_estimator, entropy_coef, temperature,
                   clip_low, clip_high, dual_clip, log_ratio_clamp, ignore_index, chunk_size,
-                  memory_budget_bytes, needs, check_labels=False, placeholder=True):
+                  memory_budget_bytes, needs, check_labels=False, seq_len=1,
+                  ratio_level="token", loss_type="ppo", placeholder=True):
     """-> (loss, logp, entropy, d hidden, d weight, d bias, d lora_a, d lora_b); a gradient
     that is not wanted is an empty tensor (what the custom op returns), or None with
-    ``placeholder=False``."""
+    ``placeholder=False``.
+
+    hidden (N, H) with N = B * seq_len tokens, B sequences of seq_len; labels, old_logp,
+    weights, ref_logp (N,); advantages (B, seq_len) per token or (B, 1) per sequence.
+    One sweep (forward, derivatives, backward chunk by chunk) at token level or when one chunk
+    holds every row; ratio_level="sequence" over several chunks with a gradient: a forward
+    sweep, the derivatives of all rows, then ``linear_logprobs``' backward sweep (module
+    docstring).
+    """
     logprobs_fwd, logprobs_bwd = head._logprob_kernels()
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     device = hidden.device
@@ -182,7 +262,17 @@ def _linear_sweep(hidden, weight, labels, bias, lora_a, lora_b, old_logp, advant
     dtype = head.compute_dtype(hidden, weight)
     w, b, a, lb = head.cast_head(dtype, weight, bias, lora_a, lora_b)
     h = head.cast_to(hidden, dtype)
-    grads = head.HeadGrads(n_rows, hidden, weight, bias, lora_a, lora_b, needs, dtype)
+    rows = head.choose_chunk_rows(n_rows, vocab, h.element_size(), device, chunk_size,
+                                  memory_budget_bytes)
+    # One chunk (the common case at small N) takes the whole tensors: no per-chunk slicing.
+    single = rows >= n_rows
+    n_seq = advantages.shape[0]
+    as_seqs = lambda t: None if t is None else t.view(n_seq, seq_len)  # noqa: E731
+    # A sequence ratio needs the logp of the whole row before any derivative: over several
+    # chunks a row may straddle two, so the derivatives wait for the end of the forward sweep.
+    per_chunk = single or ratio_level == "token"
+    grads = head.HeadGrads(n_rows, hidden, weight, bias, lora_a, lora_b,
+                           needs if per_chunk else (False,) * 5, dtype)
     need_grads = grads.any()
     if any(g is not None for g in (grads.weight, grads.lora_a, grads.lora_b)):
         h = head.zero_rows(h, counted)  # masked rows add exactly 0, even for NaN h
@@ -190,35 +280,53 @@ def _linear_sweep(hidden, weight, labels, bias, lora_a, lora_b, old_logp, advant
     logp = empty((n_rows,), out, device)
     entropy = empty((n_rows,), out, device)
     lse = empty((n_rows,), torch.float32, device)
-    rows = head.choose_chunk_rows(n_rows, vocab, h.element_size(), device, chunk_size,
-                                  memory_budget_bytes)
-    # One chunk (the common case at small N) takes the whole tensors: no per-chunk slicing.
-    single = rows >= n_rows
-    contribution = None if single and n_rows > 0 else empty((n_rows,), out, device)
+    contribution = None if single or not per_chunk else empty((n_rows,), out, device)
     for start in range(0, n_rows, rows):
-        sl = slice(start, min(start + rows, n_rows))
+        stop = min(start + rows, n_rows)
+        sl = slice(start, stop)
         rows_of = (lambda t: t) if single else (lambda t, sl=sl: None if t is None else t[sl])
         h_c, labels_c = rows_of(h), rows_of(labels)
         logits, u = head.chunk_logits(h_c, w, b, a, lb, lora_scale)
         lp_c, ent_c, lse_c = logprobs_fwd(logits, labels_c, temperature, ignore_index, True,
                                           out=(rows_of(logp), rows_of(entropy), rows_of(lse)))
-        contribution_c, d_logp, d_entropy = per_token_terms(
-            lp_c, ent_c, rows_of(old_logp), rows_of(advantages), rows_of(weights),
-            rows_of(ref_logp), kl_coef, kl_estimator, entropy_coef, clip_low, clip_high,
-            dual_clip, log_ratio_clamp, need_grads)
-        if contribution is None:  # one chunk: its result is the whole
-            contribution = (contribution_c if contribution_c.dtype == out
-                            else contribution_c.to(out))
-        else:
-            contribution[sl] = contribution_c
-        if need_grads:
-            logprobs_bwd(logits, labels_c, lse_c, ent_c if d_entropy is not None else None,
-                         d_logp, d_entropy, temperature, ignore_index, logits)
-            grads.accumulate(start, logits, h_c, u, w, a, lb, lora_scale)
+        if per_chunk:
+            # one chunk: the whole (B, T) batch (per-sequence advantages broadcast, no copy)
+            view = as_seqs if single else (lambda t: t)
+            contribution_c, d_logp, d_entropy = per_token_terms(
+                view(lp_c), view(ent_c), view(rows_of(old_logp)),
+                advantages if single else _chunk_advantages(advantages, seq_len, start, stop),
+                view(rows_of(weights)), view(rows_of(ref_logp)), kl_coef, kl_estimator,
+                entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp, need_grads,
+                ratio_level, loss_type)
+            if contribution is None:  # one chunk: its result is the whole
+                contribution = (contribution_c if contribution_c.dtype == out
+                                else contribution_c.to(out))
+            else:
+                contribution[sl] = contribution_c
+            if need_grads:
+                logprobs_bwd(logits, labels_c, lse_c, ent_c if d_entropy is not None else None,
+                             d_logp, d_entropy, temperature, ignore_index, logits)
+                grads.accumulate(start, logits, h_c, u, w, a, lb, lora_scale)
         del logits, u
-    loss = contribution.sum()
-    return (loss, logp, entropy) + grads.outputs(hidden, weight, bias, lora_a, lora_b,
-                                                 placeholder)
+    if per_chunk:
+        loss = contribution.sum() if n_rows > 0 else logp.new_zeros(())
+        return (loss, logp, entropy) + grads.outputs(hidden, weight, bias, lora_a, lora_b,
+                                                     placeholder)
+    # sequence ratio over several chunks: every row's logp is known now
+    wanted = _any_head_grad(needs, bias, lora_a)
+    contribution, d_logp, d_entropy = per_token_terms(
+        as_seqs(logp), as_seqs(entropy), as_seqs(old_logp), advantages, as_seqs(weights),
+        as_seqs(ref_logp), kl_coef, kl_estimator, entropy_coef, clip_low, clip_high, dual_clip,
+        log_ratio_clamp, wanted, ratio_level, loss_type)
+    loss = contribution.sum().to(out)
+    if not wanted:
+        return (loss, logp, entropy) + grads.outputs(hidden, weight, bias, lora_a, lora_b,
+                                                     placeholder)
+    # the second sweep recomputes each chunk's logits (one more matmul per chunk)
+    return (loss, logp, entropy) + head._backward_sweep(
+        d_logp.view(-1), None if d_entropy is None else d_entropy.view(-1), hidden, weight,
+        labels, bias, lora_a, lora_b, lse, entropy, lora_scale, temperature, ignore_index,
+        chunk_size, memory_budget_bytes, needs, placeholder)
 
 
 def _row_blocks(logits3d):
@@ -234,8 +342,12 @@ def _row_blocks(logits3d):
 
 def _logits_sweep(logits3d, labels, old_logp, advantages, weights, ref_logp, kl_coef,
                   kl_estimator, entropy_coef, temperature, clip_low, clip_high, dual_clip,
-                  log_ratio_clamp, ignore_index, need_grad, check_labels=False):
-    # Rows are independent and the kernels hold no (N, V) temporary, so no chunking is needed.
+                  log_ratio_clamp, ignore_index, need_grad, check_labels=False,
+                  ratio_level="token", loss_type="ppo"):
+    """logits (B, T, V); labels, old_logp, weights, ref_logp (N,) = (B * T,); advantages
+    (B, T) per token or (B, 1) per sequence -> (loss, logp, entropy, d logits or (0,))."""
+    # Rows are independent and the kernels hold no (N, V) temporary, so no chunking is needed;
+    # logp is known for every row before the derivatives, whatever the ratio level.
     logprobs_fwd, logprobs_bwd = head._logprob_kernels()
     B, T, V = logits3d.shape
     n_rows = B * T
@@ -254,11 +366,16 @@ def _logits_sweep(logits3d, labels, old_logp, advantages, weights, ref_logp, kl_
             sl = slice(start, start + block.shape[0])
             logprobs_fwd(block, labels[sl], temperature, ignore_index, True,
                          out=(logp[sl], entropy[sl], lse[sl]))
+    # (B, T) views: per-sequence advantages (B, 1) broadcast over T without a copy
+    as_seqs = lambda t: None if t is None else t.view(B, T)  # noqa: E731
     contribution, d_logp, d_entropy = per_token_terms(
-        logp, entropy, old_logp, advantages, weights, ref_logp, kl_coef, kl_estimator,
-        entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp, need_grad)
+        as_seqs(logp), as_seqs(entropy), as_seqs(old_logp), advantages, as_seqs(weights),
+        as_seqs(ref_logp), kl_coef, kl_estimator, entropy_coef, clip_low, clip_high, dual_clip,
+        log_ratio_clamp, need_grad, ratio_level, loss_type)
     if not need_grad:
         return contribution.sum(), logp, entropy, logits3d.new_empty(_EMPTY)
+    d_logp = d_logp.view(-1)
+    d_entropy = None if d_entropy is None else d_entropy.view(-1)
     d_logits = empty((B, T, V), logits3d.dtype, device)
     d_flat = d_logits.view(n_rows, V)
     if len(blocks) == 1:
@@ -307,22 +424,28 @@ def _linear_ppo_op(
     need_lora_a: bool,
     need_lora_b: bool,
     check_labels: bool,
+    seq_len: int,
+    ratio_level: str,
+    loss_type: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor]:
-    """-> (loss (), logp (N,), entropy (N,), d hidden, d weight, d bias, d lora_a, d lora_b);
-    loss / logp / entropy fp32 (fp64 when the matmuls are fp64)."""
+    """hidden (N, H), N = B * seq_len; advantages (B, seq_len) or (B, 1) -> (loss (), logp (N,),
+    entropy (N,), d hidden, d weight, d bias, d lora_a, d lora_b); loss / logp / entropy fp32
+    (fp64 when the matmuls are fp64)."""
     needs = (need_hidden, need_weight, need_bias, need_lora_a, need_lora_b)
     return _linear_sweep(hidden, weight, labels, bias, lora_a, lora_b, old_logp, advantages,
                          weights, ref_logp, lora_scale, kl_coef, kl_estimator, entropy_coef,
                          temperature, clip_low, clip_high, dual_clip, log_ratio_clamp,
-                         ignore_index, chunk_size, memory_budget_bytes, needs, check_labels)
+                         ignore_index, chunk_size, memory_budget_bytes, needs, check_labels,
+                         seq_len, ratio_level, loss_type)
 
 
 @_linear_ppo_op.register_fake
 def _(hidden, weight, labels, bias, lora_a, lora_b, old_logp, advantages, weights, ref_logp,
       lora_scale, kl_coef, kl_estimator, entropy_coef, temperature, clip_low, clip_high,
       dual_clip, log_ratio_clamp, ignore_index, chunk_size, memory_budget_bytes, need_hidden,
-      need_weight, need_bias, need_lora_a, need_lora_b, check_labels):
+      need_weight, need_bias, need_lora_a, need_lora_b, check_labels, seq_len, ratio_level,
+      loss_type):
     n = hidden.shape[0]
     out = head.out_dtype(head.compute_dtype(hidden, weight))
     needs = (need_hidden, need_weight, need_bias, need_lora_a, need_lora_b)
@@ -336,6 +459,13 @@ def _linear_setup_context(ctx, inputs, output):
     ctx.save_for_backward(*output[3:])
 
 
+# inputs of the linear op (and of _LinearPPOFunction) after hidden, weight, labels, bias,
+# lora_a, lora_b: the rollout tensors and options, none differentiable
+_LINEAR_OTHER_INPUTS = 25
+# inputs of the logits op (and of _LogitsPPOFunction) after the logits
+_LOGITS_OTHER_INPUTS = 18
+
+
 def _linear_backward(ctx, grad_loss, *_unused):
     # The gradients were computed in the forward sweep for a unit upstream gradient; scale them
     # in place (the version bump makes a second backward through this graph fail loudly).
@@ -344,7 +474,7 @@ def _linear_backward(ctx, grad_loss, *_unused):
     for g, needed in zip(grads, ctx.needs):
         out.append(g.mul_(grad_loss) if needed else None)
     d_hidden, d_weight, d_bias, d_a, d_b = out
-    return (d_hidden, d_weight, None, d_bias, d_a, d_b) + (None,) * 22
+    return (d_hidden, d_weight, None, d_bias, d_a, d_b) + (None,) * _LINEAR_OTHER_INPUTS
 
 
 _linear_ppo_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
@@ -369,18 +499,21 @@ def _logits_ppo_op(
     ignore_index: int,
     need_grad: bool,
     check_labels: bool,
+    ratio_level: str,
+    loss_type: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits (B, T, V) -> (loss (), logp (N,), entropy (N,), d logits (B, T, V) or (0,));
-    loss / logp / entropy fp32 (fp64 for fp64 logits)."""
+    """logits (B, T, V), advantages (B, T) or (B, 1) -> (loss (), logp (N,), entropy (N,),
+    d logits (B, T, V) or (0,)); loss / logp / entropy fp32 (fp64 for fp64 logits)."""
     return _logits_sweep(logits3d, labels, old_logp, advantages, weights, ref_logp, kl_coef,
                          kl_estimator, entropy_coef, temperature, clip_low, clip_high, dual_clip,
-                         log_ratio_clamp, ignore_index, need_grad, check_labels)
+                         log_ratio_clamp, ignore_index, need_grad, check_labels, ratio_level,
+                         loss_type)
 
 
 @_logits_ppo_op.register_fake
 def _(logits3d, labels, old_logp, advantages, weights, ref_logp, kl_coef, kl_estimator,
       entropy_coef, temperature, clip_low, clip_high, dual_clip, log_ratio_clamp, ignore_index,
-      need_grad, check_labels):
+      need_grad, check_labels, ratio_level, loss_type):
     n = logits3d.shape[0] * logits3d.shape[1]
     out = head.out_dtype(logits3d.dtype)
     return (logits3d.new_empty((), dtype=out), logits3d.new_empty((n,), dtype=out),
@@ -395,7 +528,7 @@ def _logits_setup_context(ctx, inputs, output):
 
 def _logits_backward(ctx, grad_loss, *_unused):
     (d_logits,) = ctx.saved_tensors
-    return (d_logits.mul_(grad_loss) if ctx.need_grad else None,) + (None,) * 16
+    return (d_logits.mul_(grad_loss) if ctx.need_grad else None,) + (None,) * _LOGITS_OTHER_INPUTS
 
 
 _logits_ppo_op.register_autograd(_logits_backward, setup_context=_logits_setup_context)
@@ -411,7 +544,7 @@ class _LinearPPOFunction(torch.autograd.Function):
         (old_logp, advantages, weights, ref_logp, lora_scale, kl_coef, kl_estimator,
          entropy_coef, temperature, clip_low, clip_high, dual_clip, log_ratio_clamp,
          ignore_index, chunk_size, memory_budget_bytes, need_hidden, need_weight, need_bias,
-         need_lora_a, need_lora_b, check_labels) = rest
+         need_lora_a, need_lora_b, check_labels, seq_len, ratio_level, loss_type) = rest
         needs = (need_hidden, need_weight, need_bias, need_lora_a, need_lora_b)
         # hidden (..., H) is flattened here, not by the caller: no view node in the graph.
         hidden_shape = hidden.shape
@@ -420,7 +553,8 @@ class _LinearPPOFunction(torch.autograd.Function):
             hidden, weight, labels, bias, lora_a, lora_b, old_logp, advantages, weights,
             ref_logp, lora_scale, kl_coef, kl_estimator, entropy_coef, temperature, clip_low,
             clip_high, dual_clip, log_ratio_clamp, ignore_index, chunk_size,
-            memory_budget_bytes, needs, check_labels, placeholder=False)
+            memory_budget_bytes, needs, check_labels, seq_len, ratio_level, loss_type,
+            placeholder=False)
         if need_hidden:
             grads[0] = grads[0].view(hidden_shape)
         ctx.mark_non_differentiable(logp, entropy)
@@ -452,13 +586,14 @@ class _LogitsPPOFunction(torch.autograd.Function):
 # public functions
 # --------------------------------------------------------------------------------------------
 def _check_rollout(labels, old_logp, advantages, mask, ref_logp, kl_estimator, clip_low,
-                   clip_high, dual_clip, log_ratio_clamp, reduction):
+                   clip_high, dual_clip, log_ratio_clamp, reduction, ratio_level, loss_type,
+                   normalizer):
     check_float("old_logp", old_logp)
     check_float("advantages", advantages)
     check_same_shape("old_logp", old_logp, "labels", labels)
-    check_same_shape("advantages", advantages, "labels", labels)
     if labels.dim() < 1:
         raise ValueError("labels must have at least one (time) dimension, got a 0-d tensor")
+    check_advantages_shape(advantages, labels, "labels")
     if ref_logp is not None:
         check_float("ref_logp", ref_logp)
         check_same_shape("ref_logp", ref_logp, "labels", labels)
@@ -472,6 +607,8 @@ def _check_rollout(labels, old_logp, advantages, mask, ref_logp, kl_estimator, c
     if log_ratio_clamp is not None and log_ratio_clamp <= 0:
         raise ValueError(f"log_ratio_clamp must be > 0 or None, got {log_ratio_clamp}")
     check_reduction(reduction)
+    check_policy_options(ratio_level, loss_type, dual_clip)
+    check_normalizer(normalizer)
     devices = {t.device for t in (labels, old_logp, advantages, mask, ref_logp)
                if isinstance(t, torch.Tensor)}
     if len(devices) > 1:
@@ -493,19 +630,29 @@ def _refuse_rollout_grads(old_logp, advantages, ref_logp) -> None:
             )
 
 
-def _mask_and_weights(labels, old_logp, mask, ignore_index, reduction):
+def _mask_and_weights(labels, old_logp, mask, ignore_index, reduction, normalizer):
     m = as_mask(mask, old_logp) * (labels != ignore_index).to(torch.float32)
-    return m, reduction_weights(m, reduction).reshape(-1)
+    return m, reduction_weights(m, reduction, normalizer).reshape(-1)
+
+
+def _advantages_2d(advantages, labels):
+    """(..., T) per-token advantages -> (B, T); (...) per-sequence ones -> (B, 1), a view where
+    the leading dims merge (the sweeps broadcast the column over T, never copying it to (B, T))."""
+    n_seq = math.prod(labels.shape[:-1])
+    if advantages.shape == labels.shape:
+        return advantages.reshape(n_seq, labels.shape[-1])
+    return advantages.reshape(n_seq, 1)
 
 
 def _stats(logp, entropy, labels, old_logp, advantages, m, ref_logp, kl_coef, kl_estimator,
-           entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp, reduction):
+           entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp, reduction, ratio_level,
+           loss_type, normalizer):
     lead = labels.shape
     with torch.no_grad():
         _, stats = reference._ppo_total(
             logp.detach().view(lead), entropy.detach().view(lead), old_logp, advantages, m,
             ref_logp, kl_coef, kl_estimator, entropy_coef, clip_low, clip_high, dual_clip,
-            log_ratio_clamp, reduction)
+            log_ratio_clamp, reduction, ratio_level, loss_type, normalizer)
     return stats
 
 
@@ -536,6 +683,9 @@ def ppo_loss_from_logits(
     reduction: str = "token-mean",
     ignore_index: int = -100,
     *,
+    ratio_level: str = "token",
+    loss_type: str = "ppo",
+    normalizer: float | torch.Tensor | None = None,
     check_labels: bool = False,
     backend: str | None = None,
 ):
@@ -564,7 +714,8 @@ def ppo_loss_from_logits(
         raise ValueError(f"labels has shape {tuple(labels.shape)} but logits has leading shape "
                          f"{tuple(logits.shape[:-1])}; they must match")
     _check_rollout(labels, old_logp, advantages, mask, ref_logp, kl_estimator, clip_low,
-                   clip_high, dual_clip, log_ratio_clamp, reduction)
+                   clip_high, dual_clip, log_ratio_clamp, reduction, ratio_level, loss_type,
+                   normalizer)
     if logits.device != labels.device:
         raise ValueError(f"logits on {logits.device} but labels on {labels.device}")
     head.check_temperature(temperature)
@@ -574,18 +725,18 @@ def ppo_loss_from_logits(
         return reference.ppo_loss_from_logits(
             logits, labels, old_logp, advantages, mask, ref_logp, kl_coef, kl_estimator,
             entropy_coef, temperature, clip_low, clip_high, dual_clip, log_ratio_clamp,
-            reduction, ignore_index)
+            reduction, ignore_index, ratio_level, loss_type, normalizer)
     use_kl = ref_logp is not None and bool(kl_coef)
     _refuse_rollout_grads(old_logp, advantages, ref_logp if use_kl else None)
-    m, weights = _mask_and_weights(labels, old_logp, mask, ignore_index, reduction)
+    m, weights = _mask_and_weights(labels, old_logp, mask, ignore_index, reduction, normalizer)
     need_grad = torch.is_grad_enabled() and logits.requires_grad
     rest = (
         labels.reshape(-1).long(), _flat(old_logp),
-        _flat(advantages), weights, _flat(ref_logp) if use_kl else None, float(kl_coef),
-        kl_estimator, float(entropy_coef), float(temperature), float(clip_low), float(clip_high),
-        None if dual_clip is None else float(dual_clip),
+        _advantages_2d(advantages, labels), weights, _flat(ref_logp) if use_kl else None,
+        float(kl_coef), kl_estimator, float(entropy_coef), float(temperature), float(clip_low),
+        float(clip_high), None if dual_clip is None else float(dual_clip),
         None if log_ratio_clamp is None else float(log_ratio_clamp), int(ignore_index), need_grad,
-        bool(check_labels))
+        bool(check_labels), ratio_level, loss_type)
     if not launch_directly(logits, labels, old_logp, advantages, mask, ref_logp):
         loss, logp, entropy, _ = _logits_ppo_op(_as_3d(logits), *rest)
     elif need_grad:
@@ -594,7 +745,7 @@ def ppo_loss_from_logits(
         loss, logp, entropy, _ = _logits_sweep(_as_3d(logits), *rest)
     stats = _stats(logp, entropy, labels, old_logp, advantages, m, ref_logp, kl_coef,
                    kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp,
-                   reduction)
+                   reduction, ratio_level, loss_type, normalizer)
     return loss, stats
 
 
@@ -623,6 +774,9 @@ def linear_ppo_loss(
     chunk_size: int | None = None,
     memory_budget_bytes: int | None = None,
     *,
+    ratio_level: str = "token",
+    loss_type: str = "ppo",
+    normalizer: float | torch.Tensor | None = None,
     check_labels: bool = False,
     backend: str | None = None,
 ):
@@ -642,7 +796,8 @@ def linear_ppo_loss(
     head.check_head_inputs(hidden, weight, labels, bias, lora_a, lora_b, temperature, chunk_size,
                            memory_budget_bytes)
     _check_rollout(labels, old_logp, advantages, mask, ref_logp, kl_estimator, clip_low,
-                   clip_high, dual_clip, log_ratio_clamp, reduction)
+                   clip_high, dual_clip, log_ratio_clamp, reduction, ratio_level, loss_type,
+                   normalizer)
     if old_logp.device != hidden.device:
         raise ValueError(f"hidden on {hidden.device} but old_logp on {old_logp.device}")
     if resolve_backend(hidden, backend) == "reference":
@@ -651,20 +806,22 @@ def linear_ppo_loss(
         return reference.linear_ppo_loss(
             hidden, weight, labels, old_logp, advantages, mask, bias, lora_a, lora_b, lora_scale,
             ref_logp, kl_coef, kl_estimator, entropy_coef, temperature, clip_low, clip_high,
-            dual_clip, log_ratio_clamp, reduction, ignore_index)
+            dual_clip, log_ratio_clamp, reduction, ignore_index, ratio_level, loss_type,
+            normalizer)
     use_kl = ref_logp is not None and bool(kl_coef)
     _refuse_rollout_grads(old_logp, advantages, ref_logp if use_kl else None)
-    m, weights = _mask_and_weights(labels, old_logp, mask, ignore_index, reduction)
+    m, weights = _mask_and_weights(labels, old_logp, mask, ignore_index, reduction, normalizer)
     grad_on = torch.is_grad_enabled()
     wants = lambda t: grad_on and t is not None and t.requires_grad
     needs = (wants(hidden), wants(weight), wants(bias), wants(lora_a), wants(lora_b))
     args = (
-        hidden, weight, labels.reshape(-1).long(), bias, lora_a,
-        lora_b, _flat(old_logp), _flat(advantages), weights, _flat(ref_logp) if use_kl else None,
+        hidden, weight, labels.reshape(-1).long(), bias, lora_a, lora_b, _flat(old_logp),
+        _advantages_2d(advantages, labels), weights, _flat(ref_logp) if use_kl else None,
         float(lora_scale), float(kl_coef), kl_estimator, float(entropy_coef), float(temperature),
         float(clip_low), float(clip_high), None if dual_clip is None else float(dual_clip),
         None if log_ratio_clamp is None else float(log_ratio_clamp), int(ignore_index),
-        chunk_size or 0, memory_budget_bytes or 0, *needs, bool(check_labels))
+        chunk_size or 0, memory_budget_bytes or 0, *needs, bool(check_labels),
+        int(labels.shape[-1]), ratio_level, loss_type)
     if not launch_directly(hidden, weight, labels, bias, lora_a, lora_b, old_logp, advantages,
                            mask, ref_logp):
         loss, logp, entropy, *_ = _linear_ppo_op(hidden.reshape(-1, hidden.shape[-1]), *args[1:])
@@ -672,9 +829,9 @@ def linear_ppo_loss(
         loss, logp, entropy = _LinearPPOFunction.apply(*args)  # it flattens hidden itself
     else:
         loss, logp, entropy, *_ = _linear_sweep(hidden.reshape(-1, hidden.shape[-1]),
-                                                *args[1:22], needs, args[27],
+                                                *args[1:22], needs, *args[27:],
                                                 placeholder=False)
     stats = _stats(logp, entropy, labels, old_logp, advantages, m, ref_logp, kl_coef,
                    kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp,
-                   reduction)
+                   reduction, ratio_level, loss_type, normalizer)
     return loss, stats
