@@ -6,6 +6,7 @@ Importing this package touches no GPU and compiles nothing.
 """
 
 from rlhf_kernels.backend import resolve_backend
+from rlhf_kernels.ops.advantages import group_advantages
 from rlhf_kernels.ops.bradley_terry import bradley_terry_loss
 from rlhf_kernels.ops.gae import gae
 from rlhf_kernels.ops.kl import kl_penalty
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "bradley_terry_loss",
     "gae",
+    "group_advantages",
     "kl_penalty",
     "linear_logprobs",
     "linear_ppo_loss",

@@ -176,6 +176,16 @@ CASES = {
                  "values": torch.randn(B, T, device=DEVICE), "mask": padded_mask(B, T)},
         lambda x, lab, b: rk.gae(x["rewards"], x["values"], x["mask"], 0.9, 0.8, backend=b),
         ()),
+    "group_advantages": (
+        lambda: {"scores": torch.randn(2 * B, device=DEVICE)},
+        lambda x, lab, b: rk.group_advantages(x["scores"], 2, estimator="rloo", norm="batch",
+                                              backend=b),
+        ()),
+    "group_advantages(group_ids)": (
+        lambda: {"scores": torch.randn(2 * B, device=DEVICE),
+                 "ids": torch.tensor([5, -1, 5, 9, -1, 5], device=DEVICE)},
+        lambda x, lab, b: rk.group_advantages(x["scores"], group_ids=x["ids"], backend=b),
+        ()),
     "masked_whiten": (
         lambda: {"x": torch.randn(B, T, device=DEVICE), "mask": padded_mask(B, T)},
         lambda x, lab, b: rk.masked_whiten(x["x"], x["mask"], backend=b),
