@@ -1,4 +1,5 @@
-"""veRL drop-ins: GAE, KL penalty, clipped policy / value losses, log-probs and entropy.
+"""veRL drop-ins: GAE and the critic-free advantage estimators, KL penalty, the PPO / GSPO /
+CISPO policy losses and the value loss, log-probs and entropy.
 
 Checked against veRL 0.9.1 (``verl.trainer.ppo.core_algos`` and ``verl.utils.torch_functional``);
 same signatures and return values as veRL's, plus a keyword-only ``keep_fp32``:
@@ -9,6 +10,17 @@ same signatures and return values as veRL's, plus a keyword-only ``keep_fp32``:
     compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, response_mask,
                                 loss_agg_mode="token-mean", config=None, rollout_is_weights=None)
         -> (pg_loss, metrics)                  (rlhf_kernels.ppo_policy_loss, dual clip on)
+    compute_policy_loss_gspo(... same arguments, loss_agg_mode="seq-mean-token-mean" ...)
+        -> (pg_loss, metrics)                  (ratio_level="sequence")
+    compute_policy_loss_cispo(... same arguments ...) -> (pg_loss, metrics)  (loss_type="cispo")
+    compute_grpo_outcome_advantage(token_level_rewards, response_mask, index, epsilon=1e-6,
+                                   norm_adv_by_std_in_grpo=True, config=None)
+        -> (advantages, returns)               (rlhf_kernels.group_advantages); likewise
+    compute_grpo_vectorized_outcome_advantage, compute_rloo_outcome_advantage,
+    compute_rloo_vectorized_outcome_advantage,
+    compute_reinforce_plus_plus_baseline_outcome_advantage (+ rlhf_kernels.masked_whiten) and
+    compute_reinforce_plus_plus_outcome_advantage(token_level_rewards, response_mask, config)
+                                               (rlhf_kernels.gae with values 0, lam 1 + whiten)
     compute_policy_loss(old_log_prob, log_prob, advantages, response_mask, cliprange=None,
                         cliprange_low=None, cliprange_high=None, clip_ratio_c=3.0,
                         loss_agg_mode="token-mean")
@@ -42,10 +54,17 @@ Conversions (veRL's semantics are kept; see docs/integrations.md for the full li
   ``keep_fp32=True`` returns the kernels' fp32 (fp64) result unrounded.
 * Masks are read as 0/1 (nonzero counts), where veRL multiplies by the mask's value; an
   all-masked micro-batch gives loss 0 (veRL: NaN).
+* Advantage estimators (``ADVANTAGE_ESTIMATORS``, by veRL's registry names): the prompt ids in
+  ``index`` are mapped to integer group ids once, on the host; scores are summed in fp32 at
+  least. Groups of one as each veRL function treats them (grpo: mean 0, std 1; rloo: the score
+  itself; rloo_vectorized: 0).
+* GSPO: the kernels' sequence ratio is veRL's GSPO-token form when the advantages are one value
+  per row; other calls, and rows whose mean log-ratio is below -10, go to veRL's own function.
 
-Falls back to veRL's own function for: ``loss_agg_mode="token-sum"``, ``rollout_is_weights``,
-a distributed call without the global counts veRL requires, KL modes other than
-k1/k2/k3/abs (and their aliases / "+" forms), and arguments veRL itself rejects.
+Falls back to veRL's own function for: ``rollout_is_weights``, a distributed call without the
+global counts veRL requires, KL modes other than k1/k2/k3/abs (and their aliases / "+" forms),
+the calls veRL itself rejects (fewer than 2 valid tokens to whiten, no config), and the GSPO
+cases above.
 """
 
 from __future__ import annotations
@@ -53,21 +72,34 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
 import torch
 
 from rlhf_kernels._checks import REDUCTIONS
 from rlhf_kernels.integrations import Patch, apply_patch, dropin, original
 from rlhf_kernels.integrations._contract import bind_keep_fp32, finish, installed, promoted
+from rlhf_kernels.ops.advantages import group_advantages
 from rlhf_kernels.ops.gae import gae
 from rlhf_kernels.ops.kl import kl_penalty as kl_estimate
 from rlhf_kernels.ops.logprobs import logprobs
 from rlhf_kernels.ops.policy_loss import ppo_policy_loss
 from rlhf_kernels.ops.value_loss import ppo_value_loss
+from rlhf_kernels.ops.whiten import masked_whiten
 
 __all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "POLICY_LOSSES",
     "compute_gae_advantage_return",
+    "compute_grpo_outcome_advantage",
+    "compute_grpo_vectorized_outcome_advantage",
     "compute_policy_loss",
+    "compute_policy_loss_cispo",
+    "compute_policy_loss_gspo",
     "compute_policy_loss_vanilla",
+    "compute_reinforce_plus_plus_baseline_outcome_advantage",
+    "compute_reinforce_plus_plus_outcome_advantage",
+    "compute_rloo_outcome_advantage",
+    "compute_rloo_vectorized_outcome_advantage",
     "compute_value_loss",
     "entropy_from_logits",
     "entropy_from_logits_with_chunking",
@@ -103,8 +135,8 @@ def _kernel_aggregates(
 ) -> bool:
     """Whether our reductions (times ``_agg_factor``) give veRL's agg_loss for these options."""
     if loss_agg_mode not in REDUCTIONS:
-        return False  # "token-sum" and names veRL rejects
-    if dp_size > 1:  # veRL raises without the global count of the mode
+        return False  # names veRL rejects: its own function says so
+    if dp_size > 1 and loss_agg_mode != "token-sum":  # veRL raises without the global count
         needed = batch_num_tokens if loss_agg_mode == "token-mean" else global_batch_size
         return needed is not None
     return True
@@ -126,6 +158,8 @@ def _agg_factor(
     local_default = dp_size == 1 and batch_num_tokens is None and global_batch_size is None
     if loss_agg_mode != "seq-mean-token-sum-norm" and local_default:
         return None
+    if loss_agg_mode == "token-sum":  # veRL: sum * dp_size (DDP averages over the ranks)
+        return torch.tensor(float(dp_size), device=mask.device)
     valid = (mask != 0).to(torch.float32)
     if loss_agg_mode == "token-mean":
         local = valid.sum().clamp_min(1)
@@ -194,6 +228,210 @@ def compute_gae_advantage_return(
 
 
 # --------------------------------------------------------------------------------------------
+# Critic-free (outcome-reward) advantage estimators: one score per response, groups by prompt
+# --------------------------------------------------------------------------------------------
+def _group_ids(index: Any, batch: int, device: torch.device) -> tuple[torch.Tensor, np.ndarray]:
+    """veRL's ``index`` (one prompt uid per response: a numpy array of strings in veRL, or any
+    sequence / tensor of hashable labels) -> (group ids (B,) int64 on ``device``, the size of
+    each response's group (B,) on the host).
+
+    Labels are grouped by equality, as veRL's dict-based estimators group them (a tensor's
+    elements by value). Done once on the host: B is at most a few thousand.
+    """
+    labels = index.tolist() if hasattr(index, "tolist") else list(index)
+    if not isinstance(labels, list) or len(labels) != batch:
+        count = len(labels) if isinstance(labels, list) else 1
+        raise ValueError(
+            f"index must hold one prompt id per response: got {count} id(s) for {batch} "
+            f"responses (token_level_rewards has {batch} rows)"
+        )
+    first_seen: dict[Any, int] = {}
+    try:
+        ids = np.array([first_seen.setdefault(label, len(first_seen)) for label in labels],
+                       dtype=np.int64)
+    except TypeError as err:
+        raise TypeError(f"index must hold hashable prompt ids (e.g. uid strings): {err}") from err
+    sizes = np.bincount(ids)[ids] if batch else ids
+    return torch.from_numpy(ids).to(device), sizes
+
+
+def _scores(token_level_rewards: torch.Tensor) -> torch.Tensor:
+    """One score per response: the sum of its token rewards over every position (veRL sums all
+    positions), accumulated in fp32 at least."""
+    return token_level_rewards.sum(-1, dtype=promoted(token_level_rewards, torch.float32))
+
+
+def _broadcast(per_sequence: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, T): the value on every valid token, 0 elsewhere."""
+    return per_sequence.unsqueeze(-1) * (response_mask != 0).to(per_sequence.dtype)
+
+
+def _grpo(token_level_rewards, response_mask, index, epsilon, norm_adv_by_std_in_grpo):
+    with torch.no_grad():
+        scores = _scores(token_level_rewards)
+        ids, _ = _group_ids(index, scores.shape[0], scores.device)
+        # veRL: a group of one has mean 0 and std 1; "grpo" keeps that with or without the std.
+        per_seq = group_advantages(scores, group_ids=ids, estimator="grpo",
+                                   norm="group" if norm_adv_by_std_in_grpo else "none",
+                                   eps=epsilon)
+        return _broadcast(per_seq, response_mask)
+
+
+@dropin
+def compute_grpo_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: Any,
+    epsilon: float = 1e-6,
+    norm_adv_by_std_in_grpo: bool = True,
+    config: Any = None,
+    *,
+    keep_fp32: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """veRL's GRPO ("grpo"): token_level_rewards, response_mask (B, T), index (B,) prompt uids
+    -> (advantages, advantages) (B, T): score = sum of the row's rewards, A = (score - group
+    mean) / (unbiased group std + epsilon) (no division without norm_adv_by_std_in_grpo) on
+    every valid token, 0 on masked ones; a group of one has mean 0, std 1. veRL's dtype (the
+    promotion of rewards and mask; fp32 with ``keep_fp32``), no gradient."""
+    del config  # veRL's loop version does not read it either
+    adv = _grpo(token_level_rewards, response_mask, index, epsilon, norm_adv_by_std_in_grpo)
+    adv = finish(adv, promoted(token_level_rewards, response_mask), keep_fp32)
+    return adv, adv
+
+
+@dropin
+def compute_grpo_vectorized_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: Any,
+    epsilon: float = 1e-6,
+    norm_adv_by_std_in_grpo: bool = True,
+    config: Any = None,
+    *,
+    keep_fp32: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """veRL's "grpo_vectorized": the values of ``compute_grpo_outcome_advantage``; dtype at
+    least fp32 (veRL's group statistics are fp32)."""
+    del config
+    adv = _grpo(token_level_rewards, response_mask, index, epsilon, norm_adv_by_std_in_grpo)
+    adv = finish(adv, promoted(token_level_rewards, torch.float32, response_mask), keep_fp32)
+    return adv, adv
+
+
+def _rloo(token_level_rewards, response_mask, index, singleton_keeps_score):
+    with torch.no_grad():
+        scores = _scores(token_level_rewards)
+        ids, sizes = _group_ids(index, scores.shape[0], scores.device)
+        per_seq = group_advantages(scores, group_ids=ids, estimator="rloo")
+        if singleton_keeps_score and (sizes == 1).any():
+            alone = torch.from_numpy(sizes == 1).to(scores.device)
+            per_seq = torch.where(alone, scores.to(per_seq.dtype), per_seq)
+        return _broadcast(per_seq, response_mask)
+
+
+@dropin
+def compute_rloo_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: Any,
+    epsilon: float = 1e-6,
+    config: Any = None,
+    *,
+    keep_fp32: bool = False,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """veRL's RLOO ("rloo"): A = score - mean of the OTHER responses of the prompt, on every
+    valid token; a response alone in its group keeps its score (veRL's loop leaves it
+    unchanged). (B, T) in veRL's dtype (rewards and mask promoted), no gradient."""
+    del epsilon, config, kwargs
+    adv = _rloo(token_level_rewards, response_mask, index, singleton_keeps_score=True)
+    adv = finish(adv, promoted(token_level_rewards, response_mask), keep_fp32)
+    return adv, adv
+
+
+@dropin
+def compute_rloo_vectorized_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: Any,
+    epsilon: float = 1e-6,
+    config: Any = None,
+    *,
+    keep_fp32: bool = False,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """veRL's "rloo_vectorized": as ``compute_rloo_outcome_advantage`` except that a response
+    alone in its group gets 0 (veRL's vectorized form). Dtype: veRL's, which goes through
+    ``torch.bincount`` weights (fp32 for fp32 rewards, fp64 for every other dtype)."""
+    del epsilon, config, kwargs
+    adv = _rloo(token_level_rewards, response_mask, index, singleton_keeps_score=False)
+    bincount = torch.float32 if token_level_rewards.dtype == torch.float32 else torch.float64
+    adv = finish(adv, promoted(token_level_rewards, bincount, response_mask), keep_fp32)
+    return adv, adv
+
+
+def _whiten_over_valid(x: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """veRL's masked_whiten(x, mask) * mask: mean and unbiased variance over the valid tokens,
+    (x - mean) * rsqrt(var + 1e-8) on valid tokens, 0 on masked ones."""
+    return masked_whiten(x, response_mask, shift_mean=True, unbiased=True, eps=_WHITEN_EPS)
+
+
+@dropin
+def compute_reinforce_plus_plus_baseline_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: Any,
+    epsilon: float = 1e-6,
+    config: Any = None,
+    *,
+    keep_fp32: bool = False,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """veRL's "reinforce_plus_plus_baseline": score - group mean (a group of one: mean 0) on
+    every valid token, then whitened over all valid tokens of the batch. (B, T) in veRL's dtype
+    (rewards and mask promoted), no gradient. Fewer than 2 valid tokens: veRL's own function
+    (its whitening raises)."""
+    del epsilon, config, kwargs
+    with torch.no_grad():
+        if int((response_mask != 0).sum()) < 2:
+            return original(_CORE, "compute_reinforce_plus_plus_baseline_outcome_advantage")(
+                token_level_rewards, response_mask, index)
+        scores = _scores(token_level_rewards)
+        ids, _ = _group_ids(index, scores.shape[0], scores.device)
+        centred = group_advantages(scores, group_ids=ids, estimator="grpo", norm="none")
+        adv = _whiten_over_valid(_broadcast(centred, response_mask), response_mask)
+    adv = finish(adv, promoted(token_level_rewards, response_mask), keep_fp32)
+    return adv, adv
+
+
+@dropin
+def compute_reinforce_plus_plus_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    config: Any = None,
+    *,
+    keep_fp32: bool = False,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """veRL's "reinforce_plus_plus": returns G_t = r_t + gamma * G_next over the valid tokens
+    (masked positions skipped and set to 0; gamma = config.gamma), advantages = the returns
+    whitened over all valid tokens. -> (advantages (B, T) in the promotion of rewards and mask,
+    returns (B, T) in the rewards' dtype; fp32 with ``keep_fp32``), no gradient. Without a
+    config or with fewer than 2 valid tokens: veRL's own function (it raises)."""
+    del kwargs
+    with torch.no_grad():
+        if config is None or int((response_mask != 0).sum()) < 2:
+            return original(_CORE, "compute_reinforce_plus_plus_outcome_advantage")(
+                token_level_rewards, response_mask, config)
+        # GAE with values 0 and lambda 1 is the discounted return, skipping masked positions.
+        returns, _ = gae(token_level_rewards, torch.zeros_like(token_level_rewards),
+                         response_mask, float(config.gamma), 1.0)
+        adv = _whiten_over_valid(returns, response_mask)
+    return (finish(adv, promoted(token_level_rewards, response_mask), keep_fp32),
+            finish(returns, token_level_rewards.dtype, keep_fp32))
+
+
+# --------------------------------------------------------------------------------------------
 # KL penalty
 # --------------------------------------------------------------------------------------------
 @dropin
@@ -233,19 +471,48 @@ def _loss_dtype(loss_agg_mode: str, *tensors: torch.Tensor) -> torch.dtype:
     """veRL's loss dtype: its inputs' promotion, and fp32 at least in the seq-mean modes (agg_loss
     builds the sequence mask with ``.float()``)."""
     dtype = promoted(*tensors)
-    return dtype if loss_agg_mode == "token-mean" else torch.promote_types(dtype, torch.float32)
+    if loss_agg_mode in ("token-mean", "token-sum"):
+        return dtype
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _policy_loss(old_log_prob, log_prob, advantages, response_mask, clip_low, clip_high,
-                 clip_ratio_c, loss_agg_mode, global_batch_info, keep_fp32):
+                 clip_ratio_c, loss_agg_mode, global_batch_info, keep_fp32, **options):
+    """ppo_policy_loss with veRL's aggregation and dtype; ``options``: the op's ratio_level,
+    loss_type, log_ratio_clamp (default 20, veRL's token log-ratio clamp)."""
+    options.setdefault("log_ratio_clamp", 20.0)
     loss, stats = ppo_policy_loss(
         log_prob, old_log_prob, advantages, response_mask,
         clip_low=clip_low, clip_high=clip_high, dual_clip=clip_ratio_c,
-        log_ratio_clamp=20.0, reduction=loss_agg_mode,
+        reduction=loss_agg_mode, **options,
     )
     loss = _scaled(loss, _agg_factor(response_mask, loss_agg_mode, **global_batch_info))
     dtype = _loss_dtype(loss_agg_mode, log_prob, old_log_prob, advantages, response_mask)
     return finish(loss, dtype, keep_fp32), stats
+
+
+def _actor_options(config: Any, loss_agg_mode: str, rollout_is_weights):
+    """(clip_low, clip_high, global_batch_info, covered) read from veRL's actor config as its
+    policy losses read them; covered: whether the kernels compute this call (a config with both
+    clip ranges, no rollout correction weights, an aggregation ``_agg_factor`` converts)."""
+    global_batch_info = dict(_config_value(config, "global_batch_info", None) or {})
+    clip_ratio = getattr(config, "clip_ratio", None)
+    clip_low = getattr(config, "clip_ratio_low", None)
+    clip_high = getattr(config, "clip_ratio_high", None)
+    clip_low = clip_ratio if clip_low is None else clip_low
+    clip_high = clip_ratio if clip_high is None else clip_high
+    covered = (
+        config is not None
+        and rollout_is_weights is None
+        and clip_low is not None
+        and clip_high is not None
+        and set(global_batch_info) <= {"dp_size", "batch_num_tokens", "global_batch_size",
+                                       "loss_scale_factor"}
+        and _kernel_aggregates(loss_agg_mode, global_batch_info.get("dp_size", 1),
+                               global_batch_info.get("batch_num_tokens"),
+                               global_batch_info.get("global_batch_size"))
+    )
+    return clip_low, clip_high, global_batch_info, covered
 
 
 @dropin
@@ -266,26 +533,10 @@ def compute_policy_loss_vanilla(
     "actor/pg_clipfrac_lower"} floats). Reads clip_ratio, clip_ratio_low / _high,
     clip_ratio_c and global_batch_info from ``config``, as veRL does.
     """
-    global_batch_info = dict(_config_value(config, "global_batch_info", None) or {})
-    clip_ratio = getattr(config, "clip_ratio", None)
-    clip_low = getattr(config, "clip_ratio_low", None)
-    clip_high = getattr(config, "clip_ratio_high", None)
-    clip_low = clip_ratio if clip_low is None else clip_low
-    clip_high = clip_ratio if clip_high is None else clip_high
+    clip_low, clip_high, global_batch_info, covered = _actor_options(
+        config, loss_agg_mode, rollout_is_weights)
     clip_ratio_c = _config_value(config, "clip_ratio_c", 3.0) if config is not None else 3.0
-    covered = (
-        config is not None
-        and rollout_is_weights is None
-        and clip_low is not None
-        and clip_high is not None
-        and clip_ratio_c > 1.0
-        and set(global_batch_info) <= {"dp_size", "batch_num_tokens", "global_batch_size",
-                                       "loss_scale_factor"}
-        and _kernel_aggregates(loss_agg_mode, global_batch_info.get("dp_size", 1),
-                               global_batch_info.get("batch_num_tokens"),
-                               global_batch_info.get("global_batch_size"))
-    )
-    if not covered:
+    if not (covered and clip_ratio_c > 1.0):
         return original(_CORE, "compute_policy_loss_vanilla")(
             old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
             rollout_is_weights,
@@ -333,6 +584,118 @@ def compute_policy_loss(
     return (loss, finish(stats["clipfrac"], frac_dtype, keep_fp32),
             finish(stats["ppo_kl"], kl_dtype, keep_fp32),
             finish(stats["dual_clipfrac"], frac_dtype, keep_fp32))
+
+
+_GSPO_LOG_RATIO_CLAMP = 10.0  # veRL bounds the sequence log-ratio by +10 (from above only)
+
+
+def _masked_row_stats(old_log_prob, log_prob, advantages, response_mask):
+    """Detached per-row facts veRL's GSPO needs checked: (row mean log-ratio, whether the
+    advantages are one value over the row's valid tokens, valid-token count) and ppo_kl, the
+    mean of -(logp - old) over valid tokens without veRL's clamp."""
+    valid = response_mask != 0
+    work = promoted(log_prob, old_log_prob, torch.float32)
+    d = log_prob.detach().to(work) - old_log_prob.detach().to(work)
+    d = torch.where(valid, d, torch.zeros_like(d))
+    n = valid.sum(-1)
+    row_mean = d.sum(-1) / n.clamp_min(1)
+    a = advantages.detach()
+    if a.shape == d.shape:
+        a_max = torch.where(valid, a, torch.full_like(a, -float("inf"))).amax(-1)
+        a_min = torch.where(valid, a, torch.full_like(a, float("inf"))).amin(-1)
+        one_advantage = (a_max == a_min) | (n == 0)
+    else:  # (B,): one per row by construction
+        one_advantage = torch.ones_like(n, dtype=torch.bool)
+    ppo_kl = -d.sum() / n.sum().clamp_min(1)
+    return row_mean, one_advantage, n, ppo_kl
+
+
+@dropin
+def compute_policy_loss_gspo(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "seq-mean-token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+    *,
+    keep_fp32: bool = False,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """veRL's GSPO loss (POLICY_LOSS_REGISTRY["gspo"]): every token of a row takes the row's
+    geometric-mean ratio s = exp(min(mean over valid tokens of logp - old, 10)), clipped to
+    [1 - clip_ratio_low, 1 + clip_ratio_high]; no dual clip.
+
+    (B, T) tensors -> (pg_loss () in veRL's dtype, {"actor/pg_clipfrac", "actor/ppo_kl",
+    "actor/pg_clipfrac_lower" (0)} floats). The kernels take the sequence ratio with the
+    gradient through the row mean (rlhf_kernels.ppo_policy_loss, ratio_level="sequence"), which
+    is veRL's GSPO-token gradient when the advantages are one value per row (what the
+    critic-free estimators give) in every aggregation mode. A call where that does not hold, or
+    where a row's mean log-ratio is below -10 (veRL does not bound it from below; the kernels
+    clamp at +-10), is computed by veRL's own function; the check rides on the host sync that
+    the float metrics need anyway.
+    """
+    clip_low, clip_high, global_batch_info, covered = _actor_options(
+        config, loss_agg_mode, rollout_is_weights)
+
+    def theirs():
+        return original(_CORE, "compute_policy_loss_gspo")(
+            old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+            rollout_is_weights,
+        )
+
+    if not covered:
+        return theirs()
+    loss, stats = _policy_loss(old_log_prob, log_prob, advantages, response_mask, clip_low,
+                               clip_high, None, loss_agg_mode, global_batch_info, keep_fp32,
+                               ratio_level="sequence", log_ratio_clamp=_GSPO_LOG_RATIO_CLAMP)
+    with torch.no_grad():
+        row_mean, one_advantage, n, ppo_kl = _masked_row_stats(
+            old_log_prob, log_prob, advantages, response_mask)
+        exact = (one_advantage & ((row_mean >= -_GSPO_LOG_RATIO_CLAMP) | (n == 0))).all()
+        exact, clipfrac, ppo_kl = torch.stack(
+            [exact.to(ppo_kl.dtype), stats["clipfrac"].to(ppo_kl.dtype), ppo_kl]).tolist()
+    if not exact:
+        return theirs()
+    metrics = {"actor/pg_clipfrac": clipfrac, "actor/ppo_kl": ppo_kl,
+               "actor/pg_clipfrac_lower": 0.0}
+    return loss, metrics
+
+
+@dropin
+def compute_policy_loss_cispo(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+    *,
+    keep_fp32: bool = False,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """veRL's CISPO loss (POLICY_LOSS_REGISTRY["cispo"]): per token -sg(clip(r)) * A * logp
+    with r = exp(clamp(logp - old, +-20)) clipped to [1 - clip_ratio_low, 1 + clip_ratio_high]
+    and no gradient through the weight (rlhf_kernels.ppo_policy_loss, loss_type="cispo").
+
+    (B, T) tensors -> (pg_loss () in veRL's dtype, {"actor/pg_clipfrac" (fraction of valid
+    tokens whose ratio is outside the range), "actor/ppo_kl", "actor/pg_clipfrac_lower" (0)}
+    floats).
+    """
+    clip_low, clip_high, global_batch_info, covered = _actor_options(
+        config, loss_agg_mode, rollout_is_weights)
+    if not covered:
+        return original(_CORE, "compute_policy_loss_cispo")(
+            old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+            rollout_is_weights,
+        )
+    loss, stats = _policy_loss(old_log_prob, log_prob, advantages, response_mask, clip_low,
+                               clip_high, None, loss_agg_mode, global_batch_info, keep_fp32,
+                               loss_type="cispo")
+    clipfrac, ppo_kl = torch.stack([stats["clipfrac"], stats["ppo_kl"]]).tolist()
+    metrics = {"actor/pg_clipfrac": clipfrac, "actor/ppo_kl": ppo_kl,
+               "actor/pg_clipfrac_lower": 0.0}
+    return loss, metrics
 
 
 @dropin
@@ -435,6 +798,25 @@ def entropy_from_logits_with_chunking(
     return finish(_entropy(logits), torch.float32, keep_fp32)
 
 
+# The drop-ins under the names veRL registers them by (ADV_ESTIMATOR_REGISTRY,
+# POLICY_LOSS_REGISTRY; every function keeps its veRL name in core_algos too). patch_verl puts
+# them in veRL's registries; without veRL they are plain functions, looked up here by those names.
+ADVANTAGE_ESTIMATORS = {
+    "gae": compute_gae_advantage_return,
+    "grpo": compute_grpo_outcome_advantage,
+    "grpo_vectorized": compute_grpo_vectorized_outcome_advantage,
+    "rloo": compute_rloo_outcome_advantage,
+    "rloo_vectorized": compute_rloo_vectorized_outcome_advantage,
+    "reinforce_plus_plus": compute_reinforce_plus_plus_outcome_advantage,
+    "reinforce_plus_plus_baseline": compute_reinforce_plus_plus_baseline_outcome_advantage,
+}
+POLICY_LOSSES = {
+    "vanilla": compute_policy_loss_vanilla,
+    "gspo": compute_policy_loss_gspo,
+    "cispo": compute_policy_loss_cispo,
+}
+
+
 def patch_verl(keep_fp32: bool = False) -> Patch:
     """Swap the drop-ins into ``verl.trainer.ppo.core_algos`` / ``verl.utils.torch_functional``,
     into veRL's policy-loss and advantage-estimator registries, and into every loaded ``verl``
@@ -448,9 +830,9 @@ def patch_verl(keep_fp32: bool = False) -> Patch:
     the driver.
     """
     targets = [
-        (_CORE, compute_gae_advantage_return),
+        *((_CORE, fn) for fn in ADVANTAGE_ESTIMATORS.values()),
+        *((_CORE, fn) for fn in POLICY_LOSSES.values()),
         (_CORE, kl_penalty),
-        (_CORE, compute_policy_loss_vanilla),
         (_CORE, compute_policy_loss),
         (_CORE, compute_value_loss),
         (_TORCH_F, logprobs_from_logits),
