@@ -1,4 +1,5 @@
-"""OpenRLHF drop-ins: KL estimate, log-probs, entropy, PPO / value / reward-model losses, GAE.
+"""OpenRLHF drop-ins: KL estimate, log-probs, entropy, PPO / GSPO / value / reward-model losses,
+GAE and the group baselines of the critic-free estimators.
 
 Checked against OpenRLHF 0.11.2. Functions of ``openrlhf.models.utils`` with its signatures (every
 drop-in also takes a keyword-only ``keep_fp32``):
@@ -19,6 +20,10 @@ and methods, patched on their classes (so every instance, old or new, uses them)
     RemoteExperienceMaker.get_advantages_and_returns(self, values, rewards, action_mask, gamma,
                                                      lambd) -> (advantages, returns)
     RemoteExperienceMaker.get_cumulative_returns(self, rewards, action_mask, gamma) -> returns
+
+and, with no OpenRLHF function of its own to replace:
+
+    group_baseline_rewards(rewards, n_samples_per_prompt, estimator, indices=None) -> rewards
 
 Conversions (OpenRLHF's semantics are kept; full list in docs/integrations.md):
 
@@ -44,12 +49,18 @@ Conversions (OpenRLHF's semantics are kept; full list in docs/integrations.md):
 * Masks are read as 0/1; an all-masked batch gives 0 where OpenRLHF divides 0 by 0; PPO's
   ``ppo_kl`` uses the unclamped log-ratio, as OpenRLHF's (computed with torch, it is a detached
   statistic).
+* GSPO (policy_loss_type "gspo"): OpenRLHF's ratio is the row's exp(mean log-ratio), unclamped,
+  with the gradient through the mean: the kernels' ratio_level="sequence" without a clamp.
+* The critic-free estimators (group_norm, dr_grpo, rloo, reinforce_baseline) are computed inline
+  in OpenRLHF's ``compute_advantages_and_returns``, so there is nothing to patch; their baseline
+  step is ``group_baseline_rewards`` here (rlhf_kernels.group_advantages).
 
-Falls back to OpenRLHF's own method for policy_loss_type other than "ppo", the train/rollout
-importance-sampling correction (is_correction_level != "off"), KL estimators other than
-k1/k2/k3, and calls OpenRLHF itself cannot evaluate (no action_mask with a sequence-level or
-global normalisation). ``compute_reward`` is not replaced: its input is the already computed
-KL, so there is nothing left to fuse (``rlhf_kernels.shape_rewards`` fuses the estimate itself).
+Falls back to OpenRLHF's own method for policy_loss_type other than "ppo" and "gspo", the
+train/rollout importance-sampling correction (is_correction_level != "off"), KL estimators
+other than k1/k2/k3, and calls OpenRLHF itself cannot evaluate (no action_mask with a
+sequence-level or global normalisation, or for GSPO). ``compute_reward`` is not replaced: its
+input is the already computed KL, so there is nothing left to fuse
+(``rlhf_kernels.shape_rewards`` fuses the estimate itself).
 """
 
 from __future__ import annotations
@@ -58,6 +69,7 @@ import torch
 
 from rlhf_kernels.integrations import Patch, apply_patch, dropin, original
 from rlhf_kernels.integrations._contract import bind_keep_fp32, finish, installed, promoted
+from rlhf_kernels.ops.advantages import group_advantages
 from rlhf_kernels.ops.bradley_terry import bradley_terry_loss
 from rlhf_kernels.ops.gae import gae
 from rlhf_kernels.ops.kl import kl_penalty as kl_estimate
@@ -70,6 +82,7 @@ __all__ = [
     "compute_entropy",
     "get_advantages_and_returns",
     "get_cumulative_returns",
+    "group_baseline_rewards",
     "log_exp_loss_forward",
     "log_probs_from_logits",
     "pairwise_loss_forward",
@@ -83,6 +96,9 @@ _LOSS = "openrlhf.models.loss"
 _EXPERIENCE = "openrlhf.trainer.ppo_utils.experience_maker"
 
 _KL_CLAMP = 10.0  # OpenRLHF clamps every estimator's value to +-10
+# policy_loss_type -> (the kernels' ratio_level, log-ratio clamp) as OpenRLHF computes the ratio:
+# PPO clamps the token log-ratio to +-20, GSPO leaves the sequence mean unclamped.
+_POLICY_RATIO = {"ppo": ("token", 20.0), "gspo": ("sequence", None)}
 _K3_LOG_RATIO_BOUND = 11.0  # see the module docstring: equivalent to OpenRLHF's min=-10 bound
 _IS_WEIGHT_CLIP = 10.0  # OpenRLHF's KL_IS_WEIGHT_CLIP for the unbiased-gradient correction
 # OpenRLHF's log_probs_from_logits takes flash-attn's cross entropy (fp32 output) for fp32 / fp64
@@ -207,22 +223,28 @@ def policy_loss_forward(
     *,
     keep_fp32: bool = False,
 ):
-    """OpenRLHF ``PolicyLoss.forward`` for policy_loss_type "ppo" without the train/rollout
-    correction: (B, T) tensors -> (loss, clip_ratio, ppo_kl, None, None), () tensors in
-    OpenRLHF's dtypes (fp32 with ``keep_fp32``)."""
+    """OpenRLHF ``PolicyLoss.forward`` for policy_loss_type "ppo" (token ratio, log-ratio
+    clamped to +-20) and "gspo" (every token of a row takes the row's geometric-mean ratio
+    exp(mean over valid tokens of logp - old), unclamped, the gradient through the mean: the
+    kernels' ratio_level="sequence"), without the train/rollout correction: (B, T) tensors ->
+    (loss, clip_ratio, ppo_kl, None, None), () tensors in OpenRLHF's dtypes (fp32 with
+    ``keep_fp32``). Dual clip as configured, for both."""
     reduction, factor, covered = _aggregation(
         action_mask, self.token_level_loss, dp_size, batch_num_tokens, global_batch_size
     )
     correction = getattr(self, "is_correction_level", "off")
-    if self.policy_loss_type != "ppo" or correction != "off" or not covered:
+    loss_type = self.policy_loss_type
+    if (loss_type not in _POLICY_RATIO or correction != "off" or not covered
+            or (loss_type == "gspo" and action_mask is None)):  # OpenRLHF's GSPO needs a mask
         return original(_LOSS, "PolicyLoss.forward")(
             self, log_probs, old_log_probs, advantages, action_mask, rollout_log_probs, dp_size,
             batch_num_tokens, global_batch_size,
         )
+    ratio_level, log_ratio_clamp = _POLICY_RATIO[loss_type]
     loss, stats = ppo_policy_loss(
         log_probs, old_log_probs, advantages, action_mask,
         clip_low=self.clip_eps_low, clip_high=self.clip_eps_high, dual_clip=self.dual_clip,
-        log_ratio_clamp=20.0, reduction=reduction,
+        log_ratio_clamp=log_ratio_clamp, reduction=reduction, ratio_level=ratio_level,
     )
     if factor is not None:
         loss = loss * factor
@@ -302,6 +324,84 @@ def log_exp_loss_forward(
 # --------------------------------------------------------------------------------------------
 # openrlhf.trainer.ppo_utils.experience_maker.RemoteExperienceMaker
 # --------------------------------------------------------------------------------------------
+# estimator -> (the kernels' estimator, norm, eps) for OpenRLHF's group baselines (eps is used
+# by "group" scaling only)
+_GROUP_ESTIMATORS = {
+    "group_norm": ("grpo", "group", 1e-9),  # (r - mean) / (unbiased std + 1e-9)
+    "dr_grpo": ("dr_grpo", "none", 1e-6),  # r - mean
+    "reinforce_baseline": ("dr_grpo", "none", 1e-6),  # r - mean (whitened later by OpenRLHF)
+    "rloo": ("rloo", "none", 1e-6),  # r - mean of the other samples of the prompt
+}
+_NO_GROUP_BASELINE = ("gae", "reinforce")  # rewards pass unchanged
+
+
+@torch.no_grad()
+def group_baseline_rewards(
+    rewards: torch.Tensor,
+    n_samples_per_prompt: int,
+    estimator: str,
+    indices: torch.Tensor | None = None,
+    *,
+    keep_fp32: bool = False,
+) -> torch.Tensor:
+    """OpenRLHF's reward shaping by baseline subtraction, the step of
+    ``compute_advantages_and_returns`` that makes its critic-free estimators (OpenRLHF 0.11.2).
+
+    rewards: (N,) one scalar reward per sample, in experience order; indices: (N,) each
+    sample's position in prompt order (OpenRLHF's ``experience.index`` of every experience,
+    concatenated), or None when ``rewards`` is in prompt order already. OpenRLHF puts the
+    rewards in prompt order, views them as (N / n, n) rows of one prompt's samples and puts
+    them back; that grouping is group id = indices // n, computed here without the reorder.
+
+    estimator: "group_norm" (r - mean) / (unbiased std + 1e-9); "dr_grpo" and
+    "reinforce_baseline" r - mean; "rloo" r - mean of the other n - 1 samples;
+    "flash_reinforce" r - the batch mean; "gae" and "reinforce" no baseline.
+    Returns (N,) in experience order, fp32 at least (OpenRLHF promotes the rewards to fp32
+    first; fp64 stays fp64), no gradient. OpenRLHF applies its length penalties before this
+    step and the KL shaping and cumulative returns after it.
+
+    n_samples_per_prompt = 1: "group_norm" and "rloo" divide by zero in OpenRLHF (NaN); here
+    they raise ValueError.
+    """
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be (N,) one reward per sample, got shape "
+                         f"{tuple(rewards.shape)}")
+    if isinstance(n_samples_per_prompt, bool) or not isinstance(n_samples_per_prompt, int) \
+            or n_samples_per_prompt < 1:
+        raise ValueError(f"n_samples_per_prompt must be an int >= 1, got {n_samples_per_prompt!r}")
+    n = n_samples_per_prompt
+    if rewards.shape[0] % n:
+        raise ValueError(f"{rewards.shape[0]} rewards do not make whole groups of "
+                         f"n_samples_per_prompt={n} (OpenRLHF reshapes them to (-1, {n}))")
+    if indices is not None and tuple(indices.shape) != tuple(rewards.shape):
+        raise ValueError(f"indices must be (N,) like rewards {tuple(rewards.shape)}, got "
+                         f"{tuple(indices.shape)}")
+    dtype = torch.promote_types(rewards.dtype, torch.float32)
+    if estimator in _NO_GROUP_BASELINE:
+        return finish(rewards.to(dtype), dtype, keep_fp32)
+    if estimator == "flash_reinforce":
+        shaped = rewards.to(dtype)
+        return finish(shaped - shaped.mean(), dtype, keep_fp32)
+    if estimator not in _GROUP_ESTIMATORS:
+        raise ValueError(
+            f"estimator={estimator!r} is not one of OpenRLHF's: "
+            f"{sorted(_GROUP_ESTIMATORS) + ['flash_reinforce', *_NO_GROUP_BASELINE]}"
+        )
+    ours, norm, eps = _GROUP_ESTIMATORS[estimator]
+    if n == 1 and estimator in ("group_norm", "rloo"):
+        raise ValueError(
+            f"estimator={estimator!r} needs n_samples_per_prompt > 1: with one sample per "
+            "prompt OpenRLHF divides by zero (the std of one sample / n - 1 = 0)"
+        )
+    if indices is None:
+        adv = group_advantages(rewards, group_size=n, estimator=ours, norm=norm, eps=eps)
+    else:
+        group_ids = torch.div(indices.to(device=rewards.device, dtype=torch.int64), n,
+                              rounding_mode="floor")
+        adv = group_advantages(rewards, group_ids=group_ids, estimator=ours, norm=norm, eps=eps)
+    return finish(adv, dtype, keep_fp32)
+
+
 @dropin
 @torch.no_grad()
 def get_advantages_and_returns(
