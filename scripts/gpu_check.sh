@@ -28,8 +28,9 @@
 #   gae          20 s  bench_gae (gae, masked_whiten) at 64x1024 and 512x2048
 #   kl           20 s  bench_kl at 64x1024, 128x2048, 512x2048 (fp32, bf16)
 #   linear       40 s  linear_logprobs / linear_ppo_loss at V=151936 H=4096 N=16384 bf16
+#   grpo         20 s  bench_grpo_loss: GRPO loss from hidden states, ours vs eager, TRL, Liger
 #   e2e-1.5b    115 s  one PPO iteration, Qwen2.5-1.5B shape, + TRL 1.12 PPOTrainer LoRA (<= 70 s)
-#   e2e-0.5b     85 s  the same at the Qwen2.5-0.5B shape (TRL <= 50 s)
+#   e2e-0.5b     65 s  the same at the Qwen2.5-0.5B shape (TRL <= 40 s)
 #   e2e-8b       80 s  Llama-3-8B shape under --max-memory 24 (GiB)
 #   report       10 s  proof_summary JSON, python -m benchmarks.report (+ --write into README.md)
 #   total       530 s  (8 min 50 s; PROOF_TOTAL_S=540 caps it whatever the parts do)
@@ -254,9 +255,11 @@ proof() {
     # (c) the fused linear ops at one large shape
     step linear 40 "${bench[@]}" bench_linear_logprobs \
         --match "$LINEAR_SHAPE" --save-as linear_logprobs_large --budget-s 28
+    # (c') the critic-free loss from hidden states beside TRL's and Liger's paths
+    step grpo 20 "${bench[@]}" bench_grpo_loss --budget-s 12
     # (d) end to end, TRL's PPOTrainer beside ours in the same call; the design bar's shape first
     e2e_part e2e-1.5b 115 qwen2.5-1.5b 70 --shape qwen2.5-1.5b
-    e2e_part e2e-0.5b 85 qwen2.5-0.5b 50 --shape qwen2.5-0.5b
+    e2e_part e2e-0.5b 65 qwen2.5-0.5b 40 --shape qwen2.5-0.5b
     # (e) the 8B shape under a 24 GiB cap
     e2e_part e2e-8b 80 llama-3-8b 0 --shape llama-3-8b --max-memory 24 --minibatch 4 \
         --forward-chunk 4

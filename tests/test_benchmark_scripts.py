@@ -234,7 +234,7 @@ def test_host_overhead_refuses_interpreted_kernels():
 # scripts/gpu_check.sh proof, benchmarks.proof and benchmarks.report (no GPU needed)
 # ------------------------------------------------------------------------------------------
 GPU_CHECK = REPO / "scripts" / "gpu_check.sh"
-PROOF_PARTS = ["tests", "logprobs", "ppo_loss", "gae", "kl", "linear", "e2e-1.5b", "e2e-0.5b",
+PROOF_PARTS = ["tests", "logprobs", "ppo_loss", "gae", "kl", "linear", "grpo", "e2e-1.5b", "e2e-0.5b",
                "e2e-8b"]
 
 
@@ -276,7 +276,7 @@ def test_gpu_check_proof_dry_run_plans_every_part_within_nine_minutes():
     test_files = [a for a in tests if a.startswith("tests/")]
     assert test_files[0] == "tests/test_logprobs.py"
     assert all((REPO / f).is_file() for f in test_files)
-    for part in ("logprobs", "ppo_loss", "gae", "kl", "linear"):
+    for part in ("logprobs", "ppo_loss", "gae", "kl", "linear", "grpo"):
         assert argv[part][1:3] == ["-m", "benchmarks.proof"] and "--budget-s" in argv[part]
         soft = float(argv[part][argv[part].index("--budget-s") + 1])
         assert soft < steps[part][0], part  # the case in flight ends before the hard timeout
@@ -432,7 +432,7 @@ def test_gpu_check_proof_installs_the_carried_wheels_for_the_peer_alone(tmp_path
     peer = "--peer-script benchmarks/peers/trl_ppo_peer.py --peer-python " + str(wrapper)
     assert f"{peer} --peer-steps 2 --peer-timeout " in e2e[0]
     assert 25 <= int(e2e[0].split("--peer-timeout ")[1].split()[0]) <= 45
-    assert f"{peer} --peer-steps 2 --peer-timeout 50" in e2e[1] and "--peer" not in e2e[2]
+    assert f"{peer} --peer-steps 2 --peer-timeout 40" in e2e[1] and "--peer" not in e2e[2]
     # the wrapper runs the same interpreter with the wheels' folder first on its path
     probe = subprocess.run([str(wrapper), "-c", "show PYTHONPATH"], capture_output=True, text=True,
                            env={**os.environ, "PYTHONPATH": "/x", "STUB_CALLS": os.devnull})
@@ -626,3 +626,19 @@ def test_git_sha_without_a_repository_comes_from_the_caller(monkeypatch):
     assert common._git_sha() == "unknown"
     monkeypatch.setenv("RLHF_GIT_SHA", "ab" * 20)
     assert common._git_sha() == "ab" * 20
+
+
+def test_grpo_bench_peers_compute_our_loss():
+    """The GRPO benchmark times the same loss in every implementation: its eager formula (the
+    one TRL's trainer writes) against ours, value and gradients, on the CPU."""
+    from benchmarks import bench_grpo_loss as bench
+
+    inputs = bench._inputs(3, 7, 8, 29, "cpu", torch.float32, seed=3)
+    hidden, weight = inputs[0], inputs[1]
+    eager = bench._eager(*inputs, None)
+    grads_eager = torch.autograd.grad(eager, (hidden, weight))
+    ours = bench._ours(*inputs, None)
+    grads_ours = torch.autograd.grad(ours, (hidden, weight))
+    torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads_ours, grads_eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
