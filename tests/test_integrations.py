@@ -432,7 +432,7 @@ def test_verl_kl_penalty(verl_core, mode):
         ("seq-mean-token-mean", {"dp_size": 4, "global_batch_size": 9}),
         ("seq-mean-token-sum-norm", {"dp_size": 2, "global_batch_size": 7,
                                      "loss_scale_factor": 32}),
-        ("token-sum", {}),  # not ours: veRL's own function runs
+        ("token-sum", {}),  # veRL 0.9.1: the masked sum times dp_size
     ],
 )
 def test_verl_policy_loss_vanilla(verl_core, mode, batch_info):

@@ -1,0 +1,681 @@
+"""The critic-free drop-ins for veRL and OpenRLHF against float64 re-implementations.
+
+veRL and OpenRLHF are not installed in CI, so each drop-in is held to an independent float64
+implementation, written here from the framework's documented semantics (veRL 0.9.1's
+core_algos estimators and GSPO / CISPO losses, OpenRLHF 0.11.2's group baselines and GSPO
+PolicyLoss): values, gradients and metrics on random inputs with masks (holes, fully masked
+rows, groups of one, prompt ids out of order). Per-sequence (B,) advantages must give exactly
+what the same advantages expanded to (B, T) give, through every loss drop-in. Where a framework
+is importable, its own functions are compared too. The kernels' Triton path is forced (the
+interpreter on a CPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from rlhf_kernels import integrations
+from rlhf_kernels.integrations import openrlhf as our_openrlhf
+from rlhf_kernels.integrations import verl as our_verl
+from tests.numerics import DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend(monkeypatch):
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "triton")
+
+
+def _close(ours, ref, atol=1e-5, rtol=1e-4, name=""):
+    assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
+    torch.testing.assert_close(ours.double().cpu(), ref.double().cpu(), atol=atol, rtol=rtol,
+                               msg=lambda m: f"{name}: {m}")
+
+
+def _holes_mask(B, T, seed_row_empty=None):
+    """(B, T) float 0/1: random holes, at least one valid token per row except ``seed_row_empty``
+    (fully masked)."""
+    m = torch.rand(B, T) < 0.7
+    m[:, 0] = True
+    if seed_row_empty is not None:
+        m[seed_row_empty] = False
+    return m.to(torch.float32).to(DEVICE)
+
+
+# prompt ids as veRL passes them (uid strings, out of order), with one prompt of a single response
+_INDEX = np.array(["u7", "u2", "u7", "u9", "u2", "u7", "u5", "u2", "u9", "u7"], dtype=object)
+
+
+def _groups(labels) -> list[list[int]]:
+    rows: dict = {}
+    for i, label in enumerate(labels):
+        rows.setdefault(label, []).append(i)
+    return list(rows.values())
+
+
+# --------------------------------------------------------------------------------------------
+# float64 re-implementations of veRL 0.9.1's semantics
+# --------------------------------------------------------------------------------------------
+def _grpo64(rewards, mask, index, eps=1e-6, scale=True):
+    scores = rewards.double().sum(-1)
+    out = torch.empty_like(scores)
+    for rows in _groups(index):
+        s = scores[rows]
+        mean, std = (s.mean(), s.std()) if len(rows) > 1 else (0.0, 1.0)
+        out[rows] = (s - mean) / (std + eps) if scale else s - mean
+    return out[:, None] * (mask != 0).double()
+
+
+def _rloo64(rewards, mask, index, alone):
+    """alone: what a response alone in its group gets ("score" for veRL's loop, "zero" for its
+    vectorized form)."""
+    scores = rewards.double().sum(-1)
+    out = torch.empty_like(scores)
+    for rows in _groups(index):
+        s = scores[rows]
+        if len(rows) == 1:
+            out[rows] = s if alone == "score" else 0.0
+        else:
+            out[rows] = s - (s.sum() - s) / (len(rows) - 1)
+    return out[:, None] * (mask != 0).double()
+
+
+def _whiten64(x, mask):
+    valid = mask != 0
+    mean = x[valid].mean()
+    var = x[valid].var()  # unbiased
+    return (x - mean) / torch.sqrt(var + 1e-8) * valid.double()
+
+
+def _rpp_baseline64(rewards, mask, index):
+    scores = rewards.double().sum(-1)
+    centred = torch.empty_like(scores)
+    for rows in _groups(index):
+        s = scores[rows]
+        centred[rows] = s - (s.mean() if len(rows) > 1 else 0.0)
+    return _whiten64(centred[:, None] * (mask != 0).double(), mask)
+
+
+def _rpp64(rewards, mask, gamma):
+    """Discounted returns over the valid tokens (masked positions skipped, 0), whitened."""
+    r = rewards.double()
+    returns = torch.zeros_like(r)
+    running = torch.zeros(r.shape[0], dtype=torch.float64)
+    for t in reversed(range(r.shape[1])):
+        valid = mask[:, t] != 0
+        new = r[:, t] + gamma * running
+        returns[:, t] = torch.where(valid, new, torch.zeros_like(new))
+        running = torch.where(valid, new, running)
+    return _whiten64(returns, mask), returns
+
+
+def _agg64(loss, mask, mode, dp_size=1, batch_num_tokens=None, global_batch_size=None,
+           loss_scale_factor=None):
+    """veRL 0.9.1's agg_loss, float64."""
+    m = (mask != 0).double()
+    total = (loss * m).sum()
+    if mode == "token-mean":
+        return total / (m.sum() if batch_num_tokens is None else batch_num_tokens) * dp_size
+    if mode == "token-sum":
+        return total * dp_size
+    has = m.sum(-1) > 0
+    rows = (loss * m).sum(-1)
+    if mode == "seq-mean-token-mean":
+        rows = rows / m.sum(-1).clamp_min(1)
+    n_rows = has.double().sum() if global_batch_size is None else global_batch_size
+    out = rows[has].sum() / n_rows * dp_size
+    if mode == "seq-mean-token-sum-norm":
+        out = out / (mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+    return out
+
+
+def _masked_mean64(x, mask):
+    m = (mask != 0).double()
+    return (x * m).sum() / m.sum()
+
+
+def _verl_gspo64(old, logp, adv, mask, low, high, mode, info):
+    """veRL's GSPO-token form: log s_it = sg(mean_i(logp - old)) + logp - sg(logp), bounded by
+    +10 from above; s clipped to [1 - low, 1 + high]; no dual clip."""
+    m = (mask != 0).double()
+    d = logp - old
+    row_mean = (d * m).sum(-1) / m.sum(-1).clamp_min(1)
+    log_s = (logp - logp.detach() + row_mean.detach()[:, None]).clamp(max=10.0)
+    s = torch.exp(log_s)
+    loss1, loss2 = -adv * s, -adv * s.clamp(1 - low, 1 + high)
+    loss = _agg64(torch.maximum(loss1, loss2), mask, mode, **info)
+    metrics = {"actor/pg_clipfrac": _masked_mean64((loss2 > loss1).double(), mask).item(),
+               "actor/ppo_kl": _masked_mean64(-d, mask).item(),
+               "actor/pg_clipfrac_lower": 0.0}
+    return loss, metrics
+
+
+def _verl_cispo64(old, logp, adv, mask, low, high, mode, info):
+    d = (logp - old).clamp(-20.0, 20.0)
+    ratio = torch.exp(d)
+    weight = ratio.clamp(1 - low, 1 + high).detach()
+    loss = _agg64(-weight * adv * logp, mask, mode, **info)
+    outside = (ratio < 1 - low) | (ratio > 1 + high)
+    metrics = {"actor/pg_clipfrac": _masked_mean64(outside.double(), mask).item(),
+               "actor/ppo_kl": _masked_mean64(-d, mask).item(),
+               "actor/pg_clipfrac_lower": 0.0}
+    return loss, metrics
+
+
+def _verl_vanilla64(old, logp, adv, mask, low, high, c, mode, info):
+    ratio = torch.exp((logp - old).clamp(-20.0, 20.0))
+    clipped = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - low, 1 + high))
+    per_token = torch.where(adv < 0, torch.minimum(clipped, -adv * c), clipped)
+    return _agg64(per_token, mask, mode, **info)
+
+
+class _ActorConfig(dict):
+    """The fields veRL's policy losses read, by attribute and by .get, as its configs do."""
+
+    __getattr__ = dict.get
+
+
+def _rollout(B=6, T=9, per_row=True, spread=0.6):
+    """old_logp, logp (fp32, masked positions hold finite junk), advantages (B, T) one value per
+    row (times the mask, as veRL's estimators give) or per token, mask with one empty row."""
+    mask = _holes_mask(B, T, seed_row_empty=2)
+    old = -torch.rand(B, T, device=DEVICE) * 3
+    logp = old + spread * torch.randn(B, T, device=DEVICE)
+    if per_row:
+        adv = torch.randn(B, 1, device=DEVICE) * mask
+    else:
+        adv = torch.randn(B, T, device=DEVICE)
+    return old, logp, adv, mask
+
+
+def _value_and_grad(fn, logp):
+    leaf = logp.detach().clone().requires_grad_(True)
+    loss, metrics = fn(leaf)
+    (grad,) = torch.autograd.grad(loss, leaf)
+    return loss.detach(), grad, metrics
+
+
+# --------------------------------------------------------------------------------------------
+# veRL: advantage estimators
+# --------------------------------------------------------------------------------------------
+def _estimator_cases(rewards, mask, index, config):
+    return {
+        "grpo": (lambda fn: fn(rewards, mask, index), _grpo64(rewards, mask, index)),
+        "grpo_vectorized": (lambda fn: fn(rewards, mask, index), _grpo64(rewards, mask, index)),
+        "rloo": (lambda fn: fn(rewards, mask, index, config=config),
+                 _rloo64(rewards, mask, index, "score")),
+        "rloo_vectorized": (lambda fn: fn(rewards, mask, index, config=config),
+                            _rloo64(rewards, mask, index, "zero")),
+        "reinforce_plus_plus_baseline": (lambda fn: fn(rewards, mask, index, config=config),
+                                         _rpp_baseline64(rewards, mask, index)),
+        "reinforce_plus_plus": (lambda fn: fn(rewards, mask, config),
+                                _rpp64(rewards, mask, config.gamma)[0]),
+    }
+
+
+@pytest.mark.parametrize("name", ["grpo", "grpo_vectorized", "rloo", "rloo_vectorized",
+                                  "reinforce_plus_plus_baseline", "reinforce_plus_plus"])
+def test_verl_estimators_against_float64(name):
+    B, T = len(_INDEX), 7
+    rewards = torch.randn(B, T, device=DEVICE)
+    mask = _holes_mask(B, T)
+    config = _ActorConfig(gamma=0.93)
+    call, ref = _estimator_cases(rewards, mask, _INDEX, config)[name]
+    advantages, returns = call(our_verl.ADVANTAGE_ESTIMATORS[name])
+    _close(advantages, ref, name=f"{name} advantages")
+    assert advantages.dtype == torch.float32 and not advantages.requires_grad
+    if name == "reinforce_plus_plus":
+        _close(returns, _rpp64(rewards, mask, 0.93)[1], name="returns")
+    else:
+        assert returns is advantages  # veRL returns the same tensor twice
+
+
+@pytest.mark.parametrize("variant", ["compute_grpo_outcome_advantage",
+                                     "compute_grpo_vectorized_outcome_advantage"])
+@pytest.mark.parametrize("scale, eps", [(True, 1e-6), (False, 1e-6), (True, 0.5)])
+def test_verl_grpo_options(variant, scale, eps):
+    B, T = len(_INDEX), 5
+    rewards = torch.randn(B, T, device=DEVICE)
+    rewards[[1, 4, 7], :] = 0.25  # a group whose scores are all equal: std 0
+    mask = _holes_mask(B, T)
+    adv, _ = getattr(our_verl, variant)(rewards, mask, _INDEX, eps, scale)
+    _close(adv, _grpo64(rewards, mask, _INDEX, eps, scale), name=variant)
+
+
+@pytest.mark.parametrize("dtype, mask_dtype", [
+    (torch.bfloat16, torch.bool), (torch.bfloat16, torch.float32), (torch.float32, torch.int64),
+    (torch.float64, torch.float32)])
+def test_verl_estimator_dtypes(dtype, mask_dtype):
+    """veRL's dtype for each estimator; the values are the exact ones rounded once."""
+    B, T = len(_INDEX), 4
+    rewards = torch.randn(B, T, device=DEVICE).to(dtype)
+    mask = _holes_mask(B, T).to(mask_dtype)
+    config = _ActorConfig(gamma=1.0)
+    promoted = torch.promote_types(dtype, mask_dtype) if mask_dtype.is_floating_point else dtype
+    at_least_fp32 = torch.promote_types(promoted, torch.float32)
+    bincount = torch.float32 if dtype == torch.float32 else torch.float64
+    expected = {
+        "grpo": promoted, "grpo_vectorized": at_least_fp32, "rloo": promoted,
+        "rloo_vectorized": torch.promote_types(promoted, bincount),
+        "reinforce_plus_plus_baseline": promoted, "reinforce_plus_plus": promoted,
+    }
+    cases = _estimator_cases(rewards, mask, _INDEX, config)
+    for name, (call, ref) in cases.items():
+        adv, returns = call(our_verl.ADVANTAGE_ESTIMATORS[name])
+        assert adv.dtype == expected[name], f"{name}: {adv.dtype} != {expected[name]}"
+        tol = 2e-2 if dtype == torch.bfloat16 or expected[name] == torch.bfloat16 else 1e-5
+        _close(adv, ref, atol=tol, rtol=tol, name=f"{name} {dtype}")
+        if name == "reinforce_plus_plus":
+            assert returns.dtype == dtype  # veRL's returns buffer has the rewards' dtype
+        kept, _ = call(functools.partial(our_verl.ADVANTAGE_ESTIMATORS[name], keep_fp32=True))
+        assert kept.dtype == (torch.float64 if dtype == torch.float64 else torch.float32), name
+
+
+def test_verl_index_forms_and_errors():
+    """uid strings, integer lists, numpy ints and tensors group the same way; a wrong length or
+    an unhashable id is refused with a message."""
+    B, T = 6, 3
+    rewards = torch.randn(B, T, device=DEVICE)
+    mask = torch.ones(B, T, device=DEVICE)
+    labels = [3, 1, 3, 8, 1, 3]
+    forms = [np.array([f"id{x}" for x in labels], dtype=object), np.array(labels), labels,
+             torch.tensor(labels), tuple(str(x) for x in labels)]
+    ref = _grpo64(rewards, mask, labels)
+    for index in forms:
+        _close(our_verl.compute_grpo_outcome_advantage(rewards, mask, index)[0], ref,
+               name=type(index).__name__)
+    with pytest.raises(ValueError, match="one prompt id per response"):
+        our_verl.compute_rloo_outcome_advantage(rewards, mask, labels[:4])
+    with pytest.raises(TypeError, match="hashable"):
+        our_verl.compute_grpo_outcome_advantage(rewards, mask, [[1], [1], [2], [2], [3], [3]])
+
+
+def test_verl_estimators_fall_back_where_verl_raises(monkeypatch):
+    """Whitening needs 2 valid tokens and REINFORCE++ a config: veRL's own function runs (and
+    raises there)."""
+    calls = []
+
+    def fake_original(module, name):
+        return lambda *args: calls.append(name) or ("veRL", name)
+
+    monkeypatch.setattr(our_verl, "original", fake_original)
+    rewards = torch.randn(3, 4, device=DEVICE)
+    one_token = torch.zeros(3, 4, device=DEVICE)
+    one_token[1, 2] = 1
+    our_verl.compute_reinforce_plus_plus_baseline_outcome_advantage(rewards, one_token, [0, 0, 1])
+    our_verl.compute_reinforce_plus_plus_outcome_advantage(rewards, one_token,
+                                                           _ActorConfig(gamma=1.0))
+    our_verl.compute_reinforce_plus_plus_outcome_advantage(rewards, torch.ones(3, 4), None)
+    assert calls == ["compute_reinforce_plus_plus_baseline_outcome_advantage",
+                     "compute_reinforce_plus_plus_outcome_advantage",
+                     "compute_reinforce_plus_plus_outcome_advantage"]
+
+
+# --------------------------------------------------------------------------------------------
+# veRL: policy losses
+# --------------------------------------------------------------------------------------------
+_MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm",
+          "token-sum"]
+_GLOBAL_INFO = [
+    {},
+    {"dp_size": 2, "batch_num_tokens": 61, "global_batch_size": 11, "loss_scale_factor": 16},
+]
+
+
+def _assert_metrics(ours, ref, name):
+    assert ours.keys() == ref.keys(), name
+    for key in ref:
+        assert isinstance(ours[key], float), f"{name} {key}: {type(ours[key]).__name__}"
+        assert ours[key] == pytest.approx(ref[key], abs=1e-6), f"{name} {key}"
+
+
+@pytest.mark.parametrize("loss", ["gspo", "cispo"])
+@pytest.mark.parametrize("mode", _MODES)
+@pytest.mark.parametrize("info", _GLOBAL_INFO, ids=["local", "global"])
+def test_verl_gspo_cispo_against_float64(loss, mode, info):
+    old, logp, adv, mask = _rollout(per_row=True)
+    logp[0, :2] = old[0, :2] + torch.tensor([3.0, -3.0], device=DEVICE)  # past the clip range
+    config = _ActorConfig(clip_ratio=0.2, clip_ratio_low=0.15, clip_ratio_high=0.28,
+                          global_batch_info=info)
+    ours_fn = our_verl.POLICY_LOSSES[loss]
+    ref_fn = {"gspo": _verl_gspo64, "cispo": _verl_cispo64}[loss]
+    value, grad, metrics = _value_and_grad(
+        lambda lp: ours_fn(old, lp, adv, mask, mode, config), logp)
+    ref, ref_grad, ref_metrics = _value_and_grad(
+        lambda lp: ref_fn(old.double(), lp, adv.double(), mask, 0.15, 0.28, mode, info),
+        logp.double())
+    _close(value, ref, name=f"{loss} {mode} loss")
+    _close(grad, ref_grad, name=f"{loss} {mode} d logp")
+    _assert_metrics(metrics, ref_metrics, f"{loss} {mode}")
+    expected = torch.float32
+    assert value.dtype == expected
+
+
+def test_verl_gspo_per_token_advantages_and_low_ratios_go_to_verl(monkeypatch):
+    """The sequence-ratio kernel is veRL's GSPO-token gradient only with one advantage per row,
+    and veRL leaves the row mean log-ratio unbounded below: those calls are veRL's."""
+    calls = []
+    monkeypatch.setattr(our_verl, "original",
+                        lambda module, name: lambda *a: calls.append(name) or "veRL")
+    config = _ActorConfig(clip_ratio=0.2, global_batch_info={})
+    old, logp, adv, mask = _rollout(per_row=False)
+    assert our_verl.compute_policy_loss_gspo(old, logp, adv, mask, "token-mean", config) == "veRL"
+    old, logp, adv, mask = _rollout(per_row=True)
+    logp[3] = old[3] - 12.0
+    assert our_verl.compute_policy_loss_gspo(old, logp, adv, mask, "token-mean", config) == "veRL"
+    logp[3] = old[3] + 12.0  # above: bounded by +10 in both
+    adv[3] = -0.7 * mask[3]  # A < 0: the unclipped ratio exp(10) is the loss
+    loss, metrics = our_verl.compute_policy_loss_gspo(old, logp, adv, mask, "token-mean", config)
+    ref, ref_metrics = _verl_gspo64(old.double(), logp.double(), adv.double(), mask, 0.2, 0.2,
+                                    "token-mean", {})
+    _close(loss, ref, name="gspo, ratio bounded above")
+    _assert_metrics(metrics, ref_metrics, "gspo bounded above")
+    rollout_weights = torch.ones_like(adv)
+    our_verl.compute_policy_loss_cispo(old, logp, adv, mask, "token-mean", config,
+                                       rollout_weights)
+    assert calls == ["compute_policy_loss_gspo"] * 2 + ["compute_policy_loss_cispo"]
+
+
+@pytest.mark.parametrize("info", _GLOBAL_INFO, ids=["local", "global"])
+def test_verl_vanilla_token_sum(info):
+    """veRL 0.9.1's agg_loss has token-sum (times dp_size): now computed by the kernels."""
+    old, logp, adv, mask = _rollout(per_row=False)
+    config = _ActorConfig(clip_ratio=0.2, clip_ratio_c=3.0, global_batch_info=info)
+    value, grad, _ = _value_and_grad(
+        lambda lp: our_verl.compute_policy_loss_vanilla(old, lp, adv, mask, "token-sum", config),
+        logp)
+    ref, ref_grad, _ = _value_and_grad(
+        lambda lp: (_verl_vanilla64(old.double(), lp, adv.double(), mask, 0.2, 0.2, 3.0,
+                                    "token-sum", info), None), logp.double())
+    _close(value, ref, name="token-sum loss")
+    _close(grad, ref_grad, name="token-sum d logp")
+
+
+# --------------------------------------------------------------------------------------------
+# (B,) advantages == the same advantages expanded to (B, T), through every loss drop-in
+# --------------------------------------------------------------------------------------------
+def _openrlhf_loss_self(policy_loss_type, dual_clip=None, token_level_loss=True):
+    return types.SimpleNamespace(
+        clip_eps_low=0.2, clip_eps_high=0.27, dual_clip=dual_clip,
+        token_level_loss=False if policy_loss_type == "gspo" else token_level_loss,
+        policy_loss_type=policy_loss_type, is_correction_level="off")
+
+
+def _loss_dropins():
+    config = _ActorConfig(clip_ratio=0.2, clip_ratio_low=0.15, clip_ratio_high=0.28,
+                          clip_ratio_c=3.0, global_batch_info={})
+    return {
+        "verl vanilla": lambda o, lp, a, m: our_verl.compute_policy_loss_vanilla(
+            o, lp, a, m, "seq-mean-token-mean", config),
+        "verl gspo": lambda o, lp, a, m: our_verl.compute_policy_loss_gspo(
+            o, lp, a, m, "token-mean", config),
+        "verl cispo": lambda o, lp, a, m: our_verl.compute_policy_loss_cispo(
+            o, lp, a, m, "seq-mean-token-sum", config),
+        "openrlhf ppo": lambda o, lp, a, m: our_openrlhf.policy_loss_forward(
+            _openrlhf_loss_self("ppo", dual_clip=3.0), lp, o, a, m)[:3],
+        "openrlhf gspo": lambda o, lp, a, m: our_openrlhf.policy_loss_forward(
+            _openrlhf_loss_self("gspo", dual_clip=3.0), lp, o, a, m)[:3],
+    }
+
+
+@pytest.mark.parametrize("name", list(_loss_dropins()))
+def test_per_sequence_advantages_equal_expanded(name):
+    fn = _loss_dropins()[name]
+    old, logp, _, mask = _rollout(per_row=True)
+    per_seq = torch.randn(old.shape[0], device=DEVICE)
+    expanded = per_seq[:, None].expand(old.shape)
+    results = []
+    for adv in (per_seq, expanded, expanded.contiguous()):
+        leaf = logp.detach().clone().requires_grad_(True)
+        out = fn(old, leaf, adv, mask)
+        (grad,) = torch.autograd.grad(out[0], leaf)
+        results.append((out, grad))
+    (out_b, grad_b), *others = results
+    for out_bt, grad_bt in others:
+        assert torch.equal(out_b[0], out_bt[0]), f"{name}: loss {out_b[0]} != {out_bt[0]}"
+        assert torch.equal(grad_b, grad_bt), f"{name}: gradients differ"
+        for a, b in zip(out_b[1:], out_bt[1:]):
+            assert (a == b) if not torch.is_tensor(a) else torch.equal(a, b), name
+
+
+# --------------------------------------------------------------------------------------------
+# OpenRLHF
+# --------------------------------------------------------------------------------------------
+def _openrlhf_baseline64(raw, n, estimator, indices):
+    """OpenRLHF 0.11.2's baseline step: scatter to prompt order, view (-1, n), shape, gather."""
+    r = raw.double()
+    ordered = torch.empty_like(r)
+    ordered[indices] = r
+    g = ordered.reshape(-1, n)
+    if estimator == "rloo":
+        g = g - (g.sum(-1, keepdim=True) - g) / (n - 1)
+    elif estimator in ("reinforce_baseline", "dr_grpo"):
+        g = g - g.mean(-1, keepdim=True)
+    elif estimator == "group_norm":
+        g = (g - g.mean(-1, keepdim=True)) / (g.std(-1, keepdim=True) + 1e-9)
+    elif estimator == "flash_reinforce":
+        g = g - g.mean()
+    return g.reshape(-1)[indices]
+
+
+@pytest.mark.parametrize("estimator", ["group_norm", "dr_grpo", "rloo", "reinforce_baseline",
+                                       "flash_reinforce", "reinforce", "gae"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_openrlhf_group_baselines(estimator, dtype):
+    n, N = 4, 16
+    raw = torch.randn(N, device=DEVICE).to(dtype)
+    raw[4:8] = 0.5  # a prompt whose samples all score the same
+    indices = torch.randperm(N, device=DEVICE)
+    out = our_openrlhf.group_baseline_rewards(raw, n, estimator, indices)
+    ref = _openrlhf_baseline64(raw, n, estimator, indices)
+    assert out.dtype == torch.promote_types(dtype, torch.float32)
+    _close(out, ref, name=f"{estimator} {dtype}")
+    in_order = our_openrlhf.group_baseline_rewards(raw, n, estimator)
+    _close(in_order, _openrlhf_baseline64(raw, n, estimator, torch.arange(N, device=DEVICE)),
+           name=f"{estimator} in prompt order")
+
+
+def test_openrlhf_group_baseline_errors():
+    r = torch.randn(6, device=DEVICE)
+    with pytest.raises(ValueError, match="whole groups"):
+        our_openrlhf.group_baseline_rewards(r, 4, "rloo")
+    with pytest.raises(ValueError, match="n_samples_per_prompt > 1"):
+        our_openrlhf.group_baseline_rewards(r, 1, "group_norm")
+    with pytest.raises(ValueError, match="OpenRLHF's"):
+        our_openrlhf.group_baseline_rewards(r, 3, "grpo")
+    with pytest.raises(ValueError, match=r"\(N,\)"):
+        our_openrlhf.group_baseline_rewards(r.view(2, 3), 3, "rloo")
+    with pytest.raises(ValueError, match="indices"):
+        our_openrlhf.group_baseline_rewards(r, 3, "rloo", torch.arange(5))
+    # one sample per prompt: r - mean = 0 for the mean baselines, as OpenRLHF
+    assert not our_openrlhf.group_baseline_rewards(r, 1, "dr_grpo").any()
+
+
+def _openrlhf_gspo64(old, logp, adv, mask, low, high, dual_clip, dp_size=1,
+                     global_batch_size=None):
+    """OpenRLHF's GSPO: ratio = exp(mean over valid tokens of logp - old) per row, unclamped,
+    gradient through the mean; PPO clip (and dual clip); per-sample aggregation."""
+    m = (mask != 0).double()
+    d = logp - old
+    ratio = torch.exp((d * m).sum(-1) / m.sum(-1).clamp_min(1))[:, None] * m
+    surr1, surr2 = ratio * adv, ratio.clamp(1 - low, 1 + high) * adv
+    inner = torch.minimum(surr1, surr2)
+    if dual_clip is not None:
+        inner = torch.where(adv < 0, torch.maximum(inner, dual_clip * adv), inner)
+    per_token = -inner
+    has = m.sum(-1) > 0
+    rows = (per_token * m).sum(-1) / m.sum(-1).clamp_min(1)
+    n_rows = has.double().sum() if global_batch_size is None else global_batch_size
+    loss = rows[has].sum() / n_rows * (dp_size if global_batch_size is not None else 1)
+    clip_ratio = _masked_mean64((surr2 < surr1).double(), mask)
+    return loss, (clip_ratio, _masked_mean64(-d, mask))
+
+
+@pytest.mark.parametrize("dual_clip", [None, 3.0])
+@pytest.mark.parametrize("per_row", [True, False])
+@pytest.mark.parametrize("global_info", [{}, {"dp_size": 2, "global_batch_size": 9}])
+def test_openrlhf_gspo_against_float64(dual_clip, per_row, global_info):
+    old, logp, adv, mask = _rollout(per_row=per_row)
+    logp[4] = old[4] + 1.5  # a row far past the clip range
+    this = _openrlhf_loss_self("gspo", dual_clip=dual_clip)
+
+    def ours(lp):
+        loss, clip_ratio, ppo_kl, vllm_kl, filtered = our_openrlhf.policy_loss_forward(
+            this, lp, old, adv, mask, None, **global_info)
+        assert vllm_kl is None and filtered is None
+        return loss, (clip_ratio, ppo_kl)
+
+    value, grad, (clip_ratio, ppo_kl) = _value_and_grad(ours, logp)
+    ref, ref_grad, (ref_clip, ref_kl) = _value_and_grad(
+        lambda lp: _openrlhf_gspo64(old.double(), lp, adv.double(), mask, 0.2, 0.27, dual_clip,
+                                    **global_info), logp.double())
+    _close(value, ref, name="gspo loss")
+    _close(grad, ref_grad, name="gspo d logp")
+    _close(clip_ratio, ref_clip, name="clip_ratio")
+    _close(ppo_kl, ref_kl, name="ppo_kl")
+    assert value.dtype == clip_ratio.dtype == ppo_kl.dtype == torch.float32
+
+
+def test_openrlhf_gspo_without_mask_goes_to_openrlhf(monkeypatch):
+    monkeypatch.setattr(our_openrlhf, "original",
+                        lambda module, name: lambda *a: ("OpenRLHF", name))
+    old, logp, adv, _ = _rollout()
+    out = our_openrlhf.policy_loss_forward(_openrlhf_loss_self("gspo"), logp, old, adv, None)
+    assert out == ("OpenRLHF", "PolicyLoss.forward")
+
+
+# --------------------------------------------------------------------------------------------
+# registration under veRL's names
+# --------------------------------------------------------------------------------------------
+@pytest.fixture
+def fake_verl(monkeypatch):
+    """A stand-in veRL with the functions and registries patch_verl targets, under veRL's
+    names (whatever veRL is or is not installed, these modules are used and then removed)."""
+    modules = {}
+    for name in ("verl", "verl.trainer", "verl.trainer.ppo", "verl.trainer.ppo.core_algos",
+                 "verl.utils", "verl.utils.torch_functional"):
+        modules[name] = types.ModuleType(name)
+        monkeypatch.setitem(sys.modules, name, modules[name])
+    core = modules["verl.trainer.ppo.core_algos"]
+    functional = modules["verl.utils.torch_functional"]
+
+    def stand_in(name):
+        def fn(*args, **kwargs):
+            return ("veRL", name)
+        fn.__name__ = name
+        return fn
+
+    core.ADV_ESTIMATOR_REGISTRY, core.POLICY_LOSS_REGISTRY = {}, {}
+    for registry, ours in ((core.ADV_ESTIMATOR_REGISTRY, our_verl.ADVANTAGE_ESTIMATORS),
+                           (core.POLICY_LOSS_REGISTRY, our_verl.POLICY_LOSSES)):
+        for key, fn in ours.items():
+            setattr(core, fn.__name__, stand_in(fn.__name__))
+            registry[key] = getattr(core, fn.__name__)
+    for name in ("kl_penalty", "compute_policy_loss", "compute_value_loss"):
+        setattr(core, name, stand_in(name))
+    for name in ("logprobs_from_logits", "entropy_from_logits",
+                 "entropy_from_logits_with_chunking"):
+        setattr(functional, name, stand_in(name))
+    monkeypatch.setattr(integrations, "_ORIGINALS", {})
+    return core
+
+
+def test_patch_verl_registers_under_verl_names(fake_verl):
+    before = {**fake_verl.ADV_ESTIMATOR_REGISTRY, **fake_verl.POLICY_LOSS_REGISTRY}
+    expected = {**our_verl.ADVANTAGE_ESTIMATORS, **our_verl.POLICY_LOSSES}
+    assert set(our_verl.ADVANTAGE_ESTIMATORS) == {
+        "gae", "grpo", "grpo_vectorized", "rloo", "rloo_vectorized", "reinforce_plus_plus",
+        "reinforce_plus_plus_baseline"}
+    assert set(our_verl.POLICY_LOSSES) == {"vanilla", "gspo", "cispo"}
+    with integrations.patch_verl() as patch:
+        assert not patch.skipped
+        registries = {**fake_verl.ADV_ESTIMATOR_REGISTRY, **fake_verl.POLICY_LOSS_REGISTRY}
+        for key, fn in expected.items():
+            assert registries[key] is fn, key
+            assert getattr(fake_verl, fn.__name__) is fn, fn.__name__
+        # a fallback reaches veRL's own function while the patch is active
+        assert integrations.original("verl.trainer.ppo.core_algos",
+                                     "compute_policy_loss_gspo")() == (
+            "veRL", "compute_policy_loss_gspo")
+    after = {**fake_verl.ADV_ESTIMATOR_REGISTRY, **fake_verl.POLICY_LOSS_REGISTRY}
+    assert after == before
+    with integrations.patch_verl(keep_fp32=True):
+        wrapped = fake_verl.ADV_ESTIMATOR_REGISTRY["grpo"]
+        assert wrapped is not our_verl.compute_grpo_outcome_advantage
+        rewards, mask = torch.randn(4, 3), torch.ones(4, 3, dtype=torch.bool)
+        adv, _ = wrapped(rewards.bfloat16(), mask, [0, 0, 1, 1])
+        assert adv.dtype == torch.float32  # veRL's dtype would be bf16
+
+
+# --------------------------------------------------------------------------------------------
+# against the frameworks themselves, where they are importable
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def verl_core():
+    return pytest.importorskip("verl.trainer.ppo.core_algos")
+
+
+def _verl_actor_config(**fields):
+    """A veRL ActorConfig carrying just the fields the losses read (GSPO and CISPO check its
+    type); built without the dataclass' validation of the fields they do not read."""
+    from verl.workers.config import ActorConfig
+
+    class Config(ActorConfig):
+        strategy, rollout_n = "fsdp", 1  # abstract in ActorConfig
+
+    config = object.__new__(Config)
+    for key, value in fields.items():
+        object.__setattr__(config, key, value)
+    return config
+
+
+@pytest.mark.parametrize("name", ["grpo", "grpo_vectorized", "rloo", "rloo_vectorized",
+                                  "reinforce_plus_plus_baseline", "reinforce_plus_plus"])
+def test_verl_estimators_against_verl(verl_core, name):
+    B, T = len(_INDEX), 6
+    rewards = torch.randn(B, T)
+    mask = _holes_mask(B, T).cpu()
+    config = _ActorConfig(gamma=0.9)
+    theirs_fn = verl_core.get_adv_estimator_fn(name)
+    call, _ = _estimator_cases(rewards, mask, _INDEX, config)[name]
+    ours = call(our_verl.ADVANTAGE_ESTIMATORS[name])
+    theirs = call(lambda r, *a, **k: theirs_fn(r.clone(), *a, **k))
+    for o, t, what in zip(ours, theirs, ("advantages", "returns")):
+        assert o.dtype == t.dtype, f"{name} {what}"
+        _close(o, t, name=f"{name} {what}")
+
+
+@pytest.mark.parametrize("loss", ["gspo", "cispo"])
+@pytest.mark.parametrize("mode", _MODES)
+def test_verl_gspo_cispo_against_verl(verl_core, loss, mode):
+    old, logp, adv, mask = _rollout(per_row=True)
+    old, logp, adv, mask = old.cpu(), logp.cpu(), adv.cpu(), mask.cpu()
+    config = _verl_actor_config(clip_ratio=0.2, clip_ratio_low=0.15, clip_ratio_high=0.28,
+                                global_batch_info={})
+    theirs_fn = verl_core.get_policy_loss_fn(loss)
+    value, grad, metrics = _value_and_grad(
+        lambda lp: our_verl.POLICY_LOSSES[loss](old, lp, adv, mask, mode, config), logp)
+    ref, ref_grad, ref_metrics = _value_and_grad(
+        lambda lp: theirs_fn(old, lp, adv, mask, mode, config), logp)
+    _close(value, ref, name=f"{loss} {mode}")
+    _close(grad, ref_grad, name=f"{loss} {mode} d logp")
+    _assert_metrics(metrics, ref_metrics, f"{loss} {mode}")
+
+
+@pytest.mark.parametrize("dual_clip", [None, 3.0])
+def test_openrlhf_gspo_against_openrlhf(dual_clip):
+    loss_module = pytest.importorskip("openrlhf.models.loss")
+    old, logp, adv, mask = (t.cpu() for t in _rollout(per_row=False))
+    module = loss_module.PolicyLoss(0.2, 0.27, dual_clip=dual_clip, policy_loss_type="gspo")
+    value, grad, _ = _value_and_grad(
+        lambda lp: (our_openrlhf.policy_loss_forward(module, lp, old, adv, mask)[0], None), logp)
+    own = integrations.original("openrlhf.models.loss", "PolicyLoss.forward")
+    ref, ref_grad, _ = _value_and_grad(lambda lp: (own(module, lp, old, adv, mask)[0], None),
+                                       logp)
+    _close(value, ref, name="gspo loss")
+    _close(grad, ref_grad, name="gspo d logp")
