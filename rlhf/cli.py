@@ -1,13 +1,16 @@
-"""`rlhf sft | rm | ppo | pipeline [config.yaml] [key=value ...] [--resume]` and `rlhf plan ...`.
+"""`rlhf sft | rm | ppo | grpo | pipeline [config.yaml] [key=value ...] [--resume]`; `rlhf plan`.
 
 Each command builds its stage's config dataclass (defaults, then the YAML file, then the
 overrides; see rlhf/config.py) and calls the stage's entry point:
 
     rlhf sft       rlhf.sft.SFTConfig           -> rlhf.sft.train(cfg)
     rlhf rm        rlhf.reward.RewardConfig     -> rlhf.reward.train(cfg)
-    rlhf ppo       rlhf.ppo.PPOConfig           -> rlhf.ppo.train(cfg)
+    rlhf ppo       rlhf.rl.PPOConfig            -> rlhf.rl.train(cfg)   (algorithm=ppo)
+    rlhf grpo      rlhf.rl.GRPOConfig           -> rlhf.rl.train(cfg)   (algorithm=grpo)
     rlhf pipeline  rlhf.pipeline.PipelineConfig -> rlhf.pipeline.run(cfg)
 
+`rlhf ppo` and `rlhf grpo` are one RL stage; they differ only in the default algorithm (and
+output_dir): either takes `algorithm=` (ppo, grpo, dr_grpo, rloo, gspo, dapo, cispo).
 `rlhf pipeline` with no arguments runs all three stages on the built-in review task.
 `--resume` sets `resume=true` (the stage continues from its last checkpoint);
 `--print-config` prints the resolved config as YAML (for the pipeline: the settings each stage
@@ -46,10 +49,15 @@ STAGES: dict[str, Stage] = {
                  "supervised fine-tuning on prompt/completion or messages data"),
     "rm": Stage("rlhf.reward", "RewardConfig", "train",
                 "reward model (Bradley-Terry) on prompt/chosen/rejected pairs"),
-    "ppo": Stage("rlhf.ppo", "PPOConfig", "train",
-                 "PPO against the reward model, KL-regularised to the reference"),
+    "ppo": Stage("rlhf.rl", "PPOConfig", "train",
+                 "PPO against the reward model, KL-regularised to the reference (the RL stage; "
+                 "algorithm= picks another)"),
+    "grpo": Stage("rlhf.rl", "GRPOConfig", "train",
+                  "GRPO (critic-free, group_size samples per prompt): the RL stage with "
+                  "algorithm=grpo"),
     "pipeline": Stage("rlhf.pipeline", "PipelineConfig", "run",
-                      "SFT -> reward model -> PPO; with no arguments, on the built-in task"),
+                      "SFT -> reward model -> RL (algorithm=ppo|grpo|...); with no arguments, "
+                      "PPO on the built-in task"),
 }
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
@@ -60,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
         description="A lean one-GPU RLHF trainer: SFT -> reward model -> PPO.",
         epilog="Example: rlhf pipeline ppo.kl_coef=0.05 sft.max_steps=200",
     )
-    commands = parser.add_subparsers(dest="command", metavar="{sft,rm,ppo,pipeline,plan}")
+    commands = parser.add_subparsers(dest="command",
+                                     metavar="{sft,rm,ppo,grpo,pipeline,plan}")
     commands.add_parser("plan", add_help=False,
                         help="expected peak memory per PPO stage and the largest batch that fits")
     for name, stage in STAGES.items():

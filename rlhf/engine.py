@@ -38,8 +38,10 @@ Layout of the result (``Generation``)::
 R is trimmed to the longest response actually generated (``<= max_new_tokens``).
 
 Entry points: ``generate(model, prompt_ids, prompt_mask, max_new_tokens, ...)`` for one call, or a
-``RolloutEngine`` kept across PPO iterations (reuses its cache and captured graph while the batch
+``RolloutEngine`` kept across RL iterations (reuses its cache and captured graph while the batch
 shape stays the same; ``release()`` frees them before a memory-hungry phase).
+``samples_per_prompt=G`` samples G responses of every prompt (the groups of GRPO and its
+family): the prompts are repeated in place, rows b*G .. b*G + G - 1 belonging to prompt b.
 """
 
 from __future__ import annotations
@@ -479,8 +481,13 @@ class RolloutEngine:
         greedy: bool = False,
         seed: int | None = None,
         generator: torch.Generator | None = None,
+        samples_per_prompt: int = 1,
     ) -> Generation:
         """prompt_ids, prompt_mask (B, P) LEFT-padded -> Generation (module docstring).
+
+        ``samples_per_prompt`` = G > 1 samples G responses of each prompt (a critic-free RL
+        group): the result has B x G rows, rows b*G .. b*G + G - 1 those of prompt b. Each row
+        draws its own tokens, so the G responses differ.
 
         temperature > 0 scales the logits for sampling and for the recorded log-probs; greedy
         takes the argmax. ``seed`` (or a ``generator`` on the prompts' device) makes the draws
@@ -497,7 +504,14 @@ class RolloutEngine:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if isinstance(samples_per_prompt, bool) or not isinstance(samples_per_prompt, int) \
+                or samples_per_prompt < 1:
+            raise ValueError(f"samples_per_prompt must be an integer >= 1, got "
+                             f"{samples_per_prompt!r}")
         _check_prompts(prompt_ids, prompt_mask)
+        if samples_per_prompt > 1:
+            prompt_ids = prompt_ids.repeat_interleave(samples_per_prompt, dim=0)
+            prompt_mask = prompt_mask.repeat_interleave(samples_per_prompt, dim=0)
         device = prompt_ids.device
         if generator is None and seed is not None:
             generator = torch.Generator(device=device)

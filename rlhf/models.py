@@ -787,6 +787,26 @@ class SharedBackbone(nn.Module):
             layer.reset_lora_parameters(role, config.init_lora_weights)
         self.base_modified = True
 
+    def drop_role(self, role: str) -> None:
+        """Delete ``role``'s adapter from every layer, freeing its parameters (e.g. the critic of
+        a critic-free RL run, which never uses it). ``roles`` loses it; ``save`` writes the
+        others. The role's head (H + 1 numbers) stays, frozen."""
+        role = self._check_role(role)
+        remaining = tuple(r for r in self.roles if r != role)
+        if not remaining:
+            raise ValueError(f"cannot drop {role!r}: it is the backbone's only role")
+        active = self._active_role if self._active_role != role else remaining[0]
+        with _quiet_peft(), warnings.catch_warnings():
+            # PEFT says it activates another adapter; the switch below decides which
+            warnings.filterwarnings("ignore", message=".*was active which is now deleted.*")
+            self.peft_model.delete_adapter(role)
+        self.roles = remaining
+        self._trainable_roles.discard(role)
+        self._lora_layers = self._find_lora_layers(self.peft_model)
+        # PEFT activated adapters of its choosing: switch every layer to ours explicitly
+        self._active_role = active
+        self._switch(self._lora_layers, active)
+
     @torch.no_grad()
     def init_critic_from_reward(self) -> None:
         """Copy the reward adapter and ``reward_head`` into the critic adapter and ``value_head``

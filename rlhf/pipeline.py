@@ -1,13 +1,17 @@
-"""SFT -> pairs -> reward model -> PPO -> evaluation, on the built-in task or on your data.
+"""SFT -> pairs -> reward model -> RL -> evaluation, on the built-in task or on your data.
 
-``rlhf pipeline`` (no arguments) calls ``run(PipelineConfig())``. Everything lands under
-``cfg.output_dir`` (default ``runs/pipeline``)::
+``rlhf pipeline`` (no arguments) calls ``run(PipelineConfig())``. The RL stage runs
+``algorithm`` (default ppo; grpo, dr_grpo, rloo, gspo, dapo, cispo: rlhf/rl.py) with the
+``ppo.*`` settings; its folder is named after the algorithm (``ppo/``, ``grpo/``, ...), and the
+summary's ``ppo_*`` figures are those of the RL policy whatever the algorithm (``algorithm``
+says which). Everything lands under ``cfg.output_dir`` (default ``runs/pipeline``)::
 
     tokenizer/            the BPE tokenizer trained on the corpus
     sft/                  SFT metrics.jsonl, checkpoints/, model/ (the tiny Llama = the reference)
     pairs.jsonl           preference pairs sampled from the SFT model, labelled by VADER + noise
     rm/                   reward-model metrics.jsonl, checkpoints/, backbone/ (reward adapter)
     ppo/                  PPO metrics.jsonl, checkpoints/, backbone/ (policy, critic, reward)
+                          (grpo/ etc. for another algorithm: no critic)
     metrics.jsonl         the PPO curves (a copy of ppo/metrics.jsonl)
     curves.png            proxy reward, gold reward, KL, entropy, losses per PPO iteration
     samples.md            held-out samples of the SFT model and of the PPO policy, with scores
@@ -50,9 +54,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rlhf import ppo, reward, sft, stage, task
+from rlhf import reward, sft, stage, task
+from rlhf import rl as ppo
 from rlhf.checkpoint import (
     PIPELINE_RUN_FILES,
+    STAGE_RUN_FILES,
     RunDirectory,
     atomic_directory,
     atomic_write_text,
@@ -108,6 +114,7 @@ class PipelineConfig:
     sample_batch_size: int = 256
     eval_samples: int = 400  # built-in task: responses per policy on held-out prompts
     kl_bound: float | None = None  # built-in task; None: ppo.kl_target
+    algorithm: str = "ppo"  # the RL stage's: ppo | grpo | dr_grpo | rloo | gspo | dapo | cispo
     # torch intra-op threads when running on the CPU (None: torch's default, OMP_NUM_THREADS).
     # The tiny model's matrices are too small to gain much from more threads, and when other
     # processes share the cores, multi-thread barriers make every op many times slower
@@ -131,7 +138,7 @@ class PipelineConfig:
 
 # Stage settings the pipeline sets for every stage from its own field of the same name.
 _SET_BY_PIPELINE = ("output_dir", "seed", "device", "max_memory", "resume", "overwrite",
-                    "cpu_threads")
+                    "cpu_threads", "algorithm")
 # Stage settings that mean nothing inside the pipeline, and why.
 _NOT_IN_PIPELINE = {
     ("sft", "corpus_size"): "the built-in corpus has the pipeline's corpus_size",
@@ -147,6 +154,25 @@ _NOT_IN_PIPELINE = {
 _TINY_MODEL_ONLY = ("vocab_size", "hidden_size", "num_layers")
 _BUILTIN_TASK_ONLY = ("corpus_size", "pair_prompts", "label_beta", "eval_samples", "kl_bound")
 _STAGE_FOLDERS = {"sft": "sft", "reward": "rm", "ppo": "ppo"}
+# The RL stage's folder is named after its algorithm (ppo/ for PPO, as before the others).
+_RL_RUN_FILES = tuple(f"{algorithm}/{name}" for algorithm in ppo.ALGORITHMS if algorithm != "ppo"
+                      for name in STAGE_RUN_FILES)
+_LABELS = {"ppo": "PPO", "grpo": "GRPO", "dr_grpo": "Dr. GRPO", "rloo": "RLOO", "gspo": "GSPO",
+           "dapo": "DAPO", "cispo": "CISPO"}
+
+
+def _stage_folders(cfg: PipelineConfig) -> dict[str, str]:
+    return {**_STAGE_FOLDERS, "ppo": cfg.algorithm}
+
+
+def _critic_free(cfg: PipelineConfig) -> bool:
+    return not replace(cfg.ppo, algorithm=cfg.algorithm,
+                       **_critic_defaults()).settings.uses_critic
+
+
+def _critic_defaults() -> dict:
+    defaults = {f.name: f.default for f in fields(ppo.RLConfig)}
+    return {name: defaults[name] for name in ppo.CRITIC_SETTINGS}
 
 
 def _field_default(config, name: str):
@@ -156,8 +182,11 @@ def _field_default(config, name: str):
 def check_settings(cfg: PipelineConfig) -> tuple[bool, tuple[str, ...]]:
     """Refuse, with one clear ValueError, a setting the pipeline cannot honour. Returns
     (own_data: the run uses your datasets, the top-level settings it does not use)."""
+    if cfg.algorithm not in ppo.ALGORITHMS:
+        raise ValueError(f"algorithm={cfg.algorithm!r} is not an RL algorithm; expected one of "
+                         f"{ppo.ALGORITHMS}")
     out = Path(cfg.output_dir)
-    for stage_name, folder in _STAGE_FOLDERS.items():
+    for stage_name, folder in _stage_folders(cfg).items():
         stage_cfg = getattr(cfg, stage_name)
         for name in _SET_BY_PIPELINE:
             if not hasattr(stage_cfg, name):
@@ -169,6 +198,15 @@ def check_settings(cfg: PipelineConfig) -> tuple[bool, tuple[str, ...]]:
                          else f"sets it for every stage from its own {name}")
                 raise ValueError(f"{stage_name}.{name}={value!r} cannot be set in rlhf pipeline: "
                                  f"the pipeline {where}; set {name}= instead")
+    if _critic_free(cfg):
+        # the stage starts from the task's (or the stages') PPO settings; one of their critic
+        # settings changed by the user would be ignored by a run without a critic
+        starts = (_ppo_defaults(), ppo.PPOConfig())
+        for name in ppo.CRITIC_SETTINGS:
+            value = getattr(cfg.ppo, name)
+            if all(value != getattr(start, name) for start in starts):
+                raise ValueError(f"ppo.{name}={value!r} has no effect with algorithm="
+                                 f"{cfg.algorithm} (no critic); remove it")
     for (stage_name, name), why in _NOT_IN_PIPELINE.items():
         stage_cfg = getattr(cfg, stage_name)
         value = getattr(stage_cfg, name)
@@ -205,11 +243,13 @@ def _stage_configs(cfg: PipelineConfig) -> dict:
     """Copies of the stage configs with the settings the pipeline sets (cfg stays as given)."""
     out = Path(cfg.output_dir)
     stages = {}
-    for name, folder in _STAGE_FOLDERS.items():
+    for name, folder in _stage_folders(cfg).items():
         stage_cfg = getattr(cfg, name)
         settings = {"output_dir": str(out / folder), "seed": cfg.seed, "device": cfg.device,
                     "max_memory": cfg.max_memory, "resume": cfg.resume,
-                    "cpu_threads": cfg.cpu_threads}
+                    "cpu_threads": cfg.cpu_threads, "algorithm": cfg.algorithm}
+        if name == "ppo" and _critic_free(cfg):
+            settings.update(_critic_defaults())  # no critic (check_settings saw none was set)
         stages[name] = replace(stage_cfg, **{key: value for key, value in settings.items()
                                              if hasattr(stage_cfg, key)})
     return stages
@@ -222,6 +262,12 @@ def _used_config(cfg: PipelineConfig, stages: dict, unused: tuple[str, ...]) -> 
     for name, stage_cfg in stages.items():
         used[name] = {key: value for key, value in asdict(stage_cfg).items()
                       if (name, key) not in _NOT_IN_PIPELINE and key != "overwrite"}
+    rl = stages["ppo"]
+    used["ppo"].update({key: value for key, value in asdict(rl.settings).items()
+                        if key in ppo.PRESET_KEYS})  # the presets the run used, resolved
+    if not rl.settings.uses_critic:
+        for key in ppo.CRITIC_SETTINGS:
+            used["ppo"].pop(key)
     return used
 
 
@@ -307,7 +353,8 @@ def run(cfg: PipelineConfig) -> dict:
         torch.set_num_threads(cfg.cpu_threads)
     try:
         with open_run(cfg.output_dir, "pipeline", asdict(cfg), resume=cfg.resume,
-                      overwrite=cfg.overwrite, run_files=PIPELINE_RUN_FILES) as run_dir:
+                      overwrite=cfg.overwrite,
+                      run_files=PIPELINE_RUN_FILES + _RL_RUN_FILES) as run_dir:
             return _run(cfg, run_dir)
     finally:
         torch.set_num_threads(previous_threads)
@@ -337,6 +384,7 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
     own_data, unused = check_settings(cfg)
     stages = _stage_configs(cfg)
     sft_cfg, rm_cfg, ppo_cfg = stages["sft"], stages["reward"], stages["ppo"]
+    label = _LABELS[cfg.algorithm]
     started = time.perf_counter()
     timings: dict[str, float] = {}
     out = Path(cfg.output_dir)
@@ -383,10 +431,11 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
     # ---- 3. preference pairs: yours, or sampled from the SFT model and labelled by VADER ----
     t0 = time.perf_counter()
     rm_summary = _stage_done(out / "rm", cfg.resume, run_dir)
-    ppo_summary = _stage_done(out / "ppo", cfg.resume, run_dir)
+    rl_dir = out / _stage_folders(cfg)["ppo"]
+    ppo_summary = _stage_done(rl_dir, cfg.resume, run_dir)
     # the base weights are the SFT model's (the backbones name its directory, not a copy)
-    if ppo_summary is not None:  # resuming after PPO: its backbone holds every adapter
-        backbone = SharedBackbone.load(out / "ppo" / "backbone", base_model=model)
+    if ppo_summary is not None:  # resuming after RL: its backbone holds every adapter it kept
+        backbone = SharedBackbone.load(rl_dir / "backbone", base_model=model)
     elif rm_summary is not None:
         backbone = SharedBackbone.load(out / "rm" / "backbone", base_model=model)
     else:
@@ -432,7 +481,7 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
         _write_json(out / "rm" / "summary.json", {**rm_summary, "run_id": run_dir.run_id})
     timings["rm_s"] = time.perf_counter() - t0
 
-    # ---- 5. PPO (the gold judge only exists for the built-in task) ----
+    # ---- 5. RL, PPO or another algorithm (the gold judge only exists for the built-in task) ----
     t0 = time.perf_counter()
     if own_data:
         ppo_prompts = [row["prompt"] for row in data.load_prompt_dataset(ppo_cfg.dataset)]
@@ -442,7 +491,7 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
         ppo_summary = _plain(ppo.train(ppo_cfg, backbone=backbone, tokenizer=tokenizer,
                                        prompts=ppo_prompts,
                                        gold_fn=None if own_data else task.gold_scores))
-        _write_json(out / "ppo" / "summary.json", {**ppo_summary, "run_id": run_dir.run_id})
+        _write_json(rl_dir / "summary.json", {**ppo_summary, "run_id": run_dir.run_id})
     timings["ppo_s"] = time.perf_counter() - t0
 
     # ---- 6. samples of the SFT model and the policy: on the built-in task, the held-out
@@ -459,16 +508,18 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
     timings["eval_s"] = time.perf_counter() - t0
 
     # ---- 7. write the results ----
-    shutil.copyfile(out / "ppo" / "metrics.jsonl", out / "metrics.jsonl")
+    shutil.copyfile(rl_dir / "metrics.jsonl", out / "metrics.jsonl")
     shown = [{"prompt": shown_prompts[i], "before": sft_texts[i], "after": ppo_texts[i],
               **({} if own_data else {"gold_before": sft_gold[i], "gold_after": ppo_gold[i]})}
              for i in range(min(cfg.n_show_samples, len(shown_prompts)))]
     plot_curves(out / "metrics.jsonl", out / "curves.png", samples=shown[:4],
-                title="PPO on your data" if own_data else "PPO on the built-in review task")
-    _write_samples(out / "samples.md", shown, own_data)
+                title=f"{label} on your data" if own_data else
+                f"{label} on the built-in review task")
+    _write_samples(out / "samples.md", shown, own_data, label)
     timings["total_s"] = time.perf_counter() - started
     summary = {
         "task": "own data" if own_data else "built-in review task",
+        "algorithm": cfg.algorithm,
         "reward_model": {
             "heldout_accuracy": rm_summary.get("eval_accuracy"),
             "train_pairs": len(train_pairs),
@@ -519,12 +570,12 @@ def _heldout_figures(sft_gold, ppo_gold, kl, kl_bound) -> dict:
     }
 
 
-def _write_samples(path: Path, shown: list[dict], own_data: bool) -> None:
+def _write_samples(path: Path, shown: list[dict], own_data: bool, label: str = "PPO") -> None:
     if own_data:
-        lines = ["# Samples on your PPO prompts: SFT model (before PPO) vs PPO policy (after)",
-                 "", "No gold judge exists for your task: read them.", ""]
+        lines = [f"# Samples on your {label} prompts: SFT model (before {label}) vs {label} "
+                 f"policy (after)", "", "No gold judge exists for your task: read them.", ""]
     else:
-        lines = ["# Held-out samples: SFT model (before PPO) vs PPO policy (after)", "",
+        lines = [f"# Held-out samples: SFT model (before {label}) vs {label} policy (after)", "",
                  "Gold score = VADER compound sentiment in [-1, 1].", ""]
     for row in shown:
         before = f" (gold {row['gold_before']:+.3f})" if "gold_before" in row else ""
@@ -538,6 +589,7 @@ def _write_samples(path: Path, shown: list[dict], own_data: bool) -> None:
 def _print_summary(summary: dict, out: Path) -> None:
     rm = summary["reward_model"]
     accuracy = rm["heldout_accuracy"]
+    label = _LABELS[summary.get("algorithm", "ppo")]
     lines = [f"\nreward model held-out accuracy "
              f"{'n/a' if accuracy is None else format(accuracy, '.3f')}"
              + (f" (label-noise ceiling {rm['noise_ceiling_heldout']:.3f})"
@@ -546,7 +598,8 @@ def _print_summary(summary: dict, out: Path) -> None:
         gold, kl = summary["gold_heldout"], summary["kl_to_reference"]
         lines += [
             f"gold (VADER) on held-out prompts: SFT {gold['sft_mean']:+.3f} +- "
-            f"{gold['sft_stderr']:.3f}, PPO {gold['ppo_mean']:+.3f} +- {gold['ppo_stderr']:.3f}; "
+            f"{gold['sft_stderr']:.3f}, {label} {gold['ppo_mean']:+.3f} +- "
+            f"{gold['ppo_stderr']:.3f}; "
             f"difference {gold['difference']:+.3f} = {gold['difference_in_stderr']:.1f} "
             f"standard errors",
             f"KL(policy || SFT) {kl['mean']:.2f} +- {kl['stderr']:.2f} nats per response "
@@ -554,7 +607,8 @@ def _print_summary(summary: dict, out: Path) -> None:
     else:
         last = summary["ppo_last_iteration"]
         nan = float("nan")
-        lines.append(f"last PPO iteration: proxy reward {last.get('proxy_reward', nan):+.3f}, "
+        lines.append(f"last {label} iteration: proxy reward "
+                     f"{last.get('proxy_reward', nan):+.3f}, "
                      f"KL {last.get('kl', nan):.2f} nats; samples in samples.md")
     lines.append(f"total {summary['timings_s']['total_s']:.0f} s; outputs in {out}")
     print("\n".join(lines))

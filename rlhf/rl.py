@@ -1,0 +1,951 @@
+"""Stage 3, RL: one loop for PPO and the critic-free family (GRPO, Dr. GRPO, RLOO, GSPO, DAPO,
+CISPO); setup -> train -> save. The algorithm only chooses the advantages and the loss.
+
+One iteration::
+
+    prompts (x group_size) --policy adapter, static KV cache--> responses + logp   rlhf.engine
+      -> scores        reward adapter + head at the last real token      SharedBackbone.rewards
+      -> ref_logprobs  adapters off (the SFT model)                       reference_logprobs
+      -> old_logprobs  recorded while sampling, or a policy forward (below)
+      PPO (advantage_estimator="gae"):
+      -> old_values    critic adapter + value head
+      -> rewards       -kl_coef * KL per token + score at the last token  rlhf_kernels.shape_rewards
+      -> advantages, returns                                              rlhf_kernels.gae
+      -> whitened advantages                                              rlhf_kernels.masked_whiten
+      critic-free (advantage_estimator="grpo" | "dr_grpo" | "rloo"):
+      -> one reward per sequence: the score, minus kl_coef * its summed KL when the KL is in
+         the reward (kl_in_loss=false; the default puts kl_coef * k3 in the loss instead)
+      -> one advantage per sequence from its group of group_size samples of the same prompt
+                                                                  rlhf_kernels.group_advantages
+      -> ppo_epochs x minibatches: the policy loss fused from the hidden states
+         (rlhf_kernels.linear_ppo_loss: (B,) advantages as they are, ratio_level, loss_type,
+         reduction, normalizer, the KL term when it is in the loss), and for PPO the clipped
+         value loss
+      -> adaptive KL coefficient update (when kl_target is set)
+
+Algorithms. ``algorithm`` picks a preset (``PRESETS``, the table in the README): the advantage
+estimator, the samples per prompt, the ratio (per token, or GSPO's per sequence), the loss
+(clipped PPO, or CISPO's clipped-weight REINFORCE), the reduction and its normaliser, the clip
+range, and where the KL goes. Every preset value is a setting of its own that wins when given
+(``RLConfig.settings`` is the resolved view). A critic-free run (any estimator but "gae") has no
+critic: the backbone's critic adapter is deleted before training (``drop_role``), no value is
+computed, no critic parameter gets a gradient or optimizer state, and the checkpoints hold the
+policy adapter alone. Dr. GRPO's constant normaliser (rows x max_new_tokens) and DAPO's token
+count (every valid token of the optimizer step, across its gradient-accumulation micro-batches)
+go to the loss op as ``normalizer=`` (``loss_normalizer``).
+
+Groups. With group_size G each iteration draws rollout_batch_size / G prompts and the engine
+samples G responses of each (``samples_per_prompt``): rows g*G .. g*G + G - 1 are one group,
+the consecutive layout ``group_advantages(group_size=G)`` reads. Minibatches then shuffle rows
+freely: the advantages are fixed per rollout.
+
+Rollout. One ``RolloutEngine`` per ``train()`` call samples every iteration's responses; prompts
+are left-padded to ``max_prompt_length`` so that its static KV cache (and on a GPU its captured
+decode step) is built once and replayed. The all-pad prompt columns are dropped again before
+scoring (``Generation.without_prompt_padding``), so the update pays only for real tokens.
+
+Old log-probs. The engine records log_softmax(logits / temperature)[token] of every sampled token
+under the policy adapter, in eval mode (no dropout), from the tempered *unfiltered* distribution.
+That is the quantity the update scores (``linear_ppo_loss`` at the same temperature, no top-k /
+top-p: the filters only decide which token is drawn, so they do not make the recorded values
+differ from a forward), so with ``old_logprobs="auto"`` (default) they are the old log-probs and
+the policy forward of the rollout phase is skipped. The exception is precision: under bf16
+autocast or with non-fp32 base weights the engine's one-token-at-a-time logits round differently
+from the update's teacher-forced chunks (a few 1e-2 nats per token in bf16), which would move
+every ratio away from 1 before any update; there, and with ``old_logprobs="forward"``, a forward
+over the sequences gives the old log-probs, as the update will compute them. In fp32 the two agree
+to about 1e-5 nats (the same math in a different order; tests/test_engine.py).
+
+The critic (PPO) starts as a copy of the reward adapter and head (``init_critic_from_reward``):
+its first value estimates are the reward model's opinion of the partial text, a much better
+start than a random head. The policy and the critic each get their own backward while their
+adapter is active (what gradient checkpointing needs, see rlhf/models.py), their own gradient
+clipping and learning rate, and share one AdamW and one warm-up + cosine schedule.
+
+Token frame. A rollout of S = P + R columns (P prompt, R response) gives per-token tensors over
+the R response positions: column j scores response token j (sequence column P + j) given the
+tokens before it, i.e. the hidden state at sequence position P - 1 + j. ``Rollout.action_mask``
+is the response mask (EOS included, padding after it excluded); every per-token quantity lives in
+that frame. Prompt positions are never projected onto the vocabulary: the reference, old and new
+log-probs cost B x R rows of lm_head work, not B x (S - 1).
+
+Scoring runs ``forward_batch_size`` rows at a time (0: the whole rollout batch in one forward),
+which bounds the no-grad forward's activations for large models.
+
+KL. ``kl`` in the metrics is the mean over sequences of the summed per-token k1 estimate
+(logp - ref_logp) of the sampled responses: an unbiased estimate of KL(policy || reference) per
+sequence, in nats, whatever the algorithm. ``kl_coef`` weighs the penalty where it is applied:
+in the reward (per token, ``kl_estimator``, PPO's default) or in the loss (``kl_in_loss``, k3
+by default, reduced like the policy loss). The adaptive controller (Ziegler et al. 2019) nudges
+``kl_coef`` so that ``kl`` stays near ``kl_target``:
+kl_coef *= 1 + clip(kl / kl_target - 1, -0.2, 0.2) * B / kl_horizon.
+
+Memory. ``peak_memory_mb`` is the stage's own peak: on CUDA the allocator's peak since the stage
+started; on the CPU (Linux) the process's peak resident set size since the stage started (the
+kernel's high-water mark is reset at the start), else the process's lifetime peak.
+
+Non-finite losses: ``nonfinite="error"`` (default) raises with the iteration and the numbers;
+``"skip"`` drops that optimizer step, counts it in the metrics (``skipped_steps``) and warns,
+and still raises after ``max_skipped_steps``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import rlhf_kernels
+from rlhf.engine import Generation, RolloutEngine
+from rlhf.seeding import derived_seed
+from rlhf.stage import (
+    check_common_settings,
+    check_device,
+    check_keep_last,
+    check_max_memory,
+    check_settings,
+    limits_cpu_threads,
+    nonfinite_error,
+    resolve_device,
+    warmup_cosine_schedule,
+)
+
+__all__ = ["ADVANTAGE_ESTIMATORS", "ALGORITHMS", "AdaptiveKLController", "GRPOConfig",
+           "LOSS_NORMALIZERS", "OLD_LOGPROBS_MODES", "PPOConfig", "PRESETS", "RLConfig",
+           "Rollout", "backward_losses", "decode_responses", "encode_prompts", "make_optimizer",
+           "make_rollout", "policy_loss", "printable_config", "recorded_logprobs_match",
+           "train", "value_loss"]
+
+OLD_LOGPROBS_MODES = ("auto", "forward")
+ALGORITHMS = ("ppo", "grpo", "dr_grpo", "rloo", "gspo", "dapo", "cispo")
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo")  # gae: PPO's critic
+ADVANTAGE_NORMS = ("auto", "group", "batch", "none")  # auto: the estimator's own
+# The outer denominator of the loss reduction: "batch" the reduction's own (per micro-batch);
+# "step_tokens" every valid token of the optimizer step (DAPO); "max_length" the step's rows x
+# max_new_tokens (Dr. GRPO's constant).
+LOSS_NORMALIZERS = ("batch", "step_tokens", "max_length")
+
+# The settings each algorithm presets (None in RLConfig = take the preset). clip_ratio_high None
+# here: the same as clip_ratio.
+_BASE = dict(advantage_estimator="gae", group_size=1, ratio_level="token", loss_type="ppo",
+             loss_reduction="token-mean", loss_normalizer="batch", clip_ratio=0.2,
+             clip_ratio_high=None, kl_in_loss=False, kl_estimator="k1")
+_CRITIC_FREE = dict(_BASE, advantage_estimator="grpo", group_size=8, kl_in_loss=True,
+                    kl_estimator="k3", loss_reduction="seq-mean-token-mean")
+PRESETS: dict[str, dict] = {
+    "ppo": _BASE,
+    "grpo": _CRITIC_FREE,
+    "dr_grpo": dict(_CRITIC_FREE, advantage_estimator="dr_grpo",
+                    loss_reduction="seq-mean-token-sum-norm", loss_normalizer="max_length"),
+    "rloo": dict(_CRITIC_FREE, advantage_estimator="rloo", loss_reduction="token-mean"),
+    "gspo": dict(_CRITIC_FREE, ratio_level="sequence"),
+    "dapo": dict(_CRITIC_FREE, loss_reduction="token-mean", loss_normalizer="step_tokens",
+                 clip_ratio_high=0.28),
+    # MiniMax-M1: no lower bound on the weight (1 - 1 = 0), the upper at 1 + 4 = 5 (ScaleRL's
+    # eps_max = 5, TRL's recommendation), tokens of the step as DAPO
+    "cispo": dict(_CRITIC_FREE, loss_type="cispo", loss_reduction="token-mean",
+                  loss_normalizer="step_tokens", clip_ratio=1.0, clip_ratio_high=4.0),
+}
+PRESET_KEYS = tuple(_BASE)
+# Settings only a critic uses: refused (when changed from their default) by a critic-free run.
+CRITIC_SETTINGS = ("critic_lr", "value_clip", "gamma", "lam", "whiten_advantages")
+
+
+@dataclass(frozen=True)
+class AlgorithmSettings:
+    """The resolved settings of a run's algorithm (presets filled in); ``RLConfig.settings``."""
+
+    algorithm: str
+    advantage_estimator: str
+    group_size: int
+    advantage_norm: str | None  # None: the estimator's own (group_advantages' norm=None)
+    ratio_level: str
+    loss_type: str
+    loss_reduction: str
+    loss_normalizer: str
+    clip_ratio: float
+    clip_ratio_high: float
+    kl_in_loss: bool
+    kl_estimator: str
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.advantage_estimator == "gae"
+
+
+@dataclass
+class RLConfig:
+    """RL settings. The defaults are for a pretrained model on one GPU; the built-in task has
+    its own, ``task.PPO_SETTINGS``, which ``rlhf pipeline`` starts from. Settings left at None
+    take the ``algorithm``'s preset (``PRESETS``); ``settings`` is the resolved view."""
+
+    output_dir: str = "runs/ppo"
+    model: str | None = None  # SharedBackbone directory written by the reward stage
+    tokenizer: str | None = None  # defaults to ``model`` (the stages save the tokenizer there)
+    dataset: str | None = None  # prompts file (a "prompt" column) or hub name; None: built-in
+    algorithm: str = "ppo"  # ppo | grpo | dr_grpo | rloo | gspo | dapo | cispo (PRESETS)
+    num_iterations: int = 100
+    rollout_batch_size: int = 64  # sequences per iteration (prompts x group_size)
+    group_size: int | None = None  # samples per prompt; preset: 1 (ppo), 8 (critic-free)
+    minibatch_size: int = 8
+    ppo_epochs: int = 2
+    grad_accum_steps: int = 1
+    max_prompt_length: int = 512  # prompts are left-padded to this width for the rollout engine
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    old_logprobs: str = "auto"  # "auto": recorded while sampling when exact; "forward": recompute
+    forward_batch_size: int = 16  # rows per no-grad scoring forward; 0: the whole rollout batch
+    lr: float = 2e-5  # the policy adapter (LoRA)
+    critic_lr: float = 5e-5  # the critic adapter and value head (PPO)
+    warmup_steps: int = 5
+    min_lr_ratio: float = 0.5
+    grad_clip: float = 1.0
+    kl_coef: float = 0.1
+    kl_target: float | None = 6.0  # nats per sequence; None: fixed kl_coef
+    kl_horizon: int = 500  # samples; larger = slower kl_coef adaptation
+    kl_in_loss: bool | None = None  # KL in the loss (k3) instead of the reward; preset
+    kl_estimator: str | None = None  # per-token estimator; preset: k1 (ppo), k3 (critic-free)
+    advantage_estimator: str | None = None  # gae (critic) | grpo | dr_grpo | rloo; preset
+    advantage_norm: str = "auto"  # group_advantages' norm: group | batch | none; auto: its own
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_ratio: float | None = None  # the ratio's lower clip (and upper, unless clip_ratio_high)
+    clip_ratio_high: float | None = None  # preset: clip_ratio; dapo 0.28; cispo 4.0
+    ratio_level: str | None = None  # token | sequence (GSPO); preset
+    loss_type: str | None = None  # ppo | cispo; preset
+    value_clip: float = 0.2
+    entropy_coef: float = 0.0
+    score_clip: float | None = 5.0
+    loss_reduction: str | None = None  # rlhf_kernels.reference.REDUCTIONS; preset
+    loss_normalizer: str | None = None  # batch | step_tokens | max_length; preset
+    whiten_advantages: bool = True  # PPO's GAE advantages
+    save_every: int = 10  # iterations; 0: only at the end and on Ctrl-C
+    keep_last: int | None = 2  # checkpoints kept (the newest); None: keep every one
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = False  # a fresh run deletes an earlier run's files in output_dir first
+    device: str = "auto"
+    max_memory: float | None = None  # GiB: cap CUDA memory (emulates a smaller card)
+    cpu_threads: int | None = 1  # torch threads on the CPU (None: torch's default); see SFTConfig
+    bf16: bool = True
+    nonfinite: str = "error"
+    max_skipped_steps: int = 10
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm={self.algorithm!r} is not an algorithm; expected one of "
+                             f"{ALGORITHMS}")
+        check_common_settings(self.nonfinite, self.grad_accum_steps, self.minibatch_size,
+                              self.num_iterations)
+        check_max_memory(self.max_memory)
+        check_keep_last(self.keep_last)
+        check_device(self.device)
+        check_settings(self, positive=("lr", "critic_lr", "grad_clip", "clip_ratio",
+                                       "clip_ratio_high", "value_clip", "score_clip",
+                                       "kl_horizon"),
+                       non_negative=("kl_coef", "entropy_coef"),
+                       fractions=("gamma", "lam", "min_lr_ratio"),
+                       counts=("rollout_batch_size", "ppo_epochs", "cpu_threads", "group_size"),
+                       zero_or_more=("warmup_steps", "save_every", "max_skipped_steps"))
+        choices = (("kl_estimator", rlhf_kernels.reference.KL_ESTIMATORS, "an estimator"),
+                   ("loss_reduction", rlhf_kernels.reference.REDUCTIONS, "a reduction"),
+                   ("advantage_estimator", ADVANTAGE_ESTIMATORS, "an advantage estimator"),
+                   ("ratio_level", ("token", "sequence"), "a ratio level"),
+                   ("loss_type", ("ppo", "cispo"), "a loss type"),
+                   ("loss_normalizer", LOSS_NORMALIZERS, "a loss normalizer"),
+                   ("advantage_norm", ADVANTAGE_NORMS, "an advantage norm"))
+        for name, allowed, what in choices:
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                raise ValueError(f"{name}={value!r} is not {what}; expected one of {allowed}"
+                                 + ("" if name == "advantage_norm" else
+                                    " (or null: the algorithm's preset)"))
+        s = self.settings
+        if self.rollout_batch_size % (self.minibatch_size * self.grad_accum_steps):
+            raise ValueError(
+                f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
+                f"minibatch_size x grad_accum_steps ({self.minibatch_size} x "
+                f"{self.grad_accum_steps})"
+            )
+        if self.rollout_batch_size % s.group_size:
+            raise ValueError(f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple "
+                             f"of group_size ({s.group_size}): each iteration samples "
+                             f"group_size responses of rollout_batch_size / group_size prompts")
+        if s.group_size == 1 and s.advantage_estimator in ("dr_grpo", "rloo"):
+            raise ValueError(f"group_size=1 with the {s.advantage_estimator} advantage estimator "
+                             f"gives every sample an advantage of 0 (its group has no other "
+                             f"member to compare with); set group_size >= 2")
+        if self.kl_target is not None and not self.kl_target > 0:
+            raise ValueError(f"kl_target must be > 0 nats or None (fixed kl_coef), got "
+                             f"{self.kl_target}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.max_prompt_length < 1:
+            raise ValueError(f"max_prompt_length must be >= 1, got {self.max_prompt_length}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature} (use a small "
+                             "value such as 1e-4 for near-greedy sampling)")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if self.forward_batch_size < 0:
+            raise ValueError(f"forward_batch_size must be >= 0 (0 = the whole rollout batch), "
+                             f"got {self.forward_batch_size}")
+        if self.old_logprobs not in OLD_LOGPROBS_MODES:
+            raise ValueError(f"old_logprobs={self.old_logprobs!r} is not a mode; expected one of "
+                             f"{OLD_LOGPROBS_MODES}")
+
+    def check_critic_settings(self) -> None:
+        """Refuse a critic setting changed from its default in a run without a critic (it would
+        be ignored). Checked when the run starts, not when the config is built: a config may
+        switch algorithm on the way (the pipeline's RL stage starts from PPO's settings)."""
+        s = self.settings
+        if s.uses_critic:
+            return
+        defaults = {f.name: f.default for f in fields(RLConfig)}
+        changed = [name for name in CRITIC_SETTINGS if getattr(self, name) != defaults[name]]
+        if changed:
+            shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in changed)
+            raise ValueError(f"{shown} has no effect with algorithm={self.algorithm!r} "
+                             f"(advantage_estimator={s.advantage_estimator!r}): it has no "
+                             f"critic; remove it")
+
+    @property
+    def settings(self) -> AlgorithmSettings:
+        """The algorithm's preset with every setting given here (not None) put over it."""
+        preset = PRESETS[self.algorithm]
+        values = {key: getattr(self, key) if getattr(self, key) is not None else preset[key]
+                  for key in PRESET_KEYS}
+        if values["clip_ratio_high"] is None:
+            values["clip_ratio_high"] = values["clip_ratio"]
+        norm = None if self.advantage_norm == "auto" else self.advantage_norm
+        return AlgorithmSettings(algorithm=self.algorithm, advantage_norm=norm, **values)
+
+
+class PPOConfig(RLConfig):
+    """``rlhf ppo``: the RL stage, algorithm ppo by default (any algorithm can be set)."""
+
+
+@dataclass
+class GRPOConfig(RLConfig):
+    """``rlhf grpo``: the RL stage with algorithm grpo (and its own output_dir) by default."""
+
+    output_dir: str = "runs/grpo"
+    algorithm: str = "grpo"
+
+
+def printable_config(cfg: RLConfig) -> dict:
+    """What ``rlhf ppo|grpo --print-config`` shows: the settings, the presets filled in."""
+    from rlhf.config import config_to_dict
+
+    shown = config_to_dict(cfg)
+    resolved = asdict(cfg.settings)
+    for key in PRESET_KEYS:
+        shown[key] = resolved[key]
+    if not cfg.settings.uses_critic:
+        for key in CRITIC_SETTINGS:
+            shown.pop(key)
+    return shown
+
+
+class AdaptiveKLController:
+    """Proportional controller of the KL coefficient (fixed when ``target`` is None)."""
+
+    def __init__(self, init_coef: float, target: float | None, horizon: int):
+        self.value = init_coef
+        self.target = target
+        self.horizon = horizon
+
+    def update(self, kl: float, n_samples: int) -> float:
+        if self.target is not None:
+            error = max(-0.2, min(0.2, kl / self.target - 1.0))
+            self.value *= 1.0 + error * n_samples / self.horizon
+        return self.value
+
+
+@dataclass
+class Rollout:
+    """Everything one RL iteration learns from: B rows, S = P + R columns, R response positions.
+
+    sequences, attention_mask: (B, S) int64; prompt_length: P (the first response column);
+    action_mask: (B, R) float32 (1 on response tokens, EOS included); old_logprobs,
+    ref_logprobs: (B, R) float32 (0 off the action mask), column j about response token j;
+    scores: (B,) float32 reward-model scores.
+    PPO: rewards, advantages, returns, old_values (B, R) float32 (0 off the action mask).
+    Critic-free: rewards (B,) the sequence rewards the groups compare, advantages (B,) one per
+    sequence, old_values and returns None.
+    """
+
+    sequences: torch.Tensor
+    attention_mask: torch.Tensor
+    action_mask: torch.Tensor
+    old_logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    old_values: torch.Tensor | None
+    scores: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor | None
+    prompt_length: int
+
+    def rows(self, index: torch.Tensor) -> Rollout:
+        fields_ = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        return Rollout(**{f: v[index] if isinstance(v, torch.Tensor) else v
+                          for f, v in fields_.items()})
+
+
+def recorded_logprobs_match(backbone, autocast_dtype: torch.dtype | None) -> bool:
+    """Whether the log-probs the rollout engine records are the old log-probs the update would
+    compute (module docstring): fp32 all the way, i.e. no autocast and fp32 base weights.
+
+    Temperature and adapter match by construction (the engine samples with the policy adapter
+    at ``cfg.temperature``), dropout is off in both (eval mode), and top-k / top-p do not enter
+    the recorded values.
+    """
+    return autocast_dtype is None and backbone.dtype == torch.float32
+
+
+def _by_rows(fn, rows: int, *tensors: torch.Tensor) -> torch.Tensor:
+    """fn(*tensors) computed ``rows`` rows at a time (0 or >= B: at once), concatenated."""
+    batch = tensors[0].shape[0]
+    if rows <= 0 or rows >= batch:
+        return fn(*tensors)
+    return torch.cat([fn(*(t[i:i + rows] for t in tensors)) for i in range(0, batch, rows)])
+
+
+@torch.no_grad()
+def make_rollout(backbone, generation: Generation, kl_coef: float, cfg: RLConfig, *,
+                 use_recorded_logprobs: bool = False) -> Rollout:
+    """Score a generation and turn it into the algorithm's targets (everything under no_grad).
+
+    ``use_recorded_logprobs``: the old log-probs are ``generation.logprobs`` (recorded by the
+    engine while sampling) instead of a policy forward over the sequences; only correct when
+    ``recorded_logprobs_match`` says so. Forwards run ``cfg.forward_batch_size`` rows at a time.
+    Critic-free: the generation's rows are consecutive groups of ``group_size`` samples of one
+    prompt (the layout ``RolloutEngine.generate(samples_per_prompt=...)`` gives).
+    """
+    s = cfg.settings
+    seq, mask = generation.sequences, generation.attention_mask
+    prompt_length = generation.prompt_length
+    start = prompt_length - 1  # the hidden state at position P - 1 + j scores response token j
+    action_mask = generation.response_mask.float()
+    chunk = cfg.forward_batch_size
+    scores = _by_rows(backbone.rewards, chunk, seq, mask).float()
+    ref_logprobs = _by_rows(
+        lambda s_, m: backbone.reference_logprobs(s_, m, temperature=cfg.temperature,
+                                                  start=start),
+        chunk, seq, mask)
+    if use_recorded_logprobs:
+        old_logprobs = generation.logprobs
+    else:
+        old_logprobs = _by_rows(
+            lambda s_, m: backbone.token_logprobs(s_, m, role="policy",
+                                                  temperature=cfg.temperature, start=start),
+            chunk, seq, mask)
+    ref_logprobs = ref_logprobs.float() * action_mask
+    old_logprobs = old_logprobs.float() * action_mask
+    # the KL penalty in the reward (off when it is in the loss: there kl_coef weighs the loss term)
+    reward_kl_coef = 0.0 if s.kl_in_loss else kl_coef
+    if s.uses_critic:
+        # the value at position t estimates the return from emitting token t + 1 onwards
+        old_values = _by_rows(backbone.values, chunk, seq, mask)[:, start:-1].float() * action_mask
+        rewards = rlhf_kernels.shape_rewards(
+            scores, old_logprobs, ref_logprobs, action_mask, reward_kl_coef,
+            estimator=s.kl_estimator, score_clip=cfg.score_clip,
+        )
+        advantages, returns = rlhf_kernels.gae(rewards, old_values, action_mask, cfg.gamma,
+                                               cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = rlhf_kernels.masked_whiten(advantages, action_mask)
+        return Rollout(seq, mask, action_mask, old_logprobs, ref_logprobs, old_values, scores,
+                       rewards, advantages, returns, prompt_length)
+    # critic-free: one reward per sequence, the clipped score minus the summed KL penalty (the
+    # per-token shaped rewards summed over the response: the same kernel as PPO's rewards)
+    rewards = rlhf_kernels.shape_rewards(
+        scores, old_logprobs, ref_logprobs, action_mask, reward_kl_coef,
+        estimator=s.kl_estimator, score_clip=cfg.score_clip,
+    ).sum(-1)
+    advantages = group_advantages(rewards, s)
+    return Rollout(seq, mask, action_mask, old_logprobs, ref_logprobs, None, scores, rewards,
+                   advantages, None, prompt_length)
+
+
+def group_advantages(rewards: torch.Tensor, s: AlgorithmSettings) -> torch.Tensor:
+    """(B,) sequence rewards in consecutive groups of ``s.group_size`` -> (B,) fp32 advantages
+    (``rlhf_kernels.group_advantages`` with the run's estimator and norm)."""
+    op = getattr(rlhf_kernels, "group_advantages", None)
+    if op is None:  # the op landed in the reference first
+        op = rlhf_kernels.reference.group_advantages
+    return op(rewards, group_size=s.group_size, estimator=s.advantage_estimator,
+              norm=s.advantage_norm).float()
+
+
+def policy_loss(backbone, batch: Rollout, cfg: RLConfig, *, kl_coef: float | None = None,
+                normalizer: float | torch.Tensor | None = None):
+    """The policy loss of a minibatch -> (loss (), stats dict of detached tensors).
+
+    The policy's hidden states x lm_head go straight into ``linear_ppo_loss``: no (B, N, V)
+    logits, and the gradient is made in the same sweep. The algorithm's settings choose the
+    ratio (per token or per sequence), the loss (clipped PPO or CISPO), the reduction and the
+    KL term (``kl_coef``, default ``cfg.kl_coef``, when the KL is in the loss); ``normalizer``
+    replaces the reduction's outer denominator (a count over the whole optimizer step).
+    Per-sequence (B,) advantages go to the op as they are. Stats include the mean entropy of the
+    policy over response tokens.
+    """
+    s = cfg.settings
+    prompt_length = batch.prompt_length
+    response = batch.sequences[:, prompt_length:]
+    labels = torch.where(batch.action_mask > 0, response, torch.full_like(response, -100))
+    # only the response positions reach the vocabulary projection
+    hidden = backbone.hidden_states(batch.sequences, batch.attention_mask,
+                                    "policy")[:, prompt_length - 1:-1]
+    kl = {}
+    if s.kl_in_loss:
+        kl = dict(ref_logp=batch.ref_logprobs, kl_estimator=s.kl_estimator,
+                  kl_coef=cfg.kl_coef if kl_coef is None else kl_coef)
+    return rlhf_kernels.linear_ppo_loss(
+        hidden, backbone.lm_head_weight(), labels, batch.old_logprobs, batch.advantages,
+        batch.action_mask, bias=backbone.lm_head_bias(), entropy_coef=cfg.entropy_coef,
+        temperature=cfg.temperature, clip_low=s.clip_ratio, clip_high=s.clip_ratio_high,
+        reduction=s.loss_reduction, ratio_level=s.ratio_level, loss_type=s.loss_type,
+        normalizer=normalizer, **kl,
+    )
+
+
+def value_loss(backbone, batch: Rollout, cfg: RLConfig):
+    """Clipped value loss of a minibatch -> (loss (), stats) (PPO's critic)."""
+    values = backbone.values(batch.sequences, batch.attention_mask)
+    values = values[:, batch.prompt_length - 1:-1].float()
+    return rlhf_kernels.ppo_value_loss(values, batch.old_values, batch.returns, batch.action_mask,
+                                       clip=cfg.value_clip, reduction=cfg.settings.loss_reduction)
+
+
+def make_optimizer(policy_params, critic_params, cfg: RLConfig, device: torch.device):
+    """One AdamW over the policy adapter (lr) and, with a critic, the critic adapter + value
+    head (critic_lr); the fused CUDA implementation on a GPU (one kernel for the few hundred
+    adapter tensors). A critic-free run passes no critic parameters: no group, no state."""
+    groups = [{"params": policy_params, "lr": cfg.lr}]
+    if critic_params:
+        groups.append({"params": critic_params, "lr": cfg.critic_lr})
+    return torch.optim.AdamW(groups, weight_decay=0.0, eps=1e-6,
+                             fused=device.type == "cuda" or None)
+
+
+def step_normalizer(cfg: RLConfig, batches: Sequence[Rollout]) -> float | torch.Tensor | None:
+    """The loss's outer denominator for one optimizer step made of ``batches`` (its
+    gradient-accumulation micro-batches), or None for the reduction's own per micro-batch:
+    step_tokens -> every valid token of the step (a 0-d tensor, no host sync); max_length ->
+    the step's rows x max_new_tokens."""
+    mode = cfg.settings.loss_normalizer
+    if mode == "step_tokens":
+        return sum(b.action_mask.sum() for b in batches).clamp_min(1.0)
+    if mode == "max_length":
+        return float(sum(b.sequences.shape[0] for b in batches) * cfg.max_new_tokens)
+    return None
+
+
+def backward_losses(backbone, batch: Rollout, cfg: RLConfig,
+                    autocast_dtype: torch.dtype | None = None, accumulation: int = 1, *,
+                    kl_coef: float | None = None,
+                    normalizer: float | torch.Tensor | None = None):
+    """Policy loss, its backward, then (PPO) value loss, its backward (each while its own
+    adapter is active, which gradient checkpointing needs: rlhf/models.py). The losses are
+    divided by ``accumulation`` (grad_accum_steps) for the backward, except a policy loss whose
+    ``normalizer`` already counts the whole step. Returns (policy loss, stats, value loss or
+    None, stats)."""
+    device_type = batch.sequences.device.type
+    autocast = dict(device_type=device_type, dtype=autocast_dtype,
+                    enabled=autocast_dtype is not None)
+    with torch.autocast(**autocast):
+        p_loss, p_stats = policy_loss(backbone, batch, cfg, kl_coef=kl_coef,
+                                      normalizer=normalizer)
+    (p_loss / (1 if normalizer is not None else accumulation)).backward()  # policy adapter
+    if not cfg.settings.uses_critic:
+        return p_loss, p_stats, None, {}
+    with torch.autocast(**autocast):
+        v_loss, v_stats = value_loss(backbone, batch, cfg)
+    (v_loss / accumulation).backward()  # critic adapter active
+    return p_loss, p_stats, v_loss, v_stats
+
+
+def _worst(values: list[float]) -> float:
+    """The first non-finite value (the one the non-finite guard reports), else the first."""
+    return next((value for value in values if not math.isfinite(value)), values[0])
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    """Start the stage's peak-memory measurement (module docstring)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: "5" resets the process's peak resident set size (VmHWM) to the current one
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass  # elsewhere the lifetime peak is reported
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:  # CPU: peak resident set size since _reset_peak_memory (Linux reports kB)
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _save(directory: Path, backbone, optimizer, scheduler, iteration: int, kl_coef: float,
+          cfg: RLConfig, **extra) -> None:
+    """A checkpoint (+ `extra`, see rlhf.sft._save), then prune to ``cfg.keep_last``."""
+    from rlhf.checkpoint import prune_checkpoints, save_state
+
+    params = {name: p.detach().cpu()
+              for name, p in backbone.named_trainable_parameters(*_trained_roles(cfg))}
+    save_state(directory, iteration=iteration, kl_coef=kl_coef, params=params,
+               optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+               config=asdict(cfg), algorithm=cfg.algorithm, **extra)
+    if cfg.keep_last is not None:
+        prune_checkpoints(directory.parent, cfg.keep_last)
+
+
+def _trained_roles(cfg: RLConfig) -> tuple[str, ...]:
+    return ("policy", "critic") if cfg.settings.uses_critic else ("policy",)
+
+
+def encode_prompts(prompts: Sequence[str], tokenizer, max_length: int):
+    """Prompts -> (ids, mask) (N, max_length) int64, LEFT-padded to exactly ``max_length``
+    columns, so that every rollout batch has the same width (the engine's cache and captured
+    decode step are reused)."""
+    from rlhf import data
+
+    data.ensure_pad_token(tokenizer)
+    too_long = [n for n in (len(data.encode_prompt(prompt, tokenizer, row=row))
+                            for row, prompt in enumerate(prompts)) if n > max_length]
+    if too_long:  # a cut prompt would be another task, a dropped one silently missing
+        raise ValueError(
+            f"{len(too_long)} of {len(prompts)} prompts are longer than max_prompt_length="
+            f"{max_length} tokens (the longest has {max(too_long)}); raise max_prompt_length "
+            f"(ppo.max_prompt_length in rlhf pipeline) to at least {max(too_long)}, or shorten "
+            f"or remove those prompts"
+        )
+    enc = data.tokenize_prompts(prompts, tokenizer, max_length=max_length)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    missing = max_length - ids.shape[1]
+    if missing > 0:
+        ids = torch.cat([ids.new_full((ids.shape[0], missing), tokenizer.pad_token_id), ids], 1)
+        mask = torch.cat([mask.new_zeros((mask.shape[0], missing)), mask], 1)
+    return ids, mask
+
+
+def _check_resumed_algorithm(cfg: RLConfig) -> None:
+    """A resumed run keeps its algorithm: refuse another one with a message that says so
+    (before the general settings check, whose list of changes would bury it)."""
+    from rlhf.checkpoint import MANIFEST_FILE, RunDirectoryError
+
+    path = Path(cfg.output_dir) / MANIFEST_FILE
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # no manifest (or a broken one: open_run says so)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
+        return
+    before = manifest["config"].get("algorithm", manifest.get("kind"))
+    if before in ALGORITHMS and before != cfg.algorithm:
+        raise RunDirectoryError(
+            f"--resume of {cfg.output_dir!r}: that run trains with algorithm={before!r}, this "
+            f"one asks for algorithm={cfg.algorithm!r}. A run cannot change its algorithm "
+            f"midway (its checkpoints hold {before}'s optimizer state and its metrics {before}'s "
+            f"curves). Resume with algorithm={before}, or start the {cfg.algorithm} run in a new "
+            f"output_dir=... (overwrite=true replaces the old run)")
+
+
+@limits_cpu_threads
+def train(
+    cfg: RLConfig,
+    *,
+    backbone=None,
+    tokenizer=None,
+    prompts: Sequence[str] | None = None,
+    gold_fn: Callable[[list[str]], list[float]] | None = None,
+    on_iteration: Callable[[int, dict], None] | None = None,
+) -> dict:
+    """Run the RL stage (``cfg.algorithm``); returns a summary (last metrics, output paths).
+
+    ``backbone`` (a SharedBackbone with trained reward adapter), ``tokenizer`` and ``prompts``
+    replace what ``cfg`` would load. ``gold_fn(response_texts) -> scores`` is a judge that the
+    run does not optimise (VADER on the built-in task), logged beside the proxy reward.
+    ``on_iteration(iteration, metrics)`` runs after every iteration (tests interrupt with it).
+    ``output_dir`` is locked and tied to the run by its run.json, as in ``rlhf.sft.train``; a
+    resume must keep the run's algorithm.
+    """
+    from rlhf import checkpoint
+
+    cfg.check_critic_settings()
+    if cfg.resume:
+        _check_resumed_algorithm(cfg)
+    with checkpoint.open_run(cfg.output_dir, cfg.algorithm, asdict(cfg), resume=cfg.resume,
+                             overwrite=cfg.overwrite) as run:
+        return _train(cfg, run, backbone=backbone, tokenizer=tokenizer, prompts=prompts,
+                      gold_fn=gold_fn, on_iteration=on_iteration)
+
+
+def _group_metrics(scores: torch.Tensor, rewards: torch.Tensor, advantages: torch.Tensor,
+                   group_size: int) -> dict:
+    """Per-group statistics of a critic-free rollout: the spread the advantages come from."""
+    groups = rewards.double().view(-1, group_size)
+    within = groups.std(-1, unbiased=True) if group_size > 1 else torch.zeros(groups.shape[0])
+    return {
+        "group/reward_mean_std": float(groups.mean(-1).std()) if groups.shape[0] > 1 else 0.0,
+        "group/reward_std": float(within.mean()),
+        # no signal: every sample of the prompt got the same reward, so every advantage is 0
+        "group/zero_std_fraction": float((within <= 1e-6).double().mean()),
+        "score_std": float(scores.double().std()) if scores.numel() > 1 else 0.0,
+        "advantage/mean": float(advantages.double().mean()),
+        "advantage/std": float(advantages.double().std()) if advantages.numel() > 1 else 0.0,
+        "advantage/abs_max": float(advantages.abs().max()),
+    }
+
+
+def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iteration) -> dict:
+    from rlhf import data
+    from rlhf.metrics import MetricsLogger
+    from rlhf.models import SharedBackbone
+
+    name = cfg.algorithm
+    s = cfg.settings
+    # ---- setup ----
+    if backbone is None:
+        if cfg.model is None:
+            raise ValueError(f"{type(cfg).__name__}.model is required: the backbone directory "
+                             f"of the reward stage (it holds the trained reward adapter)")
+        from rlhf.models import load_tokenizer
+
+        backbone = SharedBackbone.load(cfg.model, setting="model")
+        tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model,
+                                                setting="tokenizer" if cfg.tokenizer else "model")
+    if prompts is None:
+        if cfg.dataset is None:
+            from rlhf import task
+
+            prompts = task.all_prompts("train")
+        else:
+            prompts = [row["prompt"] for row in data.load_prompt_dataset(cfg.dataset)]
+    if len(prompts) == 0:
+        raise ValueError(f"{name} needs at least one prompt; the prompt dataset is empty")
+    prompt_ids, prompt_mask = encode_prompts(prompts, tokenizer, cfg.max_prompt_length)
+    device = resolve_device(cfg.device, cfg.max_memory)
+    backbone.to(device)
+    if s.uses_critic:
+        backbone.init_critic_from_reward()
+    elif "critic" in backbone.roles:
+        backbone.drop_role("critic")  # never used: its adapter would only take memory
+    policy_params = backbone.trainable_parameters("policy")
+    critic_params = backbone.trainable_parameters("critic") if s.uses_critic else []
+    optimizer = make_optimizer(policy_params, critic_params, cfg, device)
+    minibatches = cfg.rollout_batch_size // cfg.minibatch_size
+    steps_per_iteration = cfg.ppo_epochs * minibatches // cfg.grad_accum_steps
+    scheduler = warmup_cosine_schedule(optimizer, cfg.warmup_steps,
+                                       cfg.num_iterations * steps_per_iteration, cfg.min_lr_ratio)
+    kl_controller = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    autocast_dtype = torch.bfloat16 if (device.type == "cuda" and cfg.bf16) else None
+    # one engine for the whole run: the same (batch, max_prompt_length, max_new_tokens) every
+    # iteration, so its cache and captured decode step are built once
+    engine = RolloutEngine(backbone, role="policy", autocast_dtype=autocast_dtype)
+    use_recorded = cfg.old_logprobs == "auto" and recorded_logprobs_match(backbone,
+                                                                          autocast_dtype)
+    out_dir = Path(cfg.output_dir)
+    ckpt_root = out_dir / "checkpoints"
+    iteration = 0
+    resumed: dict = {}
+    if cfg.resume:
+        last, state = run.resume_checkpoint(ckpt_root)
+        if last is not None:
+            resumed = state
+            named = dict(backbone.named_trainable_parameters(*_trained_roles(cfg)))
+            with torch.no_grad():
+                for key, value in state["params"].items():
+                    named[key].copy_(value)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            kl_controller.value = float(state["kl_coef"])
+            iteration = int(state["iteration"])
+            print(f"[{name}] resumed from {last} at iteration {iteration}")
+    logger = MetricsLogger(out_dir / "metrics.jsonl", append=cfg.resume and iteration > 0,
+                           resume_step=iteration)
+    _reset_peak_memory(device)
+
+    # ---- train ----
+    # a run resumed from its final checkpoint trains no iteration: its summary comes from there
+    skipped = int(resumed.get("skipped_steps", 0))
+    metrics: dict = dict(resumed.get("last_metrics", {}))
+    n_prompts = cfg.rollout_batch_size // s.group_size
+
+    def save(at: int) -> None:
+        _save(ckpt_root / f"step-{at:07d}", backbone, optimizer, scheduler, at,
+              kl_controller.value, cfg, run_id=run.run_id, last_metrics=metrics,
+              skipped_steps=skipped)
+
+    progress = tqdm(total=cfg.num_iterations, initial=iteration, desc=name, dynamic_ncols=True)
+    try:
+        while iteration < cfg.num_iterations:
+            started = time.perf_counter()
+            # dropout draws from the global RNG: seeded per iteration, so resuming replays it
+            torch.manual_seed(derived_seed(cfg.seed, "ppo", iteration))
+            # every random draw of an iteration comes from its own generator: resuming replays
+            # exactly the prompts, samples and minibatches of an uninterrupted run
+            rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration)
+            rows = torch.randint(len(prompts), (n_prompts,), generator=rng)
+            ids, mask = prompt_ids[rows].to(device), prompt_mask[rows].to(device)
+            # the engine draws on the device with its own generator, seeded from this one
+            sample_seed = int(torch.randint(2**62, (1,), generator=rng))
+            backbone.eval()
+            generation = engine.generate(
+                ids, mask, cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, temperature=cfg.temperature,
+                top_k=cfg.top_k, top_p=cfg.top_p, seed=sample_seed,
+                samples_per_prompt=s.group_size,
+            ).without_prompt_padding()
+            rollout_time = time.perf_counter() - started
+            with torch.autocast(device.type, dtype=autocast_dtype,
+                                enabled=autocast_dtype is not None):
+                rollout = make_rollout(backbone, generation, kl_controller.value, cfg,
+                                       use_recorded_logprobs=use_recorded)
+            backbone.train()
+
+            sums: dict[str, float] = {}
+            n_stats = 0
+            for _epoch in range(cfg.ppo_epochs):
+                order = torch.randperm(cfg.rollout_batch_size, generator=rng).to(device)
+                for first in range(0, cfg.rollout_batch_size,
+                                   cfg.minibatch_size * cfg.grad_accum_steps):
+                    batches = [rollout.rows(order[start:start + cfg.minibatch_size])
+                               for start in range(first, first + cfg.minibatch_size
+                                                  * cfg.grad_accum_steps, cfg.minibatch_size)]
+                    normalizer = step_normalizer(cfg, batches)
+                    # a step normaliser makes each micro-batch's loss a part of the step's sum
+                    logged_scale = cfg.grad_accum_steps if normalizer is not None else 1
+                    p_losses, v_losses = [], []
+                    for batch in batches:
+                        p_loss, p_stats, v_loss, v_stats = backward_losses(
+                            backbone, batch, cfg, autocast_dtype, cfg.grad_accum_steps,
+                            kl_coef=kl_controller.value, normalizer=normalizer)
+                        p_losses.append(float(p_loss.detach()) * logged_scale)
+                        for key, value in p_stats.items():
+                            sums[f"policy/{key}"] = sums.get(f"policy/{key}", 0.0) + float(value)
+                        sums["policy/loss"] = sums.get("policy/loss", 0.0) + p_losses[-1]
+                        if v_loss is not None:
+                            v_losses.append(float(v_loss.detach()))
+                            for key, value in v_stats.items():
+                                sums[f"value/{key}"] = sums.get(f"value/{key}", 0.0) \
+                                    + float(value)
+                            sums["value/loss"] = sums.get("value/loss", 0.0) + v_losses[-1]
+                        n_stats += 1
+                    norms = {"policy grad norm": float(torch.nn.utils.clip_grad_norm_(
+                        policy_params, cfg.grad_clip))}
+                    if critic_params:
+                        norms["critic grad norm"] = float(torch.nn.utils.clip_grad_norm_(
+                            critic_params, cfg.grad_clip))
+                    finite = all(math.isfinite(x) for x in p_losses + v_losses
+                                 + list(norms.values()))
+                    if not finite:
+                        optimizer.zero_grad(set_to_none=True)
+                        if cfg.nonfinite == "error" or skipped >= cfg.max_skipped_steps:
+                            losses = {"policy loss": _worst(p_losses)}
+                            if v_losses:
+                                losses["value loss"] = _worst(v_losses)
+                            lrs = {"lr": cfg.lr}
+                            if critic_params:
+                                lrs["critic_lr"] = cfg.critic_lr
+                            raise nonfinite_error(name, f"iteration {iteration + 1}",
+                                                  {**losses, **norms}, lrs, skipped, cfg)
+                        skipped += 1
+                        warnings.warn(f"[{name}] skipped an optimizer step at iteration "
+                                      f"{iteration}: non-finite loss ({skipped} so far)",
+                                      stacklevel=1)
+                    else:
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
+
+            # ---- per-iteration metrics ----
+            am = rollout.action_mask
+            kl_per_seq = ((rollout.old_logprobs - rollout.ref_logprobs) * am).sum(-1)
+            mean_kl = float(kl_per_seq.mean())
+            n_response_tokens = int(am.sum())
+            elapsed = time.perf_counter() - started
+            metrics = {
+                "iteration": iteration + 1,
+                "proxy_reward": float(rollout.scores.mean()),
+                "kl": mean_kl,
+                "kl_coef": kl_controller.value,
+            }
+            if not s.kl_in_loss:  # the KL penalty's part of the reward
+                metrics["non_score_reward"] = float((-kl_controller.value * kl_per_seq).mean())
+            metrics.update({
+                "response_length": float(am.sum(-1).mean()),
+                **{key: value / max(1, n_stats) for key, value in sums.items()},
+                "lr": scheduler.get_last_lr()[0],
+                "skipped_steps": skipped,
+                "rollout_s": rollout_time,
+                "iteration_s": elapsed,
+                "tokens_per_s": n_response_tokens / max(elapsed, 1e-9),
+                "peak_memory_mb": _peak_memory_mb(device),
+            })
+            if not s.uses_critic:
+                metrics.update(_group_metrics(rollout.scores, rollout.rewards,
+                                              rollout.advantages, s.group_size))
+            if gold_fn is not None:
+                texts = decode_responses(tokenizer, generation)
+                metrics["gold_reward"] = float(sum(gold_fn(texts)) / len(texts))
+            kl_controller.update(mean_kl, cfg.rollout_batch_size)
+            iteration += 1
+            logger.log(metrics, step=iteration)
+            progress.update(1)
+            progress.set_postfix(reward=f"{metrics['proxy_reward']:.2f}", kl=f"{mean_kl:.2f}",
+                                 gold=f"{metrics.get('gold_reward', float('nan')):.2f}")
+            if on_iteration is not None:
+                on_iteration(iteration, metrics)
+            if cfg.save_every and iteration % cfg.save_every == 0 \
+                    and iteration < cfg.num_iterations:
+                save(iteration)
+    except KeyboardInterrupt:
+        save(iteration)
+        print(f"\n[{name}] interrupted at iteration {iteration}; checkpoint saved, continue "
+              "with resume=True")
+        raise
+    finally:
+        progress.close()
+        logger.close()
+        engine.release()
+
+    # ---- save ----
+    save(iteration)
+    backbone.save(out_dir / "backbone")
+    tokenizer.save_pretrained(out_dir / "backbone")  # so that the directory stands alone
+    return {"stage": name, "algorithm": name, "algorithm_settings": asdict(s),
+            "iterations": iteration, "skipped_steps": skipped,
+            "final_kl_coef": kl_controller.value, "last_metrics": metrics,
+            "old_logprobs": "recorded" if use_recorded else "forward",
+            "backbone_dir": str(out_dir / "backbone")}
+
+
+def decode_responses(tokenizer, generation: Generation) -> list[str]:
+    """Response texts of a generation (special tokens and padding dropped)."""
+    ids = generation.response_ids.masked_fill(~generation.response_mask,
+                                              tokenizer.pad_token_id)
+    return tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)
