@@ -3,15 +3,25 @@
 Loss, stats and gradients (through autograd of the reference, with a random upstream scalar) for
 every reduction, the clip options, each KL estimator and the entropy term; the gradient is made
 in the forward sweep and only scaled in backward, so scaling and double backward are checked too.
+The critic-free options (per-sequence advantages, which must give the bits of the expanded
+per-token ones; GSPO's sequence ratio, on the linear path with rows straddling chunks; CISPO;
+token-sum and normalizer) in both ops with every KL estimator, the per-token derivatives at
+ties and clamp bounds against autograd, and the two-sweep path's matmul count and memory.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from rlhf_kernels import reference
-from rlhf_kernels.ops.ppo_fused import linear_ppo_loss, ppo_loss_from_logits, reduction_weights
+from rlhf_kernels.ops.ppo_fused import (
+    linear_ppo_loss,
+    per_token_terms,
+    ppo_loss_from_logits,
+    reduction_weights,
+)
 from tests.numerics import DEVICE, assert_close, assert_close_2x
 
 HEAD = ("hidden", "weight", "bias", "lora_a", "lora_b")
@@ -153,12 +163,20 @@ def test_reduction_weights_closed_form():
     mask = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
     x = torch.randn(3, 4, dtype=torch.float64)
     for reduction in reference.REDUCTIONS:
-        w = reduction_weights(mask, reduction).double()
-        assert_close((w * x).sum(), reference.reduce_loss(x, mask.double(), reduction), atol=1e-6,
-                     name=reduction)
+        for normalizer in (None, 6.0, torch.tensor(6)):
+            w = reduction_weights(mask, reduction, normalizer).double()
+            assert_close((w * x).sum(),
+                         reference.reduce_loss(x, mask.double(), reduction, normalizer),
+                         atol=1e-6, name=f"{reduction}, normalizer {normalizer}")
     w = reduction_weights(mask, "seq-mean-token-mean")
     assert torch.equal(w[0], torch.tensor([0.25, 0.25, 0.0, 0.0]))  # 1 / (2 tokens * 2 rows)
     assert torch.equal(w[2], torch.full((4,), 0.125))
+    # a normalizer replaces the outer denominator: the row count 2 here, the token count 6 for
+    # token-mean, 1 for token-sum
+    w = reduction_weights(mask, "seq-mean-token-mean", torch.tensor(4.0))
+    assert torch.equal(w[0], torch.tensor([0.125, 0.125, 0.0, 0.0]))  # 1 / (2 tokens * 4)
+    assert torch.equal(reduction_weights(mask, "token-sum"), mask)
+    assert torch.equal(reduction_weights(mask, "token-mean", 2.0), mask / 2)
 
 
 def test_gradient_scaled_in_backward_and_single_use():
@@ -268,7 +286,14 @@ def test_reference_backend():
 
 @pytest.mark.parametrize("change,message", [
     (dict(old_logp=torch.zeros(2, 4)), "old_logp has shape"),
-    (dict(advantages=torch.zeros(3)), "advantages has shape"),
+    (dict(advantages=torch.zeros(3)),
+     r"advantages has shape \(3,\); expected one per token \(2, 3\) \(the shape of labels\) or "
+     r"one per sequence \(2,\)"),
+    (dict(ratio_level="seq"), "ratio_level='seq' is not supported"),
+    (dict(loss_type="grpo"), "loss_type='grpo' is not supported"),
+    (dict(loss_type="cispo", dual_clip=3.0), "dual_clip applies to loss_type='ppo' only"),
+    (dict(normalizer=0.0), "normalizer must be > 0"),
+    (dict(normalizer=torch.ones(2)), "normalizer must be a number > 0 or a 0-d real tensor"),
     (dict(mask=torch.ones(2, 2)), "mask has shape"),
     (dict(ref_logp=torch.zeros(2, 4), kl_coef=0.1), "ref_logp has shape"),
     (dict(kl_estimator="k4"), "kl_estimator='k4' is not supported"),
@@ -449,3 +474,288 @@ def test_non_finite_at_masked_tokens_adds_nothing(poison):
     assert_close(loss, loss64, atol=1e-5, name="loss from logits")
     assert_close(grad, grad64, atol=1e-6, name="d logits")
     assert (grad[dead] == 0).all()
+
+
+# --------------------------------------------------------------------------------------------
+# the critic-free options: per-sequence advantages, GSPO's sequence ratio, CISPO, token-sum and
+# normalizer, with every KL estimator
+# --------------------------------------------------------------------------------------------
+def _per_sequence(advantages):
+    """(B, T) advantages -> (B,) ones: row 1 (fully masked in ``_rollout``) gets NaN, which must
+    reach nothing."""
+    adv = advantages[:, 0].clone()
+    adv[1] = float("nan")
+    return adv
+
+
+def _expanded(advantages, T):
+    return advantages[:, None].expand(-1, T).clone()
+
+
+def _assert_same_bits(a, b, name):
+    assert a.dtype == b.dtype and a.shape == b.shape, name
+    assert torch.equal(a, b) or (a.isnan().any() and torch.equal(a.nan_to_num(), b.nan_to_num())), \
+        f"{name}: (B,) advantages differ from the expanded (B, T) ones"
+
+
+# (per-sequence advantages, logits dtype, options)
+CRITIC_FREE_LOGITS = {
+    "gspo": (True, torch.float32, dict(ratio_level="sequence", clip_low=0.05, clip_high=0.05,
+                                       reduction="seq-mean-token-mean")),
+    "gspo-dual-clamp-k2": (False, torch.float32, dict(
+        ratio_level="sequence", clip_low=0.02, clip_high=0.02, dual_clip=1.01,
+        log_ratio_clamp=0.04, kl_coef=0.1, kl_estimator="k2", entropy_coef=0.01)),
+    "cispo-normalizer-k1": (True, torch.float32, dict(
+        loss_type="cispo", clip_low=1.0, clip_high=0.1, reduction="token-sum",
+        normalizer=torch.tensor(7.0, device=DEVICE), kl_coef=0.1, kl_estimator="k1")),
+    "cispo-sequence-abs": (False, torch.float32, dict(
+        loss_type="cispo", ratio_level="sequence", clip_high=0.02, kl_coef=0.1,
+        kl_estimator="abs", reduction="seq-mean-token-sum", normalizer=3.0)),
+    "token-sum-dual-k3": (True, torch.float32, dict(OPTIONS, reduction="token-sum")),
+    "gspo-bf16": (True, torch.bfloat16, dict(OPTIONS, ratio_level="sequence",
+                                             reduction="seq-mean-token-mean", normalizer=2.0)),
+}
+
+
+@pytest.mark.parametrize("case", list(CRITIC_FREE_LOGITS))
+def test_logits_critic_free_options(case):
+    per_sequence, dtype, options = CRITIC_FREE_LOGITS[case]
+    B, T, V = 3, 7, 53
+    logits, (labels, mask, old_logp, advantages, ref_logp) = _logits_case(B, T, V, dtype)
+    if per_sequence:
+        advantages = _per_sequence(advantages)
+    kernel = lambda z, adv=advantages: ppo_loss_from_logits(  # noqa: E731
+        z, labels, old_logp, adv, mask, ref_logp, backend="triton", **options)
+    ref = lambda z: reference.ppo_loss_from_logits(z, labels, old_logp, advantages, mask,  # noqa
+                                                   ref_logp, **options)
+    upstream = torch.randn((), device=DEVICE)
+    loss, stats, (grad,) = _loss_and_grads(kernel, [logits], upstream)
+    loss_e, _, (grad_e,) = _loss_and_grads(ref, [logits], upstream)
+    loss64, stats64, (grad64,) = _loss_and_grads(ref, [logits.double()], upstream)
+    assert_close_2x(loss, loss_e, loss64, dtype, name="loss")
+    assert_close_2x(grad, grad_e, grad64, dtype, name="d logits")
+    assert torch.isfinite(grad).all()
+    _check_stats(stats, stats64, int((mask & (labels != -100)).sum()))
+    if per_sequence:
+        loss_x, stats_x, (grad_x,) = _loss_and_grads(
+            lambda z: kernel(z, _expanded(advantages, T)), [logits], upstream)
+        _assert_same_bits(loss, loss_x, "loss")
+        _assert_same_bits(grad, grad_x, "d logits")
+        for key in stats:
+            _assert_same_bits(stats[key], stats_x[key], key)
+
+
+# (per-sequence advantages, chunk_size, options): every KL estimator once, chunk_size 3 with
+# T = 5 so that rows straddle chunks (the sequence ratio's two-sweep path)
+CRITIC_FREE_LINEAR = {
+    "gspo-k1": (True, 3, dict(ratio_level="sequence", clip_low=0.05, clip_high=0.05,
+                              reduction="seq-mean-token-mean", kl_estimator="k1",
+                              entropy_coef=0.01)),
+    "cispo-normalizer-k2": (True, 3, dict(
+        loss_type="cispo", clip_low=1.0, clip_high=0.1, reduction="token-sum",
+        normalizer=torch.tensor(9.0, device=DEVICE), kl_estimator="k2")),
+    "cispo-sequence-k3": (False, 3, dict(loss_type="cispo", ratio_level="sequence",
+                                         clip_high=0.02, normalizer=5.0, entropy_coef=0.01)),
+    "gspo-dual-clamp-abs": (True, 3, dict(
+        ratio_level="sequence", clip_low=0.02, clip_high=0.02, dual_clip=1.01,
+        log_ratio_clamp=0.04, kl_estimator="abs", reduction="seq-mean-token-sum-norm")),
+    "gspo-one-chunk-k3": (True, None, dict(OPTIONS, ratio_level="sequence",
+                                           reduction="seq-mean-token-mean")),
+}
+
+
+@pytest.mark.parametrize("case", list(CRITIC_FREE_LINEAR))
+def test_linear_critic_free_options(case):
+    per_sequence, chunk_size, options = CRITIC_FREE_LINEAR[case]
+    options = dict(dict(kl_coef=0.1), **options)
+    B, T, H, V = 3, 5, 8, 37
+    params = _head(B, T, H, V)
+    labels, mask, old_logp, advantages, ref_logp = _rollout(
+        B, T, V, lambda lab: reference.linear_logprobs(*params[:2], lab, *params[2:], 0.5))
+    if per_sequence:
+        advantages = _per_sequence(advantages)
+    upstream = torch.randn((), device=DEVICE)
+
+    def kernel(h, w, b, a, lb, adv=advantages):
+        return linear_ppo_loss(h, w, labels, old_logp, adv, mask, b, a, lb, 0.5, ref_logp,
+                               chunk_size=chunk_size, backend="triton", **options)
+
+    def ref(h, w, b, a, lb):
+        return reference.linear_ppo_loss(h, w, labels, old_logp, advantages, mask, b, a, lb, 0.5,
+                                         ref_logp, **options)
+
+    loss, stats, grads = _loss_and_grads(kernel, params, upstream)
+    loss32, _, grads32 = _loss_and_grads(ref, params, upstream)
+    loss64, stats64, grads64 = _loss_and_grads(ref, [p.double() for p in params], upstream)
+    assert_close_2x(loss, loss32, loss64, torch.float32, name="loss")
+    for g, g32, g64, name in zip(grads, grads32, grads64, HEAD):
+        assert_close_2x(g, g32, g64, torch.float32, name=f"d {name}")
+    _check_stats(stats, stats64, int((mask & (labels != -100)).sum()))
+    with torch.no_grad():  # no gradient: one sweep, the same loss
+        loss_ng, _ = kernel(*params)
+    _assert_same_bits(loss_ng, loss, "no-grad loss")
+    if per_sequence:
+        loss_x, stats_x, grads_x = _loss_and_grads(
+            lambda *p: kernel(*p, adv=_expanded(advantages, T)), params, upstream)
+        _assert_same_bits(loss, loss_x, "loss")
+        for g, g_x, name in zip(grads, grads_x, HEAD):
+            _assert_same_bits(g, g_x, f"d {name}")
+        for key in stats:
+            _assert_same_bits(stats[key], stats_x[key], key)
+
+
+@pytest.mark.parametrize("reduction,normalizer", [("seq-mean-token-mean", None),
+                                                  ("token-sum", 3.0)])
+@pytest.mark.parametrize("loss_type", ["ppo", "cispo"])
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_per_token_terms_follow_autograd_at_ties_and_bounds(ratio_level, loss_type, reduction,
+                                                            normalizer):
+    """The per-token derivatives against torch autograd through the reference (fp32 both, the
+    same formulas), with ratios exactly on the upper and lower clip bounds, on the log-ratio
+    clamp and on the dual-clip bound, an advantage of 0 and a KL log-ratio of 0 (abs): ties
+    split as torch.maximum / minimum's backward does, and clamp bounds count as inside."""
+    B, T = 4, 5
+    g = torch.Generator().manual_seed(0)
+    logp = -torch.rand(B, T, generator=g) - 0.5
+    mask = torch.ones(B, T)
+    mask[2, 3:] = 0
+    mask[3, 0] = 0
+    A = torch.randn(B, T, generator=g)
+    A[1, 2] = 0.0
+    # row 2 (ratio below the clip range, on the clamp): A > 0, so the gradient flows through
+    # the ratio; row 3 (ratio above the clip range): A < 0, the dual clip's side
+    A[2] = A[2].abs()
+    A[3] = -A[3].abs()
+    shift = torch.tensor([[0.1], [-0.1], [-0.9], [0.6]])  # each row's log-ratio, roughly
+    old = logp - shift - 0.01 * torch.randn(B, T, generator=g)
+    ref_logp = logp + 0.05 * torch.randn(B, T, generator=g)
+    ref_logp[1, 1] = logp[1, 1]
+    entropy = torch.rand(B, T, generator=g)
+    at = (0, 1, 2, 3) if ratio_level == "sequence" else ((0, 0), (1, 0), (2, 0), (3, 1))
+
+    def ratio_and_d(**clips):
+        _, ratio, _, _, _ = reference._policy_terms(
+            logp, old, A, mask, clip_low=0.2, clip_high=0.2, dual_clip=None,
+            log_ratio_clamp=clips.get("log_ratio_clamp"), ratio_level=ratio_level,
+            loss_type="ppo")
+        if ratio_level == "sequence":
+            ratio = ratio[:, 0]
+        return ratio, torch.log(ratio)
+
+    ratio, _ = ratio_and_d()
+    # exact in float64 and in fp32: r - 1 and 1 - r for r in [0.5, 2) (Sterbenz)
+    clip_high = float(ratio[at[0]]) - 1.0
+    clip_low = 1.0 - float(ratio[at[1]])
+    d = logp - old
+    if ratio_level == "sequence":
+        d = torch.where(mask > 0, d, 0).sum(-1) / mask.sum(-1).clamp_min(1)
+    log_ratio_clamp = -float(d[at[2]])  # the largest |log-ratio|: d = -clamp exactly there
+    dual_clip = float(ratio[at[3]]) if loss_type == "ppo" else None
+    ratio, _ = ratio_and_d(log_ratio_clamp=log_ratio_clamp)
+    assert float(ratio[at[0]]) == 1.0 + clip_high and float(ratio[at[1]]) == 1.0 - clip_low
+    assert dual_clip is None or float(ratio[at[3]]) == dual_clip
+    options = dict(kl_coef=0.1, kl_estimator="abs", entropy_coef=0.05, clip_low=clip_low,
+                   clip_high=clip_high, dual_clip=dual_clip, log_ratio_clamp=log_ratio_clamp)
+
+    x = logp.clone().requires_grad_()
+    e = entropy.clone().requires_grad_()
+    total, _ = reference._ppo_total(
+        x, e, old, A, mask, ref_logp, options["kl_coef"], "abs", options["entropy_coef"],
+        clip_low, clip_high, dual_clip, log_ratio_clamp, reduction, ratio_level, loss_type,
+        normalizer)
+    total.backward()
+    weights = reduction_weights(mask, reduction, normalizer)
+    contribution, d_logp, d_entropy = per_token_terms(
+        logp, entropy, old, A, weights, ref_logp, ratio_level=ratio_level, loss_type=loss_type,
+        **options)
+    assert_close(contribution.sum(), total, atol=1e-6, rtol=1e-6, name="loss")
+    assert_close(d_logp, x.grad, atol=1e-8, rtol=1e-5, name="d logp")
+    assert_close(d_entropy, e.grad, atol=1e-8, rtol=1e-5, name="d entropy")
+
+
+def test_sequence_ratio_ignores_non_finite_padding():
+    """GSPO's row mean over counted tokens only: NaN hidden states / logits and rollout values at
+    masked or ignored tokens (rows straddling chunks included), and a NaN advantage for the row
+    without a token, change nothing against the reference on finite inputs."""
+    B, T, H, V = 3, 5, 6, 19
+    params = _head(B, T, H, V)
+    labels, mask, old_logp, advantages, ref_logp = _rollout(
+        B, T, V, lambda lab: reference.linear_logprobs(*params[:2], lab, *params[2:], 0.5))
+    advantages = advantages[:, 0].clone()
+    dead = ~mask | (labels == -100)
+    options = dict(ratio_level="sequence", reduction="seq-mean-token-mean", kl_coef=0.1,
+                   entropy_coef=0.01, clip_low=0.05, clip_high=0.05)
+    poisoned = [t.clone() for t in params]
+    poisoned[0][dead] = float("nan")
+    old_p, ref_p = (t.masked_fill(dead, float("nan")) for t in (old_logp, ref_logp))
+    adv_p = advantages.clone()
+    adv_p[1] = float("nan")  # row 1 has no counted token
+    upstream = torch.randn((), device=DEVICE)
+    loss, _, grads = _loss_and_grads(
+        lambda h, w, b, a, lb: linear_ppo_loss(h, w, labels, old_p, adv_p, mask, b, a, lb, 0.5,
+                                               ref_p, chunk_size=3, backend="triton",
+                                               **options), poisoned, upstream)
+    loss64, _, grads64 = _loss_and_grads(
+        lambda h, w, b, a, lb: reference.linear_ppo_loss(h, w, labels, old_logp, advantages,
+                                                         mask, b, a, lb, 0.5, ref_logp,
+                                                         **options),
+        [p.double() for p in params], upstream)
+    assert_close(loss, loss64, atol=1e-5, name="linear loss")
+    for g, g64, name in zip(grads, grads64, HEAD):
+        assert_close(g, g64, atol=1e-5, rtol=1e-4, name=f"d {name}")
+    logits = (params[0] @ params[1].t()).detach()
+    loss, _, (grad,) = _loss_and_grads(
+        lambda z: ppo_loss_from_logits(z, labels, old_p, adv_p, mask, ref_p, backend="triton",
+                                       **options), [logits.masked_fill(dead[..., None],
+                                                                       float("nan"))], upstream)
+    loss64, _, (grad64,) = _loss_and_grads(
+        lambda z: reference.ppo_loss_from_logits(z, labels, old_logp, advantages, mask,
+                                                 ref_logp, **options), [logits.double()],
+        upstream)
+    assert_close(loss, loss64, atol=1e-5, name="loss from logits")
+    assert_close(grad, grad64, atol=1e-6, name="d logits")
+
+
+class _LogitsMatmuls(TorchDispatchMode):
+    """Counts the matmuls that make a chunk of logits (an (rows, V) output) and records the
+    largest storage (bytes) any op returns."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab, self.count, self.largest = vocab, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default) and \
+                out.shape[-1] == self.vocab:
+            self.count += 1
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out
+
+
+@pytest.mark.parametrize("ratio_level,grad,chunk_size,logits_matmuls", [
+    ("token", True, 4, 3),  # one sweep: one logits matmul per chunk
+    ("sequence", True, 4, 6),  # rows straddle chunks: forward sweep, then the backward sweep
+    ("sequence", False, 4, 3),  # no gradient: the forward sweep alone
+    ("sequence", True, None, 1),  # one chunk holds every row: one sweep
+])
+def test_linear_sweeps_matmuls_and_memory(ratio_level, grad, chunk_size, logits_matmuls):
+    """The matmul cost the module docstring states, and never more than one chunk of logits
+    alive (the largest tensor is that chunk: 4 rows x V fp32 here, a third of N x V)."""
+    B, T, H, V, R = 2, 6, 3, 97, 2
+    params = [p.requires_grad_(grad) for p in _head(B, T, H, V, rank=R)]
+    labels, mask, old_logp, advantages, ref_logp = _rollout(
+        B, T, V, lambda lab: reference.linear_logprobs(*params[:2], lab, *params[2:]))
+    assert all(t.numel() < 4 * V for t in params)  # only a chunk of logits can be the largest
+    with _LogitsMatmuls(V) as mode:
+        loss, _ = linear_ppo_loss(*params[:2], labels, old_logp, advantages[:, 0], mask,
+                                  *params[2:], ref_logp=ref_logp, kl_coef=0.1, entropy_coef=0.1,
+                                  chunk_size=chunk_size, ratio_level=ratio_level,
+                                  backend="triton")
+        if grad:
+            loss.backward()
+    assert mode.count == logits_matmuls
+    assert mode.largest == (4 if chunk_size else B * T) * V * 4
+    assert not grad or all(p.grad is not None for p in params)
