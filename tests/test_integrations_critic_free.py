@@ -105,7 +105,7 @@ def _rpp64(rewards, mask, gamma):
     """Discounted returns over the valid tokens (masked positions skipped, 0), whitened."""
     r = rewards.double()
     returns = torch.zeros_like(r)
-    running = torch.zeros(r.shape[0], dtype=torch.float64)
+    running = torch.zeros(r.shape[0], dtype=torch.float64, device=r.device)
     for t in reversed(range(r.shape[1])):
         valid = mask[:, t] != 0
         new = r[:, t] + gamma * running
