@@ -222,6 +222,25 @@ CASES = {
                                              x["advantages"], x["mask"], x["bias"],
                                              ref_logp=x["ref_logp"], backend=b, **FUSED),
         ("hidden", "weight", "bias")),
+    # the critic-free options: (B,) advantages, a device normalizer, GSPO over several chunks
+    # (the two-sweep path), CISPO
+    "ppo_loss_from_logits(sequence, cispo)": (
+        lambda: dict(_rollout(), logits=torch.randn(B, T, V, device=DEVICE),
+                     advantages=torch.randn(B, device=DEVICE),
+                     normalizer=torch.tensor(6.0, device=DEVICE)),
+        lambda x, lab, b: rk.ppo_loss_from_logits(
+            x["logits"], lab, x["old_logp"], x["advantages"], x["mask"], x["ref_logp"],
+            kl_coef=0.1, kl_estimator="k2", ratio_level="sequence", loss_type="cispo",
+            reduction="token-sum", normalizer=x["normalizer"], backend=b),
+        ("logits",)),
+    "linear_ppo_loss(sequence, two sweeps)": (
+        lambda: dict(_rollout(), **_head(), advantages=torch.randn(B, device=DEVICE),
+                     normalizer=torch.tensor(6.0, device=DEVICE)),
+        lambda x, lab, b: rk.linear_ppo_loss(
+            x["hidden"], x["weight"], lab, x["old_logp"], x["advantages"], x["mask"], x["bias"],
+            ref_logp=x["ref_logp"], kl_coef=0.1, kl_estimator="abs", ratio_level="sequence",
+            normalizer=x["normalizer"], chunk_size=4, backend=b),
+        ("hidden", "weight", "bias")),
 }
 
 
