@@ -2,27 +2,65 @@
 gradient produced in the same sweep as the forward.
 
 Math (``rlhf_kernels.reference.ppo_loss_from_logits`` / ``linear_ppo_loss`` are the spec). Per
-token i with logp_i, entropy_i (tempered distribution, see ops/logprobs.py) and the rollout's
-old_logp, advantage A, optional ref_logp::
+token i of row (sequence) s, with logp_i, entropy_i (tempered distribution, see
+ops/logprobs.py) and the rollout's old_logp, advantage A (per token, or one per sequence
+broadcast over its tokens), optional ref_logp; c = log_ratio_clamp, n_s = counted tokens of s::
 
-    d = clamp(logp - old_logp, +-log_ratio_clamp),  r = exp(d)
-    pg_i  = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))   [min(., -A c) for A < 0 with
-                                                                  dual_clip = c]
-    kl_i  = estimator(logp - ref_logp)                            (k1, k2, k3, abs)
+    ratio_level="token":     r_i = exp(clamp(logp_i - old_i, +-c))
+    ratio_level="sequence":  r_i = r_s = exp(clamp(sum_{j in s} (logp_j - old_j) / n_s, +-c))
+    loss_type="ppo":   pg_i = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))
+                       [min(., -A dual_clip) where A < 0, with dual_clip]
+    loss_type="cispo": pg_i = -sg(clip(r, 1 - clip_low, 1 + clip_high)) A logp_i  (sg: no grad)
+    kl_i  = estimator(logp_i - ref_logp_i)       (k1, k2, k3, abs; always per token)
     loss  = reduce(pg) + kl_coef * reduce(kl) - entropy_coef * reduce(entropy)
 
 Every reduction is linear in the per-token values: ``reduce(x) = sum_i w_i x_i`` with weights w
-fixed by the mask alone (``reduction_weights``), e.g. w = m / sum(m) for token-mean. So once a
-token's logp and entropy are known, ``d loss / d logp_i`` and ``d loss / d entropy_i`` are known
-locally, and the backward of the logits can run right after the forward on the same chunk:
+fixed by the mask and the normalizer alone (``reduction_weights``), e.g. w = m / sum(m) for
+token-mean, m for token-sum, m / normalizer when a normalizer replaces the outer denominator (a
+tensor normalizer divides on the device: no host sync, no gradient through it). So
+``d loss / d entropy_i = -entropy_coef w_i``, and ``d loss / d logp_i`` (``per_token_terms``,
+which follows torch autograd through the reference: ties of max / min split the gradient,
+clamp bounds count as inside) is known
+
+* at token level, once token i's logp is known (PPO: w_i dpg_i/dr_i r_i [d_i inside the
+  clamp]; CISPO: -w_i sg(clip(r_i)) A_i; plus w_i kl_coef dkl_i);
+* at sequence level, once every logp of row s is known: the row's ratio moves with each of its
+  counted tokens (d dbar_s / d logp_i = 1 / n_s), so PPO gives
+  (sum_{j in s} w_j dpg_j/dr) r_s [dbar_s inside the clamp] / n_s + w_i kl_coef dkl_i. CISPO's
+  derivative is local, but its weight needs r_s.
+
+Sweeps. Token level, or one chunk that holds every row (then all of logp is known before any
+derivative), one sweep: the backward of the logits runs right after the forward on the same
+chunk:
 
     per chunk: logits (matmul) -> fwd kernel (logp, entropy, lse) -> per-token derivatives ->
                bwd kernel writes d logits in place -> d hidden, d weight, ... accumulated
 
 The autograd backward only multiplies the saved gradients by the incoming scalar (in place), so
 no matmul is recomputed: linear_ppo_loss costs the unfused "forward + backward" matmuls (3 per
-chunk) plus two passes of the logprobs kernels over each chunk. From logits, the op reads the
-(N, V) logits twice (forward and backward kernel) and writes d logits once: 3 N V elements.
+chunk: logits, d hidden, d weight, plus the LoRA ones) and two passes of the logprobs kernels
+over each chunk. linear_ppo_loss at sequence level over several chunks with a gradient, where a
+row may straddle two chunks, takes two sweeps:
+
+    sweep 1, per chunk: logits (matmul) -> fwd kernel (logp, entropy, lse: N floats each kept)
+    then:               the derivatives of all N tokens, rows whole (N floats each)
+    sweep 2, per chunk: logits again (matmul) -> bwd kernel in place -> gradients accumulated
+                        (``linear_logprobs``' backward sweep)
+
+that is 4 matmuls per chunk instead of 3 (the logits one, with its LoRA part, twice): 2 N V H
+more flops (1/3 more than the one-sweep
+path's 6 N V H), and three passes of the logprobs kernels; the memory is the same (one chunk
+of logits). Without a gradient, sweep 1 alone at any level. From logits nothing is chunked
+(rows are independent and the kernels hold no (N, V) temporary): logp is known for every row
+before the derivatives, so one sweep at either level; it reads the (N, V) logits twice (forward
+and backward kernel) and writes d logits once: 3 N V elements.
+
+Per-sequence advantages travel as a (B, 1) column. Where the derivatives see whole rows (from
+logits, or one chunk) they run on (B, T) views and the column broadcasts, never copied. The
+chunked token-level linear sweep works on flat token ranges, where an expand + reshape of the
+column to (N,) would copy it: instead each chunk gathers its tokens' row advantages (a
+temporary of the chunk's size, like the chunk's other per-token temporaries); the two-sweep
+path's derivatives run on (B, T) views again.
 
 Masked tokens (mask 0 or label == ignore_index, i.e. weight 0) are handed to the kernels as
 ignored rows: their logits are never read, their d logits are written as exactly 0, and (for the
@@ -33,8 +71,10 @@ Memory: one chunk of logits (see ops/linear_logprobs.py for the chunk size) plus
 A consequence of the saved, pre-scaled gradients: backward through the same graph twice
 (``retain_graph=True``) raises autograd's "modified by an inplace operation" error.
 
-Stats are those of the reference (pg_loss, kl, entropy, clipfrac, approx_kl, ratio_mean),
-computed from the per-token logp / entropy with the reference's own formulas (N floats, cheap).
+Stats are those of the reference (pg_loss, kl, entropy, clipfrac, approx_kl, ratio_mean; at
+sequence level clipfrac and ratio_mean are over tokens of the row ratio, approx_kl stays per
+token), computed from the per-token logp / entropy with the reference's own formulas (N floats,
+cheap).
 
 Dispatch: each op is a ``torch.library`` custom op for torch.compile, export, torch.func and
 fake tensors; in plain eager mode (``rlhf_kernels.backend.launch_directly``) the same sweep runs
@@ -691,10 +731,15 @@ def ppo_loss_from_logits(
 ):
     """The PPO loss from the policy's logits, d logits computed in the forward sweep.
 
-    logits (..., T, V) fp16/bf16/fp32/fp64, labels (..., T) int64, old_logp / advantages / mask /
-    ref_logp (..., T) -> (loss (), stats dict of detached scalars), fp32 (fp64 for fp64 logits,
-    on both backends; the Triton path's math is fp32). Same math, options and stats as
-    ``reference.ppo_loss_from_logits``; tokens whose label is ignore_index are masked out, and a
+    logits (..., T, V) fp16/bf16/fp32/fp64, labels (..., T) int64, old_logp / mask / ref_logp
+    (..., T), advantages (..., T) per token or (...) per sequence (broadcast over T, not copied)
+    -> (loss (), stats dict of detached scalars), fp32 (fp64 for fp64 logits, on both backends;
+    the Triton path's math is fp32). Same math, options and stats as
+    ``reference.ppo_loss_from_logits``: ratio_level "token" | "sequence" (GSPO's geometric-mean
+    ratio per sequence), loss_type "ppo" | "cispo", the reductions of ``reference.reduce_loss``
+    ("token-sum" included) and ``normalizer`` (None, a number > 0 or a 0-d tensor, which may
+    live on the device: no host sync, no gradient), which replaces the reduction's outer
+    denominator for every term. Tokens whose label is ignore_index are masked out, and a
     masked token contributes exactly 0 to the loss and the gradient whatever its logits hold
     (NaN / inf included). The gradient w.r.t. logits (allocated like logits) is made in the
     forward call. Differentiable w.r.t. logits only on the Triton path: old_logp / advantages /
@@ -783,11 +828,14 @@ def linear_ppo_loss(
     """The PPO loss straight from the policy's hidden states, never holding the (N, V) logits.
 
     hidden (..., T, H), weight (V, H), bias (V,), lora_a (r, H), lora_b (V, r), labels (..., T)
-    int64, old_logp / advantages / mask / ref_logp (..., T) -> (loss (), stats dict), fp32 (fp64
-    when hidden or weight is fp64, on both backends). Same math, options and stats as
+    int64, old_logp / mask / ref_logp (..., T), advantages (..., T) or (...) -> (loss (), stats
+    dict), fp32 (fp64 when hidden or weight is fp64, on both backends). Same math, options
+    (ratio_level, loss_type, normalizer: as ``ppo_loss_from_logits``) and stats as
     ``reference.linear_ppo_loss``; the chunking options are those of ``linear_logprobs``. All
     gradients (hidden, weight, bias, lora_a, lora_b: those that require grad) are made during
-    the forward call, chunk by chunk; backward only scales them. A masked or ignored token adds
+    the forward call, chunk by chunk; backward only scales them. With ratio_level="sequence"
+    and more than one chunk, the gradients take a second sweep that recomputes each chunk's
+    logits (one more matmul per chunk; module docstring). A masked or ignored token adds
     exactly 0 to the loss and every gradient, even with a NaN / inf hidden state. On the Triton
     path old_logp / advantages / ref_logp that require grad are refused (they would get no
     gradient); backend="reference" differentiates them. check_labels: as in
