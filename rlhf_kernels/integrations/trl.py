@@ -1,7 +1,21 @@
-"""TRL drop-ins: the log-probability and entropy helpers of ``trl.trainer.utils``.
+"""TRL drop-ins: the log-probability and entropy helpers of ``trl.trainer.utils``, the fused lm
+head of TRL's trainers, and GRPOTrainer's loss.
 
-Checked against trl 1.16 (tests/test_integrations.py, tests/test_framework_contracts.py). Same
-signatures as TRL, plus a keyword-only ``keep_fp32``:
+Checked against trl 1.16 (tests/test_integrations.py, tests/test_framework_contracts.py,
+tests/test_trl_grpo.py). ``patch_trl()`` installs all of them (its docstring lists the targets);
+``unpatch_trl()`` or the returned ``Patch`` restores TRL.
+
+Trainers (GRPOTrainer, RLOOTrainer, SFTTrainer, DPOTrainer, KTOTrainer): their log-probabilities
+come from TRL's fused lm head, whose math (``_ChunkedLogProbFunction``) the drop-in
+``ChunkedLogProbFunction`` computes with ``rlhf_kernels.linear_logprobs``, a PEFT LoRA adapter on
+lm_head included (TRL refuses that adapter; under the patch GRPOTrainer and RLOOTrainer accept it
+and train it). GRPOTrainer's ``_compute_loss`` becomes ``grpo_compute_loss``:
+``rlhf_kernels.ppo_policy_loss`` for loss_type grpo / bnpo / dr_grpo / dapo / cispo at
+importance_sampling_level token or sequence, TRL's own code for any other option. Values and
+gradients are TRL's up to fp32 rounding (the fused head is fp32 like TRL's; in bf16 autocast the
+matmuls run in bf16 as TRL's do).
+
+The utils helpers have the same signatures as TRL, plus a keyword-only ``keep_fp32``:
 
     selective_log_softmax(logits, index, temperature=1.0, row_mask=None) -> logp
     entropy_from_logits(logits, chunk_size=128) -> entropy
@@ -35,17 +49,31 @@ does not broadcast to ``index``.
 
 from __future__ import annotations
 
+import contextvars
+import functools
+import inspect
+import sys
+import warnings
+
 import torch
 
-from rlhf_kernels.integrations import Patch, apply_patch, dropin, original
+from rlhf_kernels.integrations import Patch, _is_dropin, apply_patch, dropin, original
 from rlhf_kernels.integrations._contract import bind_keep_fp32, finish, installed
+from rlhf_kernels.ops.linear_logprobs import linear_logprobs
 from rlhf_kernels.ops.logprobs import logprobs
+from rlhf_kernels.ops.policy_loss import ppo_policy_loss
 
 __all__ = [
+    "GRPO_LOSS_TYPES",
+    "ChunkedLogProbFunction",
+    "add_fused_lm_head",
     "entropy_from_logits",
+    "grpo_compute_loss",
+    "grpo_loss_fallback_reason",
     "patch_trl",
     "selective_log_softmax",
     "selective_log_softmax_and_entropy",
+    "unpatch_trl",
 ]
 
 _UTILS = "trl.trainer.utils"
@@ -176,14 +204,458 @@ def selective_log_softmax_and_entropy(
     return logp, entropy if entropy_requires_grad else entropy.detach()
 
 
-def patch_trl(keep_fp32: bool = False) -> Patch:
-    """Swap the drop-ins into ``trl.trainer.utils`` and every loaded ``trl`` module that
-    imported them by name. Returns a ``Patch``: call ``undo()`` or use it as a context manager.
-    Functions absent from the installed TRL version are skipped (listed in ``Patch.skipped``).
+# --------------------------------------------------------------------------------------------
+# The fused lm head of TRL's trainers (trl.trainer.utils.add_fused_lm_head)
+# --------------------------------------------------------------------------------------------
+_CHUNKED = "_ChunkedLogProbFunction"
+_FUSED_HEAD = "add_fused_lm_head"
+_OUR_OUTPUTS = ("log_probs", "entropy")
+# The model whose fused forward is running (set by our add_fused_lm_head's wrapper): the chunked
+# log-prob function only receives the head's weight and bias, and needs the module to see a
+# PEFT adapter on it.
+_FUSED_MODEL: contextvars.ContextVar = contextvars.ContextVar("rlhf_kernels_trl_fused_model",
+                                                              default=None)
 
-    keep_fp32: the patched functions return the kernels' fp32 result (fp64 for fp64 logits)
-    instead of TRL's dtype for the call (see the module docstring)."""
+
+def _lm_head_adapter(head, weight: torch.Tensor):
+    """What ``head`` (the model's output embeddings) adds to ``weight`` (what TRL passed):
+
+    None: nothing (a plain Linear, or a PEFT layer with its adapters off or none active);
+    (lora_a (r, H), lora_b (V, r), scale): one plain LoRA adapter, which linear_logprobs takes;
+    the module itself: anything else (several active adapters, DoRA and other LoRA variants,
+    dropout in training mode, a LoRA bias, a merged adapter, another PEFT tuner, a weight that
+    is not the layer's own parameter, e.g. FSDP2's gathered copy): run through the module.
+    """
+    try:
+        from peft.tuners.lora import LoraLayer
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return None
+    if not isinstance(head, BaseTunerLayer):
+        return None
+    if not isinstance(head, LoraLayer) or head.merged:
+        return head
+    if head.disable_adapters:
+        return None
+    active = [name for name in head.active_adapters if name in head.lora_A]
+    if not active:
+        return None
+    name = active[0]
+    lora_a, lora_b = head.lora_A[name], head.lora_B[name]
+    dropout = head.lora_dropout[name]
+    plain = (
+        len(active) == 1
+        and name not in getattr(head, "lora_variant", {})
+        and head.get_base_layer().weight is weight
+        and isinstance(lora_a, torch.nn.Linear) and isinstance(lora_b, torch.nn.Linear)
+        and lora_a.bias is None and lora_b.bias is None
+        and (isinstance(dropout, torch.nn.Identity) or not dropout.training or dropout.p == 0)
+    )
+    return (lora_a.weight, lora_b.weight, float(head.scaling[name])) if plain else head
+
+
+def _through_module(head, hidden, targets, temperature, softcap, logit_scale, entropy):
+    """Log-probs (and entropy) from the head module's own forward: the full (N, V) logits are
+    made, once, for an adapter configuration linear_logprobs does not take."""
+    logits = head(hidden).float() * logit_scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logprobs(logits, targets, temperature, _IGNORE_INDEX, return_entropy=entropy)
+
+
+@dropin
+class ChunkedLogProbFunction:
+    """Drop-in for ``trl.kernels.ChunkedLogProbFunction``, the per-token log-probabilities
+    (and entropy) of ``hidden @ weight.T + bias`` that TRL's fused lm head
+    (``add_fused_lm_head``, used by GRPOTrainer, RLOOTrainer, SFTTrainer, DPOTrainer, KTOTrainer)
+    computes without the (N, V) logits.
+
+    ``apply(hidden (N, H), weight (V, H), bias (V,) | None, targets (N,) int64, temperature,
+    chunk_size, final_logit_softcapping=None, logit_scale=1.0, outputs=...)`` -> the 5-tuple
+    TRL returns: (log_probs (N,) fp32, entropy (N,) fp32 or None, None, None, None), by
+    ``rlhf_kernels.linear_logprobs`` (the logits scaled by ``logit_scale / temperature``;
+    ``chunk_size`` unused, the op chooses its chunk). As TRL, the matmuls run in the autocast
+    dtype when autocast is on, else in ``hidden``'s dtype.
+
+    A PEFT LoRA adapter on the lm head (which TRL's own function ignores: it reads
+    ``lm_head.weight``) is included: one plain adapter goes into linear_logprobs' LoRA inputs,
+    with gradients to lora_A and lora_B; any other adapter configuration runs through the head
+    module itself and ``rlhf_kernels.logprobs`` (exact, but the full logits are made).
+
+    Falls back to TRL's function for outputs other than log_probs and entropy (SFTTrainer's
+    ``is_top1``, KTOTrainer's ``mean_logits``), for ``final_logit_softcapping`` (Gemma 2) and a
+    ``logit_scale`` <= 0, when the head carries no adapter. With an adapter, those go through
+    the head module (softcapping) or raise (the extra outputs: TRL would ignore the adapter).
+    """
+
+    @staticmethod
+    def apply(hidden, weight, bias, targets, temperature, chunk_size,
+              final_logit_softcapping=None, logit_scale=1.0, outputs=None):
+        outputs = tuple(_OUR_OUTPUTS if outputs is None else outputs)
+        extra = [name for name in outputs if name not in _OUR_OUTPUTS]
+        model = _FUSED_MODEL.get()
+        head = model.get_output_embeddings() if model is not None else None
+        adapter = _lm_head_adapter(head, weight)
+        want_entropy = "entropy" in outputs
+        if adapter is None:
+            if extra or final_logit_softcapping is not None or not logit_scale > 0:
+                fallback = original(_UTILS, _CHUNKED).apply
+                return fallback(hidden, weight, bias, targets, temperature, chunk_size,
+                                final_logit_softcapping, logit_scale, outputs)
+        elif extra:
+            raise NotImplementedError(
+                f"the fused lm head was asked for {extra} with a PEFT adapter on the lm head; "
+                "patch_trl computes log_probs and entropy with the adapter, and TRL's own "
+                "function would ignore it. Remove the adapter from lm_head (target_modules)"
+            )
+        elif (isinstance(adapter, torch.nn.Module) or final_logit_softcapping is not None
+              or not logit_scale > 0):
+            head_out = _through_module(head, hidden, targets, temperature,
+                                       final_logit_softcapping, logit_scale, want_entropy)
+            return _five(head_out, want_entropy)
+        device = hidden.device
+        dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+                 else hidden.dtype)
+        lora_a, lora_b, scale = adapter if adapter is not None else (None, None, 1.0)
+        out = linear_logprobs(
+            hidden.to(dtype), weight.to(dtype), targets, None if bias is None else bias.to(dtype),
+            lora_a, lora_b, scale, temperature / logit_scale, _IGNORE_INDEX,
+            return_entropy=want_entropy,
+        )
+        return _five(out, want_entropy)
+
+
+def _five(out, want_entropy: bool):
+    logp, entropy = out if want_entropy else (out, None)
+    return logp, entropy, None, None, None
+
+
+@dropin
+def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
+                      outputs: tuple[str, ...] = ("log_probs",)) -> None:
+    """TRL's ``add_fused_lm_head`` (same signature, it installs TRL's fused forward), with the
+    forward wrapped so that the chunked log-prob function sees the model's lm head module (to
+    include a PEFT adapter on it). A model patched this way whose lm head carries an adapter
+    refuses a fused forward once patch_trl is undone: TRL's function would ignore the adapter.
+    """
+    original(_UTILS, _FUSED_HEAD)(model, temperature, cast_lm_head_to_fp32, outputs)
+    fused = model.forward
+
+    @functools.wraps(fused)
+    def forward(*args, **kwargs):
+        if not kwargs.get("fused_lm_head", False):
+            return fused(*args, **kwargs)
+        utils = sys.modules[_UTILS]
+        if (not _is_dropin(getattr(utils, _CHUNKED, None))
+                and _lm_head_adapter(model.get_output_embeddings(), None) is not None):
+            raise RuntimeError(
+                "this model's lm head carries a PEFT adapter and its fused lm head was added "
+                "under patch_trl(), which is now undone: TRL's own fused lm head would ignore "
+                "the adapter. Train under patch_trl(), or remove the adapter from lm_head"
+            )
+        token = _FUSED_MODEL.set(model)
+        try:
+            return fused(*args, **kwargs)
+        finally:
+            _FUSED_MODEL.reset(token)
+
+    model.forward = forward
+
+
+class _NoTunerLayer:
+    """Stands for peft's BaseTunerLayer inside a trainer's __init__ while it runs under
+    patch_trl: nothing is an instance of it, so the trainer's refusal of an adapter on lm_head
+    (TRL's fused head would ignore it; ours trains it) does not fire."""
+
+
+def _accepting_adapter_on_lm_head(module_name: str, cls_name: str):
+    """A wrapper of ``<module>.<cls>.__init__`` that lifts the trainer's refusal of a PEFT adapter
+    on lm_head (its only use of BaseTunerLayer when ``cast_lm_head_to_fp32`` is off; with it on,
+    TRL's refusal stands: the fp32 cast replaces the head's forward and would drop the adapter
+    at generation)."""
+
+    @dropin
+    def __init__(self, *args, **kwargs):
+        init = original(module_name, f"{cls_name}.__init__")
+        module = sys.modules[module_name]
+        bound = inspect.signature(init).bind_partial(self, *args, **kwargs)
+        config = bound.arguments.get("args")
+        lift = hasattr(module, "BaseTunerLayer") and not getattr(
+            config, "cast_lm_head_to_fp32", False)
+        if not lift:
+            return init(self, *args, **kwargs)
+        tuner_layer = module.BaseTunerLayer
+        module.BaseTunerLayer = _NoTunerLayer
+        try:
+            return init(self, *args, **kwargs)
+        finally:
+            if module.BaseTunerLayer is _NoTunerLayer:
+                module.BaseTunerLayer = tuner_layer
+
+    return __init__
+
+
+# --------------------------------------------------------------------------------------------
+# GRPOTrainer's loss (trl.trainer.grpo_trainer.GRPOTrainer._compute_loss)
+# --------------------------------------------------------------------------------------------
+_GRPO = "trl.trainer.grpo_trainer"
+_RLOO = "trl.trainer.rloo_trainer"
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
+# The _compute_loss this drop-in mirrors is TRL 1.16's; another version keeps its own.
+_CHECKED_TRL_MINOR = "1.16"
+_MODEL_INPUTS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask",
+                 "spatial_shapes", "num_tiles", "image_sizes", "token_type_ids",
+                 "mm_token_type_ids", "image_position_ids")
+
+
+def grpo_loss_fallback_reason(trainer, inputs=None) -> str | None:
+    """Why the drop-in hands this GRPOTrainer's loss to TRL's own ``_compute_loss`` (None: the
+    drop-in computes it). The drop-in covers loss_type grpo / bnpo / dr_grpo / dapo / cispo,
+    importance_sampling_level token / sequence, epsilon / epsilon_high, delta (for the clipped
+    losses, when delta >= 1 + epsilon_high and delta > 1: then TRL's two-sided clip equals the
+    dual clip), beta with TRL's k3 KL (with or without use_bias_correction_kl), tool masks and
+    the MoE auxiliary loss."""
+    args = trainer.args
+    if trainer.loss_type not in GRPO_LOSS_TYPES:
+        return f"loss_type={trainer.loss_type!r} (covered: {GRPO_LOSS_TYPES})"
+    if trainer.importance_sampling_level not in ("token", "sequence"):
+        return f"importance_sampling_level={trainer.importance_sampling_level!r}"
+    if trainer.off_policy_mask_threshold is not None:
+        return "off_policy_mask_threshold (off-policy sequence masking)"
+    if trainer.top_entropy_quantile < 1.0:
+        return "top_entropy_quantile < 1 (the high-entropy token mask)"
+    if trainer.use_vllm and trainer.vllm_importance_sampling_correction:
+        return "vLLM importance-sampling correction"
+    if getattr(trainer, "_entropy_bonus_enabled", False):
+        return "the entropy bonus (entropy_coef / use_adaptive_entropy)"
+    if not trainer.epsilon_low >= 0 or not trainer.epsilon_high >= 0:
+        return f"a negative epsilon ({trainer.epsilon_low}, {trainer.epsilon_high})"
+    if trainer.loss_type == "cispo":
+        if not trainer.epsilon_high >= 1.0:
+            return f"cispo with epsilon_high={trainer.epsilon_high} < 1"
+    elif args.delta is not None and not (args.delta > 1.0
+                                         and args.delta >= 1.0 + trainer.epsilon_high):
+        return f"delta={args.delta} below 1 + epsilon_high"
+    if inputs is not None:
+        advantages, completion = inputs["advantages"], inputs["completion_ids"]
+        if advantages.shape not in (completion.shape[:1], completion.shape):
+            return f"advantages of shape {tuple(advantages.shape)}"
+    return None
+
+
+def _grpo_reduction(trainer, inputs, mask: torch.Tensor, mode: str):
+    """(reduction, normalizer) of the op that give TRL's loss for the trainer's loss_type,
+    the gradient-accumulation division included."""
+    accumulation = trainer.current_gradient_accumulation_steps if mode == "train" else 1.0
+    rows = mask.shape[0]
+    if trainer.loss_type == "grpo":  # mean over rows of each row's token mean
+        return "seq-mean-token-mean", float(rows * accumulation)
+    if trainer.loss_type == "bnpo":  # token mean over the micro-batch
+        return "token-sum", mask.sum().clamp(min=1.0) * accumulation
+    if trainer.loss_type == "dr_grpo":  # a constant: rows x max_completion_length
+        return "token-sum", float(rows * trainer.max_completion_length * accumulation)
+    # dapo, cispo: the token count of the generation batch, over processes and micro-batches
+    normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / trainer.accelerator.num_processes
+    if mode == "train":
+        normalizer = (normalizer * trainer.current_gradient_accumulation_steps
+                      / trainer.args.steps_per_generation)
+    return "token-sum", normalizer
+
+
+def _reduce_like(values: torch.Tensor, mask: torch.Tensor, reduction: str, normalizer):
+    """The op's reduction, in torch, for a term the op does not compute (the importance-weighted
+    KL of use_bias_correction_kl)."""
+    if reduction == "seq-mean-token-mean":
+        rows = (values * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+        return rows.sum() / normalizer
+    return (values * mask).sum() / normalizer
+
+
+def _importance_weights(log_ratio: torch.Tensor, mask: torch.Tensor, level: str):
+    """TRL's coef_1: exp of the per-token log-ratio (B, T), or of the row's mean (B, 1)."""
+    if level == "token":
+        return torch.exp(log_ratio)
+    mean = (log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+    return torch.exp(mean).unsqueeze(-1)
+
+
+@dropin
+def grpo_compute_loss(self, model, inputs):
+    """Drop-in for TRL 1.16's ``GRPOTrainer._compute_loss``: the same forward (the trainer's
+    ``_get_per_token_logps_and_entropies``, i.e. the fused lm head), then the policy loss by
+    ``rlhf_kernels.ppo_policy_loss`` and the metrics TRL logs (kl, entropy, clip_ratio/* or
+    cispo_clip_ratio, aux_loss).
+
+    Mapping (TRL -> the op): loss_type grpo / bnpo / dr_grpo / dapo -> loss_type "ppo",
+    clip_low = epsilon, clip_high = epsilon_high, dual_clip = delta (TRL clamps the ratio at
+    delta before the min; for delta >= 1 + epsilon_high that is the dual clip of A < 0 tokens
+    and leaves A > 0 tokens unchanged); cispo -> loss_type "cispo", clip_low = 1 (no lower
+    bound), clip_high = epsilon_high - 1 (TRL's clamp(ratio, max=epsilon_high), detached);
+    importance_sampling_level -> ratio_level; no log-ratio clamp (TRL has none);
+    normalisers: grpo -> "seq-mean-token-mean" over the rows, bnpo -> the micro-batch's token
+    count, dr_grpo -> rows x max_completion_length, dapo / cispo -> num_items_in_batch /
+    num_processes (x accumulation / steps_per_generation in training), each times the
+    gradient-accumulation steps as TRL divides; beta -> kl_coef with the k3 estimator, or, with
+    use_bias_correction_kl (TRL's default), the KL term weighted by the importance ratio in
+    torch (the op has no ratio-weighted KL) with the same reduction.
+
+    Anything else (see ``grpo_loss_fallback_reason``: other loss types, off-policy masking, the
+    high-entropy mask, vLLM importance-sampling correction, the entropy bonus) runs TRL's own
+    ``_compute_loss`` for that call.
+    """
+    if grpo_loss_fallback_reason(self, inputs) is not None:
+        return original(_GRPO, "GRPOTrainer._compute_loss")(self, model, inputs)
+    utils = sys.modules[_UTILS]
+    prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+    completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+    per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+        model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True,
+        compute_aux_loss=self.aux_loss_enabled, **{k: inputs.get(k) for k in _MODEL_INPUTS})
+
+    advantages = inputs["advantages"]
+    old = inputs.get("old_per_token_logps")
+    old = per_token_logps.detach() if old is None else old
+    mode = "train" if self.model.training else "eval"
+    level = self.importance_sampling_level
+    reduction, normalizer = _grpo_reduction(self, inputs, mask, mode)
+    cispo = self.loss_type == "cispo"
+    if cispo:
+        clip = dict(clip_low=1.0, clip_high=self.epsilon_high - 1.0, dual_clip=None)
+    else:
+        clip = dict(clip_low=self.epsilon_low, clip_high=self.epsilon_high,
+                    dual_clip=self.args.delta)
+    kl_in_op = self.beta != 0.0 and not self.args.use_bias_correction_kl
+    ref = inputs["ref_per_token_logps"] if self.beta != 0.0 else None
+    loss, _ = ppo_policy_loss(
+        per_token_logps, old, advantages, mask, log_ratio_clamp=None, reduction=reduction,
+        ratio_level=level, loss_type="cispo" if cispo else "ppo", normalizer=normalizer,
+        ref_logp=ref if kl_in_op else None, kl_coef=self.beta if kl_in_op else 0.0,
+        kl_estimator="k3", **clip)
+
+    per_token_kl = None
+    if self.beta != 0.0:
+        if kl_in_op:
+            with torch.no_grad():  # for the metric
+                d = ref - per_token_logps.detach()
+                per_token_kl = torch.exp(d) - d - 1
+        else:
+            d = ref - per_token_logps
+            weights = _importance_weights(per_token_logps - old, mask, level)
+            per_token_kl = (torch.exp(d) - d - 1) * weights
+            loss = loss + self.beta * _reduce_like(per_token_kl, mask, reduction, normalizer)
+
+    if self.aux_loss_enabled:  # scaled for accumulation, as TRL does
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
+        self._metrics[mode]["aux_loss"].append(
+            self.accelerator.gather_for_metrics(aux_loss).mean().item())
+    _log_grpo_metrics(self, mode, mask, advantages, per_token_logps.detach(), old, entropies,
+                      per_token_kl, utils)
+    return loss
+
+
+def _log_grpo_metrics(trainer, mode, mask, advantages, logps, old, entropies, per_token_kl,
+                      utils) -> None:
+    """The metrics TRL 1.16's _compute_loss logs, from detached tensors, with TRL's formulas."""
+    metrics = trainer._metrics[mode]
+    with torch.no_grad():
+        coef_1 = _importance_weights(logps - old, mask, trainer.importance_sampling_level)
+        if advantages.dim() == 1:
+            advantages = advantages.unsqueeze(1)
+
+        def masked_seq_mean(x):
+            if x.shape[1] == 1:  # sequence level: one value per row already
+                return x.squeeze(1)
+            return (x * mask).sum(-1) / mask.sum(-1)
+
+        def global_masked_mean(x):
+            if x.shape[1] == 1:
+                local_sum, local_count = x.sum(), torch.tensor(float(x.shape[0]), device=x.device)
+            else:
+                local_sum, local_count = (x * mask).sum(), mask.sum().float()
+            totals = trainer.accelerator.reduce(torch.stack([local_sum, local_count]),
+                                                reduction="sum")
+            return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+        if per_token_kl is not None:
+            metrics["kl"].append(global_masked_mean(per_token_kl.detach()))
+        metrics["entropy"].append(global_masked_mean(entropies))
+        if trainer.loss_type == "cispo":
+            clipped = (coef_1 > trainer.epsilon_high) & (advantages > 0)
+            metrics["cispo_clip_ratio"].append(global_masked_mean(clipped.float()))
+            return
+        low = (coef_1 < 1 - trainer.epsilon_low) & (advantages < 0)
+        high = (coef_1 > 1 + trainer.epsilon_high) & (advantages > 0)
+        metrics["clip_ratio/low_mean"].append(global_masked_mean(low.float()))
+        metrics["clip_ratio/high_mean"].append(global_masked_mean(high.float()))
+        metrics["clip_ratio/region_mean"].append(global_masked_mean((low | high).float()))
+        gathered_low = trainer.accelerator.gather(masked_seq_mean(low.float()))
+        metrics["clip_ratio/low_min"].append(utils.nanmin(gathered_low).item())
+        gathered_high = trainer.accelerator.gather(masked_seq_mean(high.float()))
+        metrics["clip_ratio/high_max"].append(utils.nanmax(gathered_high).item())
+
+
+# --------------------------------------------------------------------------------------------
+# patch / unpatch
+# --------------------------------------------------------------------------------------------
+_ACTIVE: list[Patch] = []
+
+
+def _trl_minor() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return ".".join(version("trl").split(".")[:2])
+    except Exception:  # noqa: BLE001 - not installed, or no metadata: nothing is patched anyway
+        return None
+
+
+def patch_trl(keep_fp32: bool = False) -> Patch:
+    """Swap the drop-ins into TRL and every loaded ``trl`` module that imported them by name.
+    Returns a ``Patch``: call ``undo()`` (or ``unpatch_trl()``) or use it as a context manager.
+    Targets absent from the installed TRL version are skipped (listed in ``Patch.skipped``).
+
+    Patched:
+
+    * ``trl.trainer.utils``: selective_log_softmax, entropy_from_logits,
+      selective_log_softmax_and_entropy (above);
+    * the fused lm head of the trainers: ``_ChunkedLogProbFunction`` (the math, by
+      ``linear_logprobs``; trainers built before the patch use it too) and ``add_fused_lm_head``
+      (for trainers built under the patch: includes a PEFT adapter on lm_head);
+    * ``GRPOTrainer.__init__`` and ``RLOOTrainer.__init__``: a PEFT adapter on lm_head is
+      accepted (TRL refuses it because its fused head ignores the adapter);
+    * ``GRPOTrainer._compute_loss`` (TRL 1.16 only; another version keeps its own, with a
+      warning): ``grpo_compute_loss``. RLOOTrainer's loss is left to TRL: it is a per-sequence
+      scalar over B values (its log-probabilities come through the patched fused head).
+
+    keep_fp32: the patched utils functions return the kernels' fp32 result (fp64 for fp64
+    logits) instead of TRL's dtype for the call (see the module docstring); the fused head and
+    the loss are fp32 either way, as TRL's."""
     fns = [selective_log_softmax, entropy_from_logits, selective_log_softmax_and_entropy]
     if keep_fp32:
         fns = [bind_keep_fp32(fn) for fn in fns]
-    return apply_patch("TRL", "trl", [(_UTILS, fn.__name__, fn) for fn in fns])
+    targets = [(_UTILS, fn.__name__, fn) for fn in fns]
+    targets += [(_UTILS, _CHUNKED, ChunkedLogProbFunction),
+                (_UTILS, _FUSED_HEAD, add_fused_lm_head)]
+    for module_name, cls_name in ((_GRPO, "GRPOTrainer"), (_RLOO, "RLOOTrainer")):
+        targets.append((module_name, f"{cls_name}.__init__",
+                        _accepting_adapter_on_lm_head(module_name, cls_name)))
+    minor = _trl_minor()
+    if minor == _CHECKED_TRL_MINOR:
+        targets.append((_GRPO, "GRPOTrainer._compute_loss", grpo_compute_loss))
+    elif minor is not None:
+        warnings.warn(
+            f"patch_trl: GRPOTrainer._compute_loss left to TRL: the drop-in mirrors trl "
+            f"{_CHECKED_TRL_MINOR}, this is trl {minor}", stacklevel=2)
+    patch = apply_patch("TRL", "trl", targets)
+    _ACTIVE.append(patch)
+    return patch
+
+
+def unpatch_trl() -> None:
+    """Undo every ``patch_trl()`` still active, newest first (the same as their ``undo()``)."""
+    while _ACTIVE:
+        _ACTIVE.pop().undo()

@@ -1,0 +1,426 @@
+"""patch_trl() on TRL's GRPOTrainer: the fused lm head and the GRPO loss against TRL's own.
+
+A tiny random Qwen2 (vocabulary 64, hidden 32, 2 layers), a word-level tokenizer built here and
+a reward function in Python: nothing is downloaded. One trainer generates one batch; the loss of
+that batch (values, gradients of every parameter, logged metrics) is computed by TRL 1.16's own
+``GRPOTrainer._compute_loss`` with its own fused lm head, then under ``patch_trl()`` by ours, for
+every covered loss type, both importance-sampling levels and the KL variants. The batch is made
+off-policy (old and reference log-probs moved away from the current ones) and padded, so that
+clipping, the dual clip, the sequence ratio and every normaliser matter. A PEFT adapter on
+lm_head, which TRL refuses, is checked against the model's own (unfused) forward. Two full
+``trainer.train()`` steps (patched and unpatched, same seed) close the file.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import warnings
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+peft = pytest.importorskip("peft")
+grpo_trainer = pytest.importorskip("trl.trainer.grpo_trainer")
+
+from rlhf_kernels.integrations import original  # noqa: E402
+from rlhf_kernels.integrations import trl as ours  # noqa: E402
+
+VOCAB, PROMPTS, GENERATIONS, COMPLETION = 64, 2, 4, 6
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend(monkeypatch):
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "triton")
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    words = {f"t{i}": i for i in range(VOCAB)}
+    tokenizer = Tokenizer(WordLevel(words, unk_token="t3"))
+    tokenizer.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="t0", eos_token="t1",
+                                   bos_token="t2", unk_token="t3")
+
+
+def _model(seed: int = 0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0,
+                         eos_token_id=1, bos_token_id=2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Qwen2ForCausalLM(config)
+
+
+def _dataset():
+    from datasets import Dataset
+
+    return Dataset.from_dict({"prompt": [" ".join(f"t{i}" for i in range(4 + k, 9 + k))
+                                         for k in range(PROMPTS * 2)]})
+
+
+def _reward(completions, **kwargs):
+    """Any number that varies between completions: the count of even token ids."""
+    return [float(sum(int(w[1:]) % 2 == 0 for w in c.split())) for c in completions]
+
+
+def _config(**overrides):
+    settings = dict(output_dir=tempfile.mkdtemp(prefix="trl_grpo_test_"), use_cpu=True,
+                    report_to=[], per_device_train_batch_size=PROMPTS * GENERATIONS // 2,
+                    num_generations=GENERATIONS, max_completion_length=COMPLETION, max_steps=1,
+                    logging_steps=1, save_strategy="no", learning_rate=0.5, optim="sgd",
+                    beta=0.0, bf16=False, seed=0, disable_dropout=True,
+                    gradient_checkpointing=False)
+    settings.update(overrides)
+    return trl.GRPOConfig(**settings)
+
+
+def _trainer(model, **overrides):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return trl.GRPOTrainer(model=model, reward_funcs=_reward, args=_config(**overrides),
+                               train_dataset=_dataset(), processing_class=_tokenizer())
+
+
+def _off_policy_batch(trainer):
+    """One generated batch, padded (a full row, short rows, an empty row) and off-policy: old
+    and reference log-probs are the current ones moved by N(0, 0.35) per token."""
+    trainer.model.train()
+    batch = next(iter(trainer.get_train_dataloader()))
+    with torch.no_grad():
+        inputs = trainer._generate_and_score_completions(batch)
+    mask = inputs["completion_mask"].clone()
+    lengths = [COMPLETION, 3, 1, 0][: mask.shape[0]]
+    for row, length in enumerate(lengths):
+        mask[row, length:] = 0
+    inputs["completion_mask"] = mask
+    inputs["num_items_in_batch"] = mask.sum() * 2  # the generation batch: two micro-batches
+    full = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    attention = torch.cat([inputs["prompt_mask"], mask], 1)
+    with torch.no_grad():
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, full, attention, COMPLETION)
+    generator = torch.Generator().manual_seed(7)
+    inputs["old_per_token_logps"] = logps + 0.35 * torch.randn(logps.shape, generator=generator)
+    inputs["ref_per_token_logps"] = logps + 0.35 * torch.randn(logps.shape, generator=generator)
+    inputs["advantages"] = torch.tensor([1.3, -0.7, 0.4, -1.1])[: mask.shape[0]]
+    return inputs
+
+
+@pytest.fixture(scope="module")
+def grpo():
+    """(trainer, off-policy batch) shared by the loss tests; each test sets the options."""
+    trainer = _trainer(_model())
+    inputs = _off_policy_batch(trainer)
+    trainer.current_gradient_accumulation_steps = 2  # TRL divides the loss by it
+    trainer.args.steps_per_generation = 2  # and the dapo / cispo normaliser by this
+    return trainer, inputs
+
+
+def _set(trainer, loss_type, level, kl, delta=None, epsilon_high=0.28):
+    trainer.loss_type = loss_type
+    trainer.importance_sampling_level = level
+    trainer.beta = 0.0 if kl is None else 0.05
+    trainer.args.use_bias_correction_kl = kl == "k3-weighted"
+    trainer.args.delta = delta
+    trainer.epsilon_low = 0.2
+    trainer.epsilon_high = 1.3 if loss_type == "cispo" else epsilon_high
+
+
+def _run(trainer, inputs, patched: bool, params=None):
+    """(loss, gradients of ``params`` (default: every trainable parameter), metrics logged)."""
+    trainer._metrics["train"].clear()
+    trainer._metrics["eval"].clear()
+    if params is None:
+        params = [p for p in trainer.model.parameters() if p.requires_grad]
+    if patched:
+        with ours.patch_trl():
+            assert grpo_trainer.GRPOTrainer._compute_loss is ours.grpo_compute_loss
+            loss = trainer._compute_loss(trainer.model, inputs)
+    else:
+        loss = original(ours._GRPO, "GRPOTrainer._compute_loss")(trainer, trainer.model, inputs)
+    grads = torch.autograd.grad(loss, params, allow_unused=True) if loss.requires_grad else ()
+    mode = "train" if trainer.model.training else "eval"
+    metrics = {k: list(v) for k, v in trainer._metrics[mode].items()}
+    return loss.detach(), grads, metrics
+
+
+class _FixedLogps:
+    """Stands for the trainer's forward: the same leaf log-probs / entropies every call, so the
+    loss tests differentiate the loss alone (the fused head is tested on the model below)."""
+
+    def __init__(self, inputs):
+        generator = torch.Generator().manual_seed(11)
+        shape = inputs["completion_ids"].shape
+        # per-row shifts put whole sequences past the clip (row 0, A > 0) and the dual clip
+        # (row 1, A < 0), for the sequence-level ratio
+        shift = torch.tensor([0.5, 0.5, -0.1, 0.0])[: shape[0], None]
+        noise = 0.3 * torch.randn(shape, generator=generator)
+        self.logps = (inputs["old_per_token_logps"] + shift + noise).requires_grad_(True)
+        self.entropies = torch.rand(shape, generator=generator) * 3
+
+    def __call__(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        return self.logps, self.entropies, None
+
+
+def _assert_same(ours_run, trl_run, name):
+    (loss, grads, metrics), (loss_t, grads_t, metrics_t) = ours_run, trl_run
+    torch.testing.assert_close(loss, loss_t, rtol=1e-5, atol=1e-7,
+                               msg=lambda m: f"{name} loss: {m}")
+    assert len(grads) == len(grads_t)
+    for i, (g, g_t) in enumerate(zip(grads, grads_t)):
+        if g_t is None:
+            assert g is None or not g.any(), f"{name}: parameter {i} has a gradient only in ours"
+            continue
+        torch.testing.assert_close(g, g_t, rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, i=i: f"{name} grad of parameter {i}: {m}")
+    assert list(metrics) == list(metrics_t), f"{name}: metrics {list(metrics)} != TRL's"
+    for key in metrics_t:
+        torch.testing.assert_close(torch.tensor(metrics[key]), torch.tensor(metrics_t[key]),
+                                   rtol=1e-5, atol=1e-6, equal_nan=True,
+                                   msg=lambda m, key=key: f"{name} metric {key}: {m}")
+
+
+@pytest.fixture
+def fixed_logps(grpo, monkeypatch):
+    trainer, inputs = grpo
+    forward = _FixedLogps(inputs)
+    monkeypatch.setattr(trainer, "_get_per_token_logps_and_entropies", forward)
+    return trainer, inputs, forward.logps
+
+
+@pytest.mark.parametrize("kl", [None, "k3", "k3-weighted"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", ours.GRPO_LOSS_TYPES)
+def test_grpo_loss_matches_trl(fixed_logps, loss_type, level, kl):
+    """Same loss, gradient and metrics as TRL's _compute_loss on the same log-probs: every
+    covered loss type, both importance-sampling levels, no KL / k3 / k3 weighted by the ratio
+    (use_bias_correction_kl). bnpo and dr_grpo run with delta (TRL's two-sided clip = our dual
+    clip)."""
+    trainer, inputs, logps = fixed_logps
+    _set(trainer, loss_type, level, kl, delta=1.4 if loss_type in ("bnpo", "dr_grpo") else None)
+    assert ours.grpo_loss_fallback_reason(trainer, inputs) is None
+    theirs = _run(trainer, inputs, patched=False, params=[logps])
+    mine = _run(trainer, inputs, patched=True, params=[logps])
+    _assert_same(mine, theirs, f"{loss_type}/{level}/{kl}")
+    assert theirs[0].abs() > 1e-4  # off-policy: the loss is not the on-policy ~0
+    if loss_type != "cispo":  # the batch reaches both sides of the clip
+        assert 0 < theirs[2]["clip_ratio/region_mean"][0] < 1
+
+
+def test_grpo_loss_per_token_advantages_and_eval_mode(fixed_logps):
+    """(B, T) advantages (TRL subclasses may give them), and eval mode (no accumulation)."""
+    trainer, inputs, logps = fixed_logps
+    _set(trainer, "grpo", "sequence", "k3")
+    per_token = dict(inputs)
+    generator = torch.Generator().manual_seed(3)
+    per_token["advantages"] = torch.randn(inputs["completion_ids"].shape, generator=generator)
+    _assert_same(_run(trainer, per_token, True, [logps]), _run(trainer, per_token, False, [logps]),
+                 "(B, T) advantages")
+    trainer.model.eval()
+    try:
+        _set(trainer, "dapo", "token", "k3-weighted")
+        _assert_same(_run(trainer, inputs, True, [logps]), _run(trainer, inputs, False, [logps]),
+                     "eval mode")
+    finally:
+        trainer.model.train()
+
+
+def test_grpo_loss_through_the_model(grpo):
+    """The whole _compute_loss on the model: TRL's fused head and loss against ours (the fused
+    head by linear_logprobs, the loss by ppo_policy_loss), gradients of every parameter."""
+    trainer, inputs = grpo
+    _set(trainer, "dr_grpo", "sequence", "k3-weighted", delta=1.4)
+    _assert_same(_run(trainer, inputs, True), _run(trainer, inputs, False), "model")
+
+
+@pytest.mark.parametrize("option", ["sapo", "off_policy_mask", "entropy_mask", "entropy_bonus",
+                                    "low_delta"])
+def test_grpo_options_not_covered_run_trls_code(fixed_logps, option):
+    """Options the drop-in does not cover give a reason and TRL's own numbers."""
+    trainer, inputs, logps = fixed_logps
+    _set(trainer, "dapo", "token", None)
+    saved = (trainer.off_policy_mask_threshold, trainer.top_entropy_quantile,
+             trainer._entropy_bonus_enabled, trainer.entropy_coef)
+    try:
+        if option == "sapo":
+            trainer.loss_type = "sapo"
+        elif option == "off_policy_mask":
+            trainer.off_policy_mask_threshold = 0.05
+        elif option == "entropy_mask":
+            trainer.top_entropy_quantile = 0.5
+        elif option == "entropy_bonus":
+            trainer.entropy_coef, trainer._entropy_bonus_enabled = 0.01, True
+        else:
+            trainer.args.delta = 1.1  # below 1 + epsilon_high: not the dual clip
+        assert ours.grpo_loss_fallback_reason(trainer, inputs) is not None
+        _assert_same(_run(trainer, inputs, True, [logps]), _run(trainer, inputs, False, [logps]),
+                     option)
+    finally:
+        (trainer.off_policy_mask_threshold, trainer.top_entropy_quantile,
+         trainer._entropy_bonus_enabled, trainer.entropy_coef) = saved
+
+
+def test_patch_and_unpatch_restore_trl(grpo):
+    trainer, _ = grpo
+    utils = pytest.importorskip("trl.trainer.utils")
+    own = (utils._ChunkedLogProbFunction, utils.add_fused_lm_head,
+           grpo_trainer.add_fused_lm_head, grpo_trainer.GRPOTrainer._compute_loss,
+           grpo_trainer.GRPOTrainer.__init__)
+    ours.patch_trl()
+    assert utils._ChunkedLogProbFunction is ours.ChunkedLogProbFunction
+    assert grpo_trainer.add_fused_lm_head is ours.add_fused_lm_head
+    ours.unpatch_trl()
+    assert (utils._ChunkedLogProbFunction, utils.add_fused_lm_head,
+            grpo_trainer.add_fused_lm_head, grpo_trainer.GRPOTrainer._compute_loss,
+            grpo_trainer.GRPOTrainer.__init__) == own
+
+
+# --------------------------------------------------------------------------------------------
+# a LoRA adapter on lm_head
+# --------------------------------------------------------------------------------------------
+def _unfused_logps(model, input_ids, attention_mask, temperature):
+    """(B, T-1) log-probs and entropies of the next tokens from the model's own logits."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    logp = (logits.float() / temperature).log_softmax(-1)
+    chosen = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    keep = attention_mask[:, 1:] != 0
+    return chosen.masked_fill(~keep, 0.0), entropy.masked_fill(~keep, 0.0)
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_fused_head_with_lora_on_lm_head(variant):
+    """The fused forward of a model whose lm_head (and q_proj) carry a LoRA adapter: the
+    model's own log-probs and entropies, and their gradients to every adapter parameter. Plain
+    LoRA goes through linear_logprobs' LoRA inputs, DoRA through the head module."""
+    from peft import LoraConfig, get_peft_model
+
+    model = _model(1)
+    input_ids = torch.randint(4, VOCAB, (3, 9), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 6:] = 0
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    with ours.patch_trl():
+        ours.add_fused_lm_head(model, temperature=0.7, outputs=("log_probs", "entropy"))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"],
+                        init_lora_weights=False, use_dora=variant == "dora")
+    model = get_peft_model(model, config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert any("lm_head" in n for n, p in model.named_parameters() if p.requires_grad)
+    weight = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+
+    def run(fused: bool):
+        if fused:
+            out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                        fused_lm_head=True)
+            logp, entropy = out.log_probs, out.entropy
+        else:
+            logp, entropy = _unfused_logps(model, input_ids, attention_mask, 0.7)
+        total = (logp * weight).sum() + (entropy * weight.flip(0)).sum()
+        # adapters off: nothing trainable is used
+        grads = torch.autograd.grad(total, params) if total.requires_grad else ()
+        return logp.detach(), entropy.detach(), grads
+
+    expected = run(fused=False)
+    with ours.patch_trl():
+        got = run(fused=True)
+        with model.disable_adapter():  # the reference policy: the base head alone
+            base_expected, base_got = run(fused=False), run(fused=True)
+    for a, b, name in ((got, expected, variant), (base_got, base_expected, "adapter off")):
+        def say(m, name=name):
+            return f"{name}: {m}"
+
+        torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-5, msg=say)
+        torch.testing.assert_close(a[1], b[1], rtol=1e-5, atol=1e-5, msg=say)
+        for ga, gb in zip(a[2], b[2]):
+            torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6, msg=say)
+    # TRL's own head would ignore the adapter: once unpatched, the fused forward refuses
+    with pytest.raises(RuntimeError, match="ignore the adapter"):
+        model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+              fused_lm_head=True)
+
+
+def test_grpo_trainer_with_lora_on_lm_head():
+    """TRL refuses an adapter on lm_head; under patch_trl the trainer takes it, and the loss
+    (with beta: the reference is the adapter switched off) and its gradients are TRL's
+    _compute_loss evaluated on the model's own, unfused log-probs."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"],
+                        init_lora_weights=False)
+    with pytest.raises(ValueError, match="lm_head"):
+        trl.GRPOTrainer(model=_model(), reward_funcs=_reward, args=_config(beta=0.05),
+                        train_dataset=_dataset(), processing_class=_tokenizer(),
+                        peft_config=config)
+    with ours.patch_trl(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = trl.GRPOTrainer(model=_model(), reward_funcs=_reward,
+                                  args=_config(beta=0.05, loss_type="grpo"),
+                                  train_dataset=_dataset(), processing_class=_tokenizer(),
+                                  peft_config=config)
+        trainer.current_gradient_accumulation_steps = 1
+        trainer.model.train()
+        batch = next(iter(trainer.get_train_dataloader()))
+        with torch.no_grad():
+            inputs = trainer._generate_and_score_completions(batch)
+        mine = _run(trainer, inputs, patched=True)
+
+    def unfused(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        logp, entropy = _unfused_logps(model, input_ids, attention_mask, self.temperature)
+        return logp[:, -logits_to_keep:], entropy[:, -logits_to_keep:], None
+
+    with torch.no_grad(), trainer.model.disable_adapter():
+        full = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+        attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+        ref = unfused(trainer, trainer.model, full, attention, COMPLETION)[0]
+    torch.testing.assert_close(inputs["ref_per_token_logps"], ref, rtol=1e-5, atol=1e-5)
+    trainer._get_per_token_logps_and_entropies = unfused.__get__(trainer)
+    theirs = _run(trainer, inputs, patched=False)
+    _assert_same(mine, theirs, "lora on lm_head")
+    lm_head_grads = [g for (n, p), g in zip(
+        ((n, p) for n, p in trainer.model.named_parameters() if p.requires_grad), mine[1])
+        if "lm_head" in n]
+    assert lm_head_grads and all(g is not None and g.abs().sum() > 0 for g in lm_head_grads)
+
+
+# --------------------------------------------------------------------------------------------
+# one full training step
+# --------------------------------------------------------------------------------------------
+def test_grpo_trainer_step_patched_and_unpatched():
+    """One trainer.train() step (generation, reward, GRPO loss with beta, SGD update) from the
+    same seed and weights: the same logged loss and the same updated weights."""
+    directory = tempfile.mkdtemp(prefix="trl_grpo_model_")
+    _model().save_pretrained(directory)  # the reference model (beta != 0) is built from a path
+    from transformers import AutoModelForCausalLM
+
+    def step(patched: bool):
+        model = AutoModelForCausalLM.from_pretrained(directory)
+        before = copy.deepcopy(model.state_dict())
+        if patched:
+            with ours.patch_trl():
+                trainer = _trainer(model, beta=0.05, loss_type="grpo")
+                trainer.train()
+        else:
+            trainer = _trainer(model, beta=0.05, loss_type="grpo")
+            trainer.train()
+        logs = trainer.state.log_history[0]
+        return logs, {k: v - before[k] for k, v in trainer.model.state_dict().items()}
+
+    logs, update = step(patched=True)
+    logs_t, update_t = step(patched=False)
+    assert logs["reward"] == logs_t["reward"]  # the same completions
+    for key in ("loss", "kl", "entropy", "grad_norm"):
+        assert logs[key] == pytest.approx(logs_t[key], rel=1e-4, abs=1e-7), key
+    assert any(u.abs().max() > 0 for u in update_t.values())
+    for key, value in update_t.items():
+        torch.testing.assert_close(update[key], value, rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, key=key: f"update of {key}: {m}")
