@@ -177,6 +177,9 @@ def test_reduction_weights_closed_form():
     assert torch.equal(w[0], torch.tensor([0.125, 0.125, 0.0, 0.0]))  # 1 / (2 tokens * 4)
     assert torch.equal(reduction_weights(mask, "token-sum"), mask)
     assert torch.equal(reduction_weights(mask, "token-mean", 2.0), mask / 2)
+    # no gradient through a tensor normalizer (an all-reduced count is data)
+    assert not reduction_weights(mask, "token-sum", torch.tensor(2.0, requires_grad=True)
+                                 ).requires_grad
 
 
 def test_gradient_scaled_in_backward_and_single_use():

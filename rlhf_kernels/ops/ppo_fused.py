@@ -115,15 +115,21 @@ def reduction_weights(mask: torch.Tensor, reduction: str,
     """(..., T) 0/1 float mask -> (..., T) fp32 weights w with
     reduce_loss(x, mask, reduction, normalizer) = sum(w x).
 
-    ``normalizer`` replaces the outer denominator (see ``reference.reduce_loss``); a tensor
-    normalizer is used where it lives, without a gradient. Computed on the device (no host
-    sync); rows and tensors without a valid token weigh 0.
+    ``normalizer`` replaces the outer denominator (see ``reference.reduce_loss``): a number, or
+    a 0-d tensor used without a gradient, on the mask's device or the CPU (a host scalar).
+    Computed on the device (no host sync); rows and tensors without a valid token weigh 0.
     """
     check_reduction(reduction)
     m = mask.to(torch.float32)
     if normalizer is not None:
         if isinstance(normalizer, torch.Tensor):
-            normalizer = normalizer.detach().to(dtype=torch.float32, device=m.device)
+            normalizer = normalizer.detach()
+            if normalizer.dtype != torch.float32:
+                normalizer = normalizer.to(torch.float32)
+            # A 0-d CPU tensor stays where it is: torch reads it as a host scalar in CUDA ops,
+            # while moving it would be a synchronous copy. Another device: moved to the mask's.
+            if normalizer.device != m.device and normalizer.device.type != "cpu":
+                normalizer = normalizer.to(m.device)
         if reduction == "seq-mean-token-mean":
             return m / (m.sum(-1, keepdim=True).clamp_min(1) * normalizer)
         return m / normalizer
