@@ -235,8 +235,8 @@ def test_host_overhead_refuses_interpreted_kernels():
 # scripts/gpu_check.sh proof, benchmarks.proof and benchmarks.report (no GPU needed)
 # ------------------------------------------------------------------------------------------
 GPU_CHECK = REPO / "scripts" / "gpu_check.sh"
-PROOF_PARTS = ["tests", "logprobs", "ppo_loss", "gae", "kl", "linear", "grpo", "e2e-1.5b", "e2e-0.5b",
-               "e2e-8b"]
+PROOF_PARTS = ["tests", "logprobs", "ppo_loss", "gae", "kl", "linear", "grpo", "e2e-1.5b",
+               "e2e-0.5b", "e2e-8b"]
 
 
 def test_gpu_check_is_valid_bash():
