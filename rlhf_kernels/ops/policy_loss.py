@@ -63,26 +63,33 @@ from rlhf_kernels.ops._reduce import (
 
 __all__ = ["ppo_policy_loss"]
 
-# Per-program partial sums, one column each (partials buffer is (_N_PARTIALS, programs)).
-_P_LOSS, _P_TOKENS, _P_ROWS, _P_CLIP, _P_HALF_D2, _P_NEG_D, _P_RATIO, _P_RATIO_MAX, _P_DUAL, \
-    _P_KL = range(10)
-_N_PARTIALS = 10
-# Layout of the stats output: the public stats, then the backward's scale. dual_clipfrac is
-# returned with dual_clip, pg_loss and kl with the KL term.
-_STAT_NAMES = ("clipfrac", "approx_kl", "ppo_kl", "ratio_mean", "ratio_max", "dual_clipfrac",
-               "pg_loss", "kl")
-_S_SCALE = len(_STAT_NAMES)
-_N_STATS = _S_SCALE + 1
-# The names zipped with the unbound stats, by (dual clip, KL term); None marks a slot to drop.
-_NAMES = {
-    (False, False): _STAT_NAMES[:5],
-    (True, False): _STAT_NAMES[:6],
-    (False, True): _STAT_NAMES[:5] + (None,) + _STAT_NAMES[6:],
-    (True, True): _STAT_NAMES,
+# Per-program partial sums, one row each of the (_N_PARTIALS, programs) buffer: policy loss,
+# tokens, rows with a token, clipped, d^2 / 2, -d, ratio, ratio max, dual clipped, then with the
+# KL term: KL and policy + kl_coef * KL (so the finish kernel needs no kl_coef argument).
+_N_PARTIALS = 11
+# Layout of the stats output: the stats returned for the options of the call (dual_clipfrac
+# with dual_clip, pg_loss and kl with the KL term), then the backward's scale. Only what is
+# returned is written and unbound: host time per call counts at these sizes.
+_STAT_NAMES = {
+    (False, False): ("clipfrac", "approx_kl", "ppo_kl", "ratio_mean", "ratio_max"),
+    (True, False): ("clipfrac", "approx_kl", "ppo_kl", "ratio_mean", "ratio_max", "dual_clipfrac"),
+    (False, True): ("clipfrac", "approx_kl", "ppo_kl", "ratio_mean", "ratio_max", "pg_loss", "kl"),
+    (True, True): ("clipfrac", "approx_kl", "ppo_kl", "ratio_mean", "ratio_max", "dual_clipfrac",
+                   "pg_loss", "kl"),
 }
 _FINISH_BLOCK_MAX = 1024
 # Compile-time codes of the KL estimators (0: no KL term).
 _KL_CODES = {"k1": 1, "k2": 2, "k3": 3, "abs": 4}
+# The policy options reach the kernels as one compile-time int (each constexpr argument of a
+# launch costs host time in Triton's binder): bit 0 dual clip, bit 1 sequence ratio, bit 2
+# CISPO, bits 3+ the KL estimator code. The finish kernel's: bits 0-2 the reduction code, bits
+# 3-4 the normalizer (_reduce.NORMALIZER_*), bit 5 dual clip, bit 6 KL term.
+_DUAL, _SEQUENCE, _CISPO, _KL_SHIFT = 1, 2, 4, 3
+
+
+def _scale_index(has_dual: bool, has_kl: bool) -> int:
+    """Where the finish kernel writes the backward's scale: right after the returned stats."""
+    return 5 + has_dual + 2 * has_kl
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,10 +123,13 @@ def _ppo_policy_loss_fwd_kernel(
     stride_rr, stride_rt,
     n_rows, T, n_programs,
     ratio_low, ratio_high, dual_clip, log_ratio_clamp, kl_coef,
-    REDUCTION: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DUAL: tl.constexpr,
-    SEQUENCE: tl.constexpr, CISPO: tl.constexpr, KL: tl.constexpr,
+    REDUCTION: tl.constexpr, HAS_MASK: tl.constexpr, POLICY: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
+    HAS_DUAL: tl.constexpr = (POLICY & 1) != 0
+    SEQUENCE: tl.constexpr = (POLICY & 2) != 0
+    CISPO: tl.constexpr = (POLICY & 4) != 0
+    KL: tl.constexpr = POLICY >> 3
     # Per-sequence advantages arrive with stride_at == 0 (one value per row, never expanded).
     pid = tl.program_id(0)
     rows = (pid * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
@@ -287,16 +297,21 @@ def _ppo_policy_loss_fwd_kernel(
     tl.store(out + 7 * n_programs, tl.max(tl.max(acc_ratio_max, axis=1), axis=0))
     tl.store(out + 8 * n_programs, tl.sum(tl.sum(acc_dual, axis=1), axis=0))
     if KL != 0:
-        tl.store(out + 9 * n_programs, tl.sum(tl.sum(acc_kl, axis=1), axis=0))
+        kl_sum = tl.sum(tl.sum(acc_kl, axis=1), axis=0)
+        tl.store(out + 9 * n_programs, kl_sum)
+        tl.store(out + 10 * n_programs, tl.sum(tl.sum(acc_loss, axis=1), axis=0) + kl_coef * kl_sum)
 
 
 @triton.jit
 def _ppo_policy_loss_finish_kernel(
     partial_ptr, loss_ptr, stats_ptr, norm_ptr,
-    n_programs, T, norm_value, kl_coef,
-    REDUCTION: tl.constexpr, NORMALIZER: tl.constexpr, HAS_KL: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    n_programs, T, norm_value,
+    OPTIONS: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
+    REDUCTION: tl.constexpr = OPTIONS & 7
+    NORMALIZER: tl.constexpr = (OPTIONS >> 3) & 3
+    HAS_DUAL: tl.constexpr = (OPTIONS >> 5) & 1  # 0 / 1: also the dual stat's slot count
+    HAS_KL: tl.constexpr = (OPTIONS >> 6) & 1
     # One program: column sums of the (_N_PARTIALS, n_programs) partials, then the scalars.
     offs = tl.arange(0, BLOCK_P)
     s_loss = tl.zeros([BLOCK_P], dtype=tl.float32)
@@ -309,6 +324,7 @@ def _ppo_policy_loss_finish_kernel(
     s_ratio_max = tl.zeros([BLOCK_P], dtype=tl.float32)
     s_dual = tl.zeros([BLOCK_P], dtype=tl.float32)
     s_kl = tl.zeros([BLOCK_P], dtype=tl.float32)
+    s_total = tl.zeros([BLOCK_P], dtype=tl.float32)
     for p0 in range(0, n_programs, BLOCK_P):
         p = p0 + offs
         ok = p < n_programs
@@ -324,26 +340,29 @@ def _ppo_policy_loss_finish_kernel(
         s_dual += tl.load(partial_ptr + 8 * n_programs + p, mask=ok, other=0.0)
         if HAS_KL:
             s_kl += tl.load(partial_ptr + 9 * n_programs + p, mask=ok, other=0.0)
+            s_total += tl.load(partial_ptr + 10 * n_programs + p, mask=ok, other=0.0)
     n_tokens = tl.sum(s_tokens, axis=0)
     denom = loss_denominator(n_tokens, tl.sum(s_rows, axis=0), T, norm_value, norm_ptr,
                              REDUCTION, NORMALIZER)
     # Stats are means over valid tokens, 0 when there is none (numerators are 0 then too).
     n_safe = tl.maximum(n_tokens, 1.0)
     pg_loss = tl.sum(s_loss, axis=0) / denom
-    if HAS_KL:
-        kl = tl.sum(s_kl, axis=0) / denom
-        tl.store(loss_ptr, pg_loss + kl_coef * kl)
-        tl.store(stats_ptr + 6, pg_loss)
-        tl.store(stats_ptr + 7, kl)
-    else:
-        tl.store(loss_ptr, pg_loss)
     tl.store(stats_ptr + 0, tl.sum(s_clip, axis=0) / n_safe)
     tl.store(stats_ptr + 1, tl.sum(s_half_d2, axis=0) / n_safe)
     tl.store(stats_ptr + 2, tl.sum(s_neg_d, axis=0) / n_safe)
     tl.store(stats_ptr + 3, tl.sum(s_ratio, axis=0) / n_safe)
     tl.store(stats_ptr + 4, tl.max(s_ratio_max, axis=0))
-    tl.store(stats_ptr + 5, tl.sum(s_dual, axis=0) / n_safe)
-    tl.store(stats_ptr + 8, 1.0 / denom)
+    # The optional stats follow in the order of _STAT_NAMES, then the scale (_scale_index).
+    if HAS_DUAL:
+        tl.store(stats_ptr + 5, tl.sum(s_dual, axis=0) / n_safe)
+    if HAS_KL:
+        tl.store(loss_ptr, tl.sum(s_total, axis=0) / denom)
+        tl.store(stats_ptr + 5 + HAS_DUAL, pg_loss)
+        tl.store(stats_ptr + 6 + HAS_DUAL, tl.sum(s_kl, axis=0) / denom)
+        tl.store(stats_ptr + 7 + HAS_DUAL, 1.0 / denom)
+    else:
+        tl.store(loss_ptr, pg_loss)
+        tl.store(stats_ptr + 5 + HAS_DUAL, 1.0 / denom)
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,16 +380,16 @@ def _launch(
     dual_clip: float | None,
     log_ratio_clamp: float | None,
     reduction: int,
-    sequence: bool,
-    cispo: bool,
+    policy: int,
     kl_coef: float,
-    kl_estimator: int,
     normalizer_value: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> loss () fp32, stats (_N_STATS,) fp32, saved gradient (logp.shape) fp32 contiguous.
+    """-> loss () fp32, stats (_scale_index + 1,) fp32, saved gradient (logp.shape) fp32
+    contiguous.
 
-    ref_logp is given only with the KL term on (kl_estimator its code, nonzero); normalizer (a
-    0-d tensor on logp's device) or normalizer_value replaces the reduction's denominator.
+    policy: _SEQUENCE | _CISPO | kl code << _KL_SHIFT; ref_logp is given exactly when the kl
+    code is nonzero. normalizer (a 0-d tensor on logp's device) or normalizer_value replaces the
+    reduction's denominator.
     """
     device = logp.device
     T = logp.shape[-1]
@@ -384,19 +403,22 @@ def _launch(
         stride_ar, stride_at = adv2.stride(0), 0
     mask = mask_for_kernel(mask)
     mask2 = as_rows(mask) if mask is not None else logp2
-    if ref_logp is not None:
+    has_kl = ref_logp is not None
+    if has_kl:
         ref2 = as_rows(ref_logp)
         stride_rr, stride_rt = ref2.stride(0), ref2.stride(1)
     else:
         ref2, stride_rr, stride_rt = None, 0, 0
+    has_dual = dual_clip is not None
     if normalizer is not None:
-        norm_flag = NORMALIZER_TENSOR
+        finish = NORMALIZER_TENSOR
     else:
-        norm_flag = NORMALIZER_NONE if normalizer_value is None else NORMALIZER_VALUE
+        finish = NORMALIZER_NONE if normalizer_value is None else NORMALIZER_VALUE
+    finish = reduction | finish << 3 | has_dual << 5 | has_kl << 6
     block_r, block_t, n_programs = row_tiles(n_rows, T)
 
     loss = empty((), torch.float32, device)
-    stats = empty((_N_STATS,), torch.float32, device)
+    stats = empty((_scale_index(has_dual, has_kl) + 1,), torch.float32, device)
     saved_grad = empty(logp.shape, torch.float32, device)
     partials = empty((_N_PARTIALS, n_programs), torch.float32, device)
     _ppo_policy_loss_fwd_kernel[(n_programs,)](
@@ -408,17 +430,21 @@ def _launch(
         0.0 if dual_clip is None else dual_clip,
         float("inf") if log_ratio_clamp is None else log_ratio_clamp,
         kl_coef,
-        REDUCTION=reduction, HAS_MASK=mask is not None, HAS_DUAL=dual_clip is not None,
-        SEQUENCE=sequence, CISPO=cispo, KL=kl_estimator,
+        REDUCTION=reduction, HAS_MASK=mask is not None, POLICY=policy | has_dual,
         BLOCK_R=block_r, BLOCK_T=block_t, num_warps=8 if block_r * block_t >= 2048 else 4,
     )
     _ppo_policy_loss_finish_kernel[(1,)](
         partials, loss, stats, normalizer, n_programs, T,
-        0.0 if normalizer_value is None else normalizer_value, kl_coef,
-        REDUCTION=reduction, NORMALIZER=norm_flag, HAS_KL=kl_estimator != 0,
+        0.0 if normalizer_value is None else normalizer_value,
+        OPTIONS=finish,
         BLOCK_P=min(next_power_of_2(n_programs), _FINISH_BLOCK_MAX), num_warps=4,
     )
     return loss, stats, saved_grad
+
+
+def _launch_packed(logp, rest):
+    """``_launch(logp, *rest)``: the eager autograd path's launcher (see ``ppo_policy_loss``)."""
+    return _launch(logp, *rest)
 
 
 @torch.library.custom_op("rlhf_kernels::ppo_policy_loss", mutates_args=())
@@ -434,24 +460,22 @@ def _ppo_policy_loss_op(
     dual_clip: float | None,
     log_ratio_clamp: float | None,
     reduction: int,
-    sequence: bool,
-    cispo: bool,
+    policy: int,
     kl_coef: float,
-    kl_estimator: int,
     normalizer_value: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``_launch`` as a custom op: what torch.compile / export / torch.func see."""
     return _launch(logp, old_logp, advantages, mask, ref_logp, normalizer, clip_low, clip_high,
-                   dual_clip, log_ratio_clamp, reduction, sequence, cispo, kl_coef, kl_estimator,
-                   normalizer_value)
+                   dual_clip, log_ratio_clamp, reduction, policy, kl_coef, normalizer_value)
 
 
 @_ppo_policy_loss_op.register_fake
 def _(logp, old_logp, advantages, mask, ref_logp, normalizer, clip_low, clip_high, dual_clip,
-      log_ratio_clamp, reduction, sequence, cispo, kl_coef, kl_estimator, normalizer_value):
+      log_ratio_clamp, reduction, policy, kl_coef, normalizer_value):
+    n_stats = _scale_index(dual_clip is not None, ref_logp is not None) + 1
     return (
         logp.new_empty((), dtype=torch.float32),
-        logp.new_empty((_N_STATS,), dtype=torch.float32),
+        logp.new_empty((n_stats,), dtype=torch.float32),
         logp.new_empty(logp.shape, dtype=torch.float32),
     )
 
@@ -464,16 +488,18 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(saved_grad, stats)
     ctx.logp_dtype = logp.dtype
+    ctx.scale_index = _scale_index(inputs[8] is not None, inputs[4] is not None)
 
 
-_N_OP_ARGS = 16
+_N_OP_ARGS = 14
 
 
 def _backward(ctx, grad_loss, grad_stats, grad_saved):
     saved_grad, stats = ctx.saved_tensors
     grad_logp = None
     if grad_loss is not None and ctx.needs_input_grad[0]:
-        grad_logp = saved_grad_scale(saved_grad, grad_loss, stats, _S_SCALE, ctx.logp_dtype)
+        grad_logp = saved_grad_scale(saved_grad, grad_loss, stats, ctx.scale_index,
+                                     ctx.logp_dtype)
     return (grad_logp,) + (None,) * (_N_OP_ARGS - 1)
 
 
@@ -558,14 +584,21 @@ def ppo_policy_loss(
     if ref_logp is not None:
         check_float("ref_logp", ref_logp)
         check_same_shape("ref_logp", ref_logp, "logp", logp)
-    check_same_device(("logp", logp), ("old_logp", old_logp), ("advantages", advantages),
-                      ("mask", mask), ("ref_logp", ref_logp))
+    device = logp.device
+    if (old_logp.device != device or advantages.device != device
+            or (mask is not None and mask.device != device)
+            or (ref_logp is not None and ref_logp.device != device)):
+        check_same_device(("logp", logp), ("old_logp", old_logp), ("advantages", advantages),
+                          ("mask", mask), ("ref_logp", ref_logp))
     if logp.dim() == 0:
         raise ValueError("logp must have at least one dim (..., T); got a 0-d tensor")
     code = reduction_code(reduction)
     _check_options(clip_low, clip_high, dual_clip, log_ratio_clamp)
-    check_policy_options(ratio_level, loss_type, dual_clip)
-    check_normalizer(normalizer)
+    # The defaults need no check (host time per call counts for this op).
+    if ratio_level != "token" or loss_type != "ppo":
+        check_policy_options(ratio_level, loss_type, dual_clip)
+    if normalizer is not None:
+        check_normalizer(normalizer)
     kl_code = _KL_CODES.get(kl_estimator)
     if kl_code is None:
         raise ValueError(
@@ -590,23 +623,28 @@ def ppo_policy_loss(
                     f"logp only (rollout data are constants in PPO); pass {name}.detach(), or "
                     "backend='reference' if you really need that gradient"
                 )
-    norm_flag, norm_value, norm_tensor = normalizer_args(normalizer, logp.device)
-    if norm_flag != NORMALIZER_VALUE:
-        norm_value = None
+    if normalizer is None:
+        norm_value = norm_tensor = None
+    else:
+        norm_flag, norm_value, norm_tensor = normalizer_args(normalizer, device)
+        if norm_flag != NORMALIZER_VALUE:
+            norm_value = None
+    policy = ((ratio_level == "sequence") * _SEQUENCE | (loss_type == "cispo") * _CISPO
+              | (kl_code << _KL_SHIFT if with_kl else 0))
     args = (logp, old_logp, advantages, mask, ref_logp if with_kl else None, norm_tensor,
             float(clip_low), float(clip_high),
             None if dual_clip is None else float(dual_clip),
-            None if log_ratio_clamp is None else float(log_ratio_clamp), code,
-            ratio_level == "sequence", loss_type == "cispo", kl_coef,
-            kl_code if with_kl else 0, norm_value)
+            None if log_ratio_clamp is None else float(log_ratio_clamp), code, policy, kl_coef,
+            norm_value)
     if not launch_directly(logp, old_logp, advantages, mask, ref_logp, norm_tensor):
         loss, stats, _ = _ppo_policy_loss_op(*args)
     elif torch.is_grad_enabled() and logp.requires_grad:
-        loss, stats = SavedGradLoss.apply(_launch, _S_SCALE, *args)
+        # logp and the rest as one tuple: autograd.Function.apply costs host time per argument.
+        loss, stats = SavedGradLoss.apply(_launch_packed,
+                                          _scale_index(dual_clip is not None, with_kl),
+                                          logp, args[1:])
     else:
         loss, stats, _ = _launch(*args)
-    # One unbind (not one indexing call per stat): host overhead matters at 64K tokens.
-    out = dict(zip(_NAMES[dual_clip is not None, with_kl], stats.unbind(0)))
-    if with_kl and dual_clip is None:
-        del out[None]
-    return loss, out
+    # One unbind (not one indexing call per stat): host overhead matters at 64K tokens. zip
+    # stops before the trailing scale.
+    return loss, dict(zip(_STAT_NAMES[dual_clip is not None, with_kl], stats.unbind(0)))
