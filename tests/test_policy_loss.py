@@ -2,8 +2,11 @@
 
 Values, stats and gradients (random upstream gradient) over reductions x dtypes x shapes /
 padding, a table of clip options, closed-form cases, empty masks, strided inputs, bad input and
-torch.compile. Under the interpreter the shapes stay small but keep the awkward sizes (T = 1,
-257, 1025, several rows, left / right padding, all-masked rows).
+torch.compile; then the critic-free options (per-sequence advantages, GSPO's sequence ratio,
+CISPO, token-sum, normalizer, the KL term) against the reference, against hand-worked
+gradients, and (B,) advantages against their expansion bit for bit. Under the interpreter the
+shapes stay small but keep the awkward sizes (T = 1, 257, 1025, several rows, left / right
+padding, all-masked rows).
 """
 
 import pytest
@@ -13,7 +16,8 @@ from rlhf_kernels import reference
 from rlhf_kernels.ops.policy_loss import ppo_policy_loss
 from tests.numerics import DEVICE, assert_close, assert_close_2x
 
-REDUCTIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+REDUCTIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm",
+              "token-sum")
 DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -240,6 +244,7 @@ def test_row_weights(reduction):
         "seq-mean-token-mean": [[1 / 6] * 3 + [0], [0] * 4, [0.5, 0, 0, 0]],
         "seq-mean-token-sum": [[0.5] * 3 + [0], [0] * 4, [0.5, 0, 0, 0]],
         "seq-mean-token-sum-norm": [[0.25] * 3 + [0], [0] * 4, [0.25, 0, 0, 0]],
+        "token-sum": [[1.0] * 3 + [0], [0] * 4, [1.0, 0, 0, 0]],
     }[reduction]
     expected = -torch.tensor(weights, device=DEVICE)
     assert_close(x.grad, expected, atol=1e-7, name=reduction)
@@ -331,3 +336,317 @@ def test_torch_compile_fullgraph():
     assert_close(loss_comp, loss_eager, atol=1e-6)
     assert_close(clip_comp, clip_eager, atol=0)
     assert_close(x_comp.grad, x_eager.grad, atol=1e-7)
+
+
+# --------------------------------------------------------------------------------------------
+# critic-free options: per-sequence advantages, GSPO, CISPO, token-sum, normalizer, KL term
+# --------------------------------------------------------------------------------------------
+def _ref_logp(logp, spread=0.2):
+    return (logp.float() + spread * torch.randn(logp.shape, device=DEVICE)).to(logp.dtype)
+
+
+# Each case runs under every reduction. "adv": "seq" for (B,) advantages, "token" for (B, T);
+# "kl": an estimator for the KL term (kl_coef 0.1); "norm": "float" or "tensor" normalizer.
+CRITIC_FREE = [
+    dict(ratio_level="sequence", adv="seq"),
+    dict(ratio_level="sequence", adv="token", dual_clip=1.5, clip_high=0.28),
+    dict(ratio_level="sequence", adv="seq", log_ratio_clamp=0.05, kl="k1"),  # the clamp bites
+    dict(loss_type="cispo", adv="token", clip_high=0.28, kl="k2"),
+    dict(loss_type="cispo", ratio_level="sequence", adv="seq", norm="tensor"),
+    dict(adv="seq", dual_clip=3.0, kl="k3", norm="float"),
+    dict(ratio_level="sequence", adv="token", dual_clip=2.0, kl="abs", norm="tensor"),
+]
+
+
+def _critic_free_inputs(shape, dtype, case, spread=0.6):
+    logp, old_logp, advantages = make_inputs(shape, dtype, spread=spread)
+    options = {k: v for k, v in case.items() if k not in ("adv", "kl", "norm")}
+    if case["adv"] == "seq":
+        advantages = advantages[..., 0].contiguous()
+    if "kl" in case:
+        options.update(ref_logp=_ref_logp(logp), kl_coef=0.1, kl_estimator=case["kl"])
+    if case.get("norm") == "float":
+        options["normalizer"] = 37.5
+    elif case.get("norm") == "tensor":
+        options["normalizer"] = torch.tensor(29, device=DEVICE)  # an integer token count
+    return logp, old_logp, advantages, options
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CRITIC_FREE, ids=str)
+def test_critic_free_options_match_reference(dtype, case):
+    shape = (5, 37)
+    logp, old_logp, advantages, options = _critic_free_inputs(shape, dtype, case)
+    mask = make_mask(shape, "right")  # row 0 empty
+    for reduction in REDUCTIONS:
+        check_against_reference(logp, old_logp, advantages, mask, reduction=reduction,
+                                name=f"{case} {reduction}", **options)
+
+
+@pytest.mark.parametrize("shape,padding", [((1,), "none"), ((3, 1025), "left"),
+                                           ((2, 3, 40), "random")], ids=str)
+def test_critic_free_awkward_shapes_and_fp16(shape, padding):
+    """T = 1, a row longer than one time block, leading dims that merge; fp16 inputs."""
+    case = dict(ratio_level="sequence", adv="seq", dual_clip=3.0, kl="k3", norm="tensor")
+    for dtype in (torch.float16, torch.float32):
+        logp, old_logp, advantages, options = _critic_free_inputs(shape, dtype, case, spread=0.2)
+        check_against_reference(logp, old_logp, advantages, make_mask(shape, padding),
+                                reduction="seq-mean-token-mean", name=f"{shape} {dtype}",
+                                **options)
+    logp, old_logp, advantages, options = _critic_free_inputs(
+        shape, torch.float32, dict(loss_type="cispo", adv="token", kl="abs"))
+    check_against_reference(logp, old_logp, advantages, make_mask(shape, padding),
+                            reduction="token-sum", name=f"{shape} cispo", **options)
+
+
+def _run_triton(logp, old_logp, advantages, mask, **options):
+    x = logp.clone().requires_grad_()
+    loss, stats = ppo_policy_loss(x, old_logp, advantages, mask, backend="triton", **options)
+    loss.backward()
+    return loss, stats, x.grad
+
+
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(ratio_level="sequence", dual_clip=3.0, reduction="seq-mean-token-mean"),
+    dict(loss_type="cispo", reduction="token-sum", normalizer=100.0),
+    dict(ratio_level="sequence", loss_type="cispo", kl_coef=0.2, kl_estimator="k3",
+         reduction="seq-mean-token-sum-norm"),
+], ids=str)
+def test_per_sequence_advantages_equal_expanded_ones_bitwise(options):
+    """(B,) advantages give exactly the loss, stats and gradient of the expanded (B, T) ones
+    (read with stride 0, a materialised copy, and a (B,) view with a stride of 2)."""
+    for shape, dtype in (((5, 37), torch.float32), ((2, 3, 17), torch.bfloat16)):
+        logp, old_logp, _ = make_inputs(shape, dtype, spread=0.5)
+        mask = make_mask(shape, "random")
+        opts = dict(options)
+        if "kl_coef" in opts:
+            opts["ref_logp"] = _ref_logp(logp)
+        wide = torch.randn(shape[:-1] + (2,), device=DEVICE).to(dtype)
+        per_seq = wide[..., 0]  # stride 2 along the rows
+        expected = _run_triton(logp, old_logp, per_seq.contiguous(), mask, **opts)
+        for advantages in (per_seq, per_seq.unsqueeze(-1).expand(shape),
+                           per_seq.unsqueeze(-1).expand(shape).contiguous()):
+            got = _run_triton(logp, old_logp, advantages, mask, **opts)
+            assert torch.equal(got[0], expected[0]), (shape, advantages.stride())
+            assert torch.equal(got[2], expected[2]), (shape, advantages.stride())
+            assert got[1].keys() == expected[1].keys()
+            for key in expected[1]:
+                assert torch.equal(got[1][key], expected[1][key]), key
+
+
+def test_sequence_ratio_hand_worked_gradient():
+    """GSPO, token-mean over the 3 + 2 valid tokens of two rows.
+
+    Row 0: d = logp - old = (0.3, -0.1, 0.1) -> mean 0.1, s = e^0.1 inside [0.8, 1.2];
+    A = (1, -2, 0.5): loss_row = sum(-A s) = 0.5 s and every valid token gets
+    d/dlogp_t = (1/5) * sum_u(-A_u s) * (1/3) = 0.5 s / 15 (the mean spreads it over 3 tokens).
+    Row 1: d = (0.6, 0.4) -> s = e^0.5 > 1.2 with A = (1, 1): clipped, loss -1.2 per token and
+    no gradient; the padded slot holds NaN and gets 0.
+    """
+    nan = float("nan")
+    logp = torch.tensor([[0.3, -0.1, 0.1, nan], [0.6, 0.4, nan, nan]], device=DEVICE)
+    old = torch.zeros_like(logp)
+    adv = torch.tensor([[1.0, -2.0, 0.5, 0.0], [1.0, 1.0, 0.0, 0.0]], device=DEVICE)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool, device=DEVICE)
+    loss, stats, grad = _run_triton(logp, old, adv, mask, ratio_level="sequence")
+    s0, s1 = torch.exp(torch.tensor(0.1)).item(), torch.exp(torch.tensor(0.5)).item()
+    assert_close(loss, torch.tensor((0.5 * s0 - 2 * 1.2) / 5), atol=1e-6)
+    g = 0.5 * s0 / 15
+    assert_close(grad, torch.tensor([[g, g, g, 0], [0, 0, 0, 0]], device=DEVICE), atol=1e-7)
+    assert stats["clipfrac"].item() == pytest.approx(2 / 5)  # row 1's two tokens
+    assert_close(stats["ratio_mean"], torch.tensor((3 * s0 + 2 * s1) / 5), atol=1e-6)
+    assert_close(stats["ratio_max"], torch.tensor(s1), atol=1e-6)
+    # approx_kl stays per token: mean of d^2 / 2 over the five tokens.
+    assert_close(stats["approx_kl"], torch.tensor((0.09 + 0.01 + 0.01 + 0.36 + 0.16) / 10),
+                 atol=1e-7)
+
+
+def test_sequence_ratio_clamp_of_the_mean_cuts_only_the_policy_gradient():
+    """The row's mean log-ratio 0.5 is clamped to 0.4: with A = -1 the unclipped term wins
+    (loss e^0.4 per token) but the clamp cuts its gradient; the KL term (k1, coefficient 0.3)
+    keeps its own per-token gradient 0.3 / 2. CISPO's weight has no gradient to cut:
+    d/dlogp = -clip(e^0.4) A / 2 = 1.2 / 2."""
+    logp = torch.tensor([[0.6, 0.4]], device=DEVICE)
+    old = torch.zeros_like(logp)
+    adv = torch.tensor([-1.0], device=DEVICE)
+    loss, stats, grad = _run_triton(logp, old, adv, None, ratio_level="sequence",
+                                    log_ratio_clamp=0.4, ref_logp=torch.zeros_like(logp),
+                                    kl_coef=0.3, kl_estimator="k1")
+    e04 = torch.exp(torch.tensor(0.4)).item()
+    assert_close(loss, torch.tensor(e04 + 0.3 * 0.5), atol=1e-6)
+    assert_close(stats["pg_loss"], torch.tensor(e04), atol=1e-6)
+    assert_close(stats["kl"], torch.tensor(0.5), atol=1e-7)
+    assert_close(grad, torch.full_like(logp, 0.15), atol=1e-7)
+    loss, stats, grad = _run_triton(logp, old, adv, None, ratio_level="sequence",
+                                    log_ratio_clamp=0.4, loss_type="cispo")
+    assert_close(loss, torch.tensor(1.2 * (0.6 + 0.4) / 2), atol=1e-6)
+    assert_close(grad, torch.full_like(logp, 0.6), atol=1e-7)
+    assert stats["clipfrac"].item() == 1.0
+
+
+def test_sequence_ratio_dual_clip_tie_halves_the_gradient():
+    """A < 0 and the dual-clip constant equal to the row's ratio (read back from ratio_max, so
+    the kernel compares equal values): torch.minimum's tie gives each side half the gradient,
+    so each token gets half of sum_u(-A_u s) / n (token-mean weight 1/2)."""
+    logp = torch.tensor([[0.6, 0.4]], device=DEVICE)
+    old = torch.zeros_like(logp)
+    adv = torch.tensor([[-1.0, -3.0]], device=DEVICE)
+    _, stats, full = _run_triton(logp, old, adv, None, ratio_level="sequence")
+    s = stats["ratio_max"].item()  # e^0.5 > 1.2: the unclipped term is the max for A < 0
+    assert_close(full, torch.full_like(logp, 4 * s / 2 / 2), atol=1e-6)
+    loss, stats, grad = _run_triton(logp, old, adv, None, ratio_level="sequence", dual_clip=s)
+    assert_close(loss, torch.tensor(4 * s / 2), atol=1e-6)
+    assert stats["dual_clipfrac"].item() == 0.0  # a tie is not counted as clipped
+    assert_close(grad, 0.5 * full, atol=1e-7)
+
+
+def test_cispo_hand_worked_tokens():
+    """CISPO: loss = -clip(r) A logp with the clipped ratio as a constant weight.
+
+    logp = (-1, -2), old = logp - (0.5, -0.5): r = (e^0.5, e^-0.5) = (1.65, 0.61), clipped to
+    (1.28, 0.8) with clip_high 0.28; A = (1, -1). token-mean: loss = (1.28 - 0.8 * 2) / 2 and
+    d/dlogp = -w A / 2 = (-0.64, 0.4): both tokens are clipped and both keep their gradient.
+    """
+    logp = torch.tensor([[-1.0, -2.0]], device=DEVICE)
+    old = logp - torch.tensor([[0.5, -0.5]], device=DEVICE)
+    adv = torch.tensor([[1.0, -1.0]], device=DEVICE)
+    loss, stats, grad = _run_triton(logp, old, adv, None, loss_type="cispo", clip_high=0.28)
+    assert_close(loss, torch.tensor((1.28 - 1.6) / 2), atol=1e-6)
+    assert_close(grad, torch.tensor([[-0.64, 0.4]], device=DEVICE), atol=1e-7)
+    assert stats["clipfrac"].item() == 1.0
+    assert "dual_clipfrac" not in stats
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_normalizer_replaces_the_denominator(reduction):
+    """loss(normalizer=N) * N is the reduction's numerator: the token sum for the token
+    reductions, the sum of row means / row sums for the seq-mean ones. A float, a 0-d integer
+    tensor and a 0-d float tensor that requires grad (no gradient flows into it) agree bit for
+    bit, gradient included."""
+    shape = (4, 33)
+    logp, old_logp, advantages = make_inputs(shape, torch.float32)
+    mask = make_mask(shape, "right")
+    n = 40
+    expected = _run_triton(logp, old_logp, advantages, mask, reduction=reduction, normalizer=n)
+    m = mask.float()
+    per_token, *_ = reference._policy_terms(
+        logp.double().where(mask, 0), old_logp.double().where(mask, 0),
+        advantages.double().where(mask, 0), m.double(), 0.2, 0.2, None, 20.0, "token", "ppo")
+    per_token = per_token.where(mask, 0)
+    if reduction == "seq-mean-token-mean":
+        numerator = (per_token.sum(-1) / m.sum(-1).clamp_min(1)).sum()
+    else:
+        numerator = per_token.sum()
+    assert_close(expected[0] * n, numerator, atol=1e-4, name=reduction)
+    count = torch.tensor(n, device=DEVICE)
+    weight = torch.tensor(float(n), device=DEVICE, requires_grad=True)
+    for normalizer in (count, weight):
+        got = _run_triton(logp, old_logp, advantages, mask, reduction=reduction,
+                          normalizer=normalizer)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[2], expected[2])
+    assert weight.grad is None
+
+
+def test_kl_term_off_without_coefficient_or_reference():
+    """kl_coef = 0 or no ref_logp: the plain policy loss, no pg_loss / kl stats."""
+    shape = (3, 20)
+    logp, old_logp, advantages = make_inputs(shape, torch.float32)
+    mask = make_mask(shape, "random")
+    plain = _run_triton(logp, old_logp, advantages, mask)
+    for options in (dict(ref_logp=_ref_logp(logp), kl_coef=0.0), dict(kl_coef=0.5)):
+        got = _run_triton(logp, old_logp, advantages, mask, **options)
+        assert torch.equal(got[0], plain[0]) and torch.equal(got[2], plain[2])
+        assert got[1].keys() == plain[1].keys()
+    _, stats, _ = _run_triton(logp, old_logp, advantages, mask, ref_logp=_ref_logp(logp),
+                              kl_coef=0.5, dual_clip=3.0)
+    assert set(stats) == set(plain[1]) | {"dual_clipfrac", "pg_loss", "kl"}
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("reduction", ("seq-mean-token-mean", "token-sum"))
+def test_critic_free_all_masked_and_padding_garbage(reduction):
+    """An all-masked batch gives 0 (also divided by a normalizer); NaN / inf under the mask of
+    logp, advantages and ref_logp changes nothing with the sequence ratio and the KL term."""
+    shape = (4, 33)
+    logp, old_logp, advantages = make_inputs(shape, torch.float32)
+    ref = _ref_logp(logp)
+    options = dict(ratio_level="sequence", dual_clip=3.0, kl_coef=0.1, kl_estimator="k3",
+                   reduction=reduction, normalizer=torch.tensor(7.0, device=DEVICE))
+    empty = torch.zeros(shape, dtype=torch.bool, device=DEVICE)
+    loss, stats, grad = _run_triton(logp, old_logp, advantages[:, 0], empty, ref_logp=ref,
+                                    **options)
+    assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))
+    assert all(value.item() == 0.0 for value in stats.values())
+
+    mask = make_mask(shape, "right")
+    clean = _run_triton(logp, old_logp, advantages, mask, ref_logp=ref, **options)
+    nan = torch.full_like(logp, float("nan"))
+    dirty = _run_triton(logp.where(mask, nan), old_logp.where(mask, -nan.abs()),
+                        advantages.where(mask, torch.full_like(logp, float("inf"))), mask,
+                        ref_logp=ref.where(mask, nan), **options)
+    assert torch.equal(dirty[0], clean[0]) and torch.equal(dirty[2], clean[2])
+    for key in clean[1]:
+        assert torch.equal(dirty[1][key], clean[1][key]), key
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(loss_type="grpo"), ValueError, r"loss_type='grpo' is not supported"),
+    (dict(ratio_level="seq"), ValueError, r"ratio_level='seq' is not supported"),
+    (dict(loss_type="cispo", dual_clip=3.0), ValueError, r"dual_clip applies to loss_type='ppo'"),
+    (dict(kl_estimator="k4"), ValueError, r"kl_estimator='k4' is not supported"),
+    (dict(normalizer=0.0), ValueError, r"normalizer must be > 0"),
+    (dict(normalizer=float("nan")), ValueError, r"normalizer must be > 0"),
+    (dict(normalizer=torch.ones(2)), ValueError, r"normalizer must be .* 0-d"),
+    (dict(normalizer=torch.tensor(True)), ValueError, r"normalizer must be .* 0-d real"),
+    (dict(normalizer="all"), TypeError, r"normalizer must be a number"),
+    (dict(advantages=torch.zeros(3)), ValueError, r"advantages has shape \(3,\); expected one "
+                                                  r"per token \(2, 3\) .* per sequence \(2,\)"),
+    (dict(ref_logp=torch.zeros(2, 4), kl_coef=0.1), ValueError,
+     r"ref_logp has shape \(2, 4\) but logp has shape \(2, 3\)"),
+    (dict(ref_logp=torch.zeros(2, 3, dtype=torch.int32), kl_coef=0.1), ValueError,
+     r"ref_logp must be a floating tensor"),
+])
+def test_critic_free_bad_input_raises(kwargs, error, match):
+    args = dict(logp=torch.zeros(2, 3), old_logp=torch.zeros(2, 3), advantages=torch.zeros(2, 3))
+    args.update(kwargs)
+    args = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    with pytest.raises(error, match=match):
+        ppo_policy_loss(**args, backend="triton")
+
+
+def test_ref_logp_wanting_a_gradient_raises():
+    logp, old_logp, advantages = make_inputs((2, 5), torch.float32)
+    ref = _ref_logp(logp).requires_grad_()
+    with pytest.raises(ValueError, match="ref_logp requires grad.*logp only"):
+        ppo_policy_loss(logp.requires_grad_(), old_logp, advantages, ref_logp=ref, kl_coef=0.1,
+                        backend="triton")
+
+
+@pytest.mark.parametrize("normalizer", ["tensor", "float"])
+def test_torch_compile_fullgraph_critic_free(normalizer):
+    """GSPO with (B,) advantages, dual clip, the KL term and a normalizer: compiled (custom op,
+    fake impl, backward through saved_grad_scale) equals eager, values and gradient."""
+    shape = (3, 50)
+    logp, old_logp, advantages = make_inputs(shape, torch.float32, spread=0.5)
+    advantages = advantages[:, 0].contiguous()
+    ref = _ref_logp(logp)
+    mask = make_mask(shape, "right")
+    norm = torch.tensor(60.0, device=DEVICE) if normalizer == "tensor" else 60.0
+
+    def step(x, old, adv, m, ref_logp, n):
+        loss, stats = ppo_policy_loss(x, old, adv, m, dual_clip=3.0, ratio_level="sequence",
+                                      reduction="token-sum", normalizer=n, ref_logp=ref_logp,
+                                      kl_coef=0.1, kl_estimator="k3", backend="triton")
+        return loss * 2.0, stats["kl"], stats["clipfrac"]
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    x_eager = logp.clone().requires_grad_()
+    x_comp = logp.clone().requires_grad_()
+    out_eager = step(x_eager, old_logp, advantages, mask, ref, norm)
+    out_comp = compiled(x_comp, old_logp, advantages, mask, ref, norm)
+    out_eager[0].backward()
+    out_comp[0].backward()
+    for got, expected in zip(out_comp, out_eager):
+        assert torch.equal(got, expected)
+    assert torch.equal(x_comp.grad, x_eager.grad)

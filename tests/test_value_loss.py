@@ -12,7 +12,8 @@ from rlhf_kernels.ops.value_loss import ppo_value_loss
 from tests.numerics import DEVICE, assert_close, assert_close_2x
 from tests.test_policy_loss import make_mask
 
-REDUCTIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+REDUCTIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm",
+              "token-sum")
 DTYPES = (torch.float32, torch.bfloat16)
 
 

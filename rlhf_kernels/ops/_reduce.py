@@ -100,17 +100,19 @@ def normalizer_args(normalizer, device: torch.device):
     """A checked ``normalizer=`` (None, a number > 0 or a 0-d tensor; ``_checks.check_normalizer``)
     -> (NORMALIZER flag, float value, 0-d tensor or None): the arguments of ``loss_denominator``.
 
-    A tensor is used as it is, detached (no gradient flows into a count) and moved to ``device``
-    if it lives elsewhere (a CPU count for a GPU loss: a copy, not a sync); its value is never
-    read on the host.
+    A tensor on ``device`` is used as it is (its value is never read on the host). A 0-d CPU
+    tensor for a loss on another device is read as a number: that reads host memory, while
+    moving it to the GPU would be a synchronous copy. Call it where the tensors are real (in a
+    launcher), not while torch.compile traces.
     """
     if normalizer is None:
         return NORMALIZER_NONE, 0.0, None
     if isinstance(normalizer, torch.Tensor):
-        tensor = normalizer.detach()
-        if tensor.device != device:
-            tensor = tensor.to(device)
-        return NORMALIZER_TENSOR, 0.0, tensor
+        if normalizer.device == device:
+            return NORMALIZER_TENSOR, 0.0, normalizer
+        if normalizer.device.type == "cpu":
+            return NORMALIZER_VALUE, float(normalizer), None
+        return NORMALIZER_TENSOR, 0.0, normalizer.to(device)
     return NORMALIZER_VALUE, float(normalizer), None
 
 

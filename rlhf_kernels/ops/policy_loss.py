@@ -46,8 +46,6 @@ from rlhf_kernels._checks import (
 from rlhf_kernels.backend import launch_directly, resolve_backend
 from rlhf_kernels.ops._reduce import (
     NORMALIZER_NONE,
-    NORMALIZER_TENSOR,
-    NORMALIZER_VALUE,
     SavedGradLoss,
     as_rows,
     check_mask,
@@ -388,8 +386,8 @@ def _launch(
     contiguous.
 
     policy: _SEQUENCE | _CISPO | kl code << _KL_SHIFT; ref_logp is given exactly when the kl
-    code is nonzero. normalizer (a 0-d tensor on logp's device) or normalizer_value replaces the
-    reduction's denominator.
+    code is nonzero. normalizer (a 0-d tensor) or normalizer_value replaces the reduction's
+    denominator (``_reduce.normalizer_args``).
     """
     device = logp.device
     T = logp.shape[-1]
@@ -410,11 +408,12 @@ def _launch(
     else:
         ref2, stride_rr, stride_rt = None, 0, 0
     has_dual = dual_clip is not None
-    if normalizer is not None:
-        finish = NORMALIZER_TENSOR
+    if normalizer is None and normalizer_value is None:
+        norm_flag, norm_value = NORMALIZER_NONE, 0.0
     else:
-        finish = NORMALIZER_NONE if normalizer_value is None else NORMALIZER_VALUE
-    finish = reduction | finish << 3 | has_dual << 5 | has_kl << 6
+        norm_flag, norm_value, normalizer = normalizer_args(
+            normalizer if normalizer is not None else normalizer_value, device)
+    finish = reduction | norm_flag << 3 | has_dual << 5 | has_kl << 6
     block_r, block_t, n_programs = row_tiles(n_rows, T)
 
     loss = empty((), torch.float32, device)
@@ -434,8 +433,7 @@ def _launch(
         BLOCK_R=block_r, BLOCK_T=block_t, num_warps=8 if block_r * block_t >= 2048 else 4,
     )
     _ppo_policy_loss_finish_kernel[(1,)](
-        partials, loss, stats, normalizer, n_programs, T,
-        0.0 if normalizer_value is None else normalizer_value,
+        partials, loss, stats, normalizer, n_programs, T, norm_value,
         OPTIONS=finish,
         BLOCK_P=min(next_power_of_2(n_programs), _FINISH_BLOCK_MAX), num_warps=4,
     )
@@ -623,12 +621,11 @@ def ppo_policy_loss(
                     f"logp only (rollout data are constants in PPO); pass {name}.detach(), or "
                     "backend='reference' if you really need that gradient"
                 )
-    if normalizer is None:
-        norm_value = norm_tensor = None
-    else:
-        norm_flag, norm_value, norm_tensor = normalizer_args(normalizer, device)
-        if norm_flag != NORMALIZER_VALUE:
-            norm_value = None
+    norm_value = norm_tensor = None
+    if isinstance(normalizer, torch.Tensor):
+        norm_tensor = normalizer.detach()  # no gradient into a count
+    elif normalizer is not None:
+        norm_value = float(normalizer)
     policy = ((ratio_level == "sequence") * _SEQUENCE | (loss_type == "cispo") * _CISPO
               | (kl_code << _KL_SHIFT if with_kl else 0))
     args = (logp, old_logp, advantages, mask, ref_logp if with_kl else None, norm_tensor,
