@@ -196,6 +196,22 @@ CASES = {
                                              x["mask"], dual_clip=3.0,
                                              reduction="seq-mean-token-mean", backend=b),
         ("logp",)),
+    # GSPO with (B,) advantages, the KL term and a device normalizer (three passes per row)
+    "ppo_policy_loss(sequence, kl, normalizer)": (
+        lambda: dict(_rollout(), logp=-torch.rand(B, T, device=DEVICE) * 2,
+                     advantages=torch.randn(B, device=DEVICE),
+                     normalizer=torch.tensor(6.0, device=DEVICE)),
+        lambda x, lab, b: rk.ppo_policy_loss(
+            x["logp"], x["old_logp"], x["advantages"], x["mask"], dual_clip=3.0,
+            reduction="token-sum", ratio_level="sequence", normalizer=x["normalizer"],
+            ref_logp=x["ref_logp"], kl_coef=0.1, kl_estimator="k2", backend=b),
+        ("logp",)),
+    "ppo_policy_loss(cispo)": (
+        lambda: dict(_rollout(), logp=-torch.rand(B, T, device=DEVICE) * 2),
+        lambda x, lab, b: rk.ppo_policy_loss(x["logp"], x["old_logp"], x["advantages"],
+                                             x["mask"], loss_type="cispo", normalizer=4.0,
+                                             backend=b),
+        ("logp",)),
     "ppo_value_loss": (
         lambda: {"values": torch.randn(B, T, device=DEVICE),
                  "old_values": torch.randn(B, T, device=DEVICE),
