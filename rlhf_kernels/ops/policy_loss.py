@@ -1,33 +1,71 @@
-"""Clipped PPO policy loss, forward and backward fused into one sweep over the tokens.
+"""Clipped policy-gradient losses (PPO, the GRPO family, GSPO, CISPO) with an optional KL term,
+forward and backward fused into one sweep over each row.
 
-Per valid token, with d = clamp(logp - old_logp, +-log_ratio_clamp) and r = e^d:
+Math (``rlhf_kernels.reference.ppo_policy_loss`` is the spec). Per valid token t of row i, with
+m the mask, n_i the valid tokens of row i and A_t the advantage (one per token, or the row's one
+value, read with stride 0 along T and never expanded in memory):
 
-    l1 = -A r,  l2 = -A clip(r, 1 - clip_low, 1 + clip_high),  l = max(l1, l2)
-    dual clip c (A < 0 only):  l = min(l, -A c)
+    ratio_level="token":     d_t = clamp(logp_t - old_t, +-c),  r_t = e^d_t
+    ratio_level="sequence":  D_i = sum_t m_t (logp_t - old_t) / max(n_i, 1),
+                             r_t = s_i = e^clamp(D_i, +-c) for every token of row i (GSPO)
+    loss_type="ppo":         l1 = -A r,  l2 = -A clip(r, 1 - clip_low, 1 + clip_high),
+                             l_t = max(l1, l2);  dual clip k (A < 0 only): l_t = min(l_t, -A k)
+    loss_type="cispo":       l_t = -sg(clip(r, 1 - clip_low, 1 + clip_high)) A_t logp_t
+    KL term:                 q_t = est(logp_t - ref_t): k1 x, k2 x^2 / 2, k3 e^-x + x - 1, abs |x|
 
-    dl/dlogp = -A r  where the unclipped term l1 is taken (l2 <= l1; inside the clip range
-               l1 == l2 and both terms give -A r), 0 where l2 > l1 (the clip bites),
-               0 where the dual clip bites (-A c < l) and 0 where the log-ratio clamp bites.
+    loss = scale * sum_i w_i sum_t m_t (l_t + kl_coef q_t)
 
-Ties follow torch.maximum / torch.minimum (half the gradient to each side); the clamp bounds
-themselves pass the gradient, as with torch.clamp. The loss is a masked weighted sum of l (see
-``_reduce``): the forward kernel stores ``w_row * m * dl/dlogp`` per token and per-program
-partial sums of the loss and of the stats (clipfrac, approx_kl = mean(d^2)/2, ppo_kl = mean(-d),
-ratio mean / max, dual_clipfrac); a one-program kernel finishes them on the device. The backward
-is ``saved * grad_loss * scale``. Gradients flow to ``logp`` only: old_logp, advantages and the
-mask are rollout data.
+(c = log_ratio_clamp, sg = stop-gradient; w_i and scale are the reduction's, see ``_reduce``; a
+``normalizer`` replaces scale by 1 / normalizer.) The stats approx_kl = mean d^2 / 2 and ppo_kl =
+mean -d always use the per-token d; clipfrac (l2 > l1, or for CISPO r outside the clip range),
+ratio_mean and ratio_max use the ratio the loss used.
 
-Bytes per token: forward reads logp, old_logp, advantages (itemsize each) and the mask (1 B for
-bool; read twice for seq-mean-token-mean), writes the fp32 saved gradient (4 B); backward reads
-it and writes the gradient in logp's dtype. For bf16 inputs and a bool mask that is 11 + 6 =
-17 B/token; at 64K tokens (1.1 MB) the op is launch-bound: two forward kernels, and a backward
-that is one kernel under torch.compile and, in eager mode, two torch multiplies (plus a cast for
-fp16/bf16 logp), cheaper on the host than an allocation and a Triton launch.
+Gradient. For PPO let g_t = d l_t / d log r (the derivative through the ratio):
+
+    g_t = -A_t r  where the unclipped term is taken (inside the clip range l1 == l2 and both
+                  give -A r; the clip bounds pass the gradient, as torch.clamp),
+          0       where the clip bites (l2 > l1) or the dual clip bites (-A k < l),
+          g_t / 2 on a dual-clip tie (torch.minimum halves it).
+
+    token ratio:     d l_t / d logp_t = g_t [|logp_t - old_t| <= c]
+    sequence ratio:  l_u depends on logp_t only through s_i, and d s_i / d logp_t =
+                     s_i m_t [|D_i| <= c] / n_i, so (g_u = (d l_u / d s_i) s_i)
+                         d loss / d logp_t = scale m_t [|D_i| <= c] / n_i * sum_u w_i m_u g_u:
+                     the row's summed policy gradient, spread evenly over its valid tokens (0
+                     for all of them when the clamp of the mean bites; with per-sequence
+                     advantages and seq-mean-token-mean this is veRL's GSPO-token gradient).
+    CISPO:           d l_t / d logp_t = -clip(r) A_t: the weight is a constant, so neither the
+                     clip nor the log-ratio clamp cuts the gradient, and a sequence ratio only
+                     sets the weight (no gradient through the row mean).
+    KL term:         kl_coef d q / d x: k1 1, k2 x, k3 1 - e^-x, abs sign(x) (0 at 0); per token,
+                     whatever the ratio level.
+
+Kernels. The forward kernel's programs own whole rows. It stores ``w_i m_t d loss_t / d logp_t``
+per token (fp32, the "saved gradient") and per-program partial sums of the loss, the KL term and
+the stats; a one-program kernel finishes them on the device into the loss, the stats and
+``scale`` (a tensor normalizer is loaded there: no host sync). The backward is
+``saved * grad_loss * scale``. For seq-mean-token-mean a first pass counts each row's tokens
+(w_i = 1 / n_i). GSPO needs the whole row before any gradient: pass 1 sums the row's log-ratios
+and counts its tokens, pass 2 computes the loss and stats and G_i = sum_u w_i m_u g_u, pass 3
+writes m_t [|D_i| <= c] G_i / n_i plus the token's own KL gradient. Gradients flow to ``logp``
+only: old_logp, advantages, ref_logp and the mask are rollout data.
+
+Bytes per token (b = itemsize of the float inputs, 1 B bool mask). Token ratio: the forward reads
+logp, old_logp, advantages (3b; 2b with per-sequence advantages, one read per row served from
+cache) and the mask (twice for seq-mean-token-mean), ref_logp with the KL term (+b), and writes
+the 4 B saved gradient; the backward reads it and writes the b-byte gradient. bf16, per-token
+advantages, no KL: 11 + 6 = 17 B/token. Sequence ratio (PPO): pass 1 reads logp, old_logp and
+the mask (2b + 1), pass 2 as above without the write, pass 3 the mask (and logp, ref_logp with
+the KL term) and writes 4 B: bf16 with per-sequence advantages, no KL, 15 + 6 = 21 B/token (the
+re-reads of a program's rows are often cache hits). At 64K tokens the op is launch-bound: two
+forward kernels, and a backward that is one kernel under torch.compile and, in eager mode, two
+torch multiplies (plus a cast for fp16/bf16 logp), cheaper on the host than an allocation and a
+Triton launch. The policy options reach each kernel packed in one compile-time int (POLICY,
+OPTIONS): every constexpr launch argument costs host time in Triton's binder.
 
 Precision: the Triton path loads fp16/bf16/fp32 and computes in fp32 (loss and stats are fp32);
 float64 inputs go to the float64 reference.
 """
-
 
 import torch
 import triton
