@@ -1,7 +1,7 @@
 """Memory planner: the expected peak memory of each PPO stage, and the largest batch that fits.
 
 ``plan(config, batch=..., prompt_length=..., response_length=...)`` counts, for the iteration of
-``benchmarks/e2e_ppo.py`` (the same steps as rlhf/ppo.py, one SharedBackbone for four roles)::
+``benchmarks/e2e_ppo.py`` (the same steps as rlhf/rl.py, one SharedBackbone for four roles)::
 
     resident   base weights (dtype) + 3 LoRA adapters and 2 heads (fp32, PEFT's adapter dtype)
                + AdamW moments of the trained policy and critic adapters and the value head
@@ -22,6 +22,9 @@ layer: HF RMSNorm upcasts to fp32, every LoRA'd linear casts its input to the ad
 cast back. Attention is assumed to be SDPA flash/efficient (no S x S scores; on the CPU the S x S
 boolean mask of the model is added). Allocator slack, CUDA context and cuBLAS workspaces are not
 counted (``overhead_gib`` adds a constant for them; 0 by default).
+
+``critic=False`` plans a critic-free run (GRPO and its family, rlhf/rl.py): no critic adapter
+(deleted before training), no value-head reads, no critic gradients or AdamW moments.
 
 ``main(argv)`` is the ``rlhf plan`` command: a preset name (``PRESETS``) or a local config.json.
 """
@@ -210,7 +213,8 @@ def plan(config="qwen2.5-1.5b", *, batch: int = 16, prompt_length: int = 128,
          response_length: int = 256, lora_rank: int = 16, dtype: str = "bfloat16",
          gradient_checkpointing: bool = True, minibatch: int | None = None,
          forward_chunk: int | None = None, device: str = "cuda", top_p: float = 1.0,
-         overhead_gib: float = 0.0, config_overrides: dict | None = None) -> dict:
+         overhead_gib: float = 0.0, config_overrides: dict | None = None,
+         critic: bool = True) -> dict:
     """Expected peak bytes per stage of one PPO iteration (module docstring).
 
     config: a preset name, a config.json path (or its directory), a dict or an HF config.
@@ -238,11 +242,12 @@ def plan(config="qwen2.5-1.5b", *, batch: int = 16, prompt_length: int = 128,
     S = prompt_length + response_length
     lora = d.lora_params(lora_rank)
     head = h + 1
-    trained = 2 * lora + head  # policy adapter, critic adapter + value head
+    # policy adapter, critic adapter + value head (critic-free: the policy adapter alone)
+    trained = 2 * lora + head if critic else lora
 
     resident = {
         "weights": d.params() * w,
-        "adapters_and_heads": 4 * (3 * lora + 2 * head),
+        "adapters_and_heads": 4 * ((3 if critic else 2) * lora + 2 * head),
         "adam_states": 2 * 4 * trained,
         "kv_cache": 2 * L * batch * d.kv_dim * S * w,
         "rollout_tensors": batch * S * (8 + 8) + batch * response_length * (4 * 8),
@@ -261,7 +266,8 @@ def plan(config="qwen2.5-1.5b", *, batch: int = 16, prompt_length: int = 128,
     n = forward_chunk * S
     forward = n * (_layer_forward_peak(d, w, lora=True) + w * h) + forward_chunk * S * S
     head_read = max(_logits_chunk(n, v, w, device) + n * (4 * 3),  # logp, lse, entropy
-                    n * 4 * h + n * 4)  # value head reads an fp32 copy of the hidden states
+                    # the value head reads an fp32 copy of the hidden states
+                    n * 4 * h + n * 4 if critic else 0)
     scoring = {"forward": max(forward, n * w * h + head_read)}
 
     # update: one minibatch, policy then critic
@@ -276,7 +282,7 @@ def plan(config="qwen2.5-1.5b", *, batch: int = 16, prompt_length: int = 128,
     final = n * w * h * 3  # final norm input / output and the returned hidden states
     policy_head = (n_resp * w * h * 2  # the response slice and its gradient
                    + _logits_chunk(n_resp, v, w, device) * 2)  # logits chunk and d logits
-    value_head = n * 4 * h * 2  # fp32 copy of the hidden states and its gradient
+    value_head = n * 4 * h * 2 if critic else 0  # fp32 copy of the hidden states, its grad
     update = {
         "grads": grads,
         "saved_activations": saved_layers + minibatch * S * S,
@@ -299,7 +305,7 @@ def plan(config="qwen2.5-1.5b", *, batch: int = 16, prompt_length: int = 128,
                        response_length=response_length, lora_rank=lora_rank, dtype=dtype,
                        gradient_checkpointing=gradient_checkpointing, minibatch=minibatch,
                        forward_chunk=forward_chunk, device=device, params=d.params(),
-                       lora_params_per_adapter=lora),
+                       lora_params_per_adapter=lora, critic=critic),
     }
 
 
@@ -404,7 +410,8 @@ def format_plan(result: dict, card_gib: float | None = None, best_batch: int | N
     """The table ``rlhf plan`` prints (GiB)."""
     inputs = result["inputs"]
     lines = [f"model: {inputs['params'] / 1e9:.2f} B parameters, LoRA "
-             f"{inputs['lora_params_per_adapter'] / 1e6:.1f} M per adapter x 3; batch "
+             f"{inputs['lora_params_per_adapter'] / 1e6:.1f} M per adapter x "
+             f"{3 if inputs['critic'] else 2}{'' if inputs['critic'] else ' (no critic)'}; batch "
              f"{inputs['batch']}, prompt {inputs['prompt_length']}, response "
              f"{inputs['response_length']}, {inputs['dtype']}, gradient checkpointing "
              f"{'on' if inputs['gradient_checkpointing'] else 'off'}",
@@ -437,11 +444,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--forward-chunk", type=int, default=None)
     parser.add_argument("--card", type=float, default=24.0, metavar="GiB",
                         help="report the largest batch that fits this much memory")
+    parser.add_argument("--critic-free", action="store_true",
+                        help="a critic-free run (grpo, rloo, ...): no critic adapter, value "
+                             "head or critic optimizer state")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = parser.parse_args(argv)
     kwargs = dict(prompt_length=args.prompt_length, response_length=args.response_length,
                   lora_rank=args.lora_rank, dtype=args.dtype,
-                  gradient_checkpointing=not args.no_gradient_checkpointing)
+                  gradient_checkpointing=not args.no_gradient_checkpointing,
+                  critic=not args.critic_free)
     try:
         result = plan(args.model, batch=args.batch, minibatch=args.minibatch,
                       forward_chunk=args.forward_chunk, **kwargs)

@@ -339,3 +339,53 @@ def test_resume_with_another_algorithm_is_refused(tmp_path, tokenizer):
     with pytest.raises(RunDirectoryError, match=r"that run trains with algorithm='grpo', this "
                                                 r"one asks for algorithm='rloo'"):
         rl.train(other, backbone=tiny_backbone(tokenizer), tokenizer=tokenizer, prompts=PROMPTS)
+
+
+def test_the_planner_counts_no_critic_for_a_critic_free_run():
+    from rlhf import plan as planner
+
+    with_critic = planner.plan("qwen2.5-0.5b", batch=8)
+    without = planner.plan("qwen2.5-0.5b", batch=8, critic=False)
+    lora = with_critic["inputs"]["lora_params_per_adapter"]
+    head = 896 + 1
+    # one fp32 adapter fewer; no AdamW moments or gradients for the critic adapter and value head
+    assert (with_critic["resident"]["adapters_and_heads"]
+            - without["resident"]["adapters_and_heads"]) == 4 * lora
+    assert with_critic["resident"]["adam_states"] - without["resident"]["adam_states"] \
+        == 8 * (lora + head)
+    assert (with_critic["stages"]["update"]["grads"] - without["stages"]["update"]["grads"]
+            == 4 * (lora + head))
+    assert without["peak_bytes"] < with_critic["peak_bytes"]
+    assert without["inputs"]["critic"] is False
+
+
+def _tensor_peak(tmp_path, tokenizer, algorithm) -> tuple[int, int]:
+    """(peak live tensor bytes during the second iteration of a run, which has the AdamW moments
+    as every later one does; bytes of the critic adapter + value head)."""
+    from rlhf.plan import LiveTensorTracker
+
+    backbone = tiny_backbone(tokenizer)
+    critic = sum(p.numel() * p.element_size() for p in backbone.trainable_parameters("critic"))
+    tracker = LiveTensorTracker()
+    tracker.add(*backbone.parameters(), *backbone.buffers())
+    save = backbone.save
+
+    def marked_save(*args, **kwargs):  # the final save copies the weights: not an iteration
+        tracker.mark("save")
+        return save(*args, **kwargs)
+
+    backbone.save = marked_save
+    cfg = rl_config(tmp_path, algorithm, num_iterations=2, minibatch_size=8)
+    with tracker:
+        rl.train(cfg, backbone=backbone, tokenizer=tokenizer, prompts=PROMPTS,
+                 on_iteration=lambda i, m: tracker.mark("iteration 2") if i == 1 else None)
+    return tracker.stage_peaks["iteration 2"], critic
+
+
+def test_a_critic_free_iteration_holds_less_memory_than_ppo(tmp_path, tokenizer):
+    """Every live tensor counted (plan.LiveTensorTracker): the same rollout size, with and
+    without a critic. GRPO saves at least the critic adapter's gradients and AdamW moments (and
+    deletes the adapter itself), plus the value forward's activations."""
+    ppo_peak, critic = _tensor_peak(tmp_path / "p", tokenizer, "ppo")
+    grpo_peak, _ = _tensor_peak(tmp_path / "g", tokenizer, "grpo")
+    assert grpo_peak < ppo_peak - 3 * critic, (grpo_peak, ppo_peak, critic)

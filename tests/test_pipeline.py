@@ -144,6 +144,34 @@ def test_resume_from_any_point_reproduces_the_uninterrupted_summary(finished, tm
     assert _figures(json.loads((out / "summary.json").read_text())) == _figures(summary)
 
 
+def test_the_pipeline_runs_a_critic_free_algorithm_and_resumes_it(tmp_path):
+    """algorithm=grpo: the RL stage in grpo/, without a critic, its figures in the summary;
+    interrupted during GRPO, a resume reproduces them."""
+    out = tmp_path / "run"
+    cfg = micro_config(out)
+    cfg.algorithm = "grpo"
+    cfg.ppo.num_iterations, cfg.ppo.group_size = 2, 4
+    summary = json.loads(json.dumps(run(cfg), default=str))
+    assert summary["algorithm"] == "grpo" and not (out / "ppo").exists()
+    assert json.loads((out / "grpo" / "backbone" / "roles.json").read_text())["roles"] == [
+        "policy", "reward"]
+    used = summary["config"]["ppo"]
+    assert used["algorithm"] == "grpo" and used["group_size"] == 4
+    assert used["advantage_estimator"] == "grpo" and used["kl_in_loss"] is True
+    assert "critic_lr" not in used and "value_clip" not in used  # no critic: not used
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "group/zero_std_fraction" in last and "value/loss" not in last
+    assert "GRPO policy" in (out / "samples.md").read_text()
+    assert summary["gold_heldout"]["n_samples_each"] == 16
+    _remove(out / "summary.json", out / "metrics.jsonl", out / "curves.png", out / "samples.md")
+    _keep_first_checkpoint(out / "grpo")
+    cfg.resume = True
+    assert _figures(run(cfg)) == _figures(summary)
+    # a PipelineConfig with the algorithm starts from the task's settings for it
+    assert PipelineConfig(algorithm="grpo").ppo.kl_coef == 0.3
+    assert PipelineConfig().ppo.kl_coef == 0.1
+
+
 def test_a_stage_with_dropout_resumes_exactly(tmp_path):
     """Dropout draws from the global RNG; each step seeds it from (seed, stage, step), so a run
     resumed in a fresh state (here: the global RNG reseeded in between) logs the same losses."""
@@ -200,6 +228,8 @@ def test_a_stage_with_dropout_resumes_exactly(tmp_path):
     ("sft.corpus_size=10", "sft.corpus_size=10 has no effect"),
     ("reward.dataset=pairs.jsonl", "sft.model, sft.dataset, ppo.dataset missing"),
     ("sft.tokenizer=some/tok", "needs sft.model"),
+    ("ppo.algorithm=grpo", "ppo.algorithm='grpo' cannot be set in rlhf pipeline"),
+    ("algorithm=a2c", "algorithm='a2c' is not an RL algorithm"),
 ])
 def test_pipeline_refuses_settings_it_cannot_honour(tmp_path, capsys, override, message):
     """Before, the pipeline overwrote or ignored these and still wrote them to summary.json."""
