@@ -606,9 +606,11 @@ def ppo_policy_loss(
     flowing through that mean). loss_type: "ppo" (clipped surrogate) or "cispo" (the clipped
     ratio as a stop-gradient weight on -A logp). normalizer: None, a number > 0 or a 0-d tensor
     (e.g. a token count all-reduced over ranks, read on the device, no host sync, no gradient)
-    that replaces the reduction's outer denominator. ref_logp, kl_coef, kl_estimator ("k1",
-    "k2", "k3", "abs"): adds kl_coef * reduce(estimator(logp - ref_logp)), same reduction and
-    normalizer, when ref_logp is given and kl_coef != 0. backend: "triton", "reference" or
+    that replaces the reduction's outer denominator; under torch.compile pass a count that
+    changes from step to step as a tensor (a Python number is a constant of the graph).
+    ref_logp, kl_coef, kl_estimator ("k1", "k2", "k3", "abs"): adds
+    kl_coef * reduce(estimator(logp - ref_logp)), same reduction and normalizer, when ref_logp
+    is given and kl_coef != 0. backend: "triton", "reference" or
     "auto". A fully masked row contributes 0 and an all-masked batch gives loss 0 with zero
     gradients.
     """
