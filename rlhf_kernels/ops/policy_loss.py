@@ -610,9 +610,8 @@ def ppo_policy_loss(
     changes from step to step as a tensor (a Python number is a constant of the graph).
     ref_logp, kl_coef, kl_estimator ("k1", "k2", "k3", "abs"): adds
     kl_coef * reduce(estimator(logp - ref_logp)), same reduction and normalizer, when ref_logp
-    is given and kl_coef != 0. backend: "triton", "reference" or
-    "auto". A fully masked row contributes 0 and an all-masked batch gives loss 0 with zero
-    gradients.
+    is given and kl_coef != 0. backend: "triton", "reference" or "auto". A fully masked row
+    contributes 0 and an all-masked batch gives loss 0 with zero gradients.
     """
     for name, tensor in (("logp", logp), ("old_logp", old_logp), ("advantages", advantages)):
         check_float(name, tensor)
