@@ -389,3 +389,25 @@ def test_a_critic_free_iteration_holds_less_memory_than_ppo(tmp_path, tokenizer)
     ppo_peak, critic = _tensor_peak(tmp_path / "p", tokenizer, "ppo")
     grpo_peak, _ = _tensor_peak(tmp_path / "g", tokenizer, "grpo")
     assert grpo_peak < ppo_peak - 3 * critic, (grpo_peak, ppo_peak, critic)
+
+
+def test_cli_grpo_trains_a_saved_backbone(tmp_path, tokenizer, capsys):
+    """`rlhf grpo model=<the reward stage's backbone> dataset=prompts.jsonl`: the critic the
+    loaded backbone brings is dropped, the run trains and writes a backbone without it."""
+    source = tiny_backbone(tokenizer)
+    source.save(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    (tmp_path / "prompts.jsonl").write_text(
+        "".join(json.dumps({"prompt": prompt}) + "\n" for prompt in PROMPTS[:4]))
+    out = tmp_path / "grpo"
+    assert cli.main(["grpo", f"model={tmp_path / 'rm'}", f"dataset={tmp_path / 'prompts.jsonl'}",
+                     f"output_dir={out}", "num_iterations=1", "rollout_batch_size=8",
+                     "group_size=4", "minibatch_size=4", "ppo_epochs=1", "max_new_tokens=6",
+                     "max_prompt_length=40", "device=cpu"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads(printed[printed.index("{"):])
+    assert summary["algorithm"] == "grpo" and summary["iterations"] == 1
+    assert json.loads((out / "backbone" / "roles.json").read_text())["roles"] == ["policy",
+                                                                                   "reward"]
+    assert json.loads((out / "run.json").read_text())["kind"] == "grpo"
+    assert len(read_jsonl(out / "metrics.jsonl")) == 1
