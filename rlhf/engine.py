@@ -623,6 +623,7 @@ def generate(
     role: str | None = "policy",
     decode_graph: str = "auto",
     autocast_dtype: torch.dtype | None = None,
+    samples_per_prompt: int = 1,
 ) -> Generation:
     """One rollout with a throw-away ``RolloutEngine`` (see it for the arguments).
 
@@ -637,7 +638,7 @@ def generate(
         return engine.generate(
             prompt_ids, prompt_mask, max_new_tokens, eos_token_id=eos_token_id,
             pad_token_id=pad_token_id, temperature=temperature, top_k=top_k, top_p=top_p,
-            greedy=greedy, seed=seed, generator=generator,
+            greedy=greedy, seed=seed, generator=generator, samples_per_prompt=samples_per_prompt,
         )
     finally:
         engine.release()
