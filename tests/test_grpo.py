@@ -238,8 +238,15 @@ def _float64_loss(backbone, batch, cfg, kl_coef, normalizer):
     return reduce(per_token) + kl_coef * reduce(k3)
 
 
-@pytest.mark.parametrize("algorithm", ["grpo", "dr_grpo", "gspo", "dapo", "cispo"])
-def test_a_step_loss_equals_a_float64_computation(tokenizer, algorithm):
+@pytest.mark.parametrize("algorithm, backend", [
+    *((algorithm, "reference") for algorithm in ("grpo", "dr_grpo", "gspo", "dapo", "cispo")),
+    # the kernels' paths: (B,) advantages and KL, the sequence ratio, CISPO with a tensor count
+    ("grpo", "triton"), ("gspo", "triton"), ("cispo", "triton")])
+def test_a_step_loss_equals_a_float64_computation(tokenizer, algorithm, backend, monkeypatch):
+    """The loss the update backpropagates (rlhf_kernels.linear_ppo_loss with the algorithm's
+    options: the Triton kernels under the interpreter, and the reference)."""
+    if backend == "triton" and not rlhf_kernels.backend.triton_interpreter_enabled():
+        pytest.skip("the Triton kernels run on CPU tensors under TRITON_INTERPRET=1 only")
     backbone = randomised_policy(tokenizer, seed=2)
     cfg = rl_config(None, algorithm)
     gen = group_generation(backbone, tokenizer, cfg, 2, seed=5)
@@ -251,7 +258,11 @@ def test_a_step_loss_equals_a_float64_computation(tokenizer, algorithm):
                 param.mul_(1.5)
     batch = rollout.rows(torch.tensor([6, 1, 3, 4]))
     normalizer = rl.step_normalizer(cfg, [batch, rollout.rows(torch.tensor([0, 2]))])
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", backend)
     loss, stats = rl.policy_loss(backbone, batch, cfg, kl_coef=0.3, normalizer=normalizer)
+    loss.backward()  # the update's backward runs on either backend
+    assert all(p.grad is not None and torch.isfinite(p.grad).all()
+               for p in backbone.trainable_parameters("policy"))
     expected = _float64_loss(backbone, batch, cfg, 0.3,
                              None if normalizer is None else float(normalizer))
     torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=1e-6)
