@@ -118,11 +118,12 @@ from rlhf.stage import (
     warmup_cosine_schedule,
 )
 
-__all__ = ["ADVANTAGE_ESTIMATORS", "ALGORITHMS", "AdaptiveKLController", "GRPOConfig",
-           "LOSS_NORMALIZERS", "OLD_LOGPROBS_MODES", "PPOConfig", "PRESETS", "RLConfig",
-           "Rollout", "backward_losses", "decode_responses", "encode_prompts", "make_optimizer",
+__all__ = ["ADVANTAGE_ESTIMATORS", "ALGORITHMS", "CRITIC_SETTINGS", "LOSS_NORMALIZERS",
+           "OLD_LOGPROBS_MODES", "PRESETS", "PRESET_KEYS", "AdaptiveKLController",
+           "AlgorithmSettings", "GRPOConfig", "PPOConfig", "RLConfig", "Rollout",
+           "backward_losses", "decode_responses", "encode_prompts", "make_optimizer",
            "make_rollout", "policy_loss", "printable_config", "recorded_logprobs_match",
-           "train", "value_loss"]
+           "step_normalizer", "train", "value_loss"]
 
 OLD_LOGPROBS_MODES = ("auto", "forward")
 ALGORITHMS = ("ppo", "grpo", "dr_grpo", "rloo", "gspo", "dapo", "cispo")
@@ -476,19 +477,17 @@ def make_rollout(backbone, generation: Generation, kl_coef: float, cfg: RLConfig
         scores, old_logprobs, ref_logprobs, action_mask, reward_kl_coef,
         estimator=s.kl_estimator, score_clip=cfg.score_clip,
     ).sum(-1)
-    advantages = group_advantages(rewards, s)
+    advantages = _group_advantages(rewards, s)
     return Rollout(seq, mask, action_mask, old_logprobs, ref_logprobs, None, scores, rewards,
                    advantages, None, prompt_length)
 
 
-def group_advantages(rewards: torch.Tensor, s: AlgorithmSettings) -> torch.Tensor:
+def _group_advantages(rewards: torch.Tensor, s: AlgorithmSettings) -> torch.Tensor:
     """(B,) sequence rewards in consecutive groups of ``s.group_size`` -> (B,) fp32 advantages
     (``rlhf_kernels.group_advantages`` with the run's estimator and norm)."""
-    op = getattr(rlhf_kernels, "group_advantages", None)
-    if op is None:  # the op landed in the reference first
-        op = rlhf_kernels.reference.group_advantages
-    return op(rewards, group_size=s.group_size, estimator=s.advantage_estimator,
-              norm=s.advantage_norm).float()
+    return rlhf_kernels.group_advantages(rewards, group_size=s.group_size,
+                                         estimator=s.advantage_estimator,
+                                         norm=s.advantage_norm).float()
 
 
 def policy_loss(backbone, batch: Rollout, cfg: RLConfig, *, kl_coef: float | None = None,
