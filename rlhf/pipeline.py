@@ -67,7 +67,8 @@ from rlhf.checkpoint import (
 from rlhf.engine import RolloutEngine
 from rlhf.seeding import seeded
 
-__all__ = ["PipelineConfig", "check_settings", "run"]
+__all__ = ["PipelineConfig", "check_settings", "mean_stderr", "run", "sample_texts",
+           "stage_configs"]
 
 
 def _sft_defaults() -> sft.SFTConfig:
@@ -257,7 +258,7 @@ def check_settings(cfg: PipelineConfig) -> tuple[bool, tuple[str, ...]]:
     return own_data, tuple(unused)
 
 
-def _stage_configs(cfg: PipelineConfig) -> dict:
+def stage_configs(cfg: PipelineConfig) -> dict:
     """Copies of the stage configs with the settings the pipeline sets (cfg stays as given)."""
     out = Path(cfg.output_dir)
     stages = {}
@@ -294,19 +295,21 @@ def printable_config(cfg: PipelineConfig) -> dict:
     the stage values the pipeline sets (each stage's folder under output_dir, seed, device, ...)
     and without those it ignores (the same dict summary.json records)."""
     _, unused = check_settings(cfg)
-    return _used_config(cfg, _stage_configs(cfg), unused)
+    return _used_config(cfg, stage_configs(cfg), unused)
 
 
 @torch.no_grad()
 def sample_texts(backbone, tokenizer, prompts: list[str], role: str | None,
-                 ppo_cfg: ppo.PPOConfig, seed: int, batch_size: int):
+                 ppo_cfg: ppo.PPOConfig, seed: int, batch_size: int, *,
+                 with_scores: bool = False):
     """Sample one response per prompt with ``role`` (None = the reference/SFT model) through the
     rollout engine, with the sampling settings of ``ppo_cfg`` (max_prompt_length,
     max_new_tokens, temperature, top_k, top_p).
 
     Returns (texts, kl) where kl (N,) is the summed k1 KL(role || reference) of each response:
     the engine's recorded log-probs (those of the distribution that drew the tokens) minus the
-    reference's, over the response tokens.
+    reference's, over the response tokens. ``with_scores``: (texts, kl, proxy) with proxy (N,)
+    the reward model's score of each response.
     """
     ids, mask = ppo.encode_prompts(prompts, tokenizer, ppo_cfg.max_prompt_length)
     device = backbone.device
@@ -314,6 +317,7 @@ def sample_texts(backbone, tokenizer, prompts: list[str], role: str | None,
     generator = torch.Generator(device=device).manual_seed(seed)
     texts: list[str] = []
     kls: list[torch.Tensor] = []
+    scores: list[torch.Tensor] = []
     backbone.eval()
     desc = f"sampling ({role or 'SFT model'})"
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, dynamic_ncols=True):
@@ -331,11 +335,16 @@ def sample_texts(backbone, tokenizer, prompts: list[str], role: str | None,
                                               temperature=ppo_cfg.temperature)
             ref = ref[:, gen.prompt_length - 1:] * gen.response_mask
             kls.append((gen.logprobs - ref).sum(-1).cpu())
+        if with_scores:
+            scores.append(backbone.rewards(gen.sequences, gen.attention_mask).float().cpu())
     engine.release()
+    if with_scores:
+        return texts, torch.cat(kls), torch.cat(scores)
     return texts, torch.cat(kls)
 
 
-def _mean_stderr(values) -> tuple[float, float]:
+def mean_stderr(values) -> tuple[float, float]:
+    """(mean, standard error of the mean) of the values, in float64 (0 error for one value)."""
     x = torch.as_tensor(values, dtype=torch.float64)
     n = x.numel()
     return float(x.mean()), float(x.std(unbiased=True) / math.sqrt(n)) if n > 1 else 0.0
@@ -400,7 +409,7 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
     from rlhf.models import LoraSpec, SharedBackbone, load_causal_lm, load_tokenizer
 
     own_data, unused = check_settings(cfg)
-    stages = _stage_configs(cfg)
+    stages = stage_configs(cfg)
     sft_cfg, rm_cfg, ppo_cfg = stages["sft"], stages["reward"], stages["ppo"]
     label = _LABELS[cfg.algorithm]
     started = time.perf_counter()
@@ -570,10 +579,10 @@ def _noise_ceilings(eval_pairs: list[dict], ceiling_all: float, beta: float) -> 
 
 
 def _heldout_figures(sft_gold, ppo_gold, kl, kl_bound) -> dict:
-    sft_mean, sft_se = _mean_stderr(sft_gold)
-    ppo_mean, ppo_se = _mean_stderr(ppo_gold)
+    sft_mean, sft_se = mean_stderr(sft_gold)
+    ppo_mean, ppo_se = mean_stderr(ppo_gold)
     diff_se = math.sqrt(sft_se ** 2 + ppo_se ** 2)
-    kl_mean, kl_se = _mean_stderr(kl)
+    kl_mean, kl_se = mean_stderr(kl)
     return {
         "gold_heldout": {
             "n_samples_each": len(sft_gold),

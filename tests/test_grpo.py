@@ -422,3 +422,17 @@ def test_cli_grpo_trains_a_saved_backbone(tmp_path, tokenizer, capsys):
                                                                                    "reward"]
     assert json.loads((out / "run.json").read_text())["kind"] == "grpo"
     assert len(read_jsonl(out / "metrics.jsonl")) == 1
+
+
+def test_pipeline_samples_with_the_reward_models_scores(tokenizer):
+    """pipeline.sample_texts(with_scores=True) adds each response's proxy reward; the texts and
+    KL are those of the call without it."""
+    from rlhf import pipeline
+
+    backbone = randomised_policy(tokenizer)
+    cfg = rl_config(None, "grpo")
+    texts, kl = pipeline.sample_texts(backbone, tokenizer, PROMPTS[:3], "policy", cfg, 4, 2)
+    again, kl_again, proxy = pipeline.sample_texts(backbone, tokenizer, PROMPTS[:3], "policy",
+                                                   cfg, 4, 2, with_scores=True)
+    assert again == texts and torch.equal(kl_again, kl) and proxy.shape == (3,)
+    assert torch.isfinite(proxy).all() and float(proxy.std()) > 0
