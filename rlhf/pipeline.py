@@ -375,6 +375,8 @@ def run(cfg: PipelineConfig) -> dict:
     returns (and writes) the summary. Settings it cannot honour are refused before anything
     runs (``check_settings``)."""
     check_settings(cfg)
+    if cfg.resume:  # the RL stage's algorithm is the run's: say so before the list of changes
+        ppo.check_resumed_algorithm(cfg.output_dir, cfg.algorithm)
     previous_threads = torch.get_num_threads()
     if cfg.cpu_threads is not None and stage.resolve_device(cfg.device).type == "cpu":
         torch.set_num_threads(cfg.cpu_threads)

@@ -121,9 +121,9 @@ from rlhf.stage import (
 __all__ = ["ADVANTAGE_ESTIMATORS", "ALGORITHMS", "CRITIC_SETTINGS", "LOSS_NORMALIZERS",
            "OLD_LOGPROBS_MODES", "PRESETS", "PRESET_KEYS", "AdaptiveKLController",
            "AlgorithmSettings", "GRPOConfig", "PPOConfig", "RLConfig", "Rollout",
-           "backward_losses", "decode_responses", "encode_prompts", "make_optimizer",
-           "make_rollout", "policy_loss", "printable_config", "recorded_logprobs_match",
-           "step_normalizer", "train", "value_loss"]
+           "backward_losses", "check_resumed_algorithm", "decode_responses", "encode_prompts",
+           "make_optimizer", "make_rollout", "policy_loss", "printable_config",
+           "recorded_logprobs_match", "step_normalizer", "train", "value_loss"]
 
 OLD_LOGPROBS_MODES = ("auto", "forward")
 ALGORITHMS = ("ppo", "grpo", "dr_grpo", "rloo", "gspo", "dapo", "cispo")
@@ -651,25 +651,26 @@ def encode_prompts(prompts: Sequence[str], tokenizer, max_length: int):
     return ids, mask
 
 
-def _check_resumed_algorithm(cfg: RLConfig) -> None:
+def check_resumed_algorithm(output_dir: str, algorithm: str) -> None:
     """A resumed run keeps its algorithm: refuse another one with a message that says so
-    (before the general settings check, whose list of changes would bury it)."""
+    (before the general settings check, whose list of changes would bury it). ``output_dir``
+    holds an RL stage's or a pipeline's run.json; one written before the algorithm setting
+    existed is a PPO run."""
     from rlhf.checkpoint import MANIFEST_FILE, RunDirectoryError
 
-    path = Path(cfg.output_dir) / MANIFEST_FILE
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads((Path(output_dir) / MANIFEST_FILE).read_text())
     except (OSError, ValueError):
         return  # no manifest (or a broken one: open_run says so)
     if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
         return
-    before = manifest["config"].get("algorithm", manifest.get("kind"))
-    if before in ALGORITHMS and before != cfg.algorithm:
+    before = manifest["config"].get("algorithm", "ppo")
+    if before in ALGORITHMS and before != algorithm:
         raise RunDirectoryError(
-            f"--resume of {cfg.output_dir!r}: that run trains with algorithm={before!r}, this "
-            f"one asks for algorithm={cfg.algorithm!r}. A run cannot change its algorithm "
-            f"midway (its checkpoints hold {before}'s optimizer state and its metrics {before}'s "
-            f"curves). Resume with algorithm={before}, or start the {cfg.algorithm} run in a new "
+            f"--resume of {output_dir!r}: that run trains with algorithm={before!r}, this one "
+            f"asks for algorithm={algorithm!r}. A run cannot change its algorithm midway (its "
+            f"checkpoints hold {before}'s optimizer state and its metrics {before}'s curves). "
+            f"Resume with algorithm={before}, or start the {algorithm} run in a new "
             f"output_dir=... (overwrite=true replaces the old run)")
 
 
@@ -696,7 +697,7 @@ def train(
 
     cfg.check_critic_settings()
     if cfg.resume:
-        _check_resumed_algorithm(cfg)
+        check_resumed_algorithm(cfg.output_dir, cfg.algorithm)
     with checkpoint.open_run(cfg.output_dir, cfg.algorithm, asdict(cfg), resume=cfg.resume,
                              overwrite=cfg.overwrite) as run:
         return _train(cfg, run, backbone=backbone, tokenizer=tokenizer, prompts=prompts,

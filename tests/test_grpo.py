@@ -436,3 +436,16 @@ def test_pipeline_samples_with_the_reward_models_scores(tokenizer):
                                                    cfg, 4, 2, with_scores=True)
     assert again == texts and torch.equal(kl_again, kl) and proxy.shape == (3,)
     assert torch.isfinite(proxy).all() and float(proxy.std()) > 0
+
+
+def test_pipeline_resume_with_another_algorithm_is_refused_by_name(tmp_path):
+    from rlhf import pipeline
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"format": 1, "kind": "pipeline", "run_id": "x",
+                                              "config": {"seed": 0}}))  # an older PPO run
+    cfg = pipeline.PipelineConfig(output_dir=str(out), algorithm="rloo", resume=True)
+    with pytest.raises(RunDirectoryError, match=r"that run trains with algorithm='ppo', this "
+                                                r"one asks for algorithm='rloo'"):
+        pipeline.run(cfg)
