@@ -41,11 +41,13 @@ def _tokenizer():
     from tokenizers.pre_tokenizers import WhitespaceSplit
     from transformers import PreTrainedTokenizerFast
 
-    words = {f"t{i}": i for i in range(VOCAB)}
-    tokenizer = Tokenizer(WordLevel(words, unk_token="t3"))
+    # special tokens no word contains (added tokens are split out of words)
+    special = ("<pad>", "<eos>", "<bos>", "<unk>")
+    words = dict(zip(special, range(4))) | {f"w{i}": i for i in range(4, VOCAB)}
+    tokenizer = Tokenizer(WordLevel(words, unk_token="<unk>"))
     tokenizer.pre_tokenizer = WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="t0", eos_token="t1",
-                                   bos_token="t2", unk_token="t3")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>",
+                                   eos_token="<eos>", bos_token="<bos>", unk_token="<unk>")
 
 
 def _model(seed: int = 0):
@@ -63,13 +65,14 @@ def _model(seed: int = 0):
 def _dataset():
     from datasets import Dataset
 
-    return Dataset.from_dict({"prompt": [" ".join(f"t{i}" for i in range(4 + k, 9 + k))
+    return Dataset.from_dict({"prompt": [" ".join(f"w{i}" for i in range(4 + k, 9 + k))
                                          for k in range(PROMPTS * 2)]})
 
 
 def _reward(completions, **kwargs):
     """Any number that varies between completions: the count of even token ids."""
-    return [float(sum(int(w[1:]) % 2 == 0 for w in c.split())) for c in completions]
+    return [float(sum(w.startswith("w") and int(w[1:]) % 2 == 0 for w in c.split()))
+            for c in completions]
 
 
 def _config(**overrides):

@@ -210,6 +210,8 @@ def selective_log_softmax_and_entropy(
 _CHUNKED = "_ChunkedLogProbFunction"
 _FUSED_HEAD = "add_fused_lm_head"
 _OUR_OUTPUTS = ("log_probs", "entropy")
+# TRL's default for ``outputs`` (every optional per-token field)
+_TRL_DEFAULT_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 # The model whose fused forward is running (set by our add_fused_lm_head's wrapper): the chunked
 # log-prob function only receives the head's weight and bias, and needs the module to see a
 # PEFT adapter on it.
@@ -291,7 +293,7 @@ class ChunkedLogProbFunction:
     @staticmethod
     def apply(hidden, weight, bias, targets, temperature, chunk_size,
               final_logit_softcapping=None, logit_scale=1.0, outputs=None):
-        outputs = tuple(_OUR_OUTPUTS if outputs is None else outputs)
+        outputs = tuple(_TRL_DEFAULT_OUTPUTS if outputs is None else outputs)
         extra = [name for name in outputs if name not in _OUR_OUTPUTS]
         model = _FUSED_MODEL.get()
         head = model.get_output_embeddings() if model is not None else None
@@ -651,7 +653,7 @@ def patch_trl(keep_fp32: bool = False) -> Patch:
             f"patch_trl: GRPOTrainer._compute_loss left to TRL: the drop-in mirrors trl "
             f"{_CHECKED_TRL_MINOR}, this is trl {minor}", stacklevel=2)
     patch = apply_patch("TRL", "trl", targets)
-    _ACTIVE.append(patch)
+    _ACTIVE[:] = [p for p in _ACTIVE if p.active] + [patch]  # forget those already undone
     return patch
 
 
