@@ -215,28 +215,24 @@ def main(argv: list[str] | None = None) -> int:
              f"prompt {args.prompt_length} + completion {args.completion_length}")
     backends = ("reference", "interpreter") if args.backend == "both" else (args.backend,)
     runs = [("trl", None)] + [("patched", b) for b in backends]
-    rows = []
+    rows, details = [], {}
     for impl, backend in runs:
         print(f"[trl_grpo_step] running {impl}{f' ({backend})' if backend else ''} ...",
               flush=True)
         result = _run_child(impl, backend, args)
         name = "trl" if impl == "trl" else f"trl+patch_trl ({backend})"
-        shared = {k: result[k] for k in ("loss_type", "beta", "rows", "sequence_length",
-                                         "completion_tokens", "gradient_checkpointing",
-                                         "torch_threads", "trl", "fallback_reason")}
         # the machine's 1-minute load before and after (other processes share the cores)
-        shared["load_1min"] = "/".join(f"{x:.1f}" for x in result["load_average_1min"])
+        load = "/".join(f"{x:.1f}" for x in result["load_average_1min"])
         rows.append(dict(op="trl_grpo_step", case=f"train step: {sizes}", impl=name,
                          s=result["step_s"], peak_rss_mib=result["step_peak_rss_above_start_mib"],
-                         loss=result["step_loss"], reward=result["reward"],
-                         grad_norm=result["grad_norm"], **shared))
+                         reward=result["reward"], grad_norm=result["grad_norm"], load_1min=load))
         rows.append(dict(op="trl_grpo_step", case=f"loss fwd+bwd: {sizes}", impl=name,
                          s=result["loss_fwd_bwd_s"],
-                         peak_rss_mib=result["loss_peak_rss_above_start_mib"],
-                         loss=result["loss"], **shared))
+                         peak_rss_mib=result["loss_peak_rss_above_start_mib"], load_1min=load))
+        details[name] = result
     for row in rows:
         print(f"{row['case'][:12]:12s}  {row['impl']:32s}  {row['s']:8.2f} s  "
-              f"{row['peak_rss_mib']:9.1f} MiB  loss {row['loss']}")
+              f"{row['peak_rss_mib']:9.1f} MiB")
     if not args.no_save:
         from pathlib import Path
 
@@ -255,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                                 optimizer="sgd", command=" ".join(["python -m "
                                                                    "benchmarks.trl_grpo_step",
                                                                    *(argv or sys.argv[1:])]))
+        data["runs"] = details  # everything each configuration's process reported
         trl_rows = {r["case"]: r for r in rows if r["impl"] == "trl"}
         data["checks"] = {
             f"{r['impl']} | {r['case']}": {
