@@ -7,7 +7,8 @@ that batch (values, gradients of every parameter, logged metrics) is computed by
 every covered loss type, both importance-sampling levels and the KL variants. The batch is made
 off-policy (old and reference log-probs moved away from the current ones) and padded, so that
 clipping, the dual clip, the sequence ratio and every normaliser matter. A PEFT adapter on
-lm_head, which TRL refuses, is checked against the model's own (unfused) forward. Two full
+lm_head, which TRL refuses, is checked against the model's own (unfused) forward, in a
+GRPOTrainer and an RLOOTrainer (which shares the fused head; its loss stays TRL's). Two full
 ``trainer.train()`` steps (patched and unpatched, same seed) close the file.
 """
 
@@ -393,6 +394,54 @@ def test_grpo_trainer_with_lora_on_lm_head():
         ((n, p) for n, p in trainer.model.named_parameters() if p.requires_grad), mine[1])
         if "lm_head" in n]
     assert lm_head_grads and all(g is not None and g.abs().sum() > 0 for g in lm_head_grads)
+
+
+def test_rloo_trainer_with_lora_on_lm_head():
+    """RLOOTrainer shares the fused head: under patch_trl it takes an adapter on lm_head (TRL
+    alone refuses it) and its loss and gradients, off-policy, are those of its own _compute_loss
+    on the model's unfused log-probs."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"],
+                        init_lora_weights=False)
+
+    def make():
+        args = trl.RLOOConfig(output_dir=tempfile.mkdtemp(prefix="trl_rloo_test_"),
+                              use_cpu=True, report_to=[], per_device_train_batch_size=4,
+                              num_generations=GENERATIONS, max_completion_length=COMPLETION,
+                              max_steps=1, save_strategy="no", bf16=False, seed=0,
+                              gradient_checkpointing=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return trl.RLOOTrainer(model=_model(), reward_funcs=_reward, args=args,
+                                   train_dataset=_dataset(), processing_class=_tokenizer(),
+                                   peft_config=config)
+
+    with pytest.raises(ValueError, match="lm_head"):
+        make()
+    with ours.patch_trl():
+        trainer = make()
+        trainer.model.train()
+        batch = next(iter(trainer.get_train_dataloader()))
+        with torch.no_grad():
+            inputs = trainer._generate_and_score_completions(batch)
+        # off-policy: sequences past both clip bounds
+        inputs["old_logps"] = inputs["old_logps"] + torch.tensor([0.5, -0.5, 0.1, -0.1])
+        params = [p for p in trainer.model.parameters() if p.requires_grad]
+        loss = trainer._compute_loss(trainer.model, inputs)
+        grads = torch.autograd.grad(loss, params)
+
+    def unfused(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        logp, entropy = _unfused_logps(model, input_ids, attention_mask, self.temperature)
+        return logp[:, -logits_to_keep:], entropy[:, -logits_to_keep:], None
+
+    trainer._get_per_token_logps_and_entropies = unfused.__get__(trainer)
+    loss_t = trainer._compute_loss(trainer.model, inputs)
+    grads_t = torch.autograd.grad(loss_t, params)
+    torch.testing.assert_close(loss, loss_t, rtol=1e-5, atol=1e-6)
+    assert loss_t.abs() > 1e-3
+    for g, g_t in zip(grads, grads_t):
+        torch.testing.assert_close(g, g_t, rtol=1e-4, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------
