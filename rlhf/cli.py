@@ -1,4 +1,5 @@
-"""`rlhf sft | rm | ppo | grpo | pipeline [config.yaml] [key=value ...] [--resume]`; `rlhf plan`.
+"""`rlhf sft | rm | ppo | grpo | pipeline | frontier [config.yaml] [key=value ...] [--resume]`;
+`rlhf plan`.
 
 Each command builds its stage's config dataclass (defaults, then the YAML file, then the
 overrides; see rlhf/config.py) and calls the stage's entry point:
@@ -8,6 +9,7 @@ overrides; see rlhf/config.py) and calls the stage's entry point:
     rlhf ppo       rlhf.rl.PPOConfig            -> rlhf.rl.train(cfg)   (algorithm=ppo)
     rlhf grpo      rlhf.rl.GRPOConfig           -> rlhf.rl.train(cfg)   (algorithm=grpo)
     rlhf pipeline  rlhf.pipeline.PipelineConfig -> rlhf.pipeline.run(cfg)
+    rlhf frontier  rlhf.frontier.FrontierConfig -> rlhf.frontier.run(cfg)
 
 `rlhf ppo` and `rlhf grpo` are one RL stage; they differ only in the default algorithm (and
 output_dir): either takes `algorithm=` (ppo, grpo, dr_grpo, rloo, gspo, dapo, cispo).
@@ -58,6 +60,9 @@ STAGES: dict[str, Stage] = {
     "pipeline": Stage("rlhf.pipeline", "PipelineConfig", "run",
                       "SFT -> reward model -> RL (algorithm=ppo|grpo|...); with no arguments, "
                       "PPO on the built-in task"),
+    "frontier": Stage("rlhf.frontier", "FrontierConfig", "run",
+                      "over-optimisation frontier on the built-in task: the RL stage of each "
+                      "algorithm at several KL strengths, gold and proxy reward against KL"),
 }
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
@@ -69,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Example: rlhf pipeline ppo.kl_coef=0.05 sft.max_steps=200",
     )
     commands = parser.add_subparsers(dest="command",
-                                     metavar="{sft,rm,ppo,grpo,pipeline,plan}")
+                                     metavar="{sft,rm,ppo,grpo,pipeline,frontier,plan}")
     commands.add_parser("plan", add_help=False,
                         help="expected peak memory per PPO stage and the largest batch that fits")
     for name, stage in STAGES.items():
