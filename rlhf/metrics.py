@@ -192,13 +192,14 @@ def _sample_lines(samples: Sequence[Mapping[str, Any]], width: int) -> list[str]
 
 def plot_curves(metrics_jsonl: str | Path, out_png: str | Path,
                 samples: Sequence[Mapping[str, Any]] | None = None, x_key: str | None = None,
-                title: str | None = None) -> Path:
+                title: str | None = None, after: str = "PPO") -> Path:
     """Draw the PPO curves of a metrics file into a PNG (written atomically); returns its path.
 
     One panel per entry of PANELS that has data (proxy reward, gold reward, KL, entropy, policy
     and value loss) against `x_key` (default: "iteration" when logged, else "step").
     `samples`: optional dicts with "prompt", "before", "after" (and "gold_before",
-    "gold_after") printed under the curves. Records without a panel's key are skipped, so a
+    "gold_after") printed under the curves; `after` names the trained policy in their caption
+    (the RL algorithm). Records without a panel's key are skipped, so a
     file that mixes stages still plots. ValueError when no panel has any data.
     """
     import matplotlib
@@ -241,7 +242,7 @@ def plot_curves(metrics_jsonl: str | Path, out_png: str | Path,
                     y=1 - 0.15 / figure.get_figheight())
     if text_lines:
         figure.text(0.01, (text_height + 0.3) / figure.get_figheight(),
-                    "Samples before (SFT) and after (PPO):\n" + "\n".join(text_lines),
+                    f"Samples before (SFT) and after ({after}):\n" + "\n".join(text_lines),
                     family="monospace", fontsize=7.5, va="top", ha="left")
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)

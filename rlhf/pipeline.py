@@ -543,7 +543,7 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
              for i in range(min(cfg.n_show_samples, len(shown_prompts)))]
     plot_curves(out / "metrics.jsonl", out / "curves.png", samples=shown[:4],
                 title=f"{label} on your data" if own_data else
-                f"{label} on the built-in review task")
+                f"{label} on the built-in review task", after=label)
     _write_samples(out / "samples.md", shown, own_data, label)
     timings["total_s"] = time.perf_counter() - started
     summary = {
