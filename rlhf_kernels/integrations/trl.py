@@ -285,7 +285,8 @@ class ChunkedLogProbFunction:
     module itself and ``rlhf_kernels.logprobs`` (exact, but the full logits are made).
 
     Falls back to TRL's function for outputs other than log_probs and entropy (SFTTrainer's
-    ``is_top1``, KTOTrainer's ``mean_logits``), for ``final_logit_softcapping`` (Gemma 2) and a
+    ``is_top1``, KTOTrainer's ``mean_logits``, DPOTrainer's policy; DPO's reference model asks
+    for log_probs alone), for ``final_logit_softcapping`` (Gemma 2) and a
     ``logit_scale`` <= 0, when the head carries no adapter. With an adapter, those go through
     the head module (softcapping) or raise (the extra outputs: TRL would ignore the adapter).
     """
