@@ -38,7 +38,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Patch", "dropin", "original", "patch_openrlhf", "patch_trl", "patch_verl"]
+__all__ = ["Patch", "dropin", "original", "patch_openrlhf", "patch_trl", "patch_verl",
+           "unpatch_trl"]
 
 # The framework's own function for each patched target, keyed by (module name, attribute path),
 # kept from the first patch so fallbacks reach it even while the module holds the drop-in.
@@ -234,6 +235,14 @@ def patch_trl(keep_fp32: bool = False) -> Patch:
     from rlhf_kernels.integrations import trl
 
     return trl.patch_trl(keep_fp32)
+
+
+def unpatch_trl() -> None:
+    """Undo every active ``patch_trl()``, newest first; see
+    ``rlhf_kernels.integrations.trl.unpatch_trl``."""
+    from rlhf_kernels.integrations import trl
+
+    trl.unpatch_trl()
 
 
 def patch_verl(keep_fp32: bool = False) -> Patch:
