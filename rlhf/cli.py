@@ -70,7 +70,7 @@ EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rlhf",
-        description="A lean one-GPU RLHF trainer: SFT -> reward model -> PPO.",
+        description="A lean one-GPU RLHF trainer: SFT -> reward model -> RL (PPO, GRPO, ...).",
         epilog="Example: rlhf pipeline ppo.kl_coef=0.05 sft.max_steps=200",
     )
     commands = parser.add_subparsers(dest="command",
