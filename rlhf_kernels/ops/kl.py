@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from rlhf_kernels import reference
-from rlhf_kernels._alloc import empty
+from rlhf_kernels import _alloc
 from rlhf_kernels._checks import check_float, check_same_device, check_same_shape
 from rlhf_kernels.backend import launch_directly, resolve_backend
 from rlhf_kernels.ops._reduce import cdiv, not_twice_differentiable
@@ -145,7 +145,23 @@ def _as_rows(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], int, int, list
     return rows, rows[0].shape[0], cols, [s for t in rows for s in t.stride()]
 
 
+def _empty_like(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous buffer of ``t``'s shape and device (``_alloc.empty``, NaN-filled under
+    RLHF_KERNELS_POISON). ``empty_like`` costs about half the host time of ``torch.empty(shape,
+    dtype=, device=)``, which parses the shape and device again."""
+    out = torch.empty_like(t, dtype=dtype, memory_format=torch.contiguous_format)
+    if _alloc._POISON:
+        out.fill_(float("nan"))
+    return out
+
+
+# The launch options without clamps, made once (the common call).
+_NO_CLAMPS = dict(clamp=0.0, log_ratio_clamp=0.0, HAS_CLAMP=False, HAS_LOG_RATIO_CLAMP=False)
+
+
 def _options(clamp: float | None, log_ratio_clamp: float | None) -> dict:
+    if clamp is None and log_ratio_clamp is None:
+        return _NO_CLAMPS
     return dict(
         clamp=0.0 if clamp is None else float(clamp),
         log_ratio_clamp=0.0 if log_ratio_clamp is None else float(log_ratio_clamp),
@@ -161,8 +177,17 @@ def _launch_fwd(
     clamp: float | None,
     log_ratio_clamp: float | None,
 ) -> torch.Tensor:
-    out = empty(logp.shape, torch.float32, logp.device)
-    if logp.numel() == 0:
+    out = _empty_like(logp, torch.float32)
+    n = logp.numel()
+    if n == 0:
+        return out
+    if logp.is_contiguous() and ref_logp.is_contiguous():
+        # What _as_rows gives for contiguous tensors (one row of n), without building it.
+        n_col_blocks = cdiv(n, _BLOCK)
+        _kl_fwd_kernel[(n_col_blocks,)](
+            logp, ref_logp, out, n, 1, n, 1, n, n, n_col_blocks,
+            ESTIMATOR=estimator, BLOCK=_BLOCK, num_warps=4, **_options(clamp, log_ratio_clamp),
+        )
         return out
     (logp2, ref2, out2), n_rows, n_cols, strides = _as_rows(logp, ref_logp, out)
     n_col_blocks = cdiv(n_cols, _BLOCK)
@@ -203,13 +228,23 @@ def _launch_bwd(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """-> (d logp, d ref_logp), each contiguous in its input's dtype, or None where not needed
     (at least one is)."""
-    grad_logp = empty(logp.shape, logp.dtype, logp.device) if need_logp else None
-    grad_ref = empty(ref_logp.shape, ref_logp.dtype, ref_logp.device) if need_ref else None
-    if logp.numel() == 0:
+    grad_logp = _empty_like(logp, logp.dtype) if need_logp else None
+    grad_ref = _empty_like(ref_logp, ref_logp.dtype) if need_ref else None
+    n = logp.numel()
+    if n == 0:
         return grad_logp, grad_ref
     # A gradient that is not needed is not written: the other's buffer stands in for it.
     out_logp = grad_logp if need_logp else grad_ref
     out_ref = grad_ref if need_ref else grad_logp
+    if grad.is_contiguous() and logp.is_contiguous() and ref_logp.is_contiguous():
+        # What _as_rows gives for contiguous tensors (one row of n), without building it.
+        n_col_blocks = cdiv(n, _BLOCK)
+        _kl_bwd_kernel[(n_col_blocks,)](
+            grad, logp, ref_logp, out_logp, out_ref, n, 1, n, 1, n, 1, n, n, n_col_blocks,
+            ESTIMATOR=estimator, GRAD_LOGP=need_logp, GRAD_REF=need_ref, BLOCK=_BLOCK,
+            num_warps=4, **_options(clamp, log_ratio_clamp),
+        )
+        return grad_logp, grad_ref
     # grad may be an expanded (stride-0) tensor, e.g. from .sum(); the strides handle it.
     (grad2, logp2, ref2, gl2, gr2), n_rows, n_cols, strides = _as_rows(
         grad, logp, ref_logp, out_logp, out_ref)
@@ -261,23 +296,25 @@ class _KLFunction(torch.autograd.Function):
     """The eager path (``launch_directly``): the same kernels as the custom ops, without their
     host time."""
 
+    # The options as one tuple argument: autograd.Function.apply costs host time per argument.
     @staticmethod
-    def forward(ctx, logp, ref_logp, estimator, clamp, log_ratio_clamp):
+    def forward(ctx, logp, ref_logp, options):
         ctx.save_for_backward(logp, ref_logp)
-        ctx.options = (estimator, clamp, log_ratio_clamp)
-        return _launch_fwd(logp, ref_logp, estimator, clamp, log_ratio_clamp)
+        ctx.options = options
+        return _launch_fwd(logp, ref_logp, *options)
 
     @staticmethod
     @not_twice_differentiable
     def backward(ctx, grad):
-        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
-            return None, None, None, None, None
+        need_logp, need_ref = ctx.needs_input_grad[:2]
+        if not (need_logp or need_ref):
+            return None, None, None
         logp, ref_logp = ctx.saved_tensors
         # Only the gradients autograd asks for (the reference model's log-probs usually need
         # none): one buffer less to allocate and write.
-        grad_logp, grad_ref = _launch_bwd(grad, logp, ref_logp, *ctx.options,
-                                          ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return grad_logp, grad_ref, None, None, None
+        grad_logp, grad_ref = _launch_bwd(grad, logp, ref_logp, *ctx.options, need_logp,
+                                          need_ref)
+        return grad_logp, grad_ref, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,16 +357,19 @@ def kl_penalty(
     check_float("logp", logp)
     check_float("ref_logp", ref_logp)
     check_same_shape("ref_logp", ref_logp, "logp", logp)
-    check_same_device(("logp", logp), ("ref_logp", ref_logp))
-    check_kl_options(estimator, clamp=clamp, log_ratio_clamp=log_ratio_clamp)
+    if ref_logp.device != logp.device:
+        check_same_device(("logp", logp), ("ref_logp", ref_logp))
+    code = KL_ESTIMATOR_CODES.get(estimator)
+    # Known estimator and no clamps (the usual call) need no further check: host time counts.
+    if code is None or clamp is not None or log_ratio_clamp is not None:
+        check_kl_options(estimator, clamp=clamp, log_ratio_clamp=log_ratio_clamp)
     use_reference = torch.float64 in (logp.dtype, ref_logp.dtype)
     if resolve_backend(logp, backend) == "reference" or use_reference:
         return reference.kl_penalty(logp, ref_logp, estimator, clamp, log_ratio_clamp)
-    args = (logp, ref_logp, KL_ESTIMATOR_CODES[estimator],
-            None if clamp is None else float(clamp),
-            None if log_ratio_clamp is None else float(log_ratio_clamp))
+    options = (code, None if clamp is None else float(clamp),
+               None if log_ratio_clamp is None else float(log_ratio_clamp))
     if not launch_directly(logp, ref_logp):
-        return _kl_penalty_op(*args)
+        return _kl_penalty_op(logp, ref_logp, *options)
     if torch.is_grad_enabled() and (logp.requires_grad or ref_logp.requires_grad):
-        return _KLFunction.apply(*args)
-    return _launch_fwd(*args)
+        return _KLFunction.apply(logp, ref_logp, options)
+    return _launch_fwd(logp, ref_logp, *options)
