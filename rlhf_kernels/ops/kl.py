@@ -24,8 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_kernels import reference
-from rlhf_kernels import _alloc
+from rlhf_kernels import _alloc, reference
 from rlhf_kernels._checks import check_float, check_same_device, check_same_shape
 from rlhf_kernels.backend import launch_directly, resolve_backend
 from rlhf_kernels.ops._reduce import cdiv, not_twice_differentiable
