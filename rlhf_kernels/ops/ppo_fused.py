@@ -693,12 +693,41 @@ def _advantages_2d(advantages, labels):
 def _stats(logp, entropy, labels, old_logp, advantages, m, ref_logp, kl_coef, kl_estimator,
            entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp, reduction, ratio_level,
            loss_type, normalizer):
+    """The stats of ``reference._ppo_total`` (same ops in the same order: the same bits) without
+    its work that the stats do not need: the total loss and its entropy term, the option checks
+    (done by the caller), a zero scalar and a mask compare per masked op, and the token count
+    once per masked mean (it is the same count each time). m: the 0/1 fp32 mask."""
     lead = labels.shape
     with torch.no_grad():
-        _, stats = reference._ppo_total(
-            logp.detach().view(lead), entropy.detach().view(lead), old_logp, advantages, m,
-            ref_logp, kl_coef, kl_estimator, entropy_coef, clip_low, clip_high, dual_clip,
-            log_ratio_clamp, reduction, ratio_level, loss_type, normalizer)
+        logp = logp.detach().view(lead)
+        dtype = logp.dtype
+        valid = m > 0
+        if m.dtype != dtype:
+            m = m.to(dtype)
+        A = advantages if advantages.shape == lead else advantages.unsqueeze(-1).expand(lead)
+        zero = torch.zeros((), dtype=dtype, device=logp.device)
+
+        def zero_masked(t):  # reference._zero_masked(t.to(dtype), valid)
+            return torch.where(valid, t if t.dtype == dtype else t.to(dtype), zero)
+
+        logp, entropy, old_logp, A = (zero_masked(t) for t in
+                                      (logp, entropy.detach().view(lead), old_logp, A))
+        per_token, ratio, d, clipped, _ = reference._policy_terms(
+            logp, old_logp, A, m, clip_low, clip_high, dual_clip, log_ratio_clamp, ratio_level,
+            loss_type)
+        count = m.sum().clamp_min(1)  # masked_mean's denominator (and token-mean's)
+        if reduction == "token-mean" and normalizer is None:
+            pg_loss = torch.where(valid, per_token, zero).sum() / count  # reduce_loss's steps
+        else:
+            pg_loss = reference.reduce_loss(per_token, m, reduction, normalizer)
+        stats = {"pg_loss": pg_loss}
+        if ref_logp is not None and kl_coef:
+            kl = reference.kl_penalty(logp, zero_masked(ref_logp), kl_estimator)
+            stats["kl"] = reference.reduce_loss(kl, m, reduction, normalizer)
+        # reference.masked_mean(x, m) = where(m > 0, x, 0).sum() / m.sum().clamp_min(1)
+        for name, x in (("entropy", entropy), ("clipfrac", clipped.to(dtype)),
+                        ("approx_kl", 0.5 * d * d), ("ratio_mean", ratio)):
+            stats[name] = torch.where(valid, x, zero).sum() / count
     return stats
 
 
