@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_kernels import reference
+from rlhf_kernels import _alloc, reference
 from rlhf_kernels._alloc import empty
 from rlhf_kernels._checks import check_float, check_same_device
 from rlhf_kernels.backend import launch_directly, resolve_backend
@@ -79,6 +79,16 @@ def _logprob_kernels():
 
         _KERNELS = logprobs_fwd, logprobs_bwd
     return _KERNELS
+
+
+def empty_like(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``_alloc.empty(t.shape, dtype, t.device)`` (contiguous, NaN-filled under
+    RLHF_KERNELS_POISON) at about half the host time: ``torch.empty(shape, dtype=, device=)``
+    parses the shape and device again."""
+    out = torch.empty_like(t, dtype=dtype, memory_format=torch.contiguous_format)
+    if _alloc._POISON:
+        out.fill_(float("nan"))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,8 +158,13 @@ class HeadGrads:
         device = hidden.device
         h_dim = hidden.shape[-1]
         # d hidden: every row is written exactly once (one chunk each), so no zero fill.
-        self.hidden = empty((n_rows, h_dim), dtype, device) if need_h else None
-        self.weight = torch.zeros(weight.shape, dtype=dtype, device=device) if need_w else None
+        if need_h:  # hidden is (n_rows, H) here: empty_like is the cheaper allocation
+            self.hidden = (empty_like(hidden, dtype) if hidden.shape == (n_rows, h_dim)
+                           else empty((n_rows, h_dim), dtype, device))
+        else:
+            self.hidden = None
+        self.weight = (torch.zeros_like(weight, dtype=dtype, memory_format=torch.contiguous_format)
+                       if need_w else None)
         self.bias = (torch.zeros(bias.shape, dtype=torch.float32, device=device)
                      if need_b and bias is not None else None)
         has_lora = lora_a is not None
@@ -239,8 +254,9 @@ def _forward_sweep(hidden, weight, labels, bias, lora_a, lora_b, lora_scale, tem
     h = cast_to(hidden, dtype)
     # Allocated in their final shape (the caller gets ordinary tensors); the kernels write each
     # chunk's rows straight into them through flat views.
-    logp = empty(labels.shape, out_dtype(dtype), device)
-    entropy = empty(labels.shape if return_entropy else _EMPTY, out_dtype(dtype), device)
+    logp = empty_like(labels, out_dtype(dtype))
+    entropy = (empty_like(labels, out_dtype(dtype)) if return_entropy
+               else empty(_EMPTY, out_dtype(dtype), device))
     saved = empty((2 if return_entropy else 1, n_rows), torch.float32, device)
     logp_flat, ent_flat = logp.view(-1), entropy.view(-1)
     rows = choose_chunk_rows(n_rows, vocab, h.element_size(), device, chunk_size,
@@ -427,25 +443,26 @@ class _LinearLogprobsFunction(torch.autograd.Function):
     returned logp / entropy are fresh tensors; the backward reads only the private saved state.
     """
 
+    # options: (lora_scale, temperature, ignore_index, return_entropy, chunk_size,
+    # memory_budget_bytes, check_labels) as one tuple argument: autograd.Function.apply costs
+    # host time per argument.
     @staticmethod
-    def forward(ctx, hidden, weight, labels, bias, lora_a, lora_b, lora_scale, temperature,
-                ignore_index, return_entropy, chunk_size, memory_budget_bytes, check_labels):
+    def forward(ctx, hidden, weight, labels, bias, lora_a, lora_b, options):
         # hidden (..., H) is flattened here, not by the caller: no view node in the graph.
         ctx.hidden_shape = hidden.shape
         hidden = hidden.reshape(-1, hidden.shape[-1])
-        logp, entropy, saved = _forward_sweep(
-            hidden, weight, labels, bias, lora_a, lora_b, lora_scale, temperature, ignore_index,
-            return_entropy, chunk_size, memory_budget_bytes, check_labels)
+        logp, entropy, saved = _forward_sweep(hidden, weight, labels, bias, lora_a, lora_b,
+                                              *options)
         ctx.save_for_backward(hidden, weight, labels, bias, lora_a, lora_b, saved)
-        ctx.options = (lora_scale, temperature, ignore_index, return_entropy, chunk_size,
-                       memory_budget_bytes)
+        ctx.options = options[:6]  # without check_labels
         return logp, entropy
 
     @staticmethod
     @no_double_backward("linear_logprobs")
     def backward(ctx, grad_logp, grad_entropy):
-        # ``_backward`` with the sweep called directly instead of through the backward op.
-        return _eager_backward(ctx, grad_logp, grad_entropy)
+        # ``_backward`` with the sweep called directly instead of through the backward op; one
+        # gradient per forward argument (the six inputs and the options tuple).
+        return _eager_backward(ctx, grad_logp, grad_entropy)[:7]
 
 
 def _eager_backward(ctx, grad_logp, grad_entropy):
@@ -506,8 +523,12 @@ def check_head_inputs(hidden, weight, labels, bias, lora_a, lora_b, temperature,
         if lora_b.shape != (vocab, rank):
             raise ValueError(f"lora_b must have shape (V, r) = ({vocab}, {rank}), got "
                              f"{tuple(lora_b.shape)}")
-    check_same_device(("hidden", hidden), ("weight", weight), ("labels", labels), ("bias", bias),
-                      ("lora_a", lora_a), ("lora_b", lora_b))
+    device = hidden.device
+    if (weight.device != device or labels.device != device
+            or (bias is not None and bias.device != device)
+            or (lora_a is not None and (lora_a.device != device or lora_b.device != device))):
+        check_same_device(("hidden", hidden), ("weight", weight), ("labels", labels),
+                          ("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b))
     check_temperature(temperature)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int (rows per chunk) or None, got "
@@ -569,7 +590,7 @@ def linear_logprobs(
                                                    *rest)
     elif torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (hidden, weight, bias, lora_a, lora_b)):
-        logp, entropy = _LinearLogprobsFunction.apply(hidden, weight, *rest)
+        logp, entropy = _LinearLogprobsFunction.apply(hidden, weight, *rest[:4], rest[4:])
     else:
         logp, entropy, _ = _forward_sweep(hidden.reshape(-1, hidden.shape[-1]), weight, *rest)
     return (logp, entropy) if return_entropy else logp
