@@ -764,3 +764,41 @@ def test_linear_sweeps_matmuls_and_memory(ratio_level, grad, chunk_size, logits_
     assert mode.count == logits_matmuls
     assert mode.largest == (4 if chunk_size else B * T) * V * 4
     assert not grad or all(p.grad is not None for p in params)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction,normalizer,ratio_level,loss_type,dual_clip,kl", [
+    ("token-mean", None, "token", "ppo", None, False),
+    ("token-mean", None, "token", "ppo", 3.0, True),
+    ("token-mean", 7.0, "sequence", "ppo", None, True),
+    ("seq-mean-token-mean", None, "token", "cispo", None, False),
+    ("seq-mean-token-sum-norm", "tensor", "sequence", "cispo", None, True),
+    ("token-sum", None, "token", "ppo", 3.0, False),
+])
+def test_stats_are_the_bits_of_the_reference_ppo_total(dtype, reduction, normalizer,
+                                                        ratio_level, loss_type, dual_clip, kl):
+    """The fused ops' stats (ppo_fused._stats, trimmed for host time) are bit for bit those of
+    reference._ppo_total on the same per-token logp / entropy, NaN / inf padding included."""
+    from rlhf_kernels.ops import ppo_fused
+
+    torch.manual_seed(0)
+    shape = (3, 9)
+    labels = torch.randint(0, 10, shape)
+    mask = torch.rand(shape) > 0.3
+    mask[1] = False
+    logp = torch.where(mask, -torch.rand(shape, dtype=dtype) * 3, torch.nan)
+    entropy = torch.where(mask, torch.rand(shape, dtype=dtype), torch.inf)
+    old = torch.where(mask, logp + 0.3 * torch.randn(shape, dtype=dtype), torch.nan)
+    adv = torch.randn(shape[:1] if ratio_level == "sequence" else shape, dtype=dtype)
+    ref = logp + 0.2 * torch.randn(shape, dtype=dtype) if kl else None
+    normalizer = torch.tensor(5.0) if normalizer == "tensor" else normalizer
+    m, _ = ppo_fused._mask_and_weights(labels, old, mask, -100, reduction, normalizer)
+    args = (logp.reshape(-1), entropy.reshape(-1), labels, old, adv, m, ref, 0.1 if kl else 0.0,
+            "k3", 0.01, 0.2, 0.28, dual_clip, 20.0, reduction, ratio_level, loss_type, normalizer)
+    got = ppo_fused._stats(*args)
+    _, want = reference._ppo_total(logp, entropy, *args[3:])
+    assert list(got) == list(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype, name
+        assert torch.equal(got[name].view(-1).view(torch.uint8),
+                           want[name].view(-1).view(torch.uint8)), (name, got[name], want[name])
