@@ -56,6 +56,28 @@ _BLOCK_I = 32
 _BLOCK_J = 128
 
 
+@triton.jit
+def _load_scores(scores_ptr, stride_scores, j, limit):
+    """fp32 scores at indices j (0 past ``limit``)."""
+    r_j = tl.load(scores_ptr + j.to(tl.int64) * stride_scores, mask=j < limit, other=0.0)
+    return r_j.to(tl.float32)
+
+
+@triton.jit
+def _group_block(scores_ptr, ids_ptr, stride_scores, stride_ids, group_size, j, hi, id_i,
+                 HAS_IDS: tl.constexpr):
+    """Scores r_j of one block of indices j, and ``same``: (BLOCK_I, BLOCK_J) whether j < hi is
+    in the group of each i."""
+    j_ok = j < hi
+    r_j = _load_scores(scores_ptr, stride_scores, j, hi)
+    if HAS_IDS:
+        id_j = tl.load(ids_ptr + j.to(tl.int64) * stride_ids, mask=j_ok, other=0)
+    else:
+        id_j = j // group_size
+    same = j_ok[None, :] & (id_j[None, :] == id_i[:, None])
+    return r_j, same
+
+
 # n and group_size stay runtime values (no specialisation on == 1): B = 1 and groups of one run
 # the same code as every other size, the code the interpreter tests.
 @triton.jit(do_not_specialize=["n", "group_size"])
@@ -69,8 +91,7 @@ def _group_advantages_kernel(
     first = tl.program_id(0) * BLOCK_I
     i = first + tl.arange(0, BLOCK_I)
     i_ok = i < n
-    r_i = tl.load(scores_ptr + i.to(tl.int64) * stride_scores, mask=i_ok, other=0.0)
-    r_i = r_i.to(tl.float32)
+    r_i = _load_scores(scores_ptr, stride_scores, i, n)
     if HAS_IDS:
         id_i = tl.load(ids_ptr + i.to(tl.int64) * stride_ids, mask=i_ok, other=0)
         lo = 0
@@ -85,15 +106,8 @@ def _group_advantages_kernel(
     count = tl.zeros((BLOCK_I,), tl.float32)
     shifted_sum = tl.zeros((BLOCK_I,), tl.float32)
     for j0 in range(lo, hi, BLOCK_J):
-        j = j0 + lane
-        j_ok = j < hi
-        r_j = tl.load(scores_ptr + j.to(tl.int64) * stride_scores, mask=j_ok, other=0.0)
-        r_j = r_j.to(tl.float32)
-        if HAS_IDS:
-            id_j = tl.load(ids_ptr + j.to(tl.int64) * stride_ids, mask=j_ok, other=0)
-        else:
-            id_j = j // group_size
-        same = j_ok[None, :] & (id_j[None, :] == id_i[:, None])
+        r_j, same = _group_block(scores_ptr, ids_ptr, stride_scores, stride_ids, group_size,
+                                 j0 + lane, hi, id_i, HAS_IDS)
         count += tl.sum(same.to(tl.float32), axis=1)
         # where, not a multiply by `same`: a NaN score of another group must not leak in.
         shifted_sum += tl.sum(tl.where(same, r_j[None, :] - r_i[:, None], 0.0), axis=1)
@@ -112,15 +126,8 @@ def _group_advantages_kernel(
         # Pass 2: squared deviations from the group mean, (r_j - r_i) - (mean_g - r_i).
         squares = tl.zeros((BLOCK_I,), tl.float32)
         for j0 in range(lo, hi, BLOCK_J):
-            j = j0 + lane
-            j_ok = j < hi
-            r_j = tl.load(scores_ptr + j.to(tl.int64) * stride_scores, mask=j_ok, other=0.0)
-            r_j = r_j.to(tl.float32)
-            if HAS_IDS:
-                id_j = tl.load(ids_ptr + j.to(tl.int64) * stride_ids, mask=j_ok, other=0)
-            else:
-                id_j = j // group_size
-            same = j_ok[None, :] & (id_j[None, :] == id_i[:, None])
+            r_j, same = _group_block(scores_ptr, ids_ptr, stride_scores, stride_ids,
+                                     group_size, j0 + lane, hi, id_i, HAS_IDS)
             deviation = (r_j[None, :] - r_i[:, None]) - mean_minus_r[:, None]
             squares += tl.sum(tl.where(same, deviation * deviation, 0.0), axis=1)
         std = tl.sqrt_rn(squares / tl.maximum(count - 1.0, 1.0))
@@ -131,17 +138,14 @@ def _group_advantages_kernel(
         batch_acc = tl.zeros((BLOCK_J,), tl.float32)
         for j0 in range(0, n, BLOCK_J):
             j = j0 + lane
-            j_ok = j < n
-            r_j = tl.load(scores_ptr + j.to(tl.int64) * stride_scores, mask=j_ok, other=0.0)
-            batch_acc += tl.where(j_ok, r_j.to(tl.float32) - r_0, 0.0)
+            r_j = _load_scores(scores_ptr, stride_scores, j, n)
+            batch_acc += tl.where(j < n, r_j - r_0, 0.0)
         batch_mean_minus_r0 = tl.sum(batch_acc, axis=0) / n
         batch_acc = tl.zeros((BLOCK_J,), tl.float32)
         for j0 in range(0, n, BLOCK_J):
             j = j0 + lane
-            j_ok = j < n
-            r_j = tl.load(scores_ptr + j.to(tl.int64) * stride_scores, mask=j_ok, other=0.0)
-            deviation = (r_j.to(tl.float32) - r_0) - batch_mean_minus_r0
-            batch_acc += tl.where(j_ok, deviation * deviation, 0.0)
+            deviation = (_load_scores(scores_ptr, stride_scores, j, n) - r_0) - batch_mean_minus_r0
+            batch_acc += tl.where(j < n, deviation * deviation, 0.0)
         batch_std = tl.sqrt_rn(tl.sum(batch_acc, axis=0) / tl.maximum(n - 1, 1).to(tl.float32))
         batch_std = tl.where(n > 1, batch_std, 1.0)
         advantages = centred / (batch_std + eps)
