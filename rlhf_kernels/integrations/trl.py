@@ -306,7 +306,7 @@ class ChunkedLogProbFunction:
                 return fallback(hidden, weight, bias, targets, temperature, chunk_size,
                                 final_logit_softcapping, logit_scale, outputs)
         elif extra:
-            raise NotImplementedError(
+            raise ValueError(
                 f"the fused lm head was asked for {extra} with a PEFT adapter on the lm head; "
                 "patch_trl computes log_probs and entropy with the adapter, and TRL's own "
                 "function would ignore it. Remove the adapter from lm_head (target_modules)"
