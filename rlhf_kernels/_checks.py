@@ -77,7 +77,15 @@ def check_normalizer(normalizer) -> None:
         raise ValueError(f"normalizer must be > 0 (the loss is divided by it), got {normalizer}")
 
 
+def check_dual_clip(dual_clip) -> None:
+    if dual_clip is not None and not float(dual_clip) > 1.0:
+        raise ValueError(
+            f"dual_clip must be > 1 (veRL uses 3.0), got {dual_clip}; pass None to disable it"
+        )
+
+
 def check_policy_options(ratio_level: str, loss_type: str, dual_clip) -> None:
+    check_dual_clip(dual_clip)
     if ratio_level not in RATIO_LEVELS:
         raise ValueError(
             f"ratio_level={ratio_level!r} is not supported; expected one of {RATIO_LEVELS}"

@@ -424,8 +424,6 @@ def ppo_policy_loss(
     used; 0 when no token), dual_clipfrac when dual_clip is set, pg_loss and kl when the KL term
     is on.
     """
-    if dual_clip is not None and dual_clip <= 1.0:
-        raise ValueError(f"dual_clip must be > 1 (veRL uses 3.0), got {dual_clip}")
     check_policy_options(ratio_level, loss_type, dual_clip)
     dtype = _compute_dtype(logp, old_logp, advantages)
     m = as_mask(mask, logp).to(dtype)
@@ -619,8 +617,6 @@ def _ppo_total(logp, entropy, old_logp, advantages, m, ref_logp, kl_coef, kl_est
                entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp, reduction,
                ratio_level="token", loss_type="ppo", normalizer=None):
     """The loss and stats of the fused ops from per-token logp / entropy; m: 0/1 float mask."""
-    if dual_clip is not None and dual_clip <= 1.0:
-        raise ValueError(f"dual_clip must be > 1 (veRL uses 3.0), got {dual_clip}")
     check_policy_options(ratio_level, loss_type, dual_clip)
     dtype = logp.dtype
     valid = m > 0

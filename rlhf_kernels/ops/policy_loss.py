@@ -75,6 +75,7 @@ from rlhf_kernels import reference
 from rlhf_kernels._alloc import empty
 from rlhf_kernels._checks import (
     check_advantages_shape,
+    check_dual_clip,
     check_float,
     check_normalizer,
     check_policy_options,
@@ -552,10 +553,7 @@ def _check_options(clip_low, clip_high, dual_clip, log_ratio_clamp) -> None:
                 f"{name}={value} must be >= 0 (the ratio is clipped to "
                 "[1 - clip_low, 1 + clip_high]; PPO uses 0.2)"
             )
-    if dual_clip is not None and not float(dual_clip) > 1.0:
-        raise ValueError(
-            f"dual_clip must be > 1 (veRL uses 3.0), got {dual_clip}; pass None to disable it"
-        )
+    check_dual_clip(dual_clip)
     if log_ratio_clamp is not None and not float(log_ratio_clamp) > 0.0:
         raise ValueError(
             f"log_ratio_clamp={log_ratio_clamp} must be > 0 (logp - old_logp is clamped to "

@@ -648,8 +648,6 @@ def _check_rollout(labels, old_logp, advantages, mask, ref_logp, kl_estimator, c
                          f"{reference.KL_ESTIMATORS}")
     if clip_low < 0 or clip_high < 0:
         raise ValueError(f"clip_low and clip_high must be >= 0, got {clip_low}, {clip_high}")
-    if dual_clip is not None and dual_clip <= 1.0:
-        raise ValueError(f"dual_clip must be > 1 (veRL uses 3.0), got {dual_clip}")
     if log_ratio_clamp is not None and log_ratio_clamp <= 0:
         raise ValueError(f"log_ratio_clamp must be > 0 or None, got {log_ratio_clamp}")
     check_reduction(reduction)
