@@ -36,7 +36,9 @@ Checkpoint layout written by ``save`` (atomically: a temporary directory, then a
       heads.safetensors          value_head.* and reward_head.*
       base/                      the base model (``save_pretrained``), only when it cannot be
                                  re-loaded from its name: changed by ``merge_into_base`` or built
-                                 in memory (e.g. a model trained from scratch)
+                                 in memory (e.g. a model trained from scratch); never for a
+                                 quantized base (roles.json records the quantization, load
+                                 re-quantizes the named base: docs/quantization.md)
 """
 
 from __future__ import annotations
@@ -231,7 +233,7 @@ def check_tokenizer(model, tokenizer) -> None:
     n_embed = causal_lm.get_input_embeddings().weight.shape[0]
     get_head = getattr(causal_lm, "get_output_embeddings", None)
     head = get_head() if get_head is not None else None
-    n_rows = min(n_embed, head.weight.shape[0]) if head is not None else n_embed
+    n_rows = min(n_embed, _head_rows(head)) if head is not None else n_embed
     if getattr(tokenizer, "pad_token_id", None) is None:
         raise ValueError(
             "the tokenizer has no pad token (pad_token_id is None); batches need one. Set "
@@ -249,6 +251,13 @@ def check_tokenizer(model, tokenizer) -> None:
         raise ValueError(
             f"pad_token_id={tokenizer.pad_token_id} is outside the model's {n_rows} embedding rows"
         )
+
+
+def _head_rows(head: nn.Module) -> int:
+    """Rows of the lm_head (a 4-bit bitsandbytes weight is stored packed: its out_features)."""
+    from rlhf import quant
+
+    return quant.out_features(head) if quant.is_quantized_linear(head) else head.weight.shape[0]
 
 
 def _resolve_dtype(torch_dtype) -> torch.dtype | None:
@@ -384,14 +393,28 @@ def load_tokenizer(name_or_path, *, setting: str = "tokenizer", trust_remote_cod
 
 
 def load_causal_lm(name_or_path, *, setting: str = "model", torch_dtype=None,
-                   attn_implementation=None, trust_remote_code: bool = False):
+                   attn_implementation=None, trust_remote_code: bool = False,
+                   quantization=None, device=None):
     """``AutoModelForCausalLM.from_pretrained`` (safetensors, or torch.load with weights_only)
-    after ``resolve_pretrained``; a failure is one ValueError naming the setting and value."""
+    after ``resolve_pretrained``; a failure is one ValueError naming the setting and value.
+
+    ``quantization`` ("nf4", "fp4", "int8", or a ``BitsAndBytesConfig``; None / "none": off)
+    loads the decoder linears quantized onto ``device`` (default cpu) with the lm_head dense
+    (rlhf/quant.py); ``torch_dtype`` then defaults to the compute dtype (bf16 on a GPU, fp32 on
+    the CPU) for what stays dense."""
     from transformers import AutoModelForCausalLM
 
     source, kwargs = resolve_pretrained(name_or_path, what="model", setting=setting)
     kwargs["trust_remote_code"] = trust_remote_code
     dtype = _resolve_dtype(torch_dtype)
+    if quantization is not None and quantization != "none":
+        from rlhf import quant
+
+        dtype = quant.compute_dtype(device, dtype)
+        kwargs["quantization_config"] = (quant.bnb_config(quant.check_quantization(
+            quantization, f"{setting} quantization"), dtype=dtype)
+            if isinstance(quantization, str) else quantization)
+        kwargs["device_map"] = {"": str(torch.device(device or "cpu"))}
     if dtype is not None:
         kwargs["dtype"] = dtype
     if attn_implementation is not None:
@@ -403,10 +426,11 @@ def load_causal_lm(name_or_path, *, setting: str = "model", torch_dtype=None,
 
 
 def _load_causal_lm(name_or_path: str, torch_dtype=None, attn_implementation=None,
-                    trust_remote_code: bool = False):
+                    trust_remote_code: bool = False, quantization=None, device=None):
     return load_causal_lm(name_or_path, torch_dtype=torch_dtype,
                           attn_implementation=attn_implementation,
-                          trust_remote_code=trust_remote_code)
+                          trust_remote_code=trust_remote_code, quantization=quantization,
+                          device=device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -465,15 +489,17 @@ class SharedBackbone(nn.Module):
     def from_pretrained(cls, name_or_path: str, *, lora: LoraSpec | None = None,
                         roles: Iterable[str] = ROLES, torch_dtype=None,
                         gradient_checkpointing: bool = False, attn_implementation=None,
-                        trust_remote_code: bool = False, seed: int = 0) -> SharedBackbone:
+                        trust_remote_code: bool = False, seed: int = 0, quantization=None,
+                        device=None) -> SharedBackbone:
         """Load ``AutoModelForCausalLM`` from a hub name or local directory and add the adapters.
 
         ``torch_dtype`` (e.g. ``torch.bfloat16``) sets the base weights' dtype; adapters and heads
         stay fp32 and are initialised from ``seed`` (``from_model``). ``trust_remote_code`` is off
-        unless asked for.
+        unless asked for. ``quantization`` ("nf4", "fp4", "int8"; rlhf/quant.py) loads the base
+        quantized onto ``device``: one quantized copy serves every role, the reference included.
         """
         causal_lm = _load_causal_lm(name_or_path, torch_dtype, attn_implementation,
-                                    trust_remote_code)
+                                    trust_remote_code, quantization, device)
         # A local directory is recorded as an absolute path: save() writes it to roles.json and
         # load() must find the base from any working directory (`rlhf ppo model=runs/rm/backbone`
         # run elsewhere).
@@ -499,6 +525,13 @@ class SharedBackbone(nn.Module):
         _check_causal_lm(causal_lm)
         roles = _check_roles(roles)
         lora = lora if lora is not None else LoraSpec()
+        from rlhf import quant
+
+        if name_or_path is None and quant.quantization_of(causal_lm) != "none":
+            raise ValueError(
+                f"from_model got a {quant.quantization_of(causal_lm)} model without "
+                f"name_or_path: checkpoints never hold a quantized base, so the backbone must "
+                f"know where its full-precision base is re-loaded from; pass name_or_path=")
         causal_lm.requires_grad_(False)
         _own_aligned_storage(causal_lm)
         # PEFT initialises lora_A from the global RNG: seed it for this purpose, then restore it.
@@ -530,7 +563,7 @@ class SharedBackbone(nn.Module):
     @property
     def vocab_size(self) -> int:
         """Rows of the lm_head (may exceed the tokenizer's size when embeddings are padded)."""
-        return int(self.lm_head_weight().shape[0])
+        return _head_rows(self.causal_lm.get_output_embeddings())
 
     @property
     def device(self) -> torch.device:
@@ -541,9 +574,19 @@ class SharedBackbone(nn.Module):
         """The dtype of the base weights (adapters and heads are fp32)."""
         return self.causal_lm.get_input_embeddings().weight.dtype
 
+    @property
+    def quantization(self) -> str:
+        """"nf4" / "fp4" / "int8" when the base is quantized (rlhf/quant.py), else "none"."""
+        from rlhf import quant
+
+        return quant.quantization_of(self.causal_lm)
+
     def lm_head_weight(self) -> torch.Tensor:
-        """(V, H) lm_head weight in the base dtype (the input embeddings when they are tied)."""
-        return self.causal_lm.get_output_embeddings().weight
+        """(V, H) lm_head weight in the base dtype (the input embeddings when they are tied); a
+        quantized lm_head is dequantized to its compute dtype (``quant.dense_weight``)."""
+        from rlhf import quant
+
+        return quant.dense_weight(self.causal_lm.get_output_embeddings())
 
     def lm_head_bias(self) -> torch.Tensor | None:
         """(V,) lm_head bias, or None (most decoder LMs have none)."""
@@ -777,6 +820,12 @@ class SharedBackbone(nn.Module):
         references, but their state (Adam moments) belongs to the old adapter: make a new one.
         """
         role = self._check_role(role)
+        if self.quantization != "none":
+            raise ValueError(
+                f"merge_into_base on a {self.quantization} base would round the adapter into "
+                f"{self.quantization} weights (most of it lost) and leave a base that no "
+                f"checkpoint can name; merge into the full-precision model instead "
+                f"(quant.merge_lora_into_dense) and load that quantized")
         config = self.peft_model.peft_config[role]
         for layer in self._lora_layers:
             if role not in layer.lora_A:
@@ -880,6 +929,11 @@ class SharedBackbone(nn.Module):
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         write_base = self.base_modified if save_base is None else save_base
+        quantization = self.quantization
+        if write_base and quantization != "none":
+            raise ValueError(f"cannot save the {quantization} base weights: checkpoints hold the "
+                             f"adapters and heads only and name the full-precision base "
+                             f"(base_model={self.name_or_path!r}); save_base=False")
         try:
             tmp.mkdir()
             # PEFT writes adapters other than "default" to <dir>/<adapter name>/.
@@ -901,6 +955,7 @@ class SharedBackbone(nn.Module):
                 "base_config": self.config.to_dict(),
                 "lora": asdict(self.lora),
                 "trainable_roles": sorted(self._trainable_roles),
+                "quantization": quantization,
             }
             (tmp / _ROLES_FILE).write_text(json.dumps(info, indent=2, default=str))
             _replace_directory(tmp, directory)
@@ -925,12 +980,16 @@ class SharedBackbone(nn.Module):
     @classmethod
     def load(cls, directory, *, base_model=None, torch_dtype=None,
              gradient_checkpointing: bool = False, attn_implementation=None,
-             trust_remote_code: bool = False, setting: str = "directory") -> SharedBackbone:
+             trust_remote_code: bool = False, setting: str = "directory",
+             quantization=None, device=None) -> SharedBackbone:
         """Rebuild a backbone from ``save``'s directory (safetensors only).
 
         The base comes from ``base_model`` (a model in memory) if given, else ``directory/base``
         if it was saved, else ``from_pretrained(roles.json's base_model)``. ``setting`` names
         the directory in error messages (the config key it came from, e.g. "model").
+        ``quantization`` None: the one roles.json records (the base is re-quantized onto
+        ``device``); another value loads the base that way, with a warning when it differs from
+        the one the adapters were trained on.
         """
         from peft import PeftModel
         from safetensors.torch import load_file
@@ -953,13 +1012,23 @@ class SharedBackbone(nn.Module):
         lora = LoraSpec(**info["lora"])
         name_or_path = info.get("base_model")
         base_modified = bool(info.get("base_saved"))
+        from rlhf import quant
+
+        trained_on = info.get("quantization", "none")
+        if quantization is None:
+            quantization = trained_on
+        elif quant.check_quantization(quantization, f"{setting} quantization") != trained_on:
+            warnings.warn(f"{setting}={given!r}: its adapters were trained on a {trained_on} "
+                          f"base, loading it with quantization={quantization!r}", stacklevel=2)
         if base_model is None:
             source = directory / "base" if info.get("base_saved") else name_or_path
             if source is None:
                 raise ValueError(f"{info_path} names no base model and none was saved; pass "
                                  "base_model=")
-            base_model = _load_causal_lm(source, torch_dtype or info.get("base_dtype"),
-                                         attn_implementation, trust_remote_code)
+            base_dtype = torch_dtype or (info.get("base_dtype") if quantization == "none"
+                                         else None)
+            base_model = _load_causal_lm(source, base_dtype, attn_implementation,
+                                         trust_remote_code, quantization, device)
         else:
             _check_same_shape_config(base_model.config.to_dict(), info["base_config"])
         _check_causal_lm(base_model)
