@@ -1,25 +1,44 @@
-"""Which implementation an op runs: the Triton kernel or the plain-PyTorch reference.
+"""Which implementation an op runs: the Triton kernel, the native CPU kernel or the reference.
 
 Order of precedence:
-1. the ``backend=`` argument of the op call ("triton", "reference" or "auto");
+1. the ``backend=`` argument of the op call ("triton", "native", "reference" or "auto");
 2. the environment variable ``RLHF_KERNELS_BACKEND`` (same values), read at call time;
-3. "auto": Triton for CUDA tensors; for CPU tensors Triton only when the Triton interpreter is on
+3. "auto": Triton for CUDA tensors; for CPU tensors Triton when the Triton interpreter is on
    (``TRITON_INTERPRET=1`` when rlhf_kernels is imported, how the test suite runs the kernels
-   without a GPU), else the reference.
+   without a GPU), else the native C++ kernels (``csrc/cpu``, built on first use) for the ops
+   that have one, and the plain-PyTorch reference for the others, or for every op, with one
+   warning saying why, when the native kernels cannot be built.
 
-Nothing here touches a GPU or imports Triton: importing the package is free on a CPU machine.
+"native" runs on CPU tensors only. The ops whose launchers have a native kernel are
+``NATIVE_OPS``; asking "native" of another op runs its reference with a one-time warning.
+Under the Triton interpreter the launchers pick the native kernels for CPU tensors only when
+``RLHF_KERNELS_BACKEND=native`` is set (it is read at each launch, the backward's included), so
+a per-call ``backend=`` that disagrees with it there is refused rather than half applied.
+
+Nothing here touches a GPU, imports Triton or builds anything: importing the package is free
+on a CPU machine; the native kernels are built the first time a CPU op resolves to them.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 
 import torch
 
-__all__ = ["BACKENDS", "launch_directly", "resolve_backend", "triton_interpreter_enabled"]
+from rlhf_kernels import _native
 
-BACKENDS = ("auto", "triton", "reference")
+__all__ = ["BACKENDS", "NATIVE_OPS", "launch_directly", "native_cpu_kernels", "resolve_backend",
+           "triton_interpreter_enabled"]
+
+BACKENDS = ("auto", "triton", "native", "reference")
 ENV_VAR = "RLHF_KERNELS_BACKEND"
+# Ops whose CPU launchers run a native kernel (csrc/cpu): the logprobs kernels serve the four
+# vocabulary ops (the fused ones call them per chunk), the scan serves gae.
+NATIVE_OPS = frozenset({"logprobs", "linear_logprobs", "ppo_loss_from_logits",
+                        "linear_ppo_loss", "gae"})
+_WARNED: set[str] = set()
 
 
 # Read once, at import: Triton decides interpreter or compiled mode when the kernels are
@@ -32,16 +51,62 @@ def triton_interpreter_enabled() -> bool:
     return _INTERPRETER
 
 
-def resolve_backend(tensor: torch.Tensor, backend: str | None = None) -> str:
-    """Return "triton" or "reference" for an op whose main input is ``tensor``."""
-    choice = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
-    choice = choice.lower()
+def _env_choice() -> str:
+    return os.environ.get(ENV_VAR, "auto").lower()
+
+
+def native_cpu_kernels(tensor: torch.Tensor) -> bool:
+    """For a launcher: whether ``tensor`` (an op's main input) runs the native kernel rather
+    than the Triton one. Only reached once ``resolve_backend`` chose a kernel backend."""
+    if tensor.is_cuda:
+        return False
+    return not _INTERPRETER or _env_choice() == "native"
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _native_or_reference(op: str, explicit: bool) -> str:
+    if _native.available():
+        return "native"
+    reason = _native.failure_reason()
+    if explicit:
+        raise RuntimeError(
+            f"backend 'native' was requested for rlhf_kernels.{op} but the native CPU kernels "
+            f"are not available: {reason}. Use backend 'reference' (or 'auto') instead"
+        )
+    _warn_once("build", f"rlhf_kernels: the native CPU kernels are not available ({reason}); "
+                        "CPU ops run the plain-PyTorch reference instead (set "
+                        f"{ENV_VAR}=reference to choose it explicitly)")
+    return "reference"
+
+
+def resolve_backend(tensor: torch.Tensor, backend: str | None = None,
+                    op: str | None = None) -> str:
+    """Return "triton", "native" or "reference" for an op whose main input is ``tensor``.
+
+    op: the op's public name; None reads it off the caller (the public function).
+    """
+    env = _env_choice()
+    choice = backend.lower() if backend is not None else env
     if choice not in BACKENDS:
         source = "backend=" if backend is not None else f"{ENV_VAR}="
         raise ValueError(f"{source}{choice!r} is not a backend; expected one of {BACKENDS}")
     if choice == "reference":
         return "reference"
     on_cuda = tensor.is_cuda
+    on_cpu = tensor.device.type == "cpu"
+    if _INTERPRETER and on_cpu and backend is not None and choice in ("native", "triton") and (
+            (choice == "native") != (env == "native")):
+        raise ValueError(
+            f"backend={choice!r} for a CPU tensor under the Triton interpreter "
+            f"(TRITON_INTERPRET=1) while {ENV_VAR}={env!r}: there the CPU launchers follow "
+            f"{ENV_VAR} (read at each launch, the backward's included); set {ENV_VAR}="
+            f"{choice} instead of the per-call argument"
+        )
     if choice == "triton":
         if not on_cuda and not triton_interpreter_enabled():
             raise ValueError(
@@ -50,7 +115,24 @@ def resolve_backend(tensor: torch.Tensor, backend: str | None = None) -> str:
                 "(set TRITON_INTERPRET=1 before importing rlhf_kernels)"
             )
         return "triton"
-    return "triton" if on_cuda or triton_interpreter_enabled() else "reference"
+    if choice == "native":
+        if not on_cpu:
+            raise ValueError(
+                f"backend 'native' was requested for a tensor on {tensor.device}; the native "
+                "kernels run on CPU tensors (use 'triton' or 'auto' on a GPU)"
+            )
+        if op not in NATIVE_OPS:
+            op = op or sys._getframe(1).f_code.co_name
+            _warn_once(op, f"rlhf_kernels.{op} has no native CPU kernel yet; it runs the "
+                           "plain-PyTorch reference")
+            return "reference"
+        return _native_or_reference(op, explicit=True)
+    # auto
+    if on_cuda or (on_cpu and _INTERPRETER):
+        return "triton"
+    if not on_cpu or op not in NATIVE_OPS:
+        return "reference"
+    return _native_or_reference(op, explicit=False)
 
 
 # Tensor types the Triton launchers take as they are; anything else (FakeTensor, functional or

@@ -32,10 +32,10 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_kernels import reference
+from rlhf_kernels import _native, reference
 from rlhf_kernels._alloc import empty
 from rlhf_kernels._checks import check_float, check_same_device, check_same_shape
-from rlhf_kernels.backend import launch_directly, resolve_backend
+from rlhf_kernels.backend import launch_directly, native_cpu_kernels, resolve_backend
 from rlhf_kernels.ops._reduce import cdiv, next_power_of_2
 
 __all__ = ["gae"]
@@ -148,6 +148,13 @@ def _launch(
     if rewards.numel() == 0:
         return advantages, returns
     n_cols = rewards.shape[-1]
+    if native_cpu_kernels(rewards):  # csrc/cpu/scans.cpp: one right-to-left pass per row
+        if mask is not None and mask.dtype not in (torch.bool, torch.uint8):
+            mask = mask != 0  # the kernel reads 0 / nonzero bytes (as the Triton load's != 0)
+        _native.ops().gae(*(None if t is None else _rows(t, n_cols)
+                            for t in (rewards, values, mask, advantages, returns)),
+                          float(gamma), float(lam))
+        return advantages, returns
     if mask is not None and mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)  # same bytes; Triton loads it as 0/1
     r2, v2, adv2, ret2 = (_rows(t, n_cols) for t in (rewards, values, advantages, returns))
@@ -219,7 +226,7 @@ def gae(
             raise ValueError(f"mask must be bool, integer or floating, got {mask.dtype}")
     check_same_device(("rewards", rewards), ("values", values), ("mask", mask))
     use_reference = torch.float64 in (rewards.dtype, values.dtype)
-    if resolve_backend(rewards, backend) == "reference" or use_reference:
+    if resolve_backend(rewards, backend, "gae") == "reference" or use_reference:
         return reference.gae(rewards, values, mask, gamma, lam)
     if launch_directly(rewards, values, mask):
         # Fresh outputs with no autograd history: nothing to detach.

@@ -577,7 +577,7 @@ def linear_logprobs(
     """
     check_head_inputs(hidden, weight, labels, bias, lora_a, lora_b, temperature, chunk_size,
                       memory_budget_bytes)
-    if resolve_backend(hidden, backend) == "reference":
+    if resolve_backend(hidden, backend, "linear_logprobs") == "reference":
         if check_labels:
             check_label_range(labels, weight.shape[0], ignore_index)
         return reference.linear_logprobs(hidden, weight, labels, bias, lora_a, lora_b, lora_scale,

@@ -59,10 +59,10 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_kernels import reference
+from rlhf_kernels import _native, reference
 from rlhf_kernels._alloc import empty
 from rlhf_kernels._checks import check_float, check_same_device
-from rlhf_kernels.backend import launch_directly, resolve_backend
+from rlhf_kernels.backend import launch_directly, native_cpu_kernels, resolve_backend
 from rlhf_kernels.ops._reduce import next_power_of_2
 
 __all__ = ["logprobs", "logprobs_fwd", "logprobs_bwd"]
@@ -277,6 +277,11 @@ def _fwd3d(logits3d, labels1d, temperature, ignore_index, logp, entropy, lse, sa
         return
     return_entropy = entropy is not None
     save_entropy = return_entropy and saved_entropy is not None
+    if native_cpu_kernels(logits3d):  # csrc/cpu/logprobs.cpp: the same math, one sweep per row
+        _native.ops().logprobs_fwd(logits3d, labels1d, logp, entropy, lse,
+                                   saved_entropy if save_entropy else None, 1.0 / temperature,
+                                   ignore_index)
+        return
     block_v, num_warps, num_stages = _launch_config(V)
     _logprobs_fwd_kernel[(N,)](
         logits3d, labels1d, logp, entropy if return_entropy else logp,
@@ -298,6 +303,11 @@ def _bwd3d(logits3d, labels1d, lse, entropy, grad_logp, grad_entropy, temperatur
     if has_grad_entropy and entropy is None:
         raise ValueError("grad_entropy was given but entropy is None; run the forward with "
                          "return_entropy=True")
+    if native_cpu_kernels(logits3d):  # csrc/cpu/logprobs.cpp
+        _native.ops().logprobs_bwd(logits3d, labels1d, _flat_fp32(lse),
+                                   _flat_fp32(entropy) if has_grad_entropy else None, grad_logp,
+                                   grad_entropy, out3d, 1.0 / temperature, ignore_index)
+        return out3d
     block_v, num_warps, num_stages = _launch_config(V)
     _logprobs_bwd_kernel[(N,)](
         logits3d, labels1d, lse,
@@ -669,7 +679,7 @@ def logprobs(
         backends, never an out-of-bounds read nor a finite wrong number. True: raise a ValueError
         naming the bad label instead, at the cost of one min/max reduction and one host sync per
         call (use it while debugging a data pipeline).
-    backend: "triton", "reference" or "auto"/None (see ``rlhf_kernels.backend``).
+    backend: "triton", "native", "reference" or "auto"/None (see ``rlhf_kernels.backend``).
     """
     check_float("logits", logits)
     if not isinstance(labels, torch.Tensor):
@@ -696,7 +706,7 @@ def logprobs(
             "output), but got a leaf tensor that requires grad: its .grad would share memory with "
             "the tensor itself. Pass inplace_backward=False, or compute the logits in the graph."
         )
-    if resolve_backend(logits, backend) == "reference":
+    if resolve_backend(logits, backend, "logprobs") == "reference":
         if check_labels:
             _check_labels_in_range(labels, logits.shape[-1], ignore_index)
         return reference.logprobs(logits, labels, temperature, ignore_index, return_entropy)

@@ -797,7 +797,7 @@ def ppo_loss_from_logits(
     if logits.device != labels.device:
         raise ValueError(f"logits on {logits.device} but labels on {labels.device}")
     head.check_temperature(temperature)
-    if resolve_backend(logits, backend) == "reference":
+    if resolve_backend(logits, backend, "ppo_loss_from_logits") == "reference":
         if check_labels:
             head.check_label_range(labels, logits.shape[-1], ignore_index)
         return reference.ppo_loss_from_logits(
@@ -881,7 +881,7 @@ def linear_ppo_loss(
                    normalizer)
     if old_logp.device != hidden.device:
         raise ValueError(f"hidden on {hidden.device} but old_logp on {old_logp.device}")
-    if resolve_backend(hidden, backend) == "reference":
+    if resolve_backend(hidden, backend, "linear_ppo_loss") == "reference":
         if check_labels:
             head.check_label_range(labels, weight.shape[0], ignore_index)
         return reference.linear_ppo_loss(

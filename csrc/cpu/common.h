@@ -1,0 +1,118 @@
+// Shared helpers of the native CPU kernels: fp32 views of the inputs' dtypes, NaN-propagating
+// max, horizontal sums. Only ATen's vector and parallel headers: no Tensor, no dispatcher, so
+// the kernel translation units compile quickly (the registration lives in register.cpp).
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+namespace rlhf_native {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+// Element types the kernels read (logits, rewards, values) and write (gradients).
+enum class Dtype : int { f32 = 0, f64 = 1, bf16 = 2, f16 = 3 };
+
+template <typename T>
+inline float to_f32(T x) { return static_cast<float>(x); }
+
+template <typename T>
+inline T from_f32(float x) { return static_cast<T>(x); }
+
+// max that keeps a NaN (std::max drops it when it is the second argument)
+inline float nan_max(float a, float b) {
+  if (std::isnan(a) || std::isnan(b)) return kNaN;
+  return a > b ? a : b;
+}
+
+inline float hsum(const Vec& v) {
+  alignas(64) float lanes[Vec::size()];
+  v.store(lanes);
+  float total = 0.f;
+  for (int i = 0; i < Vec::size(); ++i) total += lanes[i];
+  return total;
+}
+
+inline float hmax(const Vec& v) {
+  alignas(64) float lanes[Vec::size()];
+  v.store(lanes);
+  float m = -kInf;
+  for (int i = 0; i < Vec::size(); ++i) m = nan_max(m, lanes[i]);
+  return m;
+}
+
+// dst[i] = float(src[i]) * scale, the block of a row the kernels work on (it stays in L1).
+template <typename T>
+inline void load_scaled(const T* __restrict src, float* __restrict dst, int64_t n, float scale) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_f32(src[i]) * scale;
+}
+
+template <typename T>
+inline void store_from_f32(const float* __restrict src, T* __restrict dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = from_f32<T>(src[i]);
+}
+
+// Calls f with a typed null pointer of the element type (dispatch on a runtime dtype).
+template <typename F>
+inline void dispatch_float(Dtype dtype, F&& f) {
+  switch (dtype) {
+    case Dtype::f32: f(static_cast<float*>(nullptr)); break;
+    case Dtype::f64: f(static_cast<double*>(nullptr)); break;
+    case Dtype::bf16: f(static_cast<c10::BFloat16*>(nullptr)); break;
+    case Dtype::f16: f(static_cast<c10::Half*>(nullptr)); break;
+  }
+}
+
+// Writes one fp32 value into an element of a buffer of the given dtype.
+inline void store_one(void* base, Dtype dtype, int64_t i, float x) {
+  dispatch_float(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    static_cast<T*>(base)[i] = from_f32<T>(x);
+  });
+}
+
+inline int64_t load_label(const void* labels, bool int64_labels, int64_t row) {
+  return int64_labels ? static_cast<const int64_t*>(labels)[row]
+                      : static_cast<const int32_t*>(labels)[row];
+}
+
+// ---- kernel entry points (raw pointers; register.cpp unpacks the tensors) ----------------
+
+struct LogprobsRows {
+  const void* logits;     // (B, T, V) with stride(-1) == 1
+  Dtype dtype;
+  int64_t n_rows, n_inner, V, stride_outer, stride_inner;
+  const void* labels;     // (N,) int64 or int32, contiguous
+  bool int64_labels;
+  float inv_temperature;
+  int64_t ignore_index;
+};
+
+void logprobs_fwd(const LogprobsRows& rows, void* logp, Dtype logp_dtype, void* entropy,
+                  Dtype entropy_dtype, float* lse, float* saved_entropy);
+
+void logprobs_bwd(const LogprobsRows& rows, const float* lse, const float* entropy,
+                  const float* grad_logp, const float* grad_entropy, void* out, Dtype out_dtype,
+                  int64_t out_stride_outer, int64_t out_stride_inner);
+
+struct Strided2d {
+  const void* data;
+  Dtype dtype;
+  int64_t stride_row, stride_col;
+};
+
+// mask: uint8 (0 / nonzero) with its strides, or data == nullptr (all valid)
+void gae(const Strided2d& rewards, const Strided2d& values, const uint8_t* mask,
+         int64_t mask_stride_row, int64_t mask_stride_col, int64_t n_rows, int64_t n_cols,
+         float gamma, float lam, float* adv, float* ret, int64_t out_stride_row);
+
+}  // namespace rlhf_native

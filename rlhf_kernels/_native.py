@@ -1,0 +1,127 @@
+"""The native CPU kernels (``csrc/cpu/*.cpp``): built on first use, cached across processes.
+
+``ops()`` returns ``torch.ops.rlhf_kernels_native`` (the private operators the launchers of
+``rlhf_kernels.ops.*`` call on CPU tensors), building the extension the first time a process
+needs it: never at import. The build is ``torch.utils.cpp_extension.load`` (ninja and the
+system C++ compiler) into torch's extensions directory (``TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions``) under a name keyed on the sources, the flags and the CPU's vector
+capability, so a second process (or a second test run) only loads the cached library, and a
+cache copied to a machine with another instruction set builds its own variant instead of
+running instructions that machine lacks.
+
+Flags: ``-O3``, OpenMP (``at::parallel_for`` over rows, the same runtime as torch's), and
+for the vector width the capability torch itself detected at run time
+(``torch.backends.cpu.get_cpu_capability()``): AVX2 (``-mavx2 -mfma -mf16c``, ATen's
+``CPU_CAPABILITY_AVX2`` vectors; also used on AVX-512 machines) or the portable default
+(``at::vec`` in plain C++, auto-vectorised by the compiler). Never ``-march=native``.
+
+``available()`` tries once per process and remembers a failure; ``failure_reason()`` says why
+(no compiler, no ninja, a compile error).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+__all__ = ["available", "build_seconds", "failure_reason", "ops"]
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc" / "cpu"
+_SOURCES = ("logprobs.cpp", "scans.cpp", "register.cpp")
+_HEADERS = ("common.h",)
+
+_OPS = None
+_FAILURE: str | None = None
+_BUILD_SECONDS: float | None = None
+
+
+def _capability_flags() -> tuple[str, list[str]]:
+    """(name suffix, compiler flags) for the vector instructions this CPU runs."""
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        capability = torch.backends.cpu.get_cpu_capability()
+        if capability in ("AVX2", "AVX512"):
+            return "avx2", ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2",
+                            "-DCPU_CAPABILITY_AVX2"]
+    return "default", ["-DCPU_CAPABILITY=DEFAULT"]
+
+
+def _build_spec() -> tuple[str, list[str], list[str], list[str]]:
+    suffix, vec_flags = _capability_flags()
+    cflags = ["-O3", "-fopenmp", "-DNDEBUG", *vec_flags]
+    ldflags = ["-fopenmp"]
+    digest = hashlib.sha256()
+    for name in (*_SOURCES, *_HEADERS):
+        digest.update(name.encode())
+        digest.update((CSRC / name).read_bytes())
+    digest.update(" ".join(cflags + ldflags).encode())
+    digest.update(torch.__version__.encode())
+    name = f"rlhf_kernels_native_{suffix}_{digest.hexdigest()[:12]}"
+    return name, [str(CSRC / s) for s in _SOURCES], cflags, ldflags
+
+
+def _missing_tool() -> str | None:
+    """A clear reason when the build cannot even start (cheaper than a failed compile)."""
+    import shutil
+
+    from torch.utils import cpp_extension
+
+    if not all((CSRC / name).is_file() for name in (*_SOURCES, *_HEADERS)):
+        return f"the C++ sources are not in {CSRC} (an installed package without csrc/)"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler: {compiler!r} is not on PATH (set CXX, or install g++)"
+    if not cpp_extension.is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    return None
+
+
+def _build():
+    global _OPS, _FAILURE, _BUILD_SECONDS
+    reason = _missing_tool()
+    if reason is not None:
+        _FAILURE = reason
+        return
+    from torch.utils import cpp_extension
+
+    name, sources, cflags, ldflags = _build_spec()
+    start = time.perf_counter()
+    try:
+        cpp_extension.load(name=name, sources=sources, extra_cflags=cflags,
+                           extra_ldflags=ldflags, is_python_module=False, verbose=False)
+    except Exception as error:  # noqa: BLE001 - any build failure means "not available"
+        lines = [line for line in str(error).strip().splitlines() if line.strip()]
+        _FAILURE = f"the build failed ({type(error).__name__}: {lines[-1] if lines else error})"
+        return
+    _BUILD_SECONDS = time.perf_counter() - start
+    _OPS = torch.ops.rlhf_kernels_native
+
+
+def available() -> bool:
+    """Whether the native kernels are built and loaded (building them on the first call)."""
+    if _OPS is None and _FAILURE is None:
+        _build()
+    return _OPS is not None
+
+
+def ops():
+    """``torch.ops.rlhf_kernels_native``; raises RuntimeError with the reason when unavailable."""
+    if _OPS is not None:
+        return _OPS
+    if not available():
+        raise RuntimeError(f"the native CPU kernels are not available: {_FAILURE}")
+    return _OPS
+
+
+def failure_reason() -> str | None:
+    """Why the build failed (None when it succeeded or was not tried yet)."""
+    return _FAILURE
+
+
+def build_seconds() -> float | None:
+    """Seconds this process spent in ``cpp_extension.load`` (a cache hit: load time only)."""
+    return _BUILD_SECONDS
