@@ -1,0 +1,254 @@
+"""The native CPU kernels (csrc/cpu) against the float64 reference, and the backend choice.
+
+The kernel tests are the Triton tests themselves, collected here a second time: the op tests of
+tests/test_logprobs.py, test_linear_logprobs.py, test_ppo_fused.py and test_gae_whiten.py's GAE
+tests (values and gradients under the 2x rule, awkward vocabularies, strided and shifted
+logits, masks, ignore_index, out-of-range labels, non-finite rows, bf16 / fp16, in-place
+backward, torch.compile) run with every CPU launcher pointed at the native kernel and the Triton
+kernels replaced by a trap, so a pass means the native kernel computed the result. The
+remaining tests check the public route: ``RLHF_KERNELS_BACKEND=native``, ``auto`` outside the
+interpreter (in a fresh process, which also shows the build is cached across processes), the
+one warning when the kernels cannot be built, and the same user errors as the other backends.
+
+The first test to run builds the extension (about 30 s on 2 cores, once per machine: later
+processes load it from torch's extensions directory); without a C++ compiler or ninja every
+test here is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+from rlhf_kernels import _native, backend, gae, kl_penalty, logprobs, reference
+from tests import test_gae_whiten, test_linear_logprobs, test_logprobs, test_ppo_fused
+from tests.numerics import DEVICE, assert_close
+
+if DEVICE.type != "cpu":
+    pytest.skip("the native kernels are the CPU path; this machine tests CUDA",
+                allow_module_level=True)
+
+logprobs_module = importlib.import_module("rlhf_kernels.ops.logprobs")
+gae_module = importlib.import_module("rlhf_kernels.ops.gae")
+
+
+@pytest.fixture(scope="module")
+def _built():
+    if not _native.available():
+        pytest.skip(f"the native CPU kernels did not build: {_native.failure_reason()}")
+    return _native.ops()
+
+
+class _Trap:
+    """Stands in for a Triton kernel: indexing it (a launch) fails the test."""
+
+    def __getitem__(self, grid):
+        raise AssertionError("a Triton kernel was launched where the native kernel should run")
+
+
+@pytest.fixture(autouse=True)
+def native_launchers(_built, monkeypatch, request):
+    """Every CPU launcher of the native ops runs its native kernel; the Triton ones trap."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("backend") == "reference":
+        pytest.skip("the reference backend's case: its own suite runs it")
+    for module in (logprobs_module, gae_module):
+        monkeypatch.setattr(module, "native_cpu_kernels", lambda t: not t.is_cuda)
+    monkeypatch.setattr(logprobs_module, "_logprobs_fwd_kernel", _Trap())
+    monkeypatch.setattr(logprobs_module, "_logprobs_bwd_kernel", _Trap())
+    monkeypatch.setattr(gae_module, "_gae_fwd_kernel", _Trap())
+
+
+# --------------------------------------------------------------------------------------------
+# The Triton suites' op tests, run again on the native kernels (see the module docstring).
+# Left out: tests of the reference alone, of Triton launch configuration, and of other ops.
+# --------------------------------------------------------------------------------------------
+_REUSED = {
+    test_logprobs: None,  # all of them
+    test_linear_logprobs: {"test_choose_chunk_rows", "test_reference_backend_matches_reference"},
+    test_ppo_fused: {"test_reduction_weights_closed_form", "test_reference_backend",
+                     "test_per_token_terms_follow_autograd_at_ties_and_bounds",
+                     "test_stats_are_the_bits_of_the_reference_ppo_total"},
+}
+for _module, _skip in _REUSED.items():
+    for _name in dir(_module):
+        if _name.startswith("test_") and not (_skip and _name in _skip):
+            globals()[f"{_name}__{_module.__name__.split('.')[-1][5:]}"] = getattr(_module, _name)
+block_config = test_logprobs.block_config  # a fixture of reused tests (the block size)
+for _name in dir(test_gae_whiten):
+    if _name.startswith("test_gae_"):
+        globals()[f"{_name}__native"] = getattr(test_gae_whiten, _name)
+
+
+# --------------------------------------------------------------------------------------------
+# Native-specific cases
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("V", [1, 7, 8, 2047, 2048, 2049, 4103])
+def test_block_edges_values_and_grads(dtype, V):
+    """Vocabularies around the kernel's vector width (8) and block (2048); entropy gradient on."""
+    logits = (torch.randn(3, 5, V) * 4).to(dtype)
+    labels = torch.randint(0, V, (3, 5))
+    labels[1, 2] = -100
+    test_logprobs._check_against_reference(logits, labels, temperature=0.8, name=f"V={V}")
+
+
+def test_block_with_every_entry_minus_inf_then_finite():
+    """A whole 2048-block of -inf before the finite entries (the running max starts at -inf)."""
+    V = 5000
+    logits = torch.randn(2, 3, V)
+    logits[..., :2048] = float("-inf")
+    labels = torch.randint(2048, V, (2, 3))
+    test_logprobs._check_against_reference(logits, labels, name="leading -inf block")
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.float32, torch.uint8])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32),
+                                    (torch.bfloat16, torch.float16)])
+def test_gae_mask_and_mixed_dtypes(mask_dtype, dtypes):
+    from tests.numerics import padded_mask
+
+    rewards = torch.randn(11, 37).to(dtypes[0])
+    values = torch.randn(11, 37).to(dtypes[1])
+    mask = padded_mask(11, 37).to(mask_dtype)
+    adv, ret = gae(rewards, values, mask, gamma=0.97, lam=0.9)
+    adv64, ret64 = reference.gae(rewards.double(), values.double(), mask, 0.97, 0.9)
+    assert adv.dtype == ret.dtype == torch.float32
+    assert_close(adv, adv64, atol=1e-5, rtol=1e-5, name="advantages")
+    assert_close(ret, ret64, atol=1e-5, rtol=1e-5, name="returns")
+
+
+# --------------------------------------------------------------------------------------------
+# The public route (no launcher patch: what a user gets)
+# --------------------------------------------------------------------------------------------
+@pytest.fixture
+def public_route(monkeypatch):
+    """Undo the launcher patch: the launchers follow RLHF_KERNELS_BACKEND as shipped."""
+    monkeypatch.setattr(logprobs_module, "native_cpu_kernels", backend.native_cpu_kernels)
+    monkeypatch.setattr(gae_module, "native_cpu_kernels", backend.native_cpu_kernels)
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "native")
+    return monkeypatch
+
+
+def test_env_native_routes_to_the_native_kernels(public_route):
+    logits = torch.randn(4, 9, 301, requires_grad=True)
+    labels = torch.randint(0, 301, (4, 9))
+    assert backend.resolve_backend(logits, None, "logprobs") == "native"
+    logp, entropy = logprobs(logits, labels, return_entropy=True)  # Triton would hit the trap
+    (logp.sum() + entropy.sum()).backward()
+    logp64, entropy64 = reference.logprobs(logits.detach().double(), labels, return_entropy=True)
+    assert_close(logp, logp64, atol=1e-5, name="logp")
+    assert_close(entropy, entropy64, atol=1e-5, name="entropy")
+    adv, _ = gae(torch.randn(2, 5), torch.randn(2, 5))
+    assert torch.isfinite(adv).all()
+
+
+def test_torch_compile_sees_the_one_custom_op(public_route):
+    """fullgraph compile through the rlhf_kernels:: custom op, whose CPU body runs native."""
+    logits = torch.randn(2, 6, 50)
+    labels = torch.randint(0, 50, (2, 6))
+
+    def f(x):
+        return logprobs(x, labels, return_entropy=True)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    x = logits.clone().requires_grad_(True)
+    lp, ent = compiled(x)
+    (lp.sum() + ent.sum()).backward()
+    x2 = logits.clone().requires_grad_(True)
+    lp2, ent2 = f(x2)
+    (lp2.sum() + ent2.sum()).backward()
+    assert torch.equal(lp, lp2) and torch.equal(ent, ent2) and torch.equal(x.grad, x2.grad)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(labels=torch.zeros(2, 3)), "labels must be int64 or int32"),
+    (dict(labels=torch.zeros(3, 2, dtype=torch.long)), "labels has shape"),
+    (dict(temperature=0.0), "temperature must be a positive finite number"),
+    (dict(ignore_index=1.5), "ignore_index must be an int"),
+    (dict(check_labels=True, labels=torch.full((2, 3), 9)), "found label 9"),
+])
+def test_bad_input_same_errors_as_the_other_backends(public_route, kwargs, message):
+    args = dict(logits=torch.randn(2, 3, 5), labels=torch.zeros(2, 3, dtype=torch.long))
+    args.update(kwargs)
+    for choice in ("native", "reference"):
+        public_route.setenv("RLHF_KERNELS_BACKEND", choice)
+        with pytest.raises(ValueError, match=message):
+            logprobs(**args)
+
+
+def test_per_call_backend_that_disagrees_under_the_interpreter_is_refused(public_route):
+    if not backend.triton_interpreter_enabled():
+        pytest.skip("only the interpreter lets CPU tensors run Triton")
+    x = torch.randn(2, 5)
+    with pytest.raises(ValueError, match="set RLHF_KERNELS_BACKEND=triton"):
+        logprobs(x, torch.zeros(2, dtype=torch.long), backend="triton")
+    public_route.setenv("RLHF_KERNELS_BACKEND", "auto")
+    with pytest.raises(ValueError, match="set RLHF_KERNELS_BACKEND=native"):
+        logprobs(x, torch.zeros(2, dtype=torch.long), backend="native")
+
+
+def test_native_for_an_op_without_a_native_kernel_warns_once_and_runs_the_reference(
+        public_route):
+    public_route.setattr(backend, "_WARNED", set())
+    logp, ref = torch.randn(3, 4), torch.randn(3, 4)
+    with pytest.warns(RuntimeWarning, match="kl_penalty has no native CPU kernel"):
+        out = kl_penalty(logp, ref)
+    assert torch.equal(out, reference.kl_penalty(logp, ref))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kl_penalty(logp, ref)  # once
+
+
+def test_no_build_auto_warns_once_and_native_raises(public_route):
+    public_route.setattr(_native, "_OPS", None)
+    public_route.setattr(_native, "_FAILURE", "no C++ compiler: 'c++' is not on PATH")
+    public_route.setattr(backend, "_INTERPRETER", False)
+    public_route.setattr(backend, "_WARNED", set())
+    public_route.setenv("RLHF_KERNELS_BACKEND", "auto")
+    x, labels = torch.randn(2, 5), torch.zeros(2, dtype=torch.long)
+    with pytest.warns(RuntimeWarning, match="not available .no C.. compiler.*reference instead"):
+        out = logprobs(x, labels)
+    assert torch.equal(out, reference.logprobs(x, labels))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        logprobs(x, labels)  # one warning per process
+    public_route.setenv("RLHF_KERNELS_BACKEND", "native")
+    with pytest.raises(RuntimeError, match="native CPU kernels are not available: no C"):
+        logprobs(x, labels)
+
+
+def test_auto_on_cpu_picks_native_in_a_fresh_process():
+    """Outside the interpreter ``auto`` runs the native kernels; the fresh process loads the
+    build this one made (cached across processes) instead of compiling again."""
+    script = textwrap.dedent("""
+        import torch
+        from rlhf_kernels import _native, backend, logprobs, reference
+        x = torch.randn(3, 4, 1000)
+        labels = torch.randint(0, 1000, (3, 4))
+        assert backend.resolve_backend(x, None, "logprobs") == "native"
+        err = (logprobs(x, labels).double() - reference.logprobs(x.double(), labels)).abs().max()
+        assert err < 1e-5, err
+    """)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "RLHF_KERNELS_BACKEND")}
+    library = _library_path()
+    before = os.stat(library).st_mtime_ns
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert os.stat(library).st_mtime_ns == before, "the second process rebuilt the extension"
+
+
+def _library_path() -> str:
+    from torch.utils import cpp_extension
+
+    name = _native._build_spec()[0]
+    return os.path.join(cpp_extension._get_build_directory(name, False), f"{name}.so")
