@@ -266,10 +266,11 @@ def make_optimizer(params, name: str, device: torch.device | str, **kwargs):
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in the optimizer's state (moments, 8-bit maps and absmax)."""
+    """Bytes of the optimizer's per-parameter state tensors (moments, 8-bit maps and absmax);
+    0-d step counters are left out (4 bytes per parameter tensor in torch's AdamW)."""
     return sum(value.numel() * value.element_size()
                for state in optimizer.state.values() for value in state.values()
-               if isinstance(value, torch.Tensor))
+               if isinstance(value, torch.Tensor) and value.dim() > 0)
 
 
 def adapter_optimizer_bytes(shapes: Iterable[tuple[int, ...]], name: str,

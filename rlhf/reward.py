@@ -74,8 +74,14 @@ class RewardConfig:
     bf16: bool = True
     nonfinite: str = "error"
     max_skipped_steps: int = 10
+    quantization: str = "none"  # the base: none | nf4 | fp4 | int8 (rlhf/quant.py)
+    optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw | paged_adamw8bit
 
     def __post_init__(self) -> None:
+        from rlhf import quant
+
+        quant.check_quantization(self.quantization)
+        quant.check_optimizer(self.optimizer)
         check_common_settings(self.nonfinite, self.grad_accum_steps, self.batch_size, 1)
         check_max_memory(self.max_memory)
         check_keep_last(self.keep_last)
@@ -224,7 +230,11 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
 
         tokenizer = tokenizer or load_tokenizer(cfg.model, setting="model")
         backbone = SharedBackbone.from_pretrained(
-            cfg.model, lora=LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha), seed=cfg.seed)
+            cfg.model, lora=LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha), seed=cfg.seed,
+            quantization=cfg.quantization, device=resolve_device(cfg.device))
+    elif backbone.quantization != cfg.quantization:
+        raise ValueError(f"rm: quantization={cfg.quantization!r} but the backbone given is "
+                         f"{backbone.quantization}")
     if train_pairs is None:
         if cfg.dataset is None:
             raise ValueError("RewardConfig.dataset is required: a prompt/chosen/rejected file")
@@ -241,7 +251,11 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
     backbone.to(device)
     backbone.train()
     params = backbone.trainable_parameters("reward")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    from rlhf.quant import make_optimizer
+
+    optimizer = (make_optimizer(params, cfg.optimizer, device, lr=cfg.lr,
+                                weight_decay=cfg.weight_decay) if cfg.optimizer != "adamw"
+                 else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
     # micro-batches of batch_size pairs per epoch (at least one, of all pairs when there are
     # fewer); a step takes grad_accum_steps of them, running into the next epoch if need be
     micro_per_epoch = max(1, len(train_set) // cfg.batch_size)

@@ -241,8 +241,17 @@ class RLConfig:
     bf16: bool = True
     nonfinite: str = "error"
     max_skipped_steps: int = 10
+    # the base: none | nf4 | fp4 | int8 (rlhf/quant.py); None: what the backbone's roles.json
+    # records (the quantization its reward adapter was trained on)
+    quantization: str | None = None
+    optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw | paged_adamw8bit
 
     def __post_init__(self) -> None:
+        from rlhf import quant
+
+        if self.quantization is not None:
+            quant.check_quantization(self.quantization)
+        quant.check_optimizer(self.optimizer)
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm={self.algorithm!r} is not an algorithm; expected one of "
                              f"{ALGORITHMS}")
@@ -414,7 +423,9 @@ def recorded_logprobs_match(backbone, autocast_dtype: torch.dtype | None) -> boo
     at ``cfg.temperature``), dropout is off in both (eval mode), and top-k / top-p do not enter
     the recorded values.
     """
-    return autocast_dtype is None and backbone.dtype == torch.float32
+    # a quantized base: bitsandbytes' one-token decode path rounds unlike the batched forward
+    return (autocast_dtype is None and backbone.dtype == torch.float32
+            and getattr(backbone, "quantization", "none") == "none")
 
 
 def _by_rows(fn, rows: int, *tensors: torch.Tensor) -> torch.Tensor:
@@ -537,6 +548,11 @@ def make_optimizer(policy_params, critic_params, cfg: RLConfig, device: torch.de
     groups = [{"params": policy_params, "lr": cfg.lr}]
     if critic_params:
         groups.append({"params": critic_params, "lr": cfg.critic_lr})
+    if cfg.optimizer != "adamw":  # bitsandbytes' 8-bit / paged AdamW (rlhf/quant.py)
+        from rlhf.quant import make_optimizer as make_adapter_optimizer
+
+        return make_adapter_optimizer(groups, cfg.optimizer, device, weight_decay=0.0,
+                                      eps=1e-6)
     return torch.optim.AdamW(groups, weight_decay=0.0, eps=1e-6,
                              fused=device.type == "cuda" or None)
 
@@ -735,9 +751,14 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
                              f"of the reward stage (it holds the trained reward adapter)")
         from rlhf.models import load_tokenizer
 
-        backbone = SharedBackbone.load(cfg.model, setting="model")
+        backbone = SharedBackbone.load(cfg.model, setting="model",
+                                       quantization=cfg.quantization,
+                                       device=resolve_device(cfg.device))
         tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model,
                                                 setting="tokenizer" if cfg.tokenizer else "model")
+    elif cfg.quantization is not None and backbone.quantization != cfg.quantization:
+        raise ValueError(f"{name}: quantization={cfg.quantization!r} but the backbone given is "
+                         f"{backbone.quantization}")
     if prompts is None:
         if cfg.dataset is None:
             from rlhf import task

@@ -86,6 +86,10 @@ class SFTConfig:
     bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     nonfinite: str = "error"  # "error": raise; "skip": drop that optimizer step (counted, warned)
     max_skipped_steps: int = 10
+    # the base loaded as none | nf4 | fp4 | int8 (QLoRA: needs lora_rank > 0 and a model); the
+    # adapters train on it and are merged into the full-precision base at the end (quant.py)
+    quantization: str = "none"
+    optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw | paged_adamw8bit (quant.py)
 
     def __post_init__(self) -> None:
         check_common_settings(self.nonfinite, self.grad_accum_steps, self.batch_size,
@@ -99,6 +103,16 @@ class SFTConfig:
         check_max_memory(self.max_memory)
         check_keep_last(self.keep_last)
         check_device(self.device)
+        from rlhf import quant
+
+        quant.check_optimizer(self.optimizer)
+        if quant.check_quantization(self.quantization) != "none" and self.model is None:
+            raise ValueError(
+                f"quantization={self.quantization!r} needs model=: the built-in task's SFT "
+                f"trains a tiny model from scratch with full weights, there is no pretrained "
+                f"base to quantize (rlhf pipeline quantization= quantizes the SFT result for the "
+                f"reward and RL stages)")
+        quant.check_trainable(self.quantization, self.lora_rank, "sft")
         check_settings(self, positive=("lr", "grad_clip"), non_negative=("weight_decay",),
                        fractions=("min_lr_ratio",),
                        counts=("max_length", "corpus_size", "vocab_size", "log_every",
@@ -138,8 +152,10 @@ def token_logprobs_of(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     targets = labels[:, 1:]
     lm_head = model.get_output_embeddings()
     if isinstance(lm_head, torch.nn.Linear):
+        from rlhf.quant import dense_weight  # a 4-bit lm_head dequantized
+
         hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)[0]
-        return rlhf_kernels.linear_logprobs(hidden[:, :-1], lm_head.weight, targets,
+        return rlhf_kernels.linear_logprobs(hidden[:, :-1], dense_weight(lm_head), targets,
                                             bias=lm_head.bias)
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     return rlhf_kernels.logprobs(logits[:, :-1], targets)
@@ -190,7 +206,8 @@ def _load_model_and_data(cfg: SFTConfig):
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model,
                                setting="tokenizer" if cfg.tokenizer else "model")
     examples = data.load_sft_dataset(cfg.dataset)
-    model = load_causal_lm(cfg.model)
+    model = load_causal_lm(cfg.model, quantization=cfg.quantization,
+                           device=resolve_device(cfg.device))
     return model, tokenizer, examples
 
 
@@ -223,6 +240,9 @@ def _save(directory: Path, model, optimizer, scheduler, step: int, cfg, **extra)
     from rlhf.checkpoint import prune_checkpoints, save_state
 
     params = {name: t.detach().cpu() for name, t in model.state_dict().items()}
+    if cfg.quantization != "none":  # the adapters only, never the quantized base
+        params = {name: t.detach().cpu() for name, t in model.named_parameters()
+                  if t.requires_grad}
     save_state(directory, step=step, params=params, optimizer=optimizer.state_dict(),
                scheduler=scheduler.state_dict(), config=asdict(cfg), **extra)
     if cfg.keep_last is not None:
@@ -280,13 +300,24 @@ def _train(cfg: SFTConfig, run, *, model, tokenizer, examples, on_step) -> dict:
     if n_examples == 0:
         raise ValueError("the SFT dataset is empty after tokenisation; nothing to train on")
     cfg = cfg.resolved(n_examples)  # lr and max_steps when left to their defaults
+    from rlhf import quant
+
+    if quant.quantization_of(model) != cfg.quantization:
+        raise ValueError(f"sft: quantization={cfg.quantization!r} but the model given is "
+                         f"{quant.quantization_of(model)}; load it with "
+                         f"load_causal_lm(..., quantization={cfg.quantization!r})")
     if cfg.lora_rank:
         model = _with_lora(model, cfg)
-    model.to(device)
+    if cfg.quantization == "none":  # a quantized model was loaded onto its device
+        model.to(device)
     model.train()
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    optimizer = torch.optim.AdamW(
+    optimizer = quant.make_optimizer(
+        [{"params": decay, "weight_decay": cfg.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        cfg.optimizer, device, lr=cfg.lr, betas=(0.9, 0.95),
+    ) if cfg.optimizer != "adamw" else torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay},
          {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(0.9, 0.95),
@@ -301,7 +332,13 @@ def _train(cfg: SFTConfig, run, *, model, tokenizer, examples, on_step) -> dict:
         last, state = run.resume_checkpoint(ckpt_root)
         if last is not None:
             resumed = state
-            model.load_state_dict(state["params"])
+            if cfg.quantization != "none":  # the checkpoint holds the adapters only
+                named = dict(model.named_parameters())
+                with torch.no_grad():
+                    for name, value in state["params"].items():
+                        named[name].copy_(value)
+            else:
+                model.load_state_dict(state["params"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             step = int(state["step"])
@@ -384,7 +421,11 @@ def _train(cfg: SFTConfig, run, *, model, tokenizer, examples, on_step) -> dict:
 
     # ---- save ----
     save(step)
-    if cfg.lora_rank:  # the stages after SFT load a plain model: fold the adapters in
+    if cfg.quantization != "none":  # fold the adapter into the full-precision base
+        from rlhf.models import load_causal_lm
+
+        model = quant.merge_lora_into_dense(model, load_causal_lm(cfg.model, setting="model"))
+    elif cfg.lora_rank:  # the stages after SFT load a plain model: fold the adapters in
         model = model.merge_and_unload()
     final_dir = out_dir / "model"
     checkpoint.save_pretrained_atomic(final_dir, model, tokenizer)
