@@ -133,11 +133,22 @@ class PipelineConfig:
     # (measured here: an SFT step took 0.13 s on 1 thread vs 1.9 s on 2 on a busy 2-core box).
     cpu_threads: int | None = 1
     n_show_samples: int = 8
+    # the shared backbone's base for the reward model, RL and the evaluation: none | nf4 | fp4 |
+    # int8 (rlhf/quant.py). SFT trains on it too when it trains LoRA on a pretrained model
+    # (sft.lora_rank > 0: QLoRA); full-weight SFT (the built-in tiny model) trains in full
+    # precision and the later stages load its result quantized (docs/quantization.md)
+    quantization: str = "none"
     sft: sft.SFTConfig = field(default_factory=_sft_defaults)
     reward: reward.RewardConfig = field(default_factory=_reward_defaults)
     ppo: ppo.PPOConfig = field(default_factory=_ppo_defaults)
 
     def __post_init__(self) -> None:
+        from rlhf import quant
+
+        quant.check_quantization(self.quantization)
+        if getattr(self, "task", "reviews") != "reviews" and self.quantization != "none":
+            raise ValueError(f"quantization={self.quantization!r} is not supported with "
+                             f"task={self.task!r} yet; the review task's stages take it")
         # PipelineConfig(algorithm="grpo") in Python: the RL stage, left at the built-in task's
         # PPO settings, starts from the task's settings for that algorithm instead
         if self.algorithm != "ppo" and self.ppo == _ppo_defaults():
@@ -157,7 +168,7 @@ class PipelineConfig:
 
 # Stage settings the pipeline sets for every stage from its own field of the same name.
 _SET_BY_PIPELINE = ("output_dir", "seed", "device", "max_memory", "resume", "overwrite",
-                    "cpu_threads", "algorithm")
+                    "cpu_threads", "algorithm", "quantization")
 # Stage settings that mean nothing inside the pipeline, and why.
 _NOT_IN_PIPELINE = {
     ("sft", "corpus_size"): "the built-in corpus has the pipeline's corpus_size",
@@ -266,7 +277,11 @@ def stage_configs(cfg: PipelineConfig) -> dict:
         stage_cfg = getattr(cfg, name)
         settings = {"output_dir": str(out / folder), "seed": cfg.seed, "device": cfg.device,
                     "max_memory": cfg.max_memory, "resume": cfg.resume,
-                    "cpu_threads": cfg.cpu_threads, "algorithm": cfg.algorithm}
+                    "cpu_threads": cfg.cpu_threads, "algorithm": cfg.algorithm,
+                    "quantization": cfg.quantization}
+        if name == "sft" and not (stage_cfg.model is not None and stage_cfg.lora_rank):
+            # full-weight SFT trains in full precision; the reward stage quantizes its result
+            settings["quantization"] = "none"
         if name == "ppo" and _critic_free(cfg):
             settings.update(_critic_defaults())  # no critic (check_settings saw none was set)
         stages[name] = replace(stage_cfg, **{key: value for key, value in settings.items()
@@ -445,7 +460,9 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
         model = AutoModelForCausalLM.from_pretrained(out / "sft" / "model")
     else:
         if sft_cfg.model is not None:
-            model = load_causal_lm(sft_cfg.model, setting="sft.model")
+            model = load_causal_lm(sft_cfg.model, setting="sft.model",
+                                   quantization=sft_cfg.quantization,
+                                   device=stage.resolve_device(cfg.device))
         else:
             with seeded(cfg.seed):  # the initial weights depend on the seed alone
                 model = LlamaForCausalLM(task.tiny_llama_config(
@@ -456,6 +473,10 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
         sft_summary = _plain(trained)
         _write_json(out / "sft" / "summary.json", {**sft_summary, "run_id": run_dir.run_id})
     timings["sft_s"] = time.perf_counter() - t0
+    if cfg.quantization != "none":  # the shared backbone's base: the SFT model, quantized
+        model = load_causal_lm(out / "sft" / "model", setting="sft.model",
+                               quantization=cfg.quantization,
+                               device=stage.resolve_device(cfg.device))
 
     # ---- 3. preference pairs: yours, or sampled from the SFT model and labelled by VADER ----
     t0 = time.perf_counter()

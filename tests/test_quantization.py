@@ -308,3 +308,46 @@ def test_8bit_adamw_state_is_smaller_only_for_large_tensors():
     start = (target ** 2).sum()
     assert ((results["adamw8bit"] - target) ** 2).sum() < 0.9 * start
     torch.testing.assert_close(results["adamw8bit"], results["adamw"], atol=0.05, rtol=0.05)
+
+
+def test_pipeline_quantizes_the_backbone_and_qlora_sft(base_dir, tmp_path):
+    """rlhf pipeline quantization=nf4 on your model and data: SFT trains LoRA on the nf4 base
+    (QLoRA) and saves the merged full-precision model; the reward model and RL load it nf4."""
+    from rlhf.pipeline import PipelineConfig, run, stage_configs
+
+    # the built-in task's SFT trains full weights from scratch: in full precision
+    stages = stage_configs(PipelineConfig(quantization="nf4"))
+    assert [stages[s].quantization for s in ("sft", "reward", "ppo")] == ["none", "nf4", "nf4"]
+    with pytest.raises(ValueError, match="'nf2' is not a quantization"):
+        PipelineConfig(quantization="nf2")
+
+    def write(name, rows):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(path)
+
+    pos = task.make_corpus(8, seed=1, sentiment_mix={"positive": 1.0})
+    neg = task.make_corpus(8, seed=2, sentiment_mix={"negative": 1.0})
+    cfg = PipelineConfig(
+        output_dir=str(tmp_path / "run"), device="cpu", quantization="nf4", lora_rank=4,
+        lora_alpha=8, sample_batch_size=8, n_show_samples=2, heldout_pair_fraction=0.25,
+        sft=sft.SFTConfig(model=base_dir, lora_rank=4, max_steps=2, batch_size=4,
+                          grad_accum_steps=1, max_length=40,
+                          dataset=write("s.jsonl", task.make_corpus(8, seed=4))),
+        reward=reward.RewardConfig(
+            dataset=write("p.jsonl", [{"prompt": p["prompt"], "chosen": p["completion"],
+                                       "rejected": q["completion"]}
+                                      for p, q in zip(pos, neg)]),
+            batch_size=4, grad_accum_steps=1, max_length=48, save_every=0))
+    cfg.ppo.dataset = write("q.jsonl", [{"prompt": f"Review {i}:"} for i in range(4)])
+    cfg.ppo.num_iterations, cfg.ppo.rollout_batch_size, cfg.ppo.minibatch_size = 1, 4, 2
+    cfg.ppo.max_new_tokens, cfg.ppo.max_prompt_length, cfg.ppo.save_every = 4, 16, 0
+    summary = run(cfg)
+    out = tmp_path / "run"
+    assert summary["config"]["sft"]["quantization"] == "nf4"  # QLoRA SFT
+    assert "quantization_config" not in json.loads((out / "sft/model/config.json").read_text())
+    for stage_dir in ("rm", "ppo"):
+        assert json.loads((out / stage_dir / "backbone/roles.json").read_text())[
+            "quantization"] == "nf4"
+        assert not (out / stage_dir / "backbone/base").exists()
+    assert math.isfinite(summary["ppo_last_iteration"]["kl"])
