@@ -289,8 +289,13 @@ def save_state(directory: str | Path, **state: Any) -> Path:
 
     Each keyword whose value is a non-empty {name: tensor} dict goes to `<key>.safetensors`;
     the rest (optimizer/scheduler state dicts, step, RNG state, config dicts) to `state.pt`.
+    Under torchrun only rank 0 writes (the trainable state is the same on every rank).
     """
+    from rlhf import distributed
+
     directory = Path(directory)
+    if not distributed.is_main():
+        return directory
     with atomic_directory(directory) as temp:
         _write_state(temp, state)
     return directory
@@ -338,8 +343,13 @@ def load_checkpoint(directory: str | Path,
 
 
 def save_pretrained_atomic(directory: str | Path, model: Any, tokenizer: Any = None) -> Path:
-    """`model.save_pretrained` (+ tokenizer) into `directory`, atomically (Hugging Face format)."""
+    """`model.save_pretrained` (+ tokenizer) into `directory`, atomically (Hugging Face format).
+    Under torchrun only rank 0 writes."""
+    from rlhf import distributed
+
     directory = Path(directory)
+    if not distributed.is_main():
+        return directory
     with atomic_directory(directory) as temp:
         model.save_pretrained(str(temp))
         if tokenizer is not None:
@@ -372,10 +382,15 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def prune_checkpoints(root: str | Path, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` checkpoints (keep >= 1); returns the deleted paths."""
+    """Delete all but the newest `keep` checkpoints (keep >= 1); returns the deleted paths.
+    Under torchrun only rank 0 deletes (it alone writes them)."""
+    from rlhf import distributed
+
     if keep < 1:
         raise ValueError(f"keep must be >= 1 (the latest checkpoint is needed to resume), "
                          f"got {keep}")
+    if not distributed.is_main():
+        return []
     old = list_checkpoints(root)[:-keep]
     for path in old:
         shutil.rmtree(path, ignore_errors=True)
@@ -423,7 +438,7 @@ PIPELINE_RUN_FILES = (MANIFEST_FILE, "summary.json", "metrics.jsonl", "curves.pn
 # samples the pipeline prints. Everything else, thread counts and devices included (they can
 # change floating-point rounding), must equal the run's.
 RESUME_SAFE_KEYS = frozenset({"output_dir", "resume", "overwrite", "keep_last", "save_every",
-                              "max_memory", "n_show_samples"})
+                              "max_memory", "n_show_samples", "nproc", "strategy"})
 _MISSING = object()
 
 
@@ -560,7 +575,14 @@ class RunDirectory:
 
     def resume_checkpoint(self, root: str | Path) -> tuple[Path | None, dict[str, Any] | None]:
         """The latest checkpoint under `root` and its state, or (None, None) when there is none.
-        RunDirectoryError when it belongs to another run (another run id, or none)."""
+        RunDirectoryError when it belongs to another run (another run id, or none). Under
+        torchrun rank 0 reads it and sends it to the others (rlhf/distributed.py): other nodes
+        need no shared disk, and every rank resumes from the same state."""
+        from rlhf import distributed
+
+        return distributed.broadcast_from_main(lambda: self._read_checkpoint(root))
+
+    def _read_checkpoint(self, root: str | Path) -> tuple[Path | None, dict[str, Any] | None]:
         last = latest_checkpoint(root)
         if last is None:
             return None, None
@@ -624,6 +646,31 @@ def open_run(directory: str | Path, kind: str, config: Mapping[str, Any], *, res
              overwrite: bool = False, run_files: Sequence[str] = STAGE_RUN_FILES,
              resume_safe: Iterable[str] = RESUME_SAFE_KEYS) -> Iterator[RunDirectory]:
     """Own `directory` for one run (see the module docstring); yields a RunDirectory.
+
+    Under torchrun (rlhf/distributed.py) rank 0 alone takes the lock and checks or writes the
+    manifest; the other ranks get its RunDirectory (or its error), and on a normal exit every
+    rank waits for the others, so rank 0's files are complete when any rank moves on.
+    """
+    from rlhf import distributed
+
+    if not distributed.is_distributed():
+        with _open_run(directory, kind, config, resume=resume, overwrite=overwrite,
+                       run_files=run_files, resume_safe=resume_safe) as run:
+            yield run
+        return
+    with contextlib.ExitStack() as stack:
+        run = distributed.broadcast_from_main(lambda: stack.enter_context(_open_run(
+            directory, kind, config, resume=resume, overwrite=overwrite, run_files=run_files,
+            resume_safe=resume_safe)))
+        yield run
+        distributed.barrier()
+
+
+@contextlib.contextmanager
+def _open_run(directory: str | Path, kind: str, config: Mapping[str, Any], *, resume: bool,
+              overwrite: bool = False, run_files: Sequence[str] = STAGE_RUN_FILES,
+              resume_safe: Iterable[str] = RESUME_SAFE_KEYS) -> Iterator[RunDirectory]:
+    """open_run in this process alone.
 
     Takes the lock (RunDirectoryError when another run holds it), removes temp files of killed
     writers, then:

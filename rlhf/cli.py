@@ -86,6 +86,10 @@ def _parser() -> argparse.ArgumentParser:
                          help="continue from the last checkpoint in output_dir")
         sub.add_argument("--print-config", action="store_true",
                          help="print the resolved config as YAML and exit")
+        sub.add_argument("--nproc", type=int, default=None, metavar="N",
+                         help="data-parallel on N processes of this machine (one per GPU): "
+                              "launches torchrun --nproc-per-node N for you "
+                              "(docs/distributed.md); strategy=ddp|fsdp2|auto picks how")
     return parser
 
 
@@ -184,6 +188,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     config_class = getattr(module, stage.config_class)
     entry_point = getattr(module, stage.entry_point)
+    if ns.nproc is not None:
+        code = _launch_torchrun(ns.nproc, argv)
+        if code is not None:
+            return code
 
     def fail(error: BaseException, where: str | None = None) -> int:
         if os.environ.get("RLHF_TRACEBACK") == "1":
@@ -192,7 +200,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
 
     try:
+        from rlhf import distributed
+
         config_path, overrides = _split_args(ns.args)
+        # strategy= is a setting of the run's processes, not of a stage's config
+        strategies = [arg.split("=", 1)[1] for arg in overrides if arg.startswith("strategy=")]
+        overrides = [arg for arg in overrides if not arg.startswith("strategy=")]
+        distributed.set_strategy(strategies[-1] if strategies else None)
         if ns.resume:
             if "resume" not in {f.name for f in fields(config_class)}:
                 raise ValueError(f"{stage.config_class} has no `resume` field; --resume does not "
@@ -218,20 +232,54 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if output_dir is not None:
             check_output_dir(output_dir)
-        summary = entry_point(cfg)
+        # under torchrun (WORLD_SIZE > 1): join the process group (rlhf/distributed.py)
+        distributed.init_from_env(getattr(cfg, "device", "auto"))
+        try:
+            summary = entry_point(cfg)
+        finally:
+            distributed.shutdown()
     except KeyboardInterrupt:
         # The stages save a checkpoint before re-raising Ctrl-C.
         print(f"\nrlhf {ns.command}: interrupted; a checkpoint was saved under "
               f"{output_dir or 'the output directory'}. Continue with "
               f"`rlhf {' '.join([ns.command, *ns.args])} --resume`.", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except USER_ERRORS as error:
+    except (*USER_ERRORS, distributed.RankFailure) as error:
         # Bad input (data without the needed columns, an unknown model path, a diverged run, a
-        # full disk, ...): one line that says what is wrong and what to do.
+        # full disk, ...) or a torchrun peer that died: one line that says what is wrong and
+        # what to do.
         return fail(error, None if output_dir is None else str(output_dir))
-    if isinstance(summary, dict):
+    if isinstance(summary, dict) and distributed.is_main():
         print(json.dumps(_printable(summary), indent=2, default=str))
     return 0
+
+
+def _launch_torchrun(nproc: int, argv: Sequence[str]) -> int | None:
+    """``--nproc N``: run this same command under ``torchrun --standalone --nproc-per-node N``
+    and return its exit code; None when there is nothing to launch (N = 1)."""
+    if nproc < 1:
+        raise SystemExit(f"rlhf: error: --nproc must be >= 1 (processes on this machine), got "
+                         f"{nproc}")
+    if "WORLD_SIZE" in os.environ:
+        raise SystemExit(f"rlhf: error: --nproc {nproc} launches torchrun, and this process "
+                         f"already runs under it (WORLD_SIZE={os.environ['WORLD_SIZE']}); "
+                         f"drop --nproc")
+    if nproc == 1:
+        return None
+    import subprocess
+
+    args, skip = [], False
+    for arg in argv:  # the command without --nproc N
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            args.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={nproc}", "-m", "rlhf", *args]
+    print(f"rlhf: launching {nproc} processes: {' '.join(command[1:])}", file=sys.stderr)
+    return subprocess.call(command)
 
 
 if __name__ == "__main__":

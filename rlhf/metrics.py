@@ -16,6 +16,7 @@ import io
 import json
 import math
 import numbers
+import os
 import textwrap
 import warnings
 from collections.abc import Mapping, Sequence
@@ -108,7 +109,12 @@ class MetricsLogger:
 
     def __init__(self, path: str | Path, append: bool = False, resume_step: int | None = None,
                  tensorboard: bool = True) -> None:
+        from rlhf import distributed
+
         self.path = Path(path)
+        if not distributed.is_main():  # torchrun: rank 0 logs the reduced metrics alone
+            self._file, self._tensorboard = open(os.devnull, "w"), None  # noqa: SIM115
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if append and self.path.exists():
             # A torn last line (the previous run was killed mid-write) is dropped, else the next

@@ -248,6 +248,9 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
     if len(train_set) == 0:
         raise ValueError("no training pairs left for the reward model (empty dataset?)")
     device = resolve_device(cfg.device, cfg.max_memory)
+    from rlhf import distributed
+
+    backbone = distributed.prepare(backbone, device, None, stage="rm")  # torchrun: ddp / fsdp2
     backbone.to(device)
     backbone.train()
     params = backbone.trainable_parameters("reward")
@@ -305,14 +308,21 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
                 order = torch.randperm(
                     len(train_set), generator=torch.Generator().manual_seed(cfg.seed * 31 + epoch))
                 rows = order[index * cfg.batch_size:(index + 1) * cfg.batch_size]
-                batch = train_set.select(rows, device)
+                local_rows = distributed.shard(rows, what="micro-batch of pairs")  # torchrun
+                batch = train_set.select(local_rows, device)
                 with torch.autocast(device.type, dtype=autocast_dtype,
                                     enabled=autocast_dtype is not None):
                     loss, stats = pair_loss(backbone, batch, pad_id, cfg.center_coef)
+                # torchrun: this rank's part of the mean over the micro-batch's pairs
+                loss, stats = distributed.weighted(loss, stats, len(local_rows), len(rows))
                 (loss / cfg.grad_accum_steps).backward()
                 total_loss += float(loss.detach()) / cfg.grad_accum_steps
                 for key, value in stats.items():
                     stats_sum[key] = stats_sum.get(key, 0.0) + value / cfg.grad_accum_steps
+            # torchrun: gradients, loss and stats summed over ranks in one all-reduce
+            total_loss, *summed = distributed.sum_gradients(
+                params, [total_loss, *stats_sum.values()])
+            stats_sum = dict(zip(stats_sum, summed, strict=True))
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
             if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
@@ -359,8 +369,10 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
         logger.log({"step": step, **final}, step=step)
     logger.close()
     save(step, final_eval=final)
-    backbone.save(out_dir / "backbone")
-    tokenizer.save_pretrained(out_dir / "backbone")  # so that `rlhf ppo model=...` stands alone
+    with distributed.full_weights(backbone):  # fsdp2: every rank gathers, rank 0 writes
+        if distributed.is_main():
+            backbone.save(out_dir / "backbone")
+            tokenizer.save_pretrained(out_dir / "backbone")  # `rlhf ppo model=...` stands alone
     return {"stage": "reward", "steps": step, "final_loss": metrics.get("loss"),
             "skipped_steps": skipped, "train_pairs": len(train_set), **final,
             "backbone_dir": str(out_dir / "backbone")}

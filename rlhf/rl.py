@@ -104,6 +104,7 @@ import torch
 from tqdm.auto import tqdm
 
 import rlhf_kernels
+from rlhf import distributed
 from rlhf.engine import Generation, RolloutEngine
 from rlhf.seeding import derived_seed
 from rlhf.stage import (
@@ -478,8 +479,8 @@ def make_rollout(backbone, generation: Generation, kl_coef: float, cfg: RLConfig
         )
         advantages, returns = rlhf_kernels.gae(rewards, old_values, action_mask, cfg.gamma,
                                                cfg.lam)
-        if cfg.whiten_advantages:
-            advantages = rlhf_kernels.masked_whiten(advantages, action_mask)
+        if cfg.whiten_advantages:  # torchrun: over every rank's tokens (rlhf/distributed.py)
+            advantages = distributed.masked_whiten(advantages, action_mask)
         return Rollout(seq, mask, action_mask, old_logprobs, ref_logprobs, old_values, scores,
                        rewards, advantages, returns, prompt_length)
     # critic-free: one reward per sequence, the clipped score minus the summed KL penalty (the
@@ -496,9 +497,10 @@ def make_rollout(backbone, generation: Generation, kl_coef: float, cfg: RLConfig
 def _group_advantages(rewards: torch.Tensor, s: AlgorithmSettings) -> torch.Tensor:
     """(B,) sequence rewards in consecutive groups of ``s.group_size`` -> (B,) fp32 advantages
     (``rlhf_kernels.group_advantages`` with the run's estimator and norm)."""
-    return rlhf_kernels.group_advantages(rewards, group_size=s.group_size,
-                                         estimator=s.advantage_estimator,
-                                         norm=s.advantage_norm).float()
+    return distributed.group_advantages(  # torchrun: of every rank's rewards
+        rewards, lambda r: rlhf_kernels.group_advantages(r, group_size=s.group_size,
+                                                         estimator=s.advantage_estimator,
+                                                         norm=s.advantage_norm).float())
 
 
 def policy_loss(backbone, batch: Rollout, cfg: RLConfig, *, kl_coef: float | None = None,
@@ -573,23 +575,28 @@ def step_normalizer(cfg: RLConfig, batches: Sequence[Rollout]) -> float | torch.
 def backward_losses(backbone, batch: Rollout, cfg: RLConfig,
                     autocast_dtype: torch.dtype | None = None, accumulation: int = 1, *,
                     kl_coef: float | None = None,
-                    normalizer: float | torch.Tensor | None = None):
+                    normalizer: float | torch.Tensor | None = None, shares=None):
     """Policy loss, its backward, then (PPO) value loss, its backward (each while its own
     adapter is active, which gradient checkpointing needs: rlhf/models.py). The losses are
     divided by ``accumulation`` (grad_accum_steps) for the backward, except a policy loss whose
-    ``normalizer`` already counts the whole step. Returns (policy loss, stats, value loss or
-    None, stats)."""
+    ``normalizer`` already counts the whole step. ``shares`` (torchrun, from
+    ``distributed.rl_shard``): the losses and stats become this rank's parts of the global
+    micro-batch's. Returns (policy loss, stats, value loss or None, stats)."""
     device_type = batch.sequences.device.type
     autocast = dict(device_type=device_type, dtype=autocast_dtype,
                     enabled=autocast_dtype is not None)
     with torch.autocast(**autocast):
         p_loss, p_stats = policy_loss(backbone, batch, cfg, kl_coef=kl_coef,
                                       normalizer=normalizer)
+    if shares is not None:
+        p_loss, p_stats = distributed.scaled(p_loss, p_stats, shares.policy, shares.tokens)
     (p_loss / (1 if normalizer is not None else accumulation)).backward()  # policy adapter
     if not cfg.settings.uses_critic:
         return p_loss, p_stats, None, {}
     with torch.autocast(**autocast):
         v_loss, v_stats = value_loss(backbone, batch, cfg)
+    if shares is not None:
+        v_loss, v_stats = distributed.scaled(v_loss, v_stats, shares.value, shares.tokens)
     (v_loss / accumulation).backward()  # critic adapter active
     return p_loss, p_stats, v_loss, v_stats
 
@@ -770,6 +777,7 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
         raise ValueError(f"{name} needs at least one prompt; the prompt dataset is empty")
     prompt_ids, prompt_mask = encode_prompts(prompts, tokenizer, cfg.max_prompt_length)
     device = resolve_device(cfg.device, cfg.max_memory)
+    backbone = distributed.prepare(backbone, device, None, stage=name)  # torchrun: ddp / fsdp2
     backbone.to(device)
     if s.uses_critic:
         backbone.init_critic_from_reward()
@@ -787,6 +795,7 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
     # one engine for the whole run: the same (batch, max_prompt_length, max_new_tokens) every
     # iteration, so its cache and captured decode step are built once
     engine = RolloutEngine(backbone, role="policy", autocast_dtype=autocast_dtype)
+    distributed.prepare_engine(engine)
     use_recorded = cfg.old_logprobs == "auto" and recorded_logprobs_match(backbone,
                                                                           autocast_dtype)
     out_dir = Path(cfg.output_dir)
@@ -831,6 +840,8 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
             # exactly the prompts, samples and minibatches of an uninterrupted run
             rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration)
             rows = torch.randint(len(prompts), (n_prompts,), generator=rng)
+            # torchrun: this rank samples and scores its share of the prompts
+            rows = distributed.shard(rows, even=True, what="rollout batch of prompts")
             ids, mask = prompt_ids[rows].to(device), prompt_mask[rows].to(device)
             # the engine draws on the device with its own generator, seeded from this one
             sample_seed = int(torch.randint(2**62, (1,), generator=rng))
@@ -838,7 +849,7 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
             generation = engine.generate(
                 ids, mask, cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id, temperature=cfg.temperature,
-                top_k=cfg.top_k, top_p=cfg.top_p, seed=sample_seed,
+                top_k=cfg.top_k, top_p=cfg.top_p, seed=distributed.rank_seed(sample_seed),
                 samples_per_prompt=s.group_size,
             ).without_prompt_padding()
             rollout_time = time.perf_counter() - started
@@ -846,6 +857,8 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
                                 enabled=autocast_dtype is not None):
                 rollout = make_rollout(backbone, generation, kl_controller.value, cfg,
                                        use_recorded_logprobs=use_recorded)
+            # torchrun: every rank holds the global rollout and cuts the same minibatches
+            rollout = distributed.gather_rollout(rollout, tokenizer.pad_token_id)
             backbone.train()
 
             sums: dict[str, float] = {}
@@ -862,9 +875,11 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
                     logged_scale = cfg.grad_accum_steps if normalizer is not None else 1
                     p_losses, v_losses = [], []
                     for batch in batches:
+                        # torchrun: this rank's rows, its parts of the global loss and stats
+                        batch, shares = distributed.rl_shard(batch, s.loss_reduction, normalizer)
                         p_loss, p_stats, v_loss, v_stats = backward_losses(
                             backbone, batch, cfg, autocast_dtype, cfg.grad_accum_steps,
-                            kl_coef=kl_controller.value, normalizer=normalizer)
+                            kl_coef=kl_controller.value, normalizer=normalizer, shares=shares)
                         p_losses.append(float(p_loss.detach()) * logged_scale)
                         for key, value in p_stats.items():
                             sums[f"policy/{key}"] = sums.get(f"policy/{key}", 0.0) + float(value)
@@ -876,6 +891,8 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
                                     + float(value)
                             sums["value/loss"] = sums.get("value/loss", 0.0) + v_losses[-1]
                         n_stats += 1
+                    # torchrun: one all-reduce sums the gradients over ranks
+                    distributed.sum_gradients(policy_params + critic_params)
                     norms = {"policy grad norm": float(torch.nn.utils.clip_grad_norm_(
                         policy_params, cfg.grad_clip))}
                     if critic_params:
@@ -904,6 +921,7 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
                     scheduler.step()
 
             # ---- per-iteration metrics ----
+            sums = distributed.reduce_stats(sums)  # torchrun: over every rank's rows
             am = rollout.action_mask
             kl_per_seq = ((rollout.old_logprobs - rollout.ref_logprobs) * am).sum(-1)
             mean_kl = float(kl_per_seq.mean())
@@ -932,7 +950,7 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
                                               rollout.advantages, s.group_size))
             if gold_fn is not None:
                 texts = decode_responses(tokenizer, generation)
-                metrics["gold_reward"] = float(sum(gold_fn(texts)) / len(texts))
+                metrics["gold_reward"] = distributed.global_mean(gold_fn(texts))
             kl_controller.update(mean_kl, cfg.rollout_batch_size)
             iteration += 1
             logger.log(metrics, step=iteration)
@@ -956,8 +974,10 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
 
     # ---- save ----
     save(iteration)
-    backbone.save(out_dir / "backbone")
-    tokenizer.save_pretrained(out_dir / "backbone")  # so that the directory stands alone
+    with distributed.full_weights(backbone):  # fsdp2: every rank gathers, rank 0 writes
+        if distributed.is_main():
+            backbone.save(out_dir / "backbone")
+            tokenizer.save_pretrained(out_dir / "backbone")  # the directory stands alone
     return {"stage": name, "algorithm": name, "algorithm_settings": asdict(s),
             "iterations": iteration, "skipped_steps": skipped,
             "final_kl_coef": kl_controller.value, "last_metrics": metrics,

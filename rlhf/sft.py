@@ -280,7 +280,7 @@ def train(
 
 
 def _train(cfg: SFTConfig, run, *, model, tokenizer, examples, on_step) -> dict:
-    from rlhf import checkpoint, data
+    from rlhf import checkpoint, data, distributed
     from rlhf.metrics import MetricsLogger
 
     # ---- setup ----
@@ -308,6 +308,8 @@ def _train(cfg: SFTConfig, run, *, model, tokenizer, examples, on_step) -> dict:
                          f"load_causal_lm(..., quantization={cfg.quantization!r})")
     if cfg.lora_rank:
         model = _with_lora(model, cfg)
+    model = distributed.prepare(model, device, [p for p in model.parameters() if p.requires_grad],
+                                stage="sft")  # torchrun: data parallel (rlhf/distributed.py)
     if cfg.quantization == "none":  # a quantized model was loaded onto its device
         model.to(device)
     model.train()
@@ -370,6 +372,7 @@ def _train(cfg: SFTConfig, run, *, model, tokenizer, examples, on_step) -> dict:
             n_tokens = int(sum((labels[idx, 1:] != -100).sum() for idx in micro))
             total_loss = 0.0
             for idx in micro:
+                idx = distributed.shard(idx)  # torchrun: this rank's rows of the micro-batch
                 ids = input_ids[idx].to(device)
                 mask = attention_mask[idx].to(device)
                 lab = labels[idx].to(device)
@@ -379,6 +382,9 @@ def _train(cfg: SFTConfig, run, *, model, tokenizer, examples, on_step) -> dict:
                 loss = lm_loss(logp, lab, n_tokens)
                 loss.backward()
                 total_loss += float(loss.detach())
+            # torchrun: the gradients (and the loss) summed over ranks, one all-reduce
+            total_loss, = distributed.sum_gradients(
+                [p for p in model.parameters() if p.requires_grad], [total_loss])
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
             if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)

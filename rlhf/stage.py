@@ -119,6 +119,9 @@ def resolve_device(device: str, max_memory: float | None = None) -> torch.device
     check_device(device)
     resolved = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" \
         else torch.device(device)
+    from rlhf import distributed
+
+    resolved = distributed.local_device(resolved)  # torchrun: "cuda" is this rank's GPU
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
             reason = (f"this PyTorch build ({torch.__version__}) has no CUDA support"
