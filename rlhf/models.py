@@ -725,16 +725,45 @@ class SharedBackbone(nn.Module):
                              f"{type(causal_lm).__name__}")
 
     # ---------------------------------------------------------------- forward passes
+    @property
+    def packing(self):
+        """The ``rlhf.packing.Packing`` of this backbone's forwards (mode and token counters)."""
+        from rlhf.packing import Packing
+
+        if getattr(self, "_packing", None) is None:
+            self._packing = Packing("off")
+        return self._packing
+
+    def set_packing(self, mode: str, setting: str = "packing") -> None:
+        """Packed sequences for every forward method: ``auto | on | off`` (rlhf/packing.py,
+        docs/packing.md); ``on`` with a model that cannot run packed is a ValueError naming
+        ``setting``. The token counters start from 0."""
+        from rlhf.packing import Packing
+
+        packing = Packing(mode)
+        packing.check_model(self.causal_lm, setting)
+        self._packing = packing
+
+    def _body(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, role: str | None):
+        """The transformer under ``role`` -> ((B, T, H) hidden, None) padded, or
+        ((R, W, H) hidden, PackedBatch) when ``packing`` packs this batch."""
+        _check_batch(input_ids, attention_mask)
+        self._activate(self._check_role(role, allow_none=True))
+        inner = _inner_model(self.causal_lm)
+        packed = self.packing.plan(self.causal_lm, input_ids, attention_mask)
+        if packed is not None:
+            return packed.run(inner), packed
+        out = inner(input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=_position_ids(attention_mask), use_cache=False)
+        return out[0], None
+
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       role: str | None) -> torch.Tensor:
         """(B, T) ids and mask -> (B, T, H) final-norm hidden states in the base dtype, computed
-        with ``role``'s adapter active (None: adapters disabled = the reference model)."""
-        _check_batch(input_ids, attention_mask)
-        self._activate(self._check_role(role, allow_none=True))
-        out = _inner_model(self.causal_lm)(
-            input_ids=input_ids, attention_mask=attention_mask,
-            position_ids=_position_ids(attention_mask), use_cache=False)
-        return out[0]
+        with ``role``'s adapter active (None: adapters disabled = the reference model). With
+        packing the transformer runs on the real tokens only and padded positions hold 0."""
+        hidden, packed = self._body(input_ids, attention_mask, role)
+        return hidden if packed is None else packed.unpack(hidden)
 
     def policy_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T, H) hidden states of the policy (feed them to linear_logprobs with
@@ -761,6 +790,9 @@ class SharedBackbone(nn.Module):
         give 0. ``start`` skips the vocabulary projection of positions nobody reads (PPO scores
         only the response: ``start = prompt_length - 1``); the transformer still runs over the
         whole sequence. Uses the fused ``rlhf_kernels.linear_logprobs``: no (B, T, V) logits.
+        Packed (``set_packing``), the lm_head runs on the scored real tokens only, and a token
+        whose previous position is padding (the first real one of a left-padded row, which the
+        padded layout scores from a padding position's hidden state) gives 0 too.
         """
         import rlhf_kernels
 
@@ -768,7 +800,14 @@ class SharedBackbone(nn.Module):
         if not 0 <= start < length - 1:
             raise ValueError(f"start must be in [0, {length - 1}) for sequences of {length} "
                              f"tokens, got {start}")
-        hidden = self.hidden_states(input_ids, attention_mask, role)
+        hidden, packed = self._body(input_ids, attention_mask, role)
+        if packed is not None:
+            from rlhf.packing import packed_logprobs
+
+            targets = torch.where(attention_mask != 0, input_ids.long(), IGNORE_INDEX)
+            return packed_logprobs(packed, hidden, targets, self.lm_head_weight(),
+                                   self.lm_head_bias(), start=start, temperature=temperature,
+                                   return_entropy=return_entropy, ignore_index=IGNORE_INDEX)
         if start:
             hidden = hidden[:, start:]
         # Labels over the kept length with the last column ignored, so the hidden states are

@@ -76,8 +76,12 @@ class RewardConfig:
     max_skipped_steps: int = 10
     quantization: str = "none"  # the base: none | nf4 | fp4 | int8 (rlhf/quant.py)
     optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw | paged_adamw8bit
+    packing: str = "auto"  # packed sequences: auto | on | off (rlhf/packing.py)
 
     def __post_init__(self) -> None:
+        from rlhf.packing import check_packing
+
+        check_packing(self.packing)
         from rlhf import quant
 
         quant.check_quantization(self.quantization)
@@ -253,6 +257,7 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
     backbone = distributed.prepare(backbone, device, None, stage="rm")  # torchrun: ddp / fsdp2
     backbone.to(device)
     backbone.train()
+    backbone.set_packing(cfg.packing)
     params = backbone.trainable_parameters("reward")
     from rlhf.quant import make_optimizer
 
@@ -302,6 +307,7 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
             torch.manual_seed(derived_seed(cfg.seed, "reward", step))
             stats_sum: dict[str, float] = {}
             total_loss = 0.0
+            backbone.packing.take_stats()  # the token counts of this step's forwards only
             for k in range(cfg.grad_accum_steps):
                 micro_step = step * cfg.grad_accum_steps + k
                 epoch, index = divmod(micro_step, micro_per_epoch)
@@ -343,6 +349,7 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
                        "lr": scheduler.get_last_lr()[0], "skipped_steps": skipped,
                        "pairs_per_s": cfg.batch_size * cfg.grad_accum_steps
                        / max(time.perf_counter() - started, 1e-9),
+                       **backbone.packing.token_stats(),
                        **{f"train_{k}": v for k, v in stats_sum.items()}}
             if cfg.eval_every and step % cfg.eval_every == 0 and len(eval_set):
                 metrics.update(evaluate(backbone, eval_set, pad_id))

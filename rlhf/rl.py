@@ -246,8 +246,12 @@ class RLConfig:
     # records (the quantization its reward adapter was trained on)
     quantization: str | None = None
     optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw | paged_adamw8bit
+    packing: str = "auto"  # packed sequences in scoring and update: auto | on | off (packing.py)
 
     def __post_init__(self) -> None:
+        from rlhf.packing import check_packing
+
+        check_packing(self.packing)
         from rlhf import quant
 
         if self.quantization is not None:
@@ -783,6 +787,7 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
         backbone.init_critic_from_reward()
     elif "critic" in backbone.roles:
         backbone.drop_role("critic")  # never used: its adapter would only take memory
+    backbone.set_packing(cfg.packing)
     policy_params = backbone.trainable_parameters("policy")
     critic_params = backbone.trainable_parameters("critic") if s.uses_critic else []
     optimizer = make_optimizer(policy_params, critic_params, cfg, device)
@@ -853,6 +858,7 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
                 samples_per_prompt=s.group_size,
             ).without_prompt_padding()
             rollout_time = time.perf_counter() - started
+            backbone.packing.take_stats()  # count this iteration's scoring and update forwards
             with torch.autocast(device.type, dtype=autocast_dtype,
                                 enabled=autocast_dtype is not None):
                 rollout = make_rollout(backbone, generation, kl_controller.value, cfg,
@@ -944,6 +950,7 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
                 "iteration_s": elapsed,
                 "tokens_per_s": n_response_tokens / max(elapsed, 1e-9),
                 "peak_memory_mb": _peak_memory_mb(device),
+                **backbone.packing.token_stats(),
             })
             if not s.uses_critic:
                 metrics.update(_group_metrics(rollout.scores, rollout.rewards,

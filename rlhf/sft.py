@@ -90,8 +90,12 @@ class SFTConfig:
     # adapters train on it and are merged into the full-precision base at the end (quant.py)
     quantization: str = "none"
     optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw | paged_adamw8bit (quant.py)
+    packing: str = "auto"  # packed sequences: auto | on | off (rlhf/packing.py)
 
     def __post_init__(self) -> None:
+        from rlhf.packing import check_packing
+
+        check_packing(self.packing)
         check_common_settings(self.nonfinite, self.grad_accum_steps, self.batch_size,
                               1 if self.max_steps is None else self.max_steps)
         if not self.epochs > 0:
@@ -142,18 +146,27 @@ class SFTConfig:
 
 
 def token_logprobs_of(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      labels: torch.Tensor) -> torch.Tensor:
+                      labels: torch.Tensor, packing=None) -> torch.Tensor:
     """Log-likelihood of each next token under a Hugging Face causal LM.
 
     input_ids, attention_mask, labels: (B, T). Returns (B, T - 1) fp32: the log-probability of
     labels[:, 1:] given the prefix; positions with label -100 give 0. Uses the fused
     hidden x lm_head op (no (B, T, V) logits tensor is built) when the lm_head is a plain Linear.
+    ``packing`` (an ``rlhf.packing.Packing``): packed sequences on that path when it packs the
+    batch (rlhf/packing.py); the lm_head then runs on the labelled tokens only.
     """
     targets = labels[:, 1:]
     lm_head = model.get_output_embeddings()
     if isinstance(lm_head, torch.nn.Linear):
         from rlhf.quant import dense_weight  # a 4-bit lm_head dequantized
 
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        packed = packing.plan(base, input_ids, attention_mask) if packing is not None else None
+        if packed is not None:
+            from rlhf.packing import packed_logprobs
+
+            return packed_logprobs(packed, packed.run(model.get_decoder()), labels,
+                                   dense_weight(lm_head), lm_head.bias)
         hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)[0]
         return rlhf_kernels.linear_logprobs(hidden[:, :-1], dense_weight(lm_head), targets,
                                             bias=lm_head.bias)
@@ -282,6 +295,7 @@ def train(
 def _train(cfg: SFTConfig, run, *, model, tokenizer, examples, on_step) -> dict:
     from rlhf import checkpoint, data, distributed
     from rlhf.metrics import MetricsLogger
+    from rlhf.packing import Packing
 
     # ---- setup ----
     if model is None or tokenizer is None or examples is None:
@@ -313,6 +327,8 @@ def _train(cfg: SFTConfig, run, *, model, tokenizer, examples, on_step) -> dict:
     if cfg.quantization == "none":  # a quantized model was loaded onto its device
         model.to(device)
     model.train()
+    packing = Packing(cfg.packing)
+    packing.check_model(model, "packing")
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     optimizer = quant.make_optimizer(
@@ -371,6 +387,7 @@ def _train(cfg: SFTConfig, run, *, model, tokenizer, examples, on_step) -> dict:
             ]
             n_tokens = int(sum((labels[idx, 1:] != -100).sum() for idx in micro))
             total_loss = 0.0
+            packing.take_stats()  # the token counts of this step's forwards only
             for idx in micro:
                 idx = distributed.shard(idx)  # torchrun: this rank's rows of the micro-batch
                 ids = input_ids[idx].to(device)
@@ -378,7 +395,7 @@ def _train(cfg: SFTConfig, run, *, model, tokenizer, examples, on_step) -> dict:
                 lab = labels[idx].to(device)
                 with torch.autocast(device.type, dtype=autocast_dtype,
                                     enabled=autocast_dtype is not None):
-                    logp = token_logprobs_of(model, ids, mask, lab)
+                    logp = token_logprobs_of(model, ids, mask, lab, packing)
                 loss = lm_loss(logp, lab, n_tokens)
                 loss.backward()
                 total_loss += float(loss.detach())
@@ -408,7 +425,7 @@ def _train(cfg: SFTConfig, run, *, model, tokenizer, examples, on_step) -> dict:
             last_metrics = {
                 "step": step, "loss": total_loss, "grad_norm": grad_norm,
                 "lr": scheduler.get_last_lr()[0], "tokens_per_s": n_tokens / max(elapsed, 1e-9),
-                "skipped_steps": skipped,
+                "skipped_steps": skipped, **packing.token_stats(),
             }
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 logger.log(last_metrics, step=step)
