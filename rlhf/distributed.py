@@ -57,12 +57,13 @@ __all__ = ["BUCKET_ELEMENTS", "COLLECTIVES", "STRATEGIES", "RankFailure", "all_d
            "global_mean", "group_advantages", "init_from_env", "is_distributed", "is_main",
            "local_device", "masked_whiten", "prepare", "prepare_engine", "rank", "rank_seed",
            "reduce_stats", "rl_shard", "scaled", "set_strategy", "shard", "shutdown",
-           "strategy", "sum_gradients", "weighted", "world_size", "Shares"]
+           "strategy", "sum_counts", "sum_gradients", "weighted", "world_size", "Shares"]
 
 STRATEGIES = ("auto", "ddp", "fsdp2")
 BUCKET_ELEMENTS = 2**25  # elements per all-reduce bucket (128 MiB of fp32), DDP's order of size
 FSDP2_AUTO_FRACTION = 0.4  # auto: fsdp2 when the base weights exceed this share of the GPU
-COLLECTIVES = {"all_reduce": 0, "all_gather": 0, "broadcast": 0, "barrier": 0}
+# every collective this module issued, by kind; "gradients": the all-reduces of sum_gradients
+COLLECTIVES = {"all_reduce": 0, "all_gather": 0, "broadcast": 0, "barrier": 0, "gradients": 0}
 _STATE: dict[str, Any] = {"strategy": None, "resolved": None}
 
 
@@ -509,6 +510,7 @@ def sum_gradients(params: Sequence[torch.nn.Parameter],
         head = grads[0]
         flat = torch.cat(grads + ([torch.tensor(list(scalars), dtype=head.dtype,
                                                 device=head.device)] if extra else []))
+        COLLECTIVES["gradients"] += 1
         _collective("all_reduce", "all-reduce of the gradients", dist.all_reduce, flat)
         offset = 0
         for p in bucket:
@@ -517,6 +519,16 @@ def sum_gradients(params: Sequence[torch.nn.Parameter],
         if extra:
             out = flat[offset:offset + extra].double().tolist()
     return out
+
+
+def sum_counts(counts: dict[str, int]) -> dict[str, int]:
+    """Integer counts (tokens seen, ...) summed over ranks (one all-reduce); in one process,
+    ``counts`` itself."""
+    if not is_distributed() or not counts:
+        return counts
+    values = torch.tensor(list(counts.values()), dtype=torch.int64, device=_device())
+    _collective("all_reduce", "all-reduce of the token counts", dist.all_reduce, values)
+    return dict(zip(counts, (int(v) for v in values.tolist()), strict=True))
 
 
 def global_mean(values: Sequence[float]) -> float:

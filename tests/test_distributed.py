@@ -1,0 +1,208 @@
+"""Data parallelism (rlhf/distributed.py): world size 2 computes what world size 1 computes.
+
+One group of 2 CPU processes (gloo, started as torchrun starts them: tests/distributed_worker.py)
+runs, one after the other: the reward model (ddp and fsdp2), PPO and GRPO (ddp, GRPO also
+fsdp2) on rollouts that depend on the prompt rows alone (``FixedEngine``), and SFT with a
+checkpoint every step, during which rank 1 dies. The same runs in this process (world size 1)
+are the reference: losses and every other logged number, and the trained adapters / weights, to
+fp32 tolerance. The SFT run must stop with a clear error on rank 0 (not hang), leave its step-2
+checkpoint, and resume from it here at world size 1 to the same steps 3 and 4 as an
+uninterrupted run. Process start-up (torch + transformers, twice) dominates the time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import distributed_worker as worker  # noqa: E402
+
+from rlhf import distributed  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+GROUP_SCENARIOS = ["rm", "rm@fsdp2", "ppo", "grpo", "grpo@fsdp2", "sft_ckpt"]
+# measured, not computed: they differ between any two runs
+TIMING_KEYS = {"rollout_s", "scoring_s", "update_s", "iteration_s", "tokens_per_s",
+               "pairs_per_s", "peak_memory_mb",
+               # padding depends on which rows share a batch (rlhf/packing.py); real tokens do not
+               "tokens_padded", "tokens_processed"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The 2-rank group's outputs, and the same scenarios at world size 1."""
+    import os
+
+    old_backend = os.environ.get("RLHF_KERNELS_BACKEND")
+    os.environ["RLHF_KERNELS_BACKEND"] = "reference"  # as the ranks run (test_stages.py: why)
+    try:
+        root = tmp_path_factory.mktemp("distributed")
+        (root / "ws2").mkdir()
+        tokenizer = worker.make_tokenizer(root / "ws2" / "tokenizer")
+        results = worker.launch(GROUP_SCENARIOS, root / "ws2",
+                                env={"KILL_RANK1_AT_STEP": "2"})
+        for scenario in ("rm", "ppo", "grpo"):
+            worker.run_scenario(scenario, root / "ws1", tokenizer)
+        worker.run_scenario("sft_ckpt", root / "ws1", tokenizer)
+    finally:
+        if old_backend is None:
+            os.environ.pop("RLHF_KERNELS_BACKEND", None)
+        else:
+            os.environ["RLHF_KERNELS_BACKEND"] = old_backend
+    return root, results, tokenizer
+
+
+def metrics(directory: Path) -> list[dict]:
+    return [json.loads(line) for line in open(directory / "metrics.jsonl")]
+
+
+def assert_same_metrics(ws1: list[dict], ws2: list[dict], skip=()) -> None:
+    assert len(ws1) == len(ws2) > 0
+    for one, two in zip(ws1, ws2, strict=True):
+        assert one.keys() == two.keys()
+        for key, value in one.items():
+            if key in TIMING_KEYS or key in skip or not isinstance(value, float):
+                assert key in TIMING_KEYS or key in skip or value == two[key], key
+                continue
+            assert math.isclose(value, two[key], rel_tol=1e-4, abs_tol=1e-5), \
+                (one.get("step"), key, value, two[key])
+
+
+def last_params(directory: Path) -> dict[str, torch.Tensor]:
+    last = sorted((directory / "checkpoints").iterdir())[-1]
+    return load_file(last / "params.safetensors")
+
+
+def assert_same_params(ws1: dict, ws2: dict) -> None:
+    assert ws1.keys() == ws2.keys() and ws1
+    for name, value in ws1.items():
+        torch.testing.assert_close(ws2[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_group_ran_and_rank_death_stopped_it_with_a_clear_error(runs):
+    root, (rank0, rank1), _ = runs
+    assert rank1.returncode == 17, rank1.stderr[-3000:]  # died on purpose in sft_ckpt, step 2
+    # rank 0 stopped (launch() fails on a hang) with one clear error, not a traceback of gloo's
+    assert rank0.returncode != 0
+    assert "RankFailure" in rank0.stderr and "Another rank has most likely died" in \
+        rank0.stderr and "--resume" in rank0.stderr, rank0.stderr[-3000:]
+    done = json.loads((root / "ws2" / "collectives.json").read_text())
+    assert set(done) == set(GROUP_SCENARIOS) - {"sft_ckpt"}, rank0.stderr[-3000:]
+
+
+@pytest.mark.parametrize("scenario", ["rm", "rm@fsdp2"])
+def test_reward_model_world_size_2_equals_1(runs, scenario):
+    root = runs[0]
+    assert_same_metrics(metrics(root / "ws1" / "rm"), metrics(root / "ws2" / scenario))
+    assert_same_params(last_params(root / "ws1" / "rm"), last_params(root / "ws2" / scenario))
+
+
+@pytest.mark.parametrize("scenario", ["ppo", "grpo", "grpo@fsdp2"])
+def test_rl_update_world_size_2_equals_1(runs, scenario):
+    """Same rollouts (FixedEngine), so the same whitened / group advantages, minibatches,
+    normalised losses, clipped gradients, KL controller and metrics. The explained variance is
+    the mean of the ranks' (documented), not the global one."""
+    root = runs[0]
+    reference = scenario.partition("@")[0]
+    ws1, ws2 = metrics(root / "ws1" / reference), metrics(root / "ws2" / scenario)
+    assert_same_metrics(ws1, ws2, skip={"value/explained_variance"})
+    assert ws1[-1]["policy/approx_kl"] > 1e-6  # the updates moved the policy off the old one
+    assert_same_params(last_params(root / "ws1" / reference),
+                       last_params(root / "ws2" / scenario))
+    # fsdp2 saved the (sharded) base whole: the same weights as the unsharded run
+    for name in ("adapters", "heads.safetensors", "base/model.safetensors"):
+        assert (root / "ws2" / scenario / "backbone" / name).exists()
+    if scenario.endswith("fsdp2"):
+        one = load_file(root / "ws1" / reference / "backbone" / "base" / "model.safetensors")
+        two = load_file(root / "ws2" / scenario / "backbone" / "base" / "model.safetensors")
+        assert one.keys() == two.keys()
+        for name, value in one.items():
+            assert torch.equal(value, two[name]), name
+
+
+def test_one_gradient_all_reduce_per_optimizer_step(runs):
+    root = runs[0]
+    counts = json.loads((root / "ws2" / "collectives.json").read_text())
+    rm_steps = len([r for r in metrics(root / "ws1" / "rm") if "loss" in r])
+    assert counts["rm"]["gradients"] == rm_steps == 3
+    cfg = worker.rl_config("unused", "ppo")
+    steps = cfg.num_iterations * cfg.ppo_epochs * cfg.rollout_batch_size \
+        // (cfg.minibatch_size * cfg.grad_accum_steps)
+    assert counts["ppo"]["gradients"] == counts["grpo"]["gradients"] == steps == 8
+
+
+def test_sft_world_size_2_checkpoint_resumes_at_world_size_1(runs, tmp_path):
+    """SFT at world size 2 equals world size 1 until rank 1 dies after step 2; the step-2
+    checkpoint it leaves resumes here, in one process, to the uninterrupted run's steps 3-4."""
+    import os
+    import shutil
+
+    from rlhf import sft
+
+    root, _, tokenizer = runs
+    ws1 = root / "ws1" / "sft_ckpt"
+    died = root / "ws2" / "sft_ckpt"
+    ws2_metrics = metrics(died)
+    assert [r["step"] for r in ws2_metrics] == [1, 2]
+    assert_same_metrics(metrics(ws1)[:2], ws2_metrics)
+    step2 = load_file(ws1 / "checkpoints" / "step-0000002" / "params.safetensors")
+    assert_same_params(step2, last_params(died))  # the full model after 2 steps
+    assert sorted(p.name for p in (died / "checkpoints").iterdir()) == \
+        ["step-0000001", "step-0000002"]  # complete ones only: nothing half-written
+
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(died, resumed_dir)
+    os.environ["RLHF_KERNELS_BACKEND"] = "reference"
+    try:
+        # the manifest holds the run's output_dir; resume_safe, so the copy resumes
+        summary = sft.train(worker.sft_config(resumed_dir, save_every=1, max_steps=4,
+                                              keep_last=None, resume=True),
+                            model=worker.tiny_model(tokenizer), tokenizer=tokenizer,
+                            examples=worker.sft_examples())
+    finally:
+        os.environ.pop("RLHF_KERNELS_BACKEND", None)
+    assert summary["steps"] == 4
+    assert_same_metrics(metrics(ws1), metrics(resumed_dir))
+    assert_same_params(last_params(ws1), last_params(resumed_dir))
+
+
+def test_one_process_hooks_change_nothing():
+    """Without a process group every hook returns its input: single-process runs are
+    bit-identical to what they were (tests/test_stages.py holds their numbers)."""
+    assert not distributed.is_distributed() and distributed.world_size() == 1
+    index = torch.arange(5)
+    assert distributed.shard(index, even=True) is index
+    x, mask = torch.randn(3, 4), torch.ones(3, 4)
+    import rlhf_kernels
+
+    assert torch.equal(distributed.masked_whiten(x, mask), rlhf_kernels.masked_whiten(x, mask))
+    loss = torch.tensor(1.5)
+    assert distributed.weighted(loss, {"a": 1.0}, 1, 2) == (loss, {"a": 1.0})
+    assert distributed.sum_gradients([], [0.25, 3.0]) == [0.25, 3.0]
+    assert distributed.rank_seed(123) == 123
+    assert distributed.global_mean([1.0, 2.0]) == 1.5
+    assert distributed.strategy() == "none"
+    with pytest.raises(ValueError, match="strategy='zero3' is not a strategy"):
+        distributed.set_strategy("zero3")
+
+
+def test_launcher_errors(monkeypatch):
+    from rlhf import cli
+
+    with pytest.raises(SystemExit, match="--nproc must be >= 1"):
+        cli._launch_torchrun(0, ["sft", "--nproc", "0"])
+    assert cli._launch_torchrun(1, ["sft", "--nproc", "1"]) is None
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="already runs under it"):
+        cli._launch_torchrun(2, ["sft", "--nproc", "2"])
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE='two' is not a number"):
+        distributed.init_from_env("cpu")
