@@ -55,12 +55,15 @@ void fwd_rows(const LogprobsRows& r, int64_t begin, int64_t end, void* logp, Dty
       const float scale = std::exp(m - m_new);  // 0 while m == -inf
       if (want_entropy) a = (a + (s > 0.f ? (m - m_new) * s : 0.f)) * scale;
       s *= scale;
+      // exp_u20 (ATen's inlined polynomial, 20 ulp, ~1.3x the speed of SLEEF's call) maps NaN
+      // to a number: only while the max is finite (then d <= 0 or -inf, never NaN)
+      const bool fast = std::isfinite(m_new);
       const Vec vm(m_new), zero(0.f);
       Vec vs(0.f), va(0.f);
       i = 0;
       for (; i + kLanes <= n; i += kLanes) {
         const Vec d = Vec::loadu(buf + i) - vm;
-        const Vec e = d.exp();
+        const Vec e = fast ? d.exp_u20() : d.exp();
         vs = vs + e;
         // -inf entries: e == 0 and d == -inf; their term is 0 (0 log 0 = 0), not NaN
         if (want_entropy) va = va + Vec::blendv(zero, e * d, e > zero);
@@ -115,6 +118,8 @@ void bwd_rows(const LogprobsRows& r, int64_t begin, int64_t end, const float* ls
     const float g = has_gl ? grad_logp[row] : 0.f;
     const float gh = has_gh ? grad_entropy[row] : 0.f;
     const float h = has_gh ? entropy_in[row] : 0.f;
+    // exp_u20 as in the forward: only for a finite lse (a NaN / inf row takes SLEEF's exp)
+    const bool fast = std::isfinite(lse);
     const Vec vlse(lse), vg(g), vgh(gh), vh(h), vinv(inv_t), zero(0.f);
     // exact fp32 formula of one element (tails and the label's entry)
     auto one = [&](float z, bool is_label) {
@@ -133,7 +138,7 @@ void bwd_rows(const LogprobsRows& r, int64_t begin, int64_t end, const float* ls
       int64_t i = 0;
       for (; i + kLanes <= n; i += kLanes) {
         const Vec log_p = Vec::loadu(buf + i) - vlse;
-        const Vec p = log_p.exp();
+        const Vec p = fast ? log_p.exp_u20() : log_p.exp();
         Vec dz = zero;
         if (has_gl) dz = zero - vg * p;
         // -inf entries: p == 0 and log p == -inf; the term is 0

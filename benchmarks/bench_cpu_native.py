@@ -1,0 +1,221 @@
+"""The native CPU kernels (csrc/cpu) beside eager PyTorch and torch.compile, on 2 threads.
+
+Cases (issue 15):
+
+* logprobs forward + backward (a random upstream gradient on logp; d logits in the logits'
+  dtype), fp32 and bf16 logits at 4096 x 32000 and 2048 x 151936. Peers: eager
+  ``logits.float().log_softmax(-1).gather(...)`` (what most RLHF code writes; it holds (N, V)
+  fp32 log-probabilities and a (N, V) gradient of them), the same function under
+  ``torch.compile`` (inductor), and ours (``backend="native"``).
+* GAE 512 x 2048 with a padding mask: the per-token loop (``rlhf_kernels.reference.gae``, the
+  textbook loop over T in PyTorch ops) against ours. torch.compile of a 2048-step Python loop
+  is not a peer anyone runs (it unrolls the loop), so it is left out.
+* linear_logprobs forward + backward at the Qwen2.5-0.5B head (H = 896, V = 151936, fp32) for
+  256, 1024 and 4096 tokens: ours (chunked, 64 MiB of logits per chunk) against eager
+  ``(hidden @ W.T).log_softmax(-1).gather(...)``, to show peak memory flat in tokens.
+
+Every (case, implementation) runs in its own process (``--one``): its inputs are made, the
+step is run once (compilation included), the kernel's peak-RSS counter is reset
+(``/proc/self/clear_refs``), then the step is timed ``--repeats`` times; ``ms`` is the median
+and ``peak_extra_mib`` the peak resident memory above the inputs during the timed calls (what
+the step allocates: (N, V) intermediates show up here). The machine this ran on may be shared:
+medians of several calls, and see ``repeats`` in each row.
+
+``python -m benchmarks.bench_cpu_native [--smoke] [--repeats 5]``; results JSON goes to
+benchmarks/results/bench_cpu_native-cpu-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+THREADS = 2
+
+LOGPROB_CASES = [(4096, 32000), (2048, 151936)]
+LINEAR_TOKENS = [256, 1024, 4096]
+LINEAR_HV = (896, 151936)
+GAE_SHAPE = (512, 2048)
+SMOKE = dict(logprobs=[(64, 1000)], linear=[16, 64], linear_hv=(32, 2000), gae=(8, 64))
+
+
+def _status_mib(key: str) -> float:
+    text = open("/proc/self/status").read()
+    return int(re.search(rf"{key}:\s+(\d+)", text).group(1)) / 1024
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _make_step(spec: dict):
+    """Inputs for one case and the step to time (runs in the measuring process)."""
+    import torch
+
+    from rlhf_kernels import gae, linear_logprobs, logprobs, reference
+
+    torch.manual_seed(0)
+    kind, impl = spec["kind"], spec["impl"]
+    if kind == "logprobs":
+        n, v = spec["shape"]
+        dtype = getattr(torch, spec["dtype"])
+        logits = (torch.randn(n, v) * 2).to(dtype).requires_grad_(True)
+        labels = torch.randint(0, v, (n,))
+        grad = torch.randn(n)
+
+        def eager(x, y):
+            return x.float().log_softmax(-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+
+        if impl == "eager":
+            fn = eager
+        elif impl == "torch.compile":
+            fn = torch.compile(eager)
+        elif impl == "ours (native)":
+            def fn(x, y):
+                return logprobs(x, y)  # RLHF_KERNELS_BACKEND=native
+        else:
+            raise ValueError(impl)
+
+        def step():
+            (dx,) = torch.autograd.grad(fn(logits, labels), logits, grad)
+            return dx
+
+        return step
+    if kind == "gae":
+        rows, t = spec["shape"]
+        rewards, values = torch.randn(rows, t), torch.randn(rows, t)
+        lengths = torch.randint(t // 4, t + 1, (rows,))
+        mask = torch.arange(t)[None, :] < lengths[:, None]
+        if impl == "per-token loop (reference)":
+            return lambda: reference.gae(rewards, values, mask, 1.0, 0.95)
+        return lambda: gae(rewards, values, mask, 1.0, 0.95)  # native (env)
+    if kind == "linear_logprobs":
+        n = spec["tokens"]
+        h_dim, v = spec["hv"]
+        hidden = torch.randn(n, h_dim, requires_grad=True)
+        weight = (torch.randn(v, h_dim) * h_dim ** -0.5).requires_grad_(True)
+        labels = torch.randint(0, v, (n,))
+        grad = torch.randn(n)
+        if impl == "eager":
+            def fn():
+                logits = hidden @ weight.t()
+                return logits.log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        else:
+            def fn():
+                return linear_logprobs(hidden, weight, labels)  # native (env)
+
+        return lambda: torch.autograd.grad(fn(), (hidden, weight), grad)
+    raise ValueError(kind)
+
+
+def run_one(spec: dict) -> dict:
+    """Measure one case in this process (``--one``)."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+    from rlhf_kernels import _native
+
+    if spec["impl"].startswith("ours") and not _native.available():
+        return {"error": f"native kernels unavailable: {_native.failure_reason()}"}
+    step = _make_step(spec)
+    started = time.perf_counter()
+    step()  # warm-up: compilation (torch.compile), first-touch of buffers
+    first_s = time.perf_counter() - started
+    samples, peaks = [], []
+    for _ in range(spec["repeats"]):
+        base = _status_mib("VmRSS")
+        _reset_peak()
+        t0 = time.perf_counter()
+        out = step()
+        samples.append((time.perf_counter() - t0) * 1e3)
+        peaks.append(_status_mib("VmHWM") - base)
+        del out
+    return {"ms": statistics.median(samples), "ms_samples": samples,
+            "peak_extra_mib": max(peaks), "first_call_s": first_s,
+            "native_build_or_load_s": _native.build_seconds()}
+
+
+def _spawn(spec: dict) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # ours: the native kernels through the public route (the variable also holds under the
+    # Triton interpreter, which importing benchmarks turns on for CPU smoke runs)
+    env.update(OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS),
+               RLHF_KERNELS_BACKEND="native")
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_cpu_native", "--one",
+                           json.dumps(spec)], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr else "failed"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def specs(smoke: bool, repeats: int) -> list[dict]:
+    out = []
+    shapes = SMOKE["logprobs"] if smoke else LOGPROB_CASES
+    for dtype in ("float32", "bfloat16"):
+        for shape in shapes:
+            for impl in ("eager", "torch.compile", "ours (native)"):
+                out.append(dict(kind="logprobs", op="logprobs fwd+bwd",
+                                case=f"{dtype} {shape[0]}x{shape[1]}", shape=shape,
+                                dtype=dtype, impl=impl, repeats=repeats))
+    gae_shape = SMOKE["gae"] if smoke else GAE_SHAPE
+    for impl in ("per-token loop (reference)", "ours (native)"):
+        out.append(dict(kind="gae", op="gae", case=f"{gae_shape[0]}x{gae_shape[1]} masked",
+                        shape=gae_shape, impl=impl, repeats=repeats))
+    hv = SMOKE["linear_hv"] if smoke else LINEAR_HV
+    tokens = SMOKE["linear"] if smoke else LINEAR_TOKENS
+    for n in tokens:
+        impls = ["ours (native)"] + (["eager"] if n <= 1024 or smoke else [])
+        for impl in impls:
+            out.append(dict(kind="linear_logprobs", op="linear_logprobs fwd+bwd",
+                            case=f"fp32 N={n} H={hv[0]} V={hv[1]}", tokens=n, hv=hv,
+                            impl=impl, repeats=1 if not smoke else repeats))
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, nothing saved")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:
+        print(json.dumps(run_one(json.loads(args.one))))
+        return
+    from benchmarks.common import print_table, save_results
+
+    rows = []
+    for spec in specs(args.smoke, args.repeats):
+        result = _spawn(spec)
+        row = {"op": spec["op"], "case": spec["case"], "impl": spec["impl"],
+               "threads": THREADS, "repeats": spec["repeats"], **result}
+        rows.append(row)
+        print(json.dumps({k: row.get(k) for k in ("op", "case", "impl", "ms",
+                                                   "peak_extra_mib", "error")}), flush=True)
+    _add_speedups(rows)
+    print_table(rows, columns=("op", "case", "impl", "ms", "speedup_vs_eager",
+                               "peak_extra_mib"), smoke=args.smoke)
+    if not args.smoke:
+        print(f"saved {save_results('bench_cpu_native', rows)}")
+
+
+def _add_speedups(rows: list[dict]) -> None:
+    """speedup_vs_eager: the eager (or per-token loop) row's ms over this row's, per case."""
+    base = {}
+    for row in rows:
+        if row["impl"] in ("eager", "per-token loop (reference)") and row.get("ms"):
+            base[(row["op"], row["case"])] = row["ms"]
+    for row in rows:
+        ref = base.get((row["op"], row["case"]))
+        if ref and row.get("ms"):
+            row["speedup_vs_eager"] = ref / row["ms"]
+
+
+if __name__ == "__main__":
+    main()
