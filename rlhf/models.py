@@ -338,10 +338,16 @@ def resolve_pretrained(name_or_path, *, what: str = "model", setting: str = "mod
     (the config key, e.g. "model") and the value when it is a path that does not exist, a
     directory without the files ``what`` ("model" or "tokenizer") needs, or a hub name that is
     neither cached nor reachable. A cached hub name loads from the cache alone when the hub is
-    unreachable (``local_files_only``), without a minute of retries.
+    unreachable (``local_files_only``), without a minute of retries. A named model
+    (``rlhf.named_models``, e.g. ``smollm2-135m-instruct``) resolves to its cached folder, made
+    on first use.
     """
     text = str(name_or_path)
     path = Path(text).expanduser()
+    from rlhf import named_models
+
+    if not path.exists() and named_models.is_named(text):  # e.g. smollm2-135m-instruct
+        path = named_models.model_dir(text, setting=setting)
     if path.is_dir():
         names = {entry.name for entry in path.iterdir()}
         has_config = "config.json" in names
