@@ -86,7 +86,13 @@ def _reward_defaults() -> reward.RewardConfig:
 CRITIC_FREE_TASK_SETTINGS = {"kl_coef": 0.3}
 
 
-def _ppo_defaults(algorithm: str = "ppo") -> ppo.PPOConfig:
+def _ppo_defaults(algorithm: str = "ppo", task_name: str = "reviews") -> ppo.PPOConfig:
+    if task_name == "arithmetic":
+        from rlhf import arithmetic
+
+        critic = algorithm in ppo.PRESETS and ppo.PRESETS[algorithm]["advantage_estimator"] == "gae"
+        return ppo.PPOConfig(**(arithmetic.CRITIC_RL_SETTINGS if critic
+                                else arithmetic.RL_SETTINGS))
     settings = dict(task.PPO_SETTINGS)
     if algorithm in ppo.PRESETS and ppo.PRESETS[algorithm]["advantage_estimator"] != "gae":
         settings = {k: v for k, v in settings.items() if k not in ppo.CRITIC_SETTINGS}
@@ -109,6 +115,12 @@ class PipelineConfig:
     setting that has no effect in the chosen mode) is refused (``check_settings``)."""
 
     output_dir: str = "runs/pipeline"
+    # reviews: the built-in review task (SFT -> reward model -> RL); arithmetic: RL alone with a
+    # verifiable reward on a pretrained chat model (rlhf/arithmetic.py)
+    task: str = "reviews"
+    # the pretrained model (a path, hub name or named model such as smollm2-135m-instruct):
+    # task=arithmetic trains it; task=reviews starts SFT from it (the same as sft.model)
+    model: str | None = None
     seed: int = 0
     resume: bool = False
     overwrite: bool = False  # a fresh run deletes an earlier run's files in output_dir first
@@ -138,6 +150,9 @@ class PipelineConfig:
     # (sft.lora_rank > 0: QLoRA); full-weight SFT (the built-in tiny model) trains in full
     # precision and the later stages load its result quantized (docs/quantization.md)
     quantization: str = "none"
+    eval_problems: int = 500  # task=arithmetic: held-out problems of the greedy accuracy
+    curve_every: int = 10  # task=arithmetic: held-out accuracy every N iterations (0: off) ...
+    curve_problems: int = 100  # ... on the first N held-out problems, for the curve
     sft: sft.SFTConfig = field(default_factory=_sft_defaults)
     reward: reward.RewardConfig = field(default_factory=_reward_defaults)
     ppo: ppo.PPOConfig = field(default_factory=_ppo_defaults)
@@ -149,10 +164,24 @@ class PipelineConfig:
         if getattr(self, "task", "reviews") != "reviews" and self.quantization != "none":
             raise ValueError(f"quantization={self.quantization!r} is not supported with "
                              f"task={self.task!r} yet; the review task's stages take it")
+        if self.task not in TASKS:
+            raise ValueError(f"task={self.task!r} is not a task; expected one of {TASKS}")
         # PipelineConfig(algorithm="grpo") in Python: the RL stage, left at the built-in task's
         # PPO settings, starts from the task's settings for that algorithm instead
-        if self.algorithm != "ppo" and self.ppo == _ppo_defaults():
-            self.ppo = _ppo_defaults(self.algorithm)
+        if (self.algorithm != "ppo" or self.task != "reviews") and self.ppo == _ppo_defaults():
+            self.ppo = _ppo_defaults(self.algorithm, self.task)
+        if self.task == "reviews" and self.model is not None:
+            # model= is sft.model; the stages then start from their pretrained-model defaults
+            if self.sft.model not in (None, self.model):
+                raise ValueError(f"model={self.model!r} and sft.model={self.sft.model!r} differ; "
+                                 f"give one of them")
+            if self.sft == _sft_defaults():
+                self.sft = sft.SFTConfig()
+                if self.reward == _reward_defaults():
+                    self.reward = reward.RewardConfig()
+                if self.ppo == _ppo_defaults(self.algorithm):
+                    self.ppo = ppo.PPOConfig()
+            self.sft = replace(self.sft, model=self.model)
 
     @classmethod
     def config_defaults(cls, values) -> PipelineConfig:
@@ -161,11 +190,16 @@ class PipelineConfig:
         model."""
         from rlhf.config import is_set
 
-        if is_set(values, "sft.model"):
+        task_name = str(values.get("task", "reviews")).strip()
+        if task_name == "reviews" and (is_set(values, "sft.model") or is_set(values, "model")):
             return cls(sft=sft.SFTConfig(), reward=reward.RewardConfig(), ppo=ppo.PPOConfig())
-        return cls(ppo=_ppo_defaults(str(values.get("algorithm", "ppo")).strip()))
+        if task_name not in TASKS:
+            task_name = "reviews"  # __post_init__ refuses it with the list of tasks
+        return cls(task=task_name, ppo=_ppo_defaults(str(values.get("algorithm", "ppo")).strip(),
+                                                     task_name))
 
 
+TASKS = ("reviews", "arithmetic")
 # Stage settings the pipeline sets for every stage from its own field of the same name.
 _SET_BY_PIPELINE = ("output_dir", "seed", "device", "max_memory", "resume", "overwrite",
                     "cpu_threads", "algorithm", "quantization")
@@ -215,6 +249,10 @@ def check_settings(cfg: PipelineConfig) -> tuple[bool, tuple[str, ...]]:
     if cfg.algorithm not in ppo.ALGORITHMS:
         raise ValueError(f"algorithm={cfg.algorithm!r} is not an RL algorithm; expected one of "
                          f"{ppo.ALGORITHMS}")
+    if cfg.task == "arithmetic":
+        from rlhf import arithmetic
+
+        return False, arithmetic.check_pipeline_settings(cfg)
     out = Path(cfg.output_dir)
     for stage_name, folder in _stage_folders(cfg).items():
         stage_cfg = getattr(cfg, stage_name)
@@ -310,6 +348,10 @@ def printable_config(cfg: PipelineConfig) -> dict:
     the stage values the pipeline sets (each stage's folder under output_dir, seed, device, ...)
     and without those it ignores (the same dict summary.json records)."""
     _, unused = check_settings(cfg)
+    if cfg.task == "arithmetic":
+        from rlhf import arithmetic
+
+        return arithmetic.used_config(cfg, unused)
     return _used_config(cfg, stage_configs(cfg), unused)
 
 
@@ -399,6 +441,10 @@ def run(cfg: PipelineConfig) -> dict:
         with open_run(cfg.output_dir, "pipeline", asdict(cfg), resume=cfg.resume,
                       overwrite=cfg.overwrite,
                       run_files=PIPELINE_RUN_FILES + _RL_RUN_FILES) as run_dir:
+            if cfg.task == "arithmetic":
+                from rlhf import arithmetic
+
+                return arithmetic.run_pipeline(cfg, run_dir)
             return _run(cfg, run_dir)
     finally:
         torch.set_num_threads(previous_threads)

@@ -443,14 +443,17 @@ def _by_rows(fn, rows: int, *tensors: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def make_rollout(backbone, generation: Generation, kl_coef: float, cfg: RLConfig, *,
-                 use_recorded_logprobs: bool = False) -> Rollout:
+                 use_recorded_logprobs: bool = False,
+                 scores: torch.Tensor | None = None) -> Rollout:
     """Score a generation and turn it into the algorithm's targets (everything under no_grad).
 
     ``use_recorded_logprobs``: the old log-probs are ``generation.logprobs`` (recorded by the
     engine while sampling) instead of a policy forward over the sequences; only correct when
     ``recorded_logprobs_match`` says so. Forwards run ``cfg.forward_batch_size`` rows at a time.
     Critic-free: the generation's rows are consecutive groups of ``group_size`` samples of one
-    prompt (the layout ``RolloutEngine.generate(samples_per_prompt=...)`` gives).
+    prompt (the layout ``RolloutEngine.generate(samples_per_prompt=...)`` gives). ``scores``
+    (B,): the sequences' scores from a reward function (a verifiable reward), in place of the
+    reward model's.
     """
     s = cfg.settings
     seq, mask = generation.sequences, generation.attention_mask
@@ -458,7 +461,8 @@ def make_rollout(backbone, generation: Generation, kl_coef: float, cfg: RLConfig
     start = prompt_length - 1  # the hidden state at position P - 1 + j scores response token j
     action_mask = generation.response_mask.float()
     chunk = cfg.forward_batch_size
-    scores = _by_rows(backbone.rewards, chunk, seq, mask).float()
+    if scores is None:
+        scores = _by_rows(backbone.rewards, chunk, seq, mask).float()
     ref_logprobs = _by_rows(
         lambda s_, m: backbone.reference_logprobs(s_, m, temperature=cfg.temperature,
                                                   start=start),
@@ -710,6 +714,7 @@ def train(
     prompts: Sequence[str] | None = None,
     gold_fn: Callable[[list[str]], list[float]] | None = None,
     on_iteration: Callable[[int, dict], None] | None = None,
+    reward_fn: Callable[[list, list[str]], Sequence[float]] | None = None,
 ) -> dict:
     """Run the RL stage (``cfg.algorithm``); returns a summary (last metrics, output paths).
 
@@ -717,6 +722,11 @@ def train(
     replace what ``cfg`` would load. ``gold_fn(response_texts) -> scores`` is a judge that the
     run does not optimise (VADER on the built-in task), logged beside the proxy reward.
     ``on_iteration(iteration, metrics)`` runs after every iteration (tests interrupt with it).
+    ``reward_fn(prompts, responses) -> scores`` (one prompt per row, as given in ``prompts``,
+    repeated for each sample of its group; the decoded response texts) replaces the reward
+    model: a verifiable reward such as exact match (rlhf/arithmetic.py). The backbone then needs
+    no reward adapter (one is dropped), and PPO's critic starts fresh on the policy's base: its
+    own LoRA adapter and a zero value head.
     ``output_dir`` is locked and tied to the run by its run.json, as in ``rlhf.sft.train``; a
     resume must keep the run's algorithm.
     """
@@ -728,7 +738,33 @@ def train(
     with checkpoint.open_run(cfg.output_dir, cfg.algorithm, asdict(cfg), resume=cfg.resume,
                              overwrite=cfg.overwrite) as run:
         return _train(cfg, run, backbone=backbone, tokenizer=tokenizer, prompts=prompts,
-                      gold_fn=gold_fn, on_iteration=on_iteration)
+                      gold_fn=gold_fn, on_iteration=on_iteration, reward_fn=reward_fn)
+
+
+def _function_scores(reward_fn, prompts, rows: torch.Tensor, group_size: int,
+                     texts: list[str], device: torch.device) -> torch.Tensor:
+    """(B,) fp32 scores of a reward function for one rollout (rows: the prompts' indices, each
+    sampled ``group_size`` times in consecutive rows)."""
+    row_prompts = [prompts[i] for i in rows.tolist() for _ in range(group_size)]
+    scores = [float(x) for x in reward_fn(row_prompts, texts)]
+    if len(scores) != len(texts):
+        raise ValueError(f"reward_fn returned {len(scores)} scores for {len(texts)} responses; "
+                         f"it must return one score per response")
+    bad = [x for x in scores if not math.isfinite(x)]
+    if bad:
+        raise ValueError(f"reward_fn returned non-finite scores ({bad[:3]}); every score must be "
+                         f"a finite number")
+    return torch.tensor(scores, dtype=torch.float32, device=device)
+
+
+@torch.no_grad()
+def _fresh_critic(backbone) -> None:
+    """PPO with a reward function: the critic adapter as initialised (B = 0: the base model)
+    and a zero value head, so the first value estimates are 0, not a random projection of the
+    hidden states (whose scale a pretrained model sets, and which the value clip would keep for
+    many updates)."""
+    backbone.value_head.weight.zero_()
+    backbone.value_head.bias.zero_()
 
 
 def _group_metrics(scores: torch.Tensor, rewards: torch.Tensor, advantages: torch.Tensor,
@@ -748,7 +784,8 @@ def _group_metrics(scores: torch.Tensor, rewards: torch.Tensor, advantages: torc
     }
 
 
-def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iteration) -> dict:
+def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iteration,
+           reward_fn=None) -> dict:
     from rlhf import data
     from rlhf.metrics import MetricsLogger
     from rlhf.models import SharedBackbone
@@ -783,7 +820,11 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
     device = resolve_device(cfg.device, cfg.max_memory)
     backbone = distributed.prepare(backbone, device, None, stage=name)  # torchrun: ddp / fsdp2
     backbone.to(device)
-    if s.uses_critic:
+    if reward_fn is not None and "reward" in backbone.roles:
+        backbone.drop_role("reward")  # the reward function scores: the adapter is never used
+    if s.uses_critic and reward_fn is not None:
+        _fresh_critic(backbone)
+    elif s.uses_critic:
         backbone.init_critic_from_reward()
     elif "critic" in backbone.roles:
         backbone.drop_role("critic")  # never used: its adapter would only take memory
@@ -859,10 +900,16 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
             ).without_prompt_padding()
             rollout_time = time.perf_counter() - started
             backbone.packing.take_stats()  # count this iteration's scoring and update forwards
+            given_scores = None
+            if reward_fn is not None:
+                given_scores = _function_scores(reward_fn, prompts, rows, s.group_size,
+                                                decode_responses(tokenizer, generation), device)
             with torch.autocast(device.type, dtype=autocast_dtype,
                                 enabled=autocast_dtype is not None):
                 rollout = make_rollout(backbone, generation, kl_controller.value, cfg,
-                                       use_recorded_logprobs=use_recorded)
+                                       use_recorded_logprobs=use_recorded,
+                                       scores=given_scores)
+            scoring_time = time.perf_counter() - started - rollout_time
             # torchrun: every rank holds the global rollout and cuts the same minibatches
             rollout = distributed.gather_rollout(rollout, tokenizer.pad_token_id)
             backbone.train()
@@ -947,6 +994,8 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
                 "lr": scheduler.get_last_lr()[0],
                 "skipped_steps": skipped,
                 "rollout_s": rollout_time,
+                "scoring_s": scoring_time,
+                "update_s": elapsed - rollout_time - scoring_time,
                 "iteration_s": elapsed,
                 "tokens_per_s": n_response_tokens / max(elapsed, 1e-9),
                 "peak_memory_mb": _peak_memory_mb(device),
