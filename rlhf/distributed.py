@@ -130,7 +130,11 @@ def init_from_env(device: str = "auto") -> bool:
     cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=_timeout())
+    # RLHF_DIST_BACKEND=gloo on GPUs: debugging, or several ranks on one GPU (NCCL refuses that)
+    backend = os.environ.get("RLHF_DIST_BACKEND") or ("nccl" if cuda else "gloo")
+    if backend not in ("nccl", "gloo"):
+        raise ValueError(f"RLHF_DIST_BACKEND={backend!r}: expected nccl or gloo")
+    dist.init_process_group(backend, timeout=_timeout())
     if dist.get_rank() != 0:
         os.environ.setdefault("TQDM_DISABLE", "1")
     return is_distributed()
@@ -498,9 +502,7 @@ def sum_gradients(params: Sequence[torch.nn.Parameter],
         buckets[-1].append(p)
         size += p.numel()
     if not buckets:  # nothing to train on this step: the scalars still need their sum
-        device = torch.device("cuda", torch.cuda.current_device()) \
-            if dist.get_backend() == "nccl" else torch.device("cpu")
-        flat = torch.tensor(list(scalars), dtype=torch.float64, device=device)
+        flat = torch.tensor(list(scalars), dtype=torch.float64, device=_device())
         _collective("all_reduce", "all-reduce of the step's metrics", dist.all_reduce, flat)
         return flat.tolist()
     out: list[float] = list(scalars)
@@ -565,6 +567,7 @@ def reduce_stats(sums: dict[str, float]) -> dict[str, float]:
 
 
 def _device() -> torch.device:
+    """Where the small tensors of a collective live: this rank's GPU under nccl, else the CPU."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

@@ -55,6 +55,8 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache
 
+from rlhf import distributed
+
 __all__ = [
     "DECODE_GRAPH_MODES",
     "Generation",
@@ -576,7 +578,8 @@ class RolloutEngine:
             steps = t + 1
             if t + 1 == max_new_tokens:
                 break
-            if eos is not None and (t + 1) % check_every == 0 and bool(finished.all()):
+            # torchrun + fsdp2: every rank decodes until all are done (rlhf/distributed.py)
+            if eos is not None and (t + 1) % check_every == 0 and distributed.all_done(finished):
                 break
             # feed the token: slot P + t opens in the mask, the row's position advances by one
             self._step_ids.copy_(tokens[:, t:t + 1])

@@ -192,7 +192,39 @@ def run_scenario(name: str, out: Path, tokenizer, on_step=None):
                             tokenizer=tokenizer, prompts=task.all_prompts("train")[:32])
         finally:
             rl.RolloutEngine = original
+    if base == "engine":
+        return _engine_scenario(directory, tokenizer)
     raise ValueError(f"unknown scenario {name!r}")
+
+
+def _engine_scenario(directory: Path, tokenizer) -> None:
+    """The real rollout engine on the prepared backbone (fsdp2: sharded layers): each rank
+    samples its own prompts, with a third of the vocabulary ending a response so that the ranks'
+    rows finish at different steps, and must draw exactly what the unsharded backbone draws."""
+    from rlhf import distributed, rl, task
+    from rlhf.engine import RolloutEngine
+
+    backbone = tiny_backbone(tokenizer)
+    prompts = task.all_prompts("train")[4 * distributed.rank():4 * distributed.rank() + 4]
+    ids, mask = rl.encode_prompts(prompts, tokenizer, 40)
+    stop = list(range(3, len(tokenizer) // 3))
+    kwargs = dict(eos_token_id=stop, pad_token_id=tokenizer.pad_token_id,
+                  seed=11 + distributed.rank())
+    before = RolloutEngine(backbone).generate(ids, mask, 12, **kwargs)
+    backbone = distributed.prepare(backbone, torch.device("cpu"), None, stage="engine")
+    engine = RolloutEngine(backbone)
+    distributed.prepare_engine(engine)
+    after = engine.generate(ids, mask, 12, **kwargs)
+    same = torch.equal(before.sequences, after.sequences) and \
+        torch.equal(before.logprobs, after.logprobs)
+    mine = torch.tensor([before.response_mask.shape[1], int(same)])
+    everyone = [torch.zeros_like(mine) for _ in range(distributed.world_size())]
+    torch.distributed.all_gather(everyone, mine)
+    if distributed.is_main():
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "result.json").write_text(json.dumps({
+            "strategy": distributed.strategy(), "same": [bool(x[1]) for x in everyone],
+            "response_lengths": [int(x[0]) for x in everyone]}))
 
 
 def launch(scenarios: list[str], out: Path, world_size: int = 2, timeout: float = 240,

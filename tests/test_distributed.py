@@ -2,12 +2,13 @@
 
 One group of 2 CPU processes (gloo, started as torchrun starts them: tests/distributed_worker.py)
 runs, one after the other: the reward model (ddp and fsdp2), PPO and GRPO (ddp, GRPO also
-fsdp2) on rollouts that depend on the prompt rows alone (``FixedEngine``), and SFT with a
-checkpoint every step, during which rank 1 dies. The same runs in this process (world size 1)
-are the reference: losses and every other logged number, and the trained adapters / weights, to
-fp32 tolerance. The SFT run must stop with a clear error on rank 0 (not hang), leave its step-2
-checkpoint, and resume from it here at world size 1 to the same steps 3 and 4 as an
-uninterrupted run. Process start-up (torch + transformers, twice) dominates the time.
+fsdp2) on rollouts that depend on the prompt rows alone (``FixedEngine``), the real rollout
+engine on fsdp2-sharded layers, and SFT with a checkpoint every step, during which rank 1
+dies. The same runs in this process (world size 1) are the reference: losses and every other
+logged number, and the trained adapters / weights, to fp32 tolerance. The SFT run must stop
+with a clear error on rank 0 (not hang), leave its step-2 checkpoint, and resume from it here
+at world size 1 to the same steps 3 and 4 as an uninterrupted run. Process start-up (torch +
+transformers, in each rank) dominates the time.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from rlhf import distributed  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-GROUP_SCENARIOS = ["rm", "rm@fsdp2", "ppo", "grpo", "grpo@fsdp2", "sft_ckpt"]
+GROUP_SCENARIOS = ["rm", "rm@fsdp2", "ppo", "grpo", "grpo@fsdp2", "engine@fsdp2", "sft_ckpt"]
 # measured, not computed: they differ between any two runs
 TIMING_KEYS = {"rollout_s", "scoring_s", "update_s", "iteration_s", "tokens_per_s",
                "pairs_per_s", "peak_memory_mb",
@@ -126,6 +127,15 @@ def test_rl_update_world_size_2_equals_1(runs, scenario):
         assert one.keys() == two.keys()
         for name, value in one.items():
             assert torch.equal(value, two[name]), name
+
+
+def test_rollout_engine_on_sharded_layers(runs):
+    """fsdp2: the real engine (static KV cache, eager decode) on the sharded backbone samples
+    what the whole one samples, and ranks whose rows finish at different steps keep decoding
+    together (each step all-gathers every layer), instead of hanging."""
+    result = json.loads((runs[0] / "ws2" / "engine@fsdp2" / "result.json").read_text())
+    assert result["strategy"] == "fsdp2" and result["same"] == [True, True]
+    assert len(set(result["response_lengths"])) == 2  # the ranks stopped at different steps
 
 
 def test_one_gradient_all_reduce_per_optimizer_step(runs):
