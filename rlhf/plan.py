@@ -67,6 +67,8 @@ PRESETS: dict[str, dict] = {
                  tie_word_embeddings=True, max_position_embeddings=512),
 }
 
+QUANTIZATIONS = ("none", "nf4", "fp4", "int8")  # rlhf/quant.py
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 _DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 # linear_logprobs / linear_ppo_loss: one (rows, V) logits chunk of at most this many bytes
 _LOGITS_BUDGET = {"cuda": 512 * 2**20, "cpu": 64 * 2**20}
@@ -139,6 +141,42 @@ class ModelDims:
 
     def lora_params(self, rank: int) -> int:
         return self.num_layers * sum(rank * (a + b) for a, b in self.linears())
+
+    def lm_head_params(self) -> int:
+        """The lm_head's own parameters (0 when it is tied to the input embeddings)."""
+        return 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+
+    def weight_bytes(self, w: int, quantization: str = "none",
+                     quantize_lm_head: bool = False) -> int:
+        """Bytes of the base weights: everything in ``w`` bytes, except with a quantization
+        the decoder linears (and, with ``quantize_lm_head``, an untied lm_head) as
+        bitsandbytes stores them (``quantized_linear_bytes``)."""
+        total = self.params() * w
+        if quantization == "none":
+            return total
+        shapes = [shape for shape in self.linears() for _ in range(self.num_layers)]
+        if quantize_lm_head and not self.tie_word_embeddings:
+            shapes.append((self.hidden_size, self.vocab_size))
+        for a, b in shapes:
+            total += quantized_linear_bytes(a, b, quantization) - a * b * w
+        return total
+
+
+# bitsandbytes' storage of one quantized (in, out) weight. 4-bit with double quant: two weights
+# per byte, one uint8 absmax per 64-weight block, one fp32 absmax per 256 blocks, the 16-entry
+# fp32 code, the nested 256-entry fp32 code and an fp32 offset. int8: one byte per weight and an
+# fp32 scale per output row (SCB).
+_BNB_BLOCK, _BNB_NESTED_BLOCK = 64, 256
+
+
+def quantized_linear_bytes(fan_in: int, fan_out: int, quantization: str) -> int:
+    n = fan_in * fan_out
+    if quantization == "int8":
+        return n + 4 * fan_out
+    if quantization not in ("nf4", "fp4"):
+        raise ValueError(f"quantization={quantization!r} is not one of {QUANTIZATIONS}")
+    blocks = -(-n // _BNB_BLOCK)
+    return (n + 1) // 2 + blocks + 4 * -(-blocks // _BNB_NESTED_BLOCK) + 4 * (16 + 256 + 1)
 
 
 def _load_config(config) -> dict:
@@ -214,11 +252,17 @@ def plan(config="qwen2.5-1.5b", *, batch: int = 16, prompt_length: int = 128,
          gradient_checkpointing: bool = True, minibatch: int | None = None,
          forward_chunk: int | None = None, device: str = "cuda", top_p: float = 1.0,
          overhead_gib: float = 0.0, config_overrides: dict | None = None,
-         critic: bool = True) -> dict:
+         critic: bool = True, quantization: str = "none", quantize_lm_head: bool = False,
+         optimizer: str = "adamw") -> dict:
     """Expected peak bytes per stage of one PPO iteration (module docstring).
 
     config: a preset name, a config.json path (or its directory), a dict or an HF config.
     minibatch / forward_chunk: rows per update step / per scoring forward (default: batch).
+    quantization: the base's decoder linears as bitsandbytes stores them (``dtype`` is then the
+    compute dtype of everything else); each quantized matmul dequantizes its weight to
+    ``dtype`` first, so one layer's largest weight is a transient of every forward and backward.
+    optimizer: the adapters' AdamW (``adamw8bit``: 1-byte moments for tensors of 4096 elements
+    or more; ``paged_*`` as their unpaged versions: paging only moves what does not fit).
     Returns ``{"peak_bytes", "peak_stage", "resident": {...}, "stages": {stage: {part: bytes,
     "total": bytes}}, "inputs": {...}}``.
     """
@@ -235,6 +279,7 @@ def plan(config="qwen2.5-1.5b", *, batch: int = 16, prompt_length: int = 128,
         if value is not None and value < 1:
             raise ValueError(f"{name} must be >= 1 (rows), or None for the whole batch; got "
                              f"{value}")
+    _check_choices(quantization, optimizer, quantize_lm_head)
     minibatch = minibatch or batch
     forward_chunk = min(forward_chunk or batch, batch)
     w = _DTYPE_BYTES[dtype]
@@ -244,11 +289,18 @@ def plan(config="qwen2.5-1.5b", *, batch: int = 16, prompt_length: int = 128,
     head = h + 1
     # policy adapter, critic adapter + value head (critic-free: the policy adapter alone)
     trained = 2 * lora + head if critic else lora
+    trained_tensors = _lora_tensors(d, lora_rank) * (2 if critic else 1) + ([h, 1] if critic
+                                                                            else [])
+    # a quantized layer's weight, dequantized for its matmul (the largest of a layer), and a
+    # quantized lm_head's, dequantized whole for the fused log-probs and the decode step
+    dequant = _dequant_bytes(d, w, quantization)
+    head_dequant = (v * h * w if quantization != "none" and quantize_lm_head
+                    and not d.tie_word_embeddings else 0)
 
     resident = {
-        "weights": d.params() * w,
+        "weights": d.weight_bytes(w, quantization, quantize_lm_head),
         "adapters_and_heads": 4 * ((3 if critic else 2) * lora + 2 * head),
-        "adam_states": 2 * 4 * trained,
+        "adam_states": adam_state_bytes(trained_tensors, optimizer),
         "kv_cache": 2 * L * batch * d.kv_dim * S * w,
         "rollout_tensors": batch * S * (8 + 8) + batch * response_length * (4 * 8),
     }
@@ -256,16 +308,17 @@ def plan(config="qwen2.5-1.5b", *, batch: int = 16, prompt_length: int = 128,
 
     # rollout: the prefill's layer working set, or one decode step's (B, V) sampling buffers
     prefill_tokens = batch * prompt_length
-    prefill = (prefill_tokens * (_layer_forward_peak(d, w, lora=True) + w * h)
+    prefill = (_forward_peak(d, w, prefill_tokens, dequant)
                + batch * prompt_length * S * w  # the 4-D additive prefill mask
                + 2 * prefill_tokens * d.head_dim * max(w, 4))  # rotary cos / sin
-    sampling = batch * v * (w + 4 * 5 + (4 * 3 + 8 if top_p < 1.0 else 0))
+    sampling = batch * v * (w + 4 * 5 + (4 * 3 + 8 if top_p < 1.0 else 0)) + head_dequant
     rollout = {"prefill_or_decode": max(prefill, sampling)}
 
     # scoring: one no-grad forward of forward_chunk rows, then the head read
     n = forward_chunk * S
-    forward = n * (_layer_forward_peak(d, w, lora=True) + w * h) + forward_chunk * S * S
-    head_read = max(_logits_chunk(n, v, w, device) + n * (4 * 3),  # logp, lse, entropy
+    forward = _forward_peak(d, w, n, dequant) + forward_chunk * S * S
+    head_read = max(_logits_chunk(n, v, w, device) + n * (4 * 3)  # logp, lse, entropy
+                    + head_dequant,
                     # the value head reads an fp32 copy of the hidden states
                     n * 4 * h + n * 4 if critic else 0)
     scoring = {"forward": max(forward, n * w * h + head_read)}
@@ -278,10 +331,11 @@ def plan(config="qwen2.5-1.5b", *, batch: int = 16, prompt_length: int = 128,
     # the peak is either in the last layer's backward (its saved activations, recomputed under
     # checkpointing, and gradient temporaries) or at the loss head, after the forward
     layer_backward = n * (_layer_backward_extra(d, w)
-                          + (_layer_saved(d, w) if gradient_checkpointing else 0))
+                          + (_layer_saved(d, w) if gradient_checkpointing else 0)) + dequant
     final = n * w * h * 3  # final norm input / output and the returned hidden states
     policy_head = (n_resp * w * h * 2  # the response slice and its gradient
-                   + _logits_chunk(n_resp, v, w, device) * 2)  # logits chunk and d logits
+                   + _logits_chunk(n_resp, v, w, device) * 2  # logits chunk and d logits
+                   + head_dequant)
     value_head = n * 4 * h * 2 if critic else 0  # fp32 copy of the hidden states, its grad
     update = {
         "grads": grads,
@@ -305,8 +359,53 @@ def plan(config="qwen2.5-1.5b", *, batch: int = 16, prompt_length: int = 128,
                        response_length=response_length, lora_rank=lora_rank, dtype=dtype,
                        gradient_checkpointing=gradient_checkpointing, minibatch=minibatch,
                        forward_chunk=forward_chunk, device=device, params=d.params(),
-                       lora_params_per_adapter=lora, critic=critic),
+                       lora_params_per_adapter=lora, critic=critic,
+                       quantization=quantization, quantize_lm_head=quantize_lm_head,
+                       optimizer=optimizer),
     }
+
+
+def _check_choices(quantization: str, optimizer: str, quantize_lm_head: bool) -> None:
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization={quantization!r} is not one of {QUANTIZATIONS}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r} is not one of {OPTIMIZERS}")
+    if quantize_lm_head and quantization == "int8":
+        raise ValueError("quantize_lm_head with int8 is refused by the trainer (rlhf/quant.py: "
+                         "LLM.int8 quantizes the head's inputs too); plan nf4 or fp4")
+
+
+def _lora_tensors(d: ModelDims, rank: int) -> list[int]:
+    """Element counts of one adapter's tensors: A (rank x in) and B (out x rank) per linear."""
+    return [n for a, b in d.linears() for n in (rank * a, b * rank)] * d.num_layers
+
+
+def adam_state_bytes(numels: list[int], optimizer: str = "adamw") -> int:
+    """AdamW state bytes of fp32 tensors of these element counts. torch: two fp32 moments.
+    bitsandbytes 8-bit: tensors of 4096 elements or more get two uint8 moments, an fp32 absmax
+    per 256-element block each and two 256-entry fp32 maps; smaller ones stay 32-bit."""
+    if optimizer.endswith("8bit"):
+        return sum(2 * n + 2 * 4 * -(-n // 256) + 2 * 256 * 4 if n >= 4096 else 8 * n
+                   for n in numels)
+    return sum(8 * n for n in numels)
+
+
+def _forward_peak(d: ModelDims, w: int, tokens: int, dequant: int) -> int:
+    """Peak bytes of one layer's no-grad forward over ``tokens`` (plus the hidden states it
+    returns). A quantized matmul's dense weight lives while the base product is computed: with
+    the residual, the normed input and the MLP's two products, before the LoRA terms exist."""
+    h, i = d.hidden_size, d.intermediate_size
+    lora_peak = tokens * (_layer_forward_peak(d, w, lora=True) + w * h)
+    return max(lora_peak, tokens * (3 * w * h + 2 * w * i) + dequant)
+
+
+def _dequant_bytes(d: ModelDims, w: int, quantization: str) -> int:
+    """The transient dense weight of a quantized matmul: bitsandbytes' 4-bit path dequantizes
+    the layer's weight to the compute dtype and runs a plain matmul (the largest linear of a
+    layer bounds it); LLM.int8() multiplies int8 by int8 and holds no dense weight."""
+    if quantization in ("nf4", "fp4"):
+        return max(a * b for a, b in d.linears()) * w
+    return 0
 
 
 class LiveTensorTracker:

@@ -47,8 +47,8 @@ from torch import nn
 
 __all__ = ["OPTIMIZERS", "QUANTIZATIONS", "bnb_config", "check_optimizer", "check_quantization",
            "check_trainable", "compute_dtype", "dense_weight", "describe", "is_quantized_linear",
-           "make_optimizer", "merge_lora_into_dense", "out_features", "quantization_of",
-           "state_bytes"]
+           "make_optimizer", "merge_lora_into_dense", "out_features", "quant_state_tensors",
+           "quantization_of", "state_bytes"]
 
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
@@ -179,6 +179,25 @@ def describe(model: nn.Module) -> dict:
             dense.append(name)
     return {"quantization": quantization_of(model), "quantized_linears": quantized,
             "dense_linears": dense}
+
+
+def quant_state_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """The tensors bitsandbytes keeps beside the quantized weights (absmax, codes, offsets, int8
+    row scales): not parameters or buffers, so a byte count of those misses them."""
+    tensors = []
+    for module in model.modules():
+        if not is_quantized_linear(module):
+            continue
+        weight = module.weight
+        state = getattr(weight, "quant_state", None)
+        while state is not None:
+            tensors += [t for t in (state.absmax, state.code, getattr(state, "offset", None))
+                        if isinstance(t, torch.Tensor)]
+            state = state.state2 if getattr(state, "nested", False) else None
+        scale = getattr(weight, "SCB", None)
+        if isinstance(scale, torch.Tensor):
+            tensors.append(scale)
+    return tensors
 
 
 def out_features(linear: nn.Module) -> int:

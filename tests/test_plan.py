@@ -29,10 +29,12 @@ from rlhf.engine import RolloutEngine
 GIB = 2**30
 
 
-def _measure(cfg: E2EConfig) -> tuple[int, dict[str, int]]:
+def _measure(cfg: E2EConfig, backbone=None) -> tuple[int, dict[str, int]]:
     """(resident bytes before the iteration, peak bytes per stage) of the second iteration."""
+    from rlhf.quant import quant_state_tensors
+
     device = torch.device("cpu")
-    backbone = build_backbone(cfg)
+    backbone = backbone if backbone is not None else build_backbone(cfg)
     optimizer = make_optimizer(backbone, cfg)
     engine = RolloutEngine(backbone)
     prompt_ids, prompt_mask = synthetic_prompts(cfg, backbone.vocab_size, device)
@@ -40,6 +42,7 @@ def _measure(cfg: E2EConfig) -> tuple[int, dict[str, int]]:
     ppo_iteration(backbone, engine, optimizer, prompt_ids, prompt_mask, cfg, StageClock(device))
     tracker = planner.LiveTensorTracker()
     tracker.add(*backbone.parameters(), *backbone.buffers(), prompt_ids, prompt_mask)
+    tracker.add(*quant_state_tensors(backbone.causal_lm))  # absmax and codes of a 4-bit base
     for state in optimizer.state.values():
         tracker.add(*state.values())
     tracker.add(*[t for t in engine.cache.keys + engine.cache.values if t is not None])
@@ -69,6 +72,59 @@ def test_plan_within_25_percent_of_measured_cpu_peaks(dtype, sizes):
             f"{stage}: planned {plan_total} B, measured {measured} B ({plan_total / measured:.2f}x)"
         )
         # the part that depends on batch and lengths, on its own (weights do not hide it)
+        measured_extra, plan_extra = measured - resident, plan_total - planned_resident
+        assert abs(plan_extra - measured_extra) <= 0.25 * measured_extra, (
+            f"{stage} above the resident state: planned {plan_extra} B, measured "
+            f"{measured_extra} B ({plan_extra / measured_extra:.2f}x)"
+        )
+
+
+def _quantized_backbone(cfg: E2EConfig, quantization: str, directory):
+    """build_backbone's model, saved and loaded back quantized by bitsandbytes (the trainer's
+    load path), with the same adapters set-up."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.models import LoraSpec, SharedBackbone, load_causal_lm
+
+    config = planner.hf_config(cfg.shape)
+    torch.manual_seed(cfg.seed)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(directory)
+    model = load_causal_lm(directory, quantization=quantization, attn_implementation="sdpa")
+    backbone = SharedBackbone.from_model(model, lora=LoraSpec(rank=cfg.lora_rank,
+                                                              alpha=2 * cfg.lora_rank),
+                                         gradient_checkpointing=cfg.gradient_checkpointing,
+                                         name_or_path=str(directory))
+    with torch.no_grad():
+        for name, param in backbone.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 1e-3)
+    backbone.set_trainable(("policy", "critic"))
+    return backbone
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_quantized_plan_within_25_percent_of_measured_cpu_peaks(tmp_path, monkeypatch):
+    """The same accounting on an nf4 base loaded by bitsandbytes (fp32 compute on the CPU):
+    packed weights, absmax and codes resident, the dequantized weight of each 4-bit matmul
+    transient. The resident state must be far below the unquantized plan's (the check fails
+    if the planner ignored the quantization: the tiny model's linears are 40% of its bytes)."""
+    pytest.importorskip("bitsandbytes")
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
+    sizes = dict(batch=2, prompt_length=12, response_length=8, minibatch=2, forward_chunk=1)
+    cfg = E2EConfig(shape="tiny", lora_rank=4, dtype="float32", device="cpu", warmup=0,
+                    iterations=1, **sizes)
+    resident, peaks = _measure(cfg, _quantized_backbone(cfg, "nf4", tmp_path / "base"))
+    predicted = planner.plan("tiny", lora_rank=4, dtype="float32", device="cpu",
+                             quantization="nf4", **sizes)
+    unquantized = planner.plan("tiny", lora_rank=4, dtype="float32", device="cpu", **sizes)
+    planned_resident = predicted["stages"]["rollout"]["resident"]
+    assert abs(planned_resident - resident) <= 0.05 * resident, (planned_resident, resident)
+    assert unquantized["stages"]["rollout"]["resident"] > 1.3 * resident
+    for stage in planner.STAGES:
+        measured, plan_total = peaks[stage], predicted["stages"][stage]["total"]
+        assert abs(plan_total - measured) <= 0.25 * measured, (
+            f"{stage}: planned {plan_total} B, measured {measured} B ({plan_total / measured:.2f}x)"
+        )
         measured_extra, plan_extra = measured - resident, plan_total - planned_resident
         assert abs(plan_extra - measured_extra) <= 0.25 * measured_extra, (
             f"{stage} above the resident state: planned {plan_extra} B, measured "
