@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+# the stages' device: cpu in the tests; tests/distributed_gpu_check.py sets cuda
+DEVICE = os.environ.get("RLHF_TEST_DEVICE", "cpu")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,7 +90,7 @@ def sft_config(output_dir, **overrides):
 
     settings = dict(output_dir=str(output_dir), max_steps=3, batch_size=6, grad_accum_steps=2,
                     lr=1e-2, warmup_steps=1, log_every=1, save_every=0, max_length=48,
-                    device="cpu")
+                    device=DEVICE, bf16=False)
     settings.update(overrides)
     return sft.SFTConfig(**settings)
 
@@ -98,7 +100,7 @@ def rm_config(output_dir, **overrides):
 
     settings = dict(output_dir=str(output_dir), batch_size=8, grad_accum_steps=2, epochs=1.5,
                     lr=1e-2, warmup_steps=1, log_every=1, eval_every=0, save_every=0,
-                    max_length=48, device="cpu", lora_rank=4, lora_alpha=8)
+                    max_length=48, device=DEVICE, bf16=False, lora_rank=4, lora_alpha=8)
     settings.update(overrides)
     return reward.RewardConfig(**settings)
 
@@ -109,7 +111,7 @@ def rl_config(output_dir, algorithm: str, **overrides):
     settings = dict(output_dir=str(output_dir), algorithm=algorithm, num_iterations=2,
                     rollout_batch_size=8, minibatch_size=2, grad_accum_steps=2, ppo_epochs=2,
                     max_new_tokens=6, max_prompt_length=40, lr=1e-2, warmup_steps=1,
-                    save_every=0, device="cpu", kl_target=2.0, kl_horizon=50,
+                    save_every=0, device=DEVICE, bf16=False, kl_target=2.0, kl_horizon=50,
                     old_logprobs="forward", forward_batch_size=0)
     if algorithm == "ppo":
         settings["critic_lr"] = 1e-2
@@ -141,7 +143,7 @@ class FixedEngine:
         mask = mask.repeat_interleave(samples_per_prompt, 0)
         rows, lengths = [], []
         for row in range(ids.shape[0]):
-            key = int((ids[row] * mask[row]).sum()) * 131 + (row % samples_per_prompt) * 7 \
+            key = int((ids[row] * mask[row]).sum().item()) * 131 + (row % samples_per_prompt) * 7 \
                 + self.calls
             generator = torch.Generator().manual_seed(key)
             length = int(torch.randint(1, max_new_tokens + 1, (1,), generator=generator))
@@ -151,12 +153,14 @@ class FixedEngine:
             rows.append(tokens)
             lengths.append(length)
         longest = max(lengths)
-        tokens = torch.stack(rows)[:, :longest]
-        response_mask = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]
+        tokens = torch.stack(rows)[:, :longest].to(ids.device)
+        response_mask = (torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]
+                         ).to(ids.device)
         return Generation(sequences=torch.cat([ids, tokens], 1),
                           attention_mask=torch.cat([mask, response_mask.long()], 1),
                           response_mask=response_mask,
-                          logprobs=torch.zeros(tokens.shape, dtype=torch.float32),
+                          logprobs=torch.zeros(tokens.shape, dtype=torch.float32,
+                                               device=ids.device),
                           prompt_length=ids.shape[1])
 
     def release(self):
@@ -203,28 +207,33 @@ def _engine_scenario(directory: Path, tokenizer) -> None:
     rows finish at different steps, and must draw exactly what the unsharded backbone draws."""
     from rlhf import distributed, rl, task
     from rlhf.engine import RolloutEngine
+    from rlhf.stage import resolve_device
 
-    backbone = tiny_backbone(tokenizer)
+    device = resolve_device(DEVICE)
+    backbone = tiny_backbone(tokenizer).to(device)
     prompts = task.all_prompts("train")[4 * distributed.rank():4 * distributed.rank() + 4]
-    ids, mask = rl.encode_prompts(prompts, tokenizer, 40)
+    ids, mask = (t.to(device) for t in rl.encode_prompts(prompts, tokenizer, 40))
     stop = list(range(3, len(tokenizer) // 3))
     kwargs = dict(eos_token_id=stop, pad_token_id=tokenizer.pad_token_id,
                   seed=11 + distributed.rank())
-    before = RolloutEngine(backbone).generate(ids, mask, 12, **kwargs)
-    backbone = distributed.prepare(backbone, torch.device("cpu"), None, stage="engine")
+    whole = RolloutEngine(backbone)
+    before = whole.generate(ids, mask, 12, **kwargs)
+    before_mode = whole._mode_for(device)
+    backbone = distributed.prepare(backbone, device, None, stage="engine")
     engine = RolloutEngine(backbone)
     distributed.prepare_engine(engine)
     after = engine.generate(ids, mask, 12, **kwargs)
     same = torch.equal(before.sequences, after.sequences) and \
         torch.equal(before.logprobs, after.logprobs)
-    mine = torch.tensor([before.response_mask.shape[1], int(same)])
+    mine = torch.tensor([before.response_mask.shape[1], int(same)], device=device)
     everyone = [torch.zeros_like(mine) for _ in range(distributed.world_size())]
     torch.distributed.all_gather(everyone, mine)
     if distributed.is_main():
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "result.json").write_text(json.dumps({
             "strategy": distributed.strategy(), "same": [bool(x[1]) for x in everyone],
-            "response_lengths": [int(x[0]) for x in everyone]}))
+            "response_lengths": [int(x[0]) for x in everyone],
+            "decode_graph": [before_mode, engine.decode_graph]}))
 
 
 def launch(scenarios: list[str], out: Path, world_size: int = 2, timeout: float = 240,
@@ -238,8 +247,8 @@ def launch(scenarios: list[str], out: Path, world_size: int = 2, timeout: float 
         rank_env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank),
                         WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                         MASTER_PORT=str(port), RLHF_KERNELS_BACKEND="reference",
-                        RLHF_DIST_TIMEOUT="60", TQDM_DISABLE="1", OMP_NUM_THREADS="1",
-                        **(env or {}))
+                        RLHF_DIST_TIMEOUT="60", TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+        rank_env.update(env or {})
         procs.append(subprocess.Popen(
             [sys.executable, str(HERE / "distributed_worker.py"), str(out), *scenarios],
             env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
@@ -263,7 +272,7 @@ def main(argv: list[str]) -> None:
     from rlhf import distributed
 
     torch.set_num_threads(1)
-    distributed.init_from_env("cpu")
+    distributed.init_from_env(DEVICE)
     tokenizer = load_tokenizer(out / "tokenizer")
     counts = {}
     die_at = int(os.environ.get("KILL_RANK1_AT_STEP", "0"))
