@@ -150,6 +150,8 @@ class PipelineConfig:
     # (sft.lora_rank > 0: QLoRA); full-weight SFT (the built-in tiny model) trains in full
     # precision and the later stages load its result quantized (docs/quantization.md)
     quantization: str = "none"
+    # every stage recomputes layer activations in its backward (each stage's own setting)
+    gradient_checkpointing: bool = False
     eval_problems: int = 500  # task=arithmetic: held-out problems of the greedy accuracy
     curve_every: int = 10  # task=arithmetic: held-out accuracy every N iterations (0: off) ...
     curve_problems: int = 100  # ... on the first N held-out problems, for the curve
@@ -202,7 +204,7 @@ class PipelineConfig:
 TASKS = ("reviews", "arithmetic")
 # Stage settings the pipeline sets for every stage from its own field of the same name.
 _SET_BY_PIPELINE = ("output_dir", "seed", "device", "max_memory", "resume", "overwrite",
-                    "cpu_threads", "algorithm", "quantization")
+                    "cpu_threads", "algorithm", "quantization", "gradient_checkpointing")
 # Stage settings that mean nothing inside the pipeline, and why.
 _NOT_IN_PIPELINE = {
     ("sft", "corpus_size"): "the built-in corpus has the pipeline's corpus_size",
@@ -316,7 +318,8 @@ def stage_configs(cfg: PipelineConfig) -> dict:
         settings = {"output_dir": str(out / folder), "seed": cfg.seed, "device": cfg.device,
                     "max_memory": cfg.max_memory, "resume": cfg.resume,
                     "cpu_threads": cfg.cpu_threads, "algorithm": cfg.algorithm,
-                    "quantization": cfg.quantization}
+                    "quantization": cfg.quantization,
+                    "gradient_checkpointing": cfg.gradient_checkpointing}
         if name == "sft" and not (stage_cfg.model is not None and stage_cfg.lora_rank):
             # full-weight SFT trains in full precision; the reward stage quantizes its result
             settings["quantization"] = "none"

@@ -37,8 +37,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["PRESETS", "LiveTensorTracker", "ModelDims", "hf_config", "largest_batch", "main",
-           "plan"]
+__all__ = ["PRESETS", "LiveTensorTracker", "ModelDims", "fit", "fit_table_markdown", "hf_config",
+           "largest_batch", "main", "plan", "plan_training_stage"]
 
 GIB = 2**30
 STAGES = ("rollout", "scoring", "update")
@@ -505,6 +505,249 @@ def largest_batch(config, card_gib: float, *, limit: int = 4096, **kwargs) -> in
     return lo
 
 
+# --------------------------------------------------------------------------------------------
+# the SFT and reward-model stages, and what fits a card
+# --------------------------------------------------------------------------------------------
+PIPELINE_STAGES = ("sft", "rm", "rl")
+# GiB a card loses to what the plan does not count: the CUDA context, cuBLAS / cuDNN
+# workspaces and allocator slack (a few hundred MiB each on current drivers)
+DEFAULT_RESERVE_GIB = 1.0
+
+
+def plan_training_stage(stage: str, config="qwen2.5-1.5b", *, batch: int = 8,
+                        seq_len: int = 384, lora_rank: int = 16, dtype: str = "bfloat16",
+                        device: str = "cuda", quantization: str = "none",
+                        quantize_lm_head: bool = False, optimizer: str = "adamw",
+                        gradient_checkpointing: bool = True,
+                        config_overrides: dict | None = None) -> dict:
+    """Expected peak bytes of one optimizer step of the SFT (``stage="sft"``) or reward-model
+    (``"rm"``) stage, as rlhf/sft.py and rlhf/reward.py run them (their
+    ``gradient_checkpointing`` setting; off by default there, on by default here, as in
+    ``plan``).
+
+    sft: LoRA of ``lora_rank`` on a plain PEFT model (one adapter), ``batch`` rows of
+    ``seq_len`` tokens, the fused log-probs over every position. rm: the SharedBackbone (three
+    adapters, two heads), the reward adapter and head training, ``batch`` pairs = 2 x batch
+    rows in one forward, the reward head reading the last real token.
+    Returns ``{"peak_bytes", "resident": {...}, "step": {...}}``.
+    """
+    if stage not in ("sft", "rm"):
+        raise ValueError(f"stage={stage!r} is not one of ('sft', 'rm'); the RL stage: plan()")
+    values = dict(_load_config(config))
+    values.update(config_overrides or {})
+    d = ModelDims.from_dict(values)
+    if dtype not in _DTYPE_BYTES:
+        raise ValueError(f"dtype={dtype!r} is not one of {sorted(_DTYPE_BYTES)}")
+    _check_choices(quantization, optimizer, quantize_lm_head)
+    for name, value in (("batch", batch), ("seq_len", seq_len), ("lora_rank", lora_rank)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    w = _DTYPE_BYTES[dtype]
+    h, v, L = d.hidden_size, d.vocab_size, d.num_layers
+    lora = d.lora_params(lora_rank)
+    tensors = _lora_tensors(d, lora_rank)
+    dequant = _dequant_bytes(d, w, quantization)
+    head_dequant = (v * h * w if quantization != "none" and quantize_lm_head
+                    and not d.tie_word_embeddings else 0)
+    if stage == "sft":
+        adapters, trained, rows = 4 * lora, lora, batch
+        adam = adam_state_bytes(tensors, optimizer)
+    else:
+        adapters, trained, rows = 4 * (3 * lora + 2 * (h + 1)), lora + h + 1, 2 * batch
+        adam = adam_state_bytes(tensors + [h, 1], optimizer)
+    resident = {"weights": d.weight_bytes(w, quantization, quantize_lm_head),
+                "adapters_and_heads": adapters, "adam_states": adam}
+    n = rows * seq_len
+    final = n * w * h * 3
+    if stage == "sft":  # hidden states x lm_head over every position, fused
+        head = n * w * h * 2 + _logits_chunk(n, v, w, device) * 2 + n * 4 * 2 + head_dequant
+    else:  # the last real token's hidden state, an fp32 copy and the (2B,) rewards
+        head = rows * (4 * h * 2 + 4 * 4)
+    saved = w * h if gradient_checkpointing else _layer_saved(d, w)
+    layer_backward = n * (_layer_backward_extra(d, w)
+                          + (_layer_saved(d, w) if gradient_checkpointing else 0)) + dequant
+    step = {
+        "grads": 4 * trained,
+        "saved_activations": L * n * saved + rows * seq_len * seq_len,
+        "backward_or_head": max(layer_backward, final + head),
+    }
+    total = sum(resident.values()) + sum(step.values())
+    return {"peak_bytes": total, "resident": resident, "step": step}
+
+
+def _stage_peak(stage: str, config, batch: int, prompt_length: int, response_length: int,
+                **kwargs) -> int:
+    if stage == "rl":
+        return plan(config, batch=batch, prompt_length=prompt_length,
+                    response_length=response_length, **kwargs)["peak_bytes"]
+    keys = ("lora_rank", "dtype", "device", "quantization", "quantize_lm_head", "optimizer",
+            "gradient_checkpointing", "config_overrides")
+    return plan_training_stage(stage, config, batch=batch,
+                               seq_len=prompt_length + response_length,
+                               **{k: v for k, v in kwargs.items() if k in keys})["peak_bytes"]
+
+
+def _largest(fits, limit: int) -> int:
+    """The largest n in [1, limit] with fits(n) (fits is monotone), 0 when fits(1) is False."""
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def fit(config, card_gib: float, *, batch: int = 16, prompt_length: int = 128,
+        response_length: int = 256, reserve_gib: float = DEFAULT_RESERVE_GIB,
+        limit: int = 4096, **kwargs) -> dict:
+    """What fits a card of ``card_gib`` GiB (``reserve_gib`` of it kept for what the plan does
+    not count), per pipeline stage (``PIPELINE_STAGES``):
+
+    ``{"sft" | "rm" | "rl": {"batch": the largest batch at the given lengths, "length": the
+    largest response length (rl; prompt fixed) or sequence length (sft, rm; batch rows) at
+    ``batch``, "context": the model's context, "peak_gib": the planned peak at batch and lengths,
+    "why": None, or why nothing fits}}``. RL: rollout batch = minibatch = scoring chunk (pass
+    ``minibatch=`` / ``forward_chunk=`` to fix them); kwargs go to ``plan`` (quantization,
+    optimizer, lora_rank, dtype, critic, ...).
+    """
+    if not (isinstance(card_gib, (int, float)) and math.isfinite(card_gib) and card_gib > 0):
+        raise ValueError(f"the card's memory must be a number of GiB > 0 (e.g. --card 12), got "
+                         f"{card_gib}")
+    if not 0 <= reserve_gib < card_gib:
+        raise ValueError(f"reserve_gib must be in [0, card) = [0, {card_gib:g}), got "
+                         f"{reserve_gib}")
+    budget = (card_gib - reserve_gib) * GIB
+    values = dict(_load_config(config))
+    values.update(kwargs.get("config_overrides") or {})
+    context = int(values.get("max_position_embeddings") or 32768)
+    d = ModelDims.from_dict(values)
+    w = _DTYPE_BYTES.get(kwargs.get("dtype", "bfloat16"), 2)
+    quantization = kwargs.get("quantization", "none")
+    out = {}
+    for stage in PIPELINE_STAGES:
+        rl_kwargs = kwargs if stage == "rl" else {k: v for k, v in kwargs.items()
+                                                  if k not in ("minibatch", "forward_chunk",
+                                                               "critic", "top_p")}
+
+        def peak(b, p=prompt_length, r=response_length, stage=stage, kw=rl_kwargs):
+            return _stage_peak(stage, config, b, p, r, **kw)
+
+        best_batch = _largest(lambda b: peak(b) <= budget, limit)
+        if stage == "rl":
+            best_length = _largest(lambda r: peak(batch, r=r) <= budget,
+                                   max(1, context - prompt_length))
+        else:  # the whole sequence; split as prompt 0 + length
+            best_length = _largest(lambda t: peak(batch, p=0, r=t) <= budget, context)
+        why = None
+        if best_batch == 0:
+            weights = d.weight_bytes(w, quantization) / GIB
+            if weights > budget / GIB:
+                nf4 = d.weight_bytes(w, "nf4") / GIB
+                stored = quantization if quantization != "none" else kwargs.get("dtype",
+                                                                                 "bfloat16")
+                why = (f"the base weights alone are {weights:.2f} GiB ({stored}) of the "
+                       f"{budget / GIB:.2f} GiB usable"
+                       + (f"; quantization=nf4 makes them {nf4:.2f} GiB"
+                          if quantization == "none" else ""))
+            else:
+                one = peak(1) / GIB
+                why = (f"one sequence of {prompt_length + response_length} tokens peaks at "
+                       f"{one:.2f} GiB > {budget / GIB:.2f} GiB usable; shorten it")
+        out[stage] = {"batch": best_batch, "length": best_length, "context": context,
+                      "peak_gib": peak(batch) / GIB, "why": why}
+    return out
+
+
+def format_fit(result: dict, card_gib: float, *, batch: int, prompt_length: int,
+               response_length: int, reserve_gib: float = DEFAULT_RESERVE_GIB,
+               checkpointing: bool = True) -> str:
+    """The "what fits my card" lines of ``rlhf plan --card``."""
+    names = {"sft": "SFT (LoRA)", "rm": "reward model", "rl": "RL (PPO/GRPO iteration)"}
+    lines = [f"on a {card_gib:g} GiB card ({reserve_gib:g} GiB kept for the CUDA context and "
+             f"allocator), prompt {prompt_length} + response {response_length} tokens"
+             + (", gradient checkpointing on (gradient_checkpointing=true in the stages):"
+                if checkpointing else ", gradient checkpointing off:")]
+    for stage in PIPELINE_STAGES:
+        r = result[stage]
+        if r["why"] is not None:
+            lines.append(f"  {names[stage]:<24} nothing fits: {r['why']}")
+            continue
+        what = "response" if stage == "rl" else "sequence"
+        cap = r["context"] - (prompt_length if stage == "rl" else 0)
+        length = f"{r['length']}" + (" (the context)" if r["length"] >= cap else "")
+        unit = "pairs" if stage == "rm" else "sequences"
+        lines.append(f"  {names[stage]:<24} largest batch {r['batch']} {unit}; at batch "
+                     f"{batch}: {what} length up to {length}"
+                     + ("" if r["length"] else " (batch too large)"))
+    return "\n".join(lines)
+
+
+def fit_table_markdown(models=("qwen2.5-1.5b", "qwen2.5-7b", "llama-3-8b"),
+                       cards=(8, 12, 16, 24), quantizations=("none", "nf4"), *,
+                       prompt_length: int = 128, response_length: int = 256,
+                       reserve_gib: float = DEFAULT_RESERVE_GIB, **kwargs) -> str:
+    """The README's card table: per model and base, the largest PPO batch per card (rollout
+    batch = minibatch = scoring chunk, LoRA rank 16, gradient checkpointing, bf16 compute), with
+    the largest SFT / reward-model batch beside it; "-" when nothing fits."""
+    names = {"qwen2.5-1.5b": "Qwen2.5-1.5B", "qwen2.5-7b": "Qwen2.5-7B",
+             "llama-3-8b": "Llama-3-8B"}
+    header = "| model | base | weights GiB | " + " | ".join(f"{c} GiB" for c in cards) + " |"
+    lines = [header, "|---|---|---:|" + "---:|" * len(cards)]
+    for model in models:
+        d = ModelDims.from_dict(PRESETS[model])
+        for q in quantizations:
+            cells = []
+            for card in cards:
+                r = fit(model, card, prompt_length=prompt_length,
+                        response_length=response_length, reserve_gib=reserve_gib,
+                        quantization=q, **kwargs)
+                rl, sft_b, rm_b = r["rl"]["batch"], r["sft"]["batch"], r["rm"]["batch"]
+                cells.append("-" if rl == 0 and sft_b == 0 and rm_b == 0 else
+                             f"{rl or '-'} ({sft_b or '-'} / {rm_b or '-'})")
+            base = "bf16" if q == "none" else q
+            lines.append(f"| {names.get(model, model)} | {base} | "
+                         f"{d.weight_bytes(2, q) / GIB:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+CARD_TABLE_BEGIN = "<!-- plan-cards:begin (rlhf plan --write-readme; do not edit by hand) -->"
+CARD_TABLE_END = "<!-- plan-cards:end -->"
+
+
+def card_table_block() -> str:
+    """The README block between CARD_TABLE_BEGIN and CARD_TABLE_END (markers included)."""
+    import textwrap
+
+    caption = textwrap.fill(
+        "Largest batch per card, computed by `rlhf plan MODEL --card N [--quantization nf4]`: "
+        "the PPO iteration's rows (rollout batch = minibatch = scoring chunk), in brackets "
+        "the SFT (LoRA) batch / the reward model's pairs; prompt 128 + response 256 tokens, "
+        "LoRA rank 16 on every linear, bf16 compute, gradient checkpointing on in every stage "
+        f"(`gradient_checkpointing=true`), {DEFAULT_RESERVE_GIB:g} GiB of each card kept for "
+        "the CUDA context and allocator; `-`: nothing fits (`rlhf plan` says why). Computed, "
+        "not measured.", width=99)
+    return "\n".join([
+        CARD_TABLE_BEGIN,
+        caption,
+        "",
+        fit_table_markdown(),
+        CARD_TABLE_END,
+    ])
+
+
+def write_readme(path: Path) -> None:
+    """Replace the card-table block of the README at ``path`` with ``card_table_block()``."""
+    text = path.read_text()
+    start, end = text.find(CARD_TABLE_BEGIN), text.find(CARD_TABLE_END)
+    if start < 0 or end < start:
+        raise ValueError(f"{path} has no {CARD_TABLE_BEGIN} ... {CARD_TABLE_END} block")
+    path.write_text(text[:start] + card_table_block() + text[end + len(CARD_TABLE_END):])
+
+
 def format_plan(result: dict, card_gib: float | None = None, best_batch: int | None = None) -> str:
     """The table ``rlhf plan`` prints (GiB)."""
     inputs = result["inputs"]
@@ -512,7 +755,12 @@ def format_plan(result: dict, card_gib: float | None = None, best_batch: int | N
              f"{inputs['lora_params_per_adapter'] / 1e6:.1f} M per adapter x "
              f"{3 if inputs['critic'] else 2}{'' if inputs['critic'] else ' (no critic)'}; batch "
              f"{inputs['batch']}, prompt {inputs['prompt_length']}, response "
-             f"{inputs['response_length']}, {inputs['dtype']}, gradient checkpointing "
+             f"{inputs['response_length']}, {inputs['dtype']}"
+             + (f" compute, {inputs['quantization']} base" if inputs.get("quantization", "none")
+                != "none" else "")
+             + (f", {inputs['optimizer']}" if inputs.get("optimizer", "adamw") != "adamw"
+                else "")
+             + ", gradient checkpointing "
              f"{'on' if inputs['gradient_checkpointing'] else 'off'}",
              "resident: " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in result["resident"].items()
                                       if k != "rollout_tensors") + " GiB"]
@@ -546,23 +794,47 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--critic-free", action="store_true",
                         help="a critic-free run (grpo, rloo, ...): no critic adapter, value "
                              "head or critic optimizer state")
+    parser.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
+                        help="the base's linears as bitsandbytes stores them (rlhf/quant.py); "
+                             "--dtype is then the compute dtype")
+    parser.add_argument("--quantize-lm-head", action="store_true",
+                        help="quantize the lm_head too (4-bit only; dequantized per call)")
+    parser.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS,
+                        help="the adapters' AdamW (adamw8bit: 8-bit moments)")
+    parser.add_argument("--reserve", type=float, default=DEFAULT_RESERVE_GIB, metavar="GiB",
+                        help="GiB of the card kept for the CUDA context, workspaces and "
+                             "allocator slack when answering what fits")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--write-readme", action="store_true",
+                        help="re-render the README's card table (repository checkout) and exit")
     args = parser.parse_args(argv)
+    if args.write_readme:
+        readme = Path(__file__).resolve().parents[1] / "README.md"
+        write_readme(readme)
+        print(f"wrote the card table into {readme}")
+        return 0
     kwargs = dict(prompt_length=args.prompt_length, response_length=args.response_length,
                   lora_rank=args.lora_rank, dtype=args.dtype,
                   gradient_checkpointing=not args.no_gradient_checkpointing,
-                  critic=not args.critic_free)
+                  critic=not args.critic_free, quantization=args.quantization,
+                  quantize_lm_head=args.quantize_lm_head, optimizer=args.optimizer)
     try:
         result = plan(args.model, batch=args.batch, minibatch=args.minibatch,
                       forward_chunk=args.forward_chunk, **kwargs)
         best = largest_batch(args.model, args.card, **kwargs)
+        fits = fit(args.model, args.card, batch=args.batch, reserve_gib=args.reserve,
+                   minibatch=args.minibatch, forward_chunk=args.forward_chunk, **kwargs)
     except ValueError as error:  # a bad value: one line, no usage block (exit status 2)
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     if args.json:
         result["largest_batch"] = {"card_gib": args.card, "batch": best}
+        result["fit"] = {"card_gib": args.card, "reserve_gib": args.reserve, **fits}
         print(json.dumps(result, indent=1))
     else:
         print(format_plan(result, args.card, best))
+        print(format_fit(fits, args.card, batch=args.batch, prompt_length=args.prompt_length,
+                         response_length=args.response_length, reserve_gib=args.reserve,
+                         checkpointing=not args.no_gradient_checkpointing))
     return 0
 
 

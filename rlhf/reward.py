@@ -76,6 +76,7 @@ class RewardConfig:
     max_skipped_steps: int = 10
     quantization: str = "none"  # the base: none | nf4 | fp4 | int8 (rlhf/quant.py)
     optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw | paged_adamw8bit
+    gradient_checkpointing: bool = False  # recompute layer activations in the backward
     packing: str = "auto"  # packed sequences: auto | on | off (rlhf/packing.py)
 
     def __post_init__(self) -> None:
@@ -235,10 +236,13 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
         tokenizer = tokenizer or load_tokenizer(cfg.model, setting="model")
         backbone = SharedBackbone.from_pretrained(
             cfg.model, lora=LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha), seed=cfg.seed,
-            quantization=cfg.quantization, device=resolve_device(cfg.device))
+            quantization=cfg.quantization, device=resolve_device(cfg.device),
+            gradient_checkpointing=cfg.gradient_checkpointing)
     elif backbone.quantization != cfg.quantization:
         raise ValueError(f"rm: quantization={cfg.quantization!r} but the backbone given is "
                          f"{backbone.quantization}")
+    elif cfg.gradient_checkpointing:
+        backbone.enable_gradient_checkpointing()
     if train_pairs is None:
         if cfg.dataset is None:
             raise ValueError("RewardConfig.dataset is required: a prompt/chosen/rejected file")

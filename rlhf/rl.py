@@ -246,6 +246,7 @@ class RLConfig:
     # records (the quantization its reward adapter was trained on)
     quantization: str | None = None
     optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw | paged_adamw8bit
+    gradient_checkpointing: bool = False  # recompute layer activations in the update's backward
     packing: str = "auto"  # packed sequences in scoring and update: auto | on | off (packing.py)
 
     def __post_init__(self) -> None:
@@ -801,12 +802,15 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
 
         backbone = SharedBackbone.load(cfg.model, setting="model",
                                        quantization=cfg.quantization,
-                                       device=resolve_device(cfg.device))
+                                       device=resolve_device(cfg.device),
+                                       gradient_checkpointing=cfg.gradient_checkpointing)
         tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model,
                                                 setting="tokenizer" if cfg.tokenizer else "model")
     elif cfg.quantization is not None and backbone.quantization != cfg.quantization:
         raise ValueError(f"{name}: quantization={cfg.quantization!r} but the backbone given is "
                          f"{backbone.quantization}")
+    elif cfg.gradient_checkpointing:
+        backbone.enable_gradient_checkpointing()
     if prompts is None:
         if cfg.dataset is None:
             from rlhf import task

@@ -90,6 +90,9 @@ class SFTConfig:
     # adapters train on it and are merged into the full-precision base at the end (quant.py)
     quantization: str = "none"
     optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw | paged_adamw8bit (quant.py)
+    # recompute each layer's activations in the backward: one (B, T, H) per layer is kept
+    # instead of every layer's working set (rlhf plan counts both)
+    gradient_checkpointing: bool = False
     packing: str = "auto"  # packed sequences: auto | on | off (rlhf/packing.py)
 
     def __post_init__(self) -> None:
@@ -326,6 +329,13 @@ def _train(cfg: SFTConfig, run, *, model, tokenizer, examples, on_step) -> dict:
                                 stage="sft")  # torchrun: data parallel (rlhf/distributed.py)
     if cfg.quantization == "none":  # a quantized model was loaded onto its device
         model.to(device)
+    if cfg.gradient_checkpointing:
+        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            lm.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     packing = Packing(cfg.packing)
     packing.check_model(model, "packing")

@@ -11,6 +11,7 @@ check against torch.cuda.max_memory_allocated is the benchmark's job.
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -187,3 +188,146 @@ def test_main_with_config_json_and_errors(tmp_path, capsys):
         planner.plan({"hidden_size": 8})
     with pytest.raises(ValueError, match="batch"):
         planner.plan("tiny", batch=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# quantized bases, the SFT / reward-model stages, what fits a card (issue 13)
+# ---------------------------------------------------------------------------------------------
+def _train_step_peaks(stage: str, gradient_checkpointing: bool, directory, batch=4, length=24):
+    """(resident, peak) live tensor bytes of the second optimizer step of the SFT stage (LoRA on
+    a PEFT model, rlhf.sft's loss) or the reward stage (SharedBackbone, rlhf.reward's pair loss)
+    on an nf4 tiny model."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf import reward, sft
+    from rlhf.models import LoraSpec, SharedBackbone, _quiet_peft, load_causal_lm
+    from rlhf.quant import quant_state_tensors
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(planner.hf_config("tiny"),
+                                     dtype=torch.float32).save_pretrained(directory)
+    ids = torch.randint(3, 500, (batch, length))
+    mask = torch.ones_like(ids)
+    labels = ids.clone()
+    labels[:, :8] = -100
+    if stage == "sft":
+        from peft import get_peft_model
+
+        model = load_causal_lm(directory, quantization="nf4", attn_implementation="sdpa")
+        with _quiet_peft():
+            model = get_peft_model(model, LoraSpec(rank=4, alpha=8).peft_config(model))
+        if gradient_checkpointing:
+            model.get_base_model().activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False})
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def step():
+            logp = sft.token_logprobs_of(model, ids, mask, labels)
+            sft.lm_loss(logp, labels, int((labels[:, 1:] != -100).sum())).backward()
+    else:
+        model = SharedBackbone.from_pretrained(directory, lora=LoraSpec(rank=4, alpha=8),
+                                               quantization="nf4", attn_implementation="sdpa",
+                                               gradient_checkpointing=gradient_checkpointing)
+        model.set_trainable(("reward",))
+        params = model.trainable_parameters("reward")
+        pairs = reward.PairBatch(ids, mask, ids.flip(0), mask)
+
+        def step():
+            reward.pair_loss(model, pairs, 0, 0.01)[0].backward()
+    model.train()
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    for tracked in (False, True):  # the first step makes the Adam moments
+        tracker = planner.LiveTensorTracker()
+        if tracked:
+            tracker.add(*model.parameters(), *model.buffers(), ids, mask, labels)
+            tracker.add(*quant_state_tensors(model))
+            for state in optimizer.state.values():
+                tracker.add(*state.values())
+            tracker.__enter__()
+            resident = tracker.current
+        try:
+            step()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        finally:
+            if tracked:
+                tracker.__exit__(None, None, None)
+    return resident, tracker.peak
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("gradient_checkpointing", [False, True], ids=["full", "checkpointed"])
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_sft_and_reward_plans_within_25_percent_of_measured_cpu_peaks(
+        stage, gradient_checkpointing, tmp_path, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
+    resident, peak = _train_step_peaks(stage, gradient_checkpointing, tmp_path)
+    predicted = planner.plan_training_stage(
+        stage, "tiny", batch=4, seq_len=24, lora_rank=4, dtype="float32", device="cpu",
+        quantization="nf4", gradient_checkpointing=gradient_checkpointing)
+    planned_resident = sum(predicted["resident"].values())
+    assert abs(planned_resident - resident) <= 0.05 * resident, (planned_resident, resident)
+    extra, planned_extra = peak - resident, predicted["peak_bytes"] - planned_resident
+    assert abs(planned_extra - extra) <= 0.25 * extra, (
+        f"{stage}: planned {planned_extra} B above the resident state, measured {extra} B "
+        f"({planned_extra / extra:.2f}x)")
+
+
+def test_8bit_adam_state_bytes_match_bitsandbytes():
+    """The planner's AdamW state bytes == what torch's and bitsandbytes' optimizers allocate,
+    for Llama-3-8B rank-16 LoRA factors (8-bit) and a tiny one (kept 32-bit)."""
+    pytest.importorskip("bitsandbytes")
+    from rlhf.quant import adapter_optimizer_bytes
+
+    shapes = [(16, 4096), (4096, 16), (16, 4096), (1024, 16), (4, 64), (4096,), (1,)]
+    numels = [math.prod(shape) for shape in shapes]
+    for name in ("adamw", "adamw8bit"):
+        assert planner.adam_state_bytes(numels, name) == adapter_optimizer_bytes(shapes, name)
+    full = planner.plan("llama-3-8b", minibatch=4, forward_chunk=4)["resident"]["adam_states"]
+    small = planner.plan("llama-3-8b", minibatch=4, forward_chunk=4,
+                         optimizer="adamw8bit")["resident"]["adam_states"]
+    assert 3.5 < full / small < 4.0  # 8 bytes per parameter -> 2 and a little
+
+
+def test_fit_is_the_largest_that_fits_and_says_why_nothing_does(capsys):
+    budget = (12 - planner.DEFAULT_RESERVE_GIB) * GIB
+    result = planner.fit("llama-3-8b", 12, quantization="nf4", batch=16)
+    rl, sft_, rm = result["rl"], result["sft"], result["rm"]
+    assert all(r["why"] is None and r["batch"] > 0 for r in result.values())
+    kwargs = dict(quantization="nf4")
+    assert planner.plan("llama-3-8b", batch=rl["batch"], **kwargs)["peak_bytes"] <= budget
+    assert planner.plan("llama-3-8b", batch=rl["batch"] + 1, **kwargs)["peak_bytes"] > budget
+    assert planner.plan("llama-3-8b", batch=16, response_length=rl["length"],
+                        **kwargs)["peak_bytes"] <= budget
+    assert planner.plan("llama-3-8b", batch=16, response_length=rl["length"] + 1,
+                        **kwargs)["peak_bytes"] > budget
+    for stage, r in (("sft", sft_), ("rm", rm)):
+        def peak(b, length=384, stage=stage):
+            return planner.plan_training_stage(stage, "llama-3-8b", batch=b, seq_len=length,
+                                               **kwargs)["peak_bytes"]
+        assert peak(r["batch"]) <= budget < peak(r["batch"] + 1)
+        assert peak(16, r["length"]) <= budget < peak(16, r["length"] + 1)
+    # bf16: the weights alone exceed the card, and the answer says what would fit them
+    for r in planner.fit("llama-3-8b", 12).values():
+        assert r["batch"] == 0 and "quantization=nf4 makes them 5.31 GiB" in r["why"]
+    # a sequence too long for the card even at batch 1
+    long = planner.fit("llama-3-8b", 8, quantization="nf4", response_length=4096)
+    assert long["rl"]["batch"] == 0 and "one sequence of 4224 tokens" in long["rl"]["why"]
+    assert planner.main(["llama-3-8b", "--card", "12"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("nothing fits: the base weights alone are 14.96 GiB") == 3
+    assert planner.main(["llama-3-8b", "--card", "12", "--quantization", "nf4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fit"]["rl"]["batch"] == rl["batch"]
+    with pytest.raises(ValueError, match="quantization='nf3'"):
+        planner.plan("tiny", quantization="nf3")
+    with pytest.raises(ValueError, match="reserve_gib"):
+        planner.fit("tiny", 1, reserve_gib=2)
+
+
+def test_readme_card_table_is_what_the_code_renders():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert planner.card_table_block() in readme, "README card table is stale: rlhf plan " \
+                                                  "--write-readme"

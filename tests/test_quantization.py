@@ -351,3 +351,43 @@ def test_pipeline_quantizes_the_backbone_and_qlora_sft(base_dir, tmp_path):
             "quantization"] == "nf4"
         assert not (out / stage_dir / "backbone/base").exists()
     assert math.isfinite(summary["ppo_last_iteration"]["kl"])
+
+
+def test_gradient_checkpointing_setting_changes_no_number(base_dir, tokenizer, corpus, tmp_path,
+                                                         monkeypatch):
+    """QLoRA SFT and the reward stage with gradient_checkpointing=true (what rlhf plan assumes
+    for a small card) train exactly as without it: recomputation repeats the same ops."""
+    import transformers.modeling_utils as modeling_utils
+
+    calls = []
+    original = modeling_utils.checkpoint
+
+    def counting_checkpoint(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(modeling_utils, "checkpoint", counting_checkpoint)
+    losses = {}
+    for checkpointing in (False, True):
+        cfg = sft.SFTConfig(output_dir=str(tmp_path / f"sft{checkpointing}"), model=base_dir,
+                            quantization="nf4", lora_rank=4, max_steps=2, batch_size=4,
+                            grad_accum_steps=1, lr=1e-2, warmup_steps=0, log_every=1,
+                            save_every=0, max_length=40, device="cpu",
+                            gradient_checkpointing=checkpointing)
+        sft.train(cfg, model=load_causal_lm(base_dir, quantization="nf4"), tokenizer=tokenizer,
+                  examples=corpus[:8])
+        rm_cfg = reward.RewardConfig(output_dir=str(tmp_path / f"rm{checkpointing}"),
+                                     model=base_dir, quantization="nf4", lora_rank=4,
+                                     batch_size=4, grad_accum_steps=1, epochs=1.0, lr=1e-2,
+                                     warmup_steps=0, log_every=1, save_every=0, max_length=40,
+                                     device="cpu", gradient_checkpointing=checkpointing)
+        reward.train(rm_cfg, tokenizer=tokenizer, train_pairs=_pairs(8, 5),
+                     eval_pairs=_pairs(2, 6))
+        # two decoder layers per forward, checkpointed only when asked for
+        assert (len(calls) > 0) == checkpointing, len(calls)
+        losses[checkpointing] = [
+            json.loads(line)["loss"]
+            for name in (f"sft{checkpointing}", f"rm{checkpointing}")
+            for line in open(tmp_path / name / "metrics.jsonl") if '"loss"' in line]
+    assert len(losses[True]) == 4
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6, abs=1e-7)
