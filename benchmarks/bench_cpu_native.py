@@ -14,12 +14,13 @@ Cases (issue 15):
   256, 1024 and 4096 tokens: ours (chunked, 64 MiB of logits per chunk) against eager
   ``(hidden @ W.T).log_softmax(-1).gather(...)``, to show peak memory flat in tokens.
 
-Every (case, implementation) runs in its own process (``--one``): its inputs are made, the
-step is run once (compilation included), the kernel's peak-RSS counter is reset
-(``/proc/self/clear_refs``), then the step is timed ``--repeats`` times; ``ms`` is the median
-and ``peak_extra_mib`` the peak resident memory above the inputs during the timed calls (what
-the step allocates: (N, V) intermediates show up here). The machine this ran on may be shared:
-medians of several calls, and see ``repeats`` in each row.
+Every case runs in its own process (``--one``): its inputs are made once, each implementation
+is called once (compilation included), then ``--repeats`` rounds call the implementations in
+turn (interleaved, so that a change in a shared machine's load hits all of them alike); before
+each call the kernel's peak-RSS counter is reset (``/proc/self/clear_refs``). ``ms`` is the
+median and ``peak_extra_mib`` the largest peak resident memory above the inputs during a call
+(what the step allocates: (N, V) intermediates show up here, and so does the gradient it
+returns).
 
 ``python -m benchmarks.bench_cpu_native [--smoke] [--repeats 5]``; results JSON goes to
 benchmarks/results/bench_cpu_native-cpu-<date>.json.
@@ -55,14 +56,14 @@ def _reset_peak() -> None:
         f.write("5")
 
 
-def _make_step(spec: dict):
-    """Inputs for one case and the step to time (runs in the measuring process)."""
+def _make_steps(spec: dict) -> dict:
+    """{impl: step} for one case; the inputs are shared (made once, in the measuring process)."""
     import torch
 
     from rlhf_kernels import gae, linear_logprobs, logprobs, reference
 
     torch.manual_seed(0)
-    kind, impl = spec["kind"], spec["impl"]
+    kind = spec["kind"]
     if kind == "logprobs":
         n, v = spec["shape"]
         dtype = getattr(torch, spec["dtype"])
@@ -73,29 +74,25 @@ def _make_step(spec: dict):
         def eager(x, y):
             return x.float().log_softmax(-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
 
-        if impl == "eager":
-            fn = eager
-        elif impl == "torch.compile":
-            fn = torch.compile(eager)
-        elif impl == "ours (native)":
-            def fn(x, y):
-                return logprobs(x, y)  # RLHF_KERNELS_BACKEND=native
-        else:
-            raise ValueError(impl)
+        def ours(x, y):
+            return logprobs(x, y)  # RLHF_KERNELS_BACKEND=native
 
-        def step():
-            (dx,) = torch.autograd.grad(fn(logits, labels), logits, grad)
-            return dx
+        def step_of(fn):
+            def step():
+                (dx,) = torch.autograd.grad(fn(logits, labels), logits, grad)
+                return dx
+            return step
 
-        return step
+        return {"eager": step_of(eager), "torch.compile": step_of(torch.compile(eager)),
+                "ours (native)": step_of(ours)}
     if kind == "gae":
         rows, t = spec["shape"]
         rewards, values = torch.randn(rows, t), torch.randn(rows, t)
         lengths = torch.randint(t // 4, t + 1, (rows,))
         mask = torch.arange(t)[None, :] < lengths[:, None]
-        if impl == "per-token loop (reference)":
-            return lambda: reference.gae(rewards, values, mask, 1.0, 0.95)
-        return lambda: gae(rewards, values, mask, 1.0, 0.95)  # native (env)
+        return {"per-token loop (reference)":
+                lambda: reference.gae(rewards, values, mask, 1.0, 0.95),
+                "ours (native)": lambda: gae(rewards, values, mask, 1.0, 0.95)}
     if kind == "linear_logprobs":
         n = spec["tokens"]
         h_dim, v = spec["hv"]
@@ -103,43 +100,51 @@ def _make_step(spec: dict):
         weight = (torch.randn(v, h_dim) * h_dim ** -0.5).requires_grad_(True)
         labels = torch.randint(0, v, (n,))
         grad = torch.randn(n)
-        if impl == "eager":
-            def fn():
-                logits = hidden @ weight.t()
-                return logits.log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-        else:
-            def fn():
-                return linear_logprobs(hidden, weight, labels)  # native (env)
 
-        return lambda: torch.autograd.grad(fn(), (hidden, weight), grad)
+        def eager():
+            logits = hidden @ weight.t()
+            return logits.log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+        def ours():
+            return linear_logprobs(hidden, weight, labels)  # native (env)
+
+        steps = {"ours (native)": lambda: torch.autograd.grad(ours(), (hidden, weight), grad)}
+        if spec["with_eager"]:
+            steps["eager"] = lambda: torch.autograd.grad(eager(), (hidden, weight), grad)
+        return steps
     raise ValueError(kind)
 
 
 def run_one(spec: dict) -> dict:
-    """Measure one case in this process (``--one``)."""
+    """Measure every implementation of one case in this process (``--one``), interleaved: each
+    is warmed up once (compilation included), then the rounds run them in turn, so a change in
+    the machine's load hits all of them alike."""
     import torch
 
     torch.set_num_threads(THREADS)
     from rlhf_kernels import _native
 
-    if spec["impl"].startswith("ours") and not _native.available():
+    if not _native.available():
         return {"error": f"native kernels unavailable: {_native.failure_reason()}"}
-    step = _make_step(spec)
-    started = time.perf_counter()
-    step()  # warm-up: compilation (torch.compile), first-touch of buffers
-    first_s = time.perf_counter() - started
-    samples, peaks = [], []
+    steps = _make_steps(spec)
+    result = {impl: {"ms_samples": [], "peak_extra_mib": 0.0} for impl in steps}
+    for impl, step in steps.items():
+        started = time.perf_counter()
+        step()
+        result[impl]["first_call_s"] = time.perf_counter() - started
     for _ in range(spec["repeats"]):
-        base = _status_mib("VmRSS")
-        _reset_peak()
-        t0 = time.perf_counter()
-        out = step()
-        samples.append((time.perf_counter() - t0) * 1e3)
-        peaks.append(_status_mib("VmHWM") - base)
-        del out
-    return {"ms": statistics.median(samples), "ms_samples": samples,
-            "peak_extra_mib": max(peaks), "first_call_s": first_s,
-            "native_build_or_load_s": _native.build_seconds()}
+        for impl, step in steps.items():
+            base = _status_mib("VmRSS")
+            _reset_peak()
+            t0 = time.perf_counter()
+            out = step()
+            result[impl]["ms_samples"].append((time.perf_counter() - t0) * 1e3)
+            result[impl]["peak_extra_mib"] = max(result[impl]["peak_extra_mib"],
+                                                 _status_mib("VmHWM") - base)
+            del out
+    for impl in steps:
+        result[impl]["ms"] = statistics.median(result[impl]["ms_samples"])
+    return result
 
 
 def _spawn(spec: dict) -> dict:
@@ -160,22 +165,18 @@ def specs(smoke: bool, repeats: int) -> list[dict]:
     shapes = SMOKE["logprobs"] if smoke else LOGPROB_CASES
     for dtype in ("float32", "bfloat16"):
         for shape in shapes:
-            for impl in ("eager", "torch.compile", "ours (native)"):
-                out.append(dict(kind="logprobs", op="logprobs fwd+bwd",
-                                case=f"{dtype} {shape[0]}x{shape[1]}", shape=shape,
-                                dtype=dtype, impl=impl, repeats=repeats))
+            out.append(dict(kind="logprobs", op="logprobs fwd+bwd",
+                            case=f"{dtype} {shape[0]}x{shape[1]}", shape=shape, dtype=dtype,
+                            repeats=repeats))
     gae_shape = SMOKE["gae"] if smoke else GAE_SHAPE
-    for impl in ("per-token loop (reference)", "ours (native)"):
-        out.append(dict(kind="gae", op="gae", case=f"{gae_shape[0]}x{gae_shape[1]} masked",
-                        shape=gae_shape, impl=impl, repeats=repeats))
+    out.append(dict(kind="gae", op="gae", case=f"{gae_shape[0]}x{gae_shape[1]} masked",
+                    shape=gae_shape, repeats=repeats))
     hv = SMOKE["linear_hv"] if smoke else LINEAR_HV
     tokens = SMOKE["linear"] if smoke else LINEAR_TOKENS
     for n in tokens:
-        impls = ["ours (native)"] + (["eager"] if n <= 1024 or smoke else [])
-        for impl in impls:
-            out.append(dict(kind="linear_logprobs", op="linear_logprobs fwd+bwd",
-                            case=f"fp32 N={n} H={hv[0]} V={hv[1]}", tokens=n, hv=hv,
-                            impl=impl, repeats=1 if not smoke else repeats))
+        out.append(dict(kind="linear_logprobs", op="linear_logprobs fwd+bwd",
+                        case=f"fp32 N={n} H={hv[0]} V={hv[1]}", tokens=n, hv=hv,
+                        with_eager=n <= 1024 or smoke, repeats=1 if not smoke else repeats))
     return out
 
 
@@ -193,11 +194,13 @@ def main(argv=None) -> None:
     rows = []
     for spec in specs(args.smoke, args.repeats):
         result = _spawn(spec)
-        row = {"op": spec["op"], "case": spec["case"], "impl": spec["impl"],
-               "threads": THREADS, "repeats": spec["repeats"], **result}
-        rows.append(row)
-        print(json.dumps({k: row.get(k) for k in ("op", "case", "impl", "ms",
-                                                   "peak_extra_mib", "error")}), flush=True)
+        per_impl = {"-": result} if "error" in result else result
+        for impl, measured in per_impl.items():
+            row = {"op": spec["op"], "case": spec["case"], "impl": impl, "threads": THREADS,
+                   "repeats": spec["repeats"], **measured}
+            rows.append(row)
+            print(json.dumps({k: row.get(k) for k in ("op", "case", "impl", "ms",
+                                                       "peak_extra_mib", "error")}), flush=True)
     _add_speedups(rows)
     print_table(rows, columns=("op", "case", "impl", "ms", "speedup_vs_eager",
                                "peak_extra_mib"), smoke=args.smoke)

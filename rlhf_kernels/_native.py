@@ -32,7 +32,7 @@ import torch
 __all__ = ["available", "build_seconds", "failure_reason", "ops"]
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc" / "cpu"
-_SOURCES = ("logprobs.cpp", "scans.cpp", "register.cpp")
+_SOURCES = ("logprobs.cpp", "scans.cpp", "elementwise.cpp", "register.cpp")
 _HEADERS = ("common.h",)
 
 _OPS = None

@@ -35,9 +35,10 @@ __all__ = ["BACKENDS", "NATIVE_OPS", "launch_directly", "native_cpu_kernels", "r
 BACKENDS = ("auto", "triton", "native", "reference")
 ENV_VAR = "RLHF_KERNELS_BACKEND"
 # Ops whose CPU launchers run a native kernel (csrc/cpu): the logprobs kernels serve the four
-# vocabulary ops (the fused ones call them per chunk), the scan serves gae.
+# vocabulary ops (the fused ones call them per chunk), the scan serves gae, elementwise.cpp the
+# KL estimators and reward shaping.
 NATIVE_OPS = frozenset({"logprobs", "linear_logprobs", "ppo_loss_from_logits",
-                        "linear_ppo_loss", "gae"})
+                        "linear_ppo_loss", "gae", "kl_penalty", "shape_rewards"})
 _WARNED: set[str] = set()
 
 

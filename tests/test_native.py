@@ -1,10 +1,11 @@
 """The native CPU kernels (csrc/cpu) against the float64 reference, and the backend choice.
 
 The kernel tests are the Triton tests themselves, collected here a second time: the op tests of
-tests/test_logprobs.py, test_linear_logprobs.py, test_ppo_fused.py and test_gae_whiten.py's GAE
-tests (values and gradients under the 2x rule, awkward vocabularies, strided and shifted
-logits, masks, ignore_index, out-of-range labels, non-finite rows, bf16 / fp16, in-place
-backward, torch.compile) run with every CPU launcher pointed at the native kernel and the Triton
+tests/test_logprobs.py, test_linear_logprobs.py, test_ppo_fused.py, test_gae_whiten.py's GAE
+tests and test_kl_rewards.py's KL and reward-shaping tests (values and gradients under the 2x
+rule, awkward vocabularies, strided and shifted logits, masks, ignore_index, out-of-range
+labels, non-finite rows, bf16 / fp16, in-place backward, torch.compile) run with every CPU
+launcher pointed at the native kernel and the Triton
 kernels replaced by a trap, so a pass means the native kernel computed the result. The
 remaining tests check the public route: ``RLHF_KERNELS_BACKEND=native``, ``auto`` outside the
 interpreter (in a fresh process, which also shows the build is cached across processes), the
@@ -27,8 +28,14 @@ import warnings
 import pytest
 import torch
 
-from rlhf_kernels import _native, backend, gae, kl_penalty, logprobs, reference
-from tests import test_gae_whiten, test_linear_logprobs, test_logprobs, test_ppo_fused
+from rlhf_kernels import _native, backend, gae, logprobs, masked_whiten, reference
+from tests import (
+    test_gae_whiten,
+    test_kl_rewards,
+    test_linear_logprobs,
+    test_logprobs,
+    test_ppo_fused,
+)
 from tests.numerics import DEVICE, assert_close
 
 if DEVICE.type != "cpu":
@@ -37,6 +44,13 @@ if DEVICE.type != "cpu":
 
 logprobs_module = importlib.import_module("rlhf_kernels.ops.logprobs")
 gae_module = importlib.import_module("rlhf_kernels.ops.gae")
+kl_module = importlib.import_module("rlhf_kernels.ops.kl")
+rewards_module = importlib.import_module("rlhf_kernels.ops.rewards")
+_NATIVE_MODULES = (logprobs_module, gae_module, kl_module, rewards_module)
+_TRITON_KERNELS = ((logprobs_module, "_logprobs_fwd_kernel"), (logprobs_module,
+                   "_logprobs_bwd_kernel"), (gae_module, "_gae_fwd_kernel"),
+                   (kl_module, "_kl_fwd_kernel"), (kl_module, "_kl_bwd_kernel"),
+                   (rewards_module, "_shape_rewards_fwd_kernel"))
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +73,10 @@ def native_launchers(_built, monkeypatch, request):
     callspec = getattr(request.node, "callspec", None)
     if callspec is not None and callspec.params.get("backend") == "reference":
         pytest.skip("the reference backend's case: its own suite runs it")
-    for module in (logprobs_module, gae_module):
+    for module in _NATIVE_MODULES:
         monkeypatch.setattr(module, "native_cpu_kernels", lambda t: not t.is_cuda)
-    monkeypatch.setattr(logprobs_module, "_logprobs_fwd_kernel", _Trap())
-    monkeypatch.setattr(logprobs_module, "_logprobs_bwd_kernel", _Trap())
-    monkeypatch.setattr(gae_module, "_gae_fwd_kernel", _Trap())
+    for module, name in _TRITON_KERNELS:
+        monkeypatch.setattr(module, name, _Trap())
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,6 +98,9 @@ block_config = test_logprobs.block_config  # a fixture of reused tests (the bloc
 for _name in dir(test_gae_whiten):
     if _name.startswith("test_gae_"):
         globals()[f"{_name}__native"] = getattr(test_gae_whiten, _name)
+for _name in dir(test_kl_rewards):
+    if _name.startswith(("test_kl_", "test_rewards_")):
+        globals()[f"{_name}__native"] = getattr(test_kl_rewards, _name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,8 +147,8 @@ def test_gae_mask_and_mixed_dtypes(mask_dtype, dtypes):
 @pytest.fixture
 def public_route(monkeypatch):
     """Undo the launcher patch: the launchers follow RLHF_KERNELS_BACKEND as shipped."""
-    monkeypatch.setattr(logprobs_module, "native_cpu_kernels", backend.native_cpu_kernels)
-    monkeypatch.setattr(gae_module, "native_cpu_kernels", backend.native_cpu_kernels)
+    for module in _NATIVE_MODULES:
+        monkeypatch.setattr(module, "native_cpu_kernels", backend.native_cpu_kernels)
     monkeypatch.setenv("RLHF_KERNELS_BACKEND", "native")
     return monkeypatch
 
@@ -198,13 +214,13 @@ def test_per_call_backend_that_disagrees_under_the_interpreter_is_refused(public
 def test_native_for_an_op_without_a_native_kernel_warns_once_and_runs_the_reference(
         public_route):
     public_route.setattr(backend, "_WARNED", set())
-    logp, ref = torch.randn(3, 4), torch.randn(3, 4)
-    with pytest.warns(RuntimeWarning, match="kl_penalty has no native CPU kernel"):
-        out = kl_penalty(logp, ref)
-    assert torch.equal(out, reference.kl_penalty(logp, ref))
+    x, mask = torch.randn(3, 4), torch.rand(3, 4) > 0.3
+    with pytest.warns(RuntimeWarning, match="masked_whiten has no native CPU kernel"):
+        out = masked_whiten(x, mask)
+    assert torch.equal(out, reference.masked_whiten(x, mask))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        kl_penalty(logp, ref)  # once
+        masked_whiten(x, mask)  # once
 
 
 def test_no_build_auto_warns_once_and_native_raises(public_route):

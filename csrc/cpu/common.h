@@ -115,4 +115,34 @@ void gae(const Strided2d& rewards, const Strided2d& values, const uint8_t* mask,
          int64_t mask_stride_row, int64_t mask_stride_col, int64_t n_rows, int64_t n_cols,
          float gamma, float lam, float* adv, float* ret, int64_t out_stride_row);
 
+struct KlOptions {
+  int64_t estimator;  // 0 k1, 1 k2, 2 k3, 3 abs (rlhf_kernels.ops.kl.KL_ESTIMATOR_CODES)
+  bool has_clamp, has_log_ratio_clamp;
+  float clamp, log_ratio_clamp;
+};
+
+// out: (rows, cols) fp32 with stride(-1) == 1
+void kl_fwd(const Strided2d& logp, const Strided2d& ref, float* out, int64_t out_stride_row,
+            int64_t n_rows, int64_t n_cols, const KlOptions& options);
+
+// grad: fp32 (any strides, e.g. expanded); grad_logp / grad_ref: nullptr (not wanted) or rows
+// with stride(-1) == 1 in logp's / ref's dtype
+void kl_bwd(const Strided2d& grad, const Strided2d& logp, const Strided2d& ref, void* grad_logp,
+            void* grad_ref, int64_t out_stride_row, int64_t n_rows, int64_t n_cols,
+            const KlOptions& options);
+
+struct RewardOptions {
+  float kl_coef;
+  int64_t estimator;
+  bool has_score_clip, has_kl_clamp;
+  float score_clip, kl_clamp;
+};
+
+// scores: (rows,) fp32 contiguous; score_index: (rows,) int64 contiguous or nullptr (the last
+// valid token); mask: uint8 0 / nonzero; out: fp32 rows with stride(-1) == 1
+void shape_rewards(const float* scores, const Strided2d& logp, const Strided2d& ref,
+                   const uint8_t* mask, int64_t mask_stride_row, int64_t mask_stride_col,
+                   const int64_t* score_index, float* out, int64_t out_stride_row,
+                   int64_t n_rows, int64_t n_cols, const RewardOptions& options);
+
 }  // namespace rlhf_native

@@ -147,6 +147,103 @@ void gae_op(const at::Tensor& rewards, const at::Tensor& values,
       advantages.stride(0));
 }
 
+Strided2d strided(const at::Tensor& t, const char* name) {
+  check_cpu(t, name);
+  TORCH_CHECK(t.dim() == 2, "rlhf_kernels_native: ", name, " must be (rows, cols), got ",
+              t.sizes());
+  return Strided2d{t.data_ptr(), float_dtype(t, name), t.stride(0), t.stride(1)};
+}
+
+void check_rows_out(const at::Tensor& out, const at::Tensor& like, const char* name) {
+  check_cpu(out, name);
+  TORCH_CHECK(out.dim() == 2 && out.sizes() == like.sizes() && out.stride(1) == 1,
+              "rlhf_kernels_native: ", name, " must be rows of ", like.sizes(),
+              " with stride(-1) == 1, got ", out.sizes(), " strides ", out.strides());
+}
+
+KlOptions kl_options(int64_t estimator, std::optional<double> clamp,
+                     std::optional<double> log_ratio_clamp) {
+  TORCH_CHECK(estimator >= 0 && estimator <= 3, "rlhf_kernels_native: estimator code ",
+              estimator, " is not in [0, 3]");
+  return KlOptions{estimator, clamp.has_value(), log_ratio_clamp.has_value(),
+                   static_cast<float>(clamp.value_or(0.0)),
+                   static_cast<float>(log_ratio_clamp.value_or(0.0))};
+}
+
+void kl_fwd_op(const at::Tensor& logp, const at::Tensor& ref, const at::Tensor& out,
+               int64_t estimator, std::optional<double> clamp,
+               std::optional<double> log_ratio_clamp) {
+  const Strided2d l = strided(logp, "logp"), r = strided(ref, "ref_logp");
+  TORCH_CHECK(ref.sizes() == logp.sizes(), "rlhf_kernels_native: logp and ref_logp differ");
+  check_rows_out(out, logp, "out");
+  TORCH_CHECK(out.scalar_type() == at::kFloat, "rlhf_kernels_native: kl out must be fp32");
+  if (logp.numel() == 0) return;
+  kl_fwd(l, r, out.data_ptr<float>(), out.stride(0), logp.size(0), logp.size(1),
+         kl_options(estimator, clamp, log_ratio_clamp));
+}
+
+void kl_bwd_op(const at::Tensor& grad, const at::Tensor& logp, const at::Tensor& ref,
+               const std::optional<at::Tensor>& grad_logp,
+               const std::optional<at::Tensor>& grad_ref, int64_t estimator,
+               std::optional<double> clamp, std::optional<double> log_ratio_clamp) {
+  const Strided2d l = strided(logp, "logp"), r = strided(ref, "ref_logp");
+  const Strided2d g = strided(grad, "grad");
+  TORCH_CHECK(g.dtype == Dtype::f32 && grad.sizes() == logp.sizes() &&
+                  ref.sizes() == logp.sizes(),
+              "rlhf_kernels_native: kl_bwd takes an fp32 grad and inputs of one shape");
+  int64_t out_stride = 0;
+  void* gl = nullptr;
+  void* gr = nullptr;
+  if (grad_logp.has_value()) {
+    check_rows_out(*grad_logp, logp, "grad_logp");
+    TORCH_CHECK(grad_logp->scalar_type() == logp.scalar_type(), "grad_logp dtype");
+    gl = grad_logp->data_ptr();
+    out_stride = grad_logp->stride(0);
+  }
+  if (grad_ref.has_value()) {
+    check_rows_out(*grad_ref, ref, "grad_ref");
+    TORCH_CHECK(grad_ref->scalar_type() == ref.scalar_type(), "grad_ref dtype");
+    TORCH_CHECK(!gl || grad_ref->stride(0) == out_stride, "gradient row strides differ");
+    gr = grad_ref->data_ptr();
+    out_stride = grad_ref->stride(0);
+  }
+  if (logp.numel() == 0 || (!gl && !gr)) return;
+  kl_bwd(g, l, r, gl, gr, out_stride, logp.size(0), logp.size(1),
+         kl_options(estimator, clamp, log_ratio_clamp));
+}
+
+void shape_rewards_op(const at::Tensor& scores, const at::Tensor& logp, const at::Tensor& ref,
+                      const at::Tensor& mask, const std::optional<at::Tensor>& score_index,
+                      const at::Tensor& out, double kl_coef, int64_t estimator,
+                      std::optional<double> score_clip, std::optional<double> kl_clamp) {
+  const Strided2d l = strided(logp, "logp"), r = strided(ref, "ref_logp");
+  const int64_t n_rows = logp.size(0);
+  TORCH_CHECK(ref.sizes() == logp.sizes(), "rlhf_kernels_native: logp and ref_logp differ");
+  check_rows_out(out, logp, "out");
+  TORCH_CHECK(out.scalar_type() == at::kFloat, "rlhf_kernels_native: rewards must be fp32");
+  check_cpu(mask, "mask");
+  TORCH_CHECK((mask.scalar_type() == at::kBool || mask.scalar_type() == at::kByte) &&
+                  mask.sizes() == logp.sizes(),
+              "rlhf_kernels_native: the mask must be bool/uint8 of logp's shape");
+  fp32_vector(scores, n_rows, "scores");
+  const int64_t* index = nullptr;
+  if (score_index.has_value()) {
+    check_cpu(*score_index, "score_index");
+    TORCH_CHECK(score_index->scalar_type() == at::kLong && score_index->is_contiguous() &&
+                    score_index->numel() == n_rows,
+                "rlhf_kernels_native: score_index must be ", n_rows, " contiguous int64");
+    index = score_index->data_ptr<int64_t>();
+  }
+  if (logp.numel() == 0) return;
+  TORCH_CHECK(estimator >= 0 && estimator <= 3, "rlhf_kernels_native: estimator code");
+  RewardOptions o{static_cast<float>(kl_coef), estimator, score_clip.has_value(),
+                  kl_clamp.has_value(), static_cast<float>(score_clip.value_or(0.0)),
+                  static_cast<float>(kl_clamp.value_or(0.0))};
+  shape_rewards(scores.data_ptr<float>(), l, r, static_cast<const uint8_t*>(mask.data_ptr()),
+                mask.stride(0), mask.stride(1), index, out.data_ptr<float>(), out.stride(0),
+                n_rows, logp.size(1), o);
+}
+
 }  // namespace
 }  // namespace rlhf_native
 
@@ -161,4 +258,14 @@ TORCH_LIBRARY(rlhf_kernels_native, m) {
   m.def("gae(Tensor rewards, Tensor values, Tensor? mask, Tensor(a!) advantages, "
         "Tensor(b!) returns, float gamma, float lam) -> ()",
         &rlhf_native::gae_op);
+  m.def("kl_fwd(Tensor logp, Tensor ref_logp, Tensor(a!) out, int estimator, float? clamp, "
+        "float? log_ratio_clamp) -> ()",
+        &rlhf_native::kl_fwd_op);
+  m.def("kl_bwd(Tensor grad, Tensor logp, Tensor ref_logp, Tensor(a!)? grad_logp, "
+        "Tensor(b!)? grad_ref, int estimator, float? clamp, float? log_ratio_clamp) -> ()",
+        &rlhf_native::kl_bwd_op);
+  m.def("shape_rewards(Tensor scores, Tensor logp, Tensor ref_logp, Tensor mask, "
+        "Tensor? score_index, Tensor(a!) out, float kl_coef, int estimator, float? score_clip, "
+        "float? kl_clamp) -> ()",
+        &rlhf_native::shape_rewards_op);
 }

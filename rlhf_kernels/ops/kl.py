@@ -24,9 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_kernels import _alloc, reference
+from rlhf_kernels import _alloc, _native, reference
 from rlhf_kernels._checks import check_float, check_same_device, check_same_shape
-from rlhf_kernels.backend import launch_directly, resolve_backend
+from rlhf_kernels.backend import launch_directly, native_cpu_kernels, resolve_backend
 from rlhf_kernels.ops._reduce import cdiv, not_twice_differentiable
 
 __all__ = ["kl_penalty", "KL_ESTIMATOR_CODES", "kl_estimate", "check_kl_options"]
@@ -144,6 +144,11 @@ def _as_rows(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], int, int, list
     return rows, rows[0].shape[0], cols, [s for t in rows for s in t.stride()]
 
 
+def _rows2d(t: torch.Tensor) -> torch.Tensor:
+    """(...) -> (rows, cols) for the native kernels (a view unless the dims cannot merge)."""
+    return t.reshape(1, -1) if t.dim() == 0 else t.reshape(-1, t.shape[-1])
+
+
 def _empty_like(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A contiguous buffer of ``t``'s shape and device (``_alloc.empty``, NaN-filled under
     RLHF_KERNELS_POISON). ``empty_like`` costs about half the host time of ``torch.empty(shape,
@@ -179,6 +184,10 @@ def _launch_fwd(
     out = _empty_like(logp, torch.float32)
     n = logp.numel()
     if n == 0:
+        return out
+    if native_cpu_kernels(logp):  # csrc/cpu/elementwise.cpp
+        _native.ops().kl_fwd(_rows2d(logp), _rows2d(ref_logp), _rows2d(out), estimator, clamp,
+                             log_ratio_clamp)
         return out
     if logp.is_contiguous() and ref_logp.is_contiguous():
         # What _as_rows gives for contiguous tensors (one row of n), without building it.
@@ -231,6 +240,12 @@ def _launch_bwd(
     grad_ref = _empty_like(ref_logp, ref_logp.dtype) if need_ref else None
     n = logp.numel()
     if n == 0:
+        return grad_logp, grad_ref
+    if native_cpu_kernels(logp):  # csrc/cpu/elementwise.cpp
+        _native.ops().kl_bwd(
+            _rows2d(grad if grad.dtype == torch.float32 else grad.float()), _rows2d(logp),
+            _rows2d(ref_logp), None if grad_logp is None else _rows2d(grad_logp),
+            None if grad_ref is None else _rows2d(grad_ref), estimator, clamp, log_ratio_clamp)
         return grad_logp, grad_ref
     # A gradient that is not needed is not written: the other's buffer stands in for it.
     out_logp = grad_logp if need_logp else grad_ref
@@ -363,7 +378,7 @@ def kl_penalty(
     if code is None or clamp is not None or log_ratio_clamp is not None:
         check_kl_options(estimator, clamp=clamp, log_ratio_clamp=log_ratio_clamp)
     use_reference = torch.float64 in (logp.dtype, ref_logp.dtype)
-    if resolve_backend(logp, backend) == "reference" or use_reference:
+    if resolve_backend(logp, backend, "kl_penalty") == "reference" or use_reference:
         return reference.kl_penalty(logp, ref_logp, estimator, clamp, log_ratio_clamp)
     options = (code, None if clamp is None else float(clamp),
                None if log_ratio_clamp is None else float(log_ratio_clamp))

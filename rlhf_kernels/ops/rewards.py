@@ -21,10 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_kernels import reference
+from rlhf_kernels import _native, reference
 from rlhf_kernels._alloc import empty
 from rlhf_kernels._checks import check_float, check_same_device, check_same_shape
-from rlhf_kernels.backend import launch_directly, resolve_backend
+from rlhf_kernels.backend import launch_directly, native_cpu_kernels, resolve_backend
 from rlhf_kernels.ops._reduce import next_power_of_2
 from rlhf_kernels.ops.kl import KL_ESTIMATOR_CODES, check_kl_options, kl_estimate
 
@@ -98,6 +98,16 @@ def _launch(
     if logp.numel() == 0:
         return out
     n_cols = logp.shape[-1]
+    if native_cpu_kernels(logp):  # csrc/cpu/elementwise.cpp
+        if mask.dtype not in (torch.bool, torch.uint8):
+            mask = mask != 0  # the kernel reads 0 / nonzero bytes (as the Triton load's != 0)
+        scores1 = scores.reshape(-1).to(torch.float32).contiguous()
+        index1 = (None if score_index is None
+                  else score_index.reshape(-1).to(torch.int64).contiguous())
+        _native.ops().shape_rewards(
+            scores1, *(_rows(t, n_cols) for t in (logp, ref_logp, mask)), index1,
+            _rows(out, n_cols), float(kl_coef), estimator, score_clip, kl_clamp)
+        return out
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)  # same bytes; Triton loads it as 0/1
     logp2, ref2, mask2, out2 = (_rows(t, n_cols) for t in (logp, ref_logp, mask, out))
@@ -218,7 +228,7 @@ def shape_rewards(
     _check_inputs(scores, logp, ref_logp, mask, score_index, score_clip, check_index)
     check_kl_options(estimator, kl_clamp=kl_clamp)
     use_reference = torch.float64 in (scores.dtype, logp.dtype, ref_logp.dtype)
-    if resolve_backend(logp, backend) == "reference" or use_reference:
+    if resolve_backend(logp, backend, "shape_rewards") == "reference" or use_reference:
         return reference.shape_rewards(scores, logp, ref_logp, mask, kl_coef, estimator,
                                        score_index, score_clip, kl_clamp)
     options = (float(kl_coef), KL_ESTIMATOR_CODES[estimator], score_index,
