@@ -391,3 +391,32 @@ def test_gradient_checkpointing_setting_changes_no_number(base_dir, tokenizer, c
             for line in open(tmp_path / name / "metrics.jsonl") if '"loss"' in line]
     assert len(losses[True]) == 4
     assert losses[True] == pytest.approx(losses[False], rel=1e-6, abs=1e-7)
+
+
+def test_qlora_sft_resume_matches_uninterrupted(base_dir, tokenizer, corpus, tmp_path):
+    """A QLoRA SFT run (nf4 base, 8-bit AdamW) interrupted after step 2 and resumed from its
+    adapter-only checkpoint logs the losses of the uninterrupted run."""
+    def config(name, **extra):
+        return sft.SFTConfig(output_dir=str(tmp_path / name), model=base_dir, quantization="nf4",
+                             lora_rank=4, max_steps=4, batch_size=4, grad_accum_steps=1,
+                             lr=1e-2, warmup_steps=0, log_every=1, save_every=2, max_length=40,
+                             device="cpu", optimizer="adamw8bit", **extra)
+
+    def losses(name):
+        return [json.loads(line)["loss"] for line in open(tmp_path / name / "metrics.jsonl")]
+
+    def train(cfg, **kwargs):
+        return sft.train(cfg, model=load_causal_lm(base_dir, quantization="nf4"),
+                         tokenizer=tokenizer, examples=corpus[:16], **kwargs)
+
+    train(config("full"))
+
+    def interrupt(step, metrics):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config("cut"), on_step=interrupt)
+    train(config("cut", resume=True))
+    assert len(losses("full")) == 4
+    assert losses("cut") == pytest.approx(losses("full"), rel=1e-6, abs=1e-7)
