@@ -26,6 +26,13 @@ counted (``overhead_gib`` adds a constant for them; 0 by default).
 ``critic=False`` plans a critic-free run (GRPO and its family, rlhf/rl.py): no critic adapter
 (deleted before training), no value-head reads, no critic gradients or AdamW moments.
 
+``quantization="nf4"|"fp4"|"int8"`` plans a bitsandbytes-quantized base (rlhf/quant.py,
+docs/quantization.md): the decoder linears as bitsandbytes stores them, the dense copy a 4-bit
+matmul makes of its weight as a transient; ``optimizer="adamw8bit"`` 8-bit Adam moments.
+``plan_training_stage`` plans one step of the SFT (LoRA) and reward-model stages, and ``fit``
+answers what fits a card per stage (``rlhf plan MODEL --card 12``): the largest batch and the
+longest sequence, or why nothing fits. ``card_table_block`` renders the README's card table.
+
 ``main(argv)`` is the ``rlhf plan`` command: a preset name (``PRESETS``) or a local config.json.
 """
 
@@ -253,8 +260,8 @@ def plan(config="qwen2.5-1.5b", *, batch: int = 16, prompt_length: int = 128,
          forward_chunk: int | None = None, device: str = "cuda", top_p: float = 1.0,
          overhead_gib: float = 0.0, config_overrides: dict | None = None,
          critic: bool = True, quantization: str = "none", quantize_lm_head: bool = False,
-         optimizer: str = "adamw") -> dict:
-    """Expected peak bytes per stage of one PPO iteration (module docstring).
+         optimizer: str = "adamw", gpus: int = 1, strategy: str = "ddp") -> dict:
+    """Expected peak bytes per stage of one PPO iteration (module docstring), per GPU.
 
     config: a preset name, a config.json path (or its directory), a dict or an HF config.
     minibatch / forward_chunk: rows per update step / per scoring forward (default: batch).
@@ -263,6 +270,10 @@ def plan(config="qwen2.5-1.5b", *, batch: int = 16, prompt_length: int = 128,
     ``dtype`` first, so one layer's largest weight is a transient of every forward and backward.
     optimizer: the adapters' AdamW (``adamw8bit``: 1-byte moments for tensors of 4096 elements
     or more; ``paged_*`` as their unpaged versions: paging only moves what does not fit).
+    gpus, strategy: data parallel over ``gpus`` ranks (docs/distributed.md): the batch sizes are
+    global and a rank runs its share of the rows, holds the whole gathered rollout and a flat
+    copy of the gradients for their all-reduce; ``fsdp2`` also shards the decoder layers'
+    weights (one gathered layer and the prefetched next one whole at a time).
     Returns ``{"peak_bytes", "peak_stage", "resident": {...}, "stages": {stage: {part: bytes,
     "total": bytes}}, "inputs": {...}}``.
     """
@@ -282,6 +293,12 @@ def plan(config="qwen2.5-1.5b", *, batch: int = 16, prompt_length: int = 128,
     _check_choices(quantization, optimizer, quantize_lm_head)
     minibatch = minibatch or batch
     forward_chunk = min(forward_chunk or batch, batch)
+    if not (isinstance(gpus, int) and gpus >= 1) or strategy not in ("ddp", "fsdp2"):
+        raise ValueError(f"gpus must be an integer >= 1 and strategy ddp or fsdp2, got "
+                         f"gpus={gpus!r}, strategy={strategy!r}")
+    global_batch = batch  # every rank holds the gathered rollout (rlhf/distributed.py)
+    batch, minibatch = -(-batch // gpus), -(-minibatch // gpus)  # a rank's rows
+    forward_chunk = min(forward_chunk, batch)
     w = _DTYPE_BYTES[dtype]
     h, v, L = d.hidden_size, d.vocab_size, d.num_layers
     S = prompt_length + response_length
@@ -297,12 +314,17 @@ def plan(config="qwen2.5-1.5b", *, batch: int = 16, prompt_length: int = 128,
     head_dequant = (v * h * w if quantization != "none" and quantize_lm_head
                     and not d.tie_word_embeddings else 0)
 
+    weights = d.weight_bytes(w, quantization, quantize_lm_head)
+    if strategy == "fsdp2" and gpus > 1:  # the decoder layers sharded, two of them whole
+        layers = weights - (d.vocab_size * h + d.lm_head_params() + h) * w
+        weights += -layers + layers // gpus + 2 * layers // L
     resident = {
-        "weights": d.weight_bytes(w, quantization, quantize_lm_head),
+        "weights": weights,
         "adapters_and_heads": 4 * ((3 if critic else 2) * lora + 2 * head),
         "adam_states": adam_state_bytes(trained_tensors, optimizer),
         "kv_cache": 2 * L * batch * d.kv_dim * S * w,
-        "rollout_tensors": batch * S * (8 + 8) + batch * response_length * (4 * 8),
+        "rollout_tensors": (global_batch * S * (8 + 8)
+                            + global_batch * response_length * (4 * 8)),
     }
     base = sum(resident.values())
 
@@ -326,7 +348,7 @@ def plan(config="qwen2.5-1.5b", *, batch: int = 16, prompt_length: int = 128,
     # update: one minibatch, policy then critic
     n = minibatch * S
     n_resp = minibatch * response_length
-    grads = 4 * trained
+    grads = 4 * trained * (2 if gpus > 1 else 1)  # + the flat all-reduce buffer
     saved_layers = L * n * (w * h if gradient_checkpointing else _layer_saved(d, w))
     # the peak is either in the last layer's backward (its saved activations, recomputed under
     # checkpointing, and gradient temporaries) or at the loss head, after the forward
@@ -355,13 +377,14 @@ def plan(config="qwen2.5-1.5b", *, batch: int = 16, prompt_length: int = 128,
         "peak_stage": peak_stage,
         "resident": resident,
         "stages": stages,
-        "inputs": dict(batch=batch, prompt_length=prompt_length,
+        "inputs": dict(batch=global_batch, prompt_length=prompt_length,
                        response_length=response_length, lora_rank=lora_rank, dtype=dtype,
                        gradient_checkpointing=gradient_checkpointing, minibatch=minibatch,
                        forward_chunk=forward_chunk, device=device, params=d.params(),
                        lora_params_per_adapter=lora, critic=critic,
                        quantization=quantization, quantize_lm_head=quantize_lm_head,
-                       optimizer=optimizer),
+                       optimizer=optimizer, gpus=gpus, strategy=strategy,
+                       batch_per_gpu=batch, minibatch_per_gpu=minibatch),
     }
 
 
@@ -582,6 +605,7 @@ def _stage_peak(stage: str, config, batch: int, prompt_length: int, response_len
                     response_length=response_length, **kwargs)["peak_bytes"]
     keys = ("lora_rank", "dtype", "device", "quantization", "quantize_lm_head", "optimizer",
             "gradient_checkpointing", "config_overrides")
+    batch = -(-batch // kwargs.get("gpus", 1))  # data parallel: a rank's rows (weights whole)
     return plan_training_stage(stage, config, batch=batch,
                                seq_len=prompt_length + response_length,
                                **{k: v for k, v in kwargs.items() if k in keys})["peak_bytes"]
@@ -761,7 +785,9 @@ def format_plan(result: dict, card_gib: float | None = None, best_batch: int | N
              + (f", {inputs['optimizer']}" if inputs.get("optimizer", "adamw") != "adamw"
                 else "")
              + ", gradient checkpointing "
-             f"{'on' if inputs['gradient_checkpointing'] else 'off'}",
+             f"{'on' if inputs['gradient_checkpointing'] else 'off'}"
+             + (f"; per GPU of {inputs['gpus']} ({inputs['strategy']}): batch "
+                f"{inputs['batch_per_gpu']}" if inputs.get("gpus", 1) > 1 else ""),
              "resident: " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in result["resident"].items()
                                       if k != "rollout_tensors") + " GiB"]
     lines.append(f"{'stage':<8} {'peak GiB':>9}  parts (GiB, besides the resident state)")
@@ -772,7 +798,9 @@ def format_plan(result: dict, card_gib: float | None = None, best_batch: int | N
         lines.append(f"{stage:<8} {parts['total'] / GIB:>9.2f}  {detail}")
     lines.append(f"peak: {result['peak_bytes'] / GIB:.2f} GiB ({result['peak_stage']})")
     if card_gib is not None:
-        lines.append(f"largest batch on a {card_gib:g} GiB card: {best_batch}")
+        lines.append(f"largest batch on a {card_gib:g} GiB card: {best_batch}"
+                     + (f" (over all {inputs['gpus']} GPUs)" if inputs.get("gpus", 1) > 1
+                        else ""))
     return "\n".join(lines)
 
 
@@ -804,6 +832,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reserve", type=float, default=DEFAULT_RESERVE_GIB, metavar="GiB",
                         help="GiB of the card kept for the CUDA context, workspaces and "
                              "allocator slack when answering what fits")
+    parser.add_argument("--gpus", type=int, default=1, metavar="N",
+                        help="data parallel on N GPUs (torchrun): batch sizes are global, each "
+                             "GPU runs its share of the rows; the figures are per GPU")
+    parser.add_argument("--strategy", default="ddp", choices=("ddp", "fsdp2"),
+                        help="with --gpus: fsdp2 also shards the decoder layers' weights "
+                             "(reward and RL stages; docs/distributed.md)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("--write-readme", action="store_true",
                         help="re-render the README's card table (repository checkout) and exit")
@@ -817,7 +851,8 @@ def main(argv: list[str] | None = None) -> int:
                   lora_rank=args.lora_rank, dtype=args.dtype,
                   gradient_checkpointing=not args.no_gradient_checkpointing,
                   critic=not args.critic_free, quantization=args.quantization,
-                  quantize_lm_head=args.quantize_lm_head, optimizer=args.optimizer)
+                  quantize_lm_head=args.quantize_lm_head, optimizer=args.optimizer,
+                  gpus=args.gpus, strategy=args.strategy)
     try:
         result = plan(args.model, batch=args.batch, minibatch=args.minibatch,
                       forward_chunk=args.forward_chunk, **kwargs)
