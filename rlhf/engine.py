@@ -511,6 +511,8 @@ class RolloutEngine:
             raise ValueError(f"samples_per_prompt must be an integer >= 1, got "
                              f"{samples_per_prompt!r}")
         _check_prompts(prompt_ids, prompt_mask)
+        # each distinct prompt is prefilled once; its keys/values serve its G rows
+        shared = (prompt_ids, prompt_mask, samples_per_prompt) if samples_per_prompt > 1 else None
         if samples_per_prompt > 1:
             prompt_ids = prompt_ids.repeat_interleave(samples_per_prompt, dim=0)
             prompt_mask = prompt_mask.repeat_interleave(samples_per_prompt, dim=0)
@@ -521,11 +523,37 @@ class RolloutEngine:
         with _role_active(self.model, self.role), _eval_mode(self.lm), self._autocast(device):
             return self._generate(
                 prompt_ids, prompt_mask, max_new_tokens, _eos_tensor(eos_token_id, device),
-                pad_token_id, temperature, top_k, top_p, greedy, generator,
+                pad_token_id, temperature, top_k, top_p, greedy, generator, shared,
             )
 
+    def _shared_prefill(self, mask4d: torch.Tensor, positions: torch.Tensor,
+                        shared: tuple) -> torch.Tensor:
+        """Prefill the distinct prompts of ``shared`` (ids, mask, G) once each, then copy every
+        layer's keys/values to the G rows of each prompt: a group's samples share their prompt,
+        so the prompt's forward costs B instead of B x G rows. ``mask4d`` / ``positions`` are the
+        repeated rows' (every G-th row is a distinct prompt). -> (B x G, V) last-position logits.
+        """
+        ids, _, group = shared
+        main = self.cache
+        once = StaticKVCache(main.num_layers, main.max_length)
+        once.write_positions, once.seen_tokens = main.write_positions, 0
+        self.cache = once
+        try:
+            logits = self._forward(ids, mask4d[::group], positions[::group])
+        finally:
+            self.cache = main
+        for buffers, filled in ((main.keys, once.keys), (main.values, once.values)):
+            for layer, source in enumerate(filled):
+                if source is None:
+                    continue
+                if buffers[layer] is None:
+                    buffers[layer] = source.repeat_interleave(group, dim=0)
+                else:  # in place: a captured decode step reads these addresses
+                    buffers[layer].copy_(source.repeat_interleave(group, dim=0))
+        return logits.repeat_interleave(group, dim=0)
+
     def _generate(self, prompt_ids, prompt_mask, max_new_tokens, eos, pad_token_id, temperature,
-                  top_k, top_p, greedy, generator) -> Generation:
+                  top_k, top_p, greedy, generator, shared=None) -> Generation:
         device = prompt_ids.device
         batch, prompt_length = prompt_ids.shape
         total = prompt_length + max_new_tokens
@@ -549,7 +577,10 @@ class RolloutEngine:
         positions = (prompt_valid.long().cumsum(-1) - 1).clamp_min(0)
         cache.write_positions = query
         cache.seen_tokens = 0
-        logits = self._forward(prompt_ids, prefill_mask[:, None], positions)
+        if shared is not None:
+            logits = self._shared_prefill(prefill_mask[:, None], positions, shared)
+        else:
+            logits = self._forward(prompt_ids, prefill_mask[:, None], positions)
         del prefill_mask, allowed
         cache.seen_tokens = prompt_length
 

@@ -142,6 +142,37 @@ def test_reward_fn_gets_each_rows_prompt(tiny_chat_model, tmp_path):
                        reward_fn=bad_length)
 
 
+def test_shared_prefill_matches_repeated_prompts(tiny_chat_model):
+    """A group's prompt is prefilled once (RolloutEngine._shared_prefill): the same tokens and
+    log-probs as prefilling every repeated row, the original path."""
+    from rlhf.engine import RolloutEngine
+    from rlhf.models import LoraSpec, SharedBackbone, load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_chat_model))
+    backbone = SharedBackbone.from_pretrained(str(tiny_chat_model), lora=LoraSpec(rank=4),
+                                              roles=("policy",))
+    ids, mask = rl_stage.encode_prompts(arithmetic.prompts("train", 3), tokenizer, 40)
+    ids, mask = ids[:, 4:], mask[:, 4:]  # rows of different lengths stay left-padded
+    engine = RolloutEngine(backbone)
+    forward, rows = engine._forward, []
+
+    def counting_forward(input_ids, *args):
+        rows.append(tuple(input_ids.shape))
+        return forward(input_ids, *args)
+
+    engine._forward = counting_forward
+    kwargs = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    for _ in range(2):  # the second call reuses the engine's cache buffers in place
+        rows.clear()
+        shared = engine.generate(ids, mask, 7, seed=5, samples_per_prompt=4, **kwargs)
+        assert rows[0] == (3, ids.shape[1]) and rows[1] == (12, 1)  # prefill: 3 rows, not 12
+        repeated = engine.generate(ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0), 7,
+                                   seed=5, **kwargs)
+        assert torch.equal(shared.sequences, repeated.sequences)
+        assert torch.equal(shared.response_mask, repeated.response_mask)
+        torch.testing.assert_close(shared.logprobs, repeated.logprobs, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
 def test_pipeline_smoke(tiny_chat_model, tmp_path, algorithm):
     """rlhf pipeline task=arithmetic on the tiny model: no SFT, no reward stage; the files and
