@@ -36,9 +36,10 @@ BACKENDS = ("auto", "triton", "native", "reference")
 ENV_VAR = "RLHF_KERNELS_BACKEND"
 # Ops whose CPU launchers run a native kernel (csrc/cpu): the logprobs kernels serve the four
 # vocabulary ops (the fused ones call them per chunk), the scan serves gae, elementwise.cpp the
-# KL estimators and reward shaping.
+# KL estimators, reward shaping and whitening.
 NATIVE_OPS = frozenset({"logprobs", "linear_logprobs", "ppo_loss_from_logits",
-                        "linear_ppo_loss", "gae", "kl_penalty", "shape_rewards"})
+                        "linear_ppo_loss", "gae", "kl_penalty", "shape_rewards",
+                        "masked_whiten"})
 _WARNED: set[str] = set()
 
 

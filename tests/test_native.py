@@ -2,10 +2,10 @@
 
 The kernel tests are the Triton tests themselves, collected here a second time: the op tests of
 tests/test_logprobs.py, test_linear_logprobs.py, test_ppo_fused.py, test_gae_whiten.py's GAE
-tests and test_kl_rewards.py's KL and reward-shaping tests (values and gradients under the 2x
-rule, awkward vocabularies, strided and shifted logits, masks, ignore_index, out-of-range
-labels, non-finite rows, bf16 / fp16, in-place backward, torch.compile) run with every CPU
-launcher pointed at the native kernel and the Triton
+and whitening tests and test_kl_rewards.py's KL and reward-shaping tests (values and gradients
+under the 2x rule, awkward vocabularies, strided and shifted logits, masks, ignore_index,
+out-of-range labels, non-finite rows, bf16 / fp16, in-place backward, torch.compile) run with
+every CPU launcher pointed at the native kernel and the Triton
 kernels replaced by a trap, so a pass means the native kernel computed the result. The
 remaining tests check the public route: ``RLHF_KERNELS_BACKEND=native``, ``auto`` outside the
 interpreter (in a fresh process, which also shows the build is cached across processes), the
@@ -28,7 +28,7 @@ import warnings
 import pytest
 import torch
 
-from rlhf_kernels import _native, backend, gae, logprobs, masked_whiten, reference
+from rlhf_kernels import _native, backend, bradley_terry_loss, gae, logprobs, reference
 from tests import (
     test_gae_whiten,
     test_kl_rewards,
@@ -46,11 +46,14 @@ logprobs_module = importlib.import_module("rlhf_kernels.ops.logprobs")
 gae_module = importlib.import_module("rlhf_kernels.ops.gae")
 kl_module = importlib.import_module("rlhf_kernels.ops.kl")
 rewards_module = importlib.import_module("rlhf_kernels.ops.rewards")
-_NATIVE_MODULES = (logprobs_module, gae_module, kl_module, rewards_module)
+whiten_module = importlib.import_module("rlhf_kernels.ops.whiten")
+_NATIVE_MODULES = (logprobs_module, gae_module, kl_module, rewards_module, whiten_module)
 _TRITON_KERNELS = ((logprobs_module, "_logprobs_fwd_kernel"), (logprobs_module,
                    "_logprobs_bwd_kernel"), (gae_module, "_gae_fwd_kernel"),
                    (kl_module, "_kl_fwd_kernel"), (kl_module, "_kl_bwd_kernel"),
-                   (rewards_module, "_shape_rewards_fwd_kernel"))
+                   (rewards_module, "_shape_rewards_fwd_kernel"),
+                   (whiten_module, "_whiten_partials_kernel"),
+                   (whiten_module, "_whiten_fwd_kernel"))
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +99,7 @@ for _module, _skip in _REUSED.items():
             globals()[f"{_name}__{_module.__name__.split('.')[-1][5:]}"] = getattr(_module, _name)
 block_config = test_logprobs.block_config  # a fixture of reused tests (the block size)
 for _name in dir(test_gae_whiten):
-    if _name.startswith("test_gae_"):
+    if _name.startswith(("test_gae_", "test_whiten_")):
         globals()[f"{_name}__native"] = getattr(test_gae_whiten, _name)
 for _name in dir(test_kl_rewards):
     if _name.startswith(("test_kl_", "test_rewards_")):
@@ -214,13 +217,13 @@ def test_per_call_backend_that_disagrees_under_the_interpreter_is_refused(public
 def test_native_for_an_op_without_a_native_kernel_warns_once_and_runs_the_reference(
         public_route):
     public_route.setattr(backend, "_WARNED", set())
-    x, mask = torch.randn(3, 4), torch.rand(3, 4) > 0.3
-    with pytest.warns(RuntimeWarning, match="masked_whiten has no native CPU kernel"):
-        out = masked_whiten(x, mask)
-    assert torch.equal(out, reference.masked_whiten(x, mask))
+    chosen, rejected = torch.randn(5), torch.randn(5)
+    with pytest.warns(RuntimeWarning, match="bradley_terry_loss has no native CPU kernel"):
+        loss, _ = bradley_terry_loss(chosen, rejected)
+    assert torch.equal(loss, reference.bradley_terry_loss(chosen, rejected)[0])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        masked_whiten(x, mask)  # once
+        bradley_terry_loss(chosen, rejected)  # once
 
 
 def test_no_build_auto_warns_once_and_native_raises(public_route):

@@ -145,4 +145,8 @@ void shape_rewards(const float* scores, const Strided2d& logp, const Strided2d& 
                    const int64_t* score_index, float* out, int64_t out_stride_row,
                    int64_t n_rows, int64_t n_cols, const RewardOptions& options);
 
+// x: n contiguous elements; mask: n contiguous 0 / nonzero bytes or nullptr; out: n fp32
+void masked_whiten(const void* x, Dtype dtype, const uint8_t* mask, int64_t n, bool shift_mean,
+                   bool unbiased, float eps, float* out);
+
 }  // namespace rlhf_native

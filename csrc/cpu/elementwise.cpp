@@ -1,10 +1,15 @@
-// Per-token KL estimators (forward and backward) and PPO reward shaping on CPU.
+// Per-token KL estimators (forward and backward), PPO reward shaping and masked whitening on
+// CPU.
 //
 // The same math as rlhf_kernels/ops/kl.py and ops/rewards.py (their module docstrings), fp32
 // arithmetic on fp32 / bf16 / fp16 inputs, rows of a (rows, cols) strided view spread over
 // threads. Each is one pass over its inputs (reward shaping reads the mask twice: once right to
-// left to find the row's last valid token, once to write).
+// left to find the row's last valid token, once to write). Whitening reduces over the whole
+// tensor: fixed 4096-element chunks (so the bits do not depend on the thread count), fp64 sums,
+// the mean first and then the centred sum of squares (no E[x^2] - E[x]^2 cancellation).
 #include "common.h"
+
+#include <vector>
 
 namespace rlhf_native {
 namespace {
@@ -135,6 +140,64 @@ void shape_rewards(const float* scores, const Strided2d& logp, const Strided2d& 
           }
         }
       });
+    });
+  });
+}
+
+void masked_whiten(const void* x, Dtype dtype, const uint8_t* mask, int64_t n, bool shift_mean,
+                   bool unbiased, float eps, float* out) {
+  constexpr int64_t kChunk = 4096;
+  const int64_t n_chunks = (n + kChunk - 1) / kChunk;
+  std::vector<double> sums(n_chunks), counts(n_chunks), squares(n_chunks);
+  dispatch_float(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T* xs = static_cast<const T*>(x);
+    auto valid = [&](int64_t i) { return mask == nullptr || mask[i] != 0; };
+    at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        double sum = 0.0, count = 0.0;
+        for (int64_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) {
+          if (valid(i)) {
+            sum += static_cast<double>(to_f32(xs[i]));
+            count += 1.0;
+          }
+        }
+        sums[c] = sum;
+        counts[c] = count;
+      }
+    });
+    double total = 0.0, count = 0.0;
+    for (int64_t c = 0; c < n_chunks; ++c) {
+      total += sums[c];
+      count += counts[c];
+    }
+    const double mean = total / std::max(count, 1.0);
+    at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        double sq = 0.0;
+        for (int64_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) {
+          if (valid(i)) {
+            const double d = static_cast<double>(to_f32(xs[i])) - mean;
+            sq += d * d;
+          }
+        }
+        squares[c] = sq;
+      }
+    });
+    double m2 = 0.0;
+    for (int64_t c = 0; c < n_chunks; ++c) m2 += squares[c];
+    const double var = m2 / std::max(unbiased ? count - 1.0 : count, 1.0);
+    const double rstd = 1.0 / std::sqrt(var + static_cast<double>(eps));
+    at::parallel_for(0, n, kChunk, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        if (!valid(i)) {
+          out[i] = 0.f;
+          continue;
+        }
+        double w = (static_cast<double>(to_f32(xs[i])) - mean) * rstd;
+        if (!shift_mean) w += mean;
+        out[i] = static_cast<float>(w);
+      }
     });
   });
 }

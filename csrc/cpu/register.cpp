@@ -244,6 +244,25 @@ void shape_rewards_op(const at::Tensor& scores, const at::Tensor& logp, const at
                 n_rows, logp.size(1), o);
 }
 
+void masked_whiten_op(const at::Tensor& x, const std::optional<at::Tensor>& mask,
+                      const at::Tensor& out, bool shift_mean, bool unbiased, double eps) {
+  check_cpu(x, "x");
+  const int64_t n = x.numel();
+  TORCH_CHECK(x.is_contiguous(), "rlhf_kernels_native: x must be contiguous");
+  fp32_vector(out, n, "out");
+  const uint8_t* mask_ptr = nullptr;
+  if (mask.has_value()) {
+    check_cpu(*mask, "mask");
+    TORCH_CHECK((mask->scalar_type() == at::kBool || mask->scalar_type() == at::kByte) &&
+                    mask->is_contiguous() && mask->numel() == n,
+                "rlhf_kernels_native: the mask must be ", n, " contiguous bool/uint8");
+    mask_ptr = static_cast<const uint8_t*>(mask->data_ptr());
+  }
+  if (n == 0) return;
+  masked_whiten(x.data_ptr(), float_dtype(x, "x"), mask_ptr, n, shift_mean, unbiased,
+                static_cast<float>(eps), out.data_ptr<float>());
+}
+
 }  // namespace
 }  // namespace rlhf_native
 
@@ -268,4 +287,7 @@ TORCH_LIBRARY(rlhf_kernels_native, m) {
         "Tensor? score_index, Tensor(a!) out, float kl_coef, int estimator, float? score_clip, "
         "float? kl_clamp) -> ()",
         &rlhf_native::shape_rewards_op);
+  m.def("masked_whiten(Tensor x, Tensor? mask, Tensor(a!) out, bool shift_mean, bool unbiased, "
+        "float eps) -> ()",
+        &rlhf_native::masked_whiten_op);
 }

@@ -30,10 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_kernels import reference
+from rlhf_kernels import _native, reference
 from rlhf_kernels._alloc import empty
 from rlhf_kernels._checks import check_float, check_same_device, check_same_shape
-from rlhf_kernels.backend import launch_directly, resolve_backend
+from rlhf_kernels.backend import launch_directly, native_cpu_kernels, resolve_backend
 from rlhf_kernels.ops._reduce import cdiv, next_power_of_2
 
 __all__ = ["masked_whiten"]
@@ -143,6 +143,13 @@ def _launch(
     # The kernels index the flattened tensor: a contiguous one is passed as it is (only its
     # pointer matters), anything else is copied once.
     x1 = x if x.is_contiguous() else x.reshape(-1).contiguous()
+    if native_cpu_kernels(x):  # csrc/cpu/elementwise.cpp
+        if mask is not None:
+            if mask.dtype not in (torch.bool, torch.uint8):
+                mask = mask != 0  # the kernel reads 0 / nonzero bytes (as the Triton load's != 0)
+            mask = mask if mask.is_contiguous() else mask.contiguous()
+        _native.ops().masked_whiten(x1, mask, out, shift_mean, unbiased, float(eps))
+        return out
     if mask is not None and mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)  # same bytes; Triton loads it as 0/1
     if mask is None:
@@ -218,7 +225,7 @@ def masked_whiten(
     check_same_device(("x", x), ("mask", mask))
     if not (float(eps) >= 0.0):
         raise ValueError(f"eps={eps} must be >= 0 (it is added to the variance)")
-    if resolve_backend(x, backend) == "reference" or x.dtype == torch.float64:
+    if resolve_backend(x, backend, "masked_whiten") == "reference" or x.dtype == torch.float64:
         return reference.masked_whiten(x, mask, shift_mean, unbiased, eps)
     if launch_directly(x, mask):
         # A fresh output with no autograd history: nothing to detach.
