@@ -635,7 +635,10 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
         summary.update(_heldout_figures(sft_gold, ppo_gold, kl, cfg.kl_bound
                                         if cfg.kl_bound is not None else ppo_cfg.kl_target))
     _write_json(out / "summary.json", summary)
-    _print_summary(summary, out)
+    from rlhf import distributed
+
+    if distributed.is_main():  # torchrun: one summary (rlhf/distributed.py)
+        _print_summary(summary, out)
     return summary
 
 

@@ -216,3 +216,27 @@ def test_launcher_errors(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(ValueError, match="WORLD_SIZE='two' is not a number"):
         distributed.init_from_env("cpu")
+
+
+def test_plan_accounts_for_data_parallel_ranks():
+    """rlhf plan --gpus N: a rank holds its share of the rows (the KV cache and activations of
+    batch / N) but the whole gathered rollout and a flat copy of the gradients; fsdp2 also
+    shards the decoder layers (two of them whole at a time)."""
+    from rlhf.plan import plan
+
+    one = plan("qwen2.5-7b", batch=64)
+    ddp = plan("qwen2.5-7b", batch=64, gpus=8)
+    fsdp = plan("qwen2.5-7b", batch=64, gpus=8, strategy="fsdp2")
+    alone = plan("qwen2.5-7b", batch=8)  # one GPU with a rank's rows
+    assert ddp["resident"]["kv_cache"] == alone["resident"]["kv_cache"] \
+        == one["resident"]["kv_cache"] // 8
+    assert ddp["resident"]["rollout_tensors"] == one["resident"]["rollout_tensors"]
+    assert ddp["stages"]["update"]["grads"] == 2 * alone["stages"]["update"]["grads"]
+    assert ddp["resident"]["weights"] == one["resident"]["weights"]
+    # weights - layers + layers / 8 + 2 layers / 28 (Qwen2.5-7B: 28 layers, untied lm_head)
+    layers = (one["resident"]["weights"] - fsdp["resident"]["weights"]) / (1 - 1 / 8 - 2 / 28)
+    assert 0.8 * one["resident"]["weights"] < layers < one["resident"]["weights"]
+    assert fsdp["peak_bytes"] < ddp["peak_bytes"] < one["peak_bytes"]
+    assert ddp["inputs"]["batch"] == 64 and ddp["inputs"]["batch_per_gpu"] == 8
+    with pytest.raises(ValueError, match="gpus must be an integer >= 1"):
+        plan("qwen2.5-7b", gpus=0)
