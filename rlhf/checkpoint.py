@@ -438,7 +438,7 @@ PIPELINE_RUN_FILES = (MANIFEST_FILE, "summary.json", "metrics.jsonl", "curves.pn
 # samples the pipeline prints. Everything else, thread counts and devices included (they can
 # change floating-point rounding), must equal the run's.
 RESUME_SAFE_KEYS = frozenset({"output_dir", "resume", "overwrite", "keep_last", "save_every",
-                              "max_memory", "n_show_samples", "nproc", "strategy"})
+                              "max_memory", "n_show_samples"})
 _MISSING = object()
 
 

@@ -186,13 +186,16 @@ def run_scenario(name: str, out: Path, tokenizer, on_step=None):
         pairs = preference_pairs()
         return reward.train(rm_config(directory), backbone=tiny_backbone(tokenizer),
                             tokenizer=tokenizer, train_pairs=pairs[:34], eval_pairs=pairs[34:])
-    if base in ("ppo", "grpo", "dapo"):
+    if base in ("ppo", "grpo", "dapo", "ppo_gc"):
         from rlhf import task
 
+        # ppo_gc: PPO with role-aware gradient checkpointing (the same numbers as ppo)
+        cfg = rl_config(directory, "ppo", gradient_checkpointing=True) if base == "ppo_gc" \
+            else rl_config(directory, base)
         original = rl.RolloutEngine
         rl.RolloutEngine = FixedEngine
         try:
-            return rl.train(rl_config(directory, base), backbone=tiny_backbone(tokenizer),
+            return rl.train(cfg, backbone=tiny_backbone(tokenizer),
                             tokenizer=tokenizer, prompts=task.all_prompts("train")[:32])
         finally:
             rl.RolloutEngine = original

@@ -1,8 +1,8 @@
 """Data parallelism (rlhf/distributed.py): world size 2 computes what world size 1 computes.
 
 One group of 2 CPU processes (gloo, started as torchrun starts them: tests/distributed_worker.py)
-runs, one after the other: the reward model (ddp and fsdp2), PPO and GRPO (ddp, GRPO also
-fsdp2) on rollouts that depend on the prompt rows alone (``FixedEngine``), the real rollout
+runs, one after the other: the reward model, PPO and GRPO (each under ddp and fsdp2; the RL
+runs on rollouts that depend on the prompt rows alone, ``FixedEngine``), the real rollout
 engine on fsdp2-sharded layers, and SFT with a checkpoint every step, during which rank 1
 dies. The same runs in this process (world size 1) are the reference: losses and every other
 logged number, and the trained adapters / weights, to fp32 tolerance. The SFT run must stop
@@ -29,7 +29,8 @@ from rlhf import distributed  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-GROUP_SCENARIOS = ["rm", "rm@fsdp2", "ppo", "grpo", "grpo@fsdp2", "engine@fsdp2", "sft_ckpt"]
+GROUP_SCENARIOS = ["rm", "rm@fsdp2", "ppo", "ppo_gc@fsdp2", "grpo", "grpo@fsdp2",
+                   "engine@fsdp2", "sft_ckpt"]
 # measured, not computed: they differ between any two runs
 TIMING_KEYS = {"rollout_s", "scoring_s", "update_s", "iteration_s", "tokens_per_s",
                "pairs_per_s", "peak_memory_mb",
@@ -106,13 +107,16 @@ def test_reward_model_world_size_2_equals_1(runs, scenario):
     assert_same_params(last_params(root / "ws1" / "rm"), last_params(root / "ws2" / scenario))
 
 
-@pytest.mark.parametrize("scenario", ["ppo", "grpo", "grpo@fsdp2"])
+@pytest.mark.parametrize("scenario", ["ppo", "ppo_gc@fsdp2", "grpo", "grpo@fsdp2"])
 def test_rl_update_world_size_2_equals_1(runs, scenario):
     """Same rollouts (FixedEngine), so the same whitened / group advantages, minibatches,
     normalised losses, clipped gradients, KL controller and metrics. The explained variance is
-    the mean of the ranks' (documented), not the global one."""
+    the mean of the ranks' (documented), not the global one. fsdp2: the policy's and the
+    critic's backward in one step (recomputing each layer with its role under gradient
+    checkpointing), the reference with the adapters off and the fused lm_head loss all run
+    through the sharded layers."""
     root = runs[0]
-    reference = scenario.partition("@")[0]
+    reference = scenario.partition("@")[0].removesuffix("_gc")
     ws1, ws2 = metrics(root / "ws1" / reference), metrics(root / "ws2" / scenario)
     assert_same_metrics(ws1, ws2, skip={"value/explained_variance"})
     assert ws1[-1]["policy/approx_kl"] > 1e-6  # the updates moved the policy off the old one
