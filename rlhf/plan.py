@@ -311,6 +311,7 @@ def plan(config="qwen2.5-1.5b", *, batch: int = 16, prompt_length: int = 128,
     # a quantized layer's weight, dequantized for its matmul (the largest of a layer), and a
     # quantized lm_head's, dequantized whole for the fused log-probs and the decode step
     dequant = _dequant_bytes(d, w, quantization)
+    backward_dequant = _dequant_bytes(d, w, quantization, backward=True)
     head_dequant = (v * h * w if quantization != "none" and quantize_lm_head
                     and not d.tie_word_embeddings else 0)
 
@@ -349,11 +350,13 @@ def plan(config="qwen2.5-1.5b", *, batch: int = 16, prompt_length: int = 128,
     n = minibatch * S
     n_resp = minibatch * response_length
     grads = 4 * trained * (2 if gpus > 1 else 1)  # + the flat all-reduce buffer
-    saved_layers = L * n * (w * h if gradient_checkpointing else _layer_saved(d, w))
+    saved_layers = L * n * ((w * h if gradient_checkpointing else _layer_saved(d, w))
+                            + _int8_kept_inputs(d, w, quantization, gradient_checkpointing))
     # the peak is either in the last layer's backward (its saved activations, recomputed under
     # checkpointing, and gradient temporaries) or at the loss head, after the forward
     layer_backward = n * (_layer_backward_extra(d, w)
-                          + (_layer_saved(d, w) if gradient_checkpointing else 0)) + dequant
+                          + (_layer_saved(d, w) if gradient_checkpointing else 0)
+                          ) + backward_dequant
     final = n * w * h * 3  # final norm input / output and the returned hidden states
     policy_head = (n_resp * w * h * 2  # the response slice and its gradient
                    + _logits_chunk(n_resp, v, w, device) * 2  # logits chunk and d logits
@@ -413,6 +416,16 @@ def adam_state_bytes(numels: list[int], optimizer: str = "adamw") -> int:
     return sum(8 * n for n in numels)
 
 
+def _int8_kept_inputs(d: ModelDims, w: int, quantization: str, checkpointing: bool) -> int:
+    """Bytes per token and layer that LLM.int8() layers keep under gradient checkpointing:
+    bitsandbytes' MatMul8bitLt stores its input on the autograd context as a plain attribute,
+    out of reach of checkpointing's saved-tensor hooks, so the inputs of q/k/v (shared), o,
+    gate/up (shared) and down live until the backward, as without checkpointing."""
+    if quantization != "int8" or not checkpointing:
+        return 0
+    return w * (2 * d.hidden_size + d.q_dim + d.intermediate_size)
+
+
 def _forward_peak(d: ModelDims, w: int, tokens: int, dequant: int) -> int:
     """Peak bytes of one layer's no-grad forward over ``tokens`` (plus the hidden states it
     returns). A quantized matmul's dense weight lives while the base product is computed: with
@@ -422,11 +435,12 @@ def _forward_peak(d: ModelDims, w: int, tokens: int, dequant: int) -> int:
     return max(lora_peak, tokens * (3 * w * h + 2 * w * i) + dequant)
 
 
-def _dequant_bytes(d: ModelDims, w: int, quantization: str) -> int:
+def _dequant_bytes(d: ModelDims, w: int, quantization: str, backward: bool = False) -> int:
     """The transient dense weight of a quantized matmul: bitsandbytes' 4-bit path dequantizes
-    the layer's weight to the compute dtype and runs a plain matmul (the largest linear of a
-    layer bounds it); LLM.int8() multiplies int8 by int8 and holds no dense weight."""
-    if quantization in ("nf4", "fp4"):
+    the layer's weight to the compute dtype and runs a plain matmul, forward and backward (the
+    largest linear of a layer bounds it); LLM.int8() multiplies int8 by int8 forward, but its
+    backward multiplies the gradient by the dequantized weight."""
+    if quantization in ("nf4", "fp4") or (quantization == "int8" and backward):
         return max(a * b for a, b in d.linears()) * w
     return 0
 
@@ -569,7 +583,6 @@ def plan_training_stage(stage: str, config="qwen2.5-1.5b", *, batch: int = 8,
     h, v, L = d.hidden_size, d.vocab_size, d.num_layers
     lora = d.lora_params(lora_rank)
     tensors = _lora_tensors(d, lora_rank)
-    dequant = _dequant_bytes(d, w, quantization)
     head_dequant = (v * h * w if quantization != "none" and quantize_lm_head
                     and not d.tie_word_embeddings else 0)
     if stage == "sft":
@@ -586,9 +599,11 @@ def plan_training_stage(stage: str, config="qwen2.5-1.5b", *, batch: int = 8,
         head = n * w * h * 2 + _logits_chunk(n, v, w, device) * 2 + n * 4 * 2 + head_dequant
     else:  # the last real token's hidden state, an fp32 copy and the (2B,) rewards
         head = rows * (4 * h * 2 + 4 * 4)
-    saved = w * h if gradient_checkpointing else _layer_saved(d, w)
+    saved = ((w * h if gradient_checkpointing else _layer_saved(d, w))
+             + _int8_kept_inputs(d, w, quantization, gradient_checkpointing))
     layer_backward = n * (_layer_backward_extra(d, w)
-                          + (_layer_saved(d, w) if gradient_checkpointing else 0)) + dequant
+                          + (_layer_saved(d, w) if gradient_checkpointing else 0)
+                          ) + _dequant_bytes(d, w, quantization, backward=True)
     step = {
         "grads": 4 * trained,
         "saved_activations": L * n * saved + rows * seq_len * seq_len,
