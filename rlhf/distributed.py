@@ -281,6 +281,13 @@ def prepare(model: torch.nn.Module, device: torch.device,
                              "SFT runs data-parallel with replicated weights: use strategy=ddp "
                              "(or auto) for sft")
         chosen = "ddp"
+    quantized = any(type(p).__name__ in ("Params4bit", "Int8Params") for p in model.parameters())
+    if chosen == "fsdp2" and quantized:
+        if requested == "fsdp2":
+            raise ValueError("strategy=fsdp2 cannot shard a bitsandbytes-quantized base (its "
+                             "packed weights are no plain tensors); a 4-bit or 8-bit base is "
+                             "already small: use strategy=ddp")
+        chosen = "ddp"
     if chosen == "fsdp2":
         frozen = [p for p in model.parameters() if p not in trainable]
         if not frozen:

@@ -244,3 +244,26 @@ def test_plan_accounts_for_data_parallel_ranks():
     assert ddp["inputs"]["batch"] == 64 and ddp["inputs"]["batch_per_gpu"] == 8
     with pytest.raises(ValueError, match="gpus must be an integer >= 1"):
         plan("qwen2.5-7b", gpus=0)
+
+
+def test_fsdp2_refusals(monkeypatch):
+    """fsdp2 shards frozen plain weights: SFT (it trains or merges into every weight) and a
+    bitsandbytes-quantized base are refused with what to use instead; auto falls back to ddp."""
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+
+    class Params4bit(torch.nn.Parameter):  # the name bitsandbytes' packed 4-bit weights carry
+        pass
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    try:
+        distributed.set_strategy("fsdp2")
+        with pytest.raises(ValueError, match="SFT runs data-parallel"):
+            distributed.prepare(model, torch.device("cpu"), [], stage="sft")
+        model[0].weight = Params4bit(model[0].weight.detach(), requires_grad=False)
+        with pytest.raises(ValueError, match="cannot shard a bitsandbytes-quantized base"):
+            distributed.prepare(model, torch.device("cpu"), [], stage="rm")
+        distributed.set_strategy("auto")
+        assert distributed.prepare(model, torch.device("cpu"), [], stage="rm") is model
+        assert distributed.strategy() == "ddp"
+    finally:
+        distributed.set_strategy(None)
