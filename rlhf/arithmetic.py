@@ -246,7 +246,8 @@ def _rl_config(cfg):
     settings = {"output_dir": str(Path(cfg.output_dir) / cfg.algorithm),
                 "seed": cfg.seed, "device": cfg.device, "max_memory": cfg.max_memory,
                 "resume": cfg.resume, "cpu_threads": cfg.cpu_threads,
-                "algorithm": cfg.algorithm}
+                "algorithm": cfg.algorithm,
+                "gradient_checkpointing": getattr(cfg, "gradient_checkpointing", False)}
     rl_cfg = replace(cfg.ppo, **settings)
     if not rl_cfg.settings.uses_critic:
         rl_cfg = replace(rl_cfg, **pipeline._critic_defaults())
