@@ -948,8 +948,11 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
                                     + float(value)
                             sums["value/loss"] = sums.get("value/loss", 0.0) + v_losses[-1]
                         n_stats += 1
-                    # torchrun: one all-reduce sums the gradients over ranks
-                    distributed.sum_gradients(policy_params + critic_params)
+                    # torchrun: one all-reduce sums the gradients over ranks, and the losses
+                    # (rank parts), so that every rank takes the same non-finite decision
+                    summed = distributed.sum_gradients(policy_params + critic_params,
+                                                       p_losses + v_losses)
+                    p_losses, v_losses = summed[:len(p_losses)], summed[len(p_losses):]
                     norms = {"policy grad norm": float(torch.nn.utils.clip_grad_norm_(
                         policy_params, cfg.grad_clip))}
                     if critic_params:
