@@ -106,14 +106,19 @@ def unsupported_reason(causal_lm) -> str | None:
     return None
 
 
+_FLASH: list = []  # the import's outcome, once: a failing import costs milliseconds per try
+
+
 def flash_varlen_function():
     """``flash_attn.flash_attn_varlen_func`` when flash-attn is installed (the ``gpu`` extra),
     else None."""
-    try:
-        from flash_attn import flash_attn_varlen_func
-    except Exception:  # noqa: BLE001 - not installed, or built for another torch/CUDA
-        return None
-    return flash_attn_varlen_func
+    if not _FLASH:
+        try:
+            from flash_attn import flash_attn_varlen_func
+        except Exception:  # noqa: BLE001 - not installed, or built for another torch/CUDA
+            flash_attn_varlen_func = None
+        _FLASH.append(flash_attn_varlen_func)
+    return _FLASH[0]
 
 
 def uses_flash(causal_lm, device: torch.device) -> bool:

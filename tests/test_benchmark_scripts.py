@@ -27,7 +27,7 @@ from benchmarks.common import Case, result_row, run_cases, save_results
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ["bench_advantages", "bench_gae", "bench_grpo_loss", "bench_kl", "bench_linear_logprobs",
-           "bench_logprobs", "bench_ppo_loss"]
+           "bench_logprobs", "bench_packing", "bench_ppo_loss"]
 # Our implementations in each script's rows ("ours", "ours <variant>", or the op's name); every
 # other impl is a peer ("unfused", a cuBLAS matmul then our logprobs kernel, is the baseline).
 OURS = {"bench_linear_logprobs": {"linear_logprobs", "linear_ppo_loss"}}
