@@ -136,8 +136,11 @@ def result_row(
 
 
 def _git_sha() -> str:
-    """HEAD's SHA; where there is no git repository (a copy of the working tree sent to a GPU
-    machine) the one the caller passed as RLHF_GIT_SHA, else "unknown"."""
+    """The SHA the caller passed as RLHF_GIT_SHA when set (the checkout's HEAD, given to a copy of
+    the working tree sent to a GPU machine: a copy may carry a stale repository whose HEAD is not
+    the tree that runs), else HEAD's SHA, else "unknown"."""
+    if os.environ.get("RLHF_GIT_SHA"):
+        return os.environ["RLHF_GIT_SHA"]
     try:
         return subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
