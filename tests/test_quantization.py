@@ -29,6 +29,16 @@ pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
 
 
 @pytest.fixture(autouse=True)
+def _eager_bitsandbytes(monkeypatch):
+    # bitsandbytes' CPU dequantize is wrapped in torch.compile, which compiles a C++ kernel for
+    # every weight shape (seconds each on a busy CI core): these tests check what the layers
+    # compute, not how fast, so they run them eagerly (the same ops, uncompiled)
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo.config, "disable", True)
+
+
+@pytest.fixture(autouse=True)
 def _reference_kernels(monkeypatch, request):
     # the stage loops run the kernels' plain-PyTorch reference (as tests/test_stages.py does);
     # the fused-head test runs the default backend
