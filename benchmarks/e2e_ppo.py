@@ -508,6 +508,9 @@ def main(argv: list[str] | None = None) -> int:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         rows.append(ours)
+        # saved after every row: a run cut off by the caller's time limit (gpu_check's parts)
+        # while a peer runs keeps our figures
+        save_results("e2e_ppo", rows, args.results_dir)
         print_table([ours], COLUMNS)
         if args.peer_script:
             for peft in (True, False) if args.peer_full else (True,):
@@ -515,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
                                               args.peer_timeout, args.peer_python,
                                               tuple(args.peer_arg)))
                 rows.append(peer)
+                save_results("e2e_ppo", rows, args.results_dir)
                 print_table([peer], PEER_COLUMNS)
     path = save_results("e2e_ppo", rows, args.results_dir)
     print(f"wrote {path}")

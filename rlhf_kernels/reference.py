@@ -337,7 +337,9 @@ def reduce_loss(
 def _as_normalizer(normalizer, like: torch.Tensor) -> torch.Tensor:
     if isinstance(normalizer, torch.Tensor):
         return normalizer.detach().to(dtype=like.dtype, device=like.device)
-    return torch.tensor(float(normalizer), dtype=like.dtype, device=like.device)
+    # a fill, not torch.tensor(...): building a CUDA tensor from a Python number is a
+    # host-to-device copy that waits for the device
+    return torch.full((), float(normalizer), dtype=like.dtype, device=like.device)
 
 
 def _per_token_advantages(advantages: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

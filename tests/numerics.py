@@ -20,6 +20,7 @@ ATOL = {
 
 
 def max_abs_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = torch.as_tensor(ref).to(x.device)  # closed forms are often written on the CPU
     if x.shape != ref.shape:
         raise AssertionError(f"shape {tuple(x.shape)} != reference shape {tuple(ref.shape)}")
     diff = (x.double() - ref.double()).abs()
@@ -41,6 +42,8 @@ def assert_close_2x(kernel, torch_same_dtype, ref64, dtype, atol_scale: float = 
 
 
 def assert_close(x, ref, atol, rtol=0.0, name=""):
+    x = torch.as_tensor(x)
+    ref = torch.as_tensor(ref).to(x.device)  # closed forms are often written on the CPU
     err = (x.double() - ref.double()).abs()
     tol = atol + rtol * ref.double().abs()
     bad = ~(err <= tol)

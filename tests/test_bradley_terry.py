@@ -134,8 +134,7 @@ def test_margin_and_centering_hand_worked():
 def test_bad_input_raises(kwargs, match):
     args = dict(chosen_rewards=torch.zeros(3), rejected_rewards=torch.zeros(3))
     args.update(kwargs)
-    args = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) and not v.requires_grad else v
-            for k, v in args.items()}
+    args = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
     with pytest.raises(ValueError, match=match):
         bradley_terry_loss(**args, backend="triton")
 

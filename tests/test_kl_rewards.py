@@ -212,7 +212,7 @@ def test_rewards_hand_worked():
     out = shape_rewards(score, logp, ref_logp, mask, 0.5, backend="triton")
     assert_close(out, torch.tensor([[-0.5, 1.0, 0.0, -0.25 + 3.0]]), atol=1e-7, name="default")
     # score clipped to 2, placed at (masked) position 2 by score_index
-    out = shape_rewards(score, logp, ref_logp, mask, 0.5, score_index=torch.tensor([2]),
+    out = shape_rewards(score, logp, ref_logp, mask, 0.5, score_index=torch.tensor([2], device=DEVICE),
                         score_clip=2.0, backend="triton")
     assert_close(out, torch.tensor([[-0.5, 1.0, 2.0, -0.25]]), atol=1e-7, name="score_index")
     # all masked: zero everywhere, the score has nowhere to go
@@ -239,15 +239,15 @@ def test_rewards_bad_input():
     mask = torch.ones(2, 5, dtype=torch.bool, device=DEVICE)
     scores = torch.zeros(2, device=DEVICE)
     with pytest.raises(ValueError, match=r"score_index holds 5, outside \[0, 5\)"):
-        shape_rewards(scores, logp, logp, mask, 0.1, score_index=torch.tensor([0, 5]),
-                      check_index=True)
+        shape_rewards(scores, logp, logp, mask, 0.1,
+                      score_index=torch.tensor([0, 5], device=DEVICE), check_index=True)
     with pytest.raises(ValueError, match=r"score_index holds -1, outside \[0, 5\)"):
-        shape_rewards(scores, logp, logp, mask, 0.1, score_index=torch.tensor([-1, 2]),
-                      check_index=True)
+        shape_rewards(scores, logp, logp, mask, 0.1,
+                      score_index=torch.tensor([-1, 2], device=DEVICE), check_index=True)
     with pytest.raises(ValueError, match="score_index must be an integer tensor"):
-        shape_rewards(scores, logp, logp, mask, 0.1, score_index=torch.tensor([0.0, 1.0]))
+        shape_rewards(scores, logp, logp, mask, 0.1, score_index=torch.tensor([0.0, 1.0], device=DEVICE))
     with pytest.raises(ValueError, match=r"scores has shape \(3,\) but logp has shape \(2, 5\)"):
-        shape_rewards(torch.zeros(3), logp, logp, mask, 0.1)
+        shape_rewards(torch.zeros(3, device=DEVICE), logp, logp, mask, 0.1)
     with pytest.raises(ValueError, match=r"mask has shape \(2, 4\)"):
         shape_rewards(scores, logp, logp, mask[:, :4], 0.1)
     with pytest.raises(ValueError, match="estimator='kl' is not supported"):

@@ -193,6 +193,7 @@ def test_bad_input(change, message):
     kw = dict(hidden=torch.randn(2, 3, 4), weight=torch.randn(7, 4),
               labels=torch.zeros(2, 3, dtype=torch.long))
     kw.update(change)
+    kw = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
     with pytest.raises(ValueError, match=message):
         linear_logprobs(**kw, backend="triton")
 

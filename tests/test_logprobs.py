@@ -104,13 +104,18 @@ def test_single_token_vocabulary_is_certain():
 def test_lanes_past_the_vocabulary_compute_zero_in_fp16():
     """V = 1 in fp16 with a very negative logit (lse = -28.6 at T = 0.7): the lanes of the
     block past V must not compute exp(-lse) ~ 3e12 (an fp16 overflow, harmless on the GPU since
-    never stored, but a cast warning in the interpreter). Closed form: logp 0, zero gradient."""
+    never stored, but a cast warning in the interpreter). Closed form: logp 0, zero gradient,
+    up to one rounding of the scaled logit: compiled for a GPU, x / T - max(x / T) may be
+    contracted into one fused multiply-add (measured on an H200: logp 9.5e-7, half an fp32 ulp
+    of 28.6)."""
     logits = torch.full((2, 1), -20.0, device=DEVICE, dtype=torch.float16, requires_grad=True)
     labels = torch.zeros(2, dtype=torch.int64, device=DEVICE)
     lp, ent = logprobs(logits, labels, 0.7, return_entropy=True, backend="triton")
     (grad,) = torch.autograd.grad((lp * torch.tensor([1.5, -2.0], device=DEVICE)).sum()
                                   + ent.sum(), logits)
-    assert torch.all(lp == 0) and torch.all(ent == 0) and torch.all(grad == 0)
+    one_rounding = torch.finfo(torch.float32).eps * 20.0 / 0.7
+    assert lp.abs().max() <= one_rounding and ent.abs().max() <= one_rounding
+    assert torch.all(grad.abs() <= 4 * one_rounding)  # (1 - p) / T times weights <= 2
 
 
 def test_uniform_logits_closed_form():
