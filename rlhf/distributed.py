@@ -52,12 +52,13 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
-__all__ = ["BUCKET_ELEMENTS", "COLLECTIVES", "STRATEGIES", "RankFailure", "all_done",
-           "barrier", "broadcast_from_main", "full_tensors", "full_weights", "gather_rollout",
-           "global_mean", "group_advantages", "init_from_env", "is_distributed", "is_main",
-           "local_device", "masked_whiten", "prepare", "prepare_engine", "rank", "rank_seed",
-           "reduce_stats", "rl_shard", "scaled", "set_strategy", "shard", "shutdown",
-           "strategy", "sum_counts", "sum_gradients", "weighted", "world_size", "Shares"]
+__all__ = ["BUCKET_ELEMENTS", "COLLECTIVES", "STRATEGIES", "RankFailure", "Shares", "all_done",
+           "barrier", "broadcast_from_main", "exponential_like", "full_tensors", "full_weights",
+           "gather_rollout", "global_mean", "global_sampling_rows", "group_advantages",
+           "init_from_env", "is_distributed", "is_main", "local_device", "masked_whiten",
+           "prepare", "prepare_engine", "rank", "reduce_stats", "rl_shard",
+           "scaled", "set_strategy", "shard", "shutdown", "strategy", "sum_counts",
+           "sum_gradients", "weighted", "world_size"]
 
 STRATEGIES = ("auto", "ddp", "fsdp2")
 BUCKET_ELEMENTS = 2**25  # elements per all-reduce bucket (128 MiB of fp32), DDP's order of size
@@ -397,13 +398,36 @@ def shard(index: torch.Tensor, *, even: bool = False, what: str = "batch") -> to
     return torch.tensor_split(index, size)[rank()]
 
 
-def rank_seed(seed: int) -> int:
-    """A seed of this rank's own (the same ``seed`` in one process)."""
-    if not is_distributed():
-        return seed
-    from rlhf.seeding import derived_seed
+_SAMPLING_ROWS: list[tuple[int, int]] = []  # (first row, global rows) of the running generate
 
-    return derived_seed(seed, "rank", rank())
+
+@contextlib.contextmanager
+def global_sampling_rows(total: int) -> Iterator[None]:
+    """Inside, the rollout engine's random draws are those of the whole global batch of
+    ``total`` rows (each rank keeps its rows' part; ``exponential_like``), so the samples of
+    rank r's share are the ones one process draws for those rows: with the same seed on every
+    rank, a rollout does not depend on the world size (up to rounding that flips a draw)."""
+    if not is_distributed():
+        yield
+        return
+    if total % world_size():
+        raise ValueError(f"a rollout of {total} rows cannot be split evenly over "
+                         f"{world_size()} ranks")
+    _SAMPLING_ROWS.append((rank() * (total // world_size()), total))
+    try:
+        yield
+    finally:
+        _SAMPLING_ROWS.pop()
+
+
+def exponential_like(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Exp(1) noise of ``probs``' shape (B, V): this rank's rows of a draw for the global batch
+    inside ``global_sampling_rows``, else a draw of its own shape."""
+    if not _SAMPLING_ROWS:
+        return torch.empty_like(probs).exponential_(generator=generator)
+    first, total = _SAMPLING_ROWS[-1]
+    noise = torch.empty((total, *probs.shape[1:]), dtype=probs.dtype, device=probs.device)
+    return noise.exponential_(generator=generator)[first:first + probs.shape[0]]
 
 
 def weighted(loss: torch.Tensor, stats: dict[str, float], n_local: int,

@@ -226,7 +226,7 @@ def sample_tokens(
             drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
             filtered = filtered.masked_fill(drop, float("-inf"))
         probs = torch.softmax(filtered, dim=-1)
-        race = torch.empty_like(probs).exponential_(generator=generator)
+        race = distributed.exponential_like(probs, generator)  # torchrun: the global draw
         tokens = (probs / race).argmax(-1)
     logp = scores.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - log_norm
     return tokens, logp

@@ -896,12 +896,14 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
             # the engine draws on the device with its own generator, seeded from this one
             sample_seed = int(torch.randint(2**62, (1,), generator=rng))
             backbone.eval()
-            generation = engine.generate(
-                ids, mask, cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id, temperature=cfg.temperature,
-                top_k=cfg.top_k, top_p=cfg.top_p, seed=distributed.rank_seed(sample_seed),
-                samples_per_prompt=s.group_size,
-            ).without_prompt_padding()
+            # torchrun: each rank's rows draw what one process draws for them
+            with distributed.global_sampling_rows(cfg.rollout_batch_size):
+                generation = engine.generate(
+                    ids, mask, cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id, temperature=cfg.temperature,
+                    top_k=cfg.top_k, top_p=cfg.top_p, seed=sample_seed,
+                    samples_per_prompt=s.group_size,
+                ).without_prompt_padding()
             rollout_time = time.perf_counter() - started
             backbone.packing.take_stats()  # count this iteration's scoring and update forwards
             given_scores = None

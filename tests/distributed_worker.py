@@ -124,9 +124,9 @@ def rl_config(output_dir, algorithm: str, **overrides):
 class FixedEngine:
     """A stand-in for RolloutEngine whose responses depend on the prompt row alone (its tokens,
     the sample number within its group and the call number), never on which rows share the
-    batch: a rollout batch fixed independently of the world size. (The real engine draws one
-    random stream for its whole batch, so a rank's share samples other tokens than the same rows
-    in one process: right in distribution, not the same numbers.)"""
+    batch or on the model: a rollout batch fixed independently of the world size and of
+    rounding. (The real engine gives every rank its rows' part of the global batch's draws:
+    the same responses too, unless rounding flips a draw.)"""
 
     decode_graph = "none"
 
@@ -186,14 +186,16 @@ def run_scenario(name: str, out: Path, tokenizer, on_step=None):
         pairs = preference_pairs()
         return reward.train(rm_config(directory), backbone=tiny_backbone(tokenizer),
                             tokenizer=tokenizer, train_pairs=pairs[:34], eval_pairs=pairs[34:])
-    if base in ("ppo", "grpo", "dapo", "ppo_gc"):
+    if base in ("ppo", "grpo", "dapo", "ppo_gc", "ppo_real", "grpo_real"):
         from rlhf import task
 
-        # ppo_gc: PPO with role-aware gradient checkpointing (the same numbers as ppo)
-        cfg = rl_config(directory, "ppo", gradient_checkpointing=True) if base == "ppo_gc" \
-            else rl_config(directory, base)
+        # ppo_gc: PPO with role-aware gradient checkpointing (the same numbers as ppo);
+        # *_real: the real rollout engine (its draws for the global batch on every rank)
+        algorithm = base.removesuffix("_gc").removesuffix("_real")
+        cfg = rl_config(directory, algorithm, gradient_checkpointing=base.endswith("_gc"))
         original = rl.RolloutEngine
-        rl.RolloutEngine = FixedEngine
+        if not base.endswith("_real"):
+            rl.RolloutEngine = FixedEngine
         try:
             return rl.train(cfg, backbone=tiny_backbone(tokenizer),
                             tokenizer=tokenizer, prompts=task.all_prompts("train")[:32])

@@ -1,14 +1,14 @@
 """Data parallelism (rlhf/distributed.py): world size 2 computes what world size 1 computes.
 
 One group of 2 CPU processes (gloo, started as torchrun starts them: tests/distributed_worker.py)
-runs, one after the other: the reward model, PPO and GRPO (each under ddp and fsdp2; the RL
-runs on rollouts that depend on the prompt rows alone, ``FixedEngine``), the real rollout
-engine on fsdp2-sharded layers, and SFT with a checkpoint every step, during which rank 1
-dies. The same runs in this process (world size 1) are the reference: losses and every other
-logged number, and the trained adapters / weights, to fp32 tolerance. The SFT run must stop
-with a clear error on rank 0 (not hang), leave its step-2 checkpoint, and resume from it here
-at world size 1 to the same steps 3 and 4 as an uninterrupted run. Process start-up (torch +
-transformers, in each rank) dominates the time.
+runs, one after the other: the reward model, PPO and GRPO (each under ddp and fsdp2; PPO under
+ddp with the real rollout engine, the others on rollouts that depend on the prompt rows alone,
+``FixedEngine``), the real rollout engine on fsdp2-sharded layers, and SFT with a checkpoint
+every step, during which rank 1 dies. The same runs in this process (world size 1) are the
+reference: losses and every other logged number, and the trained adapters / weights, to fp32
+tolerance. The SFT run must stop with a clear error on rank 0 (not hang), leave its step-2
+checkpoint, and resume from it here at world size 1 to the same steps 3 and 4 as an
+uninterrupted run. Process start-up (torch + transformers, in each rank) dominates the time.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from rlhf import distributed  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-GROUP_SCENARIOS = ["rm", "rm@fsdp2", "ppo", "ppo_gc@fsdp2", "grpo", "grpo@fsdp2",
+GROUP_SCENARIOS = ["rm", "rm@fsdp2", "ppo_real", "ppo_gc@fsdp2", "grpo", "grpo@fsdp2",
                    "engine@fsdp2", "sft_ckpt"]
 # measured, not computed: they differ between any two runs
 TIMING_KEYS = {"rollout_s", "scoring_s", "update_s", "iteration_s", "tokens_per_s",
@@ -51,7 +51,7 @@ def runs(tmp_path_factory):
         tokenizer = worker.make_tokenizer(root / "ws2" / "tokenizer")
         results = worker.launch(GROUP_SCENARIOS, root / "ws2",
                                 env={"KILL_RANK1_AT_STEP": "2"})
-        for scenario in ("rm", "ppo", "grpo"):
+        for scenario in ("rm", "ppo_real", "ppo", "grpo"):
             worker.run_scenario(scenario, root / "ws1", tokenizer)
         worker.run_scenario("sft_ckpt", root / "ws1", tokenizer)
     finally:
@@ -107,9 +107,11 @@ def test_reward_model_world_size_2_equals_1(runs, scenario):
     assert_same_params(last_params(root / "ws1" / "rm"), last_params(root / "ws2" / scenario))
 
 
-@pytest.mark.parametrize("scenario", ["ppo", "ppo_gc@fsdp2", "grpo", "grpo@fsdp2"])
+@pytest.mark.parametrize("scenario", ["ppo_real", "ppo_gc@fsdp2", "grpo", "grpo@fsdp2"])
 def test_rl_update_world_size_2_equals_1(runs, scenario):
-    """Same rollouts (FixedEngine), so the same whitened / group advantages, minibatches,
+    """ppo_real: the real engine, each rank sampling its rows with their part of the global
+    batch's draws: the same responses as one process. The others: rollouts that depend on the
+    prompt rows alone (FixedEngine). So the same whitened / group advantages, minibatches,
     normalised losses, clipped gradients, KL controller and metrics. The explained variance is
     the mean of the ranks' (documented), not the global one. fsdp2: the policy's and the
     critic's backward in one step (recomputing each layer with its role under gradient
@@ -150,7 +152,7 @@ def test_one_gradient_all_reduce_per_optimizer_step(runs):
     cfg = worker.rl_config("unused", "ppo")
     steps = cfg.num_iterations * cfg.ppo_epochs * cfg.rollout_batch_size \
         // (cfg.minibatch_size * cfg.grad_accum_steps)
-    assert counts["ppo"]["gradients"] == counts["grpo"]["gradients"] == steps == 8
+    assert counts["ppo_real"]["gradients"] == counts["grpo"]["gradients"] == steps == 8
 
 
 def test_sft_world_size_2_checkpoint_resumes_at_world_size_1(runs, tmp_path):
@@ -201,7 +203,6 @@ def test_one_process_hooks_change_nothing():
     loss = torch.tensor(1.5)
     assert distributed.weighted(loss, {"a": 1.0}, 1, 2) == (loss, {"a": 1.0})
     assert distributed.sum_gradients([], [0.25, 3.0]) == [0.25, 3.0]
-    assert distributed.rank_seed(123) == 123
     assert distributed.global_mean([1.0, 2.0]) == 1.5
     assert distributed.strategy() == "none"
     with pytest.raises(ValueError, match="strategy='zero3' is not a strategy"):
