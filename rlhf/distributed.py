@@ -6,9 +6,10 @@ processes compute what one process computes on the same global batches (docs/dis
 
 - **Data.** The order of global batches stays a pure function of (seed, epoch); each rank takes
   a contiguous share of every global batch (``shard``). RL ranks sample their share of each
-  iteration's prompts (``shard(..., even=True)``), score it, and then gather the scored rollout
-  (``gather_rollout``) so that every rank holds the same global rollout and cuts the same global
-  minibatches as one process would.
+  iteration's prompts (``shard(..., even=True)``) with their rows' part of the global batch's
+  random draws (``global_sampling_rows``: the responses one process samples), score it, and
+  then gather the scored rollout (``gather_rollout``) so that every rank holds the same global
+  rollout and cuts the same global minibatches as one process would.
 - **Exact normalisation.** Every loss is a sum over the global batch divided by a global count:
   SFT's response tokens of the step (counted from the global indices on every rank), the reward
   model's pairs (``weighted``), the RL losses' reduction denominators (``rl_shard``: the counts
@@ -178,8 +179,8 @@ def barrier() -> None:
 
 def broadcast_from_main(fn: Callable[[], Any]) -> Any:
     """``fn()`` on rank 0, its result (any picklable object) on every rank. An exception on
-    rank 0 is raised on every rank as the same type (ValueError subclasses keep their class
-    when it can be rebuilt from the message, else RuntimeError)."""
+    rank 0 is raised on every rank: as its own class where that class can be built from the
+    message (ValueError and its kin), else as RuntimeError; the message says "from rank 0"."""
     if not is_distributed():
         return fn()
     box: list[Any] = [None]
@@ -187,7 +188,6 @@ def broadcast_from_main(fn: Callable[[], Any]) -> Any:
         try:
             box[0] = ("ok", fn())
         except Exception as error:  # re-raised here after the others learnt about it
-            box[0] = ("error", error)
             _collective("broadcast", "broadcast of rank 0's result", dist.broadcast_object_list,
                         [("error", type(error), str(error))], src=0)
             raise
