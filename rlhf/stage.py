@@ -143,8 +143,10 @@ def resolve_device(device: str, max_memory: float | None = None) -> torch.device
             if max_memory * 2**30 >= total:
                 warnings.warn(f"max_memory={max_memory} GiB is not below the card's "
                               f"{total / 2**30:.1f} GiB: no cap", stacklevel=2)
+            # the cap takes a device index: "cuda" (no index) means the current device
+            index = resolved.index if resolved.index is not None else torch.cuda.current_device()
             torch.cuda.set_per_process_memory_fraction(min(1.0, max_memory * 2**30 / total),
-                                                       resolved)
+                                                       index)
     return resolved
 
 

@@ -282,13 +282,22 @@ def test_max_memory_caps_cuda_and_is_checked(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device: types.SimpleNamespace(total_memory=80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    # torch's own device-index check, as the real function applies it: a bare "cuda" (no index)
+    # is refused there (found on an H200: device=auto with max_memory crashed)
+    from torch.cuda._utils import _get_device_index
+
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
-                        lambda fraction, device: calls.append((fraction, device)))
+                        lambda fraction, device: calls.append((fraction,
+                                                               _get_device_index(device))))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert resolve_device("cuda:0", 24.0) == torch.device("cuda:0")
         assert resolve_device("cuda:0") == torch.device("cuda:0")  # no cap asked: no call
-    assert calls == [(0.3, torch.device("cuda:0"))]
+        assert resolve_device("cuda", 24.0) == torch.device("cuda")
+        assert resolve_device("auto", 24.0) == torch.device("cuda")
+    assert calls == [(0.3, 0)] * 3
+    del calls[1:]
     with pytest.warns(UserWarning, match="no cap"):
         resolve_device("cuda:0", 96.0)
     assert calls[-1][0] == 1.0
