@@ -28,6 +28,16 @@ pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::FutureWarning")]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny matrices: one thread is as fast, and on cores shared with other processes the
+    # threads' barriers make every op many times slower (rlhf/pipeline.py, cpu_threads)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(autouse=True)
 def _eager_bitsandbytes(monkeypatch):
     # bitsandbytes' CPU dequantize is wrapped in torch.compile, which compiles a C++ kernel for
