@@ -80,6 +80,16 @@ def test_plan_within_25_percent_of_measured_cpu_peaks(dtype, sizes):
         )
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: one thread is as fast, and on shared cores far faster (thread barriers).
+    The bytes measured do not depend on it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _quantized_backbone(cfg: E2EConfig, quantization: str, directory):
     """build_backbone's model, saved and loaded back quantized by bitsandbytes (the trainer's
     load path), with the same adapters set-up."""
@@ -104,6 +114,7 @@ def _quantized_backbone(cfg: E2EConfig, quantization: str, directory):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("quantization", ["nf4", "int8"])
 def test_quantized_plan_within_25_percent_of_measured_cpu_peaks(quantization, tmp_path,
                                                                 monkeypatch):
@@ -260,6 +271,7 @@ def _train_step_peaks(stage: str, gradient_checkpointing: bool, directory, batch
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("gradient_checkpointing", [False, True], ids=["full", "checkpointed"])
 @pytest.mark.parametrize("stage", ["sft", "rm"])
 def test_sft_and_reward_plans_within_25_percent_of_measured_cpu_peaks(
