@@ -1076,6 +1076,11 @@ class SharedBackbone(nn.Module):
                                          trust_remote_code, quantization, device)
         else:
             _check_same_shape_config(base_model.config.to_dict(), info["base_config"])
+            given_kind = quant.quantization_of(base_model)
+            if given_kind != quantization:
+                warnings.warn(f"{setting}={given!r}: its adapters were trained on a "
+                              f"{trained_on} base, the base_model given is {given_kind}",
+                              stacklevel=2)
         _check_causal_lm(base_model)
         base_model.requires_grad_(False)
         adapters = directory / "adapters"

@@ -440,3 +440,15 @@ def test_qlora_sft_resume_matches_uninterrupted(base_dir, tokenizer, corpus, tmp
     train(config("cut", resume=True))
     assert len(losses("full")) == 4
     assert losses("cut") == pytest.approx(losses("full"), rel=1e-6, abs=1e-7)
+
+
+def test_loading_adapters_onto_another_base_kind_warns(base_dir, tmp_path):
+    backbone = SharedBackbone.from_pretrained(base_dir, lora=LoraSpec(rank=4), quantization="nf4")
+    backbone.save(tmp_path / "bb")
+    with pytest.warns(UserWarning, match="trained on a nf4 base, the base_model given is none"):
+        SharedBackbone.load(tmp_path / "bb", base_model=load_causal_lm(base_dir))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the matching base: no warning
+        loaded = SharedBackbone.load(tmp_path / "bb",
+                                     base_model=load_causal_lm(base_dir, quantization="nf4"))
+    assert loaded.quantization == "nf4"
