@@ -353,6 +353,10 @@ class Packing:
         self._count(packed, batch * length, attention_mask, lengths)
         return packed
 
+    def count_padded(self, attention_mask: torch.Tensor) -> None:
+        """Count a forward that ran padded outside ``plan`` (a path that cannot pack)."""
+        self._count(None, attention_mask.numel(), attention_mask)
+
     def _count(self, packed, padded: int, attention_mask, lengths=None) -> None:
         real = sum(lengths) if lengths is not None else int((attention_mask != 0).sum())
         self._stats["tokens_real"] += real

@@ -156,7 +156,8 @@ def token_logprobs_of(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     labels[:, 1:] given the prefix; positions with label -100 give 0. Uses the fused
     hidden x lm_head op (no (B, T, V) logits tensor is built) when the lm_head is a plain Linear.
     ``packing`` (an ``rlhf.packing.Packing``): packed sequences on that path when it packs the
-    batch (rlhf/packing.py); the lm_head then runs on the labelled tokens only.
+    batch (rlhf/packing.py); the lm_head then runs on the labelled tokens only. The logits path
+    (an lm_head that is not a Linear) runs padded.
     """
     targets = labels[:, 1:]
     lm_head = model.get_output_embeddings()
@@ -173,6 +174,8 @@ def token_logprobs_of(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)[0]
         return rlhf_kernels.linear_logprobs(hidden[:, :-1], dense_weight(lm_head), targets,
                                             bias=lm_head.bias)
+    if packing is not None:  # the logits path runs padded: counted as such
+        packing.count_padded(attention_mask)
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     return rlhf_kernels.logprobs(logits[:, :-1], targets)
 
@@ -339,6 +342,9 @@ def _train(cfg: SFTConfig, run, *, model, tokenizer, examples, on_step) -> dict:
     model.train()
     packing = Packing(cfg.packing)
     packing.check_model(model, "packing")
+    if cfg.packing == "on" and not isinstance(model.get_output_embeddings(), torch.nn.Linear):
+        warnings.warn("[sft] packing='on': this model's lm_head is not a Linear, so the loss "
+                      "takes the logits path, which runs padded", stacklevel=1)
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     optimizer = quant.make_optimizer(

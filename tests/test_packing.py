@@ -27,6 +27,16 @@ SPEC = LoraSpec(rank=4, alpha=8)
 TOL = dict(atol=2e-5, rtol=1e-4)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: these matrices are tiny, and on shared cores the intra-op threads'
+    barriers cost more CPU time than the work (the file took minutes with two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def reference_kernels(monkeypatch):
     """The kernels' plain-PyTorch backend: what is compared here is the transformer's packed and
