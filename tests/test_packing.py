@@ -390,3 +390,65 @@ def test_rl_step_packed_equals_padded(algorithm):
     assert_grads_close(on[4], off[4])
     assert on[5]["tokens_real"] == off[5]["tokens_real"] > 0
     assert on[5]["tokens_processed"] < off[5]["tokens_processed"] == off[5]["tokens_padded"]
+
+
+def test_stages_log_token_counts_and_train_the_same_packed(tmp_path):
+    """SFT, reward-model and PPO stage runs with packing on and off from the same start: the
+    same losses and rollout statistics, and every step's metrics count the tokens."""
+    import copy
+    import json
+
+    from transformers import LlamaForCausalLM
+
+    from rlhf import ppo, reward, sft, task
+
+    corpus = task.make_corpus(24, seed=1)
+    tokenizer = task.train_tokenizer([ex["prompt"] + ex["completion"] for ex in corpus],
+                                     vocab_size=300)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(task.tiny_llama_config(
+            tokenizer, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1))
+    pairs = [{"prompt": a["prompt"], "chosen": a["completion"], "rejected": b["completion"]}
+             for a, b in zip(corpus[:12], corpus[12:])]
+
+    def metrics(directory):
+        return [json.loads(line) for line in open(tmp_path / directory / "metrics.jsonl")]
+
+    runs = {}
+    for mode in ("off", "on"):
+        common = dict(device="cpu", save_every=0, packing=mode)
+        sft.train(sft.SFTConfig(output_dir=str(tmp_path / f"sft-{mode}"), max_steps=2,
+                                batch_size=8, grad_accum_steps=1, lr=1e-2, warmup_steps=1,
+                                log_every=1, max_length=128, **common),
+                  model=copy.deepcopy(model), tokenizer=tokenizer, examples=corpus)
+        backbone = SharedBackbone.from_model(copy.deepcopy(model), lora=SPEC)
+        reward.train(reward.RewardConfig(output_dir=str(tmp_path / f"rm-{mode}"), batch_size=6,
+                                         grad_accum_steps=1, epochs=1.0, warmup_steps=1,
+                                         log_every=1, max_length=128, **common),
+                     backbone=backbone, tokenizer=tokenizer, train_pairs=pairs,
+                     eval_pairs=pairs[:4])
+        # RL from one and the same reward-model backbone (the padded run's), so that both runs
+        # sample the same responses
+        start = runs["off"]["backbone"] if mode == "on" else backbone
+        ppo.train(ppo.PPOConfig(output_dir=str(tmp_path / f"ppo-{mode}"), num_iterations=1,
+                                rollout_batch_size=4, minibatch_size=4, ppo_epochs=1,
+                                max_new_tokens=6, max_prompt_length=40, **common),
+                  backbone=copy.deepcopy(start), tokenizer=tokenizer,
+                  prompts=task.all_prompts("train")[:4])
+        runs[mode] = {"backbone": backbone, "sft": metrics(f"sft-{mode}"),
+                      "rm": [m for m in metrics(f"rm-{mode}") if "loss" in m],
+                      "ppo": metrics(f"ppo-{mode}")}
+    on, off = runs["on"], runs["off"]
+    for stage, keys in (("sft", ("loss",)), ("rm", ("loss", "train_accuracy")),
+                        ("ppo", ("proxy_reward", "kl", "policy/loss", "value/loss"))):
+        assert len(on[stage]) == len(off[stage]) > 0
+        for a, b in zip(on[stage], off[stage]):
+            for key in keys:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (stage, key)
+            assert a["tokens_real"] == b["tokens_real"] > 0
+            assert a["tokens_padded"] == b["tokens_padded"] == b["tokens_processed"]
+            # packed: at most the padded slots (here about as many: rows of 50-128 tokens, or
+            # prompts of ~35 + 6 response tokens, each fill a bin of the longest one's width)
+            assert a["tokens_real"] <= a["tokens_processed"] <= a["tokens_padded"]
