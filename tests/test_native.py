@@ -4,7 +4,7 @@ The kernel tests are the Triton tests themselves, collected here a second time: 
 tests/test_logprobs.py, test_linear_logprobs.py, test_ppo_fused.py, test_gae_whiten.py's GAE
 and whitening tests and test_kl_rewards.py's KL and reward-shaping tests (values and gradients
 under the 2x rule, awkward vocabularies, strided and shifted logits, masks, ignore_index,
-out-of-range labels, non-finite rows, bf16 / fp16, in-place backward, torch.compile) run with
+out-of-range labels, non-finite rows, bf16 / fp16, in-place backward) run with
 every CPU launcher pointed at the native kernel and the Triton
 kernels replaced by a trap, so a pass means the native kernel computed the result. The
 remaining tests check the public route: ``RLHF_KERNELS_BACKEND=native``, ``auto`` outside the
@@ -84,18 +84,23 @@ def native_launchers(_built, monkeypatch, request):
 
 # --------------------------------------------------------------------------------------------
 # The Triton suites' op tests, run again on the native kernels (see the module docstring).
-# Left out: tests of the reference alone, of Triton launch configuration, and of other ops.
+# Left out: tests of the reference alone, of other ops, and the inductor compiles.
 # --------------------------------------------------------------------------------------------
+# The inductor compiles of the Triton suites' compile tests cost ~10 s here and test the custom
+# op's tracing, which is the same on every backend: test_torch_compile_sees_the_one_custom_op
+# below compiles through it with the native kernels instead (aot_eager, no codegen).
+_COMPILE = "test_torch_compile_fullgraph"
 _REUSED = {
-    test_logprobs: None,  # all of them
-    test_linear_logprobs: {"test_choose_chunk_rows", "test_reference_backend_matches_reference"},
+    test_logprobs: {_COMPILE},
+    test_linear_logprobs: {"test_choose_chunk_rows", "test_reference_backend_matches_reference",
+                           _COMPILE},
     test_ppo_fused: {"test_reduction_weights_closed_form", "test_reference_backend",
                      "test_per_token_terms_follow_autograd_at_ties_and_bounds",
-                     "test_stats_are_the_bits_of_the_reference_ppo_total"},
+                     "test_stats_are_the_bits_of_the_reference_ppo_total", _COMPILE},
 }
 for _module, _skip in _REUSED.items():
     for _name in dir(_module):
-        if _name.startswith("test_") and not (_skip and _name in _skip):
+        if _name.startswith("test_") and _name not in _skip:
             globals()[f"{_name}__{_module.__name__.split('.')[-1][5:]}"] = getattr(_module, _name)
 block_config = test_logprobs.block_config  # a fixture of reused tests (the block size)
 for _name in dir(test_gae_whiten):
