@@ -10,12 +10,13 @@ stays inside each sequence. Two layouts:
   ``sum(n_i^2)``, the rest ``N``. Used when flash-attn is usable (the ``gpu`` extra on a CUDA
   device, or a model loaded with ``attn_implementation="flash_attention_2"``).
 * **bins** (SDPA or eager attention): the sequences are placed first-fit-decreasing into rows of
-  width ``W`` = the longest sequence; a row's unused tail is one more, throw-away sequence.
-  transformers (>= 5) sees position ids that restart and no attention mask, detects the packed
-  format itself (``masking_utils.find_packed_sequence_indices``) and builds the block-diagonal
-  causal mask per row. One ``(1, N)`` row would make that mask, and SDPA's work, ``N x N``;
-  bins keep both at ``R x W x W`` <= ``B x T x T`` (the padded batch's), so packing never costs
-  more attention than padding.
+  a width ``W``; a row's unused tail is throw-away sequences. transformers (>= 5) sees position
+  ids that restart and no attention mask, detects the packed format itself
+  (``masking_utils.find_packed_sequence_indices``) and builds the block-diagonal causal mask per
+  row. One ``(1, N)`` row would make that mask, and SDPA's work, ``N x N``; ``W`` is the longest
+  sequence ``L`` (then attention is at most the padded batch's ``B x T x T``) or a multiple up
+  to ``4 L`` where the estimated work (``_bin_width``, ``attention_cost_of``: attention is a
+  small share of a large model's work) is lower.
 
 ``PackedBatch`` holds the index maps: ``index`` (N,) is the flat ``b * T + t`` position of each
 real token in the padded batch (row-major order), ``slots`` (N,) its flat ``r * W + w`` position
@@ -249,14 +250,44 @@ def _first_fit_decreasing(lengths: list[int], width: int) -> list[tuple[int, int
     return place
 
 
+def _bin_width(lengths: list[int], attention_cost: float | None) -> int:
+    """The bins' width: the longest sequence L, or with ``attention_cost`` (a slot's attention
+    cost per unit of width, relative to the rest of its cost: ``attention_cost_of``) the one of
+    L, 2L, 3L, 4L (at most the total) with the least estimated work R x W x (1 + a x W)."""
+    longest, total = max(lengths), sum(lengths)
+    if attention_cost is None:
+        return longest
+    best = None
+    for width in range(longest, min(4 * longest, max(total, longest)) + 1, longest):
+        rows = 1 + max(row for (row, _), n in zip(_first_fit_decreasing(lengths, width), lengths)
+                       if n)
+        cost = rows * width * (1.0 + attention_cost * width)
+        if best is None or cost < best[0]:
+            best = (cost, width)
+    return best[1]
+
+
+def attention_cost_of(config) -> float:
+    """A token slot's attention work per unit of bin width relative to its other work, for a
+    decoder of this config: SDPA over a bin of width W costs ~4 W H flops per query slot (Q K^T
+    and the weighted sum of V over all W keys, masked or not), the linears ~2 (4 H^2 + 3 H I)
+    (q, k, v, o and a gated MLP; the lm_head runs on real tokens only, so it is left out)."""
+    hidden = getattr(config, "hidden_size", None) or config.n_embd
+    inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) \
+        or 4 * hidden
+    return 4.0 * hidden / (2.0 * (4 * hidden * hidden + 3 * hidden * inner))
+
+
 def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, flat: bool,
-         lengths: list[int] | None = None) -> PackedBatch:
+         lengths: list[int] | None = None, attention_cost: float | None = None) -> PackedBatch:
     """Pack a padded batch (any padding side, holes allowed): ``input_ids`` (B, T) int,
     ``attention_mask`` (B, T) (nonzero = real token). ``flat``: one (1, N) row with
     ``cu_seqlens`` (flash varlen); else first-fit-decreasing rows of the longest sequence's
-    width. ``lengths``: the rows' real-token counts when already read to the host. Rows without
-    a real token take no slot. The unused tails of bins repeat the first real token (run, then
-    dropped; a pad id there would make transformers warn about padding without a mask).
+    width L, or with ``attention_cost`` (``attention_cost_of(config)``) of the width in L..4L
+    that costs least (``_bin_width``). ``lengths``: the rows' real-token counts when already
+    read to the host. Rows without a real token take no slot. The unused tails of bins repeat
+    the first real token (run, then dropped; a pad id there would make transformers warn about
+    padding without a mask), as sequences of at most L tokens (positions stay below L).
     """
     device = input_ids.device
     batch, length = input_ids.shape
@@ -278,7 +309,7 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, flat: bool,
         return PackedBatch(ids[None], positions[None], index,
                            torch.arange(n_real, device=device), (batch, length), cu, max_seqlen,
                            True)
-    width = max_seqlen
+    width = _bin_width(lengths, attention_cost)
     place = _first_fit_decreasing(lengths, width)
     n_rows = 1 + max(row for (row, _), n in zip(place, lengths) if n)
     # each real token's slot: its sequence's start slot + its position in the sequence
@@ -291,7 +322,8 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, flat: bool,
     used = [0] * n_rows
     for (row, _), n in zip(place, lengths):
         used[row] += n
-    segment_starts |= {row * width + used[row] for row in range(n_rows) if used[row] < width}
+    segment_starts |= {row * width + tail for row in range(n_rows)
+                       for tail in range(used[row], width, max_seqlen)}
     segment_starts |= {row * width for row in range(n_rows)}
     total = n_rows * width
     is_start = torch.zeros(total, dtype=torch.bool, device=device)
@@ -345,7 +377,8 @@ class Packing:
         flat = uses_flash(causal_lm, input_ids.device)
         if flat:
             _use_varlen_attention(causal_lm)
-        packed = pack(input_ids, attention_mask, flat=flat, lengths=lengths)
+        packed = pack(input_ids, attention_mask, flat=flat, lengths=lengths,
+                      attention_cost=attention_cost_of(causal_lm.config))
         if self.mode == "auto" and \
                 packed.tokens_processed > (1.0 - AUTO_MIN_SAVING) * batch * length:
             self._count(None, batch * length, attention_mask, lengths)

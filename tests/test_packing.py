@@ -215,6 +215,32 @@ def test_packed_forward_equals_padded(arch, layout):
     assert (logp[(mask[:, :-1] == 0) | (mask[:, 1:] == 0)] == 0).all()
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_wide_bins_equal_padded(monkeypatch, arch):
+    """Bins wider than the longest sequence (chosen when attention is cheap beside the linears:
+    large hidden sizes): several long sequences per bin, the unused tail cut into sequences no
+    longer than the longest real one (GPT-2's position table)."""
+    monkeypatch.setattr(packing, "attention_cost_of", lambda config: 0.0)
+    backbone = make_backbone(arch, seed=16)
+    ids, mask = make_batch([9, 6, 6, 6, 5], "left", seed=17)
+    want, want_grads, _ = forward_all(backbone, ids, mask, "off")
+    got, got_grads, stats = forward_all(backbone, ids, mask, "on")
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], **TOL, msg=name)
+    assert_grads_close(got_grads, want_grads)
+    packed = pack(ids, mask, flat=False, attention_cost=0.0)
+    # width 9: five bins (45 slots); 18: [9 + 6], [6 + 6 + 5] (36); 27: 54; 36: 36 (a tie: the
+    # narrower wins)
+    assert packed.input_ids.shape == (2, 18)
+    assert packed.position_ids.max() == 8  # the longest sequence's last position
+    assert stats["tokens_processed"] == 5 * 36 < stats["tokens_padded"] == 5 * 45
+    # a tail longer than the longest sequence is cut: its positions stay below 9 too
+    monkeypatch.setattr(packing, "_bin_width", lambda lengths, cost: 18)
+    tail = pack(*make_batch([9, 2], "right"), flat=False, attention_cost=0.0)
+    assert tail.input_ids.shape == (1, 18) and tail.position_ids.max() == 8
+    assert tail.position_ids[0, 11:].tolist() == [0, 1, 2, 3, 4, 5, 6]
+
+
 def test_packed_forward_with_gradient_checkpointing_and_several_roles():
     """Checkpointed layers recompute packed inputs with the forward's role (rlhf/models.py)."""
     grads = {}
