@@ -212,8 +212,9 @@ def test_rewards_hand_worked():
     out = shape_rewards(score, logp, ref_logp, mask, 0.5, backend="triton")
     assert_close(out, torch.tensor([[-0.5, 1.0, 0.0, -0.25 + 3.0]]), atol=1e-7, name="default")
     # score clipped to 2, placed at (masked) position 2 by score_index
-    out = shape_rewards(score, logp, ref_logp, mask, 0.5, score_index=torch.tensor([2], device=DEVICE),
-                        score_clip=2.0, backend="triton")
+    out = shape_rewards(score, logp, ref_logp, mask, 0.5,
+                        score_index=torch.tensor([2], device=DEVICE), score_clip=2.0,
+                        backend="triton")
     assert_close(out, torch.tensor([[-0.5, 1.0, 2.0, -0.25]]), atol=1e-7, name="score_index")
     # all masked: zero everywhere, the score has nowhere to go
     out = shape_rewards(score, logp, ref_logp, torch.zeros_like(mask), 0.5, backend="triton")
@@ -245,7 +246,8 @@ def test_rewards_bad_input():
         shape_rewards(scores, logp, logp, mask, 0.1,
                       score_index=torch.tensor([-1, 2], device=DEVICE), check_index=True)
     with pytest.raises(ValueError, match="score_index must be an integer tensor"):
-        shape_rewards(scores, logp, logp, mask, 0.1, score_index=torch.tensor([0.0, 1.0], device=DEVICE))
+        shape_rewards(scores, logp, logp, mask, 0.1,
+                      score_index=torch.tensor([0.0, 1.0], device=DEVICE))
     with pytest.raises(ValueError, match=r"scores has shape \(3,\) but logp has shape \(2, 5\)"):
         shape_rewards(torch.zeros(3, device=DEVICE), logp, logp, mask, 0.1)
     with pytest.raises(ValueError, match=r"mask has shape \(2, 4\)"):
