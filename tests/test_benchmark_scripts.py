@@ -418,8 +418,8 @@ def test_gpu_check_proof_installs_the_carried_wheels_for_the_peer_alone(tmp_path
     wheels.mkdir()
     (wheels / "trl-1.12.0-py3-none-any.whl").write_bytes(b"")
     site = tmp_path / "peer site"
-    # 100 s in all (10 for the report): e2e-1.5b finds ~85 s of its 115 left, and the cut is
-    # taken from the peer (its 70 s become ~40); e2e-0.5b still has its 85 s, the peer its 50
+    # 100 s in all (10 for the report): e2e-1.5b finds ~85 s of its 100 left, and the cut is
+    # taken from the peer (its 65 s become ~50); e2e-0.5b still has its 80 s, the peer its 45
     done, parts, _, _, _ = _stub_proof(tmp_path, WHEELHOUSE=str(wheels), PEER_SITE=str(site),
                                        STUB_TRL="1.12.0", PROOF_TOTAL_S="100")
     assert "trl-peer" not in parts and parts["e2e-1.5b"] == "ok", done.stderr
@@ -432,8 +432,8 @@ def test_gpu_check_proof_installs_the_carried_wheels_for_the_peer_alone(tmp_path
         "qwen2.5-1.5b", "qwen2.5-0.5b", "llama-3-8b"]
     peer = "--peer-script benchmarks/peers/trl_ppo_peer.py --peer-python " + str(wrapper)
     assert f"{peer} --peer-steps 2 --peer-timeout " in e2e[0]
-    assert 25 <= int(e2e[0].split("--peer-timeout ")[1].split()[0]) <= 45
-    assert f"{peer} --peer-steps 2 --peer-timeout 40" in e2e[1] and "--peer" not in e2e[2]
+    assert 25 <= int(e2e[0].split("--peer-timeout ")[1].split()[0]) < 65
+    assert f"{peer} --peer-steps 2 --peer-timeout 45" in e2e[1] and "--peer" not in e2e[2]
     # the wrapper runs the same interpreter with the wheels' folder first on its path
     probe = subprocess.run([str(wrapper), "-c", "show PYTHONPATH"], capture_output=True, text=True,
                            env={**os.environ, "PYTHONPATH": "/x", "STUB_CALLS": os.devnull})
