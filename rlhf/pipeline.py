@@ -218,6 +218,7 @@ _NOT_IN_PIPELINE = {
 }
 # Top-level settings of the built-in task, and the modes that do not use them.
 _TINY_MODEL_ONLY = ("vocab_size", "hidden_size", "num_layers")
+_ARITHMETIC_ONLY = ("eval_problems", "curve_every", "curve_problems")
 _BUILTIN_TASK_ONLY = ("corpus_size", "pair_prompts", "label_beta", "eval_samples", "kl_bound")
 _STAGE_FOLDERS = {"sft": "sft", "reward": "rm", "ppo": "ppo"}
 # The RL stage's folder is named after its algorithm (ppo/ for PPO, as before the others).
@@ -299,11 +300,13 @@ def check_settings(cfg: PipelineConfig) -> tuple[bool, tuple[str, ...]]:
                          f"tiny model uses a tokenizer trained on its corpus")
     own_data = bool(given)
     unused = (_TINY_MODEL_ONLY if cfg.sft.model is not None else ()) + \
-        (_BUILTIN_TASK_ONLY if own_data else ())
+        (_BUILTIN_TASK_ONLY if own_data else ()) + _ARITHMETIC_ONLY
     for name in unused:
         value = getattr(cfg, name)
         if value != _field_default(cfg, name):
-            what = "tiny model" if name in _TINY_MODEL_ONLY else "review task"
+            what = ("tiny model" if name in _TINY_MODEL_ONLY else
+                    "arithmetic task (task=arithmetic)" if name in _ARITHMETIC_ONLY else
+                    "review task")
             raise ValueError(f"{name}={value!r} has no effect here: it is a setting of the "
                              f"built-in {what}, which this run does not use; remove it")
     return own_data, tuple(unused)
