@@ -11,6 +11,9 @@ Order of precedence:
 
 "native" runs on CPU tensors only. The ops whose launchers have a native kernel are
 ``NATIVE_OPS``; asking "native" of another op runs its reference with a one-time warning.
+"auto" leaves ``linear_logprobs`` / ``linear_ppo_loss`` with bf16 / fp16 inputs on the reference
+on CPUs without bf16 matrix instructions (their chunk matmuls would hit torch's slow half
+GEMM); ``native`` still runs them there.
 Under the Triton interpreter the launchers pick the native kernels for CPU tensors only when
 ``RLHF_KERNELS_BACKEND=native`` is set (it is read at each launch, the backward's included), so
 a per-call ``backend=`` that disagrees with it there is refused rather than half applied.
@@ -41,6 +44,18 @@ NATIVE_OPS = frozenset({"logprobs", "linear_logprobs", "ppo_loss_from_logits",
                         "linear_ppo_loss", "gae", "kl_penalty", "shape_rewards",
                         "masked_whiten"})
 _WARNED: set[str] = set()
+# The fused-head ops run their chunk matmuls in the inputs' dtype. torch's bf16 / fp16 GEMM on a
+# CPU without bf16 matrix instructions is a slow fallback (a 192 x 896 x 151936 bf16 chunk:
+# 8.5 s against 1.75 s in fp32 on the AVX2 development machine), where the reference's fp32
+# matmuls use MKL: "auto" keeps those ops on the reference there (fp32 inputs take the native
+# path). Read once at import (a CPU feature query, nothing is built).
+_HEAD_OPS = frozenset({"linear_logprobs", "linear_ppo_loss"})
+_HALF = (torch.bfloat16, torch.float16)
+try:
+    _FAST_HALF_GEMM = bool(torch.cpu._is_avx512_bf16_supported()
+                           or torch.cpu._is_amx_tile_supported())
+except AttributeError:  # a torch without the queries: assume the slow fallback
+    _FAST_HALF_GEMM = False
 
 
 # Read once, at import: Triton decides interpreter or compiled mode when the kernels are
@@ -133,6 +148,8 @@ def resolve_backend(tensor: torch.Tensor, backend: str | None = None,
     if on_cuda or (on_cpu and _INTERPRETER):
         return "triton"
     if not on_cpu or op not in NATIVE_OPS:
+        return "reference"
+    if op in _HEAD_OPS and tensor.dtype in _HALF and not _FAST_HALF_GEMM:
         return "reference"
     return _native_or_reference(op, explicit=False)
 

@@ -276,3 +276,21 @@ def _library_path() -> str:
 
     name = _native._build_spec()[0]
     return os.path.join(cpp_extension._get_build_directory(name, False), f"{name}.so")
+
+
+@pytest.mark.parametrize("dtype,fast_half_gemm,expected", [
+    (torch.float32, False, "native"),
+    (torch.bfloat16, False, "reference"),  # torch's slow half GEMM: the reference's fp32 matmuls
+    (torch.bfloat16, True, "native"),
+])
+def test_auto_keeps_half_precision_heads_off_a_slow_half_gemm(public_route, dtype,
+                                                              fast_half_gemm, expected):
+    public_route.setattr(backend, "_INTERPRETER", False)
+    public_route.setattr(backend, "_FAST_HALF_GEMM", fast_half_gemm)
+    public_route.setenv("RLHF_KERNELS_BACKEND", "auto")
+    hidden = torch.randn(2, 3, dtype=dtype)
+    assert backend.resolve_backend(hidden, None, "linear_logprobs") == expected
+    assert backend.resolve_backend(hidden, None, "linear_ppo_loss") == expected
+    assert backend.resolve_backend(hidden, None, "logprobs") == "native"
+    assert backend.resolve_backend(hidden, "native", "linear_logprobs") == "native"
+
