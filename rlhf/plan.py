@@ -813,7 +813,8 @@ def format_plan(result: dict, card_gib: float | None = None, best_batch: int | N
         lines.append(f"{stage:<8} {parts['total'] / GIB:>9.2f}  {detail}")
     lines.append(f"peak: {result['peak_bytes'] / GIB:.2f} GiB ({result['peak_stage']})")
     if card_gib is not None:
-        lines.append(f"largest batch on a {card_gib:g} GiB card: {best_batch}"
+        lines.append(f"largest batch on a {card_gib:g} GiB card (RL, the reserve kept): "
+                     f"{best_batch}"
                      + (f" (over all {inputs['gpus']} GPUs)" if inputs.get("gpus", 1) > 1
                         else ""))
     return "\n".join(lines)
@@ -871,7 +872,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = plan(args.model, batch=args.batch, minibatch=args.minibatch,
                       forward_chunk=args.forward_chunk, **kwargs)
-        best = largest_batch(args.model, args.card, **kwargs)
+        # the same usable memory as the per-stage answers below (the card less --reserve)
+        best = (largest_batch(args.model, args.card - args.reserve, **kwargs)
+                if args.card > args.reserve else 0)
         fits = fit(args.model, args.card, batch=args.batch, reserve_gib=args.reserve,
                    minibatch=args.minibatch, forward_chunk=args.forward_chunk, **kwargs)
     except ValueError as error:  # a bad value: one line, no usage block (exit status 2)
