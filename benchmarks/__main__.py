@@ -15,12 +15,16 @@ import torch
 
 from benchmarks.common import print_table, save_results
 
+# CPU benchmarks with their own command line (one process per case, 2 threads), not GPU cases:
+# run them as ``python -m benchmarks.<name>``
+CPU_ONLY = ("bench_cpu_native",)
+
 
 def discover() -> list[str]:
     import benchmarks
 
     return sorted(m.name for m in pkgutil.iter_modules(benchmarks.__path__)
-                  if m.name.startswith("bench_"))
+                  if m.name.startswith("bench_") and m.name not in CPU_ONLY)
 
 
 def main(argv: list[str] | None = None) -> int:
