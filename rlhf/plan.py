@@ -530,16 +530,7 @@ def largest_batch(config, card_gib: float, *, limit: int = 4096, **kwargs) -> in
     def fits(b: int) -> bool:
         return plan(config, batch=b, **kwargs)["peak_bytes"] <= card_gib * GIB
 
-    if not fits(1):
-        return 0
-    lo, hi = 1, 2
-    while hi <= limit and fits(hi):
-        lo, hi = hi, hi * 2
-    hi = min(hi, limit + 1)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
+    return _largest(fits, limit)
 
 
 # --------------------------------------------------------------------------------------------
