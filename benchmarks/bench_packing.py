@@ -43,7 +43,7 @@ import time
 
 import torch
 
-from benchmarks.common import Case, print_table, run_cases, save_results
+from benchmarks.common import Case, print_table, proc_status_kib, run_cases, save_results
 
 MODEL = dict(vocab_size=8192, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4,
              intermediate_size=704, max_position_embeddings=512)
@@ -170,12 +170,6 @@ def run(smoke: bool = False) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 # the CPU measurement: one process per (implementation, phase)
 # --------------------------------------------------------------------------------------------
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def _setup(smoke: bool):
@@ -222,11 +216,11 @@ def _child_memory(impl: str, phase: str, smoke: bool) -> None:
     step = _step(backbone, ids, mask, impl, phase)
     step()
     gc.collect()
-    start_kib = _status_kib("VmRSS")
+    start_kib = proc_status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     step()
-    print(_RESULT + json.dumps({"peak_rss_mib": (_status_kib("VmHWM") - start_kib) / 1024}),
+    print(_RESULT + json.dumps({"peak_rss_mib": (proc_status_kib("VmHWM") - start_kib) / 1024}),
           flush=True)
 
 

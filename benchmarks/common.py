@@ -135,6 +135,15 @@ def result_row(
     return row
 
 
+def proc_status_kib(field: str) -> int:
+    """A ``/proc/self/status`` field in KiB (Linux), e.g. "VmRSS" or "VmHWM" (the peak RSS)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def _git_sha() -> str:
     """The SHA the caller passed as RLHF_GIT_SHA when set (the checkout's HEAD, given to a copy of
     the working tree sent to a GPU machine: a copy may carry a stale repository whose HEAD is not
