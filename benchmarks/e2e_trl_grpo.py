@@ -82,6 +82,19 @@ def _train_prompt_order(args) -> list[int]:
     return order
 
 
+def _kernel_backend(device: str) -> str:
+    """The backend our ops run in this process (what a user's ``rlhf`` run picks)."""
+    import torch
+
+    from rlhf_kernels.backend import resolve_backend, triton_interpreter_enabled
+
+    if triton_interpreter_enabled():
+        raise RuntimeError("the benchmark's 'ours' process imported rlhf_kernels with "
+                           "TRITON_INTERPRET on: its ops would run interpreted Triton kernels, "
+                           "not what a user's run does; run it with TRITON_INTERPRET=0")
+    return resolve_backend(torch.empty(1, device=device), op="logprobs")
+
+
 def _child_ours(args) -> dict:
     import torch
 
@@ -90,6 +103,7 @@ def _child_ours(args) -> dict:
     from rlhf.models import LoraSpec, SharedBackbone, load_tokenizer
 
     torch.set_num_threads(args.threads)
+    backend = _kernel_backend(args.device)
     tokenizer = load_tokenizer(args.model_dir)
     backbone = SharedBackbone.from_pretrained(
         args.model_dir, lora=LoraSpec(rank=args.lora_rank, alpha=2 * args.lora_rank),
@@ -135,6 +149,7 @@ def _child_ours(args) -> dict:
         "base_accuracy": base["accuracy"], "base_stderr": base["stderr"],
         "accuracy": after["accuracy"], "stderr": after["stderr"],
         "prompts_seen": seen, "old_logprobs": summary["old_logprobs"],
+        "kernel_backend": backend,
         "settings": f"grpo preset (loss seq-mean-token-mean, k3 KL in the loss), one optimizer "
                     f"step per rollout in micro-batches of {args.ours_minibatch}, gradient "
                     f"checkpointing {args.ours_gradient_checkpointing}, AdamW",
@@ -235,7 +250,11 @@ def _child_trl(args) -> dict:
 def _run_child(side: str, args) -> dict:
     command = [sys.executable, "-m", "benchmarks.e2e_trl_grpo", "--child", side,
                "--model-dir", args.model_dir, *_shared_argv(args)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    # TRITON_INTERPRET=0, not just unset: benchmarks/__init__.py turns the interpreter on for
+    # the GPU scripts' CPU smoke mode, and with it our ops would run their Triton kernels
+    # interpreted (tens of times slower) instead of the native CPU kernels a user's run gets.
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
+               TRITON_INTERPRET="0")
     print(f"[e2e_trl_grpo] {side}: {' '.join(command)}", file=sys.stderr)
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, env=env)
