@@ -17,10 +17,21 @@ for the vector width the capability torch itself detected at run time
 
 ``available()`` tries once per process and remembers a failure; ``failure_reason()`` says why
 (no compiler, no ninja, a compile error).
+
+Concurrent first uses. Build and load run under an exclusive ``fcntl`` lock on
+``<build dir>/rlhf_build.lock``, so processes that start at once on a cold cache build once (the
+first to take the lock runs ninja, the others wait, then find it up to date) and nobody loads the
+library while another process relinks it (ninja rebuilds in place when a process's compiler
+command differs, e.g. another Python's include path). The kernel drops the lock when its holder
+dies, so a killed build never blocks later processes; torch's own baton (a ``lock`` file in the
+same directory, removed by its owner and left behind by a killed one) is therefore stale whenever
+we hold our lock, and is removed. The cache root is torch's (``TORCH_EXTENSIONS_DIR``) unless
+``RLHF_KERNELS_NATIVE_CACHE`` names another directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -29,11 +40,15 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "build_seconds", "failure_reason", "ops"]
+__all__ = ["CACHE_ENV_VAR", "available", "build_directory", "build_seconds", "failure_reason",
+           "ops"]
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc" / "cpu"
 _SOURCES = ("logprobs.cpp", "scans.cpp", "elementwise.cpp", "register.cpp")
 _HEADERS = ("common.h",)
+
+CACHE_ENV_VAR = "RLHF_KERNELS_NATIVE_CACHE"
+_LOCK_NAME = "rlhf_build.lock"
 
 _OPS = None
 _FAILURE: str | None = None
@@ -81,6 +96,40 @@ def _missing_tool() -> str | None:
     return None
 
 
+def build_directory(name: str | None = None) -> str:
+    """The build directory of the extension (created if missing): ``$RLHF_KERNELS_NATIVE_CACHE/
+    <name>`` when the variable is set, else torch's (``TORCH_EXTENSIONS_DIR`` or its default)."""
+    name = name or _build_spec()[0]
+    root = os.environ.get(CACHE_ENV_VAR)
+    if root:
+        directory = os.path.join(os.path.abspath(root), name)
+        os.makedirs(directory, exist_ok=True)
+        return directory
+    from torch.utils import cpp_extension
+
+    return cpp_extension._get_build_directory(name, False)
+
+
+@contextlib.contextmanager
+def _build_lock(directory: str):
+    """Exclusive lock on ``directory`` for the build and the load (module docstring)."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: torch's baton alone
+        yield
+        return
+    with open(os.path.join(directory, _LOCK_NAME), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            # Under our lock no process of ours is inside torch's build of this directory: a
+            # baton file left there is a killed build's, and would make torch wait forever.
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(directory, "lock"))
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _build():
     global _OPS, _FAILURE, _BUILD_SECONDS
     reason = _missing_tool()
@@ -92,8 +141,11 @@ def _build():
     name, sources, cflags, ldflags = _build_spec()
     start = time.perf_counter()
     try:
-        cpp_extension.load(name=name, sources=sources, extra_cflags=cflags,
-                           extra_ldflags=ldflags, is_python_module=False, verbose=False)
+        directory = build_directory(name)
+        with _build_lock(directory):
+            cpp_extension.load(name=name, sources=sources, extra_cflags=cflags,
+                               extra_ldflags=ldflags, build_directory=directory,
+                               is_python_module=False, verbose=False)
     except Exception as error:  # noqa: BLE001 - any build failure means "not available"
         lines = [line for line in str(error).strip().splitlines() if line.strip()]
         _FAILURE = f"the build failed ({type(error).__name__}: {lines[-1] if lines else error})"

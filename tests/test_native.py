@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -272,10 +273,50 @@ def test_auto_on_cpu_picks_native_in_a_fresh_process():
 
 
 def _library_path() -> str:
-    from torch.utils import cpp_extension
-
     name = _native._build_spec()[0]
-    return os.path.join(cpp_extension._get_build_directory(name, False), f"{name}.so")
+    return os.path.join(_native.build_directory(name), f"{name}.so")
+
+
+_CONCURRENT_CHILD = textwrap.dedent("""
+    import torch
+    from rlhf_kernels import _native, backend, logprobs, reference
+    x = torch.randn(3, 4, 1000)
+    labels = torch.randint(0, 1000, (3, 4))
+    assert backend.resolve_backend(x, None, "logprobs") == "native", _native.failure_reason()
+    err = (logprobs(x, labels).double() - reference.logprobs(x.double(), labels)).abs().max()
+    assert err < 1e-5, err
+    print("native", _native.build_directory())
+""")
+
+
+def test_two_processes_starting_at_once_on_an_empty_cache_both_get_native(tmp_path):
+    """Two processes start at once on a cache directory without the library (and with a stale
+    torch build baton, as a killed build leaves it): the lock lets one link while the other
+    waits, then both load it and run native (no fallback to the reference, no endless wait).
+
+    The directory is seeded with this build's object files and ninja logs (not the library), so
+    ninja only relinks: the race the lock closes (a load during a link) at a second's cost, not a
+    second full compile on CI. Without those files it is a cold build (slower, same test).
+    """
+    name = _native._build_spec()[0]
+    source, target = _native.build_directory(name), tmp_path / name
+    target.mkdir()
+    for entry in os.listdir(source):
+        if not entry.endswith(".so") and "lock" not in entry:
+            shutil.copy2(os.path.join(source, entry), target / entry)
+    (target / "lock").write_text("")  # torch's baton of a killed build
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "RLHF_KERNELS_BACKEND")}
+    env[_native.CACHE_ENV_VAR] = str(tmp_path)
+    children = [subprocess.Popen([sys.executable, "-c", _CONCURRENT_CHILD], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for _ in range(2)]
+    for child in children:
+        out, err = child.communicate(timeout=600)
+        assert child.returncode == 0, err[-2000:]
+        assert out.split() == ["native", str(target)], out
+    assert (target / f"{name}.so").is_file()
+    assert not (target / "lock").exists()
 
 
 @pytest.mark.parametrize("dtype,fast_half_gemm,expected", [
