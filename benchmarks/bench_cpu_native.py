@@ -25,7 +25,7 @@ returns). ``ms_min`` is the fastest call and ``cpu_ms`` the median process CPU t
 threads): on a shared machine a preemption lands in the wall time of a call but not in its CPU
 time, and the minimum is the call that escaped them.
 
-``python -m benchmarks.bench_cpu_native [--smoke] [--repeats 5]``; results JSON goes to
+``python -m benchmarks.bench_cpu_native [--smoke] [--repeats 5] [--only gae]``; results JSON goes to
 benchmarks/results/bench_cpu_native-cpu-<date>.json.
 """
 
@@ -195,6 +195,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, nothing saved")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--only", action="append", default=None, metavar="OP",
+                        help="run only the cases of this op (logprobs, gae, linear_logprobs); "
+                             "repeatable")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
@@ -204,10 +207,13 @@ def main(argv=None) -> None:
 
     rows = []
     for spec in specs(args.smoke, args.repeats):
+        if args.only and spec["kind"] not in args.only:
+            continue
         result = _spawn(spec)
         per_impl = {"-": result} if "error" in result else result
         for impl, measured in per_impl.items():
-            row = {"op": spec["op"], "case": spec["case"], "impl": impl, "threads": THREADS,
+            row = {"op": spec["op"], "kind": spec["kind"], "case": spec["case"], "impl": impl,
+                   "threads": THREADS,
                    "repeats": spec["repeats"], **measured}
             rows.append(row)
             print(json.dumps({k: row.get(k) for k in ("op", "case", "impl", "ms",
@@ -217,7 +223,34 @@ def main(argv=None) -> None:
                                "speedup_vs_eager", "speedup_min", "speedup_cpu",
                                "peak_extra_mib"), smoke=args.smoke)
     if not args.smoke:
+        if args.only:
+            rows = _kept_rows(args.only) + rows
         print(f"saved {save_results('bench_cpu_native', rows)}")
+
+
+_OP_KINDS = {"logprobs fwd+bwd": "logprobs", "gae": "gae",
+             "linear_logprobs fwd+bwd": "linear_logprobs"}
+
+
+def _kept_rows(only: list[str]) -> list[dict]:
+    """With --only: the rows of the other ops from today's results file, each marked with the
+    date and commit it was measured at (the file's environment), so a partial rerun does not
+    drop them."""
+    from benchmarks.common import RESULTS_DIR, environment
+
+    env = environment()
+    path = RESULTS_DIR / f"bench_cpu_native-{env['device']}-{env['date'][:10]}.json"
+    if not path.exists():
+        return []
+    old = json.loads(path.read_text())
+    kept = []
+    for row in old["rows"]:
+        if row.get("kind", _OP_KINDS.get(row["op"])) in only:
+            continue
+        row.setdefault("measured_at", old["environment"]["date"])
+        row.setdefault("measured_git_sha", old["environment"]["git_sha"])
+        kept.append(row)
+    return kept
 
 
 def _add_speedups(rows: list[dict]) -> None:

@@ -143,17 +143,18 @@ def _launch(
     lam: float,
     block_t: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    n_cols = rewards.shape[-1]
+    if native_cpu_kernels(rewards) and rewards.numel():  # csrc/cpu/scans.cpp, one pass per row
+        if mask is not None and mask.dtype not in (torch.bool, torch.uint8):
+            mask = mask != 0  # the kernel reads 0 / nonzero bytes (as the Triton load's != 0)
+        # it allocates the outputs (csrc/cpu/register.cpp: OutputCache keeps them mapped)
+        advantages, returns = _native.ops().gae(
+            *(None if t is None else _rows(t, n_cols) for t in (rewards, values, mask)),
+            float(gamma), float(lam))
+        return advantages.view(rewards.shape), returns.view(rewards.shape)
     advantages = empty(rewards.shape, torch.float32, rewards.device)
     returns = empty(rewards.shape, torch.float32, rewards.device)
     if rewards.numel() == 0:
-        return advantages, returns
-    n_cols = rewards.shape[-1]
-    if native_cpu_kernels(rewards):  # csrc/cpu/scans.cpp: one right-to-left pass per row
-        if mask is not None and mask.dtype not in (torch.bool, torch.uint8):
-            mask = mask != 0  # the kernel reads 0 / nonzero bytes (as the Triton load's != 0)
-        _native.ops().gae(*(None if t is None else _rows(t, n_cols)
-                            for t in (rewards, values, mask, advantages, returns)),
-                          float(gamma), float(lam))
         return advantages, returns
     if mask is not None and mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)  # same bytes; Triton loads it as 0/1
