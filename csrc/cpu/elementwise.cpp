@@ -9,6 +9,7 @@
 // the mean first and then the centred sum of squares (no E[x^2] - E[x]^2 cancellation).
 #include "common.h"
 
+#include <type_traits>
 #include <vector>
 
 namespace rlhf_native {
@@ -28,71 +29,76 @@ inline float clamp_sym(float x, float bound) { return std::min(std::max(x, -boun
 
 int64_t grain_for(int64_t n_cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, n_cols)); }
 
+// The skeleton of the row kernels below: resolve the element types of two inputs (logp's and
+// ref_logp's) at run time, then call body(L*, R*, row) for every row, rows over threads.
+// body is a generic lambda; its two typed null pointers name the types (decltype).
+template <typename F>
+void for_each_row(Dtype first, Dtype second, int64_t n_rows, int64_t n_cols, F&& body) {
+  dispatch_float(first, [&](auto* first_tag) {
+    dispatch_float(second, [&](auto* second_tag) {
+      at::parallel_for(0, n_rows, grain_for(n_cols), [&](int64_t begin, int64_t end) {
+        for (int64_t row = begin; row < end; ++row) body(first_tag, second_tag, row);
+      });
+    });
+  });
+}
+
+template <typename P>
+using elem_t = std::remove_pointer_t<P>;
+
 }  // namespace
 
 void kl_fwd(const Strided2d& logp, const Strided2d& ref, float* out, int64_t out_stride_row,
             int64_t n_rows, int64_t n_cols, const KlOptions& o) {
-  dispatch_float(logp.dtype, [&](auto* ltag) {
-    using L = std::remove_pointer_t<decltype(ltag)>;
-    dispatch_float(ref.dtype, [&](auto* rtag) {
-      using R = std::remove_pointer_t<decltype(rtag)>;
-      at::parallel_for(0, n_rows, grain_for(n_cols), [&](int64_t begin, int64_t end) {
-        for (int64_t row = begin; row < end; ++row) {
-          const L* lp = static_cast<const L*>(logp.data) + row * logp.stride_row;
-          const R* rp = static_cast<const R*>(ref.data) + row * ref.stride_row;
-          float* op = out + row * out_stride_row;
-          for (int64_t t = 0; t < n_cols; ++t) {
-            float d = to_f32(lp[t * logp.stride_col]) - to_f32(rp[t * ref.stride_col]);
-            if (o.has_log_ratio_clamp) d = clamp_sym(d, o.log_ratio_clamp);
-            float kl = kl_estimate(d, o.estimator);
-            if (o.has_clamp) kl = clamp_sym(kl, o.clamp);
-            op[t] = kl;
-          }
-        }
-      });
-    });
+  for_each_row(logp.dtype, ref.dtype, n_rows, n_cols, [&](auto* ltag, auto* rtag, int64_t row) {
+    using L = elem_t<decltype(ltag)>;
+    using R = elem_t<decltype(rtag)>;
+    const L* lp = static_cast<const L*>(logp.data) + row * logp.stride_row;
+    const R* rp = static_cast<const R*>(ref.data) + row * ref.stride_row;
+    float* op = out + row * out_stride_row;
+    for (int64_t t = 0; t < n_cols; ++t) {
+      float d = to_f32(lp[t * logp.stride_col]) - to_f32(rp[t * ref.stride_col]);
+      if (o.has_log_ratio_clamp) d = clamp_sym(d, o.log_ratio_clamp);
+      float kl = kl_estimate(d, o.estimator);
+      if (o.has_clamp) kl = clamp_sym(kl, o.clamp);
+      op[t] = kl;
+    }
   });
 }
 
 void kl_bwd(const Strided2d& grad, const Strided2d& logp, const Strided2d& ref, void* grad_logp,
             void* grad_ref, int64_t out_stride_row, int64_t n_rows, int64_t n_cols,
             const KlOptions& o) {
-  dispatch_float(logp.dtype, [&](auto* ltag) {
-    using L = std::remove_pointer_t<decltype(ltag)>;
-    dispatch_float(ref.dtype, [&](auto* rtag) {
-      using R = std::remove_pointer_t<decltype(rtag)>;
-      at::parallel_for(0, n_rows, grain_for(n_cols), [&](int64_t begin, int64_t end) {
-        for (int64_t row = begin; row < end; ++row) {
-          const float* gp = static_cast<const float*>(grad.data) + row * grad.stride_row;
-          const L* lp = static_cast<const L*>(logp.data) + row * logp.stride_row;
-          const R* rp = static_cast<const R*>(ref.data) + row * ref.stride_row;
-          L* gl = grad_logp ? static_cast<L*>(grad_logp) + row * out_stride_row : nullptr;
-          R* gr = grad_ref ? static_cast<R*>(grad_ref) + row * out_stride_row : nullptr;
-          for (int64_t t = 0; t < n_cols; ++t) {
-            float g = gp[t * grad.stride_col];
-            float d = to_f32(lp[t * logp.stride_col]) - to_f32(rp[t * ref.stride_col]);
-            // torch.clamp passes the gradient where lo <= x <= hi (bounds included)
-            if (o.has_log_ratio_clamp) {
-              if (!(d >= -o.log_ratio_clamp && d <= o.log_ratio_clamp)) g = 0.f;
-              d = clamp_sym(d, o.log_ratio_clamp);
-            }
-            if (o.has_clamp) {
-              const float kl = kl_estimate(d, o.estimator);
-              if (!(kl >= -o.clamp && kl <= o.clamp)) g = 0.f;
-            }
-            float dkl;
-            switch (o.estimator) {
-              case 0: dkl = g; break;
-              case 1: dkl = g * d; break;
-              case 2: dkl = g * (1.f - std::exp(-d)); break;
-              default: dkl = d > 0.f ? g : (d < 0.f ? -g : 0.f);
-            }
-            if (gl) gl[t] = from_f32<L>(dkl);
-            if (gr) gr[t] = from_f32<R>(-dkl);
-          }
-        }
-      });
-    });
+  for_each_row(logp.dtype, ref.dtype, n_rows, n_cols, [&](auto* ltag, auto* rtag, int64_t row) {
+    using L = elem_t<decltype(ltag)>;
+    using R = elem_t<decltype(rtag)>;
+    const float* gp = static_cast<const float*>(grad.data) + row * grad.stride_row;
+    const L* lp = static_cast<const L*>(logp.data) + row * logp.stride_row;
+    const R* rp = static_cast<const R*>(ref.data) + row * ref.stride_row;
+    L* gl = grad_logp ? static_cast<L*>(grad_logp) + row * out_stride_row : nullptr;
+    R* gr = grad_ref ? static_cast<R*>(grad_ref) + row * out_stride_row : nullptr;
+    for (int64_t t = 0; t < n_cols; ++t) {
+      float g = gp[t * grad.stride_col];
+      float d = to_f32(lp[t * logp.stride_col]) - to_f32(rp[t * ref.stride_col]);
+      // torch.clamp passes the gradient where lo <= x <= hi (bounds included)
+      if (o.has_log_ratio_clamp) {
+        if (!(d >= -o.log_ratio_clamp && d <= o.log_ratio_clamp)) g = 0.f;
+        d = clamp_sym(d, o.log_ratio_clamp);
+      }
+      if (o.has_clamp) {
+        const float kl = kl_estimate(d, o.estimator);
+        if (!(kl >= -o.clamp && kl <= o.clamp)) g = 0.f;
+      }
+      float dkl;
+      switch (o.estimator) {
+        case 0: dkl = g; break;
+        case 1: dkl = g * d; break;
+        case 2: dkl = g * (1.f - std::exp(-d)); break;
+        default: dkl = d > 0.f ? g : (d < 0.f ? -g : 0.f);
+      }
+      if (gl) gl[t] = from_f32<L>(dkl);
+      if (gr) gr[t] = from_f32<R>(-dkl);
+    }
   });
 }
 
@@ -100,47 +106,41 @@ void shape_rewards(const float* scores, const Strided2d& logp, const Strided2d& 
                    const uint8_t* mask, int64_t mask_stride_row, int64_t mask_stride_col,
                    const int64_t* score_index, float* out, int64_t out_stride_row,
                    int64_t n_rows, int64_t n_cols, const RewardOptions& o) {
-  dispatch_float(logp.dtype, [&](auto* ltag) {
-    using L = std::remove_pointer_t<decltype(ltag)>;
-    dispatch_float(ref.dtype, [&](auto* rtag) {
-      using R = std::remove_pointer_t<decltype(rtag)>;
-      at::parallel_for(0, n_rows, grain_for(n_cols), [&](int64_t begin, int64_t end) {
-        for (int64_t row = begin; row < end; ++row) {
-          const L* lp = static_cast<const L*>(logp.data) + row * logp.stride_row;
-          const R* rp = static_cast<const R*>(ref.data) + row * ref.stride_row;
-          const uint8_t* m = mask + row * mask_stride_row;
-          float* op = out + row * out_stride_row;
-          float score = scores[row];
-          if (o.has_score_clip) score = clamp_sym(score, o.score_clip);
-          int64_t target = -1;  // the column that receives the score (-1: none)
-          if (score_index) {
-            target = score_index[row];
-            if (target < 0 || target >= n_cols) {  // never lost silently: a NaN row
-              std::fill(op, op + n_cols, kNaN);
-              continue;
-            }
-          } else {
-            for (int64_t t = n_cols - 1; t >= 0; --t) {
-              if (m[t * mask_stride_col] != 0) {
-                target = t;
-                break;
-              }
-            }
-          }
-          for (int64_t t = 0; t < n_cols; ++t) {
-            float r = 0.f;
-            if (m[t * mask_stride_col] != 0) {
-              float kl = kl_estimate(
-                  to_f32(lp[t * logp.stride_col]) - to_f32(rp[t * ref.stride_col]), o.estimator);
-              if (o.has_kl_clamp) kl = clamp_sym(kl, o.kl_clamp);
-              r = -o.kl_coef * kl;
-            }
-            if (t == target) r += score;
-            op[t] = r;
-          }
+  for_each_row(logp.dtype, ref.dtype, n_rows, n_cols, [&](auto* ltag, auto* rtag, int64_t row) {
+    using L = elem_t<decltype(ltag)>;
+    using R = elem_t<decltype(rtag)>;
+    const L* lp = static_cast<const L*>(logp.data) + row * logp.stride_row;
+    const R* rp = static_cast<const R*>(ref.data) + row * ref.stride_row;
+    const uint8_t* m = mask + row * mask_stride_row;
+    float* op = out + row * out_stride_row;
+    float score = scores[row];
+    if (o.has_score_clip) score = clamp_sym(score, o.score_clip);
+    int64_t target = -1;  // the column that receives the score (-1: none)
+    if (score_index) {
+      target = score_index[row];
+      if (target < 0 || target >= n_cols) {  // never lost silently: a NaN row
+        std::fill(op, op + n_cols, kNaN);
+        return;
+      }
+    } else {
+      for (int64_t t = n_cols - 1; t >= 0; --t) {
+        if (m[t * mask_stride_col] != 0) {
+          target = t;
+          break;
         }
-      });
-    });
+      }
+    }
+    for (int64_t t = 0; t < n_cols; ++t) {
+      float r = 0.f;
+      if (m[t * mask_stride_col] != 0) {
+        float kl = kl_estimate(
+            to_f32(lp[t * logp.stride_col]) - to_f32(rp[t * ref.stride_col]), o.estimator);
+        if (o.has_kl_clamp) kl = clamp_sym(kl, o.kl_clamp);
+        r = -o.kl_coef * kl;
+      }
+      if (t == target) r += score;
+      op[t] = r;
+    }
   });
 }
 
