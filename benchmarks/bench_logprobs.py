@@ -13,13 +13,22 @@ forward + backward (a random upstream gradient on logp). Peers:
 The floor: the logits read once for the forward; read, written (the gradient) and read again for
 forward + backward, i.e. three passes (``bytes_moved`` below; labels and outputs are noise).
 
+At the largest shape the cases also time ours with the vocabulary loops software-pipelined
+(``ours pipelined stages=k``: ``tl.range(..., num_stages=k)``, cp.async into shared memory; the
+default is k = 1, see ``_launch_config``), after the eager peers, so that a time-boxed proof run
+measures whether pipelining pays on that GPU.
+
 ``python -m benchmarks.bench_logprobs [--smoke] [--sweep]``; ``--sweep`` times our kernels over
 (BLOCK_V, num_warps, num_stages) on the large case to re-tune ``_launch_config`` on a new GPU.
+Each of the three knobs changes the compiled kernel (the stages are the loops' ``tl.range``
+pipelining depth); each row records how many new binaries its configuration compiled
+(``new_binaries``: 0 would mean it timed a binary an earlier row already had).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 
 import torch
@@ -37,6 +46,8 @@ from rlhf_kernels.ops.logprobs import logprobs
 logprobs_module = importlib.import_module("rlhf_kernels.ops.logprobs")
 
 CASES = [(8, 1024, 151936), (4, 512, 32000)]
+# Pipelining depths timed beside the default (k = 1) at the largest shape.
+PIPELINE_STAGES = (2, 4)
 SMOKE_CASES = [(2, 8, 257)]
 
 
@@ -107,7 +118,39 @@ def _compiled_eager():
     return torch.compile(eager_logprobs)
 
 
-def _shape_cases(B: int, T: int, V: int, dtype: torch.dtype, device, smoke: bool) -> list[Case]:
+@contextlib.contextmanager
+def launch_config(config_for_v):
+    """Within: the logprobs launchers take ``config_for_v(V) -> (BLOCK_V, warps, stages)``."""
+    default = logprobs_module._launch_config
+    logprobs_module._launch_config = config_for_v
+    try:
+        yield
+    finally:
+        logprobs_module._launch_config = default
+
+
+def _pipelined(step_maker, stages: int):
+    """A case's ``make`` whose step runs ours with ``num_stages=stages`` in the vocabulary loops
+    (the default BLOCK_V and warps), forward and backward alike."""
+    def make():
+        default = logprobs_module._launch_config
+        step = step_maker()
+
+        def config(V):
+            block_v, warps, _ = default(V)
+            return block_v, warps, stages
+
+        def pipelined_step():
+            with launch_config(config):
+                return step()
+
+        return pipelined_step
+
+    return make
+
+
+def _shape_cases(B: int, T: int, V: int, dtype: torch.dtype, device, smoke: bool,
+                 pipelined: bool = False) -> list[Case]:
     element = torch.finfo(dtype).bits // 8
     fwd_bytes = B * T * V * element + B * T * (8 + 4)
     fwd_bwd_bytes = 3 * B * T * V * element + B * T * (8 + 4 + 4)
@@ -155,6 +198,13 @@ def _shape_cases(B: int, T: int, V: int, dtype: torch.dtype, device, smoke: bool
     bwd_peers += [("ours", lambda: ours), ("ours inplace_backward", lambda: _inplace)]
     cases += [Case("logprobs", f"{name} fwd+bwd", impl, forward_backward(get_fn), fwd_bwd_bytes)
               for impl, get_fn in bwd_peers]
+    if pipelined:
+        for stages in PIPELINE_STAGES:
+            cases.append(Case("logprobs", f"{name} fwd", f"ours pipelined stages={stages}",
+                              _pipelined(forward(lambda: ours), stages), fwd_bytes))
+            cases.append(Case("logprobs", f"{name} fwd+bwd", f"ours pipelined stages={stages}",
+                              _pipelined(forward_backward(lambda: ours), stages),
+                              fwd_bwd_bytes))
     return cases
 
 
@@ -162,9 +212,11 @@ def cases(smoke: bool = False) -> list[Case]:
     """Every (case, implementation) to time: bf16 GPU shapes, or tiny fp32 CPU shapes (smoke)."""
     if smoke:
         return [c for B, T, V in SMOKE_CASES
-                for c in _shape_cases(B, T, V, torch.float32, torch.device("cpu"), smoke=True)]
-    return [c for B, T, V in CASES
-            for c in _shape_cases(B, T, V, torch.bfloat16, torch.device("cuda"), smoke=False)]
+                for c in _shape_cases(B, T, V, torch.float32, torch.device("cpu"), smoke=True,
+                                      pipelined=True)]
+    return [c for i, (B, T, V) in enumerate(CASES)
+            for c in _shape_cases(B, T, V, torch.bfloat16, torch.device("cuda"), smoke=False,
+                                  pipelined=i == 0)]
 
 
 def run(smoke: bool = False) -> list[dict]:
@@ -181,25 +233,31 @@ def sweep(B: int = 8, T: int = 1024, V: int = 151936) -> list[dict]:
     labels = torch.randint(0, V, (B, T), device="cuda")
     grad = torch.randn(B, T, device="cuda")
     fwd_bytes = B * T * V * 2
-    default = logprobs_module._launch_config
+    kernels = (logprobs_module._logprobs_fwd_kernel, logprobs_module._logprobs_bwd_kernel)
+
+    def compiled() -> set:
+        return {key for k in kernels for cache in k.device_caches.values() for key in cache[0]}
+
     rows = []
-    try:
-        for block_v in (1024, 2048, 4096, 8192):
-            for num_warps in (1, 2, 4, 8, 16):
-                if block_v // num_warps < 128:
-                    continue
-                for num_stages in (1, 2, 3, 4):
-                    config = (block_v, num_warps, num_stages)
-                    logprobs_module._launch_config = lambda _V, c=config: c
-                    name = f"BLOCK_V={block_v} warps={num_warps} stages={num_stages}"
+    for block_v in (1024, 2048, 4096, 8192):
+        for num_warps in (1, 2, 4, 8, 16):
+            if block_v // num_warps < 128:
+                continue
+            for num_stages in (1, 2, 3, 4):
+                config = (block_v, num_warps, num_stages)
+                name = f"BLOCK_V={block_v} warps={num_warps} stages={num_stages}"
+                before = compiled()
+                with launch_config(lambda _V, c=config: c):
                     with torch.no_grad():
                         ms = time_ms(lambda: ours(logits, labels))
-                    rows.append(result_row("logprobs", f"sweep {V} fwd", name, ms, fwd_bytes))
+                    fwd = result_row("logprobs", f"sweep {V} fwd", name, ms, fwd_bytes)
                     ms = time_ms(_fwd_bwd(ours, logits, labels, grad))
-                    rows.append(result_row("logprobs", f"sweep {V} fwd+bwd", name, ms,
-                                           3 * fwd_bytes))
-    finally:
-        logprobs_module._launch_config = default
+                    both = result_row("logprobs", f"sweep {V} fwd+bwd", name, ms,
+                                      3 * fwd_bytes)
+                new = len(compiled() - before)
+                for row in (fwd, both):
+                    row["new_binaries"] = new
+                rows += [fwd, both]
     return sorted(rows, key=lambda r: (r["case"], r["ms"]))
 
 

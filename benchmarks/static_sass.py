@@ -14,9 +14,9 @@ make, counted with the launches mocked.
 * **Loops**: a loop is the body between a backward branch's target and the branch. For the
   vocabulary loops one iteration handles ``BLOCK_V`` entries of one row (one warp per row at
   large V), so ``instructions per 4 KB`` = body instructions x 4096 / (BLOCK_V x element
-  size). Also counted per body: ``MUFU`` (ex2 / lg2 / rcp), 64-bit integer compares
-  (``ISETP ... .EX``), global loads (``LDG``), asynchronous copies (``LDGSTS``: cp.async, i.e.
-  real software pipelining) and their waits.
+  size), times the warps per row (each warp runs the body). Also counted per body: ``MUFU``
+  (ex2 / lg2 / rcp), 64-bit integer compares (``ISETP ... .EX``), global loads (``LDG``),
+  asynchronous copies (``LDGSTS``: cp.async, i.e. real software pipelining) and their waits.
 * **Launch counts** of ``ppo_loss_from_logits`` on ``logits[:, :-1, :]`` and of
   ``linear_ppo_loss`` per chunk: Triton launches (mocked) plus the torch ops that launch a CUDA
   kernel (every aten op that is not a view or an allocation, counted by a dispatch mode), on CPU
@@ -142,8 +142,9 @@ def compile_sass(launch: Launch, arch: int = 90) -> dict:
         usage = subprocess.run([str(_BIN / "cuobjdump"), "-res-usage", str(cubin)], check=True,
                                capture_output=True, text=True).stdout
     field = lambda key: int(re.search(rf"{key}:(\d+)", usage).group(1))  # noqa: E731
+    # Triton's shared memory is dynamic: the kernel's metadata has it, not the static SHARED
     return {"sass": sass, "ptx": kernel.asm["ptx"], "regs": field("REG"),
-            "local": field("LOCAL"), "shared": field("SHARED")}
+            "local": field("LOCAL"), "shared": kernel.metadata.shared}
 
 
 _INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
@@ -207,11 +208,15 @@ def _loop_row(case: str, launch: Launch, arch: int, dtype_bytes: int) -> dict:
     compiled = compile_sass(launch, arch)
     body = max(loops(compiled["sass"]), key=lambda lp: lp["instructions"], default=None)
     block_v = launch.constexpr("BLOCK_V")
-    per_4kb = None if body is None else body["instructions"] * 4096 / (block_v * dtype_bytes)
     options = launch.options
+    per_4kb = (None if body is None else
+               body["instructions"] * options.num_warps * 4096 / (block_v * dtype_bytes))
     return {
         "case": case, "kernel": launch.name, "arch": f"sm_{arch}", "BLOCK_V": block_v,
-        "num_warps": options.num_warps, "num_stages": options.num_stages,
+        "num_warps": options.num_warps,
+        # the loops' tl.range depth (NUM_STAGES); the kernels before it had only the option
+        "num_stages": launch.constexpr("NUM_STAGES") if "NUM_STAGES" in launch.fn.arg_names
+        else options.num_stages,
         "regs": compiled["regs"], "local_bytes": compiled["local"],
         "shared_bytes": compiled["shared"],
         "loop_instructions": None if body is None else body["instructions"],
@@ -227,13 +232,26 @@ def _loop_row(case: str, launch: Launch, arch: int, dtype_bytes: int) -> dict:
     }
 
 
-def sass_rows(arch: int = 90, V: int = V_DESIGN) -> list[dict]:
+def sass_rows(arch: int = 90, V: int = V_DESIGN, stages: tuple[int, ...] = (2, 4)) -> list[dict]:
+    """The logprobs loops at the launchers' configuration, with and without entropy; then the
+    same at the default BLOCK_V / warps with the loops pipelined ``stages`` deep."""
+    from rlhf_kernels.ops import logprobs as module
+
     rows = []
     for entropy in (False, True):
         fwd, bwd = _logprob_launches(V, torch.bfloat16, entropy)
         tag = f"bf16 V={V}" + (" +entropy" if entropy else "")
         rows.append(_loop_row(f"logprobs fwd {tag}", fwd, arch, 2))
         rows.append(_loop_row(f"logprobs bwd {tag}", bwd, arch, 2))
+    default = module._launch_config
+    for k in stages:
+        module._launch_config = lambda v, k=k: default(v)[:2] + (k,)
+        try:
+            fwd, bwd = _logprob_launches(V, torch.bfloat16, False)
+        finally:
+            module._launch_config = default
+        rows.append(_loop_row(f"logprobs fwd bf16 V={V} stages={k}", fwd, arch, 2))
+        rows.append(_loop_row(f"logprobs bwd bf16 V={V} stages={k}", bwd, arch, 2))
     return rows
 
 
@@ -291,12 +309,13 @@ def run(arch: int = 90) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = ["| kernel (case) | BLOCK_V | warps | stages | regs | local B | loop instr | "
-             "instr / 4 KB | MUFU | 64-bit ISETP | LDGSTS |",
-             "|" + "---|" * 11]
+    lines = ["| kernel (case) | BLOCK_V | warps | stages | regs | local B | shared B | "
+             "loop instr | instr / 4 KB | MUFU | 64-bit ISETP | LDGSTS |",
+             "|" + "---|" * 12]
     for r in result["sass"]:
         lines.append(f"| {r['case']} | {r['BLOCK_V']} | {r['num_warps']} | {r['num_stages']} | "
-                     f"{r['regs']} | {r['local_bytes']} | {r['loop_instructions']} | "
+                     f"{r['regs']} | {r['local_bytes']} | {r['shared_bytes']} | "
+                     f"{r['loop_instructions']} | "
                      f"{r['instructions_per_4kb']:.0f} | {r['mufu']} | {r['isetp64']} | "
                      f"{r['ldgsts']} |")
     lines += ["", "| op | case | Triton launches | torch kernel ops | launches |",

@@ -58,11 +58,17 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from rlhf_kernels import _native, reference
 from rlhf_kernels._alloc import empty
 from rlhf_kernels._checks import check_float, check_same_device
-from rlhf_kernels.backend import launch_directly, native_cpu_kernels, resolve_backend
+from rlhf_kernels.backend import (
+    launch_directly,
+    native_cpu_kernels,
+    resolve_backend,
+    triton_interpreter_enabled,
+)
 from rlhf_kernels.ops._reduce import next_power_of_2
 
 __all__ = ["logprobs", "logprobs_fwd", "logprobs_bwd"]
@@ -74,6 +80,27 @@ _EMPTY = (0,)
 # Kernels. Rows are addressed as (outer, inner) = divmod(row, n_inner) so that a (B, T, V) slice
 # such as logits[:, :-1, :] (row stride V, batch stride (T+1) V) is read in place, without a copy.
 # --------------------------------------------------------------------------------------------
+# exp2 with flush-to-zero semantics. Triton lowers tl.exp / tl.exp2 to ``ex2.approx.f32``
+# without .ftz, which sm_80+ executes as MUFU.EX2 wrapped in a denormal fix-up (a compare and two
+# predicated multiplies per element: about a quarter of the forward loop's SASS). libdevice's
+# exp2f under Triton's default nvvm-reflect FTZ is ``ex2.approx.ftz.f32``: one MUFU. The only
+# difference is for results below 2**-126 (returned as 0 instead of a denormal): a term of a
+# softmax sum or a probability that small changes nothing a float32 result can show. The Triton
+# interpreter has no libdevice, so there it is tl.exp2 (the same math in numpy).
+if triton_interpreter_enabled():
+    @triton.jit
+    def exp2_ftz(x):
+        return tl.exp2(x)
+else:
+    @triton.jit
+    def exp2_ftz(x):
+        return libdevice.exp2(x)
+
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
 @triton.jit
 def _logprobs_fwd_kernel(
     logits_ptr,
@@ -91,6 +118,7 @@ def _logprobs_fwd_kernel(
     BLOCK_V: tl.constexpr,
     RETURN_ENTROPY: tl.constexpr,
     SAVE_ENTROPY: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + (row // n_inner) * stride_outer + (row % n_inner) * stride_inner
@@ -99,30 +127,33 @@ def _logprobs_fwd_kernel(
     # Ignored rows skip the sweep: zero trip count, no bytes read.
     v_end = tl.where(valid, V, 0)
     offsets = tl.arange(0, BLOCK_V)
-
-    m = -float("inf")  # running max of z
-    s = 0.0  # sum exp(z - m)
-    a = 0.0  # sum exp(z - m) * (z - m)   (entropy only)
-    for start in range(0, v_end, BLOCK_V):
+    # The sweep works in base 2: z2 = x * k2 with k2 = log2(e) / T, so each entry costs one
+    # FFMA (x * k2 - shift) and one MUFU.EX2. The running max is kept on the raw logits x
+    # (k2 > 0, so the same entry is the max) and the shift is m * k2, one multiply per block.
+    k2 = inv_temperature * LOG2E
+    m = -float("inf")  # running max of x
+    shift = 0.0  # m * k2, or 0 while every x so far is -inf (-inf - -inf would be NaN)
+    s = 0.0  # sum 2^(z2 - shift)
+    a = 0.0  # sum 2^(z2 - shift) * (z2 - shift)   (entropy only; base-2 units)
+    for start in tl.range(0, v_end, BLOCK_V, num_stages=NUM_STAGES):
         cols = start + offsets
         x = tl.load(row_ptr + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
-        z = x * inv_temperature
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        # While every z so far is -inf, shift by 0 instead: -inf - -inf would be NaN.
-        m_shift = tl.where(m_new == -float("inf"), 0.0, m_new)
-        scale = tl.exp(m - m_shift)
-        e = tl.exp(z - m_shift)
+        m = tl.maximum(m, tl.max(x, axis=0))
+        new_shift = tl.where(m == -float("inf"), 0.0, m * k2)
+        scale = exp2_ftz(shift - new_shift)
+        t = x * k2 - new_shift
+        e = exp2_ftz(t)
         if RETURN_ENTROPY:
-            # While s == 0, m - m_shift may be -inf: take 0 (not -inf * 0 = NaN).
-            moved = tl.where(s > 0.0, m - m_shift, 0.0) * s
-            # -inf entries: e == 0 and (z - m) == -inf; their term is 0 (0 log 0 = 0).
-            ez = e * tl.where(e > 0.0, z - m_shift, 0.0)
-            a = (a + moved) * scale + tl.sum(ez, axis=0)
+            # While s == 0, shift - new_shift may be -inf: take 0 (not -inf * 0 = NaN).
+            moved = tl.where(s > 0.0, shift - new_shift, 0.0) * s
+            # -inf entries: e == 0 and t == -inf; their term is 0 (0 log 0 = 0).
+            et = e * tl.where(e > 0.0, t, 0.0)
+            a = (a + moved) * scale + tl.sum(et, axis=0)
         s = s * scale + tl.sum(e, axis=0)
-        m = m_shift
+        shift = new_shift
 
     # s == 0 only for ignored rows (lse unused, log(1) = 0 keeps it finite) and all -inf rows.
-    lse = m + tl.log(tl.where(valid, s, 1.0))
+    lse = (shift + tl.log2(tl.where(valid, s, 1.0))) * LN2
     # Out-of-range labels (only possible with check_labels=False) read nothing and give NaN.
     label_ok = (label >= 0) & (label < V)
     z_label = tl.load(row_ptr + label, mask=valid & label_ok, other=float("nan"))
@@ -133,7 +164,8 @@ def _logprobs_fwd_kernel(
     if RETURN_ENTROPY:
         # s == 0: all -inf (0 log 0 = 0, as the reference); a NaN s stays NaN.
         s_pos = tl.where(s == 0.0, 1.0, s)
-        entropy = tl.where(valid, tl.where(s == 0.0, 0.0, tl.log(s_pos) - a / s_pos), 0.0)
+        entropy = tl.where(valid, tl.where(s == 0.0, 0.0, (tl.log2(s_pos) - a / s_pos) * LN2),
+                           0.0)
         tl.store(entropy_ptr + row, entropy.to(entropy_ptr.dtype.element_ty))
         if SAVE_ENTROPY:
             # a private fp32 copy for the backward: the caller may edit the returned entropy
@@ -160,6 +192,7 @@ def _logprobs_bwd_kernel(
     BLOCK_V: tl.constexpr,
     HAS_GRAD_LOGP: tl.constexpr,
     HAS_GRAD_ENTROPY: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     outer = row // n_inner
@@ -169,35 +202,41 @@ def _logprobs_bwd_kernel(
     label = tl.load(labels_ptr + row).to(tl.int64)
     valid = label != ignore_index
     label_ok = (label >= 0) & (label < V)
-    lse = tl.load(lse_ptr + row)
-    g_logp = 0.0
+    # The in-row column compare is 32-bit (V < 2**31): an int64 compare costs about five
+    # instructions per element. A label outside [0, V) may wrap here, but its row's gradient is
+    # NaN whatever the compare says (c below).
+    label32 = label.to(tl.int32)
+    k2 = inv_temperature * LOG2E
+    # Base 2, as the forward: p = 2^(x * k2 - lse * log2(e)), one FFMA and one MUFU.EX2.
+    lse2 = tl.load(lse_ptr + row) * LOG2E
+    # d logit_j = c * (onehot_j - p_j) - c_H * p_j * (log2 p_j + H * log2(e)), the per-row
+    # factors folded once: c = g_logp / T (NaN for an out-of-range label: its logp is NaN, so
+    # the gradient is NaN rather than a plausible number), c_H = g_H * ln(2) / T; both 0 for an
+    # ignored row, whose loads are predicated off (p = 0): it gets exact zeros.
+    c = 0.0
     if HAS_GRAD_LOGP:
-        g_logp = tl.load(grad_logp_ptr + row)
-    g_entropy = 0.0
-    entropy = 0.0
+        c = tl.load(grad_logp_ptr + row) * inv_temperature
+        c = tl.where(label_ok, c, float("nan"))
+    c = tl.where(valid, c, 0.0)
+    c_h = 0.0
+    h2 = 0.0
     if HAS_GRAD_ENTROPY:
-        g_entropy = tl.load(grad_entropy_ptr + row)
-        entropy = tl.load(entropy_ptr + row)
-    # Ignored rows: the loads are predicated off (no bytes read) and zeros are written.
+        c_h = tl.where(valid, tl.load(grad_entropy_ptr + row) * (inv_temperature * LN2), 0.0)
+        h2 = tl.load(entropy_ptr + row) * LOG2E
     read_end = tl.where(valid, V, 0)
     offsets = tl.arange(0, BLOCK_V)
     # Each block is read and then written by this program alone, so out may be the logits buffer.
-    for start in range(0, V, BLOCK_V):
+    for start in tl.range(0, V, BLOCK_V, num_stages=NUM_STAGES):
         cols = start + offsets
         # lanes past V (and ignored rows) read -inf: p = 0 there, so they compute an exact 0
-        # rather than exp(-lse), which overflows fp16 when lse is very negative (never stored)
+        # rather than 2^(-lse2), which overflows fp16 when lse is very negative (never stored)
         x = tl.load(row_ptr + cols, mask=cols < read_end, other=float("-inf")).to(tl.float32)
-        log_p = x * inv_temperature - lse
-        p = tl.exp(log_p)
-        dz = tl.zeros([BLOCK_V], dtype=tl.float32)
-        if HAS_GRAD_LOGP:
-            dz = tl.where(cols == label, g_logp, 0.0) - g_logp * p
-            # an out-of-range label (its logp is NaN): a NaN gradient, not a plausible number
-            dz = tl.where(label_ok, dz, float("nan"))
+        t = x * k2 - lse2  # log2 p
+        p = exp2_ftz(t)
+        grad = tl.where(cols == label32, c, 0.0) - c * p
         if HAS_GRAD_ENTROPY:
-            # -inf entries: p == 0 and log p == -inf; the term is 0.
-            dz -= g_entropy * p * tl.where(p > 0.0, log_p + entropy, 0.0)
-        grad = tl.where(valid, dz * inv_temperature, 0.0)
+            # -inf entries: p == 0 and t == -inf; the term is 0.
+            grad -= c_h * p * tl.where(p > 0.0, t + h2, 0.0)
         tl.store(out_row_ptr + cols, grad.to(out_ptr.dtype.element_ty), mask=cols < V)
 
 
@@ -211,16 +250,19 @@ def _launch_config(V: int) -> tuple[int, int, int]:
     A row is a streaming reduction, so what matters is bytes in flight per SM, not threads per
     row. Large vocabularies stream 2048-entry blocks with one warp per row (the reductions stay
     inside the warp: shuffles, no shared-memory barrier), so many rows per SM keep loads in
-    flight: the configuration Liger's selective log-softmax uses, measured at 98% of the copy
-    floor (docs/design.md §4). ``num_stages`` is passed but does not pipeline these loops: an
-    offline sm_90 compile (Triton 3.9) emits no ``cp.async`` for them, with plain ``range`` or
-    with ``tl.range(..., num_stages=k)``; whether real pipelining helps is a GPU question. Small
-    vocabularies take the whole row in one block. ``benchmarks/bench_logprobs.py --sweep`` times
-    the alternatives on a GPU. Cached per V: it runs twice per forward + backward, and
+    flight: the configuration Liger's selective log-softmax uses, measured at 97% of the copy
+    floor on an H200 (forward, bf16 8x1024x151936; benchmarks/results). ``num_stages`` is the
+    vocabulary loops' ``tl.range(..., num_stages=k)``: k >= 2 software-pipelines the logits
+    loads (the sm_90 compile shows cp.async, LDGSTS, and k - 1 blocks in shared memory; also
+    more registers: 255 in the backward at k = 4 against 72 at k = 1, so fewer rows per SM).
+    k = 1 (no pipelining, the configuration measured on the H200) stays the default until a GPU
+    sweep shows a gain: ``benchmarks/bench_logprobs.py --sweep`` times k = 1..4 (different
+    binaries; ``python -m benchmarks.static_sass`` shows their SASS). Small vocabularies take
+    the whole row in one block. Cached per V: it runs twice per forward + backward, and
     ``triton.next_power_of_2`` alone costs microseconds of host time.
     """
     if V > 2048:
-        return 2048, 1, 4
+        return 2048, 1, 1
     block_v = max(16, next_power_of_2(V))
     return block_v, max(1, min(4, block_v // 512)), 1
 
@@ -289,7 +331,7 @@ def _fwd3d(logits3d, labels1d, temperature, ignore_index, logp, entropy, lse, sa
         logits3d.stride(0), logits3d.stride(1), T, V,
         1.0 / temperature, ignore_index,
         BLOCK_V=block_v, RETURN_ENTROPY=return_entropy, SAVE_ENTROPY=save_entropy,
-        num_warps=num_warps, num_stages=num_stages,
+        NUM_STAGES=num_stages, num_warps=num_warps,
     )
 
 
@@ -318,7 +360,7 @@ def _bwd3d(logits3d, labels1d, lse, entropy, grad_logp, grad_entropy, temperatur
         logits3d.stride(0), logits3d.stride(1), out3d.stride(0), out3d.stride(1), T, V,
         1.0 / temperature, ignore_index,
         BLOCK_V=block_v, HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=has_grad_entropy,
-        num_warps=num_warps, num_stages=num_stages,
+        NUM_STAGES=num_stages, num_warps=num_warps,
     )
     return out3d
 
