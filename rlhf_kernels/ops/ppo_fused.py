@@ -375,17 +375,6 @@ def _linear_sweep(hidden, weight, labels, bias, lora_a, lora_b, old_logp, advant
         chunk_size, memory_budget_bytes, needs, placeholder)
 
 
-def _row_blocks(logits3d):
-    """(B, T, V) logits -> [(row offset, (rows, V) view)]: one block when the rows are evenly
-    spaced (contiguous or a token-range slice of a contiguous (B, T', V) buffer: no copy)."""
-    if logits3d.stride(-1) != 1:
-        logits3d = logits3d.contiguous()
-    B, T, V = logits3d.shape
-    if B == 1 or logits3d.stride(0) == T * logits3d.stride(1):
-        return [(0, logits3d.as_strided((B * T, V), (logits3d.stride(1), 1)))]
-    return [(b * T, logits3d[b]) for b in range(B)]
-
-
 def _logits_sweep(logits3d, labels, old_logp, advantages, weights, ref_logp, kl_coef,
                   kl_estimator, entropy_coef, temperature, clip_low, clip_high, dual_clip,
                   log_ratio_clamp, ignore_index, need_grad, check_labels=False,
@@ -393,25 +382,21 @@ def _logits_sweep(logits3d, labels, old_logp, advantages, weights, ref_logp, kl_
     """logits (B, T, V); labels, old_logp, weights, ref_logp (N,) = (B * T,); advantages
     (B, T) per token or (B, 1) per sequence -> (loss, logp, entropy, d logits or (0,))."""
     # Rows are independent and the kernels hold no (N, V) temporary, so no chunking is needed;
-    # logp is known for every row before the derivatives, whatever the ratio level.
-    logprobs_fwd, logprobs_bwd = head._logprob_kernels()
+    # logp is known for every row before the derivatives, whatever the ratio level. The kernels
+    # address rows through the (B, T) strides, so a causal shift logits[:, :-1, :] is one launch
+    # for the whole batch, read in place (no per-row launches, no copy).
+    lp = _logprobs_module()
     B, T, V = logits3d.shape
     n_rows = B * T
     labels = _masked_as_ignored(labels, weights != 0, ignore_index, check_labels, V)
     device = logits3d.device
-    blocks = _row_blocks(logits3d)
+    logits3d = lp._rows3d(logits3d)  # a copy only for stride(-1) != 1
+    temperature, ignore_index = float(temperature), int(ignore_index)
     out = head.out_dtype(logits3d.dtype)
     logp = empty((n_rows,), out, device)
     entropy = empty((n_rows,), out, device)
     lse = empty((n_rows,), torch.float32, device)
-    if len(blocks) == 1:  # the whole batch in one launch: no per-block slicing
-        logprobs_fwd(blocks[0][1], labels, temperature, ignore_index, True,
-                     out=(logp, entropy, lse))
-    else:
-        for start, block in blocks:
-            sl = slice(start, start + block.shape[0])
-            logprobs_fwd(block, labels[sl], temperature, ignore_index, True,
-                         out=(logp[sl], entropy[sl], lse[sl]))
+    lp._fwd3d(logits3d, labels, temperature, ignore_index, logp, entropy, lse, None)
     # (B, T) views: per-sequence advantages (B, 1) broadcast over T without a copy
     as_seqs = lambda t: None if t is None else t.view(B, T)  # noqa: E731
     contribution, d_logp, d_entropy = per_token_terms(
@@ -420,21 +405,25 @@ def _logits_sweep(logits3d, labels, old_logp, advantages, weights, ref_logp, kl_
         log_ratio_clamp, need_grad, ratio_level, loss_type)
     if not need_grad:
         return contribution.sum(), logp, entropy, logits3d.new_empty(_EMPTY)
-    d_logp = d_logp.view(-1)
-    d_entropy = None if d_entropy is None else d_entropy.view(-1)
     d_logits = empty((B, T, V), logits3d.dtype, device)
-    d_flat = d_logits.view(n_rows, V)
-    if len(blocks) == 1:
-        logprobs_bwd(blocks[0][1], labels, lse, entropy if d_entropy is not None else None,
-                     d_logp, d_entropy, temperature, ignore_index, d_flat)
-        return contribution.sum(), logp, entropy, d_logits
-    for start, block in blocks:
-        sl = slice(start, start + block.shape[0])
-        logprobs_bwd(block, labels[sl], lse[sl],
-                     entropy[sl] if d_entropy is not None else None, d_logp[sl],
-                     None if d_entropy is None else d_entropy[sl], temperature, ignore_index,
-                     d_flat[sl])
+    lp._bwd3d(logits3d, labels, lse, entropy if d_entropy is not None else None,
+              lp._flat_fp32(d_logp), lp._flat_fp32(d_entropy), temperature, ignore_index,
+              d_logits)
     return contribution.sum(), logp, entropy, d_logits
+
+
+_LOGPROBS = None
+
+
+def _logprobs_module():
+    # Imported on first use (it defines @triton.jit kernels), then kept: an import per call
+    # costs host time.
+    global _LOGPROBS
+    if _LOGPROBS is None:
+        from rlhf_kernels.ops import logprobs
+
+        _LOGPROBS = logprobs
+    return _LOGPROBS
 
 
 # --------------------------------------------------------------------------------------------
