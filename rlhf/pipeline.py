@@ -30,8 +30,11 @@ the built-in corpus, pairs, prompts and gold judge). ``sft.model`` with ``sft.da
 ``ppo.dataset`` (prompts) runs every stage on your data; there is no gold judge then, so the
 summary has the reward model's held-out accuracy and the PPO curves but no gold figures, and
 ``samples.md`` shows a few of your prompts before and after PPO, unscored. The stage settings
-start from the built-in task's (``task.SFT_SETTINGS`` etc.) for the tiny model and from the
-stages' defaults for a pretrained one. A setting the pipeline cannot honour is refused, never
+start from the built-in task's (``task.SFT_SETTINGS`` etc.) for the tiny model, from the task's
+presets for a pretrained model (``task.PRETRAINED_*``: LoRA SFT, short sequences, a small pair
+set and a few RL iterations, sized for a 135M model on a CPU; ``model=smollm2-135m-instruct``,
+docs/real_model.md) when the built-in task runs on your model, and from the stages' defaults
+on your data. A setting the pipeline cannot honour is refused, never
 ignored (``check_settings``), and ``summary.json`` records only the settings the run used.
 
 ``resume=True`` skips every stage whose outputs are complete (its ``summary.json`` exists) and
@@ -100,16 +103,34 @@ def _ppo_defaults(algorithm: str = "ppo", task_name: str = "reviews") -> ppo.PPO
     return ppo.PPOConfig(**settings)
 
 
+def _pretrained_ppo_defaults(algorithm: str = "ppo") -> ppo.PPOConfig:
+    """The RL stage's settings of the review task on a pretrained model (task.PRETRAINED_*)."""
+    critic = algorithm not in ppo.PRESETS or ppo.PRESETS[algorithm]["advantage_estimator"] == "gae"
+    return ppo.PPOConfig(**(task.PRETRAINED_PPO_SETTINGS if critic
+                            else task.PRETRAINED_RL_SETTINGS))
+
+
+def _pretrained_stage_defaults(algorithm: str = "ppo") -> dict:
+    """The review task on a pretrained model without datasets: the pipeline's and every stage's
+    settings (task.PRETRAINED_*), sized for a 135M model on a CPU (docs/real_model.md)."""
+    return {**task.PRETRAINED_PIPELINE_SETTINGS,
+            "sft": sft.SFTConfig(**task.PRETRAINED_SFT_SETTINGS),
+            "reward": reward.RewardConfig(**task.PRETRAINED_REWARD_SETTINGS),
+            "ppo": _pretrained_ppo_defaults(algorithm)}
+
+
 @dataclass
 class PipelineConfig:
     """SFT -> reward model -> PPO. Stage settings nest (``ppo.kl_target=4`` on the CLI).
 
     Without datasets it runs the built-in review task, on a tiny Llama trained from scratch
-    (the stages start from ``task.SFT_SETTINGS`` etc.) or on your model (``sft.model``; the
-    stages then start from their defaults for pretrained models: ``load_config`` does this
-    through ``config_defaults``; in Python pass ``sft=SFTConfig(model=...)``, whose defaults
-    they are, rather than setting ``cfg.sft.model`` on the built-in defaults). With ``sft.model``,
-    ``sft.dataset``, ``reward.dataset`` and ``ppo.dataset`` it runs on your model and data.
+    (the stages start from ``task.SFT_SETTINGS`` etc.) or on your model (``model`` or
+    ``sft.model``; the pipeline and the stages then start from the task's presets for a
+    pretrained model, ``task.PRETRAINED_*``: ``load_config`` does this through
+    ``config_defaults``, ``PipelineConfig(model=...)`` in ``__post_init__`` for the settings
+    left at their defaults). With ``sft.model``, ``sft.dataset``, ``reward.dataset`` and
+    ``ppo.dataset`` it runs on your model and data, from the stages' defaults for pretrained
+    models.
     Every stage's ``output_dir``, ``seed``, ``device``, ``max_memory``, ``resume``,
     ``overwrite`` and ``cpu_threads`` come from the fields here; setting them per stage (or a
     setting that has no effect in the chosen mode) is refused (``check_settings``)."""
@@ -178,23 +199,43 @@ class PipelineConfig:
                 raise ValueError(f"model={self.model!r} and sft.model={self.sft.model!r} differ; "
                                  f"give one of them")
             if self.sft == _sft_defaults():
+                own_data = any(stage_cfg.dataset is not None
+                               for stage_cfg in (self.reward, self.ppo))
                 self.sft = sft.SFTConfig()
                 if self.reward == _reward_defaults():
                     self.reward = reward.RewardConfig()
-                if self.ppo == _ppo_defaults(self.algorithm):
+                if self.ppo in (_ppo_defaults(), _ppo_defaults(self.algorithm)):
                     self.ppo = ppo.PPOConfig()
+                if not own_data:  # the built-in task on this model: its pretrained presets
+                    self._use_pretrained_presets()
             self.sft = replace(self.sft, model=self.model)
+
+    def _use_pretrained_presets(self) -> None:
+        """The built-in review task on a pretrained model (``model=`` in Python, the stages left
+        at their defaults): every setting still at its default takes the task's pretrained
+        preset (task.PRETRAINED_*)."""
+        presets = _pretrained_stage_defaults(self.algorithm)
+        for name in task.PRETRAINED_PIPELINE_SETTINGS:
+            if getattr(self, name) == _field_default(self, name):
+                setattr(self, name, presets[name])
+        for name in ("sft", "reward", "ppo"):
+            if getattr(self, name) == type(presets[name])():
+                setattr(self, name, presets[name])
 
     @classmethod
     def config_defaults(cls, values) -> PipelineConfig:
         """What ``load_config`` starts from: the built-in task's stage settings (for the
-        ``algorithm`` given), or with ``sft.model`` given, the stages' defaults for a pretrained
-        model."""
+        ``algorithm`` given); with ``sft.model`` (or ``model``) given, the review task's
+        settings for a pretrained model (task.PRETRAINED_*), or with your datasets too, the
+        stages' defaults for a pretrained model."""
         from rlhf.config import is_set
 
         task_name = str(values.get("task", "reviews")).strip()
         if task_name == "reviews" and (is_set(values, "sft.model") or is_set(values, "model")):
-            return cls(sft=sft.SFTConfig(), reward=reward.RewardConfig(), ppo=ppo.PPOConfig())
+            if any(is_set(values, f"{name}.dataset") for name in ("sft", "reward", "ppo")):
+                return cls(sft=sft.SFTConfig(), reward=reward.RewardConfig(),
+                           ppo=ppo.PPOConfig())
+            return cls(**_pretrained_stage_defaults(str(values.get("algorithm", "ppo")).strip()))
         if task_name not in TASKS:
             task_name = "reviews"  # __post_init__ refuses it with the list of tasks
         return cls(task=task_name, ppo=_ppo_defaults(str(values.get("algorithm", "ppo")).strip(),

@@ -32,6 +32,11 @@ __all__ = [
     "DEFAULT_BETA",
     "DEFAULT_SENTIMENT_MIX",
     "PPO_SETTINGS",
+    "PRETRAINED_PIPELINE_SETTINGS",
+    "PRETRAINED_PPO_SETTINGS",
+    "PRETRAINED_REWARD_SETTINGS",
+    "PRETRAINED_RL_SETTINGS",
+    "PRETRAINED_SFT_SETTINGS",
     "REWARD_SETTINGS",
     "SFT_SETTINGS",
     "SENTIMENT_KINDS",
@@ -71,6 +76,36 @@ REWARD_SETTINGS = {"max_length": 80, "batch_size": 32, "grad_accum_steps": 1, "e
 PPO_SETTINGS = {"num_iterations": 20, "rollout_batch_size": 64, "minibatch_size": 32,
                 "max_prompt_length": 24, "max_new_tokens": 32, "lr": 2e-3, "critic_lr": 2e-3,
                 "forward_batch_size": 0, "save_every": 5}
+
+# ----------------------------------------------------------------------------------------------
+# The review task on a pretrained model (`rlhf pipeline model=smollm2-135m-instruct`, or
+# `sft.model=...`, without datasets): plain prompts ("Review of the blender:", at most 10 tokens
+# with SmolLM2's tokenizer; the reviews are at most 36), LoRA SFT on the corpus (merged into the
+# SFT model), the reward model a LoRA adapter and a value head on it, then RL with LoRA. Sized
+# so that a 135M model runs every stage on a 2-core CPU in about half an hour
+# (docs/real_model.md has the runs behind them); raise the counts on a GPU.
+# ----------------------------------------------------------------------------------------------
+PRETRAINED_SFT_SETTINGS = {"lora_rank": 16, "max_length": 64, "batch_size": 8,
+                           "grad_accum_steps": 1, "max_steps": 60, "lr": 5e-4, "warmup_steps": 5,
+                           "save_every": 20}
+PRETRAINED_REWARD_SETTINGS = {"max_length": 64, "batch_size": 8, "grad_accum_steps": 1,
+                              "epochs": 2.0, "lr": 2e-4, "warmup_steps": 3, "save_every": 0}
+# Critic-free (GRPO, RLOO, ...): 4 prompts x 8 samples per iteration, two optimizer steps of 16
+# rows each (micro-batches of 8); 40 new tokens hold the corpus's longest review.
+PRETRAINED_RL_SETTINGS = {"num_iterations": 15, "rollout_batch_size": 32, "group_size": 8,
+                          "minibatch_size": 8, "grad_accum_steps": 2, "ppo_epochs": 1,
+                          "max_prompt_length": 16, "max_new_tokens": 40, "lr": 2e-4,
+                          "warmup_steps": 0, "min_lr_ratio": 1.0, "forward_batch_size": 0,
+                          "save_every": 5}
+# PPO: one sample for each of 32 prompts, two epochs (four optimizer steps per iteration); the
+# critic starts from the reward adapter and head.
+PRETRAINED_PPO_SETTINGS = {**{k: v for k, v in PRETRAINED_RL_SETTINGS.items()
+                              if k != "group_size"},
+                           "ppo_epochs": 2, "critic_lr": 2e-4}
+# The pipeline's own settings of the task on a pretrained model: pairs sampled from 256 prompts,
+# 200 held-out samples per model (5 for each of the 40 held-out prompts).
+PRETRAINED_PIPELINE_SETTINGS = {"pair_prompts": 256, "eval_samples": 200,
+                                "sample_batch_size": 64}
 
 # ----------------------------------------------------------------------------------------------
 # The grammar. Words were checked against VADER's lexicon: the adjectives and verbs below carry

@@ -356,9 +356,15 @@ def test_stage_defaults_are_for_pretrained_models_and_the_task_keeps_its_own():
     built_in = load_config(PipelineConfig, overrides=["sft.max_steps=200"])
     assert built_in.sft.max_steps == 200 and built_in.sft.lr == 3e-3
     assert built_in.ppo.max_prompt_length == 24 and built_in.reward.lr == 3e-3
+    # your model on the built-in task: the task's presets for a pretrained model (LoRA SFT,
+    # short sequences; tests/test_real_reviews.py); with your data too, the stages' defaults
     yours = load_config(PipelineConfig, overrides=["sft.model=/my/model", "ppo.lr=1e-6"])
-    assert yours.sft.lr is None and yours.sft.max_steps is None and yours.ppo.lr == 1e-6
-    assert yours.ppo.max_prompt_length == 512 and yours.reward.lr == 1e-4
+    assert yours.sft.lr == task.PRETRAINED_SFT_SETTINGS["lr"] and yours.ppo.lr == 1e-6
+    assert yours.ppo.max_prompt_length == task.PRETRAINED_PPO_SETTINGS["max_prompt_length"]
+    data = [f"{name}.dataset=d.jsonl" for name in ("sft", "reward", "ppo")]
+    own = load_config(PipelineConfig, overrides=["sft.model=/my/model", "ppo.lr=1e-6", *data])
+    assert own.sft.lr is None and own.sft.max_steps is None and own.ppo.lr == 1e-6
+    assert own.ppo.max_prompt_length == 512 and own.reward.lr == 1e-4
 
 
 def test_a_long_prompt_error_names_the_real_setting():
