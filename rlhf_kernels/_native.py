@@ -44,7 +44,7 @@ __all__ = ["CACHE_ENV_VAR", "available", "build_directory", "build_seconds", "fa
            "ops"]
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc" / "cpu"
-_SOURCES = ("logprobs.cpp", "scans.cpp", "elementwise.cpp", "register.cpp")
+_SOURCES = ("logprobs.cpp", "scans.cpp", "elementwise.cpp", "losses.cpp", "register.cpp")
 _HEADERS = ("common.h",)
 
 CACHE_ENV_VAR = "RLHF_KERNELS_NATIVE_CACHE"

@@ -39,10 +39,12 @@ BACKENDS = ("auto", "triton", "native", "reference")
 ENV_VAR = "RLHF_KERNELS_BACKEND"
 # Ops whose CPU launchers run a native kernel (csrc/cpu): the logprobs kernels serve the four
 # vocabulary ops (the fused ones call them per chunk), the scan serves gae, elementwise.cpp the
-# KL estimators, reward shaping and whitening.
+# KL estimators, reward shaping and whitening, losses.cpp the (B, T) losses and the group
+# advantages: every public op.
 NATIVE_OPS = frozenset({"logprobs", "linear_logprobs", "ppo_loss_from_logits",
                         "linear_ppo_loss", "gae", "kl_penalty", "shape_rewards",
-                        "masked_whiten"})
+                        "masked_whiten", "ppo_policy_loss", "ppo_value_loss",
+                        "bradley_terry_loss", "group_advantages"})
 _WARNED: set[str] = set()
 # The fused-head ops run their chunk matmuls in the inputs' dtype. torch's bf16 / fp16 GEMM on a
 # CPU without bf16 matrix instructions is a slow fallback (a 192 x 896 x 151936 bf16 chunk:

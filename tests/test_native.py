@@ -29,13 +29,18 @@ import warnings
 import pytest
 import torch
 
-from rlhf_kernels import _native, backend, bradley_terry_loss, gae, logprobs, reference
+import rlhf_kernels
+from rlhf_kernels import _native, backend, gae, logprobs, reference
 from tests import (
+    test_bradley_terry,
     test_gae_whiten,
+    test_group_advantages,
     test_kl_rewards,
     test_linear_logprobs,
     test_logprobs,
+    test_policy_loss,
     test_ppo_fused,
+    test_value_loss,
 )
 from tests.numerics import DEVICE, assert_close
 
@@ -48,13 +53,28 @@ gae_module = importlib.import_module("rlhf_kernels.ops.gae")
 kl_module = importlib.import_module("rlhf_kernels.ops.kl")
 rewards_module = importlib.import_module("rlhf_kernels.ops.rewards")
 whiten_module = importlib.import_module("rlhf_kernels.ops.whiten")
-_NATIVE_MODULES = (logprobs_module, gae_module, kl_module, rewards_module, whiten_module)
+policy_module = importlib.import_module("rlhf_kernels.ops.policy_loss")
+value_module = importlib.import_module("rlhf_kernels.ops.value_loss")
+bt_module = importlib.import_module("rlhf_kernels.ops.bradley_terry")
+advantages_module = importlib.import_module("rlhf_kernels.ops.advantages")
+reduce_module = importlib.import_module("rlhf_kernels.ops._reduce")
+_NATIVE_MODULES = (logprobs_module, gae_module, kl_module, rewards_module, whiten_module,
+                   policy_module, value_module, bt_module, advantages_module, reduce_module)
 _TRITON_KERNELS = ((logprobs_module, "_logprobs_fwd_kernel"), (logprobs_module,
                    "_logprobs_bwd_kernel"), (gae_module, "_gae_fwd_kernel"),
                    (kl_module, "_kl_fwd_kernel"), (kl_module, "_kl_bwd_kernel"),
+                   (kl_module, "_kl_fwd_flat_kernel"),
                    (rewards_module, "_shape_rewards_fwd_kernel"),
                    (whiten_module, "_whiten_partials_kernel"),
-                   (whiten_module, "_whiten_fwd_kernel"))
+                   (whiten_module, "_whiten_fwd_kernel"),
+                   (policy_module, "_ppo_policy_loss_fwd_kernel"),
+                   (policy_module, "_ppo_policy_loss_finish_kernel"),
+                   (value_module, "_ppo_value_loss_fwd_kernel"),
+                   (value_module, "_ppo_value_loss_finish_kernel"),
+                   (bt_module, "_bradley_terry_fwd_kernel"),
+                   (bt_module, "_bradley_terry_finish_kernel"),
+                   (advantages_module, "_group_advantages_kernel"),
+                   (reduce_module, "_saved_grad_bwd_kernel"))
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +119,10 @@ _REUSED = {
                      "test_per_token_terms_follow_autograd_at_ties_and_bounds",
                      "test_stats_are_the_bits_of_the_reference_ppo_total", _COMPILE},
 }
+# The (B, T) losses and the group advantages (csrc/cpu/losses.cpp): every op test, the
+# torch.compile ones included (aot_eager: the custom op and the saved-gradient backward).
+_REUSED.update({test_policy_loss: set(), test_value_loss: set(), test_bradley_terry: set(),
+                test_group_advantages: {"test_reference_matches_the_loop"}})
 for _module, _skip in _REUSED.items():
     for _name in dir(_module):
         if _name.startswith("test_") and _name not in _skip:
@@ -240,16 +264,51 @@ def test_per_call_backend_that_disagrees_under_the_interpreter_is_refused(public
         logprobs(x, torch.zeros(2, dtype=torch.long), backend="native")
 
 
+def test_every_public_op_has_a_native_kernel():
+    import rlhf_kernels
+
+    ops = {name for name in rlhf_kernels.__all__ if name != "resolve_backend"}
+    assert ops == set(backend.NATIVE_OPS)
+
+
 def test_native_for_an_op_without_a_native_kernel_warns_once_and_runs_the_reference(
         public_route):
     public_route.setattr(backend, "_WARNED", set())
-    chosen, rejected = torch.randn(5), torch.randn(5)
-    with pytest.warns(RuntimeWarning, match="bradley_terry_loss has no native CPU kernel"):
-        loss, _ = bradley_terry_loss(chosen, rejected)
-    assert torch.equal(loss, reference.bradley_terry_loss(chosen, rejected)[0])
+    x = torch.randn(5)
+    with pytest.warns(RuntimeWarning, match="rlhf_kernels.future_op has no native CPU kernel"):
+        assert backend.resolve_backend(x, "native", "future_op") == "reference"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        bradley_terry_loss(chosen, rejected)  # once
+        assert backend.resolve_backend(x, "native", "future_op") == "reference"  # once
+
+
+@pytest.mark.parametrize("op", ["ppo_policy_loss", "ppo_value_loss", "bradley_terry_loss",
+                                "group_advantages"])
+def test_env_native_routes_the_losses_to_the_native_kernels(public_route, op):
+    """The public route (RLHF_KERNELS_BACKEND=native, no backend=): the launchers reach
+    losses.cpp (a Triton kernel would hit the trap), the backward included."""
+    assert backend.resolve_backend(torch.randn(3), None, op) == "native"
+    if op == "group_advantages":
+        scores = torch.randn(12)
+        assert_close(rlhf_kernels.group_advantages(scores, 4),
+                     reference.group_advantages(scores.double(), 4), atol=1e-5, name=op)
+        return
+    a, b, adv = torch.randn(4, 6), torch.randn(4, 6), torch.randn(4)
+
+    def call(impl, x, cast):
+        if op == "ppo_policy_loss":
+            return impl.ppo_policy_loss(x, cast(b), cast(adv))[0]
+        if op == "ppo_value_loss":
+            return impl.ppo_value_loss(x, cast(b), cast(b * 2))[0]
+        return impl.bradley_terry_loss(x, cast(b))[0]
+
+    x = a.clone().requires_grad_(True)
+    call(rlhf_kernels, x, lambda t: t).backward()
+    x64 = a.double().requires_grad_(True)
+    loss64 = call(reference, x64, torch.Tensor.double)
+    loss64.backward()
+    assert_close(call(rlhf_kernels, a, lambda t: t), loss64, atol=1e-5, name=f"{op} loss")
+    assert_close(x.grad, x64.grad, atol=1e-6, name=f"{op} gradient")
 
 
 def test_no_build_auto_warns_once_and_native_raises(public_route):

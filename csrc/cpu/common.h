@@ -149,4 +149,55 @@ void shape_rewards(const float* scores, const Strided2d& logp, const Strided2d& 
 void masked_whiten(const void* x, Dtype dtype, const uint8_t* mask, int64_t n, bool shift_mean,
                    bool unbiased, float eps, float* out);
 
+// ---- the (B, T) losses and group advantages (losses.cpp) ---------------------------------
+// Each loss writes its saved gradient (rows x T fp32 contiguous; Bradley-Terry: 2 x pairs), the
+// fp32 loss and the stats in the layout of its Python module (_STAT_NAMES, then the scale).
+
+struct PolicyLossArgs {
+  Strided2d logp, old, adv, ref;  // (rows, T) views; adv may have stride_col 0; ref: KL only
+  const uint8_t* mask;            // 0 / nonzero bytes, or nullptr (all valid)
+  int64_t mask_stride_row, mask_stride_col;
+  int64_t n_rows, T;
+  float ratio_low, ratio_high, dual_clip, log_ratio_clamp, kl_coef;
+  bool has_dual, sequence, cispo;
+  int64_t kl;         // 0: no KL term; 1 k1, 2 k2, 3 k3, 4 abs
+  int64_t reduction;  // rlhf_kernels.ops._reduce.REDUCTION_CODES
+  bool has_normalizer;
+  double normalizer;
+};
+
+void ppo_policy_loss(const PolicyLossArgs& args, float* saved_grad, float* loss, float* stats);
+
+struct ValueLossArgs {
+  Strided2d values, old, returns;  // old: read only with a clip
+  const uint8_t* mask;
+  int64_t mask_stride_row, mask_stride_col;
+  int64_t n_rows, T;
+  bool has_clip;
+  float clip;
+  int64_t reduction;
+};
+
+void ppo_value_loss(const ValueLossArgs& args, float* saved_grad, float* loss, float* stats);
+
+struct BradleyTerryArgs {
+  Strided2d chosen, rejected, margin;  // 1-D: stride_col; margin.data nullptr: none
+  int64_t n_pairs;
+  float margin_value, center_coef;
+};
+
+void bradley_terry(const BradleyTerryArgs& args, float* saved_grad, float* loss, float* stats);
+
+struct GroupAdvantagesArgs {
+  Strided2d scores;  // 1-D: stride_col
+  const int64_t* ids;  // nullptr: consecutive groups of group_size
+  int64_t ids_stride;
+  int64_t n, group_size;
+  int64_t estimator;  // 0 grpo, 1 dr_grpo, 2 rloo
+  int64_t norm;       // 0 none, 1 group, 2 batch
+  double eps;
+};
+
+void group_advantages(const GroupAdvantagesArgs& args, float* out);
+
 }  // namespace rlhf_native

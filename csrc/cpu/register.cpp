@@ -348,10 +348,166 @@ void masked_whiten_op(const at::Tensor& x, const std::optional<at::Tensor>& mask
                 static_cast<float>(eps), out.data_ptr<float>());
 }
 
+// ---- losses.cpp ---------------------------------------------------------------------------
+const uint8_t* mask_rows(const std::optional<at::Tensor>& mask, const at::Tensor& like,
+                         int64_t* stride_row, int64_t* stride_col) {
+  *stride_row = *stride_col = 0;
+  if (!mask.has_value()) return nullptr;
+  check_cpu(*mask, "mask");
+  TORCH_CHECK((mask->scalar_type() == at::kBool || mask->scalar_type() == at::kByte) &&
+                  mask->sizes() == like.sizes(),
+              "rlhf_kernels_native: the mask must be bool/uint8 of shape ", like.sizes(),
+              ", got ", mask->sizes(), " ", mask->scalar_type());
+  *stride_row = mask->stride(0);
+  *stride_col = mask->stride(1);
+  return static_cast<const uint8_t*>(mask->data_ptr());
+}
+
+void check_like(const at::Tensor& t, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(t.sizes() == like.sizes(), "rlhf_kernels_native: ", name, " has shape ", t.sizes(),
+              ", expected ", like.sizes());
+}
+
+at::Tensor fp32_empty(at::IntArrayRef sizes) { return at::detail::empty_cpu(sizes, at::kFloat,
+                                                                            false, std::nullopt); }
+
+// -> (loss () fp32, stats fp32, saved gradient (rows, T) fp32 contiguous)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_op(
+    const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
+    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& ref_logp,
+    double ratio_low, double ratio_high, std::optional<double> dual_clip, double log_ratio_clamp,
+    double kl_coef, int64_t reduction, int64_t policy, std::optional<double> normalizer) {
+  PolicyLossArgs p{};
+  p.logp = strided(logp, "logp");
+  p.old = strided(old_logp, "old_logp");
+  p.adv = strided(advantages, "advantages");
+  check_like(old_logp, logp, "old_logp");
+  check_like(advantages, logp, "advantages");
+  p.kl = policy >> 3;
+  TORCH_CHECK(p.kl >= 0 && p.kl <= 4 && (p.kl == 0) != ref_logp.has_value(),
+              "rlhf_kernels_native: ref_logp goes with a KL code (policy ", policy, ")");
+  if (ref_logp.has_value()) {
+    p.ref = strided(*ref_logp, "ref_logp");
+    check_like(*ref_logp, logp, "ref_logp");
+  }
+  TORCH_CHECK(reduction >= 0 && reduction <= 4, "rlhf_kernels_native: reduction code ",
+              reduction);
+  p.mask = mask_rows(mask, logp, &p.mask_stride_row, &p.mask_stride_col);
+  p.n_rows = logp.size(0);
+  p.T = logp.size(1);
+  p.ratio_low = static_cast<float>(ratio_low);
+  p.ratio_high = static_cast<float>(ratio_high);
+  p.has_dual = dual_clip.has_value();
+  p.dual_clip = static_cast<float>(dual_clip.value_or(0.0));
+  p.log_ratio_clamp = static_cast<float>(log_ratio_clamp);
+  p.kl_coef = static_cast<float>(kl_coef);
+  p.sequence = (policy & 2) != 0;
+  p.cispo = (policy & 4) != 0;
+  p.reduction = reduction;
+  p.has_normalizer = normalizer.has_value();
+  p.normalizer = normalizer.value_or(0.0);
+  const int64_t n_stats = 6 + (p.has_dual ? 1 : 0) + (p.kl != 0 ? 2 : 0);
+  at::Tensor loss = fp32_empty({}), stats = fp32_empty({n_stats});
+  at::Tensor saved = fp32_empty({p.n_rows, p.T});
+  ppo_policy_loss(p, saved.data_ptr<float>(), loss.data_ptr<float>(), stats.data_ptr<float>());
+  return {loss, stats, saved};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_value_loss_op(
+    const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,
+    const std::optional<at::Tensor>& mask, std::optional<double> clip, int64_t reduction) {
+  ValueLossArgs p{};
+  p.values = strided(values, "values");
+  p.old = strided(old_values, "old_values");
+  p.returns = strided(returns, "returns");
+  check_like(old_values, values, "old_values");
+  check_like(returns, values, "returns");
+  TORCH_CHECK(reduction >= 0 && reduction <= 4, "rlhf_kernels_native: reduction code ",
+              reduction);
+  p.mask = mask_rows(mask, values, &p.mask_stride_row, &p.mask_stride_col);
+  p.n_rows = values.size(0);
+  p.T = values.size(1);
+  p.has_clip = clip.has_value();
+  p.clip = static_cast<float>(clip.value_or(0.0));
+  p.reduction = reduction;
+  at::Tensor loss = fp32_empty({}), stats = fp32_empty({5});
+  at::Tensor saved = fp32_empty({p.n_rows, p.T});
+  ppo_value_loss(p, saved.data_ptr<float>(), loss.data_ptr<float>(), stats.data_ptr<float>());
+  return {loss, stats, saved};
+}
+
+Strided2d strided1d(const at::Tensor& t, const char* name) {
+  check_cpu(t, name);
+  TORCH_CHECK(t.dim() == 1, "rlhf_kernels_native: ", name, " must be 1-D, got ", t.sizes());
+  return Strided2d{t.data_ptr(), float_dtype(t, name), 0, t.stride(0)};
+}
+
+// -> (loss, stats, saved gradients (2, pairs): of chosen, then of rejected, without the 1/N)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bradley_terry_op(
+    const at::Tensor& chosen, const at::Tensor& rejected, const std::optional<at::Tensor>& margin,
+    double margin_value, double center_coef) {
+  BradleyTerryArgs p{};
+  p.chosen = strided1d(chosen, "chosen");
+  p.rejected = strided1d(rejected, "rejected");
+  check_like(rejected, chosen, "rejected");
+  if (margin.has_value()) {
+    p.margin = strided1d(*margin, "margin");
+    check_like(*margin, chosen, "margin");
+  }
+  p.n_pairs = chosen.size(0);
+  TORCH_CHECK(p.n_pairs > 0, "rlhf_kernels_native: bradley_terry needs a pair");
+  p.margin_value = static_cast<float>(margin_value);
+  p.center_coef = static_cast<float>(center_coef);
+  at::Tensor loss = fp32_empty({}), stats = fp32_empty({5});
+  at::Tensor saved = fp32_empty({2, p.n_pairs});
+  bradley_terry(p, saved.data_ptr<float>(), loss.data_ptr<float>(), stats.data_ptr<float>());
+  return {loss, stats, saved};
+}
+
+at::Tensor group_advantages_op(const at::Tensor& scores, const std::optional<at::Tensor>& ids,
+                               int64_t group_size, int64_t estimator, int64_t norm, double eps) {
+  GroupAdvantagesArgs p{};
+  p.scores = strided1d(scores, "scores");
+  p.n = scores.size(0);
+  if (ids.has_value()) {
+    check_cpu(*ids, "group_ids");
+    TORCH_CHECK(ids->scalar_type() == at::kLong && ids->dim() == 1 && ids->size(0) == p.n,
+                "rlhf_kernels_native: group_ids must be (", p.n, ",) int64, got ", ids->sizes(),
+                " ", ids->scalar_type());
+    p.ids = ids->data_ptr<int64_t>();
+    p.ids_stride = ids->stride(0);
+  } else {
+    TORCH_CHECK(group_size >= 1, "rlhf_kernels_native: group_size ", group_size);
+  }
+  TORCH_CHECK(estimator >= 0 && estimator <= 2 && norm >= 0 && norm <= 2,
+              "rlhf_kernels_native: estimator / norm code");
+  p.group_size = group_size;
+  p.estimator = estimator;
+  p.norm = norm;
+  p.eps = eps;
+  at::Tensor out = fp32_empty({p.n});
+  group_advantages(p, out.data_ptr<float>());
+  return out;
+}
+
 }  // namespace
 }  // namespace rlhf_native
 
 TORCH_LIBRARY(rlhf_kernels_native, m) {
+  m.def("ppo_policy_loss(Tensor logp, Tensor old_logp, Tensor advantages, Tensor? mask, "
+        "Tensor? ref_logp, float ratio_low, float ratio_high, float? dual_clip, "
+        "float log_ratio_clamp, float kl_coef, int reduction, int policy, float? normalizer) "
+        "-> (Tensor, Tensor, Tensor)",
+        &rlhf_native::ppo_policy_loss_op);
+  m.def("ppo_value_loss(Tensor values, Tensor old_values, Tensor returns, Tensor? mask, "
+        "float? clip, int reduction) -> (Tensor, Tensor, Tensor)",
+        &rlhf_native::ppo_value_loss_op);
+  m.def("bradley_terry(Tensor chosen, Tensor rejected, Tensor? margin, float margin_value, "
+        "float center_coef) -> (Tensor, Tensor, Tensor)",
+        &rlhf_native::bradley_terry_op);
+  m.def("group_advantages(Tensor scores, Tensor? group_ids, int group_size, int estimator, "
+        "int norm, float eps) -> Tensor",
+        &rlhf_native::group_advantages_op);
   m.def("logprobs_fwd(Tensor logits, Tensor labels, Tensor(a!) logp, Tensor(b!)? entropy, "
         "Tensor(c!) lse, Tensor(d!)? saved_entropy, float inv_temperature, int ignore_index) -> ()",
         &rlhf_native::logprobs_fwd_op);

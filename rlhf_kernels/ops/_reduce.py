@@ -37,6 +37,7 @@ from torch.autograd.function import once_differentiable
 
 from rlhf_kernels._alloc import empty
 from rlhf_kernels._checks import check_reduction, check_same_shape
+from rlhf_kernels.backend import native_cpu_kernels
 
 __all__ = [
     "REDUCTION_CODES",
@@ -249,6 +250,8 @@ def scale_saved_grad(
     The output has ``saved``'s shape and the given dtype (the differentiated input's dtype).
     The scale is read from the loss's stats buffer by index (no slicing on the host).
     """
+    if native_cpu_kernels(saved):  # the native backend's CPU tensors: the same product
+        return scale_saved_grad_eager(saved, grad_loss, stats, scale_index, dtype)
     out = empty(saved.shape, dtype, saved.device)
     numel = saved.numel()
     if numel == 0:

@@ -43,9 +43,9 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_kernels import reference
+from rlhf_kernels import _native_losses, reference
 from rlhf_kernels._alloc import empty
-from rlhf_kernels.backend import launch_directly, resolve_backend
+from rlhf_kernels.backend import launch_directly, native_cpu_kernels, resolve_backend
 from rlhf_kernels.ops._reduce import cdiv, next_power_of_2
 
 __all__ = ["group_advantages"]
@@ -166,6 +166,9 @@ def _launch(
 ) -> torch.Tensor:
     """The kernel on (B,) scores; ``block_i`` / ``block_j`` let tests force small tiles (several
     programs, several sweeps per program)."""
+    if native_cpu_kernels(scores):  # csrc/cpu/losses.cpp (tiles do not apply)
+        return _native_losses.group_advantages(scores, group_ids, group_size, estimator, norm,
+                                               eps)
     n = scores.shape[0]
     out = empty((n,), torch.float32, scores.device)
     if n == 0:
@@ -224,7 +227,8 @@ def group_advantages(
     groups of one: grpo r / (1 + eps) ("group"), dr_grpo and rloo 0.
     """
     norm = reference.check_group_advantages(scores, group_size, group_ids, estimator, norm, eps)
-    if resolve_backend(scores, backend) == "reference" or scores.dtype == torch.float64:
+    if (resolve_backend(scores, backend, "group_advantages") == "reference"
+            or scores.dtype == torch.float64):
         return reference.group_advantages(scores, group_size, group_ids, estimator, norm, eps)
     size = 0 if group_size is None else group_size
     if launch_directly(scores, group_ids):

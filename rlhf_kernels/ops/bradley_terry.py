@@ -29,10 +29,10 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_kernels import reference
+from rlhf_kernels import _native_losses, reference
 from rlhf_kernels._alloc import empty
 from rlhf_kernels._checks import check_float, check_same_device, check_same_shape
-from rlhf_kernels.backend import launch_directly, resolve_backend
+from rlhf_kernels.backend import launch_directly, native_cpu_kernels, resolve_backend
 from rlhf_kernels.ops._reduce import (
     cdiv,
     next_power_of_2,
@@ -168,6 +168,9 @@ def _launch(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> loss () fp32, stats (_N_STATS,) fp32, saved gradients (2, *chosen.shape) fp32
     contiguous: of chosen, then of rejected, without the 1/N."""
+    if native_cpu_kernels(chosen):  # csrc/cpu/losses.cpp
+        return _native_losses.bradley_terry_loss(chosen, rejected, margin_tensor, margin,
+                                                 center_coef)
     device = chosen.device
     n_pairs = chosen.numel()
     chosen1, rejected1 = _flat(chosen), _flat(rejected)
@@ -329,7 +332,8 @@ def bradley_terry_loss(
 
     dtypes = (chosen_rewards.dtype, rejected_rewards.dtype,
               margin_tensor.dtype if margin_tensor is not None else None)
-    if resolve_backend(chosen_rewards, backend) == "reference" or torch.float64 in dtypes:
+    if (resolve_backend(chosen_rewards, backend, "bradley_terry_loss") == "reference"
+            or torch.float64 in dtypes):
         return reference.bradley_terry_loss(chosen_rewards, rejected_rewards, margin, center_coef)
     if margin_tensor is not None and margin_tensor.requires_grad and torch.is_grad_enabled():
         raise ValueError(

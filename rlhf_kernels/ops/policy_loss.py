@@ -71,7 +71,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_kernels import reference
+from rlhf_kernels import _native_losses, reference
 from rlhf_kernels._alloc import empty
 from rlhf_kernels._checks import (
     check_advantages_shape,
@@ -82,7 +82,7 @@ from rlhf_kernels._checks import (
     check_same_device,
     check_same_shape,
 )
-from rlhf_kernels.backend import launch_directly, resolve_backend
+from rlhf_kernels.backend import launch_directly, native_cpu_kernels, resolve_backend
 from rlhf_kernels.ops._reduce import (
     NORMALIZER_NONE,
     SavedGradLoss,
@@ -428,6 +428,10 @@ def _launch(
     code is nonzero. normalizer (a 0-d tensor) or normalizer_value replaces the reduction's
     denominator (``_reduce.normalizer_args``).
     """
+    if native_cpu_kernels(logp):  # csrc/cpu/losses.cpp
+        return _native_losses.ppo_policy_loss(
+            logp, old_logp, advantages, mask, ref_logp, normalizer, clip_low, clip_high,
+            dual_clip, log_ratio_clamp, reduction, policy, kl_coef, normalizer_value)
     device = logp.device
     T = logp.shape[-1]
     logp2, old2 = as_rows(logp), as_rows(old_logp)
@@ -645,7 +649,7 @@ def ppo_policy_loss(
 
     use_reference = torch.float64 in (logp.dtype, old_logp.dtype, advantages.dtype) or (
         with_kl and ref_logp.dtype == torch.float64)
-    if resolve_backend(logp, backend) == "reference" or use_reference:
+    if resolve_backend(logp, backend, "ppo_policy_loss") == "reference" or use_reference:
         return reference.ppo_policy_loss(logp, old_logp, advantages, mask, clip_low, clip_high,
                                          dual_clip, log_ratio_clamp, reduction, ratio_level,
                                          loss_type, normalizer, ref_logp, kl_coef, kl_estimator)

@@ -31,10 +31,10 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_kernels import reference
+from rlhf_kernels import _native_losses, reference
 from rlhf_kernels._alloc import empty
 from rlhf_kernels._checks import check_float, check_same_device, check_same_shape
-from rlhf_kernels.backend import launch_directly, resolve_backend
+from rlhf_kernels.backend import launch_directly, native_cpu_kernels, resolve_backend
 from rlhf_kernels.ops._reduce import (
     SavedGradLoss,
     as_rows,
@@ -235,6 +235,8 @@ def _launch(
     reduction: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> loss () fp32, stats (_N_STATS,) fp32, saved gradient (values.shape) fp32 contiguous."""
+    if native_cpu_kernels(values):  # csrc/cpu/losses.cpp
+        return _native_losses.ppo_value_loss(values, old_values, returns, mask, clip, reduction)
     device = values.device
     T = values.shape[-1]
     values2, old2, returns2 = as_rows(values), as_rows(old_values), as_rows(returns)
@@ -348,7 +350,7 @@ def ppo_value_loss(
         )
 
     use_reference = torch.float64 in (values.dtype, old_values.dtype, returns.dtype)
-    if resolve_backend(values, backend) == "reference" or use_reference:
+    if resolve_backend(values, backend, "ppo_value_loss") == "reference" or use_reference:
         return reference.ppo_value_loss(values, old_values, returns, mask, clip, reduction)
     if torch.is_grad_enabled():
         for name, tensor in (("old_values", old_values), ("returns", returns)):

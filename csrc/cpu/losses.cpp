@@ -1,0 +1,459 @@
+// The (B, T) losses and the group advantages on CPU: clipped policy loss (PPO, the GRPO family,
+// GSPO, CISPO, optional KL term), clipped value loss, Bradley-Terry, group-relative advantages.
+//
+// The same math as rlhf_kernels/ops/policy_loss.py, value_loss.py, bradley_terry.py and
+// advantages.py (their module docstrings; rlhf_kernels.reference is the spec), with the same
+// "gradient in the forward" design: a loss writes w_row * m * d loss_t / d x per element (the
+// saved gradient, fp32) while it computes the loss, and returns the stats with the backward's
+// scale as their last entry, so the backward is the backends' shared saved * grad * scale.
+//
+// Per-element arithmetic is fp32, as in the Triton kernels. The sums are fp64: per row (or per
+// fixed chunk of pairs / scores), then added in row order, so the bits do not depend on the
+// thread count and the long sums (a loss over 1M tokens, a variance of returns with a large
+// mean) lose nothing to fp32 accumulation.
+#include "common.h"
+
+#include <unordered_map>
+#include <vector>
+
+namespace rlhf_native {
+namespace {
+
+// torch.maximum / torch.minimum: a NaN in either argument gives NaN
+inline float nan_min(float a, float b) {
+  if (std::isnan(a) || std::isnan(b)) return kNaN;
+  return a < b ? a : b;
+}
+
+// torch.clamp(x, lo, hi) (NaN stays NaN)
+inline float clamp(float x, float lo, float hi) { return std::min(std::max(x, lo), hi); }
+
+// The KL estimate of dk = logp - ref_logp and its derivative (kl code 1 k1, 2 k2, 3 k3, 4 abs),
+// as torch autograd of reference.kl_penalty
+inline void kl_and_grad(float dk, int64_t code, float* kl, float* dkl) {
+  switch (code) {
+    case 1: *kl = dk; *dkl = 1.f; break;
+    case 2: *kl = 0.5f * dk * dk; *dkl = dk; break;
+    case 3: {
+      const float e = std::exp(-dk);
+      *kl = e + dk - 1.f;
+      *dkl = 1.f - e;
+      break;
+    }
+    default: *kl = std::fabs(dk); *dkl = dk > 0.f ? 1.f : (dk < 0.f ? -1.f : 0.f);
+  }
+}
+
+template <typename T>
+inline float at2(const Strided2d& x, int64_t row, int64_t t) {
+  return to_f32(static_cast<const T*>(x.data)[row * x.stride_row + t * x.stride_col]);
+}
+
+// 1 / scale of the reductions (rlhf_kernels/ops/_reduce.py, module docstring)
+double reduction_denominator(double n_tokens, double n_rows, int64_t T, int64_t reduction) {
+  switch (reduction) {
+    case 0: return std::max(n_tokens, 1.0);
+    case 3: return std::max(static_cast<double>(T), 1.0);
+    case 4: return 1.0;
+    default: return std::max(n_rows, 1.0);
+  }
+}
+
+// rows spread over threads, per-row results into per-row slots (summed afterwards in order)
+template <typename F>
+void over_rows(int64_t n_rows, int64_t T, F&& body) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, T));
+  at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) body(row);
+  });
+}
+
+// ---- policy loss ------------------------------------------------------------------------
+enum PolicySums { kLoss, kTokens, kClip, kHalfD2, kNegD, kRatio, kDual, kKl, kNPolicySums };
+
+template <typename L, typename O, typename A, typename R>
+void policy_row(const PolicyLossArgs& p, int64_t row, float* saved, double* sums,
+                float* ratio_max) {
+  const int64_t T = p.T;
+  const float c = p.log_ratio_clamp;
+  auto valid = [&](int64_t t) {
+    return p.mask == nullptr || p.mask[row * p.mask_stride_row + t * p.mask_stride_col] != 0;
+  };
+  float* out = saved + row * T;
+  // tokens of the row (and, for GSPO, its mean log-ratio)
+  double n_row = 0.0, d_sum = 0.0;
+  for (int64_t t = 0; t < T; ++t) {
+    if (!valid(t)) continue;
+    n_row += 1.0;
+    if (p.sequence) d_sum += at2<L>(p.logp, row, t) - at2<O>(p.old, row, t);
+  }
+  const float row_w = p.reduction == 1 ? static_cast<float>(1.0 / std::max(n_row, 1.0)) : 1.f;
+  float seq_ratio = 0.f, seq_grad_scale = 0.f;
+  if (p.sequence) {
+    const float seq_d = static_cast<float>(d_sum / std::max(n_row, 1.0));
+    seq_ratio = std::exp(clamp(seq_d, -c, c));
+    // d mean / d logp_t = 1 / n inside the clamp (bounds included, as torch.clamp)
+    seq_grad_scale = (seq_d >= -c && seq_d <= c)
+                         ? static_cast<float>(1.0 / std::max(n_row, 1.0)) : 0.f;
+  }
+  double s[kNPolicySums] = {};
+  double seq_grad = 0.0;  // GSPO: sum over the row of w * d loss_u / d log s
+  float r_max = 0.f;
+  for (int64_t t = 0; t < T; ++t) {
+    if (!valid(t)) {
+      out[t] = 0.f;
+      continue;
+    }
+    const float logp = at2<L>(p.logp, row, t);
+    const float adv = at2<A>(p.adv, row, t);
+    const float d_raw = logp - at2<O>(p.old, row, t);
+    const float d = clamp(d_raw, -c, c);
+    const float ratio = p.sequence ? seq_ratio : std::exp(d);
+    const float clipped_ratio = clamp(ratio, p.ratio_low, p.ratio_high);
+    float loss, dlogp;
+    bool clipped;
+    if (p.cispo) {
+      // the clipped ratio is a constant weight: no gradient through the ratio
+      clipped = ratio < p.ratio_low || ratio > p.ratio_high;
+      dlogp = -clipped_ratio * adv;
+      loss = dlogp * logp;
+    } else {
+      const float loss1 = -adv * ratio, loss2 = -adv * clipped_ratio;
+      clipped = loss2 > loss1;
+      loss = nan_max(loss1, loss2);
+      // d loss / d log(ratio); inside the clip range both terms agree (no halving needed)
+      float dloss = clipped ? 0.f : loss1;
+      if (p.has_dual) {
+        const float loss3 = -adv * p.dual_clip;
+        const bool negative = adv < 0.f;
+        const bool dual = negative && loss3 < loss;
+        const bool tie = negative && loss3 == loss;
+        loss = dual ? loss3 : loss;
+        dloss = dual ? 0.f : (tie ? 0.5f * dloss : dloss);
+        s[kDual] += dual ? 1.0 : 0.0;
+      }
+      if (p.sequence) {
+        seq_grad += static_cast<double>(dloss * row_w);
+        dlogp = 0.f;
+      } else {
+        dlogp = (d_raw >= -c && d_raw <= c) ? dloss : 0.f;
+      }
+    }
+    if (p.kl != 0) {
+      float kl, dkl;
+      kl_and_grad(logp - at2<R>(p.ref, row, t), p.kl, &kl, &dkl);
+      s[kKl] += static_cast<double>(kl * row_w);
+      dlogp = dlogp + p.kl_coef * dkl;
+    }
+    out[t] = dlogp * row_w;  // GSPO with PPO terms: rewritten below
+    s[kLoss] += static_cast<double>(loss * row_w);
+    s[kTokens] += 1.0;
+    s[kClip] += clipped ? 1.0 : 0.0;
+    s[kHalfD2] += static_cast<double>(0.5f * d * d);
+    s[kNegD] += static_cast<double>(-d);
+    s[kRatio] += static_cast<double>(ratio);
+    r_max = nan_max(r_max, ratio);
+  }
+  if (p.sequence && !p.cispo) {
+    // every valid token gets the row's summed policy gradient / n (0 where the clamp of the
+    // mean bites), plus its own KL gradient
+    const float row_grad = static_cast<float>(seq_grad) * seq_grad_scale;
+    for (int64_t t = 0; t < T; ++t) {
+      if (!valid(t)) continue;
+      float grad = row_grad;
+      if (p.kl != 0) {
+        float kl, dkl;
+        kl_and_grad(at2<L>(p.logp, row, t) - at2<R>(p.ref, row, t), p.kl, &kl, &dkl);
+        grad = grad + (p.kl_coef * dkl) * row_w;
+      }
+      out[t] = grad;
+    }
+  }
+  for (int k = 0; k < kNPolicySums; ++k) sums[k] = s[k];
+  *ratio_max = r_max;
+}
+
+}  // namespace
+
+void ppo_policy_loss(const PolicyLossArgs& p, float* saved_grad, float* loss, float* stats) {
+  std::vector<double> sums(static_cast<size_t>(p.n_rows) * kNPolicySums, 0.0);
+  std::vector<float> maxima(static_cast<size_t>(p.n_rows), 0.f);
+  dispatch_float(p.logp.dtype, [&](auto* ltag) {
+    using L = std::remove_pointer_t<decltype(ltag)>;
+    dispatch_float(p.old.dtype, [&](auto* otag) {
+      using O = std::remove_pointer_t<decltype(otag)>;
+      dispatch_float(p.adv.dtype, [&](auto* atag) {
+        using A = std::remove_pointer_t<decltype(atag)>;
+        dispatch_float(p.kl != 0 ? p.ref.dtype : p.logp.dtype, [&](auto* rtag) {
+          using R = std::remove_pointer_t<decltype(rtag)>;
+          over_rows(p.n_rows, p.T, [&](int64_t row) {
+            policy_row<L, O, A, R>(p, row, saved_grad, sums.data() + row * kNPolicySums,
+                                   maxima.data() + row);
+          });
+        });
+      });
+    });
+  });
+  double s[kNPolicySums] = {}, rows_with_tokens = 0.0;
+  float ratio_max = 0.f;
+  for (int64_t row = 0; row < p.n_rows; ++row) {
+    const double* r = sums.data() + row * kNPolicySums;
+    for (int k = 0; k < kNPolicySums; ++k) s[k] += r[k];
+    rows_with_tokens += r[kTokens] > 0.0 ? 1.0 : 0.0;
+    ratio_max = nan_max(ratio_max, maxima[row]);
+  }
+  const double denom = p.has_normalizer
+                           ? p.normalizer
+                           : reduction_denominator(s[kTokens], rows_with_tokens, p.T, p.reduction);
+  // stats are means over valid tokens, 0 when there is none (their numerators are 0 then)
+  const double n_safe = std::max(s[kTokens], 1.0);
+  int64_t i = 0;
+  stats[i++] = static_cast<float>(s[kClip] / n_safe);
+  stats[i++] = static_cast<float>(s[kHalfD2] / n_safe);
+  stats[i++] = static_cast<float>(s[kNegD] / n_safe);
+  stats[i++] = static_cast<float>(s[kRatio] / n_safe);
+  stats[i++] = ratio_max;
+  if (p.has_dual) stats[i++] = static_cast<float>(s[kDual] / n_safe);
+  const double pg_loss = s[kLoss] / denom;
+  if (p.kl != 0) {
+    *loss = static_cast<float>((s[kLoss] + static_cast<double>(p.kl_coef) * s[kKl]) / denom);
+    stats[i++] = static_cast<float>(pg_loss);
+    stats[i++] = static_cast<float>(s[kKl] / denom);
+  } else {
+    *loss = static_cast<float>(pg_loss);
+  }
+  stats[i] = static_cast<float>(1.0 / denom);
+}
+
+// ---- value loss -------------------------------------------------------------------------
+namespace {
+
+// running (count, mean, M2) in fp64; Chan's merge
+struct Moments {
+  double n = 0.0, mean = 0.0, m2 = 0.0;
+  void add(double x) {
+    n += 1.0;
+    const double delta = x - mean;
+    mean += delta / n;
+    m2 += delta * (x - mean);
+  }
+  void merge(const Moments& o) {
+    if (o.n == 0.0) return;
+    const double total = n + o.n, delta = o.mean - mean;
+    mean += delta * o.n / total;
+    m2 += o.m2 + delta * delta * n * o.n / total;
+    n = total;
+  }
+};
+
+struct ValueRow {
+  double loss = 0.0, clip = 0.0, values = 0.0;
+  Moments err, ret;
+};
+
+template <typename V, typename O, typename R>
+void value_row(const ValueLossArgs& p, int64_t row, float* saved, ValueRow* acc) {
+  const int64_t T = p.T;
+  auto valid = [&](int64_t t) {
+    return p.mask == nullptr || p.mask[row * p.mask_stride_row + t * p.mask_stride_col] != 0;
+  };
+  float row_w = 1.f;
+  if (p.reduction == 1) {
+    double n_row = 0.0;
+    for (int64_t t = 0; t < T; ++t) n_row += valid(t) ? 1.0 : 0.0;
+    row_w = static_cast<float>(1.0 / std::max(n_row, 1.0));
+  }
+  float* out = saved + row * T;
+  ValueRow a;
+  for (int64_t t = 0; t < T; ++t) {
+    if (!valid(t)) {
+      out[t] = 0.f;
+      continue;
+    }
+    const float v = at2<V>(p.values, row, t), ret = at2<R>(p.returns, row, t);
+    const float err = v - ret, loss1 = err * err;
+    float loss, dloss;
+    if (p.has_clip) {
+      const float old = at2<O>(p.old, row, t);
+      const float step = v - old;
+      const float err_clipped = (old + clamp(step, -p.clip, p.clip)) - ret;
+      const float loss2 = err_clipped * err_clipped;
+      // torch.clamp passes the gradient on [-clip, clip], bounds included
+      const float grad2 = (step >= -p.clip && step <= p.clip) ? err_clipped : 0.f;
+      const bool clipped = loss2 > loss1;
+      loss = 0.5f * nan_max(loss1, loss2);
+      // torch.maximum halves the gradient on a tie
+      dloss = clipped ? grad2 : (loss1 > loss2 ? err : 0.5f * (err + grad2));
+      a.clip += clipped ? 1.0 : 0.0;
+    } else {
+      loss = 0.5f * loss1;
+      dloss = err;
+    }
+    out[t] = dloss * row_w;
+    a.loss += static_cast<double>(loss * row_w);
+    a.values += static_cast<double>(v);
+    a.err.add(static_cast<double>(ret) - static_cast<double>(v));
+    a.ret.add(static_cast<double>(ret));
+  }
+  *acc = a;
+}
+
+}  // namespace
+
+void ppo_value_loss(const ValueLossArgs& p, float* saved_grad, float* loss, float* stats) {
+  std::vector<ValueRow> rows(static_cast<size_t>(p.n_rows));
+  dispatch_float(p.values.dtype, [&](auto* vtag) {
+    using V = std::remove_pointer_t<decltype(vtag)>;
+    dispatch_float(p.has_clip ? p.old.dtype : p.values.dtype, [&](auto* otag) {
+      using O = std::remove_pointer_t<decltype(otag)>;
+      dispatch_float(p.returns.dtype, [&](auto* rtag) {
+        using R = std::remove_pointer_t<decltype(rtag)>;
+        over_rows(p.n_rows, p.T, [&](int64_t row) {
+          value_row<V, O, R>(p, row, saved_grad, rows.data() + row);
+        });
+      });
+    });
+  });
+  ValueRow total;
+  double rows_with_tokens = 0.0;
+  for (const ValueRow& r : rows) {
+    total.loss += r.loss;
+    total.clip += r.clip;
+    total.values += r.values;
+    total.err.merge(r.err);
+    total.ret.merge(r.ret);
+    rows_with_tokens += r.err.n > 0.0 ? 1.0 : 0.0;
+  }
+  const double n_tokens = total.err.n, n_safe = std::max(n_tokens, 1.0);
+  const double var_err = total.err.m2 / n_safe, var_ret = total.ret.m2 / n_safe;
+  const double denom = reduction_denominator(n_tokens, rows_with_tokens, p.T, p.reduction);
+  *loss = static_cast<float>(total.loss / denom);
+  stats[0] = static_cast<float>(total.clip / n_safe);
+  stats[1] = var_ret > 0.0 ? static_cast<float>(1.0 - var_err / std::max(var_ret, 1e-30)) : 0.f;
+  stats[2] = static_cast<float>(total.values / n_safe);
+  stats[3] = static_cast<float>(total.ret.mean);
+  stats[4] = static_cast<float>(1.0 / denom);
+}
+
+// ---- Bradley-Terry ----------------------------------------------------------------------
+void bradley_terry(const BradleyTerryArgs& p, float* saved_grad, float* loss, float* stats) {
+  constexpr int64_t kChunk = 4096;  // fixed: the same sums for any thread count
+  enum { kSoftplus, kCenter, kCorrect, kDiff, kChosen, kRejected, kN };
+  const int64_t n = p.n_pairs, n_chunks = (n + kChunk - 1) / kChunk;
+  std::vector<double> partial(static_cast<size_t>(n_chunks) * kN, 0.0);
+  dispatch_float(p.chosen.dtype, [&](auto* ctag) {
+    using C = std::remove_pointer_t<decltype(ctag)>;
+    dispatch_float(p.rejected.dtype, [&](auto* rtag) {
+      using R = std::remove_pointer_t<decltype(rtag)>;
+      dispatch_float(p.margin.data ? p.margin.dtype : p.chosen.dtype, [&](auto* mtag) {
+        using M = std::remove_pointer_t<decltype(mtag)>;
+        at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t chunk = begin; chunk < end; ++chunk) {
+            double s[kN] = {};
+            for (int64_t i = chunk * kChunk; i < std::min(n, (chunk + 1) * kChunk); ++i) {
+              const float chosen = at2<C>(p.chosen, 0, i), rejected = at2<R>(p.rejected, 0, i);
+              const float diff = chosen - rejected;
+              float z = diff - p.margin_value;
+              if (p.margin.data) z = z - at2<M>(p.margin, 0, i);
+              // softplus(-z) = max(-z, 0) + log1p(e^-|z|): no overflow, no lost tail
+              const float e = std::exp(-std::fabs(z));
+              const float softplus = std::max(-z, 0.f) + std::log1p(e);
+              const float sigmoid_neg_z = z >= 0.f ? e / (1.f + e) : 1.f / (1.f + e);
+              const float total = chosen + rejected;
+              const float center_grad = 2.f * p.center_coef * total;
+              saved_grad[i] = center_grad - sigmoid_neg_z;
+              saved_grad[n + i] = center_grad + sigmoid_neg_z;
+              s[kSoftplus] += softplus;
+              s[kCenter] += static_cast<double>(total) * total;
+              s[kCorrect] += diff > 0.f ? 1.0 : 0.0;
+              s[kDiff] += diff;
+              s[kChosen] += chosen;
+              s[kRejected] += rejected;
+            }
+            std::copy(s, s + kN, partial.data() + chunk * kN);
+          }
+        });
+      });
+    });
+  });
+  double s[kN] = {};
+  for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
+    for (int k = 0; k < kN; ++k) s[k] += partial[chunk * kN + k];
+  }
+  const double pairs = static_cast<double>(n);
+  double total = s[kSoftplus] / pairs;
+  // as the reference: the centering term only exists when center_coef is nonzero
+  if (p.center_coef != 0.f) total += static_cast<double>(p.center_coef) * (s[kCenter] / pairs);
+  *loss = static_cast<float>(total);
+  stats[0] = static_cast<float>(s[kCorrect] / pairs);
+  stats[1] = static_cast<float>(s[kDiff] / pairs);
+  stats[2] = static_cast<float>(s[kChosen] / pairs);
+  stats[3] = static_cast<float>(s[kRejected] / pairs);
+  stats[4] = static_cast<float>(1.0 / pairs);
+}
+
+// ---- group advantages -------------------------------------------------------------------
+void group_advantages(const GroupAdvantagesArgs& p, float* out) {
+  const int64_t n = p.n;
+  std::vector<double> r(static_cast<size_t>(n));
+  dispatch_float(p.scores.dtype, [&](auto* tag) {
+    using S = std::remove_pointer_t<decltype(tag)>;
+    for (int64_t i = 0; i < n; ++i) r[i] = at2<S>(p.scores, 0, i);
+  });
+  // the group of each score: i / group_size, or the rank of its id's first appearance
+  std::vector<int64_t> group(static_cast<size_t>(n));
+  int64_t n_groups = 0;
+  if (p.ids) {
+    std::unordered_map<int64_t, int64_t> index;
+    index.reserve(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) {
+      auto found = index.emplace(p.ids[i * p.ids_stride], n_groups);
+      if (found.second) ++n_groups;
+      group[i] = found.first->second;
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) group[i] = i / p.group_size;
+    n_groups = n == 0 ? 0 : group[n - 1] + 1;
+  }
+  // two passes in fp64: the group means, then the squared deviations from them
+  std::vector<double> count(static_cast<size_t>(n_groups), 0.0), mean(count), squares(count);
+  for (int64_t i = 0; i < n; ++i) {
+    count[group[i]] += 1.0;
+    mean[group[i]] += r[i];
+  }
+  for (int64_t g = 0; g < n_groups; ++g) mean[g] /= std::max(count[g], 1.0);
+  for (int64_t i = 0; i < n; ++i) {
+    const double d = r[i] - mean[group[i]];
+    squares[group[i]] += d * d;
+  }
+  double batch_std = 1.0;
+  if (p.norm == 2 && n > 1) {
+    double total = 0.0, sq = 0.0;
+    for (int64_t i = 0; i < n; ++i) total += r[i];
+    const double batch_mean = total / static_cast<double>(n);
+    for (int64_t i = 0; i < n; ++i) sq += (r[i] - batch_mean) * (r[i] - batch_mean);
+    batch_std = std::sqrt(sq / static_cast<double>(n - 1));
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t g = group[i];
+    const double size = count[g];
+    const bool alone = size <= 1.0;
+    double centred;
+    switch (p.estimator) {
+      case 0: centred = alone ? r[i] : r[i] - mean[g]; break;  // grpo: a lone score's mean is 0
+      case 1: centred = alone ? 0.0 : r[i] - mean[g]; break;   // dr_grpo
+      default:  // rloo: r_i - mean of the n - 1 others = n / (n - 1) (r_i - mean)
+        centred = alone ? 0.0 : (r[i] - mean[g]) * size / (size - 1.0);
+    }
+    double a = centred;
+    if (p.norm == 1) {
+      const double std_g = alone ? 1.0 : std::sqrt(squares[g] / std::max(size - 1.0, 1.0));
+      a = centred / (std_g + p.eps);
+    } else if (p.norm == 2) {
+      a = centred / (batch_std + p.eps);
+    }
+    out[i] = static_cast<float>(a);
+  }
+}
+
+}  // namespace rlhf_native
