@@ -193,6 +193,31 @@ def _inner_model(causal_lm: nn.Module) -> nn.Module:
     return inner
 
 
+def _shared_prefix_body(inner: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        prefix: int, first: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """(B, T, H) hidden states with each distinct prompt run once (``SharedBackbone.
+    _shared_prefix_plan``): the U prompts ``input_ids[first, :prefix]`` fill a key/value cache,
+    its rows are repeated to the B rows (``inverse``), and the B responses run on it.
+
+    The prompt's activations are computed and stored once per distinct prompt instead of once
+    per row, and autograd sums the gradient reaching them from every row that reads them. With
+    GRPO's groups of G samples and prompts much longer than the responses (a chat template),
+    most of a forward is the prompt: the update and the reference scoring then cost about
+    (P + G R) / (G (P + R)) of the padded forward.
+    """
+    from rlhf.engine import _cache_keyword
+
+    positions = _position_ids(attention_mask)
+    head = inner(input_ids=input_ids[first, :prefix], attention_mask=attention_mask[first, :prefix],
+                 position_ids=positions[first, :prefix], use_cache=True)
+    keyword = _cache_keyword(inner)  # "cache" in transformers >= 5.2x, "past_key_values" before
+    cache = getattr(head, keyword)
+    cache.batch_select_indices(inverse)  # a differentiable gather of every layer's keys/values
+    tail = inner(input_ids=input_ids[:, prefix:], attention_mask=attention_mask,
+                 position_ids=positions[:, prefix:], use_cache=True, **{keyword: cache})
+    return torch.cat([head.last_hidden_state[inverse], tail.last_hidden_state], dim=1)
+
+
 def _check_causal_lm(causal_lm: nn.Module) -> None:
     from peft import PeftModel
 
@@ -462,6 +487,7 @@ class SharedBackbone(nn.Module):
         self.base_modified = base_modified
         self.reward_model: nn.Module | None = None
         self._external_reward_fn: Callable | None = None
+        self._checkpointing = False  # enable_gradient_checkpointing was called
         hidden = self.hidden_size
         device = self.causal_lm.get_input_embeddings().weight.device
         # fp32 heads: a scalar read from bf16 hidden states loses little, a bf16 head would lose
@@ -714,6 +740,7 @@ class SharedBackbone(nn.Module):
             causal_lm.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         causal_lm.config.use_cache = False
+        self._checkpointing = True
         wrapped = 0
         for module in causal_lm.modules():
             func = getattr(module, "_gradient_checkpointing_func", None)
@@ -750,12 +777,26 @@ class SharedBackbone(nn.Module):
         packing.check_model(self.causal_lm, setting)
         self._packing = packing
 
-    def _body(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, role: str | None):
+    def _body(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, role: str | None,
+              shared_prefix: int = 0):
         """The transformer under ``role`` -> ((B, T, H) hidden, None) padded, or
-        ((R, W, H) hidden, PackedBatch) when ``packing`` packs this batch."""
+        ((R, W, H) hidden, PackedBatch) when ``packing`` packs this batch.
+
+        shared_prefix: the first ``shared_prefix`` columns are the prompt; rows whose prompts are
+        equal (ids and mask: the samples of one group) run it once (``_shared_prefix_body``).
+        """
         _check_batch(input_ids, attention_mask)
         self._activate(self._check_role(role, allow_none=True))
         inner = _inner_model(self.causal_lm)
+        if shared_prefix:
+            plan = self._shared_prefix_plan(input_ids, attention_mask, shared_prefix)
+            if plan is not None:
+                batch, length = input_ids.shape
+                self.packing.count_shared_prefix(
+                    attention_mask, plan[0].numel() * shared_prefix + batch * (length
+                                                                              - shared_prefix))
+                return _shared_prefix_body(inner, input_ids, attention_mask, shared_prefix,
+                                           *plan), None
         packed = self.packing.plan(self.causal_lm, input_ids, attention_mask)
         if packed is not None:
             return packed.run(inner), packed
@@ -763,12 +804,36 @@ class SharedBackbone(nn.Module):
                     position_ids=_position_ids(attention_mask), use_cache=False)
         return out[0], None
 
+    def _shared_prefix_plan(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                            prefix: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(first (U,), inverse (B,)) int64 when some rows share their first ``prefix`` columns
+        (ids where the mask is 1, and the mask): ``first[u]`` is a row holding distinct prompt u,
+        ``inverse[b]`` the prompt of row b. None when every prompt is distinct, when there is no
+        response column, or under gradient checkpointing (its recomputation would append the
+        prompt's keys and values to the cache a second time)."""
+        batch, length = input_ids.shape
+        if batch < 2 or not 0 < prefix < length:
+            return None
+        if self._checkpointing and self.causal_lm.training and torch.is_grad_enabled():
+            return None
+        real = attention_mask[:, :prefix] != 0
+        key = torch.where(real, input_ids[:, :prefix].long(), -1)
+        unique, inverse = torch.unique(key, dim=0, return_inverse=True)
+        if unique.shape[0] == batch:
+            return None
+        rows = torch.arange(batch, device=key.device)
+        first = torch.full((unique.shape[0],), batch, dtype=torch.long, device=key.device)
+        first.scatter_reduce_(0, inverse, rows, "amin")
+        return first, inverse
+
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      role: str | None) -> torch.Tensor:
+                      role: str | None, shared_prefix: int = 0) -> torch.Tensor:
         """(B, T) ids and mask -> (B, T, H) final-norm hidden states in the base dtype, computed
         with ``role``'s adapter active (None: adapters disabled = the reference model). With
-        packing the transformer runs on the real tokens only and padded positions hold 0."""
-        hidden, packed = self._body(input_ids, attention_mask, role)
+        packing the transformer runs on the real tokens only and padded positions hold 0.
+        ``shared_prefix`` P: rows with equal first P columns (a group's samples) run them once;
+        the same values up to rounding, the prompt's gradient summed over its rows."""
+        hidden, packed = self._body(input_ids, attention_mask, role, shared_prefix)
         return hidden if packed is None else packed.unpack(hidden)
 
     def policy_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -788,7 +853,7 @@ class SharedBackbone(nn.Module):
 
     def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        role: str | None = "policy", temperature: float = 1.0,
-                       return_entropy: bool = False, start: int = 0):
+                       return_entropy: bool = False, start: int = 0, shared_prefix: int = 0):
         """logp (B, T-1-start) fp32 of ``input_ids[:, start+1:]`` given the prefix, under ``role``
         (None: the reference) at ``temperature`` [, entropy of the same distribution, same shape].
 
@@ -799,6 +864,7 @@ class SharedBackbone(nn.Module):
         Packed (``set_packing``), the lm_head runs on the scored real tokens only, and a token
         whose previous position is padding (the first real one of a left-padded row, which the
         padded layout scores from a padding position's hidden state) gives 0 too.
+        ``shared_prefix``: as in ``hidden_states``.
         """
         import rlhf_kernels
 
@@ -806,7 +872,7 @@ class SharedBackbone(nn.Module):
         if not 0 <= start < length - 1:
             raise ValueError(f"start must be in [0, {length - 1}) for sequences of {length} "
                              f"tokens, got {start}")
-        hidden, packed = self._body(input_ids, attention_mask, role)
+        hidden, packed = self._body(input_ids, attention_mask, role, shared_prefix)
         if packed is not None:
             from rlhf.packing import packed_logprobs
 
@@ -830,10 +896,12 @@ class SharedBackbone(nn.Module):
         return out[:, :-1]
 
     def reference_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                           temperature: float = 1.0, start: int = 0) -> torch.Tensor:
+                           temperature: float = 1.0, start: int = 0,
+                           shared_prefix: int = 0) -> torch.Tensor:
         """(B, T-1-start) fp32 log-probs under the reference (adapters off), without autograd."""
         with torch.no_grad():
-            return self.token_logprobs(input_ids, attention_mask, None, temperature, start=start)
+            return self.token_logprobs(input_ids, attention_mask, None, temperature, start=start,
+                                       shared_prefix=shared_prefix)
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) fp32 value estimates: critic adapter + ``value_head`` at every position

@@ -390,11 +390,19 @@ class Packing:
         """Count a forward that ran padded outside ``plan`` (a path that cannot pack)."""
         self._count(None, attention_mask.numel(), attention_mask)
 
-    def _count(self, packed, padded: int, attention_mask, lengths=None) -> None:
+    def count_shared_prefix(self, attention_mask: torch.Tensor, processed: int) -> None:
+        """Count a padded forward whose rows ran their shared prompt once
+        (``SharedBackbone.hidden_states(shared_prefix=)``): ``processed`` slots run."""
+        self._count(None, attention_mask.numel(), attention_mask, processed=processed)
+
+    def _count(self, packed, padded: int, attention_mask, lengths=None,
+               processed: int | None = None) -> None:
         real = sum(lengths) if lengths is not None else int((attention_mask != 0).sum())
         self._stats["tokens_real"] += real
         self._stats["tokens_padded"] += padded
-        self._stats["tokens_processed"] += packed.tokens_processed if packed else padded
+        if processed is None:
+            processed = packed.tokens_processed if packed else padded
+        self._stats["tokens_processed"] += processed
         self._stats["packed_forwards" if packed else "padded_forwards"] += 1
 
     def token_stats(self) -> dict:

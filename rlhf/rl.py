@@ -37,7 +37,11 @@ go to the loss op as ``normalizer=`` (``loss_normalizer``).
 Groups. With group_size G each iteration draws rollout_batch_size / G prompts and the engine
 samples G responses of each (``samples_per_prompt``): rows g*G .. g*G + G - 1 are one group,
 the consecutive layout ``group_advantages(group_size=G)`` reads. Minibatches then shuffle rows
-freely: the advantages are fixed per rollout.
+freely: the advantages are fixed per rollout. Within one optimizer step the rows are taken in
+row order (``step_rows``), so that a group's samples share micro-batches, where every forward
+(reference scoring and update) runs each distinct prompt once and its responses on the
+prompt's keys and values (``shared_prefix``; with a chat template the prompt is most of the
+sequence).
 
 Rollout. One ``RolloutEngine`` per ``train()`` call samples every iteration's responses; prompts
 are left-padded to ``max_prompt_length`` so that its static KV cache (and on a GPU its captured
@@ -464,16 +468,18 @@ def make_rollout(backbone, generation: Generation, kl_coef: float, cfg: RLConfig
     chunk = cfg.forward_batch_size
     if scores is None:
         scores = _by_rows(backbone.rewards, chunk, seq, mask).float()
+    shared = _shared_prefix(cfg, prompt_length)
     ref_logprobs = _by_rows(
         lambda s_, m: backbone.reference_logprobs(s_, m, temperature=cfg.temperature,
-                                                  start=start),
+                                                  start=start, shared_prefix=shared),
         chunk, seq, mask)
     if use_recorded_logprobs:
         old_logprobs = generation.logprobs
     else:
         old_logprobs = _by_rows(
             lambda s_, m: backbone.token_logprobs(s_, m, role="policy",
-                                                  temperature=cfg.temperature, start=start),
+                                                  temperature=cfg.temperature, start=start,
+                                                  shared_prefix=shared),
             chunk, seq, mask)
     ref_logprobs = ref_logprobs.float() * action_mask
     old_logprobs = old_logprobs.float() * action_mask
@@ -503,6 +509,29 @@ def make_rollout(backbone, generation: Generation, kl_coef: float, cfg: RLConfig
                    advantages, None, prompt_length)
 
 
+def _shared_prefix(cfg: RLConfig, prompt_length: int) -> int:
+    """The ``shared_prefix`` of the backbone's forwards: the prompt columns when the rollout
+    holds groups (G > 1 samples of each prompt), whose rows then run their prompt once; 0 (every
+    row runs its whole sequence) otherwise."""
+    return prompt_length if cfg.settings.group_size > 1 else 0
+
+
+def step_rows(cfg: RLConfig, order: torch.Tensor) -> torch.Tensor:
+    """The rollout rows of one optimizer step (a slice of the epoch's shuffled ``order``) in the
+    order its micro-batches take them.
+
+    With groups, sorted: a group's samples land in the same micro-batches and run their prompt
+    once (``_shared_prefix``). Which rows form the step is unchanged, and so is the step's
+    gradient whenever the loss weighs a row independently of the micro-batch it sits in: every
+    reduction except a per-micro-batch token mean (``token-mean`` with the ``batch``
+    normaliser), which keeps the shuffled order.
+    """
+    s = cfg.settings
+    if s.group_size > 1 and (s.loss_reduction != "token-mean" or s.loss_normalizer != "batch"):
+        return order.sort().values
+    return order
+
+
 def _group_advantages(rewards: torch.Tensor, s: AlgorithmSettings) -> torch.Tensor:
     """(B,) sequence rewards in consecutive groups of ``s.group_size`` -> (B,) fp32 advantages
     (``rlhf_kernels.group_advantages`` with the run's estimator and norm)."""
@@ -529,8 +558,9 @@ def policy_loss(backbone, batch: Rollout, cfg: RLConfig, *, kl_coef: float | Non
     response = batch.sequences[:, prompt_length:]
     labels = torch.where(batch.action_mask > 0, response, torch.full_like(response, -100))
     # only the response positions reach the vocabulary projection
-    hidden = backbone.hidden_states(batch.sequences, batch.attention_mask,
-                                    "policy")[:, prompt_length - 1:-1]
+    hidden = backbone.hidden_states(batch.sequences, batch.attention_mask, "policy",
+                                    shared_prefix=_shared_prefix(cfg, prompt_length)
+                                    )[:, prompt_length - 1:-1]
     kl = {}
     if s.kl_in_loss:
         kl = dict(ref_logp=batch.ref_logprobs, kl_estimator=s.kl_estimator,
@@ -924,11 +954,11 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
             n_stats = 0
             for _epoch in range(cfg.ppo_epochs):
                 order = torch.randperm(cfg.rollout_batch_size, generator=rng).to(device)
-                for first in range(0, cfg.rollout_batch_size,
-                                   cfg.minibatch_size * cfg.grad_accum_steps):
-                    batches = [rollout.rows(order[start:start + cfg.minibatch_size])
-                               for start in range(first, first + cfg.minibatch_size
-                                                  * cfg.grad_accum_steps, cfg.minibatch_size)]
+                step = cfg.minibatch_size * cfg.grad_accum_steps
+                for first in range(0, cfg.rollout_batch_size, step):
+                    rows = step_rows(cfg, order[first:first + step])
+                    batches = [rollout.rows(rows[start:start + cfg.minibatch_size])
+                               for start in range(0, step, cfg.minibatch_size)]
                     normalizer = step_normalizer(cfg, batches)
                     # a step normaliser makes each micro-batch's loss a part of the step's sum
                     logged_scale = cfg.grad_accum_steps if normalizer is not None else 1

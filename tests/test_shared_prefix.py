@@ -1,0 +1,177 @@
+"""Shared prompt prefixes (``shared_prefix`` in rlhf/models.py, ``step_rows`` in rlhf/rl.py):
+rows that hold the same prompt (a GRPO group's samples) run it once, their responses on its
+keys and values. Checked against the plain padded forward (every row runs its whole
+sequence): the same log-probs and the same adapter gradients for Llama, Qwen2 and GPT-2 with
+left-padded prompts, right-padded responses and rows in any order; the prompt is really run
+once per distinct prompt (tokens counted at the embedding); and a whole critic-free iteration
+ends at the same adapter weights with and without it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf import rl
+from rlhf.models import LoraSpec, SharedBackbone
+from rlhf.tiny_models import ARCHITECTURES, tiny_causal_lm
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+PROMPT, RESPONSE, GROUP, PROMPTS = 7, 5, 3, 2
+
+
+@pytest.fixture(autouse=True)
+def _reference_kernels(monkeypatch):
+    # The forward's layout is under test, not the kernels.
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
+
+
+def randomised_backbone(arch: str) -> SharedBackbone:
+    """A backbone whose policy adapter is not the identity (PEFT starts LoRA B at 0)."""
+    backbone = SharedBackbone.from_model(tiny_causal_lm(arch), lora=LoraSpec(rank=4),
+                                         roles=("policy",))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in backbone.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    return backbone
+
+
+def grouped_batch(seed: int = 0):
+    """GROUP samples of each of PROMPTS prompts (the second left-padded by 3), responses of
+    RESPONSE tokens (one right-padded by 2), rows shuffled. -> ids, mask (B, P + R)."""
+    generator = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(3, 128, (PROMPTS, PROMPT), generator=generator)
+    prompt_mask = torch.ones(PROMPTS, PROMPT, dtype=torch.long)
+    prompts[1, :3], prompt_mask[1, :3] = 0, 0
+    rows = PROMPTS * GROUP
+    ids = torch.cat([prompts.repeat_interleave(GROUP, 0),
+                     torch.randint(3, 128, (rows, RESPONSE), generator=generator)], 1)
+    mask = torch.cat([prompt_mask.repeat_interleave(GROUP, 0),
+                      torch.ones(rows, RESPONSE, dtype=torch.long)], 1)
+    ids[0, -2:], mask[0, -2:] = 0, 0
+    order = torch.randperm(rows, generator=generator)
+    return ids[order], mask[order]
+
+
+def logprobs_and_grads(backbone, ids, mask, shared_prefix):
+    backbone.zero_grad(set_to_none=True)
+    logp = backbone.token_logprobs(ids, mask, "policy", start=PROMPT - 1,
+                                   shared_prefix=shared_prefix)
+    weights = torch.linspace(0.5, 1.5, logp.numel()).view_as(logp)
+    (logp * weights).sum().backward()
+    return logp.detach(), [p.grad.clone() for p in backbone.trainable_parameters("policy")]
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_shared_prefix_gives_the_padded_forwards_logprobs_and_gradients(arch):
+    backbone = randomised_backbone(arch)
+    backbone.train()
+    ids, mask = grouped_batch()
+    first, inverse = backbone._shared_prefix_plan(ids, mask, PROMPT)
+    assert first.numel() == PROMPTS
+    assert torch.equal(ids[first][inverse, :PROMPT], ids[:, :PROMPT])
+
+    plain_logp, plain_grads = logprobs_and_grads(backbone, ids, mask, 0)
+    shared_logp, shared_grads = logprobs_and_grads(backbone, ids, mask, PROMPT)
+    # fp32 models; Llama and Qwen2 take their attention softmax in fp32 whatever the dtype
+    torch.testing.assert_close(shared_logp, plain_logp, rtol=1e-5, atol=1e-5)
+    assert any(g.abs().max() > 1e-3 for g in plain_grads)
+    for shared, plain in zip(shared_grads, plain_grads, strict=True):
+        torch.testing.assert_close(shared, plain, rtol=1e-4, atol=1e-5 * plain.abs().max())
+    # the hidden states at every real position, the prompt's included
+    with torch.no_grad():
+        plain = backbone.hidden_states(ids, mask, "policy")
+        shared = backbone.hidden_states(ids, mask, "policy", shared_prefix=PROMPT)
+    real = mask.bool()
+    torch.testing.assert_close(shared[real], plain[real], rtol=1e-5, atol=1e-5)
+
+
+def test_each_distinct_prompt_runs_once():
+    backbone = randomised_backbone("llama")
+    ids, mask = grouped_batch()
+    backbone.packing.take_stats()
+    seen = []
+    handle = backbone.causal_lm.get_input_embeddings().register_forward_hook(
+        lambda module, args, out: seen.append(args[0].numel()))
+    try:
+        with torch.no_grad():
+            backbone.token_logprobs(ids, mask, "policy", start=PROMPT - 1, shared_prefix=PROMPT)
+            shared = list(seen)
+            stats = backbone.packing.take_stats()
+            seen.clear()
+            backbone.token_logprobs(ids, mask, "policy", start=PROMPT - 1)
+    finally:
+        handle.remove()
+    rows = PROMPTS * GROUP
+    assert shared == [PROMPTS * PROMPT, rows * RESPONSE]
+    assert seen == [rows * (PROMPT + RESPONSE)]
+    # the run's token counters (the stages' metrics) say so too
+    assert stats["tokens_processed"] == PROMPTS * PROMPT + rows * RESPONSE
+    assert stats["tokens_padded"] == rows * (PROMPT + RESPONSE)
+    assert stats["tokens_real"] == int(mask.sum())
+
+
+def test_no_shared_run_without_repeated_prompts_or_under_gradient_checkpointing():
+    backbone = randomised_backbone("llama")
+    ids, mask = grouped_batch()
+    distinct = ids[::GROUP], mask[::GROUP]
+    assert backbone._shared_prefix_plan(*distinct, PROMPT) is None
+    assert backbone._shared_prefix_plan(ids, mask, 0) is None
+    assert backbone._shared_prefix_plan(ids, mask, ids.shape[1]) is None  # no response column
+    backbone.enable_gradient_checkpointing()
+    backbone.train()
+    assert backbone._shared_prefix_plan(ids, mask, PROMPT) is None
+    backbone.eval()
+    with torch.no_grad():  # no recomputation in eval mode: shared again
+        assert backbone._shared_prefix_plan(ids, mask, PROMPT) is not None
+
+
+def test_step_rows_sorts_only_where_the_step_gradient_does_not_change():
+    order = torch.tensor([5, 2, 7, 0])
+    grpo = rl.RLConfig(algorithm="grpo", group_size=4, rollout_batch_size=8, minibatch_size=4)
+    dapo = rl.RLConfig(algorithm="dapo", group_size=4, rollout_batch_size=8, minibatch_size=4)
+    rloo = rl.RLConfig(algorithm="rloo", group_size=4, rollout_batch_size=8, minibatch_size=4)
+    assert grpo.settings.loss_reduction == "seq-mean-token-mean"
+    assert rl.step_rows(grpo, order).tolist() == [0, 2, 5, 7]
+    assert rl.step_rows(dapo, order).tolist() == [0, 2, 5, 7]  # normalised by the step's tokens
+    # a token mean per micro-batch weighs a token by its micro-batch's count: keep the shuffle
+    assert (rloo.settings.loss_reduction, rloo.settings.loss_normalizer) == ("token-mean",
+                                                                             "batch")
+    assert rl.step_rows(rloo, order).tolist() == [5, 2, 7, 0]
+    ppo = rl.RLConfig(algorithm="ppo", rollout_batch_size=8, minibatch_size=4)
+    assert rl.step_rows(ppo, order).tolist() == [5, 2, 7, 0]
+
+
+def test_a_grpo_iteration_ends_at_the_same_weights_with_and_without_sharing(tmp_path,
+                                                                            monkeypatch):
+    from tests.test_grpo import PROMPTS as TASK_PROMPTS
+    from tests.test_grpo import rl_config
+    from tests.test_stages import tiny_backbone
+
+    from rlhf import task
+
+    corpus = task.make_corpus(96, seed=1)
+    tokenizer = task.train_tokenizer([ex["prompt"] + ex["completion"] for ex in corpus],
+                                     vocab_size=300)
+
+    def run(name):
+        backbone = tiny_backbone(tokenizer)
+        cfg = rl_config(tmp_path / name, "grpo", num_iterations=1, minibatch_size=2,
+                        grad_accum_steps=4)
+        summary = rl.train(cfg, backbone=backbone, tokenizer=tokenizer, prompts=TASK_PROMPTS,
+                           gold_fn=task.gold_scores)
+        return summary, [p.detach().clone() for p in backbone.trainable_parameters("policy")]
+
+    shared_summary, shared = run("shared")
+    tokens = []
+    monkeypatch.setattr(rl, "_shared_prefix", lambda cfg, prompt_length: 0)
+    monkeypatch.setattr(rl, "step_rows", lambda cfg, order: tokens.append(order) or order)
+    plain_summary, plain = run("plain")
+    assert tokens and not torch.equal(tokens[0], tokens[0].sort().values)  # really shuffled
+    start = tiny_backbone(tokenizer).trainable_parameters("policy")
+    assert max(float((p - s).abs().max()) for p, s in zip(plain, start)) > 1e-4  # it trained
+    for a, b in zip(shared, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
