@@ -38,6 +38,7 @@ from torch.autograd.function import once_differentiable
 from rlhf_kernels._alloc import empty
 from rlhf_kernels._checks import check_reduction, check_same_shape
 from rlhf_kernels.backend import native_cpu_kernels
+from rlhf_kernels.ops._launch import CachedLaunch
 
 __all__ = [
     "REDUCTION_CODES",
@@ -238,6 +239,10 @@ def _saved_grad_bwd_kernel(
     tl.store(out_ptr + offs, grad, mask=inb)
 
 
+# Launches without Triton's per-call binding (ops/_launch.py)
+_saved_grad_bwd = CachedLaunch(globals(), "_saved_grad_bwd_kernel")
+
+
 def scale_saved_grad(
     saved: torch.Tensor,
     grad_loss: torch.Tensor,
@@ -256,7 +261,7 @@ def scale_saved_grad(
     numel = saved.numel()
     if numel == 0:
         return out
-    _saved_grad_bwd_kernel[(cdiv(numel, _BWD_BLOCK),)](
+    _saved_grad_bwd((cdiv(numel, _BWD_BLOCK),),
         saved, grad_loss, stats, out, numel, scale_index, BLOCK=_BWD_BLOCK, num_warps=4,
     )
     return out

@@ -46,6 +46,7 @@ import triton.language as tl
 from rlhf_kernels import _native_losses, reference
 from rlhf_kernels._alloc import empty
 from rlhf_kernels.backend import launch_directly, native_cpu_kernels, resolve_backend
+from rlhf_kernels.ops._launch import CachedLaunch
 from rlhf_kernels.ops._reduce import cdiv, next_power_of_2
 
 __all__ = ["group_advantages"]
@@ -154,6 +155,10 @@ def _group_advantages_kernel(
     tl.store(out_ptr + i, advantages, mask=i_ok)
 
 
+# Launches without Triton's per-call binding (ops/_launch.py)
+_group_adv = CachedLaunch(globals(), "_group_advantages_kernel")
+
+
 def _launch(
     scores: torch.Tensor,
     group_ids: torch.Tensor | None,
@@ -177,7 +182,7 @@ def _launch(
     block_i = block_i or min(_BLOCK_I, small)
     block_j = block_j or min(_BLOCK_J, small)
     ids = scores if group_ids is None else group_ids  # placeholder pointer when there are none
-    _group_advantages_kernel[(cdiv(n, block_i),)](
+    _group_adv((cdiv(n, block_i),),
         scores, ids, out,
         n, scores.stride(0), ids.stride(0), max(int(group_size), 1),
         float(eps),

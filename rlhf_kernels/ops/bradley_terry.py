@@ -33,6 +33,7 @@ from rlhf_kernels import _native_losses, reference
 from rlhf_kernels._alloc import empty
 from rlhf_kernels._checks import check_float, check_same_device, check_same_shape
 from rlhf_kernels.backend import launch_directly, native_cpu_kernels, resolve_backend
+from rlhf_kernels.ops._launch import CachedLaunch
 from rlhf_kernels.ops._reduce import (
     cdiv,
     next_power_of_2,
@@ -152,6 +153,11 @@ def _bradley_terry_finish_kernel(
                    tl.sum(s_rejected, axis=0), n_pairs_f, center_coef, HAS_CENTER)
 
 
+# Launches without Triton's per-call binding (ops/_launch.py)
+_bt_fwd = CachedLaunch(globals(), "_bradley_terry_fwd_kernel")
+_bt_finish = CachedLaunch(globals(), "_bradley_terry_finish_kernel")
+
+
 # --------------------------------------------------------------------------------------------
 # launchers and autograd
 # --------------------------------------------------------------------------------------------
@@ -185,7 +191,7 @@ def _launch(
     finish = n_programs == 1  # one program: it writes the results itself
     # (no partials then: the loss buffer stands in for the unused pointer)
     partials = loss if finish else empty((_N_PARTIALS, n_programs), torch.float32, device)
-    _bradley_terry_fwd_kernel[(n_programs,)](
+    _bt_fwd((n_programs,),
         chosen1, rejected1, margin1, saved_grad, partials, loss, stats,
         chosen1.stride(0), rejected1.stride(0), margin1.stride(0),
         n_pairs, n_programs,
@@ -194,7 +200,7 @@ def _launch(
         FINISH=finish, BLOCK=block, num_warps=8 if block >= 2048 else 4,
     )
     if not finish:
-        _bradley_terry_finish_kernel[(1,)](
+        _bt_finish((1,),
             partials, loss, stats, n_programs, float(n_pairs), center_coef,
             HAS_CENTER=center_coef != 0.0,
             BLOCK_P=min(next_power_of_2(n_programs), _FINISH_BLOCK_MAX), num_warps=4,

@@ -36,6 +36,7 @@ from rlhf_kernels import _native, reference
 from rlhf_kernels._alloc import empty
 from rlhf_kernels._checks import check_float, check_same_device, check_same_shape
 from rlhf_kernels.backend import launch_directly, native_cpu_kernels, resolve_backend
+from rlhf_kernels.ops._launch import CachedLaunch
 from rlhf_kernels.ops._reduce import cdiv, next_power_of_2
 
 __all__ = ["gae"]
@@ -121,6 +122,10 @@ def _gae_fwd_kernel(
         carry_value = tl.sum(tl.where(first, tl.where(valid, v, next_value), 0.0), axis=1)
 
 
+# Launches without Triton's per-call binding (ops/_launch.py)
+_gae_fwd = CachedLaunch(globals(), "_gae_fwd_kernel")
+
+
 def _rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
     """(..., T) -> (rows, T) view (a copy only when the leading dims cannot be merged)."""
     return t if t.dim() == 2 else t.reshape(-1, n_cols)
@@ -164,7 +169,7 @@ def _launch(
     block_r, auto_block_t, num_warps = _block_sizes(n_rows, n_cols)
     if block_t:  # tests force small chunks to exercise the carry across chunks
         block_r, auto_block_t = 1, block_t
-    _gae_fwd_kernel[(cdiv(n_rows, block_r),)](
+    _gae_fwd((cdiv(n_rows, block_r),),
         r2, v2, m2, adv2, ret2,
         r2.stride(0), r2.stride(1), v2.stride(0), v2.stride(1), m2.stride(0), m2.stride(1),
         adv2.stride(0),

@@ -69,6 +69,7 @@ from rlhf_kernels.backend import (
     resolve_backend,
     triton_interpreter_enabled,
 )
+from rlhf_kernels.ops._launch import CachedLaunch
 from rlhf_kernels.ops._reduce import next_power_of_2
 
 __all__ = ["logprobs", "logprobs_fwd", "logprobs_bwd"]
@@ -127,33 +128,36 @@ def _logprobs_fwd_kernel(
     # Ignored rows skip the sweep: zero trip count, no bytes read.
     v_end = tl.where(valid, V, 0)
     offsets = tl.arange(0, BLOCK_V)
-    # The sweep works in base 2: z2 = x * k2 with k2 = log2(e) / T, so each entry costs one
-    # FFMA (x * k2 - shift) and one MUFU.EX2. The running max is kept on the raw logits x
-    # (k2 > 0, so the same entry is the max) and the shift is m * k2, one multiply per block.
+    # The sweep works in base 2 on the raw logits x: with k2 = log2(e) / T, exp(z - z_max) is
+    # 2^((x - m) * k2), m the running max of x (k2 > 0: the same entry is the max). The shift is
+    # subtracted before the scale, so that the max entry's term is exactly 1 (a row with one
+    # finite logit gives logp exactly 0) and the rounding is relative to x - m, as in the
+    # reference's log_softmax; one MUFU.EX2 per entry, no exp fix-up (exp2_ftz).
     k2 = inv_temperature * LOG2E
-    m = -float("inf")  # running max of x
-    shift = 0.0  # m * k2, or 0 while every x so far is -inf (-inf - -inf would be NaN)
-    s = 0.0  # sum 2^(z2 - shift)
-    a = 0.0  # sum 2^(z2 - shift) * (z2 - shift)   (entropy only; base-2 units)
+    m = -float("inf")  # running max of x; the shift, except 0 while every x so far is -inf
+    s = 0.0  # sum 2^((x - m) * k2)
+    a = 0.0  # sum 2^t * t, t = (x - m) * k2   (entropy only; base-2 units)
     for start in tl.range(0, v_end, BLOCK_V, num_stages=NUM_STAGES):
         cols = start + offsets
         x = tl.load(row_ptr + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
-        m = tl.maximum(m, tl.max(x, axis=0))
-        new_shift = tl.where(m == -float("inf"), 0.0, m * k2)
-        scale = exp2_ftz(shift - new_shift)
-        t = x * k2 - new_shift
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        # While every x so far is -inf, shift by 0 instead: -inf - -inf would be NaN.
+        m_shift = tl.where(m_new == -float("inf"), 0.0, m_new)
+        moved = (m - m_shift) * k2
+        scale = exp2_ftz(moved)
+        t = (x - m_shift) * k2
         e = exp2_ftz(t)
         if RETURN_ENTROPY:
-            # While s == 0, shift - new_shift may be -inf: take 0 (not -inf * 0 = NaN).
-            moved = tl.where(s > 0.0, shift - new_shift, 0.0) * s
+            # While s == 0, moved may be -inf: take 0 (not -inf * 0 = NaN).
+            moved = tl.where(s > 0.0, moved, 0.0) * s
             # -inf entries: e == 0 and t == -inf; their term is 0 (0 log 0 = 0).
             et = e * tl.where(e > 0.0, t, 0.0)
             a = (a + moved) * scale + tl.sum(et, axis=0)
         s = s * scale + tl.sum(e, axis=0)
-        shift = new_shift
+        m = m_shift
 
     # s == 0 only for ignored rows (lse unused, log(1) = 0 keeps it finite) and all -inf rows.
-    lse = (shift + tl.log2(tl.where(valid, s, 1.0))) * LN2
+    lse = m * inv_temperature + tl.log2(tl.where(valid, s, 1.0)) * LN2
     # Out-of-range labels (only possible with check_labels=False) read nothing and give NaN.
     label_ok = (label >= 0) & (label < V)
     z_label = tl.load(row_ptr + label, mask=valid & label_ok, other=float("nan"))
@@ -206,9 +210,7 @@ def _logprobs_bwd_kernel(
     # instructions per element. A label outside [0, V) may wrap here, but its row's gradient is
     # NaN whatever the compare says (c below).
     label32 = label.to(tl.int32)
-    k2 = inv_temperature * LOG2E
-    # Base 2, as the forward: p = 2^(x * k2 - lse * log2(e)), one FFMA and one MUFU.EX2.
-    lse2 = tl.load(lse_ptr + row) * LOG2E
+    lse = tl.load(lse_ptr + row)
     # d logit_j = c * (onehot_j - p_j) - c_H * p_j * (log2 p_j + H * log2(e)), the per-row
     # factors folded once: c = g_logp / T (NaN for an out-of-range label: its logp is NaN, so
     # the gradient is NaN rather than a plausible number), c_H = g_H * ln(2) / T; both 0 for an
@@ -229,15 +231,23 @@ def _logprobs_bwd_kernel(
     for start in tl.range(0, V, BLOCK_V, num_stages=NUM_STAGES):
         cols = start + offsets
         # lanes past V (and ignored rows) read -inf: p = 0 there, so they compute an exact 0
-        # rather than 2^(-lse2), which overflows fp16 when lse is very negative (never stored)
+        # rather than exp(-lse), which overflows fp16 when lse is very negative (never stored)
         x = tl.load(row_ptr + cols, mask=cols < read_end, other=float("-inf")).to(tl.float32)
-        t = x * k2 - lse2  # log2 p
+        # log2 p = (x / T - lse) * log2(e): the difference first (one FFMA), so that a
+        # certain token gets p exactly 1 at T = 1; then one MUFU.EX2 without fix-up.
+        t = (x * inv_temperature - lse) * LOG2E
         p = exp2_ftz(t)
         grad = tl.where(cols == label32, c, 0.0) - c * p
         if HAS_GRAD_ENTROPY:
             # -inf entries: p == 0 and t == -inf; the term is 0.
             grad -= c_h * p * tl.where(p > 0.0, t + h2, 0.0)
         tl.store(out_row_ptr + cols, grad.to(out_ptr.dtype.element_ty), mask=cols < V)
+
+
+# Launches without Triton's per-call argument binding once a specialisation was seen
+# (ops/_launch.py); looked up at call time, so a test or a sweep may swap the kernels.
+_fwd_launch = CachedLaunch(globals(), "_logprobs_fwd_kernel")
+_bwd_launch = CachedLaunch(globals(), "_logprobs_bwd_kernel")
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,13 +335,13 @@ def _fwd3d(logits3d, labels1d, temperature, ignore_index, logp, entropy, lse, sa
                                    ignore_index)
         return
     block_v, num_warps, num_stages = _launch_config(V)
-    _logprobs_fwd_kernel[(N,)](
-        logits3d, labels1d, logp, entropy if return_entropy else logp,
+    # every parameter positionally, constexprs included (CachedLaunch)
+    _fwd_launch(
+        (N,), logits3d, labels1d, logp, entropy if return_entropy else logp,
         saved_entropy if save_entropy else lse, lse,
         logits3d.stride(0), logits3d.stride(1), T, V,
         1.0 / temperature, ignore_index,
-        BLOCK_V=block_v, RETURN_ENTROPY=return_entropy, SAVE_ENTROPY=save_entropy,
-        NUM_STAGES=num_stages, num_warps=num_warps,
+        block_v, return_entropy, save_entropy, num_stages, num_warps=num_warps,
     )
 
 
@@ -351,16 +361,16 @@ def _bwd3d(logits3d, labels1d, lse, entropy, grad_logp, grad_entropy, temperatur
                                    grad_entropy, out3d, 1.0 / temperature, ignore_index)
         return out3d
     block_v, num_warps, num_stages = _launch_config(V)
-    _logprobs_bwd_kernel[(N,)](
-        logits3d, labels1d, lse,
+    # every parameter positionally, constexprs included (CachedLaunch)
+    _bwd_launch(
+        (N,), logits3d, labels1d, lse,
         entropy if has_grad_entropy else lse,
         grad_logp if grad_logp is not None else lse,
         grad_entropy if has_grad_entropy else lse,
         out3d,
         logits3d.stride(0), logits3d.stride(1), out3d.stride(0), out3d.stride(1), T, V,
         1.0 / temperature, ignore_index,
-        BLOCK_V=block_v, HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=has_grad_entropy,
-        NUM_STAGES=num_stages, num_warps=num_warps,
+        block_v, grad_logp is not None, has_grad_entropy, num_stages, num_warps=num_warps,
     )
     return out3d
 

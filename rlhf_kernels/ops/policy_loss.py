@@ -83,6 +83,7 @@ from rlhf_kernels._checks import (
     check_same_shape,
 )
 from rlhf_kernels.backend import launch_directly, native_cpu_kernels, resolve_backend
+from rlhf_kernels.ops._launch import CachedLaunch
 from rlhf_kernels.ops._reduce import (
     NORMALIZER_NONE,
     SavedGradLoss,
@@ -402,6 +403,11 @@ def _ppo_policy_loss_finish_kernel(
         tl.store(stats_ptr + 5 + HAS_DUAL, 1.0 / denom)
 
 
+# Launches without Triton's per-call binding (ops/_launch.py)
+_policy_fwd = CachedLaunch(globals(), "_ppo_policy_loss_fwd_kernel")
+_policy_finish = CachedLaunch(globals(), "_ppo_policy_loss_finish_kernel")
+
+
 # --------------------------------------------------------------------------------------------
 # launchers and autograd
 # --------------------------------------------------------------------------------------------
@@ -463,7 +469,7 @@ def _launch(
     stats = empty((_scale_index(has_dual, has_kl) + 1,), torch.float32, device)
     saved_grad = empty(logp.shape, torch.float32, device)
     partials = empty((_N_PARTIALS, n_programs), torch.float32, device)
-    _ppo_policy_loss_fwd_kernel[(n_programs,)](
+    _policy_fwd((n_programs,),
         logp2, old2, adv2, mask2, ref2, saved_grad, partials,
         logp2.stride(0), logp2.stride(1), old2.stride(0), old2.stride(1),
         stride_ar, stride_at, mask2.stride(0), mask2.stride(1), stride_rr, stride_rt,
@@ -475,7 +481,7 @@ def _launch(
         REDUCTION=reduction, HAS_MASK=mask is not None, POLICY=policy | has_dual,
         BLOCK_R=block_r, BLOCK_T=block_t, num_warps=8 if block_r * block_t >= 2048 else 4,
     )
-    _ppo_policy_loss_finish_kernel[(1,)](
+    _policy_finish((1,),
         partials, loss, stats, normalizer, n_programs, T, norm_value,
         OPTIONS=finish,
         BLOCK_P=min(next_power_of_2(n_programs), _FINISH_BLOCK_MAX), num_warps=4,

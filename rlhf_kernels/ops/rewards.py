@@ -25,6 +25,7 @@ from rlhf_kernels import _native, reference
 from rlhf_kernels._alloc import empty
 from rlhf_kernels._checks import check_float, check_same_device, check_same_shape
 from rlhf_kernels.backend import launch_directly, native_cpu_kernels, resolve_backend
+from rlhf_kernels.ops._launch import CachedLaunch
 from rlhf_kernels.ops._reduce import next_power_of_2
 from rlhf_kernels.ops.kl import KL_ESTIMATOR_CODES, check_kl_options, kl_estimate
 
@@ -78,6 +79,10 @@ def _shape_rewards_fwd_kernel(
         tl.store(out_ptr + row * stride_out_row + cols, rewards, mask=in_row)
 
 
+# Launches without Triton's per-call binding (ops/_launch.py)
+_rewards_fwd = CachedLaunch(globals(), "_shape_rewards_fwd_kernel")
+
+
 def _rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
     """(..., T) -> (rows, T) view (a copy only when the leading dims cannot be merged)."""
     return t if t.dim() == 2 else t.reshape(-1, n_cols)
@@ -113,7 +118,7 @@ def _launch(
     logp2, ref2, mask2, out2 = (_rows(t, n_cols) for t in (logp, ref_logp, mask, out))
     scores1 = scores.reshape(-1)
     index1 = scores1 if score_index is None else score_index.reshape(-1)
-    _shape_rewards_fwd_kernel[(logp2.shape[0],)](
+    _rewards_fwd((logp2.shape[0],),
         scores1, logp2, ref2, mask2, index1, out2,
         scores1.stride(0), index1.stride(0),
         logp2.stride(0), logp2.stride(1), ref2.stride(0), ref2.stride(1),

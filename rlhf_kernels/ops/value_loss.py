@@ -35,6 +35,7 @@ from rlhf_kernels import _native_losses, reference
 from rlhf_kernels._alloc import empty
 from rlhf_kernels._checks import check_float, check_same_device, check_same_shape
 from rlhf_kernels.backend import launch_directly, native_cpu_kernels, resolve_backend
+from rlhf_kernels.ops._launch import CachedLaunch
 from rlhf_kernels.ops._reduce import (
     SavedGradLoss,
     as_rows,
@@ -223,6 +224,11 @@ def _ppo_value_loss_finish_kernel(
     tl.store(stats_ptr + 4, 1.0 / denom)
 
 
+# Launches without Triton's per-call binding (ops/_launch.py)
+_value_fwd = CachedLaunch(globals(), "_ppo_value_loss_fwd_kernel")
+_value_finish = CachedLaunch(globals(), "_ppo_value_loss_finish_kernel")
+
+
 # --------------------------------------------------------------------------------------------
 # launchers and autograd
 # --------------------------------------------------------------------------------------------
@@ -249,7 +255,7 @@ def _launch(
     stats = empty((_N_STATS,), torch.float32, device)
     saved_grad = empty(values.shape, torch.float32, device)
     partials = empty((_N_PARTIALS, n_programs), torch.float32, device)
-    _ppo_value_loss_fwd_kernel[(n_programs,)](
+    _value_fwd((n_programs,),
         values2, old2, returns2, mask2, saved_grad, partials,
         values2.stride(0), values2.stride(1), old2.stride(0), old2.stride(1),
         returns2.stride(0), returns2.stride(1), mask2.stride(0), mask2.stride(1),
@@ -258,7 +264,7 @@ def _launch(
         REDUCTION=reduction, HAS_MASK=mask is not None, HAS_CLIP=clip is not None,
         BLOCK_R=block_r, BLOCK_T=block_t, num_warps=8 if block_r * block_t >= 2048 else 4,
     )
-    _ppo_value_loss_finish_kernel[(1,)](
+    _value_finish((1,),
         partials, loss, stats, n_programs, T,
         REDUCTION=reduction,
         BLOCK_P=min(next_power_of_2(n_programs), _FINISH_BLOCK_MAX), num_warps=4,

@@ -34,6 +34,7 @@ from rlhf_kernels import _native, reference
 from rlhf_kernels._alloc import empty
 from rlhf_kernels._checks import check_float, check_same_device, check_same_shape
 from rlhf_kernels.backend import launch_directly, native_cpu_kernels, resolve_backend
+from rlhf_kernels.ops._launch import CachedLaunch
 from rlhf_kernels.ops._reduce import cdiv, next_power_of_2
 
 __all__ = ["masked_whiten"]
@@ -128,6 +129,11 @@ def _whiten_fwd_kernel(
     tl.store(out_ptr + offsets, tl.where(valid, out, 0.0), mask=in_range)
 
 
+# Launches without Triton's per-call binding (ops/_launch.py)
+_whiten_partials = CachedLaunch(globals(), "_whiten_partials_kernel")
+_whiten_fwd = CachedLaunch(globals(), "_whiten_fwd_kernel")
+
+
 def _launch(
     x: torch.Tensor,
     mask: torch.Tensor | None,
@@ -163,12 +169,12 @@ def _launch(
     n_partials = cdiv(n_blocks, blocks_per_program)  # no program without work
     # Every slot is written by pass 1, so no poisoning is needed.
     partials = torch.empty(3 * n_partials, dtype=torch.float64, device=x.device)
-    _whiten_partials_kernel[(n_partials,)](
+    _whiten_partials((n_partials,),
         x1, mask1, partials,
         n_elements, blocks_per_program, n_partials,
         HAS_MASK=mask is not None, BLOCK=_PARTIAL_BLOCK, num_warps=4,
     )
-    _whiten_fwd_kernel[(cdiv(n_elements, _BLOCK),)](
+    _whiten_fwd((cdiv(n_elements, _BLOCK),),
         x1, mask1, partials, out,
         n_elements, n_partials,
         float(eps),
