@@ -103,8 +103,12 @@ def record_launches():
 class _CountKernelOps(TorchDispatchMode):
     """Counts the aten ops that launch a kernel on a GPU: not views, not allocations."""
 
+    # allocations, views and host-side scalars: ``scalar_tensor`` is the 0-d CPU tensor a
+    # Python number becomes in ``torch.where(c, x, 0.0)`` (no GPU kernel), ``promote_types`` a
+    # dtype query
     _FREE = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
-             "lift_fresh", "detach", "alias", "_to_copy_noop", "set_", "resize_")
+             "lift_fresh", "detach", "alias", "set_", "resize_", "scalar_tensor",
+             "promote_types")
 
     def __init__(self):
         super().__init__()

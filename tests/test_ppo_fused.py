@@ -674,12 +674,52 @@ def test_per_token_terms_follow_autograd_at_ties_and_bounds(ratio_level, loss_ty
         normalizer)
     total.backward()
     weights = reduction_weights(mask, reduction, normalizer)
+    # the torch ops (bit-exact ties need torch's own exp; the fused kernel's ties are tested
+    # in test_fused_token_terms_match_the_torch_ops)
     contribution, d_logp, d_entropy = per_token_terms(
         logp, entropy, old, A, weights, ref_logp, ratio_level=ratio_level, loss_type=loss_type,
-        **options)
+        fused=False, **options)
     assert_close(contribution.sum(), total, atol=1e-6, rtol=1e-6, name="loss")
     assert_close(d_logp, x.grad, atol=1e-8, rtol=1e-5, name="d logp")
     assert_close(d_entropy, e.grad, atol=1e-8, rtol=1e-5, name="d entropy")
+
+
+@pytest.mark.parametrize("loss_type,dual_clip", [("ppo", None), ("ppo", 3.0), ("cispo", None)])
+@pytest.mark.parametrize("kl_estimator", ["k1", "k2", "k3", "abs"])
+def test_fused_token_terms_match_the_torch_ops(loss_type, dual_clip, kl_estimator):
+    """ops/_ppo_terms.py (one kernel) against per_token_terms' torch ops: random tokens, a
+    (B, 1) per-sequence advantage column (broadcast, never copied), masked tokens holding NaN,
+    and exact ties where every exp agrees: logp == old_logp gives ratio 1, on both clip bounds
+    at clip 0 (torch.maximum's tie: half the gradient each side), logp == ref_logp gives the
+    abs estimator's zero derivative."""
+    from rlhf_kernels.ops import _ppo_terms
+
+    g = torch.Generator().manual_seed(1)
+    B, T = 5, 7
+    logp = -torch.rand(B, T, generator=g) - 0.2
+    old = logp - 0.3 * torch.randn(B, T, generator=g)
+    old[0] = logp[0]  # ratio exactly 1
+    ref = logp + 0.1 * torch.randn(B, T, generator=g)
+    ref[1, :3] = logp[1, :3]
+    entropy = torch.rand(B, T, generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.2
+    weights = reduction_weights(mask.float(), "token-mean", None)
+    old[~mask] = float("nan")  # a token that does not count adds exactly 0
+    for advantages in (torch.randn(B, T, generator=g), torch.randn(B, 1, generator=g)):
+        for clip in (0.2, 0.0):
+            options = dict(kl_coef=0.1, kl_estimator=kl_estimator, entropy_coef=0.02,
+                           clip_low=clip, clip_high=clip, dual_clip=dual_clip,
+                           log_ratio_clamp=5.0, ratio_level="token", loss_type=loss_type)
+            args = (logp, entropy, old, advantages, weights, ref)
+            assert _ppo_terms.can_fuse(*args, "token")
+            fused = per_token_terms(*args, **options)
+            torch_ops = per_token_terms(*args, fused=False, **options)
+            for got, want, name in zip(fused, torch_ops, ("contribution", "d logp",
+                                                          "d entropy")):
+                assert_close(got, want, atol=1e-7, rtol=1e-5, name=f"{name} clip={clip}")
+            no_grad = per_token_terms(*args, derivatives=False, **options)
+            assert no_grad[1] is None and no_grad[2] is None
+            assert_close(no_grad[0], torch_ops[0], atol=1e-7, rtol=1e-5, name="no grad")
 
 
 def test_sequence_ratio_ignores_non_finite_padding():

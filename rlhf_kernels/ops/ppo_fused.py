@@ -159,7 +159,7 @@ def _fp32(t: torch.Tensor) -> torch.Tensor:
 
 def per_token_terms(logp, entropy, old_logp, advantages, weights, ref_logp, kl_coef,
                     kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp,
-                    derivatives=True, ratio_level="token", loss_type="ppo"):
+                    derivatives=True, ratio_level="token", loss_type="ppo", fused=True):
     """Per-token logp / entropy -> (w * per-token loss, d loss/d logp, d loss/d entropy or None),
     following torch autograd through the reference (torch.maximum / minimum ties split the
     gradient in half, clamp bounds are inclusive).
@@ -173,7 +173,17 @@ def per_token_terms(logp, entropy, old_logp, advantages, weights, ref_logp, kl_c
 
     derivatives=False (no gradient wanted): the same per-token loss, and None for both
     derivatives (they are not computed).
+
+    At token level on the Triton path (fp32 logp, contiguous inputs) this is one kernel
+    (``ops/_ppo_terms.py``, the same arithmetic, its own exp) instead of about 25 torch ops;
+    ``fused=False`` keeps the torch ops.
     """
+    terms = _ppo_terms_module() if fused else None
+    if fused and terms.can_fuse(logp, entropy, old_logp, advantages, weights, ref_logp,
+                                ratio_level):
+        return terms.token_terms(logp, entropy, old_logp, advantages, weights, ref_logp,
+                                 kl_coef, kl_estimator, entropy_coef, clip_low, clip_high,
+                                 dual_clip, log_ratio_clamp, derivatives, loss_type)
     f32 = torch.float32
     w = _fp32(weights)
     counts = w != 0
@@ -413,6 +423,17 @@ def _logits_sweep(logits3d, labels, old_logp, advantages, weights, ref_logp, kl_
 
 
 _LOGPROBS = None
+_PPO_TERMS = None
+
+
+def _ppo_terms_module():
+    # Imported on first use (it defines a @triton.jit kernel), then kept.
+    global _PPO_TERMS
+    if _PPO_TERMS is None:
+        from rlhf_kernels.ops import _ppo_terms
+
+        _PPO_TERMS = _ppo_terms
+    return _PPO_TERMS
 
 
 def _logprobs_module():
