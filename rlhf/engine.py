@@ -189,6 +189,39 @@ class StaticKVCache(Cache):
         return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
 
 
+# Shorter common heads are not worth a forward of their own.
+MIN_COMMON_PREFIX = 8
+
+
+def common_prefix_length(ids: torch.Tensor, valid: torch.Tensor) -> int:
+    """(R, P) prompt ids and bool mask -> how many leading columns every row holds alike (the
+    same id and the same padding), capped at P - 1 so that every row keeps a column of its own
+    (its last-position logits); 0 for fewer than 2 rows or a head of fewer than
+    MIN_COMMON_PREFIX real tokens."""
+    rows, length = ids.shape
+    if rows < 2 or length < 2:
+        return 0
+    alike = ((ids == ids[:1]) | ~valid) & (valid == valid[:1])
+    alike = alike.all(0)
+    common = min(int(alike.int().cumprod(0).sum()), length - 1)  # one host sync per call
+    # worth a forward of its own only for enough real tokens (a head of padding costs little)
+    return common if int(valid[0, :common].sum()) >= MIN_COMMON_PREFIX else 0
+
+
+def _copy_rows(target: StaticKVCache, source: StaticKVCache, rows) -> None:
+    """Every layer's keys/values of ``source`` to ``target`` through ``rows`` (the batch
+    mapping: expand or repeat_interleave); in place where ``target`` has buffers already (a
+    captured decode step reads their addresses)."""
+    for buffers, filled in ((target.keys, source.keys), (target.values, source.values)):
+        for layer, tensor in enumerate(filled):
+            if tensor is None:
+                continue
+            if buffers[layer] is None:
+                buffers[layer] = rows(tensor).contiguous()
+            else:
+                buffers[layer].copy_(rows(tensor))
+
+
 # --------------------------------------------------------------------------------------------
 # Sampling
 # --------------------------------------------------------------------------------------------
@@ -526,31 +559,46 @@ class RolloutEngine:
                 pad_token_id, temperature, top_k, top_p, greedy, generator, shared,
             )
 
-    def _shared_prefill(self, mask4d: torch.Tensor, positions: torch.Tensor,
-                        shared: tuple) -> torch.Tensor:
-        """Prefill the distinct prompts of ``shared`` (ids, mask, G) once each, then copy every
-        layer's keys/values to the G rows of each prompt: a group's samples share their prompt,
-        so the prompt's forward costs B instead of B x G rows. ``mask4d`` / ``positions`` are the
-        repeated rows' (every G-th row is a distinct prompt). -> (B x G, V) last-position logits.
+    def _prefill(self, prompt_ids: torch.Tensor, prompt_valid: torch.Tensor,
+                 mask4d: torch.Tensor, positions: torch.Tensor, shared: tuple | None
+                 ) -> torch.Tensor:
+        """Fill the cache with the prompts' keys/values -> (B, V) last-position logits.
+
+        Two kinds of repeated work are skipped, both exact up to the order in which sums round:
+        * groups (``shared`` = (ids, mask, G): every G-th row is a distinct prompt): each
+          distinct prompt is prefilled once and its keys/values copied to its G rows;
+        * a common head: the leading columns that every (distinct) prompt holds alike, ids and
+          padding (a chat template's system prompt; ``common_prefix_length``), are prefilled
+          once, for one row, and copied to the others before the rest of the prompt runs.
+        ``mask4d`` / ``positions``: the B rows' prefill mask (B, 1, P, L) and positions (B, P).
         """
-        ids, _, group = shared
+        group = shared[2] if shared is not None else 1
+        ids = shared[0] if shared is not None else prompt_ids
+        mask4d, positions, valid = mask4d[::group], positions[::group], prompt_valid[::group]
         main = self.cache
-        once = StaticKVCache(main.num_layers, main.max_length)
-        once.write_positions, once.seen_tokens = main.write_positions, 0
-        self.cache = once
+        # the distinct rows' cache: the main one, or a scratch one copied to the groups after
+        rows_cache = main if group == 1 else StaticKVCache(main.num_layers, main.max_length)
+        common = common_prefix_length(ids, valid)
+        if common:
+            head = StaticKVCache(main.num_layers, main.max_length)
+            head.write_positions, head.seen_tokens = main.write_positions[:common], 0
+            self.cache = head
+            try:
+                self._forward(ids[:1, :common], mask4d[:1, :, :common], positions[:1, :common])
+            finally:
+                self.cache = main
+            _copy_rows(rows_cache, head, lambda t: t.expand(ids.shape[0], -1, -1, -1))
+        rows_cache.write_positions = main.write_positions[common:]
+        rows_cache.seen_tokens = common
+        self.cache = rows_cache
         try:
-            logits = self._forward(ids, mask4d[::group], positions[::group])
+            logits = self._forward(ids[:, common:], mask4d[:, :, common:], positions[:, common:])
         finally:
             self.cache = main
-        for buffers, filled in ((main.keys, once.keys), (main.values, once.values)):
-            for layer, source in enumerate(filled):
-                if source is None:
-                    continue
-                if buffers[layer] is None:
-                    buffers[layer] = source.repeat_interleave(group, dim=0)
-                else:  # in place: a captured decode step reads these addresses
-                    buffers[layer].copy_(source.repeat_interleave(group, dim=0))
-        return logits.repeat_interleave(group, dim=0)
+        if group > 1:
+            _copy_rows(main, rows_cache, lambda t: t.repeat_interleave(group, dim=0))
+            logits = logits.repeat_interleave(group, dim=0)
+        return logits
 
     def _generate(self, prompt_ids, prompt_mask, max_new_tokens, eos, pad_token_id, temperature,
                   top_k, top_p, greedy, generator, shared=None) -> Generation:
@@ -577,10 +625,7 @@ class RolloutEngine:
         positions = (prompt_valid.long().cumsum(-1) - 1).clamp_min(0)
         cache.write_positions = query
         cache.seen_tokens = 0
-        if shared is not None:
-            logits = self._shared_prefill(prefill_mask[:, None], positions, shared)
-        else:
-            logits = self._forward(prompt_ids, prefill_mask[:, None], positions)
+        logits = self._prefill(prompt_ids, prompt_valid, prefill_mask[:, None], positions, shared)
         del prefill_mask, allowed
         cache.seen_tokens = prompt_length
 

@@ -143,7 +143,7 @@ def test_reward_fn_gets_each_rows_prompt(tiny_chat_model, tmp_path):
 
 
 def test_shared_prefill_matches_repeated_prompts(tiny_chat_model):
-    """A group's prompt is prefilled once (RolloutEngine._shared_prefill): the same tokens and
+    """A group's prompt is prefilled once (RolloutEngine._prefill): the same tokens and
     log-probs as prefilling every repeated row, the original path."""
     from rlhf.engine import RolloutEngine
     from rlhf.models import LoraSpec, SharedBackbone, load_tokenizer

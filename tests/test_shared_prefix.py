@@ -175,3 +175,69 @@ def test_a_grpo_iteration_ends_at_the_same_weights_with_and_without_sharing(tmp_
     assert max(float((p - s).abs().max()) for p, s in zip(plain, start)) > 1e-4  # it trained
     for a, b in zip(shared, plain, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# the rollout engine: a head common to every prompt (a chat template's system prompt) is
+# prefilled once
+# ---------------------------------------------------------------------------------------------
+def chat_like_prompts(rows: int = 4, head: int = 12, tail: int = 5):
+    """rows prompts that share their first ``head`` tokens and differ in the last ``tail``."""
+    generator = torch.Generator().manual_seed(11)
+    common = torch.randint(3, 128, (1, head), generator=generator).expand(rows, -1)
+    ids = torch.cat([common, torch.randint(3, 128, (rows, tail), generator=generator)], 1)
+    return ids, torch.ones_like(ids)
+
+
+@pytest.mark.parametrize("samples_per_prompt", [1, 3])
+def test_the_engine_prefills_a_common_head_once(monkeypatch, samples_per_prompt):
+    from rlhf import engine as engine_module
+    from rlhf.engine import RolloutEngine, common_prefix_length
+
+    backbone = randomised_backbone("llama")
+    ids, mask = chat_like_prompts()
+    assert common_prefix_length(ids, mask.bool()) == 12
+    engine = RolloutEngine(backbone)
+    forward, shapes = engine._forward, []
+
+    def counting_forward(input_ids, *args):
+        shapes.append(tuple(input_ids.shape))
+        return forward(input_ids, *args)
+
+    engine._forward = counting_forward
+    kwargs = dict(eos_token_id=None, pad_token_id=0, samples_per_prompt=samples_per_prompt)
+    runs = {}
+    for name, minimum in (("head once", engine_module.MIN_COMMON_PREFIX), ("plain", 10**9)):
+        monkeypatch.setattr(engine_module, "MIN_COMMON_PREFIX", minimum)
+        for call in range(2):  # the second call reuses the engine's cache buffers in place
+            shapes.clear()
+            runs[name, call] = engine.generate(ids, mask, 6, seed=5, **kwargs)
+            prefill = shapes[:2] if name == "head once" else shapes[:1]
+            expected = [(1, 12), (4, 5)] if name == "head once" else [(4, 17)]
+            assert prefill == expected
+    for call in range(2):
+        once, plain = runs["head once", call], runs["plain", call]
+        assert torch.equal(once.sequences, plain.sequences)
+        torch.testing.assert_close(once.logprobs, plain.logprobs, rtol=0, atol=1e-5)
+    # and the recorded log-probs are still the teacher-forced ones
+    gen = runs["head once", 1]
+    with torch.no_grad():
+        forced = backbone.token_logprobs(gen.sequences, gen.attention_mask, "policy",
+                                         start=gen.prompt_length - 1)
+    torch.testing.assert_close(gen.logprobs, forced * gen.response_mask, rtol=0, atol=1e-5)
+
+
+def test_common_prefix_length_needs_the_same_ids_and_padding():
+    from rlhf.engine import MIN_COMMON_PREFIX, common_prefix_length
+
+    ids, mask = chat_like_prompts(head=MIN_COMMON_PREFIX + 2)
+    valid = mask.bool()
+    assert common_prefix_length(ids, valid) == MIN_COMMON_PREFIX + 2
+    assert common_prefix_length(ids[:1], valid[:1]) == 0  # one row: nothing to share
+    short, short_valid = chat_like_prompts(head=MIN_COMMON_PREFIX - 1)
+    assert common_prefix_length(short, short_valid.bool()) == 0
+    padded = valid.clone()
+    padded[1, :3] = False  # one row left-padded by 3: its first columns differ
+    assert common_prefix_length(ids, padded) == 0
+    same = ids[:1].expand(4, -1)  # identical prompts: every row keeps its last column
+    assert common_prefix_length(same, valid) == ids.shape[1] - 1
