@@ -48,6 +48,7 @@ def _convention_ok() -> bool:
 
 
 _CONVENTION_OK = None  # decided on the first launch (importing Triton's source costs time)
+_TRITON: dict = {}  # triton.knobs.runtime and triton.runtime.driver, imported on first use
 
 
 def _hooked(hook) -> bool:
@@ -93,6 +94,11 @@ class CachedLaunch:
         if _CONVENTION_OK is None:
             _CONVENTION_OK = _convention_ok()
         if _CONVENTION_OK:
+            if not _TRITON:
+                from triton import knobs
+                from triton.runtime import driver
+
+                _TRITON.update(runtime=knobs.runtime, driver=driver)
             self._constexpr = tuple(p.is_constexpr for p in self.fn.params)
             self._names = tuple(p.name for p in self.fn.params)
         return _CONVENTION_OK
@@ -105,10 +111,7 @@ class CachedLaunch:
         if self._constexpr is None and (self._checked or not self._prepare()):
             self.fn[grid](*args, num_warps=num_warps, **named)
             return
-        from triton import knobs
-        from triton.runtime import driver
-
-        runtime = knobs.runtime
+        runtime = _TRITON["runtime"]
         if _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook):
             self.fn[grid](*args, num_warps=num_warps, **named)
             return
@@ -118,10 +121,23 @@ class CachedLaunch:
                                 f"{len(args)} positional ones; expected exactly "
                                 f"{list(self._names[len(args):])}")
             args += tuple([named[name] for name in self._names[len(args):]])
-        active = driver.active
+        active = _TRITON["driver"].active
         device = active.get_current_device()
-        key = (device, num_warps) + tuple(
-            arg if constexpr else _arg_key(arg) for arg, constexpr in zip(args, self._constexpr))
+        # the key, inline (a function call per argument costs more than the test)
+        key = [device, num_warps]
+        append = key.append
+        for arg, constexpr in zip(args, self._constexpr):
+            if constexpr:
+                append(arg)
+                continue
+            kind = type(arg)
+            if kind is int:
+                append((arg == 1, arg & 15 == 0, -0x80000000 <= arg < 0x80000000))
+            elif kind is float or kind is bool or arg is None:
+                append(kind)
+            else:
+                append(_arg_key(arg))
+        key = tuple(key)
         kernel = self._cache.get(key)
         if kernel is None:
             kernel = self.fn[grid](*args, num_warps=num_warps)
