@@ -279,7 +279,7 @@ def run_pipeline(cfg, run_dir) -> dict:
     import time
     from pathlib import Path
 
-    from rlhf import pipeline, rl
+    from rlhf import distributed, pipeline, rl
     from rlhf.checkpoint import atomic_write_text
     from rlhf.metrics import plot_curves
     from rlhf.models import LoraSpec, SharedBackbone, load_tokenizer
@@ -377,6 +377,7 @@ def run_pipeline(cfg, run_dir) -> dict:
         "ppo_last_iteration": rl_summary.get("last_metrics", {}),
         "timings_s": timings,
         "torch_threads": torch.get_num_threads(),
+        "world_size": distributed.world_size(),  # torchrun: the number of ranks
         "config": used_config(cfg, _REVIEWS_ONLY),
     }
     pipeline._write_json(out / "summary.json", summary)

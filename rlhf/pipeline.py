@@ -57,7 +57,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rlhf import reward, sft, stage, task
+from rlhf import distributed, reward, sft, stage, task
 from rlhf import rl as ppo
 from rlhf.checkpoint import (
     PIPELINE_RUN_FILES,
@@ -672,6 +672,7 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
         "sft_final_loss": sft_summary.get("final_loss"),
         "timings_s": timings,
         "torch_threads": torch.get_num_threads(),
+        "world_size": distributed.world_size(),  # torchrun: the number of ranks
         "config": _used_config(cfg, stages, unused),
     }
     if not own_data:  # the figures only the gold judge can give
@@ -679,8 +680,6 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
         summary.update(_heldout_figures(sft_gold, ppo_gold, kl, cfg.kl_bound
                                         if cfg.kl_bound is not None else ppo_cfg.kl_target))
     _write_json(out / "summary.json", summary)
-    from rlhf import distributed
-
     if distributed.is_main():  # torchrun: one summary (rlhf/distributed.py)
         _print_summary(summary, out)
     return summary

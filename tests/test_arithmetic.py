@@ -194,6 +194,7 @@ def test_pipeline_smoke(tiny_chat_model, tmp_path, algorithm):
     assert acc["n_problems"] == 6 and 0 <= acc["base_mean"] <= 1 and 0 <= acc["policy_mean"] <= 1
     assert [p["iteration"] for p in summary["heldout_curve"]] == list(range(iterations + 1))
     assert summary["config"]["ppo"]["algorithm"] == algorithm
+    assert summary["world_size"] == 1  # one process (no torchrun)
     assert "sft" not in summary["config"] and "reward" not in summary["config"]
     for name in ("curves.png", "samples.md", "metrics.jsonl", "base_eval.json"):
         assert (out / name).exists(), name

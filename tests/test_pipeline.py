@@ -89,6 +89,8 @@ def test_pipeline_writes_everything_and_resume_skips_done_stages(finished, tmp_p
     assert kl["within_bound"] is (kl["mean"] <= kl["bound"])
     assert "before" in (out / "samples.md").read_text()
     assert summary["reward_model"] == rm
+    # one process here (tests/test_distributed.py runs the stages on 2 ranks)
+    assert written["world_size"] == 1 and written["torch_threads"] >= 1
     ppo_lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(ppo_lines) == 2 and "gold_reward" in json.loads(ppo_lines[-1])
 
