@@ -13,3 +13,11 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
 fi
 echo "[bootstrap] installing rlhf-kernels[dev] (editable)"
 "$PY" -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+# The native CPU kernels (csrc/cpu), on a machine without CUDA (where every op runs on them):
+# built here, once per machine, so the first `rlhf pipeline` or test run does not pay for the
+# compile. Cached in torch's extensions directory; without a compiler or ninja the ops run the
+# plain-PyTorch reference (one warning says why).
+if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "[bootstrap] building the native CPU kernels (once per machine, about a minute)"
+    "$PY" -c "from rlhf_kernels import _native as n; print('[bootstrap] native CPU kernels:', 'ready' if n.available() else 'unavailable, ' + str(n.failure_reason()))"
+fi
