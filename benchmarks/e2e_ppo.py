@@ -358,6 +358,7 @@ def run_case(cfg: E2EConfig, marker=None) -> dict:
         # the process's lifetime peak, so it is this case's only for the first case run
         row["peak_gib"] = (_peak_rss_bytes() - rss_start) / 2**30
         row["memory"] = "peak RSS above the start of the case"
+        row["kernels_backend"] = os.environ.get("RLHF_KERNELS_BACKEND", "auto")
     del engine, optimizer, backbone
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -467,7 +468,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="the interpreter that has the peer's packages (default: this one)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                         help="cpu: a real shape on the CPU (one --shape; memory is the peak "
-                             "RSS, our ops run the PyTorch reference); says nothing of GPU speed")
+                             "RSS, our ops run the PyTorch reference unless "
+                             "RLHF_KERNELS_BACKEND=native); says nothing of GPU speed")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                        help="the model's dtype (float32 on CPUs whose bf16 GEMM is a slow "
+                             "fallback: no AVX512-BF16 / AMX)")
     parser.add_argument("--results-dir", metavar="DIR", default=None,
                         help="where the JSON goes (default: benchmarks/results)")
     parser.add_argument("--smoke", action="store_true", help="tiny shape on the CPU, no files")
@@ -499,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
             gradient_checkpointing=not args.no_gradient_checkpointing,
             decode_graph=args.decode_graph, stop_at_eos=args.stop_at_eos,
             old_logprobs=args.old_logprobs, warmup=args.warmup,
-            iterations=args.iterations, max_memory_gib=args.max_memory, device=args.device)
+            iterations=args.iterations, max_memory_gib=args.max_memory, device=args.device,
+            dtype=args.dtype)
         try:
             ours = run_case(cfg)
         except torch.OutOfMemoryError as error:
