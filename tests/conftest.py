@@ -82,6 +82,22 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     _interpreter_frees_launch_arguments_like_the_gpu()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Every test runs with one intra-op thread, as the stages do by default (cpu_threads=1).
+
+    The test models are tiny: a second thread buys nothing, and each op pays the threads'
+    fork/join; on CI's 2 shared cores that made the tests that call the model directly (not
+    through a stage) several times slower (tests/test_stages.py's rollout tests: 19 CPU s with
+    2 threads, 6 with 1). What a test computes does not depend on it; tests that are about the
+    thread setting set their own count and restore it.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     # Fresh random inputs every run (docs/design.md §3), but reproducible from the printed seed.
