@@ -29,10 +29,9 @@ DEVICE = os.environ.get("RLHF_TEST_DEVICE", "cpu")
 def make_tokenizer(directory: Path):
     """The tiny BPE tokenizer, trained once and saved (every rank loads the same files)."""
     from rlhf import task
+    from tests._tiny_models import review_tokenizer
 
-    corpus = task.make_corpus(96, seed=1)
-    tokenizer = task.train_tokenizer([ex["prompt"] + ex["completion"] for ex in corpus],
-                                     vocab_size=300)
+    tokenizer = review_tokenizer(task.make_corpus(96, seed=1), vocab_size=300)
     tokenizer.save_pretrained(directory)
     return tokenizer
 
@@ -44,14 +43,9 @@ def load_tokenizer(directory: Path):
 
 
 def tiny_model(tokenizer, seed: int = 0):
-    from transformers import LlamaForCausalLM
+    from tests._tiny_models import tiny_llama
 
-    from rlhf import task
-
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(task.tiny_llama_config(
-        tokenizer, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1))
+    return tiny_llama(tokenizer, seed)  # the shape tests/test_stages.py trains
 
 
 def tiny_backbone(tokenizer, seed: int = 0):

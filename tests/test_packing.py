@@ -425,18 +425,13 @@ def test_stages_log_token_counts_and_train_the_same_packed(tmp_path):
     import copy
     import json
 
-    from transformers import LlamaForCausalLM
-
     from rlhf import ppo, reward, sft, task
+    from tests._tiny_models import review_tokenizer, tiny_llama
 
     corpus = task.make_corpus(24, seed=1)
-    tokenizer = task.train_tokenizer([ex["prompt"] + ex["completion"] for ex in corpus],
-                                     vocab_size=300)
+    tokenizer = review_tokenizer(corpus, vocab_size=300)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(task.tiny_llama_config(
-            tokenizer, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=1))
+        model = tiny_llama(tokenizer, 0)  # _tiny_models.STAGE_SHAPE
     pairs = [{"prompt": a["prompt"], "chosen": a["completion"], "rejected": b["completion"]}
              for a, b in zip(corpus[:12], corpus[12:])]
 

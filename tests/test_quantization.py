@@ -23,6 +23,7 @@ pytest.importorskip("bitsandbytes")
 from rlhf import quant, reward, sft, task  # noqa: E402
 from rlhf import rl as ppo  # noqa: E402
 from rlhf.models import LoraSpec, SharedBackbone, _position_ids, load_causal_lm  # noqa: E402
+from tests._tiny_models import review_tokenizer, tiny_llama  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::FutureWarning")]
@@ -63,20 +64,16 @@ def corpus():
 
 @pytest.fixture(scope="module")
 def tokenizer(corpus):
-    return task.train_tokenizer([ex["prompt"] + ex["completion"] for ex in corpus],
-                                vocab_size=300)
+    return review_tokenizer(corpus, vocab_size=300)
 
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory, tokenizer):
     """A tiny pretrained Llama on disk: hidden 64 (whole 4-bit blocks of 64), untied head."""
-    from transformers import LlamaForCausalLM
-
     path = tmp_path_factory.mktemp("base")
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(task.tiny_llama_config(
-            tokenizer, hidden_size=64, intermediate_size=128, num_hidden_layers=2))
+        model = tiny_llama(tokenizer, 0, hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=2)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)

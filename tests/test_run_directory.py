@@ -19,6 +19,7 @@ import torch
 from rlhf import checkpoint, metrics, pipeline, ppo, reward, sft, task
 from rlhf.checkpoint import RunDirectoryError
 from rlhf.models import LoraSpec, SharedBackbone
+from tests._tiny_models import review_tokenizer, tiny_llama
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -36,17 +37,12 @@ def corpus():
 
 @pytest.fixture(scope="module")
 def tokenizer(corpus):
-    return task.train_tokenizer([ex["prompt"] + ex["completion"] for ex in corpus],
-                                vocab_size=260)
+    return review_tokenizer(corpus, vocab_size=260)
 
 
 def tiny_model(tokenizer):
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)
-    return LlamaForCausalLM(task.tiny_llama_config(
-        tokenizer, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1))
+    return tiny_llama(tokenizer, 0, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1)
 
 
 def sft_cfg(out, **overrides) -> sft.SFTConfig:

@@ -16,6 +16,7 @@ import rlhf_kernels
 from rlhf import ppo, reward, sft, task
 from rlhf.engine import RolloutEngine
 from rlhf.models import LoraSpec, SharedBackbone
+from tests._tiny_models import review_tokenizer, tiny_llama
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -35,17 +36,11 @@ def corpus():
 
 @pytest.fixture(scope="module")
 def tokenizer(corpus):
-    return task.train_tokenizer([ex["prompt"] + ex["completion"] for ex in corpus],
-                                vocab_size=300)
+    return review_tokenizer(corpus, vocab_size=300)
 
 
 def tiny_model(tokenizer, seed: int = 0):
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(task.tiny_llama_config(
-        tokenizer, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1))
+    return tiny_llama(tokenizer, seed)  # _tiny_models.STAGE_SHAPE
 
 
 def tiny_backbone(tokenizer, seed: int = 0) -> SharedBackbone:

@@ -1,0 +1,35 @@
+"""The tiny review-task models the stage tests train (not a test module itself).
+
+tests/test_stages.py, test_packing.py, test_quantization.py, test_run_directory.py and the
+distributed worker each built the same things their own way: a BPE tokenizer trained on the
+built-in review corpus and a random Llama of ``task.tiny_llama_config`` for it. They build them
+here. Building is cheap (milliseconds); what is shared is one definition, so the files cannot
+drift apart. Sizes stay per caller: each test file keeps the shape its numbers were checked at.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf import task
+
+# the shape most stage tests train: 2 layers, hidden 32, one KV head shared by two query heads
+STAGE_SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=2, num_key_value_heads=1)
+
+
+def review_tokenizer(corpus, vocab_size: int = 300):
+    """A byte-level BPE tokenizer trained on the prompts + completions of a review corpus
+    (``task.make_corpus``)."""
+    return task.train_tokenizer([ex["prompt"] + ex["completion"] for ex in corpus],
+                                vocab_size=vocab_size)
+
+
+def tiny_llama(tokenizer, seed: int = 0, **shape):
+    """A random ``LlamaForCausalLM`` for ``tokenizer``: ``STAGE_SHAPE`` unless ``shape`` gives
+    the fields (``task.tiny_llama_config`` names). Seeds the global RNG with ``seed`` first, as
+    every caller did (wrap it in ``torch.random.fork_rng`` to leave the caller's stream alone)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(task.tiny_llama_config(tokenizer, **(shape or STAGE_SHAPE)))
