@@ -348,9 +348,10 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown(result))
     env = environment()
     path = args.json or (RESULTS_DIR / f"static_sass-sm{args.arch}-{env['date'][:10]}.json")
+    # "rows" stays empty: these are not timings, and benchmarks.report tabulates rows
     path.write_text(json.dumps({"environment": env, "triton": triton.__version__,
                                 "date": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-                                **result}, indent=1))
+                                "rows": [], **result}, indent=1))
     print(f"wrote {path}")
     return 0
 
