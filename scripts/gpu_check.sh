@@ -23,7 +23,8 @@
 #   part       budget  what
 #   setup        20 s  peer wheels from .whl/ into /tmp/peer-site, import checks, environment.txt
 #   tests        75 s  kernel test files on CUDA (pytest -n 8 when xdist is there; no interpreter)
-#   logprobs     40 s  bench_logprobs at 8x1024x151936 and 4x512x32000 bf16 (ours first)
+#   logprobs     40 s  bench_logprobs at 8x1024x151936 and 4x512x32000 bf16 (ours first; after
+#                      the eager peers ours with pipelined vocabulary loops, stages 2 and 4)
 #   ppo_loss     35 s  bench_ppo_loss (policy/value loss, Bradley-Terry) at 64K and 1M tokens
 #   gae          20 s  bench_gae (gae, masked_whiten) at 64x1024 and 512x2048
 #   kl           30 s  bench_kl at 64x1024, 128x2048, 512x2048 (fp32, bf16)
