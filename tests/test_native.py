@@ -58,8 +58,10 @@ value_module = importlib.import_module("rlhf_kernels.ops.value_loss")
 bt_module = importlib.import_module("rlhf_kernels.ops.bradley_terry")
 advantages_module = importlib.import_module("rlhf_kernels.ops.advantages")
 reduce_module = importlib.import_module("rlhf_kernels.ops._reduce")
+ppo_terms_module = importlib.import_module("rlhf_kernels.ops._ppo_terms")
 _NATIVE_MODULES = (logprobs_module, gae_module, kl_module, rewards_module, whiten_module,
-                   policy_module, value_module, bt_module, advantages_module, reduce_module)
+                   policy_module, value_module, bt_module, advantages_module, reduce_module,
+                   ppo_terms_module)
 _TRITON_KERNELS = ((logprobs_module, "_logprobs_fwd_kernel"), (logprobs_module,
                    "_logprobs_bwd_kernel"), (gae_module, "_gae_fwd_kernel"),
                    (kl_module, "_kl_fwd_kernel"), (kl_module, "_kl_bwd_kernel"),
@@ -74,7 +76,8 @@ _TRITON_KERNELS = ((logprobs_module, "_logprobs_fwd_kernel"), (logprobs_module,
                    (bt_module, "_bradley_terry_fwd_kernel"),
                    (bt_module, "_bradley_terry_finish_kernel"),
                    (advantages_module, "_group_advantages_kernel"),
-                   (reduce_module, "_saved_grad_bwd_kernel"))
+                   (reduce_module, "_saved_grad_bwd_kernel"),
+                   (ppo_terms_module, "_ppo_token_terms_kernel"))
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +120,7 @@ _REUSED = {
                            _COMPILE},
     test_ppo_fused: {"test_reduction_weights_closed_form", "test_reference_backend",
                      "test_per_token_terms_follow_autograd_at_ties_and_bounds",
+                     "test_fused_token_terms_match_the_torch_ops",  # the Triton kernel's test
                      "test_stats_are_the_bits_of_the_reference_ppo_total", _COMPILE},
 }
 # The (B, T) losses and the group advantages (csrc/cpu/losses.cpp): every op test, the

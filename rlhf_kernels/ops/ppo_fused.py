@@ -416,9 +416,10 @@ def _logits_sweep(logits3d, labels, old_logp, advantages, weights, ref_logp, kl_
     if not need_grad:
         return contribution.sum(), logp, entropy, logits3d.new_empty(_EMPTY)
     d_logits = empty((B, T, V), logits3d.dtype, device)
+    # (the launch view of the logits may be (1, B * T, V): the gradient viewed the same way)
     lp._bwd3d(logits3d, labels, lse, entropy if d_entropy is not None else None,
               lp._flat_fp32(d_logp), lp._flat_fp32(d_entropy), temperature, ignore_index,
-              d_logits)
+              d_logits.view(logits3d.shape))
     return contribution.sum(), logp, entropy, d_logits
 
 
