@@ -7,8 +7,20 @@ import math
 from benchmarks import e2e_ppo
 
 
-def test_smoke_run_reports_every_figure(capsys):
-    rows = e2e_ppo.run(smoke=True)
+def test_smoke_run_reports_every_figure(capsys, monkeypatch):
+    # one smoke run, through the command line: its rows are run()'s, recorded on the way out
+    returned = []
+    original_run = e2e_ppo.run
+
+    def recording_run(*args, **kwargs):
+        returned.append(original_run(*args, **kwargs))
+        return returned[-1]
+
+    monkeypatch.setattr(e2e_ppo, "run", recording_run)
+    assert e2e_ppo.main(["--smoke"]) == 0
+    assert "tiny" in capsys.readouterr().out
+    assert len(returned) == 1
+    rows = returned[0]
     assert len(rows) == 1
     row = rows[0]
     for key in ("s_per_batch", "response_tok_per_s", "generation_s", "scoring_s", "update_s",
@@ -18,8 +30,6 @@ def test_smoke_run_reports_every_figure(capsys):
     assert all(math.isfinite(v) for v in stats.values())
     cfg = e2e_ppo.SMOKE
     assert stats["response_tokens"] == cfg["batch"] * cfg["response_length"]  # no EOS stop
-    assert e2e_ppo.main(["--smoke"]) == 0
-    assert "tiny" in capsys.readouterr().out
 
 
 def test_peer_side_by_side_parses_the_peer_and_computes_ratios(tmp_path):
