@@ -92,7 +92,7 @@ PRETRAINED_REWARD_SETTINGS = {"max_length": 64, "batch_size": 8, "grad_accum_ste
                               "epochs": 2.0, "lr": 2e-4, "warmup_steps": 3, "save_every": 0}
 # Critic-free (GRPO, RLOO, ...): 4 prompts x 8 samples per iteration, two optimizer steps of 16
 # rows each (micro-batches of 8); 40 new tokens hold the corpus's longest review.
-PRETRAINED_RL_SETTINGS = {"num_iterations": 15, "rollout_batch_size": 32, "group_size": 8,
+PRETRAINED_RL_SETTINGS = {"num_iterations": 8, "rollout_batch_size": 32, "group_size": 8,
                           "minibatch_size": 8, "grad_accum_steps": 2, "ppo_epochs": 1,
                           "max_prompt_length": 16, "max_new_tokens": 40, "lr": 2e-4,
                           "warmup_steps": 0, "min_lr_ratio": 1.0, "forward_batch_size": 0,
