@@ -459,9 +459,11 @@ class LiveTensorTracker:
     """
 
     def __init__(self):
+        import torch
         from torch.utils._python_dispatch import TorchDispatchMode
 
         tracker = self
+        self._expired = torch.UntypedStorage._expired
 
         class _Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -494,7 +496,10 @@ class LiveTensorTracker:
                 self.current += storage.nbytes()
 
     def _sweep(self) -> None:
-        dead = [key for key, (ref, _) in self.live.items() if ref.expired()]
+        # this runs before every op over every live storage: call the C check StorageWeakRef's
+        # expired() ends in, without its two Python wrappers (the same answer, ~5x faster)
+        expired = self._expired
+        dead = [key for key, (ref, _) in self.live.items() if expired(ref.cdata)]
         for key in dead:
             self.current -= self.live.pop(key)[1]
 
