@@ -104,6 +104,14 @@ with ho.host_only_launches():
         assert len(slow) == before + 1
     finally:
         knobs.runtime.launch_enter_hook.remove(hook)
+    # RLHF_KERNELS_CACHED_LAUNCH=0 (read at import): every launch goes through Triton
+    _launch._ENABLED = False
+    off = CachedLaunch(globals(), "_k")
+    before = len(slow)
+    off((2,), *base, num_warps=4)
+    off((2,), *base, num_warps=4)
+    assert len(slow) == before + 2, "the switch did not turn the cached path off"
+    _launch._ENABLED = True
     # replacing the module's kernel (a test's monkeypatch) takes effect at once
     class Trap:
         def __getitem__(self, grid):

@@ -23,12 +23,15 @@ Falls back to ``fn[grid](...)`` (the same result, Triton's host time) when:
   is never guessed);
 * a launch hook is set (``knobs.runtime.launch_enter_hook`` / ``launch_exit_hook`` with a call
   in its chain, e.g. a profiler's), or the first
-  launch did not return a ``CompiledKernel`` (asynchronous compilation).
+  launch did not return a ``CompiledKernel`` (asynchronous compilation);
+* ``RLHF_KERNELS_CACHED_LAUNCH=0`` was set when rlhf_kernels was imported (every launch through
+  Triton: a switch for ruling this path out when a kernel misbehaves on a new Triton).
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 
 import torch
 
@@ -47,6 +50,8 @@ def _convention_ok() -> bool:
             and "*bound_args.values())" in source)
 
 
+_ENABLED = os.environ.get("RLHF_KERNELS_CACHED_LAUNCH", "1").strip().lower() not in (
+    "0", "false", "off", "no")
 _CONVENTION_OK = None  # decided on the first launch (importing Triton's source costs time)
 _TRITON: dict = {}  # triton.knobs.runtime and triton.runtime.driver, imported on first use
 
@@ -90,6 +95,8 @@ class CachedLaunch:
 
         self._checked = True
         if not isinstance(self.fn, JITFunction):  # the interpreter's InterpretedFunction
+            return False
+        if not _ENABLED:
             return False
         if _CONVENTION_OK is None:
             _CONVENTION_OK = _convention_ok()
