@@ -76,6 +76,9 @@ def _build_spec() -> tuple[str, list[str], list[str], list[str]]:
         digest.update((CSRC / name).read_bytes())
     digest.update(" ".join(cflags + ldflags).encode())
     digest.update(torch.__version__.encode())
+    # the checkout too: ninja's commands name the sources by path, so two checkouts sharing one
+    # build directory would relink it in turn (each sees the other's command as changed)
+    digest.update(str(CSRC).encode())
     name = f"rlhf_kernels_native_{suffix}_{digest.hexdigest()[:12]}"
     return name, [str(CSRC / s) for s in _SOURCES], cflags, ldflags
 
