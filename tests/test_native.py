@@ -1,19 +1,20 @@
 """The native CPU kernels (csrc/cpu) against the float64 reference, and the backend choice.
 
 The kernel tests are the Triton tests themselves, collected here a second time: the op tests of
-tests/test_logprobs.py, test_linear_logprobs.py, test_ppo_fused.py, test_gae_whiten.py's GAE
-and whitening tests and test_kl_rewards.py's KL and reward-shaping tests (values and gradients
-under the 2x rule, awkward vocabularies, strided and shifted logits, masks, ignore_index,
-out-of-range labels, non-finite rows, bf16 / fp16, in-place backward) run with
-every CPU launcher pointed at the native kernel and the Triton
-kernels replaced by a trap, so a pass means the native kernel computed the result. The
+tests/test_logprobs.py, test_linear_logprobs.py, test_ppo_fused.py, test_policy_loss.py,
+test_value_loss.py, test_bradley_terry.py, test_group_advantages.py, test_gae_whiten.py's GAE
+and whitening tests and test_kl_rewards.py's KL and reward-shaping tests (values, gradients and
+stats under the 2x rule, awkward vocabularies and shapes, strided and shifted inputs, masks,
+ignore_index, out-of-range labels, non-finite rows, all-masked and empty batches, bf16 / fp16,
+in-place backward, torch.compile) run with every CPU launcher pointed at the native kernel and
+the Triton kernels replaced by a trap, so a pass means the native kernel computed the result. The
 remaining tests check the public route: ``RLHF_KERNELS_BACKEND=native``, ``auto`` outside the
 interpreter (in a fresh process, which also shows the build is cached across processes), the
 one warning when the kernels cannot be built, and the same user errors as the other backends.
 
-The first test to run builds the extension (about 30 s on 2 cores, once per machine: later
-processes load it from torch's extensions directory); without a C++ compiler or ninja every
-test here is skipped with the reason.
+The first test to run builds the extension unless scripts/bootstrap.sh did (about 40 s of CPU
+time, once per machine: later processes load it from torch's extensions directory); without a
+C++ compiler or ninja every test here is skipped with the reason.
 """
 
 from __future__ import annotations
