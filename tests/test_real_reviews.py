@@ -253,9 +253,10 @@ def test_real_model_reviews_few_steps(tmp_path):
 
     out = tmp_path / "real"
     assert main(["pipeline", "model=smollm2-135m-instruct", "algorithm=grpo",
-                 f"output_dir={out}", "sft.max_steps=4", "pair_prompts=32", "eval_samples=16",
-                 "ppo.num_iterations=1", "cpu_threads=2"]) == 0
+                 f"output_dir={out}", "sft.max_steps=2", "pair_prompts=24", "reward.epochs=1",
+                 "eval_samples=8", "sample_batch_size=24", "ppo.max_new_tokens=16",
+                 "ppo.num_iterations=1"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["reward_model"]["train_pairs"] > 0
-    assert summary["gold_heldout"]["n_samples_each"] == 16
+    assert summary["gold_heldout"]["n_samples_each"] == 8
     assert summary["ppo_last_iteration"]["iteration"] == 1
