@@ -286,7 +286,25 @@ def _rss_bytes() -> int:
     return 0
 
 
+def _reset_peak_rss() -> bool:
+    """Start a new peak-RSS measurement: Linux resets VmHWM to the current RSS when "5" is
+    written to /proc/self/clear_refs. False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def _peak_rss_bytes() -> int:
+    """The peak resident set since the last ``_reset_peak_rss`` (VmHWM), else the process's
+    lifetime peak (ru_maxrss)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
@@ -301,6 +319,7 @@ def run_case(cfg: E2EConfig, marker=None) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     else:
+        _reset_peak_rss()
         rss_start = _rss_bytes()
     backbone = build_backbone(cfg)
     optimizer = make_optimizer(backbone, cfg)
@@ -353,9 +372,9 @@ def run_case(cfg: E2EConfig, marker=None) -> dict:
             k: clock.peak_bytes[k] / predicted["stages"][k]["total"] for k in clock.peak_bytes}
         row["max_memory_gib"] = cfg.max_memory_gib
     else:
-        # the process's peak resident set above its size before the model was built (weights,
-        # activations, optimizer state, and also allocator slack and BLAS buffers); the peak is
-        # the process's lifetime peak, so it is this case's only for the first case run
+        # the case's peak resident set above the process's size before the model was built
+        # (weights, activations, optimizer state, and also allocator slack and BLAS buffers);
+        # the peak was reset at the start of the case (else it is the process's lifetime peak)
         row["peak_gib"] = (_peak_rss_bytes() - rss_start) / 2**30
         row["memory"] = "peak RSS above the start of the case"
         row["kernels_backend"] = os.environ.get("RLHF_KERNELS_BACKEND", "auto")
