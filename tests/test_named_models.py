@@ -32,62 +32,74 @@ def _byte_alphabet() -> list[str]:
     return sorted(bytes_to_unicode().values())
 
 
-def write_tiny_gguf(path: Path, seed: int = 0) -> dict[str, np.ndarray]:
-    """A 2-layer Llama with a byte-level BPE vocabulary of ~260 tokens and a chat template;
-    returns the tensors written."""
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tokens = specials + _byte_alphabet() + ["Ġt", "Ġth"]
-    merges = ["Ġ t", "Ġt h"]
-    types = [gguf.TokenType.CONTROL] * len(specials) + [gguf.TokenType.NORMAL] * (
-        len(tokens) - len(specials))
+def write_llama_gguf(path: Path, *, name: str, tokens: list[str], merges: list[str],
+                     token_types: list, bos: int, eos: int, pad: int, hidden: int = HIDDEN,
+                     layers: int = LAYERS, heads: int = HEADS, kv_heads: int = KV_HEADS,
+                     ffn: int = FFN, context: int = 64, chat_template: str | None = None,
+                     seed: int = 0) -> dict[str, np.ndarray]:
+    """A random Llama GGUF with tied embeddings (no output.weight, as SmolLM2) and a byte-level
+    BPE tokenizer (``tokens`` in id order, ``merges``); returns the tensors written."""
     vocab = len(tokens)
     writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name("tiny-test-llama")
+    writer.add_name(name)
     writer.add_vocab_size(vocab)
-    writer.add_context_length(64)
-    writer.add_embedding_length(HIDDEN)
-    writer.add_block_count(LAYERS)
-    writer.add_feed_forward_length(FFN)
-    writer.add_head_count(HEADS)
-    writer.add_head_count_kv(KV_HEADS)
+    writer.add_context_length(context)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_rope_freq_base(10000.0)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
-    writer.add_token_types(types)
+    writer.add_token_types(token_types)
     writer.add_token_merges(merges)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_pad_token_id(2)
-    writer.add_chat_template(TEMPLATE)
+    writer.add_bos_token_id(bos)
+    writer.add_eos_token_id(eos)
+    writer.add_pad_token_id(pad)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
     rng = np.random.default_rng(seed)
-    kv = HIDDEN // HEADS * KV_HEADS
+    kv = hidden // heads * kv_heads
 
     def weight(*shape):
         return (rng.standard_normal(shape) * 0.2).astype(np.float32)
 
-    tensors = {"token_embd.weight": weight(vocab, HIDDEN),
-               "output_norm.weight": 1 + weight(HIDDEN)}
-    for i in range(LAYERS):
+    tensors = {"token_embd.weight": weight(vocab, hidden),
+               "output_norm.weight": 1 + weight(hidden)}
+    for i in range(layers):
         tensors.update({
-            f"blk.{i}.attn_norm.weight": 1 + weight(HIDDEN),
-            f"blk.{i}.attn_q.weight": weight(HIDDEN, HIDDEN),
-            f"blk.{i}.attn_k.weight": weight(kv, HIDDEN),
-            f"blk.{i}.attn_v.weight": weight(kv, HIDDEN),
-            f"blk.{i}.attn_output.weight": weight(HIDDEN, HIDDEN),
-            f"blk.{i}.ffn_norm.weight": 1 + weight(HIDDEN),
-            f"blk.{i}.ffn_gate.weight": weight(FFN, HIDDEN),
-            f"blk.{i}.ffn_up.weight": weight(FFN, HIDDEN),
-            f"blk.{i}.ffn_down.weight": weight(HIDDEN, FFN),
+            f"blk.{i}.attn_norm.weight": 1 + weight(hidden),
+            f"blk.{i}.attn_q.weight": weight(hidden, hidden),
+            f"blk.{i}.attn_k.weight": weight(kv, hidden),
+            f"blk.{i}.attn_v.weight": weight(kv, hidden),
+            f"blk.{i}.attn_output.weight": weight(hidden, hidden),
+            f"blk.{i}.ffn_norm.weight": 1 + weight(hidden),
+            f"blk.{i}.ffn_gate.weight": weight(ffn, hidden),
+            f"blk.{i}.ffn_up.weight": weight(ffn, hidden),
+            f"blk.{i}.ffn_down.weight": weight(hidden, ffn),
         })
-    for name, value in tensors.items():
-        writer.add_tensor(name, value)
+    for tensor_name, value in tensors.items():
+        writer.add_tensor(tensor_name, value)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return tensors
+
+
+def write_tiny_gguf(path: Path, seed: int = 0) -> dict[str, np.ndarray]:
+    """A 2-layer Llama with a byte-level BPE vocabulary of ~260 tokens and a chat template;
+    returns the tensors written."""
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokens = specials + _byte_alphabet() + ["Ġt", "Ġth"]
+    types = [gguf.TokenType.CONTROL] * len(specials) + [gguf.TokenType.NORMAL] * (
+        len(tokens) - len(specials))
+    return write_llama_gguf(path, name="tiny-test-llama", tokens=tokens,
+                            merges=["Ġ t", "Ġt h"], token_types=types, bos=1, eos=2, pad=2,
+                            chat_template=TEMPLATE, seed=seed)
 
 
 def _sha(path: Path) -> str:

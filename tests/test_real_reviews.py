@@ -17,7 +17,6 @@ import os
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -25,6 +24,7 @@ gguf = pytest.importorskip("gguf")
 
 from rlhf import named_models, task  # noqa: E402
 from rlhf.pipeline import PipelineConfig  # noqa: E402
+from tests.test_named_models import write_llama_gguf  # noqa: E402
 
 NAME = "tiny-reviews-gguf"
 HIDDEN, LAYERS, HEADS, KV_HEADS, FFN, CONTEXT = 16, 2, 4, 2, 32, 128
@@ -40,52 +40,12 @@ def write_reviews_gguf(path: Path, seed: int = 0) -> None:
     tokens = [token for token, _ in sorted(model["vocab"].items(), key=lambda item: item[1])]
     merges = [" ".join(pair) if isinstance(pair, list) else pair for pair in model["merges"]]
     specials = {tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id}
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name("tiny-reviews-llama")
-    writer.add_vocab_size(len(tokens))
-    writer.add_context_length(CONTEXT)
-    writer.add_embedding_length(HIDDEN)
-    writer.add_block_count(LAYERS)
-    writer.add_feed_forward_length(FFN)
-    writer.add_head_count(HEADS)
-    writer.add_head_count_kv(KV_HEADS)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_freq_base(10000.0)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.CONTROL if i in specials else gguf.TokenType.NORMAL
-                            for i in range(len(tokens))])
-    writer.add_token_merges(merges)
-    writer.add_bos_token_id(tokenizer.bos_token_id)
-    writer.add_eos_token_id(tokenizer.eos_token_id)
-    writer.add_pad_token_id(tokenizer.pad_token_id)
-    rng = np.random.default_rng(seed)
-    kv = HIDDEN // HEADS * KV_HEADS
-
-    def weight(*shape):
-        return (rng.standard_normal(shape) * 0.2).astype(np.float32)
-
-    tensors = {"token_embd.weight": weight(len(tokens), HIDDEN),
-               "output_norm.weight": 1 + weight(HIDDEN)}  # no output.weight: tied embeddings
-    for i in range(LAYERS):
-        tensors.update({
-            f"blk.{i}.attn_norm.weight": 1 + weight(HIDDEN),
-            f"blk.{i}.attn_q.weight": weight(HIDDEN, HIDDEN),
-            f"blk.{i}.attn_k.weight": weight(kv, HIDDEN),
-            f"blk.{i}.attn_v.weight": weight(kv, HIDDEN),
-            f"blk.{i}.attn_output.weight": weight(HIDDEN, HIDDEN),
-            f"blk.{i}.ffn_norm.weight": 1 + weight(HIDDEN),
-            f"blk.{i}.ffn_gate.weight": weight(FFN, HIDDEN),
-            f"blk.{i}.ffn_up.weight": weight(FFN, HIDDEN),
-            f"blk.{i}.ffn_down.weight": weight(HIDDEN, FFN),
-        })
-    for name, value in tensors.items():
-        writer.add_tensor(name, value)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_llama_gguf(path, name="tiny-reviews-llama", tokens=tokens, merges=merges,
+                     token_types=[gguf.TokenType.CONTROL if i in specials
+                                  else gguf.TokenType.NORMAL for i in range(len(tokens))],
+                     bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id,
+                     pad=tokenizer.pad_token_id, hidden=HIDDEN, layers=LAYERS, heads=HEADS,
+                     kv_heads=KV_HEADS, ffn=FFN, context=CONTEXT, seed=seed)
 
 
 @pytest.fixture(scope="module")
