@@ -147,15 +147,13 @@ def test_step_rows_sorts_only_where_the_step_gradient_does_not_change():
 
 def test_a_grpo_iteration_ends_at_the_same_weights_with_and_without_sharing(tmp_path,
                                                                             monkeypatch):
+    from rlhf import task
+    from tests._tiny_models import review_tokenizer
     from tests.test_grpo import PROMPTS as TASK_PROMPTS
     from tests.test_grpo import rl_config
     from tests.test_stages import tiny_backbone
 
-    from rlhf import task
-
-    corpus = task.make_corpus(96, seed=1)
-    tokenizer = task.train_tokenizer([ex["prompt"] + ex["completion"] for ex in corpus],
-                                     vocab_size=300)
+    tokenizer = review_tokenizer(task.make_corpus(96, seed=1))
 
     def run(name):
         backbone = tiny_backbone(tokenizer)
