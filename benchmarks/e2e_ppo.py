@@ -45,7 +45,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import copy_bandwidth_gbps, matmul_tflops, print_table, save_results
+from benchmarks.common import (
+    copy_bandwidth_gbps,
+    matmul_tflops,
+    print_table,
+    proc_status_kib,
+    save_results,
+)
 from rlhf import plan as planner
 from rlhf.engine import RolloutEngine
 from rlhf.models import LoraSpec, SharedBackbone
@@ -278,12 +284,9 @@ def iteration_floor(cfg: E2EConfig, uses_recorded: bool, copy_gbps: float | None
 def _rss_bytes() -> int:
     """Resident set size of this process now (Linux /proc; 0 elsewhere)."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+        return proc_status_kib("VmRSS") * 1024
+    except (OSError, RuntimeError):
+        return 0
 
 
 def _reset_peak_rss() -> bool:
@@ -300,10 +303,8 @@ def _peak_rss_bytes() -> int:
     """The peak resident set since the last ``_reset_peak_rss`` (VmHWM), else the process's
     lifetime peak (ru_maxrss)."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
+        return proc_status_kib("VmHWM") * 1024
+    except (OSError, RuntimeError):
         pass
     import resource
 
