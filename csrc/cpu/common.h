@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 namespace rlhf_native {
 
@@ -72,6 +73,36 @@ inline void dispatch_float(Dtype dtype, F&& f) {
   }
 }
 
+// dst[i] = float(src[i * stride]) for i < n. Exact for bf16 / fp16 (each of their values is an
+// fp32); fp64 takes the one rounding of static_cast<float>, the same as a per-element read. The
+// kernels stage a row (or a block of one) of an input of any dtype this way and then run one
+// fp32 body: 4 instantiations of this loop instead of one kernel body per combination of the
+// inputs' dtypes (which made losses.cpp take 44 s to compile), with the same values and bits.
+inline void convert_to_f32(const void* src, Dtype dtype, int64_t stride, int64_t n,
+                           float* __restrict dst) {
+  dispatch_float(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T* __restrict s = static_cast<const T*>(src);
+    if (stride == 1) {
+      for (int64_t i = 0; i < n; ++i) dst[i] = to_f32(s[i]);
+    } else {
+      for (int64_t i = 0; i < n; ++i) dst[i] = to_f32(s[i * stride]);
+    }
+  });
+}
+
+// dst[i] = src[i] rounded to the dtype (contiguous), as a per-element from_f32 would.
+inline void convert_from_f32(const float* __restrict src, void* dst, Dtype dtype, int64_t n) {
+  dispatch_float(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    store_from_f32(src, static_cast<T*>(dst), n);
+  });
+}
+
+inline int64_t element_size(Dtype dtype) {
+  return dtype == Dtype::f64 ? 8 : (dtype == Dtype::f32 ? 4 : 2);
+}
+
 // Writes one fp32 value into an element of a buffer of the given dtype.
 inline void store_one(void* base, Dtype dtype, int64_t i, float x) {
   dispatch_float(dtype, [&](auto* tag) {
@@ -109,6 +140,19 @@ struct Strided2d {
   Dtype dtype;
   int64_t stride_row, stride_col;
 };
+
+// Elements [col, col + n) of row `row` of x as fp32: x's own memory when it is fp32 with
+// stride_col 1 (no copy), else converted into buf (room for n floats).
+inline const float* f32_row(const Strided2d& x, int64_t row, int64_t col, int64_t n,
+                            float* buf) {
+  if (x.dtype == Dtype::f32 && x.stride_col == 1) {
+    return static_cast<const float*>(x.data) + row * x.stride_row + col;
+  }
+  const char* start = static_cast<const char*>(x.data) +
+                      (row * x.stride_row + col * x.stride_col) * element_size(x.dtype);
+  convert_to_f32(start, x.dtype, x.stride_col, n, buf);
+  return buf;
+}
 
 // mask: uint8 (0 / nonzero) with its strides, or data == nullptr (all valid)
 void gae(const Strided2d& rewards, const Strided2d& values, const uint8_t* mask,

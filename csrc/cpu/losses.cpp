@@ -44,11 +44,6 @@ inline void kl_and_grad(float dk, int64_t code, float* kl, float* dkl) {
   }
 }
 
-template <typename T>
-inline float at2(const Strided2d& x, int64_t row, int64_t t) {
-  return to_f32(static_cast<const T*>(x.data)[row * x.stride_row + t * x.stride_col]);
-}
-
 // 1 / scale of the reductions (rlhf_kernels/ops/_reduce.py, module docstring)
 double reduction_denominator(double n_tokens, double n_rows, int64_t T, int64_t reduction) {
   switch (reduction) {
@@ -59,21 +54,35 @@ double reduction_denominator(double n_tokens, double n_rows, int64_t T, int64_t 
   }
 }
 
-// rows spread over threads, per-row results into per-row slots (summed afterwards in order)
+// Rows spread over threads, per-row results into per-row slots (summed afterwards in order).
+// body(row, rows) gets the row's n_inputs inputs as fp32 (f32_row: the input's own memory when
+// it is contiguous fp32, else converted into a per-task buffer of n_inputs x T floats); an
+// input whose data is nullptr (not read) gets nullptr.
 template <typename F>
-void over_rows(int64_t n_rows, int64_t T, F&& body) {
+void over_rows(int64_t n_rows, int64_t T, std::initializer_list<const Strided2d*> inputs,
+               F&& body) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, T));
   at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) body(row);
+    std::vector<float> buffer(inputs.size() * static_cast<size_t>(T));
+    const float* rows[4] = {};
+    for (int64_t row = begin; row < end; ++row) {
+      size_t k = 0;
+      for (const Strided2d* x : inputs) {
+        rows[k] = x->data ? f32_row(*x, row, 0, T, buffer.data() + k * T) : nullptr;
+        ++k;
+      }
+      body(row, rows);
+    }
   });
 }
 
 // ---- policy loss ------------------------------------------------------------------------
 enum PolicySums { kLoss, kTokens, kClip, kHalfD2, kNegD, kRatio, kDual, kKl, kNPolicySums };
 
-template <typename L, typename O, typename A, typename R>
-void policy_row(const PolicyLossArgs& p, int64_t row, float* saved, double* sums,
-                float* ratio_max) {
+// logp, old, adv, ref: the row's inputs as fp32 (ref: nullptr without a KL term)
+void policy_row(const PolicyLossArgs& p, int64_t row, const float* logp_row,
+                const float* old_row, const float* adv_row, const float* ref_row, float* saved,
+                double* sums, float* ratio_max) {
   const int64_t T = p.T;
   const float c = p.log_ratio_clamp;
   auto valid = [&](int64_t t) {
@@ -85,7 +94,7 @@ void policy_row(const PolicyLossArgs& p, int64_t row, float* saved, double* sums
   for (int64_t t = 0; t < T; ++t) {
     if (!valid(t)) continue;
     n_row += 1.0;
-    if (p.sequence) d_sum += at2<L>(p.logp, row, t) - at2<O>(p.old, row, t);
+    if (p.sequence) d_sum += logp_row[t] - old_row[t];
   }
   const float row_w = p.reduction == 1 ? static_cast<float>(1.0 / std::max(n_row, 1.0)) : 1.f;
   float seq_ratio = 0.f, seq_grad_scale = 0.f;
@@ -104,9 +113,9 @@ void policy_row(const PolicyLossArgs& p, int64_t row, float* saved, double* sums
       out[t] = 0.f;
       continue;
     }
-    const float logp = at2<L>(p.logp, row, t);
-    const float adv = at2<A>(p.adv, row, t);
-    const float d_raw = logp - at2<O>(p.old, row, t);
+    const float logp = logp_row[t];
+    const float adv = adv_row[t];
+    const float d_raw = logp - old_row[t];
     const float d = clamp(d_raw, -c, c);
     const float ratio = p.sequence ? seq_ratio : std::exp(d);
     const float clipped_ratio = clamp(ratio, p.ratio_low, p.ratio_high);
@@ -141,7 +150,7 @@ void policy_row(const PolicyLossArgs& p, int64_t row, float* saved, double* sums
     }
     if (p.kl != 0) {
       float kl, dkl;
-      kl_and_grad(logp - at2<R>(p.ref, row, t), p.kl, &kl, &dkl);
+      kl_and_grad(logp - ref_row[t], p.kl, &kl, &dkl);
       s[kKl] += static_cast<double>(kl * row_w);
       dlogp = dlogp + p.kl_coef * dkl;
     }
@@ -163,7 +172,7 @@ void policy_row(const PolicyLossArgs& p, int64_t row, float* saved, double* sums
       float grad = row_grad;
       if (p.kl != 0) {
         float kl, dkl;
-        kl_and_grad(at2<L>(p.logp, row, t) - at2<R>(p.ref, row, t), p.kl, &kl, &dkl);
+        kl_and_grad(logp_row[t] - ref_row[t], p.kl, &kl, &dkl);
         grad = grad + (p.kl_coef * dkl) * row_w;
       }
       out[t] = grad;
@@ -178,22 +187,12 @@ void policy_row(const PolicyLossArgs& p, int64_t row, float* saved, double* sums
 void ppo_policy_loss(const PolicyLossArgs& p, float* saved_grad, float* loss, float* stats) {
   std::vector<double> sums(static_cast<size_t>(p.n_rows) * kNPolicySums, 0.0);
   std::vector<float> maxima(static_cast<size_t>(p.n_rows), 0.f);
-  dispatch_float(p.logp.dtype, [&](auto* ltag) {
-    using L = std::remove_pointer_t<decltype(ltag)>;
-    dispatch_float(p.old.dtype, [&](auto* otag) {
-      using O = std::remove_pointer_t<decltype(otag)>;
-      dispatch_float(p.adv.dtype, [&](auto* atag) {
-        using A = std::remove_pointer_t<decltype(atag)>;
-        dispatch_float(p.kl != 0 ? p.ref.dtype : p.logp.dtype, [&](auto* rtag) {
-          using R = std::remove_pointer_t<decltype(rtag)>;
-          over_rows(p.n_rows, p.T, [&](int64_t row) {
-            policy_row<L, O, A, R>(p, row, saved_grad, sums.data() + row * kNPolicySums,
-                                   maxima.data() + row);
-          });
-        });
-      });
-    });
-  });
+  const Strided2d no_ref{};  // ref_logp is read only with a KL term
+  over_rows(p.n_rows, p.T, {&p.logp, &p.old, &p.adv, p.kl != 0 ? &p.ref : &no_ref},
+            [&](int64_t row, const float* const* x) {
+              policy_row(p, row, x[0], x[1], x[2], x[3], saved_grad,
+                         sums.data() + row * kNPolicySums, maxima.data() + row);
+            });
   double s[kNPolicySums] = {}, rows_with_tokens = 0.0;
   float ratio_max = 0.f;
   for (int64_t row = 0; row < p.n_rows; ++row) {
@@ -251,8 +250,9 @@ struct ValueRow {
   Moments err, ret;
 };
 
-template <typename V, typename O, typename R>
-void value_row(const ValueLossArgs& p, int64_t row, float* saved, ValueRow* acc) {
+// values, old, returns: the row's inputs as fp32 (old: nullptr without a clip)
+void value_row(const ValueLossArgs& p, int64_t row, const float* values_row,
+               const float* old_row, const float* returns_row, float* saved, ValueRow* acc) {
   const int64_t T = p.T;
   auto valid = [&](int64_t t) {
     return p.mask == nullptr || p.mask[row * p.mask_stride_row + t * p.mask_stride_col] != 0;
@@ -270,11 +270,11 @@ void value_row(const ValueLossArgs& p, int64_t row, float* saved, ValueRow* acc)
       out[t] = 0.f;
       continue;
     }
-    const float v = at2<V>(p.values, row, t), ret = at2<R>(p.returns, row, t);
+    const float v = values_row[t], ret = returns_row[t];
     const float err = v - ret, loss1 = err * err;
     float loss, dloss;
     if (p.has_clip) {
-      const float old = at2<O>(p.old, row, t);
+      const float old = old_row[t];
       const float step = v - old;
       const float err_clipped = (old + clamp(step, -p.clip, p.clip)) - ret;
       const float loss2 = err_clipped * err_clipped;
@@ -302,18 +302,11 @@ void value_row(const ValueLossArgs& p, int64_t row, float* saved, ValueRow* acc)
 
 void ppo_value_loss(const ValueLossArgs& p, float* saved_grad, float* loss, float* stats) {
   std::vector<ValueRow> rows(static_cast<size_t>(p.n_rows));
-  dispatch_float(p.values.dtype, [&](auto* vtag) {
-    using V = std::remove_pointer_t<decltype(vtag)>;
-    dispatch_float(p.has_clip ? p.old.dtype : p.values.dtype, [&](auto* otag) {
-      using O = std::remove_pointer_t<decltype(otag)>;
-      dispatch_float(p.returns.dtype, [&](auto* rtag) {
-        using R = std::remove_pointer_t<decltype(rtag)>;
-        over_rows(p.n_rows, p.T, [&](int64_t row) {
-          value_row<V, O, R>(p, row, saved_grad, rows.data() + row);
-        });
-      });
-    });
-  });
+  const Strided2d no_old{};  // old_values is read only with a clip
+  over_rows(p.n_rows, p.T, {&p.values, p.has_clip ? &p.old : &no_old, &p.returns},
+            [&](int64_t row, const float* const* x) {
+              value_row(p, row, x[0], x[1], x[2], saved_grad, rows.data() + row);
+            });
   ValueRow total;
   double rows_with_tokens = 0.0;
   for (const ValueRow& r : rows) {
@@ -341,40 +334,40 @@ void bradley_terry(const BradleyTerryArgs& p, float* saved_grad, float* loss, fl
   enum { kSoftplus, kCenter, kCorrect, kDiff, kChosen, kRejected, kN };
   const int64_t n = p.n_pairs, n_chunks = (n + kChunk - 1) / kChunk;
   std::vector<double> partial(static_cast<size_t>(n_chunks) * kN, 0.0);
-  dispatch_float(p.chosen.dtype, [&](auto* ctag) {
-    using C = std::remove_pointer_t<decltype(ctag)>;
-    dispatch_float(p.rejected.dtype, [&](auto* rtag) {
-      using R = std::remove_pointer_t<decltype(rtag)>;
-      dispatch_float(p.margin.data ? p.margin.dtype : p.chosen.dtype, [&](auto* mtag) {
-        using M = std::remove_pointer_t<decltype(mtag)>;
-        at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
-          for (int64_t chunk = begin; chunk < end; ++chunk) {
-            double s[kN] = {};
-            for (int64_t i = chunk * kChunk; i < std::min(n, (chunk + 1) * kChunk); ++i) {
-              const float chosen = at2<C>(p.chosen, 0, i), rejected = at2<R>(p.rejected, 0, i);
-              const float diff = chosen - rejected;
-              float z = diff - p.margin_value;
-              if (p.margin.data) z = z - at2<M>(p.margin, 0, i);
-              // softplus(-z) = max(-z, 0) + log1p(e^-|z|): no overflow, no lost tail
-              const float e = std::exp(-std::fabs(z));
-              const float softplus = std::max(-z, 0.f) + std::log1p(e);
-              const float sigmoid_neg_z = z >= 0.f ? e / (1.f + e) : 1.f / (1.f + e);
-              const float total = chosen + rejected;
-              const float center_grad = 2.f * p.center_coef * total;
-              saved_grad[i] = center_grad - sigmoid_neg_z;
-              saved_grad[n + i] = center_grad + sigmoid_neg_z;
-              s[kSoftplus] += softplus;
-              s[kCenter] += static_cast<double>(total) * total;
-              s[kCorrect] += diff > 0.f ? 1.0 : 0.0;
-              s[kDiff] += diff;
-              s[kChosen] += chosen;
-              s[kRejected] += rejected;
-            }
-            std::copy(s, s + kN, partial.data() + chunk * kN);
-          }
-        });
-      });
-    });
+  at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
+    // the chunk's pairs as fp32 (f32_row: no copy for contiguous fp32)
+    std::vector<float> buffer(3 * kChunk);
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t first = chunk * kChunk, count = std::min(n - first, kChunk);
+      const float* chosen_x = f32_row(p.chosen, 0, first, count, buffer.data());
+      const float* rejected_x = f32_row(p.rejected, 0, first, count, buffer.data() + kChunk);
+      const float* margin_x =
+          p.margin.data ? f32_row(p.margin, 0, first, count, buffer.data() + 2 * kChunk)
+                        : nullptr;
+      double s[kN] = {};
+      for (int64_t j = 0; j < count; ++j) {
+        const int64_t i = first + j;
+        const float chosen = chosen_x[j], rejected = rejected_x[j];
+        const float diff = chosen - rejected;
+        float z = diff - p.margin_value;
+        if (margin_x) z = z - margin_x[j];
+        // softplus(-z) = max(-z, 0) + log1p(e^-|z|): no overflow, no lost tail
+        const float e = std::exp(-std::fabs(z));
+        const float softplus = std::max(-z, 0.f) + std::log1p(e);
+        const float sigmoid_neg_z = z >= 0.f ? e / (1.f + e) : 1.f / (1.f + e);
+        const float total = chosen + rejected;
+        const float center_grad = 2.f * p.center_coef * total;
+        saved_grad[i] = center_grad - sigmoid_neg_z;
+        saved_grad[n + i] = center_grad + sigmoid_neg_z;
+        s[kSoftplus] += softplus;
+        s[kCenter] += static_cast<double>(total) * total;
+        s[kCorrect] += diff > 0.f ? 1.0 : 0.0;
+        s[kDiff] += diff;
+        s[kChosen] += chosen;
+        s[kRejected] += rejected;
+      }
+      std::copy(s, s + kN, partial.data() + chunk * kN);
+    }
   });
   double s[kN] = {};
   for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
@@ -395,11 +388,9 @@ void bradley_terry(const BradleyTerryArgs& p, float* saved_grad, float* loss, fl
 // ---- group advantages -------------------------------------------------------------------
 void group_advantages(const GroupAdvantagesArgs& p, float* out) {
   const int64_t n = p.n;
-  std::vector<double> r(static_cast<size_t>(n));
-  dispatch_float(p.scores.dtype, [&](auto* tag) {
-    using S = std::remove_pointer_t<decltype(tag)>;
-    for (int64_t i = 0; i < n; ++i) r[i] = at2<S>(p.scores, 0, i);
-  });
+  std::vector<float> staged(static_cast<size_t>(n));
+  const float* scores = f32_row(p.scores, 0, 0, n, staged.data());
+  const std::vector<double> r(scores, scores + n);
   // the group of each score: i / group_size, or the rank of its id's first appearance
   std::vector<int64_t> group(static_cast<size_t>(n));
   int64_t n_groups = 0;
