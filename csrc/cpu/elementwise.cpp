@@ -2,14 +2,13 @@
 // CPU.
 //
 // The same math as rlhf_kernels/ops/kl.py and ops/rewards.py (their module docstrings), fp32
-// arithmetic on fp32 / bf16 / fp16 inputs, rows of a (rows, cols) strided view spread over
-// threads. Each is one pass over its inputs (reward shaping reads the mask twice: once right to
+// arithmetic on fp32 / fp64 / bf16 / fp16 inputs (each row staged as fp32: one kernel body for
+// every combination of dtypes), rows of a (rows, cols) strided view spread over threads. Each is one pass over its inputs (reward shaping reads the mask twice: once right to
 // left to find the row's last valid token, once to write). Whitening reduces over the whole
 // tensor: fixed 4096-element chunks (so the bits do not depend on the thread count), fp64 sums,
 // the mean first and then the centred sum of squares (no E[x^2] - E[x]^2 cancellation).
 #include "common.h"
 
-#include <type_traits>
 #include <vector>
 
 namespace rlhf_native {
@@ -29,35 +28,31 @@ inline float clamp_sym(float x, float bound) { return std::min(std::max(x, -boun
 
 int64_t grain_for(int64_t n_cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, n_cols)); }
 
-// The skeleton of the row kernels below: resolve the element types of two inputs (logp's and
-// ref_logp's) at run time, then call body(L*, R*, row) for every row, rows over threads.
-// body is a generic lambda; its two typed null pointers name the types (decltype).
+// The skeleton of the row kernels below: body(row, lp, rp, scratch) for every row, rows over
+// threads, with the row of logp and of ref_logp as contiguous fp32 (f32_row: their own memory
+// when they are contiguous fp32, else converted into a per-task buffer) and a scratch row of
+// n_cols floats. One fp32 body per kernel, whatever the inputs' dtypes.
 template <typename F>
-void for_each_row(Dtype first, Dtype second, int64_t n_rows, int64_t n_cols, F&& body) {
-  dispatch_float(first, [&](auto* first_tag) {
-    dispatch_float(second, [&](auto* second_tag) {
-      at::parallel_for(0, n_rows, grain_for(n_cols), [&](int64_t begin, int64_t end) {
-        for (int64_t row = begin; row < end; ++row) body(first_tag, second_tag, row);
-      });
-    });
+void for_each_row(const Strided2d& logp, const Strided2d& ref, int64_t n_rows, int64_t n_cols,
+                  F&& body) {
+  at::parallel_for(0, n_rows, grain_for(n_cols), [&](int64_t begin, int64_t end) {
+    std::vector<float> buffer(3 * static_cast<size_t>(n_cols));
+    for (int64_t row = begin; row < end; ++row) {
+      body(row, f32_row(logp, row, 0, n_cols, buffer.data()),
+           f32_row(ref, row, 0, n_cols, buffer.data() + n_cols), buffer.data() + 2 * n_cols);
+    }
   });
 }
-
-template <typename P>
-using elem_t = std::remove_pointer_t<P>;
 
 }  // namespace
 
 void kl_fwd(const Strided2d& logp, const Strided2d& ref, float* out, int64_t out_stride_row,
             int64_t n_rows, int64_t n_cols, const KlOptions& o) {
-  for_each_row(logp.dtype, ref.dtype, n_rows, n_cols, [&](auto* ltag, auto* rtag, int64_t row) {
-    using L = elem_t<decltype(ltag)>;
-    using R = elem_t<decltype(rtag)>;
-    const L* lp = static_cast<const L*>(logp.data) + row * logp.stride_row;
-    const R* rp = static_cast<const R*>(ref.data) + row * ref.stride_row;
+  for_each_row(logp, ref, n_rows, n_cols, [&](int64_t row, const float* lp, const float* rp,
+                                               float*) {
     float* op = out + row * out_stride_row;
     for (int64_t t = 0; t < n_cols; ++t) {
-      float d = to_f32(lp[t * logp.stride_col]) - to_f32(rp[t * ref.stride_col]);
+      float d = lp[t] - rp[t];
       if (o.has_log_ratio_clamp) d = clamp_sym(d, o.log_ratio_clamp);
       float kl = kl_estimate(d, o.estimator);
       if (o.has_clamp) kl = clamp_sym(kl, o.clamp);
@@ -69,17 +64,21 @@ void kl_fwd(const Strided2d& logp, const Strided2d& ref, float* out, int64_t out
 void kl_bwd(const Strided2d& grad, const Strided2d& logp, const Strided2d& ref, void* grad_logp,
             void* grad_ref, int64_t out_stride_row, int64_t n_rows, int64_t n_cols,
             const KlOptions& o) {
-  for_each_row(logp.dtype, ref.dtype, n_rows, n_cols, [&](auto* ltag, auto* rtag, int64_t row) {
-    using L = elem_t<decltype(ltag)>;
-    using R = elem_t<decltype(rtag)>;
+  // d KL / d logp goes to scratch (then rounded to grad_logp's dtype and -scratch to grad_ref's),
+  // or straight into an fp32 output
+  const bool direct = grad_logp ? logp.dtype == Dtype::f32 : ref.dtype == Dtype::f32;
+  const bool negate = grad_logp == nullptr;
+  for_each_row(logp, ref, n_rows, n_cols, [&](int64_t row, const float* lp, const float* rp,
+                                               float* scratch) {
     const float* gp = static_cast<const float*>(grad.data) + row * grad.stride_row;
-    const L* lp = static_cast<const L*>(logp.data) + row * logp.stride_row;
-    const R* rp = static_cast<const R*>(ref.data) + row * ref.stride_row;
-    L* gl = grad_logp ? static_cast<L*>(grad_logp) + row * out_stride_row : nullptr;
-    R* gr = grad_ref ? static_cast<R*>(grad_ref) + row * out_stride_row : nullptr;
+    char* gl = grad_logp ? static_cast<char*>(grad_logp) +
+                               row * out_stride_row * element_size(logp.dtype) : nullptr;
+    char* gr = grad_ref ? static_cast<char*>(grad_ref) +
+                              row * out_stride_row * element_size(ref.dtype) : nullptr;
+    float* dst = direct ? reinterpret_cast<float*>(negate ? gr : gl) : scratch;
     for (int64_t t = 0; t < n_cols; ++t) {
       float g = gp[t * grad.stride_col];
-      float d = to_f32(lp[t * logp.stride_col]) - to_f32(rp[t * ref.stride_col]);
+      float d = lp[t] - rp[t];
       // torch.clamp passes the gradient where lo <= x <= hi (bounds included)
       if (o.has_log_ratio_clamp) {
         if (!(d >= -o.log_ratio_clamp && d <= o.log_ratio_clamp)) g = 0.f;
@@ -96,8 +95,16 @@ void kl_bwd(const Strided2d& grad, const Strided2d& logp, const Strided2d& ref, 
         case 2: dkl = g * (1.f - std::exp(-d)); break;
         default: dkl = d > 0.f ? g : (d < 0.f ? -g : 0.f);
       }
-      if (gl) gl[t] = from_f32<L>(dkl);
-      if (gr) gr[t] = from_f32<R>(-dkl);
+      dst[t] = negate ? -dkl : dkl;
+    }
+    if (gl && !direct) convert_from_f32(dst, gl, logp.dtype, n_cols);
+    if (gr) {
+      if (!negate) {  // grad_ref = -grad_logp, rounded to ref's dtype
+        for (int64_t t = 0; t < n_cols; ++t) scratch[t] = -dst[t];
+        convert_from_f32(scratch, gr, ref.dtype, n_cols);
+      } else if (!direct) {
+        convert_from_f32(dst, gr, ref.dtype, n_cols);
+      }
     }
   });
 }
@@ -106,11 +113,8 @@ void shape_rewards(const float* scores, const Strided2d& logp, const Strided2d& 
                    const uint8_t* mask, int64_t mask_stride_row, int64_t mask_stride_col,
                    const int64_t* score_index, float* out, int64_t out_stride_row,
                    int64_t n_rows, int64_t n_cols, const RewardOptions& o) {
-  for_each_row(logp.dtype, ref.dtype, n_rows, n_cols, [&](auto* ltag, auto* rtag, int64_t row) {
-    using L = elem_t<decltype(ltag)>;
-    using R = elem_t<decltype(rtag)>;
-    const L* lp = static_cast<const L*>(logp.data) + row * logp.stride_row;
-    const R* rp = static_cast<const R*>(ref.data) + row * ref.stride_row;
+  for_each_row(logp, ref, n_rows, n_cols, [&](int64_t row, const float* lp, const float* rp,
+                                               float*) {
     const uint8_t* m = mask + row * mask_stride_row;
     float* op = out + row * out_stride_row;
     float score = scores[row];
@@ -133,8 +137,7 @@ void shape_rewards(const float* scores, const Strided2d& logp, const Strided2d& 
     for (int64_t t = 0; t < n_cols; ++t) {
       float r = 0.f;
       if (m[t * mask_stride_col] != 0) {
-        float kl = kl_estimate(
-            to_f32(lp[t * logp.stride_col]) - to_f32(rp[t * ref.stride_col]), o.estimator);
+        float kl = kl_estimate(lp[t] - rp[t], o.estimator);
         if (o.has_kl_clamp) kl = clamp_sym(kl, o.kl_clamp);
         r = -o.kl_coef * kl;
       }
@@ -149,55 +152,65 @@ void masked_whiten(const void* x, Dtype dtype, const uint8_t* mask, int64_t n, b
   constexpr int64_t kChunk = 4096;
   const int64_t n_chunks = (n + kChunk - 1) / kChunk;
   std::vector<double> sums(n_chunks), counts(n_chunks), squares(n_chunks);
-  dispatch_float(dtype, [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    const T* xs = static_cast<const T*>(x);
-    auto valid = [&](int64_t i) { return mask == nullptr || mask[i] != 0; };
-    at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        double sum = 0.0, count = 0.0;
-        for (int64_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) {
-          if (valid(i)) {
-            sum += static_cast<double>(to_f32(xs[i]));
-            count += 1.0;
-          }
-        }
-        sums[c] = sum;
-        counts[c] = count;
-      }
-    });
-    double total = 0.0, count = 0.0;
-    for (int64_t c = 0; c < n_chunks; ++c) {
-      total += sums[c];
-      count += counts[c];
+  const Strided2d xs{x, dtype, 0, 1};
+  auto valid = [&](int64_t i) { return mask == nullptr || mask[i] != 0; };
+  // body(i, value) for i in [begin, end): x as fp32 a block of kChunk at a time
+  auto for_values = [&](int64_t begin, int64_t end, float* buffer, auto&& body) {
+    for (int64_t first = begin; first < end; first += kChunk) {
+      const int64_t count = std::min(kChunk, end - first);
+      const float* values = f32_row(xs, 0, first, count, buffer);
+      for (int64_t j = 0; j < count; ++j) body(first + j, values[j]);
     }
-    const double mean = total / std::max(count, 1.0);
-    at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        double sq = 0.0;
-        for (int64_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) {
-          if (valid(i)) {
-            const double d = static_cast<double>(to_f32(xs[i])) - mean;
-            sq += d * d;
-          }
-        }
-        squares[c] = sq;
+  };
+  at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buffer(kChunk);
+    for (int64_t c = begin; c < end; ++c) {
+      double sum = 0.0, count = 0.0;
+      for_values(c * kChunk, std::min(n, (c + 1) * kChunk), buffer.data(),
+                 [&](int64_t i, float v) {
+                   if (valid(i)) {
+                     sum += static_cast<double>(v);
+                     count += 1.0;
+                   }
+                 });
+      sums[c] = sum;
+      counts[c] = count;
+    }
+  });
+  double total = 0.0, count = 0.0;
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    total += sums[c];
+    count += counts[c];
+  }
+  const double mean = total / std::max(count, 1.0);
+  at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buffer(kChunk);
+    for (int64_t c = begin; c < end; ++c) {
+      double sq = 0.0;
+      for_values(c * kChunk, std::min(n, (c + 1) * kChunk), buffer.data(),
+                 [&](int64_t i, float v) {
+                   if (valid(i)) {
+                     const double d = static_cast<double>(v) - mean;
+                     sq += d * d;
+                   }
+                 });
+      squares[c] = sq;
+    }
+  });
+  double m2 = 0.0;
+  for (int64_t c = 0; c < n_chunks; ++c) m2 += squares[c];
+  const double var = m2 / std::max(unbiased ? count - 1.0 : count, 1.0);
+  const double rstd = 1.0 / std::sqrt(var + static_cast<double>(eps));
+  at::parallel_for(0, n, kChunk, [&](int64_t begin, int64_t end) {
+    std::vector<float> buffer(kChunk);
+    for_values(begin, end, buffer.data(), [&](int64_t i, float v) {
+      if (!valid(i)) {
+        out[i] = 0.f;
+        return;
       }
-    });
-    double m2 = 0.0;
-    for (int64_t c = 0; c < n_chunks; ++c) m2 += squares[c];
-    const double var = m2 / std::max(unbiased ? count - 1.0 : count, 1.0);
-    const double rstd = 1.0 / std::sqrt(var + static_cast<double>(eps));
-    at::parallel_for(0, n, kChunk, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        if (!valid(i)) {
-          out[i] = 0.f;
-          continue;
-        }
-        double w = (static_cast<double>(to_f32(xs[i])) - mean) * rstd;
-        if (!shift_mean) w += mean;
-        out[i] = static_cast<float>(w);
-      }
+      double w = (static_cast<double>(v) - mean) * rstd;
+      if (!shift_mean) w += mean;
+      out[i] = static_cast<float>(w);
     });
   });
 }

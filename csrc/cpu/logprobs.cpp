@@ -23,11 +23,27 @@ inline const char* row_ptr(const LogprobsRows& r, int64_t row, int64_t elem) {
   return static_cast<const char*>(r.logits) + (outer * r.stride_outer + inner * r.stride_inner) * elem;
 }
 
-template <typename T>
+// dst[i] = float(src[i]) * scale for the logits' dtype: the only per-dtype code of the sweeps,
+// so their vector bodies are compiled once (not once per input / output dtype pair)
+void load_block(const char* src, Dtype dtype, float* __restrict dst, int64_t n, float scale) {
+  dispatch_float(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    load_scaled(reinterpret_cast<const T*>(src), dst, n, scale);
+  });
+}
+
+void fill_row(char* dst, Dtype dtype, int64_t n, float value) {
+  dispatch_float(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    std::fill(reinterpret_cast<T*>(dst), reinterpret_cast<T*>(dst) + n, from_f32<T>(value));
+  });
+}
+
 void fwd_rows(const LogprobsRows& r, int64_t begin, int64_t end, void* logp, Dtype logp_dtype,
               void* entropy, Dtype entropy_dtype, float* lse_out, float* saved_entropy) {
   alignas(64) float buf[kBlock];
   const bool want_entropy = entropy != nullptr;
+  const int64_t esize = element_size(r.dtype);
   const int64_t V = r.V;
   for (int64_t row = begin; row < end; ++row) {
     const int64_t label = load_label(r.labels, r.int64_labels, row);
@@ -40,11 +56,11 @@ void fwd_rows(const LogprobsRows& r, int64_t begin, int64_t end, void* logp, Dty
       }
       continue;
     }
-    const T* x = reinterpret_cast<const T*>(row_ptr(r, row, sizeof(T)));
+    const char* x = row_ptr(r, row, esize);
     float m = -kInf, s = 0.f, a = 0.f;
     for (int64_t start = 0; start < V; start += kBlock) {
       const int64_t n = std::min(kBlock, V - start);
-      load_scaled(x + start, buf, n, r.inv_temperature);
+      load_block(x + start * esize, r.dtype, buf, n, r.inv_temperature);
       Vec vmax(-kInf);
       int64_t i = 0;
       for (; i + kLanes <= n; i += kLanes) vmax = at::vec::maximum(vmax, Vec::loadu(buf + i));
@@ -80,7 +96,9 @@ void fwd_rows(const LogprobsRows& r, int64_t begin, int64_t end, void* logp, Dty
     }
     const float lse = m + std::log(s);  // all -inf: -inf (logp NaN, as log_softmax)
     const bool label_ok = label >= 0 && label < V;  // else NaN, never an out-of-bounds read
-    const float logp_value = label_ok ? to_f32(x[label]) * r.inv_temperature - lse : kNaN;
+    float logit = 0.f;
+    if (label_ok) convert_to_f32(x + label * esize, r.dtype, 1, 1, &logit);
+    const float logp_value = label_ok ? logit * r.inv_temperature - lse : kNaN;
     store_one(logp, logp_dtype, row, logp_value);
     lse_out[row] = lse;
     if (want_entropy) {
@@ -92,28 +110,29 @@ void fwd_rows(const LogprobsRows& r, int64_t begin, int64_t end, void* logp, Dty
   }
 }
 
-template <typename T, typename O>
 void bwd_rows(const LogprobsRows& r, int64_t begin, int64_t end, const float* lse_in,
-              const float* entropy_in, const float* grad_logp, const float* grad_entropy, O* out,
-              int64_t out_stride_outer, int64_t out_stride_inner) {
+              const float* entropy_in, const float* grad_logp, const float* grad_entropy,
+              void* out, Dtype out_dtype, int64_t out_stride_outer, int64_t out_stride_inner) {
   alignas(64) float buf[kBlock];
   const int64_t V = r.V;
   const float inv_t = r.inv_temperature;
   const bool has_gl = grad_logp != nullptr, has_gh = grad_entropy != nullptr;
+  const int64_t esize = element_size(r.dtype), out_esize = element_size(out_dtype);
   for (int64_t row = begin; row < end; ++row) {
     const int64_t outer = row / r.n_inner, inner = row % r.n_inner;
-    O* o = out + outer * out_stride_outer + inner * out_stride_inner;
+    char* o = static_cast<char*>(out) +
+              (outer * out_stride_outer + inner * out_stride_inner) * out_esize;
     const int64_t label = load_label(r.labels, r.int64_labels, row);
     if (label == r.ignore_index) {
-      std::fill(o, o + V, from_f32<O>(0.f));
+      fill_row(o, out_dtype, V, 0.f);
       continue;
     }
     const bool label_ok = label >= 0 && label < V;
     if (has_gl && !label_ok) {  // its logp is NaN: a NaN gradient, not a plausible number
-      std::fill(o, o + V, from_f32<O>(kNaN));
+      fill_row(o, out_dtype, V, kNaN);
       continue;
     }
-    const T* x = reinterpret_cast<const T*>(row_ptr(r, row, sizeof(T)));
+    const char* x = row_ptr(r, row, esize);
     const float lse = lse_in[row];
     const float g = has_gl ? grad_logp[row] : 0.f;
     const float gh = has_gh ? grad_entropy[row] : 0.f;
@@ -132,7 +151,7 @@ void bwd_rows(const LogprobsRows& r, int64_t begin, int64_t end, const float* ls
     for (int64_t start = 0; start < V; start += kBlock) {
       const int64_t n = std::min(kBlock, V - start);
       // in place (out == logits) is safe: the block is read whole before it is written
-      load_scaled(x + start, buf, n, inv_t);
+      load_block(x + start * esize, r.dtype, buf, n, inv_t);
       const float z_label =
           (label >= start && label < start + n) ? buf[label - start] : 0.f;
       int64_t i = 0;
@@ -147,7 +166,7 @@ void bwd_rows(const LogprobsRows& r, int64_t begin, int64_t end, const float* ls
       }
       for (; i < n; ++i) buf[i] = one(buf[i], false);
       if (label >= start && label < start + n) buf[label - start] = one(z_label, true);
-      store_from_f32(buf, o + start, n);
+      convert_from_f32(buf, o + start * out_esize, out_dtype, n);
     }
   }
 }
@@ -158,26 +177,17 @@ int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int
 
 void logprobs_fwd(const LogprobsRows& rows, void* logp, Dtype logp_dtype, void* entropy,
                   Dtype entropy_dtype, float* lse, float* saved_entropy) {
-  dispatch_float(rows.dtype, [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    at::parallel_for(0, rows.n_rows, grain_rows(rows.V), [&](int64_t begin, int64_t end) {
-      fwd_rows<T>(rows, begin, end, logp, logp_dtype, entropy, entropy_dtype, lse, saved_entropy);
-    });
+  at::parallel_for(0, rows.n_rows, grain_rows(rows.V), [&](int64_t begin, int64_t end) {
+    fwd_rows(rows, begin, end, logp, logp_dtype, entropy, entropy_dtype, lse, saved_entropy);
   });
 }
 
 void logprobs_bwd(const LogprobsRows& rows, const float* lse, const float* entropy,
                   const float* grad_logp, const float* grad_entropy, void* out, Dtype out_dtype,
                   int64_t out_stride_outer, int64_t out_stride_inner) {
-  dispatch_float(rows.dtype, [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    dispatch_float(out_dtype, [&](auto* out_tag) {
-      using O = std::remove_pointer_t<decltype(out_tag)>;
-      at::parallel_for(0, rows.n_rows, grain_rows(rows.V), [&](int64_t begin, int64_t end) {
-        bwd_rows<T, O>(rows, begin, end, lse, entropy, grad_logp, grad_entropy,
-                       static_cast<O*>(out), out_stride_outer, out_stride_inner);
-      });
-    });
+  at::parallel_for(0, rows.n_rows, grain_rows(rows.V), [&](int64_t begin, int64_t end) {
+    bwd_rows(rows, begin, end, lse, entropy, grad_logp, grad_entropy, out, out_dtype,
+             out_stride_outer, out_stride_inner);
   });
 }
 
