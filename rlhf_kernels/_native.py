@@ -44,8 +44,10 @@ __all__ = ["CACHE_ENV_VAR", "available", "build_directory", "build_seconds", "fa
            "ops"]
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc" / "cpu"
-_SOURCES = ("logprobs.cpp", "scans.cpp", "elementwise.cpp", "losses.cpp", "register.cpp")
-_HEADERS = ("common.h",)
+# register.cpp first: ninja starts the jobs in this order, and the registration (torch's operator
+# headers) is the longest compile, so it runs beside the four short kernel files instead of last
+_SOURCES = ("register.cpp", "logprobs.cpp", "scans.cpp", "elementwise.cpp", "losses.cpp")
+_HEADERS = ("common.h", "dtypes.h")
 
 CACHE_ENV_VAR = "RLHF_KERNELS_NATIVE_CACHE"
 _LOCK_NAME = "rlhf_build.lock"

@@ -1,33 +1,28 @@
-// Shared helpers of the native CPU kernels: fp32 views of the inputs' dtypes, NaN-propagating
-// max, horizontal sums. Only ATen's vector and parallel headers: no Tensor, no dispatcher, so
-// the kernel translation units compile quickly (the registration lives in register.cpp).
+// Shared declarations of the native CPU kernels: the element types, NaN-propagating max, fp32
+// rows of inputs of any dtype (f32_row), the kernels' raw-pointer entry points. Only ATen's
+// parallel header: no c10 dtype or vector headers (dtypes.h has those, for the files that work
+// on bf16 / fp16 values themselves), no Tensor, no dispatcher, so the kernel translation units
+// compile quickly (the registration lives in register.cpp).
 #pragma once
 
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <type_traits>
 
 namespace rlhf_native {
 
-using Vec = at::vec::Vectorized<float>;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 // Element types the kernels read (logits, rewards, values) and write (gradients).
 enum class Dtype : int { f32 = 0, f64 = 1, bf16 = 2, f16 = 3 };
 
-template <typename T>
-inline float to_f32(T x) { return static_cast<float>(x); }
-
-template <typename T>
-inline T from_f32(float x) { return static_cast<T>(x); }
+inline int64_t element_size(Dtype dtype) {
+  return dtype == Dtype::f64 ? 8 : (dtype == Dtype::f32 ? 4 : 2);
+}
 
 // max that keeps a NaN (std::max drops it when it is the second argument)
 inline float nan_max(float a, float b) {
@@ -35,81 +30,16 @@ inline float nan_max(float a, float b) {
   return a > b ? a : b;
 }
 
-inline float hsum(const Vec& v) {
-  alignas(64) float lanes[Vec::size()];
-  v.store(lanes);
-  float total = 0.f;
-  for (int i = 0; i < Vec::size(); ++i) total += lanes[i];
-  return total;
-}
-
-inline float hmax(const Vec& v) {
-  alignas(64) float lanes[Vec::size()];
-  v.store(lanes);
-  float m = -kInf;
-  for (int i = 0; i < Vec::size(); ++i) m = nan_max(m, lanes[i]);
-  return m;
-}
-
-// dst[i] = float(src[i]) * scale, the block of a row the kernels work on (it stays in L1).
-template <typename T>
-inline void load_scaled(const T* __restrict src, float* __restrict dst, int64_t n, float scale) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = to_f32(src[i]) * scale;
-}
-
-template <typename T>
-inline void store_from_f32(const float* __restrict src, T* __restrict dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = from_f32<T>(src[i]);
-}
-
-// Calls f with a typed null pointer of the element type (dispatch on a runtime dtype).
-template <typename F>
-inline void dispatch_float(Dtype dtype, F&& f) {
-  switch (dtype) {
-    case Dtype::f32: f(static_cast<float*>(nullptr)); break;
-    case Dtype::f64: f(static_cast<double*>(nullptr)); break;
-    case Dtype::bf16: f(static_cast<c10::BFloat16*>(nullptr)); break;
-    case Dtype::f16: f(static_cast<c10::Half*>(nullptr)); break;
-  }
-}
-
 // dst[i] = float(src[i * stride]) for i < n. Exact for bf16 / fp16 (each of their values is an
 // fp32); fp64 takes the one rounding of static_cast<float>, the same as a per-element read. The
 // kernels stage a row (or a block of one) of an input of any dtype this way and then run one
 // fp32 body: 4 instantiations of this loop instead of one kernel body per combination of the
 // inputs' dtypes (which made losses.cpp take 44 s to compile), with the same values and bits.
-inline void convert_to_f32(const void* src, Dtype dtype, int64_t stride, int64_t n,
-                           float* __restrict dst) {
-  dispatch_float(dtype, [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    const T* __restrict s = static_cast<const T*>(src);
-    if (stride == 1) {
-      for (int64_t i = 0; i < n; ++i) dst[i] = to_f32(s[i]);
-    } else {
-      for (int64_t i = 0; i < n; ++i) dst[i] = to_f32(s[i * stride]);
-    }
-  });
-}
+// Defined in logprobs.cpp, the file that includes c10's dtype headers anyway.
+void convert_to_f32(const void* src, Dtype dtype, int64_t stride, int64_t n, float* dst);
 
-// dst[i] = src[i] rounded to the dtype (contiguous), as a per-element from_f32 would.
-inline void convert_from_f32(const float* __restrict src, void* dst, Dtype dtype, int64_t n) {
-  dispatch_float(dtype, [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    store_from_f32(src, static_cast<T*>(dst), n);
-  });
-}
-
-inline int64_t element_size(Dtype dtype) {
-  return dtype == Dtype::f64 ? 8 : (dtype == Dtype::f32 ? 4 : 2);
-}
-
-// Writes one fp32 value into an element of a buffer of the given dtype.
-inline void store_one(void* base, Dtype dtype, int64_t i, float x) {
-  dispatch_float(dtype, [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    static_cast<T*>(base)[i] = from_f32<T>(x);
-  });
-}
+// dst[i] = src[i] rounded to the dtype (contiguous), as a per-element static_cast would.
+void convert_from_f32(const float* src, void* dst, Dtype dtype, int64_t n);
 
 inline int64_t load_label(const void* labels, bool int64_labels, int64_t row) {
   return int64_labels ? static_cast<const int64_t*>(labels)[row]

@@ -10,7 +10,7 @@
 // that stays in L1, its max taken, then the exponentials summed from the buffer. So the logits
 // are read from memory once per pass, each element costs one exp, and nothing of size (N, V)
 // is allocated. Rows are spread over threads with at::parallel_for.
-#include "common.h"
+#include "dtypes.h"
 
 namespace rlhf_native {
 namespace {
@@ -174,6 +174,27 @@ void bwd_rows(const LogprobsRows& r, int64_t begin, int64_t end, const float* ls
 int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, V)); }
 
 }  // namespace
+
+// common.h's conversions (declared there for the kernels that stage rows through f32_row)
+void convert_to_f32(const void* src, Dtype dtype, int64_t stride, int64_t n,
+                    float* __restrict dst) {
+  dispatch_float(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T* __restrict s = static_cast<const T*>(src);
+    if (stride == 1) {
+      for (int64_t i = 0; i < n; ++i) dst[i] = to_f32(s[i]);
+    } else {
+      for (int64_t i = 0; i < n; ++i) dst[i] = to_f32(s[i * stride]);
+    }
+  });
+}
+
+void convert_from_f32(const float* __restrict src, void* dst, Dtype dtype, int64_t n) {
+  dispatch_float(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    store_from_f32(src, static_cast<T*>(dst), n);
+  });
+}
 
 void logprobs_fwd(const LogprobsRows& rows, void* logp, Dtype logp_dtype, void* entropy,
                   Dtype entropy_dtype, float* lse, float* saved_entropy) {

@@ -13,6 +13,7 @@
 // mean) lose nothing to fp32 accumulation.
 #include "common.h"
 
+#include <initializer_list>
 #include <unordered_map>
 #include <vector>
 
