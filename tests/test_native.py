@@ -43,7 +43,7 @@ from tests import (
     test_ppo_fused,
     test_value_loss,
 )
-from tests.numerics import DEVICE, assert_close
+from tests.numerics import DEVICE, assert_close, assert_close_2x
 
 if DEVICE.type != "cpu":
     pytest.skip("the native kernels are the CPU path; this machine tests CUDA",
@@ -177,6 +177,77 @@ def test_gae_mask_and_mixed_dtypes(mask_dtype, dtypes):
     assert adv.dtype == ret.dtype == torch.float32
     assert_close(adv, adv64, atol=1e-5, rtol=1e-5, name="advantages")
     assert_close(ret, ret64, atol=1e-5, rtol=1e-5, name="returns")
+
+
+def _check_loss_against_reference(name, call, leaf):
+    """call(impl, x, cast) -> (loss, stats), x a view of the fp32 leaf and cast applied to the
+    other inputs: the native op against the float64 reference of the same input values (loss,
+    stats and the leaf's gradient) under the 2x rule, with the fp32 reference as the same-dtype
+    result (fp32 is the kernels' arithmetic, whatever the inputs' dtypes)."""
+    results = {}
+    for impl, dtype in ((rlhf_kernels, None), (reference, torch.float64),
+                        (reference, torch.float32)):
+        x = (leaf if dtype is None else leaf.to(dtype)).clone().requires_grad_(True)
+        loss, stats = call(impl, x, lambda t, dtype=dtype: t if dtype is None else t.to(dtype))
+        loss.backward()
+        results[dtype] = loss, stats, x.grad
+    (loss, stats, grad), (loss64, stats64, grad64), (loss32, stats32, grad32) = results.values()
+    assert_close_2x(loss, loss32, loss64, torch.float32, name=f"{name} loss")
+    assert stats.keys() == stats64.keys(), name
+    for key in stats:
+        assert_close_2x(stats[key], stats32[key], stats64[key], torch.float32,
+                        atol_scale=max(1.0, abs(stats64[key].item())), name=f"{name} {key}")
+    assert_close_2x(grad, grad32, grad64, torch.float32, name=f"{name} gradient")
+
+
+@pytest.mark.parametrize("ratio_level, loss_type, kl_coef",
+                         [("token", "ppo", 0.0), ("token", "ppo", 0.1),
+                          ("sequence", "ppo", 0.1), ("token", "cispo", 0.0)])
+def test_policy_loss_with_inputs_of_mixed_dtypes_and_layouts(ratio_level, loss_type, kl_coef):
+    """losses.cpp stages each input's row as fp32 on its own (one kernel body for every
+    combination of dtypes): fp32 / bf16 / fp16 inputs in one call, strided, column-major and
+    per-sequence (expanded), against the float64 reference of the same values."""
+    g = torch.Generator().manual_seed(1)
+    B, T = 6, 41
+    mask = torch.rand(B, T, generator=g) > 0.25
+    leaf = torch.randn(B, 2 * T, generator=g) * 0.1 - 1  # logp: fp32, time stride 2
+    old = (leaf[:, ::2] + 0.2 * torch.randn(B, T, generator=g)).bfloat16().t().contiguous().t()
+    advantages = torch.randn(B, generator=g).half()  # per sequence: expanded, stride 0 in T
+    ref = (leaf[:, ::2] + 0.3 * torch.randn(B, T, generator=g)).half()
+
+    def call(impl, x, cast):
+        return impl.ppo_policy_loss(
+            x[:, ::2], cast(old), cast(advantages), mask,
+            dual_clip=3.0 if loss_type == "ppo" else None, reduction="seq-mean-token-mean",
+            ratio_level=ratio_level, loss_type=loss_type, ref_logp=cast(ref) if kl_coef else None,
+            kl_coef=kl_coef)
+
+    _check_loss_against_reference(f"{ratio_level} {loss_type} kl {kl_coef}", call, leaf)
+
+
+def test_value_and_bradley_terry_losses_with_inputs_of_mixed_dtypes_and_layouts():
+    """As above for the value loss (fp32 strided values, bf16 column-major old values, fp16
+    returns) and Bradley-Terry (fp32 strided chosen, bf16 rejected, fp16 margins)."""
+    g = torch.Generator().manual_seed(2)
+    B, T = 5, 33
+    mask = torch.rand(B, T, generator=g) > 0.25
+    leaf = torch.randn(B, 2 * T, generator=g)
+    old = (leaf[:, ::2] + 0.3 * torch.randn(B, T, generator=g)).bfloat16().t().contiguous().t()
+    returns = torch.randn(B, T, generator=g).half()
+
+    def value(impl, x, cast):
+        return impl.ppo_value_loss(x[:, ::2], cast(old), cast(returns), mask, clip=0.2)
+
+    _check_loss_against_reference("value", value, leaf)
+    n = 5000  # more than one 4096-pair chunk
+    leaf = torch.randn(2 * n, generator=g)
+    rejected = torch.randn(n, generator=g).bfloat16()
+    margin = torch.rand(n, generator=g).half()
+
+    def bradley_terry(impl, x, cast):
+        return impl.bradley_terry_loss(x[::2], cast(rejected), cast(margin), center_coef=0.01)
+
+    _check_loss_against_reference("bradley_terry", bradley_terry, leaf)
 
 
 def test_gae_outputs_from_the_reusing_allocator_stay_independent():
