@@ -27,6 +27,7 @@ grpo_trainer = pytest.importorskip("trl.trainer.grpo_trainer")
 
 from rlhf_kernels.integrations import original  # noqa: E402
 from rlhf_kernels.integrations import trl as ours  # noqa: E402
+from tests.numerics import assert_close_2x  # noqa: E402
 
 VOCAB, PROMPTS, GENERATIONS, COMPLETION = 64, 2, 4, 6
 
@@ -292,9 +293,11 @@ def test_patch_and_unpatch_restore_trl(grpo):
 # a LoRA adapter on lm_head
 # --------------------------------------------------------------------------------------------
 def _unfused_logps(model, input_ids, attention_mask, temperature):
-    """(B, T-1) log-probs and entropies of the next tokens from the model's own logits."""
+    """(B, T-1) log-probs and entropies of the next tokens from the model's own logits, in fp32
+    (fp64 for a float64 model: the reference of the fused head's test)."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
-    logp = (logits.float() / temperature).log_softmax(-1)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logp = (logits / temperature).log_softmax(-1)
     chosen = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     entropy = -(logp.exp() * logp).sum(-1)
     keep = attention_mask[:, 1:] != 0
@@ -305,7 +308,14 @@ def _unfused_logps(model, input_ids, attention_mask, temperature):
 def test_fused_head_with_lora_on_lm_head(variant):
     """The fused forward of a model whose lm_head (and q_proj) carry a LoRA adapter: the
     model's own log-probs and entropies, and their gradients to every adapter parameter. Plain
-    LoRA goes through linear_logprobs' LoRA inputs, DoRA through the head module."""
+    LoRA goes through linear_logprobs' LoRA inputs, DoRA through the head module.
+
+    The gradients are checked by the 2x rule (tests/numerics.py) against the same model in
+    float64, the model's own fp32 forward being the same-dtype computation; the fp32 atol scales
+    with the gradient's largest entry. An element-wise tolerance against the fp32 forward does
+    not hold: an entry that is small by cancellation (lm_head's lora_A sums over tokens and
+    vocabulary, entries up to ~17) carries the rounding error of its large terms, a few
+    1e-6 in either fp32 computation."""
     from peft import LoraConfig, get_peft_model
 
     model = _model(1)
@@ -318,23 +328,31 @@ def test_fused_head_with_lora_on_lm_head(variant):
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"],
                         init_lora_weights=False, use_dora=variant == "dora")
     model = get_peft_model(model, config)
-    params = [p for p in model.parameters() if p.requires_grad]
-    assert any("lm_head" in n for n, p in model.named_parameters() if p.requires_grad)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("lm_head" in n for n in names)
     weight = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    # the float64 reference: the same base and adapter weights (its LoRA init draws, replaced by
+    # the loaded ones, do not touch the test's random stream)
+    with torch.random.fork_rng(devices=[]):
+        model64 = get_peft_model(_model(1), copy.deepcopy(config))
+    model64.load_state_dict(model.state_dict())
+    model64.double()
 
-    def run(fused: bool):
+    def run(fused: bool, net=model):
+        params = [p for p in net.parameters() if p.requires_grad]
         if fused:
-            out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                        fused_lm_head=True)
+            out = net(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                      fused_lm_head=True)
             logp, entropy = out.log_probs, out.entropy
         else:
-            logp, entropy = _unfused_logps(model, input_ids, attention_mask, 0.7)
+            logp, entropy = _unfused_logps(net, input_ids, attention_mask, 0.7)
         total = (logp * weight).sum() + (entropy * weight.flip(0)).sum()
         # adapters off: nothing trainable is used
         grads = torch.autograd.grad(total, params) if total.requires_grad else ()
         return logp.detach(), entropy.detach(), grads
 
     expected = run(fused=False)
+    grads64 = run(fused=False, net=model64)[2]
     with ours.patch_trl():
         got = run(fused=True)
         with model.disable_adapter():  # the reference policy: the base head alone
@@ -345,8 +363,10 @@ def test_fused_head_with_lora_on_lm_head(variant):
 
         torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-5, msg=say)
         torch.testing.assert_close(a[1], b[1], rtol=1e-5, atol=1e-5, msg=say)
-        for ga, gb in zip(a[2], b[2]):
-            torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6, msg=say)
+    assert len(got[2]) == len(expected[2]) == len(grads64) == len(names)
+    for g, g_fp32, g64, param in zip(got[2], expected[2], grads64, names):
+        assert_close_2x(g, g_fp32, g64, torch.float32, name=f"{variant}: d {param}",
+                        atol_scale=max(1.0, g64.abs().max().item()))
     # TRL's own head would ignore the adapter: once unpatched, the fused forward refuses
     with pytest.raises(RuntimeError, match="ignore the adapter"):
         model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
