@@ -152,29 +152,22 @@ void masked_whiten(const void* x, Dtype dtype, const uint8_t* mask, int64_t n, b
   constexpr int64_t kChunk = 4096;
   const int64_t n_chunks = (n + kChunk - 1) / kChunk;
   std::vector<double> sums(n_chunks), counts(n_chunks), squares(n_chunks);
-  const Strided2d xs{x, dtype, 0, 1};
-  auto valid = [&](int64_t i) { return mask == nullptr || mask[i] != 0; };
-  // body(i, value) for i in [begin, end): x as fp32 a block of kChunk at a time
-  auto for_values = [&](int64_t begin, int64_t end, float* buffer, auto&& body) {
-    for (int64_t first = begin; first < end; first += kChunk) {
-      const int64_t count = std::min(kChunk, end - first);
-      const float* values = f32_row(xs, 0, first, count, buffer);
-      for (int64_t j = 0; j < count; ++j) body(first + j, values[j]);
-    }
-  };
+  const Strided2d xs{x, dtype, 0, 1};  // read kChunk elements at a time as fp32 (f32_row)
   at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buffer(kChunk);
     for (int64_t c = begin; c < end; ++c) {
-      double sum = 0.0, count = 0.0;
-      for_values(c * kChunk, std::min(n, (c + 1) * kChunk), buffer.data(),
-                 [&](int64_t i, float v) {
-                   if (valid(i)) {
-                     sum += static_cast<double>(v);
-                     count += 1.0;
-                   }
-                 });
+      const int64_t first = c * kChunk, count = std::min(kChunk, n - first);
+      const float* v = f32_row(xs, 0, first, count, buffer.data());
+      const uint8_t* m = mask ? mask + first : nullptr;
+      double sum = 0.0, valid = 0.0;
+      for (int64_t j = 0; j < count; ++j) {
+        if (m == nullptr || m[j] != 0) {
+          sum += static_cast<double>(v[j]);
+          valid += 1.0;
+        }
+      }
       sums[c] = sum;
-      counts[c] = count;
+      counts[c] = valid;
     }
   });
   double total = 0.0, count = 0.0;
@@ -186,14 +179,16 @@ void masked_whiten(const void* x, Dtype dtype, const uint8_t* mask, int64_t n, b
   at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buffer(kChunk);
     for (int64_t c = begin; c < end; ++c) {
+      const int64_t first = c * kChunk, count = std::min(kChunk, n - first);
+      const float* v = f32_row(xs, 0, first, count, buffer.data());
+      const uint8_t* m = mask ? mask + first : nullptr;
       double sq = 0.0;
-      for_values(c * kChunk, std::min(n, (c + 1) * kChunk), buffer.data(),
-                 [&](int64_t i, float v) {
-                   if (valid(i)) {
-                     const double d = static_cast<double>(v) - mean;
-                     sq += d * d;
-                   }
-                 });
+      for (int64_t j = 0; j < count; ++j) {
+        if (m == nullptr || m[j] != 0) {
+          const double d = static_cast<double>(v[j]) - mean;
+          sq += d * d;
+        }
+      }
       squares[c] = sq;
     }
   });
@@ -203,15 +198,17 @@ void masked_whiten(const void* x, Dtype dtype, const uint8_t* mask, int64_t n, b
   const double rstd = 1.0 / std::sqrt(var + static_cast<double>(eps));
   at::parallel_for(0, n, kChunk, [&](int64_t begin, int64_t end) {
     std::vector<float> buffer(kChunk);
-    for_values(begin, end, buffer.data(), [&](int64_t i, float v) {
-      if (!valid(i)) {
-        out[i] = 0.f;
-        return;
+    for (int64_t first = begin; first < end; first += kChunk) {
+      const int64_t count = std::min(kChunk, end - first);
+      const float* v = f32_row(xs, 0, first, count, buffer.data());
+      const uint8_t* m = mask ? mask + first : nullptr;
+      float* o = out + first;
+      for (int64_t j = 0; j < count; ++j) {
+        double w = (static_cast<double>(v[j]) - mean) * rstd;
+        if (!shift_mean) w += mean;
+        o[j] = (m == nullptr || m[j] != 0) ? static_cast<float>(w) : 0.f;
       }
-      double w = (static_cast<double>(v) - mean) * rstd;
-      if (!shift_mean) w += mean;
-      out[i] = static_cast<float>(w);
-    });
+    }
   });
 }
 
