@@ -673,6 +673,7 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
         "timings_s": timings,
         "torch_threads": torch.get_num_threads(),
         "world_size": distributed.world_size(),  # torchrun: the number of ranks
+        "cpu_allocator": stage.cpu_allocator_setting(),  # bound_cpu_allocator_slack
         "config": _used_config(cfg, stages, unused),
     }
     if not own_data:  # the figures only the gold judge can give

@@ -46,7 +46,8 @@ __all__ = ["CACHE_ENV_VAR", "available", "build_directory", "build_seconds", "fa
 CSRC = Path(__file__).resolve().parent.parent / "csrc" / "cpu"
 # register.cpp first: ninja starts the jobs in this order, and the registration (torch's operator
 # headers) is the longest compile, so it runs beside the four short kernel files instead of last
-_SOURCES = ("register.cpp", "logprobs.cpp", "scans.cpp", "elementwise.cpp", "losses.cpp")
+_SOURCES = ("register.cpp", "logprobs.cpp", "scans.cpp", "elementwise.cpp", "losses.cpp",
+            "allocator.cpp")
 _HEADERS = ("common.h", "dtypes.h")
 
 CACHE_ENV_VAR = "RLHF_KERNELS_NATIVE_CACHE"

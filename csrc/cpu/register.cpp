@@ -491,6 +491,10 @@ at::Tensor group_advantages_op(const at::Tensor& scores, const std::optional<at:
 }
 
 }  // namespace
+
+// allocator.cpp (kept free of torch's operator headers: it compiles in a second)
+std::vector<int64_t> cpu_block_cache(int64_t max_cached_bytes);
+std::vector<int64_t> cpu_block_cache_stats();
 }  // namespace rlhf_native
 
 TORCH_LIBRARY(rlhf_kernels_native, m) {
@@ -531,4 +535,6 @@ TORCH_LIBRARY(rlhf_kernels_native, m) {
   m.def("masked_whiten(Tensor x, Tensor? mask, Tensor(a!) out, bool shift_mean, bool unbiased, "
         "float eps) -> ()",
         &rlhf_native::masked_whiten_op);
+  m.def("cpu_block_cache(int max_cached_bytes) -> int[]", &rlhf_native::cpu_block_cache);
+  m.def("cpu_block_cache_stats() -> int[]", &rlhf_native::cpu_block_cache_stats);
 }
