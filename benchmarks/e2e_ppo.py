@@ -37,10 +37,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -57,7 +58,7 @@ from rlhf.engine import RolloutEngine
 from rlhf.models import LoraSpec, SharedBackbone
 from rlhf.ppo import PPOConfig, backward_losses, make_rollout, recorded_logprobs_match
 from rlhf.ppo import make_optimizer as ppo_make_optimizer
-from rlhf.stage import resolve_device
+from rlhf.stage import bound_cpu_allocator_slack, resolve_device
 
 OLD_LOGPROBS = ("auto", "forward", "recorded")
 
@@ -149,11 +150,12 @@ def _sync(device: torch.device) -> None:
 
 
 class StageClock:
-    """Wall time per stage and (CUDA) the allocator's peak within it; ``marker`` is called at
-    each stage start (the CPU tests hook a live-tensor tracker there)."""
+    """Wall time per stage and its memory peak: on CUDA the allocator's, on the CPU (when
+    ``rss_base`` is given and the peak can be reset) the resident set's above ``rss_base``.
+    ``marker`` is called at each stage start (the CPU tests hook a live-tensor tracker there)."""
 
-    def __init__(self, device: torch.device, marker=None):
-        self.device, self.marker = device, marker
+    def __init__(self, device: torch.device, marker=None, rss_base: int | None = None):
+        self.device, self.marker, self.rss_base = device, marker, rss_base
         self.seconds: dict[str, float] = {}
         self.peak_bytes: dict[str, int] = {}
 
@@ -164,12 +166,16 @@ class StageClock:
             torch.cuda.reset_peak_memory_stats(self.device)
         if self.marker is not None:
             self.marker(name)
+        rss = self.device.type == "cpu" and self.rss_base is not None and _reset_peak_rss()
         start = time.perf_counter()
         yield
         _sync(self.device)
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device)
+            self.peak_bytes[name] = max(self.peak_bytes.get(name, 0), peak)
+        elif rss:
+            peak = _peak_rss_bytes() - self.rss_base
             self.peak_bytes[name] = max(self.peak_bytes.get(name, 0), peak)
 
 
@@ -311,6 +317,19 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
+def _import_model_code(cfg: E2EConfig) -> None:
+    """Build and drop a 2-layer, 64-wide model of the case's architecture with its LoRA roles:
+    the modules that building imports (the architecture's modeling code, peft's layers, about
+    0.3 GiB of Python for Qwen2) are then part of the process before the CPU case's baseline,
+    as torch's are, rather than counted as the model's memory, which ``rlhf plan`` predicts."""
+    tiny = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, vocab_size=256,
+                num_attention_heads=4, num_key_value_heads=2)
+    backbone = build_backbone(replace(cfg, config_overrides=cfg.config_overrides | tiny,
+                                      lora_rank=min(cfg.lora_rank, 8)))
+    del backbone
+    gc.collect()
+
+
 def run_case(cfg: E2EConfig, marker=None) -> dict:
     """Build, warm up, time ``cfg.iterations`` iterations; one result row."""
     device = resolve_device(cfg.device, cfg.max_memory_gib)  # the trainer's max_memory cap
@@ -320,6 +339,7 @@ def run_case(cfg: E2EConfig, marker=None) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     else:
+        _import_model_code(cfg)
         _reset_peak_rss()
         rss_start = _rss_bytes()
     backbone = build_backbone(cfg)
@@ -332,7 +352,12 @@ def run_case(cfg: E2EConfig, marker=None) -> dict:
                       StageClock(device), eos)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    clock = StageClock(device, marker)
+    else:
+        # as on the GPU, the peak of the timed iterations (the build's transient, e.g.
+        # transformers' random init of an untied lm_head before tying, is reported apart)
+        build_peak = _peak_rss_bytes() - rss_start
+        _reset_peak_rss()
+    clock = StageClock(device, marker, rss_base=None if device.type == "cuda" else rss_start)
     total_tokens = 0
     started = time.perf_counter()
     for _ in range(cfg.iterations):
@@ -373,11 +398,22 @@ def run_case(cfg: E2EConfig, marker=None) -> dict:
             k: clock.peak_bytes[k] / predicted["stages"][k]["total"] for k in clock.peak_bytes}
         row["max_memory_gib"] = cfg.max_memory_gib
     else:
-        # the case's peak resident set above the process's size before the model was built
-        # (weights, activations, optimizer state, and also allocator slack and BLAS buffers);
-        # the peak was reset at the start of the case (else it is the process's lifetime peak)
-        row["peak_gib"] = (_peak_rss_bytes() - rss_start) / 2**30
-        row["memory"] = "peak RSS above the start of the case"
+        # the timed iterations' peak resident set above the process's size before the model
+        # was built (weights, activations, optimizer state, and also allocator slack and BLAS
+        # buffers); where the peak cannot be reset it is the process's lifetime peak
+        peak = max(_peak_rss_bytes() - rss_start, *clock.peak_bytes.values())
+        row["peak_gib"] = peak / 2**30
+        row["build_peak_gib"] = build_peak / 2**30
+        if clock.peak_bytes:  # per stage, where the peak could be reset
+            row["stage_peak_gib"] = {k: v / 2**30 for k, v in clock.peak_bytes.items()}
+            row["measured_over_predicted"] = {
+                k: clock.peak_bytes[k] / predicted["stages"][k]["total"]
+                for k in clock.peak_bytes}
+        row["cpu_allocator"] = bound_cpu_allocator_slack() or (
+            f"MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}"
+            if "MALLOC_MMAP_THRESHOLD_" in os.environ else "the C library's default")
+        row["memory"] = ("peak RSS of the timed iterations above the process before the model "
+                         "was built")
         row["kernels_backend"] = os.environ.get("RLHF_KERNELS_BACKEND", "auto")
     del engine, optimizer, backbone
     if device.type == "cuda":
@@ -488,8 +524,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the interpreter that has the peer's packages (default: this one)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                         help="cpu: a real shape on the CPU (one --shape; memory is the peak "
-                             "RSS, our ops run the PyTorch reference unless "
-                             "RLHF_KERNELS_BACKEND=native); says nothing of GPU speed")
+                             "RSS; our ops run the native CPU kernels, or what "
+                             "RLHF_KERNELS_BACKEND says); says nothing of GPU speed")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                         help="the model's dtype (float32 on CPUs whose bf16 GEMM is a slow "
                              "fallback: no AVX512-BF16 / AMX)")
@@ -511,9 +547,16 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--device cpu measures the process's peak RSS: one --shape per run")
         if args.max_memory is not None:
             parser.error("--max-memory caps CUDA memory; it has no meaning with --device cpu")
-        # the PyTorch reference of our ops, not the Triton interpreter (minutes per call at a
-        # 152K vocabulary); benchmarks/__init__ turned the interpreter on for the CPU
-        os.environ.setdefault("RLHF_KERNELS_BACKEND", "reference")
+        # the native CPU kernels of our ops (the PyTorch reference where they cannot be built),
+        # not the Triton interpreter (minutes per call at a 152K vocabulary), which
+        # benchmarks/__init__ turned on for the CPU
+        from rlhf_kernels import _native
+
+        if "RLHF_KERNELS_BACKEND" not in os.environ:
+            os.environ["RLHF_KERNELS_BACKEND"] = "native" if _native.available() else "reference"
+            if not _native.available():
+                print(f"the native CPU kernels are not available ({_native.failure_reason()}): "
+                      f"our ops run the PyTorch reference", file=sys.stderr)
     rows = []
     for shape in args.shape or ["qwen2.5-1.5b"]:
         cfg = E2EConfig(
