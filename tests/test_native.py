@@ -12,7 +12,7 @@ remaining tests check the public route: ``RLHF_KERNELS_BACKEND=native``, ``auto`
 interpreter (in a fresh process, which also shows the build is cached across processes), the
 one warning when the kernels cannot be built, and the same user errors as the other backends.
 
-The first test to run builds the extension unless scripts/bootstrap.sh did (about 40 s of CPU
+The first test to run builds the extension unless scripts/bootstrap.sh did (about 20 s of CPU
 time, once per machine: later processes load it from torch's extensions directory); without a
 C++ compiler or ninja every test here is skipped with the reason.
 """
