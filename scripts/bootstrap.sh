@@ -18,6 +18,6 @@ echo "[bootstrap] installing rlhf-kernels[dev] (editable)"
 # compile. Cached in torch's extensions directory; without a compiler or ninja the ops run the
 # plain-PyTorch reference (one warning says why).
 if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-    echo "[bootstrap] building the native CPU kernels (once per machine, about a minute)"
+    echo "[bootstrap] building the native CPU kernels (once per machine, about 20 s of CPU)"
     "$PY" -c "from rlhf_kernels import _native as n; print('[bootstrap] native CPU kernels:', 'ready' if n.available() else 'unavailable, ' + str(n.failure_reason()))"
 fi
