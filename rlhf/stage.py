@@ -32,6 +32,7 @@ __all__ = [
     "check_max_memory",
     "check_settings",
     "cpu_allocator_setting",
+    "cpu_malloc_setting",
     "limited_cpu_threads",
     "limits_cpu_threads",
     "nonfinite_error",
@@ -116,6 +117,24 @@ CPU_BLOCK_CACHE_MIB = 128
 CPU_MALLOC_CHOICES = ("cache", "threshold", "default")
 
 
+def cpu_malloc_setting() -> tuple[str, float]:
+    """(``RLHF_CPU_MALLOC``, ``RLHF_CPU_CACHE_MIB``) from the environment, checked."""
+    choice = os.environ.get("RLHF_CPU_MALLOC", "cache")
+    if choice not in CPU_MALLOC_CHOICES:
+        raise ValueError(f"RLHF_CPU_MALLOC={choice!r}: expected one of {CPU_MALLOC_CHOICES} "
+                         f"(cache: the native kernels' block cache, the default; threshold: "
+                         f"glibc's mmap threshold fixed at 128 KiB; default: glibc's own)")
+    text = os.environ.get("RLHF_CPU_CACHE_MIB", str(CPU_BLOCK_CACHE_MIB))
+    try:
+        mib = float(text)
+    except ValueError:
+        mib = -1.0
+    if not 0 <= mib < 2**40:  # NaN fails too
+        raise ValueError(f"RLHF_CPU_CACHE_MIB={text!r}: expected the block cache's size in MiB, "
+                         f"a number >= 0 (default {CPU_BLOCK_CACHE_MIB})")
+    return choice, mib
+
+
 @functools.cache
 def bound_cpu_allocator_slack() -> str:
     """Keep this process's resident set near its live tensors on the CPU; says what it did
@@ -140,27 +159,18 @@ def bound_cpu_allocator_slack() -> str:
 
     Left alone when ``MALLOC_MMAP_THRESHOLD_`` is set (glibc applied the user's value).
     """
-    choice = os.environ.get("RLHF_CPU_MALLOC", "cache")
-    if choice not in CPU_MALLOC_CHOICES:
-        raise ValueError(f"RLHF_CPU_MALLOC={choice!r}: expected one of {CPU_MALLOC_CHOICES} "
-                         f"(cache: the native kernels' block cache, the default; threshold: "
-                         f"glibc's mmap threshold fixed at 128 KiB; default: glibc's own)")
+    choice, mib = cpu_malloc_setting()
     if choice == "default" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return ""
     if choice == "cache":
-        text = os.environ.get("RLHF_CPU_CACHE_MIB", str(CPU_BLOCK_CACHE_MIB))
-        try:
-            mib = float(text)
-        except ValueError:
-            mib = -1.0
-        if not mib >= 0:
-            raise ValueError(f"RLHF_CPU_CACHE_MIB={text!r}: expected the block cache's size in "
-                             f"MiB, a number >= 0 (default {CPU_BLOCK_CACHE_MIB})")
         from rlhf_kernels import _native
 
         if _native.available():
             _native.ops().cpu_block_cache(int(mib * 2**20))
             return f"block cache ({mib:g} MiB)"
+        warnings.warn(f"the native block cache is not available ({_native.failure_reason()}): "
+                      f"glibc's mmap threshold is fixed at 128 KiB instead (the same bound on "
+                      f"memory, slower)", stacklevel=2)
     import ctypes
     import ctypes.util
 

@@ -84,30 +84,62 @@ def test_glibc_default_leaves_freed_heap_resident_and_the_threshold_does_not():
     threshold = _run(_PATTERN, RLHF_CPU_MALLOC="threshold")
     assert threshold["applied"] == "mmap threshold 128 KiB", threshold
     assert threshold["retained_mib"] < 8 and threshold["values_ok"], threshold
-    # a user's own MALLOC_MMAP_THRESHOLD_ is left to glibc
-    assert _run(_PATTERN, MALLOC_MMAP_THRESHOLD_="1048576")["applied"] == ""
 
 
-def test_bad_settings_are_one_clear_error():
-    with pytest.raises(RuntimeError, match="RLHF_CPU_MALLOC='tcmalloc': expected one of"):
-        _run(_PRELUDE, RLHF_CPU_MALLOC="tcmalloc")
-    with pytest.raises(RuntimeError, match="RLHF_CPU_CACHE_MIB='lots': expected"):
-        _run(_PRELUDE, RLHF_CPU_CACHE_MIB="lots")
+def test_settings_are_checked_and_a_users_glibc_setting_is_left_alone(monkeypatch):
+    from rlhf.stage import bound_cpu_allocator_slack, cpu_malloc_setting
+
+    for name in ("RLHF_CPU_MALLOC", "RLHF_CPU_CACHE_MIB", "MALLOC_MMAP_THRESHOLD_"):
+        monkeypatch.delenv(name, raising=False)
+    assert cpu_malloc_setting() == ("cache", 128.0)
+    monkeypatch.setenv("RLHF_CPU_CACHE_MIB", "0.5")
+    assert cpu_malloc_setting() == ("cache", 0.5)
+    for bad in ("lots", "-1", "nan"):
+        monkeypatch.setenv("RLHF_CPU_CACHE_MIB", bad)
+        with pytest.raises(ValueError, match=f"RLHF_CPU_CACHE_MIB='{bad}': expected"):
+            cpu_malloc_setting()
+    monkeypatch.delenv("RLHF_CPU_CACHE_MIB")
+    monkeypatch.setenv("RLHF_CPU_MALLOC", "tcmalloc")
+    with pytest.raises(ValueError, match="RLHF_CPU_MALLOC='tcmalloc': expected one of"):
+        cpu_malloc_setting()
+    # glibc applied the user's own MALLOC_MMAP_THRESHOLD_: nothing is changed (the uncached
+    # function returns before it touches the allocator)
+    monkeypatch.setenv("RLHF_CPU_MALLOC", "cache")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1048576")
+    assert bound_cpu_allocator_slack.__wrapped__() == ""
 
 
 native = pytest.mark.skipif(not _native.available(),
                             reason=f"native kernels not built: {_native.failure_reason()}")
 
+# the pattern with no cache, then again with a 24 MiB one (the cap is changed in place)
+_CAPS = _PATTERN.replace("print(json.dumps(", "first = (").replace(
+    '"values_ok": ok}))', '"values_ok": ok})') + """
+from rlhf_kernels import _native
+_native.ops().cpu_block_cache(24 * 2**20)
+start = rss_mib()
+for iteration in range(3):
+    saved = []
+    for layer in range(24):
+        temporary = torch.ones(5 * 2**18)
+        saved.append(torch.ones(230_000))
+        del temporary
+    while saved:
+        saved.pop()
+print(json.dumps({"uncached": first, "cached_mib": rss_mib() - start,
+                  "cached": _native.ops().cpu_block_cache_stats()[2]}))
+"""
+
 
 @native
 def test_block_cache_bounds_the_resident_set_by_its_cap():
     """The resident set after the pattern: the live state plus at most the cache's cap."""
-    uncached = _run(_PATTERN, RLHF_CPU_CACHE_MIB="0")
+    out = _run(_CAPS, RLHF_CPU_CACHE_MIB="0")
+    uncached = out["uncached"]
     assert uncached["applied"] == "block cache (0 MiB)", uncached
     assert uncached["retained_mib"] < 8 and uncached["values_ok"], uncached
-    cached = _run(_PATTERN, RLHF_CPU_CACHE_MIB="24")
-    assert cached["applied"] == "block cache (24 MiB)", cached
-    assert 8 < cached["retained_mib"] < 24 + 8 and cached["values_ok"], cached
+    assert 0 < out["cached"] <= 24 * 2**20
+    assert out["cached"] / 2**20 - 4 < out["cached_mib"] < 24 + 4, out
 
 
 _BLOCKS = _PRELUDE + """
