@@ -83,6 +83,19 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _the_trainers_cpu_allocator():
+    """The whole session runs with the CPU allocator the trainer installs on the CPU
+    (rlhf.stage.bound_cpu_allocator_slack: the native block cache, else glibc's fixed mmap
+    threshold), from the first test on, instead of from whichever test first resolves a CPU
+    device: what a test sees then does not depend on the order the tests run in.
+    tests/test_cpu_allocator.py checks each setting in its own fresh process."""
+    from rlhf.stage import bound_cpu_allocator_slack
+
+    bound_cpu_allocator_slack()
+    yield
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     """Every test runs with one intra-op thread, as the stages do by default (cpu_threads=1).
 
