@@ -190,6 +190,26 @@ if pid == 0:
     u = torch.empty(2**20)
     os._exit(0 if ok and u.numel() == 2**20 else 1)
 out["fork_exit"] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+# threads allocating and freeing at once: every block keeps what its thread wrote
+import random, threading
+mixed_up = []
+
+def churn(seed):
+    draw, kept = random.Random(seed), []
+    for _ in range(600):
+        kept.append(torch.full((draw.choice([2**15, 2**17, 3 * 2**16, 2**18 + 7]),),
+                               float(seed)))
+        if len(kept) > 6:
+            block = kept.pop(draw.randrange(len(kept)))
+            if not bool((block == seed).all()):
+                mixed_up.append(seed)
+
+threads = [threading.Thread(target=churn, args=(seed,)) for seed in range(4)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+out["threads_mixed_up"] = mixed_up
 # the cap holds: many sizes freed, at most the cap cached, the rest unmapped
 blocks = [torch.empty(2**18 + k * 2**15) for k in range(40)]
 del blocks
@@ -210,4 +230,5 @@ def test_block_cache_reuses_blocks_and_keeps_values():
     assert out["grad_error"] < 1e-3
     assert out["resize_keeps_prefix"] and out["save_load"]
     assert out["fork_exit"] == 0
+    assert out["threads_mixed_up"] == []
     assert 0 < out["after_many"]["cached"] <= 8 * 2**20
