@@ -153,22 +153,27 @@ void masked_whiten(const void* x, Dtype dtype, const uint8_t* mask, int64_t n, b
   const int64_t n_chunks = (n + kChunk - 1) / kChunk;
   std::vector<double> sums(n_chunks), counts(n_chunks), squares(n_chunks);
   const Strided2d xs{x, dtype, 0, 1};  // read kChunk elements at a time as fp32 (f32_row)
-  at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buffer(kChunk);
-    for (int64_t c = begin; c < end; ++c) {
-      const int64_t first = c * kChunk, count = std::min(kChunk, n - first);
-      const float* v = f32_row(xs, 0, first, count, buffer.data());
-      const uint8_t* m = mask ? mask + first : nullptr;
-      double sum = 0.0, valid = 0.0;
-      for (int64_t j = 0; j < count; ++j) {
-        if (m == nullptr || m[j] != 0) {
-          sum += static_cast<double>(v[j]);
-          valid += 1.0;
-        }
+  // each kChunk-element block of x staged as fp32, with its part of the mask, on some thread
+  auto over_chunks = [&](auto&& body) {
+    at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> buffer(kChunk);
+      for (int64_t c = begin; c < end; ++c) {
+        const int64_t first = c * kChunk, count = std::min(kChunk, n - first);
+        body(c, f32_row(xs, 0, first, count, buffer.data()), mask ? mask + first : nullptr,
+             count);
       }
-      sums[c] = sum;
-      counts[c] = valid;
+    });
+  };
+  over_chunks([&](int64_t c, const float* v, const uint8_t* m, int64_t count) {
+    double sum = 0.0, valid = 0.0;
+    for (int64_t j = 0; j < count; ++j) {
+      if (m == nullptr || m[j] != 0) {
+        sum += static_cast<double>(v[j]);
+        valid += 1.0;
+      }
     }
+    sums[c] = sum;
+    counts[c] = valid;
   });
   double total = 0.0, count = 0.0;
   for (int64_t c = 0; c < n_chunks; ++c) {
@@ -176,38 +181,26 @@ void masked_whiten(const void* x, Dtype dtype, const uint8_t* mask, int64_t n, b
     count += counts[c];
   }
   const double mean = total / std::max(count, 1.0);
-  at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buffer(kChunk);
-    for (int64_t c = begin; c < end; ++c) {
-      const int64_t first = c * kChunk, count = std::min(kChunk, n - first);
-      const float* v = f32_row(xs, 0, first, count, buffer.data());
-      const uint8_t* m = mask ? mask + first : nullptr;
-      double sq = 0.0;
-      for (int64_t j = 0; j < count; ++j) {
-        if (m == nullptr || m[j] != 0) {
-          const double d = static_cast<double>(v[j]) - mean;
-          sq += d * d;
-        }
+  over_chunks([&](int64_t c, const float* v, const uint8_t* m, int64_t count) {
+    double sq = 0.0;
+    for (int64_t j = 0; j < count; ++j) {
+      if (m == nullptr || m[j] != 0) {
+        const double d = static_cast<double>(v[j]) - mean;
+        sq += d * d;
       }
-      squares[c] = sq;
     }
+    squares[c] = sq;
   });
   double m2 = 0.0;
   for (int64_t c = 0; c < n_chunks; ++c) m2 += squares[c];
   const double var = m2 / std::max(unbiased ? count - 1.0 : count, 1.0);
   const double rstd = 1.0 / std::sqrt(var + static_cast<double>(eps));
-  at::parallel_for(0, n, kChunk, [&](int64_t begin, int64_t end) {
-    std::vector<float> buffer(kChunk);
-    for (int64_t first = begin; first < end; first += kChunk) {
-      const int64_t count = std::min(kChunk, end - first);
-      const float* v = f32_row(xs, 0, first, count, buffer.data());
-      const uint8_t* m = mask ? mask + first : nullptr;
-      float* o = out + first;
-      for (int64_t j = 0; j < count; ++j) {
-        double w = (static_cast<double>(v[j]) - mean) * rstd;
-        if (!shift_mean) w += mean;
-        o[j] = (m == nullptr || m[j] != 0) ? static_cast<float>(w) : 0.f;
-      }
+  over_chunks([&](int64_t c, const float* v, const uint8_t* m, int64_t count) {
+    float* o = out + c * kChunk;
+    for (int64_t j = 0; j < count; ++j) {
+      double w = (static_cast<double>(v[j]) - mean) * rstd;
+      if (!shift_mean) w += mean;
+      o[j] = (m == nullptr || m[j] != 0) ? static_cast<float>(w) : 0.f;
     }
   });
 }
