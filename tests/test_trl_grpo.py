@@ -31,6 +31,12 @@ from tests.numerics import assert_close_2x  # noqa: E402
 
 VOCAB, PROMPTS, GENERATIONS, COMPLETION = 64, 2, 4, 6
 
+# TRL's own trainer code asks transformers 5 for the deprecated checkpointing names
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning"),
+]
+
 
 @pytest.fixture(autouse=True)
 def _triton_backend(monkeypatch):
