@@ -190,6 +190,13 @@ if pid == 0:
     u = torch.empty(2**20)
     os._exit(0 if ok and u.numel() == 2**20 else 1)
 out["fork_exit"] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+# the profiler's memory columns see both kinds of block, as with c10's own allocator
+from torch.profiler import ProfilerActivity, profile
+with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    large, small = torch.empty(2**20), torch.empty(1000)
+    del large, small
+out["profiled_bytes"] = sum(e.self_cpu_memory_usage for e in prof.key_averages()
+                            if e.key == "aten::empty")
 # threads allocating and freeing at once: every block keeps what its thread wrote
 import random, threading
 mixed_up = []
@@ -231,4 +238,5 @@ def test_block_cache_reuses_blocks_and_keeps_values():
     assert out["resize_keeps_prefix"] and out["save_load"]
     assert out["fork_exit"] == 0
     assert out["threads_mixed_up"] == []
+    assert out["profiled_bytes"] == 4 * 2**20 + 4000
     assert 0 < out["after_many"]["cached"] <= 8 * 2**20

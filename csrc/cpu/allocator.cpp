@@ -15,8 +15,8 @@
 // before. The resident set is then the live tensors plus at most max_cached bytes.
 //
 // The data pointer is the deleter's context (as c10's default CPU allocator), so raw_allocate /
-// raw_deallocate work; the block sizes are kept in a table. Allocations are reported to the
-// profiler as c10's allocator reports them.
+// raw_deallocate work; the block sizes are kept in a table. Allocations, small and large, are
+// reported to the profiler as c10's default allocator reports them.
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
@@ -46,10 +46,10 @@ class BlockCache final : public c10::Allocator {
   }
 
   c10::DataPtr allocate(size_t n) override {
-    if (n < kMinBytes) {
-      // c10's own path; its deleter is c10::free_cpu, as the default allocator's
+    if (n < kMinBytes) {  // c10's own allocation, reported as c10's default allocator does
       void* ptr = n == 0 ? nullptr : c10::alloc_cpu(n);
-      return {ptr, ptr, &c10::free_cpu, c10::Device(c10::DeviceType::CPU)};
+      if (ptr != nullptr) c10::profiledCPUMemoryReporter().New(ptr, n);
+      return {ptr, ptr, &free_small, c10::Device(c10::DeviceType::CPU)};
     }
     const size_t bytes = round_up(n);
     void* ptr = take_cached(bytes);
@@ -148,6 +148,12 @@ class BlockCache final : public c10::Allocator {
     return ptr;
   }
 
+  static void free_small(void* ptr) {
+    if (ptr == nullptr) return;
+    c10::profiledCPUMemoryReporter().Delete(ptr);
+    c10::free_cpu(ptr);
+  }
+
   static void release(void* ptr) {
     if (ptr == nullptr) return;
     c10::profiledCPUMemoryReporter().Delete(ptr);
@@ -158,7 +164,7 @@ class BlockCache final : public c10::Allocator {
   static void release_any(void* ptr) {
     if (ptr == nullptr) return;
     if (!get().owns(ptr)) {
-      c10::free_cpu(ptr);
+      free_small(ptr);
       return;
     }
     release(ptr);
