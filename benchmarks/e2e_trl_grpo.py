@@ -101,8 +101,12 @@ def _child_ours(args) -> dict:
     from rlhf import arithmetic
     from rlhf import rl as rl_stage
     from rlhf.models import LoraSpec, SharedBackbone, load_tokenizer
+    from rlhf.stage import cpu_allocator_setting, resolve_device
 
     torch.set_num_threads(args.threads)
+    # the trainer's device set-up first, as `rlhf` runs it: on the CPU that installs its
+    # allocator (rlhf.stage.bound_cpu_allocator_slack) before the model is loaded
+    resolve_device(args.device)
     backend = _kernel_backend(args.device)
     tokenizer = load_tokenizer(args.model_dir)
     backbone = SharedBackbone.from_pretrained(
@@ -150,6 +154,7 @@ def _child_ours(args) -> dict:
         "accuracy": after["accuracy"], "stderr": after["stderr"],
         "prompts_seen": seen, "old_logprobs": summary["old_logprobs"],
         "kernel_backend": backend,
+        "cpu_allocator": cpu_allocator_setting(),
         "settings": f"grpo preset (loss seq-mean-token-mean, k3 KL in the loss), one optimizer "
                     f"step per rollout in micro-batches of {args.ours_minibatch}, gradient "
                     f"checkpointing {args.ours_gradient_checkpointing}, AdamW",
