@@ -58,7 +58,7 @@ from rlhf.engine import RolloutEngine
 from rlhf.models import LoraSpec, SharedBackbone
 from rlhf.ppo import PPOConfig, backward_losses, make_rollout, recorded_logprobs_match
 from rlhf.ppo import make_optimizer as ppo_make_optimizer
-from rlhf.stage import bound_cpu_allocator_slack, resolve_device
+from rlhf.stage import cpu_allocator_setting, resolve_device
 
 OLD_LOGPROBS = ("auto", "forward", "recorded")
 
@@ -409,11 +409,9 @@ def run_case(cfg: E2EConfig, marker=None) -> dict:
             row["measured_over_predicted"] = {
                 k: clock.peak_bytes[k] / predicted["stages"][k]["total"]
                 for k in clock.peak_bytes}
-        row["cpu_allocator"] = bound_cpu_allocator_slack() or (
-            f"MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}"
-            if "MALLOC_MMAP_THRESHOLD_" in os.environ else "the C library's default")
-        row["memory"] = ("peak RSS of the timed iterations above the process before the model "
-                         "was built")
+        row["cpu_allocator"] = cpu_allocator_setting()  # resolve_device set it up
+        row["memory"] = ("peak RSS of the timed iterations above the process once the model's "
+                         "code is imported, before the model is built")
         row["kernels_backend"] = os.environ.get("RLHF_KERNELS_BACKEND", "auto")
     del engine, optimizer, backbone
     if device.type == "cuda":

@@ -188,11 +188,13 @@ def bound_cpu_allocator_slack() -> str:
 
 
 def cpu_allocator_setting() -> str | None:
-    """What ``bound_cpu_allocator_slack`` did in this process ("" nothing), None when it did not
-    run (no CPU device was resolved)."""
+    """The CPU allocator this process runs with, in words, once ``bound_cpu_allocator_slack``
+    has run (None before: no CPU device was resolved)."""
     if bound_cpu_allocator_slack.cache_info().currsize == 0:
         return None
-    return bound_cpu_allocator_slack()
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return f"MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}"
+    return bound_cpu_allocator_slack() or "the C library's default"
 
 
 def resolve_device(device: str, max_memory: float | None = None) -> torch.device:

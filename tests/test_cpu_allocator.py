@@ -30,7 +30,7 @@ pytestmark = pytest.mark.skipif(not _glibc(), reason="glibc's malloc and /proc (
 _PRELUDE = """
 import json, os, sys
 import torch
-from rlhf.stage import bound_cpu_allocator_slack
+from rlhf.stage import bound_cpu_allocator_slack, cpu_allocator_setting
 
 def rss_mib():
     for line in open("/proc/self/status"):
@@ -43,25 +43,29 @@ applied = bound_cpu_allocator_slack()
 # Per layer a few MiB of temporaries and a ~0.9 MiB activation kept for the backward, freed in
 # reverse; small state made mid-backward and kept (as Adam's moments in the first step). Live at
 # the end: six 280 KB tensors (1.7 MB).
-_PATTERN = _PRELUDE + """
+_REPLAY = _PRELUDE + """
 torch.ones(2**22).sum()  # a freed 16 MiB block: glibc's dynamic threshold rises past 5 MiB
-state, start = [], rss_mib()
-for iteration in range(3):
-    saved = []
-    for layer in range(24):
-        temporary = torch.ones(5 * 2**18)
-        saved.append(torch.ones(230_000))
-        other = torch.ones(3 * 2**18)
-        del temporary, other
-    for layer in reversed(range(24)):
-        gradient = torch.ones(5 * 2**18)
-        del gradient
-        saved.pop()
-        if iteration == 0 and layer % 4 == 0:
-            state.append(torch.ones(70_000))
-ok = all(bool((t == 1).all()) for t in state)
-print(json.dumps({"applied": applied, "retained_mib": rss_mib() - start, "values_ok": ok}))
+
+def replay():
+    state, start = [], rss_mib()
+    for iteration in range(3):
+        saved = []
+        for layer in range(24):
+            temporary = torch.ones(5 * 2**18)
+            saved.append(torch.ones(230_000))
+            other = torch.ones(3 * 2**18)
+            del temporary, other
+        for layer in reversed(range(24)):
+            gradient = torch.ones(5 * 2**18)
+            del gradient
+            saved.pop()
+            if iteration == 0 and layer % 4 == 0:
+                state.append(torch.ones(70_000))
+    ok = all(bool((t == 1).all()) for t in state)
+    return {"applied": applied, "described": cpu_allocator_setting(),
+            "retained_mib": rss_mib() - start, "values_ok": ok}
 """
+_PATTERN = _REPLAY + "print(json.dumps(replay()))\n"
 
 
 def _run(script: str, **env) -> dict:
@@ -81,8 +85,9 @@ def test_glibc_default_leaves_freed_heap_resident_and_the_threshold_does_not():
     shape's PPO iteration); the fixed 128 KiB threshold leaves the live state, within pages."""
     default = _run(_PATTERN, RLHF_CPU_MALLOC="default")
     assert default["applied"] == "" and default["retained_mib"] > 20, default
+    assert default["described"] == "the C library's default"
     threshold = _run(_PATTERN, RLHF_CPU_MALLOC="threshold")
-    assert threshold["applied"] == "mmap threshold 128 KiB", threshold
+    assert threshold["applied"] == threshold["described"] == "mmap threshold 128 KiB", threshold
     assert threshold["retained_mib"] < 8 and threshold["values_ok"], threshold
 
 
@@ -113,21 +118,13 @@ native = pytest.mark.skipif(not _native.available(),
                             reason=f"native kernels not built: {_native.failure_reason()}")
 
 # the pattern with no cache, then again with a 24 MiB one (the cap is changed in place)
-_CAPS = _PATTERN.replace("print(json.dumps(", "first = (").replace(
-    '"values_ok": ok}))', '"values_ok": ok})') + """
+_CAPS = _REPLAY + """
 from rlhf_kernels import _native
+uncached = replay()
 _native.ops().cpu_block_cache(24 * 2**20)
-start = rss_mib()
-for iteration in range(3):
-    saved = []
-    for layer in range(24):
-        temporary = torch.ones(5 * 2**18)
-        saved.append(torch.ones(230_000))
-        del temporary
-    while saved:
-        saved.pop()
-print(json.dumps({"uncached": first, "cached_mib": rss_mib() - start,
-                  "cached": _native.ops().cpu_block_cache_stats()[2]}))
+cached = replay()
+print(json.dumps({"uncached": uncached, "cached": cached,
+                  "cached_bytes": _native.ops().cpu_block_cache_stats()[2]}))
 """
 
 
@@ -135,11 +132,12 @@ print(json.dumps({"uncached": first, "cached_mib": rss_mib() - start,
 def test_block_cache_bounds_the_resident_set_by_its_cap():
     """The resident set after the pattern: the live state plus at most the cache's cap."""
     out = _run(_CAPS, RLHF_CPU_CACHE_MIB="0")
-    uncached = out["uncached"]
-    assert uncached["applied"] == "block cache (0 MiB)", uncached
+    uncached, cached = out["uncached"], out["cached"]
+    assert uncached["applied"] == uncached["described"] == "block cache (0 MiB)", uncached
     assert uncached["retained_mib"] < 8 and uncached["values_ok"], uncached
-    assert 0 < out["cached"] <= 24 * 2**20
-    assert out["cached"] / 2**20 - 4 < out["cached_mib"] < 24 + 4, out
+    assert 0 < out["cached_bytes"] <= 24 * 2**20
+    cached_mib = out["cached_bytes"] / 2**20
+    assert cached_mib - 4 < cached["retained_mib"] < 24 + 4 and cached["values_ok"], out
 
 
 _BLOCKS = _PRELUDE + """
