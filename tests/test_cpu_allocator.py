@@ -238,3 +238,69 @@ def test_block_cache_reuses_blocks_and_keeps_values():
     assert out["threads_mixed_up"] == []
     assert out["profiled_bytes"] == 4 * 2**20 + 4000
     assert 0 < out["after_many"]["cached"] <= 8 * 2**20
+
+
+# The native GAE's outputs (16 MiB each here) before and after the block cache is installed.
+# glibc's threshold is fixed (MALLOC_MMAP_THRESHOLD_, which the prelude leaves alone) so that
+# every block freed to the C library is unmapped at once: the resident set shows what is kept.
+_GAE = _PRELUDE + """
+from rlhf_kernels import _native, reference
+ops = _native.ops()
+keys = ("installed", "cap", "cached", "live", "hits", "maps")
+stats = lambda: dict(zip(keys, ops.cpu_block_cache_stats()))
+torch.manual_seed(0)
+rewards, values = torch.randn(2048, 2048), torch.randn(2048, 2048)
+mask = torch.rand(2048, 2048) > 0.1
+gae = lambda: ops.gae(rewards, values, mask, 0.99, 0.95)
+adv64, ret64 = reference.gae(rewards.double(), values.double(), mask, 0.99, 0.95)
+out = {"applied": applied, "start": stats()}
+# not installed: GAE's own cache hands the freed blocks to the next call
+a, b = gae()
+expected, addresses = (a.clone(), b.clone()), {a.data_ptr(), b.data_ptr()}
+out["error"] = max(float((a - adv64).abs().max()), float((b - ret64).abs().max()))
+del a, b
+held = gae()  # kept across the install
+out["own_cache_reused"] = {t.data_ptr() for t in held} == addresses
+out["own_cache_equal"] = all(torch.equal(t, e) for t, e in zip(held, expected))
+extra = gae()  # fresh blocks (the cached ones are held), cached once freed
+del extra
+before = rss_mib()
+ops.cpu_block_cache(64 * 2**20)  # the install: GAE's cache gives back what it kept
+out["released_at_install_mib"] = before - rss_mib()
+before = rss_mib()
+del held  # blocks of GAE's cache freed after the install: not kept
+out["released_after_mib"] = before - rss_mib()
+# installed: the outputs are the block cache's blocks, counted and reused there
+start = stats()
+a, b = gae()
+out["live_added"] = stats()["live"] - start["live"]
+out["block_cache_equal"] = torch.equal(a, expected[0]) and torch.equal(b, expected[1])
+addresses = {a.data_ptr(), b.data_ptr()}
+del a, b
+freed = stats()
+out["cached_added"] = freed["cached"] - start["cached"]
+for _ in range(3):
+    a, b = gae()
+    out["block_cache_reused"] = {a.data_ptr(), b.data_ptr()} == addresses
+    del a, b
+out["repeated"] = {k: stats()[k] - freed[k] for k in ("hits", "maps")}
+print(json.dumps(out))
+"""
+
+
+@native
+def test_gae_outputs_come_from_the_block_cache_once_it_is_installed():
+    """Without the block cache the native GAE keeps its freed outputs itself (OutputCache,
+    csrc/cpu/register.cpp); once the block cache is installed, that cache gives back what it
+    kept and the outputs are the block cache's blocks: one cache under one cap, with the same
+    values."""
+    out = _run(_GAE, RLHF_CPU_MALLOC="cache", MALLOC_MMAP_THRESHOLD_="131072")
+    assert out["applied"] == "" and out["start"]["installed"] == 0, out
+    assert out["error"] < 1e-3, out
+    assert out["own_cache_reused"] and out["own_cache_equal"], out
+    outputs = 2 * 16  # MiB: two 2048 x 2048 fp32 outputs
+    assert outputs - 4 < out["released_at_install_mib"] < outputs + 4, out
+    assert outputs - 4 < out["released_after_mib"] < outputs + 4, out
+    assert out["live_added"] == out["cached_added"] == outputs * 2**20, out
+    assert out["block_cache_equal"] and out["block_cache_reused"], out
+    assert out["repeated"] == {"hits": 6, "maps": 0}, out

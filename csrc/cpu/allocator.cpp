@@ -17,6 +17,9 @@
 // The data pointer is the deleter's context (as c10's default CPU allocator), so raw_allocate /
 // raw_deallocate work; the block sizes are kept in a table. Allocations, small and large, are
 // reported to the profiler as c10's default allocator reports them.
+//
+// Once installed it is also where the native GAE's outputs come from (register.cpp's OutputCache
+// then keeps nothing: it gives back what it held here), so one cap bounds all cached blocks.
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
@@ -26,6 +29,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdint>
 #include <list>
 #include <map>
@@ -34,6 +38,10 @@
 #include <vector>
 
 namespace rlhf_native {
+
+// register.cpp: frees the GAE output cache's blocks, which it keeps no more once this is installed
+void release_gae_output_cache();
+
 namespace {
 
 class BlockCache final : public c10::Allocator {
@@ -67,6 +75,7 @@ class BlockCache final : public c10::Allocator {
   // (re)configure; the first call installs this allocator as c10's CPU allocator
   void configure(size_t max_cached) {
     std::vector<Free> evicted;
+    bool installing = false;
     {
       std::lock_guard<std::mutex> guard(mutex_);
       max_cached_ = max_cached;
@@ -75,11 +84,15 @@ class BlockCache final : public c10::Allocator {
         pthread_atfork([] { get().mutex_.lock(); }, [] { get().mutex_.unlock(); },
                        [] { get().mutex_.unlock(); });
         c10::SetCPUAllocator(this, /*priority=*/1);
-        installed_ = true;
+        installed_ = true;  // before the release below: the GAE cache keeps nothing from now on
+        installing = true;
       }
     }
     unmap(evicted);
+    if (installing) release_gae_output_cache();
   }
+
+  bool installed() const { return installed_; }
 
   // {installed, max cached, cached now, live large blocks' bytes, hits, fresh maps}
   std::vector<int64_t> stats() {
@@ -217,7 +230,7 @@ class BlockCache final : public c10::Allocator {
   BySize by_size_;
   std::unordered_map<void*, size_t> live_;  // large blocks handed out -> mapped bytes
   size_t max_cached_ = 0, cached_ = 0, live_bytes_ = 0, hits_ = 0, maps_ = 0;
-  bool installed_ = false;
+  std::atomic<bool> installed_{false};  // read without the lock by cpu_block_cache_installed
 };
 
 }  // namespace
@@ -231,5 +244,7 @@ std::vector<int64_t> cpu_block_cache(int64_t max_cached_bytes) {
 }
 
 std::vector<int64_t> cpu_block_cache_stats() { return BlockCache::get().stats(); }
+
+bool cpu_block_cache_installed() { return BlockCache::get().installed(); }
 
 }  // namespace rlhf_native

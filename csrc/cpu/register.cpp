@@ -9,6 +9,7 @@
 #include <ATen/EmptyTensor.h>
 #include <ATen/core/Tensor.h>
 #include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 #include <torch/library.h>
 
@@ -20,6 +21,10 @@
 #include "common.h"
 
 namespace rlhf_native {
+
+// allocator.cpp: whether its block cache is torch's CPU allocator (installed once, for good)
+bool cpu_block_cache_installed();
+
 namespace {
 
 Dtype float_dtype(const at::Tensor& t, const char* name) {
@@ -131,6 +136,11 @@ void logprobs_bwd_op(const at::Tensor& logits, const at::Tensor& labels, const a
 // training loop's outputs keep their shapes from step to step. Smaller requests and a full cache
 // go straight to c10's CPU allocation. The tensors are ordinary CPU tensors (resizable: a resize
 // allocates through here again).
+//
+// Once allocator.cpp's block cache is installed as torch's CPU allocator, it does this job for
+// every tensor under one cap (RLHF_CPU_CACHE_MIB) that counts what it keeps: the outputs then
+// come from it (cached_fp32), and this cache frees what it held (release_all, called at the
+// install) and what is given back to it afterwards, so it keeps nothing beside the block cache.
 class OutputCache final : public c10::Allocator {
  public:
   static OutputCache& get() {
@@ -159,6 +169,17 @@ class OutputCache final : public c10::Allocator {
     default_copy_data(dest, src, count);
   }
 
+  // frees every cached block (the block cache was installed: it caches from now on)
+  void release_all() {
+    std::deque<Block> cached;
+    {
+      std::lock_guard<std::mutex> guard(mutex_);
+      cached.swap(free_);
+      cached_bytes_ = 0;
+    }
+    for (const Block& block : cached) c10::free_cpu(block.ptr);
+  }
+
  private:
   struct Block {
     void* ptr;
@@ -178,6 +199,12 @@ class OutputCache final : public c10::Allocator {
     if (block.ptr == nullptr) return;
     if (block.bytes >= kMinBytes && block.bytes <= kMaxBytes) {
       std::lock_guard<std::mutex> guard(mutex_);
+      // read under the lock: the install sets the flag before release_all takes this lock, so
+      // a block is either seen by release_all or not cached at all
+      if (cpu_block_cache_installed()) {
+        c10::free_cpu(block.ptr);
+        return;
+      }
       free_.push_back(block);
       cached_bytes_ += block.bytes;
       while (cached_bytes_ > kMaxBytes || free_.size() > kMaxBlocks) {  // the oldest goes
@@ -195,13 +222,16 @@ class OutputCache final : public c10::Allocator {
   size_t cached_bytes_ = 0;
 };
 
+// GAE's outputs: from the block cache when it is installed, else from OutputCache
 at::Tensor cached_fp32(at::IntArrayRef sizes) {
-  return at::detail::empty_generic(sizes, &OutputCache::get(),
+  c10::Allocator* allocator =
+      cpu_block_cache_installed() ? c10::GetCPUAllocator() : &OutputCache::get();
+  return at::detail::empty_generic(sizes, allocator,
                                    c10::DispatchKeySet(c10::DispatchKey::CPU), at::kFloat,
                                    std::nullopt);
 }
 
-// -> (advantages, returns): (rows, T) fp32 contiguous, from OutputCache
+// -> (advantages, returns): (rows, T) fp32 contiguous, from cached_fp32
 std::tuple<at::Tensor, at::Tensor> gae_op(const at::Tensor& rewards, const at::Tensor& values,
                                           const std::optional<at::Tensor>& mask, double gamma,
                                           double lam) {
@@ -491,6 +521,8 @@ at::Tensor group_advantages_op(const at::Tensor& scores, const std::optional<at:
 }
 
 }  // namespace
+
+void release_gae_output_cache() { OutputCache::get().release_all(); }
 
 // allocator.cpp (kept free of torch's operator headers: it compiles in a second)
 std::vector<int64_t> cpu_block_cache(int64_t max_cached_bytes);
