@@ -57,7 +57,7 @@ __all__ = ["BUCKET_ELEMENTS", "COLLECTIVES", "STRATEGIES", "RankFailure", "Share
            "barrier", "broadcast_from_main", "exponential_like", "full_tensors", "full_weights",
            "gather_rollout", "global_mean", "global_sampling_rows", "group_advantages",
            "init_from_env", "is_distributed", "is_main", "local_device", "masked_whiten",
-           "prepare", "prepare_engine", "rank", "reduce_stats", "rl_shard",
+           "min_count", "prepare", "prepare_engine", "rank", "reduce_stats", "rl_shard",
            "scaled", "set_strategy", "shard", "shutdown", "strategy", "sum_counts",
            "sum_gradients", "weighted", "world_size"]
 
@@ -564,6 +564,16 @@ def sum_counts(counts: dict[str, int]) -> dict[str, int]:
     return dict(zip(counts, (int(v) for v in values.tolist()), strict=True))
 
 
+def min_count(count: int) -> int:
+    """The smallest of every rank's ``count`` (one all-reduce); in one process, ``count``."""
+    if not is_distributed():
+        return count
+    value = torch.tensor([count], dtype=torch.int64, device=_device())
+    _collective("all_reduce", "all-reduce of the kept group counts", dist.all_reduce, value,
+                op=dist.ReduceOp.MIN)
+    return int(value.item())
+
+
 def global_mean(values: Sequence[float]) -> float:
     """The mean of ``values`` gathered from every rank (in one process: their mean)."""
     values = list(values)
@@ -656,13 +666,12 @@ def gather_rollout(rollout, pad_token_id: int):
                 op=dist.ReduceOp.MAX)
     max_prompt, max_response = (int(v) for v in widths.tolist())
     left, right = max_prompt - prompt, max_response - response
+    from rlhf.engine import pad_frame  # engine imports this module
 
     def pad(tensor, value, per_token):
         if tensor is None or tensor.dim() < 2:
             return tensor
-        if per_token:  # (B, R)
-            return torch.nn.functional.pad(tensor, (0, right), value=value)
-        return torch.nn.functional.pad(tensor, (left, right), value=value)  # (B, P + R)
+        return pad_frame(tensor, 0 if per_token else left, right, value)  # (B, R) | (B, P + R)
 
     fields = {
         "sequences": pad(rollout.sequences, pad_token_id, False),

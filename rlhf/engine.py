@@ -63,6 +63,7 @@ __all__ = [
     "RolloutEngine",
     "StaticKVCache",
     "generate",
+    "pad_frame",
     "sample_tokens",
 ]
 
@@ -110,6 +111,42 @@ class Generation:
             logprobs=self.logprobs,
             prompt_length=longest_prompt,
         )
+
+    def rows(self, index: torch.Tensor) -> Generation:
+        """The generation of the rows ``index`` (same columns)."""
+        return Generation(self.sequences[index], self.attention_mask[index],
+                          self.response_mask[index], self.logprobs[index], self.prompt_length)
+
+    @staticmethod
+    def concat(parts: Sequence[Generation], pad_token_id: int) -> Generation:
+        """The rows of ``parts`` one after the other, laid out as one generation: prompts
+        left-padded to the longest prompt width, responses right-padded to the longest response
+        (pad id, mask 0, log-prob 0: what the masks hide)."""
+        if len(parts) == 1:
+            return parts[0]
+        prompt = max(p.prompt_length for p in parts)
+        response = max(p.response_mask.shape[1] for p in parts)
+
+        def frame(part: Generation, name: str, value, per_token: bool = False) -> torch.Tensor:
+            return pad_frame(getattr(part, name), 0 if per_token else
+                             prompt - part.prompt_length,
+                             response - part.response_mask.shape[1], value)
+
+        return Generation(
+            sequences=torch.cat([frame(p, "sequences", pad_token_id) for p in parts]),
+            attention_mask=torch.cat([frame(p, "attention_mask", 0) for p in parts]),
+            response_mask=torch.cat([frame(p, "response_mask", False, True) for p in parts]),
+            logprobs=torch.cat([frame(p, "logprobs", 0.0, True) for p in parts]),
+            prompt_length=prompt,
+        )
+
+
+def pad_frame(tensor: torch.Tensor, left: int, right: int, value) -> torch.Tensor:
+    """A (B, P + R) sequence-frame tensor padded with ``left`` prompt columns and ``right``
+    response columns, or a (B, R) response-frame tensor (pass left=0) with ``right``."""
+    if left == 0 and right == 0:
+        return tensor
+    return torch.nn.functional.pad(tensor, (left, right), value=value)
 
 
 # --------------------------------------------------------------------------------------------

@@ -108,7 +108,7 @@ import torch
 from tqdm.auto import tqdm
 
 import rlhf_kernels
-from rlhf import distributed
+from rlhf import distributed, groups
 from rlhf.engine import Generation, RolloutEngine
 from rlhf.seeding import derived_seed
 from rlhf.stage import (
@@ -143,7 +143,7 @@ LOSS_NORMALIZERS = ("batch", "step_tokens", "max_length")
 # here: the same as clip_ratio.
 _BASE = dict(advantage_estimator="gae", group_size=1, ratio_level="token", loss_type="ppo",
              loss_reduction="token-mean", loss_normalizer="batch", clip_ratio=0.2,
-             clip_ratio_high=None, kl_in_loss=False, kl_estimator="k1")
+             clip_ratio_high=None, kl_in_loss=False, kl_estimator="k1", dynamic_sampling=False)
 _CRITIC_FREE = dict(_BASE, advantage_estimator="grpo", group_size=8, kl_in_loss=True,
                     kl_estimator="k3", loss_reduction="seq-mean-token-mean")
 PRESETS: dict[str, dict] = {
@@ -154,7 +154,7 @@ PRESETS: dict[str, dict] = {
     "rloo": dict(_CRITIC_FREE, advantage_estimator="rloo", loss_reduction="token-mean"),
     "gspo": dict(_CRITIC_FREE, ratio_level="sequence"),
     "dapo": dict(_CRITIC_FREE, loss_reduction="token-mean", loss_normalizer="step_tokens",
-                 clip_ratio_high=0.28),
+                 clip_ratio_high=0.28, dynamic_sampling=True),
     # MiniMax-M1: no lower bound on the weight (1 - 1 = 0), the upper at 1 + 4 = 5 (ScaleRL's
     # eps_max = 5, TRL's recommendation), tokens of the step as DAPO
     "cispo": dict(_CRITIC_FREE, loss_type="cispo", loss_reduction="token-mean",
@@ -163,6 +163,8 @@ PRESETS: dict[str, dict] = {
 PRESET_KEYS = tuple(_BASE)
 # Settings only a critic uses: refused (when changed from their default) by a critic-free run.
 CRITIC_SETTINGS = ("critic_lr", "value_clip", "gamma", "lam", "whiten_advantages")
+# Settings only dynamic sampling uses: refused (when changed from their default) without it.
+DYNAMIC_SAMPLING_SETTINGS = ("dynamic_sampling_rounds",)
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,7 @@ class AlgorithmSettings:
     clip_ratio_high: float
     kl_in_loss: bool
     kl_estimator: str
+    dynamic_sampling: bool
 
     @property
     def uses_critic(self) -> bool:
@@ -235,6 +238,12 @@ class RLConfig:
     loss_reduction: str | None = None  # rlhf_kernels.reference.REDUCTIONS; preset
     loss_normalizer: str | None = None  # batch | step_tokens | max_length; preset
     whiten_advantages: bool = True  # PPO's GAE advantages
+    # drop the groups whose scores are all equal and sample more prompts (rlhf/groups.py);
+    # preset: on for dapo
+    dynamic_sampling: bool | None = None
+    dynamic_sampling_rounds: int = 4  # sampling rounds per iteration at most (the first included)
+    overlong_buffer: int = 0  # tokens before max_new_tokens where the length penalty starts; 0: off
+    overlong_penalty: float = 1.0  # the penalty at max_new_tokens (rlhf/groups.py)
     save_every: int = 10  # iterations; 0: only at the end and on Ctrl-C
     keep_last: int | None = 2  # checkpoints kept (the newest); None: keep every one
     seed: int = 0
@@ -272,11 +281,13 @@ class RLConfig:
         check_device(self.device)
         check_settings(self, positive=("lr", "critic_lr", "grad_clip", "clip_ratio",
                                        "clip_ratio_high", "value_clip", "score_clip",
-                                       "kl_horizon"),
+                                       "kl_horizon", "overlong_penalty"),
                        non_negative=("kl_coef", "entropy_coef"),
                        fractions=("gamma", "lam", "min_lr_ratio"),
-                       counts=("rollout_batch_size", "ppo_epochs", "cpu_threads", "group_size"),
-                       zero_or_more=("warmup_steps", "save_every", "max_skipped_steps"))
+                       counts=("rollout_batch_size", "ppo_epochs", "cpu_threads", "group_size",
+                               "dynamic_sampling_rounds"),
+                       zero_or_more=("warmup_steps", "save_every", "max_skipped_steps",
+                                     "overlong_buffer"))
         choices = (("kl_estimator", rlhf_kernels.reference.KL_ESTIMATORS, "an estimator"),
                    ("loss_reduction", rlhf_kernels.reference.REDUCTIONS, "a reduction"),
                    ("advantage_estimator", ADVANTAGE_ESTIMATORS, "an advantage estimator"),
@@ -310,6 +321,13 @@ class RLConfig:
                              f"{self.kl_target}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.overlong_buffer > self.max_new_tokens:
+            raise ValueError(f"overlong_buffer ({self.overlong_buffer}) must be at most "
+                             f"max_new_tokens ({self.max_new_tokens}): the length penalty starts "
+                             f"overlong_buffer tokens before max_new_tokens")
+        if self.overlong_buffer == 0 and self.overlong_penalty != 1.0:
+            raise ValueError(f"overlong_penalty={self.overlong_penalty} has no effect with "
+                             f"overlong_buffer=0 (no length penalty); set overlong_buffer too")
         if self.max_prompt_length < 1:
             raise ValueError(f"max_prompt_length must be >= 1, got {self.max_prompt_length}")
         if not self.temperature > 0:
@@ -327,19 +345,33 @@ class RLConfig:
                              f"{OLD_LOGPROBS_MODES}")
 
     def check_critic_settings(self) -> None:
-        """Refuse a critic setting changed from its default in a run without a critic (it would
-        be ignored). Checked when the run starts, not when the config is built: a config may
-        switch algorithm on the way (the pipeline's RL stage starts from PPO's settings)."""
+        """Refuse a critic setting changed from its default in a run without a critic, and a
+        dynamic-sampling setting in a run without dynamic sampling (it would be ignored), and
+        dynamic sampling where there are no groups. Checked when the run starts, not when the
+        config is built: a config may switch algorithm on the way (the pipeline's RL stage
+        starts from PPO's settings)."""
         s = self.settings
-        if s.uses_critic:
-            return
         defaults = {f.name: f.default for f in fields(RLConfig)}
-        changed = [name for name in CRITIC_SETTINGS if getattr(self, name) != defaults[name]]
-        if changed:
-            shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in changed)
-            raise ValueError(f"{shown} has no effect with algorithm={self.algorithm!r} "
-                             f"(advantage_estimator={s.advantage_estimator!r}): it has no "
-                             f"critic; remove it")
+
+        def refuse_changed(names, why: str) -> None:
+            changed = [name for name in names if getattr(self, name) != defaults[name]]
+            if changed:
+                shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in changed)
+                raise ValueError(f"{shown} has no effect with algorithm={self.algorithm!r} "
+                                 f"({why}); remove it")
+
+        if not s.uses_critic:
+            refuse_changed(CRITIC_SETTINGS, f"advantage_estimator={s.advantage_estimator!r}: "
+                                            f"it has no critic")
+        if not s.dynamic_sampling:
+            refuse_changed(DYNAMIC_SAMPLING_SETTINGS, "dynamic_sampling is off")
+        elif s.uses_critic or s.group_size == 1:
+            raise ValueError(f"dynamic_sampling drops the groups whose samples all scored the "
+                             f"same, which needs groups of samples with group advantages; "
+                             f"algorithm={self.algorithm!r} has advantage_estimator="
+                             f"{s.advantage_estimator!r} and group_size={s.group_size}: use a "
+                             f"critic-free algorithm with group_size >= 2, or "
+                             f"dynamic_sampling=false")
 
     @property
     def settings(self) -> AlgorithmSettings:
@@ -468,6 +500,7 @@ def make_rollout(backbone, generation: Generation, kl_coef: float, cfg: RLConfig
     chunk = cfg.forward_batch_size
     if scores is None:
         scores = _by_rows(backbone.rewards, chunk, seq, mask).float()
+    shaped = groups.reward_scores(scores, generation, cfg)  # the overlong penalty, when set
     shared = _shared_prefix(cfg, prompt_length)
     ref_logprobs = _by_rows(
         lambda s_, m: backbone.reference_logprobs(s_, m, temperature=cfg.temperature,
@@ -489,7 +522,7 @@ def make_rollout(backbone, generation: Generation, kl_coef: float, cfg: RLConfig
         # the value at position t estimates the return from emitting token t + 1 onwards
         old_values = _by_rows(backbone.values, chunk, seq, mask)[:, start:-1].float() * action_mask
         rewards = rlhf_kernels.shape_rewards(
-            scores, old_logprobs, ref_logprobs, action_mask, reward_kl_coef,
+            shaped, old_logprobs, ref_logprobs, action_mask, reward_kl_coef,
             estimator=s.kl_estimator, score_clip=cfg.score_clip,
         )
         advantages, returns = rlhf_kernels.gae(rewards, old_values, action_mask, cfg.gamma,
@@ -501,7 +534,7 @@ def make_rollout(backbone, generation: Generation, kl_coef: float, cfg: RLConfig
     # critic-free: one reward per sequence, the clipped score minus the summed KL penalty (the
     # per-token shaped rewards summed over the response: the same kernel as PPO's rewards)
     rewards = rlhf_kernels.shape_rewards(
-        scores, old_logprobs, ref_logprobs, action_mask, reward_kl_coef,
+        shaped, old_logprobs, ref_logprobs, action_mask, reward_kl_coef,
         estimator=s.kl_estimator, score_clip=cfg.score_clip,
     ).sum(-1)
     advantages = _group_advantages(rewards, s)
@@ -801,13 +834,16 @@ def _fresh_critic(backbone) -> None:
 def _group_metrics(scores: torch.Tensor, rewards: torch.Tensor, advantages: torch.Tensor,
                    group_size: int) -> dict:
     """Per-group statistics of a critic-free rollout: the spread the advantages come from."""
-    groups = rewards.double().view(-1, group_size)
-    within = groups.std(-1, unbiased=True) if group_size > 1 else torch.zeros(groups.shape[0])
+    by_group = rewards.double().view(-1, group_size)
+    within = (by_group.std(-1, unbiased=True) if group_size > 1
+              else torch.zeros(by_group.shape[0]))
     return {
-        "group/reward_mean_std": float(groups.mean(-1).std()) if groups.shape[0] > 1 else 0.0,
+        "group/reward_mean_std": float(by_group.mean(-1).std()) if by_group.shape[0] > 1
+        else 0.0,
         "group/reward_std": float(within.mean()),
         # no signal: every sample of the prompt got the same reward, so every advantage is 0
-        "group/zero_std_fraction": float((within <= 1e-6).double().mean()),
+        "group/zero_std_fraction": float(groups.flat_groups(rewards, group_size)
+                                         .double().mean()),
         "score_std": float(scores.double().std()) if scores.numel() > 1 else 0.0,
         "advantage/mean": float(advantages.double().mean()),
         "advantage/std": float(advantages.double().std()) if advantages.numel() > 1 else 0.0,
@@ -904,6 +940,7 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
     skipped = int(resumed.get("skipped_steps", 0))
     metrics: dict = dict(resumed.get("last_metrics", {}))
     n_prompts = cfg.rollout_batch_size // s.group_size
+    warned_filled = False  # dynamic sampling's warning, once per run
 
     def save(at: int) -> None:
         _save(ckpt_root / f"step-{at:07d}", backbone, optimizer, scheduler, at,
@@ -919,32 +956,63 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
             # every random draw of an iteration comes from its own generator: resuming replays
             # exactly the prompts, samples and minibatches of an uninterrupted run
             rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration)
-            rows = torch.randint(len(prompts), (n_prompts,), generator=rng)
-            # torchrun: this rank samples and scores its share of the prompts
-            rows = distributed.shard(rows, even=True, what="rollout batch of prompts")
-            ids, mask = prompt_ids[rows].to(device), prompt_mask[rows].to(device)
-            # the engine draws on the device with its own generator, seeded from this one
-            sample_seed = int(torch.randint(2**62, (1,), generator=rng))
-            backbone.eval()
-            # torchrun: each rank's rows draw what one process draws for them
-            with distributed.global_sampling_rows(cfg.rollout_batch_size):
-                generation = engine.generate(
-                    ids, mask, cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id, temperature=cfg.temperature,
-                    top_k=cfg.top_k, top_p=cfg.top_p, seed=sample_seed,
-                    samples_per_prompt=s.group_size,
-                ).without_prompt_padding()
-            rollout_time = time.perf_counter() - started
+            rollout_time = 0.0
+
+            def sample_round(rng: torch.Generator = rng) -> groups.Round:
+                """Draw the prompts (from the iteration's generator), sample group_size
+                responses of each, and (with dynamic sampling) score them."""
+                nonlocal rollout_time
+                round_started = time.perf_counter()
+                rows = torch.randint(len(prompts), (n_prompts,), generator=rng)
+                # torchrun: this rank samples and scores its share of the prompts
+                rows = distributed.shard(rows, even=True, what="rollout batch of prompts")
+                ids, mask = prompt_ids[rows].to(device), prompt_mask[rows].to(device)
+                # the engine draws on the device with its own generator, seeded from this one
+                sample_seed = int(torch.randint(2**62, (1,), generator=rng))
+                backbone.eval()
+                # torchrun: each rank's rows draw what one process draws for them
+                with distributed.global_sampling_rows(cfg.rollout_batch_size):
+                    generation = engine.generate(
+                        ids, mask, cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id, temperature=cfg.temperature,
+                        top_k=cfg.top_k, top_p=cfg.top_p, seed=sample_seed,
+                        samples_per_prompt=s.group_size,
+                    ).without_prompt_padding()
+                rollout_time += time.perf_counter() - round_started
+                scores = None
+                if reward_fn is not None:
+                    scores = _function_scores(reward_fn, prompts, rows, s.group_size,
+                                              decode_responses(tokenizer, generation), device)
+                elif s.dynamic_sampling:  # the reward model's scores decide which groups stay
+                    with torch.autocast(device.type, dtype=autocast_dtype,
+                                        enabled=autocast_dtype is not None):
+                        scores = _by_rows(backbone.rewards, cfg.forward_batch_size,
+                                          generation.sequences,
+                                          generation.attention_mask).float()
+                return groups.Round(rows, generation, scores)
+
             backbone.packing.take_stats()  # count this iteration's scoring and update forwards
-            given_scores = None
-            if reward_fn is not None:
-                given_scores = _function_scores(reward_fn, prompts, rows, s.group_size,
-                                                decode_responses(tokenizer, generation), device)
+            batch = sample_round()
+            sampling_metrics = {}
+            if s.dynamic_sampling:
+                batch, sampling_metrics = groups.dynamic_sample(batch, sample_round, cfg,
+                                                                tokenizer.pad_token_id)
+                if sampling_metrics["dynamic_sampling/filled_groups"] and not warned_filled:
+                    warned_filled = True
+                    warnings.warn(
+                        f"[{name}] iteration {iteration + 1}: after {cfg.dynamic_sampling_rounds} "
+                        f"sampling rounds, {sampling_metrics['dynamic_sampling/filled_groups']} "
+                        f"groups of the batch are groups whose samples all scored the same "
+                        f"(advantage 0); the metric dynamic_sampling/filled_groups counts them "
+                        f"per iteration. Raise dynamic_sampling_rounds, or check that the "
+                        f"prompts are neither too easy nor too hard for the policy "
+                        f"(warned once per run)", stacklevel=1)
+            generation = batch.generation
             with torch.autocast(device.type, dtype=autocast_dtype,
                                 enabled=autocast_dtype is not None):
                 rollout = make_rollout(backbone, generation, kl_controller.value, cfg,
                                        use_recorded_logprobs=use_recorded,
-                                       scores=given_scores)
+                                       scores=batch.scores)
             scoring_time = time.perf_counter() - started - rollout_time
             # torchrun: every rank holds the global rollout and cuts the same minibatches
             rollout = distributed.gather_rollout(rollout, tokenizer.pad_token_id)
@@ -1043,6 +1111,14 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
             if not s.uses_critic:
                 metrics.update(_group_metrics(rollout.scores, rollout.rewards,
                                               rollout.advantages, s.group_size))
+            metrics.update(sampling_metrics)
+            if cfg.overlong_buffer:
+                penalty = groups.overlong_penalty(generation.response_lengths,
+                                                  cfg.max_new_tokens, cfg.overlong_buffer,
+                                                  cfg.overlong_penalty)
+                metrics["overlong/penalty_mean"] = distributed.global_mean(penalty.tolist())
+                metrics["overlong/penalised_fraction"] = distributed.global_mean(
+                    (penalty < 0).float().tolist())
             if gold_fn is not None:
                 texts = decode_responses(tokenizer, generation)
                 metrics["gold_reward"] = distributed.global_mean(gold_fn(texts))

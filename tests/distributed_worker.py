@@ -180,19 +180,30 @@ def run_scenario(name: str, out: Path, tokenizer, on_step=None):
         pairs = preference_pairs()
         return reward.train(rm_config(directory), backbone=tiny_backbone(tokenizer),
                             tokenizer=tokenizer, train_pairs=pairs[:34], eval_pairs=pairs[34:])
-    if base in ("ppo", "grpo", "dapo", "ppo_gc", "ppo_real", "grpo_real"):
+    if base in ("ppo", "grpo", "dapo", "ppo_gc", "ppo_real", "grpo_real", "dapo_flat"):
         from rlhf import task
 
         # ppo_gc: PPO with role-aware gradient checkpointing (the same numbers as ppo);
-        # *_real: the real rollout engine (its draws for the global batch on every rank)
-        algorithm = base.removesuffix("_gc").removesuffix("_real")
-        cfg = rl_config(directory, algorithm, gradient_checkpointing=base.endswith("_gc"))
+        # *_real: the real rollout engine (its draws for the global batch on every rank);
+        # dapo_flat: dynamic sampling with a reward that leaves half the prompts' groups flat
+        algorithm = base.removesuffix("_gc").removesuffix("_real").removesuffix("_flat")
+        overrides = {"dynamic_sampling_rounds": 8} if base == "dapo_flat" else {}
+        cfg = rl_config(directory, algorithm, gradient_checkpointing=base.endswith("_gc"),
+                        **overrides)
+        prompts = task.all_prompts("train")[:32]
+        flat = set(prompts[::2])
+
+        def half_flat_reward(row_prompts, responses):
+            return [0.0 if p in flat else float(len(r) % 5) for p, r in
+                    zip(row_prompts, responses, strict=True)]
+
         original = rl.RolloutEngine
         if not base.endswith("_real"):
             rl.RolloutEngine = FixedEngine
         try:
-            return rl.train(cfg, backbone=tiny_backbone(tokenizer),
-                            tokenizer=tokenizer, prompts=task.all_prompts("train")[:32])
+            return rl.train(cfg, backbone=tiny_backbone(tokenizer), tokenizer=tokenizer,
+                            prompts=prompts,
+                            reward_fn=half_flat_reward if base == "dapo_flat" else None)
         finally:
             rl.RolloutEngine = original
     if base == "engine":

@@ -30,7 +30,7 @@ from rlhf import distributed  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 GROUP_SCENARIOS = ["rm", "rm@fsdp2", "ppo_real", "ppo_gc@fsdp2", "grpo", "grpo@fsdp2",
-                   "engine@fsdp2", "sft_ckpt"]
+                   "dapo_flat", "engine@fsdp2", "sft_ckpt"]
 # measured, not computed: they differ between any two runs
 TIMING_KEYS = {"rollout_s", "scoring_s", "update_s", "iteration_s", "tokens_per_s",
                "pairs_per_s", "peak_memory_mb",
@@ -133,6 +133,21 @@ def test_rl_update_world_size_2_equals_1(runs, scenario):
         assert one.keys() == two.keys()
         for name, value in one.items():
             assert torch.equal(value, two[name]), name
+
+
+def test_dynamic_sampling_keeps_every_rank_in_step(runs):
+    """DAPO's dynamic sampling with half the prompts' groups flat: the ranks ran the same
+    rounds (the engine's stopping test and the gathers are collectives: a rank that sampled
+    another round would hang the group) and trained only on groups with a spread."""
+    root = runs[0]
+    records = metrics(root / "ws2" / "dapo_flat")
+    assert [r["iteration"] for r in records] == [1, 2]
+    for record in records:
+        assert record["dynamic_sampling/rounds"] >= 2  # the first round was not enough
+        assert 0 < record["dynamic_sampling/kept_fraction"] < 1
+        assert record["dynamic_sampling/filled_groups"] == 0
+        assert record["group/zero_std_fraction"] == 0.0
+        assert math.isfinite(record["policy/loss"])
 
 
 def test_rollout_engine_on_sharded_layers(runs):
