@@ -123,9 +123,10 @@ from rlhf.stage import (
     warmup_cosine_schedule,
 )
 
-__all__ = ["ADVANTAGE_ESTIMATORS", "ALGORITHMS", "CRITIC_SETTINGS", "LOSS_NORMALIZERS",
-           "OLD_LOGPROBS_MODES", "PRESETS", "PRESET_KEYS", "AdaptiveKLController",
-           "AlgorithmSettings", "GRPOConfig", "PPOConfig", "RLConfig", "Rollout",
+__all__ = ["ADVANTAGE_ESTIMATORS", "ALGORITHMS", "CRITIC_SETTINGS", "DYNAMIC_SAMPLING_SETTINGS",
+           "LOSS_NORMALIZERS", "OLD_LOGPROBS_MODES", "PRESETS", "PRESET_KEYS",
+           "AdaptiveKLController", "AlgorithmSettings", "GRPOConfig", "PPOConfig", "RLConfig",
+           "Rollout",
            "backward_losses", "check_resumed_algorithm", "decode_responses", "encode_prompts",
            "make_optimizer", "make_rollout", "policy_loss", "printable_config",
            "recorded_logprobs_match", "step_normalizer", "train", "value_loss"]
@@ -407,6 +408,9 @@ def printable_config(cfg: RLConfig) -> dict:
         shown[key] = resolved[key]
     if not cfg.settings.uses_critic:
         for key in CRITIC_SETTINGS:
+            shown.pop(key)
+    if not cfg.settings.dynamic_sampling:
+        for key in DYNAMIC_SAMPLING_SETTINGS:
             shown.pop(key)
     return shown
 
@@ -984,8 +988,8 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
                     scores = _function_scores(reward_fn, prompts, rows, s.group_size,
                                               decode_responses(tokenizer, generation), device)
                 elif s.dynamic_sampling:  # the reward model's scores decide which groups stay
-                    with torch.autocast(device.type, dtype=autocast_dtype,
-                                        enabled=autocast_dtype is not None):
+                    with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype,
+                                                         enabled=autocast_dtype is not None):
                         scores = _by_rows(backbone.rewards, cfg.forward_batch_size,
                                           generation.sequences,
                                           generation.attention_mask).float()

@@ -285,3 +285,31 @@ def test_presets_and_refusals():
         rl.RLConfig(algorithm="dapo", dynamic_sampling_rounds=0)
     with pytest.raises(ValueError, match=r"overlong_buffer=-1 is out of range"):
         rl.RLConfig(overlong_buffer=-1)
+
+
+def test_with_the_reward_model_its_scores_pick_the_groups(tmp_path, tokenizer, monkeypatch):
+    """No reward function: the reward model scores every round's rows (without a graph), and
+    those are the scores the kept rows carry into the rollout."""
+    seen = []
+    original = groups.dynamic_sample
+
+    def spy(first, sample_round, cfg, pad_token_id):
+        batch, metrics = original(first, sample_round, cfg, pad_token_id)
+        seen.append(batch)
+        return batch, metrics
+
+    monkeypatch.setattr(groups, "dynamic_sample", spy)
+    backbone = tiny_backbone(tokenizer)
+    cfg = rl_config(tmp_path, "dapo", num_iterations=1)
+    rl.train(cfg, backbone=backbone, tokenizer=tokenizer, prompts=PROMPTS)
+    (batch,) = seen
+    assert not batch.scores.requires_grad
+    # the policy adapter moved during the update, the reward adapter did not; score the
+    # sampled rows with a fresh copy of the stage's start state all the same
+    fresh = tiny_backbone(tokenizer)
+    with torch.no_grad():
+        expected = fresh.rewards(batch.generation.sequences,
+                                 batch.generation.attention_mask).float()
+    torch.testing.assert_close(batch.scores, expected, rtol=1e-5, atol=1e-5)
+    (record,) = read_jsonl(tmp_path / "dapo" / "metrics.jsonl")
+    assert record["proxy_reward"] == pytest.approx(float(expected.mean()), rel=1e-5, abs=1e-6)
