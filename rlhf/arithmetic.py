@@ -263,12 +263,9 @@ def used_config(cfg, unused: tuple[str, ...]) -> dict:
     used = {k: v for k, v in asdict(cfg).items()
             if k not in unused and k not in ("sft", "reward", "ppo")}
     rl_cfg = _rl_config(cfg)
-    used["ppo"] = {k: v for k, v in asdict(rl_cfg).items()
-                   if k not in ("overwrite", "model", "tokenizer", "dataset")}
-    used["ppo"].update({k: v for k, v in asdict(rl_cfg.settings).items() if k in rl.PRESET_KEYS})
-    if not rl_cfg.settings.uses_critic:
-        for key in rl.CRITIC_SETTINGS:
-            used["ppo"].pop(key)
+    used["ppo"] = rl.used_settings(rl_cfg, {k: v for k, v in asdict(rl_cfg).items()
+                                            if k not in ("overwrite", "model", "tokenizer",
+                                                         "dataset")})
     return used
 
 
@@ -287,6 +284,7 @@ def run_pipeline(cfg, run_dir) -> dict:
 
     check_pipeline_settings(cfg)
     rl_cfg = _rl_config(cfg)
+    rl_cfg.check_critic_settings()  # before the base evaluation, not after it
     label = pipeline._LABELS[cfg.algorithm]
     out = Path(cfg.output_dir)
     rl_dir = out / cfg.algorithm

@@ -319,6 +319,8 @@ def check_settings(cfg: PipelineConfig) -> tuple[bool, tuple[str, ...]]:
             if all(value != getattr(start, name) for start in starts):
                 raise ValueError(f"ppo.{name}={value!r} has no effect with algorithm="
                                  f"{cfg.algorithm} (no critic); remove it")
+    if cfg.task != "arithmetic":  # (task=arithmetic checks its own RL settings)
+        stage_configs(cfg)["ppo"].check_critic_settings()  # dynamic sampling's, before SFT
     for (stage_name, name), why in _NOT_IN_PIPELINE.items():
         stage_cfg = getattr(cfg, stage_name)
         value = getattr(stage_cfg, name)
@@ -381,12 +383,7 @@ def _used_config(cfg: PipelineConfig, stages: dict, unused: tuple[str, ...]) -> 
     for name, stage_cfg in stages.items():
         used[name] = {key: value for key, value in asdict(stage_cfg).items()
                       if (name, key) not in _NOT_IN_PIPELINE and key != "overwrite"}
-    rl = stages["ppo"]
-    used["ppo"].update({key: value for key, value in asdict(rl.settings).items()
-                        if key in ppo.PRESET_KEYS})  # the presets the run used, resolved
-    if not rl.settings.uses_critic:
-        for key in ppo.CRITIC_SETTINGS:
-            used["ppo"].pop(key)
+    used["ppo"] = ppo.used_settings(stages["ppo"], used["ppo"])  # the presets, resolved
     return used
 
 

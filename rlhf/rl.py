@@ -129,7 +129,7 @@ __all__ = ["ADVANTAGE_ESTIMATORS", "ALGORITHMS", "CRITIC_SETTINGS", "DYNAMIC_SAM
            "Rollout",
            "backward_losses", "check_resumed_algorithm", "decode_responses", "encode_prompts",
            "make_optimizer", "make_rollout", "policy_loss", "printable_config",
-           "recorded_logprobs_match", "step_normalizer", "train", "value_loss"]
+           "recorded_logprobs_match", "step_normalizer", "train", "used_settings", "value_loss"]
 
 OLD_LOGPROBS_MODES = ("auto", "forward")
 ALGORITHMS = ("ppo", "grpo", "dr_grpo", "rloo", "gspo", "dapo", "cispo")
@@ -402,17 +402,22 @@ def printable_config(cfg: RLConfig) -> dict:
     """What ``rlhf ppo|grpo --print-config`` shows: the settings, the presets filled in."""
     from rlhf.config import config_to_dict
 
-    shown = config_to_dict(cfg)
+    return used_settings(cfg, config_to_dict(cfg))
+
+
+def used_settings(cfg: RLConfig, values: dict) -> dict:
+    """``values`` (cfg's settings as a dict) with the presets resolved and without the settings
+    the run does not use (the critic's without a critic, dynamic sampling's without it): what
+    --print-config shows and summary.json records."""
+    values = dict(values)
     resolved = asdict(cfg.settings)
     for key in PRESET_KEYS:
-        shown[key] = resolved[key]
-    if not cfg.settings.uses_critic:
-        for key in CRITIC_SETTINGS:
-            shown.pop(key)
-    if not cfg.settings.dynamic_sampling:
-        for key in DYNAMIC_SAMPLING_SETTINGS:
-            shown.pop(key)
-    return shown
+        values[key] = resolved[key]
+    unused = (() if cfg.settings.uses_critic else CRITIC_SETTINGS) + \
+        (() if cfg.settings.dynamic_sampling else DYNAMIC_SAMPLING_SETTINGS)
+    for key in unused:
+        values.pop(key, None)
+    return values
 
 
 class AdaptiveKLController:

@@ -313,3 +313,23 @@ def test_with_the_reward_model_its_scores_pick_the_groups(tmp_path, tokenizer, m
     torch.testing.assert_close(batch.scores, expected, rtol=1e-5, atol=1e-5)
     (record,) = read_jsonl(tmp_path / "dapo" / "metrics.jsonl")
     assert record["proxy_reward"] == pytest.approx(float(expected.mean()), rel=1e-5, abs=1e-6)
+
+
+def test_the_pipeline_refuses_before_anything_runs(tmp_path, capsys):
+    from rlhf import cli
+
+    for args, message in ((["algorithm=grpo", "ppo.dynamic_sampling_rounds=8"],
+                           "dynamic_sampling_rounds=8 has no effect"),
+                          (["algorithm=ppo", "ppo.dynamic_sampling=true"],
+                           "dynamic_sampling drops the groups")):
+        out = tmp_path / args[0]
+        assert cli.main(["pipeline", *args, f"output_dir={out}"]) == cli.EXIT_USAGE
+        assert message in capsys.readouterr().err
+        assert not out.exists()  # refused before the SFT stage
+
+
+def test_print_config_shows_only_what_the_run_uses():
+    assert "dynamic_sampling_rounds" not in rl.printable_config(rl.RLConfig(algorithm="grpo"))
+    shown = rl.printable_config(rl.RLConfig(algorithm="dapo", dynamic_sampling_rounds=6))
+    assert shown["dynamic_sampling"] is True and shown["dynamic_sampling_rounds"] == 6
+    assert "critic_lr" not in shown and "critic_lr" in rl.printable_config(rl.RLConfig())
