@@ -55,10 +55,10 @@ import torch.distributed as dist
 
 __all__ = ["BUCKET_ELEMENTS", "COLLECTIVES", "STRATEGIES", "RankFailure", "Shares", "all_done",
            "barrier", "broadcast_from_main", "exponential_like", "full_tensors", "full_weights",
-           "gather_rollout", "global_mean", "global_sampling_rows", "group_advantages",
-           "init_from_env", "is_distributed", "is_main", "local_device", "masked_whiten",
-           "min_count", "prepare", "prepare_engine", "rank", "reduce_stats", "rl_shard",
-           "scaled", "set_strategy", "shard", "shutdown", "strategy", "sum_counts",
+           "gather_rollout", "gather_rows", "global_mean", "global_sampling_rows",
+           "group_advantages", "init_from_env", "is_distributed", "is_main", "local_device",
+           "masked_whiten", "min_count", "prepare", "prepare_engine", "rank", "reduce_stats",
+           "rl_shard", "scaled", "set_strategy", "shard", "shutdown", "strategy", "sum_counts",
            "sum_gradients", "weighted", "world_size"]
 
 STRATEGIES = ("auto", "ddp", "fsdp2")
@@ -651,6 +651,15 @@ def group_advantages(rewards: torch.Tensor, fn: Callable[[torch.Tensor], torch.T
         return fn(rewards)
     everything = fn(_all_gather(rewards, "the sequence rewards"))
     return everything.view(world_size(), -1)[rank()]
+
+
+def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of ``tensor`` (equal counts), in rank order; in one process, itself."""
+    if not is_distributed():
+        return tensor
+    if tensor.dtype == torch.bool:  # (gloo gathers no bool)
+        return _all_gather(tensor.to(torch.uint8), "per-row flags").bool()
+    return _all_gather(tensor, "per-row values")
 
 
 def gather_rollout(rollout, pad_token_id: int):

@@ -112,6 +112,14 @@ class Generation:
             prompt_length=longest_prompt,
         )
 
+    def truncated(self, eos_token_id: int | Sequence[int] | None) -> torch.Tensor:
+        """(B,) bool: the rows whose response has no EOS (cut at the length limit)."""
+        if eos_token_id is None:
+            return torch.ones(self.response_mask.shape[0], dtype=torch.bool,
+                              device=self.response_mask.device)
+        eos = torch.as_tensor(eos_token_id, device=self.sequences.device).reshape(-1)
+        return ~(torch.isin(self.response_ids, eos) & self.response_mask).any(-1)
+
     def rows(self, index: torch.Tensor) -> Generation:
         """The generation of the rows ``index`` (same columns)."""
         return Generation(self.sequences[index], self.attention_mask[index],

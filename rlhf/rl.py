@@ -101,7 +101,7 @@ import resource
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -245,6 +245,7 @@ class RLConfig:
     dynamic_sampling_rounds: int = 4  # sampling rounds per iteration at most (the first included)
     overlong_buffer: int = 0  # tokens before max_new_tokens where the length penalty starts; 0: off
     overlong_penalty: float = 1.0  # the penalty at max_new_tokens (rlhf/groups.py)
+    mask_truncated: bool = False  # no loss on responses cut at max_new_tokens (no EOS)
     save_every: int = 10  # iterations; 0: only at the end and on Ctrl-C
     keep_last: int | None = 2  # checkpoints kept (the newest); None: keep every one
     seed: int = 0
@@ -464,6 +465,13 @@ class Rollout:
         fields_ = {f: getattr(self, f) for f in self.__dataclass_fields__}
         return Rollout(**{f: v[index] if isinstance(v, torch.Tensor) else v
                           for f, v in fields_.items()})
+
+    def without_rows_in_loss(self, rows: torch.Tensor) -> Rollout:
+        """The rollout whose action mask is 0 on the (B,) bool ``rows``: the losses (policy,
+        KL, entropy, value) and their token counts leave those rows out; their rewards and
+        advantages stay as computed."""
+        return replace(self, action_mask=self.action_mask * (~rows).to(self.action_mask.dtype)
+                       [:, None])
 
 
 def recorded_logprobs_match(backbone, autocast_dtype: torch.dtype | None) -> bool:
@@ -895,6 +903,9 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
             prompts = [row["prompt"] for row in data.load_prompt_dataset(cfg.dataset)]
     if len(prompts) == 0:
         raise ValueError(f"{name} needs at least one prompt; the prompt dataset is empty")
+    if cfg.mask_truncated and tokenizer.eos_token_id is None:
+        raise ValueError("mask_truncated=true needs an EOS token (a response without one counts "
+                         "as cut at max_new_tokens), and the tokenizer has no eos_token_id")
     prompt_ids, prompt_mask = encode_prompts(prompts, tokenizer, cfg.max_prompt_length)
     device = resolve_device(cfg.device, cfg.max_memory)
     backbone = distributed.prepare(backbone, device, None, stage=name)  # torchrun: ddp / fsdp2
@@ -1025,6 +1036,11 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
             scoring_time = time.perf_counter() - started - rollout_time
             # torchrun: every rank holds the global rollout and cuts the same minibatches
             rollout = distributed.gather_rollout(rollout, tokenizer.pad_token_id)
+            truncated = distributed.gather_rows(generation.truncated(tokenizer.eos_token_id))
+            # mask_truncated: the update sees no token of a cut response (its reward and
+            # advantage still count in its group); the metrics describe every response
+            trained = rollout.without_rows_in_loss(truncated) if cfg.mask_truncated \
+                else rollout
             backbone.train()
 
             sums: dict[str, float] = {}
@@ -1034,7 +1050,7 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
                 step = cfg.minibatch_size * cfg.grad_accum_steps
                 for first in range(0, cfg.rollout_batch_size, step):
                     rows = step_rows(cfg, order[first:first + step])
-                    batches = [rollout.rows(rows[start:start + cfg.minibatch_size])
+                    batches = [trained.rows(rows[start:start + cfg.minibatch_size])
                                for start in range(0, step, cfg.minibatch_size)]
                     normalizer = step_normalizer(cfg, batches)
                     # a step normaliser makes each micro-batch's loss a part of the step's sum
@@ -1106,6 +1122,8 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
                 metrics["non_score_reward"] = float((-kl_controller.value * kl_per_seq).mean())
             metrics.update({
                 "response_length": float(am.sum(-1).mean()),
+                # cut at max_new_tokens before an EOS (mask_truncated: not trained on)
+                "truncated_fraction": float(truncated.float().mean()),
                 **{key: value / max(1, n_stats) for key, value in sums.items()},
                 "lr": scheduler.get_last_lr()[0],
                 "skipped_steps": skipped,

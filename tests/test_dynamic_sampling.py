@@ -333,3 +333,69 @@ def test_print_config_shows_only_what_the_run_uses():
     shown = rl.printable_config(rl.RLConfig(algorithm="dapo", dynamic_sampling_rounds=6))
     assert shown["dynamic_sampling"] is True and shown["dynamic_sampling_rounds"] == 6
     assert "critic_lr" not in shown and "critic_lr" in rl.printable_config(rl.RLConfig())
+
+
+# ---------------------------------------------------------------------------------------------
+# mask_truncated: no loss on responses cut at max_new_tokens
+# ---------------------------------------------------------------------------------------------
+def test_truncated_rows_are_those_without_an_eos():
+    eos = 2
+    response = torch.tensor([[5, 2, 0], [5, 6, 7], [2, 0, 0], [5, 6, 2]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]], dtype=torch.bool)
+    gen = Generation(torch.cat([torch.ones(4, 2, dtype=torch.long), response], 1),
+                     torch.cat([torch.ones(4, 2, dtype=torch.long), mask.long()], 1), mask,
+                     torch.zeros(4, 3), 2)
+    assert gen.truncated(eos).tolist() == [False, True, False, False]
+    assert gen.truncated([7, 9]).tolist() == [True, False, True, True]  # EOS ids as a list
+    assert gen.truncated(None).all()  # nothing ends without an EOS token
+    # an EOS token hidden by the mask (padding) does not end a row
+    hidden = Generation(gen.sequences, gen.attention_mask, mask & torch.tensor([[1, 0, 0]] * 4,
+                        dtype=torch.bool), gen.logprobs, 2)
+    assert hidden.truncated(eos).tolist() == [True, True, False, True]
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "dapo", "gspo", "ppo"])
+def test_a_masked_row_adds_nothing_to_the_step(tokenizer, algorithm):
+    """The loss and gradients of a micro-batch whose cut rows are masked equal those of the
+    micro-batch without the rows (the reductions count rows with a token, and step_tokens
+    counts tokens)."""
+    backbone = randomised_policy(tokenizer, seed=4)
+    cfg = rl_config(None, algorithm, **({"group_size": 1} if algorithm == "ppo" else {}))
+    gen = group_generation(backbone, tokenizer, cfg, 8 if algorithm == "ppo" else 2, seed=6)
+    rollout = rl.make_rollout(backbone, gen, kl_coef=0.3, cfg=cfg, use_recorded_logprobs=True)
+    cut = torch.tensor([False, True, False, False, True, False, False, False])
+    results = []
+    for batch in (rollout.without_rows_in_loss(cut), rollout.rows(~cut)):
+        backbone.zero_grad(set_to_none=True)
+        normalizer = rl.step_normalizer(cfg, [batch])
+        p_loss, _, v_loss, _ = rl.backward_losses(backbone, batch, cfg, normalizer=normalizer)
+        grads = {name: p.grad.clone() for name, p in backbone.named_parameters()
+                 if p.grad is not None}
+        results.append((float(p_loss.detach()),
+                        None if v_loss is None else float(v_loss.detach()), grads))
+    (loss_m, value_m, grads_m), (loss_r, value_r, grads_r) = results
+    assert loss_m == pytest.approx(loss_r, rel=1e-5, abs=1e-7)
+    if value_m is not None:
+        assert value_m == pytest.approx(value_r, rel=1e-5, abs=1e-7)
+    assert grads_m.keys() == grads_r.keys() and grads_m
+    for name, grad in grads_m.items():
+        torch.testing.assert_close(grad, grads_r[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_mask_truncated_run_with_every_response_cut_leaves_the_policy(tmp_path, tokenizer):
+    """The tiny model never samples EOS in 8 tokens: every response is cut, so with
+    mask_truncated no token is trained on and the policy adapter keeps its weights; without
+    it, the same run moves them."""
+    moved = {}
+    for mask in (True, False):
+        backbone = tiny_backbone(tokenizer)
+        before = {k: v.detach().clone() for k, v in backbone.named_trainable_parameters("policy")}
+        cfg = rl_config(tmp_path / str(mask), "grpo", num_iterations=1, mask_truncated=mask,
+                        kl_coef=0.0, kl_target=None)
+        rl.train(cfg, backbone=backbone, tokenizer=tokenizer, prompts=PROMPTS,
+                 reward_fn=length_reward)
+        (record,) = read_jsonl(tmp_path / str(mask) / "grpo" / "metrics.jsonl")
+        assert record["truncated_fraction"] == 1.0
+        after = dict(backbone.named_trainable_parameters("policy"))
+        moved[mask] = max(float((after[k].detach() - v).abs().max()) for k, v in before.items())
+    assert moved[True] == 0.0 and moved[False] > 0.0, moved
