@@ -43,6 +43,12 @@ row order (``step_rows``), so that a group's samples share micro-batches, where 
 prompt's keys and values (``shared_prefix``; with a chat template the prompt is most of the
 sequence).
 
+DAPO's pieces, usable by every critic-free algorithm (rlhf/groups.py has the details):
+``dynamic_sampling`` (on in the dapo preset) samples further rounds of prompts until the batch
+holds only groups whose scores have a spread; ``overlong_buffer`` adds a length penalty to the
+score (any algorithm); ``mask_truncated`` (any algorithm) gives the update no token of a
+response cut at ``max_new_tokens`` (``Rollout.without_rows_in_loss``).
+
 Rollout. One ``RolloutEngine`` per ``train()`` call samples every iteration's responses; prompts
 are left-padded to ``max_prompt_length`` so that its static KV cache (and on a GPU its captured
 decode step) is built once and replayed. The all-pad prompt columns are dropped again before
