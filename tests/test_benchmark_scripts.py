@@ -643,3 +643,60 @@ def test_grpo_bench_peers_compute_our_loss():
     torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads_ours, grads_eager):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# benchmarks.trl_grpo_step: which kernels a row's process ran (no model is built here)
+# ------------------------------------------------------------------------------------------
+def test_trl_grpo_step_child_env_names_the_backend(monkeypatch):
+    """Each --backend's process gets its own RLHF_KERNELS_BACKEND / TRITON_INTERPRET, whatever
+    the caller's environment holds (here the test suite's TRITON_INTERPRET=1)."""
+    from benchmarks import trl_grpo_step as bench
+
+    assert bench._GROUPS["both"] == ("native", "reference")
+    seen = {}
+
+    def fake_run(command, env, **kwargs):
+        seen[command[command.index("--child") + 1]] = env
+        return subprocess.CompletedProcess(command, 0, bench._RESULT + "{}\n", "")
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    args = bench.argparse.Namespace(batch=4, generations=4, prompt_length=2, completion_length=2)
+    for impl, backend in [("trl", None), *(("patched", b) for b in bench._GROUPS["all"])]:
+        assert bench._run_child(impl, backend, args) == {}
+    assert {k: (e.get("RLHF_KERNELS_BACKEND"), e.get("TRITON_INTERPRET"))
+            for k, e in seen.items()} == {"trl": (None, "0"), "native": ("native", "0"),
+                                          "reference": ("reference", "0"),
+                                          "interpreter": ("triton", "1")}
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_trl_grpo_step_tally_records_what_ran(monkeypatch, backend):
+    """The child's tally sees the backend the fused head resolved to and the native kernels it
+    called; a row named after other kernels than those that ran is refused."""
+    from benchmarks import trl_grpo_step as bench
+    from rlhf_kernels import _native
+
+    if backend == "native" and not _native.available():
+        pytest.skip(f"native kernels unavailable: {_native.failure_reason()}")
+    import rlhf_kernels
+
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", backend)
+    tally = bench._Tally()
+    try:
+        hidden = torch.randn(5, 8, requires_grad=True)
+        rlhf_kernels.linear_logprobs(hidden, torch.randn(11, 8),
+                                     torch.randint(0, 11, (5,))).sum().backward()
+        counts = tally.take()
+    finally:
+        tally.undo()
+    assert counts["backends"] == {f"linear_logprobs: {backend}": 1}
+    calls = counts["native_kernel_calls"]
+    assert calls == ({"logprobs_fwd": 1, "logprobs_bwd": 1} if backend == "native" else {})
+    assert rlhf_kernels.ops.linear_logprobs.resolve_backend is rlhf_kernels.resolve_backend
+    bench._check_ran(backend, "step", counts)
+    for other in set(bench._RESOLVES_TO) - {backend}:
+        with pytest.raises(RuntimeError, match=f"--backend {other} "):
+            bench._check_ran(other, "step", counts)
