@@ -22,8 +22,9 @@ RSS is the whole process's memory (weights and gradients included, the same in b
 difference between the rows is what the lm head and the loss cost. The children run with glibc's
 mmap threshold fixed at 64 KiB (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``) so that
 freed tensors leave the RSS and a phase's high-water mark counts its own allocations. In the
-loss phase the gradients already exist (zeroed in place), so it counts activations, logits and
-the loss's temporaries.
+loss phase the gradients already exist (allocated as zeros before it: the Trainer frees them
+after the step), so it counts activations, logits and the loss's temporaries, and the
+backward's transient gradient of each weight before it is added in place.
 
 Patched, the kernels run on the CPU through ``--backend`` (each in its own process, the child
 sets ``RLHF_KERNELS_BACKEND``):
@@ -245,9 +246,14 @@ def child(args) -> dict:
         _check_ran(args.child, "step", ran["step"])
     logs = trainer.state.log_history[0]
     inputs = trainer._buffered_inputs[0]
-    # Gradients stay allocated (zeroed in place): the loss phase then measures what the forward
-    # and backward add on top of the weights and their gradients.
-    trainer.model.zero_grad(set_to_none=False)
+    # The step ends with the Trainer's model.zero_grad(), which frees the gradients (None): they
+    # are allocated again, as zeros, before the loss phase, so that phase measures what the
+    # forward and backward add on top of the weights and their gradients (the backward
+    # accumulates into them in place) instead of the gradients' fp32 copy of the model.
+    grads = [p for p in trainer.model.parameters() if p.requires_grad]
+    for p in grads:
+        p.grad = torch.zeros_like(p)
+    grads_mib = sum(p.numel() * p.element_size() for p in grads) / 2**20
     fallback = None
     if patched:
         from rlhf_kernels.integrations.trl import grpo_loss_fallback_reason
@@ -274,7 +280,7 @@ def child(args) -> dict:
         completion_tokens=int(completion.sum()), rows=int(completion.shape[0]),
         sequence_length=int(inputs["prompt_ids"].shape[1] + completion.shape[1]),
         loss_type=trainer.loss_type, beta=trainer.beta, fallback_reason=fallback,
-        backend=args.child if patched else None,
+        gradients_allocated_before_loss_mib=grads_mib, backend=args.child if patched else None,
         backend_env=os.environ.get("RLHF_KERNELS_BACKEND"),
         triton_interpret=os.environ.get("TRITON_INTERPRET"), native_kernels=native, ran=ran,
         gradient_checkpointing=bool(grpo_args.gradient_checkpointing),
