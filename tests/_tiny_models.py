@@ -5,6 +5,7 @@ distributed worker each built the same things their own way: a BPE tokenizer tra
 built-in review corpus and a random Llama of ``task.tiny_llama_config`` for it. They build them
 here. Building is cheap (milliseconds); what is shared is one definition, so the files cannot
 drift apart. Sizes stay per caller: each test file keeps the shape its numbers were checked at.
+``interrupt_at`` is the Ctrl-C stand-in every resume test stops its run with.
 """
 
 from __future__ import annotations
@@ -33,3 +34,12 @@ def tiny_llama(tokenizer, seed: int = 0, **shape):
 
     torch.manual_seed(seed)
     return LlamaForCausalLM(task.tiny_llama_config(tokenizer, **(shape or STAGE_SHAPE)))
+
+
+def interrupt_at(stop: int):
+    """An ``on_step`` / ``on_iteration`` callback that raises KeyboardInterrupt (what Ctrl-C
+    raises) once step or iteration ``stop`` is done: the stage saves a checkpoint and re-raises."""
+    def callback(step, _metrics):
+        if step == stop:
+            raise KeyboardInterrupt
+    return callback

@@ -19,6 +19,7 @@ import torch
 from rlhf import groups, rl, task
 from rlhf.checkpoint import latest_checkpoint, load_state
 from rlhf.engine import Generation
+from tests._tiny_models import interrupt_at
 from tests.test_grpo import PROMPTS, group_generation, randomised_policy, rl_config
 from tests.test_stages import read_jsonl, tiny_backbone
 
@@ -196,14 +197,10 @@ def test_a_dapo_run_trains_on_groups_with_spread_and_resumes(tmp_path, tokenizer
         assert record["group/zero_std_fraction"] == 0.0
         assert record["group/reward_std"] > 0
 
-    def interrupt(iteration, metrics):
-        if iteration == 2:
-            raise KeyboardInterrupt
-
     cfg = cfg_at(tmp_path / "b")
     with pytest.raises(KeyboardInterrupt):
         rl.train(cfg, backbone=tiny_backbone(tokenizer), tokenizer=tokenizer, prompts=PROMPTS,
-                 reward_fn=length_reward, on_iteration=interrupt)
+                 reward_fn=length_reward, on_iteration=interrupt_at(2))
     assert load_state(latest_checkpoint(tmp_path / "b" / "dapo" / "checkpoints"))[
         "iteration"] == 2
     cfg.resume = True

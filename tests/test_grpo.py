@@ -18,6 +18,7 @@ import rlhf_kernels
 from rlhf import cli, rl, task
 from rlhf.checkpoint import RunDirectoryError, latest_checkpoint, load_state
 from rlhf.engine import RolloutEngine
+from tests._tiny_models import interrupt_at
 from tests.test_stages import read_jsonl, tiny_backbone
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -300,14 +301,10 @@ def test_every_algorithm_trains_and_resumes_to_the_same_next_iteration(tmp_path,
     if critic_free:
         assert 0.0 <= records[0]["group/zero_std_fraction"] <= 1.0
 
-    def interrupt(iteration, metrics):
-        if iteration == 2:
-            raise KeyboardInterrupt
-
     cfg = rl_config(tmp_path / "b", algorithm)
     with pytest.raises(KeyboardInterrupt):
         rl.train(cfg, backbone=tiny_backbone(tokenizer), tokenizer=tokenizer, prompts=PROMPTS,
-                 gold_fn=gold, on_iteration=interrupt)
+                 gold_fn=gold, on_iteration=interrupt_at(2))
     state = load_state(latest_checkpoint(tmp_path / "b" / algorithm / "checkpoints"))
     assert state["algorithm"] == algorithm and state["iteration"] == 2
     if critic_free:  # the policy adapter alone: no critic adapter, no value head

@@ -10,6 +10,7 @@ import shutil
 import pytest
 
 from rlhf.pipeline import PipelineConfig, run
+from tests._tiny_models import interrupt_at
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -203,13 +204,10 @@ def test_a_stage_with_dropout_resumes_exactly(tmp_path):
 
     sft.train(config("full"), model=model(), tokenizer=tokenizer, examples=corpus)
 
-    def interrupt(step, metrics):
-        if step == 3:
-            raise KeyboardInterrupt
-
     cfg = config("cut")
     with pytest.raises(KeyboardInterrupt):
-        sft.train(cfg, model=model(), tokenizer=tokenizer, examples=corpus, on_step=interrupt)
+        sft.train(cfg, model=model(), tokenizer=tokenizer, examples=corpus,
+                  on_step=interrupt_at(3))
     torch.manual_seed(12345)  # whatever ran in between
     cfg.resume = True
     sft.train(cfg, model=model(), tokenizer=tokenizer, examples=corpus)

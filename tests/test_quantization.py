@@ -23,7 +23,7 @@ pytest.importorskip("bitsandbytes")
 from rlhf import quant, reward, sft, task  # noqa: E402
 from rlhf import rl as ppo  # noqa: E402
 from rlhf.models import LoraSpec, SharedBackbone, _position_ids, load_causal_lm  # noqa: E402
-from tests._tiny_models import review_tokenizer, tiny_llama  # noqa: E402
+from tests._tiny_models import interrupt_at, review_tokenizer, tiny_llama  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::FutureWarning")]
@@ -428,12 +428,8 @@ def test_qlora_sft_resume_matches_uninterrupted(base_dir, tokenizer, corpus, tmp
 
     train(config("full"))
 
-    def interrupt(step, metrics):
-        if step == 3:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        train(config("cut"), on_step=interrupt)
+        train(config("cut"), on_step=interrupt_at(3))
     train(config("cut", resume=True))
     assert len(losses("full")) == 4
     assert losses("cut") == pytest.approx(losses("full"), rel=1e-6, abs=1e-7)

@@ -19,7 +19,7 @@ import torch
 from rlhf import checkpoint, metrics, pipeline, ppo, reward, sft, task
 from rlhf.checkpoint import RunDirectoryError
 from rlhf.models import LoraSpec, SharedBackbone
-from tests._tiny_models import review_tokenizer, tiny_llama
+from tests._tiny_models import interrupt_at, review_tokenizer, tiny_llama
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -59,13 +59,6 @@ def run_sft(cfg, tokenizer, corpus, **kwargs):
 
 def steps_of(directory) -> list[int]:
     return [int(p.name.split("-")[1]) for p in checkpoint.list_checkpoints(directory)]
-
-
-def interrupt_at(stop):
-    def callback(step, _metrics):
-        if step == stop:
-            raise KeyboardInterrupt
-    return callback
 
 
 # ---------------------------------------------------------------- item 13: fresh vs existing

@@ -16,7 +16,7 @@ import rlhf_kernels
 from rlhf import ppo, reward, sft, task
 from rlhf.engine import RolloutEngine
 from rlhf.models import LoraSpec, SharedBackbone
-from tests._tiny_models import review_tokenizer, tiny_llama
+from tests._tiny_models import interrupt_at, review_tokenizer, tiny_llama
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -96,14 +96,10 @@ def test_sft_trains_and_resume_matches_uninterrupted(tmp_path, tokenizer, corpus
     assert (tmp_path / "a" / "sft" / "model" / "config.json").exists()
     assert full["steps"] == 12
 
-    def interrupt(step, metrics):
-        if step == 5:
-            raise KeyboardInterrupt
-
     cfg = sft_config(tmp_path / "b")
     with pytest.raises(KeyboardInterrupt):
         sft.train(cfg, model=tiny_model(tokenizer), tokenizer=tokenizer, examples=corpus,
-                  on_step=interrupt)
+                  on_step=interrupt_at(5))
     assert (tmp_path / "b" / "sft" / "checkpoints" / "step-0000005").is_dir()
     cfg.resume = True
     # a fresh model: everything must come back from the checkpoint
@@ -313,14 +309,10 @@ def test_ppo_trains_logs_and_resume_matches_uninterrupted(tmp_path, tokenizer):
     # the adaptive controller moved kl_coef after the first iteration
     assert records[1]["kl_coef"] != records[0]["kl_coef"]
 
-    def interrupt(iteration, metrics):
-        if iteration == 2:
-            raise KeyboardInterrupt
-
     cfg = ppo_config(tmp_path / "b")
     with pytest.raises(KeyboardInterrupt):
         ppo.train(cfg, backbone=tiny_backbone(tokenizer), tokenizer=tokenizer, prompts=prompts,
-                  gold_fn=gold, on_iteration=interrupt)
+                  gold_fn=gold, on_iteration=interrupt_at(2))
     cfg.resume = True
     ppo.train(cfg, backbone=tiny_backbone(tokenizer), tokenizer=tokenizer, prompts=prompts,
               gold_fn=gold)
