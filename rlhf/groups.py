@@ -14,9 +14,11 @@ groups (the earliest first) and the metrics say how many (``dynamic_sampling/fil
 so the update always sees ``rollout_batch_size`` rows and the schedule stays as planned.
 
 "Flat" is judged on the scores the rewards come from (after the overlong shaping and
-``score_clip``): the KL penalty is not part of the test, as in DAPO, which filters on the task's
-accuracy. A group is flat when its scores' standard deviation is at most 1e-6 (the same test
-as the ``group/zero_std_fraction`` metric).
+``score_clip``), not on the KL penalty: a group is flat when those scores' standard deviation is
+at most 1e-6 (the same test as the ``group/zero_std_fraction`` metric), i.e. when its advantages
+would be 0 with the KL in the loss. DAPO's recipe tests the task's accuracy alone; with
+``overlong_buffer`` set the two differ on a group whose answers are all right (or all wrong) but
+of different lengths in the buffer: its penalties differ, it has advantages, and it is kept.
 
 Under torchrun each rank samples its share of every round; rounds continue until every rank has
 its share of kept groups (one all-reduce of the counts per round), so that every rank runs the
