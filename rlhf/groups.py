@@ -48,7 +48,9 @@ from rlhf.engine import Generation
 __all__ = ["FLAT_STD", "Round", "dynamic_sample", "flat_groups", "overlong_penalty",
            "reward_scores"]
 
-FLAT_STD = 1e-6  # a group whose rewards' std is at most this teaches nothing (advantages 0)
+# a group whose rewards' std is at most this teaches nothing (advantages 0); rl._group_metrics'
+# group/zero_std_fraction applies the same test
+FLAT_STD = 1e-6
 
 
 def flat_groups(values: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -865,8 +865,7 @@ def _group_metrics(scores: torch.Tensor, rewards: torch.Tensor, advantages: torc
         else 0.0,
         "group/reward_std": float(within.mean()),
         # no signal: every sample of the prompt got the same reward, so every advantage is 0
-        "group/zero_std_fraction": float(groups.flat_groups(rewards, group_size)
-                                         .double().mean()),
+        "group/zero_std_fraction": float((within <= groups.FLAT_STD).double().mean()),
         "score_std": float(scores.double().std()) if scores.numel() > 1 else 0.0,
         "advantage/mean": float(advantages.double().mean()),
         "advantage/std": float(advantages.double().std()) if advantages.numel() > 1 else 0.0,
