@@ -299,3 +299,31 @@ def test_torch_compile_traces_without_graph_breaks():
     assert_close(loss, loss_e, atol=1e-5, name="compiled loss")
     assert_close(rewards, rewards_e, atol=0.0, name="compiled rewards")
     assert_close(a.grad, b.grad, atol=0.0, name="compiled grad")
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_kl_clamps_keep_nan(estimator):
+    """clamp / log_ratio_clamp of a NaN log-ratio give NaN, as torch.clamp (Triton's default
+    min / max returned the bound instead: a finite KL out of a NaN log-prob)."""
+    logp, ref_logp = random_logps((2, 6), torch.float32)
+    logp[0, 3] = float("nan")
+    out = kl_penalty(logp, ref_logp, estimator, clamp=10.0, log_ratio_clamp=20.0,
+                     backend="triton")
+    want = reference.kl_penalty(logp.double(), ref_logp.double(), estimator, clamp=10.0,
+                                log_ratio_clamp=20.0)
+    assert torch.equal(torch.isnan(out), torch.isnan(want)) and torch.isnan(out[0, 3])
+
+
+def test_rewards_clamps_keep_nan():
+    """score_clip of a NaN score and kl_clamp of a NaN KL at a valid token give NaN there,
+    as the reference (not the clip bound)."""
+    logp, ref_logp = random_logps((2, 4), torch.float32)
+    mask = torch.ones(2, 4, dtype=torch.bool, device=DEVICE)
+    scores = torch.tensor([float("nan"), 1.0], device=DEVICE)
+    logp[1, 1] = float("nan")
+    out = shape_rewards(scores, logp, ref_logp, mask, 0.1, score_clip=5.0, kl_clamp=5.0,
+                        backend="triton")
+    want = reference.shape_rewards(scores.double(), logp.double(), ref_logp.double(), mask, 0.1,
+                                   score_clip=5.0, kl_clamp=5.0)
+    assert torch.equal(torch.isnan(out), torch.isnan(want))
+    assert torch.isnan(out[0, 3]) and torch.isnan(out[1, 1])

@@ -652,3 +652,29 @@ def test_torch_compile_fullgraph_critic_free(normalizer):
     for got, expected in zip(out_comp, out_eager):
         assert torch.equal(got, expected)
     assert torch.equal(x_comp.grad, x_eager.grad)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("where", ("logp", "old_logp"))
+@pytest.mark.parametrize("options", [
+    dict(), dict(log_ratio_clamp=None), dict(ratio_level="sequence"),
+    dict(loss_type="cispo"), dict(dual_clip=3.0, reduction="seq-mean-token-mean"),
+], ids=str)
+def test_nan_at_a_counted_token_is_not_hidden(where, options):
+    """A NaN log-prob at a counted token makes the loss and the ratio stats NaN, as the
+    reference: the log-ratio clamp and the ratio clip once returned the other operand of
+    Triton's min / max for NaN, so the loss came out finite and plausible."""
+    shape = (2, 5)
+    logp, old_logp, advantages = make_inputs(shape, torch.float32)
+    inputs = dict(logp=logp, old_logp=old_logp)
+    inputs[where] = inputs[where].clone()
+    inputs[where][0, 1] = float("nan")
+    mask = torch.ones(shape, dtype=torch.bool, device=DEVICE)
+    loss, stats = ppo_policy_loss(inputs["logp"], inputs["old_logp"], advantages, mask,
+                                  backend="triton", **options)
+    ref_loss, ref_stats = reference.ppo_policy_loss(
+        inputs["logp"].double(), inputs["old_logp"].double(), advantages.double(), mask,
+        **options)
+    assert torch.isnan(ref_loss) and torch.isnan(loss)
+    for name in ("approx_kl", "ppo_kl", "ratio_mean", "ratio_max"):
+        assert torch.isnan(ref_stats[name]) and torch.isnan(stats[name]), name

@@ -218,3 +218,17 @@ def test_torch_compile_fullgraph():
     assert_close(loss_comp, loss_eager, atol=1e-6)
     assert_close(ev_comp, ev_eager, atol=0)
     assert_close(x_comp.grad, x_eager.grad, atol=1e-7)
+
+
+@pytest.mark.parametrize("where", ("values", "old_values"))
+def test_nan_at_a_counted_token_is_not_hidden(where):
+    """A NaN value or old value at a counted token makes the clipped loss NaN, as the
+    reference (the clamp and the max of the two losses once dropped the NaN operand)."""
+    shape = (2, 5)
+    inputs = dict(zip(("values", "old_values", "returns"), make_inputs(shape, torch.float32)))
+    inputs[where] = inputs[where].clone()
+    inputs[where][1, 2] = float("nan")
+    loss, _ = ppo_value_loss(**inputs, clip=0.2, backend="triton")
+    ref_loss, _ = reference.ppo_value_loss(*(inputs[k].double() for k in
+                                             ("values", "old_values", "returns")), clip=0.2)
+    assert torch.isnan(ref_loss) and torch.isnan(loss)

@@ -40,6 +40,12 @@ from rlhf_kernels._checks import check_reduction, check_same_shape
 from rlhf_kernels.backend import native_cpu_kernels
 from rlhf_kernels.ops._launch import CachedLaunch
 
+# For tl.minimum / tl.maximum (and so every clamp) in the loss kernels: propagate NaN as
+# torch.minimum / maximum / clamp do. Triton's default returns the other operand, which turned
+# a NaN log-prob, value or score into a finite, plausible loss (the native kernels and the
+# reference give NaN).
+NAN = tl.constexpr(tl.PropagateNan.ALL)
+
 __all__ = [
     "REDUCTION_CODES",
     "SavedGradLoss",
@@ -58,6 +64,7 @@ __all__ = [
     "saved_grad_scale",
     "scale_saved_grad",
     "scale_saved_grad_eager",
+    "NAN",
     "next_power_of_2",
     "cdiv",
     "not_twice_differentiable",

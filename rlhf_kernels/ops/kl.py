@@ -32,7 +32,7 @@ from rlhf_kernels import _alloc, _native, reference
 from rlhf_kernels._checks import check_float, check_same_device, check_same_shape
 from rlhf_kernels.backend import launch_directly, native_cpu_kernels, resolve_backend
 from rlhf_kernels.ops._launch import CachedLaunch
-from rlhf_kernels.ops._reduce import cdiv, not_twice_differentiable
+from rlhf_kernels.ops._reduce import NAN, cdiv, not_twice_differentiable
 
 __all__ = ["kl_penalty", "KL_ESTIMATOR_CODES", "kl_estimate", "check_kl_options"]
 
@@ -79,10 +79,10 @@ def _kl_fwd_kernel(
                   other=0.0).to(tl.float32)
     d = logp - ref
     if HAS_LOG_RATIO_CLAMP:
-        d = tl.minimum(tl.maximum(d, -log_ratio_clamp), log_ratio_clamp)
+        d = tl.minimum(tl.maximum(d, -log_ratio_clamp, NAN), log_ratio_clamp, NAN)
     kl = kl_estimate(d, ESTIMATOR)
     if HAS_CLAMP:
-        kl = tl.minimum(tl.maximum(kl, -clamp), clamp)
+        kl = tl.minimum(tl.maximum(kl, -clamp, NAN), clamp, NAN)
     tl.store(out_ptr + row * stride_out_row + cols, kl, mask=in_row)
 
 
@@ -111,7 +111,7 @@ def _kl_bwd_kernel(
     # torch.clamp passes the gradient where lo <= x <= hi (bounds included).
     if HAS_LOG_RATIO_CLAMP:
         grad = tl.where((d >= -log_ratio_clamp) & (d <= log_ratio_clamp), grad, 0.0)
-        d = tl.minimum(tl.maximum(d, -log_ratio_clamp), log_ratio_clamp)
+        d = tl.minimum(tl.maximum(d, -log_ratio_clamp, NAN), log_ratio_clamp, NAN)
     if HAS_CLAMP:
         kl = kl_estimate(d, ESTIMATOR)
         grad = tl.where((kl >= -clamp) & (kl <= clamp), grad, 0.0)

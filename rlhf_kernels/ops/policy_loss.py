@@ -85,6 +85,7 @@ from rlhf_kernels._checks import (
 from rlhf_kernels.backend import launch_directly, native_cpu_kernels, resolve_backend
 from rlhf_kernels.ops._launch import CachedLaunch
 from rlhf_kernels.ops._reduce import (
+    NAN,
     NORMALIZER_NONE,
     SavedGradLoss,
     as_rows,
@@ -195,7 +196,8 @@ def _ppo_policy_loss_fwd_kernel(
             acc_d += tl.where(valid, logp - old, 0.0)
         n_row = tl.sum(acc_n, axis=1)
         seq_d_raw = tl.sum(acc_d, axis=1) / tl.maximum(n_row, 1.0)
-        seq_ratio = tl.exp(tl.minimum(tl.maximum(seq_d_raw, -log_ratio_clamp), log_ratio_clamp))
+        seq_ratio = tl.exp(tl.minimum(tl.maximum(seq_d_raw, -log_ratio_clamp, NAN),
+                                      log_ratio_clamp, NAN))
         # d mean / d logp_t = 1 / n inside the clamp (bounds included, as torch.clamp), else 0.
         seq_grad_scale = tl.where(
             (seq_d_raw >= -log_ratio_clamp) & (seq_d_raw <= log_ratio_clamp),
@@ -240,12 +242,12 @@ def _ppo_policy_loss_fwd_kernel(
         w = tl.where(valid, row_w[:, None], 0.0)
 
         d_raw = logp - old
-        d = tl.minimum(tl.maximum(d_raw, -log_ratio_clamp), log_ratio_clamp)
+        d = tl.minimum(tl.maximum(d_raw, -log_ratio_clamp, NAN), log_ratio_clamp, NAN)
         if SEQUENCE:
             ratio = tl.zeros([BLOCK_R, BLOCK_T], dtype=tl.float32) + seq_ratio[:, None]
         else:
             ratio = tl.exp(d)
-        clipped_ratio = tl.minimum(tl.maximum(ratio, ratio_low), ratio_high)
+        clipped_ratio = tl.minimum(tl.maximum(ratio, ratio_low, NAN), ratio_high, NAN)
         if CISPO:
             # The clipped ratio is a constant weight: d loss / d logp = -weight * A, whatever
             # the log-ratio clamp (no gradient flows through the ratio).
@@ -256,7 +258,7 @@ def _ppo_policy_loss_fwd_kernel(
             loss1 = -adv * ratio
             loss2 = -adv * clipped_ratio
             clipped = loss2 > loss1
-            loss = tl.maximum(loss1, loss2)
+            loss = tl.maximum(loss1, loss2, NAN)
             # dloss = d loss / d log(ratio). Inside the clip range l1 == l2 with equal
             # gradients, so a tie needs no halving here.
             dloss = tl.where(clipped, 0.0, loss1)
@@ -388,8 +390,11 @@ def _ppo_policy_loss_finish_kernel(
     tl.store(stats_ptr + 0, tl.sum(s_clip, axis=0) / n_safe)
     tl.store(stats_ptr + 1, tl.sum(s_half_d2, axis=0) / n_safe)
     tl.store(stats_ptr + 2, tl.sum(s_neg_d, axis=0) / n_safe)
-    tl.store(stats_ptr + 3, tl.sum(s_ratio, axis=0) / n_safe)
-    tl.store(stats_ptr + 4, tl.max(s_ratio_max, axis=0))
+    ratio_sum = tl.sum(s_ratio, axis=0)
+    tl.store(stats_ptr + 3, ratio_sum / n_safe)
+    # tl.max drops NaN; the sum of the (non-negative) ratios is NaN exactly when one of them is.
+    tl.store(stats_ptr + 4,
+             tl.where(ratio_sum != ratio_sum, ratio_sum, tl.max(s_ratio_max, axis=0)))
     # The optional stats follow in the order of _STAT_NAMES, then the scale (_scale_index).
     if HAS_DUAL:
         tl.store(stats_ptr + 5, tl.sum(s_dual, axis=0) / n_safe)

@@ -26,7 +26,7 @@ from rlhf_kernels._alloc import empty
 from rlhf_kernels._checks import check_float, check_same_device, check_same_shape
 from rlhf_kernels.backend import launch_directly, native_cpu_kernels, resolve_backend
 from rlhf_kernels.ops._launch import CachedLaunch
-from rlhf_kernels.ops._reduce import next_power_of_2
+from rlhf_kernels.ops._reduce import NAN, next_power_of_2
 from rlhf_kernels.ops.kl import KL_ESTIMATOR_CODES, check_kl_options, kl_estimate
 
 __all__ = ["shape_rewards"]
@@ -48,7 +48,7 @@ def _shape_rewards_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     score = tl.load(scores_ptr + row * stride_scores).to(tl.float32)
     if HAS_SCORE_CLIP:
-        score = tl.minimum(tl.maximum(score, -score_clip), score_clip)
+        score = tl.minimum(tl.maximum(score, -score_clip, NAN), score_clip, NAN)
     # target: the column that receives the score; -1 = not known yet (or the row has none).
     if HAS_INDEX:
         target = tl.load(index_ptr + row * stride_index).to(tl.int64)
@@ -68,7 +68,7 @@ def _shape_rewards_fwd_kernel(
         valid = valid & in_row
         kl = kl_estimate(logp - ref, ESTIMATOR)
         if HAS_KL_CLAMP:
-            kl = tl.minimum(tl.maximum(kl, -kl_clamp), kl_clamp)
+            kl = tl.minimum(tl.maximum(kl, -kl_clamp, NAN), kl_clamp, NAN)
         rewards = tl.where(valid, -kl_coef * kl, 0.0)
         if not HAS_INDEX:
             last_here = tl.max(tl.where(valid, cols, -1), axis=0)

@@ -37,6 +37,7 @@ from rlhf_kernels._checks import check_float, check_same_device, check_same_shap
 from rlhf_kernels.backend import launch_directly, native_cpu_kernels, resolve_backend
 from rlhf_kernels.ops._launch import CachedLaunch
 from rlhf_kernels.ops._reduce import (
+    NAN,
     SavedGradLoss,
     as_rows,
     check_mask,
@@ -130,13 +131,13 @@ def _ppo_value_loss_fwd_kernel(
             old = tl.load(old_ptr + rows[:, None] * stride_or + t[None, :] * stride_ot,
                           mask=inb, other=0.0).to(tl.float32)
             step = v - old
-            v_clipped = old + tl.minimum(tl.maximum(step, -clip), clip)
+            v_clipped = old + tl.minimum(tl.maximum(step, -clip, NAN), clip, NAN)
             err_clipped = v_clipped - ret
             loss2 = err_clipped * err_clipped
             # torch.clamp passes the gradient on [-clip, clip], bounds included.
             grad2 = tl.where((step >= -clip) & (step <= clip), err_clipped, 0.0)
             clipped = loss2 > loss1
-            loss = 0.5 * tl.maximum(loss1, loss2)
+            loss = 0.5 * tl.maximum(loss1, loss2, NAN)
             dloss = tl.where(clipped, grad2, tl.where(loss1 > loss2, err, 0.5 * (err + grad2)))
             acc_clip += tl.where(valid & clipped, 1.0, 0.0)
         else:
