@@ -30,8 +30,11 @@ duration of a run:
   written when a run starts afresh. `--resume` compares the new config with it and refuses
   any changed setting (listing each, old -> new), except those that cannot change what the
   run computes (`RESUME_SAFE_KEYS`: where the run lives and how it is resumed, checkpointed and
-  capped in memory). Checkpoints carry the run id, and resuming refuses a checkpoint of another
-  run, so a resumed run only ever uses the files of the run it resumes.
+  capped in memory); the refusal names the `key=value` overrides that give the run's settings
+  back. A run written by an older version resumes when each setting added since has the value
+  that did what that version did (`SETTINGS_ADDED`), and RL settings left to their algorithm's
+  preset compare as the preset's value. Checkpoints carry the run id, and resuming refuses a
+  checkpoint of another run, so a resumed run only ever uses the files of the run it resumes.
 - a fresh run (no --resume) into a directory that holds a run's files refuses to start (it
   would mix with them) unless `overwrite=true`, which deletes exactly those files first.
 """
@@ -64,6 +67,7 @@ __all__ = [
     "MANIFEST_FILE",
     "PIPELINE_RUN_FILES",
     "RESUME_SAFE_KEYS",
+    "SETTINGS_ADDED",
     "STAGE_RUN_FILES",
     "RunDirectory",
     "RunDirectoryError",
@@ -440,6 +444,34 @@ PIPELINE_RUN_FILES = (MANIFEST_FILE, "summary.json", "metrics.jsonl", "curves.pn
 RESUME_SAFE_KEYS = frozenset({"output_dir", "resume", "overwrite", "keep_last", "save_every",
                               "max_memory", "n_show_samples"})
 _MISSING = object()
+_ANY = object()  # a setting without effect unless another one leaves its old value (see below)
+
+# Settings added after run.json's first format, each with the value(s) that do what the versions
+# before it did (matched by the last dotted component, like RESUME_SAFE_KEYS). A run.json
+# written before a setting existed resumes when the setting holds one of these values now, and
+# the refusal of any other value names the one to pass. _ANY: the setting acts only through
+# another one listed here (dynamic_sampling_rounds needs dynamic_sampling, overlong_penalty an
+# overlong_buffer, lora_alpha a lora_rank; epochs only without max_steps, which configs always
+# set then; the arithmetic task's settings need task=arithmetic), so that one decides.
+# A new setting goes here in the same change (tests/test_run_directory.py holds every config
+# field to either the first format's names or this registry).
+SETTINGS_ADDED: dict[str, tuple[Any, ...]] = {
+    "cpu_threads": (None,),  # the stages did not set torch's thread count
+    "epochs": (_ANY,),
+    "lora_rank": (0,), "lora_alpha": (_ANY,),  # SFT trained every weight
+    "quantization": ("none", None), "optimizer": ("adamw",),
+    "packing": ("off",), "gradient_checkpointing": (False,),
+    "task": ("reviews",), "model": (None,),
+    "eval_problems": (_ANY,), "curve_every": (_ANY,), "curve_problems": (_ANY,),
+    # the RL algorithms: every run was PPO (None: the algorithm's preset, see _preset_resolved)
+    "algorithm": ("ppo",), "advantage_norm": ("auto",),
+    "advantage_estimator": (None,), "group_size": (None,), "ratio_level": (None,),
+    "loss_type": (None,), "loss_normalizer": (None,), "clip_ratio_high": (None,),
+    "kl_in_loss": (None,),
+    # DAPO's additions (no run sampled again, shaped lengths or masked cut responses before)
+    "dynamic_sampling": (False,), "dynamic_sampling_rounds": (_ANY,),
+    "overlong_buffer": (0,), "overlong_penalty": (_ANY,), "mask_truncated": (False,),
+}
 
 
 class RunDirectoryError(ValueError):
@@ -465,20 +497,69 @@ def _json_plain(config: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(dict(config), default=default))
 
 
+def _preset_resolved(flat: Mapping[str, Any], key: str, value: Any) -> Any:
+    """An RL setting left to its algorithm's preset (None) as the preset's value, so that
+    `clip_ratio: null` and `clip_ratio: 0.2` compare equal under PPO (rlhf/rl.py PRESETS; a
+    config without `algorithm` predates the others and ran PPO)."""
+    from rlhf import rl  # rl imports this module
+
+    name = key.rsplit(".", 1)[-1]
+    preset = rl.PRESETS.get(flat.get("algorithm", "ppo"))
+    if value is not None or name not in rl.PRESET_KEYS or preset is None:
+        return value
+    if name == "clip_ratio_high" and preset[name] is None:  # the same as clip_ratio
+        sibling = key[: -len(name)] + "clip_ratio"
+        return _preset_resolved(flat, sibling, flat.get(sibling))
+    return preset[name]
+
+
+def _cli_value(value: Any) -> str:
+    """`value` as a key=value override on the command line reads it back."""
+    if isinstance(value, str) and value and " " not in value:
+        return value
+    return json.dumps(value)
+
+
 def config_changes(old: Mapping[str, Any], new: Mapping[str, Any],
-                   ignore: Iterable[str] = RESUME_SAFE_KEYS) -> list[str]:
-    """`key: old -> new` for each setting (dotted keys for nested configs) that differs between
-    two configs, skipping keys whose last component is in `ignore`."""
+                   ignore: Iterable[str] = RESUME_SAFE_KEYS) -> list[tuple[str, str | None]]:
+    """The settings (dotted keys for nested configs) that differ between a run's config `old`
+    and `new`, skipping keys that are in `ignore` or whose last component is: one
+    `(change, override)` per setting, `change` reading `key: old -> new` and `override` the
+    `key=value` that gives the run's value back (None when no value can: a setting this version
+    no longer has, or one added without a SETTINGS_ADDED entry).
+
+    A setting `old` predates (`SETTINGS_ADDED`) compares as the value that did what the run did,
+    and RL settings left to their algorithm's preset compare as the preset's value."""
     ignore = set(ignore)
     flat_old, flat_new = _flatten(_json_plain(old)), _flatten(_json_plain(new))
     changes = []
     for key in [*flat_new, *(k for k in flat_old if k not in flat_new)]:
-        if key.rsplit(".", 1)[-1] in ignore:
+        name = key.rsplit(".", 1)[-1]
+        if name in ignore or key in ignore:
             continue
         before, after = flat_old.get(key, _MISSING), flat_new.get(key, _MISSING)
-        if before != after:
-            shown = ["(not set)" if v is _MISSING else json.dumps(v) for v in (before, after)]
-            changes.append(f"{key}: {shown[0]} -> {shown[1]}")
+        if before == after:
+            continue
+        if after is _MISSING:
+            changes.append((f"{key}: {json.dumps(before)} -> (no such setting in this version)",
+                            None))
+            continue
+        legacy = before is _MISSING and name in SETTINGS_ADDED
+        olds = SETTINGS_ADDED[name] if legacy else (before,)
+        if _ANY in olds:
+            continue
+        resolved_after = _preset_resolved(flat_new, key, after)
+        if any(_preset_resolved(flat_old, key, value) == resolved_after for value in olds):
+            continue
+        if legacy:
+            shown = f"(not in run.json: before this setting, runs did {json.dumps(olds[0])})"
+        elif before is _MISSING:
+            shown = "(not set)"
+        else:
+            shown = json.dumps(before)
+        changes.append((f"{key}: {shown} -> {json.dumps(after)}",
+                        None if before is _MISSING and not legacy
+                        else f"{key}={_cli_value(olds[0])}"))
     return changes
 
 
@@ -721,10 +802,15 @@ def _open_run(directory: str | Path, kind: str, config: Mapping[str, Any], *, re
                     f"a {kind!r} one; give the {kind} run its own output_dir=...")
             changes = config_changes(manifest["config"], config, resume_safe)
             if changes:
+                overrides = [override for _, override in changes if override is not None]
+                how = (f"Resume with the run's settings (add `{' '.join(overrides)}` to the "
+                       f"command)" if len(overrides) == len(changes) else
+                       "This version cannot give back every setting of the run (see above); "
+                       "finish it with the version that started it")
                 raise RunDirectoryError(
                     f"--resume of {str(directory)!r} with settings that differ from the run's "
-                    f"(run.json): {'; '.join(changes)}. A resumed run must keep its settings, "
-                    f"or its results would mix both. Resume with the run's settings, or start "
+                    f"(run.json): {'; '.join(change for change, _ in changes)}. A resumed run "
+                    f"must keep its settings, or its results would mix both. {how}, or start "
                     f"a new run with the new ones: a new output_dir=..., or overwrite=true to "
                     f"replace this run")
             manifest.setdefault("resumed", []).append(_now())

@@ -61,6 +61,7 @@ from rlhf import distributed, reward, sft, stage, task
 from rlhf import rl as ppo
 from rlhf.checkpoint import (
     PIPELINE_RUN_FILES,
+    RESUME_SAFE_KEYS,
     STAGE_RUN_FILES,
     RunDirectory,
     atomic_directory,
@@ -246,6 +247,10 @@ TASKS = ("reviews", "arithmetic")
 # Stage settings the pipeline sets for every stage from its own field of the same name.
 _SET_BY_PIPELINE = ("output_dir", "seed", "device", "max_memory", "resume", "overwrite",
                     "cpu_threads", "algorithm", "quantization", "gradient_checkpointing")
+# What --resume may see changed: the stages' copies of _SET_BY_PIPELINE are not what the stages
+# use (the pipeline's own fields are, and those are compared).
+_RESUME_SAFE = RESUME_SAFE_KEYS | {
+    f"{name}.{key}" for name in ("sft", "reward", "ppo") for key in _SET_BY_PIPELINE}
 # Stage settings that mean nothing inside the pipeline, and why.
 _NOT_IN_PIPELINE = {
     ("sft", "corpus_size"): "the built-in corpus has the pipeline's corpus_size",
@@ -483,8 +488,8 @@ def run(cfg: PipelineConfig) -> dict:
         torch.set_num_threads(cfg.cpu_threads)
     try:
         with open_run(cfg.output_dir, "pipeline", asdict(cfg), resume=cfg.resume,
-                      overwrite=cfg.overwrite,
-                      run_files=PIPELINE_RUN_FILES + _RL_RUN_FILES) as run_dir:
+                      overwrite=cfg.overwrite, run_files=PIPELINE_RUN_FILES + _RL_RUN_FILES,
+                      resume_safe=_RESUME_SAFE) as run_dir:
             if cfg.task == "arithmetic":
                 from rlhf import arithmetic
 

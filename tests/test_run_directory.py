@@ -12,12 +12,15 @@ import stat
 import subprocess
 import sys
 import textwrap
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
 
 from rlhf import checkpoint, metrics, pipeline, ppo, reward, sft, task
 from rlhf.checkpoint import RunDirectoryError
+from rlhf.config import load_config
 from rlhf.models import LoraSpec, SharedBackbone
 from tests._tiny_models import interrupt_at, review_tokenizer, tiny_llama
 
@@ -176,6 +179,85 @@ def test_pipeline_resume_refuses_a_changed_stage_setting(tmp_path, monkeypatch):
     run_dir = checkpoint.RunDirectory(out, "pipeline", "another-run", resumed=True)
     with pytest.raises(RunDirectoryError, match="written by another run"):
         pipeline._stage_done(out / "sft", True, run_dir)
+
+
+# ------------------------------------------- resuming a run an older version wrote (run.json)
+FORMAT1 = json.loads((Path(__file__).parent / "data" / "run_json_format1.json").read_text())
+TODAY = {"sft": sft.SFTConfig, "rm": reward.RewardConfig, "ppo": ppo.PPOConfig,
+         "grpo": ppo.GRPOConfig, "pipeline": pipeline.PipelineConfig}
+
+
+def _flat_keys(config: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in config.items():
+        keys |= (_flat_keys(value, f"{prefix}{key}.") if isinstance(value, dict)
+                 else {prefix + key})
+    return keys
+
+
+@pytest.mark.parametrize("kind", TODAY)
+def test_every_setting_added_since_the_first_run_json_says_what_runs_did_before(kind):
+    # A setting that run.json's first format lacks must say which value does what the versions
+    # without it did; else a run they wrote can never resume (the old refusal: "(not set) -> x").
+    added = _flat_keys(asdict(TODAY[kind]())) - _flat_keys(FORMAT1["ppo" if kind == "grpo"
+                                                                     else kind])
+    unregistered = {key for key in added if key.rsplit(".", 1)[-1] not in checkpoint.SETTINGS_ADDED}
+    assert not unregistered, f"add to checkpoint.SETTINGS_ADDED: {sorted(unregistered)}"
+
+
+@pytest.mark.parametrize("kind", ["sft", "rm", "ppo", "pipeline"])
+def test_a_first_format_run_resumes_with_exactly_the_overrides_the_refusal_names(kind):
+    cls = TODAY[kind]
+    safe = pipeline._RESUME_SAFE if kind == "pipeline" else checkpoint.RESUME_SAFE_KEYS
+    changes = checkpoint.config_changes(FORMAT1[kind], asdict(cls()), safe)
+    assert changes and all(override for _, override in changes), changes
+    # packing did not exist then: runs were unpacked, which today's default (auto) may not be
+    assert any(change.startswith(("packing:", "sft.packing:")) for change, _ in changes)
+    # the overrides, as typed after the command, give the run's settings back
+    resumed = load_config(cls, None, [override for _, override in changes])
+    assert checkpoint.config_changes(FORMAT1[kind], asdict(resumed), safe) == []
+
+
+def test_algorithm_presets_compare_as_their_values_on_resume():
+    grpo = asdict(ppo.GRPOConfig())  # clip_ratio None: the grpo preset's 0.2
+    assert checkpoint.config_changes(grpo, asdict(ppo.GRPOConfig(clip_ratio=0.2))) == []
+    assert checkpoint.config_changes(grpo, asdict(ppo.GRPOConfig(clip_ratio_high=0.2))) == []
+    # a real change is named once (clip_ratio_high follows clip_ratio, but is not reported)
+    assert checkpoint.config_changes(grpo, asdict(ppo.GRPOConfig(clip_ratio=0.3))) == [
+        ("clip_ratio: null -> 0.3", "clip_ratio=null")]
+    # dapo before dynamic sampling existed did not sample again; today's preset does
+    dapo = asdict(ppo.GRPOConfig(algorithm="dapo"))
+    written_before = {k: v for k, v in dapo.items() if k != "dynamic_sampling"}
+    assert checkpoint.config_changes(written_before, dapo) == [
+        ('dynamic_sampling: (not in run.json: before this setting, runs did false) -> null',
+         "dynamic_sampling=false")]
+    assert checkpoint.config_changes(written_before,
+                                     asdict(ppo.GRPOConfig(algorithm="dapo",
+                                                           dynamic_sampling=False))) == []
+    # the preset of the algorithm each side ran: grpo's kl_estimator k3 is not ppo's k1
+    assert checkpoint.config_changes(asdict(ppo.PPOConfig()), {**asdict(ppo.PPOConfig()),
+                                                               "kl_estimator": "k3"})
+
+
+def test_resume_refusal_names_the_overrides_and_they_resume(tmp_path):
+    run = tmp_path / "run"
+    written = {**FORMAT1["sft"], "output_dir": str(run)}
+    with checkpoint.open_run(run, "sft", written, resume=False):
+        (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    today = asdict(sft.SFTConfig(output_dir=str(run), max_length=64, batch_size=32,
+                                 grad_accum_steps=1, max_steps=400, lr=3e-3))
+    with pytest.raises(RunDirectoryError) as refused:
+        with checkpoint.open_run(run, "sft", today, resume=True):
+            pass
+    assert "add `cpu_threads=null packing=off` to the command" in str(refused.value)
+    with checkpoint.open_run(run, "sft", {**today, "cpu_threads": None, "packing": "off"},
+                             resume=True) as resumed:
+        assert resumed.resumed
+    # a setting this version no longer has cannot be given back: said so, no override offered
+    with pytest.raises(RunDirectoryError, match="cannot give back every setting"):
+        with checkpoint.open_run(run, "sft", {k: v for k, v in today.items() if k != "lr"},
+                                 resume=True):
+            pass
 
 
 # ---------------------------------------------------------------- item 10: one run per directory
