@@ -332,3 +332,18 @@ def test_non_finite_hidden_at_ignored_rows_adds_nothing(poison):
         assert torch.isfinite(g).all(), name
         assert_close(g, g64, atol=1e-5, rtol=1e-4, name=f"d {name}")
     assert (grads[0][ignored] == 0).all()
+
+
+@pytest.mark.parametrize("shape", [(6, 8), (2, 3, 8)], ids=str)
+def test_editing_hidden_in_place_before_backward_is_caught_by_the_version_counter(shape):
+    """hidden edited in place between the forward and the backward: autograd's version-counter
+    error, as for any op that saved its input (the eager path once saved a flattened view made
+    with grad mode off, and torch raised a confusing "view was created in no_grad mode")."""
+    leaf = torch.randn(shape, device=DEVICE, requires_grad=True)
+    hidden = leaf * 1.0
+    weight = torch.randn(11, shape[-1], device=DEVICE)
+    labels = torch.randint(0, 11, shape[:-1], device=DEVICE)
+    logp = linear_logprobs(hidden, weight, labels, chunk_size=4, backend="triton")
+    hidden.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        logp.sum().backward()

@@ -410,6 +410,8 @@ def _head_backward(ctx, grad_logp, grad_entropy, sweep):
     """The gradients of both autograd paths from the saved state; ``sweep(*args, needs)`` runs
     the backward sweep (through the backward custom op, or directly on the eager path)."""
     hidden, weight, labels, bias, lora_a, lora_b, saved = ctx.saved_tensors
+    if hidden.dim() != 2:  # the eager path saves hidden (..., H) as it came
+        hidden = hidden.reshape(-1, hidden.shape[-1])
     lse, entropy = saved[0], saved[1] if saved.shape[0] > 1 else None
     lora_scale, temperature, ignore_index, return_entropy, chunk_size, budget = ctx.options
     need = ctx.needs_input_grad
@@ -450,9 +452,12 @@ class _LinearLogprobsFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, bias, lora_a, lora_b, options):
         # hidden (..., H) is flattened here, not by the caller: no view node in the graph.
         ctx.hidden_shape = hidden.shape
-        hidden = hidden.reshape(-1, hidden.shape[-1])
-        logp, entropy, saved = _forward_sweep(hidden, weight, labels, bias, lora_a, lora_b,
-                                              *options)
+        logp, entropy, saved = _forward_sweep(hidden.reshape(-1, hidden.shape[-1]), weight,
+                                              labels, bias, lora_a, lora_b, *options)
+        # The input itself is saved, not the flattened view: a view made here (grad mode is off)
+        # turned an in-place edit of hidden before the backward into torch's "a view was
+        # created in no_grad mode" error instead of the version counter's "modified by an
+        # inplace operation" (_head_backward flattens it again).
         ctx.save_for_backward(hidden, weight, labels, bias, lora_a, lora_b, saved)
         ctx.options = options[:6]  # without check_labels
         return logp, entropy
