@@ -523,6 +523,20 @@ def test_labels_with_one_label_per_row_in_any_shape(backend):
                                _logp64(logits3, ids), atol=2e-5, rtol=1e-5)
 
 
+def test_verl_logprobs_in_place_backward_leaves_a_leaf_it_views_alone(backend):
+    """veRL's default inplace_backward=True on a view of a leaf (its tests slice a leaf's
+    logits): the drop-in turns the in-place gradient off there, as for the leaf itself, so the
+    leaf keeps its values and gets the exact gradient (it once received its gradient as data)."""
+    leaf = _logits((3, 5, V), torch.float32).requires_grad_()
+    before = leaf.detach().clone()
+    labels = torch.randint(0, V, (3, 4), device=DEVICE)
+    our_verl.logprobs_from_logits(leaf[:, :-1], labels).sum().backward()
+    assert torch.equal(leaf.detach(), before)
+    exact = before.double().requires_grad_()
+    _logp64(exact[:, :-1], labels).sum().backward()
+    torch.testing.assert_close(leaf.grad.double(), exact.grad, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_verl_openrlhf_outputs_edited_in_place_then_backward(backend, dtype):
     base = _logits((4, V), dtype).requires_grad_()

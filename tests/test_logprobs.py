@@ -232,6 +232,17 @@ def test_inplace_backward_refuses_a_leaf():
         logprobs(leaf, _make_labels((2, 3), 17), inplace_backward=True, backend="triton")
 
 
+def test_inplace_backward_refuses_a_view_of_a_leaf():
+    """leaf[:, :-1] or leaf.view(-1, V) is not a leaf itself, but the in-place backward would
+    write the gradient into the leaf's memory (it once did: the leaf's data silently became its
+    gradient)."""
+    leaf = torch.randn(2, 4, 17, device=DEVICE, requires_grad=True)
+    for view, labels in ((leaf[:, :-1], _make_labels((2, 3), 17)),
+                         (leaf.view(-1, 17), _make_labels((8,), 17))):
+        with pytest.raises(ValueError, match="or a view of one"):
+            logprobs(view, labels, inplace_backward=True, backend="triton")
+
+
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("bad", [1271, 5000, -1, -101])
 def test_out_of_range_labels(bad, backend):

@@ -81,7 +81,7 @@ from rlhf_kernels.integrations._contract import bind_keep_fp32, finish, installe
 from rlhf_kernels.ops.advantages import group_advantages
 from rlhf_kernels.ops.gae import gae
 from rlhf_kernels.ops.kl import kl_penalty as kl_estimate
-from rlhf_kernels.ops.logprobs import logprobs
+from rlhf_kernels.ops.logprobs import is_or_views_a_grad_leaf, logprobs
 from rlhf_kernels.ops.policy_loss import ppo_policy_loss
 from rlhf_kernels.ops.value_loss import ppo_value_loss
 from rlhf_kernels.ops.whiten import masked_whiten
@@ -759,7 +759,7 @@ def logprobs_from_logits(
     where veRL would use flash-attn's cross entropy and the logits' dtype otherwise (fp32 with
     ``keep_fp32``). Labels equal to -100 give 0 (as flash-attn). ``inplace_backward`` writes d
     logits into the logits buffer, as flash-attn's; it is turned off for a leaf tensor that
-    requires grad (its .grad would alias)."""
+    requires grad or a view of one (the backward would overwrite the leaf's data)."""
     rows = logits.shape[:-1]
     if labels.shape != rows:
         if labels.numel() != rows.numel():
@@ -769,7 +769,7 @@ def logprobs_from_logits(
                 f"logprobs_from_logits needs one label per row of logits"
             )
         labels = labels.reshape(rows)
-    inplace = bool(inplace_backward) and not (logits.is_leaf and logits.requires_grad)
+    inplace = bool(inplace_backward) and not is_or_views_a_grad_leaf(logits)
     logp = logprobs(logits, labels, inplace_backward=inplace)
     dtype = torch.float32 if _verl_uses_flash_ce(logits) else logits.dtype
     return finish(logp, dtype, keep_fp32)

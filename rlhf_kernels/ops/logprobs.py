@@ -585,6 +585,15 @@ def _(logits, labels, saved, grad_logp, grad_entropy, temperature, ignore_index)
     return None
 
 
+def is_or_views_a_grad_leaf(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a leaf that requires grad or a view of one (``leaf[:, :-1]``,
+    ``leaf.view(-1, V)``): memory an in-place backward must not write its gradient into."""
+    if t.is_leaf:
+        return t.requires_grad
+    base = t._base
+    return base is not None and base.is_leaf and base.requires_grad
+
+
 def _can_write_in_place(logits: torch.Tensor) -> bool:
     # A copy (stride(-1) != 1, or leading dims no two strides describe) or overlapping rows
     # (an expanded tensor) cannot take the gradient in place: fall back to a fresh buffer.
@@ -723,7 +732,8 @@ def logprobs(
         are an intermediate activation (e.g. the lm_head output) that nothing reads afterwards.
         Autograd catches another op that saved the same logits for its backward (it raises
         "modified by an inplace operation"), as it does a ``retain_graph`` double backward. A leaf
-        tensor that requires grad is refused (its ``.grad`` would share memory with it). When the
+        tensor that requires grad, or a view of one, is refused (the backward would overwrite the
+        leaf's data). When the
         buffer cannot take the gradient in place (stride(-1) != 1, overlapping rows of an expanded
         tensor, leading dims that need a copy) the backward quietly uses a fresh buffer instead.
     check_labels: False (the default): no validation and no host sync; a label outside [0, V)
@@ -752,11 +762,12 @@ def logprobs(
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
 
-    if inplace_backward and logits.is_leaf and logits.requires_grad:
+    if inplace_backward and is_or_views_a_grad_leaf(logits):
         raise ValueError(
             "inplace_backward=True needs logits that are an intermediate result (e.g. the lm_head "
-            "output), but got a leaf tensor that requires grad: its .grad would share memory with "
-            "the tensor itself. Pass inplace_backward=False, or compute the logits in the graph."
+            "output), but got a leaf tensor that requires grad, or a view of one (e.g. "
+            "leaf[:, :-1]): the backward would overwrite that leaf's data with the gradient. "
+            "Pass inplace_backward=False, or compute the logits in the graph."
         )
     if resolve_backend(logits, backend, "logprobs") == "reference":
         if check_labels:
