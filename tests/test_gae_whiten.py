@@ -262,3 +262,14 @@ def test_torch_compile_traces_without_graph_breaks():
     adv_e, ret_e = advantages(rewards, values, mask)
     assert_close(adv_c, adv_e, atol=0.0, name="compiled advantages")
     assert_close(ret_c, ret_e, atol=0.0, name="compiled returns")
+
+
+@pytest.mark.parametrize("dtype,backend", [(torch.float32, "triton"), (torch.float64, "triton"),
+                                           (torch.float32, "reference")], ids=str)
+def test_whiten_output_has_no_gradient_on_every_path(dtype, backend):
+    """The documented 'no gradient' holds for every dtype and backend: fp64 input and the
+    reference backend once returned a differentiable result while the kernels' was detached."""
+    x = torch.randn(2, 6, device=DEVICE, dtype=dtype, requires_grad=True)
+    mask = torch.rand(2, 6, device=DEVICE) > 0.3
+    out = masked_whiten(x, mask, backend=backend)
+    assert not out.requires_grad and out.grad_fn is None

@@ -232,7 +232,8 @@ def masked_whiten(
     if not (float(eps) >= 0.0):
         raise ValueError(f"eps={eps} must be >= 0 (it is added to the variance)")
     if resolve_backend(x, backend, "masked_whiten") == "reference" or x.dtype == torch.float64:
-        return reference.masked_whiten(x, mask, shift_mean, unbiased, eps)
+        # detached as the kernel paths' output (no gradient, whatever the backend or dtype)
+        return reference.masked_whiten(x.detach(), mask, shift_mean, unbiased, eps)
     if launch_directly(x, mask):
         # A fresh output with no autograd history: nothing to detach.
         return _launch(x, mask, bool(shift_mean), bool(unbiased), float(eps))
