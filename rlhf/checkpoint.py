@@ -513,6 +513,15 @@ def _preset_resolved(flat: Mapping[str, Any], key: str, value: Any) -> Any:
     return preset[name]
 
 
+def _with_preset(flat: Mapping[str, Any], key: str, value: Any) -> str:
+    """`value` as JSON, and what it resolves to when it leaves the setting to a preset."""
+    resolved = _preset_resolved(flat, key, value)
+    if resolved == value:
+        return json.dumps(value)
+    algorithm = flat.get("algorithm", "ppo")
+    return f"{json.dumps(value)} (the {algorithm} preset: {json.dumps(resolved)})"
+
+
 def _cli_value(value: Any) -> str:
     """`value` as a key=value override on the command line reads it back."""
     if isinstance(value, str) and value and " " not in value:
@@ -556,8 +565,9 @@ def config_changes(old: Mapping[str, Any], new: Mapping[str, Any],
         elif before is _MISSING:
             shown = "(not set)"
         else:
-            shown = json.dumps(before)
-        changes.append((f"{key}: {shown} -> {json.dumps(after)}",
+            shown = _with_preset(flat_old, key, before)
+        after_shown = _with_preset(flat_new, key, after)
+        changes.append((f"{key}: {shown} -> {after_shown}",
                         None if before is _MISSING and not legacy
                         else f"{key}={_cli_value(olds[0])}"))
     return changes

@@ -224,12 +224,13 @@ def test_algorithm_presets_compare_as_their_values_on_resume():
     assert checkpoint.config_changes(grpo, asdict(ppo.GRPOConfig(clip_ratio_high=0.2))) == []
     # a real change is named once (clip_ratio_high follows clip_ratio, but is not reported)
     assert checkpoint.config_changes(grpo, asdict(ppo.GRPOConfig(clip_ratio=0.3))) == [
-        ("clip_ratio: null -> 0.3", "clip_ratio=null")]
+        ("clip_ratio: null (the grpo preset: 0.2) -> 0.3", "clip_ratio=null")]
     # dapo before dynamic sampling existed did not sample again; today's preset does
     dapo = asdict(ppo.GRPOConfig(algorithm="dapo"))
     written_before = {k: v for k, v in dapo.items() if k != "dynamic_sampling"}
     assert checkpoint.config_changes(written_before, dapo) == [
-        ('dynamic_sampling: (not in run.json: before this setting, runs did false) -> null',
+        ('dynamic_sampling: (not in run.json: before this setting, runs did false) -> null '
+         '(the dapo preset: true)',
          "dynamic_sampling=false")]
     assert checkpoint.config_changes(written_before,
                                      asdict(ppo.GRPOConfig(algorithm="dapo",
