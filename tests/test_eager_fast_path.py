@@ -290,3 +290,37 @@ def test_logprob_gradients_refuse_a_double_backward(op):
                                    else rk.linear_logprobs(leaf, x["weight"], x["labels"]).sum(),
                                    leaf)
     torch.testing.assert_close(plain, grad.detach(), rtol=0, atol=0)
+
+
+def _loss_for_double_backward(op, leaf):
+    """A scalar of ``op`` with ``leaf`` (2, 6) as its differentiable input."""
+    other = torch.randn(2, 6, device=DEVICE)
+    if op == "kl_penalty":
+        return rk.kl_penalty(leaf, other, "k3").sum()
+    if op == "ppo_policy_loss":
+        return rk.ppo_policy_loss(leaf, other, torch.randn(2, 6, device=DEVICE))[0]
+    if op == "ppo_value_loss":
+        return rk.ppo_value_loss(leaf, other, torch.randn(2, 6, device=DEVICE))[0]
+    if op == "bradley_terry_loss":
+        return rk.bradley_terry_loss(leaf, other)[0]
+    labels = torch.randint(0, 5, (2, 6), device=DEVICE)
+    if op == "ppo_loss_from_logits":
+        logits = leaf[..., None] * torch.linspace(-1, 1, 5, device=DEVICE)
+        return rk.ppo_loss_from_logits(logits, labels, other - 2, other)[0]
+    weight = torch.randn(5, 1, device=DEVICE)
+    return rk.linear_ppo_loss(leaf[..., None], weight, labels, other - 2, other)[0]
+
+
+@pytest.mark.parametrize("op", ["kl_penalty", "ppo_policy_loss", "ppo_value_loss",
+                                "bradley_terry_loss", "ppo_loss_from_logits", "linear_ppo_loss"])
+def test_loss_gradients_refuse_a_double_backward(op):
+    """As the logprob ops: under create_graph=True the losses' and KL's eager gradients raise
+    when differentiated. They once came back as constants (once_differentiable passes when the
+    incoming gradient is a constant), so a second-order term through them was silently 0."""
+    leaf = torch.randn(2, 6, device=DEVICE, requires_grad=True)
+    (grad,) = torch.autograd.grad(_loss_for_double_backward(op, leaf), leaf, create_graph=True)
+    with pytest.raises(RuntimeError, match=f"rlhf_kernels.*{op}.*: its gradient is not "
+                                           "differentiable again"):
+        (grad.square().sum() + leaf.sum()).backward()
+    (plain,) = torch.autograd.grad(_loss_for_double_backward(op, leaf), leaf)
+    assert plain.shape == grad.shape and not plain.requires_grad

@@ -33,7 +33,6 @@ import math
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from rlhf_kernels._alloc import empty
 from rlhf_kernels._checks import check_reduction, check_same_shape
@@ -67,7 +66,7 @@ __all__ = [
     "NAN",
     "next_power_of_2",
     "cdiv",
-    "not_twice_differentiable",
+    "no_double_backward",
 ]
 
 # The reduction is a compile-time flag of the kernels (five variants at most).
@@ -291,21 +290,41 @@ def scale_saved_grad_eager(
     return grad if grad.dtype == dtype else grad.to(dtype)
 
 
-def not_twice_differentiable(backward):
-    """``backward`` of an autograd.Function whose gradient is not differentiable again.
+def no_double_backward(op_name: str):
+    """Decorator for the ``backward`` of an eager autograd Function whose gradient cannot be
+    differentiated again.
 
-    ``once_differentiable`` (an error if a double backward reaches it) costs a ``no_grad``
-    context per call, so it only wraps the call when grad mode is on in the backward, i.e.
-    under ``create_graph=True``; a plain backward runs with grad mode off and calls straight
-    through.
+    A plain backward (grad mode off) calls straight through. Under ``create_graph=True`` the
+    gradients come back as tensors that raise when differentiated, as the custom-op path's do
+    (its backward op has no autograd formula): always, not only when the incoming gradient
+    requires grad (``once_differentiable``'s test), because the gradient depends on the saved
+    inputs too and a silently constant second-order term would be wrong.
     """
-    guarded = once_differentiable(backward)
+    message = (f"rlhf_kernels.{op_name}: its gradient is not differentiable again (double "
+               "backward / create_graph=True); use backend='reference' for higher-order "
+               "gradients").encode()
 
-    @functools.wraps(backward)
-    def wrapper(ctx, *grads):
-        return (guarded if torch.is_grad_enabled() else backward)(ctx, *grads)
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            if not torch.is_grad_enabled():
+                return backward(ctx, *grads)
+            with torch.no_grad():
+                outputs = backward(ctx, *grads)
 
-    return wrapper
+            def fake_requires_grad(t):
+                if t is None:
+                    return None
+                t = t.detach()
+                t.requires_grad = True
+                return t
+
+            error = torch._C._functions.DelayedError(message, len(outputs))
+            return error(*[fake_requires_grad(t) for t in outputs])
+
+        return wrapper
+
+    return decorate
 
 
 class SavedGradLoss(torch.autograd.Function):
@@ -329,7 +348,7 @@ class SavedGradLoss(torch.autograd.Function):
         return loss, stats
 
     @staticmethod
-    @not_twice_differentiable
+    @no_double_backward("ppo_policy_loss / ppo_value_loss")
     def backward(ctx, grad_loss, grad_stats):
         grad = None
         if grad_loss is not None:

@@ -37,7 +37,7 @@ from rlhf_kernels.ops._launch import CachedLaunch
 from rlhf_kernels.ops._reduce import (
     cdiv,
     next_power_of_2,
-    not_twice_differentiable,
+    no_double_backward,
     saved_grad_scale,
     scale_saved_grad_eager,
 )
@@ -268,7 +268,7 @@ class _BradleyTerryFunction(torch.autograd.Function):
         return loss, stats
 
     @staticmethod
-    @not_twice_differentiable
+    @no_double_backward("bradley_terry_loss")
     def backward(ctx, grad_loss, grad_stats):
         if grad_loss is None:
             return None, None, None, None, None

@@ -32,7 +32,7 @@ from rlhf_kernels import _alloc, _native, reference
 from rlhf_kernels._checks import check_float, check_same_device, check_same_shape
 from rlhf_kernels.backend import launch_directly, native_cpu_kernels, resolve_backend
 from rlhf_kernels.ops._launch import CachedLaunch
-from rlhf_kernels.ops._reduce import NAN, cdiv, not_twice_differentiable
+from rlhf_kernels.ops._reduce import NAN, cdiv, no_double_backward
 
 __all__ = ["kl_penalty", "KL_ESTIMATOR_CODES", "kl_estimate", "check_kl_options"]
 
@@ -382,7 +382,7 @@ class _KLFunction(torch.autograd.Function):
         return _launch_fwd(logp, ref_logp, *options)
 
     @staticmethod
-    @not_twice_differentiable
+    @no_double_backward("kl_penalty")
     def backward(ctx, grad):
         need_logp, need_ref = ctx.needs_input_grad[:2]
         if not (need_logp or need_ref):

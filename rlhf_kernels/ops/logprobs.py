@@ -70,7 +70,7 @@ from rlhf_kernels.backend import (
     triton_interpreter_enabled,
 )
 from rlhf_kernels.ops._launch import CachedLaunch
-from rlhf_kernels.ops._reduce import next_power_of_2
+from rlhf_kernels.ops._reduce import next_power_of_2, no_double_backward
 
 __all__ = ["logprobs", "logprobs_fwd", "logprobs_bwd"]
 
@@ -628,43 +628,6 @@ def _backward(ctx, grad_logp, grad_entropy, _grad_saved):
 
 
 _logprobs_fwd_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def no_double_backward(op_name: str):
-    """Decorator for the ``backward`` of an eager autograd Function whose gradient cannot be
-    differentiated again.
-
-    A plain backward (grad mode off) calls straight through. Under ``create_graph=True`` the
-    gradients come back as tensors that raise when differentiated, as the custom-op path's do
-    (its backward op has no autograd formula): always, not only when the incoming gradient
-    requires grad (``once_differentiable``'s test), because the gradient depends on the saved
-    inputs too and a silently constant second-order term would be wrong.
-    """
-    message = (f"rlhf_kernels.{op_name}: its gradient is not differentiable again (double "
-               "backward / create_graph=True); use backend='reference' for higher-order "
-               "gradients").encode()
-
-    def decorate(backward):
-        @functools.wraps(backward)
-        def wrapper(ctx, *grads):
-            if not torch.is_grad_enabled():
-                return backward(ctx, *grads)
-            with torch.no_grad():
-                outputs = backward(ctx, *grads)
-
-            def fake_requires_grad(t):
-                if t is None:
-                    return None
-                t = t.detach()
-                t.requires_grad = True
-                return t
-
-            error = torch._C._functions.DelayedError(message, len(outputs))
-            return error(*[fake_requires_grad(t) for t in outputs])
-
-        return wrapper
-
-    return decorate
 
 
 class _LogprobsFunction(torch.autograd.Function):

@@ -101,6 +101,7 @@ from rlhf_kernels._checks import (
 )
 from rlhf_kernels.backend import launch_directly, resolve_backend
 from rlhf_kernels.ops import linear_logprobs as head
+from rlhf_kernels.ops._reduce import no_double_backward
 
 __all__ = ["linear_ppo_loss", "ppo_loss_from_logits", "reduction_weights"]
 
@@ -620,6 +621,7 @@ class _LinearPPOFunction(torch.autograd.Function):
         return loss, logp, entropy
 
     @staticmethod
+    @no_double_backward("linear_ppo_loss")
     def backward(ctx, grad_loss, *_unused):
         return _linear_backward(ctx, grad_loss)
 
@@ -635,6 +637,7 @@ class _LogitsPPOFunction(torch.autograd.Function):
         return loss, logp, entropy
 
     @staticmethod
+    @no_double_backward("ppo_loss_from_logits")
     def backward(ctx, grad_loss, *_unused):
         return _logits_backward(ctx, grad_loss)
 
