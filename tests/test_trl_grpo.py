@@ -227,6 +227,17 @@ def test_grpo_loss_matches_trl(fixed_logps, loss_type, level, kl):
         assert 0 < theirs[2]["clip_ratio/region_mean"][0] < 1
 
 
+def test_grpo_clip_metrics_with_delta_at_one_plus_epsilon_high(fixed_logps):
+    """delta = 1 + epsilon_high (the smallest delta the drop-in covers): TRL counts the clips on
+    the ratio already clamped at delta, so a ratio above delta is not 'high clipped' there; the
+    drop-in once counted it on the unclamped ratio (clip_ratio/high_* off by up to 0.5)."""
+    trainer, inputs, logps = fixed_logps
+    _set(trainer, "bnpo", "token", None, delta=1.28, epsilon_high=0.28)
+    assert ours.grpo_loss_fallback_reason(trainer, inputs) is None
+    theirs = _run(trainer, inputs, patched=False, params=[logps])
+    _assert_same(_run(trainer, inputs, patched=True, params=[logps]), theirs, "delta=1.28")
+
+
 def test_grpo_loss_per_token_advantages_and_eval_mode(fixed_logps):
     """(B, T) advantages (TRL subclasses may give them), and eval mode (no accumulation)."""
     trainer, inputs, logps = fixed_logps

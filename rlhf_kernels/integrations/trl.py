@@ -590,6 +590,8 @@ def _log_grpo_metrics(trainer, mode, mask, advantages, logps, old, entropies, pe
             clipped = (coef_1 > trainer.epsilon_high) & (advantages > 0)
             metrics["cispo_clip_ratio"].append(global_masked_mean(clipped.float()))
             return
+        if trainer.args.delta is not None:  # TRL counts the clips on the ratio clamped at delta
+            coef_1 = coef_1.clamp(max=trainer.args.delta)
         low = (coef_1 < 1 - trainer.epsilon_low) & (advantages < 0)
         high = (coef_1 > 1 + trainer.epsilon_high) & (advantages > 0)
         metrics["clip_ratio/low_mean"].append(global_masked_mean(low.float()))
