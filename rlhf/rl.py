@@ -130,7 +130,7 @@ from rlhf.stage import (
 )
 
 __all__ = ["ADVANTAGE_ESTIMATORS", "ALGORITHMS", "CRITIC_SETTINGS", "DYNAMIC_SAMPLING_SETTINGS",
-           "LOSS_NORMALIZERS", "OLD_LOGPROBS_MODES", "PRESETS", "PRESET_KEYS",
+           "GROUP_SETTINGS", "LOSS_NORMALIZERS", "OLD_LOGPROBS_MODES", "PRESETS", "PRESET_KEYS",
            "AdaptiveKLController", "AlgorithmSettings", "GRPOConfig", "PPOConfig", "RLConfig",
            "Rollout",
            "backward_losses", "check_resumed_algorithm", "decode_responses", "encode_prompts",
@@ -170,6 +170,9 @@ PRESETS: dict[str, dict] = {
 PRESET_KEYS = tuple(_BASE)
 # Settings only a critic uses: refused (when changed from their default) by a critic-free run.
 CRITIC_SETTINGS = ("critic_lr", "value_clip", "gamma", "lam", "whiten_advantages")
+# Settings only the critic-free (group) advantages use: refused (when changed from their
+# default) by a run with a critic, whose GAE advantages never read them.
+GROUP_SETTINGS = ("advantage_norm",)
 # Settings only dynamic sampling uses: refused (when changed from their default) without it.
 DYNAMIC_SAMPLING_SETTINGS = ("dynamic_sampling_rounds",)
 
@@ -283,7 +286,8 @@ class RLConfig:
             raise ValueError(f"algorithm={self.algorithm!r} is not an algorithm; expected one of "
                              f"{ALGORITHMS}")
         check_common_settings(self.nonfinite, self.grad_accum_steps, self.minibatch_size,
-                              self.num_iterations)
+                              self.num_iterations, batch_name="minibatch_size",
+                              steps_name="num_iterations")
         check_max_memory(self.max_memory)
         check_keep_last(self.keep_last)
         check_device(self.device)
@@ -327,6 +331,12 @@ class RLConfig:
         if self.kl_target is not None and not self.kl_target > 0:
             raise ValueError(f"kl_target must be > 0 nats or None (fixed kl_coef), got "
                              f"{self.kl_target}")
+        horizon_default = next(f.default for f in fields(RLConfig) if f.name == "kl_horizon")
+        if self.kl_target is None and self.kl_horizon != horizon_default:
+            raise ValueError(f"kl_horizon={self.kl_horizon} has no effect with kl_target=null "
+                             f"(kl_coef stays fixed; kl_horizon sets how fast the adaptive "
+                             f"controller moves it towards kl_target); set kl_target or remove "
+                             f"kl_horizon")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.overlong_buffer > self.max_new_tokens:
@@ -371,6 +381,10 @@ class RLConfig:
         if not s.uses_critic:
             refuse_changed(CRITIC_SETTINGS, f"advantage_estimator={s.advantage_estimator!r}: "
                                             f"it has no critic")
+        else:
+            refuse_changed(GROUP_SETTINGS, "advantage_estimator='gae': its advantages come from "
+                                           "the critic (GAE, whitened by whiten_advantages), "
+                                           "advantage_norm scales group advantages only")
         if not s.dynamic_sampling:
             refuse_changed(DYNAMIC_SAMPLING_SETTINGS, "dynamic_sampling is off")
         elif s.uses_critic or s.group_size == 1:
@@ -406,9 +420,11 @@ class GRPOConfig(RLConfig):
 
 
 def printable_config(cfg: RLConfig) -> dict:
-    """What ``rlhf ppo|grpo --print-config`` shows: the settings, the presets filled in."""
+    """What ``rlhf ppo|grpo --print-config`` shows: the settings, the presets filled in. A
+    setting the run would refuse (``check_critic_settings``) is refused here too."""
     from rlhf.config import config_to_dict
 
+    cfg.check_critic_settings()
     return used_settings(cfg, config_to_dict(cfg))
 
 
@@ -420,8 +436,9 @@ def used_settings(cfg: RLConfig, values: dict) -> dict:
     resolved = asdict(cfg.settings)
     for key in PRESET_KEYS:
         values[key] = resolved[key]
-    unused = (() if cfg.settings.uses_critic else CRITIC_SETTINGS) + \
-        (() if cfg.settings.dynamic_sampling else DYNAMIC_SAMPLING_SETTINGS)
+    unused = (GROUP_SETTINGS if cfg.settings.uses_critic else CRITIC_SETTINGS) + \
+        (() if cfg.settings.dynamic_sampling else DYNAMIC_SAMPLING_SETTINGS) + \
+        (("kl_horizon",) if cfg.kl_target is None else ())
     for key in unused:
         values.pop(key, None)
     return values

@@ -42,12 +42,15 @@ __all__ = [
 
 
 def check_common_settings(nonfinite: str, grad_accum_steps: int, batch_size: int,
-                          steps: int) -> None:
-    """The settings every stage has: the non-finite policy and the batch/step counts."""
+                          steps: int, *, batch_name: str = "batch_size",
+                          steps_name: str = "max_steps") -> None:
+    """The settings every stage has: the non-finite policy and the batch/step counts.
+    ``batch_name``/``steps_name``: the stage's own names of the two counts (the RL stage's
+    are minibatch_size and num_iterations), so that an error names the setting the user gave."""
     if nonfinite not in ("error", "skip"):
         raise ValueError(f"nonfinite must be 'error' or 'skip', got {nonfinite!r}")
-    for name, value in (("grad_accum_steps", grad_accum_steps), ("batch_size", batch_size),
-                        ("steps", steps)):
+    for name, value in (("grad_accum_steps", grad_accum_steps), (batch_name, batch_size),
+                        (steps_name, steps)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
 
