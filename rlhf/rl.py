@@ -331,12 +331,6 @@ class RLConfig:
         if self.kl_target is not None and not self.kl_target > 0:
             raise ValueError(f"kl_target must be > 0 nats or None (fixed kl_coef), got "
                              f"{self.kl_target}")
-        horizon_default = next(f.default for f in fields(RLConfig) if f.name == "kl_horizon")
-        if self.kl_target is None and self.kl_horizon != horizon_default:
-            raise ValueError(f"kl_horizon={self.kl_horizon} has no effect with kl_target=null "
-                             f"(kl_coef stays fixed; kl_horizon sets how fast the adaptive "
-                             f"controller moves it towards kl_target); set kl_target or remove "
-                             f"kl_horizon")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.overlong_buffer > self.max_new_tokens:
@@ -363,9 +357,10 @@ class RLConfig:
                              f"{OLD_LOGPROBS_MODES}")
 
     def check_critic_settings(self) -> None:
-        """Refuse a critic setting changed from its default in a run without a critic, and a
-        dynamic-sampling setting in a run without dynamic sampling (it would be ignored), and
-        dynamic sampling where there are no groups. Checked when the run starts, not when the
+        """Refuse a critic setting changed from its default in a run without a critic (and
+        advantage_norm in a run with one), a dynamic-sampling setting in a run without dynamic
+        sampling (it would be ignored), and dynamic sampling where there are no groups; warn
+        about kl_horizon without kl_target. Checked when the run starts, not when the
         config is built: a config may switch algorithm on the way (the pipeline's RL stage
         starts from PPO's settings)."""
         s = self.settings
@@ -385,6 +380,12 @@ class RLConfig:
             refuse_changed(GROUP_SETTINGS, "advantage_estimator='gae': its advantages come from "
                                            "the critic (GAE, whitened by whiten_advantages), "
                                            "advantage_norm scales group advantages only")
+        if self.kl_target is None and self.kl_horizon != defaults["kl_horizon"]:
+            # a warning, not an error: kl_horizon is harmless there, and configs built from
+            # one template (an adaptive run's) often switch the controller off alone
+            warnings.warn(f"kl_horizon={self.kl_horizon} has no effect with kl_target=null "
+                          f"(kl_coef stays fixed; kl_horizon sets how fast the adaptive "
+                          f"controller moves it towards kl_target)", stacklevel=2)
         if not s.dynamic_sampling:
             refuse_changed(DYNAMIC_SAMPLING_SETTINGS, "dynamic_sampling is off")
         elif s.uses_critic or s.group_size == 1:
