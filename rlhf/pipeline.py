@@ -184,6 +184,7 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         from rlhf import quant
 
+        self._check_own_settings()
         quant.check_quantization(self.quantization)
         if getattr(self, "task", "reviews") != "reviews" and self.quantization != "none":
             raise ValueError(f"quantization={self.quantization!r} is not supported with "
@@ -211,6 +212,27 @@ class PipelineConfig:
                     self._use_pretrained_presets()
             self.sft = replace(self.sft, model=self.model)
 
+    def _check_own_settings(self) -> None:
+        """The pipeline's own settings in their ranges, before anything runs: out of range,
+        they would stop the run only after SFT (a sampling batch of 0, no held-out pair),
+        with a traceback (a tiny model of hidden size 0), or not at all (kl_bound=-1)."""
+        stage.check_device(self.device)
+        stage.check_max_memory(self.max_memory)
+        stage.check_settings(
+            self, positive=("label_beta", "kl_bound"),
+            counts=("corpus_size", "vocab_size", "hidden_size", "num_layers", "pair_prompts",
+                    "lora_rank", "lora_alpha", "sample_batch_size", "eval_samples",
+                    "cpu_threads", "eval_problems", "curve_problems"),
+            zero_or_more=("n_show_samples", "curve_every"))
+        if not 0.0 < self.heldout_pair_fraction < 1.0:
+            raise ValueError(f"heldout_pair_fraction={self.heldout_pair_fraction!r} is out of "
+                             f"range: it must be in (0, 1) (the share of the preference pairs "
+                             f"held out to measure the reward model; the rest trains it)")
+        if self.hidden_size % 8:
+            raise ValueError(f"hidden_size={self.hidden_size} is out of range: the built-in "
+                             f"tiny model has 4 attention heads of an even size (rotary "
+                             f"positions), so hidden_size must be a multiple of 8 (default 64)")
+
     def _use_pretrained_presets(self) -> None:
         """The built-in review task on a pretrained model (``model=`` in Python, the stages left
         at their defaults): every setting still at its default takes the task's pretrained
@@ -232,15 +254,20 @@ class PipelineConfig:
         from rlhf.config import is_set
 
         task_name = str(values.get("task", "reviews")).strip()
+        # sft.epochs without sft.max_steps: the preset's max_steps would replace those epochs
+        sft_preset = sft.without_preset_steps(task.SFT_SETTINGS, values, "sft.")
         if task_name == "reviews" and (is_set(values, "sft.model") or is_set(values, "model")):
             if any(is_set(values, f"{name}.dataset") for name in ("sft", "reward", "ppo")):
                 return cls(sft=sft.SFTConfig(), reward=reward.RewardConfig(),
                            ppo=ppo.PPOConfig())
-            return cls(**_pretrained_stage_defaults(str(values.get("algorithm", "ppo")).strip()))
+            stages = _pretrained_stage_defaults(str(values.get("algorithm", "ppo")).strip())
+            stages["sft"] = sft.SFTConfig(**sft.without_preset_steps(
+                task.PRETRAINED_SFT_SETTINGS, values, "sft."))
+            return cls(**stages)
         if task_name not in TASKS:
             task_name = "reviews"  # __post_init__ refuses it with the list of tasks
-        return cls(task=task_name, ppo=_ppo_defaults(str(values.get("algorithm", "ppo")).strip(),
-                                                     task_name))
+        return cls(task=task_name, sft=sft.SFTConfig(**sft_preset),
+                   ppo=_ppo_defaults(str(values.get("algorithm", "ppo")).strip(), task_name))
 
 
 TASKS = ("reviews", "arithmetic")
@@ -347,6 +374,10 @@ def check_settings(cfg: PipelineConfig) -> tuple[bool, tuple[str, ...]]:
         raise ValueError(f"sft.tokenizer={cfg.sft.tokenizer!r} needs sft.model: the built-in "
                          f"tiny model uses a tokenizer trained on its corpus")
     own_data = bool(given)
+    try:  # e.g. sft.lora_alpha without sft.lora_rank
+        stage_configs(cfg)["sft"].check_used_settings()
+    except ValueError as error:
+        raise ValueError(f"sft.{error}") from None
     unused = (_TINY_MODEL_ONLY if cfg.sft.model is not None else ()) + \
         (_BUILTIN_TASK_ONLY if own_data else ()) + _ARITHMETIC_ONLY
     for name in unused:
@@ -547,6 +578,14 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
             tokenizer = load_tokenizer(sft_cfg.model, setting="sft.model")
         with atomic_directory(tokenizer_dir) as temp:
             tokenizer.save_pretrained(temp)
+    # the later stages' data, read and checked now: a broken pairs file, or a prompt longer
+    # than ppo.max_prompt_length, must not wait for SFT (and the reward model) to finish
+    if own_data:
+        own_pairs = [dict(row) for row in data.load_preference_dataset(rm_cfg.dataset)]
+        ppo_prompts = [row["prompt"] for row in data.load_prompt_dataset(ppo_cfg.dataset)]
+    else:
+        ppo_prompts = task.all_prompts("train")
+    ppo.encode_prompts(ppo_prompts, tokenizer, ppo_cfg.max_prompt_length)
 
     # ---- 2. SFT: a tiny Llama from scratch, or your model ----
     t0 = time.perf_counter()
@@ -592,7 +631,7 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
     if cfg.resume and pairs_path.exists():
         pairs, split, ceiling_all = _load_pairs(pairs_path)
     elif own_data:
-        pairs = [dict(row) for row in data.load_preference_dataset(rm_cfg.dataset)]
+        pairs = own_pairs
         split, ceiling_all = _split_pairs(pairs, cfg.heldout_pair_fraction, cfg.seed), None
         atomic_write_text(pairs_path, "".join(
             json.dumps({**pair, "split": which}) + "\n" for pair, which in zip(pairs, split)))
@@ -616,6 +655,12 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
             for pair, which in zip(pairs, split)))
     train_pairs = [p for p, s in zip(pairs, split) if s == "train"]
     eval_pairs = [p for p, s in zip(pairs, split) if s == "eval"]
+    if not train_pairs or not eval_pairs:
+        raise ValueError(f"heldout_pair_fraction={cfg.heldout_pair_fraction:g} of {len(pairs)} "
+                         f"preference pairs holds out {len(eval_pairs)} and leaves "
+                         f"{len(train_pairs)} to train on; the reward model needs both (the "
+                         f"held-out ones measure it): choose a fraction that leaves at least "
+                         f"one pair on each side, or give more pairs")
     timings["pairs_s"] = time.perf_counter() - t0
 
     # ---- 4. reward model ----
@@ -628,10 +673,6 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
 
     # ---- 5. RL, PPO or another algorithm (the gold judge only exists for the built-in task) ----
     t0 = time.perf_counter()
-    if own_data:
-        ppo_prompts = [row["prompt"] for row in data.load_prompt_dataset(ppo_cfg.dataset)]
-    else:
-        ppo_prompts = task.all_prompts("train")
     if ppo_summary is None:
         ppo_summary = _plain(ppo.train(ppo_cfg, backbone=backbone, tokenizer=tokenizer,
                                        prompts=ppo_prompts,

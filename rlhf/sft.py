@@ -19,6 +19,7 @@ and logs the same metrics.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
@@ -43,7 +44,7 @@ from rlhf.stage import (
     warmup_cosine_schedule,
 )
 
-__all__ = ["SFTConfig", "lm_loss", "train"]
+__all__ = ["SFTConfig", "lm_loss", "printable_config", "train", "without_preset_steps"]
 
 
 @dataclass
@@ -130,22 +131,65 @@ class SFTConfig:
     def config_defaults(cls, values) -> SFTConfig:
         """What ``load_config`` starts from: without ``model`` (the built-in task: a tiny Llama
         from scratch), the task's own settings (``task.SFT_SETTINGS``); with one, the defaults
-        for a pretrained model."""
+        for a pretrained model. ``epochs`` given without ``max_steps`` drops the preset's
+        ``max_steps`` (which would replace it)."""
         from rlhf import task
         from rlhf.config import is_set
 
-        return cls() if is_set(values, "model") else cls(**task.SFT_SETTINGS)
+        if is_set(values, "model"):
+            return cls()
+        return cls(**without_preset_steps(task.SFT_SETTINGS, values))
+
+    def check_used_settings(self) -> None:
+        """Refuse a setting this configuration would ignore (one ValueError naming it): each
+        applies to one mode only, and ``load_config`` cannot tell which mode a nested config
+        ends up in until it is complete (``rlhf pipeline model=...`` sets ``sft.model`` last),
+        so this runs when a run starts (and for --print-config), not in ``__post_init__``."""
+        defaults = {f.name: f.default for f in dataclasses.fields(SFTConfig)}
+        if self.max_steps is not None and self.epochs != defaults["epochs"]:
+            raise ValueError(f"epochs={self.epochs:g} has no effect with max_steps="
+                             f"{self.max_steps} (max_steps replaces epochs); set one of them")
+        if self.lora_rank == 0 and self.lora_alpha != defaults["lora_alpha"]:
+            raise ValueError(f"lora_alpha={self.lora_alpha} has no effect with lora_rank=0 "
+                             f"(full-weight fine-tuning, no adapters); set lora_rank too, or "
+                             f"remove lora_alpha")
+        if self.model is not None:
+            for name in ("corpus_size", "vocab_size"):
+                if getattr(self, name) != defaults[name]:
+                    raise ValueError(f"{name}={getattr(self, name)} has no effect with model="
+                                     f"{self.model!r}: it is a setting of the built-in task "
+                                     f"(no model); remove it")
+        elif self.tokenizer is not None:
+            raise ValueError(f"tokenizer={self.tokenizer!r} needs model=: the built-in task "
+                             f"(no model) trains its own tokenizer on its corpus")
 
     def resolved(self, n_examples: int) -> SFTConfig:
         """A copy with the data-dependent defaults filled in: ``lr`` (2e-5 full-weight, 2e-4
         LoRA) and ``max_steps`` (``epochs`` over ``n_examples`` examples)."""
-        import dataclasses
-
         lr = self.lr if self.lr is not None else (2e-4 if self.lora_rank else 2e-5)
         per_epoch = max(1, n_examples // self.batch_size // self.grad_accum_steps)
         steps = self.max_steps if self.max_steps is not None else \
             max(1, round(self.epochs * per_epoch))
         return dataclasses.replace(self, lr=lr, max_steps=steps)
+
+
+def without_preset_steps(preset: dict, values, prefix: str = "") -> dict:
+    """``preset`` (a stage's preset settings) without its ``max_steps`` when the raw config tree
+    ``values`` sets ``<prefix>epochs`` but not ``<prefix>max_steps``: a preset's max_steps would
+    silently replace the epochs the user asked for."""
+    from rlhf.config import is_set
+
+    if is_set(values, prefix + "epochs") and not is_set(values, prefix + "max_steps"):
+        return {key: value for key, value in preset.items() if key != "max_steps"}
+    return dict(preset)
+
+
+def printable_config(cfg: SFTConfig) -> dict:
+    """What ``rlhf sft --print-config`` shows; a setting the run would refuse is refused here."""
+    from rlhf.config import config_to_dict
+
+    cfg.check_used_settings()
+    return config_to_dict(cfg)
 
 
 def token_logprobs_of(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -292,6 +336,7 @@ def train(
     """
     from rlhf import checkpoint
 
+    cfg.check_used_settings()
     with checkpoint.open_run(cfg.output_dir, "sft", asdict(cfg), resume=cfg.resume,
                              overwrite=cfg.overwrite) as run:
         return _train(cfg, run, model=model, tokenizer=tokenizer, examples=examples,
