@@ -450,10 +450,29 @@ def load_causal_lm(name_or_path, *, setting: str = "model", torch_dtype=None,
         kwargs["dtype"] = dtype
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
+    from safetensors import SafetensorError
+
     try:
-        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True,
+                                                           **kwargs)
     except (OSError, ValueError, KeyError, ImportError) as error:
         raise _loading_error(error, "model", setting, str(name_or_path)) from error
+    except SafetensorError as error:  # a weights file cut off or damaged
+        raise ValueError(f"could not load the model of {setting}={str(name_or_path)!r}: its "
+                         f"safetensors weights cannot be read ({error}); the file is damaged "
+                         f"or was cut off while being written or copied: save or copy it "
+                         f"again") from error
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        # e.g. an encoder (BertModel) saved without an LM head: transformers builds the head
+        # with random weights and trains on, so say it instead
+        raise ValueError(
+            f"{setting}={str(name_or_path)!r} does not hold a complete causal language model: "
+            f"{len(missing)} weights of the {type(model).__name__} it loads as are not in its "
+            f"files (e.g. {missing[0]!r}) and would start random (its config.json names "
+            f"{getattr(model.config, 'architectures', None) or 'no architecture'}); give the "
+            f"directory of a causal LM (a ...ForCausalLM checkpoint written by save_pretrained)")
+    return model
 
 
 def _load_causal_lm(name_or_path: str, torch_dtype=None, attn_implementation=None,
