@@ -159,3 +159,21 @@ def test_torch_compile_fullgraph():
     assert_close(acc_comp, acc_eager, atol=0)
     for a, b in zip(comp_in, eager_in):
         assert_close(a.grad, b.grad, atol=1e-7)
+
+
+@pytest.mark.parametrize("rejected_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_stats_edited_in_place_before_backward(rejected_dtype):
+    """Editing the returned stats in place before the backward leaves both gradients unchanged
+    (they were views of the tensor saved for the backward: autograd refused the edit)."""
+    chosen = torch.randn(6, device=DEVICE)
+    rejected = torch.randn(6, device=DEVICE).to(rejected_dtype)
+    grads = []
+    for edit in (False, True):
+        c, r = chosen.clone().requires_grad_(), rejected.clone().requires_grad_()
+        loss, stats = bradley_terry_loss(c, r, center_coef=0.1, backend="triton")
+        if edit:
+            for value in stats.values():
+                value.mul_(100.0)
+        loss.backward()
+        grads.append((c.grad, r.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])

@@ -678,3 +678,25 @@ def test_nan_at_a_counted_token_is_not_hidden(where, options):
     assert torch.isnan(ref_loss) and torch.isnan(loss)
     for name in ("approx_kl", "ppo_kl", "ratio_mean", "ratio_max"):
         assert torch.isnan(ref_stats[name]) and torch.isnan(stats[name]), name
+
+
+@pytest.mark.parametrize("options", [dict(), dict(ref_logp="ref", kl_coef=0.1, dual_clip=3.0,
+                                                  reduction="token-sum", normalizer=3.0)],
+                         ids=["plain", "kl-dual-normalizer"])
+def test_stats_edited_in_place_before_backward(options):
+    """The returned stats are plain () tensors: editing them in place before the backward (a
+    distributed all_reduce, a rescale) leaves the gradient unchanged. They were views of the
+    tensor saved for the backward, so autograd raised 'modified by an inplace operation'."""
+    logp, old_logp, advantages = make_inputs((2, 7), torch.float32)
+    if options.get("ref_logp") == "ref":
+        options = dict(options, ref_logp=_ref_logp(logp))
+    grads = []
+    for edit in (False, True):
+        x = logp.clone().requires_grad_()
+        loss, stats = ppo_policy_loss(x, old_logp, advantages, backend="triton", **options)
+        if edit:
+            for value in stats.values():
+                value.mul_(100.0)
+        loss.backward()
+        grads.append(x.grad)
+    assert torch.equal(grads[0], grads[1])

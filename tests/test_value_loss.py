@@ -232,3 +232,19 @@ def test_nan_at_a_counted_token_is_not_hidden(where):
     ref_loss, _ = reference.ppo_value_loss(*(inputs[k].double() for k in
                                              ("values", "old_values", "returns")), clip=0.2)
     assert torch.isnan(ref_loss) and torch.isnan(loss)
+
+
+def test_stats_edited_in_place_before_backward():
+    """Editing the returned stats in place before the backward leaves the gradient unchanged
+    (they were views of the tensor saved for the backward: autograd refused the edit)."""
+    values, old_values, returns = make_inputs((2, 7), torch.float32)
+    grads = []
+    for edit in (False, True):
+        x = values.clone().requires_grad_()
+        loss, stats = ppo_value_loss(x, old_values, returns, backend="triton")
+        if edit:
+            for value in stats.values():
+                value.mul_(100.0)
+        loss.backward()
+        grads.append(x.grad)
+    assert torch.equal(grads[0], grads[1])

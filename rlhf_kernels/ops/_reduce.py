@@ -341,7 +341,12 @@ class SavedGradLoss(torch.autograd.Function):
         loss, stats, saved_grad = launch(*args)
         ctx.mark_non_differentiable(stats)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(saved_grad, stats)
+        ctx.save_for_backward(saved_grad)
+        # The stats are held, not saved: the caller gets them as views (a dict of () tensors)
+        # and may edit them in place before the backward (an all_reduce, a rescale), which a
+        # saved tensor's version check refused. The backward reads only the scale slot, which
+        # no returned view covers. A non-differentiable output has no grad_fn: no cycle.
+        ctx.stats = stats
         ctx.scale_index = scale_index
         ctx.input_dtype = args[0].dtype
         ctx.n_args = len(args)
@@ -352,8 +357,8 @@ class SavedGradLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_stats):
         grad = None
         if grad_loss is not None:
-            saved_grad, stats = ctx.saved_tensors
-            grad = scale_saved_grad_eager(saved_grad, grad_loss, stats, ctx.scale_index,
+            (saved_grad,) = ctx.saved_tensors
+            grad = scale_saved_grad_eager(saved_grad, grad_loss, ctx.stats, ctx.scale_index,
                                           ctx.input_dtype)
         return (None, None, grad) + (None,) * (ctx.n_args - 1)
 

@@ -263,7 +263,8 @@ class _BradleyTerryFunction(torch.autograd.Function):
         loss, stats, saved_grad = _launch(chosen, rejected, margin_tensor, margin, center_coef)
         ctx.mark_non_differentiable(stats)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(saved_grad, stats)
+        ctx.save_for_backward(saved_grad)
+        ctx.stats = stats  # held, not saved: see SavedGradLoss (the caller may edit the stats)
         ctx.dtypes = (chosen.dtype, rejected.dtype)
         return loss, stats
 
@@ -272,7 +273,8 @@ class _BradleyTerryFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_stats):
         if grad_loss is None:
             return None, None, None, None, None
-        saved_grad, stats = ctx.saved_tensors
+        (saved_grad,) = ctx.saved_tensors
+        stats = ctx.stats
         need_chosen, need_rejected = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if need_chosen and need_rejected and ctx.dtypes[0] == ctx.dtypes[1]:
             grads = scale_saved_grad_eager(saved_grad, grad_loss, stats, _S_SCALE,
