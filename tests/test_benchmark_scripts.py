@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 
@@ -229,6 +230,55 @@ def test_host_overhead_refuses_interpreted_kernels():
     with pytest.raises(RuntimeError, match="fresh process"):
         with host_overhead.host_only_launches():
             pass
+
+
+# ------------------------------------------------------------------------------------------
+# benchmarks.compile_check: every kernel compiled for sm_90 on the CPU
+# ------------------------------------------------------------------------------------------
+def test_compile_check_compiles_each_specialisation_for_sm90(tmp_path):
+    """A subset (the Bradley-Terry and GAE calls with fp32 inputs: their forward, finish and
+    custom-op backward kernels at small and real sizes) compiled for sm_90 in a fresh process;
+    the whole matrix takes minutes (``python -m benchmarks.compile_check``)."""
+    out = tmp_path / "compile.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.compile_check", "--kernels", "bradley_terry_loss",
+         "gae", "--fp32-only", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(out.read_text())
+    kernels = {row["kernel"] for row in result["rows"]}
+    # the finish kernel runs only past 2048 pairs, the saved-gradient kernel only on the custom
+    # op's backward: the size matrix and both paths reach them
+    assert kernels == {"_bradley_terry_fwd_kernel", "_bradley_terry_finish_kernel",
+                       "_saved_grad_bwd_kernel", "_gae_fwd_kernel"}, kernels
+    assert result["call_errors"] == []
+    assert all(row["ok"] and row["regs"] > 0 and row["arch"] == "sm_90"
+               for row in result["rows"]), result["rows"]
+    # one specialisation per distinct binary: GAE's block sizes follow the shape
+    gae_blocks = {row["constexprs"]["BLOCK_T"] for row in result["rows"]
+                  if row["kernel"] == "_gae_fwd_kernel"}
+    assert len(gae_blocks) >= 3, gae_blocks
+    assert "0 failed" in done.stdout
+
+
+def test_compile_check_fails_when_a_kernel_does_not_compile():
+    """The failure path: a compile error is reported with its kernel and exits 1."""
+    script = textwrap.dedent("""
+        import os, sys
+        os.environ["TRITON_INTERPRET"] = "0"  # compiled-mode kernels (benchmarks/__init__.py)
+        os.environ.pop("RLHF_KERNELS_POISON", None)
+        from benchmarks import compile_check
+
+        def broken(launch, arch):  # what triton.compile raises on a kernel it rejects
+            raise RuntimeError(f"PassManager::run failed for {launch.name}")
+
+        compile_check.compile_sass = broken
+        sys.exit(compile_check.main(["--kernels", "gae"]))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "FAILED _gae_fwd_kernel sm_90" in done.stdout and "PassManager" in done.stdout
 
 
 # ------------------------------------------------------------------------------------------
