@@ -1109,6 +1109,22 @@ class SharedBackbone(nn.Module):
             state[name.replace(".base_layer.", ".")] = tensor
         self.causal_lm.save_pretrained(str(path), state_dict=state)
 
+    @staticmethod
+    def check_directory(directory, setting: str = "model") -> Path:
+        """The path of ``directory``'s roles.json, or a ValueError naming ``setting`` when
+        ``directory`` is not a backbone directory (checked before anything loads)."""
+        given = str(directory)
+        directory = Path(directory).expanduser()
+        info_path = directory / _ROLES_FILE
+        written_by = ("the backbone directory the reward or PPO stage writes (e.g. "
+                      "runs/rm/backbone)")
+        if not directory.exists():
+            raise ValueError(f"{setting}={given!r} does not exist; expected {written_by}")
+        if not info_path.is_file():
+            raise ValueError(f"{setting}={given!r} is not a SharedBackbone checkpoint (it has no "
+                             f"{_ROLES_FILE}); expected {written_by}")
+        return info_path
+
     @classmethod
     def load(cls, directory, *, base_model=None, torch_dtype=None,
              gradient_checkpointing: bool = False, attn_implementation=None,
@@ -1128,14 +1144,7 @@ class SharedBackbone(nn.Module):
 
         given = str(directory)
         directory = Path(directory).expanduser()
-        info_path = directory / _ROLES_FILE
-        written_by = ("the backbone directory the reward or PPO stage writes (e.g. "
-                      "runs/rm/backbone)")
-        if not directory.exists():
-            raise ValueError(f"{setting}={given!r} does not exist; expected {written_by}")
-        if not info_path.is_file():
-            raise ValueError(f"{setting}={given!r} is not a SharedBackbone checkpoint (it has no "
-                             f"{_ROLES_FILE}); expected {written_by}")
+        info_path = cls.check_directory(given, setting)
         info = json.loads(info_path.read_text())
         if info.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{info_path}: checkpoint format {info.get('format')!r}, expected "

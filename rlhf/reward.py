@@ -30,7 +30,9 @@ from rlhf.stage import (
     check_device,
     check_keep_last,
     check_max_memory,
+    check_seed,
     check_settings,
+    check_vocabulary,
     limits_cpu_threads,
     nonfinite_error,
     resolve_device,
@@ -89,6 +91,7 @@ class RewardConfig:
         quant.check_optimizer(self.optimizer)
         check_common_settings(self.nonfinite, self.grad_accum_steps, self.batch_size, 1)
         check_max_memory(self.max_memory)
+        check_seed(self.seed)
         check_keep_last(self.keep_last)
         check_device(self.device)
         check_settings(self, positive=("lr", "grad_clip", "lora_alpha"),
@@ -228,6 +231,15 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
     from rlhf.models import LoraSpec, SharedBackbone
 
     # ---- setup ----
+    # the quick checks first: a missing or broken dataset stops the run before the model loads
+    if eval_pairs is None and cfg.eval_every and not cfg.eval_fraction:
+        raise ValueError(f"eval_every={cfg.eval_every} has no effect with eval_fraction=0: no "
+                         f"pairs are held out to evaluate on; set eval_fraction > 0 or remove "
+                         f"eval_every")
+    if train_pairs is None:
+        if cfg.dataset is None:
+            raise ValueError("RewardConfig.dataset is required: a prompt/chosen/rejected file")
+        train_pairs = data.load_preference_dataset(cfg.dataset)
     if backbone is None:
         if cfg.model is None:
             raise ValueError("RewardConfig.model is required: the SFT model directory or hub name")
@@ -243,12 +255,10 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
                          f"{backbone.quantization}")
     elif cfg.gradient_checkpointing:
         backbone.enable_gradient_checkpointing()
-    if train_pairs is None:
-        if cfg.dataset is None:
-            raise ValueError("RewardConfig.dataset is required: a prompt/chosen/rejected file")
-        train_pairs = data.load_preference_dataset(cfg.dataset)
     pad_id = tokenizer.pad_token_id
     train_set = encode_pairs(train_pairs, tokenizer, cfg.max_length)
+    for ids in (train_set.chosen_ids, train_set.rejected_ids):
+        check_vocabulary(ids, backbone.causal_lm, "the preference pairs, tokenised,")
     if eval_pairs is not None:
         eval_set = encode_pairs(eval_pairs, tokenizer, cfg.max_length)
     else:

@@ -122,7 +122,9 @@ from rlhf.stage import (
     check_device,
     check_keep_last,
     check_max_memory,
+    check_seed,
     check_settings,
+    check_vocabulary,
     limits_cpu_threads,
     nonfinite_error,
     resolve_device,
@@ -289,6 +291,7 @@ class RLConfig:
                               self.num_iterations, batch_name="minibatch_size",
                               steps_name="num_iterations")
         check_max_memory(self.max_memory)
+        check_seed(self.seed)
         check_keep_last(self.keep_last)
         check_device(self.device)
         check_settings(self, positive=("lr", "critic_lr", "grad_clip", "clip_ratio",
@@ -900,36 +903,41 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
     name = cfg.algorithm
     s = cfg.settings
     # ---- setup ----
+    # the quick checks first: the tokenizer and the prompts (their lengths too, below) stop a
+    # run before the backbone loads
+    if prompts is None and cfg.dataset is not None:
+        prompts = [row["prompt"] for row in data.load_prompt_dataset(cfg.dataset)]
     if backbone is None:
         if cfg.model is None:
             raise ValueError(f"{type(cfg).__name__}.model is required: the backbone directory "
                              f"of the reward stage (it holds the trained reward adapter)")
         from rlhf.models import load_tokenizer
 
+        SharedBackbone.check_directory(cfg.model, "model")  # before its tokenizer is read
+        tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model,
+                                                setting="tokenizer" if cfg.tokenizer else "model")
+        if prompts is not None:
+            encode_prompts(prompts, tokenizer, cfg.max_prompt_length)  # too long: say so now
         backbone = SharedBackbone.load(cfg.model, setting="model",
                                        quantization=cfg.quantization,
                                        device=resolve_device(cfg.device),
                                        gradient_checkpointing=cfg.gradient_checkpointing)
-        tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model,
-                                                setting="tokenizer" if cfg.tokenizer else "model")
     elif cfg.quantization is not None and backbone.quantization != cfg.quantization:
         raise ValueError(f"{name}: quantization={cfg.quantization!r} but the backbone given is "
                          f"{backbone.quantization}")
     elif cfg.gradient_checkpointing:
         backbone.enable_gradient_checkpointing()
     if prompts is None:
-        if cfg.dataset is None:
-            from rlhf import task
+        from rlhf import task
 
-            prompts = task.all_prompts("train")
-        else:
-            prompts = [row["prompt"] for row in data.load_prompt_dataset(cfg.dataset)]
+        prompts = task.all_prompts("train")
     if len(prompts) == 0:
         raise ValueError(f"{name} needs at least one prompt; the prompt dataset is empty")
     if cfg.mask_truncated and tokenizer.eos_token_id is None:
         raise ValueError("mask_truncated=true needs an EOS token (a response without one counts "
                          "as cut at max_new_tokens), and the tokenizer has no eos_token_id")
     prompt_ids, prompt_mask = encode_prompts(prompts, tokenizer, cfg.max_prompt_length)
+    check_vocabulary(prompt_ids, backbone.causal_lm, "the prompts, tokenised,")
     device = resolve_device(cfg.device, cfg.max_memory)
     backbone = distributed.prepare(backbone, device, None, stage=name)  # torchrun: ddp / fsdp2
     backbone.to(device)

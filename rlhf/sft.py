@@ -37,7 +37,9 @@ from rlhf.stage import (
     check_device,
     check_keep_last,
     check_max_memory,
+    check_seed,
     check_settings,
+    check_vocabulary,
     limits_cpu_threads,
     nonfinite_error,
     resolve_device,
@@ -109,6 +111,7 @@ class SFTConfig:
             raise ValueError(f"lora_rank={self.lora_rank}, lora_alpha={self.lora_alpha}: lora_rank "
                              f"must be >= 0 (0: full-weight fine-tuning) and lora_alpha >= 1")
         check_max_memory(self.max_memory)
+        check_seed(self.seed)
         check_keep_last(self.keep_last)
         check_device(self.device)
         from rlhf import quant
@@ -364,6 +367,7 @@ def _train(cfg: SFTConfig, run, *, model, tokenizer, examples, on_step) -> dict:
     n_examples = input_ids.shape[0]
     if n_examples == 0:
         raise ValueError("the SFT dataset is empty after tokenisation; nothing to train on")
+    check_vocabulary(input_ids, model, "the SFT data, tokenised,")
     cfg = cfg.resolved(n_examples)  # lr and max_steps when left to their defaults
     from rlhf import quant
 

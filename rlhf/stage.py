@@ -30,7 +30,9 @@ __all__ = [
     "check_device",
     "check_keep_last",
     "check_max_memory",
+    "check_seed",
     "check_settings",
+    "check_vocabulary",
     "cpu_allocator_setting",
     "cpu_malloc_setting",
     "limited_cpu_threads",
@@ -53,6 +55,31 @@ def check_common_settings(nonfinite: str, grad_accum_steps: int, batch_size: int
                         (steps_name, steps)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+SEED_LIMIT = 2**32
+
+
+def check_seed(seed: int) -> None:
+    """A run's ``seed`` is a non-negative 32-bit integer: the stages derive generator seeds from
+    it by multiplying (``seed * 1_000_003 + iteration`` in RL), and a seed near 2**63 overflowed
+    torch's 64-bit seeds with an 'Overflow when unpacking long long' after the setup."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed={seed!r} is out of range: a seed must be an integer in "
+                         f"[0, 2**32) (e.g. 0, 1, 1234)")
+
+
+def check_vocabulary(ids: torch.Tensor, model, what: str) -> None:
+    """Refuse token ids past ``model``'s input embeddings (a tokenizer of another model, e.g.
+    ``tokenizer=`` pointing elsewhere): the embedding lookup would fail deep in the forward
+    with an IndexError (a device-side assert on a GPU). ``what``: the data, in words."""
+    rows = model.get_input_embeddings().num_embeddings
+    largest = int(ids.max()) if ids.numel() else -1
+    if largest >= rows:
+        raise ValueError(f"{what} holds token id {largest}, but the model's embedding has "
+                         f"{rows} rows (ids 0 .. {rows - 1}): the tokenizer does not belong to "
+                         f"this model; use the model's own tokenizer (leave tokenizer= out) or "
+                         f"the model that tokenizer was made for")
 
 
 def check_max_memory(max_memory: float | None) -> None:
