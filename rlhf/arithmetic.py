@@ -234,6 +234,7 @@ def check_pipeline_settings(cfg) -> tuple[str, ...]:
     if cfg.curve_every < 0:
         raise ValueError(f"curve_every must be >= 0 (0: no held-out curve), got "
                          f"{cfg.curve_every}")
+    _rl_config(cfg).check_critic_settings()  # also for --print-config, not only the run
     return _REVIEWS_ONLY
 
 

@@ -138,6 +138,11 @@ def _printable(summary: dict) -> dict:
 def check_output_dir(output_dir: str | os.PathLike) -> None:
     """Stop before anything loads when ``output_dir`` cannot be written: a file is in its place
     (or in the place of one of its parents), or the nearest existing parent is read-only."""
+    if not str(output_dir).strip():
+        # Path("") is the current directory: the run would own it, and overwrite=true would
+        # delete a run's files there (an unset shell variable in output_dir=$OUT does this)
+        raise ValueError("output_dir is empty; give the directory the run writes to (e.g. "
+                         "output_dir=runs/try1), or leave it out for the stage's default")
     path = Path(output_dir).expanduser()
     probe = path
     while not probe.exists() and probe != probe.parent:

@@ -60,6 +60,9 @@ class FrontierConfig:
     base: pipeline.PipelineConfig = field(default_factory=pipeline.PipelineConfig)
 
     def __post_init__(self) -> None:
+        from rlhf.stage import check_seed
+
+        check_seed(self.seed)
         unknown = [a for a in self.algorithms if a not in rl.ALGORITHMS]
         if unknown or not self.algorithms:
             raise ValueError(f"algorithms={list(self.algorithms)}: expected a non-empty list of "
@@ -78,11 +81,30 @@ class FrontierConfig:
             raise ValueError("resume=true and overwrite=true contradict each other: resume "
                              "keeps the finished points, overwrite deletes them")
 
+    @classmethod
+    def config_defaults(cls, values) -> FrontierConfig:
+        """What ``load_config`` (the command line, a YAML file) starts from; it refuses a
+        ``base.`` setting that ``_base_config`` replaces by the frontier's own (it was silently
+        ignored). In Python, ``base`` may be any pipeline config: those fields are replaced."""
+        from rlhf.config import is_set
+
+        for name in _BASE_SET_BY_FRONTIER:
+            if is_set(values, f"base.{name}"):
+                raise ValueError(f"base.{name} cannot be set in rlhf frontier: the frontier "
+                                 f"sets it from its own {name}; set {name}= instead")
+        return cls()
+
+
+# The base pipeline's settings that _base_config takes from the frontier's own fields.
+_BASE_SET_BY_FRONTIER = ("output_dir", "seed", "device", "cpu_threads", "eval_samples", "resume",
+                         "overwrite")
+
 
 def _base_config(cfg: FrontierConfig) -> pipeline.PipelineConfig:
     if cfg.base.sft.model is not None or cfg.base.sft.dataset is not None:
         raise ValueError("rlhf frontier runs on the built-in task (its gold judge measures the "
                          "true reward); base.sft.model and base.sft.dataset are not supported")
+    # the fields of _BASE_SET_BY_FRONTIER
     return replace(cfg.base, output_dir=str(Path(cfg.output_dir) / "base"), seed=cfg.seed,
                    device=cfg.device, cpu_threads=cfg.cpu_threads,
                    eval_samples=cfg.eval_samples, resume=cfg.resume, overwrite=cfg.overwrite)

@@ -218,12 +218,16 @@ class PipelineConfig:
         with a traceback (a tiny model of hidden size 0), or not at all (kl_bound=-1)."""
         stage.check_device(self.device)
         stage.check_max_memory(self.max_memory)
+        stage.check_seed(self.seed)
         stage.check_settings(
             self, positive=("label_beta", "kl_bound"),
             counts=("corpus_size", "vocab_size", "hidden_size", "num_layers", "pair_prompts",
-                    "lora_rank", "lora_alpha", "sample_batch_size", "eval_samples",
-                    "cpu_threads", "eval_problems", "curve_problems"),
+                    "lora_rank", "lora_alpha", "sample_batch_size", "cpu_threads",
+                    "eval_problems", "curve_problems"),
             zero_or_more=("n_show_samples", "curve_every"))
+        if self.eval_samples < 2:  # as rlhf frontier: one sample has no standard error
+            raise ValueError(f"eval_samples={self.eval_samples} is out of range: it must be >= 2 "
+                             f"(the held-out figures are means with their standard errors)")
         if not 0.0 < self.heldout_pair_fraction < 1.0:
             raise ValueError(f"heldout_pair_fraction={self.heldout_pair_fraction!r} is out of "
                              f"range: it must be in (0, 1) (the share of the preference pairs "
@@ -325,6 +329,16 @@ def check_settings(cfg: PipelineConfig) -> tuple[bool, tuple[str, ...]]:
     if cfg.algorithm not in ppo.ALGORITHMS:
         raise ValueError(f"algorithm={cfg.algorithm!r} is not an RL algorithm; expected one of "
                          f"{ppo.ALGORITHMS}")
+    if _critic_free(cfg):
+        # the stage starts from the task's (or the stages') PPO settings, and stage_configs
+        # resets the critic's: one changed by the user would be silently ignored
+        starts = (_ppo_defaults("ppo", cfg.task), _ppo_defaults(cfg.algorithm, cfg.task),
+                  ppo.PPOConfig())
+        for name in ppo.CRITIC_SETTINGS:
+            value = getattr(cfg.ppo, name)
+            if all(value != getattr(start, name) for start in starts):
+                raise ValueError(f"ppo.{name}={value!r} has no effect with algorithm="
+                                 f"{cfg.algorithm} (no critic); remove it")
     if cfg.task == "arithmetic":
         from rlhf import arithmetic
 
@@ -342,17 +356,7 @@ def check_settings(cfg: PipelineConfig) -> tuple[bool, tuple[str, ...]]:
                          else f"sets it for every stage from its own {name}")
                 raise ValueError(f"{stage_name}.{name}={value!r} cannot be set in rlhf pipeline: "
                                  f"the pipeline {where}; set {name}= instead")
-    if _critic_free(cfg):
-        # the stage starts from the task's (or the stages') PPO settings; one of their critic
-        # settings changed by the user would be ignored by a run without a critic
-        starts = (_ppo_defaults(), _ppo_defaults(cfg.algorithm), ppo.PPOConfig())
-        for name in ppo.CRITIC_SETTINGS:
-            value = getattr(cfg.ppo, name)
-            if all(value != getattr(start, name) for start in starts):
-                raise ValueError(f"ppo.{name}={value!r} has no effect with algorithm="
-                                 f"{cfg.algorithm} (no critic); remove it")
-    if cfg.task != "arithmetic":  # (task=arithmetic checks its own RL settings)
-        stage_configs(cfg)["ppo"].check_critic_settings()  # dynamic sampling's, before SFT
+    stage_configs(cfg)["ppo"].check_critic_settings()  # dynamic sampling's, before SFT
     for (stage_name, name), why in _NOT_IN_PIPELINE.items():
         stage_cfg = getattr(cfg, stage_name)
         value = getattr(stage_cfg, name)
