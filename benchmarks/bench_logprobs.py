@@ -101,16 +101,21 @@ def _fwd_bwd(fn, logits, labels, grad):
 
 def _inputs(B: int, T: int, V: int, dtype: torch.dtype, device, requires_grad: bool):
     """A (B, T+1, V) logits buffer, its causal shift (a view, read in place by ours), labels and
-    an upstream gradient for logp."""
-    full = torch.randn(B, T + 1, V, device=device).to(dtype).requires_grad_(requires_grad)
+    an upstream gradient for logp. With ``requires_grad`` the buffer is an intermediate result,
+    as the lm_head's output is in a trainer (``+ zero``, a leaf scalar: nothing saved, no extra
+    buffer): ``inplace_backward`` refuses a leaf or a view of one, whose data it would
+    overwrite."""
+    full = torch.randn(B, T + 1, V, device=device).to(dtype)
+    if requires_grad:
+        full = full + torch.zeros((), device=device, dtype=dtype, requires_grad=True)
     labels = torch.randint(0, V, (B, T), device=device)
     grad = torch.randn(B, T, device=device)
     return full, full[:, :-1, :], labels, grad
 
 
 def _inplace(logits, labels):
-    # The gradient lands in the logits buffer (a benchmark may overwrite its input; a trainer
-    # would pass the lm_head output, see the op's docstring).
+    # The gradient lands in the logits buffer, as it lands in the lm_head output's in a trainer
+    # (a benchmark may overwrite its input).
     return ours(logits, labels, inplace_backward=True)
 
 
