@@ -606,6 +606,11 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
                 model = LlamaForCausalLM(task.tiny_llama_config(
                     tokenizer, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
                     intermediate_size=3 * cfg.hidden_size))
+        # the pairs and the RL stage sample prompt + response: a model with fewer learned
+        # positions would fail on them only after SFT
+        stage.check_positions(model, ppo_cfg.max_prompt_length + ppo_cfg.max_new_tokens,
+                              "a sample (ppo.max_prompt_length + ppo.max_new_tokens) has",
+                              "lower them to {positions} tokens together")
         trained = sft.train(sft_cfg, model=model, tokenizer=tokenizer, examples=examples)
         model = trained["model"]  # with LoRA SFT, the adapters merged in
         sft_summary = _plain(trained)

@@ -30,6 +30,7 @@ from rlhf.stage import (
     check_device,
     check_keep_last,
     check_max_memory,
+    check_positions,
     check_seed,
     check_settings,
     check_vocabulary,
@@ -259,6 +260,9 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
     train_set = encode_pairs(train_pairs, tokenizer, cfg.max_length)
     for ids in (train_set.chosen_ids, train_set.rejected_ids):
         check_vocabulary(ids, backbone.causal_lm, "the preference pairs, tokenised,")
+        check_positions(backbone.causal_lm, ids.shape[1], "the longest preference text, "
+                        "tokenised, has", f"set max_length={{positions}} or less (it is "
+                        f"{cfg.max_length})")
     if eval_pairs is not None:
         eval_set = encode_pairs(eval_pairs, tokenizer, cfg.max_length)
     else:

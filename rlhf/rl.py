@@ -122,6 +122,7 @@ from rlhf.stage import (
     check_device,
     check_keep_last,
     check_max_memory,
+    check_positions,
     check_seed,
     check_settings,
     check_vocabulary,
@@ -938,6 +939,9 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
                          "as cut at max_new_tokens), and the tokenizer has no eos_token_id")
     prompt_ids, prompt_mask = encode_prompts(prompts, tokenizer, cfg.max_prompt_length)
     check_vocabulary(prompt_ids, backbone.causal_lm, "the prompts, tokenised,")
+    check_positions(backbone.causal_lm, cfg.max_prompt_length + cfg.max_new_tokens,
+                    "a rollout (max_prompt_length + max_new_tokens) has",
+                    "lower them to {positions} tokens together")
     device = resolve_device(cfg.device, cfg.max_memory)
     backbone = distributed.prepare(backbone, device, None, stage=name)  # torchrun: ddp / fsdp2
     backbone.to(device)

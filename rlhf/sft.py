@@ -37,6 +37,7 @@ from rlhf.stage import (
     check_device,
     check_keep_last,
     check_max_memory,
+    check_positions,
     check_seed,
     check_settings,
     check_vocabulary,
@@ -368,6 +369,8 @@ def _train(cfg: SFTConfig, run, *, model, tokenizer, examples, on_step) -> dict:
     if n_examples == 0:
         raise ValueError("the SFT dataset is empty after tokenisation; nothing to train on")
     check_vocabulary(input_ids, model, "the SFT data, tokenised,")
+    check_positions(model, input_ids.shape[1], "the longest SFT example, tokenised, has",
+                    f"set max_length={{positions}} or less (it is {cfg.max_length})")
     cfg = cfg.resolved(n_examples)  # lr and max_steps when left to their defaults
     from rlhf import quant
 

@@ -30,12 +30,14 @@ __all__ = [
     "check_device",
     "check_keep_last",
     "check_max_memory",
+    "check_positions",
     "check_seed",
     "check_settings",
     "check_vocabulary",
     "cpu_allocator_setting",
     "cpu_malloc_setting",
     "limited_cpu_threads",
+    "learned_positions",
     "limits_cpu_threads",
     "nonfinite_error",
     "resolve_device",
@@ -80,6 +82,34 @@ def check_vocabulary(ids: torch.Tensor, model, what: str) -> None:
                          f"{rows} rows (ids 0 .. {rows - 1}): the tokenizer does not belong to "
                          f"this model; use the model's own tokenizer (leave tokenizer= out) or "
                          f"the model that tokenizer was made for")
+
+
+def learned_positions(model) -> int | None:
+    """How many positions ``model`` has when they are learned absolute embeddings (GPT-2's
+    ``wpe``, OPT's ``embed_positions``), which a longer sequence indexes past; None for rotary
+    or other relative positions, which extend past ``max_position_embeddings`` without error."""
+    config = getattr(model, "config", None)
+    positions = getattr(config, "max_position_embeddings", None) or \
+        getattr(config, "n_positions", None)
+    if not isinstance(positions, int):
+        return None
+    inputs = model.get_input_embeddings()
+    for module in model.modules():
+        if (isinstance(module, torch.nn.Embedding) and module is not inputs
+                and module.num_embeddings in (positions, positions + 2)):  # OPT: offset 2
+            return positions
+    return None
+
+
+def check_positions(model, length: int, what: str, fix: str) -> None:
+    """Refuse sequences of ``length`` tokens on a model with fewer learned positions: the
+    position lookup would fail deep in the forward with an IndexError. ``what``: the sequences,
+    in words; ``fix``: what to do, ``{positions}`` in it replaced by the model's count."""
+    positions = learned_positions(model)
+    if positions is not None and length > positions:
+        raise ValueError(f"{what} {length} tokens, more than the model's {positions} positions "
+                         f"(learned position embeddings, max_position_embeddings={positions}); "
+                         f"{fix.format(positions=positions)}")
 
 
 def check_max_memory(max_memory: float | None) -> None:

@@ -358,3 +358,36 @@ def test_frontier_refuses_a_base_setting_it_replaces(capsys, setting):
     name = setting.split("=")[0].split(".")[1]
     err = _cli_error(capsys, ["frontier", setting, "--print-config"])
     assert f"{setting.split('=')[0]} cannot be set" in err and f"set {name}= instead" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# sequences longer than a model's learned positions
+# ---------------------------------------------------------------------------------------------
+def test_sequences_past_learned_positions_are_one_error(tmp_path, big_tokenizer):
+    # before: GPT-2's position embedding raised IndexError "index out of range in self", as a
+    # traceback, in SFT and in the RL rollout
+    from rlhf.models import LoraSpec, SharedBackbone
+    from rlhf.stage import learned_positions
+    from rlhf.tiny_models import tiny_causal_lm
+
+    def gpt2():
+        return tiny_causal_lm("gpt2", vocab_size=len(big_tokenizer), max_position_embeddings=16)
+
+    assert learned_positions(gpt2()) == 16
+    assert learned_positions(tiny_causal_lm("llama")) is None  # rotary: no such limit
+    examples = [{"prompt": "Review of the blender:",
+                 "completion": " It is great and the price is good, I like it a lot."}] * 2
+    cfg = sft.SFTConfig(output_dir=str(tmp_path / "sft"), model="given", dataset="given",
+                        max_steps=1, batch_size=2, max_length=64, device="cpu")
+    with pytest.raises(ValueError, match=r"longest SFT example, tokenised, has \d+ tokens, more "
+                                         r"than the model's 16 positions .* max_length=16 or "
+                                         r"less \(it is 64\)"):
+        sft.train(cfg, model=gpt2(), tokenizer=big_tokenizer, examples=examples)
+    backbone = SharedBackbone.from_model(gpt2(), lora=LoraSpec(rank=2, alpha=4))
+    rl_cfg = ppo.PPOConfig(output_dir=str(tmp_path / "ppo"), device="cpu", num_iterations=1,
+                           rollout_batch_size=2, minibatch_size=2, max_prompt_length=12,
+                           max_new_tokens=16)
+    with pytest.raises(ValueError, match=r"a rollout \(max_prompt_length \+ max_new_tokens\) "
+                                         r"has 28 tokens, more than the model's 16 positions"):
+        ppo.train(rl_cfg, backbone=backbone, tokenizer=big_tokenizer,
+                  prompts=["Review of the blender:"] * 2)
