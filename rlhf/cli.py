@@ -244,10 +244,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             distributed.shutdown()
     except KeyboardInterrupt:
-        # The stages save a checkpoint before re-raising Ctrl-C.
-        print(f"\nrlhf {ns.command}: interrupted; a checkpoint was saved under "
-              f"{output_dir or 'the output directory'}. Continue with "
-              f"`rlhf {' '.join([ns.command, *ns.args])} --resume`.", file=sys.stderr)
+        # The stages save a checkpoint before re-raising Ctrl-C once their loop runs (and say
+        # so); a Ctrl-C while the model or data loads comes before any checkpoint.
+        print(f"\nrlhf {ns.command}: interrupted. Continue with "
+              f"`rlhf {' '.join([ns.command, *ns.args])} --resume` (it continues from the last "
+              f"checkpoint under {output_dir or 'the output directory'}, or starts afresh "
+              f"when there is none).", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (*USER_ERRORS, distributed.RankFailure) as error:
         # Bad input (data without the needed columns, an unknown model path, a diverged run, a

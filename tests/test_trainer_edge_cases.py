@@ -391,3 +391,17 @@ def test_sequences_past_learned_positions_are_one_error(tmp_path, big_tokenizer)
                                          r"has 28 tokens, more than the model's 16 positions"):
         ppo.train(rl_cfg, backbone=backbone, tokenizer=big_tokenizer,
                   prompts=["Review of the blender:"] * 2)
+
+
+def test_ctrl_c_before_any_checkpoint_does_not_claim_one(capsys, monkeypatch, tmp_path):
+    # before: "interrupted; a checkpoint was saved under ..." also for a Ctrl-C while the model
+    # loaded, when nothing had been saved
+    def interrupted(cfg, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sft, "train", interrupted)
+    out = str(tmp_path / "sft")
+    assert cli.main(["sft", f"output_dir={out}"]) == cli.EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert "checkpoint was saved" not in err
+    assert f"`rlhf sft output_dir={out} --resume` (it continues from the last checkpoint" in err
