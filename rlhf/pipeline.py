@@ -585,7 +585,9 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
     # the later stages' data, read and checked now: a broken pairs file, or a prompt longer
     # than ppo.max_prompt_length, must not wait for SFT (and the reward model) to finish
     if own_data:
-        own_pairs = [dict(row) for row in data.load_preference_dataset(rm_cfg.dataset)]
+        # (a resume whose pairs.jsonl is written reads them from there, as before)
+        own_pairs = None if cfg.resume and (out / "pairs.jsonl").exists() else \
+            [dict(row) for row in data.load_preference_dataset(rm_cfg.dataset)]
         ppo_prompts = [row["prompt"] for row in data.load_prompt_dataset(ppo_cfg.dataset)]
     else:
         ppo_prompts = task.all_prompts("train")
