@@ -364,7 +364,13 @@ def test_nan_score_stays_in_its_group(backend):
         clean[2:5] = False
         want = reference.group_advantages(scores.double(), group_ids=ids, estimator=estimator,
                                           norm="group")
-        assert_close(got[clean], want[clean], atol=2e-6, name=f"{estimator} around a NaN")
+        # the other groups as the fp32 formula gives them (a fixed atol failed when a random
+        # group's std was small: (s - mean) / std amplifies fp32 rounding, seed 1437202113)
+        same_dtype = reference.group_advantages(scores, group_ids=ids, estimator=estimator,
+                                                norm="group")
+        scale = max(1.0, want[clean].abs().max().item())
+        assert_close_2x(got[clean], same_dtype[clean], want[clean], torch.float32, scale,
+                        name=f"{estimator} around a NaN")
 
 
 def test_kernel_is_deterministic():
