@@ -237,6 +237,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if output_dir is not None:
             check_output_dir(output_dir)
+            if getattr(cfg, "resume", False) and os.environ.get("RANK", "0") == "0" and \
+                    not (Path(output_dir).expanduser() / "run.json").exists():
+                # a mistyped output_dir would otherwise train from scratch without a word
+                print(f"rlhf {ns.command}: --resume: {output_dir} holds no run yet (no "
+                      f"run.json), so a new run starts there", file=sys.stderr)
         # under torchrun (WORLD_SIZE > 1): join the process group (rlhf/distributed.py)
         distributed.init_from_env(getattr(cfg, "device", "auto"))
         try:

@@ -328,6 +328,21 @@ def test_the_cli_says_it_in_one_line(tmp_path, capsys):
     assert "overwrite=true" in err and "Traceback" not in err
 
 
+def test_resume_of_a_directory_without_a_run_says_a_new_run_starts(tmp_path, capsys,
+                                                                    monkeypatch):
+    # A mistyped output_dir with --resume used to train from scratch without a word.
+    from rlhf import cli
+
+    monkeypatch.setattr(sft, "train", lambda cfg: None)  # the stage itself is not under test
+    assert cli.main(["sft", f"output_dir={tmp_path / 'typo'}", "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "--resume" in err and "holds no run yet" in err and "typo" in err, err
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text("{}")  # a run to resume: nothing is said
+    assert cli.main(["sft", f"output_dir={tmp_path / 'run'}", "--resume"]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_unwritable_output_dir_is_a_clear_error(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(RunDirectoryError, match=r"cannot use output_dir .*file.*writable"):
