@@ -718,6 +718,13 @@ def format_fit(result: dict, card_gib: float, *, batch: int, prompt_length: int,
         lines.append(f"  {names[stage]:<24} largest batch {r['batch']} {unit}; at batch "
                      f"{batch}: {what} length up to {length}"
                      + ("" if r["length"] else " (batch too large)"))
+    context = result["rl"]["context"]
+    if prompt_length + response_length > context:
+        lines.append(f"note: prompt {prompt_length} + response {response_length} = "
+                     f"{prompt_length + response_length} tokens is past the model's context of "
+                     f"{context} (max_position_embeddings): the batches above are for lengths "
+                     f"it was not trained on; a model with learned positions (GPT-2) cannot run "
+                     f"them at all. Plan a shorter --prompt-length / --response-length")
     return "\n".join(lines)
 
 

@@ -344,3 +344,14 @@ def test_readme_card_table_is_what_the_code_renders():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert planner.card_table_block() in readme, "README card table is stale: rlhf plan " \
                                                   "--write-readme"
+
+
+def test_fit_says_when_the_lengths_are_past_the_models_context(capsys):
+    # The tiny preset's context is 512 positions: 400 + 256 tokens are past it.
+    assert planner.main(["tiny", "--card", "8", "--prompt-length", "400",
+                         "--response-length", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "656 tokens is past the model's context of 512" in out, out
+    assert planner.main(["tiny", "--card", "8", "--prompt-length", "128",
+                         "--response-length", "256"]) == 0
+    assert "past the model's context" not in capsys.readouterr().out
