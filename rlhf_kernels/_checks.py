@@ -84,6 +84,16 @@ def check_dual_clip(dual_clip) -> None:
         )
 
 
+def check_kl_reference(kl_coef, ref_logp) -> None:
+    """A KL weight without the reference log-probs it weighs is an error, not a silent no-op."""
+    if ref_logp is None and kl_coef:
+        raise ValueError(
+            f"kl_coef={kl_coef} but ref_logp is None: the KL term is kl_coef * KL(policy || "
+            "reference) and needs the reference policy's log-probs; pass ref_logp=..., or "
+            "kl_coef=0 for no KL term"
+        )
+
+
 def check_policy_options(ratio_level: str, loss_type: str, dual_clip) -> None:
     check_dual_clip(dual_clip)
     if ratio_level not in RATIO_LEVELS:

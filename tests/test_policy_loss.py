@@ -550,16 +550,19 @@ def test_normalizer_replaces_the_denominator(reduction):
     assert weight.grad is None
 
 
-def test_kl_term_off_without_coefficient_or_reference():
-    """kl_coef = 0 or no ref_logp: the plain policy loss, no pg_loss / kl stats."""
+def test_kl_term_off_without_coefficient_and_refused_without_reference():
+    """kl_coef = 0: the plain policy loss, no pg_loss / kl stats. A kl_coef without ref_logp is
+    an error (it used to drop the KL term without a word)."""
     shape = (3, 20)
     logp, old_logp, advantages = make_inputs(shape, torch.float32)
     mask = make_mask(shape, "random")
     plain = _run_triton(logp, old_logp, advantages, mask)
-    for options in (dict(ref_logp=_ref_logp(logp), kl_coef=0.0), dict(kl_coef=0.5)):
-        got = _run_triton(logp, old_logp, advantages, mask, **options)
-        assert torch.equal(got[0], plain[0]) and torch.equal(got[2], plain[2])
-        assert got[1].keys() == plain[1].keys()
+    got = _run_triton(logp, old_logp, advantages, mask, ref_logp=_ref_logp(logp), kl_coef=0.0)
+    assert torch.equal(got[0], plain[0]) and torch.equal(got[2], plain[2])
+    assert got[1].keys() == plain[1].keys()
+    for backend in ("triton", "reference"):
+        with pytest.raises(ValueError, match=r"kl_coef=0.5 but ref_logp is None.*pass ref_logp"):
+            ppo_policy_loss(logp, old_logp, advantages, mask, kl_coef=0.5, backend=backend)
     _, stats, _ = _run_triton(logp, old_logp, advantages, mask, ref_logp=_ref_logp(logp),
                               kl_coef=0.5, dual_clip=3.0)
     assert set(stats) == set(plain[1]) | {"dual_clipfrac", "pg_loss", "kl"}

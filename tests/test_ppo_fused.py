@@ -857,3 +857,18 @@ def test_stats_are_the_bits_of_the_reference_ppo_total(dtype, reduction, normali
         assert got[name].dtype == want[name].dtype, name
         assert torch.equal(got[name].view(-1).view(torch.uint8),
                            want[name].view(-1).view(torch.uint8)), (name, got[name], want[name])
+
+
+def test_a_kl_weight_without_the_reference_is_refused():
+    # It used to drop the KL term without a word (a forgotten ref_logp trains with no KL).
+    B, T, V, H = 2, 3, 17, 8
+    labels = torch.randint(0, V, (B, T), device=DEVICE)
+    old, adv = -torch.rand(B, T, device=DEVICE), torch.randn(B, device=DEVICE)
+    hidden = torch.randn(B, T, H, device=DEVICE)
+    weight = torch.randn(V, H, device=DEVICE)
+    logits = torch.randn(B, T, V, device=DEVICE)
+    for backend in ("triton", "reference"):
+        with pytest.raises(ValueError, match=r"kl_coef=0.1 but ref_logp is None"):
+            linear_ppo_loss(hidden, weight, labels, old, adv, kl_coef=0.1, backend=backend)
+        with pytest.raises(ValueError, match=r"kl_coef=0.1 but ref_logp is None"):
+            ppo_loss_from_logits(logits, labels, old, adv, kl_coef=0.1, backend=backend)

@@ -77,6 +77,7 @@ from rlhf_kernels._checks import (
     check_advantages_shape,
     check_dual_clip,
     check_float,
+    check_kl_reference,
     check_normalizer,
     check_policy_options,
     check_same_device,
@@ -623,8 +624,9 @@ def ppo_policy_loss(
     changes from step to step as a tensor (a Python number is a constant of the graph).
     ref_logp, kl_coef, kl_estimator ("k1", "k2", "k3", "abs"): adds
     kl_coef * reduce(estimator(logp - ref_logp)), same reduction and normalizer, when ref_logp
-    is given and kl_coef != 0. backend: "triton", "reference" or "auto". A fully masked row
-    contributes 0 and an all-masked batch gives loss 0 with zero gradients.
+    is given and kl_coef != 0 (a kl_coef != 0 without ref_logp is an error). backend:
+    "triton", "reference" or "auto". A fully masked row contributes 0 and an all-masked batch
+    gives loss 0 with zero gradients.
     """
     for name, tensor in (("logp", logp), ("old_logp", old_logp), ("advantages", advantages)):
         check_float(name, tensor)
@@ -656,6 +658,8 @@ def ppo_policy_loss(
             f"{tuple(_KL_CODES)}"
         )
     kl_coef = float(kl_coef)
+    if ref_logp is None and kl_coef != 0.0:
+        check_kl_reference(kl_coef, ref_logp)
     with_kl = ref_logp is not None and kl_coef != 0.0
 
     use_reference = torch.float64 in (logp.dtype, old_logp.dtype, advantages.dtype) or (

@@ -94,6 +94,7 @@ from rlhf_kernels._checks import (
     as_mask,
     check_advantages_shape,
     check_float,
+    check_kl_reference,
     check_normalizer,
     check_policy_options,
     check_reduction,
@@ -791,6 +792,7 @@ def ppo_loss_from_logits(
     (NaN / inf included). The gradient w.r.t. logits (allocated like logits) is made in the
     forward call. Differentiable w.r.t. logits only on the Triton path: old_logp / advantages /
     ref_logp that require grad are refused there (use backend="reference" for those gradients).
+    The KL term needs ref_logp: a kl_coef != 0 without it is an error.
 
     check_labels: False (default): no host sync; a counted token whose label is outside [0, V)
     gives a NaN loss (never an out-of-bounds read). True: raise a ValueError naming the label,
@@ -808,6 +810,7 @@ def ppo_loss_from_logits(
     _check_rollout(labels, old_logp, advantages, mask, ref_logp, kl_estimator, clip_low,
                    clip_high, dual_clip, log_ratio_clamp, reduction, ratio_level, loss_type,
                    normalizer)
+    check_kl_reference(kl_coef, ref_logp)
     if logits.device != labels.device:
         raise ValueError(f"logits on {logits.device} but labels on {labels.device}")
     head.check_temperature(temperature)
@@ -893,6 +896,7 @@ def linear_ppo_loss(
     _check_rollout(labels, old_logp, advantages, mask, ref_logp, kl_estimator, clip_low,
                    clip_high, dual_clip, log_ratio_clamp, reduction, ratio_level, loss_type,
                    normalizer)
+    check_kl_reference(kl_coef, ref_logp)
     if old_logp.device != hidden.device:
         raise ValueError(f"hidden on {hidden.device} but old_logp on {old_logp.device}")
     if resolve_backend(hidden, backend, "linear_ppo_loss") == "reference":
