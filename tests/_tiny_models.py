@@ -17,6 +17,8 @@ from rlhf import task
 # the shape most stage tests train: 2 layers, hidden 32, one KV head shared by two query heads
 STAGE_SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                    num_attention_heads=2, num_key_value_heads=1)
+# "your model" of the pipeline tests on your own model and data: the same with one layer
+OWN_MODEL_SHAPE = dict(STAGE_SHAPE, num_hidden_layers=1)
 
 
 def review_tokenizer(corpus, vocab_size: int = 300):

@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from rlhf.pipeline import PipelineConfig, run
-from tests._tiny_models import interrupt_at
+from tests._tiny_models import OWN_MODEL_SHAPE, interrupt_at, review_tokenizer, tiny_llama
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -264,18 +264,10 @@ def _write_jsonl(path, rows) -> str:
 def test_pipeline_runs_on_your_model_and_data(tmp_path):
     """sft.model + sft.dataset -> SFT on them; reward.dataset -> the RM on those pairs (not
     sampled ones); ppo.dataset -> PPO on those prompts. No gold judge: no gold figures."""
-    import torch
-    from transformers import LlamaForCausalLM
-
     from rlhf import reward, sft, task
 
-    corpus = task.make_corpus(40, seed=5)
-    tokenizer = task.train_tokenizer([ex["prompt"] + ex["completion"] for ex in corpus],
-                                     vocab_size=300)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(task.tiny_llama_config(
-        tokenizer, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1))
+    tokenizer = review_tokenizer(task.make_corpus(40, seed=5), vocab_size=300)
+    model = tiny_llama(tokenizer, **OWN_MODEL_SHAPE)
     model_dir = tmp_path / "my-model"
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)

@@ -17,6 +17,7 @@ import torch
 from rlhf import cli, ppo, sft
 from rlhf.config import load_config
 from rlhf.pipeline import PipelineConfig
+from tests._tiny_models import OWN_MODEL_SHAPE, review_tokenizer, tiny_llama
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -135,17 +136,10 @@ def test_pipeline_settings_out_of_range_are_refused_at_once(capsys, setting, mes
 
 def _own_data_pipeline(tmp_path, pair_rows, prompt_rows, **overrides) -> PipelineConfig:
     """A pipeline on your model and data (a tiny Llama saved with its tokenizer)."""
-    from transformers import LlamaForCausalLM
-
     from rlhf import reward, task
 
-    corpus = task.make_corpus(40, seed=5)
-    tokenizer = task.train_tokenizer([ex["prompt"] + ex["completion"] for ex in corpus],
-                                     vocab_size=300)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(task.tiny_llama_config(
-        tokenizer, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1))
+    tokenizer = review_tokenizer(task.make_corpus(40, seed=5), vocab_size=300)
+    model = tiny_llama(tokenizer, **OWN_MODEL_SHAPE)
     model_dir = tmp_path / "my-model"
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
