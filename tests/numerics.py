@@ -71,3 +71,20 @@ def padded_mask(n_rows: int, T: int) -> torch.Tensor:
         elif kind == 3:
             mask[row] = False
     return mask
+
+
+def assert_stats_editable(loss_fn, *inputs: torch.Tensor, name: str = "") -> None:
+    """``loss_fn(*leaves) -> (loss, stats)``: editing every returned stat in place before the
+    backward (a distributed all_reduce, a rescale) leaves the gradient of every input unchanged,
+    and autograd accepts the edit."""
+    grads = []
+    for edit in (False, True):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        loss, stats = loss_fn(*leaves)
+        if edit:
+            for value in stats.values():
+                value.mul_(100.0)
+        loss.backward()
+        grads.append([leaf.grad for leaf in leaves])
+    for before, after in zip(*grads):
+        assert torch.equal(before, after), f"{name}: an edit of the stats changed a gradient"
