@@ -264,31 +264,99 @@ def test_grpo_loss_through_the_model(grpo):
     _assert_same(_run(trainer, inputs, True), _run(trainer, inputs, False), "model")
 
 
-@pytest.mark.parametrize("option", ["sapo", "off_policy_mask", "entropy_mask", "entropy_bonus",
-                                    "low_delta"])
-def test_grpo_options_not_covered_run_trls_code(fixed_logps, option):
+def _vllm_ratio(inputs, per_row: bool):
+    """A vLLM importance-sampling ratio as TRL's truncate/mask modes leave it: >= 0, some
+    exactly 0 (masked), others below and above 1; (B, 1) for the sequence modes."""
+    rows, length = inputs["completion_ids"].shape
+    generator = torch.Generator().manual_seed(5)
+    ratio = 2.0 * torch.rand((rows, 1 if per_row else length), generator=generator)
+    ratio[0, 0] = 0.0
+    return ratio
+
+
+# the per-token weights TRL multiplies its policy term by, alone and together
+_WEIGHTS = {
+    "vllm_is_token": dict(vllm="token"),
+    "vllm_is_sequence": dict(vllm="sequence"),
+    "off_policy_mask": dict(off_policy=0.05),
+    "entropy_mask": dict(entropy_quantile=0.5),
+    "all": dict(vllm="token", off_policy=0.05, entropy_quantile=0.5),
+}
+
+
+@pytest.mark.parametrize("weights", list(_WEIGHTS))
+@pytest.mark.parametrize("loss_type,level,kl", [
+    ("dapo", "token", None), ("grpo", "sequence", "k3"), ("bnpo", "token", "k3-weighted"),
+    ("luspo", "sequence", None), ("cispo", "token", "k3"), ("dr_grpo", "sequence", None)])
+def test_grpo_loss_with_policy_weights_matches_trl(fixed_logps, monkeypatch, weights, loss_type,
+                                                   level, kl):
+    """vLLM's importance-sampling correction (TRL's default with use_vllm), the off-policy
+    sequence mask and the high-entropy token mask: same loss, gradient and metrics as TRL's
+    _compute_loss, and each weight changes the loss (it is not silently dropped)."""
+    trainer, inputs, logps = fixed_logps
+    _set(trainer, loss_type, level, kl)
+    option = _WEIGHTS[weights]
+    inputs = dict(inputs)
+    if "vllm" in option:
+        monkeypatch.setattr(trainer, "use_vllm", True)
+        monkeypatch.setattr(trainer, "vllm_importance_sampling_correction", True)
+        inputs["importance_sampling_ratio"] = _vllm_ratio(inputs, option["vllm"] == "sequence")
+    if "off_policy" in option:
+        monkeypatch.setattr(trainer, "off_policy_mask_threshold", option["off_policy"])
+        # the inference engine's log-probs, above the current ones: row 1 (A < 0) drifts past
+        # the threshold and is dropped, the A > 0 rows are kept whatever their drift
+        inputs["sampling_per_token_logps"] = logps.detach() + 0.8
+        keep = trainer.get_off_policy_mask(
+            inputs["advantages"].unsqueeze(1), logps, inputs["sampling_per_token_logps"],
+            inputs["completion_mask"], option["off_policy"])
+        assert keep[1].item() == 0 and keep[0].item() == 1
+    if "entropy_quantile" in option:
+        monkeypatch.setattr(trainer, "top_entropy_quantile", option["entropy_quantile"])
+    assert ours.grpo_loss_fallback_reason(trainer, inputs) is None
+    theirs = _run(trainer, inputs, patched=False, params=[logps])
+    _assert_same(_run(trainer, inputs, patched=True, params=[logps]), theirs,
+                 f"{weights}/{loss_type}/{level}/{kl}")
+    monkeypatch.undo()
+    _set(trainer, loss_type, level, kl)
+    unweighted = _run(trainer, inputs, patched=False, params=[logps])
+    assert not torch.allclose(theirs[0], unweighted[0]), f"{weights} did not change the loss"
+
+
+def test_grpo_luspo_is_the_row_sum(fixed_logps):
+    """luspo: the mean over rows of each row's token sum (no division by the row's length), the
+    clipped sequence-level ratio of LUSPO; a closed form on the op's own numbers."""
+    trainer, inputs, logps = fixed_logps
+    _set(trainer, "luspo", "sequence", None)
+    mask = inputs["completion_mask"].float()
+    loss, _, _ = _run(trainer, inputs, patched=True, params=[logps])
+    old, advantages = inputs["old_per_token_logps"], inputs["advantages"]
+    ratio = torch.exp(((logps.detach() - old) * mask).sum(-1) / mask.sum(-1).clamp(min=1))
+    per_row = -torch.min(ratio * advantages, ratio.clamp(0.8, 1.28) * advantages)
+    expected = (per_row * mask.sum(-1)).sum() / (mask.shape[0] * 2)  # accumulation steps 2
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("option", ["sapo", "vespo", "entropy_bonus", "low_delta",
+                                    "ratio_of_another_shape"])
+def test_grpo_options_not_covered_run_trls_code(fixed_logps, monkeypatch, option):
     """Options the drop-in does not cover give a reason and TRL's own numbers."""
     trainer, inputs, logps = fixed_logps
     _set(trainer, "dapo", "token", None)
-    saved = (trainer.off_policy_mask_threshold, trainer.top_entropy_quantile,
-             trainer._entropy_bonus_enabled, trainer.entropy_coef)
-    try:
-        if option == "sapo":
-            trainer.loss_type = "sapo"
-        elif option == "off_policy_mask":
-            trainer.off_policy_mask_threshold = 0.05
-        elif option == "entropy_mask":
-            trainer.top_entropy_quantile = 0.5
-        elif option == "entropy_bonus":
-            trainer.entropy_coef, trainer._entropy_bonus_enabled = 0.01, True
-        else:
-            trainer.args.delta = 1.1  # below 1 + epsilon_high: not the dual clip
-        assert ours.grpo_loss_fallback_reason(trainer, inputs) is not None
-        _assert_same(_run(trainer, inputs, True, [logps]), _run(trainer, inputs, False, [logps]),
-                     option)
-    finally:
-        (trainer.off_policy_mask_threshold, trainer.top_entropy_quantile,
-         trainer._entropy_bonus_enabled, trainer.entropy_coef) = saved
+    inputs = dict(inputs)
+    if option in ("sapo", "vespo"):
+        trainer.loss_type = option
+    elif option == "entropy_bonus":
+        monkeypatch.setattr(trainer, "entropy_coef", 0.01)
+        monkeypatch.setattr(trainer, "_entropy_bonus_enabled", True)
+    elif option == "ratio_of_another_shape":  # e.g. a subclass's (T,) ratio: TRL's broadcast
+        monkeypatch.setattr(trainer, "use_vllm", True)
+        monkeypatch.setattr(trainer, "vllm_importance_sampling_correction", True)
+        inputs["importance_sampling_ratio"] = _vllm_ratio(inputs, False)[0]
+    else:
+        trainer.args.delta = 1.1  # below 1 + epsilon_high: not the dual clip
+    assert ours.grpo_loss_fallback_reason(trainer, inputs) is not None
+    _assert_same(_run(trainer, inputs, True, [logps]), _run(trainer, inputs, False, [logps]),
+                 option)
 
 
 def test_patch_and_unpatch_restore_trl(grpo):

@@ -10,8 +10,9 @@ come from TRL's fused lm head, whose math (``_ChunkedLogProbFunction``) the drop
 ``ChunkedLogProbFunction`` computes with ``rlhf_kernels.linear_logprobs``, a PEFT LoRA adapter on
 lm_head included (TRL refuses that adapter; under the patch GRPOTrainer and RLOOTrainer accept it
 and train it). GRPOTrainer's ``_compute_loss`` becomes ``grpo_compute_loss``:
-``rlhf_kernels.ppo_policy_loss`` for loss_type grpo / bnpo / dr_grpo / dapo / cispo at
-importance_sampling_level token or sequence, TRL's own code for any other option. Values and
+``rlhf_kernels.ppo_policy_loss`` for loss_type grpo / bnpo / dr_grpo / dapo / luspo / cispo
+at importance_sampling_level token or sequence, with vLLM's importance-sampling correction and
+TRL's off-policy and high-entropy masks, TRL's own code for the other options. Values and
 gradients are TRL's up to fp32 rounding (the fused head is fp32 like TRL's; in bf16 autocast the
 matmuls run in bf16 as TRL's do).
 
@@ -403,7 +404,7 @@ def _accepting_adapter_on_lm_head(module_name: str, cls_name: str):
 # --------------------------------------------------------------------------------------------
 _GRPO = "trl.trainer.grpo_trainer"
 _RLOO = "trl.trainer.rloo_trainer"
-GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo")
 # The _compute_loss this drop-in mirrors is TRL 1.16's; another version keeps its own.
 _CHECKED_TRL_MINOR = "1.16"
 _MODEL_INPUTS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask",
@@ -413,22 +414,18 @@ _MODEL_INPUTS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attentio
 
 def grpo_loss_fallback_reason(trainer, inputs=None) -> str | None:
     """Why the drop-in hands this GRPOTrainer's loss to TRL's own ``_compute_loss`` (None: the
-    drop-in computes it). The drop-in covers loss_type grpo / bnpo / dr_grpo / dapo / cispo,
-    importance_sampling_level token / sequence, epsilon / epsilon_high, delta (for the clipped
-    losses, when delta >= 1 + epsilon_high and delta > 1: then TRL's two-sided clip equals the
-    dual clip), beta with TRL's k3 KL (with or without use_bias_correction_kl), tool masks and
-    the MoE auxiliary loss."""
+    drop-in computes it). The drop-in covers loss_type grpo / bnpo / dr_grpo / dapo / luspo /
+    cispo, importance_sampling_level token / sequence, epsilon / epsilon_high, delta (for the
+    clipped losses, when delta >= 1 + epsilon_high and delta > 1: then TRL's two-sided clip
+    equals the dual clip), beta with TRL's k3 KL (with or without use_bias_correction_kl), the
+    per-token weights TRL puts on the policy term (vLLM importance-sampling correction,
+    off_policy_mask_threshold, top_entropy_quantile < 1), tool masks and the MoE auxiliary
+    loss."""
     args = trainer.args
     if trainer.loss_type not in GRPO_LOSS_TYPES:
         return f"loss_type={trainer.loss_type!r} (covered: {GRPO_LOSS_TYPES})"
     if trainer.importance_sampling_level not in ("token", "sequence"):
         return f"importance_sampling_level={trainer.importance_sampling_level!r}"
-    if trainer.off_policy_mask_threshold is not None:
-        return "off_policy_mask_threshold (off-policy sequence masking)"
-    if trainer.top_entropy_quantile < 1.0:
-        return "top_entropy_quantile < 1 (the high-entropy token mask)"
-    if trainer.use_vllm and trainer.vllm_importance_sampling_correction:
-        return "vLLM importance-sampling correction"
     if getattr(trainer, "_entropy_bonus_enabled", False):
         return "the entropy bonus (entropy_coef / use_adaptive_entropy)"
     if not trainer.epsilon_low >= 0 or not trainer.epsilon_high >= 0:
@@ -443,7 +440,57 @@ def grpo_loss_fallback_reason(trainer, inputs=None) -> str | None:
         advantages, completion = inputs["advantages"], inputs["completion_ids"]
         if advantages.shape not in (completion.shape[:1], completion.shape):
             return f"advantages of shape {tuple(advantages.shape)}"
+        if _vllm_correction(trainer):
+            ratio = inputs.get("importance_sampling_ratio")
+            rows, length = completion.shape
+            if ratio is None or ratio.shape not in ((rows, length), (rows, 1)):
+                shape = None if ratio is None else tuple(ratio.shape)
+                return f"importance_sampling_ratio of shape {shape}"
     return None
+
+
+def _vllm_correction(trainer) -> bool:
+    return bool(trainer.use_vllm and trainer.vllm_importance_sampling_correction)
+
+
+def _policy_weights(trainer, inputs, mask, advantages, logps, old, entropies):
+    """The product of the non-negative, gradient-free per-token factors TRL 1.16 multiplies its
+    policy term by (not the KL term), (B, T) or (B, 1), or None when there is none: the
+    off-policy sequence mask (DeepSeek-V3.2), the high-entropy token mask and vLLM's
+    importance-sampling ratio, each computed by the trainer's own methods and inputs."""
+    factors = []
+    if trainer.off_policy_mask_threshold is not None:
+        sampling = inputs.get("sampling_per_token_logps", old)
+        per_row_advantages = advantages if advantages.dim() > 1 else advantages.unsqueeze(1)
+        factors.append(trainer.get_off_policy_mask(
+            advantages=per_row_advantages, per_token_logps=logps,
+            sampling_per_token_logps=sampling, mask=mask,
+            off_policy_threshold=trainer.off_policy_mask_threshold))
+    if trainer.top_entropy_quantile < 1.0:
+        factors.append(trainer.get_high_entropy_mask(entropies, mask,
+                                                     1 - trainer.top_entropy_quantile))
+    if _vllm_correction(trainer):
+        factors.append(inputs["importance_sampling_ratio"])
+    if not factors:
+        return None
+    weights = factors[0].to(torch.float32)
+    for factor in factors[1:]:
+        weights = weights * factor.to(torch.float32)
+    return weights.detach()
+
+
+def _weighted_advantages(advantages: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """A x w for a weight w >= 0 on each token's policy term: every loss the op computes is
+    positively homogeneous in A (w min(r A, c A) = min(r wA, c wA), w (-c A logp) = -c (wA) logp,
+    the dual clip's bound -A c likewise), so the op's loss and gradient with A x w are the
+    w-weighted ones, exactly. (B,) advantages stay (B,) under a (B, 1) weight."""
+    if weights is None:
+        return advantages
+    if advantages.dim() == 1:
+        if weights.shape[-1] == 1:
+            return advantages * weights.squeeze(-1).to(advantages.dtype)
+        advantages = advantages.unsqueeze(1)
+    return advantages * weights.to(advantages.dtype)
 
 
 def _grpo_reduction(trainer, inputs, mask: torch.Tensor, mode: str):
@@ -453,6 +500,8 @@ def _grpo_reduction(trainer, inputs, mask: torch.Tensor, mode: str):
     rows = mask.shape[0]
     if trainer.loss_type == "grpo":  # mean over rows of each row's token mean
         return "seq-mean-token-mean", float(rows * accumulation)
+    if trainer.loss_type == "luspo":  # mean over rows of each row's token sum
+        return "seq-mean-token-sum", float(rows * accumulation)
     if trainer.loss_type == "bnpo":  # token mean over the micro-batch
         return "token-sum", mask.sum().clamp(min=1.0) * accumulation
     if trainer.loss_type == "dr_grpo":  # a constant: rows x max_completion_length
@@ -495,16 +544,20 @@ def grpo_compute_loss(self, model, inputs):
     and leaves A > 0 tokens unchanged); cispo -> loss_type "cispo", clip_low = 1 (no lower
     bound), clip_high = epsilon_high - 1 (TRL's clamp(ratio, max=epsilon_high), detached);
     importance_sampling_level -> ratio_level; no log-ratio clamp (TRL has none);
-    normalisers: grpo -> "seq-mean-token-mean" over the rows, bnpo -> the micro-batch's token
+    normalisers: grpo -> "seq-mean-token-mean" over the rows, luspo -> "seq-mean-token-sum"
+    over the rows, bnpo -> the micro-batch's token
     count, dr_grpo -> rows x max_completion_length, dapo / cispo -> num_items_in_batch /
     num_processes (x accumulation / steps_per_generation in training), each times the
     gradient-accumulation steps as TRL divides; beta -> kl_coef with the k3 estimator, or, with
     use_bias_correction_kl (TRL's default), the KL term weighted by the importance ratio in
-    torch (the op has no ratio-weighted KL) with the same reduction.
+    torch (the op has no ratio-weighted KL) with the same reduction. The per-token weights TRL
+    puts on the policy term alone (vLLM's importance-sampling ratio, the off-policy sequence
+    mask, the high-entropy token mask; all >= 0 and gradient-free) scale the advantages given to
+    the op, which is exact (see ``_weighted_advantages``); the KL term is not weighted, as in
+    TRL, and the clip metrics see the unweighted advantages, as TRL's.
 
-    Anything else (see ``grpo_loss_fallback_reason``: other loss types, off-policy masking, the
-    high-entropy mask, vLLM importance-sampling correction, the entropy bonus) runs TRL's own
-    ``_compute_loss`` for that call.
+    Anything else (see ``grpo_loss_fallback_reason``: other loss types, the entropy bonus)
+    runs TRL's own ``_compute_loss`` for that call.
     """
     if grpo_loss_fallback_reason(self, inputs) is not None:
         return original(_GRPO, "GRPOTrainer._compute_loss")(self, model, inputs)
@@ -532,9 +585,11 @@ def grpo_compute_loss(self, model, inputs):
                     dual_clip=self.args.delta)
     kl_in_op = self.beta != 0.0 and not self.args.use_bias_correction_kl
     ref = inputs["ref_per_token_logps"] if self.beta != 0.0 else None
+    weights = _policy_weights(self, inputs, mask, advantages, per_token_logps, old, entropies)
     loss, _ = ppo_policy_loss(
-        per_token_logps, old, advantages, mask, log_ratio_clamp=None, reduction=reduction,
-        ratio_level=level, loss_type="cispo" if cispo else "ppo", normalizer=normalizer,
+        per_token_logps, old, _weighted_advantages(advantages, weights), mask,
+        log_ratio_clamp=None, reduction=reduction, ratio_level=level,
+        loss_type="cispo" if cispo else "ppo", normalizer=normalizer,
         ref_logp=ref if kl_in_op else None, kl_coef=self.beta if kl_in_op else 0.0,
         kl_estimator="k3", **clip)
 
