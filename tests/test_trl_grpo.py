@@ -568,9 +568,15 @@ def test_rloo_trainer_with_lora_on_lm_head():
 # --------------------------------------------------------------------------------------------
 # one full training step
 # --------------------------------------------------------------------------------------------
-def test_grpo_trainer_step_patched_and_unpatched():
+@pytest.mark.parametrize("settings", [
+    dict(beta=0.05, loss_type="grpo"),
+    dict(beta=0.05, loss_type="luspo", importance_sampling_level="sequence",
+         top_entropy_quantile=0.5, off_policy_mask_threshold=0.0),
+], ids=["grpo", "luspo-masks"])
+def test_grpo_trainer_step_patched_and_unpatched(settings):
     """One trainer.train() step (generation, reward, GRPO loss with beta, SGD update) from the
-    same seed and weights: the same logged loss and the same updated weights."""
+    same seed and weights: the same logged loss and the same updated weights; the drop-in's
+    loss ran (no fallback), the high-entropy and off-policy masks included."""
     directory = tempfile.mkdtemp(prefix="trl_grpo_model_")
     _model().save_pretrained(directory)  # the reference model (beta != 0) is built from a path
     from transformers import AutoModelForCausalLM
@@ -580,10 +586,11 @@ def test_grpo_trainer_step_patched_and_unpatched():
         before = copy.deepcopy(model.state_dict())
         if patched:
             with ours.patch_trl():
-                trainer = _trainer(model, beta=0.05, loss_type="grpo")
+                trainer = _trainer(model, **settings)
+                assert ours.grpo_loss_fallback_reason(trainer) is None
                 trainer.train()
         else:
-            trainer = _trainer(model, beta=0.05, loss_type="grpo")
+            trainer = _trainer(model, **settings)
             trainer.train()
         logs = trainer.state.log_history[0]
         return logs, {k: v - before[k] for k, v in trainer.model.state_dict().items()}
