@@ -996,6 +996,10 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
     metrics: dict = dict(resumed.get("last_metrics", {}))
     n_prompts = cfg.rollout_batch_size // s.group_size
     warned_filled = False  # dynamic sampling's warning, once per run
+    # True from the iteration's first optimizer step until it is counted and logged: the
+    # weights, optimizer and scheduler are then part-way through an iteration, which a
+    # checkpoint (labelled with whole iterations) cannot hold
+    mid_update = False
 
     def save(at: int) -> None:
         _save(ckpt_root / f"step-{at:07d}", backbone, optimizer, scheduler, at,
@@ -1120,6 +1124,7 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
                             critic_params, cfg.grad_clip))
                     finite = all(math.isfinite(x) for x in p_losses + v_losses
                                  + list(norms.values()))
+                    mid_update = True
                     if not finite:
                         optimizer.zero_grad(set_to_none=True)
                         if cfg.nonfinite == "error" or skipped >= cfg.max_skipped_steps:
@@ -1187,6 +1192,7 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
             kl_controller.update(mean_kl, cfg.rollout_batch_size)
             iteration += 1
             logger.log(metrics, step=iteration)
+            mid_update = False
             progress.update(1)
             progress.set_postfix(reward=f"{metrics['proxy_reward']:.2f}", kl=f"{mean_kl:.2f}",
                                  gold=f"{metrics.get('gold_reward', float('nan')):.2f}")
@@ -1196,9 +1202,19 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
                     and iteration < cfg.num_iterations:
                 save(iteration)
     except KeyboardInterrupt:
-        save(iteration)
-        print(f"\n[{name}] interrupted at iteration {iteration}; checkpoint saved, continue "
-              "with resume=True")
+        if mid_update:
+            # saving now would label weights already stepped in iteration `iteration + 1` as
+            # iteration `iteration`: a resume would redo that iteration on top of its own steps
+            from rlhf.checkpoint import latest_checkpoint
+
+            newest = latest_checkpoint(ckpt_root)
+            print(f"\n[{name}] interrupted during the update of iteration {iteration + 1}, "
+                  f"which a checkpoint cannot hold half-done: none written; resume=True "
+                  f"continues from {newest or 'the start (no checkpoint yet)'}")
+        else:
+            save(iteration)
+            print(f"\n[{name}] interrupted at iteration {iteration}; checkpoint saved, "
+                  "continue with resume=True")
         raise
     finally:
         progress.close()
