@@ -515,6 +515,9 @@ def _(hidden, weight, labels, bias, lora_a, lora_b, old_logp, advantages, weight
 
 def _linear_setup_context(ctx, inputs, output):
     ctx.needs = inputs[22:27]
+    # logp / entropy are statistics and the gradients are the backward's state: no gradient
+    # flows through them (one that did would be dropped by the backward below)
+    ctx.mark_non_differentiable(*output[1:])
     ctx.save_for_backward(*output[3:])
 
 
@@ -525,13 +528,21 @@ _LINEAR_OTHER_INPUTS = 25
 _LOGITS_OTHER_INPUTS = 18
 
 
-def _linear_backward(ctx, grad_loss, *_unused):
-    # The gradients were computed in the forward sweep for a unit upstream gradient; scale them
-    # in place (the version bump makes a second backward through this graph fail loudly).
+def _scale(grad: torch.Tensor, grad_loss: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """A gradient made in the forward sweep for a unit upstream gradient, times the upstream
+    one. In place on the eager path (no second logits-sized buffer; the version bump makes a
+    second backward through the graph fail loudly). Out of place for the custom op: there the
+    saved gradient is also one of the op's outputs, which its backward must not change (AOT
+    autograd cannot partition a backward that mutates a forward output; under torch.compile the
+    in-place product was a product plus a copy anyway)."""
+    return grad.mul_(grad_loss) if in_place else grad * grad_loss
+
+
+def _linear_backward(ctx, grad_loss, *_unused, in_place=False):
     grads = ctx.saved_tensors
     out = []
     for g, needed in zip(grads, ctx.needs):
-        out.append(g.mul_(grad_loss) if needed else None)
+        out.append(_scale(g, grad_loss, in_place) if needed else None)
     d_hidden, d_weight, d_bias, d_a, d_b = out
     return (d_hidden, d_weight, None, d_bias, d_a, d_b) + (None,) * _LINEAR_OTHER_INPUTS
 
@@ -582,12 +593,14 @@ def _(logits3d, labels, old_logp, advantages, weights, ref_logp, kl_coef, kl_est
 
 def _logits_setup_context(ctx, inputs, output):
     ctx.need_grad = inputs[15]
+    ctx.mark_non_differentiable(*output[1:])  # as in _linear_setup_context
     ctx.save_for_backward(output[3])
 
 
-def _logits_backward(ctx, grad_loss, *_unused):
+def _logits_backward(ctx, grad_loss, *_unused, in_place=False):
     (d_logits,) = ctx.saved_tensors
-    return (d_logits.mul_(grad_loss) if ctx.need_grad else None,) + (None,) * _LOGITS_OTHER_INPUTS
+    d_logits = _scale(d_logits, grad_loss, in_place) if ctx.need_grad else None
+    return (d_logits,) + (None,) * _LOGITS_OTHER_INPUTS
 
 
 _logits_ppo_op.register_autograd(_logits_backward, setup_context=_logits_setup_context)
@@ -624,7 +637,7 @@ class _LinearPPOFunction(torch.autograd.Function):
     @staticmethod
     @no_double_backward("linear_ppo_loss")
     def backward(ctx, grad_loss, *_unused):
-        return _linear_backward(ctx, grad_loss)
+        return _linear_backward(ctx, grad_loss, in_place=True)
 
 
 class _LogitsPPOFunction(torch.autograd.Function):
@@ -640,7 +653,7 @@ class _LogitsPPOFunction(torch.autograd.Function):
     @staticmethod
     @no_double_backward("ppo_loss_from_logits")
     def backward(ctx, grad_loss, *_unused):
-        return _logits_backward(ctx, grad_loss)
+        return _logits_backward(ctx, grad_loss, in_place=True)
 
 
 # --------------------------------------------------------------------------------------------
