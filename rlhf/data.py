@@ -210,25 +210,108 @@ def sft_format(columns: Iterable[str], source: str = "") -> str:
 
 
 def load_sft_dataset(source: str | Path, split: str = "train", **load_kwargs: Any):
-    """SFT rows (a `datasets.Dataset`): prompt/completion, messages, or text columns."""
+    """SFT rows (a `datasets.Dataset`): prompt/completion, messages, or text columns. Every
+    row's values are checked (`_check_rows`)."""
     dataset = load_records(source, split, **load_kwargs)
-    sft_format(dataset.column_names, repr(str(source)))
+    fmt = sft_format(dataset.column_names, repr(str(source)))
+    columns = {"prompt_completion": ("prompt", "completion"), "messages": ("messages",),
+               "text": ("text",)}[fmt]
+    _check_rows(dataset, source, columns, chat=fmt != "text", load_kwargs=load_kwargs)
     return dataset
 
 
 def load_preference_dataset(source: str | Path, split: str = "train", **load_kwargs: Any):
-    """Preference rows (a `datasets.Dataset`) with prompt/chosen/rejected (prompt optional)."""
+    """Preference rows (a `datasets.Dataset`) with prompt/chosen/rejected (prompt optional: a
+    null prompt is no prompt). Every row's values are checked (`_check_rows`)."""
     dataset = load_records(source, split, **load_kwargs)
     _require_columns(dataset.column_names, repr(str(source)), PREFERENCE_FORMATS,
                      ("chosen", "rejected"))
+    _check_rows(dataset, source, ("chosen", "rejected"), chat=True, load_kwargs=load_kwargs,
+                optional=("prompt",) if "prompt" in dataset.column_names else ())
     return dataset
 
 
 def load_prompt_dataset(source: str | Path, split: str = "train", **load_kwargs: Any):
-    """PPO prompt rows (a `datasets.Dataset`) with a prompt column."""
+    """PPO prompt rows (a `datasets.Dataset`) with a prompt column. Every row's value is
+    checked (`_check_rows`)."""
     dataset = load_records(source, split, **load_kwargs)
     _require_columns(dataset.column_names, repr(str(source)), PROMPT_FORMATS, ("prompt",))
+    _check_rows(dataset, source, ("prompt",), chat=True, load_kwargs=load_kwargs)
     return dataset
+
+
+def _value_problem(value: Any, column: str, chat: bool) -> str | None:
+    """What is wrong with one row's ``column`` value, or None: a string, or (``chat``) a
+    non-empty list of {'role', 'content'} messages with string roles and contents."""
+    expected = ("a string or a list of {'role', 'content'} messages" if chat else "a string")
+    if value is None:
+        return f"column {column!r} is missing or null; expected {expected}"
+    if isinstance(value, str):
+        return None
+    if chat and isinstance(value, (list, tuple)):
+        if not value:
+            return f"column {column!r} is an empty list of messages"
+        for number, message in enumerate(value, 1):
+            if not (isinstance(message, Mapping) and isinstance(message.get("role"), str)
+                    and message.get("content") is not None):
+                return (f"column {column!r}, message {number} is {message!r:.80}; each message "
+                        f"needs a 'role' string and a 'content'")
+        return None
+    return f"column {column!r} is {type(value).__name__} {value!r:.60}; expected {expected}"
+
+
+def _check_rows(dataset, source: str | Path, columns: Sequence[str], *, chat: bool,
+                load_kwargs: Mapping[str, Any], optional: Sequence[str] = ()) -> None:
+    """Every row's ``columns`` (and ``optional`` columns where not null) hold text the
+    tokenisation takes, and a `messages` chat has an assistant turn: else one ValueError
+    naming the file and its line (`_row_location`). Run when the data loads, so that a bad
+    row stops the run before the model loads rather than after."""
+    for column in (*columns, *optional):
+        for index, value in enumerate(dataset[column]):
+            if value is None and column in optional:
+                continue
+            problem = _value_problem(value, column, chat)
+            if problem is None and column == "messages" and not any(
+                    message["role"] == "assistant" for message in value):
+                problem = "column 'messages' has no assistant turn to train on"
+            if problem is not None:
+                raise ValueError(f"dataset {_row_location(source, index, load_kwargs)}: "
+                                 f"{problem}; fix or remove that row")
+
+
+def _row_location(source: str | Path, index: int, load_kwargs: Mapping[str, Any]) -> str:
+    """Where row ``index`` (0-based, in the loaded order) of a dataset sits: "'file' line 7"
+    for JSON lines (blank lines skipped, as the loader does), "'file' row 3" for a JSON list
+    or Parquet, "'name' row 3" for a hub dataset (rows counted from 1)."""
+    import json
+
+    path = Path(source).expanduser()
+    if load_kwargs or not path.exists():
+        return f"{str(source)!r} row {index + 1}"
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in LOCAL_FORMATS) \
+        if path.is_dir() else [path]
+    for file in files:
+        if LOCAL_FORMATS.get(file.suffix.lower()) == "parquet":
+            import pyarrow.parquet
+
+            rows = pyarrow.parquet.ParquetFile(file).metadata.num_rows
+            if index < rows:
+                return f"{str(file)!r} row {index + 1}"
+            index -= rows
+            continue
+        text = file.read_text(encoding="utf-8-sig")
+        with contextlib.suppress(json.JSONDecodeError):
+            document = json.loads(text)
+            if isinstance(document, list):
+                if index < len(document):
+                    return f"{str(file)!r} row {index + 1}"
+                index -= len(document)
+                continue
+        lines = [number for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+        if index < len(lines):
+            return f"{str(file)!r} line {lines[index]}"
+        index -= len(lines)
+    return f"{str(source)!r} row {index + 1}"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -69,3 +69,74 @@ def test_ctrl_c_during_an_rl_update_resumes_to_the_uninterrupted_numbers(
     for a, b in zip(want, got):
         for key in ("proxy_reward", "kl", "kl_coef", "policy/loss", "response_length"):
             assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), (key, a, b)
+
+
+# --------------------------------------------------------------------------------------------
+# data: a bad row is said before the model loads, naming the file and its line
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("loader, text, where, message", [
+    # a row without a field (datasets fills null), after a BOM and blank lines
+    ("sft", '\ufeff{"prompt": "a", "completion": "b"}\n\n  \n{"prompt": "c"}\n',
+     "line 4", "column 'completion' is missing or null"),
+    ("sft", '{"prompt": "a", "completion": "b"}\n{"prompt": 5, "completion": "x"}\n',
+     "line 2", "column 'prompt' is int 5"),
+    ("sft", '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", '
+     '"content": "yo"}]}\n{"messages": [{"role": "user", "content": "hi"}]}\n',
+     "line 2", "column 'messages' has no assistant turn"),
+    ("pairs", '{"prompt": null, "chosen": "b", "rejected": "c"}\n\n'
+     '{"prompt": "a", "chosen": "b", "rejected": null}\n', "line 3",
+     "column 'rejected' is missing or null"),
+    ("prompts", '{"prompt": "a"}\n{"prompt": [{"role": "user", "content": "x"}]}\n'
+     '{"prompt": [{"role": "user"}]}\n', "line 3", "column 'prompt', message 1 is"),
+    ("sft_list", '[{"prompt": "a", "completion": "b"},\n {"prompt": "c", "completion": null}]',
+     "row 2", "column 'completion' is missing or null"),
+])
+def test_a_bad_row_is_one_error_naming_the_file_and_line(tmp_path, loader, text, where,
+                                                         message):
+    """Before: a null or wrong-typed value passed loading and stopped the run after the model
+    had loaded, as "row 1: ..." (0-based, no file; "row 1" is the file's line 2, or line 4
+    after blank lines). Now loading refuses it, naming the file and the line as an editor
+    counts it (a JSON list: the row, from 1)."""
+    from rlhf import data
+
+    path = tmp_path / ("rows.json" if loader == "sft_list" else "rows.jsonl")
+    path.write_text(text, encoding="utf-8")
+    load = {"sft": data.load_sft_dataset, "sft_list": data.load_sft_dataset,
+            "pairs": data.load_preference_dataset, "prompts": data.load_prompt_dataset}[loader]
+    with pytest.raises(ValueError) as caught:
+        load(str(path))
+    assert str(caught.value).startswith(f"dataset {str(path)!r} {where}: {message}")
+    assert "\n" not in str(caught.value)
+
+
+def test_good_odd_rows_still_load(tmp_path):
+    """A BOM, blank lines, unicode, extra columns and a null preference prompt (no prompt)
+    are accepted as before."""
+    from rlhf import data
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('\ufeff{"prompt": "caf\\u00e9 \U0001f600", "chosen": "b", "rejected": "c", '
+                    '"extra": 1}\n\n{"prompt": null, "chosen": "b", "rejected": "c"}\n',
+                    encoding="utf-8")
+    rows = data.load_preference_dataset(str(path))
+    assert len(rows) == 2 and rows[0]["prompt"] == "café 😀" and rows[1]["prompt"] is None
+
+
+def test_the_cli_says_a_bad_row_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    from rlhf import cli, models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(models, "load_causal_lm", no_model)
+    from tests._tiny_models import review_tokenizer
+
+    review_tokenizer(task.make_corpus(32, seed=0)).save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "llama"}')
+    rows = tmp_path / "sft.jsonl"
+    rows.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n')
+    code = cli.main(["sft", f"model={tmp_path / 'model'}", f"dataset={rows}",
+                     f"output_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"error: dataset {str(rows)!r} line 2: column 'completion' is missing" in err
