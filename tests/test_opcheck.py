@@ -136,6 +136,17 @@ CASES = {
         x["logp"], x["ref_logp"], "k3", clamp=1.0), ("logp", "ref_logp")),
     "kl_penalty(k2, log-ratio clamp)": (lambda x: rk.kl_penalty(
         x["logp"], x["ref_logp"], "k2", log_ratio_clamp=5.0), ("logp",)),
+    "kl_penalty(transposed, expanded)": (lambda x: rk.kl_penalty(
+        x["logp"].t(), x["ref_logp"][:1].expand(B, T).t(), "k1"), ("logp", "ref_logp")),
+    "ppo_policy_loss(transposed)": (lambda x: rk.ppo_policy_loss(
+        x["logp"].t(), x["old_logp"].t(), x["advantages"].t(), x["mask"].t()), ("logp",)),
+    "ppo_value_loss(transposed)": (lambda x: rk.ppo_value_loss(
+        x["values"].t(), x["old_values"].t(), x["returns"].t()), ("values",)),
+    "gae(transposed)": (lambda x: rk.gae(x["advantages"].t(), x["values"].t(), None), ()),
+    "masked_whiten(transposed)": (lambda x: rk.masked_whiten(x["advantages"].t(),
+                                                             x["mask"].t()), ()),
+    "shape_rewards(transposed)": (lambda x: rk.shape_rewards(
+        x["scores"], x["logp"].t().t(), x["ref_logp"], x["mask"], 0.1), ()),
     "gae": (lambda x: rk.gae(x["advantages"], x["values"], x["mask"], 0.9, 0.8), ()),
     "masked_whiten": (lambda x: rk.masked_whiten(x["advantages"], x["mask"]), ()),
     "masked_whiten(no mask, keep mean)": (lambda x: rk.masked_whiten(
@@ -168,16 +179,17 @@ def _params():
 # Recording the custom-op calls of a public call
 # --------------------------------------------------------------------------------------------
 def _copy(t):
-    """A copy of ``t`` with the same shape, strides, dtype and requires_grad (a sliced view
-    stays a strided view of a fresh buffer)."""
+    """A copy of ``t`` with the same shape, strides, dtype and requires_grad (a sliced or
+    expanded view stays a strided view of a fresh buffer holding the memory it spans)."""
     if not isinstance(t, torch.Tensor):
         return t
-    extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) if t.numel() else 0
     with torch.no_grad():
-        buffer = t.new_empty(max(extent, 1))
-        out = buffer.as_strided(t.shape, t.stride())
-        out.copy_(t)
-    out = out.detach()
+        if t.numel() == 0:
+            out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+        else:
+            extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+            span = t.detach().as_strided((extent,), (1,), t.storage_offset())
+            out = span.clone().as_strided(t.shape, t.stride())
     if t.requires_grad:
         out.requires_grad_(True)
     return out
@@ -193,7 +205,7 @@ class _RecordCalls(TorchDispatchMode):
     The calls made while ``backward`` is set (the backward ops) are recorded without
     requires_grad: they run under a plain backward, where grad mode is off, and they have no
     autograd formula by design (a gradient is not differentiated again: create_graph raises,
-    tests/test_kernel_edge_cases.py), so opcheck's gradient check has nothing to compare.
+    tests/test_eager_fast_path.py), so opcheck's gradient check has nothing to compare.
     """
 
     def __init__(self):
