@@ -78,6 +78,11 @@ import torch
 from rlhf_kernels._checks import REDUCTIONS
 from rlhf_kernels.integrations import Patch, apply_patch, dropin, original
 from rlhf_kernels.integrations._contract import bind_keep_fp32, finish, installed, promoted
+from rlhf_kernels.integrations.verl_fused_linear import TARGET_MODULE as FUSED_LINEAR_MODULE
+from rlhf_kernels.integrations.verl_fused_linear import (
+    FusedLinearForPPOFunction,
+    FusedLinearForPPOFunctionFP32,
+)
 from rlhf_kernels.ops.advantages import group_advantages
 from rlhf_kernels.ops.gae import gae
 from rlhf_kernels.ops.kl import kl_penalty as kl_estimate
@@ -101,6 +106,7 @@ __all__ = [
     "compute_rloo_outcome_advantage",
     "compute_rloo_vectorized_outcome_advantage",
     "compute_value_loss",
+    "FusedLinearForPPOFunction",
     "entropy_from_logits",
     "entropy_from_logits_with_chunking",
     "kl_penalty",
@@ -845,9 +851,12 @@ def patch_verl(keep_fp32: bool = False) -> Patch:
         (_TORCH_F, entropy_from_logits),
         (_TORCH_F, entropy_from_logits_with_chunking),
     ]
+    # the actor's fused lm head (use_fused_kernels, torch backend): rlhf_kernels.linear_logprobs
+    fused_head = FusedLinearForPPOFunctionFP32 if keep_fp32 else FusedLinearForPPOFunction
     return apply_patch(
         "veRL",
         "verl",
         [(module, fn.__name__, bind_keep_fp32(fn) if keep_fp32 else fn)
-         for module, fn in targets],
+         for module, fn in targets]
+        + [(FUSED_LINEAR_MODULE, "FusedLinearForPPOFunction", fused_head)],
     )
