@@ -291,7 +291,9 @@ def plan(config="qwen2.5-1.5b", *, batch: int = 16, prompt_length: int = 128,
             raise ValueError(f"{name} must be >= 1 (rows), or None for the whole batch; got "
                              f"{value}")
     _check_choices(quantization, optimizer, quantize_lm_head)
-    minibatch = minibatch or batch
+    # a minibatch is a share of the rollout batch (the RL stage refuses a rollout batch that is
+    # not a multiple of it; the CLI says so): never more rows than the batch has
+    minibatch = min(minibatch or batch, batch)
     forward_chunk = min(forward_chunk or batch, batch)
     if not (isinstance(gpus, int) and gpus >= 1) or strategy not in ("ddp", "fsdp2"):
         raise ValueError(f"gpus must be an integer >= 1 and strategy ddp or fsdp2, got "
@@ -399,6 +401,10 @@ def _check_choices(quantization: str, optimizer: str, quantize_lm_head: bool) ->
     if quantize_lm_head and quantization == "int8":
         raise ValueError("quantize_lm_head with int8 is refused by the trainer (rlhf/quant.py: "
                          "LLM.int8 quantizes the head's inputs too); plan nf4 or fp4")
+    if quantize_lm_head and quantization == "none":
+        raise ValueError("quantize_lm_head quantizes the lm_head of a quantized base, and "
+                         "quantization='none' plans a dense one; add --quantization nf4 (or "
+                         "fp4), or leave --quantize-lm-head out")
 
 
 def _lora_tensors(d: ModelDims, rank: int) -> list[int]:
@@ -672,6 +678,8 @@ def fit(config, card_gib: float, *, batch: int = 16, prompt_length: int = 128,
             return _stage_peak(stage, config, b, p, r, **kw)
 
         best_batch = _largest(lambda b: peak(b) <= budget, limit)
+        if stage == "rl" and kwargs.get("minibatch"):  # a rollout batch the RL stage takes
+            best_batch -= best_batch % kwargs["minibatch"]
         if stage == "rl":
             best_length = _largest(lambda r: peak(batch, r=r) <= budget,
                                    max(1, context - prompt_length))
@@ -861,6 +869,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write-readme", action="store_true",
                         help="re-render the README's card table (repository checkout) and exit")
     args = parser.parse_args(argv)
+    if args.minibatch is not None and args.minibatch >= 1 and args.batch % args.minibatch:
+        # the RL stage refuses it (rollout_batch_size must be a multiple of minibatch_size)
+        parser.exit(2, f"{parser.prog}: error: --batch {args.batch} (the rollout batch) must be "
+                       f"a multiple of --minibatch {args.minibatch}, as the RL stage requires "
+                       f"of rollout_batch_size and minibatch_size\n")
+    if args.strategy == "fsdp2" and args.gpus == 1:
+        parser.exit(2, f"{parser.prog}: error: --strategy fsdp2 shards the base over several "
+                       f"GPUs and --gpus is 1, where it changes nothing; add --gpus N (N >= 2) "
+                       f"or leave --strategy out\n")
     if args.write_readme:
         readme = Path(__file__).resolve().parents[1] / "README.md"
         write_readme(readme)

@@ -140,3 +140,48 @@ def test_the_cli_says_a_bad_row_before_loading_the_model(tmp_path, capsys, monke
     err = capsys.readouterr().err
     assert code == 2
     assert f"error: dataset {str(rows)!r} line 2: column 'completion' is missing" in err
+
+
+# --------------------------------------------------------------------------------------------
+# rlhf plan: settings the run could not use are refused, not planned as something else
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, message", [
+    # the RL stage refuses a rollout batch that is not a multiple of the minibatch; plan
+    # planned an update of 8 rows from a rollout of 4
+    (["--batch", "4", "--minibatch", "8"], "--batch 4 (the rollout batch) must be a multiple "
+                                           "of --minibatch 8"),
+    (["--batch", "6", "--minibatch", "4"], "--batch 6 (the rollout batch) must be a multiple"),
+    # no quantized base: the flag was dropped without a word (the same figures as without it)
+    (["--quantize-lm-head"], "quantization='none' plans a dense one; add --quantization nf4"),
+    # one GPU: fsdp2 shards nothing, the figures were ddp's
+    (["--strategy", "fsdp2"], "--strategy fsdp2 shards the base over several GPUs and --gpus "
+                              "is 1"),
+])
+def test_plan_refuses_what_it_would_ignore(capsys, argv, message):
+    from rlhf import plan
+
+    with pytest.raises(SystemExit) as caught:
+        plan.main(["qwen2.5-0.5b", *argv])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_plan_never_plans_a_minibatch_larger_than_the_batch():
+    """The card search tries batches below a given minibatch: those update on the batch's
+    rows, as the stage would (it cannot take more), and the largest batch reported is one the
+    RL stage accepts (a multiple of the minibatch)."""
+    from rlhf import plan
+
+    small = plan.plan("qwen2.5-0.5b", batch=2, minibatch=8)
+    assert small == plan.plan("qwen2.5-0.5b", batch=2, minibatch=2) | {
+        "inputs": small["inputs"]}
+    assert small["inputs"]["minibatch"] == 2
+    best = plan.fit("qwen2.5-0.5b", 24, batch=8, minibatch=3)["rl"]["batch"]
+    assert best > 0 and best % 3 == 0
+
+    def peak(batch):
+        return plan.plan("qwen2.5-0.5b", batch=batch, minibatch=3)["peak_bytes"]
+
+    budget = (24 - plan.DEFAULT_RESERVE_GIB) * plan.GIB
+    assert peak(best) <= budget < peak(best + 3)
