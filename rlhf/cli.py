@@ -244,6 +244,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"run.json), so a new run starts there", file=sys.stderr)
         # under torchrun (WORLD_SIZE > 1): join the process group (rlhf/distributed.py)
         distributed.init_from_env(getattr(cfg, "device", "auto"))
+        if strategies and not distributed.is_distributed():
+            # the strategy picks how several processes share the model; one has nothing to pick
+            print(f"rlhf {ns.command}: strategy={strategies[-1]} applies to a run of several "
+                  f"processes (--nproc N or torchrun); this run is one process, where it changes "
+                  f"nothing", file=sys.stderr)
         try:
             summary = entry_point(cfg)
         finally:

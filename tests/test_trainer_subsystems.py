@@ -185,3 +185,24 @@ def test_plan_never_plans_a_minibatch_larger_than_the_batch():
 
     budget = (24 - plan.DEFAULT_RESERVE_GIB) * plan.GIB
     assert peak(best) <= budget < peak(best + 3)
+
+
+# --------------------------------------------------------------------------------------------
+# distributed: a strategy in a one-process run
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
+def test_a_strategy_in_a_one_process_run_is_said_to_change_nothing(capsys, monkeypatch,
+                                                                  tmp_path, strategy):
+    """strategy= picks how several processes share the model; in one process (no --nproc, no
+    torchrun) the stages ignore it, which was not said (`rlhf rm strategy=fsdp2` on one GPU
+    looked like a sharded run)."""
+    from rlhf import cli, reward
+
+    monkeypatch.setattr(reward, "train", lambda cfg: {"stage": "reward"})
+    code = cli.main(["rm", f"strategy={strategy}", f"output_dir={tmp_path / 'rm'}"])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert (f"rlhf rm: strategy={strategy} applies to a run of several processes (--nproc N "
+            f"or torchrun); this run is one process, where it changes nothing") in err
+    code = cli.main(["rm", f"output_dir={tmp_path / 'rm'}"])
+    assert code == 0 and "strategy" not in capsys.readouterr().err
