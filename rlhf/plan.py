@@ -193,12 +193,32 @@ def _load_config(config) -> dict:
         return config.to_dict()
     if isinstance(config, str) and config in PRESETS:
         return PRESETS[config]
-    path = Path(config)
+    from rlhf import named_models
+
+    path = Path(config).expanduser()
+    if not path.exists() and named_models.is_named(str(config)):  # what model= takes too
+        path = named_models.model_dir(str(config))
+    if path.is_dir() and (path / "roles.json").is_file() and not (path / "config.json").is_file():
+        # a saved SharedBackbone (runs/rm/backbone, what `rlhf ppo model=` takes): its base's
+        # config is recorded in roles.json
+        base = json.loads((path / "roles.json").read_text()).get("base_config")
+        if isinstance(base, dict):
+            return base
     if path.is_dir():
         path = path / "config.json"
+    if not path.is_file() and isinstance(config, str) and "/" in config \
+            and not Path(config).expanduser().exists():
+        # a hub name (org/name) whose files are in the local Hugging Face cache: no network
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(config, "config.json")
+        if isinstance(cached, str):
+            path = Path(cached)
     if not path.is_file():
-        raise ValueError(f"{config!r} is neither a preset ({sorted(PRESETS)}) nor a config.json "
-                         "file or a directory holding one")
+        raise ValueError(f"{config!r} is neither a preset ({sorted(PRESETS)}), a named model "
+                         f"({sorted(named_models.NAMED_MODELS)}), a model directory (its "
+                         f"config.json, or a saved backbone's roles.json), a config.json file, "
+                         f"nor a hub name in the local Hugging Face cache")
     return json.loads(path.read_text())
 
 
@@ -835,7 +855,9 @@ def main(argv: list[str] | None = None) -> int:
     """``rlhf plan [MODEL] [--batch ...]``: print the plan; MODEL is a preset or a config.json."""
     parser = argparse.ArgumentParser(prog="rlhf plan", description=__doc__.split("\n")[0])
     parser.add_argument("model", nargs="?", default="qwen2.5-1.5b",
-                        help=f"preset ({', '.join(sorted(PRESETS))}) or a local config.json")
+                        help=f"preset ({', '.join(sorted(PRESETS))}), or what a stage's "
+                             f"model= takes: a model directory or config.json, a saved "
+                             f"backbone (runs/rm/backbone), a named model, a cached hub name")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--prompt-length", type=int, default=128)
     parser.add_argument("--response-length", type=int, default=256)

@@ -206,3 +206,38 @@ def test_a_strategy_in_a_one_process_run_is_said_to_change_nothing(capsys, monke
             f"or torchrun); this run is one process, where it changes nothing") in err
     code = cli.main(["rm", f"output_dir={tmp_path / 'rm'}"])
     assert code == 0 and "strategy" not in capsys.readouterr().err
+
+
+def test_plan_takes_every_model_a_stage_takes(tmp_path, monkeypatch):
+    """`rlhf ppo model=runs/rm/backbone` and `model=smollm2-135m-instruct` are the README's
+    commands; `rlhf plan` refused both ("neither a preset nor a config.json"), and a hub name
+    in the local cache too. Each plans as its base model's config.json does."""
+    from huggingface_hub import constants
+
+    from rlhf import named_models, plan
+    from rlhf.models import LoraSpec, SharedBackbone
+    from rlhf.tiny_models import tiny_causal_lm
+
+    model = tiny_causal_lm("qwen2", hidden_size=64, num_layers=3)
+    model.config.save_pretrained(tmp_path / "base")
+    want = plan.plan(str(tmp_path / "base" / "config.json"), batch=4)
+    assert want["inputs"]["params"] > 0
+
+    SharedBackbone.from_model(model, lora=LoraSpec(rank=2, alpha=4)).save(tmp_path / "backbone")
+    assert not (tmp_path / "backbone" / "config.json").exists()
+    assert plan.plan(str(tmp_path / "backbone"), batch=4) == want
+
+    monkeypatch.setitem(named_models.NAMED_MODELS, "tiny-named", object())
+    monkeypatch.setattr(named_models, "model_dir", lambda name, **kw: tmp_path / "base")
+    assert plan.plan("tiny-named", batch=4) == want
+
+    snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text((tmp_path / "base" / "config.json").read_text())
+    (tmp_path / "hub" / "models--org--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--tiny" / "refs" / "main").write_text("abc")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert plan.plan("org/tiny", batch=4) == want
+    with pytest.raises(ValueError, match="'org/other' is neither a preset .* nor a hub name in "
+                                         "the local Hugging Face cache"):
+        plan.plan("org/other")
