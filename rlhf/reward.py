@@ -317,8 +317,23 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
         _save(ckpt_root / f"step-{at:07d}", backbone, optimizer, scheduler, at, cfg,
               run_id=run.run_id, last_metrics=metrics, skipped_steps=skipped, **final)
 
+    def finish_step() -> None:
+        """The done step's evaluation (when due) and its metrics record; a Ctrl-C in it leaves
+        the step's record unwritten, and the checkpoint says so (``unlogged``)."""
+        if cfg.eval_every and step % cfg.eval_every == 0 and len(eval_set):
+            metrics.update(evaluate(backbone, eval_set, pad_id))
+        if step % cfg.log_every == 0 or step == max_steps or "eval_accuracy" in metrics:
+            logger.log(metrics, step=step)
+            progress.set_postfix(loss=f"{metrics['loss']:.3f}",
+                                 acc=f"{metrics.get('train_accuracy', 0):.2f}")
+
     progress = tqdm(total=max_steps, initial=step, desc="reward model", dynamic_ncols=True)
+    unlogged = False  # a done step whose evaluation and record are still to come
     try:
+        if resumed.get("unlogged"):  # interrupted in its evaluation: finish that step first
+            unlogged = True
+            finish_step()
+            unlogged = False
         while step < max_steps:
             started = time.perf_counter()
             # dropout draws from the global RNG: seeded per step, so resuming replays it
@@ -369,18 +384,15 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
                        / max(time.perf_counter() - started, 1e-9),
                        **backbone.packing.token_stats(),
                        **{f"train_{k}": v for k, v in stats_sum.items()}}
-            if cfg.eval_every and step % cfg.eval_every == 0 and len(eval_set):
-                metrics.update(evaluate(backbone, eval_set, pad_id))
-            if step % cfg.log_every == 0 or step == max_steps or "eval_accuracy" in metrics:
-                logger.log(metrics, step=step)
-                progress.set_postfix(loss=f"{total_loss:.3f}",
-                                     acc=f"{stats_sum.get('accuracy', 0):.2f}")
+            unlogged = True
+            finish_step()
+            unlogged = False
             if on_step is not None:
                 on_step(step, metrics)
             if cfg.save_every and step % cfg.save_every == 0 and step < max_steps:
                 save(step)
     except KeyboardInterrupt:
-        save(step)
+        save(step, **({"unlogged": True} if unlogged else {}))
         print(f"\n[rm] interrupted at step {step}; checkpoint saved, continue with resume=True")
         raise
     finally:
@@ -390,7 +402,14 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
     if "final_eval" in resumed:  # the final checkpoint: evaluated and logged before the kill
         final = dict(resumed["final_eval"])
     else:
-        final = evaluate(backbone, eval_set, pad_id) if len(eval_set) else {}
+        try:
+            final = evaluate(backbone, eval_set, pad_id) if len(eval_set) else {}
+        except KeyboardInterrupt:  # the steps are done: keep them (resume evaluates again)
+            save(step)
+            print(f"\n[rm] interrupted in the final evaluation at step {step}; checkpoint "
+                  f"saved, continue with resume=True")
+            logger.close()
+            raise
         logger.log({"step": step, **final}, step=step)
     logger.close()
     save(step, final_eval=final)

@@ -241,3 +241,57 @@ def test_plan_takes_every_model_a_stage_takes(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="'org/other' is neither a preset .* nor a hub name in "
                                          "the local Hugging Face cache"):
         plan.plan("org/other")
+
+
+# --------------------------------------------------------------------------------------------
+# resume: Ctrl-C during the reward model's evaluations
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("eval_every, cut_at", [(0, 1), (2, 2)],
+                         ids=["final_eval", "periodic_eval"])
+def test_ctrl_c_during_a_reward_model_evaluation_resumes_to_the_same_run(
+        tmp_path, tokenizer, monkeypatch, eval_every, cut_at):
+    """final_eval: the evaluation after the last step ran outside the loop's Ctrl-C handler,
+    so a Ctrl-C there saved nothing and --resume trained the whole stage again (with the default
+    save_every, nothing had been saved). periodic_eval: a Ctrl-C in the evaluation of step 4
+    saved step 4 but its metrics record (with the eval numbers) was never written, and the
+    resumed run went on from step 5 without it. Now both resume to the uninterrupted run's
+    metrics.jsonl and summary."""
+    from rlhf import reward
+    from tests.test_stages import sentiment_pairs
+
+    def config(name):
+        return reward.RewardConfig(output_dir=str(tmp_path / name), batch_size=16, epochs=1.0,
+                                   grad_accum_steps=1, lr=2e-2, warmup_steps=1, log_every=1,
+                                   eval_every=eval_every, device="cpu", max_length=48)
+
+    def run(cfg):
+        return reward.train(cfg, backbone=tiny_backbone(tokenizer), tokenizer=tokenizer,
+                            train_pairs=sentiment_pairs(64, 0),
+                            eval_pairs=sentiment_pairs(16, 7))
+
+    def numbers(records):
+        return [{k: v for k, v in r.items() if k not in ("pairs_per_s", "time")}
+                for r in records]
+
+    want = run(config("full"))
+    want_records = read_jsonl(tmp_path / "full" / "metrics.jsonl")
+    evaluate = reward.evaluate
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == cut_at:
+            raise KeyboardInterrupt
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(reward, "evaluate", interrupted)
+    cfg = config("cut")
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    monkeypatch.setattr(reward, "evaluate", evaluate)
+    assert latest_checkpoint(tmp_path / "cut" / "checkpoints") is not None
+    cfg.resume = True
+    got = run(cfg)
+    assert numbers(read_jsonl(tmp_path / "cut" / "metrics.jsonl")) == numbers(want_records)
+    for key in ("steps", "final_loss", "eval_loss", "eval_accuracy"):
+        assert got[key] == want[key], key
