@@ -150,8 +150,35 @@ def chunk_logits(h_c, weight, bias, lora_a, lora_b, lora_scale):
     return logits, u
 
 
+def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b``. A 16-bit ``a @ b`` into an fp32 ``acc``: on CUDA one GEMM with an fp32
+    output, so the product is never rounded to 16 bits; elsewhere (no such GEMM on the CPU) the
+    product is rounded once and added in fp32."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+        return
+    if acc.device.type == "cuda":
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, NotImplementedError):  # a GPU without the fp32-output GEMM
+            pass
+    acc.add_(torch.mm(a, b))
+
+
 class HeadGrads:
-    """Gradient accumulators of the lm_head inputs; None where no gradient is wanted."""
+    """Gradient accumulators of the lm_head inputs; None where no gradient is wanted.
+
+    d weight sums one product per row chunk. A 16-bit running sum would be rounded at every
+    chunk, an error that grows with the number of chunks (and that biases training: small
+    contributions are lost against a large sum); it is kept in fp32 instead and rounded once, at
+    the end, to the weight's dtype, so d weight is as exact as one GEMM over all rows. The LoRA
+    and bias gradients (small) are fp32 sums too. d hidden is one GEMM per row, never summed.
+    """
 
     def __init__(self, n_rows, hidden, weight, bias, lora_a, lora_b, needs, dtype):
         need_h, need_w, need_b, need_a, need_lb = needs
@@ -163,7 +190,7 @@ class HeadGrads:
                            else empty((n_rows, h_dim), dtype, device))
         else:
             self.hidden = None
-        self.weight = (torch.zeros_like(weight, dtype=dtype, memory_format=torch.contiguous_format)
+        self.weight = (torch.zeros(weight.shape, dtype=_accumulator_dtype(dtype), device=device)
                        if need_w else None)
         self.bias = (torch.zeros(bias.shape, dtype=torch.float32, device=device)
                      if need_b and bias is not None else None)
@@ -190,7 +217,7 @@ class HeadGrads:
             if du is not None:
                 dh.addmm_(du, lora_a)
         if self.weight is not None:
-            self.weight.addmm_(dlogits.t(), h_c)
+            add_product(self.weight, dlogits.t(), h_c)
         if self.bias is not None:
             self.bias += dlogits.sum(0, dtype=torch.float32)
         if self.lora_a is not None:
