@@ -296,7 +296,21 @@ def _launch_torchrun(nproc: int, argv: Sequence[str]) -> int | None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={nproc}", "-m", "rlhf", *args]
     print(f"rlhf: launching {nproc} processes: {' '.join(command[1:])}", file=sys.stderr)
-    return subprocess.call(command)
+    # torchrun itself, except that a rank that stopped with an error (its one line already
+    # printed) gives its exit status (2: bad input), not torchrun's 1 and a traceback
+    return subprocess.call([sys.executable, "-c", _TORCHRUN, *command[3:]])
+
+
+_TORCHRUN = """
+import sys
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import parse_args, run
+try:
+    run(parse_args(sys.argv[1:]))
+except ChildFailedError as error:
+    codes = [failure.exitcode for failure in error.failures.values()]
+    sys.exit(next((code for code in codes if code > 0), 1))
+"""
 
 
 if __name__ == "__main__":

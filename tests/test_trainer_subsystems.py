@@ -295,3 +295,32 @@ def test_ctrl_c_during_a_reward_model_evaluation_resumes_to_the_same_run(
     assert numbers(read_jsonl(tmp_path / "cut" / "metrics.jsonl")) == numbers(want_records)
     for key in ("steps", "final_loss", "eval_loss", "eval_accuracy"):
         assert got[key] == want[key], key
+
+
+def test_nproc_gives_a_ranks_error_status_without_torchruns_traceback(capfd, tmp_path,
+                                                                     monkeypatch):
+    """`rlhf sft ... --nproc 2` with bad input: each rank says its one error line and exits 2,
+    and torchrun then ended with status 1 and a ChildFailedError traceback box under it. Now the
+    launch ends with the ranks' status (2, as without --nproc) and no traceback. The command
+    _launch_torchrun builds runs with a stand-in rank (a script that fails as a rank does)
+    instead of `-m rlhf ...`, which would cost two processes importing the trainer."""
+    import subprocess
+    import sys
+
+    from rlhf import cli
+
+    rank = tmp_path / "rank.py"
+    rank.write_text("import sys\nprint('rlhf rm: error: seed=-1 ...', file=sys.stderr)\n"
+                    "sys.exit(2)\n")
+    launched = []
+    monkeypatch.setattr(subprocess, "call", lambda command: launched.append(command) or 0)
+    cli._launch_torchrun(2, ["rm", "seed=-1", "--nproc", "2"])
+    command, = launched
+    tail = command.index("-m", 3)  # the `-m rlhf rm seed=-1` after torchrun's own options
+    assert command[tail:] == ["-m", "rlhf", "rm", "seed=-1"]
+    monkeypatch.undo()
+    code = subprocess.call([*command[:tail], str(rank)])
+    err = capfd.readouterr().err
+    assert err.count("rlhf rm: error: seed=-1") == 2
+    assert code == 2
+    assert "Traceback" not in err and "ChildFailedError" not in err
