@@ -305,7 +305,6 @@ def test_nproc_gives_a_ranks_error_status_without_torchruns_traceback(capfd, tmp
     _launch_torchrun builds runs with a stand-in rank (a script that fails as a rank does)
     instead of `-m rlhf ...`, which would cost two processes importing the trainer."""
     import subprocess
-    import sys
 
     from rlhf import cli
 
