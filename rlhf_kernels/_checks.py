@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class SettingError(TypeError, ValueError):
+    """A scalar setting of the wrong type. Both a TypeError and a ValueError, so code written
+    against either of the errors the ops raised for bad settings before keeps catching it."""
 
 
 def check_float(name: str, tensor: torch.Tensor) -> None:
@@ -64,17 +71,25 @@ def check_normalizer(normalizer) -> None:
         return
     if isinstance(normalizer, torch.Tensor):
         if normalizer.dim() != 0 or normalizer.dtype == torch.bool or normalizer.is_complex():
-            raise ValueError(
+            raise SettingError(
                 "normalizer must be a number > 0 or a 0-d real tensor, got a tensor of shape "
                 f"{tuple(normalizer.shape)} and dtype {normalizer.dtype}"
             )
         return
-    if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)):
-        raise TypeError(
+    if isinstance(normalizer, bool) or not isinstance(normalizer, numbers.Real):
+        raise SettingError(
             f"normalizer must be a number > 0 or a 0-d tensor, got {type(normalizer).__name__}"
         )
     if not normalizer > 0:  # also refuses NaN
         raise ValueError(f"normalizer must be > 0 (the loss is divided by it), got {normalizer}")
+
+
+def normalizer_setting(normalizer):
+    """A checked ``normalizer=``: None, a float (from any real number) or the 0-d tensor."""
+    check_normalizer(normalizer)
+    if normalizer is None or isinstance(normalizer, torch.Tensor):
+        return normalizer
+    return float(normalizer)
 
 
 def check_dual_clip(dual_clip) -> None:
@@ -119,3 +134,63 @@ def check_advantages_shape(advantages: torch.Tensor, like: torch.Tensor,
             f"{tuple(like.shape)} (the shape of {like_name}) or one per sequence "
             f"{tuple(like.shape[:-1])}"
         )
+
+
+# --------------------------------------------------------------------------------------------
+# Scalar settings (clip_low, temperature, group_size, ignore_index, ...)
+# --------------------------------------------------------------------------------------------
+def _refuse_setting(name: str, value, expected: str, none_ok: bool):  # -> NoReturn
+    kind = type(value).__name__
+    if isinstance(value, torch.Tensor):
+        kind = f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    raise SettingError(
+        f"{name} must be {expected}{' or None' if none_ok else ''}, got {kind}: {value!r}"
+    )
+
+
+def _setting_tensor(name: str, value: torch.Tensor, integral: bool, expected: str,
+                    none_ok: bool):
+    """A 0-d tensor used as a setting: read on the host (a device tensor costs a sync)."""
+    ok_dtype = (not value.dtype.is_floating_point and not value.is_complex()
+                and value.dtype != torch.bool) if integral else (
+        value.dtype != torch.bool and not value.is_complex())
+    if value.dim() != 0 or not ok_dtype:
+        _refuse_setting(name, value, expected, none_ok)
+    if value.requires_grad:
+        raise ValueError(
+            f"{name} is a setting, not differentiated by the op, but the tensor given requires "
+            f"grad; pass {name}.detach() or a number"
+        )
+    return int(value) if integral else float(value)
+
+
+def real_setting(name: str, value, *, none_ok: bool = False) -> float | None:
+    """A real-valued setting -> float: a Python or numpy number (``numbers.Real``; not a bool)
+    or a 0-d real tensor (read on the host). None only when ``none_ok``. Range checks are the
+    caller's."""
+    if type(value) is float:  # the common case first: these run on every call
+        return value
+    if value is None and none_ok:
+        return None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, torch.Tensor):
+        return _setting_tensor(name, value, False, "a real number", none_ok)
+    _refuse_setting(name, value, "a real number", none_ok)
+
+
+def int_setting(name: str, value, *, none_ok: bool = False, expected: str = "an int"
+                ) -> int | None:
+    """An integer setting -> int: a Python or numpy integer (``numbers.Integral``; not a bool,
+    not a float, even 4.0) or a 0-d integer tensor (read on the host). None only when
+    ``none_ok``. Range checks are the caller's (``expected`` may name the range for the type
+    error's message)."""
+    if type(value) is int:
+        return value
+    if value is None and none_ok:
+        return None
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, torch.Tensor):
+        return _setting_tensor(name, value, True, expected, none_ok)
+    _refuse_setting(name, value, expected, none_ok)

@@ -45,6 +45,7 @@ import triton.language as tl
 
 from rlhf_kernels import _native_losses, reference
 from rlhf_kernels._alloc import empty
+from rlhf_kernels._checks import int_setting, real_setting
 from rlhf_kernels.backend import launch_directly, native_cpu_kernels, resolve_backend
 from rlhf_kernels.ops._launch import CachedLaunch
 from rlhf_kernels.ops._reduce import cdiv, next_power_of_2
@@ -231,6 +232,9 @@ def group_advantages(
     require grad give a result that does not). The math is in this module's docstring;
     groups of one: grpo r / (1 + eps) ("group"), dr_grpo and rloo 0.
     """
+    if group_size is not None:
+        group_size = int_setting("group_size", group_size, expected="an int >= 1")
+    eps = real_setting("eps", eps)
     norm = reference.check_group_advantages(scores, group_size, group_ids, estimator, norm, eps)
     if (resolve_backend(scores, backend, "group_advantages") == "reference"
             or scores.dtype == torch.float64):
@@ -238,5 +242,5 @@ def group_advantages(
     size = 0 if group_size is None else group_size
     if launch_directly(scores, group_ids):
         # A fresh output with no autograd history: nothing to detach.
-        return _launch(scores, group_ids, size, estimator, norm, float(eps))
-    return _group_advantages_op(scores.detach(), group_ids, size, estimator, norm, float(eps))
+        return _launch(scores, group_ids, size, estimator, norm, eps)
+    return _group_advantages_op(scores.detach(), group_ids, size, estimator, norm, eps)

@@ -25,13 +25,21 @@ Precision: the Triton path loads fp16/bf16/fp32 and computes in fp32 (loss and s
 float64 inputs go to the float64 reference.
 """
 
+import numbers
+
 import torch
 import triton
 import triton.language as tl
 
 from rlhf_kernels import _native_losses, reference
 from rlhf_kernels._alloc import empty
-from rlhf_kernels._checks import check_float, check_same_device, check_same_shape
+from rlhf_kernels._checks import (
+    SettingError,
+    check_float,
+    check_same_device,
+    check_same_shape,
+    real_setting,
+)
 from rlhf_kernels.backend import launch_directly, native_cpu_kernels, resolve_backend
 from rlhf_kernels.ops._launch import CachedLaunch
 from rlhf_kernels.ops._reduce import (
@@ -328,8 +336,12 @@ def bradley_terry_loss(
                 f"rewards' shape {tuple(chosen_rewards.shape)}; pass one margin per pair, or a "
                 "float"
             )
-    elif margin is not None and not isinstance(margin, (int, float)):
-        raise TypeError(f"margin must be None, a float or a tensor, got {type(margin).__name__}")
+    elif margin is not None:
+        if isinstance(margin, bool) or not isinstance(margin, numbers.Real):
+            raise SettingError(f"margin must be None, a real number or a tensor, got "
+                               f"{type(margin).__name__}: {margin!r}")
+        margin = float(margin)
+    center_coef = real_setting("center_coef", center_coef)
     check_same_device(("chosen_rewards", chosen_rewards), ("rejected_rewards", rejected_rewards),
                       ("margin", margin_tensor))
     if chosen_rewards.numel() == 0:
@@ -349,8 +361,7 @@ def bradley_terry_loss(
             "margin.detach(), or backend='reference' if you really need that gradient"
         )
     args = (chosen_rewards, rejected_rewards, margin_tensor,
-            0.0 if margin is None or margin_tensor is not None else float(margin),
-            float(center_coef))
+            0.0 if margin is None or margin_tensor is not None else margin, center_coef)
     if not launch_directly(chosen_rewards, rejected_rewards, margin_tensor):
         loss, stats, _ = _bradley_terry_op(*args)
     elif torch.is_grad_enabled() and (chosen_rewards.requires_grad

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from rlhf_kernels import _native, reference
 from rlhf_kernels._alloc import empty
-from rlhf_kernels._checks import check_float, check_same_device, check_same_shape
+from rlhf_kernels._checks import check_float, check_same_device, check_same_shape, real_setting
 from rlhf_kernels.backend import launch_directly, native_cpu_kernels, resolve_backend
 from rlhf_kernels.ops._launch import CachedLaunch
 from rlhf_kernels.ops._reduce import cdiv, next_power_of_2
@@ -231,10 +231,11 @@ def gae(
                 or mask.dtype in _INT_DTYPES):
             raise ValueError(f"mask must be bool, integer or floating, got {mask.dtype}")
     check_same_device(("rewards", rewards), ("values", values), ("mask", mask))
+    gamma, lam = real_setting("gamma", gamma), real_setting("lam", lam)
     use_reference = torch.float64 in (rewards.dtype, values.dtype)
     if resolve_backend(rewards, backend, "gae") == "reference" or use_reference:
         return reference.gae(rewards, values, mask, gamma, lam)
     if launch_directly(rewards, values, mask):
         # Fresh outputs with no autograd history: nothing to detach.
-        return _launch(rewards, values, mask, float(gamma), float(lam))
-    return _gae_op(rewards.detach(), values.detach(), mask, float(gamma), float(lam))
+        return _launch(rewards, values, mask, gamma, lam)
+    return _gae_op(rewards.detach(), values.detach(), mask, gamma, lam)

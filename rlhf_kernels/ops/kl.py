@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from rlhf_kernels import _alloc, _native, reference
-from rlhf_kernels._checks import check_float, check_same_device, check_same_shape
+from rlhf_kernels._checks import check_float, check_same_device, check_same_shape, real_setting
 from rlhf_kernels.backend import launch_directly, native_cpu_kernels, resolve_backend
 from rlhf_kernels.ops._launch import CachedLaunch
 from rlhf_kernels.ops._reduce import NAN, cdiv, no_double_backward
@@ -450,6 +450,8 @@ def kl_penalty(
     code = KL_ESTIMATOR_CODES.get(estimator)
     # Known estimator and no clamps (the usual call) need no further check: host time counts.
     if code is None or clamp is not None or log_ratio_clamp is not None:
+        clamp = real_setting("clamp", clamp, none_ok=True)
+        log_ratio_clamp = real_setting("log_ratio_clamp", log_ratio_clamp, none_ok=True)
         check_kl_options(estimator, clamp=clamp, log_ratio_clamp=log_ratio_clamp)
     use_reference = torch.float64 in (logp.dtype, ref_logp.dtype)
     if resolve_backend(logp, backend, "kl_penalty") == "reference" or use_reference:
@@ -457,8 +459,7 @@ def kl_penalty(
     if clamp is None and log_ratio_clamp is None:
         options = _OPTIONS_NO_CLAMPS[code]  # made once: host time counts
     else:
-        options = (code, None if clamp is None else float(clamp),
-                   None if log_ratio_clamp is None else float(log_ratio_clamp))
+        options = (code, clamp, log_ratio_clamp)
     if not launch_directly(logp, ref_logp):
         return _kl_penalty_op(logp, ref_logp, *options)
     if torch.is_grad_enabled() and (logp.requires_grad or ref_logp.requires_grad):

@@ -53,7 +53,7 @@ import torch
 
 from rlhf_kernels import _alloc, reference
 from rlhf_kernels._alloc import empty
-from rlhf_kernels._checks import check_float, check_same_device
+from rlhf_kernels._checks import check_float, check_same_device, int_setting, real_setting
 from rlhf_kernels.backend import launch_directly, resolve_backend
 from rlhf_kernels.ops.logprobs import no_double_backward
 
@@ -505,20 +505,34 @@ def _eager_backward(ctx, grad_logp, grad_entropy):
 # --------------------------------------------------------------------------------------------
 # public function
 # --------------------------------------------------------------------------------------------
-def check_temperature(temperature) -> None:
-    """The same rule as ``logprobs``: logits are divided by it, so 0, inf and NaN are refused."""
-    try:
-        value = float(temperature)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"temperature must be a positive finite number, got {temperature!r}") from None
+def check_temperature(temperature) -> float:
+    """The same rule as ``logprobs``: logits are divided by it, so 0, inf and NaN are refused.
+    -> the temperature as a float (from any real number or a 0-d tensor)."""
+    value = real_setting("temperature", temperature)
     if not 0.0 < value < float("inf"):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    return value
 
 
-def check_head_inputs(hidden, weight, labels, bias, lora_a, lora_b, temperature, chunk_size,
-                      memory_budget_bytes) -> None:
-    """Shapes, dtypes and options shared by linear_logprobs and linear_ppo_loss."""
+def head_settings(lora_scale, temperature, ignore_index, chunk_size, memory_budget_bytes):
+    """The scalar settings shared by linear_logprobs and linear_ppo_loss, checked and converted
+    (Python / numpy numbers, 0-d tensors) -> (lora_scale, temperature, ignore_index,
+    chunk_size or None, memory_budget_bytes or None)."""
+    chunk_size = int_setting("chunk_size", chunk_size, none_ok=True)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int (rows per chunk) or None, got "
+                         f"{chunk_size!r}")
+    memory_budget_bytes = int_setting("memory_budget_bytes", memory_budget_bytes, none_ok=True)
+    if memory_budget_bytes is not None and memory_budget_bytes < 1:
+        raise ValueError(f"memory_budget_bytes must be a positive int or None, got "
+                         f"{memory_budget_bytes!r}")
+    return (real_setting("lora_scale", lora_scale), check_temperature(temperature),
+            int_setting("ignore_index", ignore_index), chunk_size, memory_budget_bytes)
+
+
+def check_head_inputs(hidden, weight, labels, bias, lora_a, lora_b) -> None:
+    """Shapes, dtypes and devices shared by linear_logprobs and linear_ppo_loss (the scalar
+    settings: ``head_settings``)."""
     check_float("hidden", hidden)
     check_float("weight", weight)
     if hidden.dim() < 1:
@@ -561,14 +575,6 @@ def check_head_inputs(hidden, weight, labels, bias, lora_a, lora_b, temperature,
             or (lora_a is not None and (lora_a.device != device or lora_b.device != device))):
         check_same_device(("hidden", hidden), ("weight", weight), ("labels", labels),
                           ("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b))
-    check_temperature(temperature)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int (rows per chunk) or None, got "
-                         f"{chunk_size!r}")
-    if memory_budget_bytes is not None and (not isinstance(memory_budget_bytes, int)
-                                            or memory_budget_bytes < 1):
-        raise ValueError(f"memory_budget_bytes must be a positive int or None, got "
-                         f"{memory_budget_bytes!r}")
 
 
 def linear_logprobs(
@@ -607,16 +613,16 @@ def linear_logprobs(
     gives NaN logp for its row (never an out-of-bounds read). True: raise a ValueError naming it
     instead, at the cost of one host sync per call.
     """
-    check_head_inputs(hidden, weight, labels, bias, lora_a, lora_b, temperature, chunk_size,
-                      memory_budget_bytes)
+    check_head_inputs(hidden, weight, labels, bias, lora_a, lora_b)
+    lora_scale, temperature, ignore_index, chunk_size, memory_budget_bytes = head_settings(
+        lora_scale, temperature, ignore_index, chunk_size, memory_budget_bytes)
     if resolve_backend(hidden, backend, "linear_logprobs") == "reference":
         if check_labels:
             check_label_range(labels, weight.shape[0], ignore_index)
         return reference.linear_logprobs(hidden, weight, labels, bias, lora_a, lora_b, lora_scale,
                                          temperature, ignore_index, return_entropy)
-    rest = (labels.long(), bias, lora_a, lora_b, float(lora_scale), float(temperature),
-            int(ignore_index), bool(return_entropy), chunk_size or 0, memory_budget_bytes or 0,
-            bool(check_labels))
+    rest = (labels.long(), bias, lora_a, lora_b, lora_scale, temperature, ignore_index,
+            bool(return_entropy), chunk_size or 0, memory_budget_bytes or 0, bool(check_labels))
     if not launch_directly(hidden, weight, labels, bias, lora_a, lora_b):
         logp, entropy, _ = _linear_logprobs_fwd_op(hidden.reshape(-1, hidden.shape[-1]), weight,
                                                    *rest)

@@ -62,7 +62,7 @@ from triton.language.extra import libdevice
 
 from rlhf_kernels import _native, reference
 from rlhf_kernels._alloc import empty
-from rlhf_kernels._checks import check_float, check_same_device
+from rlhf_kernels._checks import check_float, check_same_device, int_setting, real_setting
 from rlhf_kernels.backend import (
     launch_directly,
     native_cpu_kernels,
@@ -719,11 +719,10 @@ def logprobs(
             f"labels must have the logits' leading shape {tuple(logits.shape[:-1])}"
         )
     check_same_device(("logits", logits), ("labels", labels))
-    temperature = float(temperature)
+    temperature = real_setting("temperature", temperature)
     if not (temperature > 0.0 and temperature < float("inf")):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    ignore_index = int_setting("ignore_index", ignore_index)
 
     if inplace_backward and is_or_views_a_grad_leaf(logits):
         raise ValueError(

@@ -78,10 +78,11 @@ from rlhf_kernels._checks import (
     check_dual_clip,
     check_float,
     check_kl_reference,
-    check_normalizer,
     check_policy_options,
     check_same_device,
     check_same_shape,
+    normalizer_setting,
+    real_setting,
 )
 from rlhf_kernels.backend import launch_directly, native_cpu_kernels, resolve_backend
 from rlhf_kernels.ops._launch import CachedLaunch
@@ -564,13 +565,13 @@ _ppo_policy_loss_op.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------------------------
 def _check_options(clip_low, clip_high, dual_clip, log_ratio_clamp) -> None:
     for name, value in (("clip_low", clip_low), ("clip_high", clip_high)):
-        if not float(value) >= 0.0:
+        if not value >= 0.0:
             raise ValueError(
                 f"{name}={value} must be >= 0 (the ratio is clipped to "
                 "[1 - clip_low, 1 + clip_high]; PPO uses 0.2)"
             )
     check_dual_clip(dual_clip)
-    if log_ratio_clamp is not None and not float(log_ratio_clamp) > 0.0:
+    if log_ratio_clamp is not None and not log_ratio_clamp > 0.0:
         raise ValueError(
             f"log_ratio_clamp={log_ratio_clamp} must be > 0 (logp - old_logp is clamped to "
             "+-log_ratio_clamp; the default is 20), or None for no clamp"
@@ -645,19 +646,23 @@ def ppo_policy_loss(
     if logp.dim() == 0:
         raise ValueError("logp must have at least one dim (..., T); got a 0-d tensor")
     code = reduction_code(reduction)
+    # Python or numpy numbers, or 0-d tensors -> floats
+    clip_low, clip_high = real_setting("clip_low", clip_low), real_setting("clip_high", clip_high)
+    dual_clip = real_setting("dual_clip", dual_clip, none_ok=True)
+    log_ratio_clamp = real_setting("log_ratio_clamp", log_ratio_clamp, none_ok=True)
     _check_options(clip_low, clip_high, dual_clip, log_ratio_clamp)
     # The defaults need no check (host time per call counts for this op).
     if ratio_level != "token" or loss_type != "ppo":
         check_policy_options(ratio_level, loss_type, dual_clip)
     if normalizer is not None:
-        check_normalizer(normalizer)
+        normalizer = normalizer_setting(normalizer)
     kl_code = _KL_CODES.get(kl_estimator)
     if kl_code is None:
         raise ValueError(
             f"kl_estimator={kl_estimator!r} is not supported; expected one of "
             f"{tuple(_KL_CODES)}"
         )
-    kl_coef = float(kl_coef)
+    kl_coef = real_setting("kl_coef", kl_coef)
     if ref_logp is None and kl_coef != 0.0:
         check_kl_reference(kl_coef, ref_logp)
     with_kl = ref_logp is not None and kl_coef != 0.0
@@ -681,14 +686,11 @@ def ppo_policy_loss(
     if isinstance(normalizer, torch.Tensor):
         norm_tensor = normalizer.detach()  # no gradient into a count
     elif normalizer is not None:
-        norm_value = float(normalizer)
+        norm_value = normalizer
     policy = ((ratio_level == "sequence") * _SEQUENCE | (loss_type == "cispo") * _CISPO
               | (kl_code << _KL_SHIFT if with_kl else 0))
     args = (logp, old_logp, advantages, mask, ref_logp if with_kl else None, norm_tensor,
-            float(clip_low), float(clip_high),
-            None if dual_clip is None else float(dual_clip),
-            None if log_ratio_clamp is None else float(log_ratio_clamp), code, policy, kl_coef,
-            norm_value)
+            clip_low, clip_high, dual_clip, log_ratio_clamp, code, policy, kl_coef, norm_value)
     if not launch_directly(logp, old_logp, advantages, mask, ref_logp, norm_tensor):
         loss, stats, _ = _ppo_policy_loss_op(*args)
     elif torch.is_grad_enabled() and logp.requires_grad:

@@ -99,6 +99,9 @@ from rlhf_kernels._checks import (
     check_policy_options,
     check_reduction,
     check_same_shape,
+    int_setting,
+    normalizer_setting,
+    real_setting,
 )
 from rlhf_kernels.backend import launch_directly, resolve_backend
 from rlhf_kernels.ops import linear_logprobs as head
@@ -687,6 +690,18 @@ def _check_rollout(labels, old_logp, advantages, mask, ref_logp, kl_estimator, c
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
 
 
+def _policy_settings(kl_coef, entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp,
+                     ignore_index, normalizer):
+    """The fused losses' scalar settings as Python floats / ints (from Python or numpy numbers
+    or 0-d tensors; the normalizer may stay a 0-d tensor); ranges are checked by
+    ``_check_rollout``."""
+    return (real_setting("kl_coef", kl_coef), real_setting("entropy_coef", entropy_coef),
+            real_setting("clip_low", clip_low), real_setting("clip_high", clip_high),
+            real_setting("dual_clip", dual_clip, none_ok=True),
+            real_setting("log_ratio_clamp", log_ratio_clamp, none_ok=True),
+            int_setting("ignore_index", ignore_index), normalizer_setting(normalizer))
+
+
 def _refuse_rollout_grads(old_logp, advantages, ref_logp) -> None:
     """The fused ops differentiate with respect to the policy only (as ppo_policy_loss): a
     rollout tensor that requires grad would silently get none, so it is refused."""
@@ -820,13 +835,16 @@ def ppo_loss_from_logits(
     if labels.shape != logits.shape[:-1]:
         raise ValueError(f"labels has shape {tuple(labels.shape)} but logits has leading shape "
                          f"{tuple(logits.shape[:-1])}; they must match")
+    (kl_coef, entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp, ignore_index,
+     normalizer) = _policy_settings(kl_coef, entropy_coef, clip_low, clip_high, dual_clip,
+                                    log_ratio_clamp, ignore_index, normalizer)
     _check_rollout(labels, old_logp, advantages, mask, ref_logp, kl_estimator, clip_low,
                    clip_high, dual_clip, log_ratio_clamp, reduction, ratio_level, loss_type,
                    normalizer)
     check_kl_reference(kl_coef, ref_logp)
     if logits.device != labels.device:
         raise ValueError(f"logits on {logits.device} but labels on {labels.device}")
-    head.check_temperature(temperature)
+    temperature = head.check_temperature(temperature)
     if resolve_backend(logits, backend, "ppo_loss_from_logits") == "reference":
         if check_labels:
             head.check_label_range(labels, logits.shape[-1], ignore_index)
@@ -841,10 +859,8 @@ def ppo_loss_from_logits(
     rest = (
         labels.reshape(-1).long(), _flat(old_logp),
         _advantages_2d(advantages, labels), weights, _flat(ref_logp) if use_kl else None,
-        float(kl_coef), kl_estimator, float(entropy_coef), float(temperature), float(clip_low),
-        float(clip_high), None if dual_clip is None else float(dual_clip),
-        None if log_ratio_clamp is None else float(log_ratio_clamp), int(ignore_index), need_grad,
-        bool(check_labels), ratio_level, loss_type)
+        kl_coef, kl_estimator, entropy_coef, temperature, clip_low, clip_high, dual_clip,
+        log_ratio_clamp, ignore_index, need_grad, bool(check_labels), ratio_level, loss_type)
     if not launch_directly(logits, labels, old_logp, advantages, mask, ref_logp):
         loss, logp, entropy, _ = _logits_ppo_op(_as_3d(logits), *rest)
     elif need_grad:
@@ -904,8 +920,12 @@ def linear_ppo_loss(
     gradient); backend="reference" differentiates them. check_labels: as in
     ``ppo_loss_from_logits``.
     """
-    head.check_head_inputs(hidden, weight, labels, bias, lora_a, lora_b, temperature, chunk_size,
-                           memory_budget_bytes)
+    head.check_head_inputs(hidden, weight, labels, bias, lora_a, lora_b)
+    lora_scale, temperature, ignore_index, chunk_size, memory_budget_bytes = head.head_settings(
+        lora_scale, temperature, ignore_index, chunk_size, memory_budget_bytes)
+    (kl_coef, entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp, ignore_index,
+     normalizer) = _policy_settings(kl_coef, entropy_coef, clip_low, clip_high, dual_clip,
+                                    log_ratio_clamp, ignore_index, normalizer)
     _check_rollout(labels, old_logp, advantages, mask, ref_logp, kl_estimator, clip_low,
                    clip_high, dual_clip, log_ratio_clamp, reduction, ratio_level, loss_type,
                    normalizer)
@@ -929,11 +949,9 @@ def linear_ppo_loss(
     args = (
         hidden, weight, labels.reshape(-1).long(), bias, lora_a, lora_b, _flat(old_logp),
         _advantages_2d(advantages, labels), weights, _flat(ref_logp) if use_kl else None,
-        float(lora_scale), float(kl_coef), kl_estimator, float(entropy_coef), float(temperature),
-        float(clip_low), float(clip_high), None if dual_clip is None else float(dual_clip),
-        None if log_ratio_clamp is None else float(log_ratio_clamp), int(ignore_index),
-        chunk_size or 0, memory_budget_bytes or 0, *needs, bool(check_labels),
-        int(labels.shape[-1]), ratio_level, loss_type)
+        lora_scale, kl_coef, kl_estimator, entropy_coef, temperature, clip_low, clip_high,
+        dual_clip, log_ratio_clamp, ignore_index, chunk_size or 0, memory_budget_bytes or 0,
+        *needs, bool(check_labels), int(labels.shape[-1]), ratio_level, loss_type)
     if not launch_directly(hidden, weight, labels, bias, lora_a, lora_b, old_logp, advantages,
                            mask, ref_logp):
         loss, logp, entropy, *_ = _linear_ppo_op(hidden.reshape(-1, hidden.shape[-1]), *args[1:])

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from rlhf_kernels import _native, reference
 from rlhf_kernels._alloc import empty
-from rlhf_kernels._checks import check_float, check_same_device, check_same_shape
+from rlhf_kernels._checks import check_float, check_same_device, check_same_shape, real_setting
 from rlhf_kernels.backend import launch_directly, native_cpu_kernels, resolve_backend
 from rlhf_kernels.ops._launch import CachedLaunch
 from rlhf_kernels.ops._reduce import NAN, next_power_of_2
@@ -177,7 +177,7 @@ def _check_inputs(scores, logp, ref_logp, mask, score_index, score_clip, check_i
         )
     check_same_device(("scores", scores), ("logp", logp), ("ref_logp", ref_logp),
                       ("mask", mask), ("score_index", score_index))
-    if score_clip is not None and not (float(score_clip) >= 0.0):
+    if score_clip is not None and not (score_clip >= 0.0):
         raise ValueError(f"score_clip={score_clip} must be a non-negative bound, or None")
     if score_index is None:
         return
@@ -230,15 +230,16 @@ def shape_rewards(
     ``check_index=True`` instead raises a ValueError naming the bad index, at the cost of one
     host sync (one min/max reduction) per call.
     """
+    kl_coef = real_setting("kl_coef", kl_coef)
+    score_clip = real_setting("score_clip", score_clip, none_ok=True)
+    kl_clamp = real_setting("kl_clamp", kl_clamp, none_ok=True)
     _check_inputs(scores, logp, ref_logp, mask, score_index, score_clip, check_index)
     check_kl_options(estimator, kl_clamp=kl_clamp)
     use_reference = torch.float64 in (scores.dtype, logp.dtype, ref_logp.dtype)
     if resolve_backend(logp, backend, "shape_rewards") == "reference" or use_reference:
         return reference.shape_rewards(scores, logp, ref_logp, mask, kl_coef, estimator,
                                        score_index, score_clip, kl_clamp)
-    options = (float(kl_coef), KL_ESTIMATOR_CODES[estimator], score_index,
-               None if score_clip is None else float(score_clip),
-               None if kl_clamp is None else float(kl_clamp))
+    options = (kl_coef, KL_ESTIMATOR_CODES[estimator], score_index, score_clip, kl_clamp)
     if launch_directly(scores, logp, ref_logp, mask, score_index):
         # Fresh output with no autograd history: nothing to detach.
         return _launch(scores, logp, ref_logp, mask, *options)

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from rlhf_kernels import _native_losses, reference
 from rlhf_kernels._alloc import empty
-from rlhf_kernels._checks import check_float, check_same_device, check_same_shape
+from rlhf_kernels._checks import check_float, check_same_device, check_same_shape, real_setting
 from rlhf_kernels.backend import launch_directly, native_cpu_kernels, resolve_backend
 from rlhf_kernels.ops._launch import CachedLaunch
 from rlhf_kernels.ops._reduce import (
@@ -350,7 +350,8 @@ def ppo_value_loss(
     if values.dim() == 0:
         raise ValueError("values must have at least one dim (..., T); got a 0-d tensor")
     code = reduction_code(reduction)
-    if clip is not None and not float(clip) >= 0.0:
+    clip = real_setting("clip", clip, none_ok=True)
+    if clip is not None and not clip >= 0.0:
         raise ValueError(
             f"clip={clip} must be >= 0 (values are kept within old_values +- clip), or None "
             "for no clipping"
@@ -367,7 +368,7 @@ def ppo_value_loss(
                     f"values only (rollout data are constants in PPO); pass {name}.detach(), or "
                     "backend='reference' if you really need that gradient"
                 )
-    args = (values, old_values, returns, mask, None if clip is None else float(clip), code)
+    args = (values, old_values, returns, mask, clip, code)
     if not launch_directly(values, old_values, returns, mask):
         loss, stats, _ = _ppo_value_loss_op(*args)
     elif torch.is_grad_enabled() and values.requires_grad:

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from rlhf_kernels import _native, reference
 from rlhf_kernels._alloc import empty
-from rlhf_kernels._checks import check_float, check_same_device, check_same_shape
+from rlhf_kernels._checks import check_float, check_same_device, check_same_shape, real_setting
 from rlhf_kernels.backend import launch_directly, native_cpu_kernels, resolve_backend
 from rlhf_kernels.ops._launch import CachedLaunch
 from rlhf_kernels.ops._reduce import cdiv, next_power_of_2
@@ -229,12 +229,13 @@ def masked_whiten(
                 or mask.dtype in _INT_DTYPES):
             raise ValueError(f"mask must be bool, integer or floating, got {mask.dtype}")
     check_same_device(("x", x), ("mask", mask))
-    if not (float(eps) >= 0.0):
+    eps = real_setting("eps", eps)
+    if not (eps >= 0.0):
         raise ValueError(f"eps={eps} must be >= 0 (it is added to the variance)")
     if resolve_backend(x, backend, "masked_whiten") == "reference" or x.dtype == torch.float64:
         # detached as the kernel paths' output (no gradient, whatever the backend or dtype)
         return reference.masked_whiten(x.detach(), mask, shift_mean, unbiased, eps)
     if launch_directly(x, mask):
         # A fresh output with no autograd history: nothing to detach.
-        return _launch(x, mask, bool(shift_mean), bool(unbiased), float(eps))
-    return _masked_whiten_op(x.detach(), mask, bool(shift_mean), bool(unbiased), float(eps))
+        return _launch(x, mask, bool(shift_mean), bool(unbiased), eps)
+    return _masked_whiten_op(x.detach(), mask, bool(shift_mean), bool(unbiased), eps)

@@ -1,0 +1,122 @@
+"""Edge cases of the public ops that a framework hits and the per-op tests do not: scalar
+settings given as numpy numbers or 0-d tensors, and the like. Each test failed before its fix."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.utils._pytree as pytree
+
+import rlhf_kernels as rk
+from rlhf_kernels._checks import SettingError
+from tests.numerics import DEVICE
+
+B, T, V, H = 2, 3, 11, 4
+
+
+def _data():
+    logp = -torch.rand(B, T, device=DEVICE)
+    return {
+        "logits": torch.randn(B, T, V, device=DEVICE),
+        "labels": torch.randint(0, V, (B, T), device=DEVICE),
+        "hidden": torch.randn(B, T, H, device=DEVICE),
+        "weight": torch.randn(V, H, device=DEVICE),
+        "logp": logp, "old_logp": logp + 0.1 * torch.randn(B, T, device=DEVICE),
+        "ref_logp": logp + 0.1 * torch.randn(B, T, device=DEVICE),
+        "advantages": torch.randn(B, T, device=DEVICE),
+        "mask": torch.rand(B, T, device=DEVICE) > 0.2,
+        "scores": torch.randn(B, device=DEVICE), "group_scores": torch.randn(4, device=DEVICE),
+        "chosen": torch.randn(3, device=DEVICE), "rejected": torch.randn(3, device=DEVICE),
+    }
+
+
+def _rollout(x):
+    return dict(old_logp=x["old_logp"], advantages=x["advantages"], mask=x["mask"],
+                ref_logp=x["ref_logp"])
+
+
+_POLICY = dict(kl_coef=0.1, entropy_coef=0.01, clip_low=0.2, clip_high=0.3, dual_clip=3.0,
+               log_ratio_clamp=20.0, ignore_index=-100, normalizer=4.0, temperature=0.7)
+_HEAD = dict(lora_scale=1.0, chunk_size=4, memory_budget_bytes=10**6)
+
+# op -> (fn(data, **settings), the scalar settings with a valid value each)
+SETTINGS = {
+    "logprobs": (lambda x, **k: rk.logprobs(x["logits"], x["labels"], return_entropy=True, **k),
+                 dict(temperature=0.7, ignore_index=-100)),
+    "linear_logprobs": (lambda x, **k: rk.linear_logprobs(x["hidden"], x["weight"], x["labels"],
+                                                          **k),
+                        dict(temperature=0.7, ignore_index=-100, **_HEAD)),
+    "ppo_loss_from_logits": (lambda x, **k: rk.ppo_loss_from_logits(
+        x["logits"], x["labels"], **_rollout(x), **k), _POLICY),
+    "linear_ppo_loss": (lambda x, **k: rk.linear_ppo_loss(
+        x["hidden"], x["weight"], x["labels"], **_rollout(x), **k), dict(**_POLICY, **_HEAD)),
+    "ppo_policy_loss": (lambda x, **k: rk.ppo_policy_loss(
+        x["logp"], **_rollout(x), **k), dict(clip_low=0.2, clip_high=0.3, dual_clip=3.0,
+                                             log_ratio_clamp=20.0, kl_coef=0.1, normalizer=4.0)),
+    "ppo_value_loss": (lambda x, **k: rk.ppo_value_loss(x["logp"], x["old_logp"],
+                                                        x["advantages"], x["mask"], **k),
+                       dict(clip=0.2)),
+    "kl_penalty": (lambda x, **k: rk.kl_penalty(x["logp"], x["ref_logp"], "k3", **k),
+                   dict(clamp=1.0, log_ratio_clamp=5.0)),
+    "gae": (lambda x, **k: rk.gae(x["advantages"], x["logp"], x["mask"], **k),
+            dict(gamma=0.9, lam=0.8)),
+    "masked_whiten": (lambda x, **k: rk.masked_whiten(x["advantages"], x["mask"], **k),
+                      dict(eps=1e-8)),
+    "shape_rewards": (lambda x, **k: rk.shape_rewards(x["scores"], x["logp"], x["ref_logp"],
+                                                      x["mask"], **k),
+                      dict(kl_coef=0.1, score_clip=1.0, kl_clamp=2.0)),
+    "group_advantages": (lambda x, **k: rk.group_advantages(x["group_scores"], **k),
+                         dict(group_size=2, eps=1e-6)),
+    "bradley_terry_loss": (lambda x, **k: rk.bradley_terry_loss(x["chosen"], x["rejected"], **k),
+                           dict(margin=0.5, center_coef=0.01)),
+}
+_CASES = [(op, name) for op, (_, settings) in SETTINGS.items() for name in settings]
+
+
+def _equal(a, b) -> bool:
+    a, b = pytree.tree_leaves(a), pytree.tree_leaves(b)
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _variants(value):
+    """(what a framework may pass, the Python number it means)."""
+    if isinstance(value, int):
+        return [(np.int64(value), value), (np.int32(value), value), (torch.tensor(value), value)]
+    return [(np.float32(value), float(np.float32(value))), (np.float64(value), value),
+            (torch.tensor(value, dtype=torch.float64), value)]
+
+
+@pytest.mark.parametrize("op,name", _CASES)
+def test_numpy_numbers_and_0d_tensors_are_accepted_as_settings(op, name):
+    """A setting given as a numpy number (config arithmetic) or a 0-d tensor gives what the
+    same Python number gives, on every op (before: np.int64 ignore_index / chunk_size /
+    group_size and np.float32 normalizer / margin were refused, a 0-d tensor was refused by
+    some ops and taken by others)."""
+    fn, settings = SETTINGS[op]
+    x = _data()
+    for given, means in _variants(settings[name]):
+        want = fn(x, **{**settings, name: means})
+        got = fn(x, **{**settings, name: given})
+        assert _equal(got, want), f"{op}({name}={given!r}) differs from {name}={means!r}"
+
+
+@pytest.mark.parametrize("op,name", _CASES)
+def test_settings_of_the_wrong_kind_are_one_clear_error(op, name):
+    """A bool, a string, a tensor with more than one element or a tensor that requires grad is
+    refused with an error naming the setting (before: True read as 1, "0.7" parsed, a float
+    ignore_index truncated by some ops)."""
+    fn, settings = SETTINGS[op]
+    x = _data()
+    value = settings[name]
+    bad = [True, str(value), torch.full((2,), value)]
+    if isinstance(value, int):
+        bad.append(float(value) + 0.5)  # an int setting given a float
+    elif name not in ("margin", "normalizer"):
+        # (a margin tensor is per-pair data; a normalizer tensor is a count used detached)
+        bad.append(torch.tensor(value, requires_grad=True))
+    for given in bad:
+        with pytest.raises((TypeError, ValueError), match=name):
+            fn(x, **{**settings, name: given})
+    with pytest.raises(SettingError, match=f"{name} must be"):
+        fn(x, **{**settings, name: "abc"})
