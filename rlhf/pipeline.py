@@ -591,7 +591,8 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
         ppo_prompts = [row["prompt"] for row in data.load_prompt_dataset(ppo_cfg.dataset)]
     else:
         ppo_prompts = task.all_prompts("train")
-    ppo.encode_prompts(ppo_prompts, tokenizer, ppo_cfg.max_prompt_length)
+    ppo.encode_prompts(ppo_prompts, tokenizer, ppo_cfg.max_prompt_length,
+                       source=ppo_cfg.dataset if own_data else None)
 
     # ---- 2. SFT: a tiny Llama from scratch, or your model ----
     t0 = time.perf_counter()

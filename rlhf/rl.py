@@ -766,21 +766,27 @@ def _trained_roles(cfg: RLConfig) -> tuple[str, ...]:
     return ("policy", "critic") if cfg.settings.uses_critic else ("policy",)
 
 
-def encode_prompts(prompts: Sequence[str], tokenizer, max_length: int):
+def encode_prompts(prompts: Sequence[str], tokenizer, max_length: int,
+                   source: str | None = None):
     """Prompts -> (ids, mask) (N, max_length) int64, LEFT-padded to exactly ``max_length``
     columns, so that every rollout batch has the same width (the engine's cache and captured
-    decode step are reused)."""
+    decode step are reused). ``source``: the dataset the prompts are the rows of, in order
+    (an error then names the file line of the first prompt too long)."""
     from rlhf import data
 
     data.ensure_pad_token(tokenizer)
-    too_long = [n for n in (len(data.encode_prompt(prompt, tokenizer, row=row))
-                            for row, prompt in enumerate(prompts)) if n > max_length]
+    lengths = [len(data.encode_prompt(prompt, tokenizer, row=row))
+               for row, prompt in enumerate(prompts)]
+    too_long = [n for n in lengths if n > max_length]
     if too_long:  # a cut prompt would be another task, a dropped one silently missing
+        first = next(row for row, n in enumerate(lengths) if n > max_length)
+        where = (f"dataset {data._row_location(source, first, {})}" if source is not None
+                 else f"prompt {first + 1}")
         raise ValueError(
             f"{len(too_long)} of {len(prompts)} prompts are longer than max_prompt_length="
-            f"{max_length} tokens (the longest has {max(too_long)}); raise max_prompt_length "
-            f"(ppo.max_prompt_length in rlhf pipeline) to at least {max(too_long)}, or shorten "
-            f"or remove those prompts"
+            f"{max_length} tokens (the longest has {max(too_long)}; the first is {where}, "
+            f"{lengths[first]} tokens); raise max_prompt_length (ppo.max_prompt_length in "
+            f"rlhf pipeline) to at least {max(too_long)}, or shorten or remove those prompts"
         )
     enc = data.tokenize_prompts(prompts, tokenizer, max_length=max_length)
     ids, mask = enc["input_ids"], enc["attention_mask"]
@@ -918,7 +924,8 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
         tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model,
                                                 setting="tokenizer" if cfg.tokenizer else "model")
         if prompts is not None:
-            encode_prompts(prompts, tokenizer, cfg.max_prompt_length)  # too long: say so now
+            # too long: say so now
+            encode_prompts(prompts, tokenizer, cfg.max_prompt_length, source=cfg.dataset)
         backbone = SharedBackbone.load(cfg.model, setting="model",
                                        quantization=cfg.quantization,
                                        device=resolve_device(cfg.device),

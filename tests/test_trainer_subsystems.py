@@ -323,3 +323,25 @@ def test_nproc_gives_a_ranks_error_status_without_torchruns_traceback(capfd, tmp
     assert err.count("rlhf rm: error: seed=-1") == 2
     assert code == 2
     assert "Traceback" not in err and "ChildFailedError" not in err
+
+
+def test_a_prompt_too_long_is_named_by_its_file_line(tmp_path, tokenizer):
+    """The RL stage refuses prompts longer than max_prompt_length before the backbone loads;
+    the error gave their count and the longest length, not which rows to shorten or remove."""
+    import json
+
+    from rlhf import data
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": "a short one"}) + "\n\n"
+                    + json.dumps({"prompt": "word " * 60}) + "\n"
+                    + json.dumps({"prompt": "word " * 70}) + "\n")
+    prompts = [row["prompt"] for row in data.load_prompt_dataset(str(path))]
+    with pytest.raises(ValueError) as caught:
+        rl.encode_prompts(prompts, tokenizer, 20, source=str(path))
+    message = str(caught.value)
+    assert message.startswith("2 of 3 prompts are longer than max_prompt_length=20 tokens")
+    first = len(data.encode_prompt(prompts[1], tokenizer))
+    assert f"the first is dataset {str(path)!r} line 3, {first} tokens" in message
+    with pytest.raises(ValueError, match=f"the first is prompt 2, {first} tokens"):
+        rl.encode_prompts(prompts, tokenizer, 20)
