@@ -81,7 +81,9 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
     try:
         with path.open() as handle:
-            loaded = yaml.safe_load(handle)
+            from rlhf.strict_yaml import UniqueKeySafeLoader  # a key given twice is an error
+
+            loaded = yaml.load(handle, Loader=UniqueKeySafeLoader)  # a yaml.SafeLoader
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

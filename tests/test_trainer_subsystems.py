@@ -345,3 +345,30 @@ def test_a_prompt_too_long_is_named_by_its_file_line(tmp_path, tokenizer):
     assert f"the first is dataset {str(path)!r} line 3, {first} tokens" in message
     with pytest.raises(ValueError, match=f"the first is prompt 2, {first} tokens"):
         rl.encode_prompts(prompts, tokenizer, 20)
+
+
+# --------------------------------------------------------------------------------------------
+# config files: a key given twice
+# --------------------------------------------------------------------------------------------
+def test_a_config_key_given_twice_is_refused_with_both_lines(tmp_path, capsys):
+    """yaml.safe_load keeps the last of two equal keys: a file with `lr: 1e-3` and further
+    down `lr: 2e-3` trained at 2e-3 without a word. Now it is one error naming both lines; YAML
+    merge keys (`<<: *base`, then a key over it) still work."""
+    from rlhf import cli
+    from rlhf.config import load_config
+    from rlhf.sft import SFTConfig
+
+    path = tmp_path / "sft.yaml"
+    path.write_text("lr: 1.0e-3\nmax_steps: 3\nlr: 2.0e-3\n")
+    assert cli.main(["sft", str(path), "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert (f"rlhf sft: error: config file {str(path)!r} is not valid YAML at line 3, column 1: "
+            f"the key 'lr' is given twice (first at line 1)") in err
+    path.write_text("sft:\n  lr: 1.0e-3\n  lr: 2.0e-3\n")
+    assert cli.main(["pipeline", str(path), "--print-config"]) == 2
+    assert "at line 3, column 3: the key 'lr' is given twice (first at line 2)" in \
+        capsys.readouterr().err
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("<<: {lr: 1.0e-3, max_steps: 3}\nlr: 2.0e-3\n")
+    cfg = load_config(SFTConfig, merged)
+    assert cfg.lr == 2.0e-3 and cfg.max_steps == 3
