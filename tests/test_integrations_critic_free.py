@@ -141,17 +141,15 @@ def _masked_mean64(x, mask):
 
 def _verl_gspo64(old, logp, adv, mask, low, high, mode, info):
     """veRL's GSPO-token form: log s_it = sg(mean_i(logp - old)) + logp - sg(logp), bounded by
-    +10 from above; s clipped to [1 - low, 1 + high]; no dual clip. Aggregated
-    "seq-mean-token-mean" (with the global batch info) whatever ``mode`` is: veRL's GSPO
-    passes that literal to agg_loss and ignores its loss_agg_mode argument."""
-    del mode
+    +10 from above; s clipped to [1 - low, 1 + high]; no dual clip. Aggregated with ``mode``
+    (and the global batch info), as veRL 0.9.1's GSPO."""
     m = (mask != 0).double()
     d = logp - old
     row_mean = (d * m).sum(-1) / m.sum(-1).clamp_min(1)
     log_s = (logp - logp.detach() + row_mean.detach()[:, None]).clamp(max=10.0)
     s = torch.exp(log_s)
     loss1, loss2 = -adv * s, -adv * s.clamp(1 - low, 1 + high)
-    loss = _agg64(torch.maximum(loss1, loss2), mask, "seq-mean-token-mean", **info)
+    loss = _agg64(torch.maximum(loss1, loss2), mask, mode, **info)
     metrics = {"actor/pg_clipfrac": _masked_mean64((loss2 > loss1).double(), mask).item(),
                "actor/ppo_kl": _masked_mean64(-d, mask).item(),
                "actor/pg_clipfrac_lower": 0.0}

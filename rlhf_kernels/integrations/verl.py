@@ -593,10 +593,6 @@ def compute_policy_loss(
 
 
 _GSPO_LOG_RATIO_CLAMP = 10.0  # veRL bounds the sequence log-ratio by +10 (from above only)
-# veRL's GSPO aggregates with agg_loss(..., loss_agg_mode="seq-mean-token-mean",
-# **config.global_batch_info) whatever loss_agg_mode it is passed (its actor passes
-# config.loss_agg_mode, "token-mean" by default).
-_GSPO_AGG_MODE = "seq-mean-token-mean"
 
 
 def _masked_row_stats(old_log_prob, log_prob, advantages, response_mask):
@@ -634,9 +630,9 @@ def compute_policy_loss_gspo(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """veRL's GSPO loss (POLICY_LOSS_REGISTRY["gspo"]): every token of a row takes the row's
     geometric-mean ratio s = exp(min(mean over valid tokens of logp - old, 10)), clipped to
-    [1 - clip_ratio_low, 1 + clip_ratio_high]; no dual clip. Aggregated as veRL's GSPO does:
-    "seq-mean-token-mean" with config.global_batch_info, whatever ``loss_agg_mode`` says (veRL
-    accepts the argument and does not use it).
+    [1 - clip_ratio_low, 1 + clip_ratio_high]; no dual clip. Aggregated with ``loss_agg_mode``
+    and config.global_batch_info, as veRL 0.9.1's GSPO (its default argument is
+    "seq-mean-token-mean"; veRL's actor passes config.loss_agg_mode).
 
     (B, T) tensors -> (pg_loss () in veRL's dtype, {"actor/pg_clipfrac", "actor/ppo_kl",
     "actor/pg_clipfrac_lower" (0)} floats). The kernels take the sequence ratio with the
@@ -648,7 +644,7 @@ def compute_policy_loss_gspo(
     the float metrics need anyway.
     """
     clip_low, clip_high, global_batch_info, covered = _actor_options(
-        config, _GSPO_AGG_MODE, rollout_is_weights)
+        config, loss_agg_mode, rollout_is_weights)
 
     def theirs():
         return original(_CORE, "compute_policy_loss_gspo")(
@@ -659,7 +655,7 @@ def compute_policy_loss_gspo(
     if not covered:
         return theirs()
     loss, stats = _policy_loss(old_log_prob, log_prob, advantages, response_mask, clip_low,
-                               clip_high, None, _GSPO_AGG_MODE, global_batch_info, keep_fp32,
+                               clip_high, None, loss_agg_mode, global_batch_info, keep_fp32,
                                ratio_level="sequence", log_ratio_clamp=_GSPO_LOG_RATIO_CLAMP)
     with torch.no_grad():
         row_mean, one_advantage, n, ppo_kl = _masked_row_stats(
