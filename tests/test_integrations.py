@@ -459,6 +459,87 @@ def test_verl_policy_loss_vanilla(verl_core, mode, batch_info):
         assert metrics[key] == pytest.approx(ref_metrics[key], abs=1e-6), key
 
 
+def _rollout_correction_weights(shape, generator=None):
+    """veRL's rollout correction weights: truncated importance ratios in (0, 2], and 0 for the
+    tokens its rejection step drops."""
+    weights = (torch.rand(shape, generator=generator) * 2).to(DEVICE)
+    weights[:, ::4] = 0.0
+    return weights
+
+
+@pytest.mark.parametrize("loss", ["vanilla", "cispo"])
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+def test_verl_policy_loss_with_rollout_correction_weights(verl_core, monkeypatch, loss, mode):
+    """rollout_is_weights (veRL's rollout correction): the drop-in computes the call (no
+    fallback) and gives veRL's loss, gradient and metrics, zero weights included."""
+    from rlhf_kernels.integrations import verl as ours
+
+    old, logp, advantages = _rollout(spread=0.6)
+    mask = _mask(3, 11, "holes")
+    weights = _rollout_correction_weights(mask.shape)
+    fields = dict(clip_ratio=0.2, clip_ratio_low=0.15, clip_ratio_high=0.28, clip_ratio_c=3.0,
+                  global_batch_info={})
+    if loss == "cispo":  # veRL's CISPO checks the config's type
+        from tests.test_integrations_critic_free import _verl_actor_config
+
+        config = _verl_actor_config(**fields)
+    else:
+        config = _ActorConfig(**fields)
+    name = f"compute_policy_loss_{loss}"
+
+    def loss_fn(fn):
+        return lambda lp: fn(old, lp, advantages, mask, mode, config, weights)[0]
+
+    monkeypatch.setattr(ours, "original", lambda *a: pytest.fail(f"{a} fell back to veRL"))
+    loss_value, grad = _grads(loss_fn(getattr(ours, name)), logp)
+    _, metrics = getattr(ours, name)(old, logp, advantages, mask, mode, config, weights)
+    monkeypatch.undo()
+    ref, ref_grad = _grads(loss_fn(getattr(verl_core, name)), logp)
+    _close(loss_value, ref, name=f"{loss} {mode} loss")
+    _assert_same_grads(grad, ref_grad, name=f"{loss} {mode} d logp")
+    _, ref_metrics = getattr(verl_core, name)(old, logp, advantages, mask, mode, config, weights)
+    for key in ref_metrics:
+        assert metrics[key] == pytest.approx(ref_metrics[key], abs=1e-6), key
+
+
+def test_verl_vanilla_with_rollout_correction_weights_against_the_closed_form():
+    """Framework-free: veRL's vanilla loss with rollout correction weights, written out in
+    float64 (clipped surrogate, dual clip at c for A < 0, each token times its weight, token
+    mean), and its clip fractions counted on the unweighted advantages."""
+    from rlhf_kernels.integrations import verl as ours
+
+    old, logp, advantages = _rollout(spread=0.6)
+    mask = _mask(3, 11, "holes")
+    mask[0, 1], advantages[0, 1], logp[0, 1] = 1.0, -1.0, old[0, 1] + 1.5  # the dual clip bites
+    weights = _rollout_correction_weights(mask.shape)
+    low, high, c = 0.15, 0.28, 3.0
+    config = _ActorConfig(clip_ratio=0.2, clip_ratio_low=low, clip_ratio_high=high,
+                          clip_ratio_c=c, global_batch_info={})
+
+    def closed_form(lp):
+        a, w, m = advantages.double(), weights.double(), mask.double()
+        ratio = torch.exp((lp.double() - old.double()).clamp(-20, 20))
+        loss1, loss2 = -a * ratio, -a * ratio.clamp(1 - low, 1 + high)
+        clipped = torch.maximum(loss1, loss2)
+        per_token = torch.where(a < 0, torch.minimum(clipped, -a * c), clipped)
+        fractions = ((loss2 > loss1).double() * m).sum() / m.sum(), (
+            ((clipped > -a * c) & (a < 0)).double() * m).sum() / m.sum()
+        return (per_token * w * m).sum() / m.sum(), fractions
+
+    loss_value, grad = _grads(
+        lambda lp: ours.compute_policy_loss_vanilla(old, lp, advantages, mask, "token-mean",
+                                                    config, weights)[0], logp)
+    ref, ref_grad = _grads(lambda lp: closed_form(lp)[0], logp)
+    _close(loss_value, ref, name="loss")
+    _assert_same_grads(grad, ref_grad, name="d logp")
+    _, metrics = ours.compute_policy_loss_vanilla(old, logp, advantages, mask, "token-mean",
+                                                  config, weights)
+    clipfrac, lower = closed_form(logp)[1]
+    assert metrics["actor/pg_clipfrac"] == pytest.approx(clipfrac.item(), abs=1e-6)
+    assert metrics["actor/pg_clipfrac_lower"] == pytest.approx(lower.item(), abs=1e-6)
+    assert 0 < clipfrac < 1 and 0 < lower < 1  # both clips bite somewhere
+
+
 def test_verl_policy_loss_deprecated_form(verl_core):
     from rlhf_kernels.integrations import verl as ours
 

@@ -376,10 +376,10 @@ def test_verl_gspo_per_token_advantages_and_low_ratios_go_to_verl(monkeypatch):
                                     "token-mean", {})
     _close(loss, ref, name="gspo, ratio bounded above")
     _assert_metrics(metrics, ref_metrics, "gspo bounded above")
-    rollout_weights = torch.ones_like(adv)
-    our_verl.compute_policy_loss_cispo(old, logp, adv, mask, "token-mean", config,
-                                       rollout_weights)
-    assert calls == ["compute_policy_loss_gspo"] * 2 + ["compute_policy_loss_cispo"]
+    rollout_weights = torch.ones_like(adv)  # GSPO with rollout correction weights: veRL's
+    our_verl.compute_policy_loss_gspo(old, logp, adv, mask, "token-mean", config,
+                                      rollout_weights)
+    assert calls == ["compute_policy_loss_gspo"] * 3
 
 
 @pytest.mark.parametrize("info", _GLOBAL_INFO, ids=["local", "global"])
@@ -559,7 +559,8 @@ def fake_verl(monkeypatch):
     names (whatever veRL is or is not installed, these modules are used and then removed)."""
     modules = {}
     for name in ("verl", "verl.trainer", "verl.trainer.ppo", "verl.trainer.ppo.core_algos",
-                 "verl.utils", "verl.utils.torch_functional"):
+                 "verl.utils", "verl.utils.torch_functional", "verl.utils.experimental",
+                 "verl.utils.experimental.torch_functional"):
         modules[name] = types.ModuleType(name)
         monkeypatch.setitem(sys.modules, name, modules[name])
     core = modules["verl.trainer.ppo.core_algos"]
@@ -582,6 +583,7 @@ def fake_verl(monkeypatch):
     for name in ("logprobs_from_logits", "entropy_from_logits",
                  "entropy_from_logits_with_chunking"):
         setattr(functional, name, stand_in(name))
+    modules["verl.utils.experimental.torch_functional"].FusedLinearForPPOFunction = object
     monkeypatch.setattr(integrations, "_ORIGINALS", {})
     return core
 

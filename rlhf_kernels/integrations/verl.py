@@ -61,10 +61,14 @@ Conversions (veRL's semantics are kept; see docs/integrations.md for the full li
 * GSPO: the kernels' sequence ratio is veRL's GSPO-token form when the advantages are one value
   per row; other calls, and rows whose mean log-ratio is below -10, go to veRL's own function.
 
-Falls back to veRL's own function for: ``rollout_is_weights``, a distributed call without the
-global counts veRL requires, KL modes other than k1/k2/k3/abs (and their aliases / "+" forms),
-the calls veRL itself rejects (fewer than 2 valid tokens to whiten, no config), and the GSPO
-cases above.
+Rollout correction weights (``rollout_is_weights``, vanilla and CISPO): they multiply each
+token's policy loss and are never negative, so the op is given A x w (exact: the losses are
+positively homogeneous in A); vanilla's clip fractions are counted on the unweighted A, as veRL.
+
+Falls back to veRL's own function for: GSPO with ``rollout_is_weights``, a distributed call
+without the global counts veRL requires, KL modes other than k1/k2/k3/abs (and their aliases /
+"+" forms), the calls veRL itself rejects (fewer than 2 valid tokens to whiten, no config), and
+the GSPO cases above.
 """
 
 from __future__ import annotations
@@ -483,8 +487,10 @@ def _loss_dtype(loss_agg_mode: str, *tensors: torch.Tensor) -> torch.dtype:
 
 
 def _policy_loss(old_log_prob, log_prob, advantages, response_mask, clip_low, clip_high,
-                 clip_ratio_c, loss_agg_mode, global_batch_info, keep_fp32, **options):
-    """ppo_policy_loss with veRL's aggregation and dtype; ``options``: the op's ratio_level,
+                 clip_ratio_c, loss_agg_mode, global_batch_info, keep_fp32, weights=None,
+                 **options):
+    """ppo_policy_loss with veRL's aggregation and dtype (``weights``: the rollout correction
+    weights, already in ``advantages``, for the dtype only); ``options``: the op's ratio_level,
     loss_type, log_ratio_clamp (default 20, veRL's token log-ratio clamp)."""
     options.setdefault("log_ratio_clamp", 20.0)
     loss, stats = ppo_policy_loss(
@@ -493,14 +499,16 @@ def _policy_loss(old_log_prob, log_prob, advantages, response_mask, clip_low, cl
         reduction=loss_agg_mode, **options,
     )
     loss = _scaled(loss, _agg_factor(response_mask, loss_agg_mode, **global_batch_info))
-    dtype = _loss_dtype(loss_agg_mode, log_prob, old_log_prob, advantages, response_mask)
+    dtype = _loss_dtype(loss_agg_mode, log_prob, old_log_prob, advantages, response_mask,
+                        weights)
     return finish(loss, dtype, keep_fp32), stats
 
 
-def _actor_options(config: Any, loss_agg_mode: str, rollout_is_weights):
+def _actor_options(config: Any, loss_agg_mode: str, rollout_is_weights, advantages):
     """(clip_low, clip_high, global_batch_info, covered) read from veRL's actor config as its
     policy losses read them; covered: whether the kernels compute this call (a config with both
-    clip ranges, no rollout correction weights, an aggregation ``_agg_factor`` converts)."""
+    clip ranges, rollout correction weights absent or of the advantages' shape, an aggregation
+    ``_agg_factor`` converts)."""
     global_batch_info = dict(_config_value(config, "global_batch_info", None) or {})
     clip_ratio = getattr(config, "clip_ratio", None)
     clip_low = getattr(config, "clip_ratio_low", None)
@@ -509,7 +517,7 @@ def _actor_options(config: Any, loss_agg_mode: str, rollout_is_weights):
     clip_high = clip_ratio if clip_high is None else clip_high
     covered = (
         config is not None
-        and rollout_is_weights is None
+        and (rollout_is_weights is None or rollout_is_weights.shape == advantages.shape)
         and clip_low is not None
         and clip_high is not None
         and set(global_batch_info) <= {"dp_size", "batch_num_tokens", "global_batch_size",
@@ -519,6 +527,32 @@ def _actor_options(config: Any, loss_agg_mode: str, rollout_is_weights):
                                global_batch_info.get("global_batch_size"))
     )
     return clip_low, clip_high, global_batch_info, covered
+
+
+def _weighted(advantages: torch.Tensor, rollout_is_weights: torch.Tensor | None) -> torch.Tensor:
+    """veRL multiplies each token's policy loss by its rollout correction weight (a truncated
+    importance ratio, or 0 for a rejected token: never negative). The op's losses are positively
+    homogeneous in the advantage (w max(-rA, -cA) = max(-r wA, -c wA), likewise the dual clip
+    and CISPO), so A x w gives the weighted loss and gradient exactly."""
+    if rollout_is_weights is None:
+        return advantages
+    return advantages * rollout_is_weights.detach()
+
+
+def _vanilla_clip_fractions(old_log_prob, log_prob, advantages, response_mask, clip_low,
+                            clip_high, clip_ratio_c):
+    """veRL's pg_clipfrac and pg_clipfrac_lower, counted on the unweighted advantages as veRL
+    counts them (the op, given A x w, would not count a token whose weight is 0)."""
+    with torch.no_grad():
+        mask = (response_mask != 0).to(torch.float32)
+        work = promoted(log_prob, old_log_prob, advantages, torch.float32)
+        ratio = torch.exp((log_prob.detach().to(work) - old_log_prob.to(work)).clamp(-20.0, 20.0))
+        a = advantages.to(work)
+        loss1, loss2 = -a * ratio, -a * ratio.clamp(1 - clip_low, 1 + clip_high)
+        clipped = (loss2 > loss1).to(torch.float32)
+        lower = ((torch.maximum(loss1, loss2) > -a * clip_ratio_c) & (a < 0)).to(torch.float32)
+        count = mask.sum().clamp_min(1.0)
+        return torch.stack([(clipped * mask).sum() / count, (lower * mask).sum() / count])
 
 
 @dropin
@@ -540,20 +574,27 @@ def compute_policy_loss_vanilla(
     clip_ratio_c and global_batch_info from ``config``, as veRL does.
     """
     clip_low, clip_high, global_batch_info, covered = _actor_options(
-        config, loss_agg_mode, rollout_is_weights)
+        config, loss_agg_mode, rollout_is_weights, advantages)
     clip_ratio_c = _config_value(config, "clip_ratio_c", 3.0) if config is not None else 3.0
     if not (covered and clip_ratio_c > 1.0):
         return original(_CORE, "compute_policy_loss_vanilla")(
             old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
             rollout_is_weights,
         )
-    loss, stats = _policy_loss(old_log_prob, log_prob, advantages, response_mask, clip_low,
-                               clip_high, clip_ratio_c, loss_agg_mode, global_batch_info,
-                               keep_fp32)
+    loss, stats = _policy_loss(old_log_prob, log_prob, _weighted(advantages, rollout_is_weights),
+                               response_mask, clip_low, clip_high, clip_ratio_c, loss_agg_mode,
+                               global_batch_info, keep_fp32, weights=rollout_is_weights)
+    if rollout_is_weights is None:
+        fractions = torch.stack([stats["clipfrac"], stats["dual_clipfrac"]])
+    else:
+        fractions = _vanilla_clip_fractions(old_log_prob, log_prob, advantages, response_mask,
+                                            clip_low, clip_high, clip_ratio_c)
+    clipfrac, ppo_kl, lower = torch.cat([fractions[:1], stats["ppo_kl"].reshape(1).to(
+        fractions.dtype), fractions[1:]]).tolist()
     metrics = {
-        "actor/pg_clipfrac": stats["clipfrac"].item(),
-        "actor/ppo_kl": stats["ppo_kl"].item(),
-        "actor/pg_clipfrac_lower": stats["dual_clipfrac"].item(),
+        "actor/pg_clipfrac": clipfrac,
+        "actor/ppo_kl": ppo_kl,
+        "actor/pg_clipfrac_lower": lower,
     }
     return loss, metrics
 
@@ -644,7 +685,8 @@ def compute_policy_loss_gspo(
     the float metrics need anyway.
     """
     clip_low, clip_high, global_batch_info, covered = _actor_options(
-        config, loss_agg_mode, rollout_is_weights)
+        config, loss_agg_mode, rollout_is_weights, advantages)
+    covered = covered and rollout_is_weights is None
 
     def theirs():
         return original(_CORE, "compute_policy_loss_gspo")(
@@ -691,14 +733,15 @@ def compute_policy_loss_cispo(
     floats).
     """
     clip_low, clip_high, global_batch_info, covered = _actor_options(
-        config, loss_agg_mode, rollout_is_weights)
+        config, loss_agg_mode, rollout_is_weights, advantages)
     if not covered:
         return original(_CORE, "compute_policy_loss_cispo")(
             old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
             rollout_is_weights,
         )
-    loss, stats = _policy_loss(old_log_prob, log_prob, advantages, response_mask, clip_low,
-                               clip_high, None, loss_agg_mode, global_batch_info, keep_fp32,
+    loss, stats = _policy_loss(old_log_prob, log_prob, _weighted(advantages, rollout_is_weights),
+                               response_mask, clip_low, clip_high, None, loss_agg_mode,
+                               global_batch_info, keep_fp32, weights=rollout_is_weights,
                                loss_type="cispo")
     clipfrac, ppo_kl = torch.stack([stats["clipfrac"], stats["ppo_kl"]]).tolist()
     metrics = {"actor/pg_clipfrac": clipfrac, "actor/ppo_kl": ppo_kl,
