@@ -72,6 +72,11 @@ class FrontierConfig:
         if not self.kl_coefs or any(not (c > 0 and math.isfinite(c)) for c in self.kl_coefs):
             raise ValueError(f"kl_coefs={list(self.kl_coefs)}: expected a non-empty list of "
                              "numbers > 0 (one RL run per algorithm and value)")
+        names = [point_name(self.algorithms[0], c) for c in self.kl_coefs]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:  # one point directory for two runs: the second would be refused there
+            raise ValueError(f"kl_coefs={list(self.kl_coefs)} name one point twice "
+                             f"({', '.join(twice)}); give each value once")
         if self.num_iterations is not None and self.num_iterations < 1:
             raise ValueError(f"num_iterations must be >= 1 or null, got {self.num_iterations}")
         if self.eval_samples < 2:
@@ -118,8 +123,10 @@ def _rl_config(cfg: FrontierConfig, algorithm: str, kl_coef: float, out: Path) -
     """The pipeline's RL stage settings for ``algorithm``, at a fixed kl_coef."""
     base = replace(_base_config(cfg), algorithm=algorithm)
     stage_cfg = pipeline.stage_configs(base)["ppo"]
+    # resume: a point interrupted in its RL run continues from its checkpoint (a fresh run
+    # would be refused in the directory that run holds)
     settings = {"output_dir": str(out), "kl_coef": kl_coef, "kl_target": None,
-                "resume": False, "overwrite": cfg.overwrite}
+                "resume": cfg.resume, "overwrite": cfg.overwrite}
     if cfg.num_iterations is not None:
         settings["num_iterations"] = cfg.num_iterations
     return replace(stage_cfg, **settings)

@@ -372,3 +372,61 @@ def test_a_config_key_given_twice_is_refused_with_both_lines(tmp_path, capsys):
     merged.write_text("<<: {lr: 1.0e-3, max_steps: 3}\nlr: 2.0e-3\n")
     cfg = load_config(SFTConfig, merged)
     assert cfg.lr == 2.0e-3 and cfg.max_steps == 3
+
+
+# --------------------------------------------------------------------------------------------
+# frontier: a point interrupted in its RL run, and two kl_coefs naming one point
+# --------------------------------------------------------------------------------------------
+def test_frontier_resume_continues_an_interrupted_point(tmp_path, monkeypatch):
+    """`rlhf frontier --resume` kept the finished points but started an interrupted point's RL
+    run afresh (resume=false) in its directory, which holds that run: refused ("holds another
+    run ... overwrite=true"), so the frontier could not be resumed past it. Now the point's RL
+    run resumes from its checkpoint and the point's figures equal the uninterrupted ones."""
+    from dataclasses import replace
+
+    from rlhf import frontier
+    from rlhf.models import LoraSpec, SharedBackbone
+    from tests._tiny_models import OWN_MODEL_SHAPE, interrupt_at, review_tokenizer, tiny_llama
+    from tests.test_pipeline import micro_config
+
+    base_dir = tmp_path / "base"
+    tokenizer = review_tokenizer(task.make_corpus(64, seed=0))
+    tokenizer.save_pretrained(base_dir / "tokenizer")
+    model = tiny_llama(tokenizer, **OWN_MODEL_SHAPE)
+    model.save_pretrained(base_dir / "sft" / "model")
+    SharedBackbone.from_model(model, lora=LoraSpec(rank=4, alpha=8)).save(
+        base_dir / "rm" / "backbone")
+
+    def config(name, **overrides):
+        return frontier.FrontierConfig(output_dir=str(tmp_path / name), algorithms=("grpo",),
+                                       kl_coefs=(0.1,), num_iterations=2, device="cpu",
+                                       eval_samples=4, base=micro_config(tmp_path / "unused"),
+                                       **overrides)
+
+    want = frontier._run_point(config("full"), "grpo", 0.1, base_dir, 0.0, 1.0)
+    train = rl.train
+
+    def interrupted(*args, **kwargs):
+        return train(*args, on_iteration=interrupt_at(1), **kwargs)
+
+    monkeypatch.setattr(rl, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        frontier._run_point(config("cut"), "grpo", 0.1, base_dir, 0.0, 1.0)
+    monkeypatch.setattr(rl, "train", train)
+    got = frontier._run_point(replace(config("cut"), resume=True), "grpo", 0.1, base_dir, 0.0,
+                              1.0)
+    assert got["iterations"] == 2
+    for key in ("gold_mean", "kl_mean", "proxy_mean", "gold_gain"):
+        assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-9), key
+
+
+def test_frontier_refuses_two_kl_coefs_of_one_point():
+    """Two kl_coefs that name one point (0.1 twice, or 0.1 and 0.1000001, both 'kl0.1') ran
+    the second into the first's directory after the first had trained: refused there, an hour
+    into a real frontier. Now refused when the config is read, as a repeated algorithm is."""
+    from rlhf import frontier
+
+    for coefs in ((0.1, 0.1), (0.1, 0.1000001)):
+        with pytest.raises(ValueError, match=r"kl_coefs=\[0.1, 0.1.*\] name one point twice "
+                                             r"\(grpo-kl0.1\)"):
+            frontier.FrontierConfig(algorithms=("grpo",), kl_coefs=coefs)
