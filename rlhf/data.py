@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 
 __all__ = [
     "IGNORE_INDEX",
+    "check_chat_rows",
     "collate_preferences",
     "collate_prompts",
     "collate_sft",
@@ -277,6 +278,27 @@ def _check_rows(dataset, source: str | Path, columns: Sequence[str], *, chat: bo
             if problem is not None:
                 raise ValueError(f"dataset {_row_location(source, index, load_kwargs)}: "
                                  f"{problem}; fix or remove that row")
+
+
+def check_chat_rows(rows, tokenizer, source: str | Path | None = None) -> None:
+    """Refuse chat rows (a value that is a list of {'role', 'content'} messages) when
+    ``tokenizer`` has no chat template to render them: one ValueError naming the first such
+    row (its file line when ``source``, the dataset ``rows`` were loaded from, is given). Rows:
+    a `datasets.Dataset`, or a list of row dicts or of prompts. Cheap (no tokenising): the
+    stages run it before the model loads."""
+    if getattr(tokenizer, "chat_template", None):
+        return
+    for index, row in enumerate(rows):
+        items = row.items() if isinstance(row, Mapping) else [("prompt", row)]
+        column = next((name for name, value in items if _is_messages(value)), None)
+        if column is None:
+            continue
+        where = (f"dataset {_row_location(source, index, {})}" if source is not None
+                 else f"row {index + 1}")
+        raise ValueError(f"{where}: column {column!r} is a chat (a list of messages) but the "
+                         f"tokenizer has no chat template to render it; use a tokenizer with "
+                         f"one (tokenizer=..., or set tokenizer.chat_template) or give the "
+                         f"rows as strings")
 
 
 def _row_location(source: str | Path, index: int, load_kwargs: Mapping[str, Any]) -> str:

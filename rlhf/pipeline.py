@@ -589,6 +589,10 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
         own_pairs = None if cfg.resume and (out / "pairs.jsonl").exists() else \
             [dict(row) for row in data.load_preference_dataset(rm_cfg.dataset)]
         ppo_prompts = [row["prompt"] for row in data.load_prompt_dataset(ppo_cfg.dataset)]
+        # chat rows need the tokenizer's chat template: said now, not when their stage starts
+        for rows, source in ((examples, sft_cfg.dataset), (own_pairs or [], rm_cfg.dataset),
+                             (ppo_prompts, ppo_cfg.dataset)):
+            data.check_chat_rows(rows, tokenizer, source)
     else:
         ppo_prompts = task.all_prompts("train")
     ppo.encode_prompts(ppo_prompts, tokenizer, ppo_cfg.max_prompt_length,

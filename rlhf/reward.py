@@ -247,6 +247,7 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
         from rlhf.models import load_tokenizer
 
         tokenizer = tokenizer or load_tokenizer(cfg.model, setting="model")
+        data.check_chat_rows(train_pairs, tokenizer, cfg.dataset if cfg.dataset else None)
         backbone = SharedBackbone.from_pretrained(
             cfg.model, lora=LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha), seed=cfg.seed,
             quantization=cfg.quantization, device=resolve_device(cfg.device),

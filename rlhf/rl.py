@@ -924,7 +924,8 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
         tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model,
                                                 setting="tokenizer" if cfg.tokenizer else "model")
         if prompts is not None:
-            # too long: say so now
+            # a chat without a template, or too long: say so now
+            data.check_chat_rows(prompts, tokenizer, cfg.dataset)
             encode_prompts(prompts, tokenizer, cfg.max_prompt_length, source=cfg.dataset)
         backbone = SharedBackbone.load(cfg.model, setting="model",
                                        quantization=cfg.quantization,

@@ -273,6 +273,7 @@ def _load_model_and_data(cfg: SFTConfig):
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model,
                                setting="tokenizer" if cfg.tokenizer else "model")
     examples = data.load_sft_dataset(cfg.dataset)
+    data.check_chat_rows(examples, tokenizer, cfg.dataset)
     model = load_causal_lm(cfg.model, quantization=cfg.quantization,
                            device=resolve_device(cfg.device))
     return model, tokenizer, examples

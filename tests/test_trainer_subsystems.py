@@ -430,3 +430,45 @@ def test_frontier_refuses_two_kl_coefs_of_one_point():
         with pytest.raises(ValueError, match=r"kl_coefs=\[0.1, 0.1.*\] name one point twice "
                                              r"\(grpo-kl0.1\)"):
             frontier.FrontierConfig(algorithms=("grpo",), kl_coefs=coefs)
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_chat_rows_without_a_chat_template_are_said_before_the_model_loads(
+        tmp_path, capsys, monkeypatch, stage):
+    """Chat rows (message lists) with a tokenizer that has no chat template stopped the run
+    after the model had loaded, as "this row is a chat ..." (no file, no row). Now they are
+    refused before, naming the file and line of the first chat row."""
+    from rlhf import cli, models
+    from tests._tiny_models import review_tokenizer
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(models, "load_causal_lm", no_model)
+    monkeypatch.setattr(models.SharedBackbone, "from_pretrained", no_model)
+    review_tokenizer(task.make_corpus(32, seed=0)).save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "llama"}')
+    user = '{"role": "user", "content": "hi"}'
+    reply = '{"role": "assistant", "content": "yo"}'
+    rows = tmp_path / "rows.jsonl"
+    if stage == "sft":
+        rows.write_text(f'\n{{"messages": [{user}, {reply}]}}\n')
+        column, line = "messages", 2
+    else:
+        rows.write_text(f'{{"prompt": [{user}], "chosen": [{reply}], "rejected": [{reply}]}}\n')
+        column, line = "prompt", 1
+    code = cli.main([stage, f"model={tmp_path / 'model'}", f"dataset={rows}",
+                     f"output_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert (f"error: dataset {str(rows)!r} line {line}: column {column!r} is a chat (a list of "
+            f"messages) but the tokenizer has no chat template") in err
+
+
+def test_chat_prompts_without_a_chat_template_name_their_row(tokenizer):
+    from rlhf import data
+
+    prompts = ["a", [{"role": "user", "content": "hi"}]]
+    with pytest.raises(ValueError, match="^row 2: column 'prompt' is a chat"):
+        data.check_chat_rows(prompts, tokenizer)
+    data.check_chat_rows(["a", "b"], tokenizer)  # no chat row: nothing to say
