@@ -120,7 +120,9 @@ def load_records(source: str | Path, split: str = "train", **load_kwargs: Any):
         except Exception as error:
             if isinstance(error, StopIteration) or "corresponds to no data" in str(error):
                 raise ValueError(f"dataset {str(source)!r} has no rows") from error
-            problem = _json_problem(files) or _root_cause(error)
+            problem = _json_problem(files) or (
+                _mixed_kinds(files) if "changed from" in _root_cause(error) else None) \
+                or _root_cause(error)
             raise ValueError(f"could not read dataset {str(source)!r}: {problem}") from error
     else:
         try:
@@ -181,6 +183,44 @@ def _json_problem(files: Sequence[Path]) -> str | None:
             if not isinstance(row, dict):
                 return (f"{file} line {number} is a JSON {type(row).__name__}, not an object "
                         f"(each line must be one row, e.g. {{\"prompt\": ..., ...}})")
+    return None
+
+
+def _mixed_kinds(files: Sequence[Path]) -> str | None:
+    """Where a column first holds another kind of JSON value than in its first row ("file line
+    5: column 'prompt' is a list here and a string on line 1 ..."), or None. `datasets` (Arrow)
+    refuses such a file with "JSON parse error: Column(/prompt) changed from string to array in
+    row 0", counting rows per block of the file. Run only after `datasets` failed."""
+    import json
+
+    kinds = {str: "string", list: "list", dict: "mapping", bool: "boolean", int: "number",
+             float: "number"}
+    first: dict[str, tuple[str, str]] = {}  # column -> (kind, where)
+    for file in files:
+        if LOCAL_FORMATS.get(file.suffix.lower()) != "json":
+            continue
+        text = file.read_text(encoding="utf-8-sig")
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError:
+            document = None
+        if isinstance(document, list):
+            rows = [(f"row {number}", row) for number, row in enumerate(document, 1)]
+        else:
+            rows = [(f"line {number}", json.loads(line))
+                    for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+        for where, row in rows:
+            if not isinstance(row, dict):
+                continue
+            for column, value in row.items():
+                kind = kinds.get(type(value))
+                if kind is None:  # null: any column may be empty in a row
+                    continue
+                seen = first.setdefault(column, (kind, f"{where} of {file.name}"))
+                if seen[0] != kind:
+                    return (f"{file} {where}: column {column!r} is a {kind} here and a "
+                            f"{seen[0]} on {seen[1]}; a column holds one kind of value in every "
+                            f"row (e.g. all strings, or all lists of chat messages)")
     return None
 
 

@@ -472,3 +472,24 @@ def test_chat_prompts_without_a_chat_template_name_their_row(tokenizer):
     with pytest.raises(ValueError, match="^row 2: column 'prompt' is a chat"):
         data.check_chat_rows(prompts, tokenizer)
     data.check_chat_rows(["a", "b"], tokenizer)  # no chat row: nothing to say
+
+
+@pytest.mark.parametrize("text, where, message", [
+    ('{"prompt": "a", "completion": "b"}\n\n'
+     '{"prompt": [{"role": "user", "content": "hi"}], "completion": "b"}\n', "line 3",
+     "column 'prompt' is a list here and a string on line 1 of rows.jsonl"),
+])
+def test_a_column_of_mixed_kinds_names_the_line(tmp_path, text, where, message):
+    """Strings in some rows and message lists in others: `datasets` refused the file with
+    Arrow's "JSON parse error: Column(/prompt) changed from string to array in row 1" (a row
+    number within a block of the file). Now the error names the line where the kind changes
+    and the line of the first kind."""
+    from rlhf import data
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text(text)
+    with pytest.raises(ValueError) as caught:
+        data.load_sft_dataset(str(path))
+    assert str(caught.value) == (
+        f"could not read dataset {str(path)!r}: {path} {where}: {message}; a column holds one "
+        f"kind of value in every row (e.g. all strings, or all lists of chat messages)")
