@@ -149,6 +149,67 @@ def test_patch_is_a_context_manager_and_nests(fake_framework):
     assert fw.core.helper is fw.helper and fw.user.helper is fw.helper
 
 
+def _holders(fw, *late):
+    """Every reference to the helper the framework holds: its module, a by-name import, its
+    registry, and modules imported later (which copied whatever the module held then)."""
+    return [fw.core.helper, fw.user.helper, fw.core.REGISTRY["h"]] + [m.helper for m in late]
+
+
+def _import_late(fw, name):
+    module = types.ModuleType(f"fakefw.{name}")
+    module.helper = fw.core.helper  # `from fakefw.core import helper` while patched
+    sys.modules[module.__name__] = module
+    return module
+
+
+@pytest.mark.parametrize("same_dropin", [False, True], ids=["two drop-ins", "one drop-in"])
+def test_nested_patches_undone_in_either_order_restore_the_framework(fake_framework,
+                                                                     same_dropin):
+    """patch A, patch B, A.undo(), B.undo(): B stays in force until it is undone, and then
+    the framework's own functions are back everywhere (before: B.undo() put A's drop-in back,
+    leaving the framework patched with both patches inactive; with one drop-in object for
+    both, A.undo() unpatched the framework under the still active B)."""
+    fw = fake_framework
+    helper_a, _, targets_a = _fake_targets()
+    helper_b, _, targets_b = (helper_a, None, targets_a) if same_dropin else _fake_targets()
+    a = integrations.apply_patch("Fake", "fakefw", targets_a)
+    during_a = _import_late(fw, "during_a")
+    b = integrations.apply_patch("Fake", "fakefw", targets_b)
+    during_both = _import_late(fw, "during_both")
+    assert all(h is helper_b for h in _holders(fw, during_a, during_both))
+
+    a.undo()
+    assert not a.active and b.active
+    assert all(h is helper_b for h in _holders(fw, during_a, during_both)), \
+        "undoing the outer patch undid the inner one, still active"
+    assert fw.core.Loss().forward(1) == 200
+    during_b = _import_late(fw, "during_b")
+
+    b.undo()
+    assert not b.active
+    assert all(h is fw.helper for h in _holders(fw, during_a, during_both, during_b)), \
+        "a drop-in is left in the framework after every patch was undone"
+    assert fw.core.Loss().forward(1) == 2
+    a.undo(), b.undo()  # idempotent
+    assert all(h is fw.helper for h in _holders(fw, during_a, during_both, during_b))
+
+
+def test_three_patches_undone_middle_first(fake_framework):
+    fw = fake_framework
+    patches, helpers = [], []
+    for _ in range(3):
+        helper, _, targets = _fake_targets()
+        patches.append(integrations.apply_patch("Fake", "fakefw", targets))
+        helpers.append(helper)
+    patches[1].undo()
+    assert all(h is helpers[2] for h in _holders(fw))
+    patches[2].undo()
+    assert all(h is helpers[0] for h in _holders(fw)), "the remaining patch is not in force"
+    assert patches[0].active
+    patches[0].undo()
+    assert all(h is fw.helper for h in _holders(fw))
+
+
 def test_patch_skips_missing_targets_with_a_warning(fake_framework):
     helper, _, targets = _fake_targets()
     targets = targets + [("fakefw.core", "absent_in_this_version", helper),
@@ -715,6 +776,89 @@ def test_openrlhf_policy_loss(openrlhf_loss, dual_clip, token_level, options):
     for name, a, b in zip(("clip_ratio", "ppo_kl"), stats[1:3], ref_stats[1:3]):
         _close(a, b, atol=1e-6, name=name)
     assert stats[3:] == (None, None) == tuple(ref_stats[3:])
+
+
+# OpenRLHF's train/rollout correction: (policy_loss_type, level, mode, gating, threshold)
+_CORRECTIONS = [
+    ("ppo", "token", "mask", "ratio", (0.5, 1.6)),
+    ("ppo", "seq", "mask", "ratio", (0.95, 1.05)),
+    ("ppo", "token", "clip", "ratio", (0.7, 1.3)),
+    ("ppo", "token", "mask", "binary_kl", (0.0, 0.02)),
+    ("ppo", "seq", "mask", "tv", (0.0, 0.075)),
+    ("gspo", "token", "mask", "ratio", (0.5, 5.0)),
+]
+
+
+@pytest.mark.parametrize("loss_type, level, mode, gating, threshold", _CORRECTIONS)
+@pytest.mark.parametrize("dual_clip, token_level", [(None, True), (3.0, False)])
+def test_openrlhf_policy_loss_with_rollout_correction(openrlhf_loss, monkeypatch, loss_type,
+                                                      level, mode, gating, threshold,
+                                                      dual_clip, token_level):
+    """is_correction_level != "off" (vLLM rollout log-probs): computed by the kernels, no
+    fallback, with OpenRLHF's loss, gradient and all four statistics, including filtered
+    (coefficient 0) tokens and sequences."""
+    from rlhf_kernels.integrations import openrlhf as ours
+
+    module = openrlhf_loss.PolicyLoss(
+        0.2, 0.28, dual_clip=dual_clip, token_level_loss=token_level, policy_loss_type=loss_type,
+        is_correction_level=level, is_correction_mode=mode, is_correction_gating=gating,
+        is_correction_threshold=threshold)
+    old, logp, advantages = _rollout(B=16, spread=0.5)
+    rollout = old + 0.3 * torch.randn_like(old)  # the inference engine's log-probs
+    mask = _mask(16, 11, "holes")
+    args = (old, advantages, mask, rollout)
+
+    monkeypatch.setattr(ours, "original", lambda *a: pytest.fail(f"{a} fell back to OpenRLHF"))
+    loss, grad = _grads(lambda lp: ours.policy_loss_forward(module, lp, *args)[0], logp)
+    stats = ours.policy_loss_forward(module, logp, *args)
+    monkeypatch.undo()
+    ref, ref_grad = _grads(lambda lp: openrlhf_loss.PolicyLoss.forward(module, lp, *args)[0],
+                           logp)
+    ref_stats = module(logp, *args)
+    _close(loss, ref, name="loss")
+    _assert_same_grads(grad, ref_grad, name="d logp")
+    for name, a, b in zip(("clip_ratio", "ppo_kl", "vllm_kl", "is_filter_ratio"), stats[1:],
+                          ref_stats[1:]):
+        if b is None:
+            assert a is None, name
+            continue
+        assert a.dtype == b.dtype, name
+        _close(a, b, atol=1e-6, name=name)
+    if loss_type == "ppo":
+        assert 0 < ref_stats[4] < 1, "the band filters some tokens or sequences, not all"
+
+
+def test_openrlhf_rollout_correction_against_the_closed_form():
+    """Framework-free: OpenRLHF's token-level "mask" correction written out in float64 (each
+    token's clipped surrogate times its ratio pi_old / pi_rollout inside the band, 0 outside;
+    token mean), and clip_ratio counted on the unweighted advantages."""
+    from rlhf_kernels.integrations import openrlhf as ours
+
+    low, high = 0.8, 1.25
+    module = types.SimpleNamespace(
+        clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=None, token_level_loss=True,
+        policy_loss_type="ppo", is_correction_level="token", is_correction_mode="mask",
+        is_correction_gating="ratio", is_correction_threshold=(low, high))
+    old, logp, advantages = _rollout(spread=0.5)
+    rollout = old + 0.3 * torch.randn_like(old)
+    mask = _mask(3, 11, "holes")
+
+    def closed_form(lp):
+        a, m = advantages.double(), mask.double()
+        ratio = (lp.double() - old.double()).clamp(-20, 20).exp()
+        surr1, surr2 = ratio * a, ratio.clamp(0.8, 1.28) * a
+        is_ratio = (old.double() - rollout.double()).exp()
+        coefficient = torch.where((is_ratio >= low) & (is_ratio <= high), is_ratio, 0.0)
+        loss = (-torch.minimum(surr1, surr2) * coefficient * m).sum() / m.sum()
+        return loss, ((surr2 < surr1).double() * m).sum() / m.sum()
+
+    loss, grad = _grads(
+        lambda lp: ours.policy_loss_forward(module, lp, old, advantages, mask, rollout)[0], logp)
+    ref, ref_grad = _grads(lambda lp: closed_form(lp)[0], logp)
+    _close(loss, ref, name="loss")
+    _assert_same_grads(grad, ref_grad, name="d logp")
+    clip_ratio = ours.policy_loss_forward(module, logp, old, advantages, mask, rollout)[1]
+    _close(clip_ratio, closed_form(logp)[1], atol=1e-6, name="clip_ratio")
 
 
 @pytest.mark.parametrize("clip_eps, token_level", [(0.2, True), (None, True), (0.3, False)])

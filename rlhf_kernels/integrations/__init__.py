@@ -93,8 +93,9 @@ def original(module_name: str, path: str) -> Callable:
 class _Change:
     container: Any  # a module, a class or a dict
     key: str
-    previous: Any
+    previous: Any  # what the slot held when the patch was applied (maybe another drop-in)
     replacement: Any
+    base: Any = None  # the framework's own value under every patch (set by _record)
 
     def current(self) -> Any:
         if isinstance(self.container, dict):
@@ -110,6 +111,49 @@ def _assign(container: Any, key: str, value: Any) -> None:
         container[key] = value
     else:
         setattr(container, key, value)
+
+
+# Every change still applied, per slot (id of the container, key), oldest first. A slot holds
+# the replacement of its newest change, or its base (the framework's own value) when none is
+# left. Patches may be undone in any order: undoing one takes its changes off their stacks, so
+# the newest active patch stays in force and the last undo puts the framework's own function
+# back (a slot's previous value may be an older patch's drop-in, never restored on its own).
+_APPLIED: dict[tuple[int, str], list[_Change]] = {}
+
+
+def _slot(change: _Change) -> tuple[int, str]:
+    return id(change.container), change.key
+
+
+def _base_of(value: Any) -> Any:
+    """The framework's own value behind ``value``: itself, or what the active patch that put
+    this drop-in in place found under it."""
+    for stack in _APPLIED.values():
+        for change in stack:
+            if change.replacement is value:
+                return change.base
+    return value
+
+
+def _record(change: _Change) -> None:
+    stack = _APPLIED.setdefault(_slot(change), [])
+    change.base = stack[0].base if stack else _base_of(change.previous)
+    stack.append(change)
+
+
+def _remove(change: _Change) -> None:
+    """Take ``change`` off its slot; if it was the newest, the slot gets the next newest change's
+    replacement, or its base (unless someone else replaced the reference since)."""
+    slot = _slot(change)
+    stack = _APPLIED.get(slot, [])
+    position = next((i for i, c in enumerate(stack) if c is change), None)
+    if position is None:
+        return
+    del stack[position]
+    if position == len(stack) and change.current() is change.replacement:
+        change.set(stack[-1].replacement if stack else change.base)
+    if not stack:
+        del _APPLIED[slot]
 
 
 @dataclass
@@ -129,15 +173,19 @@ class Patch:
     _changes: list[_Change] = field(default_factory=list, repr=False)
 
     def undo(self) -> None:
-        """Put the framework's functions back (idempotent)."""
+        """Put back what this patch replaced (idempotent). Patches may be undone in any order:
+        while another patch of the same targets is active its drop-ins stay in force, and once
+        every patch is undone the framework holds its own functions again."""
         if not self.active:
             return
         for change in reversed(self._changes):
-            # Leave alone a reference someone else has replaced since.
-            if change.current() is change.replacement:
-                change.set(change.previous)
-        restore = {id(c.replacement): c.previous for c in self._changes}
-        # Modules imported while the patch was active copied the drop-in with `from ... import`.
+            _remove(change)
+        # Modules imported while the patch was active copied the drop-in with `from ... import`
+        # (no change records them). A drop-in another active patch still applies stays: that
+        # patch's undo finds it.
+        in_use = {id(c.replacement) for stack in _APPLIED.values() for c in stack}
+        restore = {id(c.replacement): c.base for c in self._changes
+                   if id(c.replacement) not in in_use}
         for container, key, value in _references(self.package, set(restore)):
             _assign(container, key, restore[id(value)])
         self.active = False
@@ -218,6 +266,7 @@ def _apply(patch: Patch, targets: list[tuple[str, str, Callable]]) -> None:
             _ORIGINALS.setdefault((module_name, path), current)
         change = _Change(owner, name, current, replacement)
         change.set(replacement)
+        _record(change)
         patch._changes.append(change)
         patch.patched.append(f"{module_name}.{path}")
         if "." not in path:  # module-level functions may be referenced elsewhere
@@ -226,6 +275,7 @@ def _apply(patch: Patch, targets: list[tuple[str, str, Callable]]) -> None:
         previous, replacement = replaced[id(value)]
         change = _Change(container, key, previous, replacement)
         change.set(replacement)
+        _record(change)
         patch._changes.append(change)
 
 
