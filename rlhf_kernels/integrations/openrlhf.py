@@ -13,7 +13,8 @@ and methods, patched on their classes (so every instance, old or new, uses them)
 
     PolicyLoss.forward(self, log_probs, old_log_probs, advantages, action_mask=None,
                        rollout_log_probs=None, dp_size=1, batch_num_tokens=None,
-                       global_batch_size=None) -> (loss, clip_ratio, ppo_kl, None, None)
+                       global_batch_size=None)
+        -> (loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)
     ValueLoss.forward(self, values, old_values, returns, action_mask=None, dp_size=1,
                       batch_num_tokens=None, global_batch_size=None) -> loss
     PairWiseLoss.forward / LogExpLoss.forward(self, chosen_reward, reject_reward, margin=None)
@@ -51,12 +52,19 @@ Conversions (OpenRLHF's semantics are kept; full list in docs/integrations.md):
   statistic).
 * GSPO (policy_loss_type "gspo"): OpenRLHF's ratio is the row's exp(mean log-ratio), unclamped,
   with the gradient through the mean: the kernels' ratio_level="sequence" without a clamp.
+* The train/rollout importance-sampling correction (``is_correction_level`` token / seq, modes
+  mask / clip, gatings ratio / binary_kl / tv): for "ppo" OpenRLHF multiplies each token's loss
+  by a coefficient that is never negative (a clamped ratio, or the token's ratio or 0), so the
+  op is given A x coefficient (exact: the clipped surrogate and the dual clip are positively
+  homogeneous in A); clip_ratio is counted on the unweighted A, and vllm_kl / is_filter_ratio
+  are computed as OpenRLHF does. For "gspo" OpenRLHF takes the ratio against the rollout
+  log-probs instead of the old ones: the op is given them as its old log-probs.
 * The critic-free estimators (group_norm, dr_grpo, rloo, reinforce_baseline) are computed inline
   in OpenRLHF's ``compute_advantages_and_returns``, so there is nothing to patch; their baseline
   step is ``group_baseline_rewards`` here (rlhf_kernels.group_advantages).
 
 Falls back to OpenRLHF's own method for policy_loss_type other than "ppo" and "gspo", the
-train/rollout importance-sampling correction (is_correction_level != "off"), KL estimators
+train/rollout importance-sampling correction without rollout_log_probs or action_mask, KL estimators
 other than k1/k2/k3, and calls OpenRLHF itself cannot evaluate (no action_mask with a
 sequence-level or global normalisation, or for GSPO). ``compute_reward`` is not replaced: its
 input is the already computed KL, so there is nothing left to fuse
@@ -209,6 +217,55 @@ def _loss_dtype(token_level_loss: bool, *tensors: torch.Tensor | None) -> torch.
     return promoted(*tensors) if token_level_loss else promoted(torch.float32, *tensors)
 
 
+def _rollout_correction(self, old_log_probs, rollout_log_probs, action_mask):
+    """OpenRLHF's train/rollout correction of the "ppo" loss -> (coefficient >= 0 per token,
+    (B, T) or (B, 1) broadcast against it, is_filter_ratio, vllm_kl), detached. The statistic
+    gated (the ratio pi_train / pi_rollout, or the sampled token's binary KL or total variation
+    between the two) is per token, or per sequence (the ratio's geometric mean, a divergence's
+    mean); "clip" clamps it into the band, "mask" keeps the token's own ratio inside the band and
+    0 outside."""
+    low, high = self.is_correction_threshold
+    per_sequence = self.is_correction_level == "seq"
+
+    def row_mean(x):
+        return ((x * action_mask).sum(-1) / action_mask.sum(-1)).unsqueeze(-1)
+
+    with torch.no_grad():
+        log_ratio = old_log_probs - rollout_log_probs  # log(pi_train / pi_rollout)
+        token_ratio = log_ratio.exp()
+        if self.is_correction_gating == "ratio":
+            statistic = (row_mean(log_ratio) if per_sequence else log_ratio).exp()
+        else:
+            p = rollout_log_probs.exp().clamp(1e-6, 1 - 1e-6)
+            q = old_log_probs.exp().clamp(1e-6, 1 - 1e-6)
+            if self.is_correction_gating == "binary_kl":
+                statistic = p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()
+            else:  # tv
+                statistic = (p - q).abs()
+            statistic = row_mean(statistic) if per_sequence else statistic
+        if self.is_correction_mode == "clip":
+            coefficient = statistic.clamp(min=low, max=high)
+            filtered = (statistic < low) | (statistic > high)
+        else:
+            kept = (statistic >= low) & (statistic <= high)
+            coefficient = torch.where(kept, token_ratio, torch.zeros_like(token_ratio))
+            filtered = ~kept
+        filter_ratio = (filtered.float().mean() if per_sequence
+                        else _masked_mean(filtered.float(), action_mask))
+        vllm_kl = _masked_mean(rollout_log_probs - old_log_probs, action_mask)
+    return coefficient, filter_ratio, vllm_kl
+
+
+def _clip_ratio(log_probs, old_log_probs, advantages, action_mask, clip_low, clip_high):
+    """OpenRLHF's clip_ratio of the "ppo" loss (the token ratio against the old log-probs,
+    log-ratio clamped to +-20), counted on the advantages as given."""
+    with torch.no_grad():
+        ratio = (log_probs - old_log_probs).clamp(-20.0, 20.0).exp()
+        surr1 = ratio * advantages
+        surr2 = ratio.clamp(1 - clip_low, 1 + clip_high) * advantages
+        return _masked_mean((surr2 < surr1).float(), action_mask)
+
+
 @dropin
 def policy_loss_forward(
     self,
@@ -226,23 +283,33 @@ def policy_loss_forward(
     """OpenRLHF ``PolicyLoss.forward`` for policy_loss_type "ppo" (token ratio, log-ratio
     clamped to +-20) and "gspo" (every token of a row takes the row's geometric-mean ratio
     exp(mean over valid tokens of logp - old), unclamped, the gradient through the mean: the
-    kernels' ratio_level="sequence"), without the train/rollout correction: (B, T) tensors ->
-    (loss, clip_ratio, ppo_kl, None, None), () tensors in OpenRLHF's dtypes (fp32 with
-    ``keep_fp32``). Dual clip as configured, for both."""
+    kernels' ratio_level="sequence"), with or without the train/rollout correction (module
+    docstring): (B, T) tensors -> (loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio), () tensors
+    in OpenRLHF's dtypes (fp32 with ``keep_fp32``); the last two None without the correction or
+    for "gspo", as OpenRLHF. Dual clip as configured, for both."""
     reduction, factor, covered = _aggregation(
         action_mask, self.token_level_loss, dp_size, batch_num_tokens, global_batch_size
     )
-    correction = getattr(self, "is_correction_level", "off")
+    correcting = getattr(self, "is_correction_level", "off") != "off"
     loss_type = self.policy_loss_type
-    if (loss_type not in _POLICY_RATIO or correction != "off" or not covered
-            or (loss_type == "gspo" and action_mask is None)):  # OpenRLHF's GSPO needs a mask
+    if (loss_type not in _POLICY_RATIO or not covered
+            or (loss_type == "gspo" and action_mask is None)  # OpenRLHF's GSPO needs a mask
+            or (correcting and (rollout_log_probs is None or action_mask is None))):
         return original(_LOSS, "PolicyLoss.forward")(
             self, log_probs, old_log_probs, advantages, action_mask, rollout_log_probs, dp_size,
             batch_num_tokens, global_batch_size,
         )
     ratio_level, log_ratio_clamp = _POLICY_RATIO[loss_type]
+    ratio_base, weighted, coefficient = old_log_probs, advantages, None
+    vllm_kl = filter_ratio = None
+    if correcting and loss_type == "gspo":  # the ratio against the rollout policy
+        ratio_base = rollout_log_probs
+    elif correcting:
+        coefficient, filter_ratio, vllm_kl = _rollout_correction(
+            self, old_log_probs, rollout_log_probs, action_mask)
+        weighted = advantages * coefficient
     loss, stats = ppo_policy_loss(
-        log_probs, old_log_probs, advantages, action_mask,
+        log_probs, ratio_base, weighted, action_mask,
         clip_low=self.clip_eps_low, clip_high=self.clip_eps_high, dual_clip=self.dual_clip,
         log_ratio_clamp=log_ratio_clamp, reduction=reduction, ratio_level=ratio_level,
     )
@@ -252,11 +319,17 @@ def policy_loss_forward(
     with torch.no_grad():  # OpenRLHF reports ppo_kl from the unclamped log-ratio
         work = torch.promote_types(kl_dtype, torch.float32)
         ppo_kl = _masked_mean(old_log_probs.to(work) - log_probs.to(work), action_mask)
-    loss_dtype = _loss_dtype(self.token_level_loss, log_probs, old_log_probs, advantages,
-                             action_mask)
-    return (finish(loss, loss_dtype, keep_fp32),
-            finish(stats["clipfrac"], promoted(torch.float32, action_mask), keep_fp32),
-            finish(ppo_kl, kl_dtype, keep_fp32), None, None)
+    loss_dtype = _loss_dtype(self.token_level_loss, log_probs, ratio_base, advantages,
+                             action_mask, coefficient)
+    clip_ratio = stats["clipfrac"] if coefficient is None else _clip_ratio(
+        log_probs, old_log_probs, advantages, action_mask, self.clip_eps_low, self.clip_eps_high)
+    frac_dtype = promoted(torch.float32, action_mask)
+    if vllm_kl is not None:
+        vllm_kl = finish(vllm_kl, promoted(rollout_log_probs, old_log_probs, action_mask),
+                         keep_fp32)
+        filter_ratio = finish(filter_ratio, frac_dtype, keep_fp32)
+    return (finish(loss, loss_dtype, keep_fp32), finish(clip_ratio, frac_dtype, keep_fp32),
+            finish(ppo_kl, kl_dtype, keep_fp32), vllm_kl, filter_ratio)
 
 
 @dropin
