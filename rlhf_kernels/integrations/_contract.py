@@ -62,3 +62,25 @@ def bind_keep_fp32(fn: Callable) -> Callable:
         return fn(*args, **kwargs)
 
     return keep_fp32_variant
+
+
+def weighted_advantages(advantages: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """The advantages that make ``ppo_policy_loss`` compute a framework's policy loss whose
+    per-token terms it multiplies by ``weights`` (importance-sampling corrections of the rollout
+    engine, off-policy and entropy masks): ``advantages x weights``, detached weights.
+
+    Exact for weights >= 0 (what every framework's correction gives: a truncated ratio, or 0 for
+    a dropped token): each loss the op computes is positively homogeneous in A, w min(rA, cA) =
+    min(r wA, c wA) for the clipped surrogate, likewise the dual clip's bound -cA and CISPO's
+    -sg(c) A logp, so the loss and its gradient are the weighted ones. The op's clip statistics
+    then see wA: a token of weight 0 no longer counts as clipped, so a drop-in reports the
+    framework's clip metrics from the unweighted advantages. (B,) advantages stay (B,) under
+    (B, 1) weights."""
+    if weights is None:
+        return advantages
+    weights = weights.detach()
+    if advantages.dim() == 1:
+        if weights.dim() == 2 and weights.shape[-1] == 1:
+            return advantages * weights.squeeze(-1).to(advantages.dtype)
+        advantages = advantages.unsqueeze(-1)
+    return advantages * weights

@@ -76,7 +76,13 @@ from __future__ import annotations
 import torch
 
 from rlhf_kernels.integrations import Patch, apply_patch, dropin, original
-from rlhf_kernels.integrations._contract import bind_keep_fp32, finish, installed, promoted
+from rlhf_kernels.integrations._contract import (
+    bind_keep_fp32,
+    finish,
+    installed,
+    promoted,
+    weighted_advantages,
+)
 from rlhf_kernels.ops.advantages import group_advantages
 from rlhf_kernels.ops.bradley_terry import bradley_terry_loss
 from rlhf_kernels.ops.gae import gae
@@ -307,7 +313,7 @@ def policy_loss_forward(
     elif correcting:
         coefficient, filter_ratio, vllm_kl = _rollout_correction(
             self, old_log_probs, rollout_log_probs, action_mask)
-        weighted = advantages * coefficient
+        weighted = weighted_advantages(advantages, coefficient)
     loss, stats = ppo_policy_loss(
         log_probs, ratio_base, weighted, action_mask,
         clip_low=self.clip_eps_low, clip_high=self.clip_eps_high, dual_clip=self.dual_clip,

@@ -59,7 +59,12 @@ import warnings
 import torch
 
 from rlhf_kernels.integrations import Patch, _is_dropin, apply_patch, dropin, original
-from rlhf_kernels.integrations._contract import bind_keep_fp32, finish, installed
+from rlhf_kernels.integrations._contract import (
+    bind_keep_fp32,
+    finish,
+    installed,
+    weighted_advantages,
+)
 from rlhf_kernels.ops.linear_logprobs import linear_logprobs
 from rlhf_kernels.ops.logprobs import logprobs
 from rlhf_kernels.ops.policy_loss import ppo_policy_loss
@@ -479,20 +484,6 @@ def _policy_weights(trainer, inputs, mask, advantages, logps, old, entropies):
     return weights.detach()
 
 
-def _weighted_advantages(advantages: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    """A x w for a weight w >= 0 on each token's policy term: every loss the op computes is
-    positively homogeneous in A (w min(r A, c A) = min(r wA, c wA), w (-c A logp) = -c (wA) logp,
-    the dual clip's bound -A c likewise), so the op's loss and gradient with A x w are the
-    w-weighted ones, exactly. (B,) advantages stay (B,) under a (B, 1) weight."""
-    if weights is None:
-        return advantages
-    if advantages.dim() == 1:
-        if weights.shape[-1] == 1:
-            return advantages * weights.squeeze(-1).to(advantages.dtype)
-        advantages = advantages.unsqueeze(1)
-    return advantages * weights.to(advantages.dtype)
-
-
 def _grpo_reduction(trainer, inputs, mask: torch.Tensor, mode: str):
     """(reduction, normalizer) of the op that give TRL's loss for the trainer's loss_type,
     the gradient-accumulation division included."""
@@ -553,8 +544,8 @@ def grpo_compute_loss(self, model, inputs):
     torch (the op has no ratio-weighted KL) with the same reduction. The per-token weights TRL
     puts on the policy term alone (vLLM's importance-sampling ratio, the off-policy sequence
     mask, the high-entropy token mask; all >= 0 and gradient-free) scale the advantages given to
-    the op, which is exact (see ``_weighted_advantages``); the KL term is not weighted, as in
-    TRL, and the clip metrics see the unweighted advantages, as TRL's.
+    the op, which is exact (``_contract.weighted_advantages``); the KL term is not weighted, as
+    in TRL, and the clip metrics see the unweighted advantages, as TRL's.
 
     Anything else (see ``grpo_loss_fallback_reason``: other loss types, the entropy bonus)
     runs TRL's own ``_compute_loss`` for that call.
@@ -587,7 +578,7 @@ def grpo_compute_loss(self, model, inputs):
     ref = inputs["ref_per_token_logps"] if self.beta != 0.0 else None
     weights = _policy_weights(self, inputs, mask, advantages, per_token_logps, old, entropies)
     loss, _ = ppo_policy_loss(
-        per_token_logps, old, _weighted_advantages(advantages, weights), mask,
+        per_token_logps, old, weighted_advantages(advantages, weights), mask,
         log_ratio_clamp=None, reduction=reduction, ratio_level=level,
         loss_type="cispo" if cispo else "ppo", normalizer=normalizer,
         ref_logp=ref if kl_in_op else None, kl_coef=self.beta if kl_in_op else 0.0,

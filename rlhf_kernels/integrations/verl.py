@@ -81,7 +81,13 @@ import torch
 
 from rlhf_kernels._checks import REDUCTIONS
 from rlhf_kernels.integrations import Patch, apply_patch, dropin, original
-from rlhf_kernels.integrations._contract import bind_keep_fp32, finish, installed, promoted
+from rlhf_kernels.integrations._contract import (
+    bind_keep_fp32,
+    finish,
+    installed,
+    promoted,
+    weighted_advantages,
+)
 from rlhf_kernels.integrations.verl_fused_linear import TARGET_MODULE as FUSED_LINEAR_MODULE
 from rlhf_kernels.integrations.verl_fused_linear import (
     FusedLinearForPPOFunction,
@@ -529,16 +535,6 @@ def _actor_options(config: Any, loss_agg_mode: str, rollout_is_weights, advantag
     return clip_low, clip_high, global_batch_info, covered
 
 
-def _weighted(advantages: torch.Tensor, rollout_is_weights: torch.Tensor | None) -> torch.Tensor:
-    """veRL multiplies each token's policy loss by its rollout correction weight (a truncated
-    importance ratio, or 0 for a rejected token: never negative). The op's losses are positively
-    homogeneous in the advantage (w max(-rA, -cA) = max(-r wA, -c wA), likewise the dual clip
-    and CISPO), so A x w gives the weighted loss and gradient exactly."""
-    if rollout_is_weights is None:
-        return advantages
-    return advantages * rollout_is_weights.detach()
-
-
 def _vanilla_clip_fractions(old_log_prob, log_prob, advantages, response_mask, clip_low,
                             clip_high, clip_ratio_c):
     """veRL's pg_clipfrac and pg_clipfrac_lower, counted on the unweighted advantages as veRL
@@ -581,9 +577,10 @@ def compute_policy_loss_vanilla(
             old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
             rollout_is_weights,
         )
-    loss, stats = _policy_loss(old_log_prob, log_prob, _weighted(advantages, rollout_is_weights),
-                               response_mask, clip_low, clip_high, clip_ratio_c, loss_agg_mode,
-                               global_batch_info, keep_fp32, weights=rollout_is_weights)
+    weighted = weighted_advantages(advantages, rollout_is_weights)
+    loss, stats = _policy_loss(old_log_prob, log_prob, weighted, response_mask, clip_low,
+                               clip_high, clip_ratio_c, loss_agg_mode, global_batch_info,
+                               keep_fp32, weights=rollout_is_weights)
     if rollout_is_weights is None:
         fractions = torch.stack([stats["clipfrac"], stats["dual_clipfrac"]])
     else:
@@ -739,9 +736,10 @@ def compute_policy_loss_cispo(
             old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
             rollout_is_weights,
         )
-    loss, stats = _policy_loss(old_log_prob, log_prob, _weighted(advantages, rollout_is_weights),
-                               response_mask, clip_low, clip_high, None, loss_agg_mode,
-                               global_batch_info, keep_fp32, weights=rollout_is_weights,
+    weighted = weighted_advantages(advantages, rollout_is_weights)
+    loss, stats = _policy_loss(old_log_prob, log_prob, weighted, response_mask, clip_low,
+                               clip_high, None, loss_agg_mode, global_batch_info, keep_fp32,
+                               weights=rollout_is_weights,
                                loss_type="cispo")
     clipfrac, ppo_kl = torch.stack([stats["clipfrac"], stats["ppo_kl"]]).tolist()
     metrics = {"actor/pg_clipfrac": clipfrac, "actor/ppo_kl": ppo_kl,
