@@ -102,6 +102,11 @@ def load_records(source: str | Path, split: str = "train", **load_kwargs: Any):
         path = path.expanduser()
         if not path.exists():
             raise FileNotFoundError(f"dataset file {str(source)!r} does not exist")
+        if _saved_to_disk(path):  # a `Dataset.save_to_disk` / `DatasetDict.save_to_disk` folder
+            dataset = _load_from_disk(path, source, split)
+            if len(dataset) == 0:
+                raise ValueError(f"dataset {str(source)!r} has no rows")
+            return dataset
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in LOCAL_FORMATS) \
             if path.is_dir() else [path]
         kinds = {LOCAL_FORMATS.get(p.suffix.lower()) for p in files}
@@ -134,6 +139,32 @@ def load_records(source: str | Path, split: str = "train", **load_kwargs: Any):
     if len(dataset) == 0:
         raise ValueError(f"dataset {str(source)!r} has no rows")
     return dataset
+
+
+def _saved_to_disk(path: Path) -> bool:
+    """Whether ``path`` is a folder `datasets` wrote with ``save_to_disk``: a Dataset's
+    (state.json + dataset_info.json beside .arrow shards) or a DatasetDict's
+    (dataset_dict.json and one such folder per split). Its .json files are metadata, not rows."""
+    return path.is_dir() and ((path / "state.json").is_file()
+                              or (path / "dataset_dict.json").is_file())
+
+
+def _load_from_disk(path: Path, source, split: str):
+    """A ``save_to_disk`` folder as a Dataset (a DatasetDict: its ``split``)."""
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as error:  # noqa: BLE001 - damaged or written by another version
+        raise ValueError(f"could not read dataset {str(source)!r} (a datasets save_to_disk "
+                         f"folder): {_root_cause(error)}") from error
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise ValueError(f"dataset {str(source)!r} is a DatasetDict without a {split!r} "
+                             f"split; its splits are {sorted(loaded)}: point at one of them "
+                             f"({str(path / sorted(loaded)[0])!r})")
+        loaded = loaded[split]
+    return loaded
 
 
 @contextlib.contextmanager
@@ -348,7 +379,7 @@ def _row_location(source: str | Path, index: int, load_kwargs: Mapping[str, Any]
     import json
 
     path = Path(source).expanduser()
-    if load_kwargs or not path.exists():
+    if load_kwargs or not path.exists() or _saved_to_disk(path):
         return f"{str(source)!r} row {index + 1}"
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in LOCAL_FORMATS) \
         if path.is_dir() else [path]

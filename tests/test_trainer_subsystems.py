@@ -493,3 +493,30 @@ def test_a_column_of_mixed_kinds_names_the_line(tmp_path, text, where, message):
     assert str(caught.value) == (
         f"could not read dataset {str(path)!r}: {path} {where}: {message}; a column holds one "
         f"kind of value in every row (e.g. all strings, or all lists of chat messages)")
+
+
+def test_a_save_to_disk_folder_loads_as_its_rows(tmp_path):
+    """A folder written by `datasets`' save_to_disk (the library's own local format) was read
+    as a folder of JSON files: its metadata (state.json, dataset_info.json) as rows, ending in
+    a 30-line CastError. Now it loads as the dataset it holds (a DatasetDict: its train split),
+    and its rows are checked like any others."""
+    import datasets
+
+    from rlhf import data
+
+    rows = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "one"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:1]),
+                          "test": datasets.Dataset.from_list(rows)}).save_to_disk(
+        str(tmp_path / "dict"))
+    assert data.load_sft_dataset(str(tmp_path / "one")).to_list() == rows
+    assert data.load_sft_dataset(str(tmp_path / "dict")).to_list() == rows[:1]
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)}).save_to_disk(
+        str(tmp_path / "no_train"))
+    with pytest.raises(ValueError, match=r"is a DatasetDict without a 'train' split; its splits "
+                                         r"are \['test'\]"):
+        data.load_sft_dataset(str(tmp_path / "no_train"))
+    datasets.Dataset.from_list([rows[0], {"prompt": "c", "completion": None}]).save_to_disk(
+        str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match=r"'.*bad' row 2: column 'completion' is missing"):
+        data.load_sft_dataset(str(tmp_path / "bad"))
