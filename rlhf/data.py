@@ -1,8 +1,9 @@
 """Datasets in the formats TRL users already have, tokenised into padded tensors with masks.
 
 Loading (`load_sft_dataset`, `load_preference_dataset`, `load_prompt_dataset`): a local
-.json / .jsonl / .parquet file (or a directory of them) through Hugging Face `datasets`, or a
-hub dataset name where there is a network. Accepted columns:
+.json / .jsonl / .parquet / .csv file (or a directory of them; CSV cells are read as text), a
+folder written by `save_to_disk`, through Hugging Face `datasets`, or a hub dataset name where
+there is a network. Accepted columns:
 
     SFT          prompt + completion    strings, or lists of chat messages (conversational)
                  messages               a chat; every assistant turn is trained on
@@ -72,7 +73,7 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100
-LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 SFT_FORMATS = "prompt + completion, messages, or text"
 PREFERENCE_FORMATS = "prompt + chosen + rejected (or chosen + rejected)"
 PROMPT_FORMATS = "prompt"
@@ -111,16 +112,22 @@ def load_records(source: str | Path, split: str = "train", **load_kwargs: Any):
             if path.is_dir() else [path]
         kinds = {LOCAL_FORMATS.get(p.suffix.lower()) for p in files}
         if not files or None in kinds:
-            raise ValueError(f"dataset {str(source)!r}: expected .json, .jsonl or .parquet "
-                             f"file(s), got {[p.name for p in files] or 'an empty directory'}")
+            raise ValueError(f"dataset {str(source)!r}: expected .json, .jsonl, .parquet or "
+                             f".csv file(s), got "
+                             f"{[p.name for p in files] or 'an empty directory'}")
         if len(kinds) > 1:
-            raise ValueError(f"dataset directory {str(source)!r} mixes JSON and Parquet files; "
-                             f"keep one format per directory")
+            raise ValueError(f"dataset directory {str(source)!r} mixes "
+                             f"{' and '.join(sorted(k.upper() for k in kinds))} files; keep one "
+                             f"format per directory")
         if all(p.stat().st_size == 0 for p in files):
             raise ValueError(f"dataset {str(source)!r} is empty (0 bytes)")
+        kind = kinds.pop()
+        if kind == "csv" and "features" not in load_kwargs:
+            # every column text: a column of digits ("42") is not read as numbers
+            load_kwargs = dict(load_kwargs, features=_csv_features(files[0]))
         try:
             with _quiet_json_loader():
-                dataset = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files],
+                dataset = datasets.load_dataset(kind, data_files=[str(p) for p in files],
                                                 split="train", **load_kwargs)
         except Exception as error:
             if isinstance(error, StopIteration) or "corresponds to no data" in str(error):
@@ -139,6 +146,18 @@ def load_records(source: str | Path, split: str = "train", **load_kwargs: Any):
     if len(dataset) == 0:
         raise ValueError(f"dataset {str(source)!r} has no rows")
     return dataset
+
+
+def _csv_features(file: Path):
+    """String features for every column of a CSV file's header row (a CSV cell is text; the
+    loader would otherwise read a column of digits as numbers)."""
+    import csv
+
+    import datasets
+
+    with file.open(newline="", encoding="utf-8-sig") as handle:
+        header = next((row for row in csv.reader(handle) if row), [])
+    return datasets.Features({name: datasets.Value("string") for name in header})
 
 
 def _saved_to_disk(path: Path) -> bool:
@@ -374,8 +393,9 @@ def check_chat_rows(rows, tokenizer, source: str | Path | None = None) -> None:
 
 def _row_location(source: str | Path, index: int, load_kwargs: Mapping[str, Any]) -> str:
     """Where row ``index`` (0-based, in the loaded order) of a dataset sits: "'file' line 7"
-    for JSON lines (blank lines skipped, as the loader does), "'file' row 3" for a JSON list
-    or Parquet, "'name' row 3" for a hub dataset (rows counted from 1)."""
+    for JSON lines and CSV (blank lines skipped, as the loaders do; a CSV record's first line),
+    "'file' row 3" for a JSON list or Parquet, "'name' row 3" for a hub dataset or a
+    save_to_disk folder (rows counted from 1)."""
     import json
 
     path = Path(source).expanduser()
@@ -384,6 +404,21 @@ def _row_location(source: str | Path, index: int, load_kwargs: Mapping[str, Any]
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in LOCAL_FORMATS) \
         if path.is_dir() else [path]
     for file in files:
+        if LOCAL_FORMATS.get(file.suffix.lower()) == "csv":
+            import csv
+
+            starts, previous, header = [], 0, True  # the first line of each data record
+            with file.open(newline="", encoding="utf-8-sig") as handle:
+                reader = csv.reader(handle)
+                for record in reader:
+                    start, previous = previous + 1, reader.line_num
+                    if record and not header:
+                        starts.append(start)
+                    header = header and not record
+            if index < len(starts):
+                return f"{str(file)!r} line {starts[index]}"
+            index -= len(starts)
+            continue
         if LOCAL_FORMATS.get(file.suffix.lower()) == "parquet":
             import pyarrow.parquet
 

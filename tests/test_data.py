@@ -204,7 +204,7 @@ def test_empty_and_missing_files(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="could not read dataset"):
         data.load_sft_dataset(tmp_path / "broken.jsonl")
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(ValueError, match=r"expected \.json, \.jsonl or \.parquet"):
+    with pytest.raises(ValueError, match=r"expected \.json, \.jsonl, \.parquet or \.csv"):
         data.load_sft_dataset(tmp_path / "notes.txt")
     for tokenize in (data.tokenize_sft, data.tokenize_preferences, data.tokenize_prompts):
         with pytest.raises(ValueError, match="empty"):

@@ -520,3 +520,22 @@ def test_a_save_to_disk_folder_loads_as_its_rows(tmp_path):
         str(tmp_path / "bad"))
     with pytest.raises(ValueError, match=r"'.*bad' row 2: column 'completion' is missing"):
         data.load_sft_dataset(str(tmp_path / "bad"))
+
+
+def test_csv_files_load_as_text_and_name_their_lines(tmp_path):
+    """CSV was refused ("expected .json, .jsonl or .parquet"). It loads now, every cell as text
+    (a completion "5" stays the string "5", as the tokeniser needs), and a bad row is named by
+    the line its record starts on (a quoted field may span lines; blank lines are skipped)."""
+    from rlhf import data
+
+    path = tmp_path / "rows.csv"
+    path.write_text('prompt,completion\n"What is 2+3?",5\n"two\nlines",x\n')
+    rows = data.load_sft_dataset(str(path))
+    assert rows.to_list() == [{"prompt": "What is 2+3?", "completion": "5"},
+                              {"prompt": "two\nlines", "completion": "x"}]
+    path.write_text('prompt,completion\n"two\nlines",x\n\n"c",\n')
+    with pytest.raises(ValueError, match=r"rows.csv' line 5: column 'completion' is missing"):
+        data.load_sft_dataset(str(path))
+    (tmp_path / "more.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    with pytest.raises(ValueError, match="mixes CSV and JSON files"):
+        data.load_sft_dataset(str(tmp_path))
