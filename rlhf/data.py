@@ -772,6 +772,13 @@ def tokenize_preferences(pairs: Iterable[Mapping[str, Any]], tokenizer, max_leng
         kept.append(index)
     dropped = len(rows) - len(kept)
     _report("preference pairs", len(rows), truncated, dropped, max_length)
+    same = [kept[i] for i, f in enumerate(features)
+            if f["chosen_input_ids"] == f["rejected_input_ids"]]
+    if same:  # a data error (a copy, a bad join): the reward model learns nothing from them
+        warnings.warn(f"{len(same)} of {len(rows)} preference pairs have the same chosen and "
+                      f"rejected tokens (the first: row {same[0] + 1}): they state no "
+                      f"preference (loss log 2, no gradient); check how the pairs were made",
+                      stacklevel=2)
     if not features:
         raise ValueError(f"all {len(rows)} preference pairs were dropped as longer than "
                          f"max_length={max_length}; raise max_length")

@@ -539,3 +539,22 @@ def test_csv_files_load_as_text_and_name_their_lines(tmp_path):
     (tmp_path / "more.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
     with pytest.raises(ValueError, match="mixes CSV and JSON files"):
         data.load_sft_dataset(str(tmp_path))
+
+
+def test_pairs_with_the_same_chosen_and_rejected_are_said(tokenizer):
+    """A pair whose chosen and rejected are the same text states no preference (its
+    Bradley-Terry loss is log 2 whatever the model, its gradient 0): it was trained on without
+    a word. Now a warning counts them and names the first; distinct pairs say nothing."""
+    import warnings
+
+    from rlhf import data
+
+    pairs = [{"prompt": "p", "chosen": " good", "rejected": " bad"},
+             {"prompt": "p", "chosen": " same", "rejected": " same"},
+             {"prompt": "q", "chosen": " same", "rejected": " same"}]
+    with pytest.warns(UserWarning, match=r"2 of 3 preference pairs have the same chosen and "
+                                         r"rejected tokens \(the first: row 2\)"):
+        data.tokenize_preferences(pairs, tokenizer, max_length=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data.tokenize_preferences(pairs[:1], tokenizer, max_length=32)
