@@ -14,6 +14,10 @@ Order of precedence:
 "auto" leaves ``linear_logprobs`` / ``linear_ppo_loss`` with bf16 / fp16 inputs on the reference
 on CPUs without bf16 matrix instructions (their chunk matmuls would hit torch's slow half
 GEMM); ``native`` still runs them there.
+Under a ``torch.func`` transform that differentiates (``grad``, ``jacrev``, ``vjp``, ``jvp``,
+``jacfwd``, ``hessian``) every op runs its reference, with one warning: the custom ops' autograd
+(and the eager autograd Functions) cannot run there, torch's plain ops can. An explicit
+``backend="triton"`` / ``"native"`` there is an error. ``vmap`` alone keeps the kernels.
 Under the Triton interpreter the launchers pick the native kernels for CPU tensors only when
 ``RLHF_KERNELS_BACKEND=native`` is set (it is read at each launch, the backward's included), so
 a per-call ``backend=`` that disagrees with it there is refused rather than half applied.
@@ -32,8 +36,8 @@ import torch
 
 from rlhf_kernels import _native
 
-__all__ = ["BACKENDS", "NATIVE_OPS", "launch_directly", "native_cpu_kernels", "resolve_backend",
-           "triton_interpreter_enabled"]
+__all__ = ["BACKENDS", "NATIVE_OPS", "differentiating_transform_active", "launch_directly",
+           "native_cpu_kernels", "resolve_backend", "triton_interpreter_enabled"]
 
 BACKENDS = ("auto", "triton", "native", "reference")
 ENV_VAR = "RLHF_KERNELS_BACKEND"
@@ -103,6 +107,21 @@ def _native_or_reference(op: str, explicit: bool) -> str:
     return "reference"
 
 
+def differentiating_transform_active() -> bool:
+    """Whether a torch.func transform that differentiates (grad / vjp / jacrev: Grad; jvp /
+    jacfwd: Jvp) is running. torch.library custom ops run their registered autograd through an
+    autograd.Function without ``setup_context``, which such a transform refuses ("must override
+    the setup_context staticmethod"), and have no forward-mode rule; the reference's plain torch
+    ops have both."""
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    differentiating = (TransformType.Grad, TransformType.Jvp)
+    return any(i.key() in differentiating for i in retrieve_all_functorch_interpreters())
+
+
 def resolve_backend(tensor: torch.Tensor, backend: str | None = None,
                     op: str | None = None) -> str:
     """Return "triton", "native" or "reference" for an op whose main input is ``tensor``.
@@ -115,6 +134,18 @@ def resolve_backend(tensor: torch.Tensor, backend: str | None = None,
         source = "backend=" if backend is not None else f"{ENV_VAR}="
         raise ValueError(f"{source}{choice!r} is not a backend; expected one of {BACKENDS}")
     if choice == "reference":
+        return "reference"
+    if differentiating_transform_active():
+        op = op or sys._getframe(1).f_code.co_name
+        if backend is not None and choice != "auto":
+            raise ValueError(
+                f"backend={choice!r} for rlhf_kernels.{op} under a torch.func transform that "
+                "differentiates (grad, vjp, jacrev, jvp, jacfwd): the kernels' autograd cannot "
+                "run there; pass backend='reference' (or 'auto', which picks it there)"
+            )
+        _warn_once("functorch", "rlhf_kernels: under torch.func.grad / vjp / jacrev / jvp / "
+                                "jacfwd the ops run their plain-PyTorch reference (the kernels' "
+                                "autograd cannot run inside those transforms)")
         return "reference"
     on_cuda = tensor.is_cuda
     on_cpu = tensor.device.type == "cpu"
@@ -165,7 +196,8 @@ def launch_directly(*tensors: torch.Tensor | None) -> bool:
     """Whether an op may run its launcher as plain Python instead of its custom op.
 
     The custom ops (``torch.library.custom_op`` with a fake impl and registered autograd) are
-    what torch.compile, torch.export and torch.func see. In plain eager mode they only add host
+    what torch.compile, torch.export and torch.func.vmap see (a differentiating torch.func
+    transform runs the reference: ``resolve_backend``). In plain eager mode they only add host
     time (tens of microseconds per call and as much again in the backward), so the ops call the
     same launcher directly there, under a ``torch.autograd.Function`` when a gradient is needed:
     not while compiling or exporting, not under torch.func transforms, and only for plain

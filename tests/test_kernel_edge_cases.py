@@ -120,3 +120,62 @@ def test_settings_of_the_wrong_kind_are_one_clear_error(op, name):
             fn(x, **{**settings, name: given})
     with pytest.raises(SettingError, match=f"{name} must be"):
         fn(x, **{**settings, name: "abc"})
+
+
+# --------------------------------------------------------------------------------------------
+# torch.func transforms that differentiate
+# --------------------------------------------------------------------------------------------
+_DIFFERENTIABLE = {
+    "logprobs": (lambda x, d, **b: rk.logprobs(d, x["labels"], return_entropy=True, **b)[1].sum(),
+                 "logits"),
+    "linear_logprobs": (lambda x, h, **b: rk.linear_logprobs(h, x["weight"].to(h.dtype),
+                                                             x["labels"], **b).sum(), "hidden"),
+    "ppo_loss_from_logits": (lambda x, d, **b: rk.ppo_loss_from_logits(
+        d, x["labels"], x["old_logp"], x["advantages"], x["mask"], entropy_coef=0.1, **b)[0],
+        "logits"),
+    "linear_ppo_loss": (lambda x, h, **b: rk.linear_ppo_loss(
+        h, x["weight"].to(h.dtype), x["labels"], x["old_logp"], x["advantages"], x["mask"],
+        **b)[0], "hidden"),
+    "ppo_policy_loss": (lambda x, lp, **b: rk.ppo_policy_loss(
+        lp, x["old_logp"], x["advantages"], x["mask"], ratio_level="sequence",
+        ref_logp=x["ref_logp"], kl_coef=0.1, **b)[0], "logp"),
+    "ppo_value_loss": (lambda x, v, **b: rk.ppo_value_loss(v, x["old_logp"], x["advantages"],
+                                                            x["mask"], **b)[0], "logp"),
+    "kl_penalty": (lambda x, lp, **b: rk.kl_penalty(lp, x["ref_logp"], "k3", **b).sum(), "logp"),
+    "bradley_terry_loss": (lambda x, c, **b: rk.bradley_terry_loss(c, x["rejected"], **b)[0],
+                           "chosen"),
+}
+
+
+@pytest.mark.parametrize("op", list(_DIFFERENTIABLE))
+def test_torch_func_grad_runs_the_reference(op, monkeypatch):
+    """torch.func.grad (and vjp / jacrev / jvp) through an op gives the float64 reference's
+    gradient, with one warning (before: torch's 'autograd.Function ... must override the
+    setup_context staticmethod' from the custom ops); an explicit kernel backend there is one
+    clear error."""
+    from rlhf_kernels import backend
+
+    fn, name = _DIFFERENTIABLE[op]
+    x = _data()
+    monkeypatch.setattr(backend, "_WARNED", set())
+    with pytest.warns(RuntimeWarning, match="torch.func.grad"):
+        got = torch.func.grad(lambda t: fn(x, t))(x[name])
+    want = torch.func.grad(lambda t: fn(x, t, backend="reference"))(x[name].double())
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="backend='triton' for rlhf_kernels.* torch.func"):
+        torch.func.grad(lambda t: fn(x, t, backend="triton"))(x[name])
+
+
+def test_torch_func_jvp_and_vmap_of_grad():
+    x = _data()
+    tangent = torch.randn_like(x["logp"])
+    _, got = torch.func.jvp(lambda t: rk.kl_penalty(t, x["ref_logp"], "k2"), (x["logp"],),
+                            (tangent,))
+    torch.testing.assert_close(got, (x["logp"] - x["ref_logp"]) * tangent)
+    per_row = torch.func.vmap(torch.func.grad(
+        lambda lp, old, a: rk.ppo_policy_loss(lp, old, a, reduction="token-sum")[0]))(
+        x["logp"], x["old_logp"], x["advantages"])
+    whole = torch.func.grad(lambda lp: rk.ppo_policy_loss(
+        lp, x["old_logp"], x["advantages"], reduction="token-sum", backend="reference")[0])(
+        x["logp"])
+    torch.testing.assert_close(per_row, whole)
