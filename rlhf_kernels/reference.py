@@ -26,6 +26,7 @@ from rlhf_kernels._checks import (
     check_normalizer,
     check_policy_options,
     check_reduction,
+    int_setting,
 )
 
 __all__ = [
@@ -759,6 +760,8 @@ def group_advantages(
     A = 0. The batch std of a single score (B = 1) is 1. A group whose scores are all equal has
     std 0: A = 0 / eps = 0 (NaN when eps = 0).
     """
+    if group_size is not None:  # numpy integers and 0-d tensors too, as the kernel path
+        group_size = int_setting("group_size", group_size, expected="an int >= 1")
     norm = check_group_advantages(scores, group_size, group_ids, estimator, norm, eps)
     dtype = _compute_dtype(scores)
     r = scores.detach().to(dtype)

@@ -179,3 +179,14 @@ def test_torch_func_jvp_and_vmap_of_grad():
         lp, x["old_logp"], x["advantages"], reduction="token-sum", backend="reference")[0])(
         x["logp"])
     torch.testing.assert_close(per_row, whole)
+
+
+def test_reference_group_advantages_takes_numpy_group_size():
+    """rlhf_kernels.reference.group_advantages takes the settings the op takes (before: a numpy
+    or 0-d tensor group_size was refused there only)."""
+    from rlhf_kernels import reference
+
+    scores = torch.randn(6, dtype=torch.float64)
+    want = reference.group_advantages(scores, 3)
+    for size in (np.int64(3), np.int32(3), torch.tensor(3)):
+        assert torch.equal(reference.group_advantages(scores, size), want)
