@@ -453,7 +453,13 @@ def ppo_policy_loss(
         stats["ratio_mean"] = masked_mean(ratio, m)
         masked_ratio = torch.where(m > 0, ratio, torch.zeros_like(ratio))
         stats["ratio_max"] = masked_ratio.amax() if m.numel() else ratio.new_zeros(())
-    return loss, {k: v.detach() for k, v in stats.items()}
+    # the kernels' order (the docstring's), so a caller that stacks the values gets the same
+    # layout on every backend
+    return loss, {k: stats[k].detach() for k in _POLICY_STATS if k in stats}
+
+
+_POLICY_STATS = ("clipfrac", "approx_kl", "ppo_kl", "ratio_mean", "ratio_max", "dual_clipfrac",
+                 "pg_loss", "kl")
 
 
 def ppo_value_loss(

@@ -190,3 +190,16 @@ def test_reference_group_advantages_takes_numpy_group_size():
     want = reference.group_advantages(scores, 3)
     for size in (np.int64(3), np.int32(3), torch.tensor(3)):
         assert torch.equal(reference.group_advantages(scores, size), want)
+
+
+@pytest.mark.parametrize("op", ["ppo_policy_loss", "ppo_loss_from_logits", "linear_ppo_loss",
+                                "ppo_value_loss", "bradley_terry_loss"])
+def test_stats_have_the_same_keys_in_the_same_order_on_every_backend(op):
+    """A caller that stacks the stats' values (one all_reduce for all of them) gets the same
+    layout from the kernels and from the reference (before: ppo_policy_loss's reference put
+    dual_clipfrac, pg_loss and kl first)."""
+    fn, settings = SETTINGS[op]
+    x = _data()
+    settings = {k: v for k, v in settings.items() if k != "normalizer"}
+    orders = [list(fn(x, **settings, backend=backend)[1]) for backend in ("triton", "reference")]
+    assert orders[0] == orders[1]
