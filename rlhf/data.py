@@ -137,9 +137,20 @@ def load_records(source: str | Path, split: str = "train", **load_kwargs: Any):
                 or _root_cause(error)
             raise ValueError(f"could not read dataset {str(source)!r}: {problem}") from error
     else:
+        from rlhf.models import hub_offline_reason
+
+        # no hub (offline mode, no connection): the datasets cache alone, said in seconds
+        # instead of half a minute of connection retries
+        offline = hub_offline_reason()
         try:
-            dataset = datasets.load_dataset(str(source), split=split, **load_kwargs)
+            with _hub_offline(offline is not None):
+                dataset = datasets.load_dataset(str(source), split=split, **load_kwargs)
         except Exception as error:  # offline, unknown name, private: say what was tried
+            if offline is not None:
+                raise ValueError(f"could not load dataset {str(source)!r}: it is not a local "
+                                 f"file, not in the datasets cache, and the hub cannot be used: "
+                                 f"{offline}; give a local file (.jsonl, .json, .parquet, "
+                                 f".csv), or load it where there is a network") from error
             raise ValueError(f"could not load dataset {str(source)!r}: it is not a local file "
                              f"and loading it from the Hugging Face hub failed "
                              f"({type(error).__name__}: {error})") from error
@@ -184,6 +195,24 @@ def _load_from_disk(path: Path, source, split: str):
                              f"({str(path / sorted(loaded)[0])!r})")
         loaded = loaded[split]
     return loaded
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """`datasets` and `huggingface_hub` in offline mode while the block runs (when
+    ``offline``): a cached dataset loads, anything else fails at once."""
+    if not offline:
+        yield
+        return
+    import datasets.config
+    from huggingface_hub import constants
+
+    before = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = before
 
 
 @contextlib.contextmanager

@@ -558,3 +558,34 @@ def test_pairs_with_the_same_chosen_and_rejected_are_said(tokenizer):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         data.tokenize_preferences(pairs[:1], tokenizer, max_length=32)
+
+
+def test_a_hub_dataset_without_a_hub_is_said_from_the_cache_alone(monkeypatch):
+    """dataset=org/name with no network: `datasets` retried its connections for half a minute
+    before failing (models are said within seconds: rlhf.models.hub_offline_reason). Now the
+    hub is probed first and, when it cannot be used, the dataset is looked up in the datasets
+    cache alone (offline mode) and the error says why the hub was not tried."""
+    import datasets
+    from huggingface_hub import constants
+
+    from rlhf import data, models
+
+    seen = []
+
+    def load_dataset(*args, **kwargs):
+        seen.append((datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE))
+        raise FileNotFoundError("Dataset org/nothere is not cached")
+
+    before = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(models, "hub_offline_reason", lambda: "no connection (test)")
+    with pytest.raises(ValueError, match=r"could not load dataset 'org/nothere': it is not a "
+                                         r"local file, not in the datasets cache, and the hub "
+                                         r"cannot be used: no connection \(test\)"):
+        data.load_sft_dataset("org/nothere")
+    assert seen == [(True, True)]
+    assert (datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE) == before
+    monkeypatch.setattr(models, "hub_offline_reason", lambda: None)  # a hub: asked as before
+    with pytest.raises(ValueError, match="loading it from the Hugging Face hub failed"):
+        data.load_sft_dataset("org/nothere")
+    assert seen[1] == before
