@@ -384,6 +384,13 @@ def resolve_pretrained(name_or_path, *, what: str = "model", setting: str = "mod
             raise ValueError(f"{setting}={text!r} holds no tokenizer (no "
                              f"{' or '.join(_TOKENIZER_FILES[:2])}); save the model's tokenizer "
                              f"there too (tokenizer.save_pretrained)")
+        if what == "model" and not has_config and "roles.json" in names:
+            # a saved SharedBackbone (runs/rm/backbone): adapters over a base named inside
+            base = _backbone_base(path)
+            raise ValueError(f"{setting}={text!r} is a saved backbone (adapters and heads, "
+                             f"roles.json), not a causal LM; this setting takes a model "
+                             f"directory" + (f", such as its base {base!r}" if base else "")
+                             + " (the RL stages take the backbone: rlhf ppo / grpo model=...)")
         if what == "model" and not has_config:
             raise ValueError(f"{setting}={text!r} is not a Hugging Face model directory: it has "
                              f"no config.json (save_pretrained writes config.json and "
@@ -403,6 +410,15 @@ def resolve_pretrained(name_or_path, *, what: str = "model", setting: str = "mod
     raise ValueError(f"{setting}={text!r} is not a local directory, not in the Hugging Face "
                      f"cache, and the hub cannot be used: {offline}; give the path of a local "
                      f"model directory, or download the model where there is a network")
+
+
+def _backbone_base(path: Path) -> str | None:
+    """The base model a saved backbone's roles.json names, or None."""
+    try:
+        base = json.loads((path / "roles.json").read_text()).get("base_model")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return base if isinstance(base, str) else None
 
 
 def _loading_error(error: Exception, what: str, setting: str, text: str) -> ValueError:

@@ -589,3 +589,20 @@ def test_a_hub_dataset_without_a_hub_is_said_from_the_cache_alone(monkeypatch):
     with pytest.raises(ValueError, match="loading it from the Hugging Face hub failed"):
         data.load_sft_dataset("org/nothere")
     assert seen[1] == before
+
+
+def test_a_saved_backbone_given_where_a_model_goes_is_named_so(tmp_path):
+    """`rlhf rm model=runs/rm/backbone` (or sft): the error said the directory "has no
+    config.json ... check the path", though the path is right and holds a backbone. Now it says
+    what the directory is and names the base model its roles.json records."""
+    from rlhf.models import LoraSpec, SharedBackbone, resolve_pretrained
+    from rlhf.tiny_models import tiny_causal_lm
+
+    backbone = SharedBackbone.from_model(tiny_causal_lm("llama"), lora=LoraSpec(rank=2, alpha=4),
+                                         name_or_path="/models/sft")
+    backbone.save(tmp_path / "backbone")
+    with pytest.raises(ValueError, match=r"model='.*backbone' is a saved backbone \(adapters and "
+                                         r"heads, roles.json\), not a causal LM; this setting "
+                                         r"takes a model directory, such as its base "
+                                         r"'/models/sft'"):
+        resolve_pretrained(str(tmp_path / "backbone"))
