@@ -203,3 +203,30 @@ def test_stats_have_the_same_keys_in_the_same_order_on_every_backend(op):
     settings = {k: v for k, v in settings.items() if k != "normalizer"}
     orders = [list(fn(x, **settings, backend=backend)[1]) for backend in ("triton", "reference")]
     assert orders[0] == orders[1]
+
+
+@pytest.mark.parametrize("op", ["linear_logprobs", "linear_ppo_loss"])
+def test_head_ops_under_autocast_match_compiled_and_cast_inputs(op):
+    """Under autocast the lm-head ops' matmuls take the autocast dtype whether the op runs
+    eagerly or under torch.compile: the same values as the op on inputs cast to that dtype
+    (before: bf16 chunk matmuls in eager mode, fp32 ones compiled, where the custom op runs with
+    autocast off), and fp32 leaves still get fp32 gradients."""
+    x = _data()
+    hidden = x["hidden"].requires_grad_()
+    weight = x["weight"].requires_grad_()
+
+    def fn(h, w):
+        if op == "linear_logprobs":
+            return rk.linear_logprobs(h, w, x["labels"]).sum()
+        return rk.linear_ppo_loss(h, w, x["labels"], x["old_logp"], x["advantages"],
+                                  x["mask"])[0]
+
+    want = fn(hidden.detach().bfloat16(), weight.detach().bfloat16())
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = fn(hidden, weight)
+        traced = compiled(hidden, weight)
+    torch.testing.assert_close(eager, want, rtol=0, atol=0)
+    torch.testing.assert_close(traced, want, rtol=1e-6, atol=1e-6)
+    grads = torch.autograd.grad(eager, (hidden, weight))
+    assert [g.dtype for g in grads] == [torch.float32, torch.float32]

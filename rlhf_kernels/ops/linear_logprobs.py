@@ -530,6 +530,26 @@ def head_settings(lora_scale, temperature, ignore_index, chunk_size, memory_budg
             int_setting("ignore_index", ignore_index), chunk_size, memory_budget_bytes)
 
 
+def autocast_head(hidden, weight, bias, lora_a, lora_b):
+    """Under autocast on hidden's device: ((hidden, weight, bias, lora_a, lora_b) cast to the
+    autocast dtype as autocast casts a matmul's inputs (fp64 and None kept), True); else (them
+    unchanged, False).
+
+    The head ops cast in their Python wrapper and then run with autocast off, so their matmuls
+    take the autocast dtype whether the op runs eagerly or compiled (a compiled custom op runs
+    with autocast off: the chunk matmuls were bf16 in eager mode and fp32 under torch.compile).
+    """
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return (hidden, weight, bias, lora_a, lora_b), False
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        return t if t is None or t.dtype in (dtype, torch.float64) else t.to(dtype)
+
+    return tuple(cast(t) for t in (hidden, weight, bias, lora_a, lora_b)), True
+
+
 def check_head_inputs(hidden, weight, labels, bias, lora_a, lora_b) -> None:
     """Shapes, dtypes and devices shared by linear_logprobs and linear_ppo_loss (the scalar
     settings: ``head_settings``)."""
@@ -605,15 +625,25 @@ def linear_logprobs(
     weight, bias, lora_a and lora_b (only those requiring grad are computed).
 
     Outputs are fp32, or fp64 when hidden or weight is fp64 (on both backends; the Triton path's
-    softmax math is fp32 and cast). They are ordinary tensors: editing them in place does not
-    change the backward. A row whose label is ignore_index adds exactly 0 to every gradient,
-    even when its hidden state is NaN or inf.
+    softmax math is fp32 and cast). Under autocast the matmuls run in the autocast dtype (the
+    inputs are cast as autocast casts a matmul's; fp64 stays), eagerly and compiled alike.
+    They are ordinary tensors: editing them in place does not change the backward. A row whose
+    label is ignore_index adds exactly 0 to every gradient, even when its hidden state is NaN or
+    inf.
 
     check_labels: False (default): no host sync; a label outside [0, V) that is not ignore_index
     gives NaN logp for its row (never an out-of-bounds read). True: raise a ValueError naming it
     instead, at the cost of one host sync per call.
     """
     check_head_inputs(hidden, weight, labels, bias, lora_a, lora_b)
+    (hidden, weight, bias, lora_a, lora_b), autocast_on = autocast_head(hidden, weight, bias,
+                                                                        lora_a, lora_b)
+    if autocast_on:
+        with torch.autocast(hidden.device.type, enabled=False):
+            return linear_logprobs(hidden, weight, labels, bias, lora_a, lora_b, lora_scale,
+                                   temperature, ignore_index, return_entropy, chunk_size,
+                                   memory_budget_bytes, check_labels=check_labels,
+                                   backend=backend)
     lora_scale, temperature, ignore_index, chunk_size, memory_budget_bytes = head_settings(
         lora_scale, temperature, ignore_index, chunk_size, memory_budget_bytes)
     if resolve_backend(hidden, backend, "linear_logprobs") == "reference":

@@ -915,12 +915,23 @@ def linear_ppo_loss(
     the forward call, chunk by chunk; backward only scales them. With ratio_level="sequence"
     and more than one chunk, the gradients take a second sweep that recomputes each chunk's
     logits (one more matmul per chunk; module docstring). A masked or ignored token adds
-    exactly 0 to the loss and every gradient, even with a NaN / inf hidden state. On the Triton
+    exactly 0 to the loss and every gradient, even with a NaN / inf hidden state. Under autocast
+    the matmuls run in the autocast dtype, eagerly and compiled alike. On the Triton
     path old_logp / advantages / ref_logp that require grad are refused (they would get no
     gradient); backend="reference" differentiates them. check_labels: as in
     ``ppo_loss_from_logits``.
     """
     head.check_head_inputs(hidden, weight, labels, bias, lora_a, lora_b)
+    (hidden, weight, bias, lora_a, lora_b), autocast_on = head.autocast_head(hidden, weight, bias,
+                                                                             lora_a, lora_b)
+    if autocast_on:  # the matmuls in the autocast dtype, eagerly and compiled alike
+        with torch.autocast(hidden.device.type, enabled=False):
+            return linear_ppo_loss(
+                hidden, weight, labels, old_logp, advantages, mask, bias, lora_a, lora_b,
+                lora_scale, ref_logp, kl_coef, kl_estimator, entropy_coef, temperature,
+                clip_low, clip_high, dual_clip, log_ratio_clamp, reduction, ignore_index,
+                chunk_size, memory_budget_bytes, ratio_level=ratio_level, loss_type=loss_type,
+                normalizer=normalizer, check_labels=check_labels, backend=backend)
     lora_scale, temperature, ignore_index, chunk_size, memory_budget_bytes = head.head_settings(
         lora_scale, temperature, ignore_index, chunk_size, memory_budget_bytes)
     (kl_coef, entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp, ignore_index,
