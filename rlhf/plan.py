@@ -698,8 +698,10 @@ def fit(config, card_gib: float, *, batch: int = 16, prompt_length: int = 128,
             return _stage_peak(stage, config, b, p, r, **kw)
 
         best_batch = _largest(lambda b: peak(b) <= budget, limit)
-        if stage == "rl" and kwargs.get("minibatch"):  # a rollout batch the RL stage takes
-            best_batch -= best_batch % kwargs["minibatch"]
+        if stage == "rl":  # a rollout batch the RL stage takes: a multiple of the minibatch
+            # (when given) and of the GPUs (split evenly over them)
+            best_batch -= best_batch % math.lcm(kwargs.get("minibatch") or 1,
+                                                kwargs.get("gpus", 1))
         if stage == "rl":
             best_length = _largest(lambda r: peak(batch, r=r) <= budget,
                                    max(1, context - prompt_length))
@@ -896,6 +898,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"{parser.prog}: error: --batch {args.batch} (the rollout batch) must be "
                        f"a multiple of --minibatch {args.minibatch}, as the RL stage requires "
                        f"of rollout_batch_size and minibatch_size\n")
+    if args.gpus > 1 and args.batch >= 1 and (args.batch % args.gpus
+                                              or (args.minibatch or args.batch) < args.gpus):
+        # the RL stage refuses a rollout whose prompts do not split evenly over the ranks, and
+        # a minibatch with fewer rows than ranks (rlhf/distributed.py, shard)
+        parser.exit(2, f"{parser.prog}: error: --batch {args.batch} over --gpus {args.gpus}: "
+                       f"the RL stage splits the rollout evenly over the GPUs and every "
+                       f"minibatch over them too, so --batch must be a multiple of --gpus and "
+                       f"--minibatch at least --gpus\n")
     if args.strategy == "fsdp2" and args.gpus == 1:
         parser.exit(2, f"{parser.prog}: error: --strategy fsdp2 shards the base over several "
                        f"GPUs and --gpus is 1, where it changes nothing; add --gpus N (N >= 2) "

@@ -156,6 +156,10 @@ def test_the_cli_says_a_bad_row_before_loading_the_model(tmp_path, capsys, monke
     # one GPU: fsdp2 shards nothing, the figures were ddp's
     (["--strategy", "fsdp2"], "--strategy fsdp2 shards the base over several GPUs and --gpus "
                               "is 1"),
+    # the RL stage splits the rollout evenly over the ranks, and a minibatch over them too
+    (["--batch", "16", "--gpus", "3"], "--batch 16 over --gpus 3: the RL stage splits the "
+                                       "rollout evenly"),
+    (["--batch", "16", "--gpus", "4", "--minibatch", "2"], "--minibatch at least --gpus"),
 ])
 def test_plan_refuses_what_it_would_ignore(capsys, argv, message):
     from rlhf import plan
@@ -185,6 +189,14 @@ def test_plan_never_plans_a_minibatch_larger_than_the_batch():
 
     budget = (24 - plan.DEFAULT_RESERVE_GIB) * plan.GIB
     assert peak(best) <= budget < peak(best + 3)
+    # over 4 GPUs: a multiple of 4 (the rollout splits evenly), the largest that fits
+    best = plan.fit("qwen2.5-0.5b", 24, batch=8, gpus=4)["rl"]["batch"]
+    assert best > 0 and best % 4 == 0
+
+    def per_gpu(batch):
+        return plan.plan("qwen2.5-0.5b", batch=batch, gpus=4)["peak_bytes"]
+
+    assert per_gpu(best) <= budget < per_gpu(best + 4)
 
 
 # --------------------------------------------------------------------------------------------
