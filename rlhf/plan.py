@@ -561,7 +561,9 @@ def largest_batch(config, card_gib: float, *, limit: int = 4096, **kwargs) -> in
     def fits(b: int) -> bool:
         return plan(config, batch=b, **kwargs)["peak_bytes"] <= card_gib * GIB
 
-    return _largest(fits, limit)
+    best = _largest(fits, limit)
+    # a batch the RL stage takes: a multiple of the minibatch (when given) and of the GPUs
+    return best - best % math.lcm(kwargs.get("minibatch") or 1, kwargs.get("gpus", 1))
 
 
 # --------------------------------------------------------------------------------------------

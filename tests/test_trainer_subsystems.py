@@ -197,6 +197,7 @@ def test_plan_never_plans_a_minibatch_larger_than_the_batch():
         return plan.plan("qwen2.5-0.5b", batch=batch, gpus=4)["peak_bytes"]
 
     assert per_gpu(best) <= budget < per_gpu(best + 4)
+    assert plan.largest_batch("qwen2.5-0.5b", 24 - plan.DEFAULT_RESERVE_GIB, gpus=4) == best
 
 
 # --------------------------------------------------------------------------------------------
