@@ -218,6 +218,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  f"apply to `rlhf {ns.command}`")
             overrides.append("resume=true")
         cfg = load_config(config_class, config_path, overrides)
+        if isinstance(getattr(cfg, "output_dir", None), str):
+            # `output_dir=~/runs/x` (quoted, from a YAML file, or a shell that leaves it) is a
+            # home directory, as it is for model= and dataset=, not a folder named ~ here
+            cfg.output_dir = os.path.expanduser(cfg.output_dir)
     except USER_ERRORS as error:
         return fail(error)
 

@@ -619,3 +619,25 @@ def test_a_saved_backbone_given_where_a_model_goes_is_named_so(tmp_path):
                                          r"takes a model directory, such as its base "
                                          r"'/models/sft'"):
         resolve_pretrained(str(tmp_path / "backbone"))
+
+
+@pytest.mark.parametrize("command, module", [("sft", "sft"), ("rm", "reward"),
+                                             ("pipeline", "pipeline")])
+def test_output_dir_under_home_is_not_a_folder_named_tilde(tmp_path, monkeypatch, command,
+                                                          module):
+    """`output_dir=~/runs/x` (quoted, in a YAML file, or from a shell that does not expand it)
+    wrote the run into a folder literally named '~' in the current directory, while model= and
+    dataset= read ~ as the home directory. Now output_dir is the home directory's too."""
+    import importlib
+
+    from rlhf import cli
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    stage = importlib.import_module(f"rlhf.{module}")
+    entry = "run" if module == "pipeline" else "train"
+    monkeypatch.setattr(stage, entry, lambda cfg: seen.append(cfg.output_dir) or {})
+    assert cli.main([command, "output_dir=~/runs/x"]) == 0
+    assert seen == [str(tmp_path / "home" / "runs" / "x")]
+    assert not (tmp_path / "~").exists()
