@@ -495,6 +495,18 @@ def test_openrlhf_group_baseline_errors():
         our_openrlhf.group_baseline_rewards(r, 3, "rloo", torch.arange(5))
     # one sample per prompt: r - mean = 0 for the mean baselines, as OpenRLHF
     assert not our_openrlhf.group_baseline_rewards(r, 1, "dr_grpo").any()
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="n_samples_per_prompt must be an int >= 1"):
+            our_openrlhf.group_baseline_rewards(r, bad, "rloo")
+
+
+def test_openrlhf_group_baselines_take_numpy_and_tensor_counts():
+    """n_samples_per_prompt from numpy config arithmetic or a 0-d tensor is the same count
+    (before: refused unless a Python int)."""
+    r = torch.randn(6, device=DEVICE)
+    want = our_openrlhf.group_baseline_rewards(r, 3, "group_norm")
+    for n in (np.int64(3), np.int32(3), torch.tensor(3)):
+        assert torch.equal(our_openrlhf.group_baseline_rewards(r, n, "group_norm"), want)
 
 
 def _openrlhf_gspo64(old, logp, adv, mask, low, high, dual_clip, dp_size=1,

@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import torch
 
+from rlhf_kernels._checks import int_setting
 from rlhf_kernels.integrations import Patch, apply_patch, dropin, original
 from rlhf_kernels.integrations._contract import (
     bind_keep_fp32,
@@ -445,10 +446,9 @@ def group_baseline_rewards(
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be (N,) one reward per sample, got shape "
                          f"{tuple(rewards.shape)}")
-    if isinstance(n_samples_per_prompt, bool) or not isinstance(n_samples_per_prompt, int) \
-            or n_samples_per_prompt < 1:
+    n = int_setting("n_samples_per_prompt", n_samples_per_prompt, expected="an int >= 1")
+    if n < 1:
         raise ValueError(f"n_samples_per_prompt must be an int >= 1, got {n_samples_per_prompt!r}")
-    n = n_samples_per_prompt
     if rewards.shape[0] % n:
         raise ValueError(f"{rewards.shape[0]} rewards do not make whole groups of "
                          f"n_samples_per_prompt={n} (OpenRLHF reshapes them to (-1, {n}))")
