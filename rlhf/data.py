@@ -333,7 +333,8 @@ def load_sft_dataset(source: str | Path, split: str = "train", **load_kwargs: An
     """SFT rows (a `datasets.Dataset`): prompt/completion, messages, or text columns. Every
     row's values are checked (`_check_rows`)."""
     dataset = load_records(source, split, **load_kwargs)
-    fmt = sft_format(dataset.column_names, repr(str(source)))
+    with _nested_rows_hint(source, dataset.column_names, load_kwargs):
+        fmt = sft_format(dataset.column_names, repr(str(source)))
     columns = {"prompt_completion": ("prompt", "completion"), "messages": ("messages",),
                "text": ("text",)}[fmt]
     _check_rows(dataset, source, columns, chat=fmt != "text", load_kwargs=load_kwargs)
@@ -344,8 +345,9 @@ def load_preference_dataset(source: str | Path, split: str = "train", **load_kwa
     """Preference rows (a `datasets.Dataset`) with prompt/chosen/rejected (prompt optional: a
     null prompt is no prompt). Every row's values are checked (`_check_rows`)."""
     dataset = load_records(source, split, **load_kwargs)
-    _require_columns(dataset.column_names, repr(str(source)), PREFERENCE_FORMATS,
-                     ("chosen", "rejected"))
+    with _nested_rows_hint(source, dataset.column_names, load_kwargs):
+        _require_columns(dataset.column_names, repr(str(source)), PREFERENCE_FORMATS,
+                         ("chosen", "rejected"))
     _check_rows(dataset, source, ("chosen", "rejected"), chat=True, load_kwargs=load_kwargs,
                 optional=("prompt",) if "prompt" in dataset.column_names else ())
     return dataset
@@ -355,9 +357,39 @@ def load_prompt_dataset(source: str | Path, split: str = "train", **load_kwargs:
     """PPO prompt rows (a `datasets.Dataset`) with a prompt column. Every row's value is
     checked (`_check_rows`)."""
     dataset = load_records(source, split, **load_kwargs)
-    _require_columns(dataset.column_names, repr(str(source)), PROMPT_FORMATS, ("prompt",))
+    with _nested_rows_hint(source, dataset.column_names, load_kwargs):
+        _require_columns(dataset.column_names, repr(str(source)), PROMPT_FORMATS, ("prompt",))
     _check_rows(dataset, source, ("prompt",), chat=True, load_kwargs=load_kwargs)
     return dataset
+
+
+@contextlib.contextmanager
+def _nested_rows_hint(source, columns: Sequence[str], load_kwargs: Mapping[str, Any]
+                      ) -> Iterator[None]:
+    """A missing-columns error of a JSON file that is one object holding its rows under one key
+    (``{"data": [{...}, ...]}``: `datasets` reads it as one row of one column) says so: the
+    accepted columns are there, one level down."""
+    try:
+        yield
+    except ValueError as error:
+        path = Path(str(source)).expanduser()
+        if load_kwargs or len(columns) != 1 or not path.is_file() or \
+                LOCAL_FORMATS.get(path.suffix.lower()) != "json":
+            raise
+        import json
+
+        try:
+            document = json.loads(path.read_text(encoding="utf-8-sig"))
+        except (ValueError, UnicodeDecodeError):
+            raise error from None
+        rows = document.get(columns[0]) if isinstance(document, dict) else None
+        if not (isinstance(rows, list) and rows and isinstance(rows[0], dict)):
+            raise
+        raise ValueError(f"dataset {str(source)!r} is one JSON object holding its rows under "
+                         f"the key {columns[0]!r} (their columns: {sorted(rows[0])}), which "
+                         f"reads as one row of one column {columns[0]!r}; write the rows as a "
+                         f"list at the top of the file, or one JSON object per line (.jsonl)"
+                         ) from error
 
 
 def _value_problem(value: Any, column: str, chat: bool) -> str | None:

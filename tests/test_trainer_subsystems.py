@@ -641,3 +641,30 @@ def test_output_dir_under_home_is_not_a_folder_named_tilde(tmp_path, monkeypatch
     assert cli.main([command, "output_dir=~/runs/x"]) == 0
     assert seen == [str(tmp_path / "home" / "runs" / "x")]
     assert not (tmp_path / "~").exists()
+
+
+@pytest.mark.parametrize("loader", ["sft", "pairs", "prompts"])
+def test_rows_under_a_key_of_one_json_object_are_said_so(tmp_path, loader):
+    """{"data": [rows]} is read by `datasets` as one row of one column 'data': the error said
+    the columns were wrong and to rename them, though the rows' columns were right, one level
+    down (and the CLI has no field= setting). Now it says where the rows are and how to write
+    the file."""
+    import json
+
+    from rlhf import data
+
+    row = {"sft": {"prompt": "a", "completion": "b"},
+           "pairs": {"prompt": "a", "chosen": "b", "rejected": "c"},
+           "prompts": {"prompt": "a"}}[loader]
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps({"data": [row, row]}))
+    load = {"sft": data.load_sft_dataset, "pairs": data.load_preference_dataset,
+            "prompts": data.load_prompt_dataset}[loader]
+    with pytest.raises(ValueError) as caught:
+        load(str(path))
+    assert str(caught.value) == (
+        f"dataset {str(path)!r} is one JSON object holding its rows under the key 'data' (their "
+        f"columns: {sorted(row)}), which reads as one row of one column 'data'; write the rows "
+        f"as a list at the top of the file, or one JSON object per line (.jsonl)")
+    path.write_text(json.dumps([row, row]))
+    assert len(load(str(path))) == 2
