@@ -194,6 +194,26 @@ def test_nested_patches_undone_in_either_order_restore_the_framework(fake_framew
     assert all(h is fw.helper for h in _holders(fw, during_a, during_both, during_b))
 
 
+def test_a_reference_replaced_between_two_patches_is_kept(fake_framework):
+    """patch A, someone else sets core.helper = X, patch B: undoing B puts X back (not A's
+    drop-in), and undoing A then leaves X alone."""
+    fw = fake_framework
+    _, _, targets_a = _fake_targets()
+    helper_b, _, targets_b = _fake_targets()
+    a = integrations.apply_patch("Fake", "fakefw", targets_a)
+
+    def theirs(x):
+        return x
+
+    fw.core.helper = theirs
+    b = integrations.apply_patch("Fake", "fakefw", targets_b)
+    assert fw.core.helper is helper_b
+    b.undo()
+    assert fw.core.helper is theirs
+    a.undo()
+    assert fw.core.helper is theirs and fw.user.helper is fw.helper
+
+
 def test_three_patches_undone_middle_first(fake_framework):
     fw = fake_framework
     patches, helpers = [], []

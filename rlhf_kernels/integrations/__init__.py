@@ -113,11 +113,12 @@ def _assign(container: Any, key: str, value: Any) -> None:
         setattr(container, key, value)
 
 
-# Every change still applied, per slot (id of the container, key), oldest first. A slot holds
-# the replacement of its newest change, or its base (the framework's own value) when none is
-# left. Patches may be undone in any order: undoing one takes its changes off their stacks, so
-# the newest active patch stays in force and the last undo puts the framework's own function
-# back (a slot's previous value may be an older patch's drop-in, never restored on its own).
+# Every change still applied, per slot (id of the container, key), oldest first. Patches may be
+# undone in any order: undoing one takes its changes off their stacks; a change that was on top
+# puts back what it found (or, when that is a drop-in no active patch applies any more, the
+# framework's own value), one with a change above hands what it found to that change. So the
+# newest active patch stays in force and the last undo restores the framework's functions; a
+# reference someone else replaced meanwhile is left alone.
 _APPLIED: dict[tuple[int, str], list[_Change]] = {}
 
 
@@ -141,19 +142,18 @@ def _record(change: _Change) -> None:
     stack.append(change)
 
 
-def _remove(change: _Change) -> None:
-    """Take ``change`` off its slot; if it was the newest, the slot gets the next newest change's
-    replacement, or its base (unless someone else replaced the reference since)."""
+def _unstack(change: _Change) -> _Change | None:
+    """Take ``change`` off its slot's stack -> the change above it (None: it was on top)."""
     slot = _slot(change)
     stack = _APPLIED.get(slot, [])
     position = next((i for i, c in enumerate(stack) if c is change), None)
     if position is None:
-        return
+        return None
     del stack[position]
-    if position == len(stack) and change.current() is change.replacement:
-        change.set(stack[-1].replacement if stack else change.base)
+    above = stack[position] if position < len(stack) else None
     if not stack:
         del _APPLIED[slot]
+    return above
 
 
 @dataclass
@@ -178,16 +178,32 @@ class Patch:
         every patch is undone the framework holds its own functions again."""
         if not self.active:
             return
-        for change in reversed(self._changes):
-            _remove(change)
+        unstacked = [(change, _unstack(change)) for change in reversed(self._changes)]
+        live = {id(c.replacement) for stack in _APPLIED.values() for c in stack}
+
+        def found(change: _Change) -> Any:  # what the change found, or its base for a dead drop-in
+            value = change.previous
+            return change.base if _is_dropin(value) and id(value) not in live else value
+
+        for change, above in unstacked:
+            if above is None:
+                if change.current() is change.replacement:  # else: replaced by someone since
+                    change.set(found(change))
+            elif above.previous is change.replacement:
+                above.previous = found(change)
         # Modules imported while the patch was active copied the drop-in with `from ... import`
         # (no change records them). A drop-in another active patch still applies stays: that
         # patch's undo finds it.
-        in_use = {id(c.replacement) for stack in _APPLIED.values() for c in stack}
         restore = {id(c.replacement): c.base for c in self._changes
-                   if id(c.replacement) not in in_use}
+                   if id(c.replacement) not in live}
         for container, key, value in _references(self.package, set(restore)):
             _assign(container, key, restore[id(value)])
+        # Another patch may have found one of this patch's drop-ins in such a module: it now
+        # restores the framework's own value there.
+        for stack in _APPLIED.values():
+            for change in stack:
+                if _is_dropin(change.previous) and id(change.previous) not in live:
+                    change.previous = change.base
         self.active = False
 
     def __enter__(self) -> Patch:
