@@ -390,6 +390,12 @@ class RLConfig:
             warnings.warn(f"kl_horizon={self.kl_horizon} has no effect with kl_target=null "
                           f"(kl_coef stays fixed; kl_horizon sets how fast the adaptive "
                           f"controller moves it towards kl_target)", stacklevel=2)
+        if (self.kl_coef == 0 and self.kl_target is not None
+                and self.kl_target != defaults["kl_target"]):
+            # the controller scales kl_coef by a factor: from 0 it never moves
+            warnings.warn(f"kl_target={self.kl_target} has no effect with kl_coef=0 (the "
+                          f"adaptive controller multiplies kl_coef, and 0 stays 0); give kl_coef "
+                          f"a starting value > 0, or kl_target=null for no KL", stacklevel=2)
         if not s.dynamic_sampling:
             refuse_changed(DYNAMIC_SAMPLING_SETTINGS, "dynamic_sampling is off")
         elif s.uses_critic or s.group_size == 1:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 
 import pytest
 import torch
@@ -68,6 +69,18 @@ def test_kl_horizon_without_an_adaptive_kl_is_said_and_not_recorded():
     fixed = ppo.PPOConfig(kl_target=None)  # the default horizon is fine, and not recorded
     assert "kl_horizon" not in ppo.printable_config(fixed)
     assert ppo.printable_config(ppo.PPOConfig(kl_horizon=100))["kl_horizon"] == 100
+
+
+def test_kl_target_with_kl_coef_zero_is_said():
+    """The controller multiplies kl_coef: from 0 it never moves, so a kl_target given with
+    kl_coef=0 would be silently ignored. The default kl_target with kl_coef=0 ("no KL") and a
+    kl_target with kl_coef > 0 say nothing."""
+    with pytest.warns(UserWarning, match=r"kl_target=4.0 has no effect with kl_coef=0"):
+        ppo.PPOConfig(kl_coef=0.0, kl_target=4.0).check_critic_settings()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ppo.PPOConfig(kl_coef=0.0).check_critic_settings()
+        ppo.PPOConfig(kl_coef=0.05, kl_target=4.0).check_critic_settings()
 
 
 def test_print_config_refuses_what_the_run_refuses(capsys):
