@@ -333,7 +333,8 @@ def test_nproc_gives_a_ranks_error_status_without_torchruns_traceback(capfd, tmp
     monkeypatch.undo()
     code = subprocess.call([*command[:tail], str(rank)])
     err = capfd.readouterr().err
-    assert err.count("rlhf rm: error: seed=-1") == 2
+    # the first rank to fail makes torchrun stop the other, which may go before it prints
+    assert "rlhf rm: error: seed=-1" in err
     assert code == 2
     assert "Traceback" not in err and "ChildFailedError" not in err
 
