@@ -183,6 +183,26 @@ def evaluate(backbone, pairs: PairBatch, pad_token_id: int, batch_size: int = 12
             "eval_pairs": n}
 
 
+def _pairs_also_in(pairs: PairBatch, others: PairBatch) -> int:
+    """How many of ``pairs`` (chosen and rejected tokens) are also in ``others``: each pair
+    hashed to one int64 (random position weights, wrapping arithmetic; right padding puts a
+    row's tokens in its first columns whatever the batch's width), then ``torch.isin``."""
+    if not len(pairs) or not len(others):
+        return 0
+    width = max(pairs.chosen_ids.shape[1], pairs.rejected_ids.shape[1],
+                others.chosen_ids.shape[1], others.rejected_ids.shape[1])
+    weights = torch.randint(1, 2**62, (2, width), generator=torch.Generator().manual_seed(0))
+
+    def keys(batch: PairBatch) -> torch.Tensor:
+        key = torch.zeros(len(batch), dtype=torch.int64)
+        for side, (ids, mask) in enumerate(((batch.chosen_ids, batch.chosen_mask),
+                                            (batch.rejected_ids, batch.rejected_mask))):
+            key += ((ids.long() + 1) * (mask != 0) * weights[side, :ids.shape[1]]).sum(-1)
+        return key
+
+    return int(torch.isin(keys(pairs), keys(others)).sum())
+
+
 def _split(pairs: PairBatch, eval_fraction: float, seed: int) -> tuple[PairBatch, PairBatch]:
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed))
     n_eval = int(round(len(pairs) * eval_fraction))
@@ -270,6 +290,11 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
         train_set, eval_set = _split(train_set, cfg.eval_fraction, cfg.seed)
     if len(train_set) == 0:
         raise ValueError("no training pairs left for the reward model (empty dataset?)")
+    leaked = _pairs_also_in(eval_set, train_set)
+    if leaked:  # the held-out accuracy would partly measure memorised training pairs
+        warnings.warn(f"[rm] {leaked} of {len(eval_set)} held-out pairs are also training pairs "
+                      f"(the same tokens): the held-out figures overstate; remove the duplicate "
+                      f"pairs from the data", stacklevel=1)
     device = resolve_device(cfg.device, cfg.max_memory)
     from rlhf import distributed
 

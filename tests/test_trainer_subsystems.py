@@ -669,3 +669,35 @@ def test_rows_under_a_key_of_one_json_object_are_said_so(tmp_path, loader):
         f"as a list at the top of the file, or one JSON object per line (.jsonl)")
     path.write_text(json.dumps([row, row]))
     assert len(load(str(path))) == 2
+
+
+def test_held_out_pairs_that_are_also_training_pairs_are_said(tmp_path, tokenizer):
+    """Duplicate pairs in the data land on both sides of the held-out split (or a separate eval
+    file repeats training pairs): the held-out accuracy then partly measures memorised pairs,
+    without a word. Now a warning counts them (compared by their tokens)."""
+    import warnings
+
+    from rlhf import reward
+    from tests.test_stages import sentiment_pairs
+
+    pairs = sentiment_pairs(24, 0)
+    train = reward.encode_pairs(pairs, tokenizer, 48)
+    # 5 held-out pairs: 3 of them training pairs (one twice), 2 new ones
+    held_out = [pairs[3], pairs[7], pairs[7], *sentiment_pairs(2, 9)]
+    assert reward._pairs_also_in(reward.encode_pairs(held_out, tokenizer, 48), train) == 3
+    cpu = torch.device("cpu")
+    assert reward._pairs_also_in(train.select(torch.arange(5, 24), cpu),
+                                 train.select(torch.arange(5), cpu)) == 0
+
+    def run(name, eval_pairs):
+        cfg = reward.RewardConfig(output_dir=str(tmp_path / name), batch_size=8, epochs=0.3,
+                                  device="cpu", max_length=48)
+        reward.train(cfg, backbone=tiny_backbone(tokenizer), tokenizer=tokenizer,
+                     train_pairs=pairs, eval_pairs=eval_pairs)
+
+    with pytest.warns(UserWarning, match=r"\[rm\] 3 of 5 held-out pairs are also training "
+                                         r"pairs \(the same tokens\)"):
+        run("leak", held_out)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*held-out pairs are also training pairs")
+        run("clean", sentiment_pairs(4, 9))
