@@ -1,0 +1,223 @@
+"""The docs do what they say: every ```python block of docs/*.md runs on the CPU (or is listed in
+SKIPPED with the reason), every `rlhf ...` command that README.md and docs/*.md show is accepted
+as written (its settings parse and pass the checks made before anything loads), and every
+relative link of README.md and docs/*.md names a file that exists and, for a Markdown file, a
+heading it has. tests/test_readme_snippets.py runs the README's own Python snippets."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+PAGES = [ROOT / "README.md", *DOCS]
+
+
+def _blocks(page: Path, language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", page.read_text(), re.S | re.M)
+
+
+def _python_blocks() -> dict[tuple[str, int], str]:
+    return {(page.name, index): code
+            for page in DOCS for index, code in enumerate(_blocks(page, "python"))}
+
+
+# (page, index of the block among the page's ```python blocks) -> why it is not run here.
+SKIPPED: dict[tuple[str, int], str] = {}
+# Blocks run by a test of their own below (they need a stand-in for the reader's objects).
+RUN_BY_A_TEST = {("integrations.md", 0), ("integrations.md", 1)}
+
+
+def test_every_python_block_of_the_docs_is_run_or_listed_as_skipped():
+    """A new snippet fails here until it is run by a test or listed in SKIPPED with a reason."""
+    blocks = set(_python_blocks())
+    unlisted = blocks - set(SKIPPED) - RUN_BY_A_TEST
+    assert not unlisted, f"python blocks neither run nor listed in SKIPPED: {sorted(unlisted)}"
+    stale = (set(SKIPPED) | RUN_BY_A_TEST) - blocks
+    assert not stale, f"listed blocks that no longer exist (the docs changed): {sorted(stale)}"
+
+
+@pytest.mark.parametrize("key", sorted(SKIPPED), ids=lambda key: f"{key[0]}[{key[1]}]")
+def test_skipped_python_blocks(key):
+    pytest.skip(SKIPPED[key])
+
+
+class _StandInTrainer:
+    """The reader's `trainer`: its fit()/train() calls TRL's helpers as a TRL trainer would, and
+    records what they returned while the patch was on."""
+
+    def __init__(self):
+        self.seen: dict[str, object] = {}
+
+    def _step(self):
+        import torch
+        import trl.trainer.utils as trl_utils
+
+        generator = torch.Generator().manual_seed(0)
+        logits = torch.randn(2, 5, 11, generator=generator).to(torch.bfloat16)
+        index = torch.randint(0, 11, (2, 5), generator=generator)
+        self.seen["function"] = trl_utils.selective_log_softmax
+        self.seen["logits"], self.seen["index"] = logits, index
+        self.seen["logp"] = trl_utils.selective_log_softmax(logits, index)
+
+    fit = train = _step
+
+
+def _integrations_namespace(monkeypatch) -> tuple[dict, list[str]]:
+    """Runs the first block of docs/integrations.md. Without veRL installed (as here), with
+    `patch_trl`, which its own comment offers instead; `trainer` is a stand-in."""
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")  # tiny CPU tensors: the spec is fast
+    code = _python_blocks()[("integrations.md", 0)]
+    try:
+        import verl  # noqa: F401
+    except ImportError:
+        assert "with patch_verl() as patch:" in code, "the snippet changed: update this test"
+        code = code.replace("patch_verl", "patch_trl")
+    namespace: dict = {"trainer": _StandInTrainer()}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "docs/integrations.md", "exec"), namespace)  # noqa: S102 - our docs
+    return namespace, out.getvalue().splitlines()
+
+
+def test_integrations_patch_snippet_swaps_the_functions_in_and_back(monkeypatch):
+    """"print(patch.patched): "module.attribute" of every replaced function", the trainer runs
+    with the drop-ins, and leaving the `with` block puts the framework's own functions back."""
+    pytest.importorskip("trl")
+    import trl.trainer.utils as trl_utils
+
+    original = trl_utils.selective_log_softmax
+    namespace, printed = _integrations_namespace(monkeypatch)
+    assert "trl.trainer.utils.selective_log_softmax" in printed[0], printed
+    assert namespace["trainer"].seen["function"] is not original  # patched during fit()
+    assert trl_utils.selective_log_softmax is original  # and undone after the block
+
+
+def test_integrations_keep_fp32_snippet_returns_fp32_for_bf16_logits(monkeypatch):
+    """"with patch_trl(keep_fp32=True): TRL's helpers return fp32 for bf16 logits", where TRL's
+    own function (CPU logits: its PyTorch path) returns bf16; the values are the float64 log-probs
+    to fp32 rounding."""
+    pytest.importorskip("trl")
+    import torch
+    import trl.trainer.utils as trl_utils
+
+    namespace, _ = _integrations_namespace(monkeypatch)
+    trainer = namespace["trainer"] = _StandInTrainer()
+    code = _python_blocks()[("integrations.md", 1)]
+    exec(compile(code, "docs/integrations.md", "exec"), namespace)  # noqa: S102 - our docs
+    logits, index, logp = (trainer.seen[k] for k in ("logits", "index", "logp"))
+    assert logp.dtype == torch.float32, logp.dtype
+    assert trl_utils.selective_log_softmax(logits, index).dtype == torch.bfloat16  # unpatched
+    want = torch.log_softmax(logits.double(), -1).gather(-1, index[..., None]).squeeze(-1)
+    assert (logp.double() - want).abs().max() < 1e-5
+
+
+# ---- the `rlhf` commands the pages show -------------------------------------------------------
+
+# a command with one of these is a template (`model=...`, `MODEL`, `[--x]`, `--gpus N`, `<name>`)
+_PLACEHOLDER = re.compile(r"\.\.\.|<|\[|\bMODEL\b|\bN\b|\|")
+_STAGE = re.compile(r"(?:^|&& |-m )rlhf ((?:sft|rm|ppo|grpo|pipeline|frontier|plan)\b.*)$")
+# shown, but not run here: what they do is not a check of the settings
+_NOT_RUN = {"plan --write-readme": "rewrites README.md's card table (tests/test_plan.py holds "
+                                   "that table to the code)"}
+
+
+def _commands() -> list[tuple[str, str]]:
+    found = []
+    for page in PAGES:
+        text = page.read_text()
+        lines = [line.split(" #")[0].strip()
+                 for block in _blocks(page, "bash")
+                 for line in block.replace("\\\n", " ").splitlines()]
+        lines += re.findall(r"`(rlhf [^`]+)`", text)  # inline, in the prose
+        for line in lines:
+            match = _STAGE.search(line)
+            if (match and not _PLACEHOLDER.search(match.group(1))
+                    and match.group(1).strip() not in _NOT_RUN):
+                found.append((page.name, match.group(1).strip()))
+    return sorted(set(found))
+
+
+def test_the_pages_show_commands():
+    pages = {page for page, _ in _commands()}
+    assert {"README.md", "distributed.md", "real_model.md"} <= pages, pages
+    assert not {command for _, command in _commands()} & set(_NOT_RUN)
+
+
+@pytest.mark.parametrize("page,command", _commands(), ids=lambda x: x)
+def test_every_rlhf_command_shown_is_accepted(page, command, tmp_path, monkeypatch):
+    """Each `rlhf <stage> ...` runs through the CLI as written with --print-config added (which
+    loads and checks the settings, then stops before anything heavy; `--nproc N` is dropped: the
+    torchrun launch itself is tests/test_distributed.py's); `rlhf plan ...` runs in full."""
+    from rlhf import distributed
+    from rlhf.cli import main
+
+    monkeypatch.chdir(tmp_path)  # relative output_dir= and dataset= paths name nothing here
+    args = shlex.split(command)
+    if args[0] != "plan":
+        args = [arg for i, arg in enumerate(args)
+                if arg != "--nproc" and not (i and args[i - 1] == "--nproc")]
+        args += [] if "--print-config" in args else ["--print-config"]
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            try:
+                code = main(args)
+            except SystemExit as exit_:  # argparse: --help
+                code = exit_.code
+    finally:
+        distributed.set_strategy(None)  # strategy= is process state the CLI sets
+    assert code == 0, f"{page}: `rlhf {command}` exited {code}:\n{out.getvalue()[-2000:]}"
+    assert out.getvalue().strip(), "it printed nothing"
+
+
+# ---- relative links ---------------------------------------------------------------------------
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's heading ids: lower case, punctuation but '-' and '_' dropped, spaces to '-', a
+    repeated id numbered -1, -2, ..."""
+    anchors, counts, fenced = set(), {}, False
+    for line in page.read_text().splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        heading = None if fenced else re.match(r"#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if heading:
+            slug = re.sub(r"[^\w\- ]", "", heading.group(1).replace("`", "").lower())
+            slug = slug.replace(" ", "-")
+            n = counts.get(slug, 0)
+            counts[slug] = n + 1
+            anchors.add(slug if n == 0 else f"{slug}-{n}")
+    return anchors
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_relative_links_resolve(page):
+    """[text](path#anchor) and ![alt](path): the file exists (inside the repository) and the
+    anchor is a heading of the Markdown file it names."""
+    broken, links = [], re.findall(r"\]\(([^)\s]+)\)", page.read_text())
+    for link in links:
+        if re.match(r"[a-z][a-z0-9+.-]*:", link):  # https:, mailto:
+            continue
+        path, _, anchor = link.partition("#")
+        target = (page.parent / path).resolve() if path else page
+        if ROOT not in target.parents and target != ROOT:
+            broken.append(f"{link} (outside the repository)")
+        elif not target.exists():
+            broken.append(f"{link} (no such file)")
+        elif anchor and target.suffix == ".md" and anchor not in _anchors(target):
+            broken.append(f"{link} (no heading #{anchor} in {target.relative_to(ROOT)})")
+    assert not broken, f"{page.name}: " + "; ".join(broken)
+
+
+def test_the_anchor_rule_matches_githubs():
+    """The heading-id rule above, on headings of these pages whose ids GitHub shows."""
+    page = ROOT / "docs" / "real_model.md"
+    anchors = _anchors(page)
+    assert "taskreviews-on-smollm2-135m-instruct-lora-sft-a-reward-model-grpo" in anchors
+    assert "dapos-dynamic-sampling-on-this-task" in anchors
