@@ -135,7 +135,8 @@ def _commands() -> list[tuple[str, str]]:
         lines = [line.split(" #")[0].strip()
                  for block in _blocks(page, "bash")
                  for line in block.replace("\\\n", " ").splitlines()]
-        lines += re.findall(r"`(rlhf [^`]+)`", text)  # inline, in the prose
+        # inline, in the prose (a span may break across lines)
+        lines += [" ".join(span.split()) for span in re.findall(r"`(rlhf [^`]+)`", text)]
         for line in lines:
             match = _STAGE.search(line)
             if (match and not _PLACEHOLDER.search(match.group(1))
