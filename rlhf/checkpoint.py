@@ -35,6 +35,8 @@ duration of a run:
   that did what that version did (`SETTINGS_ADDED`), and RL settings left to their algorithm's
   preset compare as the preset's value. Checkpoints carry the run id, and resuming refuses a
   checkpoint of another run, so a resumed run only ever uses the files of the run it resumes.
+  run.json also keeps a fingerprint (size, sha256) of each local data file or folder the
+  config names (`dataset` settings); `--resume` refuses data whose content changed since.
 - a fresh run (no --resume) into a directory that holds a run's files refuses to start (it
   would mix with them) unless `overwrite=true`, which deletes exactly those files first.
 """
@@ -44,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import enum
+import hashlib
 import json
 import os
 import random
@@ -708,6 +711,56 @@ def _read_manifest(directory: Path) -> dict[str, Any] | None:
     return manifest
 
 
+def _is_data_key(key: str) -> bool:
+    name = key.rsplit(".", 1)[-1]
+    return name == "dataset" or name.endswith("_dataset")
+
+
+def _fingerprint(path: Path) -> dict[str, Any]:
+    """{"bytes", "sha256"} of a local data file, or of a data folder (a ``save_to_disk``
+    dataset: every file under it, by relative path, size and content)."""
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    total = 0
+    for file in files:
+        if file is not path:
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+                total += len(block)
+    return {"bytes": total, "sha256": digest.hexdigest()}
+
+
+def data_fingerprints(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The content fingerprint of every local data file or folder the config names (settings
+    ``dataset`` / ``*_dataset``; a hub name or None has none), keyed by the dotted setting.
+    run.json keeps them, so that a resume can tell that the data changed in between."""
+    prints = {}
+    for key, value in _flatten(config).items():
+        if _is_data_key(key) and isinstance(value, str) and value:
+            path = Path(value).expanduser()
+            if path.is_file() or path.is_dir():
+                prints[key] = {"path": value, **_fingerprint(path)}
+    return prints
+
+
+def _data_changes(recorded: Mapping[str, Any], config: Mapping[str, Any]) -> list[str]:
+    """The data a resumed run would read that differs from what the run started with: each
+    setting whose file or folder run.json fingerprinted and which now holds other content (a
+    path that is gone is left to the stage, which says so when it reads it)."""
+    now = data_fingerprints(config)
+    changed = []
+    for key, before in recorded.items():
+        after = now.get(key)
+        if after is None or after["path"] != before.get("path"):
+            continue  # gone, or another path: the setting comparison speaks for that
+        if (after["bytes"], after["sha256"]) != (before.get("bytes"), before.get("sha256")):
+            changed.append(f"{key}: {after['path']!r} ({before.get('bytes')} -> "
+                           f"{after['bytes']} bytes, other content)")
+    return changed
+
+
 def _holds_something(path: Path) -> bool:
     """A file, or a non-empty directory (an empty one has nothing to mix with or lose)."""
     if path.is_dir() and not path.is_symlink():
@@ -823,6 +876,14 @@ def _open_run(directory: str | Path, kind: str, config: Mapping[str, Any], *, re
                     f"must keep its settings, or its results would mix both. {how}, or start "
                     f"a new run with the new ones: a new output_dir=..., or overwrite=true to "
                     f"replace this run")
+            data_changed = _data_changes(manifest.get("data", {}), config)
+            if data_changed:
+                raise RunDirectoryError(
+                    f"--resume of {str(directory)!r}: the data changed since the run started: "
+                    f"{'; '.join(data_changed)}. A resumed run would train its second part on "
+                    f"other data than its first. Put the run's data back, or start a new run "
+                    f"with this data: a new output_dir=..., or overwrite=true to replace this "
+                    f"run")
             manifest.setdefault("resumed", []).append(_now())
             atomic_write_text(directory / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
             run = RunDirectory(directory, kind, manifest["run_id"], resumed=True)
@@ -843,7 +904,8 @@ def _open_run(directory: str | Path, kind: str, config: Mapping[str, Any], *, re
                 _clear(directory, present)
             manifest = {"format": 1, "kind": kind, "run_id": uuid.uuid4().hex,
                         "created": _now(), "host": socket.gethostname(),
-                        "command": " ".join(sys.argv), "config": _json_plain(config)}
+                        "command": " ".join(sys.argv), "config": _json_plain(config),
+                        "data": data_fingerprints(config)}
             atomic_write_text(directory / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
             run = RunDirectory(directory, kind, manifest["run_id"], resumed=False)
         yield run

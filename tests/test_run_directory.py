@@ -261,6 +261,46 @@ def test_resume_refusal_names_the_overrides_and_they_resume(tmp_path):
             pass
 
 
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_resume_refuses_data_whose_content_changed(tmp_path, kind):
+    """run.json fingerprints each local data file or folder (a save_to_disk dataset); a resume
+    after its content changed is refused, naming the setting; the same content resumes (also
+    after a copy that changes only the modification time), and so do a hub name, a run.json
+    without fingerprints (older versions) and nested settings (the pipeline's)."""
+    run = tmp_path / "run"
+    if kind == "file":
+        data = tmp_path / "pairs.jsonl"
+        data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+        edit = lambda: data.write_text('{"prompt": "a", "chosen": "c", "rejected": "b"}\n')  # noqa: E731
+        restore = lambda: data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')  # noqa: E731
+    else:
+        data = tmp_path / "saved"
+        (data / "train").mkdir(parents=True)
+        (data / "train" / "data-00000.arrow").write_bytes(b"1234")
+        edit = lambda: (data / "train" / "data-00000.arrow").write_bytes(b"1243")  # noqa: E731
+        restore = lambda: (data / "train" / "data-00000.arrow").write_bytes(b"1234")  # noqa: E731
+    config = {"reward": {"dataset": str(data), "lr": 1e-4}, "sft": {"dataset": "org/hub-name"}}
+    with checkpoint.open_run(run, "pipeline", config, resume=False):
+        (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    recorded = json.loads((run / "run.json").read_text())["data"]
+    assert list(recorded) == ["reward.dataset"]  # the hub name has no local content
+    edit()
+    with pytest.raises(RunDirectoryError, match=r"the data changed since the run started: "
+                                                r"reward\.dataset: '.*' \(\d+ -> \d+ bytes"):
+        with checkpoint.open_run(run, "pipeline", config, resume=True):
+            pass
+    restore()
+    os.utime(data, (1, 1))  # only the times differ (a copy): the same data
+    with checkpoint.open_run(run, "pipeline", config, resume=True) as resumed:
+        assert resumed.resumed
+    manifest = json.loads((run / "run.json").read_text())
+    del manifest["data"]  # a run.json of an older version: nothing to compare
+    (run / "run.json").write_text(json.dumps(manifest))
+    edit()
+    with checkpoint.open_run(run, "pipeline", config, resume=True) as resumed:
+        assert resumed.resumed
+
+
 # ---------------------------------------------------------------- item 10: one run per directory
 
 
