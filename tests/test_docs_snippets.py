@@ -1,8 +1,9 @@
 """The docs do what they say: every ```python block of docs/*.md runs on the CPU (or is listed in
 SKIPPED with the reason), every `rlhf ...` command that README.md and docs/*.md show is accepted
-as written (its settings parse and pass the checks made before anything loads), and every
-relative link of README.md and docs/*.md names a file that exists and, for a Markdown file, a
-heading it has. tests/test_readme_snippets.py runs the README's own Python snippets."""
+as written (its settings parse and pass the checks made before anything loads), every relative
+link of README.md and docs/*.md names a file that exists and, for a Markdown file, a heading it
+has, and the repository files and `rlhf.` / `rlhf_kernels.` names they cite exist.
+tests/test_readme_snippets.py runs the README's own Python snippets."""
 
 from __future__ import annotations
 
@@ -222,3 +223,42 @@ def test_the_anchor_rule_matches_githubs():
     anchors = _anchors(page)
     assert "taskreviews-on-smollm2-135m-instruct-lora-sft-a-reward-model-grpo" in anchors
     assert "dapos-dynamic-sampling-on-this-task" in anchors
+
+
+# ---- files and code the pages name -----------------------------------------------------------
+
+_REPO_DIRS = ("rlhf/", "rlhf_kernels/", "tests/", "benchmarks/", "csrc/", "docs/", "scripts/")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_files_named_in_code_spans_exist(page):
+    """`rlhf/engine.py`, `benchmarks/results/x.json`, `csrc/cpu/`: a path under one of the
+    repository's folders names something that exists (docs/ paths also relative to docs/)."""
+    missing = []
+    for span in re.findall(r"`([\w./-]+)`", page.read_text()):
+        if span.startswith(_REPO_DIRS) and "*" not in span:
+            if not (ROOT / span).exists() and not (ROOT / "docs" / span).exists():
+                missing.append(span)
+    assert not missing, f"{page.name} names files that do not exist: {missing}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_code_names_resolve(page):
+    """`rlhf.models.SharedBackbone`, `rlhf_kernels.integrations.verl.ADVANTAGE_ESTIMATORS`: a
+    dotted name of this repository's packages imports, attribute by attribute."""
+    import importlib
+
+    broken = []
+    for name in sorted(set(re.findall(r"`((?:rlhf|rlhf_kernels)(?:\.\w+)+)", page.read_text()))):
+        parts, found = name.split("."), None
+        for cut in range(len(parts), 0, -1):  # the longest importable module prefix
+            try:
+                found = importlib.import_module(".".join(parts[:cut]))
+                break
+            except ImportError:
+                continue
+        for attribute in parts[cut:]:
+            found = getattr(found, attribute, None)
+        if found is None:
+            broken.append(name)
+    assert not broken, f"{page.name} names code that does not exist: {broken}"
