@@ -757,15 +757,54 @@ def _peak_memory_mb(device: torch.device) -> float:
 def _save(directory: Path, backbone, optimizer, scheduler, iteration: int, kl_coef: float,
           cfg: RLConfig, **extra) -> None:
     """A checkpoint (+ `extra`, see rlhf.sft._save), then prune to ``cfg.keep_last``."""
-    from rlhf.checkpoint import prune_checkpoints, save_state
-
     params = {name: p.detach().cpu()
               for name, p in backbone.named_trainable_parameters(*_trained_roles(cfg))}
-    save_state(directory, iteration=iteration, kl_coef=kl_coef, params=params,
-               optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-               config=asdict(cfg), algorithm=cfg.algorithm, **extra)
+    _write_checkpoint(directory, cfg, iteration=iteration, kl_coef=kl_coef, params=params,
+                      optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                      **extra)
+
+
+def _write_checkpoint(directory: Path, cfg: RLConfig, **state) -> None:
+    from rlhf.checkpoint import prune_checkpoints, save_state
+
+    save_state(directory, config=asdict(cfg), algorithm=cfg.algorithm, **state)
     if cfg.keep_last is not None:
         prune_checkpoints(directory.parent, cfg.keep_last)
+
+
+# The most bytes of trainable state (parameters and optimizer state) kept in host memory as the
+# last whole iteration's snapshot: LoRA adapters and heads are megabytes; a full fine-tune's
+# state is left to the periodic checkpoints.
+WHOLE_ITERATION_SNAPSHOT_BYTES = 1 << 30
+
+
+def _cpu_copy(value):
+    """``value`` with every tensor copied to the host (dicts, lists and tuples rebuilt)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: _cpu_copy(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cpu_copy(item) for item in value)
+    return value
+
+
+def _whole_iteration_snapshot(backbone, optimizer, scheduler, cfg: RLConfig, **state):
+    """What the checkpoint of the last whole iteration holds (``state``: iteration, kl_coef,
+    last_metrics, skipped_steps, ...), copied to the host just before an update's first
+    optimizer step changes it; None where it would be too large or the parameters are not
+    plain tensors (FSDP2 shards)."""
+    named = dict(backbone.named_trainable_parameters(*_trained_roles(cfg)))
+    if any(type(p) not in (torch.nn.Parameter, torch.Tensor) for p in named.values()):
+        return None
+    optimizer_state = optimizer.state_dict()
+    size = sum(p.numel() * p.element_size() for p in named.values())
+    size += sum(t.numel() * t.element_size() for per_param in optimizer_state["state"].values()
+                for t in per_param.values() if isinstance(t, torch.Tensor))
+    if size > WHOLE_ITERATION_SNAPSHOT_BYTES:
+        return None
+    return dict(state, params=_cpu_copy(named), optimizer=_cpu_copy(optimizer_state),
+                scheduler=_cpu_copy(scheduler.state_dict()))
 
 
 def _trained_roles(cfg: RLConfig) -> tuple[str, ...]:
@@ -1012,13 +1051,20 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
     warned_filled = False  # dynamic sampling's warning, once per run
     # True from the iteration's first optimizer step until it is counted and logged: the
     # weights, optimizer and scheduler are then part-way through an iteration, which a
-    # checkpoint (labelled with whole iterations) cannot hold
+    # checkpoint (labelled with whole iterations) cannot hold. A Ctrl-C then writes the last
+    # whole iteration's checkpoint from `whole`, its snapshot taken just before that first
+    # step, so that only the interrupted iteration is redone (not every one since the last
+    # periodic checkpoint).
     mid_update = False
+    whole = None
+    saved_at = iteration if iteration > 0 else None  # the newest checkpoint's iteration
 
     def save(at: int) -> None:
+        nonlocal saved_at
         _save(ckpt_root / f"step-{at:07d}", backbone, optimizer, scheduler, at,
               kl_controller.value, cfg, run_id=run.run_id, last_metrics=metrics,
               skipped_steps=skipped)
+        saved_at = at
 
     progress = tqdm(total=cfg.num_iterations, initial=iteration, desc=name, dynamic_ncols=True)
     try:
@@ -1138,6 +1184,11 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
                             critic_params, cfg.grad_clip))
                     finite = all(math.isfinite(x) for x in p_losses + v_losses
                                  + list(norms.values()))
+                    if not mid_update:
+                        whole = None if saved_at == iteration else _whole_iteration_snapshot(
+                            backbone, optimizer, scheduler, cfg, iteration=iteration,
+                            kl_coef=kl_controller.value, run_id=run.run_id,
+                            last_metrics=dict(metrics), skipped_steps=skipped)
                     mid_update = True
                     if not finite:
                         optimizer.zero_grad(set_to_none=True)
@@ -1216,7 +1267,14 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
                     and iteration < cfg.num_iterations:
                 save(iteration)
     except KeyboardInterrupt:
-        if mid_update:
+        if mid_update and whole is not None:
+            # the live weights are part-way through iteration `iteration + 1`: the checkpoint
+            # of iteration `iteration` is written from its snapshot instead
+            _write_checkpoint(ckpt_root / f"step-{iteration:07d}", cfg, **whole)
+            print(f"\n[{name}] interrupted during the update of iteration {iteration + 1}; "
+                  f"checkpoint of iteration {iteration} (the last whole one) saved, continue "
+                  f"with resume=True")
+        elif mid_update:
             # saving now would label weights already stepped in iteration `iteration + 1` as
             # iteration `iteration`: a resume would redo that iteration on top of its own steps
             from rlhf.checkpoint import latest_checkpoint

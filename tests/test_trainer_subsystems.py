@@ -32,15 +32,23 @@ def tokenizer():
 # --------------------------------------------------------------------------------------------
 # resume: Ctrl-C in the middle of an RL iteration's update
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+@pytest.mark.parametrize("algorithm, save_every, snapshot", [
+    ("ppo", 1, True), ("grpo", 1, True), ("ppo", 10, True), ("grpo", 10, True),
+    ("ppo", 10, False)])
 def test_ctrl_c_during_an_rl_update_resumes_to_the_uninterrupted_numbers(
-        tmp_path, tokenizer, monkeypatch, algorithm):
+        tmp_path, tokenizer, monkeypatch, algorithm, save_every, snapshot):
     """Ctrl-C lands in the update of iteration 2, after its first optimizer step (the update is
     most of an iteration's time). The checkpoint written then labelled weights already stepped
     in iteration 2 as iteration 1, and the resumed run redid iteration 2 on top of its own
-    steps: different numbers from iteration 2 on. Now no half-done iteration is saved, and
-    resuming from the newest whole-iteration checkpoint gives the uninterrupted run's numbers."""
-    settings = dict(num_iterations=3, minibatch_size=2, save_every=1)  # 4 steps an iteration
+    steps: different numbers from iteration 2 on. Now the checkpoint of iteration 1 is written
+    from its snapshot, taken just before iteration 2's first step, even where no periodic
+    checkpoint (save_every=10) would hold it: only iteration 2 is redone, and the resumed run
+    gives the uninterrupted run's numbers. Without the snapshot (a state too large to keep),
+    nothing half-done is written and the resume starts from the newest checkpoint (none here:
+    from the start), with the same numbers."""
+    if not snapshot:
+        monkeypatch.setattr(rl, "WHOLE_ITERATION_SNAPSHOT_BYTES", 0)
+    settings = dict(num_iterations=3, minibatch_size=2, save_every=save_every)  # 4 steps each
     torch.set_num_threads(1)
     rl.train(rl_config(tmp_path / "full", algorithm, **settings),
              backbone=tiny_backbone(tokenizer), tokenizer=tokenizer, prompts=PROMPTS)
@@ -61,7 +69,10 @@ def test_ctrl_c_during_an_rl_update_resumes_to_the_uninterrupted_numbers(
         rl.train(cfg, backbone=tiny_backbone(tokenizer), tokenizer=tokenizer, prompts=PROMPTS)
     monkeypatch.setattr(rl, "backward_losses", backward)
     newest = latest_checkpoint(tmp_path / "cut" / algorithm / "checkpoints")
-    assert load_state(newest)["iteration"] == 1
+    if snapshot or save_every == 1:
+        assert load_state(newest)["iteration"] == 1
+    else:
+        assert newest is None
     cfg.resume = True
     rl.train(cfg, backbone=tiny_backbone(tokenizer), tokenizer=tokenizer, prompts=PROMPTS)
     got = read_jsonl(tmp_path / "cut" / algorithm / "metrics.jsonl")
