@@ -262,3 +262,36 @@ def test_code_names_resolve(page):
         if found is None:
             broken.append(name)
     assert not broken, f"{page.name} names code that does not exist: {broken}"
+
+
+def _classes() -> dict[str, type]:
+    """Every class defined in rlhf/ and rlhf_kernels/ (not the framework drop-ins, which import
+    the frameworks), by name."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import rlhf
+    import rlhf_kernels
+
+    classes: dict[str, type] = {}
+    for package in (rlhf, rlhf_kernels):
+        for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+            if ".integrations" in module.name or module.name.endswith("__main__"):
+                continue
+            loaded = importlib.import_module(module.name)
+            for name, value in vars(loaded).items():
+                if inspect.isclass(value) and value.__module__ == loaded.__name__:
+                    classes.setdefault(name, value)
+    return classes
+
+
+def test_class_members_named_exist():
+    """`SharedBackbone.memory_report`, `RolloutEngine._prefill`: a member of one of this
+    repository's classes, named in README.md or docs/*.md, exists."""
+    classes, broken = _classes(), []
+    for page in PAGES:
+        for owner, member in re.findall(r"`(?:[\w.]*\.)?([A-Z]\w+)\.(\w+)", page.read_text()):
+            if owner in classes and not hasattr(classes[owner], member):
+                broken.append(f"{page.name}: {owner}.{member}")
+    assert not broken, f"members that do not exist: {broken}"
