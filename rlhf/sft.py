@@ -307,10 +307,13 @@ def _save(directory: Path, model, optimizer, scheduler, step: int, cfg, **extra)
     newest ``cfg.keep_last`` checkpoints are deleted."""
     from rlhf.checkpoint import prune_checkpoints, save_state
 
-    params = {name: t.detach().cpu() for name, t in model.state_dict().items()}
-    if cfg.quantization != "none":  # the adapters only, never the quantized base
+    if cfg.lora_rank or cfg.quantization != "none":
+        # the adapters only: the frozen (or quantized) base comes back from cfg.model on resume,
+        # and a copy of it in every checkpoint would be gigabytes (3 GB at 1.5B in bf16)
         params = {name: t.detach().cpu() for name, t in model.named_parameters()
                   if t.requires_grad}
+    else:
+        params = {name: t.detach().cpu() for name, t in model.state_dict().items()}
     save_state(directory, step=step, params=params, optimizer=optimizer.state_dict(),
                scheduler=scheduler.state_dict(), config=asdict(cfg), **extra)
     if cfg.keep_last is not None:
@@ -419,8 +422,11 @@ def _train(cfg: SFTConfig, run, *, model, tokenizer, examples, on_step) -> dict:
         last, state = run.resume_checkpoint(ckpt_root)
         if last is not None:
             resumed = state
-            if cfg.quantization != "none":  # the checkpoint holds the adapters only
-                named = dict(model.named_parameters())
+            named = dict(model.named_parameters())
+            if state["params"].keys() <= named.keys() and (
+                    cfg.lora_rank or cfg.quantization != "none"):
+                # the adapters only (a LoRA checkpoint of an older version holds the whole
+                # state dict: loaded below)
                 with torch.no_grad():
                     for name, value in state["params"].items():
                         named[name].copy_(value)
