@@ -181,7 +181,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return plan_main(argv[1:])
     parser = _parser()
-    ns = parser.parse_args(argv)
+    # key=value overrides may also follow an option (`--resume ppo.kl_coef=0.1`, as a --resume
+    # refusal says to add them): argparse leaves a positional after an option over
+    ns, extra = parser.parse_known_args(argv)
+    unknown = [arg for arg in extra if arg.startswith("-") or ns.command is None]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        ns.args = list(ns.args) + extra
     if ns.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE

@@ -200,6 +200,17 @@ def test_cli_print_config_and_errors(fake_stage, tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
 
 
+def test_cli_overrides_may_follow_an_option(fake_stage, capsys):
+    """`--resume ppo.steps=4`: an override after an option (where a --resume refusal says to add
+    it) was 'unrecognized arguments'; an unknown option still is."""
+    assert cli.main(["sft", "ppo.steps=3", "--print-config", "ppo.steps=4"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["ppo"]["steps"] == 4
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["sft", "--print-config", "--bogus"])
+    assert stopped.value.code == cli.EXIT_USAGE
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
 def test_cli_says_when_a_stage_module_is_missing(monkeypatch, capsys):
     monkeypatch.setitem(cli.STAGES, "ppo", cli.Stage("rlhf._no_such_stage", "C", "train", "x"))
     assert cli.main(["ppo"]) == cli.EXIT_USAGE
