@@ -927,7 +927,8 @@ def main(argv: list[str] | None = None) -> int:
         result = plan(args.model, batch=args.batch, minibatch=args.minibatch,
                       forward_chunk=args.forward_chunk, **kwargs)
         # the same usable memory as the per-stage answers below (the card less --reserve)
-        best = (largest_batch(args.model, args.card - args.reserve, **kwargs)
+        best = (largest_batch(args.model, args.card - args.reserve, minibatch=args.minibatch,
+                              forward_chunk=args.forward_chunk, **kwargs)
                 if args.card > args.reserve else 0)
         fits = fit(args.model, args.card, batch=args.batch, reserve_gib=args.reserve,
                    minibatch=args.minibatch, forward_chunk=args.forward_chunk, **kwargs)

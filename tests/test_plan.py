@@ -332,6 +332,13 @@ def test_fit_is_the_largest_that_fits_and_says_why_nothing_does(capsys):
     assert out.count("nothing fits: the base weights alone are 14.96 GiB") == 3
     assert planner.main(["llama-3-8b", "--card", "12", "--quantization", "nf4", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["fit"]["rl"]["batch"] == rl["batch"]
+    # the headline and the RL line answer the same question: with a fixed minibatch and
+    # scoring chunk the headline took them as the batch (12 where the RL line said 60)
+    args = ["llama-3-8b", "--card", "12", "--quantization", "nf4", "--batch", "16",
+            "--minibatch", "4", "--forward-chunk", "4", "--json"]
+    assert planner.main(args) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["largest_batch"]["batch"] == shown["fit"]["rl"]["batch"] > 16
     with pytest.raises(ValueError, match="quantization='nf3'"):
         planner.plan("tiny", quantization="nf3")
     with pytest.raises(ValueError, match="reserve_gib"):
