@@ -200,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     config_class = getattr(module, stage.config_class)
     entry_point = getattr(module, stage.entry_point)
-    if ns.nproc is not None:
+    if ns.nproc is not None and not ns.print_config:  # printing the config launches nothing
         code = _launch_torchrun(ns.nproc, argv)
         if code is not None:
             return code

@@ -200,7 +200,7 @@ def test_cli_print_config_and_errors(fake_stage, tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
 
 
-def test_cli_overrides_may_follow_an_option(fake_stage, capsys):
+def test_cli_overrides_may_follow_an_option(fake_stage, capsys, monkeypatch):
     """`--resume ppo.steps=4`: an override after an option (where a --resume refusal says to add
     it) was 'unrecognized arguments'; an unknown option still is."""
     assert cli.main(["sft", "ppo.steps=3", "--print-config", "ppo.steps=4"]) == 0
@@ -209,6 +209,11 @@ def test_cli_overrides_may_follow_an_option(fake_stage, capsys):
         cli.main(["sft", "--print-config", "--bogus"])
     assert stopped.value.code == cli.EXIT_USAGE
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    # --print-config with --nproc prints the config once and launches no torchrun
+    monkeypatch.setattr(cli, "_launch_torchrun",
+                        lambda *a: pytest.fail("--print-config launched torchrun"))
+    assert cli.main(["sft", "--nproc", "2", "--print-config", "ppo.steps=5"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["ppo"]["steps"] == 5
 
 
 def test_cli_says_when_a_stage_module_is_missing(monkeypatch, capsys):
