@@ -193,7 +193,10 @@ def printable_config(cfg: SFTConfig) -> dict:
     from rlhf.config import config_to_dict
 
     cfg.check_used_settings()
-    return config_to_dict(cfg)
+    values = config_to_dict(cfg)
+    if cfg.lr is None:  # the default the run takes (max_steps from epochs needs the data)
+        values["lr"] = cfg.resolved(1).lr
+    return values
 
 
 def token_logprobs_of(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,

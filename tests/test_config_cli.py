@@ -216,6 +216,14 @@ def test_cli_overrides_may_follow_an_option(fake_stage, capsys, monkeypatch):
     assert yaml.safe_load(capsys.readouterr().out)["ppo"]["steps"] == 5
 
 
+def test_sft_print_config_shows_the_learning_rate_the_run_takes():
+    """lr: null means "2e-5 full-weight, 2e-4 with LoRA"; --print-config showed null."""
+    assert sft.printable_config(sft.SFTConfig())["lr"] == 2e-5
+    assert sft.printable_config(sft.SFTConfig(model="m", dataset="d.jsonl",
+                                              lora_rank=8))["lr"] == 2e-4
+    assert sft.printable_config(sft.SFTConfig(lr=1e-3))["lr"] == 1e-3
+
+
 def test_cli_says_when_a_stage_module_is_missing(monkeypatch, capsys):
     monkeypatch.setitem(cli.STAGES, "ppo", cli.Stage("rlhf._no_such_stage", "C", "train", "x"))
     assert cli.main(["ppo"]) == cli.EXIT_USAGE
