@@ -29,6 +29,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -171,11 +172,33 @@ def _one_line(error: BaseException, where: str | None = None) -> str:
 USER_ERRORS = (ValueError, FloatingPointError, OSError)
 
 
+_OUR_PACKAGES = tuple(str(Path(__file__).resolve().parents[1] / name) + os.sep
+                      for name in ("rlhf", "rlhf_kernels"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `rlhf` command; returns the process exit code."""
+    """Entry point of the `rlhf` command; returns the process exit code. Warnings of this
+    trainer and its kernels print as one line, `rlhf <command>: warning: ...` (Python's format,
+    a file path and a source line, stays for other packages' warnings)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and not argv[0].startswith("-") else "rlhf"
+    python_format = warnings.formatwarning
+
+    def one_line(message, category, filename, lineno, line=None):
+        if str(Path(filename).resolve()).startswith(_OUR_PACKAGES):
+            return f"rlhf {command}: warning: {message}\n"
+        return python_format(message, category, filename, lineno, line)
+
+    warnings.formatwarning = one_line
+    try:
+        return _main(argv)
+    finally:
+        warnings.formatwarning = python_format
+
+
+def _main(argv: list[str]) -> int:
     from rlhf.config import config_to_dict, load_config
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["plan"]:
         from rlhf.plan import main as plan_main
 

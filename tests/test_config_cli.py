@@ -216,6 +216,20 @@ def test_cli_overrides_may_follow_an_option(fake_stage, capsys, monkeypatch):
     assert yaml.safe_load(capsys.readouterr().out)["ppo"]["steps"] == 5
 
 
+def test_cli_warnings_are_one_line():
+    """A warning of the trainer prints as `rlhf <command>: warning: ...`, not as Python's file
+    path, line number and source line (a separate process: pytest records warnings itself)."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "rlhf", "ppo", "kl_coef=0", "kl_target=4",
+                           "--print-config"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "kl_target" in line]
+    assert lines == [line for line in lines if line.startswith("rlhf ppo: warning: kl_target=4.0 "
+                                                                "has no effect with kl_coef=0")]
+    assert len(lines) == 1 and "UserWarning" not in done.stderr and ".py:" not in done.stderr
+
+
 def test_sft_print_config_shows_the_learning_rate_the_run_takes():
     """lr: null means "2e-5 full-weight, 2e-4 with LoRA"; --print-config showed null."""
     assert sft.printable_config(sft.SFTConfig())["lr"] == 2e-5
