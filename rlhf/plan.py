@@ -857,19 +857,29 @@ def format_plan(result: dict, card_gib: float | None = None, best_batch: int | N
 
 def main(argv: list[str] | None = None) -> int:
     """``rlhf plan [MODEL] [--batch ...]``: print the plan; MODEL is a preset or a config.json."""
-    parser = argparse.ArgumentParser(prog="rlhf plan", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="rlhf plan", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("model", nargs="?", default="qwen2.5-1.5b",
                         help=f"preset ({', '.join(sorted(PRESETS))}), or what a stage's "
                              f"model= takes: a model directory or config.json, a saved "
                              f"backbone (runs/rm/backbone), a named model, a cached hub name")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--prompt-length", type=int, default=128)
-    parser.add_argument("--response-length", type=int, default=256)
-    parser.add_argument("--lora-rank", type=int, default=16)
-    parser.add_argument("--dtype", default="bfloat16", choices=sorted(_DTYPE_BYTES))
-    parser.add_argument("--no-gradient-checkpointing", action="store_true")
-    parser.add_argument("--minibatch", type=int, default=None)
-    parser.add_argument("--forward-chunk", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=16,
+                        help="the RL stage's rollout batch (sequences; rollout_batch_size)")
+    parser.add_argument("--prompt-length", type=int, default=128,
+                        help="prompt tokens per sequence (max_prompt_length)")
+    parser.add_argument("--response-length", type=int, default=256,
+                        help="response tokens per sequence (max_new_tokens)")
+    parser.add_argument("--lora-rank", type=int, default=16,
+                        help="rank of the LoRA adapters (policy, critic, reward)")
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(_DTYPE_BYTES),
+                        help="the weights' dtype (the compute dtype with --quantization)")
+    parser.add_argument("--no-gradient-checkpointing", action="store_true",
+                        help="keep every layer's activations for the backward (more memory)")
+    parser.add_argument("--minibatch", type=int, default=None,
+                        help="rows per optimizer step (minibatch_size); default: the batch")
+    parser.add_argument("--forward-chunk", type=int, default=None,
+                        help="rows per no-grad scoring forward (forward_batch_size); default: "
+                             "the batch")
     parser.add_argument("--card", type=float, default=24.0, metavar="GiB",
                         help="report the largest batch that fits this much memory")
     parser.add_argument("--critic-free", action="store_true",
