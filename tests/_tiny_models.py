@@ -28,6 +28,12 @@ def review_tokenizer(corpus, vocab_size: int = 300):
                                 vocab_size=vocab_size)
 
 
+def rl_tokenizer():
+    """The tokenizer of the RL loop tests (test_grpo, test_dynamic_sampling,
+    test_trainer_subsystems): trained on ``task.make_corpus(96, seed=1)``, 300 tokens."""
+    return review_tokenizer(task.make_corpus(96, seed=1), vocab_size=300)
+
+
 def tiny_llama(tokenizer, seed: int = 0, **shape):
     """A random ``LlamaForCausalLM`` for ``tokenizer``: ``STAGE_SHAPE`` unless ``shape`` gives
     the fields (``task.tiny_llama_config`` names). Seeds the global RNG with ``seed`` first, as

@@ -16,10 +16,10 @@ import warnings
 import pytest
 import torch
 
-from rlhf import groups, rl, task
+from rlhf import groups, rl
 from rlhf.checkpoint import latest_checkpoint, load_state
 from rlhf.engine import Generation
-from tests._tiny_models import interrupt_at
+from tests._tiny_models import interrupt_at, rl_tokenizer
 from tests.test_grpo import PROMPTS, group_generation, randomised_policy, rl_config
 from tests.test_stages import read_jsonl, tiny_backbone
 
@@ -31,9 +31,7 @@ def _reference_kernels(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    corpus = task.make_corpus(96, seed=1)
-    return task.train_tokenizer([ex["prompt"] + ex["completion"] for ex in corpus],
-                                vocab_size=300)
+    return rl_tokenizer()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import rlhf_kernels
 from rlhf import cli, rl, task
 from rlhf.checkpoint import RunDirectoryError, latest_checkpoint, load_state
 from rlhf.engine import RolloutEngine
-from tests._tiny_models import interrupt_at
+from tests._tiny_models import interrupt_at, rl_tokenizer
 from tests.test_stages import read_jsonl, tiny_backbone
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -32,9 +32,7 @@ def _reference_kernels(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    corpus = task.make_corpus(96, seed=1)
-    return task.train_tokenizer([ex["prompt"] + ex["completion"] for ex in corpus],
-                                vocab_size=300)
+    return rl_tokenizer()
 
 
 PROMPTS = task.all_prompts("train")[:12]

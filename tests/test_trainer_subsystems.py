@@ -10,6 +10,7 @@ import torch
 
 from rlhf import rl, task
 from rlhf.checkpoint import latest_checkpoint, load_state
+from tests._tiny_models import rl_tokenizer
 from tests.test_grpo import PROMPTS, rl_config
 from tests.test_stages import read_jsonl, tiny_backbone
 
@@ -24,9 +25,7 @@ def _reference_kernels(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    corpus = task.make_corpus(96, seed=1)
-    return task.train_tokenizer([ex["prompt"] + ex["completion"] for ex in corpus],
-                                vocab_size=300)
+    return rl_tokenizer()
 
 
 # --------------------------------------------------------------------------------------------
