@@ -11,7 +11,8 @@ Implementations:
   whole ``(B, T, V)`` logits live at once (what most GRPO code did until 2025);
 * ``trl``: TRL's own path since 1.x: its chunked lm-head log-prob function (the one
   ``add_fused_lm_head`` installs; 32K-token chunks, fp32 logits per chunk) and then the GRPO loss
-  written as TRL's trainer writes it, if ``trl`` is installed;
+  written as TRL's trainer writes it, if ``trl`` is installed or a TRL wheel is in
+  ``.whl/kernel-peers/`` (``benchmarks.common.trl_fused_head``);
 * ``compile``: ``eager`` under ``torch.compile`` (Inductor fuses the softmax, gather and loss;
   the logits still live at once);
 * ``liger``: Liger's ``LigerFusedLinearGRPOLoss`` (chunked, one advantage per sequence), if
@@ -31,7 +32,7 @@ import math
 
 import torch
 
-from benchmarks.common import Case, print_table, run_cases, save_results
+from benchmarks.common import Case, print_table, run_cases, save_results, trl_fused_head
 from rlhf_kernels.ops.ppo_fused import linear_ppo_loss
 
 OP = "grpo_loss"
@@ -78,17 +79,15 @@ def _eager(hidden, weight, labels, mask, old_logp, ref_logp, advantages, _backen
 
 
 def _trl():
-    try:
-        from trl.kernels import ChunkedLogProbFunction
-        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
-    except ImportError:
+    peer = trl_fused_head()
+    if peer is None:
         return None
+    chunked_logprob, vocab_chunk = peer
 
     def fn(hidden, weight, labels, mask, old_logp, ref_logp, advantages, _backend):
         # as add_fused_lm_head's forward on a GPU: only the valid tokens are scored
-        out = ChunkedLogProbFunction.apply(hidden[mask], weight, None, labels[mask], 1.0,
-                                           _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0,
-                                           ("log_probs",))
+        out = chunked_logprob.apply(hidden[mask], weight, None, labels[mask], 1.0,
+                                    vocab_chunk, None, 1.0, ("log_probs",))
         logp = hidden.new_zeros(mask.shape, dtype=out[0].dtype).masked_scatter(mask, out[0])
         return _grpo_from_logp(logp, old_logp, ref_logp, advantages, mask)
     return fn

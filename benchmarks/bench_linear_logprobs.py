@@ -7,6 +7,10 @@ tokens N in {4096, 16384}. Implementations, all forward + backward:
 * ``compile-chunked``: the same per chunk of 1024 tokens, torch.compile'd, each chunk under
   activation checkpointing so that no chunk's logits outlive it (a strong pure-PyTorch peer);
 * ``liger-flce``: Liger's fused linear cross-entropy (sum reduction = -sum logp), if installed;
+* ``trl-chunked``: TRL's own fused lm head (``trl.kernels.chunked_logprob.ChunkedLogProbFunction``,
+  Triton on CUDA, what GRPOTrainer / SFTTrainer / DPOTrainer run), log-probs only: from the
+  installed TRL, else from a TRL wheel in ``.whl/kernel-peers/`` (``bash scripts/gpu_check.sh
+  wheels`` puts one there; only that file is loaded, not TRL's package or its dependencies);
 * ``unfused``: bf16 ``hidden @ W.T`` then our ``logprobs`` kernels (the baseline the issue's
   1.15x / 1.5x targets refer to);
 * ``linear_logprobs``: this op (recomputes the matmul in backward, target <= 1.5x unfused);
@@ -25,7 +29,7 @@ import math
 
 import torch
 
-from benchmarks.common import Case, print_table, run_cases, save_results
+from benchmarks.common import Case, print_table, run_cases, save_results, trl_fused_head
 from rlhf_kernels.ops.linear_logprobs import linear_logprobs
 from rlhf_kernels.ops.logprobs import logprobs
 from rlhf_kernels.ops.ppo_fused import linear_ppo_loss, ppo_loss_from_logits
@@ -76,6 +80,20 @@ def _liger():
     return fn
 
 
+def _trl_chunked():
+    """TRL's fused lm head as fn(hidden, weight, labels) -> logp (N,), or None."""
+    peer = trl_fused_head()
+    if peer is None:
+        return None
+    function, vocab_chunk = peer
+
+    def fn(hidden, weight, labels):
+        # (hidden, weight, bias, targets, temperature, chunk_size, softcapping, logit_scale,
+        # outputs): log-probs alone, as GRPOTrainer's reference forward asks
+        return function.apply(hidden, weight, None, labels, 1.0, vocab_chunk, None, 1.0, ())[0]
+    return fn
+
+
 def _inputs(V, H, N, device, dtype):
     hidden = (torch.randn(N, H, device=device) * 0.5).to(dtype).requires_grad_()
     weight = (torch.randn(V, H, device=device) * H ** -0.5).to(dtype).requires_grad_()
@@ -115,13 +133,20 @@ _PPO_IMPLS = {
 }
 
 
+def _forward_peers() -> dict:
+    """The third-party peers that also run without a gradient: TRL's fused head."""
+    trl = _trl_chunked()
+    return {} if trl is None else {"trl-chunked": lambda h, w, y, _o, _a, _b: trl(h, w, y)}
+
+
 def _optional_impls() -> dict:
-    """The GPU-only peers: torch.compile (chunked) and Liger's FLCE when it imports."""
+    """The GPU-only peers: torch.compile (chunked), Liger's FLCE and TRL's fused head when they
+    import."""
     impls = {"compile-chunked": lambda h, w, y, _o, _a, _b: _compile_chunked(h, w, y)}
     liger = _liger()
     if liger is not None:
         impls["liger-flce"] = lambda h, w, y, _o, _a, _b: liger(h, w, y)
-    return impls
+    return {**impls, **_forward_peers()}
 
 
 def _shape_cases(V, H, N, device, dtype, cuda) -> list[Case]:
@@ -141,8 +166,10 @@ def _shape_cases(V, H, N, device, dtype, cuda) -> list[Case]:
     result = [Case(OP, f"{name} fwd+bwd", impl, make_with(fn, True), flops=flops,
                    optional=impl in optional)
               for impl, fn in backward_impls.items()]
-    result += [Case(OP, f"{name} fwd", impl, make_with(fn, False), flops=flops / 3)
-               for impl, fn in _LOGP_IMPLS.items()]
+    forward_peers = _forward_peers() if cuda else {}
+    result += [Case(OP, f"{name} fwd", impl, make_with(fn, False), flops=flops / 3,
+                    optional=impl in forward_peers)
+               for impl, fn in {**_LOGP_IMPLS, **forward_peers}.items()]
     return result
 
 

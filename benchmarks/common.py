@@ -12,11 +12,14 @@ CUDA versions, the date and the git SHA, so a figure can always be traced to the
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.util
 import json
 import os
 import platform
+import re
 import subprocess
 import time
+import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +27,14 @@ from pathlib import Path
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# where `bash scripts/gpu_check.sh wheels` puts the TRL wheel whose fused lm head the kernel
+# benchmarks run as a peer (not .whl/ itself: those wheels are installed for the PPO peer,
+# which needs another TRL version)
+KERNEL_PEER_WHEELS = Path(__file__).resolve().parent.parent / ".whl" / "kernel-peers"
+_TRL_CHUNKED_FILE = "trl/kernels/chunked_logprob.py"
+_TRL_UTILS_FILE = "trl/trainer/utils.py"
+# the vocabulary width of TRL's chunks, as trl.trainer.utils passes it (1.16)
+_TRL_DEFAULT_VOCAB_CHUNK = 32768
 
 __all__ = [
     "RESULTS_DIR",
@@ -37,7 +48,42 @@ __all__ = [
     "run_cases",
     "save_results",
     "time_ms",
+    "trl_fused_head",
 ]
+
+
+def trl_fused_head(wheels: Path = KERNEL_PEER_WHEELS):
+    """TRL's fused lm head as a peer: (``ChunkedLogProbFunction``, the vocabulary chunk width
+    TRL's trainers pass it), or None when there is none.
+
+    From the installed TRL, else from the newest TRL wheel under ``wheels``: only the kernel's
+    file is loaded from the wheel (it imports torch, triton, packaging and transformers), not
+    TRL's package and its dependencies, which the GPU image lacks.
+    """
+    try:
+        from trl.kernels import chunked_logprob
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+        return chunked_logprob.ChunkedLogProbFunction, _CHUNKED_LOGPROB_CHUNK_SIZE
+    except (ImportError, AttributeError):
+        pass
+    for wheel in sorted(wheels.glob("trl-*.whl"), reverse=True):
+        with zipfile.ZipFile(wheel) as archive:
+            names = set(archive.namelist())
+            if _TRL_CHUNKED_FILE not in names:
+                continue
+            source = archive.read(_TRL_CHUNKED_FILE).decode()
+            utils = archive.read(_TRL_UTILS_FILE).decode() if _TRL_UTILS_FILE in names else ""
+        spec = importlib.util.spec_from_loader(
+            "_trl_peer_" + re.sub(r"\W", "_", wheel.stem), loader=None)
+        module = importlib.util.module_from_spec(spec)
+        module.__file__ = f"{wheel}/{_TRL_CHUNKED_FILE}"
+        exec(compile(source, module.__file__, "exec"), module.__dict__)  # noqa: S102 - the peer
+        width = re.search(r"^_CHUNKED_LOGPROB_CHUNK_SIZE\s*=\s*(\d+)", utils, re.MULTILINE)
+        function = getattr(module, "ChunkedLogProbFunction", None)
+        if function is not None:
+            return function, int(width.group(1)) if width else _TRL_DEFAULT_VOCAB_CHUNK
+    return None
 
 
 def time_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> float:

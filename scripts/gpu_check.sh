@@ -52,6 +52,8 @@
 # proof installs them with pip --no-index --no-deps --target /tmp/peer-site and runs the peer
 # through a wrapper interpreter that puts that folder first (our own run never imports them).
 # PEER_PYTHON=/path/to/venv/bin/python uses an interpreter that already has trl 1.12.0 instead.
+# `wheels` also puts trl 1.16.0 into .whl/kernel-peers/: the linear and grpo parts load TRL's
+# fused lm head from that wheel (the one file, not the package) as their trl-chunked / trl peer.
 # Without either, or if TRL fails to import, the peer is skipped and the summary says why.
 #
 # When $OUT is set (the device machine), benchmarks/results/ is packed into
@@ -74,6 +76,8 @@ PEER_TRL_VERSION=1.12.0
 # the peer's wheels (pure Python) that the GPU image lacks; datasets 5.2.0 is the version that ran
 # beside trl 1.12.0 here
 PEER_WHEELS=${PEER_WHEELS:-"trl==1.12.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19"}
+# the kernel benchmarks' TRL (its fused lm head, loaded from the wheel by bench_linear_logprobs)
+KERNEL_PEER_WHEELS=${KERNEL_PEER_WHEELS:-"trl==1.16.0"}
 PROOF_TOTAL_S=${PROOF_TOTAL_S:-540}
 REPORT_RESERVE_S=10
 TEST_WORKERS=${TEST_WORKERS:-8}
@@ -286,16 +290,21 @@ wheels() {
     # image's interpreter. Pure-Python wheels, so the platform flags only satisfy pip.
     local cmd=("$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12
                --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
-               --platform manylinux2014_x86_64 -d "$WHEELHOUSE")
+               --platform manylinux2014_x86_64)
     # shellcheck disable=SC2206
     local names=($PEER_WHEELS)
     if [ "$DRY_RUN" = 1 ]; then
-        echo "[plan] wheels: ${cmd[*]} ${names[*]}"
+        echo "[plan] wheels: ${cmd[*]} -d $WHEELHOUSE ${names[*]}"
+        echo "[plan] wheels: ${cmd[*]} -d $WHEELHOUSE/kernel-peers $KERNEL_PEER_WHEELS"
         return
     fi
     mkdir -p "$WHEELHOUSE"
-    "${cmd[@]}" "${names[@]}" || { say "pip download failed"; exit 1; }
-    ls -l "$WHEELHOUSE"
+    "${cmd[@]}" -d "$WHEELHOUSE" "${names[@]}" || { say "pip download failed"; exit 1; }
+    # TRL's fused lm head, the linear part's trl-chunked peer: a subfolder, so that the PPO
+    # peer's install of $WHEELHOUSE/*.whl does not see a second TRL
+    "${cmd[@]}" -d "$WHEELHOUSE/kernel-peers" "$KERNEL_PEER_WHEELS" \
+        || say "pip download of $KERNEL_PEER_WHEELS failed: the linear part runs without it"
+    ls -l "$WHEELHOUSE" "$WHEELHOUSE/kernel-peers"
     local sha
     sha=$(git rev-parse HEAD 2>/dev/null || echo "<HEAD's SHA>")
     echo "carry \"$WHEELHOUSE\" in the device call: run(command=\"RLHF_GIT_SHA=$sha bash" \

@@ -281,6 +281,40 @@ def test_compile_check_fails_when_a_kernel_does_not_compile():
     assert "FAILED _gae_fwd_kernel sm_90" in done.stdout and "PassManager" in done.stdout
 
 
+def test_trl_fused_head_peer_loads_from_a_wheel_without_trl_installed(tmp_path, monkeypatch):
+    """The GPU image has no TRL: the benchmarks' TRL peer is the kernel file of a carried wheel,
+    loaded alone, with the vocabulary chunk width TRL's trainers pass it."""
+    trl = pytest.importorskip("trl")
+    site = Path(trl.__file__).resolve().parent.parent
+    if not (site / "trl" / "kernels" / "chunked_logprob.py").is_file():
+        pytest.skip("this TRL has no fused lm head")
+    import zipfile
+
+    wheel = tmp_path / "trl-9.9.9-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name in ("trl/kernels/chunked_logprob.py", "trl/trainer/utils.py"):
+            source = (site / name).read_text()
+            if name.endswith("utils.py"):  # a width only the wheel has: read from it, not assumed
+                source = re.sub(r"^_CHUNKED_LOGPROB_CHUNK_SIZE\s*=.*$",
+                                "_CHUNKED_LOGPROB_CHUNK_SIZE = 48", source, flags=re.MULTILINE)
+            archive.writestr(name, source)
+    (tmp_path / "trl-0.1.0-py3-none-any.whl").write_bytes(b"")  # older and broken: not read
+    for name in [m for m in sys.modules if m == "trl" or m.startswith("trl.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "trl", None)  # `import trl` raises ImportError
+    assert common.trl_fused_head(tmp_path / "empty") is None
+    function, width = common.trl_fused_head(tmp_path)
+    assert width == 48 and "trl" not in [m.split(".")[0] for m in sys.modules if sys.modules[m]]
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(100, 16, dtype=torch.float64)
+    labels = torch.randint(0, 100, (37,))
+    logp = function.apply(hidden, weight, None, labels, 1.0, width, None, 1.0, ())[0]
+    expected = torch.log_softmax(hidden @ weight.t(), -1).gather(-1, labels[:, None])[:, 0]
+    torch.testing.assert_close(logp.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+
 # ------------------------------------------------------------------------------------------
 # scripts/gpu_check.sh proof, benchmarks.proof and benchmarks.report (no GPU needed)
 # ------------------------------------------------------------------------------------------
@@ -340,6 +374,10 @@ def test_gpu_check_proof_dry_run_plans_every_part_within_nine_minutes():
 
     impls = {c.impl for c in bench_linear_logprobs.cases(smoke=False) if match in c.name}
     assert {"linear_logprobs", "linear_ppo_loss", "unfused", "ppo-unfused"} <= impls
+    if common.trl_fused_head() is not None:  # TRL's fused head, fwd and fwd+bwd
+        trl = [c.name for c in bench_linear_logprobs.cases(smoke=False)
+               if match in c.name and c.impl == "trl-chunked"]
+        assert len(trl) == 2, trl
     for part, shape in (("e2e-1.5b", "qwen2.5-1.5b"), ("e2e-0.5b", "qwen2.5-0.5b")):
         cmd = argv[part]
         assert cmd[1:3] == ["-m", "benchmarks.e2e_ppo"] and cmd[cmd.index("--shape") + 1] == shape
