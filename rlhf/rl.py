@@ -187,7 +187,9 @@ class AlgorithmSettings:
     algorithm: str
     advantage_estimator: str
     group_size: int
-    advantage_norm: str | None  # None: the estimator's own (group_advantages' norm=None)
+    # group | batch | none: "auto" resolved to the estimator's own (group for grpo, none for
+    # dr_grpo and rloo); None with the critic (GAE), whose advantages it does not scale
+    advantage_norm: str | None
     ratio_level: str
     loss_type: str
     loss_reduction: str
@@ -414,7 +416,9 @@ class RLConfig:
                   for key in PRESET_KEYS}
         if values["clip_ratio_high"] is None:
             values["clip_ratio_high"] = values["clip_ratio"]
-        norm = None if self.advantage_norm == "auto" else self.advantage_norm
+        norm = self.advantage_norm
+        if norm == "auto":  # the estimator's own, as group_advantages(norm=None) takes it
+            norm = rlhf_kernels.reference.DEFAULT_ADVANTAGE_NORM.get(values["advantage_estimator"])
         return AlgorithmSettings(algorithm=self.algorithm, advantage_norm=norm, **values)
 
 
@@ -445,7 +449,7 @@ def used_settings(cfg: RLConfig, values: dict) -> dict:
     --print-config shows and summary.json records."""
     values = dict(values)
     resolved = asdict(cfg.settings)
-    for key in PRESET_KEYS:
+    for key in (*PRESET_KEYS, *GROUP_SETTINGS):  # advantage_norm: auto as the norm it runs
         values[key] = resolved[key]
     unused = (GROUP_SETTINGS if cfg.settings.uses_critic else CRITIC_SETTINGS) + \
         (() if cfg.settings.dynamic_sampling else DYNAMIC_SAMPLING_SETTINGS) + \

@@ -1,0 +1,64 @@
+"""Defects found by the settings hunt: a setting silently ignored, misapplied, shown as other
+than what runs, or dropped by a resume. One test per defect, each failing on the code before
+its fix; the references are what the run really computes (the kernels' own defaults, the
+uninterrupted run, the stage alone).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rlhf_kernels
+from rlhf import cli, rl
+from tests._tiny_models import rl_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _reference_kernels(monkeypatch):
+    # the loops are under test, not the kernels (their own tests cover them)
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return rl_tokenizer()
+
+
+def _printed(capsys, argv) -> dict:
+    import yaml
+
+    assert cli.main(argv) == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+# --------------------------------------------------------------------------------------------
+# --print-config shows advantage_norm as the norm the run uses
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("algorithm, estimator, shown", [
+    ("grpo", None, "group"), ("dr_grpo", None, "none"), ("rloo", None, "none"),
+    ("dapo", None, "group"), ("grpo", "rloo", "none")])
+def test_print_config_shows_the_advantage_norm_the_run_uses(capsys, algorithm, estimator,
+                                                            shown):
+    """advantage_norm=auto (the default) was printed as `auto` by --print-config and recorded
+    so in summary.json and the summary's algorithm_settings (as null): not the norm the run
+    applies. Now every view shows the estimator's own norm, the one group_advantages(norm=None)
+    takes, and the advantages computed with the shown value are the run's."""
+    extra = [f"advantage_estimator={estimator}"] if estimator else []
+    for argv in (["grpo", f"algorithm={algorithm}", *extra, "--print-config"],
+                 ["pipeline", f"algorithm={algorithm}",
+                  *(f"ppo.{e}" for e in extra), "--print-config"]):
+        printed = _printed(capsys, argv)
+        assert (printed["ppo"] if argv[0] == "pipeline" else printed)["advantage_norm"] == shown
+    cfg = rl.RLConfig(algorithm=algorithm, advantage_estimator=estimator)
+    assert cfg.settings.advantage_norm == shown
+    rewards = torch.tensor([0.0, 1.0, 3.0, 0.5, 2.0, 2.0, 1.0, -1.0] * 2)
+    torch.testing.assert_close(
+        rl._group_advantages(rewards, cfg.settings),
+        rlhf_kernels.group_advantages(rewards, group_size=cfg.settings.group_size,
+                                      estimator=cfg.settings.advantage_estimator, norm=None))
+    # an explicit norm is shown as given; PPO (no group advantages) shows none
+    assert rl.printable_config(rl.GRPOConfig(advantage_norm="batch"))["advantage_norm"] == "batch"
+    assert rl.RLConfig().settings.advantage_norm is None
+    assert "advantage_norm" not in rl.printable_config(rl.RLConfig())
+
