@@ -1052,7 +1052,8 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
     skipped = int(resumed.get("skipped_steps", 0))
     metrics: dict = dict(resumed.get("last_metrics", {}))
     n_prompts = cfg.rollout_batch_size // s.group_size
-    warned_filled = False  # dynamic sampling's warning, once per run
+    # dynamic sampling's warning, once per run: a resumed run that warned before stays quiet
+    warned_filled = bool(resumed.get("warned_filled", False))
     # True from the iteration's first optimizer step until it is counted and logged: the
     # weights, optimizer and scheduler are then part-way through an iteration, which a
     # checkpoint (labelled with whole iterations) cannot hold. A Ctrl-C then writes the last
@@ -1067,7 +1068,7 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
         nonlocal saved_at
         _save(ckpt_root / f"step-{at:07d}", backbone, optimizer, scheduler, at,
               kl_controller.value, cfg, run_id=run.run_id, last_metrics=metrics,
-              skipped_steps=skipped)
+              skipped_steps=skipped, warned_filled=warned_filled)
         saved_at = at
 
     progress = tqdm(total=cfg.num_iterations, initial=iteration, desc=name, dynamic_ncols=True)
@@ -1192,7 +1193,8 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
                         whole = None if saved_at == iteration else _whole_iteration_snapshot(
                             backbone, optimizer, scheduler, cfg, iteration=iteration,
                             kl_coef=kl_controller.value, run_id=run.run_id,
-                            last_metrics=dict(metrics), skipped_steps=skipped)
+                            last_metrics=dict(metrics), skipped_steps=skipped,
+                            warned_filled=warned_filled)
                     mid_update = True
                     if not finite:
                         optimizer.zero_grad(set_to_none=True)

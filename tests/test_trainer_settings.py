@@ -6,12 +6,16 @@ uninterrupted run, the stage alone).
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 import rlhf_kernels
 from rlhf import cli, rl
-from tests._tiny_models import rl_tokenizer
+from tests._tiny_models import interrupt_at, rl_tokenizer
+from tests.test_grpo import PROMPTS, rl_config
+from tests.test_stages import tiny_backbone
 
 
 @pytest.fixture(autouse=True)
@@ -61,4 +65,31 @@ def test_print_config_shows_the_advantage_norm_the_run_uses(capsys, algorithm, e
     assert rl.printable_config(rl.GRPOConfig(advantage_norm="batch"))["advantage_norm"] == "batch"
     assert rl.RLConfig().settings.advantage_norm is None
     assert "advantage_norm" not in rl.printable_config(rl.RLConfig())
+
+
+# --------------------------------------------------------------------------------------------
+# DAPO's once-per-run warning stays once across a resume
+# --------------------------------------------------------------------------------------------
+def test_dynamic_sampling_warns_once_per_run_across_a_resume(tmp_path, tokenizer):
+    """The 'groups of the batch are flat' warning says '(warned once per run)', but a resumed
+    run warned again: the flag lived in the process only. It is now kept in the checkpoint."""
+    cfg = rl_config(tmp_path, "dapo", rollout_batch_size=8, group_size=2, minibatch_size=4,
+                    num_iterations=3, dynamic_sampling_rounds=2)
+
+    def flat(prompts, responses):
+        return [1.0] * len(responses)
+
+    def filled_warnings(caught) -> int:
+        return sum("dynamic_sampling/filled_groups" in str(w.message) for w in caught)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(KeyboardInterrupt):
+            rl.train(cfg, backbone=tiny_backbone(tokenizer), tokenizer=tokenizer,
+                     prompts=PROMPTS, reward_fn=flat, on_iteration=interrupt_at(1))
+        assert filled_warnings(caught) == 1
+        cfg.resume = True
+        rl.train(cfg, backbone=tiny_backbone(tokenizer), tokenizer=tokenizer, prompts=PROMPTS,
+                 reward_fn=flat)
+        assert filled_warnings(caught) == 1  # the resumed run's iterations 2 and 3: no repeat
 
