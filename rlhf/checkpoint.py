@@ -37,6 +37,8 @@ duration of a run:
   checkpoint of another run, so a resumed run only ever uses the files of the run it resumes.
   run.json also keeps a fingerprint (size, sha256) of each local data file or folder the
   config names (`dataset` settings); `--resume` refuses data whose content changed since.
+  A stage given its rows by the pipeline does not read those files: the pipeline's run.json
+  alone fingerprints them (`reads_data=False`), so each is hashed once.
 - a fresh run (no --resume) into a directory that holds a run's files refuses to start (it
   would mix with them) unless `overwrite=true`, which deletes exactly those files first.
 """
@@ -788,8 +790,14 @@ def _clear(directory: Path, names: Sequence[str]) -> None:
 @contextlib.contextmanager
 def open_run(directory: str | Path, kind: str, config: Mapping[str, Any], *, resume: bool,
              overwrite: bool = False, run_files: Sequence[str] = STAGE_RUN_FILES,
-             resume_safe: Iterable[str] = RESUME_SAFE_KEYS) -> Iterator[RunDirectory]:
+             resume_safe: Iterable[str] = RESUME_SAFE_KEYS,
+             reads_data: bool = True) -> Iterator[RunDirectory]:
     """Own `directory` for one run (see the module docstring); yields a RunDirectory.
+
+    ``reads_data=False``: the run does not read the data files its config names (the caller
+    gave it the rows, as the pipeline gives its stages), so none is fingerprinted or compared
+    here; whoever read them does that (the pipeline's own run.json), and each file is hashed
+    once per start, not once by the pipeline and again by the stage.
 
     Under torchrun (rlhf/distributed.py) rank 0 alone takes the lock and checks or writes the
     manifest; the other ranks get its RunDirectory (or its error), and on a normal exit every
@@ -799,13 +807,14 @@ def open_run(directory: str | Path, kind: str, config: Mapping[str, Any], *, res
 
     if not distributed.is_distributed():
         with _open_run(directory, kind, config, resume=resume, overwrite=overwrite,
-                       run_files=run_files, resume_safe=resume_safe) as run:
+                       run_files=run_files, resume_safe=resume_safe,
+                       reads_data=reads_data) as run:
             yield run
         return
     with contextlib.ExitStack() as stack:
         run = distributed.broadcast_from_main(lambda: stack.enter_context(_open_run(
             directory, kind, config, resume=resume, overwrite=overwrite, run_files=run_files,
-            resume_safe=resume_safe)))
+            resume_safe=resume_safe, reads_data=reads_data)))
         yield run
         distributed.barrier()
 
@@ -813,7 +822,8 @@ def open_run(directory: str | Path, kind: str, config: Mapping[str, Any], *, res
 @contextlib.contextmanager
 def _open_run(directory: str | Path, kind: str, config: Mapping[str, Any], *, resume: bool,
               overwrite: bool = False, run_files: Sequence[str] = STAGE_RUN_FILES,
-              resume_safe: Iterable[str] = RESUME_SAFE_KEYS) -> Iterator[RunDirectory]:
+              resume_safe: Iterable[str] = RESUME_SAFE_KEYS,
+              reads_data: bool = True) -> Iterator[RunDirectory]:
     """open_run in this process alone.
 
     Takes the lock (RunDirectoryError when another run holds it), removes temp files of killed
@@ -876,7 +886,8 @@ def _open_run(directory: str | Path, kind: str, config: Mapping[str, Any], *, re
                     f"must keep its settings, or its results would mix both. {how}, or start "
                     f"a new run with the new ones: a new output_dir=..., or overwrite=true to "
                     f"replace this run")
-            data_changed = _data_changes(manifest.get("data", {}), config)
+            data_changed = _data_changes(manifest.get("data", {}), config) if reads_data \
+                else []
             if data_changed:
                 raise RunDirectoryError(
                     f"--resume of {str(directory)!r}: the data changed since the run started: "
@@ -905,7 +916,7 @@ def _open_run(directory: str | Path, kind: str, config: Mapping[str, Any], *, re
             manifest = {"format": 1, "kind": kind, "run_id": uuid.uuid4().hex,
                         "created": _now(), "host": socket.gethostname(),
                         "command": " ".join(sys.argv), "config": _json_plain(config),
-                        "data": data_fingerprints(config)}
+                        "data": data_fingerprints(config) if reads_data else {}}
             atomic_write_text(directory / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
             run = RunDirectory(directory, kind, manifest["run_id"], resumed=False)
         yield run

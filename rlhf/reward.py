@@ -239,8 +239,9 @@ def train(
     """
     from rlhf import checkpoint
 
+    # pairs given (the pipeline's): cfg.dataset is not read here, the caller fingerprints it
     with checkpoint.open_run(cfg.output_dir, "rm", asdict(cfg), resume=cfg.resume,
-                             overwrite=cfg.overwrite) as run:
+                             overwrite=cfg.overwrite, reads_data=train_pairs is None) as run:
         return _train(cfg, run, backbone=backbone, tokenizer=tokenizer, train_pairs=train_pairs,
                       eval_pairs=eval_pairs, on_step=on_step)
 

@@ -899,8 +899,9 @@ def train(
     cfg.check_critic_settings()
     if cfg.resume:
         check_resumed_algorithm(cfg.output_dir, cfg.algorithm)
+    # prompts given (the pipeline's): cfg.dataset is not read here, the caller fingerprints it
     with checkpoint.open_run(cfg.output_dir, cfg.algorithm, asdict(cfg), resume=cfg.resume,
-                             overwrite=cfg.overwrite) as run:
+                             overwrite=cfg.overwrite, reads_data=prompts is None) as run:
         return _train(cfg, run, backbone=backbone, tokenizer=tokenizer, prompts=prompts,
                       gold_fn=gold_fn, on_iteration=on_iteration, reward_fn=reward_fn)
 

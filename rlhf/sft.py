@@ -348,8 +348,9 @@ def train(
     from rlhf import checkpoint
 
     cfg.check_used_settings()
+    # rows given (the pipeline's): cfg.dataset is not read here, the caller fingerprints it
     with checkpoint.open_run(cfg.output_dir, "sft", asdict(cfg), resume=cfg.resume,
-                             overwrite=cfg.overwrite) as run:
+                             overwrite=cfg.overwrite, reads_data=examples is None) as run:
         return _train(cfg, run, model=model, tokenizer=tokenizer, examples=examples,
                       on_step=on_step)
 

@@ -261,10 +261,17 @@ def _write_jsonl(path, rows) -> str:
     return str(path)
 
 
-def test_pipeline_runs_on_your_model_and_data(tmp_path):
+def test_pipeline_runs_on_your_model_and_data(tmp_path, monkeypatch):
     """sft.model + sft.dataset -> SFT on them; reward.dataset -> the RM on those pairs (not
-    sampled ones); ppo.dataset -> PPO on those prompts. No gold judge: no gold figures."""
-    from rlhf import reward, sft, task
+    sampled ones); ppo.dataset -> PPO on those prompts. No gold judge: no gold figures. Each
+    data file is hashed once for run.json (before: by the pipeline and again by its stage,
+    which is given the rows and never reads the file)."""
+    from rlhf import checkpoint, reward, sft, task
+
+    hashed = []
+    fingerprint = checkpoint._fingerprint
+    monkeypatch.setattr(checkpoint, "_fingerprint",
+                        lambda path: hashed.append(path.name) or fingerprint(path))
 
     tokenizer = review_tokenizer(task.make_corpus(40, seed=5), vocab_size=300)
     model = tiny_llama(tokenizer, **OWN_MODEL_SHAPE)
@@ -318,6 +325,9 @@ def test_pipeline_runs_on_your_model_and_data(tmp_path):
     assert "model" not in recorded["ppo"] and "eval_fraction" not in recorded["reward"]
     assert recorded["sft"]["model"] == str(model_dir)
     assert recorded["ppo"]["output_dir"] == str(out / "ppo")
+    assert sorted(hashed) == ["p.jsonl", "q.jsonl", "s.jsonl"]
+    assert sorted(json.loads((out / "run.json").read_text())["data"]) == [
+        "ppo.dataset", "reward.dataset", "sft.dataset"]
 
 
 # ---------------------------------------------------------------------------------------------
