@@ -90,25 +90,33 @@ def _reward_defaults() -> reward.RewardConfig:
 CRITIC_FREE_TASK_SETTINGS = {"kl_coef": 0.3}
 
 
+def _stage_algorithm(algorithm: str) -> dict:
+    """The RL stage config's ``algorithm`` for a pipeline of ``algorithm``: the stage's own
+    settings (``ppo.group_size=...``, ``ppo.advantage_estimator=...`` on the command line) are
+    checked under the presets they will run with, not PPO's (an unknown one: PPO's, and
+    check_settings refuses it)."""
+    return {"algorithm": algorithm if algorithm in ppo.ALGORITHMS else "ppo"}
+
+
 def _ppo_defaults(algorithm: str = "ppo", task_name: str = "reviews") -> ppo.PPOConfig:
     if task_name == "arithmetic":
         from rlhf import arithmetic
 
         critic = algorithm in ppo.PRESETS and ppo.PRESETS[algorithm]["advantage_estimator"] == "gae"
         return ppo.PPOConfig(**(arithmetic.CRITIC_RL_SETTINGS if critic
-                                else arithmetic.RL_SETTINGS))
+                                else arithmetic.RL_SETTINGS), **_stage_algorithm(algorithm))
     settings = dict(task.PPO_SETTINGS)
     if algorithm in ppo.PRESETS and ppo.PRESETS[algorithm]["advantage_estimator"] != "gae":
         settings = {k: v for k, v in settings.items() if k not in ppo.CRITIC_SETTINGS}
         settings.update(CRITIC_FREE_TASK_SETTINGS)
-    return ppo.PPOConfig(**settings)
+    return ppo.PPOConfig(**settings, **_stage_algorithm(algorithm))
 
 
 def _pretrained_ppo_defaults(algorithm: str = "ppo") -> ppo.PPOConfig:
     """The RL stage's settings of the review task on a pretrained model (task.PRETRAINED_*)."""
     critic = algorithm not in ppo.PRESETS or ppo.PRESETS[algorithm]["advantage_estimator"] == "gae"
     return ppo.PPOConfig(**(task.PRETRAINED_PPO_SETTINGS if critic
-                            else task.PRETRAINED_RL_SETTINGS))
+                            else task.PRETRAINED_RL_SETTINGS), **_stage_algorithm(algorithm))
 
 
 def _pretrained_stage_defaults(algorithm: str = "ppo") -> dict:
@@ -263,7 +271,8 @@ class PipelineConfig:
         if task_name == "reviews" and (is_set(values, "sft.model") or is_set(values, "model")):
             if any(is_set(values, f"{name}.dataset") for name in ("sft", "reward", "ppo")):
                 return cls(sft=sft.SFTConfig(), reward=reward.RewardConfig(),
-                           ppo=ppo.PPOConfig())
+                           ppo=ppo.PPOConfig(**_stage_algorithm(
+                               str(values.get("algorithm", "ppo")).strip())))
             stages = _pretrained_stage_defaults(str(values.get("algorithm", "ppo")).strip())
             stages["sft"] = sft.SFTConfig(**sft.without_preset_steps(
                 task.PRETRAINED_SFT_SETTINGS, values, "sft."))

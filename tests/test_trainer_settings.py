@@ -93,3 +93,27 @@ def test_dynamic_sampling_warns_once_per_run_across_a_resume(tmp_path, tokenizer
                  reward_fn=flat)
         assert filled_warnings(caught) == 1  # the resumed run's iterations 2 and 3: no repeat
 
+
+# --------------------------------------------------------------------------------------------
+# the pipeline checks its RL stage's settings under its own algorithm
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", [[], ["model=some/model"], ["task=arithmetic",
+                                                             "model=some/model"]])
+def test_pipeline_rl_settings_are_checked_under_the_pipelines_algorithm(capsys, tmp_path, mode):
+    """`rlhf pipeline algorithm=grpo ppo.advantage_estimator=rloo` was refused with 'group_size=1
+    with the rloo advantage estimator gives every sample an advantage of 0': the ppo section
+    was built and checked under PPO's presets (group_size 1) before the pipeline set its
+    algorithm. The stage alone (`rlhf grpo advantage_estimator=rloo`) took it. Now the section
+    starts from the pipeline's algorithm, on the command line and in a YAML file alike."""
+    printed = _printed(capsys, ["pipeline", *mode, "algorithm=grpo",
+                                "ppo.advantage_estimator=rloo", "--print-config"])
+    assert (printed["ppo"]["algorithm"], printed["ppo"]["advantage_estimator"],
+            printed["ppo"]["group_size"]) == ("grpo", "rloo", 8)
+    config = tmp_path / "pipeline.yaml"
+    config.write_text("algorithm: dr_grpo\nppo:\n  advantage_estimator: rloo\n"
+                      + "".join(f"{line.replace('=', ': ')}\n" for line in mode))
+    printed = _printed(capsys, ["pipeline", str(config), "--print-config"])
+    assert printed["ppo"]["advantage_estimator"] == "rloo"
+    assert printed["ppo"]["loss_normalizer"] == "max_length"  # dr_grpo's preset
+    assert _printed(capsys, ["grpo", "advantage_estimator=rloo", "--print-config"])[
+        "advantage_estimator"] == "rloo"
