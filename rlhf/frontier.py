@@ -32,6 +32,7 @@ import io
 import json
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -88,16 +89,23 @@ class FrontierConfig:
 
     @classmethod
     def config_defaults(cls, values) -> FrontierConfig:
-        """What ``load_config`` (the command line, a YAML file) starts from; it refuses a
-        ``base.`` setting that ``_base_config`` replaces by the frontier's own (it was silently
-        ignored). In Python, ``base`` may be any pipeline config: those fields are replaced."""
-        from rlhf.config import is_set
+        """What ``load_config`` (the command line, a YAML file) starts from: ``base`` from what
+        ``rlhf pipeline`` starts from for the same settings (``PipelineConfig.config_defaults``:
+        the RL stage's task settings for ``base.algorithm``, ``base.sft.epochs`` without the
+        preset's max_steps). It refuses a ``base.`` setting that ``_base_config`` replaces by
+        the frontier's own (it was silently ignored). In Python, ``base`` may be any pipeline
+        config: those fields are replaced."""
+        from rlhf.config import _parse_command_line, is_set
 
         for name in _BASE_SET_BY_FRONTIER:
             if is_set(values, f"base.{name}"):
                 raise ValueError(f"base.{name} cannot be set in rlhf frontier: the frontier "
                                  f"sets it from its own {name}; set {name}= instead")
-        return cls()
+        base = values.get("base", {})
+        if isinstance(base, str):  # base="{algorithm: grpo}" on the command line
+            base = _parse_command_line(base, "base")
+        return cls(base=pipeline.PipelineConfig.config_defaults(
+            base if isinstance(base, Mapping) else {}))
 
 
 # The base pipeline's settings that _base_config takes from the frontier's own fields.

@@ -117,3 +117,23 @@ def test_pipeline_rl_settings_are_checked_under_the_pipelines_algorithm(capsys, 
     assert printed["ppo"]["loss_normalizer"] == "max_length"  # dr_grpo's preset
     assert _printed(capsys, ["grpo", "advantage_estimator=rloo", "--print-config"])[
         "advantage_estimator"] == "rloo"
+
+
+# --------------------------------------------------------------------------------------------
+# rlhf frontier: its base pipeline is the pipeline the same settings give
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides", [
+    ["algorithm=grpo", "ppo.num_iterations=5"], ["algorithm=grpo", "ppo.advantage_estimator=rloo"],
+    ["sft.epochs=2"], ["algorithm=rloo"]])
+def test_frontier_base_is_the_pipeline_of_the_same_settings(overrides):
+    """The frontier's `base.` settings were put over PipelineConfig(), not over what `rlhf
+    pipeline` starts from: base.algorithm=grpo with any base.ppo setting ran the base's RL
+    stage at PPO's kl_coef 0.1 (the pipeline: 0.3), base.ppo.advantage_estimator=rloo was
+    refused (PPO's group size), base.sft.epochs=2 was refused at the start (the preset's
+    max_steps kept). Now base is the pipeline config those settings give."""
+    from rlhf.config import load_config
+    from rlhf.frontier import FrontierConfig
+    from rlhf.pipeline import PipelineConfig
+
+    frontier = load_config(FrontierConfig, None, [f"base.{o}" for o in overrides])
+    assert frontier.base == load_config(PipelineConfig, None, overrides)
