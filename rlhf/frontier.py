@@ -114,6 +114,10 @@ _BASE_SET_BY_FRONTIER = ("output_dir", "seed", "device", "cpu_threads", "eval_sa
 
 
 def _base_config(cfg: FrontierConfig) -> pipeline.PipelineConfig:
+    if cfg.base.task != "reviews":  # its pipeline has no gold judge, no reward model to share
+        raise ValueError(f"rlhf frontier runs on the built-in review task (its gold judge "
+                         f"measures the true reward); base.task={cfg.base.task!r} is not "
+                         f"supported")
     if cfg.base.sft.model is not None or cfg.base.sft.dataset is not None:
         raise ValueError("rlhf frontier runs on the built-in task (its gold judge measures the "
                          "true reward); base.sft.model and base.sft.dataset are not supported")

@@ -137,3 +137,20 @@ def test_frontier_base_is_the_pipeline_of_the_same_settings(overrides):
 
     frontier = load_config(FrontierConfig, None, [f"base.{o}" for o in overrides])
     assert frontier.base == load_config(PipelineConfig, None, overrides)
+
+
+def test_frontier_refuses_a_base_of_another_task(tmp_path, monkeypatch):
+    """base.task=arithmetic was accepted: the frontier ran the arithmetic pipeline as its base
+    (a pretrained model's whole RL run), then failed on the gold figures that task does not
+    have. It is refused before anything runs."""
+    from rlhf import frontier, pipeline
+    from rlhf.config import load_config
+
+    def no_run(cfg):
+        raise AssertionError("the base pipeline ran")
+
+    monkeypatch.setattr(pipeline, "run", no_run)
+    cfg = load_config(frontier.FrontierConfig, None, [
+        f"output_dir={tmp_path}", "base.task=arithmetic", "base.model=some/model"])
+    with pytest.raises(ValueError, match=r"base\.task='arithmetic' is not supported"):
+        frontier.run(cfg)
