@@ -31,6 +31,13 @@ measured / predicted per stage.
     python -m benchmarks.e2e_ppo --shape llama-3-8b --max-memory 24 --minibatch 4
     python -m benchmarks.e2e_ppo --shape qwen2.5-1.5b --peer-script benchmarks/peers/trl_ppo_peer.py
     python -m benchmarks.e2e_ppo --smoke
+
+``--profile-stages`` runs one more, untimed iteration under torch.profiler and adds
+``device_busy`` to the row: per stage the seconds the GPU was busy (the union of its kernels'
+and copies' intervals) over the stage's unprofiled seconds, and the decode step's GPU time (the
+captured graph replayed back to back) over the measured time per generated token. Near 1 the
+GPU is the limit; well below 1 the host keeps it waiting (what a CUDA graph of the step would
+remove).
 """
 
 from __future__ import annotations
@@ -87,6 +94,9 @@ class E2EConfig:
     temperature: float = 1.0
     lr: float = 1e-5
     seed: int = 0
+    # one more iteration after the timed ones: how busy the device was in each stage
+    # (device_busy(); it is not counted in the timings)
+    profile_stages: bool = False
     config_overrides: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -177,6 +187,108 @@ class StageClock:
         elif rss:
             peak = _peak_rss_bytes() - self.rss_base
             self.peak_bytes[name] = max(self.peak_bytes.get(name, 0), peak)
+
+
+def busy_seconds(intervals) -> float:
+    """Length of the union of (start, end) intervals: the time at least one of them ran."""
+    total, current_start, current_end = 0.0, None, None
+    for start, end in sorted(intervals):
+        if current_end is None or start > current_end:
+            if current_end is not None:
+                total += current_end - current_start
+            current_start, current_end = start, end
+        else:
+            current_end = max(current_end, end)
+    if current_end is not None:
+        total += current_end - current_start
+    return total
+
+
+def _device_intervals(profile, device: torch.device) -> list[tuple[float, float]]:
+    """(start, end) in seconds of what ran on the device in a torch.profiler session: the
+    kernels, copies and fills on CUDA; on the CPU the aten ops (nested ones fall inside their
+    parent's interval, which busy_seconds merges)."""
+    cuda = device.type == "cuda"
+    intervals = []
+    for event in profile.events():
+        on_device = getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA
+        if on_device != cuda or (not cuda and not event.name.startswith("aten::")):
+            continue
+        start, end = event.time_range.start, event.time_range.end  # microseconds
+        if end > start:
+            intervals.append((start * 1e-6, end * 1e-6))
+    return intervals
+
+
+class ProfiledStageClock(StageClock):
+    """A StageClock that also records, per stage, the seconds the device was busy: the union
+    of the intervals of what ran on it (torch.profiler; kernels and copies on CUDA, aten ops on
+    the CPU). The profiler's own host cost slows the stage down, so compare the busy seconds
+    with the unprofiled stage time: busy / unprofiled near 1 means the device was the limit
+    (nothing for CUDA graphs to win), well below 1 that the host kept it waiting."""
+
+    def __init__(self, device: torch.device, stages: tuple[str, ...]):
+        super().__init__(device)
+        self.stages = stages
+        self.busy: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        if name not in self.stages:
+            with super().stage(name):
+                yield
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            activities.append(ProfilerActivity.CUDA)
+        with profile(activities=activities) as prof, super().stage(name):
+            yield
+        intervals = _device_intervals(prof, self.device)
+        if not intervals:  # the profiler saw nothing run there (no CUPTI): not "idle"
+            self.busy[name] = None
+        elif self.busy.get(name, 0.0) is not None:
+            self.busy[name] = self.busy.get(name, 0.0) + busy_seconds(intervals)
+
+
+def decode_step_device_s(engine: RolloutEngine, device: torch.device, steps: int = 64
+                         ) -> float | None:
+    """Seconds one replay of the engine's captured decode step keeps the GPU busy: ``steps``
+    replays back to back (a replay's launch is microseconds of host time, so they queue and
+    the GPU runs them without gaps). None without a captured graph. The replays rewrite the
+    cache slot of the last step, which the next generation prefills afresh."""
+    graph = getattr(engine, "_graph", None)
+    if graph is None or device.type != "cuda":
+        return None
+    graph.replay()  # the first replay after other work may pay a cold start
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        graph.replay()
+    _sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def device_busy(backbone, engine, optimizer, prompt_ids, prompt_mask, cfg: E2EConfig, eos,
+                stage_seconds: dict[str, float]) -> dict:
+    """One more iteration, profiled: per stage the seconds the device was busy and that over
+    the stage's unprofiled time (``stage_seconds``, per iteration); for the rollout, the decode
+    step's GPU time (graph replays) against the measured time per generated token."""
+    device = prompt_ids.device
+    clock = ProfiledStageClock(device, ("scoring", "update"))
+    ppo_iteration(backbone, engine, optimizer, prompt_ids, prompt_mask, cfg, clock, eos)
+    out = {"busy_s": dict(clock.busy),
+           "busy_fraction": {k: v / stage_seconds[k] for k, v in clock.busy.items()
+                             if v is not None and stage_seconds.get(k)},
+           "how": "torch.profiler over one more iteration; busy_fraction = busy seconds / the "
+                  "stage's unprofiled seconds"}
+    step = decode_step_device_s(engine, device)
+    if step is not None:
+        measured = stage_seconds["rollout"] / cfg.response_length
+        out.update(decode_step_gpu_ms=step * 1e3, decode_step_measured_ms=measured * 1e3,
+                   decode_busy_fraction=step / measured)
+    return out
 
 
 def ppo_settings(cfg: E2EConfig) -> PPOConfig:
@@ -413,6 +525,9 @@ def run_case(cfg: E2EConfig, marker=None) -> dict:
         row["memory"] = ("peak RSS of the timed iterations above the process once the model's "
                          "code is imported, before the model is built")
         row["kernels_backend"] = os.environ.get("RLHF_KERNELS_BACKEND", "auto")
+    if cfg.profile_stages:
+        row["device_busy"] = device_busy(backbone, engine, optimizer, prompt_ids, prompt_mask,
+                                         cfg, eos, {k: v / n for k, v in clock.seconds.items()})
     del engine, optimizer, backbone
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -527,6 +642,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                         help="the model's dtype (float32 on CPUs whose bf16 GEMM is a slow "
                              "fallback: no AVX512-BF16 / AMX)")
+    parser.add_argument("--profile-stages", action="store_true",
+                        help="one more (untimed) iteration under torch.profiler: per stage the "
+                             "seconds the device was busy over the stage's time, and the "
+                             "decode step's GPU time (graph replays) over the measured time "
+                             "per token; says whether host time is left to remove")
     parser.add_argument("--results-dir", metavar="DIR", default=None,
                         help="where the JSON goes (default: benchmarks/results)")
     parser.add_argument("--smoke", action="store_true", help="tiny shape on the CPU, no files")
@@ -566,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
             decode_graph=args.decode_graph, stop_at_eos=args.stop_at_eos,
             old_logprobs=args.old_logprobs, warmup=args.warmup,
             iterations=args.iterations, max_memory_gib=args.max_memory, device=args.device,
-            dtype=args.dtype)
+            dtype=args.dtype, profile_stages=args.profile_stages)
         try:
             ours = run_case(cfg)
         except torch.OutOfMemoryError as error:

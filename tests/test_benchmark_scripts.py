@@ -281,6 +281,25 @@ def test_compile_check_fails_when_a_kernel_does_not_compile():
     assert "FAILED _gae_fwd_kernel sm_90" in done.stdout and "PassManager" in done.stdout
 
 
+def test_e2e_busy_seconds_and_profiled_stage_clock():
+    """The device-busy measurement behind e2e_ppo --profile-stages: the union of intervals (a
+    closed form), and a profiled stage's busy time on the CPU lies within its wall time and
+    covers the matmuls it ran."""
+    from benchmarks import e2e_ppo
+
+    assert e2e_ppo.busy_seconds([]) == 0.0
+    assert e2e_ppo.busy_seconds([(3, 4), (0, 1), (0.5, 2), (3.5, 3.6), (2, 2.5)]) == 3.5
+    clock = e2e_ppo.ProfiledStageClock(torch.device("cpu"), ("update",))
+    a = torch.randn(384, 384)
+    with clock.stage("update"):
+        for _ in range(20):
+            a = torch.tanh(a @ a)
+    with clock.stage("rollout"):  # not profiled
+        a = a @ a
+    assert set(clock.busy) == {"update"} and set(clock.seconds) == {"update", "rollout"}
+    assert 0 < clock.busy["update"] <= clock.seconds["update"]
+
+
 def test_trl_fused_head_peer_loads_from_a_wheel_without_trl_installed(tmp_path, monkeypatch):
     """The GPU image has no TRL: the benchmarks' TRL peer is the kernel file of a carried wheel,
     loaded alone, with the vocabulary chunk width TRL's trainers pass it."""
@@ -384,6 +403,7 @@ def test_gpu_check_proof_dry_run_plans_every_part_within_nine_minutes():
         assert cmd[cmd.index("--peer-script") + 1] == "benchmarks/peers/trl_ppo_peer.py"
         assert (REPO / "benchmarks/peers/trl_ppo_peer.py").is_file()
         assert float(cmd[cmd.index("--peer-timeout") + 1]) < steps[part][0]
+    assert "--profile-stages" in argv["e2e-0.5b"] and "--profile-stages" not in argv["e2e-1.5b"]
     big = argv["e2e-8b"]
     assert big[big.index("--shape") + 1] == "llama-3-8b"
     assert big[big.index("--max-memory") + 1] == "24" and "--peer-script" not in big
