@@ -141,6 +141,11 @@ def _rl_config(cfg: FrontierConfig, algorithm: str, kl_coef: float, out: Path) -
                 "resume": cfg.resume, "overwrite": cfg.overwrite}
     if cfg.num_iterations is not None:
         settings["num_iterations"] = cfg.num_iterations
+    if stage_cfg.settings.uses_critic and pipeline._critic_free(_base_config(cfg)):
+        # a critic-free base has no critic settings (rlhf pipeline refuses them there): the
+        # point's critic takes the task's, as `rlhf pipeline algorithm=<point's>` would
+        task_settings = pipeline._ppo_defaults(algorithm, base.task)
+        settings.update({name: getattr(task_settings, name) for name in rl.CRITIC_SETTINGS})
     return replace(stage_cfg, **settings)
 
 

@@ -154,3 +154,22 @@ def test_frontier_refuses_a_base_of_another_task(tmp_path, monkeypatch):
         f"output_dir={tmp_path}", "base.task=arithmetic", "base.model=some/model"])
     with pytest.raises(ValueError, match=r"base\.task='arithmetic' is not supported"):
         frontier.run(cfg)
+
+
+@pytest.mark.parametrize("base_algorithm", ["ppo", "grpo"])
+@pytest.mark.parametrize("point", ["ppo", "rloo"])
+def test_a_frontier_point_runs_the_pipelines_rl_settings(base_algorithm, point):
+    """Each point is the RL stage `rlhf pipeline algorithm=<point>` runs, at its fixed kl_coef.
+    A PPO point of a critic-free base (base.algorithm=grpo) took RLConfig's critic_lr 5e-5 (the
+    base has no critic settings), not the task's 2e-3: its critic learned 40 times slower."""
+    from dataclasses import replace
+
+    from rlhf import frontier, pipeline
+    from rlhf.config import load_config
+
+    cfg = load_config(frontier.FrontierConfig, None, [f"base.algorithm={base_algorithm}"])
+    got = frontier._rl_config(cfg, point, 0.5, "out")
+    alone = load_config(pipeline.PipelineConfig, None,
+                        [f"algorithm={point}", f"output_dir={cfg.output_dir}/base"])
+    assert got == replace(pipeline.stage_configs(alone)["ppo"], output_dir="out", kl_coef=0.5,
+                          kl_target=None)
