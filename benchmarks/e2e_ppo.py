@@ -204,6 +204,23 @@ def busy_seconds(intervals) -> float:
     return total
 
 
+def top_device_work(profile, device: torch.device, n: int = 10) -> list[dict]:
+    """The ``n`` names (kernels on CUDA, aten ops on the CPU) that kept the device busiest in a
+    torch.profiler session: total ms, calls, ms per call."""
+    cuda = device.type == "cuda"
+    totals: dict[str, list] = {}
+    for event in profile.events():
+        on_device = getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA
+        if on_device != cuda or (not cuda and not event.name.startswith("aten::")):
+            continue
+        entry = totals.setdefault(event.name, [0.0, 0])
+        entry[0] += (event.time_range.end - event.time_range.start) * 1e-3
+        entry[1] += 1
+    ranked = sorted(totals.items(), key=lambda item: -item[1][0])[:n]
+    return [{"name": name[:120], "ms": ms, "calls": calls, "ms_per_call": ms / calls}
+            for name, (ms, calls) in ranked]
+
+
 def _device_intervals(profile, device: torch.device) -> list[tuple[float, float]]:
     """(start, end) in seconds of what ran on the device in a torch.profiler session: the
     kernels, copies and fills on CUDA; on the CPU the aten ops (nested ones fall inside their
@@ -231,6 +248,7 @@ class ProfiledStageClock(StageClock):
         super().__init__(device)
         self.stages = stages
         self.busy: dict[str, float] = {}
+        self.top: dict[str, list[dict]] = {}
 
     @contextlib.contextmanager
     def stage(self, name: str):
@@ -246,6 +264,7 @@ class ProfiledStageClock(StageClock):
         with profile(activities=activities) as prof, super().stage(name):
             yield
         intervals = _device_intervals(prof, self.device)
+        self.top[name] = top_device_work(prof, self.device)
         if not intervals:  # the profiler saw nothing run there (no CUPTI): not "idle"
             self.busy[name] = None
         elif self.busy.get(name, 0.0) is not None:
@@ -270,6 +289,26 @@ def decode_step_device_s(engine: RolloutEngine, device: torch.device, steps: int
     return (time.perf_counter() - start) / steps
 
 
+def decode_step_top_kernels(engine: RolloutEngine, device: torch.device, steps: int = 4
+                            ) -> list[dict] | None:
+    """The kernels of the captured decode step that take the most GPU time (per step), from
+    ``steps`` replays under torch.profiler; None without a captured graph."""
+    graph = getattr(engine, "_graph", None)
+    if graph is None or device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            graph.replay()
+        _sync(device)
+    top = top_device_work(prof, device)
+    for row in top:
+        row["ms"] /= steps
+        row["calls"] /= steps
+    return top
+
+
 def device_busy(backbone, engine, optimizer, prompt_ids, prompt_mask, cfg: E2EConfig, eos,
                 stage_seconds: dict[str, float]) -> dict:
     """One more iteration, profiled: per stage the seconds the device was busy and that over
@@ -278,7 +317,7 @@ def device_busy(backbone, engine, optimizer, prompt_ids, prompt_mask, cfg: E2ECo
     device = prompt_ids.device
     clock = ProfiledStageClock(device, ("scoring", "update"))
     ppo_iteration(backbone, engine, optimizer, prompt_ids, prompt_mask, cfg, clock, eos)
-    out = {"busy_s": dict(clock.busy),
+    out = {"busy_s": dict(clock.busy), "top_device_work": dict(clock.top),
            "busy_fraction": {k: v / stage_seconds[k] for k, v in clock.busy.items()
                              if v is not None and stage_seconds.get(k)},
            "how": "torch.profiler over one more iteration; busy_fraction = busy seconds / the "
@@ -287,7 +326,8 @@ def device_busy(backbone, engine, optimizer, prompt_ids, prompt_mask, cfg: E2ECo
     if step is not None:
         measured = stage_seconds["rollout"] / cfg.response_length
         out.update(decode_step_gpu_ms=step * 1e3, decode_step_measured_ms=measured * 1e3,
-                   decode_busy_fraction=step / measured)
+                   decode_busy_fraction=step / measured,
+                   decode_step_top_kernels=decode_step_top_kernels(engine, device))
     return out
 
 

@@ -298,6 +298,10 @@ def test_e2e_busy_seconds_and_profiled_stage_clock():
         a = a @ a
     assert set(clock.busy) == {"update"} and set(clock.seconds) == {"update", "rollout"}
     assert 0 < clock.busy["update"] <= clock.seconds["update"]
+    top = clock.top["update"]
+    assert {row["name"] for row in top} >= {"aten::matmul", "aten::tanh"}
+    tanh = next(row for row in top if row["name"] == "aten::tanh")
+    assert tanh["calls"] == 20 and tanh["ms"] > 0
 
 
 def test_trl_fused_head_peer_loads_from_a_wheel_without_trl_installed(tmp_path, monkeypatch):
