@@ -163,7 +163,14 @@ def _run_point(cfg: FrontierConfig, algorithm: str, kl_coef: float, base_dir: Pa
         return json.loads(result_path.read_text())
     rl_cfg = _rl_config(cfg, algorithm, kl_coef, out)
     tokenizer = AutoTokenizer.from_pretrained(base_dir / "tokenizer")
-    model = AutoModelForCausalLM.from_pretrained(base_dir / "sft" / "model")
+    if rl_cfg.quantization not in (None, "none"):  # the base's: as its RL stage loads it
+        from rlhf.models import load_causal_lm
+
+        model = load_causal_lm(base_dir / "sft" / "model", setting="sft.model",
+                               quantization=rl_cfg.quantization,
+                               device=stage.resolve_device(cfg.device))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base_dir / "sft" / "model")
     backbone = SharedBackbone.load(base_dir / "rm" / "backbone", base_model=model)
     backbone.to(stage.resolve_device(cfg.device, None))
     started = time.perf_counter()

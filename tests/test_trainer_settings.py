@@ -173,3 +173,34 @@ def test_a_frontier_point_runs_the_pipelines_rl_settings(base_algorithm, point):
                         [f"algorithm={point}", f"output_dir={cfg.output_dir}/base"])
     assert got == replace(pipeline.stage_configs(alone)["ppo"], output_dir="out", kl_coef=0.5,
                           kl_target=None)
+
+
+def test_a_frontier_point_runs_on_the_bases_quantized_model(tmp_path, monkeypatch):
+    """base.quantization=nf4: the base pipeline's reward model and RL stage ran on the nf4 SFT
+    model, but each point loaded that model in full precision and its RL stage stopped with
+    "quantization='nf4' but the backbone given is none", after the whole base run. A point
+    now loads it as the base's RL stage did."""
+    from rlhf import frontier
+    from rlhf.models import LoraSpec, SharedBackbone, load_causal_lm
+    from tests._tiny_models import tiny_llama
+
+    tokenizer = rl_tokenizer()
+    base = tmp_path / "base"
+    tokenizer.save_pretrained(base / "tokenizer")
+    tiny_llama(tokenizer).save_pretrained(base / "sft" / "model")
+    SharedBackbone.from_model(
+        load_causal_lm(base / "sft" / "model", quantization="nf4", device="cpu"),
+        lora=LoraSpec(rank=4, alpha=8), name_or_path=str(base / "sft" / "model"),
+    ).save(base / "rm" / "backbone")
+    seen = []
+
+    def train(cfg, *, backbone, **kwargs):
+        seen.append((cfg.quantization, backbone.quantization))
+        raise KeyboardInterrupt  # the point's RL run itself is not under test
+
+    monkeypatch.setattr(rl, "train", train)
+    cfg = frontier.FrontierConfig(output_dir=str(tmp_path), device="cpu",
+                                  base=frontier.pipeline.PipelineConfig(quantization="nf4"))
+    with pytest.raises(KeyboardInterrupt):
+        frontier._run_point(cfg, "grpo", 0.1, base, 0.0, 0.0)
+    assert seen == [("nf4", "nf4")]
