@@ -39,7 +39,7 @@ from pathlib import Path
 from rlhf import pipeline, rl, task
 from rlhf.checkpoint import atomic_write_text
 
-__all__ = ["FrontierConfig", "run"]
+__all__ = ["FrontierConfig", "printable_config", "run"]
 
 
 @dataclass
@@ -125,6 +125,25 @@ def _base_config(cfg: FrontierConfig) -> pipeline.PipelineConfig:
     return replace(cfg.base, output_dir=str(Path(cfg.output_dir) / "base"), seed=cfg.seed,
                    device=cfg.device, cpu_threads=cfg.cpu_threads,
                    eval_samples=cfg.eval_samples, resume=cfg.resume, overwrite=cfg.overwrite)
+
+
+def printable_config(cfg: FrontierConfig) -> dict:
+    """What ``rlhf frontier --print-config`` shows: the frontier's own settings, ``base`` as
+    ``rlhf pipeline --print-config`` shows that pipeline (a setting it refuses is refused
+    here), and ``points``: the RL settings of each algorithm's points (``kl_coef`` the list of
+    strengths, one point each)."""
+    from rlhf.config import config_to_dict
+
+    shown = {key: value for key, value in config_to_dict(cfg).items() if key != "base"}
+    shown["base"] = pipeline.printable_config(_base_config(cfg))
+    shown["points"] = {}
+    for algorithm in cfg.algorithms:
+        folder = Path(cfg.output_dir) / "points" / f"{algorithm}-kl<kl_coef>"
+        point = _rl_config(cfg, algorithm, cfg.kl_coefs[0], folder)
+        point.check_critic_settings()
+        values = rl.used_settings(point, config_to_dict(point))
+        shown["points"][algorithm] = {**values, "kl_coef": list(cfg.kl_coefs)}
+    return shown
 
 
 def point_name(algorithm: str, kl_coef: float) -> str:

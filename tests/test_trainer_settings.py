@@ -204,3 +204,23 @@ def test_a_frontier_point_runs_on_the_bases_quantized_model(tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         frontier._run_point(cfg, "grpo", 0.1, base, 0.0, 0.0)
     assert seen == [("nf4", "nf4")]
+
+
+def test_frontier_print_config_shows_what_runs(capsys):
+    """`rlhf frontier --print-config` printed its config as given: the base pipeline's stages
+    without the folders, seed and algorithm the pipeline gives them, settings the run refuses
+    (base.ppo.critic_lr with a critic-free base) without a word, and nothing of the points'
+    RL settings. It now shows the base as `rlhf pipeline --print-config` does, each
+    algorithm's point settings, and refuses what the run refuses."""
+    printed = _printed(capsys, ["frontier", "base.algorithm=grpo", "algorithms=ppo,rloo",
+                                "kl_coefs=0.05,0.5", "--print-config"])
+    assert printed["base"]["ppo"]["output_dir"] == "runs/frontier/base/grpo"
+    assert printed["base"]["ppo"]["advantage_norm"] == "group"
+    assert "critic_lr" not in printed["base"]["ppo"]
+    ppo_points, rloo_points = printed["points"]["ppo"], printed["points"]["rloo"]
+    assert ppo_points["critic_lr"] == 0.002 and "critic_lr" not in rloo_points
+    assert ppo_points["kl_coef"] == rloo_points["kl_coef"] == [0.05, 0.5]
+    assert (ppo_points["kl_target"], rloo_points["advantage_norm"]) == (None, "none")
+    assert cli.main(["frontier", "base.algorithm=grpo", "base.ppo.critic_lr=1",
+                     "--print-config"]) == 2
+    assert "ppo.critic_lr=1.0 has no effect with algorithm=grpo" in capsys.readouterr().err
