@@ -317,13 +317,20 @@ def run_pipeline(cfg, run_dir) -> dict:
 
     # ---- 2. RL with the exact-match reward; a held-out curve on the side ----
     t0 = time.perf_counter()
-    curve: list[dict] = [{"iteration": 0, "gold_reward": _first(base, cfg.curve_problems)}]
+    # the curve's points so far, kept on disk: a resumed RL run calls on_iteration only for the
+    # iterations it runs, so the points of the interrupted part come from here (those it
+    # re-does, after its checkpoint, are measured again on the same weights and replaced)
+    curve_file = out / "heldout_curve.json"
+    points = {point["iteration"]: point for point in (
+        json.loads(curve_file.read_text()) if cfg.resume and curve_file.exists() else [])}
+    points[0] = {"iteration": 0, "gold_reward": _first(base, cfg.curve_problems)}
 
     def on_iteration(iteration: int, metrics: dict) -> None:
         if cfg.curve_every and iteration % cfg.curve_every == 0 \
                 and iteration < rl_cfg.num_iterations:
             result = evaluate(backbone, tokenizer, heldout[:cfg.curve_problems], **evaluation)
-            curve.append({"iteration": iteration, "gold_reward": result["accuracy"]})
+            points[iteration] = {"iteration": iteration, "gold_reward": result["accuracy"]}
+            atomic_write_text(curve_file, json.dumps([points[i] for i in sorted(points)]))
 
     rl_summary = pipeline._stage_done(rl_dir, cfg.resume, run_dir)
     if rl_summary is None:
@@ -335,6 +342,7 @@ def run_pipeline(cfg, run_dir) -> dict:
         backbone = SharedBackbone.load(rl_dir / "backbone")
         backbone.to(resolve_device(cfg.device, cfg.max_memory))
     timings["rl_s"] = time.perf_counter() - t0
+    curve = [points[i] for i in sorted(points) if i < rl_cfg.num_iterations]
 
     # ---- 3. the policy's held-out accuracy ----
     t0 = time.perf_counter()

@@ -436,7 +436,7 @@ MANIFEST_FILE, LOCK_FILE = "run.json", ".lock"
 STAGE_RUN_FILES = (MANIFEST_FILE, "checkpoints", "metrics.jsonl", "summary.json", "model",
                    "backbone", "tensorboard")
 PIPELINE_RUN_FILES = (MANIFEST_FILE, "summary.json", "metrics.jsonl", "curves.png", "samples.md",
-                      "pairs.jsonl", "tokenizer",
+                      "pairs.jsonl", "tokenizer", "base_eval.json", "heldout_curve.json",
                       *(f"{stage}/{name}" for stage in ("sft", "rm", "ppo")
                         for name in STAGE_RUN_FILES))
 # Settings (matched by their last dotted component) that may differ on --resume: they cannot

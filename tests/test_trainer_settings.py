@@ -14,6 +14,7 @@ import torch
 import rlhf_kernels
 from rlhf import cli, rl
 from tests._tiny_models import interrupt_at, rl_tokenizer
+from tests.test_arithmetic import tiny_chat_model  # noqa: F401 (a fixture)
 from tests.test_grpo import PROMPTS, rl_config
 from tests.test_stages import tiny_backbone
 
@@ -224,3 +225,43 @@ def test_frontier_print_config_shows_what_runs(capsys):
     assert cli.main(["frontier", "base.algorithm=grpo", "base.ppo.critic_lr=1",
                      "--print-config"]) == 2
     assert "ppo.critic_lr=1.0 has no effect with algorithm=grpo" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# rlhf pipeline task=arithmetic: a resume keeps the held-out curve of curve_every
+# --------------------------------------------------------------------------------------------
+def test_arithmetic_resume_keeps_the_heldout_curve(tiny_chat_model, tmp_path,  # noqa: F811
+                                                   monkeypatch):
+    """curve_every's held-out points lived in the process only: a run interrupted after
+    iteration 2 and resumed reported the curve [0, 3], without the points at 1 and 2. They are
+    now kept in heldout_curve.json, and the resumed run's curve is the whole one."""
+    import json
+
+    out = tmp_path / "run"
+    argv = ["pipeline", "task=arithmetic", f"model={tiny_chat_model}", "algorithm=grpo",
+            f"output_dir={out}", "ppo.num_iterations=3", "ppo.rollout_batch_size=8",
+            "ppo.group_size=4", "ppo.minibatch_size=8", "ppo.grad_accum_steps=1",
+            "ppo.max_new_tokens=4",
+            "ppo.save_every=1", "eval_problems=4", "curve_every=1", "curve_problems=3",
+            "sample_batch_size=4", "n_show_samples=1"]
+    train = rl.train
+
+    def interrupted_after_2(cfg, **kwargs):
+        measure = kwargs.pop("on_iteration")
+
+        def on_iteration(iteration, metrics):
+            measure(iteration, metrics)
+            if iteration == 2:
+                raise KeyboardInterrupt
+
+        return train(cfg, on_iteration=on_iteration, **kwargs)
+
+    monkeypatch.setattr(rl, "train", interrupted_after_2)
+    assert cli.main(argv) == cli.EXIT_INTERRUPTED
+    before = json.loads((out / "heldout_curve.json").read_text())
+    assert [p["iteration"] for p in before] == [0, 1, 2]
+    monkeypatch.setattr(rl, "train", train)
+    assert cli.main([*argv, "--resume"]) == 0
+    curve = json.loads((out / "summary.json").read_text())["heldout_curve"]
+    assert [p["iteration"] for p in curve] == [0, 1, 2, 3]
+    assert curve[:3] == before
