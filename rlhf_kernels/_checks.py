@@ -56,7 +56,10 @@ def as_mask(mask: torch.Tensor | None, like: torch.Tensor, name: str = "mask") -
 REDUCTIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm",
               "token-sum")
 RATIO_LEVELS = ("token", "sequence")
-LOSS_TYPES = ("ppo", "cispo")
+LOSS_TYPES = ("ppo", "cispo", "sapo")
+# SAPO's gate temperatures when none are given: TRL's sapo_temperature_pos / _neg and veRL's
+# tau_pos / tau_neg defaults (A > 0 tokens, A <= 0 tokens).
+SAPO_DEFAULT_TAUS = (1.0, 1.05)
 
 
 def check_reduction(reduction: str) -> None:
@@ -122,6 +125,38 @@ def check_policy_options(ratio_level: str, loss_type: str, dual_clip) -> None:
             "dual_clip applies to loss_type='ppo' only; CISPO already bounds its weight by "
             "clip_high (pass dual_clip=None)"
         )
+    if loss_type == "sapo" and dual_clip is not None:
+        raise ValueError(
+            "dual_clip applies to loss_type='ppo' only; SAPO's sigmoid gate already bounds "
+            "each token's loss by 4 |A| / tau (pass dual_clip=None)"
+        )
+
+
+def sapo_taus(loss_type: str, sapo_tau_pos, sapo_tau_neg) -> tuple[float, float] | None:
+    """The checked SAPO gate temperatures (tau for A > 0 tokens, tau for A <= 0 tokens) ->
+    floats (``SAPO_DEFAULT_TAUS`` for a None), or None when loss_type is not "sapo" (and then
+    neither may be given: a temperature would be silently unused)."""
+    if loss_type != "sapo":
+        for name, value in (("sapo_tau_pos", sapo_tau_pos), ("sapo_tau_neg", sapo_tau_neg)):
+            if value is not None:
+                raise ValueError(
+                    f"{name}={value!r} applies to loss_type='sapo' only (got "
+                    f"loss_type={loss_type!r}); leave it None"
+                )
+        return None
+    taus = []
+    for name, value, default in (("sapo_tau_pos", sapo_tau_pos, SAPO_DEFAULT_TAUS[0]),
+                                 ("sapo_tau_neg", sapo_tau_neg, SAPO_DEFAULT_TAUS[1])):
+        value = real_setting(name, value, none_ok=True)
+        if value is None:
+            value = default
+        elif not 0.0 < value < float("inf"):  # also refuses NaN
+            raise ValueError(
+                f"{name}={value} must be a finite number > 0 (the SAPO gate is "
+                f"sigmoid(tau (r - 1)) 4 / tau; TRL and veRL default to {default})"
+            )
+        taus.append(value)
+    return taus[0], taus[1]
 
 
 def check_advantages_shape(advantages: torch.Tensor, like: torch.Tensor,

@@ -33,7 +33,8 @@ def _byte_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def ppo_policy_loss(logp, old_logp, advantages, mask, ref_logp, normalizer, clip_low, clip_high,
-                    dual_clip, log_ratio_clamp, reduction, policy, kl_coef, normalizer_value):
+                    dual_clip, log_ratio_clamp, reduction, policy, kl_coef, normalizer_value,
+                    tau_pos, tau_neg):
     """``rlhf_kernels.ops.policy_loss._launch`` on the native kernel."""
     T = logp.shape[-1]
     logp2, old2 = as_rows(logp), as_rows(old_logp)
@@ -48,7 +49,7 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, ref_logp, normalizer, clip
         logp2, old2, adv2, None if mask is None else as_rows(mask),
         None if ref_logp is None else as_rows(ref_logp), 1.0 - clip_low, 1.0 + clip_high,
         dual_clip, math.inf if log_ratio_clamp is None else log_ratio_clamp, kl_coef, reduction,
-        policy, norm)
+        policy, norm, tau_pos, tau_neg)
     return loss, stats, saved.view(logp.shape)
 
 

@@ -27,6 +27,7 @@ from rlhf_kernels._checks import (
     check_policy_options,
     check_reduction,
     int_setting,
+    sapo_taus,
 )
 
 __all__ = [
@@ -355,13 +356,15 @@ def _per_token_advantages(advantages: torch.Tensor, like: torch.Tensor) -> torch
 # PPO losses
 # --------------------------------------------------------------------------------------------
 def _policy_terms(logp, old_logp, A, m, clip_low, clip_high, dual_clip, log_ratio_clamp,
-                  ratio_level, loss_type):
+                  ratio_level, loss_type, taus=None):
     """The clipped policy objective per token, shared by every policy-loss op.
 
-    logp, old_logp, A: (..., T) with masked positions already 0; m: 0/1 mask in their dtype.
+    logp, old_logp, A: (..., T) with masked positions already 0; m: 0/1 mask in their dtype;
+    taus: SAPO's (tau for A > 0, tau for A <= 0).
     -> (per-token loss, ratio used, per-token clamped log-ratio d, clipped (bool), dual (bool or
     None)). The gradient flows to logp only (through the ratio, and through logp itself for
-    CISPO).
+    CISPO). For SAPO, which does not clip, "clipped" is the ratio outside [1 - clip_low,
+    1 + clip_high] (as CISPO's: where PPO's clip range would end).
     """
     d = logp - old_logp
     d_token = d if log_ratio_clamp is None else d.clamp(-log_ratio_clamp, log_ratio_clamp)
@@ -380,6 +383,13 @@ def _policy_terms(logp, old_logp, A, m, clip_low, clip_high, dual_clip, log_rati
         # CISPO: the clipped ratio is a weight without gradient on the REINFORCE term.
         clipped = (ratio < low) | (ratio > high)
         per_token = -ratio.clamp(low, high).detach() * A * logp
+        return per_token, ratio, d_token, clipped, dual
+    if loss_type == "sapo":
+        # SAPO: a smooth gate in place of the clip, its temperature chosen by the sign of A.
+        tau_pos, tau_neg = taus
+        tau = torch.where(A > 0, torch.full_like(A, tau_pos), torch.full_like(A, tau_neg))
+        clipped = (ratio < low) | (ratio > high)
+        per_token = -torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau) * A
         return per_token, ratio, d_token, clipped, dual
     loss1 = -A * ratio
     loss2 = -A * ratio.clamp(low, high)
@@ -408,6 +418,9 @@ def ppo_policy_loss(
     ref_logp: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
+    *,
+    sapo_tau_pos: float | None = None,
+    sapo_tau_neg: float | None = None,
 ):
     """Clipped surrogate loss. logp, old_logp, mask (..., T); advantages (..., T) per token or
     (...) per sequence -> (loss (), stats).
@@ -420,6 +433,10 @@ def ppo_policy_loss(
     dual_clip = c > 1, tokens with A < 0 take min(that, -A c).
     loss_type="cispo": per-token loss = -sg(clip(r, 1 - clip_low, 1 + clip_high)) A logp
     (sg: no gradient through the weight).
+    loss_type="sapo" (Soft Adaptive Policy Optimization): per-token loss =
+    -sigmoid(tau (r - 1)) (4 / tau) A, tau = sapo_tau_pos where A > 0 and sapo_tau_neg where
+    A <= 0 (None: 1.0 and 1.05, TRL's and veRL's defaults); no clip (clip_low / clip_high only
+    set what clipfrac counts) and no dual clip. At r = 1 its gradient is PPO's, -A r.
     With ref_logp and kl_coef, kl_coef * reduce(kl_estimator(logp - ref_logp)) is added (per
     token, the same reduction).
     stats (detached, over valid tokens): clipfrac (fraction where the clip bites), approx_kl =
@@ -428,6 +445,7 @@ def ppo_policy_loss(
     is on.
     """
     check_policy_options(ratio_level, loss_type, dual_clip)
+    taus = sapo_taus(loss_type, sapo_tau_pos, sapo_tau_neg)
     dtype = _compute_dtype(logp, old_logp, advantages)
     m = as_mask(mask, logp).to(dtype)
     valid = m > 0
@@ -435,7 +453,7 @@ def ppo_policy_loss(
     logp, old_logp, A = (_zero_masked(t.to(dtype), valid) for t in (logp, old_logp, A))
     per_token, ratio, d, clipped, dual = _policy_terms(
         logp, old_logp, A, m, clip_low, clip_high, dual_clip, log_ratio_clamp, ratio_level,
-        loss_type)
+        loss_type, taus)
     stats = {}
     if dual is not None:
         stats["dual_clipfrac"] = masked_mean(dual.to(dtype), m).detach()
@@ -562,12 +580,16 @@ def ppo_loss_from_logits(
     ratio_level: str = "token",
     loss_type: str = "ppo",
     normalizer: float | torch.Tensor | None = None,
+    *,
+    sapo_tau_pos: float | None = None,
+    sapo_tau_neg: float | None = None,
 ):
     """logits (..., T, V) and rollout tensors (..., T) (advantages (..., T) or (...)) ->
     (loss (), stats).
 
     loss = reduce(policy_loss + kl_coef * kl(logp, ref_logp) - entropy_coef * entropy), the
-    policy loss as ``ppo_policy_loss`` (ratio_level, loss_type, dual_clip), every term with the
+    policy loss as ``ppo_policy_loss`` (ratio_level, loss_type, dual_clip, sapo_tau_pos /
+    sapo_tau_neg), every term with the
     same reduction and normalizer. Tokens whose label is ignore_index are masked out as well.
     The logits of a token that does not count (masked or ignored) never enter the math,
     whatever they hold.
@@ -576,7 +598,7 @@ def ppo_loss_from_logits(
     logp, entropy = logprobs(logits, labels, temperature, ignore_index, return_entropy=True)
     return _ppo_total(logp, entropy, old_logp, advantages, m, ref_logp, kl_coef, kl_estimator,
                       entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp, reduction,
-                      ratio_level, loss_type, normalizer)
+                      ratio_level, loss_type, normalizer, sapo_tau_pos, sapo_tau_neg)
 
 
 def linear_ppo_loss(
@@ -604,6 +626,9 @@ def linear_ppo_loss(
     ratio_level: str = "token",
     loss_type: str = "ppo",
     normalizer: float | torch.Tensor | None = None,
+    *,
+    sapo_tau_pos: float | None = None,
+    sapo_tau_neg: float | None = None,
 ):
     """hidden (..., T, H), weight (V, H) and rollout tensors (..., T) (advantages (..., T) or
     (...)) -> (loss (), stats), as ``ppo_loss_from_logits`` of the lm_head's logits."""
@@ -612,7 +637,7 @@ def linear_ppo_loss(
                                     temperature, ignore_index, return_entropy=True)
     return _ppo_total(logp, entropy, old_logp, advantages, m, ref_logp, kl_coef, kl_estimator,
                       entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp, reduction,
-                      ratio_level, loss_type, normalizer)
+                      ratio_level, loss_type, normalizer, sapo_tau_pos, sapo_tau_neg)
 
 
 def _counted_labels(labels, mask, ignore_index):
@@ -624,9 +649,11 @@ def _counted_labels(labels, mask, ignore_index):
 
 def _ppo_total(logp, entropy, old_logp, advantages, m, ref_logp, kl_coef, kl_estimator,
                entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp, reduction,
-               ratio_level="token", loss_type="ppo", normalizer=None):
+               ratio_level="token", loss_type="ppo", normalizer=None, sapo_tau_pos=None,
+               sapo_tau_neg=None):
     """The loss and stats of the fused ops from per-token logp / entropy; m: 0/1 float mask."""
     check_policy_options(ratio_level, loss_type, dual_clip)
+    taus = sapo_taus(loss_type, sapo_tau_pos, sapo_tau_neg)
     dtype = logp.dtype
     valid = m > 0
     m = m.to(dtype)
@@ -635,7 +662,7 @@ def _ppo_total(logp, entropy, old_logp, advantages, m, ref_logp, kl_coef, kl_est
                                   for t in (logp, entropy, old_logp, A))
     per_token, ratio, d, clipped, _ = _policy_terms(
         logp, old_logp, A, m, clip_low, clip_high, dual_clip, log_ratio_clamp, ratio_level,
-        loss_type)
+        loss_type, taus)
     pg_loss = reduce_loss(per_token, m, reduction, normalizer)
     total = pg_loss
     stats = {"pg_loss": pg_loss.detach()}

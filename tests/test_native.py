@@ -202,7 +202,8 @@ def _check_loss_against_reference(name, call, leaf):
 
 @pytest.mark.parametrize("ratio_level, loss_type, kl_coef",
                          [("token", "ppo", 0.0), ("token", "ppo", 0.1),
-                          ("sequence", "ppo", 0.1), ("token", "cispo", 0.0)])
+                          ("sequence", "ppo", 0.1), ("token", "cispo", 0.0),
+                          ("token", "sapo", 0.1), ("sequence", "sapo", 0.0)])
 def test_policy_loss_with_inputs_of_mixed_dtypes_and_layouts(ratio_level, loss_type, kl_coef):
     """losses.cpp stages each input's row as fp32 on its own (one kernel body for every
     combination of dtypes): fp32 / bf16 / fp16 inputs in one call, strided, column-major and

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from rlhf_kernels import reference
+from rlhf_kernels._checks import SettingError
 from rlhf_kernels.ops.policy_loss import ppo_policy_loss
 from tests.numerics import DEVICE, assert_close, assert_close_2x, assert_stats_editable
 
@@ -696,3 +697,193 @@ def test_stats_edited_in_place_before_backward(options):
     assert_stats_editable(
         lambda x: ppo_policy_loss(x, old_logp, advantages, backend="triton", **options), logp,
         name="ppo_policy_loss")
+
+
+# --------------------------------------------------------------------------------------------
+# SAPO: the sigmoid gate in place of the clip, one temperature per sign of the advantage
+# --------------------------------------------------------------------------------------------
+def _sapo_closed_form(logp, old, adv, tau_pos, tau_neg):
+    """One token, by hand: loss = -sigmoid(tau (r - 1)) 4 / tau A and d loss / d logp =
+    -4 A r s (1 - s), tau by the sign of A (float64 Python arithmetic)."""
+    import math
+
+    r = math.exp(logp - old)
+    tau = tau_pos if adv > 0 else tau_neg
+    s = 1.0 / (1.0 + math.exp(-tau * (r - 1.0)))
+    return -s * 4.0 / tau * adv, -4.0 * adv * r * s * (1.0 - s)
+
+
+SAPO_CASES = [  # (shape, padding, ratio_level, per-sequence advantages, options)
+    ((7,), "none", "token", False, dict()),
+    ((6, 1), "random", "token", False, dict(sapo_tau_pos=0.5, sapo_tau_neg=3.0)),
+    ((4, 257), "right", "token", True, dict(sapo_tau_pos=1.3, sapo_tau_neg=2.0)),
+    ((3, 1025), "left", "sequence", True, dict()),
+    ((2, 3, 40), "random", "sequence", False, dict(sapo_tau_neg=4.0, log_ratio_clamp=0.1)),
+    ((5, 37), "right", "token", False, dict(log_ratio_clamp=0.25, ref_logp="ref", kl_coef=0.1,
+                                             kl_estimator="k3")),
+    ((5, 37), "right", "sequence", True, dict(normalizer="tensor", ref_logp="ref", kl_coef=0.1,
+                                               kl_estimator="abs")),
+]
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,padding,ratio_level,per_sequence,options", SAPO_CASES, ids=str)
+def test_sapo_matches_reference(reduction, dtype, shape, padding, ratio_level, per_sequence,
+                                options):
+    """Loss, stats and gradient against the float64 reference: both signs of A (and A = 0),
+    masks with empty rows, awkward sizes, token and sequence ratios, the log-ratio clamp biting,
+    the KL term and a tensor normalizer."""
+    logp, old_logp, advantages = make_inputs(shape, dtype, spread=0.6)
+    if per_sequence:
+        advantages = advantages[..., 0].contiguous()
+    advantages.view(-1)[:2] = 0.0  # tau_neg's side, a zero loss and gradient
+    options = dict(options)
+    if options.get("ref_logp") == "ref":
+        options["ref_logp"] = _ref_logp(logp)
+    if options.get("normalizer") == "tensor":
+        options["normalizer"] = torch.tensor(23, device=DEVICE)
+    check_against_reference(logp, old_logp, advantages, make_mask(shape, padding),
+                            loss_type="sapo", ratio_level=ratio_level, reduction=reduction,
+                            name=f"sapo {shape} {ratio_level}", **options)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_sapo_one_token_closed_form(backend):
+    """Each token alone (token-sum over one valid token) against the hand formula, for A > 0
+    (tau_pos), A < 0 and A = 0 (tau_neg), ratios below, at and above 1; at r = 1 the gradient is
+    PPO's, -A, whatever tau."""
+    tau_pos, tau_neg = 1.5, 2.5
+    for adv in (0.7, -1.3, 0.0):
+        for d in (-0.4, 0.0, 0.3, 2.0):
+            old = -1.0
+            logp = torch.tensor([[old + d, -2.0]], device=DEVICE, requires_grad=True)
+            mask = torch.tensor([[True, False]], device=DEVICE)
+            loss, _ = ppo_policy_loss(
+                logp, torch.tensor([[old, 5.0]], device=DEVICE),
+                torch.tensor([[adv, 9.0]], device=DEVICE), mask, reduction="token-sum",
+                loss_type="sapo", sapo_tau_pos=tau_pos, sapo_tau_neg=tau_neg, backend=backend)
+            loss.backward()
+            want_loss, want_grad = _sapo_closed_form(old + d, old, adv, tau_pos, tau_neg)
+            assert_close(loss, want_loss, atol=2e-6, rtol=1e-5, name=f"loss A={adv} d={d}")
+            assert_close(logp.grad[0, 0], want_grad, atol=2e-6, rtol=1e-5,
+                         name=f"grad A={adv} d={d}")
+            assert logp.grad[0, 1].item() == 0.0
+            if d == 0.0:
+                assert_close(logp.grad[0, 0], -adv, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, on inf
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_sapo_extreme_ratios(ratio_level):
+    """Log-ratios of +-30, +-100 without a log-ratio clamp (TRL has none): the gate saturates,
+    the loss is -4 A / tau or tends to -sigmoid(-tau) 4 A / tau, and the gradient is 0 or tiny,
+    finite, as the float64 reference, also where exp overflows fp32 (r = inf: 0 * inf must not
+    make a NaN)."""
+    d = torch.tensor([[30.0, -30.0, 100.0, -100.0], [100.0, 0.5, -0.5, 88.0]], device=DEVICE)
+    old = -torch.rand(2, 4, device=DEVICE) - 1.0
+    logp = old + d
+    adv = torch.tensor([[1.0, -2.0, -0.5, 0.3], [-1.0, 2.0, 0.7, 1.2]], device=DEVICE)
+    options = dict(loss_type="sapo", log_ratio_clamp=None, ratio_level=ratio_level,
+                   sapo_tau_pos=1.2, sapo_tau_neg=1.7)
+    x = logp.clone().requires_grad_()
+    loss, stats = ppo_policy_loss(x, old, adv, reduction="token-sum", backend="triton",
+                                  **options)
+    loss.backward()
+    x64 = logp.double().requires_grad_()
+    loss64, stats64 = reference.ppo_policy_loss(x64, old.double(), adv.double(),
+                                                reduction="token-sum", **options)
+    loss64.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    assert_close(loss, loss64, atol=1e-5, rtol=1e-6, name="loss")
+    assert_close(x.grad, x64.grad, atol=1e-6, rtol=1e-5, name="grad")
+    assert_close(stats["clipfrac"], stats64["clipfrac"], atol=0, name="clipfrac")
+
+
+def test_sapo_per_sequence_advantages_equal_expanded_ones_bitwise():
+    logp, old_logp, advantages = make_inputs((4, 33), torch.float32, spread=0.5)
+    adv = advantages[:, 0].contiguous()
+    mask = make_mask((4, 33), "right")
+    for level in ("token", "sequence"):
+        runs = []
+        for a in (adv, adv[:, None].expand(-1, 33).contiguous()):
+            x = logp.clone().requires_grad_()
+            loss, stats = ppo_policy_loss(x, old_logp, a, mask, loss_type="sapo",
+                                          ratio_level=level, backend="triton")
+            loss.backward()
+            runs.append((loss, stats, x.grad))
+        (l1, s1, g1), (l2, s2, g2) = runs
+        assert torch.equal(l1, l2) and torch.equal(g1, g2)
+        assert all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(sapo_tau_pos=0.0), ValueError, r"sapo_tau_pos=0.0 must be a finite number > 0"),
+    (dict(sapo_tau_neg=-1.0), ValueError, r"sapo_tau_neg=-1.0 must be a finite number > 0"),
+    (dict(sapo_tau_neg=float("nan")), ValueError, r"sapo_tau_neg=nan must be a finite"),
+    (dict(sapo_tau_pos=float("inf")), ValueError, r"sapo_tau_pos=inf must be a finite"),
+    (dict(sapo_tau_pos="1.0"), SettingError, r"sapo_tau_pos must be a real number or None, "
+                                             r"got str"),
+    (dict(sapo_tau_pos=True), SettingError, r"sapo_tau_pos must be a real number"),
+    (dict(dual_clip=3.0), ValueError, r"dual_clip applies to loss_type='ppo' only; SAPO"),
+    (dict(loss_type="ppo", sapo_tau_pos=1.0), ValueError,
+     r"sapo_tau_pos=1.0 applies to loss_type='sapo' only \(got loss_type='ppo'\)"),
+    (dict(loss_type="cispo", sapo_tau_neg=2.0), ValueError,
+     r"sapo_tau_neg=2.0 applies to loss_type='sapo' only"),
+])
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_sapo_bad_settings_raise(kwargs, error, match, backend):
+    args = dict(logp=torch.zeros(2, 3), old_logp=torch.zeros(2, 3), advantages=torch.zeros(2, 3),
+                loss_type="sapo")
+    args.update(kwargs)
+    args = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    with pytest.raises(error, match=match):
+        ppo_policy_loss(**args, backend=backend)
+
+
+def test_sapo_settings_from_numpy_and_tensors():
+    import numpy as np
+
+    logp, old_logp, advantages = make_inputs((2, 9), torch.float32)
+    want, _ = ppo_policy_loss(logp, old_logp, advantages, loss_type="sapo", sapo_tau_pos=1.5,
+                              sapo_tau_neg=2.0, backend="triton")
+    got, _ = ppo_policy_loss(logp, old_logp, advantages, loss_type="sapo",
+                             sapo_tau_pos=np.float32(1.5), sapo_tau_neg=torch.tensor(2.0),
+                             backend="triton")
+    assert torch.equal(got, want)
+    default, _ = ppo_policy_loss(logp, old_logp, advantages, loss_type="sapo", backend="triton")
+    explicit, _ = ppo_policy_loss(logp, old_logp, advantages, loss_type="sapo",
+                                  sapo_tau_pos=1.0, sapo_tau_neg=1.05, backend="triton")
+    assert torch.equal(default, explicit)
+
+
+def test_sapo_torch_compile_fullgraph_and_opcheck():
+    """Compiled (custom op, fake impl, saved-gradient backward) equals eager, and opcheck
+    accepts the custom op with SAPO's policy code and temperatures."""
+    from rlhf_kernels.ops import policy_loss as module
+
+    shape = (3, 50)
+    logp, old_logp, advantages = make_inputs(shape, torch.float32, spread=0.5)
+    mask = make_mask(shape, "right")
+
+    def step(x, old, adv, m):
+        loss, stats = ppo_policy_loss(x, old, adv, m, loss_type="sapo", sapo_tau_pos=1.3,
+                                      sapo_tau_neg=2.0, reduction="seq-mean-token-mean",
+                                      backend="triton")
+        return loss * 2.0, stats["clipfrac"]
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    x_eager = logp.clone().requires_grad_()
+    x_comp = logp.clone().requires_grad_()
+    out_eager = step(x_eager, old_logp, advantages, mask)
+    out_comp = compiled(x_comp, old_logp, advantages, mask)
+    out_eager[0].backward()
+    out_comp[0].backward()
+    for got, expected in zip(out_comp, out_eager):
+        assert torch.equal(got, expected)
+    assert torch.equal(x_comp.grad, x_eager.grad)
+    for level_bit in (0, module._SEQUENCE):
+        args = (logp.clone().requires_grad_(), old_logp, advantages, mask, None, None, 0.2, 0.2,
+                None, 20.0, 1, module._SAPO | level_bit, 0.0, None, 1.3, 2.0)
+        torch.library.opcheck(module._ppo_policy_loss_op, args)

@@ -534,6 +534,12 @@ CRITIC_FREE_LOGITS = {
     "token-sum-dual-k3": (True, torch.float32, dict(OPTIONS, reduction="token-sum")),
     "gspo-bf16": (True, torch.bfloat16, dict(OPTIONS, ratio_level="sequence",
                                              reduction="seq-mean-token-mean", normalizer=2.0)),
+    "sapo-k3": (True, torch.float32, dict(
+        loss_type="sapo", sapo_tau_pos=1.3, sapo_tau_neg=2.5, reduction="seq-mean-token-mean",
+        kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01)),
+    "sapo-sequence-clamp": (False, torch.float32, dict(
+        loss_type="sapo", ratio_level="sequence", log_ratio_clamp=0.04, reduction="token-sum",
+        normalizer=3.0)),
 }
 
 
@@ -581,6 +587,10 @@ CRITIC_FREE_LINEAR = {
         log_ratio_clamp=0.04, kl_estimator="abs", reduction="seq-mean-token-sum-norm")),
     "gspo-one-chunk-k3": (True, None, dict(OPTIONS, ratio_level="sequence",
                                            reduction="seq-mean-token-mean")),
+    "sapo-token-k2": (False, 3, dict(loss_type="sapo", sapo_tau_neg=3.0, kl_estimator="k2",
+                                     reduction="seq-mean-token-mean", entropy_coef=0.01)),
+    "sapo-sequence-k3": (True, 3, dict(loss_type="sapo", ratio_level="sequence",
+                                       sapo_tau_pos=0.5, normalizer=4.0)),
 }
 
 
@@ -695,7 +705,8 @@ def test_per_token_terms_follow_autograd_at_ties_and_bounds(ratio_level, loss_ty
     assert_close(d_entropy, e.grad, atol=1e-8, rtol=1e-5, name="d entropy")
 
 
-@pytest.mark.parametrize("loss_type,dual_clip", [("ppo", None), ("ppo", 3.0), ("cispo", None)])
+@pytest.mark.parametrize("loss_type,dual_clip", [("ppo", None), ("ppo", 3.0), ("cispo", None),
+                                                 ("sapo", None)])
 @pytest.mark.parametrize("kl_estimator", ["k1", "k2", "k3", "abs"])
 def test_fused_token_terms_match_the_torch_ops(loss_type, dual_clip, kl_estimator):
     """ops/_ppo_terms.py (one kernel) against per_token_terms' torch ops: random tokens, a
@@ -720,7 +731,8 @@ def test_fused_token_terms_match_the_torch_ops(loss_type, dual_clip, kl_estimato
         for clip in (0.2, 0.0):
             options = dict(kl_coef=0.1, kl_estimator=kl_estimator, entropy_coef=0.02,
                            clip_low=clip, clip_high=clip, dual_clip=dual_clip,
-                           log_ratio_clamp=5.0, ratio_level="token", loss_type=loss_type)
+                           log_ratio_clamp=5.0, ratio_level="token", loss_type=loss_type,
+                           taus=(1.3, 2.5))
             args = (logp, entropy, old, advantages, weights, ref)
             assert _ppo_terms.can_fuse(*args, "token")
             fused = per_token_terms(*args, **options)
@@ -829,6 +841,8 @@ def test_linear_sweeps_matmuls_and_memory(ratio_level, grad, chunk_size, logits_
     ("seq-mean-token-mean", None, "token", "cispo", None, False),
     ("seq-mean-token-sum-norm", "tensor", "sequence", "cispo", None, True),
     ("token-sum", None, "token", "ppo", 3.0, False),
+    ("seq-mean-token-mean", None, "token", "sapo", None, True),
+    ("token-mean", 7.0, "sequence", "sapo", None, False),
 ])
 def test_stats_are_the_bits_of_the_reference_ppo_total(dtype, reduction, normalizer,
                                                         ratio_level, loss_type, dual_clip, kl):
@@ -850,8 +864,10 @@ def test_stats_are_the_bits_of_the_reference_ppo_total(dtype, reduction, normali
     m, _ = ppo_fused._mask_and_weights(labels, old, mask, -100, reduction, normalizer)
     args = (logp.reshape(-1), entropy.reshape(-1), labels, old, adv, m, ref, 0.1 if kl else 0.0,
             "k3", 0.01, 0.2, 0.28, dual_clip, 20.0, reduction, ratio_level, loss_type, normalizer)
-    got = ppo_fused._stats(*args)
-    _, want = reference._ppo_total(logp, entropy, *args[3:])
+    sapo = loss_type == "sapo"
+    got = ppo_fused._stats(*args, taus=(1.3, 2.5) if sapo else None)
+    _, want = reference._ppo_total(logp, entropy, *args[3:], sapo_tau_pos=1.3 if sapo else None,
+                                   sapo_tau_neg=2.5 if sapo else None)
     assert list(got) == list(want)
     for name in want:
         assert got[name].dtype == want[name].dtype, name

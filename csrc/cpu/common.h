@@ -133,7 +133,8 @@ struct PolicyLossArgs {
   int64_t mask_stride_row, mask_stride_col;
   int64_t n_rows, T;
   float ratio_low, ratio_high, dual_clip, log_ratio_clamp, kl_coef;
-  bool has_dual, sequence, cispo;
+  float tau_pos, tau_neg;  // SAPO's gate temperatures (A > 0, A <= 0)
+  bool has_dual, sequence, cispo, sapo;
   int64_t kl;         // 0: no KL term; 1 k1, 2 k2, 3 k3, 4 abs
   int64_t reduction;  // rlhf_kernels.ops._reduce.REDUCTION_CODES
   bool has_normalizer;

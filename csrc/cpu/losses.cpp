@@ -1,5 +1,5 @@
 // The (B, T) losses and the group advantages on CPU: clipped policy loss (PPO, the GRPO family,
-// GSPO, CISPO, optional KL term), clipped value loss, Bradley-Terry, group-relative advantages.
+// GSPO, CISPO, SAPO's gate, optional KL term), clipped value loss, Bradley-Terry, group-relative advantages.
 //
 // The same math as rlhf_kernels/ops/policy_loss.py, value_loss.py, bradley_terry.py and
 // advantages.py (their module docstrings; rlhf_kernels.reference is the spec), with the same
@@ -128,11 +128,24 @@ void policy_row(const PolicyLossArgs& p, int64_t row, const float* logp_row,
       dlogp = -clipped_ratio * adv;
       loss = dlogp * logp;
     } else {
-      const float loss1 = -adv * ratio, loss2 = -adv * clipped_ratio;
-      clipped = loss2 > loss1;
-      loss = nan_max(loss1, loss2);
-      // d loss / d log(ratio); inside the clip range both terms agree (no halving needed)
-      float dloss = clipped ? 0.f : loss1;
+      float dloss;
+      if (p.sapo) {
+        // the gate sigmoid(tau (r - 1)) 4 / tau, tau by the sign of A; d loss / d log r =
+        // -4 A r s(x) s(-x), 0 where the gate saturates (also where r overflowed to inf)
+        clipped = ratio < p.ratio_low || ratio > p.ratio_high;
+        const float tau = adv > 0.f ? p.tau_pos : p.tau_neg;
+        const float x = tau * (ratio - 1.f);
+        const float s_pos = 1.f / (1.f + std::exp(-x)), s_neg = 1.f / (1.f + std::exp(x));
+        loss = -adv * (4.f / tau) * s_pos;
+        const float slope = s_pos * s_neg;
+        dloss = slope == 0.f ? 0.f : -4.f * adv * ratio * slope;
+      } else {
+        const float loss1 = -adv * ratio, loss2 = -adv * clipped_ratio;
+        clipped = loss2 > loss1;
+        loss = nan_max(loss1, loss2);
+        // d loss / d log(ratio); inside the clip range both terms agree (no halving needed)
+        dloss = clipped ? 0.f : loss1;
+      }
       if (p.has_dual) {
         const float loss3 = -adv * p.dual_clip;
         const bool negative = adv < 0.f;

@@ -406,14 +406,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_op(
     const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& ref_logp,
     double ratio_low, double ratio_high, std::optional<double> dual_clip, double log_ratio_clamp,
-    double kl_coef, int64_t reduction, int64_t policy, std::optional<double> normalizer) {
+    double kl_coef, int64_t reduction, int64_t policy, std::optional<double> normalizer,
+    double tau_pos, double tau_neg) {
   PolicyLossArgs p{};
   p.logp = strided(logp, "logp");
   p.old = strided(old_logp, "old_logp");
   p.adv = strided(advantages, "advantages");
   check_like(old_logp, logp, "old_logp");
   check_like(advantages, logp, "advantages");
-  p.kl = policy >> 3;
+  p.kl = policy >> 4;  // bits as rlhf_kernels/ops/policy_loss.py's POLICY
   TORCH_CHECK(p.kl >= 0 && p.kl <= 4 && (p.kl == 0) != ref_logp.has_value(),
               "rlhf_kernels_native: ref_logp goes with a KL code (policy ", policy, ")");
   if (ref_logp.has_value()) {
@@ -433,6 +434,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_op(
   p.kl_coef = static_cast<float>(kl_coef);
   p.sequence = (policy & 2) != 0;
   p.cispo = (policy & 4) != 0;
+  p.sapo = (policy & 8) != 0;
+  p.tau_pos = static_cast<float>(tau_pos);
+  p.tau_neg = static_cast<float>(tau_neg);
   p.reduction = reduction;
   p.has_normalizer = normalizer.has_value();
   p.normalizer = normalizer.value_or(0.0);
@@ -532,7 +536,8 @@ std::vector<int64_t> cpu_block_cache_stats();
 TORCH_LIBRARY(rlhf_kernels_native, m) {
   m.def("ppo_policy_loss(Tensor logp, Tensor old_logp, Tensor advantages, Tensor? mask, "
         "Tensor? ref_logp, float ratio_low, float ratio_high, float? dual_clip, "
-        "float log_ratio_clamp, float kl_coef, int reduction, int policy, float? normalizer) "
+        "float log_ratio_clamp, float kl_coef, int reduction, int policy, float? normalizer, "
+        "float tau_pos, float tau_neg) "
         "-> (Tensor, Tensor, Tensor)",
         &rlhf_native::ppo_policy_loss_op);
   m.def("ppo_value_loss(Tensor values, Tensor old_values, Tensor returns, Tensor? mask, "

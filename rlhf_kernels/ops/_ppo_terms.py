@@ -47,8 +47,9 @@ def _ppo_token_terms_kernel(
     logp_ptr, entropy_ptr, old_ptr, adv_ptr, w_ptr, ref_ptr,
     contrib_ptr, d_logp_ptr, d_entropy_ptr,
     n, n_cols, stride_adv_row, stride_adv_col,
-    clip_low, clip_high, dual_clip, log_ratio_clamp, kl_coef, entropy_coef,
-    CISPO: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr, HAS_LOG_RATIO_CLAMP: tl.constexpr,
+    clip_low, clip_high, dual_clip, log_ratio_clamp, kl_coef, entropy_coef, tau_pos, tau_neg,
+    CISPO: tl.constexpr, SAPO: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr,
+    HAS_LOG_RATIO_CLAMP: tl.constexpr,
     KL: tl.constexpr, HAS_ENTROPY: tl.constexpr, DERIVATIVES: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -75,6 +76,15 @@ def _ppo_token_terms_kernel(
         # the clipped ratio is a weight without gradient
         per_token = -clipped * A * logp
         local = -clipped * A
+    elif SAPO:
+        # the gate sigmoid(tau (r - 1)) 4 / tau, tau by the sign of A; d / d log r is
+        # -4 A r s(x) s(-x): 0 where the gate saturates, even where r overflowed to inf
+        tau = tl.where(A > 0, tau_pos, tau_neg)
+        x = tau * (ratio - 1.0)
+        gate = tl.sigmoid(x)
+        per_token = -(4.0 / tau) * gate * A
+        slope = gate * tl.sigmoid(-x)
+        local = tl.where(slope == 0.0, 0.0, -4.0 * A * ratio * slope) * d_grad
     else:
         loss1 = -A * ratio
         loss2 = -A * clipped
@@ -137,9 +147,10 @@ def can_fuse(logp, entropy, old_logp, advantages, weights, ref_logp, ratio_level
 
 def token_terms(logp, entropy, old_logp, advantages, weights, ref_logp, kl_coef, kl_estimator,
                 entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp,
-                derivatives=True, loss_type="ppo"):
+                derivatives=True, loss_type="ppo", taus=(1.0, 1.0)):
     """``per_token_terms(..., ratio_level="token")`` in one launch (``can_fuse`` must hold):
-    -> (contribution, d_logp or None, d_entropy or None), fp32, shaped like logp."""
+    -> (contribution, d_logp or None, d_entropy or None), fp32, shaped like logp. taus: SAPO's
+    (tau for A > 0, tau for A <= 0), read with loss_type="sapo" only."""
     n = logp.numel()
     device = logp.device
     contribution = empty(logp.shape, torch.float32, device)
@@ -162,8 +173,8 @@ def token_terms(logp, entropy, old_logp, advantages, weights, ref_logp, kl_coef,
         n, cols, adv.stride(0), adv.stride(1),
         float(clip_low), float(clip_high), 0.0 if dual_clip is None else float(dual_clip),
         0.0 if log_ratio_clamp is None else float(log_ratio_clamp),
-        float(kl_coef or 0.0), float(entropy_coef or 0.0),
-        loss_type == "cispo", dual_clip is not None and loss_type != "cispo",
+        float(kl_coef or 0.0), float(entropy_coef or 0.0), float(taus[0]), float(taus[1]),
+        loss_type == "cispo", loss_type == "sapo", dual_clip is not None and loss_type == "ppo",
         log_ratio_clamp is not None, kl, has_entropy, bool(derivatives), _BLOCK,
         num_warps=4,
     )

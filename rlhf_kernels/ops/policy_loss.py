@@ -1,5 +1,5 @@
-"""Clipped policy-gradient losses (PPO, the GRPO family, GSPO, CISPO) with an optional KL term,
-forward and backward fused into one sweep over each row.
+"""Clipped policy-gradient losses (PPO, the GRPO family, GSPO, CISPO) and SAPO's gated one,
+with an optional KL term, forward and backward fused into one sweep over each row.
 
 Math (``rlhf_kernels.reference.ppo_policy_loss`` is the spec). Per valid token t of row i, with
 m the mask, n_i the valid tokens of row i and A_t the advantage (one per token, or the row's one
@@ -11,14 +11,16 @@ value, read with stride 0 along T and never expanded in memory):
     loss_type="ppo":         l1 = -A r,  l2 = -A clip(r, 1 - clip_low, 1 + clip_high),
                              l_t = max(l1, l2);  dual clip k (A < 0 only): l_t = min(l_t, -A k)
     loss_type="cispo":       l_t = -sg(clip(r, 1 - clip_low, 1 + clip_high)) A_t logp_t
+    loss_type="sapo":        l_t = -sigmoid(tau_t (r - 1)) (4 / tau_t) A_t, tau_t = tau_pos
+                             where A_t > 0, tau_neg where A_t <= 0 (no clip, no dual clip)
     KL term:                 q_t = est(logp_t - ref_t): k1 x, k2 x^2 / 2, k3 e^-x + x - 1, abs |x|
 
     loss = scale * sum_i w_i sum_t m_t (l_t + kl_coef q_t)
 
 (c = log_ratio_clamp, sg = stop-gradient; w_i and scale are the reduction's, see ``_reduce``; a
 ``normalizer`` replaces scale by 1 / normalizer.) The stats approx_kl = mean d^2 / 2 and ppo_kl =
-mean -d always use the per-token d; clipfrac (l2 > l1, or for CISPO r outside the clip range),
-ratio_mean and ratio_max use the ratio the loss used.
+mean -d always use the per-token d; clipfrac (l2 > l1, or for CISPO and SAPO r outside the clip
+range), ratio_mean and ratio_max use the ratio the loss used.
 
 Gradient. For PPO let g_t = d l_t / d log r (the derivative through the ratio):
 
@@ -26,6 +28,9 @@ Gradient. For PPO let g_t = d l_t / d log r (the derivative through the ratio):
                   give -A r; the clip bounds pass the gradient, as torch.clamp),
           0       where the clip bites (l2 > l1) or the dual clip bites (-A k < l),
           g_t / 2 on a dual-clip tie (torch.minimum halves it).
+    SAPO:            g_t = -4 A_t r s(x) s(-x), x = tau_t (r - 1), s = sigmoid (= -A_t r at
+                     r = 1, PPO's; 0 where the gate saturates, also where r overflowed to
+                     inf), then through the ratio as PPO's g_t (token or sequence ratio).
 
     token ratio:     d l_t / d logp_t = g_t [|logp_t - old_t| <= c]
     sequence ratio:  l_u depends on logp_t only through s_i, and d s_i / d logp_t =
@@ -83,6 +88,7 @@ from rlhf_kernels._checks import (
     check_same_shape,
     normalizer_setting,
     real_setting,
+    sapo_taus,
 )
 from rlhf_kernels.backend import launch_directly, native_cpu_kernels, resolve_backend
 from rlhf_kernels.ops._launch import CachedLaunch
@@ -123,9 +129,11 @@ _FINISH_BLOCK_MAX = 1024
 _KL_CODES = {"k1": 1, "k2": 2, "k3": 3, "abs": 4}
 # The policy options reach the kernels as one compile-time int (each constexpr argument of a
 # launch costs host time in Triton's binder): bit 0 dual clip, bit 1 sequence ratio, bit 2
-# CISPO, bits 3+ the KL estimator code. The finish kernel's: bits 0-2 the reduction code, bits
-# 3-4 the normalizer (_reduce.NORMALIZER_*), bit 5 dual clip, bit 6 KL term.
-_DUAL, _SEQUENCE, _CISPO, _KL_SHIFT = 1, 2, 4, 3
+# CISPO, bit 3 SAPO, bits 4+ the KL estimator code (the native kernel reads the same bits). The
+# finish kernel's: bits 0-2 the reduction code, bits 3-4 the normalizer (_reduce.NORMALIZER_*),
+# bit 5 dual clip, bit 6 KL term.
+_DUAL, _SEQUENCE, _CISPO, _SAPO, _KL_SHIFT = 1, 2, 4, 8, 4
+_LOSS_TYPE_BITS = {"ppo": 0, "cispo": _CISPO, "sapo": _SAPO}
 
 
 def _scale_index(has_dual: bool, has_kl: bool) -> int:
@@ -163,14 +171,15 @@ def _ppo_policy_loss_fwd_kernel(
     stride_lr, stride_lt, stride_or, stride_ot, stride_ar, stride_at, stride_mr, stride_mt,
     stride_rr, stride_rt,
     n_rows, T, n_programs,
-    ratio_low, ratio_high, dual_clip, log_ratio_clamp, kl_coef,
+    ratio_low, ratio_high, dual_clip, log_ratio_clamp, kl_coef, tau_pos, tau_neg,
     REDUCTION: tl.constexpr, HAS_MASK: tl.constexpr, POLICY: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     HAS_DUAL: tl.constexpr = (POLICY & 1) != 0
     SEQUENCE: tl.constexpr = (POLICY & 2) != 0
     CISPO: tl.constexpr = (POLICY & 4) != 0
-    KL: tl.constexpr = POLICY >> 3
+    SAPO: tl.constexpr = (POLICY & 8) != 0
+    KL: tl.constexpr = POLICY >> 4
     # Per-sequence advantages arrive with stride_at == 0 (one value per row, never expanded).
     pid = tl.program_id(0)
     rows = (pid * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
@@ -257,13 +266,25 @@ def _ppo_policy_loss_fwd_kernel(
             dlogp = -clipped_ratio * adv
             loss = dlogp * logp
         else:
-            loss1 = -adv * ratio
-            loss2 = -adv * clipped_ratio
-            clipped = loss2 > loss1
-            loss = tl.maximum(loss1, loss2, NAN)
-            # dloss = d loss / d log(ratio). Inside the clip range l1 == l2 with equal
-            # gradients, so a tie needs no halving here.
-            dloss = tl.where(clipped, 0.0, loss1)
+            if SAPO:
+                # The gate sigmoid(tau (r - 1)) 4 / tau in place of the clip, tau by the sign
+                # of A. d loss / d log r = -4 A r s(x) s(-x), x = tau (r - 1): s(-x), not
+                # 1 - s(x), keeps its relative precision where the gate saturates, and a
+                # saturated gate passes 0 even where r overflowed to inf (0 * inf is NaN).
+                clipped = (ratio < ratio_low) | (ratio > ratio_high)
+                tau = tl.where(adv > 0.0, tau_pos, tau_neg)
+                x = tau * (ratio - 1.0)
+                loss = -adv * (4.0 / tau) * tl.sigmoid(x)
+                slope = tl.sigmoid(x) * tl.sigmoid(-x)
+                dloss = tl.where(slope == 0.0, 0.0, -4.0 * adv * ratio * slope)
+            else:
+                loss1 = -adv * ratio
+                loss2 = -adv * clipped_ratio
+                clipped = loss2 > loss1
+                loss = tl.maximum(loss1, loss2, NAN)
+                # dloss = d loss / d log(ratio). Inside the clip range l1 == l2 with equal
+                # gradients, so a tie needs no halving here.
+                dloss = tl.where(clipped, 0.0, loss1)
             if HAS_DUAL:
                 loss3 = -adv * dual_clip
                 negative = adv < 0.0
@@ -433,18 +454,22 @@ def _launch(
     policy: int,
     kl_coef: float,
     normalizer_value: float | None,
+    tau_pos: float,
+    tau_neg: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> loss () fp32, stats (_scale_index + 1,) fp32, saved gradient (logp.shape) fp32
     contiguous.
 
-    policy: _SEQUENCE | _CISPO | kl code << _KL_SHIFT; ref_logp is given exactly when the kl
-    code is nonzero. normalizer (a 0-d tensor) or normalizer_value replaces the reduction's
-    denominator (``_reduce.normalizer_args``).
+    policy: _SEQUENCE | _CISPO or _SAPO | kl code << _KL_SHIFT; ref_logp is given exactly when
+    the kl code is nonzero. normalizer (a 0-d tensor) or normalizer_value replaces the
+    reduction's denominator (``_reduce.normalizer_args``). tau_pos / tau_neg: SAPO's gate
+    temperatures (read only with _SAPO).
     """
     if native_cpu_kernels(logp):  # csrc/cpu/losses.cpp
         return _native_losses.ppo_policy_loss(
             logp, old_logp, advantages, mask, ref_logp, normalizer, clip_low, clip_high,
-            dual_clip, log_ratio_clamp, reduction, policy, kl_coef, normalizer_value)
+            dual_clip, log_ratio_clamp, reduction, policy, kl_coef, normalizer_value, tau_pos,
+            tau_neg)
     device = logp.device
     T = logp.shape[-1]
     logp2, old2 = as_rows(logp), as_rows(old_logp)
@@ -484,7 +509,7 @@ def _launch(
         1.0 - clip_low, 1.0 + clip_high,
         0.0 if dual_clip is None else dual_clip,
         float("inf") if log_ratio_clamp is None else log_ratio_clamp,
-        kl_coef,
+        kl_coef, tau_pos, tau_neg,
         REDUCTION=reduction, HAS_MASK=mask is not None, POLICY=policy | has_dual,
         BLOCK_R=block_r, BLOCK_T=block_t, num_warps=8 if block_r * block_t >= 2048 else 4,
     )
@@ -517,15 +542,18 @@ def _ppo_policy_loss_op(
     policy: int,
     kl_coef: float,
     normalizer_value: float | None,
+    tau_pos: float,
+    tau_neg: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``_launch`` as a custom op: what torch.compile / export / torch.func see."""
     return _launch(logp, old_logp, advantages, mask, ref_logp, normalizer, clip_low, clip_high,
-                   dual_clip, log_ratio_clamp, reduction, policy, kl_coef, normalizer_value)
+                   dual_clip, log_ratio_clamp, reduction, policy, kl_coef, normalizer_value,
+                   tau_pos, tau_neg)
 
 
 @_ppo_policy_loss_op.register_fake
 def _(logp, old_logp, advantages, mask, ref_logp, normalizer, clip_low, clip_high, dual_clip,
-      log_ratio_clamp, reduction, policy, kl_coef, normalizer_value):
+      log_ratio_clamp, reduction, policy, kl_coef, normalizer_value, tau_pos, tau_neg):
     n_stats = _scale_index(dual_clip is not None, ref_logp is not None) + 1
     return (
         logp.new_empty((), dtype=torch.float32),
@@ -545,7 +573,7 @@ def _setup_context(ctx, inputs, output):
     ctx.scale_index = _scale_index(inputs[8] is not None, inputs[4] is not None)
 
 
-_N_OP_ARGS = 14
+_N_OP_ARGS = 16
 
 
 def _backward(ctx, grad_loss, grad_stats, grad_saved):
@@ -595,10 +623,12 @@ def ppo_policy_loss(
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
     *,
+    sapo_tau_pos: float | None = None,
+    sapo_tau_neg: float | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped policy-gradient loss (PPO, GRPO family, GSPO, CISPO) and its stats, from
-    per-token log-probabilities.
+    """Clipped policy-gradient loss (PPO, GRPO family, GSPO, CISPO) or SAPO's gated one, and
+    its stats, from per-token log-probabilities.
 
     logp, old_logp: (..., T) fp16/bf16/fp32/fp64, same shape; advantages: (..., T) one per token,
     or (...) one per sequence (broadcast over T, never expanded in memory); mask: (..., T) bool /
@@ -618,11 +648,16 @@ def ppo_policy_loss(
     "seq-mean-token-sum-norm" or "token-sum" (see ``rlhf_kernels.reference.reduce_loss``).
     ratio_level: "token" (PPO) or "sequence" (GSPO: every token of a row takes the row's
     geometric-mean ratio exp(mean over its valid tokens of logp - old_logp), the gradient
-    flowing through that mean). loss_type: "ppo" (clipped surrogate) or "cispo" (the clipped
-    ratio as a stop-gradient weight on -A logp). normalizer: None, a number > 0 or a 0-d tensor
-    (e.g. a token count all-reduced over ranks, read on the device, no host sync, no gradient)
-    that replaces the reduction's outer denominator; under torch.compile pass a count that
-    changes from step to step as a tensor (a Python number is a constant of the graph).
+    flowing through that mean). loss_type: "ppo" (clipped surrogate), "cispo" (the clipped
+    ratio as a stop-gradient weight on -A logp) or "sapo" (Soft Adaptive Policy Optimization:
+    -sigmoid(tau (r - 1)) (4 / tau) A per token, tau = sapo_tau_pos where A > 0 and
+    sapo_tau_neg where A <= 0, finite and > 0, default 1.0 and 1.05 as TRL and veRL; no clip
+    and no dual clip: clip_low / clip_high only set the range outside which clipfrac counts a
+    token; the temperatures are an error with another loss_type). normalizer: None, a number
+    > 0 or a 0-d tensor (e.g. a token count all-reduced over ranks, read on the device, no
+    host sync, no gradient) that replaces the reduction's outer denominator; under
+    torch.compile pass a count that changes from step to step as a tensor (a Python number is
+    a constant of the graph).
     ref_logp, kl_coef, kl_estimator ("k1", "k2", "k3", "abs"): adds
     kl_coef * reduce(estimator(logp - ref_logp)), same reduction and normalizer, when ref_logp
     is given and kl_coef != 0 (a kl_coef != 0 without ref_logp is an error). backend:
@@ -652,8 +687,13 @@ def ppo_policy_loss(
     log_ratio_clamp = real_setting("log_ratio_clamp", log_ratio_clamp, none_ok=True)
     _check_options(clip_low, clip_high, dual_clip, log_ratio_clamp)
     # The defaults need no check (host time per call counts for this op).
+    tau_pos = tau_neg = 1.0  # unread unless SAPO
     if ratio_level != "token" or loss_type != "ppo":
         check_policy_options(ratio_level, loss_type, dual_clip)
+        if loss_type == "sapo":
+            tau_pos, tau_neg = sapo_taus(loss_type, sapo_tau_pos, sapo_tau_neg)
+    if (sapo_tau_pos is not None or sapo_tau_neg is not None) and loss_type != "sapo":
+        sapo_taus(loss_type, sapo_tau_pos, sapo_tau_neg)  # raises: they would go unused
     if normalizer is not None:
         normalizer = normalizer_setting(normalizer)
     kl_code = _KL_CODES.get(kl_estimator)
@@ -672,7 +712,8 @@ def ppo_policy_loss(
     if resolve_backend(logp, backend, "ppo_policy_loss") == "reference" or use_reference:
         return reference.ppo_policy_loss(logp, old_logp, advantages, mask, clip_low, clip_high,
                                          dual_clip, log_ratio_clamp, reduction, ratio_level,
-                                         loss_type, normalizer, ref_logp, kl_coef, kl_estimator)
+                                         loss_type, normalizer, ref_logp, kl_coef, kl_estimator,
+                                         sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg)
     if torch.is_grad_enabled():
         for name, tensor in (("old_logp", old_logp), ("advantages", advantages),
                              ("ref_logp", ref_logp if with_kl else None)):
@@ -687,10 +728,11 @@ def ppo_policy_loss(
         norm_tensor = normalizer.detach()  # no gradient into a count
     elif normalizer is not None:
         norm_value = normalizer
-    policy = ((ratio_level == "sequence") * _SEQUENCE | (loss_type == "cispo") * _CISPO
+    policy = ((ratio_level == "sequence") * _SEQUENCE | _LOSS_TYPE_BITS[loss_type]
               | (kl_code << _KL_SHIFT if with_kl else 0))
     args = (logp, old_logp, advantages, mask, ref_logp if with_kl else None, norm_tensor,
-            clip_low, clip_high, dual_clip, log_ratio_clamp, code, policy, kl_coef, norm_value)
+            clip_low, clip_high, dual_clip, log_ratio_clamp, code, policy, kl_coef, norm_value,
+            tau_pos, tau_neg)
     if not launch_directly(logp, old_logp, advantages, mask, ref_logp, norm_tensor):
         loss, stats, _ = _ppo_policy_loss_op(*args)
     elif torch.is_grad_enabled() and logp.requires_grad:

@@ -11,6 +11,8 @@ broadcast over its tokens), optional ref_logp; c = log_ratio_clamp, n_s = counte
     loss_type="ppo":   pg_i = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))
                        [min(., -A dual_clip) where A < 0, with dual_clip]
     loss_type="cispo": pg_i = -sg(clip(r, 1 - clip_low, 1 + clip_high)) A logp_i  (sg: no grad)
+    loss_type="sapo":  pg_i = -sigmoid(tau (r - 1)) (4 / tau) A, tau = sapo_tau_pos where A > 0,
+                       sapo_tau_neg where A <= 0
     kl_i  = estimator(logp_i - ref_logp_i)       (k1, k2, k3, abs; always per token)
     loss  = reduce(pg) + kl_coef * reduce(kl) - entropy_coef * reduce(entropy)
 
@@ -23,9 +25,10 @@ which follows torch autograd through the reference: ties of max / min split the 
 clamp bounds count as inside) is known
 
 * at token level, once token i's logp is known (PPO: w_i dpg_i/dr_i r_i [d_i inside the
-  clamp]; CISPO: -w_i sg(clip(r_i)) A_i; plus w_i kl_coef dkl_i);
+  clamp]; SAPO: -4 w_i A_i r_i s(x) s(-x) [d_i inside the clamp], x = tau (r_i - 1), s the
+  sigmoid; CISPO: -w_i sg(clip(r_i)) A_i; plus w_i kl_coef dkl_i);
 * at sequence level, once every logp of row s is known: the row's ratio moves with each of its
-  counted tokens (d dbar_s / d logp_i = 1 / n_s), so PPO gives
+  counted tokens (d dbar_s / d logp_i = 1 / n_s), so PPO (and SAPO alike) gives
   (sum_{j in s} w_j dpg_j/dr) r_s [dbar_s inside the clamp] / n_s + w_i kl_coef dkl_i. CISPO's
   derivative is local, but its weight needs r_s.
 
@@ -102,6 +105,7 @@ from rlhf_kernels._checks import (
     int_setting,
     normalizer_setting,
     real_setting,
+    sapo_taus,
 )
 from rlhf_kernels.backend import launch_directly, resolve_backend
 from rlhf_kernels.ops import linear_logprobs as head
@@ -164,7 +168,8 @@ def _fp32(t: torch.Tensor) -> torch.Tensor:
 
 def per_token_terms(logp, entropy, old_logp, advantages, weights, ref_logp, kl_coef,
                     kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp,
-                    derivatives=True, ratio_level="token", loss_type="ppo", fused=True):
+                    derivatives=True, ratio_level="token", loss_type="ppo", fused=True,
+                    taus=(1.0, 1.0)):
     """Per-token logp / entropy -> (w * per-token loss, d loss/d logp, d loss/d entropy or None),
     following torch autograd through the reference (torch.maximum / minimum ties split the
     gradient in half, clamp bounds are inclusive).
@@ -177,7 +182,8 @@ def per_token_terms(logp, entropy, old_logp, advantages, weights, ref_logp, kl_c
     may hold anything (NaN, inf) and add exactly 0. The outputs have shape S.
 
     derivatives=False (no gradient wanted): the same per-token loss, and None for both
-    derivatives (they are not computed).
+    derivatives (they are not computed). taus: SAPO's (tau for A > 0, tau for A <= 0), read
+    with loss_type="sapo" only.
 
     At token level on the Triton path (fp32 logp, contiguous inputs) this is one kernel
     (``ops/_ppo_terms.py``, the same arithmetic, its own exp) instead of about 25 torch ops;
@@ -188,7 +194,7 @@ def per_token_terms(logp, entropy, old_logp, advantages, weights, ref_logp, kl_c
                                 ratio_level):
         return terms.token_terms(logp, entropy, old_logp, advantages, weights, ref_logp,
                                  kl_coef, kl_estimator, entropy_coef, clip_low, clip_high,
-                                 dual_clip, log_ratio_clamp, derivatives, loss_type)
+                                 dual_clip, log_ratio_clamp, derivatives, loss_type, taus)
     f32 = torch.float32
     w = _fp32(weights)
     counts = w != 0
@@ -217,21 +223,35 @@ def per_token_terms(logp, entropy, old_logp, advantages, weights, ref_logp, kl_c
         if derivatives:
             local = -weight * A
     else:
-        loss1 = -A * ratio
-        loss2 = -A * ratio.clamp(low, high)
-        per_token = torch.maximum(loss1, loss2)
-        if derivatives:
-            clip_grad = ((ratio >= low) & (ratio <= high)).to(f32)
-            g1, g2 = _max_grads(loss1, loss2)
-            d_ratio = -A * (g1 + g2 * clip_grad)  # d per_token / d ratio
-        if dual_clip is not None:
-            loss3 = -A * dual_clip
+        if loss_type == "sapo":
+            # the gate sigmoid(tau (r - 1)) 4 / tau, tau by the sign of A; d / d log r is
+            # -4 A r s(x) s(-x): 0 where the gate saturates, even where r overflowed to inf
+            tau = torch.where(A > 0, taus[0], taus[1])
+            x = tau * (ratio - 1.0)
+            gate = torch.sigmoid(x)
+            per_token = -(4.0 / tau) * gate * A
             if derivatives:
-                keep, _ = _max_grads(loss3, per_token)  # minimum(per, loss3) = -max(-per, -loss3)
-                d_ratio = torch.where(A < 0, d_ratio * keep, d_ratio)
-            per_token = torch.where(A < 0, torch.minimum(per_token, loss3), per_token)
+                slope = gate * torch.sigmoid(-x)
+                d_log_ratio = torch.where(slope == 0, 0.0, -4.0 * A * ratio * slope)
+        else:
+            loss1 = -A * ratio
+            loss2 = -A * ratio.clamp(low, high)
+            per_token = torch.maximum(loss1, loss2)
+            if derivatives:
+                clip_grad = ((ratio >= low) & (ratio <= high)).to(f32)
+                g1, g2 = _max_grads(loss1, loss2)
+                d_ratio = -A * (g1 + g2 * clip_grad)  # d per_token / d ratio
+            if dual_clip is not None:
+                loss3 = -A * dual_clip
+                if derivatives:
+                    # minimum(per, loss3) = -max(-per, -loss3)
+                    keep, _ = _max_grads(loss3, per_token)
+                    d_ratio = torch.where(A < 0, d_ratio * keep, d_ratio)
+                per_token = torch.where(A < 0, torch.minimum(per_token, loss3), per_token)
+            if derivatives:
+                d_log_ratio = d_ratio * ratio
         if derivatives:
-            through_ratio = d_ratio * ratio if d_grad is None else d_ratio * ratio * d_grad
+            through_ratio = d_log_ratio if d_grad is None else d_log_ratio * d_grad
             if sequence:
                 # every counted token of the row moves the row's ratio: d dbar / d logp_t = 1 / n
                 row = torch.where(counts, w * through_ratio, 0.0).sum(-1, keepdim=True) / n
@@ -303,7 +323,8 @@ def _linear_sweep(hidden, weight, labels, bias, lora_a, lora_b, old_logp, advant
                   ref_logp, lora_scale, kl_coef, kl_estimator, entropy_coef, temperature,
                   clip_low, clip_high, dual_clip, log_ratio_clamp, ignore_index, chunk_size,
                   memory_budget_bytes, needs, check_labels=False, seq_len=1,
-                  ratio_level="token", loss_type="ppo", placeholder=True):
+                  ratio_level="token", loss_type="ppo", tau_pos=1.0, tau_neg=1.0,
+                  placeholder=True):
     """-> (loss, logp, entropy, d hidden, d weight, d bias, d lora_a, d lora_b); a gradient
     that is not wanted is an empty tensor (what the custom op returns), or None with
     ``placeholder=False``.
@@ -358,7 +379,7 @@ def _linear_sweep(hidden, weight, labels, bias, lora_a, lora_b, old_logp, advant
                 advantages if single else _chunk_advantages(advantages, seq_len, start, stop),
                 view(rows_of(weights)), view(rows_of(ref_logp)), kl_coef, kl_estimator,
                 entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp, need_grads,
-                ratio_level, loss_type)
+                ratio_level, loss_type, taus=(tau_pos, tau_neg))
             if contribution is None:  # one chunk: its result is the whole
                 contribution = (contribution_c if contribution_c.dtype == out
                                 else contribution_c.to(out))
@@ -378,7 +399,7 @@ def _linear_sweep(hidden, weight, labels, bias, lora_a, lora_b, old_logp, advant
     contribution, d_logp, d_entropy = per_token_terms(
         as_seqs(logp), as_seqs(entropy), as_seqs(old_logp), advantages, as_seqs(weights),
         as_seqs(ref_logp), kl_coef, kl_estimator, entropy_coef, clip_low, clip_high, dual_clip,
-        log_ratio_clamp, wanted, ratio_level, loss_type)
+        log_ratio_clamp, wanted, ratio_level, loss_type, taus=(tau_pos, tau_neg))
     loss = contribution.sum().to(out)
     if not wanted:
         return (loss, logp, entropy) + grads.outputs(hidden, weight, bias, lora_a, lora_b,
@@ -393,7 +414,7 @@ def _linear_sweep(hidden, weight, labels, bias, lora_a, lora_b, old_logp, advant
 def _logits_sweep(logits3d, labels, old_logp, advantages, weights, ref_logp, kl_coef,
                   kl_estimator, entropy_coef, temperature, clip_low, clip_high, dual_clip,
                   log_ratio_clamp, ignore_index, need_grad, check_labels=False,
-                  ratio_level="token", loss_type="ppo"):
+                  ratio_level="token", loss_type="ppo", tau_pos=1.0, tau_neg=1.0):
     """logits (B, T, V); labels, old_logp, weights, ref_logp (N,) = (B * T,); advantages
     (B, T) per token or (B, 1) per sequence -> (loss, logp, entropy, d logits or (0,))."""
     # Rows are independent and the kernels hold no (N, V) temporary, so no chunking is needed;
@@ -417,7 +438,7 @@ def _logits_sweep(logits3d, labels, old_logp, advantages, weights, ref_logp, kl_
     contribution, d_logp, d_entropy = per_token_terms(
         as_seqs(logp), as_seqs(entropy), as_seqs(old_logp), advantages, as_seqs(weights),
         as_seqs(ref_logp), kl_coef, kl_estimator, entropy_coef, clip_low, clip_high, dual_clip,
-        log_ratio_clamp, need_grad, ratio_level, loss_type)
+        log_ratio_clamp, need_grad, ratio_level, loss_type, taus=(tau_pos, tau_neg))
     if not need_grad:
         return contribution.sum(), logp, entropy, logits3d.new_empty(_EMPTY)
     d_logits = empty((B, T, V), logits3d.dtype, device)
@@ -489,6 +510,8 @@ def _linear_ppo_op(
     seq_len: int,
     ratio_level: str,
     loss_type: str,
+    tau_pos: float,
+    tau_neg: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor]:
     """hidden (N, H), N = B * seq_len; advantages (B, seq_len) or (B, 1) -> (loss (), logp (N,),
@@ -499,7 +522,7 @@ def _linear_ppo_op(
                          weights, ref_logp, lora_scale, kl_coef, kl_estimator, entropy_coef,
                          temperature, clip_low, clip_high, dual_clip, log_ratio_clamp,
                          ignore_index, chunk_size, memory_budget_bytes, needs, check_labels,
-                         seq_len, ratio_level, loss_type)
+                         seq_len, ratio_level, loss_type, tau_pos, tau_neg)
 
 
 @_linear_ppo_op.register_fake
@@ -507,7 +530,7 @@ def _(hidden, weight, labels, bias, lora_a, lora_b, old_logp, advantages, weight
       lora_scale, kl_coef, kl_estimator, entropy_coef, temperature, clip_low, clip_high,
       dual_clip, log_ratio_clamp, ignore_index, chunk_size, memory_budget_bytes, need_hidden,
       need_weight, need_bias, need_lora_a, need_lora_b, check_labels, seq_len, ratio_level,
-      loss_type):
+      loss_type, tau_pos, tau_neg):
     n = hidden.shape[0]
     out = head.out_dtype(head.compute_dtype(hidden, weight))
     needs = (need_hidden, need_weight, need_bias, need_lora_a, need_lora_b)
@@ -526,9 +549,9 @@ def _linear_setup_context(ctx, inputs, output):
 
 # inputs of the linear op (and of _LinearPPOFunction) after hidden, weight, labels, bias,
 # lora_a, lora_b: the rollout tensors and options, none differentiable
-_LINEAR_OTHER_INPUTS = 25
+_LINEAR_OTHER_INPUTS = 27
 # inputs of the logits op (and of _LogitsPPOFunction) after the logits
-_LOGITS_OTHER_INPUTS = 18
+_LOGITS_OTHER_INPUTS = 20
 
 
 def _scale(grad: torch.Tensor, grad_loss: torch.Tensor, in_place: bool) -> torch.Tensor:
@@ -574,19 +597,21 @@ def _logits_ppo_op(
     check_labels: bool,
     ratio_level: str,
     loss_type: str,
+    tau_pos: float,
+    tau_neg: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits (B, T, V), advantages (B, T) or (B, 1) -> (loss (), logp (N,), entropy (N,),
     d logits (B, T, V) or (0,)); loss / logp / entropy fp32 (fp64 for fp64 logits)."""
     return _logits_sweep(logits3d, labels, old_logp, advantages, weights, ref_logp, kl_coef,
                          kl_estimator, entropy_coef, temperature, clip_low, clip_high, dual_clip,
                          log_ratio_clamp, ignore_index, need_grad, check_labels, ratio_level,
-                         loss_type)
+                         loss_type, tau_pos, tau_neg)
 
 
 @_logits_ppo_op.register_fake
 def _(logits3d, labels, old_logp, advantages, weights, ref_logp, kl_coef, kl_estimator,
       entropy_coef, temperature, clip_low, clip_high, dual_clip, log_ratio_clamp, ignore_index,
-      need_grad, check_labels, ratio_level, loss_type):
+      need_grad, check_labels, ratio_level, loss_type, tau_pos, tau_neg):
     n = logits3d.shape[0] * logits3d.shape[1]
     out = head.out_dtype(logits3d.dtype)
     return (logits3d.new_empty((), dtype=out), logits3d.new_empty((n,), dtype=out),
@@ -619,7 +644,8 @@ class _LinearPPOFunction(torch.autograd.Function):
         (old_logp, advantages, weights, ref_logp, lora_scale, kl_coef, kl_estimator,
          entropy_coef, temperature, clip_low, clip_high, dual_clip, log_ratio_clamp,
          ignore_index, chunk_size, memory_budget_bytes, need_hidden, need_weight, need_bias,
-         need_lora_a, need_lora_b, check_labels, seq_len, ratio_level, loss_type) = rest
+         need_lora_a, need_lora_b, check_labels, seq_len, ratio_level, loss_type, tau_pos,
+         tau_neg) = rest
         needs = (need_hidden, need_weight, need_bias, need_lora_a, need_lora_b)
         # hidden (..., H) is flattened here, not by the caller: no view node in the graph.
         hidden_shape = hidden.shape
@@ -628,8 +654,8 @@ class _LinearPPOFunction(torch.autograd.Function):
             hidden, weight, labels, bias, lora_a, lora_b, old_logp, advantages, weights,
             ref_logp, lora_scale, kl_coef, kl_estimator, entropy_coef, temperature, clip_low,
             clip_high, dual_clip, log_ratio_clamp, ignore_index, chunk_size,
-            memory_budget_bytes, needs, check_labels, seq_len, ratio_level, loss_type,
-            placeholder=False)
+            memory_budget_bytes, needs, check_labels, seq_len, ratio_level, loss_type, tau_pos,
+            tau_neg, placeholder=False)
         if need_hidden:
             grads[0] = grads[0].view(hidden_shape)
         ctx.mark_non_differentiable(logp, entropy)
@@ -733,7 +759,7 @@ def _advantages_2d(advantages, labels):
 
 def _stats(logp, entropy, labels, old_logp, advantages, m, ref_logp, kl_coef, kl_estimator,
            entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp, reduction, ratio_level,
-           loss_type, normalizer):
+           loss_type, normalizer, taus=None):
     """The stats of ``reference._ppo_total`` (same ops in the same order: the same bits) without
     its work that the stats do not need: the total loss and its entropy term, the option checks
     (done by the caller), a zero scalar and a mask compare per masked op, and the token count
@@ -755,7 +781,7 @@ def _stats(logp, entropy, labels, old_logp, advantages, m, ref_logp, kl_coef, kl
                                       (logp, entropy.detach().view(lead), old_logp, A))
         per_token, ratio, d, clipped, _ = reference._policy_terms(
             logp, old_logp, A, m, clip_low, clip_high, dual_clip, log_ratio_clamp, ratio_level,
-            loss_type)
+            loss_type, taus)
         count = m.sum().clamp_min(1)  # masked_mean's denominator (and token-mean's)
         if reduction == "token-mean" and normalizer is None:
             pg_loss = torch.where(valid, per_token, zero).sum() / count  # reduce_loss's steps
@@ -803,6 +829,8 @@ def ppo_loss_from_logits(
     loss_type: str = "ppo",
     normalizer: float | torch.Tensor | None = None,
     check_labels: bool = False,
+    sapo_tau_pos: float | None = None,
+    sapo_tau_neg: float | None = None,
     backend: str | None = None,
 ):
     """The PPO loss from the policy's logits, d logits computed in the forward sweep.
@@ -812,7 +840,8 @@ def ppo_loss_from_logits(
     -> (loss (), stats dict of detached scalars), fp32 (fp64 for fp64 logits, on both backends;
     the Triton path's math is fp32). Same math, options and stats as
     ``reference.ppo_loss_from_logits``: ratio_level "token" | "sequence" (GSPO's geometric-mean
-    ratio per sequence), loss_type "ppo" | "cispo", the reductions of ``reference.reduce_loss``
+    ratio per sequence), loss_type "ppo" | "cispo" | "sapo" (with sapo_tau_pos / sapo_tau_neg,
+    as ``ppo_policy_loss``), the reductions of ``reference.reduce_loss``
     ("token-sum" included) and ``normalizer`` (None, a number > 0 or a 0-d tensor, which may
     live on the device: no host sync, no gradient), which replaces the reduction's outer
     denominator for every term. Tokens whose label is ignore_index are masked out, and a
@@ -842,6 +871,8 @@ def ppo_loss_from_logits(
                    clip_high, dual_clip, log_ratio_clamp, reduction, ratio_level, loss_type,
                    normalizer)
     check_kl_reference(kl_coef, ref_logp)
+    taus = sapo_taus(loss_type, sapo_tau_pos, sapo_tau_neg)
+    tau_pos, tau_neg = taus or (1.0, 1.0)
     if logits.device != labels.device:
         raise ValueError(f"logits on {logits.device} but labels on {labels.device}")
     temperature = head.check_temperature(temperature)
@@ -851,7 +882,8 @@ def ppo_loss_from_logits(
         return reference.ppo_loss_from_logits(
             logits, labels, old_logp, advantages, mask, ref_logp, kl_coef, kl_estimator,
             entropy_coef, temperature, clip_low, clip_high, dual_clip, log_ratio_clamp,
-            reduction, ignore_index, ratio_level, loss_type, normalizer)
+            reduction, ignore_index, ratio_level, loss_type, normalizer,
+            sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg)
     use_kl = ref_logp is not None and bool(kl_coef)
     _refuse_rollout_grads(old_logp, advantages, ref_logp if use_kl else None)
     m, weights = _mask_and_weights(labels, old_logp, mask, ignore_index, reduction, normalizer)
@@ -860,7 +892,8 @@ def ppo_loss_from_logits(
         labels.reshape(-1).long(), _flat(old_logp),
         _advantages_2d(advantages, labels), weights, _flat(ref_logp) if use_kl else None,
         kl_coef, kl_estimator, entropy_coef, temperature, clip_low, clip_high, dual_clip,
-        log_ratio_clamp, ignore_index, need_grad, bool(check_labels), ratio_level, loss_type)
+        log_ratio_clamp, ignore_index, need_grad, bool(check_labels), ratio_level, loss_type,
+        tau_pos, tau_neg)
     if not launch_directly(logits, labels, old_logp, advantages, mask, ref_logp):
         loss, logp, entropy, _ = _logits_ppo_op(_as_3d(logits), *rest)
     elif need_grad:
@@ -869,7 +902,7 @@ def ppo_loss_from_logits(
         loss, logp, entropy, _ = _logits_sweep(_as_3d(logits), *rest)
     stats = _stats(logp, entropy, labels, old_logp, advantages, m, ref_logp, kl_coef,
                    kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp,
-                   reduction, ratio_level, loss_type, normalizer)
+                   reduction, ratio_level, loss_type, normalizer, taus)
     return loss, stats
 
 
@@ -902,6 +935,8 @@ def linear_ppo_loss(
     loss_type: str = "ppo",
     normalizer: float | torch.Tensor | None = None,
     check_labels: bool = False,
+    sapo_tau_pos: float | None = None,
+    sapo_tau_neg: float | None = None,
     backend: str | None = None,
 ):
     """The PPO loss straight from the policy's hidden states, never holding the (N, V) logits.
@@ -909,7 +944,8 @@ def linear_ppo_loss(
     hidden (..., T, H), weight (V, H), bias (V,), lora_a (r, H), lora_b (V, r), labels (..., T)
     int64, old_logp / mask / ref_logp (..., T), advantages (..., T) or (...) -> (loss (), stats
     dict), fp32 (fp64 when hidden or weight is fp64, on both backends). Same math, options
-    (ratio_level, loss_type, normalizer: as ``ppo_loss_from_logits``) and stats as
+    (ratio_level, loss_type, normalizer, sapo_tau_pos / sapo_tau_neg: as
+    ``ppo_loss_from_logits``) and stats as
     ``reference.linear_ppo_loss``; the chunking options are those of ``linear_logprobs``. All
     gradients (hidden, weight, bias, lora_a, lora_b: those that require grad) are made during
     the forward call, chunk by chunk; backward only scales them. With ratio_level="sequence"
@@ -931,7 +967,8 @@ def linear_ppo_loss(
                 lora_scale, ref_logp, kl_coef, kl_estimator, entropy_coef, temperature,
                 clip_low, clip_high, dual_clip, log_ratio_clamp, reduction, ignore_index,
                 chunk_size, memory_budget_bytes, ratio_level=ratio_level, loss_type=loss_type,
-                normalizer=normalizer, check_labels=check_labels, backend=backend)
+                normalizer=normalizer, check_labels=check_labels, sapo_tau_pos=sapo_tau_pos,
+                sapo_tau_neg=sapo_tau_neg, backend=backend)
     lora_scale, temperature, ignore_index, chunk_size, memory_budget_bytes = head.head_settings(
         lora_scale, temperature, ignore_index, chunk_size, memory_budget_bytes)
     (kl_coef, entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp, ignore_index,
@@ -941,6 +978,8 @@ def linear_ppo_loss(
                    clip_high, dual_clip, log_ratio_clamp, reduction, ratio_level, loss_type,
                    normalizer)
     check_kl_reference(kl_coef, ref_logp)
+    taus = sapo_taus(loss_type, sapo_tau_pos, sapo_tau_neg)
+    tau_pos, tau_neg = taus or (1.0, 1.0)
     if old_logp.device != hidden.device:
         raise ValueError(f"hidden on {hidden.device} but old_logp on {old_logp.device}")
     if resolve_backend(hidden, backend, "linear_ppo_loss") == "reference":
@@ -950,7 +989,7 @@ def linear_ppo_loss(
             hidden, weight, labels, old_logp, advantages, mask, bias, lora_a, lora_b, lora_scale,
             ref_logp, kl_coef, kl_estimator, entropy_coef, temperature, clip_low, clip_high,
             dual_clip, log_ratio_clamp, reduction, ignore_index, ratio_level, loss_type,
-            normalizer)
+            normalizer, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg)
     use_kl = ref_logp is not None and bool(kl_coef)
     _refuse_rollout_grads(old_logp, advantages, ref_logp if use_kl else None)
     m, weights = _mask_and_weights(labels, old_logp, mask, ignore_index, reduction, normalizer)
@@ -962,7 +1001,8 @@ def linear_ppo_loss(
         _advantages_2d(advantages, labels), weights, _flat(ref_logp) if use_kl else None,
         lora_scale, kl_coef, kl_estimator, entropy_coef, temperature, clip_low, clip_high,
         dual_clip, log_ratio_clamp, ignore_index, chunk_size or 0, memory_budget_bytes or 0,
-        *needs, bool(check_labels), int(labels.shape[-1]), ratio_level, loss_type)
+        *needs, bool(check_labels), int(labels.shape[-1]), ratio_level, loss_type, tau_pos,
+        tau_neg)
     if not launch_directly(hidden, weight, labels, bias, lora_a, lora_b, old_logp, advantages,
                            mask, ref_logp):
         loss, logp, entropy, *_ = _linear_ppo_op(hidden.reshape(-1, hidden.shape[-1]), *args[1:])
@@ -974,5 +1014,5 @@ def linear_ppo_loss(
                                                 placeholder=False)
     stats = _stats(logp, entropy, labels, old_logp, advantages, m, ref_logp, kl_coef,
                    kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp,
-                   reduction, ratio_level, loss_type, normalizer)
+                   reduction, ratio_level, loss_type, normalizer, taus)
     return loss, stats
