@@ -168,6 +168,21 @@ def _verl_cispo64(old, logp, adv, mask, low, high, mode, info):
     return loss, metrics
 
 
+def _verl_sapo64(old, logp, adv, mask, tau_pos, tau_neg, info, weights=None):
+    """veRL 0.9.1's SAPO: the gate sigmoid(tau (r - 1)) 4 / tau on -A, r = exp(clamp(logp - old,
+    +-20)), tau by the sign of A, times the rollout weights; always seq-mean-token-mean."""
+    d = (logp - old).clamp(-20.0, 20.0)
+    ratio = torch.exp(d)
+    tau = torch.where(adv > 0, tau_pos, tau_neg).double()
+    per_token = -torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau) * adv
+    if weights is not None:
+        per_token = per_token * weights
+    loss = _agg64(per_token, mask, "seq-mean-token-mean", **info)
+    metrics = {"actor/pg_clipfrac": 0.0, "actor/ppo_kl": _masked_mean64(-d, mask).item(),
+               "actor/pg_clipfrac_lower": 0.0}
+    return loss, metrics
+
+
 def _verl_vanilla64(old, logp, adv, mask, low, high, c, mode, info):
     ratio = torch.exp((logp - old).clamp(-20.0, 20.0))
     clipped = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - low, 1 + high))
@@ -382,6 +397,57 @@ def test_verl_gspo_per_token_advantages_and_low_ratios_go_to_verl(monkeypatch):
     assert calls == ["compute_policy_loss_gspo"] * 3
 
 
+def _rollout_weights(shape, seed=4):
+    """veRL's rollout correction weights: >= 0, some exactly 0 (a rejected token), below and
+    above 1."""
+    weights = 2.0 * torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+    weights[0, :2] = 0.0
+    weights[1, 3] = 0.0
+    return weights.to(DEVICE)
+
+
+@pytest.mark.parametrize("info", _GLOBAL_INFO, ids=["local", "global"])
+@pytest.mark.parametrize("per_row", [True, False], ids=["per-row A", "per-token A"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["", "rollout weights"])
+def test_verl_sapo_against_float64(info, per_row, weighted):
+    """veRL's SAPO (tau_pos for A > 0 tokens, tau_neg for the others, seq-mean-token-mean
+    whatever loss_agg_mode says) against its float64 formula: loss, d logp and metrics, with
+    ratios far outside 1 (the gate saturates) and rollout correction weights (some 0)."""
+    old, logp, adv, mask = _rollout(per_row=per_row)
+    logp[0, :2] = old[0, :2] + torch.tensor([3.0, -3.0], device=DEVICE)
+    adv[1, :3] = 0.0  # tau_neg's side, nothing to add
+    weights = _rollout_weights(adv.shape) if weighted else None
+    config = _ActorConfig(clip_ratio=0.2, tau_pos=1.3, tau_neg=2.5, global_batch_info=info)
+    value, grad, metrics = _value_and_grad(
+        lambda lp: our_verl.compute_policy_loss_sapo(old, lp, adv, mask, "token-mean", config,
+                                                     weights), logp)
+    ref, ref_grad, ref_metrics = _value_and_grad(
+        lambda lp: _verl_sapo64(old.double(), lp, adv.double(), mask, 1.3, 2.5, info,
+                                None if weights is None else weights.double()), logp.double())
+    _close(value, ref, name="sapo loss")
+    _close(grad, ref_grad, name="sapo d logp")
+    _assert_metrics(metrics, ref_metrics, "sapo")
+    assert value.dtype == torch.float32
+    # the temperatures reach the op by sign: swapped, the loss changes
+    swapped = _ActorConfig(config, tau_pos=2.5, tau_neg=1.3)
+    other, _ = our_verl.compute_policy_loss_sapo(old, logp, adv, mask, "token-mean", swapped,
+                                                 weights)
+    assert not torch.allclose(other, value)
+
+
+def test_verl_sapo_temperatures_outside_the_op_go_to_verl(monkeypatch):
+    calls = []
+    monkeypatch.setattr(our_verl, "original",
+                        lambda module, name: lambda *a: calls.append(name) or "veRL")
+    old, logp, adv, mask = _rollout()
+    for bad in (dict(tau_neg=0.0), dict(tau_pos=-1.0), dict(tau_pos=float("inf")),
+                dict(tau_neg=None)):
+        config = _ActorConfig(dict(tau_pos=1.0, tau_neg=1.05, global_batch_info={}), **bad)
+        assert our_verl.compute_policy_loss_sapo(old, logp, adv, mask, "token-mean",
+                                                 config) == "veRL", bad
+    assert calls == ["compute_policy_loss_sapo"] * 4
+
+
 @pytest.mark.parametrize("info", _GLOBAL_INFO, ids=["local", "global"])
 def test_verl_vanilla_token_sum(info):
     """veRL 0.9.1's agg_loss has token-sum (times dp_size): now computed by the kernels."""
@@ -417,6 +483,8 @@ def _loss_dropins():
             o, lp, a, m, "token-mean", config),
         "verl cispo": lambda o, lp, a, m: our_verl.compute_policy_loss_cispo(
             o, lp, a, m, "seq-mean-token-sum", config),
+        "verl sapo": lambda o, lp, a, m: our_verl.compute_policy_loss_sapo(
+            o, lp, a, m, "seq-mean-token-mean", _ActorConfig(config, tau_pos=1.0, tau_neg=1.05)),
         "openrlhf ppo": lambda o, lp, a, m: our_openrlhf.policy_loss_forward(
             _openrlhf_loss_self("ppo", dual_clip=3.0), lp, o, a, m)[:3],
         "openrlhf gspo": lambda o, lp, a, m: our_openrlhf.policy_loss_forward(
@@ -606,7 +674,7 @@ def test_patch_verl_registers_under_verl_names(fake_verl):
     assert set(our_verl.ADVANTAGE_ESTIMATORS) == {
         "gae", "grpo", "grpo_vectorized", "rloo", "rloo_vectorized", "reinforce_plus_plus",
         "reinforce_plus_plus_baseline"}
-    assert set(our_verl.POLICY_LOSSES) == {"vanilla", "gspo", "cispo"}
+    assert set(our_verl.POLICY_LOSSES) == {"vanilla", "gspo", "cispo", "sapo"}
     with integrations.patch_verl() as patch:
         assert not patch.skipped
         registries = {**fake_verl.ADV_ESTIMATOR_REGISTRY, **fake_verl.POLICY_LOSS_REGISTRY}
@@ -680,6 +748,29 @@ def test_verl_gspo_cispo_against_verl(verl_core, loss, mode):
     _close(value, ref, name=f"{loss} {mode}")
     _close(grad, ref_grad, name=f"{loss} {mode} d logp")
     _assert_metrics(metrics, ref_metrics, f"{loss} {mode}")
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["", "rollout weights"])
+@pytest.mark.parametrize("per_row", [True, False], ids=["per-row A", "per-token A"])
+@pytest.mark.parametrize("mode", ["seq-mean-token-mean", "token-mean"])
+def test_verl_sapo_against_verl(verl_core, mode, per_row, weighted):
+    """Our drop-in against veRL's own compute_policy_loss_sapo (POLICY_LOSS_REGISTRY["sapo"]):
+    loss, d logp, metrics, with veRL's rollout correction weights."""
+    old, logp, adv, mask = (t.cpu() for t in _rollout(per_row=per_row))
+    logp[0, :2] = old[0, :2] + torch.tensor([3.0, -3.0])
+    weights = _rollout_weights(adv.shape).cpu() if weighted else None
+    config = _verl_actor_config(clip_ratio=0.2, tau_pos=1.3, tau_neg=2.5, global_batch_info={})
+    theirs_fn = verl_core.get_policy_loss_fn("sapo")
+    assert theirs_fn is not our_verl.compute_policy_loss_sapo
+    value, grad, metrics = _value_and_grad(
+        lambda lp: our_verl.compute_policy_loss_sapo(old, lp, adv, mask, mode, config, weights),
+        logp)
+    ref, ref_grad, ref_metrics = _value_and_grad(
+        lambda lp: theirs_fn(old, lp, adv, mask, mode, config, weights), logp)
+    assert value.dtype == ref.dtype
+    _close(value, ref, name=f"sapo {mode}")
+    _close(grad, ref_grad, name=f"sapo {mode} d logp")
+    _assert_metrics(metrics, ref_metrics, f"sapo {mode}")
 
 
 @pytest.mark.parametrize("dual_clip", [None, 3.0])

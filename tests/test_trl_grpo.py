@@ -146,6 +146,8 @@ def _set(trainer, loss_type, level, kl, delta=None, epsilon_high=0.28):
     trainer.args.delta = delta
     trainer.epsilon_low = 0.2
     trainer.epsilon_high = 1.3 if loss_type == "cispo" else epsilon_high
+    # not TRL's defaults (1.0, 1.05): a swap of the two would show
+    trainer.args.sapo_temperature_pos, trainer.args.sapo_temperature_neg = 1.3, 2.5
 
 
 def _run(trainer, inputs, patched: bool, params=None):
@@ -225,7 +227,7 @@ def test_grpo_loss_matches_trl(fixed_logps, loss_type, level, kl):
     mine = _run(trainer, inputs, patched=True, params=[logps])
     _assert_same(mine, theirs, f"{loss_type}/{level}/{kl}")
     assert theirs[0].abs() > 1e-4  # off-policy: the loss is not the on-policy ~0
-    if loss_type != "cispo":  # the batch reaches both sides of the clip
+    if loss_type not in ("cispo", "sapo"):  # the batch reaches both sides of the clip
         assert 0 < theirs[2]["clip_ratio/region_mean"][0] < 1
 
 
@@ -289,7 +291,8 @@ _WEIGHTS = {
 @pytest.mark.parametrize("weights", list(_WEIGHTS))
 @pytest.mark.parametrize("loss_type,level,kl", [
     ("dapo", "token", None), ("grpo", "sequence", "k3"), ("bnpo", "token", "k3-weighted"),
-    ("luspo", "sequence", None), ("cispo", "token", "k3"), ("dr_grpo", "sequence", None)])
+    ("luspo", "sequence", None), ("cispo", "token", "k3"), ("dr_grpo", "sequence", None),
+    ("sapo", "token", "k3-weighted"), ("sapo", "sequence", None)])
 def test_grpo_loss_with_policy_weights_matches_trl(fixed_logps, monkeypatch, weights, loss_type,
                                                    level, kl):
     """vLLM's importance-sampling correction (TRL's default with use_vllm), the off-policy
@@ -338,15 +341,18 @@ def test_grpo_luspo_is_the_row_sum(fixed_logps):
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("option", ["sapo", "vespo", "entropy_bonus", "low_delta",
-                                    "ratio_of_another_shape"])
+@pytest.mark.parametrize("option", ["sapo_negative_temperature", "vespo", "entropy_bonus",
+                                    "low_delta", "ratio_of_another_shape"])
 def test_grpo_options_not_covered_run_trls_code(fixed_logps, monkeypatch, option):
     """Options the drop-in does not cover give a reason and TRL's own numbers."""
     trainer, inputs, logps = fixed_logps
     _set(trainer, "dapo", "token", None)
     inputs = dict(inputs)
-    if option in ("sapo", "vespo"):
+    if option == "vespo":
         trainer.loss_type = option
+    elif option == "sapo_negative_temperature":  # TRL computes it; the op takes tau > 0 only
+        trainer.loss_type = "sapo"
+        monkeypatch.setattr(trainer.args, "sapo_temperature_neg", -1.0)
     elif option == "entropy_bonus":
         monkeypatch.setattr(trainer, "entropy_coef", 0.01)
         monkeypatch.setattr(trainer, "_entropy_bonus_enabled", True)
@@ -359,6 +365,30 @@ def test_grpo_options_not_covered_run_trls_code(fixed_logps, monkeypatch, option
     assert ours.grpo_loss_fallback_reason(trainer, inputs) is not None
     _assert_same(_run(trainer, inputs, True, [logps]), _run(trainer, inputs, False, [logps]),
                  option)
+
+
+def test_grpo_sapo_temperatures_reach_the_op(fixed_logps):
+    """sapo_temperature_pos applies to the A > 0 tokens and _neg to the others: TRL's numbers
+    with the two temperatures and with them swapped (which changes the loss), and the hand
+    formula on the op's inputs (seq-mean-token-mean over the rows, / accumulation 2)."""
+    trainer, inputs, logps = fixed_logps
+    losses = []
+    for taus in ((1.3, 2.5), (2.5, 1.3)):
+        _set(trainer, "sapo", "token", None)
+        trainer.args.sapo_temperature_pos, trainer.args.sapo_temperature_neg = taus
+        assert ours.grpo_loss_fallback_reason(trainer, inputs) is None
+        mine = _run(trainer, inputs, patched=True, params=[logps])
+        _assert_same(mine, _run(trainer, inputs, patched=False, params=[logps]), f"taus {taus}")
+        losses.append(mine[0])
+        mask = inputs["completion_mask"].float()
+        ratio = torch.exp(logps.detach() - inputs["old_per_token_logps"])
+        adv = inputs["advantages"][:, None]
+        tau = torch.where(adv > 0, taus[0], taus[1])
+        per_token = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv
+        rows = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        torch.testing.assert_close(mine[0], rows.mean() / 2, rtol=1e-5, atol=1e-7)
+        assert list(mine[2]) == ["entropy"]  # TRL logs no clip metric for sapo
+    assert not torch.allclose(losses[0], losses[1])
 
 
 def test_patch_and_unpatch_restore_trl(grpo):

@@ -409,7 +409,7 @@ def _accepting_adapter_on_lm_head(module_name: str, cls_name: str):
 # --------------------------------------------------------------------------------------------
 _GRPO = "trl.trainer.grpo_trainer"
 _RLOO = "trl.trainer.rloo_trainer"
-GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo")
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo")
 # The _compute_loss this drop-in mirrors is TRL 1.16's; another version keeps its own.
 _CHECKED_TRL_MINOR = "1.16"
 _MODEL_INPUTS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask",
@@ -420,9 +420,10 @@ _MODEL_INPUTS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attentio
 def grpo_loss_fallback_reason(trainer, inputs=None) -> str | None:
     """Why the drop-in hands this GRPOTrainer's loss to TRL's own ``_compute_loss`` (None: the
     drop-in computes it). The drop-in covers loss_type grpo / bnpo / dr_grpo / dapo / luspo /
-    cispo, importance_sampling_level token / sequence, epsilon / epsilon_high, delta (for the
-    clipped losses, when delta >= 1 + epsilon_high and delta > 1: then TRL's two-sided clip
-    equals the dual clip), beta with TRL's k3 KL (with or without use_bias_correction_kl), the
+    cispo / sapo, importance_sampling_level token / sequence, epsilon / epsilon_high, delta (for
+    the clipped losses, when delta >= 1 + epsilon_high and delta > 1: then TRL's two-sided clip
+    equals the dual clip; sapo has neither clip nor delta), sapo_temperature_pos / _neg (finite,
+    > 0), beta with TRL's k3 KL (with or without use_bias_correction_kl), the
     per-token weights TRL puts on the policy term (vLLM importance-sampling correction,
     off_policy_mask_threshold, top_entropy_quantile < 1), tool masks and the MoE auxiliary
     loss."""
@@ -433,7 +434,11 @@ def grpo_loss_fallback_reason(trainer, inputs=None) -> str | None:
         return f"importance_sampling_level={trainer.importance_sampling_level!r}"
     if getattr(trainer, "_entropy_bonus_enabled", False):
         return "the entropy bonus (entropy_coef / use_adaptive_entropy)"
-    if not trainer.epsilon_low >= 0 or not trainer.epsilon_high >= 0:
+    if trainer.loss_type == "sapo":
+        taus = (args.sapo_temperature_pos, args.sapo_temperature_neg)
+        if not all(isinstance(t, (int, float)) and 0 < t < float("inf") for t in taus):
+            return f"sapo temperatures {taus} (the op takes finite ones > 0)"
+    elif not trainer.epsilon_low >= 0 or not trainer.epsilon_high >= 0:
         return f"a negative epsilon ({trainer.epsilon_low}, {trainer.epsilon_high})"
     if trainer.loss_type == "cispo":
         if not trainer.epsilon_high >= 1.0:
@@ -489,7 +494,7 @@ def _grpo_reduction(trainer, inputs, mask: torch.Tensor, mode: str):
     the gradient-accumulation division included."""
     accumulation = trainer.current_gradient_accumulation_steps if mode == "train" else 1.0
     rows = mask.shape[0]
-    if trainer.loss_type == "grpo":  # mean over rows of each row's token mean
+    if trainer.loss_type in ("grpo", "sapo"):  # mean over rows of each row's token mean
         return "seq-mean-token-mean", float(rows * accumulation)
     if trainer.loss_type == "luspo":  # mean over rows of each row's token sum
         return "seq-mean-token-sum", float(rows * accumulation)
@@ -527,25 +532,29 @@ def grpo_compute_loss(self, model, inputs):
     """Drop-in for TRL 1.16's ``GRPOTrainer._compute_loss``: the same forward (the trainer's
     ``_get_per_token_logps_and_entropies``, i.e. the fused lm head), then the policy loss by
     ``rlhf_kernels.ppo_policy_loss`` and the metrics TRL logs (kl, entropy, clip_ratio/* or
-    cispo_clip_ratio, aux_loss).
+    cispo_clip_ratio (none for sapo), aux_loss).
 
     Mapping (TRL -> the op): loss_type grpo / bnpo / dr_grpo / dapo -> loss_type "ppo",
     clip_low = epsilon, clip_high = epsilon_high, dual_clip = delta (TRL clamps the ratio at
     delta before the min; for delta >= 1 + epsilon_high that is the dual clip of A < 0 tokens
     and leaves A > 0 tokens unchanged); cispo -> loss_type "cispo", clip_low = 1 (no lower
     bound), clip_high = epsilon_high - 1 (TRL's clamp(ratio, max=epsilon_high), detached);
+    sapo -> loss_type "sapo", sapo_tau_pos / sapo_tau_neg = sapo_temperature_pos / _neg (TRL's
+    gate sigmoid(tau (coef_1 - 1)) 4 / tau, tau by the sign of the advantage; TRL logs no clip
+    metric for it);
     importance_sampling_level -> ratio_level; no log-ratio clamp (TRL has none);
-    normalisers: grpo -> "seq-mean-token-mean" over the rows, luspo -> "seq-mean-token-sum"
-    over the rows, bnpo -> the micro-batch's token
-    count, dr_grpo -> rows x max_completion_length, dapo / cispo -> num_items_in_batch /
-    num_processes (x accumulation / steps_per_generation in training), each times the
+    normalisers: grpo, sapo -> "seq-mean-token-mean" over the rows, luspo ->
+    "seq-mean-token-sum" over the rows, bnpo -> the micro-batch's token count, dr_grpo ->
+    rows x max_completion_length, dapo / cispo -> num_items_in_batch / num_processes
+    (x accumulation / steps_per_generation in training), each times the
     gradient-accumulation steps as TRL divides; beta -> kl_coef with the k3 estimator, or, with
     use_bias_correction_kl (TRL's default), the KL term weighted by the importance ratio in
     torch (the op has no ratio-weighted KL) with the same reduction. The per-token weights TRL
     puts on the policy term alone (vLLM's importance-sampling ratio, the off-policy sequence
     mask, the high-entropy token mask; all >= 0 and gradient-free) scale the advantages given to
-    the op, which is exact (``_contract.weighted_advantages``); the KL term is not weighted, as
-    in TRL, and the clip metrics see the unweighted advantages, as TRL's.
+    the op, which is exact (``_contract.weighted_advantages``; for sapo too: w > 0 keeps the
+    sign of A, so the temperature, and w = 0 zeroes the term either way); the KL term is not
+    weighted, as in TRL, and the clip metrics see the unweighted advantages, as TRL's.
 
     Anything else (see ``grpo_loss_fallback_reason``: other loss types, the entropy bonus)
     runs TRL's own ``_compute_loss`` for that call.
@@ -571,6 +580,9 @@ def grpo_compute_loss(self, model, inputs):
     cispo = self.loss_type == "cispo"
     if cispo:
         clip = dict(clip_low=1.0, clip_high=self.epsilon_high - 1.0, dual_clip=None)
+    elif self.loss_type == "sapo":  # no clip: the gate's temperatures instead
+        clip = dict(dual_clip=None, sapo_tau_pos=self.args.sapo_temperature_pos,
+                    sapo_tau_neg=self.args.sapo_temperature_neg)
     else:
         clip = dict(clip_low=self.epsilon_low, clip_high=self.epsilon_high,
                     dual_clip=self.args.delta)
@@ -580,7 +592,8 @@ def grpo_compute_loss(self, model, inputs):
     loss, _ = ppo_policy_loss(
         per_token_logps, old, weighted_advantages(advantages, weights), mask,
         log_ratio_clamp=None, reduction=reduction, ratio_level=level,
-        loss_type="cispo" if cispo else "ppo", normalizer=normalizer,
+        loss_type=self.loss_type if self.loss_type in ("cispo", "sapo") else "ppo",
+        normalizer=normalizer,
         ref_logp=ref if kl_in_op else None, kl_coef=self.beta if kl_in_op else 0.0,
         kl_estimator="k3", **clip)
 
@@ -632,6 +645,8 @@ def _log_grpo_metrics(trainer, mode, mask, advantages, logps, old, entropies, pe
         if per_token_kl is not None:
             metrics["kl"].append(global_masked_mean(per_token_kl.detach()))
         metrics["entropy"].append(global_masked_mean(entropies))
+        if trainer.loss_type == "sapo":  # TRL logs no clip metric for SAPO
+            return
         if trainer.loss_type == "cispo":
             clipped = (coef_1 > trainer.epsilon_high) & (advantages > 0)
             metrics["cispo_clip_ratio"].append(global_masked_mean(clipped.float()))

@@ -1,5 +1,5 @@
 """veRL drop-ins: GAE and the critic-free advantage estimators, KL penalty, the PPO / GSPO /
-CISPO policy losses and the value loss, log-probs and entropy.
+CISPO / SAPO policy losses and the value loss, log-probs and entropy.
 
 Checked against veRL 0.9.1 (``verl.trainer.ppo.core_algos`` and ``verl.utils.torch_functional``);
 same signatures and return values as veRL's, plus a keyword-only ``keep_fp32``:
@@ -13,6 +13,8 @@ same signatures and return values as veRL's, plus a keyword-only ``keep_fp32``:
     compute_policy_loss_gspo(... same arguments, loss_agg_mode="seq-mean-token-mean" ...)
         -> (pg_loss, metrics)                  (ratio_level="sequence")
     compute_policy_loss_cispo(... same arguments ...) -> (pg_loss, metrics)  (loss_type="cispo")
+    compute_policy_loss_sapo(... same arguments, loss_agg_mode="seq-mean-token-mean" ...)
+        -> (pg_loss, metrics)                  (loss_type="sapo")
     compute_grpo_outcome_advantage(token_level_rewards, response_mask, index, epsilon=1e-6,
                                    norm_adv_by_std_in_grpo=True, config=None)
         -> (advantages, returns)               (rlhf_kernels.group_advantages); likewise
@@ -61,11 +63,14 @@ Conversions (veRL's semantics are kept; see docs/integrations.md for the full li
 * GSPO: the kernels' sequence ratio is veRL's GSPO-token form when the advantages are one value
   per row; other calls, and rows whose mean log-ratio is below -10, go to veRL's own function.
 
-Rollout correction weights (``rollout_is_weights``, vanilla and CISPO): they multiply each
-token's policy loss and are never negative, so the op is given A x w (exact: the losses are
-positively homogeneous in A); vanilla's clip fractions are counted on the unweighted A, as veRL.
+Rollout correction weights (``rollout_is_weights``, vanilla, CISPO and SAPO): they multiply
+each token's policy loss and are never negative, so the op is given A x w (exact: the losses are
+positively homogeneous in A; SAPO's temperature follows the sign of A, which w > 0 keeps, and a
+token of weight 0 adds 0 either way); vanilla's clip fractions are counted on the unweighted A,
+as veRL.
 
-Falls back to veRL's own function for: GSPO with ``rollout_is_weights``, a distributed call
+Falls back to veRL's own function for: GSPO with ``rollout_is_weights``, SAPO temperatures that
+are not finite numbers > 0, a distributed call
 without the global counts veRL requires, KL modes other than k1/k2/k3/abs (and their aliases /
 "+" forms), the calls veRL itself rejects (fewer than 2 valid tokens to whiten, no config), and
 the GSPO cases above.
@@ -110,6 +115,7 @@ __all__ = [
     "compute_policy_loss",
     "compute_policy_loss_cispo",
     "compute_policy_loss_gspo",
+    "compute_policy_loss_sapo",
     "compute_policy_loss_vanilla",
     "compute_reinforce_plus_plus_baseline_outcome_advantage",
     "compute_reinforce_plus_plus_outcome_advantage",
@@ -510,28 +516,34 @@ def _policy_loss(old_log_prob, log_prob, advantages, response_mask, clip_low, cl
     return finish(loss, dtype, keep_fp32), stats
 
 
-def _actor_options(config: Any, loss_agg_mode: str, rollout_is_weights, advantages):
-    """(clip_low, clip_high, global_batch_info, covered) read from veRL's actor config as its
-    policy losses read them; covered: whether the kernels compute this call (a config with both
-    clip ranges, rollout correction weights absent or of the advantages' shape, an aggregation
-    ``_agg_factor`` converts)."""
+def _aggregation_options(config: Any, loss_agg_mode: str, rollout_is_weights, advantages):
+    """(global_batch_info, covered): covered when there is a config, rollout correction weights
+    are absent or of the advantages' shape and ``_agg_factor`` converts the aggregation."""
     global_batch_info = dict(_config_value(config, "global_batch_info", None) or {})
-    clip_ratio = getattr(config, "clip_ratio", None)
-    clip_low = getattr(config, "clip_ratio_low", None)
-    clip_high = getattr(config, "clip_ratio_high", None)
-    clip_low = clip_ratio if clip_low is None else clip_low
-    clip_high = clip_ratio if clip_high is None else clip_high
     covered = (
         config is not None
         and (rollout_is_weights is None or rollout_is_weights.shape == advantages.shape)
-        and clip_low is not None
-        and clip_high is not None
         and set(global_batch_info) <= {"dp_size", "batch_num_tokens", "global_batch_size",
                                        "loss_scale_factor"}
         and _kernel_aggregates(loss_agg_mode, global_batch_info.get("dp_size", 1),
                                global_batch_info.get("batch_num_tokens"),
                                global_batch_info.get("global_batch_size"))
     )
+    return global_batch_info, covered
+
+
+def _actor_options(config: Any, loss_agg_mode: str, rollout_is_weights, advantages):
+    """(clip_low, clip_high, global_batch_info, covered) read from veRL's actor config as its
+    policy losses read them; covered: whether the kernels compute this call (a config with both
+    clip ranges, and ``_aggregation_options``' conditions)."""
+    global_batch_info, covered = _aggregation_options(config, loss_agg_mode, rollout_is_weights,
+                                                      advantages)
+    clip_ratio = getattr(config, "clip_ratio", None)
+    clip_low = getattr(config, "clip_ratio_low", None)
+    clip_high = getattr(config, "clip_ratio_high", None)
+    clip_low = clip_ratio if clip_low is None else clip_low
+    clip_high = clip_ratio if clip_high is None else clip_high
+    covered = covered and clip_low is not None and clip_high is not None
     return clip_low, clip_high, global_batch_info, covered
 
 
@@ -747,6 +759,61 @@ def compute_policy_loss_cispo(
     return loss, metrics
 
 
+_SAPO_AGGREGATION = "seq-mean-token-mean"  # veRL 0.9.1's SAPO ignores loss_agg_mode
+
+
+def _sapo_temperature(config: Any, name: str, dtype: torch.dtype) -> float | None:
+    """config.tau_pos / tau_neg as veRL uses it (a tensor in the advantages' dtype), or None
+    when it is not a finite number > 0 (the op's range: veRL's own function takes the call)."""
+    value = _config_value(config, name, None)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(torch.tensor(float(value), dtype=dtype))  # veRL: as_tensor(tau, A's dtype)
+    return value if 0.0 < value < float("inf") else None
+
+
+@dropin
+def compute_policy_loss_sapo(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "seq-mean-token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+    *,
+    keep_fp32: bool = False,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """veRL's SAPO loss (POLICY_LOSS_REGISTRY["sapo"]): per token -sigmoid(tau (r - 1)) 4 / tau
+    A with r = exp(clamp(logp - old, +-20)) and tau = config.tau_pos where A > 0, config.tau_neg
+    elsewhere (rlhf_kernels.ppo_policy_loss, loss_type="sapo"), times ``rollout_is_weights``;
+    always aggregated "seq-mean-token-mean" with config.global_batch_info, whatever
+    ``loss_agg_mode`` says, as veRL 0.9.1's.
+
+    (B, T) tensors -> (pg_loss () in veRL's dtype, {"actor/pg_clipfrac" (0),
+    "actor/ppo_kl", "actor/pg_clipfrac_lower" (0)} floats): SAPO clips nothing, and veRL
+    reports 0 for both clip fractions. A config whose temperatures are not finite numbers > 0
+    goes to veRL's own function.
+    """
+    global_batch_info, covered = _aggregation_options(config, _SAPO_AGGREGATION,
+                                                      rollout_is_weights, advantages)
+    tau_pos = _sapo_temperature(config, "tau_pos", advantages.dtype) if covered else None
+    tau_neg = _sapo_temperature(config, "tau_neg", advantages.dtype) if covered else None
+    if tau_pos is None or tau_neg is None:
+        return original(_CORE, "compute_policy_loss_sapo")(
+            old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+            rollout_is_weights,
+        )
+    weighted = weighted_advantages(advantages, rollout_is_weights)
+    loss, stats = _policy_loss(old_log_prob, log_prob, weighted, response_mask, 0.2, 0.2, None,
+                               _SAPO_AGGREGATION, global_batch_info, keep_fp32,
+                               weights=rollout_is_weights, loss_type="sapo",
+                               sapo_tau_pos=tau_pos, sapo_tau_neg=tau_neg)
+    metrics = {"actor/pg_clipfrac": 0.0, "actor/ppo_kl": stats["ppo_kl"].item(),
+               "actor/pg_clipfrac_lower": 0.0}
+    return loss, metrics
+
+
 @dropin
 def compute_value_loss(
     vpreds: torch.Tensor,
@@ -863,6 +930,7 @@ POLICY_LOSSES = {
     "vanilla": compute_policy_loss_vanilla,
     "gspo": compute_policy_loss_gspo,
     "cispo": compute_policy_loss_cispo,
+    "sapo": compute_policy_loss_sapo,
 }
 
 
