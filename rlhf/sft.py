@@ -491,12 +491,11 @@ def _train(cfg: SFTConfig, run, *, model, tokenizer, examples, on_step) -> dict:
                 skipped += 1
                 warnings.warn(f"[sft] skipped step {step}: non-finite loss ({skipped} so far)",
                               stacklevel=1)
-                scheduler.step()
-                step += 1
-                progress.update(1)
-                continue
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            else:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            # a skipped step is still a step: logged (its loss non-finite), counted by
+            # log_every and save_every, as in the reward and RL stages
             scheduler.step()
             step += 1
             progress.update(1)

@@ -265,3 +265,43 @@ def test_arithmetic_resume_keeps_the_heldout_curve(tiny_chat_model, tmp_path,  #
     curve = json.loads((out / "summary.json").read_text())["heldout_curve"]
     assert [p["iteration"] for p in curve] == [0, 1, 2, 3]
     assert curve[:3] == before
+
+
+# --------------------------------------------------------------------------------------------
+# SFT: a skipped step (nonfinite=skip) still counts for log_every and save_every
+# --------------------------------------------------------------------------------------------
+def test_a_skipped_sft_step_is_logged_and_checkpointed_like_any_step(tmp_path, monkeypatch):
+    """nonfinite=skip: the SFT loop `continue`d past a skipped step's bookkeeping, so its
+    record was never written (log_every missed it: the last step's record too when that one
+    was skipped), its save_every checkpoint never made, and on_step never called. The reward
+    and RL stages log and checkpoint a skipped step as any other; now SFT does too."""
+    import math
+
+    from rlhf import sft, task
+    from rlhf.checkpoint import list_checkpoints
+    from tests._tiny_models import review_tokenizer, tiny_llama
+    from tests.test_stages import read_jsonl, sft_config
+
+    corpus = task.make_corpus(32, seed=0)
+    tokenizer = review_tokenizer(corpus)
+    calls = []
+    loss = sft.lm_loss
+
+    def nan_at_step_2(logp, labels, n_tokens):
+        calls.append(1)
+        value = loss(logp, labels, n_tokens)
+        return value * float("nan") if len(calls) == 2 else value
+
+    monkeypatch.setattr(sft, "lm_loss", nan_at_step_2)
+    steps = []
+    cfg = sft_config(tmp_path, max_steps=3, grad_accum_steps=1, nonfinite="skip",
+                     save_every=2, keep_last=None)
+    with pytest.warns(UserWarning, match="skipped step 1"):
+        summary = sft.train(cfg, model=tiny_llama(tokenizer), tokenizer=tokenizer,
+                            examples=corpus, on_step=lambda step, m: steps.append(step))
+    records = read_jsonl(tmp_path / "sft" / "metrics.jsonl")
+    assert [r["step"] for r in records] == steps == [1, 2, 3]
+    assert not math.isfinite(records[1]["loss"]) and records[1]["skipped_steps"] == 1
+    assert [p.name for p in list_checkpoints(tmp_path / "sft" / "checkpoints")] == [
+        "step-0000002", "step-0000003"]
+    assert summary["skipped_steps"] == 1 and math.isfinite(summary["final_loss"])
