@@ -40,7 +40,8 @@ from rlhf.stage import (
     warmup_cosine_schedule,
 )
 
-__all__ = ["PairBatch", "RewardConfig", "evaluate", "pair_loss", "train"]
+__all__ = ["PairBatch", "RewardConfig", "check_held_out_settings", "evaluate", "pair_loss",
+           "printable_config", "train"]
 
 
 @dataclass
@@ -104,6 +105,23 @@ class RewardConfig:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if not self.epochs > 0:
             raise ValueError(f"epochs must be > 0, got {self.epochs}")
+
+
+def check_held_out_settings(cfg: RewardConfig) -> None:
+    """Refuse eval_every with eval_fraction=0 when the pairs to evaluate on come from the
+    dataset (no eval set given): nothing would be held out to evaluate."""
+    if cfg.eval_every and not cfg.eval_fraction:
+        raise ValueError(f"eval_every={cfg.eval_every} has no effect with eval_fraction=0: no "
+                         f"pairs are held out to evaluate on; set eval_fraction > 0 or remove "
+                         f"eval_every")
+
+
+def printable_config(cfg: RewardConfig) -> dict:
+    """What ``rlhf rm --print-config`` shows; a setting the run would refuse is refused here."""
+    from rlhf.config import config_to_dict
+
+    check_held_out_settings(cfg)
+    return config_to_dict(cfg)
 
 
 @dataclass
@@ -254,10 +272,8 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
 
     # ---- setup ----
     # the quick checks first: a missing or broken dataset stops the run before the model loads
-    if eval_pairs is None and cfg.eval_every and not cfg.eval_fraction:
-        raise ValueError(f"eval_every={cfg.eval_every} has no effect with eval_fraction=0: no "
-                         f"pairs are held out to evaluate on; set eval_fraction > 0 or remove "
-                         f"eval_every")
+    if eval_pairs is None:
+        check_held_out_settings(cfg)
     if train_pairs is None:
         if cfg.dataset is None:
             raise ValueError("RewardConfig.dataset is required: a prompt/chosen/rejected file")

@@ -305,3 +305,11 @@ def test_a_skipped_sft_step_is_logged_and_checkpointed_like_any_step(tmp_path, m
     assert [p.name for p in list_checkpoints(tmp_path / "sft" / "checkpoints")] == [
         "step-0000002", "step-0000003"]
     assert summary["skipped_steps"] == 1 and math.isfinite(summary["final_loss"])
+
+
+def test_rm_print_config_refuses_what_the_run_refuses(capsys):
+    """`rlhf rm eval_every=5 eval_fraction=0 --print-config` printed the config (exit 0) that
+    the run then refused (nothing held out to evaluate): --print-config checks as the run."""
+    assert cli.main(["rm", "eval_every=5", "eval_fraction=0", "--print-config"]) == 2
+    assert "eval_every=5 has no effect with eval_fraction=0" in capsys.readouterr().err
+    assert _printed(capsys, ["rm", "eval_every=5", "--print-config"])["eval_every"] == 5
