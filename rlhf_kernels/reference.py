@@ -45,7 +45,10 @@ __all__ = [
     "ppo_loss_from_logits",
     "linear_ppo_loss",
     "group_advantages",
+    "logprob_stats",
+    "linear_logprobs_stats",
     "KL_ESTIMATORS",
+    "LOGPROB_STATS",
     "REDUCTIONS",
 ]
 
@@ -131,6 +134,77 @@ def linear_logprobs(
     if bias is not None:
         logits = logits + bias.to(dtype)
     return logprobs(logits, labels, temperature, ignore_index, return_entropy)
+
+
+# --------------------------------------------------------------------------------------------
+# per-token statistics of the logits (linear_logprobs' ``stats``; TRL's fused-head outputs)
+# --------------------------------------------------------------------------------------------
+LOGPROB_STATS = ("log_sum_sq_probs", "mean_logits", "is_top1")
+
+
+def logprob_stats(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+):
+    """logits (..., V), labels (...) int64 -> (log_sum_sq_probs, mean_logits, is_top1), each
+    (...), of the tempered logits ``z = logits / temperature`` and ``p = softmax(z)``:
+
+    * log_sum_sq_probs = log sum_j p_j^2 (the log-probability that two samples agree; DPO's WPO
+      weight in TRL);
+    * mean_logits = (1/V) sum_j z_j (the tempered logits' mean over the vocabulary, as TRL's);
+    * is_top1 = the label is the first index where z is largest (a tie with an earlier entry
+      is not top-1, as torch.argmax).
+
+    fp32 (fp64 for fp64 logits), fp32 (fp64) and bool. Rows whose label is ignore_index give
+    0, 0 and False. Not differentiable: computed from the logits detached.
+    """
+    dtype = _compute_dtype(logits)
+    valid = labels != ignore_index
+    z = _zero_masked(logits.detach().to(dtype), valid.unsqueeze(-1)) / temperature
+    log_p = torch.log_softmax(z, dim=-1)
+    log_sum_sq = torch.logsumexp(2 * log_p, dim=-1)
+    mean = z.mean(-1)
+    vocab = z.shape[-1]
+    index = torch.arange(vocab, device=z.device)
+    first_max = torch.where(z == z.amax(-1, keepdim=True), index, vocab).amin(-1)
+    is_top1 = (first_max == labels) & valid
+    zero = torch.zeros((), dtype=dtype, device=z.device)
+    return torch.where(valid, log_sum_sq, zero), torch.where(valid, mean, zero), is_top1
+
+
+def linear_logprobs_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    lora_a: torch.Tensor | None = None,
+    lora_b: torch.Tensor | None = None,
+    lora_scale: float = 1.0,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    stats: tuple[str, ...] = LOGPROB_STATS,
+):
+    """``linear_logprobs`` with its ``stats``: -> (logp, entropy or None, log_sum_sq_probs,
+    mean_logits, is_top1), each (...); a statistic not named in ``stats`` is None. The
+    statistics are ``logprob_stats`` of the same logits
+    ``hidden @ (weight + lora_scale * lora_b @ lora_a).T + bias``."""
+    unknown = [name for name in stats if name not in LOGPROB_STATS]
+    if unknown:
+        raise ValueError(f"stats: {unknown} unknown; expected names among {LOGPROB_STATS}")
+    dtype = _compute_dtype(hidden, weight)
+    h = _zero_masked(hidden.to(dtype), (labels != ignore_index).unsqueeze(-1))
+    logits = h @ weight.to(dtype).t()
+    if lora_a is not None:
+        logits = logits + lora_scale * ((h @ lora_a.to(dtype).t()) @ lora_b.to(dtype).t())
+    if bias is not None:
+        logits = logits + bias.to(dtype)
+    out = logprobs(logits, labels, temperature, ignore_index, return_entropy)
+    logp, entropy = out if return_entropy else (out, None)
+    values = dict(zip(LOGPROB_STATS, logprob_stats(logits, labels, temperature, ignore_index)))
+    return (logp, entropy, *(values[name] if name in stats else None for name in LOGPROB_STATS))
 
 
 # --------------------------------------------------------------------------------------------

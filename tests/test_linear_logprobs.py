@@ -370,3 +370,211 @@ def test_weight_gradient_summed_over_many_chunks_is_as_exact_as_one_gemm(dtype):
     exact = d_logits.double().t() @ hidden.double()
     assert d_weight.dtype == dtype and d_weight.shape == weight.shape
     assert_close_2x(d_weight, one_gemm, exact, dtype, name="d weight")
+
+
+# --------------------------------------------------------------------------------------------
+# stats: per-token statistics of the logits (log_sum_sq_probs, mean_logits, is_top1)
+# --------------------------------------------------------------------------------------------
+ALL_STATS = ("log_sum_sq_probs", "mean_logits", "is_top1")
+
+
+def _head_logits(hidden, weight, b, a, lb, lora_scale):
+    """The logits ``linear_logprobs`` scores, in the inputs' own dtype (the same-dtype path of
+    the 2x rule); the float64 ones from float64 inputs."""
+    logits = hidden @ weight.t()
+    if a is not None:
+        logits = logits + lora_scale * ((hidden @ a.t()) @ lb.t())
+    if b is not None:
+        logits = logits + b
+    return logits
+
+
+# (lead shape, H, V, bias, lora rank, temperature, chunk_size)
+STAT_CASES = [
+    ((3, 7), 12, 1031, True, 0, 0.7, 5),  # V no block multiple, several chunks (one partial)
+    ((2, 9), 16, 97, False, 3, 1.0, None),  # LoRA, one chunk
+    ((17,), 8, 64, True, 2, 1.9, 4),
+]
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("lead,H,V,bias,rank,temperature,chunk", STAT_CASES)
+def test_stats_match_reference(backend, dtype, lead, H, V, bias, rank, temperature, chunk):
+    """Each statistic against the float64 reference (2x rule against the same statistic of the
+    logits made in the input dtype); is_top1 exactly, where the float64 logits' top two are
+    further apart than the input dtype's rounding of them; ignored rows 0 / False."""
+    hidden, weight, b, a, lb, labels = _make(lead, H, V, dtype, bias, rank)
+    labels.view(-1)[::5] = -100
+    inputs64 = [None if t is None else t.double() for t in (hidden, weight, b, a, lb)]
+    logits64 = _head_logits(*inputs64, 0.5)
+    # half the counted rows take their top-1 token: is_top1 is True there
+    top = logits64.argmax(-1)
+    take = (torch.rand(lead, device=DEVICE) < 0.5) & (labels != -100)
+    labels = torch.where(take, top, labels)
+    out = linear_logprobs(hidden, weight, labels, b, a, lb, 0.5, temperature, return_entropy=True,
+                          chunk_size=chunk, stats=ALL_STATS, backend=backend)
+    ref = reference.linear_logprobs_stats(*inputs64[:2], labels, *inputs64[2:], 0.5, temperature,
+                                          return_entropy=True)
+    same_dtype = reference.logprob_stats(_head_logits(hidden, weight, b, a, lb, 0.5), labels,
+                                         temperature)
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    scale = max(1.0, logits64.abs().max().item() / temperature)
+    for name, o, o64, oe in zip(ALL_STATS[:2], out[2:4], ref[2:4], same_dtype[:2]):
+        assert o.dtype == out_dtype and o.shape == lead, name
+        assert_close_2x(o, oe, o64, dtype, atol_scale=scale, name=name)
+    assert out.is_top1.dtype == torch.bool and out.is_top1.shape == lead
+    top2 = logits64.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 8 * torch.finfo(dtype).eps * scale * temperature
+    assert torch.equal(out.is_top1[clear], ref[4][clear])
+    assert out.is_top1.any() and not out.is_top1.all()
+    ignored = labels == -100
+    assert ignored.any()
+    for name, stat in zip(ALL_STATS, out[2:]):
+        assert not stat[ignored].any(), name
+    # logp and entropy: those of the call without stats, bit for bit
+    logp, entropy = linear_logprobs(hidden, weight, labels, b, a, lb, 0.5, temperature,
+                                    return_entropy=True, chunk_size=chunk, backend=backend)
+    assert torch.equal(out.logp, logp) and torch.equal(out.entropy, entropy)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_is_top1_ties_take_the_first_maximum(backend, dtype):
+    """Integer hidden states and weights: exact integer logits in any dtype, with ties at the
+    maximum (duplicated weight rows). The target is top-1 only at the first maximum (TRL's and
+    torch.argmax's rule), not at a later tied one."""
+    V, H, rows = 37, 4, 29
+    gen = torch.Generator(device=DEVICE).manual_seed(3)
+    hidden = torch.randint(-2, 3, (rows, H), device=DEVICE, generator=gen).to(dtype)
+    weight = torch.randint(-2, 3, (V, H), device=DEVICE, generator=gen)
+    weight[20:] = weight[:17]  # every max among the first 17 rows is tied with a later one
+    weight = weight.to(dtype)
+    logits = hidden.double() @ weight.double().t()
+    is_max = logits == logits.amax(-1, keepdim=True)
+    index = torch.arange(V, device=DEVICE)
+    first = torch.where(is_max, index, V).amin(-1)
+    last = torch.where(is_max, index, -1).amax(-1)
+    tied = first != last
+    labels = torch.where(torch.arange(rows, device=DEVICE) % 2 == 0, first, last)
+    labels[::7] = -100
+    expected = (labels == first) & (labels != -100)
+    assert tied.sum() >= 10 and (tied & ~expected & (labels != -100)).any()
+    assert (tied & expected).any()
+    assert torch.equal(reference.logprob_stats(logits, labels, 0.6)[2], expected)
+    for chunk in (3, None):
+        out = linear_logprobs(hidden, weight, labels, temperature=0.6, chunk_size=chunk,
+                              stats="is_top1", backend=backend)
+        assert torch.equal(out.is_top1, expected), chunk
+        assert out.log_sum_sq_probs is None and out.mean_logits is None and out.entropy is None
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_stats_leave_logp_entropy_and_gradients_unchanged(backend, monkeypatch):
+    """Asking for the statistics changes nothing else: logp, entropy and every gradient are the
+    bits of the call without them, on the eager path and on the custom-op path (torch.compile's);
+    the statistics carry no gradient."""
+    import importlib
+
+    head = importlib.import_module("rlhf_kernels.ops.linear_logprobs")
+    hidden, weight, b, a, lb, labels = _make((3, 5), 9, 43, torch.float32, True, 2)
+    upstream = [torch.randn(3, 5, device=DEVICE) for _ in range(2)]
+
+    def run(stats):
+        params = [t.clone().requires_grad_() for t in (hidden, weight, b, a, lb)]
+        out = linear_logprobs(*params[:2], labels, *params[2:], 0.5, 0.8, return_entropy=True,
+                              chunk_size=4, backend=backend, stats=stats)
+        logp, entropy = out[:2]
+        grads = torch.autograd.grad((logp * upstream[0]).sum() + (entropy * upstream[1]).sum(),
+                                    params)
+        return out, grads
+
+    plain, plain_grads = run(None)
+    for direct in (True, False):
+        if not direct:
+            monkeypatch.setattr(head, "launch_directly", lambda *tensors: False)
+        out, grads = run(ALL_STATS)
+        assert isinstance(out, head.LinearLogprobsOutput)
+        assert torch.equal(out.logp, plain[0]) and torch.equal(out.entropy, plain[1])
+        for g, g0, name in zip(grads, plain_grads, NAMES):
+            assert torch.equal(g, g0), f"d {name} (eager path: {direct})"
+        for name, stat in zip(ALL_STATS, out[2:]):
+            assert not stat.requires_grad, name
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_stats_api(backend):
+    """stats=None: the usual return; stats given (even empty): the named tuple, None in the
+    fields not asked for; one name may be a plain string; bad names are refused."""
+    hidden, weight, _, _, _, labels = _make((2, 3), 6, 19, torch.float32, False, 0)
+    plain = linear_logprobs(hidden, weight, labels, backend=backend)
+    assert isinstance(plain, torch.Tensor)
+    out = linear_logprobs(hidden, weight, labels, backend=backend, stats=())
+    assert out._fields == ("logp", "entropy", *ALL_STATS)
+    assert torch.equal(out.logp, plain) and out[1:] == (None, None, None, None)
+    out = linear_logprobs(hidden, weight, labels, return_entropy=True, backend=backend,
+                          stats="mean_logits")
+    assert out.entropy is not None and out.mean_logits is not None
+    assert out.log_sum_sq_probs is None and out.is_top1 is None
+    with torch.no_grad():
+        again = linear_logprobs(hidden, weight, labels, return_entropy=True, backend=backend,
+                                stats=["mean_logits", "mean_logits"])
+    assert torch.equal(again.mean_logits, out.mean_logits)
+    with pytest.raises(ValueError, match=r"'top1' is not a statistic .*expected names among"):
+        linear_logprobs(hidden, weight, labels, backend=backend, stats=("top1",))
+    with pytest.raises(ValueError, match=r"return_entropy=True"):
+        linear_logprobs(hidden, weight, labels, backend=backend, stats=("entropy",))
+    with pytest.raises(ValueError, match=r"stats must be a tuple of names"):
+        linear_logprobs(hidden, weight, labels, backend=backend, stats=3)
+
+
+def test_stats_through_torch_compile_and_opcheck(monkeypatch):
+    """The forward op with statistics under torch.compile(fullgraph) (aot_eager) gives the eager
+    values and gradients, and opcheck passes on the calls the public function makes with the
+    custom-op path forced (the statistics' fake outputs match the real ones)."""
+    from tests.test_opcheck import TEST_UTILS, _RecordCalls
+
+    hidden, weight, b, a, lb, labels = _make((2, 5), 9, 37, torch.float32, True, 2)
+    params = [t.requires_grad_() for t in (hidden, weight, b, a, lb)]
+
+    def fn(h, w, bb, aa, bl):
+        out = linear_logprobs(h, w, labels, bb, aa, bl, 0.5, 0.9, return_entropy=True,
+                              chunk_size=3, stats=ALL_STATS)
+        return (out.logp * 2).sum() + out.entropy.sum(), out[2:]
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    loss_c, stats_c = compiled(*params)
+    loss_e, stats_e = fn(*params)
+    for sc, se, name in zip(stats_c, stats_e, ALL_STATS):
+        assert torch.equal(sc, se), name
+    for gc, ge, name in zip(torch.autograd.grad(loss_c, params),
+                            torch.autograd.grad(loss_e, params), NAMES):
+        assert_close(gc, ge, atol=1e-6, name=name)
+
+    import importlib
+
+    head = importlib.import_module("rlhf_kernels.ops.linear_logprobs")
+    monkeypatch.setattr(head, "launch_directly", lambda *tensors: False)
+    for stats in (ALL_STATS, ("is_top1",)):
+        with _RecordCalls() as recorder:
+            loss, _ = fn(*params) if stats == ALL_STATS else (linear_logprobs(
+                hidden, weight, labels, stats=stats).logp.sum(), None)
+        assert any(func.name() == "rlhf_kernels::linear_logprobs_fwd"
+                   for func, _, _ in recorder.calls)
+        for func, args, kwargs in recorder.calls:
+            torch.library.opcheck(func, args, kwargs, test_utils=TEST_UTILS)
+
+
+def test_stats_stay_within_one_chunk_of_memory():
+    """With every statistic asked for, forward and backward still hold no tensor larger than
+    one fp32 chunk of logits (tests/test_memory_flat.py's bound and tracker)."""
+    from tests import test_memory_flat as flat
+
+    hidden, weight, bias, lora_a, lora_b, labels = flat._inputs()
+    with flat.LargestTensor() as mode:
+        out = linear_logprobs(hidden, weight, labels, bias, lora_a, lora_b, 0.5,
+                              return_entropy=True, chunk_size=flat.CHUNK, stats=ALL_STATS,
+                              backend="triton")
+        (out.logp.sum() + out.entropy.sum()).backward()
+    assert out.is_top1.shape == labels.shape
+    assert mode.largest <= flat.BOUND_BYTES, (mode.largest, flat.BOUND_BYTES)

@@ -7,6 +7,12 @@ Math (per token row ``h`` of ``hidden (N, H)``, ``W (V, H)``, optional ``b (V,)`
     logp   = z[label] / T - lse,   lse = logsumexp(z / T)   # T = temperature
     entropy = lse - sum_j p_j z_j / T,   p = softmax(z / T)
 
+and, asked for with ``stats`` (not differentiable; computed from each chunk of logits while it
+exists, by torch ops on the chunk, see ``logits_stats``)::
+
+    log_sum_sq_probs = log sum_j p_j^2     mean_logits = sum_j z_j / (T V)
+    is_top1 = (label == the first argmax_j z_j)
+
 Rows whose label is ``ignore_index`` give logp = entropy = 0 and no gradient: their d logits
 are written as 0 by the kernel and their hidden rows are zeroed before the d weight / d LoRA
 matmuls, so a NaN or inf hidden state there contributes exactly 0 (not 0 * NaN).
@@ -33,6 +39,8 @@ the backward kernel and read by the two gradient matmuls (backward).
 Chunk size: ``chunk_size`` rows when given; otherwise ``memory_budget_bytes // (V * itemsize)``
 rows, where the budget defaults to min(512 MiB, free CUDA memory / 4) on a GPU and 64 MiB on the
 CPU, rounded down to a multiple of 64 rows when that large.
+With ``stats`` including log_sum_sq_probs and 16-bit logits, an fp32 temporary the chunk's size
+in bytes adds to it (fp32 / fp64 logits are worked on in place: nothing added).
 
 Dtypes: hidden / weight / bias / LoRA factors fp16, bf16, fp32 or fp64. The matmuls run in the
 promoted dtype of hidden and weight (cast the others to it; matching dtypes avoid a copy of the
@@ -49,6 +57,8 @@ wanted (same sweeps, same bits, less host time).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from rlhf_kernels import _alloc, reference
@@ -57,7 +67,7 @@ from rlhf_kernels._checks import check_float, check_same_device, int_setting, re
 from rlhf_kernels.backend import launch_directly, resolve_backend
 from rlhf_kernels.ops.logprobs import no_double_backward
 
-__all__ = ["linear_logprobs", "choose_chunk_rows"]
+__all__ = ["linear_logprobs", "choose_chunk_rows", "LinearLogprobsOutput", "STATS"]
 
 DEFAULT_CUDA_BUDGET_BYTES = 512 * 2**20
 DEFAULT_CPU_BUDGET_BYTES = 64 * 2**20
@@ -264,12 +274,122 @@ def zero_rows(h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
+# per-token statistics of the logits (``stats``)
+# --------------------------------------------------------------------------------------------
+STATS = reference.LOGPROB_STATS  # ("log_sum_sq_probs", "mean_logits", "is_top1")
+# bit of each statistic in the custom op's ``stats`` argument
+_STAT_BITS = {name: 1 << i for i, name in enumerate(STATS)}
+_ALL_STATS = (1 << len(STATS)) - 1
+
+
+class LinearLogprobsOutput(NamedTuple):
+    """What ``linear_logprobs(..., stats=...)`` returns: each field (...) like ``labels``, None
+    where not asked for (entropy: ``return_entropy``; the others: ``stats``)."""
+
+    logp: torch.Tensor
+    entropy: torch.Tensor | None
+    log_sum_sq_probs: torch.Tensor | None
+    mean_logits: torch.Tensor | None
+    is_top1: torch.Tensor | None
+
+
+def stats_bits(stats) -> int:
+    """``stats`` (a name, or an iterable of names among ``STATS``) -> the op's bit mask."""
+    names = (stats,) if isinstance(stats, str) else stats
+    try:
+        names = tuple(names)
+    except TypeError:
+        raise ValueError(f"stats must be a tuple of names among {STATS}, got {stats!r}") from None
+    bits = 0
+    for name in names:
+        if name not in _STAT_BITS:
+            hint = " (the entropy: return_entropy=True)" if name == "entropy" else ""
+            raise ValueError(f"stats: {name!r} is not a statistic linear_logprobs computes; "
+                             f"expected names among {STATS}{hint}")
+        bits |= _STAT_BITS[name]
+    return bits
+
+
+def stats_outputs(labels: torch.Tensor, dtype: torch.dtype, bits: int):
+    """The (log_sum_sq_probs, mean_logits, is_top1) outputs asked for by ``bits``, shaped like
+    labels (float ``dtype``, bool); None where not asked for."""
+    def out(name, out_type):
+        return empty_like(labels, out_type) if bits & _STAT_BITS[name] else None
+
+    return (out("log_sum_sq_probs", dtype), out("mean_logits", dtype),
+            torch.empty_like(labels, dtype=torch.bool) if bits & _STAT_BITS["is_top1"] else None)
+
+
+def logits_stats(logits, labels, temperature, ignore_index, outs, overwrite=False) -> None:
+    """The statistics of one block of logits, written into ``outs``.
+
+    logits (C, V) in the matmul dtype; labels (C,); outs: (log_sum_sq_probs, mean_logits,
+    is_top1), each a (C,) tensor to write (fp32, fp64 for fp64 logits; bool) or None. With
+    ``z = logits / temperature`` and ``p = softmax(z)`` (``reference.logprob_stats``)::
+
+        mean_logits      = sum_j z_j / V                          (summed in fp32 / fp64)
+        is_top1          = label == the first argmax_j z_j         (torch.max: first maximum)
+        log_sum_sq_probs = log sum_j e_j^2 - 2 log sum_j e_j,  e_j = exp((x_j - max x) / T)
+
+    Rows whose label is ignore_index get 0 / False. Torch ops on the block, each one pass over
+    it (the op is matmul-bound: these are O(C V) next to the matmul's O(C V H)).
+    log_sum_sq_probs works on fp32 (fp64) copies of row blocks the size of ``logits`` in bytes
+    (half its rows for 16-bit logits), or on ``logits`` itself, overwritten, when ``overwrite``
+    and the logits are already fp32 (fp64): no temporary larger than the chunk.
+    """
+    lss, mean, top1 = outs
+    valid = labels != ignore_index
+    acc = out_dtype(logits.dtype)
+    if mean is not None:
+        total = logits.sum(-1, dtype=acc).div_(temperature * logits.shape[-1])
+        mean.copy_(total.masked_fill_(~valid, 0.0))
+    if lss is None and top1 is None:
+        return
+    row_max, argmax = logits.max(-1)  # one pass for both; the first maximum on ties
+    if top1 is not None:
+        torch.eq(argmax, labels, out=top1)
+        top1.logical_and_(valid)
+    if lss is None:
+        return
+    rows = logits.shape[0]
+    in_place = overwrite and logits.dtype == acc
+    itemsize = torch.finfo(acc).bits // 8
+    block = rows if in_place else max(1, rows * logits.element_size() // itemsize)
+    inv_t = 1.0 / temperature
+    for start in range(0, rows, block):
+        sl = slice(start, start + block)
+        e = logits[sl] if in_place else logits[sl].to(acc, copy=True)
+        # x - max first (exact for nearby values), then the scale: relative rounding, as the
+        # reference's log_softmax; e <= 1, so neither sum overflows.
+        e.sub_(row_max[sl].unsqueeze(-1)).mul_(inv_t).exp_()
+        log_sum = e.sum(-1).log_()
+        value = e.square_().sum(-1).log_().sub_(log_sum, alpha=2.0)
+        lss[sl] = value.masked_fill_(~valid[sl], 0.0)
+
+
+# --------------------------------------------------------------------------------------------
 # forward / backward sweeps
 # --------------------------------------------------------------------------------------------
 def _forward_sweep(hidden, weight, labels, bias, lora_a, lora_b, lora_scale, temperature,
-                   ignore_index, return_entropy, chunk_size, memory_budget_bytes, check_labels):
+                   ignore_index, return_entropy, chunk_size, memory_budget_bytes, check_labels,
+                   stats):
+    """The forward custom op's implementation: ``_sweep``'s outputs as six tensors, an empty
+    (0,) tensor for each statistic not asked for."""
+    logp, entropy, saved, extras = _sweep(hidden, weight, labels, bias, lora_a, lora_b,
+                                          lora_scale, temperature, ignore_index, return_entropy,
+                                          chunk_size, memory_budget_bytes, check_labels, stats)
+    extras = (None, None, None) if extras is None else extras
+    dtypes = (logp.dtype, logp.dtype, torch.bool)  # the fake impl's
+    return (logp, entropy, saved, *(hidden.new_empty(_EMPTY, dtype=dtype) if t is None else t
+                                    for t, dtype in zip(extras, dtypes)))
+
+
+def _sweep(hidden, weight, labels, bias, lora_a, lora_b, lora_scale, temperature, ignore_index,
+           return_entropy, chunk_size, memory_budget_bytes, check_labels, stats=0):
     """-> (logp (labels.shape), entropy (labels.shape) or (0,), saved (1 or 2, N) fp32: row 0
-    lse, row 1 a private copy of entropy for the backward)."""
+    lse, row 1 a private copy of entropy for the backward, extras: None when ``stats`` (a bit
+    mask, ``_STAT_BITS``) is 0, else (log_sum_sq_probs, mean_logits, is_top1) of labels.shape,
+    None where not asked for)."""
     logprobs_fwd, _ = _logprob_kernels()
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     device = hidden.device
@@ -286,6 +406,7 @@ def _forward_sweep(hidden, weight, labels, bias, lora_a, lora_b, lora_scale, tem
                else empty(_EMPTY, out_dtype(dtype), device))
     saved = empty((2 if return_entropy else 1, n_rows), torch.float32, device)
     logp_flat, ent_flat = logp.view(-1), entropy.view(-1)
+    extras = stats_outputs(labels, out_dtype(dtype), stats) if stats else None
     rows = choose_chunk_rows(n_rows, vocab, h.element_size(), device, chunk_size,
                              memory_budget_bytes)
     if rows >= n_rows and n_rows > 0:  # one chunk: the whole tensors, no per-chunk slicing
@@ -294,15 +415,24 @@ def _forward_sweep(hidden, weight, labels, bias, lora_a, lora_b, lora_scale, tem
         logprobs_fwd(logits, labels1d, temperature, ignore_index, return_entropy,
                      out=(logp_flat, ent_flat if return_entropy else None, lse),
                      saved_entropy=saved_entropy)
-        return logp, entropy, saved
+        if extras is not None:
+            logits_stats(logits, labels1d, temperature, ignore_index,
+                         tuple(None if t is None else t.view(-1) for t in extras), overwrite=True)
+        return logp, entropy, saved, extras
+    flat_extras = None if extras is None else tuple(None if t is None else t.view(-1)
+                                                    for t in extras)
     for start in range(0, n_rows, rows):
         sl = slice(start, min(start + rows, n_rows))
         logits, _ = chunk_logits(h[sl], w, b, a, lb, lora_scale)
         logprobs_fwd(logits, labels1d[sl], temperature, ignore_index, return_entropy,
                      out=(logp_flat[sl], ent_flat[sl] if return_entropy else None, saved[0, sl]),
                      saved_entropy=saved[1, sl] if return_entropy else None)
+        if flat_extras is not None:  # while the chunk exists; it is dropped next
+            logits_stats(logits, labels1d[sl], temperature, ignore_index,
+                         tuple(None if t is None else t[sl] for t in flat_extras),
+                         overwrite=True)
         del logits
-    return logp, entropy, saved
+    return logp, entropy, saved, extras
 
 
 def _backward_sweep(grad_logp, grad_entropy, hidden, weight, labels, bias, lora_a, lora_b, lse,
@@ -359,21 +489,30 @@ def _linear_logprobs_fwd_op(
     chunk_size: int,
     memory_budget_bytes: int,
     check_labels: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    stats: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden (N, H), labels (...) with N elements -> (logp (...), entropy (...) or (0,), saved
-    (1 or 2, N) fp32); see ``_forward_sweep``."""
+    (1 or 2, N) fp32, log_sum_sq_probs, mean_logits, is_top1 (...) or (0,) each; ``stats`` is
+    the bit mask of the last three); see ``_sweep``."""
     return _forward_sweep(hidden, weight, labels, bias, lora_a, lora_b, lora_scale, temperature,
                           ignore_index, return_entropy, chunk_size, memory_budget_bytes,
-                          check_labels)
+                          check_labels, stats)
 
 
 @_linear_logprobs_fwd_op.register_fake
 def _(hidden, weight, labels, bias, lora_a, lora_b, lora_scale, temperature, ignore_index,
-      return_entropy, chunk_size, memory_budget_bytes, check_labels):
+      return_entropy, chunk_size, memory_budget_bytes, check_labels, stats):
     dtype = out_dtype(compute_dtype(hidden, weight))
+
+    def stat(name, stat_dtype):
+        shape = labels.shape if stats & _STAT_BITS[name] else _EMPTY
+        return hidden.new_empty(shape, dtype=stat_dtype)
+
     return (hidden.new_empty(labels.shape, dtype=dtype),
             hidden.new_empty(labels.shape if return_entropy else _EMPTY, dtype=dtype),
-            hidden.new_empty((2 if return_entropy else 1, hidden.shape[0]), dtype=torch.float32))
+            hidden.new_empty((2 if return_entropy else 1, hidden.shape[0]), dtype=torch.float32),
+            stat("log_sum_sq_probs", dtype), stat("mean_logits", dtype),
+            stat("is_top1", torch.bool))
 
 
 @torch.library.custom_op("rlhf_kernels::linear_logprobs_bwd", mutates_args=())
@@ -424,10 +563,10 @@ def _(grad_logp, grad_entropy, hidden, weight, labels, bias, lora_a, lora_b, lse
 
 def _setup_context(ctx, inputs, output):
     (hidden, weight, labels, bias, lora_a, lora_b, lora_scale, temperature, ignore_index,
-     return_entropy, chunk_size, memory_budget_bytes, _) = inputs
+     return_entropy, chunk_size, memory_budget_bytes, _, _) = inputs
     # The private saved state, not the returned logp / entropy (the caller may edit those).
-    _, _, saved = output
-    ctx.mark_non_differentiable(saved)
+    _, _, saved, log_sum_sq, mean, _ = output
+    ctx.mark_non_differentiable(saved, log_sum_sq, mean)  # (is_top1 is bool)
     ctx.save_for_backward(hidden, weight, labels, bias, lora_a, lora_b, saved)
     ctx.options = (lora_scale, temperature, ignore_index, return_entropy, chunk_size,
                    memory_budget_bytes)
@@ -455,10 +594,11 @@ def _head_backward(ctx, grad_logp, grad_entropy, sweep):
         d_hidden = d_hidden.view(hidden_shape)
     pick = lambda g, wanted: g if wanted else None
     return (pick(d_hidden, needs[0]), pick(d_weight, needs[1]), None, pick(d_bias, needs[2]),
-            pick(d_a, needs[3]), pick(d_b, needs[4]), None, None, None, None, None, None, None)
+            pick(d_a, needs[3]), pick(d_b, needs[4]), None, None, None, None, None, None, None,
+            None)
 
 
-def _backward(ctx, grad_logp, grad_entropy, _grad_saved):
+def _backward(ctx, grad_logp, grad_entropy, *_grad_saved_and_stats):
     return _head_backward(ctx, grad_logp, grad_entropy,
                           lambda *args, needs: _linear_logprobs_bwd_op(*args, *needs))
 
@@ -473,25 +613,29 @@ class _LinearLogprobsFunction(torch.autograd.Function):
     """
 
     # options: (lora_scale, temperature, ignore_index, return_entropy, chunk_size,
-    # memory_budget_bytes, check_labels) as one tuple argument: autograd.Function.apply costs
-    # host time per argument.
+    # memory_budget_bytes, check_labels, stats) as one tuple argument: autograd.Function.apply
+    # costs host time per argument.
     @staticmethod
     def forward(ctx, hidden, weight, labels, bias, lora_a, lora_b, options):
         # hidden (..., H) is flattened here, not by the caller: no view node in the graph.
         ctx.hidden_shape = hidden.shape
-        logp, entropy, saved = _forward_sweep(hidden.reshape(-1, hidden.shape[-1]), weight,
+        logp, entropy, saved, extras = _sweep(hidden.reshape(-1, hidden.shape[-1]), weight,
                                               labels, bias, lora_a, lora_b, *options)
         # The input itself is saved, not the flattened view: a view made here (grad mode is off)
         # turned an in-place edit of hidden before the backward into torch's "a view was
         # created in no_grad mode" error instead of the version counter's "modified by an
         # inplace operation" (_head_backward flattens it again).
         ctx.save_for_backward(hidden, weight, labels, bias, lora_a, lora_b, saved)
-        ctx.options = options[:6]  # without check_labels
-        return logp, entropy
+        ctx.options = options[:6]  # without check_labels and stats
+        if extras is None:
+            return logp, entropy
+        # (log_sum_sq_probs, mean_logits, is_top1), None where not asked for: no gradient
+        ctx.mark_non_differentiable(*(t for t in extras if t is not None))
+        return logp, entropy, *extras
 
     @staticmethod
     @no_double_backward("linear_logprobs")
-    def backward(ctx, grad_logp, grad_entropy):
+    def backward(ctx, grad_logp, grad_entropy, *_grad_stats):
         # ``_backward`` with the sweep called directly instead of through the backward op; one
         # gradient per forward argument (the six inputs and the options tuple).
         return _eager_backward(ctx, grad_logp, grad_entropy)[:7]
@@ -613,6 +757,7 @@ def linear_logprobs(
     *,
     check_labels: bool = False,
     backend: str | None = None,
+    stats: tuple[str, ...] | str | None = None,
 ):
     """Per-token log-probabilities (and entropy) of ``labels`` under the lm_head, chunked.
 
@@ -634,6 +779,22 @@ def linear_logprobs(
     check_labels: False (default): no host sync; a label outside [0, V) that is not ignore_index
     gives NaN logp for its row (never an out-of-bounds read). True: raise a ValueError naming it
     instead, at the cost of one host sync per call.
+
+    stats: per-token statistics of the tempered logits ``z = logits / temperature``, computed
+    from each chunk of logits while it exists (no extra matmul, no (N, V) tensor), none by
+    default. Names among ``STATS`` (a tuple, or one name)::
+
+        "log_sum_sq_probs"  log sum_j p_j^2, p = softmax(z)  (TRL's DPO WPO weight)
+        "mean_logits"       sum_j z_j / V                    (TRL's logits/* metrics)
+        "is_top1"           bool: label == the first argmax_j z_j (torch.argmax's tie rule)
+
+    With ``stats`` given (even empty) the call returns a ``LinearLogprobsOutput`` named tuple
+    (logp, entropy, log_sum_sq_probs, mean_logits, is_top1), None in the fields not asked for
+    (entropy: ``return_entropy``). The statistics are fp32 (fp64 with fp64 matmuls) and bool,
+    not differentiable; logp / entropy and their gradients are the same as without them. Rows
+    whose label is ignore_index give 0 / False. The spec is ``reference.logprob_stats``.
+    Cost: a few passes of torch ops over each chunk; log_sum_sq_probs of 16-bit logits uses an
+    fp32 temporary the size of the chunk in bytes (so that chunk's memory doubles).
     """
     check_head_inputs(hidden, weight, labels, bias, lora_a, lora_b)
     (hidden, weight, bias, lora_a, lora_b), autocast_on = autocast_head(hidden, weight, bias,
@@ -643,22 +804,36 @@ def linear_logprobs(
             return linear_logprobs(hidden, weight, labels, bias, lora_a, lora_b, lora_scale,
                                    temperature, ignore_index, return_entropy, chunk_size,
                                    memory_budget_bytes, check_labels=check_labels,
-                                   backend=backend)
+                                   backend=backend, stats=stats)
     lora_scale, temperature, ignore_index, chunk_size, memory_budget_bytes = head_settings(
         lora_scale, temperature, ignore_index, chunk_size, memory_budget_bytes)
+    bits = 0 if stats is None else stats_bits(stats)
     if resolve_backend(hidden, backend, "linear_logprobs") == "reference":
         if check_labels:
             check_label_range(labels, weight.shape[0], ignore_index)
+        if stats is not None:
+            names = tuple(name for name in STATS if bits & _STAT_BITS[name])
+            return LinearLogprobsOutput(*reference.linear_logprobs_stats(
+                hidden, weight, labels, bias, lora_a, lora_b, lora_scale, temperature,
+                ignore_index, return_entropy, names))
         return reference.linear_logprobs(hidden, weight, labels, bias, lora_a, lora_b, lora_scale,
                                          temperature, ignore_index, return_entropy)
     rest = (labels.long(), bias, lora_a, lora_b, lora_scale, temperature, ignore_index,
-            bool(return_entropy), chunk_size or 0, memory_budget_bytes or 0, bool(check_labels))
+            bool(return_entropy), chunk_size or 0, memory_budget_bytes or 0, bool(check_labels),
+            bits)
     if not launch_directly(hidden, weight, labels, bias, lora_a, lora_b):
-        logp, entropy, _ = _linear_logprobs_fwd_op(hidden.reshape(-1, hidden.shape[-1]), weight,
-                                                   *rest)
+        logp, entropy, _, *extras = _linear_logprobs_fwd_op(
+            hidden.reshape(-1, hidden.shape[-1]), weight, *rest)
+        if bits:  # the op's (0,) placeholders are the statistics not asked for
+            extras = [t if bits & bit else None for t, bit in zip(extras, _STAT_BITS.values())]
     elif torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (hidden, weight, bias, lora_a, lora_b)):
-        logp, entropy = _LinearLogprobsFunction.apply(hidden, weight, *rest[:4], rest[4:])
+        logp, entropy, *extras = _LinearLogprobsFunction.apply(hidden, weight, *rest[:4],
+                                                               rest[4:])
     else:
-        logp, entropy, _ = _forward_sweep(hidden.reshape(-1, hidden.shape[-1]), weight, *rest)
+        logp, entropy, _, extras = _sweep(hidden.reshape(-1, hidden.shape[-1]), weight, *rest)
+    if stats is not None:
+        if not bits:
+            extras = (None, None, None)
+        return LinearLogprobsOutput(logp, entropy if return_entropy else None, *extras)
     return (logp, entropy) if return_entropy else logp
