@@ -490,18 +490,19 @@ def test_fused_head_with_lora_on_lm_head(variant):
               fused_lm_head=True)
 
 
-def test_fused_head_refuses_extra_outputs_with_lora_on_lm_head():
-    """TRL's function, the fallback for outputs we do not compute, would ignore an adapter on
-    lm_head: such a call is refused with one clear error instead of silently wrong numbers."""
+def test_fused_head_refuses_unknown_outputs_with_lora_on_lm_head():
+    """TRL's function, the fallback for output names we do not know (every name TRL knows is
+    ours: tests/test_trl_fused_head.py), would ignore an adapter on lm_head: such a call is
+    refused with one clear error instead of silently wrong numbers."""
     from peft import LoraConfig, get_peft_model
 
     model = _model(1)
     input_ids = torch.randint(4, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
     with ours.patch_trl():
-        ours.add_fused_lm_head(model, outputs=("log_probs", "is_top1"))
+        ours.add_fused_lm_head(model, outputs=("log_probs", "top_k"))
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"],
                                                  init_lora_weights=False))
-        with pytest.raises(ValueError, match=r"asked for \['is_top1'\] with a PEFT adapter"):
+        with pytest.raises(ValueError, match=r"asked for \['top_k'\] with a PEFT adapter"):
             model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                   labels=input_ids, fused_lm_head=True)
 

@@ -7,9 +7,11 @@ tests/test_trl_grpo.py). ``patch_trl()`` installs all of them (its docstring lis
 
 Trainers (GRPOTrainer, RLOOTrainer, SFTTrainer, DPOTrainer, KTOTrainer): their log-probabilities
 come from TRL's fused lm head, whose math (``_ChunkedLogProbFunction``) the drop-in
-``ChunkedLogProbFunction`` computes with ``rlhf_kernels.linear_logprobs``, a PEFT LoRA adapter on
-lm_head included (TRL refuses that adapter; under the patch GRPOTrainer and RLOOTrainer accept it
-and train it). GRPOTrainer's ``_compute_loss`` becomes ``grpo_compute_loss``:
+``ChunkedLogProbFunction`` computes with ``rlhf_kernels.linear_logprobs``, every output TRL asks
+for (log_probs, entropy, and, through linear_logprobs' ``stats``, SFT's / DPO's is_top1, DPO's
+and KTO's mean_logits, DPO's log_sum_sq_probs), a PEFT LoRA adapter on lm_head included (TRL
+refuses that adapter; under the patch GRPOTrainer and RLOOTrainer accept it and train it).
+GRPOTrainer's ``_compute_loss`` becomes ``grpo_compute_loss``:
 ``rlhf_kernels.ppo_policy_loss`` for loss_type grpo / bnpo / dr_grpo / dapo / luspo / cispo
 at importance_sampling_level token or sequence, with vLLM's importance-sampling correction and
 TRL's off-policy and high-entropy masks, TRL's own code for the other options. Values and
@@ -65,7 +67,13 @@ from rlhf_kernels.integrations._contract import (
     installed,
     weighted_advantages,
 )
-from rlhf_kernels.ops.linear_logprobs import linear_logprobs
+from rlhf_kernels.ops.linear_logprobs import (
+    STATS,
+    linear_logprobs,
+    logits_stats,
+    stats_bits,
+    stats_outputs,
+)
 from rlhf_kernels.ops.logprobs import logprobs
 from rlhf_kernels.ops.policy_loss import ppo_policy_loss
 
@@ -215,9 +223,9 @@ def selective_log_softmax_and_entropy(
 # --------------------------------------------------------------------------------------------
 _CHUNKED = "_ChunkedLogProbFunction"
 _FUSED_HEAD = "add_fused_lm_head"
-_OUR_OUTPUTS = ("log_probs", "entropy")
-# TRL's default for ``outputs`` (every optional per-token field)
-_TRL_DEFAULT_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+# TRL's default for ``outputs`` (every per-token field), all computed by the drop-in; the last
+# three are linear_logprobs' ``stats`` (the same names)
+_TRL_DEFAULT_OUTPUTS = ("log_probs", "entropy", *STATS)
 # The model whose fused forward is running (set by our add_fused_lm_head's wrapper): the chunked
 # log-prob function only receives the head's weight and bias, and needs the module to see a
 # PEFT adapter on it.
@@ -262,66 +270,84 @@ def _lm_head_adapter(head, weight: torch.Tensor):
     return (lora_a.weight, lora_b.weight, float(head.scaling[name])) if plain else head
 
 
-def _through_module(head, hidden, targets, temperature, softcap, logit_scale, entropy):
-    """Log-probs (and entropy) from the head module's own forward: the full (N, V) logits are
-    made, once, for an adapter configuration linear_logprobs does not take."""
+def _through_module(head, hidden, targets, temperature, softcap, logit_scale, entropy, stats):
+    """TRL's five outputs from the head module's own forward: the full (N, V) logits are made,
+    once, for an adapter configuration linear_logprobs does not take; log-probs (and entropy) by
+    ``rlhf_kernels.logprobs``, the statistics by linear_logprobs' per-chunk code on them."""
     logits = head(hidden).float() * logit_scale
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
-    return logprobs(logits, targets, temperature, _IGNORE_INDEX, return_entropy=entropy)
+    out = logprobs(logits, targets, temperature, _IGNORE_INDEX, return_entropy=entropy)
+    logp, entropy = out if entropy else (out, None)
+    extras = stats_outputs(targets, torch.float32, stats_bits(stats))
+    if stats:
+        logits_stats(logits.detach().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                     temperature, _IGNORE_INDEX,
+                     tuple(None if t is None else t.view(-1) for t in extras))
+    return (logp, entropy, *extras)
 
 
 @dropin
 class ChunkedLogProbFunction:
     """Drop-in for ``trl.kernels.ChunkedLogProbFunction``, the per-token log-probabilities
-    (and entropy) of ``hidden @ weight.T + bias`` that TRL's fused lm head
+    (and the other per-token outputs) of ``hidden @ weight.T + bias`` that TRL's fused lm head
     (``add_fused_lm_head``, used by GRPOTrainer, RLOOTrainer, SFTTrainer, DPOTrainer, KTOTrainer)
     computes without the (N, V) logits.
 
     ``apply(hidden (N, H), weight (V, H), bias (V,) | None, targets (N,) int64, temperature,
     chunk_size, final_logit_softcapping=None, logit_scale=1.0, outputs=...)`` -> the 5-tuple
-    TRL returns: (log_probs (N,) fp32, entropy (N,) fp32 or None, None, None, None), by
-    ``rlhf_kernels.linear_logprobs`` (the logits scaled by ``logit_scale / temperature``;
-    ``chunk_size`` unused, the op chooses its chunk). As TRL, the matmuls run in the autocast
-    dtype when autocast is on, else in ``hidden``'s dtype.
+    TRL returns: (log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1), each (N,), fp32
+    (bool for is_top1), None where not in ``outputs`` (log_probs always). All five come from one
+    ``rlhf_kernels.linear_logprobs`` call (its ``stats`` for the last three), the logits scaled
+    by ``logit_scale / temperature``, so that, as TRL's: entropy, log_sum_sq_probs = log sum_j
+    p_j^2 and mean_logits = the mean over the vocabulary are those of the scaled, tempered
+    logits; is_top1 is "the target is the first argmax" (a tie with an earlier token is not
+    top-1); only log_probs and entropy are differentiable. ``chunk_size`` is unused (the op
+    chooses its chunk). As TRL, the matmuls run in the autocast dtype when autocast is on, else
+    in ``hidden``'s dtype. SFTTrainer (entropy, is_top1), DPOTrainer (entropy, mean_logits,
+    is_top1, log_sum_sq_probs for WPO; its reference model log_probs) and KTOTrainer (entropy,
+    mean_logits) are served here.
 
     A PEFT LoRA adapter on the lm head (which TRL's own function ignores: it reads
-    ``lm_head.weight``) is included: one plain adapter goes into linear_logprobs' LoRA inputs,
-    with gradients to lora_A and lora_B; any other adapter configuration runs through the head
-    module itself and ``rlhf_kernels.logprobs`` (exact, but the full logits are made).
+    ``lm_head.weight``) is included, for every output: one plain adapter goes into
+    linear_logprobs' LoRA inputs, with gradients to lora_A and lora_B; any other adapter
+    configuration runs through the head module itself (exact, but the full logits are made).
 
-    Falls back to TRL's function for outputs other than log_probs and entropy (SFTTrainer's
-    ``is_top1``, KTOTrainer's ``mean_logits``, DPOTrainer's policy; DPO's reference model asks
-    for log_probs alone), for ``final_logit_softcapping`` (Gemma 2) and a
-    ``logit_scale`` <= 0, when the head carries no adapter. With an adapter, those go through
-    the head module (softcapping) or raise (the extra outputs: TRL would ignore the adapter).
+    Falls back to TRL's function, when the head carries no adapter, for
+    ``final_logit_softcapping`` (Gemma 2), a ``logit_scale`` <= 0 and output names TRL does not
+    know either; with an adapter the first two go through the head module and unknown names
+    raise (TRL would ignore the adapter).
+
+    Differs from TRL for a direct call with a target of -100 (TRL's trainers never pass one:
+    they drop or clamp those positions): such a row gives 0 (False) for every output, where
+    TRL's give numbers of no meaning.
     """
 
     @staticmethod
     def apply(hidden, weight, bias, targets, temperature, chunk_size,
               final_logit_softcapping=None, logit_scale=1.0, outputs=None):
         outputs = tuple(_TRL_DEFAULT_OUTPUTS if outputs is None else outputs)
-        extra = [name for name in outputs if name not in _OUR_OUTPUTS]
+        unknown = [name for name in outputs if name not in _TRL_DEFAULT_OUTPUTS]
+        stats = tuple(name for name in STATS if name in outputs)
         model = _FUSED_MODEL.get()
         head = model.get_output_embeddings() if model is not None else None
         adapter = _lm_head_adapter(head, weight)
         want_entropy = "entropy" in outputs
         if adapter is None:
-            if extra or final_logit_softcapping is not None or not logit_scale > 0:
+            if unknown or final_logit_softcapping is not None or not logit_scale > 0:
                 fallback = original(_UTILS, _CHUNKED).apply
                 return fallback(hidden, weight, bias, targets, temperature, chunk_size,
                                 final_logit_softcapping, logit_scale, outputs)
-        elif extra:
+        elif unknown:
             raise ValueError(
-                f"the fused lm head was asked for {extra} with a PEFT adapter on the lm head; "
-                "patch_trl computes log_probs and entropy with the adapter, and TRL's own "
+                f"the fused lm head was asked for {unknown} with a PEFT adapter on the lm head; "
+                f"patch_trl computes {_TRL_DEFAULT_OUTPUTS} with the adapter, and TRL's own "
                 "function would ignore it. Remove the adapter from lm_head (target_modules)"
             )
         elif (isinstance(adapter, torch.nn.Module) or final_logit_softcapping is not None
               or not logit_scale > 0):
-            head_out = _through_module(head, hidden, targets, temperature,
-                                       final_logit_softcapping, logit_scale, want_entropy)
-            return _five(head_out, want_entropy)
+            return _through_module(head, hidden, targets, temperature, final_logit_softcapping,
+                                   logit_scale, want_entropy, stats)
         device = hidden.device
         dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
                  else hidden.dtype)
@@ -329,14 +355,9 @@ class ChunkedLogProbFunction:
         out = linear_logprobs(
             hidden.to(dtype), weight.to(dtype), targets, None if bias is None else bias.to(dtype),
             lora_a, lora_b, scale, temperature / logit_scale, _IGNORE_INDEX,
-            return_entropy=want_entropy,
+            return_entropy=want_entropy, stats=stats,
         )
-        return _five(out, want_entropy)
-
-
-def _five(out, want_entropy: bool):
-    logp, entropy = out if want_entropy else (out, None)
-    return logp, entropy, None, None, None
+        return out.logp, out.entropy, out.log_sum_sq_probs, out.mean_logits, out.is_top1
 
 
 @dropin
