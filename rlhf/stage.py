@@ -359,7 +359,14 @@ def limits_cpu_threads(train_fn: Callable) -> Callable:
 def warmup_cosine_schedule(
     optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.1
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up from 0 over ``warmup_steps``, then cosine decay to ``min_ratio`` x lr."""
+    """Linear warm-up from 0 over ``warmup_steps``, then cosine decay to ``min_ratio`` x lr.
+    A warm-up longer than the run (``warmup_steps`` > ``total_steps``) is said: the learning
+    rate would rise for the whole run and never reach the lr asked for."""
+    if warmup_steps > total_steps:
+        warnings.warn(f"warmup_steps={warmup_steps} is more than the run's {total_steps} optimizer "
+                      f"steps: the learning rate rises for the whole run and peaks at "
+                      f"{total_steps / warmup_steps:.0%} of lr; lower warmup_steps to at most "
+                      f"{total_steps}", stacklevel=2)
 
     def factor(step: int) -> float:
         if step < warmup_steps:

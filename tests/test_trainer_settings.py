@@ -313,3 +313,36 @@ def test_rm_print_config_refuses_what_the_run_refuses(capsys):
     assert cli.main(["rm", "eval_every=5", "eval_fraction=0", "--print-config"]) == 2
     assert "eval_every=5 has no effect with eval_fraction=0" in capsys.readouterr().err
     assert _printed(capsys, ["rm", "eval_every=5", "--print-config"])["eval_every"] == 5
+
+
+# --------------------------------------------------------------------------------------------
+# a warm-up longer than the run is said
+# --------------------------------------------------------------------------------------------
+def test_a_warmup_longer_than_the_run_is_said(tmp_path, tokenizer):
+    """SFT's default warmup_steps=20 in a 12-step run (or RL's 5 in a 4-step one): the
+    learning rate rose for the whole run and peaked at 12/20 of lr, without a word. The
+    schedule every stage uses says so; a warm-up that fits says nothing."""
+    import warnings
+
+    from rlhf.stage import warmup_cosine_schedule
+
+    def schedule(warmup, total):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = warmup_cosine_schedule(optimizer, warmup, total, 0.5)
+        lrs = []
+        for _ in range(total):
+            lrs.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        return lrs
+
+    with pytest.warns(UserWarning, match=r"warmup_steps=20 is more than the run's 12 optimizer "
+                                         r"steps: .* peaks at 60% of lr"):
+        assert max(schedule(20, 12)) == pytest.approx(12 / 20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert max(schedule(12, 12)) == 1.0 and max(schedule(0, 3)) == 1.0
+    # the RL stage's own: num_iterations x ppo_epochs x minibatches / grad_accum_steps steps
+    cfg = rl_config(tmp_path, "grpo", num_iterations=1, warmup_steps=5)  # 2 steps
+    with pytest.warns(UserWarning, match=r"warmup_steps=5 is more than the run's 2 optimizer"):
+        rl.train(cfg, backbone=tiny_backbone(tokenizer), tokenizer=tokenizer, prompts=PROMPTS)
