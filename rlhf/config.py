@@ -30,7 +30,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-__all__ = ["config_to_dict", "is_set", "load_config", "parse_overrides", "save_config"]
+__all__ = ["config_to_dict", "is_set", "load_config", "parse_overrides", "save_config",
+           "value_of"]
 
 T = TypeVar("T")
 _NULL_WORDS = {"null", "none", "~", ""}
@@ -123,6 +124,19 @@ def is_set(values: Mapping[str, Any], key: str) -> bool:
     if isinstance(node, _CommandLineValue):
         return node.strip().lower() not in _NULL_WORDS
     return node is not None
+
+
+def value_of(values: Mapping[str, Any], key: str, field_type: Any) -> Any:
+    """The dotted ``key``'s value in the raw config tree ``values`` (YAML + overrides, before
+    building), coerced to ``field_type`` as the field will be; None when it is not set."""
+    node: Any = values
+    for part in key.split("."):
+        if isinstance(node, _CommandLineValue):
+            node = _parse_command_line(node, part)
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return _coerce(node, field_type, key)
 
 
 def _default_instance(cls: type) -> Any | None:

@@ -1,7 +1,7 @@
 """SFT -> pairs -> reward model -> RL -> evaluation, on the built-in task or on your data.
 
 ``rlhf pipeline`` (no arguments) calls ``run(PipelineConfig())``. The RL stage runs
-``algorithm`` (default ppo; grpo, dr_grpo, rloo, gspo, dapo, cispo: rlhf/rl.py) with the
+``algorithm`` (default ppo; grpo, dr_grpo, rloo, gspo, dapo, cispo, sapo: rlhf/rl.py) with the
 ``ppo.*`` settings; its folder is named after the algorithm (``ppo/``, ``grpo/``, ...), and the
 summary's ``ppo_*`` figures are those of the RL policy whatever the algorithm (``algorithm``
 says which). Everything lands under ``cfg.output_dir`` (default ``runs/pipeline``)::
@@ -168,7 +168,8 @@ class PipelineConfig:
     sample_batch_size: int = 256
     eval_samples: int = 400  # built-in task: responses per policy on held-out prompts
     kl_bound: float | None = None  # built-in task; None: ppo.kl_target
-    algorithm: str = "ppo"  # the RL stage's: ppo | grpo | dr_grpo | rloo | gspo | dapo | cispo
+    # the RL stage's: ppo | grpo | dr_grpo | rloo | gspo | dapo | cispo | sapo
+    algorithm: str = "ppo"
     # torch intra-op threads when running on the CPU (None: torch's default, OMP_NUM_THREADS).
     # The tiny model's matrices are too small to gain much from more threads, and when other
     # processes share the cores, multi-thread barriers make every op many times slower
@@ -266,15 +267,16 @@ class PipelineConfig:
         from rlhf.config import is_set
 
         task_name = str(values.get("task", "reviews")).strip()
-        # sft.epochs without sft.max_steps: the preset's max_steps would replace those epochs
-        sft_preset = sft.without_preset_steps(task.SFT_SETTINGS, values, "sft.")
+        # sft.epochs without sft.max_steps: the preset's max_steps would replace those epochs;
+        # sft.lora_rank of the other kind without sft.lr: the preset's lr is not for that kind
+        sft_preset = sft.preset_for(task.SFT_SETTINGS, values, "sft.")
         if task_name == "reviews" and (is_set(values, "sft.model") or is_set(values, "model")):
             if any(is_set(values, f"{name}.dataset") for name in ("sft", "reward", "ppo")):
                 return cls(sft=sft.SFTConfig(), reward=reward.RewardConfig(),
                            ppo=ppo.PPOConfig(**_stage_algorithm(
                                str(values.get("algorithm", "ppo")).strip())))
             stages = _pretrained_stage_defaults(str(values.get("algorithm", "ppo")).strip())
-            stages["sft"] = sft.SFTConfig(**sft.without_preset_steps(
+            stages["sft"] = sft.SFTConfig(**sft.preset_for(
                 task.PRETRAINED_SFT_SETTINGS, values, "sft."))
             return cls(**stages)
         if task_name not in TASKS:
@@ -311,7 +313,7 @@ _STAGE_FOLDERS = {"sft": "sft", "reward": "rm", "ppo": "ppo"}
 _RL_RUN_FILES = tuple(f"{algorithm}/{name}" for algorithm in ppo.ALGORITHMS if algorithm != "ppo"
                       for name in STAGE_RUN_FILES)
 _LABELS = {"ppo": "PPO", "grpo": "GRPO", "dr_grpo": "Dr. GRPO", "rloo": "RLOO", "gspo": "GSPO",
-           "dapo": "DAPO", "cispo": "CISPO"}
+           "dapo": "DAPO", "cispo": "CISPO", "sapo": "SAPO"}
 
 
 def _stage_folders(cfg: PipelineConfig) -> dict[str, str]:

@@ -47,7 +47,7 @@ from rlhf.stage import (
     warmup_cosine_schedule,
 )
 
-__all__ = ["SFTConfig", "lm_loss", "printable_config", "train", "without_preset_steps"]
+__all__ = ["SFTConfig", "lm_loss", "preset_for", "printable_config", "train"]
 
 
 @dataclass
@@ -135,14 +135,14 @@ class SFTConfig:
     def config_defaults(cls, values) -> SFTConfig:
         """What ``load_config`` starts from: without ``model`` (the built-in task: a tiny Llama
         from scratch), the task's own settings (``task.SFT_SETTINGS``); with one, the defaults
-        for a pretrained model. ``epochs`` given without ``max_steps`` drops the preset's
-        ``max_steps`` (which would replace it)."""
+        for a pretrained model. A preset value that would replace a given setting is left out
+        (``preset_for``: max_steps when epochs is given, lr when lora_rank changes kind)."""
         from rlhf import task
         from rlhf.config import is_set
 
         if is_set(values, "model"):
             return cls()
-        return cls(**without_preset_steps(task.SFT_SETTINGS, values))
+        return cls(**preset_for(task.SFT_SETTINGS, values))
 
     def check_used_settings(self) -> None:
         """Refuse a setting this configuration would ignore (one ValueError naming it): each
@@ -177,15 +177,23 @@ class SFTConfig:
         return dataclasses.replace(self, lr=lr, max_steps=steps)
 
 
-def without_preset_steps(preset: dict, values, prefix: str = "") -> dict:
-    """``preset`` (a stage's preset settings) without its ``max_steps`` when the raw config tree
-    ``values`` sets ``<prefix>epochs`` but not ``<prefix>max_steps``: a preset's max_steps would
-    silently replace the epochs the user asked for."""
-    from rlhf.config import is_set
+def preset_for(preset: dict, values, prefix: str = "") -> dict:
+    """``preset`` (a stage's preset settings) without what would silently replace the settings
+    the raw config tree ``values`` gives: its ``max_steps`` when ``<prefix>epochs`` is set
+    without ``<prefix>max_steps`` (the steps would replace the epochs), and its ``lr`` when
+    ``<prefix>lora_rank`` switches between full-weight and LoRA fine-tuning without
+    ``<prefix>lr`` (the preset's lr is tuned for its own kind: the run then takes the default
+    of the kind asked for, 2e-5 full-weight or 2e-4 LoRA, as ``lr=None`` does)."""
+    from rlhf.config import is_set, value_of
 
+    kept = dict(preset)
     if is_set(values, prefix + "epochs") and not is_set(values, prefix + "max_steps"):
-        return {key: value for key, value in preset.items() if key != "max_steps"}
-    return dict(preset)
+        kept.pop("max_steps", None)
+    if "lr" in kept and is_set(values, prefix + "lora_rank") and not is_set(values,
+                                                                          prefix + "lr"):
+        if bool(value_of(values, prefix + "lora_rank", int)) != bool(kept.get("lora_rank", 0)):
+            kept.pop("lr")
+    return kept
 
 
 def printable_config(cfg: SFTConfig) -> dict:

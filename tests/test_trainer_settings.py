@@ -346,3 +346,29 @@ def test_a_warmup_longer_than_the_run_is_said(tmp_path, tokenizer):
     cfg = rl_config(tmp_path, "grpo", num_iterations=1, warmup_steps=5)  # 2 steps
     with pytest.warns(UserWarning, match=r"warmup_steps=5 is more than the run's 2 optimizer"):
         rl.train(cfg, backbone=tiny_backbone(tokenizer), tokenizer=tokenizer, prompts=PROMPTS)
+
+
+# --------------------------------------------------------------------------------------------
+# SFT: a preset's learning rate belongs to its kind of fine-tuning
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, lr", [
+    (["pipeline", "model=some/model", "sft.lora_rank=0"], 2e-5),  # the LoRA preset -> full
+    (["pipeline", "model=some/model", "sft.lora_rank=0", "sft.lr=1e-5"], 1e-5),
+    (["pipeline", "model=some/model", "sft.lora_rank=8"], 5e-4),  # LoRA still: the preset's
+    (["pipeline", "model=some/model"], 5e-4),
+    (["sft", "lora_rank=4"], 2e-4),  # the built-in task's full-weight preset -> LoRA
+    (["sft"], 3e-3)])
+def test_a_preset_lr_is_not_kept_for_the_other_kind_of_fine_tuning(argv, lr):
+    """`rlhf pipeline model=X sft.lora_rank=0` (full-weight SFT of a pretrained model) kept
+    the LoRA preset's lr=5e-4, 25 times the full-weight default 2e-5, without a word. A preset's
+    lr is now left out when lora_rank switches the kind of fine-tuning and lr is not given: the
+    run takes the default of the kind asked for, as SFTConfig(lr=None) does."""
+    from rlhf import cli, pipeline, sft
+    from rlhf.config import load_config
+
+    command, overrides = argv[0], argv[1:]
+    if command == "pipeline":
+        cfg = pipeline.stage_configs(load_config(pipeline.PipelineConfig, None, overrides))["sft"]
+    else:
+        cfg = load_config(getattr(sft, cli.STAGES[command].config_class), None, overrides)
+    assert cfg.resolved(100).lr == pytest.approx(lr)
