@@ -476,6 +476,8 @@ SETTINGS_ADDED: dict[str, tuple[Any, ...]] = {
     # DAPO's additions (no run sampled again, shaped lengths or masked cut responses before)
     "dynamic_sampling": (False,), "dynamic_sampling_rounds": (_ANY,),
     "overlong_buffer": (0,), "overlong_penalty": (_ANY,), "mask_truncated": (False,),
+    # SAPO's gate (no run was SAPO before: its temperatures were unused)
+    "sapo_tau_pos": (_ANY,), "sapo_tau_neg": (_ANY,),
 }
 
 

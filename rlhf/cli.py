@@ -12,7 +12,8 @@ overrides; see rlhf/config.py) and calls the stage's entry point:
     rlhf frontier  rlhf.frontier.FrontierConfig -> rlhf.frontier.run(cfg)
 
 `rlhf ppo` and `rlhf grpo` are one RL stage; they differ only in the default algorithm (and
-output_dir): either takes `algorithm=` (ppo, grpo, dr_grpo, rloo, gspo, dapo, cispo).
+output_dir): either takes `algorithm=` (ppo, grpo, dr_grpo, rloo, gspo, dapo, cispo,
+sapo).
 `rlhf pipeline` with no arguments runs all three stages on the built-in review task.
 `--resume` sets `resume=true` (the stage continues from its last checkpoint);
 `--print-config` prints the resolved config as YAML (for the pipeline: the settings each stage

@@ -134,14 +134,16 @@ from rlhf.stage import (
 
 __all__ = ["ADVANTAGE_ESTIMATORS", "ALGORITHMS", "CRITIC_SETTINGS", "DYNAMIC_SAMPLING_SETTINGS",
            "GROUP_SETTINGS", "LOSS_NORMALIZERS", "OLD_LOGPROBS_MODES", "PRESETS", "PRESET_KEYS",
+           "SAPO_SETTINGS",
            "AdaptiveKLController", "AlgorithmSettings", "GRPOConfig", "PPOConfig", "RLConfig",
            "Rollout",
            "backward_losses", "check_resumed_algorithm", "decode_responses", "encode_prompts",
            "make_optimizer", "make_rollout", "policy_loss", "printable_config",
-           "recorded_logprobs_match", "step_normalizer", "train", "used_settings", "value_loss"]
+           "recorded_logprobs_match", "sapo_temperatures", "step_normalizer", "train",
+           "used_settings", "value_loss"]
 
 OLD_LOGPROBS_MODES = ("auto", "forward")
-ALGORITHMS = ("ppo", "grpo", "dr_grpo", "rloo", "gspo", "dapo", "cispo")
+ALGORITHMS = ("ppo", "grpo", "dr_grpo", "rloo", "gspo", "dapo", "cispo", "sapo")
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo")  # gae: PPO's critic
 ADVANTAGE_NORMS = ("auto", "group", "batch", "none")  # auto: the estimator's own
 # The outer denominator of the loss reduction: "batch" the reduction's own (per micro-batch);
@@ -169,6 +171,9 @@ PRESETS: dict[str, dict] = {
     # eps_max = 5, TRL's recommendation), tokens of the step as DAPO
     "cispo": dict(_CRITIC_FREE, loss_type="cispo", loss_reduction="token-mean",
                   loss_normalizer="step_tokens", clip_ratio=1.0, clip_ratio_high=4.0),
+    # SAPO (Qwen): GRPO with a smooth gate sigmoid(tau (r - 1)) * 4 / tau on the ratio in place
+    # of the clip (sapo_tau_pos / sapo_tau_neg); clip_ratio only sets what clipfrac counts
+    "sapo": dict(_CRITIC_FREE, loss_type="sapo"),
 }
 PRESET_KEYS = tuple(_BASE)
 # Settings only a critic uses: refused (when changed from their default) by a critic-free run.
@@ -178,6 +183,8 @@ CRITIC_SETTINGS = ("critic_lr", "value_clip", "gamma", "lam", "whiten_advantages
 GROUP_SETTINGS = ("advantage_norm",)
 # Settings only dynamic sampling uses: refused (when changed from their default) without it.
 DYNAMIC_SAMPLING_SETTINGS = ("dynamic_sampling_rounds",)
+# SAPO's gate temperatures: refused (when changed from their default) with another loss type.
+SAPO_SETTINGS = ("sapo_tau_pos", "sapo_tau_neg")
 
 
 @dataclass(frozen=True)
@@ -215,7 +222,7 @@ class RLConfig:
     model: str | None = None  # SharedBackbone directory written by the reward stage
     tokenizer: str | None = None  # defaults to ``model`` (the stages save the tokenizer there)
     dataset: str | None = None  # prompts file (a "prompt" column) or hub name; None: built-in
-    algorithm: str = "ppo"  # ppo | grpo | dr_grpo | rloo | gspo | dapo | cispo (PRESETS)
+    algorithm: str = "ppo"  # ppo | grpo | dr_grpo | rloo | gspo | dapo | cispo | sapo (PRESETS)
     num_iterations: int = 100
     rollout_batch_size: int = 64  # sequences per iteration (prompts x group_size)
     group_size: int | None = None  # samples per prompt; preset: 1 (ppo), 8 (critic-free)
@@ -246,7 +253,12 @@ class RLConfig:
     clip_ratio: float | None = None  # the ratio's lower clip (and upper, unless clip_ratio_high)
     clip_ratio_high: float | None = None  # preset: clip_ratio; dapo 0.28; cispo 4.0
     ratio_level: str | None = None  # token | sequence (GSPO); preset
-    loss_type: str | None = None  # ppo | cispo; preset
+    loss_type: str | None = None  # ppo | cispo | sapo; preset
+    # SAPO's gate temperature where the advantage is > 0 / <= 0 (TRL's and veRL's defaults):
+    # larger is closer to a hard clip, and the negative side's is higher, so tokens pushed down
+    # lose their gradient sooner
+    sapo_tau_pos: float = 1.0
+    sapo_tau_neg: float = 1.05
     value_clip: float = 0.2
     entropy_coef: float = 0.0
     score_clip: float | None = 5.0
@@ -299,7 +311,8 @@ class RLConfig:
         check_device(self.device)
         check_settings(self, positive=("lr", "critic_lr", "grad_clip", "clip_ratio",
                                        "clip_ratio_high", "value_clip", "score_clip",
-                                       "kl_horizon", "overlong_penalty"),
+                                       "kl_horizon", "overlong_penalty", "sapo_tau_pos",
+                                       "sapo_tau_neg"),
                        non_negative=("kl_coef", "entropy_coef"),
                        fractions=("gamma", "lam", "min_lr_ratio"),
                        counts=("rollout_batch_size", "ppo_epochs", "cpu_threads", "group_size",
@@ -310,7 +323,7 @@ class RLConfig:
                    ("loss_reduction", rlhf_kernels.reference.REDUCTIONS, "a reduction"),
                    ("advantage_estimator", ADVANTAGE_ESTIMATORS, "an advantage estimator"),
                    ("ratio_level", ("token", "sequence"), "a ratio level"),
-                   ("loss_type", ("ppo", "cispo"), "a loss type"),
+                   ("loss_type", ("ppo", "cispo", "sapo"), "a loss type"),
                    ("loss_normalizer", LOSS_NORMALIZERS, "a loss normalizer"),
                    ("advantage_norm", ADVANTAGE_NORMS, "an advantage norm"))
         for name, allowed, what in choices:
@@ -398,6 +411,9 @@ class RLConfig:
             warnings.warn(f"kl_target={self.kl_target} has no effect with kl_coef=0 (the "
                           f"adaptive controller multiplies kl_coef, and 0 stays 0); give kl_coef "
                           f"a starting value > 0, or kl_target=null for no KL", stacklevel=2)
+        if s.loss_type != "sapo":
+            refuse_changed(SAPO_SETTINGS, f"loss_type={s.loss_type!r}: the temperatures are "
+                                          f"SAPO's gate's")
         if not s.dynamic_sampling:
             refuse_changed(DYNAMIC_SAMPLING_SETTINGS, "dynamic_sampling is off")
         elif s.uses_critic or s.group_size == 1:
@@ -453,6 +469,7 @@ def used_settings(cfg: RLConfig, values: dict) -> dict:
         values[key] = resolved[key]
     unused = (GROUP_SETTINGS if cfg.settings.uses_critic else CRITIC_SETTINGS) + \
         (() if cfg.settings.dynamic_sampling else DYNAMIC_SAMPLING_SETTINGS) + \
+        (() if cfg.settings.loss_type == "sapo" else SAPO_SETTINGS) + \
         (("kl_horizon",) if cfg.kl_target is None else ())
     for key in unused:
         values.pop(key, None)
@@ -658,8 +675,16 @@ def policy_loss(backbone, batch: Rollout, cfg: RLConfig, *, kl_coef: float | Non
         batch.action_mask, bias=backbone.lm_head_bias(), entropy_coef=cfg.entropy_coef,
         temperature=cfg.temperature, clip_low=s.clip_ratio, clip_high=s.clip_ratio_high,
         reduction=s.loss_reduction, ratio_level=s.ratio_level, loss_type=s.loss_type,
-        normalizer=normalizer, **kl,
+        normalizer=normalizer, **kl, **sapo_temperatures(cfg),
     )
+
+
+def sapo_temperatures(cfg: RLConfig) -> dict:
+    """SAPO's gate temperatures as the op takes them (nothing for another loss type, which
+    refuses them)."""
+    if cfg.settings.loss_type != "sapo":
+        return {}
+    return dict(sapo_tau_pos=cfg.sapo_tau_pos, sapo_tau_neg=cfg.sapo_tau_neg)
 
 
 def value_loss(backbone, batch: Rollout, cfg: RLConfig):

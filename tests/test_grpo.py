@@ -84,6 +84,7 @@ def test_presets_resolve_and_explicit_settings_win():
         "gspo": ("grpo", "sequence", "ppo", "seq-mean-token-mean", "batch"),
         "dapo": ("grpo", "token", "ppo", "token-mean", "step_tokens"),
         "cispo": ("grpo", "token", "cispo", "token-mean", "step_tokens"),
+        "sapo": ("grpo", "token", "sapo", "seq-mean-token-mean", "batch"),
     }
     for algorithm, values in expected.items():
         s = rl.RLConfig(algorithm=algorithm).settings
@@ -108,7 +109,8 @@ def test_presets_resolve_and_explicit_settings_win():
     (dict(algorithm="grpo", group_size=0), r"group_size=0 is out of range"),
     (dict(advantage_estimator="vtrace"), r"advantage_estimator='vtrace' is not an advantage"),
     (dict(ratio_level="seq"), r"ratio_level='seq' is not a ratio level"),
-    (dict(loss_type="sapo"), r"loss_type='sapo' is not a loss type"),
+    (dict(loss_type="vespo"), r"loss_type='vespo' is not a loss type"),
+    (dict(algorithm="sapo", sapo_tau_neg=0.0), r"sapo_tau_neg=0.0 is out of range"),
     (dict(loss_normalizer="global"), r"loss_normalizer='global' is not a loss normalizer"),
     (dict(advantage_norm="std"), r"advantage_norm='std' is not an advantage norm"),
     (dict(clip_ratio_high=0.0), r"clip_ratio_high=0.0 is out of range"),
@@ -116,6 +118,23 @@ def test_presets_resolve_and_explicit_settings_win():
 def test_bad_settings_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
         rl.RLConfig(**settings)
+
+
+def test_sapo_temperatures_apply_to_sapo_only():
+    """SAPO's gate temperatures: shown and passed to the op for loss_type=sapo (its preset, or
+    any algorithm given loss_type=sapo), refused when changed for another loss type, and not
+    shown where they do not apply."""
+    cfg = rl.RLConfig(algorithm="sapo", sapo_tau_neg=2.0)
+    assert rl.sapo_temperatures(cfg) == dict(sapo_tau_pos=1.0, sapo_tau_neg=2.0)
+    shown = rl.printable_config(cfg)
+    assert (shown["loss_type"], shown["sapo_tau_pos"], shown["sapo_tau_neg"]) == ("sapo", 1.0, 2.0)
+    dapo_sapo = rl.RLConfig(algorithm="dapo", loss_type="sapo", sapo_tau_pos=0.5)
+    assert rl.sapo_temperatures(dapo_sapo) == dict(sapo_tau_pos=0.5, sapo_tau_neg=1.05)
+    grpo = rl.RLConfig(algorithm="grpo")
+    assert rl.sapo_temperatures(grpo) == {} and "sapo_tau_pos" not in rl.printable_config(grpo)
+    with pytest.raises(ValueError, match=r"sapo_tau_pos=2.0 has no effect with "
+                                         r"algorithm='grpo' \(loss_type='ppo'"):
+        rl.RLConfig(algorithm="grpo", sapo_tau_pos=2.0).check_critic_settings()
 
 
 def test_critic_settings_are_refused_without_a_critic(tmp_path, capsys):
@@ -222,6 +241,9 @@ def _float64_loss(backbone, batch, cfg, kl_coef, normalizer):
     low, high = 1 - s.clip_ratio, 1 + s.clip_ratio_high
     if s.loss_type == "cispo":
         per_token = -ratio.clamp(low, high) * A * logp
+    elif s.loss_type == "sapo":  # the soft gate, its temperature by the sign of A
+        tau = torch.where(A > 0, cfg.sapo_tau_pos, cfg.sapo_tau_neg).double()
+        per_token = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * A
     else:
         per_token = torch.maximum(-A * ratio, -A * ratio.clamp(low, high))
     k3 = torch.exp(ref - logp) - (ref - logp) - 1
@@ -238,16 +260,20 @@ def _float64_loss(backbone, batch, cfg, kl_coef, normalizer):
 
 
 @pytest.mark.parametrize("algorithm, backend", [
-    *((algorithm, "reference") for algorithm in ("grpo", "dr_grpo", "gspo", "dapo", "cispo")),
-    # the kernels' paths: (B,) advantages and KL, the sequence ratio, CISPO with a tensor count
-    ("grpo", "triton"), ("gspo", "triton"), ("cispo", "triton")])
+    *((algorithm, "reference") for algorithm in ("grpo", "dr_grpo", "gspo", "dapo", "cispo",
+                                                 "sapo")),
+    # the kernels' paths: (B,) advantages and KL, the sequence ratio, CISPO with a tensor count,
+    # SAPO's gate
+    ("grpo", "triton"), ("gspo", "triton"), ("cispo", "triton"), ("sapo", "triton")])
 def test_a_step_loss_equals_a_float64_computation(tokenizer, algorithm, backend, monkeypatch):
     """The loss the update backpropagates (rlhf_kernels.linear_ppo_loss with the algorithm's
     options: the Triton kernels under the interpreter, and the reference)."""
     if backend == "triton" and not rlhf_kernels.backend.triton_interpreter_enabled():
         pytest.skip("the Triton kernels run on CPU tensors under TRITON_INTERPRET=1 only")
     backbone = randomised_policy(tokenizer, seed=2)
-    cfg = rl_config(None, algorithm)
+    # SAPO at temperatures of its own (not the defaults): they reach the op
+    cfg = rl_config(None, algorithm, **(dict(sapo_tau_pos=0.7, sapo_tau_neg=2.5)
+                                        if algorithm == "sapo" else {}))
     gen = group_generation(backbone, tokenizer, cfg, 2, seed=5)
     rollout = rl.make_rollout(backbone, gen, kl_coef=0.3, cfg=cfg, use_recorded_logprobs=True)
     # the update's policy has moved from the one that sampled: ratios away from 1, some clipped
