@@ -372,3 +372,15 @@ def test_a_preset_lr_is_not_kept_for_the_other_kind_of_fine_tuning(argv, lr):
     else:
         cfg = load_config(getattr(sft, cli.STAGES[command].config_class), None, overrides)
     assert cfg.resolved(100).lr == pytest.approx(lr)
+
+
+@pytest.mark.parametrize("overrides, lr", [
+    (["sft.model=m", "sft.dataset=s.jsonl", "reward.dataset=p.jsonl", "ppo.dataset=q.jsonl"],
+     2e-5), (["sft.model=m", "sft.dataset=s.jsonl", "reward.dataset=p.jsonl",
+              "ppo.dataset=q.jsonl", "sft.lora_rank=8"], 2e-4)])
+def test_pipeline_print_config_shows_the_sft_lr_the_run_takes(capsys, overrides, lr):
+    """On your data the SFT stage starts from SFTConfig(), lr=None (2e-5 full-weight, 2e-4
+    LoRA): `rlhf pipeline --print-config` and summary.json showed `lr: null`, not the lr the
+    stage trained at (`rlhf sft --print-config` shows it since 4a75333)."""
+    printed = _printed(capsys, ["pipeline", *overrides, "--print-config"])
+    assert printed["sft"]["lr"] == pytest.approx(lr)
