@@ -356,3 +356,102 @@ def test_one_training_step_matches_trl(kind, tokenizer, monkeypatch):
     moved = max((got_weights[n] - _model(tokenizer).state_dict()[n]).abs().max().item()
                 for n in weights)
     assert moved > 1e-4  # the step did train
+
+
+# --------------------------------------------------------------------------------------------
+# SFTTrainer / DPOTrainer / KTOTrainer with a PEFT adapter on lm_head (TRL refuses it)
+# --------------------------------------------------------------------------------------------
+def _lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"],
+                      init_lora_weights=False)
+
+
+def _build(kind, tokenizer, **kwargs):
+    dataset = _datasets()[kind]
+    model = _model(tokenizer)
+    if kind == "sft":
+        return trl.SFTTrainer(model=model, args=_args(trl.SFTConfig), train_dataset=dataset,
+                              processing_class=tokenizer, **kwargs)
+    if kind == "dpo":
+        return trl.DPOTrainer(model=model, args=_args(trl.DPOConfig, use_weighting=True),
+                              train_dataset=dataset, processing_class=tokenizer, **kwargs)
+    return trl.KTOTrainer(model=model, args=_args(trl.KTOConfig), train_dataset=dataset,
+                          processing_class=tokenizer, **kwargs)
+
+
+def test_sft_with_lora_on_lm_head_is_the_models_own_loss(tokenizer, monkeypatch):
+    """Under patch_trl SFTTrainer takes a LoRA adapter on lm_head (TRL refuses it): its loss,
+    entropy and mean_token_accuracy (from is_top1) are those of the adapted model's own logits,
+    and so are the gradients of every adapter weight, lm_head's included."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="lm_head"):
+            _build("sft", tokenizer, peft_config=_lora_config())
+        with ours.patch_trl():
+            trainer = _build("sft", tokenizer, peft_config=_lora_config())
+    model = trainer.model
+    model.train()
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    params = [p for _, p in model.named_parameters() if p.requires_grad]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("lm_head" in n for n in names)
+    spy = _Spy(monkeypatch)
+    with ours.patch_trl():
+        loss = trainer.compute_loss(model, dict(inputs))
+        grads = torch.autograd.grad(loss, params)
+    assert spy.stats == [("is_top1",)]  # plain LoRA: through linear_logprobs
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+    logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits[:, :-1].double()
+    targets = inputs["labels"][:, 1:]
+    keep = targets != -100
+    logp = logits.log_softmax(-1)
+    nll = -logp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)[keep]
+    expected_loss = nll.mean()
+    entropy = -(logp.exp() * logp).sum(-1)[keep].mean()
+    accuracy = (logits.argmax(-1) == targets)[keep].double().mean()
+    expected_grads = torch.autograd.grad(expected_loss, params)
+    assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-5)
+    assert metrics["entropy"] == pytest.approx(entropy.item(), rel=1e-5)
+    assert metrics["mean_token_accuracy"] == pytest.approx(accuracy.item(), abs=1e-6)
+    assert accuracy > 0
+    for name, g, e in zip(names, grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, name=name: f"d {name}: {m}")
+        assert g.abs().sum() > 0, name
+
+
+def test_kto_takes_a_lora_on_lm_head(tokenizer):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="lm_head"):
+            _build("kto", tokenizer, peft_config=_lora_config())
+        with ours.patch_trl():
+            trainer = _build("kto", tokenizer, peft_config=_lora_config())
+    assert any("lm_head.lora_A" in n for n, _ in trainer.model.named_parameters())
+
+
+def test_dpo_trains_a_lora_on_lm_head(tokenizer, monkeypatch):
+    """DPOTrainer (its reference: the adapter switched off) takes a LoRA adapter on lm_head
+    under patch_trl and trains it: one step moves lm_head's lora_A / lora_B, every fused-head
+    call through linear_logprobs (the outputs' values with an adapter:
+    test_every_output_with_an_adapter_on_lm_head). KTOTrainer's step is the same path."""
+    kind = "dpo"
+    spy = _Spy(monkeypatch)
+    _trap_trl(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with ours.patch_trl():
+            trainer = _build(kind, tokenizer, peft_config=_lora_config())
+            before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()
+                      if p.requires_grad and "lm_head" in n}
+            trainer.train()
+    # (the reference pass: the same model with the adapter off, so the policy's outputs)
+    assert len(before) == 2 and spy.stats and set(spy.stats) <= _TRAINER_STATS[kind]
+    after = dict(trainer.model.named_parameters())
+    for name, value in before.items():
+        assert (after[name].detach() - value).abs().max() > 1e-5, name
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in trainer.state.log_history[0].items()
+               if isinstance(v, float))

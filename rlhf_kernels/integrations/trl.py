@@ -392,6 +392,14 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
     model.forward = forward
 
 
+# The other trainers whose only use of peft's BaseTunerLayer is the refusal of an adapter on
+# lm_head; patch_trl lifts it as for GRPOTrainer and RLOOTrainer (every output of their fused
+# head includes the adapter).
+_LM_HEAD_ADAPTER_TRAINERS = (("trl.trainer.sft_trainer", "SFTTrainer"),
+                             ("trl.trainer.dpo_trainer", "DPOTrainer"),
+                             ("trl.trainer.kto_trainer", "KTOTrainer"))
+
+
 class _NoTunerLayer:
     """Stands for peft's BaseTunerLayer inside a trainer's __init__ while it runs under
     patch_trl: nothing is an instance of it, so the trainer's refusal of an adapter on lm_head
@@ -712,8 +720,9 @@ def patch_trl(keep_fp32: bool = False) -> Patch:
     * the fused lm head of the trainers: ``_ChunkedLogProbFunction`` (the math, by
       ``linear_logprobs``; trainers built before the patch use it too) and ``add_fused_lm_head``
       (for trainers built under the patch: includes a PEFT adapter on lm_head);
-    * ``GRPOTrainer.__init__`` and ``RLOOTrainer.__init__``: a PEFT adapter on lm_head is
-      accepted (TRL refuses it because its fused head ignores the adapter);
+    * ``GRPOTrainer.__init__`` and ``RLOOTrainer.__init__`` (and SFTTrainer's, DPOTrainer's,
+      KTOTrainer's): a PEFT adapter on lm_head is accepted (TRL refuses it because its fused
+      head ignores the adapter);
     * ``GRPOTrainer._compute_loss`` (TRL 1.16 only; another version keeps its own, with a
       warning): ``grpo_compute_loss``. RLOOTrainer's loss is left to TRL: it is a per-sequence
       scalar over B values (its log-probabilities come through the patched fused head).
@@ -727,7 +736,8 @@ def patch_trl(keep_fp32: bool = False) -> Patch:
     targets = [(_UTILS, fn.__name__, fn) for fn in fns]
     targets += [(_UTILS, _CHUNKED, ChunkedLogProbFunction),
                 (_UTILS, _FUSED_HEAD, add_fused_lm_head)]
-    for module_name, cls_name in ((_GRPO, "GRPOTrainer"), (_RLOO, "RLOOTrainer")):
+    for module_name, cls_name in ((_GRPO, "GRPOTrainer"), (_RLOO, "RLOOTrainer"),
+                                  *_LM_HEAD_ADAPTER_TRAINERS):
         targets.append((module_name, f"{cls_name}.__init__",
                         _accepting_adapter_on_lm_head(module_name, cls_name)))
     minor = _trl_minor()
