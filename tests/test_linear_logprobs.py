@@ -578,3 +578,36 @@ def test_stats_stay_within_one_chunk_of_memory():
         (out.logp.sum() + out.entropy.sum()).backward()
     assert out.is_top1.shape == labels.shape
     assert mode.largest <= flat.BOUND_BYTES, (mode.largest, flat.BOUND_BYTES)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_logits_stats_every_path(dtype, temperature, overwrite):
+    """``logits_stats`` (the per-chunk code, also what TRL's drop-in runs on a head module's
+    logits) on each of its log_sum_sq_probs paths: in place (fp32 / fp64 chunk it may
+    overwrite), torch.softmax (temperature 1 on a copy), the shifted copy (otherwise); blocks of
+    rows (16-bit logits); -inf entries. Against ``reference.logprob_stats`` in float64."""
+    from rlhf_kernels.ops.linear_logprobs import logits_stats, stats_bits, stats_outputs
+
+    rows, V = 13, 300
+    logits = (torch.randn(rows, V, device=DEVICE) * 4).to(dtype)
+    logits[2, ::3] = float("-inf")
+    labels = torch.randint(0, V, (rows,), device=DEVICE)
+    labels[::4] = -100
+    labels[1] = logits[1].float().argmax()
+    ref = reference.logprob_stats(logits.double(), labels, temperature)
+    same_dtype = reference.logprob_stats(logits, labels, temperature)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    outs = stats_outputs(labels, acc, stats_bits(ALL_STATS))
+    kept = logits.clone()
+    logits_stats(kept, labels, temperature, -100, outs, overwrite=overwrite)
+    if not overwrite:
+        assert torch.equal(kept, logits)
+    assert_close_2x(outs[0], same_dtype[0], ref[0], dtype, name="log_sum_sq_probs")
+    assert torch.isfinite(outs[0]).all()
+    finite = torch.arange(rows, device=DEVICE) != 2  # row 2's mean is -inf
+    assert outs[1][2] == ref[1][2] == float("-inf")
+    assert_close_2x(outs[1][finite], same_dtype[1][finite], ref[1][finite], dtype,
+                    atol_scale=40.0 / temperature, name="mean_logits")
+    assert torch.equal(outs[2], ref[2]) and outs[2][1]

@@ -329,7 +329,8 @@ def logits_stats(logits, labels, temperature, ignore_index, outs, overwrite=Fals
 
         mean_logits      = sum_j z_j / V                          (summed in fp32 / fp64)
         is_top1          = label == the first argmax_j z_j         (torch.max: first maximum)
-        log_sum_sq_probs = log sum_j e_j^2 - 2 log sum_j e_j,  e_j = exp((x_j - max x) / T)
+        log_sum_sq_probs = 2 log |e| - 2 log sum_j e_j,  e_j = exp((x_j - max x) / T)
+                           (= 2 log |softmax(x)|: torch.softmax, for 16-bit logits at T = 1)
 
     Rows whose label is ignore_index get 0 / False. Torch ops on the block, each one pass over
     it (the op is matmul-bound: these are O(C V) next to the matmul's O(C V H)).
@@ -345,25 +346,37 @@ def logits_stats(logits, labels, temperature, ignore_index, outs, overwrite=Fals
         mean.copy_(total.masked_fill_(~valid, 0.0))
     if lss is None and top1 is None:
         return
-    row_max, argmax = logits.max(-1)  # one pass for both; the first maximum on ties
+    rows = logits.shape[0]
+    in_place = overwrite and logits.dtype == acc
+    softmax_path = lss is not None and not in_place and temperature == 1.0
+    if top1 is not None or (lss is not None and not softmax_path):
+        row_max, argmax = logits.max(-1)  # one pass for both; the first maximum on ties
     if top1 is not None:
         torch.eq(argmax, labels, out=top1)
         top1.logical_and_(valid)
     if lss is None:
         return
-    rows = logits.shape[0]
-    in_place = overwrite and logits.dtype == acc
     itemsize = torch.finfo(acc).bits // 8
+    # fp32 (fp64) temporaries of ``block`` rows: one chunk of logits in bytes at most
     block = rows if in_place else max(1, rows * logits.element_size() // itemsize)
     inv_t = 1.0 / temperature
     for start in range(0, rows, block):
         sl = slice(start, start + block)
-        e = logits[sl] if in_place else logits[sl].to(acc, copy=True)
-        # x - max first (exact for nearby values), then the scale: relative rounding, as the
-        # reference's log_softmax; e <= 1, so neither sum overflows.
-        e.sub_(row_max[sl].unsqueeze(-1)).mul_(inv_t).exp_()
-        log_sum = e.sum(-1).log_()
-        value = e.square_().sum(-1).log_().sub_(log_sum, alpha=2.0)
+        if softmax_path:
+            # 16-bit logits, temperature 1 (DPO's WPO): torch's softmax reads them and writes
+            # fp32 probabilities in one op (shifted by the row max inside); sum p^2 = |p|^2.
+            p = torch.softmax(logits[sl], -1, dtype=acc)
+            value = torch.linalg.vector_norm(p, dim=-1).log_().mul_(2.0)
+        else:
+            e = logits[sl] if in_place else logits[sl].to(acc, copy=True)
+            # x - max first (exact for nearby values), then the scale: relative rounding, as
+            # the reference's log_softmax; e <= 1, so neither sum overflows.
+            e.sub_(row_max[sl].unsqueeze(-1))
+            if inv_t != 1.0:
+                e.mul_(inv_t)
+            e.exp_()
+            log_sum = e.sum(-1).log_()
+            value = torch.linalg.vector_norm(e, dim=-1).log_().sub_(log_sum).mul_(2.0)
         lss[sl] = value.masked_fill_(~valid[sl], 0.0)
 
 
