@@ -38,6 +38,7 @@ from pathlib import Path
 
 from rlhf import pipeline, rl, task
 from rlhf.checkpoint import atomic_write_text
+from rlhf.stage import limits_cpu_threads
 
 __all__ = ["FrontierConfig", "printable_config", "run"]
 
@@ -224,6 +225,7 @@ def _run_point(cfg: FrontierConfig, algorithm: str, kl_coef: float, base_dir: Pa
     return result
 
 
+@limits_cpu_threads  # as rlhf pipeline: each point's held-out sampling too, not only its RL
 def run(cfg: FrontierConfig) -> dict:
     """Run (or resume) the frontier; returns what frontier.json holds."""
     root = Path(cfg.output_dir)

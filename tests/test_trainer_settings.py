@@ -176,23 +176,30 @@ def test_a_frontier_point_runs_the_pipelines_rl_settings(base_algorithm, point):
                           kl_target=None)
 
 
+def _frontier_base(base, quantization="none"):
+    """What the frontier's base pipeline leaves for its points in ``base``: the tokenizer, the
+    SFT model and a reward-stage backbone on it (tiny, untrained)."""
+    from rlhf.models import LoraSpec, SharedBackbone, load_causal_lm
+    from tests._tiny_models import tiny_llama
+
+    tokenizer = rl_tokenizer()
+    tokenizer.save_pretrained(base / "tokenizer")
+    tiny_llama(tokenizer).save_pretrained(base / "sft" / "model")
+    SharedBackbone.from_model(
+        load_causal_lm(base / "sft" / "model", quantization=quantization, device="cpu"),
+        lora=LoraSpec(rank=4, alpha=8), name_or_path=str(base / "sft" / "model"),
+    ).save(base / "rm" / "backbone")
+    return base
+
+
 def test_a_frontier_point_runs_on_the_bases_quantized_model(tmp_path, monkeypatch):
     """base.quantization=nf4: the base pipeline's reward model and RL stage ran on the nf4 SFT
     model, but each point loaded that model in full precision and its RL stage stopped with
     "quantization='nf4' but the backbone given is none", after the whole base run. A point
     now loads it as the base's RL stage did."""
     from rlhf import frontier
-    from rlhf.models import LoraSpec, SharedBackbone, load_causal_lm
-    from tests._tiny_models import tiny_llama
 
-    tokenizer = rl_tokenizer()
-    base = tmp_path / "base"
-    tokenizer.save_pretrained(base / "tokenizer")
-    tiny_llama(tokenizer).save_pretrained(base / "sft" / "model")
-    SharedBackbone.from_model(
-        load_causal_lm(base / "sft" / "model", quantization="nf4", device="cpu"),
-        lora=LoraSpec(rank=4, alpha=8), name_or_path=str(base / "sft" / "model"),
-    ).save(base / "rm" / "backbone")
+    base = _frontier_base(tmp_path / "base", "nf4")
     seen = []
 
     def train(cfg, *, backbone, **kwargs):
@@ -384,3 +391,34 @@ def test_pipeline_print_config_shows_the_sft_lr_the_run_takes(capsys, overrides,
     stage trained at (`rlhf sft --print-config` shows it since 4a75333)."""
     printed = _printed(capsys, ["pipeline", *overrides, "--print-config"])
     assert printed["sft"]["lr"] == pytest.approx(lr)
+
+
+def test_frontier_points_sample_on_cpu_threads(tmp_path, monkeypatch):
+    """cpu_threads held for each point's RL run (the stage's own limit) and for the base
+    pipeline, but not for the points' held-out sampling, which ran on torch's default thread
+    count (every core; the pipeline's own evaluation runs on cpu_threads). The whole frontier
+    now runs on cpu_threads, as rlhf pipeline does."""
+    from rlhf import frontier, pipeline
+
+    _frontier_base(tmp_path / "base")
+    monkeypatch.setattr(pipeline, "run", lambda cfg: {
+        "gold_heldout": {"sft_mean": 0.0, "sft_stderr": 0.1}})
+    monkeypatch.setattr(rl, "train", lambda cfg, **kwargs: {"iterations": 0})
+    threads = []
+
+    def sample_texts(backbone, tokenizer, prompts, role, cfg, seed, batch_size, **kwargs):
+        threads.append(torch.get_num_threads())
+        n = len(prompts)
+        return ["a fine blender"] * n, torch.zeros(n), torch.zeros(n)
+
+    monkeypatch.setattr(pipeline, "sample_texts", sample_texts)
+    cfg = frontier.FrontierConfig(output_dir=str(tmp_path), device="cpu", cpu_threads=1,
+                                  algorithms=("grpo",), kl_coefs=(0.1,), eval_samples=4)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        frontier.run(cfg)
+        assert torch.get_num_threads() == 2  # restored after the run
+    finally:
+        torch.set_num_threads(previous)
+    assert threads == [1]
