@@ -350,6 +350,16 @@ class RLConfig:
         if self.kl_target is not None and not self.kl_target > 0:
             raise ValueError(f"kl_target must be > 0 nats or None (fixed kl_coef), got "
                              f"{self.kl_target}")
+        if self.kl_target is not None and 5 * self.kl_horizon <= self.rollout_batch_size:
+            # an update multiplies kl_coef by 1 + clip(kl / kl_target - 1, -0.2, 0.2) * B / horizon
+            step = 0.2 * self.rollout_batch_size / self.kl_horizon
+            raise ValueError(f"kl_horizon={self.kl_horizon} is too short for rollout_batch_size="
+                             f"{self.rollout_batch_size}: one update of the adaptive KL "
+                             f"coefficient multiplies kl_coef by up to 1 +- {step:.2f}, which "
+                             f"makes it negative (a bonus for moving away from the reference) "
+                             f"or 0 for good; use kl_horizon > rollout_batch_size / 5 (it "
+                             f"counts samples; default 500), or kl_target=null for a fixed "
+                             f"kl_coef")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.overlong_buffer > self.max_new_tokens:

@@ -422,3 +422,22 @@ def test_frontier_points_sample_on_cpu_threads(tmp_path, monkeypatch):
     finally:
         torch.set_num_threads(previous)
     assert threads == [1]
+
+
+# --------------------------------------------------------------------------------------------
+# RL: a kl_horizon that turns the adaptive kl_coef negative is refused
+# --------------------------------------------------------------------------------------------
+def test_a_kl_horizon_too_short_for_the_batch_is_refused():
+    """kl_horizon=10 with rollout_batch_size=64 was accepted: one update below kl_target
+    multiplied kl_coef by 1 - 0.2 x 64/10 = -0.28, a negative KL weight (a bonus for moving away
+    from the reference), its sign flipping at every update after. It is refused; a horizon
+    above rollout_batch_size / 5 keeps kl_coef positive, and without kl_target it is unused."""
+    with pytest.raises(ValueError, match=r"kl_horizon=10 is too short for rollout_batch_size="
+                                         r"64: .* 1 \+- 1\.28, which makes it negative"):
+        rl.RLConfig(kl_horizon=10, rollout_batch_size=64)
+    with pytest.raises(ValueError, match="kl_horizon=12 is too short"):
+        rl.RLConfig(kl_horizon=12, rollout_batch_size=64)  # 1 - 0.2 x 64/12 < 0 as well
+    controller = rl.AdaptiveKLController(0.1, 6.0, 13)
+    rl.RLConfig(kl_horizon=13, rollout_batch_size=64)
+    assert all(controller.update(0.0, 64) > 0 for _ in range(50))  # shrinks, stays > 0
+    rl.RLConfig(kl_horizon=10, rollout_batch_size=64, kl_target=None)  # no controller
