@@ -441,3 +441,12 @@ def test_a_kl_horizon_too_short_for_the_batch_is_refused():
     rl.RLConfig(kl_horizon=13, rollout_batch_size=64)
     assert all(controller.update(0.0, 64) > 0 for _ in range(50))  # shrinks, stays > 0
     rl.RLConfig(kl_horizon=10, rollout_batch_size=64, kl_target=None)  # no controller
+
+
+@pytest.mark.parametrize("overrides, bound", [([], 6.0), (["ppo.kl_target=3"], 3.0),
+                                              (["kl_bound=2"], 2.0),
+                                              (["ppo.kl_target=null"], None)])
+def test_pipeline_print_config_shows_the_kl_bound_the_evaluation_uses(capsys, overrides, bound):
+    """kl_bound=null (the default) means ppo.kl_target, the bound summary.json's
+    kl_to_reference is held to; --print-config and summary.json's config showed null."""
+    assert _printed(capsys, ["pipeline", *overrides, "--print-config"])["kl_bound"] == bound
