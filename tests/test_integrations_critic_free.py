@@ -139,17 +139,20 @@ def _masked_mean64(x, mask):
     return (x * m).sum() / m.sum()
 
 
-def _verl_gspo64(old, logp, adv, mask, low, high, mode, info):
+def _verl_gspo64(old, logp, adv, mask, low, high, mode, info, weights=None):
     """veRL's GSPO-token form: log s_it = sg(mean_i(logp - old)) + logp - sg(logp), bounded by
-    +10 from above; s clipped to [1 - low, 1 + high]; no dual clip. Aggregated with ``mode``
-    (and the global batch info), as veRL 0.9.1's GSPO."""
+    +10 from above; s clipped to [1 - low, 1 + high]; no dual clip; times the rollout weights.
+    Aggregated with ``mode`` (and the global batch info), as veRL 0.9.1's GSPO."""
     m = (mask != 0).double()
     d = logp - old
     row_mean = (d * m).sum(-1) / m.sum(-1).clamp_min(1)
     log_s = (logp - logp.detach() + row_mean.detach()[:, None]).clamp(max=10.0)
     s = torch.exp(log_s)
     loss1, loss2 = -adv * s, -adv * s.clamp(1 - low, 1 + high)
-    loss = _agg64(torch.maximum(loss1, loss2), mask, mode, **info)
+    per_token = torch.maximum(loss1, loss2)
+    if weights is not None:
+        per_token = per_token * weights.double()
+    loss = _agg64(per_token, mask, mode, **info)
     metrics = {"actor/pg_clipfrac": _masked_mean64((loss2 > loss1).double(), mask).item(),
                "actor/ppo_kl": _masked_mean64(-d, mask).item(),
                "actor/pg_clipfrac_lower": 0.0}
@@ -372,29 +375,70 @@ def test_verl_gspo_cispo_against_float64(loss, mode, info):
     assert value.dtype == expected
 
 
-def test_verl_gspo_per_token_advantages_and_low_ratios_go_to_verl(monkeypatch):
-    """The sequence-ratio kernel is veRL's GSPO-token gradient only with one advantage per row,
-    and veRL leaves the row mean log-ratio unbounded below: those calls are veRL's."""
+@pytest.mark.parametrize("weighted", [False, True], ids=["", "rollout weights"])
+@pytest.mark.parametrize("per_row", [True, False], ids=["per-row A", "per-token A"])
+@pytest.mark.parametrize("mode", _MODES)
+def test_verl_gspo_token_form_against_float64(mode, per_row, weighted):
+    """veRL's GSPO is GSPO-token: each token's gradient is its own log-prob's, times the row's
+    ratio. With per-token advantages or rollout weights that differs from the gradient through
+    the row mean, so the drop-in takes the token-level loss against shifted old log-probs: loss,
+    d logp and metrics against the float64 form, rows far below 1 (veRL has no lower bound)
+    and past the clip range included."""
+    old, logp, adv, mask = _rollout(per_row=per_row)
+    logp[0, :2] = old[0, :2] + torch.tensor([3.0, -3.0], device=DEVICE)
+    logp[3] = old[3] - 12.0  # a row mean far below -10: no bound there
+    weights = _rollout_weights(adv.shape) if weighted else None
+    config = _ActorConfig(clip_ratio=0.2, clip_ratio_low=0.15, clip_ratio_high=0.28,
+                          global_batch_info={})
+    value, grad, metrics = _value_and_grad(
+        lambda lp: our_verl.compute_policy_loss_gspo(old, lp, adv, mask, mode, config, weights),
+        logp)
+    ref, ref_grad, ref_metrics = _value_and_grad(
+        lambda lp: _verl_gspo64(old.double(), lp, adv.double(), mask, 0.15, 0.28, mode, {},
+                                weights), logp.double())
+    _close(value, ref, name=f"gspo {mode} loss")
+    _close(grad, ref_grad, name=f"gspo {mode} d logp")
+    _assert_metrics(metrics, ref_metrics, f"gspo {mode}")
+    if not per_row or weighted:
+        # the sequence ratio with the gradient through the row mean (the op's
+        # ratio_level="sequence") is another gradient here: the token form is needed
+        def through_mean(lp):
+            m = (mask != 0).double()
+            row = ((lp - old.double()) * m).sum(-1) / m.sum(-1).clamp_min(1)
+            ratio = torch.exp(row)[:, None].expand_as(lp)
+            a = adv.double() * (1.0 if weights is None else weights.double())
+            per_token = torch.maximum(-a * ratio, -a * ratio.clamp(0.85, 1.28))
+            return _agg64(per_token, mask, mode), {}
+
+        _, other_grad, _ = _value_and_grad(through_mean, logp.double())
+        assert (other_grad - ref_grad).abs().max() > 1e-3
+
+
+def test_verl_gspo_bounded_above_and_the_one_case_left_to_verl(monkeypatch):
+    """A row mean above +10 is bounded there (value exp(10), no gradient through it, as veRL's
+    clamp); one row above +10 with another below -10 is veRL's own call (the op's log-ratio
+    clamp is symmetric)."""
+    config = _ActorConfig(clip_ratio=0.2, global_batch_info={})
+    old, logp, adv, mask = _rollout(per_row=False)
+    logp[3] = old[3] + 12.0
+    adv[3] = -0.7  # A < 0: the unclipped ratio exp(10) is the loss
+    weights = _rollout_weights(adv.shape)
+    value, grad, metrics = _value_and_grad(
+        lambda lp: our_verl.compute_policy_loss_gspo(old, lp, adv, mask, "token-mean", config,
+                                                     weights), logp)
+    ref, ref_grad, ref_metrics = _value_and_grad(
+        lambda lp: _verl_gspo64(old.double(), lp, adv.double(), mask, 0.2, 0.2, "token-mean",
+                                {}, weights), logp.double())
+    _close(value, ref, name="gspo, ratio bounded above")
+    _close(grad, ref_grad, name="gspo, ratio bounded above: d logp")
+    assert float(grad[3].abs().max()) == 0.0
+    _assert_metrics(metrics, ref_metrics, "gspo bounded above")
     calls = []
     monkeypatch.setattr(our_verl, "original",
                         lambda module, name: lambda *a: calls.append(name) or "veRL")
-    config = _ActorConfig(clip_ratio=0.2, global_batch_info={})
-    old, logp, adv, mask = _rollout(per_row=False)
+    logp[4] = old[4] - 12.0
     assert our_verl.compute_policy_loss_gspo(old, logp, adv, mask, "token-mean", config) == "veRL"
-    old, logp, adv, mask = _rollout(per_row=True)
-    logp[3] = old[3] - 12.0
-    assert our_verl.compute_policy_loss_gspo(old, logp, adv, mask, "token-mean", config) == "veRL"
-    logp[3] = old[3] + 12.0  # above: bounded by +10 in both
-    adv[3] = -0.7 * mask[3]  # A < 0: the unclipped ratio exp(10) is the loss
-    loss, metrics = our_verl.compute_policy_loss_gspo(old, logp, adv, mask, "token-mean", config)
-    ref, ref_metrics = _verl_gspo64(old.double(), logp.double(), adv.double(), mask, 0.2, 0.2,
-                                    "token-mean", {})
-    _close(loss, ref, name="gspo, ratio bounded above")
-    _assert_metrics(metrics, ref_metrics, "gspo bounded above")
-    rollout_weights = torch.ones_like(adv)  # GSPO with rollout correction weights: veRL's
-    our_verl.compute_policy_loss_gspo(old, logp, adv, mask, "token-mean", config,
-                                      rollout_weights)
-    assert calls == ["compute_policy_loss_gspo"] * 3
+    assert calls == ["compute_policy_loss_gspo"]
 
 
 def _rollout_weights(shape, seed=4):
@@ -748,6 +792,31 @@ def test_verl_gspo_cispo_against_verl(verl_core, loss, mode):
     _close(value, ref, name=f"{loss} {mode}")
     _close(grad, ref_grad, name=f"{loss} {mode} d logp")
     _assert_metrics(metrics, ref_metrics, f"{loss} {mode}")
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["", "rollout weights"])
+@pytest.mark.parametrize("per_row", [True, False], ids=["per-row A", "per-token A"])
+@pytest.mark.parametrize("mode", _MODES)
+def test_verl_gspo_token_form_against_verl(verl_core, mode, per_row, weighted):
+    """Our GSPO drop-in against veRL's own compute_policy_loss_gspo with per-token advantages
+    and rollout correction weights (which fell back to veRL before): loss, d logp, metrics."""
+    old, logp, adv, mask = (t.cpu() for t in _rollout(per_row=per_row))
+    logp[0, :2] = old[0, :2] + torch.tensor([3.0, -3.0])
+    logp[3] = old[3] - 12.0
+    weights = _rollout_weights(adv.shape).cpu() if weighted else None
+    config = _verl_actor_config(clip_ratio=0.2, clip_ratio_low=0.15, clip_ratio_high=0.28,
+                                global_batch_info={})
+    theirs_fn = verl_core.get_policy_loss_fn("gspo")
+    assert theirs_fn is not our_verl.compute_policy_loss_gspo
+    value, grad, metrics = _value_and_grad(
+        lambda lp: our_verl.compute_policy_loss_gspo(old, lp, adv, mask, mode, config, weights),
+        logp)
+    ref, ref_grad, ref_metrics = _value_and_grad(
+        lambda lp: theirs_fn(old, lp, adv, mask, mode, config, weights), logp)
+    assert value.dtype == ref.dtype
+    _close(value, ref, name=f"gspo {mode}")
+    _close(grad, ref_grad, name=f"gspo {mode} d logp")
+    _assert_metrics(metrics, ref_metrics, f"gspo {mode}")
 
 
 @pytest.mark.parametrize("weighted", [False, True], ids=["", "rollout weights"])

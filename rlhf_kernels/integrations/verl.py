@@ -645,25 +645,31 @@ def compute_policy_loss(
 _GSPO_LOG_RATIO_CLAMP = 10.0  # veRL bounds the sequence log-ratio by +10 (from above only)
 
 
-def _masked_row_stats(old_log_prob, log_prob, advantages, response_mask):
-    """Detached per-row facts veRL's GSPO needs checked: (row mean log-ratio, whether the
-    advantages are one value over the row's valid tokens, valid-token count) and ppo_kl, the
-    mean of -(logp - old) over valid tokens without veRL's clamp."""
+def _gspo_row_stats(old_log_prob, log_prob, advantages, response_mask, clip_low, clip_high):
+    """Detached facts of veRL's GSPO: (row mean log-ratio (B,) fp32, and one stacked tensor for
+    a single host sync: pg_clipfrac, ppo_kl, whether a row's mean is above +10, whether one is
+    below -10). Counted as veRL counts them: the row mean over the mask, the clip fraction of
+    the ratio bounded by +10 and of the unweighted advantages, ppo_kl the masked mean of
+    -(logp - old) without a clamp."""
     valid = response_mask != 0
     work = promoted(log_prob, old_log_prob, torch.float32)
-    d = log_prob.detach().to(work) - old_log_prob.detach().to(work)
-    d = torch.where(valid, d, torch.zeros_like(d))
-    n = valid.sum(-1)
+    m = valid.to(work)
+    d = torch.where(valid, log_prob.detach().to(work) - old_log_prob.detach().to(work),
+                    torch.zeros((), dtype=work, device=m.device))
+    n = m.sum(-1)
     row_mean = d.sum(-1) / n.clamp_min(1)
-    a = advantages.detach()
-    if a.shape == d.shape:
-        a_max = torch.where(valid, a, torch.full_like(a, -float("inf"))).amax(-1)
-        a_min = torch.where(valid, a, torch.full_like(a, float("inf"))).amin(-1)
-        one_advantage = (a_max == a_min) | (n == 0)
-    else:  # (B,): one per row by construction
-        one_advantage = torch.ones_like(n, dtype=torch.bool)
-    ppo_kl = -d.sum() / n.sum().clamp_min(1)
-    return row_mean, one_advantage, n, ppo_kl
+    ratio = torch.exp(row_mean.clamp(max=_GSPO_LOG_RATIO_CLAMP))
+    a = advantages.detach().to(work)
+    a = a if a.dim() == 2 else a[:, None]
+    loss1 = -a * ratio[:, None]
+    loss2 = -a * ratio.clamp(1 - clip_low, 1 + clip_high)[:, None]
+    count = m.sum().clamp_min(1)
+    clipfrac = ((loss2 > loss1).to(work) * m).sum() / count
+    ppo_kl = -d.sum() / count
+    has = n > 0
+    high = ((row_mean > _GSPO_LOG_RATIO_CLAMP) & has).any().to(work)
+    low = ((row_mean < -_GSPO_LOG_RATIO_CLAMP) & has).any().to(work)
+    return row_mean, torch.stack([clipfrac, ppo_kl, high, low])
 
 
 @dropin
@@ -678,24 +684,27 @@ def compute_policy_loss_gspo(
     *,
     keep_fp32: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """veRL's GSPO loss (POLICY_LOSS_REGISTRY["gspo"]): every token of a row takes the row's
-    geometric-mean ratio s = exp(min(mean over valid tokens of logp - old, 10)), clipped to
-    [1 - clip_ratio_low, 1 + clip_ratio_high]; no dual clip. Aggregated with ``loss_agg_mode``
-    and config.global_batch_info, as veRL 0.9.1's GSPO (its default argument is
-    "seq-mean-token-mean"; veRL's actor passes config.loss_agg_mode).
+    """veRL's GSPO loss (POLICY_LOSS_REGISTRY["gspo"]) in its GSPO-token form: every token of a
+    row takes the row's ratio s = exp(min(mean over valid tokens of logp - old, 10)) as its
+    value and the gradient of its own log-prob (log s_t = sg(log s) + logp_t - sg(logp_t)),
+    clipped to [1 - clip_ratio_low, 1 + clip_ratio_high]; no dual clip; times the rollout
+    correction weights; aggregated with ``loss_agg_mode`` and config.global_batch_info, as
+    veRL 0.9.1's GSPO (its default argument is "seq-mean-token-mean"; veRL's actor passes
+    config.loss_agg_mode).
 
     (B, T) tensors -> (pg_loss () in veRL's dtype, {"actor/pg_clipfrac", "actor/ppo_kl",
-    "actor/pg_clipfrac_lower" (0)} floats). The kernels take the sequence ratio with the
-    gradient through the row mean (rlhf_kernels.ppo_policy_loss, ratio_level="sequence"), which
-    is veRL's GSPO-token gradient when the advantages are one value per row (what the
-    critic-free estimators give) in every aggregation mode. A call where that does not hold, or
-    where a row's mean log-ratio is below -10 (veRL does not bound it from below; the kernels
-    clamp at +-10), is computed by veRL's own function; the check rides on the host sync that
-    the float metrics need anyway.
+    "actor/pg_clipfrac_lower" (0)} floats). That is the token-level clipped loss against
+    shifted old log-probs old'_t = sg(logp_t) - mean log-ratio of the row, whose ratio
+    exp(logp_t - old'_t) has exactly that value and gradient: ``rlhf_kernels.ppo_policy_loss``
+    at token level computes it for any advantages (per token or per row) and rollout weights
+    (in the advantages: ``weighted_advantages``, exact for weights >= 0), with the +10 bound as
+    its log-ratio clamp where a row reaches it. veRL leaves the row mean unbounded below, so a
+    call with one row above +10 and another below -10 (the op's clamp is symmetric) is computed
+    by veRL's own function; the check rides on the host sync that the float metrics need
+    anyway.
     """
     clip_low, clip_high, global_batch_info, covered = _actor_options(
         config, loss_agg_mode, rollout_is_weights, advantages)
-    covered = covered and rollout_is_weights is None
 
     def theirs():
         return original(_CORE, "compute_policy_loss_gspo")(
@@ -705,17 +714,18 @@ def compute_policy_loss_gspo(
 
     if not covered:
         return theirs()
-    loss, stats = _policy_loss(old_log_prob, log_prob, advantages, response_mask, clip_low,
-                               clip_high, None, loss_agg_mode, global_batch_info, keep_fp32,
-                               ratio_level="sequence", log_ratio_clamp=_GSPO_LOG_RATIO_CLAMP)
     with torch.no_grad():
-        row_mean, one_advantage, n, ppo_kl = _masked_row_stats(
-            old_log_prob, log_prob, advantages, response_mask)
-        exact = (one_advantage & ((row_mean >= -_GSPO_LOG_RATIO_CLAMP) | (n == 0))).all()
-        exact, clipfrac, ppo_kl = torch.stack(
-            [exact.to(ppo_kl.dtype), stats["clipfrac"].to(ppo_kl.dtype), ppo_kl]).tolist()
-    if not exact:
+        row_mean, facts = _gspo_row_stats(old_log_prob, log_prob, advantages, response_mask,
+                                          clip_low, clip_high)
+    clipfrac, ppo_kl, high, low = facts.tolist()
+    if high and low:
         return theirs()
+    shifted_old = log_prob.detach().to(row_mean.dtype) - row_mean[:, None]
+    loss, _ = _policy_loss(shifted_old, log_prob, weighted_advantages(advantages,
+                                                                      rollout_is_weights),
+                           response_mask, clip_low, clip_high, None, loss_agg_mode,
+                           global_batch_info, keep_fp32, weights=rollout_is_weights,
+                           log_ratio_clamp=_GSPO_LOG_RATIO_CLAMP if high else None)
     metrics = {"actor/pg_clipfrac": clipfrac, "actor/ppo_kl": ppo_kl,
                "actor/pg_clipfrac_lower": 0.0}
     return loss, metrics
