@@ -52,7 +52,7 @@ real_run = JITFunction.run
 
 
 def counting_run(self, *args, **kwargs):
-    slow.append(1)
+    slow.append(kwargs)
     return real_run(self, *args, **kwargs)
 
 
@@ -71,6 +71,8 @@ with ho.host_only_launches():
     base = (x, y, 64, 0.5, True, 128)
     launch((2,), *base, num_warps=4)
     assert len(slow) == 1
+    # FMA contraction asked for explicitly (Triton 3.10 turns its default off)
+    assert slow[0].get("enable_fp_fusion") is True, slow[0]
     via_triton = calls[-1]
     launch((2,), *base, num_warps=4)
     assert len(slow) == 1, "a repeated specialisation went through JITFunction.run"
@@ -153,4 +155,4 @@ def test_cached_launch_falls_back_under_the_interpreter():
     launch = CachedLaunch({"k": Kernel()}, "k")
     launch((4,), 1, 2.0, num_warps=2)
     launch((4,), 1, 2.0, num_warps=2)
-    assert seen == [((4,), (1, 2.0), {"num_warps": 2})] * 2
+    assert seen == [((4,), (1, 2.0), {"num_warps": 2, "enable_fp_fusion": True})] * 2

@@ -26,6 +26,12 @@ Falls back to ``fn[grid](...)`` (the same result, Triton's host time) when:
   launch did not return a ``CompiledKernel`` (asynchronous compilation);
 * ``RLHF_KERNELS_CACHED_LAUNCH=0`` was set when rlhf_kernels was imported (every launch through
   Triton: a switch for ruling this path out when a kernel misbehaves on a new Triton).
+
+Every launch through Triton asks for floating-point contraction (``enable_fp_fusion=True``,
+``COMPILE_OPTIONS``): the kernels were written, checked and measured with FMA contraction, which
+Triton 3.9 applies by default with a warning that 3.10 will turn it off. Asking for it keeps
+the kernels' arithmetic (and their instruction counts) whatever the Triton version's default,
+and the warning away; ``TRITON_FORCE_DISABLE_FP_FUSION=1`` still turns it off.
 """
 
 from __future__ import annotations
@@ -35,7 +41,10 @@ import os
 
 import torch
 
-__all__ = ["CachedLaunch"]
+__all__ = ["COMPILE_OPTIONS", "CachedLaunch"]
+
+# compile options of every launch (module docstring)
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
 
 
 def _convention_ok() -> bool:
@@ -116,11 +125,11 @@ class CachedLaunch:
             self.fn = fn
             self._reset()
         if self._constexpr is None and (self._checked or not self._prepare()):
-            self.fn[grid](*args, num_warps=num_warps, **named)
+            self.fn[grid](*args, num_warps=num_warps, **named, **COMPILE_OPTIONS)
             return
         runtime = _TRITON["runtime"]
         if _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook):
-            self.fn[grid](*args, num_warps=num_warps, **named)
+            self.fn[grid](*args, num_warps=num_warps, **named, **COMPILE_OPTIONS)
             return
         if named:  # the remaining parameters by name, in the kernel's order (all of them)
             if len(named) != len(self._names) - len(args):
@@ -147,7 +156,7 @@ class CachedLaunch:
         key = tuple(key)
         kernel = self._cache.get(key)
         if kernel is None:
-            kernel = self.fn[grid](*args, num_warps=num_warps)
+            kernel = self.fn[grid](*args, num_warps=num_warps, **COMPILE_OPTIONS)
             if hasattr(kernel, "packed_metadata"):  # a CompiledKernel (not a compile future)
                 self._cache[key] = kernel
             return
