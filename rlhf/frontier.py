@@ -138,13 +138,25 @@ def printable_config(cfg: FrontierConfig) -> dict:
     shown = {key: value for key, value in config_to_dict(cfg).items() if key != "base"}
     shown["base"] = pipeline.printable_config(_base_config(cfg))
     shown["points"] = {}
-    for algorithm in cfg.algorithms:
-        folder = Path(cfg.output_dir) / "points" / f"{algorithm}-kl<kl_coef>"
-        point = _rl_config(cfg, algorithm, cfg.kl_coefs[0], folder)
-        point.check_critic_settings()
+    for algorithm, point in _point_configs(cfg).items():
         values = rl.used_settings(point, config_to_dict(point))
         shown["points"][algorithm] = {**values, "kl_coef": list(cfg.kl_coefs)}
     return shown
+
+
+def _point_configs(cfg: FrontierConfig) -> dict[str, rl.RLConfig]:
+    """Each algorithm's point RL config (at the first kl_coef), checked as its run checks it:
+    a setting a point refuses (base.ppo.rollout_batch_size=12 for a point of group_size 8) is
+    said before the base pipeline runs, not after it."""
+    configs = {}
+    for algorithm in cfg.algorithms:
+        folder = Path(cfg.output_dir) / "points" / f"{algorithm}-kl<kl_coef>"
+        try:
+            configs[algorithm] = _rl_config(cfg, algorithm, cfg.kl_coefs[0], folder)
+            configs[algorithm].check_critic_settings()
+        except ValueError as error:
+            raise ValueError(f"the {algorithm} points: {error}") from None
+    return configs
 
 
 def point_name(algorithm: str, kl_coef: float) -> str:
@@ -230,6 +242,8 @@ def run(cfg: FrontierConfig) -> dict:
     """Run (or resume) the frontier; returns what frontier.json holds."""
     root = Path(cfg.output_dir)
     base_cfg = _base_config(cfg)
+    pipeline.check_settings(base_cfg)
+    _point_configs(cfg)  # every point's settings, before the base pipeline runs
     base_summary_path = Path(base_cfg.output_dir) / "summary.json"
     if cfg.resume and base_summary_path.exists():
         base = json.loads(base_summary_path.read_text())

@@ -450,3 +450,25 @@ def test_pipeline_print_config_shows_the_kl_bound_the_evaluation_uses(capsys, ov
     """kl_bound=null (the default) means ppo.kl_target, the bound summary.json's
     kl_to_reference is held to; --print-config and summary.json's config showed null."""
     assert _printed(capsys, ["pipeline", *overrides, "--print-config"])["kl_bound"] == bound
+
+
+def test_frontier_refuses_a_points_settings_before_the_base_runs(tmp_path, monkeypatch, capsys):
+    """base.ppo.rollout_batch_size=12 suits the base's PPO but not a GRPO point (group_size 8):
+    the frontier ran the whole base pipeline (SFT, pairs, reward model, RL) and only then
+    stopped at its first GRPO point. Every point's settings are now checked first."""
+    from rlhf import frontier, pipeline
+    from rlhf.config import load_config
+
+    def no_base(cfg):
+        raise AssertionError("the base pipeline ran")
+
+    monkeypatch.setattr(pipeline, "run", no_base)
+    cfg = load_config(frontier.FrontierConfig, None, [
+        f"output_dir={tmp_path}", "algorithms=ppo,grpo", "base.ppo.rollout_batch_size=12",
+        "base.ppo.minibatch_size=4"])
+    with pytest.raises(ValueError, match=r"the grpo points: rollout_batch_size \(12\) must be a "
+                                         r"multiple of group_size \(8\)"):
+        frontier.run(cfg)
+    assert cli.main(["frontier", "algorithms=ppo,grpo", "base.ppo.rollout_batch_size=12",
+                     "base.ppo.minibatch_size=4", "--print-config"]) == 2
+    assert "the grpo points: rollout_batch_size (12)" in capsys.readouterr().err
