@@ -23,7 +23,9 @@ combinations, sampled with the same seeds), so a point with the pipeline's own s
 reproduces its summary figures. Where the KL is applied differs by algorithm (PPO puts k1 in
 the reward, the GRPO family k3 in the loss), so the same ``kl_coef`` is not the same strength
 across algorithms; the x axis is the KL each policy really reached, which is comparable.
-``resume=true`` keeps every finished point (and the base run) and runs the rest.
+``resume=true`` keeps every finished point (and the base run) and runs the rest; a finished
+run is kept only under the settings its run.json records (a changed one is refused, as
+``--resume`` refuses it).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from rlhf import pipeline, rl, task
-from rlhf.checkpoint import atomic_write_text
+from rlhf.checkpoint import PIPELINE_RUN_FILES, atomic_write_text, open_run
 from rlhf.stage import limits_cpu_threads
 
 __all__ = ["FrontierConfig", "printable_config", "run"]
@@ -159,6 +161,14 @@ def _point_configs(cfg: FrontierConfig) -> dict[str, rl.RLConfig]:
     return configs
 
 
+def _check_unchanged(directory: Path, kind: str, config: dict, **run_options) -> None:
+    """Refuse to reuse the finished run in ``directory`` (a point, the base pipeline) under
+    settings other than its run.json's: the comparison ``--resume`` makes (RunDirectoryError
+    listing each change and the overrides that give the run's settings back)."""
+    with open_run(directory, kind, config, resume=True, **run_options):
+        pass
+
+
 def point_name(algorithm: str, kl_coef: float) -> str:
     return f"{algorithm}-kl{kl_coef:g}"
 
@@ -191,9 +201,10 @@ def _run_point(cfg: FrontierConfig, algorithm: str, kl_coef: float, base_dir: Pa
 
     out = Path(cfg.output_dir) / "points" / point_name(algorithm, kl_coef)
     result_path = out / "result.json"
-    if cfg.resume and result_path.exists():
-        return json.loads(result_path.read_text())
     rl_cfg = _rl_config(cfg, algorithm, kl_coef, out)
+    if cfg.resume and result_path.exists():
+        _check_unchanged(out, algorithm, asdict(rl_cfg))  # a finished point of these settings
+        return json.loads(result_path.read_text())
     tokenizer = AutoTokenizer.from_pretrained(base_dir / "tokenizer")
     if rl_cfg.quantization not in (None, "none"):  # the base's: as its RL stage loads it
         from rlhf.models import load_causal_lm
@@ -246,6 +257,11 @@ def run(cfg: FrontierConfig) -> dict:
     _point_configs(cfg)  # every point's settings, before the base pipeline runs
     base_summary_path = Path(base_cfg.output_dir) / "summary.json"
     if cfg.resume and base_summary_path.exists():
+        # the finished base is reused only for the settings it was run with (rlhf pipeline
+        # --resume refuses others; reusing it here skipped that comparison)
+        _check_unchanged(Path(base_cfg.output_dir), "pipeline", asdict(base_cfg),
+                         run_files=PIPELINE_RUN_FILES + pipeline._RL_RUN_FILES,
+                         resume_safe=pipeline._RESUME_SAFE)
         base = json.loads(base_summary_path.read_text())
     else:
         print(f"[frontier] the shared SFT model and reward model: rlhf pipeline into "

@@ -472,3 +472,47 @@ def test_frontier_refuses_a_points_settings_before_the_base_runs(tmp_path, monke
     assert cli.main(["frontier", "algorithms=ppo,grpo", "base.ppo.rollout_batch_size=12",
                      "base.ppo.minibatch_size=4", "--print-config"]) == 2
     assert "the grpo points: rollout_batch_size (12)" in capsys.readouterr().err
+
+
+def test_frontier_resume_reuses_finished_runs_only_under_their_settings(tmp_path, monkeypatch):
+    """`rlhf frontier --resume` reused a finished base pipeline and finished points by their
+    summary.json / result.json alone: resumed with other settings (base.ppo.num_iterations, the
+    frontier's num_iterations) it mixed the old runs' figures with new ones without a word,
+    where `rlhf pipeline --resume` refuses a changed setting. Now a finished run is reused
+    only under the settings of its run.json; a change is refused as --resume refuses it."""
+    import json
+    from dataclasses import asdict, replace
+
+    from rlhf import frontier, pipeline
+    from rlhf.checkpoint import RunDirectoryError, open_run
+    from rlhf.config import load_config
+
+    def config(*overrides):
+        return load_config(frontier.FrontierConfig, None, [
+            f"output_dir={tmp_path}", "algorithms=[grpo]", "kl_coefs=[0.1]", "resume=true",
+            *overrides])
+
+    cfg = config()
+    base = frontier._base_config(replace(cfg, resume=False))
+    with open_run(base.output_dir, "pipeline", asdict(base), resume=False):
+        (tmp_path / "base" / "summary.json").write_text(json.dumps(
+            {"gold_heldout": {"sft_mean": 0.0, "sft_stderr": 0.1}}))
+    point = frontier._rl_config(replace(cfg, resume=False), "grpo", 0.1,
+                                tmp_path / "points" / "grpo-kl0.1")
+    with open_run(point.output_dir, "grpo", asdict(point), resume=False):
+        for name, text in (("metrics.jsonl", '{"iteration": 1}\n'), ("result.json", '{"done": 1}')):
+            (tmp_path / "points" / "grpo-kl0.1" / name).write_text(text)
+
+    def no_base(cfg):
+        raise AssertionError("the finished base pipeline ran again")
+
+    monkeypatch.setattr(pipeline, "run", no_base)
+    with pytest.raises(RunDirectoryError, match=r"ppo\.num_iterations: 20 -> 5"):
+        frontier.run(config("base.ppo.num_iterations=5"))
+    with pytest.raises(RunDirectoryError, match=r"num_iterations: 20 -> 3"):
+        frontier._run_point(config("num_iterations=3"), "grpo", 0.1, tmp_path / "base", 0, 1)
+    assert frontier._run_point(cfg, "grpo", 0.1, tmp_path / "base", 0, 1) == {"done": 1}
+    monkeypatch.setattr(frontier, "_run_point", lambda *args: (_ for _ in ()).throw(
+        KeyboardInterrupt))  # the base is reused: the points come next
+    with pytest.raises(KeyboardInterrupt):
+        frontier.run(cfg)
