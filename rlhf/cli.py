@@ -272,8 +272,11 @@ def _main(argv: list[str]) -> int:
     try:
         if output_dir is not None:
             check_output_dir(output_dir)
+            # a module whose runs keep their run.json elsewhere says where (rlhf frontier)
+            holds_run = getattr(module, "holds_run",
+                                lambda directory: (Path(directory) / "run.json").exists())
             if getattr(cfg, "resume", False) and os.environ.get("RANK", "0") == "0" and \
-                    not (Path(output_dir).expanduser() / "run.json").exists():
+                    not holds_run(Path(output_dir).expanduser()):
                 # a mistyped output_dir would otherwise train from scratch without a word
                 print(f"rlhf {ns.command}: --resume: {output_dir} holds no run yet (no "
                       f"run.json), so a new run starts there", file=sys.stderr)

@@ -42,7 +42,7 @@ from rlhf import pipeline, rl, task
 from rlhf.checkpoint import PIPELINE_RUN_FILES, atomic_write_text, open_run
 from rlhf.stage import limits_cpu_threads
 
-__all__ = ["FrontierConfig", "printable_config", "run"]
+__all__ = ["FrontierConfig", "holds_run", "printable_config", "run"]
 
 
 @dataclass
@@ -167,6 +167,13 @@ def _check_unchanged(directory: Path, kind: str, config: dict, **run_options) ->
     listing each change and the overrides that give the run's settings back)."""
     with open_run(directory, kind, config, resume=True, **run_options):
         pass
+
+
+def holds_run(directory: Path) -> bool:
+    """Whether ``directory`` holds a frontier run to resume: its base pipeline's or a point's
+    run.json (the frontier keeps none of its own)."""
+    return (directory / "base" / "run.json").exists() or any(
+        (directory / "points").glob("*/run.json"))
 
 
 def point_name(algorithm: str, kl_coef: float) -> str:

@@ -516,3 +516,18 @@ def test_frontier_resume_reuses_finished_runs_only_under_their_settings(tmp_path
         KeyboardInterrupt))  # the base is reused: the points come next
     with pytest.raises(KeyboardInterrupt):
         frontier.run(cfg)
+
+
+def test_frontier_resume_says_a_new_run_starts_only_when_one_does(tmp_path, monkeypatch, capsys):
+    """`rlhf frontier --resume` always printed "--resume: ... holds no run yet (no run.json),
+    so a new run starts there", also when it resumed: the frontier keeps its run.json files in
+    base/ and points/<point>/, none at the top. The line now appears only for a new run."""
+    from rlhf import frontier
+
+    monkeypatch.setattr(frontier, "run", lambda cfg: {})
+    assert cli.main(["frontier", f"output_dir={tmp_path}", "--resume"]) == 0
+    assert "holds no run yet" in capsys.readouterr().err
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "run.json").write_text("{}")
+    assert cli.main(["frontier", f"output_dir={tmp_path}", "--resume"]) == 0
+    assert "holds no run yet" not in capsys.readouterr().err
