@@ -196,11 +196,22 @@ def preset_for(preset: dict, values, prefix: str = "") -> dict:
     return kept
 
 
+def check_model_and_data(cfg: SFTConfig) -> None:
+    """``rlhf sft`` loads both ``model`` and ``dataset``, or neither (the built-in task); in
+    the pipeline ``sft.model`` alone runs the built-in task on that model (its own check)."""
+    if (cfg.model is None) != (cfg.dataset is None):
+        raise ValueError(
+            "SFT needs both `model` and `dataset`, or neither (the built-in task); got "
+            f"model={cfg.model!r}, dataset={cfg.dataset!r}"
+        )
+
+
 def printable_config(cfg: SFTConfig) -> dict:
     """What ``rlhf sft --print-config`` shows; a setting the run would refuse is refused here."""
     from rlhf.config import config_to_dict
 
     cfg.check_used_settings()
+    check_model_and_data(cfg)
     values = config_to_dict(cfg)
     if cfg.lr is None:  # the default the run takes (max_steps from epochs needs the data)
         values["lr"] = cfg.resolved(1).lr
@@ -275,11 +286,7 @@ def _load_model_and_data(cfg: SFTConfig):
 
     if cfg.model is None and cfg.dataset is None:
         return _builtin_setup(cfg)
-    if cfg.model is None or cfg.dataset is None:
-        raise ValueError(
-            "SFT needs both `model` and `dataset`, or neither (the built-in task); got "
-            f"model={cfg.model!r}, dataset={cfg.dataset!r}"
-        )
+    check_model_and_data(cfg)
     # the quick checks first: a bad tokenizer or dataset stops the run before the model loads
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model,
                                setting="tokenizer" if cfg.tokenizer else "model")

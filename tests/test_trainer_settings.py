@@ -531,3 +531,12 @@ def test_frontier_resume_says_a_new_run_starts_only_when_one_does(tmp_path, monk
     (tmp_path / "base" / "run.json").write_text("{}")
     assert cli.main(["frontier", f"output_dir={tmp_path}", "--resume"]) == 0
     assert "holds no run yet" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting", ["model=some/model", "dataset=train.jsonl"])
+def test_sft_print_config_refuses_a_model_without_data_as_the_run_does(capsys, setting):
+    """`rlhf sft model=X --print-config` printed a config (exit 0) that the run refuses ("SFT
+    needs both `model` and `dataset`, or neither"); --print-config checks as the run."""
+    assert cli.main(["sft", setting, "--print-config"]) == 2
+    assert "SFT needs both `model` and `dataset`, or neither" in capsys.readouterr().err
+    _printed(capsys, ["sft", "model=some/model", "dataset=train.jsonl", "--print-config"])
