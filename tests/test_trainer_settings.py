@@ -75,7 +75,7 @@ def test_dynamic_sampling_warns_once_per_run_across_a_resume(tmp_path, tokenizer
     """The 'groups of the batch are flat' warning says '(warned once per run)', but a resumed
     run warned again: the flag lived in the process only. It is now kept in the checkpoint."""
     cfg = rl_config(tmp_path, "dapo", rollout_batch_size=8, group_size=2, minibatch_size=4,
-                    num_iterations=3, dynamic_sampling_rounds=2)
+                    num_iterations=2, dynamic_sampling_rounds=2)
 
     def flat(prompts, responses):
         return [1.0] * len(responses)
@@ -92,7 +92,7 @@ def test_dynamic_sampling_warns_once_per_run_across_a_resume(tmp_path, tokenizer
         cfg.resume = True
         rl.train(cfg, backbone=tiny_backbone(tokenizer), tokenizer=tokenizer, prompts=PROMPTS,
                  reward_fn=flat)
-        assert filled_warnings(caught) == 1  # the resumed run's iterations 2 and 3: no repeat
+        assert filled_warnings(caught) == 1  # the resumed run's iteration 2: no repeat
 
 
 # --------------------------------------------------------------------------------------------
