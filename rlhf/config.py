@@ -289,6 +289,8 @@ def _coerce(value: Any, field_type: Any, key: str) -> Any:
     if origin in (list, tuple, Sequence, typing.Sequence) or field_type in (list, tuple):
         if isinstance(value, str):  # "a,b" on the command line or in YAML
             value = [part.strip() for part in value.split(",") if part.strip()]
+        elif isinstance(value, (int, float)):  # one number, as one name is ("kl_coefs=0.1")
+            value = [value]
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"config key {key!r} must be a list, got {value!r}")
         if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):

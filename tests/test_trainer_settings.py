@@ -540,3 +540,21 @@ def test_sft_print_config_refuses_a_model_without_data_as_the_run_does(capsys, s
     assert cli.main(["sft", setting, "--print-config"]) == 2
     assert "SFT needs both `model` and `dataset`, or neither" in capsys.readouterr().err
     _printed(capsys, ["sft", "model=some/model", "dataset=train.jsonl", "--print-config"])
+
+
+def test_a_list_setting_takes_one_number_as_it_takes_one_name(tmp_path):
+    """`rlhf frontier kl_coefs=0.1` was refused ("must be a list, got 0.1") where
+    `algorithms=grpo` gave ["grpo"]: one value of a list setting is a list of one, for numbers
+    as for names, on the command line and in YAML."""
+    from rlhf.config import load_config
+    from rlhf.frontier import FrontierConfig
+
+    cfg = load_config(FrontierConfig, None, ["kl_coefs=0.1", "algorithms=grpo"])
+    assert (cfg.kl_coefs, cfg.algorithms) == ((0.1,), ("grpo",))
+    config = tmp_path / "frontier.yaml"
+    config.write_text("kl_coefs: 1\nalgorithms: rloo\n")
+    cfg = load_config(FrontierConfig, config)
+    assert (cfg.kl_coefs, cfg.algorithms) == ((1.0,), ("rloo",))
+    assert load_config(FrontierConfig, None, ["kl_coefs=0.1,0.3"]).kl_coefs == (0.1, 0.3)
+    with pytest.raises(ValueError, match="must be a list"):
+        load_config(FrontierConfig, None, ["kl_coefs={a: 1}"])
