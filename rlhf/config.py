@@ -7,7 +7,8 @@
   default gave it (e.g. a pipeline's `sft.output_dir`) unless they are overridden.
 - Values are coerced to the field's annotated type: bool, int, float, str, Path, Literal,
   Enum, X | None, list[X], tuple[X, ...], dict[K, V], nested dataclasses. On the command line,
-  `null`/`none` sets an optional field to None; lists are written `[1, 2]` or `1,2`.
+  `null`/`none` sets an optional field to None; lists are written `[1, 2]` or `1,2` (one
+  value alone is a list of one).
   YAML's `1e-4` (a string to YAML 1.1) becomes the float 1e-4 for a float field.
 - An unknown key is an error that lists the valid keys (and the closest match). The dataclass's
   own `__post_init__` checks run on the final values.
