@@ -87,6 +87,7 @@ time). Without a gradient the sweep skips the per-token derivatives (``per_token
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -477,8 +478,7 @@ def _logprobs_module():
 # --------------------------------------------------------------------------------------------
 # torch.library registration
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("rlhf_kernels::linear_ppo_loss", mutates_args=())
-def _linear_ppo_op(
+def _linear_ppo_impl(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
@@ -525,6 +525,13 @@ def _linear_ppo_op(
                          seq_len, ratio_level, loss_type, tau_pos, tau_neg)
 
 
+# the op's inputs by name: setup_context and backward find an input by its name, not by a
+# position that a new option would shift
+_LINEAR_PARAMS = tuple(inspect.signature(_linear_ppo_impl).parameters)
+_linear_ppo_op = torch.library.custom_op("rlhf_kernels::linear_ppo_loss",
+                                         mutates_args=())(_linear_ppo_impl)
+
+
 @_linear_ppo_op.register_fake
 def _(hidden, weight, labels, bias, lora_a, lora_b, old_logp, advantages, weights, ref_logp,
       lora_scale, kl_coef, kl_estimator, entropy_coef, temperature, clip_low, clip_high,
@@ -539,8 +546,12 @@ def _(hidden, weight, labels, bias, lora_a, lora_b, old_logp, advantages, weight
                 hidden, weight, bias, lora_a, lora_b, needs)
 
 
+_LINEAR_NEEDS = slice(_LINEAR_PARAMS.index("need_hidden"),
+                      _LINEAR_PARAMS.index("need_lora_b") + 1)
+
+
 def _linear_setup_context(ctx, inputs, output):
-    ctx.needs = inputs[22:27]
+    ctx.needs = inputs[_LINEAR_NEEDS]
     # logp / entropy are statistics and the gradients are the backward's state: no gradient
     # flows through them (one that did would be dropped by the backward below)
     ctx.mark_non_differentiable(*output[1:])
@@ -549,9 +560,7 @@ def _linear_setup_context(ctx, inputs, output):
 
 # inputs of the linear op (and of _LinearPPOFunction) after hidden, weight, labels, bias,
 # lora_a, lora_b: the rollout tensors and options, none differentiable
-_LINEAR_OTHER_INPUTS = 27
-# inputs of the logits op (and of _LogitsPPOFunction) after the logits
-_LOGITS_OTHER_INPUTS = 20
+_LINEAR_OTHER_INPUTS = len(_LINEAR_PARAMS) - _LINEAR_PARAMS.index("old_logp")
 
 
 def _scale(grad: torch.Tensor, grad_loss: torch.Tensor, in_place: bool) -> torch.Tensor:
@@ -576,8 +585,7 @@ def _linear_backward(ctx, grad_loss, *_unused, in_place=False):
 _linear_ppo_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
 
 
-@torch.library.custom_op("rlhf_kernels::ppo_loss_from_logits", mutates_args=())
-def _logits_ppo_op(
+def _logits_ppo_impl(
     logits3d: torch.Tensor,
     labels: torch.Tensor,
     old_logp: torch.Tensor,
@@ -608,6 +616,14 @@ def _logits_ppo_op(
                          loss_type, tau_pos, tau_neg)
 
 
+_LOGITS_PARAMS = tuple(inspect.signature(_logits_ppo_impl).parameters)
+_LOGITS_NEED_GRAD = _LOGITS_PARAMS.index("need_grad")
+# inputs of the logits op (and of _LogitsPPOFunction) after the logits
+_LOGITS_OTHER_INPUTS = len(_LOGITS_PARAMS) - 1
+_logits_ppo_op = torch.library.custom_op("rlhf_kernels::ppo_loss_from_logits",
+                                         mutates_args=())(_logits_ppo_impl)
+
+
 @_logits_ppo_op.register_fake
 def _(logits3d, labels, old_logp, advantages, weights, ref_logp, kl_coef, kl_estimator,
       entropy_coef, temperature, clip_low, clip_high, dual_clip, log_ratio_clamp, ignore_index,
@@ -620,7 +636,7 @@ def _(logits3d, labels, old_logp, advantages, weights, ref_logp, kl_coef, kl_est
 
 
 def _logits_setup_context(ctx, inputs, output):
-    ctx.need_grad = inputs[15]
+    ctx.need_grad = inputs[_LOGITS_NEED_GRAD]
     ctx.mark_non_differentiable(*output[1:])  # as in _linear_setup_context
     ctx.save_for_backward(output[3])
 
@@ -675,7 +691,7 @@ class _LogitsPPOFunction(torch.autograd.Function):
         # logits (..., T, V) are made (B, T, V) here, not by the caller: no view node.
         loss, logp, entropy, d_logits = _logits_sweep(_as_3d(logits), *rest)
         ctx.mark_non_differentiable(logp, entropy)
-        ctx.need_grad = rest[14]
+        ctx.need_grad = rest[_LOGITS_NEED_GRAD - 1]  # rest: the op's inputs after the logits
         ctx.save_for_backward(d_logits.view(logits.shape) if ctx.need_grad else d_logits)
         return loss, logp, entropy
 
