@@ -72,6 +72,8 @@ Precision: the Triton path loads fp16/bf16/fp32 and computes in fp32 (loss and s
 float64 inputs go to the float64 reference.
 """
 
+import inspect
+
 import torch
 import triton
 import triton.language as tl
@@ -526,8 +528,7 @@ def _launch_packed(logp, rest):
     return _launch(logp, *rest)
 
 
-@torch.library.custom_op("rlhf_kernels::ppo_policy_loss", mutates_args=())
-def _ppo_policy_loss_op(
+def _ppo_policy_loss_impl(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
@@ -551,6 +552,13 @@ def _ppo_policy_loss_op(
                    tau_pos, tau_neg)
 
 
+# the op's inputs by name (setup_context and backward find them by name, not by position)
+_OP_PARAMS = tuple(inspect.signature(_ppo_policy_loss_impl).parameters)
+_DUAL_CLIP, _REF_LOGP = _OP_PARAMS.index("dual_clip"), _OP_PARAMS.index("ref_logp")
+_ppo_policy_loss_op = torch.library.custom_op("rlhf_kernels::ppo_policy_loss",
+                                              mutates_args=())(_ppo_policy_loss_impl)
+
+
 @_ppo_policy_loss_op.register_fake
 def _(logp, old_logp, advantages, mask, ref_logp, normalizer, clip_low, clip_high, dual_clip,
       log_ratio_clamp, reduction, policy, kl_coef, normalizer_value, tau_pos, tau_neg):
@@ -570,10 +578,11 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(saved_grad, stats)
     ctx.logp_dtype = logp.dtype
-    ctx.scale_index = _scale_index(inputs[8] is not None, inputs[4] is not None)
+    ctx.scale_index = _scale_index(inputs[_DUAL_CLIP] is not None,
+                                   inputs[_REF_LOGP] is not None)
 
 
-_N_OP_ARGS = 16
+_N_OP_ARGS = len(_OP_PARAMS)
 
 
 def _backward(ctx, grad_loss, grad_stats, grad_saved):
