@@ -480,7 +480,8 @@ def used_settings(cfg: RLConfig, values: dict) -> dict:
     unused = (GROUP_SETTINGS if cfg.settings.uses_critic else CRITIC_SETTINGS) + \
         (() if cfg.settings.dynamic_sampling else DYNAMIC_SAMPLING_SETTINGS) + \
         (() if cfg.settings.loss_type == "sapo" else SAPO_SETTINGS) + \
-        (("kl_horizon",) if cfg.kl_target is None else ())
+        (("kl_horizon",) if cfg.kl_target is None else ()) + \
+        (("overlong_penalty",) if cfg.overlong_buffer == 0 else ())  # no length penalty
     for key in unused:
         values.pop(key, None)
     return values

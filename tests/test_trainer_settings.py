@@ -558,3 +558,14 @@ def test_a_list_setting_takes_one_number_as_it_takes_one_name(tmp_path):
     assert load_config(FrontierConfig, None, ["kl_coefs=0.1,0.3"]).kl_coefs == (0.1, 0.3)
     with pytest.raises(ValueError, match="must be a list"):
         load_config(FrontierConfig, None, ["kl_coefs={a: 1}"])
+
+
+def test_overlong_penalty_is_not_shown_without_an_overlong_buffer(capsys):
+    """overlong_penalty acts only through overlong_buffer (refused when changed without it),
+    yet --print-config and summary.json listed it in every run, unlike the other settings a
+    run does not use (kl_horizon without kl_target, dynamic_sampling_rounds without dynamic
+    sampling)."""
+    assert "overlong_penalty" not in _printed(capsys, ["grpo", "--print-config"])
+    shown = _printed(capsys, ["grpo", "overlong_buffer=4", "--print-config"])
+    assert shown["overlong_penalty"] == 1.0
+    assert "overlong_penalty" not in _printed(capsys, ["pipeline", "--print-config"])["ppo"]
