@@ -435,8 +435,7 @@ def _used_config(cfg: PipelineConfig, stages: dict, unused: tuple[str, ...]) -> 
         used[name] = {key: value for key, value in asdict(stage_cfg).items()
                       if (name, key) not in _NOT_IN_PIPELINE and key != "overwrite"}
     used["ppo"] = ppo.used_settings(stages["ppo"], used["ppo"])  # the presets, resolved
-    if used["sft"]["lr"] is None:  # the default SFT takes (2e-5 full-weight, 2e-4 LoRA)
-        used["sft"]["lr"] = stages["sft"].resolved(1).lr
+    used["sft"] = sft.used_settings(stages["sft"], used["sft"])  # lr as it runs, no unused
     if "kl_bound" in used and used["kl_bound"] is None:  # the bound the evaluation uses
         used["kl_bound"] = stages["ppo"].kl_target
     return used

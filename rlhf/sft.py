@@ -47,7 +47,7 @@ from rlhf.stage import (
     warmup_cosine_schedule,
 )
 
-__all__ = ["SFTConfig", "lm_loss", "preset_for", "printable_config", "train"]
+__all__ = ["SFTConfig", "lm_loss", "preset_for", "printable_config", "train", "used_settings"]
 
 
 @dataclass
@@ -212,9 +212,22 @@ def printable_config(cfg: SFTConfig) -> dict:
 
     cfg.check_used_settings()
     check_model_and_data(cfg)
-    values = config_to_dict(cfg)
+    return used_settings(cfg, config_to_dict(cfg))
+
+
+def used_settings(cfg: SFTConfig, values: dict) -> dict:
+    """``values`` (cfg's settings as a dict) with ``lr`` as the run takes it and without the
+    settings it does not use (``check_used_settings`` refuses them changed): lora_alpha without
+    LoRA, epochs beside max_steps, the built-in task's corpus_size and vocab_size with a model.
+    What --print-config shows and the pipeline's summary.json records."""
+    values = dict(values)
     if cfg.lr is None:  # the default the run takes (max_steps from epochs needs the data)
         values["lr"] = cfg.resolved(1).lr
+    unused = (("lora_alpha",) if not cfg.lora_rank else ()) + \
+        (("epochs",) if cfg.max_steps is not None else ()) + \
+        (("corpus_size", "vocab_size") if cfg.model is not None else ())
+    for key in unused:
+        values.pop(key, None)
     return values
 
 

@@ -569,3 +569,20 @@ def test_overlong_penalty_is_not_shown_without_an_overlong_buffer(capsys):
     shown = _printed(capsys, ["grpo", "overlong_buffer=4", "--print-config"])
     assert shown["overlong_penalty"] == 1.0
     assert "overlong_penalty" not in _printed(capsys, ["pipeline", "--print-config"])["ppo"]
+
+
+@pytest.mark.parametrize("argv, unused, used", [
+    (["sft"], ["lora_alpha", "epochs"], ["max_steps", "corpus_size"]),
+    (["sft", "model=m", "dataset=d.jsonl"], ["lora_alpha", "corpus_size", "vocab_size"],
+     ["epochs"]),
+    (["sft", "model=m", "dataset=d.jsonl", "lora_rank=8"], ["corpus_size"], ["lora_alpha"])])
+def test_sft_print_config_leaves_out_the_settings_the_run_does_not_use(capsys, argv, unused,
+                                                                       used):
+    """--print-config (and the pipeline's summary.json) listed lora_alpha without LoRA, epochs
+    beside max_steps and the built-in task's corpus_size / vocab_size with a model: settings
+    the run ignores (refused when changed), shown as if they applied. The RL stage's view
+    already leaves such settings out."""
+    shown = _printed(capsys, [*argv, "--print-config"])
+    assert not set(unused) & set(shown) and set(used) <= set(shown)
+    piped = _printed(capsys, ["pipeline", "--print-config"])["sft"]
+    assert "lora_alpha" not in piped and "epochs" not in piped and piped["max_steps"] == 400
