@@ -15,6 +15,7 @@ GRPOTrainer and an RLOOTrainer (which shares the fused head; its loss stays TRL'
 from __future__ import annotations
 
 import copy
+import math
 import tempfile
 import warnings
 
@@ -148,6 +149,9 @@ def _set(trainer, loss_type, level, kl, delta=None, epsilon_high=0.28):
     trainer.epsilon_high = 1.3 if loss_type == "cispo" else epsilon_high
     # not TRL's defaults (1.0, 1.05): a swap of the two would show
     trainer.args.sapo_temperature_pos, trainer.args.sapo_temperature_neg = 1.3, 2.5
+    # VESPO's gamma weights: not TRL's defaults (2, 3, 3, 2) either
+    trainer.args.vespo_k_pos, trainer.args.vespo_lambda_pos = 1.5, 2.5
+    trainer.args.vespo_k_neg, trainer.args.vespo_lambda_neg = 2.5, 1.5
 
 
 def _run(trainer, inputs, patched: bool, params=None):
@@ -227,7 +231,7 @@ def test_grpo_loss_matches_trl(fixed_logps, loss_type, level, kl):
     mine = _run(trainer, inputs, patched=True, params=[logps])
     _assert_same(mine, theirs, f"{loss_type}/{level}/{kl}")
     assert theirs[0].abs() > 1e-4  # off-policy: the loss is not the on-policy ~0
-    if loss_type not in ("cispo", "sapo"):  # the batch reaches both sides of the clip
+    if loss_type not in ("cispo", "sapo", "vespo"):  # the batch reaches both sides of the clip
         assert 0 < theirs[2]["clip_ratio/region_mean"][0] < 1
 
 
@@ -292,7 +296,8 @@ _WEIGHTS = {
 @pytest.mark.parametrize("loss_type,level,kl", [
     ("dapo", "token", None), ("grpo", "sequence", "k3"), ("bnpo", "token", "k3-weighted"),
     ("luspo", "sequence", None), ("cispo", "token", "k3"), ("dr_grpo", "sequence", None),
-    ("sapo", "token", "k3-weighted"), ("sapo", "sequence", None)])
+    ("sapo", "token", "k3-weighted"), ("sapo", "sequence", None), ("vespo", "token", "k3"),
+    ("vespo", "sequence", "k3-weighted")])
 def test_grpo_loss_with_policy_weights_matches_trl(fixed_logps, monkeypatch, weights, loss_type,
                                                    level, kl):
     """vLLM's importance-sampling correction (TRL's default with use_vllm), the off-policy
@@ -341,16 +346,14 @@ def test_grpo_luspo_is_the_row_sum(fixed_logps):
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("option", ["sapo_negative_temperature", "vespo", "entropy_bonus",
-                                    "low_delta", "ratio_of_another_shape"])
+@pytest.mark.parametrize("option", ["sapo_negative_temperature", "entropy_bonus", "low_delta",
+                                    "ratio_of_another_shape"])
 def test_grpo_options_not_covered_run_trls_code(fixed_logps, monkeypatch, option):
     """Options the drop-in does not cover give a reason and TRL's own numbers."""
     trainer, inputs, logps = fixed_logps
     _set(trainer, "dapo", "token", None)
     inputs = dict(inputs)
-    if option == "vespo":
-        trainer.loss_type = option
-    elif option == "sapo_negative_temperature":  # TRL computes it; the op takes tau > 0 only
+    if option == "sapo_negative_temperature":  # TRL computes it; the op takes tau > 0 only
         trainer.loss_type = "sapo"
         monkeypatch.setattr(trainer.args, "sapo_temperature_neg", -1.0)
     elif option == "entropy_bonus":
@@ -365,6 +368,28 @@ def test_grpo_options_not_covered_run_trls_code(fixed_logps, monkeypatch, option
     assert ours.grpo_loss_fallback_reason(trainer, inputs) is not None
     _assert_same(_run(trainer, inputs, True, [logps]), _run(trainer, inputs, False, [logps]),
                  option)
+
+
+def test_grpo_vespo_is_the_gamma_weighted_reinforce_term(fixed_logps):
+    """vespo: -phi(w) A logp per token, phi(w) = exp(lambda + k log w - lambda w) of the row's
+    summed log-ratio w (k, lambda by the sign of A), summed over the valid tokens and divided
+    by DAPO's token count; a closed form written out here on the op's own numbers."""
+    trainer, inputs, logps = fixed_logps
+    _set(trainer, "vespo", "token", None)
+    loss, _, metrics = _run(trainer, inputs, patched=True, params=[logps])
+    mask = inputs["completion_mask"].float()
+    old, advantages = inputs["old_per_token_logps"], inputs["advantages"]
+    log_w = (((logps.detach() - old).clamp(-20, 20) * mask).sum(-1)).clamp(math.log(1e-8), 20)
+    positive = advantages >= 0
+    k = torch.where(positive, 1.5, 2.5)
+    lam = torch.where(positive, 2.5, 1.5)
+    phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+    per_token = -(phi * advantages)[:, None] * logps.detach() * mask
+    normalizer = inputs["num_items_in_batch"] * 2 / 2  # accumulation 2, steps_per_generation 2
+    torch.testing.assert_close(loss, per_token.sum() / normalizer, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(torch.tensor(metrics["vespo/phi_seq_mean"]),
+                               phi.mean().reshape(1), rtol=1e-5, atol=1e-7)
+    assert float(phi.max() - phi.min()) > 0.5  # the weights differ from row to row
 
 
 def test_grpo_sapo_temperatures_reach_the_op(fixed_logps):
@@ -613,7 +638,9 @@ def test_rloo_trainer_with_lora_on_lm_head():
     # SAPO's gate off-policy: the second step reuses the batch
     dict(beta=0.04, loss_type="sapo", num_iterations=2, max_steps=2, sapo_temperature_pos=1.3,
          sapo_temperature_neg=2.0),
-], ids=["grpo", "luspo-masks", "two-iterations", "accumulation-checkpointing", "sapo"])
+    # VESPO's gamma weights off-policy: the second step reuses the batch
+    dict(beta=0.04, loss_type="vespo", num_iterations=2, max_steps=2, vespo_k_pos=1.5),
+], ids=["grpo", "luspo-masks", "two-iterations", "accumulation-checkpointing", "sapo", "vespo"])
 def test_grpo_trainer_step_patched_and_unpatched(settings):
     """One trainer.train() step (generation, reward, GRPO loss with beta, SGD update) from the
     same seed and weights: the same logged loss and the same updated weights; the drop-in's

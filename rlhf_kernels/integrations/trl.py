@@ -10,13 +10,13 @@ come from TRL's fused lm head, whose math (``_ChunkedLogProbFunction``) the drop
 ``ChunkedLogProbFunction`` computes with ``rlhf_kernels.linear_logprobs``, every output TRL asks
 for (log_probs, entropy, and, through linear_logprobs' ``stats``, SFT's / DPO's is_top1, DPO's
 and KTO's mean_logits, DPO's log_sum_sq_probs), a PEFT LoRA adapter on lm_head included (TRL
-refuses that adapter; under the patch GRPOTrainer and RLOOTrainer accept it and train it).
+refuses that adapter; under the patch its trainers accept it and train it).
 GRPOTrainer's ``_compute_loss`` becomes ``grpo_compute_loss``:
-``rlhf_kernels.ppo_policy_loss`` for loss_type grpo / bnpo / dr_grpo / dapo / luspo / cispo
-at importance_sampling_level token or sequence, with vLLM's importance-sampling correction and
-TRL's off-policy and high-entropy masks, TRL's own code for the other options. Values and
-gradients are TRL's up to fp32 rounding (the fused head is fp32 like TRL's; in bf16 autocast the
-matmuls run in bf16 as TRL's do).
+``rlhf_kernels.ppo_policy_loss`` for loss_type grpo / bnpo / dr_grpo / dapo / luspo / cispo /
+sapo / vespo at importance_sampling_level token or sequence, with vLLM's importance-sampling
+correction and TRL's off-policy and high-entropy masks, TRL's own code for the other options.
+Values and gradients are TRL's up to fp32 rounding (the fused head is fp32 like TRL's; in bf16
+autocast the matmuls run in bf16 as TRL's do).
 
 The utils helpers have the same signatures as TRL, plus a keyword-only ``keep_fp32``:
 
@@ -438,7 +438,9 @@ def _accepting_adapter_on_lm_head(module_name: str, cls_name: str):
 # --------------------------------------------------------------------------------------------
 _GRPO = "trl.trainer.grpo_trainer"
 _RLOO = "trl.trainer.rloo_trainer"
-GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo")
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
+# the losses with TRL's clip (epsilon / epsilon_high, and delta)
+_CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 # The _compute_loss this drop-in mirrors is TRL 1.16's; another version keeps its own.
 _CHECKED_TRL_MINOR = "1.16"
 _MODEL_INPUTS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask",
@@ -449,10 +451,11 @@ _MODEL_INPUTS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attentio
 def grpo_loss_fallback_reason(trainer, inputs=None) -> str | None:
     """Why the drop-in hands this GRPOTrainer's loss to TRL's own ``_compute_loss`` (None: the
     drop-in computes it). The drop-in covers loss_type grpo / bnpo / dr_grpo / dapo / luspo /
-    cispo / sapo, importance_sampling_level token / sequence, epsilon / epsilon_high, delta (for
-    the clipped losses, when delta >= 1 + epsilon_high and delta > 1: then TRL's two-sided clip
-    equals the dual clip; sapo has neither clip nor delta), sapo_temperature_pos / _neg (finite,
-    > 0), beta with TRL's k3 KL (with or without use_bias_correction_kl), the
+    cispo / sapo / vespo, importance_sampling_level token / sequence, epsilon / epsilon_high,
+    delta (for the clipped losses, when delta >= 1 + epsilon_high and delta > 1: then TRL's
+    two-sided clip equals the dual clip; sapo and vespo have neither clip nor delta),
+    sapo_temperature_pos / _neg (finite, > 0), vespo's gamma weights (TRL's own
+    get_gamma_weights), beta with TRL's k3 KL (with or without use_bias_correction_kl), the
     per-token weights TRL puts on the policy term (vLLM importance-sampling correction,
     off_policy_mask_threshold, top_entropy_quantile < 1), tool masks and the MoE auxiliary
     loss."""
@@ -467,14 +470,14 @@ def grpo_loss_fallback_reason(trainer, inputs=None) -> str | None:
         taus = (args.sapo_temperature_pos, args.sapo_temperature_neg)
         if not all(isinstance(t, (int, float)) and 0 < t < float("inf") for t in taus):
             return f"sapo temperatures {taus} (the op takes finite ones > 0)"
-    elif not trainer.epsilon_low >= 0 or not trainer.epsilon_high >= 0:
-        return f"a negative epsilon ({trainer.epsilon_low}, {trainer.epsilon_high})"
-    if trainer.loss_type == "cispo":
-        if not trainer.epsilon_high >= 1.0:
-            return f"cispo with epsilon_high={trainer.epsilon_high} < 1"
-    elif args.delta is not None and not (args.delta > 1.0
-                                         and args.delta >= 1.0 + trainer.epsilon_high):
-        return f"delta={args.delta} below 1 + epsilon_high"
+    if trainer.loss_type == "cispo" and not trainer.epsilon_high >= 1.0:
+        return f"cispo with epsilon_high={trainer.epsilon_high} < 1"
+    if trainer.loss_type in _CLIPPED:
+        if not trainer.epsilon_low >= 0 or not trainer.epsilon_high >= 0:
+            return f"a negative epsilon ({trainer.epsilon_low}, {trainer.epsilon_high})"
+        if args.delta is not None and not (args.delta > 1.0
+                                           and args.delta >= 1.0 + trainer.epsilon_high):
+            return f"delta={args.delta} below 1 + epsilon_high"
     if inputs is not None:
         advantages, completion = inputs["advantages"], inputs["completion_ids"]
         if advantages.shape not in (completion.shape[:1], completion.shape):
@@ -492,12 +495,27 @@ def _vllm_correction(trainer) -> bool:
     return bool(trainer.use_vllm and trainer.vllm_importance_sampling_correction)
 
 
-def _policy_weights(trainer, inputs, mask, advantages, logps, old, entropies):
+def _vespo_weights(trainer, inputs, mask, advantages, logps, old):
+    """VESPO's gamma weights phi(w) of each row's importance ratio w (vLLM's ratio folded in),
+    by the trainer's own get_gamma_weights: (B, 1) (or (B, T) for per-token advantages), >= 0,
+    gradient-free; TRL's per-token VESPO loss is -phi A logp."""
+    args = trainer.args
+    per_row_advantages = advantages if advantages.dim() > 1 else advantages.unsqueeze(1)
+    with torch.no_grad():
+        return trainer.get_gamma_weights(
+            advantages=per_row_advantages, log_ratio_per_token=logps.detach() - old, mask=mask,
+            importance_sampling_ratio=inputs.get("importance_sampling_ratio"),
+            k_pos=args.vespo_k_pos, lambda_pos=args.vespo_lambda_pos, k_neg=args.vespo_k_neg,
+            lambda_neg=args.vespo_lambda_neg)
+
+
+def _policy_weights(trainer, inputs, mask, advantages, logps, old, entropies, phi=None):
     """The product of the non-negative, gradient-free per-token factors TRL 1.16 multiplies its
     policy term by (not the KL term), (B, T) or (B, 1), or None when there is none: the
     off-policy sequence mask (DeepSeek-V3.2), the high-entropy token mask and vLLM's
-    importance-sampling ratio, each computed by the trainer's own methods and inputs."""
-    factors = []
+    importance-sampling ratio (for VESPO, its gamma weights ``phi`` instead, which hold that
+    ratio), each computed by the trainer's own methods and inputs."""
+    factors = [] if phi is None else [phi]
     if trainer.off_policy_mask_threshold is not None:
         sampling = inputs.get("sampling_per_token_logps", old)
         per_row_advantages = advantages if advantages.dim() > 1 else advantages.unsqueeze(1)
@@ -508,7 +526,7 @@ def _policy_weights(trainer, inputs, mask, advantages, logps, old, entropies):
     if trainer.top_entropy_quantile < 1.0:
         factors.append(trainer.get_high_entropy_mask(entropies, mask,
                                                      1 - trainer.top_entropy_quantile))
-    if _vllm_correction(trainer):
+    if _vllm_correction(trainer) and phi is None:
         factors.append(inputs["importance_sampling_ratio"])
     if not factors:
         return None
@@ -531,7 +549,8 @@ def _grpo_reduction(trainer, inputs, mask: torch.Tensor, mode: str):
         return "token-sum", mask.sum().clamp(min=1.0) * accumulation
     if trainer.loss_type == "dr_grpo":  # a constant: rows x max_completion_length
         return "token-sum", float(rows * trainer.max_completion_length * accumulation)
-    # dapo, cispo: the token count of the generation batch, over processes and micro-batches
+    # dapo, cispo, vespo: the token count of the generation batch, over processes and
+    # micro-batches
     normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / trainer.accelerator.num_processes
     if mode == "train":
         normalizer = (normalizer * trainer.current_gradient_accumulation_steps
@@ -570,11 +589,14 @@ def grpo_compute_loss(self, model, inputs):
     bound), clip_high = epsilon_high - 1 (TRL's clamp(ratio, max=epsilon_high), detached);
     sapo -> loss_type "sapo", sapo_tau_pos / sapo_tau_neg = sapo_temperature_pos / _neg (TRL's
     gate sigmoid(tau (coef_1 - 1)) 4 / tau, tau by the sign of the advantage; TRL logs no clip
-    metric for it);
+    metric for it); vespo (-phi A logp, phi the gamma weight of the row's importance ratio,
+    from the trainer's own get_gamma_weights with vLLM's ratio folded in) -> loss_type "cispo"
+    at token level with clip_low = clip_high = 0 (the weight clip(r, 1, 1) is 1) and the
+    advantages times phi (exact: phi >= 0, gradient-free), vespo/phi_seq_mean as TRL logs it;
     importance_sampling_level -> ratio_level; no log-ratio clamp (TRL has none);
     normalisers: grpo, sapo -> "seq-mean-token-mean" over the rows, luspo ->
     "seq-mean-token-sum" over the rows, bnpo -> the micro-batch's token count, dr_grpo ->
-    rows x max_completion_length, dapo / cispo -> num_items_in_batch / num_processes
+    rows x max_completion_length, dapo / cispo / vespo -> num_items_in_batch / num_processes
     (x accumulation / steps_per_generation in training), each times the
     gradient-accumulation steps as TRL divides; beta -> kl_coef with the k3 estimator, or, with
     use_bias_correction_kl (TRL's default), the KL term weighted by the importance ratio in
@@ -606,9 +628,13 @@ def grpo_compute_loss(self, model, inputs):
     mode = "train" if self.model.training else "eval"
     level = self.importance_sampling_level
     reduction, normalizer = _grpo_reduction(self, inputs, mask, mode)
-    cispo = self.loss_type == "cispo"
+    cispo, vespo = self.loss_type == "cispo", self.loss_type == "vespo"
+    phi = _vespo_weights(self, inputs, mask, advantages, per_token_logps, old) if vespo else None
     if cispo:
         clip = dict(clip_low=1.0, clip_high=self.epsilon_high - 1.0, dual_clip=None)
+    elif vespo:  # -phi A logp: CISPO's weight clipped to [1, 1] is 1, phi is in the advantages
+        clip = dict(clip_low=0.0, clip_high=0.0, dual_clip=None)
+        level = "token"  # no ratio in VESPO's policy term (the KL's weights keep TRL's level)
     elif self.loss_type == "sapo":  # no clip: the gate's temperatures instead
         clip = dict(dual_clip=None, sapo_tau_pos=self.args.sapo_temperature_pos,
                     sapo_tau_neg=self.args.sapo_temperature_neg)
@@ -617,11 +643,13 @@ def grpo_compute_loss(self, model, inputs):
                     dual_clip=self.args.delta)
     kl_in_op = self.beta != 0.0 and not self.args.use_bias_correction_kl
     ref = inputs["ref_per_token_logps"] if self.beta != 0.0 else None
-    weights = _policy_weights(self, inputs, mask, advantages, per_token_logps, old, entropies)
+    weights = _policy_weights(self, inputs, mask, advantages, per_token_logps, old, entropies,
+                              phi)
     loss, _ = ppo_policy_loss(
         per_token_logps, old, weighted_advantages(advantages, weights), mask,
         log_ratio_clamp=None, reduction=reduction, ratio_level=level,
-        loss_type=self.loss_type if self.loss_type in ("cispo", "sapo") else "ppo",
+        loss_type="cispo" if vespo else (
+            self.loss_type if self.loss_type in ("cispo", "sapo") else "ppo"),
         normalizer=normalizer,
         ref_logp=ref if kl_in_op else None, kl_coef=self.beta if kl_in_op else 0.0,
         kl_estimator="k3", **clip)
@@ -634,7 +662,8 @@ def grpo_compute_loss(self, model, inputs):
                 per_token_kl = torch.exp(d) - d - 1
         else:
             d = ref - per_token_logps
-            weights = _importance_weights(per_token_logps - old, mask, level)
+            weights = _importance_weights(per_token_logps - old, mask,
+                                          self.importance_sampling_level)
             per_token_kl = (torch.exp(d) - d - 1) * weights
             loss = loss + self.beta * _reduce_like(per_token_kl, mask, reduction, normalizer)
 
@@ -644,12 +673,12 @@ def grpo_compute_loss(self, model, inputs):
         self._metrics[mode]["aux_loss"].append(
             self.accelerator.gather_for_metrics(aux_loss).mean().item())
     _log_grpo_metrics(self, mode, mask, advantages, per_token_logps.detach(), old, entropies,
-                      per_token_kl, utils)
+                      per_token_kl, utils, phi)
     return loss
 
 
 def _log_grpo_metrics(trainer, mode, mask, advantages, logps, old, entropies, per_token_kl,
-                      utils) -> None:
+                      utils, phi=None) -> None:
     """The metrics TRL 1.16's _compute_loss logs, from detached tensors, with TRL's formulas."""
     metrics = trainer._metrics[mode]
     with torch.no_grad():
@@ -675,6 +704,9 @@ def _log_grpo_metrics(trainer, mode, mask, advantages, logps, old, entropies, pe
             metrics["kl"].append(global_masked_mean(per_token_kl.detach()))
         metrics["entropy"].append(global_masked_mean(entropies))
         if trainer.loss_type == "sapo":  # TRL logs no clip metric for SAPO
+            return
+        if trainer.loss_type == "vespo":
+            metrics["vespo/phi_seq_mean"].append(global_masked_mean(phi))
             return
         if trainer.loss_type == "cispo":
             clipped = (coef_1 > trainer.epsilon_high) & (advantages > 0)
