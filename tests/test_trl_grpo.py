@@ -346,7 +346,7 @@ def test_grpo_luspo_is_the_row_sum(fixed_logps):
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("option", ["sapo_negative_temperature", "entropy_bonus", "low_delta",
+@pytest.mark.parametrize("option", ["sapo_negative_temperature", "low_delta",
                                     "ratio_of_another_shape"])
 def test_grpo_options_not_covered_run_trls_code(fixed_logps, monkeypatch, option):
     """Options the drop-in does not cover give a reason and TRL's own numbers."""
@@ -356,9 +356,6 @@ def test_grpo_options_not_covered_run_trls_code(fixed_logps, monkeypatch, option
     if option == "sapo_negative_temperature":  # TRL computes it; the op takes tau > 0 only
         trainer.loss_type = "sapo"
         monkeypatch.setattr(trainer.args, "sapo_temperature_neg", -1.0)
-    elif option == "entropy_bonus":
-        monkeypatch.setattr(trainer, "entropy_coef", 0.01)
-        monkeypatch.setattr(trainer, "_entropy_bonus_enabled", True)
     elif option == "ratio_of_another_shape":  # e.g. a subclass's (T,) ratio: TRL's broadcast
         monkeypatch.setattr(trainer, "use_vllm", True)
         monkeypatch.setattr(trainer, "vllm_importance_sampling_correction", True)
@@ -390,6 +387,59 @@ def test_grpo_vespo_is_the_gamma_weighted_reinforce_term(fixed_logps):
     torch.testing.assert_close(torch.tensor(metrics["vespo/phi_seq_mean"]),
                                phi.mean().reshape(1), rtol=1e-5, atol=1e-7)
     assert float(phi.max() - phi.min()) > 0.5  # the weights differ from row to row
+
+
+def _entropy_state(trainer):
+    return (trainer.entropy_coef, trainer._last_world_entropy,
+            None if trainer._entropy_window_stats is None
+            else trainer._entropy_window_stats.tolist())
+
+
+@pytest.mark.parametrize("loss_type,level,kl,quantile", [
+    ("grpo", "token", "k3", 1.0), ("dapo", "sequence", "k3-weighted", 0.5),
+    ("cispo", "token", None, 1.0), ("luspo", "sequence", "k3", 0.5)])
+def test_grpo_entropy_bonus_matches_trl(fixed_logps, monkeypatch, loss_type, level, kl, quantile):
+    """TRL's entropy bonus (a static entropy_coef, and the adaptive controller over an
+    accumulation window of two calls): the same loss, gradients (through the entropies too),
+    metrics (policy_loss, entropy_coef) and controller state as TRL's _compute_loss."""
+    trainer, inputs, logps = fixed_logps
+    _set(trainer, loss_type, level, kl)
+    forward = trainer._get_per_token_logps_and_entropies
+    entropies = forward.entropies.requires_grad_(True)
+    monkeypatch.setattr(trainer, "top_entropy_quantile", quantile)
+    monkeypatch.setattr(trainer, "_entropy_bonus_enabled", True)
+    monkeypatch.setattr(trainer, "entropy_coef", 0.07)
+    monkeypatch.setattr(trainer, "use_adaptive_entropy", False)
+    assert ours.grpo_loss_fallback_reason(trainer, inputs) is None
+    theirs = _run(trainer, inputs, patched=False, params=[logps, entropies])
+    mine = _run(trainer, inputs, patched=True, params=[logps, entropies])
+    _assert_same(mine, theirs, f"static entropy bonus {loss_type}")
+    assert "policy_loss" in theirs[2] and theirs[2]["entropy_coef"] == [0.07]
+    assert theirs[1][1].abs().max() > 0  # the entropies get a gradient
+    # the adaptive controller: the coefficient applies while the last world entropy is at most
+    # the target; a window of two micro-batches, the update at its end
+    monkeypatch.setattr(trainer, "use_adaptive_entropy", True)
+    monkeypatch.setattr(trainer.args, "entropy_target", 1.6)
+    monkeypatch.setattr(trainer.args, "entropy_coef_delta", 0.02)
+    monkeypatch.setattr(trainer.args, "entropy_coef_min", 0.0)
+    monkeypatch.setattr(trainer.args, "entropy_coef_max", 0.5)
+    sync = {"value": False}
+    monkeypatch.setattr(type(trainer.accelerator), "sync_gradients",
+                        property(lambda self: sync["value"]))
+    for last_world in (1.2, 2.0):  # below the target: applied; above: not
+        for patched in (False, True):
+            trainer.entropy_coef, trainer._last_world_entropy = 0.07, last_world
+            trainer._entropy_window_stats = None
+            runs = []
+            for sync["value"] in (False, True):
+                runs.append(_run(trainer, inputs, patched=patched, params=[logps, entropies]))
+            state = _entropy_state(trainer)
+            if not patched:
+                theirs_runs, theirs_state = runs, state
+        for run, run_t in zip(runs, theirs_runs):
+            _assert_same(run, run_t, f"adaptive entropy {loss_type} world={last_world}")
+        assert state[:2] == pytest.approx(theirs_state[:2]) and state[2] == theirs_state[2]
+        assert theirs_state[0] != 0.07  # the controller moved the coefficient
 
 
 def test_grpo_sapo_temperatures_reach_the_op(fixed_logps):
@@ -640,7 +690,10 @@ def test_rloo_trainer_with_lora_on_lm_head():
          sapo_temperature_neg=2.0),
     # VESPO's gamma weights off-policy: the second step reuses the batch
     dict(beta=0.04, loss_type="vespo", num_iterations=2, max_steps=2, vespo_k_pos=1.5),
-], ids=["grpo", "luspo-masks", "two-iterations", "accumulation-checkpointing", "sapo", "vespo"])
+    # TRL's entropy bonus on the fused head's differentiable entropies
+    dict(beta=0.04, loss_type="dapo", entropy_coef=0.05),
+], ids=["grpo", "luspo-masks", "two-iterations", "accumulation-checkpointing", "sapo", "vespo",
+        "entropy-bonus"])
 def test_grpo_trainer_step_patched_and_unpatched(settings):
     """One trainer.train() step (generation, reward, GRPO loss with beta, SGD update) from the
     same seed and weights: the same logged loss and the same updated weights; the drop-in's

@@ -464,8 +464,6 @@ def grpo_loss_fallback_reason(trainer, inputs=None) -> str | None:
         return f"loss_type={trainer.loss_type!r} (covered: {GRPO_LOSS_TYPES})"
     if trainer.importance_sampling_level not in ("token", "sequence"):
         return f"importance_sampling_level={trainer.importance_sampling_level!r}"
-    if getattr(trainer, "_entropy_bonus_enabled", False):
-        return "the entropy bonus (entropy_coef / use_adaptive_entropy)"
     if trainer.loss_type == "sapo":
         taus = (args.sapo_temperature_pos, args.sapo_temperature_neg)
         if not all(isinstance(t, (int, float)) and 0 < t < float("inf") for t in taus):
@@ -509,7 +507,7 @@ def _vespo_weights(trainer, inputs, mask, advantages, logps, old):
             lambda_neg=args.vespo_lambda_neg)
 
 
-def _policy_weights(trainer, inputs, mask, advantages, logps, old, entropies, phi=None):
+def _policy_weights(trainer, inputs, mask, advantages, logps, old, entropy_mask, phi=None):
     """The product of the non-negative, gradient-free per-token factors TRL 1.16 multiplies its
     policy term by (not the KL term), (B, T) or (B, 1), or None when there is none: the
     off-policy sequence mask (DeepSeek-V3.2), the high-entropy token mask and vLLM's
@@ -523,9 +521,8 @@ def _policy_weights(trainer, inputs, mask, advantages, logps, old, entropies, ph
             advantages=per_row_advantages, per_token_logps=logps,
             sampling_per_token_logps=sampling, mask=mask,
             off_policy_threshold=trainer.off_policy_mask_threshold))
-    if trainer.top_entropy_quantile < 1.0:
-        factors.append(trainer.get_high_entropy_mask(entropies, mask,
-                                                     1 - trainer.top_entropy_quantile))
+    if entropy_mask is not None:
+        factors.append(entropy_mask)
     if _vllm_correction(trainer) and phi is None:
         factors.append(inputs["importance_sampling_ratio"])
     if not factors:
@@ -607,8 +604,10 @@ def grpo_compute_loss(self, model, inputs):
     sign of A, so the temperature, and w = 0 zeroes the term either way); the KL term is not
     weighted, as in TRL, and the clip metrics see the unweighted advantages, as TRL's.
 
-    Anything else (see ``grpo_loss_fallback_reason``: other loss types, the entropy bonus)
-    runs TRL's own ``_compute_loss`` for that call.
+    The entropy bonus (entropy_coef, use_adaptive_entropy) is TRL's, in torch, on the fused
+    head's differentiable entropies (``_entropy_bonus``). Anything else (see
+    ``grpo_loss_fallback_reason``: other loss types, a delta below 1 + epsilon_high, ...) runs
+    TRL's own ``_compute_loss`` for that call.
     """
     if grpo_loss_fallback_reason(self, inputs) is not None:
         return original(_GRPO, "GRPOTrainer._compute_loss")(self, model, inputs)
@@ -643,8 +642,10 @@ def grpo_compute_loss(self, model, inputs):
                     dual_clip=self.args.delta)
     kl_in_op = self.beta != 0.0 and not self.args.use_bias_correction_kl
     ref = inputs["ref_per_token_logps"] if self.beta != 0.0 else None
-    weights = _policy_weights(self, inputs, mask, advantages, per_token_logps, old, entropies,
-                              phi)
+    entropy_mask = (self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
+                    if self.top_entropy_quantile < 1.0 else None)
+    weights = _policy_weights(self, inputs, mask, advantages, per_token_logps, old,
+                              entropy_mask, phi)
     loss, _ = ppo_policy_loss(
         per_token_logps, old, weighted_advantages(advantages, weights), mask,
         log_ratio_clamp=None, reduction=reduction, ratio_level=level,
@@ -667,6 +668,8 @@ def grpo_compute_loss(self, model, inputs):
             per_token_kl = (torch.exp(d) - d - 1) * weights
             loss = loss + self.beta * _reduce_like(per_token_kl, mask, reduction, normalizer)
 
+    if getattr(self, "_entropy_bonus_enabled", False):
+        loss = _entropy_bonus(self, loss, entropies, mask, entropy_mask, mode)
     if self.aux_loss_enabled:  # scaled for accumulation, as TRL does
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
@@ -674,6 +677,54 @@ def grpo_compute_loss(self, model, inputs):
             self.accelerator.gather_for_metrics(aux_loss).mean().item())
     _log_grpo_metrics(self, mode, mask, advantages, per_token_logps.detach(), old, entropies,
                       per_token_kl, utils, phi)
+    return loss
+
+
+# the loss types whose TRL policy_loss metric is taken before the division by the accumulation
+_POLICY_LOSS_BEFORE_ACCUMULATION = ("grpo", "sapo", "bnpo", "dr_grpo", "luspo")
+
+
+def _entropy_bonus(trainer, loss, entropies, mask, entropy_mask, mode: str) -> torch.Tensor:
+    """``loss`` minus TRL 1.16's entropy bonus, with its metrics and, under
+    use_adaptive_entropy, its controller's update, as GRPOTrainer._compute_loss does them: the
+    bonus is the coefficient times the mean entropy over the tokens the policy term acts on
+    (the high-entropy mask included), divided by the accumulation steps in training; the
+    adaptive coefficient applies while the last window's world entropy is at most
+    entropy_target, and moves by entropy_coef_delta at each optimizer step."""
+    args = trainer.args
+    metrics = trainer._metrics[mode]
+    accumulation = trainer.current_gradient_accumulation_steps if mode == "train" else 1.0
+    # TRL's policy_loss metric: the loss so far, before the accumulation division for the
+    # per-row / per-batch means, after it for the token-count normalisers
+    policy_loss = loss.detach()
+    if trainer.loss_type in _POLICY_LOSS_BEFORE_ACCUMULATION:
+        policy_loss = policy_loss * accumulation
+    effective = mask if entropy_mask is None else mask * entropy_mask
+    entropy_loss = (entropies * effective).sum() / effective.sum().clamp(min=1.0) / accumulation
+    if trainer.use_adaptive_entropy:
+        coef = (trainer.entropy_coef if trainer._last_world_entropy <= args.entropy_target
+                else 0.0)
+    else:
+        coef = trainer.entropy_coef
+    loss = loss - coef * entropy_loss
+    metrics["policy_loss"].append(trainer.accelerator.gather(policy_loss).nanmean().item())
+    if trainer.use_adaptive_entropy and mode == "train":
+        stats = torch.stack([(entropies * effective).sum(), effective.sum()]).detach()
+        window = trainer._entropy_window_stats
+        trainer._entropy_window_stats = stats if window is None else window + stats
+        if trainer.accelerator.sync_gradients:
+            totals = trainer.accelerator.reduce(trainer._entropy_window_stats, reduction="sum")
+            world_entropy = (totals[0] / totals[1].clamp(min=1.0)).item()
+            if world_entropy <= args.entropy_target:
+                trainer.entropy_coef = min(trainer.entropy_coef + args.entropy_coef_delta,
+                                           args.entropy_coef_max)
+            else:
+                trainer.entropy_coef = max(trainer.entropy_coef - args.entropy_coef_delta,
+                                           args.entropy_coef_min)
+            trainer._last_world_entropy = world_entropy
+            trainer._entropy_window_stats = None
+    if mode == "train" and trainer.accelerator.sync_gradients:
+        metrics["entropy_coef"].append(trainer.entropy_coef)
     return loss
 
 
