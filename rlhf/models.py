@@ -1141,6 +1141,17 @@ class SharedBackbone(nn.Module):
                              f"{_ROLES_FILE}); expected {written_by}")
         return info_path
 
+    @staticmethod
+    def recorded_quantization(directory) -> str | None:
+        """The base quantization a backbone directory's roles.json records (what ``load`` with
+        ``quantization=None`` loads: "none" for one written before it was recorded), or None
+        when ``directory`` is not a readable backbone directory."""
+        try:
+            info = json.loads((Path(directory).expanduser() / _ROLES_FILE).read_text())
+        except (OSError, ValueError, TypeError):
+            return None
+        return info.get("quantization", "none") if isinstance(info, dict) else None
+
     @classmethod
     def load(cls, directory, *, base_model=None, torch_dtype=None,
              gradient_checkpointing: bool = False, attn_implementation=None,

@@ -466,7 +466,15 @@ def printable_config(cfg: RLConfig) -> dict:
     from rlhf.config import config_to_dict
 
     cfg.check_critic_settings()
-    return used_settings(cfg, config_to_dict(cfg))
+    shown = used_settings(cfg, config_to_dict(cfg))
+    if cfg.quantization is None and cfg.model is not None:
+        # None: the backbone's own, which its roles.json records (what the run loads)
+        from rlhf.models import SharedBackbone
+
+        recorded = SharedBackbone.recorded_quantization(cfg.model)
+        if recorded is not None:
+            shown["quantization"] = recorded
+    return shown
 
 
 def used_settings(cfg: RLConfig, values: dict) -> dict:

@@ -6,6 +6,7 @@ uninterrupted run, the stage alone).
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -586,3 +587,21 @@ def test_sft_print_config_leaves_out_the_settings_the_run_does_not_use(capsys, a
     assert not set(unused) & set(shown) and set(used) <= set(shown)
     piped = _printed(capsys, ["pipeline", "--print-config"])["sft"]
     assert "lora_alpha" not in piped and "epochs" not in piped and piped["max_steps"] == 400
+
+
+# ---------------------------------------------------------------------------------------------
+# rlhf ppo --print-config shows the base quantization the run loads
+# ---------------------------------------------------------------------------------------------
+def test_print_config_shows_the_quantization_the_backbone_records(capsys, tmp_path):
+    """quantization=null means the backbone's own, which its roles.json records: --print-config
+    showed null, not the base the run loads; an explicit setting is shown as given, and a
+    roles.json of a version that did not record it means an unquantized base."""
+    nf4, older = tmp_path / "nf4", tmp_path / "older"
+    for directory, info in ((nf4, {"quantization": "nf4"}), (older, {})):
+        directory.mkdir()
+        (directory / "roles.json").write_text(json.dumps(info))
+    assert _printed(capsys, ["ppo", f"model={nf4}", "--print-config"])["quantization"] == "nf4"
+    assert _printed(capsys, ["ppo", f"model={nf4}", "quantization=int8",
+                             "--print-config"])["quantization"] == "int8"
+    assert _printed(capsys, ["grpo", f"model={older}", "--print-config"])["quantization"] == "none"
+    assert _printed(capsys, ["ppo", "--print-config"])["quantization"] is None  # no model yet
