@@ -207,12 +207,8 @@ def busy_seconds(intervals) -> float:
 def top_device_work(profile, device: torch.device, n: int = 10) -> list[dict]:
     """The ``n`` names (kernels on CUDA, aten ops on the CPU) that kept the device busiest in a
     torch.profiler session: total ms, calls, ms per call."""
-    cuda = device.type == "cuda"
     totals: dict[str, list] = {}
-    for event in profile.events():
-        on_device = getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA
-        if on_device != cuda or (not cuda and not event.name.startswith("aten::")):
-            continue
+    for event in _device_events(profile, device):
         entry = totals.setdefault(event.name, [0.0, 0])
         entry[0] += (event.time_range.end - event.time_range.start) * 1e-3
         entry[1] += 1
@@ -221,16 +217,21 @@ def top_device_work(profile, device: torch.device, n: int = 10) -> list[dict]:
             for name, (ms, calls) in ranked]
 
 
-def _device_intervals(profile, device: torch.device) -> list[tuple[float, float]]:
-    """(start, end) in seconds of what ran on the device in a torch.profiler session: the
-    kernels, copies and fills on CUDA; on the CPU the aten ops (nested ones fall inside their
-    parent's interval, which busy_seconds merges)."""
+def _device_events(profile, device: torch.device):
+    """The events of a torch.profiler session that ran on the device: the kernels, copies and
+    fills on CUDA; on the CPU the aten ops."""
     cuda = device.type == "cuda"
-    intervals = []
     for event in profile.events():
         on_device = getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA
-        if on_device != cuda or (not cuda and not event.name.startswith("aten::")):
-            continue
+        if on_device == cuda and (cuda or event.name.startswith("aten::")):
+            yield event
+
+
+def _device_intervals(profile, device: torch.device) -> list[tuple[float, float]]:
+    """(start, end) in seconds of what ran on the device in a torch.profiler session (on the
+    CPU nested aten ops fall inside their parent's interval, which busy_seconds merges)."""
+    intervals = []
+    for event in _device_events(profile, device):
         start, end = event.time_range.start, event.time_range.end  # microseconds
         if end > start:
             intervals.append((start * 1e-6, end * 1e-6))
