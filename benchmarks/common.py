@@ -18,6 +18,8 @@ import os
 import platform
 import re
 import subprocess
+import sys
+import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterable
@@ -72,13 +74,24 @@ def trl_fused_head(wheels: Path = KERNEL_PEER_WHEELS):
             names = set(archive.namelist())
             if _TRL_CHUNKED_FILE not in names:
                 continue
-            source = archive.read(_TRL_CHUNKED_FILE).decode()
+            source = archive.read(_TRL_CHUNKED_FILE)
             utils = archive.read(_TRL_UTILS_FILE).decode() if _TRL_UTILS_FILE in names else ""
-        spec = importlib.util.spec_from_loader(
-            "_trl_peer_" + re.sub(r"\W", "_", wheel.stem), loader=None)
+        # Triton's @jit reads its functions' source with inspect, so the file must exist on
+        # disk: exec'd text fails ("@jit functions should be defined in a Python file", the
+        # second H200 proof's linear and grpo parts)
+        name = "_trl_peer_" + re.sub(r"\W", "_", wheel.stem)
+        path = Path(tempfile.gettempdir()) / "rlhf-kernel-peers" / f"{name}.py"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists() or path.read_bytes() != source:
+            path.write_bytes(source)
+        spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
-        module.__file__ = f"{wheel}/{_TRL_CHUNKED_FILE}"
-        exec(compile(source, module.__file__, "exec"), module.__dict__)  # noqa: S102 - the peer
+        sys.modules[name] = module  # (inspect finds a class's source through its module)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as error:  # noqa: BLE001 - a broken peer is skipped, not our failure
+            print(f"[peer] TRL's fused head from {wheel.name} did not load ({error!r}): skipped")
+            return None
         width = re.search(r"^_CHUNKED_LOGPROB_CHUNK_SIZE\s*=\s*(\d+)", utils, re.MULTILINE)
         function = getattr(module, "ChunkedLogProbFunction", None)
         if function is not None:

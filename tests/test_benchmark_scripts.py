@@ -328,6 +328,12 @@ def test_trl_fused_head_peer_loads_from_a_wheel_without_trl_installed(tmp_path, 
     assert common.trl_fused_head(tmp_path / "empty") is None
     function, width = common.trl_fused_head(tmp_path)
     assert width == 48 and "trl" not in [m.split(".")[0] for m in sys.modules if sys.modules[m]]
+    # Triton's @jit reads the source through inspect: the module must be a file on disk (an
+    # exec'd string failed on the H200 with "@jit functions should be defined in a Python file")
+    import inspect
+
+    source_file = Path(inspect.getsourcefile(function))
+    assert source_file.read_text() == (site / "trl/kernels/chunked_logprob.py").read_text()
     torch.manual_seed(0)
     hidden = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(100, 16, dtype=torch.float64)
