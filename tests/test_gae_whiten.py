@@ -181,7 +181,8 @@ def test_whiten_closed_forms():
     mask = torch.tensor([1, 1, 1, 1, 0], dtype=torch.bool, device=DEVICE)
     # mean 2.5, unbiased variance 5/3, biased 5/4; the masked 100 plays no part and outputs 0.
     for unbiased, var in ((True, 5.0 / 3.0), (False, 1.25)):
-        expected = torch.tensor([-1.5, -0.5, 0.5, 1.5, 0.0]) / math.sqrt(var + 1e-8)
+        expected = (torch.tensor([-1.5, -0.5, 0.5, 1.5, 0.0], device=DEVICE)
+                    / math.sqrt(var + 1e-8))
         out = masked_whiten(x, mask, unbiased=unbiased, backend="triton")
         assert_close(out, expected, atol=1e-6, name=f"unbiased={unbiased}")
         out = masked_whiten(x, mask, shift_mean=False, unbiased=unbiased, backend="triton")

@@ -731,7 +731,9 @@ def test_fused_token_terms_match_the_torch_ops(loss_type, dual_clip, kl_estimato
     mask = torch.rand(B, T, generator=g) > 0.2
     weights = reduction_weights(mask.float(), "token-mean", None)
     old[~mask] = float("nan")  # a token that does not count adds exactly 0
+    logp, old, ref, entropy, weights = (t.to(DEVICE) for t in (logp, old, ref, entropy, weights))
     for advantages in (torch.randn(B, T, generator=g), torch.randn(B, 1, generator=g)):
+        advantages = advantages.to(DEVICE)  # (the kernel runs where the suite's tensors live)
         for clip in (0.2, 0.0):
             options = dict(kl_coef=0.1, kl_estimator=kl_estimator, entropy_coef=0.02,
                            clip_low=clip, clip_high=clip, dual_clip=dual_clip,
