@@ -465,9 +465,16 @@ class RolloutEngine:
         return self.decode_graph
 
     def _autocast(self, device: torch.device):
+        """Autocast for a whole generate() call, with its cast cache off. With the cache on,
+        the fp32 adapter weights' bf16 casts made by the prefill were reused inside the graph
+        capture, so the graph recorded no cast and read the cached copies; autocast frees them
+        when generate() returns, and the next rollout's replays (after an optimizer step) read
+        stale or reused memory, silently. Without the cache each cast is a kernel of the step,
+        captured and replayed with the current weights (as PyTorch advises for CUDA graphs)."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype,
+                              cache_enabled=False)
 
     def _allocate(self, batch: int, prompt_length: int, max_new_tokens: int, device, dtype) -> None:
         """Cache and static decode buffers for this shape (reused while the shape is unchanged)."""

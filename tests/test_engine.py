@@ -304,3 +304,52 @@ def test_captured_decode_matches_teacher_forced(mode):
         assert_close(gen.logprobs, teacher, atol=LOGP_ATOL[torch.bfloat16], name=mode)
         if mode == "cuda_graph":  # the same kernels replayed: the same numbers as eager
             assert torch.equal(gen.sequences, eager.sequences)
+
+
+def test_autocast_generation_keeps_no_cast_cache():
+    """Under the engine's autocast no weight cast is cached: with the cache, a captured decode
+    step reads the bf16 copies made before the capture, which autocast frees when generate()
+    returns (stale or reused memory in the next rollout's replays)."""
+    backbone = _backbone("llama")
+    engine = RolloutEngine(backbone, decode_graph="none", autocast_dtype=torch.bfloat16)
+    seen = []
+    forward = engine._forward
+
+    def recording(*args, **kwargs):
+        seen.append((torch.is_autocast_enabled(DEVICE.type),
+                     torch.is_autocast_cache_enabled()))
+        return forward(*args, **kwargs)
+
+    engine._forward = recording
+    prompt_ids, prompt_mask = _prompts()
+    engine.generate(prompt_ids, prompt_mask, 4, eos_token_id=None, pad_token_id=PAD, seed=1)
+    assert seen and all(enabled and not cached for enabled, cached in seen), seen
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_captured_decode_under_autocast_follows_adapter_updates():
+    """The trainer's GPU mode: bf16 autocast over fp32 adapters, the decode step captured once
+    and replayed in later rollouts. After an in-place update of the policy adapter (what the
+    optimizer does between rollouts), the replayed rollout equals an eager one on the new
+    weights."""
+    backbone = _backbone("qwen2", torch.bfloat16)
+    prompt_ids, prompt_mask = _prompts(batch=4, length=7)
+    kw = dict(eos_token_id=EOS, pad_token_id=PAD, seed=3)
+    engine = RolloutEngine(backbone, decode_graph="cuda_graph", autocast_dtype=torch.bfloat16)
+    eager = RolloutEngine(backbone, decode_graph="none", autocast_dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a failed capture warns and goes eager
+        first = engine.generate(prompt_ids, prompt_mask, 12, **kw)
+    assert engine._graph is not None
+    assert torch.equal(first.sequences, eager.generate(prompt_ids, prompt_mask, 12, **kw).sequences)
+    adapters = [p for n, p in backbone.named_parameters() if "lora_" in n and ".policy." in n]
+    assert adapters and all(p.dtype == torch.float32 and p.requires_grad for p in adapters)
+    with torch.no_grad():
+        for p in adapters:
+            p.mul_(-1.5)
+    torch.empty(64 << 20, dtype=torch.uint8, device=DEVICE).fill_(255)  # reuse freed memory
+    second = engine.generate(prompt_ids, prompt_mask, 12, **kw)
+    want = eager.generate(prompt_ids, prompt_mask, 12, **kw)
+    assert torch.equal(second.sequences, want.sequences)
+    assert_close(second.logprobs, want.logprobs, atol=0, name="replayed after the update")
+    assert not torch.equal(second.sequences, first.sequences)  # the update changed the policy
