@@ -58,6 +58,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rlhf import lora_forward
 from rlhf.errors import write_error
 from rlhf.seeding import derived_seed, seeded
 
@@ -541,6 +542,7 @@ class SharedBackbone(nn.Module):
                 head.weight.copy_(weight)
                 head.bias.zero_()
         self._lora_layers = self._find_lora_layers(self.peft_model)
+        lora_forward.install(self._lora_layers)  # two GEMMs per adapted linear under autocast
         self._trainable_roles = set(roles)
         self._active_role: str | None = roles[0]
         self._switch(self._lora_layers, self._active_role)
