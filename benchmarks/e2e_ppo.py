@@ -16,7 +16,9 @@ make_optimizer; one SharedBackbone for the four roles)::
                 checkpointing
 
 Models are random-initialised from configs written in rlhf/plan.py (Qwen2.5 0.5B/1.5B/7B,
-Llama-3 8B: the public shapes, nothing downloaded), bf16 on the GPU; prompts are random tokens of
+Llama-3 8B: the public shapes, nothing downloaded), bf16 on the GPU, run under bf16 autocast in
+all three stages as `rlhf ppo` runs them (``--autocast off``: none, as the first two H200 proofs
+ran, with PEFT's fp32 adapter GEMMs); prompts are random tokens of
 random lengths, left-padded. By default rows never stop at an EOS (random models rarely emit one;
 a fixed 256-token response is what TRL's anchor figures in docs/design.md §4 were measured
 with), so response tokens/s = B x R / seconds per batch.
@@ -68,6 +70,7 @@ from rlhf.ppo import make_optimizer as ppo_make_optimizer
 from rlhf.stage import cpu_allocator_setting, resolve_device
 
 OLD_LOGPROBS = ("auto", "forward", "recorded")
+AUTOCAST = ("auto", "off")
 
 
 @dataclass
@@ -97,6 +100,10 @@ class E2EConfig:
     # one more iteration after the timed ones: how busy the device was in each stage
     # (device_busy(); it is not counted in the timings)
     profile_stages: bool = False
+    # "auto": bf16 autocast on a GPU with bf16 weights, as `rlhf ppo` runs (its bf16 setting:
+    # rollout, scoring and update); "off": none (the first two H200 proofs ran so, with PEFT's
+    # fp32 adapter GEMMs)
+    autocast: str = "auto"
     config_overrides: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -106,8 +113,22 @@ class E2EConfig:
         if self.old_logprobs not in OLD_LOGPROBS:
             raise ValueError(f"old_logprobs={self.old_logprobs!r}; expected one of "
                              f"{OLD_LOGPROBS}")
+        if self.autocast not in AUTOCAST:
+            raise ValueError(f"autocast={self.autocast!r}; expected one of {AUTOCAST}")
         if self.forward_chunk < 1 or self.iterations < 1 or self.warmup < 0:
             raise ValueError("forward_chunk and iterations must be >= 1, warmup >= 0")
+
+
+def autocast_dtype(cfg: E2EConfig) -> torch.dtype | None:
+    """The autocast dtype the trainer would use here (rlhf/rl.py: bf16 on CUDA), or None."""
+    if cfg.autocast == "auto" and cfg.device == "cuda" and cfg.dtype == "bfloat16":
+        return torch.bfloat16
+    return None
+
+
+def _autocast(cfg: E2EConfig):
+    dtype = autocast_dtype(cfg)
+    return torch.autocast(cfg.device, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 SMOKE = dict(shape="tiny", batch=4, prompt_length=8, response_length=8, lora_rank=4,
@@ -346,7 +367,7 @@ def uses_recorded_logprobs(backbone: SharedBackbone, cfg: E2EConfig) -> bool:
     """``auto`` decides as ``rlhf ppo`` does (recorded only when exact: fp32 weights, no
     autocast; so bf16 runs a policy forward, as TRL does); ``recorded`` skips that forward."""
     if cfg.old_logprobs == "auto":
-        return recorded_logprobs_match(backbone, None)
+        return recorded_logprobs_match(backbone, autocast_dtype(cfg))
     return cfg.old_logprobs == "recorded"
 
 
@@ -365,8 +386,9 @@ def ppo_iteration(backbone: SharedBackbone, engine: RolloutEngine, optimizer, pr
         # reward adapter + head, reference (adapters off) and, unless recorded, old log-probs
         # through linear_logprobs over the response positions, critic values, shaped rewards,
         # GAE and whitening; forward_chunk rows per forward
-        rollout = make_rollout(backbone, gen, settings.kl_coef, settings,
-                               use_recorded_logprobs=recorded)
+        with _autocast(cfg):
+            rollout = make_rollout(backbone, gen, settings.kl_coef, settings,
+                                   use_recorded_logprobs=recorded)
     policy_params = backbone.trainable_parameters("policy")
     critic_params = backbone.trainable_parameters("critic")
     with clock.stage("update"):
@@ -376,7 +398,8 @@ def ppo_iteration(backbone: SharedBackbone, engine: RolloutEngine, optimizer, pr
             order = torch.randperm(cfg.batch, generator=generator).to(gen.sequences.device)
             for first in range(0, cfg.batch, cfg.minibatch):
                 batch = rollout.rows(order[first:first + cfg.minibatch])
-                pg_loss, pg_stats, v_loss, v_stats = backward_losses(backbone, batch, settings)
+                pg_loss, pg_stats, v_loss, v_stats = backward_losses(
+                    backbone, batch, settings, autocast_dtype(cfg))
                 torch.nn.utils.clip_grad_norm_(policy_params, settings.grad_clip)
                 torch.nn.utils.clip_grad_norm_(critic_params, settings.grad_clip)
                 optimizer.step()
@@ -497,7 +520,8 @@ def run_case(cfg: E2EConfig, marker=None) -> dict:
         rss_start = _rss_bytes()
     backbone = build_backbone(cfg)
     optimizer = make_optimizer(backbone, cfg)
-    engine = RolloutEngine(backbone, decode_graph=cfg.decode_graph)
+    engine = RolloutEngine(backbone, decode_graph=cfg.decode_graph,
+                           autocast_dtype=autocast_dtype(cfg))
     prompt_ids, prompt_mask = synthetic_prompts(cfg, backbone.vocab_size, device)
     eos = 2 if cfg.stop_at_eos else None
     for _ in range(cfg.warmup):
@@ -688,6 +712,9 @@ def main(argv: list[str] | None = None) -> int:
                              "seconds the device was busy over the stage's time, and the "
                              "decode step's GPU time (graph replays) over the measured time "
                              "per token; says whether host time is left to remove")
+    parser.add_argument("--autocast", default="auto", choices=AUTOCAST,
+                        help="auto: bf16 autocast on a GPU with bf16 weights, as rlhf ppo runs "
+                             "(rollout, scoring, update); off: none")
     parser.add_argument("--results-dir", metavar="DIR", default=None,
                         help="where the JSON goes (default: benchmarks/results)")
     parser.add_argument("--smoke", action="store_true", help="tiny shape on the CPU, no files")
@@ -727,7 +754,7 @@ def main(argv: list[str] | None = None) -> int:
             decode_graph=args.decode_graph, stop_at_eos=args.stop_at_eos,
             old_logprobs=args.old_logprobs, warmup=args.warmup,
             iterations=args.iterations, max_memory_gib=args.max_memory, device=args.device,
-            dtype=args.dtype, profile_stages=args.profile_stages)
+            dtype=args.dtype, profile_stages=args.profile_stages, autocast=args.autocast)
         try:
             ours = run_case(cfg)
         except torch.OutOfMemoryError as error:

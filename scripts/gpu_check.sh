@@ -11,6 +11,9 @@
 #   bash scripts/gpu_check.sh all       # tests kernels e2e e2e-8b (well over 30 min)
 #   bash scripts/gpu_check.sh wheels    # on a machine WITH pip access: the TRL peer's wheels -> .whl/
 #
+# PROOF_PARTS="tests linear" bash scripts/gpu_check.sh proof   reruns only the parts named (those
+# that failed or were cut); the summary keeps the other parts' rows of the last run.
+#
 # GPU_CHECK_DRY_RUN=1 bash scripts/gpu_check.sh proof   prints the plan (every command with its time
 # budget) and runs nothing; it needs no GPU.
 #
@@ -90,9 +93,15 @@ DRY_RUN=${GPU_CHECK_DRY_RUN:-0}
 # reference), most important first.
 KERNEL_TESTS=(tests/test_logprobs.py tests/test_ppo_fused.py tests/test_linear_logprobs.py
               tests/test_policy_loss.py tests/test_value_loss.py tests/test_gae_whiten.py
-              tests/test_kl_rewards.py tests/test_bradley_terry.py tests/test_compile_no_sync.py)
+              tests/test_kl_rewards.py tests/test_bradley_terry.py tests/test_compile_no_sync.py
+              # the rollout engine's captured decode step (the trainer's GPU mode: bf16 autocast)
+              "tests/test_engine.py::test_captured_decode_matches_teacher_forced[cuda_graph]"
+              tests/test_engine.py::test_captured_decode_under_autocast_follows_adapter_updates)
 LINEAR_SHAPE="V=151936 H=4096 N=16384"
 
+# PROOF_PARTS="tests linear ...": run only these parts (a rerun of what failed or was cut, in
+# the same day's results); the other parts' rows of the last run stay in proof_parts.tsv
+PROOF_PARTS=${PROOF_PARTS:-}
 START=$SECONDS
 PARTS_TSV=$LOG_DIR/proof_parts.tsv
 status=0
@@ -107,11 +116,17 @@ pack() {
     fi
 }
 
+# selected NAME: whether PROOF_PARTS (empty: every part) names this part
+selected() {
+    [ -z "$PROOF_PARTS" ] || [[ " $PROOF_PARTS " == *" $1 "* ]]
+}
+
 # step NAME BUDGET_S COMMAND...: run COMMAND under a hard timeout of min(BUDGET_S, time left),
 # log it to $LOG_DIR/NAME.log, record "NAME status seconds budget" in $PARTS_TSV.
 step() {
     local name=$1 budget=$2
     shift 2
+    selected "$name" || return 0
     local left=$((START + PROOF_TOTAL_S - REPORT_RESERVE_S - SECONDS))
     local limit=$budget
     [ "$left" -lt "$limit" ] && limit=$left
@@ -144,6 +159,7 @@ step() {
 e2e_part() {
     local name=$1 budget=$2 tag=$3 peer_timeout=$4
     shift 4
+    selected "$name" || return 0
     local stage=$RESULTS/.stage-$tag peer=()
     # a part cut short by the total loses the difference from the peer's time, not from ours
     local left=$((START + PROOF_TOTAL_S - REPORT_RESERVE_S - SECONDS))
@@ -232,7 +248,17 @@ proof() {
         say "no git repository here: the result files will say git_sha 'unknown'; start" \
             "this as RLHF_GIT_SHA=<the checkout's HEAD> bash scripts/gpu_check.sh proof"
     fi
-    [ "$DRY_RUN" = 1 ] || : >"$PARTS_TSV"
+    if [ "$DRY_RUN" != 1 ]; then
+        mkdir -p "$LOG_DIR"
+        if [ -n "$PROOF_PARTS" ] && [ -f "$PARTS_TSV" ]; then  # keep the parts not rerun
+            awk -F'\t' -v parts=" $PROOF_PARTS " \
+                'index(parts, " " $1 " ") == 0 && $1 != "setup" && $1 != "trl-peer"' \
+                "$PARTS_TSV" >"$PARTS_TSV.kept"
+            mv "$PARTS_TSV.kept" "$PARTS_TSV"
+        else
+            : >"$PARTS_TSV"
+        fi
+    fi
     local t0=$SECONDS
     environment
     setup_peer
@@ -247,7 +273,9 @@ proof() {
     # (a) the kernels compiled on the GPU against the float64 reference
     step tests 75 "$PY" -m pytest -q -rfE -p no:cacheprovider "${xdist[@]}" "${per_test[@]}" \
         --junitxml="$LOG_DIR/cuda_tests.xml" "${KERNEL_TESTS[@]}"
-    if [ "$DRY_RUN" = 1 ]; then
+    if ! selected tests; then
+        :
+    elif [ "$DRY_RUN" = 1 ]; then
         echo "[plan] tests     then: $PY -m benchmarks.proof tests $LOG_DIR/cuda_tests.xml" \
             "(-> cuda_tests JSON)"
     else

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -304,6 +305,33 @@ def test_e2e_busy_seconds_and_profiled_stage_clock():
     assert tanh["calls"] == 20 and tanh["ms"] > 0
 
 
+def test_e2e_autocast_is_the_trainers(monkeypatch):
+    """e2e_ppo runs under the autocast `rlhf ppo` uses (rlhf/rl.py: bf16 on CUDA when the
+    weights are bf16) in all three stages, unless --autocast off."""
+    from benchmarks import e2e_ppo
+
+    cfg = e2e_ppo.E2EConfig(shape="tiny", batch=2, minibatch=2)
+    assert cfg.autocast == "auto" and e2e_ppo.autocast_dtype(cfg) is torch.bfloat16
+    assert e2e_ppo.autocast_dtype(replace(cfg, autocast="off")) is None
+    assert e2e_ppo.autocast_dtype(replace(cfg, device="cpu")) is None
+    assert e2e_ppo.autocast_dtype(replace(cfg, dtype="float32")) is None
+    with pytest.raises(ValueError, match="autocast='on'"):
+        e2e_ppo.E2EConfig(shape="tiny", batch=2, minibatch=2, autocast="on")
+    seen = {}
+    smoke = e2e_ppo.E2EConfig(**{**e2e_ppo.SMOKE, "device": "cpu"})
+    monkeypatch.setattr(e2e_ppo, "autocast_dtype", lambda c: torch.bfloat16)
+    for name in ("make_rollout", "backward_losses"):
+        real = getattr(e2e_ppo, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            seen[_name] = (torch.is_autocast_enabled("cpu"), args[3:4], kwargs)
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(e2e_ppo, name, spy)
+    e2e_ppo.run_case(smoke)
+    assert seen["make_rollout"][0] is True  # scoring under autocast
+    assert seen["backward_losses"][1] == (torch.bfloat16,)  # the update's autocast dtype
+
+
 def test_trl_fused_head_peer_loads_from_a_wheel_without_trl_installed(tmp_path, monkeypatch):
     """The GPU image has no TRL: the benchmarks' TRL peer is the kernel file of a carried wheel,
     loaded alone, with the vocabulary chunk width TRL's trainers pass it."""
@@ -389,7 +417,11 @@ def test_gpu_check_proof_dry_run_plans_every_part_within_nine_minutes():
     assert tests[1:3] == ["-m", "pytest"] and any(a.startswith("--junitxml=") for a in tests)
     test_files = [a for a in tests if a.startswith("tests/")]
     assert test_files[0] == "tests/test_logprobs.py"
-    assert all((REPO / f).is_file() for f in test_files)
+    assert all((REPO / f.split("::")[0]).is_file() for f in test_files)
+    # the node ids name tests that exist (a renamed test would silently select nothing)
+    for node in (f for f in test_files if "::" in f):
+        path, name = node.split("::")
+        assert f"def {name.split('[')[0]}(" in (REPO / path).read_text(), node
     for part in ("logprobs", "ppo_loss", "gae", "kl", "linear", "grpo"):
         assert argv[part][1:3] == ["-m", "benchmarks.proof"] and "--budget-s" in argv[part]
         soft = float(argv[part][argv[part].index("--budget-s") + 1])
@@ -418,6 +450,25 @@ def test_gpu_check_proof_dry_run_plans_every_part_within_nine_minutes():
     assert big[big.index("--shape") + 1] == "llama-3-8b"
     assert big[big.index("--max-memory") + 1] == "24" and "--peer-script" not in big
     assert any("benchmarks.report" in line and "--write" in line for line in lines)
+
+
+def test_gpu_check_proof_parts_selects_parts_and_keeps_the_other_rows(tmp_path):
+    """PROOF_PARTS reruns the parts it names; proof_parts.tsv keeps the other parts' rows of
+    the last run and replaces the rerun ones."""
+    lines = _plan("proof", WHEELHOUSE="/nonexistent", PROOF_PARTS="tests e2e-0.5b")
+    planned = [re.match(r"\[plan\] (\S+)", line)[1] for line in lines if "budget" in line]
+    assert planned == ["tests", "e2e-0.5b", "report"], planned
+    assert any("benchmarks.proof tests" in line for line in lines)
+    previous = "setup\tok\t21\t20\ntests\tfailed (exit 1)\t65\t75\nkl\tok\t30\t30\n" \
+               "e2e-0.5b\ttimed out at 80 s\t82\t80\ne2e-8b\tok\t43\t70\n"
+    (tmp_path / "results" / "logs").mkdir(parents=True)
+    (tmp_path / "results" / "logs" / "proof_parts.tsv").write_text(previous)
+    done, parts, *_ = _stub_proof(tmp_path, PROOF_PARTS="tests e2e-0.5b", keep_results=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert parts == {"kl": "ok", "e2e-8b": "ok", "trl-peer": parts["trl-peer"], "setup": "ok",
+                     "tests": "ok", "e2e-0.5b": "ok"}
+    calls = (tmp_path / "calls").read_text()
+    assert "qwen2.5-0.5b" in calls and "qwen2.5-1.5b" not in calls and "bench_kl" not in calls
 
 
 def test_gpu_check_dry_run_keeps_the_other_parts():
@@ -481,12 +532,12 @@ _STUB_E2E = json.dumps({
               "s_per_batch": 2.0, "response_tok_per_s": 2048.0}]})
 
 
-def _stub_proof(tmp_path, **env):
+def _stub_proof(tmp_path, keep_results=False, **env):
     stub = tmp_path / "python3"
     stub.write_text(_STUB)
     stub.chmod(0o755)
     results, out = tmp_path / "results", tmp_path / "out"
-    results.mkdir()
+    results.mkdir(exist_ok=keep_results)
     out.mkdir()
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n{report.BEGIN}\nold\n{report.END}\n\nafter\n")
