@@ -147,8 +147,11 @@ def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
 @torch.no_grad()
 def evaluate(backbone, tokenizer, problem_list: Sequence[tuple[int, int]], *,
              role: str | None = "policy", max_new_tokens: int = 12,
-             max_prompt_length: int = 64, batch_size: int = 100) -> dict:
-    """Greedy accuracy of ``role`` (None: the base model, adapters off) on ``problem_list``.
+             max_prompt_length: int = 64, batch_size: int = 100,
+             autocast_dtype: torch.dtype | None = None) -> dict:
+    """Greedy accuracy of ``role`` (None: the base model, adapters off) on ``problem_list``,
+    sampled under ``autocast_dtype`` autocast (None: none; the pipeline passes the RL stage's,
+    ``stage.autocast_dtype_for``, so that the accuracy is that of the model RL trains).
 
     Returns {"accuracy", "stderr" (of the mean of 0/1 outcomes), "n", "correct" (list of 0/1),
     "responses" (texts)}.
@@ -161,7 +164,7 @@ def evaluate(backbone, tokenizer, problem_list: Sequence[tuple[int, int]], *,
     chats = [prompt(a, b) for a, b in problem_list]
     ids, mask = rl.encode_prompts(chats, tokenizer, max_prompt_length)
     device = backbone.device
-    engine = RolloutEngine(backbone, role=role)
+    engine = RolloutEngine(backbone, role=role, autocast_dtype=autocast_dtype)
     was_training = backbone.training
     backbone.eval()
     texts: list[str] = []
@@ -277,7 +280,7 @@ def run_pipeline(cfg, run_dir) -> dict:
     import time
     from pathlib import Path
 
-    from rlhf import distributed, pipeline, rl
+    from rlhf import distributed, pipeline, rl, stage
     from rlhf.checkpoint import atomic_write_text
     from rlhf.metrics import plot_curves
     from rlhf.models import LoraSpec, SharedBackbone, load_tokenizer
@@ -300,11 +303,14 @@ def run_pipeline(cfg, run_dir) -> dict:
     backbone = SharedBackbone.from_pretrained(
         cfg.model, lora=LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha), roles=roles,
         seed=cfg.seed)
-    backbone.to(resolve_device(cfg.device, cfg.max_memory))
+    device = resolve_device(cfg.device, cfg.max_memory)
+    backbone.to(device)
     heldout = problems("heldout", cfg.eval_problems)
+    # in the RL stage's numerics (bf16 autocast on a GPU with ppo.bf16), as rl.train samples
     evaluation = dict(max_new_tokens=rl_cfg.max_new_tokens,
                       max_prompt_length=rl_cfg.max_prompt_length,
-                      batch_size=cfg.sample_batch_size)
+                      batch_size=cfg.sample_batch_size,
+                      autocast_dtype=stage.autocast_dtype_for(device, rl_cfg.bf16))
 
     # ---- 1. the base model's held-out accuracy (kept for --resume) ----
     t0 = time.perf_counter()

@@ -459,7 +459,8 @@ def sample_texts(backbone, tokenizer, prompts: list[str], role: str | None,
                  with_scores: bool = False):
     """Sample one response per prompt with ``role`` (None = the reference/SFT model) through the
     rollout engine, with the sampling settings of ``ppo_cfg`` (max_prompt_length,
-    max_new_tokens, temperature, top_k, top_p).
+    max_new_tokens, temperature, top_k, top_p), in the RL stage's numerics: bf16 autocast on a
+    GPU with ``ppo_cfg.bf16`` (``stage.autocast_dtype_for``, as ``rl.train``), fp32 on the CPU.
 
     Returns (texts, kl) where kl (N,) is the summed k1 KL(role || reference) of each response:
     the engine's recorded log-probs (those of the distribution that drew the tokens) minus the
@@ -468,7 +469,10 @@ def sample_texts(backbone, tokenizer, prompts: list[str], role: str | None,
     """
     ids, mask = ppo.encode_prompts(prompts, tokenizer, ppo_cfg.max_prompt_length)
     device = backbone.device
-    engine = RolloutEngine(backbone, role=role)
+    autocast_dtype = stage.autocast_dtype_for(device, ppo_cfg.bf16)
+    autocast = dict(device_type=device.type, dtype=autocast_dtype,
+                    enabled=autocast_dtype is not None)
+    engine = RolloutEngine(backbone, role=role, autocast_dtype=autocast_dtype)
     generator = torch.Generator(device=device).manual_seed(seed)
     texts: list[str] = []
     kls: list[torch.Tensor] = []
@@ -486,12 +490,14 @@ def sample_texts(backbone, tokenizer, prompts: list[str], role: str | None,
         if role is None:
             kls.append(torch.zeros(gen.sequences.shape[0]))
         else:
-            ref = backbone.reference_logprobs(gen.sequences, gen.attention_mask,
-                                              temperature=ppo_cfg.temperature)
+            with torch.autocast(**autocast):
+                ref = backbone.reference_logprobs(gen.sequences, gen.attention_mask,
+                                                  temperature=ppo_cfg.temperature)
             ref = ref[:, gen.prompt_length - 1:] * gen.response_mask
             kls.append((gen.logprobs - ref).sum(-1).cpu())
         if with_scores:
-            scores.append(backbone.rewards(gen.sequences, gen.attention_mask).float().cpu())
+            with torch.autocast(**autocast):
+                scores.append(backbone.rewards(gen.sequences, gen.attention_mask).float().cpu())
     engine.release()
     if with_scores:
         return texts, torch.cat(kls), torch.cat(scores)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 import rlhf_kernels
 from rlhf.seeding import derived_seed
 from rlhf.stage import (
+    autocast_dtype_for,
     check_common_settings,
     check_device,
     check_keep_last,
@@ -187,14 +188,20 @@ def pair_loss(backbone, batch: PairBatch, pad_token_id: int, center_coef: float)
 
 
 @torch.no_grad()
-def evaluate(backbone, pairs: PairBatch, pad_token_id: int, batch_size: int = 128) -> dict:
-    """Held-out Bradley-Terry loss and accuracy over every pair (no centring term)."""
+def evaluate(backbone, pairs: PairBatch, pad_token_id: int, batch_size: int = 128,
+             autocast_dtype: torch.dtype | None = None) -> dict:
+    """Held-out Bradley-Terry loss and accuracy over every pair (no centring term), the rewards
+    computed under ``autocast_dtype`` autocast (None: none); ``train`` passes the one it trains
+    under, so that the accuracy is that of the model as it trains (and as RL scores with it)."""
     device = backbone.device
     losses, correct, n = 0.0, 0.0, len(pairs)
     for start in range(0, n, batch_size):
         index = torch.arange(start, min(n, start + batch_size))
-        chosen, rejected = pair_rewards(backbone, pairs.select(index, device), pad_token_id)
-        loss, stats = rlhf_kernels.bradley_terry_loss(chosen, rejected)
+        with torch.autocast(device.type, dtype=autocast_dtype,
+                            enabled=autocast_dtype is not None):
+            chosen, rejected = pair_rewards(backbone, pairs.select(index, device),
+                                            pad_token_id)
+            loss, stats = rlhf_kernels.bradley_terry_loss(chosen, rejected)  # as pair_loss
         losses += float(loss) * len(index)
         correct += float(stats["accuracy"]) * len(index)
     return {"eval_loss": losses / max(1, n), "eval_accuracy": correct / max(1, n),
@@ -331,7 +338,7 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
     steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum_steps)
     max_steps = max(1, int(round(cfg.epochs * steps_per_epoch)))
     scheduler = warmup_cosine_schedule(optimizer, cfg.warmup_steps, max_steps, cfg.min_lr_ratio)
-    autocast_dtype = torch.bfloat16 if (device.type == "cuda" and cfg.bf16) else None
+    autocast_dtype = autocast_dtype_for(device, cfg.bf16)
     out_dir = Path(cfg.output_dir)
     ckpt_root = out_dir / "checkpoints"
     step = 0
@@ -364,7 +371,7 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
         """The done step's evaluation (when due) and its metrics record; a Ctrl-C in it leaves
         the step's record unwritten, and the checkpoint says so (``unlogged``)."""
         if cfg.eval_every and step % cfg.eval_every == 0 and len(eval_set):
-            metrics.update(evaluate(backbone, eval_set, pad_id))
+            metrics.update(evaluate(backbone, eval_set, pad_id, autocast_dtype=autocast_dtype))
         if step % cfg.log_every == 0 or step == max_steps or "eval_accuracy" in metrics:
             logger.log(metrics, step=step)
             progress.set_postfix(loss=f"{metrics['loss']:.3f}",
@@ -446,7 +453,8 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
         final = dict(resumed["final_eval"])
     else:
         try:
-            final = evaluate(backbone, eval_set, pad_id) if len(eval_set) else {}
+            final = (evaluate(backbone, eval_set, pad_id, autocast_dtype=autocast_dtype)
+                     if len(eval_set) else {})
         except KeyboardInterrupt:  # the steps are done: keep them (resume evaluates again)
             save(step)
             print(f"\n[rm] interrupted in the final evaluation at step {step}; checkpoint "

@@ -118,6 +118,7 @@ from rlhf import distributed, groups
 from rlhf.engine import Generation, RolloutEngine
 from rlhf.seeding import derived_seed
 from rlhf.stage import (
+    autocast_dtype_for,
     check_common_settings,
     check_device,
     check_keep_last,
@@ -1064,7 +1065,7 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
     scheduler = warmup_cosine_schedule(optimizer, cfg.warmup_steps,
                                        cfg.num_iterations * steps_per_iteration, cfg.min_lr_ratio)
     kl_controller = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-    autocast_dtype = torch.bfloat16 if (device.type == "cuda" and cfg.bf16) else None
+    autocast_dtype = autocast_dtype_for(device, cfg.bf16)
     # one engine for the whole run: the same (batch, max_prompt_length, max_new_tokens) every
     # iteration, so its cache and captured decode step are built once
     engine = RolloutEngine(backbone, role="policy", autocast_dtype=autocast_dtype)

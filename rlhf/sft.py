@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 import rlhf_kernels
 from rlhf.seeding import derived_seed
 from rlhf.stage import (
+    autocast_dtype_for,
     check_common_settings,
     check_device,
     check_keep_last,
@@ -446,7 +447,7 @@ def _train(cfg: SFTConfig, run, *, model, tokenizer, examples, on_step) -> dict:
     )
     scheduler = warmup_cosine_schedule(optimizer, cfg.warmup_steps, cfg.max_steps,
                                        cfg.min_lr_ratio)
-    autocast_dtype = torch.bfloat16 if (device.type == "cuda" and cfg.bf16) else None
+    autocast_dtype = autocast_dtype_for(device, cfg.bf16)
     step = 0
     ckpt_root = out_dir / "checkpoints"
     resumed: dict = {}

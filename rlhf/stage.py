@@ -25,6 +25,7 @@ __all__ = [
     "CPU_MALLOC_CHOICES",
     "CPU_MMAP_THRESHOLD",
     "DEVICE_CHOICES",
+    "autocast_dtype_for",
     "bound_cpu_allocator_slack",
     "check_common_settings",
     "check_device",
@@ -306,6 +307,17 @@ def resolve_device(device: str, max_memory: float | None = None) -> torch.device
             torch.cuda.set_per_process_memory_fraction(min(1.0, max_memory * 2**30 / total),
                                                        index)
     return resolved
+
+
+def autocast_dtype_for(device: torch.device, bf16: bool) -> torch.dtype | None:
+    """The dtype a stage's forwards autocast to on ``device``: bf16 on a CUDA device when the
+    stage's ``bf16`` setting is on; None (no autocast, fp32 compute) otherwise, the CPU always.
+
+    One rule for every stage's training and for what the pipeline samples and evaluates with
+    their models (preference pairs, held-out samples, the reward model's held-out accuracy):
+    on a GPU those ran without autocast while the stages trained under it, in other numerics
+    (and through PEFT's fp32-adapter path on a bf16 base)."""
+    return torch.bfloat16 if (device.type == "cuda" and bf16) else None
 
 
 def nonfinite_error(stage: str, at: str, numbers: dict[str, float], lrs: dict[str, float],
