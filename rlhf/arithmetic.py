@@ -189,7 +189,8 @@ def evaluate(backbone, tokenizer, problem_list: Sequence[tuple[int, int]], *,
 # ----------------------------------------------------------------------------------------------
 # Top-level pipeline settings of the review task that mean nothing here.
 _REVIEWS_ONLY = ("corpus_size", "vocab_size", "hidden_size", "num_layers", "pair_prompts",
-                 "heldout_pair_fraction", "label_beta", "eval_samples", "kl_bound")
+                 "heldout_pair_fraction", "label_beta", "eval_samples", "kl_bound",
+                 "pair_temperature", "pair_top_k", "pair_top_p")
 
 
 def check_pipeline_settings(cfg) -> tuple[str, ...]:

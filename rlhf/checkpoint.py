@@ -478,6 +478,8 @@ SETTINGS_ADDED: dict[str, tuple[Any, ...]] = {
     "overlong_buffer": (0,), "overlong_penalty": (_ANY,), "mask_truncated": (False,),
     # SAPO's gate (no run was SAPO before: its temperatures were unused)
     "sapo_tau_pos": (_ANY,), "sapo_tau_neg": (_ANY,),
+    # the pairs' own sampling settings (the pairs were sampled as the RL stage samples: None)
+    "pair_temperature": (None,), "pair_top_k": (None,), "pair_top_p": (None,),
 }
 
 

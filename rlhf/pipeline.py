@@ -17,12 +17,20 @@ says which). Everything lands under ``cfg.output_dir`` (default ``runs/pipeline`
     samples.md            held-out samples of the SFT model and of the PPO policy, with scores
     summary.json          the numbers below, plus timings
 
+Preference pairs (built-in task): two responses of the SFT model to each of ``pair_prompts``
+prompts, drawn at ``pair_temperature`` with ``pair_top_k`` / ``pair_top_p`` filtering; each left
+at None samples as the RL stage does (``ppo.temperature``, ``ppo.top_k``, ``ppo.top_p``), so that
+the reward model learns on responses drawn like those it scores in RL, and ``--print-config``
+shows the value used. Their lengths are the RL stage's (``ppo.max_prompt_length``,
+``ppo.max_new_tokens``): the reward model scores responses of those lengths.
+
 Evaluation on held-out prompts (prompt combinations PPO never saw): ``eval_samples`` responses
 from the SFT model (the backbone with adapters off) and from the PPO policy, each scored by the
-gold judge (VADER). Reported: mean +- standard error of each, the difference and its size in
-standard errors of the difference, sqrt(se_sft^2 + se_ppo^2) (two independent samples), and the
-mean summed KL(policy || SFT) of the policy's samples (k1 estimate, nats per response) next to
-the bound ``kl_bound`` (default: the PPO ``kl_target``).
+gold judge (VADER), both drawn with the RL stage's sampling settings (the policy's KL is
+measured at the temperature it was trained at). Reported: mean +- standard error of each, the
+difference and its size in standard errors of the difference, sqrt(se_sft^2 + se_ppo^2) (two
+independent samples), and the mean summed KL(policy || SFT) of the policy's samples (k1
+estimate, nats per response) next to the bound ``kl_bound`` (default: the PPO ``kl_target``).
 
 Your model and data: ``sft.model`` alone runs the built-in task on your model (its tokenizer,
 the built-in corpus, pairs, prompts and gold judge). ``sft.model`` with ``sft.dataset``,
@@ -71,8 +79,8 @@ from rlhf.checkpoint import (
 from rlhf.engine import RolloutEngine
 from rlhf.seeding import seeded
 
-__all__ = ["PipelineConfig", "check_settings", "mean_stderr", "run", "sample_texts",
-           "stage_configs"]
+__all__ = ["PipelineConfig", "check_settings", "mean_stderr", "pair_sampling_config", "run",
+           "sample_texts", "stage_configs"]
 
 
 def _sft_defaults() -> sft.SFTConfig:
@@ -163,6 +171,11 @@ class PipelineConfig:
     pair_prompts: int = 2000  # built-in task: each gets two SFT samples -> one labelled pair
     heldout_pair_fraction: float = 0.2  # preference pairs held out to measure the reward model
     label_beta: float = 5.0  # built-in task: Bradley-Terry inverse temperature of the annotator
+    # built-in task: how each pair's two SFT samples are drawn; None: as the RL stage samples
+    # (ppo.temperature, ppo.top_k, ppo.top_p: the responses the reward model will score)
+    pair_temperature: float | None = None
+    pair_top_k: int | None = None  # 0: off
+    pair_top_p: float | None = None  # 1.0: off
     lora_rank: int = 16
     lora_alpha: int = 32
     sample_batch_size: int = 256
@@ -229,11 +242,14 @@ class PipelineConfig:
         stage.check_max_memory(self.max_memory)
         stage.check_seed(self.seed)
         stage.check_settings(
-            self, positive=("label_beta", "kl_bound"),
+            self, positive=("label_beta", "kl_bound", "pair_temperature"),
             counts=("corpus_size", "vocab_size", "hidden_size", "num_layers", "pair_prompts",
                     "lora_rank", "lora_alpha", "sample_batch_size", "cpu_threads",
                     "eval_problems", "curve_problems"),
-            zero_or_more=("n_show_samples", "curve_every"))
+            zero_or_more=("n_show_samples", "curve_every", "pair_top_k"))
+        if self.pair_top_p is not None and not 0.0 < self.pair_top_p <= 1.0:
+            raise ValueError(f"pair_top_p={self.pair_top_p!r} is out of range: it must be in "
+                             f"(0, 1] (1 = off; null: the RL stage's ppo.top_p)")
         if self.eval_samples < 2:  # as rlhf frontier: one sample has no standard error
             raise ValueError(f"eval_samples={self.eval_samples} is out of range: it must be >= 2 "
                              f"(the held-out figures are means with their standard errors)")
@@ -307,7 +323,10 @@ _NOT_IN_PIPELINE = {
 # Top-level settings of the built-in task, and the modes that do not use them.
 _TINY_MODEL_ONLY = ("vocab_size", "hidden_size", "num_layers")
 _ARITHMETIC_ONLY = ("eval_problems", "curve_every", "curve_problems")
-_BUILTIN_TASK_ONLY = ("corpus_size", "pair_prompts", "label_beta", "eval_samples", "kl_bound")
+_BUILTIN_TASK_ONLY = ("corpus_size", "pair_prompts", "label_beta", "eval_samples", "kl_bound",
+                      "pair_temperature", "pair_top_k", "pair_top_p")
+# The pairs' own sampling settings and the RL stage's that each replaces (None: the RL stage's).
+PAIR_SAMPLING = {"pair_temperature": "temperature", "pair_top_k": "top_k", "pair_top_p": "top_p"}
 _STAGE_FOLDERS = {"sft": "sft", "reward": "rm", "ppo": "ppo"}
 # The RL stage's folder is named after its algorithm (ppo/ for PPO, as before the others).
 _RL_RUN_FILES = tuple(f"{algorithm}/{name}" for algorithm in ppo.ALGORITHMS if algorithm != "ppo"
@@ -406,6 +425,14 @@ def check_settings(cfg: PipelineConfig) -> tuple[bool, tuple[str, ...]]:
     return own_data, tuple(unused)
 
 
+def pair_sampling_config(cfg: PipelineConfig, ppo_cfg: ppo.PPOConfig) -> ppo.PPOConfig:
+    """The sampling settings of the built-in task's preference pairs: ``ppo_cfg`` (the RL
+    stage's lengths, numerics and, for each ``pair_*`` left at None, its temperature / top_k /
+    top_p) with the pairs' own ``pair_temperature``, ``pair_top_k`` and ``pair_top_p``."""
+    return replace(ppo_cfg, **{setting: getattr(cfg, name) for name, setting in
+                               PAIR_SAMPLING.items() if getattr(cfg, name) is not None})
+
+
 def stage_configs(cfg: PipelineConfig) -> dict:
     """Copies of the stage configs with the settings the pipeline sets (cfg stays as given)."""
     out = Path(cfg.output_dir)
@@ -438,6 +465,10 @@ def _used_config(cfg: PipelineConfig, stages: dict, unused: tuple[str, ...]) -> 
     used["sft"] = sft.used_settings(stages["sft"], used["sft"])  # lr as it runs, no unused
     if "kl_bound" in used and used["kl_bound"] is None:  # the bound the evaluation uses
         used["kl_bound"] = stages["ppo"].kl_target
+    pairs = pair_sampling_config(cfg, stages["ppo"])
+    for name, setting in PAIR_SAMPLING.items():  # the values the pairs are sampled with
+        if name in used:
+            used[name] = getattr(pairs, setting)
     return used
 
 
@@ -673,9 +704,10 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
             json.dumps({**pair, "split": which}) + "\n" for pair, which in zip(pairs, split)))
     else:
         prompts = task.ppo_prompts(cfg.pair_prompts, seed=cfg.seed, split="train")
-        texts_a, _ = sample_texts(backbone, tokenizer, prompts, None, ppo_cfg, cfg.seed + 11,
+        pair_cfg = pair_sampling_config(cfg, ppo_cfg)  # pair_*, else the RL stage's
+        texts_a, _ = sample_texts(backbone, tokenizer, prompts, None, pair_cfg, cfg.seed + 11,
                                   cfg.sample_batch_size)
-        texts_b, _ = sample_texts(backbone, tokenizer, prompts, None, ppo_cfg, cfg.seed + 12,
+        texts_b, _ = sample_texts(backbone, tokenizer, prompts, None, pair_cfg, cfg.seed + 12,
                                   cfg.sample_batch_size)
         pairs, ceiling_all = task.label_pairs(prompts, texts_a, texts_b, beta=cfg.label_beta,
                                               seed=cfg.seed)

@@ -185,3 +185,100 @@ def test_arithmetic_evaluation_runs_in_the_rl_stages_autocast(tiny_chat_model, t
         with pytest.raises(Stop):
             pipeline.run(cfg)
         assert given[-1] is expected
+
+
+# --------------------------------------------------------------------------------------------
+# the preference pairs' own sampling settings
+# --------------------------------------------------------------------------------------------
+def _printed(capsys, argv) -> dict:
+    import yaml
+
+    from rlhf import cli
+
+    assert cli.main(argv) == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_print_config_shows_how_the_pairs_are_sampled(capsys):
+    """The pairs were drawn with ppo.temperature / top_k / top_p, which nothing said: a user
+    lowering ppo.temperature for RL silently changed the reward model's data too. They have
+    their own settings now, which default to the RL stage's (None) and show the values used."""
+    shown = _printed(capsys, ["pipeline", "--print-config"])
+    assert (shown["pair_temperature"], shown["pair_top_k"], shown["pair_top_p"]) == (1.0, 0, 1.0)
+    shown = _printed(capsys, ["pipeline", "ppo.temperature=0.8", "ppo.top_k=50", "--print-config"])
+    assert (shown["pair_temperature"], shown["pair_top_k"], shown["pair_top_p"]) == (0.8, 50, 1.0)
+    shown = _printed(capsys, ["pipeline", "ppo.temperature=0.8", "pair_temperature=1.2",
+                              "pair_top_p=0.9", "--print-config"])
+    assert (shown["pair_temperature"], shown["pair_top_k"], shown["pair_top_p"]) == (1.2, 0, 0.9)
+    assert (shown["ppo"]["temperature"], shown["ppo"]["top_p"]) == (0.8, 1.0)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(pair_temperature=0.0), r"pair_temperature=0.0 is out of range"),
+    (dict(pair_top_k=-1), r"pair_top_k=-1 is out of range"),
+    (dict(pair_top_p=1.5), r"pair_top_p=1.5 is out of range: it must be in \(0, 1\]"),
+    (dict(pair_temperature=0.7, task="arithmetic", model="m"),
+     r"pair_temperature=0.7 has no effect with task=arithmetic"),
+])
+def test_pair_sampling_settings_out_of_range_or_unused_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        pipeline.check_settings(pipeline.PipelineConfig(**settings))
+
+
+def test_pair_sampling_settings_are_refused_on_your_own_pairs():
+    cfg = pipeline.PipelineConfig(pair_top_k=20)
+    cfg.sft.model, cfg.sft.dataset = "m", "s.jsonl"
+    cfg.reward.dataset, cfg.ppo.dataset = "p.jsonl", "q.jsonl"
+    with pytest.raises(ValueError, match=r"pair_top_k=20 has no effect here: it is a setting "
+                                         r"of the built-in review task"):
+        pipeline.check_settings(cfg)
+
+
+@pytest.mark.parametrize("pair_settings, pairs_drawn_with", [
+    ({}, (0.8, 40, 0.95)),  # the RL stage's, as before
+    (dict(pair_temperature=1.3, pair_top_k=0, pair_top_p=1.0), (1.3, 0, 1.0)),
+    (dict(pair_top_p=0.5), (0.8, 40, 0.5)),  # the others stay the RL stage's
+])
+def test_the_pipeline_samples_its_pairs_with_the_pair_settings(tmp_path, monkeypatch,
+                                                               pair_settings, pairs_drawn_with):
+    """rlhf pipeline draws both samples of each pair with pair_* (the RL stage's where None),
+    and the held-out samples of both models with the RL stage's settings. SFT, the reward model
+    and RL are stand-ins: the calls are under test."""
+    from rlhf import rl, sft
+
+    class Stop(Exception):
+        pass
+
+    calls = []
+
+    def sample_texts(backbone, tokenizer, prompts, role, cfg, seed, batch_size, **kwargs):
+        calls.append((role, seed, (cfg.temperature, cfg.top_k, cfg.top_p),
+                      (cfg.max_new_tokens, cfg.bf16)))
+        if seed == 21:  # the held-out samples of the SFT model: the pairs are done
+            raise Stop
+        # A liked, B disliked by the gold judge: every pair has a preference
+        text = "It is great, I love it." if seed == 11 else "It is awful, I hate it."
+        return [text] * len(prompts), torch.zeros(len(prompts))
+
+    def stand_in(name):
+        def train(cfg, **kwargs):
+            from pathlib import Path
+
+            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            return {"model": kwargs.get("model"), "stage": name}
+        return train
+
+    monkeypatch.setattr(pipeline, "sample_texts", sample_texts)
+    for module, name in ((sft, "sft"), (reward, "reward"), (rl, "rl")):
+        monkeypatch.setattr(module, "train", stand_in(name))
+    cfg = pipeline.PipelineConfig(output_dir=str(tmp_path / "run"), device="cpu", corpus_size=40,
+                                  vocab_size=300, hidden_size=32, num_layers=1, pair_prompts=20,
+                                  lora_rank=4, lora_alpha=8, eval_samples=4, sample_batch_size=8,
+                                  seed=0, **pair_settings)
+    cfg.ppo.temperature, cfg.ppo.top_k, cfg.ppo.top_p = 0.8, 40, 0.95
+    cfg.ppo.max_new_tokens, cfg.ppo.max_prompt_length = 12, 40
+    with pytest.raises(Stop):
+        pipeline.run(cfg)
+    assert [(role, seed) for role, seed, *_ in calls] == [(None, 11), (None, 12), (None, 21)]
+    assert [drawn for _, _, drawn, _ in calls] == [pairs_drawn_with] * 2 + [(0.8, 40, 0.95)]
+    assert all(rest == (12, True) for *_, rest in calls)  # lengths and numerics: the RL stage's
