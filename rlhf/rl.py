@@ -186,6 +186,9 @@ GROUP_SETTINGS = ("advantage_norm",)
 DYNAMIC_SAMPLING_SETTINGS = ("dynamic_sampling_rounds",)
 # SAPO's gate temperatures: refused (when changed from their default) with another loss type.
 SAPO_SETTINGS = ("sapo_tau_pos", "sapo_tau_neg")
+# Settings of the KL term, which kl_coef=0 drops (in the reward and in the loss alike): where it
+# goes, its estimator, and the adaptive controller, which multiplies kl_coef and so stays at 0.
+KL_TERM_SETTINGS = ("kl_in_loss", "kl_estimator", "kl_target", "kl_horizon")
 
 
 @dataclass(frozen=True)
@@ -390,9 +393,9 @@ class RLConfig:
         """Refuse a critic setting changed from its default in a run without a critic (and
         advantage_norm in a run with one), a dynamic-sampling setting in a run without dynamic
         sampling (it would be ignored), and dynamic sampling where there are no groups; warn
-        about kl_horizon without kl_target. Checked when the run starts, not when the
-        config is built: a config may switch algorithm on the way (the pipeline's RL stage
-        starts from PPO's settings)."""
+        about kl_horizon without kl_target, and the KL term's settings with kl_coef=0.
+        Checked when the run starts, not when the config is built: a config may switch
+        algorithm on the way (the pipeline's RL stage starts from PPO's settings)."""
         s = self.settings
         defaults = {f.name: f.default for f in fields(RLConfig)}
 
@@ -422,6 +425,12 @@ class RLConfig:
             warnings.warn(f"kl_target={self.kl_target} has no effect with kl_coef=0 (the "
                           f"adaptive controller multiplies kl_coef, and 0 stays 0); give kl_coef "
                           f"a starting value > 0, or kl_target=null for no KL", stacklevel=2)
+        given = [name for name in ("kl_in_loss", "kl_estimator") if getattr(self, name) is not None]
+        if self.kl_coef == 0 and given:  # the presets' values are not the user's: no word
+            shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in given)
+            warnings.warn(f"{shown} has no effect with kl_coef=0 (no KL term: kl_coef weighs it "
+                          f"in the reward or in the loss); give kl_coef > 0, or remove it",
+                          stacklevel=2)
         if s.loss_type != "sapo":
             refuse_changed(SAPO_SETTINGS, f"loss_type={s.loss_type!r}: the temperatures are "
                                           f"SAPO's gate's")
@@ -480,8 +489,8 @@ def printable_config(cfg: RLConfig) -> dict:
 
 def used_settings(cfg: RLConfig, values: dict) -> dict:
     """``values`` (cfg's settings as a dict) with the presets resolved and without the settings
-    the run does not use (the critic's without a critic, dynamic sampling's without it): what
-    --print-config shows and summary.json records."""
+    the run does not use (the critic's without a critic, dynamic sampling's without it, the KL
+    term's with kl_coef=0): what --print-config shows and summary.json records."""
     values = dict(values)
     resolved = asdict(cfg.settings)
     for key in (*PRESET_KEYS, *GROUP_SETTINGS):  # advantage_norm: auto as the norm it runs
@@ -490,6 +499,7 @@ def used_settings(cfg: RLConfig, values: dict) -> dict:
         (() if cfg.settings.dynamic_sampling else DYNAMIC_SAMPLING_SETTINGS) + \
         (() if cfg.settings.loss_type == "sapo" else SAPO_SETTINGS) + \
         (("kl_horizon",) if cfg.kl_target is None else ()) + \
+        (KL_TERM_SETTINGS if cfg.kl_coef == 0 else ()) + \
         (("overlong_penalty",) if cfg.overlong_buffer == 0 else ())  # no length penalty
     for key in unused:
         values.pop(key, None)

@@ -83,6 +83,32 @@ def test_kl_target_with_kl_coef_zero_is_said():
         ppo.PPOConfig(kl_coef=0.05, kl_target=4.0).check_critic_settings()
 
 
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_kl_settings_are_not_shown_without_a_kl_term(algorithm):
+    """kl_coef=0 drops the KL term (in the reward for PPO, in the loss for GRPO), but
+    --print-config and summary.json still showed where it went, its estimator and the
+    controller's target, as if they applied. They are left out; with kl_coef > 0 they stay."""
+    names = ("kl_in_loss", "kl_estimator", "kl_target", "kl_horizon")
+    shown = ppo.printable_config(ppo.PPOConfig(algorithm=algorithm, kl_coef=0.0))
+    assert shown["kl_coef"] == 0.0 and not set(names) & set(shown)
+    shown = ppo.printable_config(ppo.PPOConfig(algorithm=algorithm, kl_coef=0.05))
+    assert (shown["kl_in_loss"], shown["kl_estimator"]) == (
+        (False, "k1") if algorithm == "ppo" else (True, "k3"))
+    assert (shown["kl_target"], shown["kl_horizon"]) == (6.0, 500)
+
+
+def test_kl_term_settings_given_with_kl_coef_zero_are_said():
+    """kl_estimator or kl_in_loss given with kl_coef=0 would be silently ignored; the presets'
+    values (None in the config) say nothing."""
+    with pytest.warns(UserWarning, match=r"kl_in_loss=True, kl_estimator='k2' has no effect "
+                                         r"with kl_coef=0 \(no KL term"):
+        ppo.PPOConfig(kl_coef=0.0, kl_in_loss=True, kl_estimator="k2").check_critic_settings()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ppo.PPOConfig(algorithm="grpo", kl_coef=0.0).check_critic_settings()
+        ppo.PPOConfig(kl_coef=0.1, kl_estimator="k2").check_critic_settings()
+
+
 def test_print_config_refuses_what_the_run_refuses(capsys):
     # before, --print-config showed dynamic_sampling: true for PPO, which the run then refused
     err = _cli_error(capsys, ["ppo", "dynamic_sampling=true", "--print-config"])
