@@ -131,15 +131,20 @@ def junit_rows(xml_path: Path) -> list[dict]:
 
 
 def summary_rows(tsv_path: Path) -> list[dict]:
-    """gpu_check.sh's part log: one ``part<TAB>status<TAB>seconds<TAB>budget_s`` line per part."""
+    """gpu_check.sh's part log: one ``part<TAB>status<TAB>seconds<TAB>budget_s<TAB>sha`` line
+    per part (the SHA: the commit the part ran at, which a PROOF_PARTS rerun keeps per row;
+    older logs have no fifth field)."""
     rows = []
     for line in Path(tsv_path).read_text().splitlines():
         if not line.strip():
             continue
-        part, status, seconds, budget = (line.split("\t") + ["", "", ""])[:4]
-        rows.append({"op": "proof", "case": part, "impl": "gpu_check.sh", "status": status,
-                     "seconds": float(seconds) if seconds else None,
-                     "budget_s": float(budget) if budget else None})
+        part, status, seconds, budget, sha = (line.split("\t") + ["", "", "", ""])[:5]
+        row = {"op": "proof", "case": part, "impl": "gpu_check.sh", "status": status,
+               "seconds": float(seconds) if seconds else None,
+               "budget_s": float(budget) if budget else None}
+        if sha and sha != "unknown":
+            row["git_sha"] = sha
+        rows.append(row)
     return rows
 
 

@@ -202,8 +202,11 @@ def tests_rows(chosen, device: str) -> list[list[str]]:
 
 
 def proof_rows(chosen, device: str) -> list[list[str]]:
+    """The parts of the last proof; a part's own SHA where the log has one (rows kept from an
+    earlier commit by a PROOF_PARTS rerun), else the summary file's."""
     return [[case, str(row.get("status")), _num(row.get("seconds")), _num(row.get("budget_s")),
-             *_stamp(source)]
+             _stamp(source)[0], f"`{row['git_sha'][:7]}`" if row.get("git_sha")
+             else _stamp(source)[1]]
             for (dev, op, case, _), (row, source) in
             sorted(chosen.items(), key=lambda kv: (kv[1][1].date, kv[0]))
             if dev == device and op == "proof"]

@@ -102,6 +102,8 @@ LINEAR_SHAPE="V=151936 H=4096 N=16384"
 # PROOF_PARTS="tests linear ...": run only these parts (a rerun of what failed or was cut, in
 # the same day's results); the other parts' rows of the last run stay in proof_parts.tsv
 PROOF_PARTS=${PROOF_PARTS:-}
+# the commit each part row is from (a PROOF_PARTS rerun keeps rows of an earlier commit)
+RUN_SHA=${RLHF_GIT_SHA:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 START=$SECONDS
 PARTS_TSV=$LOG_DIR/proof_parts.tsv
 status=0
@@ -136,7 +138,7 @@ step() {
     fi
     if [ "$limit" -lt 5 ]; then
         say "$name: skipped, the ${PROOF_TOTAL_S} s total is spent"
-        printf '%s\tskipped: no time left\t0\t%s\n' "$name" "$budget" >>"$PARTS_TSV"
+        printf '%s\tskipped: no time left\t0\t%s\t%s\n' "$name" "$budget" "$RUN_SHA" >>"$PARTS_TSV"
         return 0
     fi
     echo "=== $name (timeout ${limit} s): $*"
@@ -149,7 +151,7 @@ step() {
     elif [ "$rc" -ne 0 ]; then
         what="failed (exit $rc)"; status=1
     fi
-    printf '%s\t%s\t%d\t%s\n' "$name" "$what" "$took" "$budget" >>"$PARTS_TSV"
+    printf '%s\t%s\t%d\t%s\t%s\n' "$name" "$what" "$took" "$budget" "$RUN_SHA" >>"$PARTS_TSV"
     say "$name: $what after ${took} s (budget ${budget} s)"
     pack
 }
@@ -221,7 +223,7 @@ setup_peer() {
         say "TRL peer not run: $PEER_WHY (bash scripts/gpu_check.sh wheels, then carry .whl;" \
             "or PEER_PYTHON=<interpreter with trl==$PEER_TRL_VERSION>)"
         if [ "$DRY_RUN" != 1 ] && [ "${IN_PROOF:-0}" = 1 ]; then
-            printf 'trl-peer\tnot run: %s\t0\t0\n' "$PEER_WHY" >>"$PARTS_TSV"
+            printf 'trl-peer\tnot run: %s\t0\t0\t%s\n' "$PEER_WHY" "$RUN_SHA" >>"$PARTS_TSV"
         fi
     fi
 }
@@ -262,7 +264,8 @@ proof() {
     local t0=$SECONDS
     environment
     setup_peer
-    [ "$DRY_RUN" = 1 ] || printf 'setup\tok\t%d\t20\n' $((SECONDS - t0)) >>"$PARTS_TSV"
+    [ "$DRY_RUN" = 1 ] || printf 'setup\tok\t%d\t20\t%s\n' $((SECONDS - t0)) "$RUN_SHA" \
+        >>"$PARTS_TSV"
     local xdist=() per_test=()
     if [ "$DRY_RUN" = 1 ] || "$PY" -c 'import xdist' 2>/dev/null; then
         xdist=(-n "$TEST_WORKERS")

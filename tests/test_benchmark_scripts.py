@@ -459,16 +459,27 @@ def test_gpu_check_proof_parts_selects_parts_and_keeps_the_other_rows(tmp_path):
     planned = [re.match(r"\[plan\] (\S+)", line)[1] for line in lines if "budget" in line]
     assert planned == ["tests", "e2e-0.5b", "report"], planned
     assert any("benchmarks.proof tests" in line for line in lines)
-    previous = "setup\tok\t21\t20\ntests\tfailed (exit 1)\t65\t75\nkl\tok\t30\t30\n" \
-               "e2e-0.5b\ttimed out at 80 s\t82\t80\ne2e-8b\tok\t43\t70\n"
+    old, new = "a" * 40, "b" * 40
+    previous = (f"setup\tok\t21\t20\t{old}\ntests\tfailed (exit 1)\t65\t75\t{old}\n"
+                f"kl\tok\t30\t30\t{old}\ne2e-0.5b\ttimed out at 80 s\t82\t80\t{old}\n"
+                f"e2e-8b\tok\t43\t70\n")  # (a log from before the SHA column)
     (tmp_path / "results" / "logs").mkdir(parents=True)
     (tmp_path / "results" / "logs" / "proof_parts.tsv").write_text(previous)
-    done, parts, *_ = _stub_proof(tmp_path, PROOF_PARTS="tests e2e-0.5b", keep_results=True)
+    done, parts, results, _, readme = _stub_proof(
+        tmp_path, PROOF_PARTS="tests e2e-0.5b", keep_results=True, RLHF_GIT_SHA=new)
     assert done.returncode == 0, done.stdout + done.stderr
     assert parts == {"kl": "ok", "e2e-8b": "ok", "trl-peer": parts["trl-peer"], "setup": "ok",
                      "tests": "ok", "e2e-0.5b": "ok"}
     calls = (tmp_path / "calls").read_text()
     assert "qwen2.5-0.5b" in calls and "qwen2.5-1.5b" not in calls and "bench_kl" not in calls
+    # each part row keeps the commit it ran at; the README's parts table shows it
+    summary = json.loads(next(results.glob("proof_summary-*.json")).read_text())
+    shas = {row["case"]: row.get("git_sha") for row in summary["rows"]}
+    assert shas == {"kl": old, "e2e-8b": None, "trl-peer": new, "setup": new, "tests": new,
+                    "e2e-0.5b": new}
+    text = readme.read_text()
+    assert re.search(r"\| kl \| ok \| 30 \| 30 \| [0-9-]+ \| `aaaaaaa` \|", text), text
+    assert re.search(r"\| tests \| ok \| \d+ \| 75 \| [0-9-]+ \| `bbbbbbb` \|", text)
 
 
 def test_gpu_check_dry_run_keeps_the_other_parts():
