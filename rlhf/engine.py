@@ -55,7 +55,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache
 
-from rlhf import distributed
+from rlhf import distributed, lora_forward
 
 __all__ = [
     "DECODE_GRAPH_MODES",
@@ -457,6 +457,13 @@ class RolloutEngine:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    def _adapter_copies(self):
+        """Under autocast, the active LoRA adapters in the autocast dtype for the whole call
+        (rlhf/lora_forward.py: no weight casts in the decode steps)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return lora_forward.rollout_copies(self.lm, self.autocast_dtype)
+
     def _mode_for(self, device: torch.device) -> str:
         if self.decode_graph == "auto":
             return "cuda_graph" if device.type == "cuda" else "none"
@@ -605,7 +612,8 @@ class RolloutEngine:
         if generator is None and seed is not None:
             generator = torch.Generator(device=device)
             generator.manual_seed(seed)
-        with _role_active(self.model, self.role), _eval_mode(self.lm), self._autocast(device):
+        with _role_active(self.model, self.role), _eval_mode(self.lm), self._autocast(device), \
+                self._adapter_copies():
             return self._generate(
                 prompt_ids, prompt_mask, max_new_tokens, _eos_tensor(eos_token_id, device),
                 pad_token_id, temperature, top_k, top_p, greedy, generator, shared,

@@ -4,6 +4,7 @@ untouched; on CUDA also the captured decode step against the eager one."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -353,3 +354,38 @@ def test_captured_decode_under_autocast_follows_adapter_updates():
     assert torch.equal(second.sequences, want.sequences)
     assert_close(second.logprobs, want.logprobs, atol=0, name="replayed after the update")
     assert not torch.equal(second.sequences, first.sequences)  # the update changed the policy
+
+
+def test_autocast_generation_reads_adapter_copies_bit_identically(monkeypatch):
+    """The engine's rollouts under autocast read the adapters' autocast-dtype copies
+    (lora_forward.rollout_copies) instead of casting them in every step: the same tokens and
+    log-probs bit for bit, two casts less per adapted linear per step."""
+    from rlhf import lora_forward
+
+    backbone = _backbone("qwen2")
+    prompt_ids, prompt_mask = _prompts()
+    kw = dict(eos_token_id=EOS, pad_token_id=PAD, seed=5)
+    adapted = sum(1 for m in backbone._lora_layers if hasattr(m, "_rlhf_copies"))
+    runs = {}
+    for copies in (True, False):
+        if not copies:
+            monkeypatch.setattr(lora_forward, "rollout_copies",
+                                lambda *a, **k: contextlib.nullcontext())
+        engine = RolloutEngine(backbone, decode_graph="none", autocast_dtype=torch.bfloat16)
+        casts = []
+        forward = engine._decode_forward
+
+        def counted(_forward=forward, _casts=casts):
+            from tests.test_lora_forward import _op_counts
+
+            out = []
+            _casts.append(_op_counts(lambda: out.append(_forward()))["_to_copy"])
+            return out[0]
+
+        engine._decode_forward = counted
+        runs[copies] = (engine.generate(prompt_ids, prompt_mask, 5, **kw), casts)
+    (with_copies, casts_with), (without, casts_without) = runs[True], runs[False]
+    assert torch.equal(with_copies.sequences, without.sequences)
+    assert torch.equal(with_copies.logprobs, without.logprobs)
+    assert adapted > 0 and casts_with and len(casts_with) == len(casts_without)
+    assert all(b - a == 2 * adapted for a, b in zip(casts_with, casts_without))

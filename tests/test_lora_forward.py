@@ -156,3 +156,57 @@ def test_backbone_roles_under_autocast_as_close_to_float64_as_peft():
         err_fast = (fast[index] - want[index]).abs().mean().item()
         err_peft = (peft[index] - want[index]).abs().mean().item()
         assert 0 < err_fast <= 1.5 * err_peft, (name, err_fast, err_peft)
+
+
+def test_rollout_copies_are_bit_identical_and_follow_updates():
+    """Inside rollout_copies no-grad calls read autocast-dtype copies made on entry: the same
+    bits as casting in every call, no cast op, the same buffers on every entry (what a captured
+    decode graph reads), refreshed from the current weights; grad-enabled calls and calls after
+    the context read the fp32 weights."""
+    backbone = _backbone()
+    backbone._activate("policy")
+    layer = _layer(backbone)
+    x = torch.randn(3, layer.in_features)
+    # (the cast cache off, as the engine runs: with it the weights' casts would be cached too)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        want = layer(x)
+        with lora_forward.rollout_copies(backbone.causal_lm, torch.bfloat16):
+            ops = _op_counts(lambda: layer(x))
+            got = layer(x)
+        buffers = [t.data_ptr() for t in layer._rlhf_copies[("policy", torch.bfloat16)]]
+        casts_without = _op_counts(lambda: layer(x))["_to_copy"]
+    assert torch.equal(got, want)
+    assert ops["_to_copy"] == casts_without - 2  # the two weight casts
+    with torch.no_grad():
+        layer.lora_B["policy"].weight.mul_(-2.0)  # an optimizer step between rollouts
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            fresh = layer(x)
+        with lora_forward.rollout_copies(backbone.causal_lm, torch.bfloat16):
+            with torch.no_grad():
+                assert torch.equal(layer(x), fresh)
+            out = layer(x)  # grad enabled: the fp32 weights, gradients reach them
+            out.float().sum().backward()
+    assert [t.data_ptr() for t in layer._rlhf_copies[("policy", torch.bfloat16)]] == buffers
+    assert layer.lora_B["policy"].weight.grad is not None
+    assert not layer._rlhf_copies_on
+
+
+def _op_counts(fn):
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.counts = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.counts[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    counter = Count()
+    with counter:
+        fn()
+    return counter.counts
