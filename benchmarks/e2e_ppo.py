@@ -63,7 +63,7 @@ from benchmarks.common import (
     save_results,
 )
 from rlhf import plan as planner
-from rlhf.engine import RolloutEngine
+from rlhf.engine import DECODE_GRAPH_MODES, RolloutEngine
 from rlhf.models import LoraSpec, SharedBackbone
 from rlhf.ppo import PPOConfig, backward_losses, make_rollout, recorded_logprobs_match
 from rlhf.ppo import make_optimizer as ppo_make_optimizer
@@ -100,6 +100,9 @@ class E2EConfig:
     # one more iteration after the timed ones: how busy the device was in each stage
     # (device_busy(); it is not counted in the timings)
     profile_stages: bool = False
+    # after the timed iterations, the rollout alone with each of these decode modes (e.g.
+    # "compile": torch.compile's fused, graph-replayed step); decode_compare() in the row
+    decode_compare: tuple[str, ...] = ()
     # "auto": bf16 autocast on a GPU with bf16 weights, as `rlhf ppo` runs (its bf16 setting:
     # rollout, scoring and update); "off": none (the first two H200 proofs ran so, with PEFT's
     # fp32 adapter GEMMs)
@@ -113,6 +116,9 @@ class E2EConfig:
         if self.old_logprobs not in OLD_LOGPROBS:
             raise ValueError(f"old_logprobs={self.old_logprobs!r}; expected one of "
                              f"{OLD_LOGPROBS}")
+        unknown = [m for m in self.decode_compare if m not in DECODE_GRAPH_MODES]
+        if unknown:
+            raise ValueError(f"decode_compare={unknown}; modes are {DECODE_GRAPH_MODES}")
         if self.autocast not in AUTOCAST:
             raise ValueError(f"autocast={self.autocast!r}; expected one of {AUTOCAST}")
         if self.forward_chunk < 1 or self.iterations < 1 or self.warmup < 0:
@@ -329,6 +335,39 @@ def decode_step_top_kernels(engine: RolloutEngine, device: torch.device, steps: 
         row["ms"] /= steps
         row["calls"] /= steps
     return top
+
+
+def decode_compare(backbone, prompt_ids, prompt_mask, cfg: E2EConfig, eos,
+                   generation_s: float) -> dict:
+    """The rollout alone with each mode of ``cfg.decode_compare``, on a fresh engine: the first
+    call (capture / compilation included) and one timed call; ``vs_main`` is the timed
+    iterations' generation seconds over this mode's (> 1: this mode is faster)."""
+    device = prompt_ids.device
+    out = {}
+    for mode in cfg.decode_compare:
+        engine = RolloutEngine(backbone, decode_graph=mode, autocast_dtype=autocast_dtype(cfg))
+        times = []
+        for _ in range(2):
+            _sync(device)
+            started = time.perf_counter()
+            gen = engine.generate(prompt_ids, prompt_mask, cfg.response_length,
+                                  eos_token_id=eos, pad_token_id=0,
+                                  temperature=cfg.temperature, seed=cfg.seed)
+            _sync(device)
+            times.append(time.perf_counter() - started)
+        out[mode] = {"first_call_s": times[0], "generation_s": times[1],
+                     "vs_main": generation_s / times[1],
+                     "response_tokens": int(gen.response_mask.sum()),
+                     "fell_back_to_eager": bool(engine._graph_failed)}
+        del engine
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def device_busy(backbone, engine, optimizer, prompt_ids, prompt_mask, cfg: E2EConfig, eos,
@@ -590,6 +629,9 @@ def run_case(cfg: E2EConfig, marker=None) -> dict:
         row["memory"] = ("peak RSS of the timed iterations above the process once the model's "
                          "code is imported, before the model is built")
         row["kernels_backend"] = os.environ.get("RLHF_KERNELS_BACKEND", "auto")
+    if cfg.decode_compare:
+        row["decode_compare"] = decode_compare(backbone, prompt_ids, prompt_mask, cfg, eos,
+                                               row["generation_s"])
     if cfg.profile_stages:
         row["device_busy"] = device_busy(backbone, engine, optimizer, prompt_ids, prompt_mask,
                                          cfg, eos, {k: v / n for k, v in clock.seconds.items()})
@@ -712,6 +754,10 @@ def main(argv: list[str] | None = None) -> int:
                              "seconds the device was busy over the stage's time, and the "
                              "decode step's GPU time (graph replays) over the measured time "
                              "per token; says whether host time is left to remove")
+    parser.add_argument("--decode-compare", action="append", default=[],
+                        choices=DECODE_GRAPH_MODES, metavar="MODE",
+                        help="after the timed iterations, time the rollout alone with this "
+                             "decode mode too (repeatable; e.g. compile: torch.compile's step)")
     parser.add_argument("--autocast", default="auto", choices=AUTOCAST,
                         help="auto: bf16 autocast on a GPU with bf16 weights, as rlhf ppo runs "
                              "(rollout, scoring, update); off: none")
@@ -754,7 +800,8 @@ def main(argv: list[str] | None = None) -> int:
             decode_graph=args.decode_graph, stop_at_eos=args.stop_at_eos,
             old_logprobs=args.old_logprobs, warmup=args.warmup,
             iterations=args.iterations, max_memory_gib=args.max_memory, device=args.device,
-            dtype=args.dtype, profile_stages=args.profile_stages, autocast=args.autocast)
+            dtype=args.dtype, profile_stages=args.profile_stages, autocast=args.autocast,
+            decode_compare=tuple(args.decode_compare))
         try:
             ours = run_case(cfg)
         except torch.OutOfMemoryError as error:

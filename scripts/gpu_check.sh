@@ -34,9 +34,11 @@
 #   linear       40 s  linear_logprobs / linear_ppo_loss at V=151936 H=4096 N=16384 bf16
 #   grpo         20 s  bench_grpo_loss: GRPO loss from hidden states, ours vs eager, TRL, Liger
 #   e2e-1.5b    100 s  one PPO iteration, Qwen2.5-1.5B shape, + TRL 1.12 PPOTrainer LoRA (<= 65 s)
-#   e2e-0.5b     80 s  the same at the Qwen2.5-0.5B shape (TRL <= 45 s), + one profiled
-#                      iteration: GPU busy time per stage (--profile-stages)
-#   e2e-8b       70 s  Llama-3-8B shape under --max-memory 24 (GiB)
+#   e2e-0.5b     95 s  one PPO iteration at the Qwen2.5-0.5B shape (no peer: the 1.5B part has
+#                      TRL's), the rollout again with the torch.compile decode step
+#                      (--decode-compare compile), + one profiled iteration: GPU busy time per
+#                      stage (--profile-stages)
+#   e2e-8b       55 s  Llama-3-8B shape under --max-memory 24 (GiB)
 #   report       10 s  proof_summary JSON, python -m benchmarks.report (+ --write into README.md)
 #   total       540 s  (9 min; PROOF_TOTAL_S=540 caps it whatever the parts do)
 #
@@ -299,11 +301,13 @@ proof() {
     step grpo 20 "${bench[@]}" bench_grpo_loss --budget-s 12
     # (d) end to end, TRL's PPOTrainer beside ours in the same call; the design bar's shape first
     e2e_part e2e-1.5b 100 qwen2.5-1.5b 65 --shape qwen2.5-1.5b
-    # (+ one profiled iteration: how busy the GPU is per stage, i.e. what host time is left to
-    # remove, at the smallest shape, where the host matters most)
-    e2e_part e2e-0.5b 80 qwen2.5-0.5b 45 --shape qwen2.5-0.5b --profile-stages
+    # (+ the rollout with the compiled decode step, and one profiled iteration: how busy the GPU
+    # is per stage, i.e. what host time is left to remove, at the smallest shape, where the host
+    # matters most; TRL's 0.5B run did not fit the part's time on the H200 runs)
+    e2e_part e2e-0.5b 95 qwen2.5-0.5b 0 --shape qwen2.5-0.5b --decode-compare compile \
+        --profile-stages
     # (e) the 8B shape under a 24 GiB cap
-    e2e_part e2e-8b 70 llama-3-8b 0 --shape llama-3-8b --max-memory 24 --minibatch 4 \
+    e2e_part e2e-8b 55 llama-3-8b 0 --shape llama-3-8b --max-memory 24 --minibatch 4 \
         --forward-chunk 4
     # summary and the README table from the files just written
     if [ "$DRY_RUN" = 1 ]; then
