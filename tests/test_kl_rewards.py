@@ -327,3 +327,82 @@ def test_rewards_clamps_keep_nan():
                                    score_clip=5.0, kl_clamp=5.0)
     assert torch.equal(torch.isnan(out), torch.isnan(want))
     assert torch.isnan(out[0, 3]) and torch.isnan(out[1, 1])
+
+
+# --------------------------------------------------------------------------------------------
+# k3 near the reference policy (|d| << 1), every backend
+# --------------------------------------------------------------------------------------------
+# There k3 ~ d^2 / 2 and e^-d + d - 1 in fp32 keeps only the rounding of e^-d (about 6e-8):
+# at |d| in [1e-4, 2e-3] it was off by 50-100% on average (the gradient 1 - e^-d by up to 1e-3),
+# expm1(-d) + d by up to 1e-3 at |d| = 1e-4. The ops now take a series there (ops/kl.py,
+# csrc/cpu/common.h) or float64 (the torch paths, the reference). The bound: one fp32 rounding
+# is 2^-24 ~ 6e-8 relative; the series, d^2 and the ops around k3 (kl_coef, the upstream
+# gradient, a cast) add a few more, so 1e-6 (about 17 roundings) is a few-ulps bound with room;
+# measured, the worst element is about 1.5e-7. Sums (a loss over a few hundred tokens) take
+# K3_SUM_RTOL.
+K3_RTOL = 1e-6
+K3_SUM_RTOL = 1e-5
+
+
+def tiny_log_ratios(shape):
+    """(logp, ref_logp) fp32 with d = logp - ref_logp of magnitude 1e-4 .. 2e-3 (log-uniform),
+    either sign. logp in [-3, -0.5]: logp and ref_logp are within a factor 2 of each other, so
+    the kernels' fp32 d is exact (Sterbenz) and the float64 reference sees the same d."""
+    logp = -0.5 - 2.5 * torch.rand(shape, device=DEVICE)
+    magnitude = torch.exp(torch.empty(shape, device=DEVICE).uniform_(math.log(1e-4),
+                                                                      math.log(2e-3)))
+    sign = torch.where(torch.rand(shape, device=DEVICE) < 0.5, -1.0, 1.0)
+    ref_logp = logp - sign * magnitude
+    assert torch.equal((logp - ref_logp).double(), logp.double() - ref_logp.double())
+    return logp, ref_logp
+
+
+def k3_float64(logp, ref_logp):
+    """(k3, d k3 / d logp) in float64 of the fp32 inputs' log-ratio, accurate to ~1e-12 here."""
+    d = logp.double() - ref_logp.double()
+    em1 = torch.expm1(-d)
+    return em1 + d, -em1
+
+
+def assert_relative(x, want, rtol, name):
+    """|x - want| <= rtol |want| elementwise (want nonzero); NaN fails."""
+    x, want = torch.as_tensor(x).double(), torch.as_tensor(want).double().to(x.device)
+    assert bool((want != 0).all()), f"{name}: the reference has zeros"
+    err = ((x - want) / want).abs()
+    worst = err.max().item() if err.numel() else 0.0
+    assert not err.isnan().any() and worst <= rtol, (
+        f"{name}: relative error {worst:.3e} > {rtol:.0e} (mean {err.mean().item():.3e})")
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("layout", ["contiguous", "clamped", "strided"])
+def test_kl_k3_small_log_ratios_to_a_few_ulps(backend, layout):
+    """k3 and both gradients of fp32 inputs at |d| in [1e-4, 2e-3] against float64: each kernel
+    path (the eager one-pass forward that also writes the derivative, the clamped kernels, the
+    strided ones), with a random upstream gradient."""
+    logp, ref_logp = tiny_log_ratios((6, 301))
+    clamps = (10.0, 20.0) if layout == "clamped" else (None, None)
+    if layout == "strided":
+        logp, ref_logp = logp.t(), ref_logp.t()
+    a, b = logp.clone().requires_grad_(), ref_logp.clone().requires_grad_()
+    kl = kl_penalty(a, b, "k3", *clamps, backend=backend)
+    upstream = torch.rand(kl.shape, device=DEVICE) + 0.5
+    kl.backward(upstream)
+    want, slope = k3_float64(logp, ref_logp)
+    assert_relative(kl, want, K3_RTOL, f"{layout} k3")
+    assert_relative(a.grad, upstream.double() * slope, K3_RTOL, f"{layout} d k3 / d logp")
+    assert_relative(b.grad, -upstream.double() * slope, K3_RTOL, f"{layout} d k3 / d ref_logp")
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_rewards_k3_small_log_ratios_to_a_few_ulps(backend):
+    """shape_rewards with k3 at |d| in [1e-4, 2e-3]: -kl_coef k3 to a few ulps at every valid
+    token (scores 0, so the last valid token holds the KL part alone), 0 at masked ones."""
+    n_rows, T = 7, 203
+    logp, ref_logp = tiny_log_ratios((n_rows, T))
+    mask = padded_mask(n_rows, T)
+    scores = torch.zeros(n_rows, device=DEVICE)
+    out = shape_rewards(scores, logp, ref_logp, mask, 0.05, "k3", backend=backend)
+    want, _ = k3_float64(logp, ref_logp)
+    assert_relative(out[mask], -0.05 * want[mask], K3_RTOL, "rewards")
+    assert torch.equal(out[~mask], torch.zeros_like(out[~mask]))

@@ -24,6 +24,35 @@ inline int64_t element_size(Dtype dtype) {
   return dtype == Dtype::f64 ? 8 : (dtype == Dtype::f32 ? 4 : 2);
 }
 
+// The k3 KL estimate e^-d + d - 1 of an fp32 log-ratio d, to a few ulps for every d (the same
+// split as rlhf_kernels/ops/kl.py's kernels). Written literally it cancels where |d| << 1: the
+// rounding of e^-d (about 6e-8) is all that is left of a result of about d^2 / 2, several
+// percent on average at |d| ~ 1e-3; expm1(-d) + d still keeps expm1's rounding, about 1e-4 of
+// the result there. For |d| <= 1 the Taylor series d^2 (1/2 - d/6 + ... + (-d)^9 / 11!) by Horner
+// (the truncated terms are below 2^-27 of the result); for |d| > 1, expm1(-d) + d (the result is
+// at least 0.36 |d| there: one rounding of expm1 costs an ulp or two).
+inline float k3_series(float x) {
+  float p = -2.505210838544172e-08f * x + 2.755731922398589e-07f;  // -1/11!, 1/10!
+  p = p * x - 2.7557319223985893e-06f;  // -1/9!
+  p = p * x + 2.48015873015873e-05f;    // 1/8!
+  p = p * x - 0.0001984126984126984f;   // -1/7!
+  p = p * x + 0.001388888888888889f;    // 1/6!
+  p = p * x - 0.008333333333333333f;    // -1/5!
+  p = p * x + 0.041666666666666664f;    // 1/4!
+  p = p * x - 0.16666666666666666f;     // -1/3!
+  p = p * x + 0.5f;                     // 1/2!
+  return x * x * p;
+}
+
+inline float k3(float d) { return std::fabs(d) <= 1.f ? k3_series(d) : std::expm1(-d) + d; }
+
+// k3 and its derivative 1 - e^-d = -expm1(-d) (an ulp: no cancellation at any d)
+inline void k3_and_grad(float d, float* kl, float* dkl) {
+  const float em1 = std::expm1(-d);
+  *kl = std::fabs(d) <= 1.f ? k3_series(d) : em1 + d;
+  *dkl = -em1;
+}
+
 // max that keeps a NaN (std::max drops it when it is the second argument)
 inline float nan_max(float a, float b) {
   if (std::isnan(a) || std::isnan(b)) return kNaN;

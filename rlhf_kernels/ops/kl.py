@@ -20,7 +20,10 @@ same fp32 arithmetic and, for fp32 inputs, the same bytes in all (4 B/token more
 8 fewer read backward), at a fraction of the host time (no backward allocation and launch).
 
 Precision: the Triton path loads any of fp16/bf16/fp32 and computes in fp32; float64 inputs go to
-the float64 reference (there is no reason to run them through an fp32 kernel).
+the float64 reference (there is no reason to run them through an fp32 kernel). k3 and its
+derivative are within a few fp32 ulps of the exact values for every d, |d| << 1 included (the
+usual case near the reference policy, where e^-d + d - 1 written literally keeps few correct
+digits): a series for |d| <= 1, see ``k3_and_grad``.
 """
 
 
@@ -34,7 +37,8 @@ from rlhf_kernels.backend import launch_directly, native_cpu_kernels, resolve_ba
 from rlhf_kernels.ops._launch import CachedLaunch
 from rlhf_kernels.ops._reduce import NAN, cdiv, no_double_backward
 
-__all__ = ["kl_penalty", "KL_ESTIMATOR_CODES", "kl_estimate", "check_kl_options"]
+__all__ = ["kl_penalty", "KL_ESTIMATOR_CODES", "kl_estimate", "k3", "k3_and_grad",
+           "check_kl_options", "k3_torch"]
 
 # The estimator is a compile-time flag of the kernels (four variants at most).
 KL_ESTIMATOR_CODES = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
@@ -45,6 +49,55 @@ _BLOCK = 1024
 # --------------------------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------------------------
+# k3 near d = 0. e^-d + d - 1 in fp32 cancels: the rounding of e^-d (about 6e-8) is all that is
+# left of a result of about d^2 / 2, so at |d| ~ 1e-3 (near the reference policy, the usual
+# case) it is off by several percent on average and by half at worst; expm1(-d) + d still keeps
+# expm1's rounding of about |d| * 6e-8, 1e-4 relative at |d| = 1e-3. For |d| <= 1 the kernels
+# take the Taylor series k3 = d^2 (1/2 - d/6 + d^2/24 - ... + (-d)^9 / 11!) by Horner (a few
+# fp32 ulps: the truncated terms are below 2^-27 of k3 there, and a rapidly falling series
+# rounds like its first term), and the derivative 1 - e^-d = d - k3 from it (no cancellation:
+# |k3| <= 0.72 |d| there). For |d| > 1, k3 >= 0.36 |d| and 1 - e^-d >= 0.63: e^-d's rounding
+# costs a few ulps at most, and tl.exp serves on every target (there is no expm1 in tl.math,
+# and libdevice's expm1 does not run under the Triton interpreter, so the tests could not run
+# what the GPU runs). Plain arithmetic and tl.exp only: the GPU and the interpreter compute the
+# same formula.
+@triton.jit
+def _k3_series(x):
+    """k3 of an fp32 x with |x| <= 1 (the series above)."""
+    p = -2.505210838544172e-08 * x + 2.755731922398589e-07  # -1/11!, 1/10!
+    p = p * x - 2.7557319223985893e-06  # -1/9!
+    p = p * x + 2.48015873015873e-05  # 1/8!
+    p = p * x - 0.0001984126984126984  # -1/7!
+    p = p * x + 0.001388888888888889  # 1/6!
+    p = p * x - 0.008333333333333333  # -1/5!
+    p = p * x + 0.041666666666666664  # 1/4!
+    p = p * x - 0.16666666666666666  # -1/3!
+    p = p * x + 0.5  # 1/2!
+    return x * x * p
+
+
+@triton.jit
+def k3_and_grad(d):
+    """k3 = e^-d + d - 1 of an fp32 log-ratio d and its derivative 1 - e^-d, each to a few fp32
+    ulps for every d (see above); NaN for NaN, as the plain formula."""
+    near = tl.abs(d) <= 1.0
+    # the series' argument, bounded so the far side's powers cannot overflow (tl.where keeps
+    # the other side's values there)
+    kl_near = _k3_series(tl.minimum(tl.maximum(d, -1.0), 1.0))
+    e = tl.exp(-d)
+    kl = tl.where(near, kl_near, e + d - 1.0)
+    dkl = tl.where(near, d - kl_near, 1.0 - e)
+    return kl, dkl
+
+
+@triton.jit
+def k3(d):
+    """k3 of an fp32 log-ratio d alone (``k3_and_grad``'s value)."""
+    near = tl.abs(d) <= 1.0
+    kl_near = _k3_series(tl.minimum(tl.maximum(d, -1.0), 1.0))
+    return tl.where(near, kl_near, tl.exp(-d) + d - 1.0)
+
+
 @triton.jit
 def kl_estimate(d, ESTIMATOR: tl.constexpr):
     """The estimator of an fp32 log-ratio d (shared with the reward-shaping kernel)."""
@@ -53,7 +106,7 @@ def kl_estimate(d, ESTIMATOR: tl.constexpr):
     elif ESTIMATOR == 1:
         kl = 0.5 * d * d
     elif ESTIMATOR == 2:
-        kl = tl.exp(-d) + d - 1.0
+        kl = k3(d)
     else:
         kl = tl.abs(d)
     return kl
@@ -120,7 +173,8 @@ def _kl_bwd_kernel(
     elif ESTIMATOR == 1:
         dkl = grad * d
     elif ESTIMATOR == 2:
-        dkl = grad * (1.0 - tl.exp(-d))
+        _, slope = k3_and_grad(d)
+        dkl = grad * slope
     else:
         dkl = tl.where(d > 0, grad, tl.where(d < 0, -grad, 0.0))
     # Both gradients come out of one contiguous row layout; the store casts to the input dtype.
@@ -145,10 +199,10 @@ def _kl_fwd_flat_kernel(
     ref = tl.load(ref_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     d = logp - ref
     if ESTIMATOR == 2:
-        e = tl.exp(-d)  # once for both the estimate and its derivative
-        tl.store(out_ptr + offs, e + d - 1.0, mask=inb)
+        kl, dkl = k3_and_grad(d)  # once for both the estimate and its derivative
+        tl.store(out_ptr + offs, kl, mask=inb)
         if SAVE_GRAD:
-            tl.store(dkl_ptr + offs, 1.0 - e, mask=inb)
+            tl.store(dkl_ptr + offs, dkl, mask=inb)
     else:
         tl.store(out_ptr + offs, kl_estimate(d, ESTIMATOR), mask=inb)
         if SAVE_GRAD:
@@ -164,6 +218,21 @@ def _kl_fwd_flat_kernel(
 _kl_fwd_flat = CachedLaunch(globals(), "_kl_fwd_flat_kernel")
 _kl_fwd = CachedLaunch(globals(), "_kl_fwd_kernel")
 _kl_bwd = CachedLaunch(globals(), "_kl_bwd_kernel")
+
+
+def k3_torch(d: torch.Tensor, derivative: bool = True
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """k3 = e^-d + d - 1 of a log-ratio d (any shape, fp32 or fp64) and its derivative
+    1 - e^-d (None unless ``derivative``), with torch ops, for the torch paths of the fused ops.
+
+    Evaluated as expm1(-d) + d in float64 and rounded once to d's dtype: within an fp32 rounding
+    of the exact value for |d| down to about 1e-10 (float64 expm1's rounding, about 1e-16 |d|,
+    against k3 ~ d^2 / 2), where fp32's own e^-d + d - 1 (or expm1(-d) + d) is off by percents
+    (by 1e-4) at |d| ~ 1e-3. (A polynomial as in the kernels would be about ten torch ops.)"""
+    d64 = d.double()
+    em1 = torch.expm1(-d64)
+    kl = (em1 + d64).to(d.dtype)
+    return kl, ((-em1).to(d.dtype) if derivative else None)
 
 
 # --------------------------------------------------------------------------------------------
