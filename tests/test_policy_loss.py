@@ -887,3 +887,37 @@ def test_sapo_torch_compile_fullgraph_and_opcheck():
         args = (logp.clone().requires_grad_(), old_logp, advantages, mask, None, None, 0.2, 0.2,
                 None, 20.0, 1, module._SAPO | level_bit, 0.0, None, 1.3, 2.0)
         torch.library.opcheck(module._ppo_policy_loss_op, args)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_k3_small_log_ratios_to_a_few_ulps(backend, ratio_level):
+    """The k3 term at |logp - ref_logp| in [1e-4, 2e-3] (near the reference policy, where
+    e^-d + d - 1 in fp32 keeps few correct digits) against float64, masked: advantages 0 leave
+    the KL term alone, token-sum with kl_coef 0.5 makes the loss 0.5 sum k3 and the gradient
+    0.5 (1 - e^-d) per valid token, exactly 0 at masked ones. Bounds: test_kl_rewards.K3_RTOL
+    per token, K3_SUM_RTOL for the sums."""
+    from tests.test_kl_rewards import (
+        K3_RTOL,
+        K3_SUM_RTOL,
+        assert_relative,
+        k3_float64,
+        tiny_log_ratios,
+    )
+
+    shape = (5, 97)
+    logp, ref_logp = tiny_log_ratios(shape)
+    mask = make_mask(shape, "random")
+    mask[0] = False  # an all-masked row
+    advantages = torch.zeros(shape, device=DEVICE)
+    x = logp.clone().requires_grad_()
+    loss, stats = ppo_policy_loss(x, logp, advantages, mask, reduction="token-sum",
+                                  ratio_level=ratio_level, ref_logp=ref_logp, kl_coef=0.5,
+                                  kl_estimator="k3", backend=backend)
+    loss.backward()
+    k3, slope = k3_float64(logp, ref_logp)
+    k3_sum = k3[mask].sum()
+    assert_relative(loss, 0.5 * k3_sum, K3_SUM_RTOL, "loss")
+    assert_relative(stats["kl"], k3_sum, K3_SUM_RTOL, "kl stat")
+    assert_relative(x.grad[mask], 0.5 * slope[mask], K3_RTOL, "d loss / d logp")
+    assert torch.equal(x.grad[~mask], torch.zeros_like(x.grad[~mask]))

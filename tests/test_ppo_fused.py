@@ -894,3 +894,59 @@ def test_a_kl_weight_without_the_reference_is_refused():
             linear_ppo_loss(hidden, weight, labels, old, adv, kl_coef=0.1, backend=backend)
         with pytest.raises(ValueError, match=r"kl_coef=0.1 but ref_logp is None"):
             ppo_loss_from_logits(logits, labels, old, adv, kl_coef=0.1, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+@pytest.mark.parametrize("path", ["logits", "linear"])
+def test_k3_small_log_ratios_to_a_few_ulps(path, ratio_level, backend):
+    """The k3 term at |logp - ref_logp| in [1e-4, 2e-3] (near the reference policy, where
+    e^-d + d - 1 in fp32 keeps few correct digits) against float64, masked. ref_logp is set
+    from the op's own logp (``logprobs`` / ``linear_logprobs``, the same kernels and bits), so
+    d is known exactly; advantages 0 leave the KL term alone: with token-sum and kl_coef 0.5 the
+    loss is 0.5 sum k3 and d loss / d logits_t = 0.5 (1 - e^-d_t) (onehot_t - softmax_t). Token
+    level runs the fused per-token kernel (ops/_ppo_terms.py), sequence level the torch ops.
+    Bounds: K3_SUM_RTOL for the loss; per token, the gradient's norm within K3_SUM_RTOL (the
+    softmax and the head's matmuls add their own fp32 roundings to k3's few ulps)."""
+    import rlhf_kernels
+    from tests.test_kl_rewards import K3_SUM_RTOL, assert_relative, k3_float64, tiny_log_ratios
+
+    B, T, H, V = 3, 11, 16, 37
+    labels = torch.randint(0, V, (B, T), device=DEVICE)
+    mask = torch.rand(B, T, device=DEVICE) > 0.3
+    mask[1] = False  # an all-masked row
+    advantages = torch.zeros(B, T, device=DEVICE)
+    options = dict(kl_coef=0.5, kl_estimator="k3", reduction="token-sum",
+                   ratio_level=ratio_level, backend=backend)
+    if path == "logits":
+        params = [torch.randn(B, T, V, device=DEVICE) * 2]
+        logp = rlhf_kernels.logprobs(params[0], labels, backend=backend)
+    else:
+        params = _head(B, T, H, V)[:2]
+        logp = rlhf_kernels.linear_logprobs(*params, labels, chunk_size=8, backend=backend)
+        options["chunk_size"] = 8
+    tiny_logp, tiny_ref = tiny_log_ratios((B, T))
+    ref_logp = logp - (tiny_logp - tiny_ref)  # those magnitudes of d, from the op's own logp
+    assert torch.equal((logp - ref_logp).double(), logp.double() - ref_logp.double())
+    leaves = [p.clone().requires_grad_() for p in params]
+    if path == "logits":
+        loss, stats = ppo_loss_from_logits(leaves[0], labels, logp, advantages, mask, ref_logp,
+                                           **options)
+    else:
+        loss, stats = linear_ppo_loss(*leaves, labels, logp, advantages, mask,
+                                      ref_logp=ref_logp, **options)
+    loss.backward()
+    k3, slope = k3_float64(logp, ref_logp)
+    assert_relative(loss, 0.5 * k3[mask].sum(), K3_SUM_RTOL, "loss")
+    assert_relative(stats["kl"], k3[mask].sum(), K3_SUM_RTOL, "kl stat")
+    # float64 d loss / d logits, then d hidden through the head
+    logits64 = (params[0].double() if path == "logits"
+                else params[0].double() @ params[1].double().T)
+    grad_logits = torch.nn.functional.one_hot(labels, V) - logits64.softmax(-1)
+    grad_logits = torch.where(mask[..., None], 0.5 * slope[..., None] * grad_logits, 0.0)
+    want = grad_logits if path == "logits" else grad_logits @ params[1].double()
+    got = leaves[0].grad
+    assert torch.equal(got[~mask], torch.zeros_like(got[~mask]))
+    err = (got[mask].double() - want[mask]).norm(dim=-1)
+    assert_relative(want[mask].norm(dim=-1) + err, want[mask].norm(dim=-1), K3_SUM_RTOL,
+                    "d loss / d logits per token" if path == "logits" else "d hidden per token")

@@ -35,12 +35,7 @@ inline void kl_and_grad(float dk, int64_t code, float* kl, float* dkl) {
   switch (code) {
     case 1: *kl = dk; *dkl = 1.f; break;
     case 2: *kl = 0.5f * dk * dk; *dkl = dk; break;
-    case 3: {
-      const float e = std::exp(-dk);
-      *kl = e + dk - 1.f;
-      *dkl = 1.f - e;
-      break;
-    }
+    case 3: k3_and_grad(dk, kl, dkl); break;  // common.h: a few ulps also where |dk| << 1
     default: *kl = std::fabs(dk); *dkl = dk > 0.f ? 1.f : (dk < 0.f ? -1.f : 0.f);
   }
 }

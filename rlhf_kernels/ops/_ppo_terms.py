@@ -26,7 +26,7 @@ from rlhf_kernels._alloc import empty
 from rlhf_kernels.backend import native_cpu_kernels
 from rlhf_kernels.ops._launch import CachedLaunch
 from rlhf_kernels.ops._reduce import cdiv
-from rlhf_kernels.ops.kl import KL_ESTIMATOR_CODES
+from rlhf_kernels.ops.kl import KL_ESTIMATOR_CODES, k3_and_grad
 
 __all__ = ["token_terms", "can_fuse"]
 
@@ -109,9 +109,7 @@ def _ppo_token_terms_kernel(
             kl = 0.5 * dk * dk
             dkl = dk
         elif KL == 2:
-            e = tl.exp(-dk)
-            kl = e + dk - 1.0
-            dkl = 1.0 - e
+            kl, dkl = k3_and_grad(dk)  # a few ulps also where |dk| << 1 (ops/kl.py)
         else:
             kl = tl.abs(dk)
             dkl = tl.where(dk > 0, 1.0, tl.where(dk < 0, -1.0, 0.0))

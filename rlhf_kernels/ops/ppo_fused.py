@@ -111,6 +111,7 @@ from rlhf_kernels._checks import (
 from rlhf_kernels.backend import launch_directly, resolve_backend
 from rlhf_kernels.ops import linear_logprobs as head
 from rlhf_kernels.ops._reduce import no_double_backward
+from rlhf_kernels.ops.kl import k3_torch
 
 __all__ = ["linear_ppo_loss", "ppo_loss_from_logits", "reduction_weights"]
 
@@ -266,8 +267,7 @@ def per_token_terms(logp, entropy, old_logp, advantages, weights, ref_logp, kl_c
         elif kl_estimator == "k2":
             kl, dkl = 0.5 * dk * dk, dk
         elif kl_estimator == "k3":
-            e = torch.exp(-dk)
-            kl, dkl = e + dk - 1.0, (1.0 - e if derivatives else None)
+            kl, dkl = k3_torch(dk, derivatives)  # fp32's e^-d + d - 1 cancels at small |dk|
         else:
             kl, dkl = dk.abs(), (torch.sign(dk) if derivatives else None)
         total = total + kl_coef * kl
