@@ -312,8 +312,8 @@ def bradley_terry_loss(
     """Bradley-Terry loss of a reward model over (chosen, rejected) pairs.
 
     chosen_rewards, rejected_rewards: (...) fp16/bf16/fp32/fp64, same shape, at least one pair.
-    margin: None, a float, or a tensor broadcastable to the rewards' shape (per-pair margin, no
-    gradient). center_coef: weight of the centering term mean((r_c + r_r)^2) (0: none).
+    margin: None, a float (or a 0-d tensor: the same), or a tensor broadcastable to the rewards'
+    shape (per-pair margin, no gradient). center_coef: weight of the centering term mean((r_c + r_r)^2) (0: none).
 
     Returns ``(loss, stats)``: loss () fp32 (fp64 for fp64 input), differentiable with respect to
     both rewards; stats (detached () tensors): accuracy = mean(r_c > r_r) (margin not
@@ -323,6 +323,11 @@ def bradley_terry_loss(
     check_float("chosen_rewards", chosen_rewards)
     check_float("rejected_rewards", rejected_rewards)
     check_same_shape("rejected_rewards", rejected_rewards, "chosen_rewards", chosen_rewards)
+    if isinstance(margin, torch.Tensor) and margin.dim() == 0:
+        # a 0-d tensor is a scalar setting, as for every op's scalar settings (read on the
+        # host): the same kernel and bits as the same Python number (the per-pair path summed
+        # its statistics an ulp apart on some inputs)
+        margin = real_setting("margin", margin)
     margin_tensor = margin if isinstance(margin, torch.Tensor) else None
     if margin_tensor is not None:
         check_float("margin", margin_tensor)
