@@ -211,14 +211,21 @@ def _load_config(config) -> dict:
         # a hub name (org/name) whose files are in the local Hugging Face cache: no network
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(config, "config.json")
+        try:
+            cached = try_to_load_from_cache(config, "config.json")
+        except ValueError:  # not a hub name at all (runs/rm/backbne, ./model): a missing path
+            cached = None
         if isinstance(cached, str):
             path = Path(cached)
     if not path.is_file():
+        missing = ""
+        if isinstance(config, str) and not Path(config).expanduser().exists() \
+                and (config.startswith(("/", ".", "~")) or config.count("/") > 1):
+            missing = f" (there is no file or directory {config!r})"
         raise ValueError(f"{config!r} is neither a preset ({sorted(PRESETS)}), a named model "
                          f"({sorted(named_models.NAMED_MODELS)}), a model directory (its "
                          f"config.json, or a saved backbone's roles.json), a config.json file, "
-                         f"nor a hub name in the local Hugging Face cache")
+                         f"nor a hub name in the local Hugging Face cache{missing}")
     return json.loads(path.read_text())
 
 
@@ -681,8 +688,10 @@ def fit(config, card_gib: float, *, batch: int = 16, prompt_length: int = 128,
         raise ValueError(f"the card's memory must be a number of GiB > 0 (e.g. --card 12), got "
                          f"{card_gib}")
     if not 0 <= reserve_gib < card_gib:
-        raise ValueError(f"reserve_gib must be in [0, card) = [0, {card_gib:g}), got "
-                         f"{reserve_gib}")
+        raise ValueError(f"the reserve (--reserve, reserve_gib: GiB of the card kept for the "
+                         f"CUDA context and allocator, 1 by default) must be in [0, card) = "
+                         f"[0, {card_gib:g}) for a {card_gib:g} GiB card, got {reserve_gib:g}; "
+                         f"pass a smaller --reserve")
     budget = (card_gib - reserve_gib) * GIB
     values = dict(_load_config(config))
     values.update(kwargs.get("config_overrides") or {})

@@ -1,0 +1,39 @@
+"""Defects a new user met following the README and the docs (a clean clone, every command and
+its bad inputs): each test fails on the code before its fix. Each error must be one line that
+names the setting, the value seen and what is expected."""
+
+from __future__ import annotations
+
+import pytest
+
+from rlhf import cli
+
+
+def _error_line(capsys, argv) -> str:
+    """The one stderr line of a refused `rlhf ...` command (exit status 2)."""
+    try:
+        status = cli.main(argv)
+    except SystemExit as exit_:  # argparse's parser.exit (rlhf plan)
+        status = exit_.code
+    assert status == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+# ---- rlhf plan --------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["runs/rm/backbne", "./no-such-model", "/no/such/model"])
+def test_plan_of_a_mistyped_path_says_so(capsys, name):
+    """A mistyped model path (`rlhf plan runs/rm/backbne`) got huggingface_hub's "Repo id must be
+    in the form 'repo_name' or 'namespace/repo_name'", which names no setting of ours."""
+    line = _error_line(capsys, ["plan", name])
+    assert line.startswith(f"rlhf plan: error: {name!r} is neither a preset"), line
+    assert f"there is no file or directory {name!r}" in line
+    assert "Repo id" not in line
+
+
+def test_plan_reserve_larger_than_the_card_names_the_flag(capsys):
+    """`rlhf plan tiny --card 0.5` said "reserve_gib must be in [0, card)": a name the user never
+    typed (the default --reserve 1 is what is too large)."""
+    line = _error_line(capsys, ["plan", "tiny", "--card", "0.5"])
+    assert "--reserve" in line and "0.5 GiB card" in line and "got 1" in line, line
