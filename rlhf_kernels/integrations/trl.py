@@ -67,6 +67,7 @@ from rlhf_kernels.integrations._contract import (
     installed,
     weighted_advantages,
 )
+from rlhf_kernels.ops.kl import kl_penalty
 from rlhf_kernels.ops.linear_logprobs import (
     STATS,
     linear_logprobs,
@@ -657,15 +658,15 @@ def grpo_compute_loss(self, model, inputs):
 
     per_token_kl = None
     if self.beta != 0.0:
+        # TRL's exp(ref - logp) - (ref - logp) - 1 is k3 of logp - ref: the op's, which keeps
+        # its digits where |logp - ref| << 1 (fp32's literal formula does not)
         if kl_in_op:
             with torch.no_grad():  # for the metric
-                d = ref - per_token_logps.detach()
-                per_token_kl = torch.exp(d) - d - 1
+                per_token_kl = kl_penalty(per_token_logps.detach(), ref, "k3")
         else:
-            d = ref - per_token_logps
             weights = _importance_weights(per_token_logps - old, mask,
                                           self.importance_sampling_level)
-            per_token_kl = (torch.exp(d) - d - 1) * weights
+            per_token_kl = kl_penalty(per_token_logps, ref, "k3") * weights
             loss = loss + self.beta * _reduce_like(per_token_kl, mask, reduction, normalizer)
 
     if getattr(self, "_entropy_bonus_enabled", False):
