@@ -92,6 +92,7 @@ __all__ = [
     "save_checkpoint",
     "save_pretrained_atomic",
     "save_state",
+    "DamagedCheckpointError",
 ]
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
@@ -287,10 +288,32 @@ def _read_state(directory: Path) -> dict[str, Any]:
     state_file = directory / STATE_FILE
     if not state_file.is_file():
         raise FileNotFoundError(f"{str(directory)!r} is not a checkpoint: it has no {STATE_FILE}")
-    state = torch.load(state_file, map_location="cpu", weights_only=True)
-    for file in sorted(directory.glob("*.safetensors")):
-        state[file.name[: -len(".safetensors")]] = load_file(str(file))
+    file = state_file
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+        for file in sorted(directory.glob("*.safetensors")):
+            state[file.name[: -len(".safetensors")]] = load_file(str(file))
+    except Exception as error:  # torch's zip reader, safetensors' header check, a read error
+        raise _damaged(directory, file, error) from error
     return state
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint whose files cannot be read back (cut short by a copy, a disk error): the
+    writes are atomic, so this run never leaves one; the message says what to do."""
+
+
+def _damaged(directory: Path, file: Path, error: BaseException) -> DamagedCheckpointError:
+    reason = " ".join((str(error) or type(error).__name__).split())
+    if len(reason) > 160:
+        reason = reason[:157] + "..."
+    earlier = [path for path in list_checkpoints(directory.parent) if path != directory]
+    earlier = [path for path in earlier if path.name < directory.name]
+    then = (f"--resume then continues from {str(earlier[-1])!r}" if earlier else
+            "--resume then starts the stage from the beginning (there is no earlier checkpoint)")
+    return DamagedCheckpointError(
+        f"checkpoint {str(directory)!r} is damaged: {file.name} cannot be read ({reason}). "
+        f"Delete that directory and {then}, or start afresh with overwrite=true")
 
 
 def save_state(directory: str | Path, **state: Any) -> Path:

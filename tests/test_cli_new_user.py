@@ -37,3 +37,29 @@ def test_plan_reserve_larger_than_the_card_names_the_flag(capsys):
     typed (the default --reserve 1 is what is too large)."""
     line = _error_line(capsys, ["plan", "tiny", "--card", "0.5"])
     assert "--reserve" in line and "0.5 GiB card" in line and "got 1" in line, line
+
+
+# ---- a damaged checkpoint -------------------------------------------------------------------
+@pytest.mark.parametrize("damaged", ["params.safetensors", "state.pt"])
+def test_resume_from_a_damaged_checkpoint_says_which_and_what_to_do(tmp_path, damaged):
+    """A checkpoint cut short (a copy of the run directory interrupted, a disk error) made
+    `--resume` end in safetensors' or torch's traceback ("invalid header length", "failed finding
+    central directory"); it is now one line naming the directory, the file and the checkpoint a
+    resume continues from once it is deleted."""
+    import torch
+
+    from rlhf import checkpoint
+
+    root = tmp_path / "checkpoints"
+    for step in (20, 40):
+        checkpoint.save_state(root / f"step-{step:07d}", step=step,
+                              params={"w": torch.full((64, 64), float(step))})
+    assert checkpoint.load_state(root / "step-0000040")["step"] == 40
+    target = root / "step-0000040" / damaged
+    target.write_bytes(target.read_bytes()[:100])
+    with pytest.raises(ValueError) as raised:
+        checkpoint.load_state(root / "step-0000040")
+    message = str(raised.value)
+    assert f"{str(root / 'step-0000040')!r} is damaged: {damaged} cannot be read" in message
+    assert f"continues from {str(root / 'step-0000020')!r}" in message
+    assert float(checkpoint.load_state(root / "step-0000020")["params"]["w"][0, 0]) == 20.0
