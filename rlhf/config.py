@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -171,15 +172,39 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str, base: Any | None) 
             kwargs[name] = _build(nested_cls, raw, prefix + name + ".", current)
         else:
             kwargs[name] = _coerce(raw, field_type, prefix + name)
-    if base is not None:
-        return dataclasses.replace(base, **kwargs)
-    missing = [name for name, f in fields.items() if name not in kwargs
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        where = f" (in {prefix.rstrip('.')})" if prefix else ""
-        raise ValueError(f"{cls.__name__} needs values for {missing}{where}; set them in the "
-                         f"YAML file or as key=value")
-    return cls(**kwargs)
+    if base is None:
+        missing = [name for name, f in fields.items() if name not in kwargs and f.default is
+                   dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            where = f" (in {prefix.rstrip('.')})" if prefix else ""
+            raise ValueError(f"{cls.__name__} needs values for {missing}{where}; set them in the "
+                             f"YAML file or as key=value")
+    try:
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+    except ValueError as error:
+        if not prefix:
+            raise
+        raise _nested_error(error, cls, prefix, fields) from None
+
+
+def _nested_error(error: ValueError, cls: type, prefix: str,
+                  fields: Mapping[str, Any]) -> ValueError:
+    """A nested config's own check (its ``__post_init__``) says ``batch_size must be >= 1``:
+    as the user wrote the key, ``reward.batch_size must be >= 1`` (``reward.`` is ``prefix``),
+    so that it is clear which of the nested configs holding that field is meant."""
+    message = str(error)
+    leading = re.match(r"[A-Za-z_][A-Za-z0-9_]*", message)
+    follows = message[leading.end():][:1] if leading else ""
+    if leading and leading.group(0) in fields and follows in ("=", " ", ":", "."):
+        message = prefix + message
+    else:
+        message = f"{prefix.rstrip('.')}: {message}"
+    # "RewardConfig.lr must be ..." -> "reward.lr must be ..."
+    message = re.sub(rf"\b{re.escape(cls.__name__)}\.(?=[A-Za-z_])", prefix, message)
+    try:
+        return type(error)(message)
+    except TypeError:  # an error type with other constructor arguments
+        return ValueError(message)
 
 
 def _unknown_key(cls: type, prefix: str, name: str, fields: Mapping[str, Any]) -> typing.NoReturn:

@@ -63,3 +63,26 @@ def test_resume_from_a_damaged_checkpoint_says_which_and_what_to_do(tmp_path, da
     assert f"{str(root / 'step-0000040')!r} is damaged: {damaged} cannot be read" in message
     assert f"continues from {str(root / 'step-0000020')!r}" in message
     assert float(checkpoint.load_state(root / "step-0000020")["params"]["w"][0, 0]) == 20.0
+
+
+# ---- nested settings: the error names the key as typed -----------------------------------------
+@pytest.mark.parametrize("command, override, expected", [
+    ("pipeline", "reward.batch_size=0", "reward.batch_size must be >= 1, got 0"),
+    ("pipeline", "ppo.minibatch_size=0", "ppo.minibatch_size must be >= 1, got 0"),
+    ("pipeline", "reward.lr=-1", "reward.lr=-1.0 is out of range: reward.lr must be"),
+    ("pipeline", "ppo.temperature=0", "ppo.temperature must be > 0, got 0.0"),
+    ("frontier", "base.ppo.lr=-1", "base.ppo.lr=-1.0 is out of range: base.ppo.lr must be"),
+])
+def test_a_nested_setting_out_of_range_is_named_as_typed(capsys, command, override, expected):
+    """`rlhf pipeline reward.batch_size=0` said "batch_size must be >= 1, got 0" (sft, reward and
+    ppo all have a batch setting) and `reward.lr=-1` named "RewardConfig.lr", a class name the
+    user never typed; the error names the dotted key now."""
+    line = _error_line(capsys, [command, override, "--print-config"])
+    assert line.split(": error: ", 1)[1].startswith(expected), line
+    assert "Config." not in line
+
+
+def test_a_top_level_setting_keeps_its_plain_name(capsys):
+    line = _error_line(capsys, ["ppo", "minibatch_size=0", "--print-config"])
+    assert line == "rlhf ppo: error: minibatch_size must be >= 1, got 0"
+
