@@ -728,3 +728,36 @@ def test_grpo_trainer_step_patched_and_unpatched(settings):
     for key, value in update_t.items():
         torch.testing.assert_close(update[key], value, rtol=1e-4, atol=1e-6,
                                    msg=lambda m, key=key: f"update of {key}: {m}")
+
+
+@pytest.mark.parametrize("kl", ["k3", "k3-weighted"])
+def test_grpo_k3_near_the_reference_keeps_its_digits(fixed_logps, monkeypatch, kl):
+    """Reference log-probs within 1e-4 .. 2e-3 of the policy's (near the reference policy), old
+    ones equal to the policy's and advantages 0: the loss is beta * reduce(k3) alone. Ours in
+    fp32 against TRL's own _compute_loss on the same values in float64, where its
+    exp(x) - x - 1 is accurate (~1e-8 relative here): loss, gradient and the kl metric within
+    1e-5 relative (TRL's formula in fp32, which the drop-in computed itself for the metric and
+    the ratio-weighted term, is off by percents there; the KL kernels were too)."""
+    trainer, inputs, logps = fixed_logps
+    _set(trainer, "grpo", "token", kl)
+    g = torch.Generator().manual_seed(3)
+    size = torch.empty(logps.shape).uniform_(math.log(1e-4), math.log(2e-3), generator=g).exp()
+    sign = torch.where(torch.rand(logps.shape, generator=g) < 0.5, -1.0, 1.0)
+    near = dict(inputs, old_per_token_logps=logps.detach().clone(),
+                ref_per_token_logps=logps.detach() - sign * size,
+                advantages=torch.zeros_like(inputs["advantages"]))
+    mine = _run(trainer, near, patched=True, params=[logps])
+    leaf64 = logps.detach().double().requires_grad_(True)
+    entropies64 = torch.rand(logps.shape, generator=g, dtype=torch.float64)
+    monkeypatch.setattr(trainer, "_get_per_token_logps_and_entropies",
+                        lambda *args, **kwargs: (leaf64, entropies64, None))
+    near64 = {key: value.double() if torch.is_tensor(value) and value.is_floating_point()
+              else value for key, value in near.items()}
+    theirs = _run(trainer, near64, patched=False, params=[leaf64])
+    (loss, (grad,), metrics), (loss64, (grad64,), metrics64) = mine, theirs
+    assert loss64 > 0
+    torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(grad.double(), grad64, rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(torch.tensor(metrics["kl"], dtype=torch.float64),
+                               torch.tensor(metrics64["kl"], dtype=torch.float64),
+                               rtol=1e-5, atol=0.0)
