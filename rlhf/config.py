@@ -242,6 +242,31 @@ def _type_name(field_type: Any) -> str:
     return getattr(field_type, "__name__", None) or str(field_type).replace("typing.", "")
 
 
+def _expected(field_type: Any) -> str:
+    """What a value of ``field_type`` is, in the user's words: ``int | None`` -> "an integer or
+    null"."""
+    if _is_union(field_type):
+        args = typing.get_args(field_type)
+        words = [_expected(arg) for arg in args if arg is not type(None)]
+        return " or ".join(words + (["null"] if type(None) in args else []))
+    origin = typing.get_origin(field_type)
+    if origin is typing.Literal:
+        return f"one of {list(typing.get_args(field_type))}"
+    if isinstance(field_type, type) and issubclass(field_type, enum.Enum):
+        return f"one of {[member.name for member in field_type]}"
+    if isinstance(field_type, type) and issubclass(field_type, Path):
+        return "a path"
+    named = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+             list: "a list", tuple: "a list", dict: "a mapping"}
+    if field_type in named or origin in named:
+        return named.get(field_type) or named[origin]
+    if origin in (Sequence, typing.Sequence):
+        return "a list"
+    if origin in (Mapping, typing.Mapping) or dataclasses.is_dataclass(field_type):
+        return "a mapping"
+    return _type_name(field_type)
+
+
 def _coerce(value: Any, field_type: Any, key: str) -> Any:
     """`value` converted to `field_type`, or a ValueError naming the key, value and type."""
     if field_type is Any or field_type is object:
@@ -260,7 +285,7 @@ def _coerce(value: Any, field_type: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ValueError as error:
                 errors.append(str(error))
-        raise ValueError(f"config key {key!r}: {value!r} fits none of {_type_name(field_type)}")
+        raise ValueError(f"config key {key!r} must be {_expected(field_type)}, got {value!r}")
 
     if origin is typing.Literal:
         for choice in args:

@@ -86,3 +86,13 @@ def test_a_top_level_setting_keeps_its_plain_name(capsys):
     line = _error_line(capsys, ["ppo", "minibatch_size=0", "--print-config"])
     assert line == "rlhf ppo: error: minibatch_size must be >= 1, got 0"
 
+
+@pytest.mark.parametrize("override, expected", [
+    ("sft.max_steps=1.5", "config key 'sft.max_steps' must be an integer or null, got '1.5'"),
+    ("sft.lr=1e-3x", "config key 'sft.lr' must be a number or null, got '1e-3x'"),
+])
+def test_a_wrong_type_for_an_optional_setting_says_what_is_expected(capsys, override, expected):
+    """An optional setting given a value of the wrong type said "'1.5' fits none of int | None",
+    Python's annotation rather than what to type."""
+    assert _error_line(capsys, ["pipeline", override, "--print-config"]) == \
+        f"rlhf pipeline: error: {expected}"

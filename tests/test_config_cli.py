@@ -101,7 +101,7 @@ def test_override_coercion(override, attribute, expected):
     ("lrr=1", r"unknown config key 'lrr'.*Did you mean 'lr'.*Valid keys: color, extra, layers"),
     ("ppo.kl_cof=1", r"unknown config key 'ppo.kl_cof'.*'ppo.kl_coef'.*under 'ppo'"),
     ("lr=fast", r"'lr' must be a number, got 'fast'"),
-    ("max_len=2.5", r"'max_len'.*fits none of"),
+    ("max_len=2.5", r"'max_len' must be an integer or null, got '2.5'"),
     ("ppo.steps=2.5", r"'ppo.steps' must be an integer, got 2.5"),
     ("resume=maybe", r"'resume' must be true or false, got 'maybe'"),
     ("mode=random", r"'mode' must be one of \['fixed', 'adaptive'\]"),
