@@ -1321,8 +1321,12 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
             logger.log(metrics, step=iteration)
             mid_update = False
             progress.update(1)
-            progress.set_postfix(reward=f"{metrics['proxy_reward']:.2f}", kl=f"{mean_kl:.2f}",
-                                 gold=f"{metrics.get('gold_reward', float('nan')):.2f}")
+            # gold only where a judge scores the samples (the built-in task in the pipeline):
+            # a run on a reward model alone has none, and "gold=nan" read as a broken run
+            shown = {"reward": f"{metrics['proxy_reward']:.2f}", "kl": f"{mean_kl:.2f}"}
+            if "gold_reward" in metrics:
+                shown["gold"] = f"{metrics['gold_reward']:.2f}"
+            progress.set_postfix(shown)
             if on_iteration is not None:
                 on_iteration(iteration, metrics)
             if cfg.save_every and iteration % cfg.save_every == 0 \

@@ -96,3 +96,23 @@ def test_a_wrong_type_for_an_optional_setting_says_what_is_expected(capsys, over
     Python's annotation rather than what to type."""
     assert _error_line(capsys, ["pipeline", override, "--print-config"]) == \
         f"rlhf pipeline: error: {expected}"
+
+
+# ---- the RL stage's progress bar -----------------------------------------------------------------
+@pytest.mark.parametrize("with_gold", [False, True])
+def test_rl_progress_bar_shows_gold_only_when_a_judge_scores(tmp_path, capsys, with_gold):
+    """`rlhf ppo model=runs/rm/backbone` (a reward model, no gold judge) showed "gold=nan" on
+    every iteration of its progress bar, which read as a broken run."""
+    from rlhf import rl
+    from tests._tiny_models import rl_tokenizer
+    from tests.test_grpo import PROMPTS, rl_config
+    from tests.test_stages import tiny_backbone
+
+    tokenizer = rl_tokenizer()
+    gold = (lambda texts: [0.25] * len(texts)) if with_gold else None
+    rl.train(rl_config(tmp_path, "grpo", num_iterations=1), backbone=tiny_backbone(tokenizer),
+             tokenizer=tokenizer, prompts=PROMPTS, gold_fn=gold)
+    err = capsys.readouterr().err
+    assert "reward=" in err and "kl=" in err
+    assert "nan" not in err
+    assert ("gold=0.25" in err) == with_gold and ("gold=" in err) == with_gold
