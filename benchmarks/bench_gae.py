@@ -10,7 +10,9 @@ right-padded mask with a few interior holes. Peers:
 * torch.compile of the eager reference (dynamo unrolls the T-step loop, so compilation takes a
   while; the compile time is reported as the case's ``setup_s``, and only T <= COMPILE_MAX_T is
   compiled);
-* ours (``backend="triton"``): one launch, batch-parallel reverse scans.
+* ours (``backend="triton"``): one launch, batch-parallel reverse scans; on a GPU also
+  ``ours (CUDA graph)``: the call captured once and replayed, its GPU time without the host
+  time per call (which bounds the plain call at these sizes).
 
 masked_whiten over the same advantages: eager reference, torch.compile of it, ours.
 
@@ -28,7 +30,7 @@ import argparse
 
 import torch
 
-from benchmarks.common import Case, print_table, run_cases, save_results
+from benchmarks.common import Case, cuda_graphed, print_table, run_cases, save_results
 from rlhf_kernels import reference
 from rlhf_kernels.ops.gae import gae
 from rlhf_kernels.ops.whiten import masked_whiten
@@ -74,11 +76,13 @@ def _compiled(fn, args):
     return compiled
 
 
-def _make(fn, build_args, compile_first: bool = False):
+def _make(fn, build_args, compile_first: bool = False, graphed: bool = False):
     def make():
         args = build_args()
         call = _compiled(fn, args) if compile_first else fn
-        return lambda: call(*args)
+        step = lambda: call(*args)  # noqa: E731
+        # graphed: captured once, the case times the replay (GPU work, no host time per call)
+        return cuda_graphed(step) if graphed else step
 
     return make
 
@@ -100,8 +104,10 @@ def _gae_cases(B: int, T: int, device, smoke: bool) -> list[Case]:
     if not smoke and T <= COMPILE_MAX_T:
         peers.append(("torch.compile", _make(_eager_gae, build, compile_first=True), {}))
     target = None if smoke else GAE_TARGET_MS.get((B, T))
-    peers.append(("ours", _make(lambda r, v, m: gae(r, v, m, GAMMA, LAM, backend="triton"),
-                                build), {"target_ms": target}))
+    ours = lambda r, v, m: gae(r, v, m, GAMMA, LAM, backend="triton")  # noqa: E731
+    peers.append(("ours", _make(ours, build), {"target_ms": target}))
+    if not smoke:
+        peers.append(("ours (CUDA graph)", _make(ours, build, graphed=True), {}))
     return [Case("gae", f"{B}x{T} fp32", impl, make, floor_bytes, extra=extra)
             for impl, make, extra in peers]
 

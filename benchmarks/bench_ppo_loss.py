@@ -8,7 +8,10 @@ a random upstream gradient) and the forward alone. Bradley-Terry on 64K and 1M p
 * eager: the reference formula (``rlhf_kernels.reference``) run on the GPU in fp32;
 * torch.compile of that formula;
 * ours (``backend="triton"``), for the policy loss also with seq-mean-token-mean (one more pass
-  over the mask) and with the dual clip.
+  over the mask) and with the dual clip;
+* on a GPU, ``eager (CUDA graph)`` and ``ours (CUDA graph)``: the policy loss fwd+bwd step
+  captured once and replayed (``benchmarks.common.cuda_graphed``), i.e. its GPU work without the
+  host time per call, which is what bounds the plain calls at these sizes.
 
 The floor: every input read once and the gradient written once (policy: 3 x 4 B + 1 B mask in,
 4 B out per token; the forward alone: the 13 B in). At 64K tokens that is ~1 MB, well under a
@@ -24,7 +27,7 @@ import argparse
 
 import torch
 
-from benchmarks.common import Case, print_table, run_cases, save_results
+from benchmarks.common import Case, cuda_graphed, print_table, run_cases, save_results
 from rlhf_kernels import reference
 from rlhf_kernels.ops.bradley_terry import bradley_terry_loss
 from rlhf_kernels.ops.policy_loss import ppo_policy_loss
@@ -66,12 +69,14 @@ def _peers(eager, ours, smoke: bool, extra_ours=()) -> list[tuple[str, object]]:
     return peers
 
 
-def _make(get_fn, build_inputs, wrt: tuple[int, ...] | None):
-    """``make`` for one case: fresh inputs, then the fwd+bwd step (``wrt`` given) or fwd alone."""
+def _make(get_fn, build_inputs, wrt: tuple[int, ...] | None, graphed: bool = False):
+    """``make`` for one case: fresh inputs, then the fwd+bwd step (``wrt`` given) or fwd alone;
+    ``graphed``: that step captured in a CUDA graph, the case times its replay."""
     def make():
         fn = get_fn()
         inputs, grad = build_inputs()
-        return _fwd(fn, inputs) if wrt is None else _fwd_bwd(fn, inputs, wrt, grad)
+        step = _fwd(fn, inputs) if wrt is None else _fwd_bwd(fn, inputs, wrt, grad)
+        return cuda_graphed(step) if graphed else step
 
     return make
 
@@ -98,6 +103,10 @@ def _policy_cases(B: int, T: int, device, smoke: bool) -> list[Case]:
     cases = [Case("ppo_policy_loss", f"{case} fwd+bwd", impl, _make(get_fn, build, (0,)),
                   n * (3 * 4 + 1 + 4), extra={"target_ms": target if impl == "ours" else None})
              for impl, get_fn in _peers(eager, ours, smoke, extra)]
+    if not smoke:  # the step's GPU work alone: captured once, replayed
+        cases += [Case("ppo_policy_loss", f"{case} fwd+bwd", f"{impl} (CUDA graph)",
+                       _make(lambda fn=fn: fn, build, (0,), graphed=True), n * (3 * 4 + 1 + 4))
+                  for impl, fn in (("eager", eager), ("ours", ours))]
     cases += [Case("ppo_policy_loss", f"{case} fwd", impl, _make(get_fn, build, None),
                    n * (3 * 4 + 1))
               for impl, get_fn in _peers(eager, ours, smoke)]

@@ -123,8 +123,10 @@ def _measured(row: dict, key: str = "ms") -> str:
 
 def _peers_of(impl: str, impls: list[str]) -> list[str]:
     """The rows ours is compared with: same op and case, not ours; the fused PPO loss only with
-    its unfused PPO path, the other ops never with it."""
-    others = [i for i in impls if not is_ours(i)]
+    its unfused PPO path, the other ops never with it; a replayed CUDA graph only with replayed
+    CUDA graphs, a plain call only with plain calls."""
+    graphed = impl.endswith("(CUDA graph)")
+    others = [i for i in impls if not is_ours(i) and i.endswith("(CUDA graph)") == graphed]
     if impl == "linear_ppo_loss":
         return [i for i in others if i.startswith("ppo-")]
     return [i for i in others if not i.startswith("ppo-")]

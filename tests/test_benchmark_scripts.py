@@ -779,6 +779,22 @@ def test_report_target_mark(tmp_path):
     assert "| 0.025 ✓ |" in text and "| 0.05 ✗ |" in text
 
 
+def test_report_compares_cuda_graph_rows_with_cuda_graph_peers(tmp_path):
+    """A replayed CUDA graph (GPU work only) is compared with the peers' replayed graphs, and a
+    plain call only with plain calls: a graph replay is no peer of a host-bound call."""
+    case = "64x1024 fp32 fwd+bwd"
+    _result(tmp_path, "ppo_loss", "NVIDIA H200", "2030-01-01T00:00:00+00:00", "1" * 40, [
+        _row("ppo_policy_loss", case, "ours", 0.3),
+        _row("ppo_policy_loss", case, "eager", 0.5),
+        _row("ppo_policy_loss", case, "ours (CUDA graph)", 0.01),
+        _row("ppo_policy_loss", case, "eager (CUDA graph)", 0.04)])
+    lines = {line.split(" | ")[2]: line for line in report.render(tmp_path).splitlines()
+             if line.startswith(f"| ppo_policy_loss | {case} |")}
+    assert set(lines) == {"ours", "ours (CUDA graph)"}
+    assert "| eager 0.5 ms (1.67×) |" in lines["ours"]
+    assert "| eager (CUDA graph) 0.04 ms (4×) |" in lines["ours (CUDA graph)"]
+
+
 def test_report_write_replaces_the_block_and_is_idempotent(tmp_path):
     results = tmp_path / "results"
     results.mkdir()
