@@ -389,3 +389,42 @@ def test_autocast_generation_reads_adapter_copies_bit_identically(monkeypatch):
     assert torch.equal(with_copies.logprobs, without.logprobs)
     assert adapted > 0 and casts_with and len(casts_with) == len(casts_without)
     assert all(b - a == 2 * adapted for a, b in zip(casts_with, casts_without))
+
+
+def test_compiled_decode_under_autocast_reads_the_refreshed_adapter_copies():
+    """decode_graph="compile" under autocast (on the CPU: Inductor) with the rollout's adapter
+    copies: one compiled frame serves calls before and after an in-place adapter update, and
+    the second call samples from the updated policy (its recorded log-probs are the updated
+    policy's teacher-forced ones, not the old policy's): the compiled step reads the copies'
+    buffers, refreshed in place, rather than values baked in at compile time."""
+    from torch._dynamo.utils import counters
+
+    backbone = _backbone("qwen2")
+    prompt_ids, prompt_mask = _prompts(batch=3, length=6)
+    kw = dict(eos_token_id=None, pad_token_id=PAD, seed=3)
+    engine = RolloutEngine(backbone, decode_graph="compile", autocast_dtype=torch.bfloat16)
+
+    def teacher(gen):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logp = backbone.token_logprobs(gen.sequences, gen.attention_mask, "policy",
+                                           start=gen.prompt_length - 1)
+        return logp.float() * gen.response_mask
+
+    frames_before = counters["frames"]["total"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a failed compile warns and goes eager
+        first = engine.generate(prompt_ids, prompt_mask, 6, **kw)
+        assert_close(first.logprobs, teacher(first), atol=LOGP_ATOL[torch.bfloat16],
+                     name="before the update")
+        old_policy = teacher(first)
+        with torch.no_grad():
+            for name, param in backbone.named_parameters():
+                if "lora_B" in name and ".policy." in name:
+                    param.mul_(-3.0)
+        second = engine.generate(prompt_ids, prompt_mask, 6, **kw)
+    assert engine._compiled is not None
+    assert counters["frames"]["total"] - frames_before == 1, dict(counters["frames"])
+    assert_close(second.logprobs, teacher(second), atol=LOGP_ATOL[torch.bfloat16],
+                 name="after the update")
+    if torch.equal(second.sequences, first.sequences):  # same tokens: compare the log-probs
+        assert (second.logprobs - old_policy).abs().max() > 10 * LOGP_ATOL[torch.bfloat16]
