@@ -55,7 +55,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache
 
-from rlhf import distributed, lora_forward
+from rlhf import attention, distributed, lora_forward
 
 __all__ = [
     "DECODE_GRAPH_MODES",
@@ -613,7 +613,7 @@ class RolloutEngine:
             generator = torch.Generator(device=device)
             generator.manual_seed(seed)
         with _role_active(self.model, self.role), _eval_mode(self.lm), self._autocast(device), \
-                self._adapter_copies():
+                self._adapter_copies(), attention.selected(self.lm):
             return self._generate(
                 prompt_ids, prompt_mask, max_new_tokens, _eos_tensor(eos_token_id, device),
                 pad_token_id, temperature, top_k, top_p, greedy, generator, shared,
