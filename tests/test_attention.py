@@ -32,7 +32,8 @@ def test_one_query_token_packs_the_heads_exactly(heads, kv_heads):
     torch.manual_seed(0)
     batch, length, dim = 3, 11, 16
     query = torch.randn(batch, heads, 1, dim)
-    key, value = torch.randn(batch, kv_heads, length, dim), torch.randn(batch, kv_heads, length, dim)
+    key = torch.randn(batch, kv_heads, length, dim)
+    value = torch.randn(batch, kv_heads, length, dim)
     mask = torch.zeros(batch, 1, 1, length)
     mask[0, ..., :4] = float("-inf")  # left padding of row 0
     mask[2, ..., -2:] = float("-inf")  # cache slots not written yet
