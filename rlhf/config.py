@@ -20,13 +20,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import enum
+import os
 import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -180,7 +183,8 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str, base: Any | None) 
             raise ValueError(f"{cls.__name__} needs values for {missing}{where}; set them in the "
                              f"YAML file or as key=value")
     try:
-        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+        with warnings_named(prefix, cls) if prefix else contextlib.nullcontext():
+            return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except ValueError as error:
         if not prefix:
             raise
@@ -192,19 +196,49 @@ def _nested_error(error: ValueError, cls: type, prefix: str,
     """A nested config's own check (its ``__post_init__``) says ``batch_size must be >= 1``:
     as the user wrote the key, ``reward.batch_size must be >= 1`` (``reward.`` is ``prefix``),
     so that it is clear which of the nested configs holding that field is meant."""
-    message = str(error)
-    leading = re.match(r"[A-Za-z_][A-Za-z0-9_]*", message)
-    follows = message[leading.end():][:1] if leading else ""
-    if leading and leading.group(0) in fields and follows in ("=", " ", ":", "."):
-        message = prefix + message
-    else:
-        message = f"{prefix.rstrip('.')}: {message}"
-    # "RewardConfig.lr must be ..." -> "reward.lr must be ..."
-    message = re.sub(rf"\b{re.escape(cls.__name__)}\.(?=[A-Za-z_])", prefix, message)
+    message = named_as_typed(str(error), prefix, cls)
+    if message is None:
+        message = f"{prefix.rstrip('.')}: {error}"
     try:
         return type(error)(message)
     except TypeError:  # an error type with other constructor arguments
         return ValueError(message)
+
+
+def named_as_typed(message: str, prefix: str, cls: type) -> str | None:
+    """``message`` about a setting of the nested config ``cls`` (``"warmup_steps=10 is ..."``,
+    ``"RewardConfig.lr must be ..."``) with the setting named as the user types it under
+    ``prefix`` (``"reward.warmup_steps=10 is ..."``, ``"reward.lr must be ..."``); None when the
+    message does not start with one of ``cls``'s settings."""
+    leading = re.match(r"[A-Za-z_][A-Za-z0-9_]*", message)
+    follows = message[leading.end():][:1] if leading else ""
+    if not (leading and leading.group(0) in _init_fields(cls)
+            and follows in ("=", " ", ":", ".")):
+        return None
+    message = prefix + message
+    return re.sub(rf"\b{re.escape(cls.__name__)}\.(?=[A-Za-z_])", prefix, message)
+
+
+@contextlib.contextmanager
+def warnings_named(prefix: str, cls: type) -> Iterator[None]:
+    """Within the block, a warning of this trainer about one of ``cls``'s settings names it as
+    typed under ``prefix``: a stage of ``rlhf pipeline`` warns "warmup_steps=10 is more than the
+    run's 2 optimizer steps", and sft, reward and ppo each have a warmup_steps."""
+    show = warnings.showwarning
+    ours = str(Path(__file__).resolve().parent) + os.sep
+
+    def shown(message, category, filename, lineno, file=None, line=None):
+        if str(Path(filename).resolve()).startswith(ours):
+            renamed = named_as_typed(str(message), prefix, cls)
+            if renamed is not None:
+                message = renamed
+        show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = shown
+    try:
+        yield
+    finally:
+        warnings.showwarning = show
 
 
 def _unknown_key(cls: type, prefix: str, name: str, fields: Mapping[str, Any]) -> typing.NoReturn:

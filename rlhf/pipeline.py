@@ -76,6 +76,7 @@ from rlhf.checkpoint import (
     atomic_write_text,
     open_run,
 )
+from rlhf.config import named_as_typed, warnings_named
 from rlhf.engine import RolloutEngine
 from rlhf.seeding import seeded
 
@@ -386,7 +387,15 @@ def check_settings(cfg: PipelineConfig) -> tuple[bool, tuple[str, ...]]:
                          else f"sets it for every stage from its own {name}")
                 raise ValueError(f"{stage_name}.{name}={value!r} cannot be set in rlhf pipeline: "
                                  f"the pipeline {where}; set {name}= instead")
-    stage_configs(cfg)["ppo"].check_critic_settings()  # dynamic sampling's, before SFT
+    rl_cfg = stage_configs(cfg)["ppo"]
+    try:  # dynamic sampling's, before SFT; its warnings and errors name ppo.<setting>
+        with warnings_named("ppo.", type(rl_cfg)):
+            rl_cfg.check_critic_settings()
+    except ValueError as error:
+        renamed = named_as_typed(str(error), "ppo.", type(rl_cfg))
+        if renamed is None:
+            raise
+        raise ValueError(renamed) from None
     for (stage_name, name), why in _NOT_IN_PIPELINE.items():
         stage_cfg = getattr(cfg, stage_name)
         value = getattr(stage_cfg, name)
@@ -449,8 +458,9 @@ def stage_configs(cfg: PipelineConfig) -> dict:
             settings["quantization"] = "none"
         if name == "ppo" and _critic_free(cfg):
             settings.update(_critic_defaults())  # no critic (check_settings saw none was set)
-        stages[name] = replace(stage_cfg, **{key: value for key, value in settings.items()
-                                             if hasattr(stage_cfg, key)})
+        with warnings_named(f"{name}.", type(stage_cfg)):  # its checks' warnings, as typed
+            stages[name] = replace(stage_cfg, **{key: value for key, value in settings.items()
+                                                 if hasattr(stage_cfg, key)})
     return stages
 
 
@@ -669,7 +679,8 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
         stage.check_positions(model, ppo_cfg.max_prompt_length + ppo_cfg.max_new_tokens,
                               "a sample (ppo.max_prompt_length + ppo.max_new_tokens) has",
                               "lower them to {positions} tokens together")
-        trained = sft.train(sft_cfg, model=model, tokenizer=tokenizer, examples=examples)
+        with warnings_named("sft.", type(sft_cfg)):  # sft, reward and ppo share setting names
+            trained = sft.train(sft_cfg, model=model, tokenizer=tokenizer, examples=examples)
         model = trained["model"]  # with LoRA SFT, the adapters merged in
         sft_summary = _plain(trained)
         _write_json(out / "sft" / "summary.json", {**sft_summary, "run_id": run_dir.run_id})
@@ -734,17 +745,19 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
     # ---- 4. reward model ----
     t0 = time.perf_counter()
     if rm_summary is None:
-        rm_summary = _plain(reward.train(rm_cfg, backbone=backbone, tokenizer=tokenizer,
-                                         train_pairs=train_pairs, eval_pairs=eval_pairs))
+        with warnings_named("reward.", type(rm_cfg)):
+            rm_summary = _plain(reward.train(rm_cfg, backbone=backbone, tokenizer=tokenizer,
+                                             train_pairs=train_pairs, eval_pairs=eval_pairs))
         _write_json(out / "rm" / "summary.json", {**rm_summary, "run_id": run_dir.run_id})
     timings["rm_s"] = time.perf_counter() - t0
 
     # ---- 5. RL, PPO or another algorithm (the gold judge only exists for the built-in task) ----
     t0 = time.perf_counter()
     if ppo_summary is None:
-        ppo_summary = _plain(ppo.train(ppo_cfg, backbone=backbone, tokenizer=tokenizer,
-                                       prompts=ppo_prompts,
-                                       gold_fn=None if own_data else task.gold_scores))
+        with warnings_named("ppo.", type(ppo_cfg)):
+            ppo_summary = _plain(ppo.train(ppo_cfg, backbone=backbone, tokenizer=tokenizer,
+                                           prompts=ppo_prompts,
+                                           gold_fn=None if own_data else task.gold_scores))
         _write_json(rl_dir / "summary.json", {**ppo_summary, "run_id": run_dir.run_id})
     timings["ppo_s"] = time.perf_counter() - t0
 

@@ -116,3 +116,57 @@ def test_rl_progress_bar_shows_gold_only_when_a_judge_scores(tmp_path, capsys, w
     assert "reward=" in err and "kl=" in err
     assert "nan" not in err
     assert ("gold=0.25" in err) == with_gold and ("gold=" in err) == with_gold
+
+
+# ---- rlhf pipeline: a stage's warnings and checks name the stage ---------------------------------
+def test_a_stage_warning_in_the_pipeline_names_the_stage_setting(tmp_path, monkeypatch):
+    """`rlhf pipeline` on few pairs warned "warmup_steps=10 is more than the run's 2 optimizer
+    steps ... lower warmup_steps": sft, reward and ppo each have a warmup_steps, and
+    `warmup_steps=2` is no pipeline setting; the pipeline runs each stage under
+    config.warnings_named, which says reward.warmup_steps."""
+    import warnings
+
+    from rlhf import sft, task
+    from rlhf.config import warnings_named
+    from tests._tiny_models import review_tokenizer, tiny_llama
+
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
+    corpus = task.make_corpus(8, seed=1)
+    tokenizer = review_tokenizer(corpus, vocab_size=300)
+
+    def train(name):
+        cfg = sft.SFTConfig(output_dir=str(tmp_path / name), max_steps=1, batch_size=4,
+                            warmup_steps=5, save_every=0, max_length=48, device="cpu")
+        sft.train(cfg, model=tiny_llama(tokenizer), tokenizer=tokenizer, examples=corpus)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with warnings_named("sft.", sft.SFTConfig):
+            train("named")
+            warnings.warn("warmup_steps=5 from elsewhere", UserWarning, stacklevel=1)
+        train("plain")  # outside: the stage's own name
+    texts = [str(w.message) for w in caught if "warmup_steps" in str(w.message)]
+    assert texts[0].startswith("sft.warmup_steps=5 is more than the run's 1 optimizer"), texts
+    assert texts[1] == "warmup_steps=5 from elsewhere"  # not this trainer's warning: as it is
+    assert texts[2].startswith("warmup_steps=5 is more than the run's 1 optimizer"), texts
+    assert len(texts) == 3
+
+
+def test_the_pipelines_rl_checks_name_ppo_settings(capsys):
+    """The RL stage's checks that `rlhf pipeline` runs before SFT said "critic_lr=0.0001 has no
+    effect" and warned "kl_horizon=100 has no effect": the keys to fix are ppo.<name>."""
+    import warnings
+
+    from rlhf.config import load_config
+    from rlhf.pipeline import PipelineConfig, printable_config
+
+    line = _error_line(capsys, ["pipeline", "algorithm=grpo", "ppo.critic_lr=1e-4",
+                                "--print-config"])
+    assert line.startswith("rlhf pipeline: error: ppo.critic_lr=0.0001 has no effect"), line
+    cfg = load_config(PipelineConfig, None, ["ppo.kl_target=null", "ppo.kl_horizon=100"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        printable_config(cfg)
+    texts = {str(w.message) for w in caught}
+    assert texts and all(text.startswith("ppo.kl_horizon=100 has no effect") for text in texts)
+
