@@ -187,6 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def one_line(message, category, filename, lineno, line=None):
         if str(Path(filename).resolve()).startswith(_OUR_PACKAGES):
+            if os.environ.get("RANK", "0") != "0":
+                return ""  # every rank checks the same settings: rank 0 says it once
             return f"rlhf {command}: warning: {message}\n"
         return python_format(message, category, filename, lineno, line)
 
@@ -225,7 +227,12 @@ def _main(argv: list[str]) -> int:
     config_class = getattr(module, stage.config_class)
     entry_point = getattr(module, stage.entry_point)
     if ns.nproc is not None and not ns.print_config:  # printing the config launches nothing
-        code = _launch_torchrun(ns.nproc, argv)
+        try:
+            code = _launch_torchrun(ns.nproc, argv)
+        except SystemExit as refused:  # bad input: the command's own error line, exit status 2
+            reason = str(refused.code).removeprefix("rlhf: error: ")
+            print(f"rlhf {ns.command}: error: {reason}", file=sys.stderr)
+            return EXIT_USAGE
         if code is not None:
             return code
 
@@ -290,6 +297,9 @@ def _main(argv: list[str]) -> int:
         try:
             summary = entry_point(cfg)
         finally:
+            # asked before leaving the process group: after it every rank reads as rank 0, and
+            # each printed the summary (--nproc N showed it N times)
+            main_rank = distributed.is_main()
             distributed.shutdown()
     except KeyboardInterrupt:
         # The stages save a checkpoint before re-raising Ctrl-C once their loop runs (and say
@@ -304,7 +314,7 @@ def _main(argv: list[str]) -> int:
         # full disk, ...) or a torchrun peer that died: one line that says what is wrong and
         # what to do.
         return fail(error, None if output_dir is None else str(output_dir))
-    if isinstance(summary, dict) and distributed.is_main():
+    if isinstance(summary, dict) and main_rank:
         print(json.dumps(_printable(summary), indent=2, default=str))
     return 0
 

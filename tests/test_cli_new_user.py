@@ -170,3 +170,49 @@ def test_the_pipelines_rl_checks_name_ppo_settings(capsys):
     texts = {str(w.message) for w in caught}
     assert texts and all(text.startswith("ppo.kl_horizon=100 has no effect") for text in texts)
 
+
+# ---- --nproc N ---------------------------------------------------------------------------------
+def _fake_ranks(monkeypatch, rank_in_group: int, seen: list):
+    """distributed as rank ``rank_in_group`` of a process group between init_from_env and
+    shutdown (as torchrun gives it), and the stage's entry point a stub that records what the
+    CLI's warning format makes of this trainer's warning."""
+    import warnings
+
+    from rlhf import distributed, sft
+
+    state = {"joined": False}
+    monkeypatch.setattr(distributed, "init_from_env", lambda device: state.update(joined=True))
+    monkeypatch.setattr(distributed, "shutdown", lambda: state.update(joined=False))
+    monkeypatch.setattr(distributed, "rank", lambda: rank_in_group if state["joined"] else 0)
+    monkeypatch.setenv("RANK", str(rank_in_group))
+
+    def train(cfg):
+        seen.append(warnings.formatwarning("warmup_steps=20 is more than ...", UserWarning,
+                                           sft.__file__, 1))
+        return {"stage": "sft", "steps": 2}
+
+    monkeypatch.setattr(sft, "train", train)
+
+
+@pytest.mark.parametrize("rank_in_group", [0, 1])
+def test_nproc_prints_the_summary_and_warnings_once(tmp_path, capsys, monkeypatch,
+                                                    rank_in_group):
+    """`rlhf sft --nproc 2` printed the summary twice and every warning twice: each rank asked
+    whether it was rank 0 after leaving the process group (where every rank is), and every rank
+    printed the warnings of the settings they all check."""
+    seen: list = []
+    _fake_ranks(monkeypatch, rank_in_group, seen)
+    assert cli.main(["sft", f"output_dir={tmp_path / 'sft'}"]) == 0
+    out = capsys.readouterr().out
+    if rank_in_group == 0:
+        assert '"stage": "sft"' in out and seen == ["rlhf sft: warning: warmup_steps=20 is more "
+                                                    "than ...\n"]
+    else:
+        assert out == "" and seen == [""]
+
+
+def test_nproc_zero_is_the_commands_error_with_status_2(capsys):
+    """`rlhf sft --nproc 0` ended with exit status 1 and "rlhf: error: ..." (a SystemExit
+    message), not the command's one error line and status 2 of every other bad input."""
+    line = _error_line(capsys, ["sft", "--nproc", "0"])
+    assert line == "rlhf sft: error: --nproc must be >= 1 (processes on this machine), got 0"
