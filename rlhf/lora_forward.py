@@ -48,7 +48,9 @@ def fast_path_applies(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: di
         return False
     name = active[0]
     if name not in layer.lora_A or name in getattr(layer, "lora_variant", {}):
-        return False
+        return False  # DoRA and the other variants: PEFT's forward
+    if getattr(layer, "use_dora", {}).get(name, False) or layer.lora_B[name].bias is not None:
+        return False  # (DoRA in PEFT releases without lora_variant; lora_bias=True)
     dropout = layer.lora_dropout[name]
     if layer.training and not isinstance(dropout, nn.Identity) and dropout.p > 0:
         return False

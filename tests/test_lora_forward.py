@@ -122,6 +122,12 @@ def test_peft_forward_where_the_fast_path_does_not_apply():
         assert torch.equal(layer(x), layer.base_layer(x))
         backbone._activate("policy")
         assert not lora_forward.fast_path_applies(layer, x, (), {"adapter_names": ["policy"]})
+        layer.merged_adapters.append("policy")  # merged into the base: PEFT's forward
+        assert layer.merged and not lora_forward.fast_path_applies(layer, x, (), {})
+        layer.merged_adapters.clear()
+        layer.lora_B["policy"].bias = torch.nn.Parameter(torch.ones(layer.out_features))
+        assert not lora_forward.fast_path_applies(layer, x, (), {})  # lora_bias=True
+        assert torch.equal(layer(x), layer._rlhf_peft_forward(x))
 
 
 def test_backbone_roles_under_autocast_as_close_to_float64_as_peft():
