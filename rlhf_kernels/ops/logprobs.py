@@ -264,15 +264,19 @@ def _launch_config(V: int) -> tuple[int, int, int]:
     floor on an H200 (forward, bf16 8x1024x151936; benchmarks/results). ``num_stages`` is the
     vocabulary loops' ``tl.range(..., num_stages=k)``: k >= 2 software-pipelines the logits
     loads (the sm_90 compile shows cp.async, LDGSTS, and k - 1 blocks in shared memory; also
-    more registers: 255 in the backward at k = 4 against 72 at k = 1, so fewer rows per SM).
-    k = 1 (no pipelining, the configuration measured on the H200) stays the default until a GPU
-    sweep shows a gain: ``benchmarks/bench_logprobs.py --sweep`` times k = 1..4 (different
-    binaries; ``python -m benchmarks.static_sass`` shows their SASS). Small vocabularies take
-    the whole row in one block. Cached per V: it runs twice per forward + backward, and
+    more registers: 80 in the backward at k = 2, 255 at k = 4, against 72 at k = 1, so fewer
+    rows per SM). k = 2 for large vocabularies, measured on the H200 (bf16 8x1024x151936,
+    883821a): forward 0.609 ms at k = 2 against 0.665 ms at k = 1 (96% / 88% of the copy floor),
+    forward + backward 1.88 against 1.92 ms; k = 4 gains 2% more at 3x the backward's registers.
+    (The forward with entropy keeps k = 1: at k = 2 it takes 161-182 registers.)
+    The loop's arithmetic and order are the same at every k (the loads are only issued earlier),
+    so the results are bit-identical. ``benchmarks/bench_logprobs.py --sweep`` times k = 1..4
+    (different binaries; ``python -m benchmarks.static_sass`` shows their SASS). Small
+    vocabularies take the whole row in one block. Cached per V: it runs twice per forward + backward, and
     ``triton.next_power_of_2`` alone costs microseconds of host time.
     """
     if V > 2048:
-        return 2048, 1, 1
+        return 2048, 1, 2
     block_v = max(16, next_power_of_2(V))
     return block_v, max(1, min(4, block_v // 512)), 1
 
@@ -335,6 +339,10 @@ def _fwd3d(logits3d, labels1d, temperature, ignore_index, logp, entropy, lse, sa
                                    ignore_index)
         return
     block_v, num_warps, num_stages = _launch_config(V)
+    if return_entropy:
+        # pipelined, the entropy forward needs 161-182 registers against 72 (sm_90), and its
+        # time at k = 2 is unmeasured: it keeps k = 1, timed at 0.633 ms on the H200
+        num_stages = 1
     # every parameter positionally, constexprs included (CachedLaunch)
     _fwd_launch(
         (N,), logits3d, labels1d, logp, entropy if return_entropy else logp,
