@@ -272,8 +272,8 @@ def _launch_config(V: int) -> tuple[int, int, int]:
     The loop's arithmetic and order are the same at every k (the loads are only issued earlier),
     so the results are bit-identical. ``benchmarks/bench_logprobs.py --sweep`` times k = 1..4
     (different binaries; ``python -m benchmarks.static_sass`` shows their SASS). Small
-    vocabularies take the whole row in one block. Cached per V: it runs twice per forward + backward, and
-    ``triton.next_power_of_2`` alone costs microseconds of host time.
+    vocabularies take the whole row in one block. Cached per V: it runs twice per forward +
+    backward, and ``triton.next_power_of_2`` alone costs microseconds of host time.
     """
     if V > 2048:
         return 2048, 1, 2
