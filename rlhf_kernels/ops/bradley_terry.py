@@ -313,7 +313,8 @@ def bradley_terry_loss(
 
     chosen_rewards, rejected_rewards: (...) fp16/bf16/fp32/fp64, same shape, at least one pair.
     margin: None, a float (or a 0-d tensor: the same), or a tensor broadcastable to the rewards'
-    shape (per-pair margin, no gradient). center_coef: weight of the centering term mean((r_c + r_r)^2) (0: none).
+    shape (per-pair margin, no gradient). center_coef: weight of the centering term
+    mean((r_c + r_r)^2) (0: none).
 
     Returns ``(loss, stats)``: loss () fp32 (fp64 for fp64 input), differentiable with respect to
     both rewards; stats (detached () tensors): accuracy = mean(r_c > r_r) (margin not
