@@ -51,8 +51,9 @@ _BLOCK = 1024
 # --------------------------------------------------------------------------------------------
 # k3 near d = 0. e^-d + d - 1 in fp32 cancels: the rounding of e^-d (about 6e-8) is all that is
 # left of a result of about d^2 / 2, so at |d| ~ 1e-3 (near the reference policy, the usual
-# case) it is off by several percent on average and by half at worst; expm1(-d) + d still keeps
-# expm1's rounding of about |d| * 6e-8, 1e-4 relative at |d| = 1e-3. For |d| <= 1 the kernels
+# case) it is off by several percent on average and by half at worst (at |d| ~ 1e-4 by all of
+# it or more); expm1(-d) + d still keeps expm1's rounding of about |d| * 6e-8, 1e-4 relative at
+# |d| = 1e-3. For |d| <= 1 the kernels
 # take the Taylor series k3 = d^2 (1/2 - d/6 + d^2/24 - ... + (-d)^9 / 11!) by Horner (a few
 # fp32 ulps: the truncated terms are below 2^-27 of k3 there, and a rapidly falling series
 # rounds like its first term), and the derivative 1 - e^-d = d - k3 from it (no cancellation:
