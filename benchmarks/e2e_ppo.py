@@ -545,8 +545,10 @@ def _import_model_code(cfg: E2EConfig) -> None:
     gc.collect()
 
 
-def run_case(cfg: E2EConfig, marker=None) -> dict:
-    """Build, warm up, time ``cfg.iterations`` iterations; one result row."""
+def run_case(cfg: E2EConfig, marker=None, on_row=None) -> dict:
+    """Build, warm up, time ``cfg.iterations`` iterations; one result row. ``on_row(row)`` is
+    called with the row as it grows (timed, then profiled, then the decode comparison), so that
+    a caller cut off by a time limit keeps what was measured."""
     device = resolve_device(cfg.device, cfg.max_memory_gib)  # the trainer's max_memory cap
     if device.type == "cuda":
         # the floor's rates, measured (and cached) before the model takes the memory
@@ -629,12 +631,16 @@ def run_case(cfg: E2EConfig, marker=None) -> dict:
         row["memory"] = ("peak RSS of the timed iterations above the process once the model's "
                          "code is imported, before the model is built")
         row["kernels_backend"] = os.environ.get("RLHF_KERNELS_BACKEND", "auto")
-    if cfg.decode_compare:
-        row["decode_compare"] = decode_compare(backbone, prompt_ids, prompt_mask, cfg, eos,
-                                               row["generation_s"])
+    report = on_row or (lambda _row: None)
+    report(row)
     if cfg.profile_stages:
         row["device_busy"] = device_busy(backbone, engine, optimizer, prompt_ids, prompt_mask,
                                          cfg, eos, {k: v / n for k, v in clock.seconds.items()})
+        report(row)
+    if cfg.decode_compare:  # last: compiling a decode step can take long on a bare machine
+        row["decode_compare"] = decode_compare(backbone, prompt_ids, prompt_mask, cfg, eos,
+                                               row["generation_s"])
+        report(row)
     del engine, optimizer, backbone
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -803,7 +809,9 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype, profile_stages=args.profile_stages, autocast=args.autocast,
             decode_compare=tuple(args.decode_compare))
         try:
-            ours = run_case(cfg)
+            # saved as it grows: a run cut off by the caller's time limit keeps our figures
+            ours = run_case(cfg, on_row=lambda row, done=list(rows): save_results(
+                "e2e_ppo", [*done, row], args.results_dir))
         except torch.OutOfMemoryError as error:
             ours = {"op": "e2e_ppo", "case": shape, "error": f"out of memory: {error}",
                     "config": asdict(cfg)}

@@ -338,7 +338,9 @@ def test_e2e_decode_compare_times_the_rollout_per_mode():
     from benchmarks import e2e_ppo
 
     cfg = e2e_ppo.E2EConfig(**{**e2e_ppo.SMOKE, "decode_compare": ("none",)})
-    row = e2e_ppo.run_case(cfg)
+    seen = []  # the row as it grows: timed first, the comparison last
+    row = e2e_ppo.run_case(cfg, on_row=lambda r: seen.append(set(r)))
+    assert len(seen) == 2 and "decode_compare" not in seen[0] and "decode_compare" in seen[1]
     got = row["decode_compare"]["none"]
     assert got["response_tokens"] == cfg.batch * cfg.response_length
     assert got["first_call_s"] > 0 and got["generation_s"] > 0
