@@ -125,7 +125,8 @@ def _compiled_eager():
 
 @contextlib.contextmanager
 def launch_config(config_for_v):
-    """Within: the logprobs launchers take ``config_for_v(V) -> (BLOCK_V, warps, stages)``."""
+    """Within: the logprobs launchers take ``config_for_v(V, entropy=False) -> (BLOCK_V,
+    warps, stages)`` (``entropy``: the forward that returns the entropy)."""
     default = logprobs_module._launch_config
     logprobs_module._launch_config = config_for_v
     try:
@@ -141,8 +142,8 @@ def _pipelined(step_maker, stages: int):
         default = logprobs_module._launch_config
         step = step_maker()
 
-        def config(V):
-            block_v, warps, _ = default(V)
+        def config(V, entropy=False):
+            block_v, warps, _ = default(V, entropy)
             return block_v, warps, stages
 
         def pipelined_step():
@@ -204,6 +205,10 @@ def _shape_cases(B: int, T: int, V: int, dtype: torch.dtype, device, smoke: bool
     cases += [Case("logprobs", f"{name} fwd+bwd", impl, forward_backward(get_fn), fwd_bwd_bytes)
               for impl, get_fn in bwd_peers]
     if pipelined:
+        # the entropy forward keeps k = 1 by default (its registers double when pipelined):
+        # timed at k = 2 here to see whether it pays anyway
+        cases.append(Case("logprobs", f"{name} fwd", "ours + entropy pipelined stages=2",
+                          _pipelined(forward(lambda: ours_with_entropy), 2), fwd_bytes))
         for stages in PIPELINE_STAGES:
             cases.append(Case("logprobs", f"{name} fwd", f"ours pipelined stages={stages}",
                               _pipelined(forward(lambda: ours), stages), fwd_bytes))
@@ -252,7 +257,7 @@ def sweep(B: int = 8, T: int = 1024, V: int = 151936) -> list[dict]:
                 config = (block_v, num_warps, num_stages)
                 name = f"BLOCK_V={block_v} warps={num_warps} stages={num_stages}"
                 before = compiled()
-                with launch_config(lambda _V, c=config: c):
+                with launch_config(lambda _V, _entropy=False, c=config: c):
                     with torch.no_grad():
                         ms = time_ms(lambda: ours(logits, labels))
                     fwd = result_row("logprobs", f"sweep {V} fwd", name, ms, fwd_bytes)

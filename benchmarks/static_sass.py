@@ -249,7 +249,7 @@ def sass_rows(arch: int = 90, V: int = V_DESIGN, stages: tuple[int, ...] = (2, 4
         rows.append(_loop_row(f"logprobs bwd {tag}", bwd, arch, 2))
     default = module._launch_config
     for k in stages:
-        module._launch_config = lambda v, k=k: default(v)[:2] + (k,)
+        module._launch_config = lambda v, entropy=False, k=k: default(v)[:2] + (k,)
         try:
             fwd, bwd = _logprob_launches(V, torch.bfloat16, False)
         finally:

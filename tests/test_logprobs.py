@@ -303,7 +303,7 @@ def block_config(request, monkeypatch):
     """Run a test with the real launch config and with 128-entry blocks, so that a 1271-entry
     row spans many blocks (running-max rescaling, a partial last block, all -inf blocks)."""
     if request.param == "small-blocks":
-        monkeypatch.setattr(logprobs_module, "_launch_config", lambda V: (128, 4, 1))
+        monkeypatch.setattr(logprobs_module, "_launch_config", lambda V, entropy=False: (128, 4, 1))
     return request.param
 
 

@@ -254,8 +254,9 @@ _bwd_launch = CachedLaunch(globals(), "_logprobs_bwd_kernel")
 # Launchers
 # --------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=256)
-def _launch_config(V: int) -> tuple[int, int, int]:
-    """(BLOCK_V, num_warps, num_stages) for a row of V entries.
+def _launch_config(V: int, entropy: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_V, num_warps, num_stages) for a row of V entries (``entropy``: the forward that
+    also returns the entropy).
 
     A row is a streaming reduction, so what matters is bytes in flight per SM, not threads per
     row. Large vocabularies stream 2048-entry blocks with one warp per row (the reductions stay
@@ -268,7 +269,8 @@ def _launch_config(V: int) -> tuple[int, int, int]:
     rows per SM). k = 2 for large vocabularies, measured on the H200 (bf16 8x1024x151936,
     883821a): forward 0.609 ms at k = 2 against 0.665 ms at k = 1 (96% / 88% of the copy floor),
     forward + backward 1.88 against 1.92 ms; k = 4 gains 2% more at 3x the backward's registers.
-    (The forward with entropy keeps k = 1: at k = 2 it takes 161-182 registers.)
+    The forward with entropy keeps k = 1 (0.633 ms on the H200): at k = 2 it takes 161-182
+    registers against 72, and its time there is unmeasured (``bench_logprobs`` times it).
     The loop's arithmetic and order are the same at every k (the loads are only issued earlier),
     so the results are bit-identical. ``benchmarks/bench_logprobs.py --sweep`` times k = 1..4
     (different binaries; ``python -m benchmarks.static_sass`` shows their SASS). Small
@@ -276,7 +278,7 @@ def _launch_config(V: int) -> tuple[int, int, int]:
     backward, and ``triton.next_power_of_2`` alone costs microseconds of host time.
     """
     if V > 2048:
-        return 2048, 1, 2
+        return 2048, 1, 1 if entropy else 2
     block_v = max(16, next_power_of_2(V))
     return block_v, max(1, min(4, block_v // 512)), 1
 
@@ -338,11 +340,7 @@ def _fwd3d(logits3d, labels1d, temperature, ignore_index, logp, entropy, lse, sa
                                    saved_entropy if save_entropy else None, 1.0 / temperature,
                                    ignore_index)
         return
-    block_v, num_warps, num_stages = _launch_config(V)
-    if return_entropy:
-        # pipelined, the entropy forward needs 161-182 registers against 72 (sm_90), and its
-        # time at k = 2 is unmeasured: it keeps k = 1, timed at 0.633 ms on the H200
-        num_stages = 1
+    block_v, num_warps, num_stages = _launch_config(V, return_entropy)
     # every parameter positionally, constexprs included (CachedLaunch)
     _fwd_launch(
         (N,), logits3d, labels1d, logp, entropy if return_entropy else logp,
