@@ -243,8 +243,17 @@ def warnings_named(prefix: str, cls: type) -> Iterator[None]:
 
 def _unknown_key(cls: type, prefix: str, name: str, fields: Mapping[str, Any]) -> typing.NoReturn:
     valid = sorted(fields)
+    # a setting of a nested config given at the top (`rlhf pipeline kl_coef=0.05`): its
+    # dotted names, e.g. 'ppo.kl_coef' (or 'sft.lr', 'reward.lr', 'ppo.lr')
+    hints = typing.get_type_hints(cls)
+    nested = [f"{prefix}{field}.{name}" for field in valid
+              if (inner := _dataclass_in(hints.get(field, Any))) is not None
+              and name in _init_fields(inner)]
     close = difflib.get_close_matches(name, valid, n=1)
-    hint = f" Did you mean {prefix + close[0]!r}?" if close else ""
+    if nested:
+        hint = f" Did you mean {' or '.join(repr(key) for key in nested)}?"
+    else:
+        hint = f" Did you mean {prefix + close[0]!r}?" if close else ""
     raise ValueError(f"unknown config key {prefix + name!r} for {cls.__name__}.{hint} Valid keys"
                      f"{' under ' + repr(prefix.rstrip('.')) if prefix else ''}: "
                      f"{', '.join(valid)}")

@@ -216,3 +216,18 @@ def test_nproc_zero_is_the_commands_error_with_status_2(capsys):
     message), not the command's one error line and status 2 of every other bad input."""
     line = _error_line(capsys, ["sft", "--nproc", "0"])
     assert line == "rlhf sft: error: --nproc must be >= 1 (processes on this machine), got 0"
+
+
+# ---- a stage setting given at the pipeline's top level ---------------------------------------
+@pytest.mark.parametrize("override, hint", [
+    ("kl_coef=0.05", "Did you mean 'ppo.kl_coef'?"),
+    ("lr=1e-3", "Did you mean 'ppo.lr' or 'reward.lr' or 'sft.lr'?"),
+    ("sedd=1", "Did you mean 'seed'?"),  # a typo of its own key: the closest match, as before
+])
+def test_a_stage_setting_at_the_top_level_suggests_its_dotted_keys(capsys, override, hint):
+    """`rlhf pipeline kl_coef=0.05` said "unknown config key 'kl_coef' for PipelineConfig" and
+    listed the pipeline's own keys only: the setting lives under ppo."""
+    line = _error_line(capsys, ["pipeline", override, "--print-config"])
+    name = override.split("=")[0]
+    assert line.startswith(f"rlhf pipeline: error: unknown config key {name!r} for "
+                           f"PipelineConfig. {hint} Valid keys: "), line
