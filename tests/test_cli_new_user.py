@@ -231,3 +231,16 @@ def test_a_stage_setting_at_the_top_level_suggests_its_dotted_keys(capsys, overr
     name = override.split("=")[0]
     assert line.startswith(f"rlhf pipeline: error: unknown config key {name!r} for "
                            f"PipelineConfig. {hint} Valid keys: "), line
+
+
+def test_the_grpo_config_file_names_every_algorithm():
+    """configs/grpo.yaml's `algorithm:` comment listed dr_grpo .. cispo and not sapo, which the
+    RL stage takes as well."""
+    from pathlib import Path
+
+    from rlhf import rl
+
+    line = next(line for line in (Path(__file__).resolve().parents[1] / "configs" / "grpo.yaml")
+                .read_text().splitlines() if line.startswith("algorithm:"))
+    named = set(line.replace(",", " ").replace("(", " ").split())
+    assert set(rl.PRESETS) - {"ppo"} <= named, line
