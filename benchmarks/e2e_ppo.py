@@ -589,7 +589,8 @@ def run_case(cfg: E2EConfig, marker=None, on_row=None) -> dict:
                              response_length=cfg.response_length, lora_rank=cfg.lora_rank,
                              dtype=cfg.dtype, gradient_checkpointing=cfg.gradient_checkpointing,
                              minibatch=cfg.minibatch, forward_chunk=cfg.forward_chunk,
-                             device=device.type, config_overrides=cfg.config_overrides)
+                             device=device.type, config_overrides=cfg.config_overrides,
+                             autocast=autocast_dtype(cfg) is not None)
     row = {
         "op": "e2e_ppo", "case": cfg.shape, "impl": f"rlhf shared-LoRA r={cfg.lora_rank}",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -236,37 +236,42 @@ def _layer_forward_peak(d: ModelDims, w: int, lora: bool) -> int:
     """Bytes per token live at the peak of one layer's no-grad forward (its MLP): the residual
     and normed input, act(gate), and inside up_proj its output plus, with LoRA, the fp32
     ``B(A(x)) * s`` and the fp32 sum (and the fp32 copy of the input when the base is not fp32).
-    """
+    Under the trainer's bf16 autocast (rlhf/lora_forward.py) the sum is one bf16 GEMM output,
+    but the no-grad stages measured on the H200 still peaked as this counts (rollout and scoring
+    at 1.01 and 0.99 of it at the Qwen2.5-1.5B shape; counting only the bf16 output gave 1.04),
+    so it serves both modes."""
     h, i = d.hidden_size, d.intermediate_size
     cast = 4 * h if (lora and w != 4) else 0
     lora_terms = 8 * i if lora else 0
     return 2 * w * h + 2 * w * i + lora_terms + cast
 
 
-def _layer_saved(d: ModelDims, w: int) -> int:
+def _layer_saved(d: ModelDims, w: int, fast_lora: bool = False) -> int:
     """Bytes per token one LoRA'd layer keeps for its backward (training forward).
 
     RMSNorm (HF) keeps its normalised fp32 product (bf16 base: the fp32 copy of its input and the
     bf16 cast instead) and its output; attention keeps the rotated queries, the keys and values
     repeated to the query heads (SDPA with a padding mask takes the repeat_kv path) and its
     output; the MLP keeps gate, act(gate), up and their product; LoRA keeps an fp32 copy of each
-    adapted linear's input when the base is not fp32 (one per linear: PEFT casts per call).
+    adapted linear's input when the base is not fp32 (one per linear: PEFT casts per call);
+    ``fast_lora`` (bf16 autocast, rlhf/lora_forward.py): the adapters read the linears' own
+    inputs, which the layer keeps anyway, so nothing more.
     """
     h, i, q = d.hidden_size, d.intermediate_size, d.q_dim
     upcast = 0 if w == 4 else 4
     norms = 2 * (2 * w * h + upcast * h)
     attention = 4 * w * q
     mlp = 4 * w * i
-    lora_inputs = upcast * (3 * h + q + 2 * h + i)  # q k v, o, gate up, down
+    lora_inputs = 0 if fast_lora else upcast * (3 * h + q + 2 * h + i)  # q k v, o, gate up, down
     return norms + attention + mlp + lora_inputs + w * h  # + the residual sum
 
 
-def _layer_backward_extra(d: ModelDims, w: int) -> int:
+def _layer_backward_extra(d: ModelDims, w: int, fast_lora: bool = False) -> int:
     """Bytes per token of gradient temporaries while one layer's backward runs (its MLP): the
     gradients of the product and of act(gate), of the residual stream, and with a bf16 base the
-    fp32 gradient flowing through the LoRA branch."""
+    fp32 gradient flowing through the LoRA branch (none with ``fast_lora``: bf16 autocast)."""
     h, i = d.hidden_size, d.intermediate_size
-    return 2 * w * i + 2 * w * h + (4 * i if w != 4 else 0)
+    return 2 * w * i + 2 * w * h + (4 * i if w != 4 and not fast_lora else 0)
 
 
 def _logits_chunk(tokens: int, vocab: int, itemsize: int, device: str) -> int:
@@ -287,7 +292,8 @@ def plan(config="qwen2.5-1.5b", *, batch: int = 16, prompt_length: int = 128,
          forward_chunk: int | None = None, device: str = "cuda", top_p: float = 1.0,
          overhead_gib: float = 0.0, config_overrides: dict | None = None,
          critic: bool = True, quantization: str = "none", quantize_lm_head: bool = False,
-         optimizer: str = "adamw", gpus: int = 1, strategy: str = "ddp") -> dict:
+         optimizer: str = "adamw", gpus: int = 1, strategy: str = "ddp",
+         autocast: bool | None = None) -> dict:
     """Expected peak bytes per stage of one PPO iteration (module docstring), per GPU.
 
     config: a preset name, a config.json path (or its directory), a dict or an HF config.
@@ -301,6 +307,11 @@ def plan(config="qwen2.5-1.5b", *, batch: int = 16, prompt_length: int = 128,
     global and a rank runs its share of the rows, holds the whole gathered rollout and a flat
     copy of the gradients for their all-reduce; ``fsdp2`` also shards the decoder layers'
     weights (one gathered layer and the prefetched next one whole at a time).
+    autocast: whether the stages run under autocast in ``dtype`` (None: as the trainer does, on
+    CUDA with a 16-bit dtype). With a dense base the LoRA layers then take the two-GEMM path of
+    rlhf/lora_forward.py, whose backward keeps no fp32 copies of the layers' inputs (a quantized
+    base keeps PEFT's forward): the update stage counts less (the H200 measured the Qwen2.5-1.5B
+    update at 0.97 of this count, 0.90 of the fp32-copy one).
     Returns ``{"peak_bytes", "peak_stage", "resident": {...}, "stages": {stage: {part: bytes,
     "total": bytes}}, "inputs": {...}}``.
     """
@@ -329,6 +340,9 @@ def plan(config="qwen2.5-1.5b", *, batch: int = 16, prompt_length: int = 128,
     batch, minibatch = -(-batch // gpus), -(-minibatch // gpus)  # a rank's rows
     forward_chunk = min(forward_chunk, batch)
     w = _DTYPE_BYTES[dtype]
+    if autocast is None:
+        autocast = device == "cuda" and w != 4
+    fast = bool(autocast) and quantization == "none"
     h, v, L = d.hidden_size, d.vocab_size, d.num_layers
     S = prompt_length + response_length
     lora = d.lora_params(lora_rank)
@@ -379,12 +393,12 @@ def plan(config="qwen2.5-1.5b", *, batch: int = 16, prompt_length: int = 128,
     n = minibatch * S
     n_resp = minibatch * response_length
     grads = 4 * trained * (2 if gpus > 1 else 1)  # + the flat all-reduce buffer
-    saved_layers = L * n * ((w * h if gradient_checkpointing else _layer_saved(d, w))
+    saved_layers = L * n * ((w * h if gradient_checkpointing else _layer_saved(d, w, fast))
                             + _int8_kept_inputs(d, w, quantization, gradient_checkpointing))
     # the peak is either in the last layer's backward (its saved activations, recomputed under
     # checkpointing, and gradient temporaries) or at the loss head, after the forward
-    layer_backward = n * (_layer_backward_extra(d, w)
-                          + (_layer_saved(d, w) if gradient_checkpointing else 0)
+    layer_backward = n * (_layer_backward_extra(d, w, fast)
+                          + (_layer_saved(d, w, fast) if gradient_checkpointing else 0)
                           ) + backward_dequant
     final = n * w * h * 3  # final norm input / output and the returned hidden states
     policy_head = (n_resp * w * h * 2  # the response slice and its gradient
@@ -416,7 +430,8 @@ def plan(config="qwen2.5-1.5b", *, batch: int = 16, prompt_length: int = 128,
                        lora_params_per_adapter=lora, critic=critic,
                        quantization=quantization, quantize_lm_head=quantize_lm_head,
                        optimizer=optimizer, gpus=gpus, strategy=strategy,
-                       batch_per_gpu=batch, minibatch_per_gpu=minibatch),
+                       batch_per_gpu=batch, minibatch_per_gpu=minibatch,
+                       autocast=bool(autocast)),
     }
 
 

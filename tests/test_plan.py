@@ -182,6 +182,37 @@ def test_published_bars_and_largest_batch():
     assert no_ckpt["total"] > large["update"]["total"]
 
 
+def test_autocast_plans_the_two_gemm_lora_backward():
+    """On CUDA with a 16-bit dtype the trainer runs under autocast, where rlhf/lora_forward.py's
+    LoRA backward keeps no fp32 copy of a layer's inputs (PEFT's path keeps one per adapted
+    linear): by default the plan counts that, exactly those terms less per token of the
+    recomputed layer; the no-grad stages and a quantized base (PEFT's forward) are unchanged."""
+    kw = dict(batch=16, minibatch=16, forward_chunk=16)
+    on = planner.plan("qwen2.5-1.5b", **kw)
+    off = planner.plan("qwen2.5-1.5b", autocast=False, **kw)
+    assert on["inputs"]["autocast"] is True and off["inputs"]["autocast"] is False
+    assert planner.plan("qwen2.5-1.5b", device="cpu", **kw)["inputs"]["autocast"] is False
+    assert planner.plan("qwen2.5-1.5b", dtype="float32", **kw)["inputs"]["autocast"] is False
+    for stage in ("rollout", "scoring"):
+        assert on["stages"][stage]["total"] == off["stages"][stage]["total"]
+    d = planner.ModelDims.from_dict(planner.PRESETS["qwen2.5-1.5b"])
+    h, i, q = d.hidden_size, d.intermediate_size, d.q_dim
+    copies = 4 * (3 * h + q + 2 * h + i)  # an fp32 copy of each adapted linear's input
+    tokens = 16 * (128 + 256)
+    # at most those copies and the fp32 LoRA gradient less in the recomputed layer (the loss
+    # head may bound the stage instead)
+    saved = off["stages"]["update"]["backward_or_head"] - on["stages"]["update"]["backward_or_head"]
+    assert 0 < saved <= tokens * (copies + 4 * i)
+    # without checkpointing every layer keeps them: exactly L copies per token less
+    full = [planner.plan("qwen2.5-1.5b", gradient_checkpointing=False, autocast=a, **kw)
+            for a in (False, True)]
+    assert (full[0]["stages"]["update"]["saved_activations"]
+            - full[1]["stages"]["update"]["saved_activations"]) == d.num_layers * tokens * copies
+    nf4 = dict(quantization="nf4", **kw)
+    assert planner.plan("qwen2.5-1.5b", **nf4)["stages"] == planner.plan(
+        "qwen2.5-1.5b", autocast=False, **nf4)["stages"]
+
+
 def test_main_with_config_json_and_errors(tmp_path, capsys):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(planner.PRESETS["qwen2.5-0.5b"]))
