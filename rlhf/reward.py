@@ -311,7 +311,14 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
     if eval_pairs is not None:
         eval_set = encode_pairs(eval_pairs, tokenizer, cfg.max_length)
     else:
+        n_pairs = len(train_set)
         train_set, eval_set = _split(train_set, cfg.eval_fraction, cfg.seed)
+        if cfg.eval_fraction and len(eval_set) == 0:
+            # the summary would have no held-out accuracy, and nothing would say why
+            warnings.warn(f"eval_fraction={cfg.eval_fraction} of {n_pairs} pair(s) holds out "
+                          f"none (it rounds to 0): no held-out evaluation; give at least "
+                          f"{math.floor(0.5 / cfg.eval_fraction) + 1} pairs, or eval_fraction=0 to "
+                          f"train without one", stacklevel=1)
     if len(train_set) == 0:
         raise ValueError("no training pairs left for the reward model (empty dataset?)")
     leaked = _pairs_also_in(eval_set, train_set)

@@ -244,3 +244,29 @@ def test_the_grpo_config_file_names_every_algorithm():
                 .read_text().splitlines() if line.startswith("algorithm:"))
     named = set(line.replace(",", " ").replace("(", " ").split())
     assert set(rl.PRESETS) - {"ppo"} <= named, line
+
+
+# ---- the reward model on very few pairs ---------------------------------------------------------
+@pytest.mark.parametrize("n_pairs, eval_fraction, at_least", [(2, 0.2, 3), (5, 0.1, 6)])
+def test_reward_model_says_when_eval_fraction_holds_out_nothing(tmp_path, monkeypatch, n_pairs,
+                                                                eval_fraction, at_least):
+    """`rlhf rm` on 2 pairs (eval_fraction 0.2 of them rounds to 0) trained without a held-out
+    evaluation and said nothing: the summary just had no accuracy."""
+    from rlhf import reward
+    from tests._tiny_models import rl_tokenizer
+    from tests.test_stages import tiny_backbone
+
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
+    tokenizer = rl_tokenizer()
+    pairs = [{"prompt": f"Review of the blender {i}:", "chosen": " Great.", "rejected": " Bad."}
+             for i in range(n_pairs)]
+    cfg = reward.RewardConfig(output_dir=str(tmp_path / "rm"), device="cpu", max_length=48,
+                              warmup_steps=0, batch_size=2, grad_accum_steps=1,
+                              eval_fraction=eval_fraction)
+    with pytest.warns(UserWarning, match=rf"eval_fraction={eval_fraction} of {n_pairs} pair\(s\) "
+                                         rf"holds out none .* give at least {at_least} pairs"):
+        summary = reward.train(cfg, backbone=tiny_backbone(tokenizer), tokenizer=tokenizer,
+                               train_pairs=pairs)
+    assert "eval_accuracy" not in summary
+    # the count it names is the smallest that holds one out
+    assert round(at_least * eval_fraction) == 1 and round((at_least - 1) * eval_fraction) == 0
