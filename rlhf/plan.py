@@ -718,7 +718,7 @@ def fit(config, card_gib: float, *, batch: int = 16, prompt_length: int = 128,
     for stage in PIPELINE_STAGES:
         rl_kwargs = kwargs if stage == "rl" else {k: v for k, v in kwargs.items()
                                                   if k not in ("minibatch", "forward_chunk",
-                                                               "critic", "top_p")}
+                                                               "critic", "top_p", "autocast")}
 
         def peak(b, p=prompt_length, r=response_length, stage=stage, kw=rl_kwargs):
             return _stage_peak(stage, config, b, p, r, **kw)
@@ -856,6 +856,7 @@ def format_plan(result: dict, card_gib: float | None = None, best_batch: int | N
              f"{inputs['response_length']}, {inputs['dtype']}"
              + (f" compute, {inputs['quantization']} base" if inputs.get("quantization", "none")
                 != "none" else "")
+             + (", autocast" if inputs.get("autocast") else "")
              + (f", {inputs['optimizer']}" if inputs.get("optimizer", "adamw") != "adamw"
                 else "")
              + ", gradient checkpointing "
@@ -906,6 +907,10 @@ def main(argv: list[str] | None = None) -> int:
                              "the batch")
     parser.add_argument("--card", type=float, default=24.0, metavar="GiB",
                         help="report the largest batch that fits this much memory")
+    parser.add_argument("--no-autocast", action="store_true",
+                        help="plan an RL run without bf16 autocast (bf16: false in the ppo "
+                             "section): PEFT's fp32 adapter path keeps an fp32 copy of each "
+                             "adapted linear's input for the backward")
     parser.add_argument("--critic-free", action="store_true",
                         help="a critic-free run (grpo, rloo, ...): no critic adapter, value "
                              "head or critic optimizer state")
@@ -957,6 +962,8 @@ def main(argv: list[str] | None = None) -> int:
                   critic=not args.critic_free, quantization=args.quantization,
                   quantize_lm_head=args.quantize_lm_head, optimizer=args.optimizer,
                   gpus=args.gpus, strategy=args.strategy)
+    if args.no_autocast:
+        kwargs["autocast"] = False
     try:
         result = plan(args.model, batch=args.batch, minibatch=args.minibatch,
                       forward_chunk=args.forward_chunk, **kwargs)

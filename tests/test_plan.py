@@ -208,6 +208,20 @@ def test_autocast_plans_the_two_gemm_lora_backward():
             for a in (False, True)]
     assert (full[0]["stages"]["update"]["saved_activations"]
             - full[1]["stages"]["update"]["saved_activations"]) == d.num_layers * tokens * copies
+    # the command line: --no-autocast plans PEFT's fp32 adapter path, and the model line says
+    # which mode it planned
+    import contextlib
+    import io
+
+    lines = {}
+    for argv in ([], ["--no-autocast"]):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert planner.main(["qwen2.5-1.5b", *argv]) == 0
+        lines[bool(argv)] = out.getvalue().splitlines()
+    assert "bfloat16, autocast," in lines[False][0] and "autocast" not in lines[True][0]
+    update = {k: next(line for line in v if line.startswith("update")) for k, v in lines.items()}
+    assert float(update[True].split()[1]) > float(update[False].split()[1])
     nf4 = dict(quantization="nf4", **kw)
     assert planner.plan("qwen2.5-1.5b", **nf4)["stages"] == planner.plan(
         "qwen2.5-1.5b", autocast=False, **nf4)["stages"]
