@@ -350,6 +350,26 @@ def test_e2e_decode_compare_times_the_rollout_per_mode():
         e2e_ppo.E2EConfig(**{**e2e_ppo.SMOKE, "decode_compare": ("fast",)})
 
 
+def test_static_sass_records_a_configuration_already_launched():
+    """static_sass compiles each launch it records; a pipelining depth equal to the default
+    (whose kernel a CachedLaunch already holds) is recorded too (it raised IndexError)."""
+    script = textwrap.dedent("""
+        import json
+        from benchmarks import static_sass
+        from rlhf_kernels.ops import logprobs
+        k = logprobs._launch_config(151936)[2]
+        print(json.dumps([k, static_sass.sass_rows(stages=(k,))]))
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "0"}  # compiled-mode kernels
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    default_stages, rows = json.loads(done.stdout.splitlines()[-1])
+    assert [r["case"].split(" bf16")[0] for r in rows] == ["logprobs fwd", "logprobs bwd"] * 3
+    assert rows[-1]["num_stages"] == default_stages and rows[-1]["regs"] > 0
+    assert all(r["local_bytes"] == 0 for r in rows)  # no spills
+
+
 def test_trl_fused_head_peer_loads_from_a_wheel_without_trl_installed(tmp_path, monkeypatch):
     """The GPU image has no TRL: the benchmarks' TRL peer is the kernel file of a carried wheel,
     loaded alone, with the vocabulary chunk width TRL's trainers pass it."""
