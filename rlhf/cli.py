@@ -315,7 +315,14 @@ def _main(argv: list[str]) -> int:
         # what to do.
         return fail(error, None if output_dir is None else str(output_dir))
     if isinstance(summary, dict) and main_rank:
-        print(json.dumps(_printable(summary), indent=2, default=str))
+        written = getattr(module, "SUMMARY_FILE", None)
+        if written is not None and output_dir is not None:
+            # the pipeline and the frontier print their figures themselves and write the whole
+            # summary (every setting, hundreds of lines): dumped here, it pushed those figures
+            # off the screen
+            print(f"summary: {Path(output_dir) / written}")
+        else:
+            print(json.dumps(_printable(summary), indent=2, default=str))
     return 0
 
 

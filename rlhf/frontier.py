@@ -43,6 +43,8 @@ from rlhf.checkpoint import PIPELINE_RUN_FILES, atomic_write_text, open_run
 from rlhf.stage import limits_cpu_threads
 
 __all__ = ["FrontierConfig", "holds_run", "printable_config", "run"]
+# `rlhf frontier` prints its table and points at this file under output_dir (rlhf/cli.py)
+SUMMARY_FILE = "frontier.json"
 
 
 @dataclass

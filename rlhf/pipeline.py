@@ -82,6 +82,8 @@ from rlhf.seeding import seeded
 
 __all__ = ["PipelineConfig", "check_settings", "mean_stderr", "pair_sampling_config", "run",
            "sample_texts", "stage_configs"]
+# `rlhf pipeline` prints its figures and points at this file under output_dir (rlhf/cli.py)
+SUMMARY_FILE = "summary.json"
 
 
 def _sft_defaults() -> sft.SFTConfig:

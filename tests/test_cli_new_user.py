@@ -270,3 +270,35 @@ def test_reward_model_says_when_eval_fraction_holds_out_nothing(tmp_path, monkey
     assert "eval_accuracy" not in summary
     # the count it names is the smallest that holds one out
     assert round(at_least * eval_fraction) == 1 and round((at_least - 1) * eval_fraction) == 0
+
+
+# ---- what rlhf pipeline leaves on the screen -----------------------------------------------------
+@pytest.mark.parametrize("command, module_name, written", [
+    ("pipeline", "rlhf.pipeline", "summary.json"), ("frontier", "rlhf.frontier", "frontier.json")])
+def test_the_pipelines_figures_stay_on_screen(tmp_path, capsys, monkeypatch, command,
+                                              module_name, written):
+    """`rlhf pipeline` printed its figures (reward-model accuracy, gold difference, KL), then
+    the CLI dumped the whole summary as JSON after them: 220 lines of settings that pushed the
+    figures off the screen. The summary is in summary.json (frontier.json); the CLI names it."""
+    import importlib
+
+    module = importlib.import_module(module_name)
+    out = tmp_path / command
+
+    def run(cfg):
+        print("gold (VADER) on held-out prompts: ... 21.6 standard errors")
+        return {"config": {f"setting_{i}": i for i in range(200)}, "figure": 0.803}
+
+    monkeypatch.setattr(module, "run", run)
+    assert cli.main([command, f"output_dir={out}"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["gold (VADER) on held-out prompts: ... 21.6 standard errors",
+                     f"summary: {out / written}"]
+
+
+def test_a_stage_still_prints_its_summary(tmp_path, capsys, monkeypatch):
+    from rlhf import sft
+
+    monkeypatch.setattr(sft, "train", lambda cfg: {"stage": "sft", "steps": 2})
+    assert cli.main(["sft", f"output_dir={tmp_path / 'sft'}"]) == 0
+    assert '"steps": 2' in capsys.readouterr().out
