@@ -37,6 +37,7 @@ from rlhf.stage import (
     check_vocabulary,
     limits_cpu_threads,
     nonfinite_error,
+    nonfinite_skipped,
     resolve_device,
     warmup_cosine_schedule,
 )
@@ -427,8 +428,8 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
                                           {"loss": total_loss, "grad norm": grad_norm},
                                           {"lr": cfg.lr}, skipped, cfg)
                 skipped += 1
-                warnings.warn(f"[rm] skipped step {step}: non-finite loss ({skipped} so far)",
-                              stacklevel=1)
+                warnings.warn(nonfinite_skipped("rm", f"step {step + 1}", {
+                    "loss": total_loss, "grad norm": grad_norm}, skipped, cfg), stacklevel=1)
             else:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

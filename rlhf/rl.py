@@ -129,6 +129,7 @@ from rlhf.stage import (
     check_vocabulary,
     limits_cpu_threads,
     nonfinite_error,
+    nonfinite_skipped,
     resolve_device,
     warmup_cosine_schedule,
 )
@@ -1254,19 +1255,19 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
                     mid_update = True
                     if not finite:
                         optimizer.zero_grad(set_to_none=True)
+                        losses = {"policy loss": _worst(p_losses)}
+                        if v_losses:
+                            losses["value loss"] = _worst(v_losses)
                         if cfg.nonfinite == "error" or skipped >= cfg.max_skipped_steps:
-                            losses = {"policy loss": _worst(p_losses)}
-                            if v_losses:
-                                losses["value loss"] = _worst(v_losses)
                             lrs = {"lr": cfg.lr}
                             if critic_params:
                                 lrs["critic_lr"] = cfg.critic_lr
                             raise nonfinite_error(name, f"iteration {iteration + 1}",
                                                   {**losses, **norms}, lrs, skipped, cfg)
                         skipped += 1
-                        warnings.warn(f"[{name}] skipped an optimizer step at iteration "
-                                      f"{iteration}: non-finite loss ({skipped} so far)",
-                                      stacklevel=1)
+                        warnings.warn(nonfinite_skipped(
+                            name, f"an optimizer step of iteration {iteration + 1}",
+                            {**losses, **norms}, skipped, cfg), stacklevel=1)
                     else:
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)

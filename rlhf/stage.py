@@ -41,6 +41,7 @@ __all__ = [
     "learned_positions",
     "limits_cpu_threads",
     "nonfinite_error",
+    "nonfinite_skipped",
     "resolve_device",
     "warmup_cosine_schedule",
 ]
@@ -333,11 +334,23 @@ def nonfinite_error(stage: str, at: str, numbers: dict[str, float], lrs: dict[st
     if cfg.nonfinite == "skip":
         what = (f"a non-finite {' and '.join(bad)} at {at} ({shown}) after {skipped} skipped "
                 f"steps, more than max_skipped_steps={cfg.max_skipped_steps}")
+        # nonfinite=skip is already set: suggesting it again was no way out
+        instead = f"raise max_skipped_steps (it is {cfg.max_skipped_steps})"
     else:
         what = f"non-finite {' and '.join(bad)} at {at} ({shown})"
+        instead = "set nonfinite=skip to drop such steps"
     return FloatingPointError(f"[{stage}] the run diverged: {what}; lower the learning rate "
-                              f"({lower}; try 10x lower) and start again, or set "
-                              f"nonfinite=skip to drop such steps")
+                              f"({lower}; try 10x lower) and start again, or {instead}")
+
+
+def nonfinite_skipped(stage: str, at: str, numbers: dict[str, float], skipped: int,
+                      cfg) -> str:
+    """The warning of a step that nonfinite=skip dropped: which step (1-based, as in
+    metrics.jsonl and the error), what was not finite, how many of max_skipped_steps are used."""
+    bad = [name for name, value in numbers.items() if not math.isfinite(value)]
+    shown = ", ".join(f"{name} {value:.4g}" for name, value in numbers.items())
+    return (f"[{stage}] skipped {at}: non-finite {' and '.join(bad)} ({shown}); {skipped} "
+            f"skipped so far, at most max_skipped_steps={cfg.max_skipped_steps}")
 
 
 @contextlib.contextmanager

@@ -302,3 +302,35 @@ def test_a_stage_still_prints_its_summary(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sft, "train", lambda cfg: {"stage": "sft", "steps": 2})
     assert cli.main(["sft", f"output_dir={tmp_path / 'sft'}"]) == 0
     assert '"steps": 2' in capsys.readouterr().out
+
+
+# ---- nonfinite=skip ------------------------------------------------------------------------------
+def test_a_skipped_rl_step_says_what_was_not_finite(tmp_path, monkeypatch):
+    """nonfinite=skip in the RL stage warned "skipped an optimizer step at iteration 0:
+    non-finite loss" for a non-finite gradient norm of iteration 1 (0-based, and the loss was
+    finite); the SFT and reward stages numbered their steps one lower than metrics.jsonl too.
+    When the skips ran out, the error still advised "set nonfinite=skip", which was set."""
+    import torch
+
+    from rlhf import rl
+    from tests._tiny_models import rl_tokenizer
+    from tests.test_grpo import PROMPTS, rl_config
+    from tests.test_stages import tiny_backbone
+
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
+    clip = torch.nn.utils.clip_grad_norm_
+    calls = []
+
+    def first_norm_nan(*args, **kwargs):
+        calls.append(1)
+        norm = clip(*args, **kwargs)
+        return norm * float("nan") if len(calls) == 1 else norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", first_norm_nan)
+    tokenizer = rl_tokenizer()
+    cfg = rl_config(tmp_path, "grpo", num_iterations=1, nonfinite="skip")
+    with pytest.warns(UserWarning, match=r"\[grpo\] skipped an optimizer step of iteration 1: "
+                                         r"non-finite policy grad norm \(policy loss [-0-9.e]+, "
+                                         r"policy grad norm nan\); 1 skipped so far, at most "
+                                         r"max_skipped_steps=10"):
+        rl.train(cfg, backbone=tiny_backbone(tokenizer), tokenizer=tokenizer, prompts=PROMPTS)

@@ -515,6 +515,8 @@ def test_nonfinite_error_names_what_and_where():
     cfg.nonfinite = "skip"
     message = str(nonfinite_error("rm", "step 9", {"loss": float("inf")}, {"lr": 1.0}, 10, cfg))
     assert "after 10 skipped steps, more than max_skipped_steps=10" in message
+    # nonfinite=skip is set: the way out is more skipped steps, not nonfinite=skip again
+    assert "raise max_skipped_steps (it is 10)" in message and "nonfinite=skip" not in message
 
 
 class _FullDisk(io.RawIOBase):
