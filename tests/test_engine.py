@@ -420,11 +420,11 @@ def test_compiled_decode_under_autocast_reads_the_refreshed_adapter_copies():
         with torch.no_grad():
             for name, param in backbone.named_parameters():
                 if "lora_B" in name and ".policy." in name:
-                    param.mul_(-3.0)
+                    param.normal_(0.0, 1.0)  # a large change of the policy
         second = engine.generate(prompt_ids, prompt_mask, 6, **kw)
     assert engine._compiled is not None
     assert counters["frames"]["total"] - frames_before == 1, dict(counters["frames"])
     assert_close(second.logprobs, teacher(second), atol=LOGP_ATOL[torch.bfloat16],
                  name="after the update")
     if torch.equal(second.sequences, first.sequences):  # same tokens: compare the log-probs
-        assert (second.logprobs - old_policy).abs().max() > 10 * LOGP_ATOL[torch.bfloat16]
+        assert (second.logprobs - old_policy).abs().max() > 3 * LOGP_ATOL[torch.bfloat16]
