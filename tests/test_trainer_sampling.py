@@ -39,6 +39,23 @@ def _as_if_cuda(device, bf16):
     return _RULE(torch.device("cuda"), bf16)
 
 
+class _Stop(Exception):
+    """Raised by a trapped call: the run under test stops there."""
+
+
+def _trap_autocast(monkeypatch, module):
+    """Replace ``module.evaluate`` by a call that records the ``autocast_dtype`` it was given
+    and raises _Stop; returns the list of recorded dtypes."""
+    given = []
+
+    def evaluate(*args, autocast_dtype=None, **kwargs):
+        given.append(autocast_dtype)
+        raise _Stop
+
+    monkeypatch.setattr(module, "evaluate", evaluate)
+    return given
+
+
 def _autocast_now(device_type: str = "cpu"):
     """The autocast dtype in force on ``device_type`` (None when autocast is off)."""
     if not torch.is_autocast_enabled(device_type):
@@ -123,22 +140,13 @@ def test_the_reward_models_heldout_accuracy_is_measured_under_its_training_autoc
                                autocast_dtype=torch.bfloat16)
     assert inside == [None, torch.bfloat16] and autocast["eval_pairs"] == plain["eval_pairs"]
 
-    class Stop(Exception):
-        pass
-
-    given = []
-
-    def evaluate(*args, autocast_dtype=None, **kwargs):
-        given.append(autocast_dtype)
-        raise Stop
-
-    monkeypatch.setattr(reward, "evaluate", evaluate)
+    given = _trap_autocast(monkeypatch, reward)  # evaluate records its dtype, stops
     for as_cuda, expected in ((False, None), (True, torch.bfloat16)):
         monkeypatch.setattr(reward, "autocast_dtype_for", _as_if_cuda if as_cuda else _RULE)
         cfg = reward.RewardConfig(output_dir=str(tmp_path / f"rm-{as_cuda}"),
                                   batch_size=4, epochs=1.0, grad_accum_steps=1, warmup_steps=0,
                                   save_every=0, device="cpu", max_length=80)
-        with pytest.raises(Stop):
+        with pytest.raises(_Stop):
             reward.train(cfg, backbone=tiny_backbone(tokenizer), tokenizer=tokenizer,
                          train_pairs=sentiment_pairs(4, 0), eval_pairs=sentiment_pairs(2, 7))
         assert given[-1] is expected
@@ -165,16 +173,7 @@ def test_arithmetic_evaluation_runs_in_the_rl_stages_autocast(tiny_chat_model, t
     assert seen == [("engine", None), ("engine", torch.bfloat16)]
     assert plain["n"] == autocast["n"] == 2
 
-    class Stop(Exception):
-        pass
-
-    given = []
-
-    def evaluate(*args, autocast_dtype=None, **kwargs):
-        given.append(autocast_dtype)
-        raise Stop
-
-    monkeypatch.setattr(arithmetic, "evaluate", evaluate)
+    given = _trap_autocast(monkeypatch, arithmetic)  # evaluate records its dtype, stops
     for as_cuda, bf16, expected in ((False, True, None), (True, True, torch.bfloat16),
                                     (True, False, None)):
         monkeypatch.setattr(stage, "autocast_dtype_for", _as_if_cuda if as_cuda else _RULE)
@@ -182,7 +181,7 @@ def test_arithmetic_evaluation_runs_in_the_rl_stages_autocast(tiny_chat_model, t
                                       algorithm="grpo", device="cpu", eval_problems=4,
                                       output_dir=str(tmp_path / f"run-{as_cuda}-{bf16}"))
         cfg.ppo.bf16 = bf16
-        with pytest.raises(Stop):
+        with pytest.raises(_Stop):
             pipeline.run(cfg)
         assert given[-1] is expected
 
@@ -246,16 +245,13 @@ def test_the_pipeline_samples_its_pairs_with_the_pair_settings(tmp_path, monkeyp
     and RL are stand-ins: the calls are under test."""
     from rlhf import rl, sft
 
-    class Stop(Exception):
-        pass
-
     calls = []
 
     def sample_texts(backbone, tokenizer, prompts, role, cfg, seed, batch_size, **kwargs):
         calls.append((role, seed, (cfg.temperature, cfg.top_k, cfg.top_p),
                       (cfg.max_new_tokens, cfg.bf16)))
         if seed == 21:  # the held-out samples of the SFT model: the pairs are done
-            raise Stop
+            raise _Stop
         # A liked, B disliked by the gold judge: every pair has a preference
         text = "It is great, I love it." if seed == 11 else "It is awful, I hate it."
         return [text] * len(prompts), torch.zeros(len(prompts))
@@ -277,7 +273,7 @@ def test_the_pipeline_samples_its_pairs_with_the_pair_settings(tmp_path, monkeyp
                                   seed=0, **pair_settings)
     cfg.ppo.temperature, cfg.ppo.top_k, cfg.ppo.top_p = 0.8, 40, 0.95
     cfg.ppo.max_new_tokens, cfg.ppo.max_prompt_length = 12, 40
-    with pytest.raises(Stop):
+    with pytest.raises(_Stop):
         pipeline.run(cfg)
     assert [(role, seed) for role, seed, *_ in calls] == [(None, 11), (None, 12), (None, 21)]
     assert [drawn for _, _, drawn, _ in calls] == [pairs_drawn_with] * 2 + [(0.8, 40, 0.95)]
