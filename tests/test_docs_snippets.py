@@ -18,6 +18,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 PAGES = [ROOT / "README.md", *DOCS]
+# the pages whose links, file names, code names and command-line flags are checked
+ALL_PAGES = [*PAGES, ROOT / "benchmarks" / "README.md"]
+
+
+def _page_id(page: Path) -> str:
+    return str(page.relative_to(ROOT))
 
 
 def _blocks(page: Path, language: str) -> list[str]:
@@ -198,7 +204,7 @@ def _anchors(page: Path) -> set[str]:
     return anchors
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+@pytest.mark.parametrize("page", ALL_PAGES, ids=_page_id)
 def test_relative_links_resolve(page):
     """[text](path#anchor) and ![alt](path): the file exists (inside the repository) and the
     anchor is a heading of the Markdown file it names."""
@@ -230,19 +236,27 @@ def test_the_anchor_rule_matches_githubs():
 _REPO_DIRS = ("rlhf/", "rlhf_kernels/", "tests/", "benchmarks/", "csrc/", "docs/", "scripts/")
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+@pytest.mark.parametrize("page", ALL_PAGES, ids=_page_id)
 def test_files_named_in_code_spans_exist(page):
     """`rlhf/engine.py`, `benchmarks/results/x.json`, `csrc/cpu/`: a path under one of the
-    repository's folders names something that exists (docs/ paths also relative to docs/)."""
+    repository's folders names something that exists (docs/ paths also relative to docs/); on
+    a page below the root, a path under one of its own folders too (benchmarks/README.md's
+    `results/x.json`, `peers/trl_ppo_peer.py`)."""
     missing = []
+    own = () if page.parent == ROOT else tuple(
+        f"{d.name}/" for d in page.parent.iterdir() if d.is_dir())
     for span in re.findall(r"`([\w./-]+)`", page.read_text()):
-        if span.startswith(_REPO_DIRS) and "*" not in span:
+        if "*" in span:
+            continue
+        if span.startswith(_REPO_DIRS):
             if not (ROOT / span).exists() and not (ROOT / "docs" / span).exists():
                 missing.append(span)
+        elif own and span.startswith(own) and not (page.parent / span).exists():
+            missing.append(span)
     assert not missing, f"{page.name} names files that do not exist: {missing}"
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+@pytest.mark.parametrize("page", ALL_PAGES, ids=_page_id)
 def test_code_names_resolve(page):
     """`rlhf.models.SharedBackbone`, `rlhf_kernels.integrations.verl.ADVANTAGE_ESTIMATORS`: a
     dotted name of this repository's packages imports, attribute by attribute."""
@@ -290,8 +304,89 @@ def test_class_members_named_exist():
     """`SharedBackbone.memory_report`, `RolloutEngine._prefill`: a member of one of this
     repository's classes, named in README.md or docs/*.md, exists."""
     classes, broken = _classes(), []
-    for page in PAGES:
+    for page in ALL_PAGES:
         for owner, member in re.findall(r"`(?:[\w.]*\.)?([A-Z]\w+)\.(\w+)", page.read_text()):
             if owner in classes and not hasattr(classes[owner], member):
                 broken.append(f"{page.name}: {owner}.{member}")
     assert not broken, f"members that do not exist: {broken}"
+
+
+# ---- command-line flags the pages show ----------------------------------------------------------
+
+# `python -m benchmarks.e2e_ppo --shape ...`, `python benchmarks/peers/x.py --enable-gc`,
+# `rlhf plan --card 12`, `torchrun ... -m rlhf grpo --resume`, and in the prose a benchmark
+# script by its name (`e2e_ppo --profile-stages`, `bench_logprobs.py --sweep`)
+_COMMAND = re.compile(r"(?:python3? -m (?P<module>benchmarks(?:\.\w+)?|rlhf)\b"
+                      r"|(?P<script>(?:benchmarks/)?[\w/]+\.py)"
+                      r"|(?<![\w/.=-])(?P<name>(?:bench_|e2e_|trl_|host_|static_|compile_)\w+)"
+                      r"|(?<![\w/.=-])rlhf(?= \w))")
+
+
+def _shown_commands(page: Path) -> list[str]:
+    """Every command line of the page's ```bash blocks and of its inline code spans (outside
+    the fenced blocks, whose backticks would pair the spans wrongly)."""
+    text = page.read_text()
+    lines = [line for block in _blocks(page, "bash")
+             for line in block.replace("\\\n", " ").splitlines()]
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    lines += [" ".join(span.split()) for span in re.findall(r"`([^`]+)`", prose)]
+    return [part for line in lines for part in re.split(r"&&|;|\|\|", line.split(" #")[0])]
+
+
+def _flag_sources(page: Path, match: re.Match, rest: str) -> Path:
+    """The file whose argparse takes the command's flags."""
+    if match.group("script"):
+        script = match.group("script")
+        for base in (ROOT, page.parent, ROOT / "benchmarks"):
+            if (base / script).exists():
+                return base / script
+        return ROOT / script
+    if match.group("name"):
+        return ROOT / "benchmarks" / f"{match.group('name')}.py"
+    module = match.group("module") or "rlhf"
+    if module == "rlhf":
+        return ROOT / "rlhf" / ("plan.py" if rest.split()[:1] == ["plan"] else "cli.py")
+    if module == "benchmarks":
+        return ROOT / "benchmarks" / "__main__.py"
+    return ROOT / (module.replace(".", "/") + ".py")
+
+
+def _flags_shown() -> list[tuple[str, str, str]]:
+    """(page, file whose parser should take it, --flag) for every flag of a command shown; a
+    value after '=' (`--peer-arg=--enable-gc`, the peer's own flag) is not the command's."""
+    found = set()
+    for page in ALL_PAGES:
+        for part in _shown_commands(page):
+            match = _COMMAND.search(part)
+            if not match or "--" not in part[match.end():]:
+                continue
+            if re.search(r"--[\w-]+[ =]$", part[:match.start()]):
+                continue  # a fragment: the script is an option's value (`--peer-script x.py`)
+            rest = part[match.end():]
+            source = _flag_sources(page, match, rest)
+            for flag in re.findall(r"(?<![\w=-])(--[a-z][\w-]*)", rest):
+                found.add((_page_id(page), str(source.relative_to(ROOT)), flag))
+    return sorted(found)
+
+
+def test_the_pages_show_flags():
+    sources = {source for _, source, _ in _flags_shown()}
+    assert {"rlhf/cli.py", "rlhf/plan.py", "benchmarks/e2e_ppo.py",
+            "benchmarks/__main__.py"} <= sources, sources
+
+
+def test_every_flag_shown_exists():
+    """Each `--flag` of a `python -m benchmarks...`, `rlhf ...` or `python benchmarks/...py`
+    command shown in README.md, docs/*.md and benchmarks/README.md is one that command's
+    argparse defines (its source has `"--flag"`): a renamed or dropped option fails here, not in
+    a reader's shell. `--help` is argparse's own."""
+    missing = []
+    for page, source, flag in _flags_shown():
+        path = ROOT / source
+        if flag == "--help":
+            continue
+        if not path.exists():
+            missing.append(f"{page}: {flag} of {source}, which does not exist")
+        elif f'"{flag}"' not in path.read_text():
+            missing.append(f"{page}: {flag} (not an option of {source})")
+    assert not missing, "flags the pages show that the commands do not take:\n" + "\n".join(missing)
