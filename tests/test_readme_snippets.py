@@ -88,3 +88,111 @@ def test_the_trained_policy_merges_into_a_plain_transformers_model(tmp_path, mon
     got = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     assert (want - reference).abs().max() > 1e-2  # the adapter changes the model
     assert (got - want).abs().max() < 2e-5, (got - want).abs().max()
+
+
+def _algorithm_rows() -> dict[str, list[str]]:
+    """The README's `algorithm=` table: name -> its cells."""
+    text = README.read_text()
+    table = text[text.index("| `algorithm=` |"):].split("\n\n")[0].splitlines()[2:]
+    rows = {}
+    for line in table:
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        rows[re.match(r"`(\w+)`", cells[0]).group(1)] = cells
+    return rows
+
+
+def test_the_algorithm_table_says_what_the_presets_set():
+    """Each row of "RL algorithms" against rlhf.rl.PRESETS: the advantage estimator, the ratio
+    level, the loss, the reduction, both clip bounds and where the KL goes (clip_ratio_high None
+    is the low bound again); and every preset has its row."""
+    from rlhf.rl import PRESETS
+
+    rows = _algorithm_rows()
+    assert set(rows) == set(PRESETS), (sorted(rows), sorted(PRESETS))
+    losses = {"ppo": "clipped PPO", "cispo": "CISPO", "sapo": "SAPO"}
+    reductions = {("token-mean", "batch"): "token-mean",
+                  ("seq-mean-token-mean", "batch"): "seq-mean-token-mean",
+                  ("seq-mean-token-sum-norm", "max_length"): "sum / (rows × `max_new_tokens`)",
+                  ("token-mean", "step_tokens"): "tokens of the optimizer step"}
+    wrong = []
+    for name, preset in PRESETS.items():
+        _, advantage, ratio, loss, reduction, clip, kl = rows[name]
+        estimator = re.match(r"`(\w+)`", advantage).group(1)
+        high = preset["clip_ratio_high"] or preset["clip_ratio"]
+        checks = {
+            "advantage_estimator": estimator == preset["advantage_estimator"],
+            "ratio_level": ratio.startswith(preset["ratio_level"]),
+            "loss_type": loss.startswith(losses[preset["loss_type"]]),
+            "loss_reduction": reduction == reductions[preset["loss_reduction"],
+                                                      preset["loss_normalizer"]],
+            "clip": preset["loss_type"] == "sapo" or clip == f"{preset['clip_ratio']}, {high}",
+            "kl": kl == (f"{preset['kl_estimator']} in the "
+                         f"{'loss' if preset['kl_in_loss'] else 'reward'}"),
+        }
+        wrong += [f"{name}: {what}" for what, ok in checks.items() if not ok]
+    assert not wrong, f"the README's algorithm table differs from rlhf.rl.PRESETS: {wrong}"
+
+
+def _defaults() -> dict[str, object]:
+    """The stages' defaults the README states, as the code has them."""
+    import dataclasses
+
+    from rlhf import pipeline, sft, task
+    from rlhf.reward import RewardConfig
+    from rlhf.rl import PRESETS, RLConfig
+
+    s, r, rl, p = sft.SFTConfig(), RewardConfig(), RLConfig(), pipeline.PipelineConfig()
+    return {
+        "`epochs=1`": s.epochs, "`max_length=1024`": (s.max_length, r.max_length),
+        "8 examples x 4 accumulation": (s.batch_size, s.grad_accum_steps, r.batch_size,
+                                        r.grad_accum_steps),
+        "full weights at lr 2e-5, or LoRA (`lora_rank=16`) at lr 2e-4": (
+            s.lora_rank, s.resolved(1).lr, dataclasses.replace(s, lora_rank=16).resolved(1).lr),
+        "one epoch at lr 1e-4": (r.epochs, r.lr),
+        "`max_prompt_length=512`": rl.max_prompt_length, "128 new tokens": rl.max_new_tokens,
+        "LoRA policy at lr 2e-5": rl.lr,
+        "SFT at lr 3e-3, 64 tokens, 400 steps": (task.SFT_SETTINGS["lr"],
+                                                 task.SFT_SETTINGS["max_length"],
+                                                 task.SFT_SETTINGS["max_steps"]),
+        "`keep_last=2`": {s.keep_last, r.keep_last, rl.keep_last},
+        "`cpu_threads=1`": {s.cpu_threads, r.cpu_threads, rl.cpu_threads, p.cpu_threads},
+        "`heldout_pair_fraction=0.2`": p.heldout_pair_fraction,
+        "`dynamic_sampling_rounds=4`": rl.dynamic_sampling_rounds,
+        "`overlong_penalty` (1.0)": rl.overlong_penalty,
+        "`sapo_tau_pos` (1.0)": rl.sapo_tau_pos, "`sapo_tau_neg` (1.05)": rl.sapo_tau_neg,
+        "The critic-free presets use `group_size=8`": {
+            preset["group_size"] for name, preset in PRESETS.items() if name != "ppo"},
+        "`kl_coef=0.3` instead of PPO's 0.1": (pipeline.CRITIC_FREE_TASK_SETTINGS["kl_coef"],
+                                               rl.kl_coef),
+        "`advantage_norm=auto|group|batch|none`": rl.advantage_norm,
+        "`packing=auto`": {s.packing, r.packing, rl.packing},
+    }
+
+
+# what the README says each default is (the phrase quoted from it, then the value(s) it states)
+_STATED = {
+    "`epochs=1`": 1, "`max_length=1024`": (1024, 1024), "8 examples x 4 accumulation": (8, 4, 8, 4),
+    "full weights at lr 2e-5, or LoRA (`lora_rank=16`) at lr 2e-4": (0, 2e-5, 2e-4),
+    "one epoch at lr 1e-4": (1, 1e-4), "`max_prompt_length=512`": 512, "128 new tokens": 128,
+    "LoRA policy at lr 2e-5": 2e-5, "SFT at lr 3e-3, 64 tokens, 400 steps": (3e-3, 64, 400),
+    "`keep_last=2`": {2}, "`cpu_threads=1`": {1}, "`heldout_pair_fraction=0.2`": 0.2,
+    "`dynamic_sampling_rounds=4`": 4, "`overlong_penalty` (1.0)": 1.0,
+    "`sapo_tau_pos` (1.0)": 1.0, "`sapo_tau_neg` (1.05)": 1.05,
+    "The critic-free presets use `group_size=8`": {8},
+    "`kl_coef=0.3` instead of PPO's 0.1": (0.3, 0.1),
+    "`advantage_norm=auto|group|batch|none`": "auto",  # "`auto` (the default ...)"
+    "`packing=auto`": {"auto"},
+}
+
+
+def test_the_defaults_the_readme_states_are_the_codes():
+    """"Defaults.", "RL algorithms" and "Packed sequences": each default the README states (its
+    words are quoted in _STATED) is the stages' dataclass default or the task's preset."""
+    text = " ".join(README.read_text().split())
+    actual = _defaults()
+    assert set(actual) == set(_STATED)
+    gone = [phrase for phrase in _STATED if phrase not in text]
+    assert not gone, f"the README no longer says (update this test): {gone}"
+    wrong = {phrase: (stated, actual[phrase]) for phrase, stated in _STATED.items()
+             if actual[phrase] != stated}
+    assert not wrong, f"README default -> (stated, code): {wrong}"
