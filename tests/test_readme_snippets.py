@@ -196,3 +196,21 @@ def test_the_defaults_the_readme_states_are_the_codes():
     wrong = {phrase: (stated, actual[phrase]) for phrase, stated in _STATED.items()
              if actual[phrase] != stated}
     assert not wrong, f"README default -> (stated, code): {wrong}"
+
+
+def test_the_frontier_table_is_docs_figures_frontier_json():
+    """"The over-optimisation frontier": every row of the README's table is a point of
+    docs/figures/frontier.json to the digits shown, and every point has its row."""
+    import json
+
+    data = json.loads((README.parent / "docs" / "figures" / "frontier.json").read_text())
+    text = README.read_text()
+    table = text[text.index("| algorithm | kl_coef |"):].split("\n\n")[0].splitlines()[2:]
+    shown = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in table]
+    want = [[p["algorithm"], f"{p['kl_coef']:g}", f"{p['kl_mean']:.2f} ± {p['kl_stderr']:.2f}",
+             f"{p['gold_mean']:+.3f} ± {p['gold_stderr']:.3f}", f"{p['gold_gain_in_stderr']:+.1f}",
+             f"{p['proxy_mean']:+.2f}", f"{p['rl_seconds']:.0f}", f"{p['peak_memory_mb']:.0f}"]
+            for p in data["points"]]
+    assert shown == want
+    sft = f"SFT model: gold {data['sft_gold_mean']:+.3f} ± {data['sft_gold_stderr']:.3f}"
+    assert sft in text
