@@ -214,3 +214,29 @@ def test_the_frontier_table_is_docs_figures_frontier_json():
     assert shown == want
     sft = f"SFT model: gold {data['sft_gold_mean']:+.3f} ± {data['sft_gold_stderr']:.3f}"
     assert sft in text
+
+
+def test_the_ops_table_names_every_public_op_and_real_arguments():
+    """"The ops": a row per public op of rlhf_kernels (its signature as the first cell), every
+    argument a row names is a parameter of that op, and "Reductions" lists every reduction the
+    ops take."""
+    import inspect
+
+    import rlhf_kernels
+    from rlhf_kernels._checks import REDUCTIONS
+
+    text = README.read_text()
+    section = text[text.index("## The ops"):text.index("**Drop-in for TRL")]
+    named, wrong = set(), []
+    for line in section.splitlines():
+        for op, args in re.findall(r"`(\w+)\(([^`]*)\)`", line.split(" | ")[0]):
+            named.add(op)
+            parameters = inspect.signature(getattr(rlhf_kernels, op)).parameters
+            for arg in re.findall(r"\w+", args):
+                if arg not in parameters:
+                    wrong.append(f"{op}({arg})")
+    ops = {name for name in rlhf_kernels.__all__ if name != "resolve_backend"}
+    assert named == ops, (sorted(ops - named), sorted(named - ops))
+    assert not wrong, f"arguments the ops do not take: {wrong}"
+    listed = re.search(r"Reductions \(veRL names\): (.*?)\.", " ".join(section.split())).group(1)
+    assert set(re.findall(r"`([\w-]+)`", listed)) == set(REDUCTIONS)
