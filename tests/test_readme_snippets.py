@@ -240,3 +240,44 @@ def test_the_ops_table_names_every_public_op_and_real_arguments():
     assert not wrong, f"arguments the ops do not take: {wrong}"
     listed = re.search(r"Reductions \(veRL names\): (.*?)\.", " ".join(section.split())).group(1)
     assert set(re.findall(r"`([\w-]+)`", listed)) == set(REDUCTIONS)
+
+
+def test_the_config_files_hold_the_defaults():
+    """"configs/ has one per stage ... at their defaults": every setting of configs/<stage>.yaml
+    exists in that stage's config and has its default value (a changed default leaves no stale
+    file behind), and each file loads through the CLI's own reader."""
+    import dataclasses
+
+    import yaml
+
+    from rlhf.config import load_config
+    from rlhf.pipeline import PipelineConfig
+    from rlhf.reward import RewardConfig
+    from rlhf.rl import GRPOConfig, PPOConfig
+    from rlhf.sft import SFTConfig
+
+    def flat(tree, prefix=""):
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, dict) or dataclasses.is_dataclass(value):
+                items = value if isinstance(value, dict) else {
+                    f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+                out.update(flat(items, f"{prefix}{key}."))
+            else:
+                out[prefix + key] = value
+        return out
+
+    configs = README.parent / "configs"
+    stages = {"sft": SFTConfig, "rm": RewardConfig, "ppo": PPOConfig, "grpo": GRPOConfig,
+              "pipeline": PipelineConfig}
+    assert {path.stem for path in configs.glob("*.yaml")} == set(stages)
+    wrong = []
+    for stage, cls in stages.items():
+        path = configs / f"{stage}.yaml"
+        defaults = flat({f.name: getattr(cls(), f.name) for f in dataclasses.fields(cls)})
+        for key, value in flat(yaml.safe_load(path.read_text())).items():
+            if defaults.get(key, "no such setting") != value:
+                wrong.append(f"{path.name}: {key}: {value!r} (default "
+                             f"{defaults.get(key, 'no such setting')!r})")
+        load_config(cls, path)
+    assert not wrong, wrong
