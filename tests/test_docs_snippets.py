@@ -390,3 +390,21 @@ def test_every_flag_shown_exists():
         elif f'"{flag}"' not in path.read_text():
             missing.append(f"{page}: {flag} (not an option of {source})")
     assert not missing, "flags the pages show that the commands do not take:\n" + "\n".join(missing)
+
+
+def test_environment_variables_named_exist():
+    """`RLHF_KERNELS_BACKEND`, `PROOF_PARTS`, `GPU_CHECK_DRY_RUN`: every variable of ours a page
+    names is read by the code or the scripts (a renamed variable would leave a dead
+    instruction)."""
+    sources = "\n".join(path.read_text(errors="replace")
+                        for folder in ("rlhf", "rlhf_kernels", "benchmarks", "scripts", "csrc",
+                                       "tests", ".ci")
+                        for path in (ROOT / folder).rglob("*")
+                        if path.suffix in (".py", ".sh", ".cpp", ".h", "") and path.is_file()
+                        and "__pycache__" not in path.parts and path != Path(__file__))
+    missing = set()
+    for page in ALL_PAGES:
+        for name in re.findall(r"\b((?:RLHF|PROOF|GPU_CHECK|PEER)_[A-Z0-9_]+)", page.read_text()):
+            if name not in sources:
+                missing.add(f"{_page_id(page)}: {name}")
+    assert not missing, f"variables no code reads: {sorted(missing)}"
