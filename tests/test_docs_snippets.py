@@ -408,3 +408,24 @@ def test_environment_variables_named_exist():
             if name not in sources:
                 missing.add(f"{_page_id(page)}: {name}")
     assert not missing, f"variables no code reads: {sorted(missing)}"
+
+
+def test_commits_cited_exist():
+    """`7adc4fa`, "commit 8090662": a commit a page cites to date a figure is one of this
+    repository's (skipped in a copy without git history, such as the GPU machine's)."""
+    import subprocess
+
+    if not (ROOT / ".git").exists():
+        pytest.skip("no git history here")
+    cited = set()
+    for page in ALL_PAGES:
+        text = page.read_text()
+        cited |= set(re.findall(r"`([0-9a-f]{7,40})`", text))
+        cited |= set(re.findall(r"\b(?:commit|commits|at|since|before) ([0-9a-f]{7,40})\b", text))
+    cited = {sha for sha in cited if re.search(r"[a-f]", sha) and re.search(r"\d", sha)}
+    assert len(cited) > 20, cited
+    out = subprocess.run(["git", "cat-file", "--batch-check"], cwd=ROOT, capture_output=True,
+                         text=True, input="".join(f"{sha}^{{commit}}\n" for sha in sorted(cited)),
+                         check=True).stdout
+    missing = [line.split()[0] for line in out.splitlines() if line.endswith("missing")]
+    assert not missing, f"commits the pages cite that this repository does not have: {missing}"
