@@ -429,3 +429,17 @@ def test_commits_cited_exist():
                          check=True).stdout
     missing = [line.split()[0] for line in out.splitlines() if line.endswith("missing")]
     assert not missing, f"commits the pages cite that this repository does not have: {missing}"
+
+
+def test_every_module_run_with_python_m_exists():
+    """`python -m benchmarks.e2e_ppo`, `python -m rlhf.models`: each module of this repository a
+    page runs exists and can be run (a package with __main__.py, or a module file)."""
+    missing = set()
+    for page in ALL_PAGES:
+        for part in _shown_commands(page):
+            for module in re.findall(r"python3? -m ((?:rlhf|rlhf_kernels|benchmarks)[\w.]*)",
+                                     part):
+                path = ROOT / module.replace(".", "/")
+                if not ((path / "__main__.py").exists() or path.with_suffix(".py").exists()):
+                    missing.add(f"{_page_id(page)}: python -m {module}")
+    assert not missing, sorted(missing)
