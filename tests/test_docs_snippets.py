@@ -443,3 +443,20 @@ def test_every_module_run_with_python_m_exists():
                 if not ((path / "__main__.py").exists() or path.with_suffix(".py").exists()):
                     missing.add(f"{_page_id(page)}: python -m {module}")
     assert not missing, sorted(missing)
+
+
+def test_design_sections_cited_exist():
+    """"docs/design.md §4", "§1.4": docs/design.md promises stable section numbers; every "§N"
+    the pages, the code or the scripts cite is one of its numbered headings."""
+    design = (ROOT / "docs" / "design.md").read_text()
+    sections = set(re.findall(r"^#{2,3} (\d+(?:\.\d+)?)\.? ", design, re.M))
+    assert {"1", "1.4", "4", "5"} <= sections, sections
+    files = [*ALL_PAGES, *(path for folder in ("rlhf", "rlhf_kernels", "benchmarks", "scripts",
+                                               "csrc", "tests")
+                           for path in (ROOT / folder).rglob("*")
+                           if path.suffix in (".py", ".sh", ".cpp", ".h", ".md")
+                           and "__pycache__" not in path.parts)]
+    wrong = {f"{path.relative_to(ROOT)}: §{number}" for path in files
+             for number in re.findall(r"§(\d+(?:\.\d+)?)", path.read_text(errors="replace"))
+             if number not in sections}
+    assert not wrong, f"sections docs/design.md does not have: {sorted(wrong)}"
