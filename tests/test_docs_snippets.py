@@ -460,3 +460,75 @@ def test_design_sections_cited_exist():
              for number in re.findall(r"§(\d+(?:\.\d+)?)", path.read_text(errors="replace"))
              if number not in sections}
     assert not wrong, f"sections docs/design.md does not have: {sorted(wrong)}"
+
+
+# ---- figures benchmarks/README.md quotes from its result files ----------------------------------
+
+_BENCH_README = ROOT / "benchmarks" / "README.md"
+_RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _table_after(text: str, header: str) -> list[list[str]]:
+    """The rows (cells) of the Markdown table whose header line starts with ``header``."""
+    lines = text[text.index(header):].split("\n\n")[0].splitlines()[2:]
+    return [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines]
+
+
+def _rows(name: str) -> list[dict]:
+    import json
+
+    return json.loads((_RESULTS / name).read_text())["rows"]
+
+
+def test_host_overhead_table_is_its_result_file():
+    """"Now (results/host_overhead-cpu-2026-11-30.json, the output of --markdown)": the table is
+    that file, to the digits shown."""
+    text = _BENCH_README.read_text()
+    section = text[text.index("**Now** (`results/host_overhead-cpu-2026-11-30.json`"):]
+    shown = _table_after(section, "| op | ours fwd |")
+
+    def us(value):
+        return "–" if value is None else f"{value:.0f}"
+
+    def ratio(value):
+        return "–" if value is None else f"{value:.2f}×"
+
+    want = [[r["op"], us(r["ours_fwd_us"]), us(r.get("ours_fwd_bwd_us")), us(r["eager_fwd_us"]),
+             us(r.get("eager_fwd_bwd_us")), ratio(r["ratio_fwd"]), ratio(r.get("ratio_fwd_bwd"))]
+            for r in sorted(_rows("host_overhead-cpu-2026-11-30.json"), key=lambda r: r["op"])]
+    assert shown == want
+
+
+def test_packing_table_is_its_result_file():
+    """"Packed sequences (CPU)": token slots, fastest ms, real tokens/s, the same-round speed-up
+    and the peak RSS of each row are packing-cpu-2026-11-30.json's."""
+    shown = _table_after(_BENCH_README.read_text(), "| phase | implementation |")
+    impls = {"padded": "padded", "ours packed (bins)": "packed, bins (SDPA, block-diagonal mask)",
+             "ours packed (flat, per-sequence SDPA)": "packed, flat (per-sequence SDPA)"}
+    want = [[r["case"].split()[0], impls[r["impl"]], str(r["tokens_processed"]), f"{r['ms']:.0f}",
+             f"{r['tokens_per_s']:.0f}", f"{r['speedup_vs_padded']:.2f}×",
+             f"{r['peak_rss_mib']:.0f}"] for r in _rows("packing-cpu-2026-11-30.json")]
+    assert shown == want
+
+
+def test_native_cpu_tables_are_their_result_file():
+    """"Native CPU kernels": the logprobs rows (eager, torch.compile and ours ms, ours against
+    eager, peaks) and the linear_logprobs table are bench_cpu_native-cpu-2026-11-30.json's."""
+    rows = {(r["case"], r["impl"]): r for r in _rows("bench_cpu_native-cpu-2026-11-30.json")}
+    text = _BENCH_README.read_text()
+    for cells in _table_after(text, "| case | eager ms | torch.compile ms |"):
+        match = re.match(r"logprobs fwd\+bwd (fp32|bf16) (\d+×\d+)", cells[0])
+        if not match:
+            continue
+        case = f"{'float32' if match[1] == 'fp32' else 'bfloat16'} {match[2].replace('×', 'x')}"
+        eager, compiled, ours = (rows[case, impl] for impl in
+                                 ("eager", "torch.compile", "ours (native)"))
+        assert cells[1:4] == [f"{eager['ms']:.0f}", f"{compiled['ms']:.0f}", f"{ours['ms']:.0f}"]
+        assert cells[4] == " / ".join(f"{ours[k]:.2f}×" for k in
+                                      ("speedup_vs_eager", "speedup_min", "speedup_cpu"))
+        assert cells[5] == " / ".join(f"{r['peak_extra_mib']:.0f}" for r in (eager, compiled, ours))
+    for cells in _table_after(text, "| tokens | eager ms | ours ms |"):
+        case = f"fp32 N={cells[0]} H=896 V=32000"
+        eager, ours = rows[case, "eager"], rows[case, "ours (native)"]
+        assert cells[1:] == [f"{eager['ms']:.0f}", f"{ours['ms']:.0f}",
+                             f"{eager['peak_extra_mib']:.0f}", f"{ours['peak_extra_mib']:.0f}"]
