@@ -281,3 +281,78 @@ def test_the_config_files_hold_the_defaults():
                              f"{defaults.get(key, 'no such setting')!r})")
         load_config(cls, path)
     assert not wrong, wrong
+
+
+def _h200(name: str) -> list[dict]:
+    import json
+
+    path = README.parent / "benchmarks" / "results" / f"{name}-NVIDIA_H200-2026-11-30.json"
+    return json.loads(path.read_text())["rows"]
+
+
+def _one(rows: list[dict], case: str, impl: str, op: str | None = None) -> dict:
+    found = [row for row in rows if row["case"] == case and row["impl"] == impl
+             and op in (None, row["op"])]
+    assert len(found) == 1, (case, impl, len(found))
+    return found[0]
+
+
+def test_the_gpu_figures_in_the_benchmarks_prose_are_the_result_files():
+    """README "Benchmarks", "What they show": each GPU figure of the prose, formatted as the prose
+    shows it, from the H200 result files (the block below it is rendered from the same files and
+    checked elsewhere; this holds the hand-written sentences to them)."""
+    text = " ".join(README.read_text().split())
+    tests = _h200("cuda_tests")
+    logprobs, linear = _h200("logprobs"), _h200("linear_logprobs_large")
+    big = "8x1024x151936 bfloat16"
+    fwd2 = _one(logprobs, f"{big} fwd", "ours pipelined stages=2")
+    bwd2 = _one(logprobs, f"{big} fwd+bwd", "ours pipelined stages=2")
+    fwd1, bwd1 = _one(logprobs, f"{big} fwd", "ours"), _one(logprobs, f"{big} fwd+bwd", "ours")
+    compiled = [_one(logprobs, f"{big} {p}", "torch.compile")["ms"] for p in ("fwd", "fwd+bwd")]
+    lin = "V=151936 H=4096 N=16384 bfloat16"
+    ppo_fused = _one(linear, f"{lin} fwd+bwd", "linear_ppo_loss")
+    ppo_unfused = _one(linear, f"{lin} fwd+bwd", "ppo-unfused")
+    lin_fwd = _one(linear, f"{lin} fwd", "linear_logprobs")
+    trl_fwd = _one(linear, f"{lin} fwd", "trl-chunked")
+    lin_bwd = _one(linear, f"{lin} fwd+bwd", "linear_logprobs")
+    grpo = _h200("grpo_loss")
+    grpo_case = "B=16 T=512 H=896 V=151936 bfloat16 fwd+bwd"
+    grpo_ours, grpo_eager = _one(grpo, grpo_case, "ours"), _one(grpo, grpo_case, "eager")
+    loss = _one(_h200("ppo_loss"), "64x1024 fp32 fwd+bwd", "ours", op="ppo_policy_loss")
+    gae = _one(_h200("gae"), "512x2048 fp32", "ours", op="gae")
+    ours15, peer15 = _h200("e2e_ppo_qwen2.5-1.5b")
+    (ours8,) = _h200("e2e_ppo_llama-3-8b")
+    (ours05,) = _h200("e2e_ppo_qwen2.5-0.5b")
+    busy = ours05["device_busy"]
+    decode_floor_ms = 1e3 * ours05["floor"]["generation_s"] / ours05["config"]["response_length"]
+    gib = 2 ** 30 / 2 ** 20  # MiB per GiB
+    phrases = [
+        f"All {sum(row['passed'] for row in tests)} CUDA tests pass",
+        f"{fwd2['ms']:.2f} ms forward ({fwd2['pct_of_floor']:.0f}% of the bandwidth floor)",
+        f"{bwd2['ms']:.2f} ms forward+backward ({bwd2['pct_of_floor']:.0f}%)",
+        f"({fwd1['ms']:.3f} and {bwd1['ms']:.2f} ms without)",
+        f"{compiled[0] / fwd2['ms']:.1f}× and {compiled[1] / bwd2['ms']:.1f}× faster than",
+        f"forward+backward is {ppo_fused['vs_unfused']:.2f}× the unfused eager loss with "
+        f"{ppo_fused['peak_extra_mib'] / gib:.1f} instead of "
+        f"{ppo_unfused['peak_extra_mib'] / gib:.1f} GiB of extra memory",
+        f"forward is {lin_fwd['vs_unfused']:.2f}× unfused and {trl_fwd['ms'] / lin_fwd['ms']:.2f}× "
+        "faster than TRL's own fused lm head",
+        f"forward+backward is {lin_bwd['vs_unfused']:.2f}× unfused",
+        f"is {grpo_ours['ms']:.0f} ms, {grpo_eager['ms'] / grpo_ours['ms']:.1f}× faster than eager",
+        f"takes {loss['ms']:.2f} ms forward+backward",
+        f"GAE at 512×2048 takes {gae['ms']:.3f} ms",
+        f"{ours15['s_per_batch']:.2f} s ({ours15['response_tok_per_s']:.0f} response tokens/s) and "
+        f"{ours15['peak_gib']:.2f} GiB peak",
+        f"in the same call: {peer15['s_per_batch']:.1f} s and {peer15['peak_gib']:.1f} GiB, so "
+        f"ours is {peer15['speed_ratio']:.1f}× faster with {peer15['memory_ratio']:.0f}× less "
+        "memory",
+        f"fits a 24 GiB cap at {ours8['peak_gib']:.1f} GiB",
+        f"GPU {100 * busy['decode_busy_fraction']:.0f}% busy: a step takes "
+        f"{busy['decode_step_gpu_ms']:.1f} ms of GPU time against a {decode_floor_ms:.2f} ms",
+        f"keep it only {100 * busy['busy_fraction']['scoring']:.0f}% and "
+        f"{100 * busy['busy_fraction']['update']:.0f}% busy",
+    ]
+    assert all(row["failed"] == 0 and row["errors"] == 0 for row in tests)
+    assert peer15["peer"]["gc_active"] == {"policy": False, "value": False}  # the caveat stated
+    missing = [phrase for phrase in phrases if phrase not in text]
+    assert not missing, f"the README's GPU prose differs from the result files: {missing}"
