@@ -356,3 +356,35 @@ def test_the_gpu_figures_in_the_benchmarks_prose_are_the_result_files():
     assert peer15["peer"]["gc_active"] == {"policy": False, "value": False}  # the caveat stated
     missing = [phrase for phrase in phrases if phrase not in text]
     assert not missing, f"the README's GPU prose differs from the result files: {missing}"
+
+
+def test_memory_md_measured_table_is_the_h200_file_against_todays_plan():
+    """docs/memory.md "Measured": the measured column is the H200 Qwen2.5-1.5B row's stage peaks,
+    the planned column what rlhf.plan computes today for that run (so a planner change that
+    leaves the page's plan stale fails here), and their ratio."""
+    from rlhf.plan import plan
+
+    page = README.parent / "docs" / "memory.md"
+    text = page.read_text()
+    table = text[text.index("| stage | measured GiB |"):].split("\n\n")[0].splitlines()[2:]
+    (ours, _) = _h200("e2e_ppo_qwen2.5-1.5b")
+    config = ours["config"]
+    planned = plan(config["shape"], batch=config["batch"], prompt_length=config["prompt_length"],
+                   response_length=config["response_length"], lora_rank=config["lora_rank"])
+    for line in table:
+        stage, measured, planned_gib, ratio = (c.strip() for c in line.strip("| ").split("|"))
+        want_plan = planned["stages"][stage]["total"] / 2 ** 30
+        got = ours["stage_peak_gib"][stage]
+        assert (measured, planned_gib, ratio) == (
+            f"{got:.2f}", f"{want_plan:.2f}", f"{got / want_plan:.2f}"), stage
+
+
+def test_quantization_md_opening_plans_are_todays():
+    """docs/quantization.md opens with the Llama-3-8B run planned nf4 against bf16 (batch 16,
+    minibatch and scoring chunk 4): both figures are what rlhf.plan computes today."""
+    from rlhf.plan import plan
+
+    text = " ".join((README.parent / "docs" / "quantization.md").read_text().split())
+    peaks = [plan("llama-3-8b", batch=16, minibatch=4, forward_chunk=4,
+                  quantization=q)["peak_bytes"] / 2 ** 30 for q in ("nf4", "none")]
+    assert f"plans at {peaks[0]:.1f} GiB instead of {peaks[1]:.1f} GiB" in text, peaks
