@@ -388,3 +388,20 @@ def test_quantization_md_opening_plans_are_todays():
     peaks = [plan("llama-3-8b", batch=16, minibatch=4, forward_chunk=4,
                   quantization=q)["peak_bytes"] / 2 ** 30 for q in ("nf4", "none")]
     assert f"plans at {peaks[0]:.1f} GiB instead of {peaks[1]:.1f} GiB" in text, peaks
+
+
+def test_the_planner_figures_in_the_prose_are_todays():
+    """The Qwen2.5-1.5B plans the README and docs/memory.md quote (batch 16: PPO, critic-free,
+    without autocast) are what rlhf.plan computes today."""
+    from rlhf.plan import plan
+
+    def gib(**kwargs):
+        return f"{plan('qwen2.5-1.5b', batch=16, **kwargs)['peak_bytes'] / 2 ** 30:.2f}"
+
+    ppo, grpo, fp32 = gib(), gib(critic=False), gib(autocast=False)
+    readme = " ".join(README.read_text().split())
+    memory = " ".join((README.parent / "docs" / "memory.md").read_text().split())
+    for phrase in (f"{grpo} instead of {ppo} GiB", f"plans {ppo} GiB for PPO and "
+                   f"`--critic-free` {grpo} GiB", f"{grpo} vs {ppo} GiB"):
+        assert phrase in readme, phrase
+    assert f"plans {fp32} GiB" in memory
