@@ -532,3 +532,24 @@ def test_native_cpu_tables_are_their_result_file():
         eager, ours = rows[case, "eager"], rows[case, "ours (native)"]
         assert cells[1:] == [f"{eager['ms']:.0f}", f"{ours['ms']:.0f}",
                              f"{eager['peak_extra_mib']:.0f}", f"{ours['peak_extra_mib']:.0f}"]
+
+
+def test_cpu_allocator_tables_are_their_result_file():
+    """docs/memory.md ("On the CPU: the allocator") and docs/native_cpu.md ("End to end") show
+    the four runs of e2e_ppo_cpu_allocator-cpu-2026-11-30.json: seconds per iteration, page
+    faults / stage seconds, peak and peak over plan per stage, to the digits shown."""
+    rows = _rows("e2e_ppo_cpu_allocator-cpu-2026-11-30.json")
+    stages = ("rollout", "scoring", "update")
+
+    def ratios(row, sep):
+        return sep.join(f"{row['measured_over_predicted'][s]:.2f}" for s in stages)
+
+    memory = _table_after((ROOT / "docs" / "memory.md").read_text(), "| ops, allocator |")
+    assert sorted(cells[1:] for cells in memory) == sorted(
+        [f"{r['s_per_batch']:.1f}", f"{r['process']['minor_page_faults'] / 1e6:.2f} M",
+         f"{r['peak_gib']:.2f}", ratios(r, ", ")] for r in rows)
+    native = _table_after((ROOT / "docs" / "native_cpu.md").read_text(), "| ops | CPU allocator |")
+    assert sorted(cells[2:] for cells in native) == sorted(
+        [f"{r['s_per_batch']:.1f}",
+         " / ".join(f"{r[f'{s}_s']:.1f}" for s in ("generation", "scoring", "update")),
+         f"{r['peak_gib']:.2f}", ratios(r, " / ")] for r in rows)
