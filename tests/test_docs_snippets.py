@@ -553,3 +553,35 @@ def test_cpu_allocator_tables_are_their_result_file():
         [f"{r['s_per_batch']:.1f}",
          " / ".join(f"{r[f'{s}_s']:.1f}" for s in ("generation", "scoring", "update")),
          f"{r['peak_gib']:.2f}", ratios(r, " / ")] for r in rows)
+
+
+def test_trl_side_by_side_figures_are_their_result_files():
+    """docs/integrations.md's GRPOTrainer-step table is trl_grpo_step-cpu-2026-11-30.json (peak
+    RSS and seconds of the step and of the loss, per configuration), and the TRL side by side of
+    README.md and docs/real_model.md is e2e_trl_grpo-cpu-2026-11-30.json (seconds per step, peak
+    RSS, held-out accuracy with its standard error)."""
+    step = {(r["case"].split(":")[0], r["impl"]): r
+            for r in _rows("trl_grpo_step-cpu-2026-11-30.json")}
+    labels = {"TRL 1.16 as installed": "trl", "patched, native": "trl+patch_trl (native)",
+              "patched, PyTorch reference": "trl+patch_trl (reference)",
+              "patched, Triton kernels": "trl+patch_trl (interpreter)"}
+    table = _table_after((ROOT / "docs" / "integrations.md").read_text(), "| | step: peak RSS |")
+    assert len(table) == len(labels)
+    for cells in table:
+        impl = next(impl for label, impl in labels.items() if cells[0].startswith(label))
+        train, loss = step["train step", impl], step["loss fwd+bwd", impl]
+        assert cells[1:] == [f"{train['peak_rss_mib']:.0f} MiB", f"{train['s']:.1f}",
+                             f"{loss['peak_rss_mib']:.0f} MiB", f"{loss['s']:.1f}"], cells[0]
+    ours, trl = (next(r for r in _rows("e2e_trl_grpo-cpu-2026-11-30.json") if r["impl"] == impl)
+                 for impl in ("ours", "trl"))
+    for page in (ROOT / "README.md", ROOT / "docs" / "real_model.md"):
+        rows = {cells[0]: cells[1:] for cells in _table_after(page.read_text(), "| 6 GRPO steps")}
+        seconds = next(v for k, v in rows.items() if k.startswith("seconds per step"))
+        peak = next(v for k, v in rows.items() if k.startswith("peak RSS"))
+        accuracy = next(v for k, v in rows.items() if k.startswith("held-out greedy accuracy"))
+        assert [seconds[0].split()[0].strip("*"), seconds[1].split()[0]] == [
+            f"{ours['s']:.1f}", f"{trl['s']:.1f}"], page.name
+        assert [peak[0].split()[0].strip("*"), peak[1].split()[0]] == [
+            f"{ours['peak_rss_mib'] / 1024:.2f}", f"{trl['peak_rss_mib'] / 1024:.2f}"], page.name
+        assert accuracy == [f"{100 * r['heldout_accuracy']:.0f}% ± "
+                            f"{100 * r['heldout_stderr']:.0f}%" for r in (ours, trl)], page.name
