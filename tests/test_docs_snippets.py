@@ -585,3 +585,36 @@ def test_trl_side_by_side_figures_are_their_result_files():
             f"{ours['peak_rss_mib'] / 1024:.2f}", f"{trl['peak_rss_mib'] / 1024:.2f}"], page.name
         assert accuracy == [f"{100 * r['heldout_accuracy']:.0f}% ± "
                             f"{100 * r['heldout_stderr']:.0f}%" for r in (ours, trl)], page.name
+
+
+def test_real_model_figures_are_docs_figures_json():
+    """The SmolLM2 results README.md and docs/real_model.md quote are the runs' summaries in
+    docs/figures/ (arithmetic_grpo_smollm2.json, reviews_grpo_smollm2.json), as each page
+    writes them."""
+    import json
+
+    figures = ROOT / "docs" / "figures"
+    arithmetic = json.loads((figures / "arithmetic_grpo_smollm2.json").read_text())
+    reviews = json.loads((figures / "reviews_grpo_smollm2.json").read_text())
+    acc, rm = arithmetic["heldout_accuracy"], reviews["reward_model"]
+    gold, kl = reviews["gold_heldout"], reviews["kl_to_reference"]
+
+    def pct(mean, se):
+        return f"{100 * mean:.1f}% ± {100 * se:.1f}%"
+
+    base, after = pct(acc["base_mean"], acc["base_stderr"]), pct(acc["policy_mean"],
+                                                                 acc["policy_stderr"])
+    diff = f"+{100 * acc['difference']:.1f} points"
+    se = f"{acc['difference_in_stderr']:.1f}"
+    gain = f"+{gold['difference']:.3f} = {gold['difference_in_stderr']:.1f} standard errors"
+    common = [base, after, f"{rm['heldout_accuracy']:.3f}", f"{rm['noise_ceiling_heldout']:.3f}",
+              f"+{gold['sft_mean']:.3f} ± {gold['sft_stderr']:.3f}",
+              f"+{gold['ppo_mean']:.3f} ± {gold['ppo_stderr']:.3f}", gain]
+    wanted = {"README.md": [*common, f"{diff} ({se} SE)", f"at a KL of {kl['mean']:.2f} nats"],
+              "real_model.md": [*common, f"{diff} = {se} standard errors",
+                                f"{kl['mean']:.2f} ± {kl['stderr']:.2f} nats per response"]}
+    missing = []
+    for page in (ROOT / "README.md", ROOT / "docs" / "real_model.md"):
+        text = " ".join(page.read_text().split())
+        missing += [f"{page.name}: {p}" for p in wanted[page.name] if p not in text]
+    assert not missing, missing
