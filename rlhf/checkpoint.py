@@ -37,6 +37,10 @@ duration of a run:
   checkpoint of another run, so a resumed run only ever uses the files of the run it resumes.
   run.json also keeps a fingerprint (size, sha256) of each local data file or folder the
   config names (`dataset` settings); `--resume` refuses data whose content changed since.
+  It fingerprints each local model and tokenizer the config names as well (`model`,
+  `tokenizer`; sampled, `MODEL_FULL_HASH_BYTES`; a saved backbone with the base model it
+  names): the stages after SFT checkpoint only adapters and heads and load the base again on
+  resume, so `--resume` refuses a model retrained or replaced at that path since.
   A stage given its rows by the pipeline does not read those files: the pipeline's run.json
   alone fingerprints them (`reads_data=False`), so each is hashed once.
 - a fresh run (no --resume) into a directory that holds a run's files refuses to start (it
@@ -84,6 +88,7 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "normal_file_modes",
     "load_state",
     "open_run",
     "prune_checkpoints",
@@ -166,6 +171,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     temp = _create_temp(path, directory=True)
     try:
         yield temp
+        normal_file_modes(temp)
         _fsync_tree(temp)
         if path.exists():
             # os.replace cannot replace a non-empty directory: move the old one aside first;
@@ -201,6 +207,29 @@ def remove_stale_temps(directory: str | Path) -> list[Path]:
                 removed.append(target)
         dirs[:] = [name for name in dirs if not TEMP_NAME_PATTERN.match(name)]
     return sorted(removed)
+
+
+def _umask() -> int:
+    """This process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def normal_file_modes(directory: str | Path) -> None:
+    """Give every file under ``directory`` the mode open() gives a new file (0666 minus the
+    umask; 0777 minus it where an execute bit is set). safetensors (0.8) writes its files 0600,
+    so each checkpoint's ``params.safetensors``, a saved model's ``model.safetensors`` and a
+    backbone's adapters and heads could not be read by another user (a server reading the
+    model), unlike every other file the run writes. Called on a directory before it is
+    published (``atomic_directory``, ``SharedBackbone.save``)."""
+    mask = _umask()
+    for file in Path(directory).rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            executable = file.stat().st_mode & 0o111
+            wanted = (0o777 if executable else 0o666) & ~mask
+            if file.stat().st_mode & 0o777 != wanted:
+                os.chmod(file, wanted)
 
 
 def _fsync_tree(directory: Path) -> None:
@@ -774,11 +803,96 @@ def data_fingerprints(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return prints
 
 
-def _data_changes(recorded: Mapping[str, Any], config: Mapping[str, Any]) -> list[str]:
+def _is_model_key(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in ("model", "tokenizer")
+
+
+# A model directory is fingerprinted from samples: its files' names and sizes, every file up to
+# MODEL_FULL_HASH_BYTES whole (configs, tokenizers, adapters, small weights), and of a larger
+# one MODEL_SAMPLES blocks of MODEL_SAMPLE_BYTES spread evenly over it (the header included).
+# Weights trained further or otherwise differ almost everywhere, so a sample sees it, while a
+# 15 GB base costs ~4 MiB of reads at each start (reading all of it took minutes on a network
+# disk).
+MODEL_FULL_HASH_BYTES = 16 << 20
+MODEL_SAMPLES, MODEL_SAMPLE_BYTES = 64, 64 << 10
+
+
+def _model_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.name != LOCK_FILE
+                  and not TEMP_NAME_PATTERN.match(p.name))
+
+
+def _sampled_digest(digest, path: Path) -> int:
+    total = 0
+    for file in _model_files(path):
+        size = file.stat().st_size
+        name = file.name if file == path else str(file.relative_to(path))
+        digest.update(f"{name}\0{size}\0".encode())
+        with file.open("rb") as handle:
+            if size <= MODEL_FULL_HASH_BYTES:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            else:
+                for i in range(MODEL_SAMPLES):
+                    handle.seek((size - MODEL_SAMPLE_BYTES) * i // (MODEL_SAMPLES - 1))
+                    digest.update(handle.read(MODEL_SAMPLE_BYTES))
+        total += size
+    return total
+
+
+def _model_fingerprint(path: Path) -> dict[str, Any]:
+    """{"bytes", "sha256"} of a local model or tokenizer directory (or file), sampled (see
+    MODEL_FULL_HASH_BYTES). A saved backbone (rlhf/models.py: roles.json) holds adapters and
+    heads and names its base model, which a resume loads again: a local base counts too
+    ("base": its path), so that an SFT model retrained at that path changes the fingerprint."""
+    digest = hashlib.sha256()
+    total = _sampled_digest(digest, path)
+    prints: dict[str, Any] = {}
+    roles = path / "roles.json"
+    if path.is_dir() and roles.is_file():
+        try:
+            info = json.loads(roles.read_text())
+        except (OSError, ValueError):
+            info = {}
+        base = info.get("base_model") if isinstance(info, dict) else None
+        if isinstance(base, str) and base and not info.get("base_saved"):
+            base_path = Path(base).expanduser()
+            if base_path.is_dir() and base_path.resolve() != path.resolve():
+                digest.update(b"base\0" + base.encode() + b"\0")
+                total += _sampled_digest(digest, base_path)
+                prints["base"] = base
+    return {"bytes": total, "sha256": digest.hexdigest(), **prints}
+
+
+def model_fingerprints(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The fingerprint of every local model or tokenizer the config names (settings ``model``
+    / ``tokenizer``, nested ones too; a hub name or None has none), keyed by the dotted
+    setting. run.json keeps them: the stages after SFT checkpoint only their adapters and
+    heads (and LoRA SFT its adapters), and a resume loads the base again from that path, so a
+    model retrained or replaced there in between would silently carry on another run."""
+    prints: dict[str, dict[str, Any]] = {}
+    done: dict[Path, dict[str, Any]] = {}
+    for key, value in _flatten(config).items():
+        if _is_model_key(key) and isinstance(value, str) and value:
+            path = Path(value).expanduser()
+            if path.is_file() or path.is_dir():
+                resolved = path.resolve()
+                if resolved not in done:
+                    done[resolved] = _model_fingerprint(path)
+                prints[key] = {"path": value, **done[resolved]}
+    return prints
+
+
+def _data_changes(recorded: Mapping[str, Any], config: Mapping[str, Any],
+                  fingerprints=None) -> list[str]:
     """The data a resumed run would read that differs from what the run started with: each
     setting whose file or folder run.json fingerprinted and which now holds other content (a
-    path that is gone is left to the stage, which says so when it reads it)."""
-    now = data_fingerprints(config)
+    path that is gone is left to the stage, which says so when it reads it). ``fingerprints``:
+    how the config's files are fingerprinted now (``data_fingerprints``, or
+    ``model_fingerprints`` for the models run.json recorded)."""
+    now = (fingerprints or data_fingerprints)(config)
     changed = []
     for key, before in recorded.items():
         after = now.get(key)
@@ -821,10 +935,11 @@ def open_run(directory: str | Path, kind: str, config: Mapping[str, Any], *, res
              reads_data: bool = True) -> Iterator[RunDirectory]:
     """Own `directory` for one run (see the module docstring); yields a RunDirectory.
 
-    ``reads_data=False``: the run does not read the data files its config names (the caller
-    gave it the rows, as the pipeline gives its stages), so none is fingerprinted or compared
-    here; whoever read them does that (the pipeline's own run.json), and each file is hashed
-    once per start, not once by the pipeline and again by the stage.
+    ``reads_data=False``: the run does not read the data files (nor the models) its config
+    names (the caller gave it the rows and the model, as the pipeline gives its stages), so
+    none is fingerprinted or compared here; whoever read them does that (the pipeline's own
+    run.json), and each file is hashed once per start, not once by the pipeline and again by
+    the stage.
 
     Under torchrun (rlhf/distributed.py) rank 0 alone takes the lock and checks or writes the
     manifest; the other ranks get its RunDirectory (or its error), and on a normal exit every
@@ -922,6 +1037,16 @@ def _open_run(directory: str | Path, kind: str, config: Mapping[str, Any], *, re
                     f"other data than its first. Put the run's data back, or start a new run "
                     f"with this data: a new output_dir=..., or overwrite=true to replace this "
                     f"run")
+            models_changed = _data_changes(manifest.get("models", {}), config,
+                                           model_fingerprints) if reads_data else []
+            if models_changed:
+                raise RunDirectoryError(
+                    f"--resume of {str(directory)!r}: the model changed since the run started: "
+                    f"{'; '.join(models_changed)}. The run's checkpoints hold what it trained "
+                    f"on top of that model (adapters, heads), and a resume loads the model "
+                    f"again from there: its second part would continue on another model than "
+                    f"its first. Put the run's model back, or start a new run on this model: "
+                    f"a new output_dir=..., or overwrite=true to replace this run")
             manifest.setdefault("resumed", []).append(_now())
             atomic_write_text(directory / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
             run = RunDirectory(directory, kind, manifest["run_id"], resumed=True)
@@ -943,7 +1068,8 @@ def _open_run(directory: str | Path, kind: str, config: Mapping[str, Any], *, re
             manifest = {"format": 1, "kind": kind, "run_id": uuid.uuid4().hex,
                         "created": _now(), "host": socket.gethostname(),
                         "command": " ".join(sys.argv), "config": _json_plain(config),
-                        "data": data_fingerprints(config) if reads_data else {}}
+                        "data": data_fingerprints(config) if reads_data else {},
+                        "models": model_fingerprints(config) if reads_data else {}}
             atomic_write_text(directory / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
             run = RunDirectory(directory, kind, manifest["run_id"], resumed=False)
         yield run

@@ -25,19 +25,22 @@ largest batch that fits a card (rlhf/plan.py; `rlhf plan --help`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from rlhf.errors import describe_os_error
 
-__all__ = ["STAGES", "Stage", "check_output_dir", "main"]
+__all__ = ["STAGES", "Stage", "Terminated", "check_output_dir", "main", "sigterm_as_interrupt"]
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,36 @@ STAGES: dict[str, Stage] = {
                       "over-optimisation frontier on the built-in task: the RL stage of each "
                       "algorithm at several KL strengths, gold and proxy reward against KL"),
 }
-EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 130, 143  # 128 + SIGINT / SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill PID``, ``timeout``, a batch scheduler's preemption, ``docker stop``),
+    raised where the run is, as Ctrl-C raises KeyboardInterrupt: the stages catch
+    KeyboardInterrupt, so they save a checkpoint before the process ends, as they do on Ctrl-C.
+    Without it, Python's default action ended the process at once, and --resume went back to
+    the last periodic checkpoint (up to save_every steps lost: 500 by default in SFT)."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, the first SIGTERM raises ``Terminated`` in the main thread (a second
+    one ends the process at once, Python's default). Not under torchrun: its agent sends SIGTERM
+    to the other ranks when one fails, and those stop as before."""
+    if (threading.current_thread() is not threading.main_thread()
+            or os.environ.get("WORLD_SIZE", "1") != "1"):
+        yield
+        return
+
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated(f"terminated by signal {signum} (SIGTERM)")
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -295,20 +327,23 @@ def _main(argv: list[str]) -> int:
                   f"processes (--nproc N or torchrun); this run is one process, where it changes "
                   f"nothing", file=sys.stderr)
         try:
-            summary = entry_point(cfg)
+            with sigterm_as_interrupt():
+                summary = entry_point(cfg)
         finally:
             # asked before leaving the process group: after it every rank reads as rank 0, and
             # each printed the summary (--nproc N showed it N times)
             main_rank = distributed.is_main()
             distributed.shutdown()
-    except KeyboardInterrupt:
-        # The stages save a checkpoint before re-raising Ctrl-C once their loop runs (and say
-        # so); a Ctrl-C while the model or data loads comes before any checkpoint.
-        print(f"\nrlhf {ns.command}: interrupted. Continue with "
+    except KeyboardInterrupt as interrupt:
+        # The stages save a checkpoint before re-raising Ctrl-C (or SIGTERM, Terminated) once
+        # their loop runs (and say so); one while the model or data loads comes before any
+        # checkpoint.
+        how = "terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted"
+        print(f"\nrlhf {ns.command}: {how}. Continue with "
               f"`rlhf {' '.join([ns.command, *ns.args])} --resume` (it continues from the last "
               f"checkpoint under {output_dir or 'the output directory'}, or starts afresh "
               f"when there is none).", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED
     except (*USER_ERRORS, distributed.RankFailure) as error:
         # Bad input (data without the needed columns, an unknown model path, a diverged run, a
         # full disk, ...) or a torchrun peer that died: one line that says what is wrong and

@@ -127,7 +127,11 @@ class MetricsLogger:
                 atomic_write_text(self.path, text)
         self._file = self.path.open("a" if append else "w")
         writer_class = _summary_writer_class() if tensorboard else None
-        self._tensorboard = (writer_class(log_dir=str(self.path.parent / "tensorboard"))
+        # resumed: TensorBoard hides the events from the first step logged again on, as the
+        # records past resume_step were dropped above (its curves held both otherwise)
+        purge = {"purge_step": int(resume_step) + 1} if append and resume_step is not None \
+            else {}
+        self._tensorboard = (writer_class(log_dir=str(self.path.parent / "tensorboard"), **purge)
                              if writer_class is not None else None)
 
     def log(self, metrics: Mapping[str, Any], step: int | None = None) -> dict[str, Any]:

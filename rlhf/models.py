@@ -1108,6 +1108,9 @@ class SharedBackbone(nn.Module):
                 "quantization": quantization,
             }
             (tmp / _ROLES_FILE).write_text(json.dumps(info, indent=2, default=str))
+            from rlhf.checkpoint import normal_file_modes  # safetensors writes 0600
+
+            normal_file_modes(tmp)
             _replace_directory(tmp, directory)
         except Exception as error:
             failed_write = write_error(error, directory)  # a full disk: OSError naming the dir

@@ -1,0 +1,261 @@
+"""Resume defects found by interrupting runs and comparing them with uninterrupted ones.
+
+- a resume on a base model replaced (retrained) at its path since the run started went on
+  silently: the reward and RL stages (and LoRA SFT) checkpoint only adapters and heads, and
+  load the base again from ``model=``;
+- SIGTERM (``kill PID``, ``timeout``, a scheduler's preemption) ended a run without the
+  checkpoint Ctrl-C writes: the resume went back to the last periodic checkpoint;
+- every safetensors file a run wrote (checkpoint parameters, the saved model, the backbone's
+  heads and adapters) was mode 0600, unreadable by another user, unlike the run's other files;
+- TensorBoard kept the records a resumed run logs again (metrics.jsonl drops them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+
+import pytest
+import torch
+
+from rlhf import checkpoint, cli, metrics, sft, task
+from rlhf.checkpoint import RunDirectoryError, load_state
+from tests._tiny_models import review_tokenizer, tiny_llama
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(autouse=True)
+def _reference_kernels(monkeypatch):
+    # about the loops and run directories; the kernels have their own tests (and the
+    # interpreter would make a loop of kernel calls take minutes)
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return task.make_corpus(48, seed=3)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(corpus):
+    return review_tokenizer(corpus)
+
+
+def _save_model(directory, tokenizer, seed: int):
+    model = tiny_llama(tokenizer, seed)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return model
+
+
+def _sft_config(out, **overrides) -> sft.SFTConfig:
+    settings = dict(output_dir=str(out), max_steps=4, batch_size=8, lr=1e-2, warmup_steps=1,
+                    log_every=1, save_every=0, max_length=48, device="cpu")
+    settings.update(overrides)
+    return sft.SFTConfig(**settings)
+
+
+def _records(path):
+    return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}
+            for line in open(path)]
+
+
+# ------------------------------------------------------------------ a replaced base model
+def test_a_resume_on_a_model_replaced_at_its_path_is_refused(tmp_path, tokenizer):
+    """run.json fingerprints the local model (and tokenizer) a run loads; --resume after a
+    model retrained at that path (another SFT run with overwrite=true) is refused, naming
+    the setting. The same weights copied back (only the file times differ) resume, as do a
+    hub name and a run.json of an older version without fingerprints."""
+    base = tmp_path / "sft-model"
+    _save_model(base, tokenizer, seed=0)
+    config = {"model": str(base), "tokenizer": "org/hub-name", "lr": 1e-4}
+    run = tmp_path / "rm"
+    with checkpoint.open_run(run, "rm", config, resume=False):
+        (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    recorded = json.loads((run / "run.json").read_text())["models"]
+    assert list(recorded) == ["model"]  # a hub name has no local content
+    weights = (base / "model.safetensors").read_bytes()
+
+    _save_model(base, tokenizer, seed=1)  # retrained: same files and sizes, other weights
+    assert (base / "model.safetensors").stat().st_size == len(weights)
+    with pytest.raises(RunDirectoryError, match=r"the model changed since the run started: "
+                                                r"model: '.*sft-model' .*other content"):
+        with checkpoint.open_run(run, "rm", config, resume=True):
+            pass
+
+    (base / "model.safetensors").write_bytes(weights)  # put back
+    os.utime(base / "model.safetensors", (1, 1))
+    with checkpoint.open_run(run, "rm", config, resume=True) as resumed:
+        assert resumed.resumed
+    manifest = json.loads((run / "run.json").read_text())
+    del manifest["models"]  # written by an older version: nothing to compare
+    (run / "run.json").write_text(json.dumps(manifest))
+    _save_model(base, tokenizer, seed=1)
+    with checkpoint.open_run(run, "rm", config, resume=True) as resumed:
+        assert resumed.resumed
+
+
+def test_a_backbones_base_model_counts_in_its_fingerprint(tmp_path, tokenizer):
+    """An RL run's model= is a saved backbone (adapters and heads) that names its base model;
+    a resume loads that base again, so an SFT model retrained at the base's path is refused
+    as well, though the backbone directory itself is unchanged."""
+    from rlhf.models import LoraSpec, SharedBackbone
+
+    base = tmp_path / "sft-model"
+    _save_model(base, tokenizer, seed=0)
+    backbone_dir = tmp_path / "rm-backbone"
+    SharedBackbone.from_pretrained(str(base), lora=LoraSpec(rank=2), seed=0).save(backbone_dir)
+    config = {"model": str(backbone_dir), "algorithm": "ppo"}
+    run = tmp_path / "ppo"
+    with checkpoint.open_run(run, "ppo", config, resume=False):
+        (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert json.loads((run / "run.json").read_text())["models"]["model"]["base"] == str(base)
+    before = {p.name: p.read_bytes() for p in backbone_dir.iterdir() if p.is_file()}
+
+    _save_model(base, tokenizer, seed=1)
+    assert {p.name: p.read_bytes() for p in backbone_dir.iterdir() if p.is_file()} == before
+    with pytest.raises(RunDirectoryError, match=r"model changed since the run started: model: "):
+        with checkpoint.open_run(run, "ppo", config, resume=True):
+            pass
+
+
+def test_a_reward_stage_resume_on_a_retrained_sft_model_is_refused(tmp_path, tokenizer):
+    """End to end: `rlhf rm model=<sft model>` interrupted, the SFT model retrained at that
+    path, then `--resume`: refused before anything trains (it continued on the new base,
+    with the adapters and head trained on the old one)."""
+    from rlhf import reward
+
+    base = tmp_path / "sft-model"
+    _save_model(base, tokenizer, seed=0)
+    good = task.make_corpus(12, seed=1, sentiment_mix={"positive": 1.0})
+    bad = task.make_corpus(12, seed=2, sentiment_mix={"negative": 1.0})
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": g["prompt"], "chosen": g["completion"],
+                                         "rejected": b["completion"]}) + "\n"
+                             for g, b in zip(good, bad)))
+    cfg = reward.RewardConfig(output_dir=str(tmp_path / "rm"), model=str(base),
+                              dataset=str(pairs), batch_size=4, grad_accum_steps=1,
+                              epochs=1.0, lora_rank=2, max_length=64, warmup_steps=1,
+                              save_every=0, log_every=1, device="cpu")
+
+    def stop(step, _metrics):
+        if step == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        reward.train(cfg, on_step=stop)
+    assert (tmp_path / "rm" / "checkpoints" / "step-0000001").is_dir()
+    _save_model(base, tokenizer, seed=1)
+    cfg.resume = True
+    with pytest.raises(RunDirectoryError, match=r"model changed since the run started"):
+        reward.train(cfg)
+    assert [r["step"] for r in _records(tmp_path / "rm" / "metrics.jsonl")] == [1]
+
+
+# ------------------------------------------------------------------ SIGTERM
+def test_sigterm_saves_a_checkpoint_and_the_resume_matches_the_uninterrupted_run(
+        tmp_path, tokenizer, corpus):
+    """A SIGTERM during SFT (save_every=0: no periodic checkpoint) is turned into the
+    interrupt Ctrl-C raises: the stage writes the checkpoint of the step it is at, and the
+    resumed run's metrics and weights are the uninterrupted run's, bit for bit (on the CPU).
+    Before, the process ended at once and --resume started from step 0."""
+    full = sft.train(_sft_config(tmp_path / "full"), model=tiny_llama(tokenizer),
+                     tokenizer=tokenizer, examples=corpus)
+
+    def terminate(step, _metrics):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    cfg = _sft_config(tmp_path / "cut")
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(cli.Terminated), cli.sigterm_as_interrupt():
+        sft.train(cfg, model=tiny_llama(tokenizer), tokenizer=tokenizer, examples=corpus,
+                  on_step=terminate)
+    assert signal.getsignal(signal.SIGTERM) == previous  # put back after the block
+    assert checkpoint.latest_checkpoint(tmp_path / "cut" / "checkpoints").name == "step-0000002"
+    cfg.resume = True
+    resumed = sft.train(cfg, model=tiny_llama(tokenizer, seed=7), tokenizer=tokenizer,
+                        examples=corpus)
+    assert resumed["steps"] == full["steps"] == 4
+    assert _records(tmp_path / "cut" / "metrics.jsonl") == \
+        _records(tmp_path / "full" / "metrics.jsonl")
+    a = load_state(tmp_path / "full" / "checkpoints" / "step-0000004")["params"]
+    b = load_state(tmp_path / "cut" / "checkpoints" / "step-0000004")["params"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_cli_says_a_sigterm_and_exits_143(monkeypatch, capsys, tmp_path):
+    """`rlhf <stage>` under SIGTERM: the run's interrupt path, then one line naming SIGTERM
+    and the --resume command, exit status 128 + 15."""
+    seen = []
+
+    def entry_point(cfg):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        except KeyboardInterrupt as interrupt:  # where a stage saves its checkpoint
+            seen.append(type(interrupt))
+            raise
+        return {}
+
+    monkeypatch.setattr(sft, "train", entry_point)
+    code = cli.main(["sft", f"output_dir={tmp_path / 'run'}", "max_steps=3"])
+    assert code == cli.EXIT_TERMINATED == 143 and seen == [cli.Terminated]
+    err = capsys.readouterr().err
+    assert "rlhf sft: terminated (SIGTERM). Continue with `rlhf sft" in err and "--resume`" in err
+
+
+# ------------------------------------------------------------------ file modes
+def test_every_file_a_run_writes_is_readable_by_others(tmp_path, tokenizer):
+    """Under the usual umask 022 the run's safetensors files are 0644 like its other files:
+    a checkpoint's parameters, a saved model's weights, a backbone's heads and adapters
+    (safetensors wrote them 0600)."""
+    from rlhf.models import LoraSpec, SharedBackbone
+
+    previous = os.umask(0o022)
+    try:
+        checkpoint.save_state(tmp_path / "step-0000001", step=1, params={"w": torch.ones(2)})
+        model = tiny_llama(tokenizer)
+        checkpoint.save_pretrained_atomic(tmp_path / "model", model, tokenizer)
+        SharedBackbone.from_model(model, lora=LoraSpec(rank=2)).save(tmp_path / "backbone")
+    finally:
+        os.umask(previous)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    names = {p.name for p in files}
+    assert {"params.safetensors", "model.safetensors", "heads.safetensors"} <= names
+    assert any(p.name.startswith("adapter_model") for p in files)
+    modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
+    assert set(modes.values()) == {"0o644"}, modes
+
+
+# ------------------------------------------------------------------ TensorBoard
+def test_tensorboard_hides_the_records_a_resumed_run_logs_again(tmp_path, monkeypatch):
+    """metrics.jsonl drops the records past the checkpoint a run resumes from; TensorBoard's
+    writer is told the same (purge_step: the first step logged again), or its curves would
+    hold both the old and the new values of those steps."""
+    made = []
+
+    class FakeWriter:
+        def __init__(self, log_dir, **kwargs):
+            made.append(kwargs)
+
+        def add_scalar(self, tag, value, global_step=None):
+            pass
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(metrics, "_summary_writer_class", lambda: FakeWriter)
+    path = tmp_path / "metrics.jsonl"
+    with metrics.MetricsLogger(path) as logger:
+        for step in range(1, 6):
+            logger.log({"loss": 1.0 / step}, step=step)
+    with metrics.MetricsLogger(path, append=True, resume_step=3) as logger:
+        logger.log({"loss": 0.0}, step=4)
+    assert made == [{}, {"purge_step": 4}]
+    assert [r["step"] for r in metrics.read_metrics(path)] == [1, 2, 3, 4]
