@@ -14,6 +14,10 @@ tokens N in {4096, 16384}. Implementations, all forward + backward:
 * ``unfused``: bf16 ``hidden @ W.T`` then our ``logprobs`` kernels (the baseline the issue's
   1.15x / 1.5x targets refer to);
 * ``linear_logprobs``: this op (recomputes the matmul in backward, target <= 1.5x unfused);
+  with d weight wanted, as here, its backward sweeps over vocabulary slices;
+* ``linear_logprobs row-sweep``: the same op with the backward forced onto chunks of rows (the
+  path before the vocabulary sweep: d weight summed over chunks in an fp32 V x H accumulator),
+  so that one run shows what the vocabulary sweep changed;
 * ``ppo-unfused`` / ``linear_ppo_loss``: the PPO loss from ``hidden @ W.T`` logits with
   ``ppo_loss_from_logits`` versus the one-sweep fused op (target <= 1.15x).
 
@@ -25,11 +29,13 @@ time relative to the unfused path; ``peak_extra_mib`` is the allocator peak abov
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 
 import torch
 
 from benchmarks.common import Case, print_table, run_cases, save_results, trl_fused_head
+from rlhf_kernels.ops import linear_logprobs as linear_module
 from rlhf_kernels.ops.linear_logprobs import linear_logprobs
 from rlhf_kernels.ops.logprobs import logprobs
 from rlhf_kernels.ops.ppo_fused import linear_ppo_loss, ppo_loss_from_logits
@@ -125,7 +131,24 @@ _LOGP_IMPLS = {
     "eager": lambda h, w, y, _o, _a, _b: _eager(h, w, y),
     "unfused": lambda h, w, y, _o, _a, b: logprobs(h @ w.t(), y, backend=b),
     "linear_logprobs": lambda h, w, y, _o, _a, b: linear_logprobs(h, w, y, backend=b),
+    "linear_logprobs row-sweep": lambda h, w, y, _o, _a, b: linear_logprobs(h, w, y, backend=b),
 }
+
+
+@contextlib.contextmanager
+def _row_sweep():
+    """linear_logprobs' backward on chunks of rows whatever the shape (forward and backward
+    both run inside: the step makes its gradient before it returns)."""
+    chosen = linear_module.vocabulary_sweep
+    linear_module.vocabulary_sweep = lambda *args, **kwargs: False
+    try:
+        yield
+    finally:
+        linear_module.vocabulary_sweep = chosen
+
+
+# impl -> the context its forward + backward step runs in
+_CONTEXTS = {"linear_logprobs row-sweep": _row_sweep}
 _PPO_IMPLS = {
     "ppo-unfused": lambda h, w, y, o, a, b: ppo_loss_from_logits(
         (h @ w.t())[None], y[None], o[None], a[None], backend=b)[0],
@@ -152,24 +175,32 @@ def _optional_impls() -> dict:
 def _shape_cases(V, H, N, device, dtype, cuda) -> list[Case]:
     backend = "triton" if cuda else None
 
-    def make_with(fn, backward: bool):
+    def make_with(fn, backward: bool, context=contextlib.nullcontext):
         def make():
             hidden, weight, labels, old_logp, advantages = _inputs(V, H, N, device, dtype)
             call = lambda: fn(hidden, weight, labels, old_logp, advantages, backend)  # noqa: E731
-            return _fwd_bwd(call, hidden, weight) if backward else _fwd(call)
+            step = _fwd_bwd(call, hidden, weight) if backward else _fwd(call)
+
+            def in_context():
+                with context():
+                    return step()
+            return step if context is contextlib.nullcontext else in_context
         return make
 
     name = f"V={V} H={H} N={N} {str(dtype).removeprefix('torch.')}"
     flops = 6.0 * N * V * H  # forward 2NVH, backward 4NVH (d hidden and d weight)
     optional = _optional_impls() if cuda else {}
     backward_impls = {**_LOGP_IMPLS, **optional, **_PPO_IMPLS}
-    result = [Case(OP, f"{name} fwd+bwd", impl, make_with(fn, True), flops=flops,
-                   optional=impl in optional)
+    result = [Case(OP, f"{name} fwd+bwd", impl,
+                   make_with(fn, True, _CONTEXTS.get(impl, contextlib.nullcontext)),
+                   flops=flops, optional=impl in optional)
               for impl, fn in backward_impls.items()]
     forward_peers = _forward_peers() if cuda else {}
+    # (the row sweep is a backward choice: its forward is linear_logprobs')
+    forward_impls = {k: v for k, v in _LOGP_IMPLS.items() if k not in _CONTEXTS}
     result += [Case(OP, f"{name} fwd", impl, make_with(fn, False), flops=flops / 3,
                     optional=impl in forward_peers)
-               for impl, fn in {**_LOGP_IMPLS, **forward_peers}.items()]
+               for impl, fn in {**forward_impls, **forward_peers}.items()]
     return result
 
 

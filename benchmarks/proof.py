@@ -34,7 +34,7 @@ def is_ours(impl: str) -> bool:
     """Our implementation in a benchmark row ("ours", "ours <variant>", the fused linear ops);
     every other impl is a peer or a baseline."""
     return impl in ("linear_logprobs", "linear_ppo_loss") or impl == "ours" \
-        or impl.startswith("ours ")
+        or impl.startswith(("ours ", "linear_logprobs "))
 
 
 def _priority(case: common.Case) -> int:

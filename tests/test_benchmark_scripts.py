@@ -472,7 +472,8 @@ def test_gpu_check_proof_dry_run_plans_every_part_within_nine_minutes():
     from benchmarks import bench_linear_logprobs
 
     impls = {c.impl for c in bench_linear_logprobs.cases(smoke=False) if match in c.name}
-    assert {"linear_logprobs", "linear_ppo_loss", "unfused", "ppo-unfused"} <= impls
+    assert {"linear_logprobs", "linear_ppo_loss", "unfused", "ppo-unfused",
+            "linear_logprobs row-sweep"} <= impls
     if common.trl_fused_head() is not None:  # TRL's fused head, fwd and fwd+bwd
         trl = [c.name for c in bench_linear_logprobs.cases(smoke=False)
                if match in c.name and c.impl == "trl-chunked"]
@@ -937,3 +938,20 @@ def test_trl_grpo_step_tally_records_what_ran(monkeypatch, backend):
     for other in set(bench._RESOLVES_TO) - {backend}:
         with pytest.raises(RuntimeError, match=f"--backend {other} "):
             bench._check_ran(other, "step", counts)
+
+
+def test_linear_row_sweep_case_forces_the_row_sweep_and_restores_the_choice():
+    """The bench's ``linear_logprobs row-sweep`` rows time the backward on chunks of rows at a
+    shape where the op itself would sweep the vocabulary, and leave the op's choice as it was."""
+    from benchmarks import bench_linear_logprobs
+    from rlhf_kernels.ops import linear_logprobs as linear_module
+
+    needs = (True, True, False, False, False)
+    shape = dict(n_rows=16384, vocab=151936, rows=1728, h=torch.zeros(1))
+    chosen = linear_module.vocabulary_sweep
+    from rlhf_kernels.ops import logprobs as logprobs_module
+
+    assert chosen(needs, **shape) is not logprobs_module.native_cpu_kernels(shape["h"])
+    with bench_linear_logprobs._row_sweep():
+        assert linear_module.vocabulary_sweep(needs, **shape) is False
+    assert linear_module.vocabulary_sweep is chosen

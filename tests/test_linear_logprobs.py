@@ -12,8 +12,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+import rlhf_kernels.ops.linear_logprobs as linear_module
+import rlhf_kernels.ops.logprobs as logprobs_module
 from rlhf_kernels import reference
-from rlhf_kernels.ops.linear_logprobs import HeadGrads, choose_chunk_rows, linear_logprobs
+from rlhf_kernels.ops.linear_logprobs import (
+    HeadGrads,
+    choose_chunk_rows,
+    linear_logprobs,
+    vocabulary_slice_columns,
+    vocabulary_sweep,
+)
 from tests.numerics import DEVICE, assert_close, assert_close_2x, max_abs_err
 
 NAMES = ("hidden", "weight", "bias", "lora_a", "lora_b")
@@ -370,6 +378,103 @@ def test_weight_gradient_summed_over_many_chunks_is_as_exact_as_one_gemm(dtype):
     exact = d_logits.double().t() @ hidden.double()
     assert d_weight.dtype == dtype and d_weight.shape == weight.shape
     assert_close_2x(d_weight, one_gemm, exact, dtype, name="d weight")
+
+
+def test_vocabulary_sweep_choice(monkeypatch):
+    """The backward goes over vocabulary slices only where it moves fewer accumulator bytes:
+    d weight wanted, more than one chunk of rows, and d hidden not wanted or N < V; and only on
+    the Triton kernel (the native CPU one takes whole rows)."""
+    h = torch.zeros(1, device=DEVICE)
+    monkeypatch.setattr(logprobs_module, "native_cpu_kernels", lambda t: True)
+    assert not vocabulary_sweep((True, True, False, False, False), 100, 1000, 10, h)
+    monkeypatch.setattr(logprobs_module, "native_cpu_kernels", lambda t: False)
+    need = dict(hw=(True, True, False, False, False), w=(False, True, False, False, False),
+                h=(True, False, False, True, True))
+    assert vocabulary_sweep(need["hw"], n_rows=100, vocab=1000, rows=10, h=h)
+    assert vocabulary_sweep(need["w"], n_rows=5000, vocab=1000, rows=10, h=h)
+    assert not vocabulary_sweep(need["hw"], n_rows=5000, vocab=1000, rows=10, h=h)  # N >= V
+    assert not vocabulary_sweep(need["h"], n_rows=100, vocab=1000, rows=10, h=h)  # no d weight
+    assert not vocabulary_sweep(need["hw"], n_rows=100, vocab=1000, rows=100, h=h)  # one chunk
+    # slices hold as many elements as a chunk of rows: 64-column multiples once that wide
+    assert vocabulary_slice_columns(n_rows=100_000, vocab=151936, elements=1000 * 151936) == 1472
+    assert vocabulary_slice_columns(n_rows=100, vocab=131, elements=4 * 131) == 5
+    assert vocabulary_slice_columns(n_rows=3, vocab=131, elements=4 * 131) == 131
+
+
+@pytest.mark.parametrize("sweep", ["vocabulary", "rows"])
+@pytest.mark.parametrize("bias,rank,entropy,temperature", [
+    (True, 3, True, 0.7), (False, 0, False, 1.0), (True, 0, True, 1.0), (False, 2, False, 1.3)])
+def test_both_backward_sweeps_match_the_reference(monkeypatch, sweep, bias, rank, entropy,
+                                                  temperature):
+    """Every gradient of either sweep (forced) against the float64 reference, with labels on the
+    slices' first and last columns, ignored rows whose hidden state is NaN, and the weight
+    frozen or not."""
+    lead, H, V, chunk = (2, 7), 9, 131, 4  # 4 x 131 elements: slices of 37 columns
+    hidden, weight, b, a, lb, labels = _make(lead, H, V, torch.float32, bias, rank)
+    if sweep == "vocabulary" and logprobs_module.native_cpu_kernels(hidden):
+        pytest.skip("the native CPU logprobs backward takes whole rows (tests/test_native.py)")
+    monkeypatch.setattr(linear_module, "vocabulary_sweep",
+                        lambda *args: sweep == "vocabulary")
+    cols = vocabulary_slice_columns(14, V, chunk * V)
+    labels[0, :5] = torch.tensor([0, cols - 1, cols, 2 * cols, V - 1])
+    labels[1, 0] = -100
+    hidden[1, 0] = float("nan")
+    upstream = [torch.randn(lead, device=DEVICE, dtype=torch.float64) for _ in range(2)]
+    kw = dict(lora_scale=0.5, temperature=temperature, return_entropy=entropy)
+    inputs = (hidden, weight, b, a, lb)
+    _, grads = _outputs_and_grads(linear_logprobs, inputs, labels, upstream, chunk_size=chunk,
+                                  backend="triton", **kw)
+    clean = hidden.clone()
+    clean[1, 0] = 0.0
+    _, grads64 = _outputs_and_grads(reference.linear_logprobs,
+                                    [None if t is None else t.double()
+                                     for t in (clean, weight, b, a, lb)], labels, upstream, **kw)
+    for g, g64, t, name in zip(grads, grads64, inputs, NAMES):
+        if t is None:
+            continue
+        assert g.dtype == t.dtype and g.shape == t.shape, name
+        assert_close(g, g64, atol=1e-5, rtol=1e-4, name=f"{sweep} sweep: d {name}")
+    # the trainer's case: frozen weight (the vocabulary sweep is not chosen then), LoRA or not
+    h = hidden.clone().requires_grad_()
+    linear_logprobs(h, weight, labels, b, chunk_size=chunk, backend="triton").sum().backward()
+    h64 = clean.double().requires_grad_()
+    reference.linear_logprobs(h64, weight.double(), labels,
+                              None if b is None else b.double()).sum().backward()
+    assert_close(h.grad, h64.grad, atol=1e-5, rtol=1e-4, name="d hidden, frozen weight")
+
+
+def test_vocabulary_sweep_out_of_range_label_gives_nan_rows():
+    """A label outside [0, V) (no check_labels) makes its row's gradient NaN in every slice, as
+    in the row sweep; a label that is only outside one slice's columns is an ordinary label."""
+    hidden, weight, _, _, _, labels = _make((2, 5), 6, 40, torch.float32, False, 0, 0.0)
+    labels[0, 1] = 40
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    linear_logprobs(h, w, labels, chunk_size=2, backend="triton").sum().backward()
+    assert torch.isnan(h.grad[0, 1]).all()
+    ok = torch.ones(2, 5, dtype=torch.bool)
+    ok[0, 1] = False
+    h64 = hidden.double().requires_grad_()
+    reference.linear_logprobs(h64, weight.double(), labels.clamp(max=39)).sum().backward()
+    assert_close(h.grad[ok], h64.grad[ok], atol=1e-5, rtol=1e-4, name="d hidden, other rows")
+
+
+def test_vocabulary_sweep_weight_gradient_is_one_gemm_per_slice():
+    """Over four row chunks' worth of rows, each slice of d weight is one matmul over all rows
+    (rounded once): within the 2x rule of the unfused d logits.T @ hidden, in bf16."""
+    n_rows, H, V, dtype = 128, 16, 64, torch.bfloat16
+    hidden, weight, _, _, _, labels = _make((n_rows,), H, V, dtype, False, 0, 0.0)
+    upstream = torch.randn(n_rows, device=DEVICE, dtype=torch.float64)
+    w = weight.clone().requires_grad_()
+    logp = linear_logprobs(hidden, w, labels, chunk_size=32, backend="triton")
+    (logp.double() * upstream).sum().backward()
+    w64 = weight.double().requires_grad_()
+    (reference.linear_logprobs(hidden.double(), w64, labels) * upstream).sum().backward()
+    w16 = weight.clone().requires_grad_()
+    logits = hidden @ w16.t()
+    (reference.logprobs(logits, labels).double() * upstream).sum().backward()
+    assert w.grad.dtype == dtype
+    assert_close_2x(w.grad, w16.grad, w64.grad, dtype, name="d weight")
 
 
 # --------------------------------------------------------------------------------------------

@@ -795,46 +795,55 @@ def test_sequence_ratio_ignores_non_finite_padding():
 
 
 class _LogitsMatmuls(TorchDispatchMode):
-    """Counts the matmuls that make a chunk of logits (an (rows, V) output) and records the
-    largest storage (bytes) any op returns."""
+    """Counts the logits the matmuls make, in whole (N, V) sweeps: outputs (rows, V) (a chunk of
+    rows) or (N, columns) (a slice of the vocabulary; ``narrow`` lists the widths of the other
+    (N, .) products, H and the LoRA rank), and records the largest storage (bytes) any op
+    returns."""
 
-    def __init__(self, vocab):
+    def __init__(self, n_rows, vocab, narrow):
         super().__init__()
-        self.vocab, self.count, self.largest = vocab, 0, 0
+        self.n_rows, self.vocab, self.narrow = n_rows, vocab, narrow
+        self.elements, self.largest = 0, 0
+
+    @property
+    def sweeps(self) -> float:
+        return self.elements / (self.n_rows * self.vocab)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default) and \
-                out.shape[-1] == self.vocab:
-            self.count += 1
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            rows, cols = out.shape
+            if cols == self.vocab or (rows == self.n_rows and cols not in self.narrow):
+                self.elements += out.numel()
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.untyped_storage().nbytes())
         return out
 
 
-@pytest.mark.parametrize("ratio_level,grad,chunk_size,logits_matmuls", [
-    ("token", True, 4, 3),  # one sweep: one logits matmul per chunk
-    ("sequence", True, 4, 6),  # rows straddle chunks: forward sweep, then the backward sweep
-    ("sequence", False, 4, 3),  # no gradient: the forward sweep alone
+@pytest.mark.parametrize("ratio_level,grad,chunk_size,logits_sweeps", [
+    ("token", True, 4, 1),  # one sweep: the gradient made with the forward
+    ("sequence", True, 4, 2),  # rows straddle chunks: forward sweep, then the backward sweep
+    ("sequence", False, 4, 1),  # no gradient: the forward sweep alone
     ("sequence", True, None, 1),  # one chunk holds every row: one sweep
 ])
-def test_linear_sweeps_matmuls_and_memory(ratio_level, grad, chunk_size, logits_matmuls):
+def test_linear_sweeps_matmuls_and_memory(ratio_level, grad, chunk_size, logits_sweeps):
     """The matmul cost the module docstring states, and never more than one chunk of logits
-    alive (the largest tensor is that chunk: 4 rows x V fp32 here, a third of N x V)."""
+    alive (the largest tensor is that chunk: 4 rows x V fp32 here, a third of N x V; the
+    backward's vocabulary slices are no larger)."""
     B, T, H, V, R = 2, 6, 3, 97, 2
     params = [p.requires_grad_(grad) for p in _head(B, T, H, V, rank=R)]
     labels, mask, old_logp, advantages, ref_logp = _rollout(
         B, T, V, lambda lab: reference.linear_logprobs(*params[:2], lab, *params[2:]))
     assert all(t.numel() < 4 * V for t in params)  # only a chunk of logits can be the largest
-    with _LogitsMatmuls(V) as mode:
+    with _LogitsMatmuls(B * T, V, narrow=(H, R)) as mode:
         loss, _ = linear_ppo_loss(*params[:2], labels, old_logp, advantages[:, 0], mask,
                                   *params[2:], ref_logp=ref_logp, kl_coef=0.1, entropy_coef=0.1,
                                   chunk_size=chunk_size, ratio_level=ratio_level,
                                   backend="triton")
         if grad:
             loss.backward()
-    assert mode.count == logits_matmuls
+    assert mode.sweeps == logits_sweeps
     assert mode.largest == (4 if chunk_size else B * T) * V * 4
     assert not grad or all(p.grad is not None for p in params)
 

@@ -31,7 +31,15 @@ with ``d logits``, and the chunk's gradients are accumulated::
 so the largest temporary is one chunk of logits, ``C x V`` elements. Only the gradients whose
 input requires grad are computed.
 
-Bytes: the op is matmul-bound (2·N·V·H flops forward, 6·N·V·H forward + backward with the
+When d weight is wanted, that row sweep would add every chunk's ``d W`` (V, H) into an fp32
+accumulator: a read and a write of V x H fp32 per chunk, and V x H x 4 bytes held. The
+backward then sweeps over slices of the vocabulary instead (``vocabulary_sweep``,
+``_backward_by_vocabulary``): each slice's logits for all N rows, ``d W`` of the slice as one
+matmul over every row (written once, rounded once), and ``d h`` summed over the slices in fp32
+(N x H). Same matmuls, same temporary size; chosen when N < V or d hidden is not wanted (the
+trainer's frozen lm_head keeps the row sweep, which needs no large accumulator at all).
+
+Bytes: the op is matmul-bound (2·N·V·H flops forward, 8·N·V·H forward + backward with the
 recomputation); besides the matmul operands, each chunk of logits is written once by the matmul
 and read once by the forward kernel (forward), and written by the matmul, read and rewritten by
 the backward kernel and read by the two gradient matmuls (backward).
@@ -45,9 +53,9 @@ in bytes adds to it (fp32 / fp64 logits are worked on in place: nothing added).
 Dtypes: hidden / weight / bias / LoRA factors fp16, bf16, fp32 or fp64. The matmuls run in the
 promoted dtype of hidden and weight (cast the others to it; matching dtypes avoid a copy of the
 weight); the logprobs kernels compute in fp32; logp / entropy are fp32 (fp64 when the matmuls
-are fp64, as the reference's). Gradients come back in
-each input's own dtype. The weight gradient is accumulated over chunks in the compute dtype (as
-cuBLAS ``beta = 1`` GEMMs: one rounding per chunk in bf16), the bias and LoRA gradients in fp32.
+are fp64, as the reference's). Gradients come back in each input's own dtype. Every gradient
+summed over chunks or slices is summed in fp32 (16-bit inputs) and rounded once at the end; the
+bias and LoRA gradients are fp32 sums.
 
 Dispatch: the forward and backward sweeps are ``torch.library`` custom ops for torch.compile,
 export, torch.func and fake tensors; in plain eager mode (``rlhf_kernels.backend.
@@ -460,12 +468,18 @@ def _backward_sweep(grad_logp, grad_entropy, hidden, weight, labels, bias, lora_
     labels = labels.reshape(-1)
     grad_logp = None if grad_logp is None else grad_logp.reshape(-1)
     grad_entropy = None if grad_entropy is None else grad_entropy.reshape(-1)
+    rows = choose_chunk_rows(n_rows, vocab, h.element_size(), device, chunk_size,
+                             memory_budget_bytes)
+    if vocabulary_sweep(needs, n_rows, vocab, rows, h):
+        h = zero_rows(h, labels != ignore_index)
+        return _backward_by_vocabulary(grad_logp, grad_entropy, h, w, b, a, lb, labels, lse,
+                                       entropy, lora_scale, temperature, ignore_index,
+                                       rows * vocab, needs, (hidden, weight, bias, lora_a,
+                                                             lora_b), placeholder)
     grads = HeadGrads(n_rows, hidden, weight, bias, lora_a, lora_b, needs, dtype)
     if any(g is not None for g in (grads.weight, grads.lora_a, grads.lora_b)):
         h = zero_rows(h, labels != ignore_index)  # ignored rows: exactly 0, even for NaN h
     if grads.any():
-        rows = choose_chunk_rows(n_rows, vocab, h.element_size(), device, chunk_size,
-                                 memory_budget_bytes)
         single = rows >= n_rows  # one chunk: the whole tensors, no per-chunk slicing
         for start in range(0, n_rows, rows):
             stop = min(start + rows, n_rows)
@@ -482,6 +496,117 @@ def _backward_sweep(grad_logp, grad_entropy, hidden, weight, labels, bias, lora_
             grads.accumulate(start, logits, h_c, u, w, a, lb, lora_scale)
             del logits, u
     return grads.outputs(hidden, weight, bias, lora_a, lora_b, placeholder)
+
+
+def vocabulary_sweep(needs, n_rows: int, vocab: int, rows: int, h: torch.Tensor) -> bool:
+    """Whether the backward goes over slices of the vocabulary rather than chunks of rows.
+
+    Both make the same matmuls. The row sweep adds each chunk's d weight (V, H) into an fp32
+    accumulator: per chunk a read and a write of V x H fp32 (2.3 GiB each at V = 151936,
+    H = 4096), and that much memory for the whole backward. The vocabulary sweep writes each
+    slice of d weight once, from one matmul over all N rows, and accumulates d hidden (N, H)
+    over the slices instead. With the same temporary (C x V elements, so as many slices as row
+    chunks) it moves N / V of the row sweep's accumulator bytes, and holds an N x H fp32
+    accumulator instead of a V x H one: the vocabulary sweep when d weight is wanted, the rows
+    do not fit one chunk, and either d hidden is not wanted or N < V. Its column offsets are a
+    Triton kernel argument (the native CPU kernel takes whole rows: the row sweep there).
+    """
+    need_h, need_w = needs[0], needs[1]
+    if not need_w or rows >= n_rows or (need_h and n_rows >= vocab):
+        return False
+    from rlhf_kernels.ops import logprobs as logprobs_module  # (imported with the kernels)
+
+    return not logprobs_module.native_cpu_kernels(h)  # what the logprobs launcher decides
+
+
+def vocabulary_slice_columns(n_rows: int, vocab: int, elements: int) -> int:
+    """Columns per vocabulary slice: ``elements`` (the row sweep's C x V temporary) over the N
+    rows, rounded down to a multiple of 64 when that large (whole tensor-core tiles)."""
+    cols = max(1, elements // max(1, n_rows))
+    if cols >= vocab:
+        return vocab
+    return cols - cols % 64 if cols >= 64 else cols
+
+
+def _backward_by_vocabulary(grad_logp, grad_entropy, h, w, b, a, lb, labels, lse, entropy,
+                            lora_scale, temperature, ignore_index, elements, needs, inputs,
+                            placeholder):
+    """The backward as a sweep over slices ``[v0, v1)`` of the vocabulary (``vocabulary_sweep``).
+
+    h: (N, H) in the matmul dtype, ignored rows zeroed. Per slice, with u = h @ A.T (N, r)::
+
+        z_s = h @ W_s.T + s * u @ B_s.T + b_s    (N, v1 - v0), then d z_s in place (the kernel,
+                                                  with lse / entropy of the whole rows)
+        d W_s = d z_s.T @ h        d b_s = sum_rows d z_s        d B_s = s * d z_s.T @ u
+        d h  += d z_s @ W_s        d u  += s * d z_s @ B_s        (fp32 accumulators)
+
+    and after the sweep d h += d u @ A, d A = d u.T @ h. Each slice of d weight / d B / d b is
+    one matmul over every row, written once (no running sum over chunks).
+    """
+    _, logprobs_bwd = _logprob_kernels()
+    hidden, weight, bias, lora_a, lora_b = inputs
+    need_h, need_w, need_b, need_a, need_lb = needs
+    n_rows, vocab = h.shape[0], w.shape[0]
+    dtype, device = h.dtype, h.device
+    acc_dtype = _accumulator_dtype(dtype)
+    cols = vocabulary_slice_columns(n_rows, vocab, elements)
+    single = cols >= vocab
+    has_lora = a is not None
+    u = h @ a.t() if has_lora else None
+    d_h = None
+    if need_h:  # one slice: d h is one matmul, written in place; else an fp32 sum
+        d_h = (empty((n_rows, h.shape[1]), dtype, device) if single
+               else torch.zeros((n_rows, h.shape[1]), dtype=acc_dtype, device=device))
+    d_u = (torch.zeros((n_rows, a.shape[0]), dtype=acc_dtype, device=device)
+           if has_lora and (need_h or need_a) else None)
+    d_w = empty(w.shape, dtype, device)
+    d_b = empty(b.shape, torch.float32, device) if need_b and b is not None else None
+    d_lb = empty(lb.shape, torch.float32, device) if need_lb and has_lora else None
+    for v0 in range(0, vocab, cols):
+        v1 = min(v0 + cols, vocab)
+        w_s = w if single else w[v0:v1]
+        if b is not None:
+            z = torch.addmm(b if single else b[v0:v1], h, w_s.t())
+        else:
+            z = h @ w_s.t()
+        lb_s = None
+        if has_lora:
+            lb_s = lb if single else lb[v0:v1]
+            z.addmm_(u, lb_s.t(), alpha=lora_scale)
+        logprobs_bwd(z, labels, lse, entropy if grad_entropy is not None else None, grad_logp,
+                     grad_entropy, temperature, ignore_index, z, col_offset=v0,
+                     label_vocab=vocab)
+        torch.mm(z.t(), h, out=d_w[v0:v1])
+        if d_b is not None:
+            torch.sum(z, 0, dtype=torch.float32, out=d_b[v0:v1])
+        if d_lb is not None:
+            d_lb[v0:v1] = (z.t() @ u).mul_(lora_scale)
+        if d_u is not None:
+            add_product(d_u, z, lb_s)
+        if d_h is not None:
+            if single:
+                torch.mm(z, w_s, out=d_h)
+            else:
+                add_product(d_h, z, w_s)
+        del z
+    d_a = None
+    if d_u is not None:
+        d_u16 = d_u.mul_(lora_scale).to(dtype)
+        if d_h is not None:
+            if d_h.dtype == dtype:
+                d_h.addmm_(d_u16, a)
+            else:
+                add_product(d_h, d_u16, a)
+        if need_a:
+            d_a = (d_u16.t() @ h).to(torch.float32)
+
+    def out(grad, like, wanted):
+        if grad is None or not wanted:
+            return hidden.new_empty(_EMPTY) if placeholder else None
+        return grad if grad.dtype == like.dtype else grad.to(like.dtype)
+
+    return (out(d_h, hidden, need_h), out(d_w, weight, need_w), out(d_b, bias, need_b),
+            out(d_a, lora_a, need_a), out(d_lb, lora_b, need_lb))
 
 
 # --------------------------------------------------------------------------------------------

@@ -193,11 +193,16 @@ def _logprobs_bwd_kernel(
     V,
     inv_temperature,
     ignore_index,
+    col_offset,
+    label_vocab,
     BLOCK_V: tl.constexpr,
     HAS_GRAD_LOGP: tl.constexpr,
     HAS_GRAD_ENTROPY: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
+    # The V columns of a row are columns [col_offset, col_offset + V) of a vocabulary of
+    # label_vocab entries (0 and V for whole rows; a slice of the vocabulary for linear_logprobs'
+    # vocabulary sweep): labels are in the whole vocabulary's numbering.
     row = tl.program_id(0).to(tl.int64)
     outer = row // n_inner
     inner = row % n_inner
@@ -205,11 +210,12 @@ def _logprobs_bwd_kernel(
     out_row_ptr = out_ptr + outer * out_stride_outer + inner * out_stride_inner
     label = tl.load(labels_ptr + row).to(tl.int64)
     valid = label != ignore_index
-    label_ok = (label >= 0) & (label < V)
+    label_ok = (label >= 0) & (label < label_vocab)
     # The in-row column compare is 32-bit (V < 2**31): an int64 compare costs about five
-    # instructions per element. A label outside [0, V) may wrap here, but its row's gradient is
-    # NaN whatever the compare says (c below).
-    label32 = label.to(tl.int32)
+    # instructions per element. A label outside [0, label_vocab) may wrap here, but its row's
+    # gradient is NaN whatever the compare says (c below); a label outside this slice's columns
+    # matches none of them.
+    label32 = (label - col_offset).to(tl.int32)
     lse = tl.load(lse_ptr + row)
     # d logit_j = c * (onehot_j - p_j) - c_H * p_j * (log2 p_j + H * log2(e)), the per-row
     # factors folded once: c = g_logp / T (NaN for an out-of-range label: its logp is NaN, so
@@ -352,7 +358,7 @@ def _fwd3d(logits3d, labels1d, temperature, ignore_index, logp, entropy, lse, sa
 
 
 def _bwd3d(logits3d, labels1d, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index,
-           out3d):
+           out3d, col_offset=0, label_vocab=None):
     B, T, V = logits3d.shape
     N = B * T
     if N == 0:
@@ -361,7 +367,11 @@ def _bwd3d(logits3d, labels1d, lse, entropy, grad_logp, grad_entropy, temperatur
     if has_grad_entropy and entropy is None:
         raise ValueError("grad_entropy was given but entropy is None; run the forward with "
                          "return_entropy=True")
+    whole_rows = label_vocab is None or (col_offset == 0 and label_vocab == V)
     if native_cpu_kernels(logits3d):  # csrc/cpu/logprobs.cpp
+        if not whole_rows:
+            raise NotImplementedError("the native CPU logprobs backward takes whole rows of "
+                                      "the vocabulary, not a slice of columns")
         _native.ops().logprobs_bwd(logits3d, labels1d, _flat_fp32(lse),
                                    _flat_fp32(entropy) if has_grad_entropy else None, grad_logp,
                                    grad_entropy, out3d, 1.0 / temperature, ignore_index)
@@ -375,7 +385,7 @@ def _bwd3d(logits3d, labels1d, lse, entropy, grad_logp, grad_entropy, temperatur
         grad_entropy if has_grad_entropy else lse,
         out3d,
         logits3d.stride(0), logits3d.stride(1), out3d.stride(0), out3d.stride(1), T, V,
-        1.0 / temperature, ignore_index,
+        1.0 / temperature, ignore_index, col_offset, V if label_vocab is None else label_vocab,
         block_v, grad_logp is not None, has_grad_entropy, num_stages, num_warps=num_warps,
     )
     return out3d
@@ -442,6 +452,8 @@ def logprobs_bwd(
     temperature: float,
     ignore_index: int,
     out: torch.Tensor,
+    col_offset: int = 0,
+    label_vocab: int | None = None,
 ) -> torch.Tensor:
     """Backward launcher: writes d loss / d logits2d into ``out`` (N, V) and returns ``out``.
 
@@ -450,6 +462,10 @@ def logprobs_bwd(
     (N,) fp32 upstream gradients, either may be None (treated as zero). out: (N, V) of any float
     dtype with stride(1) == 1; it may be ``logits2d`` itself (each block is read before it is
     overwritten by the same program), which saves the (N, V) allocation. Ignored rows get 0.
+
+    col_offset, label_vocab: logits2d may hold only columns ``[col_offset, col_offset + V)`` of
+    rows of a ``label_vocab``-entry vocabulary (lse and entropy still of the whole rows, labels
+    in the whole vocabulary's numbering): the gradient of those columns (Triton kernel only).
     """
     if out.shape != logits2d.shape or out.stride(1) != 1:
         raise ValueError(f"out must have the shape of logits2d {tuple(logits2d.shape)} and "
@@ -457,7 +473,8 @@ def logprobs_bwd(
     if logits2d.stride(1) != 1:
         raise ValueError(f"logits2d must have stride(1) == 1, got strides {logits2d.stride()}")
     _bwd3d(logits2d.unsqueeze(0), labels1d.contiguous(), lse, entropy, _flat_fp32(grad_logp),
-           _flat_fp32(grad_entropy), float(temperature), int(ignore_index), out.unsqueeze(0))
+           _flat_fp32(grad_entropy), float(temperature), int(ignore_index), out.unsqueeze(0),
+           col_offset, label_vocab)
     return out
 
 

@@ -48,7 +48,8 @@ row may straddle two chunks, takes two sweeps:
     sweep 1, per chunk: logits (matmul) -> fwd kernel (logp, entropy, lse: N floats each kept)
     then:               the derivatives of all N tokens, rows whole (N floats each)
     sweep 2, per chunk: logits again (matmul) -> bwd kernel in place -> gradients accumulated
-                        (``linear_logprobs``' backward sweep)
+                        (``linear_logprobs``' backward sweep: over slices of the
+                        vocabulary instead of chunks of rows when d weight is wanted, N < V)
 
 that is 4 matmuls per chunk instead of 3 (the logits one, with its LoRA part, twice): 2 N V H
 more flops (1/3 more than the one-sweep
