@@ -284,6 +284,60 @@ def test_switching_roles_between_forward_and_backward_keeps_gradients(batch):
     assert all(p.grad is None for p in backbone.trainable_parameters("reward"))
 
 
+def _switch_state(backbone) -> list:
+    """Per LoRA layer: the active adapters, the disabled flag and every adapter weight's
+    requires_grad, as PEFT reports them."""
+    return [(list(layer.active_adapters), layer.disable_adapters,
+             [p.requires_grad for p in layer.parameters()])
+            for layer in backbone._lora_layers]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_direct_role_switch_gives_the_state_and_outputs_of_peft_own_switch(arch, batch):
+    """The direct switch (the layers' active adapter and disabled flag set without PEFT's
+    set_adapter) leaves every layer as PEFT's own switch followed by the explicit trainable set
+    does, and the roles compute the same outputs, after any sequence of switches."""
+    direct, peft = make_backbone(arch, seed=23), make_backbone(arch, seed=23)
+    assert direct._direct_switch
+    peft._direct_switch = False
+    for backbone in (direct, peft):
+        backbone.set_trainable(("policy", "critic"))
+    ids, mask = batch
+    for role in ("critic", None, "reward", "policy", None, "critic", "policy"):
+        for backbone in (direct, peft):
+            backbone._activate(role)
+        assert _switch_state(direct) == _switch_state(peft), role
+        got, want = outputs(direct, ids, mask), outputs(peft, ids, mask)
+        for name in got:
+            assert torch.equal(got[name], want[name]), (role, name)
+    # after a drop_role, PEFT's delete_adapter re-activated and thawed adapters of its choosing
+    for backbone in (direct, peft):
+        backbone.drop_role("reward")
+    assert _switch_state(direct) == _switch_state(peft)
+    assert all(p.requires_grad for role in ("policy", "critic")
+               for p in direct.trainable_parameters(role))
+
+
+def test_direct_role_switch_only_on_peft_stock_layers(monkeypatch):
+    """A LoRA layer type whose set_adapter does more than PEFT's keeps PEFT's switch."""
+    from peft.tuners.lora.layer import Linear
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    calls = []
+
+    def counting_set_adapter(self, adapter_names, inference_mode=False):
+        calls.append(adapter_names)
+        return BaseTunerLayer.set_adapter(self, adapter_names, inference_mode)
+
+    monkeypatch.setattr(Linear, "set_adapter", counting_set_adapter)
+    backbone = make_backbone("llama", seed=29)
+    assert not backbone._direct_switch
+    calls.clear()
+    backbone._activate("critic")
+    assert calls and all(c == "critic" for c in calls)
+    assert all(layer.active_adapters == ["critic"] for layer in backbone._lora_layers)
+
+
 def test_set_trainable_freezes_a_role(batch):
     backbone = make_backbone("llama", seed=19)
     backbone.set_trainable(("policy", "critic"))
