@@ -459,6 +459,39 @@ def test_vocabulary_sweep_out_of_range_label_gives_nan_rows():
     assert_close(h.grad[ok], h64.grad[ok], atol=1e-5, rtol=1e-4, name="d hidden, other rows")
 
 
+@pytest.mark.parametrize("sweep", ["vocabulary", "rows"])
+def test_backward_sweeps_largest_fp32_temporaries(monkeypatch, sweep):
+    """What the vocabulary sweep saves: in bf16 with d weight wanted, the row sweep holds an fp32
+    (V, H) accumulator for d weight; the vocabulary sweep none, only an fp32 (N, H) one for
+    d hidden (N < V)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    if sweep == "vocabulary" and logprobs_module.native_cpu_kernels(torch.zeros(1)):
+        pytest.skip("the native CPU logprobs backward takes whole rows (tests/test_native.py)")
+
+    class Fp32Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.dim() == 2:
+                    self.shapes.add(tuple(t.shape))
+            return out
+
+    monkeypatch.setattr(linear_module, "vocabulary_sweep", lambda *args: sweep == "vocabulary")
+    n_rows, H, V = 12, 8, 40
+    hidden, weight, _, _, _, labels = _make((n_rows,), H, V, torch.bfloat16, False, 0)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logp = linear_logprobs(h, w, labels, chunk_size=4, backend="triton")
+    with Fp32Shapes() as mode:
+        torch.autograd.grad(logp.sum(), (h, w))
+    assert ((V, H) in mode.shapes) == (sweep == "rows"), mode.shapes
+    assert ((n_rows, H) in mode.shapes) == (sweep == "vocabulary"), mode.shapes
+
+
 def test_vocabulary_sweep_weight_gradient_is_one_gemm_per_slice():
     """Over four row chunks' worth of rows, each slice of d weight is one matmul over all rows
     (rounded once): within the 2x rule of the unfused d logits.T @ hidden, in bf16."""
