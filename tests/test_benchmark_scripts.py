@@ -955,3 +955,17 @@ def test_linear_row_sweep_case_forces_the_row_sweep_and_restores_the_choice():
     with bench_linear_logprobs._row_sweep():
         assert linear_module.vocabulary_sweep(needs, **shape) is False
     assert linear_module.vocabulary_sweep is chosen
+
+
+def test_host_trainer_measures_both_switches():
+    """benchmarks/host_trainer.py (smoke: two layers): a row per (switch | update, direct |
+    PEFT's switch), the direct switch cheaper than PEFT's, and the step's aten op count."""
+    from benchmarks import host_trainer
+
+    rows = host_trainer.measure(repeats=1, smoke=True)
+    by = {(row["case"].rsplit(" ", 1)[1], row["impl"]): row for row in rows}
+    assert set(by) == {(what, impl) for what in ("switch", "update")
+                       for impl in ("direct", "peft set_adapter")}
+    assert by["switch", "direct"]["ms"] < by["switch", "peft set_adapter"]["ms"]
+    assert by["update", "direct"]["aten_ops"] > 100
+    assert "(2 layers, 14 adapted linears)" in by["update", "direct"]["case"]
