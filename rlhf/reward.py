@@ -93,7 +93,8 @@ class RewardConfig:
 
         quant.check_quantization(self.quantization)
         quant.check_optimizer(self.optimizer)
-        check_common_settings(self.nonfinite, self.grad_accum_steps, self.batch_size, 1)
+        check_common_settings(self.nonfinite, self.grad_accum_steps, self.batch_size, 1,
+                              max_skipped_steps=self.max_skipped_steps)
         check_max_memory(self.max_memory)
         check_seed(self.seed)
         check_keep_last(self.keep_last)

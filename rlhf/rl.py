@@ -309,7 +309,8 @@ class RLConfig:
                              f"{ALGORITHMS}")
         check_common_settings(self.nonfinite, self.grad_accum_steps, self.minibatch_size,
                               self.num_iterations, batch_name="minibatch_size",
-                              steps_name="num_iterations")
+                              steps_name="num_iterations",
+                              max_skipped_steps=self.max_skipped_steps)
         check_max_memory(self.max_memory)
         check_seed(self.seed)
         check_keep_last(self.keep_last)

@@ -106,7 +106,8 @@ class SFTConfig:
 
         check_packing(self.packing)
         check_common_settings(self.nonfinite, self.grad_accum_steps, self.batch_size,
-                              1 if self.max_steps is None else self.max_steps)
+                              1 if self.max_steps is None else self.max_steps,
+                              max_skipped_steps=self.max_skipped_steps)
         if not self.epochs > 0:
             raise ValueError(f"epochs={self.epochs!r} is out of range: SFTConfig.epochs must be "
                              f"> 0 (or set max_steps)")

@@ -25,6 +25,7 @@ __all__ = [
     "CPU_MALLOC_CHOICES",
     "CPU_MMAP_THRESHOLD",
     "DEVICE_CHOICES",
+    "MAX_SKIPPED_STEPS",
     "autocast_dtype_for",
     "bound_cpu_allocator_slack",
     "check_common_settings",
@@ -47,14 +48,26 @@ __all__ = [
 ]
 
 
+MAX_SKIPPED_STEPS = 10  # the stages' default max_skipped_steps
+
+
 def check_common_settings(nonfinite: str, grad_accum_steps: int, batch_size: int,
                           steps: int, *, batch_name: str = "batch_size",
-                          steps_name: str = "max_steps") -> None:
+                          steps_name: str = "max_steps",
+                          max_skipped_steps: int = MAX_SKIPPED_STEPS) -> None:
     """The settings every stage has: the non-finite policy and the batch/step counts.
     ``batch_name``/``steps_name``: the stage's own names of the two counts (the RL stage's
-    are minibatch_size and num_iterations), so that an error names the setting the user gave."""
+    are minibatch_size and num_iterations), so that an error names the setting the user gave.
+    A ``max_skipped_steps`` given with nonfinite='error' is said (it is nonfinite=skip's cap:
+    the run stops at the first non-finite step, and the setting was ignored without a word);
+    a warning, not an error, as configs made from one template often switch nonfinite alone."""
     if nonfinite not in ("error", "skip"):
         raise ValueError(f"nonfinite must be 'error' or 'skip', got {nonfinite!r}")
+    if nonfinite == "error" and max_skipped_steps != MAX_SKIPPED_STEPS:
+        warnings.warn(f"max_skipped_steps={max_skipped_steps} has no effect with "
+                      f"nonfinite='error' (the run stops at the first non-finite step; "
+                      f"max_skipped_steps caps the steps nonfinite=skip drops); set "
+                      f"nonfinite=skip too, or remove max_skipped_steps", stacklevel=2)
     for name, value in (("grad_accum_steps", grad_accum_steps), (batch_name, batch_size),
                         (steps_name, steps)):
         if value < 1:

@@ -259,3 +259,41 @@ def test_tensorboard_hides_the_records_a_resumed_run_logs_again(tmp_path, monkey
         logger.log({"loss": 0.0}, step=4)
     assert made == [{}, {"purge_step": 4}]
     assert [r["step"] for r in metrics.read_metrics(path)] == [1, 2, 3, 4]
+
+
+# ------------------------------------------------------------------ settings without effect
+@pytest.mark.parametrize("command", ["sft", "rm", "ppo", "grpo"])
+def test_max_skipped_steps_without_nonfinite_skip_is_said(command, recwarn):
+    """max_skipped_steps caps the steps nonfinite=skip drops; with nonfinite=error (the
+    default) the run stops at the first non-finite step, and a max_skipped_steps given was
+    ignored without a word. Now a warning names it; with nonfinite=skip, or at the default,
+    nothing is said."""
+    import importlib
+
+    from rlhf.config import load_config
+
+    stage = cli.STAGES[command]
+    config_class = getattr(importlib.import_module(stage.module), stage.config_class)
+    with pytest.warns(UserWarning, match=r"^max_skipped_steps=3 has no effect with "
+                                         r"nonfinite='error' .* set nonfinite=skip too"):
+        load_config(config_class, None, ["max_skipped_steps=3"])
+    recwarn.clear()
+    load_config(config_class, None, ["max_skipped_steps=3", "nonfinite=skip"])
+    load_config(config_class, None, ["max_skipped_steps=10"])
+    assert not [w for w in recwarn if "max_skipped_steps" in str(w.message)]
+
+
+def test_the_pipeline_names_a_stages_max_skipped_steps_as_typed():
+    """In rlhf pipeline the warning names the stage's setting as typed, once, on one line (a
+    separate process: pytest records warnings itself)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "rlhf", "pipeline", "--print-config",
+                           "reward.max_skipped_steps=2"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "max_skipped_steps" in line]
+    assert len(lines) == 1 and lines[0].startswith(
+        "rlhf pipeline: warning: reward.max_skipped_steps=2 has no effect with "
+        "nonfinite='error'"), done.stderr
