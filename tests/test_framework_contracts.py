@@ -620,6 +620,8 @@ def test_loss_kl_gae_dropins_return_the_frameworks_dtypes(backend, dtype, mask_d
                                    clip_eps_high=0.2, dual_clip=None)
     seq_policy = types.SimpleNamespace(**{**vars(policy), "token_level_loss": False})
     value = types.SimpleNamespace(clip_eps=0.2, token_level_loss=True)
+    counts = dict(dp_size=2, batch_num_tokens=torch.tensor(40.0, device=DEVICE),
+                  global_batch_size=torch.tensor(6.0, device=DEVICE))
     cases = {
         "verl.kl_penalty": (lambda **kw: our_verl.kl_penalty(logp, old, "low_var_kl", **kw),
                             [dtype]),
@@ -631,6 +633,12 @@ def test_loss_kl_gae_dropins_return_the_frameworks_dtypes(backend, dtype, mask_d
             old, logp, adv, mask, "token-mean", config, **kw)[0], [same]),
         "verl.policy_loss seq-mean": (lambda **kw: our_verl.compute_policy_loss_vanilla(
             old, logp, adv, mask, "seq-mean-token-mean", config, **kw)[0], [at_least_fp32]),
+        # GSPO's drop-in feeds the op fp32 shifted old log-probs; veRL's dtype is still its
+        # inputs' (bf16 for bf16 log-probs and the bool mask veRL's actor passes)
+        "verl.gspo token-mean": (lambda **kw: our_verl.compute_policy_loss_gspo(
+            old, logp, adv, mask, "token-mean", config, **kw)[0], [same]),
+        "verl.gspo seq-mean": (lambda **kw: our_verl.compute_policy_loss_gspo(
+            old, logp, adv, mask, config=config, **kw)[0], [at_least_fp32]),
         "verl.compute_policy_loss": (lambda **kw: our_verl.compute_policy_loss(
             old, logp, adv, mask, 0.2, **kw), [same, frac, same, frac]),
         "verl.value_loss": (lambda **kw: our_verl.compute_value_loss(
@@ -643,6 +651,12 @@ def test_loss_kl_gae_dropins_return_the_frameworks_dtypes(backend, dtype, mask_d
             seq_policy, logp, old, adv, mask, **kw)[:1], [at_least_fp32]),
         "openrlhf.ValueLoss": (lambda **kw: our_openrlhf.value_loss_forward(
             value, values, adv, returns, mask, **kw), [same]),
+        # OpenRLHF's trainers pass the global counts as 0-d fp32 tensors (get_loss_batch_info):
+        # its loss, a 0-d sum divided by them, is at least fp32
+        "openrlhf.PolicyLoss global counts": (lambda **kw: our_openrlhf.policy_loss_forward(
+            policy, logp, old, adv, mask, **counts, **kw)[:1], [at_least_fp32]),
+        "openrlhf.ValueLoss global counts": (lambda **kw: our_openrlhf.value_loss_forward(
+            value, values, adv, returns, mask, **counts, **kw), [at_least_fp32]),
         "openrlhf.PairWiseLoss": (lambda **kw: our_openrlhf.pairwise_loss_forward(
             None, values[0], returns[0], **kw), [dtype]),
         "openrlhf.LogExpLoss": (lambda **kw: our_openrlhf.log_exp_loss_forward(

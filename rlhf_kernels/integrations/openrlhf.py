@@ -218,10 +218,16 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return (x * mask).sum() / mask.sum()
 
 
-def _loss_dtype(token_level_loss: bool, *tensors: torch.Tensor | None) -> torch.dtype:
+def _loss_dtype(token_level_loss: bool, batch_num_tokens, global_batch_size,
+                *tensors: torch.Tensor | None) -> torch.dtype:
     """OpenRLHF's loss dtype: its inputs' promotion, at least fp32 for the sequence-level loss
-    (aggregate_loss builds the sequence mask with ``.float()``)."""
-    return promoted(*tensors) if token_level_loss else promoted(torch.float32, *tensors)
+    (aggregate_loss builds the sequence mask with ``.float()``), and the global count it divides
+    by when that is a tensor: OpenRLHF 0.11.2's trainers pass batch_num_tokens and
+    global_batch_size as 0-d fp32 tensors, and a 0-d bf16 sum over a 0-d fp32 count is fp32."""
+    count = batch_num_tokens if token_level_loss else global_batch_size
+    count = count if isinstance(count, torch.Tensor) else None
+    return (promoted(count, *tensors) if token_level_loss
+            else promoted(torch.float32, count, *tensors))
 
 
 def _rollout_correction(self, old_log_probs, rollout_log_probs, action_mask):
@@ -326,8 +332,8 @@ def policy_loss_forward(
     with torch.no_grad():  # OpenRLHF reports ppo_kl from the unclamped log-ratio
         work = torch.promote_types(kl_dtype, torch.float32)
         ppo_kl = _masked_mean(old_log_probs.to(work) - log_probs.to(work), action_mask)
-    loss_dtype = _loss_dtype(self.token_level_loss, log_probs, ratio_base, advantages,
-                             action_mask, coefficient)
+    loss_dtype = _loss_dtype(self.token_level_loss, batch_num_tokens, global_batch_size,
+                             log_probs, ratio_base, advantages, action_mask, coefficient)
     clip_ratio = stats["clipfrac"] if coefficient is None else _clip_ratio(
         log_probs, old_log_probs, advantages, action_mask, self.clip_eps_low, self.clip_eps_high)
     frac_dtype = promoted(torch.float32, action_mask)
@@ -365,7 +371,8 @@ def value_loss_forward(
     loss, _ = ppo_value_loss(values, old_values, returns, action_mask, clip=self.clip_eps,
                              reduction=reduction)
     loss = loss if factor is None else loss * factor
-    dtype = _loss_dtype(self.token_level_loss, values, old_values, returns, action_mask)
+    dtype = _loss_dtype(self.token_level_loss, batch_num_tokens, global_batch_size, values,
+                        old_values, returns, action_mask)
     return finish(loss, dtype, keep_fp32)
 
 

@@ -500,10 +500,12 @@ def _loss_dtype(loss_agg_mode: str, *tensors: torch.Tensor) -> torch.dtype:
 
 def _policy_loss(old_log_prob, log_prob, advantages, response_mask, clip_low, clip_high,
                  clip_ratio_c, loss_agg_mode, global_batch_info, keep_fp32, weights=None,
-                 **options):
+                 callers_old=None, **options):
     """ppo_policy_loss with veRL's aggregation and dtype (``weights``: the rollout correction
-    weights, already in ``advantages``, for the dtype only); ``options``: the op's ratio_level,
-    loss_type, log_ratio_clamp (default 20, veRL's token log-ratio clamp)."""
+    weights, already in ``advantages``, for the dtype only; ``callers_old``: the caller's old
+    log-probs where ``old_log_prob`` is derived from them, e.g. GSPO's fp32 shifted ones, for the
+    dtype only); ``options``: the op's ratio_level, loss_type, log_ratio_clamp (default 20,
+    veRL's token log-ratio clamp)."""
     options.setdefault("log_ratio_clamp", 20.0)
     loss, stats = ppo_policy_loss(
         log_prob, old_log_prob, advantages, response_mask,
@@ -511,8 +513,9 @@ def _policy_loss(old_log_prob, log_prob, advantages, response_mask, clip_low, cl
         reduction=loss_agg_mode, **options,
     )
     loss = _scaled(loss, _agg_factor(response_mask, loss_agg_mode, **global_batch_info))
-    dtype = _loss_dtype(loss_agg_mode, log_prob, old_log_prob, advantages, response_mask,
-                        weights)
+    dtype = _loss_dtype(loss_agg_mode, log_prob,
+                        old_log_prob if callers_old is None else callers_old, advantages,
+                        response_mask, weights)
     return finish(loss, dtype, keep_fp32), stats
 
 
@@ -725,6 +728,7 @@ def compute_policy_loss_gspo(
                                                                       rollout_is_weights),
                            response_mask, clip_low, clip_high, None, loss_agg_mode,
                            global_batch_info, keep_fp32, weights=rollout_is_weights,
+                           callers_old=old_log_prob,
                            log_ratio_clamp=_GSPO_LOG_RATIO_CLAMP if high else None)
     metrics = {"actor/pg_clipfrac": clipfrac, "actor/ppo_kl": ppo_kl,
                "actor/pg_clipfrac_lower": 0.0}
