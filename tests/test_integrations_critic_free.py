@@ -527,6 +527,8 @@ def _loss_dropins():
             o, lp, a, m, "token-mean", config),
         "verl cispo": lambda o, lp, a, m: our_verl.compute_policy_loss_cispo(
             o, lp, a, m, "seq-mean-token-sum", config),
+        "verl deprecated": lambda o, lp, a, m: our_verl.compute_policy_loss(
+            o, lp, a, m, 0.2, loss_agg_mode="token-mean"),
         "verl sapo": lambda o, lp, a, m: our_verl.compute_policy_loss_sapo(
             o, lp, a, m, "seq-mean-token-mean", _ActorConfig(config, tau_pos=1.0, tau_neg=1.05)),
         "openrlhf ppo": lambda o, lp, a, m: our_openrlhf.policy_loss_forward(
@@ -543,7 +545,8 @@ def test_per_sequence_advantages_equal_expanded(name):
     per_seq = torch.randn(old.shape[0], device=DEVICE)
     expanded = per_seq[:, None].expand(old.shape)
     results = []
-    for adv in (per_seq, expanded, expanded.contiguous()):
+    # (B, 1): veRL's and OpenRLHF's own losses broadcast it against (B, T)
+    for adv in (per_seq, expanded, expanded.contiguous(), per_seq[:, None]):
         leaf = logp.detach().clone().requires_grad_(True)
         out = fn(old, leaf, adv, mask)
         (grad,) = torch.autograd.grad(out[0], leaf)

@@ -84,3 +84,14 @@ def weighted_advantages(advantages: torch.Tensor, weights: torch.Tensor | None) 
             return advantages * weights.squeeze(-1).to(advantages.dtype)
         advantages = advantages.unsqueeze(-1)
     return advantages * weights
+
+
+def broadcast_advantages(advantages: torch.Tensor, log_prob: torch.Tensor) -> torch.Tensor:
+    """(B, 1) advantages against (B, T) log-probs, which the frameworks' policy losses broadcast
+    (``-advantages * ratio``), as a (B, T) view without a copy; the op takes one value per token
+    (B, T) or per sequence (B,), and the drop-ins' shape checks and clip statistics then see
+    the framework's shapes. Any other shape is returned unchanged."""
+    if (advantages.dim() == 2 and log_prob.dim() == 2 and advantages.shape[-1] == 1
+            and log_prob.shape[-1] != 1 and advantages.shape[0] == log_prob.shape[0]):
+        return advantages.expand_as(log_prob)
+    return advantages

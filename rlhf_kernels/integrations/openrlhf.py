@@ -79,6 +79,7 @@ from rlhf_kernels._checks import int_setting
 from rlhf_kernels.integrations import Patch, apply_patch, dropin, original
 from rlhf_kernels.integrations._contract import (
     bind_keep_fp32,
+    broadcast_advantages,
     finish,
     installed,
     promoted,
@@ -300,6 +301,7 @@ def policy_loss_forward(
     docstring): (B, T) tensors -> (loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio), () tensors
     in OpenRLHF's dtypes (fp32 with ``keep_fp32``); the last two None without the correction or
     for "gspo", as OpenRLHF. Dual clip as configured, for both."""
+    advantages = broadcast_advantages(advantages, log_probs)
     reduction, factor, covered = _aggregation(
         action_mask, self.token_level_loss, dp_size, batch_num_tokens, global_batch_size
     )

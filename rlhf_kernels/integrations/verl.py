@@ -88,6 +88,7 @@ from rlhf_kernels._checks import REDUCTIONS
 from rlhf_kernels.integrations import Patch, apply_patch, dropin, original
 from rlhf_kernels.integrations._contract import (
     bind_keep_fp32,
+    broadcast_advantages,
     finish,
     installed,
     promoted,
@@ -584,6 +585,7 @@ def compute_policy_loss_vanilla(
     "actor/pg_clipfrac_lower"} floats). Reads clip_ratio, clip_ratio_low / _high,
     clip_ratio_c and global_batch_info from ``config``, as veRL does.
     """
+    advantages = broadcast_advantages(advantages, log_prob)
     clip_low, clip_high, global_batch_info, covered = _actor_options(
         config, loss_agg_mode, rollout_is_weights, advantages)
     clip_ratio_c = _config_value(config, "clip_ratio_c", 3.0) if config is not None else 3.0
@@ -628,6 +630,7 @@ def compute_policy_loss(
     """veRL's older (deprecated) policy-loss entry point: (B, T) tensors -> (pg_loss,
     pg_clipfrac, ppo_kl, pg_clipfrac_lower), () tensors in veRL's dtypes (the clip fractions at
     least fp32; fp32 with ``keep_fp32``)."""
+    advantages = broadcast_advantages(advantages, log_prob)
     clip_low = cliprange if cliprange_low is None else cliprange_low
     clip_high = cliprange if cliprange_high is None else cliprange_high
     if (clip_low is None or clip_high is None or not clip_ratio_c > 1.0
@@ -706,6 +709,7 @@ def compute_policy_loss_gspo(
     by veRL's own function; the check rides on the host sync that the float metrics need
     anyway.
     """
+    advantages = broadcast_advantages(advantages, log_prob)
     clip_low, clip_high, global_batch_info, covered = _actor_options(
         config, loss_agg_mode, rollout_is_weights, advantages)
 
@@ -755,6 +759,7 @@ def compute_policy_loss_cispo(
     tokens whose ratio is outside the range), "actor/ppo_kl", "actor/pg_clipfrac_lower" (0)}
     floats).
     """
+    advantages = broadcast_advantages(advantages, log_prob)
     clip_low, clip_high, global_batch_info, covered = _actor_options(
         config, loss_agg_mode, rollout_is_weights, advantages)
     if not covered:
@@ -809,6 +814,7 @@ def compute_policy_loss_sapo(
     reports 0 for both clip fractions. A config whose temperatures are not finite numbers > 0
     goes to veRL's own function.
     """
+    advantages = broadcast_advantages(advantages, log_prob)
     global_batch_info, covered = _aggregation_options(config, _SAPO_AGGREGATION,
                                                       rollout_is_weights, advantages)
     tau_pos = _sapo_temperature(config, "tau_pos", advantages.dtype) if covered else None
