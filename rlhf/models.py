@@ -491,6 +491,9 @@ def load_causal_lm(name_or_path, *, setting: str = "model", torch_dtype=None,
             f"files (e.g. {missing[0]!r}) and would start random (its config.json names "
             f"{getattr(model.config, 'architectures', None) or 'no architecture'}); give the "
             f"directory of a causal LM (a ...ForCausalLM checkpoint written by save_pretrained)")
+    from rlhf import quant
+
+    quant.keep_4bit_layers_trainable_on_cpu(model)  # (bitsandbytes' CPU repacking: quant.py)
     return model
 
 
@@ -545,6 +548,10 @@ class SharedBackbone(nn.Module):
                 head.bias.zero_()
         self._lora_layers = self._find_lora_layers(self.peft_model)
         lora_forward.install(self._lora_layers)  # two GEMMs per adapted linear under autocast
+        # a 4-bit base loaded elsewhere: bitsandbytes' CPU repacking breaks training (quant.py)
+        from rlhf import quant
+
+        quant.keep_4bit_layers_trainable_on_cpu(self.causal_lm)
         self._trainable_roles = set(roles)
         self._active_role: str | None = roles[0]
         self._direct_switch = False  # PEFT's own switch first, then check the direct one

@@ -47,6 +47,7 @@ from torch import nn
 
 __all__ = ["OPTIMIZERS", "QUANTIZATIONS", "bnb_config", "check_optimizer", "check_quantization",
            "check_trainable", "compute_dtype", "dense_weight", "describe", "is_quantized_linear",
+           "keep_4bit_layers_trainable_on_cpu",
            "make_optimizer", "merge_lora_into_dense", "out_features", "quant_state_tensors",
            "quantization_of", "state_bytes"]
 
@@ -205,6 +206,30 @@ def out_features(linear: nn.Module) -> int:
     if hasattr(linear, "out_features"):
         return int(linear.out_features)
     return int(linear.weight.shape[0])
+
+
+def keep_4bit_layers_trainable_on_cpu(model: nn.Module) -> int:
+    """Turn off bitsandbytes' CPU weight repacking on every 4-bit layer of ``model``; returns
+    how many layers had it on.
+
+    On a CPU with AVX512-BF16 (bitsandbytes >= 0.48), a ``Linear4bit``'s first no-grad forward
+    in eval mode repacks its weight, in place, into an inference-only format (bf16 block
+    scales, a gemv kernel). From then on the layer computes other numbers than the dequantized
+    matrix (``dense_weight``: the fused log-probs stop matching the model's logits), and a
+    training forward fails ("a view of a leaf Variable that requires grad is being used in an
+    in-place operation"). The trainer alternates sampling (eval, no grad) and updates, so the
+    layers keep the unpacked format: every forward dequantizes the stored weight, on any CPU.
+    """
+    bnb = _bnb_loaded()
+    if bnb is None:
+        return 0
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) \
+                and getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
 
 
 def dense_weight(linear: nn.Module) -> torch.Tensor:

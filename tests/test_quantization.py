@@ -160,6 +160,31 @@ def test_fused_logprobs_equal_unfused_with_dense_and_quantized_lm_head(base_dir,
         quant.dense_weight(int8.model.layers[0].mlp.down_proj)
 
 
+def test_4bit_layers_never_take_the_cpu_inference_repacking(base_dir, tokenizer):
+    """bitsandbytes repacks a Linear4bit's weight for CPU inference on its first eval no-grad
+    forward where the CPU has AVX512-BF16; the repacked layer computes other numbers and fails a
+    later training forward. Loaded or wrapped 4-bit layers have it off on every CPU, and sampling
+    then training works."""
+    import bitsandbytes as bnb
+
+    model = load_causal_lm(base_dir, quantization="nf4")
+    four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert four_bit and not any(m.support_avx512bf16_for_cpu for m in four_bit)
+    for module in four_bit:  # as a model quantized elsewhere would have them on such a CPU
+        module.support_avx512bf16_for_cpu = True
+    backbone = SharedBackbone.from_model(model, lora=LoraSpec(rank=4), name_or_path=base_dir)
+    assert not any(m.support_avx512bf16_for_cpu for m in four_bit)
+    ids, mask = batch(tokenizer, seed=5)
+    backbone.eval()
+    with torch.no_grad():
+        backbone.token_logprobs(ids, mask, "policy")
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+                   for m in four_bit)
+    backbone.train()
+    backbone.token_logprobs(ids, mask, "policy").sum().backward()
+    assert all(p.grad is not None for p in backbone.trainable_parameters("policy"))
+
+
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_checkpoint_holds_adapters_and_heads_only_and_reloads(base_dir, tokenizer, tmp_path,
                                                               kind):
