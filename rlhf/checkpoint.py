@@ -85,6 +85,7 @@ __all__ = [
     "atomic_write_text",
     "capture_rng_state",
     "config_changes",
+    "interrupts_held",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
@@ -456,6 +457,47 @@ def prune_checkpoints(root: str | Path, keep: int) -> list[Path]:
     for path in old:
         shutil.rmtree(path, ignore_errors=True)
     return old
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) and SIGTERM until the block is done, then deliver them.
+
+    A stage wraps an optimizer step in it, with what makes that step whole (the scheduler, the
+    step counter, its metrics record): an interrupt inside ``optimizer.step()`` had updated some
+    parameters (and their Adam moments) and not others, and the checkpoint the stage then saves
+    labelled that half-updated model with the previous step, so the resumed run trained on from
+    a state the uninterrupted one never had. Held, the interrupt arrives when the step is
+    complete (at most one optimizer step later) and the checkpoint is the step's. A signal
+    that came goes to the handler the block found (KeyboardInterrupt for SIGINT, the CLI's
+    Terminated for SIGTERM, or the default action); when the block raises, that exception
+    ends the run and the signal is dropped. Outside the main thread (where handlers cannot be
+    set) the block runs as it is."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+
+    def hold(signum, _frame) -> None:
+        pending.append(signum)
+
+    previous = {}
+    for number in (signal.SIGINT, signal.SIGTERM):
+        previous[number] = signal.signal(number, hold)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if pending:  # reached only when the block completed
+        handler = previous[pending[0]]
+        if callable(handler):
+            handler(pending[0], None)
+        elif handler != signal.SIG_IGN:  # SIG_DFL, or a handler set outside Python
+            signal.raise_signal(pending[0])
 
 
 def capture_rng_state() -> dict[str, Any]:

@@ -276,6 +276,7 @@ def train(
 def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pairs,
            on_step) -> dict:
     from rlhf import data
+    from rlhf.checkpoint import interrupts_held
     from rlhf.metrics import MetricsLogger
     from rlhf.models import LoraSpec, SharedBackbone
 
@@ -422,28 +423,33 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
                 params, [total_loss, *stats_sum.values()])
             stats_sum = dict(zip(stats_sum, summed, strict=True))
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-            if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
-                optimizer.zero_grad(set_to_none=True)
-                if cfg.nonfinite == "error" or skipped >= cfg.max_skipped_steps:
-                    raise nonfinite_error("rm", f"step {step + 1}",
-                                          {"loss": total_loss, "grad norm": grad_norm},
-                                          {"lr": cfg.lr}, skipped, cfg)
-                skipped += 1
-                warnings.warn(nonfinite_skipped("rm", f"step {step + 1}", {
-                    "loss": total_loss, "grad norm": grad_norm}, skipped, cfg), stacklevel=1)
-            else:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step += 1
-            progress.update(1)
-            metrics = {"step": step, "loss": total_loss, "grad_norm": grad_norm,
-                       "lr": scheduler.get_last_lr()[0], "skipped_steps": skipped,
-                       "pairs_per_s": cfg.batch_size * cfg.grad_accum_steps
-                       / max(time.perf_counter() - started, 1e-9),
-                       **backbone.packing.token_stats(),
-                       **{f"train_{k}": v for k, v in stats_sum.items()}}
-            unlogged = True
+            # a Ctrl-C or SIGTERM in the optimizer step waits for the step to be whole (it
+            # left some parameters updated and others not, saved as the previous step); the
+            # evaluation and record after it stay interruptible (``unlogged``)
+            with interrupts_held():
+                if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
+                    optimizer.zero_grad(set_to_none=True)
+                    if cfg.nonfinite == "error" or skipped >= cfg.max_skipped_steps:
+                        raise nonfinite_error("rm", f"step {step + 1}",
+                                              {"loss": total_loss, "grad norm": grad_norm},
+                                              {"lr": cfg.lr}, skipped, cfg)
+                    skipped += 1
+                    warnings.warn(nonfinite_skipped("rm", f"step {step + 1}", {
+                        "loss": total_loss, "grad norm": grad_norm}, skipped, cfg),
+                        stacklevel=1)
+                else:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                step += 1
+                progress.update(1)
+                metrics = {"step": step, "loss": total_loss, "grad_norm": grad_norm,
+                           "lr": scheduler.get_last_lr()[0], "skipped_steps": skipped,
+                           "pairs_per_s": cfg.batch_size * cfg.grad_accum_steps
+                           / max(time.perf_counter() - started, 1e-9),
+                           **backbone.packing.token_stats(),
+                           **{f"train_{k}": v for k, v in stats_sum.items()}}
+                unlogged = True
             finish_step()
             unlogged = False
             if on_step is not None:

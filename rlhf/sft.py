@@ -388,6 +388,7 @@ def train(
 
 def _train(cfg: SFTConfig, run, *, model, tokenizer, examples, on_step) -> dict:
     from rlhf import checkpoint, data, distributed
+    from rlhf.checkpoint import interrupts_held
     from rlhf.metrics import MetricsLogger
     from rlhf.packing import Packing
 
@@ -513,32 +514,38 @@ def _train(cfg: SFTConfig, run, *, model, tokenizer, examples, on_step) -> dict:
             total_loss, = distributed.sum_gradients(
                 [p for p in model.parameters() if p.requires_grad], [total_loss])
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-            if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
-                optimizer.zero_grad(set_to_none=True)
-                if cfg.nonfinite == "error" or skipped >= cfg.max_skipped_steps:
-                    raise nonfinite_error("sft", f"step {step + 1}",
-                                          {"loss": total_loss, "grad norm": grad_norm},
-                                          {"lr": cfg.lr}, skipped, cfg)
-                skipped += 1
-                warnings.warn(nonfinite_skipped("sft", f"step {step + 1}", {
-                    "loss": total_loss, "grad norm": grad_norm}, skipped, cfg), stacklevel=1)
-            else:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            # a skipped step is still a step: logged (its loss non-finite), counted by
-            # log_every and save_every, as in the reward and RL stages
-            scheduler.step()
-            step += 1
-            progress.update(1)
-            elapsed = time.perf_counter() - started
-            last_metrics = {
-                "step": step, "loss": total_loss, "grad_norm": grad_norm,
-                "lr": scheduler.get_last_lr()[0], "tokens_per_s": n_tokens / max(elapsed, 1e-9),
-                "skipped_steps": skipped, **packing.token_stats(),
-            }
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                logger.log(last_metrics, step=step)
-                progress.set_postfix(loss=f"{total_loss:.3f}")
+            # a Ctrl-C or SIGTERM from here to the step's record waits for them: inside
+            # optimizer.step() it left some parameters updated and others not, and the
+            # checkpoint saved then held that model as the previous step (interrupts_held)
+            with interrupts_held():
+                if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
+                    optimizer.zero_grad(set_to_none=True)
+                    if cfg.nonfinite == "error" or skipped >= cfg.max_skipped_steps:
+                        raise nonfinite_error("sft", f"step {step + 1}",
+                                              {"loss": total_loss, "grad norm": grad_norm},
+                                              {"lr": cfg.lr}, skipped, cfg)
+                    skipped += 1
+                    warnings.warn(nonfinite_skipped("sft", f"step {step + 1}", {
+                        "loss": total_loss, "grad norm": grad_norm}, skipped, cfg),
+                        stacklevel=1)
+                else:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                # a skipped step is still a step: logged (its loss non-finite), counted by
+                # log_every and save_every, as in the reward and RL stages
+                scheduler.step()
+                step += 1
+                progress.update(1)
+                elapsed = time.perf_counter() - started
+                last_metrics = {
+                    "step": step, "loss": total_loss, "grad_norm": grad_norm,
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens_per_s": n_tokens / max(elapsed, 1e-9),
+                    "skipped_steps": skipped, **packing.token_stats(),
+                }
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    logger.log(last_metrics, step=step)
+                    progress.set_postfix(loss=f"{total_loss:.3f}")
             if on_step is not None:
                 on_step(step, last_metrics)
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:

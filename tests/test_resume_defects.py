@@ -7,7 +7,9 @@
   checkpoint Ctrl-C writes: the resume went back to the last periodic checkpoint;
 - every safetensors file a run wrote (checkpoint parameters, the saved model, the backbone's
   heads and adapters) was mode 0600, unreadable by another user, unlike the run's other files;
-- TensorBoard kept the records a resumed run logs again (metrics.jsonl drops them).
+- TensorBoard kept the records a resumed run logs again (metrics.jsonl drops them);
+- a Ctrl-C (or SIGTERM) inside an SFT or reward-model optimizer step saved a half-updated
+  model as the previous step.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ def _sft_config(out, **overrides) -> sft.SFTConfig:
 
 
 def _records(path):
-    return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}
+    """metrics.jsonl without its timings (tokens_per_s, pairs_per_s)."""
+    return [{k: v for k, v in json.loads(line).items() if not k.endswith("_per_s")}
             for line in open(path)]
 
 
@@ -205,6 +208,81 @@ def test_the_cli_says_a_sigterm_and_exits_143(monkeypatch, capsys, tmp_path):
     assert code == cli.EXIT_TERMINATED == 143 and seen == [cli.Terminated]
     err = capsys.readouterr().err
     assert "rlhf sft: terminated (SIGTERM). Continue with `rlhf sft" in err and "--resume`" in err
+
+
+# ------------------------------------------------------------------ an interrupt inside a step
+class _SignalInsideTheOptimizerStep:
+    """Sends SIGINT (what Ctrl-C sends) to this process from inside ``optimizer.step()``,
+    between the updates of two parameters: at the ``at``-th in-place ``lerp_`` (AdamW's
+    first-moment update, one per parameter and step), through a torch function mode."""
+
+    def __init__(self, at: int):
+        from torch.overrides import TorchFunctionMode
+
+        self.calls, self.sent = 0, False
+        outer = self
+
+        class Mode(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if "lerp_" in getattr(func, "__name__", ""):
+                    outer.calls += 1
+                    if outer.calls == at:
+                        outer.sent = True
+                        os.kill(os.getpid(), signal.SIGINT)
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_an_interrupt_inside_the_optimizer_step_resumes_to_the_uninterrupted_run(
+        stage, tmp_path, tokenizer, corpus):
+    """Ctrl-C in the middle of step 2's optimizer step: the step is finished (and logged)
+    first, its checkpoint saved, and the resumed run equals the uninterrupted one. Before,
+    the interrupt left some parameters (and Adam moments) updated and others not, and the
+    checkpoint saved them as step 1: the resumed losses differed from step 2 on."""
+    from rlhf import reward
+    from rlhf.models import LoraSpec, SharedBackbone
+
+    def run(out, **kwargs):
+        if stage == "sft":
+            return sft.train(_sft_config(out), model=tiny_llama(tokenizer),
+                             tokenizer=tokenizer, examples=corpus, **kwargs)
+        good = task.make_corpus(16, seed=1, sentiment_mix={"positive": 1.0})
+        bad = task.make_corpus(16, seed=2, sentiment_mix={"negative": 1.0})
+        pairs = [{"prompt": g["prompt"], "chosen": g["completion"],
+                  "rejected": b["completion"]} for g, b in zip(good, bad)]
+        cfg = reward.RewardConfig(output_dir=str(out), batch_size=4, grad_accum_steps=1,
+                                  epochs=1.0, lr=1e-2, warmup_steps=1, log_every=1,
+                                  save_every=0, max_length=48, device="cpu",
+                                  resume=kwargs.pop("resume", False))
+        backbone = SharedBackbone.from_model(tiny_llama(tokenizer), lora=LoraSpec(rank=2))
+        return reward.train(cfg, backbone=backbone, tokenizer=tokenizer,
+                            train_pairs=pairs, eval_pairs=pairs[:4], **kwargs)
+
+    def resume(out):
+        if stage == "sft":
+            cfg = _sft_config(out)
+            cfg.resume = True
+            return sft.train(cfg, model=tiny_llama(tokenizer), tokenizer=tokenizer,
+                             examples=corpus)
+        return run(out, resume=True)
+
+    run(tmp_path / "full")
+    trained = len(load_state(checkpoint.latest_checkpoint(
+        tmp_path / "full" / "checkpoints"))["params"])
+    signal_in_step = _SignalInsideTheOptimizerStep(at=trained + trained // 2)
+    with pytest.raises(KeyboardInterrupt), signal_in_step.mode:
+        run(tmp_path / "cut")
+    assert signal_in_step.sent  # inside step 2's optimizer step
+    assert checkpoint.latest_checkpoint(tmp_path / "cut" / "checkpoints").name == "step-0000002"
+    resume(tmp_path / "cut")
+    assert _records(tmp_path / "cut" / "metrics.jsonl") == \
+        _records(tmp_path / "full" / "metrics.jsonl")
+    last = checkpoint.latest_checkpoint(tmp_path / "full" / "checkpoints").name
+    a = load_state(tmp_path / "full" / "checkpoints" / last)["params"]
+    b = load_state(tmp_path / "cut" / "checkpoints" / last)["params"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ------------------------------------------------------------------ file modes
