@@ -230,6 +230,23 @@ def test_three_patches_undone_middle_first(fake_framework):
     assert all(h is fw.helper for h in _holders(fw))
 
 
+def test_a_mocked_framework_function_is_kept_as_the_original(fake_framework):
+    """A framework function replaced by a unittest.mock object (a framework's test suite does
+    that) answers every attribute, the drop-in marker too: it is still the original the
+    fallbacks reach and the one undo restores."""
+    from unittest import mock
+
+    fw = fake_framework
+    mocked = mock.MagicMock(side_effect=lambda x: x + 1)
+    fw.core.helper = mocked
+    helper, _, targets = _fake_targets()
+    with integrations.apply_patch("Fake", "fakefw", targets):
+        assert fw.core.helper is helper
+        assert fw.core.helper(-5) == -4  # the fallback reaches the mock
+        mocked.assert_called_once_with(-5)
+    assert fw.core.helper is mocked
+
+
 def test_patch_skips_missing_targets_with_a_warning(fake_framework):
     helper, _, targets = _fake_targets()
     targets = targets + [("fakefw.core", "absent_in_this_version", helper),

@@ -54,7 +54,12 @@ def dropin(fn: Callable) -> Callable:
 
 
 def _is_dropin(obj: Any) -> bool:
-    return bool(getattr(obj, _DROPIN_FLAG, False))
+    # ``is True``: an object that answers every attribute (a unittest.mock stand-in for a
+    # framework function) is not a drop-in
+    try:
+        return getattr(obj, _DROPIN_FLAG, False) is True
+    except Exception:  # noqa: BLE001 - an object whose __getattr__ raises something else
+        return False
 
 
 def _owner_and_name(module: Any, path: str) -> tuple[Any, str]:
