@@ -46,6 +46,7 @@ Checkpoint layout written by ``save`` (atomically: a temporary directory, then a
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -63,6 +64,12 @@ from torch import nn
 from rlhf import lora_forward
 from rlhf.errors import write_error
 from rlhf.seeding import derived_seed, seeded
+
+# bitsandbytes (imported by PEFT when installed) logs on a CPU with AVX512-BF16 that it could not
+# load a CPU 4-bit gemv kernel from the Hugging Face hub. That kernel serves its repacked
+# inference format, which this trainer turns off (quant.keep_4bit_layers_trainable_on_cpu): the
+# line concerns nothing that runs here, and it was the first thing `rlhf pipeline` printed.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __all__ = [
     "ROLES",
