@@ -676,6 +676,30 @@ def test_loss_kl_gae_dropins_return_the_frameworks_dtypes(backend, dtype, mask_d
             assert torch.equal(o, k.to(o.dtype)), f"{name}: not the fp32 result rounded once"
 
 
+def test_kl_dropins_take_a_reference_made_under_inference_mode(backend):
+    """A reference model's log-probs computed under torch.inference_mode: the frameworks' own
+    KL (torch arithmetic that saves no input) takes them with a log-prob that needs grad; the
+    drop-ins (a kernel whose backward needs both inputs) did not: 'Inference tensors cannot be
+    saved for backward'."""
+    logp = (-3 * torch.rand(2, 5, device=DEVICE)).requires_grad_()
+    with torch.inference_mode():
+        ref = logp.detach() + torch.linspace(-15.0, 15.0, 10, device=DEVICE).view(2, 5)
+    plain = ref.clone()
+    calls = {
+        "verl low_var_kl": lambda r: our_verl.kl_penalty(logp, r, "low_var_kl"),
+        "verl k3+": lambda r: our_verl.kl_penalty(logp, r, "k3+"),
+        "openrlhf k3": lambda r: our_openrlhf.compute_approx_kl(logp, r, kl_estimator="k3"),
+        "openrlhf k2 unbiased": lambda r: our_openrlhf.compute_approx_kl(
+            logp, r, r, kl_estimator="k2", unbiased_gradient=True),
+    }
+    for name, call in calls.items():
+        value = call(ref)
+        (grad,) = torch.autograd.grad(value.sum(), logp)
+        expected = call(plain)
+        (expected_grad,) = torch.autograd.grad(expected.sum(), logp)
+        assert torch.equal(value, expected) and torch.equal(grad, expected_grad), name
+
+
 def test_patch_functions_bind_keep_fp32():
     """patch_<framework>(keep_fp32=True) installs variants that keep the kernels' precision;
     they are drop-ins (a second patch keeps the framework's original) with the same names."""

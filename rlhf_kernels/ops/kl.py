@@ -523,6 +523,13 @@ def kl_penalty(
         clamp = real_setting("clamp", clamp, none_ok=True)
         log_ratio_clamp = real_setting("log_ratio_clamp", log_ratio_clamp, none_ok=True)
         check_kl_options(estimator, clamp=clamp, log_ratio_clamp=log_ratio_clamp)
+    if (not torch.compiler.is_compiling() and torch.is_grad_enabled()
+            and (logp.requires_grad or ref_logp.requires_grad)):
+        # A tensor made under torch.inference_mode (e.g. a reference model's log-probs) cannot
+        # be saved for the backward, which torch's own k1 / k3 formulas never need to do: the
+        # backward gets a copy of it. (Eager only: Dynamo cannot trace is_inference().)
+        logp = logp.clone() if logp.is_inference() else logp
+        ref_logp = ref_logp.clone() if ref_logp.is_inference() else ref_logp
     use_reference = torch.float64 in (logp.dtype, ref_logp.dtype)
     if resolve_backend(logp, backend, "kl_penalty") == "reference" or use_reference:
         return reference.kl_penalty(logp, ref_logp, estimator, clamp, log_ratio_clamp)
