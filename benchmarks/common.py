@@ -54,6 +54,24 @@ __all__ = [
 ]
 
 
+def _trl_peer_package(root: str) -> str:
+    """Stand-in packages for the TRL kernel file loaded alone: ``root``, ``root.kernels`` (the
+    file's package) and ``root.trainer.utils`` with the one name the file imports from it at
+    call time, ``maybe_gather_lm_head_ctx`` (TRL's backward gathers a ZeRO-3-sharded lm_head
+    with it; outside ZeRO-3 it is a null context, which is what the stand-in returns). Returns
+    the module name the kernel file is loaded under, ``root.kernels.chunked_logprob``."""
+    import contextlib
+    import types
+
+    for package in (root, f"{root}.kernels", f"{root}.trainer"):
+        module = sys.modules.setdefault(package, types.ModuleType(package))
+        module.__path__ = []  # a package: relative imports resolve against it
+    utils = types.ModuleType(f"{root}.trainer.utils")
+    utils.maybe_gather_lm_head_ctx = lambda *params: contextlib.nullcontext()
+    sys.modules[utils.__name__] = utils
+    return f"{root}.kernels.chunked_logprob"
+
+
 def trl_fused_head(wheels: Path = KERNEL_PEER_WHEELS):
     """TRL's fused lm head as a peer: (``ChunkedLogProbFunction``, the vocabulary chunk width
     TRL's trainers pass it), or None when there is none.
@@ -79,8 +97,9 @@ def trl_fused_head(wheels: Path = KERNEL_PEER_WHEELS):
         # Triton's @jit reads its functions' source with inspect, so the file must exist on
         # disk: exec'd text fails ("@jit functions should be defined in a Python file", the
         # second H200 proof's linear and grpo parts)
-        name = "_trl_peer_" + re.sub(r"\W", "_", wheel.stem)
-        path = Path(tempfile.gettempdir()) / "rlhf-kernel-peers" / f"{name}.py"
+        root = "_trl_peer_" + re.sub(r"\W", "_", wheel.stem)
+        name = _trl_peer_package(root)
+        path = Path(tempfile.gettempdir()) / "rlhf-kernel-peers" / f"{root}.py"
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists() or path.read_bytes() != source:
             path.write_bytes(source)

@@ -407,6 +407,13 @@ def test_trl_fused_head_peer_loads_from_a_wheel_without_trl_installed(tmp_path, 
     logp = function.apply(hidden, weight, None, labels, 1.0, width, None, 1.0, ())[0]
     expected = torch.log_softmax(hidden @ weight.t(), -1).gather(-1, labels[:, None])[:, 0]
     torch.testing.assert_close(logp.double(), expected, rtol=1e-5, atol=1e-5)
+    # the backward imports TRL's ZeRO-3 gather helper from its package (`..trainer.utils`): the
+    # H200 proof's forward + backward row failed on it ("attempted relative import with no known
+    # parent package"); outside ZeRO-3 the helper is a null context
+    upstream = torch.randn(37, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((logp.double() * upstream).sum(), hidden)
+    (want,) = torch.autograd.grad((expected * upstream).sum(), hidden)
+    torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-5)
 
 
 
