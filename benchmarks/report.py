@@ -71,6 +71,9 @@ def load(directory: Path = RESULTS_DIR) -> tuple[list[Source], list[str]]:
         for row in rows:
             if isinstance(row, dict) and all(isinstance(row.get(k), str)
                                              for k in ("op", "case", "impl")):
+                if isinstance(row.get("run"), str):  # variants of one impl in one file (e.g.
+                    # the CPU allocator runs): each its own row, not the file's last one
+                    row = dict(row, impl=f"{row['impl']} ({row['run']})")
                 source.rows.append(row)
             else:
                 source.skipped += 1

@@ -799,6 +799,20 @@ def test_report_newest_row_per_case_and_device(tmp_path):
     assert sum(line.startswith(f"| logprobs | {case} |") for line in full.splitlines()) == 4
 
 
+def test_report_keeps_each_run_variant_of_one_impl(tmp_path):
+    """Rows of one (op, case, impl) that a file tells apart by ``run`` (the CPU allocator runs
+    of e2e_ppo) are each a row of the table; without ``run`` the file's last one stands."""
+    rows = [dict(op="e2e_ppo", case="qwen2.5-0.5b", impl="rlhf", run=run, peak_gib=peak,
+                 s_per_batch=seconds, config={"batch": 4}) for run, peak, seconds in
+            (("block cache (the default)", 2.32, 28.3), ("glibc mmap threshold", 2.25, 36.6))]
+    _result(tmp_path, "e2e_ppo_cpu_allocator", "cpu", "2030-01-01T00:00:00+00:00", "1" * 40, rows)
+    sources, _ = report.load(tmp_path)
+    chosen = report.newest(sources)
+    assert {key[3] for key in chosen} == {"rlhf (block cache (the default))",
+                                          "rlhf (glibc mmap threshold)"}
+    assert {row["s_per_batch"] for row, _ in chosen.values()} == {28.3, 36.6}
+
+
 def test_report_target_mark(tmp_path):
     _result(tmp_path, "gae", "NVIDIA H200", "2030-01-01T00:00:00+00:00", "1" * 40, [
         _row("gae", "512x2048 fp32", "ours", 0.02, target_ms=0.025),
