@@ -779,6 +779,13 @@ class RunDirectory:
     def _read_checkpoint(self, root: str | Path) -> tuple[Path | None, dict[str, Any] | None]:
         last = latest_checkpoint(root)
         if last is None:
+            logged = Path(root).parent / "metrics.jsonl"
+            if self.resumed and logged.is_file() and logged.stat().st_size:
+                # the run logged steps but left no checkpoint (save_every=0 or not reached,
+                # and a kill that saved none): it starts over, which went without a word
+                print(f"[{self.kind}] --resume: {self.directory} holds no checkpoint yet "
+                      f"(the run was stopped before its first one), so the run starts again "
+                      f"from its first step")
             return None, None
         state = load_state(last)
         self.check_run_id(state.get("run_id"), str(last))

@@ -370,3 +370,30 @@ def test_the_pipeline_names_a_stages_max_skipped_steps_as_typed(recwarn):
     said = [str(w.message) for w in recwarn if "max_skipped_steps" in str(w.message)]
     assert len(said) == 1 and said[0].startswith(
         "reward.max_skipped_steps=2 has no effect with nonfinite='error'"), said
+
+
+def test_a_resume_without_a_checkpoint_says_it_starts_again(tmp_path, tokenizer, corpus,
+                                                            capsys):
+    """A run killed before its first checkpoint (save_every=0, SIGKILL: nothing saved) had
+    logged steps; --resume started it again from step 1 without a word. Now it says so, and the
+    restarted run is the uninterrupted one."""
+    class Killed(BaseException):  # not KeyboardInterrupt: no checkpoint, as after SIGKILL
+        pass
+
+    def kill(step, _metrics):
+        if step == 2:
+            raise Killed
+
+    sft.train(_sft_config(tmp_path / "full"), model=tiny_llama(tokenizer), tokenizer=tokenizer,
+              examples=corpus)
+    cfg = _sft_config(tmp_path / "cut")
+    with pytest.raises(Killed):
+        sft.train(cfg, model=tiny_llama(tokenizer), tokenizer=tokenizer, examples=corpus,
+                  on_step=kill)
+    assert checkpoint.latest_checkpoint(tmp_path / "cut" / "checkpoints") is None
+    capsys.readouterr()
+    cfg.resume = True
+    sft.train(cfg, model=tiny_llama(tokenizer), tokenizer=tokenizer, examples=corpus)
+    assert "[sft] --resume: " in capsys.readouterr().out
+    assert _records(tmp_path / "cut" / "metrics.jsonl") == \
+        _records(tmp_path / "full" / "metrics.jsonl")
