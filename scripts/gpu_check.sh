@@ -48,11 +48,9 @@
 #
 # The TRL peer needs trl==1.12.0 and datasets, which the GPU machine's image lacks and cannot
 # download. Here, once, with pip access: `bash scripts/gpu_check.sh wheels` (pure-Python wheels
-# into .whl/, git-ignored, a few MB); then name .whl in the device call's carry:
-#   run(command="RLHF_GIT_SHA=<git rev-parse HEAD here> bash scripts/gpu_check.sh proof",
-#       carry=[".whl"], timeout_s=600)
-# (the device machine gets a copy of the working tree without .git: RLHF_GIT_SHA is the SHA the
-# result files record there). The code runs from the checkout (PYTHONPATH), not from
+# into .whl/, git-ignored, a few MB); then copy .whl to the GPU machine with the working tree
+# and run there `RLHF_GIT_SHA=<git rev-parse HEAD here> bash scripts/gpu_check.sh proof`
+# (a copy of the tree without .git: RLHF_GIT_SHA is the SHA the result files record there). The code runs from the checkout (PYTHONPATH), not from
 # `pip install -e` as bootstrap.sh does: that needs an index the machine cannot reach, and the
 # image already has torch, triton, transformers, peft, pytest, pytest-xdist and pytest-timeout.
 # proof installs them with pip --no-index --no-deps --target /tmp/peer-site and runs the peer
@@ -87,8 +85,8 @@ KERNEL_PEER_WHEELS=${KERNEL_PEER_WHEELS:-"trl==1.16.0"}
 PROOF_TOTAL_S=${PROOF_TOTAL_S:-540}
 REPORT_RESERVE_S=10
 # 12 of the machine's 16 cores: the part is bound by Triton compiling each test's
-# specialisations on a bare machine (801 tests took 62 s at -n 8 on the first H200 run; the
-# subset has 999 now)
+# specialisations on a bare machine (801 tests took 62 s at -n 8 on the first H200 run, the
+# 1001 of the third 65 s at -n 12)
 TEST_WORKERS=${TEST_WORKERS:-12}
 DRY_RUN=${GPU_CHECK_DRY_RUN:-0}
 # The kernel test files (their op's kernels compiled on the GPU and checked against the float64
@@ -222,7 +220,7 @@ setup_peer() {
         PEER_ARGS=(--peer-script "$PEER_SCRIPT" --peer-python "$peer_py")
         for arg in ${PEER_EXTRA_ARGS:-}; do PEER_ARGS+=("--peer-arg=$arg"); done
     else
-        say "TRL peer not run: $PEER_WHY (bash scripts/gpu_check.sh wheels, then carry .whl;" \
+        say "TRL peer not run: $PEER_WHY (bash scripts/gpu_check.sh wheels, then copy .whl along;" \
             "or PEER_PYTHON=<interpreter with trl==$PEER_TRL_VERSION>)"
         if [ "$DRY_RUN" != 1 ] && [ "${IN_PROOF:-0}" = 1 ]; then
             printf 'trl-peer\tnot run: %s\t0\t0\t%s\n' "$PEER_WHY" "$RUN_SHA" >>"$PARTS_TSV"
@@ -348,8 +346,8 @@ wheels() {
     ls -l "$WHEELHOUSE" "$WHEELHOUSE/kernel-peers"
     local sha
     sha=$(git rev-parse HEAD 2>/dev/null || echo "<HEAD's SHA>")
-    echo "carry \"$WHEELHOUSE\" in the device call: run(command=\"RLHF_GIT_SHA=$sha bash" \
-        "scripts/gpu_check.sh proof\", carry=[\"$WHEELHOUSE\"], timeout_s=600)"
+    echo "copy $WHEELHOUSE/ to the GPU machine with the working tree, and run there:" \
+        "RLHF_GIT_SHA=$sha bash scripts/gpu_check.sh proof"
 }
 
 # The parts with no time limit (for a longer session), as before.
