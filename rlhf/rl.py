@@ -1336,11 +1336,13 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
                 save(iteration)
     except KeyboardInterrupt:
         if mid_update and whole is not None:
-            # the live weights are part-way through iteration `iteration + 1`: the checkpoint
-            # of iteration `iteration` is written from its snapshot instead
-            _write_checkpoint(ckpt_root / f"step-{iteration:07d}", cfg, **whole)
-            print(f"\n[{name}] interrupted during the update of iteration {iteration + 1}; "
-                  f"checkpoint of iteration {iteration} (the last whole one) saved, continue "
+            # the live weights are part-way through an iteration: the checkpoint of the last
+            # whole one is written from its snapshot instead (named by the snapshot's
+            # iteration: `iteration` is already counted up while the record is written)
+            done = whole["iteration"]
+            _write_checkpoint(ckpt_root / f"step-{done:07d}", cfg, **whole)
+            print(f"\n[{name}] interrupted during the update of iteration {done + 1}; "
+                  f"checkpoint of iteration {done} (the last whole one) saved, continue "
                   f"with resume=True")
         elif mid_update:
             # saving now would label weights already stepped in iteration `iteration + 1` as

@@ -397,3 +397,42 @@ def test_a_resume_without_a_checkpoint_says_it_starts_again(tmp_path, tokenizer,
     assert "[sft] --resume: " in capsys.readouterr().out
     assert _records(tmp_path / "cut" / "metrics.jsonl") == \
         _records(tmp_path / "full" / "metrics.jsonl")
+
+
+def test_an_rl_interrupt_while_the_iterations_record_is_written_names_its_checkpoint_right(
+        tmp_path, monkeypatch):
+    """A Ctrl-C (or SIGTERM) while the RL stage writes iteration 2's metrics record: the
+    snapshot of iteration 1 was saved as step-0000002 (the counter already said 2) and the
+    message said 'checkpoint of iteration 2'. The checkpoint is now named by the iteration it
+    holds, and the resumed run's numbers are the uninterrupted run's."""
+    from rlhf import rl
+    from tests._tiny_models import rl_tokenizer
+    from tests.test_grpo import PROMPTS, rl_config
+    from tests.test_stages import tiny_backbone
+
+    tokenizer = rl_tokenizer()
+    settings = dict(num_iterations=2, save_every=10)
+    rl.train(rl_config(tmp_path / "full", **settings), backbone=tiny_backbone(tokenizer),
+             tokenizer=tokenizer, prompts=PROMPTS)
+    log = metrics.MetricsLogger.log
+
+    def interrupted(self, record, step=None):
+        written = log(self, record, step=step)
+        if step == 2:
+            raise KeyboardInterrupt  # after the record of iteration 2 is out
+        return written
+
+    cfg = rl_config(tmp_path / "cut", **settings)
+    monkeypatch.setattr(metrics.MetricsLogger, "log", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        rl.train(cfg, backbone=tiny_backbone(tokenizer), tokenizer=tokenizer, prompts=PROMPTS)
+    monkeypatch.setattr(metrics.MetricsLogger, "log", log)
+    saved = checkpoint.list_checkpoints(tmp_path / "cut" / "grpo" / "checkpoints")
+    assert [(p.name, load_state(p)["iteration"]) for p in saved] == [("step-0000001", 1)]
+    cfg.resume = True
+    rl.train(cfg, backbone=tiny_backbone(tokenizer), tokenizer=tokenizer, prompts=PROMPTS)
+    drop = ("peak_memory_mb",)
+    got, want = (
+        [{k: v for k, v in r.items() if not (k.endswith("_s") or k in drop)}
+         for r in _records(tmp_path / run / "grpo" / "metrics.jsonl")] for run in ("cut", "full"))
+    assert got == want
