@@ -1119,6 +1119,7 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
     # step, so that only the interrupted iteration is redone (not every one since the last
     # periodic checkpoint).
     mid_update = False
+    updating = iteration + 1  # the iteration whose update runs while mid_update
     whole = None
     saved_at = iteration if iteration > 0 else None  # the newest checkpoint's iteration
 
@@ -1254,6 +1255,7 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
                             last_metrics=dict(metrics), skipped_steps=skipped,
                             warned_filled=warned_filled)
                     mid_update = True
+                    updating = iteration + 1  # (still right once `iteration` is counted up)
                     if not finite:
                         optimizer.zero_grad(set_to_none=True)
                         losses = {"policy loss": _worst(p_losses)}
@@ -1345,12 +1347,12 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
                   f"checkpoint of iteration {done} (the last whole one) saved, continue "
                   f"with resume=True")
         elif mid_update:
-            # saving now would label weights already stepped in iteration `iteration + 1` as
-            # iteration `iteration`: a resume would redo that iteration on top of its own steps
+            # saving now would label weights already stepped in iteration `updating` as the
+            # iteration before it: a resume would redo that iteration on top of its own steps
             from rlhf.checkpoint import latest_checkpoint
 
             newest = latest_checkpoint(ckpt_root)
-            print(f"\n[{name}] interrupted during the update of iteration {iteration + 1}, "
+            print(f"\n[{name}] interrupted during the update of iteration {updating}, "
                   f"which a checkpoint cannot hold half-done: none written; resume=True "
                   f"continues from {newest or 'the start (no checkpoint yet)'}")
         else:

@@ -436,3 +436,31 @@ def test_an_rl_interrupt_while_the_iterations_record_is_written_names_its_checkp
         [{k: v for k, v in r.items() if not (k.endswith("_s") or k in drop)}
          for r in _records(tmp_path / run / "grpo" / "metrics.jsonl")] for run in ("cut", "full"))
     assert got == want
+
+
+def test_an_rl_interrupt_while_the_record_is_written_after_a_checkpoint_names_the_iteration(
+        tmp_path, monkeypatch, capsys):
+    """The same interrupt when the previous iteration's checkpoint exists (save_every=1: no
+    snapshot is taken, none is written): the message named iteration 3 for the update of
+    iteration 2, whose counter was already up."""
+    from rlhf import rl
+    from tests._tiny_models import rl_tokenizer
+    from tests.test_grpo import PROMPTS, rl_config
+    from tests.test_stages import tiny_backbone
+
+    tokenizer = rl_tokenizer()
+    log = metrics.MetricsLogger.log
+
+    def interrupted(self, record, step=None):
+        written = log(self, record, step=step)
+        if step == 2:
+            raise KeyboardInterrupt
+        return written
+
+    monkeypatch.setattr(metrics.MetricsLogger, "log", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        rl.train(rl_config(tmp_path / "cut", num_iterations=3, save_every=1),
+                 backbone=tiny_backbone(tokenizer), tokenizer=tokenizer, prompts=PROMPTS)
+    out = capsys.readouterr().out
+    assert "interrupted during the update of iteration 2, which a checkpoint cannot hold" in out
+    assert "continues from" in out and "step-0000001" in out
