@@ -700,6 +700,61 @@ def test_kl_dropins_take_a_reference_made_under_inference_mode(backend):
         assert torch.equal(value, expected) and torch.equal(grad, expected_grad), name
 
 
+@pytest.fixture
+def vocab_sharded_logits():
+    """(plain logits (2, 3, V), the same as a DTensor sharded over the vocabulary, a function
+    that replicates a tensor on the mesh) on a one-process gloo group (made here unless the
+    session has one)."""
+    dist = pytest.importorskip("torch.distributed")
+    from torch.distributed.tensor import DeviceMesh, Replicate, Shard, distribute_tensor
+
+    made = not dist.is_initialized()
+    if made:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = DeviceMesh("cpu", list(range(dist.get_world_size())))
+        logits = _logits((2, 3, V), torch.float32).cpu()
+        yield (logits, distribute_tensor(logits, mesh, [Shard(2)]),
+               lambda t: distribute_tensor(t, mesh, [Replicate()]))
+    finally:
+        if made:
+            dist.destroy_process_group()
+
+
+def test_logprob_dropins_hand_sharded_logits_to_the_framework(trl_utils, vocab_sharded_logits,
+                                                              monkeypatch):
+    """Logits sharded over the vocabulary (a DTensor, tensor parallelism): the frameworks' torch
+    code runs on them through DTensor; the kernels cannot (their op has no sharding rule, so it
+    raised NotImplementedError). The drop-ins hand such calls to the framework's function."""
+    logits, sharded, replicate = vocab_sharded_logits
+    labels = torch.randint(0, V, (2, 3))
+    with integrations.patch_trl():  # TRL's own functions are the fallbacks
+        logp = our_trl.selective_log_softmax(sharded, replicate(labels))
+        pair = our_trl.selective_log_softmax_and_entropy(sharded, replicate(labels),
+                                                         row_mask=replicate(labels > 3))
+        entropy = our_trl.entropy_from_logits(sharded)
+    torch.testing.assert_close(logp.full_tensor().double(), _logp64(logits, labels))
+    torch.testing.assert_close(entropy.full_tensor().double(), _entropy64(logits))
+    torch.testing.assert_close(pair[0].full_tensor().double(),
+                               _logp64(logits, labels) * (labels > 3))
+    # veRL / OpenRLHF (stand-ins for their functions where they are not installed)
+    for module, name, call in (
+            ("verl.utils.torch_functional", "logprobs_from_logits",
+             lambda: our_verl.logprobs_from_logits(sharded, labels)),
+            ("verl.utils.torch_functional", "entropy_from_logits",
+             lambda: our_verl.entropy_from_logits(sharded)),
+            ("verl.utils.torch_functional", "entropy_from_logits_with_chunking",
+             lambda: our_verl.entropy_from_logits_with_chunking(sharded)),
+            ("openrlhf.models.utils", "log_probs_from_logits",
+             lambda: our_openrlhf.log_probs_from_logits(sharded, labels)),
+            ("openrlhf.models.utils", "compute_entropy",
+             lambda: our_openrlhf.compute_entropy(sharded))):
+        seen = []
+        monkeypatch.setitem(integrations._ORIGINALS, (module, name),
+                            lambda x, *args, seen=seen: seen.append(x) or "theirs")
+        assert call() == "theirs" and seen[0] is sharded, name
+
+
 def test_patch_functions_bind_keep_fp32():
     """patch_<framework>(keep_fp32=True) installs variants that keep the kernels' precision;
     they are drop-ins (a second patch keeps the framework's original) with the same names."""

@@ -15,6 +15,11 @@ from collections.abc import Callable
 
 import torch
 
+try:  # torch built without distributed has no DTensor
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover
+    _DTensor = None
+
 
 def installed(package: str) -> bool:
     """Whether a top-level package can be imported, without importing it (the frameworks choose
@@ -95,3 +100,10 @@ def broadcast_advantages(advantages: torch.Tensor, log_prob: torch.Tensor) -> to
             and log_prob.shape[-1] != 1 and advantages.shape[0] == log_prob.shape[0]):
         return advantages.expand_as(log_prob)
     return advantages
+
+
+def is_dtensor(t: object) -> bool:
+    """Whether ``t`` is a torch.distributed DTensor (e.g. logits sharded over the vocabulary under
+    tensor parallelism). The kernels take plain tensors (an op of theirs has no sharding rule),
+    so a drop-in hands such a call to the framework's own function, which DTensor runs."""
+    return _DTensor is not None and isinstance(t, _DTensor)

@@ -82,6 +82,7 @@ from rlhf_kernels.integrations._contract import (
     broadcast_advantages,
     finish,
     installed,
+    is_dtensor,
     promoted,
     weighted_advantages,
 )
@@ -171,7 +172,10 @@ def log_probs_from_logits(
     reshapes them) -> logp ``logits.shape[:-1]`` of softmax(logits / temperature), in the logits'
     dtype (fp32 for fp64 logits where flash-attn is installed), as OpenRLHF; fp32 with
     ``keep_fp32``. Like OpenRLHF's, a temperature != 1 divides ``logits`` in place first. Labels
-    equal to -100 give 0 (as OpenRLHF's flash-attn path)."""
+    equal to -100 give 0 (as OpenRLHF's flash-attn path). A DTensor (logits sharded under tensor
+    parallelism) goes to OpenRLHF's own function."""
+    if is_dtensor(logits):
+        return original(_UTILS, "log_probs_from_logits")(logits, labels, temperature)
     rows = logits.shape[:-1]
     if labels.shape != rows:
         if labels.numel() != rows.numel():
@@ -190,7 +194,9 @@ def log_probs_from_logits(
 @dropin
 def compute_entropy(logits: torch.Tensor, *, keep_fp32: bool = False) -> torch.Tensor:
     """Entropy of softmax(logits): (..., V) -> (...) in the logits' dtype, as OpenRLHF (fp32
-    with ``keep_fp32``), differentiable."""
+    with ``keep_fp32``), differentiable. A DTensor goes to OpenRLHF's own function."""
+    if is_dtensor(logits):
+        return original(_UTILS, "compute_entropy")(logits)
     labels = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
     _, entropy = logprobs(logits, labels, return_entropy=True, check_labels=False)
     return finish(entropy, logits.dtype, keep_fp32)

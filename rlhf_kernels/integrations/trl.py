@@ -65,6 +65,7 @@ from rlhf_kernels.integrations._contract import (
     bind_keep_fp32,
     finish,
     installed,
+    is_dtensor,
     weighted_advantages,
 )
 from rlhf_kernels.ops.kl import kl_penalty
@@ -153,6 +154,8 @@ def _kernel_covers(
 ) -> bool:
     if index.shape != logits.shape[:-1]:
         return False  # a top-K index (..., K)
+    if is_dtensor(logits):
+        return False  # sharded logits (tensor parallelism): TRL's torch code runs on DTensors
     if row_mask is None:
         return True
     try:  # TRL's eager path applies the mask with masked_fill, which broadcasts it
@@ -187,7 +190,8 @@ def entropy_from_logits(
     """Entropy of softmax(logits) per row: logits (..., V) -> (...) in TRL's dtype for this call
     (fp32 with ``keep_fp32``), differentiable. ``chunk_size`` is accepted for TRL's signature;
     the kernel needs no chunking."""
-    del chunk_size
+    if is_dtensor(logits):  # sharded logits: TRL's torch code runs on DTensors
+        return original(_UTILS, "entropy_from_logits")(logits, chunk_size)
     # Any valid label works; the log-probability output is simply not used.
     labels = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
     _, entropy = logprobs(logits, labels, return_entropy=True, check_labels=False)

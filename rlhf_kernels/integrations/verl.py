@@ -91,6 +91,7 @@ from rlhf_kernels.integrations._contract import (
     broadcast_advantages,
     finish,
     installed,
+    is_dtensor,
     promoted,
     weighted_advantages,
 )
@@ -895,7 +896,10 @@ def logprobs_from_logits(
     where veRL would use flash-attn's cross entropy and the logits' dtype otherwise (fp32 with
     ``keep_fp32``). Labels equal to -100 give 0 (as flash-attn). ``inplace_backward`` writes d
     logits into the logits buffer, as flash-attn's; it is turned off for a leaf tensor that
-    requires grad or a view of one (the backward would overwrite the leaf's data)."""
+    requires grad or a view of one (the backward would overwrite the leaf's data). A DTensor
+    (logits sharded under tensor parallelism) goes to veRL's own function."""
+    if is_dtensor(logits):
+        return original(_TORCH_F, "logprobs_from_logits")(logits, labels, inplace_backward)
     rows = logits.shape[:-1]
     if labels.shape != rows:
         if labels.numel() != rows.numel():
@@ -920,7 +924,9 @@ def _entropy(logits: torch.Tensor) -> torch.Tensor:
 @dropin
 def entropy_from_logits(logits: torch.Tensor, *, keep_fp32: bool = False) -> torch.Tensor:
     """Entropy of softmax(logits): (..., V) -> (...) in the logits' dtype, as veRL (fp32 with
-    ``keep_fp32``), differentiable."""
+    ``keep_fp32``), differentiable. A DTensor goes to veRL's own function."""
+    if is_dtensor(logits):
+        return original(_TORCH_F, "entropy_from_logits")(logits)
     return finish(_entropy(logits), logits.dtype, keep_fp32)
 
 
@@ -929,8 +935,10 @@ def entropy_from_logits_with_chunking(
     logits: torch.Tensor, chunk_size: int = 2048, *, keep_fp32: bool = False
 ) -> torch.Tensor:
     """As ``entropy_from_logits`` but fp32 for every logits dtype, as veRL's (which accumulates
-    into an fp32 buffer); ``chunk_size`` is accepted and unused (no chunking needed)."""
-    del chunk_size
+    into an fp32 buffer); ``chunk_size`` is accepted and unused (no chunking needed). A DTensor
+    goes to veRL's own function."""
+    if is_dtensor(logits):
+        return original(_TORCH_F, "entropy_from_logits_with_chunking")(logits, chunk_size)
     return finish(_entropy(logits), torch.float32, keep_fp32)
 
 
