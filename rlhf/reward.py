@@ -36,9 +36,8 @@ from rlhf.stage import (
     check_settings,
     check_vocabulary,
     limits_cpu_threads,
-    nonfinite_error,
-    nonfinite_skipped,
     resolve_device,
+    step_or_skip,
     warmup_cosine_schedule,
 )
 
@@ -427,19 +426,8 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
             # left some parameters updated and others not, saved as the previous step); the
             # evaluation and record after it stay interruptible (``unlogged``)
             with interrupts_held():
-                if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
-                    optimizer.zero_grad(set_to_none=True)
-                    if cfg.nonfinite == "error" or skipped >= cfg.max_skipped_steps:
-                        raise nonfinite_error("rm", f"step {step + 1}",
-                                              {"loss": total_loss, "grad norm": grad_norm},
-                                              {"lr": cfg.lr}, skipped, cfg)
-                    skipped += 1
-                    warnings.warn(nonfinite_skipped("rm", f"step {step + 1}", {
-                        "loss": total_loss, "grad norm": grad_norm}, skipped, cfg),
-                        stacklevel=1)
-                else:
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                skipped = step_or_skip(optimizer, "rm", step, total_loss, grad_norm,
+                                       cfg.lr, skipped, cfg)
                 scheduler.step()
                 step += 1
                 progress.update(1)

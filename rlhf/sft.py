@@ -20,7 +20,6 @@ and logs the same metrics.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -43,9 +42,8 @@ from rlhf.stage import (
     check_settings,
     check_vocabulary,
     limits_cpu_threads,
-    nonfinite_error,
-    nonfinite_skipped,
     resolve_device,
+    step_or_skip,
     warmup_cosine_schedule,
 )
 
@@ -518,19 +516,8 @@ def _train(cfg: SFTConfig, run, *, model, tokenizer, examples, on_step) -> dict:
             # optimizer.step() it left some parameters updated and others not, and the
             # checkpoint saved then held that model as the previous step (interrupts_held)
             with interrupts_held():
-                if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
-                    optimizer.zero_grad(set_to_none=True)
-                    if cfg.nonfinite == "error" or skipped >= cfg.max_skipped_steps:
-                        raise nonfinite_error("sft", f"step {step + 1}",
-                                              {"loss": total_loss, "grad norm": grad_norm},
-                                              {"lr": cfg.lr}, skipped, cfg)
-                    skipped += 1
-                    warnings.warn(nonfinite_skipped("sft", f"step {step + 1}", {
-                        "loss": total_loss, "grad norm": grad_norm}, skipped, cfg),
-                        stacklevel=1)
-                else:
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                skipped = step_or_skip(optimizer, "sft", step, total_loss, grad_norm,
+                                       cfg.lr, skipped, cfg)
                 # a skipped step is still a step: logged (its loss non-finite), counted by
                 # log_every and save_every, as in the reward and RL stages
                 scheduler.step()

@@ -366,6 +366,27 @@ def nonfinite_skipped(stage: str, at: str, numbers: dict[str, float], skipped: i
             f"skipped so far, at most max_skipped_steps={cfg.max_skipped_steps}")
 
 
+def step_or_skip(optimizer, stage: str, step: int, loss: float, grad_norm: float,
+                 lr: float, skipped: int, cfg) -> int:
+    """The optimizer step after a finished backward, or, where the loss or the gradient norm is
+    not finite, its skip (nonfinite=skip, within max_skipped_steps: warned) or the run's end
+    (``nonfinite_error``); the gradients are cleared either way. ``step``: the 0-based step
+    taken now. Returns the skipped-step count. The SFT and reward-model stages' one rule (the
+    RL stage sums micro-batches and judges the worst of them)."""
+    numbers = {"loss": loss, "grad norm": grad_norm}
+    if all(math.isfinite(value) for value in numbers.values()):
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return skipped
+    optimizer.zero_grad(set_to_none=True)
+    at = f"step {step + 1}"
+    if cfg.nonfinite == "error" or skipped >= cfg.max_skipped_steps:
+        raise nonfinite_error(stage, at, numbers, {"lr": lr}, skipped, cfg)
+    skipped += 1
+    warnings.warn(nonfinite_skipped(stage, at, numbers, skipped, cfg), stacklevel=2)
+    return skipped
+
+
 @contextlib.contextmanager
 def limited_cpu_threads(device: str, threads: int | None) -> Iterator[None]:
     """``torch.set_num_threads(threads)`` for the block when ``device`` is (or "auto" resolves
