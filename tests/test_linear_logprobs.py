@@ -749,3 +749,15 @@ def test_logits_stats_every_path(dtype, temperature, overwrite):
     assert_close_2x(outs[1][finite], same_dtype[1][finite], ref[1][finite], dtype,
                     atol_scale=40.0 / temperature, name="mean_logits")
     assert torch.equal(outs[2], ref[2]) and outs[2][1]
+
+
+def test_native_backward_refuses_a_slice_of_columns(monkeypatch):
+    """The native CPU backward takes whole rows: a slice (col_offset / label_vocab, what the
+    vocabulary sweep passes the Triton kernel) is one clear error, not a wrong gradient."""
+    monkeypatch.setattr(logprobs_module, "native_cpu_kernels", lambda t: True)
+    logits = torch.randn(3, 5)
+    labels = torch.tensor([0, 6, 9])
+    lse = torch.logsumexp(logits, -1)
+    with pytest.raises(ValueError, match="col_offset=4, label_vocab=12: the native CPU"):
+        logprobs_module.logprobs_bwd(logits, labels, lse, None, torch.ones(3), None, 1.0, -100,
+                                     torch.empty_like(logits), col_offset=4, label_vocab=12)

@@ -369,9 +369,10 @@ def _bwd3d(logits3d, labels1d, lse, entropy, grad_logp, grad_entropy, temperatur
                          "return_entropy=True")
     whole_rows = label_vocab is None or (col_offset == 0 and label_vocab == V)
     if native_cpu_kernels(logits3d):  # csrc/cpu/logprobs.cpp
-        if not whole_rows:
-            raise NotImplementedError("the native CPU logprobs backward takes whole rows of "
-                                      "the vocabulary, not a slice of columns")
+        if not whole_rows:  # (linear_logprobs' vocabulary sweep asks for Triton only)
+            raise ValueError(f"col_offset={col_offset}, label_vocab={label_vocab}: the native "
+                             f"CPU logprobs backward takes whole rows of the vocabulary, not a "
+                             f"slice of columns; run the Triton kernel for slices")
         _native.ops().logprobs_bwd(logits3d, labels1d, _flat_fp32(lse),
                                    _flat_fp32(entropy) if has_grad_entropy else None, grad_logp,
                                    grad_entropy, out3d, 1.0 / temperature, ignore_index)
