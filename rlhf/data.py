@@ -108,6 +108,11 @@ def load_records(source: str | Path, split: str = "train", **load_kwargs: Any):
             if len(dataset) == 0:
                 raise ValueError(f"dataset {str(source)!r} has no rows")
             return dataset
+        if _model_directory(path):  # its config.json was read as rows: a long CastError
+            raise ValueError(f"dataset {str(source)!r} is a model directory (config.json with "
+                             f"weights or tokenizer files), not data: give the dataset's .jsonl, "
+                             f".json, .parquet or .csv file(s) (did the model path and the "
+                             f"dataset path change places?)")
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in LOCAL_FORMATS) \
             if path.is_dir() else [path]
         kinds = {LOCAL_FORMATS.get(p.suffix.lower()) for p in files}
@@ -157,6 +162,19 @@ def load_records(source: str | Path, split: str = "train", **load_kwargs: Any):
     if len(dataset) == 0:
         raise ValueError(f"dataset {str(source)!r} has no rows")
     return dataset
+
+
+_MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
+                "generation_config.json")
+
+
+def _model_directory(path: Path) -> bool:
+    """Whether ``path`` is a Hugging Face model, adapter or tokenizer folder (what
+    save_pretrained writes), whose .json files are configuration, not rows."""
+    return path.is_dir() and any((path / name).is_file() for name in _MODEL_FILES) \
+        and any((path / name).is_file() for name in ("config.json", "adapter_config.json",
+                                                     "tokenizer_config.json"))
 
 
 def _csv_features(file: Path):

@@ -326,3 +326,21 @@ def test_pad_sequences_and_collators():
     assert batch["labels"].tolist() == [[-100, 2, 3], [-100, 4, -100]]
     prompts = data.collate_prompts([[1, 2], [3]], pad_token_id=0)
     assert prompts["input_ids"].tolist() == [[1, 2], [0, 3]]
+
+
+@pytest.mark.parametrize("files", [("config.json", "model.safetensors"),
+                                   ("adapter_config.json", "adapter_model.safetensors"),
+                                   ("tokenizer_config.json", "tokenizer.json")])
+def test_a_model_directory_given_as_dataset_is_named(tmp_path, files):
+    """dataset= pointing at a save_pretrained folder (model, adapter or tokenizer) read its
+    config .json files as rows and printed datasets' CastError, a schema 1,500 characters long;
+    it now says what the folder is."""
+    for name in files:
+        (tmp_path / name).write_text('{"model_type": "llama", "hidden_size": 8}')
+    with pytest.raises(ValueError, match=r"is a model directory .* not data: give the dataset"):
+        data.load_records(tmp_path)
+    # a folder of data .json files is still read as data
+    rows = tmp_path.parent / f"{tmp_path.name}-data"
+    rows.mkdir()
+    (rows / "rows.json").write_text('[{"prompt": "a", "response": "b"}]')
+    assert len(data.load_records(rows)) == 1
