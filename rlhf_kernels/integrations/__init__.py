@@ -10,6 +10,9 @@ package imports no framework::
     with patch_verl():              # or: patch = patch_verl(); ...; patch.undo()
         trainer.fit()
 
+``unpatch_trl()``, ``unpatch_verl()``, ``unpatch_openrlhf()`` undo every patch of that framework
+still active (their ``undo()``, newest first), for code that did not keep the ``Patch``.
+
 A patch replaces each function in the module that defines it and, in the framework's already
 imported modules, every other reference to that same function object: names imported with
 ``from ... import name`` and entries of module-level registries (veRL's policy-loss and
@@ -39,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["Patch", "dropin", "original", "patch_openrlhf", "patch_trl", "patch_verl",
-           "unpatch_trl"]
+           "unpatch_openrlhf", "unpatch_trl", "unpatch_verl"]
 
 # The framework's own function for each patched target, keyed by (module name, attribute path),
 # kept from the first patch so fallbacks reach it even while the module holds the drop-in.
@@ -210,6 +213,8 @@ class Patch:
                 if _is_dropin(change.previous) and id(change.previous) not in live:
                     change.previous = change.base
         self.active = False
+        active = _ACTIVE.get(self.package, [])
+        active[:] = [p for p in active if p is not self]
 
     def __enter__(self) -> Patch:
         return self
@@ -270,7 +275,21 @@ def apply_patch(
             f"patch_{framework.lower()}: left unpatched: " + "; ".join(patch.skipped),
             stacklevel=3,
         )
+    _ACTIVE.setdefault(package, []).append(patch)
     return patch
+
+
+# The patches applied and not yet undone, per framework package ("trl", ...), oldest first:
+# what unpatch_<framework>() undoes. Patch.undo() takes a patch off.
+_ACTIVE: dict[str, list[Patch]] = {}
+
+
+def unpatch(package: str) -> None:
+    """Undo every patch of ``package`` ("trl", "verl", "openrlhf") still active, newest first:
+    the same as calling each one's ``undo()``. Idempotent; nothing to do (and nothing imported)
+    when the framework was never patched."""
+    while _ACTIVE.get(package):
+        _ACTIVE[package][-1].undo()  # takes itself off the list
 
 
 def _apply(patch: Patch, targets: list[tuple[str, str, Callable]]) -> None:
@@ -309,11 +328,10 @@ def patch_trl(keep_fp32: bool = False) -> Patch:
 
 
 def unpatch_trl() -> None:
-    """Undo every active ``patch_trl()``, newest first; see
-    ``rlhf_kernels.integrations.trl.unpatch_trl``."""
-    from rlhf_kernels.integrations import trl
-
-    trl.unpatch_trl()
+    """Undo every ``patch_trl()`` still active, newest first (the same as their ``undo()``):
+    TRL holds its own functions again, the very objects it held before the first patch.
+    Idempotent, and a no-op when TRL was never patched."""
+    unpatch("trl")
 
 
 def patch_verl(keep_fp32: bool = False) -> Patch:
@@ -332,3 +350,19 @@ def patch_openrlhf(keep_fp32: bool = False) -> Patch:
     from rlhf_kernels.integrations import openrlhf
 
     return openrlhf.patch_openrlhf(keep_fp32)
+
+
+def unpatch_verl() -> None:
+    """Undo every ``patch_verl()`` still active, newest first (the same as their ``undo()``):
+    veRL's modules, by-name imports and registries hold its own functions again, the very
+    objects they held before the first patch. Idempotent, and a no-op when veRL was never
+    patched."""
+    unpatch("verl")
+
+
+def unpatch_openrlhf() -> None:
+    """Undo every ``patch_openrlhf()`` still active, newest first (the same as their
+    ``undo()``): OpenRLHF's modules and loss classes hold its own functions again, the very
+    objects they held before the first patch. Idempotent, and a no-op when OpenRLHF was never
+    patched."""
+    unpatch("openrlhf")

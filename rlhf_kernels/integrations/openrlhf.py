@@ -73,10 +73,12 @@ input is the already computed KL, so there is nothing left to fuse
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from rlhf_kernels._checks import int_setting
-from rlhf_kernels.integrations import Patch, apply_patch, dropin, original
+from rlhf_kernels.integrations import Patch, apply_patch, dropin, original, unpatch_openrlhf
 from rlhf_kernels.integrations._contract import (
     bind_keep_fp32,
     broadcast_advantages,
@@ -105,6 +107,7 @@ __all__ = [
     "pairwise_loss_forward",
     "patch_openrlhf",
     "policy_loss_forward",
+    "unpatch_openrlhf",
     "value_loss_forward",
 ]
 
@@ -541,8 +544,9 @@ def get_cumulative_returns(
 def patch_openrlhf(keep_fp32: bool = False) -> Patch:
     """Swap the drop-ins into ``openrlhf.models.utils`` (and every loaded ``openrlhf`` module
     that imported them by name), the loss classes' ``forward`` and ``RemoteExperienceMaker``'s
-    GAE methods. Returns a ``Patch`` (``undo()`` or context manager). A module that cannot be
-    imported (e.g. the experience maker without Ray) is skipped with a warning.
+    GAE methods. Returns a ``Patch`` (``undo()`` or context manager); ``unpatch_openrlhf()``
+    undoes every active one. A module that cannot be imported (e.g. the experience maker
+    without Ray) is skipped with a warning.
 
     keep_fp32: the patched functions return the kernels' fp32 results (fp64 for fp64 inputs)
     instead of OpenRLHF's dtype for the call.
@@ -550,6 +554,11 @@ def patch_openrlhf(keep_fp32: bool = False) -> Patch:
     Run it in every process that computes losses: OpenRLHF's actors and critics are Ray
     workers, so call it from their setup, not only in the driver.
     """
+    return apply_patch("OpenRLHF", "openrlhf", _patch_targets(keep_fp32))
+
+
+def _patch_targets(keep_fp32: bool) -> list[tuple[str, str, Callable]]:
+    """(module, attribute path, drop-in) for every target of ``patch_openrlhf``."""
     targets = [
         (_UTILS, "compute_approx_kl", compute_approx_kl),
         (_UTILS, "log_probs_from_logits", log_probs_from_logits),
@@ -562,8 +571,5 @@ def patch_openrlhf(keep_fp32: bool = False) -> Patch:
          get_advantages_and_returns),
         (_EXPERIENCE, "RemoteExperienceMaker.get_cumulative_returns", get_cumulative_returns),
     ]
-    return apply_patch(
-        "OpenRLHF",
-        "openrlhf",
-        [(module, path, bind_keep_fp32(fn) if keep_fp32 else fn) for module, path, fn in targets],
-    )
+    return [(module, path, bind_keep_fp32(fn) if keep_fp32 else fn)
+            for module, path, fn in targets]

@@ -60,7 +60,14 @@ import warnings
 
 import torch
 
-from rlhf_kernels.integrations import Patch, _is_dropin, apply_patch, dropin, original
+from rlhf_kernels.integrations import (
+    Patch,
+    _is_dropin,
+    apply_patch,
+    dropin,
+    original,
+    unpatch_trl,
+)
 from rlhf_kernels.integrations._contract import (
     bind_keep_fp32,
     finish,
@@ -784,9 +791,6 @@ def _log_grpo_metrics(trainer, mode, mask, advantages, logps, old, entropies, pe
 # --------------------------------------------------------------------------------------------
 # patch / unpatch
 # --------------------------------------------------------------------------------------------
-_ACTIVE: list[Patch] = []
-
-
 def _trl_minor() -> str | None:
     try:
         from importlib.metadata import version
@@ -835,12 +839,4 @@ def patch_trl(keep_fp32: bool = False) -> Patch:
         warnings.warn(
             f"patch_trl: GRPOTrainer._compute_loss left to TRL: the drop-in mirrors trl "
             f"{_CHECKED_TRL_MINOR}, this is trl {minor}", stacklevel=2)
-    patch = apply_patch("TRL", "trl", targets)
-    _ACTIVE[:] = [p for p in _ACTIVE if p.active] + [patch]  # forget those already undone
-    return patch
-
-
-def unpatch_trl() -> None:
-    """Undo every ``patch_trl()`` still active, newest first (the same as their ``undo()``)."""
-    while _ACTIVE:
-        _ACTIVE.pop().undo()
+    return apply_patch("TRL", "trl", targets)

@@ -85,7 +85,7 @@ import numpy as np
 import torch
 
 from rlhf_kernels._checks import REDUCTIONS
-from rlhf_kernels.integrations import Patch, apply_patch, dropin, original
+from rlhf_kernels.integrations import Patch, apply_patch, dropin, original, unpatch_verl
 from rlhf_kernels.integrations._contract import (
     bind_keep_fp32,
     broadcast_advantages,
@@ -130,6 +130,7 @@ __all__ = [
     "kl_penalty",
     "logprobs_from_logits",
     "patch_verl",
+    "unpatch_verl",
 ]
 
 _CORE = "verl.trainer.ppo.core_algos"
@@ -965,7 +966,8 @@ POLICY_LOSSES = {
 def patch_verl(keep_fp32: bool = False) -> Patch:
     """Swap the drop-ins into ``verl.trainer.ppo.core_algos`` / ``verl.utils.torch_functional``,
     into veRL's policy-loss and advantage-estimator registries, and into every loaded ``verl``
-    module that imported them by name. Returns a ``Patch`` (``undo()`` or context manager).
+    module that imported them by name. Returns a ``Patch`` (``undo()`` or context manager);
+    ``unpatch_verl()`` undoes every active one.
 
     keep_fp32: the patched functions return the kernels' fp32 results (fp64 for fp64 inputs)
     instead of veRL's dtype for the call.
@@ -974,6 +976,11 @@ def patch_verl(keep_fp32: bool = False) -> Patch:
     processes, so call it from their setup (e.g. a worker_process_setup_hook), not only in
     the driver.
     """
+    return apply_patch("veRL", "verl", _patch_targets(keep_fp32))
+
+
+def _patch_targets(keep_fp32: bool) -> list[tuple[str, str, Any]]:
+    """(module, attribute, drop-in) for every target of ``patch_verl``."""
     targets = [
         *((_CORE, fn) for fn in ADVANTAGE_ESTIMATORS.values()),
         *((_CORE, fn) for fn in POLICY_LOSSES.values()),
@@ -986,10 +993,6 @@ def patch_verl(keep_fp32: bool = False) -> Patch:
     ]
     # the actor's fused lm head (use_fused_kernels, torch backend): rlhf_kernels.linear_logprobs
     fused_head = FusedLinearForPPOFunctionFP32 if keep_fp32 else FusedLinearForPPOFunction
-    return apply_patch(
-        "veRL",
-        "verl",
-        [(module, fn.__name__, bind_keep_fp32(fn) if keep_fp32 else fn)
-         for module, fn in targets]
-        + [(FUSED_LINEAR_MODULE, "FusedLinearForPPOFunction", fused_head)],
-    )
+    return ([(module, fn.__name__, bind_keep_fp32(fn) if keep_fp32 else fn)
+             for module, fn in targets]
+            + [(FUSED_LINEAR_MODULE, "FusedLinearForPPOFunction", fused_head)])
