@@ -356,9 +356,9 @@ def _linear_sweep(hidden, weight, labels, bias, lora_a, lora_b, old_logp, advant
     # chunks a row may straddle two, so the derivatives wait for the end of the forward sweep.
     per_chunk = single or ratio_level == "token"
     grads = head.HeadGrads(n_rows, hidden, weight, bias, lora_a, lora_b,
-                           needs if per_chunk else (False,) * 5, dtype)
+                           needs if per_chunk else (False,) * 5, dtype, single)
     need_grads = grads.any()
-    if any(g is not None for g in (grads.weight, grads.lora_a, grads.lora_b)):
+    if grads.reads_rows():
         h = head.zero_rows(h, counted)  # masked rows add exactly 0, even for NaN h
     out = head.out_dtype(dtype)
     logp = empty((n_rows,), out, device)
