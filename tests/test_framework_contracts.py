@@ -15,6 +15,7 @@ forms and the dtype each framework's code gives, so CI exercises those drop-ins 
 
 from __future__ import annotations
 
+import sys
 import types
 import warnings
 
@@ -447,9 +448,80 @@ def _verl_logp_dtype(logits):
 
 
 def _openrlhf_logp_dtype(logits):
-    """OpenRLHF: flash-attn's cross entropy (fp32) for fp32 / fp64 logits when installed."""
-    flash = our_openrlhf._FLASH_ATTN_INSTALLED and logits.dtype in (torch.float32, torch.float64)
-    return torch.float32 if flash else logits.dtype
+    """OpenRLHF: flash-attn's cross entropy (fp32) for fp32 / fp64 logits when it imports."""
+    return torch.float32 if our_openrlhf._openrlhf_uses_flash_ce(logits) else logits.dtype
+
+
+def _stand_in_flash_attn(root, imports):
+    """A flash_attn package under ``root`` with ops/triton/cross_entropy.py defining
+    cross_entropy_loss; with ``imports=False`` its __init__ raises the ImportError of a CUDA
+    extension built for another torch (installed, but not importable)."""
+    package = root / "flash_attn"
+    (package / "ops" / "triton").mkdir(parents=True)
+    (package / "__init__.py").write_text(
+        "" if imports else "raise ImportError('flash_attn_2_cuda.so: undefined symbol: _ZN3c10')\n")
+    (package / "ops" / "__init__.py").write_text("")
+    (package / "ops" / "triton" / "__init__.py").write_text("")
+    (package / "ops" / "triton" / "cross_entropy.py").write_text(
+        "def cross_entropy_loss(*args, **kwargs):\n    raise AssertionError('not called here')\n")
+
+
+def _frameworks_flash_ce_condition():
+    """veRL's (at its import) and OpenRLHF's (at each call) test, as they write it."""
+    try:
+        from flash_attn.ops.triton.cross_entropy import cross_entropy_loss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture
+def flash_attn_path(tmp_path, monkeypatch):
+    """Puts a stand-in flash_attn first on sys.path (make it with _stand_in_flash_attn) and
+    forgets the drop-ins' cached answer; both undone afterwards."""
+    def forget():
+        for name in [m for m in sys.modules if m.split(".")[0] == "flash_attn"]:
+            sys.modules.pop(name)
+
+    forget()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(integrations._contract, "_flash_ce_imports", None)
+    monkeypatch.delenv("VERL_DISABLE_FLASH_ATTN_CE", raising=False)
+    yield tmp_path
+    forget()
+
+
+@pytest.mark.parametrize("imports", [False, True], ids=["fails to import", "imports"])
+def test_flash_attn_counts_where_its_cross_entropy_imports(flash_attn_path, monkeypatch,
+                                                          imports):
+    """veRL and OpenRLHF take flash-attn's cross entropy (fp32 output) only where importing it
+    succeeds; an installed flash-attn whose CUDA extension fails to load leaves them on their
+    PyTorch path (the logits' dtype). The drop-ins used to test 'installed' and returned fp32
+    there."""
+    _stand_in_flash_attn(flash_attn_path, imports)
+    assert integrations._contract.installed("flash_attn")  # installed either way
+    assert _frameworks_flash_ce_condition() is imports
+    cuda_logits = types.SimpleNamespace(device=torch.device("cuda"))  # only the device is read
+    assert our_verl._verl_uses_flash_ce(cuda_logits) is imports
+    logits = torch.randn(2, 3, 11, dtype=torch.float64, device=DEVICE)
+    labels = torch.randint(0, 11, (2, 3), device=DEVICE)
+    logp = our_openrlhf.log_probs_from_logits(logits, labels)
+    assert logp.dtype == (torch.float32 if imports else torch.float64)
+    torch.testing.assert_close(logp.double(), _logp64(logits, labels),
+                               **({"atol": 1e-5, "rtol": 1e-5} if imports else {}))
+    monkeypatch.setenv("VERL_DISABLE_FLASH_ATTN_CE", "1")  # veRL's switch still wins
+    assert not our_verl._verl_uses_flash_ce(cuda_logits)
+
+
+def test_flash_attn_check_traces_under_compile(flash_attn_path):
+    """The first check may run while torch.compile traces (fullgraph): it is a constant there."""
+    _stand_in_flash_attn(flash_attn_path, imports=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(our_openrlhf.log_probs_from_logits, fullgraph=True,
+                             backend="aot_eager")
+    logits = torch.randn(2, 5, dtype=torch.float64, device=DEVICE)
+    assert compiled(logits, torch.tensor([1, 4], device=DEVICE)).dtype == torch.float64
+    assert integrations._contract._flash_ce_imports is False
 
 
 def _logp64_ignoring(logits, labels, temperature=1.0):

@@ -31,6 +31,34 @@ def installed(package: str) -> bool:
         return False
 
 
+# veRL's logprobs_from_logits and OpenRLHF's log_probs_from_logits take flash-attn's cross
+# entropy (whose output is fp32) when this import succeeds; on ImportError they take their
+# PyTorch path (the logits' dtype). None: not tried yet.
+FLASH_CE_MODULE, FLASH_CE_NAME = "flash_attn.ops.triton.cross_entropy", "cross_entropy_loss"
+_flash_ce_imports: bool | None = None
+
+
+@torch.compiler.assume_constant_result
+def flash_attn_cross_entropy_imports() -> bool:
+    """Whether ``from flash_attn.ops.triton.cross_entropy import cross_entropy_loss`` succeeds:
+    the frameworks' own condition (veRL at its import, OpenRLHF at each call, both catching
+    ImportError), not whether flash-attn is installed: an installed flash-attn whose CUDA
+    extension fails to load (built for another torch or CUDA) raises ImportError there, and the
+    frameworks then run their PyTorch path.
+
+    Tried once, at the first call that asks (never at import: that loads flash-attn's CUDA
+    extension, which the frameworks do anyway), then cached; torch.compile takes the answer as
+    a constant. Any other exception also counts as unavailable (veRL's own import would fail)."""
+    global _flash_ce_imports
+    if _flash_ce_imports is None:
+        try:
+            module = importlib.import_module(FLASH_CE_MODULE)
+            _flash_ce_imports = hasattr(module, FLASH_CE_NAME)
+        except Exception:  # noqa: BLE001 - ImportError, or a package that fails otherwise
+            _flash_ce_imports = False
+    return _flash_ce_imports
+
+
 def promoted(*tensors: torch.Tensor | torch.dtype | None) -> torch.dtype:
     """The dtype torch's own arithmetic gives for an expression of these tensors (type promotion;
     a dtype stands for a tensor of that dtype, e.g. a framework's ``.float()``; ``None`` skipped).

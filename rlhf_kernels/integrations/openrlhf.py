@@ -39,14 +39,15 @@ Conversions (OpenRLHF's semantics are kept; full list in docs/integrations.md):
   dp_size) are a factor on our loss that depends on the mask only.
 * ``log_probs_from_logits`` divides the caller's logits by the temperature in place, as
   OpenRLHF's does (its caller relies on the scaled logits).
-* Output dtype and shape: those of OpenRLHF's own function for the same call. The kernels
-  compute in fp32 (fp64 for fp64 inputs) and the drop-in rounds once to OpenRLHF's dtype:
+* Output dtype and shape: those of OpenRLHF's own function for the same call. The kernels compute
+  in fp32 (fp64 for fp64 inputs) and the drop-in rounds once to OpenRLHF's dtype:
   ``compute_approx_kl`` fp32 (OpenRLHF computes on ``.float()`` inputs); ``log_probs_from_logits``
-  the logits' dtype, except fp32 for fp64 logits where flash-attn is installed (OpenRLHF then
-  uses its cross entropy), with shape ``logits.shape[:-1]``; ``compute_entropy`` the logits'
-  dtype; the losses and GAE the type promotion of the inputs OpenRLHF computes with (at least
-  fp32 for the sequence-level loss and the clip ratio, which OpenRLHF builds with ``.float()``).
-  ``keep_fp32=True`` returns the kernels' fp32 (fp64) result unrounded.
+  the logits' dtype, except fp32 for fp64 logits where flash-attn's cross entropy imports
+  (OpenRLHF then uses it; an installed flash-attn that fails to import does not count), with shape
+  ``logits.shape[:-1]``; ``compute_entropy`` the logits' dtype; the losses and GAE the type
+  promotion of the inputs OpenRLHF computes with (at least fp32 for the sequence-level loss and
+  the clip ratio, which OpenRLHF builds with ``.float()``). ``keep_fp32=True`` returns the
+  kernels' fp32 (fp64) result unrounded.
 * Masks are read as 0/1; an all-masked batch gives 0 where OpenRLHF divides 0 by 0; PPO's
   ``ppo_kl`` uses the unclamped log-ratio, as OpenRLHF's (computed with torch, it is a detached
   statistic).
@@ -83,7 +84,7 @@ from rlhf_kernels.integrations._contract import (
     bind_keep_fp32,
     broadcast_advantages,
     finish,
-    installed,
+    flash_attn_cross_entropy_imports,
     is_dtensor,
     promoted,
     weighted_advantages,
@@ -121,9 +122,6 @@ _KL_CLAMP = 10.0  # OpenRLHF clamps every estimator's value to +-10
 _POLICY_RATIO = {"ppo": ("token", 20.0), "gspo": ("sequence", None)}
 _K3_LOG_RATIO_BOUND = 11.0  # see the module docstring: equivalent to OpenRLHF's min=-10 bound
 _IS_WEIGHT_CLIP = 10.0  # OpenRLHF's KL_IS_WEIGHT_CLIP for the unbiased-gradient correction
-# OpenRLHF's log_probs_from_logits takes flash-attn's cross entropy (fp32 output) for fp32 / fp64
-# logits when it imports; read once, at import (a plain flag for torch.compile to trace).
-_FLASH_ATTN_INSTALLED = installed("flash_attn")
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,7 +171,7 @@ def log_probs_from_logits(
 ) -> torch.Tensor:
     """logits (..., V), labels with one label per row (any shape, as OpenRLHF's flash-attn path
     reshapes them) -> logp ``logits.shape[:-1]`` of softmax(logits / temperature), in the logits'
-    dtype (fp32 for fp64 logits where flash-attn is installed), as OpenRLHF; fp32 with
+    dtype (fp32 for fp64 logits where flash-attn's cross entropy imports), as OpenRLHF; fp32 with
     ``keep_fp32``. Like OpenRLHF's, a temperature != 1 divides ``logits`` in place first. Labels
     equal to -100 give 0 (as OpenRLHF's flash-attn path). A DTensor (logits sharded under tensor
     parallelism) goes to OpenRLHF's own function."""
@@ -190,8 +188,15 @@ def log_probs_from_logits(
         labels = labels.reshape(rows)
     if temperature != 1.0:
         logits.div_(temperature)
-    flash = _FLASH_ATTN_INSTALLED and logits.dtype in (torch.float32, torch.float64)
-    return finish(logprobs(logits, labels), torch.float32 if flash else logits.dtype, keep_fp32)
+    dtype = torch.float32 if _openrlhf_uses_flash_ce(logits) else logits.dtype
+    return finish(logprobs(logits, labels), dtype, keep_fp32)
+
+
+def _openrlhf_uses_flash_ce(logits: torch.Tensor) -> bool:
+    """Whether OpenRLHF 0.11.2's log_probs_from_logits would take flash-attn's cross entropy
+    (which returns fp32): fp32 / fp64 logits and its import of that function succeeds (an
+    installed flash-attn that fails to import does not count); else the logits' dtype."""
+    return logits.dtype in (torch.float32, torch.float64) and flash_attn_cross_entropy_imports()
 
 
 @dropin

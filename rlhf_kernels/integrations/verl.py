@@ -45,15 +45,15 @@ Conversions (veRL's semantics are kept; see docs/integrations.md for the full li
   well as by the horizon. Each is a factor that depends on the mask only, applied to our loss.
 * k3 ("low_var_kl"): log-ratio clamped to +-20 and the result to +-10, as veRL; the "+" variants
   (straight-through k2 gradient) are built from two kernel calls.
-* Output dtype and shape: those of veRL's own function for the same call. The kernels compute
-  in fp32 (fp64 for fp64 inputs) and the drop-in rounds once to veRL's dtype: for the losses,
-  KL and GAE the type promotion of the inputs veRL computes with (fp32 for the seq-mean modes'
-  loss and for the clip fractions, which veRL builds with ``.float()``); for
-  ``logprobs_from_logits`` fp32 where veRL would use flash-attn's cross entropy (CUDA logits,
-  flash-attn installed, VERL_DISABLE_FLASH_ATTN_CE unset) and the logits' dtype otherwise, with
-  shape ``logits.shape[:-1]`` and labels of any shape with one label per row (as veRL's
-  flash-attn path); ``entropy_from_logits`` the logits' dtype; ``..._with_chunking`` fp32.
-  ``keep_fp32=True`` returns the kernels' fp32 (fp64) result unrounded.
+* Output dtype and shape: those of veRL's own function for the same call. The kernels compute in
+  fp32 (fp64 for fp64 inputs) and the drop-in rounds once to veRL's dtype: for the losses, KL and
+  GAE the type promotion of the inputs veRL computes with (fp32 for the seq-mean modes' loss and
+  for the clip fractions, which veRL builds with ``.float()``); for ``logprobs_from_logits`` fp32
+  where veRL would use flash-attn's cross entropy (CUDA logits, flash-attn's cross entropy
+  imports, VERL_DISABLE_FLASH_ATTN_CE unset) and the logits' dtype otherwise, with shape
+  ``logits.shape[:-1]`` and labels of any shape with one label per row (as veRL's flash-attn
+  path); ``entropy_from_logits`` the logits' dtype; ``..._with_chunking`` fp32. ``keep_fp32=True``
+  returns the kernels' fp32 (fp64) result unrounded.
 * Masks are read as 0/1 (nonzero counts), where veRL multiplies by the mask's value; an
   all-masked micro-batch gives loss 0 (veRL: NaN).
 * Advantage estimators (``ADVANTAGE_ESTIMATORS``, by veRL's registry names): the prompt ids in
@@ -90,7 +90,7 @@ from rlhf_kernels.integrations._contract import (
     bind_keep_fp32,
     broadcast_advantages,
     finish,
-    installed,
+    flash_attn_cross_entropy_imports,
     is_dtensor,
     promoted,
     weighted_advantages,
@@ -147,9 +147,6 @@ _KL_MODES = {
     "k3": ("k3", 10.0, 20.0),
 }
 _WHITEN_EPS = 1e-8  # veRL's masked_whiten: (x - mean) * rsqrt(var + 1e-8)
-# veRL's logprobs_from_logits uses flash-attn's cross entropy (fp32 output) when it imports;
-# read once, at import, so the per-call dtype decision traces cleanly under torch.compile.
-_FLASH_ATTN_INSTALLED = installed("flash_attn")
 
 
 # --------------------------------------------------------------------------------------------
@@ -876,11 +873,14 @@ def compute_value_loss(
 # --------------------------------------------------------------------------------------------
 def _verl_uses_flash_ce(logits: torch.Tensor) -> bool:
     """Whether veRL 0.9.1's logprobs_from_logits would take flash-attn's cross entropy (which
-    returns fp32) for these logits; its PyTorch path returns the logits' dtype."""
+    returns fp32) for these logits; its PyTorch path returns the logits' dtype. veRL's
+    condition: its import of flash-attn's cross entropy succeeded (not merely flash-attn
+    installed) and VERL_DISABLE_FLASH_ATTN_CE is not "1"; and CUDA logits, the only ones that
+    kernel takes."""
     return (
-        _FLASH_ATTN_INSTALLED
-        and logits.device.type == "cuda"
+        logits.device.type == "cuda"
         and os.environ.get("VERL_DISABLE_FLASH_ATTN_CE", "0") != "1"
+        and flash_attn_cross_entropy_imports()
     )
 
 
