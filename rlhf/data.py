@@ -141,6 +141,10 @@ def load_records(source: str | Path, split: str = "train", **load_kwargs: Any):
                 _mixed_kinds(files) if "changed from" in _root_cause(error) else None) \
                 or _root_cause(error)
             raise ValueError(f"could not read dataset {str(source)!r}: {problem}") from error
+        if len(dataset) == 1 and kind == "json" and len(files) == 1 and not load_kwargs:
+            problem = _columns_layout(files[0])
+            if problem is not None:
+                raise ValueError(f"dataset {str(source)!r} {problem}")
     else:
         from rlhf.models import hub_offline_reason
 
@@ -187,6 +191,35 @@ def _csv_features(file: Path):
     with file.open(newline="", encoding="utf-8-sig") as handle:
         header = next((row for row in csv.reader(handle) if row), [])
     return datasets.Features({name: datasets.Value("string") for name in header})
+
+
+def _columns_layout(file: Path) -> str | None:
+    """What is wrong with a JSON file that is one object of columns, or None. `datasets`
+    reads {"prompt": ["a", "b"], "completion": [...]} and pandas' `DataFrame.to_json` default
+    {"prompt": {"0": "a", "1": "b"}, ...} as ONE row whose cells are the whole columns (the
+    row checks would then blame row 1's values). A one-row chat ({"messages": [{"role": ...},
+    ...]}) is not such a file: its lists hold mappings."""
+    import json
+
+    try:
+        document = json.loads(file.read_text(encoding="utf-8-sig"))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(document, dict) or not document:
+        return None
+    values = list(document.values())
+    if all(isinstance(v, list) and v and not any(isinstance(x, Mapping) for x in v)
+           for v in values) and len({len(v) for v in values}) == 1:
+        layout = f"a list of {len(values[0])} values"
+    elif all(isinstance(v, Mapping) and v and all(str(k).isdigit() for k in v)
+             for v in values):
+        layout = (f"a mapping of {len(values[0])} row numbers to values, pandas' "
+                  f"DataFrame.to_json default")
+    else:
+        return None
+    return (f"is one JSON object of columns (each column {layout}: {sorted(document)}), "
+            f"which reads as a single row; write one JSON object per row: a list of objects, "
+            f"or JSON lines (pandas: df.to_json(path, orient='records', lines=True))")
 
 
 def _saved_to_disk(path: Path) -> bool:
@@ -262,10 +295,22 @@ def _json_problem(files: Sequence[Path]) -> str | None:
             return (f"{file} is not UTF-8 text (byte {error.start}: {error.reason}); save it "
                     f"as UTF-8")
         try:
-            json.loads(text)  # one JSON document (a list of rows, or rows under a key)
-            continue
+            document = json.loads(text)  # one JSON document (a list of rows, rows under a key)
         except json.JSONDecodeError as whole:
             document_error = whole
+        else:
+            if isinstance(document, list):
+                strings = all(isinstance(row, str) for row in document)  # read as `text`
+                bad = next(((number, row) for number, row in enumerate(document, 1)
+                            if not isinstance(row, dict)), None)
+                if bad is not None and not strings:
+                    return (f"{file} row {bad[0]} is a JSON {type(bad[1]).__name__}, not an "
+                            f"object (each row must be one object, e.g. "
+                            f"{{\"prompt\": ..., ...}})")
+            elif not isinstance(document, dict):
+                return (f"{file} holds a single JSON {type(document).__name__}, not rows; "
+                        f"expected a list of objects, or one JSON object per line")
+            continue
         if text.lstrip().startswith("["):
             return (f"{file} line {document_error.lineno}, column {document_error.colno}: "
                     f"{document_error.msg} (the file must be valid JSON)")

@@ -230,6 +230,40 @@ def test_broken_json_names_the_line(tmp_path, name, text, message):
     assert str(path) in str(info.value)
 
 
+@pytest.mark.parametrize("name, text, message", [
+    ("scalar.json", '"hello"', r"scalar.json holds a single JSON str, not rows; expected a list "
+                               r"of objects"),
+    ("rows.json", '[{"prompt": "a", "completion": "b"}, 3]',
+     r"rows.json row 2 is a JSON int, not an object"),
+])
+def test_json_that_is_not_rows_is_named(tmp_path, name, text, message):
+    """A JSON document that is no list of row objects: one line saying what it holds, not
+    pandas' "DataFrame constructor not properly called!" or Arrow's "changed from object to
+    string"."""
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message) as info:
+        data.load_sft_dataset(path)
+    assert "DataFrame" not in str(info.value) and "Arrow" not in str(info.value)
+
+
+@pytest.mark.parametrize("document", [
+    {"prompt": ["a", "b"], "completion": ["c", "d"]},
+    # pandas' DataFrame.to_json(path) default layout (orient="columns")
+    {"prompt": {"0": "a", "1": "b"}, "completion": {"0": "c", "1": "d"}},
+])
+@pytest.mark.parametrize("loader", [data.load_sft_dataset, data.load_prompt_dataset])
+def test_one_object_of_columns_is_named(tmp_path, document, loader):
+    """`datasets` reads a JSON object of columns as ONE row whose cells are whole columns; the
+    row check then said "row 1: column 'prompt' is dict ...; fix or remove that row"."""
+    path = tmp_path / "columns.json"
+    path.write_text(json.dumps(document))
+    with pytest.raises(ValueError, match=r"is one JSON object of columns .*\['completion', "
+                                         r"'prompt'\].*orient='records', lines=True") as info:
+        loader(path)
+    assert "fix or remove that row" not in str(info.value)
+
+
 def test_bad_rows_are_clear_errors(tokenizer):
     with pytest.raises(ValueError, match=r"row 1: column 'completion' must be a string"):
         data.tokenize_sft([{"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": 3}],
