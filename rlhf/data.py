@@ -446,7 +446,10 @@ def _nested_rows_hint(source, columns: Sequence[str], load_kwargs: Mapping[str, 
         except (ValueError, UnicodeDecodeError):
             raise error from None
         rows = document.get(columns[0]) if isinstance(document, dict) else None
-        if not (isinstance(rows, list) and rows and isinstance(rows[0], dict)):
+        if not (isinstance(rows, list) and rows and isinstance(rows[0], dict)) \
+                or any(isinstance(row, dict) and ("role" in row or "from" in row)
+                       for row in rows):
+            # not rows under a key; a chat of chat messages is one row (a .jsonl of one line)
             raise
         raise ValueError(f"dataset {str(source)!r} is one JSON object holding its rows under "
                          f"the key {columns[0]!r} (their columns: {sorted(rows[0])}), which "

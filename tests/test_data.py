@@ -264,6 +264,23 @@ def test_one_object_of_columns_is_named(tmp_path, document, loader):
     assert "fix or remove that row" not in str(info.value)
 
 
+def test_one_row_chat_file_is_not_taken_for_rows_under_a_key(tmp_path):
+    """A .jsonl of one chat row ({"messages": [{"role": ..., "content": ...}, ...]}) given to
+    the reward-model or prompt loader was said to hold "its rows under the key 'messages'"; it
+    is one row whose columns do not fit, and the error says which columns are expected. A
+    one-row SFT chat file loads."""
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant",
+                                                            "content": "yo"}]}
+    path = _write(tmp_path / "chat.jsonl", [chat], "jsonl")
+    assert data.load_sft_dataset(path).column_names == ["messages"]
+    for loader, accepted in ((data.load_preference_dataset, "prompt + chosen + rejected"),
+                             (data.load_prompt_dataset, "(prompt)")):
+        with pytest.raises(ValueError, match="no columns for the accepted formats") as info:
+            loader(path)
+        assert "holding its rows" not in str(info.value) and accepted in str(info.value)
+        assert "its columns are ['messages']" in str(info.value)
+
+
 def test_bad_rows_are_clear_errors(tokenizer):
     with pytest.raises(ValueError, match=r"row 1: column 'completion' must be a string"):
         data.tokenize_sft([{"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": 3}],
