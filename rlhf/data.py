@@ -470,6 +470,12 @@ def _value_problem(value: Any, column: str, chat: bool) -> str | None:
         if not value:
             return f"column {column!r} is an empty list of messages"
         for number, message in enumerate(value, 1):
+            if isinstance(message, Mapping) and "role" not in message \
+                    and {"from", "value"} <= set(message):
+                return (f"column {column!r}, message {number} is {message!r:.80}: ShareGPT's "
+                        f"'from'/'value' keys; each message needs 'role' ('system', 'user' or "
+                        f"'assistant') and 'content' (rename the keys, and 'human'/'gpt' to "
+                        f"'user'/'assistant')")
             if not (isinstance(message, Mapping) and isinstance(message.get("role"), str)
                     and message.get("content") is not None):
                 return (f"column {column!r}, message {number} is {message!r:.80}; each message "

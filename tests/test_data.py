@@ -281,6 +281,13 @@ def test_one_row_chat_file_is_not_taken_for_rows_under_a_key(tmp_path):
         assert "its columns are ['messages']" in str(info.value)
 
 
+def test_sharegpt_messages_say_which_keys_to_rename(tmp_path):
+    rows = [{"messages": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}]
+    with pytest.raises(ValueError, match=r"line 1: column 'messages', message 1 is .*ShareGPT's "
+                                         r"'from'/'value' keys; each message needs 'role'"):
+        data.load_sft_dataset(_write(tmp_path / "share.jsonl", rows, "jsonl"))
+
+
 def test_bad_rows_are_clear_errors(tokenizer):
     with pytest.raises(ValueError, match=r"row 1: column 'completion' must be a string"):
         data.tokenize_sft([{"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": 3}],
