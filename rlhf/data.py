@@ -519,9 +519,10 @@ def check_chat_rows(rows, tokenizer, source: str | Path | None = None) -> None:
         where = (f"dataset {_row_location(source, index, {})}" if source is not None
                  else f"row {index + 1}")
         raise ValueError(f"{where}: column {column!r} is a chat (a list of messages) but the "
-                         f"tokenizer has no chat template to render it; use a tokenizer with "
-                         f"one (tokenizer=..., or set tokenizer.chat_template) or give the "
-                         f"rows as strings")
+                         f"tokenizer has no chat template to render it; use a model whose "
+                         f"tokenizer has one (in rlhf sft and rlhf ppo / grpo also tokenizer=...),"
+                         f" add a chat_template to the tokenizer's tokenizer_config.json, or "
+                         f"give the rows as strings")
 
 
 def _row_location(source: str | Path, index: int, load_kwargs: Mapping[str, Any]) -> str:

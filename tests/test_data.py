@@ -288,6 +288,15 @@ def test_sharegpt_messages_say_which_keys_to_rename(tmp_path):
         data.load_sft_dataset(_write(tmp_path / "share.jsonl", rows, "jsonl"))
 
 
+def test_chat_rows_without_template_name_fixes_every_stage_has(tokenizer):
+    """`rlhf rm` takes no tokenizer= setting: the message must not offer it as the only fix."""
+    rows = [{"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b"}]
+    with pytest.raises(ValueError, match=r"row 1: column 'prompt' is a chat .* no chat template"
+                                         r".*use a model whose tokenizer has one .*add a "
+                                         r"chat_template to the tokenizer's tokenizer_config"):
+        data.check_chat_rows(rows, tokenizer)
+
+
 def test_bad_rows_are_clear_errors(tokenizer):
     with pytest.raises(ValueError, match=r"row 1: column 'completion' must be a string"):
         data.tokenize_sft([{"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": 3}],
