@@ -33,7 +33,9 @@ matmul makes of its weight as a transient; ``optimizer="adamw8bit"`` 8-bit Adam 
 answers what fits a card per stage (``rlhf plan MODEL --card 12``): the largest batch and the
 longest sequence, or why nothing fits. ``card_table_block`` renders the README's card table.
 
-``main(argv)`` is the ``rlhf plan`` command: a preset name (``PRESETS``) or a local config.json.
+``main(argv)`` is the ``rlhf plan`` command: a preset name (``PRESETS``, or its hub name,
+``PRESET_HUB_NAMES``), a named model, a model directory, a saved backbone, a config.json or a
+hub name in the local cache.
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["PRESETS", "LiveTensorTracker", "ModelDims", "fit", "fit_table_markdown", "hf_config",
-           "largest_batch", "main", "plan", "plan_training_stage"]
+__all__ = ["PRESETS", "PRESET_HUB_NAMES", "LiveTensorTracker", "ModelDims", "fit",
+           "fit_table_markdown", "hf_config", "largest_batch", "main", "plan",
+           "plan_training_stage"]
 
 GIB = 2**30
 STAGES = ("rollout", "scoring", "update")
@@ -74,6 +77,14 @@ PRESETS: dict[str, dict] = {
                  tie_word_embeddings=True, max_position_embeddings=512),
 }
 
+# The presets' Hugging Face hub names (base and instruct models have the same shapes): `rlhf
+# plan Qwen/Qwen2.5-1.5B` plans the preset without the hub or its cache.
+PRESET_HUB_NAMES: dict[str, str] = {
+    "Qwen/Qwen2.5-0.5B": "qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B-Instruct": "qwen2.5-0.5b",
+    "Qwen/Qwen2.5-1.5B": "qwen2.5-1.5b", "Qwen/Qwen2.5-1.5B-Instruct": "qwen2.5-1.5b",
+    "Qwen/Qwen2.5-7B": "qwen2.5-7b", "Qwen/Qwen2.5-7B-Instruct": "qwen2.5-7b",
+    "meta-llama/Meta-Llama-3-8B": "llama-3-8b", "meta-llama/Meta-Llama-3-8B-Instruct": "llama-3-8b",
+}
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8")  # rlhf/quant.py
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 _DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
@@ -193,6 +204,9 @@ def _load_config(config) -> dict:
         return config.to_dict()
     if isinstance(config, str) and config in PRESETS:
         return PRESETS[config]
+    if isinstance(config, str) and config.lower() in PRESETS \
+            and not Path(config).expanduser().exists():
+        return PRESETS[config.lower()]  # Qwen2.5-1.5B
     from rlhf import named_models
 
     path = Path(config).expanduser()
@@ -217,16 +231,47 @@ def _load_config(config) -> dict:
             cached = None
         if isinstance(cached, str):
             path = Path(cached)
+    if not path.is_file() and isinstance(config, str) \
+            and not Path(config).expanduser().exists():
+        hub_names = {name.lower(): preset for name, preset in PRESET_HUB_NAMES.items()}
+        if config.lower() in hub_names:  # a preset's hub name, not in the local cache
+            return PRESETS[hub_names[config.lower()]]
     if not path.is_file():
         missing = ""
         if isinstance(config, str) and not Path(config).expanduser().exists() \
                 and (config.startswith(("/", ".", "~")) or config.count("/") > 1):
             missing = f" (there is no file or directory {config!r})"
+        elif isinstance(config, str) and Path(config).expanduser().is_dir():
+            missing = f" (the directory {config!r} holds no config.json)"
+        import difflib
+
+        known = [*PRESETS, *named_models.NAMED_MODELS, *PRESET_HUB_NAMES]
+        close = difflib.get_close_matches(str(config), known, n=2, cutoff=0.75) \
+            or difflib.get_close_matches(str(config).lower(), known, n=2, cutoff=0.75)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else (
+            "; for another model, give its config.json (the one file of its hub folder the "
+            "planner reads)")
         raise ValueError(f"{config!r} is neither a preset ({sorted(PRESETS)}), a named model "
                          f"({sorted(named_models.NAMED_MODELS)}), a model directory (its "
                          f"config.json, or a saved backbone's roles.json), a config.json file, "
-                         f"nor a hub name in the local Hugging Face cache{missing}")
-    return json.loads(path.read_text())
+                         f"nor a hub name in the local Hugging Face cache{missing}{hint}")
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{str(path)!r} is not a model config: it does not read as JSON "
+                         f"({error}); give a model directory or its config.json") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{str(path)!r} is not a model config: it holds a JSON "
+                         f"{type(values).__name__}, where a config.json is one object "
+                         f"(hidden_size, num_hidden_layers, ...)")
+    needed = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads")
+    lacking = [key for key in needed if key not in values]
+    if lacking:
+        raise ValueError(f"the model config {str(path)!r} (model_type "
+                         f"{values.get('model_type')!r}) lacks {lacking}: the planner needs a "
+                         f"Llama/Qwen2-style decoder config")
+    return values
 
 
 # --------------------------------------------------------------------------------------------

@@ -407,3 +407,48 @@ def test_fit_says_when_the_lengths_are_past_the_models_context(capsys):
     assert planner.main(["tiny", "--card", "8", "--prompt-length", "128",
                          "--response-length", "256"]) == 0
     assert "past the model's context" not in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# what a new user types: hub names, typos, a file that is no config, a small model, a small card
+# ---------------------------------------------------------------------------------------------
+def test_presets_answer_to_their_hub_names_and_any_case(tmp_path, monkeypatch):
+    """`rlhf plan Qwen/Qwen2.5-1.5B` (the name on the model card) was refused unless the model
+    was in the local hub cache, and `Qwen2.5-1.5B` for its capitals."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    for name, preset in (("Qwen/Qwen2.5-1.5B", "qwen2.5-1.5b"),
+                         ("qwen/qwen2.5-0.5b-instruct", "qwen2.5-0.5b"),
+                         ("Qwen2.5-7B", "qwen2.5-7b"),
+                         ("meta-llama/Meta-Llama-3-8B-Instruct", "llama-3-8b")):
+        assert planner.plan(name, batch=4) == planner.plan(preset, batch=4), name
+
+
+def test_unknown_model_suggests_the_close_name_or_a_config_json():
+    with pytest.raises(ValueError, match=r"'qwen2\.5-1\.5' is neither a preset .*; did you mean "
+                                         r"'qwen2\.5-1\.5b'"):
+        planner.plan("qwen2.5-1.5")
+    with pytest.raises(ValueError, match=r"'mistral-7b' is neither .*; for another model, give "
+                                         r"its config\.json"):
+        planner.plan("mistral-7b")
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("notes.md", "# not json", r"'.*notes\.md' is not a model config: it does not read as JSON"),
+    ("rows.json", '[{"prompt": "a"}]', r"'.*rows\.json' is not a model config: it holds a JSON "
+                                       r"list"),
+    ("config.json", '{"model_type": "gpt2", "n_embd": 768, "vocab_size": 50257}',
+     r"the model config '.*config\.json' \(model_type 'gpt2'\) lacks \['hidden_size', "),
+])
+def test_a_file_that_is_no_decoder_config_is_named(tmp_path, capsys, name, text, message):
+    """`rlhf plan README.md` said only "Expecting value: line 1 column 1 (char 0)"; a JSON list
+    "dictionary update sequence element #0 has length 1; 2 is required"; a GPT-2 config's
+    missing keys did not name the file."""
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        planner.plan(str(path))
+    with pytest.raises(SystemExit) as exit_info:
+        planner.main([str(path)])
+    assert exit_info.value.code == 2 and str(path) in capsys.readouterr().err
