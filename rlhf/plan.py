@@ -46,8 +46,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["PRESETS", "PRESET_HUB_NAMES", "LiveTensorTracker", "ModelDims", "fit",
-           "fit_table_markdown", "hf_config", "largest_batch", "main", "plan",
+__all__ = ["BATCH_SEARCH_LIMIT", "PRESETS", "PRESET_HUB_NAMES", "LiveTensorTracker", "ModelDims",
+           "fit", "fit_table_markdown", "hf_config", "largest_batch", "main", "plan",
            "plan_training_stage"]
 
 GIB = 2**30
@@ -85,6 +85,8 @@ PRESET_HUB_NAMES: dict[str, str] = {
     "Qwen/Qwen2.5-7B": "qwen2.5-7b", "Qwen/Qwen2.5-7B-Instruct": "qwen2.5-7b",
     "meta-llama/Meta-Llama-3-8B": "llama-3-8b", "meta-llama/Meta-Llama-3-8B-Instruct": "llama-3-8b",
 }
+# the largest batch `largest_batch` and `fit` try: one found there may not be the largest
+BATCH_SEARCH_LIMIT = 4096
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8")  # rlhf/quant.py
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 _DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
@@ -403,10 +405,7 @@ def plan(config="qwen2.5-1.5b", *, batch: int = 16, prompt_length: int = 128,
     head_dequant = (v * h * w if quantization != "none" and quantize_lm_head
                     and not d.tie_word_embeddings else 0)
 
-    weights = d.weight_bytes(w, quantization, quantize_lm_head)
-    if strategy == "fsdp2" and gpus > 1:  # the decoder layers sharded, two of them whole
-        layers = weights - (d.vocab_size * h + d.lm_head_params() + h) * w
-        weights += -layers + layers // gpus + 2 * layers // L
+    weights = _weights_per_gpu(d, w, quantization, quantize_lm_head, gpus, strategy)
     resident = {
         "weights": weights,
         "adapters_and_heads": 4 * ((3 if critic else 2) * lora + 2 * head),
@@ -619,7 +618,7 @@ class LiveTensorTracker:
         return self._mode.__exit__(*exc)
 
 
-def largest_batch(config, card_gib: float, *, limit: int = 4096, **kwargs) -> int:
+def largest_batch(config, card_gib: float, *, limit: int = BATCH_SEARCH_LIMIT, **kwargs) -> int:
     """The largest batch (minibatch and forward chunk = batch unless given) whose planned peak
     fits in ``card_gib``; 0 when not even batch 1 fits."""
     if not (isinstance(card_gib, (int, float)) and math.isfinite(card_gib) and card_gib > 0):
@@ -704,6 +703,19 @@ def plan_training_stage(stage: str, config="qwen2.5-1.5b", *, batch: int = 8,
     return {"peak_bytes": total, "resident": resident, "step": step}
 
 
+def _weights_per_gpu(d: ModelDims, w: int, quantization: str = "none",
+                     quantize_lm_head: bool = False, gpus: int = 1, strategy: str = "ddp") -> int:
+    """The base weights one GPU of the RL stage holds: all of them, or with ``fsdp2`` over
+    several GPUs its share of the decoder layers plus two whole layers (one gathered for the
+    forward, the next prefetched)."""
+    weights = d.weight_bytes(w, quantization, quantize_lm_head)
+    if strategy == "fsdp2" and gpus > 1:
+        h = d.hidden_size
+        layers = weights - (d.vocab_size * h + d.lm_head_params() + h) * w
+        weights += -layers + layers // gpus + 2 * layers // d.num_layers
+    return weights
+
+
 def _stage_peak(stage: str, config, batch: int, prompt_length: int, response_length: int,
                 **kwargs) -> int:
     if stage == "rl":
@@ -733,14 +745,15 @@ def _largest(fits, limit: int) -> int:
 
 def fit(config, card_gib: float, *, batch: int = 16, prompt_length: int = 128,
         response_length: int = 256, reserve_gib: float = DEFAULT_RESERVE_GIB,
-        limit: int = 4096, **kwargs) -> dict:
+        limit: int = BATCH_SEARCH_LIMIT, **kwargs) -> dict:
     """What fits a card of ``card_gib`` GiB (``reserve_gib`` of it kept for what the plan does
     not count), per pipeline stage (``PIPELINE_STAGES``):
 
     ``{"sft" | "rm" | "rl": {"batch": the largest batch at the given lengths, "length": the
     largest response length (rl; prompt fixed) or sequence length (sft, rm; batch rows) at
     ``batch``, "context": the model's context, "peak_gib": the planned peak at batch and lengths,
-    "why": None, or why nothing fits}}``. RL: rollout batch = minibatch = scoring chunk (pass
+    "why": None, or why nothing fits, "more_may_fit": the search stopped at ``limit``, so a
+    larger batch may fit too}}``. RL: rollout batch = minibatch = scoring chunk (pass
     ``minibatch=`` / ``forward_chunk=`` to fix them); kwargs go to ``plan`` (quantization,
     optimizer, lora_rank, dtype, critic, ...).
     """
@@ -769,6 +782,7 @@ def fit(config, card_gib: float, *, batch: int = 16, prompt_length: int = 128,
             return _stage_peak(stage, config, b, p, r, **kw)
 
         best_batch = _largest(lambda b: peak(b) <= budget, limit)
+        more_may_fit = best_batch == limit
         if stage == "rl":  # a rollout batch the RL stage takes: a multiple of the minibatch
             # (when given) and of the GPUs (split evenly over them)
             best_batch -= best_batch % math.lcm(kwargs.get("minibatch") or 1,
@@ -780,21 +794,29 @@ def fit(config, card_gib: float, *, batch: int = 16, prompt_length: int = 128,
             best_length = _largest(lambda t: peak(batch, p=0, r=t) <= budget, context)
         why = None
         if best_batch == 0:
-            weights = d.weight_bytes(w, quantization) / GIB
+            # the RL stage's weights per GPU (fsdp2 shards them); the SFT and reward-model
+            # stages' whole (``_stage_peak``)
+            sharding = ((kwargs.get("gpus", 1), kwargs.get("strategy", "ddp")) if stage == "rl"
+                        else (1, "ddp"))
+            lm_head = kwargs.get("quantize_lm_head", False)
+            weights = _weights_per_gpu(d, w, quantization, lm_head, *sharding) / GIB
             if weights > budget / GIB:
-                nf4 = d.weight_bytes(w, "nf4") / GIB
+                nf4 = _weights_per_gpu(d, w, "nf4", False, *sharding) / GIB
                 stored = quantization if quantization != "none" else kwargs.get("dtype",
                                                                                  "bfloat16")
                 why = (f"the base weights alone are {weights:.2f} GiB ({stored}) of the "
                        f"{budget / GIB:.2f} GiB usable"
-                       + (f"; quantization=nf4 makes them {nf4:.2f} GiB"
-                          if quantization == "none" else ""))
+                       + ("" if quantization != "none" else
+                          f"; quantization=nf4 makes them {nf4:.2f} GiB" if nf4 < budget / GIB
+                          else f"; even quantization=nf4 leaves {nf4:.2f} GiB, more than that: "
+                               f"a larger card" + (", or more GPUs (--gpus N --strategy fsdp2)"
+                                                   if stage == "rl" else "")))
             else:
                 one = peak(1) / GIB
                 why = (f"one sequence of {prompt_length + response_length} tokens peaks at "
                        f"{one:.2f} GiB > {budget / GIB:.2f} GiB usable; shorten it")
         out[stage] = {"batch": best_batch, "length": best_length, "context": context,
-                      "peak_gib": peak(batch) / GIB, "why": why}
+                      "peak_gib": peak(batch) / GIB, "why": why, "more_may_fit": more_may_fit}
     return out
 
 
@@ -816,7 +838,8 @@ def format_fit(result: dict, card_gib: float, *, batch: int, prompt_length: int,
         cap = r["context"] - (prompt_length if stage == "rl" else 0)
         length = f"{r['length']}" + (" (the context)" if r["length"] >= cap else "")
         unit = "pairs" if stage == "rm" else "sequences"
-        lines.append(f"  {names[stage]:<24} largest batch {r['batch']} {unit}; at batch "
+        more = " or more (the search stops there)" if r.get("more_may_fit") else ""
+        lines.append(f"  {names[stage]:<24} largest batch {r['batch']} {unit}{more}; at batch "
                      f"{batch}: {what} length up to {length}"
                      + ("" if r["length"] else " (batch too large)"))
     context = result["rl"]["context"]
@@ -891,7 +914,8 @@ def write_readme(path: Path) -> None:
     path.write_text(text[:start] + card_table_block() + text[end + len(CARD_TABLE_END):])
 
 
-def format_plan(result: dict, card_gib: float | None = None, best_batch: int | None = None) -> str:
+def format_plan(result: dict, card_gib: float | None = None, best_batch: int | None = None,
+                more_may_fit: bool = False) -> str:
     """The table ``rlhf plan`` prints (GiB)."""
     inputs = result["inputs"]
     lines = [f"model: {inputs['params'] / 1e9:.2f} B parameters, LoRA "
@@ -919,7 +943,8 @@ def format_plan(result: dict, card_gib: float | None = None, best_batch: int | N
     lines.append(f"peak: {result['peak_bytes'] / GIB:.2f} GiB ({result['peak_stage']})")
     if card_gib is not None:
         lines.append(f"largest batch on a {card_gib:g} GiB card (RL, the reserve kept): "
-                     f"{best_batch}"
+                     f"{best_batch}" + (" or more (the search stops there)" if more_may_fit
+                                        else "")
                      + (f" (over all {inputs['gpus']} GPUs)" if inputs.get("gpus", 1) > 1
                         else ""))
     return "\n".join(lines)
@@ -1025,7 +1050,8 @@ def main(argv: list[str] | None = None) -> int:
         result["fit"] = {"card_gib": args.card, "reserve_gib": args.reserve, **fits}
         print(json.dumps(result, indent=1))
     else:
-        print(format_plan(result, args.card, best))
+        step = math.lcm(args.minibatch or 1, args.gpus)  # largest_batch's rounding
+        print(format_plan(result, args.card, best, more_may_fit=best + step > BATCH_SEARCH_LIMIT))
         print(format_fit(fits, args.card, batch=args.batch, prompt_length=args.prompt_length,
                          response_length=args.response_length, reserve_gib=args.reserve,
                          checkpointing=not args.no_gradient_checkpointing))

@@ -452,3 +452,37 @@ def test_a_file_that_is_no_decoder_config_is_named(tmp_path, capsys, name, text,
     with pytest.raises(SystemExit) as exit_info:
         planner.main([str(path)])
     assert exit_info.value.code == 2 and str(path) in capsys.readouterr().err
+
+
+def test_a_batch_at_the_search_limit_is_not_called_the_largest(capsys):
+    """The search for the largest batch stops at BATCH_SEARCH_LIMIT (4096): the tiny preset on
+    24 GiB fits far more (its planned peak at 4096 rows is well under the card), and the plan
+    printed "largest batch 4096" as if 4097 did not fit."""
+    limit = planner.BATCH_SEARCH_LIMIT
+    assert planner.plan("tiny", batch=limit)["peak_bytes"] < 12 * GIB
+    result = planner.fit("tiny", 24)
+    assert all(r["batch"] == limit and r["more_may_fit"] for r in result.values())
+    assert not any(r["more_may_fit"] for r in planner.fit("qwen2.5-1.5b", 24).values())
+    assert planner.main(["tiny", "--card", "24"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(f"largest batch {limit} sequences or more") == 2, out  # SFT and RL lines
+    assert f"(RL, the reserve kept): {limit} or more" in out
+    assert planner.main(["qwen2.5-1.5b", "--card", "24"]) == 0
+    assert "or more" not in capsys.readouterr().out
+
+
+def test_nothing_fits_counts_the_weights_a_gpu_holds_and_offers_only_what_helps():
+    """On a card too small for even the 4-bit base the answer offered quantization=nf4 as the
+    cure; with --gpus 8 --strategy fsdp2 it counted the RL stage's base whole (14.19 GiB)
+    though the plan shards it."""
+    d = planner.ModelDims.from_dict(planner.PRESETS["qwen2.5-7b"])
+    total = d.params() * 2
+    outside = (2 * d.vocab_size * d.hidden_size + d.hidden_size) * 2  # embeddings, lm_head, norm
+    layers = total - outside
+    per_gpu = outside + layers // 8 + 2 * layers // d.num_layers
+    sharded = planner.fit("qwen2.5-7b", 4, gpus=8, strategy="fsdp2")
+    assert f"the base weights alone are {per_gpu / GIB:.2f} GiB" in sharded["rl"]["why"]
+    assert f"the base weights alone are {total / GIB:.2f} GiB" in sharded["sft"]["why"]
+    for r in planner.fit("qwen2.5-7b", 4).values():
+        assert "even quantization=nf4 leaves 5.17 GiB" in r["why"]
+        assert "makes them" not in r["why"]
