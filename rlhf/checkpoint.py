@@ -461,7 +461,8 @@ def prune_checkpoints(root: str | Path, keep: int) -> list[Path]:
 
 @contextlib.contextmanager
 def interrupts_held() -> Iterator[None]:
-    """Hold Ctrl-C (SIGINT) and SIGTERM until the block is done, then deliver them.
+    """Hold Ctrl-C (SIGINT), SIGTERM and SIGHUP (where the platform has it) until the block is
+    done, then deliver them.
 
     A stage wraps an optimizer step in it, with what makes that step whole (the scheduler, the
     step counter, its metrics record): an interrupt inside ``optimizer.step()`` had updated some
@@ -470,9 +471,10 @@ def interrupts_held() -> Iterator[None]:
     a state the uninterrupted one never had. Held, the interrupt arrives when the step is
     complete (at most one optimizer step later) and the checkpoint is the step's. A signal
     that came goes to the handler the block found (KeyboardInterrupt for SIGINT, the CLI's
-    Terminated for SIGTERM, or the default action); when the block raises, that exception
-    ends the run and the signal is dropped. Outside the main thread (where handlers cannot be
-    set) the block runs as it is."""
+    Terminated for SIGTERM and SIGHUP, or the default action; an ignored one, SIGHUP under
+    nohup, stays ignored); when the block raises, that exception ends the run and the signal
+    is dropped. Outside the main thread (where handlers cannot be set) the block runs as it
+    is."""
     import signal
     import threading
 
@@ -485,7 +487,10 @@ def interrupts_held() -> Iterator[None]:
         pending.append(signum)
 
     previous = {}
-    for number in (signal.SIGINT, signal.SIGTERM):
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        number = getattr(signal, name, None)  # Windows has no SIGHUP
+        if number is None or signal.getsignal(number) == signal.SIG_IGN:
+            continue  # an ignored one (SIGHUP under nohup) stays ignored
         previous[number] = signal.signal(number, hold)
     try:
         yield

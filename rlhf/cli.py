@@ -40,7 +40,8 @@ from pathlib import Path
 
 from rlhf.errors import describe_os_error
 
-__all__ = ["STAGES", "Stage", "Terminated", "check_output_dir", "main", "sigterm_as_interrupt"]
+__all__ = ["STAGES", "STOP_SIGNALS", "Stage", "Terminated", "check_output_dir", "main",
+           "sigterm_as_interrupt"]
 
 
 @dataclass(frozen=True)
@@ -70,35 +71,113 @@ STAGES: dict[str, Stage] = {
                       "algorithm at several KL strengths, gold and proxy reward against KL"),
 }
 EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 130, 143  # 128 + SIGINT / SIGTERM
+EXIT_HANGUP = 129  # 128 + SIGHUP
+# The signals that stop a run as Ctrl-C does (a checkpoint, then the --resume line): SIGTERM,
+# and SIGHUP where the platform has one (not Windows): a closed terminal or a dropped ssh
+# session sends it to a run started without nohup, which ended at once with no checkpoint.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP")
+                     if hasattr(signal, name))
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (``kill PID``, ``timeout``, a batch scheduler's preemption, ``docker stop``),
-    raised where the run is, as Ctrl-C raises KeyboardInterrupt: the stages catch
-    KeyboardInterrupt, so they save a checkpoint before the process ends, as they do on Ctrl-C.
-    Without it, Python's default action ended the process at once, and --resume went back to
-    the last periodic checkpoint (up to save_every steps lost: 500 by default in SFT)."""
+    """SIGTERM (``kill PID``, ``timeout``, a batch scheduler's preemption, ``docker stop``) or
+    SIGHUP (the terminal closed, the ssh session dropped), raised where the run is, as Ctrl-C
+    raises KeyboardInterrupt: the stages catch KeyboardInterrupt, so they save a checkpoint
+    before the process ends, as they do on Ctrl-C. Without it, Python's default action ended
+    the process at once, and --resume went back to the last periodic checkpoint (up to
+    save_every steps lost: 500 by default in SFT). ``signum`` is the signal that came."""
+
+    def __init__(self, message: str = "", signum: int = signal.SIGTERM):
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal's number, as a shell reports a process the signal ended."""
+        return 128 + int(self.signum)
+
+
+class _HungUpOutput:
+    """sys.stdout / sys.stderr after a SIGHUP: once a write fails because the terminal is gone
+    (EIO) or the pipe's reader is (EPIPE: ``| tee log``, which the hang-up ended too), the
+    stream's file descriptor is pointed at os.devnull and the write goes there. Without it the
+    stage's 'interrupted, checkpoint saved' line raised OSError after the save, and the run
+    ended with that traceback (where no one reads it) and exit status 1 instead of 129."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _guarded(self, call, *args):
+        import errno
+
+        try:
+            return call(*args)
+        except OSError as error:
+            if error.errno not in (errno.EIO, errno.EPIPE):
+                raise
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, self._stream.fileno())
+            finally:
+                os.close(devnull)
+            return call(*args)
+
+    def write(self, text):
+        return self._guarded(self._stream.write, text)
+
+    def flush(self):
+        return self._guarded(self._stream.flush)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _guard_output_after_hangup() -> None:
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is None or isinstance(stream, _HungUpOutput):
+            continue
+        try:
+            stream.fileno()
+        except (AttributeError, OSError, ValueError):  # not a file (pytest's capture, StringIO)
+            continue
+        setattr(sys, name, _HungUpOutput(stream))
 
 
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, the first SIGTERM raises ``Terminated`` in the main thread (a second
-    one ends the process at once, Python's default). Not under torchrun: its agent sends SIGTERM
-    to the other ranks when one fails, and those stop as before."""
+    """Within the block, the first SIGTERM or SIGHUP (``STOP_SIGNALS``) raises ``Terminated``
+    in the main thread (a second one of that signal ends the process at once, Python's
+    default). Not under torchrun: its agent sends SIGTERM to the other ranks when one fails
+    (and passes a SIGHUP it gets on to every rank), and those stop as before: a rank saving a
+    checkpoint would wait in a collective for the rank that is gone. A SIGHUP that is ignored
+    (``nohup``) stays ignored: such a run goes on after the terminal closes."""
     if (threading.current_thread() is not threading.main_thread()
             or os.environ.get("WORLD_SIZE", "1") != "1"):
         yield
         return
 
     def terminate(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        raise Terminated(f"terminated by signal {signum} (SIGTERM)")
+        signal.signal(signum, signal.SIG_DFL)
+        name = signal.Signals(signum).name
+        if name == "SIGHUP":
+            _guard_output_after_hangup()
+        raise Terminated(f"terminated by signal {signum} ({name})", signum)
 
-    previous = signal.signal(signal.SIGTERM, terminate)
+    previous = {}
     try:
+        for number in STOP_SIGNALS:
+            if number != signal.SIGTERM and signal.getsignal(number) == signal.SIG_IGN:
+                continue  # nohup: the user asked the run to outlive the terminal
+            previous[number] = signal.signal(number, terminate)
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -335,15 +414,16 @@ def _main(argv: list[str]) -> int:
             main_rank = distributed.is_main()
             distributed.shutdown()
     except KeyboardInterrupt as interrupt:
-        # The stages save a checkpoint before re-raising Ctrl-C (or SIGTERM, Terminated) once
-        # their loop runs (and say so); one while the model or data loads comes before any
-        # checkpoint.
-        how = "terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted"
+        # The stages save a checkpoint before re-raising Ctrl-C (or SIGTERM / SIGHUP,
+        # Terminated) once their loop runs (and say so); one while the model or data loads
+        # comes before any checkpoint.
+        terminated = isinstance(interrupt, Terminated)
+        how = f"terminated ({interrupt.signal_name})" if terminated else "interrupted"
         print(f"\nrlhf {ns.command}: {how}. Continue with "
               f"`rlhf {' '.join([ns.command, *ns.args])} --resume` (it continues from the last "
               f"checkpoint under {output_dir or 'the output directory'}, or starts afresh "
               f"when there is none).", file=sys.stderr)
-        return EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED
+        return interrupt.exit_code if terminated else EXIT_INTERRUPTED
     except (*USER_ERRORS, distributed.RankFailure) as error:
         # Bad input (data without the needed columns, an unknown model path, a diverged run, a
         # full disk, ...) or a torchrun peer that died: one line that says what is wrong and
