@@ -685,6 +685,40 @@ def test_verl_value_loss(verl_core, mode, options):
     ref_clipfrac = verl_core.compute_value_loss(vpreds, returns, old_values, mask, 0.2, mode,
                                                 **options)[1]
     _close(clipfrac, ref_clipfrac, atol=1e-6, name="vf_clipfrac")
+    _close(clipfrac, _verl_value_clipfrac64(vpreds, returns, old_values, mask, 0.2), atol=1e-6,
+           name="vf_clipfrac, float64")
+
+
+def _verl_value_clipfrac64(vpreds, returns, values, mask, clip):
+    """veRL's vf_clipfrac in float64: the prediction clamped into values +- clip against the
+    prediction itself, averaged over the valid tokens."""
+    v, r, old = vpreds.double(), returns.double(), values.double()
+    clipped = torch.maximum(torch.minimum(v, old + clip), old - clip)
+    over = ((clipped - r) ** 2 > (v - r) ** 2).double()
+    return (over * mask).sum() / mask.sum()
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.bool, torch.int64])
+def test_verl_value_clipfrac_counts_no_unclipped_token(mask_dtype):
+    """Two unclipped tokens (|v - old| < 0.2) where old + (v - old) is an ulp off v in fp32, the
+    op's clipping form: the drop-in counted them as clipped (vf_clipfrac 0.8 instead of veRL's
+    0.4). Then a clipped token whose clipped loss is smaller (not counted), two clipped tokens
+    whose clipped loss is larger (counted) and a masked one."""
+    from rlhf_kernels.integrations import verl as ours
+
+    vpreds = torch.tensor([[-0.022092705592513084, 0.05772486701607704, 1.0, 1.0, -1.0, 1.0]])
+    values = torch.tensor([[0.16318640112876892, 0.23107324540615082, 0.0, 0.0, 0.0, 0.0]])
+    returns = torch.tensor([[-0.10240978747606277, 0.725506067276001, 0.5, 2.0, -3.0, 2.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]]).to(mask_dtype)
+    vpreds, values, returns, mask = (t.to(DEVICE) for t in (vpreds, values, returns, mask))
+    assert ((vpreds - values).abs()[0, :2] < 0.2).all()
+    assert not torch.equal(values + (vpreds - values), vpreds)  # the rounding trap is there
+    expected = _verl_value_clipfrac64(vpreds, returns, values, mask, 0.2)
+    assert expected.item() == pytest.approx(0.4)
+    for mode in ("token-mean", "seq-mean-token-mean"):
+        _, clipfrac = ours.compute_value_loss(vpreds, returns, values, mask, 0.2, mode)
+        assert clipfrac.dtype == torch.float32
+        assert clipfrac.item() == pytest.approx(expected.item(), abs=1e-7), mode
 
 
 def test_verl_logprobs_and_entropy(verl_f):

@@ -858,14 +858,30 @@ def compute_value_loss(
             vpreds, returns, values, response_mask, cliprange_value, loss_agg_mode, dp_size,
             batch_num_tokens, global_batch_size, loss_scale_factor,
         )
-    loss, stats = ppo_value_loss(vpreds, values, returns, response_mask, clip=cliprange_value,
-                                 reduction=loss_agg_mode)
+    loss, _ = ppo_value_loss(vpreds, values, returns, response_mask, clip=cliprange_value,
+                             reduction=loss_agg_mode)
     factor = _agg_factor(response_mask, loss_agg_mode, dp_size, batch_num_tokens,
                          global_batch_size, loss_scale_factor)
     dtype = _loss_dtype(loss_agg_mode, vpreds, returns, values, response_mask)
-    frac_dtype = promoted(torch.float32, response_mask)
-    return (finish(_scaled(loss, factor), dtype, keep_fp32),
-            finish(stats["clipfrac"], frac_dtype, keep_fp32))
+    # veRL's clip fraction in its dtype (promotion of fp32 and the mask) with or without keep_fp32
+    clipfrac = _value_clipfrac(vpreds, returns, values, response_mask, cliprange_value)
+    return finish(_scaled(loss, factor), dtype, keep_fp32), clipfrac
+
+
+def _value_clipfrac(vpreds, returns, values, response_mask, cliprange_value) -> torch.Tensor:
+    """veRL's vf_clipfrac: the share of valid tokens where the prediction clamped into
+    ``values +- cliprange_value`` has the larger squared error. The op's clipfrac clips as
+    ``old + clamp(v - old)`` (OpenRLHF's form), which can land an ulp away from an unclipped v
+    (v = -0.0221, old = 0.1632 in fp32) and then counts that token as clipped; veRL's clamp
+    returns v itself. Elementwise on (B, T), no host sync."""
+    with torch.no_grad():
+        v = vpreds.detach()
+        clipped = torch.maximum(torch.minimum(v, values + cliprange_value),
+                                values - cliprange_value)
+        over = (clipped - returns) ** 2 > (v - returns) ** 2
+        valid = response_mask != 0
+        dtype = promoted(torch.float32, response_mask)
+        return (over & valid).sum(dtype=dtype) / valid.sum(dtype=dtype).clamp_min(1)
 
 
 # --------------------------------------------------------------------------------------------
