@@ -181,6 +181,11 @@ class PipelineConfig:
     pair_top_p: float | None = None  # 1.0: off
     lora_rank: int = 16
     lora_alpha: int = 32
+    # prompts per sampling batch: the built-in task's preference pairs and held-out samples,
+    # your prompts' samples.md, task=arithmetic's greedy held-out accuracy. Part of the
+    # results, not only of speed and memory: every batch draws from one random stream, so
+    # another value samples other pairs and other held-out responses (and so other reward
+    # model, RL run and figures); --resume refuses a change, as for any such setting
     sample_batch_size: int = 256
     eval_samples: int = 400  # built-in task: responses per policy on held-out prompts
     kl_bound: float | None = None  # built-in task; None: ppo.kl_target

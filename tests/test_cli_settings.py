@@ -1,0 +1,72 @@
+"""Settings that change a run's results say so where they are described, and --resume keeps
+them: ``sample_batch_size`` read as a speed / memory knob, while it changes which preference
+pairs and held-out responses the pipeline samples."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+from rlhf import pipeline
+from rlhf.checkpoint import config_changes
+from rlhf.config import config_to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _reference_kernels(monkeypatch):
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")  # sampling is under test
+
+
+def _comment_above(source: str, field: str) -> str:
+    """The comment lines right above ``field: ...`` in a dataclass's source, and its own."""
+    lines = source.splitlines()
+    at = next(i for i, line in enumerate(lines) if re.match(rf"\s*{field}\s*:", line))
+    block = [lines[at]]
+    for line in reversed(lines[:at]):
+        if not line.strip().startswith("#"):
+            break
+        block.insert(0, line)
+    return " ".join(line.strip().lstrip("# ") for line in block)
+
+
+def _yaml_comment(path: Path, key: str) -> str:
+    """A key's line in a commented YAML file and the comment-only lines that continue it."""
+    lines = path.read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith(f"{key}:"))
+    block = [lines[at]]
+    for line in lines[at + 1:]:
+        if not line.strip().startswith("#") or not line.startswith(" "):
+            break
+        block.append(line)
+    return " ".join(line.split("#", 1)[-1].strip() for line in block)
+
+
+def test_sample_batch_size_changes_the_samples_and_says_so():
+    """The fact: one seed, the same prompts, batches of 2 or of 4 prompts draw other responses
+    (every batch draws from one generator). So --resume refuses a change (not a resume-safe
+    setting), and the setting's description says it is part of the results: the config's
+    comment and configs/pipeline.yaml (it had no description at all)."""
+    from tests._tiny_models import rl_tokenizer
+    from tests.test_grpo import PROMPTS, randomised_policy, rl_config
+
+    tokenizer = rl_tokenizer()
+    backbone = randomised_policy(tokenizer)
+    cfg = rl_config(None, "grpo")
+    by_two, _ = pipeline.sample_texts(backbone, tokenizer, PROMPTS[:4], None, cfg, 3, 2)
+    by_four, _ = pipeline.sample_texts(backbone, tokenizer, PROMPTS[:4], None, cfg, 3, 4)
+    assert by_two != by_four
+
+    old = config_to_dict(pipeline.PipelineConfig())
+    new = config_to_dict(pipeline.PipelineConfig(sample_batch_size=64))
+    assert [change for change, _ in config_changes(old, new, pipeline._RESUME_SAFE)] == \
+        ["sample_batch_size: 256 -> 64"]
+
+    described = _comment_above(inspect.getsource(pipeline.PipelineConfig), "sample_batch_size")
+    assert "results" in described and "other pairs" in described, described
+    in_yaml = _yaml_comment(ROOT / "configs" / "pipeline.yaml", "sample_batch_size")
+    assert "other results" in in_yaml, in_yaml
