@@ -160,6 +160,9 @@ def _build():
     _OPS = torch.ops.rlhf_kernels_native
 
 
+# A constant to torch.compile: an op's first call may come while Dynamo traces (fullgraph), and
+# the build (file system, hashing, timing) is nothing Dynamo can trace; it then runs eagerly.
+@torch.compiler.assume_constant_result
 def available() -> bool:
     """Whether the native kernels are built and loaded (building them on the first call)."""
     if _OPS is None and _FAILURE is None:

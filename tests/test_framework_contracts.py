@@ -16,7 +16,9 @@ forms and the dtype each framework's code gives, so CI exercises those drop-ins 
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
+import time
 import types
 import warnings
 
@@ -652,6 +654,32 @@ def test_verl_openrlhf_outputs_edited_in_place_then_backward(backend, dtype):
     ref.backward()
     tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2)
     torch.testing.assert_close(base.grad.double(), exact.grad, **tol)
+
+
+def test_dropins_compile_fullgraph_on_the_first_native_call(monkeypatch):
+    """The first op call of a process finds out whether the native CPU kernels are there
+    (building or loading them: the file system, hashing, timing). When that call came under
+    torch.compile(fullgraph=True), Dynamo traced into it and failed ('Dynamo does not know how
+    to trace the builtin posix.stat'); it now runs eagerly, its answer a constant."""
+    from rlhf_kernels import _native
+
+    if DEVICE.type != "cpu" or not _native.available():
+        pytest.skip("the native CPU kernels run on CPU tensors, where they build")
+    built, calls = _native._OPS, []
+
+    def first_build():  # what the first call does before the kernels are loaded
+        os.stat(os.getcwd())
+        calls.append(time.perf_counter())
+        _native._OPS = built
+
+    monkeypatch.setattr(_native, "_OPS", None)
+    monkeypatch.setattr(_native, "_build", first_build)
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "native")
+    torch._dynamo.reset()
+    compiled = torch.compile(our_verl.entropy_from_logits, fullgraph=True, backend="aot_eager")
+    logits = _logits((3, V), torch.float32)
+    torch.testing.assert_close(compiled(logits).double(), _entropy64(logits))
+    assert len(calls) == 1 and _native._OPS is built
 
 
 def test_verl_openrlhf_compile_fullgraph(backend):
