@@ -40,7 +40,9 @@ if __name__ == "__main__" and "rlhf_kernels.ops.policy_loss" not in sys.modules:
     os.environ.pop("TRITON_INTERPRET", None)
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import time  # noqa: E402
+from dataclasses import replace  # noqa: E402
 
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
@@ -99,7 +101,9 @@ def setup(shape: str, smoke: bool):
     return cfg, backbone, optimizer, settings, rollout
 
 
-def measure(shape: str = "qwen2.5-0.5b", repeats: int = 12, smoke: bool = False) -> list[dict]:
+def measure(shape: str = "qwen2.5-0.5b", repeats: int = 12, smoke: bool = False,
+            compile_update: bool = True) -> list[dict]:
+    from rlhf.compile import CompiledLayers
     from rlhf.ppo import backward_losses
 
     torch.set_num_threads(1)
@@ -119,6 +123,19 @@ def measure(shape: str = "qwen2.5-0.5b", repeats: int = 12, smoke: bool = False)
         backbone._activate("policy")
         backbone._activate("critic")
 
+    # torch_compile=true: the same step with the decoder layers compiled (rlhf/compile.py),
+    # as the trainer runs it; compiled (every variant the step meets) before the timing
+    compiled = CompiledLayers(backbone.causal_lm) if compile_update else None
+    compiled_settings = replace(settings, torch_compile=True)
+
+    def compiled_update_step():
+        with compiled.active():
+            backward_losses(backbone, rollout, compiled_settings)
+        torch.nn.utils.clip_grad_norm_(policy, settings.grad_clip)
+        torch.nn.utils.clip_grad_norm_(critic, settings.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
     modes = {"direct": True, "peft set_adapter": False}
     if not backbone._direct_switch:
         raise RuntimeError("this backbone's LoRA layers do not take the direct switch")
@@ -126,6 +143,32 @@ def measure(shape: str = "qwen2.5-0.5b", repeats: int = 12, smoke: bool = False)
         backbone._direct_switch = direct
         update_step()
         round_trip()
+    compile_seconds = grad_difference = None
+    if compiled is not None:
+        backbone._direct_switch = True
+        trained = policy + critic
+
+        def gradients(context) -> list[torch.Tensor]:
+            with context():
+                backward_losses(backbone, rollout, compiled_settings)
+            grads = [p.grad.clone() for p in trained]
+            optimizer.zero_grad(set_to_none=True)
+            return grads
+
+        started = time.perf_counter()
+        got = gradients(compiled.active)  # compiles: the policy and critic variants
+        compile_seconds = time.perf_counter() - started
+        if compiled.failed:
+            raise RuntimeError(f"torch.compile failed: {compiled.failed}")
+        # the compiled step must give the eager step's gradients (to rounding) before it is
+        # timed: the largest difference, relative to the largest gradient
+        want = gradients(contextlib.nullcontext)
+        scale = max(float(g.abs().max()) for g in want)
+        grad_difference = max(float((a - b).abs().max()) for a, b in zip(got, want)) / scale
+        if not grad_difference < 1e-4:
+            raise RuntimeError(f"the compiled update's gradients differ from eager ones by "
+                               f"{grad_difference:.2e} of the largest")
+        compiled_update_step()
     times: dict[tuple[str, str], list[float]] = {}
     for _ in range(repeats):
         for name, direct in modes.items():
@@ -133,6 +176,10 @@ def measure(shape: str = "qwen2.5-0.5b", repeats: int = 12, smoke: bool = False)
             assert backbone.active_role == "critic"
             times.setdefault(("switch", name), []).append(_cpu_seconds(round_trip) / 2)
             times.setdefault(("update", name), []).append(_cpu_seconds(update_step))
+        if compiled is not None:
+            backbone._direct_switch = True
+            times.setdefault(("update", "direct + torch_compile"), []).append(
+                _cpu_seconds(compiled_update_step))
     backbone._direct_switch = True
     counter = _CountOps()
     with counter:
@@ -145,6 +192,9 @@ def measure(shape: str = "qwen2.5-0.5b", repeats: int = 12, smoke: bool = False)
                      "impl": name, "ms": min(seconds) * 1e3,
                      "median_ms": sorted(seconds)[len(seconds) // 2] * 1e3,
                      "aten_ops": counter.count if what == "update" and name == "direct"
+                     else None,
+                     "compile_s": compile_seconds if name.endswith("torch_compile") else None,
+                     "grad_rel_diff": grad_difference if name.endswith("torch_compile")
                      else None})
     return rows
 
@@ -154,9 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", default="qwen2.5-0.5b")
     parser.add_argument("--repeats", type=int, default=12)
     parser.add_argument("--smoke", action="store_true", help="two layers, 2 repeats, no file")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="leave out the torch_compile update step (its compile takes a "
+                             "minute or so on a small CPU)")
     args = parser.parse_args(argv)
-    rows = measure(args.shape, 2 if args.smoke else args.repeats, args.smoke)
-    print_table(rows, columns=("case", "impl", "ms", "median_ms", "aten_ops"))
+    rows = measure(args.shape, 2 if args.smoke else args.repeats, args.smoke,
+                   compile_update=not args.no_compile)
+    print_table(rows, columns=("case", "impl", "ms", "median_ms", "aten_ops", "compile_s",
+                               "grad_rel_diff"))
     if not args.smoke:
         print(f"wrote {save_results('host_trainer', rows)}")
     return 0

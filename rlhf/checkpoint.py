@@ -564,7 +564,7 @@ SETTINGS_ADDED: dict[str, tuple[Any, ...]] = {
     "epochs": (_ANY,),
     "lora_rank": (0,), "lora_alpha": (_ANY,),  # SFT trained every weight
     "quantization": ("none", None), "optimizer": ("adamw",),
-    "packing": ("off",), "gradient_checkpointing": (False,),
+    "packing": ("off",), "gradient_checkpointing": (False,), "torch_compile": (False,),
     "task": ("reviews",), "model": (None,),
     "eval_problems": (_ANY,), "curve_every": (_ANY,), "curve_problems": (_ANY,),
     # the RL algorithms: every run was PPO (None: the algorithm's preset, see _preset_resolved)

@@ -101,6 +101,7 @@ and still raises after ``max_skipped_steps``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import resource
@@ -294,6 +295,9 @@ class RLConfig:
     optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw | paged_adamw8bit
     gradient_checkpointing: bool = False  # recompute layer activations in the update's backward
     packing: str = "auto"  # packed sequences in scoring and update: auto | on | off (packing.py)
+    # compile the decoder layers for the update's forward and backward (rlhf/compile.py): less
+    # host time per step, seconds of compile time per variant on the first steps
+    torch_compile: bool = False
 
     def __post_init__(self) -> None:
         from rlhf.packing import check_packing
@@ -695,9 +699,11 @@ def policy_loss(backbone, batch: Rollout, cfg: RLConfig, *, kl_coef: float | Non
     response = batch.sequences[:, prompt_length:]
     labels = torch.where(batch.action_mask > 0, response, torch.full_like(response, -100))
     # only the response positions reach the vocabulary projection
+    # (torch_compile: every row runs its prompt; the shared-prompt forward's key/value cache
+    # would make each compiled layer a variant of its own, rlhf/compile.py)
+    shared = 0 if cfg.torch_compile else _shared_prefix(cfg, prompt_length)
     hidden = backbone.hidden_states(batch.sequences, batch.attention_mask, "policy",
-                                    shared_prefix=_shared_prefix(cfg, prompt_length)
-                                    )[:, prompt_length - 1:-1]
+                                    shared_prefix=shared)[:, prompt_length - 1:-1]
     kl = {}
     if s.kl_in_loss:
         kl = dict(ref_logp=batch.ref_logprobs, kl_estimator=s.kl_estimator,
@@ -754,6 +760,20 @@ def step_normalizer(cfg: RLConfig, batches: Sequence[Rollout]) -> float | torch.
     if mode == "max_length":
         return float(sum(b.sequences.shape[0] for b in batches) * cfg.max_new_tokens)
     return None
+
+
+def _compiled_layers(backbone, cfg: RLConfig):
+    """The context the update's forwards and backwards run in: the decoder layers compiled
+    (``torch_compile``, rlhf/compile.py), else nothing."""
+    if not cfg.torch_compile:
+        return contextlib.nullcontext
+    if distributed.strategy() == "fsdp2":
+        raise ValueError("torch_compile=true is not supported with strategy=fsdp2 (its sharded "
+                         "layers gather their weights in hooks around each layer); use "
+                         "strategy=ddp, or torch_compile=false")
+    from rlhf.compile import CompiledLayers
+
+    return CompiledLayers(backbone.causal_lm).active
 
 
 def backward_losses(backbone, batch: Rollout, cfg: RLConfig,
@@ -1069,6 +1089,7 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
     elif "critic" in backbone.roles:
         backbone.drop_role("critic")  # never used: its adapter would only take memory
     backbone.set_packing(cfg.packing)
+    compiled_layers = _compiled_layers(backbone, cfg)
     policy_params = backbone.trainable_parameters("policy")
     critic_params = backbone.trainable_parameters("critic") if s.uses_critic else []
     optimizer = make_optimizer(policy_params, critic_params, cfg, device)
@@ -1222,9 +1243,11 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
                     for batch in batches:
                         # torchrun: this rank's rows, its parts of the global loss and stats
                         batch, shares = distributed.rl_shard(batch, s.loss_reduction, normalizer)
-                        p_loss, p_stats, v_loss, v_stats = backward_losses(
-                            backbone, batch, cfg, autocast_dtype, cfg.grad_accum_steps,
-                            kl_coef=kl_controller.value, normalizer=normalizer, shares=shares)
+                        with compiled_layers():
+                            p_loss, p_stats, v_loss, v_stats = backward_losses(
+                                backbone, batch, cfg, autocast_dtype, cfg.grad_accum_steps,
+                                kl_coef=kl_controller.value, normalizer=normalizer,
+                                shares=shares)
                         p_losses.append(float(p_loss.detach()) * logged_scale)
                         for key, value in p_stats.items():
                             sums[f"policy/{key}"] = sums.get(f"policy/{key}", 0.0) + float(value)

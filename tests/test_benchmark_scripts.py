@@ -983,10 +983,26 @@ def test_host_trainer_measures_both_switches():
     PEFT's switch), the direct switch cheaper than PEFT's, and the step's aten op count."""
     from benchmarks import host_trainer
 
-    rows = host_trainer.measure(repeats=1, smoke=True)
+    rows = host_trainer.measure(repeats=1, smoke=True, compile_update=False)
     by = {(row["case"].rsplit(" ", 1)[1], row["impl"]): row for row in rows}
     assert set(by) == {(what, impl) for what in ("switch", "update")
                        for impl in ("direct", "peft set_adapter")}
     assert by["switch", "direct"]["ms"] < by["switch", "peft set_adapter"]["ms"]
     assert by["update", "direct"]["aten_ops"] > 100
     assert "(2 layers, 14 adapted linears)" in by["update", "direct"]["case"]
+
+
+def test_host_trainer_times_the_compiled_update(monkeypatch):
+    """host_trainer's torch_compile row: the update step with the decoder layers compiled
+    (AOTAutograd here, so that the test takes seconds: the inductor's C++ build takes a minute),
+    its compile time, and the layers back to their class's forward afterwards."""
+    from benchmarks import host_trainer
+    from rlhf import compile as compile_module
+
+    monkeypatch.setattr(compile_module, "DEFAULT_BACKEND", "aot_eager")
+    rows = host_trainer.measure(repeats=1, smoke=True)
+    by = {(row["case"].rsplit(" ", 1)[1], row["impl"]): row for row in rows}
+    compiled = by["update", "direct + torch_compile"]
+    assert compiled["ms"] > 0 and compiled["compile_s"] > 0
+    assert 0 <= compiled["grad_rel_diff"] < 1e-4  # checked against the eager step's gradients
+    assert by["update", "direct"]["compile_s"] is None
