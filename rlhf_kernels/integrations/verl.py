@@ -863,9 +863,9 @@ def compute_value_loss(
     factor = _agg_factor(response_mask, loss_agg_mode, dp_size, batch_num_tokens,
                          global_batch_size, loss_scale_factor)
     dtype = _loss_dtype(loss_agg_mode, vpreds, returns, values, response_mask)
-    # veRL's clip fraction in its dtype (promotion of fp32 and the mask) with or without keep_fp32
     clipfrac = _value_clipfrac(vpreds, returns, values, response_mask, cliprange_value)
-    return finish(_scaled(loss, factor), dtype, keep_fp32), clipfrac
+    return (finish(_scaled(loss, factor), dtype, keep_fp32),
+            finish(clipfrac, promoted(torch.float32, response_mask), keep_fp32))
 
 
 def _value_clipfrac(vpreds, returns, values, response_mask, cliprange_value) -> torch.Tensor:
@@ -880,7 +880,9 @@ def _value_clipfrac(vpreds, returns, values, response_mask, cliprange_value) -> 
                                 values - cliprange_value)
         over = (clipped - returns) ** 2 > (v - returns) ** 2
         valid = response_mask != 0
-        dtype = promoted(torch.float32, response_mask)
+        # the kernels' precision (what keep_fp32 returns): fp64 for fp64 inputs, else fp32
+        wide = any(t.dtype == torch.float64 for t in (vpreds, returns, values))
+        dtype = torch.float64 if wide else torch.float32
         return (over & valid).sum(dtype=dtype) / valid.sum(dtype=dtype).clamp_min(1)
 
 
