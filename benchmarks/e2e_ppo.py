@@ -63,6 +63,7 @@ from benchmarks.common import (
     save_results,
 )
 from rlhf import plan as planner
+from rlhf.compile import CompiledLayers
 from rlhf.engine import DECODE_GRAPH_MODES, RolloutEngine
 from rlhf.models import LoraSpec, SharedBackbone
 from rlhf.ppo import PPOConfig, backward_losses, make_rollout, recorded_logprobs_match
@@ -107,6 +108,9 @@ class E2EConfig:
     # rollout, scoring and update); "off": none (the first two H200 proofs ran so, with PEFT's
     # fp32 adapter GEMMs)
     autocast: str = "auto"
+    # the update with the decoder layers compiled, as `rlhf ppo torch_compile=true` runs it
+    # (rlhf/compile.py); the warm-up iterations compile (their time: the row's warmup_s)
+    torch_compile: bool = False
     config_overrides: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -371,13 +375,14 @@ def _sync(device: torch.device) -> None:
 
 
 def device_busy(backbone, engine, optimizer, prompt_ids, prompt_mask, cfg: E2EConfig, eos,
-                stage_seconds: dict[str, float]) -> dict:
+                stage_seconds: dict[str, float], compiled=None) -> dict:
     """One more iteration, profiled: per stage the seconds the device was busy and that over
     the stage's unprofiled time (``stage_seconds``, per iteration); for the rollout, the decode
     step's GPU time (graph replays) against the measured time per generated token."""
     device = prompt_ids.device
     clock = ProfiledStageClock(device, ("scoring", "update"))
-    ppo_iteration(backbone, engine, optimizer, prompt_ids, prompt_mask, cfg, clock, eos)
+    ppo_iteration(backbone, engine, optimizer, prompt_ids, prompt_mask, cfg, clock, eos,
+                  compiled)
     out = {"busy_s": dict(clock.busy), "top_device_work": dict(clock.top),
            "busy_fraction": {k: v / stage_seconds[k] for k, v in clock.busy.items()
                              if v is not None and stage_seconds.get(k)},
@@ -399,7 +404,8 @@ def ppo_settings(cfg: E2EConfig) -> PPOConfig:
                      ppo_epochs=cfg.ppo_epochs, max_prompt_length=cfg.prompt_length,
                      max_new_tokens=cfg.response_length, temperature=cfg.temperature,
                      kl_coef=0.05, kl_target=None, forward_batch_size=cfg.forward_chunk,
-                     lr=cfg.lr, critic_lr=cfg.lr, device=cfg.device)
+                     lr=cfg.lr, critic_lr=cfg.lr, device=cfg.device,
+                     torch_compile=cfg.torch_compile)
 
 
 def uses_recorded_logprobs(backbone: SharedBackbone, cfg: E2EConfig) -> bool:
@@ -411,9 +417,11 @@ def uses_recorded_logprobs(backbone: SharedBackbone, cfg: E2EConfig) -> bool:
 
 
 def ppo_iteration(backbone: SharedBackbone, engine: RolloutEngine, optimizer, prompt_ids,
-                  prompt_mask, cfg: E2EConfig, clock: StageClock, eos_token_id=None) -> dict:
+                  prompt_mask, cfg: E2EConfig, clock: StageClock, eos_token_id=None,
+                  compiled=None) -> dict:
     """Rollout -> scoring -> GAE -> PPO update with the trainer's own functions
-    (``rlhf.ppo.make_rollout``, ``backward_losses``); returns stats (floats)."""
+    (``rlhf.ppo.make_rollout``, ``backward_losses``); returns stats (floats). ``compiled``: the
+    ``rlhf.compile.CompiledLayers`` the update runs in (``torch_compile``), or None."""
     settings = ppo_settings(cfg)
     recorded = uses_recorded_logprobs(backbone, cfg)
     with clock.stage("rollout"):
@@ -437,8 +445,9 @@ def ppo_iteration(backbone: SharedBackbone, engine: RolloutEngine, optimizer, pr
             order = torch.randperm(cfg.batch, generator=generator).to(gen.sequences.device)
             for first in range(0, cfg.batch, cfg.minibatch):
                 batch = rollout.rows(order[first:first + cfg.minibatch])
-                pg_loss, pg_stats, v_loss, v_stats = backward_losses(
-                    backbone, batch, settings, autocast_dtype(cfg))
+                with compiled.active() if compiled is not None else contextlib.nullcontext():
+                    pg_loss, pg_stats, v_loss, v_stats = backward_losses(
+                        backbone, batch, settings, autocast_dtype(cfg))
                 torch.nn.utils.clip_grad_norm_(policy_params, settings.grad_clip)
                 torch.nn.utils.clip_grad_norm_(critic_params, settings.grad_clip)
                 optimizer.step()
@@ -565,9 +574,12 @@ def run_case(cfg: E2EConfig, marker=None, on_row=None) -> dict:
                            autocast_dtype=autocast_dtype(cfg))
     prompt_ids, prompt_mask = synthetic_prompts(cfg, backbone.vocab_size, device)
     eos = 2 if cfg.stop_at_eos else None
+    compiled = CompiledLayers(backbone.causal_lm) if cfg.torch_compile else None
+    warmup_started = time.perf_counter()
     for _ in range(cfg.warmup):
         ppo_iteration(backbone, engine, optimizer, prompt_ids, prompt_mask, cfg,
-                      StageClock(device), eos)
+                      StageClock(device), eos, compiled)
+    warmup_seconds = time.perf_counter() - warmup_started
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     else:
@@ -580,7 +592,7 @@ def run_case(cfg: E2EConfig, marker=None, on_row=None) -> dict:
     started = time.perf_counter()
     for _ in range(cfg.iterations):
         stats = ppo_iteration(backbone, engine, optimizer, prompt_ids, prompt_mask, cfg, clock,
-                              eos)
+                              eos, compiled)
         total_tokens += stats["response_tokens"]
     elapsed = time.perf_counter() - started
     n = cfg.iterations
@@ -592,7 +604,9 @@ def run_case(cfg: E2EConfig, marker=None, on_row=None) -> dict:
                              device=device.type, config_overrides=cfg.config_overrides,
                              autocast=autocast_dtype(cfg) is not None)
     row = {
-        "op": "e2e_ppo", "case": cfg.shape, "impl": f"rlhf shared-LoRA r={cfg.lora_rank}",
+        "op": "e2e_ppo", "case": cfg.shape,
+        "impl": f"rlhf shared-LoRA r={cfg.lora_rank}"
+                + (" + torch_compile" if cfg.torch_compile else ""),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "s_per_batch": elapsed / n,
         "response_tok_per_s": total_tokens / elapsed,
@@ -601,6 +615,8 @@ def run_case(cfg: E2EConfig, marker=None, on_row=None) -> dict:
         "update_s": clock.seconds["update"] / n,
         "predicted_peak_gib": predicted["peak_bytes"] / 2**30,
         "old_logprobs": "recorded" if recorded else "forward",
+        "warmup_s": warmup_seconds,  # the untimed iterations (with torch_compile: compiling)
+        "compile_failed": compiled.failed if compiled is not None else None,
         "config": asdict(cfg),
         "last_stats": stats,
         "plan": {k: v for k, v in predicted.items() if k != "config"},
@@ -636,7 +652,8 @@ def run_case(cfg: E2EConfig, marker=None, on_row=None) -> dict:
     report(row)
     if cfg.profile_stages:
         row["device_busy"] = device_busy(backbone, engine, optimizer, prompt_ids, prompt_mask,
-                                         cfg, eos, {k: v / n for k, v in clock.seconds.items()})
+                                         cfg, eos, {k: v / n for k, v in clock.seconds.items()},
+                                         compiled)
         report(row)
     if cfg.decode_compare:  # last: compiling a decode step can take long on a bare machine
         row["decode_compare"] = decode_compare(backbone, prompt_ids, prompt_mask, cfg, eos,
@@ -770,6 +787,13 @@ def main(argv: list[str] | None = None) -> int:
                              "(rollout, scoring, update); off: none")
     parser.add_argument("--results-dir", metavar="DIR", default=None,
                         help="where the JSON goes (default: benchmarks/results)")
+    parser.add_argument("--torch-compile", action="store_true",
+                        help="the update with the decoder layers compiled (rlhf ppo "
+                             "torch_compile=true); the warm-up iteration compiles")
+    parser.add_argument("--compare-torch-compile", action="store_true",
+                        help="after each shape's case (and its peer), the same case again with "
+                             "--torch-compile, as a row of its own (no profile, no decode "
+                             "comparison)")
     parser.add_argument("--smoke", action="store_true", help="tiny shape on the CPU, no files")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -796,7 +820,11 @@ def main(argv: list[str] | None = None) -> int:
             if not _native.available():
                 print(f"the native CPU kernels are not available ({_native.failure_reason()}): "
                       f"our ops run the PyTorch reference", file=sys.stderr)
+    if args.compare_torch_compile and args.torch_compile:
+        parser.error("--compare-torch-compile runs each case without, then with "
+                     "--torch-compile; pass one of them")
     rows = []
+    cases = []
     for shape in args.shape or ["qwen2.5-1.5b"]:
         cfg = E2EConfig(
             shape=shape, batch=args.batch, prompt_length=args.prompt_length,
@@ -808,7 +836,13 @@ def main(argv: list[str] | None = None) -> int:
             old_logprobs=args.old_logprobs, warmup=args.warmup,
             iterations=args.iterations, max_memory_gib=args.max_memory, device=args.device,
             dtype=args.dtype, profile_stages=args.profile_stages, autocast=args.autocast,
-            decode_compare=tuple(args.decode_compare))
+            decode_compare=tuple(args.decode_compare), torch_compile=args.torch_compile)
+        cases.append((cfg, True))
+        if args.compare_torch_compile:
+            cases.append((replace(cfg, torch_compile=True, profile_stages=False,
+                                  decode_compare=()), False))
+    for cfg, with_peer in cases:
+        shape = cfg.shape
         try:
             # saved as it grows: a run cut off by the caller's time limit keeps our figures
             ours = run_case(cfg, on_row=lambda row, done=list(rows): save_results(
@@ -823,7 +857,7 @@ def main(argv: list[str] | None = None) -> int:
         # while a peer runs keeps our figures
         save_results("e2e_ppo", rows, args.results_dir)
         print_table([ours], COLUMNS)
-        if args.peer_script:
+        if args.peer_script and with_peer:
             for peft in (True, False) if args.peer_full else (True,):
                 peer = compare(ours, run_peer(args.peer_script, cfg, peft, args.peer_steps,
                                               args.peer_timeout, args.peer_python,

@@ -35,9 +35,10 @@
 #   grpo         20 s  bench_grpo_loss: GRPO loss from hidden states, ours vs eager, TRL, Liger
 #   e2e-1.5b    100 s  one PPO iteration, Qwen2.5-1.5B shape, + TRL 1.12 PPOTrainer LoRA (<= 65 s)
 #   e2e-0.5b     95 s  one PPO iteration at the Qwen2.5-0.5B shape (no peer: the 1.5B part has
-#                      TRL's), the rollout again with the torch.compile decode step
-#                      (--decode-compare compile), + one profiled iteration: GPU busy time per
-#                      stage (--profile-stages)
+#                      TRL's), + one profiled iteration: GPU busy time per stage
+#                      (--profile-stages), then the case again with the update's decoder layers
+#                      compiled (--compare-torch-compile: rlhf ppo torch_compile=true, a row of
+#                      its own; its warm-up iteration compiles)
 #   e2e-8b       55 s  Llama-3-8B shape under --max-memory 24 (GiB)
 #   report       10 s  proof_summary JSON, python -m benchmarks.report (+ --write into README.md)
 #   total       540 s  (9 min; PROOF_TOTAL_S=540 caps it whatever the parts do)
@@ -299,11 +300,13 @@ proof() {
     step grpo 20 "${bench[@]}" bench_grpo_loss --budget-s 12
     # (d) end to end, TRL's PPOTrainer beside ours in the same call; the design bar's shape first
     e2e_part e2e-1.5b 100 qwen2.5-1.5b 65 --shape qwen2.5-1.5b
-    # (+ the rollout with the compiled decode step, and one profiled iteration: how busy the GPU
-    # is per stage, i.e. what host time is left to remove, at the smallest shape, where the host
-    # matters most; TRL's 0.5B run did not fit the part's time on the H200 runs)
-    e2e_part e2e-0.5b 95 qwen2.5-0.5b 0 --shape qwen2.5-0.5b --decode-compare compile \
-        --profile-stages
+    # (+ one profiled iteration: how busy the GPU is per stage, i.e. what host time is left to
+    # remove, at the smallest shape, where the host matters most; then the same case with the
+    # update's decoder layers compiled, which removes host time there. TRL's 0.5B run did not
+    # fit the part's time on the H200 runs, nor did the compiled decode step's comparison
+    # (--decode-compare compile), which the unbounded `e2e` part runs)
+    e2e_part e2e-0.5b 95 qwen2.5-0.5b 0 --shape qwen2.5-0.5b --profile-stages \
+        --compare-torch-compile
     # (e) the 8B shape under a 24 GiB cap
     e2e_part e2e-8b 55 llama-3-8b 0 --shape llama-3-8b --max-memory 24 --minibatch 4 \
         --forward-chunk 4
@@ -362,7 +365,8 @@ run_part() {
             local full=()
             [ ${#PEER_ARGS[@]} -gt 0 ] && full=("${PEER_ARGS[@]}" --peer-full)
             run_unbounded e2e "$PY" -m benchmarks.e2e_ppo --shape qwen2.5-0.5b \
-                --shape qwen2.5-1.5b "${full[@]}" ;;
+                --shape qwen2.5-1.5b "${full[@]}" --decode-compare compile \
+                --compare-torch-compile ;;
         e2e-8b)
             run_unbounded e2e-8b "$PY" -m benchmarks.e2e_ppo --shape llama-3-8b --max-memory 24 \
                 --minibatch 4 --forward-chunk 4 ;;

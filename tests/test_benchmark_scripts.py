@@ -494,7 +494,7 @@ def test_gpu_check_proof_dry_run_plans_every_part_within_nine_minutes():
     assert float(cmd[cmd.index("--peer-timeout") + 1]) < steps["e2e-1.5b"][0]
     assert "--profile-stages" in argv["e2e-0.5b"] and "--profile-stages" not in argv["e2e-1.5b"]
     small = argv["e2e-0.5b"]
-    assert small[small.index("--decode-compare") + 1] == "compile" and "--peer-script" not in small
+    assert "--compare-torch-compile" in small and "--peer-script" not in small
     big = argv["e2e-8b"]
     assert big[big.index("--shape") + 1] == "llama-3-8b"
     assert big[big.index("--max-memory") + 1] == "24" and "--peer-script" not in big
@@ -1006,3 +1006,16 @@ def test_host_trainer_times_the_compiled_update(monkeypatch):
     assert compiled["ms"] > 0 and compiled["compile_s"] > 0
     assert 0 <= compiled["grad_rel_diff"] < 1e-4  # checked against the eager step's gradients
     assert by["update", "direct"]["compile_s"] is None
+
+
+def test_e2e_torch_compile_runs_the_trainers_compiled_update(capsys):
+    """e2e_ppo's torch_compile case: the trainer's own setting (the update's policy forward runs
+    every row's prompt), a row label of its own; --compare-torch-compile with --torch-compile is
+    refused in one line."""
+    from benchmarks import e2e_ppo
+
+    assert e2e_ppo.ppo_settings(e2e_ppo.E2EConfig(torch_compile=True)).torch_compile is True
+    assert e2e_ppo.ppo_settings(e2e_ppo.E2EConfig()).torch_compile is False
+    with pytest.raises(SystemExit):
+        e2e_ppo.main(["--torch-compile", "--compare-torch-compile", "--device", "cpu"])
+    assert "--compare-torch-compile runs each case without, then with" in capsys.readouterr().err
