@@ -805,6 +805,38 @@ def backward_losses(backbone, batch: Rollout, cfg: RLConfig,
     return p_loss, p_stats, v_loss, v_stats
 
 
+def host_floats(tree):
+    """``tree`` (tuples, lists and dicts of 0-d / one-element tensors, numbers and None) with
+    every tensor replaced by its value as a Python float, read from the device in one transfer
+    (one sync) instead of one ``float()`` each. The same floats ``float(tensor)`` gives: the
+    tensors are stacked in their promoted dtype, which holds each value exactly."""
+    tensors: list[torch.Tensor] = []
+
+    def collect(node):
+        if isinstance(node, torch.Tensor):
+            tensors.append(node.detach().reshape(()))
+        elif isinstance(node, dict):
+            for item in node.values():
+                collect(item)
+        elif isinstance(node, (list, tuple)):
+            for item in node:
+                collect(item)
+
+    collect(tree)
+    values = iter(torch.stack(tensors).tolist() if tensors else ())
+
+    def rebuild(node):
+        if isinstance(node, torch.Tensor):
+            return float(next(values))
+        if isinstance(node, dict):
+            return {key: rebuild(item) for key, item in node.items()}
+        if isinstance(node, (list, tuple)):
+            return type(node)(rebuild(item) for item in node)
+        return float(node) if isinstance(node, (int, float)) else node
+
+    return rebuild(tree)
+
+
 def _worst(values: list[float]) -> float:
     """The first non-finite value (the one the non-finite guard reports), else the first."""
     return next((value for value in values if not math.isfinite(value)), values[0])
@@ -1239,7 +1271,7 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
                     normalizer = step_normalizer(cfg, batches)
                     # a step normaliser makes each micro-batch's loss a part of the step's sum
                     logged_scale = cfg.grad_accum_steps if normalizer is not None else 1
-                    p_losses, v_losses = [], []
+                    on_device = []  # each micro-batch's (loss, stats, value loss, stats)
                     for batch in batches:
                         # torchrun: this rank's rows, its parts of the global loss and stats
                         batch, shares = distributed.rl_shard(batch, s.loss_reduction, normalizer)
@@ -1248,15 +1280,20 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
                                 backbone, batch, cfg, autocast_dtype, cfg.grad_accum_steps,
                                 kl_coef=kl_controller.value, normalizer=normalizer,
                                 shares=shares)
-                        p_losses.append(float(p_loss.detach()) * logged_scale)
+                        on_device.append((p_loss.detach(), p_stats,
+                                          None if v_loss is None else v_loss.detach(), v_stats))
+                    # One host read for the step's losses and stats: a read per value would wait
+                    # for the GPU's queue to drain once per value, micro-batch after micro-batch.
+                    p_losses, v_losses = [], []
+                    for p_loss, p_stats, v_loss, v_stats in host_floats(on_device):
+                        p_losses.append(p_loss * logged_scale)
                         for key, value in p_stats.items():
-                            sums[f"policy/{key}"] = sums.get(f"policy/{key}", 0.0) + float(value)
+                            sums[f"policy/{key}"] = sums.get(f"policy/{key}", 0.0) + value
                         sums["policy/loss"] = sums.get("policy/loss", 0.0) + p_losses[-1]
                         if v_loss is not None:
-                            v_losses.append(float(v_loss.detach()))
+                            v_losses.append(v_loss)
                             for key, value in v_stats.items():
-                                sums[f"value/{key}"] = sums.get(f"value/{key}", 0.0) \
-                                    + float(value)
+                                sums[f"value/{key}"] = sums.get(f"value/{key}", 0.0) + value
                             sums["value/loss"] = sums.get("value/loss", 0.0) + v_losses[-1]
                         n_stats += 1
                     # torchrun: one all-reduce sums the gradients over ranks, and the losses

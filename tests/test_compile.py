@@ -231,3 +231,20 @@ def test_torch_compile_is_refused_with_fsdp2(monkeypatch):
                                          "strategy=fsdp2"):
         rl._compiled_layers(backbone(), cfg)
     assert rl._compiled_layers(backbone(), rl.RLConfig()) is contextlib.nullcontext
+
+
+def test_host_floats_reads_every_value_as_float_does():
+    """The RL loop's one read per optimizer step (rl.host_floats): each tensor's float() value
+    exactly, whatever its dtype (fp32 next to fp64: promoted, never rounded), the structure
+    kept, numbers made floats, None left alone; one stack, so one transfer from a GPU."""
+    values = [torch.tensor(0.1), torch.tensor(1e-300, dtype=torch.float64),
+              torch.tensor(True), torch.tensor([7], dtype=torch.int64),
+              torch.tensor(0.3, dtype=torch.bfloat16), torch.tensor(float("nan"))]
+    tree = [(values[0], {"a": values[1], "b": values[2]}, None, [values[3], 2, values[4]]),
+            (values[5], {}, None, [])]
+    got = rl.host_floats(tree)
+    want = [(float(values[0]), {"a": float(values[1]), "b": 1.0}, None,
+             [7.0, 2.0, float(values[4])]), (float("nan"), {}, None, [])]
+    assert got[0] == want[0] and type(got[0][3][1]) is float
+    assert got[1][0] != got[1][0] and got[1][1:] == want[1][1:]  # NaN stays NaN
+    assert rl.host_floats([]) == [] and rl.host_floats({"x": None}) == {"x": None}
