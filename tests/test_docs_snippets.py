@@ -618,3 +618,32 @@ def test_real_model_figures_are_docs_figures_json():
         text = " ".join(page.read_text().split())
         missing += [f"{page.name}: {p}" for p in wanted[page.name] if p not in text]
     assert not missing, missing
+
+
+def test_readme_data_layouts_are_what_the_loaders_do(tmp_path):
+    """The README's data paragraph says how a JSON file holds its rows, that ShareGPT's message
+    keys are refused naming the keys, and which call writes rows from pandas: each is what the
+    loaders do (a JSON object of columns was read as one row before)."""
+    import json
+
+    from rlhf import data
+
+    text = " ".join((ROOT / "README.md").read_text().split())
+    call = "df.to_json(path, orient='records', lines=True)"
+    assert "A JSON file holds a list of row objects, a JSONL file one object per line" in text
+    assert f"is refused with the call that writes rows instead (`{call}`)" in text
+    assert "ShareGPT's `from`/`value` keys are refused" in text
+    rows = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}]
+    (tmp_path / "list.json").write_text(json.dumps(rows))
+    (tmp_path / "lines.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    for name in ("list.json", "lines.jsonl"):
+        assert len(data.load_sft_dataset(tmp_path / name)) == 2
+    (tmp_path / "columns.json").write_text(json.dumps({"prompt": {"0": "a", "1": "c"},
+                                                       "completion": {"0": "b", "1": "d"}}))
+    with pytest.raises(ValueError, match=re.escape(call)):
+        data.load_sft_dataset(tmp_path / "columns.json")
+    (tmp_path / "share.jsonl").write_text(json.dumps(
+        {"messages": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}))
+    with pytest.raises(ValueError, match="ShareGPT's 'from'/'value' keys; each message needs "
+                                         "'role'"):
+        data.load_sft_dataset(tmp_path / "share.jsonl")
