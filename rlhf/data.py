@@ -495,6 +495,14 @@ def _check_rows(dataset, source: str | Path, columns: Sequence[str], *, chat: bo
             if value is None and column in optional:
                 continue
             problem = _value_problem(value, column, chat)
+            if problem is None and column == "messages" and isinstance(value, str):
+                path = Path(str(source)).expanduser()
+                csv = path.suffix.lower() == ".csv" or (path.is_dir()
+                                                        and any(path.glob("*.csv")))
+                problem = (f"column 'messages' is a string {value!r:.60}; expected a list of "
+                           f"{{'role', 'content'}} messages"
+                           + (" (a CSV cell is text, never a list: write chats to .jsonl or "
+                              ".parquet)" if csv else ""))
             if problem is None and column == "messages" and not any(
                     message["role"] == "assistant" for message in value):
                 problem = "column 'messages' has no assistant turn to train on"

@@ -288,6 +288,26 @@ def test_sharegpt_messages_say_which_keys_to_rename(tmp_path):
         data.load_sft_dataset(_write(tmp_path / "share.jsonl", rows, "jsonl"))
 
 
+@pytest.mark.parametrize("name", ["chats.csv", "chats.jsonl"])
+def test_messages_given_as_a_string_are_named(tmp_path, name):
+    """A `messages` cell that is a string (a chat saved as JSON text in a CSV cell, or a JSON
+    line with a string) ended in "TypeError: string indices must be integers" (its characters
+    were taken for messages)."""
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    path = tmp_path / name
+    if name.endswith(".csv"):
+        import csv
+
+        with path.open("w", newline="") as handle:
+            csv.writer(handle).writerows([["messages"], [json.dumps(chat)]])
+    else:
+        path.write_text(json.dumps({"messages": "hi there"}) + "\n")
+    with pytest.raises(ValueError, match=r"line \d: column 'messages' is a string .*expected a "
+                                         r"list of \{'role', 'content'\} messages") as info:
+        data.load_sft_dataset(path)
+    assert ("a CSV cell is text" in str(info.value)) == name.endswith(".csv")
+
+
 def test_chat_rows_without_template_name_fixes_every_stage_has(tokenizer):
     """`rlhf rm` takes no tokenizer= setting: the message must not offer it as the only fix."""
     rows = [{"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b"}]
