@@ -108,8 +108,8 @@ class E2EConfig:
     # rollout, scoring and update); "off": none (the first two H200 proofs ran so, with PEFT's
     # fp32 adapter GEMMs)
     autocast: str = "auto"
-    # the update with the decoder layers compiled, as `rlhf ppo torch_compile=true` runs it
-    # (rlhf/compile.py); the warm-up iterations compile (their time: the row's warmup_s)
+    # scoring and update with the decoder layers compiled, as `rlhf ppo torch_compile=true` runs
+    # them (rlhf/compile.py); the warm-up iterations compile (their time: the row's warmup_s)
     torch_compile: bool = False
     config_overrides: dict = field(default_factory=dict)
 
@@ -421,7 +421,7 @@ def ppo_iteration(backbone: SharedBackbone, engine: RolloutEngine, optimizer, pr
                   compiled=None) -> dict:
     """Rollout -> scoring -> GAE -> PPO update with the trainer's own functions
     (``rlhf.ppo.make_rollout``, ``backward_losses``); returns stats (floats). ``compiled``: the
-    ``rlhf.compile.CompiledLayers`` the update runs in (``torch_compile``), or None."""
+    ``rlhf.compile.CompiledLayers`` scoring and update run in (``torch_compile``), or None."""
     settings = ppo_settings(cfg)
     recorded = uses_recorded_logprobs(backbone, cfg)
     with clock.stage("rollout"):
@@ -433,7 +433,8 @@ def ppo_iteration(backbone: SharedBackbone, engine: RolloutEngine, optimizer, pr
         # reward adapter + head, reference (adapters off) and, unless recorded, old log-probs
         # through linear_logprobs over the response positions, critic values, shaped rewards,
         # GAE and whitening; forward_chunk rows per forward
-        with _autocast(cfg):
+        with _autocast(cfg), (compiled.active() if compiled is not None
+                              else contextlib.nullcontext()):
             rollout = make_rollout(backbone, gen, settings.kl_coef, settings,
                                    use_recorded_logprobs=recorded)
     policy_params = backbone.trainable_parameters("policy")

@@ -1,4 +1,4 @@
-"""Regional ``torch.compile`` of the decoder layers, for the update step of the trainer.
+"""Regional ``torch.compile`` of the decoder layers, for the scoring and update of the RL stage.
 
 A PPO update step of a small model is bound by the host, not by the GPU: one step at the
 Qwen2.5-0.5B shape (policy and value losses, forward and backward, gradient checkpointing)
@@ -12,8 +12,8 @@ layer of the stack. Compile time is that of one layer per variant, whatever the 
 
 ``CompiledLayers(causal_lm)`` finds the decoder layers and compiles their forward lazily; inside
 ``with compiled.active():`` each layer's ``forward`` is the compiled one, outside it the module
-is untouched (the rollout engine's decode step, the scoring forwards and saving see plain
-layers). Role switches of the shared backbone are guards of the graph: a layer run with the
+is untouched. The RL stage (``torch_compile=true``) scores and updates inside it; the rollout
+engine's decode step (a CUDA graph of its own) and saving see plain layers. Role switches of the shared backbone are guards of the graph: a layer run with the
 policy adapter and one run with the critic's are two compiled variants, each compiled on its
 first call. Gradient checkpointing works through it: the recomputation calls the compiled
 forward again.

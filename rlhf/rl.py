@@ -295,8 +295,8 @@ class RLConfig:
     optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw | paged_adamw8bit
     gradient_checkpointing: bool = False  # recompute layer activations in the update's backward
     packing: str = "auto"  # packed sequences in scoring and update: auto | on | off (packing.py)
-    # compile the decoder layers for the update's forward and backward (rlhf/compile.py): less
-    # host time per step, seconds of compile time per variant on the first steps
+    # compile the decoder layers for the scoring forwards and the update's forward and backward
+    # (rlhf/compile.py): less host time per step, seconds of compile time per variant at first
     torch_compile: bool = False
 
     def __post_init__(self) -> None:
@@ -763,8 +763,9 @@ def step_normalizer(cfg: RLConfig, batches: Sequence[Rollout]) -> float | torch.
 
 
 def _compiled_layers(backbone, cfg: RLConfig):
-    """The context the update's forwards and backwards run in: the decoder layers compiled
-    (``torch_compile``, rlhf/compile.py), else nothing."""
+    """The context the scoring forwards and the update run in: the decoder layers compiled
+    (``torch_compile``, rlhf/compile.py), else nothing. (The rollout runs outside it: the
+    engine's decode step is a CUDA graph of its own.)"""
     if not cfg.torch_compile:
         return contextlib.nullcontext
     if distributed.strategy() == "fsdp2":
@@ -1245,7 +1246,7 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
                         f"(warned once per run)", stacklevel=1)
             generation = batch.generation
             with torch.autocast(device.type, dtype=autocast_dtype,
-                                enabled=autocast_dtype is not None):
+                                enabled=autocast_dtype is not None), compiled_layers():
                 rollout = make_rollout(backbone, generation, kl_controller.value, cfg,
                                        use_recorded_logprobs=use_recorded,
                                        scores=batch.scores)
