@@ -678,7 +678,8 @@ def test_dropins_compile_fullgraph_on_the_first_native_call(monkeypatch):
     torch._dynamo.reset()
     compiled = torch.compile(our_verl.entropy_from_logits, fullgraph=True, backend="aot_eager")
     logits = _logits((3, V), torch.float32)
-    torch.testing.assert_close(compiled(logits).double(), _entropy64(logits))
+    torch.testing.assert_close(compiled(logits).double(), _entropy64(logits), atol=1e-5,
+                               rtol=1e-5)
     assert len(calls) == 1 and _native._OPS is built
 
 
