@@ -127,6 +127,7 @@ def load_records(source: str | Path, split: str = "train", **load_kwargs: Any):
         if all(p.stat().st_size == 0 for p in files):
             raise ValueError(f"dataset {str(source)!r} is empty (0 bytes)")
         kind = kinds.pop()
+        plain = not load_kwargs  # the loader's own reading (no field=, sep=, ... given)
         if kind == "csv" and "features" not in load_kwargs:
             # every column text: a column of digits ("42") is not read as numbers
             load_kwargs = dict(load_kwargs, features=_csv_features(files[0]))
@@ -141,7 +142,14 @@ def load_records(source: str | Path, split: str = "train", **load_kwargs: Any):
                 _mixed_kinds(files) if "changed from" in _root_cause(error) else None) \
                 or _root_cause(error)
             raise ValueError(f"could not read dataset {str(source)!r}: {problem}") from error
-        if len(dataset) == 1 and kind == "json" and len(files) == 1 and not load_kwargs:
+        if kind == "csv" and len(dataset.column_names) == 1 and plain:
+            header = dataset.column_names[0]
+            separator = next((sep for sep in (";", "\t", "|") if sep in header), None)
+            if separator is not None:
+                raise ValueError(f"dataset {str(source)!r} reads as one column {header!r}: its "
+                                 f"fields look separated by {separator!r}, and a .csv file is "
+                                 f"read with commas; save it comma-separated (or as .jsonl)")
+        if len(dataset) == 1 and kind == "json" and len(files) == 1 and plain:
             problem = _columns_layout(files[0])
             if problem is not None:
                 raise ValueError(f"dataset {str(source)!r} {problem}")

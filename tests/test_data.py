@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import pytest
@@ -306,6 +307,20 @@ def test_messages_given_as_a_string_are_named(tmp_path, name):
                                          r"list of \{'role', 'content'\} messages") as info:
         data.load_sft_dataset(path)
     assert ("a CSV cell is text" in str(info.value)) == name.endswith(".csv")
+
+
+@pytest.mark.parametrize("separator", [";", "\t"])
+def test_a_csv_with_another_separator_is_named(tmp_path, separator):
+    """A CSV saved with ';' (a spreadsheet in a comma-decimal locale) or tabs reads as one
+    column 'prompt;completion', and the missing-columns error did not say why."""
+    path = tmp_path / "rows.csv"
+    path.write_text(f"prompt{separator}completion\na{separator}b\n")
+    header = f"prompt{separator}completion"
+    with pytest.raises(ValueError, match=re.escape(f"reads as one column {header!r}: its fields "
+                                                   f"look separated by {separator!r}")):
+        data.load_sft_dataset(path)
+    path.write_text("prompt\nReview of the lamp:\n")  # one column without a separator loads
+    assert data.load_prompt_dataset(path)["prompt"] == ["Review of the lamp:"]
 
 
 def test_chat_rows_without_template_name_fixes_every_stage_has(tokenizer):
