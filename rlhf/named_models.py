@@ -101,10 +101,20 @@ register(NamedModel(
 ))
 
 
+def _registered(text) -> str | None:
+    """The registered name ``text`` spells, in any case (``SmolLM2-135M-Instruct``, as the
+    model card writes it), or None."""
+    if not isinstance(text, str):
+        return None
+    if text in NAMED_MODELS:
+        return text
+    return next((name for name in NAMED_MODELS if name.lower() == text.lower()), None)
+
+
 def is_named(text) -> bool:
-    """Whether ``text`` is a registered name (a local path of that name still wins:
-    ``resolve_pretrained`` asks only when no such directory exists)."""
-    return isinstance(text, str) and text in NAMED_MODELS
+    """Whether ``text`` is a registered name, in any case (a local path of that name still
+    wins: ``resolve_pretrained`` asks only when no such directory exists)."""
+    return _registered(text) is not None
 
 
 def cache_root() -> Path:
@@ -145,9 +155,10 @@ def model_dir(name: str, *, setting: str = "model") -> Path:
     """The Hugging Face folder of the named model ``name``, made on first use (module
     docstring). Errors (unknown name, no package offline, a checksum mismatch) are one
     ValueError that names ``setting`` and what to do."""
-    if name not in NAMED_MODELS:
+    if _registered(name) is None:
         raise ValueError(f"{setting}={name!r} is not a named model; the named models are "
                          f"{sorted(NAMED_MODELS)}")
+    name = _registered(name)
     entry = NAMED_MODELS[name]
     folder = cache_root() / name
     if _done(folder, entry):

@@ -243,3 +243,17 @@ def test_entry_needs_one_source():
         named_models.NamedModel(name="x", gguf_sha256="0" * 64)
     with pytest.raises(ValueError, match="member="):
         named_models.NamedModel(name="x", gguf_sha256="0" * 64, requirement="a==1")
+
+
+def test_a_named_model_answers_in_any_case(tiny_gguf, cache, entry, tmp_path, monkeypatch):
+    """`model=SmolLM2-135M-Instruct`, as its model card spells it, went to the hub (offline: "not
+    a local directory, not in the Hugging Face cache"); any case of a registered name is that
+    model, in the one cached folder of its registered name."""
+    monkeypatch.chdir(tmp_path)  # no directory of either name here
+    upper = entry.name.upper()
+    assert upper != entry.name and named_models.is_named(upper)
+    assert not named_models.is_named(entry.name + "-x")
+    folder = named_models.model_dir(upper)
+    assert folder == cache / entry.name
+    assert Path(resolve_pretrained(upper)[0]) == folder
+    assert sorted(p.name for p in cache.iterdir() if not p.name.startswith(".")) == [entry.name]
