@@ -83,13 +83,21 @@ def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
 
 def _read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():  # was "does not exist", which it does
+        raise ValueError(f"config file {str(path)!r} is a directory; give the YAML file (e.g. "
+                         f"configs/sft.yaml)")
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
     try:
-        with path.open() as handle:
+        with path.open(encoding="utf-8") as handle:
             from rlhf.strict_yaml import UniqueKeySafeLoader  # a key given twice is an error
 
             loaded = yaml.load(handle, Loader=UniqueKeySafeLoader)  # a yaml.SafeLoader
+    except UnicodeDecodeError as error:  # said only "'utf-8' codec can't decode byte 0xff ..."
+        bad = error.object[error.start:error.start + 1]
+        raise ValueError(f"config file {str(path)!r} is not UTF-8 text (it holds the byte "
+                         f"{bad!r}); give a YAML file (each line `key: value`), saved as "
+                         f"UTF-8") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

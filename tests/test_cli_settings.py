@@ -70,3 +70,27 @@ def test_sample_batch_size_changes_the_samples_and_says_so():
     assert "results" in described and "other pairs" in described, described
     in_yaml = _yaml_comment(ROOT / "configs" / "pipeline.yaml", "sample_batch_size")
     assert "other results" in in_yaml, in_yaml
+
+
+# ------------------------------------------------------------------ bad values: one line, status 2
+def _error_line(capsys, command: str) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"rlhf {command}: error: "), err
+    return err[0]
+
+
+def test_a_config_file_that_is_a_directory_or_not_text_is_named(tmp_path, capsys):
+    """A directory given as the config file was reported as not existing; a file that is not
+    UTF-8 text gave only "'utf-8' codec can't decode byte 0xff in position 0", naming neither
+    the file nor what it should be."""
+    from rlhf import cli
+
+    folder = tmp_path / "configs.yaml"
+    folder.mkdir()
+    assert cli.main(["sft", str(folder), "--print-config"]) == cli.EXIT_USAGE
+    line = _error_line(capsys, "sft")
+    assert f"config file {str(folder)!r} is a directory" in line and "does not exist" not in line
+    binary = tmp_path / "latin1.yaml"
+    binary.write_bytes("# caf\xe9\nlr: 0.1\n".encode("latin-1"))
+    assert cli.main(["sft", str(binary), "--print-config"]) == cli.EXIT_USAGE
+    assert f"config file {str(binary)!r} is not UTF-8 text" in _error_line(capsys, "sft")
