@@ -255,6 +255,7 @@ class PipelineConfig:
                     "lora_rank", "lora_alpha", "sample_batch_size", "cpu_threads",
                     "eval_problems", "curve_problems"),
             zero_or_more=("n_show_samples", "curve_every", "pair_top_k"))
+        sft.check_vocab_size(self.vocab_size)
         if self.pair_top_p is not None and not 0.0 < self.pair_top_p <= 1.0:
             raise ValueError(f"pair_top_p={self.pair_top_p!r} is out of range: it must be in "
                              f"(0, 1] (1 = off; null: the RL stage's ppo.top_p)")

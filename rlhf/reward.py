@@ -105,8 +105,8 @@ class RewardConfig:
                                      "max_skipped_steps"))
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if not self.epochs > 0:
-            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if not (self.epochs > 0 and math.isfinite(self.epochs)):  # inf: OverflowError later
+            raise ValueError(f"epochs must be a finite number > 0, got {self.epochs}")
 
 
 def check_held_out_settings(cfg: RewardConfig) -> None:

@@ -20,6 +20,7 @@ and logs the same metrics.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -48,6 +49,21 @@ from rlhf.stage import (
 )
 
 __all__ = ["SFTConfig", "lm_loss", "preset_for", "printable_config", "train", "used_settings"]
+
+
+# The built-in task's byte-level BPE: the 256 bytes and 3 special tokens at least; token ids
+# are 32-bit in the tokenizers library (a larger value raised OverflowError, a traceback).
+VOCAB_SIZE_RANGE = (256 + 3, 2**32 - 1)
+
+
+def check_vocab_size(vocab_size: int, name: str = "vocab_size") -> None:
+    """The built-in task's tokenizer size in its range, before anything runs (too small was
+    refused only once the corpus was built, too large ended in a traceback)."""
+    low, high = VOCAB_SIZE_RANGE
+    if not low <= vocab_size <= high:
+        raise ValueError(f"{name}={vocab_size} is out of range: the built-in task's byte-level "
+                         f"BPE tokenizer has {low} tokens at least (256 bytes and 3 special "
+                         f"tokens) and {high} at most; the default is 1024")
 
 
 @dataclass
@@ -106,9 +122,9 @@ class SFTConfig:
         check_common_settings(self.nonfinite, self.grad_accum_steps, self.batch_size,
                               1 if self.max_steps is None else self.max_steps,
                               max_skipped_steps=self.max_skipped_steps)
-        if not self.epochs > 0:
+        if not (self.epochs > 0 and math.isfinite(self.epochs)):  # inf: OverflowError later
             raise ValueError(f"epochs={self.epochs!r} is out of range: SFTConfig.epochs must be "
-                             f"> 0 (or set max_steps)")
+                             f"a finite number > 0 (or set max_steps)")
         if self.lora_rank < 0 or self.lora_alpha < 1:
             raise ValueError(f"lora_rank={self.lora_rank}, lora_alpha={self.lora_alpha}: lora_rank "
                              f"must be >= 0 (0: full-weight fine-tuning) and lora_alpha >= 1")
@@ -131,6 +147,7 @@ class SFTConfig:
                        counts=("max_length", "corpus_size", "vocab_size", "log_every",
                                "cpu_threads"),
                        zero_or_more=("warmup_steps", "save_every", "max_skipped_steps"))
+        check_vocab_size(self.vocab_size)
 
     @classmethod
     def config_defaults(cls, values) -> SFTConfig:

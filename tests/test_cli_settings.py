@@ -94,3 +94,20 @@ def test_a_config_file_that_is_a_directory_or_not_text_is_named(tmp_path, capsys
     binary.write_bytes("# caf\xe9\nlr: 0.1\n".encode("latin-1"))
     assert cli.main(["sft", str(binary), "--print-config"]) == cli.EXIT_USAGE
     assert f"config file {str(binary)!r} is not UTF-8 text" in _error_line(capsys, "sft")
+
+
+@pytest.mark.parametrize("argv, message", [
+    # OverflowError tracebacks once the run started (epochs x steps per epoch, the tokenizer)
+    (["sft", "epochs=inf"], "epochs=inf is out of range"),
+    (["rm", "epochs=inf"], "epochs must be a finite number > 0, got inf"),
+    (["pipeline", "reward.epochs=inf"], "reward.epochs must be a finite number > 0"),
+    (["sft", "vocab_size=1e20"], "vocab_size=100000000000000000000 is out of range"),
+    # refused only after the corpus was built; now by --print-config too
+    (["sft", "vocab_size=10"], "vocab_size=10 is out of range"),
+    (["pipeline", "vocab_size=100"], "vocab_size=100 is out of range"),
+])
+def test_values_that_ended_in_a_traceback_are_refused_before_the_run(argv, message, capsys):
+    from rlhf import cli
+
+    assert cli.main([*argv, "--print-config"]) == cli.EXIT_USAGE
+    assert message in _error_line(capsys, argv[0])
