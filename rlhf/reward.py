@@ -399,6 +399,7 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
             torch.manual_seed(derived_seed(cfg.seed, "reward", step))
             stats_sum: dict[str, float] = {}
             total_loss = 0.0
+            n_pairs = 0  # batch_size x grad_accum_steps, or fewer: all pairs when there are fewer
             backbone.packing.take_stats()  # the token counts of this step's forwards only
             for k in range(cfg.grad_accum_steps):
                 micro_step = step * cfg.grad_accum_steps + k
@@ -406,6 +407,7 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
                 order = torch.randperm(
                     len(train_set), generator=torch.Generator().manual_seed(cfg.seed * 31 + epoch))
                 rows = order[index * cfg.batch_size:(index + 1) * cfg.batch_size]
+                n_pairs += len(rows)
                 local_rows = distributed.shard(rows, what="micro-batch of pairs")  # torchrun
                 batch = train_set.select(local_rows, device)
                 with torch.autocast(device.type, dtype=autocast_dtype,
@@ -433,8 +435,7 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
                 progress.update(1)
                 metrics = {"step": step, "loss": total_loss, "grad_norm": grad_norm,
                            "lr": scheduler.get_last_lr()[0], "skipped_steps": skipped,
-                           "pairs_per_s": cfg.batch_size * cfg.grad_accum_steps
-                           / max(time.perf_counter() - started, 1e-9),
+                           "pairs_per_s": n_pairs / max(time.perf_counter() - started, 1e-9),
                            **backbone.packing.token_stats(),
                            **{f"train_{k}": v for k, v in stats_sum.items()}}
                 unlogged = True

@@ -5,6 +5,7 @@ pairs and held-out responses the pipeline samples."""
 from __future__ import annotations
 
 import inspect
+import json
 import re
 from pathlib import Path
 
@@ -111,3 +112,26 @@ def test_values_that_ended_in_a_traceback_are_refused_before_the_run(argv, messa
 
     assert cli.main([*argv, "--print-config"]) == cli.EXIT_USAGE
     assert message in _error_line(capsys, argv[0])
+
+
+def test_the_reward_stages_pairs_per_second_counts_the_pairs_it_trained_on(tmp_path, monkeypatch):
+    """With fewer training pairs than batch_size (a micro-batch is then all of them),
+    pairs_per_s counted batch_size x grad_accum_steps pairs a step: 8 x 2 = 16 where a step
+    trained on 2 x 3. The clock is a counter here: one second per reading."""
+    import types
+
+    from rlhf import reward
+    from tests._tiny_models import rl_tokenizer
+    from tests.test_stages import sentiment_pairs, tiny_backbone
+
+    ticks = iter(range(1_000_000))
+    monkeypatch.setattr(reward, "time", types.SimpleNamespace(
+        perf_counter=lambda: float(next(ticks))))
+    tokenizer = rl_tokenizer()
+    cfg = reward.RewardConfig(output_dir=str(tmp_path / "rm"), batch_size=8, epochs=1.0,
+                              grad_accum_steps=2, warmup_steps=0, save_every=0, log_every=1,
+                              device="cpu", max_length=160)
+    reward.train(cfg, backbone=tiny_backbone(tokenizer), tokenizer=tokenizer,
+                 train_pairs=sentiment_pairs(3, 0), eval_pairs=sentiment_pairs(2, 7))
+    logged = [json.loads(line) for line in open(tmp_path / "rm" / "metrics.jsonl")]
+    assert [record["pairs_per_s"] for record in logged if "loss" in record] == [6.0]
