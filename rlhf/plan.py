@@ -380,9 +380,7 @@ def plan(config="qwen2.5-1.5b", *, batch: int = 16, prompt_length: int = 128,
     # not a multiple of it; the CLI says so): never more rows than the batch has
     minibatch = min(minibatch or batch, batch)
     forward_chunk = min(forward_chunk or batch, batch)
-    if not (isinstance(gpus, int) and gpus >= 1) or strategy not in ("ddp", "fsdp2"):
-        raise ValueError(f"gpus must be an integer >= 1 and strategy ddp or fsdp2, got "
-                         f"gpus={gpus!r}, strategy={strategy!r}")
+    _check_sharding(gpus, strategy, quantization)
     global_batch = batch  # every rank holds the gathered rollout (rlhf/distributed.py)
     batch, minibatch = -(-batch // gpus), -(-minibatch // gpus)  # a rank's rows
     forward_chunk = min(forward_chunk, batch)
@@ -646,7 +644,8 @@ def plan_training_stage(stage: str, config="qwen2.5-1.5b", *, batch: int = 8,
                         device: str = "cuda", quantization: str = "none",
                         quantize_lm_head: bool = False, optimizer: str = "adamw",
                         gradient_checkpointing: bool = True,
-                        config_overrides: dict | None = None) -> dict:
+                        config_overrides: dict | None = None, gpus: int = 1,
+                        strategy: str = "ddp") -> dict:
     """Expected peak bytes of one optimizer step of the SFT (``stage="sft"``) or reward-model
     (``"rm"``) stage, as rlhf/sft.py and rlhf/reward.py run them (their
     ``gradient_checkpointing`` setting; off by default there, on by default here, as in
@@ -655,7 +654,9 @@ def plan_training_stage(stage: str, config="qwen2.5-1.5b", *, batch: int = 8,
     sft: LoRA of ``lora_rank`` on a plain PEFT model (one adapter), ``batch`` rows of
     ``seq_len`` tokens, the fused log-probs over every position. rm: the SharedBackbone (three
     adapters, two heads), the reward adapter and head training, ``batch`` pairs = 2 x batch
-    rows in one forward, the reward head reading the last real token.
+    rows in one forward, the reward head reading the last real token. ``batch`` is one GPU's
+    share; ``gpus`` and ``strategy="fsdp2"`` shard the reward stage's decoder layers (the SFT
+    stage runs ddp: its weights stay whole).
     Returns ``{"peak_bytes", "resident": {...}, "step": {...}}``.
     """
     if stage not in ("sft", "rm"):
@@ -681,7 +682,9 @@ def plan_training_stage(stage: str, config="qwen2.5-1.5b", *, batch: int = 8,
     else:
         adapters, trained, rows = 4 * (3 * lora + 2 * (h + 1)), lora + h + 1, 2 * batch
         adam = adam_state_bytes(tensors + [h, 1], optimizer)
-    resident = {"weights": d.weight_bytes(w, quantization, quantize_lm_head),
+    _check_sharding(gpus, strategy, quantization)
+    sharding = (gpus, strategy) if stage == "rm" else (1, "ddp")
+    resident = {"weights": _weights_per_gpu(d, w, quantization, quantize_lm_head, *sharding),
                 "adapters_and_heads": adapters, "adam_states": adam}
     n = rows * seq_len
     final = n * w * h * 3
@@ -703,6 +706,17 @@ def plan_training_stage(stage: str, config="qwen2.5-1.5b", *, batch: int = 8,
     return {"peak_bytes": total, "resident": resident, "step": step}
 
 
+def _check_sharding(gpus: int, strategy: str, quantization: str) -> None:
+    if not (isinstance(gpus, int) and gpus >= 1) or strategy not in ("ddp", "fsdp2"):
+        raise ValueError(f"gpus must be an integer >= 1 and strategy ddp or fsdp2, got "
+                         f"gpus={gpus!r}, strategy={strategy!r}")
+    if strategy == "fsdp2" and gpus > 1 and quantization != "none":
+        # rlhf/distributed.py refuses it: bitsandbytes' packed weights are no plain tensors
+        raise ValueError(f"strategy fsdp2 cannot shard a quantized base (quantization="
+                         f"{quantization!r}), as the stages refuse it; plan --strategy ddp with "
+                         f"--quantization, or fsdp2 with the base unquantized")
+
+
 def _weights_per_gpu(d: ModelDims, w: int, quantization: str = "none",
                      quantize_lm_head: bool = False, gpus: int = 1, strategy: str = "ddp") -> int:
     """The base weights one GPU of the RL stage holds: all of them, or with ``fsdp2`` over
@@ -722,7 +736,7 @@ def _stage_peak(stage: str, config, batch: int, prompt_length: int, response_len
         return plan(config, batch=batch, prompt_length=prompt_length,
                     response_length=response_length, **kwargs)["peak_bytes"]
     keys = ("lora_rank", "dtype", "device", "quantization", "quantize_lm_head", "optimizer",
-            "gradient_checkpointing", "config_overrides")
+            "gradient_checkpointing", "config_overrides", "gpus", "strategy")
     batch = -(-batch // kwargs.get("gpus", 1))  # data parallel: a rank's rows (weights whole)
     return plan_training_stage(stage, config, batch=batch,
                                seq_len=prompt_length + response_length,
@@ -794,14 +808,14 @@ def fit(config, card_gib: float, *, batch: int = 16, prompt_length: int = 128,
             best_length = _largest(lambda t: peak(batch, p=0, r=t) <= budget, context)
         why = None
         if best_batch == 0:
-            # the RL stage's weights per GPU (fsdp2 shards them); the SFT and reward-model
-            # stages' whole (``_stage_peak``)
-            sharding = ((kwargs.get("gpus", 1), kwargs.get("strategy", "ddp")) if stage == "rl"
-                        else (1, "ddp"))
+            # the weights one GPU holds: fsdp2 shards the reward and RL stages' (the SFT
+            # stage's stay whole); a quantized base is never sharded (``_check_sharding``)
+            sharding = ((kwargs.get("gpus", 1), kwargs.get("strategy", "ddp"))
+                        if stage != "sft" else (1, "ddp"))
             lm_head = kwargs.get("quantize_lm_head", False)
             weights = _weights_per_gpu(d, w, quantization, lm_head, *sharding) / GIB
             if weights > budget / GIB:
-                nf4 = _weights_per_gpu(d, w, "nf4", False, *sharding) / GIB
+                nf4 = _weights_per_gpu(d, w, "nf4") / GIB
                 stored = quantization if quantization != "none" else kwargs.get("dtype",
                                                                                  "bfloat16")
                 why = (f"the base weights alone are {weights:.2f} GiB ({stored}) of the "
@@ -810,7 +824,7 @@ def fit(config, card_gib: float, *, batch: int = 16, prompt_length: int = 128,
                           f"; quantization=nf4 makes them {nf4:.2f} GiB" if nf4 < budget / GIB
                           else f"; even quantization=nf4 leaves {nf4:.2f} GiB, more than that: "
                                f"a larger card" + (", or more GPUs (--gpus N --strategy fsdp2)"
-                                                   if stage == "rl" else "")))
+                                                   if stage != "sft" else "")))
             else:
                 one = peak(1) / GIB
                 why = (f"one sequence of {prompt_length + response_length} tokens peaks at "

@@ -481,8 +481,36 @@ def test_nothing_fits_counts_the_weights_a_gpu_holds_and_offers_only_what_helps(
     layers = total - outside
     per_gpu = outside + layers // 8 + 2 * layers // d.num_layers
     sharded = planner.fit("qwen2.5-7b", 4, gpus=8, strategy="fsdp2")
-    assert f"the base weights alone are {per_gpu / GIB:.2f} GiB" in sharded["rl"]["why"]
+    for stage in ("rm", "rl"):
+        assert f"the base weights alone are {per_gpu / GIB:.2f} GiB" in sharded[stage]["why"]
     assert f"the base weights alone are {total / GIB:.2f} GiB" in sharded["sft"]["why"]
     for r in planner.fit("qwen2.5-7b", 4).values():
         assert "even quantization=nf4 leaves 5.17 GiB" in r["why"]
         assert "makes them" not in r["why"]
+
+
+def test_fsdp2_shards_the_reward_stage_and_never_a_quantized_base():
+    """docs/distributed.md: fsdp2 shards the frozen base of the reward and RL stages, SFT runs
+    ddp, and a bitsandbytes-quantized base is refused. The planner kept the reward model's base
+    whole under --strategy fsdp2 (Qwen2.5-7B on 8 x 24 GiB: 112 pairs where the RL stage's
+    sharding gave it room for 248) and planned fsdp2 on an nf4 base, a run no stage takes."""
+    d = planner.ModelDims.from_dict(planner.PRESETS["qwen2.5-7b"])
+    layers = d.params() * 2 - (2 * d.vocab_size * d.hidden_size + d.hidden_size) * 2
+    per_gpu = d.params() * 2 - layers + layers // 8 + 2 * layers // d.num_layers
+    kwargs = dict(gpus=8, strategy="fsdp2")
+    rm = planner.plan_training_stage("rm", "qwen2.5-7b", batch=2, **kwargs)
+    assert rm["resident"]["weights"] == per_gpu
+    assert planner.plan("qwen2.5-7b", batch=16, **kwargs)["resident"]["weights"] == per_gpu
+    sft = planner.plan_training_stage("sft", "qwen2.5-7b", batch=2, **kwargs)
+    assert sft["resident"]["weights"] == d.params() * 2  # SFT runs ddp
+    whole = planner.plan_training_stage("rm", "qwen2.5-7b", batch=2)
+    assert whole["peak_bytes"] - rm["peak_bytes"] == d.params() * 2 - per_gpu
+    sharded, replicated = planner.fit("qwen2.5-7b", 24, **kwargs), planner.fit("qwen2.5-7b", 24,
+                                                                             gpus=8)
+    assert sharded["rm"]["batch"] > replicated["rm"]["batch"]
+    assert sharded["sft"]["batch"] == replicated["sft"]["batch"]
+    for call in (lambda: planner.plan("qwen2.5-7b", quantization="nf4", **kwargs),
+                 lambda: planner.plan_training_stage("rm", "qwen2.5-7b", quantization="nf4",
+                                                     **kwargs)):
+        with pytest.raises(ValueError, match="fsdp2 cannot shard a quantized base"):
+            call()
