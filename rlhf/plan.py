@@ -622,8 +622,10 @@ def largest_batch(config, card_gib: float, *, limit: int = BATCH_SEARCH_LIMIT, *
     if not (isinstance(card_gib, (int, float)) and math.isfinite(card_gib) and card_gib > 0):
         raise ValueError(f"the card's memory must be a number of GiB > 0 (e.g. --card 24), got "
                          f"{card_gib}")
+    load = _load_peak(config, "rl", kwargs)
+
     def fits(b: int) -> bool:
-        return plan(config, batch=b, **kwargs)["peak_bytes"] <= card_gib * GIB
+        return max(plan(config, batch=b, **kwargs)["peak_bytes"], load) <= card_gib * GIB
 
     best = _largest(fits, limit)
     # a batch the RL stage takes: a multiple of the minibatch (when given) and of the GPUs
@@ -730,17 +732,32 @@ def _weights_per_gpu(d: ModelDims, w: int, quantization: str = "none",
     return weights
 
 
+def _load_peak(config, stage: str, kwargs: dict) -> int:
+    """What one GPU holds while a stage loads its model: under fsdp2 (reward and RL stages,
+    several GPUs) each GPU loads the whole base before sharding it (docs/distributed.md), so
+    the whole base must fit; 0 otherwise (the step's plan counts the weights it holds)."""
+    if stage == "sft" or kwargs.get("strategy", "ddp") != "fsdp2" or kwargs.get("gpus", 1) < 2:
+        return 0
+    values = dict(_load_config(config))
+    values.update(kwargs.get("config_overrides") or {})
+    return ModelDims.from_dict(values).weight_bytes(
+        _DTYPE_BYTES.get(kwargs.get("dtype", "bfloat16"), 2), kwargs.get("quantization", "none"),
+        kwargs.get("quantize_lm_head", False))
+
+
 def _stage_peak(stage: str, config, batch: int, prompt_length: int, response_length: int,
                 **kwargs) -> int:
+    load = _load_peak(config, stage, kwargs)
     if stage == "rl":
-        return plan(config, batch=batch, prompt_length=prompt_length,
-                    response_length=response_length, **kwargs)["peak_bytes"]
+        return max(load, plan(config, batch=batch, prompt_length=prompt_length,
+                              response_length=response_length, **kwargs)["peak_bytes"])
     keys = ("lora_rank", "dtype", "device", "quantization", "quantize_lm_head", "optimizer",
             "gradient_checkpointing", "config_overrides", "gpus", "strategy")
     batch = -(-batch // kwargs.get("gpus", 1))  # data parallel: a rank's rows (weights whole)
-    return plan_training_stage(stage, config, batch=batch,
-                               seq_len=prompt_length + response_length,
-                               **{k: v for k, v in kwargs.items() if k in keys})["peak_bytes"]
+    return max(load, plan_training_stage(stage, config, batch=batch,
+                                         seq_len=prompt_length + response_length,
+                                         **{k: v for k, v in kwargs.items() if k in keys}
+                                         )["peak_bytes"])
 
 
 def _largest(fits, limit: int) -> int:
@@ -808,23 +825,22 @@ def fit(config, card_gib: float, *, batch: int = 16, prompt_length: int = 128,
             best_length = _largest(lambda t: peak(batch, p=0, r=t) <= budget, context)
         why = None
         if best_batch == 0:
-            # the weights one GPU holds: fsdp2 shards the reward and RL stages' (the SFT
-            # stage's stay whole); a quantized base is never sharded (``_check_sharding``)
-            sharding = ((kwargs.get("gpus", 1), kwargs.get("strategy", "ddp"))
-                        if stage != "sft" else (1, "ddp"))
+            # every GPU holds the whole base at some point: fsdp2 (reward and RL stages)
+            # shards it only after loading it whole (``_load_peak``)
             lm_head = kwargs.get("quantize_lm_head", False)
-            weights = _weights_per_gpu(d, w, quantization, lm_head, *sharding) / GIB
+            weights = d.weight_bytes(w, quantization, lm_head) / GIB
             if weights > budget / GIB:
-                nf4 = _weights_per_gpu(d, w, "nf4") / GIB
+                nf4 = d.weight_bytes(w, "nf4") / GIB
                 stored = quantization if quantization != "none" else kwargs.get("dtype",
                                                                                  "bfloat16")
+                sharded = stage != "sft" and _load_peak(config, stage, kwargs) > 0
                 why = (f"the base weights alone are {weights:.2f} GiB ({stored}) of the "
                        f"{budget / GIB:.2f} GiB usable"
+                       + (" (fsdp2 shards them only after each GPU has loaded them whole)"
+                          if sharded else "")
                        + ("" if quantization != "none" else
                           f"; quantization=nf4 makes them {nf4:.2f} GiB" if nf4 < budget / GIB
-                          else f"; even quantization=nf4 leaves {nf4:.2f} GiB, more than that: "
-                               f"a larger card" + (", or more GPUs (--gpus N --strategy fsdp2)"
-                                                   if stage != "sft" else "")))
+                          else f"; even quantization=nf4 leaves {nf4:.2f} GiB, more than that"))
             else:
                 one = peak(1) / GIB
                 why = (f"one sequence of {prompt_length + response_length} tokens peaks at "
