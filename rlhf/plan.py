@@ -1082,6 +1082,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         step = math.lcm(args.minibatch or 1, args.gpus)  # largest_batch's rounding
         print(format_plan(result, args.card, best, more_may_fit=best + step > BATCH_SEARCH_LIMIT))
+        load = _load_peak(args.model, "rl", kwargs)
+        if load:
+            print(f"load: each GPU holds the whole base ({load / GIB:.2f} GiB) while the stage "
+                  f"loads it, before fsdp2 shards it; a card must fit that too")
         print(format_fit(fits, args.card, batch=args.batch, prompt_length=args.prompt_length,
                          response_length=args.response_length, reserve_gib=args.reserve,
                          checkpointing=not args.no_gradient_checkpointing))

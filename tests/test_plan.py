@@ -481,7 +481,7 @@ def test_nothing_fits_offers_only_what_helps():
         assert "quantization=nf4 makes them 5.17 GiB" in r["why"]
 
 
-def test_fsdp2_shards_the_reward_stage_and_never_a_quantized_base():
+def test_fsdp2_shards_the_reward_stage_and_never_a_quantized_base(capsys):
     """docs/distributed.md: fsdp2 shards the frozen base of the reward and RL stages after each
     GPU loaded it whole, SFT runs ddp, and a bitsandbytes-quantized base is refused. The planner
     kept the reward model's base whole under --strategy fsdp2 (Qwen2.5-7B on 8 x 24 GiB: 112
@@ -513,6 +513,9 @@ def test_fsdp2_shards_the_reward_stage_and_never_a_quantized_base():
                 f"11.00 GiB usable (fsdp2 shards them only after each GPU has loaded them "
                 f"whole)") in small[stage]["why"]
     assert planner.largest_batch("qwen2.5-7b", 11, **kwargs) == 0
+    assert planner.main(["qwen2.5-7b", "--gpus", "8", "--strategy", "fsdp2"]) == 0
+    assert (f"load: each GPU holds the whole base ({d.params() * 2 / GIB:.2f} GiB) while the "
+            f"stage loads it") in capsys.readouterr().out
     for call in (lambda: planner.plan("qwen2.5-7b", quantization="nf4", **kwargs),
                  lambda: planner.plan_training_stage("rm", "qwen2.5-7b", quantization="nf4",
                                                      **kwargs)):
