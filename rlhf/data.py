@@ -409,6 +409,15 @@ def load_sft_dataset(source: str | Path, split: str = "train", **load_kwargs: An
     columns = {"prompt_completion": ("prompt", "completion"), "messages": ("messages",),
                "text": ("text",)}[fmt]
     _check_rows(dataset, source, columns, chat=fmt != "text", load_kwargs=load_kwargs)
+    if fmt == "prompt_completion" and "label" in dataset.column_names:
+        # TRL's unpaired preference format (KTO): prompt, completion and a bool label
+        rejected = sum(label is False for label in dataset["label"])
+        if rejected:
+            warnings.warn(f"dataset {str(source)!r} has a boolean 'label' column, False in "
+                          f"{rejected} of {len(dataset)} rows (an unpaired preference dataset, "
+                          f"as TRL's KTO takes): SFT ignores it and trains on every completion, "
+                          f"the undesired ones too; keep the rows labelled true for SFT",
+                          stacklevel=2)
     return dataset
 
 

@@ -323,6 +323,20 @@ def test_a_csv_with_another_separator_is_named(tmp_path, separator):
     assert data.load_prompt_dataset(path)["prompt"] == ["Review of the lamp:"]
 
 
+def test_an_unpaired_preference_dataset_given_to_sft_is_warned_about(tmp_path):
+    """prompt/completion/label (TRL's KTO format) loads as SFT data, whose training would
+    imitate the completions labelled undesired too; that was silent."""
+    rows = [{"prompt": "a", "completion": "good", "label": True},
+            {"prompt": "b", "completion": "bad", "label": False}]
+    with pytest.warns(UserWarning, match=r"'label' column, False in 1 of 2 rows .*SFT ignores it "
+                                         r"and trains on every completion"):
+        assert len(data.load_sft_dataset(_write(tmp_path / "kto.jsonl", rows, "jsonl"))) == 2
+    kept = [row for row in rows if row["label"]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every row labelled true: nothing to say
+        data.load_sft_dataset(_write(tmp_path / "good.jsonl", kept, "jsonl"))
+
+
 def test_chat_rows_without_template_name_fixes_every_stage_has(tokenizer):
     """`rlhf rm` takes no tokenizer= setting: the message must not offer it as the only fix."""
     rows = [{"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b"}]
