@@ -409,6 +409,12 @@ def load_sft_dataset(source: str | Path, split: str = "train", **load_kwargs: An
     columns = {"prompt_completion": ("prompt", "completion"), "messages": ("messages",),
                "text": ("text",)}[fmt]
     _check_rows(dataset, source, columns, chat=fmt != "text", load_kwargs=load_kwargs)
+    unused = [name for name in ("messages", "text")
+              if name in dataset.column_names and name not in columns]
+    if unused:
+        warnings.warn(f"dataset {str(source)!r} has the columns of more than one SFT format: "
+                      f"SFT trains on {' + '.join(columns)} and ignores {' and '.join(unused)}; "
+                      f"drop the columns of the format you do not mean", stacklevel=2)
     if fmt == "prompt_completion" and "label" in dataset.column_names:
         # TRL's unpaired preference format (KTO): prompt, completion and a bool label
         rejected = sum(label is False for label in dataset["label"])

@@ -337,6 +337,19 @@ def test_an_unpaired_preference_dataset_given_to_sft_is_warned_about(tmp_path):
         data.load_sft_dataset(_write(tmp_path / "good.jsonl", kept, "jsonl"))
 
 
+def test_columns_of_two_sft_formats_say_which_one_trains(tmp_path):
+    """A file with prompt/completion and messages trained on prompt/completion alone, silently
+    (the messages column, perhaps the data meant, was never read)."""
+    chat = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    rows = [{"prompt": "a", "completion": "b", "messages": chat}]
+    with pytest.warns(UserWarning, match=r"more than one SFT format: SFT trains on prompt \+ "
+                                         r"completion and ignores messages"):
+        data.load_sft_dataset(_write(tmp_path / "both.jsonl", rows, "jsonl"))
+    with pytest.warns(UserWarning, match=r"trains on messages and ignores text"):
+        data.load_sft_dataset(_write(tmp_path / "two.jsonl",
+                                     [{"messages": chat, "text": "t"}], "jsonl"))
+
+
 def test_chat_rows_without_template_name_fixes_every_stage_has(tokenizer):
     """`rlhf rm` takes no tokenizer= setting: the message must not offer it as the only fix."""
     rows = [{"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b"}]
