@@ -36,7 +36,13 @@ Documented handling of bad input:
   different task) or `"error"`; truncated and dropped rows are counted in the result
   (`n_truncated`, `n_dropped`, `kept_indices`) and a warning says how many;
 - a tokenizer without a pad token: its eos token is used for padding, with a warning
-  (`ensure_pad_token`); without an eos token either it is an error.
+  (`ensure_pad_token`); without an eos token either it is an error;
+- a file that holds no rows the way the loaders read them (a JSON scalar, an object of columns
+  as pandas' `DataFrame.to_json` writes by default, rows under one key, a CSV separated by ';'
+  or tabs, ShareGPT's from/value messages, a chat saved as a string): ValueError saying what it
+  holds and how to write it;
+- SFT data with the columns of two formats, or with a boolean `label` (unpaired preferences):
+  a warning that says what trains and what is ignored.
 """
 
 from __future__ import annotations
