@@ -442,8 +442,14 @@ def _main(argv: list[str]) -> int:
 
 
 def _launch_torchrun(nproc: int, argv: Sequence[str]) -> int | None:
-    """``--nproc N``: run this same command under ``torchrun --standalone --nproc-per-node N``
-    and return its exit code; None when there is nothing to launch (N = 1)."""
+    """``--nproc N``: run this same command under ``torchrun --standalone --nproc-per-node N``:
+    this process becomes torchrun (it does not return); None when there is nothing to launch
+    (N = 1).
+
+    torchrun replaces this process (exec) instead of running as its child: a signal for this
+    process (``kill PID``, ``timeout``, a scheduler's preemption, a closed terminal) then
+    reaches torchrun, which stops every rank. As a child, torchrun and its ranks outlived the
+    killed launcher and trained on in the background, holding output_dir's lock."""
     if nproc < 1:
         raise SystemExit(f"rlhf: error: --nproc must be >= 1 (processes on this machine), got "
                          f"{nproc}")
@@ -453,8 +459,6 @@ def _launch_torchrun(nproc: int, argv: Sequence[str]) -> int | None:
                          f"drop --nproc")
     if nproc == 1:
         return None
-    import subprocess
-
     args, skip = [], False
     for arg in argv:  # the command without --nproc N
         if skip:
@@ -468,11 +472,15 @@ def _launch_torchrun(nproc: int, argv: Sequence[str]) -> int | None:
     print(f"rlhf: launching {nproc} processes: {' '.join(command[1:])}", file=sys.stderr)
     # torchrun itself, except that a rank that stopped with an error (its one line already
     # printed) gives its exit status (2: bad input), not torchrun's 1 and a traceback
-    return subprocess.call([sys.executable, "-c", _TORCHRUN, *command[3:]])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-c", _TORCHRUN, *command[3:]])
+    return None  # not reached: execv does not return
 
 
 _TORCHRUN = """
-import sys
+import signal, sys
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import parse_args, run
 try:
@@ -480,6 +488,11 @@ try:
 except ChildFailedError as error:
     codes = [failure.exitcode for failure in error.failures.values()]
     sys.exit(next((code for code in codes if code > 0), 1))
+except SignalException as error:  # kill, timeout, a closed terminal: the ranks are stopped
+    name = signal.Signals(error.sigval).name
+    print(f"rlhf: torchrun got {name} and stopped every process; continue the run with the "
+          f"same command and --resume (from its last checkpoint)", file=sys.stderr)
+    sys.exit(128 + int(error.sigval))
 """
 
 

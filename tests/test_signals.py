@@ -151,3 +151,76 @@ def test_a_run_whose_terminal_hung_up_saves_and_exits_129(tmp_path):
             process.kill()
     assert code == 129, f"exit status {code} (-1: killed by the SIGHUP)"
     assert int((run / "checkpoint").read_text()) >= 3
+
+
+# ------------------------------------------------------------------ --nproc N: the launcher
+_LAUNCHER = '''
+import sys
+sys.path.insert(0, sys.argv[1])  # the real trainer (the working directory has the stand-in)
+from rlhf import cli
+cli._launch_torchrun(2, ["sft", "--nproc", "2"])
+'''
+_STAND_IN_RANK = '''
+import os, time
+from pathlib import Path
+Path(os.environ["RANKS_DIR"], os.environ["RANK"]).write_text(str(os.getpid()))
+while True:
+    time.sleep(0.1)
+'''
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_kill_of_an_nproc_launch_stops_its_ranks(tmp_path):
+    """`rlhf <stage> --nproc 2` ran torchrun as its child: `kill PID` (or timeout, or a closed
+    terminal) ended the launcher alone, and torchrun and both ranks trained on in the
+    background, orphaned, holding output_dir's lock. The launcher now becomes torchrun, which
+    stops every rank, says so in one line and exits 128 + SIGTERM. The ranks are stand-ins
+    (a loop), so that no rank imports the trainer."""
+    stand_in = tmp_path / "ranks" / "rlhf"
+    stand_in.mkdir(parents=True)
+    (stand_in / "__init__.py").write_text("")
+    (stand_in / "__main__.py").write_text(_STAND_IN_RANK)
+    ranks = tmp_path / "pids"
+    ranks.mkdir()
+    env = {**os.environ, "RANKS_DIR": str(ranks)}
+    for name in ("PYTHONPATH", "WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR",
+                 "MASTER_PORT"):
+        env.pop(name, None)
+    log = tmp_path / "launcher.log"
+    with open(log, "w") as out:
+        # run where `python -m rlhf` (each rank's command) finds the stand-in first
+        launcher = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(ROOT)], env=env,
+                                    cwd=stand_in.parent, stdout=out, stderr=out,
+                                    start_new_session=True)
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 90
+        while len(pids) < 2:
+            assert launcher.poll() is None, log.read_text()[-2000:]
+            assert time.monotonic() < deadline, "the ranks did not start within 90 s"
+            time.sleep(0.1)
+            pids = [int(p.read_text()) for p in ranks.iterdir() if p.read_text()]
+        launcher.send_signal(signal.SIGTERM)
+        code = launcher.wait(60)
+        deadline = time.monotonic() + 30
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in pids), "the ranks outlived the killed launcher"
+        assert code == 128 + signal.SIGTERM, f"exit status {code}\n{log.read_text()[-2000:]}"
+        said = log.read_text()
+        assert "rlhf: torchrun got SIGTERM and stopped every process" in said
+        assert "Traceback" not in said
+    finally:
+        for pid in [launcher.pid, *pids]:  # only what this test started
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if launcher.poll() is None:
+            launcher.wait(10)

@@ -335,7 +335,8 @@ def test_nproc_gives_a_ranks_error_status_without_torchruns_traceback(capfd, tmp
     rank.write_text("import sys\nprint('rlhf rm: error: seed=-1 ...', file=sys.stderr)\n"
                     "sys.exit(2)\n")
     launched = []
-    monkeypatch.setattr(subprocess, "call", lambda command: launched.append(command) or 0)
+    # the launcher becomes torchrun (exec): recorded here instead
+    monkeypatch.setattr(cli.os, "execv", lambda path, command: launched.append(command))
     cli._launch_torchrun(2, ["rm", "seed=-1", "--nproc", "2"])
     command, = launched
     tail = command.index("-m", 3)  # the `-m rlhf rm seed=-1` after torchrun's own options
