@@ -104,9 +104,11 @@ class Terminated(KeyboardInterrupt):
 class _HungUpOutput:
     """sys.stdout / sys.stderr after a SIGHUP: once a write fails because the terminal is gone
     (EIO) or the pipe's reader is (EPIPE: ``| tee log``, which the hang-up ended too), the
-    stream's file descriptor is pointed at os.devnull and the write goes there. Without it the
-    stage's 'interrupted, checkpoint saved' line raised OSError after the save, and the run
-    ended with that traceback (where no one reads it) and exit status 1 instead of 129."""
+    stream's file descriptor, and the other standard one where it is the same terminal or
+    pipe, are pointed at os.devnull and the write goes there (so do the writes of whoever
+    holds the stream itself, a progress bar). Without it the stage's 'interrupted, checkpoint
+    saved' line raised OSError after the save, and the run ended with that traceback (where no
+    one reads it) and exit status 1 instead of 129."""
 
     def __init__(self, stream):
         self._stream = stream
@@ -119,9 +121,13 @@ class _HungUpOutput:
         except OSError as error:
             if error.errno not in (errno.EIO, errno.EPIPE):
                 raise
+            dead = os.fstat(self._stream.fileno())
             devnull = os.open(os.devnull, os.O_WRONLY)
             try:
-                os.dup2(devnull, self._stream.fileno())
+                for fd in {self._stream.fileno(), 1, 2}:
+                    with contextlib.suppress(OSError):
+                        if os.path.samestat(os.fstat(fd), dead):
+                            os.dup2(devnull, fd)
             finally:
                 os.close(devnull)
             return call(*args)

@@ -112,6 +112,9 @@ def train(cfg):
     except KeyboardInterrupt:
         (out / "checkpoint").write_text(str(step))
         print(f"[loop] interrupted at step {step}; checkpoint saved", flush=True)
+        # what holds the stream itself writes there too (a progress bar, a logging handler)
+        sys.__stderr__.write("closing the progress bar\\n")
+        sys.__stderr__.flush()
         raise
 
 cli.STAGES["loop"] = cli.Stage("__main__", "Config", "train", "a loop")
@@ -121,9 +124,9 @@ sys.exit(cli.main(["loop", "output_dir=" + sys.argv[1]]))
 
 def test_a_run_whose_terminal_hung_up_saves_and_exits_129(tmp_path):
     """The ssh session drops: the terminal (a pty) is gone, so every write to it fails (EIO),
-    then SIGHUP comes. The stage saves its checkpoint, its 'interrupted' line and the CLI's line
-    go nowhere instead of raising OSError (which ended the run with exit status 1 and a
-    traceback), and the exit status is 129."""
+    then SIGHUP comes. The stage saves its checkpoint, its 'interrupted' line, what a progress
+    bar writes to the stream it holds and the CLI's line go nowhere instead of raising OSError
+    (which ended the run with exit status 1 and a traceback), and the exit status is 129."""
     run = tmp_path / "run"
     master, slave = os.openpty()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
