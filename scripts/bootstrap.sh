@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # One-step set-up used by both README commands. Idempotent: a second run changes nothing.
 #
-# torch: kept if already installed (e.g. a CUDA build on a GPU machine); otherwise torch 2.13.0 is
-# installed (on a CPU-only machine pip's find-links provide the CPU build, so no multi-GB CUDA
-# download). Then this repository in editable mode with the trainer and test extras.
+# torch: kept if already installed (e.g. a CUDA build on a GPU machine, or a CPU build installed
+# first); otherwise `pip install torch==2.13.0`. Which build that is depends on pip's
+# configuration: where pip finds a local CPU wheel (a find-links folder, as on our CI machines)
+# it takes it; from PyPI alone, the Linux wheel brings the CUDA libraries (several GB). On a
+# CPU-only machine without such a wheel, install the CPU build first:
+#   pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+# Then this repository in editable mode with the trainer and test extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
