@@ -372,7 +372,19 @@ def _main(argv: list[str]) -> int:
                 raise ValueError(f"{stage.config_class} has no `resume` field; --resume does not "
                                  f"apply to `rlhf {ns.command}`")
             overrides.append("resume=true")
-        cfg = load_config(config_class, config_path, overrides)
+        try:
+            cfg = load_config(config_class, config_path, overrides)
+        except ValueError as error:
+            if (config_path is None or any(arg.startswith("strategy.") for arg in overrides)
+                    or not str(error).startswith("unknown config key 'strategy'")):
+                raise
+            # the file's `strategy:` (the command line's strategy= is taken out above): it was
+            # refused with the stage's valid keys, as if strategy= did not exist
+            raise ValueError(f"strategy in {config_path!r} is not a setting of the config "
+                             f"file: it picks how the processes of --nproc N or torchrun share "
+                             f"the model; give it on the command line (`rlhf {ns.command} "
+                             f"{config_path} strategy=ddp|fsdp2|auto`) and remove it from the "
+                             f"file") from None
         if isinstance(getattr(cfg, "output_dir", None), str):
             # `output_dir=~/runs/x` (quoted, from a YAML file, or a shell that leaves it) is a
             # home directory, as it is for model= and dataset=, not a folder named ~ here

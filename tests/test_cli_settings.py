@@ -135,3 +135,16 @@ def test_the_reward_stages_pairs_per_second_counts_the_pairs_it_trained_on(tmp_p
                  train_pairs=sentiment_pairs(3, 0), eval_pairs=sentiment_pairs(2, 7))
     logged = [json.loads(line) for line in open(tmp_path / "rm" / "metrics.jsonl")]
     assert [record["pairs_per_s"] for record in logged if "loss" in record] == [6.0]
+
+
+def test_strategy_in_a_config_file_says_where_it_goes(tmp_path, capsys):
+    """`strategy: fsdp2` in the YAML file was an unknown key followed by the stage's valid keys,
+    as if the documented strategy= did not exist; it is a setting of the command line."""
+    from rlhf import cli
+
+    path = tmp_path / "run.yaml"
+    path.write_text("lr: 0.001\nstrategy: fsdp2\n")
+    assert cli.main(["sft", str(path), "--print-config"]) == cli.EXIT_USAGE
+    line = _error_line(capsys, "sft")
+    assert f"strategy in {str(path)!r} is not a setting of the config file" in line
+    assert f"rlhf sft {path} strategy=" in line and "Valid keys" not in line
