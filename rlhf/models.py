@@ -417,9 +417,13 @@ def resolve_pretrained(name_or_path, *, what: str = "model", setting: str = "mod
         return text, {}
     if _in_hub_cache(text, ("config.json",) if what == "model" else _TOKENIZER_FILES[:2]):
         return text, {"local_files_only": True}
+    named = named_models.suggestion(text)
+    hint = (f"; or the named model {setting}={named} "
+            f"({named_models.NAMED_MODELS[named].description}, made from a pip package, no hub)"
+            if named else "")
     raise ValueError(f"{setting}={text!r} is not a local directory, not in the Hugging Face "
                      f"cache, and the hub cannot be used: {offline}; give the path of a local "
-                     f"model directory, or download the model where there is a network")
+                     f"model directory, or download the model where there is a network{hint}")
 
 
 def _backbone_base(path: Path) -> str | None:

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 __all__ = ["CACHE_ENV", "NAMED_MODELS", "NamedModel", "cache_root", "fetch_command", "is_named",
-           "model_dir", "register", "unregister"]
+           "model_dir", "register", "suggestion", "unregister"]
 
 CACHE_ENV = "RLHF_MODEL_CACHE"
 _INFO_FILE = "named_model.json"
@@ -109,6 +109,26 @@ def _registered(text) -> str | None:
     if text in NAMED_MODELS:
         return text
     return next((name for name in NAMED_MODELS if name.lower() == text.lower()), None)
+
+
+def suggestion(text) -> str | None:
+    """A named model ``text`` may have meant, for an error about a name that is not one: a close
+    spelling (``smollm2-135m``), or the hub repository the named model's weights come from
+    (``HuggingFaceTB/SmolLM2-135M-Instruct``: its weights as the named model's GGUF holds
+    them, which load without the hub); None when nothing is close."""
+    if not isinstance(text, str) or not text:
+        return None
+    import difflib
+
+    lowered = text.lower()
+    for name, entry in NAMED_MODELS.items():
+        repository = entry.description.split(" ", 1)[0].lower()
+        last = lowered.rsplit("/", 1)[-1]
+        if lowered == repository or last == name or (len(last) >= 6 and name.startswith(last)):
+            return name
+    close = difflib.get_close_matches(lowered.rsplit("/", 1)[-1], list(NAMED_MODELS), n=1,
+                                      cutoff=0.75)
+    return close[0] if close else None
 
 
 def is_named(text) -> bool:

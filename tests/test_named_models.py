@@ -257,3 +257,20 @@ def test_a_named_model_answers_in_any_case(tiny_gguf, cache, entry, tmp_path, mo
     assert folder == cache / entry.name
     assert Path(resolve_pretrained(upper)[0]) == folder
     assert sorted(p.name for p in cache.iterdir() if not p.name.startswith(".")) == [entry.name]
+
+
+def test_a_name_close_to_a_named_model_is_pointed_at_it(tmp_path, monkeypatch):
+    """Offline, `model=smollm2-135m` (the name without -instruct) and the hub name the named
+    model's weights come from gave only "not in the Hugging Face cache": the error now names the
+    named model that loads without the hub; an unrelated name gets no such hint."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for text in ("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.",
+                 "smollm2-135m-instrcut"):
+        with pytest.raises(ValueError, match=r"or the named model model=smollm2-135m-instruct "
+                                             r"\(HuggingFaceTB/SmolLM2-135M-Instruct"):
+            resolve_pretrained(text)
+    with pytest.raises(ValueError) as error:
+        resolve_pretrained("gpt2-large")
+    assert "named model" not in str(error.value)
+    assert named_models.suggestion("gpt2") is None and named_models.suggestion("") is None
