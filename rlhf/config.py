@@ -67,6 +67,11 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
             node = child
         if isinstance(node.get(leaf), dict):
             raise ValueError(f"override {item!r}: {key!r} already has nested overrides")
+        if leaf in node and node[leaf] != value:
+            # the last one wins (what --resume's refusal relies on: "add `key=value` to the
+            # command"), but a long command that sets a key twice is most often a slip
+            warnings.warn(f"{key} is given twice on the command line ({key}={node[leaf]}, then "
+                          f"{key}={value}); the last one, {key}={value}, is used", stacklevel=2)
         node[leaf] = _CommandLineValue(value)
     return tree
 

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from rlhf import pipeline
 from rlhf.checkpoint import config_changes
@@ -148,3 +149,22 @@ def test_strategy_in_a_config_file_says_where_it_goes(tmp_path, capsys):
     line = _error_line(capsys, "sft")
     assert f"strategy in {str(path)!r} is not a setting of the config file" in line
     assert f"rlhf sft {path} strategy=" in line and "Valid keys" not in line
+
+
+def test_a_key_given_twice_on_the_command_line_is_said(capsys):
+    """`lr=1e-3 ... lr=3e-3` took the last value without a word (a YAML file with a key twice
+    is refused). The last one still wins (--resume's refusal says to add `key=value` to the
+    command), with one warning line that names both."""
+    from rlhf import cli
+
+    import warnings
+
+    with pytest.warns(UserWarning) as said:
+        assert cli.main(["sft", "lr=0.001", "max_steps=5", "lr=0.003", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["lr"] == 0.003
+    assert [str(w.message) for w in said] == [
+        "lr is given twice on the command line (lr=0.001, then lr=0.003); the last one, "
+        "lr=0.003, is used"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same value twice: nothing to say
+        assert cli.main(["sft", "lr=0.001", "lr=0.001", "--print-config"]) == 0
