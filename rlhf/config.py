@@ -87,7 +87,9 @@ def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+    # `~/configs/x.yaml` quoted (or from a script) is in the home directory, as for model=,
+    # dataset= and output_dir=, not a folder named ~ here ("does not exist")
+    path = Path(path).expanduser()
     if path.is_dir():  # was "does not exist", which it does
         raise ValueError(f"config file {str(path)!r} is a directory; give the YAML file (e.g. "
                          f"configs/sft.yaml)")

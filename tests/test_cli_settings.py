@@ -168,3 +168,14 @@ def test_a_key_given_twice_on_the_command_line_is_said(capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same value twice: nothing to say
         assert cli.main(["sft", "lr=0.001", "lr=0.001", "--print-config"]) == 0
+
+
+def test_a_config_file_under_the_home_directory_is_found(tmp_path, monkeypatch, capsys):
+    """`rlhf sft '~/run.yaml'` (quoted, or from a script that passes it through) said the file
+    does not exist, where model=, dataset= and output_dir= take ~ as the home directory."""
+    from rlhf import cli
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "run.yaml").write_text("lr: 0.004\n")
+    assert cli.main(["sft", "~/run.yaml", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["lr"] == 0.004
