@@ -982,6 +982,15 @@ def _clear(directory: Path, names: Sequence[str]) -> None:
                     parent.rmdir()
 
 
+def _auto_device(config: Mapping[str, Any]) -> str | None:
+    """What ``device: auto`` (the config's top-level device) is on this machine: "cuda" when a
+    GPU is visible, else "cpu" (as stage.resolve_device resolves it); None for another device,
+    which the settings comparison covers."""
+    if config.get("device") != "auto":
+        return None
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @contextlib.contextmanager
 def open_run(directory: str | Path, kind: str, config: Mapping[str, Any], *, resume: bool,
              overwrite: bool = False, run_files: Sequence[str] = STAGE_RUN_FILES,
@@ -1101,6 +1110,19 @@ def _open_run(directory: str | Path, kind: str, config: Mapping[str, Any], *, re
                     f"again from there: its second part would continue on another model than "
                     f"its first. Put the run's model back, or start a new run on this model: "
                     f"a new output_dir=..., or overwrite=true to replace this run")
+            started_on, here = manifest.get("auto_device"), _auto_device(config)
+            if started_on is not None and here is not None and started_on != here:
+                # `device: auto` compares equal, but it ran on another device type: a GPU's
+                # bf16 autocast and kernels, or the CPU's fp32, for the second part of the run
+                how = ("hide the GPUs from it (`CUDA_VISIBLE_DEVICES= rlhf ... --resume`)"
+                       if started_on == "cpu" else "resume it on a machine with a GPU")
+                raise RunDirectoryError(
+                    f"--resume of {str(directory)!r}: the run started with device=auto on "
+                    f"{started_on}, and device=auto is {here} on this machine; its second part "
+                    f"would compute on another device than its first (other kernels, and "
+                    f"bf16 autocast on a GPU with bf16=true), so its results would mix both. "
+                    f"To continue it on {started_on}, {how}; or start a new run: a new "
+                    f"output_dir=..., or overwrite=true to replace this run")
             manifest.setdefault("resumed", []).append(_now())
             atomic_write_text(directory / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
             run = RunDirectory(directory, kind, manifest["run_id"], resumed=True)
@@ -1124,6 +1146,8 @@ def _open_run(directory: str | Path, kind: str, config: Mapping[str, Any], *, re
                         "command": " ".join(sys.argv), "config": _json_plain(config),
                         "data": data_fingerprints(config) if reads_data else {},
                         "models": model_fingerprints(config) if reads_data else {}}
+            if _auto_device(config) is not None:  # the device type device=auto ran on
+                manifest["auto_device"] = _auto_device(config)
             atomic_write_text(directory / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
             run = RunDirectory(directory, kind, manifest["run_id"], resumed=False)
         yield run
