@@ -155,9 +155,9 @@ def test_a_key_given_twice_on_the_command_line_is_said(capsys):
     """`lr=1e-3 ... lr=3e-3` took the last value without a word (a YAML file with a key twice
     is refused). The last one still wins (--resume's refusal says to add `key=value` to the
     command), with one warning line that names both."""
-    from rlhf import cli
-
     import warnings
+
+    from rlhf import cli
 
     with pytest.warns(UserWarning) as said:
         assert cli.main(["sft", "lr=0.001", "max_steps=5", "lr=0.003", "--print-config"]) == 0
