@@ -241,7 +241,9 @@ class RLConfig:
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1.0: off
     old_logprobs: str = "auto"  # "auto": recorded while sampling when exact; "forward": recompute
-    forward_batch_size: int = 16  # rows per no-grad scoring forward; 0: the whole rollout batch
+    # rows per no-grad scoring forward; 0: the whole rollout batch (part of the results: other
+    # GEMM shapes round the scores' last bits differently, so --resume refuses a change)
+    forward_batch_size: int = 16
     lr: float = 2e-5  # the policy adapter (LoRA)
     critic_lr: float = 5e-5  # the critic adapter and value head (PPO)
     warmup_steps: int = 5
@@ -322,7 +324,7 @@ class RLConfig:
         check_settings(self, positive=("lr", "critic_lr", "grad_clip", "clip_ratio",
                                        "clip_ratio_high", "value_clip", "score_clip",
                                        "kl_horizon", "overlong_penalty", "sapo_tau_pos",
-                                       "sapo_tau_neg"),
+                                       "sapo_tau_neg", "temperature", "kl_target"),
                        non_negative=("kl_coef", "entropy_coef"),
                        fractions=("gamma", "lam", "min_lr_ratio"),
                        counts=("rollout_batch_size", "ppo_epochs", "cpu_threads", "group_size",

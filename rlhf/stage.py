@@ -170,6 +170,8 @@ _SETTING_HINTS = {
     "kl_coef": " (0 turns the KL penalty off; 0.01 to 0.2 is usual)",
     "entropy_coef": " (0 turns the entropy bonus off)",
     "grad_clip": " (the gradient norm it clips to; 1.0 is usual)",
+    "temperature": " (1.0 samples the policy as it is; a small value such as 1e-4 is near-greedy)",
+    "kl_target": " (nats per sequence, e.g. 6; null keeps kl_coef fixed)",
 }
 
 DEVICE_CHOICES = "auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N"

@@ -70,7 +70,11 @@ def test_resume_from_a_damaged_checkpoint_says_which_and_what_to_do(tmp_path, da
     ("pipeline", "reward.batch_size=0", "reward.batch_size must be >= 1, got 0"),
     ("pipeline", "ppo.minibatch_size=0", "ppo.minibatch_size must be >= 1, got 0"),
     ("pipeline", "reward.lr=-1", "reward.lr=-1.0 is out of range: reward.lr must be"),
-    ("pipeline", "ppo.temperature=0", "ppo.temperature must be > 0, got 0.0"),
+    ("pipeline", "ppo.temperature=0", "ppo.temperature=0.0 is out of range: ppo.temperature "
+                                      "must be a finite number > 0"),
+    ("pipeline", "ppo.temperature=inf", "ppo.temperature=inf is out of range"),
+    ("pipeline", "ppo.kl_target=inf", "ppo.kl_target=inf is out of range: ppo.kl_target must "
+                                      "be a finite number > 0"),
     ("frontier", "base.ppo.lr=-1", "base.ppo.lr=-1.0 is out of range: base.ppo.lr must be"),
 ])
 def test_a_nested_setting_out_of_range_is_named_as_typed(capsys, command, override, expected):
