@@ -316,6 +316,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.formatwarning = python_format
 
 
+def _check_kernels_backend() -> None:
+    """RLHF_KERNELS_BACKEND, which the kernels read at each call: a value that is no backend is
+    refused before the run loads anything, not at the first op, once a model has loaded."""
+    from rlhf_kernels import backend
+
+    value = os.environ.get(backend.ENV_VAR)
+    if value is not None and value.lower() not in backend.BACKENDS:
+        raise ValueError(f"{backend.ENV_VAR}={value!r} is not a backend; expected one of "
+                         f"{backend.BACKENDS} (or unset: auto)")
+
+
 def _main(argv: list[str]) -> int:
     from rlhf.config import config_to_dict, load_config
 
@@ -406,6 +417,7 @@ def _main(argv: list[str]) -> int:
         return 0
     output_dir = getattr(cfg, "output_dir", None)
     try:
+        _check_kernels_backend()  # read by the first op call, after the model has loaded
         if output_dir is not None:
             check_output_dir(output_dir)
             # a module whose runs keep their run.json elsewhere says where (rlhf frontier)

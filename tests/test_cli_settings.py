@@ -179,3 +179,20 @@ def test_a_config_file_under_the_home_directory_is_found(tmp_path, monkeypatch, 
     (tmp_path / "run.yaml").write_text("lr: 0.004\n")
     assert cli.main(["sft", "~/run.yaml", "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["lr"] == 0.004
+
+
+def test_a_kernels_backend_that_is_none_is_refused_before_anything_loads(capsys, monkeypatch,
+                                                                          tmp_path):
+    """RLHF_KERNELS_BACKEND=foo was refused at the first op call, once the model had loaded
+    (minutes for a large one); the CLI now refuses it first, before output_dir is made."""
+    from rlhf import cli
+
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "foo")
+    out = tmp_path / "run"
+    assert cli.main(["sft", f"output_dir={out}", "max_steps=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["rlhf sft: error: RLHF_KERNELS_BACKEND='foo' is not a backend; expected one "
+                   "of ('auto', 'triton', 'native', 'reference') (or unset: auto)"]
+    assert not out.exists()
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "Reference")  # any case, as the kernels read it
+    cli._check_kernels_backend()
