@@ -54,7 +54,7 @@ class Stage:
 
 STAGES: dict[str, Stage] = {
     "sft": Stage("rlhf.sft", "SFTConfig", "train",
-                 "supervised fine-tuning on prompt/completion or messages data"),
+                 "supervised fine-tuning on prompt/completion, messages or text data"),
     "rm": Stage("rlhf.reward", "RewardConfig", "train",
                 "reward model (Bradley-Terry) on prompt/chosen/rejected pairs"),
     "ppo": Stage("rlhf.rl", "PPOConfig", "train",

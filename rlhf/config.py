@@ -256,6 +256,32 @@ def warnings_named(prefix: str, cls: type) -> Iterator[None]:
         warnings.showwarning = show
 
 
+# A key one stage takes and another, where it would be typed, has no such setting for.
+_KEY_HINTS = {
+    ("RewardConfig", "max_steps"): "The reward stage counts epochs, not steps: epochs=0.1 trains "
+                                   "on a tenth of the pairs",
+}
+# The stage commands by config class (the module and class each command runs).
+_STAGE_CONFIGS = (("sft", "rlhf.sft", "SFTConfig"), ("rm", "rlhf.reward", "RewardConfig"),
+                  ("ppo", "rlhf.rl", "PPOConfig"), ("pipeline", "rlhf.pipeline",
+                                                   "PipelineConfig"))
+
+
+def _commands_with(name: str, cls: type) -> list[str]:
+    """The stage commands whose config has a setting ``name`` (other than ``cls``'s)."""
+    import importlib
+
+    found = []
+    for command, module, class_name in _STAGE_CONFIGS:
+        try:
+            other = getattr(importlib.import_module(module), class_name)
+        except (ImportError, AttributeError):  # a stage whose extras are not installed
+            continue
+        if other is not cls and not issubclass(cls, other) and name in _init_fields(other):
+            found.append("ppo / grpo" if command == "ppo" else command)
+    return found
+
+
 def _unknown_key(cls: type, prefix: str, name: str, fields: Mapping[str, Any]) -> typing.NoReturn:
     valid = sorted(fields)
     # a setting of a nested config given at the top (`rlhf pipeline kl_coef=0.05`): its
@@ -265,8 +291,13 @@ def _unknown_key(cls: type, prefix: str, name: str, fields: Mapping[str, Any]) -
               if (inner := _dataclass_in(hints.get(field, Any))) is not None
               and name in _init_fields(inner)]
     close = difflib.get_close_matches(name, valid, n=1)
-    if nested:
+    if (cls.__name__, name) in _KEY_HINTS:
+        hint = f" {_KEY_HINTS[cls.__name__, name]}."
+    elif nested:
         hint = f" Did you mean {' or '.join(repr(key) for key in nested)}?"
+    elif (other := _commands_with(name, cls)):
+        hint = (f" {name!r} is a setting of `rlhf {' / '.join(other)}`: is this the config of "
+                f"another command?")
     else:
         hint = f" Did you mean {prefix + close[0]!r}?" if close else ""
     raise ValueError(f"unknown config key {prefix + name!r} for {cls.__name__}.{hint} Valid keys"

@@ -196,3 +196,21 @@ def test_a_kernels_backend_that_is_none_is_refused_before_anything_loads(capsys,
     assert not out.exists()
     monkeypatch.setenv("RLHF_KERNELS_BACKEND", "Reference")  # any case, as the kernels read it
     cli._check_kernels_backend()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["rm", "max_steps=1"], "unknown config key 'max_steps' for RewardConfig. The reward stage "
+                            "counts epochs, not steps: epochs=0.1 trains on a tenth of the pairs."),
+    (["sft", "num_iterations=2"], "unknown config key 'num_iterations' for SFTConfig. "
+                                  "'num_iterations' is a setting of `rlhf ppo / grpo`: is this "
+                                  "the config of another command?"),
+    (["ppo", "corpus_size=100"], "'corpus_size' is a setting of `rlhf sft / pipeline`"),
+])
+def test_a_key_of_another_command_says_so(capsys, argv, expected):
+    """`rlhf rm max_steps=1` suggested max_skipped_steps, and `rlhf sft configs/ppo.yaml` listed
+    SFT's keys without saying the file was another command's (found by helper U)."""
+    from rlhf import cli
+
+    assert cli.main([*argv, "--print-config"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert expected in line and "Did you mean" not in line, line
