@@ -797,6 +797,9 @@ def main(argv: list[str] | None = None) -> int:
                              "comparison)")
     parser.add_argument("--smoke", action="store_true", help="tiny shape on the CPU, no files")
     args = parser.parse_args(argv)
+    if args.compare_torch_compile and args.torch_compile:  # (before anything is set up)
+        parser.error("--compare-torch-compile runs each case without, then with "
+                     "--torch-compile; pass one of them")
     if args.smoke:
         rows = run(smoke=True)
         print_table(rows, COLUMNS, smoke=True)
@@ -821,9 +824,6 @@ def main(argv: list[str] | None = None) -> int:
             if not _native.available():
                 print(f"the native CPU kernels are not available ({_native.failure_reason()}): "
                       f"our ops run the PyTorch reference", file=sys.stderr)
-    if args.compare_torch_compile and args.torch_compile:
-        parser.error("--compare-torch-compile runs each case without, then with "
-                     "--torch-compile; pass one of them")
     rows = []
     cases = []
     for shape in args.shape or ["qwen2.5-1.5b"]:

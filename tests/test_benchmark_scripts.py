@@ -1008,14 +1008,19 @@ def test_host_trainer_times_the_compiled_update(monkeypatch):
     assert by["update", "direct"]["compile_s"] is None
 
 
-def test_e2e_torch_compile_runs_the_trainers_compiled_update(capsys):
+def test_e2e_torch_compile_runs_the_trainers_compiled_update(capsys, monkeypatch):
     """e2e_ppo's torch_compile case: the trainer's own setting (the update's policy forward runs
     every row's prompt), a row label of its own; --compare-torch-compile with --torch-compile is
-    refused in one line."""
+    refused in one line, before main() sets anything up (its CPU set-up picks the kernels'
+    backend in the environment)."""
     from benchmarks import e2e_ppo
+
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "auto")  # restored at the end, whatever ran
+    monkeypatch.delenv("RLHF_KERNELS_BACKEND")
 
     assert e2e_ppo.ppo_settings(e2e_ppo.E2EConfig(torch_compile=True)).torch_compile is True
     assert e2e_ppo.ppo_settings(e2e_ppo.E2EConfig()).torch_compile is False
     with pytest.raises(SystemExit):
         e2e_ppo.main(["--torch-compile", "--compare-torch-compile", "--device", "cpu"])
     assert "--compare-torch-compile runs each case without, then with" in capsys.readouterr().err
+    assert "RLHF_KERNELS_BACKEND" not in os.environ
