@@ -37,8 +37,9 @@ from torch import nn
 
 __all__ = ["CompiledLayers", "decoder_layers"]
 
-# Each compiled variant is one entry of the layer forward's cache: roles (policy, critic),
-# grad / no grad, the static shapes of the first call and the dynamic ones after a new length.
+# Each compiled variant is one entry of the layer forward's cache: roles (policy, critic,
+# reward, reference), training or scoring, the first layer of a training forward (an input that
+# needs no gradient) apart; shapes are dynamic from the first call.
 _RECOMPILE_LIMIT = 32
 DEFAULT_BACKEND = "inductor"
 # A layer called with a key/value cache (the shared-prompt forwards of a group, rlhf/models.py)
