@@ -43,6 +43,8 @@ duration of a run:
   resume, so `--resume` refuses a model retrained or replaced at that path since.
   A stage given its rows by the pipeline does not read those files: the pipeline's run.json
   alone fingerprints them (`reads_data=False`), so each is hashed once.
+  It records the kernels' backend the environment asked for (`RLHF_KERNELS_BACKEND`, "auto"
+  when unset): a resume under another one warns that its second part rounds differently.
 - a fresh run (no --resume) into a directory that holds a run's files refuses to start (it
   would mix with them) unless `overwrite=true`, which deletes exactly those files first.
 """
@@ -982,6 +984,15 @@ def _clear(directory: Path, names: Sequence[str]) -> None:
                     parent.rmdir()
 
 
+_BACKEND_ENV = "RLHF_KERNELS_BACKEND"
+
+
+def _kernels_backend() -> str:
+    """The kernels' backend the run computes with, as the environment asks for it (unset:
+    "auto"; rlhf_kernels/backend.py), kept in run.json so that a resume can tell."""
+    return os.environ.get(_BACKEND_ENV, "auto").strip().lower() or "auto"
+
+
 def _auto_device(config: Mapping[str, Any]) -> str | None:
     """What ``device: auto`` (the config's top-level device) is on this machine: "cuda" when a
     GPU is visible, else "cpu" (as stage.resolve_device resolves it); None for another device,
@@ -1123,6 +1134,19 @@ def _open_run(directory: str | Path, kind: str, config: Mapping[str, Any], *, re
                     f"bf16 autocast on a GPU with bf16=true), so its results would mix both. "
                     f"To continue it on {started_on}, {how}; or start a new run: a new "
                     f"output_dir=..., or overwrite=true to replace this run")
+            started_with, now_with = manifest.get("kernels_backend"), _kernels_backend()
+            if started_with is not None and started_with != now_with:
+                # not refused: every backend computes the same function (tested against the
+                # float64 reference), but in other roundings, so the resumed part is not the
+                # bit-for-bit continuation a resume otherwise is
+                # (one message for the pipeline and each of its stages: shown once)
+                warnings.warn(
+                    f"--resume: the run ran with {_BACKEND_ENV}={started_with} and "
+                    f"continues with {_BACKEND_ENV}={now_with}; what it computes from here "
+                    f"rounds differently from an uninterrupted run (the same function, other "
+                    f"kernels). For the bit-for-bit continuation, resume with "
+                    f"{_BACKEND_ENV}={started_with}", RuntimeWarning, stacklevel=3)
+            manifest["kernels_backend"] = now_with  # the latest part's
             manifest.setdefault("resumed", []).append(_now())
             atomic_write_text(directory / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
             run = RunDirectory(directory, kind, manifest["run_id"], resumed=True)
@@ -1148,6 +1172,7 @@ def _open_run(directory: str | Path, kind: str, config: Mapping[str, Any], *, re
                         "models": model_fingerprints(config) if reads_data else {}}
             if _auto_device(config) is not None:  # the device type device=auto ran on
                 manifest["auto_device"] = _auto_device(config)
+            manifest["kernels_backend"] = _kernels_backend()
             atomic_write_text(directory / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
             run = RunDirectory(directory, kind, manifest["run_id"], resumed=False)
         yield run

@@ -38,3 +38,30 @@ def test_a_run_json_without_the_device_resumes_as_before(tmp_path, monkeypatch):
     assert manifest.pop("auto_device") == "cuda"
     (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))  # an earlier version's
     assert _start(tmp_path, monkeypatch, gpu=False, resume=True).resumed
+
+
+def test_a_resume_with_another_kernels_backend_warns(tmp_path, monkeypatch):
+    """RLHF_KERNELS_BACKEND is kept in run.json: a resume under another backend (the same
+    function in other roundings) says that its second part is not the bit-for-bit
+    continuation, and how to get it; the same backend, or a run.json of an earlier version
+    without it, resumes without a word."""
+    import warnings
+
+    monkeypatch.delenv("RLHF_KERNELS_BACKEND", raising=False)
+    _start(tmp_path, monkeypatch, gpu=False, resume=False)
+    assert json.loads((tmp_path / MANIFEST_FILE).read_text())["kernels_backend"] == "auto"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _start(tmp_path, monkeypatch, gpu=False, resume=True)
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "Reference")
+    with pytest.warns(RuntimeWarning, match=r"ran with RLHF_KERNELS_BACKEND=auto and "
+                                            r"continues with RLHF_KERNELS_BACKEND=reference.*"
+                                            r"resume with RLHF_KERNELS_BACKEND=auto"):
+        _start(tmp_path, monkeypatch, gpu=False, resume=True)
+    manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())
+    assert manifest["kernels_backend"] == "reference"  # the backend of the latest part
+    del manifest["kernels_backend"]
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))  # an earlier version's
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _start(tmp_path, monkeypatch, gpu=False, resume=True).resumed
