@@ -414,6 +414,9 @@ def _main(argv: list[str]) -> int:
         except USER_ERRORS as error:
             return fail(error)
         print(yaml.safe_dump(shown, sort_keys=False), end="")
+        notes = getattr(module, "printed_notes", None)  # derived, shown as comments: the
+        if notes is not None:                           # output loads back as a config
+            print("".join(f"# {line}\n" for line in notes(cfg).splitlines()), end="")
         return 0
     output_dir = getattr(cfg, "output_dir", None)
     try:

@@ -133,19 +133,40 @@ def _base_config(cfg: FrontierConfig) -> pipeline.PipelineConfig:
 
 
 def printable_config(cfg: FrontierConfig) -> dict:
-    """What ``rlhf frontier --print-config`` shows: the frontier's own settings, ``base`` as
-    ``rlhf pipeline --print-config`` shows that pipeline (a setting it refuses is refused
-    here), and ``points``: the RL settings of each algorithm's points (``kl_coef`` the list of
-    strengths, one point each)."""
+    """What ``rlhf frontier --print-config`` shows, a config that loads back: the frontier's own
+    settings and ``base`` as configured (a setting ``rlhf pipeline`` refuses is refused here),
+    less the fields the frontier and the pipeline set from their own (which a config may not
+    give). ``printed_notes`` adds each algorithm's points' resolved settings, as comments."""
     from rlhf.config import config_to_dict
 
-    shown = {key: value for key, value in config_to_dict(cfg).items() if key != "base"}
-    shown["base"] = pipeline.printable_config(_base_config(cfg))
-    shown["points"] = {}
+    pipeline.printable_config(_base_config(cfg))  # its refusals
+    shown = config_to_dict(cfg)
+    # base as configured: the RL settings an algorithm's preset fills stay null, since each
+    # point resolves them for its own algorithm (the base pipeline's resolved PPO values would
+    # pin a GRPO point to them when loaded back); what the frontier and the pipeline set from
+    # their own fields is left out (a config may not give it)
+    for key in _BASE_SET_BY_FRONTIER:
+        shown["base"].pop(key, None)
+    for stage in ("sft", "reward", "ppo"):
+        for key in pipeline._SET_BY_PIPELINE:
+            shown["base"][stage].pop(key, None)
+    return shown
+
+
+def printed_notes(cfg: FrontierConfig) -> str:
+    """What ``--print-config`` adds after the config, as comments: the RL settings of each
+    algorithm's points (``kl_coef`` the list of strengths, one point each); derived from the
+    config, so not settings of their own."""
+    import yaml
+
+    from rlhf.config import config_to_dict
+
+    points = {}
     for algorithm, point in _point_configs(cfg).items():
         values = rl.used_settings(point, config_to_dict(point))
-        shown["points"][algorithm] = {**values, "kl_coef": list(cfg.kl_coefs)}
-    return shown
+        points[algorithm] = {**values, "kl_coef": list(cfg.kl_coefs)}
+    return ("the RL settings each algorithm's points run with (derived from the settings "
+            "above):\n" + yaml.safe_dump({"points": points}, sort_keys=False))
 
 
 def _point_configs(cfg: FrontierConfig) -> dict[str, rl.RLConfig]:

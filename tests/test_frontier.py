@@ -96,3 +96,16 @@ def test_frontier_cli_prints_its_config(capsys):
     assert main(["frontier", "algorithms=ppo,rloo", "kl_coefs=0.05,0.5", "--print-config"]) == 0
     shown = capsys.readouterr().out
     assert "algorithms:\n- ppo\n- rloo" in shown and "kl_coefs:\n- 0.05\n- 0.5" in shown
+    assert "# points:\n#   ppo:\n" in shown and "#     kl_coef:\n#     - 0.05\n" in shown
+
+
+def test_frontier_printed_config_loads_back(tmp_path, capsys):
+    """--print-config's output is a config: given back, it prints the same (it printed the
+    base's output_dir, seed, ..., which the frontier refuses in a config, and the points)."""
+    from rlhf.cli import main
+
+    assert main(["frontier", "algorithms=grpo", "seed=3", "--print-config"]) == 0
+    shown = capsys.readouterr().out
+    (tmp_path / "frontier.yaml").write_text(shown)
+    assert main(["frontier", str(tmp_path / "frontier.yaml"), "--print-config"]) == 0
+    assert capsys.readouterr().out == shown
