@@ -15,7 +15,8 @@ says which). Everything lands under ``cfg.output_dir`` (default ``runs/pipeline`
     metrics.jsonl         the PPO curves (a copy of ppo/metrics.jsonl)
     curves.png            proxy reward, gold reward, KL, entropy, losses per PPO iteration
     samples.md            held-out samples of the SFT model and of the PPO policy, with scores
-    summary.json          the numbers below, plus timings
+    summary.json          the numbers below, plus timings (of the invocation that wrote it;
+                          after --resume, done_before lists the stages it loaded, not ran)
 
 Preference pairs (built-in task): two responses of the SFT model to each of ``pair_prompts``
 prompts, drawn at ``pair_temperature`` with ``pair_top_k`` / ``pair_top_p`` filtering; each left
@@ -564,6 +565,9 @@ def _write_json(path: Path, payload: dict) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
 
 
+_STAGE_NAMES = {"sft": "SFT", "rm": "the reward model", "ppo": "RL"}
+
+
 def _stage_done(directory: Path, resume: bool, run_dir: RunDirectory) -> dict | None:
     """The summary of a finished stage of this run (resume only), else None."""
     summary = directory / "summary.json"
@@ -670,6 +674,11 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
     # ---- 2. SFT: a tiny Llama from scratch, or your model ----
     t0 = time.perf_counter()
     sft_summary = _stage_done(out / "sft", cfg.resume, run_dir)
+    # the stages an earlier invocation finished (resume): loaded, their timings here are that
+    done_before = [name for name, summary in (
+        ("sft", sft_summary), ("rm", _stage_done(out / "rm", cfg.resume, run_dir)),
+        ("ppo", _stage_done(out / _stage_folders(cfg)["ppo"], cfg.resume, run_dir)))
+        if summary is not None]
     if sft_summary is not None:  # this run's own files (not a path the summary names)
         model = AutoModelForCausalLM.from_pretrained(out / "sft" / "model")
     else:
@@ -802,7 +811,9 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
         },
         "ppo_last_iteration": ppo_summary.get("last_metrics", {}),
         "sft_final_loss": sft_summary.get("final_loss"),
+        # seconds of this invocation; a resume loaded the stages of done_before instead
         "timings_s": timings,
+        "done_before": done_before,
         "torch_threads": torch.get_num_threads(),
         "world_size": distributed.world_size(),  # torchrun: the number of ranks
         "cpu_allocator": stage.cpu_allocator_setting(),  # bound_cpu_allocator_slack
@@ -888,5 +899,8 @@ def _print_summary(summary: dict, out: Path) -> None:
         lines.append(f"last {label} iteration: proxy reward "
                      f"{last.get('proxy_reward', nan):+.3f}, "
                      f"KL {last.get('kl', nan):.2f} nats; samples in samples.md")
-    lines.append(f"total {summary['timings_s']['total_s']:.0f} s; outputs in {out}")
+    earlier = summary.get("done_before")
+    this = (f" in this invocation ({', '.join(_STAGE_NAMES[name] for name in earlier)} "
+            f"finished before it)" if earlier else "")
+    lines.append(f"total {summary['timings_s']['total_s']:.0f} s{this}; outputs in {out}")
     print("\n".join(lines))

@@ -43,11 +43,12 @@ def finished(tmp_path_factory):
 
 
 def _figures(summary: dict) -> dict:
-    """A summary without what legitimately differs between runs: timings, peak memory, and the
-    config's resume flags and output folders (the tests resume in a copy)."""
+    """A summary without what legitimately differs between runs: timings, the stages a resume
+    loaded, peak memory, and the config's resume flags and output folders (the tests resume in
+    a copy)."""
 
     def keep(key: str) -> bool:
-        return not (key.endswith("_s") or key in ("tokens_per_s", "pairs_per_s",
+        return not (key.endswith("_s") or key in ("tokens_per_s", "pairs_per_s", "done_before",
                                                    "peak_memory_mb", "resume", "output_dir"))
 
     def strip(value):
@@ -62,7 +63,7 @@ def _checkpoints(directory):
     return sorted((directory / "checkpoints").glob("step-*"))
 
 
-def test_pipeline_writes_everything_and_resume_skips_done_stages(finished, tmp_path):
+def test_pipeline_writes_everything_and_resume_skips_done_stages(finished, tmp_path, capsys):
     src, summary = finished
     out = tmp_path / "run"
     shutil.copytree(src, out)
@@ -99,10 +100,15 @@ def test_pipeline_writes_everything_and_resume_skips_done_stages(finished, tmp_p
     sft_metrics = (out / "sft" / "metrics.jsonl").read_text()
     cfg = micro_config(out)
     cfg.resume = True
+    capsys.readouterr()
     again = run(cfg)
+    assert ("s in this invocation (SFT, the reward model, RL finished before it); outputs in"
+            in capsys.readouterr().out)
     assert (out / "sft" / "metrics.jsonl").read_text() == sft_metrics
     assert _figures(again) == _figures(summary)
     assert again["timings_s"]["sft_s"] < summary["timings_s"]["sft_s"]
+    # the summary says which stages it loaded: their timings are not the stages' own
+    assert summary["done_before"] == [] and again["done_before"] == ["sft", "rm", "ppo"]
 
 
 def _remove(*paths) -> None:
