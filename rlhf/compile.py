@@ -1,4 +1,4 @@
-"""Regional ``torch.compile`` of the decoder layers, for the scoring and update of the RL stage.
+"""Regional ``torch.compile`` of the decoder layers, for the training steps of every stage.
 
 A PPO update step of a small model is bound by the host, not by the GPU: one step at the
 Qwen2.5-0.5B shape (policy and value losses, forward and backward, gradient checkpointing)
@@ -12,11 +12,13 @@ layer of the stack. Compile time is that of one layer per variant, whatever the 
 
 ``CompiledLayers(causal_lm)`` finds the decoder layers and compiles their forward lazily; inside
 ``with compiled.active():`` each layer's ``forward`` is the compiled one, outside it the module
-is untouched. The RL stage (``torch_compile=true``) scores and updates inside it; the rollout
-engine's decode step (a CUDA graph of its own) and saving see plain layers. Role switches of the shared backbone are guards of the graph: a layer run with the
-policy adapter and one run with the critic's are two compiled variants, each compiled on its
-first call. Gradient checkpointing works through it: the recomputation calls the compiled
-forward again.
+is untouched. ``layers_context`` gives a stage that context (or none, with the setting off): the
+RL stage (``torch_compile=true``) scores and updates inside it, SFT and the reward stage run each
+micro-batch's forward and backward (and the reward stage its evaluation) inside it; the rollout
+engine's decode step (a CUDA graph of its own) and saving see plain layers. Role switches of
+the shared backbone are guards of the graph: a layer run with the policy adapter and one run
+with the critic's are two compiled variants, each compiled on its first call. Gradient
+checkpointing works through it: the recomputation calls the compiled forward again.
 
 If compiling fails (no C++ compiler for the CPU backend, an op the compiler does not support),
 the layer call that failed runs eagerly, every later one too, and one warning says why; an
@@ -28,14 +30,16 @@ depth and adapter layout, narrow widths): see benchmarks/README.md.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-__all__ = ["CompiledLayers", "decoder_layers"]
+__all__ = ["CompiledLayers", "decoder_layers", "layers_context"]
 
 # Each compiled variant is one entry of the layer forward's cache: roles (policy, critic,
 # reward, reference), training or scoring, the first layer of a training forward (an input that
@@ -120,3 +124,21 @@ class CompiledLayers:
         finally:
             for layer in layers:
                 layer.__dict__.pop("forward", None)
+
+
+def layers_context(causal_lm: nn.Module, enabled: bool,
+                   backend: str | None = None) -> Callable[[], contextlib.AbstractContextManager]:
+    """What a stage runs its forwards and backwards in: ``CompiledLayers(causal_lm).active`` when
+    ``enabled`` (the stage's ``torch_compile`` setting), else a context that does nothing. One
+    ``CompiledLayers`` per stage run, so its compiled variants serve every step. A ValueError
+    under ``strategy=fsdp2``: its sharded layers gather their weights in hooks around each layer,
+    which the compiled forward would bypass."""
+    if not enabled:
+        return contextlib.nullcontext
+    from rlhf import distributed
+
+    if distributed.strategy() == "fsdp2":
+        raise ValueError("torch_compile=true is not supported with strategy=fsdp2 (its sharded "
+                         "layers gather their weights in hooks around each layer); use "
+                         "strategy=ddp, or torch_compile=false")
+    return CompiledLayers(causal_lm, backend).active

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 import rlhf_kernels
+from rlhf.compile import layers_context
 from rlhf.seeding import derived_seed
 from rlhf.stage import (
     autocast_dtype_for,
@@ -83,6 +84,7 @@ class RewardConfig:
     optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw | paged_adamw8bit
     gradient_checkpointing: bool = False  # recompute layer activations in the backward
     packing: str = "auto"  # packed sequences: auto | on | off (rlhf/packing.py)
+    torch_compile: bool = False  # the decoder layers compiled (rlhf/compile.py)
 
     def __post_init__(self) -> None:
         from rlhf.packing import check_packing
@@ -348,6 +350,7 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
     max_steps = max(1, int(round(cfg.epochs * steps_per_epoch)))
     scheduler = warmup_cosine_schedule(optimizer, cfg.warmup_steps, max_steps, cfg.min_lr_ratio)
     autocast_dtype = autocast_dtype_for(device, cfg.bf16)
+    compiled_layers = layers_context(backbone.causal_lm, cfg.torch_compile)
     out_dir = Path(cfg.output_dir)
     ckpt_root = out_dir / "checkpoints"
     step = 0
@@ -380,7 +383,9 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
         """The done step's evaluation (when due) and its metrics record; a Ctrl-C in it leaves
         the step's record unwritten, and the checkpoint says so (``unlogged``)."""
         if cfg.eval_every and step % cfg.eval_every == 0 and len(eval_set):
-            metrics.update(evaluate(backbone, eval_set, pad_id, autocast_dtype=autocast_dtype))
+            with compiled_layers():
+                metrics.update(evaluate(backbone, eval_set, pad_id,
+                                        autocast_dtype=autocast_dtype))
         if step % cfg.log_every == 0 or step == max_steps or "eval_accuracy" in metrics:
             logger.log(metrics, step=step)
             progress.set_postfix(loss=f"{metrics['loss']:.3f}",
@@ -410,12 +415,13 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
                 n_pairs += len(rows)
                 local_rows = distributed.shard(rows, what="micro-batch of pairs")  # torchrun
                 batch = train_set.select(local_rows, device)
-                with torch.autocast(device.type, dtype=autocast_dtype,
-                                    enabled=autocast_dtype is not None):
-                    loss, stats = pair_loss(backbone, batch, pad_id, cfg.center_coef)
-                # torchrun: this rank's part of the mean over the micro-batch's pairs
-                loss, stats = distributed.weighted(loss, stats, len(local_rows), len(rows))
-                (loss / cfg.grad_accum_steps).backward()
+                with compiled_layers():  # the backward too: its recomputation runs the layers
+                    with torch.autocast(device.type, dtype=autocast_dtype,
+                                        enabled=autocast_dtype is not None):
+                        loss, stats = pair_loss(backbone, batch, pad_id, cfg.center_coef)
+                    # torchrun: this rank's part of the mean over the micro-batch's pairs
+                    loss, stats = distributed.weighted(loss, stats, len(local_rows), len(rows))
+                    (loss / cfg.grad_accum_steps).backward()
                 total_loss += float(loss.detach()) / cfg.grad_accum_steps
                 for key, value in stats.items():
                     stats_sum[key] = stats_sum.get(key, 0.0) + value / cfg.grad_accum_steps
@@ -457,8 +463,9 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
         final = dict(resumed["final_eval"])
     else:
         try:
-            final = (evaluate(backbone, eval_set, pad_id, autocast_dtype=autocast_dtype)
-                     if len(eval_set) else {})
+            with compiled_layers():
+                final = (evaluate(backbone, eval_set, pad_id, autocast_dtype=autocast_dtype)
+                         if len(eval_set) else {})
         except KeyboardInterrupt:  # the steps are done: keep them (resume evaluates again)
             save(step)
             print(f"\n[rm] interrupted in the final evaluation at step {step}; checkpoint "

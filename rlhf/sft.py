@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 import rlhf_kernels
+from rlhf.compile import layers_context
 from rlhf.seeding import derived_seed
 from rlhf.stage import (
     autocast_dtype_for,
@@ -114,6 +115,9 @@ class SFTConfig:
     # instead of every layer's working set (rlhf plan counts both)
     gradient_checkpointing: bool = False
     packing: str = "auto"  # packed sequences: auto | on | off (rlhf/packing.py)
+    # the decoder layers compiled (regional torch.compile, rlhf/compile.py): less host time per
+    # step for small models, a compile on the first steps
+    torch_compile: bool = False
 
     def __post_init__(self) -> None:
         from rlhf.packing import check_packing
@@ -466,6 +470,7 @@ def _train(cfg: SFTConfig, run, *, model, tokenizer, examples, on_step) -> dict:
     scheduler = warmup_cosine_schedule(optimizer, cfg.warmup_steps, cfg.max_steps,
                                        cfg.min_lr_ratio)
     autocast_dtype = autocast_dtype_for(device, cfg.bf16)
+    compiled_layers = layers_context(model, cfg.torch_compile)
     step = 0
     ckpt_root = out_dir / "checkpoints"
     resumed: dict = {}
@@ -519,11 +524,12 @@ def _train(cfg: SFTConfig, run, *, model, tokenizer, examples, on_step) -> dict:
                 ids = input_ids[idx].to(device)
                 mask = attention_mask[idx].to(device)
                 lab = labels[idx].to(device)
-                with torch.autocast(device.type, dtype=autocast_dtype,
-                                    enabled=autocast_dtype is not None):
-                    logp = token_logprobs_of(model, ids, mask, lab, packing)
-                loss = lm_loss(logp, lab, n_tokens)
-                loss.backward()
+                with compiled_layers():  # the backward too: its recomputation runs the layers
+                    with torch.autocast(device.type, dtype=autocast_dtype,
+                                        enabled=autocast_dtype is not None):
+                        logp = token_logprobs_of(model, ids, mask, lab, packing)
+                    loss = lm_loss(logp, lab, n_tokens)
+                    loss.backward()
                 total_loss += float(loss.detach())
             # torchrun: the gradients (and the loss) summed over ranks, one all-reduce
             total_loss, = distributed.sum_gradients(

@@ -224,6 +224,66 @@ def test_the_rl_stage_with_torch_compile_trains_as_eager(tmp_path, monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_sft_and_reward_stages_run_every_layer_call_compiled(tmp_path, monkeypatch):
+    """SFT (with gradient checkpointing) and the reward stage (its training steps and its
+    evaluation) with ``torch_compile=true``: every decoder-layer call
+    goes through the compiled forward, and the layers are plain again after the run. (What the
+    compiled forward computes is the role tests' subject above; compiling is replaced here by a
+    recorder of the calls, so that the test takes a second, not the minute of each stage's
+    variants.)"""
+    from rlhf import reward, sft
+    from tests.test_stages import (corpus, sentiment_pairs, sft_config, tiny_backbone,
+                                   tiny_model, tokenizer)
+
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
+    compiled_calls = []
+
+    def recorder(self, cls):
+        def forward(layer, *args, **kwargs):
+            compiled_calls.append(torch.is_grad_enabled())
+            return cls.forward(layer, *args, **kwargs)
+        return forward
+
+    monkeypatch.setattr(CompiledLayers, "_compiled_forward", recorder)
+    examples = corpus.__wrapped__()[:16]
+    tok = tokenizer.__wrapped__(examples)
+
+    def layer_calls(model):
+        calls = []
+        for layer in decoder_layers(model):
+            layer.register_forward_pre_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+        return calls
+
+    for flag in (False, True):
+        compiled_calls.clear()
+        model = tiny_model(tok)
+        calls = layer_calls(model)
+        cfg = sft_config(tmp_path / f"sft{flag}", max_steps=1, grad_accum_steps=1,
+                         gradient_checkpointing=True, torch_compile=flag)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            sft.train(cfg, model=model, tokenizer=tok, examples=examples)
+        # each layer's forward (with transformers 4's checkpointing also its recomputation in
+        # the backward; transformers 5 checkpoints inside the layer's forward, so inside the
+        # compiled graph)
+        assert len(calls) >= len(decoder_layers(model))
+        assert compiled_calls == (calls if flag else [])
+        assert all("forward" not in vars(layer) for layer in decoder_layers(model))
+
+    compiled_calls.clear()
+    model = tiny_backbone(tok)
+    calls = layer_calls(model.causal_lm)
+    cfg = reward.RewardConfig(output_dir=str(tmp_path / "rm"), batch_size=8, epochs=1.0,
+                              grad_accum_steps=1, lr=2e-2, warmup_steps=1, log_every=1,
+                              eval_every=1, device="cpu", max_length=48, torch_compile=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        reward.train(cfg, backbone=model, tokenizer=tok, train_pairs=sentiment_pairs(8, 0),
+                     eval_pairs=sentiment_pairs(4, 7))
+    assert compiled_calls == calls and True in calls and False in calls  # training, evaluation
+    assert all("forward" not in vars(layer) for layer in decoder_layers(model.causal_lm))
+
+
 def test_torch_compile_is_refused_with_fsdp2(monkeypatch):
     monkeypatch.setattr(distributed, "strategy", lambda: "fsdp2")
     cfg = rl.RLConfig(torch_compile=True)
@@ -231,6 +291,9 @@ def test_torch_compile_is_refused_with_fsdp2(monkeypatch):
                                          "strategy=fsdp2"):
         rl._compiled_layers(backbone(), cfg)
     assert rl._compiled_layers(backbone(), rl.RLConfig()) is contextlib.nullcontext
+    with pytest.raises(ValueError, match="not supported with strategy=fsdp2"):
+        compile_module.layers_context(backbone().causal_lm, True)  # SFT, the reward stage
+    assert compile_module.layers_context(backbone().causal_lm, False) is contextlib.nullcontext
 
 
 def test_host_floats_reads_every_value_as_float_does():
