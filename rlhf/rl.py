@@ -1291,6 +1291,10 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
                     for p_loss, p_stats, v_loss, v_stats in host_floats(on_device):
                         p_losses.append(p_loss * logged_scale)
                         for key, value in p_stats.items():
+                            # the loss's parts (pg_loss, kl) are reduced as the loss is: under
+                            # a step normaliser, parts of the step's value as well
+                            if key in distributed._LOSS_PARTS:
+                                value *= logged_scale
                             sums[f"policy/{key}"] = sums.get(f"policy/{key}", 0.0) + value
                         sums["policy/loss"] = sums.get("policy/loss", 0.0) + p_losses[-1]
                         if v_loss is not None:
