@@ -354,15 +354,9 @@ def _main(argv: list[str]) -> int:
         return EXIT_USAGE
     config_class = getattr(module, stage.config_class)
     entry_point = getattr(module, stage.entry_point)
-    if ns.nproc is not None and not ns.print_config:  # printing the config launches nothing
-        try:
-            code = _launch_torchrun(ns.nproc, argv)
-        except SystemExit as refused:  # bad input: the command's own error line, exit status 2
-            reason = str(refused.code).removeprefix("rlhf: error: ")
-            print(f"rlhf {ns.command}: error: {reason}", file=sys.stderr)
-            return EXIT_USAGE
-        if code is not None:
-            return code
+    # --nproc N: this process checks the settings, then becomes torchrun, whose processes read
+    # them again and print their own warnings (here they would be said once more)
+    launching = ns.nproc is not None and not ns.print_config
 
     def fail(error: BaseException, where: str | None = None) -> int:
         if os.environ.get("RLHF_TRACEBACK") == "1":
@@ -384,7 +378,10 @@ def _main(argv: list[str]) -> int:
                                  f"apply to `rlhf {ns.command}`")
             overrides.append("resume=true")
         try:
-            cfg = load_config(config_class, config_path, overrides)
+            with warnings.catch_warnings() if launching else contextlib.nullcontext():
+                if launching:
+                    warnings.simplefilter("ignore")
+                cfg = load_config(config_class, config_path, overrides)
         except ValueError as error:
             if (config_path is None or any(arg.startswith("strategy.") for arg in overrides)
                     or not str(error).startswith("unknown config key 'strategy'")):
@@ -402,13 +399,31 @@ def _main(argv: list[str]) -> int:
             cfg.output_dir = os.path.expanduser(cfg.output_dir)
     except USER_ERRORS as error:
         return fail(error)
+    printable = getattr(module, "printable_config", config_to_dict)
+    if launching:  # (printing the config launches nothing)
+        # the settings were read above and are resolved here as --print-config resolves them
+        # (the pipeline's checks of its stages), so that a wrong one is said once, not once by
+        # each process torchrun starts
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                printable(cfg)
+        except USER_ERRORS as error:
+            return fail(error)
+        try:
+            code = _launch_torchrun(ns.nproc, argv)
+        except SystemExit as refused:  # bad input: the command's own error line, exit status 2
+            reason = str(refused.code).removeprefix("rlhf: error: ")
+            print(f"rlhf {ns.command}: error: {reason}", file=sys.stderr)
+            return EXIT_USAGE
+        if code is not None:
+            return code
 
     if ns.print_config:
         import yaml
 
         # What the run would really use: a module may resolve settings its config only holds
         # (the pipeline sets each stage's output_dir, seed, device, ... from its own fields).
-        printable = getattr(module, "printable_config", config_to_dict)
         try:
             shown = printable(cfg)
         except USER_ERRORS as error:

@@ -222,6 +222,20 @@ def test_nproc_zero_is_the_commands_error_with_status_2(capsys):
     assert line == "rlhf sft: error: --nproc must be >= 1 (processes on this machine), got 0"
 
 
+def test_nproc_refuses_a_bad_setting_before_starting_torchrun(capsys, monkeypatch):
+    """`rlhf sft --nproc 2 lr=-1` started torchrun, whose every rank then printed the same
+    error; the launching process now reads and resolves the settings first (the pipeline's
+    checks of its stages too), and starts no process for a run that cannot start."""
+    launched = []
+    monkeypatch.setattr(cli, "_launch_torchrun", lambda *args: launched.append(args) or 0)
+    line = _error_line(capsys, ["sft", "--nproc", "2", "batch_size=0"])
+    assert line.startswith("rlhf sft: error: ") and "batch_size" in line
+    line = _error_line(capsys, ["pipeline", "--nproc", "2", "ppo.minibatch_size=0"])
+    assert line.startswith("rlhf pipeline: error: ") and "minibatch_size" in line
+    assert launched == []
+    assert cli.main(["sft", "--nproc", "2", "max_steps=3"]) == 0 and len(launched) == 1
+
+
 # ---- a stage setting given at the pipeline's top level ---------------------------------------
 @pytest.mark.parametrize("override, hint", [
     ("kl_coef=0.05", "Did you mean 'ppo.kl_coef'?"),
