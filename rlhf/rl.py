@@ -439,6 +439,26 @@ class RLConfig:
             warnings.warn(f"{shown} has no effect with kl_coef=0 (no KL term: kl_coef weighs it "
                           f"in the reward or in the loss); give kl_coef > 0, or remove it",
                           stacklevel=2)
+        if s.loss_normalizer != "batch":
+            # the normaliser divides the step's summed token losses: every reduction that sums
+            # tokens gives the same loss, and a per-row mean is no sum of tokens
+            count = ("every valid token of the optimizer step" if s.loss_normalizer ==
+                     "step_tokens" else "the step's rows x max_new_tokens")
+            preset = PRESETS[self.algorithm]
+            if (self.loss_reduction is not None and self.loss_normalizer is None
+                    and self.loss_reduction != preset["loss_reduction"]):
+                raise ValueError(
+                    f"loss_reduction={self.loss_reduction!r} has no effect with algorithm="
+                    f"{self.algorithm!r}: its loss_normalizer={s.loss_normalizer!r} divides the "
+                    f"step's summed token losses by {count}, whatever the reduction; add "
+                    f"loss_normalizer=batch for the reduction's own denominator")
+            if s.loss_reduction == "seq-mean-token-mean":
+                raise ValueError(
+                    f"loss_reduction='seq-mean-token-mean' with loss_normalizer="
+                    f"{s.loss_normalizer!r} would divide a sum of per-row means by {count}, "
+                    f"neither a token nor a row mean; use loss_reduction=token-mean (the "
+                    f"step's token losses over that count) or loss_normalizer=batch (the mean "
+                    f"of the rows)")
         if s.loss_type != "sapo":
             refuse_changed(SAPO_SETTINGS, f"loss_type={s.loss_type!r}: the temperatures are "
                                           f"SAPO's gate's")
@@ -755,12 +775,18 @@ def step_normalizer(cfg: RLConfig, batches: Sequence[Rollout]) -> float | torch.
     """The loss's outer denominator for one optimizer step made of ``batches`` (its
     gradient-accumulation micro-batches), or None for the reduction's own per micro-batch:
     step_tokens -> every valid token of the step (a 0-d tensor, no host sync); max_length ->
-    the step's rows x max_new_tokens."""
+    the step's rows x max_new_tokens; with the batch normaliser, seq-mean-token-sum-norm's T
+    as max_new_tokens (micro-batches x max_new_tokens for the step)."""
     mode = cfg.settings.loss_normalizer
     if mode == "step_tokens":
         return sum(b.action_mask.sum() for b in batches).clamp_min(1.0)
     if mode == "max_length":
         return float(sum(b.sequences.shape[0] for b in batches) * cfg.max_new_tokens)
+    if cfg.settings.loss_reduction == "seq-mean-token-sum-norm":
+        # the reduction's own T is the rollout's response columns, trimmed to its longest
+        # response: a constant divisor (Dr. GRPO's point; veRL's T, responses padded to the
+        # maximum) is max_new_tokens, per micro-batch as the reduction's own
+        return float(len(batches) * cfg.max_new_tokens)
     return None
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import rlhf_kernels
 from rlhf import rl
 from tests._tiny_models import rl_tokenizer
 from tests.test_grpo import PROMPTS, randomised_policy, rl_config
@@ -67,3 +68,51 @@ def test_loss_parts_under_a_step_normaliser_do_not_depend_on_accumulation(tmp_pa
     assert record["policy/pg_loss"] == pytest.approx(pg_loss, rel=1e-3, abs=1e-6)
     assert record["policy/loss"] == pytest.approx(
         record["policy/pg_loss"] + record["kl_coef"] * record["policy/kl"], rel=1e-5, abs=1e-7)
+
+
+def test_a_reduction_the_step_normaliser_overrides_is_refused():
+    """Under a step normaliser the loss is the step's summed token losses over it, whatever
+    the reduction (the four that sum tokens give one loss; seq-mean-token-mean divides a sum
+    of row means by a token count). `algorithm=dr_grpo loss_reduction=token-mean` trained
+    Dr. GRPO's loss without a word."""
+    x, m = torch.randn(3, 5, dtype=torch.float64), (torch.rand(3, 5) > 0.3).double()
+    same = {r: float(rlhf_kernels.reference.reduce_loss(x, m, r, normalizer=7.0))
+            for r in ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm")}
+    assert all(v == pytest.approx(float((x * m).sum()) / 7.0) for v in same.values()), same
+    with pytest.raises(ValueError, match=r"loss_reduction='token-mean' has no effect with "
+                                         r"algorithm='dr_grpo': its loss_normalizer='max_length'"
+                                         r".*add loss_normalizer=batch"):
+        rl.RLConfig(algorithm="dr_grpo", loss_reduction="token-mean").check_critic_settings()
+    with pytest.raises(ValueError, match=r"loss_reduction='token-sum' has no effect with "
+                                         r"algorithm='cispo'"):
+        rl.RLConfig(algorithm="cispo", loss_reduction="token-sum").check_critic_settings()
+    with pytest.raises(ValueError, match=r"loss_reduction='seq-mean-token-mean' with "
+                                         r"loss_normalizer='step_tokens' would divide a sum of "
+                                         r"per-row means"):
+        rl.RLConfig(algorithm="grpo", loss_normalizer="step_tokens").check_critic_settings()
+    for fine in (dict(algorithm="dapo", loss_reduction="token-mean"),  # the preset's own
+                 dict(algorithm="dr_grpo", loss_reduction="token-mean", loss_normalizer="batch"),
+                 dict(algorithm="grpo", loss_reduction="token-mean",
+                      loss_normalizer="step_tokens")):
+        rl.RLConfig(**fine).check_critic_settings()
+
+
+def test_seq_mean_token_sum_norm_divides_by_max_new_tokens(tokenizer):
+    """seq-mean-token-sum-norm (veRL's Dr. GRPO reduction) divides each row's token sum by a
+    constant T; the rollout's response columns are trimmed to its longest response, so T was
+    the longest response of each rollout. It is max_new_tokens, as veRL's padded responses."""
+    from tests.test_grpo import _float64_loss, group_generation
+
+    backbone = randomised_policy(tokenizer, seed=3)
+    cfg = rl_config(None, "grpo", loss_reduction="seq-mean-token-sum-norm", max_new_tokens=20)
+    generation = group_generation(backbone, tokenizer, rl_config(None, "grpo", max_new_tokens=6),
+                                  2, seed=1)
+    rollout = rl.make_rollout(backbone, generation, kl_coef=0.3, cfg=cfg,
+                              use_recorded_logprobs=True)
+    assert rollout.action_mask.shape[1] < cfg.max_new_tokens
+    batches = [rollout.rows(torch.tensor([0, 5, 2, 7])), rollout.rows(torch.tensor([1, 3]))]
+    normalizer = rl.step_normalizer(cfg, batches)
+    assert normalizer == 2 * cfg.max_new_tokens  # two micro-batches, each over T
+    loss, _ = rl.policy_loss(backbone, batches[0], cfg, kl_coef=0.3, normalizer=normalizer)
+    expected = _float64_loss(backbone, batches[0], cfg, 0.3, float(cfg.max_new_tokens))
+    torch.testing.assert_close(2 * loss.double(), expected, rtol=1e-4, atol=1e-6)
