@@ -359,6 +359,14 @@ class RLConfig:
             raise ValueError(f"group_size=1 with the {s.advantage_estimator} advantage estimator "
                              f"gives every sample an advantage of 0 (its group has no other "
                              f"member to compare with); set group_size >= 2")
+        if s.group_size == 1 and s.advantage_estimator == "grpo":
+            # group_advantages takes a lone score's mean as 0 and its std as 1 (veRL's): the
+            # advantage would be the raw score, with no baseline, under a group algorithm's name
+            raise ValueError(f"group_size=1 with the grpo advantage estimator (algorithm="
+                             f"{self.algorithm!r}) gives every sample its own score as its "
+                             f"advantage, with no baseline (its group has no other member to "
+                             f"compare with); set group_size >= 2, or algorithm=ppo for a "
+                             f"critic's baseline")
         if self.kl_target is not None and not self.kl_target > 0:
             raise ValueError(f"kl_target must be > 0 nats or None (fixed kl_coef), got "
                              f"{self.kl_target}")

@@ -106,6 +106,10 @@ def test_presets_resolve_and_explicit_settings_win():
     (dict(algorithm="grpo", group_size=3), r"rollout_batch_size \(64\) must be a multiple of "
                                            r"group_size \(3\)"),
     (dict(algorithm="rloo", group_size=1), r"group_size=1 with the rloo advantage estimator"),
+    # a group of one: its score as its advantage, no baseline (veRL's lone-group rule)
+    (dict(algorithm="gspo", group_size=1), r"group_size=1 with the grpo advantage estimator "
+                                           r"\(algorithm='gspo'\) gives every sample its own "
+                                           r"score as its advantage, with no baseline"),
     (dict(algorithm="grpo", group_size=0), r"group_size=0 is out of range"),
     (dict(advantage_estimator="vtrace"), r"advantage_estimator='vtrace' is not an advantage"),
     (dict(ratio_level="seq"), r"ratio_level='seq' is not a ratio level"),
