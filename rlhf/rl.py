@@ -1390,8 +1390,11 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
                 "kl": mean_kl,
                 "kl_coef": kl_controller.value,
             }
-            if not s.kl_in_loss:  # the KL penalty's part of the reward
-                metrics["non_score_reward"] = float((-kl_controller.value * kl_per_seq).mean())
+            if not s.kl_in_loss:  # the KL penalty's part of the reward, its own estimator's
+                penalty = rlhf_kernels.kl_penalty(rollout.old_logprobs, rollout.ref_logprobs,
+                                                  s.kl_estimator) * am
+                metrics["non_score_reward"] = float(
+                    (-kl_controller.value * penalty.sum(-1)).mean())
             metrics.update({
                 "response_length": float(am.sum(-1).mean()),
                 # cut at max_new_tokens before an EOS (mask_truncated: not trained on)

@@ -116,3 +116,20 @@ def test_seq_mean_token_sum_norm_divides_by_max_new_tokens(tokenizer):
     loss, _ = rl.policy_loss(backbone, batches[0], cfg, kl_coef=0.3, normalizer=normalizer)
     expected = _float64_loss(backbone, batches[0], cfg, 0.3, float(cfg.max_new_tokens))
     torch.testing.assert_close(2 * loss.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_non_score_reward_is_the_penalty_the_rewards_hold(tmp_path, tokenizer, monkeypatch):
+    """non_score_reward (the KL penalty's part of the reward, kl_in_loss=false) was -kl_coef x
+    the summed k1 estimate whatever kl_estimator put into the rewards: the critic-free presets'
+    k3 (`rlhf ppo algorithm=rloo kl_in_loss=false`, the README's example) logged another
+    penalty than the one trained on. It is each row's reward minus its clipped score."""
+    record, rollout = _one_iteration(tmp_path, tokenizer, monkeypatch, "rloo", kl_in_loss=False)
+    m = rollout.action_mask.double()
+    d = (rollout.ref_logprobs.double() - rollout.old_logprobs.double()) * m
+    k3 = ((d.exp() - d - 1) * m).sum(-1)
+    expected = float((-record["kl_coef"] * k3).mean())
+    assert abs(expected - float((-record["kl_coef"] * -d.sum(-1)).mean())) > 1e-4  # not k1's
+    assert record["non_score_reward"] == pytest.approx(expected, rel=1e-5)
+    clipped = rollout.scores.double().clamp(-5.0, 5.0)  # score_clip
+    assert record["non_score_reward"] == pytest.approx(
+        float((rollout.rewards.double() - clipped).mean()), rel=1e-4)
