@@ -52,7 +52,7 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
-B, T, H, V, RANK, CHUNK = 4, 64, 16, 500, 4, 16
+B, T, H, V, RANK, CHUNK = 2, 32, 4, 500, 2, 4
 BOUND = CHUNK * V  # elements
 BOUND_BYTES = BOUND * 4  # fp32
 
