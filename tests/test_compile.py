@@ -197,15 +197,33 @@ def test_inductor_compiles_the_layers():
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def _record_compiled_calls(monkeypatch) -> list[bool]:
+    """Compiling replaced by a recorder of the calls (whether each ran with gradients): the
+    stages' wiring in a second, not the minute of each stage's compiled variants (what the
+    compiled forward computes is the role tests' subject above)."""
+    calls: list[bool] = []
+
+    def recorder(self, cls):
+        def forward(layer, *args, **kwargs):
+            calls.append(torch.is_grad_enabled())
+            return cls.forward(layer, *args, **kwargs)
+        return forward
+
+    monkeypatch.setattr(CompiledLayers, "_compiled_forward", recorder)
+    return calls
+
+
 def test_the_rl_stage_with_torch_compile_trains_as_eager(tmp_path, monkeypatch):
     """``torch_compile=true`` (GRPO: groups of one prompt, which the compiled update runs row by
-    row instead of once per group): the adapters eager training gives, to rounding, and the
-    layers' forward is the class's again after the run."""
+    row instead of once per group): the scoring (no gradient) and the update (gradients) run
+    the layers through the compiled forward, the adapters are those eager training gives, to
+    rounding, and the layers' forward is the class's again after the run."""
     from tests._tiny_models import rl_tokenizer
     from tests.test_grpo import PROMPTS, rl_config
     from tests.test_stages import tiny_backbone
 
     monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
+    compiled_calls = _record_compiled_calls(monkeypatch)
     tokenizer = rl_tokenizer()
     trained = {}
     for flag in (False, True):
@@ -216,6 +234,7 @@ def test_the_rl_stage_with_torch_compile_trains_as_eager(tmp_path, monkeypatch):
             rl.train(cfg, backbone=model, tokenizer=tokenizer, prompts=PROMPTS)
         trained[flag] = [p.detach().clone() for p in model.trainable_parameters("policy")]
         assert all("forward" not in vars(layer) for layer in decoder_layers(model.causal_lm))
+        assert (True in compiled_calls and False in compiled_calls) is flag
     moved = max((p - q).abs().max() for p, q in zip(trained[False],
                                                     [p.detach() for p in tiny_backbone(
                                                         tokenizer).trainable_parameters("policy")]))
@@ -227,24 +246,13 @@ def test_the_rl_stage_with_torch_compile_trains_as_eager(tmp_path, monkeypatch):
 def test_sft_and_reward_stages_run_every_layer_call_compiled(tmp_path, monkeypatch):
     """SFT (with gradient checkpointing) and the reward stage (its training steps and its
     evaluation) with ``torch_compile=true``: every decoder-layer call
-    goes through the compiled forward, and the layers are plain again after the run. (What the
-    compiled forward computes is the role tests' subject above; compiling is replaced here by a
-    recorder of the calls, so that the test takes a second, not the minute of each stage's
-    variants.)"""
+    goes through the compiled forward, and the layers are plain again after the run."""
     from rlhf import reward, sft
     from tests.test_stages import (corpus, sentiment_pairs, sft_config, tiny_backbone,
                                    tiny_model, tokenizer)
 
     monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
-    compiled_calls = []
-
-    def recorder(self, cls):
-        def forward(layer, *args, **kwargs):
-            compiled_calls.append(torch.is_grad_enabled())
-            return cls.forward(layer, *args, **kwargs)
-        return forward
-
-    monkeypatch.setattr(CompiledLayers, "_compiled_forward", recorder)
+    compiled_calls = _record_compiled_calls(monkeypatch)
     examples = corpus.__wrapped__()[:16]
     tok = tokenizer.__wrapped__(examples)
 
