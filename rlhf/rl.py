@@ -193,6 +193,19 @@ SAPO_SETTINGS = ("sapo_tau_pos", "sapo_tau_neg")
 KL_TERM_SETTINGS = ("kl_in_loss", "kl_estimator", "kl_target", "kl_horizon")
 
 
+# TRL's GRPOConfig.loss_type values that are no loss type here (where loss_type is the per-token
+# objective): what gives the same loss, for the error that refuses them
+_TRL_LOSS_TYPES = {
+    "grpo": "; TRL's loss_type='grpo' is algorithm=grpo here",
+    "dr_grpo": "; TRL's loss_type='dr_grpo' is algorithm=dr_grpo here",
+    "dapo": "; TRL's loss_type='dapo' (the step's token mean) is loss_reduction=token-mean "
+            "loss_normalizer=step_tokens here (algorithm=dapo adds its clip and dynamic "
+            "sampling)",
+    "bnpo": "; TRL's loss_type='bnpo' (each micro-batch's token mean) is "
+            "loss_reduction=token-mean loss_normalizer=batch here",
+}
+
+
 @dataclass(frozen=True)
 class AlgorithmSettings:
     """The resolved settings of a run's algorithm (presets filled in); ``RLConfig.settings``."""
@@ -343,7 +356,8 @@ class RLConfig:
             if value is not None and value not in allowed:
                 raise ValueError(f"{name}={value!r} is not {what}; expected one of {allowed}"
                                  + ("" if name == "advantage_norm" else
-                                    " (or null: the algorithm's preset)"))
+                                    " (or null: the algorithm's preset)")
+                                 + _TRL_LOSS_TYPES.get(value, "") * (name == "loss_type"))
         s = self.settings
         if self.rollout_batch_size % (self.minibatch_size * self.grad_accum_steps):
             raise ValueError(

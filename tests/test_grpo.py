@@ -114,6 +114,11 @@ def test_presets_resolve_and_explicit_settings_win():
     (dict(advantage_estimator="vtrace"), r"advantage_estimator='vtrace' is not an advantage"),
     (dict(ratio_level="seq"), r"ratio_level='seq' is not a ratio level"),
     (dict(loss_type="vespo"), r"loss_type='vespo' is not a loss type"),
+    # TRL's loss types that are algorithms or reductions here: the error says which
+    (dict(loss_type="dr_grpo"), r"is not a loss type.*TRL's loss_type='dr_grpo' is "
+                                r"algorithm=dr_grpo here$"),
+    (dict(loss_type="bnpo"), r"TRL's loss_type='bnpo' .* is loss_reduction=token-mean "
+                             r"loss_normalizer=batch here$"),
     (dict(algorithm="sapo", sapo_tau_neg=0.0), r"sapo_tau_neg=0.0 is out of range"),
     (dict(loss_normalizer="global"), r"loss_normalizer='global' is not a loss normalizer"),
     (dict(advantage_norm="std"), r"advantage_norm='std' is not an advantage norm"),
