@@ -139,7 +139,8 @@ def printable_config(cfg: FrontierConfig) -> dict:
     give). ``printed_notes`` adds each algorithm's points' resolved settings, as comments."""
     from rlhf.config import config_to_dict
 
-    pipeline.printable_config(_base_config(cfg))  # its refusals
+    pipeline.printable_config(_base_config(cfg))  # their refusals, before anything is shown
+    _point_configs(cfg)
     shown = config_to_dict(cfg)
     # base as configured: the RL settings an algorithm's preset fills stay null, since each
     # point resolves them for its own algorithm (the base pipeline's resolved PPO values would
@@ -154,9 +155,10 @@ def printable_config(cfg: FrontierConfig) -> dict:
 
 
 def printed_notes(cfg: FrontierConfig) -> str:
-    """What ``--print-config`` adds after the config, as comments: the RL settings of each
-    algorithm's points (``kl_coef`` the list of strengths, one point each); derived from the
-    config, so not settings of their own."""
+    """What ``--print-config`` adds after the config, as comments: what runs, resolved (the
+    base pipeline as ``rlhf pipeline --print-config`` shows it, with its stages' folders and
+    its RL preset filled in; each algorithm's point settings, ``kl_coef`` the list of
+    strengths, one point each). Derived from the config, so not settings of their own."""
     import yaml
 
     from rlhf.config import config_to_dict
@@ -165,8 +167,11 @@ def printed_notes(cfg: FrontierConfig) -> str:
     for algorithm, point in _point_configs(cfg).items():
         values = rl.used_settings(point, config_to_dict(point))
         points[algorithm] = {**values, "kl_coef": list(cfg.kl_coefs)}
-    return ("the RL settings each algorithm's points run with (derived from the settings "
-            "above):\n" + yaml.safe_dump({"points": points}, sort_keys=False))
+    runs = {"base": pipeline.printable_config(_base_config(cfg)), "points": points}
+    return (NOTES_HEADER + "\n" + yaml.safe_dump(runs, sort_keys=False))
+
+
+NOTES_HEADER = "what runs, resolved from the settings above (not settings of their own):"
 
 
 def _point_configs(cfg: FrontierConfig) -> dict[str, rl.RLConfig]:

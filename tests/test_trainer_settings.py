@@ -221,8 +221,17 @@ def test_frontier_print_config_shows_what_runs(capsys):
     (base.ppo.critic_lr with a critic-free base) without a word, and nothing of the points'
     RL settings. It now shows the base as `rlhf pipeline --print-config` does, each
     algorithm's point settings, and refuses what the run refuses."""
-    printed = _printed(capsys, ["frontier", "base.algorithm=grpo", "algorithms=ppo,rloo",
-                                "kl_coefs=0.05,0.5", "--print-config"])
+    import yaml
+
+    from rlhf.frontier import NOTES_HEADER
+
+    assert cli.main(["frontier", "base.algorithm=grpo", "algorithms=ppo,rloo",
+                     "kl_coefs=0.05,0.5", "--print-config"]) == 0
+    # the config (it loads back: tests/test_frontier.py), then what runs, as comments
+    config_text, notes = capsys.readouterr().out.split(f"# {NOTES_HEADER}\n")
+    assert yaml.safe_load(config_text)["base"]["ppo"]["advantage_norm"] == "auto"  # as given
+    printed = yaml.safe_load("".join(line.removeprefix("# ") + "\n"
+                                     for line in notes.splitlines()))
     assert printed["base"]["ppo"]["output_dir"] == "runs/frontier/base/grpo"
     assert printed["base"]["ppo"]["advantage_norm"] == "group"
     assert "critic_lr" not in printed["base"]["ppo"]
