@@ -15,6 +15,16 @@ if not torch.cuda.is_available():
 os.environ.setdefault("RLHF_KERNELS_POISON", "1")
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    # `pytest -n auto` (pytest-xdist, the README's test command): the suite times nothing, so
+    # pytest-benchmark's warning that parallel workers disable benchmarks (one per process) is
+    # noise; disabled here before that plugin reads the option
+    if config.getoption("numprocesses", None) or os.environ.get("PYTEST_XDIST_WORKER"):
+        if hasattr(config.option, "benchmark_disable"):
+            config.option.benchmark_disable = True
+
+
 def _interpreter_rounds_bf16_like_the_gpu() -> None:
     """Make the Triton interpreter's fp32 -> bf16 cast round to nearest even, as the GPU does.
 
