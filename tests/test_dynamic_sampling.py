@@ -20,7 +20,13 @@ from rlhf import groups, rl
 from rlhf.checkpoint import latest_checkpoint, load_state
 from rlhf.engine import Generation
 from tests._tiny_models import interrupt_at, rl_tokenizer
-from tests.test_grpo import PROMPTS, group_generation, randomised_policy, rl_config
+from tests.test_grpo import (
+    PROMPTS,
+    _without_timings,
+    group_generation,
+    randomised_policy,
+    rl_config,
+)
 from tests.test_stages import read_jsonl, tiny_backbone
 
 
@@ -206,10 +212,8 @@ def test_a_dapo_run_trains_on_groups_with_spread_and_resumes(tmp_path, tokenizer
              reward_fn=length_reward)
     resumed = read_jsonl(tmp_path / "b" / "dapo" / "metrics.jsonl")
     assert [r["iteration"] for r in resumed] == [1, 2, 3]
-    for a, b in zip(records, resumed, strict=True):
-        for key in ("proxy_reward", "kl", "policy/loss", "response_length",
-                    "dynamic_sampling/rounds", "dynamic_sampling/kept_fraction"):
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (key, a, b)
+    for a, b in zip(records, resumed, strict=True):  # bit for bit, but the clocks and memory
+        assert _without_timings(a) == _without_timings(b)
 
 
 def test_without_dynamic_sampling_the_flat_groups_stay(tmp_path, tokenizer):
