@@ -38,6 +38,7 @@ the CPU where there is nothing to page to). bitsandbytes keeps 32-bit moments fo
 
 from __future__ import annotations
 
+import logging
 import sys
 import warnings
 from collections.abc import Iterable
@@ -219,6 +220,8 @@ def keep_4bit_layers_trainable_on_cpu(model: nn.Module) -> int:
     training forward fails ("a view of a leaf Variable that requires grad is being used in an
     in-place operation"). The trainer alternates sampling (eval, no grad) and updates, so the
     layers keep the unpacked format: every forward dequantizes the stored weight, on any CPU.
+    A model with int8 layers also gets bitsandbytes' per-matmul fp16 cast notice said once
+    (``_say_int8_cast_once``) instead of at every call.
     """
     bnb = _bnb_loaded()
     if bnb is None:
@@ -229,7 +232,36 @@ def keep_4bit_layers_trainable_on_cpu(model: nn.Module) -> int:
                 and getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
             count += 1
+        if isinstance(module, bnb.nn.Linear8bitLt):
+            _say_int8_cast_once()
     return count
+
+
+class _OnceFilter(logging.Filter):
+    """Lets the first record that starts with ``prefix`` through, drops the later ones."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix, self.seen = prefix, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            return True
+        seen, self.seen = self.seen, True
+        return not seen
+
+
+INT8_CAST_NOTICE = "MatMul8bitLt: inputs will be cast"
+
+
+def _say_int8_cast_once() -> None:
+    """bitsandbytes logs "MatMul8bitLt: inputs will be cast from torch.float32 to float16" at
+    every int8 matmul whose input is not fp16 (every call on the CPU, where the compute dtype is
+    fp32): a hundred lines per RL iteration of a 2-layer model. It is said once per process."""
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _OnceFilter) and f.prefix == INT8_CAST_NOTICE
+               for f in logger.filters):
+        logger.addFilter(_OnceFilter(INT8_CAST_NOTICE))
 
 
 def dense_weight(linear: nn.Module) -> torch.Tensor:

@@ -185,6 +185,35 @@ def test_4bit_layers_never_take_the_cpu_inference_repacking(base_dir, tokenizer)
     assert all(p.grad is not None for p in backbone.trainable_parameters("policy"))
 
 
+def test_int8_cast_notice_is_said_once_not_at_every_matmul(base_dir, tokenizer, monkeypatch):
+    """bitsandbytes logs its fp32 -> fp16 cast notice at every int8 matmul of an fp32 input (all
+    of them on the CPU): an RL run printed ~100 lines per iteration of a 2-layer model. A loaded
+    int8 model says it once; other records of that logger still pass."""
+    import logging
+
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    monkeypatch.setattr(logger, "filters", [])  # a filter an earlier test installed has fired
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Keep(level=logging.DEBUG)
+    logger.addHandler(handler)
+    try:
+        model = load_causal_lm(base_dir, quantization="int8")
+        ids, mask = batch(tokenizer, seed=7)
+        with torch.no_grad():
+            for _ in range(2):  # 2 forwards x 14 int8 linears
+                model(input_ids=ids, attention_mask=mask)
+        logger.warning("another bitsandbytes warning")
+    finally:
+        logger.removeHandler(handler)
+    cast = [r for r in records if r.startswith("MatMul8bitLt: inputs will be cast")]
+    assert len(cast) == 1 and "another bitsandbytes warning" in records
+
+
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_checkpoint_holds_adapters_and_heads_only_and_reloads(base_dir, tokenizer, tmp_path,
                                                               kind):
