@@ -46,6 +46,7 @@ positions and the same keys.
 from __future__ import annotations
 
 import contextvars
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -350,6 +351,7 @@ class Packing:
 
     def __init__(self, mode: str = "off") -> None:
         self.mode = check_packing(mode)
+        self._said_shared_prefix = False
         self._stats = {"tokens_real": 0, "tokens_padded": 0, "tokens_processed": 0,
                        "packed_forwards": 0, "padded_forwards": 0}
 
@@ -392,7 +394,17 @@ class Packing:
 
     def count_shared_prefix(self, attention_mask: torch.Tensor, processed: int) -> None:
         """Count a padded forward whose rows ran their shared prompt once
-        (``SharedBackbone.hidden_states(shared_prefix=)``): ``processed`` slots run."""
+        (``SharedBackbone.hidden_states(shared_prefix=)``): ``processed`` slots run. With
+        ``on``, says once that such forwards are not packed (the setting asked for every
+        batch)."""
+        if self.mode == "on" and not self._said_shared_prefix:
+            self._said_shared_prefix = True
+            warnings.warn(
+                "packing='on': the rollout holds groups of samples of one prompt, so the RL "
+                "scoring and update forwards run each group's prompt once (the shared-prefix "
+                "forward) with the responses padded, not packed; a reward model's forward "
+                "still packs (docs/packing.md). packing='auto' runs the same without this "
+                "warning", stacklevel=2)
         self._count(None, attention_mask.numel(), attention_mask, processed=processed)
 
     def _count(self, packed, padded: int, attention_mask, lengths=None,

@@ -186,6 +186,32 @@ def test_auto_packs_only_what_saves_work_and_on_refuses_unsupported_models():
         backbone.set_packing("on")
 
 
+def test_on_says_once_that_shared_prompt_forwards_are_not_packed():
+    """A grouped rollout (GRPO and the other critic-free algorithms) runs its scoring and update
+    forwards with each group's prompt once (shared_prefix), padded: packing='on' asked for every
+    batch packed, so it is said, once; 'auto' (the default) runs the same without a word."""
+    import warnings
+
+    prompt, _ = make_batch([5, 3], "left", seed=4)
+    response, _ = make_batch([4, 4, 2, 1], "right", seed=5)
+    ids = torch.cat([prompt[[0, 0, 1, 1]], response], 1)  # 2 groups of 2 samples
+    mask = torch.cat([(prompt[[0, 0, 1, 1]] != PAD), response != PAD], 1).long()
+    backbone = make_backbone("llama")
+    expected = {}
+    for mode in ("auto", "on"):
+        backbone.set_packing(mode)
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            for _ in range(2):
+                got = backbone.token_logprobs(ids, mask, "policy", start=4, shared_prefix=5)
+        said = [w for w in caught if "packing='on'" in str(w.message)]
+        assert len(said) == (mode == "on"), mode
+        # the shared-prompt forward ran (the prompts' slots counted once per group)
+        assert backbone.packing.take_stats()["tokens_processed"] == 2 * (2 * 5 + 4 * 4)
+        expected.setdefault("logp", got)
+        torch.testing.assert_close(got, expected["logp"], **TOL)
+
+
 # --------------------------------------------------------------------------------------------
 # packed == padded: log-probs, values, rewards and their gradients
 # --------------------------------------------------------------------------------------------
