@@ -48,21 +48,25 @@ def _one_iteration(tmp_path, tokenizer, monkeypatch, algorithm, **overrides):
     return record, captured[0]
 
 
-@pytest.mark.parametrize("algorithm", ["dapo", "dr_grpo"])
+@pytest.mark.parametrize("algorithm", ["dapo", "dr_grpo", "cispo"])
 def test_loss_parts_under_a_step_normaliser_do_not_depend_on_accumulation(tmp_path, tokenizer,
                                                                           monkeypatch, algorithm):
     """With a step normaliser (DAPO's step tokens, Dr. GRPO's rows x max_new_tokens) each
     micro-batch's loss is a part of the step's; policy/loss was scaled back to the step's
     value but its parts policy/pg_loss and policy/kl were not: with grad_accum_steps=2 they
     logged half the step's values. One step of all 8 rows on the policy that sampled them
-    (ratio 1): pg_loss = -sum(A x tokens) / normaliser and kl = sum(k3) / normaliser."""
+    (ratio 1): pg_loss = -sum(A) / normaliser over the tokens (CISPO's -sum(A x logp)) and
+    kl = sum(k3) / normaliser."""
     record, rollout = _one_iteration(tmp_path, tokenizer, monkeypatch, algorithm,
                                      minibatch_size=4, grad_accum_steps=2)
     m = rollout.action_mask.double()
     normaliser = float(m.sum()) if algorithm == "dapo" else 8 * 8  # rows x max_new_tokens
     d = (rollout.ref_logprobs.double() - rollout.old_logprobs.double()) * m
     kl = float(((d.exp() - d - 1) * m).sum()) / normaliser
-    pg_loss = -float((rollout.advantages.double() * m.sum(-1)).sum()) / normaliser
+    per_token = rollout.advantages.double()[:, None] * m
+    if algorithm == "cispo":  # the weight sg(clip(1)) = 1 times logp
+        per_token = per_token * rollout.old_logprobs.double()
+    pg_loss = -float(per_token.sum()) / normaliser
     assert kl > 1e-3  # the policy differs from the reference
     assert record["policy/kl"] == pytest.approx(kl, rel=1e-4)
     assert record["policy/pg_loss"] == pytest.approx(pg_loss, rel=1e-3, abs=1e-6)
