@@ -379,8 +379,8 @@ class RLConfig:
             raise ValueError(f"group_size=1 with the grpo advantage estimator (algorithm="
                              f"{self.algorithm!r}) gives every sample its own score as its "
                              f"advantage, with no baseline (its group has no other member to "
-                             f"compare with); set group_size >= 2, or algorithm=ppo for a "
-                             f"critic's baseline")
+                             f"compare with); set group_size >= 2, or advantage_estimator="
+                             f"gae for PPO's critic as the baseline")
         if self.kl_target is not None and not self.kl_target > 0:
             raise ValueError(f"kl_target must be > 0 nats or None (fixed kl_coef), got "
                              f"{self.kl_target}")
