@@ -1311,7 +1311,14 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
             backbone.train()
 
             sums: dict[str, float] = {}
-            n_stats = 0
+            # micro-batches each metric averages over: the losses and their parts over every
+            # one; the per-token means (entropy, clipfrac, ratio_mean, ...) over those with a
+            # token to train on (mask_truncated can leave none: its means would read 0)
+            counts: dict[str, int] = {}
+
+            def add(key: str, value: float, sums: dict = sums, counts: dict = counts) -> None:
+                sums[key] = sums.get(key, 0.0) + value
+                counts[key] = counts.get(key, 0) + 1
             for _epoch in range(cfg.ppo_epochs):
                 order = torch.randperm(cfg.rollout_batch_size, generator=rng).to(device)
                 step = cfg.minibatch_size * cfg.grad_accum_steps
@@ -1322,8 +1329,10 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
                     normalizer = step_normalizer(cfg, batches)
                     # a step normaliser makes each micro-batch's loss a part of the step's sum
                     logged_scale = cfg.grad_accum_steps if normalizer is not None else 1
-                    on_device = []  # each micro-batch's (loss, stats, value loss, stats)
+                    # each micro-batch's (loss, stats, value loss, stats, tokens)
+                    on_device = []
                     for batch in batches:
+                        tokens = batch.action_mask.sum()  # the global micro-batch's
                         # torchrun: this rank's rows, its parts of the global loss and stats
                         batch, shares = distributed.rl_shard(batch, s.loss_reduction, normalizer)
                         with compiled_layers():
@@ -1332,25 +1341,27 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
                                 kl_coef=kl_controller.value, normalizer=normalizer,
                                 shares=shares)
                         on_device.append((p_loss.detach(), p_stats,
-                                          None if v_loss is None else v_loss.detach(), v_stats))
+                                          None if v_loss is None else v_loss.detach(), v_stats,
+                                          tokens))
                     # One host read for the step's losses and stats: a read per value would wait
                     # for the GPU's queue to drain once per value, micro-batch after micro-batch.
                     p_losses, v_losses = [], []
-                    for p_loss, p_stats, v_loss, v_stats in host_floats(on_device):
+                    for p_loss, p_stats, v_loss, v_stats, tokens in host_floats(on_device):
                         p_losses.append(p_loss * logged_scale)
                         for key, value in p_stats.items():
                             # the loss's parts (pg_loss, kl) are reduced as the loss is: under
                             # a step normaliser, parts of the step's value as well
                             if key in distributed._LOSS_PARTS:
-                                value *= logged_scale
-                            sums[f"policy/{key}"] = sums.get(f"policy/{key}", 0.0) + value
-                        sums["policy/loss"] = sums.get("policy/loss", 0.0) + p_losses[-1]
+                                add(f"policy/{key}", value * logged_scale)
+                            elif tokens:
+                                add(f"policy/{key}", value)
+                        add("policy/loss", p_losses[-1])
                         if v_loss is not None:
                             v_losses.append(v_loss)
                             for key, value in v_stats.items():
-                                sums[f"value/{key}"] = sums.get(f"value/{key}", 0.0) + value
-                            sums["value/loss"] = sums.get("value/loss", 0.0) + v_losses[-1]
-                        n_stats += 1
+                                if tokens:
+                                    add(f"value/{key}", value)
+                            add("value/loss", v_losses[-1])
                     # torchrun: one all-reduce sums the gradients over ranks, and the losses
                     # (rank parts), so that every rank takes the same non-finite decision
                     summed = distributed.sum_gradients(policy_params + critic_params,
@@ -1413,7 +1424,7 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
                 "response_length": float(am.sum(-1).mean()),
                 # cut at max_new_tokens before an EOS (mask_truncated: not trained on)
                 "truncated_fraction": float(truncated.float().mean()),
-                **{key: value / max(1, n_stats) for key, value in sums.items()},
+                **{key: value / counts[key] for key, value in sums.items()},
                 "lr": scheduler.get_last_lr()[0],
                 "skipped_steps": skipped,
                 "rollout_s": rollout_time,

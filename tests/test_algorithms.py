@@ -137,3 +137,25 @@ def test_non_score_reward_is_the_penalty_the_rewards_hold(tmp_path, tokenizer, m
     clipped = rollout.scores.double().clamp(-5.0, 5.0)  # score_clip
     assert record["non_score_reward"] == pytest.approx(
         float((rollout.rewards.double() - clipped).mean()), rel=1e-4)
+
+
+def test_per_token_metrics_leave_out_micro_batches_without_a_trained_token(tmp_path, tokenizer,
+                                                                           monkeypatch):
+    """mask_truncated (DAPO's overlong filtering) can leave a micro-batch no token to train on;
+    its per-token means (ratio_mean, entropy, clipfrac, ...) are 0 and were averaged in: half
+    the rows cut, one row per micro-batch of one step, and policy/ratio_mean read 0.5 on the
+    policy that sampled the rows (ratio 1). The losses still average over every micro-batch."""
+    from rlhf.engine import Generation
+
+    cut = torch.tensor([True, False, True, True, False, False, True, False])
+    monkeypatch.setattr(Generation, "truncated", lambda self, eos: cut.clone())
+    record, rollout = _one_iteration(tmp_path, tokenizer, monkeypatch, "grpo",
+                                     mask_truncated=True, minibatch_size=1, grad_accum_steps=8)
+    assert record["truncated_fraction"] == 0.5
+    assert record["policy/ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert record["policy/clipfrac"] == 0.0 and record["policy/approx_kl"] < 1e-9
+    # the KL term is a part of the loss: every micro-batch counts, a cut row's as 0
+    m = rollout.action_mask.double()[~cut]
+    d = (rollout.ref_logprobs.double() - rollout.old_logprobs.double())[~cut] * m
+    kl_rows = ((d.exp() - d - 1) * m).sum(-1) / m.sum(-1)  # seq-mean-token-mean, one row each
+    assert record["policy/kl"] == pytest.approx(float(kl_rows.sum()) / 8, rel=1e-4)
