@@ -424,6 +424,7 @@ def ppo_iteration(backbone: SharedBackbone, engine: RolloutEngine, optimizer, pr
     ``rlhf.compile.CompiledLayers`` scoring and update run in (``torch_compile``), or None."""
     settings = ppo_settings(cfg)
     recorded = uses_recorded_logprobs(backbone, cfg)
+    layers = compiled.active if compiled is not None else contextlib.nullcontext
     with clock.stage("rollout"):
         backbone.eval()
         gen = engine.generate(prompt_ids, prompt_mask, cfg.response_length,
@@ -433,8 +434,7 @@ def ppo_iteration(backbone: SharedBackbone, engine: RolloutEngine, optimizer, pr
         # reward adapter + head, reference (adapters off) and, unless recorded, old log-probs
         # through linear_logprobs over the response positions, critic values, shaped rewards,
         # GAE and whitening; forward_chunk rows per forward
-        with _autocast(cfg), (compiled.active() if compiled is not None
-                              else contextlib.nullcontext()):
+        with _autocast(cfg), layers():
             rollout = make_rollout(backbone, gen, settings.kl_coef, settings,
                                    use_recorded_logprobs=recorded)
     policy_params = backbone.trainable_parameters("policy")
@@ -446,7 +446,7 @@ def ppo_iteration(backbone: SharedBackbone, engine: RolloutEngine, optimizer, pr
             order = torch.randperm(cfg.batch, generator=generator).to(gen.sequences.device)
             for first in range(0, cfg.batch, cfg.minibatch):
                 batch = rollout.rows(order[first:first + cfg.minibatch])
-                with compiled.active() if compiled is not None else contextlib.nullcontext():
+                with layers():
                     pg_loss, pg_stats, v_loss, v_stats = backward_losses(
                         backbone, batch, settings, autocast_dtype(cfg))
                 torch.nn.utils.clip_grad_norm_(policy_params, settings.grad_clip)
