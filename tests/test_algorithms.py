@@ -159,3 +159,34 @@ def test_per_token_metrics_leave_out_micro_batches_without_a_trained_token(tmp_p
     d = (rollout.ref_logprobs.double() - rollout.old_logprobs.double())[~cut] * m
     kl_rows = ((d.exp() - d - 1) * m).sum(-1) / m.sum(-1)  # seq-mean-token-mean, one row each
     assert record["policy/kl"] == pytest.approx(float(kl_rows.sum()) / 8, rel=1e-4)
+
+
+def test_ppo_rollout_targets_equal_a_float64_computation(tokenizer):
+    """PPO's rollout targets from the tensors it scored: the per-token reward -kl_coef x k1 with
+    the clipped score on the last response token, GAE(gamma, lam) over the response tokens
+    written as the backward loop, the returns, and the advantages whitened over valid tokens."""
+    from tests.test_grpo import group_generation
+
+    backbone = randomised_policy(tokenizer, seed=5)
+    cfg = rl_config(None, "ppo", group_size=None, gamma=0.9, lam=0.8, score_clip=0.05)
+    gen = group_generation(backbone, tokenizer, cfg, 6, seed=2)
+    rollout = rl.make_rollout(backbone, gen, kl_coef=0.3, cfg=cfg, use_recorded_logprobs=True)
+    m = rollout.action_mask.double()
+    old, ref = rollout.old_logprobs.double(), rollout.ref_logprobs.double()
+    values = rollout.old_values.double()
+    rewards = -0.3 * (old - ref) * m
+    last = m.sum(-1).long() - 1
+    rewards[torch.arange(6), last] += rollout.scores.double().clamp(-0.05, 0.05)
+    torch.testing.assert_close(rollout.rewards.double(), rewards, rtol=1e-5, atol=1e-7)
+    advantages = torch.zeros_like(rewards)
+    for b in range(6):
+        running, next_value = 0.0, 0.0
+        for t in range(int(last[b]), -1, -1):
+            delta = rewards[b, t] + 0.9 * next_value - values[b, t]
+            running = delta + 0.9 * 0.8 * running
+            advantages[b, t], next_value = running, values[b, t]
+    torch.testing.assert_close(rollout.returns.double(), (advantages + values) * m,
+                               rtol=1e-5, atol=1e-6)
+    valid = advantages[m > 0]
+    whitened = (advantages - valid.mean()) / (valid.var() + 1e-8).sqrt() * m
+    torch.testing.assert_close(rollout.advantages.double(), whitened, rtol=1e-4, atol=1e-5)
