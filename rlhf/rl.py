@@ -422,8 +422,10 @@ class RLConfig:
     def check_critic_settings(self) -> None:
         """Refuse a critic setting changed from its default in a run without a critic (and
         advantage_norm in a run with one), a dynamic-sampling setting in a run without dynamic
-        sampling (it would be ignored), and dynamic sampling where there are no groups; warn
-        about kl_horizon without kl_target, and the KL term's settings with kl_coef=0.
+        sampling (it would be ignored), dynamic sampling where there are no groups, a
+        loss_reduction that the preset's step normaliser overrides and a per-row mean under a
+        step normaliser; warn about kl_horizon without kl_target, and the KL term's settings
+        with kl_coef=0.
         Checked when the run starts, not when the config is built: a config may switch
         algorithm on the way (the pipeline's RL stage starts from PPO's settings)."""
         s = self.settings
