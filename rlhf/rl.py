@@ -469,13 +469,6 @@ class RLConfig:
             count = ("every valid token of the optimizer step" if s.loss_normalizer ==
                      "step_tokens" else "the step's rows x max_new_tokens")
             preset = PRESETS[self.algorithm]
-            if (self.loss_reduction is not None and self.loss_normalizer is None
-                    and self.loss_reduction != preset["loss_reduction"]):
-                raise ValueError(
-                    f"loss_reduction={self.loss_reduction!r} has no effect with algorithm="
-                    f"{self.algorithm!r}: its loss_normalizer={s.loss_normalizer!r} divides the "
-                    f"step's summed token losses by {count}, whatever the reduction; add "
-                    f"loss_normalizer=batch for the reduction's own denominator")
             if s.loss_reduction == "seq-mean-token-mean":
                 raise ValueError(
                     f"loss_reduction='seq-mean-token-mean' with loss_normalizer="
@@ -483,6 +476,13 @@ class RLConfig:
                     f"neither a token nor a row mean; use loss_reduction=token-mean (the "
                     f"step's token losses over that count) or loss_normalizer=batch (the mean "
                     f"of the rows)")
+            if (self.loss_reduction is not None and self.loss_normalizer is None
+                    and self.loss_reduction != preset["loss_reduction"]):
+                raise ValueError(
+                    f"loss_reduction={self.loss_reduction!r} has no effect with algorithm="
+                    f"{self.algorithm!r}: its loss_normalizer={s.loss_normalizer!r} divides the "
+                    f"step's summed token losses by {count}, whatever the reduction; add "
+                    f"loss_normalizer=batch for the reduction's own denominator")
         if s.loss_type != "sapo":
             refuse_changed(SAPO_SETTINGS, f"loss_type={s.loss_type!r}: the temperatures are "
                                           f"SAPO's gate's")
