@@ -190,3 +190,71 @@ def test_ppo_rollout_targets_equal_a_float64_computation(tokenizer):
     valid = advantages[m > 0]
     whitened = (advantages - valid.mean()) / (valid.var() + 1e-8).sqrt() * m
     torch.testing.assert_close(rollout.advantages.double(), whitened, rtol=1e-4, atol=1e-5)
+
+
+def _float64_policy_loss(backbone, batch, cfg, kl_coef, normalizer):
+    """CISPO's or GSPO's loss (with its KL term) in float64 from the policy's logits, with
+    autograd: CISPO's weight sg(clip(r)) detached, GSPO's ratio through the row's mean."""
+    s = cfg.settings
+    logits = backbone.logits(batch.sequences, batch.attention_mask, "policy").double()
+    P = batch.prompt_length
+    logp = torch.log_softmax(logits / cfg.temperature, -1)[:, P - 1:-1].gather(
+        -1, batch.sequences[:, P:, None]).squeeze(-1)
+    m = batch.action_mask.double()
+    logp = logp * m
+    old, ref = batch.old_logprobs.double(), batch.ref_logprobs.double()
+    A = batch.advantages.double()[:, None]
+    n = m.sum(-1)
+    low, high = 1 - s.clip_ratio, 1 + s.clip_ratio_high
+    if s.loss_type == "cispo":
+        per_token = -torch.exp(logp - old).clamp(low, high).detach() * A * logp
+    else:
+        ratio = torch.exp(((logp - old) * m).sum(-1) / n)[:, None]
+        per_token = torch.maximum(-A * ratio, -A * ratio.clamp(low, high)).expand_as(logp)
+    k3 = torch.exp(ref - logp) - (ref - logp) - 1
+
+    def reduce(x):
+        x = x * m
+        if s.loss_reduction == "seq-mean-token-mean":
+            return (x.sum(-1) / n).mean()
+        return x.sum() / normalizer
+
+    return reduce(per_token) + kl_coef * reduce(k3)
+
+
+@pytest.mark.parametrize("algorithm", ["cispo", "gspo"])
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_policy_gradients_equal_a_float64_autograd(tokenizer, monkeypatch, algorithm, backend):
+    """The gradient the update applies, not only the loss: CISPO's value is the same with or
+    without the stop-gradient on its weight, its gradient is not; GSPO's flows through each
+    row's mean log-ratio. The policy adapter's gradients against float64 autograd."""
+    if backend == "native":
+        from rlhf_kernels.backend import native_cpu_kernels
+
+        if not native_cpu_kernels(torch.zeros(1)):
+            pytest.skip("the native CPU kernels are not built here")
+    from tests.test_grpo import group_generation
+
+    backbone = randomised_policy(tokenizer, seed=2)
+    cfg = rl_config(None, algorithm)
+    gen = group_generation(backbone, tokenizer, cfg, 2, seed=5)
+    rollout = rl.make_rollout(backbone, gen, kl_coef=0.3, cfg=cfg, use_recorded_logprobs=True)
+    with torch.no_grad():  # the update's policy has moved from the sampling one
+        for name, param in backbone.named_parameters():
+            if "lora_A" in name and ".policy." in name:
+                param.mul_(1.5)
+    batch = rollout.rows(torch.tensor([6, 1, 3, 4]))
+    normalizer = rl.step_normalizer(cfg, [batch])
+    params = backbone.trainable_parameters("policy")
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", backend)
+    loss, stats = rl.policy_loss(backbone, batch, cfg, kl_coef=0.3, normalizer=normalizer)
+    grads = torch.autograd.grad(loss, params)
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
+    expected = _float64_policy_loss(backbone, batch, cfg, 0.3,
+                                    None if normalizer is None else float(normalizer))
+    expected_grads = torch.autograd.grad(expected, params)
+    assert float(stats["ratio_mean"]) != pytest.approx(1.0, abs=1e-3)
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-5, atol=1e-7)
+    scale = max(float(g.abs().max()) for g in expected_grads)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got.double(), want.double(), rtol=1e-4, atol=1e-5 * scale)
