@@ -73,7 +73,7 @@ contributes 0 rather than 0 * NaN.
 
 Memory: one chunk of logits (see ops/linear_logprobs.py for the chunk size) plus the gradients.
 A consequence of the saved, pre-scaled gradients: backward through the same graph twice
-(``retain_graph=True``) raises autograd's "modified by an inplace operation" error.
+(``retain_graph=True``) raises an error naming the op.
 
 Stats are those of the reference (pg_loss, kl, entropy, clipfrac, approx_kl, ratio_mean; at
 sequence level clipfrac and ratio_mean are over tokens of the row ratio, approx_kl stays per
@@ -683,7 +683,10 @@ class _LinearPPOFunction(torch.autograd.Function):
     @staticmethod
     @no_double_backward("linear_ppo_loss")
     def backward(ctx, grad_loss, *_unused):
-        return _linear_backward(ctx, grad_loss, in_place=True)
+        _refuse_second_backward(ctx, "linear_ppo_loss")
+        grads = _linear_backward(ctx, grad_loss, in_place=True)
+        ctx.scaled_in_place = True
+        return grads
 
 
 class _LogitsPPOFunction(torch.autograd.Function):
@@ -699,7 +702,23 @@ class _LogitsPPOFunction(torch.autograd.Function):
     @staticmethod
     @no_double_backward("ppo_loss_from_logits")
     def backward(ctx, grad_loss, *_unused):
-        return _logits_backward(ctx, grad_loss, in_place=True)
+        _refuse_second_backward(ctx, "ppo_loss_from_logits")
+        grads = _logits_backward(ctx, grad_loss, in_place=True)
+        ctx.scaled_in_place = True
+        return grads
+
+
+def _refuse_second_backward(ctx, op: str) -> None:
+    """A second backward through the eager path's graph (``retain_graph=True``) would read the
+    gradients the first one scaled in place: one error naming the op and the way out, instead
+    of autograd's version-counter message about an anonymous tensor (its words are kept)."""
+    if getattr(ctx, "scaled_in_place", False):
+        raise RuntimeError(
+            f"rlhf_kernels.{op}: a second backward through the same graph (retain_graph=True) "
+            "is not supported: the gradients are made in the forward and the first backward "
+            "scaled them in place (they were modified by an inplace operation). Call the op "
+            "again for another backward, or use backend='reference'"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -720,9 +739,10 @@ def _check_rollout(labels, old_logp, advantages, mask, ref_logp, kl_estimator, c
     if kl_estimator not in reference.KL_ESTIMATORS:
         raise ValueError(f"kl_estimator={kl_estimator!r} is not supported; expected one of "
                          f"{reference.KL_ESTIMATORS}")
-    if clip_low < 0 or clip_high < 0:
+    # written so that NaN is refused too (it made the loss NaN; ppo_policy_loss refuses it)
+    if not (clip_low >= 0 and clip_high >= 0):
         raise ValueError(f"clip_low and clip_high must be >= 0, got {clip_low}, {clip_high}")
-    if log_ratio_clamp is not None and log_ratio_clamp <= 0:
+    if log_ratio_clamp is not None and not log_ratio_clamp > 0:
         raise ValueError(f"log_ratio_clamp must be > 0 or None, got {log_ratio_clamp}")
     check_reduction(reduction)
     check_policy_options(ratio_level, loss_type, dual_clip)
@@ -873,8 +893,9 @@ def ppo_loss_from_logits(
     at the cost of one host sync.
     """
     check_float("logits", logits)
-    if logits.dim() < 2:
-        raise ValueError(f"logits must have shape (..., T, V), got {tuple(logits.shape)}")
+    if logits.dim() < 2 or logits.shape[-1] < 1:
+        raise ValueError(f"logits must have shape (..., T, V) with V >= 1, got "
+                         f"{tuple(logits.shape)}")
     if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"labels must be an int64 (or int32) tensor, got "
                          f"{getattr(labels, 'dtype', type(labels).__name__)}")
