@@ -73,7 +73,7 @@ from rlhf_kernels import _alloc, reference
 from rlhf_kernels._alloc import empty
 from rlhf_kernels._checks import check_float, check_same_device, int_setting, real_setting
 from rlhf_kernels.backend import launch_directly, resolve_backend
-from rlhf_kernels.ops.logprobs import no_double_backward
+from rlhf_kernels.ops.logprobs import no_double_backward, savable_labels
 
 __all__ = ["linear_logprobs", "choose_chunk_rows", "LinearLogprobsOutput", "STATS"]
 
@@ -733,7 +733,7 @@ def _setup_context(ctx, inputs, output):
     # The private saved state, not the returned logp / entropy (the caller may edit those).
     _, _, saved, log_sum_sq, mean, _ = output
     ctx.mark_non_differentiable(saved, log_sum_sq, mean)  # (is_top1 is bool)
-    ctx.save_for_backward(hidden, weight, labels, bias, lora_a, lora_b, saved)
+    ctx.save_for_backward(hidden, weight, savable_labels(labels), bias, lora_a, lora_b, saved)
     ctx.options = (lora_scale, temperature, ignore_index, return_entropy, chunk_size,
                    memory_budget_bytes)
 
@@ -791,7 +791,8 @@ class _LinearLogprobsFunction(torch.autograd.Function):
         # turned an in-place edit of hidden before the backward into torch's "a view was
         # created in no_grad mode" error instead of the version counter's "modified by an
         # inplace operation" (_head_backward flattens it again).
-        ctx.save_for_backward(hidden, weight, labels, bias, lora_a, lora_b, saved)
+        ctx.save_for_backward(hidden, weight, savable_labels(labels), bias, lora_a, lora_b,
+                              saved)
         ctx.options = options[:6]  # without check_labels and stats
         if extras is None:
             return logp, entropy
@@ -867,8 +868,9 @@ def check_head_inputs(hidden, weight, labels, bias, lora_a, lora_b) -> None:
     check_float("weight", weight)
     if hidden.dim() < 1:
         raise ValueError("hidden must have shape (..., H); got a 0-d tensor")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must have shape (V, H), got {tuple(weight.shape)}")
+    if weight.dim() != 2 or 0 in weight.shape:
+        raise ValueError(f"weight must have shape (V, H) with V >= 1 and H >= 1, got "
+                         f"{tuple(weight.shape)}")
     vocab, h_dim = weight.shape
     if hidden.shape[-1] != h_dim:
         raise ValueError(

@@ -627,6 +627,15 @@ def _can_write_in_place(logits: torch.Tensor) -> bool:
     return rows is not None and _rows_disjoint(rows)
 
 
+def savable_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Labels as the backward may save them. Token ids sampled under torch.inference_mode (a
+    rollout) are inference tensors, which autograd refuses to save ("Inference tensors cannot
+    be saved for backward") where the reference's plain torch ops never save them: such labels
+    are copied (N ids, small beside the logits); others are saved as they are, so an in-place
+    edit before the backward still trips the version counter."""
+    return labels.clone() if labels.is_inference() else labels
+
+
 def _setup_context(ctx, inputs, output):
     logits, labels, temperature, ignore_index, return_entropy, inplace_backward, _ = inputs
     # Not the returned logp / entropy: the caller may edit those in place.
@@ -635,7 +644,7 @@ def _setup_context(ctx, inputs, output):
     ctx.temperature = temperature
     ctx.ignore_index = ignore_index
     ctx.mark_non_differentiable(saved)
-    ctx.save_for_backward(logits, labels, saved)
+    ctx.save_for_backward(logits, savable_labels(labels), saved)
 
 
 def _backward(ctx, grad_logp, grad_entropy, _grad_saved):
@@ -668,7 +677,7 @@ class _LogprobsFunction(torch.autograd.Function):
         ctx.inplace_backward = inplace_backward
         ctx.temperature = temperature
         ctx.ignore_index = ignore_index
-        ctx.save_for_backward(logits, labels, saved)
+        ctx.save_for_backward(logits, savable_labels(labels), saved)
         return logp, entropy
 
     @staticmethod
