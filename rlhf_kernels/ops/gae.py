@@ -216,7 +216,8 @@ def gae(
     rewards, values: (..., T) fp16/bf16/fp32/fp64; mask: (..., T) bool/int/float or None (all
     valid) -> (advantages, returns), each (..., T) fp32 (fp64 for fp64 input), no gradient.
     Masked positions output 0 in both; "next" means the next valid position; the value after a
-    row's last valid token is 0. Any T; left/right padding and interior holes alike.
+    row's last valid token is 0. Any T; left/right padding and interior holes alike. gamma and
+    lam are numbers in [0, 1].
     """
     check_float("rewards", rewards)
     check_float("values", values)
@@ -232,6 +233,12 @@ def gae(
             raise ValueError(f"mask must be bool, integer or floating, got {mask.dtype}")
     check_same_device(("rewards", rewards), ("values", values), ("mask", mask))
     gamma, lam = real_setting("gamma", gamma), real_setting("lam", lam)
+    for name, value in (("gamma", gamma), ("lam", lam)):
+        if not 0.0 <= value <= 1.0:  # also refuses NaN, which made every advantage NaN
+            raise ValueError(
+                f"{name}={value} must be in [0, 1] (the discount gamma and the GAE lambda; "
+                "PPO uses gamma 1.0 and lam 0.95)"
+            )
     use_reference = torch.float64 in (rewards.dtype, values.dtype)
     if resolve_backend(rewards, backend, "gae") == "reference" or use_reference:
         return reference.gae(rewards, values, mask, gamma, lam)
