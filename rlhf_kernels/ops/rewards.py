@@ -175,6 +175,9 @@ def _check_inputs(scores, logp, ref_logp, mask, score_index, score_clip, check_i
             f"scores has shape {tuple(scores.shape)} but logp has shape {tuple(logp.shape)}; "
             f"expected one score per sequence, shape {tuple(logp.shape[:-1])}"
         )
+    if score_index is not None and not isinstance(score_index, torch.Tensor):
+        raise TypeError(f"score_index must be a (B,) integer torch.Tensor or None, got "
+                        f"{type(score_index).__name__}")
     check_same_device(("scores", scores), ("logp", logp), ("ref_logp", ref_logp),
                       ("mask", mask), ("score_index", score_index))
     if score_clip is not None and not (score_clip >= 0.0):
