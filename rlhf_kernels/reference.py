@@ -71,6 +71,12 @@ def _zero_masked(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # log-probabilities of chosen tokens
 # --------------------------------------------------------------------------------------------
+def _int64_labels(labels: torch.Tensor) -> torch.Tensor:
+    """int32 labels as int64: compared with an int32 tensor, an ignore_index outside the int32
+    range wraps (2**32 - 100 matched the label -100), where the kernels compare in int64."""
+    return labels if labels.dtype == torch.int64 else labels.long()
+
+
 def logprobs(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -86,6 +92,7 @@ def logprobs(
     host sync).
     """
     dtype = _compute_dtype(logits)
+    labels = _int64_labels(labels)
     valid = labels != ignore_index
     # An ignored row's logits may be anything (padding): they never enter the math.
     z = _zero_masked(logits.to(dtype), valid.unsqueeze(-1)) / temperature
@@ -123,6 +130,7 @@ def linear_logprobs(
     """hidden (..., H), weight (V, H), lora_a (r, H), lora_b (V, r), bias (V,) -> as ``logprobs``
     of ``hidden @ (weight + lora_scale * lora_b @ lora_a).T + bias``."""
     dtype = _compute_dtype(hidden, weight)
+    labels = _int64_labels(labels)
     # An ignored row's hidden state may be anything (padding): it must not reach the weight's
     # gradient (that sums over rows, so one NaN row would poison all of it).
     h = _zero_masked(hidden.to(dtype), (labels != ignore_index).unsqueeze(-1))
@@ -161,6 +169,7 @@ def logprob_stats(
     0, 0 and False. Not differentiable: computed from the logits detached.
     """
     dtype = _compute_dtype(logits)
+    labels = _int64_labels(labels)
     valid = labels != ignore_index
     z = _zero_masked(logits.detach().to(dtype), valid.unsqueeze(-1)) / temperature
     log_p = torch.log_softmax(z, dim=-1)
@@ -195,6 +204,7 @@ def linear_logprobs_stats(
     if unknown:
         raise ValueError(f"stats: {unknown} unknown; expected names among {LOGPROB_STATS}")
     dtype = _compute_dtype(hidden, weight)
+    labels = _int64_labels(labels)
     h = _zero_masked(hidden.to(dtype), (labels != ignore_index).unsqueeze(-1))
     logits = h @ weight.to(dtype).t()
     if lora_a is not None:
@@ -722,6 +732,7 @@ def linear_ppo_loss(
 
 def _counted_labels(labels, mask, ignore_index):
     """-> (labels with every token that does not count set to ignore_index, 0/1 float mask)."""
+    labels = _int64_labels(labels)
     counted = (as_mask(mask, labels) > 0) & (labels != ignore_index)
     labels = torch.where(counted, labels, torch.full_like(labels, ignore_index))
     return labels, counted.to(torch.float32)
