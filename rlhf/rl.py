@@ -775,8 +775,16 @@ def value_loss(backbone, batch: Rollout, cfg: RLConfig):
     """Clipped value loss of a minibatch -> (loss (), stats) (PPO's critic)."""
     values = backbone.values(batch.sequences, batch.attention_mask)
     values = values[:, batch.prompt_length - 1:-1].float()
+    reduction = cfg.settings.loss_reduction
+    if reduction == "seq-mean-token-sum-norm":
+        # its T is the rollout's response columns, trimmed to the longest response; the
+        # constant is max_new_tokens, as for the policy loss (step_normalizer)
+        loss, stats = rlhf_kernels.ppo_value_loss(values, batch.old_values, batch.returns,
+                                                  batch.action_mask, clip=cfg.value_clip,
+                                                  reduction="token-sum")
+        return loss / cfg.max_new_tokens, stats
     return rlhf_kernels.ppo_value_loss(values, batch.old_values, batch.returns, batch.action_mask,
-                                       clip=cfg.value_clip, reduction=cfg.settings.loss_reduction)
+                                       clip=cfg.value_clip, reduction=reduction)
 
 
 def make_optimizer(policy_params, critic_params, cfg: RLConfig, device: torch.device):

@@ -258,3 +258,28 @@ def test_policy_gradients_equal_a_float64_autograd(tokenizer, monkeypatch, algor
     scale = max(float(g.abs().max()) for g in expected_grads)
     for got, want in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(got.double(), want.double(), rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_ppo_value_loss_seq_mean_token_sum_norm_divides_by_max_new_tokens(tokenizer):
+    """PPO's clipped value loss under seq-mean-token-sum-norm divided by the rollout's response
+    columns (its longest response) where the policy loss divides by max_new_tokens; both are
+    the constant now. Against 1/2 max((v - R)^2, (clipped v - R)^2) summed in float64."""
+    from tests.test_grpo import group_generation
+
+    backbone = randomised_policy(tokenizer, seed=6)
+    cfg = rl_config(None, "ppo", group_size=None, loss_reduction="seq-mean-token-sum-norm",
+                    max_new_tokens=20, value_clip=0.05)
+    gen = group_generation(backbone, tokenizer, rl_config(None, "ppo", group_size=None,
+                                                          max_new_tokens=6), 4, seed=3)
+    rollout = rl.make_rollout(backbone, gen, kl_coef=0.3, cfg=cfg, use_recorded_logprobs=True)
+    assert rollout.action_mask.shape[1] < cfg.max_new_tokens
+    with torch.no_grad():  # the critic has moved since the rollout: some values clipped
+        backbone.value_head.bias.add_(0.3)
+        loss, _ = rl.value_loss(backbone, rollout, cfg)
+        values = backbone.values(rollout.sequences, rollout.attention_mask)[
+            :, rollout.prompt_length - 1:-1].double()
+    m = rollout.action_mask.double()
+    old, returns = rollout.old_values.double(), rollout.returns.double()
+    clipped = old + (values - old).clamp(-0.05, 0.05)
+    per_token = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2) * m
+    torch.testing.assert_close(loss.double(), per_token.sum() / 20, rtol=1e-5, atol=1e-7)
