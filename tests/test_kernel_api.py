@@ -151,3 +151,16 @@ def test_reference_int32_labels_with_an_ignore_index_beyond_int32():
     for got in (reference.logprobs(logits, labels.int(), ignore_index=ignore_index),
                 rk.logprobs(logits, labels.int(), ignore_index=ignore_index)):
         torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-6, equal_nan=True)
+
+
+def test_shape_rewards_mask_none_counts_every_token():
+    """mask=None means every token counts, as for the other ops (before: 'mask must be a
+    torch.Tensor, got NoneType'): -kl_coef * (logp - ref_logp) on every token plus the score on
+    the last one."""
+    scores = torch.randn(B, device=DEVICE)
+    logp = -torch.rand(B, T, device=DEVICE)
+    ref_logp = -torch.rand(B, T, device=DEVICE)
+    want = -0.1 * (logp.double() - ref_logp.double())
+    want[:, -1] += scores.double()
+    got = rk.shape_rewards(scores, logp, ref_logp, None, 0.1)
+    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-6)

@@ -166,7 +166,7 @@ def _check_inputs(scores, logp, ref_logp, mask, score_index, score_clip, check_i
         raise ValueError("logp must have a time dimension: expected (..., T), got a scalar")
     check_same_shape("ref_logp", ref_logp, "logp", logp)
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+        raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
     check_same_shape("mask", mask, "logp", logp)
     if not (mask.dtype == torch.bool or mask.dtype.is_floating_point or mask.dtype in _INT_DTYPES):
         raise ValueError(f"mask must be bool, integer or floating, got {mask.dtype}")
@@ -208,7 +208,7 @@ def shape_rewards(
     scores: torch.Tensor,
     logp: torch.Tensor,
     ref_logp: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None,
     kl_coef: float,
     estimator: str = "k1",
     score_index: torch.Tensor | None = None,
@@ -221,8 +221,9 @@ def shape_rewards(
     """Per-token PPO rewards: KL penalty on valid tokens plus the sequence score.
 
     scores: (...) fp16/bf16/fp32/fp64, one per sequence; logp, ref_logp: (..., T) float;
-    mask: (..., T) bool/int/float (1 = valid); score_index: (...) integer in [0, T) or None
-    (the last valid token of each row) -> rewards (..., T) fp32 (fp64 for fp64 input), no grad.
+    mask: (..., T) bool/int/float (1 = valid), or None (every token valid); score_index: (...)
+    integer in [0, T) or None (the last valid token of each row) -> rewards (..., T) fp32 (fp64
+    for fp64 input), no grad.
 
     estimator: KL estimator as in ``kl_penalty``; kl_clamp clamps the per-token KL to +-kl_clamp;
     score_clip clamps the score to +-score_clip. Works with left or right padding and with masked
@@ -236,6 +237,8 @@ def shape_rewards(
     kl_coef = real_setting("kl_coef", kl_coef)
     score_clip = real_setting("score_clip", score_clip, none_ok=True)
     kl_clamp = real_setting("kl_clamp", kl_clamp, none_ok=True)
+    if mask is None and isinstance(logp, torch.Tensor):  # every token counts (design §1.1)
+        mask = torch.ones(logp.shape, dtype=torch.bool, device=logp.device)
     _check_inputs(scores, logp, ref_logp, mask, score_index, score_clip, check_index)
     check_kl_options(estimator, kl_clamp=kl_clamp)
     use_reference = torch.float64 in (scores.dtype, logp.dtype, ref_logp.dtype)
