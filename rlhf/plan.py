@@ -980,6 +980,21 @@ def format_plan(result: dict, card_gib: float | None = None, best_batch: int | N
     return "\n".join(lines)
 
 
+def recorded_quantization(model: str) -> str | None:
+    """The base quantization a saved backbone directory's roles.json records (what
+    ``SharedBackbone.load`` re-quantizes its base to: "none" for one written before it was
+    recorded), or None when ``model`` is not such a directory."""
+    path = Path(model).expanduser()
+    try:
+        info = json.loads((path / "roles.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or (path / "config.json").is_file():
+        return None
+    value = info.get("quantization") or "none"
+    return value if value in QUANTIZATIONS else None
+
+
 def main(argv: list[str] | None = None) -> int:
     """``rlhf plan [MODEL] [--batch ...]``: print the plan; MODEL is a preset or a config.json."""
     parser = argparse.ArgumentParser(prog="rlhf plan", description=__doc__.split("\n")[0],
@@ -1014,9 +1029,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--critic-free", action="store_true",
                         help="a critic-free run (grpo, rloo, ...): no critic adapter, value "
                              "head or critic optimizer state")
-    parser.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
+    parser.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
                         help="the base's linears as bitsandbytes stores them (rlhf/quant.py); "
-                             "--dtype is then the compute dtype")
+                             "--dtype is then the compute dtype. Default: what a saved "
+                             "backbone's roles.json records (what `rlhf ppo model=` loads), "
+                             "else none")
     parser.add_argument("--quantize-lm-head", action="store_true",
                         help="quantize the lm_head too (4-bit only; dequantized per call)")
     parser.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS,
@@ -1051,6 +1068,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"{parser.prog}: error: --strategy fsdp2 shards the base over several "
                        f"GPUs and --gpus is 1, where it changes nothing; add --gpus N (N >= 2) "
                        f"or leave --strategy out\n")
+    recorded = None
+    if args.quantization is None:  # a saved backbone's base loads as its roles.json says
+        recorded = recorded_quantization(args.model)
+        args.quantization = recorded or "none"
     if args.write_readme:
         readme = Path(__file__).resolve().parents[1] / "README.md"
         write_readme(readme)
@@ -1080,6 +1101,9 @@ def main(argv: list[str] | None = None) -> int:
         result["fit"] = {"card_gib": args.card, "reserve_gib": args.reserve, **fits}
         print(json.dumps(result, indent=1))
     else:
+        if recorded not in (None, "none"):
+            print(f"quantization: {recorded}, as {args.model}'s roles.json records it (the RL "
+                  f"stage loads that backbone's base so); --quantization none plans it dense")
         step = math.lcm(args.minibatch or 1, args.gpus)  # largest_batch's rounding
         print(format_plan(result, args.card, best, more_may_fit=best + step > BATCH_SEARCH_LIMIT))
         load = _load_peak(args.model, "rl", kwargs)

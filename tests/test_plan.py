@@ -521,3 +521,30 @@ def test_fsdp2_shards_the_reward_stage_and_never_a_quantized_base(capsys):
                                                      **kwargs)):
         with pytest.raises(ValueError, match="fsdp2 cannot shard a quantized base"):
             call()
+
+
+def test_a_saved_backbone_is_planned_with_the_quantization_it_records(tmp_path, capsys):
+    """`rlhf plan runs/rm/backbone` planned a dense bf16 base for a backbone whose roles.json
+    records nf4, which `rlhf ppo model=` then loads 4-bit (18.0 against 8.7 GiB at Llama-3-8B).
+    The recorded quantization is now the default, said in one line; --quantization overrides
+    it; a backbone without the field (written before it was recorded) is dense."""
+    backbone = tmp_path / "backbone"
+    backbone.mkdir()
+    roles = {"base_config": planner.PRESETS["qwen2.5-0.5b"], "quantization": "nf4"}
+    (backbone / "roles.json").write_text(json.dumps(roles))
+
+    def planned(*argv):
+        assert planner.main([str(backbone), "--json", *argv]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    kw = dict(batch=16)
+    weights = {q: planner.plan(planner.PRESETS["qwen2.5-0.5b"], quantization=q, **kw)
+               for q in ("nf4", "none")}
+    assert weights["nf4"] != weights["none"]
+    assert planned()["stages"] == weights["nf4"]["stages"]
+    assert planned("--quantization", "none")["stages"] == weights["none"]["stages"]
+    assert planner.main([str(backbone)]) == 0
+    assert f"quantization: nf4, as {backbone}'s roles.json records it" in capsys.readouterr().out
+    del roles["quantization"]
+    (backbone / "roles.json").write_text(json.dumps(roles))
+    assert planned()["stages"] == weights["none"]["stages"]
