@@ -261,6 +261,55 @@ _KEY_HINTS = {
     ("RewardConfig", "max_steps"): "The reward stage counts epochs, not steps: epochs=0.1 trains "
                                    "on a tenth of the pairs",
 }
+# Settings of TRL's trainer configs (and veRL's, OpenRLHF's) by the name each has here: a user
+# coming from them types theirs. (candidates: the first that the config has; what to know.)
+_FRAMEWORK_NAMES = {
+    "learning_rate": (("lr",), ""),
+    "num_generations": (("group_size",), "the samples per prompt"),
+    "beta": (("kl_coef",), "the KL penalty's weight"),
+    "init_kl_coef": (("kl_coef",), "the KL penalty's weight"),
+    "kl_coef_target": (("kl_target",), ""),
+    "epsilon": (("clip_ratio",), "the ratio's clip range"),
+    "cliprange": (("clip_ratio",), "the ratio's clip range"),
+    "epsilon_high": (("clip_ratio_high",), "the upper clip of the ratio (DAPO's clip-higher)"),
+    "cliprange_value": (("value_clip",), ""),
+    "scale_rewards": (("advantage_norm",), "group | batch | none; TRL's false is none"),
+    "importance_sampling_level": (("ratio_level",), "token | sequence"),
+    "loss_agg_mode": (("loss_reduction",), "token-mean | seq-mean-token-mean | ..."),
+    "max_completion_length": (("max_new_tokens",), ""),
+    "response_length": (("max_new_tokens",), ""),
+    "per_device_train_batch_size": (("batch_size", "minibatch_size"), ""),
+    "gradient_accumulation_steps": (("grad_accum_steps",), ""),
+    "num_train_epochs": (("epochs",), "passes over the data"),
+    "num_ppo_epochs": (("ppo_epochs",), "passes over each rollout"),
+    "ppo_epochs_per_batch": (("ppo_epochs",), "passes over each rollout"),
+    "max_grad_norm": (("grad_clip",), ""),
+    "max_seq_length": (("max_length",), ""),
+    "warmup_ratio": (("warmup_steps",), "a number of steps here, not a fraction"),
+}
+
+
+def _framework_name(name: str, cls: type, prefix: str) -> str | None:
+    """The hint for a key that is another framework's name of a setting of ``cls`` (or of one
+    of its nested configs: the pipeline's stages), else None."""
+    candidates, note = _FRAMEWORK_NAMES.get(name, ((), ""))
+    fields = _init_fields(cls)
+    hints = typing.get_type_hints(cls)
+    targets = [field for field in candidates if field in fields][:1] or [
+        f"{outer}.{field}" for outer in sorted(fields)
+        if (inner := _dataclass_in(hints.get(outer, Any))) is not None
+        for field in candidates[:1] if field in _init_fields(inner)]
+    if not targets:
+        return None
+    shown = " or ".join(repr(prefix + target) for target in targets)
+    hint = f" {name!r} is TRL's (or veRL's) name: here the setting is {shown}"
+    hint += f": {note}." if note else "."
+    if candidates[0] == "ppo_epochs":
+        hint += (" (TRL's GRPOConfig.num_iterations is ppo_epochs too; num_iterations here "
+                 "counts the run's iterations.)")
+    return hint
+
+
 # The stage commands by config class (the module and class each command runs).
 _STAGE_CONFIGS = (("sft", "rlhf.sft", "SFTConfig"), ("rm", "rlhf.reward", "RewardConfig"),
                   ("ppo", "rlhf.rl", "PPOConfig"), ("pipeline", "rlhf.pipeline",
@@ -293,6 +342,8 @@ def _unknown_key(cls: type, prefix: str, name: str, fields: Mapping[str, Any]) -
     close = difflib.get_close_matches(name, valid, n=1)
     if (cls.__name__, name) in _KEY_HINTS:
         hint = f" {_KEY_HINTS[cls.__name__, name]}."
+    elif (framework := _framework_name(name, cls, prefix)) is not None:
+        hint = framework
     elif nested:
         hint = f" Did you mean {' or '.join(repr(key) for key in nested)}?"
     elif (other := _commands_with(name, cls)):

@@ -205,10 +205,20 @@ def test_a_kernels_backend_that_is_none_is_refused_before_anything_loads(capsys,
                                   "'num_iterations' is a setting of `rlhf ppo / grpo`: is this "
                                   "the config of another command?"),
     (["ppo", "corpus_size=100"], "'corpus_size' is a setting of `rlhf sft / pipeline`"),
+    # TRL's (and veRL's) names of our settings
+    (["grpo", "num_generations=8"], "'num_generations' is TRL's (or veRL's) name: here the "
+                                    "setting is 'group_size': the samples per prompt."),
+    (["grpo", "num_ppo_epochs=2"], "here the setting is 'ppo_epochs': passes over each rollout. "
+                                   "(TRL's GRPOConfig.num_iterations is ppo_epochs too"),
+    (["sft", "learning_rate=1e-4"], "here the setting is 'lr'."),
+    (["pipeline", "beta=0.1"], "'beta' is TRL's (or veRL's) name: here the setting is "
+                               "'ppo.kl_coef': the KL penalty's weight."),
+    (["pipeline", "sft.num_train_epochs=2"], "here the setting is 'sft.epochs'"),
 ])
 def test_a_key_of_another_command_says_so(capsys, argv, expected):
     """`rlhf rm max_steps=1` suggested max_skipped_steps, and `rlhf sft configs/ppo.yaml` listed
-    SFT's keys without saying the file was another command's (found by helper U)."""
+    SFT's keys without saying the file was another command's; a TRL user's name of a setting
+    (num_generations, beta, learning_rate) got the list of keys, or a wrong guess."""
     from rlhf import cli
 
     assert cli.main([*argv, "--print-config"]) == 2
