@@ -101,7 +101,6 @@ and still raises after ``max_skipped_steps``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import resource
@@ -826,15 +825,9 @@ def _compiled_layers(backbone, cfg: RLConfig):
     """The context the scoring forwards and the update run in: the decoder layers compiled
     (``torch_compile``, rlhf/compile.py), else nothing. (The rollout runs outside it: the
     engine's decode step is a CUDA graph of its own.)"""
-    if not cfg.torch_compile:
-        return contextlib.nullcontext
-    if distributed.strategy() == "fsdp2":
-        raise ValueError("torch_compile=true is not supported with strategy=fsdp2 (its sharded "
-                         "layers gather their weights in hooks around each layer); use "
-                         "strategy=ddp, or torch_compile=false")
-    from rlhf.compile import CompiledLayers
+    from rlhf.compile import layers_context
 
-    return CompiledLayers(backbone.causal_lm).active
+    return layers_context(backbone.causal_lm, cfg.torch_compile)
 
 
 def backward_losses(backbone, batch: Rollout, cfg: RLConfig,

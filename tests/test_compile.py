@@ -248,8 +248,14 @@ def test_sft_and_reward_stages_run_every_layer_call_compiled(tmp_path, monkeypat
     evaluation) with ``torch_compile=true``: every decoder-layer call
     goes through the compiled forward, and the layers are plain again after the run."""
     from rlhf import reward, sft
-    from tests.test_stages import (corpus, sentiment_pairs, sft_config, tiny_backbone,
-                                   tiny_model, tokenizer)
+    from tests.test_stages import (
+        corpus,
+        sentiment_pairs,
+        sft_config,
+        tiny_backbone,
+        tiny_model,
+        tokenizer,
+    )
 
     monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
     compiled_calls = _record_compiled_calls(monkeypatch)
