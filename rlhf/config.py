@@ -231,6 +231,11 @@ def named_as_typed(message: str, prefix: str, cls: type) -> str | None:
             and follows in ("=", " ", ":", ".")):
         return None
     message = prefix + message
+    # the settings the message tells the user to type ("add loss_normalizer=batch"), as typed
+    fields = _init_fields(cls)
+    message = re.sub(r"\b(add|set|use|pass|give|lower|raise) ([A-Za-z_][A-Za-z0-9_]*)=",
+                     lambda m: (f"{m.group(1)} {prefix}{m.group(2)}=" if m.group(2) in fields
+                                else m.group(0)), message)
     return re.sub(rf"\b{re.escape(cls.__name__)}\.(?=[A-Za-z_])", prefix, message)
 
 

@@ -76,14 +76,19 @@ def test_resume_from_a_damaged_checkpoint_says_which_and_what_to_do(tmp_path, da
     ("pipeline", "ppo.kl_target=inf", "ppo.kl_target=inf is out of range: ppo.kl_target must "
                                       "be a finite number > 0"),
     ("frontier", "base.ppo.lr=-1", "base.ppo.lr=-1.0 is out of range: base.ppo.lr must be"),
+    # the setting the message says to add is named as typed too
+    ("pipeline algorithm=dr_grpo", "ppo.loss_reduction=token-mean",
+     "ppo.loss_reduction='token-mean' has no effect with algorithm='dr_grpo'"),
 ])
 def test_a_nested_setting_out_of_range_is_named_as_typed(capsys, command, override, expected):
     """`rlhf pipeline reward.batch_size=0` said "batch_size must be >= 1, got 0" (sft, reward and
     ppo all have a batch setting) and `reward.lr=-1` named "RewardConfig.lr", a class name the
     user never typed; the error names the dotted key now."""
-    line = _error_line(capsys, [command, override, "--print-config"])
+    line = _error_line(capsys, [*command.split(), override, "--print-config"])
     assert line.split(": error: ", 1)[1].startswith(expected), line
     assert "Config." not in line
+    if "no effect" in expected:  # not "add loss_normalizer=batch", a key the pipeline lacks
+        assert "add ppo.loss_normalizer=batch " in line, line
 
 
 def test_a_top_level_setting_keeps_its_plain_name(capsys):
