@@ -640,7 +640,8 @@ def _cli_value(value: Any) -> str:
 
 
 def config_changes(old: Mapping[str, Any], new: Mapping[str, Any],
-                   ignore: Iterable[str] = RESUME_SAFE_KEYS) -> list[tuple[str, str | None]]:
+                   ignore: Iterable[str] = RESUME_SAFE_KEYS,
+                   presets: Mapping[str, Any] | None = None) -> list[tuple[str, str | None]]:
     """The settings (dotted keys for nested configs) that differ between a run's config `old`
     and `new`, skipping keys that are in `ignore` or whose last component is: one
     `(change, override)` per setting, `change` reading `key: old -> new` and `override` the
@@ -648,8 +649,11 @@ def config_changes(old: Mapping[str, Any], new: Mapping[str, Any],
     no longer has, or one added without a SETTINGS_ADDED entry).
 
     A setting `old` predates (`SETTINGS_ADDED`) compares as the value that did what the run did,
-    and RL settings left to their algorithm's preset compare as the preset's value."""
+    and RL settings left to their algorithm's preset compare as the preset's value; `presets`
+    (run.json's, ``preset_values`` of `old` when the run started) are those values as they were
+    then, so that a preset changed since is a change too."""
     ignore = set(ignore)
+    presets = presets or {}
     flat_old, flat_new = _flatten(_json_plain(old)), _flatten(_json_plain(new))
     changes = []
     for key in [*flat_new, *(k for k in flat_old if k not in flat_new)]:
@@ -668,7 +672,9 @@ def config_changes(old: Mapping[str, Any], new: Mapping[str, Any],
         if _ANY in olds:
             continue
         resolved_after = _preset_resolved(flat_new, key, after)
-        if any(_preset_resolved(flat_old, key, value) == resolved_after for value in olds):
+        if any((presets[key] if value is None and key in presets  # the run's own preset
+                else _preset_resolved(flat_old, key, value)) == resolved_after
+               for value in olds):
             continue
         if legacy:
             shown = f"(not in run.json: before this setting, runs did {json.dumps(olds[0])})"
@@ -680,7 +686,28 @@ def config_changes(old: Mapping[str, Any], new: Mapping[str, Any],
         changes.append((f"{key}: {shown} -> {after_shown}",
                         None if before is _MISSING and not legacy
                         else f"{key}={_cli_value(olds[0])}"))
+    for key, started in presets.items():
+        # a setting left to its algorithm's preset then and now, whose preset changed since
+        left_to_preset = flat_old.get(key, _MISSING) is None and flat_new.get(key, 0) is None
+        if key in ignore or key.rsplit(".", 1)[-1] in ignore or not left_to_preset:
+            continue
+        now = _preset_resolved(flat_new, key, flat_new[key])
+        if now != started:
+            changes.append((f"{key}: {_with_preset(flat_new, key, flat_new[key])}, where the "
+                            f"run started with {json.dumps(started)} (this version's preset "
+                            f"changed)", f"{key}={_cli_value(started)}"))
     return changes
+
+
+def preset_values(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The values the settings ``config`` leaves to its RL algorithm's preset resolve to (dotted
+    keys): run.json keeps them, so that a resume under a version whose preset changed says so
+    instead of continuing with the new value."""
+    from rlhf import rl  # rl imports this module
+
+    flat = _flatten(_json_plain(config))
+    return {key: _preset_resolved(flat, key, value) for key, value in flat.items()
+            if value is None and key.rsplit(".", 1)[-1] in rl.PRESET_KEYS}
 
 
 def _now() -> str:
@@ -1089,7 +1116,8 @@ def _open_run(directory: str | Path, kind: str, config: Mapping[str, Any], *, re
                 raise RunDirectoryError(
                     f"output_dir {str(directory)!r} holds a {manifest.get('kind')!r} run, not "
                     f"a {kind!r} one; give the {kind} run its own output_dir=...")
-            changes = config_changes(manifest["config"], config, resume_safe)
+            changes = config_changes(manifest["config"], config, resume_safe,
+                                     manifest.get("presets"))
             if changes:
                 overrides = [override for _, override in changes if override is not None]
                 how = (f"Resume with the run's settings (add `{' '.join(overrides)}` to the "
@@ -1169,7 +1197,8 @@ def _open_run(directory: str | Path, kind: str, config: Mapping[str, Any], *, re
                         "created": _now(), "host": socket.gethostname(),
                         "command": " ".join(sys.argv), "config": _json_plain(config),
                         "data": data_fingerprints(config) if reads_data else {},
-                        "models": model_fingerprints(config) if reads_data else {}}
+                        "models": model_fingerprints(config) if reads_data else {},
+                        "presets": preset_values(config)}
             if _auto_device(config) is not None:  # the device type device=auto ran on
                 manifest["auto_device"] = _auto_device(config)
             manifest["kernels_backend"] = _kernels_backend()

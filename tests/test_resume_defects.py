@@ -464,3 +464,32 @@ def test_an_rl_interrupt_while_the_record_is_written_after_a_checkpoint_names_th
     out = capsys.readouterr().out
     assert "interrupted during the update of iteration 2, which a checkpoint cannot hold" in out
     assert "continues from" in out and "step-0000001" in out
+
+
+def test_a_resume_after_an_algorithms_preset_changed_is_refused(tmp_path, monkeypatch):
+    """run.json kept `clip_ratio: null` (the algorithm's preset), and a resume compared the
+    preset with itself: under a version whose preset changed (GSPO's clip went from PPO's 0.2
+    to the paper's 3e-4), the run went on with the new clip without a word. run.json now keeps
+    the values the preset gave when the run started; a resume under another preset is refused,
+    naming the setting that gives the run's value back."""
+    from rlhf import rl
+    from rlhf.checkpoint import RunDirectoryError, open_run
+
+    config = {"output_dir": str(tmp_path), "algorithm": "gspo", "clip_ratio": None,
+              "clip_ratio_high": None, "lr": 0.1}
+    with open_run(tmp_path, "ppo", config, resume=False):
+        (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    started = dict(rl.PRESETS["gspo"])
+    with open_run(tmp_path, "ppo", config, resume=True) as run:  # the same preset: resumes
+        assert run.resumed
+    monkeypatch.setitem(rl.PRESETS, "gspo", dict(started, clip_ratio=0.2, clip_ratio_high=0.2))
+    with pytest.raises(RunDirectoryError) as refused:
+        with open_run(tmp_path, "ppo", config, resume=True):
+            pass
+    message = str(refused.value)
+    assert "clip_ratio: null (the gspo preset: 0.2), where the run started with 0.0003" in message
+    assert f"clip_ratio={started['clip_ratio']:g} clip_ratio_high=" in message
+    given = dict(config, clip_ratio=started["clip_ratio"],
+                 clip_ratio_high=started["clip_ratio_high"])
+    with open_run(tmp_path, "ppo", given, resume=True) as run:  # the run's values, given
+        assert run.resumed
