@@ -166,7 +166,9 @@ PRESETS: dict[str, dict] = {
     "dr_grpo": dict(_CRITIC_FREE, advantage_estimator="dr_grpo",
                     loss_reduction="seq-mean-token-sum-norm", loss_normalizer="max_length"),
     "rloo": dict(_CRITIC_FREE, advantage_estimator="rloo", loss_reduction="token-mean"),
-    "gspo": dict(_CRITIC_FREE, ratio_level="sequence"),
+    # GSPO (Qwen, paper v2 section 5.1): the sequence ratio (a geometric mean, close to 1) is
+    # clipped at 1 - 3e-4 and 1 + 4e-4; PPO's 0.2 left it all but unclipped
+    "gspo": dict(_CRITIC_FREE, ratio_level="sequence", clip_ratio=3e-4, clip_ratio_high=4e-4),
     "dapo": dict(_CRITIC_FREE, loss_reduction="token-mean", loss_normalizer="step_tokens",
                  clip_ratio_high=0.28, dynamic_sampling=True),
     # MiniMax-M1: no lower bound on the weight (1 - 1 = 0), the upper at 1 + 4 = 5 (ScaleRL's
