@@ -44,7 +44,9 @@ duration of a run:
   A stage given its rows by the pipeline does not read those files: the pipeline's run.json
   alone fingerprints them (`reads_data=False`), so each is hashed once.
   It records the kernels' backend the environment asked for (`RLHF_KERNELS_BACKEND`, "auto"
-  when unset): a resume under another one warns that its second part rounds differently.
+  when unset): a resume under another one warns that its second part rounds differently. And
+  the values an RL algorithm's preset gave the settings left to it (`presets`): a resume under
+  a version whose preset changed is refused like a changed setting.
 - a fresh run (no --resume) into a directory that holds a run's files refuses to start (it
   would mix with them) unless `overwrite=true`, which deletes exactly those files first.
 """
