@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -83,8 +84,10 @@ def check_normalizer(normalizer) -> None:
         raise SettingError(
             f"normalizer must be a number > 0 or a 0-d tensor, got {type(normalizer).__name__}"
         )
-    if not normalizer > 0:  # also refuses NaN
-        raise ValueError(f"normalizer must be > 0 (the loss is divided by it), got {normalizer}")
+    if not 0 < normalizer < math.inf:  # also refuses NaN
+        raise ValueError(
+            f"normalizer must be > 0 and finite (the loss is divided by it), got {normalizer}"
+        )
 
 
 def normalizer_setting(normalizer):
@@ -212,6 +215,20 @@ def real_setting(name: str, value, *, none_ok: bool = False) -> float | None:
     if isinstance(value, torch.Tensor):
         return _setting_tensor(name, value, False, "a real number", none_ok)
     _refuse_setting(name, value, "a real number", none_ok)
+
+
+KL_COEF_MEANING = "the weight of the KL term kl_coef * KL(policy || reference); 0 for none"
+ENTROPY_COEF_MEANING = "the weight of the entropy bonus, loss - entropy_coef * entropy; 0 for none"
+
+
+def finite_setting(name: str, value, meaning: str) -> float:
+    """A real setting that must be finite (a weight or a scale: NaN or +-inf only turns the loss
+    into NaN / inf) -> float, as ``real_setting``; NaN and +-inf are one ValueError naming the
+    setting, its value and ``meaning`` (what the setting does, what is usual)."""
+    value = real_setting(name, value)
+    if not -math.inf < value < math.inf:  # also refuses NaN
+        raise ValueError(f"{name}={value} must be a finite number ({meaning})")
+    return value
 
 
 def int_setting(name: str, value, *, none_ok: bool = False, expected: str = "an int"

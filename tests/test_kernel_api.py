@@ -164,3 +164,62 @@ def test_shape_rewards_mask_none_counts_every_token():
     want[:, -1] += scores.double()
     got = rk.shape_rewards(scores, logp, ref_logp, None, 0.1)
     torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-6)
+
+
+def _weighted_setting_call(op, name, value, backend):
+    """The op called with the setting `name` = value (the other settings their defaults, any
+    tensor the setting needs given)."""
+    labels, old_logp, advantages = _rollout()
+    ref_logp = old_logp + 0.1
+    kw = {name: value, "backend": backend}
+    if op == "ppo_policy_loss":
+        return rk.ppo_policy_loss(old_logp + 0.05, old_logp, advantages, ref_logp=ref_logp, **kw)
+    if op == "ppo_loss_from_logits":
+        return rk.ppo_loss_from_logits(torch.randn(B, T, V, device=DEVICE), labels, old_logp,
+                                       advantages, ref_logp=ref_logp, **kw)
+    hidden, weight = torch.randn(B, T, H, device=DEVICE), torch.randn(V, H, device=DEVICE)
+    lora = dict(lora_a=torch.randn(2, H, device=DEVICE), lora_b=torch.randn(V, 2, device=DEVICE))
+    if op == "linear_ppo_loss":
+        return rk.linear_ppo_loss(hidden, weight, labels, old_logp, advantages, ref_logp=ref_logp,
+                                  **lora, **kw)
+    if op == "linear_logprobs":
+        return rk.linear_logprobs(hidden, weight, labels, **lora, **kw)
+    return rk.bradley_terry_loss(torch.randn(5, device=DEVICE), torch.randn(5, device=DEVICE),
+                                 **kw)
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+@pytest.mark.parametrize("op,name", [
+    ("ppo_policy_loss", "kl_coef"), ("ppo_policy_loss", "normalizer"),
+    ("ppo_loss_from_logits", "kl_coef"), ("ppo_loss_from_logits", "entropy_coef"),
+    ("linear_ppo_loss", "kl_coef"), ("linear_ppo_loss", "entropy_coef"),
+    ("linear_ppo_loss", "lora_scale"), ("linear_logprobs", "lora_scale"),
+    ("bradley_terry_loss", "margin"), ("bradley_terry_loss", "center_coef"),
+])
+def test_nan_or_inf_weight_settings_are_refused(op, name, backend):
+    """A NaN or infinite weight / scale setting is one ValueError naming it, its value and
+    that a finite number is expected, on the kernel backend and the reference alike (before:
+    taken, the loss or log-probs NaN or inf; a normalizer of inf gave a loss of 0). A 0-d
+    tensor setting holding NaN is refused too (a tensor normalizer stays unread: no host
+    sync)."""
+    values = [NAN, float("inf"), -float("inf")]
+    if name != "normalizer":
+        values.append(torch.tensor(NAN))
+    for value in values:
+        with pytest.raises(ValueError) as caught:
+            _weighted_setting_call(op, name, value, backend)
+        message = str(caught.value)
+        assert name in message and str(float(value)) in message and "finite" in message
+
+
+def test_bradley_terry_finite_margin_and_center_coef_still_taken():
+    """The finite settings the refusal above lets through are used as before: the loss is the
+    float64 formula -log sigmoid(c - r - margin) + center_coef (c + r)^2, averaged."""
+    c, r = torch.randn(5, device=DEVICE), torch.randn(5, device=DEVICE)
+    c64, r64 = c.double(), r.double()
+    want = (-torch.nn.functional.logsigmoid(c64 - r64 - 0.5) + 0.1 * (c64 + r64) ** 2).mean()
+    for backend in (None, "reference"):
+        for margin in (0.5, torch.tensor(0.5)):
+            loss, _ = rk.bradley_terry_loss(c, r, margin=margin, center_coef=0.1,
+                                            backend=backend)
+            torch.testing.assert_close(loss.double(), want, atol=1e-6, rtol=1e-6)

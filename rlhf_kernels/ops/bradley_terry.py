@@ -38,7 +38,7 @@ from rlhf_kernels._checks import (
     check_float,
     check_same_device,
     check_same_shape,
-    real_setting,
+    finite_setting,
 )
 from rlhf_kernels.backend import launch_directly, native_cpu_kernels, resolve_backend
 from rlhf_kernels.ops._launch import CachedLaunch
@@ -301,6 +301,9 @@ class _BradleyTerryFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 # public function
 # --------------------------------------------------------------------------------------------
+_MARGIN_MEANING = "subtracted from r_chosen - r_rejected; None for no margin"
+
+
 def bradley_terry_loss(
     chosen_rewards: torch.Tensor,
     rejected_rewards: torch.Tensor,
@@ -328,7 +331,7 @@ def bradley_terry_loss(
         # a 0-d tensor is a scalar setting, as for every op's scalar settings (read on the
         # host): the same kernel and bits as the same Python number (the per-pair path summed
         # its statistics an ulp apart on some inputs)
-        margin = real_setting("margin", margin)
+        margin = finite_setting("margin", margin, _MARGIN_MEANING)
     margin_tensor = margin if isinstance(margin, torch.Tensor) else None
     if margin_tensor is not None:
         check_float("margin", margin_tensor)
@@ -346,8 +349,10 @@ def bradley_terry_loss(
         if isinstance(margin, bool) or not isinstance(margin, numbers.Real):
             raise SettingError(f"margin must be None, a real number or a tensor, got "
                                f"{type(margin).__name__}: {margin!r}")
-        margin = float(margin)
-    center_coef = real_setting("center_coef", center_coef)
+        margin = finite_setting("margin", margin, _MARGIN_MEANING)
+    center_coef = finite_setting(
+        "center_coef", center_coef,
+        "the weight of the centering term mean((r_c + r_r)^2); 0 for none")
     check_same_device(("chosen_rewards", chosen_rewards), ("rejected_rewards", rejected_rewards),
                       ("margin", margin_tensor))
     if chosen_rewards.numel() == 0:

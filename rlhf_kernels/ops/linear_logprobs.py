@@ -71,7 +71,13 @@ import torch
 
 from rlhf_kernels import _alloc, reference
 from rlhf_kernels._alloc import empty
-from rlhf_kernels._checks import check_float, check_same_device, int_setting, real_setting
+from rlhf_kernels._checks import (
+    check_float,
+    check_same_device,
+    finite_setting,
+    int_setting,
+    real_setting,
+)
 from rlhf_kernels.backend import launch_directly, resolve_backend
 from rlhf_kernels.ops.logprobs import no_double_backward, savable_labels
 
@@ -837,7 +843,10 @@ def head_settings(lora_scale, temperature, ignore_index, chunk_size, memory_budg
     if memory_budget_bytes is not None and memory_budget_bytes < 1:
         raise ValueError(f"memory_budget_bytes must be a positive int or None, got "
                          f"{memory_budget_bytes!r}")
-    return (real_setting("lora_scale", lora_scale), check_temperature(temperature),
+    lora_scale = finite_setting(
+        "lora_scale", lora_scale,
+        "the head is weight + lora_scale * lora_b @ lora_a; PEFT's is lora_alpha / r")
+    return (lora_scale, check_temperature(temperature),
             int_setting("ignore_index", ignore_index), chunk_size, memory_budget_bytes)
 
 

@@ -81,6 +81,7 @@ import triton.language as tl
 from rlhf_kernels import _native_losses, reference
 from rlhf_kernels._alloc import empty
 from rlhf_kernels._checks import (
+    KL_COEF_MEANING,
     check_advantages_shape,
     check_dual_clip,
     check_float,
@@ -88,6 +89,7 @@ from rlhf_kernels._checks import (
     check_policy_options,
     check_same_device,
     check_same_shape,
+    finite_setting,
     normalizer_setting,
     real_setting,
     sapo_taus,
@@ -710,7 +712,7 @@ def ppo_policy_loss(
             f"kl_estimator={kl_estimator!r} is not supported; expected one of "
             f"{tuple(_KL_CODES)}"
         )
-    kl_coef = real_setting("kl_coef", kl_coef)
+    kl_coef = finite_setting("kl_coef", kl_coef, KL_COEF_MEANING)
     if ref_logp is None and kl_coef != 0.0:
         check_kl_reference(kl_coef, ref_logp)
     with_kl = ref_logp is not None and kl_coef != 0.0

@@ -96,6 +96,8 @@ import torch
 from rlhf_kernels import reference
 from rlhf_kernels._alloc import empty
 from rlhf_kernels._checks import (
+    ENTROPY_COEF_MEANING,
+    KL_COEF_MEANING,
     as_mask,
     check_advantages_shape,
     check_float,
@@ -104,6 +106,7 @@ from rlhf_kernels._checks import (
     check_policy_options,
     check_reduction,
     check_same_shape,
+    finite_setting,
     int_setting,
     normalizer_setting,
     real_setting,
@@ -758,7 +761,8 @@ def _policy_settings(kl_coef, entropy_coef, clip_low, clip_high, dual_clip, log_
     """The fused losses' scalar settings as Python floats / ints (from Python or numpy numbers
     or 0-d tensors; the normalizer may stay a 0-d tensor); ranges are checked by
     ``_check_rollout``."""
-    return (real_setting("kl_coef", kl_coef), real_setting("entropy_coef", entropy_coef),
+    return (finite_setting("kl_coef", kl_coef, KL_COEF_MEANING),
+            finite_setting("entropy_coef", entropy_coef, ENTROPY_COEF_MEANING),
             real_setting("clip_low", clip_low), real_setting("clip_high", clip_high),
             real_setting("dual_clip", dual_clip, none_ok=True),
             real_setting("log_ratio_clamp", log_ratio_clamp, none_ok=True),
