@@ -577,12 +577,15 @@ def ppo_value_loss(
     mask: torch.Tensor | None = None,
     clip: float | None = 0.2,
     reduction: str = "token-mean",
+    normalizer: float | torch.Tensor | None = None,
 ):
     """Clipped value loss. values, old_values, returns, mask (..., T) -> (loss (), stats).
 
     per-token loss = 1/2 max((v - R)^2, (old + clip(v - old, -clip, clip) - R)^2); no clipping
-    when ``clip`` is None. stats: clipfrac, explained_variance = 1 - Var(R - v) / Var(R) over
-    valid tokens (biased variances; 0 when Var(R) == 0), value_mean, return_mean.
+    when ``clip`` is None; reduced as ``reduce_loss(per_token, mask, reduction, normalizer)``
+    (the normalizer replaces the reduction's outer denominator, as in ``ppo_policy_loss``).
+    stats: clipfrac, explained_variance = 1 - Var(R - v) / Var(R) over valid tokens (biased
+    variances; 0 when Var(R) == 0), value_mean, return_mean.
     """
     dtype = _compute_dtype(values, old_values, returns)
     m = as_mask(mask, values).to(dtype)
@@ -596,7 +599,7 @@ def ppo_value_loss(
     else:
         per_token = 0.5 * loss1
         clipped = torch.zeros_like(loss1)
-    loss = reduce_loss(per_token, m, reduction)
+    loss = reduce_loss(per_token, m, reduction, normalizer)
     with torch.no_grad():
         err = R - v
         err_mean = masked_mean(err, m)

@@ -192,6 +192,103 @@ def test_bad_input_raises(kwargs, match):
         ppo_value_loss(**args, backend="triton")
 
 
+# --------------------------------------------------------------------------------------------
+# normalizer= (a step's count in place of the reduction's outer denominator)
+# --------------------------------------------------------------------------------------------
+def _value_loss_over_count(values, old_values, returns, mask, clip, reduction, count):
+    """float64, written out: 1/2 max((v - R)^2, (o + clip(v - o, +-clip) - R)^2) per counted
+    token, each row's tokens weighted 1 / (its tokens) for seq-mean-token-mean and 1 otherwise,
+    summed and divided by ``count``."""
+    v, o, R = values.double(), old_values.double(), returns.double()
+    per_token = 0.5 * torch.maximum((v - R) ** 2, (o + (v - o).clamp(-clip, clip) - R) ** 2)
+    per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
+    if reduction == "seq-mean-token-mean":
+        per_token = per_token / mask.sum(-1, keepdim=True).clamp_min(1)
+    return per_token.sum() / count
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["number", "int64 tensor"])
+def test_normalizer_replaces_the_outer_denominator(reduction, as_tensor):
+    """normalizer=N divides the (row-weighted) token sum by N whatever the reduction, as for
+    the policy loss: loss and gradient against the float64 formula, NaN padding under the mask
+    ignored. N as a number or a 0-d int64 tensor (a token count, read on the device)."""
+    shape = (3, 37)
+    values, old_values, returns = make_inputs(shape, torch.float32)
+    mask = make_mask(shape, "right")
+    values = values.masked_fill(~mask, float("nan"))
+    count = 50
+    normalizer = torch.tensor(count, device=DEVICE) if as_tensor else float(count)
+    upstream = torch.randn((), device=DEVICE)
+    x = values.clone().requires_grad_()
+    loss, _ = ppo_value_loss(x, old_values, returns, mask, 0.2, reduction, normalizer,
+                             backend="triton")
+    (loss * upstream).backward()
+    x64 = values.double().requires_grad_()
+    want = _value_loss_over_count(x64, old_values, returns, mask, 0.2, reduction, count)
+    (want * upstream.double()).backward()
+    assert_close(loss, want, atol=1e-6)
+    assert_close(x.grad, torch.where(mask, x64.grad, 0.0), atol=1e-6)
+    assert torch.equal(x.grad[~mask], torch.zeros_like(x.grad[~mask]))
+
+
+@pytest.mark.parametrize("reduction", ["token-mean", "seq-mean-token-sum",
+                                       "seq-mean-token-sum-norm"])
+def test_normalizer_equal_to_the_own_denominator_gives_the_same_bits(reduction):
+    """A normalizer equal to the reduction's own outer denominator (the tokens, the rows with a
+    token, T) gives the loss and gradient of no normalizer bit for bit: one micro-batch making
+    the whole step, a trainer's step count is that micro-batch's own."""
+    shape = (4, 29)
+    values, old_values, returns = make_inputs(shape, torch.float32)
+    mask = make_mask(shape, "left")
+    own = {"token-mean": mask.sum(), "seq-mean-token-sum": mask.any(-1).sum(),
+           "seq-mean-token-sum-norm": torch.tensor(shape[-1])}[reduction]
+    results = []
+    for normalizer in (None, float(own), own):
+        x = values.clone().requires_grad_()
+        loss, _ = ppo_value_loss(x, old_values, returns, mask, 0.2, reduction, normalizer,
+                                 backend="triton")
+        loss.backward()
+        results.append((loss.detach(), x.grad))
+    for loss, grad in results[1:]:
+        assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
+
+
+@pytest.mark.parametrize("normalizer,error,match", [
+    (0.0, ValueError, r"normalizer must be > 0"),
+    (float("nan"), ValueError, r"normalizer must be > 0 and finite.*got nan"),
+    (float("inf"), ValueError, r"normalizer must be > 0 and finite.*got inf"),
+    (torch.ones(2), ValueError, r"normalizer must be .* 0-d"),
+    ("all", TypeError, r"normalizer must be a number"),
+])
+def test_bad_normalizer_raises(normalizer, error, match):
+    values, old_values, returns = make_inputs((2, 3), torch.float32)
+    for backend in ("triton", "reference"):
+        with pytest.raises(error, match=match):
+            ppo_value_loss(values, old_values, returns, normalizer=normalizer, backend=backend)
+
+
+def test_torch_compile_with_a_tensor_normalizer():
+    """A step's token count as a 0-d tensor goes through the custom op under torch.compile
+    (fullgraph): loss and gradient as in eager mode."""
+    shape = (3, 20)
+    values, old_values, returns = make_inputs(shape, torch.float32)
+    mask = make_mask(shape, "right")
+
+    def step(x, old, ret, m, count):
+        return ppo_value_loss(x, old, ret, m, normalizer=count, backend="triton")[0]
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    count = mask.sum() + 7
+    x_eager, x_comp = values.clone().requires_grad_(), values.clone().requires_grad_()
+    loss_eager, loss_comp = step(x_eager, old_values, returns, mask, count), compiled(
+        x_comp, old_values, returns, mask, count)
+    loss_eager.backward()
+    loss_comp.backward()
+    assert_close(loss_comp, loss_eager, atol=1e-6)
+    assert_close(x_comp.grad, x_eager.grad, atol=1e-7)
+
+
 def test_gradient_wanted_for_returns_raises():
     values, old_values, returns = make_inputs((2, 5), torch.float32)
     with pytest.raises(ValueError, match="returns requires grad.*values only"):

@@ -10,8 +10,9 @@ Per valid token, with v the values, R the returns and o the old values:
 
 Without ``clip`` l = (v - R)^2 / 2. The loss is a masked weighted sum of l (see ``_reduce``): the
 forward kernel stores ``w_row * m * dl/dv`` per token and per-program partials of the loss and
-the stats; a one-program kernel finishes them on the device; the backward is
-``saved * grad_loss * scale``. Gradients flow to ``values`` only.
+the stats; a one-program kernel finishes them on the device, dividing by the reduction's outer
+denominator or by ``normalizer`` in its place (a tensor normalizer is loaded there: no host
+sync); the backward is ``saved * grad_loss * scale``. Gradients flow to ``values`` only.
 
 Stats: clipfrac, explained_variance = 1 - Var(R - v) / Var(R) (biased variances over valid
 tokens, 0 when Var(R) == 0), value_mean, return_mean. The variances are exact-merge Welford:
@@ -33,18 +34,26 @@ import triton.language as tl
 
 from rlhf_kernels import _native_losses, reference
 from rlhf_kernels._alloc import empty
-from rlhf_kernels._checks import check_float, check_same_device, check_same_shape, real_setting
+from rlhf_kernels._checks import (
+    check_float,
+    check_same_device,
+    check_same_shape,
+    normalizer_setting,
+    real_setting,
+)
 from rlhf_kernels.backend import launch_directly, native_cpu_kernels, resolve_backend
 from rlhf_kernels.ops._launch import CachedLaunch
 from rlhf_kernels.ops._reduce import (
     NAN,
+    NORMALIZER_NONE,
     SavedGradLoss,
     as_rows,
     check_mask,
+    loss_denominator,
     mask_for_kernel,
     next_power_of_2,
+    normalizer_args,
     reduction_code,
-    reduction_denominator,
     row_tiles,
     row_token_count,
     saved_grad_scale,
@@ -171,9 +180,9 @@ def _ppo_value_loss_fwd_kernel(
 
 @triton.jit
 def _ppo_value_loss_finish_kernel(
-    partial_ptr, loss_ptr, stats_ptr,
-    n_programs, T,
-    REDUCTION: tl.constexpr, BLOCK_P: tl.constexpr,
+    partial_ptr, loss_ptr, stats_ptr, norm_ptr,
+    n_programs, T, norm_value,
+    REDUCTION: tl.constexpr, NORMALIZER: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     # One program. First pass: sums and the global means; second: merge the programs' M2.
     offs = tl.arange(0, BLOCK_P)
@@ -216,7 +225,8 @@ def _ppo_value_loss_finish_kernel(
     var_ret = tl.sum(s_ret_m2, axis=0) / n_safe
     explained = tl.where(var_ret > 0.0, 1.0 - var_err / tl.maximum(var_ret, 1e-30), 0.0)
 
-    denom = reduction_denominator(n_tokens, tl.sum(s_rows, axis=0), T, REDUCTION)
+    denom = loss_denominator(n_tokens, tl.sum(s_rows, axis=0), T, norm_value, norm_ptr,
+                             REDUCTION, NORMALIZER)
     tl.store(loss_ptr, tl.sum(s_loss, axis=0) / denom)
     tl.store(stats_ptr + 0, tl.sum(s_clip, axis=0) / n_safe)
     tl.store(stats_ptr + 1, explained)
@@ -233,17 +243,42 @@ _value_finish = CachedLaunch(globals(), "_ppo_value_loss_finish_kernel")
 # --------------------------------------------------------------------------------------------
 # launchers and autograd
 # --------------------------------------------------------------------------------------------
+def _native_launch(values, old_values, returns, mask, normalizer, clip, reduction,
+                   normalizer_value):
+    """``_launch`` on the native kernel (csrc/cpu/losses.cpp). That kernel divides by the
+    reduction's own outer denominator, an integer (tokens, rows, T or 1) whose inverse it
+    stores as the scale; with a normalizer the loss is multiplied back by that integer and
+    divided by the normalizer (in float64, then rounded to fp32 as the kernel rounds), and the
+    scale becomes 1 / normalizer in fp32, as the Triton finish kernel computes it."""
+    loss, stats, saved_grad = _native_losses.ppo_value_loss(values, old_values, returns, mask,
+                                                            clip, reduction)
+    if normalizer is None and normalizer_value is None:
+        return loss, stats, saved_grad
+    norm = (torch.tensor(normalizer_value, dtype=torch.float32) if normalizer is None
+            else normalizer.detach().to(device="cpu", dtype=torch.float32))
+    own = torch.round(1.0 / stats[_S_SCALE].double())
+    loss = (loss.double() * own / norm.double()).float()
+    stats[_S_SCALE] = 1.0 / norm
+    return loss, stats, saved_grad
+
+
 def _launch(
     values: torch.Tensor,
     old_values: torch.Tensor,
     returns: torch.Tensor,
     mask: torch.Tensor | None,
+    normalizer: torch.Tensor | None,
     clip: float | None,
     reduction: int,
+    normalizer_value: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> loss () fp32, stats (_N_STATS,) fp32, saved gradient (values.shape) fp32 contiguous."""
-    if native_cpu_kernels(values):  # csrc/cpu/losses.cpp
-        return _native_losses.ppo_value_loss(values, old_values, returns, mask, clip, reduction)
+    """-> loss () fp32, stats (_N_STATS,) fp32, saved gradient (values.shape) fp32 contiguous.
+
+    normalizer (a 0-d tensor) or normalizer_value replaces the reduction's outer denominator
+    (``_reduce.normalizer_args``); both None: the reduction's own."""
+    if native_cpu_kernels(values):
+        return _native_launch(values, old_values, returns, mask, normalizer, clip, reduction,
+                              normalizer_value)
     device = values.device
     T = values.shape[-1]
     values2, old2, returns2 = as_rows(values), as_rows(old_values), as_rows(returns)
@@ -251,6 +286,11 @@ def _launch(
     mask2 = as_rows(mask) if mask is not None else values2
     n_rows = values2.shape[0]
     block_r, block_t, n_programs = row_tiles(n_rows, T)
+    if normalizer is None and normalizer_value is None:
+        norm_flag, norm_value = NORMALIZER_NONE, 0.0
+    else:
+        norm_flag, norm_value, normalizer = normalizer_args(
+            normalizer if normalizer is not None else normalizer_value, device)
 
     loss = empty((), torch.float32, device)
     stats = empty((_N_STATS,), torch.float32, device)
@@ -266,8 +306,8 @@ def _launch(
         BLOCK_R=block_r, BLOCK_T=block_t, num_warps=8 if block_r * block_t >= 2048 else 4,
     )
     _value_finish((1,),
-        partials, loss, stats, n_programs, T,
-        REDUCTION=reduction,
+        partials, loss, stats, normalizer, n_programs, T, norm_value,
+        REDUCTION=reduction, NORMALIZER=norm_flag,
         BLOCK_P=min(next_power_of_2(n_programs), _FINISH_BLOCK_MAX), num_warps=4,
     )
     return loss, stats, saved_grad
@@ -279,15 +319,18 @@ def _ppo_value_loss_op(
     old_values: torch.Tensor,
     returns: torch.Tensor,
     mask: torch.Tensor | None,
+    normalizer: torch.Tensor | None,
     clip: float | None,
     reduction: int,
+    normalizer_value: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``_launch`` as a custom op: what torch.compile / export / torch.func see."""
-    return _launch(values, old_values, returns, mask, clip, reduction)
+    return _launch(values, old_values, returns, mask, normalizer, clip, reduction,
+                   normalizer_value)
 
 
 @_ppo_value_loss_op.register_fake
-def _(values, old_values, returns, mask, clip, reduction):
+def _(values, old_values, returns, mask, normalizer, clip, reduction, normalizer_value):
     return (
         values.new_empty((), dtype=torch.float32),
         values.new_empty((_N_STATS,), dtype=torch.float32),
@@ -308,7 +351,7 @@ def _backward(ctx, grad_loss, grad_stats, grad_saved):
     grad_values = None
     if grad_loss is not None and ctx.needs_input_grad[0]:
         grad_values = saved_grad_scale(saved_grad, grad_loss, stats, _S_SCALE, ctx.values_dtype)
-    return grad_values, None, None, None, None, None
+    return grad_values, None, None, None, None, None, None, None
 
 
 _ppo_value_loss_op.register_autograd(_backward, setup_context=_setup_context)
@@ -324,6 +367,7 @@ def ppo_value_loss(
     mask: torch.Tensor | None = None,
     clip: float | None = 0.2,
     reduction: str = "token-mean",
+    normalizer: float | torch.Tensor | None = None,
     *,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -337,8 +381,11 @@ def ppo_value_loss(
     return_mean (over valid tokens; 0 when there is none).
 
     clip: the values may move at most this far from old_values before the clipped term takes
-    over (None: plain (v - R)^2 / 2). reduction: as ``ppo_policy_loss``. backend: "triton",
-    "reference" or "auto". A fully masked row contributes 0; an all-masked batch gives loss 0.
+    over (None: plain (v - R)^2 / 2). reduction and normalizer: as ``ppo_policy_loss``
+    (normalizer: None, a number > 0 or a 0-d tensor, e.g. the optimizer step's token count
+    all-reduced over ranks, read on the device, no host sync, no gradient, that replaces the
+    reduction's outer denominator). backend: "triton", "reference" or "auto". A fully masked row
+    contributes 0; an all-masked batch gives loss 0.
     """
     for name, tensor in (("values", values), ("old_values", old_values), ("returns", returns)):
         check_float(name, tensor)
@@ -356,10 +403,13 @@ def ppo_value_loss(
             f"clip={clip} must be >= 0 (values are kept within old_values +- clip), or None "
             "for no clipping"
         )
+    if normalizer is not None:
+        normalizer = normalizer_setting(normalizer)
 
     use_reference = torch.float64 in (values.dtype, old_values.dtype, returns.dtype)
     if resolve_backend(values, backend, "ppo_value_loss") == "reference" or use_reference:
-        return reference.ppo_value_loss(values, old_values, returns, mask, clip, reduction)
+        return reference.ppo_value_loss(values, old_values, returns, mask, clip, reduction,
+                                        normalizer)
     if torch.is_grad_enabled():
         for name, tensor in (("old_values", old_values), ("returns", returns)):
             if tensor.requires_grad:
@@ -368,8 +418,13 @@ def ppo_value_loss(
                     f"values only (rollout data are constants in PPO); pass {name}.detach(), or "
                     "backend='reference' if you really need that gradient"
                 )
-    args = (values, old_values, returns, mask, clip, code)
-    if not launch_directly(values, old_values, returns, mask):
+    norm_value = norm_tensor = None
+    if isinstance(normalizer, torch.Tensor):
+        norm_tensor = normalizer.detach()  # no gradient into a count
+    elif normalizer is not None:
+        norm_value = normalizer
+    args = (values, old_values, returns, mask, norm_tensor, clip, code, norm_value)
+    if not launch_directly(values, old_values, returns, mask, norm_tensor):
         loss, stats, _ = _ppo_value_loss_op(*args)
     elif torch.is_grad_enabled() and values.requires_grad:
         loss, stats = SavedGradLoss.apply(_launch, _S_SCALE, *args)
