@@ -32,7 +32,8 @@ critic: the backbone's critic adapter is deleted before training (``drop_role``)
 computed, no critic parameter gets a gradient or optimizer state, and the checkpoints hold the
 policy adapter alone. Dr. GRPO's constant normaliser (rows x max_new_tokens) and DAPO's token
 count (every valid token of the optimizer step, across its gradient-accumulation micro-batches)
-go to the loss op as ``normalizer=`` (``loss_normalizer``).
+go to the loss ops as ``normalizer=`` (``loss_normalizer``): the policy loss's and, for PPO, the
+value loss's, so both are the same kind of mean over the step.
 
 Groups. With group_size G each iteration draws rollout_batch_size / G prompts and the engine
 samples G responses of each (``samples_per_prompt``): rows g*G .. g*G + G - 1 are one group,
@@ -772,20 +773,21 @@ def sapo_temperatures(cfg: RLConfig) -> dict:
     return dict(sapo_tau_pos=cfg.sapo_tau_pos, sapo_tau_neg=cfg.sapo_tau_neg)
 
 
-def value_loss(backbone, batch: Rollout, cfg: RLConfig):
-    """Clipped value loss of a minibatch -> (loss (), stats) (PPO's critic)."""
+def value_loss(backbone, batch: Rollout, cfg: RLConfig, *,
+               normalizer: float | torch.Tensor | None = None):
+    """Clipped value loss of a minibatch -> (loss (), stats) (PPO's critic), reduced as the
+    policy loss: the run's loss_reduction, and ``normalizer`` (``step_normalizer``: a count
+    over the whole optimizer step) in place of its outer denominator."""
     values = backbone.values(batch.sequences, batch.attention_mask)
     values = values[:, batch.prompt_length - 1:-1].float()
     reduction = cfg.settings.loss_reduction
-    if reduction == "seq-mean-token-sum-norm":
+    if normalizer is None and reduction == "seq-mean-token-sum-norm":
         # its T is the rollout's response columns, trimmed to the longest response; the
-        # constant is max_new_tokens, as for the policy loss (step_normalizer)
-        loss, stats = rlhf_kernels.ppo_value_loss(values, batch.old_values, batch.returns,
-                                                  batch.action_mask, clip=cfg.value_clip,
-                                                  reduction="token-sum")
-        return loss / cfg.max_new_tokens, stats
+        # constant is max_new_tokens, as step_normalizer gives the losses
+        normalizer = float(cfg.max_new_tokens)
     return rlhf_kernels.ppo_value_loss(values, batch.old_values, batch.returns, batch.action_mask,
-                                       clip=cfg.value_clip, reduction=reduction)
+                                       clip=cfg.value_clip, reduction=reduction,
+                                       normalizer=normalizer)
 
 
 def make_optimizer(policy_params, critic_params, cfg: RLConfig, device: torch.device):
@@ -805,8 +807,9 @@ def make_optimizer(policy_params, critic_params, cfg: RLConfig, device: torch.de
 
 
 def step_normalizer(cfg: RLConfig, batches: Sequence[Rollout]) -> float | torch.Tensor | None:
-    """The loss's outer denominator for one optimizer step made of ``batches`` (its
-    gradient-accumulation micro-batches), or None for the reduction's own per micro-batch:
+    """The losses' outer denominator (the policy loss's and PPO's value loss's) for one optimizer
+    step made of ``batches`` (its gradient-accumulation micro-batches), or None for the
+    reduction's own per micro-batch:
     step_tokens -> every valid token of the step (a 0-d tensor, no host sync); max_length ->
     the step's rows x max_new_tokens; with the batch normaliser, seq-mean-token-sum-norm's T
     as max_new_tokens (micro-batches x max_new_tokens for the step)."""
@@ -837,11 +840,12 @@ def backward_losses(backbone, batch: Rollout, cfg: RLConfig,
                     kl_coef: float | None = None,
                     normalizer: float | torch.Tensor | None = None, shares=None):
     """Policy loss, its backward, then (PPO) value loss, its backward (each while its own
-    adapter is active, which gradient checkpointing needs: rlhf/models.py). The losses are
-    divided by ``accumulation`` (grad_accum_steps) for the backward, except a policy loss whose
-    ``normalizer`` already counts the whole step. ``shares`` (torchrun, from
-    ``distributed.rl_shard``): the losses and stats become this rank's parts of the global
-    micro-batch's. Returns (policy loss, stats, value loss or None, stats)."""
+    adapter is active, which gradient checkpointing needs: rlhf/models.py). Both losses take
+    ``normalizer`` (``step_normalizer``); they are divided by ``accumulation``
+    (grad_accum_steps) for the backward unless that normalizer already counts the whole step.
+    ``shares`` (torchrun, from ``distributed.rl_shard``): the losses and stats become this
+    rank's parts of the global micro-batch's (a loss over a step normalizer already is one).
+    Returns (policy loss, stats, value loss or None, stats)."""
     device_type = batch.sequences.device.type
     autocast = dict(device_type=device_type, dtype=autocast_dtype,
                     enabled=autocast_dtype is not None)
@@ -850,14 +854,18 @@ def backward_losses(backbone, batch: Rollout, cfg: RLConfig,
                                       normalizer=normalizer)
     if shares is not None:
         p_loss, p_stats = distributed.scaled(p_loss, p_stats, shares.policy, shares.tokens)
-    (p_loss / (1 if normalizer is not None else accumulation)).backward()  # policy adapter
+    divisor = 1 if normalizer is not None else accumulation
+    (p_loss / divisor).backward()  # policy adapter
     if not cfg.settings.uses_critic:
         return p_loss, p_stats, None, {}
     with torch.autocast(**autocast):
-        v_loss, v_stats = value_loss(backbone, batch, cfg)
+        v_loss, v_stats = value_loss(backbone, batch, cfg, normalizer=normalizer)
     if shares is not None:
-        v_loss, v_stats = distributed.scaled(v_loss, v_stats, shares.value, shares.tokens)
-    (v_loss / accumulation).backward()  # critic adapter active
+        # over a step normalizer the rank's loss is already its part of the global one
+        v_loss, v_stats = distributed.scaled(v_loss, v_stats,
+                                             None if normalizer is not None else shares.value,
+                                             shares.tokens)
+    (v_loss / divisor).backward()  # critic adapter active
     return p_loss, p_stats, v_loss, v_stats
 
 
@@ -1332,7 +1340,8 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
                     batches = [trained.rows(rows[start:start + cfg.minibatch_size])
                                for start in range(0, step, cfg.minibatch_size)]
                     normalizer = step_normalizer(cfg, batches)
-                    # a step normaliser makes each micro-batch's loss a part of the step's sum
+                    # a step normaliser makes each micro-batch's loss (policy and value) a part
+                    # of the step's sum
                     logged_scale = cfg.grad_accum_steps if normalizer is not None else 1
                     # each micro-batch's (loss, stats, value loss, stats, tokens)
                     on_device = []
@@ -1362,7 +1371,7 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
                                 add(f"policy/{key}", value)
                         add("policy/loss", p_losses[-1])
                         if v_loss is not None:
-                            v_losses.append(v_loss)
+                            v_losses.append(v_loss * logged_scale)
                             for key, value in v_stats.items():
                                 if tokens:
                                     add(f"value/{key}", value)

@@ -283,3 +283,24 @@ def test_ppo_value_loss_seq_mean_token_sum_norm_divides_by_max_new_tokens(tokeni
     clipped = old + (values - old).clamp(-0.05, 0.05)
     per_token = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2) * m
     torch.testing.assert_close(loss.double(), per_token.sum() / 20, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("normaliser", ["step_tokens", "max_length"])
+def test_ppo_value_loss_takes_the_step_normaliser(tmp_path, tokenizer, monkeypatch, normaliser):
+    """PPO's value loss ignored loss_normalizer: the policy loss was divided by the optimizer
+    step's count and the value loss by each micro-batch's own token count, so with micro-batches
+    of unequal tokens (three rows of eight cut, mask_truncated) it was no mean over the step.
+    One step of all 8 rows in two micro-batches, before the critic moves (values = old values):
+    value/loss = 1/2 sum((old_values - returns)^2) over the trained tokens / the step's count
+    (its tokens, or rows x max_new_tokens), in float64 from the rollout."""
+    from rlhf.engine import Generation
+
+    cut = torch.tensor([True, False, True, False, False, True, False, False])
+    monkeypatch.setattr(Generation, "truncated", lambda self, eos: cut.clone())
+    record, rollout = _one_iteration(tmp_path, tokenizer, monkeypatch, "ppo", group_size=None,
+                                     loss_normalizer=normaliser, mask_truncated=True,
+                                     minibatch_size=4, grad_accum_steps=2)
+    m = rollout.action_mask.double() * ~cut[:, None]
+    count = float(m.sum()) if normaliser == "step_tokens" else 8 * 8  # rows x max_new_tokens
+    errors = (rollout.old_values.double() - rollout.returns.double()) ** 2 * m
+    assert record["value/loss"] == pytest.approx(0.5 * float(errors.sum()) / count, rel=1e-5)
