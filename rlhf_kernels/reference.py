@@ -16,6 +16,8 @@ kernels with these functions, so they are written for clarity, not speed. Conven
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -716,10 +718,10 @@ def linear_ppo_loss(
     log_ratio_clamp: float | None = 20.0,
     reduction: str = "token-mean",
     ignore_index: int = -100,
+    *,  # keyword-only as in the op, whose next positional arguments are its chunking
     ratio_level: str = "token",
     loss_type: str = "ppo",
     normalizer: float | torch.Tensor | None = None,
-    *,
     sapo_tau_pos: float | None = None,
     sapo_tau_neg: float | None = None,
 ):
@@ -835,8 +837,9 @@ def check_group_advantages(
     if norm is not None and norm not in ADVANTAGE_NORMS:
         raise ValueError(f"norm={norm!r} is not supported; expected None (the estimator's "
                          f"default: {DEFAULT_ADVANTAGE_NORM}) or one of {ADVANTAGE_NORMS}")
-    if not (float(eps) >= 0.0):
-        raise ValueError(f"eps={eps} must be >= 0 (it is added to the std)")
+    if not (0.0 <= float(eps) < math.inf):
+        raise ValueError(f"eps={eps} must be a finite number >= 0 (it is added to the std; inf "
+                         f"made every advantage 0)")
     return DEFAULT_ADVANTAGE_NORM[estimator] if norm is None else norm
 
 

@@ -240,8 +240,9 @@ def test_whiten_bad_input():
     x = torch.zeros(2, 5, device=DEVICE)
     with pytest.raises(ValueError, match=r"mask has shape \(2, 4\) but x has shape \(2, 5\)"):
         masked_whiten(x, torch.ones(2, 4, device=DEVICE))
-    with pytest.raises(ValueError, match="eps=-1.0 must be >= 0"):
-        masked_whiten(x, eps=-1.0)
+    for eps in (-1.0, float("inf"), float("nan")):  # inf made every output 0
+        with pytest.raises(ValueError, match=f"eps={eps} must be a finite number >= 0"):
+            masked_whiten(x, eps=eps)
     with pytest.raises(ValueError, match="x must be a floating tensor"):
         masked_whiten(x.int())
 

@@ -477,8 +477,9 @@ def test_bad_arguments_say_what_is_expected(backend):
         call(scores, 2, estimator="ppo")
     with pytest.raises(ValueError, match="norm='std' is not supported; expected None"):
         call(scores, 2, norm="std")
-    with pytest.raises(ValueError, match="eps=-1.0 must be >= 0"):
-        call(scores, 2, eps=-1.0)
+    for eps in (-1.0, float("inf"), float("nan")):  # inf made every advantage 0
+        with pytest.raises(ValueError, match=f"eps={eps} must be a finite number >= 0"):
+            call(scores, 2, eps=eps)
     if DEVICE.type == "cuda":
         with pytest.raises(ValueError, match="all inputs must be on one device"):
             call(scores, group_ids=ids.cpu())

@@ -184,6 +184,8 @@ def _weighted_setting_call(op, name, value, backend):
                                   **lora, **kw)
     if op == "linear_logprobs":
         return rk.linear_logprobs(hidden, weight, labels, **lora, **kw)
+    if op == "shape_rewards":
+        return rk.shape_rewards(torch.randn(B, device=DEVICE), old_logp, ref_logp, None, **kw)
     return rk.bradley_terry_loss(torch.randn(5, device=DEVICE), torch.randn(5, device=DEVICE),
                                  **kw)
 
@@ -195,6 +197,7 @@ def _weighted_setting_call(op, name, value, backend):
     ("linear_ppo_loss", "kl_coef"), ("linear_ppo_loss", "entropy_coef"),
     ("linear_ppo_loss", "lora_scale"), ("linear_logprobs", "lora_scale"),
     ("bradley_terry_loss", "margin"), ("bradley_terry_loss", "center_coef"),
+    ("shape_rewards", "kl_coef"),
 ])
 def test_nan_or_inf_weight_settings_are_refused(op, name, backend):
     """A NaN or infinite weight / scale setting is one ValueError naming it, its value and
@@ -223,3 +226,27 @@ def test_bradley_terry_finite_margin_and_center_coef_still_taken():
             loss, _ = rk.bradley_terry_loss(c, r, margin=margin, center_coef=0.1,
                                             backend=backend)
             torch.testing.assert_close(loss.double(), want, atol=1e-6, rtol=1e-6)
+
+
+def test_the_reference_takes_positional_arguments_as_the_op_does():
+    """Each op's plain-PyTorch reference (the spec) reads a positional call as the op does:
+    reference.linear_ppo_loss took ratio_level, loss_type and normalizer where the op takes
+    chunk_size and memory_budget_bytes, so one long positional call meant two things."""
+    import inspect
+
+    from rlhf_kernels import reference
+
+    def positional(fn):
+        return [p.name for p in inspect.signature(fn).parameters.values()
+                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+    compared = 0
+    for name in rk.__all__:
+        op, spec = getattr(rk, name), getattr(reference, name, None)
+        if not callable(spec) or not inspect.isfunction(getattr(op, "__wrapped__", op)):
+            continue
+        ours, theirs = positional(op), positional(spec)
+        common = min(len(ours), len(theirs))
+        assert ours[:common] == theirs[:common], (name, ours, theirs)
+        compared += 1
+    assert compared >= 12  # every public op but resolve_backend

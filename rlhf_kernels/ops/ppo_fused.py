@@ -1030,8 +1030,9 @@ def linear_ppo_loss(
         return reference.linear_ppo_loss(
             hidden, weight, labels, old_logp, advantages, mask, bias, lora_a, lora_b, lora_scale,
             ref_logp, kl_coef, kl_estimator, entropy_coef, temperature, clip_low, clip_high,
-            dual_clip, log_ratio_clamp, reduction, ignore_index, ratio_level, loss_type,
-            normalizer, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg)
+            dual_clip, log_ratio_clamp, reduction, ignore_index, ratio_level=ratio_level,
+            loss_type=loss_type, normalizer=normalizer, sapo_tau_pos=sapo_tau_pos,
+            sapo_tau_neg=sapo_tau_neg)
     use_kl = ref_logp is not None and bool(kl_coef)
     _refuse_rollout_grads(old_logp, advantages, ref_logp if use_kl else None)
     m, weights = _mask_and_weights(labels, old_logp, mask, ignore_index, reduction, normalizer)

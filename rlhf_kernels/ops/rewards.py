@@ -23,7 +23,13 @@ import triton.language as tl
 
 from rlhf_kernels import _native, reference
 from rlhf_kernels._alloc import empty
-from rlhf_kernels._checks import check_float, check_same_device, check_same_shape, real_setting
+from rlhf_kernels._checks import (
+    check_float,
+    check_same_device,
+    check_same_shape,
+    finite_setting,
+    real_setting,
+)
 from rlhf_kernels.backend import launch_directly, native_cpu_kernels, resolve_backend
 from rlhf_kernels.ops._launch import CachedLaunch
 from rlhf_kernels.ops._reduce import NAN, next_power_of_2
@@ -234,7 +240,8 @@ def shape_rewards(
     ``check_index=True`` instead raises a ValueError naming the bad index, at the cost of one
     host sync (one min/max reduction) per call.
     """
-    kl_coef = real_setting("kl_coef", kl_coef)
+    kl_coef = finite_setting("kl_coef", kl_coef, "the weight of the KL penalty in the rewards; "
+                             "0 for none")
     score_clip = real_setting("score_clip", score_clip, none_ok=True)
     kl_clamp = real_setting("kl_clamp", kl_clamp, none_ok=True)
     if mask is None and isinstance(logp, torch.Tensor):  # every token counts (design §1.1)

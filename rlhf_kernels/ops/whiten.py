@@ -25,6 +25,7 @@ Float64 inputs go to the float64 reference; the Triton path computes in fp32 (fp
 scalars of the statistics). Non-contiguous inputs are copied once into a contiguous buffer.
 """
 
+import math
 
 import torch
 import triton
@@ -230,8 +231,9 @@ def masked_whiten(
             raise ValueError(f"mask must be bool, integer or floating, got {mask.dtype}")
     check_same_device(("x", x), ("mask", mask))
     eps = real_setting("eps", eps)
-    if not (eps >= 0.0):
-        raise ValueError(f"eps={eps} must be >= 0 (it is added to the variance)")
+    if not (0.0 <= eps < math.inf):
+        raise ValueError(f"eps={eps} must be a finite number >= 0 (it is added to the variance;"
+                         f" inf made every output 0)")
     if resolve_backend(x, backend, "masked_whiten") == "reference" or x.dtype == torch.float64:
         # detached as the kernel paths' output (no gradient, whatever the backend or dtype)
         return reference.masked_whiten(x.detach(), mask, shift_mean, unbiased, eps)
