@@ -464,8 +464,8 @@ def rl_shard(batch, reduction: str, normalizer) -> tuple[Any, Shares | None]:
     """This rank's rows of a global RL micro-batch and its ``Shares``; (batch, None) in one
     process.
 
-    The policy loss with a step ``normalizer`` is already a part of the global sum; otherwise
-    both losses are rescaled from the local to the global denominator of ``reduction``
+    Both losses with a step ``normalizer`` are already parts of the global sum; otherwise
+    both are rescaled from the local to the global denominator of ``reduction``
     (token-mean: tokens; seq-mean-*: rows with a token; the T / 1 reductions need nothing).
     Every rank holds the global micro-batch, so the global counts cost no communication."""
     if not is_distributed():
@@ -476,7 +476,9 @@ def rl_shard(batch, reduction: str, normalizer) -> tuple[Any, Shares | None]:
     factor = None if global_denominator is None else \
         _denominator(local.action_mask, reduction) / global_denominator
     tokens = local.action_mask.sum() / batch.action_mask.sum().clamp_min(1)
-    return local, Shares(None if normalizer is not None else factor, factor, tokens)
+    if normalizer is not None:
+        factor = None
+    return local, Shares(factor, factor, tokens)
 
 
 # stats that are no per-token mean: a maximum (reduced with max) and the explained variance (a

@@ -860,11 +860,8 @@ def backward_losses(backbone, batch: Rollout, cfg: RLConfig,
         return p_loss, p_stats, None, {}
     with torch.autocast(**autocast):
         v_loss, v_stats = value_loss(backbone, batch, cfg, normalizer=normalizer)
-    if shares is not None:
-        # over a step normalizer the rank's loss is already its part of the global one
-        v_loss, v_stats = distributed.scaled(v_loss, v_stats,
-                                             None if normalizer is not None else shares.value,
-                                             shares.tokens)
+    if shares is not None:  # (over a step normalizer its value share is None: rl_shard)
+        v_loss, v_stats = distributed.scaled(v_loss, v_stats, shares.value, shares.tokens)
     (v_loss / divisor).backward()  # critic adapter active
     return p_loss, p_stats, v_loss, v_stats
 

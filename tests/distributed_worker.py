@@ -180,14 +180,19 @@ def run_scenario(name: str, out: Path, tokenizer, on_step=None):
         pairs = preference_pairs()
         return reward.train(rm_config(directory), backbone=tiny_backbone(tokenizer),
                             tokenizer=tokenizer, train_pairs=pairs[:34], eval_pairs=pairs[34:])
-    if base in ("ppo", "grpo", "dapo", "ppo_gc", "ppo_real", "grpo_real", "dapo_flat"):
+    if base in ("ppo", "grpo", "dapo", "ppo_gc", "ppo_real", "grpo_real", "dapo_flat",
+                "ppo_steptokens"):
         from rlhf import task
 
         # ppo_gc: PPO with role-aware gradient checkpointing (the same numbers as ppo);
         # *_real: the real rollout engine (its draws for the global batch on every rank);
-        # dapo_flat: dynamic sampling with a reward that leaves half the prompts' groups flat
-        algorithm = base.removesuffix("_gc").removesuffix("_real").removesuffix("_flat")
+        # dapo_flat: dynamic sampling with a reward that leaves half the prompts' groups flat;
+        # ppo_steptokens: PPO whose policy and value losses divide by the step's tokens
+        algorithm = base.removesuffix("_gc").removesuffix("_real").removesuffix("_flat") \
+            .removesuffix("_steptokens")
         overrides = {"dynamic_sampling_rounds": 8} if base == "dapo_flat" else {}
+        if base == "ppo_steptokens":
+            overrides = {"loss_normalizer": "step_tokens"}
         cfg = rl_config(directory, algorithm, gradient_checkpointing=base.endswith("_gc"),
                         **overrides)
         prompts = task.all_prompts("train")[:32]

@@ -30,7 +30,7 @@ from rlhf import distributed  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 GROUP_SCENARIOS = ["rm", "rm@fsdp2", "ppo_real", "ppo_gc@fsdp2", "grpo", "grpo@fsdp2",
-                   "dapo_flat", "engine@fsdp2", "sft_ckpt"]
+                   "ppo_steptokens", "dapo_flat", "engine@fsdp2", "sft_ckpt"]
 # measured, not computed: they differ between any two runs
 TIMING_KEYS = {"rollout_s", "scoring_s", "update_s", "iteration_s", "tokens_per_s",
                "pairs_per_s", "peak_memory_mb",
@@ -51,7 +51,7 @@ def runs(tmp_path_factory):
         tokenizer = worker.make_tokenizer(root / "ws2" / "tokenizer")
         results = worker.launch(GROUP_SCENARIOS, root / "ws2",
                                 env={"KILL_RANK1_AT_STEP": "2"})
-        for scenario in ("rm", "ppo_real", "ppo", "grpo"):
+        for scenario in ("rm", "ppo_real", "ppo", "grpo", "ppo_steptokens"):
             worker.run_scenario(scenario, root / "ws1", tokenizer)
         worker.run_scenario("sft_ckpt", root / "ws1", tokenizer)
     finally:
@@ -113,7 +113,8 @@ def test_reward_model_world_size_2_equals_1(runs, scenario):
     assert_same_params(last_params(root / "ws1" / "rm"), last_params(root / "ws2" / scenario))
 
 
-@pytest.mark.parametrize("scenario", ["ppo_real", "ppo_gc@fsdp2", "grpo", "grpo@fsdp2"])
+@pytest.mark.parametrize("scenario", ["ppo_real", "ppo_gc@fsdp2", "grpo", "grpo@fsdp2",
+                                      "ppo_steptokens"])
 def test_rl_update_world_size_2_equals_1(runs, scenario):
     """ppo_real: the real engine, each rank sampling its rows with their part of the global
     batch's draws: the same responses as one process. The others: rollouts that depend on the
