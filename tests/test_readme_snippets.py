@@ -405,3 +405,22 @@ def test_the_planner_figures_in_the_prose_are_todays():
                    f"`--critic-free` {grpo} GiB", f"{grpo} vs {ppo} GiB"):
         assert phrase in readme, phrase
     assert f"plans {fp32} GiB" in memory
+
+
+def test_the_trl_names_table_is_the_configs_hint_table():
+    """README's "Coming from TRL" table: each of TRL's (veRL's) names is a key the config
+    refuses with a pointer to the setting the table gives (rlhf.config._FRAMEWORK_NAMES), so
+    the table and the errors agree."""
+    from rlhf.config import _FRAMEWORK_NAMES
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("**Coming from TRL.**"):text.index("**Defaults.**")]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    assert len(rows) >= 8
+    for row in rows:
+        theirs, ours = row.strip("|").split("|")[:2]
+        names = [n for n in re.findall(r"`([a-z_]+)`", theirs) if n != "num_iterations"]
+        targets = re.findall(r"`([a-z_]+)`", ours)
+        for name in names:
+            assert name in _FRAMEWORK_NAMES, name
+            assert _FRAMEWORK_NAMES[name][0][0] in targets, (name, targets)
