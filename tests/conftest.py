@@ -15,8 +15,21 @@ if not torch.cuda.is_available():
 os.environ.setdefault("RLHF_KERNELS_POISON", "1")
 
 
+@pytest.fixture(autouse=True)
+def _reference_kernels_where_marked(request, monkeypatch):
+    """`pytestmark = pytest.mark.reference_kernels`: the module's training loops, run
+    directories or settings are under test, not the kernels (their own files test those
+    against the float64 reference). Under the Triton interpreter (how the suite runs without a
+    GPU) a loop of kernel calls would take minutes, so the ops run their plain-PyTorch
+    reference there."""
+    if request.node.get_closest_marker("reference_kernels") is not None:
+        monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
+    config.addinivalue_line("markers", "reference_kernels: the ops run their plain-PyTorch "
+                                       "reference in this test (the loops are under test)")
     # `pytest -n auto` (pytest-xdist, the README's test command): the suite times nothing, so
     # pytest-benchmark's warning that parallel workers disable benchmarks (one per process) is
     # noise; disabled here before that plugin reads the option

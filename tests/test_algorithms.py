@@ -16,13 +16,8 @@ from tests._tiny_models import rl_tokenizer
 from tests.test_grpo import PROMPTS, randomised_policy, rl_config
 from tests.test_stages import read_jsonl
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture(autouse=True)
-def _reference_kernels(monkeypatch):
-    # the loop is under test, not the kernels (see tests/test_stages.py)
-    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
+              pytest.mark.reference_kernels]
 
 
 @pytest.fixture(scope="module")

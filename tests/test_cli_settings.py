@@ -18,10 +18,7 @@ from rlhf.config import config_to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(autouse=True)
-def _reference_kernels(monkeypatch):
-    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")  # sampling is under test
+pytestmark = pytest.mark.reference_kernels
 
 
 def _comment_above(source: str, field: str) -> str:

@@ -29,10 +29,7 @@ from tests.test_grpo import (
 )
 from tests.test_stages import read_jsonl, tiny_backbone
 
-
-@pytest.fixture(autouse=True)
-def _reference_kernels(monkeypatch):
-    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")  # the loop is under test
+pytestmark = pytest.mark.reference_kernels
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,7 @@ import pytest
 from rlhf.frontier import FrontierConfig, point_name, render_table, run
 from tests.test_pipeline import micro_config
 
-
-@pytest.fixture(autouse=True)
-def _reference_kernels(monkeypatch):
-    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
+pytestmark = pytest.mark.reference_kernels
 
 
 def _config(tmp_path, **overrides) -> FrontierConfig:

@@ -21,13 +21,8 @@ from rlhf.engine import RolloutEngine
 from tests._tiny_models import interrupt_at, rl_tokenizer
 from tests.test_stages import read_jsonl, tiny_backbone
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture(autouse=True)
-def _reference_kernels(monkeypatch):
-    # The loop is under test, not the kernels (see tests/test_stages.py).
-    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
+              pytest.mark.reference_kernels]
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,8 @@ import pytest
 from rlhf.pipeline import PipelineConfig, run
 from tests._tiny_models import OWN_MODEL_SHAPE, interrupt_at, review_tokenizer, tiny_llama
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture(autouse=True)
-def _reference_kernels(monkeypatch):
-    # The loops, not the kernels, are under test (see tests/test_stages.py).
-    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
+              pytest.mark.reference_kernels]
 
 
 def micro_config(output_dir) -> PipelineConfig:

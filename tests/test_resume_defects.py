@@ -26,14 +26,8 @@ from rlhf import checkpoint, cli, metrics, sft, task
 from rlhf.checkpoint import RunDirectoryError, load_state
 from tests._tiny_models import review_tokenizer, tiny_llama
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture(autouse=True)
-def _reference_kernels(monkeypatch):
-    # about the loops and run directories; the kernels have their own tests (and the
-    # interpreter would make a loop of kernel calls take minutes)
-    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
+              pytest.mark.reference_kernels]
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,8 @@ from rlhf.config import load_config
 from rlhf.models import LoraSpec, SharedBackbone
 from tests._tiny_models import interrupt_at, review_tokenizer, tiny_llama
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture(autouse=True)
-def _reference_kernels(monkeypatch):
-    # The run-directory plumbing is under test, not the kernels (see tests/test_stages.py).
-    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
+              pytest.mark.reference_kernels]
 
 
 @pytest.fixture(scope="module")

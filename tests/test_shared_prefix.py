@@ -16,15 +16,10 @@ from rlhf import rl
 from rlhf.models import LoraSpec, SharedBackbone
 from rlhf.tiny_models import ARCHITECTURES, tiny_causal_lm
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
+              pytest.mark.reference_kernels]
 
 PROMPT, RESPONSE, GROUP, PROMPTS = 7, 5, 3, 2
-
-
-@pytest.fixture(autouse=True)
-def _reference_kernels(monkeypatch):
-    # The forward's layout is under test, not the kernels.
-    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
 
 
 def randomised_backbone(arch: str) -> SharedBackbone:

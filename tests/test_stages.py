@@ -19,15 +19,8 @@ from rlhf.engine import RolloutEngine
 from rlhf.models import LoraSpec, SharedBackbone
 from tests._tiny_models import interrupt_at, review_tokenizer, tiny_llama
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture(autouse=True)
-def _reference_kernels(monkeypatch):
-    # These tests are about the training loops; the kernels are tested against the reference in
-    # their own files. Under the Triton interpreter (how the suite runs without a GPU) a loop of
-    # kernel calls would take minutes, so the ops run their plain-PyTorch reference here.
-    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
+              pytest.mark.reference_kernels]
 
 
 @pytest.fixture(scope="module")

@@ -23,10 +23,7 @@ from tests.test_grpo import PROMPTS, randomised_policy, rl_config
 
 _RULE = stage.autocast_dtype_for
 
-
-@pytest.fixture(autouse=True)
-def _reference_kernels(monkeypatch):
-    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")  # the loops are under test
+pytestmark = pytest.mark.reference_kernels
 
 
 @pytest.fixture(scope="module")

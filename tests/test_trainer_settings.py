@@ -19,11 +19,7 @@ from tests.test_arithmetic import tiny_chat_model  # noqa: F401 (a fixture)
 from tests.test_grpo import PROMPTS, rl_config
 from tests.test_stages import tiny_backbone
 
-
-@pytest.fixture(autouse=True)
-def _reference_kernels(monkeypatch):
-    # the loops are under test, not the kernels (their own tests cover them)
-    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
+pytestmark = pytest.mark.reference_kernels
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,8 @@ from tests._tiny_models import rl_tokenizer
 from tests.test_grpo import PROMPTS, rl_config
 from tests.test_stages import read_jsonl, tiny_backbone
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture(autouse=True)
-def _reference_kernels(monkeypatch):
-    # the loops are under test, not the kernels (their own tests cover them)
-    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
+              pytest.mark.reference_kernels]
 
 
 @pytest.fixture(scope="module")
