@@ -53,12 +53,14 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, ref_logp, normalizer, clip
     return loss, stats, saved.view(logp.shape)
 
 
-def ppo_value_loss(values, old_values, returns, mask, clip, reduction):
+def ppo_value_loss(values, old_values, returns, mask, normalizer, clip, reduction,
+                   normalizer_value):
     """``rlhf_kernels.ops.value_loss._launch`` on the native kernel."""
     mask = _byte_mask(mask)
+    norm = normalizer_value if normalizer is None else float(normalizer)
     loss, stats, saved = _native.ops().ppo_value_loss(
         as_rows(values), as_rows(old_values), as_rows(returns),
-        None if mask is None else as_rows(mask), clip, reduction)
+        None if mask is None else as_rows(mask), clip, reduction, norm)
     return loss, stats, saved.view(values.shape)
 
 

@@ -191,6 +191,8 @@ struct ValueLossArgs {
   bool has_clip;
   float clip;
   int64_t reduction;
+  bool has_normalizer;  // replaces the reduction's outer denominator
+  double normalizer;
 };
 
 void ppo_value_loss(const ValueLossArgs& args, float* saved_grad, float* loss, float* stats);

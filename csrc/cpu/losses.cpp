@@ -328,7 +328,9 @@ void ppo_value_loss(const ValueLossArgs& p, float* saved_grad, float* loss, floa
   }
   const double n_tokens = total.err.n, n_safe = std::max(n_tokens, 1.0);
   const double var_err = total.err.m2 / n_safe, var_ret = total.ret.m2 / n_safe;
-  const double denom = reduction_denominator(n_tokens, rows_with_tokens, p.T, p.reduction);
+  const double denom = p.has_normalizer
+                           ? p.normalizer
+                           : reduction_denominator(n_tokens, rows_with_tokens, p.T, p.reduction);
   *loss = static_cast<float>(total.loss / denom);
   stats[0] = static_cast<float>(total.clip / n_safe);
   stats[1] = var_ret > 0.0 ? static_cast<float>(1.0 - var_err / std::max(var_ret, 1e-30)) : 0.f;

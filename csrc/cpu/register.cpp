@@ -449,7 +449,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_op(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_value_loss_op(
     const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,
-    const std::optional<at::Tensor>& mask, std::optional<double> clip, int64_t reduction) {
+    const std::optional<at::Tensor>& mask, std::optional<double> clip, int64_t reduction,
+    std::optional<double> normalizer) {
   ValueLossArgs p{};
   p.values = strided(values, "values");
   p.old = strided(old_values, "old_values");
@@ -464,6 +465,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_value_loss_op(
   p.has_clip = clip.has_value();
   p.clip = static_cast<float>(clip.value_or(0.0));
   p.reduction = reduction;
+  p.has_normalizer = normalizer.has_value();
+  p.normalizer = normalizer.value_or(0.0);
   at::Tensor loss = fp32_empty({}), stats = fp32_empty({5});
   at::Tensor saved = fp32_empty({p.n_rows, p.T});
   ppo_value_loss(p, saved.data_ptr<float>(), loss.data_ptr<float>(), stats.data_ptr<float>());
@@ -541,7 +544,7 @@ TORCH_LIBRARY(rlhf_kernels_native, m) {
         "-> (Tensor, Tensor, Tensor)",
         &rlhf_native::ppo_policy_loss_op);
   m.def("ppo_value_loss(Tensor values, Tensor old_values, Tensor returns, Tensor? mask, "
-        "float? clip, int reduction) -> (Tensor, Tensor, Tensor)",
+        "float? clip, int reduction, float? normalizer) -> (Tensor, Tensor, Tensor)",
         &rlhf_native::ppo_value_loss_op);
   m.def("bradley_terry(Tensor chosen, Tensor rejected, Tensor? margin, float margin_value, "
         "float center_coef) -> (Tensor, Tensor, Tensor)",

@@ -243,25 +243,6 @@ _value_finish = CachedLaunch(globals(), "_ppo_value_loss_finish_kernel")
 # --------------------------------------------------------------------------------------------
 # launchers and autograd
 # --------------------------------------------------------------------------------------------
-def _native_launch(values, old_values, returns, mask, normalizer, clip, reduction,
-                   normalizer_value):
-    """``_launch`` on the native kernel (csrc/cpu/losses.cpp). That kernel divides by the
-    reduction's own outer denominator, an integer (tokens, rows, T or 1) whose inverse it
-    stores as the scale; with a normalizer the loss is multiplied back by that integer and
-    divided by the normalizer (in float64, then rounded to fp32 as the kernel rounds), and the
-    scale becomes 1 / normalizer in fp32, as the Triton finish kernel computes it."""
-    loss, stats, saved_grad = _native_losses.ppo_value_loss(values, old_values, returns, mask,
-                                                            clip, reduction)
-    if normalizer is None and normalizer_value is None:
-        return loss, stats, saved_grad
-    norm = (torch.tensor(normalizer_value, dtype=torch.float32) if normalizer is None
-            else normalizer.detach().to(device="cpu", dtype=torch.float32))
-    own = torch.round(1.0 / stats[_S_SCALE].double())
-    loss = (loss.double() * own / norm.double()).float()
-    stats[_S_SCALE] = 1.0 / norm
-    return loss, stats, saved_grad
-
-
 def _launch(
     values: torch.Tensor,
     old_values: torch.Tensor,
@@ -276,9 +257,9 @@ def _launch(
 
     normalizer (a 0-d tensor) or normalizer_value replaces the reduction's outer denominator
     (``_reduce.normalizer_args``); both None: the reduction's own."""
-    if native_cpu_kernels(values):
-        return _native_launch(values, old_values, returns, mask, normalizer, clip, reduction,
-                              normalizer_value)
+    if native_cpu_kernels(values):  # csrc/cpu/losses.cpp
+        return _native_losses.ppo_value_loss(values, old_values, returns, mask, normalizer, clip,
+                                             reduction, normalizer_value)
     device = values.device
     T = values.shape[-1]
     values2, old2, returns2 = as_rows(values), as_rows(old_values), as_rows(returns)
