@@ -208,28 +208,64 @@ def _value_loss_over_count(values, old_values, returns, mask, clip, reduction, c
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("as_tensor", [False, True], ids=["number", "int64 tensor"])
-def test_normalizer_replaces_the_outer_denominator(reduction, as_tensor):
+def test_normalizer_replaces_the_outer_denominator(reduction):
     """normalizer=N divides the (row-weighted) token sum by N whatever the reduction, as for
     the policy loss: loss and gradient against the float64 formula, NaN padding under the mask
-    ignored. N as a number or a 0-d int64 tensor (a token count, read on the device)."""
+    ignored. N as a number, a 0-d int64 tensor (a token count, read on the device) and a 0-d
+    float tensor that requires grad (no gradient flows into it) give the same bits, gradient
+    included."""
     shape = (3, 37)
     values, old_values, returns = make_inputs(shape, torch.float32)
     mask = make_mask(shape, "right")
     values = values.masked_fill(~mask, float("nan"))
     count = 50
-    normalizer = torch.tensor(count, device=DEVICE) if as_tensor else float(count)
+    weight = torch.tensor(float(count), device=DEVICE, requires_grad=True)
     upstream = torch.randn((), device=DEVICE)
-    x = values.clone().requires_grad_()
-    loss, _ = ppo_value_loss(x, old_values, returns, mask, 0.2, reduction, normalizer,
-                             backend="triton")
-    (loss * upstream).backward()
+    results = []
+    for normalizer in (float(count), torch.tensor(count, device=DEVICE), weight):
+        x = values.clone().requires_grad_()
+        loss, _ = ppo_value_loss(x, old_values, returns, mask, 0.2, reduction, normalizer,
+                                 backend="triton")
+        (loss * upstream).backward()
+        results.append((loss.detach(), x.grad))
+    assert weight.grad is None
+    for loss, grad in results[1:]:
+        assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
+    loss, grad = results[0]
     x64 = values.double().requires_grad_()
     want = _value_loss_over_count(x64, old_values, returns, mask, 0.2, reduction, count)
     (want * upstream.double()).backward()
     assert_close(loss, want, atol=1e-6)
-    assert_close(x.grad, torch.where(mask, x64.grad, 0.0), atol=1e-6)
-    assert torch.equal(x.grad[~mask], torch.zeros_like(x.grad[~mask]))
+    assert_close(grad, torch.where(mask, x64.grad, 0.0), atol=1e-6)
+    assert torch.equal(grad[~mask], torch.zeros_like(grad[~mask]))
+
+
+@pytest.mark.parametrize("reduction", ["token-mean", "seq-mean-token-sum",
+                                       "seq-mean-token-sum-norm", "token-sum"])
+def test_normalizer_rounds_the_loss_once(reduction):
+    """Per-token losses that fp32 holds exactly (errors v - R of -5..5, halved squares summing
+    to 36.5 over 7 tokens in 3 of 4 rows, T = 5): the loss with normalizer=23 is 36.5 / 23
+    rounded to fp32 once, whatever the reduction's own denominator (7, 3, 5, 1), and the
+    gradient is the error times fp32(1 / 23). Dividing the reduction's own mean by 23 / 7 (3,
+    5) instead would round twice: a different fp32 loss for each of these denominators."""
+    errors = [[5.0, -4.0, 3.0], [-3.0], [3.0, -2.0, 1.0], []]
+    T, n = 5, 23
+    err = torch.zeros(len(errors), T)
+    mask = torch.zeros(len(errors), T, dtype=torch.bool)
+    for row, row_errors in enumerate(errors):
+        err[row, :len(row_errors)] = torch.tensor(row_errors)
+        mask[row, :len(row_errors)] = True
+    returns = torch.randint(-8, 9, (len(errors), T)).float() / 4
+    values = (returns + err).masked_fill(~mask, float("nan"))
+    err, mask, returns, values = (t.to(DEVICE) for t in (err, mask, returns, values))
+    for normalizer in (float(n), torch.tensor(n, device=DEVICE)):
+        x = values.clone().requires_grad_()
+        loss, _ = ppo_value_loss(x, values, returns, mask, None, reduction, normalizer,
+                                 backend="triton")
+        loss.backward()
+        assert loss.item() == torch.tensor(36.5 / n, dtype=torch.float64).float().item()
+        scale = torch.tensor(1.0 / n, dtype=torch.float64).float()
+        assert torch.equal(x.grad, err * scale.to(DEVICE))
 
 
 @pytest.mark.parametrize("reduction", ["token-mean", "seq-mean-token-sum",
