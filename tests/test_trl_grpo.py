@@ -692,12 +692,33 @@ def test_rloo_trainer_with_lora_on_lm_head():
     dict(beta=0.04, loss_type="vespo", num_iterations=2, max_steps=2, vespo_k_pos=1.5),
     # TRL's entropy bonus on the fused head's differentiable entropies
     dict(beta=0.04, loss_type="dapo", entropy_coef=0.05),
+    # the fused head's temperature, batch-scaled rewards; cispo's clip reached on the second
+    # step (the batch reused after the update)
+    dict(loss_type="cispo", epsilon_high=1.01, temperature=0.7, scale_rewards="batch",
+         num_iterations=2, max_steps=2, _exercised=("cispo_clip_ratio", 0.0)),
+    # dr_grpo's constant (max_completion_length), TRL's two-sided clip (delta: A < 0 tokens
+    # above it on the second step), epsilon / epsilon_high, the unweighted k3 KL, unscaled
+    # rewards, the lm head cast to fp32; both clip sides reached on the second step
+    dict(loss_type="dr_grpo", importance_sampling_level="token", epsilon=0.002,
+         epsilon_high=0.003, delta=1.004, beta=0.04, use_bias_correction_kl=False,
+         scale_rewards="none", cast_lm_head_to_fp32=True, num_iterations=2, max_steps=2,
+         _exercised=("clip_ratio/low_mean", 0.0)),
+    # truncated completions masked out (one of eight ends): the second micro-batch has no
+    # valid token; old log-probs from a forward pass (steps_per_generation > accumulation)
+    dict(loss_type="grpo", mask_truncated_completions=True, max_completion_length=16,
+         steps_per_generation=2, gradient_accumulation_steps=1, per_device_train_batch_size=4,
+         max_steps=2, epsilon=0.01, _exercised=("loss", None)),
 ], ids=["grpo", "luspo-masks", "two-iterations", "accumulation-checkpointing", "sapo", "vespo",
-        "entropy-bonus"])
+        "entropy-bonus", "cispo-temperature", "dr_grpo-delta", "mask-truncated"])
 def test_grpo_trainer_step_patched_and_unpatched(settings):
     """One trainer.train() step (generation, reward, GRPO loss with beta, SGD update) from the
-    same seed and weights: the same logged loss and the same updated weights; the drop-in's
-    loss ran (no fallback), the high-entropy and off-policy masks included."""
+    same seed and weights: the same logged loss and metrics (all of them: clip ratios, kl,
+    entropy, grad_norm, ...) and the same updated weights; the drop-in's loss ran (no
+    fallback), the high-entropy and off-policy masks included. ``_exercised`` (metric, bound):
+    the last step's metric in TRL's log is above the bound (the option was reached), or, with
+    bound None, is 0 (an all-masked micro-batch)."""
+    settings = dict(settings)
+    exercised = settings.pop("_exercised", None)
     directory = tempfile.mkdtemp(prefix="trl_grpo_model_")
     _model().save_pretrained(directory)  # the reference model (beta != 0) is built from a path
     from transformers import AutoModelForCausalLM
@@ -721,9 +742,18 @@ def test_grpo_trainer_step_patched_and_unpatched(settings):
     assert len(logs) == len(logs_t) == settings.get("max_steps", 1)
     assert logs[0]["reward"] == logs_t[0]["reward"]  # the same completions
     for entry, entry_t in zip(logs, logs_t):
-        for key in ("loss", "kl", "entropy", "grad_norm"):
-            if key in entry_t:
-                assert entry[key] == pytest.approx(entry_t[key], rel=1e-4, abs=1e-7), key
+        assert set(entry) == set(entry_t)
+        for key, value in entry_t.items():
+            if key == "step_time":
+                continue
+            if isinstance(value, float):  # None: TRL's nanmin / nanmax of an all-masked batch
+                assert entry[key] == pytest.approx(value, rel=1e-4, abs=1e-7, nan_ok=True), key
+            else:
+                assert entry[key] == value, key
+    if exercised is not None:
+        key, bound = exercised
+        value = logs_t[-1][key]
+        assert value == 0 if bound is None else value > bound, (key, value)
     assert any(u.abs().max() > 0 for u in update_t.values())
     for key, value in update_t.items():
         torch.testing.assert_close(update[key], value, rtol=1e-4, atol=1e-6,
