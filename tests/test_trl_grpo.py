@@ -192,14 +192,14 @@ class _FixedLogps:
 
 def _assert_same(ours_run, trl_run, name):
     (loss, grads, metrics), (loss_t, grads_t, metrics_t) = ours_run, trl_run
-    torch.testing.assert_close(loss, loss_t, rtol=1e-5, atol=1e-7,
+    torch.testing.assert_close(loss, loss_t, rtol=1e-5, atol=1e-7, equal_nan=True,
                                msg=lambda m: f"{name} loss: {m}")
     assert len(grads) == len(grads_t)
     for i, (g, g_t) in enumerate(zip(grads, grads_t)):
         if g_t is None:
             assert g is None or not g.any(), f"{name}: parameter {i} has a gradient only in ours"
             continue
-        torch.testing.assert_close(g, g_t, rtol=1e-4, atol=1e-6,
+        torch.testing.assert_close(g, g_t, rtol=1e-4, atol=1e-6, equal_nan=True,
                                    msg=lambda m, i=i: f"{name} grad of parameter {i}: {m}")
     assert list(metrics) == list(metrics_t), f"{name}: metrics {list(metrics)} != TRL's"
     for key in metrics_t:
@@ -347,7 +347,7 @@ def test_grpo_luspo_is_the_row_sum(fixed_logps):
 
 
 @pytest.mark.parametrize("option", ["sapo_negative_temperature", "low_delta",
-                                    "ratio_of_another_shape"])
+                                    "ratio_of_another_shape", "infinite_beta"])
 def test_grpo_options_not_covered_run_trls_code(fixed_logps, monkeypatch, option):
     """Options the drop-in does not cover give a reason and TRL's own numbers."""
     trainer, inputs, logps = fixed_logps
@@ -360,6 +360,8 @@ def test_grpo_options_not_covered_run_trls_code(fixed_logps, monkeypatch, option
         monkeypatch.setattr(trainer, "use_vllm", True)
         monkeypatch.setattr(trainer, "vllm_importance_sampling_correction", True)
         inputs["importance_sampling_ratio"] = _vllm_ratio(inputs, False)[0]
+    elif option == "infinite_beta":  # TRL's loss is NaN; the op refused kl_coef=inf
+        monkeypatch.setattr(trainer, "beta", float("inf"))
     else:
         trainer.args.delta = 1.1  # below 1 + epsilon_high: not the dual clip
     assert ours.grpo_loss_fallback_reason(trainer, inputs) is not None

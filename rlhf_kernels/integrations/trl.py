@@ -55,6 +55,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import inspect
+import math
 import sys
 import warnings
 
@@ -467,13 +468,15 @@ def grpo_loss_fallback_reason(trainer, inputs=None) -> str | None:
     delta (for the clipped losses, when delta >= 1 + epsilon_high and delta > 1: then TRL's
     two-sided clip equals the dual clip; sapo and vespo have neither clip nor delta),
     sapo_temperature_pos / _neg (finite, > 0), vespo's gamma weights (TRL's own
-    get_gamma_weights), beta with TRL's k3 KL (with or without use_bias_correction_kl), the
+    get_gamma_weights), a finite beta with TRL's k3 KL (with or without use_bias_correction_kl), the
     per-token weights TRL puts on the policy term (vLLM importance-sampling correction,
     off_policy_mask_threshold, top_entropy_quantile < 1), tool masks and the MoE auxiliary
     loss."""
     args = trainer.args
     if trainer.loss_type not in GRPO_LOSS_TYPES:
         return f"loss_type={trainer.loss_type!r} (covered: {GRPO_LOSS_TYPES})"
+    if not math.isfinite(trainer.beta):  # TRL's loss is NaN; the op refuses a non-finite kl_coef
+        return f"beta={trainer.beta} (not finite)"
     if trainer.importance_sampling_level not in ("token", "sequence"):
         return f"importance_sampling_level={trainer.importance_sampling_level!r}"
     if trainer.loss_type == "sapo":
