@@ -332,6 +332,37 @@ def test_grpo_loss_with_policy_weights_matches_trl(fixed_logps, monkeypatch, wei
     assert not torch.allclose(theirs[0], unweighted[0]), f"{weights} did not change the loss"
 
 
+@pytest.mark.parametrize("loss_type,level,kl", [
+    ("grpo", "sequence", "k3-weighted"), ("bnpo", "token", "k3"), ("dapo", "sequence", None),
+    ("luspo", "token", "k3"), ("cispo", "sequence", "k3-weighted"), ("sapo", "token", None),
+    ("vespo", "token", "k3")])
+def test_grpo_loss_with_tool_mask_and_aux_loss_matches_trl(fixed_logps, monkeypatch, loss_type,
+                                                           level, kl):
+    """A tool mask (tool-call tokens out of the loss: TRL's mask is completion_mask x
+    tool_mask) and a MoE model's router auxiliary loss (added times router_aux_loss_coef over
+    the accumulation steps, logged as aux_loss): TRL's loss, gradients (to the auxiliary loss
+    too) and metrics; each changes the loss."""
+    trainer, inputs, logps = fixed_logps
+    _set(trainer, loss_type, level, kl)
+    generator = torch.Generator().manual_seed(9)
+    tool_mask = (torch.rand(inputs["completion_ids"].shape, generator=generator) > 0.3).long()
+    with_tool = dict(inputs, tool_mask=tool_mask)
+    assert ours.grpo_loss_fallback_reason(trainer, with_tool) is None
+    theirs = _run(trainer, with_tool, patched=False, params=[logps])
+    _assert_same(_run(trainer, with_tool, patched=True, params=[logps]), theirs, "tool mask")
+    assert not torch.allclose(theirs[0], _run(trainer, inputs, patched=False, params=[logps])[0])
+    aux = torch.tensor(0.37, requires_grad=True)
+    forward = trainer._get_per_token_logps_and_entropies
+    monkeypatch.setattr(trainer, "_get_per_token_logps_and_entropies",
+                        lambda *args, **kwargs: (forward.logps, forward.entropies, aux))
+    monkeypatch.setattr(trainer, "aux_loss_enabled", True)
+    monkeypatch.setattr(trainer, "router_aux_loss_coef", 0.01)
+    theirs_aux = _run(trainer, inputs, patched=False, params=[logps, aux])
+    _assert_same(_run(trainer, inputs, patched=True, params=[logps, aux]), theirs_aux, "aux")
+    assert theirs_aux[2]["aux_loss"] == [pytest.approx(0.37)]
+    assert theirs_aux[1][1] == pytest.approx(0.01 / 2)  # coefficient / accumulation steps
+
+
 def test_grpo_luspo_is_the_row_sum(fixed_logps):
     """luspo: the mean over rows of each row's token sum (no division by the row's length), the
     clipped sequence-level ratio of LUSPO; a closed form on the op's own numbers."""
