@@ -690,7 +690,7 @@ def config_changes(old: Mapping[str, Any], new: Mapping[str, Any],
                         else f"{key}={_cli_value(olds[0])}"))
     for key, started in presets.items():
         # a setting left to its algorithm's preset then and now, whose preset changed since
-        left_to_preset = flat_old.get(key, _MISSING) is None and flat_new.get(key, 0) is None
+        left_to_preset = flat_old.get(key, _MISSING) is None and flat_new.get(key, _MISSING) is None
         if key in ignore or key.rsplit(".", 1)[-1] in ignore or not left_to_preset:
             continue
         now = _preset_resolved(flat_new, key, flat_new[key])

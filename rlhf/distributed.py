@@ -452,11 +452,10 @@ def _denominator(mask: torch.Tensor, reduction: str) -> torch.Tensor | None:
 
 class Shares(NamedTuple):
     """What turns a rank's RL losses and stats into its parts of the global micro-batch's:
-    policy / value: factors of the losses (None: nothing to do); tokens: the rank's share of the
-    micro-batch's valid tokens (for the per-token mean stats)."""
+    loss: the factor of both losses, the policy's and PPO's value loss (None: nothing to do);
+    tokens: the rank's share of the micro-batch's valid tokens (for the per-token mean stats)."""
 
-    policy: torch.Tensor | None
-    value: torch.Tensor | None
+    loss: torch.Tensor | None
     tokens: torch.Tensor
 
 
@@ -476,9 +475,7 @@ def rl_shard(batch, reduction: str, normalizer) -> tuple[Any, Shares | None]:
     factor = None if global_denominator is None else \
         _denominator(local.action_mask, reduction) / global_denominator
     tokens = local.action_mask.sum() / batch.action_mask.sum().clamp_min(1)
-    if normalizer is not None:
-        factor = None
-    return local, Shares(factor, factor, tokens)
+    return local, Shares(None if normalizer is not None else factor, tokens)
 
 
 # stats that are no per-token mean: a maximum (reduced with max) and the explained variance (a

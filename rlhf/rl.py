@@ -853,15 +853,15 @@ def backward_losses(backbone, batch: Rollout, cfg: RLConfig,
         p_loss, p_stats = policy_loss(backbone, batch, cfg, kl_coef=kl_coef,
                                       normalizer=normalizer)
     if shares is not None:
-        p_loss, p_stats = distributed.scaled(p_loss, p_stats, shares.policy, shares.tokens)
+        p_loss, p_stats = distributed.scaled(p_loss, p_stats, shares.loss, shares.tokens)
     divisor = 1 if normalizer is not None else accumulation
     (p_loss / divisor).backward()  # policy adapter
     if not cfg.settings.uses_critic:
         return p_loss, p_stats, None, {}
     with torch.autocast(**autocast):
         v_loss, v_stats = value_loss(backbone, batch, cfg, normalizer=normalizer)
-    if shares is not None:  # (over a step normalizer its value share is None: rl_shard)
-        v_loss, v_stats = distributed.scaled(v_loss, v_stats, shares.value, shares.tokens)
+    if shares is not None:
+        v_loss, v_stats = distributed.scaled(v_loss, v_stats, shares.loss, shares.tokens)
     (v_loss / divisor).backward()  # critic adapter active
     return p_loss, p_stats, v_loss, v_stats
 
