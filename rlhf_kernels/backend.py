@@ -148,7 +148,7 @@ def resolve_backend(tensor: torch.Tensor, backend: str | None = None,
                                 "autograd cannot run inside those transforms)")
         return "reference"
     on_cuda = tensor.is_cuda
-    on_cpu = tensor.device.type == "cpu"
+    on_cpu = not on_cuda and tensor.device.type == "cpu"
     if _INTERPRETER and on_cpu and backend is not None and choice in ("native", "triton") and (
             (choice == "native") != (env == "native")):
         raise ValueError(

@@ -5,7 +5,8 @@
 // advantages.py (their module docstrings; rlhf_kernels.reference is the spec), with the same
 // "gradient in the forward" design: a loss writes w_row * m * d loss_t / d x per element (the
 // saved gradient, fp32) while it computes the loss, and returns the stats with the backward's
-// scale as their last entry, so the backward is the backends' shared saved * grad * scale.
+// scale as their last entry, so the backward is the backends' shared saved * grad * scale
+// (Bradley-Terry's 1/N is known on the host: its saved gradient carries it, no scale entry).
 //
 // Per-element arithmetic is fp32, as in the Triton kernels. The sums are fp64: per row (or per
 // fixed chunk of pairs / scores), then added in row order, so the bits do not depend on the
@@ -345,6 +346,9 @@ void bradley_terry(const BradleyTerryArgs& p, float* saved_grad, float* loss, fl
   enum { kSoftplus, kCenter, kCorrect, kDiff, kChosen, kRejected, kN };
   const int64_t n = p.n_pairs, n_chunks = (n + kChunk - 1) / kChunk;
   std::vector<double> partial(static_cast<size_t>(n_chunks) * kN, 0.0);
+  // the saved gradients carry the 1/N (computed in fp64, rounded to fp32: as the Triton
+  // launcher passes it)
+  const float inv_n = static_cast<float>(1.0 / static_cast<double>(n));
   at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
     // the chunk's pairs as fp32 (f32_row: no copy for contiguous fp32)
     std::vector<float> buffer(3 * kChunk);
@@ -368,8 +372,8 @@ void bradley_terry(const BradleyTerryArgs& p, float* saved_grad, float* loss, fl
         const float sigmoid_neg_z = z >= 0.f ? e / (1.f + e) : 1.f / (1.f + e);
         const float total = chosen + rejected;
         const float center_grad = 2.f * p.center_coef * total;
-        saved_grad[i] = center_grad - sigmoid_neg_z;
-        saved_grad[n + i] = center_grad + sigmoid_neg_z;
+        saved_grad[i] = (center_grad - sigmoid_neg_z) * inv_n;
+        saved_grad[n + i] = (center_grad + sigmoid_neg_z) * inv_n;
         s[kSoftplus] += softplus;
         s[kCenter] += static_cast<double>(total) * total;
         s[kCorrect] += diff > 0.f ? 1.0 : 0.0;
@@ -393,7 +397,6 @@ void bradley_terry(const BradleyTerryArgs& p, float* saved_grad, float* loss, fl
   stats[1] = static_cast<float>(s[kDiff] / pairs);
   stats[2] = static_cast<float>(s[kChosen] / pairs);
   stats[3] = static_cast<float>(s[kRejected] / pairs);
-  stats[4] = static_cast<float>(1.0 / pairs);
 }
 
 // ---- group advantages -------------------------------------------------------------------

@@ -479,7 +479,7 @@ Strided2d strided1d(const at::Tensor& t, const char* name) {
   return Strided2d{t.data_ptr(), float_dtype(t, name), 0, t.stride(0)};
 }
 
-// -> (loss, stats, saved gradients (2, pairs): of chosen, then of rejected, without the 1/N)
+// -> (loss, stats (4), saved gradients (2, pairs): d loss / d chosen, then d loss / d rejected)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bradley_terry_op(
     const at::Tensor& chosen, const at::Tensor& rejected, const std::optional<at::Tensor>& margin,
     double margin_value, double center_coef) {
@@ -495,7 +495,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bradley_terry_op(
   TORCH_CHECK(p.n_pairs > 0, "rlhf_kernels_native: bradley_terry needs a pair");
   p.margin_value = static_cast<float>(margin_value);
   p.center_coef = static_cast<float>(center_coef);
-  at::Tensor loss = fp32_empty({}), stats = fp32_empty({5});
+  at::Tensor loss = fp32_empty({}), stats = fp32_empty({4});
   at::Tensor saved = fp32_empty({2, p.n_pairs});
   bradley_terry(p, saved.data_ptr<float>(), loss.data_ptr<float>(), stats.data_ptr<float>());
   return {loss, stats, saved};

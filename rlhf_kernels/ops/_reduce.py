@@ -19,10 +19,12 @@ extra pass over that row's mask for seq-mean-token-mean), so it stores the per-t
 ``w[b] * m * dl/dx`` while it computes the loss; a single-program "finish" kernel sums the
 per-program partials into the loss, the stats and ``scale``, on the device (no host sync). The
 backward is then ``grad_x = saved * (grad_loss * scale)``: one elementwise kernel,
-``_saved_grad_bwd_kernel`` here, shared by the three losses (``scale_saved_grad``; the custom op
-``rlhf_kernels::saved_grad_scale`` wraps it for torch.compile). In plain eager mode the losses
-skip their custom ops (``rlhf_kernels.backend.launch_directly``) and the backward is the same
-product as two torch multiplies (``scale_saved_grad_eager``), which costs less host time.
+``_saved_grad_bwd_kernel`` here, shared by the policy and value losses (``scale_saved_grad``;
+the custom op ``rlhf_kernels::saved_grad_scale`` wraps it for torch.compile). In plain eager
+mode the losses skip their custom ops (``rlhf_kernels.backend.launch_directly``) and the
+backward is the same product as two torch multiplies (``scale_saved_grad_eager``), which costs
+less host time. (Bradley-Terry's scale is 1 / pairs, known on the host: its forward stores the
+gradient with the scale applied, and its backward is one multiply by ``grad_loss``.)
 """
 
 from __future__ import annotations

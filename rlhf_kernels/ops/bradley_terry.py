@@ -8,10 +8,9 @@ Over N pairs with z = r_c - r_r - margin and s = r_c + r_r:
 
 softplus(-z) = -log sigmoid(z) is evaluated as max(-z, 0) + log1p(e^-|z|), so it neither
 overflows for large |z| nor loses the small tail. The forward kernel stores the two per-pair
-gradients, in one (2, ...) fp32 buffer (without the 1/N, applied with the upstream gradient by
-the backward: ``_reduce.scale_saved_grad_eager`` in eager mode, one multiply for both rewards
-when they share a dtype; the ``_saved_grad_bwd_kernel`` custom op under torch.compile) and
-per-program partial sums of the loss and of the stats (accuracy = mean(r_c > r_r),
+gradients, 1/N included (N is known on the host), in one (2, ...) fp32 buffer, so the backward
+is one multiply by the upstream gradient (one for both rewards when they share a dtype), in
+eager mode and under torch.compile alike, and per-program partial sums of the loss and of the stats (accuracy = mean(r_c > r_r),
 reward_margin = mean(r_c - r_r), chosen_mean, rejected_mean); a one-program kernel finishes
 them on the device. When one program covers every pair (up to 2048 pairs, the usual
 reward-model batch) it writes the loss and stats itself: one launch in all. The margin (a
@@ -42,21 +41,14 @@ from rlhf_kernels._checks import (
 )
 from rlhf_kernels.backend import launch_directly, native_cpu_kernels, resolve_backend
 from rlhf_kernels.ops._launch import CachedLaunch
-from rlhf_kernels.ops._reduce import (
-    cdiv,
-    next_power_of_2,
-    no_double_backward,
-    saved_grad_scale,
-    scale_saved_grad_eager,
-)
+from rlhf_kernels.ops._reduce import cdiv, next_power_of_2, no_double_backward
 
 __all__ = ["bradley_terry_loss"]
 
 # Per-program partials: softplus sum, centering sum, correct pairs, margin, chosen, rejected.
 _N_PARTIALS = 6
 _STAT_NAMES = ("accuracy", "reward_margin", "chosen_mean", "rejected_mean")
-_S_SCALE = len(_STAT_NAMES)
-_N_STATS = _S_SCALE + 1
+_N_STATS = len(_STAT_NAMES)
 _BLOCK_MAX = 2048
 _FINISH_BLOCK_MAX = 1024
 
@@ -77,7 +69,6 @@ def _store_results(loss_ptr, stats_ptr, s_softplus, s_center, s_correct, s_diff,
     tl.store(stats_ptr + 1, s_diff / n)
     tl.store(stats_ptr + 2, s_chosen / n)
     tl.store(stats_ptr + 3, s_rejected / n)
-    tl.store(stats_ptr + 4, 1.0 / n)
 
 
 @triton.jit
@@ -85,7 +76,7 @@ def _bradley_terry_fwd_kernel(
     chosen_ptr, rejected_ptr, margin_ptr, saved_grad_ptr, partial_ptr, loss_ptr, stats_ptr,
     stride_c, stride_r, stride_m,
     n_pairs, n_programs,
-    margin, center_coef, n_pairs_f,
+    margin, center_coef, n_pairs_f, inv_n,
     HAS_MARGIN_TENSOR: tl.constexpr, HAS_CENTER: tl.constexpr, FINISH: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -110,9 +101,10 @@ def _bradley_terry_fwd_kernel(
     sigmoid_neg_z = tl.where(z >= 0.0, e / (1.0 + e), 1.0 / (1.0 + e))
     total = chosen + rejected
     center_grad = 2.0 * center_coef * total
-    # saved_grad is (2, n_pairs): d/d chosen, then d/d rejected.
-    tl.store(saved_grad_ptr + offs, center_grad - sigmoid_neg_z, mask=ok)
-    tl.store(saved_grad_ptr + n_pairs + offs, center_grad + sigmoid_neg_z, mask=ok)
+    # saved_grad is (2, n_pairs): d loss / d chosen, then d loss / d rejected (inv_n: 1/N
+    # computed on the host in float64 and rounded to fp32, as the native kernel does).
+    tl.store(saved_grad_ptr + offs, (center_grad - sigmoid_neg_z) * inv_n, mask=ok)
+    tl.store(saved_grad_ptr + n_pairs + offs, (center_grad + sigmoid_neg_z) * inv_n, mask=ok)
 
     s_softplus = tl.sum(tl.where(ok, softplus, 0.0), axis=0)
     s_center = tl.sum(tl.where(ok, total * total, 0.0), axis=0)
@@ -181,7 +173,7 @@ def _launch(
     center_coef: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> loss () fp32, stats (_N_STATS,) fp32, saved gradients (2, *chosen.shape) fp32
-    contiguous: of chosen, then of rejected, without the 1/N."""
+    contiguous: d loss / d chosen, then d loss / d rejected."""
     if native_cpu_kernels(chosen):  # csrc/cpu/losses.cpp
         return _native_losses.bradley_terry_loss(chosen, rejected, margin_tensor, margin,
                                                  center_coef)
@@ -203,7 +195,7 @@ def _launch(
         chosen1, rejected1, margin1, saved_grad, partials, loss, stats,
         chosen1.stride(0), rejected1.stride(0), margin1.stride(0),
         n_pairs, n_programs,
-        margin, center_coef, float(n_pairs),
+        margin, center_coef, float(n_pairs), 1.0 / n_pairs,
         HAS_MARGIN_TENSOR=margin_tensor is not None, HAS_CENTER=center_coef != 0.0,
         FINISH=finish, BLOCK=block, num_warps=8 if block >= 2048 else 4,
     )
@@ -237,25 +229,29 @@ def _(chosen, rejected, margin_tensor, margin, center_coef):
     )
 
 
+def _scaled(saved: torch.Tensor, grad_loss: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The backward's product: saved gradient times the upstream gradient, in ``dtype``."""
+    grad = saved * grad_loss
+    return grad if grad.dtype == dtype else grad.to(dtype)
+
+
 def _setup_context(ctx, inputs, output):
     chosen, rejected = inputs[0], inputs[1]
     _, stats, saved_grad = output
     ctx.mark_non_differentiable(stats, saved_grad)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(saved_grad, stats)
+    ctx.save_for_backward(saved_grad)
     ctx.dtypes = (chosen.dtype, rejected.dtype)
 
 
 def _backward(ctx, grad_loss, grad_stats, grad_saved):
-    saved_grad, stats = ctx.saved_tensors
+    (saved_grad,) = ctx.saved_tensors
     grad_chosen = grad_rejected = None
     if grad_loss is not None:
         if ctx.needs_input_grad[0]:
-            grad_chosen = saved_grad_scale(saved_grad[0], grad_loss, stats, _S_SCALE,
-                                           ctx.dtypes[0])
+            grad_chosen = _scaled(saved_grad[0], grad_loss, ctx.dtypes[0])
         if ctx.needs_input_grad[1]:
-            grad_rejected = saved_grad_scale(saved_grad[1], grad_loss, stats, _S_SCALE,
-                                             ctx.dtypes[1])
+            grad_rejected = _scaled(saved_grad[1], grad_loss, ctx.dtypes[1])
     return grad_chosen, grad_rejected, None, None, None
 
 
@@ -263,39 +259,36 @@ _bradley_terry_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _BradleyTerryFunction(torch.autograd.Function):
-    """The eager path (``launch_directly``): the custom op's forward launches, and its backward
-    product as torch multiplies (one for both rewards when they share a dtype)."""
+    """The eager path (``launch_directly``): the custom op's forward launches, its backward the
+    same product (one multiply for both rewards when they share a dtype). The stats leave
+    through ``box`` rather than as an output: they get no gradient, and an output's autograd
+    bookkeeping would cost host time on every call."""
 
     @staticmethod
-    def forward(ctx, chosen, rejected, margin_tensor, margin, center_coef):
+    def forward(ctx, chosen, rejected, margin_tensor, margin, center_coef, box):
         loss, stats, saved_grad = _launch(chosen, rejected, margin_tensor, margin, center_coef)
-        ctx.mark_non_differentiable(stats)
+        box.append(stats)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(saved_grad)
-        ctx.stats = stats  # held, not saved: see SavedGradLoss (the caller may edit the stats)
         ctx.dtypes = (chosen.dtype, rejected.dtype)
-        return loss, stats
+        return loss
 
     @staticmethod
     @no_double_backward("bradley_terry_loss")
-    def backward(ctx, grad_loss, grad_stats):
+    def backward(ctx, grad_loss):
         if grad_loss is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         (saved_grad,) = ctx.saved_tensors
-        stats = ctx.stats
         need_chosen, need_rejected = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if need_chosen and need_rejected and ctx.dtypes[0] == ctx.dtypes[1]:
-            grads = scale_saved_grad_eager(saved_grad, grad_loss, stats, _S_SCALE,
-                                           ctx.dtypes[0])
-            return grads[0], grads[1], None, None, None
+            grad_chosen, grad_rejected = _scaled(saved_grad, grad_loss, ctx.dtypes[0]).unbind(0)
+            return grad_chosen, grad_rejected, None, None, None, None
         grad_chosen = grad_rejected = None
         if need_chosen:
-            grad_chosen = scale_saved_grad_eager(saved_grad[0], grad_loss, stats, _S_SCALE,
-                                                 ctx.dtypes[0])
+            grad_chosen = _scaled(saved_grad[0], grad_loss, ctx.dtypes[0])
         if need_rejected:
-            grad_rejected = scale_saved_grad_eager(saved_grad[1], grad_loss, stats, _S_SCALE,
-                                                   ctx.dtypes[1])
-        return grad_chosen, grad_rejected, None, None, None
+            grad_rejected = _scaled(saved_grad[1], grad_loss, ctx.dtypes[1])
+        return grad_chosen, grad_rejected, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,7 +370,9 @@ def bradley_terry_loss(
         loss, stats, _ = _bradley_terry_op(*args)
     elif torch.is_grad_enabled() and (chosen_rewards.requires_grad
                                       or rejected_rewards.requires_grad):
-        loss, stats = _BradleyTerryFunction.apply(*args)
+        box = []
+        loss = _BradleyTerryFunction.apply(*args, box)
+        stats = box[0]
     else:
         loss, stats, _ = _launch(*args)
     return loss, dict(zip(_STAT_NAMES, stats.unbind(0)))
