@@ -53,7 +53,6 @@ import sys
 import types
 import uuid
 import warnings
-import weakref
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -62,7 +61,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rlhf import layout, loading, lora_forward
+from rlhf import adapters, layout, loading, lora_forward
+from rlhf.adapters import LoraSpec, _quiet_peft  # noqa: F401 - re-exported
 from rlhf.errors import write_error
 from rlhf.layout import (  # noqa: F401 - re-exported
     _check_batch,
@@ -103,53 +103,6 @@ IGNORE_INDEX = -100
 CHECKPOINT_FORMAT = 1
 _ROLES_FILE = "roles.json"
 _HEADS_FILE = "heads.safetensors"
-
-
-@dataclass
-class LoraSpec:
-    """LoRA hyper-parameters shared by every role's adapter.
-
-    ``target_modules=None`` targets every attention and MLP linear of the backbone (PEFT's
-    ``"all-linear"``, which leaves the lm_head out; the lm_head must stay a plain weight for
-    ``linear_logprobs``).
-    """
-
-    rank: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: list[str] | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"LoraSpec.rank must be a positive int, got {self.rank!r}")
-        if not self.alpha > 0:
-            raise ValueError(f"LoraSpec.alpha must be > 0, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoraSpec.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.target_modules is not None:
-            self.target_modules = list(self.target_modules)
-            if any(name in ("lm_head", "embed_out", "output") for name in self.target_modules):
-                raise ValueError(
-                    f"LoraSpec.target_modules={self.target_modules} includes the lm_head; the "
-                    "lm_head must stay a plain weight (token_logprobs reads it for "
-                    "linear_logprobs). Target attention/MLP linears only, or None for all of them."
-                )
-
-    def peft_config(self, causal_lm: nn.Module):
-        """The ``peft.LoraConfig`` for ``causal_lm`` (GPT-2's Conv1D layers need fan_in_fan_out)."""
-        from peft import LoraConfig
-        from transformers.pytorch_utils import Conv1D
-
-        uses_conv1d = any(isinstance(m, Conv1D) for m in causal_lm.modules())
-        return LoraConfig(
-            r=self.rank,
-            lora_alpha=self.alpha,
-            lora_dropout=self.dropout,
-            target_modules=self.target_modules if self.target_modules else "all-linear",
-            fan_in_fan_out=uses_conv1d,
-            bias="none",
-        )
-
 
 # --------------------------------------------------------------------------------------------
 # input checks
@@ -288,7 +241,7 @@ class SharedBackbone(nn.Module):
         self._active_role: str | None = roles[0]
         self._direct_switch = False  # PEFT's own switch first, then check the direct one
         self._switch(self._lora_layers, self._active_role)
-        self._direct_switch = _direct_switch_works(self._lora_layers, self._active_role)
+        self._direct_switch = adapters.direct_switch_works(self._lora_layers, self._active_role)
         self._apply_requires_grad()
         # Checkpointing switched on before wrapping (e.g. during full-weight SFT) must become
         # adapter-aware too, or recomputation would silently use the wrong adapter.
@@ -407,9 +360,7 @@ class SharedBackbone(nn.Module):
     # ---------------------------------------------------------------- roles and adapters
     @staticmethod
     def _find_lora_layers(module: nn.Module) -> list[nn.Module]:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+        return adapters.find_lora_layers(module)
 
     def _check_role(self, role: str | None, allow_none: bool = False) -> str | None:
         if role is None and allow_none:
@@ -425,40 +376,16 @@ class SharedBackbone(nn.Module):
         return role
 
     def _adapter_parameters(self, role: str, layers: Iterable[nn.Module] | None = None):
-        for layer in self._lora_layers if layers is None else layers:
-            for attr in layer.adapter_layer_names:
-                per_adapter = getattr(layer, attr)
-                if role in per_adapter:
-                    entry = per_adapter[role]
-                    yield from (entry.parameters() if isinstance(entry, nn.Module) else (entry,))
+        return adapters.adapter_parameters(self._lora_layers if layers is None else layers, role)
 
     def _switch(self, layers: Iterable[nn.Module], role: str | None) -> None:
-        """Activate ``role``'s adapter (None: disable all) on ``layers``, keeping requires_grad.
-
-        PEFT's ``set_adapter`` / ``enable_adapters`` set two attributes of the layer, the active
-        adapter names and the disabled flag, and flip requires_grad of every adapter weight,
-        which ``_apply_requires_grad`` must then put back. At 168 adapted linears (Qwen2.5-0.5B)
-        that took 14 ms of host CPU time per switch (``benchmarks/host_trainer.py``), and an RL
-        iteration switches roles about seven times. Where the layers are PEFT's stock tuner
-        layers (``_direct_switch_works``), the two attributes are set directly: the same state,
-        requires_grad never touched.
-        """
+        """Activate ``role``'s adapter (None: disable all) on ``layers``, keeping requires_grad:
+        set directly where PEFT's stock layers allow it (``adapters.switch``), else through PEFT,
+        after which the explicit trainable set is put back."""
         layers = list(layers)
-        if self._direct_switch:
-            for layer in layers:
-                if role is not None:
-                    layer._active_adapter = [role]
-                layer._disable_adapters = role is None
-            return
-        for layer in layers:
-            if role is None:
-                layer.enable_adapters(False)
-            else:
-                layer.set_adapter(role)
-                if layer.disable_adapters:
-                    layer.enable_adapters(True)
-        # PEFT just flipped requires_grad of these layers' adapters; put the explicit set back.
-        self._apply_requires_grad(layers)
+        adapters.switch(layers, role, direct=self._direct_switch)
+        if not self._direct_switch:  # PEFT flipped requires_grad of these layers' adapters
+            self._apply_requires_grad(layers)
 
     def _activate(self, role: str | None) -> None:
         if role != self._active_role:
@@ -545,8 +472,8 @@ class SharedBackbone(nn.Module):
                 func = func._inner
             layer_loras = self._find_lora_layers(module)
             if layer_loras:
-                module._gradient_checkpointing_func = _role_aware_checkpoint(self, layer_loras,
-                                                                             func)
+                module._gradient_checkpointing_func = adapters.role_aware_checkpoint(
+                    self, layer_loras, func)
                 wrapped += 1
         if not wrapped:
             raise ValueError(f"no checkpointable decoder layer with LoRA layers found in "
@@ -778,15 +705,7 @@ class SharedBackbone(nn.Module):
                 "initialised from the reward adapter; call use_reward_model(None) first or train "
                 "the critic from its fresh initialisation"
             )
-        for layer in self._lora_layers:
-            for attr in layer.adapter_layer_names:
-                per_adapter = getattr(layer, attr)
-                if "reward" in per_adapter and "critic" in per_adapter:
-                    source, target = per_adapter["reward"], per_adapter["critic"]
-                    if isinstance(source, nn.Module):
-                        target.load_state_dict(source.state_dict())
-                    else:
-                        target.copy_(source)
+        adapters.copy_adapter(self._lora_layers, "reward", "critic")
         self.value_head.load_state_dict(self.reward_head.state_dict())
 
     def use_reward_model(self, model) -> None:
@@ -1025,68 +944,6 @@ class SharedBackbone(nn.Module):
                            for key in ("params", "grads", "optimizer")}
         return report
 
-
-@contextmanager
-def _quiet_peft():
-    """PEFT asks transformers ``is_gradient_checkpointing``, deprecated in transformers 5.2x."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
-                                category=FutureWarning)
-        yield
-
-
-def _direct_switch_works(layers: list[nn.Module], role: str) -> bool:
-    """Whether ``SharedBackbone._switch`` may set the layers' active adapter and disabled flag
-    directly. ``layers`` were just switched to ``role`` by PEFT itself. Yes when every layer runs
-    PEFT's own ``set_adapter`` and ``enable_adapters`` of ``BaseTunerLayer`` (no subclass adds
-    work to them), keeps the two as plain instance attributes (what those methods assign), and
-    reads them back through the public ``active_adapters`` / ``disable_adapters``."""
-    import inspect
-
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for layer in layers:
-        cls = type(layer)
-        if cls.set_adapter is not BaseTunerLayer.set_adapter \
-                or cls.enable_adapters is not BaseTunerLayer.enable_adapters:
-            return False
-        for name in ("_active_adapter", "_disable_adapters"):
-            if isinstance(inspect.getattr_static(cls, name, None), property) \
-                    or name not in vars(layer):
-                return False
-        if layer.active_adapters != [role] or layer.disable_adapters is not False:
-            return False
-    return True
-
-
-def _role_aware_checkpoint(backbone: SharedBackbone, layer_loras: list[nn.Module],
-                           checkpoint_func: Callable) -> Callable:
-    """Wrap a decoder layer's checkpoint function so that its backward-time recomputation runs
-    with the role that was active during its forward, not the one active at backward time."""
-    backbone_ref = weakref.ref(backbone)  # the layer must not keep the backbone alive
-
-    def checkpoint_with_role(function, *args, **kwargs):
-        owner = backbone_ref()
-        if owner is None:  # the backbone is gone; the bare model checkpoints as usual
-            return checkpoint_func(function, *args, **kwargs)
-        forward_role = owner._active_role
-
-        def run_with_forward_role(*inner_args, **inner_kwargs):
-            if owner._active_role == forward_role:
-                return function(*inner_args, **inner_kwargs)
-            owner._switch(layer_loras, forward_role)
-            try:
-                return function(*inner_args, **inner_kwargs)
-            finally:
-                owner._switch(layer_loras, owner._active_role)
-
-        return checkpoint_func(run_with_forward_role, *args, **kwargs)
-
-    checkpoint_with_role._role_aware = True
-    checkpoint_with_role._inner = checkpoint_func
-    return checkpoint_with_role
-
-
 def _sequence_classifier_scorer(model, vocab_size: int) -> Callable:
     """(input_ids, attention_mask) -> (B,) fp32 scores of a HF ``*ForSequenceClassification``."""
     n_labels = getattr(model.config, "num_labels", None)
@@ -1289,7 +1146,7 @@ def memory_table_markdown(shapes: Iterable[ModelShape] = (QWEN2_5_1_5B, LLAMA_3_
 # --------------------------------------------------------------------------------------------
 # a name set here is set where the code that reads it lives
 # --------------------------------------------------------------------------------------------
-_PARTS = (layout, loading)
+_PARTS = (adapters, layout, loading)
 _ABSENT = object()
 
 
