@@ -30,7 +30,10 @@ calls after ``--warmup`` calls, ours and eager interleaved in rounds so that a b
 slows both alike, with the garbage collector paused and one intra-op thread. "fwd" is a call on
 inputs that do not require grad; "fwd+bwd" is the call on inputs that do, then
 ``torch.autograd.grad`` of the loss (or of the output against a fixed upstream gradient) with
-respect to the differentiable inputs. ``ratio`` is ours / eager.
+respect to the differentiable inputs. ``ratio`` is ours / eager. The ``*_kernels`` columns count
+the GPU kernels one call would launch (``kernels_per_call``: ours' Triton launches plus every
+torch kernel of either side, the backward's included), which a GPU host pays per launch and
+these CPU timings do not show.
 
 ``python -m benchmarks.host_overhead [--repeats N] [--warmup N] [--smoke] [--markdown]``
 (``--smoke``: a few repeats, no result file). Results go to
@@ -69,6 +72,7 @@ if __name__ == "__main__" and "rlhf_kernels.ops.policy_loss" not in sys.modules:
 
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver as triton_driver  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 import rlhf_kernels as rk  # noqa: E402
@@ -176,6 +180,42 @@ def host_only_launches():
         rk_backend._INTERPRETER = previous_interpreter
         JITFunction._do_compile = previous_compile
         triton_driver._active = None  # the next use creates the real driver again
+
+
+# --------------------------------------------------------------------------------------------
+# kernels per call
+# --------------------------------------------------------------------------------------------
+# aten ops that allocate, re-point a tensor at a storage (``set_``, the custom ops' and
+# autograd's bookkeeping) or compute a dtype, without launching a kernel on a GPU
+_NO_KERNEL_OPS = frozenset({"empty", "empty_strided", "empty_like", "new_empty",
+                            "new_empty_strided", "lift_fresh", "_local_scalar_dense", "set_",
+                            "promote_types"})
+
+
+class _TorchKernels(TorchDispatchMode):
+    """Counts the aten ops of a call that would launch a GPU kernel: every op that reaches the
+    kernels except views (an output that aliases an input) and bare allocations."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        view = any(r.alias_info is not None and not r.alias_info.is_write
+                   for r in func._schema.returns)
+        if not view and func.overloadpacket.__name__ not in _NO_KERNEL_OPS:
+            self.count += 1
+        return out
+
+
+def kernels_per_call(step: Callable[[], object]) -> int:
+    """GPU kernels one call of ``step`` would launch: its Triton launches (counted at the
+    mocked launcher) plus its torch kernels (``_TorchKernels``), the backward's included."""
+    before = _NoLaunchKernel.launches
+    with _TorchKernels() as torch_kernels:
+        step()
+    return _NoLaunchKernel.launches - before + torch_kernels.count
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,6 +408,12 @@ def run(repeats: int = 400, warmup: int = 20, ops: list[Op] | None = None,
                         steps[key]()
                     row[f"{key}_launches"] = (_NoLaunchKernel.launches - before
                                               if steps[key] is not None else None)
+                # GPU kernels per call (Triton and torch, the backward's included): on a GPU
+                # host each costs a launch that the CPU figures do not contain (ours: the
+                # mocked launcher; eager: the CPU runs its kernels inline).
+                for key in ("ours_fwd", "ours_fwd_bwd", "eager_fwd", "eager_fwd_bwd"):
+                    row[f"{key}_kernels"] = (kernels_per_call(steps[key])
+                                             if steps[key] is not None else None)
                 us = measure({k: v for k, v in steps.items() if v is not None}, repeats, warmup)
                 for key in steps:
                     row[f"{key}_us"] = us.get(key)
@@ -383,7 +429,14 @@ def run(repeats: int = 400, warmup: int = 20, ops: list[Op] | None = None,
 _COLUMNS = ("op", "ours_fwd_us", "ours_fwd_bwd_us", "eager_fwd_us", "eager_fwd_bwd_us",
             "ratio_fwd", "ratio_fwd_bwd")
 _HEADERS = ("op", "ours fwd", "ours fwd+bwd", "eager fwd", "eager fwd+bwd", "ratio fwd",
-            "ratio fwd+bwd")
+            "ratio fwd+bwd", "GPU kernels ours / eager")
+
+
+def _kernels_cell(row: dict) -> str:
+    """GPU kernels per call, ours / eager: fwd+bwd for the differentiable ops, else fwd."""
+    suffix = "fwd_bwd" if row.get("ours_fwd_bwd_kernels") is not None else "fwd"
+    ours, eager = row.get(f"ours_{suffix}_kernels"), row.get(f"eager_{suffix}_kernels")
+    return "–" if ours is None or eager is None else f"{ours} / {eager}"
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -399,6 +452,7 @@ def markdown_table(rows: list[dict]) -> str:
                 cells.append(f"{value:.2f}×")
             else:
                 cells.append(f"{value:.0f}")
+        cells.append(_kernels_cell(row))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

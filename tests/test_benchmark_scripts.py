@@ -211,6 +211,12 @@ def test_host_overhead_smoke_covers_every_op(tmp_path):
         else:
             assert row["ours_fwd_bwd_us"] is None and row["eager_fwd_bwd_us"] is None, row
         assert row["ours_fwd_launches"] >= 1, row
+        for side in ("ours", "eager"):  # kernels per call: counted, the backward's included
+            fwd, fwd_bwd = row[f"{side}_fwd_kernels"], row[f"{side}_fwd_bwd_kernels"]
+            assert isinstance(fwd, int) and fwd >= 1, row
+            assert (fwd_bwd is None) == (row["op"] not in differentiable), row
+            assert fwd_bwd is None or fwd_bwd > fwd, row
+        assert row["ours_fwd_kernels"] >= row["ours_fwd_launches"], row
         for key in keys:
             assert isinstance(row[key], float) and math.isfinite(row[key]) and row[key] > 0, \
                 (key, row)
@@ -218,6 +224,21 @@ def test_host_overhead_smoke_covers_every_op(tmp_path):
     assert header[:5] == ["op", "ours_fwd_us", "ours_fwd_bwd_us", "eager_fwd_us",
                           "eager_fwd_bwd_us"]
     assert all(op in done.stdout for op in ops)
+
+
+def test_kernels_per_call_counts_what_a_gpu_would_launch():
+    """Closed forms: each computing aten op is one kernel (the backward's included), views,
+    ``set_`` and bare allocations none."""
+    from benchmarks import host_overhead
+
+    x = torch.randn(8, requires_grad=True)
+    y = torch.randn(8)
+    assert host_overhead.kernels_per_call(lambda: x.view(2, 4).t()) == 0
+    assert host_overhead.kernels_per_call(lambda: torch.empty(8)) == 0
+    assert host_overhead.kernels_per_call(lambda: (y.exp() + 1).sum()) == 3
+    # forward: mul, sum; backward: ones_like (the seed), expand (a view) then mul by y
+    assert host_overhead.kernels_per_call(
+        lambda: torch.autograd.grad((x * y).sum(), [x])) == 4
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
