@@ -497,8 +497,13 @@ def test_host_overhead_table_is_its_result_file():
     def ratio(value):
         return "–" if value is None else f"{value:.2f}×"
 
+    def kernels(r):  # forward + backward where the op has a gradient, else forward
+        part = "fwd" if r.get("ours_fwd_bwd_kernels") is None else "fwd_bwd"
+        return f"{r[f'ours_{part}_kernels']} / {r[f'eager_{part}_kernels']}"
+
     want = [[r["op"], us(r["ours_fwd_us"]), us(r.get("ours_fwd_bwd_us")), us(r["eager_fwd_us"]),
-             us(r.get("eager_fwd_bwd_us")), ratio(r["ratio_fwd"]), ratio(r.get("ratio_fwd_bwd"))]
+             us(r.get("eager_fwd_bwd_us")), ratio(r["ratio_fwd"]), ratio(r.get("ratio_fwd_bwd")),
+             kernels(r)]
             for r in sorted(_rows(named.group(1)), key=lambda r: r["op"])]
     assert shown == want
 
