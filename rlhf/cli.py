@@ -30,6 +30,7 @@ import importlib
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -219,6 +220,18 @@ def _split_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
         raise ValueError(f"expected at most one config file, got {paths}; overrides must look "
                          f"like key=value")
     return (paths[0] if paths else None), [arg for arg in args if "=" in arg]
+
+
+def _resume_command(command: str, args: Sequence[str], config_path: str | None, cfg) -> str:
+    """The command that continues an interrupted run: its own arguments and --resume, without
+    ``overwrite=`` / ``resume=`` (``overwrite=true`` with --resume is refused as a contradiction,
+    so repeating the run's command line gave a command that stopped at once), and with
+    ``overwrite=false`` when the config file may set it; each argument shell-quoted, so that a
+    path with a space pastes back as one argument."""
+    kept = [arg for arg in args if arg.partition("=")[0].strip() not in ("overwrite", "resume")]
+    if config_path is not None and getattr(cfg, "overwrite", False):
+        kept.append("overwrite=false")  # the file's `overwrite: true`
+    return " ".join(shlex.quote(arg) for arg in ["rlhf", command, *kept, "--resume"])
 
 
 def _import_stage(stage: Stage):
@@ -467,8 +480,8 @@ def _main(argv: list[str]) -> int:
         # comes before any checkpoint.
         terminated = isinstance(interrupt, Terminated)
         how = f"terminated ({interrupt.signal_name})" if terminated else "interrupted"
-        print(f"\nrlhf {ns.command}: {how}. Continue with "
-              f"`rlhf {' '.join([ns.command, *ns.args])} --resume` (it continues from the last "
+        again = _resume_command(ns.command, ns.args, config_path, cfg)
+        print(f"\nrlhf {ns.command}: {how}. Continue with `{again}` (it continues from the last "
               f"checkpoint under {output_dir or 'the output directory'}, or starts afresh "
               f"when there is none).", file=sys.stderr)
         return interrupt.exit_code if terminated else EXIT_INTERRUPTED

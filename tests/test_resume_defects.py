@@ -204,6 +204,43 @@ def test_the_cli_says_a_sigterm_and_exits_143(monkeypatch, capsys, tmp_path):
     assert "rlhf sft: terminated (SIGTERM). Continue with `rlhf sft" in err and "--resume`" in err
 
 
+@pytest.mark.parametrize("in_file", [False, True])
+def test_the_resume_command_an_interrupt_names_runs_the_run_again(monkeypatch, capsys, tmp_path,
+                                                                  in_file):
+    """A run started with overwrite=true (on the command line or in its config file), then
+    interrupted: the `--resume` command the CLI prints must continue it. It repeated
+    overwrite=true, which --resume refuses as a contradiction, so the printed command stopped at
+    once; and a path with a space came back as two arguments."""
+    import shlex
+
+    seen = []
+
+    def entry_point(cfg):
+        seen.append(cfg)
+        if not cfg.resume:
+            raise KeyboardInterrupt
+        return {}
+
+    monkeypatch.setattr(sft, "train", entry_point)
+    data = tmp_path / "my data.jsonl"
+    args = ["sft", f"output_dir={tmp_path / 'run'}", "max_steps=3", f"dataset={data}"]
+    if in_file:
+        config = tmp_path / "sft.yaml"
+        config.write_text("overwrite: true\nlr: 0.001\n")
+        args.insert(1, str(config))
+    else:
+        args.append("overwrite=true")
+    assert cli.main(args) == cli.EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    again = shlex.split(err.split("Continue with `", 1)[1].split("`", 1)[0])
+    assert again[0] == "rlhf" and again[-1] == "--resume"
+    assert cli.main(again[1:]) == 0, capsys.readouterr().err
+    first, resumed = seen
+    assert resumed.resume and not resumed.overwrite  # what open_run needs to continue the run
+    assert resumed.dataset == str(data) and resumed.output_dir == first.output_dir
+    assert (resumed.max_steps, resumed.lr) == (3, first.lr)
+
+
 # ------------------------------------------------------------------ an interrupt inside a step
 class _SignalInsideTheOptimizerStep:
     """Sends SIGINT (what Ctrl-C sends) to this process from inside ``optimizer.step()``,
