@@ -622,6 +622,33 @@ def test_verl_logprobs_in_place_backward_leaves_a_leaf_it_views_alone(backend):
     torch.testing.assert_close(leaf.grad.double(), exact.grad, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("flash_ce", [False, True], ids=["pytorch path", "flash-attn path"])
+def test_verl_logprobs_in_place_backward_only_where_verl_takes_flash_attn(backend, monkeypatch,
+                                                                          flash_ce):
+    """veRL's logprobs_from_logits writes the gradient into the logits (inplace_backward=True,
+    its default) only through flash-attn's cross entropy; its PyTorch path (no flash-attn, CPU
+    logits, VERL_DISABLE_FLASH_ATTN_CE=1) ignores the flag, so an op that saved the same logits
+    for its backward still reads them. The drop-in wrote in place on every path, and such a
+    backward raised 'modified by an inplace operation' where veRL's ran."""
+    monkeypatch.setattr(our_verl, "_verl_uses_flash_ce", lambda logits: flash_ce)
+    base = _logits((4, V), torch.float32).requires_grad_()
+    labels = torch.randint(0, V, (4,), device=DEVICE)
+    logits = base * 1.5  # an intermediate (the lm head's output)
+    other = (torch.softmax(logits, -1) * logits).sum()  # saves the logits; its backward runs last
+    logp = our_verl.logprobs_from_logits(logits, labels)
+    before = logits.detach().clone()
+    if flash_ce and backend != "reference":  # the buffer takes the gradient, as flash-attn's,
+        with pytest.raises(RuntimeError, match="inplace"):  # and autograd catches the reader
+            (logp.sum() + other).backward()
+        return
+    (logp.sum() + other).backward()
+    assert torch.equal(logits.detach(), before)
+    exact = base.detach().double().requires_grad_()
+    x = exact * 1.5
+    (_logp64(x, labels).sum() + (torch.softmax(x, -1) * x).sum()).backward()
+    torch.testing.assert_close(base.grad.double(), exact.grad, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_verl_openrlhf_outputs_edited_in_place_then_backward(backend, dtype):
     base = _logits((4, V), dtype).requires_grad_()

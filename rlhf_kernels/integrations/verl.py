@@ -914,8 +914,10 @@ def logprobs_from_logits(
     (N, V) logits, as veRL's flash-attn path reshapes both) -> logp ``logits.shape[:-1]``, fp32
     where veRL would use flash-attn's cross entropy and the logits' dtype otherwise (fp32 with
     ``keep_fp32``). Labels equal to -100 give 0 (as flash-attn). ``inplace_backward`` writes d
-    logits into the logits buffer, as flash-attn's; it is turned off for a leaf tensor that
-    requires grad or a view of one (the backward would overwrite the leaf's data). A DTensor
+    logits into the logits buffer, as flash-attn's does, only where veRL would take flash-attn's
+    cross entropy: on its PyTorch path veRL ignores the flag and the logits keep their values
+    (another op may have saved them for its backward). It is also turned off for a leaf tensor
+    that requires grad or a view of one (the backward would overwrite the leaf's data). A DTensor
     (logits sharded under tensor parallelism) goes to veRL's own function."""
     if is_dtensor(logits):
         return original(_TORCH_F, "logprobs_from_logits")(logits, labels, inplace_backward)
@@ -928,9 +930,10 @@ def logprobs_from_logits(
                 f"logprobs_from_logits needs one label per row of logits"
             )
         labels = labels.reshape(rows)
-    inplace = bool(inplace_backward) and not is_or_views_a_grad_leaf(logits)
+    flash_ce = _verl_uses_flash_ce(logits)
+    inplace = bool(inplace_backward) and flash_ce and not is_or_views_a_grad_leaf(logits)
     logp = logprobs(logits, labels, inplace_backward=inplace)
-    dtype = torch.float32 if _verl_uses_flash_ce(logits) else logits.dtype
+    dtype = torch.float32 if flash_ce else logits.dtype
     return finish(logp, dtype, keep_fp32)
 
 
