@@ -399,7 +399,6 @@ def plan(config="qwen2.5-1.5b", *, batch: int = 16, prompt_length: int = 128,
     # a quantized layer's weight, dequantized for its matmul (the largest of a layer), and a
     # quantized lm_head's, dequantized whole for the fused log-probs and the decode step
     dequant = _dequant_bytes(d, w, quantization)
-    backward_dequant = _dequant_bytes(d, w, quantization, backward=True)
     head_dequant = (v * h * w if quantization != "none" and quantize_lm_head
                     and not d.tie_word_embeddings else 0)
 
@@ -432,26 +431,12 @@ def plan(config="qwen2.5-1.5b", *, batch: int = 16, prompt_length: int = 128,
     scoring = {"forward": max(forward, n * w * h + head_read)}
 
     # update: one minibatch, policy then critic
-    n = minibatch * S
-    n_resp = minibatch * response_length
-    grads = 4 * trained * (2 if gpus > 1 else 1)  # + the flat all-reduce buffer
-    saved_layers = L * n * ((w * h if gradient_checkpointing else _layer_saved(d, w, fast))
-                            + _int8_kept_inputs(d, w, quantization, gradient_checkpointing))
-    # the peak is either in the last layer's backward (its saved activations, recomputed under
-    # checkpointing, and gradient temporaries) or at the loss head, after the forward
-    layer_backward = n * (_layer_backward_extra(d, w, fast)
-                          + (_layer_saved(d, w, fast) if gradient_checkpointing else 0)
-                          ) + backward_dequant
-    final = n * w * h * 3  # final norm input / output and the returned hidden states
-    policy_head = (n_resp * w * h * 2  # the response slice and its gradient
-                   + _logits_chunk(n_resp, v, w, device) * 2  # logits chunk and d logits
-                   + head_dequant)
-    value_head = n * 4 * h * 2 if critic else 0  # fp32 copy of the hidden states, its grad
-    update = {
-        "grads": grads,
-        "saved_activations": saved_layers + minibatch * S * S,
-        "backward_or_head": max(layer_backward, final + max(policy_head, value_head)),
-    }
+    update = {"grads": 4 * trained * (2 if gpus > 1 else 1),  # + the flat all-reduce buffer
+              **update_activations(d, w, rows=minibatch, prompt_length=prompt_length,
+                                   response_length=response_length,
+                                   gradient_checkpointing=gradient_checkpointing, fast_lora=fast,
+                                   critic=critic, device=device, quantization=quantization,
+                                   head_dequant=head_dequant)}
     stages = {}
     for name, parts in (("rollout", rollout), ("scoring", scoring), ("update", update)):
         parts = dict(parts)
@@ -475,6 +460,45 @@ def plan(config="qwen2.5-1.5b", *, batch: int = 16, prompt_length: int = 128,
                        batch_per_gpu=batch, minibatch_per_gpu=minibatch,
                        autocast=bool(autocast)),
     }
+
+
+def update_activations(d: ModelDims, w: int, *, rows: int, prompt_length: int,
+                       response_length: int, gradient_checkpointing: bool = True,
+                       fast_lora: bool = False, critic: bool = True, device: str = "cuda",
+                       quantization: str = "none", head_dequant: int = 0,
+                       eager_logits: bool = False) -> dict:
+    """Activation bytes of one PPO update step over ``rows`` sequences (the policy's backward,
+    then the critic's): ``{"saved_activations", "backward_or_head"}``. ``plan``'s update stage
+    and ``rlhf.memory.estimate_memory`` both count it here.
+
+    saved_activations: what the layers keep for the backward (with gradient checkpointing each
+    layer's input, without it ``_layer_saved``) and the (rows, S, S) boolean attention mask.
+    backward_or_head: the larger of the last layer's backward (its saved activations, recomputed
+    under checkpointing, and gradient temporaries) and the loss head after the forward: the
+    policy's ``linear_ppo_loss`` over the response (one logits chunk and its gradient), or with
+    ``eager_logits`` (B, S, V) logits in the weights' dtype + an fp32 log-softmax + its fp32
+    gradient (a model's own lm_head forward); or the value head's fp32 copy of the hidden
+    states and its gradient (``critic``). ``fast_lora``: the layers keep no fp32 copies of the
+    adapted linears' inputs (rlhf/lora_forward.py under autocast, or no adapters at all).
+    """
+    h, v, L = d.hidden_size, d.vocab_size, d.num_layers
+    S = prompt_length + response_length
+    n, n_resp = rows * S, rows * response_length
+    saved_layers = L * n * ((w * h if gradient_checkpointing else _layer_saved(d, w, fast_lora))
+                            + _int8_kept_inputs(d, w, quantization, gradient_checkpointing))
+    layer_backward = n * (_layer_backward_extra(d, w, fast_lora)
+                          + (_layer_saved(d, w, fast_lora) if gradient_checkpointing else 0)
+                          ) + _dequant_bytes(d, w, quantization, backward=True)
+    final = n * w * h * 3  # final norm input / output and the returned hidden states
+    if eager_logits:
+        policy_head = n * v * (w + 4 + 4)
+    else:
+        policy_head = (n_resp * w * h * 2  # the response slice and its gradient
+                       + _logits_chunk(n_resp, v, w, device) * 2  # logits chunk and d logits
+                       + head_dequant)
+    value_head = n * 4 * h * 2 if critic else 0  # fp32 copy of the hidden states, its grad
+    return {"saved_activations": saved_layers + rows * S * S,
+            "backward_or_head": max(layer_backward, final + max(policy_head, value_head))}
 
 
 def _check_choices(quantization: str, optimizer: str, quantize_lm_head: bool) -> None:
