@@ -680,6 +680,8 @@ def test_model_shape_counts_match_real_models(arch):
 
 
 def test_memory_estimate_closed_form_and_docs_table():
+    from rlhf import plan
+
     # parameter counts of the public models: 1.54 B and 8.03 B
     assert abs(QWEN2_5_1_5B.params() - 1_543_714_304) == 0
     assert abs(LLAMA_3_8B.params() - 8_030_261_248) == 0
@@ -690,10 +692,22 @@ def test_memory_estimate_closed_form_and_docs_table():
                                                       "activations"))
     # Adam: two fp32 moments for each trained parameter (policy + critic adapters and value head)
     assert shared["optimizer"] == 8 * (2 * LLAMA_3_8B.lora_params(16) + 4097)
+    # full fine-tuning: the policy (with lm_head) and the critic (without) + value head
+    full = LLAMA_3_8B.params() + LLAMA_3_8B.backbone_params()
+    assert separate["optimizer"] == 8 * (full + 4097)
+    assert separate["grads"] == 2 * full + 4 * 4097
+    # one estimator: the shared-lora row is `rlhf plan`'s update stage (the same batch, lengths
+    # and rank) less what generation leaves resident
+    for shape in (QWEN2_5_1_5B, LLAMA_3_8B):
+        planned = plan.plan(shape.config(), batch=16, prompt_length=128, response_length=256)
+        resident = planned["resident"]
+        assert estimate_memory(shape)["total"] == (planned["stages"]["update"]["total"]
+                                                   - resident["kv_cache"]
+                                                   - resident["rollout_tensors"])
     with pytest.raises(ValueError, match="setup"):
         estimate_memory(LLAMA_3_8B, "trl")
     doc = (REPO / "docs" / "memory.md").read_text()
-    assert memory_table_markdown() in doc, "docs/memory.md is stale: python -m rlhf.models"
+    assert memory_table_markdown() in doc, "docs/memory.md is stale: python -m rlhf.memory"
 
 
 # --------------------------------------------------------------------------------------------
