@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 if TYPE_CHECKING:
-    from rlhf.models import SharedBackbone
+    from rlhf.backbone import SharedBackbone
 
 
 @dataclass
