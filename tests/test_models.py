@@ -793,3 +793,55 @@ def test_checkpointing_enabled_before_wrapping_becomes_adapter_aware():
     funcs = [m._gradient_checkpointing_func for m in backbone.causal_lm.modules()
              if getattr(m, "gradient_checkpointing", False) and backbone._find_lora_layers(m)]
     assert funcs and all(getattr(f, "_role_aware", False) for f in funcs)
+
+
+# --------------------------------------------------------------------------------------------
+# rlhf.models: the re-exports of the modules it was split into
+# --------------------------------------------------------------------------------------------
+def _names_read_from_rlhf_models(path: Path) -> set[str]:
+    """The names ``path`` imports from rlhf.models or reads as ``models.<name>`` after
+    ``from rlhf import models``."""
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names, aliases = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "rlhf.models":
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module == "rlhf":
+            aliases.update(alias.asname or alias.name for alias in node.names
+                           if alias.name == "models")
+    if aliases:
+        names.update(node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+                     and isinstance(node.value, ast.Name) and node.value.id in aliases)
+    return names
+
+
+def test_rlhf_models_still_has_every_name_the_repository_reads_from_it():
+    import rlhf.models
+
+    read = {}
+    for folder in ("rlhf", "rlhf_kernels", "benchmarks", "scripts", "tests", "examples"):
+        for path in (REPO / folder).rglob("*.py"):
+            for name in _names_read_from_rlhf_models(path):
+                read.setdefault(name, path.relative_to(REPO))
+    assert {"SharedBackbone", "LoraSpec", "load_causal_lm", "_position_ids",
+            "hub_offline_reason"} <= set(read), read  # the scan finds what it looks for
+    missing = {name: str(path) for name, path in read.items() if not hasattr(rlhf.models, name)}
+    assert not missing, f"rlhf.models no longer has these names the repository reads: {missing}"
+
+
+def test_a_name_set_on_rlhf_models_reaches_the_module_that_reads_it(monkeypatch):
+    """resolve_pretrained lives in rlhf/loading.py and calls hub_offline_reason and
+    _in_hub_cache there; a patch of rlhf.models must reach it, and its undo restore both."""
+    from rlhf import loading, models
+
+    probe, cached = loading.hub_offline_reason, loading._in_hub_cache
+    monkeypatch.setattr(models, "hub_offline_reason", lambda: "no network (test)")
+    monkeypatch.setattr(models, "_in_hub_cache", lambda repo, files: repo == "org/cached")
+    assert loading.resolve_pretrained("org/cached") == ("org/cached", {"local_files_only": True})
+    with pytest.raises(ValueError, match=r"no network \(test\)"):
+        loading.resolve_pretrained("org/other")
+    monkeypatch.undo()
+    assert loading.hub_offline_reason is probe and models.hub_offline_reason is probe
+    assert loading._in_hub_cache is cached and models._in_hub_cache is cached
