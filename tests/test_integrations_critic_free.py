@@ -559,6 +559,36 @@ def test_per_sequence_advantages_equal_expanded(name):
             assert (a == b) if not torch.is_tensor(a) else torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("name", list(_loss_dropins()))
+def test_advantages_broadcast_as_torch_broadcasts_them(name):
+    """veRL's and OpenRLHF's losses multiply the ratio by the advantages (``-advantages *
+    ratio``), so they take every shape torch broadcasts to (B, T): a (T,) or (1, T) row (one
+    value per token position), a 0-d scalar; and a (B,) vector where B == T is that (T,) row,
+    not one value per sequence. The drop-ins raised ValueError for the first three and read the
+    last per sequence (another loss, silently)."""
+    fn = _loss_dropins()[name]
+    old, logp, _, mask = _rollout(B=7, T=7)
+    row = torch.randn(7, device=DEVICE)
+    for adv in (row, row[None, :], torch.tensor(-0.7, device=DEVICE)):
+        full = torch.broadcast_to(adv, old.shape).contiguous()  # torch's reading, materialised
+        outs = []
+        for a in (adv, full):
+            leaf = logp.detach().clone().requires_grad_(True)
+            out = fn(old, leaf, a, mask)
+            outs.append((out, torch.autograd.grad(out[0], leaf)[0]))
+        (out, grad), (out_full, grad_full) = outs
+        shape = tuple(adv.shape)
+        torch.testing.assert_close(out[0], out_full[0], msg=lambda m: f"{name} {shape}: {m}")
+        torch.testing.assert_close(grad, grad_full, msg=lambda m: f"{name} {shape}: {m}")
+        if name == "verl vanilla":  # and veRL's formula in float64 on the broadcast advantages
+            ref, ref_grad, _ = _value_and_grad(
+                lambda lp: (_verl_vanilla64(old.double(), lp, full.double(), mask, 0.15, 0.28,
+                                            3.0, "seq-mean-token-mean", {}), None),
+                logp.double())
+            _close(out[0], ref, name=f"{name} {shape} loss")
+            _close(grad, ref_grad, name=f"{name} {shape} d logp")
+
+
 # --------------------------------------------------------------------------------------------
 # OpenRLHF
 # --------------------------------------------------------------------------------------------

@@ -120,14 +120,23 @@ def weighted_advantages(advantages: torch.Tensor, weights: torch.Tensor | None) 
 
 
 def broadcast_advantages(advantages: torch.Tensor, log_prob: torch.Tensor) -> torch.Tensor:
-    """(B, 1) advantages against (B, T) log-probs, which the frameworks' policy losses broadcast
-    (``-advantages * ratio``), as a (B, T) view without a copy; the op takes one value per token
-    (B, T) or per sequence (B,), and the drop-ins' shape checks and clip statistics then see
-    the framework's shapes. Any other shape is returned unchanged."""
-    if (advantages.dim() == 2 and log_prob.dim() == 2 and advantages.shape[-1] == 1
-            and log_prob.shape[-1] != 1 and advantages.shape[0] == log_prob.shape[0]):
-        return advantages.expand_as(log_prob)
-    return advantages
+    """Advantages as the frameworks' policy losses read them against the log-probs
+    (``-advantages * ratio``: torch broadcasting), as a view without a copy: a (B, 1) column,
+    a (T,) or (1, T) row, a 0-d scalar, ... each broadcast to ``log_prob``'s shape. The op takes
+    one value per token (B, T) or per sequence (B,), and the drop-ins' shape checks and clip
+    statistics then see the framework's shapes.
+
+    A (B,) vector is torch's (T,) row where B == T (what the framework computes, one value per
+    token position); otherwise torch cannot broadcast it (the framework raises) and it is
+    returned unchanged: the op reads it as one advantage per sequence. Any other shape that does
+    not broadcast to ``log_prob`` is returned unchanged (the op names what it expects)."""
+    if advantages.shape == log_prob.shape:
+        return advantages
+    try:
+        shape = torch.broadcast_shapes(advantages.shape, log_prob.shape)
+    except RuntimeError:
+        return advantages
+    return advantages.expand_as(log_prob) if shape == log_prob.shape else advantages
 
 
 def is_dtensor(t: object) -> bool:
