@@ -951,6 +951,50 @@ def _model_fingerprint(path: Path) -> dict[str, Any]:
     return {"bytes": total, "sha256": digest.hexdigest(), **prints}
 
 
+def _backbone_base(path: Path) -> str | None:
+    """The local base model a saved backbone names (roles.json's base_model), else None."""
+    try:
+        info = json.loads((path / "roles.json").read_text())
+    except (OSError, ValueError):
+        return None
+    base = info.get("base_model") if isinstance(info, dict) else None
+    if isinstance(base, str) and base and not info.get("base_saved") and \
+            Path(base).expanduser().is_dir():
+        return base
+    return None
+
+
+def _refuse_output_in_a_model(directory: Path, config: Mapping[str, Any]) -> None:
+    """RunDirectoryError when ``directory`` (output_dir) is a local model or tokenizer
+    directory the config names, or lies inside one (a saved backbone's base model counts).
+    The run would write its checkpoints, metrics and model into the folder it loads, whose
+    fingerprint (every file under it) then changes: its own --resume, and that of every run
+    on that model, was refused as "the model changed since the run started"."""
+    out = directory.expanduser().resolve()
+    for key, value in _flatten(config).items():
+        if not (_is_model_key(key) and isinstance(value, str) and value):
+            continue
+        path = Path(value).expanduser()
+        if not path.is_dir():
+            continue
+        named = [(f"{key}={value!r}", path)]
+        base = _backbone_base(path)
+        if base is not None:
+            named.append((f"the base model {base!r} of {key}={value!r}",
+                          Path(base).expanduser()))
+        for what, model_dir in named:
+            model_dir = model_dir.resolve()
+            if out == model_dir or model_dir in out.parents:
+                where = "is" if out == model_dir else "is inside"
+                raise RunDirectoryError(
+                    f"output_dir {str(directory)!r} {where} {what}, a model directory the run "
+                    f"loads: the run would write its checkpoints, metrics and saved model into "
+                    f"that model's folder, which would then no longer be the model it started "
+                    f"from (a --resume of this run, or of any run on that model, would be "
+                    f"refused as a changed model); choose an output_dir outside "
+                    f"{str(model_dir)!r}")
+
+
 def model_fingerprints(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """The fingerprint of every local model or tokenizer the config names (settings ``model``
     / ``tokenizer``, nested ones too; a hub name or None has none), keyed by the dotted
@@ -1084,6 +1128,8 @@ def _open_run(directory: str | Path, kind: str, config: Mapping[str, Any], *, re
     if resume and overwrite:
         raise RunDirectoryError("resume=true and overwrite=true contradict each other: resume "
                                 "continues the run in output_dir, overwrite deletes it")
+    if reads_data:
+        _refuse_output_in_a_model(directory, config)
     lock = _RunLock(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
