@@ -965,34 +965,36 @@ def _backbone_base(path: Path) -> str | None:
 
 
 def _refuse_output_in_a_model(directory: Path, config: Mapping[str, Any]) -> None:
-    """RunDirectoryError when ``directory`` (output_dir) is a local model or tokenizer
+    """RunDirectoryError when ``directory`` (output_dir) is a local model, tokenizer or data
     directory the config names, or lies inside one (a saved backbone's base model counts).
-    The run would write its checkpoints, metrics and model into the folder it loads, whose
+    The run would write its checkpoints, metrics and model into a folder it reads, whose
     fingerprint (every file under it) then changes: its own --resume, and that of every run
-    on that model, was refused as "the model changed since the run started"."""
+    on that model, was refused as "the model (data) changed since the run started" (and a
+    data folder's next read took the run's metrics.jsonl for data)."""
     out = directory.expanduser().resolve()
     for key, value in _flatten(config).items():
-        if not (_is_model_key(key) and isinstance(value, str) and value):
+        is_model = _is_model_key(key)
+        if not ((is_model or _is_data_key(key)) and isinstance(value, str) and value):
             continue
         path = Path(value).expanduser()
         if not path.is_dir():
             continue
+        kind = "a model directory" if is_model else "a data folder"
         named = [(f"{key}={value!r}", path)]
-        base = _backbone_base(path)
+        base = _backbone_base(path) if is_model else None
         if base is not None:
             named.append((f"the base model {base!r} of {key}={value!r}",
                           Path(base).expanduser()))
-        for what, model_dir in named:
-            model_dir = model_dir.resolve()
-            if out == model_dir or model_dir in out.parents:
-                where = "is" if out == model_dir else "is inside"
+        for what, read_dir in named:
+            read_dir = read_dir.resolve()
+            if out == read_dir or read_dir in out.parents:
+                where = "is" if out == read_dir else "is inside"
                 raise RunDirectoryError(
-                    f"output_dir {str(directory)!r} {where} {what}, a model directory the run "
-                    f"loads: the run would write its checkpoints, metrics and saved model into "
-                    f"that model's folder, which would then no longer be the model it started "
-                    f"from (a --resume of this run, or of any run on that model, would be "
-                    f"refused as a changed model); choose an output_dir outside "
-                    f"{str(model_dir)!r}")
+                    f"output_dir {str(directory)!r} {where} {what}, {kind} the run reads: the "
+                    f"run would write its checkpoints, metrics and saved model into that "
+                    f"folder, which would then no longer hold what the run started from (a "
+                    f"--resume of this run, or of any run on it, would be refused as changed); "
+                    f"choose an output_dir outside {str(read_dir)!r}")
 
 
 def model_fingerprints(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

@@ -296,33 +296,39 @@ def test_resume_refuses_data_whose_content_changed(tmp_path, kind):
         assert resumed.resumed
 
 
-@pytest.mark.parametrize("where", ["the model", "inside the model", "inside the base"])
+@pytest.mark.parametrize("where", ["the model", "inside the model", "inside the base",
+                                   "inside the data"])
 def test_an_output_dir_in_a_model_the_run_loads_is_refused_before_it_writes(tmp_path, where):
-    """A run whose output_dir is (or is inside) a model directory it loads, or the base model
-    its backbone names, wrote its run.json, checkpoints and metrics into that folder: the
-    model's fingerprint (every file under it) changed, so its own --resume (and that of every
-    run on that model) was refused as "the model changed since the run started". It is
-    refused at the start now, with nothing written there; an output_dir beside the model
-    starts and resumes."""
+    """A run whose output_dir is (or is inside) a model directory it loads, the base model
+    its backbone names, or a data folder it reads, wrote its run.json, checkpoints and metrics
+    into that folder: its fingerprint (every file under it) changed, so its own --resume (and
+    that of every run on that model) was refused as "the model (data) changed since the run
+    started". It is refused at the start now, with nothing written there; an output_dir beside
+    the model starts and resumes."""
     base = tmp_path / "sft" / "model"
     base.mkdir(parents=True)
     (base / "config.json").write_text('{"model_type": "llama"}\n')
     backbone = tmp_path / "rm" / "backbone"
     backbone.mkdir(parents=True)
     (backbone / "roles.json").write_text(json.dumps({"base_model": str(base)}))
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "prompts.jsonl").write_text('{"prompt": "a"}\n')
     model, out, named = {
         "the model": (base, base, "model="),
         "inside the model": (base, base / "runs" / "rm", "model="),
         "inside the base": (backbone, base / "ppo", "the base model"),
+        "inside the data": (backbone, data / "runs", "dataset="),
     }[where]
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     with pytest.raises(RunDirectoryError, match=rf"output_dir '{out}' is (inside )?{named}.* "
                                                 r"choose an output_dir outside"):
-        with checkpoint.open_run(out, "ppo", {"model": str(model), "lr": 1e-4}, resume=False):
+        with checkpoint.open_run(out, "ppo", {"model": str(model), "dataset": str(data)},
+                                 resume=False):
             pass
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     beside = tmp_path / "ppo"
-    config = {"model": str(model), "lr": 1e-4}
+    config = {"model": str(model), "dataset": str(data)}
     with checkpoint.open_run(beside, "ppo", config, resume=False):
         (beside / "metrics.jsonl").write_text('{"step": 1}\n')
     with checkpoint.open_run(beside, "ppo", config, resume=True) as resumed:
