@@ -32,6 +32,8 @@ matmul makes of its weight as a transient; ``optimizer="adamw8bit"`` 8-bit Adam 
 ``plan_training_stage`` plans one step of the SFT (LoRA) and reward-model stages, and ``fit``
 answers what fits a card per stage (``rlhf plan MODEL --card 12``): the largest batch and the
 longest sequence, or why nothing fits. ``card_table_block`` renders the README's card table.
+``update_activations`` (the update stage's activations) is what ``rlhf.memory.estimate_memory``
+counts the docs/memory.md table with too, for the shared backbone and the four-model setups.
 
 ``main(argv)`` is the ``rlhf plan`` command: a preset name (``PRESETS``, or its hub name,
 ``PRESET_HUB_NAMES``), a named model, a model directory, a saved backbone, a config.json or a
