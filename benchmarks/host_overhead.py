@@ -70,9 +70,9 @@ if __name__ == "__main__" and "rlhf_kernels.ops.policy_loss" not in sys.modules:
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ.pop("RLHF_KERNELS_POISON", None)
 
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver as triton_driver  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 import rlhf_kernels as rk  # noqa: E402

@@ -122,6 +122,7 @@ _REUSED = {
     test_ppo_fused: {"test_reduction_weights_closed_form", "test_reference_backend",
                      "test_per_token_terms_follow_autograd_at_ties_and_bounds",
                      "test_fused_token_terms_match_the_torch_ops",  # the Triton kernel's test
+                     "test_token_level_stats_kernel_against_the_float64_stats",  # the same
                      "test_stats_are_the_bits_of_the_reference_ppo_total", _COMPILE},
 }
 # The (B, T) losses and the group advantages (csrc/cpu/losses.cpp): every op test, the

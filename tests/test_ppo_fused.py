@@ -959,3 +959,49 @@ def test_k3_small_log_ratios_to_a_few_ulps(path, ratio_level, backend):
     err = (got[mask].double() - want[mask]).norm(dim=-1)
     assert_relative(want[mask].norm(dim=-1) + err, want[mask].norm(dim=-1), K3_SUM_RTOL,
                     "d loss / d logits per token" if path == "logits" else "d hidden per token")
+
+
+@pytest.mark.parametrize("n_rows,T", [(3, 9), (5, 300)])  # one program; several and the finish
+@pytest.mark.parametrize("reduction,normalizer,loss_type,dual_clip,kl,per_sequence", [
+    ("token-mean", None, "ppo", None, False, False),
+    ("token-mean", None, "ppo", 3.0, True, True),
+    ("seq-mean-token-mean", None, "cispo", None, True, False),
+    ("seq-mean-token-sum-norm", "tensor", "sapo", None, False, True),
+    ("token-sum", 7.0, "ppo", 3.0, True, False),
+])
+def test_token_level_stats_kernel_against_the_float64_stats(
+        monkeypatch, n_rows, T, reduction, normalizer, loss_type, dual_clip, kl, per_sequence):
+    """At token level the fused ops' stats are one Triton kernel over the tokens (and a finish
+    kernel past 1024 tokens), not ``_stats``'s ~35 torch ops: the same stats as ``_stats`` on
+    float64 inputs (the reference's formulas), masked tokens holding NaN / inf."""
+    from rlhf_kernels.ops import ppo_fused
+
+    shape = (n_rows, T)
+    labels = torch.randint(0, 10, shape, device=DEVICE)
+    mask = torch.rand(shape, device=DEVICE) > 0.3
+    mask[1] = False
+    logp = torch.where(mask, -torch.rand(shape, device=DEVICE) * 3, torch.nan)
+    entropy = torch.where(mask, torch.rand(shape, device=DEVICE), torch.inf)
+    old = torch.where(mask, logp + 0.3 * torch.randn(shape, device=DEVICE), torch.nan)
+    adv = torch.randn(shape[:1] if per_sequence else shape, device=DEVICE)
+    ref = logp + 0.2 * torch.randn(shape, device=DEVICE) if kl else None
+    normalizer = torch.tensor(5.0, device=DEVICE) if normalizer == "tensor" else normalizer
+    m, weights = ppo_fused._mask_and_weights(labels, old, mask, -100, reduction, normalizer)
+    options = (0.1 if kl else 0.0, "k3", 0.01, 0.2, 0.28, dual_clip, 20.0, reduction, "token",
+               loss_type, normalizer, (1.3, 2.5) if loss_type == "sapo" else None)
+    want = ppo_fused._stats(logp.double().reshape(-1), entropy.double().reshape(-1), labels,
+                            old.double(), adv.double(), m, None if ref is None else ref.double(),
+                            *options[:-1], taus=options[-1])
+
+    def not_the_torch_stats(*args, **kwargs):
+        raise AssertionError("the token-level stats took the torch ops")
+
+    monkeypatch.setattr(ppo_fused, "_stats", not_the_torch_stats)
+    got = ppo_fused._fused_or_torch_stats(logp.reshape(-1), entropy.reshape(-1), labels, old, adv,
+                                          m, weights, ref, *options)
+    assert list(got) == list(want)
+    n_valid = int(mask.sum())
+    for key in want:
+        assert got[key].dtype == torch.float32, key
+        atol = 1.5 / n_valid if key == "clipfrac" else 1e-6
+        assert_close(got[key], want[key], atol=atol, rtol=2e-5, name=key)

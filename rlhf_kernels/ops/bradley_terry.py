@@ -10,11 +10,12 @@ softplus(-z) = -log sigmoid(z) is evaluated as max(-z, 0) + log1p(e^-|z|), so it
 overflows for large |z| nor loses the small tail. The forward kernel stores the two per-pair
 gradients, 1/N included (N is known on the host), in one (2, ...) fp32 buffer, so the backward
 is one multiply by the upstream gradient (one for both rewards when they share a dtype), in
-eager mode and under torch.compile alike, and per-program partial sums of the loss and of the stats (accuracy = mean(r_c > r_r),
-reward_margin = mean(r_c - r_r), chosen_mean, rejected_mean); a one-program kernel finishes
-them on the device. When one program covers every pair (up to 2048 pairs, the usual
-reward-model batch) it writes the loss and stats itself: one launch in all. The margin (a
-float, or a tensor per pair broadcastable to the rewards) gets no gradient.
+eager mode and under torch.compile alike; and it stores per-program partial sums of the loss
+and of the stats (accuracy = mean(r_c > r_r), reward_margin = mean(r_c - r_r), chosen_mean,
+rejected_mean), which a one-program kernel finishes on the device. When one program covers
+every pair (up to 2048 pairs, the usual reward-model batch) it writes the loss and stats
+itself: one launch in all. The margin (a float, or a tensor per pair broadcastable to the
+rewards) gets no gradient.
 
 Bytes per pair: forward reads r_c, r_r (and the margin) and writes two fp32 gradients (8 B);
 backward reads those and writes the gradients in the inputs' dtypes. Reward batches are small,

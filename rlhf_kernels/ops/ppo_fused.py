@@ -77,8 +77,13 @@ A consequence of the saved, pre-scaled gradients: backward through the same grap
 
 Stats are those of the reference (pg_loss, kl, entropy, clipfrac, approx_kl, ratio_mean; at
 sequence level clipfrac and ratio_mean are over tokens of the row ratio, approx_kl stays per
-token), computed from the per-token logp / entropy with the reference's own formulas (N floats,
-cheap).
+token), from the per-token logp / entropy. At token level on the Triton path they are one more
+launch of the token-terms kernel in its stats mode over all N tokens (``_ppo_terms.token_stats``,
+plus a one-program finish past 1024 tokens; its own custom op ``rlhf_kernels::ppo_token_stats``,
+so compiled and eager calls give the same bits): sums in another order than the reference's, so
+within fp32 rounding of it. Otherwise (sequence level, fp64, the native CPU kernels) ``_stats``
+computes them with the reference's own formulas, to its bits: about 35 small torch kernels,
+each a launch on a GPU.
 
 Dispatch: each op is a ``torch.library`` custom op for torch.compile, export, torch.func and
 fake tensors; in plain eager mode (``rlhf_kernels.backend.launch_directly``) the same sweep runs
@@ -839,6 +844,65 @@ def _stats(logp, entropy, labels, old_logp, advantages, m, ref_logp, kl_coef, kl
     return stats
 
 
+_STAT_ORDER = ("pg_loss", "kl", "entropy", "clipfrac", "approx_kl", "ratio_mean")
+
+
+def _token_stats_impl(logp: torch.Tensor, entropy: torch.Tensor, old_logp: torch.Tensor,
+                      advantages: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor,
+                      ref_logp: torch.Tensor | None, kl_coef: float, kl_estimator: str,
+                      clip_low: float, clip_high: float, dual_clip: float | None,
+                      log_ratio_clamp: float | None, loss_type: str, tau_pos: float,
+                      tau_neg: float) -> torch.Tensor:
+    """``_ppo_terms.token_stats`` (its docstring): (B, T) inputs, advantages (B, T) or (B, 1)."""
+    return _ppo_terms_module().token_stats(
+        logp, entropy, old_logp, advantages, weights, mask, ref_logp, kl_coef, kl_estimator,
+        clip_low, clip_high, dual_clip, log_ratio_clamp, loss_type, (tau_pos, tau_neg))
+
+
+_token_stats_op = torch.library.custom_op("rlhf_kernels::ppo_token_stats",
+                                          mutates_args=())(_token_stats_impl)
+
+
+@_token_stats_op.register_fake
+def _(logp, entropy, old_logp, advantages, weights, mask, ref_logp, kl_coef, kl_estimator,
+      clip_low, clip_high, dual_clip, log_ratio_clamp, loss_type, tau_pos, tau_neg):
+    return logp.new_empty((len(_STAT_ORDER),), dtype=torch.float32)
+
+
+def _fused_or_torch_stats(logp, entropy, labels, old_logp, advantages, m, weights, ref_logp,
+                          kl_coef, kl_estimator, entropy_coef, clip_low, clip_high, dual_clip,
+                          log_ratio_clamp, reduction, ratio_level, loss_type, normalizer, taus):
+    """The stats of the fused ops: at token level on the Triton path (fp32 logp, contiguous
+    inputs: ``_ppo_terms.can_fuse``) one kernel over the tokens and the weights (a custom op,
+    called directly in plain eager mode: the same launch, the same bits); otherwise ``_stats``'s
+    torch ops, the bits of the reference."""
+    lead = labels.shape
+    rows = math.prod(lead[:-1])
+    seqs = (rows, lead[-1])
+    as_seqs = lambda t: None if t is None else t.reshape(seqs)  # noqa: E731
+    use_kl = ref_logp is not None and bool(kl_coef)
+    inputs = (as_seqs(logp), as_seqs(entropy), as_seqs(old_logp),
+              _advantages_2d(advantages, labels), as_seqs(weights),
+              as_seqs(ref_logp) if use_kl else None)
+    m2 = as_seqs(m)
+    if not (_ppo_terms_module().can_fuse(*inputs, ratio_level)
+            and m2.dtype == torch.float32 and m2.is_contiguous()):
+        return _stats(logp, entropy, labels, old_logp, advantages, m, ref_logp, kl_coef,
+                      kl_estimator, entropy_coef, clip_low, clip_high, dual_clip,
+                      log_ratio_clamp, reduction, ratio_level, loss_type, normalizer, taus)
+    tau_pos, tau_neg = taus or (1.0, 1.0)
+    args = (*inputs[:5], m2, inputs[5], kl_coef, kl_estimator, clip_low, clip_high, dual_clip,
+            log_ratio_clamp, loss_type, tau_pos, tau_neg)
+    if launch_directly(*inputs, m2):
+        values = _token_stats_impl(*args)
+    else:
+        values = _token_stats_op(*args)
+    stats = dict(zip(_STAT_ORDER, values.unbind(0)))
+    if not use_kl:
+        del stats["kl"]
+    return stats
+
+
 def _as_3d(logits):
     """(..., T, V) -> (B, T, V), B the product of the leading dims (a view where possible)."""
     return logits.reshape(math.prod(logits.shape[:-2]), *logits.shape[-2:])
@@ -942,9 +1006,10 @@ def ppo_loss_from_logits(
         loss, logp, entropy = _LogitsPPOFunction.apply(logits, *rest)
     else:
         loss, logp, entropy, _ = _logits_sweep(_as_3d(logits), *rest)
-    stats = _stats(logp, entropy, labels, old_logp, advantages, m, ref_logp, kl_coef,
-                   kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp,
-                   reduction, ratio_level, loss_type, normalizer, taus)
+    stats = _fused_or_torch_stats(logp, entropy, labels, old_logp, advantages, m, weights,
+                                  ref_logp, kl_coef, kl_estimator, entropy_coef, clip_low,
+                                  clip_high, dual_clip, log_ratio_clamp, reduction, ratio_level,
+                                  loss_type, normalizer, taus)
     return loss, stats
 
 
@@ -1055,7 +1120,8 @@ def linear_ppo_loss(
         loss, logp, entropy, *_ = _linear_sweep(hidden.reshape(-1, hidden.shape[-1]),
                                                 *args[1:22], needs, *args[27:],
                                                 placeholder=False)
-    stats = _stats(logp, entropy, labels, old_logp, advantages, m, ref_logp, kl_coef,
-                   kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp,
-                   reduction, ratio_level, loss_type, normalizer, taus)
+    stats = _fused_or_torch_stats(logp, entropy, labels, old_logp, advantages, m, weights,
+                                  ref_logp, kl_coef, kl_estimator, entropy_coef, clip_low,
+                                  clip_high, dual_clip, log_ratio_clamp, reduction, ratio_level,
+                                  loss_type, normalizer, taus)
     return loss, stats
