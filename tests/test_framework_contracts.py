@@ -710,6 +710,62 @@ def test_dropins_compile_fullgraph_on_the_first_native_call(monkeypatch):
     assert len(calls) == 1 and _native._OPS is built
 
 
+@pytest.fixture
+def cuda_like_autocast():
+    """torch.autocast on the CPU that runs softmax and log_softmax in fp32, as CUDA's autocast
+    does (its fp32 list: softmax, log_softmax, exp, log, sum, ...; the CPU's keeps them in bf16),
+    so the frameworks' autocast dtypes can be checked without a GPU. Undone afterwards."""
+    if DEVICE.type != "cpu":
+        pytest.skip("simulates CUDA's autocast policy on the CPU")
+    lib = torch.library.Library("aten", "IMPL")
+    below = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+
+    def in_fp32(name):
+        op = getattr(torch.ops.aten, name).default
+
+        def kernel(x, dim, half_to_float):
+            with torch._C._ExcludeDispatchKeyGuard(below):
+                return op(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, dim,
+                          False)
+        return kernel
+
+    for name in ("_softmax", "_log_softmax"):
+        lib.impl(name, in_fp32(name), "AutocastCPU")
+    try:
+        yield lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    finally:
+        lib._destroy()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_logprob_entropy_dropins_keep_fp32_under_cuda_like_autocast(backend, cuda_like_autocast,
+                                                                    dtype):
+    """veRL computes its log-probs and entropies inside torch.autocast (its FSDP engine's
+    forward_step), where CUDA runs log_softmax / softmax in fp32: veRL's PyTorch path (no
+    flash-attn, or VERL_DISABLE_FLASH_ATTN_CE=1) and its entropy give fp32 for bf16 logits, as
+    OpenRLHF's do. The drop-ins returned the logits' dtype there, bf16-rounded log-probs (an
+    error of up to 0.03 at logp = -5, in every PPO ratio) and entropies."""
+    logits = _logits((2, 3, V), dtype)
+    labels = torch.randint(0, V, (2, 3), device=DEVICE)
+    with cuda_like_autocast():
+        assert torch.log_softmax(logits, -1).dtype == torch.float32  # the simulated policy
+        outputs = {
+            "verl logprobs": (our_verl.logprobs_from_logits(logits.clone(), labels),
+                              _logp64(logits, labels)),
+            "openrlhf logprobs": (our_openrlhf.log_probs_from_logits(logits.clone(), labels),
+                                  _logp64(logits, labels)),
+            "verl entropy": (our_verl.entropy_from_logits(logits), _entropy64(logits)),
+            "openrlhf entropy": (our_openrlhf.compute_entropy(logits), _entropy64(logits)),
+        }
+    for name, (out, exact) in outputs.items():
+        assert out.dtype == torch.float32, f"{name}: {out.dtype}"
+        torch.testing.assert_close(out.double(), exact, atol=2e-5, rtol=1e-5,
+                                   msg=lambda m: f"{name}: {m}")
+    # without autocast: the logits' dtype, as before
+    assert our_verl.entropy_from_logits(logits).dtype == dtype
+    assert our_verl.logprobs_from_logits(logits.clone(), labels).dtype == dtype
+
+
 def test_verl_openrlhf_compile_fullgraph(backend):
     torch._dynamo.reset()  # the backend is read from the environment at trace time
     logits = _logits((2, 3, 41), torch.bfloat16).requires_grad_()

@@ -75,6 +75,31 @@ def promoted(*tensors: torch.Tensor | torch.dtype | None) -> torch.dtype:
     return dtype
 
 
+def dtype_under_autocast(op: Callable[[torch.Tensor], torch.Tensor],
+                         like: torch.Tensor) -> torch.dtype:
+    """The dtype of ``op(like)``, a torch expression a framework evaluates on ``like`` (its
+    log-softmax, its entropy formula), under the autocast state in force for ``like``'s device.
+
+    Without autocast that is ``like``'s dtype for the expressions the drop-ins ask about. Under
+    autocast torch may run an op in fp32 whatever its inputs (CUDA's autocast does so for softmax,
+    log_softmax, exp, log, sum, pow, ...): veRL computes log-probs and entropies inside
+    ``torch.autocast``, and there its bf16 logits give fp32 results. The answer is torch's own:
+    ``op`` runs once on an empty tensor of ``like``'s dtype and device (no data, no kernel on an
+    accelerator, no host sync), only when autocast is on."""
+    if not torch.is_autocast_enabled(like.device.type):
+        return like.dtype
+    return op(torch.empty((0, 1), dtype=like.dtype, device=like.device)).dtype
+
+
+def log_softmax_last(t: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(t, dim=-1)
+
+
+def entropy_formula(t: torch.Tensor) -> torch.Tensor:
+    """H = logsumexp(z) - sum softmax(z) z, as veRL and OpenRLHF evaluate it (for its dtype)."""
+    return torch.logsumexp(t, dim=-1) - (torch.softmax(t, dim=-1) * t).sum(-1)
+
+
 def finish(out: torch.Tensor, dtype: torch.dtype, keep_fp32: bool) -> torch.Tensor:
     """``out`` (the kernels' fp32 / fp64 result) rounded once to ``dtype``, unless ``keep_fp32``.
 

@@ -83,9 +83,12 @@ from rlhf_kernels.integrations import Patch, apply_patch, dropin, original, unpa
 from rlhf_kernels.integrations._contract import (
     bind_keep_fp32,
     broadcast_advantages,
+    dtype_under_autocast,
+    entropy_formula,
     finish,
     flash_attn_cross_entropy_imports,
     is_dtensor,
+    log_softmax_last,
     promoted,
     weighted_advantages,
 )
@@ -188,7 +191,12 @@ def log_probs_from_logits(
         labels = labels.reshape(rows)
     if temperature != 1.0:
         logits.div_(temperature)
-    dtype = torch.float32 if _openrlhf_uses_flash_ce(logits) else logits.dtype
+    if _openrlhf_uses_flash_ce(logits):
+        dtype = torch.float32
+    elif logits.dtype in (torch.float32, torch.float64):
+        dtype = logits.dtype  # OpenRLHF gathers and subtracts a logsumexp in the logits' dtype
+    else:  # a log-softmax per row: fp32 under CUDA's autocast
+        dtype = dtype_under_autocast(log_softmax_last, logits)
     return finish(logprobs(logits, labels), dtype, keep_fp32)
 
 
@@ -207,7 +215,7 @@ def compute_entropy(logits: torch.Tensor, *, keep_fp32: bool = False) -> torch.T
         return original(_UTILS, "compute_entropy")(logits)
     labels = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
     _, entropy = logprobs(logits, labels, return_entropy=True, check_labels=False)
-    return finish(entropy, logits.dtype, keep_fp32)
+    return finish(entropy, dtype_under_autocast(entropy_formula, logits), keep_fp32)
 
 
 # --------------------------------------------------------------------------------------------

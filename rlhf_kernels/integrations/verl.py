@@ -89,9 +89,12 @@ from rlhf_kernels.integrations import Patch, apply_patch, dropin, original, unpa
 from rlhf_kernels.integrations._contract import (
     bind_keep_fp32,
     broadcast_advantages,
+    dtype_under_autocast,
+    entropy_formula,
     finish,
     flash_attn_cross_entropy_imports,
     is_dtensor,
+    log_softmax_last,
     promoted,
     weighted_advantages,
 )
@@ -912,8 +915,9 @@ def logprobs_from_logits(
 ) -> torch.Tensor:
     """logits (..., V), labels with one label per row of logits (any shape, e.g. (1, N) for
     (N, V) logits, as veRL's flash-attn path reshapes both) -> logp ``logits.shape[:-1]``, fp32
-    where veRL would use flash-attn's cross entropy and the logits' dtype otherwise (fp32 with
-    ``keep_fp32``). Labels equal to -100 give 0 (as flash-attn). ``inplace_backward`` writes d
+    where veRL would use flash-attn's cross entropy and otherwise the dtype of veRL's
+    log-softmax: the logits' dtype, or fp32 for bf16 / fp16 logits under CUDA's autocast, where
+    veRL's engines call it (fp32 with ``keep_fp32``). Labels equal to -100 give 0 (as flash-attn). ``inplace_backward`` writes d
     logits into the logits buffer, as flash-attn's does, only where veRL would take flash-attn's
     cross entropy: on its PyTorch path veRL ignores the flag and the logits keep their values
     (another op may have saved them for its backward). It is also turned off for a leaf tensor
@@ -933,7 +937,8 @@ def logprobs_from_logits(
     flash_ce = _verl_uses_flash_ce(logits)
     inplace = bool(inplace_backward) and flash_ce and not is_or_views_a_grad_leaf(logits)
     logp = logprobs(logits, labels, inplace_backward=inplace)
-    dtype = torch.float32 if flash_ce else logits.dtype
+    # veRL's PyTorch path: a log-softmax, fp32 under CUDA's autocast (veRL's engines run it there)
+    dtype = torch.float32 if flash_ce else dtype_under_autocast(log_softmax_last, logits)
     return finish(logp, dtype, keep_fp32)
 
 
@@ -946,10 +951,12 @@ def _entropy(logits: torch.Tensor) -> torch.Tensor:
 @dropin
 def entropy_from_logits(logits: torch.Tensor, *, keep_fp32: bool = False) -> torch.Tensor:
     """Entropy of softmax(logits): (..., V) -> (...) in the logits' dtype, as veRL (fp32 with
-    ``keep_fp32``), differentiable. A DTensor goes to veRL's own function."""
+    ``keep_fp32``; under autocast the dtype veRL's formula gets there, e.g. fp32 for bf16 logits
+    under CUDA's autocast, where veRL's engines call it), differentiable. A DTensor goes to
+    veRL's own function."""
     if is_dtensor(logits):
         return original(_TORCH_F, "entropy_from_logits")(logits)
-    return finish(_entropy(logits), logits.dtype, keep_fp32)
+    return finish(_entropy(logits), dtype_under_autocast(entropy_formula, logits), keep_fp32)
 
 
 @dropin
