@@ -761,9 +761,12 @@ def test_logprob_entropy_dropins_keep_fp32_under_cuda_like_autocast(backend, cud
         assert out.dtype == torch.float32, f"{name}: {out.dtype}"
         torch.testing.assert_close(out.double(), exact, atol=2e-5, rtol=1e-5,
                                    msg=lambda m: f"{name}: {m}")
-    # without autocast: the logits' dtype, as before
+    # without autocast: the logits' dtype, as before; meta tensors (no autocast for that device
+    # type: asking raised) still give shapes and dtypes
     assert our_verl.entropy_from_logits(logits).dtype == dtype
     assert our_verl.logprobs_from_logits(logits.clone(), labels).dtype == dtype
+    meta = torch.empty(2, 3, V, dtype=dtype, device="meta")
+    assert our_openrlhf.compute_entropy(meta).shape == (2, 3)
 
 
 def test_verl_openrlhf_compile_fullgraph(backend):

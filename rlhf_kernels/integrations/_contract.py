@@ -86,7 +86,11 @@ def dtype_under_autocast(op: Callable[[torch.Tensor], torch.Tensor],
     ``torch.autocast``, and there its bf16 logits give fp32 results. The answer is torch's own:
     ``op`` runs once on an empty tensor of ``like``'s dtype and device (no data, no kernel on an
     accelerator, no host sync), only when autocast is on."""
-    if not torch.is_autocast_enabled(like.device.type):
+    try:
+        autocasting = torch.is_autocast_enabled(like.device.type)
+    except RuntimeError:  # a device type autocast does not know (meta, lazy, ...)
+        return like.dtype
+    if not autocasting:
         return like.dtype
     return op(torch.empty((0, 1), dtype=like.dtype, device=like.device)).dtype
 
