@@ -1092,6 +1092,34 @@ def _function_scores(reward_fn, prompts, rows: torch.Tensor, group_size: int,
     return torch.tensor(scores, dtype=torch.float32, device=device)
 
 
+def _check_backbone_roles(roles: Sequence[str], cfg: RLConfig, reward_fn, where: str) -> None:
+    """Refuse a backbone without an adapter the run needs: PPO's critic (a critic-free run
+    saves none), and the reward adapter where the reward model scores (a run on a reward
+    function saves none). The run went on to load everything and stopped inside the critic's
+    initialisation with "role 'critic' has no adapter in this backbone ...; build it with roles
+    including 'critic'", which says nothing a user of `rlhf ppo` can do."""
+    s = cfg.settings
+    needed = {"policy": "the policy", "critic": "PPO's critic (advantage_estimator=gae)",
+              "reward": "the reward model that scores the samples"}
+    if not s.uses_critic:
+        del needed["critic"]
+    if reward_fn is not None:
+        del needed["reward"]
+    missing = [role for role in needed if role not in roles]
+    if not missing:
+        return
+    instead = ""
+    if missing == ["critic"]:
+        instead = (f", or continue this policy with a critic-free algorithm (algorithm= one "
+                   f"of {', '.join(a for a in ALGORITHMS if a != 'ppo')})")
+    raise ValueError(
+        f"{where} has no {' and no '.join(f'{role} adapter' for role in missing)} (its roles: "
+        f"{', '.join(roles)}; a critic-free run saves no critic, a run on a reward function no "
+        f"reward adapter), and algorithm={cfg.algorithm} needs "
+        f"{' and '.join(needed[role] for role in missing)}: give model= the reward stage's "
+        f"backbone (e.g. runs/rm/backbone), which holds every role{instead}")
+
+
 @torch.no_grad()
 def _fresh_critic(backbone) -> None:
     """PPO with a reward function: the critic adapter as initialised (B = 0: the base model)
@@ -1140,7 +1168,13 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
                              f"of the reward stage (it holds the trained reward adapter)")
         from rlhf.models import load_tokenizer
 
-        SharedBackbone.check_directory(cfg.model, "model")  # before its tokenizer is read
+        roles_file = SharedBackbone.check_directory(cfg.model, "model")  # before the tokenizer
+        try:
+            saved_roles = json.loads(roles_file.read_text()).get("roles")
+        except (OSError, ValueError, AttributeError):
+            saved_roles = None  # load() says what is wrong with the file
+        if isinstance(saved_roles, list):
+            _check_backbone_roles(saved_roles, cfg, reward_fn, f"model={cfg.model!r}")
         tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model,
                                                 setting="tokenizer" if cfg.tokenizer else "model")
         if prompts is not None:
@@ -1156,6 +1190,7 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
                          f"{backbone.quantization}")
     elif cfg.gradient_checkpointing:
         backbone.enable_gradient_checkpointing()
+    _check_backbone_roles(backbone.roles, cfg, reward_fn, "the backbone")
     if prompts is None:
         from rlhf import task
 

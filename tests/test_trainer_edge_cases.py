@@ -384,6 +384,46 @@ def test_reward_and_rl_with_a_tokenizer_of_another_model_are_one_error(tmp_path,
                   prompts=["Review of the blender:"] * 2)
 
 
+@pytest.mark.parametrize("dropped, algorithm, reward_fn, message", [
+    ("critic", "ppo", None, r"has no critic adapter \(its roles: policy, reward;.* "
+     r"algorithm=ppo needs PPO's critic.*runs/rm/backbone.*or continue this policy with a "
+     r"critic-free algorithm"),
+    ("reward", "grpo", None, r"has no reward adapter \(its roles: policy, critic;.* "
+     r"algorithm=grpo needs the reward model that scores the samples"),
+    ("reward", "ppo", len, None),  # a reward function scores: no reward adapter needed
+])
+def test_rl_on_a_backbone_without_a_role_it_needs_is_one_error(tmp_path, capsys, dropped,
+                                                               algorithm, reward_fn, message):
+    """`rlhf ppo model=runs/grpo/backbone` (a critic-free run saves no critic): the run loaded
+    everything, then stopped in the critic's initialisation with "role 'critic' has no adapter
+    in this backbone ...; build it with roles including 'critic'", nothing a CLI user can do.
+    Now one error, from the saved backbone's roles.json before the model loads, and for a
+    backbone given in memory."""
+    from rlhf.models import LoraSpec, SharedBackbone
+    from rlhf.tiny_models import tiny_causal_lm
+
+    backbone = SharedBackbone.from_model(tiny_causal_lm("llama"), lora=LoraSpec(rank=2, alpha=4))
+    backbone.drop_role(dropped)
+    cfg = ppo.PPOConfig(output_dir=str(tmp_path / "run"), device="cpu", num_iterations=1,
+                        rollout_batch_size=4, minibatch_size=4, max_prompt_length=8,
+                        max_new_tokens=2, algorithm=algorithm,
+                        group_size=None if algorithm == "ppo" else 2)
+    if message is None:  # the check lets it through
+        from rlhf.rl import _check_backbone_roles
+
+        _check_backbone_roles(backbone.roles, cfg, reward_fn, "the backbone")
+        return
+    with pytest.raises(ValueError, match=message):
+        ppo.train(cfg, backbone=backbone, tokenizer=None, prompts=["a"])
+    saved = tmp_path / "backbone"
+    backbone.save(saved)
+    err = _cli_error(capsys, [algorithm if algorithm == "ppo" else "grpo", f"model={saved}",
+                              f"output_dir={tmp_path / 'cli'}", "device=cpu",
+                              "rollout_batch_size=4", "minibatch_size=4", "num_iterations=1",
+                              *([] if algorithm == "ppo" else ["group_size=2"])])
+    assert re.search(f"model='{saved}' " + message, err), err
+
+
 @pytest.mark.parametrize("setting", ["base.seed=3", "base.output_dir=elsewhere",
                                      "base.device=cpu", "base.eval_samples=10"])
 def test_frontier_refuses_a_base_setting_it_replaces(capsys, setting):
