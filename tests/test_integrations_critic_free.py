@@ -707,6 +707,49 @@ def test_openrlhf_gspo_without_mask_goes_to_openrlhf(monkeypatch):
     assert out == ("OpenRLHF", "PolicyLoss.forward")
 
 
+@pytest.mark.parametrize("bad", [-0.5, float("nan")], ids=["negative", "nan"])
+def test_clip_ranges_outside_the_kernels_domain_go_to_the_framework(monkeypatch, bad):
+    """veRL and OpenRLHF take their clip ranges as they come and compute a loss from a negative
+    or NaN one (torch.clamp with those bounds); the op refuses them, and the drop-ins raised its
+    ValueError ('clip_low=-0.5 must be >= 0 ...'), naming an option the framework's user never
+    set, where the framework computes. Those calls now run the framework's own function; clip
+    ranges of 0 and +inf stay with the kernels (veRL's float64 formula)."""
+    monkeypatch.setattr(our_verl, "original", lambda module, name: lambda *a: ("veRL", name))
+    monkeypatch.setattr(our_openrlhf, "original",
+                        lambda module, name: lambda *a: ("OpenRLHF", name))
+    old, logp, adv, mask = _rollout(per_row=False)
+    losses = (our_verl.compute_policy_loss_vanilla, our_verl.compute_policy_loss_gspo,
+              our_verl.compute_policy_loss_cispo)
+    for field in ("clip_ratio_low", "clip_ratio_high"):
+        config = _ActorConfig(clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.2,
+                              clip_ratio_c=3.0, global_batch_info={})
+        config[field] = bad
+        for fn in losses:
+            assert fn(old, logp, adv, mask, "token-mean", config) == ("veRL", fn.__name__)
+    assert our_verl.compute_policy_loss(old, logp, adv, mask, 0.2, bad) == (
+        "veRL", "compute_policy_loss")
+    assert our_verl.compute_value_loss(logp, adv, old, mask, bad) == ("veRL", "compute_value_loss")
+    for field, value in (("clip_eps_low", bad), ("clip_eps_high", bad), ("dual_clip", 0.5)):
+        this = _openrlhf_loss_self("ppo")
+        setattr(this, field, value)  # dual_clip <= 1 set after OpenRLHF's constructor checked it
+        assert our_openrlhf.policy_loss_forward(this, logp, old, adv, mask) == (
+            "OpenRLHF", "PolicyLoss.forward")
+    value_self = types.SimpleNamespace(clip_eps=bad, token_level_loss=True)
+    assert our_openrlhf.value_loss_forward(value_self, logp, old, adv, mask) == (
+        "OpenRLHF", "ValueLoss.forward")
+    # in the kernels' domain: computed here, veRL's formula
+    config = _ActorConfig(clip_ratio=0.2, clip_ratio_low=0.0, clip_ratio_high=float("inf"),
+                          clip_ratio_c=3.0, global_batch_info={})
+    value, grad, _ = _value_and_grad(
+        lambda lp: our_verl.compute_policy_loss_vanilla(old, lp, adv, mask, "token-mean", config),
+        logp)
+    ref, ref_grad, _ = _value_and_grad(
+        lambda lp: (_verl_vanilla64(old.double(), lp, adv.double(), mask, 0.0, float("inf"), 3.0,
+                                    "token-mean", {}), None), logp.double())
+    _close(value, ref, name="clip 0 / inf loss")
+    _close(grad, ref_grad, name="clip 0 / inf d logp")
+
+
 # --------------------------------------------------------------------------------------------
 # registration under veRL's names
 # --------------------------------------------------------------------------------------------

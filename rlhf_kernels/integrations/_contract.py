@@ -148,6 +148,16 @@ def weighted_advantages(advantages: torch.Tensor, weights: torch.Tensor | None) 
     return advantages * weights
 
 
+def nonnegative(value) -> bool:
+    """Whether a clip range the frameworks take as it comes is in the kernels' domain (a number
+    >= 0; +inf clips nothing). A negative or NaN one is the framework's to evaluate (it computes
+    a loss from it, where the op would refuse it by a name the framework's user never set)."""
+    try:
+        return bool(value >= 0.0)
+    except (TypeError, RuntimeError):
+        return False
+
+
 def broadcast_advantages(advantages: torch.Tensor, log_prob: torch.Tensor) -> torch.Tensor:
     """Advantages as the frameworks' policy losses read them against the log-probs
     (``-advantages * ratio``: torch broadcasting), as a view without a copy: a (B, 1) column,

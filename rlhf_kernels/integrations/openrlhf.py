@@ -89,6 +89,7 @@ from rlhf_kernels.integrations._contract import (
     flash_attn_cross_entropy_imports,
     is_dtensor,
     log_softmax_last,
+    nonnegative,
     promoted,
     weighted_advantages,
 )
@@ -329,7 +330,9 @@ def policy_loss_forward(
     )
     correcting = getattr(self, "is_correction_level", "off") != "off"
     loss_type = self.policy_loss_type
-    if (loss_type not in _POLICY_RATIO or not covered
+    clips_in_domain = (nonnegative(self.clip_eps_low) and nonnegative(self.clip_eps_high)
+                       and (self.dual_clip is None or self.dual_clip > 1.0))
+    if (loss_type not in _POLICY_RATIO or not covered or not clips_in_domain
             or (loss_type == "gspo" and action_mask is None)  # OpenRLHF's GSPO needs a mask
             or (correcting and (rollout_log_probs is None or action_mask is None))):
         return original(_LOSS, "PolicyLoss.forward")(
@@ -387,7 +390,7 @@ def value_loss_forward(
     reduction, factor, covered = _aggregation(
         action_mask, self.token_level_loss, dp_size, batch_num_tokens, global_batch_size
     )
-    if not covered:
+    if not covered or not (self.clip_eps is None or nonnegative(self.clip_eps)):
         return original(_LOSS, "ValueLoss.forward")(
             self, values, old_values, returns, action_mask, dp_size, batch_num_tokens,
             global_batch_size,

@@ -95,6 +95,7 @@ from rlhf_kernels.integrations._contract import (
     flash_attn_cross_entropy_imports,
     is_dtensor,
     log_softmax_last,
+    nonnegative,
     promoted,
     weighted_advantages,
 )
@@ -549,7 +550,8 @@ def _actor_options(config: Any, loss_agg_mode: str, rollout_is_weights, advantag
     clip_high = getattr(config, "clip_ratio_high", None)
     clip_low = clip_ratio if clip_low is None else clip_low
     clip_high = clip_ratio if clip_high is None else clip_high
-    covered = covered and clip_low is not None and clip_high is not None
+    # a negative or NaN clip range: veRL computes with it, the op would refuse it
+    covered = covered and nonnegative(clip_low) and nonnegative(clip_high)
     return clip_low, clip_high, global_batch_info, covered
 
 
@@ -635,7 +637,7 @@ def compute_policy_loss(
     advantages = broadcast_advantages(advantages, log_prob)
     clip_low = cliprange if cliprange_low is None else cliprange_low
     clip_high = cliprange if cliprange_high is None else cliprange_high
-    if (clip_low is None or clip_high is None or not clip_ratio_c > 1.0
+    if (not (nonnegative(clip_low) and nonnegative(clip_high)) or not clip_ratio_c > 1.0
             or not _kernel_aggregates(loss_agg_mode, 1, None, None)):
         return original(_CORE, "compute_policy_loss")(
             old_log_prob, log_prob, advantages, response_mask, cliprange, cliprange_low,
@@ -854,7 +856,7 @@ def compute_value_loss(
     """veRL's clipped value loss: vpreds, returns, values (old), response_mask (B, T)
     -> (vf_loss (), vf_clipfrac ()) in veRL's dtypes (fp32 with ``keep_fp32``); gradient to
     ``vpreds``."""
-    if cliprange_value is None or not _kernel_aggregates(
+    if not nonnegative(cliprange_value) or not _kernel_aggregates(
         loss_agg_mode, dp_size, batch_num_tokens, global_batch_size
     ):
         return original(_CORE, "compute_value_loss")(
