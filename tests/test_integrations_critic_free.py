@@ -750,6 +750,40 @@ def test_clip_ranges_outside_the_kernels_domain_go_to_the_framework(monkeypatch,
     _close(grad, ref_grad, name="clip 0 / inf d logp")
 
 
+def test_discounts_and_grpo_epsilon_outside_the_kernels_domain_go_to_the_framework(monkeypatch):
+    """veRL's and OpenRLHF's GAE and discounted returns compute with any gamma / lambda (1.5
+    grows the returns, NaN makes them NaN) and veRL's GRPO with any epsilon (NaN, inf, negative;
+    unused without the std division); the ops refuse them outside [0, 1] / a finite number >= 0,
+    and the drop-ins raised their ValueError ('gamma=1.5 must be in [0, 1]', 'eps=nan must be a
+    finite number >= 0') where the frameworks compute. Those calls now run the framework's
+    function; GRPO without the std division ignores epsilon, as veRL (its float64 formula)."""
+    monkeypatch.setattr(our_verl, "original", lambda module, name: lambda *a: ("veRL", name))
+    monkeypatch.setattr(our_openrlhf, "original",
+                        lambda module, name: lambda *a: ("OpenRLHF", name))
+    B, T = 6, 5
+    rewards, values = torch.randn(B, T, device=DEVICE), torch.randn(B, T, device=DEVICE)
+    mask = _holes_mask(B, T)
+    index = ["a", "a", "b", "b", "b", "c"]
+    for gamma, lam in ((1.5, 0.95), (0.99, float("nan")), (-0.1, 0.95), (0.99, 2.0)):
+        assert our_verl.compute_gae_advantage_return(rewards, values, mask, gamma, lam) == (
+            "veRL", "compute_gae_advantage_return")
+        assert our_openrlhf.get_advantages_and_returns(None, values, rewards, mask, gamma,
+                                                       lam) == (
+            "OpenRLHF", "RemoteExperienceMaker.get_advantages_and_returns")
+    for gamma in (1.5, float("nan"), float("inf")):
+        assert our_verl.compute_reinforce_plus_plus_outcome_advantage(
+            rewards, mask, _ActorConfig(gamma=gamma)) == (
+            "veRL", "compute_reinforce_plus_plus_outcome_advantage")
+        assert our_openrlhf.get_cumulative_returns(None, rewards, mask, gamma) == (
+            "OpenRLHF", "RemoteExperienceMaker.get_cumulative_returns")
+    for fn in (our_verl.compute_grpo_outcome_advantage,
+               our_verl.compute_grpo_vectorized_outcome_advantage):
+        for eps in (float("nan"), float("inf"), -1.0):
+            assert fn(rewards, mask, index, eps) == ("veRL", fn.__name__)
+            adv, _ = fn(rewards, mask, index, eps, False)  # no division: epsilon unused
+            _close(adv, _grpo64(rewards, mask, index, scale=False), name=f"{fn.__name__} {eps}")
+
+
 # --------------------------------------------------------------------------------------------
 # registration under veRL's names
 # --------------------------------------------------------------------------------------------

@@ -158,6 +158,16 @@ def nonnegative(value) -> bool:
         return False
 
 
+def in_unit_interval(value) -> bool:
+    """Whether a discount or a GAE lambda is in the kernels' domain [0, 1]. The frameworks
+    compute with any number (a gamma of 1.5 grows the returns, NaN makes them NaN); outside
+    [0, 1] a drop-in hands the call to the framework's own function."""
+    try:
+        return bool(0.0 <= float(value) <= 1.0)
+    except (TypeError, ValueError, RuntimeError):
+        return False
+
+
 def broadcast_advantages(advantages: torch.Tensor, log_prob: torch.Tensor) -> torch.Tensor:
     """Advantages as the frameworks' policy losses read them against the log-probs
     (``-advantages * ratio``: torch broadcasting), as a view without a copy: a (B, 1) column,

@@ -87,6 +87,7 @@ from rlhf_kernels.integrations._contract import (
     entropy_formula,
     finish,
     flash_attn_cross_entropy_imports,
+    in_unit_interval,
     is_dtensor,
     log_softmax_last,
     nonnegative,
@@ -529,7 +530,11 @@ def get_advantages_and_returns(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """OpenRLHF's GAE: values, rewards, action_mask (B, T) -> (advantages, returns) (B, T) in
     the promotion of the inputs' dtypes (fp32 with ``keep_fp32``). Masked rewards and values are
-    zeroed and every position takes part (no skipping)."""
+    zeroed and every position takes part (no skipping). A gamma or lambd outside [0, 1]
+    (OpenRLHF computes with it, the op refuses it): OpenRLHF's own method."""
+    if not (in_unit_interval(gamma) and in_unit_interval(lambd)):
+        return original(_EXPERIENCE, "RemoteExperienceMaker.get_advantages_and_returns")(
+            self, values, rewards, action_mask, gamma, lambd)
     dtype = promoted(values, rewards, action_mask)
     if action_mask is not None:
         values = action_mask * values
@@ -549,7 +554,11 @@ def get_cumulative_returns(
     keep_fp32: bool = False,
 ) -> torch.Tensor:
     """OpenRLHF's REINFORCE returns: sum_k gamma^k r_{t+k} of the masked rewards, (B, T) in the
-    rewards' dtype, as OpenRLHF's buffer (fp32 with ``keep_fp32``)."""
+    rewards' dtype, as OpenRLHF's buffer (fp32 with ``keep_fp32``). A gamma outside [0, 1]:
+    OpenRLHF's own method."""
+    if not in_unit_interval(gamma):
+        return original(_EXPERIENCE, "RemoteExperienceMaker.get_cumulative_returns")(
+            self, rewards, action_mask, gamma)
     dtype = rewards.dtype
     if action_mask is not None:
         rewards = action_mask * rewards

@@ -93,6 +93,7 @@ from rlhf_kernels.integrations._contract import (
     entropy_formula,
     finish,
     flash_attn_cross_entropy_imports,
+    in_unit_interval,
     is_dtensor,
     log_softmax_last,
     nonnegative,
@@ -236,7 +237,9 @@ def compute_gae_advantage_return(
     with torch.no_grad():
         valid = response_mask != 0
         n_valid = valid.sum()
-        if int(n_valid) < 2:  # veRL's masked_var raises for these; let it say so
+        # veRL's masked_var raises for fewer than 2 tokens (let it say so); a gamma or lam
+        # outside [0, 1] veRL computes with, where the op refuses it
+        if int(n_valid) < 2 or not (in_unit_interval(gamma) and in_unit_interval(lam)):
             return original(_CORE, "compute_gae_advantage_return")(
                 token_level_rewards, values, response_mask, gamma, lam
             )
@@ -292,7 +295,17 @@ def _broadcast(per_sequence: torch.Tensor, response_mask: torch.Tensor) -> torch
     return per_sequence.unsqueeze(-1) * (response_mask != 0).to(per_sequence.dtype)
 
 
+def _grpo_covers(epsilon, norm_adv_by_std_in_grpo) -> bool:
+    """veRL adds epsilon to the std only when it divides by it; the op takes a finite epsilon
+    >= 0 (veRL computes with any: NaN, inf, a negative one)."""
+    if not norm_adv_by_std_in_grpo:
+        return True
+    return nonnegative(epsilon) and float(epsilon) < float("inf")
+
+
 def _grpo(token_level_rewards, response_mask, index, epsilon, norm_adv_by_std_in_grpo):
+    if not norm_adv_by_std_in_grpo:
+        epsilon = 0.0  # unused without the division (veRL reads it only there)
     with torch.no_grad():
         scores = _scores(token_level_rewards)
         ids, _ = _group_ids(index, scores.shape[0], scores.device)
@@ -319,7 +332,9 @@ def compute_grpo_outcome_advantage(
     mean) / (unbiased group std + epsilon) (no division without norm_adv_by_std_in_grpo) on
     every valid token, 0 on masked ones; a group of one has mean 0, std 1. veRL's dtype (the
     promotion of rewards and mask; fp32 with ``keep_fp32``), no gradient."""
-    del config  # veRL's loop version does not read it either
+    if not _grpo_covers(epsilon, norm_adv_by_std_in_grpo):
+        return original(_CORE, "compute_grpo_outcome_advantage")(
+            token_level_rewards, response_mask, index, epsilon, norm_adv_by_std_in_grpo, config)
     adv = _grpo(token_level_rewards, response_mask, index, epsilon, norm_adv_by_std_in_grpo)
     adv = finish(adv, promoted(token_level_rewards, response_mask), keep_fp32)
     return adv, adv
@@ -338,7 +353,9 @@ def compute_grpo_vectorized_outcome_advantage(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """veRL's "grpo_vectorized": the values of ``compute_grpo_outcome_advantage``; dtype at
     least fp32 (veRL's group statistics are fp32)."""
-    del config
+    if not _grpo_covers(epsilon, norm_adv_by_std_in_grpo):
+        return original(_CORE, "compute_grpo_vectorized_outcome_advantage")(
+            token_level_rewards, response_mask, index, epsilon, norm_adv_by_std_in_grpo, config)
     adv = _grpo(token_level_rewards, response_mask, index, epsilon, norm_adv_by_std_in_grpo)
     adv = finish(adv, promoted(token_level_rewards, torch.float32, response_mask), keep_fp32)
     return adv, adv
@@ -446,7 +463,8 @@ def compute_reinforce_plus_plus_outcome_advantage(
     config or with fewer than 2 valid tokens: veRL's own function (it raises)."""
     del kwargs
     with torch.no_grad():
-        if config is None or int((response_mask != 0).sum()) < 2:
+        if (config is None or int((response_mask != 0).sum()) < 2
+                or not in_unit_interval(_config_value(config, "gamma", None))):
             return original(_CORE, "compute_reinforce_plus_plus_outcome_advantage")(
                 token_level_rewards, response_mask, config)
         # GAE with values 0 and lambda 1 is the discounted return, skipping masked positions.
