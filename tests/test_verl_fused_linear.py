@@ -90,6 +90,33 @@ def test_entropy_only_backward_and_keep_fp32():
     assert not torch.equal(entropy32, entropy.float())  # rounded to bf16 only by default
 
 
+def test_temperatures_outside_the_kernels_domain_go_to_verl(monkeypatch):
+    """veRL's head divides the logits by whatever temperature it is given (0 makes them NaN, a
+    negative one flips them, inf makes them 0); linear_logprobs takes a finite number > 0, and
+    the drop-in raised its ValueError ('temperature must be a positive finite number') where
+    veRL computes. Those calls run veRL's own function; a 0-d tensor temperature stays here."""
+    calls = []
+
+    class VerlHead:
+        @staticmethod
+        def apply(*args):
+            calls.append(args[3])
+            return "veRL"
+
+    monkeypatch.setattr(ours, "original", lambda module, name: VerlHead)
+    hidden, weight, ids = _inputs((2, 5), torch.float32)
+    for temperature in (0.0, -0.5, float("inf"), float("nan")):
+        assert ours.FusedLinearForPPOFunction.apply(hidden, weight, ids, temperature) == "veRL"
+    assert len(calls) == 4
+    logp, entropy = ours.FusedLinearForPPOFunction.apply(hidden, weight, ids,
+                                                         torch.tensor(0.7))
+    ref_logp, ref_entropy = _torch_math(hidden.detach(), weight.detach(), ids, 0.7,
+                                        torch.float64)
+    assert len(calls) == 4
+    torch.testing.assert_close(logp.double(), ref_logp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy.double(), ref_entropy, atol=1e-5, rtol=1e-5)
+
+
 def test_bad_shapes_are_refused_with_the_shape_expected():
     hidden, weight, ids = _inputs((2, 5), torch.float32, requires_grad=False)
     with pytest.raises(ValueError, match=r"input_ids of shape \(5,\).*expected \(2, 5\)"):

@@ -22,7 +22,9 @@ in the autocast dtype when autocast is on, else in the hidden states' dtype. Dif
 purpose: the logits are divided by the temperature in fp32 (veRL divides the bf16 logits and
 rounds), so ours are as close to exact as fp32 allows; ``chunk_size`` is unused (the op chooses
 its chunk from the free memory, see ``linear_logprobs``); a label of -100 gives log-prob and
-entropy 0 and no gradient (veRL's gather would fail on it).
+entropy 0 and no gradient (veRL's gather would fail on it). A temperature that is not a
+finite number > 0 (veRL divides the logits by it all the same: 0 gives NaN) runs veRL's own
+function.
 
 The other fused backends ("triton": veRL's own vocabulary-parallel kernel; "liger") are left to
 veRL.
@@ -32,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_kernels.integrations import dropin
+from rlhf_kernels.integrations import dropin, original
 from rlhf_kernels.integrations._contract import finish, promoted
 from rlhf_kernels.ops.linear_logprobs import linear_logprobs
 
@@ -57,6 +59,13 @@ def _check(hidden_states: torch.Tensor, vocab_weights: torch.Tensor,
         raise ValueError(
             f"FusedLinearForPPOFunction: vocab_weights must be (vocab, {hidden_states.shape[-1]}), "
             f"got shape {tuple(vocab_weights.shape)}")
+
+
+def _positive_finite(temperature) -> bool:
+    try:
+        return bool(0.0 < float(temperature) < float("inf"))
+    except (TypeError, ValueError, RuntimeError):
+        return False
 
 
 def _fused_linear_for_ppo(hidden_states, vocab_weights, input_ids, temperature, keep_fp32):
@@ -84,6 +93,9 @@ class FusedLinearForPPOFunction:
     @classmethod
     def apply(cls, hidden_states: torch.Tensor, vocab_weights: torch.Tensor,
               input_ids: torch.Tensor, temperature: float = 1.0, chunk_size: int = 512):
+        if not _positive_finite(temperature):  # veRL divides by it anyway; the op refuses it
+            return original(TARGET_MODULE, "FusedLinearForPPOFunction").apply(
+                hidden_states, vocab_weights, input_ids, temperature, chunk_size)
         del chunk_size  # the op chooses its chunk (module docstring)
         return _fused_linear_for_ppo(hidden_states, vocab_weights, input_ids, temperature,
                                      cls.keep_fp32)
