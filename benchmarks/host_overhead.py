@@ -80,7 +80,8 @@ from rlhf_kernels import _alloc as rk_alloc  # noqa: E402
 from rlhf_kernels import backend as rk_backend  # noqa: E402
 from rlhf_kernels import reference  # noqa: E402
 
-__all__ = ["OPS", "host_only_launches", "measure", "run", "main"]
+__all__ = ["OPS", "TorchKernelOps", "host_only_launches", "kernels_per_call", "measure", "run",
+           "main"]
 
 # Public names that are not ops.
 _NOT_OPS = {"resolve_backend"}
@@ -185,37 +186,35 @@ def host_only_launches():
 # --------------------------------------------------------------------------------------------
 # kernels per call
 # --------------------------------------------------------------------------------------------
-# aten ops that allocate, re-point a tensor at a storage (``set_``, the custom ops' and
-# autograd's bookkeeping) or compute a dtype, without launching a kernel on a GPU
-_NO_KERNEL_OPS = frozenset({"empty", "empty_strided", "empty_like", "new_empty",
-                            "new_empty_strided", "lift_fresh", "_local_scalar_dense", "set_",
-                            "promote_types"})
+class TorchKernelOps(TorchDispatchMode):
+    """Records the aten ops of a call that would launch a GPU kernel (``ops``, by name, in
+    order): every op that reaches the kernels except views and the ops that launch nothing:
+    allocations, ``set_`` / ``resize_`` (the custom ops' and autograd's bookkeeping), dtype
+    queries, and ``scalar_tensor``, the 0-d CPU tensor a Python number becomes in
+    ``torch.where(c, x, 0.0)``."""
 
-
-class _TorchKernels(TorchDispatchMode):
-    """Counts the aten ops of a call that would launch a GPU kernel: every op that reaches the
-    kernels except views (an output that aliases an input) and bare allocations."""
+    FREE = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
+                      "lift_fresh", "detach", "alias", "set_", "resize_", "scalar_tensor",
+                      "promote_types", "_local_scalar_dense"})
 
     def __init__(self):
         super().__init__()
-        self.count = 0
+        self.ops: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        view = any(r.alias_info is not None and not r.alias_info.is_write
-                   for r in func._schema.returns)
-        if not view and func.overloadpacket.__name__ not in _NO_KERNEL_OPS:
-            self.count += 1
-        return out
+        name = func.overloadpacket.__name__
+        if not func.is_view and name not in self.FREE:
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
 
 
 def kernels_per_call(step: Callable[[], object]) -> int:
     """GPU kernels one call of ``step`` would launch: its Triton launches (counted at the
-    mocked launcher) plus its torch kernels (``_TorchKernels``), the backward's included."""
+    mocked launcher) plus its torch kernels (``TorchKernelOps``), the backward's included."""
     before = _NoLaunchKernel.launches
-    with _TorchKernels() as torch_kernels:
+    with TorchKernelOps() as torch_kernels:
         step()
-    return _NoLaunchKernel.launches - before + torch_kernels.count
+    return _NoLaunchKernel.launches - before + len(torch_kernels.ops)
 
 
 # --------------------------------------------------------------------------------------------

@@ -48,7 +48,6 @@ if __name__ == "__main__" and "rlhf_kernels.ops.policy_loss" not in sys.modules:
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
@@ -107,27 +106,6 @@ def record_launches():
             yield recorded
         finally:
             JITFunction._do_compile = previous
-
-
-class _CountKernelOps(TorchDispatchMode):
-    """Counts the aten ops that launch a kernel on a GPU: not views, not allocations."""
-
-    # allocations, views and host-side scalars: ``scalar_tensor`` is the 0-d CPU tensor a
-    # Python number becomes in ``torch.where(c, x, 0.0)`` (no GPU kernel), ``promote_types`` a
-    # dtype query
-    _FREE = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
-             "lift_fresh", "detach", "alias", "set_", "resize_", "scalar_tensor",
-             "promote_types")
-
-    def __init__(self):
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if not func.is_view and name not in self._FREE:
-            self.ops.append(name)
-        return func(*args, **(kwargs or {}))
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,7 +250,7 @@ def _count(call) -> dict:
     host_overhead._NoLaunchKernel.launches = 0
     with host_overhead.host_only_launches():
         before = host_overhead._NoLaunchKernel.launches
-        with _CountKernelOps() as mode:
+        with host_overhead.TorchKernelOps() as mode:
             call()
         triton_launches = host_overhead._NoLaunchKernel.launches - before
     return {"triton_launches": triton_launches, "torch_kernel_ops": len(mode.ops),
