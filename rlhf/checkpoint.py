@@ -964,6 +964,27 @@ def _backbone_base(path: Path) -> str | None:
     return None
 
 
+def _read_paths(config: Mapping[str, Any]) -> list[tuple[str, str, Path]]:
+    """(what, kind, path) of every local model, tokenizer or data file or folder the config
+    names (a saved backbone's local base model too): what the run reads."""
+    paths = []
+    for key, value in _flatten(config).items():
+        is_model = _is_model_key(key)
+        if not ((is_model or _is_data_key(key)) and isinstance(value, str) and value):
+            continue
+        path = Path(value).expanduser()
+        if not path.exists():
+            continue
+        kind = "a model directory" if is_model else \
+            "a data folder" if path.is_dir() else "a data file"
+        paths.append((f"{key}={value!r}", kind, path))
+        base = _backbone_base(path) if is_model and path.is_dir() else None
+        if base is not None:
+            paths.append((f"the base model {base!r} of {key}={value!r}", "a model directory",
+                          Path(base).expanduser()))
+    return paths
+
+
 def _refuse_output_in_a_model(directory: Path, config: Mapping[str, Any]) -> None:
     """RunDirectoryError when ``directory`` (output_dir) is a local model, tokenizer or data
     directory the config names, or lies inside one (a saved backbone's base model counts).
@@ -972,29 +993,38 @@ def _refuse_output_in_a_model(directory: Path, config: Mapping[str, Any]) -> Non
     on that model, was refused as "the model (data) changed since the run started" (and a
     data folder's next read took the run's metrics.jsonl for data)."""
     out = directory.expanduser().resolve()
-    for key, value in _flatten(config).items():
-        is_model = _is_model_key(key)
-        if not ((is_model or _is_data_key(key)) and isinstance(value, str) and value):
+    for what, kind, read_dir in _read_paths(config):
+        if not read_dir.is_dir():
             continue
-        path = Path(value).expanduser()
-        if not path.is_dir():
-            continue
-        kind = "a model directory" if is_model else "a data folder"
-        named = [(f"{key}={value!r}", path)]
-        base = _backbone_base(path) if is_model else None
-        if base is not None:
-            named.append((f"the base model {base!r} of {key}={value!r}",
-                          Path(base).expanduser()))
-        for what, read_dir in named:
-            read_dir = read_dir.resolve()
-            if out == read_dir or read_dir in out.parents:
-                where = "is" if out == read_dir else "is inside"
+        read_dir = read_dir.resolve()
+        if out == read_dir or read_dir in out.parents:
+            where = "is" if out == read_dir else "is inside"
+            raise RunDirectoryError(
+                f"output_dir {str(directory)!r} {where} {what}, {kind} the run reads: the "
+                f"run would write its checkpoints, metrics and saved model into that "
+                f"folder, which would then no longer hold what the run started from (a "
+                f"--resume of this run, or of any run on it, would be refused as changed); "
+                f"choose an output_dir outside {str(read_dir)!r}")
+
+
+def _refuse_deleting_what_the_run_reads(directory: Path, names: Sequence[str],
+                                        config: Mapping[str, Any]) -> None:
+    """RunDirectoryError when ``overwrite=true`` would delete (``names`` under ``directory``) a
+    model, tokenizer or data file the run is about to read, e.g. ``rlhf ppo
+    model=runs/ppo/backbone output_dir=runs/ppo overwrite=true`` (continue from the policy a
+    run trained, in its place): the earlier run's files went first, the model with them, and
+    the run then stopped on a model that no longer existed; the trained model was lost."""
+    doomed = [(name, (directory / name).resolve()) for name in names]
+    for what, kind, path in _read_paths(config):
+        path = path.resolve()
+        for name, target in doomed:
+            if path == target or target in path.parents:
                 raise RunDirectoryError(
-                    f"output_dir {str(directory)!r} {where} {what}, {kind} the run reads: the "
-                    f"run would write its checkpoints, metrics and saved model into that "
-                    f"folder, which would then no longer hold what the run started from (a "
-                    f"--resume of this run, or of any run on it, would be refused as changed); "
-                    f"choose an output_dir outside {str(read_dir)!r}")
+                    f"overwrite=true would delete {str(directory / name)!r} (a file of the run "
+                    f"in output_dir {str(directory)!r}), and {what} is {kind} in it that this "
+                    f"run reads: nothing was deleted. Copy or move it out of "
+                    f"{str(directory)!r} and point the setting there, or choose another "
+                    f"output_dir=...")
 
 
 def model_fingerprints(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -1242,6 +1272,7 @@ def _open_run(directory: str | Path, kind: str, config: Mapping[str, Any], *, re
                     f"output_dir=..., or replace it with overwrite=true (deletes those files "
                     f"first)")
             if present:
+                _refuse_deleting_what_the_run_reads(directory, present, config)
                 _clear(directory, present)
             manifest = {"format": 1, "kind": kind, "run_id": uuid.uuid4().hex,
                         "created": _now(), "host": socket.gethostname(),

@@ -335,6 +335,41 @@ def test_an_output_dir_in_a_model_the_run_loads_is_refused_before_it_writes(tmp_
         assert resumed.resumed
 
 
+@pytest.mark.parametrize("reads", ["its model", "its backbone's base", "its data"])
+def test_overwrite_never_deletes_what_the_new_run_reads(tmp_path, reads):
+    """`rlhf ppo model=runs/ppo/backbone output_dir=runs/ppo overwrite=true` (continue from a
+    trained policy, in its run's place): overwrite deleted the earlier run's files, the model
+    among them, before the run loaded it; the run then stopped on a missing model and the
+    trained model was gone. Now refused with nothing deleted; a model elsewhere is replaced
+    as before."""
+    run = tmp_path / "ppo"
+    with checkpoint.open_run(run, "ppo", {"lr": 1e-4}, resume=False):
+        (run / "metrics.jsonl").write_text('{"step": 1}\n')
+        (run / "backbone").mkdir()
+        (run / "backbone" / "roles.json").write_text("{}")
+        (run / "model").mkdir()
+        (run / "model" / "config.json").write_text("{}")
+    outside = tmp_path / "rm_backbone"
+    outside.mkdir()
+    (outside / "roles.json").write_text(json.dumps({"base_model": str(run / "model")}))
+    setting, value, doomed = {
+        "its model": ("model", run / "backbone", "backbone"),
+        "its backbone's base": ("model", outside, "model"),
+        "its data": ("dataset", run / "metrics.jsonl", "metrics.jsonl"),
+    }[reads]
+    files = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.name != ".lock")
+    with pytest.raises(RunDirectoryError, match=rf"overwrite=true would delete '{run / doomed}'"
+                                                rf".* nothing was deleted"):
+        with checkpoint.open_run(run, "ppo", {setting: str(value)}, resume=False,
+                                 overwrite=True):
+            pass
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")
+                  if p.name != ".lock") == files
+    with checkpoint.open_run(run, "ppo", {"model": str(tmp_path / "elsewhere")}, resume=False,
+                             overwrite=True):
+        assert not (run / "backbone").exists() and not (run / "metrics.jsonl").exists()
+
+
 # ---------------------------------------------------------------- item 10: one run per directory
 
 
