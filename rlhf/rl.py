@@ -1120,6 +1120,23 @@ def _check_backbone_roles(roles: Sequence[str], cfg: RLConfig, reward_fn, where:
         f"backbone (e.g. runs/rm/backbone), which holds every role{instead}")
 
 
+def _check_backbone_base(info: dict, model: str, roles_file: Path) -> None:
+    """A saved backbone names its base model by the absolute path it was trained on (the
+    stages write it so), and loads it from there. When that folder is gone (the runs were
+    moved to another disk or machine, the SFT model deleted), the error named the base's path
+    as ``model=``, a path the user never gave."""
+    base = info.get("base_model")
+    if info.get("base_saved") or not isinstance(base, str) or not base:
+        return
+    path = Path(base).expanduser()
+    if path.is_absolute() and not path.exists():
+        raise ValueError(
+            f"model={model!r} is a backbone (adapters and heads) on the base model {base!r} "
+            f"(base_model in {str(roles_file)!r}), and that folder does not exist: was the "
+            f"SFT model it was trained on moved or deleted? Put it back at that path, or set "
+            f"base_model in roles.json to where it is now")
+
+
 @torch.no_grad()
 def _fresh_critic(backbone) -> None:
     """PPO with a reward function: the critic adapter as initialised (B = 0: the base model)
@@ -1170,11 +1187,13 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
 
         roles_file = SharedBackbone.check_directory(cfg.model, "model")  # before the tokenizer
         try:
-            saved_roles = json.loads(roles_file.read_text()).get("roles")
-        except (OSError, ValueError, AttributeError):
-            saved_roles = None  # load() says what is wrong with the file
-        if isinstance(saved_roles, list):
-            _check_backbone_roles(saved_roles, cfg, reward_fn, f"model={cfg.model!r}")
+            info = json.loads(roles_file.read_text())
+        except (OSError, ValueError):
+            info = None  # load() says what is wrong with the file
+        if isinstance(info, dict) and isinstance(info.get("roles"), list):
+            _check_backbone_roles(info["roles"], cfg, reward_fn, f"model={cfg.model!r}")
+        if isinstance(info, dict):
+            _check_backbone_base(info, cfg.model, roles_file)
         tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model,
                                                 setting="tokenizer" if cfg.tokenizer else "model")
         if prompts is not None:

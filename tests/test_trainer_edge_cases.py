@@ -424,6 +424,27 @@ def test_rl_on_a_backbone_without_a_role_it_needs_is_one_error(tmp_path, capsys,
     assert re.search(f"model='{saved}' " + message, err), err
 
 
+def test_rl_on_a_backbone_whose_base_model_is_gone_names_the_backbone(tmp_path, capsys):
+    """A saved backbone names its base (the SFT model) by an absolute path; with that folder
+    moved or deleted, `rlhf ppo model=runs/rm/backbone` said "model='<the base's path>' does
+    not exist", a path the user never gave. Now the error names the backbone, the base path
+    and where it is recorded."""
+    from rlhf.models import LoraSpec, SharedBackbone
+    from rlhf.tiny_models import tiny_causal_lm
+
+    saved = tmp_path / "rm" / "backbone"
+    SharedBackbone.from_model(tiny_causal_lm("llama"), lora=LoraSpec(rank=2, alpha=4)).save(saved)
+    info = json.loads((saved / "roles.json").read_text())
+    gone = tmp_path / "moved" / "sft-model"
+    info.update(base_model=str(gone), base_saved=False)
+    (saved / "roles.json").write_text(json.dumps(info))
+    err = _cli_error(capsys, ["ppo", f"model={saved}", f"output_dir={tmp_path / 'ppo'}",
+                              "device=cpu"])
+    assert err.startswith(f"rlhf ppo: error: model='{saved}' is a backbone (adapters and "
+                          f"heads) on the base model '{gone}' (base_model in "
+                          f"'{saved / 'roles.json'}'), and that folder does not exist"), err
+
+
 @pytest.mark.parametrize("setting", ["base.seed=3", "base.output_dir=elsewhere",
                                      "base.device=cpu", "base.eval_samples=10"])
 def test_frontier_refuses_a_base_setting_it_replaces(capsys, setting):
