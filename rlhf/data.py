@@ -160,7 +160,7 @@ def load_records(source: str | Path, split: str = "train", **load_kwargs: Any):
             if problem is not None:
                 raise ValueError(f"dataset {str(source)!r} {problem}")
     else:
-        from rlhf.models import hub_offline_reason
+        from rlhf.loading import hub_offline_reason
 
         # no hub (offline mode, no connection): the datasets cache alone, said in seconds
         # instead of half a minute of connection retries

@@ -242,7 +242,7 @@ def _run_point(cfg: FrontierConfig, algorithm: str, kl_coef: float, base_dir: Pa
         return json.loads(result_path.read_text())
     tokenizer = AutoTokenizer.from_pretrained(base_dir / "tokenizer")
     if rl_cfg.quantization not in (None, "none"):  # the base's: as its RL stage loads it
-        from rlhf.models import load_causal_lm
+        from rlhf.loading import load_causal_lm
 
         model = load_causal_lm(base_dir / "sft" / "model", setting="sft.model",
                                quantization=rl_cfg.quantization,

@@ -14,16 +14,12 @@ this was one module; the code lives in the modules named for their job:
                      token, the shared-prompt forward
 * rlhf/memory.py     ``ModelShape``, ``estimate_memory``, ``memory_table_markdown`` (docs/memory.md)
 
-A name set on this module (a test's ``monkeypatch.setattr(models, "hub_offline_reason", ...)``)
-is set in the module that holds it too, so the patch reaches the code that reads it.
+Code that looks a name up at call time, and a test that patches one, use the module that holds
+it (``rlhf.loading.load_causal_lm``): a name set here would not reach the code that reads it
+there.
 """
 
 from __future__ import annotations
-
-import sys
-import types
-
-from rlhf import adapters, backbone, layout, loading, memory
 
 # every name below is re-exported (the names other modules and tests import from here)
 # ruff: noqa: F401
@@ -68,25 +64,6 @@ __all__ = [
     "estimate_memory",
     "memory_table_markdown",
 ]
-_PARTS = (adapters, backbone, layout, loading, memory)
-_ABSENT = object()
-
-
-class _Reexports(types.ModuleType):
-    """Setting a re-exported name here sets it in every part module that holds the same object
-    too, so that a patch reaches the code that reads the name there, as it did when that code
-    lived in this module. ``monkeypatch`` restores the old value the same way."""
-
-    def __setattr__(self, name: str, value) -> None:
-        current = self.__dict__.get(name, _ABSENT)
-        if current is not _ABSENT:
-            for part in _PARTS:
-                if vars(part).get(name, _ABSENT) is current:
-                    setattr(part, name, value)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Reexports
 
 
 if __name__ == "__main__":  # python -m rlhf.models: the table of docs/memory.md

@@ -625,8 +625,9 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     from rlhf import data
+    from rlhf.loading import load_causal_lm, load_tokenizer
     from rlhf.metrics import plot_curves
-    from rlhf.models import LoraSpec, SharedBackbone, load_causal_lm, load_tokenizer
+    from rlhf.models import LoraSpec, SharedBackbone
 
     own_data, unused = check_settings(cfg)
     stages = stage_configs(cfg)

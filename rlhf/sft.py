@@ -317,7 +317,7 @@ def _builtin_setup(cfg: SFTConfig):
 
 def _load_model_and_data(cfg: SFTConfig):
     from rlhf import data
-    from rlhf.models import load_causal_lm, load_tokenizer
+    from rlhf.loading import load_causal_lm, load_tokenizer
 
     if cfg.model is None and cfg.dataset is None:
         return _builtin_setup(cfg)

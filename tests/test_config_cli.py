@@ -673,19 +673,19 @@ def test_pipeline_print_config_shows_what_the_stages_use(tmp_path, capsys):
 def test_hub_names_load_from_the_cache_when_the_hub_is_unreachable(monkeypatch):
     """A hub name that is cached loads from the cache alone (no minute of retries); the checks
     tell local paths from hub names by their form."""
-    from rlhf import models
+    from rlhf import loading
 
-    monkeypatch.setattr(models, "hub_offline_reason", lambda: "no network (test)")
-    monkeypatch.setattr(models, "_in_hub_cache", lambda repo, files: repo == "org/cached")
-    assert models.resolve_pretrained("org/cached") == ("org/cached", {"local_files_only": True})
+    monkeypatch.setattr(loading, "hub_offline_reason", lambda: "no network (test)")
+    monkeypatch.setattr(loading, "_in_hub_cache", lambda repo, files: repo == "org/cached")
+    assert loading.resolve_pretrained("org/cached") == ("org/cached", {"local_files_only": True})
     with pytest.raises(ValueError, match=r"model='org/other' is not a local directory, not in "
                                          r"the Hugging Face cache.*no network \(test\)"):
-        models.resolve_pretrained("org/other")
-    monkeypatch.setattr(models, "hub_offline_reason", lambda: None)
-    assert models.resolve_pretrained("org/other") == ("org/other", {})
+        loading.resolve_pretrained("org/other")
+    monkeypatch.setattr(loading, "hub_offline_reason", lambda: None)
+    assert loading.resolve_pretrained("org/other") == ("org/other", {})
     for path in ("runs/sft/model", "./model", "/abs/model", "~/model", "a b"):
         with pytest.raises(ValueError, match="does not exist"):
-            models.resolve_pretrained(path)
+            loading.resolve_pretrained(path)
     monkeypatch.undo()  # the real probe: offline mode is a reason, without any connection
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert "offline mode is on (HF_HUB_OFFLINE=1)" in models.hub_offline_reason()
+    assert "offline mode is on (HF_HUB_OFFLINE=1)" in loading.hub_offline_reason()

@@ -128,12 +128,12 @@ def test_good_odd_rows_still_load(tmp_path):
 
 
 def test_the_cli_says_a_bad_row_before_loading_the_model(tmp_path, capsys, monkeypatch):
-    from rlhf import cli, models
+    from rlhf import cli, loading
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the data was checked")
 
-    monkeypatch.setattr(models, "load_causal_lm", no_model)
+    monkeypatch.setattr(loading, "load_causal_lm", no_model)
     from tests._tiny_models import review_tokenizer
 
     review_tokenizer(task.make_corpus(32, seed=0)).save_pretrained(tmp_path / "model")
@@ -458,13 +458,13 @@ def test_chat_rows_without_a_chat_template_are_said_before_the_model_loads(
     """Chat rows (message lists) with a tokenizer that has no chat template stopped the run
     after the model had loaded, as "this row is a chat ..." (no file, no row). Now they are
     refused before, naming the file and line of the first chat row."""
-    from rlhf import cli, models
+    from rlhf import cli, loading, models
     from tests._tiny_models import review_tokenizer
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the data was checked")
 
-    monkeypatch.setattr(models, "load_causal_lm", no_model)
+    monkeypatch.setattr(loading, "load_causal_lm", no_model)
     monkeypatch.setattr(models.SharedBackbone, "from_pretrained", no_model)
     review_tokenizer(task.make_corpus(32, seed=0)).save_pretrained(tmp_path / "model")
     (tmp_path / "model" / "config.json").write_text('{"model_type": "llama"}')
@@ -582,13 +582,13 @@ def test_pairs_with_the_same_chosen_and_rejected_are_said(tokenizer):
 
 def test_a_hub_dataset_without_a_hub_is_said_from_the_cache_alone(monkeypatch):
     """dataset=org/name with no network: `datasets` retried its connections for half a minute
-    before failing (models are said within seconds: rlhf.models.hub_offline_reason). Now the
+    before failing (models are said within seconds: rlhf.loading.hub_offline_reason). Now the
     hub is probed first and, when it cannot be used, the dataset is looked up in the datasets
     cache alone (offline mode) and the error says why the hub was not tried."""
     import datasets
     from huggingface_hub import constants
 
-    from rlhf import data, models
+    from rlhf import data, loading
 
     seen = []
 
@@ -598,14 +598,14 @@ def test_a_hub_dataset_without_a_hub_is_said_from_the_cache_alone(monkeypatch):
 
     before = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    monkeypatch.setattr(models, "hub_offline_reason", lambda: "no connection (test)")
+    monkeypatch.setattr(loading, "hub_offline_reason", lambda: "no connection (test)")
     with pytest.raises(ValueError, match=r"could not load dataset 'org/nothere': it is not a "
                                          r"local file, not in the datasets cache, and the hub "
                                          r"cannot be used: no connection \(test\)"):
         data.load_sft_dataset("org/nothere")
     assert seen == [(True, True)]
     assert (datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE) == before
-    monkeypatch.setattr(models, "hub_offline_reason", lambda: None)  # a hub: asked as before
+    monkeypatch.setattr(loading, "hub_offline_reason", lambda: None)  # a hub: asked as before
     with pytest.raises(ValueError, match="loading it from the Hugging Face hub failed"):
         data.load_sft_dataset("org/nothere")
     assert seen[1] == before
