@@ -929,7 +929,7 @@ def _sampled_digest(digest, path: Path) -> int:
 
 def _model_fingerprint(path: Path) -> dict[str, Any]:
     """{"bytes", "sha256"} of a local model or tokenizer directory (or file), sampled (see
-    MODEL_FULL_HASH_BYTES). A saved backbone (rlhf/models.py: roles.json) holds adapters and
+    MODEL_FULL_HASH_BYTES). A saved backbone (rlhf/backbone.py: roles.json) holds adapters and
     heads and names its base model, which a resume loads again: a local base counts too
     ("base": its path), so that an SFT model retrained at that path changes the fingerprint."""
     digest = hashlib.sha256()

@@ -46,7 +46,7 @@ __all__ = ["CompiledLayers", "decoder_layers", "layers_context"]
 # needs no gradient) apart; shapes are dynamic from the first call.
 _RECOMPILE_LIMIT = 32
 DEFAULT_BACKEND = "inductor"
-# A layer called with a key/value cache (the shared-prompt forwards of a group, rlhf/models.py)
+# A layer called with a key/value cache (the shared-prompt forwards of a group, rlhf/backbone.py)
 # runs eagerly: the cache's per-layer state would be a guard of the graph, so each layer of the
 # stack would compile a variant of its own.
 _CACHES = ("past_key_values", "past_key_value", "cache")

