@@ -222,16 +222,26 @@ def _split_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
     return (paths[0] if paths else None), [arg for arg in args if "=" in arg]
 
 
-def _resume_command(command: str, args: Sequence[str], config_path: str | None, cfg) -> str:
+def _resume_command(command: str, args: Sequence[str], config_path: str | None, cfg,
+                    nproc: int | None = None) -> str:
     """The command that continues an interrupted run: its own arguments and --resume, without
     ``overwrite=`` / ``resume=`` (``overwrite=true`` with --resume is refused as a contradiction,
     so repeating the run's command line gave a command that stopped at once), and with
-    ``overwrite=false`` when the config file may set it; each argument shell-quoted, so that a
-    path with a space pastes back as one argument."""
+    ``overwrite=false`` when the config file may set it; ``--nproc N`` when the run was launched
+    with it (the ranks torchrun starts learn N from ``_NPROC_ENV``); each argument
+    shell-quoted, so that a path with a space pastes back as one argument."""
     kept = [arg for arg in args if arg.partition("=")[0].strip() not in ("overwrite", "resume")]
     if config_path is not None and getattr(cfg, "overwrite", False):
         kept.append("overwrite=false")  # the file's `overwrite: true`
-    return " ".join(shlex.quote(arg) for arg in ["rlhf", command, *kept, "--resume"])
+    if nproc is None and os.environ.get(_NPROC_ENV, "").isdigit():
+        nproc = int(os.environ[_NPROC_ENV])
+    launch = ["--nproc", str(nproc)] if nproc is not None and nproc > 1 else []
+    return " ".join(shlex.quote(arg) for arg in ["rlhf", command, *kept, *launch, "--resume"])
+
+
+# set by --nproc N for torchrun and its ranks: N, and the command that resumes the run
+_NPROC_ENV = "RLHF_NPROC"
+_RESUME_ENV = "RLHF_RESUME_COMMAND"
 
 
 def _import_stage(stage: Stage):
@@ -424,7 +434,8 @@ def _main(argv: list[str]) -> int:
         except USER_ERRORS as error:
             return fail(error)
         try:
-            code = _launch_torchrun(ns.nproc, argv)
+            code = _launch_torchrun(ns.nproc, argv, _resume_command(
+                ns.command, ns.args, config_path, cfg, ns.nproc))
         except SystemExit as refused:  # bad input: the command's own error line, exit status 2
             reason = str(refused.code).removeprefix("rlhf: error: ")
             print(f"rlhf {ns.command}: error: {reason}", file=sys.stderr)
@@ -502,10 +513,10 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
-def _launch_torchrun(nproc: int, argv: Sequence[str]) -> int | None:
+def _launch_torchrun(nproc: int, argv: Sequence[str], resume_command: str = "") -> int | None:
     """``--nproc N``: run this same command under ``torchrun --standalone --nproc-per-node N``:
     this process becomes torchrun (it does not return); None when there is nothing to launch
-    (N = 1).
+    (N = 1). ``resume_command``: what torchrun says to run after a signal stopped the ranks.
 
     torchrun replaces this process (exec) instead of running as its child: a signal for this
     process (``kill PID``, ``timeout``, a scheduler's preemption, a closed terminal) then
@@ -535,12 +546,14 @@ def _launch_torchrun(nproc: int, argv: Sequence[str]) -> int | None:
     # printed) gives its exit status (2: bad input), not torchrun's 1 and a traceback
     sys.stdout.flush()
     sys.stderr.flush()
+    os.environ[_NPROC_ENV] = str(nproc)
+    os.environ[_RESUME_ENV] = resume_command
     os.execv(sys.executable, [sys.executable, "-c", _TORCHRUN, *command[3:]])
     return None  # not reached: execv does not return
 
 
 _TORCHRUN = """
-import signal, sys
+import os, signal, sys
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import parse_args, run
@@ -551,8 +564,10 @@ except ChildFailedError as error:
     sys.exit(next((code for code in codes if code > 0), 1))
 except SignalException as error:  # kill, timeout, a closed terminal: the ranks are stopped
     name = signal.Signals(error.sigval).name
-    print(f"rlhf: torchrun got {name} and stopped every process; continue the run with the "
-          f"same command and --resume (from its last checkpoint)", file=sys.stderr)
+    again = os.environ.get("RLHF_RESUME_COMMAND")
+    again = f"`{again}`" if again else "the same command and --resume"
+    print(f"rlhf: torchrun got {name} and stopped every process; continue the run with "
+          f"{again} (from its last checkpoint)", file=sys.stderr)
     sys.exit(128 + int(error.sigval))
 """
 

@@ -524,3 +524,16 @@ def test_a_resume_after_an_algorithms_preset_changed_is_refused(tmp_path, monkey
                  clip_ratio_high=started["clip_ratio_high"])
     with open_run(tmp_path, "ppo", given, resume=True) as run:  # the run's values, given
         assert run.resumed
+
+
+def test_the_resume_command_of_an_nproc_run_keeps_nproc(monkeypatch):
+    """A run launched with `--nproc N` resumes with `--nproc N`: the launcher computes the
+    command for torchrun's message after a signal, and each rank (started by torchrun without
+    the flag) learns N from the environment the launcher set."""
+    monkeypatch.delenv(cli._NPROC_ENV, raising=False)
+    cfg = sft.SFTConfig()
+    assert (cli._resume_command("sft", ["overwrite=true", "dataset=a b.jsonl"], None, cfg, 2)
+            == "rlhf sft 'dataset=a b.jsonl' --nproc 2 --resume")
+    assert cli._resume_command("sft", ["lr=1"], None, cfg) == "rlhf sft lr=1 --resume"
+    monkeypatch.setenv(cli._NPROC_ENV, "4")  # a rank of `--nproc 4`
+    assert cli._resume_command("sft", ["lr=1"], None, cfg) == "rlhf sft lr=1 --nproc 4 --resume"

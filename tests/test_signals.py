@@ -161,7 +161,7 @@ _LAUNCHER = '''
 import sys
 sys.path.insert(0, sys.argv[1])  # the real trainer (the working directory has the stand-in)
 from rlhf import cli
-cli._launch_torchrun(2, ["sft", "--nproc", "2"])
+cli._launch_torchrun(2, ["sft", "--nproc", "2"], "rlhf sft 'a=b c' --nproc 2 --resume")
 '''
 _STAND_IN_RANK = '''
 import os, time
@@ -219,7 +219,8 @@ def test_kill_of_an_nproc_launch_stops_its_ranks(tmp_path):
         assert not any(_alive(pid) for pid in pids), "the ranks outlived the killed launcher"
         assert code == 128 + signal.SIGTERM, f"exit status {code}\n{log.read_text()[-2000:]}"
         said = log.read_text()
-        assert "rlhf: torchrun got SIGTERM and stopped every process" in said
+        assert ("rlhf: torchrun got SIGTERM and stopped every process; continue the run with "
+                "`rlhf sft 'a=b c' --nproc 2 --resume`") in said
         assert "Traceback" not in said
     finally:
         for pid in [launcher.pid, *pids]:  # only what this test started
