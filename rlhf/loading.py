@@ -97,6 +97,14 @@ def _in_hub_cache(repo_id: str, filenames: Iterable[str]) -> bool:
     return False
 
 
+def _model_inside(path: Path) -> str | None:
+    """The model folder of a run directory (``runs/sft`` -> ``model``), or None: a folder with
+    a run.json and a ``model`` subfolder holding config.json."""
+    if (path / "run.json").is_file() and (path / "model" / "config.json").is_file():
+        return "model"
+    return None
+
+
 def resolve_pretrained(name_or_path, *, what: str = "model", setting: str = "model"
                        ) -> tuple[str, dict]:
     """Check where ``from_pretrained`` would read ``name_or_path`` before anything loads.
@@ -134,6 +142,10 @@ def resolve_pretrained(name_or_path, *, what: str = "model", setting: str = "mod
                              f"directory" + (f", such as its base {base!r}" if base else "")
                              + " (the RL stages take the backbone: rlhf ppo / grpo model=...)")
         if what == "model" and not has_config:
+            inside = _model_inside(path)
+            if inside is not None:  # a run's directory (runs/sft) instead of its model
+                raise ValueError(f"{setting}={text!r} is a run's directory, not a model: did you "
+                                 f"mean {setting}={str(Path(text) / inside)!r}?")
             raise ValueError(f"{setting}={text!r} is not a Hugging Face model directory: it has "
                              f"no config.json (save_pretrained writes config.json and "
                              f"model.safetensors); check the path")

@@ -628,6 +628,25 @@ def test_a_saved_backbone_given_where_a_model_goes_is_named_so(tmp_path):
         resolve_pretrained(str(tmp_path / "backbone"))
 
 
+def test_a_run_directory_given_where_its_model_goes_names_the_model_inside(tmp_path):
+    """`rlhf rm model=runs/sft` (the SFT run's directory, not its model): the error said the
+    folder is no Hugging Face model directory and to check the path; now it names the model
+    folder the run wrote. A folder without a run.json keeps the generic error."""
+    from rlhf.loading import resolve_pretrained
+    from rlhf.tiny_models import tiny_causal_lm
+
+    run = tmp_path / "runs" / "sft"
+    tiny_causal_lm("llama").save_pretrained(run / "model")
+    (run / "run.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"model='.*sft' is a run's directory, not a model: did "
+                                         r"you mean model='.*sft/model'\?"):
+        resolve_pretrained(str(run))
+    (run / "run.json").unlink()
+    with pytest.raises(ValueError, match="is not a Hugging Face model directory"):
+        resolve_pretrained(str(run))
+    assert resolve_pretrained(str(run / "model")) == (str(run / "model"), {})
+
+
 @pytest.mark.parametrize("command, module", [("sft", "sft"), ("rm", "reward"),
                                              ("pipeline", "pipeline")])
 def test_output_dir_under_home_is_not_a_folder_named_tilde(tmp_path, monkeypatch, command,
