@@ -186,10 +186,12 @@ def _verl_sapo64(old, logp, adv, mask, tau_pos, tau_neg, info, weights=None):
     return loss, metrics
 
 
-def _verl_vanilla64(old, logp, adv, mask, low, high, c, mode, info):
+def _verl_vanilla64(old, logp, adv, mask, low, high, c, mode, info, weights=None):
     ratio = torch.exp((logp - old).clamp(-20.0, 20.0))
     clipped = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - low, 1 + high))
     per_token = torch.where(adv < 0, torch.minimum(clipped, -adv * c), clipped)
+    if weights is not None:  # rollout correction: each token's loss times its weight
+        per_token = per_token * weights
     return _agg64(per_token, mask, mode, **info)
 
 
@@ -757,6 +759,31 @@ def test_clip_ranges_outside_the_kernels_domain_go_to_the_framework(monkeypatch,
                                     "token-mean", {}), None), logp.double())
     _close(value, ref, name="clip 0 / inf loss")
     _close(grad, ref_grad, name="clip 0 / inf d logp")
+
+
+def test_verl_negative_rollout_weights_go_to_verl(monkeypatch):
+    """veRL multiplies each token's loss by its rollout weight; the drop-ins fold the weight into
+    the advantages, which is exact for weights >= 0 (veRL's truncated ratios) but for w < 0
+    gives min(r wA, c wA) where veRL computes w min(rA, cA): another loss, silently. A call with
+    a negative weight is veRL's own; the same weights made >= 0 stay with the kernels (veRL's
+    float64 formula)."""
+    monkeypatch.setattr(our_verl, "original", lambda module, name: lambda *a: ("veRL", name))
+    old, logp, adv, mask = _rollout(per_row=False)
+    weights = _rollout_weights(adv.shape)
+    weights[2, 1] = -0.5
+    config = _ActorConfig(clip_ratio=0.2, clip_ratio_low=0.15, clip_ratio_high=0.28,
+                          clip_ratio_c=3.0, tau_pos=1.0, tau_neg=1.05, global_batch_info={})
+    for name, fn in our_verl.POLICY_LOSSES.items():
+        assert fn(old, logp, adv, mask, "token-mean", config, weights) == ("veRL", fn.__name__)
+    weights = weights.abs()
+    value, grad, _ = _value_and_grad(
+        lambda lp: our_verl.compute_policy_loss_vanilla(old, lp, adv, mask, "token-mean", config,
+                                                        weights), logp)
+    ref, ref_grad, _ = _value_and_grad(
+        lambda lp: (_verl_vanilla64(old.double(), lp, adv.double(), mask, 0.15, 0.28, 3.0,
+                                    "token-mean", {}, weights.double()), None), logp.double())
+    _close(value, ref, name="weighted loss")
+    _close(grad, ref_grad, name="weighted d logp")
 
 
 def test_discounts_and_grpo_epsilon_outside_the_kernels_domain_go_to_the_framework(monkeypatch):

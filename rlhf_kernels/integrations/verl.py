@@ -543,7 +543,13 @@ def _policy_loss(old_log_prob, log_prob, advantages, response_mask, clip_low, cl
 
 def _aggregation_options(config: Any, loss_agg_mode: str, rollout_is_weights, advantages):
     """(global_batch_info, covered): covered when there is a config, rollout correction weights
-    are absent or of the advantages' shape and ``_agg_factor`` converts the aggregation."""
+    are absent or of the advantages' shape and never negative, and ``_agg_factor`` converts the
+    aggregation.
+
+    The weights go into the advantages (``weighted_advantages``), exact for weights >= 0 only:
+    veRL's own are truncated ratios (>= 0), but a caller's weight w < 0 would give
+    min(r wA, c wA) where veRL computes w min(rA, cA), so such a call is veRL's (one host check
+    of the weights; these losses fetch their metrics to the host anyway)."""
     global_batch_info = dict(_config_value(config, "global_batch_info", None) or {})
     covered = (
         config is not None
@@ -554,6 +560,8 @@ def _aggregation_options(config: Any, loss_agg_mode: str, rollout_is_weights, ad
                                global_batch_info.get("batch_num_tokens"),
                                global_batch_info.get("global_batch_size"))
     )
+    if covered and rollout_is_weights is not None:
+        covered = not bool((rollout_is_weights.detach() < 0).any())
     return global_batch_info, covered
 
 
