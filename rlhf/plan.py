@@ -464,6 +464,21 @@ def plan(config="qwen2.5-1.5b", *, batch: int = 16, prompt_length: int = 128,
     }
 
 
+def layer_activations(d: ModelDims, w: int, tokens: int, gradient_checkpointing: bool,
+                      quantization: str = "none", fast_lora: bool = False) -> tuple[int, int]:
+    """The decoder layers' part of a training step over ``tokens`` positions, every stage's:
+    (what all layers keep for the backward: each layer's input under gradient checkpointing,
+    else ``_layer_saved``, plus int8's kept inputs; one layer's backward: its gradient
+    temporaries, its activations recomputed under checkpointing, a dequantized weight)."""
+    saved = d.num_layers * tokens * (
+        (w * d.hidden_size if gradient_checkpointing else _layer_saved(d, w, fast_lora))
+        + _int8_kept_inputs(d, w, quantization, gradient_checkpointing))
+    backward = tokens * (_layer_backward_extra(d, w, fast_lora)
+                         + (_layer_saved(d, w, fast_lora) if gradient_checkpointing else 0)
+                         ) + _dequant_bytes(d, w, quantization, backward=True)
+    return saved, backward
+
+
 def update_activations(d: ModelDims, w: int, *, rows: int, prompt_length: int,
                        response_length: int, gradient_checkpointing: bool = True,
                        fast_lora: bool = False, critic: bool = True, device: str = "cuda",
@@ -483,14 +498,11 @@ def update_activations(d: ModelDims, w: int, *, rows: int, prompt_length: int,
     states and its gradient (``critic``). ``fast_lora``: the layers keep no fp32 copies of the
     adapted linears' inputs (rlhf/lora_forward.py under autocast, or no adapters at all).
     """
-    h, v, L = d.hidden_size, d.vocab_size, d.num_layers
+    h, v = d.hidden_size, d.vocab_size
     S = prompt_length + response_length
     n, n_resp = rows * S, rows * response_length
-    saved_layers = L * n * ((w * h if gradient_checkpointing else _layer_saved(d, w, fast_lora))
-                            + _int8_kept_inputs(d, w, quantization, gradient_checkpointing))
-    layer_backward = n * (_layer_backward_extra(d, w, fast_lora)
-                          + (_layer_saved(d, w, fast_lora) if gradient_checkpointing else 0)
-                          ) + _dequant_bytes(d, w, quantization, backward=True)
+    saved_layers, layer_backward = layer_activations(d, w, n, gradient_checkpointing,
+                                                     quantization, fast_lora)
     final = n * w * h * 3  # final norm input / output and the returned hidden states
     if eager_logits:
         policy_head = n * v * (w + 4 + 4)
@@ -699,7 +711,7 @@ def plan_training_stage(stage: str, config="qwen2.5-1.5b", *, batch: int = 8,
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     w = _DTYPE_BYTES[dtype]
-    h, v, L = d.hidden_size, d.vocab_size, d.num_layers
+    h, v = d.hidden_size, d.vocab_size
     lora = d.lora_params(lora_rank)
     tensors = _lora_tensors(d, lora_rank)
     head_dequant = (v * h * w if quantization != "none" and quantize_lm_head
@@ -720,14 +732,11 @@ def plan_training_stage(stage: str, config="qwen2.5-1.5b", *, batch: int = 8,
         head = n * w * h * 2 + _logits_chunk(n, v, w, device) * 2 + n * 4 * 2 + head_dequant
     else:  # the last real token's hidden state, an fp32 copy and the (2B,) rewards
         head = rows * (4 * h * 2 + 4 * 4)
-    saved = ((w * h if gradient_checkpointing else _layer_saved(d, w))
-             + _int8_kept_inputs(d, w, quantization, gradient_checkpointing))
-    layer_backward = n * (_layer_backward_extra(d, w)
-                          + (_layer_saved(d, w) if gradient_checkpointing else 0)
-                          ) + _dequant_bytes(d, w, quantization, backward=True)
+    saved_layers, layer_backward = layer_activations(d, w, n, gradient_checkpointing,
+                                                     quantization)
     step = {
         "grads": 4 * trained,
-        "saved_activations": L * n * saved + rows * seq_len * seq_len,
+        "saved_activations": saved_layers + rows * seq_len * seq_len,
         "backward_or_head": max(layer_backward, final + head),
     }
     total = sum(resident.values()) + sum(step.values())
