@@ -760,7 +760,7 @@ def test_logprob_entropy_dropins_keep_fp32_under_cuda_like_autocast(backend, cud
     for name, (out, exact) in outputs.items():
         assert out.dtype == torch.float32, f"{name}: {out.dtype}"
         torch.testing.assert_close(out.double(), exact, atol=2e-5, rtol=1e-5,
-                                   msg=lambda m: f"{name}: {m}")
+                                   msg=lambda m, name=name: f"{name}: {m}")
     # without autocast: the logits' dtype, as before; meta tensors (no autocast for that device
     # type: asking raised) still give shapes and dtypes where the backend takes them
     assert our_verl.entropy_from_logits(logits).dtype == dtype

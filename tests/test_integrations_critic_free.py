@@ -588,16 +588,17 @@ def test_advantages_broadcast_as_torch_broadcasts_them(name):
             out = fn(old, leaf, a, mask)
             outs.append((out, torch.autograd.grad(out[0], leaf)[0]))
         (out, grad), (out_full, grad_full) = outs
-        shape = tuple(adv.shape)
-        torch.testing.assert_close(out[0], out_full[0], msg=lambda m: f"{name} {shape}: {m}")
-        torch.testing.assert_close(grad, grad_full, msg=lambda m: f"{name} {shape}: {m}")
+        tag = f"{name} {tuple(adv.shape)}"
+        torch.testing.assert_close(out[0], out_full[0], msg=lambda m, tag=tag: f"{tag}: {m}")
+        torch.testing.assert_close(grad, grad_full, msg=lambda m, tag=tag: f"{tag}: {m}")
         if name == "verl vanilla":  # and veRL's formula in float64 on the broadcast advantages
             ref, ref_grad, _ = _value_and_grad(
-                lambda lp: (_verl_vanilla64(old.double(), lp, full.double(), mask, 0.15, 0.28,
-                                            3.0, "seq-mean-token-mean", {}), None),
+                lambda lp, full=full: (_verl_vanilla64(old.double(), lp, full.double(), mask,
+                                                       0.15, 0.28, 3.0, "seq-mean-token-mean",
+                                                       {}), None),
                 logp.double())
-            _close(out[0], ref, name=f"{name} {shape} loss")
-            _close(grad, ref_grad, name=f"{name} {shape} d logp")
+            _close(out[0], ref, name=f"{tag} loss")
+            _close(grad, ref_grad, name=f"{tag} d logp")
 
 
 # --------------------------------------------------------------------------------------------
@@ -773,7 +774,7 @@ def test_verl_negative_rollout_weights_go_to_verl(monkeypatch):
     weights[2, 1] = -0.5
     config = _ActorConfig(clip_ratio=0.2, clip_ratio_low=0.15, clip_ratio_high=0.28,
                           clip_ratio_c=3.0, tau_pos=1.0, tau_neg=1.05, global_batch_info={})
-    for name, fn in our_verl.POLICY_LOSSES.items():
+    for fn in our_verl.POLICY_LOSSES.values():
         assert fn(old, logp, adv, mask, "token-mean", config, weights) == ("veRL", fn.__name__)
     weights = weights.abs()
     value, grad, _ = _value_and_grad(

@@ -945,12 +945,13 @@ def logprobs_from_logits(
     (N, V) logits, as veRL's flash-attn path reshapes both) -> logp ``logits.shape[:-1]``, fp32
     where veRL would use flash-attn's cross entropy and otherwise the dtype of veRL's
     log-softmax: the logits' dtype, or fp32 for bf16 / fp16 logits under CUDA's autocast, where
-    veRL's engines call it (fp32 with ``keep_fp32``). Labels equal to -100 give 0 (as flash-attn). ``inplace_backward`` writes d
-    logits into the logits buffer, as flash-attn's does, only where veRL would take flash-attn's
-    cross entropy: on its PyTorch path veRL ignores the flag and the logits keep their values
-    (another op may have saved them for its backward). It is also turned off for a leaf tensor
-    that requires grad or a view of one (the backward would overwrite the leaf's data). A DTensor
-    (logits sharded under tensor parallelism) goes to veRL's own function."""
+    veRL's engines call it (fp32 with ``keep_fp32``). Labels equal to -100 give 0 (as
+    flash-attn). ``inplace_backward`` writes d logits into the logits buffer, as flash-attn's
+    does, only where veRL would take flash-attn's cross entropy: on its PyTorch path veRL
+    ignores the flag and the logits keep their values (another op may have saved them for its
+    backward). It is also turned off for a leaf tensor that requires grad or a view of one (the
+    backward would overwrite the leaf's data). A DTensor (logits sharded under tensor
+    parallelism) goes to veRL's own function."""
     if is_dtensor(logits):
         return original(_TORCH_F, "logprobs_from_logits")(logits, labels, inplace_backward)
     rows = logits.shape[:-1]
