@@ -13,6 +13,7 @@ computed every fused-head call with ``linear_logprobs`` (TRL's function trapped)
 from __future__ import annotations
 
 import copy
+import math
 import tempfile
 import warnings
 
@@ -233,6 +234,27 @@ def test_every_output_with_an_adapter_on_lm_head(variant, monkeypatch):
         assert not g[~keep].any(), name
     assert torch.equal(out.is_top1, is_top1)
     assert out.log_probs.requires_grad and not out.mean_logits.requires_grad
+
+
+def test_adapter_on_lm_head_at_infinite_temperature_is_trls_division():
+    """TRL's head multiplies the logits by 1 / temperature whatever it is; at temperature inf
+    the distribution is uniform (logp -log V, entropy log V, log sum p^2 -log V, mean logit 0).
+    With a plain LoRA adapter on lm_head the drop-in raised the op's ValueError instead."""
+    from peft import LoraConfig, get_peft_model
+
+    model = _qwen(1)
+    input_ids = torch.randint(4, VOCAB, (2, 5), generator=torch.Generator().manual_seed(1))
+    with ours.patch_trl():
+        ours.add_fused_lm_head(model, temperature=float("inf"), outputs=ALL)
+    model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["lm_head"],
+                                             init_lora_weights=False))
+    with ours.patch_trl():
+        out = model(input_ids=input_ids, labels=input_ids, fused_lm_head=True)
+    log_v = math.log(VOCAB)
+    for got, expected in ((out.log_probs, -log_v), (out.entropy, log_v),
+                          (out.log_sum_sq_probs, -log_v), (out.mean_logits, 0.0)):
+        torch.testing.assert_close(got, torch.full_like(got, expected))
+    out.log_probs.sum().backward()  # differentiable, as TRL's (a zero gradient here)
 
 
 # --------------------------------------------------------------------------------------------

@@ -46,8 +46,13 @@ Differences from TRL, on purpose:
 * ``chunk_size`` of ``entropy_from_logits`` is accepted and unused: the kernel never holds more
   than one block of a row.
 
-Falls back to TRL's function for a top-K ``index`` of shape (..., K) and for a ``row_mask`` that
-does not broadcast to ``index``.
+fp64 logits are computed in fp64 (``backend="reference"``: TRL's eager path keeps them in fp64,
+the kernels would round to fp32).
+
+Falls back to TRL's function for a top-K ``index`` of shape (..., K), for a ``row_mask`` that
+does not broadcast to ``index`` and for a NaN or infinite temperature (TRL divides by it).
+An ``index`` outside [0, V) other than -100 gives NaN for its row where TRL's eager path raises
+(a check would cost a host sync per call).
 """
 
 from __future__ import annotations
@@ -109,9 +114,19 @@ _TRL_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TRL_MASK_DTYPES = (torch.bool, torch.int32, torch.int64)
 
 
-def _check_temperature(temperature: float) -> None:
+def _check_temperature(temperature: float) -> bool:
+    """TRL's check (ValueError for temperature <= 0); False for a NaN or infinite temperature,
+    which TRL divides by (NaN outputs; inf: the uniform distribution) and the kernels refuse:
+    such a call runs TRL's own function."""
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
+    return math.isfinite(temperature)
+
+
+def _backend(logits: torch.Tensor) -> str | None:
+    """fp64 logits: the fp64 reference (TRL's eager path computes fp64 logits in fp64; the
+    kernels compute in fp32 and would return fp32-rounded values in an fp64 tensor)."""
+    return "reference" if logits.dtype == torch.float64 else None
 
 
 def trl_uses_its_kernel(
@@ -184,10 +199,10 @@ def selective_log_softmax(
     """log_softmax(logits / temperature) gathered at ``index``: logits (..., V), index (...)
     -> (...) in TRL's dtype for this call (fp32 with ``keep_fp32``; see the module docstring);
     rows where ``row_mask == 0`` give 0. A (..., K) index goes to TRL's own."""
-    if not _kernel_covers(logits, index, row_mask):
+    if not _kernel_covers(logits, index, row_mask) or not _check_temperature(temperature):
         return original(_UTILS, "selective_log_softmax")(logits, index, temperature, row_mask)
-    _check_temperature(temperature)
-    logp = logprobs(logits, _labels(index, row_mask), temperature, _IGNORE_INDEX)
+    logp = logprobs(logits, _labels(index, row_mask), temperature, _IGNORE_INDEX,
+                    backend=_backend(logits))
     return finish(logp, _trl_dtype(logits, index, row_mask), keep_fp32)
 
 
@@ -202,7 +217,8 @@ def entropy_from_logits(
         return original(_UTILS, "entropy_from_logits")(logits, chunk_size)
     # Any valid label works; the log-probability output is simply not used.
     labels = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
-    _, entropy = logprobs(logits, labels, return_entropy=True, check_labels=False)
+    _, entropy = logprobs(logits, labels, return_entropy=True, check_labels=False,
+                          backend=_backend(logits))
     return finish(entropy, _trl_dtype(logits), keep_fp32)
 
 
@@ -219,12 +235,12 @@ def selective_log_softmax_and_entropy(
     """(logp, entropy) of the tempered distribution in one pass: logits (..., V), index (...)
     -> two (...) tensors in TRL's dtype for this call (fp32 with ``keep_fp32``); rows where
     ``row_mask == 0`` give 0 for both."""
-    if not _kernel_covers(logits, index, row_mask):
+    if not _kernel_covers(logits, index, row_mask) or not _check_temperature(temperature):
         fallback = original(_UTILS, "selective_log_softmax_and_entropy")
         return fallback(logits, index, entropy_requires_grad, temperature, row_mask)
-    _check_temperature(temperature)
     logp, entropy = logprobs(
-        logits, _labels(index, row_mask), temperature, _IGNORE_INDEX, return_entropy=True
+        logits, _labels(index, row_mask), temperature, _IGNORE_INDEX, return_entropy=True,
+        backend=_backend(logits),
     )
     dtype = _trl_dtype(logits, index, row_mask)
     logp, entropy = finish(logp, dtype, keep_fp32), finish(entropy, dtype, keep_fp32)
@@ -290,6 +306,8 @@ def _through_module(head, hidden, targets, temperature, softcap, logit_scale, en
     logits = head(hidden).float() * logit_scale
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
+    if not 0 < temperature < math.inf:  # TRL's 1 / temperature (0 raises), outside the op
+        logits, temperature = logits * (1 / temperature), 1.0
     out = logprobs(logits, targets, temperature, _IGNORE_INDEX, return_entropy=entropy)
     logp, entropy = out if entropy else (out, None)
     extras = stats_outputs(targets, torch.float32, stats_bits(stats))
@@ -327,9 +345,11 @@ class ChunkedLogProbFunction:
     configuration runs through the head module itself (exact, but the full logits are made).
 
     Falls back to TRL's function, when the head carries no adapter, for
-    ``final_logit_softcapping`` (Gemma 2), a ``logit_scale`` <= 0 and output names TRL does not
-    know either; with an adapter the first two go through the head module and unknown names
-    raise (TRL would ignore the adapter).
+    ``final_logit_softcapping`` (Gemma 2), a temperature or ``logit_scale`` that is not finite
+    and > 0 (TRL's arithmetic: inf gives the uniform distribution, temperature 0 its
+    ZeroDivisionError) and output names TRL does not know either; with an adapter the first two
+    go through the head module and unknown names raise (TRL would ignore the adapter). The
+    outputs are fp32 whatever the hidden states' dtype, as TRL's.
 
     Differs from TRL for a direct call with a target of -100 (TRL's trainers never pass one:
     they drop or clamp those positions): such a row gives 0 (False) for every output, where
@@ -346,8 +366,11 @@ class ChunkedLogProbFunction:
         head = model.get_output_embeddings() if model is not None else None
         adapter = _lm_head_adapter(head, weight)
         want_entropy = "entropy" in outputs
+        # TRL divides by the temperature and multiplies by logit_scale whatever they are (0:
+        # ZeroDivisionError; inf, NaN, < 0: its numbers); the op takes a finite ratio > 0
+        plain_scales = 0 < temperature < math.inf and 0 < logit_scale < math.inf
         if adapter is None:
-            if unknown or final_logit_softcapping is not None or not logit_scale > 0:
+            if unknown or final_logit_softcapping is not None or not plain_scales:
                 fallback = original(_UTILS, _CHUNKED).apply
                 return fallback(hidden, weight, bias, targets, temperature, chunk_size,
                                 final_logit_softcapping, logit_scale, outputs)
@@ -358,7 +381,7 @@ class ChunkedLogProbFunction:
                 "function would ignore it. Remove the adapter from lm_head (target_modules)"
             )
         elif (isinstance(adapter, torch.nn.Module) or final_logit_softcapping is not None
-              or not logit_scale > 0):
+              or not plain_scales):
             return _through_module(head, hidden, targets, temperature, final_logit_softcapping,
                                    logit_scale, want_entropy, stats)
         device = hidden.device
@@ -370,7 +393,10 @@ class ChunkedLogProbFunction:
             lora_a, lora_b, scale, temperature / logit_scale, _IGNORE_INDEX,
             return_entropy=want_entropy, stats=stats,
         )
-        return out.logp, out.entropy, out.log_sum_sq_probs, out.mean_logits, out.is_top1
+        # TRL's outputs are fp32 whatever the hidden states' dtype (fp64 ones fold in fp32)
+        return (*(None if t is None else t.to(torch.float32)
+                  for t in (out.logp, out.entropy, out.log_sum_sq_probs, out.mean_logits)),
+                out.is_top1)
 
 
 @dropin
