@@ -1005,3 +1005,46 @@ def test_token_level_stats_kernel_against_the_float64_stats(
         assert got[key].dtype == torch.float32, key
         atol = 1.5 / n_valid if key == "clipfrac" else 1e-6
         assert_close(got[key], want[key], atol=atol, rtol=2e-5, name=key)
+
+
+@pytest.mark.parametrize("reduction", ["token-mean", "seq-mean-token-mean"])
+def test_token_level_stats_with_a_zero_nan_or_inf_normalizer_tensor(monkeypatch, reduction):
+    """A tensor normalizer is used unchecked (it may be an all-reduced count still on the
+    device): 0, NaN or inf there. The stats divide the reduced sums by it as the reference's
+    reduce_loss does: +-inf for a 0 count (not the NaN of inf weights times terms of both
+    signs), NaN for 0 / 0 over a batch without a counted token (not 0), 0 for inf; against the
+    reference's float64 stats, the kernel's path taken (``_stats`` trapped; the native CPU
+    kernels keep ``_stats``: tests/test_native.py runs this too)."""
+    from rlhf_kernels.ops import _ppo_terms, ppo_fused
+
+    stats_of_the_reference = ppo_fused._stats
+
+    shape = (3, 8)
+    for value in (0.0, float("nan"), float("inf"), 6.0):
+        for all_masked in (False, True):
+            labels = torch.randint(0, 10, shape, device=DEVICE)
+            mask = torch.rand(shape, device=DEVICE) > 0.3
+            mask[0, 0] = True
+            mask &= not all_masked
+            logp = -torch.rand(shape, device=DEVICE) * 3
+            entropy = torch.rand(shape, device=DEVICE)
+            old = logp + 0.3 * torch.randn(shape, device=DEVICE)
+            adv = torch.randn(shape, device=DEVICE)
+            ref = logp + 0.2 * torch.randn(shape, device=DEVICE)
+            normalizer = torch.tensor(value, device=DEVICE)
+            m = (mask & (labels != -100)).to(torch.float32)
+            _, want = reference._ppo_total(
+                logp.double(), entropy.double(), old.double(), adv.double(), m, ref.double(),
+                0.1, "k2", 0.0, 0.2, 0.2, None, 20.0, reduction, normalizer=normalizer.double())
+            m, weights = ppo_fused._mask_and_weights(labels, old, mask, -100, reduction,
+                                                     normalizer)
+            if not _ppo_terms.native_cpu_kernels(logp):
+                monkeypatch.setattr(ppo_fused, "_stats", None)
+            got = ppo_fused._fused_or_torch_stats(
+                logp.reshape(-1), entropy.reshape(-1), labels, old, adv, m, weights, ref, 0.1,
+                "k2", 0.0, 0.2, 0.2, None, 20.0, reduction, "token", "ppo", normalizer, None)
+            monkeypatch.setattr(ppo_fused, "_stats", stats_of_the_reference)
+            for key in ("pg_loss", "kl"):
+                torch.testing.assert_close(got[key].double(), want[key], rtol=1e-5, atol=1e-6,
+                                           equal_nan=True,
+                                           msg=f"{key}, normalizer {value}, {all_masked=}")

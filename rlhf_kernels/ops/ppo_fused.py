@@ -891,12 +891,26 @@ def _fused_or_torch_stats(logp, entropy, labels, old_logp, advantages, m, weight
                       kl_estimator, entropy_coef, clip_low, clip_high, dual_clip,
                       log_ratio_clamp, reduction, ratio_level, loss_type, normalizer, taus)
     tau_pos, tau_neg = taus or (1.0, 1.0)
-    args = (*inputs[:5], m2, inputs[5], kl_coef, kl_estimator, clip_low, clip_high, dual_clip,
-            log_ratio_clamp, loss_type, tau_pos, tau_neg)
+    stat_weights = inputs[4]
+    divide = isinstance(normalizer, torch.Tensor)
+    if divide:
+        # The reference divides the reduced sum by a tensor normalizer (reduce_loss); weights
+        # m / normalizer would differ from that where the normalizer is 0 or NaN (an
+        # all-reduced count of 0: sum(w x) over inf weights is NaN where the reference's
+        # sum / 0 is +-inf, and 0 over no token where the reference's 0 / 0 is NaN). So the
+        # kernel sums with the weights before that division (the mask; the mask over the row's
+        # count for seq-mean-token-mean), and the division by the normalizer follows.
+        stat_weights = m2
+        if reduction == "seq-mean-token-mean":
+            stat_weights = m2 / m2.sum(-1, keepdim=True).clamp_min(1)
+    args = (*inputs[:4], stat_weights, m2, inputs[5], kl_coef, kl_estimator, clip_low,
+            clip_high, dual_clip, log_ratio_clamp, loss_type, tau_pos, tau_neg)
     if launch_directly(*inputs, m2):
         values = _token_stats_impl(*args)
     else:
         values = _token_stats_op(*args)
+    if divide:
+        values = torch.cat((values[:2] / _fp32(normalizer.detach()), values[2:]))
     stats = dict(zip(_STAT_ORDER, values.unbind(0)))
     if not use_kl:
         del stats["kl"]
