@@ -81,7 +81,9 @@ token), from the per-token logp / entropy. At token level on the Triton path the
 launch of the token-terms kernel in its stats mode over all N tokens (``_ppo_terms.token_stats``,
 plus a one-program finish past 1024 tokens; its own custom op ``rlhf_kernels::ppo_token_stats``,
 so compiled and eager calls give the same bits): sums in another order than the reference's, so
-within fp32 rounding of it. Otherwise (sequence level, fp64, the native CPU kernels) ``_stats``
+within fp32 rounding of it. With a tensor normalizer the kernel's pg_loss / kl sums use the
+weights before it and are then divided by it (one more torch kernel), as the reference divides:
+a 0 or NaN normalizer gives its +-inf / NaN. Otherwise (sequence level, fp64, the native CPU kernels) ``_stats``
 computes them with the reference's own formulas, to its bits: about 35 small torch kernels,
 each a launch on a GPU.
 
