@@ -83,9 +83,9 @@ plus a one-program finish past 1024 tokens; its own custom op ``rlhf_kernels::pp
 so compiled and eager calls give the same bits): sums in another order than the reference's, so
 within fp32 rounding of it. With a tensor normalizer the kernel's pg_loss / kl sums use the
 weights before it and are then divided by it (one more torch kernel), as the reference divides:
-a 0 or NaN normalizer gives its +-inf / NaN. Otherwise (sequence level, fp64, the native CPU kernels) ``_stats``
-computes them with the reference's own formulas, to its bits: about 35 small torch kernels,
-each a launch on a GPU.
+a 0 or NaN normalizer gives its +-inf / NaN. Otherwise (sequence level, fp64, the native CPU
+kernels) ``_stats`` computes them with the reference's own formulas, to its bits: about 35
+small torch kernels, each a launch on a GPU.
 
 Dispatch: each op is a ``torch.library`` custom op for torch.compile, export, torch.func and
 fake tensors; in plain eager mode (``rlhf_kernels.backend.launch_directly``) the same sweep runs
