@@ -257,6 +257,26 @@ def test_adapter_on_lm_head_at_infinite_temperature_is_trls_division():
     out.log_probs.sum().backward()  # differentiable, as TRL's (a zero gradient here)
 
 
+def test_a_deep_copy_of_the_model_scores_with_its_own_weights():
+    """TRL binds its fused forward to the model, so copy.deepcopy(model) (e.g. a reference model
+    copied from the policy) scores with the copy's backbone and head. The drop-in's forward was a
+    closure over the original model: the copy silently returned the original's log-probs."""
+    model = _qwen(3)
+    with ours.patch_trl():
+        ours.add_fused_lm_head(model, temperature=0.9)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.lm_head.weight.mul_(-2.0)
+        twin.model.norm.weight.add_(0.5)
+    input_ids = torch.randint(4, VOCAB, (2, 6), generator=torch.Generator().manual_seed(2))
+    with ours.patch_trl(), torch.no_grad():
+        got = twin(input_ids=input_ids, labels=input_ids, fused_lm_head=True).log_probs
+        hidden = twin.model(input_ids=input_ids).last_hidden_state[:, :-1].double()
+    logp = (hidden @ twin.lm_head.weight.double().T / 0.9).log_softmax(-1)
+    expected = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------
 # one real training step: SFTTrainer, DPOTrainer, KTOTrainer, TRL's head against ours
 # --------------------------------------------------------------------------------------------

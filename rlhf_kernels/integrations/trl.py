@@ -62,6 +62,7 @@ import functools
 import inspect
 import math
 import sys
+import types
 import warnings
 
 import torch
@@ -409,26 +410,33 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
     """
     original(_UTILS, _FUSED_HEAD)(model, temperature, cast_lm_head_to_fp32, outputs)
     fused = model.forward
+    # TRL binds its fused forward to the model (types.MethodType), so that a copy of the model
+    # (copy.deepcopy) runs the copy's backbone and head; ours is bound the same way and calls
+    # TRL's function for the model it is bound to
+    fused_func = getattr(fused, "__func__", None)
+    if fused_func is None or getattr(fused, "__self__", None) is not model:
+        fused_func = None
 
-    @functools.wraps(fused)
-    def forward(*args, **kwargs):
+    @functools.wraps(fused_func if fused_func is not None else fused)
+    def forward(self, *args, **kwargs):
+        run = fused if fused_func is None else functools.partial(fused_func, self)
         if not kwargs.get("fused_lm_head", False):
-            return fused(*args, **kwargs)
+            return run(*args, **kwargs)
         utils = sys.modules[_UTILS]
         if (not _is_dropin(getattr(utils, _CHUNKED, None))
-                and _lm_head_adapter(model.get_output_embeddings(), None) is not None):
+                and _lm_head_adapter(self.get_output_embeddings(), None) is not None):
             raise RuntimeError(
                 "this model's lm head carries a PEFT adapter and its fused lm head was added "
                 "under patch_trl(), which is now undone: TRL's own fused lm head would ignore "
                 "the adapter. Train under patch_trl(), or remove the adapter from lm_head"
             )
-        token = _FUSED_MODEL.set(model)
+        token = _FUSED_MODEL.set(self)
         try:
-            return fused(*args, **kwargs)
+            return run(*args, **kwargs)
         finally:
             _FUSED_MODEL.reset(token)
 
-    model.forward = forward
+    model.forward = types.MethodType(forward, model)
 
 
 # The other trainers whose only use of peft's BaseTunerLayer is the refusal of an adapter on
