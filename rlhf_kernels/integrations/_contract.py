@@ -95,6 +95,13 @@ def dtype_under_autocast(op: Callable[[torch.Tensor], torch.Tensor],
     return op(torch.empty((0, 1), dtype=like.dtype, device=like.device)).dtype
 
 
+def exact_backend(logits: torch.Tensor) -> str | None:
+    """The backend of a log-prob / entropy drop-in: for fp64 logits the fp64 reference (the
+    frameworks' eager formulas compute fp64 logits in fp64; the kernels compute in fp32 and
+    would return fp32-rounded values in an fp64 tensor), else the default (None)."""
+    return "reference" if logits.dtype == torch.float64 else None
+
+
 def log_softmax_last(t: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(t, dim=-1)
 

@@ -85,6 +85,7 @@ from rlhf_kernels.integrations._contract import (
     broadcast_advantages,
     dtype_under_autocast,
     entropy_formula,
+    exact_backend,
     finish,
     flash_attn_cross_entropy_imports,
     in_unit_interval,
@@ -199,7 +200,7 @@ def log_probs_from_logits(
         dtype = logits.dtype  # OpenRLHF gathers and subtracts a logsumexp in the logits' dtype
     else:  # a log-softmax per row: fp32 under CUDA's autocast
         dtype = dtype_under_autocast(log_softmax_last, logits)
-    return finish(logprobs(logits, labels), dtype, keep_fp32)
+    return finish(logprobs(logits, labels, backend=exact_backend(logits)), dtype, keep_fp32)
 
 
 def _openrlhf_uses_flash_ce(logits: torch.Tensor) -> bool:
@@ -216,7 +217,8 @@ def compute_entropy(logits: torch.Tensor, *, keep_fp32: bool = False) -> torch.T
     if is_dtensor(logits):
         return original(_UTILS, "compute_entropy")(logits)
     labels = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
-    _, entropy = logprobs(logits, labels, return_entropy=True, check_labels=False)
+    _, entropy = logprobs(logits, labels, return_entropy=True, check_labels=False,
+                          backend=exact_backend(logits))
     return finish(entropy, dtype_under_autocast(entropy_formula, logits), keep_fp32)
 
 

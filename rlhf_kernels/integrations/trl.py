@@ -77,6 +77,7 @@ from rlhf_kernels.integrations import (
 )
 from rlhf_kernels.integrations._contract import (
     bind_keep_fp32,
+    exact_backend,
     finish,
     installed,
     is_dtensor,
@@ -122,12 +123,6 @@ def _check_temperature(temperature: float) -> bool:
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     return math.isfinite(temperature)
-
-
-def _backend(logits: torch.Tensor) -> str | None:
-    """fp64 logits: the fp64 reference (TRL's eager path computes fp64 logits in fp64; the
-    kernels compute in fp32 and would return fp32-rounded values in an fp64 tensor)."""
-    return "reference" if logits.dtype == torch.float64 else None
 
 
 def trl_uses_its_kernel(
@@ -203,7 +198,7 @@ def selective_log_softmax(
     if not _kernel_covers(logits, index, row_mask) or not _check_temperature(temperature):
         return original(_UTILS, "selective_log_softmax")(logits, index, temperature, row_mask)
     logp = logprobs(logits, _labels(index, row_mask), temperature, _IGNORE_INDEX,
-                    backend=_backend(logits))
+                    backend=exact_backend(logits))
     return finish(logp, _trl_dtype(logits, index, row_mask), keep_fp32)
 
 
@@ -219,7 +214,7 @@ def entropy_from_logits(
     # Any valid label works; the log-probability output is simply not used.
     labels = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
     _, entropy = logprobs(logits, labels, return_entropy=True, check_labels=False,
-                          backend=_backend(logits))
+                          backend=exact_backend(logits))
     return finish(entropy, _trl_dtype(logits), keep_fp32)
 
 
@@ -241,7 +236,7 @@ def selective_log_softmax_and_entropy(
         return fallback(logits, index, entropy_requires_grad, temperature, row_mask)
     logp, entropy = logprobs(
         logits, _labels(index, row_mask), temperature, _IGNORE_INDEX, return_entropy=True,
-        backend=_backend(logits),
+        backend=exact_backend(logits),
     )
     dtype = _trl_dtype(logits, index, row_mask)
     logp, entropy = finish(logp, dtype, keep_fp32), finish(entropy, dtype, keep_fp32)

@@ -91,6 +91,7 @@ from rlhf_kernels.integrations._contract import (
     broadcast_advantages,
     dtype_under_autocast,
     entropy_formula,
+    exact_backend,
     finish,
     flash_attn_cross_entropy_imports,
     in_unit_interval,
@@ -965,7 +966,7 @@ def logprobs_from_logits(
         labels = labels.reshape(rows)
     flash_ce = _verl_uses_flash_ce(logits)
     inplace = bool(inplace_backward) and flash_ce and not is_or_views_a_grad_leaf(logits)
-    logp = logprobs(logits, labels, inplace_backward=inplace)
+    logp = logprobs(logits, labels, inplace_backward=inplace, backend=exact_backend(logits))
     # veRL's PyTorch path: a log-softmax, fp32 under CUDA's autocast (veRL's engines run it there)
     dtype = torch.float32 if flash_ce else dtype_under_autocast(log_softmax_last, logits)
     return finish(logp, dtype, keep_fp32)
@@ -973,7 +974,8 @@ def logprobs_from_logits(
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
     labels = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
-    _, entropy = logprobs(logits, labels, return_entropy=True, check_labels=False)
+    _, entropy = logprobs(logits, labels, return_entropy=True, check_labels=False,
+                          backend=exact_backend(logits))
     return entropy
 
 
