@@ -170,3 +170,25 @@ def test_stats_edited_in_place_before_backward(rejected_dtype):
     assert_stats_editable(
         lambda c, r: bradley_terry_loss(c, r, center_coef=0.1, backend="triton"), chosen,
         rejected, name="bradley_terry_loss")
+
+
+@pytest.mark.parametrize("custom_op", [False, True])
+def test_a_second_derivative_is_refused_on_both_paths(monkeypatch, custom_op):
+    """The gradient is the saved one times the upstream gradient: differentiating it again would
+    treat the saved gradient as a constant (a silently wrong second derivative). Both the eager
+    Function and the custom op (torch.compile's path, whose backward is a torch multiply too)
+    refuse it by name; a plain backward is unaffected."""
+    from rlhf_kernels.ops import bradley_terry as bt
+
+    if custom_op:
+        monkeypatch.setattr(bt, "launch_directly", lambda *tensors: False)
+    chosen = torch.randn(6, device=DEVICE, requires_grad=True)
+    rejected = torch.randn(6, device=DEVICE, requires_grad=True)
+    loss, _ = bradley_terry_loss(chosen, rejected, backend="triton")
+    (grad,) = torch.autograd.grad(loss, chosen, create_graph=True)
+    assert grad.requires_grad  # (plain torch ops would give a gradient without this history)
+    with pytest.raises(RuntimeError, match="bradley_terry_loss: its gradient is not different"):
+        grad.pow(2).sum().backward()  # e.g. a gradient penalty
+    loss, _ = bradley_terry_loss(chosen, rejected, backend="triton")
+    loss.backward()
+    assert chosen.grad is not None and rejected.grad is not None

@@ -245,7 +245,10 @@ def _setup_context(ctx, inputs, output):
     ctx.dtypes = (chosen.dtype, rejected.dtype)
 
 
+@no_double_backward("bradley_terry_loss")
 def _backward(ctx, grad_loss, grad_stats, grad_saved):
+    # (a torch multiply: without the decorator a second derivative would see the saved
+    # gradient as a constant and silently miss its dependence on the rewards)
     (saved_grad,) = ctx.saved_tensors
     grad_chosen = grad_rejected = None
     if grad_loss is not None:
