@@ -900,11 +900,10 @@ def _fused_or_torch_stats(logp, entropy, labels, old_logp, advantages, m, weight
         # m / normalizer would differ from that where the normalizer is 0 or NaN (an
         # all-reduced count of 0: sum(w x) over inf weights is NaN where the reference's
         # sum / 0 is +-inf, and 0 over no token where the reference's 0 / 0 is NaN). So the
-        # kernel sums with the weights before that division (the mask; the mask over the row's
-        # count for seq-mean-token-mean), and the division by the normalizer follows.
-        stat_weights = m2
-        if reduction == "seq-mean-token-mean":
-            stat_weights = m2 / m2.sum(-1, keepdim=True).clamp_min(1)
+        # kernel sums with the weights before that division (those of a normalizer of 1: the
+        # mask; the mask over the row's count for seq-mean-token-mean), and the division by the
+        # normalizer follows.
+        stat_weights = reduction_weights(m2, reduction, 1.0)
     args = (*inputs[:4], stat_weights, m2, inputs[5], kl_coef, kl_estimator, clip_low,
             clip_high, dual_clip, log_ratio_clamp, loss_type, tau_pos, tau_neg)
     if launch_directly(*inputs, m2):
