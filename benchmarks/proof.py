@@ -112,9 +112,9 @@ def junit_rows(xml_path: Path) -> list[dict]:
         "passed": 0, "failed": 0, "errors": 0, "skipped": 0, "seconds": 0.0, "failures": []})
     for case in root.iter("testcase"):
         module = (case.get("classname") or "?").split(".")
-        # classname is "tests.test_logprobs" or "tests.test_logprobs.TestClass"
-        file = next((m for m in module if m.startswith("test_")), module[-1])
-        entry = counts[file]
+        # classname is "tests.kernels.test_logprobs" or "tests.kernels.test_logprobs.TestClass"
+        depth = next((i for i, m in enumerate(module) if m.startswith("test_")), len(module) - 1)
+        entry = counts["/".join(module[:depth + 1])]
         entry["seconds"] += float(case.get("time") or 0.0)
         outcome = "passed"
         for child in case:
@@ -126,7 +126,7 @@ def junit_rows(xml_path: Path) -> list[dict]:
                                              [:300])
                 break
         entry[outcome] += 1
-    return [{"op": "cuda_tests", "case": f"tests/{file}.py", "impl": "pytest", **entry}
+    return [{"op": "cuda_tests", "case": f"{file}.py", "impl": "pytest", **entry}
             for file, entry in sorted(counts.items())]
 
 

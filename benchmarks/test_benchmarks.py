@@ -9,7 +9,7 @@ One test per (case, implementation) of each ``bench_*.py`` script: the parametri
 script's own ``cases()`` list, the one ``python -m benchmarks`` times, so the two never disagree
 about shapes or peers. Without CUDA every test is skipped (the kernels are timed on the GPU; the
 CPU check of the scripts is ``python -m benchmarks --smoke``, which
-tests/test_benchmark_scripts.py runs).
+tests/e2e/test_benchmark_scripts.py runs).
 
 pytest-benchmark times with ``time.perf_counter`` around a call that ends in
 ``torch.cuda.synchronize()``, without the L2 flush of ``triton.testing.do_bench``: for the

@@ -6,7 +6,7 @@ held-out set of problems it never trains on (``evaluate``), with its standard er
 
 - Problems: every ``a + b`` with ``a, b`` in 10..99 (8,100). A fixed, seeded fifth-ish of them
   (``HELDOUT_SIZE`` = 1,000) is held out; RL draws its prompts from the other 7,100, so the two
-  sets are disjoint (tests/test_arithmetic.py checks it).
+  sets are disjoint (tests/trainer/test_arithmetic.py checks it).
 - Prompt: ``"What is 59 + 63? Reply with just the number."`` as one user message, which the
   tokenizer's chat template renders (with SmolLM2's default system prompt).
 - Answer parser (``parse_answer``): the first number after the last ``=`` when there is one

@@ -561,7 +561,7 @@ _ANY = object()  # a setting without effect unless another one leaves its old va
 # another one listed here (dynamic_sampling_rounds needs dynamic_sampling, overlong_penalty an
 # overlong_buffer, lora_alpha a lora_rank; epochs only without max_steps, which configs always
 # set then; the arithmetic task's settings need task=arithmetic), so that one decides.
-# A new setting goes here in the same change (tests/test_run_directory.py holds every config
+# A new setting goes here in the same change (tests/trainer/test_run_directory.py holds every config
 # field to either the first format's names or this registry).
 SETTINGS_ADDED: dict[str, tuple[Any, ...]] = {
     "cpu_threads": (None,),  # the stages did not set torch's thread count

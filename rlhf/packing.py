@@ -36,11 +36,11 @@ stages report (``tokens_real``, ``tokens_padded``, ``tokens_processed``):
   B x T``); otherwise run it padded.
 
 Supported: model types whose packed forward is verified equal to the padded one in
-tests/test_packing.py (``SUPPORTED_MODEL_TYPES``: Llama, Qwen2, GPT-2, whose absolute position
-embeddings read the restarted position ids), with SDPA, eager or flash attention, and no sliding
-window. Positions follow the padded path's convention (``rlhf.layout._position_ids``: real
-tokens counted from 0, holes in the mask skipped), so packed and padded forwards see the same
-positions and the same keys.
+tests/trainer/test_packing.py (``SUPPORTED_MODEL_TYPES``: Llama, Qwen2, GPT-2, whose absolute
+position embeddings read the restarted position ids), with SDPA, eager or flash attention, and
+no sliding window. Positions follow the padded path's convention
+(``rlhf.layout._position_ids``: real tokens counted from 0, holes in the mask skipped), so packed
+and padded forwards see the same positions and the same keys.
 """
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ autocast or with non-fp32 base weights the engine's one-token-at-a-time logits r
 from the update's teacher-forced chunks (a few 1e-2 nats per token in bf16), which would move
 every ratio away from 1 before any update; there, and with ``old_logprobs="forward"``, a forward
 over the sequences gives the old log-probs, as the update will compute them. In fp32 the two agree
-to about 1e-5 nats (the same math in a different order; tests/test_engine.py).
+to about 1e-5 nats (the same math in a different order; tests/trainer/test_engine.py).
 
 The critic (PPO) starts as a copy of the reward adapter and head (``init_critic_from_reward``):
 its first value estimates are the reward model's opinion of the partial text, a much better

@@ -54,7 +54,8 @@ SENTIMENT_KINDS = ("positive", "negative", "mixed", "neutral")
 DEFAULT_SENTIMENT_MIX = {"positive": 0.3, "negative": 0.3, "mixed": 0.25, "neutral": 0.15}
 # Bradley-Terry inverse temperature of the simulated annotator. With the gold-score gaps of pairs
 # of reviews drawn from the default mix, beta = 5 gives a noise ceiling of about 0.88 (measured in
-# tests/test_task.py): noisy enough to be realistic, clean enough for a 0.75-accurate reward model.
+# tests/trainer/test_task.py): noisy enough to be realistic, clean enough for a 0.75-accurate
+# reward model.
 DEFAULT_BETA = 5.0
 # Two gold scores closer than this are a tie: no annotator preference exists to learn.
 TIE_TOLERANCE = 1e-6

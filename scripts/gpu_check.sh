@@ -92,12 +92,12 @@ TEST_WORKERS=${TEST_WORKERS:-12}
 DRY_RUN=${GPU_CHECK_DRY_RUN:-0}
 # The kernel test files (their op's kernels compiled on the GPU and checked against the float64
 # reference), most important first.
-KERNEL_TESTS=(tests/test_logprobs.py tests/test_ppo_fused.py tests/test_linear_logprobs.py
-              tests/test_policy_loss.py tests/test_value_loss.py tests/test_gae_whiten.py
-              tests/test_kl_rewards.py tests/test_bradley_terry.py tests/test_compile_no_sync.py
+KERNEL_TESTS=(tests/kernels/test_logprobs.py tests/kernels/test_ppo_fused.py tests/kernels/test_linear_logprobs.py
+              tests/kernels/test_policy_loss.py tests/kernels/test_value_loss.py tests/kernels/test_gae_whiten.py
+              tests/kernels/test_kl_rewards.py tests/kernels/test_bradley_terry.py tests/kernels/test_compile_no_sync.py
               # the rollout engine's captured decode step (the trainer's GPU mode: bf16 autocast)
-              "tests/test_engine.py::test_captured_decode_matches_teacher_forced[cuda_graph]"
-              tests/test_engine.py::test_captured_decode_under_autocast_follows_adapter_updates)
+              "tests/trainer/test_engine.py::test_captured_decode_matches_teacher_forced[cuda_graph]"
+              tests/trainer/test_engine.py::test_captured_decode_under_autocast_follows_adapter_updates)
 LINEAR_SHAPE="V=151936 H=4096 N=16384"
 
 # PROOF_PARTS="tests linear ...": run only these parts (a rerun of what failed or was cut, in

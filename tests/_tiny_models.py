@@ -1,6 +1,6 @@
 """The tiny review-task models the stage tests train (not a test module itself).
 
-tests/test_stages.py, test_packing.py, test_quantization.py, test_run_directory.py and the
+tests/trainer/test_stages.py, test_packing.py, test_quantization.py, test_run_directory.py and the
 distributed worker each built the same things their own way: a BPE tokenizer trained on the
 built-in review corpus and a random Llama of ``task.tiny_llama_config`` for it. They build them
 here. Building is cheap (milliseconds); what is shared is one definition, so the files cannot

@@ -75,9 +75,9 @@ def _interpreter_frees_launch_arguments_like_the_gpu() -> None:
     On a GPU the launcher keeps no reference to its arguments once the kernel is queued; the
     interpreter leaves them in a reference cycle that lives until the next garbage collection, so
     a temporary passed to a kernel (e.g. a linear_logprobs logits chunk) outlives its last use
-    and the memory tests (tests/test_plan.py counts live tensors) would charge it to whatever runs
-    next. A young-generation collection after each interpreted launch (~50 us) frees it at once.
-    If a Triton release moves the class, nothing is patched.
+    and the memory tests (tests/trainer/test_plan.py counts live tensors) would charge it to
+    whatever runs next. A young-generation collection after each interpreted launch (~50 us)
+    frees it at once. If a Triton release moves the class, nothing is patched.
     """
     import gc
 
@@ -111,7 +111,7 @@ def _the_trainers_cpu_allocator():
     (rlhf.stage.bound_cpu_allocator_slack: the native block cache, else glibc's fixed mmap
     threshold), from the first test on, instead of from whichever test first resolves a CPU
     device: what a test sees then does not depend on the order the tests run in.
-    tests/test_cpu_allocator.py checks each setting in its own fresh process. Not on a GPU
+    tests/trainer/test_cpu_allocator.py checks each setting in its own fresh process. Not on a GPU
     machine, where the bootstrap does not build the native kernels and the proof's CUDA tests
     should not wait for that build."""
     if not torch.cuda.is_available():
@@ -127,8 +127,8 @@ def _one_torch_thread():
 
     The test models are tiny: a second thread buys nothing, and each op pays the threads'
     fork/join; on CI's 2 shared cores that made the tests that call the model directly (not
-    through a stage) several times slower (tests/test_stages.py's rollout tests: 19 CPU s with
-    2 threads, 6 with 1). What a test computes does not depend on it; tests that are about the
+    through a stage) several times slower (tests/trainer/test_stages.py's rollout tests: 19 CPU s
+    with 2 threads, 6 with 1). What a test computes does not depend on it; tests that are about the
     thread setting set their own count and restore it.
     """
     previous = torch.get_num_threads()

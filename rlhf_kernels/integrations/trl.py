@@ -1,9 +1,10 @@
 """TRL drop-ins: the log-probability and entropy helpers of ``trl.trainer.utils``, the fused lm
 head of TRL's trainers, and GRPOTrainer's loss.
 
-Checked against trl 1.16 (tests/test_integrations.py, tests/test_framework_contracts.py,
-tests/test_trl_grpo.py). ``patch_trl()`` installs all of them (its docstring lists the targets);
-``unpatch_trl()`` or the returned ``Patch`` restores TRL.
+Checked against trl 1.16 (tests/integrations/test_integrations.py,
+tests/integrations/test_framework_contracts.py, tests/integrations/test_trl_grpo.py).
+``patch_trl()`` installs all of them (its docstring lists the targets); ``unpatch_trl()`` or the
+returned ``Patch`` restores TRL.
 
 Trainers (GRPOTrainer, RLOOTrainer, SFTTrainer, DPOTrainer, KTOTrainer): their log-probabilities
 come from TRL's fused lm head, whose math (``_ChunkedLogProbFunction``) the drop-in

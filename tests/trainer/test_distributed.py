@@ -1,0 +1,291 @@
+"""Data parallelism (rlhf/distributed.py): world size 2 computes what world size 1 computes.
+
+One group of 2 CPU processes (gloo, started as torchrun starts them:
+tests/trainer/distributed_worker.py) runs, one after the other: the reward model, PPO and GRPO (each
+under ddp and fsdp2; PPO under ddp with the real rollout engine, the others on rollouts that depend
+on the prompt rows alone, ``FixedEngine``), the real rollout engine on fsdp2-sharded layers, and SFT
+with a checkpoint every step, during which rank 1 dies. The same runs in this process (world size 1)
+are the reference: losses and every other logged number, and the trained adapters / weights, to fp32
+tolerance. The SFT run must stop with a clear error on rank 0 (not hang), leave its step-2
+checkpoint, and resume from it here at world size 1 to the same steps 3 and 4 as an uninterrupted
+run. Process start-up (torch + transformers, in each rank) dominates the time. """
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import distributed_worker as worker  # noqa: E402
+
+from rlhf import distributed  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+GROUP_SCENARIOS = ["rm", "rm@fsdp2", "ppo_real", "ppo_gc@fsdp2", "grpo", "grpo@fsdp2",
+                   "ppo_steptokens", "dapo_flat", "engine@fsdp2", "sft_ckpt"]
+# measured, not computed: they differ between any two runs
+TIMING_KEYS = {"rollout_s", "scoring_s", "update_s", "iteration_s", "tokens_per_s",
+               "pairs_per_s", "peak_memory_mb",
+               # padding depends on which rows share a batch (rlhf/packing.py); real tokens do not
+               "tokens_padded", "tokens_processed"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The 2-rank group's outputs, and the same scenarios at world size 1."""
+    import os
+
+    old_backend = os.environ.get("RLHF_KERNELS_BACKEND")
+    os.environ["RLHF_KERNELS_BACKEND"] = "reference"  # as the ranks run (test_stages.py: why)
+    try:
+        root = tmp_path_factory.mktemp("distributed")
+        (root / "ws2").mkdir()
+        tokenizer = worker.make_tokenizer(root / "ws2" / "tokenizer")
+        results = worker.launch(GROUP_SCENARIOS, root / "ws2",
+                                env={"KILL_RANK1_AT_STEP": "2"})
+        for scenario in ("rm", "ppo_real", "ppo", "grpo", "ppo_steptokens"):
+            worker.run_scenario(scenario, root / "ws1", tokenizer)
+        worker.run_scenario("sft_ckpt", root / "ws1", tokenizer)
+    finally:
+        if old_backend is None:
+            os.environ.pop("RLHF_KERNELS_BACKEND", None)
+        else:
+            os.environ["RLHF_KERNELS_BACKEND"] = old_backend
+    return root, results, tokenizer
+
+
+def metrics(directory: Path) -> list[dict]:
+    return [json.loads(line) for line in open(directory / "metrics.jsonl")]
+
+
+def assert_same_metrics(ws1: list[dict], ws2: list[dict], skip=()) -> None:
+    assert len(ws1) == len(ws2) > 0
+    for one, two in zip(ws1, ws2, strict=True):
+        assert one.keys() == two.keys()
+        for key, value in one.items():
+            if key in TIMING_KEYS or key in skip or not isinstance(value, float):
+                assert key in TIMING_KEYS or key in skip or value == two[key], key
+                continue
+            assert math.isclose(value, two[key], rel_tol=1e-4, abs_tol=1e-5), \
+                (one.get("step"), key, value, two[key])
+
+
+def last_params(directory: Path) -> dict[str, torch.Tensor]:
+    last = sorted((directory / "checkpoints").iterdir())[-1]
+    return load_file(last / "params.safetensors")
+
+
+def assert_same_params(ws1: dict, ws2: dict) -> None:
+    """fp32 tolerance for trained weights. atol 5e-5: the ranks' half-batch matmuls may round
+    differently from one process's whole-batch ones (the CPU's GEMM kernels pick their blocking
+    by shape), and Adam's normalised step turns a last-bit gradient difference of a weight whose
+    gradient is near 0 into a visible one: 1.1e-5 and 1.5e-5 (one element of 2048 each) after
+    two SFT steps on an AVX512-BF16 / AMX CPU. A missing or wrong reduction moves most elements
+    by about the learning rate."""
+    assert ws1.keys() == ws2.keys() and ws1
+    for name, value in ws1.items():
+        torch.testing.assert_close(ws2[name], value, rtol=1e-4, atol=5e-5, msg=name)
+
+
+def test_group_ran_and_rank_death_stopped_it_with_a_clear_error(runs):
+    root, (rank0, rank1), _ = runs
+    assert rank1.returncode == 17, rank1.stderr[-3000:]  # died on purpose in sft_ckpt, step 2
+    # rank 0 stopped (launch() fails on a hang) with one clear error, not a traceback of gloo's
+    assert rank0.returncode != 0
+    assert "RankFailure" in rank0.stderr and "Another rank has most likely died" in \
+        rank0.stderr and "--resume" in rank0.stderr, rank0.stderr[-3000:]
+    done = json.loads((root / "ws2" / "collectives.json").read_text())
+    assert set(done) == set(GROUP_SCENARIOS) - {"sft_ckpt"}, rank0.stderr[-3000:]
+
+
+@pytest.mark.parametrize("scenario", ["rm", "rm@fsdp2"])
+def test_reward_model_world_size_2_equals_1(runs, scenario):
+    root = runs[0]
+    assert_same_metrics(metrics(root / "ws1" / "rm"), metrics(root / "ws2" / scenario))
+    assert_same_params(last_params(root / "ws1" / "rm"), last_params(root / "ws2" / scenario))
+
+
+@pytest.mark.parametrize("scenario", ["ppo_real", "ppo_gc@fsdp2", "grpo", "grpo@fsdp2",
+                                      "ppo_steptokens"])
+def test_rl_update_world_size_2_equals_1(runs, scenario):
+    """ppo_real: the real engine, each rank sampling its rows with their part of the global
+    batch's draws: the same responses as one process. The others: rollouts that depend on the
+    prompt rows alone (FixedEngine). So the same whitened / group advantages, minibatches,
+    normalised losses, clipped gradients, KL controller and metrics. The explained variance is
+    the mean of the ranks' (documented), not the global one. fsdp2: the policy's and the
+    critic's backward in one step (recomputing each layer with its role under gradient
+    checkpointing), the reference with the adapters off and the fused lm_head loss all run
+    through the sharded layers."""
+    root = runs[0]
+    reference = scenario.partition("@")[0].removesuffix("_gc")
+    ws1, ws2 = metrics(root / "ws1" / reference), metrics(root / "ws2" / scenario)
+    assert_same_metrics(ws1, ws2, skip={"value/explained_variance"})
+    assert ws1[-1]["policy/approx_kl"] > 1e-6  # the updates moved the policy off the old one
+    assert_same_params(last_params(root / "ws1" / reference),
+                       last_params(root / "ws2" / scenario))
+    # fsdp2 saved the (sharded) base whole: the same weights as the unsharded run
+    for name in ("adapters", "heads.safetensors", "base/model.safetensors"):
+        assert (root / "ws2" / scenario / "backbone" / name).exists()
+    if scenario.endswith("fsdp2"):
+        one = load_file(root / "ws1" / reference / "backbone" / "base" / "model.safetensors")
+        two = load_file(root / "ws2" / scenario / "backbone" / "base" / "model.safetensors")
+        assert one.keys() == two.keys()
+        for name, value in one.items():
+            assert torch.equal(value, two[name]), name
+
+
+def test_dynamic_sampling_keeps_every_rank_in_step(runs):
+    """DAPO's dynamic sampling with half the prompts' groups flat: the ranks ran the same
+    rounds (the engine's stopping test and the gathers are collectives: a rank that sampled
+    another round would hang the group) and trained only on groups with a spread."""
+    root = runs[0]
+    records = metrics(root / "ws2" / "dapo_flat")
+    assert [r["iteration"] for r in records] == [1, 2]
+    for record in records:
+        assert record["dynamic_sampling/rounds"] >= 2  # the first round was not enough
+        assert 0 < record["dynamic_sampling/kept_fraction"] < 1
+        assert record["dynamic_sampling/filled_groups"] == 0
+        assert record["group/zero_std_fraction"] == 0.0
+        assert math.isfinite(record["policy/loss"])
+
+
+def test_rollout_engine_on_sharded_layers(runs):
+    """fsdp2: the real engine (static KV cache, eager decode) on the sharded backbone samples
+    what the whole one samples, and ranks whose rows finish at different steps keep decoding
+    together (each step all-gathers every layer), instead of hanging."""
+    result = json.loads((runs[0] / "ws2" / "engine@fsdp2" / "result.json").read_text())
+    assert result["strategy"] == "fsdp2" and result["same"] == [True, True]
+    assert len(set(result["response_lengths"])) == 2  # the ranks stopped at different steps
+
+
+def test_one_gradient_all_reduce_per_optimizer_step(runs):
+    root = runs[0]
+    counts = json.loads((root / "ws2" / "collectives.json").read_text())
+    rm_steps = len([r for r in metrics(root / "ws1" / "rm") if "loss" in r])
+    assert counts["rm"]["gradients"] == rm_steps == 3
+    cfg = worker.rl_config("unused", "ppo")
+    steps = cfg.num_iterations * cfg.ppo_epochs * cfg.rollout_batch_size \
+        // (cfg.minibatch_size * cfg.grad_accum_steps)
+    assert counts["ppo_real"]["gradients"] == counts["grpo"]["gradients"] == steps == 8
+
+
+def test_sft_world_size_2_checkpoint_resumes_at_world_size_1(runs, tmp_path):
+    """SFT at world size 2 equals world size 1 until rank 1 dies after step 2; the step-2
+    checkpoint it leaves resumes here, in one process, to the uninterrupted run's steps 3-4."""
+    import os
+    import shutil
+
+    from rlhf import sft
+
+    root, _, tokenizer = runs
+    ws1 = root / "ws1" / "sft_ckpt"
+    died = root / "ws2" / "sft_ckpt"
+    ws2_metrics = metrics(died)
+    assert [r["step"] for r in ws2_metrics] == [1, 2]
+    assert_same_metrics(metrics(ws1)[:2], ws2_metrics)
+    step2 = load_file(ws1 / "checkpoints" / "step-0000002" / "params.safetensors")
+    assert_same_params(step2, last_params(died))  # the full model after 2 steps
+    assert sorted(p.name for p in (died / "checkpoints").iterdir()) == \
+        ["step-0000001", "step-0000002"]  # complete ones only: nothing half-written
+
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(died, resumed_dir)
+    os.environ["RLHF_KERNELS_BACKEND"] = "reference"
+    try:
+        # the manifest holds the run's output_dir; resume_safe, so the copy resumes
+        summary = sft.train(worker.sft_config(resumed_dir, save_every=1, max_steps=4,
+                                              keep_last=None, resume=True),
+                            model=worker.tiny_model(tokenizer), tokenizer=tokenizer,
+                            examples=worker.sft_examples())
+    finally:
+        os.environ.pop("RLHF_KERNELS_BACKEND", None)
+    assert summary["steps"] == 4
+    assert_same_metrics(metrics(ws1), metrics(resumed_dir))
+    assert_same_params(last_params(ws1), last_params(resumed_dir))
+
+
+def test_one_process_hooks_change_nothing():
+    """Without a process group every hook returns its input: single-process runs are
+    bit-identical to what they were (tests/trainer/test_stages.py holds their numbers)."""
+    assert not distributed.is_distributed() and distributed.world_size() == 1
+    index = torch.arange(5)
+    assert distributed.shard(index, even=True) is index
+    x, mask = torch.randn(3, 4), torch.ones(3, 4)
+    import rlhf_kernels
+
+    assert torch.equal(distributed.masked_whiten(x, mask), rlhf_kernels.masked_whiten(x, mask))
+    loss = torch.tensor(1.5)
+    assert distributed.weighted(loss, {"a": 1.0}, 1, 2) == (loss, {"a": 1.0})
+    assert distributed.sum_gradients([], [0.25, 3.0]) == [0.25, 3.0]
+    assert distributed.global_mean([1.0, 2.0]) == 1.5
+    assert distributed.strategy() == "none"
+    with pytest.raises(ValueError, match="strategy='zero3' is not a strategy"):
+        distributed.set_strategy("zero3")
+
+
+def test_launcher_errors(monkeypatch):
+    from rlhf import cli
+
+    with pytest.raises(SystemExit, match="--nproc must be >= 1"):
+        cli._launch_torchrun(0, ["sft", "--nproc", "0"])
+    assert cli._launch_torchrun(1, ["sft", "--nproc", "1"]) is None
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="already runs under it"):
+        cli._launch_torchrun(2, ["sft", "--nproc", "2"])
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE='two' is not a number"):
+        distributed.init_from_env("cpu")
+
+
+def test_plan_accounts_for_data_parallel_ranks():
+    """rlhf plan --gpus N: a rank holds its share of the rows (the KV cache and activations of
+    batch / N) but the whole gathered rollout and a flat copy of the gradients; fsdp2 also
+    shards the decoder layers (two of them whole at a time)."""
+    from rlhf.plan import plan
+
+    one = plan("qwen2.5-7b", batch=64)
+    ddp = plan("qwen2.5-7b", batch=64, gpus=8)
+    fsdp = plan("qwen2.5-7b", batch=64, gpus=8, strategy="fsdp2")
+    alone = plan("qwen2.5-7b", batch=8)  # one GPU with a rank's rows
+    assert ddp["resident"]["kv_cache"] == alone["resident"]["kv_cache"] \
+        == one["resident"]["kv_cache"] // 8
+    assert ddp["resident"]["rollout_tensors"] == one["resident"]["rollout_tensors"]
+    assert ddp["stages"]["update"]["grads"] == 2 * alone["stages"]["update"]["grads"]
+    assert ddp["resident"]["weights"] == one["resident"]["weights"]
+    # weights - layers + layers / 8 + 2 layers / 28 (Qwen2.5-7B: 28 layers, untied lm_head)
+    layers = (one["resident"]["weights"] - fsdp["resident"]["weights"]) / (1 - 1 / 8 - 2 / 28)
+    assert 0.8 * one["resident"]["weights"] < layers < one["resident"]["weights"]
+    assert fsdp["peak_bytes"] < ddp["peak_bytes"] < one["peak_bytes"]
+    assert ddp["inputs"]["batch"] == 64 and ddp["inputs"]["batch_per_gpu"] == 8
+    with pytest.raises(ValueError, match="gpus must be an integer >= 1"):
+        plan("qwen2.5-7b", gpus=0)
+
+
+def test_fsdp2_refusals(monkeypatch):
+    """fsdp2 shards frozen plain weights: SFT (it trains or merges into every weight) and a
+    bitsandbytes-quantized base are refused with what to use instead; auto falls back to ddp."""
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+
+    class Params4bit(torch.nn.Parameter):  # the name bitsandbytes' packed 4-bit weights carry
+        pass
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    try:
+        distributed.set_strategy("fsdp2")
+        with pytest.raises(ValueError, match="SFT runs data-parallel"):
+            distributed.prepare(model, torch.device("cpu"), [], stage="sft")
+        model[0].weight = Params4bit(model[0].weight.detach(), requires_grad=False)
+        with pytest.raises(ValueError, match="cannot shard a bitsandbytes-quantized base"):
+            distributed.prepare(model, torch.device("cpu"), [], stage="rm")
+        distributed.set_strategy("auto")
+        assert distributed.prepare(model, torch.device("cpu"), [], stage="rm") is model
+        assert distributed.strategy() == "ddp"
+    finally:
+        distributed.set_strategy(None)
