@@ -36,8 +36,9 @@ import torch
 
 from rlhf_kernels import _native
 
-__all__ = ["BACKENDS", "NATIVE_OPS", "differentiating_transform_active", "launch_directly",
-           "native_cpu_kernels", "resolve_backend", "triton_interpreter_enabled"]
+__all__ = ["BACKENDS", "NATIVE_OPS", "differentiating_transform_active", "direct_apply",
+           "launch_directly", "native_cpu_kernels", "resolve_backend",
+           "triton_interpreter_enabled"]
 
 BACKENDS = ("auto", "triton", "native", "reference")
 ENV_VAR = "RLHF_KERNELS_BACKEND"
@@ -209,3 +210,18 @@ def launch_directly(*tensors: torch.Tensor | None) -> bool:
         if tensor is not None and type(tensor) not in _PLAIN:
             return False
     return True
+
+
+def direct_apply(function: type[torch.autograd.Function]):
+    """``function.apply`` for the eager path (``launch_directly``): autograd's native apply,
+    without ``torch.autograd.Function.apply``'s Python layer.
+
+    That layer binds default arguments for a Function with ``setup_context`` and, under
+    torch.func transforms, unwraps their dead wrappers or dispatches to the transform. The ops'
+    eager Functions define no ``setup_context`` and run only where ``launch_directly`` holds (no
+    torch.func transform is active), so the layer does nothing for them but cost host time
+    (about 5 us per call here). Refused for a Function that defines ``setup_context``."""
+    if function.setup_context is not torch.autograd.Function.setup_context:
+        raise TypeError(f"{function.__name__} defines setup_context: use its .apply")
+    return super(torch.autograd.Function, function).apply
+

@@ -40,7 +40,12 @@ from rlhf_kernels._checks import (
     check_same_shape,
     finite_setting,
 )
-from rlhf_kernels.backend import launch_directly, native_cpu_kernels, resolve_backend
+from rlhf_kernels.backend import (
+    direct_apply,
+    launch_directly,
+    native_cpu_kernels,
+    resolve_backend,
+)
 from rlhf_kernels.ops._launch import CachedLaunch
 from rlhf_kernels.ops._reduce import cdiv, next_power_of_2, no_double_backward
 
@@ -295,6 +300,9 @@ class _BradleyTerryFunction(torch.autograd.Function):
         return grad_chosen, grad_rejected, None, None, None, None
 
 
+_apply_bradley_terry = direct_apply(_BradleyTerryFunction)
+
+
 # --------------------------------------------------------------------------------------------
 # public function
 # --------------------------------------------------------------------------------------------
@@ -375,7 +383,7 @@ def bradley_terry_loss(
     elif torch.is_grad_enabled() and (chosen_rewards.requires_grad
                                       or rejected_rewards.requires_grad):
         box = []
-        loss = _BradleyTerryFunction.apply(*args, box)
+        loss = _apply_bradley_terry(*args, box)
         stats = box[0]
     else:
         loss, stats, _ = _launch(*args)

@@ -192,3 +192,34 @@ def test_a_second_derivative_is_refused_on_both_paths(monkeypatch, custom_op):
     loss, _ = bradley_terry_loss(chosen, rejected, backend="triton")
     loss.backward()
     assert chosen.grad is not None and rejected.grad is not None
+
+
+@pytest.mark.filterwarnings("ignore:rlhf_kernels. under torch.func:RuntimeWarning")
+def test_the_eager_path_applies_its_function_natively_and_only_where_that_is_the_same():
+    """The eager path calls autograd's native apply (``backend.direct_apply``), skipping
+    ``Function.apply``'s Python layer, which only matters for a Function with ``setup_context``
+    or under torch.func transforms. The op's Function defines none and the eager path is taken
+    only outside transforms (``launch_directly``); a Function that defines one is refused, and
+    under ``torch.func.grad`` the op still gives the float64 reference's gradient."""
+    from rlhf_kernels import backend
+    from rlhf_kernels.ops import bradley_terry as bt
+
+    assert bt._apply_bradley_terry.__self__ is bt._BradleyTerryFunction
+
+    class WithSetupContext(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return x.clone()
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+    with pytest.raises(TypeError, match="WithSetupContext defines setup_context"):
+        backend.direct_apply(WithSetupContext)
+    chosen = torch.randn(9, device=DEVICE, dtype=torch.float64)
+    rejected = torch.randn(9, device=DEVICE)
+    grad = torch.func.grad(lambda c: bradley_terry_loss(c.float(), rejected)[0])(chosen)
+    expected = torch.func.grad(
+        lambda c: reference.bradley_terry_loss(c, rejected.double())[0])(chosen)
+    assert_close(grad, expected, atol=1e-7)
