@@ -41,8 +41,8 @@ from pathlib import Path
 
 from rlhf.errors import describe_os_error
 
-__all__ = ["STAGES", "STOP_SIGNALS", "Stage", "Terminated", "check_output_dir", "main",
-           "sigterm_as_interrupt"]
+__all__ = ["EXIT_BROKEN_PIPE", "STAGES", "STOP_SIGNALS", "Stage", "Terminated", "check_output_dir",
+           "main", "quiet_broken_pipe", "sigterm_as_interrupt"]
 
 
 @dataclass(frozen=True)
@@ -334,9 +334,34 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     warnings.formatwarning = one_line
     try:
-        return _main(argv)
+        return quiet_broken_pipe(_main, argv)
     finally:
         warnings.formatwarning = python_format
+
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for `yes | head`'s yes
+
+
+def quiet_broken_pipe(entry, *args) -> int:
+    """``entry(*args)``, a console entry point's body, whose output may go to a pipe that closes
+    early (``rlhf plan ... | head``, ``python -m rlhf.memory | head -3``, ``--print-config |
+    grep lr``): the reader has what it wanted, so the command ends quietly with status 141
+    (128 + SIGPIPE, as a C tool the signal ends) instead of a BrokenPipeError traceback. The
+    standard streams are pointed at os.devnull first, so that the interpreter's flush at exit
+    does not fail again ("Exception ignored ... BrokenPipeError")."""
+    try:
+        code = entry(*args)
+        sys.stdout.flush()  # what print() buffered: the pipe may be gone by now
+        return code
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(AttributeError, OSError, ValueError):
+                    os.dup2(devnull, stream.fileno())  # not a file (pytest's capture): left
+        finally:
+            os.close(devnull)
+        return EXIT_BROKEN_PIPE
 
 
 def _check_kernels_backend() -> None:
@@ -382,8 +407,8 @@ def _main(argv: list[str]) -> int:
     launching = ns.nproc is not None and not ns.print_config
 
     def fail(error: BaseException, where: str | None = None) -> int:
-        if os.environ.get("RLHF_TRACEBACK") == "1":
-            raise error
+        if os.environ.get("RLHF_TRACEBACK") == "1" or isinstance(error, BrokenPipeError):
+            raise error  # a closed pipe: the reader has gone, nothing to say (quiet_broken_pipe)
         print(f"rlhf {ns.command}: error: {_one_line(error, where)}", file=sys.stderr)
         return EXIT_USAGE
 

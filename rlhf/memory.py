@@ -169,4 +169,6 @@ def memory_table_markdown(shapes: Iterable[ModelShape] = (QWEN2_5_1_5B, LLAMA_3_
 
 
 if __name__ == "__main__":  # python -m rlhf.memory: the table of docs/memory.md
-    print(memory_table_markdown())
+    from rlhf.cli import quiet_broken_pipe
+
+    raise SystemExit(quiet_broken_pipe(lambda: print(memory_table_markdown())))

@@ -67,4 +67,6 @@ __all__ = [
 
 
 if __name__ == "__main__":  # python -m rlhf.models: the table of docs/memory.md
-    print(memory_table_markdown())
+    from rlhf.cli import quiet_broken_pipe
+
+    raise SystemExit(quiet_broken_pipe(lambda: print(memory_table_markdown())))

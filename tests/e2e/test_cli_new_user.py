@@ -357,3 +357,26 @@ def test_a_skipped_rl_step_says_what_was_not_finite(tmp_path, monkeypatch):
                                          r"policy grad norm nan\); 1 skipped so far, at most "
                                          r"max_skipped_steps=10"):
         rl.train(cfg, backbone=tiny_backbone(tokenizer), tokenizer=tokenizer, prompts=PROMPTS)
+
+
+# ---- a pipe that closes early (`| head`) -------------------------------------------------------
+@pytest.mark.parametrize("args", [["rlhf.memory"], ["rlhf", "plan", "tiny"],
+                                  ["rlhf.plan", "tiny", "--json"]])
+def test_a_table_piped_into_a_reader_that_leaves_ends_quietly(args):
+    """`python -m rlhf.memory | head -3` and `rlhf plan ... | head` ended in a BrokenPipeError
+    traceback (exit status 1) once head had its lines and closed the pipe. The reader here
+    closes the pipe before the command writes anything: the command ends with 141 (128 +
+    SIGPIPE, as `yes | head`'s yes) and writes nothing to stderr."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first write
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, err
+    assert err == ""
