@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -138,7 +139,7 @@ def load_records(source: str | Path, split: str = "train", **load_kwargs: Any):
             # every column text: a column of digits ("42") is not read as numbers
             load_kwargs = dict(load_kwargs, features=_csv_features(files[0]))
         try:
-            with _quiet_json_loader():
+            with _quiet_json_loader(), _no_datasets_progress_bars():
                 dataset = datasets.load_dataset(kind, data_files=[str(p) for p in files],
                                                 split="train", **load_kwargs)
         except Exception as error:
@@ -249,7 +250,8 @@ def _load_from_disk(path: Path, source, split: str):
     import datasets
 
     try:
-        loaded = datasets.load_from_disk(str(path))
+        with _no_datasets_progress_bars():
+            loaded = datasets.load_from_disk(str(path))
     except Exception as error:  # noqa: BLE001 - damaged or written by another version
         raise ValueError(f"could not read dataset {str(source)!r} (a datasets save_to_disk "
                          f"folder): {_root_cause(error)}") from error
@@ -278,6 +280,27 @@ def _hub_offline(offline: bool) -> Iterator[None]:
         yield
     finally:
         datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = before
+
+
+@contextlib.contextmanager
+def _no_datasets_progress_bars() -> Iterator[None]:
+    """No `datasets` progress bars while it reads a local file: its "Generating train split: 2
+    examples" (and "Loading dataset from disk") bars, printed between a stage's own lines,
+    measure a read that takes a fraction of a second. Its warnings still show (they are log
+    records, not bars), and so do the trainer's own bars (plain tqdm, not `datasets`'). Left
+    alone when the user chose with HF_DATASETS_DISABLE_PROGRESS_BARS (datasets gives that
+    variable priority) or turned them off already."""
+    import datasets
+
+    if ("HF_DATASETS_DISABLE_PROGRESS_BARS" in os.environ
+            or datasets.are_progress_bars_disabled()):
+        yield
+        return
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.enable_progress_bars()
 
 
 @contextlib.contextmanager

@@ -473,3 +473,21 @@ def test_a_model_directory_given_as_dataset_is_named(tmp_path, files):
     rows.mkdir()
     (rows / "rows.json").write_text('[{"prompt": "a", "response": "b"}]')
     assert len(data.load_records(rows)) == 1
+
+
+
+def test_reading_a_local_file_draws_no_datasets_progress_bar(tmp_path, capfd):
+    """Each stage reading its local .jsonl printed datasets' "Generating train split: 0 examples
+    [00:00, ...]" bar between the run's own lines. Its bars are off while we read a local file
+    (a save_to_disk folder too, whose bar shows on a terminal only), and the global switch is
+    as it was afterwards."""
+    import datasets
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(3)))
+    capfd.readouterr()
+    assert not datasets.are_progress_bars_disabled()
+    assert len(data.load_records(path)) == 3
+    err = capfd.readouterr().err
+    assert "Generating" not in err and "examples/s" not in err, err
+    assert not datasets.are_progress_bars_disabled()
