@@ -375,8 +375,60 @@ def _check_kernels_backend() -> None:
                          f"{backend.BACKENDS} (or unset: auto)")
 
 
+def _device_notices(cfg, values) -> None:
+    """Say (one warning per setting) what the user set that this run's device will not read:
+    ``bf16=true`` where the run computes on the CPU (bf16 autocast is for a CUDA GPU; the CPU
+    computes in fp32), ``cpu_threads=N`` where it runs on a GPU (torch's thread count is set
+    for a stage on the CPU only). As ``max_memory`` on the CPU is said (rlhf/stage.py): a
+    notice, not an error, since one config file often serves a GPU machine and a laptop.
+    ``values``: the raw tree of what was given (``config.given_values``), so that a default
+    (bf16: true, cpu_threads: 1) is never said; the device is the config's own ``device``
+    (every stage, the pipeline and the frontier have one; ``auto`` as this machine resolves
+    it)."""
+    from rlhf.config import given_keys, value_of
+
+    device = getattr(cfg, "device", None)
+    if not isinstance(device, str):
+        return
+    given = {key: key.rsplit(".", 1)[-1] for key in given_keys(values)}
+    bf16 = [key for key, name in given.items()
+            if name == "bf16" and _given_value(values, key, bool) is True]
+    threads = [key for key, name in given.items()
+               if name == "cpu_threads" and _given_value(values, key, int) is not None]
+    if not bf16 and not threads:
+        return
+    import torch
+
+    on = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" \
+        else device.split(":")[0]
+    how = f"device={device}" + (f", {on} on this machine" if device == "auto" else "")
+    if bf16 and on == "cpu":
+        shown = ", ".join(f"{key}=true" for key in bf16)
+        has, it = ("has", "it") if len(bf16) == 1 else ("have", "them")
+        warnings.warn(f"{shown} {has} no effect on the CPU ({how}): bf16 autocast runs on a "
+                      f"CUDA GPU, and on the CPU the stages compute in fp32; remove {it}, or run "
+                      f"on a GPU", stacklevel=2)
+    if threads and on == "cuda":
+        shown = ", ".join(f"{key}={value_of(values, key, int)}" for key in threads)
+        has, it = ("has", "it") if len(threads) == 1 else ("have", "them")
+        warnings.warn(f"{shown} {has} no effect on a GPU ({how}): it sets torch's threads for "
+                      f"a stage that runs on the CPU; remove {it}, or run with device=cpu",
+                      stacklevel=2)
+
+
+def _given_value(values, key: str, field_type):
+    """``key``'s given value as ``field_type``, or None when it is null or not of that type
+    (the config's own check has said so already, or will)."""
+    from rlhf.config import value_of
+
+    try:
+        return value_of(values, key, field_type)
+    except ValueError:
+        return None
+
+
 def _main(argv: list[str]) -> int:
-    from rlhf.config import config_to_dict, load_config
+    from rlhf.config import config_to_dict, given_values, load_config
 
     if argv[:1] == ["plan"]:
         from rlhf.plan import main as plan_main
@@ -430,6 +482,9 @@ def _main(argv: list[str]) -> int:
                 if launching:
                     warnings.simplefilter("ignore")
                 cfg = load_config(config_class, config_path, overrides)
+            with warnings.catch_warnings():  # read once more: its warnings are said above
+                warnings.simplefilter("ignore")
+                given = given_values(config_path, overrides)
         except ValueError as error:
             if (config_path is None or any(arg.startswith("strategy.") for arg in overrides)
                     or not str(error).startswith("unknown config key 'strategy'")):
@@ -477,6 +532,7 @@ def _main(argv: list[str]) -> int:
             shown = printable(cfg)
         except USER_ERRORS as error:
             return fail(error)
+        _device_notices(cfg, given)
         print(yaml.safe_dump(shown, sort_keys=False), end="")
         notes = getattr(module, "printed_notes", None)  # derived, shown as comments: the
         if notes is not None:                           # output loads back as a config
@@ -502,6 +558,7 @@ def _main(argv: list[str]) -> int:
             print(f"rlhf {ns.command}: strategy={strategies[-1]} applies to a run of several "
                   f"processes (--nproc N or torchrun); this run is one process, where it changes "
                   f"nothing", file=sys.stderr)
+        _device_notices(cfg, given)
         try:
             with sigterm_as_interrupt():
                 summary = entry_point(cfg)

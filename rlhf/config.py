@@ -35,8 +35,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-__all__ = ["config_to_dict", "is_set", "load_config", "parse_overrides", "save_config",
-           "value_of"]
+__all__ = ["config_to_dict", "given_keys", "given_values", "is_set", "load_config",
+           "parse_overrides", "save_config", "value_of"]
 
 T = TypeVar("T")
 _NULL_WORDS = {"null", "none", "~", ""}
@@ -124,11 +124,28 @@ def load_config(cls: type[T], yaml_path: str | Path | None = None,
     """An instance of dataclass `cls`: defaults, then the YAML file, then `key=value` overrides."""
     if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
         raise TypeError(f"load_config needs a dataclass type, got {cls!r}")
-    values = _read_yaml(yaml_path) if yaml_path is not None else {}
-    values = _merge(values, parse_overrides(overrides))
+    values = given_values(yaml_path, overrides)
     defaults = getattr(cls, "config_defaults", None)
     base = defaults(values) if callable(defaults) else _default_instance(cls)
     return _build(cls, values, prefix="", base=base)
+
+
+def given_values(yaml_path: str | Path | None = None,
+                 overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The raw tree of what the user gave: the YAML file's mapping with the `key=value`
+    overrides merged over it (values unparsed; read one with ``value_of`` or ``is_set``)."""
+    values = _read_yaml(yaml_path) if yaml_path is not None else {}
+    return _merge(values, parse_overrides(overrides))
+
+
+def given_keys(values: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
+    """The dotted keys of the leaves of a raw config tree (``given_values``): every setting the
+    user gave, e.g. ``ppo.bf16`` for ``ppo: {bf16: true}`` or ``ppo.bf16=true``."""
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            yield from given_keys(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
 
 
 def is_set(values: Mapping[str, Any], key: str) -> bool:

@@ -221,3 +221,41 @@ def test_a_key_of_another_command_says_so(capsys, argv, expected):
     assert cli.main([*argv, "--print-config"]) == 2
     line = capsys.readouterr().err.strip()
     assert expected in line and "Did you mean" not in line, line
+
+
+# ---- settings a device does not read are said -------------------------------------------------
+@pytest.mark.parametrize("argv, cuda, said", [
+    (["sft", "bf16=true", "device=cpu"], False, "bf16=true has no effect on the CPU (device=cpu)"),
+    (["ppo", "bf16=yes"], False, "bf16=true has no effect on the CPU (device=auto, cpu on this "
+                                 "machine)"),
+    (["pipeline", "ppo.bf16=true", "sft.bf16=true"], False,
+     "ppo.bf16=true, sft.bf16=true have no effect on the CPU"),
+    (["rm", "cpu_threads=4"], True, "cpu_threads=4 has no effect on a GPU (device=auto, cuda on "
+                                    "this machine)"),
+    (["sft", "bf16=true"], True, None),  # on a GPU it is the autocast
+    (["sft", "bf16=false", "device=cpu"], False, None),  # what the CPU does anyway
+    (["sft", "device=cpu"], False, None),  # the default bf16: true is not the user's word
+    (["ppo", "cpu_threads=4", "device=cpu"], True, None),
+])
+def test_a_setting_the_device_does_not_read_is_said(capsys, monkeypatch, argv, cuda, said):
+    """`rlhf sft bf16=true` on a CPU machine trained in fp32 without a word (bf16 autocast is a
+    CUDA setting), and `cpu_threads=4` on a GPU run changed nothing: each is said once, as a
+    warning (as max_memory on the CPU is), when the user gave it and the run's device ignores
+    it; the defaults never are."""
+    import warnings
+
+    import torch
+
+    from rlhf import cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli.main([*argv, "--print-config"]) == 0
+    notices = [str(w.message) for w in caught if "has no effect on" in str(w.message)
+               or "have no effect on" in str(w.message)]
+    if said is None:
+        assert notices == []
+    else:
+        assert len(notices) == 1 and notices[0].startswith(said), notices
+    capsys.readouterr()
