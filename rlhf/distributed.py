@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -111,8 +112,9 @@ def init_from_env(device: str = "auto") -> bool:
     MASTER_PORT); returns whether this process is one of several ranks.
 
     Backend: nccl when ``device`` is (or "auto" resolves to) CUDA, with this rank's GPU
-    ``cuda:LOCAL_RANK`` made current; gloo on the CPU. WORLD_SIZE unset or 1: nothing to do.
-    Ranks other than 0 silence their progress bars (TQDM_DISABLE).
+    ``cuda:LOCAL_RANK`` made current (``_local_gpu``); gloo on the CPU. WORLD_SIZE unset or 1:
+    nothing to do. A device this process cannot use (no CUDA, no GPU of its own under nccl) is
+    a ValueError before the rendezvous. Ranks other than 0 show no progress bars.
     """
     size = os.environ.get("WORLD_SIZE", "1")
     if not size.isdigit() or int(size) < 1:
@@ -126,20 +128,67 @@ def init_from_env(device: str = "auto") -> bool:
     if missing:
         raise ValueError(f"WORLD_SIZE={size} but {', '.join(missing)} not set: start the ranks "
                          f"with torchrun (torchrun --nproc-per-node N -m rlhf <stage> ...)")
-    from rlhf.stage import check_device
+    from rlhf.stage import check_device, resolve_device
 
     check_device(device)
     cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     # RLHF_DIST_BACKEND=gloo on GPUs: debugging, or several ranks on one GPU (NCCL refuses that)
     backend = os.environ.get("RLHF_DIST_BACKEND") or ("nccl" if cuda else "gloo")
     if backend not in ("nccl", "gloo"):
         raise ValueError(f"RLHF_DIST_BACKEND={backend!r}: expected nccl or gloo")
+    if cuda:
+        if device != "auto":
+            resolve_device(device)  # no CUDA, or no such GPU: the one-process run's error line
+        torch.cuda.set_device(_local_gpu(device, backend, int(size)))
     dist.init_process_group(backend, timeout=_timeout())
     if dist.get_rank() != 0:
-        os.environ.setdefault("TQDM_DISABLE", "1")
+        _silence_progress_bars()
     return is_distributed()
+
+
+def _local_gpu(device: str, backend: str, world: int) -> int:
+    """The GPU of this rank: cuda:LOCAL_RANK (nccl: one GPU per process); under gloo, ranks
+    beyond the visible GPUs share them (LOCAL_RANK modulo their number) and ``cuda:N`` puts
+    every rank on GPU N. A setting nccl cannot run is a ValueError that says what to use."""
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    count = torch.cuda.device_count()
+    index = torch.device(device).index if device.startswith("cuda") else None
+    if backend == "gloo":
+        return index if index is not None else local % count
+    if index is not None and index != local:
+        raise ValueError(f"device={device!r} under torchrun ({world} processes): every process "
+                         f"would use GPU {index}, and nccl takes one GPU per process; write "
+                         f"device=cuda (each process takes cuda:LOCAL_RANK) or device=auto, or "
+                         f"set RLHF_DIST_BACKEND=gloo for processes that share one GPU")
+    if local >= count:
+        raise ValueError(f"this machine's process {local} (LOCAL_RANK) has no GPU of its own: "
+                         f"{count} CUDA GPU(s) visible, and nccl takes one per process; start at "
+                         f"most {count} processes per machine (--nproc-per-node / --nproc "
+                         f"{count}), or set RLHF_DIST_BACKEND=gloo for processes that share "
+                         f"GPUs")
+    return local
+
+
+def _silence_progress_bars() -> None:
+    """Ranks other than 0 show no progress bar. tqdm reads TQDM_DISABLE when it is imported
+    (the stages import it before the process group exists), so the variable alone came too
+    late: every bar is made with disable=True from here on."""
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    try:
+        import tqdm.std
+    except ImportError:
+        return
+    original = tqdm.std.tqdm.__init__
+    if getattr(original, "_rank_silenced", False):
+        return
+
+    @functools.wraps(original)
+    def silent(self, *args, **kwargs):
+        kwargs["disable"] = True
+        original(self, *args, **kwargs)
+
+    silent._rank_silenced = True
+    tqdm.std.tqdm.__init__ = silent
 
 
 def shutdown() -> None:
@@ -150,9 +199,10 @@ def shutdown() -> None:
 
 
 def local_device(device: torch.device) -> torch.device:
-    """``cuda`` without an index becomes this rank's GPU (cuda:LOCAL_RANK) under torchrun."""
+    """``cuda`` without an index becomes this rank's GPU under torchrun: the one
+    ``init_from_env`` made current (cuda:LOCAL_RANK; under gloo, LOCAL_RANK modulo the GPUs)."""
     if device.type == "cuda" and device.index is None and is_distributed():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+        return torch.device("cuda", torch.cuda.current_device())  # init_from_env set it
     return device
 
 

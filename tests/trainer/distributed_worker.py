@@ -263,7 +263,9 @@ def launch(scenarios: list[str], out: Path, world_size: int = 2, timeout: float 
         rank_env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank),
                         WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                         MASTER_PORT=str(port), RLHF_KERNELS_BACKEND="reference",
-                        RLHF_DIST_TIMEOUT="60", TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+                        RLHF_DIST_TIMEOUT="60", OMP_NUM_THREADS="1")
+        # progress bars on: rank 0 draws them in its stderr, the others must not
+        rank_env.pop("TQDM_DISABLE", None)
         rank_env.update(env or {})
         procs.append(subprocess.Popen(
             [sys.executable, str(HERE / "distributed_worker.py"), str(out), *scenarios],

@@ -156,6 +156,15 @@ def test_dynamic_sampling_keeps_every_rank_in_step(runs):
         assert math.isfinite(record["policy/loss"])
 
 
+def test_other_ranks_draw_no_progress_bars(runs):
+    """Rank 0 alone draws the stages' progress bars (docs/distributed.md). tqdm reads
+    TQDM_DISABLE when it is imported, before the process group exists, so setting it then left
+    rank 1 drawing every bar of every stage into the same terminal."""
+    _, (rank0, rank1), _ = runs
+    assert "reward model:" in rank0.stderr and "%|" in rank0.stderr, rank0.stderr[-2000:]
+    assert "%|" not in rank1.stderr, rank1.stderr[-2000:]
+
+
 def test_rollout_engine_on_sharded_layers(runs):
     """fsdp2: the real engine (static KV cache, eager decode) on the sharded backbone samples
     what the whole one samples, and ranks whose rows finish at different steps keep decoding
@@ -242,6 +251,41 @@ def test_launcher_errors(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(ValueError, match="WORLD_SIZE='two' is not a number"):
         distributed.init_from_env("cpu")
+
+
+def test_init_from_env_refuses_a_device_the_ranks_cannot_use(monkeypatch):
+    """Under torchrun a device setting no rank can run on was a traceback or a crash mid-run:
+    device=cuda without CUDA (AttributeError: torch._C has no _cuda_setDevice), more processes
+    than GPUs under nccl (CUDA's invalid device ordinal), device=cuda:0 under nccl (every rank
+    on GPU 0, refused by NCCL at the first collective). Each is now one line before the
+    rendezvous; under gloo, ranks beyond the GPUs share them, as docs/distributed.md says."""
+    for name, value in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT="29500").items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("RLHF_DIST_BACKEND", raising=False)
+    joined, current = [], []
+    monkeypatch.setattr(distributed.dist, "init_process_group",
+                        lambda backend, **_: joined.append(backend))
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device='cuda' but .*use device=cpu"):
+        distributed.init_from_env("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"process 1 \(LOCAL_RANK\) has no GPU of its own: 1 "
+                                         r"CUDA GPU\(s\) visible.*--nproc-per-node"):
+        distributed.init_from_env("cuda")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match="device='cuda:0' under torchrun .* every process "
+                                         "would use GPU 0.*write device=cuda"):
+        distributed.init_from_env("cuda:0")
+    assert joined == [] and current == []  # nothing started
+    distributed.init_from_env("cuda")  # nccl, this process's own GPU
+    monkeypatch.setenv("RLHF_DIST_BACKEND", "gloo")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    distributed.init_from_env("cuda")  # gloo: the second process shares the one GPU
+    assert joined == ["nccl", "gloo"] and current == [1, 0]
 
 
 def test_plan_accounts_for_data_parallel_ranks():
