@@ -55,8 +55,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["BUCKET_ELEMENTS", "COLLECTIVES", "STRATEGIES", "RankFailure", "Shares", "all_done",
-           "barrier", "broadcast_from_main", "exponential_like", "full_tensors", "full_weights",
-           "gather_rollout", "gather_rows", "global_mean", "global_sampling_rows",
+           "barrier", "broadcast_from_main", "check_split", "exponential_like", "full_tensors",
+           "full_weights", "gather_rollout", "gather_rows", "global_mean", "global_sampling_rows",
            "group_advantages", "init_from_env", "is_distributed", "is_main", "local_device",
            "masked_whiten", "min_count", "prepare", "prepare_engine", "rank", "reduce_stats",
            "rl_shard", "scaled", "set_strategy", "shard", "shutdown", "strategy", "sum_counts",
@@ -439,13 +439,24 @@ def shard(index: torch.Tensor, *, even: bool = False, what: str = "batch") -> to
     do would skip the collectives the others wait for."""
     if not is_distributed():
         return index
-    n, size = len(index), world_size()
-    if n < size or (even and n % size):
+    check_split(len(index), even=even, what=what)
+    return torch.tensor_split(index, world_size())[rank()]
+
+
+def check_split(rows: int, *, even: bool = False, what: str = "batch",
+                setting: str = "the batch size") -> None:
+    """ValueError unless ``rows`` can be ``shard``-ed over the ranks (at least one each; with
+    ``even``, equal shares). A stage calls it on its batch settings before it loads anything,
+    so that a batch the processes cannot share stops the run at once; ``setting`` names
+    what to change. Nothing to check in one process."""
+    if not is_distributed():
+        return
+    size = world_size()
+    if rows < size or (even and rows % size):
         need = "a multiple of" if even else "at least"
-        raise ValueError(f"a {what} of {n} rows cannot be split over {size} ranks: it must be "
-                         f"{need} the number of processes ({size}); change the batch size or "
+        raise ValueError(f"a {what} of {rows} rows cannot be split over {size} ranks: it must "
+                         f"be {need} the number of processes ({size}); change {setting} or "
                          f"the number of processes")
-    return torch.tensor_split(index, size)[rank()]
 
 
 _SAMPLING_ROWS: list[tuple[int, int]] = []  # (first row, global rows) of the running generate

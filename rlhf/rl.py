@@ -1176,7 +1176,11 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
     s = cfg.settings
     # ---- setup ----
     # the quick checks first: the tokenizer and the prompts (their lengths too, below) stop a
-    # run before the backbone loads
+    # run before the backbone loads; torchrun: so does a batch the ranks cannot share
+    distributed.check_split(cfg.rollout_batch_size // s.group_size, even=True,
+                            what="rollout batch of prompts",
+                            setting="rollout_batch_size / group_size")
+    distributed.check_split(cfg.minibatch_size, what="minibatch", setting="minibatch_size")
     if prompts is None and cfg.dataset is not None:
         prompts = [row["prompt"] for row in data.load_prompt_dataset(cfg.dataset)]
     if backbone is None:

@@ -214,7 +214,43 @@ def run_scenario(name: str, out: Path, tokenizer, on_step=None):
             rl.RolloutEngine = original
     if base == "engine":
         return _engine_scenario(directory, tokenizer)
+    if base == "refusals":
+        return _refusals_scenario(directory, tokenizer)
     raise ValueError(f"unknown scenario {name!r}")
+
+
+class _NoEngine:
+    """Stands in for RolloutEngine where a run must stop before it builds one."""
+
+    def __init__(self, *args, **kwargs):
+        raise AssertionError("the rollout engine was built: the run got past its set-up")
+
+
+def _refusals_scenario(directory: Path, tokenizer) -> None:
+    """RL settings 2 ranks cannot share (3 prompts per rollout; a minibatch of 1 row): each
+    must stop the run with its ValueError before the engine is built (not after a rollout).
+    Writes {case: "ValueError: <message>"} to result.json (rank 0)."""
+    from rlhf import distributed, rl, task
+
+    cases = {"prompts": dict(rollout_batch_size=12, group_size=4),
+             "minibatch": dict(minibatch_size=1)}
+    seen = {}
+    original = rl.RolloutEngine
+    rl.RolloutEngine = _NoEngine
+    try:
+        for case, overrides in cases.items():
+            cfg = rl_config(directory / case, "grpo", **overrides)
+            try:
+                rl.train(cfg, backbone=tiny_backbone(tokenizer), tokenizer=tokenizer,
+                         prompts=task.all_prompts("train")[:8])
+                seen[case] = "no error"
+            except Exception as error:  # noqa: BLE001 (recorded, compared by the test)
+                seen[case] = f"{type(error).__name__}: {error}"
+    finally:
+        rl.RolloutEngine = original
+    if distributed.is_main():
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "result.json").write_text(json.dumps(seen))
 
 
 def _engine_scenario(directory: Path, tokenizer) -> None:

@@ -29,7 +29,7 @@ from rlhf import distributed  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 GROUP_SCENARIOS = ["rm", "rm@fsdp2", "ppo_real", "ppo_gc@fsdp2", "grpo", "grpo@fsdp2",
-                   "ppo_steptokens", "dapo_flat", "engine@fsdp2", "sft_ckpt"]
+                   "ppo_steptokens", "dapo_flat", "engine@fsdp2", "refusals", "sft_ckpt"]
 # measured, not computed: they differ between any two runs
 TIMING_KEYS = {"rollout_s", "scoring_s", "update_s", "iteration_s", "tokens_per_s",
                "pairs_per_s", "peak_memory_mb",
@@ -163,6 +163,21 @@ def test_other_ranks_draw_no_progress_bars(runs):
     _, (rank0, rank1), _ = runs
     assert "reward model:" in rank0.stderr and "%|" in rank0.stderr, rank0.stderr[-2000:]
     assert "%|" not in rank1.stderr, rank1.stderr[-2000:]
+
+
+def test_rl_batch_the_ranks_cannot_share_stops_before_any_work(runs):
+    """A rollout whose prompts (rollout_batch_size / group_size) do not split evenly, or a
+    minibatch with fewer rows than ranks, stops the run with one line naming the setting
+    before the rollout engine is built; the minibatch was refused only after a whole rollout
+    had been sampled and scored, the prompts once the backbone and the engine were built."""
+    result = json.loads((runs[0] / "ws2" / "refusals" / "result.json").read_text())
+    assert result == {
+        "prompts": "ValueError: a rollout batch of prompts of 3 rows cannot be split over 2 "
+                   "ranks: it must be a multiple of the number of processes (2); change "
+                   "rollout_batch_size / group_size or the number of processes",
+        "minibatch": "ValueError: a minibatch of 1 rows cannot be split over 2 ranks: it must "
+                     "be at least the number of processes (2); change minibatch_size or the "
+                     "number of processes"}
 
 
 def test_rollout_engine_on_sharded_layers(runs):
