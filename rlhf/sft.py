@@ -358,8 +358,13 @@ def _save(directory: Path, model, optimizer, scheduler, step: int, cfg, **extra)
     """A checkpoint; `extra`: run_id (ties it to run.json), and what the summary needs when a
     resumed run has no step left to train (last_metrics, skipped_steps). Then all but the
     newest ``cfg.keep_last`` checkpoints are deleted."""
+    from rlhf import distributed
     from rlhf.checkpoint import prune_checkpoints, save_state
 
+    if not distributed.is_main():
+        # torchrun: rank 0 alone writes; a full-weight host copy of the model and optimizer on
+        # every rank, thrown away, took N times the model's size of host memory at each save
+        return
     if cfg.lora_rank or cfg.quantization != "none":
         # the adapters only: the frozen (or quantized) base comes back from cfg.model on resume,
         # and a copy of it in every checkpoint would be gigabytes (3 GB at 1.5B in bf16)

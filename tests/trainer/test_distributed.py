@@ -235,6 +235,31 @@ def test_sft_world_size_2_checkpoint_resumes_at_world_size_1(runs, tmp_path):
     assert_same_params(last_params(ws1), last_params(resumed_dir))
 
 
+def test_sft_checkpoint_costs_other_ranks_nothing(monkeypatch, tmp_path):
+    """Rank 0 alone writes a checkpoint; the other ranks copied the whole model (full-weight
+    SFT: every weight) to the host first and threw it away, so that each save took the model's
+    size of host memory once per rank (8 copies of a 7B model on an 8-GPU machine)."""
+    from rlhf import sft
+
+    class Untouchable(torch.nn.Linear):
+        def state_dict(self, *args, **kwargs):
+            raise AssertionError("a rank other than 0 read the model for a checkpoint")
+
+        def named_parameters(self, *args, **kwargs):
+            raise AssertionError("a rank other than 0 read the model for a checkpoint")
+
+    model = Untouchable(2, 2)
+    optimizer = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    cfg = worker.sft_config(tmp_path)
+    for lora_rank in (0, 4):  # full-weight: the state dict; LoRA: the trainable parameters
+        sft._save(tmp_path / "checkpoints" / "step-0000001", model, optimizer, scheduler, 1,
+                  sft.SFTConfig(**{**cfg.__dict__, "lora_rank": lora_rank}))
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_one_process_hooks_change_nothing():
     """Without a process group every hook returns its input: single-process runs are
     bit-identical to what they were (tests/trainer/test_stages.py holds their numbers)."""
