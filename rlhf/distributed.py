@@ -59,8 +59,8 @@ __all__ = ["BUCKET_ELEMENTS", "COLLECTIVES", "STRATEGIES", "RankFailure", "Share
            "full_weights", "gather_rollout", "gather_rows", "global_mean", "global_sampling_rows",
            "group_advantages", "init_from_env", "is_distributed", "is_main", "local_device",
            "masked_whiten", "min_count", "prepare", "prepare_engine", "rank", "reduce_stats",
-           "rl_shard", "scaled", "set_strategy", "shard", "shutdown", "strategy", "sum_counts",
-           "sum_gradients", "weighted", "world_size"]
+           "replicated_sft", "rl_shard", "scaled", "set_strategy", "shard", "shutdown",
+           "strategy", "sum_counts", "sum_gradients", "weighted", "world_size"]
 
 STRATEGIES = ("auto", "ddp", "fsdp2")
 BUCKET_ELEMENTS = 2**25  # elements per all-reduce bucket (128 MiB of fp32), DDP's order of size
@@ -327,7 +327,7 @@ def prepare(model: torch.nn.Module, device: torch.device,
             chosen = "fsdp2" if _base_bytes(model, trainable) > FSDP2_AUTO_FRACTION * total \
                 else "ddp"
     if stage == "sft":
-        if requested == "fsdp2":
+        if requested == "fsdp2" and not _STATE.get("sft_replicated"):
             raise ValueError("strategy=fsdp2 shards the frozen base of the reward and RL stages; "
                              "SFT runs data-parallel with replicated weights: use strategy=ddp "
                              "(or auto) for sft")
@@ -353,6 +353,20 @@ def prepare(model: torch.nn.Module, device: torch.device,
             fully_shard(layer, mesh=mesh, ignored_params=trainable & set(layer.parameters()))
     _STATE["resolved"] = chosen
     return model
+
+
+@contextlib.contextmanager
+def replicated_sft() -> Iterator[None]:
+    """Inside, ``strategy=fsdp2`` gives an SFT stage ddp instead of refusing it: for a command
+    that runs SFT and then the reward and RL stages (``rlhf pipeline``), where fsdp2 is meant
+    for the frozen base of the later stages and SFT, which trains every weight, runs ddp as
+    ``auto`` and ``rlhf plan --strategy fsdp2`` have it."""
+    before = _STATE.get("sft_replicated", False)
+    _STATE["sft_replicated"] = True
+    try:
+        yield
+    finally:
+        _STATE["sft_replicated"] = before
 
 
 def prepare_engine(engine) -> None:

@@ -365,6 +365,12 @@ def test_fsdp2_refusals(monkeypatch):
         distributed.set_strategy("fsdp2")
         with pytest.raises(ValueError, match="SFT runs data-parallel"):
             distributed.prepare(model, torch.device("cpu"), [], stage="sft")
+        # a command whose later stages take fsdp2 (rlhf pipeline) runs its SFT with ddp
+        with distributed.replicated_sft():
+            assert distributed.prepare(model, torch.device("cpu"), [], stage="sft") is model
+            assert distributed.strategy() == "ddp"
+        with pytest.raises(ValueError, match="SFT runs data-parallel"):
+            distributed.prepare(model, torch.device("cpu"), [], stage="sft")
         model[0].weight = Params4bit(model[0].weight.detach(), requires_grad=False)
         with pytest.raises(ValueError, match="cannot shard a bitsandbytes-quantized base"):
             distributed.prepare(model, torch.device("cpu"), [], stage="rm")
