@@ -69,6 +69,7 @@ __all__ = [
     "next_power_of_2",
     "cdiv",
     "no_double_backward",
+    "anchor_output",
 ]
 
 # The reduction is a compile-time flag of the kernels (five variants at most).
@@ -233,15 +234,19 @@ def loss_denominator(n_tokens, n_rows, T, norm_value, norm_ptr,
 def _saved_grad_bwd_kernel(
     saved_ptr, grad_loss_ptr, scale_ptr, out_ptr,
     numel, scale_index,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, SELECT: tl.constexpr,
 ):
-    # out = saved * (dL/dloss * scale), cast by the store to the input's dtype.
+    # out = saved * (dL/dloss * scale), cast by the store to the input's dtype. SELECT (a tensor
+    # normalizer, whose scale may be inf or NaN): a saved 0 (a masked or clipped token) gives 0,
+    # not 0 * inf = NaN.
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     inb = offs < numel
     g = tl.load(grad_loss_ptr).to(tl.float32) * tl.load(scale_ptr + scale_index)
     saved = tl.load(saved_ptr + offs, mask=inb, other=0.0)
     grad = saved * g
+    if SELECT:
+        grad = tl.where(saved == 0.0, 0.0, grad)
     # The store casts to the input dtype, rounding to nearest even (tests/conftest.py makes the
     # CPU interpreter round the same way).
     tl.store(out_ptr + offs, grad, mask=inb)
@@ -257,20 +262,26 @@ def scale_saved_grad(
     stats: torch.Tensor,
     scale_index: int,
     dtype: torch.dtype,
+    select: bool = False,
 ) -> torch.Tensor:
     """saved (...) fp32 contiguous, grad_loss (), stats (S,) fp32 -> saved * grad * stats[i].
 
     The output has ``saved``'s shape and the given dtype (the differentiated input's dtype).
     The scale is read from the loss's stats buffer by index (no slicing on the host).
+    select (the loss had a tensor normalizer, so the scale may be inf or NaN: a count of 0):
+    where ``saved`` is 0 (a masked token, a clipped one) the gradient is 0, as the reference's
+    selects give, not 0 * inf = NaN. Without a tensor normalizer the scale is finite and the
+    select would cost host time for nothing on the eager path.
     """
     if native_cpu_kernels(saved):  # the native backend's CPU tensors: the same product
-        return scale_saved_grad_eager(saved, grad_loss, stats, scale_index, dtype)
+        return scale_saved_grad_eager(saved, grad_loss, stats, scale_index, dtype, select)
     out = empty(saved.shape, dtype, saved.device)
     numel = saved.numel()
     if numel == 0:
         return out
     _saved_grad_bwd((cdiv(numel, _BWD_BLOCK),),
-        saved, grad_loss, stats, out, numel, scale_index, BLOCK=_BWD_BLOCK, num_warps=4,
+        saved, grad_loss, stats, out, numel, scale_index, BLOCK=_BWD_BLOCK,
+        SELECT=bool(select), num_warps=4,
     )
     return out
 
@@ -281,6 +292,7 @@ def scale_saved_grad_eager(
     stats: torch.Tensor,
     scale_index: int,
     dtype: torch.dtype,
+    select: bool = False,
 ) -> torch.Tensor:
     """``scale_saved_grad`` as two torch multiplies, for the eager backward of the losses.
 
@@ -289,6 +301,8 @@ def scale_saved_grad_eager(
     cost less than an allocation plus a Triton launch.
     """
     grad = saved * (grad_loss * stats[scale_index])
+    if select:
+        grad = torch.where(saved == 0, 0.0, grad)
     return grad if grad.dtype == dtype else grad.to(dtype)
 
 
@@ -301,6 +315,16 @@ def no_double_backward(op_name: str):
     (its backward op has no autograd formula): always, not only when the incoming gradient
     requires grad (``once_differentiable``'s test), because the gradient depends on the saved
     inputs too and a silently constant second-order term would be wrong.
+
+    The raising node must lie on the path from those gradients to the op's inputs: autograd
+    runs a node only when it leads to a tensor being differentiated, so a node fed by detached
+    copies alone (``once_differentiable``'s) is skipped by ``torch.autograd.grad(..., inputs)``:
+    ``allow_unused=True`` returned None (a silently missing second-order term), and without it
+    autograd's "not used in the graph" error hid this one. So the node also takes the saved
+    tensors that require grad (an op's saved inputs, or the empty ``anchor_output`` of an op
+    that saves none: its history is the op's own node, which leads to every input) and the
+    incoming gradients that require grad: differentiating the gradients with respect to
+    anything upstream of them runs it.
     """
     message = (f"rlhf_kernels.{op_name}: its gradient is not differentiable again (double "
                "backward / create_graph=True); use backend='reference' for higher-order "
@@ -311,6 +335,8 @@ def no_double_backward(op_name: str):
         def wrapper(ctx, *grads):
             if not torch.is_grad_enabled():
                 return backward(ctx, *grads)
+            links = [t for t in (*ctx.saved_tensors, *grads)
+                     if isinstance(t, torch.Tensor) and t.requires_grad]
             with torch.no_grad():
                 outputs = backward(ctx, *grads)
 
@@ -321,12 +347,24 @@ def no_double_backward(op_name: str):
                 t.requires_grad = True
                 return t
 
-            error = torch._C._functions.DelayedError(message, len(outputs))
-            return error(*[fake_requires_grad(t) for t in outputs])
+            error = torch._C._functions.DelayedError(message, len(outputs) + len(links))
+            results = error(*[fake_requires_grad(t) for t in outputs], *links)
+            if isinstance(results, torch.Tensor):
+                results = (results,)
+            return tuple(results[:len(outputs)])
 
         return wrapper
 
     return decorate
+
+
+def anchor_output(like: torch.Tensor) -> torch.Tensor:
+    """An empty tensor for a Function to return as an extra output and save
+    (``ctx.save_for_backward``), when it saves no input that requires grad: unpacked in the
+    backward it carries the Function's own node, which ``no_double_backward`` links its error
+    to. Never returned to the user, so never edited in place (a saved output that was, the
+    loss, would fail the plain backward's version check)."""
+    return like.new_empty((0,))
 
 
 class SavedGradLoss(torch.autograd.Function):
@@ -335,34 +373,38 @@ class SavedGradLoss(torch.autograd.Function):
     backward is the custom op's product ``saved_grad * (grad_loss * stats[scale_index])`` as two
     torch multiplies (``scale_saved_grad_eager``), at a fraction of its host time.
 
-    ``SavedGradLoss.apply(launch, scale_index, *args) -> (loss, stats)``.
+    ``SavedGradLoss.apply(launch, scale_index, select, *args) -> (loss, stats, anchor)``;
+    select: the loss has a tensor normalizer (``scale_saved_grad``); anchor: the empty
+    ``anchor_output`` (for ``no_double_backward``), not for the user.
     """
 
     @staticmethod
-    def forward(ctx, launch, scale_index, *args):
+    def forward(ctx, launch, scale_index, select, *args):
         loss, stats, saved_grad = launch(*args)
         ctx.mark_non_differentiable(stats)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(saved_grad)
+        anchor = anchor_output(loss)
+        ctx.save_for_backward(saved_grad, anchor)
         # The stats are held, not saved: the caller gets them as views (a dict of () tensors)
         # and may edit them in place before the backward (an all_reduce, a rescale), which a
         # saved tensor's version check refused. The backward reads only the scale slot, which
         # no returned view covers. A non-differentiable output has no grad_fn: no cycle.
         ctx.stats = stats
         ctx.scale_index = scale_index
+        ctx.select = select
         ctx.input_dtype = args[0].dtype
         ctx.n_args = len(args)
-        return loss, stats
+        return loss, stats, anchor
 
     @staticmethod
     @no_double_backward("ppo_policy_loss / ppo_value_loss")
-    def backward(ctx, grad_loss, grad_stats):
+    def backward(ctx, grad_loss, grad_stats, grad_anchor):
         grad = None
         if grad_loss is not None:
-            (saved_grad,) = ctx.saved_tensors
+            saved_grad = ctx.saved_tensors[0]
             grad = scale_saved_grad_eager(saved_grad, grad_loss, ctx.stats, ctx.scale_index,
-                                          ctx.input_dtype)
-        return (None, None, grad) + (None,) * (ctx.n_args - 1)
+                                          ctx.input_dtype, ctx.select)
+        return (None, None, None, grad) + (None,) * (ctx.n_args - 1)
 
 
 @torch.library.custom_op("rlhf_kernels::saved_grad_scale", mutates_args=())
@@ -372,11 +414,12 @@ def saved_grad_scale(
     stats: torch.Tensor,
     scale_index: int,
     dtype: torch.dtype,
+    select: bool = False,
 ) -> torch.Tensor:
     """``scale_saved_grad`` as a custom op (the losses' backward under torch.compile)."""
-    return scale_saved_grad(saved, grad_loss, stats, scale_index, dtype)
+    return scale_saved_grad(saved, grad_loss, stats, scale_index, dtype, select)
 
 
 @saved_grad_scale.register_fake
-def _(saved, grad_loss, stats, scale_index, dtype):
+def _(saved, grad_loss, stats, scale_index, dtype, select=False):
     return torch.empty(saved.shape, dtype=dtype, device=saved.device)

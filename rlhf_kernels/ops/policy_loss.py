@@ -105,6 +105,7 @@ from rlhf_kernels.ops._reduce import (
     loss_denominator,
     mask_for_kernel,
     next_power_of_2,
+    no_double_backward,
     normalizer_args,
     reduction_code,
     row_tiles,
@@ -556,6 +557,7 @@ def _ppo_policy_loss_impl(
 # the op's inputs by name (setup_context and backward find them by name, not by position)
 _OP_PARAMS = tuple(inspect.signature(_ppo_policy_loss_impl).parameters)
 _DUAL_CLIP, _REF_LOGP = _OP_PARAMS.index("dual_clip"), _OP_PARAMS.index("ref_logp")
+_NORMALIZER = _OP_PARAMS.index("normalizer")
 _ppo_policy_loss_op = torch.library.custom_op("rlhf_kernels::ppo_policy_loss",
                                               mutates_args=())(_ppo_policy_loss_impl)
 
@@ -574,11 +576,14 @@ def _(logp, old_logp, advantages, mask, ref_logp, normalizer, clip_low, clip_hig
 def _setup_context(ctx, inputs, output):
     logp = inputs[0]
     _, stats, saved_grad = output
-    ctx.mark_non_differentiable(stats, saved_grad)
+    # saved_grad stays a differentiable output (the public function drops it, so nobody edits
+    # it): saved, it carries the op's node, which no_double_backward links its error to
+    ctx.mark_non_differentiable(stats)
     # Only the loss gets a gradient; don't let autograd build zero tensors for the others.
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(saved_grad, stats)
     ctx.logp_dtype = logp.dtype
+    ctx.select = inputs[_NORMALIZER] is not None  # a tensor normalizer (scale_saved_grad)
     ctx.scale_index = _scale_index(inputs[_DUAL_CLIP] is not None,
                                    inputs[_REF_LOGP] is not None)
 
@@ -586,12 +591,13 @@ def _setup_context(ctx, inputs, output):
 _N_OP_ARGS = len(_OP_PARAMS)
 
 
+@no_double_backward("ppo_policy_loss")
 def _backward(ctx, grad_loss, grad_stats, grad_saved):
     saved_grad, stats = ctx.saved_tensors
     grad_logp = None
     if grad_loss is not None and ctx.needs_input_grad[0]:
         grad_logp = saved_grad_scale(saved_grad, grad_loss, stats, ctx.scale_index,
-                                     ctx.logp_dtype)
+                                     ctx.logp_dtype, ctx.select)
     return (grad_logp,) + (None,) * (_N_OP_ARGS - 1)
 
 
@@ -747,9 +753,9 @@ def ppo_policy_loss(
         loss, stats, _ = _ppo_policy_loss_op(*args)
     elif torch.is_grad_enabled() and logp.requires_grad:
         # logp and the rest as one tuple: autograd.Function.apply costs host time per argument.
-        loss, stats = SavedGradLoss.apply(_launch_packed,
-                                          _scale_index(dual_clip is not None, with_kl),
-                                          logp, args[1:])
+        loss, stats, _ = SavedGradLoss.apply(_launch_packed,
+                                             _scale_index(dual_clip is not None, with_kl),
+                                             norm_tensor is not None, logp, args[1:])
     else:
         loss, stats, _ = _launch(*args)
     # One unbind (not one indexing call per stat): host overhead matters at 64K tokens. zip

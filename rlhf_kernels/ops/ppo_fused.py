@@ -18,8 +18,12 @@ broadcast over its tokens), optional ref_logp; c = log_ratio_clamp, n_s = counte
 
 Every reduction is linear in the per-token values: ``reduce(x) = sum_i w_i x_i`` with weights w
 fixed by the mask and the normalizer alone (``reduction_weights``), e.g. w = m / sum(m) for
-token-mean, m for token-sum, m / normalizer when a normalizer replaces the outer denominator (a
-tensor normalizer divides on the device: no host sync, no gradient through it). So
+token-mean, m for token-sum, m / normalizer when a number replaces the outer denominator. A
+tensor normalizer (maybe an all-reduced count still on the device: never read, no gradient
+through it) divides after the sum, as the reference's does: the weights are those of a
+normalizer of 1, and the sweeps divide the summed loss and the per-token derivatives by it on
+the device (``_divide_by_normalizer``), so a count of 0 gives the reference's +-inf / NaN and
+masked tokens keep a zero gradient. So
 ``d loss / d entropy_i = -entropy_coef w_i``, and ``d loss / d logp_i`` (``per_token_terms``,
 which follows torch autograd through the reference: ties of max / min split the gradient,
 clamp bounds count as inside) is known
@@ -121,7 +125,7 @@ from rlhf_kernels._checks import (
 )
 from rlhf_kernels.backend import launch_directly, resolve_backend
 from rlhf_kernels.ops import linear_logprobs as head
-from rlhf_kernels.ops._reduce import no_double_backward
+from rlhf_kernels.ops._reduce import anchor_output, no_double_backward
 from rlhf_kernels.ops.kl import k3_torch
 
 __all__ = ["linear_ppo_loss", "ppo_loss_from_logits", "reduction_weights"]
@@ -336,7 +340,7 @@ def _linear_sweep(hidden, weight, labels, bias, lora_a, lora_b, old_logp, advant
                   clip_low, clip_high, dual_clip, log_ratio_clamp, ignore_index, chunk_size,
                   memory_budget_bytes, needs, check_labels=False, seq_len=1,
                   ratio_level="token", loss_type="ppo", tau_pos=1.0, tau_neg=1.0,
-                  placeholder=True):
+                  normalizer=None, placeholder=True):
     """-> (loss, logp, entropy, d hidden, d weight, d bias, d lora_a, d lora_b); a gradient
     that is not wanted is an empty tensor (what the custom op returns), or None with
     ``placeholder=False``.
@@ -346,7 +350,8 @@ def _linear_sweep(hidden, weight, labels, bias, lora_a, lora_b, old_logp, advant
     One sweep (forward, derivatives, backward chunk by chunk) at token level or when one chunk
     holds every row; ratio_level="sequence" over several chunks with a gradient: a forward
     sweep, the derivatives of all rows, then ``linear_logprobs``' backward sweep (module
-    docstring).
+    docstring). normalizer: None, or a 0-d tensor that divides the loss and the per-token
+    derivatives made with ``weights`` (``_divide_by_normalizer``).
     """
     logprobs_fwd, logprobs_bwd = head._logprob_kernels()
     n_rows, vocab = hidden.shape[0], weight.shape[0]
@@ -392,6 +397,8 @@ def _linear_sweep(hidden, weight, labels, bias, lora_a, lora_b, old_logp, advant
                 view(rows_of(weights)), view(rows_of(ref_logp)), kl_coef, kl_estimator,
                 entropy_coef, clip_low, clip_high, dual_clip, log_ratio_clamp, need_grads,
                 ratio_level, loss_type, taus=(tau_pos, tau_neg))
+            if normalizer is not None and need_grads:
+                d_logp, d_entropy = _divide_by_normalizer(normalizer, d_logp, d_entropy)
             if contribution is None:  # one chunk: its result is the whole
                 contribution = (contribution_c if contribution_c.dtype == out
                                 else contribution_c.to(out))
@@ -404,6 +411,8 @@ def _linear_sweep(hidden, weight, labels, bias, lora_a, lora_b, old_logp, advant
         del logits, u
     if per_chunk:
         loss = contribution.sum() if n_rows > 0 else logp.new_zeros(())
+        if normalizer is not None:
+            loss = loss / normalizer.to(loss.dtype)
         return (loss, logp, entropy) + grads.outputs(hidden, weight, bias, lora_a, lora_b,
                                                      placeholder)
     # sequence ratio over several chunks: every row's logp is known now
@@ -413,6 +422,10 @@ def _linear_sweep(hidden, weight, labels, bias, lora_a, lora_b, old_logp, advant
         as_seqs(ref_logp), kl_coef, kl_estimator, entropy_coef, clip_low, clip_high, dual_clip,
         log_ratio_clamp, wanted, ratio_level, loss_type, taus=(tau_pos, tau_neg))
     loss = contribution.sum().to(out)
+    if normalizer is not None:
+        loss = loss / normalizer.to(loss.dtype)
+        if wanted:
+            d_logp, d_entropy = _divide_by_normalizer(normalizer, d_logp, d_entropy)
     if not wanted:
         return (loss, logp, entropy) + grads.outputs(hidden, weight, bias, lora_a, lora_b,
                                                      placeholder)
@@ -426,9 +439,11 @@ def _linear_sweep(hidden, weight, labels, bias, lora_a, lora_b, old_logp, advant
 def _logits_sweep(logits3d, labels, old_logp, advantages, weights, ref_logp, kl_coef,
                   kl_estimator, entropy_coef, temperature, clip_low, clip_high, dual_clip,
                   log_ratio_clamp, ignore_index, need_grad, check_labels=False,
-                  ratio_level="token", loss_type="ppo", tau_pos=1.0, tau_neg=1.0):
+                  ratio_level="token", loss_type="ppo", tau_pos=1.0, tau_neg=1.0,
+                  normalizer=None):
     """logits (B, T, V); labels, old_logp, weights, ref_logp (N,) = (B * T,); advantages
-    (B, T) per token or (B, 1) per sequence -> (loss, logp, entropy, d logits or (0,))."""
+    (B, T) per token or (B, 1) per sequence -> (loss, logp, entropy, d logits or (0,)).
+    normalizer: as in ``_linear_sweep``."""
     # Rows are independent and the kernels hold no (N, V) temporary, so no chunking is needed;
     # logp is known for every row before the derivatives, whatever the ratio level. The kernels
     # address rows through the (B, T) strides, so a causal shift logits[:, :-1, :] is one launch
@@ -451,14 +466,32 @@ def _logits_sweep(logits3d, labels, old_logp, advantages, weights, ref_logp, kl_
         as_seqs(logp), as_seqs(entropy), as_seqs(old_logp), advantages, as_seqs(weights),
         as_seqs(ref_logp), kl_coef, kl_estimator, entropy_coef, clip_low, clip_high, dual_clip,
         log_ratio_clamp, need_grad, ratio_level, loss_type, taus=(tau_pos, tau_neg))
+    loss = contribution.sum()
+    if normalizer is not None:
+        loss = loss / normalizer.to(loss.dtype)
     if not need_grad:
-        return contribution.sum(), logp, entropy, logits3d.new_empty(_EMPTY)
+        return loss, logp, entropy, logits3d.new_empty(_EMPTY)
+    if normalizer is not None:
+        d_logp, d_entropy = _divide_by_normalizer(normalizer, d_logp, d_entropy)
     d_logits = empty((B, T, V), logits3d.dtype, device)
     # (the launch view of the logits may be (1, B * T, V): the gradient viewed the same way)
     lp._bwd3d(logits3d, labels, lse, entropy if d_entropy is not None else None,
               lp._flat_fp32(d_logp), lp._flat_fp32(d_entropy), temperature, ignore_index,
               d_logits.view(logits3d.shape))
-    return contribution.sum(), logp, entropy, d_logits
+    return loss, logp, entropy, d_logits
+
+
+def _divide_by_normalizer(normalizer, d_logp, d_entropy):
+    """Per-token derivatives made with the weights of a normalizer of 1, divided by the tensor
+    normalizer (the reference divides the reduced sum by it). A derivative that is exactly 0
+    (a token that does not count, a clipped one) stays 0 whatever the normalizer, as in the
+    reference's autograd (its selects give 0 there): a normalizer of 0 or NaN makes the others
+    +-inf / NaN, never a masked token's (0 / 0 would be NaN)."""
+    def divide(d):
+        if d is None:
+            return None
+        return torch.where(d == 0, 0.0, d / normalizer.to(d.dtype))
+    return divide(d_logp), divide(d_entropy)
 
 
 _LOGPROBS = None
@@ -523,6 +556,7 @@ def _linear_ppo_impl(
     loss_type: str,
     tau_pos: float,
     tau_neg: float,
+    normalizer: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor]:
     """hidden (N, H), N = B * seq_len; advantages (B, seq_len) or (B, 1) -> (loss (), logp (N,),
@@ -533,7 +567,7 @@ def _linear_ppo_impl(
                          weights, ref_logp, lora_scale, kl_coef, kl_estimator, entropy_coef,
                          temperature, clip_low, clip_high, dual_clip, log_ratio_clamp,
                          ignore_index, chunk_size, memory_budget_bytes, needs, check_labels,
-                         seq_len, ratio_level, loss_type, tau_pos, tau_neg)
+                         seq_len, ratio_level, loss_type, tau_pos, tau_neg, normalizer)
 
 
 # the op's inputs by name: setup_context and backward find an input by its name, not by a
@@ -548,7 +582,7 @@ def _(hidden, weight, labels, bias, lora_a, lora_b, old_logp, advantages, weight
       lora_scale, kl_coef, kl_estimator, entropy_coef, temperature, clip_low, clip_high,
       dual_clip, log_ratio_clamp, ignore_index, chunk_size, memory_budget_bytes, need_hidden,
       need_weight, need_bias, need_lora_a, need_lora_b, check_labels, seq_len, ratio_level,
-      loss_type, tau_pos, tau_neg):
+      loss_type, tau_pos, tau_neg, normalizer):
     n = hidden.shape[0]
     out = head.out_dtype(head.compute_dtype(hidden, weight))
     needs = (need_hidden, need_weight, need_bias, need_lora_a, need_lora_b)
@@ -563,9 +597,11 @@ _LINEAR_NEEDS = slice(_LINEAR_PARAMS.index("need_hidden"),
 
 def _linear_setup_context(ctx, inputs, output):
     ctx.needs = inputs[_LINEAR_NEEDS]
-    # logp / entropy are statistics and the gradients are the backward's state: no gradient
-    # flows through them (one that did would be dropped by the backward below)
-    ctx.mark_non_differentiable(*output[1:])
+    # logp / entropy are statistics: no gradient flows through them (one that did would be
+    # dropped by the backward below). The gradients are the backward's state, outputs nobody
+    # else sees: left differentiable, saved they carry the op's node, which no_double_backward
+    # links its error to (they get no gradient either).
+    ctx.mark_non_differentiable(*output[1:3])
     ctx.save_for_backward(*output[3:])
 
 
@@ -584,6 +620,11 @@ def _scale(grad: torch.Tensor, grad_loss: torch.Tensor, in_place: bool) -> torch
     return grad.mul_(grad_loss) if in_place else grad * grad_loss
 
 
+@no_double_backward("linear_ppo_loss")
+def _linear_op_backward(ctx, grad_loss, *_unused):
+    return _linear_backward(ctx, grad_loss)
+
+
 def _linear_backward(ctx, grad_loss, *_unused, in_place=False):
     grads = ctx.saved_tensors
     out = []
@@ -593,7 +634,7 @@ def _linear_backward(ctx, grad_loss, *_unused, in_place=False):
     return (d_hidden, d_weight, None, d_bias, d_a, d_b) + (None,) * _LINEAR_OTHER_INPUTS
 
 
-_linear_ppo_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+_linear_ppo_op.register_autograd(_linear_op_backward, setup_context=_linear_setup_context)
 
 
 def _logits_ppo_impl(
@@ -618,13 +659,14 @@ def _logits_ppo_impl(
     loss_type: str,
     tau_pos: float,
     tau_neg: float,
+    normalizer: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits (B, T, V), advantages (B, T) or (B, 1) -> (loss (), logp (N,), entropy (N,),
     d logits (B, T, V) or (0,)); loss / logp / entropy fp32 (fp64 for fp64 logits)."""
     return _logits_sweep(logits3d, labels, old_logp, advantages, weights, ref_logp, kl_coef,
                          kl_estimator, entropy_coef, temperature, clip_low, clip_high, dual_clip,
                          log_ratio_clamp, ignore_index, need_grad, check_labels, ratio_level,
-                         loss_type, tau_pos, tau_neg)
+                         loss_type, tau_pos, tau_neg, normalizer)
 
 
 _LOGITS_PARAMS = tuple(inspect.signature(_logits_ppo_impl).parameters)
@@ -638,7 +680,7 @@ _logits_ppo_op = torch.library.custom_op("rlhf_kernels::ppo_loss_from_logits",
 @_logits_ppo_op.register_fake
 def _(logits3d, labels, old_logp, advantages, weights, ref_logp, kl_coef, kl_estimator,
       entropy_coef, temperature, clip_low, clip_high, dual_clip, log_ratio_clamp, ignore_index,
-      need_grad, check_labels, ratio_level, loss_type, tau_pos, tau_neg):
+      need_grad, check_labels, ratio_level, loss_type, tau_pos, tau_neg, normalizer):
     n = logits3d.shape[0] * logits3d.shape[1]
     out = head.out_dtype(logits3d.dtype)
     return (logits3d.new_empty((), dtype=out), logits3d.new_empty((n,), dtype=out),
@@ -648,17 +690,22 @@ def _(logits3d, labels, old_logp, advantages, weights, ref_logp, kl_coef, kl_est
 
 def _logits_setup_context(ctx, inputs, output):
     ctx.need_grad = inputs[_LOGITS_NEED_GRAD]
-    ctx.mark_non_differentiable(*output[1:])  # as in _linear_setup_context
+    ctx.mark_non_differentiable(*output[1:3])  # as in _linear_setup_context
     ctx.save_for_backward(output[3])
 
 
+@no_double_backward("ppo_loss_from_logits")
+def _logits_op_backward(ctx, grad_loss, *_unused):
+    return _logits_backward(ctx, grad_loss)
+
+
 def _logits_backward(ctx, grad_loss, *_unused, in_place=False):
-    (d_logits,) = ctx.saved_tensors
+    d_logits = ctx.saved_tensors[0]
     d_logits = _scale(d_logits, grad_loss, in_place) if ctx.need_grad else None
     return (d_logits,) + (None,) * _LOGITS_OTHER_INPUTS
 
 
-_logits_ppo_op.register_autograd(_logits_backward, setup_context=_logits_setup_context)
+_logits_ppo_op.register_autograd(_logits_op_backward, setup_context=_logits_setup_context)
 
 
 # --------------------------------------------------------------------------------------------
@@ -672,7 +719,7 @@ class _LinearPPOFunction(torch.autograd.Function):
          entropy_coef, temperature, clip_low, clip_high, dual_clip, log_ratio_clamp,
          ignore_index, chunk_size, memory_budget_bytes, need_hidden, need_weight, need_bias,
          need_lora_a, need_lora_b, check_labels, seq_len, ratio_level, loss_type, tau_pos,
-         tau_neg) = rest
+         tau_neg, normalizer) = rest
         needs = (need_hidden, need_weight, need_bias, need_lora_a, need_lora_b)
         # hidden (..., H) is flattened here, not by the caller: no view node in the graph.
         hidden_shape = hidden.shape
@@ -682,13 +729,14 @@ class _LinearPPOFunction(torch.autograd.Function):
             ref_logp, lora_scale, kl_coef, kl_estimator, entropy_coef, temperature, clip_low,
             clip_high, dual_clip, log_ratio_clamp, ignore_index, chunk_size,
             memory_budget_bytes, needs, check_labels, seq_len, ratio_level, loss_type, tau_pos,
-            tau_neg, placeholder=False)
+            tau_neg, normalizer, placeholder=False)
         if need_hidden:
             grads[0] = grads[0].view(hidden_shape)
         ctx.mark_non_differentiable(logp, entropy)
         ctx.needs = needs
-        ctx.save_for_backward(*grads)
-        return loss, logp, entropy
+        anchor = anchor_output(loss)  # for no_double_backward, not for the user
+        ctx.save_for_backward(*grads, anchor)
+        return loss, logp, entropy, anchor
 
     @staticmethod
     @no_double_backward("linear_ppo_loss")
@@ -706,8 +754,10 @@ class _LogitsPPOFunction(torch.autograd.Function):
         loss, logp, entropy, d_logits = _logits_sweep(_as_3d(logits), *rest)
         ctx.mark_non_differentiable(logp, entropy)
         ctx.need_grad = rest[_LOGITS_NEED_GRAD - 1]  # rest: the op's inputs after the logits
-        ctx.save_for_backward(d_logits.view(logits.shape) if ctx.need_grad else d_logits)
-        return loss, logp, entropy
+        anchor = anchor_output(loss)  # for no_double_backward, not for the user
+        ctx.save_for_backward(d_logits.view(logits.shape) if ctx.need_grad else d_logits,
+                              anchor)
+        return loss, logp, entropy, anchor
 
     @staticmethod
     @no_double_backward("ppo_loss_from_logits")
@@ -792,8 +842,21 @@ def _refuse_rollout_grads(old_logp, advantages, ref_logp) -> None:
 
 
 def _mask_and_weights(labels, old_logp, mask, ignore_index, reduction, normalizer):
+    """-> (the 0/1 fp32 mask, the flat weights of the loss). With a tensor normalizer the
+    weights are those of a normalizer of 1 and the sweeps divide by it after the sum (as the
+    reference's reduce_loss): weights m / normalizer would be +-inf / NaN for a normalizer of 0
+    (an all-reduced count of 0), and their weighted sum NaN where the reference gives +-inf."""
     m = as_mask(mask, old_logp) * (labels != ignore_index).to(torch.float32)
+    if isinstance(normalizer, torch.Tensor):
+        normalizer = 1.0
     return m, reduction_weights(m, reduction, normalizer).reshape(-1)
+
+
+def _normalizer_tensor(normalizer):
+    """The sweeps' ``normalizer``: a tensor normalizer, detached (no gradient into a count), on
+    the device of the loss or the CPU (a host scalar); None for a number (it is in the
+    weights)."""
+    return normalizer.detach() if isinstance(normalizer, torch.Tensor) else None
 
 
 def _advantages_2d(advantages, labels):
@@ -894,16 +957,10 @@ def _fused_or_torch_stats(logp, entropy, labels, old_logp, advantages, m, weight
                       log_ratio_clamp, reduction, ratio_level, loss_type, normalizer, taus)
     tau_pos, tau_neg = taus or (1.0, 1.0)
     stat_weights = inputs[4]
+    # With a tensor normalizer the weights are those of a normalizer of 1
+    # (``_mask_and_weights``): the kernel sums with them and the division by the normalizer
+    # follows, as the reference's reduce_loss divides (+-inf for a count of 0, NaN for 0 / 0).
     divide = isinstance(normalizer, torch.Tensor)
-    if divide:
-        # The reference divides the reduced sum by a tensor normalizer (reduce_loss); weights
-        # m / normalizer would differ from that where the normalizer is 0 or NaN (an
-        # all-reduced count of 0: sum(w x) over inf weights is NaN where the reference's
-        # sum / 0 is +-inf, and 0 over no token where the reference's 0 / 0 is NaN). So the
-        # kernel sums with the weights before that division (those of a normalizer of 1: the
-        # mask; the mask over the row's count for seq-mean-token-mean), and the division by the
-        # normalizer follows.
-        stat_weights = reduction_weights(m2, reduction, 1.0)
     args = (*inputs[:4], stat_weights, m2, inputs[5], kl_coef, kl_estimator, clip_low,
             clip_high, dual_clip, log_ratio_clamp, loss_type, tau_pos, tau_neg)
     if launch_directly(*inputs, m2):
@@ -916,6 +973,42 @@ def _fused_or_torch_stats(logp, entropy, labels, old_logp, advantages, m, weight
     if not use_kl:
         del stats["kl"]
     return stats
+
+
+class _ValueOf(torch.autograd.Function):
+    """``value`` as the output, ``loss``'s gradient: the backward passes the incoming gradient
+    to ``loss`` unchanged."""
+
+    @staticmethod
+    def forward(ctx, loss, value):
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _loss_of_a_zero_normalizer(loss, stats, entropy, weights, entropy_coef, kl_coef,
+                               normalizer):
+    """The fused loss with a tensor normalizer, whose value is the reference's where that
+    normalizer is 0.
+
+    The reference divides each term's reduced sum by the normalizer and then combines them
+    (``reference._ppo_total``: pg + kl_coef kl - entropy_coef H): over a normalizer of 0 each
+    term is +-inf (NaN for a sum of 0) and the total follows IEEE (inf - inf is NaN). The sweeps
+    divide the one weighted sum of the combined per-token terms, whose kind can differ (+inf
+    where the reference has NaN). The terms' quotients are at hand: the stats' pg_loss and kl
+    (each divided by the normalizer as the reference divides) and the entropy's weighted sum,
+    one more reduction over the tokens. Elsewhere (a normalizer that is not 0) the value is the
+    sweep's, to its bits; the gradient is the sweep's always (no host sync either way)."""
+    value = stats["pg_loss"].to(loss.dtype)
+    if "kl" in stats:
+        value = value + kl_coef * stats["kl"].to(loss.dtype)
+    if entropy_coef:
+        n = normalizer.detach().to(loss.dtype)
+        value = value - entropy_coef * ((weights * entropy).sum().to(loss.dtype) / n)
+    value = torch.where(normalizer.detach() == 0, value, loss.detach())
+    return _ValueOf.apply(loss, value)
 
 
 def _as_3d(logits):
@@ -1014,17 +1107,20 @@ def ppo_loss_from_logits(
         _advantages_2d(advantages, labels), weights, _flat(ref_logp) if use_kl else None,
         kl_coef, kl_estimator, entropy_coef, temperature, clip_low, clip_high, dual_clip,
         log_ratio_clamp, ignore_index, need_grad, bool(check_labels), ratio_level, loss_type,
-        tau_pos, tau_neg)
+        tau_pos, tau_neg, _normalizer_tensor(normalizer))
     if not launch_directly(logits, labels, old_logp, advantages, mask, ref_logp):
         loss, logp, entropy, _ = _logits_ppo_op(_as_3d(logits), *rest)
     elif need_grad:
-        loss, logp, entropy = _LogitsPPOFunction.apply(logits, *rest)
+        loss, logp, entropy, _ = _LogitsPPOFunction.apply(logits, *rest)
     else:
         loss, logp, entropy, _ = _logits_sweep(_as_3d(logits), *rest)
     stats = _fused_or_torch_stats(logp, entropy, labels, old_logp, advantages, m, weights,
                                   ref_logp, kl_coef, kl_estimator, entropy_coef, clip_low,
                                   clip_high, dual_clip, log_ratio_clamp, reduction, ratio_level,
                                   loss_type, normalizer, taus)
+    if isinstance(normalizer, torch.Tensor):
+        loss = _loss_of_a_zero_normalizer(loss, stats, entropy, weights, entropy_coef, kl_coef,
+                                          normalizer)
     return loss, stats
 
 
@@ -1125,12 +1221,12 @@ def linear_ppo_loss(
         lora_scale, kl_coef, kl_estimator, entropy_coef, temperature, clip_low, clip_high,
         dual_clip, log_ratio_clamp, ignore_index, chunk_size or 0, memory_budget_bytes or 0,
         *needs, bool(check_labels), int(labels.shape[-1]), ratio_level, loss_type, tau_pos,
-        tau_neg)
+        tau_neg, _normalizer_tensor(normalizer))
     if not launch_directly(hidden, weight, labels, bias, lora_a, lora_b, old_logp, advantages,
                            mask, ref_logp):
         loss, logp, entropy, *_ = _linear_ppo_op(hidden.reshape(-1, hidden.shape[-1]), *args[1:])
     elif any(needs):
-        loss, logp, entropy = _LinearPPOFunction.apply(*args)  # it flattens hidden itself
+        loss, logp, entropy, _ = _LinearPPOFunction.apply(*args)  # it flattens hidden itself
     else:
         loss, logp, entropy, *_ = _linear_sweep(hidden.reshape(-1, hidden.shape[-1]),
                                                 *args[1:22], needs, *args[27:],
@@ -1139,4 +1235,7 @@ def linear_ppo_loss(
                                   ref_logp, kl_coef, kl_estimator, entropy_coef, clip_low,
                                   clip_high, dual_clip, log_ratio_clamp, reduction, ratio_level,
                                   loss_type, normalizer, taus)
+    if isinstance(normalizer, torch.Tensor):
+        loss = _loss_of_a_zero_normalizer(loss, stats, entropy, weights, entropy_coef, kl_coef,
+                                          normalizer)
     return loss, stats

@@ -52,6 +52,7 @@ from rlhf_kernels.ops._reduce import (
     loss_denominator,
     mask_for_kernel,
     next_power_of_2,
+    no_double_backward,
     normalizer_args,
     reduction_code,
     row_tiles,
@@ -321,17 +322,20 @@ def _(values, old_values, returns, mask, normalizer, clip, reduction, normalizer
 
 def _setup_context(ctx, inputs, output):
     _, stats, saved_grad = output
-    ctx.mark_non_differentiable(stats, saved_grad)
+    ctx.mark_non_differentiable(stats)  # saved_grad: as in policy_loss._setup_context
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(saved_grad, stats)
     ctx.values_dtype = inputs[0].dtype
+    ctx.select = inputs[4] is not None  # a tensor normalizer (_reduce.scale_saved_grad)
 
 
+@no_double_backward("ppo_value_loss")
 def _backward(ctx, grad_loss, grad_stats, grad_saved):
     saved_grad, stats = ctx.saved_tensors
     grad_values = None
     if grad_loss is not None and ctx.needs_input_grad[0]:
-        grad_values = saved_grad_scale(saved_grad, grad_loss, stats, _S_SCALE, ctx.values_dtype)
+        grad_values = saved_grad_scale(saved_grad, grad_loss, stats, _S_SCALE, ctx.values_dtype,
+                                       ctx.select)
     return grad_values, None, None, None, None, None, None, None
 
 
@@ -408,7 +412,7 @@ def ppo_value_loss(
     if not launch_directly(values, old_values, returns, mask, norm_tensor):
         loss, stats, _ = _ppo_value_loss_op(*args)
     elif torch.is_grad_enabled() and values.requires_grad:
-        loss, stats = SavedGradLoss.apply(_launch, _S_SCALE, *args)
+        loss, stats, _ = SavedGradLoss.apply(_launch, _S_SCALE, norm_tensor is not None, *args)
     else:
         loss, stats, _ = _launch(*args)
     return loss, dict(zip(_STAT_NAMES, stats.unbind(0)))

@@ -311,6 +311,32 @@ def _loss_for_double_backward(op, leaf):
     return rk.linear_ppo_loss(leaf[..., None], weight, labels, other - 2, other)[0]
 
 
+@pytest.mark.parametrize("path", ["eager", "custom op"])
+@pytest.mark.parametrize("op", ["kl_penalty", "ppo_policy_loss", "ppo_value_loss",
+                                "ppo_loss_from_logits", "linear_ppo_loss", "logprobs"])
+def test_a_second_derivative_by_autograd_grad_raises_too(monkeypatch, op, path):
+    """``torch.autograd.grad(f(grad), leaf, allow_unused=True)`` runs only the nodes on a path
+    to ``leaf``: the error node, fed by detached copies alone, was skipped, and the second
+    derivative came back as that of the other terms (here ``leaf.sum()``'s ones, silently
+    missing the gradient's own), on the eager path and the custom op's (whose gradient had no
+    history at all). Now the op's message, on both."""
+    if path == "custom op":
+        for module in (kl, policy_loss, value_loss, ppo_fused, logprobs_mod):
+            monkeypatch.setattr(module, "launch_directly", lambda *tensors: False)
+    leaf = torch.randn(2, 6, device=DEVICE, requires_grad=True)
+    if op == "logprobs":
+        labels = torch.randint(0, 5, (2, 6), device=DEVICE)
+        loss = rk.logprobs(leaf[..., None] * torch.linspace(-1, 1, 5, device=DEVICE),
+                           labels).sum()
+    else:
+        loss = _loss_for_double_backward(op, leaf)
+    (grad,) = torch.autograd.grad(loss, leaf, create_graph=True)
+    penalty = grad.square().sum() + leaf.sum()
+    with pytest.raises(RuntimeError, match=f"rlhf_kernels.*{op}.*not differentiable again"
+                                           "|no autograd formula"):
+        torch.autograd.grad(penalty, leaf, allow_unused=True)
+
+
 @pytest.mark.parametrize("op", ["kl_penalty", "ppo_policy_loss", "ppo_value_loss",
                                 "bradley_terry_loss", "ppo_loss_from_logits", "linear_ppo_loss"])
 def test_loss_gradients_refuse_a_double_backward(op):

@@ -1053,3 +1053,72 @@ def test_token_level_stats_with_a_zero_nan_or_inf_normalizer_tensor(monkeypatch,
                 torch.testing.assert_close(got[key].double(), want[key], rtol=1e-5, atol=1e-6,
                                            equal_nan=True,
                                            msg=f"{key}, normalizer {value}, {all_masked=}")
+
+
+def _kinds(t: torch.Tensor) -> torch.Tensor:
+    """Per element: 0 finite, 1 +inf, 2 -inf, 3 NaN."""
+    t = t.detach()
+    return (torch.isposinf(t) * 1 + torch.isneginf(t) * 2 + torch.isnan(t) * 3).to(torch.int8)
+
+
+@pytest.mark.parametrize("path", ["eager", "custom op"])
+def test_a_zero_or_nan_normalizer_tensor_gives_the_references_non_finite_loss(monkeypatch, path):
+    """A tensor normalizer is used unread (an all-reduced count, maybe on the device), so 0 or
+    NaN reaches the division: every loss is the float64 reference's +-inf / NaN (the fused ones
+    summed inf weights times terms of both signs and returned NaN for the reference's +-inf, and
+    +inf for its inf - inf with an entropy term), and the gradient is non-finite exactly where
+    the reference's is: a masked or clipped token keeps a 0 gradient (the backward made it
+    0 * inf = NaN). Eagerly and through the custom ops (torch.compile's path)."""
+    import rlhf_kernels as rk
+    from rlhf_kernels.ops import policy_loss, ppo_fused, value_loss
+
+    if path == "custom op":
+        for module in (ppo_fused, policy_loss, value_loss):
+            monkeypatch.setattr(module, "launch_directly", lambda *tensors: False)
+    g = torch.Generator().manual_seed(3)
+    B, T, V, H = 2, 5, 7, 6
+    hidden = torch.randn(B, T, H, generator=g).to(DEVICE)
+    weight = torch.randn(V, H, generator=g).to(DEVICE)
+    logits = (hidden @ weight.T).contiguous()
+    labels = torch.randint(0, V, (B, T), generator=g).to(DEVICE)
+    old = torch.randn(B, T, generator=g).to(DEVICE) - 2.0
+    adv = torch.randn(B, T, generator=g).to(DEVICE)
+    ref_logp = torch.randn(B, T, generator=g).to(DEVICE) - 2.0
+    mask = torch.ones(B, T, device=DEVICE)
+    mask[1, 3:] = 0
+    logp = torch.randn(B, T, generator=g).to(DEVICE) - 2.0
+    masked = (mask == 0)
+
+    def run(op, leaf, *args, **kw):
+        got_leaf = leaf.clone().requires_grad_()
+        loss, _ = op(got_leaf, *args, **kw)
+        loss.backward()
+        want_leaf = leaf.double().requires_grad_()
+        want_loss, _ = op(want_leaf, *(a.double() if torch.is_tensor(a) and a.is_floating_point()
+                                       else a for a in args), **kw, backend="reference")
+        want_loss.backward()
+        return loss, got_leaf.grad, want_loss, want_leaf.grad
+
+    for value in (0.0, float("nan")):
+        normalizer = torch.tensor(value, device=DEVICE)
+        cases = []
+        for entropy_coef, kl_coef, reduction in ((0.0, 0.0, "token-mean"),
+                                                 (0.01, 0.1, "seq-mean-token-mean")):
+            fused = dict(mask=mask, ref_logp=ref_logp, kl_coef=kl_coef, reduction=reduction,
+                         entropy_coef=entropy_coef, normalizer=normalizer)
+            cases.append((f"ppo_loss_from_logits {reduction}", run(
+                rk.ppo_loss_from_logits, logits, labels, old, adv, **fused), masked))
+            cases.append((f"linear_ppo_loss {reduction}", run(
+                lambda h, *a, **kw: rk.linear_ppo_loss(h, weight.to(h.dtype), *a, **kw),
+                hidden, labels, old, adv, **fused), masked))
+        cases.append(("ppo_policy_loss", run(rk.ppo_policy_loss, logp, old, adv, mask,
+                                             normalizer=normalizer), masked))
+        cases.append(("ppo_value_loss", run(rk.ppo_value_loss, logp, old, adv, mask,
+                                            normalizer=normalizer), masked))
+        for name, (loss, grad, want_loss, want_grad), masked_tokens in cases:
+            what = f"{name}, normalizer {value}, {path}"
+            assert not torch.isfinite(want_loss), what  # the case is the one under test
+            assert _kinds(loss).item() == _kinds(want_loss).item(), (what, loss, want_loss)
+            assert torch.equal(torch.isfinite(grad), torch.isfinite(want_grad)), what
+            at_masked = grad[masked_tokens]
+            assert torch.equal(at_masked, torch.zeros_like(at_masked)), what
