@@ -67,7 +67,7 @@ BUCKET_ELEMENTS = 2**25  # elements per all-reduce bucket (128 MiB of fp32), DDP
 FSDP2_AUTO_FRACTION = 0.4  # auto: fsdp2 when the base weights exceed this share of the GPU
 # every collective this module issued, by kind; "gradients": the all-reduces of sum_gradients
 COLLECTIVES = {"all_reduce": 0, "all_gather": 0, "broadcast": 0, "barrier": 0, "gradients": 0}
-_STATE: dict[str, Any] = {"strategy": None, "resolved": None}
+_STATE: dict[str, Any] = {"strategy": None, "resolved": None, "gpu": None}
 
 
 class RankFailure(RuntimeError):
@@ -139,7 +139,8 @@ def init_from_env(device: str = "auto") -> bool:
     if cuda:
         if device != "auto":
             resolve_device(device)  # no CUDA, or no such GPU: the one-process run's error line
-        torch.cuda.set_device(_local_gpu(device, backend, int(size)))
+        _STATE["gpu"] = _local_gpu(device, backend, int(size))
+        torch.cuda.set_device(_STATE["gpu"])
     dist.init_process_group(backend, timeout=_timeout())
     if dist.get_rank() != 0:
         _silence_progress_bars()
@@ -195,14 +196,18 @@ def shutdown() -> None:
     """Leave the process group (the CLI calls it when the stage returns)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-    _STATE["resolved"] = None
+    _STATE["resolved"] = _STATE["gpu"] = None
 
 
 def local_device(device: torch.device) -> torch.device:
     """``cuda`` without an index becomes this rank's GPU under torchrun: the one
-    ``init_from_env`` made current (cuda:LOCAL_RANK; under gloo, LOCAL_RANK modulo the GPUs)."""
+    ``init_from_env`` made current (cuda:LOCAL_RANK; under gloo, LOCAL_RANK modulo the GPUs),
+    or cuda:LOCAL_RANK where the process group was made some other way."""
     if device.type == "cuda" and device.index is None and is_distributed():
-        return torch.device("cuda", torch.cuda.current_device())  # init_from_env set it
+        gpu = _STATE["gpu"]  # None: the process group was made without init_from_env
+        if gpu is None:
+            gpu = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
+        return torch.device("cuda", gpu)
     return device
 
 

@@ -303,6 +303,7 @@ def test_init_from_env_refuses_a_device_the_ranks_cannot_use(monkeypatch):
                             MASTER_PORT="29500").items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("RLHF_DIST_BACKEND", raising=False)
+    monkeypatch.setitem(distributed._STATE, "gpu", None)
     joined, current = [], []
     monkeypatch.setattr(distributed.dist, "init_process_group",
                         lambda backend, **_: joined.append(backend))
@@ -326,6 +327,8 @@ def test_init_from_env_refuses_a_device_the_ranks_cannot_use(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     distributed.init_from_env("cuda")  # gloo: the second process shares the one GPU
     assert joined == ["nccl", "gloo"] and current == [1, 0]
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    assert distributed.local_device(torch.device("cuda")) == torch.device("cuda", 0)
 
 
 def test_plan_accounts_for_data_parallel_ranks():
