@@ -155,27 +155,46 @@ ADVANTAGE_NORMS = ("auto", "group", "batch", "none")  # auto: the estimator's ow
 LOSS_NORMALIZERS = ("batch", "step_tokens", "max_length")
 
 # The settings each algorithm presets (None in RLConfig = take the preset). clip_ratio_high None
-# here: the same as clip_ratio.
+# here: the same as clip_ratio. docs/algorithms.md has each preset against its paper.
 _BASE = dict(advantage_estimator="gae", group_size=1, ratio_level="token", loss_type="ppo",
              loss_reduction="token-mean", loss_normalizer="batch", clip_ratio=0.2,
-             clip_ratio_high=None, kl_in_loss=False, kl_estimator="k1", dynamic_sampling=False)
+             clip_ratio_high=None, kl_coef=0.1, kl_in_loss=False, kl_estimator="k1",
+             dynamic_sampling=False)
+# GRPO (DeepSeekMath, Shao et al. 2024): group-normalised advantages, (r - mean) / std; the
+# per-token loss averaged over each response, then over the responses; k3 KL to the reference
+# in the loss (the paper's beta is 0.04; the trainer keeps its 0.1, kl_target adapts it)
 _CRITIC_FREE = dict(_BASE, advantage_estimator="grpo", group_size=8, kl_in_loss=True,
                     kl_estimator="k3", loss_reduction="seq-mean-token-mean")
 PRESETS: dict[str, dict] = {
     "ppo": _BASE,
     "grpo": _CRITIC_FREE,
+    # Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-like training"): no std division (r -
+    # mean) and no per-response length normalisation (the summed token losses over a constant,
+    # rows x max_new_tokens, as the paper's code divides by the generation budget); no KL term
+    # (beta = 0 in its training settings)
     "dr_grpo": dict(_CRITIC_FREE, advantage_estimator="dr_grpo",
-                    loss_reduction="seq-mean-token-sum-norm", loss_normalizer="max_length"),
+                    loss_reduction="seq-mean-token-sum-norm", loss_normalizer="max_length",
+                    kl_coef=0.0),
+    # RLOO (Ahmadian et al. 2024): the leave-one-out baseline, no std division. The paper puts a
+    # k1 KL in the reward and sums each response's tokens; this preset keeps GRPO's k3 in the
+    # loss over the token mean (docs/algorithms.md gives the overrides for the paper's form)
     "rloo": dict(_CRITIC_FREE, advantage_estimator="rloo", loss_reduction="token-mean"),
-    # GSPO (Qwen, paper v2 section 5.1): the sequence ratio (a geometric mean, close to 1) is
-    # clipped at 1 - 3e-4 and 1 + 4e-4; PPO's 0.2 left it all but unclipped
-    "gspo": dict(_CRITIC_FREE, ratio_level="sequence", clip_ratio=3e-4, clip_ratio_high=4e-4),
+    # GSPO (Zheng et al. 2025, paper v2 section 5.1): the sequence ratio (a geometric mean, close
+    # to 1) clipped at 1 - 3e-4 and 1 + 4e-4 (PPO's 0.2 left it all but unclipped), one loss per
+    # response averaged over the responses; no KL term (beta = 0, as the paper's runs)
+    "gspo": dict(_CRITIC_FREE, ratio_level="sequence", clip_ratio=3e-4, clip_ratio_high=4e-4,
+                 kl_coef=0.0),
+    # DAPO (Yu et al. 2025): clip-higher 0.2 / 0.28 (section 4.1), the token-level loss over
+    # every token of the step, dynamic sampling; no KL term (section 2.3 removes it)
     "dapo": dict(_CRITIC_FREE, loss_reduction="token-mean", loss_normalizer="step_tokens",
-                 clip_ratio_high=0.28, dynamic_sampling=True),
-    # MiniMax-M1: no lower bound on the weight (1 - 1 = 0), the upper at 1 + 4 = 5 (ScaleRL's
-    # eps_max = 5, TRL's recommendation), tokens of the step as DAPO
+                 clip_ratio_high=0.28, dynamic_sampling=True, kl_coef=0.0),
+    # CISPO (MiniMax-M1, 2025): the truncated IS weight sg(clip(r, 1 - eps_low, 1 + eps_high))
+    # on the REINFORCE term; no lower bound (1 - 1 = 0), the upper at 1 + 4 = 5 (ScaleRL's and
+    # TRL's truncation at 5); the token losses over every token of the step (its 1 / sum |o_i|);
+    # no KL term in its objective
     "cispo": dict(_CRITIC_FREE, loss_type="cispo", loss_reduction="token-mean",
-                  loss_normalizer="step_tokens", clip_ratio=1.0, clip_ratio_high=4.0),
+                  loss_normalizer="step_tokens", clip_ratio=1.0, clip_ratio_high=4.0,
+                  kl_coef=0.0),
     # SAPO (Qwen): GRPO with a smooth gate sigmoid(tau (r - 1)) * 4 / tau on the ratio in place
     # of the clip (sapo_tau_pos / sapo_tau_neg); clip_ratio only sets what clipfrac counts
     "sapo": dict(_CRITIC_FREE, loss_type="sapo"),
@@ -224,6 +243,7 @@ class AlgorithmSettings:
     loss_normalizer: str
     clip_ratio: float
     clip_ratio_high: float
+    kl_coef: float
     kl_in_loss: bool
     kl_estimator: str
     dynamic_sampling: bool
@@ -264,7 +284,9 @@ class RLConfig:
     warmup_steps: int = 5
     min_lr_ratio: float = 0.5
     grad_clip: float = 1.0
-    kl_coef: float = 0.1
+    # the KL term's weight (its start, with kl_target); preset: 0.1 (ppo, grpo, rloo, sapo), 0
+    # (dr_grpo, gspo, dapo, cispo: their papers train without a KL term)
+    kl_coef: float | None = None
     kl_target: float | None = 6.0  # nats per sequence; None: fixed kl_coef
     kl_horizon: int = 500  # samples; larger = slower kl_coef adaptation
     kl_in_loss: bool | None = None  # KL in the loss (k3) instead of the reward; preset
@@ -453,14 +475,14 @@ class RLConfig:
             warnings.warn(f"kl_horizon={self.kl_horizon} has no effect with kl_target=null "
                           f"(kl_coef stays fixed; kl_horizon sets how fast the adaptive "
                           f"controller moves it towards kl_target)", stacklevel=2)
-        if (self.kl_coef == 0 and self.kl_target is not None
+        if (s.kl_coef == 0 and self.kl_target is not None
                 and self.kl_target != defaults["kl_target"]):
             # the controller scales kl_coef by a factor: from 0 it never moves
             warnings.warn(f"kl_target={self.kl_target} has no effect with kl_coef=0 (the "
                           f"adaptive controller multiplies kl_coef, and 0 stays 0); give kl_coef "
                           f"a starting value > 0, or kl_target=null for no KL", stacklevel=2)
         given = [name for name in ("kl_in_loss", "kl_estimator") if getattr(self, name) is not None]
-        if self.kl_coef == 0 and given:  # the presets' values are not the user's: no word
+        if s.kl_coef == 0 and given:  # the presets' values are not the user's: no word
             shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in given)
             warnings.warn(f"{shown} has no effect with kl_coef=0 (no KL term: kl_coef weighs it "
                           f"in the reward or in the loss); give kl_coef > 0, or remove it",
@@ -488,6 +510,16 @@ class RLConfig:
         if s.loss_type != "sapo":
             refuse_changed(SAPO_SETTINGS, f"loss_type={s.loss_type!r}: the temperatures are "
                                           f"SAPO's gate's")
+        else:
+            clips = [name for name in ("clip_ratio", "clip_ratio_high")
+                     if getattr(self, name) is not None]
+            if clips:  # a warning: the metric still reads them
+                shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in clips)
+                warnings.warn(f"{shown} does not change the loss with loss_type='sapo': SAPO's "
+                              f"gate replaces the clip (sapo_tau_pos / sapo_tau_neg set how "
+                              f"fast it closes), and the clip range only sets what clipfrac "
+                              f"counts; remove it, or use another loss_type for a clip",
+                              stacklevel=2)
         if not s.dynamic_sampling:
             refuse_changed(DYNAMIC_SAMPLING_SETTINGS, "dynamic_sampling is off")
         elif s.uses_critic or s.group_size == 1:
@@ -553,7 +585,7 @@ def used_settings(cfg: RLConfig, values: dict) -> dict:
         (() if cfg.settings.dynamic_sampling else DYNAMIC_SAMPLING_SETTINGS) + \
         (() if cfg.settings.loss_type == "sapo" else SAPO_SETTINGS) + \
         (("kl_horizon",) if cfg.kl_target is None else ()) + \
-        (KL_TERM_SETTINGS if cfg.kl_coef == 0 else ()) + \
+        (KL_TERM_SETTINGS if cfg.settings.kl_coef == 0 else ()) + \
         (("overlong_penalty",) if cfg.overlong_buffer == 0 else ())  # no length penalty
     for key in unused:
         values.pop(key, None)
@@ -737,8 +769,9 @@ def policy_loss(backbone, batch: Rollout, cfg: RLConfig, *, kl_coef: float | Non
     The policy's hidden states x lm_head go straight into ``linear_ppo_loss``: no (B, N, V)
     logits, and the gradient is made in the same sweep. The algorithm's settings choose the
     ratio (per token or per sequence), the loss (clipped PPO or CISPO), the reduction and the
-    KL term (``kl_coef``, default ``cfg.kl_coef``, when the KL is in the loss); ``normalizer``
-    replaces the reduction's outer denominator (a count over the whole optimizer step).
+    KL term (``kl_coef``, default the resolved ``settings.kl_coef``, when the KL is in the
+    loss); ``normalizer`` replaces the reduction's outer denominator (a count over the whole
+    optimizer step).
     Per-sequence (B,) advantages go to the op as they are. Stats include the mean entropy of the
     policy over response tokens.
     """
@@ -755,7 +788,7 @@ def policy_loss(backbone, batch: Rollout, cfg: RLConfig, *, kl_coef: float | Non
     kl = {}
     if s.kl_in_loss:
         kl = dict(ref_logp=batch.ref_logprobs, kl_estimator=s.kl_estimator,
-                  kl_coef=cfg.kl_coef if kl_coef is None else kl_coef)
+                  kl_coef=cfg.settings.kl_coef if kl_coef is None else kl_coef)
     return rlhf_kernels.linear_ppo_loss(
         hidden, backbone.lm_head_weight(), labels, batch.old_logprobs, batch.advantages,
         batch.action_mask, bias=backbone.lm_head_bias(), entropy_coef=cfg.entropy_coef,
@@ -1248,7 +1281,7 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
     steps_per_iteration = cfg.ppo_epochs * minibatches // cfg.grad_accum_steps
     scheduler = warmup_cosine_schedule(optimizer, cfg.warmup_steps,
                                        cfg.num_iterations * steps_per_iteration, cfg.min_lr_ratio)
-    kl_controller = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    kl_controller = AdaptiveKLController(s.kl_coef, cfg.kl_target, cfg.kl_horizon)
     autocast_dtype = autocast_dtype_for(device, cfg.bf16)
     # one engine for the whole run: the same (batch, max_prompt_length, max_new_tokens) every
     # iteration, so its cache and captured decode step are built once

@@ -173,7 +173,7 @@ def test_the_pipeline_runs_a_critic_free_algorithm_and_resumes_it(tmp_path):
     assert _figures(run(cfg)) == _figures(summary)
     # a PipelineConfig with the algorithm starts from the task's settings for it
     assert PipelineConfig(algorithm="grpo").ppo.kl_coef == 0.3
-    assert PipelineConfig().ppo.kl_coef == 0.1
+    assert PipelineConfig().ppo.settings.kl_coef == 0.1  # the PPO preset (ppo.kl_coef: null)
 
 
 def test_a_stage_with_dropout_resumes_exactly(tmp_path):

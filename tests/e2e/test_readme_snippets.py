@@ -126,7 +126,8 @@ def test_the_algorithm_table_says_what_the_presets_set():
             "loss_reduction": reduction == reductions[preset["loss_reduction"],
                                                       preset["loss_normalizer"]],
             "clip": preset["loss_type"] == "sapo" or clip == f"{preset['clip_ratio']}, {high}",
-            "kl": kl == (f"{preset['kl_estimator']} in the "
+            "kl": kl == ("none (`kl_coef=0`)" if preset["kl_coef"] == 0 else
+                         f"{preset['kl_estimator']} in the "
                          f"{'loss' if preset['kl_in_loss'] else 'reward'}"),
         }
         wrong += [f"{name}: {what}" for what, ok in checks.items() if not ok]
@@ -163,7 +164,7 @@ def _defaults() -> dict[str, object]:
         "The critic-free presets use `group_size=8`": {
             preset["group_size"] for name, preset in PRESETS.items() if name != "ppo"},
         "`kl_coef=0.3` instead of PPO's 0.1": (pipeline.CRITIC_FREE_TASK_SETTINGS["kl_coef"],
-                                               rl.kl_coef),
+                                               rl.settings.kl_coef),
         "`advantage_norm=auto|group|batch|none`": rl.advantage_norm,
         "`packing=auto`": {s.packing, r.packing, rl.packing},
     }

@@ -299,3 +299,80 @@ def test_ppo_value_loss_takes_the_step_normaliser(tmp_path, tokenizer, monkeypat
     count = float(m.sum()) if normaliser == "step_tokens" else 8 * 8  # rows x max_new_tokens
     errors = (rollout.old_values.double() - rollout.returns.double()) ** 2 * m
     assert record["value/loss"] == pytest.approx(0.5 * float(errors.sum()) / count, rel=1e-5)
+
+
+# ---- each preset is its paper's algorithm ------------------------------------------------------
+# (advantage_estimator, advantage_norm, ratio_level, loss_type, loss_reduction, loss_normalizer,
+#  clip_ratio, clip_ratio_high, kl_coef, kl_in_loss, kl_estimator, dynamic_sampling), each from
+# the paper named (docs/algorithms.md has the sections)
+PAPERS = {
+    # DeepSeekMath: (r - mean) / std, the per-response token mean, eps 0.2, k3 in the loss
+    "grpo": ("grpo", "group", "token", "ppo", "seq-mean-token-mean", "batch", 0.2, 0.2, 0.1,
+             True, "k3", False),
+    # Dr. GRPO: no std, no length normalisation (a constant), beta = 0
+    "dr_grpo": ("dr_grpo", "none", "token", "ppo", "seq-mean-token-sum-norm", "max_length", 0.2,
+                0.2, 0.0, True, "k3", False),
+    # GSPO v2 section 5.1: the sequence ratio clipped at 3e-4 / 4e-4, no KL
+    "gspo": ("grpo", "group", "sequence", "ppo", "seq-mean-token-mean", "batch", 3e-4, 4e-4, 0.0,
+             True, "k3", False),
+    # DAPO sections 2.3 and 4.1: clip-higher 0.2 / 0.28, the step's token mean, dynamic
+    # sampling, no KL
+    "dapo": ("grpo", "group", "token", "ppo", "token-mean", "step_tokens", 0.2, 0.28, 0.0, True,
+             "k3", True),
+    # MiniMax-M1: the IS weight truncated at 1 + 4 = 5 and not below 0, 1 / sum |o_i|, no KL
+    "cispo": ("grpo", "group", "token", "cispo", "token-mean", "step_tokens", 1.0, 4.0, 0.0,
+              True, "k3", False),
+}
+
+
+@pytest.mark.parametrize("algorithm", sorted(PAPERS))
+def test_each_critic_free_preset_is_its_papers_algorithm(algorithm):
+    """DAPO, GSPO, CISPO and Dr. GRPO kept GRPO's k3 KL penalty at kl_coef=0.1, where their
+    papers train without a KL term (beta = 0): `rlhf grpo algorithm=dapo` was not DAPO. kl_coef
+    is a preset now, 0 for those four; every other value is pinned to its paper here."""
+    s = rl.RLConfig(algorithm=algorithm).settings
+    got = (s.advantage_estimator, s.advantage_norm, s.ratio_level, s.loss_type,
+           s.loss_reduction, s.loss_normalizer, s.clip_ratio, s.clip_ratio_high, s.kl_coef,
+           s.kl_in_loss, s.kl_estimator, s.dynamic_sampling)
+    assert got == PAPERS[algorithm]
+    # a kl_coef given wins over the preset, as every preset value does
+    assert rl.RLConfig(algorithm=algorithm, kl_coef=0.05).settings.kl_coef == 0.05
+
+
+def test_a_preset_without_kl_trains_without_the_kl_term(tmp_path, tokenizer, monkeypatch):
+    """`algorithm=dapo` with nothing else: no KL term in the loss (the loss is the policy
+    gradient's alone) and the adaptive controller leaves kl_coef at 0; the KL to the reference
+    is still measured (`kl`)."""
+    record, _ = _one_iteration(tmp_path, tokenizer, monkeypatch, "dapo", kl_coef=None,
+                               kl_target=None)
+    assert record["kl_coef"] == 0.0
+    assert "policy/kl" not in record
+    assert record["policy/loss"] == pytest.approx(record["policy/pg_loss"], rel=1e-6, abs=1e-9)
+    assert record["kl"] != 0.0
+
+
+def test_a_run_started_with_the_old_dapo_preset_resumes_only_with_its_kl_coef():
+    """A DAPO run started when its preset had kl_coef=0.1 (run.json records that value) and
+    resumed under the new preset would continue without the KL term: --resume names the change
+    and the override that gives the run back."""
+    from rlhf.checkpoint import config_changes
+
+    changes = config_changes({"algorithm": "dapo", "kl_coef": 0.1},
+                             {"algorithm": "dapo", "kl_coef": None})
+    assert changes == [("kl_coef: 0.1 -> null (the dapo preset: 0.0)", "kl_coef=0.1")]
+    assert config_changes({"algorithm": "grpo", "kl_coef": 0.1},
+                          {"algorithm": "grpo", "kl_coef": None}) == []
+
+
+def test_a_clip_given_to_sapo_is_said_to_change_no_loss():
+    """`algorithm=sapo clip_ratio=0.1` trained exactly as without it (SAPO's gate replaces the
+    clip; the range only sets what clipfrac counts), without a word."""
+    import warnings
+
+    with pytest.warns(UserWarning, match=r"clip_ratio=0.1 does not change the loss with "
+                                         r"loss_type='sapo'"):
+        rl.RLConfig(algorithm="sapo", clip_ratio=0.1).check_critic_settings()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rl.RLConfig(algorithm="sapo").check_critic_settings()
+        rl.RLConfig(algorithm="grpo", clip_ratio=0.1).check_critic_settings()

@@ -38,7 +38,8 @@ def rl_config(tmp_path, algorithm="grpo", **overrides) -> rl.RLConfig:
                     algorithm=algorithm, num_iterations=3, rollout_batch_size=8, group_size=4,
                     minibatch_size=4, ppo_epochs=1, max_new_tokens=8, lr=1e-2, warmup_steps=1,
                     save_every=0, device="cpu", kl_target=2.0, kl_horizon=50,
-                    max_prompt_length=40)
+                    max_prompt_length=40,
+                    kl_coef=0.1)  # the KL term on for every algorithm (dapo's preset has none)
     if rl.PRESETS[algorithm]["advantage_estimator"] == "gae":
         settings["critic_lr"] = 1e-2
     settings.update(overrides)

@@ -162,7 +162,7 @@ def test_pipeline_resume_refuses_a_changed_stage_setting(tmp_path, monkeypatch):
     with pytest.raises(RunDirectoryError) as refused:
         pipeline.run(changed)
     assert "sft.lr: 0.003 -> 0.5" in str(refused.value)
-    assert "ppo.kl_coef: 0.1 -> 0.2" in str(refused.value)
+    assert "ppo.kl_coef: null (the ppo preset: 0.1) -> 0.2" in str(refused.value)
     same = pipeline.PipelineConfig(output_dir=str(out), device="cpu", resume=True)
     same.sft.keep_last = 5  # retention only
     pipeline.run(same)
