@@ -1001,13 +1001,23 @@ def _loss_of_a_zero_normalizer(loss, stats, entropy, weights, entropy_coef, kl_c
     (each divided by the normalizer as the reference divides) and the entropy's weighted sum,
     one more reduction over the tokens. Elsewhere (a normalizer that is not 0) the value is the
     sweep's, to its bits; the gradient is the sweep's always (no host sync either way)."""
+    n = normalizer.detach()
+    zero = None
+    if n.device != loss.device:
+        if torch.compiler.is_compiling():
+            n = n.to(loss.device)
+        elif float(n) != 0:  # a 0-d CPU tensor for a loss on a GPU: host memory, no sync
+            return loss
+        else:
+            zero = True
     value = stats["pg_loss"].to(loss.dtype)
     if "kl" in stats:
         value = value + kl_coef * stats["kl"].to(loss.dtype)
     if entropy_coef:
-        n = normalizer.detach().to(loss.dtype)
-        value = value - entropy_coef * ((weights * entropy).sum().to(loss.dtype) / n)
-    value = torch.where(normalizer.detach() == 0, value, loss.detach())
+        value = value - entropy_coef * ((weights * entropy).sum().to(loss.dtype)
+                                        / n.to(loss.dtype))
+    if zero is None:
+        value = torch.where(n == 0, value, loss.detach())
     return _ValueOf.apply(loss, value)
 
 
