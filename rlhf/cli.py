@@ -213,9 +213,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _split_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
-    """The config path (the one argument without '=') and the overrides."""
+def _split_args(args: Sequence[str], config_class=None) -> tuple[str | None, list[str]]:
+    """The config path (the one argument without '=') and the overrides. An argument without
+    '=' that is no file but one of ``config_class``'s settings (`rlhf sft lr 1e-4`, `rlhf ppo
+    resume`) is a key without its value, not a config file that "does not exist"."""
     paths = [arg for arg in args if "=" not in arg]
+    names = {f.name for f in fields(config_class)} if config_class is not None else set()
+    for arg in paths:
+        if arg.replace("-", "_") in names and not Path(arg).expanduser().exists():
+            key = arg.replace("-", "_")
+            flag = " (or --resume)" if key == "resume" else ""
+            raise ValueError(f"{arg!r} is a setting without a value: write {key}=<value>{flag} "
+                             f"(key=value, no spaces around '='), or give a YAML config file")
     if len(paths) > 1:
         raise ValueError(f"expected at most one config file, got {paths}; overrides must look "
                          f"like key=value")
@@ -467,7 +476,7 @@ def _main(argv: list[str]) -> int:
     try:
         from rlhf import distributed
 
-        config_path, overrides = _split_args(ns.args)
+        config_path, overrides = _split_args(ns.args, config_class)
         # strategy= is a setting of the run's processes, not of a stage's config
         strategies = [arg.split("=", 1)[1] for arg in overrides if arg.startswith("strategy=")]
         overrides = [arg for arg in overrides if not arg.startswith("strategy=")]

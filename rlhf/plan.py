@@ -1030,6 +1030,16 @@ def recorded_quantization(model: str) -> str | None:
     return value if value in QUANTIZATIONS else None
 
 
+_COUNT_WORDS = {
+    "--batch": " (the rollout's sequences)",
+    "--prompt-length": " (tokens)", "--response-length": " (tokens)",
+    "--lora-rank": " (the adapters' rank)",
+    "--minibatch": " (rows per optimizer step; leave it out for the whole batch)",
+    "--forward-chunk": " (rows per scoring forward; leave it out for the whole batch)",
+    "--gpus": " (GPUs)",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     """``rlhf plan [MODEL] [--batch ...]``: print the plan; MODEL is a preset or a config.json."""
     parser = argparse.ArgumentParser(prog="rlhf plan", description=__doc__.split("\n")[0],
@@ -1086,6 +1096,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write-readme", action="store_true",
                         help="re-render the README's card table (repository checkout) and exit")
     args = parser.parse_args(argv)
+    # counts, named by the flag typed (plan()'s own checks name its parameters: "lora_rank
+    # must be >= 1" for --lora-rank 0)
+    for flag, value in (("--batch", args.batch), ("--prompt-length", args.prompt_length),
+                        ("--response-length", args.response_length),
+                        ("--lora-rank", args.lora_rank), ("--minibatch", args.minibatch),
+                        ("--forward-chunk", args.forward_chunk), ("--gpus", args.gpus)):
+        if value is not None and value < 1:
+            parser.exit(2, f"{parser.prog}: error: {flag} {value}: expected an integer >= 1"
+                           f"{_COUNT_WORDS.get(flag, '')}\n")
     if args.minibatch is not None and args.minibatch >= 1 and args.batch % args.minibatch:
         # the RL stage refuses it (rollout_batch_size must be a multiple of minibatch_size)
         parser.exit(2, f"{parser.prog}: error: --batch {args.batch} (the rollout batch) must be "

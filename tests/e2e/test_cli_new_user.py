@@ -380,3 +380,26 @@ def test_a_table_piped_into_a_reader_that_leaves_ends_quietly(args):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141, err
     assert err == ""
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["plan", "tiny", "--batch", "0"], "--batch 0: expected an integer >= 1"),
+    (["plan", "tiny", "--lora-rank", "0"], "--lora-rank 0: expected an integer >= 1"),
+    (["plan", "tiny", "--prompt-length", "-1"], "--prompt-length -1: expected an integer >= 1"),
+    (["plan", "tiny", "--gpus", "0"], "--gpus 0: expected an integer >= 1"),
+    (["plan", "tiny", "--minibatch", "0"], "--minibatch 0: expected an integer >= 1"),
+])
+def test_plan_names_the_flag_of_a_count_out_of_range(capsys, argv, expected):
+    """`rlhf plan tiny --lora-rank 0` said "lora_rank must be >= 1", `--gpus 0` "gpus must be an
+    integer >= 1 and strategy ddp or fsdp2": plan()'s parameter names, not the flags typed."""
+    line = _error_line(capsys, argv)
+    assert line.startswith(f"rlhf plan: error: {expected}"), line
+
+
+@pytest.mark.parametrize("argv, key", [(["sft", "lr", "1e-4"], "lr"),
+                                       (["ppo", "kl-coef"], "kl_coef")])
+def test_a_setting_without_its_value_is_not_a_missing_config_file(capsys, argv, key):
+    """`rlhf sft lr 1e-4` (a space for the '=') said "config file 'lr' does not exist"."""
+    line = _error_line(capsys, [*argv, "--print-config"])
+    assert f"is a setting without a value: write {key}=<value>" in line, line
+    assert "does not exist" not in line

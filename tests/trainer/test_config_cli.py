@@ -621,7 +621,7 @@ def test_plan_rejects_a_card_of_no_memory(capsys):
         assert err.count("\n") == 1 and err.startswith("rlhf plan: error: the card's memory")
     with pytest.raises(SystemExit):
         cli.main(["plan", "tiny", "--minibatch", "-2"])
-    assert "minibatch must be >= 1" in capsys.readouterr().err
+    assert "--minibatch -2: expected an integer >= 1" in capsys.readouterr().err
 
 
 def test_stages_limit_cpu_threads_like_the_pipeline(tiny_run_inputs, tmp_path, monkeypatch,
