@@ -452,8 +452,12 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
             if cfg.save_every and step % cfg.save_every == 0 and step < max_steps:
                 save(step)
     except KeyboardInterrupt:
-        save(step, **({"unlogged": True} if unlogged else {}))
-        print(f"\n[rm] interrupted at step {step}; checkpoint saved, continue with resume=True")
+        # a second interrupt (torchrun's copy of a Ctrl-C) waits for the checkpoint (rlhf/sft.py)
+        with interrupts_held():
+            save(step, **({"unlogged": True} if unlogged else {}))
+            if distributed.is_main():
+                print(f"\n[rm] interrupted at step {step}; checkpoint saved, continue with "
+                      f"resume=True")
         raise
     finally:
         progress.close()
@@ -467,10 +471,12 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
                 final = (evaluate(backbone, eval_set, pad_id, autocast_dtype=autocast_dtype)
                          if len(eval_set) else {})
         except KeyboardInterrupt:  # the steps are done: keep them (resume evaluates again)
-            save(step)
-            print(f"\n[rm] interrupted in the final evaluation at step {step}; checkpoint "
-                  f"saved, continue with resume=True")
-            logger.close()
+            with interrupts_held():
+                save(step)
+                if distributed.is_main():
+                    print(f"\n[rm] interrupted in the final evaluation at step {step}; "
+                          f"checkpoint saved, continue with resume=True")
+                logger.close()
             raise
         logger.log({"step": step, **final}, step=step)
     logger.close()

@@ -1202,6 +1202,7 @@ def _group_metrics(scores: torch.Tensor, rewards: torch.Tensor, advantages: torc
 def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iteration,
            reward_fn=None) -> dict:
     from rlhf import data
+    from rlhf.checkpoint import interrupts_held
     from rlhf.metrics import MetricsLogger
     from rlhf.models import SharedBackbone
 
@@ -1568,28 +1569,31 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
                     and iteration < cfg.num_iterations:
                 save(iteration)
     except KeyboardInterrupt:
-        if mid_update and whole is not None:
-            # the live weights are part-way through an iteration: the checkpoint of the last
-            # whole one is written from its snapshot instead (named by the snapshot's
-            # iteration: `iteration` is already counted up while the record is written)
-            done = whole["iteration"]
-            _write_checkpoint(ckpt_root / f"step-{done:07d}", cfg, **whole)
-            print(f"\n[{name}] interrupted during the update of iteration {done + 1}; "
-                  f"checkpoint of iteration {done} (the last whole one) saved, continue "
-                  f"with resume=True")
-        elif mid_update:
-            # saving now would label weights already stepped in iteration `updating` as the
-            # iteration before it: a resume would redo that iteration on top of its own steps
-            from rlhf.checkpoint import latest_checkpoint
+        # a second interrupt (torchrun's copy of a Ctrl-C) waits for the checkpoint (rlhf/sft.py)
+        say = print if distributed.is_main() else (lambda *_: None)  # the rank that writes
+        with interrupts_held():
+            if mid_update and whole is not None:
+                # the live weights are part-way through an iteration: the checkpoint of the last
+                # whole one is written from its snapshot instead (named by the snapshot's
+                # iteration: `iteration` is already counted up while the record is written)
+                done = whole["iteration"]
+                _write_checkpoint(ckpt_root / f"step-{done:07d}", cfg, **whole)
+                say(f"\n[{name}] interrupted during the update of iteration {done + 1}; "
+                    f"checkpoint of iteration {done} (the last whole one) saved, continue "
+                    f"with resume=True")
+            elif mid_update:
+                # saving now would label weights already stepped in iteration `updating` as the
+                # iteration before it: a resume would redo that iteration on top of its own steps
+                from rlhf.checkpoint import latest_checkpoint
 
-            newest = latest_checkpoint(ckpt_root)
-            print(f"\n[{name}] interrupted during the update of iteration {updating}, "
-                  f"which a checkpoint cannot hold half-done: none written; resume=True "
-                  f"continues from {newest or 'the start (no checkpoint yet)'}")
-        else:
-            save(iteration)
-            print(f"\n[{name}] interrupted at iteration {iteration}; checkpoint saved, "
-                  "continue with resume=True")
+                newest = latest_checkpoint(ckpt_root)
+                say(f"\n[{name}] interrupted during the update of iteration {updating}, "
+                    f"which a checkpoint cannot hold half-done: none written; resume=True "
+                    f"continues from {newest or 'the start (no checkpoint yet)'}")
+            else:
+                save(iteration)
+                say(f"\n[{name}] interrupted at iteration {iteration}; checkpoint saved, "
+                    "continue with resume=True")
         raise
     finally:
         progress.close()

@@ -566,8 +566,13 @@ def _train(cfg: SFTConfig, run, *, model, tokenizer, examples, on_step) -> dict:
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
                 save(step)
     except KeyboardInterrupt:
-        save(step)
-        print(f"\n[sft] interrupted at step {step}; checkpoint saved, continue with resume=True")
+        # a second interrupt waits for the checkpoint (torchrun sends every rank the Ctrl-C
+        # the terminal already sent it: it cut the save short, and no checkpoint was left)
+        with interrupts_held():
+            save(step)
+            if distributed.is_main():  # (the rank that wrote it)
+                print(f"\n[sft] interrupted at step {step}; checkpoint saved, continue with "
+                      f"resume=True")
         raise
     finally:
         progress.close()

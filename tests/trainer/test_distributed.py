@@ -260,6 +260,41 @@ def test_sft_checkpoint_costs_other_ranks_nothing(monkeypatch, tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_a_second_ctrl_c_waits_for_the_interrupt_checkpoint(runs, tmp_path, monkeypatch):
+    """Ctrl-C under torchrun reaches every rank twice: from the terminal, and from torchrun's
+    agent, which passes the SIGINT it got on to the ranks a few milliseconds later. The second
+    one cut rank 0's checkpoint short (atomic: nothing was left), so the run resumed from its
+    last periodic checkpoint; held, it comes once the checkpoint is written. One process here,
+    both signals sent to itself: the first after step 2, the second as the save begins."""
+    import os
+    import signal
+
+    from rlhf import sft
+
+    tokenizer = runs[2]  # (the group's: the module's runs have loaded everything)
+    real_save = sft._save
+    sent = []
+
+    def save_with_second_interrupt(directory, *args, **kwargs):
+        if sent == ["first"]:
+            sent.append("second")
+            os.kill(os.getpid(), signal.SIGINT)  # torchrun's copy
+        return real_save(directory, *args, **kwargs)
+
+    def interrupt(step, _metrics):
+        if step == 2:
+            sent.append("first")
+            os.kill(os.getpid(), signal.SIGINT)  # the terminal's
+
+    monkeypatch.setattr(sft, "_save", save_with_second_interrupt)
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
+    with pytest.raises(KeyboardInterrupt):
+        sft.train(worker.sft_config(tmp_path / "run", max_steps=4), model=worker.tiny_model(
+            tokenizer), tokenizer=tokenizer, examples=worker.sft_examples(), on_step=interrupt)
+    assert sent == ["first", "second"]
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-0000002"]
+
+
 def test_one_process_hooks_change_nothing():
     """Without a process group every hook returns its input: single-process runs are
     bit-identical to what they were (tests/trainer/test_stages.py holds their numbers)."""
