@@ -288,9 +288,12 @@ def _engine_scenario(directory: Path, tokenizer) -> None:
             "decode_graph": [before_mode, engine.decode_graph]}))
 
 
-def launch(scenarios: list[str], out: Path, world_size: int = 2, timeout: float = 240,
+def launch(scenarios: list[str], out: Path, world_size: int = 2, timeout: float = 600,
            env: dict | None = None) -> list[subprocess.CompletedProcess]:
-    """Run ``scenarios`` on ``world_size`` ranks of this file; returns each rank's result."""
+    """Run ``scenarios`` on ``world_size`` ranks of this file; returns each rank's result.
+    ``timeout``: a backstop (a rank waiting for a dead one stops after RLHF_DIST_TIMEOUT=60 s
+    on its own); the group takes 45-90 s on 2 busy cores, and went past 240 s on a 2-core
+    machine running other tests at a load of 6."""
     with socket.socket() as probe:  # a free port for the rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
