@@ -95,6 +95,32 @@ def dtype_under_autocast(op: Callable[[torch.Tensor], torch.Tensor],
     return op(torch.empty((0, 1), dtype=like.dtype, device=like.device)).dtype
 
 
+def widened_under_autocast(dtype: torch.dtype, device: torch.device,
+                           *ops: Callable[[torch.Tensor], torch.Tensor]) -> torch.dtype:
+    """``dtype`` (a framework loss's dtype by type promotion) promoted with what each of
+    ``ops`` gives on a tensor of that dtype under the autocast in force for ``device``: the ops
+    of the framework's formula that autocast may run in fp32 (CUDA's autocast runs sum, exp,
+    pow, log in fp32, so a bf16 loss aggregated with ``.sum()`` comes out fp32; the CPU's keeps
+    them in bf16). Without autocast, ``dtype``. Each op runs once on an empty (0, 1) tensor and
+    must reduce over the last dim only (an empty result: no kernel, no host sync)."""
+    try:
+        autocasting = torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # a device type autocast does not know (meta, lazy, ...)
+        return dtype
+    if not autocasting or not dtype.is_floating_point:
+        return dtype
+    empty = torch.empty((0, 1), dtype=dtype, device=device)
+    for op in ops:
+        dtype = torch.promote_types(dtype, op(empty).dtype)
+    return dtype
+
+
+def autocast_sum(t: torch.Tensor) -> torch.Tensor:
+    """A framework's aggregation (masked_sum, masked_mean, agg_loss), for
+    ``widened_under_autocast``."""
+    return t.sum(-1)
+
+
 def exact_backend(logits: torch.Tensor) -> str | None:
     """The backend of a log-prob / entropy drop-in: for fp64 logits the fp64 reference (the
     frameworks' eager formulas compute fp64 logits in fp64; the kernels compute in fp32 and

@@ -92,8 +92,10 @@ from rlhf_kernels.integrations._contract import (
     is_dtensor,
     log_softmax_last,
     nonnegative,
+    autocast_sum,
     promoted,
     weighted_advantages,
+    widened_under_autocast,
 )
 from rlhf_kernels.ops.advantages import group_advantages
 from rlhf_kernels.ops.bradley_terry import bradley_terry_loss
@@ -250,11 +252,15 @@ def _loss_dtype(token_level_loss: bool, batch_num_tokens, global_batch_size,
     """OpenRLHF's loss dtype: its inputs' promotion, at least fp32 for the sequence-level loss
     (aggregate_loss builds the sequence mask with ``.float()``), and the global count it divides
     by when that is a tensor: OpenRLHF 0.11.2's trainers pass batch_num_tokens and
-    global_batch_size as 0-d fp32 tensors, and a 0-d bf16 sum over a 0-d fp32 count is fp32."""
+    global_batch_size as 0-d fp32 tensors, and a 0-d bf16 sum over a 0-d fp32 count is fp32;
+    widened as its sums are under autocast (fp32 under CUDA's)."""
     count = batch_num_tokens if token_level_loss else global_batch_size
     count = count if isinstance(count, torch.Tensor) else None
-    return (promoted(count, *tensors) if token_level_loss
-            else promoted(torch.float32, count, *tensors))
+    dtype = (promoted(count, *tensors) if token_level_loss
+             else promoted(torch.float32, count, *tensors))
+    # aggregate_loss sums: under autocast the sum may run in fp32 (CUDA's)
+    device = next(t.device for t in tensors if isinstance(t, torch.Tensor))
+    return widened_under_autocast(dtype, device, autocast_sum)
 
 
 def _rollout_correction(self, old_log_probs, rollout_log_probs, action_mask):
@@ -358,7 +364,9 @@ def policy_loss_forward(
     )
     if factor is not None:
         loss = loss * factor
-    kl_dtype = promoted(log_probs, old_log_probs, action_mask)
+    # masked_mean: a sum, widened under autocast as the loss's
+    kl_dtype = widened_under_autocast(promoted(log_probs, old_log_probs, action_mask),
+                                      log_probs.device, autocast_sum)
     with torch.no_grad():  # OpenRLHF reports ppo_kl from the unclamped log-ratio
         work = torch.promote_types(kl_dtype, torch.float32)
         ppo_kl = _masked_mean(old_log_probs.to(work) - log_probs.to(work), action_mask)
@@ -431,11 +439,15 @@ def log_exp_loss_forward(
     keep_fp32: bool = False,
 ) -> torch.Tensor:
     """OpenRLHF ``LogExpLoss.forward``: mean(log(1 + exp(r_r - r_c))), () in the promotion of
-    the two rewards' dtypes (fp32 with ``keep_fp32``). The margin is ignored, as OpenRLHF's;
+    the two rewards' dtypes, widened as OpenRLHF's exp / log under autocast (fp32 with
+    ``keep_fp32``). The margin is ignored, as OpenRLHF's;
     unlike its exp, the kernel does not overflow for large gaps."""
     del margin
     loss, _ = bradley_terry_loss(chosen_reward, reject_reward)
-    return finish(loss, promoted(chosen_reward, reject_reward), keep_fp32)
+    # OpenRLHF's exp and log run in fp32 under CUDA's autocast
+    dtype = widened_under_autocast(promoted(chosen_reward, reject_reward), chosen_reward.device,
+                                   torch.exp, torch.log)
+    return finish(loss, dtype, keep_fp32)
 
 
 # --------------------------------------------------------------------------------------------

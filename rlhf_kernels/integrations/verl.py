@@ -99,7 +99,9 @@ from rlhf_kernels.integrations._contract import (
     log_softmax_last,
     nonnegative,
     promoted,
+    autocast_sum,
     weighted_advantages,
+    widened_under_autocast,
 )
 from rlhf_kernels.integrations.verl_fused_linear import TARGET_MODULE as FUSED_LINEAR_MODULE
 from rlhf_kernels.integrations.verl_fused_linear import (
@@ -291,6 +293,13 @@ def _scores(token_level_rewards: torch.Tensor) -> torch.Tensor:
     return token_level_rewards.sum(-1, dtype=promoted(token_level_rewards, torch.float32))
 
 
+def _adv_dtype(token_level_rewards: torch.Tensor, *others) -> torch.dtype:
+    """veRL's advantage dtype: the promotion of the rewards and the others, widened as its
+    row sums of the rewards (or whitening sums) are under autocast (fp32 under CUDA's)."""
+    return widened_under_autocast(promoted(token_level_rewards, *others),
+                                  token_level_rewards.device, autocast_sum)
+
+
 def _broadcast(per_sequence: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """(B,) -> (B, T): the value on every valid token, 0 elsewhere."""
     return per_sequence.unsqueeze(-1) * (response_mask != 0).to(per_sequence.dtype)
@@ -337,7 +346,7 @@ def compute_grpo_outcome_advantage(
         return original(_CORE, "compute_grpo_outcome_advantage")(
             token_level_rewards, response_mask, index, epsilon, norm_adv_by_std_in_grpo, config)
     adv = _grpo(token_level_rewards, response_mask, index, epsilon, norm_adv_by_std_in_grpo)
-    adv = finish(adv, promoted(token_level_rewards, response_mask), keep_fp32)
+    adv = finish(adv, _adv_dtype(token_level_rewards, response_mask), keep_fp32)
     return adv, adv
 
 
@@ -358,7 +367,7 @@ def compute_grpo_vectorized_outcome_advantage(
         return original(_CORE, "compute_grpo_vectorized_outcome_advantage")(
             token_level_rewards, response_mask, index, epsilon, norm_adv_by_std_in_grpo, config)
     adv = _grpo(token_level_rewards, response_mask, index, epsilon, norm_adv_by_std_in_grpo)
-    adv = finish(adv, promoted(token_level_rewards, torch.float32, response_mask), keep_fp32)
+    adv = finish(adv, _adv_dtype(token_level_rewards, torch.float32, response_mask), keep_fp32)
     return adv, adv
 
 
@@ -389,7 +398,7 @@ def compute_rloo_outcome_advantage(
     unchanged). (B, T) in veRL's dtype (rewards and mask promoted), no gradient."""
     del epsilon, config, kwargs
     adv = _rloo(token_level_rewards, response_mask, index, singleton_keeps_score=True)
-    adv = finish(adv, promoted(token_level_rewards, response_mask), keep_fp32)
+    adv = finish(adv, _adv_dtype(token_level_rewards, response_mask), keep_fp32)
     return adv, adv
 
 
@@ -406,11 +415,14 @@ def compute_rloo_vectorized_outcome_advantage(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """veRL's "rloo_vectorized": as ``compute_rloo_outcome_advantage`` except that a response
     alone in its group gets 0 (veRL's vectorized form). Dtype: veRL's, which goes through
-    ``torch.bincount`` weights (fp32 for fp32 rewards, fp64 for every other dtype)."""
+    ``torch.bincount`` weights (fp32 for fp32 row scores, fp64 for every other dtype)."""
     del epsilon, config, kwargs
     adv = _rloo(token_level_rewards, response_mask, index, singleton_keeps_score=False)
-    bincount = torch.float32 if token_level_rewards.dtype == torch.float32 else torch.float64
-    adv = finish(adv, promoted(token_level_rewards, bincount, response_mask), keep_fp32)
+    # the weights take the dtype of the row scores (the rewards' sums: fp32 under CUDA's
+    # autocast, whatever the rewards)
+    scores = _adv_dtype(token_level_rewards)
+    bincount = torch.float32 if scores == torch.float32 else torch.float64
+    adv = finish(adv, promoted(scores, bincount, response_mask), keep_fp32)
     return adv, adv
 
 
@@ -444,7 +456,7 @@ def compute_reinforce_plus_plus_baseline_outcome_advantage(
         ids, _ = _group_ids(index, scores.shape[0], scores.device)
         centred = group_advantages(scores, group_ids=ids, estimator="grpo", norm="none")
         adv = _whiten_over_valid(_broadcast(centred, response_mask), response_mask)
-    adv = finish(adv, promoted(token_level_rewards, response_mask), keep_fp32)
+    adv = finish(adv, _adv_dtype(token_level_rewards, response_mask), keep_fp32)
     return adv, adv
 
 
@@ -499,7 +511,21 @@ def kl_penalty(
         # Straight-through: the forward value of the chosen estimator, the gradient of k2.
         k2 = kl_estimate(logprob, ref_logprob, "k2")
         value = k2 - k2.detach() + value.detach()
-    return finish(value, promoted(logprob, ref_logprob), keep_fp32)
+    ops = _KL_AUTOCAST_OPS.get(base, ())
+    if mode.endswith("+"):
+        ops = (*ops, _square)  # the straight-through k2
+    dtype = widened_under_autocast(promoted(logprob, ref_logprob), logprob.device, *ops)
+    return finish(value, dtype, keep_fp32)
+
+
+def _square(t: torch.Tensor) -> torch.Tensor:
+    return t.square()
+
+
+# The ops of veRL's KL estimators that autocast may run in fp32 (widened_under_autocast): k3's
+# exp of the clamped log-ratio, k2's square (torch's pow); k1 and abs have none.
+_KL_AUTOCAST_OPS = {"low_var_kl": (torch.exp,), "k3": (torch.exp,), "mse": (_square,),
+                    "k2": (_square,)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -514,11 +540,21 @@ def _config_value(config: Any, name: str, default: Any) -> Any:
 
 def _loss_dtype(loss_agg_mode: str, *tensors: torch.Tensor) -> torch.dtype:
     """veRL's loss dtype: its inputs' promotion, and fp32 at least in the seq-mean modes (agg_loss
-    builds the sequence mask with ``.float()``)."""
+    builds the sequence mask with ``.float()``), widened as agg_loss's sum is under autocast."""
     dtype = promoted(*tensors)
-    if loss_agg_mode in ("token-mean", "token-sum"):
-        return dtype
-    return torch.promote_types(dtype, torch.float32)
+    if loss_agg_mode not in ("token-mean", "token-sum"):
+        dtype = torch.promote_types(dtype, torch.float32)
+    # agg_loss sums: under autocast the sum may run in fp32 (CUDA's)
+    device = next(t.device for t in tensors if isinstance(t, torch.Tensor))
+    return widened_under_autocast(dtype, device, autocast_sum)
+
+
+def _masked_mean_dtype(mask: torch.Tensor, *values: torch.Tensor) -> torch.dtype:
+    """The dtype of veRL's ``masked_mean(x, mask)`` (a masked sum over ``mask.sum() + 1e-8``):
+    the values' promotion with a floating mask's dtype, or with fp32 for a bool / integer mask
+    (its count plus 1e-8 is an fp32 scalar), widened as the sums are under autocast."""
+    count = mask if mask.is_floating_point() else torch.float32
+    return widened_under_autocast(promoted(*values, count), mask.device, autocast_sum)
 
 
 def _policy_loss(old_log_prob, log_prob, advantages, response_mask, clip_low, clip_high,
@@ -673,7 +709,7 @@ def compute_policy_loss(
     loss, stats = _policy_loss(old_log_prob, log_prob, advantages, response_mask, clip_low,
                                clip_high, clip_ratio_c, loss_agg_mode, {}, keep_fp32)
     frac_dtype = promoted(torch.float32, response_mask)
-    kl_dtype = promoted(log_prob, old_log_prob, response_mask)
+    kl_dtype = _masked_mean_dtype(response_mask, log_prob, old_log_prob)
     return (loss, finish(stats["clipfrac"], frac_dtype, keep_fp32),
             finish(stats["ppo_kl"], kl_dtype, keep_fp32),
             finish(stats["dual_clipfrac"], frac_dtype, keep_fp32))

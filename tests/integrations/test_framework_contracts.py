@@ -770,6 +770,96 @@ def test_logprob_entropy_dropins_keep_fp32_under_cuda_like_autocast(backend, cud
         assert our_openrlhf.compute_entropy(meta).shape == (2, 3)
 
 
+@pytest.fixture
+def cuda_like_loss_autocast():
+    """torch.autocast on the CPU that also runs sum, exp, log and pow in fp32 for bf16 / fp16
+    inputs, as CUDA's autocast does (the CPU's keeps them in bf16): the frameworks' loss
+    formulas aggregate with sum and take exp / pow, so under CUDA's autocast their bf16 losses
+    come out fp32. Undone afterwards."""
+    if DEVICE.type != "cpu":
+        pytest.skip("simulates CUDA's autocast policy on the CPU")
+    lib = torch.library.Library("aten", "IMPL")
+    below = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+
+    def in_fp32(op):
+        def kernel(*args, **kwargs):
+            args = [a.float() if isinstance(a, torch.Tensor)
+                    and a.dtype in (torch.float16, torch.bfloat16) else a for a in args]
+            with torch._C._ExcludeDispatchKeyGuard(below):
+                return op(*args, **kwargs)
+        return kernel
+
+    for name, overload in (("sum", "default"), ("sum", "dim_IntList"), ("exp", "default"),
+                           ("log", "default"), ("pow", "Tensor_Scalar"),
+                           ("pow", "Tensor_Tensor")):
+        lib.impl(f"{name}.{overload}" if overload != "default" else name,
+                 in_fp32(getattr(getattr(torch.ops.aten, name), overload)), "AutocastCPU")
+    try:
+        yield lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    finally:
+        lib._destroy()
+
+
+def test_loss_dropins_follow_autocast_like_the_frameworks(cuda_like_loss_autocast):
+    """Under CUDA's autocast veRL's and OpenRLHF's own loss formulas give fp32 for bf16 inputs
+    (agg_loss / masked_mean sum, the ratio's exp, the value loss's square, LogExpLoss's exp and
+    log run in fp32 there); the drop-ins rounded their fp32 results to bf16 (type promotion
+    alone). Also without autocast: veRL's masked_mean over a bool mask divides by an fp32 count,
+    so compute_policy_loss's ppo_kl is fp32 for bf16 log-probs (it was bf16). Against the
+    frameworks' formulas' dtypes (veRL 0.9.1, OpenRLHF 0.11.2); KL k1 / abs and PairWiseLoss
+    have no such op and keep bf16."""
+    import numpy as np
+
+    class Config(dict):
+        __getattr__ = dict.get
+
+    config = Config(clip_ratio=0.2, clip_ratio_c=3.0, global_batch_info={})
+    B, T = 3, 5
+    bf16 = torch.bfloat16
+    old = (-3 * torch.rand(B, T, device=DEVICE)).to(bf16)
+    logp = (old.float() + 0.3 * torch.randn(B, T, device=DEVICE)).to(bf16)
+    adv, values, returns = (torch.randn(B, T, device=DEVICE).to(bf16) for _ in range(3))
+    mask = torch.ones(B, T, dtype=bf16, device=DEVICE)
+    chosen, rejected = torch.randn(2, 4, device=DEVICE).to(bf16)
+    index = np.array([0, 0, 1])
+    policy = types.SimpleNamespace(clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=None,
+                                   token_level_loss=True, policy_loss_type="ppo",
+                                   enable_vllm_is_correction=False)
+    value = types.SimpleNamespace(clip_eps=0.2, token_level_loss=True)
+    calls = {
+        "verl vanilla": (lambda: our_verl.compute_policy_loss_vanilla(
+            old, logp, adv, mask, "token-mean", config)[0], torch.float32),
+        "verl compute_policy_loss": (lambda: our_verl.compute_policy_loss(
+            old, logp, adv, mask, 0.2)[:3], torch.float32),
+        "verl value": (lambda: our_verl.compute_value_loss(values, returns, adv, mask, 0.2)[0],
+                       torch.float32),
+        "verl kl k3": (lambda: our_verl.kl_penalty(logp, old, "low_var_kl"), torch.float32),
+        "verl kl k2": (lambda: our_verl.kl_penalty(logp, old, "mse"), torch.float32),
+        "verl kl k1": (lambda: our_verl.kl_penalty(logp, old, "kl"), bf16),
+        "verl kl abs": (lambda: our_verl.kl_penalty(logp, old, "abs"), bf16),
+        "verl grpo": (lambda: our_verl.compute_grpo_outcome_advantage(adv, mask, index)[0],
+                      torch.float32),
+        "verl rloo_vectorized": (lambda: our_verl.compute_rloo_vectorized_outcome_advantage(
+            adv, mask, index)[0], torch.float32),
+        "openrlhf policy": (lambda: our_openrlhf.policy_loss_forward(
+            policy, logp, old, adv, mask)[:3:2], torch.float32),
+        "openrlhf value": (lambda: our_openrlhf.value_loss_forward(
+            value, values, old, returns, mask), torch.float32),
+        "openrlhf logexp": (lambda: our_openrlhf.log_exp_loss_forward(None, chosen, rejected),
+                            torch.float32),
+        "openrlhf pairwise": (lambda: our_openrlhf.pairwise_loss_forward(None, chosen,
+                                                                         rejected), bf16),
+    }
+    with cuda_like_loss_autocast():
+        assert torch.exp(old).dtype == torch.float32  # the simulated policy
+        got = {name: call() for name, (call, _) in calls.items()}
+    for name, (_, want) in calls.items():
+        outs = got[name] if isinstance(got[name], tuple) else (got[name],)
+        assert all(t.dtype == want for t in outs), (name, [t.dtype for t in outs])
+    ppo_kl = our_verl.compute_policy_loss(old, logp, adv, mask.bool(), 0.2)[2]
+    assert ppo_kl.dtype == torch.float32
+
+
 def test_verl_openrlhf_compile_fullgraph(backend):
     torch._dynamo.reset()  # the backend is read from the environment at trace time
     logits = _logits((2, 3, 41), torch.bfloat16).requires_grad_()
@@ -810,6 +900,7 @@ def test_loss_kl_gae_dropins_return_the_frameworks_dtypes(backend, dtype, mask_d
     same = torch.promote_types(dtype, mask_dtype)  # x * mask, masked means
     at_least_fp32 = torch.promote_types(same, torch.float32)  # after a .float()
     frac = torch.promote_types(torch.float32, mask_dtype)  # clip fractions: .float() first
+    verl_masked_mean = same if mask_dtype.is_floating_point else at_least_fp32
 
     class Config(dict):
         __getattr__ = dict.get
@@ -838,8 +929,9 @@ def test_loss_kl_gae_dropins_return_the_frameworks_dtypes(backend, dtype, mask_d
             old, logp, adv, mask, "token-mean", config, **kw)[0], [same]),
         "verl.gspo seq-mean": (lambda **kw: our_verl.compute_policy_loss_gspo(
             old, logp, adv, mask, config=config, **kw)[0], [at_least_fp32]),
+        # its ppo_kl is veRL's masked_mean: a bool mask's count plus 1e-8 is an fp32 scalar
         "verl.compute_policy_loss": (lambda **kw: our_verl.compute_policy_loss(
-            old, logp, adv, mask, 0.2, **kw), [same, frac, same, frac]),
+            old, logp, adv, mask, 0.2, **kw), [same, frac, verl_masked_mean, frac]),
         "verl.value_loss": (lambda **kw: our_verl.compute_value_loss(
             values, returns, adv, mask, 0.2, **kw), [same, frac]),
         "openrlhf.compute_approx_kl": (lambda **kw: our_openrlhf.compute_approx_kl(
