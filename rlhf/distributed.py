@@ -131,6 +131,7 @@ def init_from_env(device: str = "auto") -> bool:
     from rlhf.stage import check_device, resolve_device
 
     check_device(device)
+    _requested_strategy()  # a bad RLHF_DIST_STRATEGY is said now, not once the model has loaded
     cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     # RLHF_DIST_BACKEND=gloo on GPUs: debugging, or several ranks on one GPU (NCCL refuses that)
     backend = os.environ.get("RLHF_DIST_BACKEND") or ("nccl" if cuda else "gloo")

@@ -333,7 +333,8 @@ def test_init_from_env_refuses_a_device_the_ranks_cannot_use(monkeypatch):
     device=cuda without CUDA (AttributeError: torch._C has no _cuda_setDevice), more processes
     than GPUs under nccl (CUDA's invalid device ordinal), device=cuda:0 under nccl (every rank
     on GPU 0, refused by NCCL at the first collective). Each is now one line before the
-    rendezvous; under gloo, ranks beyond the GPUs share them, as docs/distributed.md says."""
+    rendezvous, as is a bad RLHF_DIST_STRATEGY (said once the model had loaded); under gloo,
+    ranks beyond the GPUs share them, as docs/distributed.md says."""
     for name, value in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1",
                             MASTER_PORT="29500").items():
         monkeypatch.setenv(name, value)
@@ -344,6 +345,10 @@ def test_init_from_env_refuses_a_device_the_ranks_cannot_use(monkeypatch):
                         lambda backend, **_: joined.append(backend))
     monkeypatch.setattr(distributed.dist, "get_rank", lambda: 0)
     monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setenv("RLHF_DIST_STRATEGY", "zero3")  # was said once the model had loaded
+    with pytest.raises(ValueError, match="RLHF_DIST_STRATEGY='zero3' is not a strategy"):
+        distributed.init_from_env("cpu")
+    monkeypatch.delenv("RLHF_DIST_STRATEGY")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="device='cuda' but .*use device=cpu"):
         distributed.init_from_env("cuda")
