@@ -236,7 +236,8 @@ def barrier() -> None:
 def broadcast_from_main(fn: Callable[[], Any]) -> Any:
     """``fn()`` on rank 0, its result (any picklable object) on every rank. An exception on
     rank 0 is raised on every rank: as its own class where that class can be built from the
-    message (ValueError and its kin), else as RuntimeError; the message says "from rank 0"."""
+    message (ValueError and its kin), else as the nearest base class that can (``_rebuilt``);
+    the message says "from rank 0"."""
     if not is_distributed():
         return fn()
     box: list[Any] = [None]
@@ -254,12 +255,24 @@ def broadcast_from_main(fn: Callable[[], Any]) -> Any:
                 src=0)
     if box[0][0] == "error":
         _kind, error_type, message = box[0]
-        try:
-            error = error_type(f"(from rank 0) {message}")
-        except Exception:
-            error = RuntimeError(f"(from rank 0) {message}")
-        raise error
+        raise _rebuilt(error_type, f"(from rank 0) {message}")
     return box[0][1]
+
+
+def _rebuilt(error_type: type, message: str) -> Exception:
+    """``error_type(message)``, else the nearest class of its MRO that takes one message (a
+    JSONDecodeError comes back a ValueError, which the CLI reports in one line as it does on
+    rank 0), else a RuntimeError."""
+    for cls in error_type.__mro__:
+        if not (isinstance(cls, type) and issubclass(cls, Exception)):
+            continue
+        try:
+            error = cls(message)
+        except Exception:  # noqa: BLE001 (a constructor that wants other arguments)
+            continue
+        if str(error) == message:
+            return error
+    return RuntimeError(message)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -371,6 +371,23 @@ def test_init_from_env_refuses_a_device_the_ranks_cannot_use(monkeypatch):
     assert distributed.local_device(torch.device("cuda")) == torch.device("cuda", 0)
 
 
+def test_rank_0_error_reaches_the_others_as_a_class_the_cli_reports(monkeypatch):
+    """An error of rank 0 in open_run or a resume read is raised on every rank. One whose class
+    takes more than a message (json.JSONDecodeError, UnicodeDecodeError: ValueErrors, one line
+    on rank 0) came back a RuntimeError, which the CLI does not report as bad input: the other
+    ranks printed a traceback. It now comes back as the nearest class that takes a message."""
+    import json as json_module
+
+    def from_rank_0(box, src):
+        box[0] = ("error", json_module.JSONDecodeError, "run.json: Expecting value: line 1")
+
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(distributed.dist, "broadcast_object_list", from_rank_0)
+    with pytest.raises(ValueError, match=r"^\(from rank 0\) run.json: Expecting value"):
+        distributed.broadcast_from_main(lambda: None)
+
+
 def test_plan_accounts_for_data_parallel_ranks():
     """rlhf plan --gpus N: a rank holds its share of the rows (the KV cache and activations of
     batch / N) but the whole gathered rollout and a flat copy of the gradients; fsdp2 also
