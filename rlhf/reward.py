@@ -366,7 +366,8 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             step = int(state["step"])
-            print(f"[rm] resumed from {last} at step {step}")
+            if distributed.is_main():  # (once, not once per torchrun rank)
+                print(f"[rm] resumed from {last} at step {step}")
     logger = MetricsLogger(out_dir / "metrics.jsonl", append=cfg.resume and step > 0,
                            resume_step=step)
 

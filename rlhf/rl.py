@@ -1306,7 +1306,8 @@ def _train(cfg: RLConfig, run, *, backbone, tokenizer, prompts, gold_fn, on_iter
             scheduler.load_state_dict(state["scheduler"])
             kl_controller.value = float(state["kl_coef"])
             iteration = int(state["iteration"])
-            print(f"[{name}] resumed from {last} at iteration {iteration}")
+            if distributed.is_main():  # (once, not once per torchrun rank)
+                print(f"[{name}] resumed from {last} at iteration {iteration}")
     logger = MetricsLogger(out_dir / "metrics.jsonl", append=cfg.resume and iteration > 0,
                            resume_step=iteration)
     _reset_peak_memory(device)

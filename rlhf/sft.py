@@ -496,7 +496,8 @@ def _train(cfg: SFTConfig, run, *, model, tokenizer, examples, on_step) -> dict:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             step = int(state["step"])
-            print(f"[sft] resumed from {last} at step {step}")
+            if distributed.is_main():  # (once, not once per torchrun rank)
+                print(f"[sft] resumed from {last} at step {step}")
     logger = MetricsLogger(out_dir / "metrics.jsonl", append=cfg.resume and step > 0,
                            resume_step=step)
 

@@ -177,10 +177,14 @@ def run_scenario(name: str, out: Path, tokenizer, on_step=None):
             if base == "sft_ckpt" else {}
         return sft.train(sft_config(directory, **overrides), model=tiny_model(tokenizer),
                          tokenizer=tokenizer, examples=sft_examples(), on_step=on_step)
-    if base == "rm":
+    if base in ("rm", "rm_every", "rm_resume"):
+        # rm_every: a checkpoint every step (the same numbers); rm_resume: resumes the copy of
+        # another world size's rm_every run that test_distributed.py leaves in out / name
+        overrides = {"save_every": 1, "keep_last": None} if base != "rm" else {}
         pairs = preference_pairs()
-        return reward.train(rm_config(directory), backbone=tiny_backbone(tokenizer),
-                            tokenizer=tokenizer, train_pairs=pairs[:34], eval_pairs=pairs[34:])
+        return reward.train(rm_config(directory, resume=base == "rm_resume", **overrides),
+                            backbone=tiny_backbone(tokenizer), tokenizer=tokenizer,
+                            train_pairs=pairs[:34], eval_pairs=pairs[34:])
     if base in ("ppo", "grpo", "dapo", "ppo_gc", "ppo_real", "grpo_real", "dapo_flat",
                 "ppo_steptokens"):
         from rlhf import task

@@ -28,8 +28,9 @@ from rlhf import distributed  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-GROUP_SCENARIOS = ["rm", "rm@fsdp2", "ppo_real", "ppo_gc@fsdp2", "grpo", "grpo@fsdp2",
-                   "ppo_steptokens", "dapo_flat", "engine@fsdp2", "refusals", "sft_ckpt"]
+GROUP_SCENARIOS = ["rm", "rm@fsdp2", "rm_resume", "ppo_real", "ppo_gc@fsdp2", "grpo",
+                   "grpo@fsdp2", "ppo_steptokens", "dapo_flat", "engine@fsdp2", "refusals",
+                   "sft_ckpt"]
 # measured, not computed: they differ between any two runs
 TIMING_KEYS = {"rollout_s", "scoring_s", "update_s", "iteration_s", "tokens_per_s",
                "pairs_per_s", "peak_memory_mb",
@@ -41,6 +42,7 @@ TIMING_KEYS = {"rollout_s", "scoring_s", "update_s", "iteration_s", "tokens_per_
 def runs(tmp_path_factory):
     """The 2-rank group's outputs, and the same scenarios at world size 1."""
     import os
+    import shutil
 
     old_backend = os.environ.get("RLHF_KERNELS_BACKEND")
     os.environ["RLHF_KERNELS_BACKEND"] = "reference"  # as the ranks run (test_stages.py: why)
@@ -48,6 +50,11 @@ def runs(tmp_path_factory):
         root = tmp_path_factory.mktemp("distributed")
         (root / "ws2").mkdir()
         tokenizer = worker.make_tokenizer(root / "ws2" / "tokenizer")
+        # rm_resume: the 2 ranks resume the world-size-1 run's step-1 checkpoint
+        worker.run_scenario("rm_every", root / "ws1", tokenizer)
+        shutil.copytree(root / "ws1" / "rm_every", root / "ws2" / "rm_resume")
+        for later in sorted((root / "ws2" / "rm_resume" / "checkpoints").iterdir())[1:]:
+            shutil.rmtree(later)
         results = worker.launch(GROUP_SCENARIOS, root / "ws2",
                                 env={"KILL_RANK1_AT_STEP": "2"})
         for scenario in ("rm", "ppo_real", "ppo", "grpo", "ppo_steptokens"):
@@ -110,6 +117,19 @@ def test_reward_model_world_size_2_equals_1(runs, scenario):
     root = runs[0]
     assert_same_metrics(metrics(root / "ws1" / "rm"), metrics(root / "ws2" / scenario))
     assert_same_params(last_params(root / "ws1" / "rm"), last_params(root / "ws2" / scenario))
+
+
+def test_world_size_1_checkpoint_resumes_at_world_size_2(runs):
+    """The reward model's step-1 checkpoint of a one-process run, resumed by 2 ranks: steps 2-3,
+    the final evaluation and the adapters are the uninterrupted one-process run's; rank 0 alone
+    says it resumed (each rank printed it)."""
+    root, (rank0, rank1), _ = runs
+    resumed = root / "ws2" / "rm_resume"
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == \
+        ["step-0000001", "step-0000002", "step-0000003"]
+    assert_same_metrics(metrics(root / "ws1" / "rm_every"), metrics(resumed))
+    assert_same_params(last_params(root / "ws1" / "rm_every"), last_params(resumed))
+    assert "[rm] resumed from" in rank0.stdout and "resumed from" not in rank1.stdout
 
 
 @pytest.mark.parametrize("scenario", ["ppo_real", "ppo_gc@fsdp2", "grpo", "grpo@fsdp2",
