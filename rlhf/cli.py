@@ -30,6 +30,7 @@ import importlib
 import json
 import math
 import os
+import re
 import shlex
 import signal
 import sys
@@ -470,7 +471,10 @@ def _main(argv: list[str]) -> int:
     def fail(error: BaseException, where: str | None = None) -> int:
         if os.environ.get("RLHF_TRACEBACK") == "1" or isinstance(error, BrokenPipeError):
             raise error  # a closed pipe: the reader has gone, nothing to say (quiet_broken_pipe)
-        print(f"rlhf {ns.command}: error: {_one_line(error, where)}", file=sys.stderr)
+        # "SFTConfig.lr must be ...": the class is the Python API's name; the user typed lr
+        line = re.sub(rf"\b{re.escape(config_class.__name__)}\.(?=[A-Za-z_])", "",
+                      _one_line(error, where))
+        print(f"rlhf {ns.command}: error: {line}", file=sys.stderr)
         return EXIT_USAGE
 
     try:

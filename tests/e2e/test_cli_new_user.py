@@ -403,3 +403,18 @@ def test_a_setting_without_its_value_is_not_a_missing_config_file(capsys, argv, 
     line = _error_line(capsys, [*argv, "--print-config"])
     assert f"is a setting without a value: write {key}=<value>" in line, line
     assert "does not exist" not in line
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["grpo", "lr=-1", "--print-config"], "lr=-1.0 is out of range: lr must be a finite number"),
+    (["sft", "epochs=0", "--print-config"], "epochs=0.0 is out of range: epochs must be"),
+    (["ppo", "output_dir={tmp}/run"], "model is required: the backbone directory"),
+])
+def test_a_top_level_error_names_the_setting_not_the_config_class(capsys, tmp_path, argv,
+                                                                  expected):
+    """`rlhf grpo lr=-1` said "... GRPOConfig.lr must be ..." and `rlhf ppo` without a model
+    "PPOConfig.model is required": class names of the Python API the user never typed (nested
+    ones already read as typed, ppo.lr)."""
+    line = _error_line(capsys, [arg.format(tmp=tmp_path) for arg in argv])
+    assert line.split(": error: ", 1)[1].startswith(expected), line
+    assert "Config." not in line

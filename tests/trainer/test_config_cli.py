@@ -411,7 +411,7 @@ def reference_kernels(monkeypatch):
 @pytest.mark.parametrize("extra, expected", [
     (["device=tpu"], r"device='tpu' is not a device .* use auto .*cpu, cuda or cuda:N"),
     (["device=gpu"], r"device='gpu' is not a device .*write cuda"),
-    (["lr=-1"], r"lr=-1.0 is out of range: SFTConfig.lr must be a finite number > 0"),
+    (["lr=-1"], r"lr=-1.0 is out of range: lr must be a finite number > 0"),
     (["lr=nan"], r"lr=nan is out of range"),
     (["model={root}/no_such_model"], r"model='.*/no_such_model' does not exist"),
     (["model={root}/empty_dir"], r"model='.*/empty_dir'.*not a Hugging Face model directory"),
