@@ -3,12 +3,14 @@
 One group of 2 CPU processes (gloo, started as torchrun starts them:
 tests/trainer/distributed_worker.py) runs, one after the other: the reward model, PPO and GRPO (each
 under ddp and fsdp2; PPO under ddp with the real rollout engine, the others on rollouts that depend
-on the prompt rows alone, ``FixedEngine``), the real rollout engine on fsdp2-sharded layers, and SFT
-with a checkpoint every step, during which rank 1 dies. The same runs in this process (world size 1)
-are the reference: losses and every other logged number, and the trained adapters / weights, to fp32
-tolerance. The SFT run must stop with a clear error on rank 0 (not hang), leave its step-2
-checkpoint, and resume from it here at world size 1 to the same steps 3 and 4 as an uninterrupted
-run. Process start-up (torch + transformers, in each rank) dominates the time. """
+on the prompt rows alone, ``FixedEngine``), the real rollout engine on fsdp2-sharded layers, a
+reward-model run resumed from a world-size-1 checkpoint, RL settings the ranks cannot share
+(refused before any work), and SFT with a checkpoint every step, during which rank 1 dies. The same
+runs in this process (world size 1) are the reference: losses and every other logged number, and
+the trained adapters / weights, to fp32 tolerance. The SFT run must stop with a clear error on rank
+0 (not hang), leave its step-2 checkpoint, and resume from it here at world size 1 to the same
+steps 3 and 4 as an uninterrupted run. Process start-up (torch + transformers, in each rank)
+dominates the time. """
 
 from __future__ import annotations
 
