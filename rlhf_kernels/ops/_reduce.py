@@ -38,7 +38,7 @@ import triton.language as tl
 
 from rlhf_kernels._alloc import empty
 from rlhf_kernels._checks import check_reduction, check_same_shape
-from rlhf_kernels.backend import native_cpu_kernels
+from rlhf_kernels.backend import direct_apply, native_cpu_kernels
 from rlhf_kernels.ops._launch import CachedLaunch
 
 # For tl.minimum / tl.maximum (and so every clamp) in the loss kernels: propagate NaN as
@@ -50,6 +50,7 @@ NAN = tl.constexpr(tl.PropagateNan.ALL)
 __all__ = [
     "REDUCTION_CODES",
     "SavedGradLoss",
+    "apply_saved_grad_loss",
     "reduction_code",
     "row_tiles",
     "as_rows",
@@ -405,6 +406,9 @@ class SavedGradLoss(torch.autograd.Function):
             grad = scale_saved_grad_eager(saved_grad, grad_loss, ctx.stats, ctx.scale_index,
                                           ctx.input_dtype, ctx.select)
         return (None, None, None, grad) + (None,) * (ctx.n_args - 1)
+
+
+apply_saved_grad_loss = direct_apply(SavedGradLoss)  # its .apply on the eager path
 
 
 @torch.library.custom_op("rlhf_kernels::saved_grad_scale", mutates_args=())

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from rlhf_kernels import _alloc, _native, reference
 from rlhf_kernels._checks import check_float, check_same_device, check_same_shape, real_setting
-from rlhf_kernels.backend import launch_directly, native_cpu_kernels, resolve_backend
+from rlhf_kernels.backend import direct_apply, launch_directly, native_cpu_kernels, resolve_backend
 from rlhf_kernels.ops._launch import CachedLaunch
 from rlhf_kernels.ops._reduce import NAN, anchor_output, cdiv, no_double_backward
 
@@ -479,6 +479,9 @@ class _KLFunction(torch.autograd.Function):
         return grad_logp, grad_ref, None
 
 
+_apply_kl = direct_apply(_KLFunction)
+
+
 # --------------------------------------------------------------------------------------------
 # public function
 # --------------------------------------------------------------------------------------------
@@ -544,5 +547,5 @@ def kl_penalty(
     if not launch_directly(logp, ref_logp):
         return _kl_penalty_op(logp, ref_logp, *options)
     if torch.is_grad_enabled() and (logp.requires_grad or ref_logp.requires_grad):
-        return _KLFunction.apply(logp, ref_logp, options)[0]
+        return _apply_kl(logp, ref_logp, options)[0]
     return _launch_fwd(logp, ref_logp, *options)

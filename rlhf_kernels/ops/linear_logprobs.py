@@ -78,7 +78,7 @@ from rlhf_kernels._checks import (
     int_setting,
     real_setting,
 )
-from rlhf_kernels.backend import launch_directly, resolve_backend
+from rlhf_kernels.backend import direct_apply, launch_directly, resolve_backend
 from rlhf_kernels.ops.logprobs import no_double_backward, savable_labels
 
 __all__ = ["linear_logprobs", "choose_chunk_rows", "LinearLogprobsOutput", "STATS"]
@@ -814,6 +814,9 @@ class _LinearLogprobsFunction(torch.autograd.Function):
         return _eager_backward(ctx, grad_logp, grad_entropy)[:7]
 
 
+_apply_linear_logprobs = direct_apply(_LinearLogprobsFunction)
+
+
 def _eager_backward(ctx, grad_logp, grad_entropy):
     return _head_backward(ctx, grad_logp, grad_entropy,
                           lambda *args, needs: _backward_sweep(*args, needs, placeholder=False))
@@ -1005,8 +1008,7 @@ def linear_logprobs(
             extras = [t if bits & bit else None for t, bit in zip(extras, _STAT_BITS.values())]
     elif torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (hidden, weight, bias, lora_a, lora_b)):
-        logp, entropy, *extras = _LinearLogprobsFunction.apply(hidden, weight, *rest[:4],
-                                                               rest[4:])
+        logp, entropy, *extras = _apply_linear_logprobs(hidden, weight, *rest[:4], rest[4:])
     else:
         logp, entropy, _, extras = _sweep(hidden.reshape(-1, hidden.shape[-1]), weight, *rest)
     if stats is not None:

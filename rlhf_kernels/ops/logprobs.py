@@ -64,6 +64,7 @@ from rlhf_kernels import _native, reference
 from rlhf_kernels._alloc import empty
 from rlhf_kernels._checks import check_float, check_same_device, int_setting, real_setting
 from rlhf_kernels.backend import (
+    direct_apply,
     launch_directly,
     native_cpu_kernels,
     resolve_backend,
@@ -697,6 +698,9 @@ class _LogprobsFunction(torch.autograd.Function):
         return _backward_out_of_place(logits, *args), None, None, None, None, None, None
 
 
+_apply_logprobs = direct_apply(_LogprobsFunction)
+
+
 # --------------------------------------------------------------------------------------------
 # Public function
 # --------------------------------------------------------------------------------------------
@@ -773,7 +777,7 @@ def logprobs(
     if not launch_directly(logits, labels):
         logp, entropy, _ = _logprobs_fwd_op(*args)
     elif torch.is_grad_enabled() and logits.requires_grad:
-        logp, entropy = _LogprobsFunction.apply(*args)
+        logp, entropy = _apply_logprobs(*args)
     else:
         logp, entropy, _ = _forward(logits, labels, temperature, ignore_index,
                                     bool(return_entropy), bool(check_labels))

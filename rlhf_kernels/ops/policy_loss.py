@@ -99,7 +99,7 @@ from rlhf_kernels.ops._launch import CachedLaunch
 from rlhf_kernels.ops._reduce import (
     NAN,
     NORMALIZER_NONE,
-    SavedGradLoss,
+    apply_saved_grad_loss,
     as_rows,
     check_mask,
     loss_denominator,
@@ -753,9 +753,9 @@ def ppo_policy_loss(
         loss, stats, _ = _ppo_policy_loss_op(*args)
     elif torch.is_grad_enabled() and logp.requires_grad:
         # logp and the rest as one tuple: autograd.Function.apply costs host time per argument.
-        loss, stats, _ = SavedGradLoss.apply(_launch_packed,
-                                             _scale_index(dual_clip is not None, with_kl),
-                                             norm_tensor is not None, logp, args[1:])
+        loss, stats, _ = apply_saved_grad_loss(_launch_packed,
+                                               _scale_index(dual_clip is not None, with_kl),
+                                               norm_tensor is not None, logp, args[1:])
     else:
         loss, stats, _ = _launch(*args)
     # One unbind (not one indexing call per stat): host overhead matters at 64K tokens. zip

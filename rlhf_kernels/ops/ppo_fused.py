@@ -123,7 +123,7 @@ from rlhf_kernels._checks import (
     real_setting,
     sapo_taus,
 )
-from rlhf_kernels.backend import launch_directly, resolve_backend
+from rlhf_kernels.backend import direct_apply, launch_directly, resolve_backend
 from rlhf_kernels.ops import linear_logprobs as head
 from rlhf_kernels.ops._reduce import anchor_output, no_double_backward
 from rlhf_kernels.ops.kl import k3_torch
@@ -747,6 +747,9 @@ class _LinearPPOFunction(torch.autograd.Function):
         return grads
 
 
+_apply_linear_ppo = direct_apply(_LinearPPOFunction)
+
+
 class _LogitsPPOFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, *rest):
@@ -766,6 +769,9 @@ class _LogitsPPOFunction(torch.autograd.Function):
         grads = _logits_backward(ctx, grad_loss, in_place=True)
         ctx.scaled_in_place = True
         return grads
+
+
+_apply_logits_ppo = direct_apply(_LogitsPPOFunction)
 
 
 def _refuse_second_backward(ctx, op: str) -> None:
@@ -1121,7 +1127,7 @@ def ppo_loss_from_logits(
     if not launch_directly(logits, labels, old_logp, advantages, mask, ref_logp):
         loss, logp, entropy, _ = _logits_ppo_op(_as_3d(logits), *rest)
     elif need_grad:
-        loss, logp, entropy, _ = _LogitsPPOFunction.apply(logits, *rest)
+        loss, logp, entropy, _ = _apply_logits_ppo(logits, *rest)
     else:
         loss, logp, entropy, _ = _logits_sweep(_as_3d(logits), *rest)
     stats = _fused_or_torch_stats(logp, entropy, labels, old_logp, advantages, m, weights,
@@ -1236,7 +1242,7 @@ def linear_ppo_loss(
                            mask, ref_logp):
         loss, logp, entropy, *_ = _linear_ppo_op(hidden.reshape(-1, hidden.shape[-1]), *args[1:])
     elif any(needs):
-        loss, logp, entropy, _ = _LinearPPOFunction.apply(*args)  # it flattens hidden itself
+        loss, logp, entropy, _ = _apply_linear_ppo(*args)  # it flattens hidden itself
     else:
         loss, logp, entropy, *_ = _linear_sweep(hidden.reshape(-1, hidden.shape[-1]),
                                                 *args[1:22], needs, *args[27:],

@@ -46,7 +46,7 @@ from rlhf_kernels.ops._launch import CachedLaunch
 from rlhf_kernels.ops._reduce import (
     NAN,
     NORMALIZER_NONE,
-    SavedGradLoss,
+    apply_saved_grad_loss,
     as_rows,
     check_mask,
     loss_denominator,
@@ -412,7 +412,7 @@ def ppo_value_loss(
     if not launch_directly(values, old_values, returns, mask, norm_tensor):
         loss, stats, _ = _ppo_value_loss_op(*args)
     elif torch.is_grad_enabled() and values.requires_grad:
-        loss, stats, _ = SavedGradLoss.apply(_launch, _S_SCALE, norm_tensor is not None, *args)
+        loss, stats, _ = apply_saved_grad_loss(_launch, _S_SCALE, norm_tensor is not None, *args)
     else:
         loss, stats, _ = _launch(*args)
     return loss, dict(zip(_STAT_NAMES, stats.unbind(0)))
