@@ -472,7 +472,8 @@ def _main(argv: list[str]) -> int:
         if os.environ.get("RLHF_TRACEBACK") == "1" or isinstance(error, BrokenPipeError):
             raise error  # a closed pipe: the reader has gone, nothing to say (quiet_broken_pipe)
         # "SFTConfig.lr must be ...": the class is the Python API's name; the user typed lr
-        line = re.sub(rf"\b{re.escape(config_class.__name__)}\.(?=[A-Za-z_])", "",
+        # (not "TRL's GRPOConfig.num_iterations", another library's class of that name)
+        line = re.sub(rf"(?<!'s )\b{re.escape(config_class.__name__)}\.(?=[A-Za-z_])", "",
                       _one_line(error, where))
         print(f"rlhf {ns.command}: error: {line}", file=sys.stderr)
         return EXIT_USAGE
