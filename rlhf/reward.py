@@ -276,13 +276,15 @@ def train(
 
 def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pairs,
            on_step) -> dict:
-    from rlhf import data
+    from rlhf import data, distributed
     from rlhf.checkpoint import interrupts_held
     from rlhf.metrics import MetricsLogger
     from rlhf.models import LoraSpec, SharedBackbone
 
     # ---- setup ----
-    # the quick checks first: a missing or broken dataset stops the run before the model loads
+    # the quick checks first: a missing or broken dataset stops the run before the model loads,
+    # as does (torchrun) a micro-batch the ranks cannot share
+    distributed.check_split(cfg.batch_size, what="micro-batch of pairs", setting="batch_size")
     if eval_pairs is None:
         check_held_out_settings(cfg)
     if train_pairs is None:
@@ -331,8 +333,6 @@ def _train(cfg: RewardConfig, run, *, backbone, tokenizer, train_pairs, eval_pai
                       f"(the same tokens): the held-out figures overstate; remove the duplicate "
                       f"pairs from the data", stacklevel=1)
     device = resolve_device(cfg.device, cfg.max_memory)
-    from rlhf import distributed
-
     backbone = distributed.prepare(backbone, device, None, stage="rm")  # torchrun: ddp / fsdp2
     backbone.to(device)
     backbone.train()

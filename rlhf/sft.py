@@ -417,6 +417,8 @@ def _train(cfg: SFTConfig, run, *, model, tokenizer, examples, on_step) -> dict:
     from rlhf.packing import Packing
 
     # ---- setup ----
+    # torchrun: a micro-batch the ranks cannot share stops the run before anything loads
+    distributed.check_split(cfg.batch_size, what="micro-batch", setting="batch_size")
     if model is None or tokenizer is None or examples is None:
         loaded = _load_model_and_data(cfg)
         model = model if model is not None else loaded[0]

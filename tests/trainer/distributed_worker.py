@@ -230,23 +230,44 @@ class _NoEngine:
         raise AssertionError("the rollout engine was built: the run got past its set-up")
 
 
-def _refusals_scenario(directory: Path, tokenizer) -> None:
-    """RL settings 2 ranks cannot share (3 prompts per rollout; a minibatch of 1 row): each
-    must stop the run with its ValueError before the engine is built (not after a rollout).
-    Writes {case: "ValueError: <message>"} to result.json (rank 0)."""
-    from rlhf import distributed, rl, task
+class _Unread(list):
+    """Rows a run must stop before it reads."""
 
-    cases = {"prompts": dict(rollout_batch_size=12, group_size=4),
-             "minibatch": dict(minibatch_size=1)}
+    def _read(self, *args, **kwargs):
+        raise AssertionError("the data was read: the run got past its set-up")
+
+    __iter__ = __len__ = __getitem__ = _read
+
+
+def _refusals_scenario(directory: Path, tokenizer) -> None:
+    """Settings 2 ranks cannot share (RL: 3 prompts per rollout, a minibatch of 1 row; SFT and
+    the reward model: micro-batches of 1 row): each must stop the run with its ValueError
+    before any work (RL: before the engine is built, not after a rollout; SFT and RM: before
+    their data is read, not at the first step once the model has loaded).
+    Writes {case: "ValueError: <message>"} to result.json (rank 0)."""
+    from rlhf import distributed, reward, rl, sft, task
+
+    def grpo(**overrides):
+        return lambda out: rl.train(rl_config(out, "grpo", **overrides),
+                                    backbone=tiny_backbone(tokenizer), tokenizer=tokenizer,
+                                    prompts=task.all_prompts("train")[:8])
+
+    cases = {
+        "prompts": grpo(rollout_batch_size=12, group_size=4),
+        "minibatch": grpo(minibatch_size=1),
+        "sft": lambda out: sft.train(sft_config(out, batch_size=1), model=tiny_model(tokenizer),
+                                     tokenizer=tokenizer, examples=_Unread()),
+        "rm": lambda out: reward.train(rm_config(out, batch_size=1),
+                                       backbone=tiny_backbone(tokenizer), tokenizer=tokenizer,
+                                       train_pairs=_Unread(), eval_pairs=_Unread()),
+    }
     seen = {}
     original = rl.RolloutEngine
     rl.RolloutEngine = _NoEngine
     try:
-        for case, overrides in cases.items():
-            cfg = rl_config(directory / case, "grpo", **overrides)
+        for case, run in cases.items():
             try:
-                rl.train(cfg, backbone=tiny_backbone(tokenizer), tokenizer=tokenizer,
-                         prompts=task.all_prompts("train")[:8])
+                run(directory / case)
                 seen[case] = "no error"
             except Exception as error:  # noqa: BLE001 (recorded, compared by the test)
                 seen[case] = f"{type(error).__name__}: {error}"

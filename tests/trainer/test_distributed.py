@@ -187,13 +187,21 @@ def test_other_ranks_draw_no_progress_bars(runs):
     assert "%|" not in rank1.stderr, rank1.stderr[-2000:]
 
 
-def test_rl_batch_the_ranks_cannot_share_stops_before_any_work(runs):
+def test_batch_the_ranks_cannot_share_stops_before_any_work(runs):
     """A rollout whose prompts (rollout_batch_size / group_size) do not split evenly, or a
     minibatch with fewer rows than ranks, stops the run with one line naming the setting
     before the rollout engine is built; the minibatch was refused only after a whole rollout
-    had been sampled and scored, the prompts once the backbone and the engine were built."""
+    had been sampled and scored, the prompts once the backbone and the engine were built.
+    SFT's and the reward model's micro-batches of fewer rows than ranks: before their data is
+    read (they were refused at the first step, once the model had loaded)."""
     result = json.loads((runs[0] / "ws2" / "refusals" / "result.json").read_text())
     assert result == {
+        "sft": "ValueError: a micro-batch of 1 rows cannot be split over 2 ranks: it must be at "
+               "least the number of processes (2); change batch_size or the number of "
+               "processes",
+        "rm": "ValueError: a micro-batch of pairs of 1 rows cannot be split over 2 ranks: it "
+              "must be at least the number of processes (2); change batch_size or the number "
+              "of processes",
         "prompts": "ValueError: a rollout batch of prompts of 3 rows cannot be split over 2 "
                    "ranks: it must be a multiple of the number of processes (2); change "
                    "rollout_batch_size / group_size or the number of processes",
