@@ -81,6 +81,7 @@ import torch
 from rlhf_kernels._checks import int_setting
 from rlhf_kernels.integrations import Patch, apply_patch, dropin, original, unpatch_openrlhf
 from rlhf_kernels.integrations._contract import (
+    autocast_sum,
     bind_keep_fp32,
     broadcast_advantages,
     dtype_under_autocast,
@@ -92,7 +93,6 @@ from rlhf_kernels.integrations._contract import (
     is_dtensor,
     log_softmax_last,
     nonnegative,
-    autocast_sum,
     promoted,
     weighted_advantages,
     widened_under_autocast,

@@ -87,6 +87,7 @@ import torch
 from rlhf_kernels._checks import REDUCTIONS
 from rlhf_kernels.integrations import Patch, apply_patch, dropin, original, unpatch_verl
 from rlhf_kernels.integrations._contract import (
+    autocast_sum,
     bind_keep_fp32,
     broadcast_advantages,
     dtype_under_autocast,
@@ -99,7 +100,6 @@ from rlhf_kernels.integrations._contract import (
     log_softmax_last,
     nonnegative,
     promoted,
-    autocast_sum,
     weighted_advantages,
     widened_under_autocast,
 )
