@@ -510,6 +510,12 @@ def _main(argv: list[str]) -> int:
                              f"the model; give it on the command line (`rlhf {ns.command} "
                              f"{config_path} strategy=ddp|fsdp2|auto`) and remove it from the "
                              f"file") from None
+        if getattr(cfg, "resume", False) is True and getattr(cfg, "overwrite", False) is True:
+            # said by the run directory once the stage starts; here --print-config refuses it
+            # too, and a run says it alone (not after "--resume: ... a new run starts there")
+            raise ValueError("resume=true and overwrite=true contradict each other: resume "
+                             "continues the run in output_dir, overwrite deletes it; drop one "
+                             "(--resume, or overwrite=true)")
         if isinstance(getattr(cfg, "output_dir", None), str):
             # `output_dir=~/runs/x` (quoted, from a YAML file, or a shell that leaves it) is a
             # home directory, as it is for model= and dataset=, not a folder named ~ here

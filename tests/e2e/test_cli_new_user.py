@@ -418,3 +418,13 @@ def test_a_top_level_error_names_the_setting_not_the_config_class(capsys, tmp_pa
     line = _error_line(capsys, [arg.format(tmp=tmp_path) for arg in argv])
     assert line.split(": error: ", 1)[1].startswith(expected), line
     assert "Config." not in line
+
+
+@pytest.mark.parametrize("print_config", [False, True])
+def test_resume_with_overwrite_is_one_error_before_anything(capsys, tmp_path, print_config):
+    """`rlhf sft --resume overwrite=true` printed "--resume: ... holds no run yet, so a new run
+    starts there" and then the contradiction as an error (two lines, the first one wrong), and
+    --print-config showed the settings as if they could run."""
+    argv = ["sft", "--resume", "overwrite=true", f"output_dir={tmp_path / 'run'}"]
+    line = _error_line(capsys, argv + ["--print-config"] * print_config)
+    assert "resume=true and overwrite=true contradict each other" in line, line
