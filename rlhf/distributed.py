@@ -608,8 +608,10 @@ def sum_gradients(params: Sequence[torch.nn.Parameter],
                   scalars: Sequence[float] = ()) -> list[float]:
     """Sum the gradients of ``params`` over ranks in place (one all-reduce per bucket of
     ``BUCKET_ELEMENTS``; a parameter without a gradient counts as zeros), and ``scalars`` (the
-    step's metrics, summed as well, riding in the first bucket). Returns the summed scalars;
-    in one process, the scalars as they are and no gradient is touched."""
+    step's metrics, summed as well, riding in the first fp32 / fp64 bucket; with bf16 or fp16
+    gradients alone, a full-weight run of a half-precision model, in an fp64 all-reduce of
+    their own: a bf16 buffer rounded the logged loss to 3 significant digits). Returns the
+    summed scalars; in one process, the scalars as they are and no gradient is touched."""
     if not is_distributed():
         return list(scalars)
     params = [p for p in params if p.requires_grad or p.grad is not None]
@@ -625,14 +627,19 @@ def sum_gradients(params: Sequence[torch.nn.Parameter],
             size = 0
         buckets[-1].append(p)
         size += p.numel()
-    if not buckets:  # nothing to train on this step: the scalars still need their sum
+    wide = (torch.float32, torch.float64)
+    carrier = next((number for number, bucket in enumerate(buckets)
+                    if bucket[0].grad.dtype in wide), None)
+    if carrier is None:  # nothing to train on this step, or half-precision gradients only
         flat = torch.tensor(list(scalars), dtype=torch.float64, device=_device())
-        _collective("all_reduce", "all-reduce of the step's metrics", dist.all_reduce, flat)
-        return flat.tolist()
-    out: list[float] = list(scalars)
+        if scalars or not buckets:
+            _collective("all_reduce", "all-reduce of the step's metrics", dist.all_reduce, flat)
+        if not buckets:
+            return flat.tolist()
+    out: list[float] = list(scalars) if carrier is not None else flat.tolist()
     for number, bucket in enumerate(buckets):
         grads = [p.grad.reshape(-1) for p in bucket]
-        extra = len(scalars) if number == 0 else 0
+        extra = len(scalars) if number == carrier else 0
         head = grads[0]
         flat = torch.cat(grads + ([torch.tensor(list(scalars), dtype=head.dtype,
                                                 device=head.device)] if extra else []))

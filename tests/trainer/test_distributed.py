@@ -325,6 +325,29 @@ def test_a_second_ctrl_c_waits_for_the_interrupt_checkpoint(runs, tmp_path, monk
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-0000002"]
 
 
+def test_step_metrics_keep_their_precision_beside_half_precision_gradients(monkeypatch):
+    """sum_gradients carries the step's metrics (the logged loss) in the gradients' buffer. With
+    bf16 gradients alone (full-weight SFT of a model loaded in bf16, transformers' default for
+    a bf16 checkpoint) the loss came back rounded to bf16 (2.345678 -> 2.34375) at world size
+    2 and not in one process. The all-reduce is emulated as the other ranks adding zeros."""
+    reduced = []
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(distributed.dist, "all_reduce",
+                        lambda tensor, **_: reduced.append(tensor.dtype))
+    half = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+    half.grad = torch.full((3,), 0.5, dtype=torch.bfloat16)
+    assert distributed.sum_gradients([half], [2.345678, 1e-3]) == [2.345678, 1e-3]
+    assert reduced == [torch.float64, torch.bfloat16] and torch.equal(half.grad, 0.5 * half)
+    # beside an fp32 bucket (LoRA adapters, heads) they ride in it: one all-reduce each
+    wide = torch.nn.Parameter(torch.ones(2))
+    wide.grad = torch.full((2,), 0.25)
+    reduced.clear()
+    summed = distributed.sum_gradients([half, wide], [2.345678])
+    assert math.isclose(summed[0], 2.345678, rel_tol=1e-7)
+    assert reduced == [torch.bfloat16, torch.float32]
+
+
 def test_one_process_hooks_change_nothing():
     """Without a process group every hook returns its input: single-process runs are
     bit-identical to what they were (tests/trainer/test_stages.py holds their numbers)."""
