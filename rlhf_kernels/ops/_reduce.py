@@ -323,9 +323,10 @@ def no_double_backward(op_name: str):
     ``allow_unused=True`` returned None (a silently missing second-order term), and without it
     autograd's "not used in the graph" error hid this one. So the node also takes the saved
     tensors that require grad (an op's saved inputs, or the empty ``anchor_output`` of an op
-    that saves none: its history is the op's own node, which leads to every input) and the
-    incoming gradients that require grad: differentiating the gradients with respect to
-    anything upstream of them runs it.
+    that saves none: its history is the op's own node, which leads to every input), the inputs
+    a Function holds as ``ctx.links`` (unsaved references: no version check, no extra output;
+    for small inputs) and the incoming gradients that require grad: differentiating the
+    gradients with respect to anything upstream of them runs it.
     """
     message = (f"rlhf_kernels.{op_name}: its gradient is not differentiable again (double "
                "backward / create_graph=True); use backend='reference' for higher-order "
@@ -336,7 +337,7 @@ def no_double_backward(op_name: str):
         def wrapper(ctx, *grads):
             if not torch.is_grad_enabled():
                 return backward(ctx, *grads)
-            links = [t for t in (*ctx.saved_tensors, *grads)
+            links = [t for t in (*ctx.saved_tensors, *grads, *getattr(ctx, "links", ()))
                      if isinstance(t, torch.Tensor) and t.requires_grad]
             with torch.no_grad():
                 outputs = backward(ctx, *grads)

@@ -244,7 +244,9 @@ def _scaled(saved: torch.Tensor, grad_loss: torch.Tensor, dtype: torch.dtype) ->
 def _setup_context(ctx, inputs, output):
     chosen, rejected = inputs[0], inputs[1]
     _, stats, saved_grad = output
-    ctx.mark_non_differentiable(stats, saved_grad)
+    # saved_grad stays differentiable (the caller drops it): saved, its history is this op's
+    # node, which no_double_backward links its error to (a path to the rewards)
+    ctx.mark_non_differentiable(stats)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(saved_grad)
     ctx.dtypes = (chosen.dtype, rejected.dtype)
@@ -279,6 +281,9 @@ class _BradleyTerryFunction(torch.autograd.Function):
         box.append(stats)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(saved_grad)
+        # no_double_backward's path to the rewards (held, not saved: the backward never reads
+        # them, so editing them in place before it stays allowed; (B,) tensors)
+        ctx.links = (chosen, rejected)
         ctx.dtypes = (chosen.dtype, rejected.dtype)
         return loss
 

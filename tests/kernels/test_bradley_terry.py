@@ -194,6 +194,23 @@ def test_a_second_derivative_is_refused_on_both_paths(monkeypatch, custom_op):
     assert chosen.grad is not None and rejected.grad is not None
 
 
+@pytest.mark.parametrize("custom_op", [False, True])
+def test_a_second_derivative_by_autograd_grad_is_refused_on_both_paths(monkeypatch, custom_op):
+    """torch.autograd.grad(penalty + other, inputs, allow_unused=True) runs only the nodes on
+    a path to ``inputs``: the error node must lie on one, or the penalty's second-order term is
+    silently dropped (the result was ``other``'s gradient alone: ones)."""
+    from rlhf_kernels.ops import bradley_terry as bt
+
+    if custom_op:
+        monkeypatch.setattr(bt, "launch_directly", lambda *tensors: False)
+    chosen = torch.randn(6, device=DEVICE, requires_grad=True)
+    rejected = torch.randn(6, device=DEVICE, requires_grad=True)
+    loss, _ = bradley_terry_loss(chosen, rejected, backend="triton")
+    (grad,) = torch.autograd.grad(loss, chosen, create_graph=True)
+    with pytest.raises(RuntimeError, match="bradley_terry_loss: its gradient is not different"):
+        torch.autograd.grad(grad.square().sum() + chosen.sum(), chosen, allow_unused=True)
+
+
 @pytest.mark.filterwarnings("ignore:rlhf_kernels. under torch.func:RuntimeWarning")
 def test_the_eager_path_applies_its_function_natively_and_only_where_that_is_the_same():
     """The eager path calls autograd's native apply (``backend.direct_apply``), skipping
