@@ -375,9 +375,8 @@ class SavedGradLoss(torch.autograd.Function):
     backward is the custom op's product ``saved_grad * (grad_loss * stats[scale_index])`` as two
     torch multiplies (``scale_saved_grad_eager``), at a fraction of its host time.
 
-    ``SavedGradLoss.apply(launch, scale_index, select, *args) -> (loss, stats, anchor)``;
-    select: the loss has a tensor normalizer (``scale_saved_grad``); anchor: the empty
-    ``anchor_output`` (for ``no_double_backward``), not for the user.
+    ``SavedGradLoss.apply(launch, scale_index, select, *args) -> (loss, stats)``;
+    select: the loss has a tensor normalizer (``scale_saved_grad``).
     """
 
     @staticmethod
@@ -385,8 +384,9 @@ class SavedGradLoss(torch.autograd.Function):
         loss, stats, saved_grad = launch(*args)
         ctx.mark_non_differentiable(stats)
         ctx.set_materialize_grads(False)
-        anchor = anchor_output(loss)
-        ctx.save_for_backward(saved_grad, anchor)
+        ctx.save_for_backward(saved_grad)
+        # no_double_backward's path to the input (held, not saved: the backward never reads it)
+        ctx.links = args[:1]
         # The stats are held, not saved: the caller gets them as views (a dict of () tensors)
         # and may edit them in place before the backward (an all_reduce, a rescale), which a
         # saved tensor's version check refused. The backward reads only the scale slot, which
@@ -396,11 +396,11 @@ class SavedGradLoss(torch.autograd.Function):
         ctx.select = select
         ctx.input_dtype = args[0].dtype
         ctx.n_args = len(args)
-        return loss, stats, anchor
+        return loss, stats
 
     @staticmethod
     @no_double_backward("ppo_policy_loss / ppo_value_loss")
-    def backward(ctx, grad_loss, grad_stats, grad_anchor):
+    def backward(ctx, grad_loss, grad_stats):
         grad = None
         if grad_loss is not None:
             saved_grad = ctx.saved_tensors[0]

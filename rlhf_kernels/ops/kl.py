@@ -35,7 +35,7 @@ from rlhf_kernels import _alloc, _native, reference
 from rlhf_kernels._checks import check_float, check_same_device, check_same_shape, real_setting
 from rlhf_kernels.backend import direct_apply, launch_directly, native_cpu_kernels, resolve_backend
 from rlhf_kernels.ops._launch import CachedLaunch
-from rlhf_kernels.ops._reduce import NAN, anchor_output, cdiv, no_double_backward
+from rlhf_kernels.ops._reduce import NAN, cdiv, no_double_backward
 
 __all__ = ["kl_penalty", "KL_ESTIMATOR_CODES", "kl_estimate", "k3", "k3_and_grad",
            "check_kl_options", "k3_torch"]
@@ -444,20 +444,19 @@ class _KLFunction(torch.autograd.Function):
             dkl = out if k1 else _empty_like(logp, torch.float32)
             _kl_fwd_flat(((n + _BLOCK - 1) // _BLOCK,), logp, ref_logp, out, dkl, n,
                          options[0], not k1, _BLOCK, num_warps=4)
-            # (an empty extra output, saved: it links no_double_backward's error to this node,
-            # as the inputs saved below do; the caller drops it)
-            anchor = anchor_output(out)
-            ctx.save_for_backward(None if k1 else dkl, anchor)
+            ctx.save_for_backward(None if k1 else dkl)
+            # no_double_backward's path to the inputs, which the slow path below saves (held,
+            # not saved: the backward never reads them, so editing them in place stays allowed)
+            ctx.links = (logp, ref_logp)
             ctx.dtypes = (logp.dtype, ref_logp.dtype)
-            return out, anchor
+            return out
         ctx.save_for_backward(logp, ref_logp)
         ctx.dtypes = None
-        out = _launch_fwd(logp, ref_logp, *options)
-        return out, anchor_output(out)
+        return _launch_fwd(logp, ref_logp, *options)
 
     @staticmethod
     @no_double_backward("kl_penalty")
-    def backward(ctx, grad, grad_anchor):
+    def backward(ctx, grad):
         need_logp, need_ref = ctx.needs_input_grad[:2]
         if not (need_logp or need_ref):
             return None, None, None
@@ -547,5 +546,5 @@ def kl_penalty(
     if not launch_directly(logp, ref_logp):
         return _kl_penalty_op(logp, ref_logp, *options)
     if torch.is_grad_enabled() and (logp.requires_grad or ref_logp.requires_grad):
-        return _apply_kl(logp, ref_logp, options)[0]
+        return _apply_kl(logp, ref_logp, options)
     return _launch_fwd(logp, ref_logp, *options)

@@ -753,9 +753,9 @@ def ppo_policy_loss(
         loss, stats, _ = _ppo_policy_loss_op(*args)
     elif torch.is_grad_enabled() and logp.requires_grad:
         # logp and the rest as one tuple: autograd.Function.apply costs host time per argument.
-        loss, stats, _ = apply_saved_grad_loss(_launch_packed,
-                                               _scale_index(dual_clip is not None, with_kl),
-                                               norm_tensor is not None, logp, args[1:])
+        loss, stats = apply_saved_grad_loss(_launch_packed,
+                                            _scale_index(dual_clip is not None, with_kl),
+                                            norm_tensor is not None, logp, args[1:])
     else:
         loss, stats, _ = _launch(*args)
     # One unbind (not one indexing call per stat): host overhead matters at 64K tokens. zip

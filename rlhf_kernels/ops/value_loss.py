@@ -412,7 +412,7 @@ def ppo_value_loss(
     if not launch_directly(values, old_values, returns, mask, norm_tensor):
         loss, stats, _ = _ppo_value_loss_op(*args)
     elif torch.is_grad_enabled() and values.requires_grad:
-        loss, stats, _ = apply_saved_grad_loss(_launch, _S_SCALE, norm_tensor is not None, *args)
+        loss, stats = apply_saved_grad_loss(_launch, _S_SCALE, norm_tensor is not None, *args)
     else:
         loss, stats, _ = _launch(*args)
     return loss, dict(zip(_STAT_NAMES, stats.unbind(0)))
