@@ -298,7 +298,7 @@ def test_an_empty_output_dir_is_refused_not_the_current_directory(capsys, tmp_pa
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("stage, rows, message", [
     ("rm", [{"prompt": "a", "chosen": " b"}], r"its columns are \['chosen', 'prompt'\]"),
-    ("rm", None, "RewardConfig.dataset is required"),
+    ("rm", None, "rlhf rm: error: dataset is required: "),
     ("ppo", [{"text": "a"}], r"its columns are \['text'\]"),
 ])
 def test_a_broken_dataset_is_said_before_the_model_loads(capsys, tmp_path, stage, rows,
