@@ -106,6 +106,10 @@ class FrontierConfig:
             if is_set(values, f"base.{name}"):
                 raise ValueError(f"base.{name} cannot be set in rlhf frontier: the frontier "
                                  f"sets it from its own {name}; set {name}= instead")
+        for key, why in _BASE_SET_BY_POINTS.items():  # each point's own: silently replaced
+            if is_set(values, key) and not (key == "base.ppo.num_iterations"
+                                            and not is_set(values, "num_iterations")):
+                raise ValueError(f"{key} cannot be set in rlhf frontier: {why}")
         base = values.get("base", {})
         if isinstance(base, str):  # base="{algorithm: grpo}" on the command line
             base = _parse_command_line(base, "base")
@@ -116,6 +120,17 @@ class FrontierConfig:
 # The base pipeline's settings that _base_config takes from the frontier's own fields.
 _BASE_SET_BY_FRONTIER = ("output_dir", "seed", "device", "cpu_threads", "eval_samples", "resume",
                          "overwrite")
+
+
+# The base pipeline's settings that each point's RL run replaces (_rl_config): what to set
+# instead.
+_BASE_SET_BY_POINTS = {
+    "base.ppo.kl_coef": "each point runs at one of kl_coefs= (fixed); set kl_coefs= instead",
+    "base.ppo.kl_target": "each point keeps its kl_coef fixed (no adaptive controller, "
+                          "kl_target=null); set kl_coefs= for the strengths",
+    "base.ppo.num_iterations": "num_iterations= is given too, and it is what every point runs; "
+                               "give one of them",
+}
 
 
 def _base_config(cfg: FrontierConfig) -> pipeline.PipelineConfig:
@@ -151,6 +166,9 @@ def printable_config(cfg: FrontierConfig) -> dict:
     for stage in ("sft", "reward", "ppo"):
         for key in pipeline._SET_BY_PIPELINE:
             shown["base"][stage].pop(key, None)
+    for key in _BASE_SET_BY_POINTS:  # what each point sets (the notes show it)
+        if key != "base.ppo.num_iterations" or cfg.num_iterations is not None:
+            shown["base"]["ppo"].pop(key.rsplit(".", 1)[-1], None)
     return shown
 
 

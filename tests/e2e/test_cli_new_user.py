@@ -428,3 +428,21 @@ def test_resume_with_overwrite_is_one_error_before_anything(capsys, tmp_path, pr
     argv = ["sft", "--resume", "overwrite=true", f"output_dir={tmp_path / 'run'}"]
     line = _error_line(capsys, argv + ["--print-config"] * print_config)
     assert "resume=true and overwrite=true contradict each other" in line, line
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["base.ppo.kl_coef=0.5"], "base.ppo.kl_coef"),
+    (["base.ppo.kl_target=3"], "base.ppo.kl_target"),
+    (["base.ppo.num_iterations=2", "num_iterations=3"], "base.ppo.num_iterations"),
+])
+def test_frontier_refuses_a_base_setting_its_points_replace(capsys, overrides, key):
+    """`rlhf frontier base.ppo.kl_coef=0.5` ran every point at its kl_coefs value with no
+    adaptive controller, the 0.5 (or base.ppo.kl_target) silently unused; base.ppo.num_iterations
+    with num_iterations= too ran the latter."""
+    line = _error_line(capsys, ["frontier", *overrides, "--print-config"])
+    assert line.startswith(f"rlhf frontier: error: {key} cannot be set in rlhf frontier"), line
+
+
+def test_frontier_keeps_a_base_setting_its_points_use(capsys):
+    assert cli.main(["frontier", "base.ppo.num_iterations=2", "--print-config"]) == 0
+    capsys.readouterr()
