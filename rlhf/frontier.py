@@ -30,6 +30,7 @@ run is kept only under the settings its run.json records (a changed one is refus
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -147,6 +148,23 @@ def _base_config(cfg: FrontierConfig) -> pipeline.PipelineConfig:
                    eval_samples=cfg.eval_samples, resume=cfg.resume, overwrite=cfg.overwrite)
 
 
+@contextlib.contextmanager
+def _named_as_base():
+    """A refusal of the base pipeline's checks names the setting as typed here ("ppo.algorithm
+    cannot be set" is base.ppo.algorithm on the frontier's command line)."""
+    from rlhf.config import named_as_typed
+
+    try:
+        yield
+    except ValueError as error:
+        renamed = named_as_typed(str(error), "base.", pipeline.PipelineConfig)
+        if renamed is None:
+            raise
+        for name in _BASE_SET_BY_FRONTIER:  # the frontier's own field, not base.<name>
+            renamed = renamed.replace(f"set base.{name}=", f"set {name}=")
+        raise ValueError(renamed) from None
+
+
 def printable_config(cfg: FrontierConfig) -> dict:
     """What ``rlhf frontier --print-config`` shows, a config that loads back: the frontier's own
     settings and ``base`` as configured (a setting ``rlhf pipeline`` refuses is refused here),
@@ -154,7 +172,8 @@ def printable_config(cfg: FrontierConfig) -> dict:
     give). ``printed_notes`` adds each algorithm's points' resolved settings, as comments."""
     from rlhf.config import config_to_dict
 
-    pipeline.printable_config(_base_config(cfg))  # their refusals, before anything is shown
+    with _named_as_base():  # their refusals, before anything is shown
+        pipeline.printable_config(_base_config(cfg))
     _point_configs(cfg)
     shown = config_to_dict(cfg)
     # base as configured: the RL settings an algorithm's preset fills stay null, since each
@@ -306,7 +325,8 @@ def run(cfg: FrontierConfig) -> dict:
     """Run (or resume) the frontier; returns what frontier.json holds."""
     root = Path(cfg.output_dir)
     base_cfg = _base_config(cfg)
-    pipeline.check_settings(base_cfg)
+    with _named_as_base():
+        pipeline.check_settings(base_cfg)
     _point_configs(cfg)  # every point's settings, before the base pipeline runs
     base_summary_path = Path(base_cfg.output_dir) / "summary.json"
     if cfg.resume and base_summary_path.exists():

@@ -446,3 +446,18 @@ def test_frontier_refuses_a_base_setting_its_points_replace(capsys, overrides, k
 def test_frontier_keeps_a_base_setting_its_points_use(capsys):
     assert cli.main(["frontier", "base.ppo.num_iterations=2", "--print-config"]) == 0
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("base.ppo.algorithm=grpo", "base.ppo.algorithm='grpo' cannot be set in rlhf pipeline: the "
+                                "pipeline sets it for every stage from its own algorithm; set "
+                                "base.algorithm= instead"),
+    ("base.ppo.seed=3", "base.ppo.seed=3 cannot be set in rlhf pipeline: the pipeline sets it "
+                        "for every stage from its own seed; set seed= instead"),
+])
+def test_frontier_names_a_refused_base_setting_as_typed(capsys, override, expected):
+    """`rlhf frontier base.ppo.algorithm=grpo` was refused as "ppo.algorithm='grpo' ... set
+    algorithm= instead", a key of `rlhf pipeline`, not of the command typed (where algorithms=
+    is the frontier's own list)."""
+    line = _error_line(capsys, ["frontier", override, "--print-config"])
+    assert line == f"rlhf frontier: error: {expected}"
