@@ -697,7 +697,9 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
         stage.check_positions(model, ppo_cfg.max_prompt_length + ppo_cfg.max_new_tokens,
                               "a sample (ppo.max_prompt_length + ppo.max_new_tokens) has",
                               "lower them to {positions} tokens together")
-        with warnings_named("sft.", type(sft_cfg)):  # sft, reward and ppo share setting names
+        # (sft, reward and ppo share setting names; strategy=fsdp2 is meant for the frozen base
+        # of the reward and RL stages: SFT, which trains every weight, runs ddp under it)
+        with warnings_named("sft.", type(sft_cfg)), distributed.replicated_sft():
             trained = sft.train(sft_cfg, model=model, tokenizer=tokenizer, examples=examples)
         model = trained["model"]  # with LoRA SFT, the adapters merged in
         sft_summary = _plain(trained)

@@ -492,3 +492,33 @@ def test_fsdp2_refusals(monkeypatch):
         assert distributed.strategy() == "ddp"
     finally:
         distributed.set_strategy(None)
+
+
+def test_the_pipeline_runs_its_sft_stage_replicated_under_fsdp2(tmp_path, monkeypatch):
+    """`rlhf pipeline strategy=fsdp2 --nproc N` shards the reward and RL stages; its SFT stage
+    (every weight trained) takes ddp instead of refusing fsdp2 and stopping the pipeline: the
+    pipeline's sft.train runs inside distributed.replicated_sft, where prepare(stage="sft") under
+    fsdp2 gives ddp (test_fsdp2_refusals)."""
+    from rlhf import pipeline, sft
+    from tests.helpers import micro_config
+
+    class Stop(Exception):
+        pass
+
+    def sft_train(*args, **kwargs):  # what the stage asks of distributed, as on rank 0 of 2
+        model = torch.nn.Linear(2, 2)
+        with monkeypatch.context() as ranks:
+            ranks.setattr(distributed, "is_distributed", lambda: True)
+            assert distributed.prepare(model, torch.device("cpu"), [], stage="sft") is model
+            seen.append(distributed.strategy())
+        raise Stop
+
+    seen = []
+    monkeypatch.setattr(sft, "train", sft_train)
+    try:
+        distributed.set_strategy("fsdp2")
+        with pytest.raises(Stop):
+            pipeline.run(micro_config(tmp_path / "run"))
+        assert seen == ["ddp"]
+    finally:
+        distributed.set_strategy(None)
