@@ -1122,3 +1122,35 @@ def test_a_zero_or_nan_normalizer_tensor_gives_the_references_non_finite_loss(mo
             assert torch.equal(torch.isfinite(grad), torch.isfinite(want_grad)), what
             at_masked = grad[masked_tokens]
             assert torch.equal(at_masked, torch.zeros_like(at_masked)), what
+
+
+def test_vmap_with_a_normalizer_tensor():
+    """torch.func.vmap of the fused losses with a tensor normalizer: vmap runs the custom ops
+    and then the Function that gives a count of 0 the reference's loss, which torch.func
+    refused (a RuntimeError: a Function without setup_context). Per sample the float64
+    reference's loss (its kind for a count of 0)."""
+    g = torch.Generator().manual_seed(5)
+    N, B, T, V, H = 2, 2, 4, 7, 5
+    hidden = torch.randn(N, B, T, H, generator=g).to(DEVICE)
+    weight = torch.randn(V, H, generator=g).to(DEVICE)
+    logits = (hidden @ weight.T).contiguous()
+    labels = torch.randint(0, V, (N, B, T), generator=g).to(DEVICE)
+    old = torch.randn(N, B, T, generator=g).to(DEVICE) - 2.0
+    adv = torch.randn(N, B, T, generator=g).to(DEVICE)
+    mask = torch.ones(N, B, T, device=DEVICE)
+    mask[:, 1, 2:] = 0
+    for value, paths in ((2.0, ("logits",)), (0.0, ("logits", "linear"))):
+        kw = dict(entropy_coef=0.01, normalizer=torch.tensor(value, device=DEVICE))
+        ops = {"logits": (lambda x, *a: ppo_loss_from_logits(x, *a, **kw)[0], logits),
+               "linear": (lambda h, *a: linear_ppo_loss(h, weight, *a, **kw)[0], hidden)}
+        want = torch.stack([reference.ppo_loss_from_logits(
+            logits[i].double(), labels[i], old[i].double(), adv[i].double(), mask[i], **kw)[0]
+            for i in range(N)])
+        for path in paths:
+            op, first = ops[path]
+            loss = torch.func.vmap(op)(first, labels, old, adv, mask)
+            if value:
+                assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+            else:
+                assert not torch.isfinite(want).any()  # the case under test
+                assert torch.equal(_kinds(loss), _kinds(want)), (path, loss, want)
