@@ -113,9 +113,7 @@ def test_rl_progress_bar_shows_gold_only_when_a_judge_scores(tmp_path, capsys, w
     """`rlhf ppo model=runs/rm/backbone` (a reward model, no gold judge) showed "gold=nan" on
     every iteration of its progress bar, which read as a broken run."""
     from rlhf import rl
-    from tests._tiny_models import rl_tokenizer
-    from tests.trainer.test_grpo import PROMPTS, rl_config
-    from tests.trainer.test_stages import tiny_backbone
+    from tests.helpers import PROMPTS, rl_config, rl_tokenizer, tiny_backbone
 
     tokenizer = rl_tokenizer()
     gold = (lambda texts: [0.25] * len(texts)) if with_gold else None
@@ -137,7 +135,7 @@ def test_a_stage_warning_in_the_pipeline_names_the_stage_setting(tmp_path, monke
 
     from rlhf import sft, task
     from rlhf.config import warnings_named
-    from tests._tiny_models import review_tokenizer, tiny_llama
+    from tests.helpers import review_tokenizer, tiny_llama
 
     monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
     corpus = task.make_corpus(8, seed=1)
@@ -276,8 +274,7 @@ def test_reward_model_says_when_eval_fraction_holds_out_nothing(tmp_path, monkey
     """`rlhf rm` on 2 pairs (eval_fraction 0.2 of them rounds to 0) trained without a held-out
     evaluation and said nothing: the summary just had no accuracy."""
     from rlhf import reward
-    from tests._tiny_models import rl_tokenizer
-    from tests.trainer.test_stages import tiny_backbone
+    from tests.helpers import rl_tokenizer, tiny_backbone
 
     monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
     tokenizer = rl_tokenizer()
@@ -336,9 +333,7 @@ def test_a_skipped_rl_step_says_what_was_not_finite(tmp_path, monkeypatch):
     import torch
 
     from rlhf import rl
-    from tests._tiny_models import rl_tokenizer
-    from tests.trainer.test_grpo import PROMPTS, rl_config
-    from tests.trainer.test_stages import tiny_backbone
+    from tests.helpers import PROMPTS, rl_config, rl_tokenizer, tiny_backbone
 
     monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
     clip = torch.nn.utils.clip_grad_norm_

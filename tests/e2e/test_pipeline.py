@@ -10,21 +10,10 @@ import shutil
 import pytest
 
 from rlhf.pipeline import PipelineConfig, run
-from tests._tiny_models import OWN_MODEL_SHAPE, interrupt_at, review_tokenizer, tiny_llama
+from tests.helpers import OWN_MODEL_SHAPE, interrupt_at, micro_config, review_tokenizer, tiny_llama
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.reference_kernels]
-
-
-def micro_config(output_dir) -> PipelineConfig:
-    cfg = PipelineConfig(output_dir=str(output_dir), device="cpu", corpus_size=160,
-                         vocab_size=300, hidden_size=32, num_layers=1, pair_prompts=96,
-                         lora_rank=4, lora_alpha=8, eval_samples=16, sample_batch_size=32)
-    cfg.sft.max_steps, cfg.sft.batch_size, cfg.sft.warmup_steps, cfg.sft.lr = 80, 16, 4, 1e-2
-    cfg.reward.epochs, cfg.reward.batch_size, cfg.reward.save_every = 1.0, 2, 1
-    cfg.ppo.num_iterations, cfg.ppo.rollout_batch_size, cfg.ppo.minibatch_size = 2, 8, 4
-    cfg.ppo.max_new_tokens, cfg.ppo.max_prompt_length, cfg.ppo.save_every = 16, 40, 1
-    return cfg
 
 
 @pytest.fixture(scope="module")

@@ -53,7 +53,7 @@ def test_the_trained_policy_merges_into_a_plain_transformers_model(tmp_path, mon
 
     from rlhf import task
     from rlhf.models import LoraSpec, SharedBackbone
-    from tests._tiny_models import review_tokenizer, tiny_llama
+    from tests.helpers import review_tokenizer, tiny_llama
 
     monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
     monkeypatch.chdir(tmp_path)

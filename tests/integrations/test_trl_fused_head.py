@@ -295,15 +295,15 @@ def _repeated(i: int) -> str:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from tests._tiny_models import rl_tokenizer
+    from tests.helpers import rl_tokenizer
 
     return rl_tokenizer()
 
 
 def _model(tokenizer):
-    """tests/_tiny_models.tiny_llama with lm_head = 8 x the input embeddings: the next-token
+    """tests/helpers.tiny_llama with lm_head = 8 x the input embeddings: the next-token
     argmax is often the current token."""
-    from tests._tiny_models import tiny_llama
+    from tests.helpers import tiny_llama
 
     with torch.random.fork_rng(devices=[]):
         model = tiny_llama(tokenizer)

@@ -30,7 +30,7 @@ DEVICE = os.environ.get("RLHF_TEST_DEVICE", "cpu")
 def make_tokenizer(directory: Path):
     """The tiny BPE tokenizer, trained once and saved (every rank loads the same files)."""
     from rlhf import task
-    from tests._tiny_models import review_tokenizer
+    from tests.helpers import review_tokenizer
 
     tokenizer = review_tokenizer(task.make_corpus(96, seed=1), vocab_size=300)
     tokenizer.save_pretrained(directory)
@@ -44,7 +44,7 @@ def load_tokenizer(directory: Path):
 
 
 def tiny_model(tokenizer, seed: int = 0):
-    from tests._tiny_models import tiny_llama
+    from tests.helpers import tiny_llama
 
     return tiny_llama(tokenizer, seed)  # the shape tests/trainer/test_stages.py trains
 

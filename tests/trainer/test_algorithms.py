@@ -12,9 +12,7 @@ import torch
 
 import rlhf_kernels
 from rlhf import rl
-from tests._tiny_models import rl_tokenizer
-from tests.trainer.test_grpo import PROMPTS, randomised_policy, rl_config
-from tests.trainer.test_stages import read_jsonl
+from tests.helpers import PROMPTS, randomised_policy, read_jsonl, rl_config, rl_tokenizer
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.reference_kernels]
@@ -100,7 +98,8 @@ def test_seq_mean_token_sum_norm_divides_by_max_new_tokens(tokenizer):
     """seq-mean-token-sum-norm (veRL's Dr. GRPO reduction) divides each row's token sum by a
     constant T; the rollout's response columns are trimmed to its longest response, so T was
     the longest response of each rollout. It is max_new_tokens, as veRL's padded responses."""
-    from tests.trainer.test_grpo import _float64_loss, group_generation
+    from tests.helpers import group_generation
+    from tests.trainer.test_grpo import _float64_loss
 
     backbone = randomised_policy(tokenizer, seed=3)
     cfg = rl_config(None, "grpo", loss_reduction="seq-mean-token-sum-norm", max_new_tokens=20)
@@ -160,7 +159,7 @@ def test_ppo_rollout_targets_equal_a_float64_computation(tokenizer):
     """PPO's rollout targets from the tensors it scored: the per-token reward -kl_coef x k1 with
     the clipped score on the last response token, GAE(gamma, lam) over the response tokens
     written as the backward loop, the returns, and the advantages whitened over valid tokens."""
-    from tests.trainer.test_grpo import group_generation
+    from tests.helpers import group_generation
 
     backbone = randomised_policy(tokenizer, seed=5)
     cfg = rl_config(None, "ppo", group_size=None, gamma=0.9, lam=0.8, score_clip=0.05)
@@ -228,7 +227,7 @@ def test_policy_gradients_equal_a_float64_autograd(tokenizer, monkeypatch, algor
 
         if not native_cpu_kernels(torch.zeros(1)):
             pytest.skip("the native CPU kernels are not built here")
-    from tests.trainer.test_grpo import group_generation
+    from tests.helpers import group_generation
 
     backbone = randomised_policy(tokenizer, seed=2)
     cfg = rl_config(None, algorithm)
@@ -259,7 +258,7 @@ def test_ppo_value_loss_seq_mean_token_sum_norm_divides_by_max_new_tokens(tokeni
     """PPO's clipped value loss under seq-mean-token-sum-norm divided by the rollout's response
     columns (its longest response) where the policy loss divides by max_new_tokens; both are
     the constant now. Against 1/2 max((v - R)^2, (clipped v - R)^2) summed in float64."""
-    from tests.trainer.test_grpo import group_generation
+    from tests.helpers import group_generation
 
     backbone = randomised_policy(tokenizer, seed=6)
     cfg = rl_config(None, "ppo", group_size=None, loss_reduction="seq-mean-token-sum-norm",

@@ -50,8 +50,7 @@ def test_sample_batch_size_changes_the_samples_and_says_so():
     (every batch draws from one generator). So --resume refuses a change (not a resume-safe
     setting), and the setting's description says it is part of the results: the config's
     comment and configs/pipeline.yaml (it had no description at all)."""
-    from tests._tiny_models import rl_tokenizer
-    from tests.trainer.test_grpo import PROMPTS, randomised_policy, rl_config
+    from tests.helpers import PROMPTS, randomised_policy, rl_config, rl_tokenizer
 
     tokenizer = rl_tokenizer()
     backbone = randomised_policy(tokenizer)
@@ -119,8 +118,7 @@ def test_the_reward_stages_pairs_per_second_counts_the_pairs_it_trained_on(tmp_p
     import types
 
     from rlhf import reward
-    from tests._tiny_models import rl_tokenizer
-    from tests.trainer.test_stages import sentiment_pairs, tiny_backbone
+    from tests.helpers import rl_tokenizer, sentiment_pairs, tiny_backbone
 
     ticks = iter(range(1_000_000))
     monkeypatch.setattr(reward, "time", types.SimpleNamespace(

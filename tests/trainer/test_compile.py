@@ -218,9 +218,7 @@ def test_the_rl_stage_with_torch_compile_trains_as_eager(tmp_path, monkeypatch):
     row instead of once per group): the scoring (no gradient) and the update (gradients) run
     the layers through the compiled forward, the adapters are those eager training gives, to
     rounding, and the layers' forward is the class's again after the run."""
-    from tests._tiny_models import rl_tokenizer
-    from tests.trainer.test_grpo import PROMPTS, rl_config
-    from tests.trainer.test_stages import tiny_backbone
+    from tests.helpers import PROMPTS, rl_config, rl_tokenizer, tiny_backbone
 
     monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
     compiled_calls = _record_compiled_calls(monkeypatch)
@@ -248,14 +246,8 @@ def test_sft_and_reward_stages_run_every_layer_call_compiled(tmp_path, monkeypat
     evaluation) with ``torch_compile=true``: every decoder-layer call
     goes through the compiled forward, and the layers are plain again after the run."""
     from rlhf import reward, sft
-    from tests.trainer.test_stages import (
-        corpus,
-        sentiment_pairs,
-        sft_config,
-        tiny_backbone,
-        tiny_model,
-        tokenizer,
-    )
+    from tests.helpers import sentiment_pairs, sft_config, tiny_backbone, tiny_model
+    from tests.trainer.test_stages import corpus, tokenizer
 
     monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
     compiled_calls = _record_compiled_calls(monkeypatch)

@@ -19,15 +19,17 @@ import torch
 from rlhf import groups, rl
 from rlhf.checkpoint import latest_checkpoint, load_state
 from rlhf.engine import Generation
-from tests._tiny_models import interrupt_at, rl_tokenizer
-from tests.trainer.test_grpo import (
+from tests.helpers import (
     PROMPTS,
-    _without_timings,
     group_generation,
+    interrupt_at,
     randomised_policy,
+    read_jsonl,
     rl_config,
+    rl_tokenizer,
+    tiny_backbone,
+    without_timings,
 )
-from tests.trainer.test_stages import read_jsonl, tiny_backbone
 
 pytestmark = pytest.mark.reference_kernels
 
@@ -210,7 +212,7 @@ def test_a_dapo_run_trains_on_groups_with_spread_and_resumes(tmp_path, tokenizer
     resumed = read_jsonl(tmp_path / "b" / "dapo" / "metrics.jsonl")
     assert [r["iteration"] for r in resumed] == [1, 2, 3]
     for a, b in zip(records, resumed, strict=True):  # bit for bit, but the clocks and memory
-        assert _without_timings(a) == _without_timings(b)
+        assert without_timings(a) == without_timings(b)
 
 
 def test_without_dynamic_sampling_the_flat_groups_stay(tmp_path, tokenizer):

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from rlhf.frontier import FrontierConfig, point_name, render_table, run
-from tests.e2e.test_pipeline import micro_config
+from tests.helpers import micro_config
 
 pytestmark = pytest.mark.reference_kernels
 

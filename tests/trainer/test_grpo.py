@@ -18,8 +18,17 @@ import rlhf_kernels
 from rlhf import cli, rl, task
 from rlhf.checkpoint import RunDirectoryError, latest_checkpoint, load_state
 from rlhf.engine import RolloutEngine
-from tests._tiny_models import interrupt_at, rl_tokenizer
-from tests.trainer.test_stages import read_jsonl, tiny_backbone
+from tests.helpers import (
+    PROMPTS,
+    group_generation,
+    interrupt_at,
+    randomised_policy,
+    read_jsonl,
+    rl_config,
+    rl_tokenizer,
+    tiny_backbone,
+    without_timings,
+)
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.reference_kernels]
@@ -28,41 +37,6 @@ pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
 @pytest.fixture(scope="module")
 def tokenizer():
     return rl_tokenizer()
-
-
-PROMPTS = task.all_prompts("train")[:12]
-
-
-def rl_config(tmp_path, algorithm="grpo", **overrides) -> rl.RLConfig:
-    settings = dict(output_dir=str(tmp_path / algorithm) if tmp_path else "unused",
-                    algorithm=algorithm, num_iterations=3, rollout_batch_size=8, group_size=4,
-                    minibatch_size=4, ppo_epochs=1, max_new_tokens=8, lr=1e-2, warmup_steps=1,
-                    save_every=0, device="cpu", kl_target=2.0, kl_horizon=50,
-                    max_prompt_length=40,
-                    kl_coef=0.1)  # the KL term on for every algorithm (dapo's preset has none)
-    if rl.PRESETS[algorithm]["advantage_estimator"] == "gae":
-        settings["critic_lr"] = 1e-2
-    settings.update(overrides)
-    return rl.RLConfig(**settings)
-
-
-def group_generation(backbone, tokenizer, cfg: rl.RLConfig, n_prompts: int, seed: int = 0):
-    ids, mask = rl.encode_prompts(PROMPTS[:n_prompts], tokenizer, cfg.max_prompt_length)
-    return RolloutEngine(backbone).generate(
-        ids, mask, cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, temperature=cfg.temperature, seed=seed,
-        samples_per_prompt=cfg.settings.group_size).without_prompt_padding()
-
-
-def randomised_policy(tokenizer, seed: int = 0):
-    """A backbone whose policy differs from the reference (PEFT starts LoRA B at 0)."""
-    backbone = tiny_backbone(tokenizer, seed)
-    generator = torch.Generator().manual_seed(seed + 7)
-    with torch.no_grad():
-        for name, param in backbone.named_parameters():
-            if "lora_B" in name and ".policy." in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-    return backbone
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,14 +320,7 @@ def test_every_algorithm_trains_and_resumes_to_the_same_next_iteration(tmp_path,
     assert [r["iteration"] for r in resumed] == [1, 2, 3]
     # bit for bit: every metric but the clocks and the memory
     for a, b in zip(records, resumed, strict=True):
-        assert _without_timings(a) == _without_timings(b)
-
-
-TIMINGS = ("rollout_s", "scoring_s", "update_s", "iteration_s", "tokens_per_s", "peak_memory_mb")
-
-
-def _without_timings(record: dict) -> dict:
-    return {key: value for key, value in record.items() if key not in TIMINGS}
+        assert without_timings(a) == without_timings(b)
 
 
 def test_a_critic_free_run_has_no_critic(tmp_path, tokenizer, monkeypatch):

@@ -20,6 +20,7 @@ gguf = pytest.importorskip("gguf")
 
 from rlhf import named_models  # noqa: E402
 from rlhf.models import SharedBackbone, load_causal_lm, load_tokenizer, resolve_pretrained  # noqa: E402,E501
+from tests.helpers import write_llama_gguf  # noqa: E402
 
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
             "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -30,64 +31,6 @@ def _byte_alphabet() -> list[str]:
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     return sorted(bytes_to_unicode().values())
-
-
-def write_llama_gguf(path: Path, *, name: str, tokens: list[str], merges: list[str],
-                     token_types: list, bos: int, eos: int, pad: int, hidden: int = HIDDEN,
-                     layers: int = LAYERS, heads: int = HEADS, kv_heads: int = KV_HEADS,
-                     ffn: int = FFN, context: int = 64, chat_template: str | None = None,
-                     seed: int = 0) -> dict[str, np.ndarray]:
-    """A random Llama GGUF with tied embeddings (no output.weight, as SmolLM2) and a byte-level
-    BPE tokenizer (``tokens`` in id order, ``merges``); returns the tensors written."""
-    vocab = len(tokens)
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name(name)
-    writer.add_vocab_size(vocab)
-    writer.add_context_length(context)
-    writer.add_embedding_length(hidden)
-    writer.add_block_count(layers)
-    writer.add_feed_forward_length(ffn)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_freq_base(10000.0)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types(token_types)
-    writer.add_token_merges(merges)
-    writer.add_bos_token_id(bos)
-    writer.add_eos_token_id(eos)
-    writer.add_pad_token_id(pad)
-    if chat_template is not None:
-        writer.add_chat_template(chat_template)
-    rng = np.random.default_rng(seed)
-    kv = hidden // heads * kv_heads
-
-    def weight(*shape):
-        return (rng.standard_normal(shape) * 0.2).astype(np.float32)
-
-    tensors = {"token_embd.weight": weight(vocab, hidden),
-               "output_norm.weight": 1 + weight(hidden)}
-    for i in range(layers):
-        tensors.update({
-            f"blk.{i}.attn_norm.weight": 1 + weight(hidden),
-            f"blk.{i}.attn_q.weight": weight(hidden, hidden),
-            f"blk.{i}.attn_k.weight": weight(kv, hidden),
-            f"blk.{i}.attn_v.weight": weight(kv, hidden),
-            f"blk.{i}.attn_output.weight": weight(hidden, hidden),
-            f"blk.{i}.ffn_norm.weight": 1 + weight(hidden),
-            f"blk.{i}.ffn_gate.weight": weight(ffn, hidden),
-            f"blk.{i}.ffn_up.weight": weight(ffn, hidden),
-            f"blk.{i}.ffn_down.weight": weight(hidden, ffn),
-        })
-    for tensor_name, value in tensors.items():
-        writer.add_tensor(tensor_name, value)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return tensors
 
 
 def write_tiny_gguf(path: Path, seed: int = 0) -> dict[str, np.ndarray]:

@@ -452,12 +452,12 @@ def test_stages_log_token_counts_and_train_the_same_packed(tmp_path):
     import json
 
     from rlhf import ppo, reward, sft, task
-    from tests._tiny_models import review_tokenizer, tiny_llama
+    from tests.helpers import review_tokenizer, tiny_llama
 
     corpus = task.make_corpus(24, seed=1)
     tokenizer = review_tokenizer(corpus, vocab_size=300)
     with torch.random.fork_rng(devices=[]):
-        model = tiny_llama(tokenizer, 0)  # _tiny_models.STAGE_SHAPE
+        model = tiny_llama(tokenizer, 0)  # STAGE_SHAPE
     pairs = [{"prompt": a["prompt"], "chosen": a["completion"], "rejected": b["completion"]}
              for a, b in zip(corpus[:12], corpus[12:])]
 

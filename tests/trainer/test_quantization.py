@@ -23,7 +23,7 @@ pytest.importorskip("bitsandbytes")
 from rlhf import quant, reward, sft, task  # noqa: E402
 from rlhf import rl as ppo  # noqa: E402
 from rlhf.models import LoraSpec, SharedBackbone, _position_ids, load_causal_lm  # noqa: E402
-from tests._tiny_models import interrupt_at, review_tokenizer, tiny_llama  # noqa: E402
+from tests.helpers import interrupt_at, review_tokenizer, tiny_llama  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::FutureWarning")]

@@ -24,7 +24,7 @@ gguf = pytest.importorskip("gguf")
 
 from rlhf import named_models, task  # noqa: E402
 from rlhf.pipeline import PipelineConfig  # noqa: E402
-from tests.trainer.test_named_models import write_llama_gguf  # noqa: E402
+from tests.helpers import write_llama_gguf  # noqa: E402
 
 NAME = "tiny-reviews-gguf"
 HIDDEN, LAYERS, HEADS, KV_HEADS, FFN, CONTEXT = 16, 2, 4, 2, 32, 128

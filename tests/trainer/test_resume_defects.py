@@ -24,7 +24,7 @@ import torch
 
 from rlhf import checkpoint, cli, metrics, sft, task
 from rlhf.checkpoint import RunDirectoryError, load_state
-from tests._tiny_models import review_tokenizer, tiny_llama
+from tests.helpers import review_tokenizer, tiny_llama
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.reference_kernels]
@@ -437,9 +437,7 @@ def test_an_rl_interrupt_while_the_iterations_record_is_written_names_its_checkp
     message said 'checkpoint of iteration 2'. The checkpoint is now named by the iteration it
     holds, and the resumed run's numbers are the uninterrupted run's."""
     from rlhf import rl
-    from tests._tiny_models import rl_tokenizer
-    from tests.trainer.test_grpo import PROMPTS, rl_config
-    from tests.trainer.test_stages import tiny_backbone
+    from tests.helpers import PROMPTS, rl_config, rl_tokenizer, tiny_backbone
 
     tokenizer = rl_tokenizer()
     settings = dict(num_iterations=2, save_every=10)
@@ -475,9 +473,7 @@ def test_an_rl_interrupt_while_the_record_is_written_after_a_checkpoint_names_th
     snapshot is taken, none is written): the message named iteration 3 for the update of
     iteration 2, whose counter was already up."""
     from rlhf import rl
-    from tests._tiny_models import rl_tokenizer
-    from tests.trainer.test_grpo import PROMPTS, rl_config
-    from tests.trainer.test_stages import tiny_backbone
+    from tests.helpers import PROMPTS, rl_config, rl_tokenizer, tiny_backbone
 
     tokenizer = rl_tokenizer()
     log = metrics.MetricsLogger.log

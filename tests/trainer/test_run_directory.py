@@ -22,7 +22,7 @@ from rlhf import checkpoint, metrics, pipeline, ppo, reward, sft, task
 from rlhf.checkpoint import RunDirectoryError
 from rlhf.config import load_config
 from rlhf.models import LoraSpec, SharedBackbone
-from tests._tiny_models import interrupt_at, review_tokenizer, tiny_llama
+from tests.helpers import interrupt_at, review_tokenizer, tiny_llama
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.reference_kernels]

@@ -143,10 +143,8 @@ def test_step_rows_sorts_only_where_the_step_gradient_does_not_change():
 def test_a_grpo_iteration_ends_at_the_same_weights_with_and_without_sharing(tmp_path,
                                                                             monkeypatch):
     from rlhf import task
-    from tests._tiny_models import review_tokenizer
+    from tests.helpers import review_tokenizer, rl_config, tiny_backbone
     from tests.trainer.test_grpo import PROMPTS as TASK_PROMPTS
-    from tests.trainer.test_grpo import rl_config
-    from tests.trainer.test_stages import tiny_backbone
 
     tokenizer = review_tokenizer(task.make_corpus(96, seed=1))
 

@@ -6,7 +6,6 @@ Everything runs on the CPU in seconds (a 2-layer, 32-wide Llama; a 300-token BPE
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -17,7 +16,15 @@ from rlhf import ppo, reward, sft, task
 from rlhf.checkpoint import load_state
 from rlhf.engine import RolloutEngine
 from rlhf.models import LoraSpec, SharedBackbone
-from tests._tiny_models import interrupt_at, review_tokenizer, tiny_llama
+from tests.helpers import (
+    interrupt_at,
+    read_jsonl,
+    review_tokenizer,
+    sentiment_pairs,
+    sft_config,
+    tiny_backbone,
+    tiny_model,
+)
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.reference_kernels]
@@ -31,30 +38,6 @@ def corpus():
 @pytest.fixture(scope="module")
 def tokenizer(corpus):
     return review_tokenizer(corpus, vocab_size=300)
-
-
-def tiny_model(tokenizer, seed: int = 0):
-    return tiny_llama(tokenizer, seed)  # _tiny_models.STAGE_SHAPE
-
-
-def tiny_backbone(tokenizer, seed: int = 0) -> SharedBackbone:
-    backbone = SharedBackbone.from_model(tiny_model(tokenizer, seed),
-                                         lora=LoraSpec(rank=4, alpha=8))
-    torch.manual_seed(seed + 1)
-    for head in (backbone.value_head, backbone.reward_head):
-        torch.nn.init.normal_(head.weight, std=0.2)
-    return backbone
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in open(path)]
-
-
-def sft_config(tmp_path, **overrides) -> sft.SFTConfig:
-    settings = dict(output_dir=str(tmp_path / "sft"), max_steps=12, batch_size=8, lr=1e-2,
-                    warmup_steps=2, log_every=1, save_every=0, max_length=48, device="cpu")
-    settings.update(overrides)
-    return sft.SFTConfig(**settings)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,12 +126,6 @@ def test_sft_nonfinite_loss_is_an_error_or_counted_skip(tmp_path, tokenizer, cor
 # ---------------------------------------------------------------------------------------------
 # reward model
 # ---------------------------------------------------------------------------------------------
-def sentiment_pairs(n: int, seed: int):
-    """Clean pairs: a positive review preferred over a negative one."""
-    pos = task.make_corpus(n, seed=seed, sentiment_mix={"positive": 1.0})
-    neg = task.make_corpus(n, seed=seed + 1, sentiment_mix={"negative": 1.0})
-    return [{"prompt": p["prompt"], "chosen": p["completion"], "rejected": q["completion"]}
-            for p, q in zip(pos, neg)]
 
 
 def test_reward_model_learns_and_reports_heldout_accuracy(tmp_path, tokenizer):

@@ -18,7 +18,7 @@ import torch
 from rlhf import cli, ppo, sft
 from rlhf.config import load_config
 from rlhf.pipeline import PipelineConfig
-from tests._tiny_models import OWN_MODEL_SHAPE, review_tokenizer, tiny_llama
+from tests.helpers import OWN_MODEL_SHAPE, review_tokenizer, tiny_llama
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -348,7 +348,7 @@ def test_arithmetic_pipeline_print_config_refuses_what_its_run_refuses(capsys):
 def big_tokenizer():
     """A 300-token BPE: more tokens than the 128-row embedding of tiny_models' models."""
     from rlhf import task
-    from tests._tiny_models import review_tokenizer
+    from tests.helpers import review_tokenizer
 
     return review_tokenizer(task.make_corpus(40, seed=5), vocab_size=300)
 

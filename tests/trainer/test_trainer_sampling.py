@@ -17,9 +17,7 @@ import torch
 
 from rlhf import pipeline, reward, stage
 from rlhf.engine import RolloutEngine
-from tests._tiny_models import rl_tokenizer
-from tests.trainer.test_arithmetic import tiny_chat_model  # noqa: F401 (a fixture)
-from tests.trainer.test_grpo import PROMPTS, randomised_policy, rl_config
+from tests.helpers import PROMPTS, randomised_policy, rl_config, rl_tokenizer
 
 _RULE = stage.autocast_dtype_for
 
@@ -119,7 +117,7 @@ def test_the_reward_models_heldout_accuracy_is_measured_under_its_training_autoc
     """reward.train evaluated its held-out pairs outside autocast, on a GPU too, while it
     trained under bf16 autocast (and RL scores with it under autocast): the held-out accuracy
     was that of other numerics. evaluate now takes the training's autocast dtype."""
-    from tests.trainer.test_stages import sentiment_pairs, tiny_backbone
+    from tests.helpers import sentiment_pairs, tiny_backbone
 
     backbone = tiny_backbone(tokenizer)
     pairs = reward.encode_pairs(sentiment_pairs(6, 7), tokenizer, 80)

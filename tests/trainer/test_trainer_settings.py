@@ -14,10 +14,7 @@ import torch
 
 import rlhf_kernels
 from rlhf import cli, rl
-from tests._tiny_models import interrupt_at, rl_tokenizer
-from tests.trainer.test_arithmetic import tiny_chat_model  # noqa: F401 (a fixture)
-from tests.trainer.test_grpo import PROMPTS, rl_config
-from tests.trainer.test_stages import tiny_backbone
+from tests.helpers import PROMPTS, interrupt_at, rl_config, rl_tokenizer, tiny_backbone
 
 pytestmark = pytest.mark.reference_kernels
 
@@ -177,7 +174,7 @@ def _frontier_base(base, quantization="none"):
     """What the frontier's base pipeline leaves for its points in ``base``: the tokenizer, the
     SFT model and a reward-stage backbone on it (tiny, untrained)."""
     from rlhf.models import LoraSpec, SharedBackbone, load_causal_lm
-    from tests._tiny_models import tiny_llama
+    from tests.helpers import tiny_llama
 
     tokenizer = rl_tokenizer()
     tokenizer.save_pretrained(base / "tokenizer")
@@ -292,8 +289,7 @@ def test_a_skipped_sft_step_is_logged_and_checkpointed_like_any_step(tmp_path, m
 
     from rlhf import sft, task
     from rlhf.checkpoint import list_checkpoints
-    from tests._tiny_models import review_tokenizer, tiny_llama
-    from tests.trainer.test_stages import read_jsonl, sft_config
+    from tests.helpers import read_jsonl, review_tokenizer, sft_config, tiny_llama
 
     corpus = task.make_corpus(32, seed=0)
     tokenizer = review_tokenizer(corpus)

@@ -10,9 +10,7 @@ import torch
 
 from rlhf import rl, task
 from rlhf.checkpoint import latest_checkpoint, load_state
-from tests._tiny_models import rl_tokenizer
-from tests.trainer.test_grpo import PROMPTS, rl_config
-from tests.trainer.test_stages import read_jsonl, tiny_backbone
+from tests.helpers import PROMPTS, read_jsonl, rl_config, rl_tokenizer, tiny_backbone
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.reference_kernels]
@@ -134,7 +132,7 @@ def test_the_cli_says_a_bad_row_before_loading_the_model(tmp_path, capsys, monke
         raise AssertionError("the model was loaded before the data was checked")
 
     monkeypatch.setattr(loading, "load_causal_lm", no_model)
-    from tests._tiny_models import review_tokenizer
+    from tests.helpers import review_tokenizer
 
     review_tokenizer(task.make_corpus(32, seed=0)).save_pretrained(tmp_path / "model")
     (tmp_path / "model" / "config.json").write_text('{"model_type": "llama"}')
@@ -275,7 +273,7 @@ def test_ctrl_c_during_a_reward_model_evaluation_resumes_to_the_same_run(
     resumed run went on from step 5 without it. Now both resume to the uninterrupted run's
     metrics.jsonl and summary."""
     from rlhf import reward
-    from tests.trainer.test_stages import sentiment_pairs
+    from tests.helpers import sentiment_pairs
 
     def config(name):
         return reward.RewardConfig(output_dir=str(tmp_path / name), batch_size=16, epochs=1.0,
@@ -406,8 +404,13 @@ def test_frontier_resume_continues_an_interrupted_point(tmp_path, monkeypatch):
 
     from rlhf import frontier
     from rlhf.models import LoraSpec, SharedBackbone
-    from tests._tiny_models import OWN_MODEL_SHAPE, interrupt_at, review_tokenizer, tiny_llama
-    from tests.e2e.test_pipeline import micro_config
+    from tests.helpers import (
+        OWN_MODEL_SHAPE,
+        interrupt_at,
+        micro_config,
+        review_tokenizer,
+        tiny_llama,
+    )
 
     base_dir = tmp_path / "base"
     tokenizer = review_tokenizer(task.make_corpus(64, seed=0))
@@ -459,7 +462,7 @@ def test_chat_rows_without_a_chat_template_are_said_before_the_model_loads(
     after the model had loaded, as "this row is a chat ..." (no file, no row). Now they are
     refused before, naming the file and line of the first chat row."""
     from rlhf import cli, loading, models
-    from tests._tiny_models import review_tokenizer
+    from tests.helpers import review_tokenizer
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the data was checked")
@@ -703,7 +706,7 @@ def test_held_out_pairs_that_are_also_training_pairs_are_said(tmp_path, tokenize
     import warnings
 
     from rlhf import reward
-    from tests.trainer.test_stages import sentiment_pairs
+    from tests.helpers import sentiment_pairs
 
     pairs = sentiment_pairs(24, 0)
     train = reward.encode_pairs(pairs, tokenizer, 48)
