@@ -216,11 +216,14 @@ def direct_apply(function: type[torch.autograd.Function]):
     """``function.apply`` for the eager path (``launch_directly``): autograd's native apply,
     without ``torch.autograd.Function.apply``'s Python layer.
 
-    That layer binds default arguments for a Function with ``setup_context`` and, under
-    torch.func transforms, unwraps their dead wrappers or dispatches to the transform. The ops'
-    eager Functions define no ``setup_context`` and run only where ``launch_directly`` holds (no
-    torch.func transform is active), so the layer does nothing for them but cost host time
-    (about 5 us per call here). Refused for a Function that defines ``setup_context``."""
+    That layer binds default arguments for a Function with ``setup_context``, dispatches to an
+    active torch.func transform, and unwraps tensors that escaped a finished transform (its
+    "dead wrappers"). The ops' eager Functions define no ``setup_context`` and run only where
+    ``launch_directly`` holds (no transform active), so for them the layer costs host time
+    (about 5 us per call here) and unwraps only tensors leaked out of a torch.func function,
+    which torch documents as unsupported: such a tensor now stops the op with torch's
+    "Cannot access storage of TensorWrapper" error. Refused for a Function that defines
+    ``setup_context``."""
     if function.setup_context is not torch.autograd.Function.setup_context:
         raise TypeError(f"{function.__name__} defines setup_context: use its .apply")
     return super(torch.autograd.Function, function).apply

@@ -322,11 +322,12 @@ def no_double_backward(op_name: str):
     copies alone (``once_differentiable``'s) is skipped by ``torch.autograd.grad(..., inputs)``:
     ``allow_unused=True`` returned None (a silently missing second-order term), and without it
     autograd's "not used in the graph" error hid this one. So the node also takes the saved
-    tensors that require grad (an op's saved inputs, or the empty ``anchor_output`` of an op
-    that saves none: its history is the op's own node, which leads to every input), the inputs
-    a Function holds as ``ctx.links`` (unsaved references: no version check, no extra output;
-    for small inputs) and the incoming gradients that require grad: differentiating the
-    gradients with respect to anything upstream of them runs it.
+    tensors that require grad (an op's saved inputs; or, for an op that saves none, a saved
+    output: the loss, or the empty ``anchor_output``; its history is the op's own node, which
+    leads to every input) and the incoming gradients that require grad: differentiating the
+    gradients with respect to anything upstream of them runs it. (Holding the inputs themselves
+    on ``ctx`` would make a cycle that only C++ autograd sees, never freed, once an input is
+    edited in place with the op's output.)
     """
     message = (f"rlhf_kernels.{op_name}: its gradient is not differentiable again (double "
                "backward / create_graph=True); use backend='reference' for higher-order "
@@ -337,7 +338,7 @@ def no_double_backward(op_name: str):
         def wrapper(ctx, *grads):
             if not torch.is_grad_enabled():
                 return backward(ctx, *grads)
-            links = [t for t in (*ctx.saved_tensors, *grads, *getattr(ctx, "links", ()))
+            links = [t for t in (*ctx.saved_tensors, *grads)
                      if isinstance(t, torch.Tensor) and t.requires_grad]
             with torch.no_grad():
                 outputs = backward(ctx, *grads)
@@ -384,9 +385,11 @@ class SavedGradLoss(torch.autograd.Function):
         loss, stats, saved_grad = launch(*args)
         ctx.mark_non_differentiable(stats)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(saved_grad)
-        # no_double_backward's path to the input (held, not saved: the backward never reads it)
-        ctx.links = args[:1]
+        # The loss is saved only as no_double_backward's path to the inputs (a saved output:
+        # no cycle; the plain backward never unpacks it, so editing the loss in place stays
+        # allowed); the saved gradient, never exposed, is held.
+        ctx.save_for_backward(loss)
+        ctx.saved_grad = saved_grad
         # The stats are held, not saved: the caller gets them as views (a dict of () tensors)
         # and may edit them in place before the backward (an all_reduce, a rescale), which a
         # saved tensor's version check refused. The backward reads only the scale slot, which
@@ -403,8 +406,7 @@ class SavedGradLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_stats):
         grad = None
         if grad_loss is not None:
-            saved_grad = ctx.saved_tensors[0]
-            grad = scale_saved_grad_eager(saved_grad, grad_loss, ctx.stats, ctx.scale_index,
+            grad = scale_saved_grad_eager(ctx.saved_grad, grad_loss, ctx.stats, ctx.scale_index,
                                           ctx.input_dtype, ctx.select)
         return (None, None, None, grad) + (None,) * (ctx.n_args - 1)
 

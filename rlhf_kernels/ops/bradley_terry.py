@@ -280,10 +280,10 @@ class _BradleyTerryFunction(torch.autograd.Function):
         loss, stats, saved_grad = _launch(chosen, rejected, margin_tensor, margin, center_coef)
         box.append(stats)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(saved_grad)
-        # no_double_backward's path to the rewards (held, not saved: the backward never reads
-        # them, so editing them in place before it stays allowed; (B,) tensors)
-        ctx.links = (chosen, rejected)
+        # the loss is saved only as no_double_backward's path to the rewards (as in
+        # _reduce.SavedGradLoss); the saved gradient is held
+        ctx.save_for_backward(loss)
+        ctx.saved_grad = saved_grad
         ctx.dtypes = (chosen.dtype, rejected.dtype)
         return loss
 
@@ -292,7 +292,7 @@ class _BradleyTerryFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         if grad_loss is None:
             return None, None, None, None, None, None
-        (saved_grad,) = ctx.saved_tensors
+        saved_grad = ctx.saved_grad
         need_chosen, need_rejected = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if need_chosen and need_rejected and ctx.dtypes[0] == ctx.dtypes[1]:
             grad_chosen, grad_rejected = _scaled(saved_grad, grad_loss, ctx.dtypes[0]).unbind(0)

@@ -444,10 +444,10 @@ class _KLFunction(torch.autograd.Function):
             dkl = out if k1 else _empty_like(logp, torch.float32)
             _kl_fwd_flat(((n + _BLOCK - 1) // _BLOCK,), logp, ref_logp, out, dkl, n,
                          options[0], not k1, _BLOCK, num_warps=4)
-            ctx.save_for_backward(None if k1 else dkl)
-            # no_double_backward's path to the inputs, which the slow path below saves (held,
-            # not saved: the backward never reads them, so editing them in place stays allowed)
-            ctx.links = (logp, ref_logp)
+            # the output is saved only as no_double_backward's path to the inputs (which the
+            # slow path below saves; as in _reduce.SavedGradLoss); d kl / d logp is held
+            ctx.save_for_backward(out)
+            ctx.dkl = None if k1 else dkl
             ctx.dtypes = (logp.dtype, ref_logp.dtype)
             return out
         ctx.save_for_backward(logp, ref_logp)
@@ -461,7 +461,7 @@ class _KLFunction(torch.autograd.Function):
         if not (need_logp or need_ref):
             return None, None, None
         if ctx.dtypes is not None:
-            dkl = ctx.saved_tensors[0]
+            dkl = ctx.dkl
             d_logp = grad if dkl is None else grad * dkl
             d_ref = -d_logp if need_ref else None
             dtype_logp, dtype_ref = ctx.dtypes

@@ -350,3 +350,40 @@ def test_loss_gradients_refuse_a_double_backward(op):
         (grad.square().sum() + leaf.sum()).backward()
     (plain,) = torch.autograd.grad(_loss_for_double_backward(op, leaf), leaf)
     assert plain.shape == grad.shape and not plain.requires_grad
+
+
+@pytest.mark.parametrize("op", ["kl_penalty", "ppo_policy_loss", "bradley_terry_loss"])
+def test_an_input_edited_with_the_ops_output_is_freed_without_the_garbage_collector(op):
+    """The eager Functions keep what their double-backward guard needs as a saved output, never
+    as a reference to an input: an input edited in place with the op's output (its history then
+    leads back to the op's node) would close a cycle through C++ autograd that no garbage
+    collection frees. Here the graph and the input are freed as soon as the last reference
+    goes, with the collector off."""
+    import gc
+    import weakref
+
+    def run():
+        leaf = torch.randn(2, 4, device=DEVICE, requires_grad=True)
+        x = leaf * 1.0
+        old = torch.randn(2, 4, device=DEVICE)
+        if op == "kl_penalty":
+            kl = rk.kl_penalty(x, old, backend="triton")
+            x.add_(kl)
+            loss = kl.sum()
+        elif op == "ppo_policy_loss":
+            loss, _ = rk.ppo_policy_loss(x, old, old, None, backend="triton")
+            x.add_(loss)
+        else:
+            loss, _ = rk.bradley_terry_loss(x[:, 0], x[:, 1], backend="triton")
+            x.add_(loss)
+        loss.backward()
+        return weakref.ref(x), weakref.ref(loss)
+
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        x, loss = run()
+        assert x() is None and loss() is None
+    finally:
+        if was_enabled:
+            gc.enable()
