@@ -227,4 +227,3 @@ def direct_apply(function: type[torch.autograd.Function]):
     if function.setup_context is not torch.autograd.Function.setup_context:
         raise TypeError(f"{function.__name__} defines setup_context: use its .apply")
     return super(torch.autograd.Function, function).apply
-
