@@ -36,12 +36,16 @@ from typing import Any, TypeVar
 import yaml
 
 __all__ = ["config_to_dict", "given_keys", "given_values", "is_set", "load_config",
-           "parse_overrides", "save_config", "value_of"]
+           "named_as_typed", "nested_error", "parse_overrides", "save_config", "value_of",
+           "warnings_named"]
 
 T = TypeVar("T")
 _NULL_WORDS = {"null", "none", "~", ""}
 _TRUE_WORDS = {"true", "yes", "on", "1"}
 _FALSE_WORDS = {"false", "no", "off", "0"}
+# the largest integer setting taken: every whole number up to it is exact as a float (1e15 is
+# 10**15), and none of the trainer's counts, sizes or seeds comes near it
+INT_LIMIT = 2**53
 
 
 class _CommandLineValue(str):
@@ -220,14 +224,14 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str, base: Any | None) 
     except ValueError as error:
         if not prefix:
             raise
-        raise _nested_error(error, cls, prefix, fields) from None
+        raise nested_error(error, cls, prefix) from None
 
 
-def _nested_error(error: ValueError, cls: type, prefix: str,
-                  fields: Mapping[str, Any]) -> ValueError:
+def nested_error(error: ValueError, cls: type, prefix: str) -> ValueError:
     """A nested config's own check (its ``__post_init__``) says ``batch_size must be >= 1``:
     as the user wrote the key, ``reward.batch_size must be >= 1`` (``reward.`` is ``prefix``),
-    so that it is clear which of the nested configs holding that field is meant."""
+    so that it is clear which of the nested configs holding that field is meant (also for a
+    check that a value the pipeline sets in a stage trips: its device, its seed)."""
     message = named_as_typed(str(error), prefix, cls)
     if message is None:
         message = f"{prefix.rstrip('.')}: {error}"
@@ -482,11 +486,19 @@ def _coerce(value: Any, field_type: Any, key: str) -> Any:
         raise ValueError(f"config key {key!r} must be true or false, got {value!r}")
     if field_type is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        number = _as_float(value)
-        if number is not None and number.is_integer():
-            return int(number)
-        raise ValueError(f"config key {key!r} must be an integer, got {value!r}")
+            number = value
+        else:
+            number = _as_float(value)
+            if number is None or not number.is_integer():  # 2.5, nan, inf, "ten"
+                raise ValueError(f"config key {key!r} must be an integer, got {value!r}")
+        if abs(number) > INT_LIMIT:
+            # 1e30 is an integer to float(): it went on to the settings' checks as
+            # 1000000000000000019884624838656 and was said as another setting's error
+            # (rollout_batch_size=1e30: "kl_horizon=500 is too short")
+            raise ValueError(f"config key {key!r} must be an integer of at most 2**53 "
+                             f"(9007199254740992) in size, got {value!r}; no setting of this "
+                             f"trainer needs more")
+        return int(number)
     if field_type is float:
         number = _as_float(value)
         if number is None:

@@ -77,7 +77,7 @@ from rlhf.checkpoint import (
     atomic_write_text,
     open_run,
 )
-from rlhf.config import named_as_typed, warnings_named
+from rlhf.config import named_as_typed, nested_error, warnings_named
 from rlhf.engine import RolloutEngine
 from rlhf.seeding import seeded
 
@@ -468,8 +468,11 @@ def stage_configs(cfg: PipelineConfig) -> dict:
         if name == "ppo" and _critic_free(cfg):
             settings.update(_critic_defaults())  # no critic (check_settings saw none was set)
         with warnings_named(f"{name}.", type(stage_cfg)):  # its checks' warnings, as typed
-            stages[name] = replace(stage_cfg, **{key: value for key, value in settings.items()
-                                                 if hasattr(stage_cfg, key)})
+            try:  # and its errors (device=cpu with ppo.optimizer=paged_adamw)
+                stages[name] = replace(stage_cfg, **{key: value for key, value in
+                                                     settings.items() if hasattr(stage_cfg, key)})
+            except ValueError as error:
+                raise nested_error(error, type(stage_cfg), f"{name}.") from None
     return stages
 
 
@@ -589,6 +592,11 @@ def run(cfg: PipelineConfig) -> dict:
     returns (and writes) the summary. Settings it cannot honour are refused before anything
     runs (``check_settings``)."""
     check_settings(cfg)
+    from rlhf import quant
+
+    for name, stage_cfg in stage_configs(cfg).items():  # device=auto on a machine without a GPU
+        quant.check_optimizer(stage_cfg.optimizer, f"{name}.optimizer",
+                              quant.resolve_auto(cfg.device))
     if cfg.resume:  # the RL stage's algorithm is the run's: say so before the list of changes
         ppo.check_resumed_algorithm(cfg.output_dir, cfg.algorithm)
     previous_threads = torch.get_num_threads()

@@ -50,7 +50,7 @@ __all__ = ["OPTIMIZERS", "QUANTIZATIONS", "bnb_config", "check_optimizer", "chec
            "check_trainable", "compute_dtype", "dense_weight", "describe", "is_quantized_linear",
            "keep_4bit_layers_trainable_on_cpu",
            "make_optimizer", "merge_lora_into_dense", "out_features", "quant_state_tensors",
-           "quantization_of", "state_bytes"]
+           "quantization_of", "resolve_auto", "state_bytes"]
 
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
@@ -69,10 +69,32 @@ def check_quantization(value, setting: str = "quantization") -> str:
     return value
 
 
-def check_optimizer(value, setting: str = "optimizer") -> str:
+def check_optimizer(value, setting: str = "optimizer", device=None) -> str:
+    """``value`` if it is one of OPTIMIZERS, else one ValueError naming the setting. With
+    ``device`` (a stage's ``device`` setting or a torch.device), a paged optimizer where there is
+    no GPU to page from is refused too: ``cpu`` (``auto`` only once ``resolve_auto`` says where it
+    runs, at the start of a run: a config file may serve a GPU machine and a laptop), so that the
+    run stops before its model loads, not at the optimizer, after it."""
     if value not in OPTIMIZERS:
         raise ValueError(f"{setting}={value!r} is not an optimizer; expected one of {OPTIMIZERS}")
+    kind = torch.device(device).type if isinstance(device, torch.device) else \
+        str(device).split(":")[0] if device is not None else None
+    if value.startswith("paged") and kind == "cpu":
+        raise ValueError(_no_paging(value, setting, kind))
     return value
+
+
+def resolve_auto(device) -> str:
+    """A ``device`` setting as the run will resolve it: ``auto`` is cuda where there is one."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _no_paging(name: str, setting: str, kind: str) -> str:
+    return (f"{setting}={name!r} pages optimizer state between the GPU and the host; on device "
+            f"{kind!r} there is nothing to page; use {setting}=adamw8bit (8-bit moments, runs "
+            f"on the CPU), or use {setting}=adamw")
 
 
 def check_trainable(quantization: str, lora_rank: int, stage: str) -> None:
@@ -330,9 +352,7 @@ def make_optimizer(params, name: str, device: torch.device | str, **kwargs):
     if name == "adamw":
         return torch.optim.AdamW(params, fused=device.type == "cuda" or None, **kwargs)
     if name.startswith("paged") and device.type != "cuda":
-        raise ValueError(f"optimizer={name!r} pages optimizer state between the GPU and the "
-                         f"host; on device {device.type!r} there is nothing to page. Use "
-                         f"optimizer=adamw8bit (8-bit moments, runs on the CPU) or adamw")
+        raise ValueError(_no_paging(name, "optimizer", device.type))
     bnb = _bitsandbytes(f"optimizer={name!r}")
     cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
            "paged_adamw8bit": bnb.optim.PagedAdamW8bit}[name]

@@ -93,7 +93,7 @@ class RewardConfig:
         from rlhf import quant
 
         quant.check_quantization(self.quantization)
-        quant.check_optimizer(self.optimizer)
+        quant.check_optimizer(self.optimizer, device=self.device)
         check_common_settings(self.nonfinite, self.grad_accum_steps, self.batch_size, 1,
                               max_skipped_steps=self.max_skipped_steps)
         check_max_memory(self.max_memory)
@@ -265,8 +265,9 @@ def train(
     load. Without ``eval_pairs``, ``eval_fraction`` of the pairs is held out. ``output_dir`` is
     locked and tied to the run by its run.json, as in ``rlhf.sft.train``.
     """
-    from rlhf import checkpoint
+    from rlhf import checkpoint, quant
 
+    quant.check_optimizer(cfg.optimizer, device=quant.resolve_auto(cfg.device))  # auto: CPU?
     # pairs given (the pipeline's): cfg.dataset is not read here, the caller fingerprints it
     with checkpoint.open_run(cfg.output_dir, "rm", asdict(cfg), resume=cfg.resume,
                              overwrite=cfg.overwrite, reads_data=train_pairs is None) as run:

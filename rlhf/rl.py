@@ -346,7 +346,7 @@ class RLConfig:
 
         if self.quantization is not None:
             quant.check_quantization(self.quantization)
-        quant.check_optimizer(self.optimizer)
+        quant.check_optimizer(self.optimizer, device=self.device)
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm={self.algorithm!r} is not an algorithm; expected one of "
                              f"{ALGORITHMS}")
@@ -1097,8 +1097,9 @@ def train(
     ``output_dir`` is locked and tied to the run by its run.json, as in ``rlhf.sft.train``; a
     resume must keep the run's algorithm.
     """
-    from rlhf import checkpoint
+    from rlhf import checkpoint, quant
 
+    quant.check_optimizer(cfg.optimizer, device=quant.resolve_auto(cfg.device))  # auto: CPU?
     cfg.check_critic_settings()
     if cfg.resume:
         check_resumed_algorithm(cfg.output_dir, cfg.algorithm)

@@ -138,7 +138,7 @@ class SFTConfig:
         check_device(self.device)
         from rlhf import quant
 
-        quant.check_optimizer(self.optimizer)
+        quant.check_optimizer(self.optimizer, device=self.device)
         if quant.check_quantization(self.quantization) != "none" and self.model is None:
             raise ValueError(
                 f"quantization={self.quantization!r} needs model=: the built-in task's SFT "
@@ -400,8 +400,9 @@ def train(
     ``open_run``): a fresh run refuses a directory holding another run unless
     ``overwrite=True``; ``resume=True`` refuses changed settings.
     """
-    from rlhf import checkpoint
+    from rlhf import checkpoint, quant
 
+    quant.check_optimizer(cfg.optimizer, device=quant.resolve_auto(cfg.device))  # auto: CPU?
     cfg.check_used_settings()
     # rows given (the pipeline's): cfg.dataset is not read here, the caller fingerprints it
     with checkpoint.open_run(cfg.output_dir, "sft", asdict(cfg), resume=cfg.resume,

@@ -1,0 +1,121 @@
+"""Settings a new user gets wrong, refused early with one line that names what they typed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf import cli, pipeline, reward, rl, sft
+from rlhf.config import load_config
+
+
+def _error_line(capsys, argv: list[str]) -> str:
+    assert cli.main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith(f"rlhf {argv[0]}: error: "), err
+    return err[0]
+
+
+# ---- a paged optimizer where there is no GPU ------------------------------------------------
+@pytest.mark.parametrize("command", ["sft", "rm", "ppo", "grpo"])
+def test_a_paged_optimizer_on_the_cpu_is_refused_with_the_settings(capsys, tmp_path, command,
+                                                                   monkeypatch):
+    """`rlhf sft optimizer=paged_adamw device=cpu` loaded the model (tokenised the corpus,
+    seconds to minutes) before the optimizer refused it; it is now refused as the settings are
+    read: nothing loads (the stage's entry point is never reached)."""
+    module = {"sft": sft, "rm": reward, "ppo": rl, "grpo": rl}[command]
+    monkeypatch.setattr(module, "train", lambda cfg: pytest.fail("the stage started"))
+    line = _error_line(capsys, [command, "optimizer=paged_adamw8bit", "device=cpu",
+                                f"output_dir={tmp_path / 'run'}"])
+    assert line.split(": error: ", 1)[1] == (
+        "optimizer='paged_adamw8bit' pages optimizer state between the GPU and the host; on "
+        "device 'cpu' there is nothing to page; use optimizer=adamw8bit (8-bit moments, runs "
+        "on the CPU), or use optimizer=adamw")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_paged_optimizer_of_a_pipeline_stage_is_named_as_typed(capsys):
+    """The pipeline sets its stages' device: the stage's refusal names the stage's key."""
+    line = _error_line(capsys, ["pipeline", "ppo.optimizer=paged_adamw", "device=cpu",
+                                "--print-config"])
+    assert line.startswith("rlhf pipeline: error: ppo.optimizer='paged_adamw' pages optimizer "
+                           "state"), line
+    assert "use ppo.optimizer=adamw8bit" in line
+
+
+@pytest.mark.parametrize("stage, make", [
+    ("sft", lambda tmp: sft.SFTConfig(output_dir=str(tmp), optimizer="paged_adamw")),
+    ("reward", lambda tmp: reward.RewardConfig(output_dir=str(tmp), optimizer="paged_adamw")),
+    ("rl", lambda tmp: rl.GRPOConfig(output_dir=str(tmp), optimizer="paged_adamw")),
+])
+def test_a_paged_optimizer_with_device_auto_on_a_cpu_machine_stops_before_the_run(
+        tmp_path, monkeypatch, stage, make):
+    """device=auto: where it lands is known once the run starts (a config file may serve a GPU
+    machine and a laptop, so the config itself is accepted); on a machine without CUDA the
+    stage stops before its run directory is opened and anything loads."""
+    from rlhf import checkpoint
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = make(tmp_path / "run")  # accepted: auto may be a GPU elsewhere
+    monkeypatch.setattr(checkpoint, "open_run", lambda *a, **k: pytest.fail("the run started"))
+    module = {"sft": sft, "reward": reward, "rl": rl}[stage]
+    with pytest.raises(ValueError, match=r"^optimizer='paged_adamw' .* on device 'cpu' there "
+                                         r"is nothing to page"):
+        module.train(cfg)
+
+
+def test_a_paged_optimizer_with_device_auto_stops_the_pipeline_before_its_first_stage(
+        tmp_path, monkeypatch):
+    """The pipeline's RL stage comes last: without the check at the start, SFT and the reward
+    model trained before it refused ppo.optimizer=paged_adamw on a machine without CUDA."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = load_config(pipeline.PipelineConfig, None, [f"output_dir={tmp_path / 'run'}",
+                                                       "ppo.optimizer=paged_adamw"])
+    monkeypatch.setattr(pipeline, "open_run", lambda *a, **k: pytest.fail("the run started"))
+    with pytest.raises(ValueError, match=r"^ppo.optimizer='paged_adamw' .* nothing to page"):
+        pipeline.run(cfg)
+
+
+# ---- absurd numbers for integer settings ---------------------------------------------------
+@pytest.mark.parametrize("value, expected", [
+    ("1e30", "must be an integer of at most 2**53 (9007199254740992) in size, got '1e30'"),
+    ("-1e30", "must be an integer of at most 2**53 (9007199254740992) in size, got '-1e30'"),
+    (str(10**30), f"must be an integer of at most 2**53 (9007199254740992) in size, got "
+                  f"{10**30}"),
+    ("1e400", "must be an integer, got '1e400'"),
+    ("inf", "must be an integer, got 'inf'"),
+    ("nan", "must be an integer, got 'nan'"),
+    ("2.5", "must be an integer, got 2.5"),
+    ("-3", "rollout_batch_size=-3 is out of range: rollout_batch_size must be an integer >= 1"),
+])
+def test_an_absurd_rollout_batch_size_is_said_as_typed(capsys, value, expected):
+    """`rlhf ppo rollout_batch_size=1e30` was read as 1000000000000000019884624838656 and
+    refused as "kl_horizon=500 is too short for rollout_batch_size=1000...": another setting's
+    error, about a number the user never typed."""
+    line = _error_line(capsys, ["ppo", f"rollout_batch_size={value}", "--print-config"])
+    assert "kl_horizon" not in line
+    message = line.split(": error: ", 1)[1].removesuffix("; no setting of this trainer needs more")
+    assert message in (f"config key 'rollout_batch_size' {expected}", expected), line
+
+
+@pytest.mark.parametrize("value, parsed", [("1e15", 10**15), ("9007199254740992", 2**53),
+                                           ("-4", -4), ("64.0", 64)])
+def test_integers_up_to_the_limit_are_read_exactly(value, parsed):
+    """Whole numbers in float notation up to 2**53 are exact (the limit is the first one whose
+    neighbours a float cannot tell apart); a YAML file's value is read as the command line's."""
+    from rlhf.config import _coerce, _CommandLineValue
+
+    assert _coerce(_CommandLineValue(value), int, "n") == parsed
+    assert _coerce(float(value), int, "n") == parsed
+    with pytest.raises(ValueError, match=r"^config key 'n' must be an integer of at most 2\*\*53"):
+        _coerce(2**53 + 1, int, "n")
+
+
+def test_an_absurd_integer_in_a_yaml_file_is_named(tmp_path, capsys):
+    """The same from a config file (YAML reads 1e30 as a string, 1.0e+30 as a float)."""
+    path = tmp_path / "ppo.yaml"
+    path.write_text("num_iterations: 1.0e+30\n")
+    line = _error_line(capsys, ["ppo", str(path), "--print-config"])
+    assert line == ("rlhf ppo: error: config key 'num_iterations' must be an integer of at most "
+                    "2**53 (9007199254740992) in size, got 1e+30; no setting of this trainer "
+                    "needs more")
