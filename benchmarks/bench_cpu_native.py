@@ -271,4 +271,6 @@ def _add_speedups(rows: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from rlhf.cli import quiet_broken_pipe
+
+    raise SystemExit(quiet_broken_pipe(main))

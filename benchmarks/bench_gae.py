@@ -142,12 +142,19 @@ def run(smoke: bool = False) -> list[dict]:
     return run_cases(cases(smoke))
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny CPU shapes, no result file")
-    cli = parser.parse_args()
+    cli = parser.parse_args(argv)
     result = run(smoke=cli.smoke)
     print_table(result, columns=("op", "case", "impl", "ms", "gb_per_s", "pct_of_floor",
                                  "peak_extra_mib", "target_ms", "setup_s"), smoke=cli.smoke)
     if not cli.smoke:
         print(f"wrote {save_results('gae', result)}")
+    return 0
+
+
+if __name__ == "__main__":
+    from rlhf.cli import quiet_broken_pipe
+
+    raise SystemExit(quiet_broken_pipe(main))

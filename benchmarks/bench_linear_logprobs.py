@@ -225,12 +225,19 @@ def run(smoke: bool = False) -> list[dict]:
     return rows
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny CPU shape, no result file")
-    cli = parser.parse_args()
+    cli = parser.parse_args(argv)
     results = run(smoke=cli.smoke)
     print_table(results, columns=("case", "impl", "ms", "tflops", "vs_unfused", "peak_extra_mib"),
                 smoke=cli.smoke)
     if not cli.smoke:
         print(f"wrote {save_results(OP, results)}")
+    return 0
+
+
+if __name__ == "__main__":
+    from rlhf.cli import quiet_broken_pipe
+
+    raise SystemExit(quiet_broken_pipe(main))

@@ -271,12 +271,19 @@ def sweep(B: int = 8, T: int = 1024, V: int = 151936) -> list[dict]:
     return sorted(rows, key=lambda r: (r["case"], r["ms"]))
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny CPU shapes, no result file")
     parser.add_argument("--sweep", action="store_true", help="tune the launch configuration")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     result = sweep() if args.sweep else run(smoke=args.smoke)
     print_table(result, smoke=args.smoke)
     if not args.smoke:
         print(f"wrote {save_results('logprobs_sweep' if args.sweep else 'logprobs', result)}")
+    return 0
+
+
+if __name__ == "__main__":
+    from rlhf.cli import quiet_broken_pipe
+
+    raise SystemExit(quiet_broken_pipe(main))

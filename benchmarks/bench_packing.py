@@ -297,4 +297,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from rlhf.cli import quiet_broken_pipe
+
+    raise SystemExit(quiet_broken_pipe(main))

@@ -365,4 +365,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from rlhf.cli import quiet_broken_pipe
+
+    raise SystemExit(quiet_broken_pipe(main))

@@ -1054,3 +1054,37 @@ def test_e2e_torch_compile_runs_the_trainers_compiled_update(capsys, monkeypatch
         e2e_ppo.main(["--torch-compile", "--compare-torch-compile", "--device", "cpu"])
     assert "--compare-torch-compile runs each case without, then with" in capsys.readouterr().err
     assert "RLHF_KERNELS_BACKEND" not in os.environ
+
+
+# ---- a pipe that closes early (`| head -1`) ---------------------------------------------------
+_MAIN_SCRIPTS = sorted(path.stem for path in (REPO / "benchmarks").glob("*.py")
+                       if 'if __name__ == "__main__":' in path.read_text())
+
+
+def test_every_benchmark_script_is_listed():
+    assert {"bench_kl", "host_overhead", "compile_check", "report"} <= set(_MAIN_SCRIPTS)
+
+
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # runpy's, harmless
+@pytest.mark.parametrize("script", _MAIN_SCRIPTS)
+def test_a_script_piped_into_a_reader_that_leaves_ends_quietly(script, monkeypatch, capsys):
+    """`python -m benchmarks.host_overhead --repeats 5 | head -1` ended in a BrokenPipeError
+    traceback once head had its line; each script's entry point now goes through
+    rlhf.cli.quiet_broken_pipe, as the CLI's does: exit status 141 (128 + SIGPIPE), nothing
+    said. The script runs as `python -m` runs it (runpy, __name__ == "__main__"), and the write
+    to the closed pipe happens where its command line is read, before any benchmark runs."""
+    import argparse
+    import runpy
+
+    def closed_pipe(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    for name in ("TRITON_INTERPRET", "RLHF_KERNELS_POISON"):  # host_overhead pops them
+        if name in os.environ:
+            monkeypatch.setenv(name, os.environ[name])
+    monkeypatch.setattr(sys, "argv", [f"benchmarks/{script}.py"])
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", closed_pipe)
+    with pytest.raises(SystemExit) as ended:
+        runpy.run_module(f"benchmarks.{script}", run_name="__main__", alter_sys=False)
+    assert ended.value.code == 141
+    assert capsys.readouterr().err == ""
