@@ -50,6 +50,11 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, ref_logp, normalizer, clip
         None if ref_logp is None else as_rows(ref_logp), 1.0 - clip_low, 1.0 + clip_high,
         dual_clip, math.inf if log_ratio_clamp is None else log_ratio_clamp, kl_coef, reduction,
         policy, norm, tau_pos, tau_neg)
+    if ref_logp is not None and norm == 0.0:
+        # A normalizer of 0 (a tensor, here read on the host): the reference's pg_loss +
+        # kl_coef * kl of the two quotients (+-inf each, NaN for 0 / 0; inf - inf is NaN), not
+        # the kind of the kernel's one sum's quotient. The stats end pg_loss, kl, scale.
+        loss = stats[-3] + kl_coef * stats[-2]
     return loss, stats, saved.view(logp.shape)
 
 

@@ -428,6 +428,81 @@ def reduce_loss(
     return total / row_has_tokens.sum().clamp_min(1)
 
 
+class _GradientOverNormalizer(torch.autograd.Function):
+    """x as it is. In the backward, where ``bad`` (the normalizer n is 0 or NaN) its gradient g
+    becomes g / n with an exactly-0 g kept 0 (a token that does not count, a clipped one, one
+    whose loss does not move); elsewhere g itself (an identity at every order, so a second
+    derivative is that of the plain formula)."""
+
+    generate_vmap_rule = True  # torch.func transforms need it (and setup_context)
+
+    @staticmethod
+    def forward(x, n, bad):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1], inputs[2])
+
+    @staticmethod
+    def backward(ctx, grad):
+        n, bad = ctx.saved_tensors
+        over_n = torch.where(grad == 0, torch.zeros_like(grad), grad / n.to(grad.dtype))
+        return torch.where(bad, over_n, grad), None, None
+
+
+class _ValueWithGradientOf(torch.autograd.Function):
+    """``value``'s value, ``source``'s gradient (the incoming gradient goes to ``source``)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(source, value):
+        return value.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _tensor_normalizer(normalizer, inputs):
+    """-> (n, bad, inputs): a tensor ``normalizer=`` n (else None), whether it is 0 or NaN (a
+    0-d bool tensor, never read on the host), and the inputs routed for its gradient rule.
+
+    The loss's value divides each term's reduced sum by n (``reduce_loss``) and adds the terms:
+    IEEE arithmetic, so n = 0 gives each term +-inf (NaN for a sum of 0) and their sum NaN where
+    two have opposite signs. Its gradient for n = 0 or NaN is the gradient with n = 1 divided by
+    n, an exactly-0 gradient kept 0 (``_GradientOverNormalizer`` on every input that requires
+    grad, and ``_normalized_loss``): +-inf / NaN where the derivative is not 0, 0 where it is,
+    as the kernels give. Autograd through the division would instead send inf into every
+    branch of each term's formula, where inf * 0 and inf - inf make NaN of derivatives that are
+    0 or finite (k3's e^-d and 1, a zero advantage, a saturated SAPO gate): an artifact of how
+    the formula is written, which no kernel could follow. Any other n: the plain formula.
+    """
+    if not isinstance(normalizer, torch.Tensor):
+        return None, None, inputs
+    n = normalizer.detach()
+    bad = (n == 0) | torch.isnan(n)
+    return n, bad, tuple(_GradientOverNormalizer.apply(x, n, bad)
+                         if x is not None and x.requires_grad else x for x in inputs)
+
+
+def _normalized_loss(loss, n, bad, terms, m, reduction):
+    """The loss of a tensor normalizer n (``_tensor_normalizer``): ``loss`` (the terms reduced
+    with n and combined) as the value; differentiated as sum(coef * reduce_loss(x, m,
+    reduction, n')) over ``terms`` [(coef, x)], with n' = n, or 1 where n is 0 or NaN. ``loss``
+    itself when n is None."""
+    if n is None:
+        return loss
+    graph_n = torch.where(bad, torch.ones_like(n), n)
+    graph = sum(coef * reduce_loss(x, m, reduction, graph_n) for coef, x in terms)
+    return _ValueWithGradientOf.apply(graph, torch.where(bad, loss, graph))
+
+
 def _as_normalizer(normalizer, like: torch.Tensor) -> torch.Tensor:
     if isinstance(normalizer, torch.Tensor):
         return normalizer.detach().to(dtype=like.dtype, device=like.device)
@@ -541,6 +616,8 @@ def ppo_policy_loss(
     dtype = _compute_dtype(logp, old_logp, advantages)
     m = as_mask(mask, logp).to(dtype)
     valid = m > 0
+    n, bad, (logp, old_logp, advantages, ref_logp) = _tensor_normalizer(
+        normalizer, (logp, old_logp, advantages, ref_logp))
     A = _per_token_advantages(advantages, logp)
     logp, old_logp, A = (_zero_masked(t.to(dtype), valid) for t in (logp, old_logp, A))
     per_token, ratio, d, clipped, dual = _policy_terms(
@@ -550,12 +627,15 @@ def ppo_policy_loss(
     if dual is not None:
         stats["dual_clipfrac"] = masked_mean(dual.to(dtype), m).detach()
     loss = reduce_loss(per_token, m, reduction, normalizer)
+    terms = [(1.0, per_token)]
     if ref_logp is not None and kl_coef:
         stats["pg_loss"] = loss.detach()
         kl = kl_penalty(logp, _zero_masked(ref_logp.to(dtype), valid), kl_estimator)
         kl_loss = reduce_loss(kl, m, reduction, normalizer)
         loss = loss + kl_coef * kl_loss
         stats["kl"] = kl_loss.detach()
+        terms.append((kl_coef, kl))
+    loss = _normalized_loss(loss, n, bad, terms, m, reduction)
     with torch.no_grad():
         stats["clipfrac"] = masked_mean(clipped.to(dtype), m)
         stats["approx_kl"] = masked_mean(0.5 * d * d, m)
@@ -591,6 +671,8 @@ def ppo_value_loss(
     """
     dtype = _compute_dtype(values, old_values, returns)
     m = as_mask(mask, values).to(dtype)
+    n, bad, (values, old_values, returns) = _tensor_normalizer(normalizer,
+                                                               (values, old_values, returns))
     v, old, R = (_zero_masked(t.to(dtype), m > 0) for t in (values, old_values, returns))
     loss1 = (v - R) ** 2
     if clip is not None:
@@ -601,7 +683,8 @@ def ppo_value_loss(
     else:
         per_token = 0.5 * loss1
         clipped = torch.zeros_like(loss1)
-    loss = reduce_loss(per_token, m, reduction, normalizer)
+    loss = _normalized_loss(reduce_loss(per_token, m, reduction, normalizer), n, bad,
+                            [(1.0, per_token)], m, reduction)
     with torch.no_grad():
         err = R - v
         err_mean = masked_mean(err, m)
@@ -753,6 +836,10 @@ def _ppo_total(logp, entropy, old_logp, advantages, m, ref_logp, kl_coef, kl_est
     dtype = logp.dtype
     valid = m > 0
     m = m.to(dtype)
+    # a tensor normalizer's gradient rule (_tensor_normalizer) applies at the per-token
+    # log-probs and entropies, as the kernels divide their derivatives there
+    n, bad, (logp, entropy, old_logp, advantages, ref_logp) = _tensor_normalizer(
+        normalizer, (logp, entropy, old_logp, advantages, ref_logp))
     A = _per_token_advantages(advantages, logp)
     logp, entropy, old_logp, A = (_zero_masked(t.to(dtype), valid)
                                   for t in (logp, entropy, old_logp, A))
@@ -761,14 +848,18 @@ def _ppo_total(logp, entropy, old_logp, advantages, m, ref_logp, kl_coef, kl_est
         loss_type, taus)
     pg_loss = reduce_loss(per_token, m, reduction, normalizer)
     total = pg_loss
+    terms = [(1.0, per_token)]
     stats = {"pg_loss": pg_loss.detach()}
     if ref_logp is not None and kl_coef:
         kl = kl_penalty(logp, _zero_masked(ref_logp.to(dtype), valid), kl_estimator)
         kl_loss = reduce_loss(kl, m, reduction, normalizer)
         total = total + kl_coef * kl_loss
         stats["kl"] = kl_loss.detach()
+        terms.append((kl_coef, kl))
     if entropy_coef:
         total = total - entropy_coef * reduce_loss(entropy, m, reduction, normalizer)
+        terms.append((-entropy_coef, entropy))
+    total = _normalized_loss(total, n, bad, terms, m, reduction)
     with torch.no_grad():
         stats["entropy"] = masked_mean(entropy, m)
         stats["clipfrac"] = masked_mean(clipped.to(dtype), m)

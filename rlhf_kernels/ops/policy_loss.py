@@ -372,7 +372,7 @@ def _ppo_policy_loss_fwd_kernel(
 @triton.jit
 def _ppo_policy_loss_finish_kernel(
     partial_ptr, loss_ptr, stats_ptr, norm_ptr,
-    n_programs, T, norm_value,
+    n_programs, T, norm_value, kl_coef,
     OPTIONS: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     REDUCTION: tl.constexpr = OPTIONS & 7
@@ -426,9 +426,16 @@ def _ppo_policy_loss_finish_kernel(
     if HAS_DUAL:
         tl.store(stats_ptr + 5, tl.sum(s_dual, axis=0) / n_safe)
     if HAS_KL:
-        tl.store(loss_ptr, tl.sum(s_total, axis=0) / denom)
+        kl = tl.sum(s_kl, axis=0) / denom
+        loss = tl.sum(s_total, axis=0) / denom
+        if NORMALIZER != 0:
+            # A normalizer of 0 (a tensor, used unread): the reference's pg_loss + kl_coef * kl
+            # of the two quotients (+-inf each, or NaN for 0 / 0; inf - inf is NaN), not the
+            # kind of the one sum's quotient.
+            loss = tl.where(denom == 0.0, pg_loss + kl_coef * kl, loss)
+        tl.store(loss_ptr, loss)
         tl.store(stats_ptr + 5 + HAS_DUAL, pg_loss)
-        tl.store(stats_ptr + 6 + HAS_DUAL, tl.sum(s_kl, axis=0) / denom)
+        tl.store(stats_ptr + 6 + HAS_DUAL, kl)
         tl.store(stats_ptr + 7 + HAS_DUAL, 1.0 / denom)
     else:
         tl.store(loss_ptr, pg_loss)
@@ -518,7 +525,7 @@ def _launch(
         BLOCK_R=block_r, BLOCK_T=block_t, num_warps=8 if block_r * block_t >= 2048 else 4,
     )
     _policy_finish((1,),
-        partials, loss, stats, normalizer, n_programs, T, norm_value,
+        partials, loss, stats, normalizer, n_programs, T, norm_value, kl_coef,
         OPTIONS=finish,
         BLOCK_P=min(next_power_of_2(n_programs), _FINISH_BLOCK_MAX), num_warps=4,
     )

@@ -921,3 +921,112 @@ def test_k3_small_log_ratios_to_a_few_ulps(backend, ratio_level):
     assert_relative(stats["kl"], k3_sum, K3_SUM_RTOL, "kl stat")
     assert_relative(x.grad[mask], 0.5 * slope[mask], K3_RTOL, "d loss / d logp")
     assert torch.equal(x.grad[~mask], torch.zeros_like(x.grad[~mask]))
+
+
+def _kinds(t: torch.Tensor) -> torch.Tensor:
+    """Per element: 0 finite, 1 +inf, 2 -inf, 3 NaN."""
+    t = t.detach()
+    return (torch.isposinf(t) * 1 + torch.isneginf(t) * 2 + torch.isnan(t) * 3).to(torch.int8)
+
+
+_ZERO_NORMALIZER_CASES = [
+    dict(kl_estimator=est, reduction=red)
+    for est, red in (("k1", "token-mean"), ("k2", "seq-mean-token-mean"), ("k3", "token-sum"),
+                     ("abs", "seq-mean-token-sum"))
+] + [
+    dict(kl_estimator="k3", ratio_level="sequence"),
+    dict(kl_estimator="k1", loss_type="cispo"),
+    dict(kl_estimator="k2", loss_type="sapo"),
+    dict(kl_estimator="k3", dual_clip=3.0, reduction="seq-mean-token-sum-norm"),
+]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
+@pytest.mark.parametrize("path", ["eager", "custom op", "compiled"])
+@pytest.mark.parametrize("options", _ZERO_NORMALIZER_CASES, ids=str)
+def test_a_zero_normalizer_with_the_kl_term_gives_the_references_kinds(monkeypatch, path,
+                                                                      options):
+    """A tensor normalizer of 0 or NaN with the KL term: the loss is the reference's
+    pg_loss + kl_coef * kl of two quotients over 0 (+-inf each, NaN where they have opposite
+    signs; the kernel gave the kind of the one sum's quotient, -inf for the reference's NaN),
+    and each gradient element has the reference's kind: the N = 1 gradient over N, an exact 0
+    kept (masked and clipped tokens, a 0 advantage, logp == ref_logp under k2 / k3 / abs),
+    where autograd through the reference's division had made NaN of k3's finite derivative, of
+    a 0 advantage's 0 and of a token's pg / KL derivatives of opposite signs."""
+    from rlhf_kernels.ops import policy_loss
+
+    if path == "custom op":
+        monkeypatch.setattr(policy_loss, "launch_directly", lambda *tensors: False)
+    g = torch.Generator().manual_seed(11)
+    B, T = 3, 6
+    logp = (torch.randn(B, T, generator=g) - 2.0).to(DEVICE)
+    old = (logp.cpu() + 0.4 * torch.randn(B, T, generator=g)).to(DEVICE)
+    adv = torch.randn(B, T, generator=g).to(DEVICE)
+    ref = (logp.cpu() + 0.4 * torch.randn(B, T, generator=g)).to(DEVICE)
+    adv[0, 1] = 0.0  # a token whose policy term does not move
+    ref[0, 2] = logp[0, 2]  # a KL derivative of 0 (k2, k3, abs) or 1 (k1)
+    ref[2, 0] = logp[2, 0]
+    adv[2, 0] = 0.0  # both 0: this token's gradient is 0
+    mask = torch.ones(B, T, device=DEVICE)
+    mask[1, 4:] = 0
+    masked = mask == 0
+
+    def op(x, n):
+        return ppo_policy_loss(x, old, adv, mask, normalizer=n, ref_logp=ref, kl_coef=0.1,
+                               backend="triton", **options)
+
+    run = torch.compile(op, fullgraph=True, backend="aot_eager") if path == "compiled" else op
+    for value in (0.0, float("nan")):
+        x = logp.clone().requires_grad_()
+        loss, stats = run(x, torch.tensor(value, device=DEVICE))
+        loss.backward()
+        x64 = logp.double().requires_grad_()
+        want, want_stats = reference.ppo_policy_loss(
+            x64, old.double(), adv.double(), mask, normalizer=torch.tensor(value).double(),
+            ref_logp=ref.double(), kl_coef=0.1, **options)
+        want.backward()
+        what = (path, options, value)
+        assert not torch.isfinite(want), what  # the case under test
+        assert _kinds(loss).item() == _kinds(want).item(), (what, loss, want)
+        for key in ("pg_loss", "kl"):
+            assert _kinds(stats[key]).item() == _kinds(want_stats[key]).item(), (what, key)
+        assert torch.equal(_kinds(x.grad), _kinds(x64.grad)), (what, x.grad, x64.grad)
+        assert torch.equal(x.grad[masked], torch.zeros_like(x.grad[masked])), what
+        if options["kl_estimator"] != "k1" and "ratio_level" not in options:
+            # neither term moves (a GSPO token shares its row's policy gradient)
+            assert x64.grad[2, 0] == 0 and x.grad[2, 0] == 0, what
+        # the reference's loss is its stats' pg_loss + kl_coef * kl, as for any normalizer
+        assert _kinds(want).item() == _kinds(want_stats["pg_loss"] + 0.1 * want_stats["kl"])
+
+
+def test_the_references_tensor_normalizer_is_its_plain_formula_at_every_order():
+    """The reference's rule for a tensor normalizer of 0 (``reference._tensor_normalizer``)
+    leaves any other value to the plain formula: loss, gradient and second derivative (the
+    reference backend is the one for higher-order gradients) with a tensor normalizer are those
+    with the same number, bit for bit, for the policy and the value loss. A first version of the
+    rule divided the gradient at the inputs always, which divided the second derivative twice."""
+    g = torch.Generator().manual_seed(2)
+    logp = torch.randn(3, 6, generator=g, dtype=torch.float64) - 1.0
+    old = logp + 0.3 * torch.randn(3, 6, generator=g, dtype=torch.float64)
+    adv = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    ref = logp + 0.3 * torch.randn(3, 6, generator=g, dtype=torch.float64)
+    mask = torch.rand(3, 6, generator=g) > 0.3
+    ops = {
+        "policy": lambda x, n: reference.ppo_policy_loss(x, old, adv, mask, normalizer=n,
+                                                         ref_logp=ref, kl_coef=0.1,
+                                                         kl_estimator="k2")[0],
+        "value": lambda x, n: reference.ppo_value_loss(x, old, adv, mask, normalizer=n)[0],
+    }
+    for name, op in ops.items():
+        results = []
+        for n in (7.0, torch.tensor(7.0, dtype=torch.float64), torch.tensor(7)):
+            x = logp.clone().requires_grad_()
+            loss = op(x, n)
+            (grad,) = torch.autograd.grad(loss, x, create_graph=True)
+            (second,) = torch.autograd.grad((grad * adv).sum(), x)
+            results.append((loss, grad, second))
+        for got in results[1:]:
+            for a, b in zip(got, results[0]):
+                assert torch.equal(a, b), name
+        assert results[0][2].abs().sum() > 0, name  # the case under test
