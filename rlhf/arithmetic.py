@@ -316,10 +316,13 @@ def run_pipeline(cfg, run_dir) -> dict:
     # ---- 1. the base model's held-out accuracy (kept for --resume) ----
     t0 = time.perf_counter()
     base_file = out / "base_eval.json"
-    base = json.loads(base_file.read_text()) if cfg.resume and base_file.exists() else None
+    # torchrun: rank 0 alone reads and writes output_dir, every rank gets what it read
+    # (pipeline._on_main); every rank evaluates (a sharded model needs them all)
+    base = pipeline._on_main(lambda: json.loads(base_file.read_text())
+                             if cfg.resume and base_file.exists() else None)
     if base is None:
         base = evaluate(backbone, tokenizer, heldout, role=None, **evaluation)
-        pipeline._write_json(base_file, base)
+        pipeline._on_main(lambda: pipeline._write_json(base_file, base))
     timings["base_eval_s"] = time.perf_counter() - t0
 
     # ---- 2. RL with the exact-match reward; a held-out curve on the side ----
@@ -328,8 +331,9 @@ def run_pipeline(cfg, run_dir) -> dict:
     # iterations it runs, so the points of the interrupted part come from here (those it
     # re-does, after its checkpoint, are measured again on the same weights and replaced)
     curve_file = out / "heldout_curve.json"
-    points = {point["iteration"]: point for point in (
-        json.loads(curve_file.read_text()) if cfg.resume and curve_file.exists() else [])}
+    points = {point["iteration"]: point for point in pipeline._on_main(
+        lambda: json.loads(curve_file.read_text()) if cfg.resume and curve_file.exists()
+        else [])}
     points[0] = {"iteration": 0, "gold_reward": _first(base, cfg.curve_problems)}
 
     def on_iteration(iteration: int, metrics: dict) -> None:
@@ -337,14 +341,16 @@ def run_pipeline(cfg, run_dir) -> dict:
                 and iteration < rl_cfg.num_iterations:
             result = evaluate(backbone, tokenizer, heldout[:cfg.curve_problems], **evaluation)
             points[iteration] = {"iteration": iteration, "gold_reward": result["accuracy"]}
-            atomic_write_text(curve_file, json.dumps([points[i] for i in sorted(points)]))
+            pipeline._on_main(lambda: atomic_write_text(
+                curve_file, json.dumps([points[i] for i in sorted(points)])))
 
-    rl_summary = pipeline._stage_done(rl_dir, cfg.resume, run_dir)
+    rl_summary = pipeline._on_main(lambda: pipeline._stage_done(rl_dir, cfg.resume, run_dir))
     if rl_summary is None:
         rl_summary = pipeline._plain(rl.train(rl_cfg, backbone=backbone, tokenizer=tokenizer,
                                               prompts=prompts("train"), reward_fn=rewards,
                                               on_iteration=on_iteration))
-        pipeline._write_json(rl_dir / "summary.json", {**rl_summary, "run_id": run_dir.run_id})
+        pipeline._on_main(lambda: pipeline._write_json(rl_dir / "summary.json",
+                                                       {**rl_summary, "run_id": run_dir.run_id}))
     else:  # resumed after RL: its policy adapter
         backbone = SharedBackbone.load(rl_dir / "backbone")
         backbone.to(resolve_device(cfg.device, cfg.max_memory))
@@ -359,19 +365,23 @@ def run_pipeline(cfg, run_dir) -> dict:
     timings["eval_s"] = time.perf_counter() - t0
 
     # ---- 4. results ----
-    records = [json.loads(line) for line in (rl_dir / "metrics.jsonl").read_text().splitlines()
-               if line.strip()]
-    atomic_write_text(out / "metrics.jsonl", "".join(
-        json.dumps(r) + "\n" for r in records + [
-            {**point, "heldout_accuracy": point["gold_reward"]} for point in curve]))
     shown = [{"prompt": question(a, b), "before": base["responses"][i],
               "after": after["responses"][i], "gold_before": base["correct"][i],
               "gold_after": after["correct"][i]}
              for i, (a, b) in enumerate(heldout[:cfg.n_show_samples])]
-    plot_curves(out / "metrics.jsonl", out / "curves.png", samples=shown[:4],
-                title=f"{label} on task=arithmetic ({cfg.model}); gold = held-out greedy "
-                      f"accuracy", after=label)
-    _write_samples(out / "samples.md", shown, label, cfg.model)
+
+    def write_results() -> None:  # (rank 0)
+        records = [json.loads(line) for line in
+                   (rl_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        atomic_write_text(out / "metrics.jsonl", "".join(
+            json.dumps(r) + "\n" for r in records + [
+                {**point, "heldout_accuracy": point["gold_reward"]} for point in curve]))
+        plot_curves(out / "metrics.jsonl", out / "curves.png", samples=shown[:4],
+                    title=f"{label} on task=arithmetic ({cfg.model}); gold = held-out greedy "
+                          f"accuracy", after=label)
+        _write_samples(out / "samples.md", shown, label, cfg.model)
+
+    pipeline._on_main(write_results)
     timings["total_s"] = time.perf_counter() - started
     difference = after["accuracy"] - base["accuracy"]
     difference_se = math.sqrt(base["stderr"] ** 2 + after["stderr"] ** 2)
@@ -394,8 +404,10 @@ def run_pipeline(cfg, run_dir) -> dict:
         "world_size": distributed.world_size(),  # torchrun: the number of ranks
         "config": used_config(cfg, _REVIEWS_ONLY),
     }
-    pipeline._write_json(out / "summary.json", summary)
+    pipeline._on_main(lambda: pipeline._write_json(out / "summary.json", summary))
     acc = summary["heldout_accuracy"]
+    if not distributed.is_main():  # torchrun: one summary
+        return summary
     print(f"\nheld-out greedy accuracy on {acc['n_problems']} problems: base "
           f"{acc['base_mean']:.3f} +- {acc['base_stderr']:.3f}, {label} {acc['policy_mean']:.3f}"
           f" +- {acc['policy_stderr']:.3f} (difference {difference:+.3f} = "

@@ -160,10 +160,11 @@ def _guard_output_after_hangup() -> None:
 def sigterm_as_interrupt() -> Iterator[None]:
     """Within the block, the first SIGTERM or SIGHUP (``STOP_SIGNALS``) raises ``Terminated``
     in the main thread (a second one of that signal ends the process at once, Python's
-    default). Not under torchrun: its agent sends SIGTERM to the other ranks when one fails
-    (and passes a SIGHUP it gets on to every rank), and those stop as before: a rank saving a
-    checkpoint would wait in a collective for the rank that is gone. A SIGHUP that is ignored
-    (``nohup``) stays ignored: such a run goes on after the terminal closes."""
+    default). Not under torchrun: a rank raising where the signal finds it could leave the
+    others waiting in a collective for it; there ``distributed.install_stop_handlers`` (set by
+    ``init_from_env``) notes the signal and every rank raises ``Terminated`` together at the
+    next shared collective. A SIGHUP that is ignored (``nohup``) stays ignored: such a run goes
+    on after the terminal closes."""
     if (threading.current_thread() is not threading.main_thread()
             or os.environ.get("WORLD_SIZE", "1") != "1"):
         yield
@@ -594,9 +595,10 @@ def _main(argv: list[str]) -> int:
         terminated = isinstance(interrupt, Terminated)
         how = f"terminated ({interrupt.signal_name})" if terminated else "interrupted"
         again = _resume_command(ns.command, ns.args, config_path, cfg)
-        print(f"\nrlhf {ns.command}: {how}. Continue with `{again}` (it continues from the last "
-              f"checkpoint under {output_dir or 'the output directory'}, or starts afresh "
-              f"when there is none).", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # torchrun: once, not once per rank
+            print(f"\nrlhf {ns.command}: {how}. Continue with `{again}` (it continues from the "
+                  f"last checkpoint under {output_dir or 'the output directory'}, or starts "
+                  f"afresh when there is none).", file=sys.stderr)
         return interrupt.exit_code if terminated else EXIT_INTERRUPTED
     except (*USER_ERRORS, distributed.RankFailure) as error:
         # Bad input (data without the needed columns, an unknown model path, a diverged run, a

@@ -37,6 +37,15 @@ processes compute what one process computes on the same global batches (docs/dis
 - **Failures.** A collective that fails (a rank died, the network dropped) or times out
   (``RLHF_DIST_TIMEOUT`` seconds, default 1800) raises ``RankFailure`` with what to do; the
   checkpoints written so far are complete (atomic) and resume at any world size.
+- **Stopping together.** SIGTERM (torchrun passes on the one it gets: ``kill``, a scheduler's
+  preemption) and SIGHUP do not stop a rank where it is: ``init_from_env`` makes them set a
+  flag (``install_stop_handlers``), which rides in the collectives every rank reaches anyway
+  (``sum_gradients``: each optimizer step; ``gather_rollout``: each RL iteration;
+  ``check_stop``: the pipeline between its stages). Once any rank has the flag, every rank
+  raises the CLI's ``Terminated`` at that same collective, so the stages' interrupt path runs
+  on all of them at the same step: rank 0 writes the checkpoint of the last whole step (no
+  collective needed), and every rank exits with 128 + the signal, none left waiting for
+  another. (Ctrl-C stays immediate: the terminal's SIGINT reaches every rank at once.)
 
 Without a process group (one process) every function here returns its input unchanged, so a
 single-process run computes bit for bit what it computed before this module existed.
@@ -48,6 +57,8 @@ import contextlib
 import datetime
 import functools
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -55,12 +66,13 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["BUCKET_ELEMENTS", "COLLECTIVES", "STRATEGIES", "RankFailure", "Shares", "all_done",
-           "barrier", "broadcast_from_main", "check_split", "exponential_like", "full_tensors",
-           "full_weights", "gather_rollout", "gather_rows", "global_mean", "global_sampling_rows",
-           "group_advantages", "init_from_env", "is_distributed", "is_main", "local_device",
-           "masked_whiten", "min_count", "prepare", "prepare_engine", "rank", "reduce_stats",
-           "replicated_sft", "rl_shard", "scaled", "set_strategy", "shard", "shutdown",
-           "strategy", "sum_counts", "sum_gradients", "weighted", "world_size"]
+           "barrier", "broadcast_from_main", "check_split", "check_stop", "exponential_like",
+           "full_tensors", "full_weights", "gather_rollout", "gather_rows", "global_mean",
+           "global_sampling_rows", "group_advantages", "init_from_env", "install_stop_handlers",
+           "is_distributed", "is_main", "local_device", "masked_whiten", "min_count", "prepare",
+           "prepare_engine", "rank", "reduce_stats", "replicated_sft", "rl_shard", "scaled",
+           "set_strategy", "shard", "shutdown", "stop_requested", "strategy", "sum_counts",
+           "sum_gradients", "weighted", "world_size"]
 
 STRATEGIES = ("auto", "ddp", "fsdp2")
 BUCKET_ELEMENTS = 2**25  # elements per all-reduce bucket (128 MiB of fp32), DDP's order of size
@@ -145,6 +157,8 @@ def init_from_env(device: str = "auto") -> bool:
     dist.init_process_group(backend, timeout=_timeout())
     if dist.get_rank() != 0:
         _silence_progress_bars()
+    if is_distributed():
+        install_stop_handlers()
     return is_distributed()
 
 
@@ -194,10 +208,95 @@ def _silence_progress_bars() -> None:
 
 
 def shutdown() -> None:
-    """Leave the process group (the CLI calls it when the stage returns)."""
+    """Leave the process group (the CLI calls it when the stage returns); SIGTERM and SIGHUP
+    get their handlers of before ``install_stop_handlers`` back."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     _STATE["resolved"] = _STATE["gpu"] = None
+    _remove_stop_handlers()
+
+
+# ----------------------------------------------------------------------------------------------
+# stopping together on SIGTERM / SIGHUP
+# ----------------------------------------------------------------------------------------------
+# signal: the first stop signal this rank got (None: none); handlers: what install replaced
+_STOP: dict[str, Any] = {"signal": None, "handlers": None}
+
+
+def _stop_signals() -> list[int]:
+    return [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+
+
+def _request_stop(signum: int, _frame) -> None:
+    """The handler of SIGTERM and SIGHUP under torchrun: note the signal; the ranks stop
+    together at their next shared collective (``_stop_if_asked``). A second one (torchrun
+    passes on a SIGHUP the terminal sent every rank already) changes nothing; torchrun's
+    SIGKILL, after its shutdown timeout (30 s by default), is the backstop."""
+    if signum == getattr(signal, "SIGHUP", None):
+        from rlhf.cli import _guard_output_after_hangup
+
+        _guard_output_after_hangup()  # the terminal is gone: the messages go nowhere
+    if _STOP["signal"] is None:
+        _STOP["signal"] = int(signum)
+
+
+def install_stop_handlers() -> None:
+    """Under torchrun (``init_from_env`` calls it once the group exists): SIGTERM and SIGHUP
+    set this rank's stop flag instead of ending the process (module docstring, "Stopping
+    together"); a SIGHUP that is ignored (nohup) stays ignored. Only in the main thread (where
+    handlers can be set): the flag then rides in the collectives on every rank or on none."""
+    if _STOP["handlers"] is not None or threading.current_thread() is not threading.main_thread():
+        return
+    previous = {}
+    for number in _stop_signals():
+        if number != signal.SIGTERM and signal.getsignal(number) == signal.SIG_IGN:
+            continue
+        previous[number] = signal.signal(number, _request_stop)
+    _STOP["handlers"], _STOP["signal"] = previous, None
+
+
+def _remove_stop_handlers() -> None:
+    previous, _STOP["handlers"], _STOP["signal"] = _STOP["handlers"], None, None
+    if previous and threading.current_thread() is threading.main_thread():
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def stop_requested() -> bool:
+    """Whether this rank got SIGTERM or SIGHUP (under torchrun, with the handlers installed)."""
+    return _STOP["signal"] is not None
+
+
+def _stopping() -> bool:
+    """Whether the collectives carry the stop flag: the handlers are installed (on every rank
+    or on none: ``install_stop_handlers``)."""
+    return _STOP["handlers"] is not None and is_distributed()
+
+
+def _stop_if_asked(flag: float) -> None:
+    """``flag``: the stop flags of every rank, reduced (sum or max): raise ``Terminated`` on
+    this rank when any rank got a stop signal. The signal named is this rank's own, else
+    SIGTERM (what torchrun passes on)."""
+    if not flag > 0:
+        return
+    from rlhf.cli import Terminated
+
+    signum = _STOP["signal"] or int(signal.SIGTERM)
+    _STOP["signal"] = None  # said once: the interrupt path after it must not meet it again
+    raise Terminated(f"terminated by signal {signum} ({signal.Signals(signum).name}) under "
+                     f"torchrun: every rank stops at this step", signum)
+
+
+def check_stop() -> None:
+    """Stop every rank together (``Terminated``) when any got SIGTERM or SIGHUP: one small
+    all-reduce, for the places between stages where no other collective carries the flag
+    (the pipeline calls it before each of its phases). Nothing in one process."""
+    if not _stopping():
+        return
+    flag = torch.tensor([float(_STOP["signal"] or 0)], dtype=torch.float64, device=_device())
+    _collective("all_reduce", "all-reduce of the stop flag", dist.all_reduce, flag,
+                op=dist.ReduceOp.MAX)
+    _stop_if_asked(float(flag.item()))
 
 
 def local_device(device: torch.device) -> torch.device:
@@ -611,9 +710,22 @@ def sum_gradients(params: Sequence[torch.nn.Parameter],
     step's metrics, summed as well, riding in the first fp32 / fp64 bucket; with bf16 or fp16
     gradients alone, a full-weight run of a half-precision model, in an fp64 all-reduce of
     their own: a bf16 buffer rounded the logged loss to 3 significant digits). Returns the
-    summed scalars; in one process, the scalars as they are and no gradient is touched."""
+    summed scalars; in one process, the scalars as they are and no gradient is touched.
+
+    Under torchrun the stop flag rides along (one more scalar): when any rank got SIGTERM or
+    SIGHUP, every rank raises ``Terminated`` here, before the optimizer step, and the stage
+    saves the checkpoint of its last whole step ("Stopping together")."""
     if not is_distributed():
         return list(scalars)
+    if not _stopping():
+        return _sum_gradients(params, scalars)
+    *summed, flag = _sum_gradients(params, [*scalars, float(_STOP["signal"] or 0)])
+    _stop_if_asked(flag)
+    return summed
+
+
+def _sum_gradients(params: Sequence[torch.nn.Parameter],
+                   scalars: Sequence[float]) -> list[float]:
     params = [p for p in params if p.requires_grad or p.grad is not None]
     for p in params:
         if p.grad is None:
@@ -770,10 +882,15 @@ def gather_rollout(rollout, pad_token_id: int):
         return rollout
     prompt = rollout.prompt_length
     response = rollout.action_mask.shape[1]
-    widths = torch.tensor([prompt, response], dtype=torch.int64, device=_device())
+    # (with the stop flag: every rank stops here, before the update, when any got SIGTERM)
+    stopping = _stopping()
+    widths = torch.tensor([prompt, response] + ([_STOP["signal"] or 0] if stopping else []),
+                          dtype=torch.int64, device=_device())
     _collective("all_reduce", "all-reduce of the rollout widths", dist.all_reduce, widths,
                 op=dist.ReduceOp.MAX)
-    max_prompt, max_response = (int(v) for v in widths.tolist())
+    if stopping:
+        _stop_if_asked(float(widths[2]))
+    max_prompt, max_response = (int(v) for v in widths[:2].tolist())
     left, right = max_prompt - prompt, max_response - response
     from rlhf.engine import pad_frame  # engine imports this module
 

@@ -564,6 +564,15 @@ def mean_stderr(values) -> tuple[float, float]:
     return float(x.mean()), float(x.std(unbiased=True) / math.sqrt(n)) if n > 1 else 0.0
 
 
+def _on_main(fn):
+    """``fn()`` on rank 0 alone, its result on every rank (one process: ``fn()``). Under
+    torchrun the pipeline's files are written and read through it: by one rank (every rank
+    writing the tokenizer's directory raced: "Directory not empty"), with every rank waiting
+    until they are written, and rank 0's error (a full disk) raised on every rank, so that none
+    goes on into a collective rank 0 will never reach (``distributed.broadcast_from_main``)."""
+    return distributed.broadcast_from_main(fn)
+
+
 def _write_json(path: Path, payload: dict) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
 
@@ -644,7 +653,16 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
     started = time.perf_counter()
     timings: dict[str, float] = {}
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    pairs_path = out / "pairs.jsonl"
+    # torchrun: rank 0 alone reads and writes output_dir (the other ranks may run on machines
+    # without it) and decides what a resume finds there, once: ranks that looked for
+    # themselves could see a file rank 0 was writing meanwhile, and go separate ways
+    # (``_on_main``). One process: the same calls, made here.
+    folders = _stage_folders(cfg)
+    done, pairs_saved = _on_main(lambda: (
+        {name: _stage_done(out / folders[name], cfg.resume, run_dir)
+         for name in ("sft", "reward", "ppo")},
+        cfg.resume and pairs_path.exists()))
 
     # ---- 1. SFT data and tokenizer ----
     if own_data:
@@ -652,23 +670,29 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
     else:
         examples = task.make_corpus(cfg.corpus_size, seed=cfg.seed)
     tokenizer_dir = out / "tokenizer"
-    if cfg.resume and (tokenizer_dir / "tokenizer_config.json").exists():
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    else:
+
+    def run_tokenizer():
+        """The run's tokenizer (rank 0: every rank gets this one, trained or loaded once):
+        a resume's saved one, else trained on the corpus or your model's, saved."""
+        if cfg.resume and (tokenizer_dir / "tokenizer_config.json").exists():
+            return AutoTokenizer.from_pretrained(tokenizer_dir)
         if sft_cfg.model is None:
-            tokenizer = task.train_tokenizer(
+            made = task.train_tokenizer(
                 [ex["prompt"] + ex["completion"] for ex in examples], vocab_size=cfg.vocab_size)
         elif sft_cfg.tokenizer is not None:
-            tokenizer = load_tokenizer(sft_cfg.tokenizer, setting="sft.tokenizer")
+            made = load_tokenizer(sft_cfg.tokenizer, setting="sft.tokenizer")
         else:
-            tokenizer = load_tokenizer(sft_cfg.model, setting="sft.model")
+            made = load_tokenizer(sft_cfg.model, setting="sft.model")
         with atomic_directory(tokenizer_dir) as temp:
-            tokenizer.save_pretrained(temp)
+            made.save_pretrained(temp)
+        return made
+
+    tokenizer = _on_main(run_tokenizer)
     # the later stages' data, read and checked now: a broken pairs file, or a prompt longer
     # than ppo.max_prompt_length, must not wait for SFT (and the reward model) to finish
     if own_data:
         # (a resume whose pairs.jsonl is written reads them from there, as before)
-        own_pairs = None if cfg.resume and (out / "pairs.jsonl").exists() else \
+        own_pairs = None if pairs_saved else \
             [dict(row) for row in data.load_preference_dataset(rm_cfg.dataset)]
         ppo_prompts = [row["prompt"] for row in data.load_prompt_dataset(ppo_cfg.dataset)]
         # chat rows need the tokenizer's chat template: said now, not when their stage starts
@@ -682,11 +706,10 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
 
     # ---- 2. SFT: a tiny Llama from scratch, or your model ----
     t0 = time.perf_counter()
-    sft_summary = _stage_done(out / "sft", cfg.resume, run_dir)
+    sft_summary = done["sft"]
     # the stages an earlier invocation finished (resume): loaded, their timings here are that
     done_before = [name for name, summary in (
-        ("sft", sft_summary), ("rm", _stage_done(out / "rm", cfg.resume, run_dir)),
-        ("ppo", _stage_done(out / _stage_folders(cfg)["ppo"], cfg.resume, run_dir)))
+        ("sft", sft_summary), ("rm", done["reward"]), ("ppo", done["ppo"]))
         if summary is not None]
     if sft_summary is not None:  # this run's own files (not a path the summary names)
         model = AutoModelForCausalLM.from_pretrained(out / "sft" / "model")
@@ -711,8 +734,10 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
             trained = sft.train(sft_cfg, model=model, tokenizer=tokenizer, examples=examples)
         model = trained["model"]  # with LoRA SFT, the adapters merged in
         sft_summary = _plain(trained)
-        _write_json(out / "sft" / "summary.json", {**sft_summary, "run_id": run_dir.run_id})
+        _on_main(lambda: _write_json(out / "sft" / "summary.json",
+                                     {**sft_summary, "run_id": run_dir.run_id}))
     timings["sft_s"] = time.perf_counter() - t0
+    distributed.check_stop()  # torchrun: a SIGTERM during SFT's last step stops every rank here
     if cfg.quantization != "none":  # the shared backbone's base: the SFT model, quantized
         model = load_causal_lm(out / "sft" / "model", setting="sft.model",
                                quantization=cfg.quantization,
@@ -720,9 +745,9 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
 
     # ---- 3. preference pairs: yours, or sampled from the SFT model and labelled by VADER ----
     t0 = time.perf_counter()
-    rm_summary = _stage_done(out / "rm", cfg.resume, run_dir)
-    rl_dir = out / _stage_folders(cfg)["ppo"]
-    ppo_summary = _stage_done(rl_dir, cfg.resume, run_dir)
+    rm_summary = done["reward"]
+    rl_dir = out / folders["ppo"]
+    ppo_summary = done["ppo"]
     # the base weights are the SFT model's (the backbones name its directory, not a copy)
     if ppo_summary is not None:  # resuming after RL: its backbone holds every adapter it kept
         backbone = SharedBackbone.load(rl_dir / "backbone", base_model=model)
@@ -733,14 +758,13 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
             model, lora=LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha), seed=cfg.seed,
             name_or_path=os.path.abspath(out / "sft" / "model"))
     backbone.to(stage.resolve_device(cfg.device, cfg.max_memory))
-    pairs_path = out / "pairs.jsonl"
-    if cfg.resume and pairs_path.exists():
-        pairs, split, ceiling_all = _load_pairs(pairs_path)
+    if pairs_saved:
+        pairs, split, ceiling_all = _on_main(lambda: _load_pairs(pairs_path))
     elif own_data:
         pairs = own_pairs
         split, ceiling_all = _split_pairs(pairs, cfg.heldout_pair_fraction, cfg.seed), None
-        atomic_write_text(pairs_path, "".join(
-            json.dumps({**pair, "split": which}) + "\n" for pair, which in zip(pairs, split)))
+        _on_main(lambda: atomic_write_text(pairs_path, "".join(
+            json.dumps({**pair, "split": which}) + "\n" for pair, which in zip(pairs, split))))
     else:
         prompts = task.ppo_prompts(cfg.pair_prompts, seed=cfg.seed, split="train")
         pair_cfg = pair_sampling_config(cfg, ppo_cfg)  # pair_*, else the RL stage's
@@ -757,9 +781,14 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
                 "reviews; train it longer (sft.max_steps) or raise pair_prompts"
             )
         split = _split_pairs(pairs, cfg.heldout_pair_fraction, cfg.seed)
-        atomic_write_text(pairs_path, "".join(
-            json.dumps({**pair, "split": which, "noise_ceiling": ceiling_all}) + "\n"
-            for pair, which in zip(pairs, split)))
+
+        def write_pairs():  # rank 0's pairs, for every rank: they train on the same ones
+            atomic_write_text(pairs_path, "".join(
+                json.dumps({**pair, "split": which, "noise_ceiling": ceiling_all}) + "\n"
+                for pair, which in zip(pairs, split)))
+            return pairs, split, ceiling_all
+
+        pairs, split, ceiling_all = _on_main(write_pairs)
     train_pairs = [p for p, s in zip(pairs, split) if s == "train"]
     eval_pairs = [p for p, s in zip(pairs, split) if s == "eval"]
     if not train_pairs or not eval_pairs:
@@ -769,6 +798,7 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
                          f"held-out ones measure it): choose a fraction that leaves at least "
                          f"one pair on each side, or give more pairs")
     timings["pairs_s"] = time.perf_counter() - t0
+    distributed.check_stop()
 
     # ---- 4. reward model ----
     t0 = time.perf_counter()
@@ -776,8 +806,10 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
         with warnings_named("reward.", type(rm_cfg)):
             rm_summary = _plain(reward.train(rm_cfg, backbone=backbone, tokenizer=tokenizer,
                                              train_pairs=train_pairs, eval_pairs=eval_pairs))
-        _write_json(out / "rm" / "summary.json", {**rm_summary, "run_id": run_dir.run_id})
+        _on_main(lambda: _write_json(out / "rm" / "summary.json",
+                                     {**rm_summary, "run_id": run_dir.run_id}))
     timings["rm_s"] = time.perf_counter() - t0
+    distributed.check_stop()
 
     # ---- 5. RL, PPO or another algorithm (the gold judge only exists for the built-in task) ----
     t0 = time.perf_counter()
@@ -786,8 +818,10 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
             ppo_summary = _plain(ppo.train(ppo_cfg, backbone=backbone, tokenizer=tokenizer,
                                            prompts=ppo_prompts,
                                            gold_fn=None if own_data else task.gold_scores))
-        _write_json(rl_dir / "summary.json", {**ppo_summary, "run_id": run_dir.run_id})
+        _on_main(lambda: _write_json(rl_dir / "summary.json",
+                                     {**ppo_summary, "run_id": run_dir.run_id}))
     timings["ppo_s"] = time.perf_counter() - t0
+    distributed.check_stop()
 
     # ---- 6. samples of the SFT model and the policy: on the built-in task, the held-out
     # evaluation by the gold judge; on your data, a few of your prompts, unscored ----
@@ -802,15 +836,20 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
     ppo_gold = None if own_data else task.gold_scores(ppo_texts)
     timings["eval_s"] = time.perf_counter() - t0
 
-    # ---- 7. write the results ----
-    shutil.copyfile(rl_dir / "metrics.jsonl", out / "metrics.jsonl")
+    # ---- 7. write the results (torchrun: every rank sampled, as the sharded model needs;
+    # rank 0 writes) ----
     shown = [{"prompt": shown_prompts[i], "before": sft_texts[i], "after": ppo_texts[i],
               **({} if own_data else {"gold_before": sft_gold[i], "gold_after": ppo_gold[i]})}
              for i in range(min(cfg.n_show_samples, len(shown_prompts)))]
-    plot_curves(out / "metrics.jsonl", out / "curves.png", samples=shown[:4],
-                title=f"{label} on your data" if own_data else
-                f"{label} on the built-in review task", after=label)
-    _write_samples(out / "samples.md", shown, own_data, label)
+
+    def write_results() -> None:
+        shutil.copyfile(rl_dir / "metrics.jsonl", out / "metrics.jsonl")
+        plot_curves(out / "metrics.jsonl", out / "curves.png", samples=shown[:4],
+                    title=f"{label} on your data" if own_data else
+                    f"{label} on the built-in review task", after=label)
+        _write_samples(out / "samples.md", shown, own_data, label)
+
+    _on_main(write_results)
     timings["total_s"] = time.perf_counter() - started
     summary = {
         "task": "own data" if own_data else "built-in review task",
@@ -834,7 +873,7 @@ def _run(cfg: PipelineConfig, run_dir: RunDirectory) -> dict:
         summary["reward_model"].update(_noise_ceilings(eval_pairs, ceiling_all, cfg.label_beta))
         summary.update(_heldout_figures(sft_gold, ppo_gold, kl, cfg.kl_bound
                                         if cfg.kl_bound is not None else ppo_cfg.kl_target))
-    _write_json(out / "summary.json", summary)
+    _on_main(lambda: _write_json(out / "summary.json", summary))
     if distributed.is_main():  # torchrun: one summary (rlhf/distributed.py)
         _print_summary(summary, out)
     return summary

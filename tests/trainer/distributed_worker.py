@@ -218,6 +218,10 @@ def run_scenario(name: str, out: Path, tokenizer, on_step=None):
             rl.RolloutEngine = original
     if base == "engine":
         return _engine_scenario(directory, tokenizer)
+    if base == "pipeline":
+        return _pipeline_scenario(directory)
+    if base == "cli_sigterm":
+        return _sigterm_scenario(directory, out)
     if base == "refusals":
         return _refusals_scenario(directory, tokenizer)
     raise ValueError(f"unknown scenario {name!r}")
@@ -276,6 +280,77 @@ def _refusals_scenario(directory: Path, tokenizer) -> None:
     if distributed.is_main():
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "result.json").write_text(json.dumps(seen))
+
+
+def _pipeline_scenario(directory: Path) -> None:
+    """``rlhf pipeline`` on tests/helpers.py's micro configuration. Rank 1 records every file or
+    directory it creates or renames under the output directory (rank 0 alone may write there:
+    every rank writing raced, "Directory not empty"); each rank writes the summary it returned
+    and what it recorded to ``<directory>.rank<r>.json``, beside the output directory."""
+    import builtins
+
+    from rlhf import distributed, pipeline
+    from tests.helpers import micro_config
+
+    root = str(directory.resolve())
+    written: list[str] = []
+
+    def inside(path) -> bool:
+        try:
+            return os.path.abspath(os.fspath(path)).startswith(root)
+        except TypeError:  # a file descriptor
+            return False
+
+    originals = {"replace": os.replace, "rename": os.rename, "mkdir": os.mkdir,
+                 "open": builtins.open}
+
+    def recorded(name):
+        def call(path, *args, **kwargs):
+            result = originals[name](path, *args, **kwargs)
+            mode = args[0] if args else kwargs.get("mode", "r")
+            if inside(path) and (name != "open" or any(c in str(mode) for c in "wax+")):
+                written.append(f"{name} {path}")
+            return result
+        return call
+
+    if distributed.rank() == 1:
+        os.replace, os.rename, os.mkdir = (recorded(n) for n in ("replace", "rename", "mkdir"))
+        builtins.open = recorded("open")
+    try:
+        summary = pipeline.run(micro_config(directory))
+    finally:
+        os.replace, os.rename, os.mkdir = originals["replace"], originals["rename"], \
+            originals["mkdir"]
+        builtins.open = originals["open"]
+    (directory.parent / f"{directory.name}.rank{distributed.rank()}.json").write_text(
+        json.dumps({"summary": summary, "written": written}, default=str))
+
+
+def _sigterm_scenario(directory: Path, out: Path) -> int:
+    """`rlhf sft` through the CLI (cli.main, in this process group), 6 steps without a periodic
+    checkpoint; rank 1 alone gets SIGTERM after step 2, as a rank torchrun passes a SIGTERM to.
+    Returns the CLI's exit status (the process exits with it: it leaves the process group)."""
+    import signal
+
+    from rlhf import cli, distributed, sft
+
+    real_train = sft.train
+
+    def train(cfg, **kwargs):
+        def on_step(step, _metrics):
+            if step == 2 and distributed.rank() == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        return real_train(cfg, on_step=on_step, **kwargs)
+
+    sft.train = train
+    try:
+        return cli.main(["sft", f"model={out / 'model'}", f"dataset={out / 'sft.jsonl'}",
+                         f"output_dir={directory}", "max_steps=6", "save_every=0",
+                         "batch_size=6", "max_length=48", "warmup_steps=1", "lr=1e-2",
+                         f"device={DEVICE}", "bf16=false", "log_every=1"])
+    finally:
+        sft.train = real_train
 
 
 def _engine_scenario(directory: Path, tokenizer) -> None:
@@ -365,7 +440,10 @@ def main(argv: list[str]) -> None:
 
     for name in scenarios:
         before = dict(distributed.COLLECTIVES)
-        run_scenario(name, out, tokenizer, on_step=on_step if name == "sft_ckpt" else None)
+        result = run_scenario(name, out, tokenizer,
+                              on_step=on_step if name == "sft_ckpt" else None)
+        if name == "cli_sigterm":  # through the CLI, which left the process group: the last
+            sys.exit(result)
         counts[name] = {k: distributed.COLLECTIVES[k] - before[k] for k in before}
         if distributed.is_main():
             (out / "collectives.json").write_text(json.dumps(counts))
