@@ -62,6 +62,7 @@ class LoraSpec:
         from transformers.pytorch_utils import Conv1D
 
         uses_conv1d = any(isinstance(m, Conv1D) for m in causal_lm.modules())
+        self.check_rank(causal_lm)
         return LoraConfig(
             r=self.rank,
             lora_alpha=self.alpha,
@@ -70,6 +71,25 @@ class LoraSpec:
             fan_in_fan_out=uses_conv1d,
             bias="none",
         )
+
+
+    def check_rank(self, causal_lm: nn.Module) -> None:
+        """Refuse a rank above every adapted layer's own (min of its in and out features): such
+        an adapter is larger than the layer's full-weight update, and lora_rank=100000 on a
+        small model allocated for minutes (or ran out of memory with a traceback) instead."""
+        output = causal_lm.get_output_embeddings() if hasattr(
+            causal_lm, "get_output_embeddings") else None
+        targets = set(self.target_modules or ())
+        widest = max((min(m.in_features, m.out_features)
+                      for name, m in causal_lm.named_modules()
+                      if isinstance(m, nn.Linear) and m is not output
+                      and (not targets or name.rsplit(".", 1)[-1] in targets)), default=None)
+        if widest is not None and self.rank > widest:
+            raise ValueError(f"lora_rank={self.rank} is more than the rank of any layer it "
+                             f"adapts (at most {widest} in this model: the smaller of a layer's "
+                             f"input and output sizes), so its adapters are larger than the "
+                             f"full-weight update; use lora_rank={widest} or less (16 to 64 is "
+                             f"usual)")
 
 
 def find_lora_layers(module: nn.Module) -> list[nn.Module]:

@@ -375,6 +375,21 @@ def quiet_broken_pipe(entry, *args) -> int:
         return EXIT_BROKEN_PIPE
 
 
+def _out_of_memory_line(error: BaseException) -> str:
+    """The user's line for torch's OutOfMemoryError (a batch, a length or a rank too large for
+    the card or the host), which ended the run in a traceback: torch's first sentences (what
+    it tried to allocate, what the card has) and what to change."""
+    sentences = re.split(r"(?<=\.)\s+", " ".join(str(error).split()))
+    said = " ".join(sentence for sentence in sentences[:3]
+                    if not sentence.startswith(("Including", "If reserved", "See ")))
+    known = re.search(r"out of memory|not enough memory", said, re.IGNORECASE)
+    return (f"{'' if known else 'out of memory: '}{said.rstrip('.')}. Lower the batch "
+            f"(batch_size; in the RL stage minibatch_size or forward_batch_size, with "
+            f"grad_accum_steps to keep the step's size), the lengths (max_length, "
+            f"max_new_tokens) or lora_rank, or set gradient_checkpointing=true; `rlhf plan "
+            f"MODEL` estimates what fits")
+
+
 def _check_kernels_backend() -> None:
     """RLHF_KERNELS_BACKEND, which the kernels read at each call: a value that is no backend is
     refused before the run loads anything, not at the first op, once a model has loaded."""
@@ -605,6 +620,13 @@ def _main(argv: list[str]) -> int:
         # full disk, ...) or a torchrun peer that died: one line that says what is wrong and
         # what to do.
         return fail(error, None if output_dir is None else str(output_dir))
+    except RuntimeError as error:
+        import torch
+
+        if not isinstance(error, torch.OutOfMemoryError) or \
+                os.environ.get("RLHF_TRACEBACK") == "1":
+            raise
+        return fail(ValueError(_out_of_memory_line(error)))
     if isinstance(summary, dict) and main_rank:
         written = getattr(module, "SUMMARY_FILE", None)
         if written is not None and output_dir is not None:

@@ -119,3 +119,67 @@ def test_an_absurd_integer_in_a_yaml_file_is_named(tmp_path, capsys):
     assert line == ("rlhf ppo: error: config key 'num_iterations' must be an integer of at most "
                     "2**53 (9007199254740992) in size, got 1e+30; no setting of this trainer "
                     "needs more")
+
+
+# ---- sizes the model or the machine cannot take ---------------------------------------------
+def test_a_lora_rank_above_every_layers_rank_is_refused_before_the_adapters():
+    """`rlhf sft lora_rank=100000` on a small model allocated adapters larger than the model
+    for minutes (a 1e15 rank ended in an out-of-memory traceback); LoraSpec.peft_config, which
+    every stage's adapters go through, now checks the rank first. The layers here have the
+    shapes of a Llama's (hidden 16, MLP 48): the widest narrow side is 16, so rank 16 passes
+    and 17 is refused; the lm_head (40 x 16) never takes an adapter and does not count."""
+    from torch import nn
+
+    from rlhf.adapters import LoraSpec
+
+    class Shaped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj = nn.Linear(16, 16), nn.Linear(16, 8)
+            self.up_proj, self.down_proj = nn.Linear(16, 48), nn.Linear(48, 16)
+            self.lm_head = nn.Linear(16, 400)
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+    model = Shaped()
+    LoraSpec(rank=16).check_rank(model)
+    with pytest.raises(ValueError, match=r"^lora_rank=17 is more than the rank of any layer it "
+                                         r"adapts \(at most 16 in this model"):
+        LoraSpec(rank=17).check_rank(model)
+    # only the targeted layers count: k_proj alone is 8 at its narrow side
+    LoraSpec(rank=8, target_modules=["k_proj"]).check_rank(model)
+    with pytest.raises(ValueError, match=r"at most 8 in this model"):
+        LoraSpec(rank=9, target_modules=["k_proj"]).check_rank(model)
+
+
+@pytest.mark.parametrize("message, said", [
+    ("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.15 GiB "
+     "of which 3.20 GiB is free. Including non-PyTorch memory, this process has 75.9 GiB memory "
+     "in use. If reserved but unallocated memory is large try setting "
+     "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.",
+     "CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.15 GiB "
+     "of which 3.20 GiB is free. Lower the batch"),
+    ("rlhf_kernels CPU block cache: not enough memory: you tried to allocate 256 bytes.",
+     "rlhf_kernels CPU block cache: not enough memory: you tried to allocate 256 bytes. Lower "
+     "the batch"),
+    ("alloc failed", "out of memory: alloc failed. Lower the batch"),
+])
+def test_out_of_memory_is_one_line_that_says_what_to_lower(capsys, tmp_path, monkeypatch,
+                                                           message, said):
+    """torch.OutOfMemoryError (a batch, length or rank too large for the card or the host)
+    ended a run in a traceback; it is now the command's one error line, with torch's first
+    sentences and the settings that lower the memory."""
+    import torch
+
+    def out_of_memory(cfg):
+        raise torch.OutOfMemoryError(message)
+
+    monkeypatch.setattr(sft, "train", out_of_memory)
+    line = _error_line(capsys, ["sft", f"output_dir={tmp_path / 'run'}"])
+    assert line.startswith(f"rlhf sft: error: {said}"), line
+    assert line.endswith("or set gradient_checkpointing=true; `rlhf plan MODEL` estimates what "
+                         "fits"), line
+    monkeypatch.setenv("RLHF_TRACEBACK", "1")
+    with pytest.raises(torch.OutOfMemoryError):
+        cli.main(["sft", f"output_dir={tmp_path / 'run'}"])
