@@ -9,7 +9,9 @@
   Enum, X | None, list[X], tuple[X, ...], dict[K, V], nested dataclasses. On the command line,
   `null`/`none` sets an optional field to None; lists are written `[1, 2]` or `1,2` (one
   value alone is a list of one).
-  YAML's `1e-4` (a string to YAML 1.1) becomes the float 1e-4 for a float field.
+  YAML's `1e-4` (a string to YAML 1.1) becomes the float 1e-4 for a float field. An int field
+  takes a whole number of at most 2**53 in size (`1e3` is 1000; `2.5`, `nan`, `1e30` are
+  refused naming the key), where every whole number is exact as a float.
 - An unknown key is an error that lists the valid keys (and the closest match). The dataclass's
   own `__post_init__` checks run on the final values.
 - Defaults that depend on the given values: a dataclass with a classmethod
