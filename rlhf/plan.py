@@ -827,10 +827,14 @@ def fit(config, card_gib: float, *, batch: int = 16, prompt_length: int = 128,
         raise ValueError(f"the card's memory must be a number of GiB > 0 (e.g. --card 12), got "
                          f"{card_gib}")
     if not 0 <= reserve_gib < card_gib:
+        # a negative reserve (or nan) is not "too large": "pass a smaller --reserve" sent the
+        # user the wrong way
+        fix = ("a smaller --reserve" if reserve_gib >= card_gib
+               else "--reserve 0 or more (1 is usual)")
         raise ValueError(f"the reserve (--reserve, reserve_gib: GiB of the card kept for the "
                          f"CUDA context and allocator, 1 by default) must be in [0, card) = "
                          f"[0, {card_gib:g}) for a {card_gib:g} GiB card, got {reserve_gib:g}; "
-                         f"pass a smaller --reserve")
+                         f"pass {fix}")
     budget = (card_gib - reserve_gib) * GIB
     values = dict(_load_config(config))
     values.update(kwargs.get("config_overrides") or {})

@@ -10,7 +10,11 @@ from rlhf.config import load_config
 
 
 def _error_line(capsys, argv: list[str]) -> str:
-    assert cli.main(argv) == 2
+    try:
+        status = cli.main(argv)
+    except SystemExit as exit_:  # argparse's parser.error (rlhf plan)
+        status = exit_.code
+    assert status == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith(f"rlhf {argv[0]}: error: "), err
     return err[0]
@@ -183,3 +187,13 @@ def test_out_of_memory_is_one_line_that_says_what_to_lower(capsys, tmp_path, mon
     monkeypatch.setenv("RLHF_TRACEBACK", "1")
     with pytest.raises(torch.OutOfMemoryError):
         cli.main(["sft", f"output_dir={tmp_path / 'run'}"])
+
+
+@pytest.mark.parametrize("reserve, fix", [("-5", "pass --reserve 0 or more (1 is usual)"),
+                                          ("nan", "pass --reserve 0 or more (1 is usual)"),
+                                          ("24", "pass a smaller --reserve")])
+def test_a_reserve_out_of_range_says_which_way_to_go(capsys, reserve, fix):
+    """`rlhf plan tiny --reserve -5` said "pass a smaller --reserve" (a 24 GiB card: the
+    default)."""
+    line = _error_line(capsys, ["plan", "tiny", "--reserve", reserve])
+    assert line.endswith(f"got {float(reserve):g}; {fix}"), line
