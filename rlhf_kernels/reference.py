@@ -485,7 +485,7 @@ def _tensor_normalizer(normalizer, inputs):
     """
     if not isinstance(normalizer, torch.Tensor):
         return None, None, inputs
-    n = normalizer.detach()
+    n = normalizer.detach().clone()  # saved for the backward: not an inference tensor
     bad = (n == 0) | torch.isnan(n)
     return n, bad, tuple(_GradientOverNormalizer.apply(x, n, bad)
                          if x is not None and x.requires_grad else x for x in inputs)
@@ -505,7 +505,10 @@ def _normalized_loss(loss, n, bad, terms, m, reduction):
 
 def _as_normalizer(normalizer, like: torch.Tensor) -> torch.Tensor:
     if isinstance(normalizer, torch.Tensor):
-        return normalizer.detach().to(dtype=like.dtype, device=like.device)
+        # a copy: a count made under torch.inference_mode() (an inference tensor) cannot be
+        # saved for the backward, which the division does; .to returns it as it is in the
+        # loss's dtype and device
+        return normalizer.detach().to(dtype=like.dtype, device=like.device, copy=True)
     # a fill, not torch.tensor(...): building a CUDA tensor from a Python number is a
     # host-to-device copy that waits for the device
     return torch.full((), float(normalizer), dtype=like.dtype, device=like.device)

@@ -1030,3 +1030,41 @@ def test_the_references_tensor_normalizer_is_its_plain_formula_at_every_order():
             for a, b in zip(got, results[0]):
                 assert torch.equal(a, b), name
         assert results[0][2].abs().sum() > 0, name  # the case under test
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_a_normalizer_made_under_inference_mode(backend):
+    """A token count made under torch.inference_mode() (an inference tensor) as the normalizer
+    of ppo_policy_loss, ppo_value_loss and ppo_loss_from_logits: the same loss and gradient as
+    the same count made normally. The reference (also the path of fp64 inputs) divided by it in
+    autograd, which saves the divisor, and raised 'Inference tensors cannot be saved for
+    backward' (the 0-d tensor was used as it was when already in the loss's dtype)."""
+    import rlhf_kernels as rk
+
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(2, 4, 5, generator=g).to(DEVICE)
+    labels = torch.randint(0, 5, (2, 4), generator=g).to(DEVICE)
+    logp = torch.randn(2, 4, generator=g).to(DEVICE) - 1.0
+    old = logp + 0.3 * torch.randn(2, 4, generator=g).to(DEVICE)
+    adv = torch.randn(2, 4, generator=g).to(DEVICE)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], device=DEVICE)
+    ops = {
+        "ppo_policy_loss": (lambda x, n: rk.ppo_policy_loss(
+            x, old, adv, mask, normalizer=n, ref_logp=old, kl_coef=0.1, backend=backend), logp),
+        "ppo_value_loss": (lambda x, n: rk.ppo_value_loss(x, old, adv, mask, normalizer=n,
+                                                          backend=backend), logp),
+        "ppo_loss_from_logits": (lambda x, n: rk.ppo_loss_from_logits(
+            x, labels, old, adv, mask, normalizer=n, entropy_coef=0.01, backend=backend), logits),
+    }
+    for dtype in (torch.float32, torch.float64, torch.int64):
+        with torch.inference_mode():
+            made_there = torch.tensor(6, device=DEVICE).to(dtype)
+        for name, (op, first) in ops.items():
+            results = []
+            for n in (made_there, torch.tensor(6, device=DEVICE).to(dtype)):
+                x = first.clone().requires_grad_()
+                loss, _ = op(x, n)
+                loss.backward()
+                results.append((loss.detach(), x.grad))
+            assert torch.equal(results[0][0], results[1][0]), (name, dtype)
+            assert torch.equal(results[0][1], results[1][1]), (name, dtype)
