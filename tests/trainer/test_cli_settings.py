@@ -99,7 +99,9 @@ def test_a_config_file_that_is_a_directory_or_not_text_is_named(tmp_path, capsys
     (["sft", "epochs=inf"], "epochs=inf is out of range"),
     (["rm", "epochs=inf"], "epochs must be a finite number > 0, got inf"),
     (["pipeline", "reward.epochs=inf"], "reward.epochs must be a finite number > 0"),
-    (["sft", "vocab_size=1e20"], "vocab_size=100000000000000000000 is out of range"),
+    # read as 100000000000000000000 and said so; now as typed, by the integer limit
+    (["sft", "vocab_size=1e20"], "config key 'vocab_size' must be an integer of at most 2**53 "
+                                 "(9007199254740992) in size, got '1e20'"),
     # refused only after the corpus was built; now by --print-config too
     (["sft", "vocab_size=10"], "vocab_size=10 is out of range"),
     (["pipeline", "vocab_size=100"], "vocab_size=100 is out of range"),
