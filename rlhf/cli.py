@@ -487,6 +487,8 @@ def _main(argv: list[str]) -> int:
     def fail(error: BaseException, where: str | None = None) -> int:
         if os.environ.get("RLHF_TRACEBACK") == "1" or isinstance(error, BrokenPipeError):
             raise error  # a closed pipe: the reader has gone, nothing to say (quiet_broken_pipe)
+        if getattr(error, "from_rank_0", False):  # torchrun: rank 0's error, which it says
+            return EXIT_USAGE
         # "SFTConfig.lr must be ...": the class is the Python API's name; the user typed lr
         # (not "TRL's GRPOConfig.num_iterations", another library's class of that name)
         line = re.sub(rf"(?<!'s )\b{re.escape(config_class.__name__)}\.(?=[A-Za-z_])", "",

@@ -336,7 +336,8 @@ def broadcast_from_main(fn: Callable[[], Any]) -> Any:
     """``fn()`` on rank 0, its result (any picklable object) on every rank. An exception on
     rank 0 is raised on every rank: as its own class where that class can be built from the
     message (ValueError and its kin), else as the nearest base class that can (``_rebuilt``);
-    the message says "from rank 0"."""
+    the message says "from rank 0", and its ``from_rank_0`` attribute is True (the CLI prints
+    rank 0's line alone)."""
     if not is_distributed():
         return fn()
     box: list[Any] = [None]
@@ -354,7 +355,9 @@ def broadcast_from_main(fn: Callable[[], Any]) -> Any:
                 src=0)
     if box[0][0] == "error":
         _kind, error_type, message = box[0]
-        raise _rebuilt(error_type, f"(from rank 0) {message}")
+        error = _rebuilt(error_type, f"(from rank 0) {message}")
+        error.from_rank_0 = True  # the CLI leaves it to rank 0 to say (once, not once per rank)
+        raise error
     return box[0][1]
 
 

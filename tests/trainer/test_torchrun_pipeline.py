@@ -155,3 +155,34 @@ def test_a_sigterm_held_by_an_optimizer_step_is_noted_after_it(stop_handlers):
         os.kill(os.getpid(), signal.SIGTERM)
         assert not distributed.stop_requested()
     assert distributed.stop_requested()
+
+
+def test_an_error_of_rank_0_is_said_once(monkeypatch, capsys, tmp_path):
+    """An error of rank 0 that every rank raises (broadcast_from_main: open_run refusing a
+    --resume with changed settings, the pipeline's pairs) was printed by every rank, the others'
+    lines "(from rank 0) ..." copies of rank 0's. The CLI of another rank now leaves it to rank
+    0: exit status 2, no line; rank 0's own error is said as before."""
+    from rlhf import cli, distributed, sft
+
+    def from_rank_0(box, src):
+        box[0] = ("error", ValueError, "--resume of 'run' with settings that differ")
+
+    def train(cfg):
+        return distributed.broadcast_from_main(lambda: {})
+
+    monkeypatch.setattr(sft, "train", train)
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed.dist, "broadcast_object_list", from_rank_0)
+    arguments = ["sft", f"output_dir={tmp_path / 'run'}", "max_steps=3"]
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    assert cli.main(arguments) == cli.EXIT_USAGE
+    assert "error" not in capsys.readouterr().err
+    monkeypatch.setattr(distributed, "rank", lambda: 0)  # rank 0: its own error, said
+
+    def refused():
+        raise ValueError("--resume of 'run' with settings that differ")
+
+    monkeypatch.setattr(sft, "train", lambda cfg: distributed.broadcast_from_main(refused))
+    assert cli.main(arguments) == cli.EXIT_USAGE
+    assert "rlhf sft: error: --resume of 'run' with settings that differ" in \
+        capsys.readouterr().err
