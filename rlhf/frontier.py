@@ -39,7 +39,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from rlhf import pipeline, rl, task
+from rlhf import distributed, pipeline, rl, task
 from rlhf.checkpoint import PIPELINE_RUN_FILES, atomic_write_text, open_run
 from rlhf.stage import limits_cpu_threads
 
@@ -274,9 +274,13 @@ def _run_point(cfg: FrontierConfig, algorithm: str, kl_coef: float, base_dir: Pa
     out = Path(cfg.output_dir) / "points" / point_name(algorithm, kl_coef)
     result_path = out / "result.json"
     rl_cfg = _rl_config(cfg, algorithm, kl_coef, out)
-    if cfg.resume and result_path.exists():
+    # torchrun: rank 0 alone reads and writes output_dir; every rank gets what it read
+    # (pipeline._on_main), so that all decide alike
+    finished = pipeline._on_main(lambda: json.loads(result_path.read_text())
+                                 if cfg.resume and result_path.exists() else None)
+    if finished is not None:
         _check_unchanged(out, algorithm, asdict(rl_cfg))  # a finished point of these settings
-        return json.loads(result_path.read_text())
+        return finished
     tokenizer = AutoTokenizer.from_pretrained(base_dir / "tokenizer")
     if rl_cfg.quantization not in (None, "none"):  # the base's: as its RL stage loads it
         from rlhf.loading import load_causal_lm
@@ -312,8 +316,12 @@ def _run_point(cfg: FrontierConfig, algorithm: str, kl_coef: float, base_dir: Pa
         "iterations": summary.get("iterations"),
         "settings": summary.get("algorithm_settings"),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(result_path, json.dumps(result, indent=2) + "\n")
+
+    def write() -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(result_path, json.dumps(result, indent=2) + "\n")
+
+    pipeline._on_main(write)
     del backbone, model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -329,24 +337,28 @@ def run(cfg: FrontierConfig) -> dict:
         pipeline.check_settings(base_cfg)
     _point_configs(cfg)  # every point's settings, before the base pipeline runs
     base_summary_path = Path(base_cfg.output_dir) / "summary.json"
-    if cfg.resume and base_summary_path.exists():
+    # torchrun: rank 0 alone reads and writes output_dir (pipeline._on_main)
+    base = pipeline._on_main(lambda: json.loads(base_summary_path.read_text())
+                             if cfg.resume and base_summary_path.exists() else None)
+    if base is not None:
         # the finished base is reused only for the settings it was run with (rlhf pipeline
         # --resume refuses others; reusing it here skipped that comparison)
         _check_unchanged(Path(base_cfg.output_dir), "pipeline", asdict(base_cfg),
                          run_files=PIPELINE_RUN_FILES + pipeline._RL_RUN_FILES,
                          resume_safe=pipeline._RESUME_SAFE)
-        base = json.loads(base_summary_path.read_text())
     else:
-        print(f"[frontier] the shared SFT model and reward model: rlhf pipeline into "
-              f"{base_cfg.output_dir}")
+        if distributed.is_main():  # torchrun: once, not once per rank
+            print(f"[frontier] the shared SFT model and reward model: rlhf pipeline into "
+                  f"{base_cfg.output_dir}")
         base = pipeline.run(base_cfg)
     sft_gold = base["gold_heldout"]
     points = []
     total = len(cfg.algorithms) * len(cfg.kl_coefs)
     for algorithm in cfg.algorithms:
         for kl_coef in cfg.kl_coefs:
-            print(f"[frontier] point {len(points) + 1}/{total}: {algorithm} at "
-                  f"kl_coef={kl_coef:g}")
+            if distributed.is_main():
+                print(f"[frontier] point {len(points) + 1}/{total}: {algorithm} at "
+                      f"kl_coef={kl_coef:g}")
             points.append(_run_point(cfg, algorithm, kl_coef, Path(base_cfg.output_dir),
                                      sft_gold["sft_mean"], sft_gold["sft_stderr"]))
     result = {
@@ -356,12 +368,17 @@ def run(cfg: FrontierConfig) -> dict:
         "points": points,
         "config": asdict(cfg),
     }
-    atomic_write_text(root / "frontier.json", json.dumps(result, indent=2) + "\n")
-    atomic_write_text(root / "frontier.md", render_table(result))
-    plot(result, root / "frontier.png")
-    print(render_table(result))
-    print(f"[frontier] wrote {root / 'frontier.json'}, {root / 'frontier.png'}, "
-          f"{root / 'frontier.md'}")
+
+    def write() -> None:
+        atomic_write_text(root / "frontier.json", json.dumps(result, indent=2) + "\n")
+        atomic_write_text(root / "frontier.md", render_table(result))
+        plot(result, root / "frontier.png")
+
+    pipeline._on_main(write)  # torchrun: rank 0 writes, every rank waits for the files
+    if distributed.is_main():
+        print(render_table(result))
+        print(f"[frontier] wrote {root / 'frontier.json'}, {root / 'frontier.png'}, "
+              f"{root / 'frontier.md'}")
     return result
 
 

@@ -220,6 +220,8 @@ def run_scenario(name: str, out: Path, tokenizer, on_step=None):
         return _engine_scenario(directory, tokenizer)
     if base == "pipeline":
         return _pipeline_scenario(directory)
+    if base == "frontier":
+        return _frontier_scenario(directory)
     if base == "cli_sigterm":
         return _sigterm_scenario(directory, out)
     if base == "refusals":
@@ -282,15 +284,14 @@ def _refusals_scenario(directory: Path, tokenizer) -> None:
         (directory / "result.json").write_text(json.dumps(seen))
 
 
-def _pipeline_scenario(directory: Path) -> None:
-    """``rlhf pipeline`` on tests/helpers.py's micro configuration. Rank 1 records every file or
-    directory it creates or renames under the output directory (rank 0 alone may write there:
-    every rank writing raced, "Directory not empty"); each rank writes the summary it returned
+def _writes_on_rank_1(directory: Path, run) -> None:
+    """``run()`` (a pipeline or frontier run into ``directory``) while rank 1 records every file
+    or directory it creates or renames under ``directory`` (rank 0 alone may write there: every
+    rank writing raced, "Directory not empty"); each rank writes the summary ``run`` returned
     and what it recorded to ``<directory>.rank<r>.json``, beside the output directory."""
     import builtins
 
-    from rlhf import distributed, pipeline
-    from tests.helpers import micro_config
+    from rlhf import distributed
 
     root = str(directory.resolve())
     written: list[str] = []
@@ -317,13 +318,39 @@ def _pipeline_scenario(directory: Path) -> None:
         os.replace, os.rename, os.mkdir = (recorded(n) for n in ("replace", "rename", "mkdir"))
         builtins.open = recorded("open")
     try:
-        summary = pipeline.run(micro_config(directory))
+        summary = run()
     finally:
         os.replace, os.rename, os.mkdir = originals["replace"], originals["rename"], \
             originals["mkdir"]
         builtins.open = originals["open"]
     (directory.parent / f"{directory.name}.rank{distributed.rank()}.json").write_text(
         json.dumps({"summary": summary, "written": written}, default=str))
+
+
+def _pipeline_scenario(directory: Path) -> None:
+    """``rlhf pipeline`` on tests/helpers.py's micro configuration (``_writes_on_rank_1``)."""
+    from rlhf import pipeline
+    from tests.helpers import micro_config
+
+    _writes_on_rank_1(directory, lambda: pipeline.run(micro_config(directory)))
+
+
+def _frontier_scenario(directory: Path) -> None:
+    """``rlhf frontier`` with the micro pipeline as its base and one point (one PPO iteration),
+    run (``_writes_on_rank_1``), then resumed (every file read on rank 0)."""
+    from dataclasses import replace
+
+    from rlhf import distributed, frontier
+    from tests.helpers import micro_config
+
+    base = micro_config(directory / "unused")
+    cfg = frontier.FrontierConfig(output_dir=str(directory), base=base, device="cpu",
+                                  algorithms=("ppo",), kl_coefs=(0.1,), num_iterations=1,
+                                  eval_samples=base.eval_samples)
+    _writes_on_rank_1(directory, lambda: frontier.run(cfg))
+    resumed = frontier.run(replace(cfg, resume=True))  # reads the base's and the point's files
+    (directory.parent / f"{directory.name}.resumed.rank{distributed.rank()}.json").write_text(
+        json.dumps(resumed, default=str))
 
 
 def _sigterm_scenario(directory: Path, out: Path) -> int:

@@ -1,9 +1,12 @@
-"""`rlhf pipeline` and a stop signal under torchrun: 2 CPU ranks (gloo, started as torchrun
+"""`rlhf pipeline`, `rlhf frontier` and a stop signal under torchrun: 2 CPU ranks (gloo, started as torchrun
 starts them by tests/trainer/distributed_worker.py), one group for both scenarios.
 
 - pipeline: the micro pipeline of tests/helpers.py. Every rank wrote output_dir (the tokenizer's
   directory raced: "Directory not empty"); rank 1 now writes nothing there, and the two ranks
   return the same summary (the same pairs, stages and held-out figures).
+- frontier: `rlhf frontier` on the micro pipeline with one PPO point, then resumed: rank 1
+  wrote each point's result and frontier.json/.md/.png too, and read the finished files for
+  itself on --resume; now rank 0 alone reads and writes them, and both ranks print nothing twice.
 - cli_sigterm: `rlhf sft` through the CLI, rank 1 alone gets SIGTERM after step 2. Before, a
   SIGTERM ended a rank at once (no checkpoint, the other left to fail in its next collective);
   now both ranks stop at step 3's gradient all-reduce, rank 0 saves the step-2 checkpoint, both
@@ -36,7 +39,7 @@ def group(tmp_path_factory):
     tokenizer.save_pretrained(root / "model")
     (root / "sft.jsonl").write_text("".join(json.dumps(row) + "\n"
                                             for row in worker.sft_examples()))
-    rank0, rank1 = worker.launch(["pipeline", "cli_sigterm"], root, timeout=300)
+    rank0, rank1 = worker.launch(["pipeline", "frontier", "cli_sigterm"], root, timeout=300)
     return root, rank0, rank1
 
 
@@ -186,3 +189,27 @@ def test_an_error_of_rank_0_is_said_once(monkeypatch, capsys, tmp_path):
     assert cli.main(arguments) == cli.EXIT_USAGE
     assert "rlhf sft: error: --resume of 'run' with settings that differ" in \
         capsys.readouterr().err
+
+
+def test_the_frontier_writes_on_rank_0_alone_and_resumes_from_its_files(group):
+    """rlhf frontier wrote each point's result.json and frontier.json/.md/.png on every rank,
+    and each rank read the finished base and points for itself on --resume."""
+    root, rank0, rank1 = group
+    assert (root / "frontier.rank1.json").exists(), rank1.stderr[-3000:]
+    zero = json.loads((root / "frontier.rank0.json").read_text())
+    one = json.loads((root / "frontier.rank1.json").read_text())
+    assert one["written"] == []
+    timeless = [{k: v for k, v in r["summary"]["points"][0].items()
+                 if k not in ("rl_seconds", "peak_memory_mb")} for r in (zero, one)]
+    assert timeless[0] == timeless[1]
+    out = root / "frontier"
+    written = json.loads((out / "frontier.json").read_text())
+    assert written["points"] == json.loads(json.dumps(zero["summary"]["points"]))
+    for name in ("frontier.md", "frontier.png", "points/ppo-kl0.1/result.json",
+                 "base/summary.json"):
+        assert (out / name).exists(), name
+    # resumed: nothing run again, every rank returns what rank 0 read from the files
+    for rank in (0, 1):
+        resumed = json.loads((root / f"frontier.resumed.rank{rank}.json").read_text())
+        assert resumed["points"] == written["points"]
+    assert rank1.stdout.count("[frontier]") == 0 and rank0.stdout.count("[frontier] wrote") == 2
