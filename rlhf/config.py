@@ -7,7 +7,8 @@
   default gave it (e.g. a pipeline's `sft.output_dir`) unless they are overridden.
 - Values are coerced to the field's annotated type: bool, int, float, str, Path, Literal,
   Enum, X | None, list[X], tuple[X, ...], dict[K, V], nested dataclasses. On the command line,
-  `null`/`none` sets an optional field to None; lists are written `[1, 2]` or `1,2` (one
+  `null`/`none` sets an optional field to None (an empty value, `model=`, is refused: an unset
+  shell variable gives it); lists are written `[1, 2]` or `1,2` (one
   value alone is a list of one).
   YAML's `1e-4` (a string to YAML 1.1) becomes the float 1e-4 for a float field. An int field
   takes a whole number of at most 2**53 in size (`1e3` is 1000; `2.5`, `nan`, `1e30` are
@@ -442,6 +443,12 @@ def _coerce(value: Any, field_type: Any, key: str) -> Any:
     origin, args = typing.get_origin(field_type), typing.get_args(field_type)
 
     if _is_union(field_type):
+        if type(None) in args and isinstance(value, _CommandLineValue) and not value.strip():
+            # `model=$MODEL` with MODEL unset: read as null, it trained the built-in tiny model
+            # from scratch (dataset=: the built-in corpus) without a word
+            raise ValueError(f"config key {key!r} is given empty ({key}=), which would mean "
+                             f"null, its default; an unset shell variable ({key}=$VAR) does "
+                             f"this. Give a value, or write {key}=null for the default")
         if type(None) in args and (value is None or (isinstance(value, _CommandLineValue)
                                                     and value.strip().lower() in _NULL_WORDS)):
             return None

@@ -197,3 +197,21 @@ def test_a_reserve_out_of_range_says_which_way_to_go(capsys, reserve, fix):
     default)."""
     line = _error_line(capsys, ["plan", "tiny", "--reserve", reserve])
     assert line.endswith(f"got {float(reserve):g}; {fix}"), line
+
+
+# ---- an empty value on the command line ----------------------------------------------------
+@pytest.mark.parametrize("argv, key", [(["sft", "model="], "model"),
+                                       (["sft", "dataset= "], "dataset"),
+                                       (["pipeline", "sft.model="], "sft.model"),
+                                       (["grpo", "kl_target="], "kl_target")])
+def test_an_empty_value_is_not_taken_as_null(capsys, argv, key):
+    """`rlhf sft model=$MODEL` with MODEL unset read as model=null: the built-in tiny model
+    trained from scratch on the built-in corpus, without a word. An empty value is refused;
+    null is written null."""
+    line = _error_line(capsys, [*argv, "--print-config"])
+    assert line.split(": error: ", 1)[1] == (
+        f"config key {key!r} is given empty ({key}=), which would mean null, its default; an "
+        f"unset shell variable ({key}=$VAR) does this. Give a value, or write {key}=null for "
+        f"the default")
+    assert cli.main([*[arg.split("=")[0] + "=null" if "=" in arg else arg for arg in argv],
+                     "--print-config"]) == 0
