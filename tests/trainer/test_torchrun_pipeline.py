@@ -1,5 +1,6 @@
-"""`rlhf pipeline`, `rlhf frontier` and a stop signal under torchrun: 2 CPU ranks (gloo, started as torchrun
-starts them by tests/trainer/distributed_worker.py), one group for both scenarios.
+"""`rlhf pipeline`, `rlhf frontier` and a stop signal under torchrun: 2 CPU ranks (gloo,
+started as torchrun starts them by tests/trainer/distributed_worker.py), one group for all three
+scenarios.
 
 - pipeline: the micro pipeline of tests/helpers.py. Every rank wrote output_dir (the tokenizer's
   directory raced: "Directory not empty"); rank 1 now writes nothing there, and the two ranks
