@@ -221,11 +221,12 @@ def loss_denominator(n_tokens, n_rows, T, norm_value, norm_ptr,
     """The outer denominator of the loss: the user's normalizer when one is given (a float
     argument, or a 0-d tensor of any real dtype loaded here, on the device: no host sync), else
     ``reduction_denominator``. A normalizer is used as it is (0 gives inf / NaN, as dividing by
-    it in PyTorch would)."""
+    it in PyTorch would; -0 gives -inf: the value is scaled by 1, not added to 0, which turned
+    a -0 into +0)."""
     if NORMALIZER == 1:
-        denom = n_tokens * 0.0 + norm_value
+        denom = (n_tokens * 0.0 + 1.0) * norm_value
     elif NORMALIZER == 2:
-        denom = n_tokens * 0.0 + tl.load(norm_ptr).to(tl.float32)
+        denom = (n_tokens * 0.0 + 1.0) * tl.load(norm_ptr).to(tl.float32)
     else:
         denom = reduction_denominator(n_tokens, n_rows, T, REDUCTION)
     return denom

@@ -947,13 +947,14 @@ _ZERO_NORMALIZER_CASES = [
 @pytest.mark.parametrize("options", _ZERO_NORMALIZER_CASES, ids=str)
 def test_a_zero_normalizer_with_the_kl_term_gives_the_references_kinds(monkeypatch, path,
                                                                       options):
-    """A tensor normalizer of 0 or NaN with the KL term: the loss is the reference's
+    """A tensor normalizer of 0, -0 or NaN with the KL term: the loss is the reference's
     pg_loss + kl_coef * kl of two quotients over 0 (+-inf each, NaN where they have opposite
     signs; the kernel gave the kind of the one sum's quotient, -inf for the reference's NaN),
     and each gradient element has the reference's kind: the N = 1 gradient over N, an exact 0
     kept (masked and clipped tokens, a 0 advantage, logp == ref_logp under k2 / k3 / abs),
     where autograd through the reference's division had made NaN of k3's finite derivative, of
-    a 0 advantage's 0 and of a token's pg / KL derivatives of opposite signs."""
+    a 0 advantage's 0 and of a token's pg / KL derivatives of opposite signs. A -0 gave +inf for
+    the reference's -inf (the kernels' denominator was 0 + normalizer, a +0)."""
     from rlhf_kernels.ops import policy_loss
 
     if path == "custom op":
@@ -977,7 +978,7 @@ def test_a_zero_normalizer_with_the_kl_term_gives_the_references_kinds(monkeypat
                                backend="triton", **options)
 
     run = torch.compile(op, fullgraph=True, backend="aot_eager") if path == "compiled" else op
-    for value in (0.0, float("nan")):
+    for value in (0.0, -0.0, float("nan")):  # -0.0: x / -0 is -inf for x > 0
         x = logp.clone().requires_grad_()
         loss, stats = run(x, torch.tensor(value, device=DEVICE))
         loss.backward()

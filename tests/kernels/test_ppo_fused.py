@@ -1099,7 +1099,7 @@ def test_a_zero_or_nan_normalizer_tensor_gives_the_references_non_finite_loss(mo
         want_loss.backward()
         return loss, got_leaf.grad, want_loss, want_leaf.grad
 
-    for value in (0.0, float("nan")):
+    for value in (0.0, -0.0, float("nan")):  # -0.0: x / -0 is -inf for x > 0
         normalizer = torch.tensor(value, device=DEVICE)
         cases = []
         for entropy_coef, kl_coef, reduction in ((0.0, 0.0, "token-mean"),
