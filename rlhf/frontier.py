@@ -34,6 +34,7 @@ import contextlib
 import io
 import json
 import math
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -161,7 +162,7 @@ def _named_as_base():
         if renamed is None:
             raise
         for name in _BASE_SET_BY_FRONTIER:  # the frontier's own field, not base.<name>
-            renamed = renamed.replace(f"set base.{name}=", f"set {name}=")
+            renamed = re.sub(rf"\bbase\.{name}\b", name, renamed)
         raise ValueError(renamed) from None
 
 

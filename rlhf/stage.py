@@ -162,6 +162,12 @@ def check_settings(cfg, *, positive: Sequence[str] = (), non_negative: Sequence[
             hint = _SETTING_HINTS.get(field, "")
             raise ValueError(f"{field}={value!r} is out of range: {name}.{field} must be "
                              f"{expected}{hint}")
+    threads = getattr(cfg, "cpu_threads", None)
+    if threads is not None and threads > MAX_CPU_THREADS:
+        # torch.set_num_threads would start that many threads (or overflow: 1e15)
+        raise ValueError(f"cpu_threads={threads!r} is out of range: {name}.cpu_threads must be "
+                         f"at most {MAX_CPU_THREADS} (this machine has {os.cpu_count()} CPU "
+                         f"threads; null keeps torch's own count)")
 
 
 _SETTING_HINTS = {
@@ -173,6 +179,9 @@ _SETTING_HINTS = {
     "temperature": " (1.0 samples the policy as it is; a small value such as 1e-4 is near-greedy)",
     "kl_target": " (nats per sequence, e.g. 6; null keeps kl_coef fixed)",
 }
+
+# more threads than any machine has: torch.set_num_threads starts them all (1e6 took minutes)
+MAX_CPU_THREADS = 4096
 
 DEVICE_CHOICES = "auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N"
 
@@ -397,6 +406,11 @@ def limited_cpu_threads(device: str, threads: int | None) -> Iterator[None]:
     if threads is None or not on_cpu:
         yield
         return
+    available = os.cpu_count()
+    if available is not None and threads > available:
+        warnings.warn(f"cpu_threads={threads} is more than this machine's {available} CPU "
+                      f"threads: the threads take turns on the cores, which is slower than "
+                      f"cpu_threads={available}", stacklevel=3)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

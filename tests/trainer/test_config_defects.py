@@ -215,3 +215,37 @@ def test_an_empty_value_is_not_taken_as_null(capsys, argv, key):
         f"the default")
     assert cli.main([*[arg.split("=")[0] + "=null" if "=" in arg else arg for arg in argv],
                      "--print-config"]) == 0
+
+
+# ---- cpu_threads beyond any machine ---------------------------------------------------------
+@pytest.mark.parametrize("argv, shown", [
+    (["sft", "cpu_threads=1e15"], "cpu_threads=1000000000000000"),
+    (["grpo", "cpu_threads=5000"], "cpu_threads=5000"),
+    (["pipeline", "cpu_threads=5000"], "cpu_threads=5000"),
+    (["frontier", "cpu_threads=5000"], "cpu_threads=5000"),
+])
+def test_a_thread_count_beyond_any_machine_is_refused(capsys, argv, shown):
+    """cpu_threads=1e15 ended in torch's bare "Overflow when unpacking long"; 1000000 was
+    accepted and torch.set_num_threads started the threads (minutes). The frontier named its
+    own cpu_threads as base.cpu_threads."""
+    line = _error_line(capsys, [*argv, "--print-config"])
+    assert line.split(": error: ", 1)[1].startswith(
+        f"{shown} is out of range: cpu_threads must be at most 4096 (this machine has ")
+
+
+def test_the_frontier_names_its_own_settings_as_typed(capsys):
+    line = _error_line(capsys, ["frontier", "cpu_threads=0", "--print-config"])
+    assert line.split(": error: ", 1)[1] == (
+        "cpu_threads=0 is out of range: cpu_threads must be an integer >= 1")
+
+
+def test_more_threads_than_the_machine_has_is_said(monkeypatch):
+    from rlhf import stage
+
+    monkeypatch.setattr(stage.os, "cpu_count", lambda: 2)
+    before = torch.get_num_threads()
+    with pytest.warns(UserWarning, match=r"cpu_threads=3 is more than this machine's 2 CPU "
+                                         r"threads.*slower than cpu_threads=2"):
+        with stage.limited_cpu_threads("cpu", 3):
+            assert torch.get_num_threads() == 3
+    assert torch.get_num_threads() == before
