@@ -157,7 +157,7 @@ def kl_estimator_and_grad(dk, KL: tl.constexpr):
     abs = |dk| (sign(dk), 0 at 0). KL: 1, 2, 3, 4 for k1, k2, k3, abs."""
     if KL == 1:
         kl = dk
-        dkl = dk * 0.0 + 1.0
+        dkl = tl.zeros_like(dk) + 1.0  # 1 also where dk is +-inf / NaN (dk * 0 + 1 was NaN)
     elif KL == 2:
         kl = 0.5 * dk * dk
         dkl = dk

@@ -1069,3 +1069,31 @@ def test_a_normalizer_made_under_inference_mode(backend):
                 results.append((loss.detach(), x.grad))
             assert torch.equal(results[0][0], results[1][0]), (name, dtype)
             assert torch.equal(results[0][1], results[1][1]), (name, dtype)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+@pytest.mark.parametrize("kl_estimator", ["k1", "k2", "k3", "abs"])
+def test_an_infinite_ref_logp_at_a_counted_token(ratio_level, kl_estimator):
+    """ref_logp = -inf (the reference model gives the sampled token no mass) or +inf at a counted
+    token: loss, KL stat and gradient as the float64 reference's. k1's derivative is 1 whatever
+    logp - ref_logp is; the kernel made it as d * 0 + 1, NaN there, so that token's gradient
+    was NaN where the reference's is finite."""
+    g = torch.Generator().manual_seed(6)
+    logp = torch.randn(2, 4, generator=g).to(DEVICE) - 2.0
+    old = logp + 0.2 * torch.randn(2, 4, generator=g).to(DEVICE)
+    adv = torch.randn(2, 4, generator=g).to(DEVICE)
+    for value in (float("-inf"), float("inf")):
+        ref = logp + 0.3 * torch.randn(2, 4, generator=g).to(DEVICE)
+        ref[0, 1] = value
+        results = []
+        for backend, dtype in (("triton", torch.float32), ("reference", torch.float64)):
+            x = logp.to(dtype).clone().requires_grad_()
+            loss, stats = ppo_policy_loss(x, old.to(dtype), adv.to(dtype), ref_logp=ref.to(dtype),
+                                          kl_coef=0.1, kl_estimator=kl_estimator,
+                                          ratio_level=ratio_level, backend=backend)
+            loss.backward()
+            results.append((loss.detach().double(), stats["kl"].double(), x.grad.double()))
+        for got, want in zip(*results):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True,
+                                       msg=lambda m: f"{value}: {m}")
