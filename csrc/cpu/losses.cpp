@@ -371,7 +371,8 @@ void bradley_terry(const BradleyTerryArgs& p, float* saved_grad, float* loss, fl
         const float softplus = std::max(-z, 0.f) + std::log1p(e);
         const float sigmoid_neg_z = z >= 0.f ? e / (1.f + e) : 1.f / (1.f + e);
         const float total = chosen + rejected;
-        const float center_grad = 2.f * p.center_coef * total;
+        // no centering term when center_coef is 0 (not 0 * total: NaN for an infinite reward)
+        const float center_grad = p.center_coef != 0.f ? 2.f * p.center_coef * total : 0.f;
         saved_grad[i] = (center_grad - sigmoid_neg_z) * inv_n;
         saved_grad[n + i] = (center_grad + sigmoid_neg_z) * inv_n;
         s[kSoftplus] += softplus;

@@ -106,7 +106,11 @@ def _bradley_terry_fwd_kernel(
     softplus = tl.maximum(-z, 0.0) + log1p_e
     sigmoid_neg_z = tl.where(z >= 0.0, e / (1.0 + e), 1.0 / (1.0 + e))
     total = chosen + rejected
-    center_grad = 2.0 * center_coef * total
+    if HAS_CENTER:
+        center_grad = 2.0 * center_coef * total
+    else:
+        # no centering term (the reference has none): not 0 * total, NaN for an infinite reward
+        center_grad = 0.0
     # saved_grad is (2, n_pairs): d loss / d chosen, then d loss / d rejected (inv_n: 1/N
     # computed on the host in float64 and rounded to fp32, as the native kernel does).
     tl.store(saved_grad_ptr + offs, (center_grad - sigmoid_neg_z) * inv_n, mask=ok)

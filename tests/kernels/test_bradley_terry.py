@@ -240,3 +240,29 @@ def test_the_eager_path_applies_its_function_natively_and_only_where_that_is_the
     expected = torch.func.grad(
         lambda c: reference.bradley_terry_loss(c, rejected.double())[0])(chosen)
     assert_close(grad, expected, atol=1e-7)
+
+
+@pytest.mark.parametrize("center_coef", [0.0, 0.1])
+def test_an_infinite_reward(center_coef):
+    """A reward of +-inf in one pair (a diverging reward model): loss and both gradients as the
+    float64 reference's. Without centering, a chosen reward of +inf adds 0 to the loss and its
+    pair gets a zero gradient, -inf adds inf with a finite gradient; the kernel's centering
+    gradient 2 * center_coef * (r_c + r_r) was 0 * inf = NaN there, so the pair's gradient was
+    NaN. With centering the term is inf (its gradient too) on both paths."""
+    g = torch.Generator().manual_seed(4)
+    chosen = torch.randn(5, generator=g).to(DEVICE)
+    rejected = torch.randn(5, generator=g).to(DEVICE)
+    for where, value in (("chosen", math.inf), ("chosen", -math.inf), ("rejected", math.inf),
+                         ("rejected", -math.inf)):
+        inputs = {"chosen": chosen.clone(), "rejected": rejected.clone()}
+        inputs[where][2] = value
+        results = []
+        for backend, dtype in (("triton", torch.float32), ("reference", torch.float64)):
+            c = inputs["chosen"].to(dtype).clone().requires_grad_()
+            r = inputs["rejected"].to(dtype).clone().requires_grad_()
+            loss, _ = bradley_terry_loss(c, r, center_coef=center_coef, backend=backend)
+            loss.backward()
+            results.append((loss.detach().double(), c.grad.double(), r.grad.double()))
+        for got, want in zip(*results):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, equal_nan=True,
+                                       msg=lambda m: f"{where} {value}: {m}")
