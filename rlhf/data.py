@@ -3,7 +3,9 @@
 Loading (`load_sft_dataset`, `load_preference_dataset`, `load_prompt_dataset`): a local
 .json / .jsonl / .parquet / .csv file (or a directory of them; CSV cells are read as text), a
 folder written by `save_to_disk`, through Hugging Face `datasets`, or a hub dataset name where
-there is a network. Accepted columns:
+there is a network. A directory whose file names mark splits, as `datasets` reads them
+(train.jsonl beside test.jsonl, the hub's data/train-00000-of-00001.parquet), gives the train
+split's files alone. Accepted columns:
 
     SFT          prompt + completion    strings, or lists of chat messages (conversational)
                  messages               a chat; every assistant turn is trained on
@@ -36,11 +38,14 @@ Documented handling of bad input:
   different task) or `"error"`; truncated and dropped rows are counted in the result
   (`n_truncated`, `n_dropped`, `kept_indices`) and a warning says how many;
 - a tokenizer without a pad token: its eos token is used for padding, with a warning
-  (`ensure_pad_token`); without an eos token either it is an error;
+  (`ensure_pad_token`); without an eos token either it is an error; SFT refuses a tokenizer
+  without an eos token (a response must be trained to end);
 - a file that holds no rows the way the loaders read them (a JSON scalar, an object of columns
   as pandas' `DataFrame.to_json` writes by default, rows under one key, a CSV separated by ';'
   or tabs, ShareGPT's from/value messages, a chat saved as a string): ValueError saying what it
-  holds and how to write it;
+  holds and how to write it; a file that is not UTF-8 (the line and byte), a CSV header
+  naming a column twice or a CSV record with more fields than its header (the line: pandas
+  would shift its values a column to the left): ValueError;
 - SFT data with the columns of two formats, or with a boolean `label` (unpaired preferences):
   a warning that says what trains and what is ignored.
 """
@@ -120,13 +125,17 @@ def load_records(source: str | Path, split: str = "train", **load_kwargs: Any):
                              f"weights or tokenizer files), not data: give the dataset's .jsonl, "
                              f".json, .parquet or .csv file(s) (did the model path and the "
                              f"dataset path change places?)")
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in LOCAL_FORMATS) \
-            if path.is_dir() else [path]
+        files = _data_files(path, source, split)
         kinds = {LOCAL_FORMATS.get(p.suffix.lower()) for p in files}
         if not files or None in kinds:
+            folders = sorted(p.name + "/" for p in path.iterdir() if p.is_dir()) \
+                if path.is_dir() else []
+            found = ([p.name for p in files] or (
+                f"none at its top level (subfolders are not read: {folders}; point at the "
+                f"folder that holds the files)"
+                if folders else "an empty directory"))
             raise ValueError(f"dataset {str(source)!r}: expected .json, .jsonl, .parquet or "
-                             f".csv file(s), got "
-                             f"{[p.name for p in files] or 'an empty directory'}")
+                             f".csv file(s), got {found}")
         if len(kinds) > 1:
             raise ValueError(f"dataset directory {str(source)!r} mixes "
                              f"{' and '.join(sorted(k.upper() for k in kinds))} files; keep one "
@@ -135,9 +144,15 @@ def load_records(source: str | Path, split: str = "train", **load_kwargs: Any):
             raise ValueError(f"dataset {str(source)!r} is empty (0 bytes)")
         kind = kinds.pop()
         plain = not load_kwargs  # the loader's own reading (no field=, sep=, ... given)
+        if kind in ("json", "csv"):
+            # Arrow's JSON reader takes bytes that are not UTF-8 into its strings, and reading
+            # the row back then fails with a bare UnicodeDecodeError
+            problem = next(filter(None, map(_utf8_problem, files)), None)
+            if problem is not None:
+                raise ValueError(f"could not read dataset {str(source)!r}: {problem}")
         if kind == "csv" and "features" not in load_kwargs:
             # every column text: a column of digits ("42") is not read as numbers
-            load_kwargs = dict(load_kwargs, features=_csv_features(files[0]))
+            load_kwargs = dict(load_kwargs, features=_csv_features(files, source, check=plain))
         try:
             with _quiet_json_loader(), _no_datasets_progress_bars():
                 dataset = datasets.load_dataset(kind, data_files=[str(p) for p in files],
@@ -196,16 +211,114 @@ def _model_directory(path: Path) -> bool:
                                                      "tokenizer_config.json"))
 
 
-def _csv_features(file: Path):
-    """String features for every column of a CSV file's header row (a CSV cell is text; the
-    loader would otherwise read a column of digits as numbers)."""
+def _csv_features(files: Sequence[Path], source, check: bool = True):
+    """String features for every column of the CSV files' header row (a CSV cell is text; the
+    loader would otherwise read a column of digits as numbers), after checking each file's
+    shape: a header naming a column twice (pandas would keep one of the two), or a record with
+    more fields than the header names (pandas then takes the first field for a row index and
+    shifts every value one column to the left, silently), is a ValueError naming the line
+    (``check``: files read with the loader's own settings, commas). An unnamed header field (a
+    trailing comma) is named as pandas names it, "Unnamed: <i>"."""
     import csv
 
     import datasets
 
-    with file.open(newline="", encoding="utf-8-sig") as handle:
-        header = next((row for row in csv.reader(handle) if row), [])
-    return datasets.Features({name: datasets.Value("string") for name in header})
+    header: list[str] = []
+    for file in files:
+        with file.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            names = next((row for row in reader if row), [])
+            header = header or names
+            if not check:
+                continue
+            repeated = sorted({name for name in names if name and names.count(name) > 1})
+            if repeated:
+                raise ValueError(f"dataset {str(source)!r}: the header of {file} names the "
+                                 f"column(s) {repeated} more than once; give each column one "
+                                 f"name")
+            for record in reader:
+                if len(record) > len(names):
+                    raise ValueError(
+                        f"dataset {str(source)!r}: {file} line {reader.line_num} has "
+                        f"{len(record)} fields but the header names {len(names)} "
+                        f"({names}); a comma at the end of the line, or an unquoted comma "
+                        f"inside a value (quote such values: \"a, b\")? Fix that line")
+    names = [name or f"Unnamed: {index}" for index, name in enumerate(header)]
+    return datasets.Features({name: datasets.Value("string") for name in names})
+
+
+def _utf8_problem(file: Path) -> str | None:
+    """Where a text file stops being UTF-8 ("file is not UTF-8 text (line 3, byte 17: invalid
+    continuation byte); save it as UTF-8"), or None. Read in chunks: constant memory."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line, offset = 1, 0
+    with file.open("rb") as handle:
+        while True:
+            chunk = handle.read(1 << 20)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as error:
+                # error.object: the held-back bytes of a character split by the chunk + chunk
+                start = offset - (len(error.object) - len(chunk)) + error.start
+                line += error.object[:error.start].count(b"\n")
+                return (f"{file} is not UTF-8 text (line {line}, byte {start}: "
+                        f"{error.reason}); save it as UTF-8")
+            if not chunk:
+                return None
+            line += chunk.count(b"\n")
+            offset += len(chunk)
+
+
+def _data_files(path: Path, source, split: str = "train") -> list[Path]:
+    """The files a local dataset path stands for: the file itself; for a directory, its .json,
+    .jsonl, .parquet and .csv files, or, when their names mark the splits of a dataset as
+    `datasets` reads them (train.jsonl beside test.jsonl; the hub's
+    data/train-00000-of-00001.parquet, in subfolders too), the files of ``split`` alone:
+    the held-out split is not trained on. A directory whose files name other splits but not
+    ``split`` is a ValueError; a data file in no split is left out with a warning."""
+    if not path.is_dir():
+        return [path]
+    top = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in LOCAL_FORMATS)
+    splits = _named_splits(path)
+    if splits is None:
+        return top
+    if split not in splits:
+        named = "; ".join(f"{name}: {[str(p.relative_to(path)) for p in files][:3]}"
+                          for name, files in sorted(splits.items()))
+        raise ValueError(f"dataset {str(source)!r} is a directory whose file names mark the "
+                         f"splits of a dataset ({named}), none of them {split!r}; point at the "
+                         f"file(s) to train on (e.g. {str(next(iter(splits.values()))[0])!r}), "
+                         f"or name them {split}.jsonl (or .json, .parquet, .csv)")
+    in_splits = {p for files in splits.values() for p in files}
+    left_out = [p.name for p in top if p not in in_splits]
+    if left_out:
+        warnings.warn(f"dataset {str(source)!r}: its file names mark the splits "
+                      f"{sorted(splits)}, and {left_out} belong to none of them: they are not "
+                      f"read (the {split!r} split is {[p.name for p in splits[split]]}); rename "
+                      f"them to be read", stacklevel=3)
+    return splits[split]
+
+
+def _named_splits(path: Path) -> dict[str, list[Path]] | None:
+    """{split: data files} of a directory whose file names mark splits (`datasets`' own
+    patterns: train / test / validation / ..., as a name or a part of one), or None."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    try:
+        patterns = get_data_patterns(str(path))
+        if {str(name): list(p) for name, p in patterns.items()} == {"train": ["**"]}:
+            return None  # no split in the names: every file is data
+        resolved = DataFilesDict.from_patterns(patterns, base_path=str(path))
+    except Exception:  # noqa: BLE001 - no files, unreadable: the caller says what it sees
+        return None
+    base = path.resolve()  # the files as `path`/..., as the caller names them
+    splits = {str(name): sorted(path / Path(f).resolve().relative_to(base) for f in files
+                                if Path(f).suffix.lower() in LOCAL_FORMATS)
+              for name, files in resolved.items()}
+    splits = {name: files for name, files in splits.items() if files}
+    return splits or None
 
 
 def _columns_layout(file: Path) -> str | None:
@@ -595,8 +708,12 @@ def _row_location(source: str | Path, index: int, load_kwargs: Mapping[str, Any]
     path = Path(source).expanduser()
     if load_kwargs or not path.exists() or _saved_to_disk(path):
         return f"{str(source)!r} row {index + 1}"
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in LOCAL_FORMATS) \
-        if path.is_dir() else [path]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # said when the dataset loaded
+        try:
+            files = _data_files(path, source)
+        except ValueError:
+            return f"{str(source)!r} row {index + 1}"
     for file in files:
         if LOCAL_FORMATS.get(file.suffix.lower()) == "csv":
             import csv
@@ -922,6 +1039,11 @@ def tokenize_sft(examples: Iterable[Mapping[str, Any]], tokenizer, max_length: i
     _check_policy(overlong, max_length)
     rows = _rows(examples, "SFT examples")
     pad_id = ensure_pad_token(tokenizer)
+    if tokenizer.eos_token_id is None:  # every response would be trained to go on forever
+        raise ValueError("the tokenizer has no eos token: SFT appends it to every response so "
+                         "that the model learns where a response ends (and generation stops "
+                         "there); set one: \"eos_token\" in the tokenizer's "
+                         "tokenizer_config.json, or tokenizer.eos_token = '...'")
     features, kept, truncated = [], [], 0
     for index, example in enumerate(_progress(rows, "SFT examples")):
         feature = encode_sft_example(example, tokenizer, row=index)

@@ -1,0 +1,118 @@
+"""Data and tokenizers as a user brings them: each test is a file or tokenizer that once loaded
+into something else than it holds (rows of another split, values shifted a column) or stopped
+with a bare traceback, and the one clear error or the exact rows it gives now."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+from helpers import review_tokenizer
+
+from rlhf import data, task
+
+
+def _jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def _rows(tag, n):
+    return [{"prompt": f"{tag} {i}", "completion": f" answer {i}"} for i in range(n)]
+
+
+def test_a_directory_of_split_files_gives_its_train_split_alone(tmp_path):
+    # train.jsonl beside test.jsonl: every row of both files used to be trained on
+    folder = tmp_path / "flat"
+    _jsonl(folder / "train.jsonl", _rows("train", 3))
+    _jsonl(folder / "test.jsonl", _rows("test", 2))
+    _jsonl(folder / "notes.jsonl", _rows("notes", 1))
+    with pytest.warns(UserWarning, match=r"\['notes.jsonl'\] belong to none of them"):
+        rows = data.load_sft_dataset(folder)
+    assert rows.to_list() == _rows("train", 3)
+    # a bad row is named in the file it is in, the train split's
+    _jsonl(folder / "train.jsonl", _rows("train", 1) + [{"prompt": "x"}])
+    with pytest.raises(ValueError, match=r"train.jsonl' line 2: column 'completion'"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data.load_sft_dataset(folder)
+
+
+def test_a_hub_snapshot_folder_gives_its_train_split(tmp_path):
+    import datasets
+
+    folder = tmp_path / "snapshot"
+    (folder / "data").mkdir(parents=True)
+    (folder / "README.md").write_text("# a dataset card\n")
+    for split, n in (("train", 3), ("test", 2)):
+        datasets.Dataset.from_list(_rows(split, n)).to_parquet(
+            str(folder / "data" / f"{split}-00000-of-00001.parquet"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no file is left out: nothing to say
+        assert data.load_sft_dataset(folder).to_list() == _rows("train", 3)
+        assert data.load_sft_dataset(folder / "data").to_list() == _rows("train", 3)
+
+
+def test_split_files_without_a_train_split_and_nested_folders_are_named(tmp_path):
+    _jsonl(tmp_path / "only" / "sft_test.jsonl", _rows("test", 2))
+    with pytest.raises(ValueError, match=r"splits of a dataset \(test: \['sft_test.jsonl'\]\), "
+                                         r"none of them 'train'"):
+        data.load_sft_dataset(tmp_path / "only")
+    _jsonl(tmp_path / "nested" / "part" / "rows.jsonl", _rows("a", 2))
+    with pytest.raises(ValueError, match=r"none at its top level \(subfolders are not read: "
+                                         r"\['part/'\]"):
+        data.load_sft_dataset(tmp_path / "nested")
+    # names that merely contain a split word are plain data files, all of them read
+    _jsonl(tmp_path / "plain" / "contest.jsonl", _rows("a", 1))
+    _jsonl(tmp_path / "plain" / "latest.jsonl", _rows("b", 1))
+    assert data.load_sft_dataset(tmp_path / "plain").to_list() == _rows("a", 1) + _rows("b", 1)
+
+
+@pytest.mark.parametrize("text, line", [
+    ("prompt,completion\na,b,extra\nc,d,more\n", 2),  # pandas made column 1 a row index
+    ("prompt,completion\na,b,\nc,d,\n", 2),  # a trailing comma on every record
+    ("prompt,completion\na,b\nc,d,e,f\n", 3),
+])
+def test_a_csv_record_with_more_fields_than_its_header_is_refused(tmp_path, text, line):
+    path = tmp_path / "rows.csv"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"rows.csv line {line} has \d fields but the header "
+                                         rf"names 2"):
+        data.load_sft_dataset(path)
+
+
+def test_csv_header_names_repeated_or_empty(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text("prompt,completion,prompt\na,b,c\n")
+    with pytest.raises(ValueError, match=r"names the column\(s\) \['prompt'\] more than once"):
+        data.load_sft_dataset(path)
+    # a trailing comma on the header and on every record: an empty column, values in place
+    path.write_text("prompt,completion,\na,b,\nc,d,\n")
+    rows = data.load_sft_dataset(path)
+    assert rows["prompt"] == ["a", "c"] and rows["completion"] == ["b", "d"]
+
+
+@pytest.mark.parametrize("name", ["rows.jsonl", "rows.csv"])
+def test_a_file_that_is_not_utf8_names_its_line(tmp_path, name):
+    path = tmp_path / name
+    good = ('{"prompt": "a", "completion": "b"}\n' if name.endswith("jsonl")
+            else "prompt,completion\na,b\n")
+    bad = ('{"prompt": "caf\u00e9", "completion": "b"}\n' if name.endswith("jsonl")
+           else "caf\u00e9,b\n")
+    path.write_bytes(good.encode() + bad.encode("latin-1"))  # é as the one byte 0xe9
+    line, offset = good.count("\n") + 1, len(good.encode()) + bad.index("\u00e9")
+    with pytest.raises(ValueError, match=rf"{name} is not UTF-8 text \(line {line}, byte {offset}: "
+                                         rf"invalid continuation byte\); save it as UTF-8"):
+        data.load_sft_dataset(path)
+
+
+def test_sft_refuses_a_tokenizer_without_an_eos_token():
+    tokenizer = review_tokenizer(task.make_corpus(32, seed=0))
+    rows = [{"prompt": "Review of the tent:", "completion": " It is great."}]
+    eos = tokenizer.eos_token_id
+    assert data.tokenize_sft(rows, tokenizer, max_length=64)["input_ids"][0, -1] == eos
+    tokenizer.eos_token = None
+    with pytest.raises(ValueError, match="the tokenizer has no eos token: SFT appends it"):
+        data.tokenize_sft(rows, tokenizer, max_length=64)
