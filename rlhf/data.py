@@ -802,13 +802,33 @@ def _check_text(value: Any, column: str, row: int) -> str:
     return value
 
 
-def _render_chat(tokenizer, messages: Sequence[Mapping], add_generation_prompt: bool) -> str:
+def _render_chat(tokenizer, messages: Sequence[Mapping], add_generation_prompt: bool,
+                 continue_final_message: bool = False) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("this row is a chat (a list of messages) but the tokenizer has no chat "
                          "template; set tokenizer.chat_template or give prompt/completion as "
                          "strings")
-    return tokenizer.apply_chat_template(list(messages), tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+    import jinja2
+
+    extra = {"continue_final_message": True} if continue_final_message else {}
+    try:
+        text = tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                             add_generation_prompt=add_generation_prompt, **extra)
+    except jinja2.TemplateError as error:  # the template's raise_exception, or its syntax
+        roles = ", ".join(str(m.get("role")) for m in messages)
+        raise ValueError(f"the tokenizer's chat template refuses a conversation of the roles "
+                         f"[{roles}]: {type(error).__name__}: {error}; write the chats as the "
+                         f"template expects (its roles, their order)") from error
+    for number, message in enumerate(messages, 1):
+        content = message["content"]
+        if isinstance(content, (list, tuple, Mapping)) and str(content) in text:
+            # a template for text content prints a list of parts as Python would: the model
+            # would be trained on "[{'type': 'text', ...}]"
+            raise ValueError(f"message {number} ({message['role']}) has a content that is not "
+                             f"a string, {content!r:.80}, and the tokenizer's chat template "
+                             f"renders it as it is printed in Python, not as text; give the "
+                             f"content as a string (e.g. the parts' texts joined)")
+    return text
 
 
 def _chat_segments(tokenizer, messages: Sequence[Mapping], n_context: int = 0
@@ -900,8 +920,12 @@ def encode_sft_example(example: Mapping[str, Any], tokenizer, row: int = 0
 
 def encode_prompt(prompt: str | Sequence[Mapping], tokenizer, row: int = 0) -> list[int]:
     """A prompt's token ids as the policy sees them before generating (chat: with the
-    generation prompt of the template)."""
+    generation prompt of the template; a chat whose last message is the assistant's is a
+    start of the response, which the policy continues, as TRL reads such a prompt)."""
     if _is_messages(prompt):
+        if prompt[-1]["role"] == "assistant":
+            return _ids(tokenizer, _render_chat(tokenizer, prompt, add_generation_prompt=False,
+                                                continue_final_message=True))
         return _ids(tokenizer, _render_chat(tokenizer, prompt, add_generation_prompt=True))
     return _bos_prefix(tokenizer) + _ids(tokenizer, _check_text(prompt, "prompt", row))
 
@@ -1007,6 +1031,18 @@ def _progress(rows: Sequence[Any], what: str):
                 dynamic_ncols=True)
 
 
+@contextlib.contextmanager
+def _row_named(what: str, index: int) -> Iterator[None]:
+    """A ValueError of one row that does not say which row (a chat template's refusal) names
+    it: "SFT example 3: ..." (counted from 1)."""
+    try:
+        yield
+    except ValueError as error:
+        if str(error).startswith("row "):
+            raise
+        raise ValueError(f"{what} {index + 1}: {error}") from error
+
+
 def _report(what: str, total: int, truncated: int, dropped: int, max_length: int) -> None:
     if truncated or dropped:
         warnings.warn(f"{truncated + dropped} of {total} {what} were longer than max_length="
@@ -1046,7 +1082,8 @@ def tokenize_sft(examples: Iterable[Mapping[str, Any]], tokenizer, max_length: i
                          "tokenizer_config.json, or tokenizer.eos_token = '...'")
     features, kept, truncated = [], [], 0
     for index, example in enumerate(_progress(rows, "SFT examples")):
-        feature = encode_sft_example(example, tokenizer, row=index)
+        with _row_named("SFT example", index):
+            feature = encode_sft_example(example, tokenizer, row=index)
         action, length = _fit(feature["input_ids"], feature["prompt_length"], max_length,
                               overlong, "SFT", index)
         if action == "drop":
@@ -1076,7 +1113,8 @@ def tokenize_preferences(pairs: Iterable[Mapping[str, Any]], tokenizer, max_leng
     pad_id = ensure_pad_token(tokenizer)
     features, kept, truncated = [], [], 0
     for index, example in enumerate(_progress(rows, "preference pairs")):
-        feature = encode_preference_example(example, tokenizer, row=index)
+        with _row_named("preference pair", index):
+            feature = encode_preference_example(example, tokenizer, row=index)
         fits = {key: _fit(feature[f"{key}_input_ids"], feature[f"{key}_prompt_length"],
                           max_length, overlong, "preference", index)
                 for key in ("chosen", "rejected")}
@@ -1122,7 +1160,8 @@ def tokenize_prompts(prompts: Iterable[str | Sequence[Mapping] | Mapping[str, An
         if isinstance(prompt, Mapping):
             _require_columns(prompt.keys(), f"row {index}", PROMPT_FORMATS, ("prompt",))
             prompt = prompt["prompt"]
-        ids = encode_prompt(prompt, tokenizer, row=index)
+        with _row_named("prompt", index):
+            ids = encode_prompt(prompt, tokenizer, row=index)
         if len(ids) > max_length:
             if overlong == "error":
                 raise ValueError(f"prompt {index} has {len(ids)} tokens, more than max_length="

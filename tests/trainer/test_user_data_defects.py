@@ -116,3 +116,59 @@ def test_sft_refuses_a_tokenizer_without_an_eos_token():
     tokenizer.eos_token = None
     with pytest.raises(ValueError, match="the tokenizer has no eos token: SFT appends it"):
         data.tokenize_sft(rows, tokenizer, max_length=64)
+
+
+# a chat template that refuses roles other than system, user and assistant, as Gemma's and
+# Mistral's refuse what they do not expect (raise_exception)
+STRICT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('Unknown role: ' + m['role']) }}{% endif %}"
+    "<{{ m['role'] }}>{{ m['content'] }}<eos>{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+@pytest.fixture
+def strict_chat_tokenizer():
+    tokenizer = review_tokenizer(task.make_corpus(32, seed=0))
+    tokenizer.chat_template = STRICT_TEMPLATE
+    return tokenizer
+
+
+def test_a_chat_template_refusing_a_row_is_one_error_naming_the_row(strict_chat_tokenizer):
+    good = {"messages": [{"role": "user", "content": "hi"},
+                         {"role": "assistant", "content": "yo"}]}
+    bad = {"messages": [{"role": "human", "content": "hi"},
+                        {"role": "assistant", "content": "yo"}]}
+    with pytest.raises(ValueError, match=r"^SFT example 2: the tokenizer's chat template refuses "
+                                         r"a conversation of the roles \[human\]: TemplateError: "
+                                         r"Unknown role: human"):
+        data.tokenize_sft([good, bad], strict_chat_tokenizer, max_length=64)
+    with pytest.raises(ValueError, match=r"^prompt 1: .*Unknown role: human"):
+        data.tokenize_prompts([bad["messages"][:1]], strict_chat_tokenizer, max_length=64)
+
+
+def test_a_list_of_content_parts_printed_by_the_template_is_refused(strict_chat_tokenizer):
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                          {"role": "assistant", "content": "yo"}]}
+    with pytest.raises(ValueError, match=r"SFT example 1: message 1 \(user\) has a content that "
+                                         r"is not a string.*renders it as it is printed"):
+        data.tokenize_sft([parts], strict_chat_tokenizer, max_length=64)
+    # a template that reads the parts renders their text: taken as it is
+    strict_chat_tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{% if m['content'] is string %}"
+        "{{ m['content'] }}{% else %}{% for p in m['content'] %}{{ p['text'] }}{% endfor %}"
+        "{% endif %}<eos>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    ids = data.tokenize_sft([parts], strict_chat_tokenizer, max_length=64)["input_ids"][0]
+    assert strict_chat_tokenizer.decode(ids) == "<user>hi<eos><assistant>yo<eos>"
+
+
+def test_a_prompt_ending_with_an_assistant_message_is_continued(strict_chat_tokenizer):
+    tokenizer = strict_chat_tokenizer
+    prefill = [{"role": "user", "content": "Review the tent."},
+               {"role": "assistant", "content": "The tent is"}]
+    # the policy continues the assistant's words (TRL's continue_final_message), where it
+    # used to close them and open a second assistant turn
+    assert tokenizer.decode(data.encode_prompt(prefill, tokenizer)) == \
+        "<user>Review the tent.<eos><assistant>The tent is"
+    assert tokenizer.decode(data.encode_prompt(prefill[:1], tokenizer)) == \
+        "<user>Review the tent.<eos><assistant>"
