@@ -529,9 +529,32 @@ def _require_columns(columns: Iterable[str], source: str, accepted: str,
     for alternative in alternatives:
         if set(alternative) <= present:
             return alternative
+    spaced = sorted(name for name in present if name.strip() != name)
+    other = next((kind for kind_columns, kind in _DATA_KINDS
+                  if set(kind_columns) <= present and (len(kind_columns) > 1 or
+                                                       present == set(kind_columns))), None)
+    if other is not None and not spaced:  # the data of another stage (pairs given to SFT, ...)
+        raise ValueError(f"dataset {source}: no columns for the accepted formats ({accepted}); "
+                         f"its columns are {sorted(present)}: {other}, not this stage's data")
+    hint = f" (the names {spaced} have spaces around them)" if spaced else ""
     raise ValueError(f"dataset {source}: no columns for the accepted formats ({accepted}); its "
-                     f"columns are {sorted(present)}. Rename the columns (e.g. with "
+                     f"columns are {sorted(present)}{hint}. Rename the columns (e.g. with "
                      f"datasets' rename_column) to one of the accepted formats.")
+
+
+# The columns of each stage's data, to name the stage whose data a dataset is when another
+# stage is given it. Checked in order: a pairs file also has a prompt column; a one-column
+# kind is named only when it is the dataset's one column.
+_DATA_KINDS = (
+    (("chosen", "rejected"), "preference pairs, the reward model's data (rlhf rm dataset=..., "
+                             "reward.dataset= in rlhf pipeline)"),
+    (("prompt", "completion"), "SFT examples (rlhf sft dataset=..., sft.dataset= in rlhf "
+                               "pipeline)"),
+    (("messages",), "SFT chats (rlhf sft dataset=..., sft.dataset= in rlhf pipeline)"),
+    (("text",), "SFT texts (rlhf sft dataset=..., sft.dataset= in rlhf pipeline)"),
+    (("prompt",), "prompts alone, the RL stages' data (rlhf ppo / grpo dataset=..., "
+                  "ppo.dataset= in rlhf pipeline)"),
+)
 
 
 def sft_format(columns: Iterable[str], source: str = "") -> str:

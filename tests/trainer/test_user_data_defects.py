@@ -172,3 +172,29 @@ def test_a_prompt_ending_with_an_assistant_message_is_continued(strict_chat_toke
         "<user>Review the tent.<eos><assistant>The tent is"
     assert tokenizer.decode(data.encode_prompt(prefill[:1], tokenizer)) == \
         "<user>Review the tent.<eos><assistant>"
+
+
+PAIRS = [{"prompt": "Review the tent.", "chosen": " Great.", "rejected": " Bad."}]
+SFT = [{"prompt": "Review the tent.", "completion": " Great."}]
+CHATS = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
+
+
+@pytest.mark.parametrize("rows, loader, message", [
+    (PAIRS, data.load_sft_dataset, r"preference pairs, the reward model's data \(rlhf rm "),
+    (SFT, data.load_preference_dataset, r"SFT examples \(rlhf sft dataset="),
+    ([{"prompt": "Review the tent."}], data.load_sft_dataset,
+     r"prompts alone, the RL stages' data \(rlhf ppo / grpo"),
+    (CHATS, data.load_prompt_dataset, r"SFT chats \(rlhf sft dataset="),
+])
+def test_another_stages_data_is_named_as_such(tmp_path, rows, loader, message):
+    # it used to say only "Rename the columns", as if the columns were misnamed
+    with pytest.raises(ValueError, match=message + r".*, not this stage's data$"):
+        loader(_jsonl(tmp_path / "rows.jsonl", rows))
+
+
+def test_column_names_with_spaces_around_them_are_pointed_at(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text("prompt, completion\na,b\n")
+    with pytest.raises(ValueError, match=r"its columns are \[' completion', 'prompt'\] \(the "
+                                         r"names \[' completion'\] have spaces around them\)"):
+        data.load_sft_dataset(path)
