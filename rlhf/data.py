@@ -589,7 +589,27 @@ def load_sft_dataset(source: str | Path, split: str = "train", **load_kwargs: An
                           f"as TRL's KTO takes): SFT ignores it and trains on every completion, "
                           f"the undesired ones too; keep the rows labelled true for SFT",
                           stacklevel=2)
+    if fmt == "prompt_completion":
+        _warn_repeated_prompt(dataset, source, ("completion",))
     return dataset
+
+
+def _warn_repeated_prompt(dataset, source, responses: Sequence[str]) -> None:
+    """Warn when nearly all (90 %) string rows' ``responses`` start with the row's own prompt:
+    the whole text copied into the response column, so that the prompt is in the training text
+    twice (prompt + response are concatenated)."""
+    prompts = dataset["prompt"]
+    columns = [dataset[name] for name in responses]
+    rows = [i for i, prompt in enumerate(prompts) if isinstance(prompt, str) and prompt.strip()
+            and all(isinstance(column[i], str) for column in columns)]
+    repeated = [i for i in rows if all(column[i].startswith(prompts[i]) for column in columns)]
+    if rows and 10 * len(repeated) >= 9 * len(rows):  # a data-building mistake, not chance
+        warnings.warn(f"dataset {str(source)!r}: in {len(repeated)} of {len(rows)} rows "
+                      f"{' and '.join(responses)} start with the row's prompt (the first: "
+                      f"{_row_location(source, repeated[0], {})}); the text trained on is "
+                      f"prompt + {responses[0]}, so the prompt is in it twice: give "
+                      f"{' and '.join(responses)} without the prompt, or leave the prompt "
+                      f"column out", stacklevel=3)
 
 
 def load_preference_dataset(source: str | Path, split: str = "train", **load_kwargs: Any):
@@ -601,6 +621,8 @@ def load_preference_dataset(source: str | Path, split: str = "train", **load_kwa
                          ("chosen", "rejected"))
     _check_rows(dataset, source, ("chosen", "rejected"), chat=True, load_kwargs=load_kwargs,
                 optional=("prompt",) if "prompt" in dataset.column_names else ())
+    if "prompt" in dataset.column_names:
+        _warn_repeated_prompt(dataset, source, ("chosen", "rejected"))
     return dataset
 
 

@@ -198,3 +198,23 @@ def test_column_names_with_spaces_around_them_are_pointed_at(tmp_path):
     with pytest.raises(ValueError, match=r"its columns are \[' completion', 'prompt'\] \(the "
                                          r"names \[' completion'\] have spaces around them\)"):
         data.load_sft_dataset(path)
+
+
+def test_responses_that_repeat_the_prompt_are_warned_about(tmp_path):
+    # chosen/rejected written as the whole text beside a prompt column: the reward model was
+    # trained on the prompt twice (prompt + chosen), without a word
+    pairs = [{"prompt": f"Question {i}:", "chosen": f"Question {i}: yes", "rejected":
+              f"Question {i}: no"} for i in range(10)]
+    with pytest.warns(UserWarning, match=r"in 10 of 10 rows chosen and rejected start with the "
+                                         r"row's prompt \(the first: '.*pairs.jsonl' line 1\)"):
+        data.load_preference_dataset(_jsonl(tmp_path / "pairs.jsonl", pairs))
+    sft = [{"prompt": row["prompt"], "completion": row["chosen"]} for row in pairs]
+    with pytest.warns(UserWarning, match=r"in 10 of 10 rows completion start with"):
+        data.load_sft_dataset(_jsonl(tmp_path / "sft.jsonl", sft))
+    # one row in ten by chance ("b" -> "bad") is not such a mistake; nor is a chosen without it
+    sft[1:] = [{"prompt": f"Question {i}:", "completion": " yes"} for i in range(1, 10)]
+    pairs = [dict(row, chosen=" yes", rejected=" no") for row in pairs]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data.load_sft_dataset(_jsonl(tmp_path / "sft.jsonl", sft))
+        data.load_preference_dataset(_jsonl(tmp_path / "pairs.jsonl", pairs))
