@@ -440,7 +440,7 @@ def _json_problem(files: Sequence[Path]) -> str | None:
         if LOCAL_FORMATS.get(file.suffix.lower()) != "json":
             continue
         try:
-            text = file.read_text(encoding="utf-8")
+            text = file.read_text(encoding="utf-8-sig")  # a byte order mark is not line 1's
         except UnicodeDecodeError as error:
             return (f"{file} is not UTF-8 text (byte {error.start}: {error.reason}); save it "
                     f"as UTF-8")
@@ -460,6 +460,10 @@ def _json_problem(files: Sequence[Path]) -> str | None:
             elif not isinstance(document, dict):
                 return (f"{file} holds a single JSON {type(document).__name__}, not rows; "
                         f"expected a list of objects, or one JSON object per line")
+            repeated = _repeated_key(text)
+            if repeated is not None:  # pandas' reading of it fails with a riddle
+                return (f"{file}: a row names the key {repeated!r} twice in one object; give "
+                        f"each column once")
             continue
         if text.lstrip().startswith("["):
             return (f"{file} line {document_error.lineno}, column {document_error.colno}: "
@@ -475,7 +479,26 @@ def _json_problem(files: Sequence[Path]) -> str | None:
             if not isinstance(row, dict):
                 return (f"{file} line {number} is a JSON {type(row).__name__}, not an object "
                         f"(each line must be one row, e.g. {{\"prompt\": ..., ...}})")
+            repeated = _repeated_key(line)
+            if repeated is not None:  # pandas' reading of it fails with a riddle
+                return (f"{file} line {number} names the key {repeated!r} twice in one object; "
+                        f"give each column once")
     return None
+
+
+def _repeated_key(text: str) -> str | None:
+    """A key that a JSON object of ``text`` names twice, or None."""
+    import json
+
+    repeated: list[str] = []
+
+    def pairs_hook(pairs):
+        keys = [key for key, _ in pairs]
+        repeated.extend(key for key in keys if keys.count(key) > 1)
+        return dict(pairs)
+
+    json.loads(text, object_pairs_hook=pairs_hook)
+    return repeated[0] if repeated else None
 
 
 def _mixed_kinds(files: Sequence[Path]) -> str | None:

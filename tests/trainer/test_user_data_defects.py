@@ -218,3 +218,23 @@ def test_responses_that_repeat_the_prompt_are_warned_about(tmp_path):
         warnings.simplefilter("error")
         data.load_sft_dataset(_jsonl(tmp_path / "sft.jsonl", sft))
         data.load_preference_dataset(_jsonl(tmp_path / "pairs.jsonl", pairs))
+
+
+def test_broken_json_lines_after_a_byte_order_mark_are_named_where_they_are(tmp_path):
+    # the mark made the first line the culprit ("Unexpected UTF-8 BOM"), wherever the fault was
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "a", "completion": "b"}\n'
+                     b'{"prompt": "c", "completion": "d"}\n{"prompt": "e", "completion" "f"}\n')
+    with pytest.raises(ValueError, match=r"rows.jsonl line 3, column 30: Expecting ':' delimiter"):
+        data.load_sft_dataset(path)
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "a", "completion": "b"}\n')
+    assert data.load_sft_dataset(path).to_list() == [{"prompt": "a", "completion": "b"}]
+
+
+def test_a_json_row_naming_a_key_twice_is_named(tmp_path):
+    # pandas' reading of it failed with "If using all scalar values, you must pass an index"
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"prompt": "a", "completion": "c"}\n'
+                    '{"prompt": "a", "prompt": "b", "completion": "c"}\n')
+    with pytest.raises(ValueError, match=r"rows.jsonl line 2 names the key 'prompt' twice"):
+        data.load_sft_dataset(path)
