@@ -1111,10 +1111,17 @@ def _row_named(what: str, index: int) -> Iterator[None]:
         raise ValueError(f"{what} {index + 1}: {error}") from error
 
 
-def _report(what: str, total: int, truncated: int, dropped: int, max_length: int) -> None:
+# what "truncated" and "dropped" mean for a row with a response (overlong="truncate")
+_CUT_RESPONSES = ("; a truncated row keeps its prompt and loses the end of its response "
+                  "(and its eos), a dropped row's prompt alone fills max_length; raise "
+                  "max_length to keep them whole")
+
+
+def _report(what: str, total: int, truncated: int, dropped: int, max_length: int,
+            how: str = "") -> None:
     if truncated or dropped:
         warnings.warn(f"{truncated + dropped} of {total} {what} were longer than max_length="
-                      f"{max_length} tokens: {truncated} truncated, {dropped} dropped",
+                      f"{max_length} tokens: {truncated} truncated, {dropped} dropped{how}",
                       stacklevel=3)
 
 
@@ -1161,7 +1168,8 @@ def tokenize_sft(examples: Iterable[Mapping[str, Any]], tokenizer, max_length: i
                          "labels": feature["labels"][:length]})
         kept.append(index)
     dropped = len(rows) - len(kept)
-    _report("SFT examples", len(rows), truncated, dropped, max_length)
+    _report("SFT examples", len(rows), truncated, dropped, max_length,
+            _CUT_RESPONSES if overlong == "truncate" else "")
     if not features:
         raise ValueError(f"all {len(rows)} SFT examples were dropped as longer than max_length="
                          f"{max_length} (their prompts alone fill it); raise max_length")
@@ -1193,7 +1201,8 @@ def tokenize_preferences(pairs: Iterable[Mapping[str, Any]], tokenizer, max_leng
                          for key, (_, length) in fits.items()})
         kept.append(index)
     dropped = len(rows) - len(kept)
-    _report("preference pairs", len(rows), truncated, dropped, max_length)
+    _report("preference pairs", len(rows), truncated, dropped, max_length,
+            _CUT_RESPONSES if overlong == "truncate" else "")
     same = [kept[i] for i, f in enumerate(features)
             if f["chosen_input_ids"] == f["rejected_input_ids"]]
     if same:  # a data error (a copy, a bad join): the reward model learns nothing from them

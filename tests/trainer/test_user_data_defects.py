@@ -238,3 +238,17 @@ def test_a_json_row_naming_a_key_twice_is_named(tmp_path):
                     '{"prompt": "a", "prompt": "b", "completion": "c"}\n')
     with pytest.raises(ValueError, match=r"rows.jsonl line 2 names the key 'prompt' twice"):
         data.load_sft_dataset(path)
+
+
+def test_the_overlong_warning_says_what_truncated_and_dropped_rows_lose():
+    tokenizer = review_tokenizer(task.make_corpus(32, seed=0))
+    rows = [{"prompt": "Review of the tent:", "completion": " It is great." * 6},
+            {"prompt": "Review of the tent:" * 9, "completion": " It is great."},
+            {"prompt": "Review:", "completion": " Fine."}]
+    whole = data.encode_sft_example(rows[0], tokenizer)["input_ids"]
+    with pytest.warns(UserWarning, match=r"2 of 3 SFT examples were longer than max_length=24 "
+                                         r"tokens: 1 truncated, 1 dropped; a truncated row keeps "
+                                         r"its prompt and loses the end of its response"):
+        batch = data.tokenize_sft(rows, tokenizer, max_length=24)
+    assert batch["kept_indices"].tolist() == [0, 2]
+    assert len(whole) > 24 and batch["input_ids"][0].tolist() == whole[:24]
