@@ -141,6 +141,13 @@ def resolve_pretrained(name_or_path, *, what: str = "model", setting: str = "mod
                              f"roles.json), not a causal LM; this setting takes a model "
                              f"directory" + (f", such as its base {base!r}" if base else "")
                              + " (the RL stages take the backbone: rlhf ppo / grpo model=...)")
+        if what == "model" and not has_config and "adapter_config.json" in names:
+            base = _adapter_base(path)  # a PEFT adapter saved alone: weights over a base model
+            raise ValueError(f"{setting}={text!r} is a PEFT adapter (adapter_config.json), not a "
+                             f"whole model" + (f"; its base model is {base!r}" if base else "")
+                             + ": merge it into its base and save that (peft: "
+                             "model.merge_and_unload().save_pretrained(dir), with the tokenizer), "
+                             f"then give {setting}= that directory")
         if what == "model" and not has_config:
             inside = _model_inside(path)
             if inside is not None:  # a run's directory (runs/sft) instead of its model
@@ -168,6 +175,16 @@ def resolve_pretrained(name_or_path, *, what: str = "model", setting: str = "mod
     raise ValueError(f"{setting}={text!r} is not a local directory, not in the Hugging Face "
                      f"cache, and the hub cannot be used: {offline}; give the path of a local "
                      f"model directory, or download the model where there is a network{hint}")
+
+
+def _adapter_base(path: Path) -> str | None:
+    """The base model a PEFT adapter's adapter_config.json names, or None."""
+    try:
+        base = json.loads((path / "adapter_config.json").read_text()).get(
+            "base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return base if isinstance(base, str) and base else None
 
 
 def _backbone_base(path: Path) -> str | None:

@@ -252,3 +252,18 @@ def test_the_overlong_warning_says_what_truncated_and_dropped_rows_lose():
         batch = data.tokenize_sft(rows, tokenizer, max_length=24)
     assert batch["kept_indices"].tolist() == [0, 2]
     assert len(whole) > 24 and batch["input_ids"][0].tolist() == whole[:24]
+
+
+def test_a_peft_adapter_folder_given_as_the_model_is_named_with_its_base(tmp_path):
+    from rlhf.loading import resolve_pretrained
+
+    folder = tmp_path / "my-lora"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"base_model_name_or_path": "/models/base", "peft_type": "LORA", "r": 8}))
+    (folder / "adapter_model.safetensors").write_bytes(b"")
+    # it used to be "not a Hugging Face model directory ... check the path"
+    with pytest.raises(ValueError, match=r"model='.*my-lora' is a PEFT adapter \(adapter_config"
+                                         r".json\), not a whole model; its base model is "
+                                         r"'/models/base': merge it into its base"):
+        resolve_pretrained(str(folder))
