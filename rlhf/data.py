@@ -291,14 +291,23 @@ def _data_files(path: Path, source, split: str = "train") -> list[Path]:
                          f"splits of a dataset ({named}), none of them {split!r}; point at the "
                          f"file(s) to train on (e.g. {str(next(iter(splits.values()))[0])!r}), "
                          f"or name them {split}.jsonl (or .json, .parquet, .csv)")
-    in_splits = {p for files in splits.values() for p in files}
-    left_out = [p.name for p in top if p not in in_splits]
+    in_splits = {p.resolve() for files in splits.values() for p in files}
+    left_out = [p.name for p in top if p.resolve() not in in_splits]
     if left_out:
         warnings.warn(f"dataset {str(source)!r}: its file names mark the splits "
                       f"{sorted(splits)}, and {left_out} belong to none of them: they are not "
                       f"read (the {split!r} split is {[p.name for p in splits[split]]}); rename "
                       f"them to be read", stacklevel=3)
     return splits[split]
+
+
+def _under(path: Path, file: Path) -> Path:
+    """``file`` (an absolute path `datasets` resolved) named as ``path``/..., as the caller
+    names its files, where it lies under ``path``."""
+    for base in (Path(os.path.abspath(path)), path.resolve()):
+        with contextlib.suppress(ValueError):
+            return path / file.relative_to(base)
+    return file
 
 
 def _named_splits(path: Path) -> dict[str, list[Path]] | None:
@@ -313,8 +322,7 @@ def _named_splits(path: Path) -> dict[str, list[Path]] | None:
         resolved = DataFilesDict.from_patterns(patterns, base_path=str(path))
     except Exception:  # noqa: BLE001 - no files, unreadable: the caller says what it sees
         return None
-    base = path.resolve()  # the files as `path`/..., as the caller names them
-    splits = {str(name): sorted(path / Path(f).resolve().relative_to(base) for f in files
+    splits = {str(name): sorted(_under(path, Path(f)) for f in files
                                 if Path(f).suffix.lower() in LOCAL_FORMATS)
               for name, files in resolved.items()}
     splits = {name: files for name, files in splits.items() if files}
