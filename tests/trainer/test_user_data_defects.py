@@ -267,3 +267,14 @@ def test_a_peft_adapter_folder_given_as_the_model_is_named_with_its_base(tmp_pat
                                          r".json\), not a whole model; its base model is "
                                          r"'/models/base': merge it into its base"):
         resolve_pretrained(str(folder))
+
+
+def test_split_files_that_are_links_to_elsewhere_are_read(tmp_path):
+    _jsonl(tmp_path / "store" / "train.jsonl", _rows("train", 2))
+    _jsonl(tmp_path / "store" / "test.jsonl", _rows("test", 1))
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for name in ("train.jsonl", "test.jsonl"):
+        (linked / name).symlink_to(tmp_path / "store" / name)
+    assert data.load_sft_dataset(linked).to_list() == _rows("train", 2)
+    assert data._row_location(linked, 1, {}) == f"{str(linked / 'train.jsonl')!r} line 2"
