@@ -736,12 +736,16 @@ def _check_rows(dataset, source: str | Path, columns: Sequence[str], *, chat: bo
             if value is None and column in optional:
                 continue
             problem = _value_problem(value, column, chat)
-            if problem is None and column == "messages" and isinstance(value, str):
+            if problem is None and isinstance(value, str) and (
+                    column == "messages" or (chat and _chat_as_text(value))):
+                # a chat written out as its text (JSON, or a Python list as pandas' to_csv
+                # writes one) would be trained on as those characters
                 path = Path(str(source)).expanduser()
                 csv = path.suffix.lower() == ".csv" or (path.is_dir()
                                                         and any(path.glob("*.csv")))
-                problem = (f"column 'messages' is a string {value!r:.60}; expected a list of "
-                           f"{{'role', 'content'}} messages"
+                problem = (f"column {column!r} is a string {value!r:.60}"
+                           + ("" if column == "messages" else ", a chat written as text")
+                           + "; expected a list of {'role', 'content'} messages"
                            + (" (a CSV cell is text, never a list: write chats to .jsonl or "
                               ".parquet)" if csv else ""))
             if problem is None and column == "messages" and not any(
@@ -750,6 +754,23 @@ def _check_rows(dataset, source: str | Path, columns: Sequence[str], *, chat: bo
             if problem is not None:
                 raise ValueError(f"dataset {_row_location(source, index, load_kwargs)}: "
                                  f"{problem}; fix or remove that row")
+
+
+def _chat_as_text(text: str) -> bool:
+    """Whether ``text`` is a list of {'role', 'content'} messages written out: as JSON, or as
+    Python prints it (pandas' to_csv of a column of lists)."""
+    import ast
+    import json
+
+    text = text.strip()
+    if not (text.startswith("[") and text.endswith("]") and "role" in text):
+        return False
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            return _is_messages(parse(text))
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            continue
+    return False
 
 
 def check_chat_rows(rows, tokenizer, source: str | Path | None = None) -> None:

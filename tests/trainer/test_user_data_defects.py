@@ -278,3 +278,24 @@ def test_split_files_that_are_links_to_elsewhere_are_read(tmp_path):
         (linked / name).symlink_to(tmp_path / "store" / name)
     assert data.load_sft_dataset(linked).to_list() == _rows("train", 2)
     assert data._row_location(linked, 1, {}) == f"{str(linked / 'train.jsonl')!r} line 2"
+
+
+@pytest.mark.parametrize("written", [
+    json.dumps([{"role": "user", "content": "Review the tent."}]),  # as JSON
+    str([{"role": "user", "content": "Review the tent."}]),  # as pandas' to_csv writes a list
+])
+def test_a_chat_written_as_text_in_a_prompt_or_response_column_is_refused(tmp_path, written):
+    # it was taken for a plain prompt and trained on as those characters
+    with pytest.raises(ValueError, match=r"rows.jsonl' line 2: column 'prompt' is a string .*, "
+                                         r"a chat written as text; expected a list of"):
+        data.load_prompt_dataset(_jsonl(tmp_path / "rows.jsonl",
+                                        [{"prompt": "Review the lamp."}, {"prompt": written}]))
+    path = tmp_path / "pairs.csv"
+    path.write_text("prompt,chosen,rejected\n" + ",".join(
+        '"' + text.replace('"', '""') + '"' for text in ("Review:", written, " Bad.")) + "\n")
+    with pytest.raises(ValueError, match=r"pairs.csv' line 2: column 'chosen' .* a chat written "
+                                         r"as text.*\(a CSV cell is text, never a list"):
+        data.load_preference_dataset(path)
+    # brackets in a plain prompt are text
+    rows = [{"prompt": "[1, 2, 3] sorted is"}, {"prompt": "[{'role' is a word}]"}]
+    assert data.load_prompt_dataset(_jsonl(tmp_path / "plain.jsonl", rows)).to_list() == rows
