@@ -108,9 +108,12 @@ def load_records(source: str | Path, split: str = "train", **load_kwargs: Any):
     """
     import datasets
 
+    from rlhf.loading import _looks_like_path
+
     path = Path(source)
-    looks_local = path.exists() or path.suffix.lower() in LOCAL_FORMATS or str(source).startswith(
-        (".", "/", "~"))
+    # a hub name is `name` or `org/name`: `runs/data/train` or `my data` can only be a path
+    looks_local = path.exists() or path.suffix.lower() in LOCAL_FORMATS or _looks_like_path(
+        str(source))
     if looks_local:
         path = path.expanduser()
         if not path.exists():

@@ -299,3 +299,12 @@ def test_a_chat_written_as_text_in_a_prompt_or_response_column_is_refused(tmp_pa
     # brackets in a plain prompt are text
     rows = [{"prompt": "[1, 2, 3] sorted is"}, {"prompt": "[{'role' is a word}]"}]
     assert data.load_prompt_dataset(_jsonl(tmp_path / "plain.jsonl", rows)).to_list() == rows
+
+
+@pytest.mark.parametrize("name", ["runs/data/train", "my data"])
+def test_a_missing_dataset_path_that_cannot_be_a_hub_name_is_said_missing(tmp_path, name,
+                                                                          monkeypatch):
+    # it was looked up on the hub (offline: "not in the datasets cache"), as if a dataset name
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=rf"dataset file '{name}' does not exist"):
+        data.load_sft_dataset(name)
